@@ -1,0 +1,110 @@
+#include "common/segment.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <string>
+
+#include "common/crc32c.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+class SegmentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/dev/shm/tessera-segment-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(SegmentTest, CreateWriteSealReopen) {
+  const uint64_t seed = 4242;
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  const std::string path = dir_ + "/a.seg";
+  const uint64_t capacity = 3 * 4096 + 17;
+  auto created = Segment::Create(path, SegmentKind::kSlot, capacity, {});
+  ASSERT_TRUE(created.ok()) << created.status();
+  auto& seg = *created;
+  EXPECT_EQ(seg->file_bytes(), kSegmentHeaderBytes + capacity);
+  EXPECT_EQ(LoadState(*seg->header()), SegmentState::kEmpty);
+
+  std::mt19937_64 rng(seed);
+  for (uint64_t i = 0; i < capacity; ++i) seg->payload()[i] = static_cast<uint8_t>(rng());
+  SegmentHeader* h = seg->header();
+  h->step = 77;
+  h->rank = 3;
+  h->world_size = 8;
+  h->payload_bytes = capacity;
+  h->payload_crc32c = Crc32c(seg->payload(), capacity);
+  std::strcpy(h->job_id, "job-1");
+  h->header_crc32c = ComputeHeaderCrc(*h);
+  StoreState(h, SegmentState::kSealed);
+
+  auto reopened = Segment::Open(path, /*writable=*/false);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  const SegmentHeader& r = *(*reopened)->header();
+  EXPECT_EQ(LoadState(r), SegmentState::kSealed);
+  EXPECT_TRUE(ValidateSealedHeader(r).ok());
+  EXPECT_EQ(r.step, 77);
+  EXPECT_EQ(std::memcmp((*reopened)->payload(), seg->payload(), capacity), 0);
+  EXPECT_EQ(Crc32c((*reopened)->payload(), r.payload_bytes), r.payload_crc32c);
+}
+
+TEST_F(SegmentTest, CorruptedHeaderIsDataLoss) {
+  const std::string path = dir_ + "/b.seg";
+  auto seg = Segment::Create(path, SegmentKind::kSlot, 4096, {});
+  ASSERT_TRUE(seg.ok());
+  SegmentHeader* h = (*seg)->header();
+  h->step = 5;
+  h->header_crc32c = ComputeHeaderCrc(*h);
+  StoreState(h, SegmentState::kSealed);
+  ASSERT_TRUE(ValidateSealedHeader(*h).ok());
+  // The state word is outside the header CRC; every other field is inside.
+  h->rank ^= 1;
+  absl::Status s = ValidateSealedHeader(*h);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(s.message().find("header CRC32C"), absl::string_view::npos) << s;
+  h->rank ^= 1;
+  h->magic ^= 0x100;
+  EXPECT_EQ(ValidateSealedHeader(*h).code(), absl::StatusCode::kDataLoss);
+}
+
+TEST_F(SegmentTest, CreateIsExclusiveAndModeIsApplied) {
+  const std::string path = dir_ + "/c.seg";
+  SegmentCreateOptions options;
+  options.mode = 0640;
+  ASSERT_TRUE(Segment::Create(path, SegmentKind::kFragment, 100, options).ok());
+  struct stat st;
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+  auto again = Segment::Create(path, SegmentKind::kFragment, 100, options);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(SegmentTest, TruncatedFileIsDataLoss) {
+  const std::string path = dir_ + "/d.seg";
+  {
+    auto seg = Segment::Create(path, SegmentKind::kSlot, 8192, {});
+    ASSERT_TRUE(seg.ok());
+  }
+  ASSERT_EQ(truncate(path.c_str(), 4096 + 100), 0);
+  EXPECT_EQ(Segment::Open(path, false).status().code(), absl::StatusCode::kDataLoss);
+  ASSERT_EQ(truncate(path.c_str(), 10), 0);
+  EXPECT_EQ(Segment::Open(path, false).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST_F(SegmentTest, MissingFileIsNotFound) {
+  EXPECT_EQ(Segment::Open(dir_ + "/nope.seg", false).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tessera
