@@ -1,0 +1,200 @@
+// SnapshotStore: the daemon's shared-memory arena of snapshot slots, transport-free.
+//
+// Every (job, rank) gets two slot segments (double buffering): one holds the newest sealed step,
+// the other receives the next snapshot. Slots live as files in one directory
+// (`<store.directory>/<node.id>`), are preallocated and pre-faulted when the rank registers, and
+// are owned by the trainer's uid so it can map them. The store validates every request before it
+// touches a byte, so bad input never changes stored data.
+//
+// Thread-safety: all methods may be called concurrently. Calls for different ranks run in
+// parallel; calls for one rank are serialised (a seal's checksum holds only that rank's lock).
+#ifndef TESSERA_DAEMON_SNAPSHOT_STORE_H_
+#define TESSERA_DAEMON_SNAPSHOT_STORE_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "common/segment.h"
+#include "proto/manifest.pb.h"
+
+namespace tessera {
+
+// Who is calling, from SO_PEERCRED.
+struct Caller {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  pid_t pid = 0;
+};
+
+// Where each entry goes in a slot's payload. Computed once per registration.
+struct SlotLayout {
+  std::vector<uint64_t> entry_offsets;
+  uint64_t data_bytes = 0;        // end of the last entry
+  uint64_t manifest_offset = 0;   // 4 KiB aligned, after the data
+  uint64_t manifest_capacity = 0;
+  uint64_t capacity_bytes = 0;    // payload capacity of each slot
+  uint64_t hash = 0;              // identifies the registered entries
+};
+
+// Validates `entries` (names, dtypes, shapes, sizes) and computes their layout.
+// kInvalidArgument names the first bad entry and what would be valid.
+absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entries);
+
+// Bytes per element of a dtype name ("float32" -> 4), or kInvalidArgument listing the known ones.
+absl::StatusOr<uint64_t> DtypeItemBytes(const std::string& dtype);
+
+// Checks a job id: 1..128 bytes of [A-Za-z0-9._-], not starting with '.'.
+absl::Status ValidateJobId(const std::string& job_id);
+
+class SnapshotStore {
+ public:
+  struct Options {
+    std::string directory;        // created if missing
+    uint64_t capacity_bytes = 0;  // total bytes of all segments; required > 0
+    bool prefault = true;
+    int crc_threads = 4;
+    // Whether the process that registered a rank still runs. Defaults to a /proc check of the
+    // pid and its start time (so a reused pid is not mistaken for the old trainer).
+    std::function<bool(pid_t pid, uint64_t start_ticks)> process_alive;
+  };
+
+  struct RegisterResult {
+    std::vector<std::string> slot_paths;
+    uint64_t segment_bytes = 0;
+    SlotLayout layout;
+    int64_t newest_sealed_step = -1;
+  };
+
+  struct SealResult {
+    uint32_t payload_crc32c = 0;
+    uint64_t payload_bytes = 0;
+  };
+
+  struct VersionInfo {
+    std::string job_id;
+    uint32_t rank = 0;
+    int64_t step = -1;
+    uint64_t payload_bytes = 0;
+    uint32_t payload_crc32c = 0;
+    SegmentState state = SegmentState::kEmpty;
+  };
+
+  struct RestoreInfo {
+    int64_t step = -1;
+    std::string segment_path;
+    uint64_t payload_bytes = 0;
+    uint64_t manifest_offset = 0;
+    uint64_t manifest_bytes = 0;
+    uint32_t payload_crc32c = 0;
+  };
+
+  struct Stats {
+    uint64_t capacity_bytes = 0;
+    uint64_t used_bytes = 0;
+    uint64_t segments = 0;
+    uint64_t seals = 0;
+    uint64_t sealed_bytes = 0;
+    uint64_t crc_failures = 0;
+    uint64_t adopted_at_start = 0;
+    uint64_t discarded_at_start = 0;
+  };
+
+  // Opens (creating if needed) the directory, re-adopts every SEALED slot whose header and
+  // payload CRC verify (the newest per rank), and deletes the other slot files.
+  static absl::StatusOr<std::unique_ptr<SnapshotStore>> Open(Options options);
+
+  ~SnapshotStore();
+
+  // Creates or re-attaches the rank's two slots, owned by caller.uid. Idempotent for the same
+  // caller and entries. Errors: kInvalidArgument (bad request), kFailedPrecondition (another live
+  // process holds the rank), kPermissionDenied (the rank's snapshots belong to another uid),
+  // kResourceExhausted (capacity: the message has bytes asked and free).
+  absl::StatusOr<RegisterResult> Register(const std::string& job_id, uint32_t rank,
+                                          uint32_t world_size,
+                                          const std::vector<EntrySpec>& entries,
+                                          const Caller& caller);
+
+  // Claims the slot that does not hold the newest sealed step and marks it WRITING `step`.
+  // Returns its index. Idempotent for the step being written.
+  absl::StatusOr<uint32_t> BeginSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
+                                         const Caller& caller);
+
+  // Validates the manifest the agent wrote into the WRITING slot against the registration,
+  // checksums the payload and publishes the slot as SEALED; then releases older steps.
+  // Idempotent for a sealed step. A bad manifest leaves the slot unsealed and older data intact.
+  absl::StatusOr<SealResult> SealSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
+                                          uint64_t manifest_bytes, const Caller& caller);
+
+  // Sealed and in-flight snapshots of a job (all jobs when job_id is empty), by rank then step.
+  std::vector<VersionInfo> ListVersions(const std::string& job_id) const;
+
+  // Verifies (job, rank, step) against its payload CRC and says where to read it.
+  // step -1 means the newest sealed step. kNotFound lists the steps held; kDataLoss on mismatch.
+  absl::StatusOr<RestoreInfo> PrepareRestore(const std::string& job_id, uint32_t rank,
+                                             int64_t step);
+
+  // Drops caller's claim on the rank. With drop_snapshots, deletes the rank's segments too.
+  absl::Status Unregister(const std::string& job_id, uint32_t rank, bool drop_snapshots,
+                          const Caller& caller);
+
+  Stats stats() const;
+  const std::string& directory() const { return options_.directory; }
+
+ private:
+  struct Slot {
+    std::unique_ptr<Segment> segment;
+  };
+  struct RankState {
+    absl::Mutex mu;
+    bool registered ABSL_GUARDED_BY(mu) = false;
+    Caller owner ABSL_GUARDED_BY(mu);
+    uint64_t owner_start_ticks ABSL_GUARDED_BY(mu) = 0;
+    uid_t data_uid ABSL_GUARDED_BY(mu) = 0;
+    uint32_t world_size ABSL_GUARDED_BY(mu) = 0;
+    std::vector<EntrySpec> entries ABSL_GUARDED_BY(mu);
+    SlotLayout layout ABSL_GUARDED_BY(mu);
+    std::unique_ptr<Segment> slots[2] ABSL_GUARDED_BY(mu);
+    // Sealed segments of an earlier layout, kept until the new layout seals a step.
+    std::vector<std::unique_ptr<Segment>> retained ABSL_GUARDED_BY(mu);
+  };
+  using RankKey = std::pair<std::string, uint32_t>;
+
+  explicit SnapshotStore(Options options) : options_(std::move(options)) {}
+  absl::Status AdoptExisting();
+  std::shared_ptr<RankState> FindRank(const std::string& job_id, uint32_t rank) const;
+  std::shared_ptr<RankState> FindOrCreateRank(const std::string& job_id, uint32_t rank);
+  absl::Status CheckOwner(const RankState& state, const std::string& job_id, uint32_t rank,
+                          const Caller& caller) const ABSL_SHARED_LOCKS_REQUIRED(state.mu);
+  absl::StatusOr<std::unique_ptr<Segment>> CreateSlot(const std::string& job_id, uint32_t rank,
+                                                      uint64_t capacity, const Caller& caller);
+  void DeleteSegment(std::unique_ptr<Segment> segment);
+  absl::Status ValidateManifest(const ShardManifest& manifest, const RankState& state,
+                                const std::string& job_id, uint32_t rank, int64_t step) const
+      ABSL_SHARED_LOCKS_REQUIRED(state.mu);
+
+  const Options options_;
+  mutable absl::Mutex mu_;
+  std::map<RankKey, std::shared_ptr<RankState>> ranks_ ABSL_GUARDED_BY(mu_);
+  uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t segments_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  Stats counters_ ABSL_GUARDED_BY(mu_);
+};
+
+// The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), or 0 when the
+// process does not exist.
+uint64_t ProcessStartTicks(pid_t pid);
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_SNAPSHOT_STORE_H_
