@@ -1,0 +1,128 @@
+#include "daemon/agent_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/logging.h"
+#include "common/status.h"
+
+namespace tessera {
+namespace {
+
+// Runs `body` and converts its status; failures are logged with the method name.
+template <typename Body>
+grpc::Status Handle(const char* method, Body body) {
+  absl::Status status = body();
+  if (!status.ok()) Logger("agent-service")->warn("{}: {}", method, status.ToString());
+  return ToGrpcStatus(status);
+}
+
+}  // namespace
+
+absl::StatusOr<Caller> AgentService::CallerOf(grpc::ServerContext* context) const {
+  std::optional<Caller> caller = credentials_->Lookup(context->peer());
+  if (!caller) {
+    return absl::UnauthenticatedError(absl::StrCat(
+        "peer '", context->peer(), "' has no credentials: connect through the agent Unix socket"));
+  }
+  return *caller;
+}
+
+grpc::Status AgentService::Register(grpc::ServerContext* context,
+                                    const agent::RegisterRequest* request,
+                                    agent::RegisterResponse* response) {
+  return Handle("Register", [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
+    std::vector<EntrySpec> entries(request->entries().begin(), request->entries().end());
+    TESSERA_ASSIGN_OR_RETURN(
+        SnapshotStore::RegisterResult result,
+        store_->Register(request->job_id(), request->rank(), request->world_size(), entries,
+                         caller));
+    for (const auto& path : result.slot_paths) response->add_slot_paths(path);
+    response->set_segment_bytes(result.segment_bytes);
+    response->set_header_bytes(kSegmentHeaderBytes);
+    for (uint64_t offset : result.layout.entry_offsets) response->add_entry_offsets(offset);
+    response->set_manifest_offset(result.layout.manifest_offset);
+    response->set_manifest_capacity(result.layout.manifest_capacity);
+    response->set_newest_sealed_step(result.newest_sealed_step);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::BeginSnapshot(grpc::ServerContext* context,
+                                         const agent::BeginSnapshotRequest* request,
+                                         agent::BeginSnapshotResponse* response) {
+  return Handle("BeginSnapshot", [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
+    TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    TESSERA_ASSIGN_OR_RETURN(
+        uint32_t slot,
+        store_->BeginSnapshot(request->job_id(), request->rank(), request->step(), caller));
+    response->set_slot_index(slot);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::SealSnapshot(grpc::ServerContext* context,
+                                        const agent::SealSnapshotRequest* request,
+                                        agent::SealSnapshotResponse* response) {
+  return Handle("SealSnapshot", [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
+    TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    TESSERA_ASSIGN_OR_RETURN(SnapshotStore::SealResult sealed,
+                             store_->SealSnapshot(request->job_id(), request->rank(),
+                                                  request->step(), request->manifest_bytes(),
+                                                  caller));
+    response->set_payload_crc32c(sealed.payload_crc32c);
+    response->set_payload_bytes(sealed.payload_bytes);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::ListVersions(grpc::ServerContext* context,
+                                        const agent::ListVersionsRequest* request,
+                                        agent::ListVersionsResponse* response) {
+  return Handle("ListVersions", [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
+    if (!request->job_id().empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    for (const auto& v : store_->ListVersions(request->job_id())) {
+      agent::Version* out = response->add_versions();
+      out->set_rank(v.rank);
+      out->set_step(v.step);
+      out->set_payload_bytes(v.payload_bytes);
+      out->set_payload_crc32c(v.payload_crc32c);
+      out->set_state(SegmentStateName(v.state));
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
+                                          const agent::PrepareRestoreRequest* request,
+                                          agent::PrepareRestoreResponse* response) {
+  return Handle("PrepareRestore", [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
+    TESSERA_ASSIGN_OR_RETURN(
+        SnapshotStore::RestoreInfo info,
+        store_->PrepareRestore(request->job_id(), request->rank(), request->step()));
+    response->set_step(info.step);
+    response->set_segment_path(info.segment_path);
+    response->set_header_bytes(kSegmentHeaderBytes);
+    response->set_payload_bytes(info.payload_bytes);
+    response->set_manifest_offset(info.manifest_offset);
+    response->set_manifest_bytes(info.manifest_bytes);
+    response->set_payload_crc32c(info.payload_crc32c);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::Unregister(grpc::ServerContext* context,
+                                      const agent::UnregisterRequest* request,
+                                      agent::UnregisterResponse* response) {
+  return Handle("Unregister", [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
+    return store_->Unregister(request->job_id(), request->rank(), request->drop_snapshots(),
+                              caller);
+  });
+}
+
+}  // namespace tessera

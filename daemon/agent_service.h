@@ -1,0 +1,44 @@
+// The agent service: a thin gRPC adapter over SnapshotStore. Each method identifies the caller
+// from SO_PEERCRED (via PeerCredentials), calls the store, and converts the status.
+#ifndef TESSERA_DAEMON_AGENT_SERVICE_H_
+#define TESSERA_DAEMON_AGENT_SERVICE_H_
+
+#include "daemon/snapshot_store.h"
+#include "daemon/unix_listener.h"
+#include "proto/agent.grpc.pb.h"
+
+namespace tessera {
+
+class AgentService final : public agent::Agent::Service {
+ public:
+  // Neither pointer is owned; both must outlive the service.
+  AgentService(SnapshotStore* store, const PeerCredentials* credentials)
+      : store_(store), credentials_(credentials) {}
+
+  grpc::Status Register(grpc::ServerContext* context, const agent::RegisterRequest* request,
+                        agent::RegisterResponse* response) override;
+  grpc::Status BeginSnapshot(grpc::ServerContext* context,
+                             const agent::BeginSnapshotRequest* request,
+                             agent::BeginSnapshotResponse* response) override;
+  grpc::Status SealSnapshot(grpc::ServerContext* context,
+                            const agent::SealSnapshotRequest* request,
+                            agent::SealSnapshotResponse* response) override;
+  grpc::Status ListVersions(grpc::ServerContext* context,
+                            const agent::ListVersionsRequest* request,
+                            agent::ListVersionsResponse* response) override;
+  grpc::Status PrepareRestore(grpc::ServerContext* context,
+                              const agent::PrepareRestoreRequest* request,
+                              agent::PrepareRestoreResponse* response) override;
+  grpc::Status Unregister(grpc::ServerContext* context, const agent::UnregisterRequest* request,
+                          agent::UnregisterResponse* response) override;
+
+ private:
+  absl::StatusOr<Caller> CallerOf(grpc::ServerContext* context) const;
+
+  SnapshotStore* const store_;
+  const PeerCredentials* const credentials_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_AGENT_SERVICE_H_

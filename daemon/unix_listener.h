@@ -1,0 +1,62 @@
+// Serves a grpc::Server on a Unix socket whose connections we accept ourselves, so that each
+// connection's SO_PEERCRED (uid, gid, pid) is known. gRPC names a connection handed over by file
+// descriptor "fd:<n>" (ServerContext::peer()); PeerCredentials maps that name to the caller.
+#ifndef TESSERA_DAEMON_UNIX_LISTENER_H_
+#define TESSERA_DAEMON_UNIX_LISTENER_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "daemon/snapshot_store.h"
+#include "grpcpp/server.h"
+
+namespace tessera {
+
+// Thread-safe map from a gRPC peer string to the credentials of the process behind it.
+class PeerCredentials {
+ public:
+  void Record(int fd, const Caller& caller);
+  // The caller behind `peer` ("fd:<n>"), or nullopt for any other kind of peer.
+  std::optional<Caller> Lookup(const std::string& peer) const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<int, Caller> by_fd_ ABSL_GUARDED_BY(mu_);
+};
+
+class UnixListener {
+ public:
+  // Binds `path` (creating its parent directory; replacing a stale socket file, but refusing one
+  // that another process still serves), sets `mode`, and hands every accepted connection to
+  // `server`, which must already be started and must outlive the listener.
+  static absl::StatusOr<std::unique_ptr<UnixListener>> Start(const std::string& path, mode_t mode,
+                                                             grpc::Server* server,
+                                                             PeerCredentials* credentials);
+  // Stops accepting and removes the socket file. Existing connections stay with the server.
+  ~UnixListener();
+
+ private:
+  UnixListener(std::string path, int listen_fd, int stop_fd, grpc::Server* server,
+               PeerCredentials* credentials);
+  void AcceptLoop();
+
+  const std::string path_;
+  const int listen_fd_;
+  const int stop_fd_;  // eventfd that wakes the accept loop for shutdown
+  grpc::Server* const server_;
+  PeerCredentials* const credentials_;
+  std::thread thread_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_UNIX_LISTENER_H_
