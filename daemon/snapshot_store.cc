@@ -347,8 +347,7 @@ std::shared_ptr<SnapshotStore::RankState> SnapshotStore::FindOrCreateRank(const 
 absl::Status SnapshotStore::CheckOwner(const RankState& state, const std::string& job_id,
                                        uint32_t rank, const Caller& caller) const {
   if (!state.registered) {
-    return absl::FailedPreconditionError(RankName(job_id, rank) +
-                                         " is not registered: call Register first");
+    return absl::NotFoundError(RankName(job_id, rank) + " is not registered: call Register first");
   }
   if (state.owner.pid != caller.pid) {
     return absl::FailedPreconditionError(absl::StrCat(RankName(job_id, rank),
@@ -511,8 +510,7 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
                                                       int64_t step, const Caller& caller) {
   std::shared_ptr<RankState> state = FindRank(job_id, rank);
   if (!state) {
-    return absl::FailedPreconditionError(RankName(job_id, rank) +
-                                         " is not registered: call Register first");
+    return absl::NotFoundError(RankName(job_id, rank) + " is not registered: call Register first");
   }
   absl::MutexLock lock(&state->mu);
   TESSERA_RETURN_IF_ERROR(CheckOwner(*state, job_id, rank, caller));
@@ -604,8 +602,7 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
                                                                       const Caller& caller) {
   std::shared_ptr<RankState> state = FindRank(job_id, rank);
   if (!state) {
-    return absl::FailedPreconditionError(RankName(job_id, rank) +
-                                         " is not registered: call Register first");
+    return absl::NotFoundError(RankName(job_id, rank) + " is not registered: call Register first");
   }
   absl::MutexLock lock(&state->mu);
   TESSERA_RETURN_IF_ERROR(CheckOwner(*state, job_id, rank, caller));

@@ -1,0 +1,161 @@
+#include "daemon/daemon_config.h"
+
+#include <sys/un.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "common/config.h"
+#include "common/status.h"
+
+namespace tessera {
+namespace {
+
+constexpr size_t kMaxNodeIdLength = 64;
+// A socket path must fit sockaddr_un::sun_path with its terminating NUL.
+constexpr size_t kMaxSocketPathLength = sizeof(sockaddr_un{}.sun_path) - 1;
+
+absl::Status CheckNodeId(const std::string& id) {
+  bool valid = id.size() <= kMaxNodeIdLength && id != "." && id != "..";
+  for (char c : id) {
+    valid = valid && ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                      c == '.' || c == '_' || c == '-');
+  }
+  if (valid) return absl::OkStatus();
+  // The id names a directory under store.directory, hence no '/' and no "." or "..".
+  return absl::InvalidArgumentError(absl::StrCat(
+      "must be empty (the host name) or 1 to ", kMaxNodeIdLength,
+      " characters from A-Z a-z 0-9 . _ - other than \".\" and \"..\"; got \"", id, "\""));
+}
+
+absl::Status CheckAbsolutePath(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("must be an absolute path; got \"", path, "\""));
+}
+
+absl::Status CheckSocketPath(const std::string& path) {
+  TESSERA_RETURN_IF_ERROR(CheckAbsolutePath(path));
+  if (path.size() <= kMaxSocketPathLength) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("must be at most ", kMaxSocketPathLength,
+                                                 " bytes long (the limit of a Unix socket "
+                                                 "address); got ",
+                                                 path.size(), " bytes"));
+}
+
+absl::Status CheckOctalMode(const std::string& mode) {
+  bool valid = mode.size() == 3 || mode.size() == 4;
+  for (char c : mode) valid = valid && c >= '0' && c <= '7';
+  if (valid) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("must be 3 or 4 octal digits such as \"0660\"; got \"", mode, "\""));
+}
+
+std::string FormatOctalMode(uint32_t mode) {
+  char buffer[16];
+  std::snprintf(buffer, sizeof(buffer), "%04o", mode);
+  return buffer;
+}
+
+ConfigSchema BuildSchema() {
+  const DaemonConfig defaults;
+  absl::StatusOr<ConfigSchema> schema = ConfigSchema::Create({
+      ConfigKey::String(
+          "node.id", defaults.node.id,
+          "Name of this node in the cluster, unique among its members and stable across "
+          "restarts: peers, fragment placement and status refer to the node by it, and its "
+          "segments live in <store.directory>/<node.id>. Empty means the host name.",
+          StringValidator(absl::StrCat("empty, or 1 to ", kMaxNodeIdLength,
+                                       " characters from A-Z a-z 0-9 . _ -"),
+                          CheckNodeId)),
+      ConfigKey::String(
+          "store.directory", defaults.store.directory,
+          "Directory that holds this daemon's shared-memory segments, in the subdirectory "
+          "named by node.id: a tmpfs such as /dev/shm, or a hugetlbfs mount. On start the "
+          "daemon re-adopts the sealed segments it finds there and deletes everything else "
+          "in its subdirectory, so give each daemon its own.",
+          StringValidator("an absolute path", CheckAbsolutePath)),
+      ConfigKey::ByteSize(
+          "store.capacity_bytes", defaults.store.capacity_bytes,
+          "Shared memory this daemon may use for its snapshot slots and for the fragments it "
+          "holds for peers. 0 means half of the space free on the filesystem of "
+          "store.directory when the daemon starts. A registration that does not fit is "
+          "refused, with the sizes asked and free in the error."),
+      ConfigKey::Bool(
+          "store.prefault", defaults.store.prefault,
+          "Touch every page of a segment when it is created, so that the first-touch cost "
+          "(about 1.5 GB/s on tmpfs) and any SIGBUS from an exhausted filesystem come at "
+          "registration, never on the snapshot path."),
+      ConfigKey::Int64("store.crc_threads", defaults.store.crc_threads,
+                       "Threads that compute the CRC32C of a sealed snapshot payload before it "
+                       "is marked SEALED and queued for protection.",
+                       InRange(1, 64)),
+      ConfigKey::String(
+          "agent.socket_path", defaults.agent.socket_path,
+          "Unix socket on which trainers on this node (the agent library) reach the daemon.",
+          StringValidator(
+              absl::StrCat("an absolute path of at most ", kMaxSocketPathLength, " bytes"),
+              CheckSocketPath)),
+      ConfigKey::String(
+          "agent.socket_mode", FormatOctalMode(defaults.agent.socket_mode),
+          "Permission bits of the agent socket, in octal. With the default, processes of the "
+          "daemon's user and group may connect: run trainers in that group.",
+          StringValidator("3 or 4 octal digits", CheckOctalMode)),
+      ConfigKey::Int64(
+          "daemon.drain_timeout_ms", defaults.daemon.drain_timeout_ms,
+          "On SIGTERM the daemon stops accepting new snapshots and waits up to this long for "
+          "the seals in flight to finish before it exits. Keep it below the stop timeout of "
+          "the service manager (systemd TimeoutStopSec, Kubernetes "
+          "terminationGracePeriodSeconds).",
+          InRange(0, 3600 * 1000)),
+      // The levels tessera::SetLogLevel accepts (common/logging.h).
+      ConfigKey::String("log.level", defaults.log.level,
+                        "Least severe level of the log messages written to stderr.",
+                        OneOf({"trace", "debug", "info", "warn", "error", "critical", "off"})),
+  });
+  if (!schema.ok()) {
+    // The table above is fixed at compile time: a bad entry is a bug that every test catches.
+    std::fprintf(stderr, "tesserad: invalid config schema: %s\n",
+                 std::string(schema.status().message()).c_str());
+    std::abort();
+  }
+  return *std::move(schema);
+}
+
+const ConfigSchema& DaemonSchema() {
+  static const ConfigSchema* const schema = new ConfigSchema(BuildSchema());
+  return *schema;
+}
+
+DaemonConfig FromConfig(const Config& config) {
+  DaemonConfig daemon_config;
+  daemon_config.node.id = config.GetString("node.id");
+  daemon_config.store.directory = config.GetString("store.directory");
+  daemon_config.store.capacity_bytes = config.GetByteSize("store.capacity_bytes");
+  daemon_config.store.prefault = config.GetBool("store.prefault");
+  daemon_config.store.crc_threads = static_cast<int>(config.GetInt64("store.crc_threads"));
+  daemon_config.agent.socket_path = config.GetString("agent.socket_path");
+  // Validated as 3 or 4 octal digits.
+  daemon_config.agent.socket_mode = static_cast<uint32_t>(
+      std::strtoul(config.GetString("agent.socket_mode").c_str(), nullptr, 8));
+  daemon_config.daemon.drain_timeout_ms = config.GetInt64("daemon.drain_timeout_ms");
+  daemon_config.log.level = config.GetString("log.level");
+  return daemon_config;
+}
+
+}  // namespace
+
+absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
+                                              const std::vector<std::string>& overrides) {
+  TESSERA_ASSIGN_OR_RETURN(Config config, LoadConfig(DaemonSchema(), path_or_empty, overrides));
+  return FromConfig(config);
+}
+
+std::string DefaultDaemonConfigToml() {
+  return absl::StrCat(
+      "# tesserad configuration. Every key is optional: a missing key takes the default shown.\n"
+      "# Start with `tesserad --config FILE`; override a key with `--set key=value`.\n\n",
+      DaemonSchema().RenderDefaults());
+}
+
+}  // namespace tessera

@@ -1,0 +1,319 @@
+#include "daemon/daemon_config.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+std::string WriteTempFile(const std::string& name, const std::string& contents) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  std::string path = absl::StrCat(dir != nullptr ? dir : "/tmp", "/", name);
+  std::FILE* file = std::fopen(path.c_str(), "wb");
+  EXPECT_NE(file, nullptr) << path;
+  std::fwrite(contents.data(), 1, contents.size(), file);
+  std::fclose(file);
+  return path;
+}
+
+void ExpectSameConfig(const DaemonConfig& a, const DaemonConfig& b) {
+  EXPECT_EQ(a.node.id, b.node.id);
+  EXPECT_EQ(a.store.directory, b.store.directory);
+  EXPECT_EQ(a.store.capacity_bytes, b.store.capacity_bytes);
+  EXPECT_EQ(a.store.prefault, b.store.prefault);
+  EXPECT_EQ(a.store.crc_threads, b.store.crc_threads);
+  EXPECT_EQ(a.agent.socket_path, b.agent.socket_path);
+  EXPECT_EQ(a.agent.socket_mode, b.agent.socket_mode);
+  EXPECT_EQ(a.daemon.drain_timeout_ms, b.daemon.drain_timeout_ms);
+  EXPECT_EQ(a.log.level, b.log.level);
+}
+
+// The message of a failed load from overrides alone.
+std::string OverrideError(const std::string& override_text) {
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig("", {override_text});
+  if (config.ok()) return "(loaded)";
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << config.status();
+  return std::string(config.status().message());
+}
+
+// Where FileError writes its file.
+std::string ErrorFilePath() {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return absl::StrCat(dir != nullptr ? dir : "/tmp", "/error.toml");
+}
+
+// The message of a failed load of a file (at ErrorFilePath()) holding `toml`.
+std::string FileError(const std::string& toml) {
+  std::string path = WriteTempFile("error.toml", toml);
+  EXPECT_EQ(path, ErrorFilePath());
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {});
+  if (config.ok()) return "(loaded)";
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << config.status();
+  return std::string(config.status().message());
+}
+
+TEST(DaemonConfigTest, NoFileNoOverridesGivesTheDocumentedDefaults) {
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig("", {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->node.id, "");
+  EXPECT_EQ(config->store.directory, "/dev/shm/tessera");
+  EXPECT_EQ(config->store.capacity_bytes, 0);
+  EXPECT_TRUE(config->store.prefault);
+  EXPECT_EQ(config->store.crc_threads, 4);
+  EXPECT_EQ(config->agent.socket_path, "/run/tessera/agent.sock");
+  EXPECT_EQ(config->agent.socket_mode, 0660u);
+  EXPECT_EQ(config->daemon.drain_timeout_ms, 30000);
+  EXPECT_EQ(config->log.level, "info");
+  ExpectSameConfig(*config, DaemonConfig{});
+}
+
+TEST(DaemonConfigTest, DefaultTomlLoadsBackToTheDefaults) {
+  std::string toml = DefaultDaemonConfigToml();
+  std::string path = WriteTempFile("default.toml", toml);
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {});
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << toml;
+  ExpectSameConfig(*config, DaemonConfig{});
+}
+
+TEST(DaemonConfigTest, DefaultTomlDocumentsEveryKey) {
+  std::string toml = DefaultDaemonConfigToml();
+  EXPECT_THAT(toml, StartsWith("# tesserad configuration."));
+  for (const char* table : {"[node]", "[store]", "[agent]", "[daemon]", "[log]"}) {
+    EXPECT_THAT(toml, HasSubstr(absl::StrCat("\n", table, "\n"))) << table;
+  }
+  for (const char* line :
+       {"id = \"\"", "directory = \"/dev/shm/tessera\"", "capacity_bytes = 0", "prefault = true",
+        "crc_threads = 4", "socket_path = \"/run/tessera/agent.sock\"", "socket_mode = \"0660\"",
+        "drain_timeout_ms = 30000", "level = \"info\""}) {
+    // Each key follows its doc: a paragraph of comments, then a "# Type: ..." paragraph.
+    size_t at = toml.find(absl::StrCat("\n", line, "\n"));
+    ASSERT_NE(at, std::string::npos) << line;
+    size_t type_line = toml.rfind("\n# Type: ", at);
+    size_t blank_line = toml.rfind("\n\n", at);
+    ASSERT_NE(type_line, std::string::npos) << line;
+    ASSERT_NE(blank_line, std::string::npos) << line;
+    EXPECT_LT(blank_line + 2, type_line) << line;  // a doc line between the blank and the type
+    for (size_t i = blank_line + 2; i < at; i = toml.find('\n', i) + 1) {
+      EXPECT_EQ(toml[i], '#') << line;
+    }
+  }
+  EXPECT_THAT(toml, HasSubstr("0 means half of the space free on the filesystem of"));
+  EXPECT_THAT(toml, HasSubstr("Empty means the host name."));
+  EXPECT_THAT(toml, HasSubstr("# Type: integer; valid: 1 to 64\ncrc_threads = 4\n"));
+  for (absl::string_view line : absl::StrSplit(toml, '\n')) EXPECT_LE(line.size(), 100u) << line;
+}
+
+TEST(DaemonConfigTest, OverridesWinOverTheFile) {
+  std::string path = WriteTempFile("precedence.toml", R"(
+[node]
+id = "node-07.rack2"
+[store]
+directory = "/mnt/huge/tessera"
+capacity_bytes = "512GiB"
+crc_threads = 8
+prefault = false
+[agent]
+socket_mode = "0600"
+[daemon]
+drain_timeout_ms = 5000
+)");
+  absl::StatusOr<DaemonConfig> config =
+      LoadDaemonConfig(path, {"store.crc_threads=16", "log.level=debug",
+                              "store.capacity_bytes=64GiB", "agent.socket_path=/tmp/t.sock"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->node.id, "node-07.rack2");                 // file
+  EXPECT_EQ(config->store.directory, "/mnt/huge/tessera");     // file
+  EXPECT_EQ(config->store.capacity_bytes, int64_t{64} << 30);  // override over file
+  EXPECT_EQ(config->store.crc_threads, 16);                    // override over file
+  EXPECT_FALSE(config->store.prefault);                        // file
+  EXPECT_EQ(config->agent.socket_path, "/tmp/t.sock");         // override over default
+  EXPECT_EQ(config->agent.socket_mode, 0600u);                 // file
+  EXPECT_EQ(config->daemon.drain_timeout_ms, 5000);            // file
+  EXPECT_EQ(config->log.level, "debug");                       // override over default
+}
+
+TEST(DaemonConfigTest, ByteSizes) {
+  auto capacity = [](const std::string& value) -> absl::StatusOr<int64_t> {
+    absl::StatusOr<DaemonConfig> config =
+        LoadDaemonConfig("", {absl::StrCat("store.capacity_bytes=", value)});
+    if (!config.ok()) return config.status();
+    return config->store.capacity_bytes;
+  };
+  EXPECT_EQ(*capacity("1KiB"), 1024);
+  EXPECT_EQ(*capacity("1KB"), 1000);
+  EXPECT_EQ(*capacity("0"), 0);
+  EXPECT_EQ(*capacity("4096"), 4096);
+  EXPECT_EQ(*capacity("\"64GiB\""), int64_t{64} << 30);
+  EXPECT_EQ(*capacity("1.5TB"), int64_t{1500000000000});
+  EXPECT_EQ(*capacity("2 tib"), int64_t{2} << 40);
+  for (const char* bad : {"-1", "-1KiB", "garbage", "64Gigs", "1.5", "", "99999999PiB", "true"}) {
+    absl::StatusOr<int64_t> bytes = capacity(bad);
+    EXPECT_EQ(bytes.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(bytes.status().message(),
+                HasSubstr("store.capacity_bytes: expected a byte size such as 68719476736 or "
+                          "\"64GiB\", got "))
+        << bad;
+  }
+
+  const std::string path = ErrorFilePath();
+  EXPECT_EQ(FileError("[store]\ncapacity_bytes = 68719476736\n"), "(loaded)");
+  EXPECT_EQ(FileError("[store]\ncapacity_bytes = \"1KiB\"\n"), "(loaded)");
+  EXPECT_EQ(FileError("[store]\ncapacity_bytes = -5\n"),
+            path +
+                ":2:18: store.capacity_bytes: expected a byte size such as 68719476736 or "
+                "\"64GiB\", got -5 (a size cannot be negative)");
+  EXPECT_EQ(FileError("[store]\ncapacity_bytes = \"lots\"\n"),
+            path +
+                ":2:18: store.capacity_bytes: expected a byte size such as 68719476736 or "
+                "\"64GiB\", got \"lots\" (expected a number of bytes followed by an optional "
+                "unit (B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB))");
+}
+
+TEST(DaemonConfigErrorTest, WrongTypeNamesFileKeyAndExpectation) {
+  const std::string path = ErrorFilePath();
+  EXPECT_EQ(FileError("[store]\ncapacity_bytes = true\n"),
+            path +
+                ":2:18: store.capacity_bytes: expected a byte size such as 68719476736 or "
+                "\"64GiB\", got true");
+  EXPECT_EQ(FileError("[store]\nprefault = \"yes\"\n"),
+            path + ":2:12: store.prefault: expected true or false, got \"yes\"");
+  EXPECT_EQ(FileError("[agent]\nsocket_mode = 660\n"),
+            path + ":2:15: agent.socket_mode: expected a string, got 660");
+  EXPECT_EQ(OverrideError("daemon.drain_timeout_ms=30s"),
+            "override \"daemon.drain_timeout_ms=30s\": daemon.drain_timeout_ms: expected an "
+            "integer, got 30s");
+}
+
+TEST(DaemonConfigErrorTest, UnknownKeySuggestsTheClosest) {
+  const std::string path = ErrorFilePath();
+  EXPECT_EQ(FileError("[store]\ncapacity = \"64GiB\"\n"),
+            path +
+                ":2:1: unknown key \"store.capacity\" (did you mean "
+                "\"store.capacity_bytes\"?)");
+  EXPECT_EQ(FileError("[daemon]\ndrain_timeout = 5\n"),
+            path +
+                ":2:1: unknown key \"daemon.drain_timeout\" (did you mean "
+                "\"daemon.drain_timeout_ms\"?)");
+  EXPECT_EQ(OverrideError("agent.socket=/x"),
+            "override \"agent.socket=/x\": unknown key \"agent.socket\" (did you mean "
+            "\"agent.socket_path\"?)");
+  EXPECT_EQ(OverrideError("crc_threads=2"),
+            "override \"crc_threads=2\": unknown key \"crc_threads\" (did you mean "
+            "\"store.crc_threads\"?)");
+  EXPECT_EQ(OverrideError("membership.peers=a"),
+            "override \"membership.peers=a\": unknown key \"membership.peers\"");
+}
+
+TEST(DaemonConfigErrorTest, OutOfRange) {
+  EXPECT_EQ(OverrideError("store.crc_threads=0"),
+            "override \"store.crc_threads=0\": store.crc_threads: must be 1 to 64, got 0");
+  EXPECT_EQ(OverrideError("store.crc_threads=65"),
+            "override \"store.crc_threads=65\": store.crc_threads: must be 1 to 64, got 65");
+  EXPECT_EQ(OverrideError("daemon.drain_timeout_ms=-1"),
+            "override \"daemon.drain_timeout_ms=-1\": daemon.drain_timeout_ms: must be 0 to "
+            "3600000, got -1");
+  EXPECT_EQ(OverrideError("store.crc_threads=64"), "(loaded)");
+  EXPECT_EQ(OverrideError("daemon.drain_timeout_ms=0"), "(loaded)");
+}
+
+TEST(DaemonConfigErrorTest, MalformedOverride) {
+  EXPECT_EQ(OverrideError("store.crc_threads"),
+            "override \"store.crc_threads\": expected key=value, such as "
+            "store.directory=/dev/shm/tessera");
+}
+
+TEST(DaemonConfigErrorTest, SyntaxErrorHasLineAndColumn) {
+  const std::string path = ErrorFilePath();
+  std::string message = FileError("[store]\ncrc_threads = 4\n[agent\n");
+  EXPECT_THAT(message, StartsWith(path + ":3:"));
+  EXPECT_THAT(message, HasSubstr(": TOML syntax error: "));
+}
+
+TEST(DaemonConfigErrorTest, MissingFileIsNotFoundAndNamed) {
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig("/nonexistent/tesserad.toml", {});
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(config.status().message(), HasSubstr("/nonexistent/tesserad.toml"));
+}
+
+TEST(DaemonConfigErrorTest, NodeId) {
+  EXPECT_EQ(OverrideError("node.id=host-1.example_A"), "(loaded)");
+  EXPECT_EQ(OverrideError("node.id=" + std::string(64, 'n')), "(loaded)");
+  const std::string valid =
+      "must be empty (the host name) or 1 to 64 characters from A-Z a-z 0-9 . _ - other than "
+      "\".\" and \"..\"; got ";
+  EXPECT_EQ(OverrideError("node.id=a/b"),
+            "override \"node.id=a/b\": node.id: " + valid + "\"a/b\"");
+  EXPECT_EQ(OverrideError("node.id=.."), "override \"node.id=..\": node.id: " + valid + "\"..\"");
+  EXPECT_EQ(OverrideError("node.id=."), "override \"node.id=.\": node.id: " + valid + "\".\"");
+  EXPECT_THAT(OverrideError("node.id=" + std::string(65, 'n')), HasSubstr(valid));
+  EXPECT_THAT(OverrideError("node.id=has space"), HasSubstr(valid + "\"has space\""));
+}
+
+TEST(DaemonConfigErrorTest, Paths) {
+  EXPECT_EQ(OverrideError("store.directory=relative/dir"),
+            "override \"store.directory=relative/dir\": store.directory: must be an absolute "
+            "path; got \"relative/dir\"");
+  EXPECT_EQ(OverrideError("agent.socket_path=agent.sock"),
+            "override \"agent.socket_path=agent.sock\": agent.socket_path: must be an absolute "
+            "path; got \"agent.sock\"");
+  std::string longest = "/" + std::string(106, 's');
+  EXPECT_EQ(OverrideError("agent.socket_path=" + longest), "(loaded)");
+  EXPECT_EQ(OverrideError("agent.socket_path=" + longest + "s"),
+            absl::StrCat("override \"agent.socket_path=", longest,
+                         "s\": agent.socket_path: must be at most 107 bytes long (the limit of a "
+                         "Unix socket address); got 108 bytes"));
+}
+
+TEST(DaemonConfigErrorTest, SocketMode) {
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig("", {"agent.socket_mode=755"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->agent.socket_mode, 0755u);
+  config = LoadDaemonConfig("", {"agent.socket_mode=0600"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->agent.socket_mode, 0600u);
+  for (const char* bad : {"0999", "rw-rw----", "66", "06600", "+660"}) {
+    EXPECT_EQ(OverrideError(absl::StrCat("agent.socket_mode=", bad)),
+              absl::StrCat("override \"agent.socket_mode=", bad,
+                           "\": agent.socket_mode: must be 3 or 4 octal digits such as \"0660\"; "
+                           "got \"",
+                           bad, "\""));
+  }
+}
+
+TEST(DaemonConfigErrorTest, LogLevel) {
+  EXPECT_EQ(OverrideError("log.level=verbose"),
+            "override \"log.level=verbose\": log.level: must be one of trace, debug, info, warn, "
+            "error, critical, off; got \"verbose\"");
+  // The accepted levels are exactly those tessera::SetLogLevel accepts.
+  for (const char* level : {"trace", "debug", "info", "warn", "error", "critical", "off"}) {
+    EXPECT_EQ(OverrideError(absl::StrCat("log.level=", level)), "(loaded)") << level;
+    EXPECT_TRUE(SetLogLevel(level).ok()) << level;
+  }
+  EXPECT_TRUE(SetLogLevel("info").ok());
+}
+
+TEST(DaemonConfigErrorTest, EveryProblemIsReported) {
+  std::string path = WriteTempFile("many.toml", "[store]\ncrc_threads = 0\nprefault = 2\n");
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {"log.level=loud", "oops"});
+  ASSERT_FALSE(config.ok());
+  std::vector<std::string> lines = absl::StrSplit(config.status().message(), '\n');
+  ASSERT_EQ(lines.size(), 4u) << config.status();
+  EXPECT_THAT(lines[0], StartsWith(path + ":2:15: store.crc_threads: must be 1 to 64"));
+  EXPECT_THAT(lines[1], StartsWith(path + ":3:12: store.prefault: expected true or false"));
+  EXPECT_THAT(lines[2], StartsWith("override \"log.level=loud\": log.level: must be one of"));
+  EXPECT_THAT(lines[3], StartsWith("override \"oops\": expected key=value"));
+}
+
+}  // namespace
+}  // namespace tessera
