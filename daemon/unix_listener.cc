@@ -134,7 +134,7 @@ void UnixListener::AcceptLoop() {
       return;
     }
     if (fds[1].revents != 0) return;
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);  // gRPC needs non-blocking
     if (fd < 0) {
       if (errno != EAGAIN && errno != EINTR) log->warn("accept on {}: {}", path_, std::strerror(errno));
       continue;

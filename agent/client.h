@@ -1,0 +1,169 @@
+// The trainer-side client: registers a rank's tensors and blobs with the local tesserad, takes
+// snapshots into the daemon's shared memory without blocking the training loop, and restores.
+//
+//   auto client = Client::Connect({.socket_path = "/run/tessera/agent.sock"});
+//   client->Register("job", rank, world, {{spec, ptr}, ...});
+//   if (auto step = client->Restore(); step.ok()) resume_from(*step + 1);
+//   loop: forward; backward; client->Fence(stream); optimizer.step();
+//         if (step % 10 == 0) client->Snapshot(step, stream);
+//
+// Snapshot() records the snapshot point and hands the copies to the client's own thread, which
+// claims a slot, copies every entry (device-to-host on a GPU copy stream, memcpy for host memory),
+// writes the manifest and asks the daemon to seal. Fence() must be called before anything
+// overwrites registered memory (the optimizer step): on a GPU it is a stream-side wait.
+//
+// Thread-safety: one training thread calls Snapshot/Fence/Wait/Restore/UpdateEntry; the client's
+// thread does the rest. stats() may be called from any thread.
+#ifndef TESSERA_AGENT_CLIENT_H_
+#define TESSERA_AGENT_CLIENT_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/segment.h"
+#include "cuda/copy_engine.h"
+#include "proto/agent.grpc.pb.h"
+
+namespace tessera {
+
+class Client {
+ public:
+  // What Snapshot() does when the previous snapshot is still being copied or sealed.
+  enum class BusyPolicy { kSkip, kWait };
+
+  struct Options {
+    std::string socket_path = "/run/tessera/agent.sock";
+    BusyPolicy when_busy = BusyPolicy::kSkip;
+    bool use_gpu = true;       // false: host copies only, even where a GPU exists
+    int device = -1;           // CUDA device; -1: the current one
+    int64_t rpc_timeout_ms = 120000;
+  };
+
+  // One registered tensor or blob. `data` is host or device memory the caller owns; it must stay
+  // valid until Close() or the next Register(). For a blob, spec.nbytes is its capacity and
+  // `length` the bytes currently valid (updated by UpdateEntry and by Restore).
+  struct Entry {
+    EntrySpec spec;
+    void* data = nullptr;
+    uint64_t length = 0;  // 0 for a tensor means spec.nbytes
+  };
+
+  enum class SnapshotOutcome { kStarted, kSkipped };
+
+  struct Stats {
+    uint64_t started = 0;
+    uint64_t skipped = 0;       // Snapshot() calls skipped because the previous was in flight
+    uint64_t busy_waits = 0;    // Snapshot() calls that waited for the previous (kWait)
+    uint64_t busy_wait_ns = 0;
+    uint64_t sealed = 0;
+    uint64_t failed = 0;
+    uint64_t bytes_copied = 0;
+    int64_t last_sealed_step = -1;
+    std::string last_error;
+    std::string engine;         // the copy engine's description
+  };
+
+  // Connects to the daemon's agent socket (checked with a ListVersions round trip).
+  // kUnavailable names the socket when no daemon answers.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const Options& options);
+
+  // Waits for an in-flight snapshot, then releases the rank (keeping its snapshots).
+  ~Client();
+
+  // Registers the rank's state and maps its two slots (pinned for DMA on a GPU). May be called
+  // again, with new entries, after Wait(). Errors come from the daemon with its message.
+  absl::Status Register(const std::string& job_id, uint32_t rank, uint32_t world_size,
+                        std::vector<Entry> entries);
+
+  // Points entry `index` at new memory and/or sets a blob's valid length (<= its capacity).
+  absl::Status UpdateEntry(size_t index, void* data, uint64_t length);
+
+  // Starts a snapshot of `step`: records the snapshot point on `stream` (a cudaStream_t, nullptr
+  // for the default stream) and returns at once. If the previous snapshot is in flight, skips
+  // (kSkipped, counted and logged) or waits, as configured. Errors of the asynchronous part
+  // show in Wait(), stats() and the log.
+  absl::StatusOr<SnapshotOutcome> Snapshot(int64_t step, void* stream = nullptr);
+
+  // Orders `stream` after the copies of every started snapshot (GPU-side on a GPU; on host
+  // memory it waits for the copies). Call before overwriting registered memory.
+  absl::Status Fence(void* stream = nullptr);
+
+  // Waits until the last started snapshot is sealed or failed; returns its outcome.
+  absl::Status Wait();
+
+  // Restores `step` (-1: the newest sealed) into the registered memory and returns the step.
+  // The snapshot's manifest must match the registration exactly; otherwise kFailedPrecondition
+  // lists the differences and nothing is written. kNotFound when the daemon holds no snapshot.
+  absl::StatusOr<int64_t> Restore(int64_t step = -1);
+
+  // The snapshots the daemon holds for the registered job (or for `job_id`).
+  absl::StatusOr<std::vector<agent::Version>> ListVersions(const std::string& job_id = "");
+
+  // Waits for in-flight work and unregisters; with drop_snapshots the daemon deletes them.
+  absl::Status Close(bool drop_snapshots = false);
+
+  const std::vector<Entry>& entries() const { return entries_; }
+  Stats stats() const;
+
+ private:
+  // What one snapshot copies: each entry's memory and length as of Snapshot().
+  struct Source {
+    const void* data;
+    uint64_t length;
+  };
+  struct Job {
+    int64_t step;
+    uint64_t ticket;
+    std::vector<Source> sources;
+  };
+  struct MappedSlot {
+    std::unique_ptr<Segment> segment;
+    bool pinned = false;
+  };
+
+  Client(const Options& options, std::shared_ptr<grpc::Channel> channel);
+  // Registers job_id_/rank_/entries_ with the daemon and maps the slots it returns.
+  absl::Status Attach();
+  void WorkerLoop();
+  absl::Status RunSnapshot(const Job& job);
+  absl::Status CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes) const;
+  void UnmapSlots();
+  grpc::ClientContext* NewContext(grpc::ClientContext* context) const;
+
+  const Options options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<agent::Agent::Stub> stub_;
+  std::unique_ptr<cuda::CopyEngine> engine_;
+
+  // Set by Register; read by the worker while a job runs (Register waits for it first).
+  std::string job_id_;
+  uint32_t rank_ = 0;
+  uint32_t world_size_ = 0;
+  bool registered_ = false;
+  std::vector<Entry> entries_;
+  agent::RegisterResponse layout_;
+  std::vector<MappedSlot> slots_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<Job> pending_;  // guarded by mu_
+  bool busy_ = false;           // guarded by mu_: a job is pending or running
+  bool stopping_ = false;       // guarded by mu_
+  absl::Status last_status_;    // guarded by mu_
+  Stats stats_;                 // guarded by mu_
+  std::thread worker_;
+};
+
+// Converts a status into the C ABI's return code: 0 for OK, otherwise -(canonical code).
+int StatusToReturnCode(const absl::Status& status);
+
+}  // namespace tessera
+
+#endif  // TESSERA_AGENT_CLIENT_H_

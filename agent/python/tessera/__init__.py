@@ -1,0 +1,66 @@
+"""Tessera: a training job's state kept in a daemon's shared memory, so a crashed trainer resumes
+from its last snapshot in seconds.
+
+This package is pure Python: it loads ``libtessera.so`` through ctypes (see `tessera._lib` for
+where it is looked for). `Client` is the raw, framework-free API; ``tessera.torch`` (imported
+separately, it needs PyTorch) protects a PyTorch training loop::
+
+    import tessera.torch
+    snapshotter = tessera.torch.Snapshotter(model, optimizer, every=100)
+"""
+
+from ._lib import library_path
+from ._lib import version as library_version
+from .client import DTYPE_BYTES, Client, Entry, EntryKind, Stats
+from .errors import (
+    AbortedError,
+    AlreadyExistsError,
+    BlobTooLargeError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    LibraryNotFoundError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TesseraError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "BlobTooLargeError",
+    "CancelledError",
+    "Client",
+    "DTYPE_BYTES",
+    "DataLossError",
+    "DeadlineExceededError",
+    "Entry",
+    "EntryKind",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LibraryNotFoundError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "Stats",
+    "TesseraError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+    "library_path",
+    "library_version",
+]

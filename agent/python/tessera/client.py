@@ -1,0 +1,426 @@
+"""A thin, typed Python wrapper over the C ABI of ``libtessera.so``.
+
+`Client` knows nothing of PyTorch: entries describe raw memory by address. `tessera.torch` builds
+on it. Contract, from ``agent/tessera.h``:
+
+* Registered memory belongs to the caller and must stay valid (same address, same size) until
+  `Client.close` or the next `Client.register`. The library reads it on its own thread after
+  `Client.snapshot` returns, until the snapshot's copies finish; call `Client.fence` before
+  anything overwrites it.
+* A client is used from one training thread. ctypes releases the GIL during each call, so a
+  blocking `Client.wait` does not stall other Python threads.
+
+Example::
+
+    with Client("/run/tessera/agent.sock") as client:
+        client.register("job", rank=0, world_size=1,
+                        entries=[Entry.tensor("w", addr, "float32", (1024,))])
+        client.snapshot(step=10)
+        client.wait()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import operator
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from . import _lib
+from .errors import FailedPreconditionError, InvalidArgumentError
+
+DTYPE_BYTES = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int16": 2,
+    "uint16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "float32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+    "bytes": 1,
+}
+"""The dtypes the daemon accepts, with their element size in bytes."""
+
+
+class EntryKind(enum.IntEnum):
+    """What an entry holds."""
+
+    TENSOR = _lib.ENTRY_TENSOR
+    """Fixed-size memory: nbytes must equal prod(shape) * itemsize."""
+    BLOB = _lib.ENTRY_BLOB
+    """Variable-size bytes: nbytes is the capacity, `Entry.length` the bytes currently valid."""
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered region of memory: a tensor or a blob.
+
+    Attributes:
+        name: unique within the registration, 1..256 bytes, no control characters.
+        address: host or device address of the memory (an int, e.g. ``tensor.data_ptr()``).
+        nbytes: a tensor's size, or a blob's capacity.
+        dtype: one of `DTYPE_BYTES` ("bytes" for blobs).
+        shape: the tensor's dimensions (() for a scalar); informational for blobs.
+        kind: `EntryKind.TENSOR` or `EntryKind.BLOB`.
+        length: a blob's valid bytes (<= nbytes); ignored for tensors.
+    """
+
+    name: str
+    address: int
+    nbytes: int
+    dtype: str = "bytes"
+    shape: Tuple[int, ...] = ()
+    kind: EntryKind = EntryKind.TENSOR
+    length: int = 0
+
+    @classmethod
+    def tensor(cls, name: str, address: int, dtype: str, shape: Sequence[int]) -> "Entry":
+        """A tensor entry; nbytes is computed from dtype and shape."""
+        if not isinstance(dtype, str):
+            raise TypeError(f"entry '{name}': dtype must be a str, got {type(dtype).__name__}")
+        if dtype not in DTYPE_BYTES or dtype == "bytes":
+            raise InvalidArgumentError(
+                f"entry '{name}': dtype '{dtype}' is not one of "
+                + ", ".join(d for d in DTYPE_BYTES if d != "bytes")
+            )
+        dims = tuple(_as_int(d, f"entry '{name}': shape dimension") for d in shape)
+        count = 1
+        for d in dims:
+            count *= d
+        return cls(name, address, count * DTYPE_BYTES[dtype], dtype, dims, EntryKind.TENSOR)
+
+    @classmethod
+    def blob(cls, name: str, address: int, capacity: int, length: int = 0) -> "Entry":
+        """A blob entry of `capacity` bytes, `length` of them valid now."""
+        return cls(name, address, capacity, "bytes", (capacity,), EntryKind.BLOB, length)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The client's counters (``tessera_stats``)."""
+
+    started: int
+    """Snapshots started."""
+    skipped: int
+    """Snapshots skipped because the previous one was still in flight (when_busy="skip")."""
+    busy_waits: int
+    """Snapshots that waited for the previous one (when_busy="wait")."""
+    busy_wait_ns: int
+    """Total time those waits took."""
+    sealed: int
+    """Snapshots the daemon sealed."""
+    failed: int
+    """Snapshots that failed (see the log and `Client.wait`)."""
+    bytes_copied: int
+    """Bytes copied into the daemon's slots."""
+    last_sealed_step: Optional[int]
+    """The newest step this client sealed, None before the first."""
+    has_gpu: bool
+    """Whether the client copies with the CUDA engine."""
+
+
+StreamLike = Union[None, int, Any]
+"""A CUDA stream: None (the default stream), a ``cudaStream_t`` as an int, or an object with a
+``cuda_stream`` attribute such as ``torch.cuda.Stream``."""
+
+
+def _stream_pointer(stream: StreamLike) -> Optional[int]:
+    if stream is None:
+        return None
+    if hasattr(stream, "cuda_stream"):
+        stream = stream.cuda_stream
+    value = _as_int(stream, "stream")
+    return value or None
+
+
+def _validated(entries: Sequence[Entry]) -> List[Entry]:
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise TypeError(f"entries must be a sequence of tessera.Entry, got {type(entries).__name__}")
+    out = []
+    names = set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, Entry):
+            raise TypeError(f"entries[{i}] must be a tessera.Entry, got {type(e).__name__}")
+        if not isinstance(e.name, str):
+            raise TypeError(f"entries[{i}].name must be a str, got {type(e.name).__name__}")
+        where = f"entry {i} ('{e.name}')"
+        if not isinstance(e.dtype, str):
+            raise TypeError(f"{where}: dtype must be a str, got {type(e.dtype).__name__}")
+        address = _as_int(e.address, f"{where}: address")
+        nbytes = _as_int(e.nbytes, f"{where}: nbytes")
+        length = _as_int(e.length, f"{where}: length")
+        if isinstance(e.shape, (str, bytes)) or not isinstance(e.shape, Sequence):
+            raise TypeError(f"{where}: shape must be a sequence of ints, got {e.shape!r}")
+        shape = tuple(_as_int(d, f"{where}: shape dimension") for d in e.shape)
+        try:
+            kind = EntryKind(_as_int(e.kind, f"{where}: kind"))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{where}: kind {e.kind!r} must be EntryKind.TENSOR (1) or EntryKind.BLOB (2)"
+            ) from None
+        if address < 0 or nbytes < 0 or length < 0:
+            raise InvalidArgumentError(f"{where}: address, nbytes and length must be >= 0")
+        if address == 0 and nbytes > 0:
+            raise InvalidArgumentError(f"{where}: address is 0 (NULL) for {nbytes} bytes")
+        if kind == EntryKind.BLOB and length > nbytes:
+            raise InvalidArgumentError(f"{where}: blob length {length} exceeds its capacity {nbytes}")
+        if e.name in names:
+            raise InvalidArgumentError(f"{where}: the name is registered twice")
+        names.add(e.name)
+        out.append(Entry(e.name, address, nbytes, e.dtype, shape, kind, length))
+    return out
+
+
+class Client:
+    """A connection to the local tesserad for one rank.
+
+    Args:
+        socket_path: the daemon's ``agent.socket_path``.
+        when_busy: what `snapshot` does while the previous snapshot is still in flight: "skip"
+            (return False at once; counted) or "wait" (block until it is sealed).
+        use_gpu: False forces host copies even where a GPU exists.
+
+    Raises:
+        UnavailableError: no daemon answers on `socket_path`.
+        LibraryNotFoundError: libtessera.so could not be loaded.
+    """
+
+    def __init__(self, socket_path: str, when_busy: str = "skip", use_gpu: bool = True) -> None:
+        try:
+            path = os.fsdecode(os.fspath(socket_path))
+        except TypeError:
+            raise TypeError(
+                f"socket_path must be a str or path, got {type(socket_path).__name__}"
+            ) from None
+        if when_busy not in ("skip", "wait"):
+            raise InvalidArgumentError(f"when_busy must be 'skip' or 'wait', got {when_busy!r}")
+        self._lib = _lib.library()
+        self._handle: Optional[ctypes.c_void_p] = None
+        self._entries: List[Entry] = []
+        self.socket_path = path
+        self.when_busy = when_busy
+        handle = ctypes.c_void_p()
+        policy = _lib.WHEN_BUSY_WAIT if when_busy == "wait" else _lib.WHEN_BUSY_SKIP
+        _lib.check(
+            self._lib.tessera_connect(path.encode(), policy, 1 if use_gpu else 0,
+                                      ctypes.byref(handle)),
+            "tessera_connect",
+        )
+        self._handle = handle
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called."""
+        return self._handle is None
+
+    def _h(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise FailedPreconditionError("the tessera client is closed")
+        return self._handle
+
+    def close(self, drop: bool = False) -> None:
+        """Waits for an in-flight snapshot and unregisters. Idempotent.
+
+        Args:
+            drop: also delete this rank's snapshots in the daemon.
+        """
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        _lib.check(self._lib.tessera_close(handle, 1 if drop else 0), "tessera_close")
+
+    # -- registration ----------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> Tuple[Entry, ...]:
+        """The entries of the last successful `register` (addresses as registered)."""
+        return tuple(self._entries)
+
+    def register(self, job_id: str, rank: int, world_size: int, entries: Sequence[Entry]) -> None:
+        """Registers this rank's memory with the daemon, which creates (or re-attaches) its two
+        snapshot slots. May be called again, with new entries; it first waits for a snapshot in
+        flight.
+
+        Raises:
+            TypeError: a value of the wrong type.
+            InvalidArgumentError: a bad job id, rank, entry, dtype, shape or size.
+            ResourceExhaustedError: the slots do not fit the daemon's capacity.
+            FailedPreconditionError: another live process holds this rank.
+        """
+        if not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a str, got {type(job_id).__name__}")
+        rank = _as_int(rank, "rank")
+        world_size = _as_int(world_size, "world_size")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InvalidArgumentError(
+                f"rank {rank} and world_size {world_size}: need 0 <= rank < world_size"
+            )
+        if world_size > 0xFFFFFFFF:
+            raise InvalidArgumentError(f"world_size {world_size} does not fit 32 bits")
+        checked = _validated(entries)
+        array = (_lib.CEntry * max(1, len(checked)))()
+        keep_alive = []  # the byte strings and shape arrays must outlive the call
+        for i, e in enumerate(checked):
+            name = e.name.encode("utf-8")
+            dtype = e.dtype.encode("utf-8")
+            shape = (ctypes.c_int64 * max(1, len(e.shape)))(*e.shape)
+            keep_alive.extend((name, dtype, shape))
+            array[i].name = name
+            array[i].dtype = dtype
+            array[i].shape = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
+            array[i].ndim = len(e.shape)
+            array[i].kind = int(e.kind)
+            array[i].nbytes = e.nbytes
+            array[i].data = e.address or None
+            array[i].length = e.length if e.kind == EntryKind.BLOB else e.nbytes
+        _lib.check(
+            self._lib.tessera_register(self._h(), job_id.encode("utf-8"), rank, world_size,
+                                       array, len(checked)),
+            "tessera_register",
+        )
+        self._entries = checked
+
+    def update_entry(self, index: int, address: Optional[int] = None,
+                     length: Optional[int] = None) -> None:
+        """Points entry `index` at new memory and/or sets a blob's valid length.
+
+        Takes effect for the next `snapshot`; one already started keeps what it saw.
+
+        Args:
+            index: position of the entry in the registration.
+            address: new memory of the same size, or None to keep the current one.
+            length: the blob's valid bytes (<= its capacity); None keeps it. For a tensor it must
+                be its nbytes.
+        """
+        index = _as_int(index, "index")
+        if not 0 <= index < len(self._entries):
+            raise InvalidArgumentError(
+                f"entry index {index} must be below {len(self._entries)} (the registered entries)"
+            )
+        e = self._entries[index]
+        new_address = e.address if address is None else _as_int(address, "address")
+        if length is None:
+            new_length = e.length if e.kind == EntryKind.BLOB else e.nbytes
+        else:
+            new_length = _as_int(length, "length")
+        if new_length < 0 or new_address < 0:
+            raise InvalidArgumentError("address and length must be >= 0")
+        _lib.check(
+            self._lib.tessera_update_entry(self._h(), index, new_address or None, new_length),
+            "tessera_update_entry",
+        )
+        self._entries[index] = Entry(e.name, new_address, e.nbytes, e.dtype, e.shape, e.kind,
+                                     new_length if e.kind == EntryKind.BLOB else 0)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def snapshot(self, step: int, stream: StreamLike = None) -> bool:
+        """Starts a snapshot of `step` and returns at once.
+
+        The copies run on the library's thread (on a GPU, on its copy stream after the point
+        recorded on `stream`). Steps must increase.
+
+        Returns:
+            True when the snapshot started, False when it was skipped because the previous one
+            is still in flight (when_busy="skip").
+        """
+        step = _as_int(step, "step")
+        rc = _lib.check(
+            self._lib.tessera_snapshot(self._h(), step, _stream_pointer(stream)),
+            "tessera_snapshot",
+        )
+        return rc == _lib.SNAPSHOT_STARTED
+
+    def fence(self, stream: StreamLike = None) -> None:
+        """Orders `stream` after the copies of every started snapshot: a GPU-side wait on a GPU,
+        a CPU wait for host copies. Call before overwriting registered memory."""
+        _lib.check(self._lib.tessera_fence(self._h(), _stream_pointer(stream)), "tessera_fence")
+
+    def wait(self) -> None:
+        """Blocks until the last started snapshot is sealed, raising its error if it failed."""
+        _lib.check(self._lib.tessera_wait(self._h()), "tessera_wait")
+
+    def restore(self, step: int = -1) -> int:
+        """Restores `step` (-1: the newest this daemon holds for the rank) into the registered
+        memory and returns the step restored.
+
+        Raises:
+            NotFoundError: the daemon holds no snapshot (of that step) for this rank.
+            FailedPreconditionError: the snapshot does not match the registered entries; the
+                message lists the differences and nothing was written.
+            DataLossError: the snapshot's checksum does not verify.
+        """
+        step = _as_int(step, "step")
+        restored = ctypes.c_int64(-1)
+        _lib.check(
+            self._lib.tessera_restore(self._h(), step, ctypes.byref(restored)), "tessera_restore"
+        )
+        for i, e in enumerate(self._entries):
+            if e.kind == EntryKind.BLOB:
+                self._entries[i] = Entry(e.name, e.address, e.nbytes, e.dtype, e.shape, e.kind,
+                                         self.entry_length(i))
+        return restored.value
+
+    def entry_length(self, index: int) -> int:
+        """The valid bytes of entry `index`: a blob's length (as restored or updated), a tensor's
+        nbytes."""
+        index = _as_int(index, "index")
+        if index < 0:
+            raise InvalidArgumentError(f"entry index {index} must be >= 0")
+        length = ctypes.c_uint64(0)
+        _lib.check(
+            self._lib.tessera_entry_length(self._h(), index, ctypes.byref(length)),
+            "tessera_entry_length",
+        )
+        return length.value
+
+    def stats(self) -> Stats:
+        """The client's counters."""
+        raw = _lib.CStats()
+        _lib.check(self._lib.tessera_get_stats(self._h(), ctypes.byref(raw)), "tessera_get_stats")
+        return Stats(
+            started=raw.started,
+            skipped=raw.skipped,
+            busy_waits=raw.busy_waits,
+            busy_wait_ns=raw.busy_wait_ns,
+            sealed=raw.sealed,
+            failed=raw.failed,
+            bytes_copied=raw.bytes_copied,
+            last_sealed_step=None if raw.last_sealed_step < 0 else raw.last_sealed_step,
+            has_gpu=bool(raw.has_gpu),
+        )

@@ -1,0 +1,73 @@
+/* Tessera's C ABI, exported by libtessera.so. Used directly from C/C++ trainers and through
+ * ctypes by the Python package.
+ *
+ * Every function returns 0 on success or a negative canonical status code (-3 invalid argument,
+ * -5 not found, -9 failed precondition, -14 unavailable, -15 data loss, ...); then
+ * tessera_last_error() returns the message on the calling thread. tessera_snapshot returns 1
+ * when the snapshot was skipped because the previous one was still in flight.
+ *
+ * Thread-safety: a client is used from one training thread; different clients are independent. */
+#ifndef TESSERA_AGENT_TESSERA_H_
+#define TESSERA_AGENT_TESSERA_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tessera_client tessera_client;
+
+enum { TESSERA_ENTRY_TENSOR = 1, TESSERA_ENTRY_BLOB = 2 };
+enum { TESSERA_WHEN_BUSY_SKIP = 0, TESSERA_WHEN_BUSY_WAIT = 1 };
+enum { TESSERA_SNAPSHOT_STARTED = 0, TESSERA_SNAPSHOT_SKIPPED = 1 };
+
+typedef struct {
+  const char* name;
+  const char* dtype;     /* "float32", "bfloat16", ..., "bytes" for blobs */
+  const int64_t* shape;  /* ndim dimensions; may be NULL when ndim is 0 */
+  int32_t ndim;
+  int32_t kind;          /* TESSERA_ENTRY_TENSOR or TESSERA_ENTRY_BLOB */
+  uint64_t nbytes;       /* tensor bytes, or a blob's capacity */
+  void* data;            /* host or device memory, owned by the caller */
+  uint64_t length;       /* a blob's valid bytes; ignored for tensors */
+} tessera_entry;
+
+typedef struct {
+  uint64_t started;
+  uint64_t skipped;
+  uint64_t busy_waits;
+  uint64_t busy_wait_ns;
+  uint64_t sealed;
+  uint64_t failed;
+  uint64_t bytes_copied;
+  int64_t last_sealed_step;
+  int32_t has_gpu;
+} tessera_stats;
+
+const char* tessera_version(void);
+const char* tessera_last_error(void);
+
+/* when_busy: TESSERA_WHEN_BUSY_SKIP or TESSERA_WHEN_BUSY_WAIT. use_gpu 0 forces host copies. */
+int tessera_connect(const char* socket_path, int32_t when_busy, int32_t use_gpu,
+                    tessera_client** out);
+int tessera_register(tessera_client* client, const char* job_id, uint32_t rank,
+                     uint32_t world_size, const tessera_entry* entries, size_t n_entries);
+int tessera_update_entry(tessera_client* client, size_t index, void* data, uint64_t length);
+/* stream: a cudaStream_t, or NULL for the default stream. */
+int tessera_snapshot(tessera_client* client, int64_t step, void* stream);
+int tessera_fence(tessera_client* client, void* stream);
+int tessera_wait(tessera_client* client);
+/* step -1: the newest sealed step. *restored_step receives the step restored. */
+int tessera_restore(tessera_client* client, int64_t step, int64_t* restored_step);
+int tessera_entry_length(tessera_client* client, size_t index, uint64_t* length);
+int tessera_get_stats(tessera_client* client, tessera_stats* out);
+/* Unregisters (dropping the snapshots when drop_snapshots != 0) and frees the client. */
+int tessera_close(tessera_client* client, int32_t drop_snapshots);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TESSERA_AGENT_TESSERA_H_ */

@@ -1,0 +1,152 @@
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "agent/client.h"
+#include "agent/tessera.h"
+#include "common/version.h"
+
+struct tessera_client {
+  std::unique_ptr<tessera::Client> client;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+int Fail(const absl::Status& status) {
+  last_error = status.ToString();
+  return tessera::StatusToReturnCode(status);
+}
+
+int Return(const absl::Status& status) {
+  if (status.ok()) return 0;
+  return Fail(status);
+}
+
+#define TESSERA_REQUIRE_CLIENT(c) \
+  if ((c) == nullptr || (c)->client == nullptr) return Fail(absl::InvalidArgumentError("client is NULL"))
+
+}  // namespace
+
+extern "C" {
+
+const char* tessera_version(void) { return tessera::kVersion; }
+
+const char* tessera_last_error(void) { return last_error.c_str(); }
+
+int tessera_connect(const char* socket_path, int32_t when_busy, int32_t use_gpu,
+                    tessera_client** out) {
+  if (socket_path == nullptr || out == nullptr) {
+    return Fail(absl::InvalidArgumentError("socket_path and out must not be NULL"));
+  }
+  if (when_busy != TESSERA_WHEN_BUSY_SKIP && when_busy != TESSERA_WHEN_BUSY_WAIT) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "when_busy ", when_busy, " must be TESSERA_WHEN_BUSY_SKIP (0) or _WAIT (1)")));
+  }
+  tessera::Client::Options options;
+  options.socket_path = socket_path;
+  options.when_busy = when_busy == TESSERA_WHEN_BUSY_WAIT ? tessera::Client::BusyPolicy::kWait
+                                                          : tessera::Client::BusyPolicy::kSkip;
+  options.use_gpu = use_gpu != 0;
+  auto client = tessera::Client::Connect(options);
+  if (!client.ok()) return Fail(client.status());
+  *out = new tessera_client{std::move(*client)};
+  return 0;
+}
+
+int tessera_register(tessera_client* c, const char* job_id, uint32_t rank, uint32_t world_size,
+                     const tessera_entry* entries, size_t n_entries) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (job_id == nullptr || (entries == nullptr && n_entries > 0)) {
+    return Fail(absl::InvalidArgumentError("job_id and entries must not be NULL"));
+  }
+  std::vector<tessera::Client::Entry> converted;
+  converted.reserve(n_entries);
+  for (size_t i = 0; i < n_entries; ++i) {
+    const tessera_entry& e = entries[i];
+    if (e.name == nullptr || e.dtype == nullptr || e.ndim < 0 || e.ndim > 64 ||
+        (e.ndim > 0 && e.shape == nullptr)) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "entry ", i, ": name and dtype must be set, ndim in 0..64 with a shape array")));
+    }
+    tessera::Client::Entry entry;
+    entry.spec.set_name(e.name);
+    entry.spec.set_dtype(e.dtype);
+    for (int32_t d = 0; d < e.ndim; ++d) entry.spec.add_shape(e.shape[d]);
+    entry.spec.set_nbytes(e.nbytes);
+    entry.spec.set_kind(static_cast<tessera::EntryKind>(e.kind));
+    entry.data = e.data;
+    entry.length = e.kind == TESSERA_ENTRY_BLOB ? e.length : e.nbytes;
+    converted.push_back(std::move(entry));
+  }
+  return Return(c->client->Register(job_id, rank, world_size, std::move(converted)));
+}
+
+int tessera_update_entry(tessera_client* c, size_t index, void* data, uint64_t length) {
+  TESSERA_REQUIRE_CLIENT(c);
+  return Return(c->client->UpdateEntry(index, data, length));
+}
+
+int tessera_snapshot(tessera_client* c, int64_t step, void* stream) {
+  TESSERA_REQUIRE_CLIENT(c);
+  auto outcome = c->client->Snapshot(step, stream);
+  if (!outcome.ok()) return Fail(outcome.status());
+  return *outcome == tessera::Client::SnapshotOutcome::kSkipped ? TESSERA_SNAPSHOT_SKIPPED
+                                                                 : TESSERA_SNAPSHOT_STARTED;
+}
+
+int tessera_fence(tessera_client* c, void* stream) {
+  TESSERA_REQUIRE_CLIENT(c);
+  return Return(c->client->Fence(stream));
+}
+
+int tessera_wait(tessera_client* c) {
+  TESSERA_REQUIRE_CLIENT(c);
+  return Return(c->client->Wait());
+}
+
+int tessera_restore(tessera_client* c, int64_t step, int64_t* restored_step) {
+  TESSERA_REQUIRE_CLIENT(c);
+  auto restored = c->client->Restore(step);
+  if (!restored.ok()) return Fail(restored.status());
+  if (restored_step != nullptr) *restored_step = *restored;
+  return 0;
+}
+
+int tessera_entry_length(tessera_client* c, size_t index, uint64_t* length) {
+  TESSERA_REQUIRE_CLIENT(c);
+  const auto& entries = c->client->entries();
+  if (index >= entries.size() || length == nullptr) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("entry index ", index,
+                                                        " must be below ", entries.size(),
+                                                        " and length non-NULL")));
+  }
+  const auto& e = entries[index];
+  *length = e.spec.kind() == tessera::ENTRY_KIND_BLOB ? e.length : e.spec.nbytes();
+  return 0;
+}
+
+int tessera_get_stats(tessera_client* c, tessera_stats* out) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (out == nullptr) return Fail(absl::InvalidArgumentError("out is NULL"));
+  tessera::Client::Stats s = c->client->stats();
+  out->started = s.started;
+  out->skipped = s.skipped;
+  out->busy_waits = s.busy_waits;
+  out->busy_wait_ns = s.busy_wait_ns;
+  out->sealed = s.sealed;
+  out->failed = s.failed;
+  out->bytes_copied = s.bytes_copied;
+  out->last_sealed_step = s.last_sealed_step;
+  out->has_gpu = s.engine.rfind("cuda", 0) == 0 ? 1 : 0;
+  return 0;
+}
+
+int tessera_close(tessera_client* c, int32_t drop_snapshots) {
+  if (c == nullptr) return 0;
+  absl::Status status = c->client ? c->client->Close(drop_snapshots != 0) : absl::OkStatus();
+  delete c;
+  return Return(status);
+}
+
+}  // extern "C"

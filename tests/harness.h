@@ -1,0 +1,97 @@
+// Process harness for integration tests: real tesserad and trainer processes, their output read
+// line by line, and real signals. Binaries are found in the test's runfiles.
+#ifndef TESSERA_TESTS_HARNESS_H_
+#define TESSERA_TESTS_HARNESS_H_
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tessera::testing {
+
+// Path of a binary built by Bazel (e.g. "daemon/tesserad"), from the test's runfiles.
+std::string BinaryPath(const std::string& relative);
+
+// A child process whose stdout is read through a pipe (stderr goes to `stderr_path` if given,
+// otherwise is inherited). Killed with SIGKILL on destruction if still running.
+class Process {
+ public:
+  static std::unique_ptr<Process> Start(const std::vector<std::string>& argv,
+                                        const std::string& stderr_path = "");
+  ~Process();
+
+  pid_t pid() const { return pid_; }
+  // Reads stdout lines until `done` returns true for one (returned), EOF, or the timeout.
+  std::optional<std::string> ReadUntil(const std::function<bool(const std::string&)>& done,
+                                       std::chrono::milliseconds timeout);
+  // Every line read so far.
+  const std::vector<std::string>& lines() const { return lines_; }
+  void Signal(int sig);
+  // Waits for exit; returns the exit code, or 128+signal. -1 on timeout.
+  int Wait(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  // Drains the remaining output without blocking more than `timeout`.
+  void DrainOutput(std::chrono::milliseconds timeout);
+
+ private:
+  Process(pid_t pid, int out_fd) : pid_(pid), out_fd_(out_fd) {}
+  bool ReadSome(std::chrono::milliseconds timeout);
+
+  pid_t pid_;
+  int out_fd_;
+  bool exited_ = false;
+  int status_ = 0;
+  std::string buffer_;
+  std::vector<std::string> lines_;
+};
+
+// A tesserad with its own store directory (under /dev/shm) and agent socket.
+class DaemonProcess {
+ public:
+  DaemonProcess(std::string root, std::string node_id, uint64_t capacity_bytes,
+                std::vector<std::string> extra_flags = {});
+  ~DaemonProcess();
+
+  // Starts the daemon and waits until its socket answers. Returns false (with the log tail in
+  // `error`) when it does not come up.
+  bool Start(std::string* error);
+  void Kill(int sig = 9);
+  int Wait() { return process_ ? process_->Wait() : -1; }
+  bool running() const { return process_ != nullptr; }
+
+  const std::string& socket_path() const { return socket_path_; }
+  const std::string& store_dir() const { return store_dir_; }  // <root>/shm/<node>
+  const std::string& log_path() const { return log_path_; }
+  std::string LogTail(size_t bytes = 4000) const;
+
+ private:
+  std::string root_, node_id_, socket_path_, store_root_, store_dir_, log_path_;
+  uint64_t capacity_bytes_;
+  std::vector<std::string> extra_flags_;
+  std::unique_ptr<Process> process_;
+};
+
+// A fresh directory for one test (removed with its contents on destruction). /dev/shm holds the
+// stores, so its name is kept short for Unix socket paths.
+class TempRoot {
+ public:
+  TempRoot();
+  ~TempRoot();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Line helpers for the trainer's output ("sealed 12" -> 12).
+std::optional<int64_t> ParseEvent(const std::string& line, const std::string& event);
+int64_t LastEvent(const std::vector<std::string>& lines, const std::string& event);
+
+}  // namespace tessera::testing
+
+#endif  // TESSERA_TESTS_HARNESS_H_

@@ -1,0 +1,373 @@
+// Node-local protection with real processes: tesserad, trainer processes, SIGKILL.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "agent/client.h"
+#include "common/segment.h"
+#include "gtest/gtest.h"
+#include "tests/harness.h"
+#include "tests/trainer_state.h"
+
+namespace tessera::testing {
+namespace {
+
+using std::chrono::milliseconds;
+
+uint64_t TestSeed() {
+  const char* env = std::getenv("TESSERA_TEST_SEED");
+  uint64_t seed = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+struct Layout {
+  const char* name;
+  uint64_t tensors, min_bytes, max_bytes, total_bytes;
+  int max_run_ms;  // how long a trainer may run before it is killed
+};
+
+// From a few bytes to hundreds of MiB, from 1 to 300 tensors.
+const Layout kLayouts[] = {
+    {"tiny", 1, 1, 7, 7, 30},
+    {"many", 300, 1, 64 << 10, 8 << 20, 120},
+    {"huge", 1, 200 << 20, 200 << 20, 200 << 20, 900},
+    {"mixed", 40, 1 << 10, 32 << 20, 128 << 20, 500},
+    {"wide", 5, 1 << 20, 64 << 20, 160 << 20, 600},
+};
+
+std::vector<std::string> TrainerArgs(const DaemonProcess& d, const std::string& job,
+                                     const Layout& l, uint64_t seed, uint32_t rank = 0,
+                                     uint32_t world = 1) {
+  return {BinaryPath("tests/trainer"),
+          "--socket=" + d.socket_path(),
+          "--job=" + job,
+          absl::StrCat("--seed=", seed),
+          absl::StrCat("--rank=", rank),
+          absl::StrCat("--world=", world),
+          absl::StrCat("--tensors=", l.tensors),
+          absl::StrCat("--min-bytes=", l.min_bytes),
+          absl::StrCat("--max-bytes=", l.max_bytes),
+          absl::StrCat("--total-bytes=", l.total_bytes)};
+}
+
+bool IsStartLine(const std::string& l) {
+  return l == "fresh" || absl::StartsWith(l, "resumed ") || absl::StartsWith(l, "error");
+}
+
+// The trainer is SIGKILLed at 50 random instants, while copying and sealing included; each time
+// the next trainer restores exactly the newest sealed step, bit-exact (the trainer checks every
+// byte against the seeded state and prints "resumed S" only when it matches).
+TEST(SnapshotIntegrationTest, TrainerKilledAtRandomInstantsRestoresNewestSealedBitExact) {
+  const uint64_t seed = TestSeed();
+  std::mt19937_64 rng(seed);
+  TempRoot root;
+  DaemonProcess daemon(root.path(), "n0", uint64_t{2} << 30);
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+
+  const int kKills = 50;
+  const size_t n_layouts = std::size(kLayouts);
+  std::vector<int64_t> last_sealed(n_layouts, -1), last_started(n_layouts, 0);
+  int in_flight_kills = 0;
+  for (int kill = 0; kill < kKills; ++kill) {
+    const size_t li = kill % n_layouts;
+    const Layout& l = kLayouts[li];
+    const std::string job = absl::StrCat("kill-", l.name);
+    std::vector<std::string> argv = TrainerArgs(daemon, job, l, seed + li);
+    argv.push_back(rng() % 2 ? "--when-busy=wait" : "--when-busy=skip");
+    auto trainer = Process::Start(argv);
+    auto first = trainer->ReadUntil(IsStartLine, std::chrono::seconds(60));
+    ASSERT_TRUE(first.has_value()) << "kill " << kill << ": trainer did not start";
+    SCOPED_TRACE(absl::StrCat("kill ", kill, " layout ", l.name, ": ", *first));
+    ASSERT_FALSE(absl::StartsWith(*first, "error")) << *first;
+    if (last_sealed[li] >= 0) {
+      // The newest sealed step: at least what the killed trainer saw sealed, at most what it
+      // started; the trainer verified every byte before printing it.
+      auto resumed = ParseEvent(*first, "resumed");
+      ASSERT_TRUE(resumed.has_value()) << "a sealed step " << last_sealed[li] << " was lost";
+      EXPECT_GE(*resumed, last_sealed[li]);
+      EXPECT_LE(*resumed, last_started[li]);
+    }
+    std::this_thread::sleep_for(milliseconds(rng() % l.max_run_ms));
+    trainer->Signal(SIGKILL);
+    EXPECT_EQ(trainer->Wait(), 128 + SIGKILL) << "the trainer ended before it was killed";
+    const auto& lines = trainer->lines();
+    for (const auto& line : lines) ASSERT_FALSE(absl::StartsWith(line, "error")) << line;
+    const int64_t sealed = LastEvent(lines, "sealed");
+    const int64_t started = std::max(LastEvent(lines, "started"), LastEvent(lines, "resumed"));
+    if (started > sealed) ++in_flight_kills;
+    last_sealed[li] = std::max({last_sealed[li], sealed, LastEvent(lines, "resumed")});
+    last_started[li] = std::max(last_started[li], started);
+  }
+  std::printf("%d of %d kills landed while a snapshot was being copied or sealed\n",
+              in_flight_kills, kKills);
+  EXPECT_GE(in_flight_kills, kKills / 4) << "the kills should hit copies and seals";
+
+  // A final check of every layout from a fresh process.
+  for (size_t li = 0; li < n_layouts; ++li) {
+    std::vector<std::string> argv = TrainerArgs(daemon, absl::StrCat("kill-", kLayouts[li].name),
+                                                kLayouts[li], seed + li);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(), 0);
+    int64_t verified = LastEvent(verifier->lines(), "verified");
+    EXPECT_GE(verified, last_sealed[li]) << kLayouts[li].name;
+    EXPECT_LE(verified, last_started[li]) << kLayouts[li].name;
+  }
+}
+
+// The daemon is SIGKILLed at random instants while three ranks snapshot every step. The trainers
+// keep training, re-register with the restarted daemon and keep sealing; every sealed step
+// survives each restart, and new trainers resume from it bit-exact.
+TEST(SnapshotIntegrationTest, DaemonKilledAndRestartedKeepsEverySealedSlot) {
+  const uint64_t seed = TestSeed();
+  std::mt19937_64 rng(seed);
+  TempRoot root;
+  DaemonProcess daemon(root.path(), "n0", uint64_t{1} << 30);
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  const Layout l{"dk", 20, 1 << 10, 4 << 20, 24 << 20, 0};
+  const int kRanks = 3;
+  std::vector<int64_t> sealed_before(kRanks, -1);
+  for (int round = 0; round < 4; ++round) {
+    SCOPED_TRACE(absl::StrCat("round ", round));
+    std::vector<std::unique_ptr<Process>> trainers;
+    for (int r = 0; r < kRanks; ++r) {
+      auto argv = TrainerArgs(daemon, "dk", l, seed + r, r, kRanks);
+      argv.push_back("--when-busy=wait");
+      argv.push_back("--step-sleep-ms=2");
+      trainers.push_back(Process::Start(argv));
+      auto first = trainers[r]->ReadUntil(IsStartLine, std::chrono::seconds(60));
+      ASSERT_TRUE(first.has_value());
+      ASSERT_FALSE(absl::StartsWith(*first, "error")) << *first;
+      if (sealed_before[r] >= 0) {
+        auto resumed = ParseEvent(*first, "resumed");
+        ASSERT_TRUE(resumed.has_value()) << "rank " << r << ": " << *first;
+        EXPECT_GE(*resumed, sealed_before[r]) << "rank " << r;
+      }
+    }
+    // Let them seal a few steps, then kill the daemon mid-flight.
+    for (auto& t : trainers) {
+      ASSERT_TRUE(t->ReadUntil([](const std::string& s) { return ParseEvent(s, "sealed").value_or(-1) > 0; },
+                               std::chrono::seconds(30)));
+    }
+    std::this_thread::sleep_for(milliseconds(rng() % 100));
+    daemon.Kill(SIGKILL);
+    std::vector<int64_t> at_kill(kRanks);
+    for (int r = 0; r < kRanks; ++r) {
+      trainers[r]->DrainOutput(milliseconds(100));
+      at_kill[r] = LastEvent(trainers[r]->lines(), "sealed");
+    }
+    ASSERT_TRUE(daemon.Start(&error)) << error;
+    // Training went on; after the restart each trainer re-registers and seals newer steps.
+    for (int r = 0; r < kRanks; ++r) {
+      const int64_t before = at_kill[r];
+      auto newer = trainers[r]->ReadUntil(
+          [before](const std::string& s) { return ParseEvent(s, "sealed").value_or(-1) > before; },
+          std::chrono::seconds(60));
+      ASSERT_TRUE(newer.has_value()) << "rank " << r << " sealed nothing after the restart; log:\n"
+                                     << daemon.LogTail();
+    }
+    for (int r = 0; r < kRanks; ++r) {
+      trainers[r]->Signal(SIGKILL);
+      trainers[r]->Wait();
+      for (const auto& line : trainers[r]->lines()) {
+        ASSERT_FALSE(absl::StartsWith(line, "error")) << line;
+      }
+      sealed_before[r] = LastEvent(trainers[r]->lines(), "sealed");
+    }
+  }
+  // One more daemon restart with nobody attached: everything sealed is re-adopted.
+  daemon.Kill(SIGKILL);
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  for (int r = 0; r < kRanks; ++r) {
+    auto argv = TrainerArgs(daemon, "dk", l, seed + r, r, kRanks);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(), 0) << "rank " << r;
+    EXPECT_GE(LastEvent(verifier->lines(), "verified"), sealed_before[r]) << "rank " << r;
+  }
+}
+
+// Finds the slot file that holds `step` of (job, rank) in the daemon's store.
+std::string SealedSlot(const DaemonProcess& d, const std::string& job, int64_t step) {
+  for (const auto& f : std::filesystem::directory_iterator(d.store_dir())) {
+    if (!absl::StartsWith(f.path().filename().string(), job + ".")) continue;
+    auto seg = Segment::Open(f.path().string(), false);
+    if (seg.ok() && LoadState(*(*seg)->header()) == SegmentState::kSealed &&
+        (*seg)->header()->step == step) {
+      return f.path().string();
+    }
+  }
+  return "";
+}
+
+void FlipByte(const std::string& path, uint64_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  char c;
+  f.read(&c, 1);
+  c ^= 0x20;
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(&c, 1);
+}
+
+class BadInputTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = TestSeed();
+    daemon_ = std::make_unique<DaemonProcess>(root_.path(), "n0", uint64_t{512} << 20);
+    std::string error;
+    ASSERT_TRUE(daemon_->Start(&error)) << error;
+  }
+
+  // Runs a trainer to completion and returns its output lines.
+  std::vector<std::string> RunTrainer(const std::string& job, uint64_t seed,
+                                      std::vector<std::string> extra, int* exit_code = nullptr) {
+    auto argv = TrainerArgs(*daemon_, job, layout_, seed);
+    argv.push_back("--when-busy=wait");  // every step is sealed, so the newest step is known
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = Process::Start(argv);
+    int code = p->Wait();
+    if (exit_code) *exit_code = code;
+    return p->lines();
+  }
+
+  std::unique_ptr<Client> Connect() {
+    Client::Options options;
+    options.socket_path = daemon_->socket_path();
+    options.use_gpu = false;
+    auto c = Client::Connect(options);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  uint64_t seed_;
+  TempRoot root_;
+  std::unique_ptr<DaemonProcess> daemon_;
+  Layout layout_{"bad", 12, 100, 1 << 20, 4 << 20, 0};
+};
+
+TEST_F(BadInputTest, RejectedInputNeverChangesStoredData) {
+  int code;
+  auto lines = RunTrainer("good", seed_, {"--steps=5"}, &code);
+  ASSERT_EQ(code, 0);
+  ASSERT_EQ(LastEvent(lines, "sealed"), 5);
+
+  // A rank outside the world.
+  lines = RunTrainer("good", seed_, {"--rank=2", "--world=2"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_TRUE(absl::StrContains(lines.back(), "INVALID_ARGUMENT")) << lines.back();
+  EXPECT_TRUE(absl::StrContains(lines.back(), "valid ranks: 0..1")) << lines.back();
+
+  // Two trainers claiming one rank.
+  auto holder = Process::Start([&] {
+    auto a = TrainerArgs(*daemon_, "good", layout_, seed_);
+    a.push_back("--step-sleep-ms=20");
+    return a;
+  }());
+  ASSERT_TRUE(holder->ReadUntil(IsStartLine, std::chrono::seconds(30)));
+  lines = RunTrainer("good", seed_, {"--steps=1"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_TRUE(absl::StrContains(lines.back(), "FAILED_PRECONDITION")) << lines.back();
+  EXPECT_TRUE(absl::StrContains(lines.back(), absl::StrCat("held by pid ", holder->pid())))
+      << lines.back();
+  holder->Signal(SIGKILL);
+  holder->Wait();
+  // The holder may seal one more step between its last line and the kill.
+  const int64_t newest_seen = std::max(LastEvent(holder->lines(), "sealed"), int64_t{5});
+  const int64_t newest_started = std::max(LastEvent(holder->lines(), "started"), int64_t{5});
+
+  // A step going backwards, and a size that does not match the shape, from an in-process client.
+  auto state = MakeState(seed_, layout_.tensors, layout_.min_bytes, layout_.max_bytes,
+                         layout_.total_bytes);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto bad_entries = ClientEntries(&state);
+  bad_entries[0].spec.set_nbytes(bad_entries[0].spec.nbytes() + 4);
+  absl::Status bad_size = client->Register("good", 0, 1, bad_entries);
+  EXPECT_EQ(bad_size.code(), absl::StatusCode::kInvalidArgument) << bad_size;
+  EXPECT_TRUE(absl::StrContains(bad_size.message(), "does not match shape")) << bad_size;
+  ASSERT_TRUE(client->Register("good", 0, 1, ClientEntries(&state)).ok());
+  auto outcome = client->Snapshot(1);
+  ASSERT_TRUE(outcome.ok());
+  absl::Status backwards = client->Wait();
+  EXPECT_EQ(backwards.code(), absl::StatusCode::kFailedPrecondition) << backwards;
+  EXPECT_TRUE(absl::StrContains(backwards.message(), "is not after the newest sealed step"))
+      << backwards;
+  EXPECT_EQ(client->stats().failed, 1u);
+  ASSERT_TRUE(client->Close().ok());
+  client.reset();
+
+  // Through all of it the newest sealed step stayed intact.
+  lines = RunTrainer("good", seed_, {"--mode=verify"}, &code);
+  EXPECT_EQ(code, 0) << lines.back();
+  EXPECT_GE(LastEvent(lines, "verified"), newest_seen);
+  EXPECT_LE(LastEvent(lines, "verified"), newest_started);
+}
+
+TEST_F(BadInputTest, CorruptedPayloadOrHeaderIsReportedAsDataLoss) {
+  int code;
+  for (const char* job : {"payload", "header"}) {
+    auto lines = RunTrainer(job, seed_, {"--steps=3"}, &code);
+    ASSERT_EQ(code, 0);
+    std::string slot = SealedSlot(*daemon_, job, 3);
+    ASSERT_FALSE(slot.empty());
+    const bool header = std::string(job) == "header";
+    FlipByte(slot, header ? offsetof(SegmentHeader, rank) : kSegmentHeaderBytes + seed_ % 1000);
+    lines = RunTrainer(job, seed_, {"--mode=verify"}, &code);
+    EXPECT_EQ(code, 1);
+    EXPECT_TRUE(absl::StrContains(lines.back(), "DATA_LOSS")) << lines.back();
+    EXPECT_TRUE(absl::StrContains(lines.back(), header ? "header CRC32C" : "payload CRC32C"))
+        << lines.back();
+  }
+  // A restarted daemon discards the damaged slots and says so; nothing damaged is handed out.
+  daemon_->Kill(SIGKILL);
+  std::string error;
+  ASSERT_TRUE(daemon_->Start(&error)) << error;
+  EXPECT_TRUE(absl::StrContains(daemon_->LogTail(), "discarding damaged segment"))
+      << daemon_->LogTail();
+  auto lines = RunTrainer("payload", seed_, {"--mode=verify"}, &code);
+  EXPECT_EQ(code, 0);
+  EXPECT_EQ(lines.back(), "verified 0") << "no damaged step may be restored";
+}
+
+TEST_F(BadInputTest, SharedMemoryTooSmallSaysHowMuch) {
+  DaemonProcess small(root_.path(), "small", 1 << 20);
+  std::string error;
+  ASSERT_TRUE(small.Start(&error)) << error;
+  auto argv = TrainerArgs(small, "big", layout_, seed_);
+  auto p = Process::Start(argv);
+  EXPECT_EQ(p->Wait(), 1);
+  const std::string& last = p->lines().back();
+  EXPECT_TRUE(absl::StrContains(last, "RESOURCE_EXHAUSTED")) << last;
+  EXPECT_TRUE(absl::StrContains(last, "of 1048576 bytes of store capacity are free")) << last;
+}
+
+TEST(TesseradTest, SigtermDrainsAndExitsZeroAndBadConfigExitsTwo) {
+  TempRoot root;
+  DaemonProcess daemon(root.path(), "n0", 64 << 20);
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  daemon.Kill(SIGTERM);
+  EXPECT_TRUE(absl::StrContains(daemon.LogTail(), "draining")) << daemon.LogTail();
+  EXPECT_TRUE(absl::StrContains(daemon.LogTail(), "stopped")) << daemon.LogTail();
+
+  auto bad = Process::Start({BinaryPath("daemon/tesserad"), "--set", "store.crc_threads=0"},
+                            root.path() + "/bad.log");
+  EXPECT_EQ(bad->Wait(), 2);
+  std::ifstream in(root.path() + "/bad.log");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(absl::StrContains(text, "store.crc_threads")) << text;
+}
+
+}  // namespace
+}  // namespace tessera::testing

@@ -1,0 +1,148 @@
+// A stand-in trainer for multi-process tests and the demo. Registers seeded state with the local
+// tesserad, restores the newest sealed step if there is one (checking every byte), then "trains":
+// each step fences, moves the state to the next step, and snapshots every --every steps. It
+// prints one line per event, flushed, for the harness to read:
+//   resumed S | fresh | started S | skipped S | sealed S | verified S | done | error: ...
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "agent/client.h"
+#include "common/logging.h"
+#include "tests/trainer_state.h"
+
+namespace {
+
+struct Flags {
+  std::string socket, job = "trainer-job", mode = "train", when_busy = "skip";
+  uint64_t seed = 1, rank = 0, world = 1, tensors = 8, min_bytes = 1, max_bytes = 1 << 20;
+  uint64_t total_bytes = 64 << 20, steps = 0, every = 1, step_sleep_ms = 0;
+};
+
+bool Parse(int argc, char** argv, Flags* f) {
+  std::map<std::string, uint64_t*> numbers = {
+      {"seed", &f->seed},           {"rank", &f->rank},         {"world", &f->world},
+      {"tensors", &f->tensors},     {"min-bytes", &f->min_bytes}, {"max-bytes", &f->max_bytes},
+      {"total-bytes", &f->total_bytes}, {"steps", &f->steps},   {"every", &f->every},
+      {"step-sleep-ms", &f->step_sleep_ms}};
+  std::map<std::string, std::string*> strings = {
+      {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy}};
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    size_t eq = arg.find('=');
+    if (arg.rfind("--", 0) != 0 || eq == std::string::npos) {
+      std::fprintf(stderr, "trainer: bad argument '%s' (expected --key=value)\n", argv[i]);
+      return false;
+    }
+    std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
+    if (numbers.count(key)) {
+      if (!absl::SimpleAtoi(value, numbers[key])) {
+        std::fprintf(stderr, "trainer: --%s needs a number, got '%s'\n", key.c_str(), value.c_str());
+        return false;
+      }
+    } else if (strings.count(key)) {
+      *strings[key] = value;
+    } else {
+      std::fprintf(stderr, "trainer: unknown flag --%s\n", key.c_str());
+      return false;
+    }
+  }
+  if (f->socket.empty() || (f->mode != "train" && f->mode != "verify") || f->every == 0) {
+    std::fprintf(stderr, "trainer: need --socket, --mode=train|verify and --every>0\n");
+    return false;
+  }
+  return true;
+}
+
+void Say(const std::string& line) {
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+int Fail(const std::string& what, const absl::Status& status) {
+  Say("error: " + what + ": " + status.ToString());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags f;
+  if (!Parse(argc, argv, &f)) return 2;
+  tessera::SetLogLevel("warn").IgnoreError();
+  tessera::Client::Options options;
+  options.socket_path = f.socket;
+  options.use_gpu = false;
+  options.when_busy = f.when_busy == "wait" ? tessera::Client::BusyPolicy::kWait
+                                            : tessera::Client::BusyPolicy::kSkip;
+  auto client = tessera::Client::Connect(options);
+  if (!client.ok()) return Fail("connect", client.status());
+
+  auto state = tessera::testing::MakeState(f.seed, static_cast<int>(f.tensors), f.min_bytes,
+                                           f.max_bytes, f.total_bytes);
+  tessera::testing::Scramble(&state, f.seed * 7 + 3);
+  absl::Status registered = (*client)->Register(f.job, static_cast<uint32_t>(f.rank),
+                                                static_cast<uint32_t>(f.world),
+                                                tessera::testing::ClientEntries(&state));
+  if (!registered.ok()) return Fail("register", registered);
+
+  int64_t step = 0;
+  auto restored = (*client)->Restore(-1);
+  if (restored.ok()) {
+    for (size_t i = 0; i < state.size(); ++i) state[i].length = (*client)->entries()[i].length;
+    std::string diff = tessera::testing::CheckState(f.seed, state, *restored);
+    if (!diff.empty()) {
+      Say("error: MISMATCH after restoring step " + std::to_string(*restored) + ": " + diff);
+      return 3;
+    }
+    step = *restored;
+    Say("resumed " + std::to_string(step));
+  } else if (absl::IsNotFound(restored.status())) {
+    state = tessera::testing::MakeState(f.seed, static_cast<int>(f.tensors), f.min_bytes,
+                                        f.max_bytes, f.total_bytes);
+    for (size_t i = 0; i < state.size(); ++i) {
+      (*client)->UpdateEntry(i, state[i].bytes.data(), state[i].length).IgnoreError();
+    }
+    Say("fresh");
+  } else {
+    return Fail("restore", restored.status());
+  }
+  if (f.mode == "verify") {
+    Say("verified " + std::to_string(step));
+    return 0;
+  }
+
+  int64_t announced_sealed = -1;
+  for (uint64_t n = 0; f.steps == 0 || n < f.steps; ++n) {
+    // The optimizer step: the registered memory must not change while a snapshot copies it.
+    absl::Status fenced = (*client)->Fence();
+    if (!fenced.ok()) return Fail("fence", fenced);
+    tessera::testing::AdvanceState(f.seed, &state, step, step + 1);
+    ++step;
+    const size_t blob = state.size() - 1;
+    (*client)->UpdateEntry(blob, state[blob].bytes.data(), state[blob].length).IgnoreError();
+    if (step % static_cast<int64_t>(f.every) == 0) {
+      auto outcome = (*client)->Snapshot(step);
+      if (!outcome.ok()) return Fail("snapshot", outcome.status());
+      Say((*outcome == tessera::Client::SnapshotOutcome::kStarted ? "started " : "skipped ") +
+          std::to_string(step));
+    }
+    int64_t sealed = (*client)->stats().last_sealed_step;
+    if (sealed > announced_sealed) {
+      announced_sealed = sealed;
+      Say("sealed " + std::to_string(sealed));
+    }
+    if (f.step_sleep_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(f.step_sleep_ms));
+  }
+  absl::Status last = (*client)->Wait();
+  if (!last.ok()) return Fail("last snapshot", last);
+  Say("sealed " + std::to_string((*client)->stats().last_sealed_step));
+  Say("done");
+  return 0;
+}
