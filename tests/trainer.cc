@@ -2,7 +2,8 @@
 // tesserad, restores the newest sealed step if there is one (checking every byte), then "trains":
 // each step fences, moves the state to the next step, and snapshots every --every steps. It
 // prints one line per event, flushed, for the harness to read:
-//   resumed S | fresh | started S | skipped S | sealed S | verified S | done | error: ...
+//   restore_ms T | resumed S | fresh | started S | skipped S | sealed S | verified S | done |
+//   error: ...
 #include <unistd.h>
 
 #include <chrono>
@@ -93,8 +94,12 @@ int main(int argc, char** argv) {
   if (!registered.ok()) return Fail("register", registered);
 
   int64_t step = 0;
+  const auto restore_start = std::chrono::steady_clock::now();
   auto restored = (*client)->Restore(-1);
   if (restored.ok()) {
+    Say("restore_ms " + std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                           std::chrono::steady_clock::now() - restore_start)
+                                           .count()));
     for (size_t i = 0; i < state.size(); ++i) state[i].length = (*client)->entries()[i].length;
     std::string diff = tessera::testing::CheckState(f.seed, state, *restored);
     if (!diff.empty()) {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every test (Bazel's C++ unit and multi-process tests, then the Python tests) and ends with
+# one line, alone: "N passed, N failed, N skipped", counted from the test cases' XML reports.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
+
+bazel test //... --keep_going --test_output=errors --test_summary=terse
+bazel_rc=$?
+# Count only the current test targets (bazel-testlogs keeps results of deleted ones).
+for target in $(bazel query 'tests(//...)' 2>/dev/null); do
+  path=${target#//}
+  path=${path/://}
+  xml="bazel-testlogs/$path/test.xml"
+  if [ -f "$xml" ]; then
+    cp "$xml" "$reports/$(echo "$path" | tr '/' '_').xml"
+  else
+    echo "<testsuites><testsuite><testcase name=\"$target\"><failure message=\"no report: the target did not build or run\"/></testcase></testsuite></testsuites>" \
+      > "$reports/$(echo "$path" | tr '/' '_').xml"
+  fi
+done
+
+python_rc=0
+if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
+  TESSERAD=$PWD/bazel-bin/daemon/tesserad TESSERA_LIBRARY=$PWD/bazel-bin/agent/libtessera.so \
+    /usr/bin/python3 -m pytest -q -rs tests/python --junitxml="$reports/python.xml"
+  python_rc=$?
+  [ $python_rc -eq 5 ] && python_rc=0  # no tests collected is not a failure of this script
+fi
+
+/usr/bin/python3 - "$reports" "$bazel_rc" "$python_rc" <<'PY'
+import glob, sys, xml.etree.ElementTree as ET
+passed = failed = skipped = 0
+for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+        elif case.find("skipped") is not None or case.get("result") == "skipped" or case.get("status") == "notrun":
+            skipped += 1
+        else:
+            passed += 1
+bazel_rc, python_rc = int(sys.argv[2]), int(sys.argv[3])
+if failed == 0 and (bazel_rc != 0 or python_rc != 0):
+    failed = 1  # a runner failed without a test case saying so (e.g. a build error)
+print(f"{passed} passed, {failed} failed, {skipped} skipped")
+sys.exit(1 if failed else 0)
+PY
