@@ -102,7 +102,7 @@ TEST(SnapshotIntegrationTest, TrainerKilledAtRandomInstantsRestoresNewestSealedB
     const auto& lines = trainer->lines();
     for (const auto& line : lines) ASSERT_FALSE(absl::StartsWith(line, "error")) << line;
     const int64_t sealed = LastEvent(lines, "sealed");
-    const int64_t started = std::max(LastEvent(lines, "started"), LastEvent(lines, "resumed"));
+    const int64_t started = std::max(LastEvent(lines, "snapshot"), LastEvent(lines, "resumed"));
     if (started > sealed) ++in_flight_kills;
     last_sealed[li] = std::max({last_sealed[li], sealed, LastEvent(lines, "resumed")});
     last_started[li] = std::max(last_started[li], started);
@@ -284,7 +284,7 @@ TEST_F(BadInputTest, RejectedInputNeverChangesStoredData) {
   holder->Wait();
   // The holder may seal one more step between its last line and the kill.
   const int64_t newest_seen = std::max(LastEvent(holder->lines(), "sealed"), int64_t{5});
-  const int64_t newest_started = std::max(LastEvent(holder->lines(), "started"), int64_t{5});
+  const int64_t newest_started = std::max(LastEvent(holder->lines(), "snapshot"), int64_t{5});
 
   // A step going backwards, and a size that does not match the shape, from an in-process client.
   auto state = MakeState(seed_, layout_.tensors, layout_.min_bytes, layout_.max_bytes,
@@ -344,7 +344,8 @@ TEST_F(BadInputTest, SharedMemoryTooSmallSaysHowMuch) {
   DaemonProcess small(root_.path(), "small", 1 << 20);
   std::string error;
   ASSERT_TRUE(small.Start(&error)) << error;
-  auto argv = TrainerArgs(small, "big", layout_, seed_);
+  const Layout too_big{"too-big", 4, 1 << 20, 1 << 20, 4 << 20, 0};  // 4 MiB cannot fit in 1
+  auto argv = TrainerArgs(small, "big", too_big, seed_);
   auto p = Process::Start(argv);
   EXPECT_EQ(p->Wait(), 1);
   const std::string& last = p->lines().back();

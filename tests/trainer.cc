@@ -2,8 +2,8 @@
 // tesserad, restores the newest sealed step if there is one (checking every byte), then "trains":
 // each step fences, moves the state to the next step, and snapshots every --every steps. It
 // prints one line per event, flushed, for the harness to read:
-//   restore_ms T | resumed S | fresh | started S | skipped S | sealed S | verified S | done |
-//   error: ...
+//   restore_ms T | resumed S | fresh | snapshot S (printed before the call) | skipped S |
+//   sealed S | verified S | done | error: ...
 #include <unistd.h>
 
 #include <chrono>
@@ -133,10 +133,12 @@ int main(int argc, char** argv) {
     const size_t blob = state.size() - 1;
     (*client)->UpdateEntry(blob, state[blob].bytes.data(), state[blob].length).IgnoreError();
     if (step % static_cast<int64_t>(f.every) == 0) {
+      Say("snapshot " + std::to_string(step));  // before the call: bounds what can be sealed
       auto outcome = (*client)->Snapshot(step);
       if (!outcome.ok()) return Fail("snapshot", outcome.status());
-      Say((*outcome == tessera::Client::SnapshotOutcome::kStarted ? "started " : "skipped ") +
-          std::to_string(step));
+      if (*outcome == tessera::Client::SnapshotOutcome::kSkipped) {
+        Say("skipped " + std::to_string(step));
+      }
     }
     int64_t sealed = (*client)->stats().last_sealed_step;
     if (sealed > announced_sealed) {

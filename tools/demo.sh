@@ -68,7 +68,7 @@ echo
 echo "== 1. A trainer crashes (SIGKILL of rank 1) and is restarted =="
 kill -9 "${trainer_pid[1]}"; wait "${trainer_pid[1]}" 2>/dev/null || true
 sealed_at_kill=$(last "$root/rank1.out" sealed)
-started_at_kill=$(last "$root/rank1.out" started)
+started_at_kill=$(last "$root/rank1.out" snapshot)
 say "rank 1 killed; it had sealed step $sealed_at_kill (step $started_at_kill was in flight)"
 mv "$root/rank1.out" "$root/rank1.before"
 t=$(now_ms); start_trainer 1
