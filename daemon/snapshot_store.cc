@@ -517,15 +517,21 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
   if (step < 0) {
     return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, got ", step));
   }
-  int newest = -1;
+  const int64_t committed_step = committed(job_id);
+  int keep = -1;  // the restore point: the committed step if a slot holds it, else the newest
   int64_t newest_step = -1;
   for (int i = 0; i < 2; ++i) {
     const SegmentHeader& h = *state->slots[i]->header();
     SegmentState s = LoadState(h);
     if (s == SegmentState::kWriting && h.step == step) return static_cast<uint32_t>(i);
-    if (s == SegmentState::kSealed && h.step > newest_step) {
-      newest = i;
-      newest_step = h.step;
+    if (s != SegmentState::kSealed) continue;
+    newest_step = std::max(newest_step, h.step);
+    if (h.step == committed_step) keep = i;
+  }
+  if (keep < 0) {
+    for (int i = 0; i < 2; ++i) {
+      const SegmentHeader& h = *state->slots[i]->header();
+      if (LoadState(h) == SegmentState::kSealed && h.step == newest_step) keep = i;
     }
   }
   for (const auto& seg : state->retained) newest_step = std::max(newest_step, seg->header()->step);
@@ -535,7 +541,13 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
         newest_step, " (steps must increase; to start over from an earlier step, unregister "
         "with drop_snapshots first)"));
   }
-  uint32_t target = newest == 0 ? 1 : 0;
+  uint32_t target = keep == 0 ? 1 : 0;
+  if (state->pins[target] > 0) {
+    return absl::UnavailableError(absl::StrCat(
+        RankName(job_id, rank), ": step ", state->slots[target]->header()->step,
+        " is still being protected (sent to peers); the snapshot of step ", step,
+        " cannot use its slot yet"));
+  }
   SegmentHeader* h = state->slots[target]->header();
   StoreState(h, SegmentState::kEmpty);
   h->step = step;
@@ -646,9 +658,11 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
   h->header_crc32c = ComputeHeaderCrc(*h);
   StoreState(h, SegmentState::kSealed);
 
-  // Only the newest sealed step is kept: the other slot becomes free for the next snapshot.
+  // The newest sealed step and the restore point (the newest committed step) are kept; the other
+  // slot is free for the next snapshot.
   SegmentHeader* other = state->slots[1 - index]->header();
-  if (LoadState(*other) == SegmentState::kSealed && other->step < step) {
+  if (LoadState(*other) == SegmentState::kSealed && other->step < step &&
+      other->step != committed(job_id) && state->pins[1 - index] == 0) {
     StoreState(other, SegmentState::kEmpty);
   }
   std::vector<std::unique_ptr<Segment>> retained = std::move(state->retained);
@@ -740,6 +754,74 @@ absl::StatusOr<SnapshotStore::RestoreInfo> SnapshotStore::PrepareRestore(const s
   }
   return RestoreInfo{h.step, best->path(), h.payload_bytes, h.manifest_offset, h.manifest_bytes,
                      h.payload_crc32c};
+}
+
+absl::StatusOr<SnapshotStore::PinnedShard> SnapshotStore::Pin(const std::string& job_id,
+                                                               uint32_t rank, int64_t step) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (state) {
+    absl::MutexLock lock(&state->mu);
+    for (int i = 0; i < 2; ++i) {
+      if (!state->slots[i]) continue;
+      const SegmentHeader& h = *state->slots[i]->header();
+      if (LoadState(h) != SegmentState::kSealed || h.step != step) continue;
+      ++state->pins[i];
+      return PinnedShard{state->slots[i]->payload(), h.payload_bytes, h.payload_crc32c,
+                         h.world_size, h.manifest_offset, h.manifest_bytes};
+    }
+  }
+  return absl::NotFoundError(absl::StrCat(RankName(job_id, rank), " has no sealed step ", step,
+                                          " in a slot on this node"));
+}
+
+void SnapshotStore::Unpin(const std::string& job_id, uint32_t rank, int64_t step) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return;
+  absl::MutexLock lock(&state->mu);
+  for (int i = 0; i < 2; ++i) {
+    if (state->slots[i] && state->slots[i]->header()->step == step && state->pins[i] > 0) {
+      --state->pins[i];
+      return;
+    }
+  }
+}
+
+int64_t SnapshotStore::committed(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = committed_.find(job_id);
+  return it == committed_.end() ? -1 : it->second;
+}
+
+void SnapshotStore::Commit(const std::string& job_id, int64_t step) {
+  std::vector<std::shared_ptr<RankState>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = committed_.find(job_id);
+    if (it != committed_.end() && it->second >= step) return;
+    committed_[job_id] = step;
+    for (const auto& [key, state] : ranks_) {
+      if (key.first == job_id) ranks.push_back(state);
+    }
+  }
+  std::vector<std::unique_ptr<Segment>> doomed;
+  for (const auto& state : ranks) {
+    absl::MutexLock lock(&state->mu);
+    for (int i = 0; i < 2; ++i) {
+      if (!state->slots[i] || state->pins[i] > 0) continue;
+      SegmentHeader* h = state->slots[i]->header();
+      if (LoadState(*h) == SegmentState::kSealed && h->step < step) StoreState(h, SegmentState::kEmpty);
+    }
+    auto& retained = state->retained;
+    for (auto it = retained.begin(); it != retained.end();) {
+      if ((*it)->header()->step < step) {
+        doomed.push_back(std::move(*it));
+        it = retained.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& seg : doomed) DeleteSegment(std::move(seg));
 }
 
 absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,

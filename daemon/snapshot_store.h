@@ -124,8 +124,10 @@ class SnapshotStore {
                                           const std::vector<EntrySpec>& entries,
                                           const Caller& caller);
 
-  // Claims the slot that does not hold the newest sealed step and marks it WRITING `step`.
-  // Returns its index. Idempotent for the step being written.
+  // Claims the slot that holds neither the restore point (the newest committed step, or without
+  // commits the newest sealed step) and marks it WRITING `step`. Returns its index. Idempotent
+  // for the step being written. kUnavailable when that slot is still being protected (the
+  // snapshot is skipped or retried by the agent; protection never blocks training).
   absl::StatusOr<uint32_t> BeginSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
                                          const Caller& caller);
 
@@ -142,6 +144,25 @@ class SnapshotStore {
   // step -1 means the newest sealed step. kNotFound lists the steps held; kDataLoss on mismatch.
   absl::StatusOr<RestoreInfo> PrepareRestore(const std::string& job_id, uint32_t rank,
                                              int64_t step);
+
+  // A sealed slot's payload, pinned so that no snapshot overwrites it while protection reads it.
+  struct PinnedShard {
+    const uint8_t* payload = nullptr;
+    uint64_t payload_bytes = 0;
+    uint32_t payload_crc32c = 0;
+    uint32_t world_size = 0;
+    uint64_t manifest_offset = 0;
+    uint64_t manifest_bytes = 0;
+  };
+  // Pins sealed (job, rank, step). REQUIRES: a matching Unpin. kNotFound if not sealed here.
+  absl::StatusOr<PinnedShard> Pin(const std::string& job_id, uint32_t rank, int64_t step);
+  void Unpin(const std::string& job_id, uint32_t rank, int64_t step);
+
+  // `step` of the job is protected on every rank: it is kept as the restore point, and every
+  // older sealed step of the job's ranks here is released. Idempotent; older commits are ignored.
+  void Commit(const std::string& job_id, int64_t step);
+  // The newest committed step of the job known here, -1 if none.
+  int64_t committed(const std::string& job_id) const;
 
   // Drops caller's claim on the rank. With drop_snapshots, deletes the rank's segments too.
   absl::Status Unregister(const std::string& job_id, uint32_t rank, bool drop_snapshots,
@@ -164,6 +185,7 @@ class SnapshotStore {
     std::vector<EntrySpec> entries ABSL_GUARDED_BY(mu);
     SlotLayout layout ABSL_GUARDED_BY(mu);
     std::unique_ptr<Segment> slots[2] ABSL_GUARDED_BY(mu);
+    int pins[2] ABSL_GUARDED_BY(mu) = {0, 0};  // protection reading the slot
     // Sealed segments of an earlier layout, kept until the new layout seals a step.
     std::vector<std::unique_ptr<Segment>> retained ABSL_GUARDED_BY(mu);
   };
@@ -189,6 +211,7 @@ class SnapshotStore {
   uint64_t segments_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   Stats counters_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> committed_ ABSL_GUARDED_BY(mu_);  // by job
 };
 
 // The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), or 0 when the

@@ -388,6 +388,47 @@ TEST_F(SnapshotStoreTest, ChangedLayoutKeepsOldSnapshotUntilNewOneSeals) {
   EXPECT_EQ(store_->stats().used_bytes, 2 * reg2->segment_bytes);
 }
 
+TEST_F(SnapshotStoreTest, CommittedStepIsKeptAndPinnedSlotsAreNotOverwritten) {
+  Caller t = Trainer(100);
+  auto reg = Register(t);
+  std::vector<std::string> written[10];
+  auto snap = [&](int64_t step) -> absl::Status {
+    auto slot = store_->BeginSnapshot(job_, 0, step, t);
+    if (!slot.ok()) return slot.status();
+    written[step] = WriteSnapshot(*reg, *slot, step);
+    return store_->SealSnapshot(job_, 0, step, manifest_bytes_, t).status();
+  };
+  ASSERT_TRUE(snap(1).ok());
+  store_->Commit(job_, 1);
+  EXPECT_EQ(store_->committed(job_), 1);
+  ASSERT_TRUE(snap(2).ok());
+  ASSERT_TRUE(snap(3).ok());  // replaces uncommitted step 2, never committed step 1
+  auto versions = store_->ListVersions(job_);
+  ASSERT_EQ(versions.size(), 2u);
+  EXPECT_EQ(versions[0].step, 1);
+  EXPECT_EQ(versions[1].step, 3);
+  auto info = store_->PrepareRestore(job_, 0, 1);
+  ASSERT_TRUE(info.ok()) << info.status();
+
+  // Protection of step 3 reads its slot: step 4 may not overwrite it.
+  auto pinned = store_->Pin(job_, 0, 3);
+  ASSERT_TRUE(pinned.ok()) << pinned.status();
+  EXPECT_EQ(pinned->payload_bytes, versions[1].payload_bytes);
+  absl::Status busy = snap(4);
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+  store_->Commit(job_, 3);  // step 1 is released; step 3 is the restore point
+  store_->Unpin(job_, 0, 3);
+  ASSERT_TRUE(snap(5).ok());
+  versions = store_->ListVersions(job_);
+  ASSERT_EQ(versions.size(), 2u);
+  EXPECT_EQ(versions[0].step, 3);
+  EXPECT_EQ(versions[1].step, 5);
+  ExpectRestores(0, 5, written[5]);
+  store_->Commit(job_, 2);  // an older commit changes nothing
+  EXPECT_EQ(store_->committed(job_), 3);
+  EXPECT_EQ(store_->Pin(job_, 0, 4).status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(SnapshotStoreTest, UnregisterKeepsOrDropsSnapshots) {
   Caller t = Trainer(100);
   auto reg = Register(t);
