@@ -251,13 +251,17 @@ void Client::WorkerLoop() {
       ++stats_.sealed;
       stats_.last_sealed_step = job.step;
     } else {
-      ++stats_.failed;
+      if (!absl::IsUnavailable(status)) ++stats_.failed;  // kUnavailable was counted as skipped
       stats_.last_error = status.ToString();
     }
     lock.unlock();
     cv_.notify_all();
     if (!status.ok()) {
-      Logger("agent")->error("snapshot of step {} failed: {}", job.step, status.ToString());
+      if (absl::IsUnavailable(status)) {
+        Logger("agent")->warn("{}", status.message());
+      } else {
+        Logger("agent")->error("snapshot of step {} failed: {}", job.step, status.ToString());
+      }
     }
   }
 }
@@ -268,9 +272,24 @@ absl::Status Client::RunSnapshot(const Job& job) {
   begin.set_rank(rank_);
   begin.set_step(job.step);
   agent::BeginSnapshotResponse begun;
-  grpc::ClientContext begin_context;
-  absl::Status status = FromGrpcStatus(stub_->BeginSnapshot(NewContext(&begin_context), begin,
-                                                            &begun));
+  absl::Status status;
+  const int64_t start_ns = NowNs();
+  for (int64_t backoff_ms = 2;; backoff_ms = std::min<int64_t>(backoff_ms * 2, 100)) {
+    grpc::ClientContext begin_context;
+    status = FromGrpcStatus(stub_->BeginSnapshot(NewContext(&begin_context), begin, &begun));
+    // kUnavailable: the slot is still being protected, or the daemon is restarting. Skip, or
+    // retry for up to rpc_timeout_ms under the wait policy.
+    if (!absl::IsUnavailable(status) || options_.when_busy != BusyPolicy::kWait ||
+        NowNs() - start_ns > options_.rpc_timeout_ms * 1000000) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+  }
+  if (options_.when_busy == BusyPolicy::kWait && NowNs() - start_ns > 1000000) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.busy_waits;
+    stats_.busy_wait_ns += NowNs() - start_ns;
+  }
   if (absl::IsNotFound(status)) {
     // The daemon restarted (or was upgraded) and no longer knows this rank: register again. It
     // re-adopted the sealed slot, so the newest sealed step is kept.
@@ -287,6 +306,12 @@ absl::Status Client::RunSnapshot(const Job& job) {
   }
   if (!status.ok()) {
     engine_->IssueCopies(job.ticket, {}).IgnoreError();  // releases a waiting Fence
+    if (absl::IsUnavailable(status)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.skipped;
+      return absl::UnavailableError(absl::StrCat("snapshot of step ", job.step,
+                                                 " skipped: ", status.message()));
+    }
     return Annotate(status, absl::StrCat("BeginSnapshot(step ", job.step, ")"));
   }
   Segment& slot = *slots_[begun.slot_index()].segment;

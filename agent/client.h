@@ -59,7 +59,8 @@ class Client {
 
   struct Stats {
     uint64_t started = 0;
-    uint64_t skipped = 0;       // Snapshot() calls skipped because the previous was in flight
+    uint64_t skipped = 0;       // snapshots skipped: the previous was in flight, the slot was
+                                // still being protected, or the daemon was unavailable
     uint64_t busy_waits = 0;    // Snapshot() calls that waited for the previous (kWait)
     uint64_t busy_wait_ns = 0;
     uint64_t sealed = 0;
@@ -95,7 +96,8 @@ class Client {
   // memory it waits for the copies). Call before overwriting registered memory.
   absl::Status Fence(void* stream = nullptr);
 
-  // Waits until the last started snapshot is sealed or failed; returns its outcome.
+  // Waits until the last started snapshot is sealed, skipped or failed; returns its outcome
+  // (kUnavailable when the daemon skipped it).
   absl::Status Wait();
 
   // Restores `step` (-1: the newest sealed) into the registered memory and returns the step.
