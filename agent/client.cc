@@ -258,7 +258,7 @@ void Client::WorkerLoop() {
     cv_.notify_all();
     if (!status.ok()) {
       if (absl::IsUnavailable(status)) {
-        Logger("agent")->warn("{}", status.message());
+        Logger("agent")->warn("{}", std::string(status.message()));
       } else {
         Logger("agent")->error("snapshot of step {} failed: {}", job.step, status.ToString());
       }
