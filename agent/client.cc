@@ -271,6 +271,7 @@ absl::Status Client::RunSnapshot(const Job& job) {
   begin.set_job_id(job_id_);
   begin.set_rank(rank_);
   begin.set_step(job.step);
+  begin.set_replace_uncommitted(options_.when_busy == BusyPolicy::kSkip);
   agent::BeginSnapshotResponse begun;
   absl::Status status;
   const int64_t start_ns = NowNs();
@@ -399,6 +400,17 @@ absl::Status Client::CheckRestorable(const ShardManifest& manifest, uint64_t pay
 absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   if (!registered_) return absl::FailedPreconditionError("Restore before Register");
   Wait().IgnoreError();
+  if (step < 0) {
+    // The newest step every rank of the job can restore, so that all ranks resume together.
+    agent::FindLatestRestorableRequest find;
+    find.set_job_id(job_id_);
+    find.set_resume(true);
+    agent::FindLatestRestorableResponse found;
+    grpc::ClientContext find_context;
+    TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
+        stub_->FindLatestRestorable(NewContext(&find_context), find, &found)));
+    step = found.step();
+  }
   agent::PrepareRestoreRequest request;
   request.set_job_id(job_id_);
   request.set_rank(rank_);

@@ -100,7 +100,8 @@ class Client {
   // (kUnavailable when the daemon skipped it).
   absl::Status Wait();
 
-  // Restores `step` (-1: the newest sealed) into the registered memory and returns the step.
+  // Restores `step` into the registered memory and returns the step. -1: the newest step that
+  // every rank of the job can restore (FindLatestRestorable), so that all ranks resume together.
   // The snapshot's manifest must match the registration exactly; otherwise kFailedPrecondition
   // lists the differences and nothing is written. kNotFound when the daemon holds no snapshot.
   absl::StatusOr<int64_t> Restore(int64_t step = -1);

@@ -56,7 +56,8 @@ grpc::Status AgentService::BeginSnapshot(grpc::ServerContext* context,
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
     TESSERA_ASSIGN_OR_RETURN(
         uint32_t slot,
-        store_->BeginSnapshot(request->job_id(), request->rank(), request->step(), caller));
+        store_->BeginSnapshot(request->job_id(), request->rank(), request->step(), caller,
+                              request->replace_uncommitted()));
     response->set_slot_index(slot);
     return absl::OkStatus();
   });
@@ -74,6 +75,8 @@ grpc::Status AgentService::SealSnapshot(grpc::ServerContext* context,
                                                   caller));
     response->set_payload_crc32c(sealed.payload_crc32c);
     response->set_payload_bytes(sealed.payload_bytes);
+    coordination_->OnSealed(request->job_id(), request->rank(), request->step(),
+                            sealed.world_size);
     return absl::OkStatus();
   });
 }
@@ -92,6 +95,20 @@ grpc::Status AgentService::ListVersions(grpc::ServerContext* context,
       out->set_payload_crc32c(v.payload_crc32c);
       out->set_state(SegmentStateName(v.state));
     }
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status AgentService::FindLatestRestorable(
+    grpc::ServerContext* context, const agent::FindLatestRestorableRequest* request,
+    agent::FindLatestRestorableResponse* response) {
+  return Handle("FindLatestRestorable", [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
+    TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    TESSERA_ASSIGN_OR_RETURN(int64_t step, coordination_->FindLatestRestorable(request->job_id()));
+    if (request->resume()) store_->Rollback(request->job_id(), step);
+    response->set_step(step);
+    response->set_committed_step(store_->committed(request->job_id()));
     return absl::OkStatus();
   });
 }

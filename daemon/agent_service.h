@@ -3,6 +3,7 @@
 #ifndef TESSERA_DAEMON_AGENT_SERVICE_H_
 #define TESSERA_DAEMON_AGENT_SERVICE_H_
 
+#include "daemon/coordination.h"
 #include "daemon/snapshot_store.h"
 #include "daemon/unix_listener.h"
 #include "proto/agent.grpc.pb.h"
@@ -11,9 +12,10 @@ namespace tessera {
 
 class AgentService final : public agent::Agent::Service {
  public:
-  // Neither pointer is owned; both must outlive the service.
-  AgentService(SnapshotStore* store, const PeerCredentials* credentials)
-      : store_(store), credentials_(credentials) {}
+  // No pointer is owned; all must outlive the service.
+  AgentService(SnapshotStore* store, Coordination* coordination,
+               const PeerCredentials* credentials)
+      : store_(store), coordination_(coordination), credentials_(credentials) {}
 
   grpc::Status Register(grpc::ServerContext* context, const agent::RegisterRequest* request,
                         agent::RegisterResponse* response) override;
@@ -26,6 +28,9 @@ class AgentService final : public agent::Agent::Service {
   grpc::Status ListVersions(grpc::ServerContext* context,
                             const agent::ListVersionsRequest* request,
                             agent::ListVersionsResponse* response) override;
+  grpc::Status FindLatestRestorable(grpc::ServerContext* context,
+                                    const agent::FindLatestRestorableRequest* request,
+                                    agent::FindLatestRestorableResponse* response) override;
   grpc::Status PrepareRestore(grpc::ServerContext* context,
                               const agent::PrepareRestoreRequest* request,
                               agent::PrepareRestoreResponse* response) override;
@@ -36,6 +41,7 @@ class AgentService final : public agent::Agent::Service {
   absl::StatusOr<Caller> CallerOf(grpc::ServerContext* context) const;
 
   SnapshotStore* const store_;
+  Coordination* const coordination_;
   const PeerCredentials* const credentials_;
 };
 

@@ -73,7 +73,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   options.crc_threads = config.store.crc_threads;
   TESSERA_ASSIGN_OR_RETURN(d->store_, SnapshotStore::Open(options));
 
-  d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), &d->credentials_);
+  d->coordination_ = std::make_unique<Coordination>(d->store_.get());
+  d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), d->coordination_.get(),
+                                                     &d->credentials_);
   grpc::ServerBuilder builder;
   builder.RegisterService(d->agent_service_.get());
   builder.SetMaxReceiveMessageSize(16 << 20);

@@ -36,6 +36,7 @@ class Daemon {
   std::string node_id_;
   int lock_fd_ = -1;
   std::unique_ptr<SnapshotStore> store_;
+  std::unique_ptr<Coordination> coordination_;
   PeerCredentials credentials_;
   std::unique_ptr<AgentService> agent_service_;
   std::unique_ptr<grpc::Server> agent_server_;

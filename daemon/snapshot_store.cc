@@ -245,7 +245,7 @@ absl::Status SnapshotStore::AdoptExisting() {
   // Runs before the store is shared: gather the newest verified segment per rank, then publish.
   Stats counters;
   uint64_t next_generation = 1;
-  std::map<RankKey, std::unique_ptr<Segment>> newest;
+  std::map<RankKey, std::vector<std::unique_ptr<Segment>>> newest;
   for (const std::string& name : files) {
     const std::string path = options_.directory + "/" + name;
     // The generation counter continues past every file seen, adopted or not.
@@ -288,39 +288,48 @@ absl::Status SnapshotStore::AdoptExisting() {
     }
     std::unique_ptr<Segment> segment = std::move(*opened);
     const SegmentHeader& h = *segment->header();
-    std::unique_ptr<Segment>& held = newest[RankKey{h.job_id, h.rank}];
-    if (held && held->header()->step >= h.step) std::swap(held, segment);
-    if (held) {
-      log->info("discarding {} step {}: superseded by step {}", held->path(), held->header()->step,
-                h.step);
-      held->Unlink().IgnoreError();
+    // Keep the two newest sealed steps of each rank: the newest, and the one before it, which
+    // may be the job's restore point (the newest step that every rank holds).
+    auto& held = newest[RankKey{h.job_id, h.rank}];
+    held.push_back(std::move(segment));
+    std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) {
+      return a->header()->step > b->header()->step;
+    });
+    if (held.size() > 2) {
+      log->info("discarding {} step {}: two newer sealed steps are held", held.back()->path(),
+                held.back()->header()->step);
+      held.back()->Unlink().IgnoreError();
+      held.pop_back();
       ++counters.discarded_at_start;
     }
-    held = std::move(segment);
   }
 
   uint64_t used = 0;
-  for (auto& [key, segment] : newest) {
-    const SegmentHeader& h = *segment->header();
+  uint64_t adopted = 0;
+  for (auto& [key, segments] : newest) {
     auto state = std::make_shared<RankState>();
     {
       absl::MutexLock rank_lock(&state->mu);
       struct stat st;
-      state->data_uid = stat(segment->path().c_str(), &st) == 0 ? st.st_uid : 0;
-      state->world_size = h.world_size;
-      log->info("re-adopted {} step {} ({} payload bytes) from {}",
-                RankName(key.first, key.second), h.step, h.payload_bytes, segment->path());
-      used += segment->file_bytes();
-      state->slots[0] = std::move(segment);
+      state->data_uid = stat(segments[0]->path().c_str(), &st) == 0 ? st.st_uid : 0;
+      state->world_size = segments[0]->header()->world_size;
+      for (size_t i = 0; i < segments.size(); ++i) {
+        const SegmentHeader& h = *segments[i]->header();
+        log->info("re-adopted {} step {} ({} payload bytes) from {}",
+                  RankName(key.first, key.second), h.step, h.payload_bytes, segments[i]->path());
+        used += segments[i]->file_bytes();
+        ++adopted;
+        state->slots[i] = std::move(segments[i]);
+      }
     }
     absl::MutexLock lock(&mu_);
     ranks_[key] = std::move(state);
   }
   absl::MutexLock lock(&mu_);
-  counters.adopted_at_start = newest.size();
+  counters.adopted_at_start = adopted;
   counters_ = counters;
   used_bytes_ = used;
-  segments_ = newest.size();
+  segments_ = adopted;
   next_generation_ = next_generation;
   if (used_bytes_ > options_.capacity_bytes) {
     log->warn("re-adopted segments use {} bytes, more than store.capacity_bytes {}", used_bytes_,
@@ -507,7 +516,8 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
 }
 
 absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id, uint32_t rank,
-                                                      int64_t step, const Caller& caller) {
+                                                      int64_t step, const Caller& caller,
+                                                      bool replace_uncommitted) {
   std::shared_ptr<RankState> state = FindRank(job_id, rank);
   if (!state) {
     return absl::NotFoundError(RankName(job_id, rank) + " is not registered: call Register first");
@@ -542,6 +552,19 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
         "with drop_snapshots first)"));
   }
   uint32_t target = keep == 0 ? 1 : 0;
+  const SegmentHeader& target_header = *state->slots[target]->header();
+  int64_t job_newest_sealed;
+  {
+    absl::MutexLock store_lock(&mu_);
+    job_newest_sealed = newest_sealed_[job_id];
+  }
+  if (!replace_uncommitted && LoadState(target_header) == SegmentState::kSealed &&
+      target_header.step > committed_step && target_header.step >= job_newest_sealed) {
+    return absl::UnavailableError(absl::StrCat(
+        RankName(job_id, rank), ": step ", target_header.step,
+        " is not committed yet (not every rank of the job has sealed it); the snapshot of step ",
+        step, " waits for it"));
+  }
   if (state->pins[target] > 0) {
     return absl::UnavailableError(absl::StrCat(
         RankName(job_id, rank), ": step ", state->slots[target]->header()->step,
@@ -623,7 +646,9 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
     const SegmentHeader& h = *state->slots[i]->header();
     if (h.step != step) continue;
     SegmentState s = LoadState(h);
-    if (s == SegmentState::kSealed) return SealResult{h.payload_crc32c, h.payload_bytes};
+    if (s == SegmentState::kSealed) {
+      return SealResult{h.payload_crc32c, h.payload_bytes, h.world_size};
+    }
     if (s == SegmentState::kWriting) index = i;
   }
   if (index < 0) {
@@ -672,8 +697,10 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
     absl::MutexLock store_lock(&mu_);
     ++counters_.seals;
     counters_.sealed_bytes += payload_bytes;
+    int64_t& newest = newest_sealed_[job_id];
+    newest = std::max(newest, step);
   }
-  return SealResult{crc, payload_bytes};
+  return SealResult{crc, payload_bytes, state->world_size};
 }
 
 std::vector<SnapshotStore::VersionInfo> SnapshotStore::ListVersions(
@@ -824,6 +851,40 @@ void SnapshotStore::Commit(const std::string& job_id, int64_t step) {
   for (auto& seg : doomed) DeleteSegment(std::move(seg));
 }
 
+void SnapshotStore::Rollback(const std::string& job_id, int64_t step) {
+  std::vector<std::shared_ptr<RankState>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    newest_sealed_[job_id] = step;
+    for (const auto& [key, state] : ranks_) {
+      if (key.first == job_id) ranks.push_back(state);
+    }
+  }
+  std::vector<std::unique_ptr<Segment>> doomed;
+  for (const auto& state : ranks) {
+    absl::MutexLock lock(&state->mu);
+    for (int i = 0; i < 2; ++i) {
+      if (!state->slots[i] || state->pins[i] > 0) continue;
+      SegmentHeader* h = state->slots[i]->header();
+      if (LoadState(*h) == SegmentState::kSealed && h->step > step) {
+        Logger("store")->info("job '{}' resumes from step {}: releasing step {} of the abandoned run",
+                              job_id, step, h->step);
+        StoreState(h, SegmentState::kEmpty);
+      }
+    }
+    auto& retained = state->retained;
+    for (auto it = retained.begin(); it != retained.end();) {
+      if ((*it)->header()->step > step) {
+        doomed.push_back(std::move(*it));
+        it = retained.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& seg : doomed) DeleteSegment(std::move(seg));
+}
+
 absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,
                                        bool drop_snapshots, const Caller& caller) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
@@ -862,6 +923,13 @@ absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,
     ranks_.erase({job_id, rank});
   }
   return absl::OkStatus();
+}
+
+size_t SnapshotStore::RankCount(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  size_t n = 0;
+  for (const auto& [key, state] : ranks_) n += key.first == job_id;
+  return n;
 }
 
 SnapshotStore::Stats SnapshotStore::stats() const {

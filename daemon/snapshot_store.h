@@ -78,6 +78,7 @@ class SnapshotStore {
   struct SealResult {
     uint32_t payload_crc32c = 0;
     uint64_t payload_bytes = 0;
+    uint32_t world_size = 0;
   };
 
   struct VersionInfo {
@@ -128,8 +129,11 @@ class SnapshotStore {
   // commits the newest sealed step) and marks it WRITING `step`. Returns its index. Idempotent
   // for the step being written. kUnavailable when that slot is still being protected (the
   // snapshot is skipped or retried by the agent; protection never blocks training).
+  // With replace_uncommitted false, a slot holding a sealed step newer than the job's commit is
+  // not reused either: kUnavailable until that step is committed, unless another rank of the job
+  // already sealed a newer step (then that step can never be committed: some rank skipped it).
   absl::StatusOr<uint32_t> BeginSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
-                                         const Caller& caller);
+                                         const Caller& caller, bool replace_uncommitted = true);
 
   // Validates the manifest the agent wrote into the WRITING slot against the registration,
   // checksums the payload and publishes the slot as SEALED; then releases older steps.
@@ -161,12 +165,17 @@ class SnapshotStore {
   // `step` of the job is protected on every rank: it is kept as the restore point, and every
   // older sealed step of the job's ranks here is released. Idempotent; older commits are ignored.
   void Commit(const std::string& job_id, int64_t step);
+  // The job resumes from `step`: sealed steps after it, on every rank here, are released.
+  void Rollback(const std::string& job_id, int64_t step);
   // The newest committed step of the job known here, -1 if none.
   int64_t committed(const std::string& job_id) const;
 
   // Drops caller's claim on the rank. With drop_snapshots, deletes the rank's segments too.
   absl::Status Unregister(const std::string& job_id, uint32_t rank, bool drop_snapshots,
                           const Caller& caller);
+
+  // How many ranks of the job this store knows (registered or holding snapshots).
+  size_t RankCount(const std::string& job_id) const;
 
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
@@ -212,6 +221,7 @@ class SnapshotStore {
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   Stats counters_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> committed_ ABSL_GUARDED_BY(mu_);  // by job
+  std::map<std::string, int64_t> newest_sealed_ ABSL_GUARDED_BY(mu_);  // by job, any rank
 };
 
 // The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), or 0 when the

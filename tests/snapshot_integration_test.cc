@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -125,8 +126,9 @@ TEST(SnapshotIntegrationTest, TrainerKilledAtRandomInstantsRestoresNewestSealedB
 }
 
 // The daemon is SIGKILLed at random instants while three ranks snapshot every step. The trainers
-// keep training, re-register with the restarted daemon and keep sealing; every sealed step
-// survives each restart, and new trainers resume from it bit-exact.
+// keep training, re-register with the restarted daemon and keep sealing; the job's restore point
+// (the newest step every rank sealed) survives each restart, and new trainers all resume from
+// the same step, bit-exact.
 TEST(SnapshotIntegrationTest, DaemonKilledAndRestartedKeepsEverySealedSlot) {
   const uint64_t seed = TestSeed();
   std::mt19937_64 rng(seed);
@@ -139,7 +141,11 @@ TEST(SnapshotIntegrationTest, DaemonKilledAndRestartedKeepsEverySealedSlot) {
   std::vector<int64_t> sealed_before(kRanks, -1);
   for (int round = 0; round < 4; ++round) {
     SCOPED_TRACE(absl::StrCat("round ", round));
+    // All ranks resume together at the job's restore point: at least the newest step that every
+    // rank was seen to seal, and the same step on every rank.
+    const int64_t common_sealed = *std::min_element(sealed_before.begin(), sealed_before.end());
     std::vector<std::unique_ptr<Process>> trainers;
+    std::set<int64_t> resumed_steps;
     for (int r = 0; r < kRanks; ++r) {
       auto argv = TrainerArgs(daemon, "dk", l, seed + r, r, kRanks);
       argv.push_back("--when-busy=wait");
@@ -148,12 +154,15 @@ TEST(SnapshotIntegrationTest, DaemonKilledAndRestartedKeepsEverySealedSlot) {
       auto first = trainers[r]->ReadUntil(IsStartLine, std::chrono::seconds(60));
       ASSERT_TRUE(first.has_value());
       ASSERT_FALSE(absl::StartsWith(*first, "error")) << *first;
-      if (sealed_before[r] >= 0) {
+      if (common_sealed >= 0) {
         auto resumed = ParseEvent(*first, "resumed");
-        ASSERT_TRUE(resumed.has_value()) << "rank " << r << ": " << *first;
-        EXPECT_GE(*resumed, sealed_before[r]) << "rank " << r;
+        ASSERT_TRUE(resumed.has_value()) << "rank " << r << ": " << *first << "; daemon log:\n"
+                                         << daemon.LogTail(6000);
+        EXPECT_GE(*resumed, common_sealed) << "rank " << r;
+        resumed_steps.insert(*resumed);
       }
     }
+    if (common_sealed >= 0) EXPECT_EQ(resumed_steps.size(), 1u) << "ranks resumed different steps";
     // Let them seal a few steps, then kill the daemon mid-flight.
     for (auto& t : trainers) {
       ASSERT_TRUE(t->ReadUntil([](const std::string& s) { return ParseEvent(s, "sealed").value_or(-1) > 0; },
@@ -188,13 +197,17 @@ TEST(SnapshotIntegrationTest, DaemonKilledAndRestartedKeepsEverySealedSlot) {
   // One more daemon restart with nobody attached: everything sealed is re-adopted.
   daemon.Kill(SIGKILL);
   ASSERT_TRUE(daemon.Start(&error)) << error;
+  const int64_t common_sealed = *std::min_element(sealed_before.begin(), sealed_before.end());
+  std::set<int64_t> verified_steps;
   for (int r = 0; r < kRanks; ++r) {
     auto argv = TrainerArgs(daemon, "dk", l, seed + r, r, kRanks);
     argv.push_back("--mode=verify");
     auto verifier = Process::Start(argv);
     EXPECT_EQ(verifier->Wait(), 0) << "rank " << r;
-    EXPECT_GE(LastEvent(verifier->lines(), "verified"), sealed_before[r]) << "rank " << r;
+    EXPECT_GE(LastEvent(verifier->lines(), "verified"), common_sealed) << "rank " << r;
+    verified_steps.insert(LastEvent(verifier->lines(), "verified"));
   }
+  EXPECT_EQ(verified_steps.size(), 1u) << "ranks restored different steps";
 }
 
 // Finds the slot file that holds `step` of (job, rank) in the daemon's store.

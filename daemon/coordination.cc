@@ -1,0 +1,46 @@
+#include "daemon/coordination.h"
+
+#include <set>
+
+#include "common/logging.h"
+
+namespace tessera {
+
+Coordination::Coordination(SnapshotStore* store) : store_(store) {
+  std::set<std::string> jobs;
+  for (const auto& v : store_->ListVersions("")) jobs.insert(v.job_id);
+  for (const std::string& job : jobs) {
+    auto step = FindLatestRestorable(job);
+    if (!step.ok()) continue;
+    store_->Commit(job, *step);
+    coordinator_.Adopt(job, *step);
+    Logger("coordinator")->info("job '{}': restore point after restart is step {}", job, *step);
+  }
+}
+
+void Coordination::OnSealed(const std::string& job_id, uint32_t /*rank*/, int64_t /*step*/,
+                            uint32_t /*world_size*/) {
+  // Commit the newest step that every rank here holds now (a rank that ran ahead may have
+  // replaced a step the others sealed later, so reports alone are not enough).
+  auto common = FindLatestRestorable(job_id);
+  if (!common.ok() || *common <= store_->committed(job_id)) return;
+  store_->Commit(job_id, *common);
+  coordinator_.Adopt(job_id, *common);
+  Logger("coordinator")->debug("job '{}' committed step {}", job_id, *common);
+}
+
+JobHoldings Coordination::LocalHoldings(const std::string& job_id, uint32_t world_size) const {
+  JobHoldings holdings;
+  for (const auto& v : store_->ListVersions(job_id)) {
+    if (v.state != SegmentState::kSealed) continue;
+    holdings.shards.push_back({"", v.rank, v.step, world_size, v.payload_bytes, v.payload_crc32c});
+  }
+  return holdings;
+}
+
+absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& job_id) {
+  const uint32_t ranks_here = static_cast<uint32_t>(store_->RankCount(job_id));
+  return tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here));
+}
+
+}  // namespace tessera

@@ -1,0 +1,40 @@
+// Job-wide decisions made by a daemon: when a step is committed (every rank of the job has it
+// protected) and which step a restarted job restores. A standalone daemon (no cluster members)
+// decides over the ranks it holds; it commits a step once each of them has sealed it.
+#ifndef TESSERA_DAEMON_COORDINATION_H_
+#define TESSERA_DAEMON_COORDINATION_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "daemon/protection.h"
+#include "daemon/snapshot_store.h"
+
+namespace tessera {
+
+class Coordination {
+ public:
+  // `store` is not owned and must outlive this object. Recovers each held job's restore point
+  // (after a daemon restart the commits are re-derived from the sealed steps held).
+  explicit Coordination(SnapshotStore* store);
+  virtual ~Coordination() = default;
+
+  // `rank` of `job_id` sealed `step` on this daemon.
+  virtual void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                        uint32_t world_size);
+
+  // The newest step at which every rank of the job can be restored.
+  virtual absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id);
+
+ protected:
+  // What this daemon holds for the job, with each shard's world size as this daemon sees it.
+  JobHoldings LocalHoldings(const std::string& job_id, uint32_t world_size) const;
+
+  SnapshotStore* const store_;
+  JobCoordinator coordinator_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_COORDINATION_H_
