@@ -154,7 +154,7 @@ absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings) {
       newest_problem = absl::StrCat("step ", step, " cannot be restored: ", absl::StrJoin(missing, "; "));
     }
   }
-  if (world_by_step.empty()) return absl::NotFoundError("no live node holds any snapshot of the job");
+  if (world_by_step.empty()) return absl::NotFoundError("no sealed snapshot of the job on any live node");
   return absl::NotFoundError("no step can be restored on every rank; newest: " + newest_problem);
 }
 

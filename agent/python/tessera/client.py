@@ -156,7 +156,8 @@ def _stream_pointer(stream: StreamLike) -> Optional[int]:
 
 def _validated(entries: Sequence[Entry]) -> List[Entry]:
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise TypeError(f"entries must be a sequence of tessera.Entry, got {type(entries).__name__}")
+        raise TypeError(
+            f"entries must be a sequence of tessera.Entry, got {type(entries).__name__}")
     out = []
     names = set()
     for i, e in enumerate(entries):
@@ -184,7 +185,8 @@ def _validated(entries: Sequence[Entry]) -> List[Entry]:
         if address == 0 and nbytes > 0:
             raise InvalidArgumentError(f"{where}: address is 0 (NULL) for {nbytes} bytes")
         if kind == EntryKind.BLOB and length > nbytes:
-            raise InvalidArgumentError(f"{where}: blob length {length} exceeds its capacity {nbytes}")
+            raise InvalidArgumentError(
+                f"{where}: blob length {length} exceeds its capacity {nbytes}")
         if e.name in names:
             raise InvalidArgumentError(f"{where}: the name is registered twice")
         names.add(e.name)

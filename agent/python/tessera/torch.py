@@ -1,0 +1,846 @@
+"""PyTorch integration: protect a training loop with a few added lines.
+
+::
+
+    import tessera.torch
+    snapshotter = tessera.torch.Snapshotter(model, optimizer, every=100)
+    restored = snapshotter.restore_latest()            # None on a fresh start
+    for step in range(0 if restored is None else restored + 1, num_steps):
+        ...forward, backward, optimizer.step()...
+        snapshotter.step(step)                         # snapshots every 100 steps, never blocks
+
+What a snapshot holds, per rank:
+
+* every tensor of ``model.state_dict()`` and of the optimizer's state (what
+  ``optimizer.state_dict()["state"]`` holds: Adam's ``exp_avg``, ``exp_avg_sq``, ``step``, ...),
+  registered by address, so a snapshot copies them without any Python work per tensor;
+* a pickled metadata blob: the optimizer's non-tensor state values and ``param_groups``
+  hyperparameters (lr, betas, weight decay, ...), and non-tensor ``state_dict`` entries of the
+  model (extra state);
+* the RNG states: torch's CPU generator, the CUDA generators of the devices that hold the
+  model, Python's `random` and NumPy's global ``np.random``;
+* a user dict (pickled): e.g. the data loader position.
+
+**Registered memory is read at snapshot time.** A snapshot copies tensors on the library's thread
+(or GPU copy stream) after `Snapshotter.step` returns; an optimizer step pre-hook makes the next
+``optimizer.step()`` wait (a GPU-side wait on CUDA) until those copies are done. Tensors must keep
+their memory: ``load_state_dict`` on the model copies in place and is fine, but replacing a
+parameter or an optimizer state tensor moves it. Each snapshot checks the addresses of the
+parameters and the identity of the optimizer's state tensors and registers again when they moved;
+call `Snapshotter.refresh` after other replacements (a buffer assigned anew, say).
+
+**Optimizer state is created lazily** by PyTorch, on the first ``optimizer.step()``. The
+Snapshotter registers as soon as the state exists (at construction, or at the first snapshot).
+`Snapshotter.restore_latest` needs it before any step has run, so when it is missing it creates
+it the way ``torch.distributed.checkpoint`` does: one optimizer step with zero gradients and the
+learning rates set to 0, after which the parameters and gradients are put back exactly. If there
+is nothing to restore, that state is dropped again, so training proceeds exactly as it would
+without Tessera (Adam's step count starts at 0). Optimizers whose ``step`` needs a closure (LBFGS)
+cannot be primed this way: create the Snapshotter after their first step.
+
+**Several ranks.** Call `Snapshotter.restore_latest` on every rank: when ``torch.distributed`` is
+initialized the ranks agree on one step, or all raise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import random
+import time
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
+
+import torch
+
+from .client import DTYPE_BYTES, Client, Entry, Stats
+from .errors import (
+    BlobTooLargeError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    TesseraError,
+)
+
+try:  # NumPy is optional: its RNG state is saved when it is importable.
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
+
+__all__ = ["Snapshotter", "DEFAULT_SOCKET_PATH", "MIN_BLOB_CAPACITY"]
+
+_log = logging.getLogger("tessera.torch")
+
+DEFAULT_SOCKET_PATH = "/run/tessera/agent.sock"
+"""The daemon's default ``agent.socket_path``; the environment variable ``TESSERA_SOCKET``
+overrides it."""
+
+MIN_BLOB_CAPACITY = 64 << 10
+"""The smallest capacity a blob gets: max(this, 4x its first size), rounded up to a power of two,
+so a restarted trainer computes the same capacity and so the same layout."""
+
+_PICKLE_PROTOCOL = 4
+_META_FORMAT = 1
+
+UserState = Union[MutableMapping[str, Any], Callable[[], Mapping[str, Any]]]
+
+
+def _torch_dtype_names() -> Dict[torch.dtype, str]:
+    names = {}
+    for name in DTYPE_BYTES:
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            names[dtype] = name
+    return names
+
+
+_DTYPE_NAMES = _torch_dtype_names()
+
+
+def _blob_capacity(size: int) -> int:
+    capacity = max(MIN_BLOB_CAPACITY, 4 * size)
+    return 1 << (capacity - 1).bit_length()
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise InvalidArgumentError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+class _Blob:
+    """A blob entry backed by two buffers: a new snapshot's bytes go to the buffer that the
+    snapshot in flight (if any) is not copying from."""
+
+    def __init__(self, name: str, capacity: int, describe: str) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.describe = describe
+        self.buffers = (ctypes.create_string_buffer(capacity),
+                        ctypes.create_string_buffer(capacity))
+        self.in_flight = 0   # buffer of the last started snapshot
+        self.registered = 0  # buffer the library's entry points at
+        self.index = -1      # position in the registration
+
+    def address(self, buffer: int) -> int:
+        return ctypes.addressof(self.buffers[buffer])
+
+    def check_fits(self, data: bytes) -> None:
+        if len(data) > self.capacity:
+            raise BlobTooLargeError(
+                f"{self.describe} is {len(data)} bytes, over the capacity of {self.capacity} "
+                f"bytes its blob '{self.name}' was registered with; pass a larger capacity "
+                "(user_state_capacity= for the user state) when creating the Snapshotter"
+            )
+
+    def stage(self, data: bytes) -> int:
+        spare = 1 - self.in_flight
+        ctypes.memmove(self.buffers[spare], data, len(data))
+        return spare
+
+    def read(self, length: int) -> bytes:
+        return ctypes.string_at(self.address(self.registered), length)
+
+
+@dataclass
+class _Registered:
+    """What the current registration covers."""
+
+    tensor_names: List[str]
+    # (state_dict key, tensor, address): checked at each snapshot
+    model_tensors: List[Tuple[str, torch.Tensor, int]]
+    # (param index, key, tensor): checked by identity at each snapshot
+    optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]
+    aliases: Dict[str, str]  # tied tensors: name -> the registered name with the same memory
+    cuda_devices: List[int]  # whose RNG states are saved
+    stream_device: Optional[torch.device]  # whose current stream snapshots and fences use
+    has_model_other: bool  # the model's state_dict has non-tensor entries
+
+
+class Snapshotter:
+    """Snapshots a model, its optimizer, the RNG states and a user dict into tesserad.
+
+    Args:
+        model: the module (a DistributedDataParallel wrapper is fine).
+        optimizer: its optimizer, or None.
+        job_id: the job's id (letters, digits, '.', '_', '-'); default: the environment variable
+            ``TESSERA_JOB_ID``, else ``TORCHELASTIC_RUN_ID`` (set by torchrun; note that
+            ``torchrun --standalone`` draws a new one per launch, while its own restarts keep it).
+        rank: default ``RANK`` from the environment, else torch.distributed's rank, else 0.
+        world_size: default ``WORLD_SIZE``, else torch.distributed's world size, else 1.
+        every: `step` snapshots the steps that are multiples of this.
+        socket_path: the daemon's agent socket; default ``TESSERA_SOCKET``, else
+            `DEFAULT_SOCKET_PATH`.
+        user_state: a dict, captured at each snapshot and updated in place by `restore_latest`;
+            or a callable returning a dict, whose restored value is passed to `load_user_state`
+            and kept in `restored_user_state`. Values must pickle.
+        load_user_state: called with the restored user dict (optional).
+        user_state_capacity: bytes reserved for the pickled user dict; default max(64 KiB, 4x its
+            size at registration) rounded up to a power of two. A user dict that outgrows it
+            raises `BlobTooLargeError` at the snapshot.
+        when_busy: "skip" (default) or "wait": what a snapshot does while the previous one is
+            still being copied or sealed.
+        use_gpu: False forces host copies. A model without CUDA tensors always gets them.
+        fence_forward: also fence before the model's forward pass. Default: only when the model's
+            state_dict has buffers, which a forward may update (batch-norm statistics). On a GPU
+            this makes the forward wait for the snapshot's copies.
+
+    Raises:
+        TypeError, InvalidArgumentError: bad arguments.
+        UnavailableError: no daemon answers on the socket.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optional[torch.optim.Optimizer],
+        job_id: Optional[str] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        every: int = 1,
+        socket_path: Optional[str] = None,
+        user_state: Optional[UserState] = None,
+        load_user_state: Optional[Callable[[Dict[str, Any]], None]] = None,
+        user_state_capacity: Optional[int] = None,
+        when_busy: str = "skip",
+        use_gpu: bool = True,
+        fence_forward: Optional[bool] = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        if user_state is not None and not (isinstance(user_state, MutableMapping)
+                                           or callable(user_state)):
+            raise TypeError(
+                "user_state must be a dict or a callable returning a dict, got "
+                f"{type(user_state).__name__}"
+            )
+        if load_user_state is not None and not callable(load_user_state):
+            raise TypeError("load_user_state must be callable")
+        self.every = _check_int(every, "every", 1)
+        if user_state_capacity is not None:
+            _check_int(user_state_capacity, "user_state_capacity", 1)
+        self.model = model
+        self.optimizer = optimizer
+        self.job_id = self._resolve_job_id(job_id)
+        self.rank, self.world_size = self._resolve_rank(rank, world_size)
+        self.local_rank: Optional[int] = _env_int("LOCAL_RANK")
+        self.socket_path = socket_path or os.environ.get("TESSERA_SOCKET", DEFAULT_SOCKET_PATH)
+        self._user_state = user_state
+        self._load_user_state = load_user_state
+        self._user_state_capacity = user_state_capacity
+        self.restored_user_state: Optional[Dict[str, Any]] = None
+        self.restored_step: Optional[int] = None
+        self.last_snapshot_seconds = 0.0
+        """Time the last `snapshot` call blocked the training thread."""
+
+        self._blobs: Dict[str, _Blob] = {}
+        self._registered: Optional[_Registered] = None
+        self._fence_pending = False
+        self._hook_handles: List[Any] = []
+        self._wrapped_step: Optional[Any] = None
+
+        devices = {t.device for t in self._model_state(model)[0].values()}
+        cuda = sorted(d.index if d.index is not None else torch.cuda.current_device()
+                      for d in devices if d.type == "cuda")
+        if cuda:
+            with torch.cuda.device(cuda[0]):  # the library's copy engine uses the current device
+                self._client = Client(self.socket_path, when_busy=when_busy, use_gpu=use_gpu)
+        else:
+            # A model on the CPU needs no CUDA context, even where a GPU exists.
+            self._client = Client(self.socket_path, when_busy=when_busy, use_gpu=False)
+        try:
+            if self.optimizer is None or self._has_optimizer_state():
+                self._register()
+            self._install_hooks(fence_forward)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- identity --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_job_id(job_id: Optional[str]) -> str:
+        if job_id is not None:
+            if not isinstance(job_id, str):
+                raise TypeError(f"job_id must be a str, got {type(job_id).__name__}")
+            return job_id
+        for variable in ("TESSERA_JOB_ID", "TORCHELASTIC_RUN_ID"):
+            value = os.environ.get(variable, "")
+            if value and value != "none":
+                return value
+        raise InvalidArgumentError(
+            "no job id: pass job_id=..., set TESSERA_JOB_ID, or launch with torchrun "
+            "(TORCHELASTIC_RUN_ID; give --rdzv-id so a relaunch keeps it)"
+        )
+
+    @staticmethod
+    def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        if rank is None:
+            rank = _env_int("RANK")
+            if rank is None:
+                rank = dist.get_rank() if initialized else 0
+        if world_size is None:
+            world_size = _env_int("WORLD_SIZE")
+            if world_size is None:
+                world_size = dist.get_world_size() if initialized else 1
+        _check_int(rank, "rank", 0)
+        _check_int(world_size, "world_size", 1)
+        if rank >= world_size:
+            raise InvalidArgumentError(f"rank {rank} must be below world_size {world_size}")
+        return rank, world_size
+
+    # -- state collection ------------------------------------------------------------------------
+
+    @staticmethod
+    def _model_state(model: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        tensors: Dict[str, torch.Tensor] = {}
+        other: Dict[str, Any] = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            else:
+                other[key] = value
+        return tensors, other
+
+    def _params(self) -> List[torch.Tensor]:
+        assert self.optimizer is not None
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _has_optimizer_state(self) -> bool:
+        assert self.optimizer is not None
+        return any(self.optimizer.state.get(p) for p in self._params())
+
+    def _optimizer_state(
+        self,
+    ) -> Tuple[List[Tuple[int, Any, torch.Tensor]], Dict[Tuple[int, Any], Any]]:
+        """The optimizer's state as state_dict() numbers it: (param index, key) -> value."""
+        tensors: List[Tuple[int, Any, torch.Tensor]] = []
+        other: Dict[Tuple[int, Any], Any] = {}
+        if self.optimizer is None:
+            return tensors, other
+        for i, p in enumerate(self._params()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors.append((i, key, value))
+                else:
+                    other[(i, key)] = value
+        return tensors, other
+
+    def _meta(self, optimizer_other: Dict[Tuple[int, Any], Any],
+              with_model_other: bool) -> Dict[str, Any]:
+        groups = []
+        if self.optimizer is not None:
+            groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                      for g in self.optimizer.param_groups]
+        return {
+            "format": _META_FORMAT,
+            "optimizer_state": optimizer_other,
+            "param_groups": groups,
+            # model.state_dict() costs a walk over every module: only when there is extra state.
+            "model_other": self._model_state(self.model)[1] if with_model_other else {},
+        }
+
+    def _user_dict(self) -> Dict[str, Any]:
+        state = self._user_state
+        if state is None:
+            return {}
+        value = state() if callable(state) and not isinstance(state, Mapping) else state
+        if not isinstance(value, Mapping):
+            raise TypeError(f"user_state() must return a dict, got {type(value).__name__}")
+        return dict(value)
+
+    def _blob_payloads(self, cuda_devices: List[int], with_model_other: bool,
+                       optimizer_other: Dict[Tuple[int, Any], Any]) -> Dict[str, Tuple[bytes, str]]:
+        """name -> (bytes, description) of every blob, as of now."""
+        payloads: Dict[str, Tuple[bytes, str]] = {}
+        cpu = torch.get_rng_state()
+        payloads["rng.torch_cpu"] = (ctypes.string_at(cpu.data_ptr(), cpu.numel()),
+                                     "torch's CPU RNG state")
+        if cuda_devices:
+            cuda_states = {}
+            for d in cuda_devices:
+                t = torch.cuda.get_rng_state(d)
+                cuda_states[d] = ctypes.string_at(t.data_ptr(), t.numel())
+            payloads["rng.torch_cuda"] = (pickle.dumps(cuda_states, _PICKLE_PROTOCOL),
+                                          "the CUDA RNG states")
+        payloads["rng.python"] = (pickle.dumps(random.getstate(), _PICKLE_PROTOCOL),
+                                  "Python's random state")
+        if _np is not None:
+            payloads["rng.numpy"] = (pickle.dumps(_np.random.get_state(), _PICKLE_PROTOCOL),
+                                     "NumPy's RNG state")
+        try:
+            user = pickle.dumps(self._user_dict(), _PICKLE_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise InvalidArgumentError(f"user_state does not pickle: {e}") from e
+        payloads["user"] = (user, "the pickled user_state")
+        try:
+            meta = pickle.dumps(self._meta(optimizer_other, with_model_other), _PICKLE_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise InvalidArgumentError(
+                f"the optimizer's or model's non-tensor state does not pickle: {e}"
+            ) from e
+        payloads["meta"] = (meta, "the optimizer's non-tensor state and param_groups")
+        return payloads
+
+    def _cuda_devices(self) -> List[int]:
+        """The CUDA devices whose RNG states are saved: those holding the model's tensors. Not
+        "every device CUDA has initialized": the registered layout must not depend on what else
+        the process happened to touch before registering, or a restarted trainer would not match
+        its snapshot."""
+        devices = set()
+        for t in self._model_state(self.model)[0].values():
+            if t.device.type == "cuda":
+                devices.add(t.device.index if t.device.index is not None
+                            else torch.cuda.current_device())
+        return sorted(devices)
+
+    # -- registration ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _tensor_entry(name: str, t: torch.Tensor) -> Entry:
+        if t.layout != torch.strided:
+            raise InvalidArgumentError(f"tensor '{name}' has layout {t.layout}; only dense "
+                                       "(strided) tensors can be registered")
+        if not t.is_contiguous():
+            raise InvalidArgumentError(
+                f"tensor '{name}' (shape {tuple(t.shape)}, strides {t.stride()}) is not "
+                "contiguous; registered memory is copied as one block, so make it contiguous "
+                "where it is created (e.g. param.data = param.data.contiguous()) before creating "
+                "the Snapshotter"
+            )
+        if t.device.type not in ("cpu", "cuda"):
+            raise InvalidArgumentError(f"tensor '{name}' is on {t.device}; only CPU and CUDA "
+                                       "tensors can be registered")
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise InvalidArgumentError(
+                f"tensor '{name}' has dtype {t.dtype}, which Tessera does not store; supported: "
+                + ", ".join(str(d) for d in _DTYPE_NAMES)
+            )
+        return Entry.tensor(name, t.data_ptr(), dtype, tuple(t.shape))
+
+    def _register(self) -> None:
+        model_tensors, model_other = self._model_state(self.model)
+        optimizer_tensors, optimizer_other = self._optimizer_state()
+        named: List[Tuple[str, torch.Tensor]] = [
+            (f"model.{k}", t) for k, t in model_tensors.items()]
+        named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors]
+
+        entries: List[Entry] = []
+        names: List[str] = []
+        aliases: Dict[str, str] = {}
+        seen: Dict[Tuple[int, str, Tuple[int, ...], str], str] = {}
+        for name, t in named:
+            entry = self._tensor_entry(name, t)
+            if entry.nbytes > 0:
+                identity = (entry.address, entry.dtype, entry.shape, str(t.device))
+                if identity in seen:  # tied weights: one copy is enough
+                    aliases[name] = seen[identity]
+                    continue
+                seen[identity] = name
+            entries.append(entry)
+            names.append(name)
+
+        cuda_devices = self._cuda_devices()
+        stream_device = None
+        for t in model_tensors.values():
+            if t.device.type == "cuda":
+                stream_device = t.device
+                break
+        # Blob capacities are fixed by their first size (or kept from an earlier registration) so
+        # that every registration of this job, in this run or a restarted one, has one layout.
+        payloads = self._blob_payloads(cuda_devices, bool(model_other), optimizer_other)
+        for name, (data, describe) in payloads.items():
+            blob = self._blobs.get(name)
+            if blob is None:
+                capacity = _blob_capacity(len(data))
+                if name == "user" and self._user_state_capacity is not None:
+                    capacity = self._user_state_capacity
+                blob = _Blob(name, capacity, describe)
+                self._blobs[name] = blob
+            blob.index = len(entries)
+            blob.registered = blob.in_flight
+            entries.append(Entry.blob(f"blob.{name}", blob.address(blob.registered),
+                                      blob.capacity, 0))
+        for name in list(self._blobs):
+            if name not in payloads:
+                del self._blobs[name]
+
+        self._registered = None
+        self._client.register(self.job_id, self.rank, self.world_size, entries)
+        self._registered = _Registered(
+            tensor_names=names,
+            model_tensors=[(k, t, t.data_ptr()) for k, t in model_tensors.items()],
+            optimizer_tensors=optimizer_tensors,
+            aliases=aliases,
+            cuda_devices=cuda_devices,
+            stream_device=stream_device,
+            has_model_other=bool(model_other),
+        )
+        self._fence_pending = False
+        _log.info("registered job %s rank %d/%d: %d tensors (%d bytes), %d blobs", self.job_id,
+                  self.rank, self.world_size, len(names),
+                  sum(e.nbytes for e in entries[: len(names)]), len(self._blobs))
+
+    def _moved(self, optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]) -> Optional[str]:
+        """Why the registration no longer matches the live tensors (`optimizer_tensors` are the
+        optimizer's now), or None when it does."""
+        reg = self._registered
+        if reg is None:
+            return "nothing is registered yet"
+        for key, t, address in reg.model_tensors:
+            if t.data_ptr() != address:
+                return f"model tensor '{key}' moved"
+        if self.optimizer is not None:
+            registered = reg.optimizer_tensors
+            current = optimizer_tensors
+            if len(current) != len(registered):
+                return (f"the optimizer holds {len(current)} state tensors, "
+                        f"{len(registered)} are registered")
+            for (i, key, t), (ri, rkey, rt) in zip(current, registered):
+                if t is not rt or i != ri or key != rkey:
+                    return f"optimizer state tensor {i}.{key} was replaced"
+        return None
+
+    def refresh(self) -> None:
+        """Registers the model's and optimizer's tensors again (waits for a snapshot in flight).
+        Needed after a tensor was replaced in a way a snapshot does not detect (see the module
+        docstring)."""
+        self._register()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _stream(self) -> Optional[int]:
+        reg = self._registered
+        if reg is None or reg.stream_device is None:
+            return None
+        return torch.cuda.current_stream(reg.stream_device).cuda_stream
+
+    def fence(self) -> None:
+        """Makes the current stream (the CPU on host memory) wait for the copies of the snapshot
+        in flight. The optimizer hook calls it; call it yourself before changing registered
+        tensors any other way."""
+        if self._fence_pending and self._client is not None and not self._client.closed:
+            self._client.fence(self._stream())
+            self._fence_pending = False
+
+    def _install_hooks(self, fence_forward: Optional[bool]) -> None:
+        if self.optimizer is not None:
+            if hasattr(self.optimizer, "register_step_pre_hook"):  # PyTorch >= 2.0
+                self._hook_handles.append(
+                    self.optimizer.register_step_pre_hook(lambda *_: self.fence()))
+            else:
+                # PyTorch < 2.0: wrap the bound method. It stays a bound method so that the LR
+                # schedulers of these versions, which wrap optimizer.step again, keep working.
+                original = self.optimizer.step
+                snapshotter = self
+
+                def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+                    snapshotter.fence()
+                    return original(*args, **kwargs)
+
+                step.__doc__ = getattr(original, "__doc__", None)
+                # An LR scheduler created earlier marked its own wrapper; keep the mark (the
+                # counting still happens inside `original`) so that it does not warn.
+                if getattr(original, "_with_counter", False):
+                    step._with_counter = True  # type: ignore[attr-defined]
+                wrapped = types.MethodType(step, self.optimizer)
+                self.optimizer.step = wrapped  # type: ignore[method-assign]
+                self._wrapped_step = (wrapped, original)
+        if fence_forward is None:
+            # Registered buffers (persistent ones, in state_dict) may change in a forward pass.
+            parameters = {id(p) for p in self.model.parameters()}
+            fence_forward = any(id(t) not in parameters
+                                for t in self._model_state(self.model)[0].values())
+        if fence_forward:
+            self._hook_handles.append(
+                self.model.register_forward_pre_hook(lambda *_: self.fence()))
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def step(self, step: int) -> bool:
+        """Snapshots `step` if it is a multiple of `every`. Call it after the optimizer step.
+
+        Returns:
+            Whether a snapshot started.
+        """
+        return self.maybe_snapshot(step)
+
+    def maybe_snapshot(self, step: int) -> bool:
+        """Same as `step`."""
+        _check_int(step, "step", 0)
+        if step % self.every != 0:
+            return False
+        return self.snapshot(step)
+
+    def snapshot(self, step: int) -> bool:
+        """Starts a snapshot of `step` now, whatever `every` says, and returns at once.
+
+        Steps must increase. The tensors are copied in the background; the blobs (RNG states,
+        user dict, optimizer metadata) are pickled here.
+
+        Returns:
+            True when it started, False when it was skipped because the previous snapshot is
+            still in flight (when_busy="skip").
+
+        Raises:
+            BlobTooLargeError: the user dict (or other blob) outgrew its capacity; nothing was
+                snapshotted.
+        """
+        _check_int(step, "step", 0)
+        start = time.perf_counter()
+        optimizer_tensors, optimizer_other = self._optimizer_state()
+        why = self._moved(optimizer_tensors)
+        if why is not None:
+            if self._registered is not None:
+                _log.info("registering again before step %d: %s", step, why)
+            self._register()
+        reg = self._registered
+        assert reg is not None
+        payloads = self._blob_payloads(reg.cuda_devices, reg.has_model_other, optimizer_other)
+        for name, (data, _) in payloads.items():
+            self._blobs[name].check_fits(data)
+        staged = []
+        for name, (data, _) in payloads.items():
+            blob = self._blobs[name]
+            spare = blob.stage(data)
+            self._client.update_entry(blob.index, blob.address(spare), len(data))
+            blob.registered = spare
+            staged.append((blob, spare))
+        started = self._client.snapshot(step, self._stream())
+        if started:
+            for blob, spare in staged:
+                blob.in_flight = spare
+            self._fence_pending = True
+        self.last_snapshot_seconds = time.perf_counter() - start
+        return started
+
+    def wait(self) -> None:
+        """Blocks until the last started snapshot is sealed; raises its error if it failed."""
+        self._client.wait()
+
+    def stats(self) -> Stats:
+        """The client's counters (started, skipped, sealed, ...)."""
+        return self._client.stats()
+
+    # -- restore ---------------------------------------------------------------------------------
+
+    def _prime_optimizer_state(self) -> Optional[Callable[[], None]]:
+        """Creates the optimizer state with one zero-gradient, zero-lr step (as
+        torch.distributed.checkpoint does) and puts parameters and gradients back. Returns the
+        function that drops that state again, or None when the state existed already."""
+        optimizer = self.optimizer
+        if optimizer is None or self._has_optimizer_state():
+            return None
+        params = self._params()
+        grads = [p.grad for p in params]
+        values = [p.detach().clone() for p in params]
+        lrs = [g.get("lr") for g in optimizer.param_groups]
+        step_count = optimizer.__dict__.get("_step_count")
+        try:
+            for p in params:
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            for g in optimizer.param_groups:
+                if "lr" in g:
+                    g["lr"] = 0.0
+            # The class's step, not the instance's: an LR scheduler's counter must not move.
+            type(optimizer).step(optimizer)
+        except Exception as e:
+            optimizer.state.clear()
+            raise FailedPreconditionError(
+                f"could not create the state of {type(optimizer).__name__} by a zero-gradient "
+                f"step ({e!r}); create the Snapshotter after the first optimizer.step()"
+            ) from e
+        finally:
+            for g, lr in zip(optimizer.param_groups, lrs):
+                if lr is not None:
+                    g["lr"] = lr
+            with torch.no_grad():
+                for p, value in zip(params, values):
+                    p.copy_(value)
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            if step_count is not None:
+                optimizer._step_count = step_count  # type: ignore[attr-defined]
+
+        def drop() -> None:
+            optimizer.state.clear()
+            self._registered = None
+
+        return drop
+
+    def restore_latest(self) -> Optional[int]:
+        """Restores the newest snapshot this rank's daemon holds, in place, and returns its step
+        (the loop continues at step + 1); None when there is nothing to restore.
+
+        Everything is restored: model and optimizer tensors, the optimizer's non-tensor state
+        and hyperparameters, the RNG states and the user dict. When torch.distributed is
+        initialized, every rank must call this: the ranks agree on one step or all raise.
+
+        Raises:
+            FailedPreconditionError: the snapshot does not match the model and optimizer (a
+                shape, dtype or tensor changed); the message lists the differences, and nothing
+                was restored.
+            DataLossError: the snapshot is damaged.
+        """
+        drop = self._prime_optimizer_state()
+        try:
+            if self._moved(self._optimizer_state()[0]) is not None:
+                self._register()
+            error: Optional[TesseraError] = None
+            step: Optional[int] = None
+            try:
+                step = self._client.restore(-1)
+            except NotFoundError as e:
+                _log.info("nothing to restore for job %s rank %d: %s", self.job_id, self.rank, e)
+            except TesseraError as e:
+                error = e  # raised after the other ranks heard of it, so none waits forever
+            step = self._agree(step, error)
+        except BaseException:
+            if drop is not None:
+                drop()
+            raise
+        if step is None:
+            if drop is not None:
+                drop()
+            return None
+        self._apply_blobs(step)
+        self.restored_step = step
+        _log.info("restored job %s rank %d from step %d", self.job_id, self.rank, step)
+        return step
+
+    def _agree(self, step: Optional[int], error: Optional[TesseraError]) -> Optional[int]:
+        """Makes every rank hold the same step (torch.distributed only); raises `error` here, and
+        an error on every other rank, when one rank failed."""
+        dist = torch.distributed
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            if error is not None:
+                raise error
+            return step
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+
+        def gather(value: int) -> List[int]:
+            mine = torch.tensor([value], dtype=torch.int64, device=device)
+            out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(out, mine)
+            return [int(t.item()) for t in out]
+
+        errors = gather(0 if error is None else 1)
+        if error is not None:
+            raise error
+        if any(errors):
+            failed_ranks = [r for r, e in enumerate(errors) if e]
+            raise FailedPreconditionError(
+                f"restore failed on rank(s) {failed_ranks} (their exceptions say why), so the "
+                "job cannot resume from a snapshot; this rank's state may already hold one and "
+                "is not usable on its own"
+            )
+        steps = gather(-1 if step is None else step)
+        if len(set(steps)) == 1:
+            return step
+        held = ", ".join(f"rank {r}: {'none' if s < 0 else s}" for r, s in enumerate(steps))
+        problem = ""
+        target = min(steps)
+        if target >= 0 and step != target:
+            try:
+                self._client.restore(target)
+            except TesseraError as e:
+                problem = str(e)
+        failed = gather(1 if problem or target < 0 else 0)
+        if any(failed):
+            raise FailedPreconditionError(
+                f"the ranks hold different newest steps ({held}) and step {target} cannot be "
+                f"restored on every rank" + (f" (here: {problem})" if problem else "") +
+                ". Ranks whose daemons are not members of one cluster restore independently "
+                "and can disagree; resume from your persistent checkpoint "
+                "under a new job id, or drop these snapshots first (Snapshotter.close(drop=True) "
+                "on every rank)"
+            )
+        return target
+
+    def _apply_blobs(self, step: int) -> None:
+        values: Dict[str, bytes] = {}
+        for name, blob in self._blobs.items():
+            values[name] = blob.read(self._client.entry_length(blob.index))
+        try:
+            meta = pickle.loads(values["meta"])
+            if meta.get("format") != _META_FORMAT:
+                raise ValueError(f"metadata format {meta.get('format')!r}")
+            user = pickle.loads(values["user"])
+            python_rng = pickle.loads(values["rng.python"])
+            numpy_rng = pickle.loads(values["rng.numpy"]) if "rng.numpy" in values else None
+            cuda_rng = pickle.loads(values["rng.torch_cuda"]) if "rng.torch_cuda" in values else {}
+        except Exception as e:
+            raise DataLossError(f"step {step}: a restored blob does not unpickle: {e!r}") from e
+
+        if self.optimizer is not None:
+            params = self._params()
+            for (i, key), value in meta["optimizer_state"].items():
+                self.optimizer.state[params[i]][key] = value
+            for group, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
+                group.update(saved)
+        if meta["model_other"]:
+            self.model.load_state_dict(meta["model_other"], strict=False)
+
+        torch.set_rng_state(torch.frombuffer(bytearray(values["rng.torch_cpu"]), dtype=torch.uint8))
+        for device, state in cuda_rng.items():
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(state), dtype=torch.uint8), device)
+        random.setstate(python_rng)
+        if numpy_rng is not None and _np is not None:
+            _np.random.set_state(numpy_rng)
+
+        self.restored_user_state = user
+        if isinstance(self._user_state, MutableMapping):
+            self._user_state.clear()
+            self._user_state.update(user)
+        if self._load_user_state is not None:
+            self._load_user_state(user)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self, drop: bool = False) -> None:
+        """Waits for a snapshot in flight, removes the hooks and unregisters (keeping the
+        snapshots unless `drop`). Idempotent."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        if self._wrapped_step is not None and self.optimizer is not None:
+            wrapped, original = self._wrapped_step
+            if self.optimizer.__dict__.get("step") is wrapped:
+                self.optimizer.step = original  # type: ignore[method-assign]
+            self._wrapped_step = None
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close(drop=drop)
+
+    def __enter__(self) -> "Snapshotter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,132 @@
+"""Fixtures for the Python tests: a real tesserad per test, and the paths the trainers need.
+
+Binaries come from the environment, defaulting to a Bazel build of this tree:
+  TESSERAD          tesserad        (default bazel-bin/daemon/tesserad)
+  TESSERA_LIBRARY   libtessera.so   (default bazel-bin/agent/libtessera.so)
+A missing binary fails the tests that need it; nothing is skipped for want of a build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON_PACKAGE = REPO / "agent" / "python"
+TESSERAD = Path(os.environ.get("TESSERAD") or REPO / "bazel-bin" / "daemon" / "tesserad")
+LIBRARY = Path(os.environ.get("TESSERA_LIBRARY") or REPO / "bazel-bin" / "agent" / "libtessera.so")
+
+# In-process tests import the package from the tree and load the library under test.
+sys.path.insert(0, str(PYTHON_PACKAGE))
+os.environ["TESSERA_LIBRARY"] = str(LIBRARY)
+
+
+def _require(path: Path, what: str, build: str) -> None:
+    if not path.is_file():
+        pytest.fail(f"{what} not found at {path}: build it with `bazel build {build}` or set "
+                    f"the environment variable {what}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def library_path() -> Path:
+    _require(LIBRARY, "TESSERA_LIBRARY", "//agent:libtessera.so")
+    return LIBRARY
+
+
+class Daemon:
+    """A tesserad process with its own store directory (under /dev/shm) and socket."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.store = Path(tempfile.mkdtemp(prefix="tessera-test-", dir="/dev/shm"))
+        # A short path: Unix socket paths are limited to 107 bytes.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="tsr"))
+        self.socket = self.socket_dir / "agent.sock"
+        self.log_path = workdir / "tesserad.log"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        """Starts tesserad (again, on the same store) and waits until it serves."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(TESSERAD), "--set", "node.id=n0", "--set", f"store.directory={self.store}",
+             "--set", f"agent.socket_path={self.socket}", "--set", "store.capacity_bytes=1GiB"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"tesserad exited with {self.process.returncode} at start:\n"
+                            + self.log(), pytrace=False)
+            if self.socket.exists() and b" ready" in self.log_path.read_bytes()[offset:]:
+                return
+            time.sleep(0.02)
+        pytest.fail(f"tesserad did not get ready in {timeout_s} s:\n" + self.log(), pytrace=False)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None:
+            return 0
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies at an arbitrary instant."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def env(self, job_id: str) -> Dict[str, str]:
+        """The environment of a trainer that talks to this daemon as job `job_id`."""
+        env = dict(os.environ)
+        env.update({
+            "TESSERA_SOCKET": str(self.socket),
+            "TESSERA_JOB_ID": job_id,
+            "TESSERA_LIBRARY": str(LIBRARY),
+            "PYTHONPATH": os.pathsep.join(
+                [str(PYTHON_PACKAGE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+            "OMP_NUM_THREADS": "1",
+        })
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID",
+                     "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        return env
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.store, ignore_errors=True)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, library_path: Path) -> Iterator[Daemon]:
+    """A running tesserad; after the test it must exit 0 on SIGTERM."""
+    _require(TESSERAD, "TESSERAD", "//daemon:tesserad")
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        yield d
+    finally:
+        code = d.stop()
+        d.cleanup()
+    if code != 0:
+        pytest.fail(f"tesserad exited with {code} on SIGTERM:\n{d.log()}", pytrace=False)

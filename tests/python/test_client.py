@@ -1,0 +1,164 @@
+"""The raw ctypes client against a real tesserad: round trips, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import tessera
+from tessera import Entry, EntryKind
+
+
+def _random_array(seed: int, n: int, dtype: str = "float32") -> np.ndarray:
+    # Random data, never zeros: zeros would hide bytes that were never written.
+    return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+
+
+def test_round_trip_tensors_and_blob(daemon) -> None:
+    weights = _random_array(1, 1000)
+    counts = np.random.default_rng(2).integers(1, 1 << 40, size=(3, 7), dtype=np.int64)
+    blob = ctypes.create_string_buffer(256)
+    payload = b"loader position 1234"
+    ctypes.memmove(blob, payload, len(payload))
+    with tessera.Client(str(daemon.socket), when_busy="wait") as client:
+        client.register("client-roundtrip", 0, 1, [
+            Entry.tensor("weights", weights.ctypes.data, "float32", weights.shape),
+            Entry.tensor("counts", counts.ctypes.data, "int64", counts.shape),
+            Entry.blob("position", ctypes.addressof(blob), 256, len(payload)),
+        ])
+        assert client.snapshot(7) is True
+        client.wait()
+        stats = client.stats()
+        assert (stats.started, stats.sealed, stats.failed, stats.last_sealed_step) == (1, 1, 0, 7)
+        assert stats.bytes_copied == weights.nbytes + counts.nbytes + len(payload)
+
+        saved_weights, saved_counts = weights.copy(), counts.copy()
+        weights[:] = -1.0
+        counts[:] = 0
+        ctypes.memset(blob, 0x55, 256)
+        assert client.restore() == 7
+        assert weights.tobytes() == saved_weights.tobytes()
+        assert counts.tobytes() == saved_counts.tobytes()
+        assert client.entry_length(2) == len(payload)
+        assert client.entry_length(0) == weights.nbytes
+        assert blob.raw[: len(payload)] == payload
+
+
+def test_blob_length_follows_update_entry(daemon) -> None:
+    blob = ctypes.create_string_buffer(64)
+    other = ctypes.create_string_buffer(64)
+    ctypes.memmove(other, b"0123456789", 10)
+    with tessera.Client(str(daemon.socket), when_busy="wait") as client:
+        client.register("client-blob", 0, 1, [Entry.blob("b", ctypes.addressof(blob), 64, 0)])
+        client.update_entry(0, ctypes.addressof(other), 10)
+        assert client.snapshot(1)
+        client.wait()
+        ctypes.memset(other, 0, 64)
+        assert client.restore(1) == 1
+        assert client.entry_length(0) == 10
+        assert other.raw[:10] == b"0123456789"
+        with pytest.raises(tessera.InvalidArgumentError, match="exceeds its capacity 64"):
+            client.update_entry(0, None, 65)
+
+
+def test_restore_with_nothing_held_is_not_found(daemon) -> None:
+    data = _random_array(3, 16)
+    with tessera.Client(str(daemon.socket)) as client:
+        client.register("client-empty", 0, 1,
+                        [Entry.tensor("x", data.ctypes.data, "float32", data.shape)])
+        with pytest.raises(tessera.NotFoundError, match="no sealed snapshot") as info:
+            client.restore()
+        assert info.value.code == 5 and info.value.code_name == "NOT_FOUND"
+        assert isinstance(info.value, LookupError)
+
+
+def test_steps_must_increase_error_surfaces_in_wait(daemon) -> None:
+    data = _random_array(4, 16)
+    with tessera.Client(str(daemon.socket), when_busy="wait") as client:
+        client.register("client-steps", 0, 1,
+                        [Entry.tensor("x", data.ctypes.data, "float32", data.shape)])
+        client.snapshot(5)
+        client.wait()
+        client.snapshot(3)  # asynchronous: the daemon refuses it on the library's thread
+        with pytest.raises(tessera.FailedPreconditionError, match="not after the newest sealed"):
+            client.wait()
+        assert client.stats().failed == 1
+        # The sealed step is intact.
+        assert client.restore() == 5
+
+
+def test_no_daemon_is_unavailable(tmp_path, library_path) -> None:
+    with pytest.raises(tessera.UnavailableError, match="no tesserad answers"):
+        tessera.Client(str(tmp_path / "nothing.sock"))
+
+
+def test_wrong_types_raise_type_error(daemon) -> None:
+    data = _random_array(5, 4)
+    good = Entry.tensor("x", data.ctypes.data, "float32", data.shape)
+    with tessera.Client(str(daemon.socket)) as client:
+        with pytest.raises(TypeError, match="job_id must be a str"):
+            client.register(17, 0, 1, [good])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="rank must be an int"):
+            client.register("j", "0", 1, [good])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"entries\[0\] must be a tessera.Entry"):
+            client.register("j", 0, 1, [{"name": "x"}])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="address must be an int"):
+            client.register("j", 0, 1, [Entry("x", "0x10", 16, "float32", (4,))])  # type: ignore
+        with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+            client.register("j", 0, 1,
+                            [Entry("x", data.ctypes.data, 16, "float32", "4")])  # type: ignore
+        with pytest.raises(TypeError, match="step must be an int"):
+            client.snapshot(1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="socket_path must be a str"):
+            tessera.Client(42)  # type: ignore[arg-type]
+
+
+def test_bad_values_raise_invalid_argument(daemon) -> None:
+    data = _random_array(6, 4)
+    address = data.ctypes.data
+    with tessera.Client(str(daemon.socket)) as client:
+        with pytest.raises(tessera.InvalidArgumentError, match="when_busy"):
+            tessera.Client(str(daemon.socket), when_busy="sometimes")
+        with pytest.raises(tessera.InvalidArgumentError, match="need 0 <= rank < world_size"):
+            client.register("j", 2, 2, [Entry.tensor("x", address, "float32", (4,))])
+        with pytest.raises(tessera.InvalidArgumentError, match="dtype 'float128' is not one of"):
+            Entry.tensor("x", address, "float128", (2,))
+        # The daemon's own validation comes back with its message.
+        with pytest.raises(tessera.InvalidArgumentError, match="dtype 'float128' is not one of"):
+            client.register("j", 0, 1, [Entry("x", address, 16, "float128", (1,))])
+        with pytest.raises(tessera.InvalidArgumentError, match="does not match shape"):
+            client.register("j", 0, 1, [Entry("x", address, 12, "float32", (4,))])
+        with pytest.raises(tessera.InvalidArgumentError, match="has the character 0x20"):
+            client.register("bad job", 0, 1, [Entry.tensor("x", address, "float32", (4,))])
+        with pytest.raises(tessera.InvalidArgumentError, match="registered twice"):
+            client.register("j", 0, 1, [Entry.tensor("x", address, "float32", (4,))] * 2)
+        with pytest.raises(tessera.InvalidArgumentError, match="exceeds its capacity"):
+            client.register("j", 0, 1, [Entry.blob("b", address, 8, 9)])
+        with pytest.raises(tessera.InvalidArgumentError, match="address is 0"):
+            client.register("j", 0, 1, [Entry.tensor("x", 0, "float32", (4,))])
+        with pytest.raises(tessera.InvalidArgumentError, match="must be EntryKind"):
+            bad_kind = Entry("x", address, 16, "float32", (4,), 7)  # type: ignore[arg-type]
+            client.register("j", 0, 1, [bad_kind])
+        with pytest.raises(tessera.FailedPreconditionError, match="Snapshot before Register"):
+            client.snapshot(1)
+    closed = tessera.Client(str(daemon.socket))
+    closed.close()
+    closed.close()  # idempotent
+    with pytest.raises(tessera.FailedPreconditionError, match="closed"):
+        closed.snapshot(1)
+
+
+def test_errors_map_to_canonical_codes() -> None:
+    from tessera.errors import error_for_code
+
+    assert isinstance(error_for_code(9, "x"), tessera.FailedPreconditionError)
+    assert isinstance(error_for_code(15, "x"), tessera.DataLossError)
+    assert isinstance(error_for_code(8, "x"), tessera.ResourceExhaustedError)
+    assert isinstance(error_for_code(3, "x"), ValueError)
+    unknown = error_for_code(99, "strange")
+    assert type(unknown) is tessera.TesseraError and unknown.code == 99
+    assert str(error_for_code(5, "NOT_FOUND: gone")) == "NOT_FOUND: gone"
+    assert str(error_for_code(5, "gone")) == "NOT_FOUND: gone"
+    assert EntryKind.BLOB == 2
