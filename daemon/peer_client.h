@@ -1,0 +1,242 @@
+// PeerClient: how a daemon reaches other daemons' peer services (proto/peer.proto), as an
+// interface, so the protection pipeline, membership and recovery are tested without a network:
+//
+//   GrpcPeerClient  the real one: several gRPC channels (TCP connections) per peer, chunked
+//                   zero-copy streams, deadlines, retries with backoff on kUnavailable;
+//   FakePeerClient  in-process peers backed by FragmentStores and ShardSources, that fails,
+//                   delays, drops or stalls calls on command.
+//
+// Every call is idempotent: repeating one after an error or a lost reply changes nothing.
+//
+// Errors (canonical codes, as the peer's core returned them or as the transport failed):
+//   kUnavailable       the peer cannot be reached (GrpcPeerClient has already retried)
+//   kDeadlineExceeded  the peer did not answer in time
+//   kDataLoss          a checksum failed (a chunk or the whole fragment / shard)
+//   kInvalidArgument   bad input (checked before anything is sent)
+//   others             the peer's answer (kNotFound, kResourceExhausted, ...)
+#ifndef TESSERA_DAEMON_PEER_CLIENT_H_
+#define TESSERA_DAEMON_PEER_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/fragment_store.h"
+#include "daemon/peer_service.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/security/credentials.h"
+
+namespace tessera {
+
+// What a node holds for a job (ListHeld).
+struct HeldInventory {
+  std::vector<FragmentStatus> fragments;  // WRITING and SEALED
+  std::vector<ShardInfo> shards;          // sealed snapshot shards
+};
+
+// Receives a fetched shard. Calls come from one thread at a time, in offset order.
+class ShardSink {
+ public:
+  virtual ~ShardSink() = default;
+  // Before any byte, with the shard's size and CRC32C. Called again when a retry starts over.
+  // An error aborts the fetch and is returned by FetchShard.
+  virtual absl::Status Begin(const ShardInfo& info) = 0;
+  // Payload bytes [offset, offset + size), already checked against their chunk's CRC32C. The
+  // whole payload's CRC32C is checked after the last call: FetchShard returns kDataLoss if it
+  // does not match, and the caller must then discard what the sink received.
+  virtual absl::Status Write(uint64_t offset, const uint8_t* data, size_t size) = 0;
+};
+
+class PeerClient {
+ public:
+  virtual ~PeerClient() = default;
+
+  // `peer` is an address ("host:port") in every call.
+  virtual absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
+                                                   const HeartbeatMessage& message) = 0;
+
+  // Sends a whole fragment, [data, data + bytes) with bytes == meta.fragment_bytes, and has the
+  // peer seal it. Returns the peer's status of the fragment (kSealed, with its CRC32C).
+  // REQUIRES: the memory stays unchanged until the call returns.
+  virtual absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer,
+                                                     const FragmentKey& key,
+                                                     const FragmentMeta& meta, const uint8_t* data,
+                                                     size_t bytes) = 0;
+
+  // Reads a sealed fragment into dst (which holds `capacity` bytes) and checks it, chunk by
+  // chunk and whole, against its CRC32C. owner_incarnation 0 accepts any. Returns its status
+  // (meta, CRC32C). kInvalidArgument (nothing read) when capacity < its fragment_bytes; on any
+  // error dst may hold part of the fragment.
+  virtual absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer,
+                                                     const FragmentKey& key,
+                                                     uint64_t owner_incarnation, uint8_t* dst,
+                                                     size_t capacity) = 0;
+
+  // Streams the peer's sealed shard (job, rank, step) (step -1: its newest) into `sink`.
+  virtual absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+                                               uint32_t rank, int64_t step, ShardSink* sink) = 0;
+
+  // What the peer holds for a job (every job when job_id is empty).
+  virtual absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+                                                 const std::string& job_id) = 0;
+};
+
+// The gRPC PeerClient. Thread-safe: calls from many threads share the channels.
+//
+// Bulk data: PutFragment splits a fragment into up to `channels_per_peer` contiguous ranges
+// (each at least min_range_bytes) sent concurrently, one long-lived stream per channel, in
+// messages of chunk_bytes with a CRC32C each, straight from the caller's memory (gRPC slices
+// over it; the call returns only once gRPC has released them). Then one short message seals it.
+// GetFragment reads ranges the same way; FetchShard is one stream.
+class GrpcPeerClient final : public PeerClient {
+ public:
+  struct Options {
+    int channels_per_peer = 4;                 // TCP connections per peer: 1..64
+    size_t chunk_bytes = kDefaultChunkBytes;   // kMinChunkBytes..kMaxChunkBytes
+    size_t min_range_bytes = size_t{8} << 20;  // a fragment smaller than 2x this uses 1 stream
+    absl::Duration control_timeout = absl::Seconds(5);  // Heartbeat, ListHeld, stream setup
+    // Data calls get control_timeout plus bytes at this rate.
+    uint64_t min_rate_bytes_per_s = uint64_t{50} << 20;
+    absl::Duration fetch_shard_timeout = absl::Minutes(10);  // a shard's size is not known ahead
+    int max_attempts = 4;                                    // per call, for kUnavailable
+    absl::Duration initial_backoff = absl::Milliseconds(50);
+    absl::Duration max_backoff = absl::Seconds(2);
+    std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
+  };
+
+  // kInvalidArgument when an option is out of range.
+  static absl::StatusOr<std::unique_ptr<GrpcPeerClient>> Create(Options options);
+
+  absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
+                                           const HeartbeatMessage& message) override;
+  absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer, const FragmentKey& key,
+                                             const FragmentMeta& meta, const uint8_t* data,
+                                             size_t bytes) override;
+  absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer, const FragmentKey& key,
+                                             uint64_t owner_incarnation, uint8_t* dst,
+                                             size_t capacity) override;
+  absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+                                       uint32_t rank, int64_t step, ShardSink* sink) override;
+  absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+                                         const std::string& job_id) override;
+
+ private:
+  explicit GrpcPeerClient(Options options) : options_(std::move(options)) {}
+  // The peer's channels, created on first use.
+  std::vector<std::shared_ptr<grpc::Channel>> Channels(const std::string& peer);
+  std::shared_ptr<grpc::Channel> AnyChannel(const std::string& peer);
+  // Runs attempt() up to max_attempts times while it returns kUnavailable, with backoff.
+  absl::Status WithRetries(const char* method, const std::string& peer,
+                           const std::function<absl::Status()>& attempt);
+  absl::StatusOr<FragmentStatus> PutFragmentOnce(const std::string& peer, const FragmentKey& key,
+                                                 const FragmentMeta& meta, const uint8_t* data);
+  absl::StatusOr<FragmentStatus> GetFragmentOnce(const std::string& peer, const FragmentKey& key,
+                                                 uint64_t owner_incarnation, uint8_t* dst,
+                                                 size_t capacity);
+  absl::StatusOr<ShardInfo> FetchShardOnce(const std::string& peer, const std::string& job_id,
+                                           uint32_t rank, int64_t step, ShardSink* sink);
+  absl::Time DataDeadline(uint64_t bytes) const;
+  // How a fragment of `bytes` is cut into per-channel ranges (chunk-aligned).
+  std::vector<std::pair<uint64_t, uint64_t>> Ranges(uint64_t bytes, size_t channels) const;
+
+  const Options options_;
+  absl::Mutex mu_;
+  std::map<std::string, std::vector<std::shared_ptr<grpc::Channel>>> channels_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_channel_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// An in-process PeerClient for tests: each peer address maps to a FragmentStore (and optionally
+// a ShardSource and a heartbeat handler) in this process; calls run the same core operations the
+// PeerService runs, in kFakeChunkBytes chunks. Faults are injected per (peer, method):
+//
+//   kFail       the call is not carried out; returns `status` (default kUnavailable)
+//   kDelay      sleeps `delay`, then carries the call out
+//   kDrop       the call is not carried out; sleeps `delay`, returns kDeadlineExceeded
+//   kLoseReply  the call is carried out, then returns `status` (default kUnavailable), as when
+//               the reply is lost: the caller's retry must be harmless
+//
+// Pause(peer) makes every call to that peer wait until Resume(peer) (a SIGSTOPped daemon), or
+// fail with kDeadlineExceeded after Options::paused_call_timeout. Unknown peers give kUnavailable.
+// Thread-safe.
+class FakePeerClient final : public PeerClient {
+ public:
+  static constexpr size_t kFakeChunkBytes = size_t{1} << 20;
+
+  enum class Method { kAny, kHeartbeat, kPutFragment, kGetFragment, kFetchShard, kListHeld };
+
+  struct Fault {
+    enum class Kind { kFail, kDelay, kDrop, kLoseReply };
+    Kind kind = Kind::kFail;
+    absl::Status status = absl::UnavailableError("injected fault");
+    absl::Duration delay = absl::ZeroDuration();
+    int times = 1;  // calls it applies to; -1: every call until ClearFaults
+  };
+
+  struct Peer {
+    FragmentStore* fragments = nullptr;  // required; not owned
+    ShardSource* shards = nullptr;       // optional; not owned
+    MemberInfo self;
+    HeartbeatHandler on_heartbeat;
+  };
+
+  struct Options {
+    absl::Duration paused_call_timeout = absl::Seconds(30);
+  };
+
+  FakePeerClient() : FakePeerClient(Options()) {}
+  explicit FakePeerClient(Options options) : options_(options) {}
+
+  void AddPeer(const std::string& address, Peer peer);
+  void RemovePeer(const std::string& address);  // later calls: kUnavailable
+  // peer "" applies to every peer. Faults for one (peer, method) apply in the order added.
+  void InjectFault(const std::string& peer, Method method, Fault fault);
+  void ClearFaults();
+  void Pause(const std::string& peer);
+  void Resume(const std::string& peer);
+  // Calls started so far for (peer, method); kAny counts every method, peer "" every peer.
+  int calls(const std::string& peer, Method method) const;
+
+  absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
+                                           const HeartbeatMessage& message) override;
+  absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer, const FragmentKey& key,
+                                             const FragmentMeta& meta, const uint8_t* data,
+                                             size_t bytes) override;
+  absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer, const FragmentKey& key,
+                                             uint64_t owner_incarnation, uint8_t* dst,
+                                             size_t capacity) override;
+  absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+                                       uint32_t rank, int64_t step, ShardSink* sink) override;
+  absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+                                         const std::string& job_id) override;
+
+ private:
+  // What to do with one call: the peer to run it on, or the status to return instead.
+  struct Decision {
+    absl::Status refuse;  // not OK: return it without running the call
+    absl::Status after;   // not OK: run the call, then return this (lost reply)
+    absl::Duration delay = absl::ZeroDuration();
+    Peer peer;
+  };
+  Decision Admit(const std::string& peer, Method method);
+  template <typename T, typename Body>
+  absl::StatusOr<T> Run(const std::string& peer, Method method, Body body);
+
+  const Options options_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::tuple<std::string, Method, Fault>> faults_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, bool> paused_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, Method>, int> calls_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_PEER_CLIENT_H_
