@@ -405,6 +405,7 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     agent::FindLatestRestorableRequest find;
     find.set_job_id(job_id_);
     find.set_resume(true);
+    find.set_rank(rank_);
     agent::FindLatestRestorableResponse found;
     grpc::ClientContext find_context;
     TESSERA_RETURN_IF_ERROR(FromGrpcStatus(

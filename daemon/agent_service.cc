@@ -105,8 +105,26 @@ grpc::Status AgentService::FindLatestRestorable(
   return Handle("FindLatestRestorable", [&]() -> absl::Status {
     TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
-    TESSERA_ASSIGN_OR_RETURN(int64_t step, coordination_->FindLatestRestorable(request->job_id()));
-    if (request->resume()) store_->Rollback(request->job_id(), step);
+    auto job_wide = coordination_->FindLatestRestorable(request->job_id());
+    int64_t step;
+    if (job_wide.ok()) {
+      step = *job_wide;
+      // Every rank resumes from `step`: later steps belong to the abandoned run.
+      if (request->resume()) store_->Rollback(request->job_id(), step);
+    } else if (absl::IsNotFound(job_wide.status()) && !store_->HoldsWholeJob(request->job_id())) {
+      // The job's other ranks are on daemons this one does not see (no cluster): the best this
+      // daemon can answer is the caller's own newest sealed step.
+      step = -1;
+      for (const auto& v : store_->ListVersions(request->job_id())) {
+        if (v.rank == request->rank() && v.state == SegmentState::kSealed) step = std::max(step, v.step);
+      }
+      if (step < 0) return job_wide.status();
+      Logger("agent-service")->info(
+          "job '{}' rank {}: ranks on other daemons are not visible (no cluster), so it resumes "
+          "from its own newest sealed step {}", request->job_id(), request->rank(), step);
+    } else {
+      return job_wide.status();
+    }
     response->set_step(step);
     response->set_committed_step(store_->committed(request->job_id()));
     return absl::OkStatus();
@@ -120,7 +138,7 @@ grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
     TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
     TESSERA_ASSIGN_OR_RETURN(
         SnapshotStore::RestoreInfo info,
-        store_->PrepareRestore(request->job_id(), request->rank(), request->step()));
+        coordination_->PrepareRestore(request->job_id(), request->rank(), request->step()));
     response->set_step(info.step);
     response->set_segment_path(info.segment_path);
     response->set_header_bytes(kSegmentHeaderBytes);

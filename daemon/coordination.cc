@@ -6,10 +6,12 @@
 
 namespace tessera {
 
-Coordination::Coordination(SnapshotStore* store) : store_(store) {
+Coordination::Coordination(SnapshotStore* store, bool derive_commits) : store_(store) {
+  if (!derive_commits) return;
   std::set<std::string> jobs;
   for (const auto& v : store_->ListVersions("")) jobs.insert(v.job_id);
   for (const std::string& job : jobs) {
+    if (!store_->HoldsWholeJob(job)) continue;  // its commits are not decided here
     auto step = FindLatestRestorable(job);
     if (!step.ok()) continue;
     store_->Commit(job, *step);
@@ -21,7 +23,9 @@ Coordination::Coordination(SnapshotStore* store) : store_(store) {
 void Coordination::OnSealed(const std::string& job_id, uint32_t /*rank*/, int64_t /*step*/,
                             uint32_t /*world_size*/) {
   // Commit the newest step that every rank here holds now (a rank that ran ahead may have
-  // replaced a step the others sealed later, so reports alone are not enough).
+  // replaced a step the others sealed later, so reports alone are not enough). Only when every
+  // rank of the job is here: otherwise this daemon cannot know that a step is complete.
+  if (!store_->HoldsWholeJob(job_id)) return;
   auto common = FindLatestRestorable(job_id);
   if (!common.ok() || *common <= store_->committed(job_id)) return;
   store_->Commit(job_id, *common);

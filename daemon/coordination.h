@@ -17,7 +17,7 @@ class Coordination {
  public:
   // `store` is not owned and must outlive this object. Recovers each held job's restore point
   // (after a daemon restart the commits are re-derived from the sealed steps held).
-  explicit Coordination(SnapshotStore* store);
+  explicit Coordination(SnapshotStore* store) : Coordination(store, /*derive_commits=*/true) {}
   virtual ~Coordination() = default;
 
   // `rank` of `job_id` sealed `step` on this daemon.
@@ -27,7 +27,18 @@ class Coordination {
   // The newest step at which every rank of the job can be restored.
   virtual absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id);
 
+  // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
+  // Standalone: only what the local store holds.
+  virtual absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
+                                                                    uint32_t rank, int64_t step) {
+    return store_->PrepareRestore(job_id, rank, step);
+  }
+
  protected:
+  // derive_commits false: a subclass decides commits itself (a step sealed on every local rank
+  // may not be protected across the cluster yet, so it must not be committed from local state).
+  Coordination(SnapshotStore* store, bool derive_commits);
+
   // What this daemon holds for the job, with each shard's world size as this daemon sees it.
   JobHoldings LocalHoldings(const std::string& job_id, uint32_t world_size) const;
 

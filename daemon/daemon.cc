@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 
 namespace tessera {
@@ -73,7 +74,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   options.crc_threads = config.store.crc_threads;
   TESSERA_ASSIGN_OR_RETURN(d->store_, SnapshotStore::Open(options));
 
-  d->coordination_ = std::make_unique<Coordination>(d->store_.get());
+  if (config.peer.listen_address.empty()) {
+    d->coordination_ = std::make_unique<Coordination>(d->store_.get());
+  } else {
+    TESSERA_RETURN_IF_ERROR(d->StartCluster(dir, capacity));
+  }
   d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), d->coordination_.get(),
                                                      &d->credentials_);
   grpc::ServerBuilder builder;
@@ -93,6 +98,85 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   return d;
 }
 
+absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
+  auto log = Logger("daemon");
+  const DaemonConfig& config = config_;
+  TuneMallocForBulkTransfers();
+  const uint64_t incarnation = static_cast<uint64_t>(NowUnixMs());
+  // The fragments held for peers are accounted apart from the snapshot slots, against the same
+  // store.capacity_bytes.
+  fragment_budget_ = std::make_unique<CapacityBudget>(capacity);
+  FragmentStore::Options fragment_options;
+  fragment_options.directory = dir;
+  fragment_options.budget = fragment_budget_.get();
+  fragment_options.prefault = config.store.prefault;
+  fragment_options.crc_threads = std::max(1, config.store.crc_threads / 2);
+  TESSERA_ASSIGN_OR_RETURN(fragments_, FragmentStore::Open(fragment_options));
+  shard_source_ = std::make_unique<SnapshotStoreShardSource>(store_.get());
+
+  GrpcPeerClient::Options client_options;
+  // A peer that has not answered within the liveness timeout is about to be suspected: give up
+  // on it then (data calls add time for their bytes), and let protection re-place the fragment.
+  client_options.control_timeout =
+      absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
+  TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
+  // Heartbeats get one short attempt: a peer that does not answer in time is simply not heard.
+  GrpcPeerClient::Options heartbeat_options;
+  heartbeat_options.channels_per_peer = 1;
+  heartbeat_options.max_attempts = 1;
+  heartbeat_options.control_timeout =
+      absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms / 2));
+  TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
+
+  Cluster::Options cluster_options;
+  cluster_options.self_id = node_id_;
+  cluster_options.self_address = config.PeerAddress();
+  cluster_options.incarnation = incarnation;
+  cluster_options.members = config.cluster.members;
+  cluster_options.dns_name = config.cluster.dns_name;
+  cluster_options.dns_port = static_cast<int>(config.cluster.dns_port);
+  cluster_options.dns_refresh_ms = config.cluster.dns_refresh_ms;
+  cluster_options.heartbeat_ms = config.liveness.heartbeat_ms;
+  cluster_options.timeout_ms = config.liveness.timeout_ms;
+  cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());
+
+  PeerService::Options service_options;
+  service_options.self = MemberInfo{node_id_, incarnation, config.PeerAddress()};
+  Cluster* cluster = cluster_.get();
+  service_options.on_heartbeat = [cluster](const HeartbeatMessage& m) {
+    return cluster->OnHeartbeat(m);
+  };
+  peer_service_ = std::make_unique<PeerService>(fragments_.get(), shard_source_.get(),
+                                                service_options);
+  grpc::ServerBuilder builder;
+  PeerService::ConfigureServerBuilder(&builder);
+  builder.AddListeningPort(config.peer.listen_address, grpc::InsecureServerCredentials());
+  builder.RegisterService(peer_service_.get());
+  peer_server_ = builder.BuildAndStart();
+  if (!peer_server_) {
+    return absl::UnavailableError(absl::StrCat("could not listen for peers on ",
+                                               config.peer.listen_address,
+                                               " (peer.listen_address): is the port in use?"));
+  }
+
+  ClusterCoordination::Options coordination_options;
+  coordination_options.k = config.ec.k;
+  coordination_options.m = config.ec.m;
+  coordination_options.commit_check_ms = std::max<int64_t>(100, config.liveness.heartbeat_ms);
+  auto coordination = std::make_unique<ClusterCoordination>(
+      store_.get(), fragments_.get(), cluster_.get(), peer_client_.get(), coordination_options);
+  cluster_coordination_ = coordination.get();
+  coordination_ = std::move(coordination);
+  cluster_->Start();
+  cluster_coordination_->Start();
+  FragmentStore::Stats fstats = fragments_->stats();
+  log->info("peer service on {} (advertised {}), incarnation {}, RS({}, {}), {} member "
+            "addresses, {} fragments re-adopted",
+            config.peer.listen_address, config.PeerAddress(), incarnation, config.ec.k,
+            config.ec.m, config.cluster.members.size(), fstats.adopted_at_start);
+  return absl::OkStatus();
+}
+
 void Daemon::Shutdown() {
   if (shut_down_ || !agent_server_) return;  // never started: nothing to drain
   shut_down_ = true;
@@ -104,6 +188,12 @@ void Daemon::Shutdown() {
     agent_server_->Shutdown(std::chrono::system_clock::now() +
                             std::chrono::milliseconds(config_.daemon.drain_timeout_ms));
     agent_server_->Wait();
+  }
+  if (cluster_coordination_ != nullptr) cluster_coordination_->Stop();
+  if (cluster_) cluster_->Stop();
+  if (peer_server_) {
+    peer_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    peer_server_->Wait();
   }
   if (lock_fd_ >= 0) close(lock_fd_);
   lock_fd_ = -1;

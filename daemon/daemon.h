@@ -8,6 +8,12 @@
 
 #include "absl/status/statusor.h"
 #include "daemon/agent_service.h"
+#include "daemon/capacity_budget.h"
+#include "daemon/cluster.h"
+#include "daemon/fragment_store.h"
+#include "daemon/peer_client.h"
+#include "daemon/peer_service.h"
+#include "daemon/protection_pipeline.h"
 #include "daemon/daemon_config.h"
 #include "daemon/snapshot_store.h"
 #include "daemon/unix_listener.h"
@@ -18,7 +24,9 @@ namespace tessera {
 class Daemon {
  public:
   // Resolves the node id, locks `<store.directory>/<node id>` against a second daemon, opens the
-  // store there (re-adopting sealed snapshots), and starts serving the agent socket.
+  // store there (re-adopting sealed snapshots), and starts serving the agent socket. With
+  // peer.listen_address set, also opens the fragment store in the same directory, serves the
+  // peer service over TCP, and starts the cluster's heartbeats and cross-node protection.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const DaemonConfig& config);
 
   // Stops accepting connections, lets in-flight calls (a seal's checksum) finish for up to
@@ -31,11 +39,23 @@ class Daemon {
 
  private:
   Daemon() = default;
+  // Cluster mode: fragment store, peer service, heartbeats and protection.
+  absl::Status StartCluster(const std::string& dir, uint64_t capacity);
 
   DaemonConfig config_;
   std::string node_id_;
   int lock_fd_ = -1;
   std::unique_ptr<SnapshotStore> store_;
+  // Cluster mode only (peer.listen_address set).
+  std::unique_ptr<CapacityBudget> fragment_budget_;
+  std::unique_ptr<FragmentStore> fragments_;
+  std::unique_ptr<SnapshotStoreShardSource> shard_source_;
+  std::unique_ptr<GrpcPeerClient> peer_client_;
+  std::unique_ptr<GrpcPeerClient> heartbeat_client_;
+  std::unique_ptr<Cluster> cluster_;
+  std::unique_ptr<PeerService> peer_service_;
+  std::unique_ptr<grpc::Server> peer_server_;
+  ClusterCoordination* cluster_coordination_ = nullptr;  // coordination_, in cluster mode
   std::unique_ptr<Coordination> coordination_;
   PeerCredentials credentials_;
   std::unique_ptr<AgentService> agent_service_;

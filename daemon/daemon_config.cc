@@ -51,6 +51,37 @@ absl::Status CheckOctalMode(const std::string& mode) {
       absl::StrCat("must be 3 or 4 octal digits such as \"0660\"; got \"", mode, "\""));
 }
 
+// "host:port" with a non-empty host and a port 1..65535 ("[::1]:7070" for IPv6).
+absl::Status CheckHostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  bool valid = colon != std::string::npos && colon > 0 && colon + 1 < address.size() &&
+               address.size() - colon - 1 <= 5;
+  if (valid) {
+    int port = 0;
+    for (size_t i = colon + 1; i < address.size(); ++i) {
+      valid = valid && address[i] >= '0' && address[i] <= '9';
+      if (valid) port = port * 10 + (address[i] - '0');
+    }
+    valid = valid && port >= 1 && port <= 65535;
+  }
+  if (valid) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("must be \"host:port\" with a port 1 to 65535; got \"", address, "\""));
+}
+
+absl::Status CheckOptionalHostPort(const std::string& address) {
+  return address.empty() ? absl::OkStatus() : CheckHostPort(address);
+}
+
+ConfigValidator HostPortList() {
+  return ConfigValidator{"a list of \"host:port\" strings", [](const ConfigValue& value) {
+                           for (const std::string& a : std::get<std::vector<std::string>>(value)) {
+                             TESSERA_RETURN_IF_ERROR(CheckHostPort(a));
+                           }
+                           return absl::OkStatus();
+                         }};
+}
+
 std::string FormatOctalMode(uint32_t mode) {
   char buffer[16];
   std::snprintf(buffer, sizeof(buffer), "%04o", mode);
@@ -112,6 +143,51 @@ ConfigSchema BuildSchema() {
       ConfigKey::String("log.level", defaults.log.level,
                         "Least severe level of the log messages written to stderr.",
                         OneOf({"trace", "debug", "info", "warn", "error", "critical", "off"})),
+      ConfigKey::String(
+          "peer.listen_address", defaults.peer.listen_address,
+          "host:port on which the peer service (daemon to daemon: heartbeats, fragments, "
+          "shards) listens, e.g. \"0.0.0.0:7070\". Empty means standalone: no peer service, "
+          "no cross-node protection, and a step is committed once every rank held here sealed "
+          "it.",
+          StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
+      ConfigKey::String(
+          "peer.advertise_address", defaults.peer.advertise_address,
+          "host:port at which other daemons reach this one, when it differs from "
+          "peer.listen_address (a wildcard listen address, NAT). Empty means "
+          "peer.listen_address.",
+          StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
+      ConfigKey::StringList(
+          "cluster.members", defaults.cluster.members,
+          "Peer addresses (\"host:port\") of the daemons of the cluster. The daemon's own "
+          "address may be listed: it is ignored. Used with peer.listen_address.",
+          HostPortList()),
+      ConfigKey::String(
+          "cluster.dns_name", defaults.cluster.dns_name,
+          "A DNS name whose address records are the cluster's daemons (a Kubernetes headless "
+          "service), re-resolved every cluster.dns_refresh_ms and added to cluster.members. "
+          "Empty means no DNS discovery."),
+      ConfigKey::Int64("cluster.dns_port", defaults.cluster.dns_port,
+                       "Peer port of the daemons found through cluster.dns_name.",
+                       InRange(1, 65535)),
+      ConfigKey::Int64("cluster.dns_refresh_ms", defaults.cluster.dns_refresh_ms,
+                       "How often cluster.dns_name is re-resolved.", InRange(100, 3600 * 1000)),
+      ConfigKey::Int64(
+          "ec.k", defaults.ec.k,
+          "Data fragments per shard for cross-node protection (Reed-Solomon). With fewer than "
+          "ec.k + ec.m + 1 live nodes, k shrinks (logged).",
+          InRange(1, 64)),
+      ConfigKey::Int64("ec.m", defaults.ec.m,
+                       "Parity fragments per shard: a shard survives the loss of its owner and "
+                       "any ec.m of the nodes holding its fragments.",
+                       InRange(0, 32)),
+      ConfigKey::Int64("liveness.heartbeat_ms", defaults.liveness.heartbeat_ms,
+                       "Interval between heartbeats sent to every member.",
+                       InRange(10, 60 * 1000)),
+      ConfigKey::Int64(
+          "liveness.timeout_ms", defaults.liveness.timeout_ms,
+          "A member not heard from for this long is suspected dead: its fragments count as "
+          "erasures and it receives no new fragments. Must exceed liveness.heartbeat_ms.",
+          InRange(20, 3600 * 1000)),
   });
   if (!schema.ok()) {
     // The table above is fixed at compile time: a bad entry is a bug that every test catches.
@@ -140,6 +216,16 @@ DaemonConfig FromConfig(const Config& config) {
       std::strtoul(config.GetString("agent.socket_mode").c_str(), nullptr, 8));
   daemon_config.daemon.drain_timeout_ms = config.GetInt64("daemon.drain_timeout_ms");
   daemon_config.log.level = config.GetString("log.level");
+  daemon_config.peer.listen_address = config.GetString("peer.listen_address");
+  daemon_config.peer.advertise_address = config.GetString("peer.advertise_address");
+  daemon_config.cluster.members = config.GetStringList("cluster.members");
+  daemon_config.cluster.dns_name = config.GetString("cluster.dns_name");
+  daemon_config.cluster.dns_port = config.GetInt64("cluster.dns_port");
+  daemon_config.cluster.dns_refresh_ms = config.GetInt64("cluster.dns_refresh_ms");
+  daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
+  daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));
+  daemon_config.liveness.heartbeat_ms = config.GetInt64("liveness.heartbeat_ms");
+  daemon_config.liveness.timeout_ms = config.GetInt64("liveness.timeout_ms");
   return daemon_config;
 }
 
@@ -148,7 +234,22 @@ DaemonConfig FromConfig(const Config& config) {
 absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
                                               const std::vector<std::string>& overrides) {
   TESSERA_ASSIGN_OR_RETURN(Config config, LoadConfig(DaemonSchema(), path_or_empty, overrides));
-  return FromConfig(config);
+  DaemonConfig result = FromConfig(config);
+  // Checks across keys.
+  if (result.liveness.timeout_ms <= result.liveness.heartbeat_ms) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "liveness.timeout_ms (", result.liveness.timeout_ms,
+        ") must exceed liveness.heartbeat_ms (", result.liveness.heartbeat_ms,
+        "): otherwise every member is suspected between two heartbeats"));
+  }
+  if (result.peer.listen_address.empty() &&
+      (!result.peer.advertise_address.empty() || !result.cluster.members.empty() ||
+       !result.cluster.dns_name.empty())) {
+    return absl::InvalidArgumentError(
+        "peer.advertise_address, cluster.members and cluster.dns_name need "
+        "peer.listen_address: without it the daemon runs standalone");
+  }
+  return result;
 }
 
 std::string DefaultDaemonConfigToml() {

@@ -34,12 +34,39 @@ struct DaemonConfig {
   struct Log {
     std::string level = "info";  // log.level
   };
+  struct Peer {
+    std::string listen_address;     // peer.listen_address; empty: standalone, no peer service
+    std::string advertise_address;  // peer.advertise_address; empty: listen_address
+  };
+  struct Cluster {
+    std::vector<std::string> members;  // cluster.members: "host:port" peer addresses
+    std::string dns_name;              // cluster.dns_name; empty: no DNS discovery
+    int64_t dns_port = 7070;           // cluster.dns_port
+    int64_t dns_refresh_ms = 10000;    // cluster.dns_refresh_ms
+  };
+  struct Ec {
+    int k = 3;  // ec.k
+    int m = 2;  // ec.m
+  };
+  struct Liveness {
+    int64_t heartbeat_ms = 500;   // liveness.heartbeat_ms
+    int64_t timeout_ms = 3000;    // liveness.timeout_ms
+  };
 
   Node node;
   Store store;
   Agent agent;
   Daemon daemon;
   Log log;
+  Peer peer;
+  Cluster cluster;
+  Ec ec;
+  Liveness liveness;
+
+  // The address peers reach this daemon at: advertise_address, else listen_address.
+  std::string PeerAddress() const {
+    return peer.advertise_address.empty() ? peer.listen_address : peer.advertise_address;
+  }
 };
 
 // Loads the TOML file at `path_or_empty` (no file when empty: defaults), then applies each

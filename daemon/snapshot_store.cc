@@ -308,11 +308,15 @@ absl::Status SnapshotStore::AdoptExisting() {
   uint64_t adopted = 0;
   for (auto& [key, segments] : newest) {
     auto state = std::make_shared<RankState>();
+    uint32_t state_world = 0;
+    int64_t state_newest = -1;
     {
       absl::MutexLock rank_lock(&state->mu);
       struct stat st;
       state->data_uid = stat(segments[0]->path().c_str(), &st) == 0 ? st.st_uid : 0;
       state->world_size = segments[0]->header()->world_size;
+      state_world = state->world_size;
+      state_newest = segments[0]->header()->step;  // sorted newest first
       for (size_t i = 0; i < segments.size(); ++i) {
         const SegmentHeader& h = *segments[i]->header();
         log->info("re-adopted {} step {} ({} payload bytes) from {}",
@@ -323,6 +327,10 @@ absl::Status SnapshotStore::AdoptExisting() {
       }
     }
     absl::MutexLock lock(&mu_);
+    uint32_t& world = world_size_[key.first];
+    world = std::max(world, state_world);
+    int64_t& newest = newest_sealed_[key.first];
+    newest = std::max(newest, state_newest);
     ranks_[key] = std::move(state);
   }
   absl::MutexLock lock(&mu_);
@@ -492,6 +500,11 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
     }
   }
 
+  {
+    absl::MutexLock store_lock(&mu_);
+    uint32_t& world = world_size_[job_id];
+    world = std::max(world, world_size);
+  }
   state->registered = true;
   state->owner = caller;
   state->owner_start_ticks = ProcessStartTicks(caller.pid);
@@ -552,18 +565,26 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
         "with drop_snapshots first)"));
   }
   uint32_t target = keep == 0 ? 1 : 0;
-  const SegmentHeader& target_header = *state->slots[target]->header();
   int64_t job_newest_sealed;
+  bool commits_decided;
   {
     absl::MutexLock store_lock(&mu_);
     job_newest_sealed = newest_sealed_[job_id];
+    // Commits come from this store's ranks (whole job here) or from the cluster (a commit seen).
+    commits_decided = HoldsWholeJobLocked(job_id) || committed_.count(job_id) > 0;
   }
-  if (!replace_uncommitted && LoadState(target_header) == SegmentState::kSealed &&
-      target_header.step > committed_step && target_header.step >= job_newest_sealed) {
-    return absl::UnavailableError(absl::StrCat(
-        RankName(job_id, rank), ": step ", target_header.step,
-        " is not committed yet (not every rank of the job has sealed it); the snapshot of step ",
-        step, " waits for it"));
+  // Under the wait policy a rank holds at most one live uncommitted step: a step that is sealed,
+  // newer than the commit, and not yet passed by another rank (a step some rank went past without
+  // sealing can never be committed, so it does not hold anyone back).
+  for (int i = 0; i < 2 && !replace_uncommitted && commits_decided; ++i) {
+    const SegmentHeader& h = *state->slots[i]->header();
+    if (LoadState(h) == SegmentState::kSealed && h.step > committed_step &&
+        h.step >= job_newest_sealed) {
+      return absl::UnavailableError(absl::StrCat(
+          RankName(job_id, rank), ": step ", h.step,
+          " is not committed yet (not every rank of the job has sealed it); the snapshot of step ",
+          step, " waits for it"));
+    }
   }
   if (state->pins[target] > 0) {
     return absl::UnavailableError(absl::StrCat(
@@ -683,11 +704,16 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
   h->header_crc32c = ComputeHeaderCrc(*h);
   StoreState(h, SegmentState::kSealed);
 
-  // The newest sealed step and the restore point (the newest committed step) are kept; the other
-  // slot is free for the next snapshot.
+  // Where this store decides the job's commits, the older step stays until a commit releases it
+  // or a snapshot replaces it: it may be the step the other ranks are about to seal.
+  bool commits_decided;
+  {
+    absl::MutexLock store_lock(&mu_);
+    commits_decided = HoldsWholeJobLocked(job_id) || committed_.count(job_id) > 0;
+  }
   SegmentHeader* other = state->slots[1 - index]->header();
-  if (LoadState(*other) == SegmentState::kSealed && other->step < step &&
-      other->step != committed(job_id) && state->pins[1 - index] == 0) {
+  if (!commits_decided && LoadState(*other) == SegmentState::kSealed && other->step < step &&
+      state->pins[1 - index] == 0) {
     StoreState(other, SegmentState::kEmpty);
   }
   std::vector<std::unique_ptr<Segment>> retained = std::move(state->retained);
@@ -923,6 +949,19 @@ absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,
     ranks_.erase({job_id, rank});
   }
   return absl::OkStatus();
+}
+
+bool SnapshotStore::HoldsWholeJobLocked(const std::string& job_id) const {
+  auto it = world_size_.find(job_id);
+  if (it == world_size_.end()) return false;
+  size_t ranks = 0;
+  for (const auto& [key, state] : ranks_) ranks += key.first == job_id;
+  return ranks >= it->second;
+}
+
+bool SnapshotStore::HoldsWholeJob(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  return HoldsWholeJobLocked(job_id);
 }
 
 size_t SnapshotStore::RankCount(const std::string& job_id) const {

@@ -131,7 +131,8 @@ class SnapshotStore {
   // snapshot is skipped or retried by the agent; protection never blocks training).
   // With replace_uncommitted false, a slot holding a sealed step newer than the job's commit is
   // not reused either: kUnavailable until that step is committed, unless another rank of the job
-  // already sealed a newer step (then that step can never be committed: some rank skipped it).
+  // already sealed a newer step (then that step can never be committed: some rank skipped it), or
+  // the job's commits are not decided here (not HoldsWholeJob and no cluster commit seen).
   absl::StatusOr<uint32_t> BeginSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
                                          const Caller& caller, bool replace_uncommitted = true);
 
@@ -176,6 +177,9 @@ class SnapshotStore {
 
   // How many ranks of the job this store knows (registered or holding snapshots).
   size_t RankCount(const std::string& job_id) const;
+  // Whether every rank of the job (its world size) is known here, so this store alone can decide
+  // the job's commits. Ranks spread over daemons that are not one cluster cannot be committed.
+  bool HoldsWholeJob(const std::string& job_id) const;
 
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
@@ -222,6 +226,8 @@ class SnapshotStore {
   Stats counters_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> committed_ ABSL_GUARDED_BY(mu_);  // by job
   std::map<std::string, int64_t> newest_sealed_ ABSL_GUARDED_BY(mu_);  // by job, any rank
+  std::map<std::string, uint32_t> world_size_ ABSL_GUARDED_BY(mu_);     // by job
+  bool HoldsWholeJobLocked(const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 
 // The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), or 0 when the

@@ -25,6 +25,8 @@ if phase == "train":
         if step == 4 or (step == 8 and rank == 0):
             snapshotter.snapshot(step)
             snapshotter.wait()
+        if step == 4:
+            dist.barrier()  # data-parallel ranks move in step: both sealed 4 before rank 0 goes on
     snapshotter.close()
     print(f"rank {rank}: trained")
 else:

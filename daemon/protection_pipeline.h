@@ -1,0 +1,116 @@
+// Cross-node protection and cluster-wide coordination of a daemon that has peers.
+//
+// ClusterCoordination replaces the standalone Coordination when peer.listen_address is set:
+//   - OnSealed queues (job, rank, step) for protection. A worker pins the sealed slot, places its
+//     k+m fragments on live members (PlaceFragments), encodes them (ErasureCodec: the data
+//     fragments are views of the payload, only a padded last one is copied), sends them with
+//     PutFragment in parallel and unpins. A failed send is retried in the background with
+//     backoff (counted and logged); it never blocks a snapshot, whose slot is only pinned while
+//     sending.
+//   - Commit: after each protected shard and periodically, the daemon lists what every live
+//     member holds (ListHeld) and commits the newest step at which every rank of the job has all
+//     its k+m fragments sealed: SnapshotStore::Commit, and fragments of older steps dropped. Every
+//     daemon derives the same commit from the same holdings, so no coordinator needs to survive.
+//   - FindLatestRestorable looks at the holdings of all live members.
+//   - PrepareRestore makes a shard that is not local readable here: copied whole from the node
+//     that holds it, or rebuilt from k fragments (a corrupt one is excluded and the plan redone),
+//     checked against the shard's CRC32C, in a new segment file of this daemon's directory.
+//
+// World size: taken from the seals this daemon saw, else the highest rank held plus one.
+// Thread-safe.
+#ifndef TESSERA_DAEMON_PROTECTION_PIPELINE_H_
+#define TESSERA_DAEMON_PROTECTION_PIPELINE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "common/segment.h"
+#include "daemon/cluster.h"
+#include "daemon/coordination.h"
+#include "daemon/fragment_store.h"
+#include "daemon/peer_client.h"
+#include "daemon/snapshot_store.h"
+
+namespace tessera {
+
+class ClusterCoordination final : public Coordination {
+ public:
+  struct Options {
+    int k = 3;
+    int m = 2;
+    int64_t commit_check_ms = 500;     // periodic commit check
+    int64_t retry_backoff_ms = 200;    // first retry of a failed protection; doubles to 5 s
+  };
+  // None is owned; all must outlive this object.
+  ClusterCoordination(SnapshotStore* store, FragmentStore* fragments, Cluster* cluster,
+                      PeerClient* client, Options options);
+  ~ClusterCoordination() override;
+
+  // Starts the protection worker, first queueing every sealed shard held (after a restart they
+  // may not be protected). Stop() ends it (queued work is dropped); idempotent.
+  void Start();
+  void Stop();
+
+  void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                uint32_t world_size) override;
+  absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id) override;
+  absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
+                                                            uint32_t rank, int64_t step) override;
+
+  struct Stats {
+    uint64_t protected_shards = 0;
+    uint64_t protection_failures = 0;  // attempts that failed and were retried
+    uint64_t commits = 0;
+    uint64_t rebuilt_shards = 0;
+    uint64_t copied_shards = 0;
+  };
+  Stats stats() const;
+
+ private:
+  struct Work {
+    std::string job_id;
+    uint32_t rank = 0;
+    int64_t step = 0;
+    int attempts = 0;
+    int64_t not_before_ms = 0;
+  };
+  void Run();
+  // OK: protected (or superseded: nothing to do). An error: retry later.
+  absl::Status Protect(const Work& work);
+  void CheckCommits();
+  void MaybeCommit(const std::string& job_id);
+  uint32_t WorldSize(const std::string& job_id, const JobHoldings& holdings);
+  JobHoldings GatherHoldings(const std::string& job_id);
+  absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
+                                                       int64_t step);
+
+  FragmentStore* const fragments_;
+  Cluster* const cluster_;
+  PeerClient* const client_;
+  const Options options_;
+
+  mutable absl::Mutex mu_;
+  std::deque<Work> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, uint32_t> world_sizes_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread worker_;
+
+  absl::Mutex restore_mu_;  // one restore at a time; guards restored_
+  std::map<std::tuple<std::string, uint32_t, int64_t>,
+           std::pair<std::unique_ptr<Segment>, SnapshotStore::RestoreInfo>>
+      restored_ ABSL_GUARDED_BY(restore_mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_PROTECTION_PIPELINE_H_

@@ -1,0 +1,431 @@
+// Cross-node protection with real processes on loopback: each tesserad is a simulated node with
+// its own peer port and shm directory; trainers use the host path. A node is lost by SIGKILLing
+// its daemon and deleting its store directory, as a lost machine loses its memory.
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "gtest/gtest.h"
+#include "common/segment.h"
+#include "tests/harness.h"
+
+namespace tessera::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+uint64_t TestSeed() {
+  const char* env = std::getenv("TESSERA_TEST_SEED");
+  uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
+              static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The newest step the daemon's log says it committed for `job`, -1 if none.
+int64_t CommittedInLog(const std::string& log, const std::string& job) {
+  std::regex re("job '" + job + "' committed step ([0-9]+)");
+  int64_t newest = -1;
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), re); it != std::sregex_iterator();
+       ++it) {
+    newest = std::max<int64_t>(newest, std::stoll((*it)[1].str()));
+  }
+  return newest;
+}
+
+// The pid of the running tesserad whose store directory is `store_dir` (<root>/<node id>), found
+// in /proc by its command line; -1 if none.
+pid_t DaemonPid(const std::string& store_dir) {
+  const std::string node = std::filesystem::path(store_dir).filename().string();
+  const std::string root = std::filesystem::path(store_dir).parent_path().string();
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmdline = ReadFile(entry.path().string() + "/cmdline");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (absl::StrContains(cmdline, "tesserad") &&
+        absl::StrContains(cmdline, "node.id=" + node + " ") &&
+        absl::StrContains(cmdline, "store.directory=" + root + " ")) {
+      return static_cast<pid_t>(std::stol(name));
+    }
+  }
+  return -1;
+}
+
+// A loopback cluster of `n` daemons with RS(k, m).
+class Cluster {
+ public:
+  Cluster(const std::string& root, int n, int k, int m) {
+    for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
+    for (int i = 0; i < n; ++i) {
+      daemons_.push_back(std::make_unique<DaemonProcess>(
+          root, absl::StrCat("n", i), uint64_t{512} << 20,
+          std::vector<std::string>{
+              "--set", "peer.listen_address=" + addresses_[i],
+              "--set", "cluster.members=" + absl::StrJoin(addresses_, ","),
+              "--set", absl::StrCat("ec.k=", k),
+              "--set", absl::StrCat("ec.m=", m),
+              "--set", "liveness.heartbeat_ms=100",
+              "--set", "liveness.timeout_ms=1000"}));
+    }
+  }
+  bool Start(std::string* error) {
+    for (auto& d : daemons_) {
+      if (!d->Start(error)) return false;
+    }
+    // Let every daemon hear every other before the first snapshot.
+    std::this_thread::sleep_for(milliseconds(600));
+    return true;
+  }
+  DaemonProcess& operator[](int i) { return *daemons_[i]; }
+  int size() const { return static_cast<int>(daemons_.size()); }
+
+  // A replacement for a lost node: same node id and address, empty store, new incarnation.
+  bool Replace(int i, std::string* error) {
+    if (!daemons_[i]->Start(error)) return false;
+    std::this_thread::sleep_for(milliseconds(600));
+    return true;
+  }
+
+  // SIGKILL and delete the store directory: the node is gone with its memory.
+  void Lose(int i) {
+    daemons_[i]->Kill(SIGKILL);
+    daemons_[i]->Wait();
+    std::filesystem::remove_all(daemons_[i]->store_dir());
+  }
+
+ private:
+  std::vector<std::string> addresses_;
+  std::vector<std::unique_ptr<DaemonProcess>> daemons_;
+};
+
+std::vector<std::string> TrainerArgs(DaemonProcess& d, const std::string& job, uint64_t seed,
+                                     uint32_t rank, uint32_t world) {
+  return {BinaryPath("tests/trainer"),
+          "--socket=" + d.socket_path(),
+          "--job=" + job,
+          absl::StrCat("--seed=", seed + rank),
+          absl::StrCat("--rank=", rank),
+          absl::StrCat("--world=", world),
+          "--tensors=6",
+          "--min-bytes=1000",
+          "--max-bytes=400000",
+          "--total-bytes=1500000"};
+}
+
+// Runs `world` trainers, rank r on daemon r % n, for `steps` steps, and waits until every daemon
+// that is up has committed a step. Returns the newest step committed on daemon 0.
+int64_t TrainAndCommit(Cluster& cluster, const std::string& job, uint64_t seed, uint32_t world,
+                       int steps) {
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r % cluster.size()], job, seed, r, world);
+    argv.push_back(absl::StrCat("--steps=", steps));
+    argv.push_back("--step-sleep-ms=60");
+    trainers.push_back(Process::Start(argv));
+  }
+  int64_t last_sealed = -1;
+  for (auto& t : trainers) {
+    EXPECT_EQ(t->Wait(seconds(120)), 0);
+    for (const auto& line : t->lines()) EXPECT_FALSE(absl::StartsWith(line, "error")) << line;
+    const int64_t sealed = LastEvent(t->lines(), "sealed");
+    last_sealed = last_sealed < 0 ? sealed : std::min(last_sealed, sealed);
+  }
+  // Commits follow protection in the background.
+  int64_t committed = -1;
+  for (int i = 0; i < 200; ++i) {
+    committed = CommittedInLog(ReadFile(cluster[0].log_path()), job);
+    if (committed >= last_sealed) break;
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  return committed;
+}
+
+TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 5, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "lost-node";
+  const uint32_t world = 4;  // ranks 0..3 on n0..n3; n4 holds fragments only
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 12);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+
+  cluster.Lose(1);
+  std::this_thread::sleep_for(milliseconds(1500));  // n1 is suspected everywhere
+
+  // Rank 1 moves to n4 and restores: its shard is rebuilt from RS(2,1) fragments.
+  auto argv = TrainerArgs(cluster[4], job, seed, 1, world);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn4 log:\n" << cluster[4].LogTail();
+  const int64_t verified = LastEvent(verifier->lines(), "verified");
+  EXPECT_GE(verified, committed) << absl::StrJoin(verifier->lines(), "\n");
+  std::printf("committed step %lld before the loss; rank 1 rebuilt on n4 and verified step %lld\n",
+              static_cast<long long>(committed), static_cast<long long>(verified));
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[4].log_path()), "rebuilt from 2 of 3 fragments"))
+      << cluster[4].LogTail();
+
+  // Rank 2 moves from n2 to n0 (n2 still up): its shard is copied whole.
+  argv = TrainerArgs(cluster[0], job, seed, 2, world);
+  argv.push_back("--mode=verify");
+  auto mover = Process::Start(argv);
+  EXPECT_EQ(mover->Wait(seconds(60)), 0) << absl::StrJoin(mover->lines(), "\n");
+  EXPECT_EQ(LastEvent(mover->lines(), "verified"), verified);
+}
+
+TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 4, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "too-many-lost";
+  const uint32_t world = 4;
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+
+  // Three of four nodes lost: every shard but rank 0's has lost its owner and 2 > m fragments.
+  cluster.Lose(1);
+  cluster.Lose(2);
+  cluster.Lose(3);
+  std::this_thread::sleep_for(milliseconds(1500));
+
+  auto argv = TrainerArgs(cluster[0], job, seed, 1, world);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0);
+  // Nothing restorable: the trainer starts fresh, and the daemon says why.
+  EXPECT_TRUE(std::find(verifier->lines().begin(), verifier->lines().end(), "fresh") !=
+              verifier->lines().end())
+      << absl::StrJoin(verifier->lines(), "\n");
+  const std::string log = ReadFile(cluster[0].log_path());
+  EXPECT_TRUE(absl::StrContains(log, "cannot be restored")) << cluster[0].LogTail();
+  EXPECT_TRUE(absl::StrContains(log, "rank 1")) << cluster[0].LogTail();
+}
+
+// Flips one byte in the payload of the first fragment file under `dirs` that holds
+// (job, rank, step, fragment_index). Returns the file, or "" when none was found.
+std::string FlipByteInFragment(const std::vector<std::string>& dirs, const std::string& job,
+                               uint32_t rank, int64_t step, uint32_t index) {
+  for (const std::string& dir : dirs) {
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string path = entry.path().string();
+      if (!absl::EndsWith(path, ".frag")) continue;
+      std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+      SegmentHeader h{};
+      f.read(reinterpret_cast<char*>(&h), sizeof(h));
+      if (!f || std::string(h.job_id) != job || h.rank != rank || h.step != step ||
+          h.fragment_index != index || LoadState(h) != SegmentState::kSealed) {
+        continue;
+      }
+      const std::streamoff at = kSegmentHeaderBytes + 17;
+      f.seekg(at);
+      char byte = 0;
+      f.read(&byte, 1);
+      byte = static_cast<char>(byte ^ 0x5a);
+      f.seekp(at);
+      f.write(&byte, 1);
+      return path;
+    }
+  }
+  return "";
+}
+
+TEST(ClusterTest, FlippedByteInAFragmentIsReconstructedAround) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 5, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "flipped";
+  const uint32_t world = 4;
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+  cluster.Lose(1);
+  // Data fragment 0 is the first a rebuild reads.
+  const std::string flipped = FlipByteInFragment(
+      {cluster[0].store_dir(), cluster[2].store_dir(), cluster[3].store_dir(),
+       cluster[4].store_dir()},
+      job, 1, committed, 0);
+  ASSERT_NE(flipped, "") << "no fragment 0 of rank 1 step " << committed;
+  std::this_thread::sleep_for(milliseconds(1500));
+
+  auto argv = TrainerArgs(cluster[4], job, seed, 1, world);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn4 log:\n" << cluster[4].LogTail();
+  EXPECT_GE(LastEvent(verifier->lines(), "verified"), committed);
+  const std::string log = ReadFile(cluster[4].log_path());
+  EXPECT_TRUE(absl::StrContains(log, "counted as an erasure")) << cluster[4].LogTail();
+}
+
+TEST(ClusterTest, StoppedPeerNeverBlocksSnapshotsAndProtectionCatchesUp) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 4, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "stopped-peer";
+  const uint32_t world = 3;  // ranks on n0..n2; n3 is the peer that stops answering
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r], job, seed, r, world);
+    argv.push_back("--steps=60");
+    argv.push_back("--step-sleep-ms=100");
+    trainers.push_back(Process::Start(argv));
+  }
+  std::this_thread::sleep_for(milliseconds(300));
+  const pid_t stopped = DaemonPid(cluster[3].store_dir());
+  ASSERT_GT(stopped, 0);
+  ASSERT_EQ(kill(stopped, SIGSTOP), 0);
+  const auto start = std::chrono::steady_clock::now();
+  int64_t last_sealed = -1;
+  for (auto& t : trainers) {
+    EXPECT_EQ(t->Wait(seconds(60)), 0);
+    for (const auto& line : t->lines()) EXPECT_FALSE(absl::StartsWith(line, "error")) << line;
+    int sealed = 0;
+    for (const auto& line : t->lines()) sealed += absl::StartsWith(line, "sealed ");
+    std::printf("a trainer sealed %d of 60 steps\n", sealed);
+    EXPECT_GE(sealed, 15) << "snapshots stalled behind the stopped peer";
+    const int64_t newest = LastEvent(t->lines(), "sealed");
+    last_sealed = last_sealed < 0 ? newest : std::min(last_sealed, newest);
+  }
+  const double trained_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("60 steps trained in %.1f s with a stopped peer\n", trained_s);
+  EXPECT_LT(trained_s, 30.0);
+  kill(stopped, SIGCONT);
+  // Protection catches up: the newest step every rank sealed gets committed.
+  int64_t committed = -1;
+  for (int i = 0; i < 300 && committed < last_sealed; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    committed = CommittedInLog(ReadFile(cluster[0].log_path()), job);
+  }
+  EXPECT_GE(committed, last_sealed) << cluster[0].LogTail();
+}
+
+TEST(ClusterTest, SixNodesRs32SurviveThreeLostNodesAndReplacementsRestoreEveryRank) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 6, 3, 2);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "six-nodes";
+  const uint32_t world = 12;  // ranks r and r + 6 on node r
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+
+  // Lose one node, then two more: every shard has lost at most its owner and 2 = m fragments.
+  cluster.Lose(1);
+  std::this_thread::sleep_for(milliseconds(300));
+  cluster.Lose(2);
+  cluster.Lose(3);
+  std::this_thread::sleep_for(milliseconds(1500));
+  for (int i : {1, 2, 3}) ASSERT_TRUE(cluster.Replace(i, &error)) << error;
+
+  // Every rank restarts on its own node: ranks of the lost nodes are rebuilt there.
+  std::vector<std::unique_ptr<Process>> verifiers;
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r % 6], job, seed, r, world);
+    argv.push_back("--mode=verify");
+    verifiers.push_back(Process::Start(argv));
+  }
+  std::set<int64_t> verified;
+  for (uint32_t r = 0; r < world; ++r) {
+    EXPECT_EQ(verifiers[r]->Wait(seconds(60)), 0)
+        << "rank " << r << ": " << absl::StrJoin(verifiers[r]->lines(), "\n") << "\nlog:\n"
+        << cluster[r % 6].LogTail();
+    verified.insert(LastEvent(verifiers[r]->lines(), "verified"));
+  }
+  ASSERT_EQ(verified.size(), 1u) << "ranks resumed from different steps";
+  EXPECT_GE(*verified.begin(), committed);
+  std::printf("step %lld committed; 3 of 6 nodes lost; all 12 ranks verified step %lld\n",
+              static_cast<long long>(committed), static_cast<long long>(*verified.begin()));
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[1].log_path()), "rebuilt from 3 of 5 fragments"))
+      << cluster[1].LogTail();
+}
+
+TEST(ClusterTest, DaemonKilledBeforeCommitRestartsAndLosesNothing) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 4, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "killed-before-commit";
+  const uint32_t world = 4;
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r], job, seed, r, world);
+    argv.push_back("--steps=10");
+    argv.push_back("--step-sleep-ms=40");
+    trainers.push_back(Process::Start(argv));
+  }
+  int64_t last_sealed = -1;
+  for (auto& t : trainers) {
+    ASSERT_EQ(t->Wait(seconds(60)), 0);
+    const int64_t sealed = LastEvent(t->lines(), "sealed");
+    last_sealed = last_sealed < 0 ? sealed : std::min(last_sealed, sealed);
+  }
+  // SIGKILL n0 at once, while the last steps are being protected and committed; it comes back
+  // with its memory (a daemon crash, not a lost node).
+  cluster[0].Kill(SIGKILL);
+  std::this_thread::sleep_for(milliseconds(300));
+  ASSERT_TRUE(cluster.Replace(0, &error)) << error;
+  int64_t committed = -1;
+  for (int i = 0; i < 300 && committed < last_sealed; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    committed = CommittedInLog(ReadFile(cluster[0].log_path()), job);
+  }
+  EXPECT_GE(committed, last_sealed) << cluster[0].LogTail();
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r], job, seed, r, world);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
+    EXPECT_GE(LastEvent(verifier->lines(), "verified"), last_sealed) << "rank " << r;
+  }
+}
+
+}  // namespace
+}  // namespace tessera::testing
