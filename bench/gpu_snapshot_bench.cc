@@ -47,6 +47,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "agent/client.h"
+#include "bench/bench_daemon.h"
 #include "bench/gpu_kernels/gpu_bench_kernels.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -88,95 +89,6 @@ absl::Status Cuda(cudaError_t error, absl::string_view call) {
 absl::Status ErrnoStatus(int error, absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(error)));
 }
-
-// A tesserad of the benchmark's own under /dev/shm, stopped with SIGTERM and removed on
-// destruction (as bench/snapshot_bench.cc; //tests:harness is private to tests/).
-class BenchDaemon {
- public:
-  static absl::StatusOr<std::unique_ptr<BenchDaemon>> Start(const std::string& binary,
-                                                            uint64_t capacity_bytes,
-                                                            int crc_threads) {
-    char dir[] = "/dev/shm/tessera-gpu-bench-XXXXXX";
-    if (mkdtemp(dir) == nullptr) return ErrnoStatus(errno, "mkdtemp under /dev/shm");
-    std::unique_ptr<BenchDaemon> d(new BenchDaemon(dir));
-    std::vector<std::string> argv = {binary};
-    for (const std::string& setting :
-         {std::string("node.id=gpubench"), "store.directory=" + d->dir_ + "/shm",
-          "agent.socket_path=" + d->socket_path_,
-          absl::StrCat("store.capacity_bytes=", capacity_bytes),
-          absl::StrCat("store.crc_threads=", crc_threads)}) {
-      argv.insert(argv.end(), {"--set", setting});
-    }
-    const std::string log_path = d->dir_ + "/tesserad.log";
-    d->pid_ = fork();
-    if (d->pid_ < 0) return ErrnoStatus(errno, "fork");
-    if (d->pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGTERM);
-      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-      }
-      std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      std::fprintf(stderr, "exec %s: %s\n", args[0], std::strerror(errno));
-      _exit(127);
-    }
-    for (int i = 0; i < 1000; ++i) {
-      if (d->Answers()) return d;
-      if (waitpid(d->pid_, nullptr, WNOHANG) == d->pid_) {
-        d->pid_ = -1;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return absl::UnavailableError("tesserad did not come up; its log:\n" + d->LogTail());
-  }
-
-  ~BenchDaemon() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      for (int i = 0; waitpid(pid_, nullptr, WNOHANG) != pid_; ++i) {
-        if (i == 1000) {
-          kill(pid_, SIGKILL);
-          waitpid(pid_, nullptr, 0);
-          break;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
-    std::error_code ignored;
-    std::filesystem::remove_all(dir_, ignored);
-  }
-
-  const std::string& socket_path() const { return socket_path_; }
-
-  std::string LogTail() const {
-    std::ifstream in(dir_ + "/tesserad.log");
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string all = text.str();
-    return all.size() > 4000 ? all.substr(all.size() - 4000) : all;
-  }
-
- private:
-  explicit BenchDaemon(std::string dir) : dir_(std::move(dir)), socket_path_(dir_ + "/agent.sock") {}
-
-  bool Answers() const {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, socket_path_.c_str(), sizeof(addr.sun_path) - 1);
-    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    const bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-    close(fd);
-    return ok;
-  }
-
-  std::string dir_, socket_path_;
-  pid_t pid_ = -1;
-};
 
 // The training state: `tensors` device allocations of odd sizes (within 0.5x..1.5x of the mean)
 // summing to about `bytes`, filled with random bytes.
@@ -433,7 +345,8 @@ absl::Status Run(const Options& o) {
   // 3. Through tesserad.
   Progress("starting tesserad");
   TESSERA_ASSIGN_OR_RETURN(auto daemon,
-                           BenchDaemon::Start(o.tesserad, 2 * state.packed + 2 * kGiB, o.crc_threads));
+                           BenchDaemon::Start(o.tesserad, "gpubench", 2 * state.packed + 2 * kGiB,
+                                              o.crc_threads));
   Client::Options copts;
   copts.socket_path = daemon->socket_path();
   copts.when_busy = Client::BusyPolicy::kWait;

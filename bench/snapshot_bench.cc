@@ -56,6 +56,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "agent/client.h"
+#include "bench/bench_daemon.h"
 #include "common/crc32c.h"
 #include "common/logging.h"
 #include "common/segment.h"
@@ -187,97 +188,6 @@ struct CaseResult {
   std::vector<double> block_cpu_us;  // of which the calling thread ran on a CPU
   int64_t verified_step = -1;
   std::string engine;  // the client's copy engine, as it describes itself
-};
-
-// A tesserad of the benchmark's own, in a fresh directory under /dev/shm (store, socket, log),
-// stopped with SIGTERM and removed on destruction. (The integration tests' DaemonProcess does the
-// same, but //tests:harness is private to tests/.)
-class BenchDaemon {
- public:
-  static absl::StatusOr<std::unique_ptr<BenchDaemon>> Start(const std::string& binary,
-                                                            uint64_t capacity_bytes,
-                                                            int crc_threads) {
-    char dir[] = "/dev/shm/tessera-bench-XXXXXX";
-    if (mkdtemp(dir) == nullptr) return ErrnoStatus(errno, "mkdtemp under /dev/shm");
-    std::unique_ptr<BenchDaemon> daemon(new BenchDaemon(dir));
-    std::vector<std::string> argv = {binary};
-    for (const std::string& setting :
-         {std::string("node.id=bench"), "store.directory=" + daemon->dir_ + "/shm",
-          "agent.socket_path=" + daemon->socket_path_,
-          absl::StrCat("store.capacity_bytes=", capacity_bytes),
-          absl::StrCat("store.crc_threads=", crc_threads)}) {
-      argv.insert(argv.end(), {"--set", setting});
-    }
-    const std::string log_path = daemon->dir_ + "/tesserad.log";
-    daemon->pid_ = fork();
-    if (daemon->pid_ < 0) return ErrnoStatus(errno, "fork");
-    if (daemon->pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive the benchmark
-      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-      }
-      std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      std::fprintf(stderr, "exec %s: %s\n", args[0], std::strerror(errno));
-      _exit(127);
-    }
-    for (int i = 0; i < 500; ++i) {
-      if (daemon->Answers()) return daemon;
-      if (waitpid(daemon->pid_, nullptr, WNOHANG) == daemon->pid_) {
-        daemon->pid_ = -1;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return absl::UnavailableError("tesserad did not come up; its log:\n" + daemon->LogTail());
-  }
-
-  ~BenchDaemon() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      for (int i = 0; i < 1000 && waitpid(pid_, nullptr, WNOHANG) != pid_; ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        if (i == 999) {
-          kill(pid_, SIGKILL);
-          waitpid(pid_, nullptr, 0);
-        }
-      }
-    }
-    std::error_code ignored;
-    std::filesystem::remove_all(dir_, ignored);
-  }
-
-  const std::string& dir() const { return dir_; }
-  const std::string& socket_path() const { return socket_path_; }
-
-  std::string LogTail() const {
-    std::ifstream in(dir_ + "/tesserad.log");
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string all = text.str();
-    return all.size() > 4000 ? all.substr(all.size() - 4000) : all;
-  }
-
- private:
-  explicit BenchDaemon(std::string dir)
-      : dir_(std::move(dir)), socket_path_(dir_ + "/agent.sock") {}
-
-  bool Answers() const {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, socket_path_.c_str(), sizeof(addr.sun_path) - 1);
-    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    const bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-    close(fd);
-    return ok;
-  }
-
-  std::string dir_, socket_path_;
-  pid_t pid_ = -1;
 };
 
 absl::Status RunCase(const Options& options, const BenchDaemon& daemon, int copy_threads,
@@ -610,7 +520,7 @@ int Main(int argc, char** argv) {
   uint64_t capacity = 64 * kMiB;  // two slots per layout, with room for padding and manifests
   for (const Layout& l : layouts) capacity += 2 * (l.total_bytes + l.tensors * 1024 + 8 * kMiB);
   absl::StatusOr<std::unique_ptr<BenchDaemon>> daemon =
-      BenchDaemon::Start(resolved, capacity, options.crc_threads);
+      BenchDaemon::Start(resolved, "bench", capacity, options.crc_threads);
   if (!daemon.ok()) {
     std::fprintf(stderr, "%s\n", daemon.status().ToString().c_str());
     return 1;
