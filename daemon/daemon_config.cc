@@ -2,9 +2,11 @@
 
 #include <sys/un.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "common/status.h"
@@ -13,6 +15,8 @@ namespace tessera {
 namespace {
 
 constexpr size_t kMaxNodeIdLength = 64;
+constexpr size_t kMinTokenLength = 16;
+constexpr size_t kMaxTokenLength = 1024;
 // A socket path must fit sockaddr_un::sun_path with its terminating NUL.
 constexpr size_t kMaxSocketPathLength = sizeof(sockaddr_un{}.sun_path) - 1;
 
@@ -80,6 +84,46 @@ ConfigValidator HostPortList() {
                            }
                            return absl::OkStatus();
                          }};
+}
+
+// Printable ASCII without spaces, as gRPC metadata values allow and a file or a flag keeps intact.
+absl::Status CheckToken(const std::string& token) {
+  if (token.empty()) return absl::OkStatus();
+  bool valid = token.size() >= kMinTokenLength && token.size() <= kMaxTokenLength;
+  for (char c : token) valid = valid && c > ' ' && c <= '~';
+  if (valid) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "must be empty (admin over TCP off) or ", kMinTokenLength, " to ", kMaxTokenLength,
+      " printable ASCII characters without spaces; got ", token.size(),
+      " characters", token.size() >= kMinTokenLength ? " including a space or control byte" : ""));
+}
+
+absl::Status CheckOptionalAbsolutePath(const std::string& path) {
+  return path.empty() ? absl::OkStatus() : CheckAbsolutePath(path);
+}
+
+// The token in `path`: its contents with surrounding whitespace removed.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) {
+    return ErrnoStatus(errno, absl::StrCat("cluster.token_file: cannot read ", path));
+  }
+  std::string contents;
+  char buffer[4096];
+  size_t n;
+  while ((n = std::fread(buffer, 1, sizeof(buffer), file)) > 0 &&
+         contents.size() <= kMaxTokenLength + 4096) {
+    contents.append(buffer, n);
+  }
+  std::fclose(file);
+  std::string token(absl::StripAsciiWhitespace(contents));
+  absl::Status valid = CheckToken(token);
+  if (token.empty()) valid = absl::InvalidArgumentError("is empty");
+  if (!valid.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cluster.token_file: the token in ", path, " ", valid.message()));
+  }
+  return token;
 }
 
 std::string FormatOctalMode(uint32_t mode) {
@@ -171,6 +215,26 @@ ConfigSchema BuildSchema() {
                        InRange(1, 65535)),
       ConfigKey::Int64("cluster.dns_refresh_ms", defaults.cluster.dns_refresh_ms,
                        "How often cluster.dns_name is re-resolved.", InRange(100, 3600 * 1000)),
+      ConfigKey::String(
+          "cluster.token", defaults.cluster.token,
+          "Shared secret of the cluster. The admin service (the tessera CLI) answers over the "
+          "TCP peer port only to calls that carry it, and daemons use it to ask each other "
+          "for cluster-wide status, verification and drills. Empty, with cluster.token_file "
+          "empty too, turns admin over TCP off: the CLI then works through the agent socket "
+          "only, and cluster-wide answers name the members they could not ask.",
+          StringValidator(absl::StrCat("empty, or ", kMinTokenLength, " to ", kMaxTokenLength,
+                                       " printable ASCII characters without spaces"),
+                          CheckToken)),
+      ConfigKey::String(
+          "cluster.token_file", defaults.cluster.token_file,
+          "A file holding cluster.token (surrounding whitespace ignored), read at start; keeps "
+          "the secret out of the config file and the command line. Set at most one of the two.",
+          StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::String(
+          "metrics.listen_address", defaults.metrics.listen_address,
+          "host:port on which Prometheus metrics are served over HTTP at /metrics, e.g. "
+          "\"0.0.0.0:9464\". Empty means no metrics endpoint.",
+          StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
       ConfigKey::Int64(
           "ec.k", defaults.ec.k,
           "Data fragments per shard for cross-node protection (Reed-Solomon). With fewer than "
@@ -222,6 +286,9 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.dns_name = config.GetString("cluster.dns_name");
   daemon_config.cluster.dns_port = config.GetInt64("cluster.dns_port");
   daemon_config.cluster.dns_refresh_ms = config.GetInt64("cluster.dns_refresh_ms");
+  daemon_config.cluster.token = config.GetString("cluster.token");
+  daemon_config.cluster.token_file = config.GetString("cluster.token_file");
+  daemon_config.metrics.listen_address = config.GetString("metrics.listen_address");
   daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
   daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));
   daemon_config.liveness.heartbeat_ms = config.GetInt64("liveness.heartbeat_ms");
@@ -248,6 +315,14 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
     return absl::InvalidArgumentError(
         "peer.advertise_address, cluster.members and cluster.dns_name need "
         "peer.listen_address: without it the daemon runs standalone");
+  }
+  if (!result.cluster.token.empty() && !result.cluster.token_file.empty()) {
+    return absl::InvalidArgumentError(
+        "cluster.token and cluster.token_file are both set: set one (the file keeps the secret "
+        "out of the config and the command line)");
+  }
+  if (!result.cluster.token_file.empty()) {
+    TESSERA_ASSIGN_OR_RETURN(result.cluster.token, ReadTokenFile(result.cluster.token_file));
   }
   return result;
 }

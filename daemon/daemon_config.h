@@ -43,10 +43,17 @@ struct DaemonConfig {
     std::string dns_name;              // cluster.dns_name; empty: no DNS discovery
     int64_t dns_port = 7070;           // cluster.dns_port
     int64_t dns_refresh_ms = 10000;    // cluster.dns_refresh_ms
+    // cluster.token, or the contents of cluster.token_file (whitespace trimmed) when that is set.
+    // Empty: the admin service refuses every call over TCP.
+    std::string token;
+    std::string token_file;  // cluster.token_file
   };
   struct Ec {
     int k = 3;  // ec.k
     int m = 2;  // ec.m
+  };
+  struct Metrics {
+    std::string listen_address;  // metrics.listen_address; empty: no metrics endpoint
   };
   struct Liveness {
     int64_t heartbeat_ms = 500;   // liveness.heartbeat_ms
@@ -62,6 +69,7 @@ struct DaemonConfig {
   Cluster cluster;
   Ec ec;
   Liveness liveness;
+  Metrics metrics;
 
   // The address peers reach this daemon at: advertise_address, else listen_address.
   std::string PeerAddress() const {

@@ -345,5 +345,51 @@ TEST(DaemonConfigErrorTest, ClusterKeys) {
   EXPECT_THAT(std::string(config.status().message()), HasSubstr("must exceed"));
 }
 
+TEST(DaemonConfigTest, TokenAndMetricsKeys) {
+  absl::StatusOr<DaemonConfig> defaults = LoadDaemonConfig("", {});
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->cluster.token, "");
+  EXPECT_EQ(defaults->metrics.listen_address, "");
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
+      "", {"cluster.token=0123456789abcdef-XYZ", "metrics.listen_address=127.0.0.1:9464"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.token, "0123456789abcdef-XYZ");
+  EXPECT_EQ(config->metrics.listen_address, "127.0.0.1:9464");
+
+  // The file's token, whitespace trimmed, takes the place of cluster.token.
+  const std::string path = WriteTempFile("token", "\n  s3cret-token-0123456789 \n");
+  config = LoadDaemonConfig("", {"cluster.token_file=" + path});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.token, "s3cret-token-0123456789");
+  EXPECT_EQ(config->cluster.token_file, path);
+}
+
+TEST(DaemonConfigErrorTest, TokenAndMetricsKeys) {
+  EXPECT_THAT(OverrideError("cluster.token=short"),
+              HasSubstr("cluster.token: must be empty (admin over TCP off) or 16 to 1024"));
+  EXPECT_THAT(OverrideError("cluster.token=\"0123456789 abcdef\""),
+              HasSubstr("including a space or control byte"));
+  EXPECT_THAT(OverrideError("cluster.token_file=relative/token"),
+              HasSubstr("must be an absolute path"));
+  EXPECT_THAT(OverrideError("metrics.listen_address=9464"), HasSubstr("must be \"host:port\""));
+  const std::string path = WriteTempFile("token2", "0123456789abcdef0123");
+  absl::StatusOr<DaemonConfig> both =
+      LoadDaemonConfig("", {"cluster.token=0123456789abcdef", "cluster.token_file=" + path});
+  ASSERT_FALSE(both.ok());
+  EXPECT_THAT(std::string(both.status().message()), HasSubstr("both set: set one"));
+
+  absl::StatusOr<DaemonConfig> missing =
+      LoadDaemonConfig("", {"cluster.token_file=/nonexistent/tessera-token"});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound) << missing.status();
+  EXPECT_THAT(std::string(missing.status().message()),
+              HasSubstr("cluster.token_file: cannot read /nonexistent/tessera-token"));
+  const std::string empty = WriteTempFile("token3", " \n");
+  absl::StatusOr<DaemonConfig> empty_token =
+      LoadDaemonConfig("", {"cluster.token_file=" + empty});
+  ASSERT_FALSE(empty_token.ok());
+  EXPECT_THAT(std::string(empty_token.status().message()), HasSubstr("is empty"));
+}
+
 }  // namespace
 }  // namespace tessera
