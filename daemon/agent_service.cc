@@ -4,6 +4,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/metrics.h"
 
 namespace tessera {
 namespace {
@@ -25,6 +26,15 @@ absl::StatusOr<Caller> AgentService::CallerOf(grpc::ServerContext* context) cons
         "peer '", context->peer(), "' has no credentials: connect through the agent Unix socket"));
   }
   return *caller;
+}
+
+void AgentService::CountSkips(const std::string& job_id, uint32_t rank, uint64_t skipped_total) {
+  absl::MutexLock lock(&skips_mu_);
+  uint64_t& last = skips_reported_[{job_id, rank}];
+  // A smaller count comes from a new agent (a restarted trainer): all of it is new.
+  const uint64_t added = skipped_total >= last ? skipped_total - last : skipped_total;
+  last = skipped_total;
+  if (added > 0) Metrics().skips->Increment(added);
 }
 
 grpc::Status AgentService::Register(grpc::ServerContext* context,
@@ -54,11 +64,16 @@ grpc::Status AgentService::BeginSnapshot(grpc::ServerContext* context,
   return Handle("BeginSnapshot", [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
-    TESSERA_ASSIGN_OR_RETURN(
-        uint32_t slot,
+    absl::StatusOr<uint32_t> slot =
         store_->BeginSnapshot(request->job_id(), request->rank(), request->step(), caller,
-                              request->replace_uncommitted()));
-    response->set_slot_index(slot);
+                              request->replace_uncommitted());
+    if (absl::IsUnavailable(slot.status())) Metrics().begin_refused->Increment();
+    // Counted only for a valid request (one that names a rank the store knows).
+    if (slot.ok() || absl::IsUnavailable(slot.status())) {
+      CountSkips(request->job_id(), request->rank(), request->skipped_snapshots());
+    }
+    TESSERA_RETURN_IF_ERROR(slot.status());
+    response->set_slot_index(*slot);
     return absl::OkStatus();
   });
 }

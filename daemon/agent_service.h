@@ -3,6 +3,12 @@
 #ifndef TESSERA_DAEMON_AGENT_SERVICE_H_
 #define TESSERA_DAEMON_AGENT_SERVICE_H_
 
+#include <map>
+#include <string>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "daemon/coordination.h"
 #include "daemon/snapshot_store.h"
 #include "daemon/unix_listener.h"
@@ -39,10 +45,15 @@ class AgentService final : public agent::Agent::Service {
 
  private:
   absl::StatusOr<Caller> CallerOf(grpc::ServerContext* context) const;
+  // Adds what the agent newly reports skipped to the skips metric.
+  void CountSkips(const std::string& job_id, uint32_t rank, uint64_t skipped_total);
 
   SnapshotStore* const store_;
   Coordination* const coordination_;
   const PeerCredentials* const credentials_;
+  absl::Mutex skips_mu_;
+  // The last cumulative skip count each rank's agent reported.
+  std::map<std::pair<std::string, uint32_t>, uint64_t> skips_reported_ ABSL_GUARDED_BY(skips_mu_);
 };
 
 }  // namespace tessera

@@ -159,6 +159,15 @@ std::vector<std::string> Cluster::LiveNodeIds() const {
   return ids;
 }
 
+std::vector<Cluster::PeerView> Cluster::Peers() const {
+  std::vector<PeerView> out;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [address, p] : peers_) {
+    out.push_back(PeerView{address, p.node_id, p.incarnation, p.last_heard_ms, p.alive});
+  }
+  return out;
+}
+
 std::optional<std::string> Cluster::AddressOf(const std::string& node_id) const {
   for (const MemberInfo& m : LiveMembers()) {
     if (m.node_id == node_id) return m.address;

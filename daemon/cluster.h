@@ -60,6 +60,16 @@ class Cluster {
   // The peer address of a live member (self included).
   std::optional<std::string> AddressOf(const std::string& node_id) const;
 
+  // Every known member address other than this daemon's, live or not (status views).
+  struct PeerView {
+    std::string address;
+    std::string node_id;           // empty while never heard
+    uint64_t incarnation = 0;
+    int64_t last_heard_unix_ms = -1;
+    bool alive = false;
+  };
+  std::vector<PeerView> Peers() const;
+
   const std::string& self_id() const { return options_.self_id; }
   const std::string& self_address() const { return options_.self_address; }
   uint64_t incarnation() const { return options_.incarnation; }

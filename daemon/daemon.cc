@@ -5,6 +5,9 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
+#include <atomic>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -45,6 +48,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   auto log = Logger("daemon");
   std::unique_ptr<Daemon> d(new Daemon());
   d->config_ = config;
+  d->started_unix_ms_ = NowUnixMs();
+  d->incarnation_ = static_cast<uint64_t>(d->started_unix_ms_);
   TESSERA_ASSIGN_OR_RETURN(d->node_id_, ResolveNodeId(config.node.id));
   const std::string dir = config.store.directory + "/" + d->node_id_;
   TESSERA_RETURN_IF_ERROR(MakeDirectories(dir));
@@ -79,10 +84,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   } else {
     TESSERA_RETURN_IF_ERROR(d->StartCluster(dir, capacity));
   }
+  if (!d->admin_) d->CreateAdmin();
   d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), d->coordination_.get(),
                                                      &d->credentials_);
+  d->admin_unix_service_ = std::make_unique<AdminService>(d->admin_.get(), /*over_tcp=*/false,
+                                                          /*token=*/"");
   grpc::ServerBuilder builder;
   builder.RegisterService(d->agent_service_.get());
+  builder.RegisterService(d->admin_unix_service_.get());
   builder.SetMaxReceiveMessageSize(16 << 20);
   d->agent_server_ = builder.BuildAndStart();
   if (!d->agent_server_) return absl::InternalError("could not start the agent gRPC server");
@@ -90,6 +99,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
       d->agent_listener_,
       UnixListener::Start(config.agent.socket_path, static_cast<mode_t>(config.agent.socket_mode),
                           d->agent_server_.get(), &d->credentials_));
+  if (!config.metrics.listen_address.empty()) {
+    TESSERA_ASSIGN_OR_RETURN(d->metrics_server_,
+                             MetricsServer::Start(config.metrics.listen_address, &GlobalMetrics()));
+    Daemon* raw = d.get();
+    d->metrics_collector_ = GlobalMetrics().AddCollector([raw] { return raw->CollectMetrics(); });
+    log->info("metrics at http://{}/metrics (port {})", config.metrics.listen_address,
+              d->metrics_server_->port());
+  }
   SnapshotStore::Stats stats = d->store_->stats();
   log->info("tesserad {} ready: store {} ({} of {} bytes used, {} snapshots re-adopted), agent "
             "socket {}",
@@ -102,7 +119,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   auto log = Logger("daemon");
   const DaemonConfig& config = config_;
   TuneMallocForBulkTransfers();
-  const uint64_t incarnation = static_cast<uint64_t>(NowUnixMs());
+  const uint64_t incarnation = incarnation_;
   // The fragments held for peers are accounted apart from the snapshot slots, against the same
   // store.capacity_bytes.
   fragment_budget_ = std::make_unique<CapacityBudget>(capacity);
@@ -148,17 +165,6 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   };
   peer_service_ = std::make_unique<PeerService>(fragments_.get(), shard_source_.get(),
                                                 service_options);
-  grpc::ServerBuilder builder;
-  PeerService::ConfigureServerBuilder(&builder);
-  builder.AddListeningPort(config.peer.listen_address, grpc::InsecureServerCredentials());
-  builder.RegisterService(peer_service_.get());
-  peer_server_ = builder.BuildAndStart();
-  if (!peer_server_) {
-    return absl::UnavailableError(absl::StrCat("could not listen for peers on ",
-                                               config.peer.listen_address,
-                                               " (peer.listen_address): is the port in use?"));
-  }
-
   ClusterCoordination::Options coordination_options;
   coordination_options.k = config.ec.k;
   coordination_options.m = config.ec.m;
@@ -167,6 +173,22 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       store_.get(), fragments_.get(), cluster_.get(), peer_client_.get(), coordination_options);
   cluster_coordination_ = coordination.get();
   coordination_ = std::move(coordination);
+  CreateAdmin();
+  // The admin service shares the peer port; over TCP it answers only with cluster.token.
+  admin_tcp_service_ =
+      std::make_unique<AdminService>(admin_.get(), /*over_tcp=*/true, config.cluster.token);
+  grpc::ServerBuilder builder;
+  PeerService::ConfigureServerBuilder(&builder);
+  builder.AddListeningPort(config.peer.listen_address, grpc::InsecureServerCredentials());
+  builder.RegisterService(peer_service_.get());
+  builder.RegisterService(admin_tcp_service_.get());
+  peer_server_ = builder.BuildAndStart();
+  if (!peer_server_) {
+    return absl::UnavailableError(absl::StrCat("could not listen for peers on ",
+                                               config.peer.listen_address,
+                                               " (peer.listen_address): is the port in use?"));
+  }
+
   cluster_->Start();
   cluster_coordination_->Start();
   FragmentStore::Stats fstats = fragments_->stats();
@@ -177,10 +199,126 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   return absl::OkStatus();
 }
 
+void Daemon::CreateAdmin() {
+  Admin::Parts parts;
+  parts.config = &config_;
+  parts.node_id = node_id_;
+  parts.incarnation = incarnation_;
+  parts.started_unix_ms = started_unix_ms_;
+  parts.store = store_.get();
+  parts.coordination = coordination_.get();
+  parts.fragments = fragments_.get();
+  parts.fragment_budget = fragment_budget_.get();
+  parts.cluster = cluster_.get();
+  parts.peer_client = peer_client_.get();
+  parts.drop_memory = [this] {
+    if (!drop_memory_requested_.exchange(true)) drop_memory_.Notify();
+  };
+  admin_ = std::make_unique<Admin>(std::move(parts));
+}
+
+bool Daemon::WaitForDropMemory(absl::Duration timeout) {
+  return drop_memory_.WaitForNotificationWithTimeout(timeout);
+}
+
+absl::StatusOr<int> Daemon::DeleteSegments(const DaemonConfig& config) {
+  TESSERA_ASSIGN_OR_RETURN(std::string node_id, ResolveNodeId(config.node.id));
+  const std::string dir = config.store.directory + "/" + node_id;
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return ErrnoStatus(errno, "open directory " + dir);
+  int deleted = 0;
+  while (dirent* e = readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.empty() || name[0] == '.') continue;  // ".", "..", ".lock"
+    const std::string path = dir + "/" + name;
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && unlink(path.c_str()) == 0) {
+      ++deleted;
+    }
+  }
+  closedir(d);
+  return deleted;
+}
+
+std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
+  std::vector<MetricsRegistry::Sample> out;
+  auto gauge = [&out](const char* name, const char* help, double value, MetricLabels labels = {}) {
+    out.push_back({name, help, "gauge", std::move(labels), value});
+  };
+  auto counter = [&out](const char* name, const char* help, double value,
+                        MetricLabels labels = {}) {
+    out.push_back({name, help, "counter", std::move(labels), value});
+  };
+  const SnapshotStore::Stats s = store_->stats();
+  gauge("tessera_store_capacity_bytes",
+        "store.capacity_bytes in effect: shared memory for slots (and, apart, for fragments).",
+        static_cast<double>(s.capacity_bytes));
+  gauge("tessera_store_slot_bytes", "Bytes of this node's snapshot slot segments.",
+        static_cast<double>(s.used_bytes));
+  gauge("tessera_store_slot_segments", "Snapshot slot segments on this node.",
+        static_cast<double>(s.segments));
+  counter("tessera_snapshot_seals_total", "Snapshots sealed on this node.",
+          static_cast<double>(s.seals));
+  counter("tessera_snapshot_sealed_bytes_total",
+          "Payload bytes of the snapshots sealed on this node.",
+          static_cast<double>(s.sealed_bytes));
+  const char* crc_help = "Data that failed its CRC32C check, by what it was.";
+  counter("tessera_crc_failures_total", crc_help, static_cast<double>(s.crc_failures),
+          {{"kind", "slot"}});
+  gauge("tessera_daemon_start_time_seconds",
+        "When this incarnation of the daemon started (its incarnation, in seconds).",
+        static_cast<double>(started_unix_ms_) / 1000.0);
+  if (fragments_) {
+    const FragmentStore::Stats f = fragments_->stats();
+    counter("tessera_crc_failures_total", crc_help, static_cast<double>(f.crc_failures),
+            {{"kind", "fragment"}});
+    const char* held_help = "Fragments this node holds for other nodes' shards, by state.";
+    gauge("tessera_fragments_held", held_help, static_cast<double>(f.fragments_sealed),
+          {{"state", "sealed"}});
+    gauge("tessera_fragments_held", held_help, static_cast<double>(f.fragments_writing),
+          {{"state", "writing"}});
+    gauge("tessera_fragment_bytes",
+          "Bytes of the fragment segments held for other nodes, recycling pool included.",
+          static_cast<double>(fragment_budget_->used_bytes()));
+    gauge("tessera_fragment_capacity_bytes", "Shared memory available for fragments.",
+          static_cast<double>(fragment_budget_->capacity_bytes()));
+  }
+  if (cluster_) {
+    double alive = 0, suspected = 0, unknown = 0;
+    for (const Cluster::PeerView& p : cluster_->Peers()) {
+      (p.alive ? alive : p.last_heard_unix_ms < 0 ? unknown : suspected) += 1;
+    }
+    const char* peers_help = "Other members by liveness (unknown: never heard from).";
+    gauge("tessera_peers", peers_help, alive, {{"state", "alive"}});
+    gauge("tessera_peers", peers_help, suspected, {{"state", "suspected"}});
+    gauge("tessera_peers", peers_help, unknown, {{"state", "unknown"}});
+  }
+  if (cluster_coordination_ != nullptr) {
+    const ClusterCoordination::Stats c = cluster_coordination_->stats();
+    counter("tessera_protection_shards_total",
+            "Shards whose k+m fragments were all stored on other members.",
+            static_cast<double>(c.protected_shards));
+    counter("tessera_protection_failures_total",
+            "Protection attempts that failed (a peer unreachable or full) and were retried.",
+            static_cast<double>(c.protection_failures));
+    counter("tessera_commits_total", "Steps committed (protected on every rank).",
+            static_cast<double>(c.commits));
+    const char* restore_help = "Shards made local from other members, by how.";
+    counter("tessera_restore_shards_total", restore_help,
+            static_cast<double>(c.rebuilt_shards), {{"source", "rebuild"}});
+    counter("tessera_restore_shards_total", restore_help,
+            static_cast<double>(c.copied_shards), {{"source", "copy"}});
+  }
+  return out;
+}
+
 void Daemon::Shutdown() {
   if (shut_down_ || !agent_server_) return;  // never started: nothing to drain
   shut_down_ = true;
   auto log = Logger("daemon");
+  if (metrics_collector_ != 0) GlobalMetrics().RemoveCollector(metrics_collector_);
+  metrics_collector_ = 0;
+  metrics_server_.reset();
   log->info("draining: no new connections; in-flight calls get {} ms",
             config_.daemon.drain_timeout_ms);
   agent_listener_.reset();

@@ -3,14 +3,20 @@
 #ifndef TESSERA_DAEMON_DAEMON_H_
 #define TESSERA_DAEMON_DAEMON_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "daemon/admin_service.h"
 #include "daemon/agent_service.h"
 #include "daemon/capacity_budget.h"
 #include "daemon/cluster.h"
 #include "daemon/fragment_store.h"
+#include "daemon/metrics_server.h"
 #include "daemon/peer_client.h"
 #include "daemon/peer_service.h"
 #include "daemon/protection_pipeline.h"
@@ -34,13 +40,29 @@ class Daemon {
   void Shutdown();
   ~Daemon();
 
+  // Waits up to `timeout` for an admin DropMemory call. True once one was accepted: the caller
+  // then shuts this daemon down, calls DeleteSegments and starts a new one (a new incarnation
+  // with an empty store), as a machine that lost its memory would come back.
+  bool WaitForDropMemory(absl::Duration timeout);
+
+  // Deletes every segment file (slots, fragments, restored shards) of the daemon `config`
+  // describes. REQUIRES: that daemon is not running. Returns how many files were deleted.
+  static absl::StatusOr<int> DeleteSegments(const DaemonConfig& config);
+
   const std::string& node_id() const { return node_id_; }
+  uint64_t incarnation() const { return incarnation_; }
   SnapshotStore* store() { return store_.get(); }
+  // The port metrics are served on (metrics.listen_address may ask for port 0); 0 when off.
+  int metrics_port() const { return metrics_server_ ? metrics_server_->port() : 0; }
 
  private:
   Daemon() = default;
   // Cluster mode: fragment store, peer service, heartbeats and protection.
   absl::Status StartCluster(const std::string& dir, uint64_t capacity);
+  // The admin logic over whatever this daemon runs (call once the stores exist).
+  void CreateAdmin();
+  // What the stores, the cluster and protection count, for /metrics.
+  std::vector<MetricsRegistry::Sample> CollectMetrics() const;
 
   DaemonConfig config_;
   std::string node_id_;
@@ -61,6 +83,15 @@ class Daemon {
   std::unique_ptr<AgentService> agent_service_;
   std::unique_ptr<grpc::Server> agent_server_;
   std::unique_ptr<UnixListener> agent_listener_;
+  uint64_t incarnation_ = 0;
+  int64_t started_unix_ms_ = 0;
+  std::unique_ptr<Admin> admin_;
+  std::unique_ptr<AdminService> admin_unix_service_;  // on the agent socket, no token
+  std::unique_ptr<AdminService> admin_tcp_service_;   // on the peer port, with the token
+  std::atomic<bool> drop_memory_requested_{false};
+  absl::Notification drop_memory_;
+  std::unique_ptr<MetricsServer> metrics_server_;
+  int metrics_collector_ = 0;
   bool shut_down_ = false;
 };
 

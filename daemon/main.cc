@@ -1,12 +1,16 @@
 // tesserad: parse flags, load the config once, run the daemon until SIGTERM or SIGINT, drain.
+// systemd (Type=notify) hears READY=1, watchdog pings and STOPPING=1.
 #include <csignal>
 #include <cstdio>
+#include <ctime>
 
+#include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/version.h"
 #include "daemon/daemon.h"
 #include "daemon/daemon_config.h"
 #include "daemon/flags.h"
+#include "daemon/systemd_notify.h"
 
 int main(int argc, char** argv) {
   auto flags = tessera::ParseTesseradFlags(std::vector<std::string>(argv + 1, argv + argc));
@@ -43,14 +47,38 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
-  auto daemon = tessera::Daemon::Start(*config);
-  if (!daemon.ok()) {
-    tessera::Logger("daemon")->critical("cannot start: {}", daemon.status().ToString());
-    return 1;
+  auto log = tessera::Logger("daemon");
+  tessera::SystemdNotifier systemd;
+  // One pass per incarnation: an admin DropMemory ends one and starts the next with an empty
+  // store, in this same process.
+  while (true) {
+    auto daemon = tessera::Daemon::Start(*config);
+    if (!daemon.ok()) {
+      log->critical("cannot start: {}", daemon.status().ToString());
+      systemd.Status("cannot start: " + daemon.status().ToString());
+      return 1;
+    }
+    systemd.Ready("serving as node " + (*daemon)->node_id());
+    int signal = 0;
+    const timespec tick{0, 100 * 1000 * 1000};
+    while (signal <= 0 && !(*daemon)->WaitForDropMemory(absl::ZeroDuration())) {
+      systemd.MaybePingWatchdog();
+      signal = sigtimedwait(&stop, nullptr, &tick);
+    }
+    if (signal > 0) {
+      log->info("received {}", signal == SIGTERM ? "SIGTERM" : "SIGINT");
+      systemd.Stopping("draining");
+      (*daemon)->Shutdown();
+      return 0;
+    }
+    systemd.Status("dropping memory (admin DropMemory) and restarting");
+    (*daemon)->Shutdown();
+    daemon->reset();
+    auto deleted = tessera::Daemon::DeleteSegments(*config);
+    if (!deleted.ok()) {
+      log->critical("DropMemory: {}", deleted.status().ToString());
+      return 1;
+    }
+    log->warn("DropMemory: deleted {} segment files; starting a new incarnation", *deleted);
   }
-  int signal = 0;
-  sigwait(&stop, &signal);
-  tessera::Logger("daemon")->info("received {}", signal == SIGTERM ? "SIGTERM" : "SIGINT");
-  (*daemon)->Shutdown();
-  return 0;
 }

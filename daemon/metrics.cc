@@ -46,8 +46,12 @@ std::string FormatValue(double value) {
   if (value == std::floor(value) && std::fabs(value) < 9007199254740992.0) {
     return absl::StrCat(static_cast<int64_t>(value));
   }
+  // The shortest form that reads back exactly ("0.025", not "0.025000000000000001").
   char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.17g", value);
+  for (int precision = 15; precision <= 17; ++precision) {
+    std::snprintf(buffer, sizeof(buffer), "%.*g", precision, value);
+    if (std::strtod(buffer, nullptr) == value) break;
+  }
   return buffer;
 }
 
@@ -242,9 +246,6 @@ const DaemonMetrics& Metrics() {
   static const DaemonMetrics metrics = [] {
     MetricsRegistry& r = GlobalMetrics();
     DaemonMetrics m;
-    m.seals = r.AddCounter("tessera_snapshot_seals_total", "Snapshots sealed on this node.");
-    m.sealed_bytes = r.AddCounter("tessera_snapshot_sealed_bytes_total",
-                                  "Payload bytes of the snapshots sealed on this node.");
     m.skips = r.AddCounter("tessera_snapshot_skips_total",
                            "Snapshots the trainers on this node skipped, as their agents report "
                            "them (the previous snapshot was still in flight).");
@@ -252,23 +253,11 @@ const DaemonMetrics& Metrics() {
         "tessera_snapshot_begin_refused_total",
         "Snapshots the daemon could not take yet (the slot was being protected, or its step "
         "not committed): the agent skips or retries them.");
-    m.protected_shards =
-        r.AddCounter("tessera_protection_shards_total",
-                     "Shards whose k+m fragments were all stored on other members.");
-    m.protection_failures = r.AddCounter(
-        "tessera_protection_failures_total",
-        "Protection attempts that failed (a peer unreachable or full) and were retried.");
     m.protection_seconds = r.AddHistogram(
         "tessera_protection_latency_seconds",
         "Time from a snapshot's seal to its shard being protected on k+m other members.",
         DurationBucketsSeconds());
-    m.commits = r.AddCounter("tessera_commits_total", "Steps committed (protected on every rank).");
-    m.rebuilds = r.AddCounter("tessera_restore_shards_total",
-                              "Shards made local from other members, by how.",
-                              {{"source", "rebuild"}});
-    m.copies = r.AddCounter("tessera_restore_shards_total",
-                            "Shards made local from other members, by how.", {{"source", "copy"}});
-    m.rebuild_seconds = r.AddHistogram(
+    m.restore_seconds = r.AddHistogram(
         "tessera_restore_duration_seconds",
         "Time to make a shard local from other members (a whole copy or a rebuild from k "
         "fragments).",
@@ -276,12 +265,6 @@ const DaemonMetrics& Metrics() {
     m.restore_failures =
         r.AddCounter("tessera_restore_failures_total",
                      "Shards that could not be made local (too few fragments, a CRC mismatch).");
-    m.crc_failures_slot = r.AddCounter("tessera_crc_failures_total",
-                                       "Data that failed its CRC32C check, by what it was.",
-                                       {{"kind", "slot"}});
-    m.crc_failures_fragment = r.AddCounter("tessera_crc_failures_total",
-                                           "Data that failed its CRC32C check, by what it was.",
-                                           {{"kind", "fragment"}});
     return m;
   }();
   return metrics;

@@ -128,22 +128,15 @@ class MetricsRegistry {
 // The process's registry, which /metrics serves.
 MetricsRegistry& GlobalMetrics();
 
-// The daemon's own metrics, registered in GlobalMetrics() on first use.
+// The daemon's own event metrics, registered in GlobalMetrics() on first use. What the stores,
+// the cluster and the protection pipeline already count (seals, bytes, fragments, peers, CRC
+// failures, commits, rebuilds) is reported by the daemon's collector instead.
 struct DaemonMetrics {
-  Counter* seals;                 // snapshots sealed
-  Counter* sealed_bytes;          // payload bytes sealed
-  Counter* skips;                 // snapshots the agents skipped (as they report them)
+  Counter* skips;                 // snapshots the agents skipped, as they report them
   Counter* begin_refused;         // BeginSnapshot answered UNAVAILABLE (slot busy, not committed)
-  Counter* protected_shards;      // shards whose k+m fragments were all stored
-  Counter* protection_failures;   // protection attempts that failed and were retried
   Histogram* protection_seconds;  // from seal to protected
-  Counter* commits;               // steps committed
-  Counter* rebuilds;              // shards made local from fragments
-  Counter* copies;                // shards made local by a whole copy from another member
-  Histogram* rebuild_seconds;     // time to make a shard local (copy or rebuild)
+  Histogram* restore_seconds;     // making a shard local from other members (copy or rebuild)
   Counter* restore_failures;      // shards that could not be made local
-  Counter* crc_failures_slot;     // a slot payload failed its CRC32C
-  Counter* crc_failures_fragment; // a held or received fragment (or chunk) failed its CRC32C
 };
 const DaemonMetrics& Metrics();
 

@@ -132,7 +132,7 @@ TEST(MetricsTest, RendersWhatItCountsAndParsesBack) {
   EXPECT_EQ(e.samples["t_by_kind_total{kind=\"b\\\"q\\\\\"}"], 3);
   EXPECT_EQ(e.samples["t_used_bytes"], used_value);  // exact: integers print in full
   for (const auto& [bound, count] : expected_le) {
-    const std::string le = bound == 0.1 ? "0.10000000000000001" : std::to_string(int(bound));
+    const std::string le = bound == 0.1 ? "0.1" : std::to_string(int(bound));
     EXPECT_EQ(e.samples["t_latency_seconds_bucket{le=\"" + le + "\"}"], count) << bound;
   }
   EXPECT_EQ(e.samples["t_latency_seconds_bucket{le=\"+Inf\"}"], 200);
@@ -187,13 +187,13 @@ TEST(MetricsTest, RemovedCollectorIsNotCalled) {
 }
 
 TEST(MetricsTest, DaemonMetricsRenderAsValidExposition) {
-  Metrics().seals->Increment();
+  Metrics().skips->Increment(2);
   Metrics().protection_seconds->Observe(0.02);
   Exposition e = Parse(GlobalMetrics().Render());
-  EXPECT_EQ(e.samples["tessera_snapshot_seals_total"], 1);
+  EXPECT_EQ(e.samples["tessera_snapshot_skips_total"], 2);
   EXPECT_EQ(e.samples["tessera_protection_latency_seconds_count"], 1);
-  EXPECT_EQ(e.types["tessera_crc_failures_total"], "counter");
-  EXPECT_EQ(e.samples.count("tessera_crc_failures_total{kind=\"fragment\"}"), 1u);
+  EXPECT_EQ(e.samples["tessera_protection_latency_seconds_bucket{le=\"0.025\"}"], 1);
+  EXPECT_EQ(e.types["tessera_restore_duration_seconds"], "histogram");
 }
 
 TEST(MetricsDeathTest, InvalidNameAborts) {

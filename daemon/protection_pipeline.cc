@@ -12,6 +12,7 @@
 #include "common/crc32c.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/metrics.h"
 #include "ec/erasure_codec.h"
 #include "proto/manifest.pb.h"
 
@@ -274,6 +275,8 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   if (!failed.empty()) return absl::UnavailableError(absl::StrJoin(failed, "; "));
   log->debug("job '{}' rank {} step {} protected: RS({}, {}) on {}", work.job_id, work.rank,
              work.step, placement.k, placement.m, absl::StrJoin(placement.nodes, ","));
+  Metrics().protection_seconds->Observe(
+      static_cast<double>(std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms)) / 1000.0);
   absl::MutexLock lock(&mu_);
   ++stats_.protected_shards;
   return absl::OkStatus();
@@ -406,8 +409,9 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
   absl::MutexLock lock(&restore_mu_);
   auto it = restored_.find({job_id, rank, step});
   if (it != restored_.end()) return it->second.second;
-  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::RestoreInfo info, MakeLocal(job_id, rank, step));
-  return info;
+  auto made = MakeLocal(job_id, rank, step);
+  if (!made.ok()) Metrics().restore_failures->Increment();
+  return made;
 }
 
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
@@ -553,6 +557,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
                      : absl::StrCat("rebuilt from ", plan->k, " of ", plan->k + plan->m,
                                     " fragments"),
               payload_bytes, absl::ToInt64Milliseconds(absl::Now() - start));
+    Metrics().restore_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
     {
       absl::MutexLock lock(&mu_);
       ++(copied ? stats_.copied_shards : stats_.rebuilt_shards);

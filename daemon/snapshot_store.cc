@@ -819,8 +819,9 @@ absl::StatusOr<SnapshotStore::PinnedShard> SnapshotStore::Pin(const std::string&
       const SegmentHeader& h = *state->slots[i]->header();
       if (LoadState(h) != SegmentState::kSealed || h.step != step) continue;
       ++state->pins[i];
-      return PinnedShard{state->slots[i]->payload(), h.payload_bytes, h.payload_crc32c,
-                         h.world_size, h.manifest_offset, h.manifest_bytes};
+      return PinnedShard{state->slots[i]->payload(), h.payload_bytes,   h.payload_crc32c,
+                         h.world_size,               h.manifest_offset, h.manifest_bytes,
+                         static_cast<int64_t>(h.sealed_unix_ms)};
     }
   }
   return absl::NotFoundError(absl::StrCat(RankName(job_id, rank), " has no sealed step ", step,
@@ -969,6 +970,58 @@ size_t SnapshotStore::RankCount(const std::string& job_id) const {
   size_t n = 0;
   for (const auto& [key, state] : ranks_) n += key.first == job_id;
   return n;
+}
+
+std::vector<SnapshotStore::RankInfo> SnapshotStore::ListRanks(const std::string& job_id) const {
+  std::vector<std::pair<RankKey, std::shared_ptr<RankState>>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, state] : ranks_) {
+      if (job_id.empty() || key.first == job_id) ranks.emplace_back(key, state);
+    }
+  }
+  std::vector<RankInfo> out;
+  for (const auto& [key, state] : ranks) {
+    absl::MutexLock lock(&state->mu);
+    RankInfo info;
+    info.job_id = key.first;
+    info.rank = key.second;
+    info.world_size = state->world_size;
+    info.owner = state->owner;
+    info.registered = state->registered;
+    info.alive = state->owner.pid > 0 &&
+                 options_.process_alive(state->owner.pid, state->owner_start_ticks);
+    for (const auto& slot : state->slots) {
+      if (slot && LoadState(*slot->header()) == SegmentState::kSealed) {
+        info.newest_sealed_step = std::max(info.newest_sealed_step, slot->header()->step);
+      }
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+absl::StatusOr<SnapshotStore::SealedSlot> SnapshotStore::FindSealedSlot(const std::string& job_id,
+                                                                        uint32_t rank,
+                                                                        int64_t step) const {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return absl::NotFoundError(RankName(job_id, rank) + " has no snapshot on this node");
+  absl::MutexLock lock(&state->mu);
+  const Segment* best = nullptr;
+  std::vector<int64_t> held;
+  for (const auto& slot : state->slots) {
+    if (!slot || LoadState(*slot->header()) != SegmentState::kSealed) continue;
+    const int64_t s = slot->header()->step;
+    held.push_back(s);
+    if (step >= 0 ? s == step : (!best || s > best->header()->step)) best = slot.get();
+  }
+  if (!best) {
+    return absl::NotFoundError(absl::StrCat(
+        RankName(job_id, rank), step >= 0 ? absl::StrCat(" has no sealed step ", step) : "",
+        held.empty() ? " has no sealed slot on this node"
+                     : absl::StrCat("; sealed steps here: ", absl::StrJoin(held, ", "))));
+  }
+  return SealedSlot{best->path(), best->header()->step, best->header()->payload_bytes};
 }
 
 SnapshotStore::Stats SnapshotStore::stats() const {

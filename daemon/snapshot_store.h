@@ -158,6 +158,7 @@ class SnapshotStore {
     uint32_t world_size = 0;
     uint64_t manifest_offset = 0;
     uint64_t manifest_bytes = 0;
+    int64_t sealed_unix_ms = 0;
   };
   // Pins sealed (job, rank, step). REQUIRES: a matching Unpin. kNotFound if not sealed here.
   absl::StatusOr<PinnedShard> Pin(const std::string& job_id, uint32_t rank, int64_t step);
@@ -180,6 +181,29 @@ class SnapshotStore {
   // Whether every rank of the job (its world size) is known here, so this store alone can decide
   // the job's commits. Ranks spread over daemons that are not one cluster cannot be committed.
   bool HoldsWholeJob(const std::string& job_id) const;
+
+  // A rank known here, with the trainer that registered it (status and drills).
+  struct RankInfo {
+    std::string job_id;
+    uint32_t rank = 0;
+    uint32_t world_size = 0;
+    Caller owner;             // the registering process (SO_PEERCRED); pid 0: never registered
+    bool registered = false;  // not unregistered since
+    bool alive = false;       // that process (pid and start time) still runs
+    int64_t newest_sealed_step = -1;
+  };
+  // Ranks of a job (all jobs when job_id is empty), by job then rank.
+  std::vector<RankInfo> ListRanks(const std::string& job_id) const;
+
+  // Where the sealed (job, rank, step) lives (-1: the newest sealed step), for recovery drills
+  // that damage it on purpose. kNotFound lists the steps held.
+  struct SealedSlot {
+    std::string path;
+    int64_t step = -1;
+    uint64_t payload_bytes = 0;
+  };
+  absl::StatusOr<SealedSlot> FindSealedSlot(const std::string& job_id, uint32_t rank,
+                                            int64_t step) const;
 
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
