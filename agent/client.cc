@@ -18,6 +18,12 @@ uint64_t EntryLength(const Client::Entry& e) {
   return e.spec.kind() == ENTRY_KIND_BLOB ? e.length : e.spec.nbytes();
 }
 
+cuda::CopyEngineOptions EngineOptions(const Client::Options& options) {
+  cuda::CopyEngineOptions engine;
+  engine.staging = options.staging;
+  return engine;
+}
+
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -48,6 +54,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const Options& options) 
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  TESSERA_RETURN_IF_ERROR(cuda::ValidateStagingOptions(options.staging));
   auto channel = grpc::CreateCustomChannel("unix:" + options.socket_path,
                                            grpc::InsecureChannelCredentials(), args);
   std::unique_ptr<Client> client(new Client(options, channel));
@@ -70,7 +77,7 @@ Client::Client(const Options& options, std::shared_ptr<grpc::Channel> channel)
     : options_(options),
       channel_(std::move(channel)),
       stub_(agent::Agent::NewStub(channel_)),
-      engine_(options.use_gpu ? cuda::CopyEngine::Create(options.device)
+      engine_(options.use_gpu ? cuda::CopyEngine::Create(options.device, EngineOptions(options))
                               : cuda::CopyEngine::CreateHostOnly()) {
   stats_.engine = engine_->Describe();
   Logger("agent")->info("copy engine: {}", stats_.engine);
@@ -199,12 +206,20 @@ absl::StatusOr<Client::SnapshotOutcome> Client::Snapshot(int64_t step, void* str
   if (busy_) {
     int64_t in_flight = pending_ ? pending_->step : -1;
     if (options_.when_busy == BusyPolicy::kSkip) {
-      ++stats_.skipped;
+      const uint64_t skipped = ++stats_.skipped;
+      // Every skip is counted; the log says so at most every 10 s, with the count since.
+      const int64_t now = NowNs();
+      if (last_skip_log_ns_ != 0 && now - last_skip_log_ns_ < 10'000'000'000) {
+        return SnapshotOutcome::kSkipped;
+      }
+      const uint64_t since = skipped - skips_logged_;
+      last_skip_log_ns_ = now;
+      skips_logged_ = skipped;
       lock.unlock();
       Logger("agent")->warn("snapshot of step {} skipped: the previous snapshot{} is still being "
-                            "copied or sealed ({} skipped so far)",
+                            "copied or sealed ({} skipped since the last such line, {} in all)",
                             step, in_flight >= 0 ? absl::StrCat(" (step ", in_flight, ")") : "",
-                            stats().skipped);
+                            since, skipped);
       return SnapshotOutcome::kSkipped;
     }
     const int64_t start = NowNs();
@@ -228,6 +243,16 @@ absl::StatusOr<Client::SnapshotOutcome> Client::Snapshot(int64_t step, void* str
 }
 
 absl::Status Client::Fence(void* stream) { return engine_->Fence(stream); }
+
+absl::Status Client::SetStaging(const cuda::StagingOptions& staging) {
+  TESSERA_RETURN_IF_ERROR(engine_->SetStaging(staging));
+  Logger("agent")->info("staging: {}{}", std::string(cuda::StagingModeName(staging.mode)),
+                        staging.budget_bytes > 0
+                            ? absl::StrCat(", budget ", staging.budget_bytes, " bytes")
+                            : absl::StrCat(", budget ", staging.budget_free_fraction,
+                                           " of free device memory"));
+  return absl::OkStatus();
+}
 
 absl::Status Client::Wait() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -498,8 +523,13 @@ absl::Status Client::Close(bool drop_snapshots) {
 }
 
 Client::Stats Client::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  Stats stats;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats = stats_;
+  }
+  stats.copies = engine_->stats();
+  return stats;
 }
 
 }  // namespace tessera

@@ -44,6 +44,9 @@ class Client {
     bool use_gpu = true;       // false: host copies only, even where a GPU exists
     int device = -1;           // CUDA device; -1: the current one
     int64_t rpc_timeout_ms = 120000;
+    // GPU staging of device-to-host copies that would not fit before the next Fence
+    // (cuda/staging_plan.h). Adaptive stages only what the measured window needs.
+    cuda::StagingOptions staging = {cuda::StagingMode::kAdaptive, 0, 0.5};
   };
 
   // One registered tensor or blob. `data` is host or device memory the caller owns; it must stay
@@ -69,6 +72,8 @@ class Client {
     int64_t last_sealed_step = -1;
     std::string last_error;
     std::string engine;         // the copy engine's description
+    // The copy engine's counters: staging, its plan and the measurements behind it.
+    cuda::CopyEngineStats copies;
   };
 
   // Connects to the daemon's agent socket (checked with a ListVersions round trip).
@@ -82,6 +87,9 @@ class Client {
   // again, with new entries, after Wait(). Errors come from the daemon with its message.
   absl::Status Register(const std::string& job_id, uint32_t rank, uint32_t world_size,
                         std::vector<Entry> entries);
+
+  // Changes the GPU staging of the snapshots started from now on (validated; see StagingOptions).
+  absl::Status SetStaging(const cuda::StagingOptions& staging);
 
   // Points entry `index` at new memory and/or sets a blob's valid length (<= its capacity).
   absl::Status UpdateEntry(size_t index, void* data, uint64_t length);
@@ -157,6 +165,8 @@ class Client {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::optional<Job> pending_;  // guarded by mu_
+  int64_t last_skip_log_ns_ = 0;   // guarded by mu_: skips are logged at most every 10 s
+  uint64_t skips_logged_ = 0;      // guarded by mu_: the skip count at that log line
   bool busy_ = false;           // guarded by mu_: a job is pending or running
   bool stopping_ = false;       // guarded by mu_
   absl::Status last_status_;    // guarded by mu_

@@ -44,6 +44,21 @@ typedef struct {
   uint64_t bytes_copied;
   int64_t last_sealed_step;
   int32_t has_gpu;
+  /* GPU staging (tessera_set_staging): bytes staged device-to-device in all; the last
+   * snapshot's plan (bytes staged of the device-to-host bytes, expected fence stall in ns, -1
+   * unknown); the measurements it used (-1 unknown); the buffer's size; snapshots whose plan
+   * wanted more than the budget; buffers the device could not allocate. */
+  uint64_t bytes_staged;
+  uint64_t plan_staged_bytes;
+  uint64_t plan_device_to_host_bytes;
+  int64_t plan_expected_stall_ns;
+  int64_t window_ns;
+  double d2h_bytes_per_s;
+  double d2d_bytes_per_s;
+  uint64_t staging_buffer_bytes;
+  uint64_t staging_budget_short;
+  uint64_t staging_alloc_failures;
+  uint64_t fence_cpu_waits; /* fences that waited on the CPU for the copies to be issued */
 } tessera_stats;
 
 const char* tessera_version(void);
@@ -63,6 +78,13 @@ int tessera_wait(tessera_client* client);
 int tessera_restore(tessera_client* client, int64_t step, int64_t* restored_step);
 int tessera_entry_length(tessera_client* client, size_t index, uint64_t* length);
 int tessera_get_stats(tessera_client* client, tessera_stats* out);
+/* GPU staging of the snapshots started from now on. mode: "off" (the fence waits for the whole
+ * device-to-host copy), "full" (stage every byte the budget allows) or "adaptive" (the default:
+ * stage the fewest bytes that keep the fence from stalling, from measurements). budget_bytes: GPU
+ * memory the staging buffer may take; 0 means budget_free_fraction (in (0, 1]) of the free device
+ * memory. Ignored without a GPU. */
+int tessera_set_staging(tessera_client* client, const char* mode, uint64_t budget_bytes,
+                        double budget_free_fraction);
 /* Unregisters (dropping the snapshots when drop_snapshots != 0) and frees the client. */
 int tessera_close(tessera_client* client, int32_t drop_snapshots);
 

@@ -139,7 +139,29 @@ int tessera_get_stats(tessera_client* c, tessera_stats* out) {
   out->bytes_copied = s.bytes_copied;
   out->last_sealed_step = s.last_sealed_step;
   out->has_gpu = s.engine.rfind("cuda", 0) == 0 ? 1 : 0;
+  out->bytes_staged = s.copies.bytes_staged;
+  out->plan_staged_bytes = s.copies.plan_staged_bytes;
+  out->plan_device_to_host_bytes = s.copies.plan_device_to_host_bytes;
+  out->plan_expected_stall_ns = s.copies.plan_expected_stall_ns;
+  out->window_ns = s.copies.window_ns;
+  out->d2h_bytes_per_s = s.copies.d2h_bytes_per_s;
+  out->d2d_bytes_per_s = s.copies.d2d_bytes_per_s;
+  out->staging_buffer_bytes = s.copies.staging_buffer_bytes;
+  out->staging_budget_short = s.copies.staging_budget_short;
+  out->staging_alloc_failures = s.copies.staging_alloc_failures;
+  out->fence_cpu_waits = s.copies.fence_cpu_waits;
   return 0;
+}
+
+int tessera_set_staging(tessera_client* c, const char* mode, uint64_t budget_bytes,
+                        double budget_free_fraction) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (mode == nullptr) {
+    return Fail(absl::InvalidArgumentError("mode is NULL; use \"off\", \"full\" or \"adaptive\""));
+  }
+  absl::StatusOr<tessera::cuda::StagingMode> parsed = tessera::cuda::ParseStagingMode(mode);
+  if (!parsed.ok()) return Fail(parsed.status());
+  return Return(c->client->SetStaging({*parsed, budget_bytes, budget_free_fraction}));
 }
 
 int tessera_close(tessera_client* c, int32_t drop_snapshots) {

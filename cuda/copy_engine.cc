@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <map>
 #include <utility>
 
@@ -48,6 +49,20 @@ absl::Status CudaStatus(int cuda_error, absl::string_view call) {
 }
 
 CopyEngine::~CopyEngine() = default;
+
+absl::Status ValidateStagingOptions(const StagingOptions& options) {
+  if (!(options.budget_free_fraction > 0 && options.budget_free_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging budget_free_fraction is ", options.budget_free_fraction,
+                     "; it must be in (0, 1]"));
+  }
+  TESSERA_RETURN_IF_ERROR(ParseStagingMode(StagingModeName(options.mode)).status());
+  return absl::OkStatus();
+}
+
+absl::Status CopyEngine::SetStaging(const StagingOptions& options) {
+  return ValidateStagingOptions(options);
+}
 
 namespace {
 
@@ -108,15 +123,37 @@ struct TransferCounts {
   }
 };
 
-// A snapshot point and the end of that snapshot's copies. Reused once the copies are complete.
+// A ticket's events: its snapshot point; the point on the copy stream after which its sources
+// are no longer read (staged bytes are in the staging buffer by then); the end of its copies.
+// Reused once the copies are complete.
 struct EventPair {
   cudaEvent_t start = nullptr;
+  cudaEvent_t released = nullptr;
   cudaEvent_t done = nullptr;
 };
 
 void DestroyEvents(const EventPair& events) {
   cudaEventDestroy(events.start);
+  cudaEventDestroy(events.released);
   cudaEventDestroy(events.done);
+}
+
+// A copy op after classification.
+struct RoutedOp {
+  CopyOp op;
+  Where src;
+  Where dst;
+  // Bytes [stage_from, op.bytes) go through the staging buffer, at staging offset stage_offset.
+  size_t stage_from;
+  size_t stage_offset = 0;
+
+  bool staged() const { return stage_from < op.bytes; }
+};
+
+constexpr size_t kStagingAlignment = 256;
+
+size_t AlignUp(size_t value, size_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
 }
 
 // The engine on one CUDA device. Copies run on its own non-blocking stream.
@@ -144,6 +181,7 @@ class CudaCopyEngine final : public CopyEngine {
   absl::Status WaitCopies(uint64_t ticket) override;
   absl::Status CopySync(const std::vector<CopyOp>& ops) override;
   CopyEngineStats stats() const override;
+  absl::Status SetStaging(const StagingOptions& options) override;
 
  private:
   // The events of a ticket handed out and not yet retired.
@@ -153,13 +191,38 @@ class CudaCopyEngine final : public CopyEngine {
     int waiters = 0;  // threads in cudaEventSynchronize(events.done)
   };
 
-  CudaCopyEngine(int device, std::string name, const CopyEngineOptions& options,
-                 cudaStream_t copy_stream, cudaEvent_t restore_event);
+  // Timing events of the staging plan's measurements.
+  struct MeasurementEvents {
+    cudaEvent_t window_start = nullptr;  // on the compute stream, at a snapshot point
+    cudaEvent_t window_end = nullptr;    // on the compute stream, at the next Fence
+    cudaEvent_t copy_begin = nullptr;    // on the copy stream: staging starts
+    cudaEvent_t staged = nullptr;        // staging done, device-to-host copies start
+    cudaEvent_t copy_end = nullptr;      // device-to-host copies done
+  };
+  enum class Window { kIdle, kStarted, kEnded };
 
-  // Enqueues the ops that involve device memory on copy_stream_, in chunks, and appends the
-  // host-to-host ones to `host_ops`.
-  absl::Status EnqueueDeviceCopies(const std::vector<CopyOp>& ops, std::vector<CopyOp>* host_ops,
-                                   TransferCounts* counts) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  CudaCopyEngine(int device, std::string name, const CopyEngineOptions& options,
+                 cudaStream_t copy_stream, cudaEvent_t restore_event,
+                 const MeasurementEvents& measure, bool memory_pools);
+
+  // Sorts `ops` into those that involve device memory (`device_ops`) and host-to-host ones
+  // (`host_ops`), counting bytes by direction.
+  absl::Status RouteOps(const std::vector<CopyOp>& ops, std::vector<RoutedOp>* device_ops,
+                        std::vector<CopyOp>* host_ops, TransferCounts* counts);
+  // Enqueues one copy on copy_stream_ in chunks of options_.chunk_bytes.
+  absl::Status EnqueueChunks(void* dst, const void* src, size_t bytes, const char* direction,
+                             TransferCounts* counts) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // Plans the staging of `device_ops` (setting their stage_from and stage_offset) and makes the
+  // staging buffer large enough, or plans less if it cannot be.
+  void PlanStagingFor(std::vector<RoutedOp>* device_ops) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // Grows the staging buffer to at least `bytes`; false (counted, logged) if the device has no
+  // memory for it.
+  bool EnsureStagingBuffer(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  void FreeStagingBuffer() ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // Takes the copy rates of the last measured ticket, once its copies are complete.
+  void HarvestCopyRates() ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // Takes the window of the last snapshot point and Fence, once the GPU has passed both.
+  void HarvestWindowLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Status AcquireEventsLocked(EventPair* events) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks the tickets up to `ticket` complete and returns to the pool the events of those that
@@ -172,11 +235,23 @@ class CudaCopyEngine final : public CopyEngine {
   const int device_;
   const std::string name_;
   const CopyEngineOptions options_;
+  const MeasurementEvents measure_;
+  const bool memory_pools_;  // cudaMallocAsync is available
   std::atomic<bool> warned_pageable_{false};
 
   absl::Mutex issue_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   cudaStream_t const copy_stream_;
   cudaEvent_t const restore_event_ ABSL_GUARDED_BY(issue_mu_);
+  void* staging_buffer_ ABSL_GUARDED_BY(issue_mu_) = nullptr;
+  size_t staging_capacity_ ABSL_GUARDED_BY(issue_mu_) = 0;
+  // After an allocation failure, the buffer is not grown to this size or beyond.
+  size_t staging_ceiling_ ABSL_GUARDED_BY(issue_mu_) = SIZE_MAX;
+  // The copy-rate events are recorded for a ticket whose rates are not taken yet.
+  bool rates_pending_ ABSL_GUARDED_BY(issue_mu_) = false;
+  uint64_t rates_staged_bytes_ ABSL_GUARDED_BY(issue_mu_) = 0;
+  uint64_t rates_d2h_bytes_ ABSL_GUARDED_BY(issue_mu_) = 0;
+  uint64_t logged_staged_bytes_ ABSL_GUARDED_BY(issue_mu_) = UINT64_MAX;
+  bool logged_budget_short_ ABSL_GUARDED_BY(issue_mu_) = false;
 
   mutable absl::Mutex mu_;
   internal::TicketSequence tickets_ ABSL_GUARDED_BY(mu_);
@@ -186,6 +261,12 @@ class CudaCopyEngine final : public CopyEngine {
   // stream is in order and tickets are issued in order, so its done-event covers every ticket.
   uint64_t fence_ticket_ ABSL_GUARDED_BY(mu_) = 0;
   CopyEngineStats stats_ ABSL_GUARDED_BY(mu_);
+  StagingOptions staging_ ABSL_GUARDED_BY(mu_);
+  Window window_ ABSL_GUARDED_BY(mu_) = Window::kIdle;
+  // Smoothed measurements (seconds, bytes per second).
+  Ewma window_s_ ABSL_GUARDED_BY(mu_){0.3};
+  Ewma d2h_rate_ ABSL_GUARDED_BY(mu_){0.3};
+  Ewma d2d_rate_ ABSL_GUARDED_BY(mu_){0.3};
 };
 
 absl::StatusOr<std::unique_ptr<CopyEngine>> CudaCopyEngine::Open(int device,
@@ -216,23 +297,43 @@ absl::StatusOr<std::unique_ptr<CopyEngine>> CudaCopyEngine::Open(int device,
                           "cudaStreamCreateWithFlags"),
                unusable));
   cudaEvent_t restore_event = nullptr;
+  MeasurementEvents measure;
+  std::vector<cudaEvent_t*> timing = {&measure.window_start, &measure.window_end,
+                                      &measure.copy_begin, &measure.staged, &measure.copy_end};
   absl::Status created = CudaStatus(
       cudaEventCreateWithFlags(&restore_event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  for (cudaEvent_t* event : timing) {
+    if (created.ok()) created = CudaStatus(cudaEventCreate(event), "cudaEventCreate");
+  }
   if (!created.ok()) {
+    for (cudaEvent_t* event : timing) {
+      if (*event != nullptr) cudaEventDestroy(*event);
+    }
+    if (restore_event != nullptr) cudaEventDestroy(restore_event);
     cudaStreamDestroy(stream);
     return Annotate(created, unusable);
   }
-  return std::unique_ptr<CopyEngine>(
-      new CudaCopyEngine(device, properties.name, options, stream, restore_event));
+  int memory_pools = 0;
+  if (cudaDeviceGetAttribute(&memory_pools, cudaDevAttrMemoryPoolsSupported, device) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    memory_pools = 0;
+  }
+  return std::unique_ptr<CopyEngine>(new CudaCopyEngine(device, properties.name, options, stream,
+                                                        restore_event, measure, memory_pools != 0));
 }
 
 CudaCopyEngine::CudaCopyEngine(int device, std::string name, const CopyEngineOptions& options,
-                               cudaStream_t copy_stream, cudaEvent_t restore_event)
+                               cudaStream_t copy_stream, cudaEvent_t restore_event,
+                               const MeasurementEvents& measure, bool memory_pools)
     : device_(device),
       name_(std::move(name)),
       options_(options),
+      measure_(measure),
+      memory_pools_(memory_pools),
       copy_stream_(copy_stream),
-      restore_event_(restore_event) {}
+      restore_event_(restore_event),
+      staging_(options.staging) {}
 
 CudaCopyEngine::~CudaCopyEngine() {
   ScopedDevice scoped;
@@ -242,9 +343,14 @@ CudaCopyEngine::~CudaCopyEngine() {
   }
   if (!status.ok()) Log()->warn("closing {}: {}", Describe(), status.ToString());
   absl::MutexLock issue_lock(&issue_mu_);
+  FreeStagingBuffer();
   absl::MutexLock lock(&mu_);
   for (const auto& [ticket, state] : in_flight_) DestroyEvents(state.events);
   for (const EventPair& events : free_events_) DestroyEvents(events);
+  for (cudaEvent_t event : {measure_.window_start, measure_.window_end, measure_.copy_begin,
+                            measure_.staged, measure_.copy_end}) {
+    cudaEventDestroy(event);
+  }
   cudaEventDestroy(restore_event_);
   cudaStreamDestroy(copy_stream_);
 }
@@ -294,6 +400,15 @@ absl::StatusOr<uint64_t> CudaCopyEngine::MarkSnapshotPoint(void* compute_stream)
   const uint64_t ticket = tickets_.Mark();
   in_flight_[ticket].events = events;
   ++stats_.tickets;
+  // The window is measured from a snapshot point to the first Fence after it. A snapshot point
+  // with no Fence since the previous one restarts the measurement; one whose window end the GPU
+  // has not reached yet leaves it alone.
+  HarvestWindowLocked();
+  if (window_ != Window::kEnded &&
+      cudaEventRecord(measure_.window_start, static_cast<cudaStream_t>(compute_stream)) ==
+          cudaSuccess) {
+    window_ = Window::kStarted;
+  }
   return ticket;
 }
 
@@ -310,19 +425,71 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   }
 
   TransferCounts counts;
+  std::vector<RoutedOp> device_ops;
   std::vector<CopyOp> host_ops;
   bool enqueued = false;
   bool done_recorded = false;
   absl::Status status = internal::ValidateCopyOps(ops);
+  if (status.ok()) status = RouteOps(ops, &device_ops, &host_ops, &counts);
   if (status.ok()) {
+    HarvestCopyRates();
+    PlanStagingFor(&device_ops);
     enqueued = true;
     status = CudaStatus(cudaStreamWaitEvent(copy_stream_, events.start, 0),
                         "cudaStreamWaitEvent(snapshot point)");
   }
-  if (status.ok()) status = EnqueueDeviceCopies(ops, &host_ops, &counts);
+  // Three passes over the device ops: staged bytes device-to-device into the buffer, then
+  // every byte not staged, then (after the released event Fence waits for) the staged bytes
+  // from the buffer to their destinations. The rate events are recorded while no earlier
+  // measurement is pending.
+  const bool measure = status.ok() && !rates_pending_;
+  uint64_t staged_bytes = 0;
+  if (measure) {
+    status = CudaStatus(cudaEventRecord(measure_.copy_begin, copy_stream_), "cudaEventRecord");
+  }
+  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    if (!r.staged()) continue;
+    status = EnqueueChunks(static_cast<char*>(staging_buffer_) + r.stage_offset,
+                           static_cast<const char*>(r.op.src) + r.stage_from,
+                           r.op.bytes - r.stage_from, "D2D staging", &counts);
+    staged_bytes += r.op.bytes - r.stage_from;
+    if (!status.ok()) status = Annotate(status, absl::StrCat("staging copy op ", i));
+  }
+  if (status.ok() && measure) {
+    status = CudaStatus(cudaEventRecord(measure_.staged, copy_stream_), "cudaEventRecord");
+  }
+  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    const size_t direct = std::min(r.stage_from, r.op.bytes);
+    if (direct == 0) continue;
+    status = EnqueueChunks(r.op.dst, r.op.src, direct,
+                           r.src == Where::kDevice ? (r.dst == Where::kDevice ? "D2D" : "D2H")
+                                                   : "H2D",
+                           &counts);
+    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
+  }
+  if (status.ok()) {
+    status = CudaStatus(cudaEventRecord(events.released, copy_stream_),
+                        "cudaEventRecord(sources released)");
+  }
+  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    if (!r.staged()) continue;
+    status = EnqueueChunks(static_cast<char*>(r.op.dst) + r.stage_from,
+                           static_cast<const char*>(staging_buffer_) + r.stage_offset,
+                           r.op.bytes - r.stage_from, "D2H from staging", &counts);
+    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i, " from staging"));
+  }
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(events.done, copy_stream_), "cudaEventRecord(copies done)");
     done_recorded = status.ok();
+  }
+  if (status.ok() && measure) {
+    status = CudaStatus(cudaEventRecord(measure_.copy_end, copy_stream_), "cudaEventRecord");
+    rates_pending_ = status.ok();
+    rates_staged_bytes_ = staged_bytes;
+    rates_d2h_bytes_ = counts.device_to_host;
   }
   if (status.ok() && !host_ops.empty()) {
     status = CudaStatus(cudaEventSynchronize(events.start), "cudaEventSynchronize(snapshot point)");
@@ -343,7 +510,10 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
 
   absl::MutexLock lock(&mu_);
   tickets_.EndIssue(ticket, status);
-  if (status.ok()) AddCountsLocked(counts);
+  if (status.ok()) {
+    AddCountsLocked(counts);
+    stats_.bytes_staged += staged_bytes;
+  }
   if (done_recorded) {
     fence_ticket_ = ticket;
   } else {
@@ -352,9 +522,9 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   return status;
 }
 
-absl::Status CudaCopyEngine::EnqueueDeviceCopies(const std::vector<CopyOp>& ops,
-                                                 std::vector<CopyOp>* host_ops,
-                                                 TransferCounts* counts) {
+absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
+                                      std::vector<RoutedOp>* device_ops,
+                                      std::vector<CopyOp>* host_ops, TransferCounts* counts) {
   for (size_t i = 0; i < ops.size(); ++i) {
     const CopyOp& op = ops[i];
     if (op.bytes == 0) continue;
@@ -370,17 +540,7 @@ absl::Status CudaCopyEngine::EnqueueDeviceCopies(const std::vector<CopyOp>& ops,
       counts->host_to_host += op.bytes;
       continue;
     }
-    const char* direction = from_device ? (to_device ? "D2D" : "D2H") : "H2D";
-    for (size_t offset = 0; offset < op.bytes; offset += options_.chunk_bytes) {
-      const size_t bytes = std::min(options_.chunk_bytes, op.bytes - offset);
-      const absl::Status copied =
-          CudaStatus(cudaMemcpyAsync(static_cast<char*>(op.dst) + offset,
-                                     static_cast<const char*>(op.src) + offset, bytes,
-                                     cudaMemcpyDefault, copy_stream_),
-                     absl::StrCat("cudaMemcpyAsync(", direction, ", ", bytes, " bytes)"));
-      if (!copied.ok()) return Annotate(copied, context);
-      ++counts->chunks;
-    }
+    device_ops->push_back(RoutedOp{op, *src, *dst, /*stage_from=*/op.bytes});
     if (from_device && to_device) {
       counts->device_to_device += op.bytes;
     } else if (from_device) {
@@ -401,6 +561,192 @@ absl::Status CudaCopyEngine::EnqueueDeviceCopies(const std::vector<CopyOp>& ops,
   return absl::OkStatus();
 }
 
+absl::Status CudaCopyEngine::EnqueueChunks(void* dst, const void* src, size_t bytes,
+                                           const char* direction, TransferCounts* counts) {
+  for (size_t offset = 0; offset < bytes; offset += options_.chunk_bytes) {
+    const size_t chunk = std::min(options_.chunk_bytes, bytes - offset);
+    TESSERA_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(static_cast<char*>(dst) + offset, static_cast<const char*>(src) + offset,
+                        chunk, cudaMemcpyDefault, copy_stream_),
+        absl::StrCat("cudaMemcpyAsync(", direction, ", ", chunk, " bytes)")));
+    ++counts->chunks;
+  }
+  return absl::OkStatus();
+}
+
+void CudaCopyEngine::PlanStagingFor(std::vector<RoutedOp>* device_ops) {
+  // Only device-to-host copies into registered memory are staged: a copy into pageable memory
+  // blocks the issuing thread whatever its source.
+  uint64_t stageable = 0;
+  for (const RoutedOp& r : *device_ops) {
+    if (r.src == Where::kDevice && r.dst == Where::kRegisteredHost) stageable += r.op.bytes;
+  }
+  StagingPlanInput input;
+  input.device_to_host_bytes = stageable;
+  double fraction = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    input.mode = staging_.mode;
+    input.budget_bytes = staging_.budget_bytes;
+    fraction = staging_.budget_free_fraction;
+    input.measured.window_s = window_s_.value();
+    input.measured.d2h_bytes_per_s = d2h_rate_.value();
+    input.measured.d2d_bytes_per_s = d2d_rate_.value();
+  }
+  if (input.mode == StagingMode::kOff) FreeStagingBuffer();
+  if (input.mode != StagingMode::kOff && stageable > 0 && input.budget_bytes == 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      input.budget_bytes =
+          static_cast<uint64_t>(fraction * static_cast<double>(free_bytes + staging_capacity_));
+    } else {
+      cudaGetLastError();
+    }
+  }
+  if (staging_ceiling_ != SIZE_MAX) {
+    input.budget_bytes = std::min<uint64_t>(input.budget_bytes, staging_ceiling_ / 2);
+  }
+  StagingPlan plan = PlanStaging(input);
+
+  // Take the staged bytes from the end of the op list (a partly staged op stages its tail), each
+  // piece aligned in the buffer.
+  const auto assign = [&](uint64_t staged) {
+    size_t offset = 0;
+    uint64_t remaining = staged;
+    for (RoutedOp& r : *device_ops) r.stage_from = r.op.bytes;
+    for (auto it = device_ops->rbegin(); it != device_ops->rend() && remaining > 0; ++it) {
+      if (it->src != Where::kDevice || it->dst != Where::kRegisteredHost) continue;
+      const size_t take = static_cast<size_t>(std::min<uint64_t>(it->op.bytes, remaining));
+      it->stage_from = it->op.bytes - take;
+      it->stage_offset = offset;
+      offset = AlignUp(offset + take, kStagingAlignment);
+      remaining -= take;
+    }
+    return offset;
+  };
+  size_t needed = assign(plan.staged_bytes);
+  if (plan.staged_bytes > 0 && !EnsureStagingBuffer(needed)) {
+    plan.staged_bytes = 0;
+    plan.reason += "; no device memory for the staging buffer: not staging";
+    assign(0);
+  }
+  if (plan.staged_bytes != logged_staged_bytes_ || plan.budget_short != logged_budget_short_) {
+    const bool big_change = logged_staged_bytes_ == UINT64_MAX ||
+                            plan.budget_short != logged_budget_short_ ||
+                            std::llabs(static_cast<long long>(plan.staged_bytes) -
+                                       static_cast<long long>(logged_staged_bytes_)) >
+                                static_cast<long long>(stageable / 10);
+    if (big_change) {
+      Log()->info("staging plan ({}): {}; expected fence stall {}",
+                  std::string(StagingModeName(input.mode)),
+                  plan.reason,
+                  plan.expected_stall_s < 0
+                      ? std::string("unknown")
+                      : absl::StrCat(absl::SixDigits(plan.expected_stall_s * 1e3), " ms"));
+      logged_staged_bytes_ = plan.staged_bytes;
+      logged_budget_short_ = plan.budget_short;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  stats_.plan_staged_bytes = plan.staged_bytes;
+  stats_.plan_device_to_host_bytes = stageable;
+  stats_.plan_expected_stall_ns =
+      plan.expected_stall_s < 0 ? -1 : static_cast<int64_t>(plan.expected_stall_s * 1e9);
+  if (plan.budget_short) ++stats_.staging_budget_short;
+  stats_.staging_buffer_bytes = staging_capacity_;
+}
+
+bool CudaCopyEngine::EnsureStagingBuffer(size_t bytes) {
+  if (bytes <= staging_capacity_) return true;
+  // Grown in steps of an eighth at least, so that a slowly rising plan does not reallocate at
+  // every snapshot.
+  size_t capacity = AlignUp(std::max(bytes, staging_capacity_ + staging_capacity_ / 8),
+                            size_t{2} << 20);
+  if (capacity >= staging_ceiling_) capacity = bytes;
+  FreeStagingBuffer();
+  void* buffer = nullptr;
+  const cudaError_t error = memory_pools_
+                                ? cudaMallocAsync(&buffer, capacity, copy_stream_)
+                                : cudaMalloc(&buffer, capacity);
+  if (error != cudaSuccess) {
+    const absl::Status status = CudaStatus(error, absl::StrCat("staging buffer of ", capacity,
+                                                               " bytes"));
+    staging_ceiling_ = capacity;
+    {
+      absl::MutexLock lock(&mu_);
+      ++stats_.staging_alloc_failures;
+    }
+    Log()->warn("{}: {}; snapshots fall back to the lazy fence for the bytes not staged, and the "
+                "budget is capped at {} bytes from now on",
+                Describe(), status.ToString(), staging_ceiling_ / 2);
+    return false;
+  }
+  staging_buffer_ = buffer;
+  staging_capacity_ = capacity;
+  return true;
+}
+
+void CudaCopyEngine::FreeStagingBuffer() {
+  if (staging_buffer_ == nullptr) return;
+  // Stream-ordered: the copies already queued from the buffer finish first. Without memory
+  // pools, cudaFree would synchronise the whole device; wait for the copy stream only.
+  if (memory_pools_) {
+    cudaFreeAsync(staging_buffer_, copy_stream_);
+  } else {
+    cudaStreamSynchronize(copy_stream_);
+    cudaFree(staging_buffer_);
+  }
+  cudaGetLastError();
+  staging_buffer_ = nullptr;
+  staging_capacity_ = 0;
+}
+
+void CudaCopyEngine::HarvestCopyRates() {
+  if (!rates_pending_ || cudaEventQuery(measure_.copy_end) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  rates_pending_ = false;
+  float staging_ms = 0, to_host_ms = 0;
+  if (cudaEventElapsedTime(&staging_ms, measure_.copy_begin, measure_.staged) != cudaSuccess ||
+      cudaEventElapsedTime(&to_host_ms, measure_.staged, measure_.copy_end) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  // Small copies say little about the rate: they are mostly launch latency.
+  constexpr uint64_t kMinBytes = uint64_t{1} << 20;
+  absl::MutexLock lock(&mu_);
+  if (rates_staged_bytes_ >= kMinBytes && staging_ms > 0) {
+    d2d_rate_.Add(static_cast<double>(rates_staged_bytes_) / (staging_ms / 1e3));
+  }
+  if (rates_d2h_bytes_ >= kMinBytes && to_host_ms > 0) {
+    d2h_rate_.Add(static_cast<double>(rates_d2h_bytes_) / (to_host_ms / 1e3));
+  }
+}
+
+void CudaCopyEngine::HarvestWindowLocked() {
+  if (window_ != Window::kEnded) return;
+  if (cudaEventQuery(measure_.window_end) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  window_ = Window::kIdle;
+  float ms = 0;
+  if (cudaEventElapsedTime(&ms, measure_.window_start, measure_.window_end) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  window_s_.Add(ms / 1e3);
+  ++stats_.windows_measured;
+}
+
+absl::Status CudaCopyEngine::SetStaging(const StagingOptions& options) {
+  TESSERA_RETURN_IF_ERROR(ValidateStagingOptions(options));
+  absl::MutexLock lock(&mu_);
+  staging_ = options;
+  return absl::OkStatus();
+}
+
 absl::Status CudaCopyEngine::Fence(void* stream) {
   ScopedDevice scoped;
   TESSERA_RETURN_IF_ERROR(scoped.Enter(device_));
@@ -409,15 +755,27 @@ absl::Status CudaCopyEngine::Fence(void* stream) {
   for (uint64_t abandoned : internal::AwaitAllIssued(mu_, tickets_, timeout, stats_)) {
     ReleaseEventsLocked(abandoned);
   }
+  HarvestWindowLocked();
+  if (window_ == Window::kStarted &&
+      cudaEventRecord(measure_.window_end, static_cast<cudaStream_t>(stream)) == cudaSuccess) {
+    window_ = Window::kEnded;
+  }
   if (fence_ticket_ == 0) return absl::OkStatus();
-  const cudaEvent_t done = in_flight_.at(fence_ticket_).events.done;
-  const cudaError_t query = cudaEventQuery(done);
-  if (query == cudaSuccess) {
+  const EventPair& events = in_flight_.at(fence_ticket_).events;
+  const cudaError_t done = cudaEventQuery(events.done);
+  if (done == cudaSuccess) {
     RetireThroughLocked(fence_ticket_);
     return absl::OkStatus();
   }
-  if (query != cudaErrorNotReady) return CudaStatus(query, "cudaEventQuery(copies done)");
-  return CudaStatus(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), done, 0),
+  if (done != cudaErrorNotReady) return CudaStatus(done, "cudaEventQuery(copies done)");
+  // The copy stream runs in order: the newest ticket's released event follows every earlier
+  // ticket's copies.
+  const cudaError_t released = cudaEventQuery(events.released);
+  if (released == cudaSuccess) return absl::OkStatus();
+  if (released != cudaErrorNotReady) {
+    return CudaStatus(released, "cudaEventQuery(sources released)");
+  }
+  return CudaStatus(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), events.released, 0),
                     "cudaStreamWaitEvent(fence)");
 }
 
@@ -458,8 +816,17 @@ absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
   TESSERA_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(copy_stream_, restore_event_, 0),
                                      "cudaStreamWaitEvent(restore start)"));
   TransferCounts counts;
+  std::vector<RoutedOp> device_ops;
   std::vector<CopyOp> host_ops;
-  absl::Status status = EnqueueDeviceCopies(ops, &host_ops, &counts);
+  absl::Status status = RouteOps(ops, &device_ops, &host_ops, &counts);
+  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes,
+                           r.src == Where::kDevice ? (r.dst == Where::kDevice ? "D2D" : "D2H")
+                                                   : "H2D",
+                           &counts);
+    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
+  }
   if (status.ok()) {
     internal::CopyHostMemory(host_ops, options_.host_copy_threads,
                              options_.host_parallel_min_bytes);
@@ -476,7 +843,11 @@ absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
 
 CopyEngineStats CudaCopyEngine::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  CopyEngineStats stats = stats_;
+  stats.window_ns = window_s_.value() < 0 ? -1 : static_cast<int64_t>(window_s_.value() * 1e9);
+  stats.d2h_bytes_per_s = d2h_rate_.value();
+  stats.d2d_bytes_per_s = d2d_rate_.value();
+  return stats;
 }
 
 absl::Status CudaCopyEngine::AcquireEventsLocked(EventPair* events) {
@@ -490,13 +861,17 @@ absl::Status CudaCopyEngine::AcquireEventsLocked(EventPair* events) {
     return absl::OkStatus();
   }
   EventPair created;
-  TESSERA_RETURN_IF_ERROR(
-      CudaStatus(cudaEventCreateWithFlags(&created.start, cudaEventDisableTiming),
-                 "cudaEventCreateWithFlags"));
-  const absl::Status status = CudaStatus(
-      cudaEventCreateWithFlags(&created.done, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  absl::Status status;
+  for (cudaEvent_t* event : {&created.start, &created.released, &created.done}) {
+    if (status.ok()) {
+      status = CudaStatus(cudaEventCreateWithFlags(event, cudaEventDisableTiming),
+                          "cudaEventCreateWithFlags");
+    }
+  }
   if (!status.ok()) {
-    cudaEventDestroy(created.start);
+    for (cudaEvent_t event : {created.start, created.released, created.done}) {
+      if (event != nullptr) cudaEventDestroy(event);
+    }
     return status;
   }
   *events = created;

@@ -41,6 +41,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "cuda/staging_plan.h"
 
 namespace tessera::cuda {
 
@@ -53,6 +54,20 @@ struct CopyOp {
   const void* src;
   size_t bytes;
 };
+
+// GPU staging (see staging_plan.h): device-to-host bytes first copied device-to-device into a
+// staging buffer, so that the fence waits only for that copy and the device-to-host copies that
+// were not staged.
+struct StagingOptions {
+  StagingMode mode = StagingMode::kOff;
+  // GPU memory the staging buffer may take. 0: `budget_free_fraction` of the device's free memory
+  // (plus the buffer's own size) when the buffer would grow.
+  uint64_t budget_bytes = 0;
+  double budget_free_fraction = 0.5;  // in (0, 1]
+};
+
+// kInvalidArgument naming the field, for a fraction outside (0, 1].
+absl::Status ValidateStagingOptions(const StagingOptions& options);
 
 struct CopyEngineOptions {
   // Device copies are enqueued in pieces of at most this many bytes, so that one huge tensor
@@ -67,6 +82,7 @@ struct CopyEngineOptions {
   // fresh shm pages every setting runs at the page-fault rate (about 1.9 GB/s).
   int host_copy_threads = 2;
   size_t host_parallel_min_bytes = size_t{16} << 20;
+  StagingOptions staging;
 };
 
 // Monotonic counters since the engine was created.
@@ -86,6 +102,21 @@ struct CopyEngineStats {
   uint64_t bytes_device_to_pageable_host = 0;
   uint64_t device_copy_chunks = 0;  // cudaMemcpyAsync calls made by IssueCopies
   uint64_t bytes_copied_sync = 0;   // bytes copied by CopySync, every direction
+
+  // Staging. bytes_staged counts device-to-device copies into the staging buffer (also counted,
+  // as they go on to the host, in bytes_device_to_host).
+  uint64_t bytes_staged = 0;
+  uint64_t staging_budget_short = 0;    // snapshots whose plan wanted more than the budget
+  uint64_t staging_alloc_failures = 0;  // staging buffers the device could not allocate
+  uint64_t staging_buffer_bytes = 0;    // the buffer's size now
+  // The last snapshot's plan, and the measurements it was made from (smoothed; < 0: unknown).
+  uint64_t plan_staged_bytes = 0;
+  uint64_t plan_device_to_host_bytes = 0;
+  int64_t plan_expected_stall_ns = -1;
+  int64_t window_ns = -1;          // GPU time from the snapshot point to the next fence
+  double d2h_bytes_per_s = -1;     // device-to-host rate of snapshot copies
+  double d2d_bytes_per_s = -1;     // device-to-device rate of staging copies
+  uint64_t windows_measured = 0;
 };
 
 class CopyEngine {
@@ -132,7 +163,10 @@ class CopyEngine {
 
   // Copies the snapshot `ticket`: the copy stream waits for the snapshot point, the device copies
   // are enqueued in chunks of options.chunk_bytes, then a done-event is recorded and the call
-  // returns without waiting for them. Ops whose source and destination are both host memory are
+  // returns without waiting for them. With staging (StagingOptions), the device-to-host bytes
+  // the plan picks are first copied device-to-device into the staging buffer, then the others
+  // device-to-host, and only then the staged ones from the buffer to the host: Fence waits for
+  // the first two, not the third. Ops whose source and destination are both host memory are
   // then copied with memcpy on the calling thread, once the compute stream has reached the
   // snapshot point (so host memory written by GPU work queued before it is copied as written);
   // with such ops the call blocks until that point.
@@ -150,9 +184,11 @@ class CopyEngine {
   virtual absl::Status IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) = 0;
 
   // Makes `stream` (a cudaStream_t, nullptr the legacy default stream) wait, on the GPU, until the
-  // copies of every ticket marked so far have completed, so that work enqueued on it afterwards
-  // may overwrite their sources. If a marked ticket is not issued yet, first waits on the CPU
-  // until it is (counted in stats), or abandons it after options.fence_issue_timeout_ms.
+  // copies of every ticket marked so far have read their sources (staged bytes: once they are in
+  // the staging buffer), so that work enqueued on it afterwards may overwrite them. If a marked
+  // ticket is not issued yet, first waits on the CPU until it is (counted in stats), or abandons
+  // it after options.fence_issue_timeout_ms. The first Fence after a snapshot point also marks
+  // the end of that snapshot's window on `stream` (the staging plan's measurement).
   // The host engine returns once every marked ticket's copies are done.
   virtual absl::Status Fence(void* stream) = 0;
 
@@ -169,6 +205,10 @@ class CopyEngine {
   virtual absl::Status CopySync(const std::vector<CopyOp>& ops) = 0;
 
   virtual CopyEngineStats stats() const = 0;
+
+  // Changes the staging of the snapshots issued from now on. The host engine, which has nothing
+  // to stage, accepts and ignores it. Errors: ValidateStagingOptions's.
+  virtual absl::Status SetStaging(const StagingOptions& options);
 };
 
 // The Status for a CUDA runtime result (a cudaError_t): OK for cudaSuccess, otherwise

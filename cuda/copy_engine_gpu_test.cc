@@ -544,6 +544,160 @@ TEST_F(GpuCopyEngineTest, MarkAndFenceTakeMicroseconds) {
   EXPECT_LT(percentile(fence_us, 0.5), 100.0);
 }
 
+// Staging: snapshots whose sources the "optimizer" overwrites right after the fence.
+class StagingTest : public GpuCopyEngineTest {
+ protected:
+  // A new engine with `staging`, new tensors and a new slot.
+  void Prepare(const StagingOptions& staging) {
+    slot_.reset();  // unregisters from the engine it was made with
+    CopyEngineOptions options;
+    options.staging = staging;
+    engine_ = CopyEngine::Create(0, options);
+    ASSERT_TRUE(engine_->has_gpu());
+    tensors_ = std::make_unique<DeviceTensors>();
+    ASSERT_OK(tensors_->Allocate(TensorSizes(TestBytes())));
+    slot_ = std::make_unique<ShmSlot>(engine_.get(), tensors_->slot_bytes());
+    ASSERT_OK(slot_->Open());
+  }
+
+  void TearDown() override {
+    slot_.reset();
+    GpuCopyEngineTest::TearDown();
+  }
+
+  static uint64_t TotalBytes() {
+    uint64_t sum = 0;
+    for (size_t bytes : TensorSizes(TestBytes())) sum += bytes;
+    return sum;
+  }
+
+  // Fills the tensors with `seed`, marks the snapshot point, keeps the compute stream busy for
+  // `window_ns` (forward and backward), fences, and overwrites every tensor at once (the
+  // optimizer step), while an agent thread issues and waits for the copies. The slot must hold
+  // the state of the snapshot point.
+  void SnapshotAndOverwrite(uint64_t seed, uint64_t window_ns) {
+    ASSERT_OK(tensors_->Fill(seed, compute_));
+    absl::StatusOr<uint64_t> ticket = engine_->MarkSnapshotPoint(compute_);
+    ASSERT_TRUE(ticket.ok()) << ticket.status();
+    absl::Status issued, waited;
+    std::thread agent([&] {
+      issued = engine_->IssueCopies(*ticket, tensors_->SnapshotOps(slot_->data()));
+      waited = engine_->WaitCopies(*ticket);
+    });
+    if (window_ns > 0) CUDA_ASSERT(Spin(window_ns, compute_));
+    const absl::Status fenced = engine_->Fence(compute_);
+    const absl::Status overwritten = tensors_->Fill(seed + kNewSeedOffset, compute_);
+    agent.join();
+    ASSERT_OK(fenced);
+    ASSERT_OK(overwritten);
+    ASSERT_OK(issued);
+    ASSERT_OK(waited);
+    CUDA_ASSERT(cudaStreamSynchronize(compute_));
+    ASSERT_EQ(tensors_->CheckSlot(slot_->data(), seed), "") << "seed " << seed;
+  }
+
+  std::unique_ptr<DeviceTensors> tensors_;
+  std::unique_ptr<ShmSlot> slot_;
+};
+
+TEST_F(StagingTest, EveryModeHoldsTheSnapshotPointWhenTheOptimizerOverwritesAtOnce) {
+  struct Case {
+    const char* name;
+    StagingMode mode;
+    int budget_divisor;  // budget = total / divisor; 0: the default fraction of free memory
+  };
+  for (const Case& c : {Case{"off", StagingMode::kOff, 0}, Case{"partial", StagingMode::kFull, 3},
+                        Case{"full", StagingMode::kFull, 0}}) {
+    SCOPED_TRACE(c.name);
+    const uint64_t total = TotalBytes();
+    const uint64_t budget = c.budget_divisor > 0 ? total / c.budget_divisor : 0;
+    ASSERT_NO_FATAL_FAILURE(Prepare({c.mode, budget, 0.5}));
+    for (uint64_t i = 0; i < 3; ++i) {
+      SnapshotAndOverwrite(seed_ + 100 * i, 0);
+      if (HasFatalFailure()) return;
+    }
+    const CopyEngineStats stats = engine_->stats();
+    std::cout << c.name << ": staged " << stats.bytes_staged << " of "
+              << stats.bytes_device_to_host << " bytes, buffer " << stats.staging_buffer_bytes
+              << "\n";
+    EXPECT_EQ(stats.bytes_device_to_host, 3 * total);
+    switch (c.mode) {
+      case StagingMode::kOff:
+        EXPECT_EQ(stats.bytes_staged, 0u);
+        EXPECT_EQ(stats.staging_buffer_bytes, 0u);
+        break;
+      case StagingMode::kFull:
+        if (budget > 0) {
+          EXPECT_EQ(stats.plan_staged_bytes, budget);
+          EXPECT_EQ(stats.bytes_staged, 3 * budget);
+          EXPECT_EQ(stats.staging_budget_short, 3u);
+        } else {
+          EXPECT_EQ(stats.plan_staged_bytes, total);
+          EXPECT_EQ(stats.bytes_staged, 3 * total);
+        }
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
+  const uint64_t total = TotalBytes();
+  ASSERT_NO_FATAL_FAILURE(Prepare({StagingMode::kAdaptive, 2 * total, 0.5}));
+  // Nothing measured yet: everything is staged. A window of nothing keeps it so.
+  for (uint64_t i = 0; i < 3; ++i) ASSERT_NO_FATAL_FAILURE(SnapshotAndOverwrite(seed_ + i, 0));
+  CopyEngineStats stats = engine_->stats();
+  ASSERT_GT(stats.d2h_bytes_per_s, 0) << "the device-to-host rate was not measured";
+  EXPECT_EQ(stats.plan_staged_bytes, total);
+  const double copy_s = total / stats.d2h_bytes_per_s;
+  std::cout << "measured " << stats.d2h_bytes_per_s / 1e9 << " GB/s to host, "
+            << stats.d2d_bytes_per_s / 1e9 << " GB/s staging; copy " << copy_s * 1e3 << " ms\n";
+
+  // A window of half the copy: part of it is staged.
+  for (uint64_t i = 0; i < 8; ++i) {
+    ASSERT_NO_FATAL_FAILURE(
+        SnapshotAndOverwrite(seed_ + 10 + i, static_cast<uint64_t>(copy_s * 0.5e9)));
+  }
+  stats = engine_->stats();
+  std::cout << "window " << stats.window_ns / 1e6 << " ms: staged " << stats.plan_staged_bytes
+            << " of " << total << " bytes, expected stall " << stats.plan_expected_stall_ns
+            << " ns\n";
+  EXPECT_GT(stats.plan_staged_bytes, 0u);
+  EXPECT_LT(stats.plan_staged_bytes, total);
+
+  // A window four times the copy: nothing is staged.
+  for (uint64_t i = 0; i < 3; ++i) {
+    ASSERT_NO_FATAL_FAILURE(
+        SnapshotAndOverwrite(seed_ + 20 + i, static_cast<uint64_t>(copy_s * 4e9)));
+  }
+  stats = engine_->stats();
+  std::cout << "window " << stats.window_ns / 1e6 << " ms: staged " << stats.plan_staged_bytes
+            << " bytes\n";
+  EXPECT_EQ(stats.plan_staged_bytes, 0u);
+  EXPECT_EQ(stats.plan_expected_stall_ns, 0);
+  EXPECT_GE(stats.windows_measured, 10u);
+}
+
+TEST_F(StagingTest, ABufferTheDeviceCannotAllocateFallsBackToTheFence) {
+  const uint64_t total = TotalBytes();
+  ASSERT_NO_FATAL_FAILURE(Prepare({StagingMode::kFull, total, 0.5}));
+  // Leave the device less free memory than the staging buffer needs.
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_ASSERT(cudaMemGetInfo(&free_bytes, &total_bytes));
+  void* hog = nullptr;
+  const size_t hog_bytes = free_bytes - std::min<size_t>(free_bytes, total / 4);
+  CUDA_ASSERT(cudaMalloc(&hog, hog_bytes));
+  for (uint64_t i = 0; i < 3 && !HasFatalFailure(); ++i) SnapshotAndOverwrite(seed_ + i, 0);
+  cudaFree(hog);
+  ASSERT_FALSE(HasFatalFailure());
+  const CopyEngineStats stats = engine_->stats();
+  std::cout << "allocation failures " << stats.staging_alloc_failures << ", staged "
+            << stats.bytes_staged << " bytes\n";
+  EXPECT_GE(stats.staging_alloc_failures, 1u);
+  EXPECT_LT(stats.bytes_staged, 3 * total);
+}
+
 // A copy the driver refuses: the engine reports it, drains, and goes on working. Its own suite,
 // registered last, so that it runs after the others.
 class GpuCopyEngineErrorTest : public GpuCopyEngineTest {};

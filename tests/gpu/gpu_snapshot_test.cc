@@ -105,14 +105,19 @@ class GpuSnapshotTest : public ::testing::Test {
       const Layout& l = layouts[li];
       std::vector<std::string> argv = TrainerArgs(daemon, absl::StrCat("gpu-", l.name), l, seed_ + li);
       argv.push_back(rng() % 2 ? "--when-busy=wait" : "--when-busy=skip");
+      // Killed while a staged copy drains to host, too: the previous sealed step must stay.
+      static constexpr const char* kStaging[] = {"--staging=off", "--staging=full",
+                                                 "--staging=adaptive"};
+      argv.push_back(kStaging[rng() % 3]);
       auto trainer = Process::Start(argv);
       ASSERT_NE(trainer, nullptr);
       auto first = trainer->ReadUntil(IsStartLine, start_timeout);
       ASSERT_TRUE(first.has_value()) << "kill " << kill << ": the trainer did not start; daemon log:\n"
                                      << daemon.LogTail();
-      SCOPED_TRACE(absl::StrCat("kill ", kill, " layout ", l.name, ": ", *first));
+      SCOPED_TRACE(absl::StrCat("kill ", kill, " layout ", l.name, " ", argv.back(), ": ", *first));
       ASSERT_FALSE(absl::StartsWith(*first, "error")) << *first;
-      std::printf("layout %s kill %d: %s\n", l.name, kill / static_cast<int>(n), first->c_str());
+      std::printf("layout %s kill %d (%s): %s\n", l.name, kill / static_cast<int>(n),
+                  argv.back().c_str(), first->c_str());
       if (last_sealed[li] >= 0) {
         auto resumed = ParseEvent(*first, "resumed");
         ASSERT_TRUE(resumed.has_value()) << "a sealed step " << last_sealed[li] << " was lost";

@@ -22,7 +22,8 @@
 namespace {
 
 struct Flags {
-  std::string socket, job = "gpu-trainer-job", mode = "train", when_busy = "skip";
+  std::string socket, job = "gpu-trainer-job", mode = "train", when_busy = "skip",
+              staging = "adaptive";
   uint64_t seed = 1, tensors = 8, min_bytes = 1, max_bytes = 1 << 20, total_bytes = 64 << 20;
   uint64_t steps = 0, every = 1, step_sleep_ms = 0, device = 0;
 };
@@ -33,7 +34,8 @@ bool Parse(int argc, char** argv, Flags* f) {
       {"max-bytes", &f->max_bytes}, {"total-bytes", &f->total_bytes}, {"steps", &f->steps},
       {"every", &f->every},         {"step-sleep-ms", &f->step_sleep_ms}, {"device", &f->device}};
   std::map<std::string, std::string*> strings = {
-      {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy}};
+      {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy},
+      {"staging", &f->staging}};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const size_t eq = arg.find('=');
@@ -95,6 +97,9 @@ int main(int argc, char** argv) {
   options.device = static_cast<int>(f.device);
   options.when_busy = f.when_busy == "wait" ? tessera::Client::BusyPolicy::kWait
                                             : tessera::Client::BusyPolicy::kSkip;
+  auto staging = tessera::cuda::ParseStagingMode(f.staging);
+  if (!staging.ok()) return Fail("--staging", staging.status());
+  options.staging.mode = *staging;
   auto client = tessera::Client::Connect(options);
   if (!client.ok()) return Fail("connect", client.status());
 

@@ -205,6 +205,32 @@ def test_replaced_optimizer_tensors_are_registered_again(daemon) -> None:
         assert_bit_equal(expected, opt2.state_dict())
 
 
+def test_a_state_tensor_replaced_inside_its_dict_or_a_moved_parameter_is_registered_again(
+        daemon) -> None:
+    """The per-snapshot check sees a state tensor swapped inside the optimizer's own per-parameter
+    dict, and a parameter whose storage moved; the snapshot then holds the new tensors."""
+    model, opt = make(optimizer="sgd")
+    with tessera.torch.Snapshotter(model, opt, job_id="snap-swapped", every=1,
+                                   socket_path=str(daemon.socket), when_busy="wait") as snap:
+        train_step(model, opt)
+        snap.step(0)
+        snap.wait()
+        for p in model.parameters():
+            state = opt.state[p]
+            state["momentum_buffer"] = state["momentum_buffer"].clone() + 1
+        snap.step(1)
+        snap.wait()
+        model.fc1.weight.data = model.fc1.weight.data.clone() * 2
+        snap.step(2)
+        snap.wait()
+        expected = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    model2, opt2 = make(seed=1, optimizer="sgd")
+    with tessera.torch.Snapshotter(model2, opt2, job_id="snap-swapped",
+                                   socket_path=str(daemon.socket)) as snap2:
+        assert snap2.restore_latest() == 2
+        assert_bit_equal(expected, (model2.state_dict(), opt2.state_dict()))
+
+
 class TiedNet(nn.Module):
     """Batch-norm buffers, which the forward pass updates, and an output tied to the input."""
 
@@ -313,6 +339,15 @@ def test_bad_arguments_are_clear_errors(daemon, monkeypatch) -> None:
         Snapshotter(model, opt, job_id="j", rank=3, world_size=2, socket_path=socket)
     with pytest.raises(tessera.UnavailableError, match="no tesserad answers"):
         Snapshotter(model, opt, job_id="j", socket_path=socket + ".missing")
+    with pytest.raises(tessera.InvalidArgumentError,
+                       match="staging must be 'off', 'full' or 'adaptive', got 'lazy'"):
+        Snapshotter(model, opt, job_id="j", staging="lazy", socket_path=socket)
+    with pytest.raises(tessera.InvalidArgumentError, match=r"must be in \(0, 1\], got 1.5"):
+        Snapshotter(model, opt, job_id="j", staging_budget=1.5, socket_path=socket)
+    with pytest.raises(tessera.InvalidArgumentError, match="staging_budget must be > 0 bytes"):
+        Snapshotter(model, opt, job_id="j", staging_budget=0, socket_path=socket)
+    with pytest.raises(TypeError, match="staging_budget must be bytes"):
+        Snapshotter(model, opt, job_id="j", staging_budget="1G", socket_path=socket)  # type: ignore
     monkeypatch.delenv("TESSERA_JOB_ID", raising=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(tessera.InvalidArgumentError, match="no job id"):
@@ -369,6 +404,48 @@ def test_cuda_tensors_round_trip(daemon) -> None:
         assert snap.restore_latest() == 0
         assert_bit_equal(expected,
                          (model.state_dict(), opt.state_dict(), torch.cuda.get_rng_state()))
+
+
+@pytest.mark.parametrize("staging,budget", [("off", None), ("full", None),
+                                            ("adaptive", None), ("adaptive", 4096)])
+def test_cuda_snapshot_holds_its_step_in_every_staging_mode(daemon, staging, budget) -> None:
+    """The optimizer runs at once after each snapshot (its pre-hook fences): whatever was staged,
+    the snapshot holds the state of its own step, bit-exact. A 4 KiB budget stages almost
+    nothing and falls back to the fence for the rest."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the GPU copy path is tested on a GPU machine")
+    torch.manual_seed(7)
+    model = Net(width=4096).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x = torch.randn(64, 8, device="cuda")
+    job = f"snap-staging-{staging}-{budget}"
+    with tessera.torch.Snapshotter(model, opt, job_id=job, every=1, staging=staging,
+                                   staging_budget=budget, socket_path=str(daemon.socket),
+                                   when_busy="wait") as snap:
+        for step in range(7):
+            model(x).square().mean().backward()
+            opt.step()  # fences the previous snapshot's copies
+            opt.zero_grad()
+            if step < 6:
+                snap.step(step)
+            if step == 5:
+                expected = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        snap.wait()
+        stats = snap.stats()
+        assert stats.sealed == 6 and stats.failed == 0, stats
+        if staging == "off":
+            assert stats.bytes_staged == 0, stats
+        elif budget is None:
+            assert stats.bytes_staged > 0, stats
+        else:
+            assert stats.staging_budget_short > 0 and stats.staging_alloc_failures == 0, stats
+            assert stats.staging_buffer_bytes <= 2 << 20, stats
+    model2 = Net(width=4096).cuda()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.01)
+    with tessera.torch.Snapshotter(model2, opt2, job_id=job,
+                                   socket_path=str(daemon.socket)) as snap2:
+        assert snap2.restore_latest() == 5
+        assert_bit_equal(expected, (model2.state_dict(), opt2.state_dict()))
 
 
 def test_readme_snippet_runs_and_resumes(daemon, monkeypatch) -> None:

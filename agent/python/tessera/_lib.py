@@ -63,6 +63,17 @@ class CStats(ctypes.Structure):
         ("bytes_copied", ctypes.c_uint64),
         ("last_sealed_step", ctypes.c_int64),
         ("has_gpu", ctypes.c_int32),
+        ("bytes_staged", ctypes.c_uint64),
+        ("plan_staged_bytes", ctypes.c_uint64),
+        ("plan_device_to_host_bytes", ctypes.c_uint64),
+        ("plan_expected_stall_ns", ctypes.c_int64),
+        ("window_ns", ctypes.c_int64),
+        ("d2h_bytes_per_s", ctypes.c_double),
+        ("d2d_bytes_per_s", ctypes.c_double),
+        ("staging_buffer_bytes", ctypes.c_uint64),
+        ("staging_budget_short", ctypes.c_uint64),
+        ("staging_alloc_failures", ctypes.c_uint64),
+        ("fence_cpu_waits", ctypes.c_uint64),
     ]
 
 
@@ -126,6 +137,10 @@ def _declare(lib: ctypes.CDLL) -> None:
             ctypes.c_int,
         ),
         "tessera_get_stats": ([c_client_p, ctypes.POINTER(CStats)], ctypes.c_int),
+        "tessera_set_staging": (
+            [c_client_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_double],
+            ctypes.c_int,
+        ),
         "tessera_close": ([c_client_p, ctypes.c_int32], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():

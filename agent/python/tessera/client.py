@@ -138,6 +138,28 @@ class Stats:
     """The newest step this client sealed, None before the first."""
     has_gpu: bool
     """Whether the client copies with the CUDA engine."""
+    bytes_staged: int = 0
+    """Bytes copied device-to-device into the staging buffer, in all."""
+    plan_staged_bytes: int = 0
+    """The last snapshot's plan: bytes staged, of `plan_device_to_host_bytes`."""
+    plan_device_to_host_bytes: int = 0
+    """The last snapshot's device-to-host bytes."""
+    plan_expected_stall_s: Optional[float] = None
+    """The fence's expected wait beyond the window under that plan; None: not measured yet."""
+    window_s: Optional[float] = None
+    """GPU time from a snapshot to the next fence (smoothed); None: not measured yet."""
+    d2h_bytes_per_s: Optional[float] = None
+    """Measured device-to-host rate of snapshot copies (smoothed)."""
+    d2d_bytes_per_s: Optional[float] = None
+    """Measured device-to-device rate of staging copies (smoothed)."""
+    staging_buffer_bytes: int = 0
+    """GPU memory the staging buffer holds now."""
+    staging_budget_short: int = 0
+    """Snapshots whose plan wanted more staging than the budget allowed."""
+    staging_alloc_failures: int = 0
+    """Staging buffers the device could not allocate (those snapshots fell back to the fence)."""
+    fence_cpu_waits: int = 0
+    """Fences that waited on the CPU for the snapshot's copies to be issued."""
 
 
 StreamLike = Union[None, int, Any]
@@ -425,4 +447,46 @@ class Client:
             bytes_copied=raw.bytes_copied,
             last_sealed_step=None if raw.last_sealed_step < 0 else raw.last_sealed_step,
             has_gpu=bool(raw.has_gpu),
+            bytes_staged=raw.bytes_staged,
+            plan_staged_bytes=raw.plan_staged_bytes,
+            plan_device_to_host_bytes=raw.plan_device_to_host_bytes,
+            plan_expected_stall_s=(None if raw.plan_expected_stall_ns < 0
+                                   else raw.plan_expected_stall_ns / 1e9),
+            window_s=None if raw.window_ns < 0 else raw.window_ns / 1e9,
+            d2h_bytes_per_s=None if raw.d2h_bytes_per_s <= 0 else raw.d2h_bytes_per_s,
+            d2d_bytes_per_s=None if raw.d2d_bytes_per_s <= 0 else raw.d2d_bytes_per_s,
+            staging_buffer_bytes=raw.staging_buffer_bytes,
+            staging_budget_short=raw.staging_budget_short,
+            staging_alloc_failures=raw.staging_alloc_failures,
+            fence_cpu_waits=raw.fence_cpu_waits,
         )
+
+    def set_staging(self, mode: str = "adaptive", budget_bytes: int = 0,
+                    budget_free_fraction: float = 0.5) -> None:
+        """GPU staging of the snapshots started from now on.
+
+        Args:
+            mode: "off" (the fence before the optimizer step waits for the whole device-to-host
+                copy), "full" (copy every byte the budget allows device-to-device first, so the
+                fence waits only for that) or "adaptive" (the default: stage the fewest bytes that
+                keep the fence from stalling, from the measured window and copy rate).
+            budget_bytes: GPU memory the staging buffer may take; 0: `budget_free_fraction` of
+                the device's free memory.
+            budget_free_fraction: in (0, 1].
+
+        Raises:
+            InvalidArgumentError: a bad mode or fraction.
+        """
+        if mode not in ("off", "full", "adaptive"):
+            raise InvalidArgumentError(
+                f"staging mode must be 'off', 'full' or 'adaptive', got {mode!r}")
+        budget_bytes = _as_int(budget_bytes, "budget_bytes")
+        if budget_bytes < 0:
+            raise InvalidArgumentError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if not isinstance(budget_free_fraction, (int, float)) or isinstance(budget_free_fraction,
+                                                                           bool):
+            raise TypeError("budget_free_fraction must be a float, got "
+                            f"{type(budget_free_fraction).__name__}")
+        _lib.check(self._lib.tessera_set_staging(self._h(), mode.encode(), budget_bytes,
+                                                 float(budget_free_fraction)),
+                   "tessera_set_staging")

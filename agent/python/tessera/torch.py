@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import operator
 import os
 import pickle
 import random
@@ -117,6 +118,23 @@ def _env_int(name: str) -> Optional[int]:
             f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _staging_budget(budget: Optional[Union[int, float]]) -> Tuple[int, float]:
+    """(budget_bytes, budget_free_fraction) for `Client.set_staging`."""
+    if budget is None:
+        return 0, 0.5
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError("staging_budget must be bytes (an int) or a fraction of the free GPU "
+                        f"memory (a float), got {type(budget).__name__}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise InvalidArgumentError(f"staging_budget must be > 0 bytes, got {budget}")
+        return budget, 0.5
+    if not 0 < budget <= 1:
+        raise InvalidArgumentError(
+            f"staging_budget as a fraction of free GPU memory must be in (0, 1], got {budget}")
+    return 0, float(budget)
+
+
 def _check_int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
@@ -172,6 +190,18 @@ class _Registered:
     cuda_devices: List[int]  # whose RNG states are saved
     stream_device: Optional[torch.device]  # whose current stream snapshots and fences use
     has_model_other: bool  # the model's state_dict has non-tensor entries
+    # What `Snapshotter._changed` compares, flattened so that each check is one C-level map:
+    optimizer_state: Any  # the optimizer's `state` mapping itself
+    params: List[torch.Tensor]  # the optimizer's parameters, in state_dict order
+    state_dicts: List[Optional[Dict[Any, Any]]]  # optimizer.state.get(p) for each of them
+    state_sizes: List[int]  # their lengths (0 for None)
+    tensor_dicts: List[Dict[Any, Any]]  # for each optimizer tensor: its state dict, key, tensor
+    tensor_keys: List[Any]
+    tensor_values: List[torch.Tensor]
+    model_list: List[torch.Tensor]  # the model's tensors and their addresses
+    model_addresses: List[int]
+    # (param index, key, state dict) of the optimizer's non-tensor state values
+    other_refs: List[Tuple[int, Any, Dict[Any, Any]]]
 
 
 class Snapshotter:
@@ -201,6 +231,13 @@ class Snapshotter:
         fence_forward: also fence before the model's forward pass. Default: only when the model's
             state_dict has buffers, which a forward may update (batch-norm statistics). On a GPU
             this makes the forward wait for the snapshot's copies.
+        staging: on a GPU, how the optimizer step is kept from waiting for a device-to-host copy
+            that outlasts forward and backward: "adaptive" (default) measures that window and the
+            copy rate and first copies device-to-device, into a staging buffer, just the bytes
+            that would not fit; "full" stages everything; "off" lets the fence wait for the
+            whole copy. See `stats` for the plan.
+        staging_budget: GPU memory the staging buffer may take: bytes (an int), or a fraction of
+            the device's free memory (a float in (0, 1]). Default 0.5 of the free memory.
 
     Raises:
         TypeError, InvalidArgumentError: bad arguments.
@@ -222,6 +259,8 @@ class Snapshotter:
         when_busy: str = "skip",
         use_gpu: bool = True,
         fence_forward: Optional[bool] = None,
+        staging: str = "adaptive",
+        staging_budget: Optional[Union[int, float]] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -263,9 +302,18 @@ class Snapshotter:
         devices = {t.device for t in self._model_state(model)[0].values()}
         cuda = sorted(d.index if d.index is not None else torch.cuda.current_device()
                       for d in devices if d.type == "cuda")
+        if staging not in ("off", "full", "adaptive"):
+            raise InvalidArgumentError(
+                f"staging must be 'off', 'full' or 'adaptive', got {staging!r}")
+        budget_bytes, budget_fraction = _staging_budget(staging_budget)
         if cuda:
             with torch.cuda.device(cuda[0]):  # the library's copy engine uses the current device
                 self._client = Client(self.socket_path, when_busy=when_busy, use_gpu=use_gpu)
+            try:
+                self._client.set_staging(staging, budget_bytes, budget_fraction)
+            except BaseException:
+                self.close()
+                raise
         else:
             # A model on the CPU needs no CUDA context, even where a GPU exists.
             self._client = Client(self.socket_path, when_busy=when_busy, use_gpu=False)
@@ -491,6 +539,9 @@ class Snapshotter:
 
         self._registered = None
         self._client.register(self.job_id, self.rank, self.world_size, entries)
+        params = self._params() if self.optimizer is not None else []
+        state = self.optimizer.state if self.optimizer is not None else {}
+        state_dicts = [state.get(p) for p in params]
         self._registered = _Registered(
             tensor_names=names,
             model_tensors=[(k, t, t.data_ptr()) for k, t in model_tensors.items()],
@@ -499,11 +550,46 @@ class Snapshotter:
             cuda_devices=cuda_devices,
             stream_device=stream_device,
             has_model_other=bool(model_other),
+            optimizer_state=state,
+            params=params,
+            state_dicts=state_dicts,
+            state_sizes=[0 if d is None else len(d) for d in state_dicts],
+            tensor_dicts=[state_dicts[i] for i, _, _ in optimizer_tensors],
+            tensor_keys=[key for _, key, _ in optimizer_tensors],
+            tensor_values=[t for _, _, t in optimizer_tensors],
+            model_list=list(model_tensors.values()),
+            model_addresses=[t.data_ptr() for t in model_tensors.values()],
+            other_refs=[(i, key, state_dicts[i]) for i, key in optimizer_other],
         )
         self._fence_pending = False
         _log.info("registered job %s rank %d/%d: %d tensors (%d bytes), %d blobs", self.job_id,
                   self.rank, self.world_size, len(names),
                   sum(e.nbytes for e in entries[: len(names)]), len(self._blobs))
+
+    def _changed(self) -> Optional[str]:
+        """Why the registration no longer matches the live model and optimizer, or None when it
+        does. The same verdict as `_moved` on the optimizer's state, in a few C-level passes
+        instead of a Python loop over every tensor: it runs at every snapshot."""
+        reg = self._registered
+        if reg is None:
+            return "nothing is registered yet"
+        if list(map(torch.Tensor.data_ptr, reg.model_list)) != reg.model_addresses:
+            return self._moved(self._optimizer_state()[0])
+        optimizer = self.optimizer
+        if optimizer is None:
+            return None
+        if optimizer.state is not reg.optimizer_state:
+            return "the optimizer's state was replaced (load_state_dict)"
+        params = self._params()
+        if len(params) != len(reg.params) or not all(map(operator.is_, params, reg.params)):
+            return "the optimizer's parameters changed"
+        dicts = list(map(optimizer.state.get, params))
+        if (not all(map(operator.is_, dicts, reg.state_dicts))
+                or [0 if d is None else len(d) for d in dicts] != reg.state_sizes
+                or not all(map(operator.is_, map(dict.get, reg.tensor_dicts, reg.tensor_keys),
+                               reg.tensor_values))):
+            return self._moved(self._optimizer_state()[0]) or "the optimizer's state changed"
+        return None
 
     def _moved(self, optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]) -> Optional[str]:
         """Why the registration no longer matches the live tensors (`optimizer_tensors` are the
@@ -612,14 +698,14 @@ class Snapshotter:
         """
         _check_int(step, "step", 0)
         start = time.perf_counter()
-        optimizer_tensors, optimizer_other = self._optimizer_state()
-        why = self._moved(optimizer_tensors)
+        why = self._changed()
         if why is not None:
             if self._registered is not None:
                 _log.info("registering again before step %d: %s", step, why)
             self._register()
         reg = self._registered
         assert reg is not None
+        optimizer_other = {(i, key): d[key] for i, key, d in reg.other_refs}
         payloads = self._blob_payloads(reg.cuda_devices, reg.has_model_other, optimizer_other)
         for name, (data, _) in payloads.items():
             self._blobs[name].check_fits(data)
@@ -637,6 +723,16 @@ class Snapshotter:
             self._fence_pending = True
         self.last_snapshot_seconds = time.perf_counter() - start
         return started
+
+    def set_staging(self, staging: str,
+                    staging_budget: Optional[Union[int, float]] = None) -> None:
+        """Changes the GPU staging of the snapshots started from now on (see the constructor's
+        `staging` and `staging_budget`). No effect on a model without CUDA tensors."""
+        if staging not in ("off", "full", "adaptive"):
+            raise InvalidArgumentError(
+                f"staging must be 'off', 'full' or 'adaptive', got {staging!r}")
+        budget_bytes, budget_fraction = _staging_budget(staging_budget)
+        self._client.set_staging(staging, budget_bytes, budget_fraction)
 
     def wait(self) -> None:
         """Blocks until the last started snapshot is sealed; raises its error if it failed."""
