@@ -1,0 +1,146 @@
+#include "cli/command.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "cli/format.h"
+
+namespace tessera::cli {
+
+void Context::Progress(const std::string& line) {
+  if (!json()) progress_ << line << std::endl;
+}
+
+absl::StatusOr<AdminClient*> Context::Client() {
+  if (client_) return client_.get();
+  ConnectionOptions options;
+  if (args_.Has("socket") && args_.Has("address")) {
+    return absl::InvalidArgumentError(
+        "--socket and --address both given: use --socket PATH for the daemon on this node, or "
+        "--address HOST:PORT (with --token-file) for one over TCP");
+  }
+  if (args_.Has("token") && args_.Has("token-file")) {
+    return absl::InvalidArgumentError("--token and --token-file both given: use one");
+  }
+  options.socket_path = args_.Get("socket", kDefaultSocketPath);
+  options.address = args_.Get("address");
+  if (!options.address.empty()) {
+    const size_t colon = options.address.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == options.address.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--address \"", options.address, "\": need HOST:PORT, e.g. 10.0.0.1:7070"));
+    }
+    if (args_.Has("token-file")) {
+      const std::string path = args_.Get("token-file");
+      std::ifstream in(path);
+      if (!in) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--token-file ", path, ": cannot read it"));
+      }
+      std::stringstream contents;
+      contents << in.rdbuf();
+      options.token = std::string(absl::StripAsciiWhitespace(contents.str()));
+      if (options.token.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("--token-file ", path, " is empty"));
+      }
+    } else if (args_.Has("token")) {
+      options.token = args_.Get("token");
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--address ", options.address,
+                       " needs the cluster token: --token-file PATH (or --token TOKEN)"));
+    }
+  } else if (args_.Has("token") || args_.Has("token-file")) {
+    return absl::InvalidArgumentError(
+        "--token and --token-file go with --address: over the Unix socket no token is needed");
+  }
+  auto timeout_s = args_.GetDouble("timeout-s", 60, 0);
+  if (!timeout_s.ok()) return timeout_s.status();
+  options.timeout = absl::Milliseconds(static_cast<int64_t>(*timeout_s * 1000));
+  client_ = std::make_unique<AdminClient>(options);
+  return client_.get();
+}
+
+int ExitCodeFor(const absl::Status& status, const Context& ctx) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+      return kExitOk;
+    case absl::StatusCode::kInvalidArgument:
+      return kExitUsage;
+    case absl::StatusCode::kDataLoss:
+      return kExitUnhealthy;
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kPermissionDenied:
+      return ctx.client_made() != nullptr &&
+                     ctx.client_made()->last_failure() == FailureKind::kUnreachable
+                 ? kExitUnreachable
+                 : kExitRefused;
+    default:
+      return kExitRefused;
+  }
+}
+
+std::string HealthName(admin::Health health) {
+  switch (health) {
+    case admin::PROTECTED: return "protected";
+    case admin::DEGRADED: return "DEGRADED";
+    case admin::UNPROTECTED: return "UNPROTECTED";
+    default: return "unknown";
+  }
+}
+
+std::string MemberStateName(admin::MemberStatus::State state) {
+  switch (state) {
+    case admin::MemberStatus::SELF: return "self";
+    case admin::MemberStatus::ALIVE: return "alive";
+    case admin::MemberStatus::SUSPECTED: return "SUSPECTED";
+    case admin::MemberStatus::UNKNOWN: return "UNKNOWN";
+    default: return "unknown";
+  }
+}
+
+Json JobJson(const admin::JobStatus& job) {
+  Json j = Json::Object();
+  j.Set("job", job.job_id());
+  j.Set("world_size", job.world_size());
+  j.Set("newest_step", job.newest_step());
+  j.Set("committed_step", job.committed_step());
+  j.Set("restorable_step", job.restorable_step());
+  std::string health = HealthName(job.health());
+  j.Set("health", absl::AsciiStrToLower(health));
+  j.Set("reason", job.reason());
+  j.Set("k", job.ec_k());
+  j.Set("m", job.ec_m());
+  j.Set("nodes", Json::ArrayOf(job.nodes()));
+  j.Set("drill_target", job.drill_target());
+  j.Set("ranks_here", job.ranks_here());
+  return j;
+}
+
+Json NodeErrorsJson(const google::protobuf::RepeatedPtrField<admin::NodeError>& errors) {
+  Json array = Json::Array();
+  for (const auto& e : errors) {
+    Json j = Json::Object();
+    j.Set("node", e.node_id());
+    j.Set("address", e.address());
+    j.Set("error", e.error());
+    array.Add(std::move(j));
+  }
+  return array;
+}
+
+std::string NodeErrorsText(const google::protobuf::RepeatedPtrField<admin::NodeError>& errors) {
+  std::string text;
+  for (const auto& e : errors) {
+    absl::StrAppend(&text, "  could not ask ", e.node_id().empty() ? e.address() : e.node_id(),
+                    e.node_id().empty() || e.address().empty() ? "" : " (" + e.address() + ")",
+                    ": ", e.error(), "\n");
+  }
+  return text;
+}
+
+}  // namespace tessera::cli
