@@ -111,15 +111,14 @@ absl::Status Admin::AskPeer(const std::string& node_id, StubMethod<Request, Resp
                                             absl::StrJoin(parts_.cluster->LiveNodeIds(), ", ")));
   }
   if (parts_.config->cluster.token.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot ask node '", node_id, "': cluster.token is not set, so daemons "
-                     "cannot call each other's admin service"));
+    return absl::FailedPreconditionError(absl::StrCat("cannot ask node '", node_id,
+                                                      "': cluster.token is not set, so daemons "
+                                                      "cannot call each other's admin service"));
   }
   grpc::ClientContext context;
   context.AddMetadata(kAdminTokenMetadataKey, parts_.config->cluster.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  absl::Status status =
-      FromGrpcStatus((StubFor(*address)->*method)(&context, request, response));
+  absl::Status status = FromGrpcStatus((StubFor(*address)->*method)(&context, request, response));
   if (!status.ok()) {
     return absl::Status(status.code(),
                         absl::StrCat("node '", node_id, "' (", *address, "): ", status.message()));
@@ -152,8 +151,8 @@ std::vector<Admin::PeerAnswer<Response>> Admin::AskPeers(StubMethod<Request, Res
       grpc::ClientContext context;
       context.AddMetadata(kAdminTokenMetadataKey, parts_.config->cluster.token);
       context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-      answer.status = FromGrpcStatus(
-          (StubFor(answer.address)->*method)(&context, request, &answer.response));
+      answer.status =
+          FromGrpcStatus((StubFor(answer.address)->*method)(&context, request, &answer.response));
     });
   }
   for (std::thread& t : threads) t.join();
@@ -292,7 +291,7 @@ absl::Status Admin::GetStatus(const admin::GetStatusRequest& request,
       m->set_node_id(peer.node_id);
       m->set_address(peer.address);
       m->set_incarnation(peer.incarnation);
-      m->set_state(peer.alive                   ? admin::MemberStatus::ALIVE
+      m->set_state(peer.alive                    ? admin::MemberStatus::ALIVE
                    : peer.last_heard_unix_ms < 0 ? admin::MemberStatus::UNKNOWN
                                                  : admin::MemberStatus::SUSPECTED);
       m->set_last_heard_ms_ago(peer.last_heard_unix_ms < 0 ? -1 : now - peer.last_heard_unix_ms);
@@ -312,8 +311,7 @@ absl::Status Admin::GetStatus(const admin::GetStatusRequest& request,
     if (!request.local_only()) {
       admin::GetStatusRequest local;
       local.set_local_only(true);
-      for (auto& answer :
-           AskPeers(&admin::Admin::Stub::GetStatus, local, kPeerCallTimeout)) {
+      for (auto& answer : AskPeers(&admin::Admin::Stub::GetStatus, local, kPeerCallTimeout)) {
         admin::MemberStatus* m = by_address[answer.address];
         if (answer.status.ok()) {
           *m->mutable_info() = answer.response.self();
@@ -355,9 +353,9 @@ absl::Status Admin::ListVersions(const admin::ListVersionsRequest& request,
     std::vector<std::string> known;
     google::protobuf::RepeatedPtrField<admin::NodeError> ignored;
     for (const JobView& v : AssessJobs("", false, &ignored)) known.push_back(v.job_id);
-    return absl::NotFoundError(absl::StrCat(
-        "job '", request.job_id(), "' is not held by any live member; jobs held: ",
-        known.empty() ? std::string("none") : absl::StrJoin(known, ", ")));
+    return absl::NotFoundError(
+        absl::StrCat("job '", request.job_id(), "' is not held by any live member; jobs held: ",
+                     known.empty() ? std::string("none") : absl::StrJoin(known, ", ")));
   }
   const JobView& view = views.front();
   response->set_job_id(view.job_id);
@@ -452,8 +450,8 @@ absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyRes
     for (const auto& n : answer.response.nodes()) *response->add_nodes() = n;
   }
   // Damaged pieces do not count toward restorability.
-  auto damaged = [&](const std::string& node, admin::Damage::Kind kind, uint32_t rank,
-                     int64_t s, uint32_t index) {
+  auto damaged = [&](const std::string& node, admin::Damage::Kind kind, uint32_t rank, int64_t s,
+                     uint32_t index) {
     for (const admin::Damage& d : response->damaged()) {
       if (d.node_id() == node && d.kind() == kind && d.rank() == rank && d.step() == s &&
           (kind == admin::Damage::SHARD || d.fragment_index() == index)) {
@@ -532,8 +530,8 @@ absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyRes
         verdict->set_reason(absl::StrCat("no sealed shard verified and ", r->fragments.size(),
                                          " fragments verified, ", r->k, " needed"));
       } else if (r->k > 0 && r->fragments.size() < r->k + r->m) {
-        verdict->set_reason(absl::StrCat(r->fragments.size(), " of ", r->k + r->m,
-                                         " fragments verified"));
+        verdict->set_reason(
+            absl::StrCat(r->fragments.size(), " of ", r->k + r->m, " fragments verified"));
       } else if (r->k == 0) {
         verdict->set_reason("restorable only from the sealed shard: no fragments held");
       }
@@ -645,10 +643,10 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
   } else {
     auto latest = parts_.coordination->FindLatestRestorable(request.job_id());
     if (!latest.ok()) {
-      return absl::Status(latest.status().code(),
-                          absl::StrCat("no step given, and the newest restorable step of job '",
-                                       request.job_id(), "' is unknown: ",
-                                       latest.status().message()));
+      return absl::Status(
+          latest.status().code(),
+          absl::StrCat("no step given, and the newest restorable step of job '", request.job_id(),
+                       "' is unknown: ", latest.status().message()));
     }
     step = *latest;
   }
@@ -700,8 +698,10 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
                            Segment::Open(info->segment_path, /*writable=*/false));
   if (segment->capacity_bytes() < info->payload_bytes) {
     return absl::DataLossError(absl::StrCat(info->segment_path, " holds ",
-                                            segment->capacity_bytes(), " payload bytes, less than "
-                                            "the shard's ", info->payload_bytes));
+                                            segment->capacity_bytes(),
+                                            " payload bytes, less than "
+                                            "the shard's ",
+                                            info->payload_bytes));
   }
   const uint32_t crc = Crc32c(segment->payload(), info->payload_bytes);
   response->set_actual_crc32c(crc);
@@ -800,10 +800,10 @@ absl::Status Admin::DropMemory(const admin::DropMemoryRequest& request,
     }
     closedir(d);
   }
-  Logger("admin")->warn("DropMemory: losing {} slot and {} fragment segments ({} bytes) and "
-                        "restarting as a new incarnation, as a lost machine would",
-                        response->slots_deleted(), response->fragments_deleted(),
-                        response->bytes_deleted());
+  Logger("admin")->warn(
+      "DropMemory: losing {} slot and {} fragment segments ({} bytes) and "
+      "restarting as a new incarnation, as a lost machine would",
+      response->slots_deleted(), response->fragments_deleted(), response->bytes_deleted());
   if (parts_.drop_memory) parts_.drop_memory();
   return absl::OkStatus();
 }
@@ -822,9 +822,9 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
                    kPeerCallTimeout);
   }
   if (!request.yes() && !IsDrillTarget(request.job_id())) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job '", request.job_id(), "' is not a drill target on node '", parts_.node_id,
-        "': mark it with SetDrillTarget, or set yes to damage it anyway"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("job '", request.job_id(), "' is not a drill target on node '", parts_.node_id,
+                     "': mark it with SetDrillTarget, or set yes to damage it anyway"));
   }
   response->set_node_id(parts_.node_id);
   response->set_rank(request.rank());
@@ -905,9 +905,9 @@ absl::Status AdminService::Authenticate(const grpc::ServerContext* context) cons
   }
   auto it = context->client_metadata().find(kAdminTokenMetadataKey);
   if (it == context->client_metadata().end()) {
-    return absl::UnauthenticatedError(absl::StrCat(
-        "admin calls over TCP need the cluster token in the '", kAdminTokenMetadataKey,
-        "' metadata"));
+    return absl::UnauthenticatedError(
+        absl::StrCat("admin calls over TCP need the cluster token in the '", kAdminTokenMetadataKey,
+                     "' metadata"));
   }
   if (!SameToken(std::string(it->second.data(), it->second.size()), token_)) {
     return absl::UnauthenticatedError(
@@ -940,12 +940,10 @@ grpc::Status AdminService::ListJobs(grpc::ServerContext* context,
 grpc::Status AdminService::ListVersions(grpc::ServerContext* context,
                                         const admin::ListVersionsRequest* request,
                                         admin::ListVersionsResponse* response) {
-  return Handle("ListVersions", context,
-                [&] { return admin_->ListVersions(*request, response); });
+  return Handle("ListVersions", context, [&] { return admin_->ListVersions(*request, response); });
 }
 
-grpc::Status AdminService::Verify(grpc::ServerContext* context,
-                                  const admin::VerifyRequest* request,
+grpc::Status AdminService::Verify(grpc::ServerContext* context, const admin::VerifyRequest* request,
                                   admin::VerifyResponse* response) {
   return Handle("Verify", context, [&] { return admin_->Verify(*request, response); });
 }
@@ -959,8 +957,7 @@ grpc::Status AdminService::Recover(grpc::ServerContext* context,
 grpc::Status AdminService::ListTrainers(grpc::ServerContext* context,
                                         const admin::ListTrainersRequest* request,
                                         admin::ListTrainersResponse* response) {
-  return Handle("ListTrainers", context,
-                [&] { return admin_->ListTrainers(*request, response); });
+  return Handle("ListTrainers", context, [&] { return admin_->ListTrainers(*request, response); });
 }
 
 grpc::Status AdminService::SetDrillTarget(grpc::ServerContext* context,

@@ -135,15 +135,13 @@ class AdminService final : public admin::Admin::Service {
                          admin::GetStatusResponse* response) override;
   grpc::Status ListJobs(grpc::ServerContext* context, const admin::ListJobsRequest* request,
                         admin::ListJobsResponse* response) override;
-  grpc::Status ListVersions(grpc::ServerContext* context,
-                            const admin::ListVersionsRequest* request,
+  grpc::Status ListVersions(grpc::ServerContext* context, const admin::ListVersionsRequest* request,
                             admin::ListVersionsResponse* response) override;
   grpc::Status Verify(grpc::ServerContext* context, const admin::VerifyRequest* request,
                       admin::VerifyResponse* response) override;
   grpc::Status Recover(grpc::ServerContext* context, const admin::RecoverRequest* request,
                        admin::RecoverResponse* response) override;
-  grpc::Status ListTrainers(grpc::ServerContext* context,
-                            const admin::ListTrainersRequest* request,
+  grpc::Status ListTrainers(grpc::ServerContext* context, const admin::ListTrainersRequest* request,
                             admin::ListTrainersResponse* response) override;
   grpc::Status SetDrillTarget(grpc::ServerContext* context,
                               const admin::SetDrillTargetRequest* request,

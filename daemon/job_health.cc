@@ -23,8 +23,7 @@ RankAtStep AssessRank(uint32_t rank, const std::vector<const HeldShard*>& shards
     r.shard_crc32c = s->payload_crc32c;
   }
   std::sort(r.shard_nodes.begin(), r.shard_nodes.end());
-  r.shard_nodes.erase(std::unique(r.shard_nodes.begin(), r.shard_nodes.end()),
-                      r.shard_nodes.end());
+  r.shard_nodes.erase(std::unique(r.shard_nodes.begin(), r.shard_nodes.end()), r.shard_nodes.end());
   // The coding most fragments agree on; with a sealed shard, only one matching its CRC32C.
   std::map<CodingKey, std::map<uint32_t, std::string>> by_coding;
   for (const HeldFragment* f : fragments) {
@@ -121,8 +120,9 @@ JobView AssessJob(const std::string& job_id, const JobHoldings& holdings, uint32
 
   if (!context.cluster) {
     view.health = JobHealth::kUnprotected;
-    view.reason = "standalone daemon (peer.listen_address is empty): snapshots survive trainer "
-                  "and daemon restarts, not the loss of this node";
+    view.reason =
+        "standalone daemon (peer.listen_address is empty): snapshots survive trainer "
+        "and daemon restarts, not the loss of this node";
     return view;
   }
   if (context.live_members <= 1) {
@@ -160,8 +160,8 @@ JobView AssessJob(const std::string& job_id, const JobHoldings& holdings, uint32
                                      r.k == 0 ? std::string("none") : absl::StrCat(r.k),
                                      " needed to rebuild it"));
     } else if (n < r.k + r.m) {
-      missing.push_back(absl::StrCat("rank ", r.rank, ": ", n, " of ", r.k + r.m,
-                                     " fragments on live members"));
+      missing.push_back(
+          absl::StrCat("rank ", r.rank, ": ", n, " of ", r.k + r.m, " fragments on live members"));
     }
   }
   if (!at->ranks.empty()) {
@@ -174,9 +174,11 @@ JobView AssessJob(const std::string& job_id, const JobHoldings& holdings, uint32
   }
   for (const auto& [k, m] : codings) {
     if (k != static_cast<uint32_t>(context.k) || m != static_cast<uint32_t>(context.m)) {
-      other_coding.push_back(absl::StrCat("RS(", k, ", ", m, ") in effect instead of the "
-                                          "configured RS(", context.k, ", ", context.m, ") (",
-                                          context.live_members, " live members)"));
+      other_coding.push_back(absl::StrCat("RS(", k, ", ", m,
+                                          ") in effect instead of the "
+                                          "configured RS(",
+                                          context.k, ", ", context.m, ") (", context.live_members,
+                                          " live members)"));
     }
   }
   const std::string where = absl::StrCat("step ", at->step, ": ");

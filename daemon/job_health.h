@@ -25,16 +25,16 @@ struct RankAtStep {
   uint32_t k = 0;  // of the fragments that agree with each other (most of them)
   uint32_t m = 0;
   std::vector<std::pair<uint32_t, std::string>> fragments;  // (index, member), one per index
-  bool restorable = false;        // a sealed shard, or at least k fragments
-  bool fully_protected = false;   // all k+m fragments
+  bool restorable = false;       // a sealed shard, or at least k fragments
+  bool fully_protected = false;  // all k+m fragments
 };
 
 struct StepView {
   int64_t step = -1;
-  std::vector<RankAtStep> ranks;         // by rank; ranks held nowhere are absent
-  std::vector<uint32_t> missing_ranks;   // ranks of the world held nowhere
-  bool restorable = false;               // every rank of the world is restorable
-  bool fully_protected = false;          // every rank of the world has all k+m fragments
+  std::vector<RankAtStep> ranks;        // by rank; ranks held nowhere are absent
+  std::vector<uint32_t> missing_ranks;  // ranks of the world held nowhere
+  bool restorable = false;              // every rank of the world is restorable
+  bool fully_protected = false;         // every rank of the world has all k+m fragments
 };
 
 enum class JobHealth { kProtected, kDegraded, kUnprotected };

@@ -24,8 +24,8 @@ JobHoldings Protected(uint32_t world, int64_t step, uint32_t k, uint32_t m, int 
     h.shards.push_back({absl::StrCat("n", owner), rank, step, 0, 1000 + rank, crc_base + rank});
     for (uint32_t i = 0; i < k + m; ++i) {
       const int node = (owner + 1 + static_cast<int>(i)) % nodes;
-      h.fragments.push_back({absl::StrCat("n", node), rank, step, 0, i, k, m, 1000 + rank,
-                             crc_base + rank});
+      h.fragments.push_back(
+          {absl::StrCat("n", node), rank, step, 0, i, k, m, 1000 + rank, crc_base + rank});
     }
   }
   return h;
@@ -50,16 +50,18 @@ TEST(JobHealthTest, EveryFragmentHeldIsProtected) {
 TEST(JobHealthTest, MissingFragmentsDegradeAndBelowKIsUnprotected) {
   JobHoldings h = Protected(3, 10, 2, 1, 4, 1);
   // Rank 1 loses one fragment: still rebuildable, with less redundancy.
-  h.fragments.erase(std::remove_if(h.fragments.begin(), h.fragments.end(),
-                                   [](const HeldFragment& f) { return f.rank == 1 && f.index == 0; }),
-                    h.fragments.end());
+  h.fragments.erase(
+      std::remove_if(h.fragments.begin(), h.fragments.end(),
+                     [](const HeldFragment& f) { return f.rank == 1 && f.index == 0; }),
+      h.fragments.end());
   JobView v = AssessJob("j", h, 3, 10, Cluster(4, 2, 1));
   EXPECT_EQ(v.health, JobHealth::kDegraded);
   EXPECT_THAT(v.reason, HasSubstr("step 10: rank 1: 2 of 3 fragments on live members"));
   // And a second one: below k, only the owner's shard is left.
-  h.fragments.erase(std::remove_if(h.fragments.begin(), h.fragments.end(),
-                                   [](const HeldFragment& f) { return f.rank == 1 && f.index == 1; }),
-                    h.fragments.end());
+  h.fragments.erase(
+      std::remove_if(h.fragments.begin(), h.fragments.end(),
+                     [](const HeldFragment& f) { return f.rank == 1 && f.index == 1; }),
+      h.fragments.end());
   v = AssessJob("j", h, 3, 10, Cluster(4, 2, 1));
   EXPECT_EQ(v.health, JobHealth::kUnprotected);
   EXPECT_THAT(v.reason, HasSubstr("rank 1: 1 fragments on live members, 2 needed to rebuild it"));

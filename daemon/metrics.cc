@@ -13,8 +13,8 @@ bool ValidName(const std::string& name, bool allow_colon) {
   if (name.empty()) return false;
   for (size_t i = 0; i < name.size(); ++i) {
     const char c = name[i];
-    const bool letter = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' ||
-                        (allow_colon && c == ':');
+    const bool letter =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || (allow_colon && c == ':');
     if (!letter && !(i > 0 && c >= '0' && c <= '9')) return false;
   }
   return true;
@@ -58,10 +58,14 @@ std::string FormatValue(double value) {
 std::string EscapeLabelValue(const std::string& value) {
   std::string out;
   for (char c : value) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -69,9 +73,12 @@ std::string EscapeLabelValue(const std::string& value) {
 std::string EscapeHelp(const std::string& help) {
   std::string out;
   for (char c : help) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -127,8 +134,7 @@ Histogram::Snapshot Histogram::snapshot() const {
 }
 
 std::vector<double> DurationBucketsSeconds() {
-  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-          2.5,   5,      10,    30,   60,    120,  300};
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300};
 }
 
 MetricsRegistry::Family* MetricsRegistry::FamilyFor(const std::string& name,
@@ -202,8 +208,8 @@ std::string MetricsRegistry::Render() const {
     absl::MutexLock lock(&mu_);
     for (const auto& [name, family] : families_) {
       std::string& out = text[name];
-      absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name,
-                      " ", family.type, "\n");
+      absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name, " ",
+                      family.type, "\n");
       for (const auto& [labels, counter] : family.counters) {
         absl::StrAppend(&out, name, FormatLabels(labels), " ", counter->value(), "\n");
       }
@@ -213,8 +219,9 @@ std::string MetricsRegistry::Render() const {
       for (const auto& [labels, histogram] : family.histograms) {
         const Histogram::Snapshot s = histogram->snapshot();
         for (size_t i = 0; i < s.upper_bounds.size(); ++i) {
-          absl::StrAppend(&out, name, "_bucket", FormatLabels(labels, FormatValue(s.upper_bounds[i])),
-                          " ", s.cumulative_counts[i], "\n");
+          absl::StrAppend(&out, name, "_bucket",
+                          FormatLabels(labels, FormatValue(s.upper_bounds[i])), " ",
+                          s.cumulative_counts[i], "\n");
         }
         absl::StrAppend(&out, name, "_bucket", FormatLabels(labels, "+Inf"), " ", s.count, "\n",
                         name, "_sum", FormatLabels(labels), " ", FormatValue(s.sum), "\n", name,

@@ -32,9 +32,7 @@ void SystemdNotifier::Ready(const std::string& status) {
 
 void SystemdNotifier::Status(const std::string& status) { Send("STATUS=" + status); }
 
-void SystemdNotifier::Stopping(const std::string& status) {
-  Send("STOPPING=1\nSTATUS=" + status);
-}
+void SystemdNotifier::Stopping(const std::string& status) { Send("STOPPING=1\nSTATUS=" + status); }
 
 void SystemdNotifier::MaybePingWatchdog() {
   if (!enabled_ || watchdog_interval_ == absl::ZeroDuration()) return;

@@ -42,7 +42,8 @@ class FakeSystemd {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     std::strncpy(addr.sun_path, path_.c_str(), sizeof(addr.sun_path) - 1);
-    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0)
+        << std::strerror(errno);
   }
   ~FakeSystemd() {
     close(fd_);
@@ -127,11 +128,16 @@ TEST(SystemdNotifyTest, TesseradSignalsReadyWatchdogAndStopping) {
     setenv("WATCHDOG_USEC", "400000", 1);
     setenv("WATCHDOG_PID", std::to_string(getpid()).c_str(), 1);
     std::vector<std::string> args = {binary,
-                                     "--set", "node.id=sd",
-                                     "--set", "store.directory=" + store,
-                                     "--set", "store.capacity_bytes=64MiB",
-                                     "--set", "agent.socket_path=" + socket_path,
-                                     "--set", "daemon.drain_timeout_ms=1000"};
+                                     "--set",
+                                     "node.id=sd",
+                                     "--set",
+                                     "store.directory=" + store,
+                                     "--set",
+                                     "store.capacity_bytes=64MiB",
+                                     "--set",
+                                     "agent.socket_path=" + socket_path,
+                                     "--set",
+                                     "daemon.drain_timeout_ms=1000"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
