@@ -884,6 +884,7 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
     response->set_old_byte(*byte);
     *byte ^= 0xFF;
     response->set_new_byte(*byte);
+    response->set_path(view.path());
     response->set_step(key.step);
     response->set_fragment_index(key.fragment_index);
     response->set_offset(offset);

@@ -120,6 +120,8 @@ class FragmentView {
   uint32_t fragment_crc32c() const { return status_.fragment_crc32c; }
   const uint8_t* data() const { return segment_->payload(); }
   uint64_t size() const { return status_.meta.fragment_bytes; }
+  // The segment file (status and drills).
+  const std::string& path() const { return segment_->path(); }
 
  private:
   friend class FragmentStore;

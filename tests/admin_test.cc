@@ -360,6 +360,7 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(corrupted.node_id(), holder);
   EXPECT_EQ(corrupted.new_byte(), corrupted.old_byte() ^ 0xFFu);
+  EXPECT_TRUE(absl::StrContains(corrupted.path(), "/" + holder + "/")) << corrupted.path();
 
   // Verify names exactly the damaged fragment; the rank is still restorable from the others.
   verified.Clear();
@@ -494,6 +495,78 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
               static_cast<long long>(committed),
               static_cast<unsigned long long>(recovered.bytes_moved()),
               static_cast<unsigned long long>(recovered.duration_us()));
+}
+
+TEST(AdminStandaloneTest, StandaloneAndTokenlessDaemonsSayWhatTheyCannotDo) {
+  TempRoot root;
+  DaemonProcess solo(root.path(), "solo", uint64_t{64} << 20);
+  std::string error;
+  ASSERT_TRUE(solo.Start(&error)) << error;
+  auto stub = Connect("unix:" + solo.socket_path());
+  admin::GetStatusResponse status;
+  ASSERT_TRUE(
+      Call(stub.get(), &admin::Admin::Stub::GetStatus, admin::GetStatusRequest(), &status).ok());
+  ASSERT_EQ(status.members_size(), 1);
+  EXPECT_EQ(status.self().peer_address(), "");
+  ASSERT_EQ(status.warnings_size(), 1);
+  EXPECT_TRUE(absl::StrContains(status.warnings(0), "standalone")) << status.warnings(0);
+  admin::RecoverRequest recover;
+  recover.set_job_id("any-job");
+  recover.set_step(1);
+  recover.set_from_fragments(true);
+  admin::RecoverResponse recovered;
+  grpc::Status s = Call(stub.get(), &admin::Admin::Stub::Recover, recover, &recovered);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "standalone")) << s.error_message();
+  // A standalone daemon loses its memory too, and comes back as a new incarnation.
+  admin::DropMemoryRequest drop;
+  drop.set_confirm_node_id("solo");
+  admin::DropMemoryResponse dropped;
+  ASSERT_TRUE(Call(stub.get(), &admin::Admin::Stub::DropMemory, drop, &dropped).ok());
+  bool back = false;
+  for (int i = 0; i < 100 && !back; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    auto again = Connect("unix:" + solo.socket_path());
+    admin::GetStatusResponse after;
+    back =
+        Call(again.get(), &admin::Admin::Stub::GetStatus, admin::GetStatusRequest(), &after).ok() &&
+        after.self().incarnation() > dropped.old_incarnation();
+  }
+  EXPECT_TRUE(back) << solo.LogTail();
+
+  // Two daemons without cluster.token: no admin over TCP, and status says why it is partial.
+  const std::vector<std::string> addresses = {absl::StrCat("127.0.0.1:", FreePort()),
+                                              absl::StrCat("127.0.0.1:", FreePort())};
+  std::vector<std::unique_ptr<DaemonProcess>> pair;
+  for (int i = 0; i < 2; ++i) {
+    pair.push_back(std::make_unique<DaemonProcess>(
+        root.path(), absl::StrCat("t", i), uint64_t{64} << 20,
+        std::vector<std::string>{"--set", "peer.listen_address=" + addresses[i], "--set",
+                                 "cluster.members=" + absl::StrJoin(addresses, ","), "--set",
+                                 "liveness.heartbeat_ms=100", "--set",
+                                 "liveness.timeout_ms=1000"}));
+    ASSERT_TRUE(pair.back()->Start(&error)) << error;
+  }
+  std::this_thread::sleep_for(milliseconds(600));
+  auto tcp = Connect(addresses[1]);
+  s = Call(tcp.get(), &admin::Admin::Stub::GetStatus, admin::GetStatusRequest(), &status,
+           "some-token-0123456789");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "cluster.token is not set"))
+      << s.error_message();
+  auto local = Connect("unix:" + pair[0]->socket_path());
+  status.Clear();
+  ASSERT_TRUE(
+      Call(local.get(), &admin::Admin::Stub::GetStatus, admin::GetStatusRequest(), &status).ok());
+  ASSERT_EQ(status.members_size(), 2) << status.DebugString();
+  EXPECT_EQ(status.members(1).state(), admin::MemberStatus::ALIVE);
+  EXPECT_TRUE(absl::StrContains(status.members(1).error(), "cluster.token is not set"))
+      << status.DebugString();
+  ASSERT_EQ(status.errors_size(), 1);
+  EXPECT_EQ(status.errors(0).node_id(), "t1");
+  bool warned = false;
+  for (const auto& w : status.warnings()) warned |= absl::StrContains(w, "cluster.token");
+  EXPECT_TRUE(warned) << status.DebugString();
 }
 
 }  // namespace
