@@ -27,7 +27,6 @@
 namespace tessera {
 namespace {
 
-constexpr absl::Duration kPeerCallTimeout = absl::Seconds(10);
 // Verify and Recover read whole shards and fragments.
 constexpr absl::Duration kPeerDataCallTimeout = absl::Minutes(10);
 constexpr int kMaxRebuildAttempts = 4;
@@ -62,6 +61,22 @@ absl::Status CheckStep(const char* field, int64_t step) {
   if (step >= 0) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat(field, " must be >= 0 (or absent for the default); got ", step));
+}
+
+// Names (as paths) of the files in `dir` whose name ends in `suffix`.
+std::set<std::string> FilesEndingIn(const std::string& dir, const std::string& suffix) {
+  std::set<std::string> found;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      const std::string name = e->d_name;
+      if (name.size() > suffix.size() &&
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        found.insert(dir + "/" + name);
+      }
+    }
+    closedir(d);
+  }
+  return found;
 }
 
 // Constant-time comparison, so a wrong token's timing says nothing about the right one.
@@ -157,6 +172,11 @@ std::vector<Admin::PeerAnswer<Response>> Admin::AskPeers(StubMethod<Request, Res
   }
   for (std::thread& t : threads) t.join();
   return answers;
+}
+
+absl::Duration Admin::ControlTimeout() const {
+  // A member that does not answer within the liveness timeout is about to be suspected anyway.
+  return absl::Milliseconds(std::max<int64_t>(2000, parts_.config->liveness.timeout_ms));
 }
 
 ProtectionContext Admin::Context() const {
@@ -311,7 +331,7 @@ absl::Status Admin::GetStatus(const admin::GetStatusRequest& request,
     if (!request.local_only()) {
       admin::GetStatusRequest local;
       local.set_local_only(true);
-      for (auto& answer : AskPeers(&admin::Admin::Stub::GetStatus, local, kPeerCallTimeout)) {
+      for (auto& answer : AskPeers(&admin::Admin::Stub::GetStatus, local, ControlTimeout())) {
         admin::MemberStatus* m = by_address[answer.address];
         if (answer.status.ok()) {
           *m->mutable_info() = answer.response.self();
@@ -622,6 +642,16 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
     response->set_ec_k(plan->k);
     response->set_ec_m(plan->m);
     response->set_duration_us(absl::ToInt64Microseconds(absl::Now() - start));
+    if (response->crc_matched()) {
+      // A damaged shard held here is repaired with the rebuilt bytes.
+      auto repaired =
+          parts_.store->RepairSealed(job_id, rank, step, shard.data(), plan->shard_bytes);
+      if (repaired.ok()) {
+        response->set_repaired(*repaired);
+      } else if (!absl::IsNotFound(repaired.status())) {
+        return repaired.status();
+      }
+    }
     return absl::OkStatus();
   }
   return absl::DataLossError(absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
@@ -661,6 +691,8 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
   google::protobuf::RepeatedPtrField<admin::NodeError> errors;
   JobHoldings holdings = GatherHoldings(request.job_id(), false, &errors)[request.job_id()];
   auto plan = PlanRestore(holdings, parts_.node_id, request.rank(), step);
+  // A shard made local by an earlier call (this one's or a trainer's) is returned as it is.
+  const std::set<std::string> already_local = FilesEndingIn(parts_.store->directory(), ".restored");
   const absl::Time start = absl::Now();
   auto info = parts_.coordination->PrepareRestore(request.job_id(), request.rank(), step);
   response->set_duration_us(absl::ToInt64Microseconds(absl::Now() - start));
@@ -668,7 +700,9 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
   response->set_shard_bytes(info->payload_bytes);
   response->set_segment_path(info->segment_path);
   response->set_expected_crc32c(info->payload_crc32c);
-  if (plan.ok()) {
+  if (already_local.count(info->segment_path) > 0) {
+    response->set_source(admin::RecoverResponse::LOCAL);
+  } else if (plan.ok()) {
     response->set_ec_k(plan->k);
     response->set_ec_m(plan->m);
     switch (plan->source) {
@@ -729,7 +763,7 @@ absl::Status Admin::ListTrainers(const admin::ListTrainersRequest& request,
   if (request.local_only()) return absl::OkStatus();
   admin::ListTrainersRequest local = request;
   local.set_local_only(true);
-  for (auto& answer : AskPeers(&admin::Admin::Stub::ListTrainers, local, kPeerCallTimeout)) {
+  for (auto& answer : AskPeers(&admin::Admin::Stub::ListTrainers, local, ControlTimeout())) {
     if (!answer.status.ok()) {
       AddError(response->mutable_errors(), answer.node_id, answer.address,
                answer.status.ToString());
@@ -758,7 +792,7 @@ absl::Status Admin::SetDrillTarget(const admin::SetDrillTargetRequest& request,
   if (request.local_only()) return absl::OkStatus();
   admin::SetDrillTargetRequest local = request;
   local.set_local_only(true);
-  for (auto& answer : AskPeers(&admin::Admin::Stub::SetDrillTarget, local, kPeerCallTimeout)) {
+  for (auto& answer : AskPeers(&admin::Admin::Stub::SetDrillTarget, local, ControlTimeout())) {
     if (answer.status.ok()) {
       response->add_nodes(answer.node_id);
     } else {
@@ -773,7 +807,7 @@ absl::Status Admin::DropMemory(const admin::DropMemoryRequest& request,
                                admin::DropMemoryResponse* response) {
   if (!IsSelf(request.node_id())) {
     return AskPeer(request.node_id(), &admin::Admin::Stub::DropMemory, request, response,
-                   kPeerCallTimeout);
+                   ControlTimeout());
   }
   if (request.confirm_node_id() != parts_.node_id) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -819,7 +853,7 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
   }
   if (!IsSelf(request.node_id())) {
     return AskPeer(request.node_id(), &admin::Admin::Stub::Corrupt, request, response,
-                   kPeerCallTimeout);
+                   ControlTimeout());
   }
   if (!request.yes() && !IsDrillTarget(request.job_id())) {
     return absl::FailedPreconditionError(

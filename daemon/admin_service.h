@@ -106,6 +106,8 @@ class Admin {
   std::vector<JobView> AssessJobs(const std::string& job_id, bool local_only,
                                   google::protobuf::RepeatedPtrField<admin::NodeError>* errors);
   ProtectionContext Context() const;
+  // Deadline of a call to another member that reads no bulk data.
+  absl::Duration ControlTimeout() const;
   void FillJobStatus(const JobView& view, admin::JobStatus* out) const;
   void FillNodeInfo(admin::NodeInfo* info) const;
   void VerifyLocal(const std::string& job_id, const std::optional<int64_t>& step,

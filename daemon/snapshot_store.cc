@@ -1024,6 +1024,38 @@ absl::StatusOr<SnapshotStore::SealedSlot> SnapshotStore::FindSealedSlot(const st
   return SealedSlot{best->path(), best->header()->step, best->header()->payload_bytes};
 }
 
+absl::StatusOr<bool> SnapshotStore::RepairSealed(const std::string& job_id, uint32_t rank,
+                                                  int64_t step, const uint8_t* payload,
+                                                  uint64_t payload_bytes) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return absl::NotFoundError(RankName(job_id, rank) + " has no snapshot on this node");
+  absl::MutexLock lock(&state->mu);
+  for (int i = 0; i < 2; ++i) {
+    Segment* slot = state->slots[i].get();
+    if (!slot || LoadState(*slot->header()) != SegmentState::kSealed ||
+        slot->header()->step != step) {
+      continue;
+    }
+    const SegmentHeader& h = *slot->header();
+    if (payload_bytes != h.payload_bytes || Crc32c(payload, payload_bytes) != h.payload_crc32c) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the repair of ", RankName(job_id, rank), " step ", step, " has ", payload_bytes,
+          " bytes, CRC32C 0x", absl::Hex(Crc32c(payload, payload_bytes)), "; the sealed shard has ",
+          h.payload_bytes, " bytes, CRC32C 0x", absl::Hex(h.payload_crc32c)));
+    }
+    if (ParallelCrc32c(slot->payload(), h.payload_bytes, options_.crc_threads) ==
+        h.payload_crc32c) {
+      return false;
+    }
+    std::memcpy(slot->payload(), payload, payload_bytes);
+    Logger("store")->warn("{} step {}: damaged payload rewritten from redundancy in {}",
+                          RankName(job_id, rank), step, slot->path());
+    return true;
+  }
+  return absl::NotFoundError(absl::StrCat(RankName(job_id, rank), " has no sealed step ", step,
+                                          " in a slot on this node"));
+}
+
 SnapshotStore::Stats SnapshotStore::stats() const {
   absl::MutexLock lock(&mu_);
   Stats s = counters_;

@@ -205,6 +205,14 @@ class SnapshotStore {
   absl::StatusOr<SealedSlot> FindSealedSlot(const std::string& job_id, uint32_t rank,
                                             int64_t step) const;
 
+  // Rewrites the payload of the sealed (job, rank, step) here with `payload`, a copy rebuilt
+  // from redundancy, when the held payload no longer matches its CRC32C. The new bytes must have
+  // the sealed length and CRC32C. Returns true when it rewrote, false when the held payload was
+  // intact (nothing changed). kNotFound when not sealed here; kInvalidArgument when `payload`
+  // is not that shard.
+  absl::StatusOr<bool> RepairSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                                    const uint8_t* payload, uint64_t payload_bytes);
+
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
 

@@ -341,6 +341,72 @@ TEST_F(SnapshotStoreTest, RestartReadoptsSealedDiscardsWritingAndDamaged) {
   ExpectRestores(0, 8, w0);
 }
 
+TEST_F(SnapshotStoreTest, RepairSealedRewritesOnlyADamagedPayloadWithTheRightBytes) {
+  Caller t = Trainer(100);
+  auto reg = Register(t);
+  auto slot = store_->BeginSnapshot(job_, 0, 3, t);
+  WriteSnapshot(*reg, *slot, 3);
+  ASSERT_TRUE(store_->SealSnapshot(job_, 0, 3, manifest_bytes_, t).ok());
+  auto info = store_->PrepareRestore(job_, 0, 3);
+  ASSERT_TRUE(info.ok());
+  auto seg = Segment::Open(info->segment_path, true);
+  ASSERT_TRUE(seg.ok());
+  const std::string good(reinterpret_cast<const char*>((*seg)->payload()), info->payload_bytes);
+  const uint8_t* good_bytes = reinterpret_cast<const uint8_t*>(good.data());
+
+  // Intact: nothing to repair.
+  auto repaired = store_->RepairSealed(job_, 0, 3, good_bytes, good.size());
+  ASSERT_TRUE(repaired.ok()) << repaired.status();
+  EXPECT_FALSE(*repaired);
+  (*seg)->payload()[rng_() % info->payload_bytes] ^= 0x10;
+  ASSERT_EQ(store_->PrepareRestore(job_, 0, 3).status().code(), absl::StatusCode::kDataLoss);
+
+  // Other bytes are refused and change nothing; the right ones make it restorable again.
+  std::string wrong = good;
+  wrong[wrong.size() / 2] ^= 1;
+  auto refused = store_->RepairSealed(job_, 0, 3, reinterpret_cast<const uint8_t*>(wrong.data()),
+                                      wrong.size());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_EQ(store_->RepairSealed(job_, 0, 9, good_bytes, good.size()).status().code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_EQ(store_->PrepareRestore(job_, 0, 3).status().code(), absl::StatusCode::kDataLoss);
+  repaired = store_->RepairSealed(job_, 0, 3, good_bytes, good.size());
+  ASSERT_TRUE(repaired.ok()) << repaired.status();
+  EXPECT_TRUE(*repaired);
+  EXPECT_TRUE(store_->PrepareRestore(job_, 0, 3).ok());
+  EXPECT_EQ(std::memcmp((*seg)->payload(), good.data(), good.size()), 0);
+}
+
+TEST_F(SnapshotStoreTest, ListRanksAndFindSealedSlot) {
+  Caller t = Trainer(4242);
+  auto reg = Register(t, 1);
+  ASSERT_TRUE(reg.ok());
+  auto ranks = store_->ListRanks(job_);
+  ASSERT_EQ(ranks.size(), 1u);
+  EXPECT_EQ(ranks[0].rank, 1u);
+  EXPECT_EQ(ranks[0].owner.pid, 4242);
+  EXPECT_TRUE(ranks[0].registered);
+  EXPECT_TRUE(ranks[0].alive);
+  EXPECT_EQ(ranks[0].newest_sealed_step, -1);
+  EXPECT_EQ(store_->FindSealedSlot(job_, 1, -1).status().code(), absl::StatusCode::kNotFound);
+  auto slot = store_->BeginSnapshot(job_, 1, 7, t);
+  WriteSnapshot(*reg, *slot, 7, 1);
+  ASSERT_TRUE(store_->SealSnapshot(job_, 1, 7, manifest_bytes_, t).ok());
+  alive_.erase(4242);
+  ranks = store_->ListRanks("");
+  ASSERT_EQ(ranks.size(), 1u);
+  EXPECT_FALSE(ranks[0].alive);
+  EXPECT_EQ(ranks[0].newest_sealed_step, 7);
+  auto sealed = store_->FindSealedSlot(job_, 1, -1);
+  ASSERT_TRUE(sealed.ok()) << sealed.status();
+  EXPECT_EQ(sealed->step, 7);
+  EXPECT_EQ(sealed->path, reg->slot_paths[*slot]);
+  auto missing = store_->FindSealedSlot(job_, 1, 8);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("sealed steps here: 7"), std::string::npos)
+      << missing.status();
+}
+
 TEST_F(SnapshotStoreTest, DamagedPayloadIsDataLossOnRestore) {
   Caller t = Trainer(100);
   auto reg = Register(t);

@@ -210,9 +210,11 @@ TEST_F(AdminTest, StatusVersionsTrainersAndMetricsDescribeTheCluster) {
 
   admin::ListVersionsRequest versions_request;
   versions_request.set_job_id(job);
-  admin::ListVersionsResponse versions;
+  admin::ListVersionsResponse versions, again;
   ASSERT_TRUE(
       Call(local_.get(), &admin::Admin::Stub::ListVersions, versions_request, &versions).ok());
+  ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::ListVersions, versions_request, &again).ok());
+  EXPECT_EQ(versions.SerializeAsString(), again.SerializeAsString());  // nothing changes
   ASSERT_GE(versions.steps_size(), 1);
   bool found_committed = false;
   for (const auto& step : versions.steps()) {
@@ -353,8 +355,17 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
   mark.set_job_id(job);
   mark.set_enabled(true);
   admin::SetDrillTargetResponse marked;
-  ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::SetDrillTarget, mark, &marked).ok());
-  EXPECT_EQ(marked.nodes_size(), kNodes) << marked.DebugString();
+  for (int twice = 0; twice < 2; ++twice) {  // idempotent
+    marked.Clear();
+    ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::SetDrillTarget, mark, &marked).ok());
+    EXPECT_EQ(marked.nodes_size(), kNodes) << marked.DebugString();
+  }
+  admin::GetStatusResponse marked_status;
+  ASSERT_TRUE(
+      Call(local_.get(), &admin::Admin::Stub::GetStatus, admin::GetStatusRequest(), &marked_status)
+          .ok());
+  ASSERT_NE(FindJob(marked_status, job), nullptr);
+  EXPECT_TRUE(FindJob(marked_status, job)->drill_target());
 
   s = Call(local_.get(), &admin::Admin::Stub::Corrupt, corrupt, &corrupted);
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -410,6 +421,15 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
   EXPECT_EQ(recovered.source_node(), absl::StrCat("n", other));
   EXPECT_EQ(recovered.bytes_moved(), recovered.shard_bytes());
   EXPECT_TRUE(recovered.crc_matched());
+  // Again: the copy made the first time is returned, and nothing moves.
+  const std::string copied_path = recovered.segment_path();
+  recovered.Clear();
+  s = Call(local_.get(), &admin::Admin::Stub::Recover, recover, &recovered);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(recovered.source(), admin::RecoverResponse::LOCAL) << recovered.DebugString();
+  EXPECT_EQ(recovered.segment_path(), copied_path);
+  EXPECT_EQ(recovered.bytes_moved(), 0u);
+  EXPECT_TRUE(recovered.crc_matched());
 
   // A flipped byte in n0's own slot is named as a damaged shard.
   corrupt.set_node_id("");
@@ -426,6 +446,25 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
                    damage.rank() == 0 && damage.step() == committed;
   }
   EXPECT_TRUE(shard_named) << verified.DebugString();
+
+  // A rebuild from fragments on n0 repairs its damaged slot in place; a second finds it intact.
+  recover.set_rank(0);
+  recover.set_from_fragments(true);
+  recover.clear_node_id();
+  recovered.Clear();
+  s = Call(local_.get(), &admin::Admin::Stub::Recover, recover, &recovered);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_TRUE(recovered.crc_matched());
+  EXPECT_TRUE(recovered.repaired()) << recovered.DebugString();
+  recovered.Clear();
+  s = Call(local_.get(), &admin::Admin::Stub::Recover, recover, &recovered);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(recovered.repaired());
+  verified.Clear();
+  ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::Verify, verify_request, &verified).ok());
+  for (const auto& damage : verified.damaged()) {
+    EXPECT_NE(damage.kind(), admin::Damage::SHARD) << verified.DebugString();
+  }
 
   // n3 loses its memory: refused without the right confirmation, then done.
   admin::GetStatusResponse before;
