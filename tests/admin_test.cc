@@ -3,6 +3,7 @@
 // daemon (which asks the others over TCP) and over TCP with and without the token. Drills damage
 // real memory (a fragment, a slot), make a daemon lose its memory, and rebuild.
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -534,6 +535,46 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
               static_cast<long long>(committed),
               static_cast<unsigned long long>(recovered.bytes_moved()),
               static_cast<unsigned long long>(recovered.duration_us()));
+}
+
+// A trainer keeps training through its daemon losing its memory: it registers again with the
+// new incarnation and seals new steps, and the cluster protects them again.
+TEST_F(AdminTest, TrainingContinuesThroughDropMemory) {
+  const std::string job = "admin-lose";
+  auto trainer = Process::Start(
+      {BinaryPath("tests/trainer"), "--socket=" + daemons_[2]->socket_path(), "--job=" + job,
+       absl::StrCat("--seed=", seed_), "--rank=0", "--world=1", "--tensors=3", "--min-bytes=1000",
+       "--max-bytes=200000", "--total-bytes=400000", "--steps=400", "--step-sleep-ms=20"});
+  ASSERT_TRUE(trainer->ReadUntil([](const std::string& l) { return ParseEvent(l, "sealed") >= 3; },
+                                 seconds(60)))
+      << absl::StrJoin(trainer->lines(), "\n");
+  admin::DropMemoryRequest drop;
+  drop.set_node_id("n2");
+  drop.set_confirm_node_id("n2");
+  admin::DropMemoryResponse dropped;
+  grpc::Status s = Call(local_.get(), &admin::Admin::Stub::DropMemory, drop, &dropped);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const int64_t sealed_before = LastEvent(trainer->lines(), "sealed");
+
+  admin::ListTrainersRequest request;
+  request.set_job_id(job);
+  bool resumed = false;
+  for (int i = 0; i < 200 && !resumed; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    admin::ListTrainersResponse trainers;
+    if (!Call(local_.get(), &admin::Admin::Stub::ListTrainers, request, &trainers).ok()) continue;
+    for (const auto& t : trainers.trainers()) {
+      resumed |= t.node_id() == "n2" && t.pid() == trainer->pid() && t.alive() && t.registered() &&
+                 t.newest_sealed_step() > sealed_before + 2;
+    }
+    for (const auto& d : trainers.daemons()) {
+      if (d.node_id() == "n2") EXPECT_GE(d.incarnation(), dropped.old_incarnation());
+    }
+  }
+  EXPECT_TRUE(resumed) << absl::StrJoin(trainer->lines(), "\n") << "\nn2 log:\n"
+                       << daemons_[2]->LogTail();
+  trainer->Signal(SIGKILL);
+  trainer->Wait();
 }
 
 TEST(AdminStandaloneTest, StandaloneAndTokenlessDaemonsSayWhatTheyCannotDo) {
