@@ -263,8 +263,8 @@ class CudaCopyEngine final : public CopyEngine {
   CopyEngineStats stats_ ABSL_GUARDED_BY(mu_);
   StagingOptions staging_ ABSL_GUARDED_BY(mu_);
   Window window_ ABSL_GUARDED_BY(mu_) = Window::kIdle;
-  // Smoothed measurements (seconds, bytes per second).
-  Ewma window_s_ ABSL_GUARDED_BY(mu_){0.3};
+  // Measurements (seconds, bytes per second): the shortest recent window, smoothed rates.
+  RecentMin window_s_ ABSL_GUARDED_BY(mu_);
   Ewma d2h_rate_ ABSL_GUARDED_BY(mu_){0.3};
   Ewma d2d_rate_ ABSL_GUARDED_BY(mu_){0.3};
 };

@@ -109,7 +109,8 @@ struct CopyEngineStats {
   uint64_t staging_budget_short = 0;    // snapshots whose plan wanted more than the budget
   uint64_t staging_alloc_failures = 0;  // staging buffers the device could not allocate
   uint64_t staging_buffer_bytes = 0;    // the buffer's size now
-  // The last snapshot's plan, and the measurements it was made from (smoothed; < 0: unknown).
+  // The last snapshot's plan, and the measurements it was made from (< 0: unknown): the shortest
+  // of the last 8 windows, smoothed rates.
   uint64_t plan_staged_bytes = 0;
   uint64_t plan_device_to_host_bytes = 0;
   int64_t plan_expected_stall_ns = -1;

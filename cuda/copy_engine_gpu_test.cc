@@ -645,16 +645,20 @@ TEST_F(StagingTest, EveryModeHoldsTheSnapshotPointWhenTheOptimizerOverwritesAtOn
 TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
   const uint64_t total = TotalBytes();
   ASSERT_NO_FATAL_FAILURE(Prepare({StagingMode::kAdaptive, 2 * total, 0.5}));
-  // Nothing measured yet: everything is staged. A window of nothing keeps it so.
+  // Nothing measured yet: everything is staged. With no work between snapshot and fence, the
+  // window is only the time the compute stream idles while the fence waits on the CPU for the
+  // copies to be issued: nearly everything stays staged.
   for (uint64_t i = 0; i < 3; ++i) ASSERT_NO_FATAL_FAILURE(SnapshotAndOverwrite(seed_ + i, 0));
   CopyEngineStats stats = engine_->stats();
   ASSERT_GT(stats.d2h_bytes_per_s, 0) << "the device-to-host rate was not measured";
-  EXPECT_EQ(stats.plan_staged_bytes, total);
+  EXPECT_GT(stats.plan_staged_bytes, total / 2);
+  std::cout << "window " << stats.window_ns / 1e6 << " ms: staged " << stats.plan_staged_bytes
+            << " of " << total << " bytes\n";
   const double copy_s = total / stats.d2h_bytes_per_s;
   std::cout << "measured " << stats.d2h_bytes_per_s / 1e9 << " GB/s to host, "
             << stats.d2d_bytes_per_s / 1e9 << " GB/s staging; copy " << copy_s * 1e3 << " ms\n";
 
-  // A window of half the copy: part of it is staged.
+  // A window of half the copy: part of it is staged (the estimate is the shortest of the last 8).
   for (uint64_t i = 0; i < 8; ++i) {
     ASSERT_NO_FATAL_FAILURE(
         SnapshotAndOverwrite(seed_ + 10 + i, static_cast<uint64_t>(copy_s * 0.5e9)));
@@ -666,8 +670,8 @@ TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
   EXPECT_GT(stats.plan_staged_bytes, 0u);
   EXPECT_LT(stats.plan_staged_bytes, total);
 
-  // A window four times the copy: nothing is staged.
-  for (uint64_t i = 0; i < 3; ++i) {
+  // A window four times the copy: nothing is staged, once the shorter windows are 8 samples old.
+  for (uint64_t i = 0; i < 8; ++i) {
     ASSERT_NO_FATAL_FAILURE(
         SnapshotAndOverwrite(seed_ + 20 + i, static_cast<uint64_t>(copy_s * 4e9)));
   }

@@ -16,6 +16,9 @@
 #ifndef TESSERA_CUDA_STAGING_PLAN_H_
 #define TESSERA_CUDA_STAGING_PLAN_H_
 
+#include <algorithm>
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -76,6 +79,27 @@ class Ewma {
  private:
   double weight_;
   double value_ = -1;
+};
+
+// The smallest of the last kSamples samples. The window between snapshot and fence is estimated
+// this way: one long sample (an evaluation pause, a slow data loader, a checkpoint) must not make
+// the plan count on a window the next iterations do not have, while an average would.
+class RecentMin {
+ public:
+  static constexpr size_t kSamples = 8;
+  void Add(double sample) {
+    samples_[next_++ % kSamples] = sample;
+    count_ = std::min(count_ + 1, kSamples);
+  }
+  double value() const {  // < 0 until the first sample
+    if (count_ == 0) return -1;
+    return *std::min_element(samples_.begin(), samples_.begin() + count_);
+  }
+
+ private:
+  std::array<double, kSamples> samples_{};
+  size_t next_ = 0;
+  size_t count_ = 0;
 };
 
 }  // namespace tessera::cuda

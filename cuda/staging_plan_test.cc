@@ -142,5 +142,15 @@ TEST(EwmaTest, TakesTheFirstSampleThenMovesByItsWeight) {
   EXPECT_EQ(average.value(), 10);
 }
 
+TEST(RecentMinTest, IsTheSmallestOfTheLastSamples) {
+  RecentMin window;
+  EXPECT_LT(window.value(), 0);
+  window.Add(0.100);
+  window.Add(0.450);  // a pause: ignored while a shorter window is recent
+  EXPECT_EQ(window.value(), 0.100);
+  for (size_t i = 0; i < RecentMin::kSamples - 1; ++i) window.Add(0.120);
+  EXPECT_EQ(window.value(), 0.120) << "the 0.100 sample is older than the last kSamples";
+}
+
 }  // namespace
 }  // namespace tessera::cuda

@@ -147,6 +147,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=40, help="measured iterations per row")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the table, profile this many Snapshotter.step calls (cProfile)")
     args = p.parse_args()
     intervals = [int(x) for x in args.intervals.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -227,6 +229,19 @@ def main() -> int:
                     row.notes.append(plans[every])
                 rows[every][f"tessera {mode}"] = row
                 cg.log("row: " + cg.row_line(row, base))
+        if args.profile:
+            import cProfile
+            import pstats
+            profile = cProfile.Profile()
+            snap.every = 1
+            for _ in range(args.profile):
+                trainer.train_step()
+                profile.enable()
+                snap.step(trainer.step)
+                profile.disable()
+                trainer.step += 1
+                snap.wait()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(15)
     finally:
         snap.close()
         daemon.stop()

@@ -193,8 +193,9 @@ class _Registered:
     # What `Snapshotter._changed` compares, flattened so that each check is one C-level map:
     optimizer_state: Any  # the optimizer's `state` mapping itself
     params: List[torch.Tensor]  # the optimizer's parameters, in state_dict order
-    state_dicts: List[Optional[Dict[Any, Any]]]  # optimizer.state.get(p) for each of them
-    state_sizes: List[int]  # their lengths (0 for None)
+    state_keys: List[Any]  # optimizer.state's keys and values (per-parameter dicts), in order
+    state_values: List[Dict[Any, Any]]
+    state_sizes: List[int]  # the values' lengths
     tensor_dicts: List[Dict[Any, Any]]  # for each optimizer tensor: its state dict, key, tensor
     tensor_keys: List[Any]
     tensor_values: List[torch.Tensor]
@@ -552,8 +553,9 @@ class Snapshotter:
             has_model_other=bool(model_other),
             optimizer_state=state,
             params=params,
-            state_dicts=state_dicts,
-            state_sizes=[0 if d is None else len(d) for d in state_dicts],
+            state_keys=list(state.keys()),
+            state_values=list(state.values()),
+            state_sizes=[len(d) for d in state.values()],
             tensor_dicts=[state_dicts[i] for i, _, _ in optimizer_tensors],
             tensor_keys=[key for _, key, _ in optimizer_tensors],
             tensor_values=[t for _, _, t in optimizer_tensors],
@@ -583,9 +585,12 @@ class Snapshotter:
         params = self._params()
         if len(params) != len(reg.params) or not all(map(operator.is_, params, reg.params)):
             return "the optimizer's parameters changed"
-        dicts = list(map(optimizer.state.get, params))
-        if (not all(map(operator.is_, dicts, reg.state_dicts))
-                or [0 if d is None else len(d) for d in dicts] != reg.state_sizes
+        # optimizer.state's keys and values as lists: no tensor is hashed (Tensor.__hash__ is
+        # Python code).
+        keys, values = list(optimizer.state.keys()), list(optimizer.state.values())
+        if (len(keys) != len(reg.state_keys) or not all(map(operator.is_, keys, reg.state_keys))
+                or not all(map(operator.is_, values, reg.state_values))
+                or list(map(len, values)) != reg.state_sizes
                 or not all(map(operator.is_, map(dict.get, reg.tensor_dicts, reg.tensor_keys),
                                reg.tensor_values))):
             return self._moved(self._optimizer_state()[0]) or "the optimizer's state changed"
