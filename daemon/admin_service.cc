@@ -18,6 +18,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/version.h"
+#include "daemon/metrics.h"
 #include "ec/erasure_codec.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -429,6 +430,7 @@ void Admin::VerifyLocal(const std::string& job_id, const std::optional<int64_t>&
       node->set_bytes_checked(node->bytes_checked() + f.meta.fragment_bytes);
       absl::Status s = parts_.fragments->VerifyFragment(f.key);
       if (s.ok()) continue;
+      if (absl::IsDataLoss(s)) Metrics().fragment_crc_failures->Increment();
       admin::Damage* d = response->add_damaged();
       d->set_node_id(parts_.node_id);
       d->set_kind(admin::Damage::FRAGMENT);
@@ -600,6 +602,7 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
         auto view = parts_.fragments->Get(key);
         got = view.status();
         if (view.ok() && Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
+          Metrics().fragment_crc_failures->Increment();
           got = absl::DataLossError("the held fragment does not match its CRC32C");
         } else if (view.ok()) {
           std::memcpy(pointers[index], view->data(), fragment_bytes);
@@ -611,6 +614,7 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
                             .status()
                       : absl::UnavailableError("not live");
         if (got.ok()) moved += fragment_bytes;
+        if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
       }
       if (!got.ok()) {
         log->warn("recover: {} from {}: {}; counted as an erasure", key.ToString(), node,

@@ -270,7 +270,8 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
         static_cast<double>(started_unix_ms_) / 1000.0);
   if (fragments_) {
     const FragmentStore::Stats f = fragments_->stats();
-    counter("tessera_crc_failures_total", crc_help, static_cast<double>(f.crc_failures),
+    counter("tessera_crc_failures_total", crc_help,
+            static_cast<double>(f.crc_failures + Metrics().fragment_crc_failures->value()),
             {{"kind", "fragment"}});
     const char* held_help = "Fragments this node holds for other nodes' shards, by state.";
     gauge("tessera_fragments_held", held_help, static_cast<double>(f.fragments_sealed),

@@ -272,6 +272,7 @@ const DaemonMetrics& Metrics() {
     m.restore_failures =
         r.AddCounter("tessera_restore_failures_total",
                      "Shards that could not be made local (too few fragments, a CRC mismatch).");
+    m.fragment_crc_failures = new Counter();
     return m;
   }();
   return metrics;

@@ -483,6 +483,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
           got = view.status();
           if (view.ok()) {
             if (Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
+              Metrics().fragment_crc_failures->Increment();
               got = absl::DataLossError("held fragment does not match its CRC32C");
             } else {
               std::memcpy(pointers[index], view->data(), fragment_bytes);
@@ -495,6 +496,9 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
                         : absl::UnavailableError("not live");
         }
         if (!got.ok()) {
+          if (absl::IsDataLoss(got) && node != cluster_->self_id()) {
+            Metrics().fragment_crc_failures->Increment();
+          }
           log->warn("{} from {}: {}; counted as an erasure", key.ToString(), node,
                     got.ToString());
           exclude.insert({index, node});

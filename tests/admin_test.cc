@@ -447,6 +447,8 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
                    damage.rank() == 0 && damage.step() == committed;
   }
   EXPECT_TRUE(shard_named) << verified.DebugString();
+  std::map<std::string, double> metrics = Scrape(metrics_port_);
+  EXPECT_GE(metrics["tessera_crc_failures_total{kind=\"slot\"}"], 1);
 
   // A rebuild from fragments on n0 repairs its damaged slot in place; a second finds it intact.
   recover.set_rank(0);
