@@ -10,6 +10,7 @@ packages=(
   libisal-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libabsl-dev
   libtomlplusplus-dev libcpp-httplib-dev libsystemd-dev
   python3 python3-numpy python3-torch python3-pytest
+  python3-yaml  # tests/cli:deploy_test reads deploy/kubernetes/*.yaml
 )
 missing=()
 for p in "${packages[@]}"; do
