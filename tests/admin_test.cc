@@ -2,9 +2,7 @@
 // token, trainers that snapshot a job, then every admin call through the agent socket of one
 // daemon (which asks the others over TCP) and over TCP with and without the token. Drills damage
 // real memory (a fragment, a slot), make a daemon lose its memory, and rebuild.
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -32,26 +30,6 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 constexpr char kToken[] = "admin-test-token-0123456789";
-
-uint64_t TestSeed() {
-  const char* env = std::getenv("TESSERA_TEST_SEED");
-  uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-  std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
-              static_cast<unsigned long long>(seed));
-  return seed;
-}
-
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 std::unique_ptr<admin::Admin::Stub> Connect(const std::string& target) {
   return admin::Admin::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));

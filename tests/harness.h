@@ -18,6 +18,12 @@ namespace tessera::testing {
 // Path of a binary built by Bazel (e.g. "daemon/tesserad"), from the test's runfiles.
 std::string BinaryPath(const std::string& relative);
 
+// The test's random seed: TESSERA_TEST_SEED when set, else a random one; printed either way.
+uint64_t TestSeed();
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int FreePort();
+
 // A child process whose stdout is read through a pipe (stderr goes to `stderr_path` if given,
 // otherwise is inherited). Killed with SIGKILL on destruction if still running.
 class Process {
