@@ -11,6 +11,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "grpcpp/security/server_credentials.h"
@@ -155,6 +156,11 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.dns_refresh_ms = config.cluster.dns_refresh_ms;
   cluster_options.heartbeat_ms = config.liveness.heartbeat_ms;
   cluster_options.timeout_ms = config.liveness.timeout_ms;
+  // Called on the heartbeat thread only, so no two calls race.
+  auto first_round = std::make_shared<absl::Notification>();
+  cluster_options.after_round = [first_round] {
+    if (!first_round->HasBeenNotified()) first_round->Notify();
+  };
   cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());
 
   PeerService::Options service_options;
@@ -190,6 +196,15 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   }
 
   cluster_->Start();
+  // Hear the members once before protecting or answering restores: a daemon that knows no peer
+  // yet would place no fragments and find nothing restorable.
+  if (!first_round->WaitForNotificationWithTimeout(
+          absl::Milliseconds(config.liveness.heartbeat_ms + config.liveness.timeout_ms))) {
+    log->warn("the first heartbeat round did not finish within {} ms; starting anyway",
+              config.liveness.heartbeat_ms + config.liveness.timeout_ms);
+  }
+  log->info("{} live members after the first heartbeat round: {}", cluster_->LiveNodeIds().size(),
+            absl::StrJoin(cluster_->LiveNodeIds(), ", "));
   cluster_coordination_->Start();
   FragmentStore::Stats fstats = fragments_->stats();
   log->info("peer service on {} (advertised {}), incarnation {}, RS({}, {}), {} member "
