@@ -339,6 +339,14 @@ class Client:
         )
         self._entries = checked
 
+    def _point_entry(self, index: int, address: int, length: int) -> None:
+        """`update_entry` for a blob of the caller's own, without the argument checks (the C ABI
+        still checks index and length): the per-snapshot path of `tessera.torch`."""
+        _lib.check(self._lib.tessera_update_entry(self._h(), index, address, length),
+                   "tessera_update_entry")
+        e = self._entries[index]
+        self._entries[index] = Entry(e.name, address, e.nbytes, e.dtype, e.shape, e.kind, length)
+
     def update_entry(self, index: int, address: Optional[int] = None,
                      length: Optional[int] = None) -> None:
         """Points entry `index` at new memory and/or sets a blob's valid length.

@@ -45,6 +45,7 @@ initialized the ranks agree on one step, or all raise.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import operator
 import os
@@ -156,6 +157,9 @@ class _Blob:
         self.in_flight = 0   # buffer of the last started snapshot
         self.registered = 0  # buffer the library's entry points at
         self.index = -1      # position in the registration
+        # What the registered buffer holds, with the entry's length set to it; None: unknown
+        # (after a registration or a restore). An unchanged blob is not staged again.
+        self.current: Optional[bytes] = None
 
     def address(self, buffer: int) -> int:
         return ctypes.addressof(self.buffers[buffer])
@@ -196,6 +200,8 @@ class _Registered:
     state_keys: List[Any]  # optimizer.state's keys and values (per-parameter dicts), in order
     state_values: List[Dict[Any, Any]]
     state_sizes: List[int]  # the values' lengths
+    # Every value of those dicts, in order, when all of them are tensors (else None)
+    state_tensors: Optional[List[torch.Tensor]]
     tensor_dicts: List[Dict[Any, Any]]  # for each optimizer tensor: its state dict, key, tensor
     tensor_keys: List[Any]
     tensor_values: List[torch.Tensor]
@@ -430,8 +436,11 @@ class Snapshotter:
                                      "torch's CPU RNG state")
         if cuda_devices:
             cuda_states = {}
+            generators = getattr(torch.cuda, "default_generators", ())
             for d in cuda_devices:
-                t = torch.cuda.get_rng_state(d)
+                # The generator itself, without get_rng_state's per-call device resolution.
+                t = (generators[d].get_state() if d < len(generators)
+                     else torch.cuda.get_rng_state(d))
                 cuda_states[d] = ctypes.string_at(t.data_ptr(), t.numel())
             payloads["rng.torch_cuda"] = (pickle.dumps(cuda_states, _PICKLE_PROTOCOL),
                                           "the CUDA RNG states")
@@ -532,6 +541,7 @@ class Snapshotter:
                 self._blobs[name] = blob
             blob.index = len(entries)
             blob.registered = blob.in_flight
+            blob.current = None
             entries.append(Entry.blob(f"blob.{name}", blob.address(blob.registered),
                                       blob.capacity, 0))
         for name in list(self._blobs):
@@ -556,6 +566,8 @@ class Snapshotter:
             state_keys=list(state.keys()),
             state_values=list(state.values()),
             state_sizes=[len(d) for d in state.values()],
+            state_tensors=(None if optimizer_other else
+                           list(itertools.chain.from_iterable(map(dict.values, state.values())))),
             tensor_dicts=[state_dicts[i] for i, _, _ in optimizer_tensors],
             tensor_keys=[key for _, key, _ in optimizer_tensors],
             tensor_values=[t for _, _, t in optimizer_tensors],
@@ -588,11 +600,16 @@ class Snapshotter:
         # optimizer.state's keys and values as lists: no tensor is hashed (Tensor.__hash__ is
         # Python code).
         keys, values = list(optimizer.state.keys()), list(optimizer.state.values())
+        if reg.state_tensors is not None:  # every state value a tensor: compare them in order
+            same_tensors = all(map(operator.is_,
+                                   itertools.chain.from_iterable(map(dict.values, values)),
+                                   reg.state_tensors))
+        else:
+            same_tensors = all(map(operator.is_, map(dict.get, reg.tensor_dicts, reg.tensor_keys),
+                                   reg.tensor_values))
         if (len(keys) != len(reg.state_keys) or not all(map(operator.is_, keys, reg.state_keys))
                 or not all(map(operator.is_, values, reg.state_values))
-                or list(map(len, values)) != reg.state_sizes
-                or not all(map(operator.is_, map(dict.get, reg.tensor_dicts, reg.tensor_keys),
-                               reg.tensor_values))):
+                or list(map(len, values)) != reg.state_sizes or not same_tensors):
             return self._moved(self._optimizer_state()[0]) or "the optimizer's state changed"
         return None
 
@@ -717,9 +734,12 @@ class Snapshotter:
         staged = []
         for name, (data, _) in payloads.items():
             blob = self._blobs[name]
+            if data == blob.current:
+                continue  # the registered buffer holds it already, and nothing writes there
             spare = blob.stage(data)
-            self._client.update_entry(blob.index, blob.address(spare), len(data))
+            self._client._point_entry(blob.index, blob.address(spare), len(data))
             blob.registered = spare
+            blob.current = data
             staged.append((blob, spare))
         started = self._client.snapshot(step, self._stream())
         if started:
@@ -889,6 +909,7 @@ class Snapshotter:
         values: Dict[str, bytes] = {}
         for name, blob in self._blobs.items():
             values[name] = blob.read(self._client.entry_length(blob.index))
+            blob.current = None  # the restore wrote the registered buffer
         try:
             meta = pickle.loads(values["meta"])
             if meta.get("format") != _META_FORMAT:
