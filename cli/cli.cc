@@ -1,5 +1,6 @@
 #include "cli/cli.h"
 
+#include <algorithm>
 #include <functional>
 
 #include "absl/strings/str_cat.h"
@@ -189,7 +190,26 @@ std::string TesseraUsage() {
   return text;
 }
 
-int RunTessera(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+int RunTessera(const std::vector<std::string>& given, std::ostream& out, std::ostream& err) {
+  // Global flags may come before the command too (`tessera --socket PATH status`): move them
+  // after it, where the command's parser reads them.
+  std::vector<std::string> leading, args;
+  size_t first = 0;
+  while (first < given.size() && given[first].rfind("--", 0) == 0 && given[first] != "--help" &&
+         given[first] != "--version") {
+    const std::string name = given[first].substr(2, given[first].find('=') - 2);
+    const auto& globals = GlobalFlags();
+    auto flag = std::find_if(globals.begin(), globals.end(),
+                             [&](const FlagSpec& f) { return f.name == name; });
+    if (flag == globals.end()) break;
+    leading.push_back(given[first++]);
+    if (!flag->value_name.empty() && given[first - 1].find('=') == std::string::npos &&
+        first < given.size()) {
+      leading.push_back(given[first++]);
+    }
+  }
+  args.assign(given.begin() + first, given.end());
+  if (!args.empty()) args.insert(args.end(), leading.begin(), leading.end());
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     if (args.size() >= 2 && args[0] == "help") {
       std::vector<std::string> rest(args.begin() + 1, args.end());
