@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "common/version.h"
 #include "daemon/metrics.h"
+#include "daemon/shard_rebuild.h"
 #include "ec/erasure_codec.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -565,7 +566,6 @@ absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyRes
 
 absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t rank, int64_t step,
                                          admin::RecoverResponse* response) {
-  auto log = Logger("admin");
   if (parts_.fragments == nullptr) {
     return absl::FailedPreconditionError(
         "from_fragments needs cross-node protection: this daemon is standalone (no "
@@ -574,6 +574,28 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
   google::protobuf::RepeatedPtrField<admin::NodeError> errors;
   JobHoldings holdings = GatherHoldings(job_id, false, &errors)[job_id];
   holdings.shards.clear();  // the point is to prove the fragments decode
+  uint64_t moved = 0;
+  // This node's fragments are read from its store, the others' from their peer service; both
+  // are checked against the fragment's CRC32C.
+  FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
+                            size_t bytes) -> absl::Status {
+    const FragmentKey key{job_id, rank, step, index};
+    if (node == parts_.node_id) {
+      TESSERA_ASSIGN_OR_RETURN(FragmentView view, parts_.fragments->Get(key));
+      if (view.size() != bytes || Crc32c(view.data(), view.size()) != view.fragment_crc32c()) {
+        Metrics().fragment_crc_failures->Increment();
+        return absl::DataLossError("the held fragment does not match its CRC32C");
+      }
+      std::memcpy(dst, view.data(), bytes);
+      return absl::OkStatus();
+    }
+    auto address = parts_.cluster->AddressOf(node);
+    if (!address) return absl::UnavailableError("not live");
+    absl::Status got = parts_.peer_client->GetFragment(*address, key, 0, dst, bytes).status();
+    if (got.ok()) moved += bytes;
+    if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
+    return got;
+  };
   std::set<std::pair<uint32_t, std::string>> exclude;
   const absl::Time start = absl::Now();
   for (int attempt = 0; attempt < kMaxRebuildAttempts; ++attempt) {
@@ -584,65 +606,27 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
                                        " cannot be rebuilt from fragments on the live members: ",
                                        plan.status().message()));
     }
-    TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(plan->k, plan->m));
-    const size_t fragment_bytes = ErasureCodec::FragmentBytes(plan->shard_bytes, plan->k);
-    const int total = static_cast<int>(plan->k + plan->m);
-    std::vector<uint8_t> buffer(total * fragment_bytes);
-    std::vector<uint8_t*> pointers(total);
-    for (int i = 0; i < total; ++i) pointers[i] = buffer.data() + i * fragment_bytes;
-    std::vector<bool> have(total, false);
-    uint64_t moved = 0;
-    bool failed = false;
-    response->clear_fragment_nodes();
-    response->clear_fragment_indexes();
-    for (const auto& [index, node] : plan->fragments) {
-      const FragmentKey key{job_id, rank, step, index};
-      absl::Status got;
-      if (node == parts_.node_id) {
-        auto view = parts_.fragments->Get(key);
-        got = view.status();
-        if (view.ok() && Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
-          Metrics().fragment_crc_failures->Increment();
-          got = absl::DataLossError("the held fragment does not match its CRC32C");
-        } else if (view.ok()) {
-          std::memcpy(pointers[index], view->data(), fragment_bytes);
-        }
-      } else {
-        auto address = parts_.cluster->AddressOf(node);
-        got = address ? parts_.peer_client
-                            ->GetFragment(*address, key, 0, pointers[index], fragment_bytes)
-                            .status()
-                      : absl::UnavailableError("not live");
-        if (got.ok()) moved += fragment_bytes;
-        if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
-      }
-      if (!got.ok()) {
-        log->warn("recover: {} from {}: {}; counted as an erasure", key.ToString(), node,
-                  got.ToString());
-        exclude.insert({index, node});
-        failed = true;
-        break;
-      }
-      have[index] = true;
-      response->add_fragment_nodes(node);
-      response->add_fragment_indexes(index);
-    }
-    response->set_bytes_moved(response->bytes_moved() + moved);
-    if (failed) continue;
-    std::vector<int> erased;
-    for (int i = 0; i < total; ++i) {
-      if (!have[i]) erased.push_back(i);
-    }
-    TESSERA_RETURN_IF_ERROR(codec.Reconstruct(erased, pointers.data(), fragment_bytes));
     std::vector<uint8_t> shard(std::max<uint64_t>(plan->shard_bytes, 1));
-    TESSERA_RETURN_IF_ERROR(
-        codec.JoinShard(pointers.data(), fragment_bytes, shard.data(), plan->shard_bytes));
-    const uint32_t crc = Crc32c(shard.data(), plan->shard_bytes);
+    TESSERA_ASSIGN_OR_RETURN(ShardDecode decoded, DecodeShard(*plan, read, shard.data()));
+    if (decoded.failed) {
+      Logger("admin")->warn(
+          "recover: job '{}' rank {} step {} fragment {} from {}: {}; counted "
+          "as an erasure",
+          job_id, rank, step, decoded.failed->first, decoded.failed->second,
+          decoded.failure.ToString());
+      exclude.insert(*decoded.failed);
+      continue;
+    }
     response->set_source(admin::RecoverResponse::REBUILD);
+    for (const auto& [index, node] : decoded.used) {
+      response->add_fragment_indexes(index);
+      response->add_fragment_nodes(node);
+    }
+    response->set_bytes_moved(moved);
     response->set_shard_bytes(plan->shard_bytes);
     response->set_expected_crc32c(plan->shard_crc32c);
-    response->set_actual_crc32c(crc);
-    response->set_crc_matched(crc == plan->shard_crc32c);
+    response->set_actual_crc32c(decoded.crc32c);
+    response->set_crc_matched(decoded.crc32c == plan->shard_crc32c);
     response->set_ec_k(plan->k);
     response->set_ec_m(plan->m);
     response->set_duration_us(absl::ToInt64Microseconds(absl::Now() - start));

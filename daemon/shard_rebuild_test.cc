@@ -1,0 +1,152 @@
+#include "daemon/shard_rebuild.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
+#include "ec/erasure_codec.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+uint64_t TestSeed() {
+  const char* env = std::getenv("TESSERA_TEST_SEED");
+  const uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  std::printf("TESSERA_TEST_SEED=%llu\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+// A shard of random bytes encoded RS(k, m); fragment i is "held" by member "n<i>".
+struct Encoded {
+  std::vector<uint8_t> shard;
+  std::vector<std::vector<uint8_t>> fragments;
+  uint32_t crc = 0;
+};
+
+Encoded Encode(std::mt19937_64& rng, int k, int m, size_t shard_bytes) {
+  Encoded e;
+  e.shard.resize(shard_bytes);
+  for (auto& b : e.shard) b = static_cast<uint8_t>(rng());
+  e.crc = Crc32c(e.shard.data(), e.shard.size());
+  auto codec = ErasureCodec::Create(k, m);
+  EXPECT_TRUE(codec.ok());
+  const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, k);
+  e.fragments.assign(k + m, std::vector<uint8_t>(fragment_bytes));
+  std::vector<uint8_t*> data, parity;
+  for (int i = 0; i < k; ++i) data.push_back(e.fragments[i].data());
+  for (int j = 0; j < m; ++j) parity.push_back(e.fragments[k + j].data());
+  EXPECT_TRUE(codec->SplitShard(e.shard.data(), shard_bytes, data.data(), fragment_bytes).ok());
+  if (m > 0) EXPECT_TRUE(codec->Encode(data.data(), parity.data(), fragment_bytes).ok());
+  return e;
+}
+
+RestorePlan Plan(int k, int m, const Encoded& e, std::vector<uint32_t> indexes) {
+  RestorePlan plan;
+  plan.source = RestorePlan::Source::kRebuild;
+  plan.k = k;
+  plan.m = m;
+  plan.shard_bytes = e.shard.size();
+  plan.shard_crc32c = e.crc;
+  for (uint32_t i : indexes) plan.fragments.emplace_back(i, absl::StrCat("n", i));
+  return plan;
+}
+
+TEST(ShardRebuildTest, AnyKFragmentsDecodeBitExact) {
+  std::mt19937_64 rng(TestSeed());
+  for (int round = 0; round < 60; ++round) {
+    const int k = 1 + static_cast<int>(rng() % 6), m = static_cast<int>(rng() % 4);
+    const size_t bytes = rng() % 3 == 0 ? rng() % 100 : 1 + rng() % 300000;  // tiny and odd
+    Encoded e = Encode(rng, k, m, bytes);
+    std::vector<uint32_t> all(k + m);
+    for (int i = 0; i < k + m; ++i) all[i] = i;
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(k);
+    int reads = 0;
+    FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
+                              size_t n) -> absl::Status {
+      EXPECT_EQ(node, absl::StrCat("n", index));
+      EXPECT_EQ(n, e.fragments[index].size());
+      std::memcpy(dst, e.fragments[index].data(), n);
+      ++reads;
+      return absl::OkStatus();
+    };
+    std::vector<uint8_t> out(std::max<size_t>(bytes, 1), 0xA5);
+    auto decoded = DecodeShard(Plan(k, m, e, all), read, out.data());
+    ASSERT_TRUE(decoded.ok()) << decoded.status() << " round " << round;
+    EXPECT_FALSE(decoded->failed);
+    EXPECT_EQ(reads, k);
+    EXPECT_EQ(decoded->used.size(), static_cast<size_t>(k));
+    EXPECT_EQ(decoded->crc32c, e.crc) << "RS(" << k << ", " << m << ") " << bytes << " bytes";
+    EXPECT_EQ(std::memcmp(out.data(), e.shard.data(), bytes), 0) << "round " << round;
+  }
+}
+
+TEST(ShardRebuildTest, AFailedReadIsReportedAndNothingIsDecoded) {
+  std::mt19937_64 rng(TestSeed());
+  Encoded e = Encode(rng, 3, 2, 123457);
+  const uint32_t bad = static_cast<uint32_t>(rng() % 3);
+  FragmentReader read = [&](uint32_t index, const std::string&, uint8_t* dst,
+                            size_t n) -> absl::Status {
+    if (index == bad) return absl::DataLossError("chunk CRC32C mismatch");
+    std::memcpy(dst, e.fragments[index].data(), n);
+    return absl::OkStatus();
+  };
+  std::vector<uint8_t> out(e.shard.size());
+  auto decoded = DecodeShard(Plan(3, 2, e, {0, 1, 2}), read, out.data());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  ASSERT_TRUE(decoded->failed.has_value());
+  EXPECT_EQ(decoded->failed->first, bad);
+  EXPECT_EQ(decoded->failed->second, absl::StrCat("n", bad));
+  EXPECT_EQ(decoded->failure.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(decoded->crc32c, 0u);
+
+  // Planned around it: the parity fragments stand in, bit-exact.
+  std::vector<uint32_t> others = {3, 4};
+  for (uint32_t i = 0; i < 3; ++i) {
+    if (i != bad) others.push_back(i);
+  }
+  others.resize(3);
+  decoded = DecodeShard(Plan(3, 2, e, others), read, out.data());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_FALSE(decoded->failed);
+  EXPECT_EQ(decoded->crc32c, e.crc);
+  EXPECT_EQ(out, e.shard);
+}
+
+TEST(ShardRebuildTest, BadPlansAreRefused) {
+  std::mt19937_64 rng(TestSeed());
+  Encoded e = Encode(rng, 2, 1, 1000);
+  FragmentReader never = [](uint32_t, const std::string&, uint8_t*, size_t) -> absl::Status {
+    ADD_FAILURE() << "read for a bad plan";
+    return absl::OkStatus();
+  };
+  std::vector<uint8_t> out(1000);
+  RestorePlan copy = Plan(2, 1, e, {0, 1});
+  copy.source = RestorePlan::Source::kCopy;
+  EXPECT_EQ(DecodeShard(copy, never, out.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DecodeShard(Plan(2, 1, e, {0}), never, out.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto twice = DecodeShard(
+      Plan(2, 1, e, {1, 1}),
+      [&](uint32_t i, const std::string&, uint8_t* d, size_t n) {
+        std::memcpy(d, e.fragments[i].data(), n);
+        return absl::OkStatus();
+      },
+      out.data());
+  EXPECT_EQ(twice.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DecodeShard(Plan(2, 1, e, {0, 7}), never, out.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace tessera
