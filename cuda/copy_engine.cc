@@ -150,6 +150,11 @@ struct RoutedOp {
   bool staged() const { return stage_from < op.bytes; }
 };
 
+const char* Direction(const RoutedOp& r) {
+  if (r.src != Where::kDevice) return "H2D";
+  return r.dst == Where::kDevice ? "D2D" : "D2H";
+}
+
 constexpr size_t kStagingAlignment = 256;
 
 size_t AlignUp(size_t value, size_t alignment) {
@@ -463,10 +468,7 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
     const RoutedOp& r = device_ops[i];
     const size_t direct = std::min(r.stage_from, r.op.bytes);
     if (direct == 0) continue;
-    status = EnqueueChunks(r.op.dst, r.op.src, direct,
-                           r.src == Where::kDevice ? (r.dst == Where::kDevice ? "D2D" : "D2H")
-                                                   : "H2D",
-                           &counts);
+    status = EnqueueChunks(r.op.dst, r.op.src, direct, Direction(r), &counts);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
   }
   if (status.ok()) {
@@ -821,10 +823,7 @@ absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
   absl::Status status = RouteOps(ops, &device_ops, &host_ops, &counts);
   for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
     const RoutedOp& r = device_ops[i];
-    status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes,
-                           r.src == Where::kDevice ? (r.dst == Where::kDevice ? "D2D" : "D2H")
-                                                   : "H2D",
-                           &counts);
+    status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes, Direction(r), &counts);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
   }
   if (status.ok()) {
