@@ -297,6 +297,10 @@ absl::Status Client::RunSnapshot(const Job& job) {
   begin.set_rank(rank_);
   begin.set_step(job.step);
   begin.set_replace_uncommitted(options_.when_busy == BusyPolicy::kSkip);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    begin.set_skipped_snapshots(stats_.skipped);  // the daemon exports them as a metric
+  }
   agent::BeginSnapshotResponse begun;
   absl::Status status;
   const int64_t start_ns = NowNs();

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -45,7 +45,8 @@ def library_path() -> Path:
 class Daemon:
     """A tesserad process with its own store directory (under /dev/shm) and socket."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: Optional[List[str]] = None) -> None:
+        self.extra_args = list(extra_args or [])  # more --set key=value for tesserad
         self.store = Path(tempfile.mkdtemp(prefix="tessera-test-", dir="/dev/shm"))
         # A short path: Unix socket paths are limited to 107 bytes.
         self.socket_dir = Path(tempfile.mkdtemp(prefix="tsr"))
@@ -59,7 +60,8 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [str(TESSERAD), "--set", "node.id=n0", "--set", f"store.directory={self.store}",
-             "--set", f"agent.socket_path={self.socket}", "--set", "store.capacity_bytes=1GiB"],
+             "--set", f"agent.socket_path={self.socket}", "--set", "store.capacity_bytes=1GiB",
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout_s

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import re
+import socket
+import urllib.request
 
 import numpy as np
 import pytest
 
 import tessera
 from tessera import Entry, EntryKind
+from conftest import Daemon
 
 
 def _random_array(seed: int, n: int, dtype: str = "float32") -> np.ndarray:
@@ -162,3 +166,32 @@ def test_errors_map_to_canonical_codes() -> None:
     assert str(error_for_code(5, "NOT_FOUND: gone")) == "NOT_FOUND: gone"
     assert str(error_for_code(5, "gone")) == "NOT_FOUND: gone"
     assert EntryKind.BLOB == 2
+
+
+def test_skipped_snapshots_reach_the_daemons_metrics(tmp_path, library_path) -> None:
+    """A snapshot asked for while the previous one is in flight is skipped and counted; the
+    agent reports the count with its next snapshot and the daemon exports it on /metrics."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = Daemon(tmp_path, ["--set", f"metrics.listen_address=127.0.0.1:{port}"])
+    daemon.start()
+    try:
+        state = _random_array(7, 16 << 20)  # 64 MiB: the first snapshot takes a while
+        with tessera.Client(str(daemon.socket), when_busy="skip", use_gpu=False) as client:
+            client.register("skips", 0, 1, [Entry.tensor("state", state.ctypes.data, "float32",
+                                                        state.shape)])
+            assert client.snapshot(0)
+            skipped = sum(not client.snapshot(step) for step in range(1, 200))
+            client.wait()
+            assert client.snapshot(1000)  # reports the skips
+            client.wait()
+            assert skipped >= 1, "no snapshot was asked for while the first was in flight"
+            assert client.stats().skipped == skipped
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        found = re.search(rb"^tessera_snapshot_skips_total(?:\{[^}]*\})? (\d+)", text, re.M)
+        assert found is not None, text.decode()[:2000]
+        assert int(found.group(1)) == skipped
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+        daemon.cleanup()
