@@ -444,6 +444,36 @@ void Admin::VerifyLocal(const std::string& job_id, const std::optional<int64_t>&
   node->set_duration_ms(absl::ToInt64Milliseconds(absl::Now() - start));
 }
 
+void Admin::DecodeVerdict(const std::string& job_id, JobHoldings holdings,
+                          admin::RankVerdict* verdict) {
+  auto add_reason = [verdict](const std::string& why) {
+    verdict->set_reason(verdict->reason().empty() ? why : verdict->reason() + "; " + why);
+  };
+  holdings.shards.clear();  // decode from fragments only
+  auto plan = PlanRestore(holdings, parts_.node_id, verdict->rank(), verdict->step());
+  if (!plan.ok()) {
+    add_reason(absl::StrCat("not decoded: ", plan.status().message()));
+    return;
+  }
+  if (parts_.fragments == nullptr) return;
+  uint64_t moved = 0;
+  std::vector<uint8_t> shard(std::max<uint64_t>(plan->shard_bytes, 1));
+  auto decoded =
+      DecodeShard(*plan, ReaderFor(job_id, verdict->rank(), verdict->step(), &moved), shard.data());
+  if (!decoded.ok() || decoded->failed) {
+    add_reason(absl::StrCat(
+        "not decoded: ", decoded.ok() ? decoded->failure.ToString() : decoded.status().ToString()));
+    return;
+  }
+  verdict->set_decoded_crc32c(decoded->crc32c);
+  verdict->set_decoded(decoded->crc32c == plan->shard_crc32c);
+  if (!verdict->decoded()) {
+    add_reason(absl::StrCat("k fragments that each verified decode to CRC32C 0x",
+                            absl::Hex(decoded->crc32c), ", not the shard's 0x",
+                            absl::Hex(plan->shard_crc32c)));
+  }
+}
+
 absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyResponse* response) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(request.job_id()));
   std::optional<int64_t> step;
@@ -558,27 +588,22 @@ absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyRes
       } else if (r->k == 0) {
         verdict->set_reason("restorable only from the sealed shard: no fragments held");
       }
+      if (request.decode()) {
+        DecodeVerdict(request.job_id(), good, verdict);
+        ok = ok && verdict->decoded();
+      }
     }
   }
   response->set_ok(ok);
   return absl::OkStatus();
 }
 
-absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t rank, int64_t step,
-                                         admin::RecoverResponse* response) {
-  if (parts_.fragments == nullptr) {
-    return absl::FailedPreconditionError(
-        "from_fragments needs cross-node protection: this daemon is standalone (no "
-        "peer.listen_address), so no fragments exist");
-  }
-  google::protobuf::RepeatedPtrField<admin::NodeError> errors;
-  JobHoldings holdings = GatherHoldings(job_id, false, &errors)[job_id];
-  holdings.shards.clear();  // the point is to prove the fragments decode
-  uint64_t moved = 0;
+FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_t step,
+                                uint64_t* bytes_moved) {
   // This node's fragments are read from its store, the others' from their peer service; both
   // are checked against the fragment's CRC32C.
-  FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
-                            size_t bytes) -> absl::Status {
+  return [this, job_id, rank, step, bytes_moved](uint32_t index, const std::string& node,
+                                                 uint8_t* dst, size_t bytes) -> absl::Status {
     const FragmentKey key{job_id, rank, step, index};
     if (node == parts_.node_id) {
       TESSERA_ASSIGN_OR_RETURN(FragmentView view, parts_.fragments->Get(key));
@@ -592,10 +617,24 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
     auto address = parts_.cluster->AddressOf(node);
     if (!address) return absl::UnavailableError("not live");
     absl::Status got = parts_.peer_client->GetFragment(*address, key, 0, dst, bytes).status();
-    if (got.ok()) moved += bytes;
+    if (got.ok()) *bytes_moved += bytes;
     if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
     return got;
   };
+}
+
+absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t rank, int64_t step,
+                                         admin::RecoverResponse* response) {
+  if (parts_.fragments == nullptr) {
+    return absl::FailedPreconditionError(
+        "from_fragments needs cross-node protection: this daemon is standalone (no "
+        "peer.listen_address), so no fragments exist");
+  }
+  google::protobuf::RepeatedPtrField<admin::NodeError> errors;
+  JobHoldings holdings = GatherHoldings(job_id, false, &errors)[job_id];
+  holdings.shards.clear();  // the point is to prove the fragments decode
+  uint64_t moved = 0;
+  FragmentReader read = ReaderFor(job_id, rank, step, &moved);
   std::set<std::pair<uint32_t, std::string>> exclude;
   const absl::Time start = absl::Now();
   for (int attempt = 0; attempt < kMaxRebuildAttempts; ++attempt) {

@@ -29,6 +29,7 @@
 #include "daemon/fragment_store.h"
 #include "daemon/job_health.h"
 #include "daemon/peer_client.h"
+#include "daemon/shard_rebuild.h"
 #include "daemon/snapshot_store.h"
 #include "grpcpp/channel.h"
 #include "proto/admin.grpc.pb.h"
@@ -112,6 +113,12 @@ class Admin {
   void FillNodeInfo(admin::NodeInfo* info) const;
   void VerifyLocal(const std::string& job_id, const std::optional<int64_t>& step,
                    admin::VerifyResponse* response);
+  // Reads fragments of (job, rank, step) from this node's store or a peer; adds the bytes read
+  // over the network to *bytes_moved, which must outlive the reader.
+  FragmentReader ReaderFor(const std::string& job_id, uint32_t rank, int64_t step,
+                           uint64_t* bytes_moved);
+  // Verify's decode: rebuilds verdict's rank and step from k fragments of `holdings`.
+  void DecodeVerdict(const std::string& job_id, JobHoldings holdings, admin::RankVerdict* verdict);
   absl::Status RebuildFromFragments(const std::string& job_id, uint32_t rank, int64_t step,
                                     admin::RecoverResponse* response);
   // Whether a node-targeted call is for this daemon: node_id empty or ours.

@@ -301,6 +301,16 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
   EXPECT_EQ(verified.damaged_size(), 0);
   EXPECT_EQ(verified.nodes_size(), kNodes);
   EXPECT_EQ(verified.ranks_size(), static_cast<int>(kWorld));
+  // With decode, every rank is rebuilt from k fragments and matches its shard.
+  verify_request.set_decode(true);
+  verified.Clear();
+  ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::Verify, verify_request, &verified).ok());
+  EXPECT_TRUE(verified.ok()) << verified.DebugString();
+  for (const auto& verdict : verified.ranks()) {
+    EXPECT_TRUE(verdict.decoded()) << verdict.DebugString();
+    EXPECT_NE(verdict.decoded_crc32c(), 0u);
+  }
+  verify_request.set_decode(false);
 
   // Not a drill target yet: Corrupt is refused.
   const uint32_t rank = rng() % kWorld;
@@ -372,6 +382,14 @@ TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
       EXPECT_EQ(verdict.fragments_ok(), 2u);
     }
   }
+  // Decoding uses only fragments that verified, so every rank still decodes.
+  verify_request.set_decode(true);
+  admin::VerifyResponse decoded;
+  ASSERT_TRUE(Call(local_.get(), &admin::Admin::Stub::Verify, verify_request, &decoded).ok());
+  for (const auto& verdict : decoded.ranks()) {
+    EXPECT_TRUE(verdict.decoded()) << verdict.DebugString();
+  }
+  verify_request.set_decode(false);
 
   // A rebuild from fragments on n0 works around the damaged one and matches the shard's CRC.
   admin::RecoverRequest recover;
