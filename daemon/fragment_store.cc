@@ -489,12 +489,9 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
             absl::StrCat(key.ToString(), " is held for owner incarnation ", held.owner_incarnation,
                          "; incarnation ", meta.owner_incarnation, " is older (a stale sender)"));
       }
-      if (meta.owner_incarnation == held.owner_incarnation && existing->sealed) {
-        return absl::AlreadyExistsError(absl::StrCat(
-            key.ToString(), " is sealed here with other metadata (shard ", held.shard_bytes,
-            " bytes, CRC32C 0x", absl::Hex(held.shard_crc32c), ", RS(", held.ec_k, ", ", held.ec_m,
-            ")) by the same owner incarnation ", held.owner_incarnation, "; drop it first"));
-      }
+      // Same incarnation, other metadata: the owner encoded this step again (a restored job
+      // snapshotted the step anew, or fewer members were live and k changed). The owner only
+      // sends what it holds now, so the new fragment replaces the held one, sealed or not.
     }
 
     {
@@ -554,8 +551,12 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
       continue;
     }
     if (existing) {
-      log->info("{}: replacing the fragment of owner incarnation {} with incarnation {}",
-                key.ToString(), existing->meta.owner_incarnation, meta.owner_incarnation);
+      log->info("{}: replacing the fragment of owner incarnation {} (shard {} bytes, CRC32C "
+                "0x{:08x}, RS({}, {})) with incarnation {} (shard {} bytes, CRC32C 0x{:08x}, "
+                "RS({}, {}))",
+                key.ToString(), existing->meta.owner_incarnation, existing->meta.shard_bytes,
+                existing->meta.shard_crc32c, existing->meta.ec_k, existing->meta.ec_m,
+                meta.owner_incarnation, meta.shard_bytes, meta.shard_crc32c, meta.ec_k, meta.ec_m);
       Retire(existing);
     }
     absl::MutexLock entry_lock(&entry->mu);

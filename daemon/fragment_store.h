@@ -16,8 +16,9 @@
 //   same incarnation and metadata       -> the held fragment (idempotent; a retry resumes)
 //   higher incarnation                  -> the held one is replaced (the owner restarted)
 //   lower incarnation                   -> kFailedPrecondition (a stale sender)
-//   same incarnation, other metadata    -> replaces a WRITING fragment; kAlreadyExists for a
-//                                          SEALED one (DropFragment it first)
+//   same incarnation, other metadata    -> the held one is replaced, WRITING or SEALED (the
+//                                          owner encoded the step again: a restored job
+//                                          snapshotted it anew, or k changed with the members)
 //
 // Memory. Every segment's bytes are reserved from the CapacityBudget before the file is created
 // (kResourceExhausted says how much was asked and how much is free). Dropped segments are kept in
@@ -170,8 +171,8 @@ class FragmentStore {
 
   // Makes a WRITING fragment for key with meta (see the header comment for a held key), creating
   // its segment. Returns its status: a retry learns what has arrived already.
-  // Errors: kInvalidArgument, kFailedPrecondition (stale incarnation), kAlreadyExists (sealed
-  // with other metadata), kResourceExhausted (budget or filesystem full; nothing changed).
+  // Errors: kInvalidArgument, kFailedPrecondition (stale incarnation), kResourceExhausted
+  // (budget or filesystem full; nothing changed).
   absl::StatusOr<FragmentStatus> BeginFragment(const FragmentKey& key, const FragmentMeta& meta);
 
   // Stores bytes [offset, offset + size) of the fragment after checking them against
@@ -224,6 +225,8 @@ class FragmentStore {
 
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
+  // The budget this store charges (shared with what else the daemon keeps in its directory).
+  CapacityBudget* budget() const { return options_.budget; }
 
  private:
   struct Entry;

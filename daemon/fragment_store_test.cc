@@ -300,10 +300,6 @@ TEST_F(FragmentStoreTest, IncarnationsDecideWhatABeginMeans) {
   auto old_data = RandomBytes(old_meta.fragment_bytes);
   PutSealed(key, old_meta, old_data);
 
-  // Same incarnation, other content, sealed: refused.
-  FragmentMeta other = old_meta;
-  other.shard_crc32c ^= 1;
-  EXPECT_EQ(store_->BeginFragment(key, other).status().code(), absl::StatusCode::kAlreadyExists);
   // Older incarnation: refused.
   EXPECT_EQ(store_->BeginFragment(key, Meta(100000, 4)).status().code(),
             absl::StatusCode::kFailedPrecondition);
@@ -317,6 +313,16 @@ TEST_F(FragmentStoreTest, IncarnationsDecideWhatABeginMeans) {
   EXPECT_EQ(store_->Get(key, 5).status().code(), absl::StatusCode::kNotFound);
   EXPECT_TRUE(store_->Get(key, 6).ok());
   EXPECT_EQ(store_->List("").size(), 1u);
+
+  // Same incarnation, other metadata, sealed: the owner encoded the step again (a restored job
+  // snapshotted it anew, or k changed); the new fragment replaces the held one.
+  FragmentMeta again = new_meta;
+  again.shard_crc32c ^= 1;
+  auto again_data = RandomBytes(again.fragment_bytes);
+  PutSealed(key, again, again_data);
+  ExpectHolds(key, again_data);
+  EXPECT_EQ(store_->List("").size(), 1u);
+  EXPECT_EQ(store_->List("")[0].meta.shard_crc32c, again.shard_crc32c);
 
   // Same incarnation, other content, still WRITING: the abandoned attempt is replaced.
   const FragmentKey key2 = Key(10);
