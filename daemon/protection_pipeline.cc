@@ -198,6 +198,12 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
                            PlaceFragments(cluster_->LiveNodeIds(), cluster_->self_id(),
                                           work.rank, options_.k, options_.m));
   if (placement.nodes.empty()) {
+    if (!cluster_->Peers().empty()) {
+      // Members are configured but none is live (yet: a restarted daemon protects what it
+      // re-adopted before it has heard its peers): retry, or the step is never committed.
+      return absl::UnavailableError(
+          absl::StrCat("no live member can hold fragments yet (", placement.reason, ")"));
+    }
     log->warn("job '{}' rank {} step {}: {}", work.job_id, work.rank, work.step,
               placement.reason);
     return absl::OkStatus();
@@ -385,6 +391,7 @@ void ClusterCoordination::MaybeCommit(const std::string& job_id) {
       for (auto r = restored_.begin(); r != restored_.end();) {
         if (std::get<0>(r->first) == job_id && std::get<2>(r->first) < step) {
           r->second.first->Unlink().IgnoreError();
+          fragments_->budget()->Release(r->second.first->file_bytes());
           r = restored_.erase(r);
         } else {
           ++r;
@@ -404,6 +411,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
     const std::string& job_id, uint32_t rank, int64_t step) {
   auto local = store_->PrepareRestore(job_id, rank, step);
   if (local.ok() || local.status().code() != absl::StatusCode::kNotFound || step < 0) {
+    if (local.ok() && step >= 0) AdoptRestorePoint(job_id, step);
     return local;
   }
   absl::MutexLock lock(&restore_mu_);
@@ -411,7 +419,16 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
   if (it != restored_.end()) return it->second.second;
   auto made = MakeLocal(job_id, rank, step);
   if (!made.ok()) Metrics().restore_failures->Increment();
+  if (made.ok()) AdoptRestorePoint(job_id, step);
   return made;
+}
+
+void ClusterCoordination::AdoptRestorePoint(const std::string& job_id, int64_t step) {
+  if (step <= store_->committed(job_id)) return;
+  store_->Commit(job_id, step);
+  coordinator_.Adopt(job_id, step);
+  Logger("coordinator")->info("job '{}' restores step {}: adopted here as its restore point",
+                              job_id, step);
 }
 
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
@@ -439,10 +456,29 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     // Readable by the daemon's group, like the agent socket (slots belong to the trainer's uid,
     // which this call does not know).
     create.mode = 0640;
-    TESSERA_ASSIGN_OR_RETURN(
-        std::unique_ptr<Segment> segment,
-        Segment::Create(path, SegmentKind::kSlot, std::max<uint64_t>(plan->shard_bytes, 1),
-                        create));
+    // The segment counts against the daemon's capacity, like the fragments it holds, from
+    // before it is created until it is deleted.
+    CapacityBudget* const budget = fragments_->budget();
+    const uint64_t capacity = std::max<uint64_t>(plan->shard_bytes, 1);
+    TESSERA_RETURN_IF_ERROR(budget->Reserve(
+        kSegmentHeaderBytes + capacity,
+        absl::StrCat("making job '", job_id, "' rank ", rank, " step ", step, " local")));
+    auto created = Segment::Create(path, SegmentKind::kSlot, capacity, create);
+    if (!created.ok()) {
+      budget->Release(kSegmentHeaderBytes + capacity);
+      return created.status();
+    }
+    std::unique_ptr<Segment> segment = std::move(*created);
+    // Deletes the segment and gives its bytes back, unless it was kept for the restore.
+    struct Discard {
+      std::unique_ptr<Segment>* segment;
+      CapacityBudget* budget;
+      ~Discard() {
+        if (*segment == nullptr) return;
+        (*segment)->Unlink().IgnoreError();
+        budget->Release((*segment)->file_bytes());
+      }
+    } discard{&segment, budget};
     const absl::Time start = absl::Now();
     absl::Status status;
     uint64_t payload_bytes = plan->shard_bytes;
@@ -461,7 +497,6 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
         }
       }
       if (!status.ok()) {
-        segment->Unlink().IgnoreError();
         return absl::Status(status.code(), absl::StrCat("copying job '", job_id, "' rank ", rank,
                                                         " step ", step, " from ", plan->node,
                                                         ": ", status.message()));
@@ -507,10 +542,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
         }
         have.insert(static_cast<int>(index));
       }
-      if (replan) {
-        segment->Unlink().IgnoreError();
-        continue;
-      }
+      if (replan) continue;
       std::vector<int> erased;
       for (int i = 0; i < total; ++i) {
         if (have.count(i) == 0) erased.push_back(i);
@@ -520,13 +552,9 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
         status = codec.JoinShard(pointers.data(), fragment_bytes, segment->payload(),
                                  plan->shard_bytes);
       }
-      if (!status.ok()) {
-        segment->Unlink().IgnoreError();
-        return status;
-      }
+      if (!status.ok()) return status;
     }
     if (Crc32c(segment->payload(), payload_bytes) != payload_crc) {
-      segment->Unlink().IgnoreError();
       if (attempt < 3 && plan->source == RestorePlan::Source::kRebuild) {
         log->warn("job '{}' rank {} step {}: the rebuilt shard fails its CRC32C; retrying",
                   job_id, rank, step);

@@ -14,7 +14,9 @@
 //   - FindLatestRestorable looks at the holdings of all live members.
 //   - PrepareRestore makes a shard that is not local readable here: copied whole from the node
 //     that holds it, or rebuilt from k fragments (a corrupt one is excluded and the plan redone),
-//     checked against the shard's CRC32C, in a new segment file of this daemon's directory.
+//     checked against the shard's CRC32C, in a new segment file of this daemon's directory,
+//     charged to the FragmentStore's capacity budget until a newer commit deletes it. The step
+//     restored becomes the job's committed step here (the job resumes from it).
 //
 // World size: taken from the seals this daemon saw, else the highest rank held plus one.
 // Thread-safe.
@@ -92,6 +94,11 @@ class ClusterCoordination final : public Coordination {
   JobHoldings GatherHoldings(const std::string& job_id);
   absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
                                                        int64_t step);
+  // A rank restoring `step` resumes the job from it, so the step is the job's restore point
+  // here: committed, as when every rank has it protected. A step restored after a node loss may
+  // never be protected on every rank again (the lost node's fragments are gone), and under the
+  // wait policy no rank could snapshot past an uncommitted step.
+  void AdoptRestorePoint(const std::string& job_id, int64_t step);
 
   FragmentStore* const fragments_;
   Cluster* const cluster_;
