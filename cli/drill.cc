@@ -114,14 +114,14 @@ struct DrillReport {
   }
 };
 
-// Polls `done` every 50 ms until it returns true or `limit` passes; returns whether it did.
+// Polls `done` every 20 ms until it returns true or `limit` passes; returns whether it did.
 template <typename Done>
 bool WaitFor(double limit_s, Done&& done) {
   const auto start = Clock::now();
   while (true) {
     if (done()) return true;
     if (SecondsSince(start) >= limit_s) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 
@@ -315,7 +315,7 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   const int64_t sealed_before = victim->newest_sealed_step();
   ctx.Progress(absl::StrCat("killing the trainer of rank ", rank, " (pid ", old_pid, ", ",
                             ProcessName(old_pid), ") on ", victim->node_id(),
-                            " with SIGKILL; restore point: step ", report.step));
+                            " with SIGKILL; the job can restore step ", report.step));
   const auto start = Clock::now();
   if (kill(old_pid, SIGKILL) != 0) {
     return ErrnoStatus(errno, absl::StrCat("kill pid ", old_pid, " (rank ", rank, "'s trainer)"));
@@ -326,15 +326,6 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   report.broken_json.Set("pid", old_pid);
   report.broken_json.Set("node", victim->node_id());
   report.broken_json.Set("newest_sealed_step", sealed_before);
-
-  // What the restarted trainer restores from: its shard of the restore point, checked now,
-  // before training moves the commit past it.
-  admin::RecoverRequest check;
-  check.set_job_id(job.job_id());
-  check.set_rank(rank);
-  check.set_step(report.step);
-  check.set_node_id(victim->node_id());
-  absl::StatusOr<admin::RecoverResponse> checked = client->Recover(check);
 
   // Detection, re-registration and resumption, seen through ListTrainers.
   std::optional<admin::Trainer> now;
@@ -370,6 +361,26 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   }
   const double registered_after_s = SecondsSince(start);
   const int new_pid = now->pid();
+  // The restore point: while the rank was down no newer step could commit, so what the job can
+  // restore now is what the new trainer restores. Its shard is checked on the trainer's node
+  // (made local there first if the launcher moved the rank) before training moves past it.
+  absl::StatusOr<admin::RecoverResponse> checked =
+      absl::FailedPreconditionError("the job is no longer listed");
+  auto status_now = client->GetStatus({});
+  if (status_now.ok()) {
+    for (const auto& j : status_now->jobs()) {
+      if (j.job_id() != job.job_id()) continue;
+      report.step = j.restorable_step();
+      admin::RecoverRequest check;
+      check.set_job_id(job.job_id());
+      check.set_rank(rank);
+      check.set_step(report.step);
+      check.set_node_id(now->node_id());
+      checked = client->Recover(check);
+    }
+  } else {
+    checked = status_now.status();
+  }
   ctx.Progress(absl::StrCat("rank ", rank, " registered again as pid ", new_pid, " after ",
                             HumanSeconds(registered_after_s), "; waiting for it to seal a step"));
   const bool resumed = WaitFor(wait_s, [&] {
@@ -396,7 +407,6 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
     return report.ToOutcome();
   }
   report.AddRecover(*checked);
-  report.bytes_moved = 0;  // the trainer restored from its node's own memory
   report.bit_exact = checked->crc_matched();
   if (!report.bit_exact) {
     report.verdict = absl::StrCat("the shard the trainer restores from fails its CRC32C (",

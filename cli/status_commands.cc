@@ -59,14 +59,14 @@ Json NodeJson(const admin::NodeInfo& info) {
 }
 
 Table JobsTable(const google::protobuf::RepeatedPtrField<admin::JobStatus>& jobs) {
-  Table table({"JOB", "WORLD", "NEWEST", "COMMITTED", "RESTORABLE", "HEALTH", "CODE", "NODES",
-               "REASON"});
+  // The reasons of unhealthy jobs are listed as problems, one per line, not squeezed in here.
+  Table table({"JOB", "WORLD", "NEWEST", "COMMITTED", "RESTORABLE", "HEALTH", "CODE", "NODES"});
   for (const auto& job : jobs) {
     table.AddRow({job.job_id() + (job.drill_target() ? " (drill)" : ""),
                   absl::StrCat(job.world_size()), StepText(job.newest_step()),
                   StepText(job.committed_step()), StepText(job.restorable_step()),
                   HealthName(job.health()), RsText(job.ec_k(), job.ec_m()),
-                  absl::StrCat(job.nodes_size()), job.reason()});
+                  absl::StrCat(job.nodes_size())});
   }
   return table;
 }

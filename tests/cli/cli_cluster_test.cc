@@ -63,7 +63,8 @@ const google::protobuf::ListValue& List(const google::protobuf::Value& v) {
 
 class CliClusterTest : public ::testing::Test {
  protected:
-  static constexpr int kNodes = 4;
+  // Ranks 0..3 on n0..n3; n4 holds fragments only.
+  static constexpr int kNodes = 5;
   static constexpr uint32_t kWorld = 4;
 
   void SetUp() override {
@@ -114,7 +115,7 @@ class CliClusterTest : public ::testing::Test {
 
   std::vector<std::string> TrainerArgs(uint32_t rank) {
     return {BinaryPath("tests/trainer"),
-            "--socket=" + daemons_[rank % kNodes]->socket_path(),
+            "--socket=" + daemons_[rank]->socket_path(),
             std::string("--job=") + kJob,
             absl::StrCat("--seed=", seed_ + rank),
             absl::StrCat("--rank=", rank),
@@ -176,8 +177,8 @@ TEST_F(CliClusterTest, StatusJobsVersionsVerifyRecoverOnALiveCluster) {
 
   CliRun status = Tessera({"status"});
   EXPECT_EQ(status.exit_code, 0) << status.Describe();
-  EXPECT_THAT(status.out, HasSubstr("tessera status: HEALTHY (4 members, 1 jobs) via n0"));
-  for (const char* node : {"n0", "n1", "n2", "n3"}) EXPECT_THAT(status.out, HasSubstr(node));
+  EXPECT_THAT(status.out, HasSubstr("tessera status: HEALTHY (5 members, 1 jobs) via n0"));
+  for (const char* node : {"n0", "n1", "n2", "n3", "n4"}) EXPECT_THAT(status.out, HasSubstr(node));
   EXPECT_THAT(status.out, HasSubstr("protected"));
   EXPECT_THAT(status.out, HasSubstr("RS(2,1)"));
 
@@ -203,6 +204,8 @@ TEST_F(CliClusterTest, StatusJobsVersionsVerifyRecoverOnALiveCluster) {
                               "not-the-cluster-token-at-all"});
   EXPECT_EQ(bad_token.exit_code, 3) << bad_token.Describe();
   EXPECT_THAT(bad_token.err, HasSubstr("refused the token"));
+  CliRun local = Tessera({"status", "--local", "--json"}, 3);
+  EXPECT_EQ(Obj(local.result().at("self")).at("node").string_value(), "n3");
   CliRun probe = Tessera({"status", "--probe"}, 3);
   EXPECT_EQ(probe.exit_code, 0) << probe.Describe();
   EXPECT_THAT(probe.out, HasSubstr("tesserad n3"));
@@ -272,6 +275,7 @@ TEST_F(CliClusterTest, StatusJobsVersionsVerifyRecoverOnALiveCluster) {
   EXPECT_EQ(status.exit_code, 1) << status.Describe();
   EXPECT_THAT(status.out, HasSubstr("ATTENTION"));
   EXPECT_THAT(status.out, HasSubstr("member n3 is suspected"));
+  EXPECT_THAT(status.out, HasSubstr("! job cli-job is DEGRADED"));
   status = Tessera({"status", "--json"});
   EXPECT_EQ(status.exit_code, 1);
   EXPECT_FALSE(status.result().at("healthy").bool_value());
@@ -306,7 +310,23 @@ TEST_F(CliClusterTest, LoseNodeDrillRebuildsBitExact) {
   const int64_t committed = TrainAndCommit(10);
   ASSERT_GE(committed, 0);
   ASSERT_EQ(Tessera({"drill", "mark", kJob}).exit_code, 0);
-  CliRun drill = Tessera({"drill", "lose-node", "n1", "--json"});
+  // Placement (rotated per rank among the sorted other nodes) puts rank 0's fragments on n1, n2,
+  // n3; rank 1's on n2, n3, n4; rank 2's on n3, n4, n0; rank 3's on n4, n0, n1.
+  // n4 owns no rank: the ranks whose fragments it held are rebuilt on it without them.
+  CliRun drill = Tessera({"drill", "lose-node", "n4", "--json"});
+  EXPECT_EQ(drill.exit_code, 0) << drill.Describe();
+  EXPECT_TRUE(drill.result().at("bit_exact").bool_value());
+  EXPECT_EQ(Obj(drill.result().at("broken_detail")).at("slots_deleted").number_value(), 0);
+  EXPECT_GT(List(drill.result().at("recovery")).values_size(), 0);
+  for (const auto& r : List(drill.result().at("recovery")).values()) {
+    EXPECT_EQ(Obj(r).at("node").string_value(), "n4");
+    EXPECT_EQ(Obj(r).at("source").string_value(), "rebuild");
+    for (const auto& f : List(Obj(r).at("fragments")).values()) {
+      EXPECT_NE(Obj(f).at("node").string_value(), "n4");
+    }
+  }
+
+  drill = Tessera({"drill", "lose-node", "n1", "--json"});
   EXPECT_EQ(drill.exit_code, 0) << drill.Describe();
   EXPECT_TRUE(drill.result().at("bit_exact").bool_value()) << drill.Describe();
   EXPECT_EQ(drill.result().at("step").number_value(), committed);
@@ -314,19 +334,25 @@ TEST_F(CliClusterTest, LoseNodeDrillRebuildsBitExact) {
   const auto& recovery = List(drill.result().at("recovery"));
   ASSERT_EQ(recovery.values_size(), 1);  // n1 owned rank 1
   EXPECT_EQ(Obj(recovery.values(0)).at("rank").number_value(), 1);
-  EXPECT_EQ(Obj(recovery.values(0)).at("source").string_value(), "rebuild");
+  // Rebuilt from fragments, or copied whole if the n4 drill left a rebuilt copy there.
+  EXPECT_THAT(Obj(recovery.values(0)).at("source").string_value(),
+              ::testing::AnyOf("rebuild", "copy"));
   EXPECT_GT(drill.result().at("bytes_moved").number_value(), 0);
   EXPECT_GT(drill.result().at("time_to_rebuild_ms").number_value(), 0);
 
-  // The rank restores on the replacement, every byte checked by the trainer itself.
+  // The rank restores on the replacement, every byte checked by the trainer itself, once the
+  // replacement's agent socket is back (the cluster may hear the new incarnation first).
+  for (int i = 0; i < 50 && Tessera({"status", "--probe"}, 1).exit_code != 0; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+  }
   auto argv = TrainerArgs(1);
   argv.push_back("--mode=verify");
   auto verifier = Process::Start(argv);
   EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
   EXPECT_EQ(LastEvent(verifier->lines(), "verified"), committed);
 
-  // A second loss before a newer commit, read in human form: n2 owned rank 2, whose fragments
-  // on n3 and n0 survive (the one on n1 went with the first loss), so k=2 of them rebuild it.
+  // A third loss before a newer commit, read in human form: n2 owned rank 2, whose fragments
+  // went to n3, n4 and n0; the two left rebuild it (k=2).
   drill = Tessera({"drill", "lose-node", "n2"});
   EXPECT_EQ(drill.exit_code, 0) << drill.Describe();
   for (const char* line : {"drill lose-node on job cli-job", "broken:    n2 lost its memory",
@@ -428,8 +454,10 @@ TEST_F(CliClusterTest, KillTrainerDrillWaitsForTheLauncherAndTheResume) {
   const std::string err_path = root_.path() + "/kill-trainer.err";
   auto drill = Process::Start(argv, err_path);
   EXPECT_EQ(trainers[2]->Wait(seconds(60)), 128 + SIGKILL);
+  // Relaunched with slower steps, so that the drill reads the restore point before the job can
+  // commit a newer step.
   auto relaunch = TrainerArgs(2);
-  relaunch.insert(relaunch.end(), {"--steps=0", "--step-sleep-ms=50"});
+  relaunch.insert(relaunch.end(), {"--steps=0", "--step-sleep-ms=300"});
   trainers[2] = Process::Start(relaunch);
   const int drill_exit = drill->Wait(seconds(180));
   const std::string out = absl::StrJoin(drill->lines(), "\n");
@@ -443,13 +471,18 @@ TEST_F(CliClusterTest, KillTrainerDrillWaitsForTheLauncherAndTheResume) {
   EXPECT_EQ(Obj(result.at("broken_detail")).at("rank").number_value(), 2);
   EXPECT_GT(result.at("time_to_rebuild_ms").number_value(), 0);
 
-  // The relaunched trainer restored the drill's restore point and checked every byte.
+  // The relaunched trainer restored and checked every byte ("resumed" comes after the check).
+  // The drill's restore point is the job's restorable step when the rank registered again: the
+  // admin service does not say which step a trainer restored, and the commit of the killed rank's
+  // last sealed step may land just after the new trainer restored the one before.
   auto resumed = trainers[2]->ReadUntil(
       [](const std::string& l) { return absl::StartsWith(l, "resumed") ||
                                         absl::StartsWith(l, "error"); },
       seconds(30));
   ASSERT_TRUE(resumed.has_value()) << absl::StrJoin(trainers[2]->lines(), "\n");
-  EXPECT_EQ(ParseEvent(*resumed, "resumed"), static_cast<int64_t>(result.at("step").number_value()))
+  const int64_t drill_step = static_cast<int64_t>(result.at("step").number_value());
+  EXPECT_THAT(ParseEvent(*resumed, "resumed"),
+              ::testing::Optional(::testing::AnyOf(drill_step, drill_step - 1)))
       << *resumed;
   for (auto& t : trainers) {
     t->Signal(SIGTERM);
