@@ -1,8 +1,12 @@
 // tesserad: parse flags, load the config once, run the daemon until SIGTERM or SIGINT, drain.
 // systemd (Type=notify) hears READY=1, watchdog pings and STOPPING=1.
+#include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <ctime>
+#include <memory>
+#include <thread>
 
 #include "absl/time/time.h"
 #include "common/logging.h"
@@ -11,6 +15,26 @@
 #include "daemon/daemon_config.h"
 #include "daemon/flags.h"
 #include "daemon/systemd_notify.h"
+
+namespace {
+
+// Runs `step`, which bounds its own duration (a drain, a start), while another thread keeps
+// systemd's watchdog fed: a long drain is progress, not a hang.
+template <typename Step>
+void WhileFeedingWatchdog(tessera::SystemdNotifier& systemd, Step step) {
+  std::atomic<bool> done{false};
+  std::thread feeder([&] {
+    while (!done.load()) {
+      systemd.MaybePingWatchdog();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  step();
+  done.store(true);
+  feeder.join();
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   auto flags = tessera::ParseTesseradFlags(std::vector<std::string>(argv + 1, argv + argc));
@@ -52,7 +76,8 @@ int main(int argc, char** argv) {
   // One pass per incarnation: an admin DropMemory ends one and starts the next with an empty
   // store, in this same process.
   while (true) {
-    auto daemon = tessera::Daemon::Start(*config);
+    absl::StatusOr<std::unique_ptr<tessera::Daemon>> daemon;
+    WhileFeedingWatchdog(systemd, [&] { daemon = tessera::Daemon::Start(*config); });
     if (!daemon.ok()) {
       log->critical("cannot start: {}", daemon.status().ToString());
       systemd.Status("cannot start: " + daemon.status().ToString());
@@ -68,12 +93,11 @@ int main(int argc, char** argv) {
     if (signal > 0) {
       log->info("received {}", signal == SIGTERM ? "SIGTERM" : "SIGINT");
       systemd.Stopping("draining");
-      (*daemon)->Shutdown();
+      WhileFeedingWatchdog(systemd, [&] { (*daemon)->Shutdown(); });
       return 0;
     }
     systemd.Status("dropping memory (admin DropMemory) and restarting");
-    (*daemon)->Shutdown();
-    daemon->reset();
+    WhileFeedingWatchdog(systemd, [&] { daemon->reset(); });  // shuts down, then destroys
     auto deleted = tessera::Daemon::DeleteSegments(*config);
     if (!deleted.ok()) {
       log->critical("DropMemory: {}", deleted.status().ToString());
