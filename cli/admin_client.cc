@@ -42,10 +42,10 @@ absl::StatusOr<Response> AdminClient::Call(const char* name, Method method,
 
   const absl::Status error = FromGrpcStatus(status);
   const bool connected = channel_->GetState(false) == GRPC_CHANNEL_READY;
-  const bool unreachable =
-      (absl::IsUnavailable(error) && !connected) || absl::IsDeadlineExceeded(error) ||
-      absl::IsUnauthenticated(error) || absl::IsPermissionDenied(error) ||
-      (absl::IsUnimplemented(error) && !connected);
+  const bool unreachable = (absl::IsUnavailable(error) && !connected) ||
+                           absl::IsDeadlineExceeded(error) || absl::IsUnauthenticated(error) ||
+                           absl::IsPermissionDenied(error) ||
+                           (absl::IsUnimplemented(error) && !connected);
   last_failure_ = unreachable ? FailureKind::kUnreachable : FailureKind::kAnswered;
   if (absl::IsUnauthenticated(error)) {
     return absl::UnauthenticatedError(absl::StrCat(
@@ -53,26 +53,25 @@ absl::StatusOr<Response> AdminClient::Call(const char* name, Method method,
         "; give the cluster token with --token-file PATH (cluster.token_file of the daemons)"));
   }
   if (unreachable && absl::IsDeadlineExceeded(error)) {
-    return absl::UnavailableError(absl::StrCat(
-        "tesserad at ", target_, " did not answer ", name, " within ",
-        absl::FormatDuration(options_.timeout), " (raise --timeout-s for large jobs)"));
+    return absl::UnavailableError(absl::StrCat("tesserad at ", target_, " did not answer ", name,
+                                               " within ", absl::FormatDuration(options_.timeout),
+                                               " (raise --timeout-s for large jobs)"));
   }
   if (unreachable) {
     const std::string hint =
         options_.address.empty()
             ? "is tesserad running on this node, and is --socket its agent.socket_path?"
             : "is tesserad running there, and is HOST:PORT its peer.listen_address?";
-    return absl::UnavailableError(absl::StrCat("cannot reach tesserad at ", target_, ": ",
-                                               error.message(), "; ", hint));
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach tesserad at ", target_, ": ", error.message(), "; ", hint));
   }
   return absl::Status(error.code(), absl::StrCat(name, ": ", error.message()));
 }
 
-#define TESSERA_ADMIN_CALL(Name)                                                       \
-  absl::StatusOr<admin::Name##Response> AdminClient::Name(                            \
-      const admin::Name##Request& request) {                                          \
-    return Call<admin::Name##Request, admin::Name##Response>(#Name, &admin::Admin::Stub::Name, \
-                                                             request);                 \
+#define TESSERA_ADMIN_CALL(Name)                                                                 \
+  absl::StatusOr<admin::Name##Response> AdminClient::Name(const admin::Name##Request& request) { \
+    return Call<admin::Name##Request, admin::Name##Response>(#Name, &admin::Admin::Stub::Name,   \
+                                                             request);                           \
   }
 
 TESSERA_ADMIN_CALL(GetStatus)

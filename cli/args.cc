@@ -51,7 +51,8 @@ const std::vector<FlagSpec>& GlobalFlags() {
        "agent.socket_path)"},
       {"address", "HOST:PORT", "a daemon's peer port over TCP instead (needs the cluster token)"},
       {"token-file", "PATH", "a file holding the cluster token (cluster.token_file)"},
-      {"token", "TOKEN", "the cluster token itself (visible to other users in ps: prefer --token-file)"},
+      {"token", "TOKEN",
+       "the cluster token itself (visible to other users in ps: prefer --token-file)"},
       {"json", "", "print one JSON document instead of text"},
       {"timeout-s", "SECONDS", "give up on a call to the daemon after this long (default 60)"},
       {"help", "", "show this command's help"},
@@ -78,16 +79,15 @@ absl::StatusOr<int64_t> ParsedArgs::GetInt(const std::string& flag, int64_t fall
   return value;
 }
 
-absl::StatusOr<double> ParsedArgs::GetDouble(const std::string& flag, double fallback,
-                                             double min, bool min_inclusive) const {
+absl::StatusOr<double> ParsedArgs::GetDouble(const std::string& flag, double fallback, double min,
+                                             bool min_inclusive) const {
   auto it = values_.find(flag);
   if (it == values_.end()) return fallback;
   double value;
   if (!absl::SimpleAtod(it->second, &value) || !std::isfinite(value) || value < min ||
       (value == min && !min_inclusive)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, " \"", it->second,
-                                                   "\": need a number ",
-                                                   min_inclusive ? ">= " : "> ", min));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", flag, " \"", it->second, "\": need a number ", min_inclusive ? ">= " : "> ", min));
   }
   return value;
 }
@@ -123,10 +123,10 @@ absl::StatusOr<ParsedArgs> ParseCommandArgs(const CommandSpec& spec,
     if (flag == nullptr) {
       std::vector<std::string> names = FlagNames(spec);
       std::string guess = Closest("--" + name, names);
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown flag --", name, " for ", parsed.command_,
-          guess.empty() ? "" : absl::StrCat(" (did you mean ", guess, "?)"),
-          "; valid flags: ", absl::StrJoin(names, ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, " for ", parsed.command_,
+                       guess.empty() ? "" : absl::StrCat(" (did you mean ", guess, "?)"),
+                       "; valid flags: ", absl::StrJoin(names, ", ")));
     }
     if (parsed.values_.count(name)) {
       return usage(absl::StrCat("--", name, " is given twice"));
@@ -144,15 +144,15 @@ absl::StatusOr<ParsedArgs> ParseCommandArgs(const CommandSpec& spec,
       return usage(absl::StrCat("--", name, " needs a value: --", name, " ", flag->value_name));
     }
     if (!flag->value_name.empty() && value.empty()) {
-      return usage(absl::StrCat("--", name, " needs a non-empty value: --", name, " ",
-                                flag->value_name));
+      return usage(
+          absl::StrCat("--", name, " needs a non-empty value: --", name, " ", flag->value_name));
     }
     parsed.values_[name] = value;
   }
   if (parsed.Has("help")) return parsed;  // the caller prints the help; nothing else matters
   if (parsed.positional_.size() < spec.positional.size()) {
-    return usage(absl::StrCat(parsed.command_, " needs ",
-                              spec.positional[parsed.positional_.size()]));
+    return usage(
+        absl::StrCat(parsed.command_, " needs ", spec.positional[parsed.positional_.size()]));
   }
   for (const FlagSpec& f : spec.flags) {
     if (f.required && !parsed.Has(f.name)) {
@@ -160,8 +160,8 @@ absl::StatusOr<ParsedArgs> ParseCommandArgs(const CommandSpec& spec,
     }
   }
   if (parsed.positional_.size() > spec.positional.size()) {
-    return usage(absl::StrCat("unexpected argument \"",
-                              parsed.positional_[spec.positional.size()], "\""));
+    return usage(
+        absl::StrCat("unexpected argument \"", parsed.positional_[spec.positional.size()], "\""));
   }
   return parsed;
 }
@@ -170,8 +170,8 @@ std::string UsageLine(const CommandSpec& spec) {
   std::string line = "tessera " + spec.name;
   for (const std::string& p : spec.positional) absl::StrAppend(&line, " ", p);
   for (const FlagSpec& f : spec.flags) {
-    const std::string flag = absl::StrCat("--", f.name, f.value_name.empty() ? "" : " ",
-                                          f.value_name);
+    const std::string flag =
+        absl::StrCat("--", f.name, f.value_name.empty() ? "" : " ", f.value_name);
     absl::StrAppend(&line, " ", f.required ? flag : "[" + flag + "]");
   }
   return line;

@@ -81,8 +81,10 @@ const std::vector<Command>& Commands() {
        [](Context& ctx) { return RunDrillMark(ctx, false); }},
       {{"drill kill-trainer",
         {},
-        {kJob, {"rank", "R", "the rank whose trainer is killed (default: the lowest on this host)"},
-         kYes, kWait},
+        {kJob,
+         {"rank", "R", "the rank whose trainer is killed (default: the lowest on this host)"},
+         kYes,
+         kWait},
         "SIGKILL a trainer on this host; wait for its launcher to restart it and for it to resume",
         "Kills the trainer process of one rank (it must run on this host) with SIGKILL, waits "
         "for the daemon to see it gone, for its launcher (torchrun elastic, or the test's loop) "
@@ -110,7 +112,8 @@ const std::vector<Command>& Commands() {
        RunDrillLoseNode},
       {{"drill corrupt",
         {"NODE"},
-        {kJob, {"rank", "R", "the rank whose shard or fragment is corrupted"},
+        {kJob,
+         {"rank", "R", "the rank whose shard or fragment is corrupted"},
          {"target", "slot|fragment",
           "corrupt NODE's sealed shard (slot) or a fragment it holds (default: slot if it holds "
           "one)"},
@@ -127,8 +130,9 @@ const std::vector<Command>& Commands() {
          {"m", "M", "parity fragments per shard (ec.m)", true},
          {"node-mtbf-hours", "H", "mean time between failures of one node, in hours", true},
          {"interval-s", "T", "seconds between snapshots", true},
-         {"rebuild-s", "R", "seconds from a node's failure until its shards are rebuilt "
-                            "(default 60)"},
+         {"rebuild-s", "R",
+          "seconds from a node's failure until its shards are rebuilt "
+          "(default 60)"},
          {"ranks-per-node", "P", "ranks (shards) owned by each node (default 1)"}},
         "the probability of losing the newest snapshot per day and per month",
         "A survival analysis: a snapshot is lost when its owner fails and more than m of the "
@@ -144,8 +148,7 @@ std::string CommandHelp(const CommandSpec& spec) {
   if (!spec.help.empty()) absl::StrAppend(&text, "\n", spec.help, "\n");
   auto flag_lines = [&](const std::vector<FlagSpec>& flags) {
     for (const FlagSpec& f : flags) {
-      std::string name = absl::StrCat("--", f.name, f.value_name.empty() ? "" : " ",
-                                      f.value_name);
+      std::string name = absl::StrCat("--", f.name, f.value_name.empty() ? "" : " ", f.value_name);
       absl::StrAppend(&text, "  ", name, std::string(name.size() < 24 ? 24 - name.size() : 1, ' '),
                       f.help, f.required ? " (required)" : "", "\n");
     }
@@ -174,8 +177,7 @@ std::string TesseraUsage() {
                     c.spec.summary, "\n");
   }
   absl::StrAppend(
-      &text,
-      "\nconnection: the daemon on this node through its Unix socket (--socket, default ",
+      &text, "\nconnection: the daemon on this node through its Unix socket (--socket, default ",
       kDefaultSocketPath,
       "),\nor any daemon's peer port over TCP with --address HOST:PORT and the cluster token\n"
       "(--token-file PATH). Cluster-wide commands are answered by that daemon for all members.\n"
@@ -186,7 +188,8 @@ std::string TesseraUsage() {
       "  2  usage error: bad arguments (the message says what was wrong and what is right)\n"
       "  3  cannot reach the daemon: not running, wrong --socket or --address, token refused\n"
       "  4  refused by the daemon: no such job, rank, step or node; not a drill target\n"
-      "\n`tessera COMMAND --help` describes a command and its flags; every command takes --json.\n");
+      "\n`tessera COMMAND --help` describes a command and its flags; every command takes "
+      "--json.\n");
   return text;
 }
 

@@ -35,13 +35,13 @@ google::protobuf::Struct ParseJson(const std::string& text) {
 TEST(CliTest, HelpListsEveryCommandAndTheExitCodes) {
   CliRun run = Tessera({"--help"});
   EXPECT_EQ(run.exit_code, 0);
-  for (const char* command : {"status", "jobs", "versions JOB", "verify JOB", "recover JOB",
-                              "drill kill-trainer", "drill kill-daemon", "drill lose-node NODE",
-                              "drill corrupt NODE", "plan"}) {
+  for (const char* command :
+       {"status", "jobs", "versions JOB", "verify JOB", "recover JOB", "drill kill-trainer",
+        "drill kill-daemon", "drill lose-node NODE", "drill corrupt NODE", "plan"}) {
     EXPECT_THAT(run.out, HasSubstr(std::string("  ") + command)) << command;
   }
-  for (const char* code : {"  0  ok", "  1  unhealthy", "  2  usage", "  3  cannot reach",
-                           "  4  refused"}) {
+  for (const char* code :
+       {"  0  ok", "  1  unhealthy", "  2  usage", "  3  cannot reach", "  4  refused"}) {
     EXPECT_THAT(run.out, HasSubstr(code));
   }
   EXPECT_EQ(Tessera({}).exit_code, 2);
@@ -60,7 +60,8 @@ TEST(CliTest, BadArgumentsExitTwoNamingTheMistake) {
   for (const Case& c : std::vector<Case>{
            {{"stauts"}, "unknown command \"stauts\" (did you mean status?)"},
            {{"drill"}, "drill needs a kind: mark, unmark, kill-trainer"},
-           {{"drill", "lose-nod", "n1"}, "unknown drill kind \"lose-nod\" (did you mean lose-node?)"},
+           {{"drill", "lose-nod", "n1"},
+            "unknown drill kind \"lose-nod\" (did you mean lose-node?)"},
            {{"drill", "lose-node"}, "tessera drill lose-node needs NODE"},
            {{"verify"}, "tessera verify needs JOB"},
            {{"recover", "job"}, "tessera recover needs --rank R"},
@@ -103,15 +104,15 @@ TEST(CliTest, NoDaemonExitsThree) {
   EXPECT_EQ(run.exit_code, 3) << run.err;
   EXPECT_THAT(run.err, HasSubstr("cannot reach tesserad at unix:/nonexistent/tessera.sock"));
   EXPECT_THAT(run.err, HasSubstr("is --socket its agent.socket_path?"));
-  run = Tessera({"jobs", "--address", "127.0.0.1:1", "--token", "0123456789abcdef",
-                 "--timeout-s", "2"});
+  run = Tessera(
+      {"jobs", "--address", "127.0.0.1:1", "--token", "0123456789abcdef", "--timeout-s", "2"});
   EXPECT_EQ(run.exit_code, 3) << run.err;
   EXPECT_THAT(run.err, HasSubstr("cannot reach tesserad at 127.0.0.1:1"));
 }
 
 TEST(CliTest, PlanPrintsAndParses) {
   CliRun run = Tessera({"plan", "--nodes", "16", "--k", "3", "--m", "2", "--node-mtbf-hours",
-                     "5000", "--interval-s", "600"});
+                        "5000", "--interval-s", "600"});
   EXPECT_EQ(run.exit_code, 0) << run.err;
   EXPECT_THAT(run.out, HasSubstr("P(snapshot lost) per day:"));
   EXPECT_THAT(run.out, HasSubstr("P(snapshot lost) per month:"));

@@ -29,15 +29,14 @@ absl::StatusOr<AdminClient*> Context::Client() {
   if (!options.address.empty()) {
     const size_t colon = options.address.rfind(':');
     if (colon == std::string::npos || colon == 0 || colon + 1 == options.address.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--address \"", options.address, "\": need HOST:PORT, e.g. 10.0.0.1:7070"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--address \"", options.address, "\": need HOST:PORT, e.g. 10.0.0.1:7070"));
     }
     if (args_.Has("token-file")) {
       const std::string path = args_.Get("token-file");
       std::ifstream in(path);
       if (!in) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--token-file ", path, ": cannot read it"));
+        return absl::InvalidArgumentError(absl::StrCat("--token-file ", path, ": cannot read it"));
       }
       std::stringstream contents;
       contents << in.rdbuf();
@@ -86,20 +85,29 @@ int ExitCodeFor(const absl::Status& status, const Context& ctx) {
 
 std::string HealthName(admin::Health health) {
   switch (health) {
-    case admin::PROTECTED: return "protected";
-    case admin::DEGRADED: return "DEGRADED";
-    case admin::UNPROTECTED: return "UNPROTECTED";
-    default: return "unknown";
+    case admin::PROTECTED:
+      return "protected";
+    case admin::DEGRADED:
+      return "DEGRADED";
+    case admin::UNPROTECTED:
+      return "UNPROTECTED";
+    default:
+      return "unknown";
   }
 }
 
 std::string MemberStateName(admin::MemberStatus::State state) {
   switch (state) {
-    case admin::MemberStatus::SELF: return "self";
-    case admin::MemberStatus::ALIVE: return "alive";
-    case admin::MemberStatus::SUSPECTED: return "SUSPECTED";
-    case admin::MemberStatus::UNKNOWN: return "UNKNOWN";
-    default: return "unknown";
+    case admin::MemberStatus::SELF:
+      return "self";
+    case admin::MemberStatus::ALIVE:
+      return "alive";
+    case admin::MemberStatus::SUSPECTED:
+      return "SUSPECTED";
+    case admin::MemberStatus::UNKNOWN:
+      return "UNKNOWN";
+    default:
+      return "unknown";
   }
 }
 

@@ -93,23 +93,22 @@ struct DrillReport {
     absl::StrAppend(&t, "drill ", kind, " on job ", job,
                     step >= 0 ? absl::StrCat(" (step ", step, ")") : "", "\n");
     absl::StrAppend(&t, "  broken:    ", broken, "\n");
-    absl::StrAppend(&t, "  detected:  ", detected.empty() ? "-" : detected,
-                    detected_after_s >= 0 ? absl::StrCat(" (after ", HumanSeconds(detected_after_s),
-                                                         ")")
-                                          : "",
-                    "\n");
+    absl::StrAppend(
+        &t, "  detected:  ", detected.empty() ? "-" : detected,
+        detected_after_s >= 0 ? absl::StrCat(" (after ", HumanSeconds(detected_after_s), ")") : "",
+        "\n");
     for (size_t i = 0; i < recovery_lines.size(); ++i) {
       absl::StrAppend(&t, i == 0 ? "  recovered: " : "             ", recovery_lines[i]);
     }
     if (recovery_lines.empty()) absl::StrAppend(&t, "  recovered: -\n");
-    absl::StrAppend(&t, "  time to rebuild: ",
-                    time_to_rebuild_s < 0 ? "-" : HumanSeconds(time_to_rebuild_s),
-                    "; bytes moved: ", HumanBytes(bytes_moved), "\n");
+    absl::StrAppend(
+        &t, "  time to rebuild: ", time_to_rebuild_s < 0 ? "-" : HumanSeconds(time_to_rebuild_s),
+        "; bytes moved: ", HumanBytes(bytes_moved), "\n");
     for (const std::string& n : notes) absl::StrAppend(&t, "  note: ", n, "\n");
-    absl::StrAppend(&t, "  verdict:   ",
-                    bit_exact ? "BIT-EXACT" + (verdict.empty() ? "" : ": " + verdict)
-                              : "FAILED: " + verdict,
-                    "\n");
+    absl::StrAppend(
+        &t, "  verdict:   ",
+        bit_exact ? "BIT-EXACT" + (verdict.empty() ? "" : ": " + verdict) : "FAILED: " + verdict,
+        "\n");
     return outcome;
   }
 };
@@ -153,26 +152,25 @@ absl::StatusOr<admin::JobStatus> ChooseDrillJob(Context& ctx,
     if (job.job_id() != name) continue;
     if (!job.drill_target() && !ctx.args().Has("yes")) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "job ", name, " is not marked as a drill target: mark it with `tessera drill mark ",
-          name, "`, or pass --yes to drill it anyway"));
+          "job ", name, " is not marked as a drill target: mark it with `tessera drill mark ", name,
+          "`, or pass --yes to drill it anyway"));
     }
     return job;
   }
-  return absl::NotFoundError(absl::StrCat("job ", name, " is not held by the cluster",
-                                          all.empty() ? "" : "; jobs: " + absl::StrJoin(all, ", ")));
+  return absl::NotFoundError(
+      absl::StrCat("job ", name, " is not held by the cluster",
+                   all.empty() ? "" : "; jobs: " + absl::StrJoin(all, ", ")));
 }
 
-absl::StatusOr<double> WaitLimit(Context& ctx) {
-  return ctx.args().GetDouble("wait-s", 120, 0);
-}
+absl::StatusOr<double> WaitLimit(Context& ctx) { return ctx.args().GetDouble("wait-s", 120, 0); }
 
 // The member `node` of a cluster, alive; its incarnation.
 absl::StatusOr<admin::MemberStatus> LiveMember(const admin::GetStatusResponse& status,
                                                const std::string& node) {
   if (status.members_size() == 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "daemon ", status.self().node_id(),
-        " is standalone (no peer.listen_address): this drill needs a cluster"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("daemon ", status.self().node_id(),
+                     " is standalone (no peer.listen_address): this drill needs a cluster"));
   }
   std::vector<std::string> names;
   for (const auto& member : status.members()) {
@@ -185,8 +183,8 @@ absl::StatusOr<admin::MemberStatus> LiveMember(const admin::GetStatusResponse& s
     }
     return member;
   }
-  return absl::NotFoundError(absl::StrCat("no member ", node, "; members: ",
-                                          absl::StrJoin(names, ", ")));
+  return absl::NotFoundError(
+      absl::StrCat("no member ", node, "; members: ", absl::StrJoin(names, ", ")));
 }
 
 const admin::StepVersion* FindStep(const admin::ListVersionsResponse& versions, int64_t step) {
@@ -204,9 +202,10 @@ bool Contains(const google::protobuf::RepeatedPtrField<std::string>& list,
 // The committed step of `job`, which lose-node and corrupt break and rebuild.
 absl::StatusOr<int64_t> CommittedStep(const admin::JobStatus& job) {
   if (job.committed_step() < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job ", job.job_id(), " has no committed step yet: nothing is protected to drill; let "
-        "every rank snapshot first"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job.job_id(),
+                     " has no committed step yet: nothing is protected to drill; let "
+                     "every rank snapshot first"));
   }
   return job.committed_step();
 }
@@ -254,10 +253,10 @@ absl::StatusOr<Outcome> RunDrillMark(Context& ctx, bool enabled) {
   outcome.json.Set("drill_target", enabled);
   outcome.json.Set("nodes", Json::ArrayOf(marked.nodes()));
   outcome.json.Set("errors", NodeErrorsJson(marked.errors()));
-  outcome.text = absl::StrCat("job ", request.job_id(), enabled ? " marked" : " unmarked",
-                              " as a drill target on ", marked.nodes_size(), " members (",
-                              absl::StrJoin(marked.nodes(), ", "), ")\n",
-                              NodeErrorsText(marked.errors()));
+  outcome.text =
+      absl::StrCat("job ", request.job_id(), enabled ? " marked" : " unmarked",
+                   " as a drill target on ", marked.nodes_size(), " members (",
+                   absl::StrJoin(marked.nodes(), ", "), ")\n", NodeErrorsText(marked.errors()));
   return outcome;
 }
 
@@ -267,9 +266,10 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   TESSERA_ASSIGN_OR_RETURN(admin::GetStatusResponse status, client->GetStatus({}));
   TESSERA_ASSIGN_OR_RETURN(admin::JobStatus job, ChooseDrillJob(ctx, status));
   if (job.restorable_step() < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job ", job.job_id(), " has no restorable step yet: a restarted trainer would start "
-        "afresh; let every rank snapshot first"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job.job_id(),
+                     " has no restorable step yet: a restarted trainer would start "
+                     "afresh; let every rank snapshot first"));
   }
   admin::ListTrainersRequest trainers_request;
   trainers_request.set_job_id(job.job_id());
@@ -284,8 +284,8 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   std::vector<std::string> seen;
   for (const auto& t : trainers.trainers()) {
     if (t.job_id() != job.job_id() || !t.registered() || !t.alive()) continue;
-    seen.push_back(absl::StrCat("rank ", t.rank(), " on ", t.node_id(), " (host ", t.hostname(),
-                                ")"));
+    seen.push_back(
+        absl::StrCat("rank ", t.rank(), " on ", t.node_id(), " (host ", t.hostname(), ")"));
     if (wanted_rank ? t.rank() == *wanted_rank : t.hostname() == host) {
       if (!victim || t.rank() < victim->rank()) victim = t;
     }
@@ -302,8 +302,8 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
         victim->node_id(), "), not here (", host, "): run the drill there"));
   }
   if (victim->pid() <= 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the daemon does not know the pid of rank ", victim->rank(), "'s trainer"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the daemon does not know the pid of rank ", victim->rank(), "'s trainer"));
   }
 
   DrillReport report;
@@ -354,9 +354,9 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
     return look() && now && now->pid() != old_pid && now->alive() && now->registered();
   });
   if (!registered) {
-    report.verdict = absl::StrCat("rank ", rank, " did not register again within ",
-                                  HumanSeconds(wait_s),
-                                  ": is its launcher (torchrun elastic) restarting it?");
+    report.verdict =
+        absl::StrCat("rank ", rank, " did not register again within ", HumanSeconds(wait_s),
+                     ": is its launcher (torchrun elastic) restarting it?");
     return report.ToOutcome();
   }
   const double registered_after_s = SecondsSince(start);
@@ -391,10 +391,9 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   report.broken_json.Set("new_pid", new_pid);
   report.broken_json.Set("registered_after_ms", registered_after_s * 1e3);
   if (!resumed) {
-    report.verdict = absl::StrCat("rank ", rank, " registered again (pid ", new_pid,
-                                  ") but sealed no step after ",
-                                  std::max(sealed_before, report.step), " within ",
-                                  HumanSeconds(wait_s));
+    report.verdict = absl::StrCat(
+        "rank ", rank, " registered again (pid ", new_pid, ") but sealed no step after ",
+        std::max(sealed_before, report.step), " within ", HumanSeconds(wait_s));
     return report.ToOutcome();
   }
   report.notes.push_back(absl::StrCat("registered again as pid ", new_pid, " after ",
@@ -424,16 +423,16 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx) {
   const admin::NodeInfo self = status.self();
   const std::string host = LocalHostname();
   if (!self.hostname().empty() && self.hostname() != host) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "daemon ", self.node_id(), " runs on host ", self.hostname(), ", not here (", host,
-        "): run kill-daemon on its node, connected through its socket"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("daemon ", self.node_id(), " runs on host ", self.hostname(), ", not here (",
+                     host, "): run kill-daemon on its node, connected through its socket"));
   }
   const std::string name = ProcessName(self.pid());
   if (self.pid() <= 0 || !absl::StartsWith(name, "tesserad")) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "pid ", self.pid(), " of daemon ", self.node_id(), " is ",
-        name.empty() ? "not running here" : "\"" + name + "\", not tesserad",
-        ": run kill-daemon on the daemon's node"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("pid ", self.pid(), " of daemon ", self.node_id(), " is ",
+                     name.empty() ? "not running here" : "\"" + name + "\", not tesserad",
+                     ": run kill-daemon on the daemon's node"));
   }
   admin::ListVersionsRequest versions_request;
   versions_request.set_job_id(job.job_id());
@@ -455,9 +454,9 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx) {
     }
   }
   if (shards.empty() && fragments.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "daemon ", self.node_id(), " holds nothing of job ", job.job_id(),
-        ": drill it on a node that does"));
+    return absl::FailedPreconditionError(absl::StrCat("daemon ", self.node_id(),
+                                                      " holds nothing of job ", job.job_id(),
+                                                      ": drill it on a node that does"));
   }
 
   DrillReport report;
@@ -471,9 +470,9 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx) {
   if (kill(self.pid(), SIGKILL) != 0) {
     return ErrnoStatus(errno, absl::StrCat("kill pid ", self.pid(), " (tesserad)"));
   }
-  report.broken = absl::StrCat("SIGKILLed tesserad ", self.node_id(), " (pid ", self.pid(),
-                               "), holding ", shards.size(), " shards and ", fragments.size(),
-                               " fragments of the job");
+  report.broken =
+      absl::StrCat("SIGKILLed tesserad ", self.node_id(), " (pid ", self.pid(), "), holding ",
+                   shards.size(), " shards and ", fragments.size(), " fragments of the job");
   report.broken_json.Set("node", self.node_id());
   report.broken_json.Set("pid", self.pid());
   report.broken_json.Set("shards_held", shards.size());
@@ -497,11 +496,12 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx) {
                          : absl::StrCat("its socket stopped answering (", client->target(), ")");
   ctx.Progress("waiting for the supervisor to restart tesserad " + self.node_id());
   const bool restarted = back || WaitFor(wait_s, [&] {
-    client->Reconnect();
-    auto answer = client->GetStatus(local);
-    if (answer.ok() && answer->self().pid() != self.pid()) back = answer->self();
-    return back.has_value();
-  });
+                           client->Reconnect();
+                           auto answer = client->GetStatus(local);
+                           if (answer.ok() && answer->self().pid() != self.pid())
+                             back = answer->self();
+                           return back.has_value();
+                         });
   if (!restarted) {
     report.verdict = absl::StrCat("tesserad ", self.node_id(), " did not come back within ",
                                   HumanSeconds(wait_s),
@@ -594,8 +594,9 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx) {
   } else if (!damaged.empty()) {
     report.verdict = "what was re-adopted does not verify: " + absl::StrJoin(damaged, "; ");
   } else {
-    report.verdict = "every re-adopted shard and fragment verifies against its CRC32C; no byte "
-                     "moved over the network";
+    report.verdict =
+        "every re-adopted shard and fragment verifies against its CRC32C; no byte "
+        "moved over the network";
   }
   return report.ToOutcome();
 }
@@ -614,9 +615,9 @@ absl::StatusOr<Outcome> RunDrillLoseNode(Context& ctx) {
     if (Contains(rank.fragment_nodes(), node)) fragment_ranks.push_back(rank.rank());
   }
   if (owned.empty() && fragment_ranks.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "member ", node, " holds nothing of job ", job.job_id(), " at step ", step,
-        ": drill a node that does (see tessera versions ", job.job_id(), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("member ", node, " holds nothing of job ", job.job_id(), " at step ", step,
+                     ": drill a node that does (see tessera versions ", job.job_id(), ")"));
   }
 
   DrillReport report;
@@ -663,14 +664,14 @@ absl::StatusOr<Outcome> RunDrillLoseNode(Context& ctx) {
     return false;
   });
   if (!seen) {
-    report.verdict = absl::StrCat("the cluster did not see ", node,
-                                  " as a new incarnation within ", HumanSeconds(wait_s));
+    report.verdict = absl::StrCat("the cluster did not see ", node, " as a new incarnation within ",
+                                  HumanSeconds(wait_s));
     return report.ToOutcome();
   }
   report.detected_after_s = SecondsSince(start);
-  report.detected = absl::StrCat("the cluster sees ", node, " as a new incarnation (",
-                                 dropped.old_incarnation(), " -> ", new_incarnation,
-                                 ") with an empty store");
+  report.detected =
+      absl::StrCat("the cluster sees ", node, " as a new incarnation (", dropped.old_incarnation(),
+                   " -> ", new_incarnation, ") with an empty store");
 
   // Rebuild on the replacement what it owned; with nothing owned, rebuild on it the ranks whose
   // fragments it held, from the fragments that are left.
@@ -709,8 +710,9 @@ absl::StatusOr<Outcome> RunDrillLoseNode(Context& ctx) {
   report.bit_exact = all_exact && !ranks.empty();
   if (!report.bit_exact) report.verdict = absl::StrJoin(failures, "; ");
   if (from_fragments) {
-    report.notes.push_back(absl::StrCat(node, " owned no rank of the job: rebuilt on it the ranks "
-                                              "whose fragments it held, without them"));
+    report.notes.push_back(absl::StrCat(node,
+                                        " owned no rank of the job: rebuilt on it the ranks "
+                                        "whose fragments it held, without them"));
   }
   return report.ToOutcome();
 }
@@ -732,8 +734,8 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
   const int64_t step = drilled.step;
   const admin::StepVersion* committed = &drilled.committed;
   // The victim: NODE's shard of a rank, or a fragment NODE holds.
-  std::optional<std::pair<uint32_t, int64_t>> slot;               // rank
-  std::optional<std::pair<uint32_t, uint32_t>> fragment;          // rank, index
+  std::optional<std::pair<uint32_t, int64_t>> slot;       // rank
+  std::optional<std::pair<uint32_t, uint32_t>> fragment;  // rank, index
   for (const auto& rank : committed->ranks()) {
     if (wanted_rank && rank.rank() != *wanted_rank) continue;
     if (!slot && Contains(rank.shard_nodes(), node)) slot = {rank.rank(), step};
@@ -746,14 +748,14 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
   const bool use_slot = target == "slot" || (target.empty() && slot.has_value());
   const std::string what = wanted_rank ? absl::StrCat(" of rank ", *wanted_rank) : "";
   if (use_slot && !slot) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        node, " holds no sealed shard", what, " of job ", job.job_id(), " at step ", step,
-        fragment ? "; try --target fragment" : ""));
+    return absl::FailedPreconditionError(absl::StrCat(node, " holds no sealed shard", what,
+                                                      " of job ", job.job_id(), " at step ", step,
+                                                      fragment ? "; try --target fragment" : ""));
   }
   if (!use_slot && !fragment) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        node, " holds no fragment", what, " of job ", job.job_id(), " at step ", step,
-        slot ? "; try --target slot" : ""));
+    return absl::FailedPreconditionError(absl::StrCat(node, " holds no fragment", what, " of job ",
+                                                      job.job_id(), " at step ", step,
+                                                      slot ? "; try --target slot" : ""));
   }
   const uint32_t rank = use_slot ? slot->first : fragment->first;
 
@@ -777,9 +779,9 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
   const std::string victim =
       use_slot ? absl::StrCat("shard of rank ", rank)
                : absl::StrCat("fragment ", corrupted.fragment_index(), " of rank ", rank);
-  report.broken = absl::StrCat("flipped byte ", corrupted.offset(), " of ", node, "'s ", victim,
-                               " in ", corrupted.path(), " (", corrupted.old_byte(), " -> ",
-                               corrupted.new_byte(), ")");
+  report.broken =
+      absl::StrCat("flipped byte ", corrupted.offset(), " of ", node, "'s ", victim, " in ",
+                   corrupted.path(), " (", corrupted.old_byte(), " -> ", corrupted.new_byte(), ")");
   report.broken_json.Set("node", node);
   report.broken_json.Set("target", use_slot ? "slot" : "fragment");
   report.broken_json.Set("rank", rank);
@@ -818,8 +820,8 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
   absl::StatusOr<admin::RecoverResponse> recovered = client->Recover(recover);
   report.time_to_rebuild_s = SecondsSince(start);
   if (!recovered.ok()) {
-    report.verdict = absl::StrCat("rank ", rank, " could not be rebuilt around the damage: ",
-                                  recovered.status().message());
+    report.verdict = absl::StrCat(
+        "rank ", rank, " could not be rebuilt around the damage: ", recovered.status().message());
     return report.ToOutcome();
   }
   report.AddRecover(*recovered);
@@ -827,8 +829,9 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
     for (int i = 0; i < recovered->fragment_indexes_size(); ++i) {
       if (recovered->fragment_indexes(i) == corrupted.fragment_index() &&
           i < recovered->fragment_nodes_size() && recovered->fragment_nodes(i) == node) {
-        report.notes.push_back("the rebuild read the corrupted fragment (it should have counted "
-                               "as an erasure)");
+        report.notes.push_back(
+            "the rebuild read the corrupted fragment (it should have counted "
+            "as an erasure)");
       }
     }
   }
@@ -850,11 +853,11 @@ absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx) {
     }
   }
   report.broken_json.Set("repaired", !still_damaged);
-  report.notes.push_back(
-      still_damaged
-          ? absl::StrCat("the damaged copy on ", node, " stays until a newer committed step "
-                         "replaces it; verify reports it until then")
-          : absl::StrCat("the damaged copy on ", node, " was replaced: verify finds it no more"));
+  report.notes.push_back(still_damaged ? absl::StrCat("the damaged copy on ", node,
+                                                      " stays until a newer committed step "
+                                                      "replaces it; verify reports it until then")
+                                       : absl::StrCat("the damaged copy on ", node,
+                                                      " was replaced: verify finds it no more"));
   return report.ToOutcome();
 }
 

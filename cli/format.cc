@@ -18,8 +18,10 @@ std::string HumanBytes(uint64_t bytes) {
     value /= 1024;
     ++unit;
   }
-  return absl::StrFormat(value < 10 ? "%.2f %s" : value < 100 ? "%.1f %s" : "%.0f %s", value,
-                         kUnits[unit]);
+  return absl::StrFormat(value < 10    ? "%.2f %s"
+                         : value < 100 ? "%.1f %s"
+                                       : "%.0f %s",
+                         value, kUnits[unit]);
 }
 
 std::string HumanSeconds(double seconds) {

@@ -47,7 +47,7 @@ class Json {
   void DumpTo(std::string* out, int depth) const;
 
   Kind kind_;
-  std::string text_;                                  // literal text, or the string
+  std::string text_;                                   // literal text, or the string
   std::vector<std::pair<std::string, Json>> members_;  // object
   std::vector<Json> elements_;                         // array
 };

@@ -1,8 +1,7 @@
-#include "cli/format.h"
-#include "cli/json.h"
-
 #include <cmath>
 
+#include "cli/format.h"
+#include "cli/json.h"
 #include "gtest/gtest.h"
 
 namespace tessera::cli {

@@ -37,8 +37,8 @@ absl::StatusOr<PlanResult> PlanSnapshotLoss(const PlanInput& in) {
   if (in.k < 1) return absl::InvalidArgumentError(absl::StrCat("--k ", in.k, ": need k >= 1"));
   if (in.m < 0) return absl::InvalidArgumentError(absl::StrCat("--m ", in.m, ": need m >= 0"));
   if (!(in.node_mtbf_hours > 0) || !std::isfinite(in.node_mtbf_hours)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--node-mtbf-hours ", in.node_mtbf_hours, ": need a positive number of hours"));
+    return absl::InvalidArgumentError(absl::StrCat("--node-mtbf-hours ", in.node_mtbf_hours,
+                                                   ": need a positive number of hours"));
   }
   if (!(in.interval_s > 0) || !std::isfinite(in.interval_s)) {
     return absl::InvalidArgumentError(
@@ -102,8 +102,8 @@ absl::StatusOr<PlanResult> PlanSnapshotLoss(const PlanInput& in) {
   r.losses_per_day = losses_per_second * kSecondsPerDay;
   r.loss_probability_per_day = -std::expm1(-r.losses_per_day);
   r.loss_probability_per_month = -std::expm1(-r.losses_per_day * kDaysPerMonth);
-  r.mean_days_between_losses = r.losses_per_day > 0 ? 1.0 / r.losses_per_day
-                                                    : std::numeric_limits<double>::infinity();
+  r.mean_days_between_losses =
+      r.losses_per_day > 0 ? 1.0 / r.losses_per_day : std::numeric_limits<double>::infinity();
   return r;
 }
 

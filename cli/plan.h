@@ -48,16 +48,16 @@ struct PlanInput {
 struct PlanResult {
   int k = 0;  // as placed: shrunk when nodes - 1 < k + m
   int m = 0;
-  bool protected_across_nodes = true;  // false with one node
-  std::string shrink_reason;           // empty unless k or m shrank
-  double holder_failure_probability = 0;  // q averaged over the snapshot's age
+  bool protected_across_nodes = true;          // false with one node
+  std::string shrink_reason;                   // empty unless k or m shrank
+  double holder_failure_probability = 0;       // q averaged over the snapshot's age
   double stripe_loss_given_owner_failure = 0;  // p averaged over the age
   double node_loss_given_failure = 0;          // P_node
   double losses_per_day = 0;                   // Lambda in days
   double loss_probability_per_day = 0;
   double loss_probability_per_month = 0;  // 30 days
-  double mean_days_between_losses = 0;   // infinity when nothing can be lost
-  double storage_overhead = 0;           // (k + m) / k: fragment bytes per shard byte
+  double mean_days_between_losses = 0;    // infinity when nothing can be lost
+  double storage_overhead = 0;            // (k + m) / k: fragment bytes per shard byte
 };
 
 // Errors: kInvalidArgument naming the input and what is valid (nodes >= 1, k >= 1, m >= 0,

@@ -57,31 +57,32 @@ absl::StatusOr<Outcome> RunPlan(Context& ctx) {
   j.Set("mean_days_between_losses", plan.mean_days_between_losses);
 
   std::string& t = outcome.text;
-  absl::StrAppend(&t, "plan: ", in.nodes, " nodes, RS(", in.k, ",", in.m, "), node MTBF ",
-                  absl::StrFormat("%g", in.node_mtbf_hours), " h, a snapshot every ",
-                  HumanSeconds(in.interval_s), ", rebuild within ", HumanSeconds(in.rebuild_s),
-                  in.ranks_per_node > 1 ? absl::StrCat(", ", in.ranks_per_node, " ranks per node")
-                                        : "",
-                  "\n");
+  absl::StrAppend(
+      &t, "plan: ", in.nodes, " nodes, RS(", in.k, ",", in.m, "), node MTBF ",
+      absl::StrFormat("%g", in.node_mtbf_hours), " h, a snapshot every ",
+      HumanSeconds(in.interval_s), ", rebuild within ", HumanSeconds(in.rebuild_s),
+      in.ranks_per_node > 1 ? absl::StrCat(", ", in.ranks_per_node, " ranks per node") : "", "\n");
   if (!plan.shrink_reason.empty()) absl::StrAppend(&t, "  note: ", plan.shrink_reason, "\n");
   if (plan.protected_across_nodes) {
-    absl::StrAppend(&t, "  placed as RS(", plan.k, ",", plan.m, "): a shard survives its owner and ",
-                    plan.m, " of its ", plan.k + plan.m, " fragment holders; fragments cost ",
-                    absl::StrFormat("%.2f", plan.storage_overhead), "x the shard in memory and "
+    absl::StrAppend(&t, "  placed as RS(", plan.k, ",", plan.m,
+                    "): a shard survives its owner and ", plan.m, " of its ", plan.k + plan.m,
+                    " fragment holders; fragments cost ",
+                    absl::StrFormat("%.2f", plan.storage_overhead),
+                    "x the shard in memory and "
                     "network\n");
   }
   absl::StrAppend(&t, "  a node fails during a snapshot's exposure with probability ",
                   HumanProbability(plan.holder_failure_probability), "\n");
   absl::StrAppend(&t, "  when an owner fails, its snapshot cannot be rebuilt with probability ",
                   HumanProbability(plan.node_loss_given_failure), "\n");
-  absl::StrAppend(&t, "  P(snapshot lost) per day:   ",
-                  HumanProbability(plan.loss_probability_per_day), "\n");
+  absl::StrAppend(
+      &t, "  P(snapshot lost) per day:   ", HumanProbability(plan.loss_probability_per_day), "\n");
   absl::StrAppend(&t, "  P(snapshot lost) per month: ",
                   HumanProbability(plan.loss_probability_per_month), " (30 days)\n");
-  absl::StrAppend(&t, "  mean time between losses:   ",
-                  plan.losses_per_day > 0 ? HumanSeconds(plan.mean_days_between_losses * 86400)
-                                          : "never",
-                  "\n");
+  absl::StrAppend(
+      &t, "  mean time between losses:   ",
+      plan.losses_per_day > 0 ? HumanSeconds(plan.mean_days_between_losses * 86400) : "never",
+      "\n");
   return outcome;
 }
 

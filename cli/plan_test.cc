@@ -108,10 +108,11 @@ TEST(PlanTest, ClosedFormMatchesSimulationWithOneRankPerNode) {
   const double days = 20000;
   SimulatedLosses sim = Simulate(in, plan->k, plan->m, days, rng);
   const double expected = plan->losses_per_day * days;
-  std::printf("losses: simulated %lld, closed form %.1f; days with a loss: simulated %lld, "
-              "closed form %.1f\n",
-              static_cast<long long>(sim.losses), expected,
-              static_cast<long long>(sim.days_with_loss), plan->loss_probability_per_day * days);
+  std::printf(
+      "losses: simulated %lld, closed form %.1f; days with a loss: simulated %lld, "
+      "closed form %.1f\n",
+      static_cast<long long>(sim.losses), expected, static_cast<long long>(sim.days_with_loss),
+      plan->loss_probability_per_day * days);
   ASSERT_GT(expected, 300);  // the check below has power
   EXPECT_NEAR(sim.losses, expected, 5 * CountDeviation(expected));
   // One burst of failures can lose several snapshots, so losses cluster and fewer days see one

@@ -96,8 +96,8 @@ absl::StatusOr<Outcome> RunStatus(Context& ctx) {
     outcome.json.Set("node", status.self().node_id());
     outcome.json.Set("pid", status.self().pid());
     outcome.json.Set("ready", true);
-    outcome.text = absl::StrCat("tesserad ", status.self().node_id(), " (pid ",
-                                status.self().pid(), ") answers at ", client->target(), "\n");
+    outcome.text = absl::StrCat("tesserad ", status.self().node_id(), " (pid ", status.self().pid(),
+                                ") answers at ", client->target(), "\n");
     return outcome;
   }
 
@@ -113,9 +113,8 @@ absl::StatusOr<Outcome> RunStatus(Context& ctx) {
   }
   for (const std::string& p : JobProblems(status.jobs())) problems.push_back(p);
   for (const auto& e : status.errors()) {
-    problems.push_back(absl::StrCat("could not ask ",
-                                    e.node_id().empty() ? e.address() : e.node_id(), ": ",
-                                    e.error()));
+    problems.push_back(absl::StrCat(
+        "could not ask ", e.node_id().empty() ? e.address() : e.node_id(), ": ", e.error()));
   }
   outcome.exit_code = problems.empty() ? kExitOk : kExitUnhealthy;
 
@@ -187,9 +186,8 @@ absl::StatusOr<Outcome> RunJobs(Context& ctx) {
   TESSERA_ASSIGN_OR_RETURN(admin::ListJobsResponse jobs, client->ListJobs(request));
   std::vector<std::string> problems = JobProblems(jobs.jobs());
   for (const auto& e : jobs.errors()) {
-    problems.push_back(absl::StrCat("could not ask ",
-                                    e.node_id().empty() ? e.address() : e.node_id(), ": ",
-                                    e.error()));
+    problems.push_back(absl::StrCat(
+        "could not ask ", e.node_id().empty() ? e.address() : e.node_id(), ": ", e.error()));
   }
   Outcome outcome;
   outcome.exit_code = problems.empty() ? kExitOk : kExitUnhealthy;
@@ -255,32 +253,32 @@ absl::StatusOr<Outcome> RunVersions(Context& ctx) {
               ? absl::StrCat("shard on ", absl::StrJoin(rank.shard_nodes(), ","))
               : "no sealed shard",
           " (", HumanBytes(rank.shard_bytes()), ", crc ", HexCrc(rank.shard_crc32c()), ")",
-          rank.ec_k() > 0 ? absl::StrCat("; ", RsText(rank.ec_k(), rank.ec_m()), " fragments ",
-                                         fragment_text.empty() ? "none"
-                                                               : absl::StrJoin(fragment_text, " "))
-                          : "; no fragments",
+          rank.ec_k() > 0
+              ? absl::StrCat("; ", RsText(rank.ec_k(), rank.ec_m()), " fragments ",
+                             fragment_text.empty() ? "none" : absl::StrJoin(fragment_text, " "))
+              : "; no fragments",
           "\n");
     }
     s.Set("ranks", std::move(ranks));
     steps.Add(std::move(s));
-    absl::StrAppend(&body, "  step ", step.step(), step.committed() ? " (committed)" : "", ": ",
-                    step.restorable() ? "restorable" : "NOT restorable", ", ", restorable_ranks,
-                    " of ", versions.world_size(), " ranks restorable",
-                    step.missing_ranks_size() > 0
-                        ? absl::StrCat(", ranks held nowhere: ",
-                                       absl::StrJoin(step.missing_ranks(), ","))
-                        : "",
-                    "\n", rank_lines);
+    absl::StrAppend(
+        &body, "  step ", step.step(), step.committed() ? " (committed)" : "", ": ",
+        step.restorable() ? "restorable" : "NOT restorable", ", ", restorable_ranks, " of ",
+        versions.world_size(), " ranks restorable",
+        step.missing_ranks_size() > 0
+            ? absl::StrCat(", ranks held nowhere: ", absl::StrJoin(step.missing_ranks(), ","))
+            : "",
+        "\n", rank_lines);
   }
   outcome.exit_code = any_restorable && versions.errors_size() == 0 ? kExitOk : kExitUnhealthy;
   outcome.json.Set("job", versions.job_id());
   outcome.json.Set("world_size", versions.world_size());
   outcome.json.Set("steps", std::move(steps));
   outcome.json.Set("errors", NodeErrorsJson(versions.errors()));
-  outcome.text = absl::StrCat("job ", versions.job_id(), ", world ", versions.world_size(), ": ",
-                              versions.steps_size(), " steps held",
-                              any_restorable ? "" : ", none restorable", "\n", body,
-                              NodeErrorsText(versions.errors()));
+  outcome.text =
+      absl::StrCat("job ", versions.job_id(), ", world ", versions.world_size(), ": ",
+                   versions.steps_size(), " steps held", any_restorable ? "" : ", none restorable",
+                   "\n", body, NodeErrorsText(versions.errors()));
   return outcome;
 }
 

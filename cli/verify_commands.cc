@@ -74,12 +74,12 @@ std::string VerifyText(const admin::VerifyResponse& v) {
   }
   int restorable = 0;
   for (const auto& r : v.ranks()) restorable += r.restorable() ? 1 : 0;
-  std::string t = absl::StrCat(
-      "verify ", v.job_id(), " step", v.steps_size() == 1 ? " " : "s ",
-      v.steps_size() == 0 ? "(none held)" : absl::StrJoin(v.steps(), ","), ": ",
-      v.ok() ? "OK" : "DAMAGED", " — ", shards, " shards and ", fragments, " fragments (",
-      HumanBytes(bytes), ") checked on ", v.nodes_size(), " nodes; ", restorable, " of ",
-      v.ranks_size(), " rank-steps restorable\n");
+  std::string t =
+      absl::StrCat("verify ", v.job_id(), " step", v.steps_size() == 1 ? " " : "s ",
+                   v.steps_size() == 0 ? "(none held)" : absl::StrJoin(v.steps(), ","), ": ",
+                   v.ok() ? "OK" : "DAMAGED", " — ", shards, " shards and ", fragments,
+                   " fragments (", HumanBytes(bytes), ") checked on ", v.nodes_size(), " nodes; ",
+                   restorable, " of ", v.ranks_size(), " rank-steps restorable\n");
   for (const auto& d : v.damaged()) absl::StrAppend(&t, "  damaged: ", DamageText(d), "\n");
   for (const auto& r : v.ranks()) {
     if (r.restorable() && r.reason().empty()) continue;
@@ -95,10 +95,14 @@ std::string VerifyText(const admin::VerifyResponse& v) {
 
 std::string SourceName(admin::RecoverResponse::Source source) {
   switch (source) {
-    case admin::RecoverResponse::LOCAL: return "local";
-    case admin::RecoverResponse::COPY: return "copy";
-    case admin::RecoverResponse::REBUILD: return "rebuild";
-    default: return "unknown";
+    case admin::RecoverResponse::LOCAL:
+      return "local";
+    case admin::RecoverResponse::COPY:
+      return "copy";
+    case admin::RecoverResponse::REBUILD:
+      return "rebuild";
+    default:
+      return "unknown";
   }
 }
 
@@ -149,15 +153,14 @@ std::string RecoverText(const admin::RecoverResponse& r) {
                          absl::StrJoin(parts, " "));
     }
   }
-  return absl::StrCat("rank ", r.rank(), " step ", r.step(), " on ", r.node_id(), ": ", how,
-                      ", ", HumanBytes(r.shard_bytes()), ", ", HumanBytes(r.bytes_moved()),
-                      " moved in ", HumanSeconds(r.duration_us() / 1e6), "; CRC32C ",
-                      HexCrc(r.actual_crc32c()),
-                      r.crc_matched() ? " matches the owner's: bit-exact"
-                                      : absl::StrCat(" but the owner sealed ",
-                                                     HexCrc(r.expected_crc32c()),
-                                                     ": NOT bit-exact"),
-                      "\n");
+  return absl::StrCat(
+      "rank ", r.rank(), " step ", r.step(), " on ", r.node_id(), ": ", how, ", ",
+      HumanBytes(r.shard_bytes()), ", ", HumanBytes(r.bytes_moved()), " moved in ",
+      HumanSeconds(r.duration_us() / 1e6), "; CRC32C ", HexCrc(r.actual_crc32c()),
+      r.crc_matched()
+          ? " matches the owner's: bit-exact"
+          : absl::StrCat(" but the owner sealed ", HexCrc(r.expected_crc32c()), ": NOT bit-exact"),
+      "\n");
 }
 
 absl::StatusOr<Outcome> RunVerify(Context& ctx) {

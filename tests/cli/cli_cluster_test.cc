@@ -27,9 +27,9 @@
 namespace tessera::testing {
 namespace {
 
-using ::testing::HasSubstr;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
+using ::testing::HasSubstr;
 
 constexpr char kToken[] = "cli-test-token-0123456789abcdef";
 constexpr char kJob[] = "cli-job";
@@ -57,9 +57,7 @@ struct CliRun {
 };
 
 const JsonObject& Obj(const google::protobuf::Value& v) { return v.struct_value().fields(); }
-const google::protobuf::ListValue& List(const google::protobuf::Value& v) {
-  return v.list_value();
-}
+const google::protobuf::ListValue& List(const google::protobuf::Value& v) { return v.list_value(); }
 
 class CliClusterTest : public ::testing::Test {
  protected:
@@ -75,13 +73,11 @@ class CliClusterTest : public ::testing::Test {
     for (int i = 0; i < kNodes; ++i) {
       daemons_.push_back(std::make_unique<DaemonProcess>(
           root_.path(), absl::StrCat("n", i), uint64_t{512} << 20,
-          std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i],
-                                   "--set", "cluster.members=" + absl::StrJoin(addresses_, ","),
-                                   "--set", "cluster.token_file=" + token_file_,
-                                   "--set", "ec.k=2",
-                                   "--set", "ec.m=1",
-                                   "--set", "liveness.heartbeat_ms=100",
-                                   "--set", "liveness.timeout_ms=1000"}));
+          std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i], "--set",
+                                   "cluster.members=" + absl::StrJoin(addresses_, ","), "--set",
+                                   "cluster.token_file=" + token_file_, "--set", "ec.k=2", "--set",
+                                   "ec.m=1", "--set", "liveness.heartbeat_ms=100", "--set",
+                                   "liveness.timeout_ms=1000"}));
       std::string error;
       ASSERT_TRUE(daemons_.back()->Start(&error)) << error;
     }
@@ -90,8 +86,7 @@ class CliClusterTest : public ::testing::Test {
 
   // Runs `tessera ARGS` connected to daemon `node` through its socket (unless ARGS connect
   // otherwise).
-  CliRun Tessera(std::vector<std::string> args, int node = 0,
-                 seconds timeout = seconds(180)) {
+  CliRun Tessera(std::vector<std::string> args, int node = 0, seconds timeout = seconds(180)) {
     const bool connects = std::find(args.begin(), args.end(), "--address") != args.end() ||
                           std::find(args.begin(), args.end(), "--socket") != args.end() ||
                           (!args.empty() && args[0] == "plan");
@@ -196,12 +191,12 @@ TEST_F(CliClusterTest, StatusJobsVersionsVerifyRecoverOnALiveCluster) {
   EXPECT_EQ(Obj(jobs.values(0)).at("k").number_value(), 2);
 
   // The same answer over TCP from another daemon, with the token; a wrong token is refused.
-  CliRun tcp = Tessera({"status", "--json", "--address", addresses_[2], "--token-file",
-                        token_file_});
+  CliRun tcp =
+      Tessera({"status", "--json", "--address", addresses_[2], "--token-file", token_file_});
   EXPECT_EQ(tcp.exit_code, 0) << tcp.Describe();
   EXPECT_EQ(List(tcp.result().at("members")).values_size(), kNodes);
-  CliRun bad_token = Tessera({"status", "--address", addresses_[2], "--token",
-                              "not-the-cluster-token-at-all"});
+  CliRun bad_token =
+      Tessera({"status", "--address", addresses_[2], "--token", "not-the-cluster-token-at-all"});
   EXPECT_EQ(bad_token.exit_code, 3) << bad_token.Describe();
   EXPECT_THAT(bad_token.err, HasSubstr("refused the token"));
   CliRun local = Tessera({"status", "--local", "--json"}, 3);
@@ -398,8 +393,8 @@ TEST_F(CliClusterTest, KillDaemonDrillReadoptsEverything) {
     ASSERT_EQ(Tessera({"drill", "mark", kJob}, 1).exit_code, 0);
     // The drill runs in the background; the test is n1's supervisor and restarts it once the
     // drill has killed it.
-    std::vector<std::string> argv = {BinaryPath("cli/tessera"), "drill", "kill-daemon",
-                                     "--socket", daemons_[1]->socket_path()};
+    std::vector<std::string> argv = {BinaryPath("cli/tessera"), "drill", "kill-daemon", "--socket",
+                                     daemons_[1]->socket_path()};
     if (json) argv.push_back("--json");
     const std::string err_path = absl::StrCat(root_.path(), "/kill-daemon-", json, ".err");
     auto drill = Process::Start(argv, err_path);
@@ -448,9 +443,9 @@ TEST_F(CliClusterTest, KillTrainerDrillWaitsForTheLauncherAndTheResume) {
   std::this_thread::sleep_for(milliseconds(500));
 
   // The drill runs in the background; the test is rank 2's launcher.
-  std::vector<std::string> argv = {BinaryPath("cli/tessera"), "drill", "kill-trainer",
-                                   "--rank", "2", "--json",
-                                   "--socket", daemons_[0]->socket_path()};
+  std::vector<std::string> argv = {
+      BinaryPath("cli/tessera"), "drill", "kill-trainer", "--rank", "2", "--json", "--socket",
+      daemons_[0]->socket_path()};
   const std::string err_path = root_.path() + "/kill-trainer.err";
   auto drill = Process::Start(argv, err_path);
   EXPECT_EQ(trainers[2]->Wait(seconds(60)), 128 + SIGKILL);
@@ -476,8 +471,9 @@ TEST_F(CliClusterTest, KillTrainerDrillWaitsForTheLauncherAndTheResume) {
   // admin service does not say which step a trainer restored, and the commit of the killed rank's
   // last sealed step may land just after the new trainer restored the one before.
   auto resumed = trainers[2]->ReadUntil(
-      [](const std::string& l) { return absl::StartsWith(l, "resumed") ||
-                                        absl::StartsWith(l, "error"); },
+      [](const std::string& l) {
+        return absl::StartsWith(l, "resumed") || absl::StartsWith(l, "error");
+      },
       seconds(30));
   ASSERT_TRUE(resumed.has_value()) << absl::StrJoin(trainers[2]->lines(), "\n");
   const int64_t drill_step = static_cast<int64_t>(result.at("step").number_value());

@@ -30,9 +30,9 @@
 namespace tessera::testing {
 namespace {
 
+using google::protobuf::Value;
 using ::testing::Contains;
 using ::testing::HasSubstr;
-using google::protobuf::Value;
 using Object = google::protobuf::Map<std::string, Value>;
 
 std::string ReadFile(const std::string& path) {
@@ -67,7 +67,7 @@ std::vector<std::string> Strings(const Value& list) {
 // A Kubernetes quantity such as "80Gi" or "512Mi" in bytes.
 uint64_t Quantity(const std::string& q) {
   static const std::map<std::string, uint64_t> units = {
-      {"Ki", 1ull << 10}, {"Mi", 1ull << 20}, {"Gi", 1ull << 30}, {"Ti", 1ull << 40},
+      {"Ki", 1ull << 10}, {"Mi", 1ull << 20}, {"Gi", 1ull << 30},  {"Ti", 1ull << 40},
       {"K", 1000ull},     {"M", 1000000ull},  {"G", 1000000000ull}};
   for (const auto& [suffix, factor] : units) {
     uint64_t n;
@@ -134,7 +134,8 @@ TEST_F(DeployTest, SystemdUnitIsNotifyWithWatchdogAndRuntimeDirectory) {
   // The socket lives in the runtime directory systemd creates: /run/<RuntimeDirectory>/.
   EXPECT_EQ("/run/" + keys["RuntimeDirectory"],
             std::filesystem::path(config->agent.socket_path).parent_path().string());
-  EXPECT_THAT(keys["ExecStart"], HasSubstr("/usr/bin/tesserad --config /etc/tessera/tesserad.toml"));
+  EXPECT_THAT(keys["ExecStart"],
+              HasSubstr("/usr/bin/tesserad --config /etc/tessera/tesserad.toml"));
   int stop_s = 0;
   EXPECT_TRUE(absl::SimpleAtoi(keys["TimeoutStopSec"], &stop_s));
   EXPECT_GT(stop_s * 1000, config->daemon.drain_timeout_ms) << "systemd would kill the drain";
@@ -173,8 +174,8 @@ class KubernetesTest : public DeployTest {
         << "python3 with yaml (Debian: python3-yaml) could not read the manifests:\n"
         << ReadFile(err_path);
     Value parsed;
-    auto status = google::protobuf::util::JsonStringToMessage(
-        absl::StrJoin(process->lines(), "\n"), &parsed);
+    auto status =
+        google::protobuf::util::JsonStringToMessage(absl::StrJoin(process->lines(), "\n"), &parsed);
     ASSERT_TRUE(status.ok()) << status.ToString();
     for (const Value& doc : Field(parsed, "documents").list_value().values()) {
       documents_[Field(doc, "kind").string_value()] = doc;
@@ -203,7 +204,8 @@ class KubernetesTest : public DeployTest {
   const Value* VolumeAt(const std::string& mount_path) {
     std::string name;
     for (const Value& m : Field(container_, "volumeMounts").list_value().values()) {
-      if (Field(m, "mountPath").string_value() == mount_path) name = Field(m, "name").string_value();
+      if (Field(m, "mountPath").string_value() == mount_path)
+        name = Field(m, "name").string_value();
     }
     for (const Value& v : Field(pod_, "volumes").list_value().values()) {
       if (!name.empty() && Field(v, "name").string_value() == name) return &v;
@@ -239,8 +241,7 @@ TEST_F(KubernetesTest, SharesTheNodesMemoryAndSizesItExplicitly) {
 }
 
 TEST_F(KubernetesTest, ProbedThroughTesseraStatusAndDrainedBeforeStop) {
-  const std::vector<std::string> probe =
-      Strings(Field(container_, "readinessProbe.exec.command"));
+  const std::vector<std::string> probe = Strings(Field(container_, "readinessProbe.exec.command"));
   ASSERT_GE(probe.size(), 3u);
   EXPECT_THAT(probe[0], HasSubstr("tessera"));
   EXPECT_EQ(probe[1], "status");
@@ -260,15 +261,15 @@ TEST_F(KubernetesTest, ProbedThroughTesseraStatusAndDrainedBeforeStop) {
 TEST_F(KubernetesTest, DaemonsFindEachOtherThroughTheHeadlessService) {
   const Value& service = documents_["Service"];
   EXPECT_EQ(Field(service, "spec.clusterIP").string_value(), "None");
-  EXPECT_EQ(config_.cluster.dns_name,
-            absl::StrCat(Field(service, "metadata.name").string_value(), ".",
-                         Field(service, "metadata.namespace").string_value(),
-                         ".svc.cluster.local"));
+  EXPECT_EQ(
+      config_.cluster.dns_name,
+      absl::StrCat(Field(service, "metadata.name").string_value(), ".",
+                   Field(service, "metadata.namespace").string_value(), ".svc.cluster.local"));
   bool peer_port = false;
   for (const Value& port : Field(service, "spec.ports").list_value().values()) {
     if (Field(port, "name").string_value() == "peer") {
-      peer_port = static_cast<int64_t>(Field(port, "port").number_value()) ==
-                  config_.cluster.dns_port;
+      peer_port =
+          static_cast<int64_t>(Field(port, "port").number_value()) == config_.cluster.dns_port;
     }
   }
   EXPECT_TRUE(peer_port) << "the Service's peer port is not cluster.dns_port";
@@ -287,8 +288,7 @@ TEST_F(KubernetesTest, DaemonsFindEachOtherThroughTheHeadlessService) {
   bool node_name_env = false;
   for (const Value& env : Field(container_, "env").list_value().values()) {
     if (Field(env, "name").string_value() == "NODE_NAME") {
-      node_name_env =
-          Field(env, "valueFrom.fieldRef.fieldPath").string_value() == "spec.nodeName";
+      node_name_env = Field(env, "valueFrom.fieldRef.fieldPath").string_value() == "spec.nodeName";
     }
   }
   EXPECT_TRUE(node_name_env);
