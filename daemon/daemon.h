@@ -30,9 +30,11 @@ namespace tessera {
 class Daemon {
  public:
   // Resolves the node id, locks `<store.directory>/<node id>` against a second daemon, opens the
-  // store there (re-adopting sealed snapshots), and starts serving the agent socket. With
-  // peer.listen_address set, also opens the fragment store in the same directory, serves the
-  // peer service over TCP, and starts the cluster's heartbeats and cross-node protection.
+  // store there (re-adopting sealed snapshots), and starts serving the agent socket (agent and
+  // admin services). With peer.listen_address set, also opens the fragment store in the same
+  // directory, serves the peer service and (with cluster.token) the admin service over TCP,
+  // hears the members once, then starts cross-node protection. With metrics.listen_address set,
+  // serves /metrics. Returns once all of that serves.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const DaemonConfig& config);
 
   // Stops accepting connections, lets in-flight calls (a seal's checksum) finish for up to
