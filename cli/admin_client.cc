@@ -38,6 +38,7 @@ absl::StatusOr<Response> AdminClient::Call(const char* name, Method method,
   if (!options_.address.empty()) context.AddMetadata("x-tessera-token", options_.token);
   Response response;
   grpc::Status status = (stub_.get()->*method)(&context, request, &response);
+  last_failure_ = FailureKind::kAnswered;
   if (status.ok()) return response;
 
   const absl::Status error = FromGrpcStatus(status);

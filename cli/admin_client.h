@@ -38,8 +38,8 @@ class AdminClient {
   const ConnectionOptions& options() const { return options_; }
 
   // Each call returns the daemon's answer or a status whose message names the target.
-  // Unreachable daemons give kUnavailable (or kUnauthenticated for a refused token); the kind of
-  // the last failure is kept in last_failure().
+  // Unreachable daemons give kUnavailable (or kUnauthenticated for a refused token);
+  // last_failure() says whether the latest call failed that way.
   absl::StatusOr<admin::GetStatusResponse> GetStatus(const admin::GetStatusRequest& request);
   absl::StatusOr<admin::ListJobsResponse> ListJobs(const admin::ListJobsRequest& request);
   absl::StatusOr<admin::ListVersionsResponse> ListVersions(
@@ -53,6 +53,7 @@ class AdminClient {
   absl::StatusOr<admin::DropMemoryResponse> DropMemory(const admin::DropMemoryRequest& request);
   absl::StatusOr<admin::CorruptResponse> Corrupt(const admin::CorruptRequest& request);
 
+  // kUnreachable when the latest call found no daemon to answer it, else kAnswered.
   FailureKind last_failure() const { return last_failure_; }
 
   // Drops the channel so that the next call connects afresh (after the daemon restarted), without

@@ -63,24 +63,14 @@ absl::StatusOr<AdminClient*> Context::Client() {
 }
 
 int ExitCodeFor(const absl::Status& status, const Context& ctx) {
-  switch (status.code()) {
-    case absl::StatusCode::kOk:
-      return kExitOk;
-    case absl::StatusCode::kInvalidArgument:
-      return kExitUsage;
-    case absl::StatusCode::kDataLoss:
-      return kExitUnhealthy;
-    case absl::StatusCode::kUnavailable:
-    case absl::StatusCode::kDeadlineExceeded:
-    case absl::StatusCode::kUnauthenticated:
-    case absl::StatusCode::kPermissionDenied:
-      return ctx.client_made() != nullptr &&
-                     ctx.client_made()->last_failure() == FailureKind::kUnreachable
-                 ? kExitUnreachable
-                 : kExitRefused;
-    default:
-      return kExitRefused;
-  }
+  if (status.ok()) return kExitOk;
+  if (absl::IsInvalidArgument(status)) return kExitUsage;
+  const bool unreachable = ctx.client_made() != nullptr &&
+                           ctx.client_made()->last_failure() == FailureKind::kUnreachable;
+  if (unreachable) return kExitUnreachable;
+  // The daemon answered: a member it needed could not be reached, or data cannot be rebuilt.
+  if (absl::IsUnavailable(status) || absl::IsDataLoss(status)) return kExitUnhealthy;
+  return kExitRefused;
 }
 
 std::string HealthName(admin::Health health) {

@@ -63,9 +63,9 @@ absl::StatusOr<Outcome> RunDrillKillDaemon(Context& ctx);
 absl::StatusOr<Outcome> RunDrillLoseNode(Context& ctx);
 absl::StatusOr<Outcome> RunDrillCorrupt(Context& ctx);
 
-// The exit code for a command's error status: kInvalidArgument -> usage; kUnavailable,
-// kDeadlineExceeded, kUnauthenticated, kPermissionDenied from an unreachable daemon -> unreachable;
-// kDataLoss -> unhealthy; anything else the daemon answered -> refused.
+// The exit code for a command's error status: kInvalidArgument -> usage; any failure to reach
+// the daemon (no answer, refused token) -> unreachable; the daemon answering kUnavailable (a
+// member it needed) or kDataLoss (cannot be rebuilt) -> unhealthy; any other answer -> refused.
 int ExitCodeFor(const absl::Status& status, const Context& ctx);
 
 // Shared by the commands' output.
