@@ -1,7 +1,6 @@
 #include "daemon/admin_service.h"
 
 #include <dirent.h>
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -898,16 +897,10 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
       return absl::InvalidArgumentError(absl::StrCat("offset must be below the payload's ",
                                                      slot.payload_bytes, " bytes; got ", offset));
     }
-    int fd = open(slot.path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0) return ErrnoStatus(errno, "open " + slot.path);
-    uint8_t byte = 0;
-    const off_t at = static_cast<off_t>(kSegmentHeaderBytes + offset);
-    bool ok = pread(fd, &byte, 1, at) == 1;
+    TESSERA_ASSIGN_OR_RETURN(
+        uint8_t byte,
+        parts_.store->FlipPayloadByte(request.job_id(), request.rank(), slot.step, offset));
     const uint8_t flipped = byte ^ 0xFF;
-    ok = ok && pwrite(fd, &flipped, 1, at) == 1;
-    const int err = errno;
-    close(fd);
-    if (!ok) return ErrnoStatus(err, "flip a byte of " + slot.path);
     response->set_path(slot.path);
     response->set_step(slot.step);
     response->set_offset(offset);

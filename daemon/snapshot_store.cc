@@ -1024,6 +1024,29 @@ absl::StatusOr<SnapshotStore::SealedSlot> SnapshotStore::FindSealedSlot(const st
   return SealedSlot{best->path(), best->header()->step, best->header()->payload_bytes};
 }
 
+absl::StatusOr<uint8_t> SnapshotStore::FlipPayloadByte(const std::string& job_id, uint32_t rank,
+                                                       int64_t step, uint64_t offset) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return absl::NotFoundError(RankName(job_id, rank) + " has no snapshot on this node");
+  absl::MutexLock lock(&state->mu);
+  for (auto& slot : state->slots) {
+    if (!slot || LoadState(*slot->header()) != SegmentState::kSealed ||
+        slot->header()->step != step) {
+      continue;
+    }
+    if (offset >= slot->header()->payload_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("offset must be below the payload's ",
+                                                     slot->header()->payload_bytes,
+                                                     " bytes; got ", offset));
+    }
+    const uint8_t before = slot->payload()[offset];
+    slot->payload()[offset] = before ^ 0xFF;
+    return before;
+  }
+  return absl::NotFoundError(absl::StrCat(RankName(job_id, rank), " has no sealed step ", step,
+                                          " in a slot on this node"));
+}
+
 absl::StatusOr<bool> SnapshotStore::RepairSealed(const std::string& job_id, uint32_t rank,
                                                   int64_t step, const uint8_t* payload,
                                                   uint64_t payload_bytes) {

@@ -204,6 +204,12 @@ class SnapshotStore {
   };
   absl::StatusOr<SealedSlot> FindSealedSlot(const std::string& job_id, uint32_t rank,
                                             int64_t step) const;
+  // Recovery drills: flips (XOR 0xFF) byte `offset` of the sealed payload of (job, rank, step)
+  // through the store's own mapping, as a bit flip in memory would, leaving the header as it is.
+  // Returns the byte as it was. kNotFound when not sealed here; kInvalidArgument for an offset
+  // past the payload.
+  absl::StatusOr<uint8_t> FlipPayloadByte(const std::string& job_id, uint32_t rank, int64_t step,
+                                          uint64_t offset);
 
   // Rewrites the payload of the sealed (job, rank, step) here with `payload`, a copy rebuilt
   // from redundancy, when the held payload no longer matches its CRC32C. The new bytes must have

@@ -341,7 +341,7 @@ TEST_F(SnapshotStoreTest, RestartReadoptsSealedDiscardsWritingAndDamaged) {
   ExpectRestores(0, 8, w0);
 }
 
-TEST_F(SnapshotStoreTest, RepairSealedRewritesOnlyADamagedPayloadWithTheRightBytes) {
+TEST_F(SnapshotStoreTest, FlipPayloadByteDamagesAndRepairSealedRewritesWithTheRightBytes) {
   Caller t = Trainer(100);
   auto reg = Register(t);
   auto slot = store_->BeginSnapshot(job_, 0, 3, t);
@@ -358,7 +358,14 @@ TEST_F(SnapshotStoreTest, RepairSealedRewritesOnlyADamagedPayloadWithTheRightByt
   auto repaired = store_->RepairSealed(job_, 0, 3, good_bytes, good.size());
   ASSERT_TRUE(repaired.ok()) << repaired.status();
   EXPECT_FALSE(*repaired);
-  (*seg)->payload()[rng_() % info->payload_bytes] ^= 0x10;
+  const uint64_t offset = rng_() % info->payload_bytes;
+  auto before = store_->FlipPayloadByte(job_, 0, 3, offset);  // as a drill damages it
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(*before, static_cast<uint8_t>(good[offset]));
+  EXPECT_EQ((*seg)->payload()[offset], static_cast<uint8_t>(good[offset]) ^ 0xFF);
+  EXPECT_EQ(store_->FlipPayloadByte(job_, 0, 3, info->payload_bytes).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store_->FlipPayloadByte(job_, 0, 4, 0).status().code(), absl::StatusCode::kNotFound);
   ASSERT_EQ(store_->PrepareRestore(job_, 0, 3).status().code(), absl::StatusCode::kDataLoss);
 
   // Other bytes are refused and change nothing; the right ones make it restorable again.
