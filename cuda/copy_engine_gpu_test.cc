@@ -670,8 +670,9 @@ TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
   EXPECT_GT(stats.plan_staged_bytes, 0u);
   EXPECT_LT(stats.plan_staged_bytes, total);
 
-  // A window four times the copy: nothing is staged, once the shorter windows are 8 samples old.
-  for (uint64_t i = 0; i < 8; ++i) {
+  // A window four times the copy: nothing is staged once the shorter windows have left the last
+  // 8 samples (a snapshot's window is taken at the next snapshot point: 8 more, and a margin).
+  for (uint64_t i = 0; i < 12; ++i) {
     ASSERT_NO_FATAL_FAILURE(
         SnapshotAndOverwrite(seed_ + 20 + i, static_cast<uint64_t>(copy_s * 4e9)));
   }
