@@ -122,12 +122,14 @@ class CliClusterTest : public ::testing::Test {
   }
 
   // Trains every rank (rank r on node r) for `steps` steps and waits until the cluster reports a
-  // committed step no older than what every rank sealed. Returns it.
+  // committed step no older than what every rank sealed. Returns it. The ranks wait for a busy
+  // slot rather than skip, so that they all seal the same steps and the last one commits.
   int64_t TrainAndCommit(int steps) {
     std::vector<std::unique_ptr<Process>> trainers;
     for (uint32_t r = 0; r < kWorld; ++r) {
       auto argv = TrainerArgs(r);
-      argv.insert(argv.end(), {absl::StrCat("--steps=", steps), "--step-sleep-ms=40"});
+      argv.insert(argv.end(),
+                  {absl::StrCat("--steps=", steps), "--step-sleep-ms=40", "--when-busy=wait"});
       trainers.push_back(Process::Start(argv));
     }
     int64_t sealed = INT64_MAX;
@@ -346,9 +348,10 @@ TEST_F(CliClusterTest, LoseNodeDrillRebuildsBitExact) {
   EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
   EXPECT_EQ(LastEvent(verifier->lines(), "verified"), committed);
 
-  // A third loss before a newer commit, read in human form: n2 owned rank 2, whose fragments
-  // went to n3, n4 and n0; the two left rebuild it (k=2).
-  drill = Tessera({"drill", "lose-node", "n2"});
+  // A third loss before a newer commit, driven over TCP through n3 and read in human form: n2
+  // owned rank 2, whose fragments went to n3, n4 and n0; the two left rebuild it (k=2).
+  drill = Tessera(
+      {"drill", "lose-node", "n2", "--address", addresses_[3], "--token-file", token_file_});
   EXPECT_EQ(drill.exit_code, 0) << drill.Describe();
   for (const char* line : {"drill lose-node on job cli-job", "broken:    n2 lost its memory",
                            "detected:  the cluster sees n2 as a new incarnation",
