@@ -55,30 +55,12 @@ std::string FormatValue(double value) {
   return buffer;
 }
 
-std::string EscapeLabelValue(const std::string& value) {
+// Backslash and newline escaped, as HELP text needs; label values also escape '"'.
+std::string Escape(const std::string& text, bool quotes) {
   std::string out;
-  for (char c : value) {
-    if (c == '\\')
-      out += "\\\\";
-    else if (c == '"')
-      out += "\\\"";
-    else if (c == '\n')
-      out += "\\n";
-    else
-      out += c;
-  }
-  return out;
-}
-
-std::string EscapeHelp(const std::string& help) {
-  std::string out;
-  for (char c : help) {
-    if (c == '\\')
-      out += "\\\\";
-    else if (c == '\n')
-      out += "\\n";
-    else
-      out += c;
+  for (char c : text) {
+    if (c == '\\' || c == '\n' || (quotes && c == '"')) out += '\\';
+    out += c == '\n' ? 'n' : c;
   }
   return out;
 }
@@ -89,7 +71,7 @@ std::string FormatLabels(const MetricLabels& labels, const std::string& le = "")
   std::string out = "{";
   for (const auto& [name, value] : labels) {
     if (out.size() > 1) out += ",";
-    absl::StrAppend(&out, name, "=\"", EscapeLabelValue(value), "\"");
+    absl::StrAppend(&out, name, "=\"", Escape(value, /*quotes=*/true), "\"");
   }
   if (!le.empty()) absl::StrAppend(&out, out.size() > 1 ? "," : "", "le=\"", le, "\"");
   return out + "}";
@@ -208,8 +190,8 @@ std::string MetricsRegistry::Render() const {
     absl::MutexLock lock(&mu_);
     for (const auto& [name, family] : families_) {
       std::string& out = text[name];
-      absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(family.help), "\n# TYPE ", name, " ",
-                      family.type, "\n");
+      absl::StrAppend(&out, "# HELP ", name, " ", Escape(family.help, /*quotes=*/false),
+                      "\n# TYPE ", name, " ", family.type, "\n");
       for (const auto& [labels, counter] : family.counters) {
         absl::StrAppend(&out, name, FormatLabels(labels), " ", counter->value(), "\n");
       }
@@ -232,8 +214,9 @@ std::string MetricsRegistry::Render() const {
   for (const auto& [name, entry] : collected) {
     if (text.count(name) > 0 || !ValidName(name, /*allow_colon=*/true)) continue;
     std::string& out = text[name];
-    absl::StrAppend(&out, "# HELP ", name, " ", EscapeHelp(entry.first.help), "\n# TYPE ", name,
-                    " ", entry.first.type == "counter" ? "counter" : "gauge", "\n");
+    absl::StrAppend(&out, "# HELP ", name, " ", Escape(entry.first.help, /*quotes=*/false),
+                    "\n# TYPE ", name, " ", entry.first.type == "counter" ? "counter" : "gauge",
+                    "\n");
     for (const Sample& sample : entry.second) {
       absl::StrAppend(&out, name, FormatLabels(sample.labels), " ", FormatValue(sample.value),
                       "\n");
