@@ -21,10 +21,9 @@
 
 namespace tessera {
 
-absl::StatusOr<std::unique_ptr<BenchDaemon>> BenchDaemon::Start(const std::string& binary,
-                                                               const std::string& name,
-                                                               uint64_t capacity_bytes,
-                                                               int crc_threads) {
+absl::StatusOr<std::unique_ptr<BenchDaemon>> BenchDaemon::Start(
+    const std::string& binary, const std::string& name, uint64_t capacity_bytes, int crc_threads,
+    const std::vector<std::string>& settings) {
   std::string pattern = "/dev/shm/tessera-" + name + "-XXXXXX";
   if (mkdtemp(pattern.data()) == nullptr) return ErrnoStatus(errno, "mkdtemp under /dev/shm");
   std::unique_ptr<BenchDaemon> d(new BenchDaemon(pattern));
@@ -36,6 +35,7 @@ absl::StatusOr<std::unique_ptr<BenchDaemon>> BenchDaemon::Start(const std::strin
         absl::StrCat("store.crc_threads=", crc_threads)}) {
     argv.insert(argv.end(), {"--set", setting});
   }
+  for (const std::string& setting : settings) argv.insert(argv.end(), {"--set", setting});
   const std::string log_path = d->dir_ + "/tesserad.log";
   d->pid_ = fork();
   if (d->pid_ < 0) return ErrnoStatus(errno, "fork");
@@ -83,11 +83,15 @@ BenchDaemon::~BenchDaemon() {
   std::filesystem::remove_all(dir_, ignored);
 }
 
-std::string BenchDaemon::LogTail() const {
+std::string BenchDaemon::Log() const {
   std::ifstream in(dir_ + "/tesserad.log");
   std::stringstream text;
   text << in.rdbuf();
-  const std::string all = text.str();
+  return text.str();
+}
+
+std::string BenchDaemon::LogTail() const {
+  const std::string all = Log();
   return all.size() > 4000 ? all.substr(all.size() - 4000) : all;
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -17,16 +18,17 @@ namespace tessera {
 class BenchDaemon {
  public:
   // Starts `binary` as node `name` and waits (up to 20 s) until its agent socket answers;
-  // kUnavailable with the log's tail otherwise.
-  static absl::StatusOr<std::unique_ptr<BenchDaemon>> Start(const std::string& binary,
-                                                            const std::string& name,
-                                                            uint64_t capacity_bytes,
-                                                            int crc_threads);
+  // kUnavailable with the log's tail otherwise. `settings` are more "key=value" overrides (peer
+  // and cluster keys for a daemon of a loopback cluster).
+  static absl::StatusOr<std::unique_ptr<BenchDaemon>> Start(
+      const std::string& binary, const std::string& name, uint64_t capacity_bytes, int crc_threads,
+      const std::vector<std::string>& settings = {});
   ~BenchDaemon();
 
   const std::string& dir() const { return dir_; }
   const std::string& socket_path() const { return socket_path_; }
   std::string LogTail() const;
+  std::string Log() const;  // the whole log
 
  private:
   explicit BenchDaemon(std::string dir);

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "ec/erasure_codec.h"
 
 namespace tessera {
@@ -31,31 +32,6 @@ struct Options {
   int threads = std::max(1u, std::thread::hardware_concurrency());
   int repeats = 5;
 };
-
-struct FreeDeleter {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
-
-// 64-byte aligned, every page written (so no page fault lands inside a timed region), random.
-Buffer RandomBuffer(size_t bytes, uint64_t seed) {
-  const size_t rounded = (bytes + 63) / 64 * 64;
-  Buffer buffer(static_cast<uint8_t*>(std::aligned_alloc(64, rounded)));
-  if (buffer == nullptr) {
-    std::fprintf(stderr, "cannot allocate %zu bytes\n", rounded);
-    std::exit(1);
-  }
-  uint64_t state = seed;
-  for (size_t x = 0; x < rounded; x += 8) {
-    state += 0x9E3779B97F4A7C15ull;  // splitmix64
-    uint64_t z = state;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    std::memcpy(buffer.get() + x, &z, 8);
-  }
-  return buffer;
-}
 
 // Best (shortest) wall time of `repeats` runs of `body`, after one untimed warm-up run.
 double BestSeconds(int repeats, const std::function<void()>& body) {

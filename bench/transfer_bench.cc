@@ -48,6 +48,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "common/crc32c.h"
 #include "common/logging.h"
 #include "daemon/capacity_budget.h"
@@ -84,27 +85,6 @@ void Check(const absl::Status& status, const char* what) {
   if (!status.ok()) Die(std::string(what) + ": " + status.ToString());
 }
 
-struct FreeDeleter {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
-
-// 64-byte aligned, every page written, random (splitmix64).
-Buffer RandomBuffer(size_t bytes, uint64_t seed) {
-  Buffer buffer(static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-  if (!buffer) Die("out of memory");
-  uint64_t state = seed;
-  for (size_t x = 0; x < bytes; x += 8) {
-    state += 0x9E3779B97F4A7C15ull;
-    uint64_t z = state;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    std::memcpy(buffer.get() + x, &z, std::min<size_t>(8, bytes - x));
-  }
-  return buffer;
-}
-
 double CpuSeconds() {
   rusage u;
   getrusage(RUSAGE_SELF, &u);
@@ -116,85 +96,7 @@ struct Rate {
   double cpu_s_per_gib = 0;
 };
 
-double Since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-// --- raw TCP ------------------------------------------------------------------------------------
-
-void SetBuffers(int fd, int bytes) {
-  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
-}
-
-// Sends [src, src + bytes) over a fresh loopback connection into dst; returns the seconds from
-// the first write to the last byte read. With `crc`, the stream carries what any checked data
-// path must: the sender computes the CRC32C of each chunk before writing it, the receiver reads
-// straight into dst and checks each chunk once it is complete (a raw TCP data plane's ceiling).
-double TcpOnce(const uint8_t* src, uint8_t* dst, size_t bytes, bool crc = false,
-               size_t chunk_bytes = kMiB) {
-  constexpr int kSocketBuffer = 4 << 20;
-  constexpr size_t kWriteBytes = 4 * kMiB;
-  constexpr size_t kReadBytes = 64 << 10;
-  const int listener = socket(AF_INET, SOCK_STREAM, 0);
-  SetBuffers(listener, kSocketBuffer);  // inherited by the accepted socket, before the handshake
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(listener, 1) != 0) {
-    Die("tcp: bind/listen failed");
-  }
-  socklen_t len = sizeof(addr);
-  getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int sender = socket(AF_INET, SOCK_STREAM, 0);
-  SetBuffers(sender, kSocketBuffer);
-  if (connect(sender, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    Die("tcp: connect failed");
-  }
-  const int receiver = accept(listener, nullptr, nullptr);
-  close(listener);
-  std::atomic<bool> go{false};
-  uint32_t received_crc_sum = 0;
-  std::thread reader([&] {
-    while (!go.load()) {
-    }
-    size_t got = 0;
-    size_t checked = 0;
-    uint32_t crc_sum = 0;
-    while (got < bytes) {
-      const ssize_t n = read(receiver, dst + got, std::min(kReadBytes, bytes - got));
-      if (n <= 0) Die("tcp: read failed");
-      got += static_cast<size_t>(n);
-      for (; crc && (got - checked >= chunk_bytes || got == bytes) && checked < got;) {
-        const size_t len = std::min(chunk_bytes, got - checked);
-        crc_sum ^= Crc32c(dst + checked, len);
-        checked += len;
-      }
-    }
-    if (crc) received_crc_sum = crc_sum;
-  });
-  const auto start = std::chrono::steady_clock::now();
-  go.store(true);
-  uint32_t sent_crc_sum = 0;
-  const size_t write_bytes = crc ? chunk_bytes : kWriteBytes;
-  for (size_t sent = 0; sent < bytes;) {
-    const size_t len = std::min(write_bytes, bytes - sent);
-    if (crc) sent_crc_sum ^= Crc32c(src + sent, len);
-    for (size_t done = 0; done < len;) {
-      const ssize_t n = write(sender, src + sent + done, len - done);
-      if (n <= 0) Die("tcp: write failed");
-      done += static_cast<size_t>(n);
-    }
-    sent += len;
-  }
-  reader.join();
-  if (crc && sent_crc_sum != received_crc_sum) Die("tcp+crc: chunk CRCs differ");
-  const double seconds = Since(start);
-  close(sender);
-  close(receiver);
-  return seconds;
-}
+double Since(std::chrono::steady_clock::time_point start) { return SecondsSince(start); }
 
 // --- gRPC peer path -----------------------------------------------------------------------------
 
