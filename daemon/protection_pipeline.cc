@@ -505,42 +505,54 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
       TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(plan->k, plan->m));
       const size_t fragment_bytes = ErasureCodec::FragmentBytes(plan->shard_bytes, plan->k);
       const int total = static_cast<int>(plan->k + plan->m);
-      std::vector<uint8_t> buffer(total * fragment_bytes);
+      // Every byte is written before it is read (fetched, or reconstructed): not zero-filled.
+      std::unique_ptr<uint8_t[]> buffer(new uint8_t[total * fragment_bytes]);
       std::vector<uint8_t*> pointers(total);
-      for (int i = 0; i < total; ++i) pointers[i] = buffer.data() + i * fragment_bytes;
+      for (int i = 0; i < total; ++i) pointers[i] = buffer.get() + i * fragment_bytes;
+      // The k fragments are read in parallel, each from its node (or this daemon's store).
+      const size_t reads = plan->fragments.size();
+      std::vector<absl::Status> got(reads);
+      std::vector<std::thread> readers;
+      for (size_t f = 0; f < reads; ++f) {
+        readers.emplace_back([&, f] {
+          const auto& [index, node] = plan->fragments[f];
+          const FragmentKey key{job_id, rank, step, index};
+          if (node == cluster_->self_id()) {
+            auto view = fragments_->Get(key);
+            got[f] = view.status();
+            if (view.ok()) {
+              if (Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
+                Metrics().fragment_crc_failures->Increment();
+                got[f] = absl::DataLossError("held fragment does not match its CRC32C");
+              } else {
+                std::memcpy(pointers[index], view->data(), fragment_bytes);
+              }
+            }
+          } else {
+            auto address = cluster_->AddressOf(node);
+            got[f] = address ? client_->GetFragment(*address, key, 0, pointers[index],
+                                                    fragment_bytes)
+                                   .status()
+                             : absl::UnavailableError("not live");
+          }
+        });
+      }
+      for (std::thread& t : readers) t.join();
       std::set<int> have;
       bool replan = false;
-      for (const auto& [index, node] : plan->fragments) {
-        FragmentKey key{job_id, rank, step, index};
-        absl::Status got;
-        if (node == cluster_->self_id()) {
-          auto view = fragments_->Get(key);
-          got = view.status();
-          if (view.ok()) {
-            if (Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
-              Metrics().fragment_crc_failures->Increment();
-              got = absl::DataLossError("held fragment does not match its CRC32C");
-            } else {
-              std::memcpy(pointers[index], view->data(), fragment_bytes);
-            }
-          }
-        } else {
-          auto address = cluster_->AddressOf(node);
-          got = address ? client_->GetFragment(*address, key, 0, pointers[index], fragment_bytes)
-                              .status()
-                        : absl::UnavailableError("not live");
+      for (size_t f = 0; f < reads; ++f) {
+        const auto& [index, node] = plan->fragments[f];
+        if (got[f].ok()) {
+          have.insert(static_cast<int>(index));
+          continue;
         }
-        if (!got.ok()) {
-          if (absl::IsDataLoss(got) && node != cluster_->self_id()) {
-            Metrics().fragment_crc_failures->Increment();
-          }
-          log->warn("{} from {}: {}; counted as an erasure", key.ToString(), node,
-                    got.ToString());
-          exclude.insert({index, node});
-          replan = true;
-          break;
+        if (absl::IsDataLoss(got[f]) && node != cluster_->self_id()) {
+          Metrics().fragment_crc_failures->Increment();
         }
-        have.insert(static_cast<int>(index));
+        log->warn("{} from {}: {}; counted as an erasure",
+                  FragmentKey{job_id, rank, step, index}.ToString(), node, got[f].ToString());
+        exclude.insert({index, node});
+        replan = true;
       }
       if (replan) continue;
       std::vector<int> erased;

@@ -29,28 +29,6 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-uint64_t TestSeed() {
-  const char* env = std::getenv("TESSERA_TEST_SEED");
-  uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-  std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
-              static_cast<unsigned long long>(seed));
-  return seed;
-}
-
-// A TCP port on 127.0.0.1 that was free a moment ago.
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
   std::stringstream s;
@@ -425,6 +403,109 @@ TEST(ClusterTest, DaemonKilledBeforeCommitRestartsAndLosesNothing) {
     EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
     EXPECT_GE(LastEvent(verifier->lines(), "verified"), last_sealed) << "rank " << r;
   }
+}
+
+// Counts, over the store directories, the sealed fragment segments of (job, rank, step).
+int SealedFragments(const std::vector<std::string>& dirs, const std::string& job, uint32_t rank,
+                    int64_t step) {
+  int sealed = 0;
+  for (const std::string& dir : dirs) {
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string path = entry.path().string();
+      if (!absl::EndsWith(path, ".frag")) continue;
+      std::ifstream f(path, std::ios::binary);
+      SegmentHeader h{};
+      f.read(reinterpret_cast<char*>(&h), sizeof(h));
+      if (f && std::string(h.job_id) == job && h.rank == rank && h.step == step &&
+          LoadState(h) == SegmentState::kSealed) {
+        ++sealed;
+      }
+    }
+  }
+  return sealed;
+}
+
+// Every daemon derives commits from the holdings of the live members, so whichever daemon would
+// coordinate the job, losing it between protection and commit loses nothing: here a node that
+// hosts ranks and holds fragments is lost (SIGKILL, memory deleted, never restarted) as soon as
+// the last step is protected on every rank, and every rank, its own moved to another node, then
+// restores that last step bit-exact.
+TEST(ClusterTest, NodeLostBetweenProtectionAndCommitLosesNothing) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 5, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "lost-before-commit";
+  const uint32_t world = 4;  // ranks 0..3 on n0..n3; n4 holds fragments only
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t r = 0; r < world; ++r) {
+    auto argv = TrainerArgs(cluster[r], job, seed, r, world);
+    argv.push_back("--steps=10");
+    argv.push_back("--step-sleep-ms=40");
+    trainers.push_back(Process::Start(argv));
+  }
+  int64_t last_sealed = -1;
+  for (auto& t : trainers) {
+    ASSERT_EQ(t->Wait(seconds(60)), 0) << absl::StrJoin(t->lines(), "\n");
+    const int64_t sealed = LastEvent(t->lines(), "sealed");
+    last_sealed = last_sealed < 0 ? sealed : std::min(last_sealed, sealed);
+  }
+  ASSERT_EQ(last_sealed, 10);
+  std::vector<std::string> dirs;
+  for (int i = 0; i < cluster.size(); ++i) dirs.push_back(cluster[i].store_dir());
+  bool protected_everywhere = false;
+  for (int i = 0; i < 1000 && !protected_everywhere; ++i) {
+    protected_everywhere = true;
+    for (uint32_t r = 0; r < world; ++r) {
+      protected_everywhere = protected_everywhere && SealedFragments(dirs, job, r, 10) >= 3;
+    }
+    if (!protected_everywhere) std::this_thread::sleep_for(milliseconds(5));
+  }
+  ASSERT_TRUE(protected_everywhere) << "step 10 was not protected on every rank";
+  cluster.Lose(0);
+  std::printf("n0 lost once step 10 was protected on every rank (n0 had %s it)\n",
+              CommittedInLog(ReadFile(cluster[0].log_path()), job) >= 10 ? "committed"
+                                                                          : "not committed");
+  std::this_thread::sleep_for(milliseconds(1500));
+  for (uint32_t r = 0; r < world; ++r) {
+    DaemonProcess& node = r == 0 ? cluster[4] : cluster[r];
+    auto argv = TrainerArgs(node, job, seed, r, world);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
+    EXPECT_EQ(LastEvent(verifier->lines(), "verified"), 10)
+        << "rank " << r << ": " << absl::StrJoin(verifier->lines(), "\n") << "\nlog:\n"
+        << node.LogTail();
+  }
+}
+
+// RS(3, 2) on 6 nodes: with 4 nodes lost, the ranks whose owner and 3 fragment holders are gone
+// cannot be rebuilt, and the daemon names them.
+TEST(ClusterTest, SixNodesRs32FourthLossNamesWhatCannotBeRebuilt) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 6, 3, 2);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "fourth-loss";
+  const uint32_t world = 6;
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+  for (int i : {1, 2, 3, 4}) cluster.Lose(i);
+  std::this_thread::sleep_for(milliseconds(1500));
+  // Rank 1 (owner n1) had 5 fragments on n0, n2..n5: only 2 are left, fewer than k = 3.
+  auto argv = TrainerArgs(cluster[0], job, seed, 1, world);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0);
+  EXPECT_TRUE(std::find(verifier->lines().begin(), verifier->lines().end(), "fresh") !=
+              verifier->lines().end())
+      << absl::StrJoin(verifier->lines(), "\n");
+  const std::string log = ReadFile(cluster[0].log_path());
+  EXPECT_TRUE(absl::StrContains(log, "cannot be restored")) << cluster[0].LogTail();
+  EXPECT_TRUE(absl::StrContains(log, "rank 1")) << cluster[0].LogTail();
 }
 
 }  // namespace
