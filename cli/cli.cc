@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cli/command.h"
 #include "common/version.h"
 
@@ -87,7 +88,7 @@ const std::vector<Command>& Commands() {
          kWait},
         "SIGKILL a trainer on this host; wait for its launcher to restart it and for it to resume",
         "Kills the trainer process of one rank (it must run on this host) with SIGKILL, waits "
-        "for the daemon to see it gone, for its launcher (torchrun elastic, or the test's loop) "
+        "for the daemon to see it gone, for its launcher (torchrun elastic) "
         "to start it again, for it to register and to seal a new step; checks that the shard it "
         "restores from matches its CRC32C. Reports the times."},
        RunDrillKillTrainer},
@@ -143,14 +144,29 @@ const std::vector<Command>& Commands() {
   return *commands;
 }
 
+// `text` broken into lines of at most 100 columns; lines after the first start with `indent`
+// spaces (the first is taken to start at that column too).
+std::string Wrap(const std::string& text, size_t indent) {
+  constexpr size_t kWidth = 100;
+  std::string out, line;
+  for (absl::string_view word : absl::StrSplit(text, ' ', absl::SkipEmpty())) {
+    if (!line.empty() && indent + line.size() + 1 + word.size() > kWidth) {
+      absl::StrAppend(&out, line, "\n", std::string(indent, ' '));
+      line.clear();
+    }
+    absl::StrAppend(&line, line.empty() ? "" : " ", word);
+  }
+  return out + line;
+}
+
 std::string CommandHelp(const CommandSpec& spec) {
   std::string text = absl::StrCat("usage: ", UsageLine(spec), "\n\n", spec.summary, ".\n");
-  if (!spec.help.empty()) absl::StrAppend(&text, "\n", spec.help, "\n");
+  if (!spec.help.empty()) absl::StrAppend(&text, "\n", Wrap(spec.help, 0), "\n");
   auto flag_lines = [&](const std::vector<FlagSpec>& flags) {
     for (const FlagSpec& f : flags) {
       std::string name = absl::StrCat("--", f.name, f.value_name.empty() ? "" : " ", f.value_name);
       absl::StrAppend(&text, "  ", name, std::string(name.size() < 24 ? 24 - name.size() : 1, ' '),
-                      f.help, f.required ? " (required)" : "", "\n");
+                      Wrap(f.help + (f.required ? " (required)" : ""), 26), "\n");
     }
   };
   if (!spec.flags.empty()) {
