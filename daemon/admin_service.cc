@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <optional>
 #include <thread>
@@ -455,13 +456,14 @@ void Admin::DecodeVerdict(const std::string& job_id, JobHoldings holdings,
     return;
   }
   if (parts_.fragments == nullptr) return;
-  uint64_t moved = 0;
+  std::atomic<uint64_t> moved{0};
   std::vector<uint8_t> shard(std::max<uint64_t>(plan->shard_bytes, 1));
   auto decoded =
       DecodeShard(*plan, ReaderFor(job_id, verdict->rank(), verdict->step(), &moved), shard.data());
-  if (!decoded.ok() || decoded->failed) {
-    add_reason(absl::StrCat(
-        "not decoded: ", decoded.ok() ? decoded->failure.ToString() : decoded.status().ToString()));
+  if (!decoded.ok() || !decoded->failed.empty()) {
+    add_reason(absl::StrCat("not decoded: ", decoded.ok()
+                                                 ? decoded->failed.front().status.ToString()
+                                                 : decoded.status().ToString()));
     return;
   }
   verdict->set_decoded_crc32c(decoded->crc32c);
@@ -598,7 +600,7 @@ absl::Status Admin::Verify(const admin::VerifyRequest& request, admin::VerifyRes
 }
 
 FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_t step,
-                                uint64_t* bytes_moved) {
+                                std::atomic<uint64_t>* bytes_moved) {
   // This node's fragments are read from its store, the others' from their peer service; both
   // are checked against the fragment's CRC32C.
   return [this, job_id, rank, step, bytes_moved](uint32_t index, const std::string& node,
@@ -616,7 +618,7 @@ FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_
     auto address = parts_.cluster->AddressOf(node);
     if (!address) return absl::UnavailableError("not live");
     absl::Status got = parts_.peer_client->GetFragment(*address, key, 0, dst, bytes).status();
-    if (got.ok()) *bytes_moved += bytes;
+    if (got.ok()) bytes_moved->fetch_add(bytes);
     if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
     return got;
   };
@@ -632,7 +634,7 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
   google::protobuf::RepeatedPtrField<admin::NodeError> errors;
   JobHoldings holdings = GatherHoldings(job_id, false, &errors)[job_id];
   holdings.shards.clear();  // the point is to prove the fragments decode
-  uint64_t moved = 0;
+  std::atomic<uint64_t> moved{0};
   FragmentReader read = ReaderFor(job_id, rank, step, &moved);
   std::set<std::pair<uint32_t, std::string>> exclude;
   const absl::Time start = absl::Now();
@@ -646,13 +648,13 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
     }
     std::vector<uint8_t> shard(std::max<uint64_t>(plan->shard_bytes, 1));
     TESSERA_ASSIGN_OR_RETURN(ShardDecode decoded, DecodeShard(*plan, read, shard.data()));
-    if (decoded.failed) {
-      Logger("admin")->warn(
-          "recover: job '{}' rank {} step {} fragment {} from {}: {}; counted "
-          "as an erasure",
-          job_id, rank, step, decoded.failed->first, decoded.failed->second,
-          decoded.failure.ToString());
-      exclude.insert(*decoded.failed);
+    if (!decoded.failed.empty()) {
+      for (const ShardDecode::FailedRead& f : decoded.failed) {
+        Logger("admin")->warn(
+            "recover: job '{}' rank {} step {} fragment {} from {}: {}; counted as an erasure",
+            job_id, rank, step, f.index, f.node, f.status.ToString());
+        exclude.insert({f.index, f.node});
+      }
       continue;
     }
     response->set_source(admin::RecoverResponse::REBUILD);
@@ -660,7 +662,7 @@ absl::Status Admin::RebuildFromFragments(const std::string& job_id, uint32_t ran
       response->add_fragment_indexes(index);
       response->add_fragment_nodes(node);
     }
-    response->set_bytes_moved(moved);
+    response->set_bytes_moved(moved.load());
     response->set_shard_bytes(plan->shard_bytes);
     response->set_expected_crc32c(plan->shard_crc32c);
     response->set_actual_crc32c(decoded.crc32c);

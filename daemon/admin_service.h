@@ -11,6 +11,7 @@
 #ifndef TESSERA_DAEMON_ADMIN_SERVICE_H_
 #define TESSERA_DAEMON_ADMIN_SERVICE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -113,10 +114,10 @@ class Admin {
   void FillNodeInfo(admin::NodeInfo* info) const;
   void VerifyLocal(const std::string& job_id, const std::optional<int64_t>& step,
                    admin::VerifyResponse* response);
-  // Reads fragments of (job, rank, step) from this node's store or a peer; adds the bytes read
-  // over the network to *bytes_moved, which must outlive the reader.
+  // Reads fragments of (job, rank, step) from this node's store or a peer (thread-safe); adds the
+  // bytes read over the network to *bytes_moved, which must outlive the reader.
   FragmentReader ReaderFor(const std::string& job_id, uint32_t rank, int64_t step,
-                           uint64_t* bytes_moved);
+                           std::atomic<uint64_t>* bytes_moved);
   // Verify's decode: rebuilds verdict's rank and step from k fragments of `holdings`.
   void DecodeVerdict(const std::string& job_id, JobHoldings holdings, admin::RankVerdict* verdict);
   absl::Status RebuildFromFragments(const std::string& job_id, uint32_t rank, int64_t step,

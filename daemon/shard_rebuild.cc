@@ -1,5 +1,8 @@
 #include "daemon/shard_rebuild.h"
 
+#include <memory>
+#include <thread>
+
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
 #include "common/status.h"
@@ -18,9 +21,6 @@ absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentR
   TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(plan.k, plan.m));
   const size_t fragment_bytes = ErasureCodec::FragmentBytes(plan.shard_bytes, plan.k);
   const int total = static_cast<int>(plan.k + plan.m);
-  std::vector<uint8_t> buffer(total * fragment_bytes);
-  std::vector<uint8_t*> pointers(total);
-  for (int i = 0; i < total; ++i) pointers[i] = buffer.data() + i * fragment_bytes;
   // The whole plan is checked before any fragment is read.
   std::vector<bool> have(total, false);
   for (const auto& [index, node] : plan.fragments) {
@@ -30,16 +30,30 @@ absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentR
     }
     have[index] = true;
   }
-  ShardDecode result;
-  for (const auto& [index, node] : plan.fragments) {
-    absl::Status status = read(index, node, pointers[index], fragment_bytes);
-    if (!status.ok()) {
-      result.failed = std::make_pair(index, node);
-      result.failure = status;
-      return result;
-    }
-    result.used.emplace_back(index, node);
+  // Every byte is written before it is read (fetched, or reconstructed): not zero-filled.
+  std::unique_ptr<uint8_t[]> buffer(new uint8_t[total * fragment_bytes]);
+  std::vector<uint8_t*> pointers(total);
+  for (int i = 0; i < total; ++i) pointers[i] = buffer.get() + i * fragment_bytes;
+  // One reader per fragment: they come from different members.
+  std::vector<absl::Status> got(plan.fragments.size());
+  std::vector<std::thread> readers;
+  for (size_t f = 0; f < plan.fragments.size(); ++f) {
+    readers.emplace_back([&, f] {
+      const auto& [index, node] = plan.fragments[f];
+      got[f] = read(index, node, pointers[index], fragment_bytes);
+    });
   }
+  for (std::thread& t : readers) t.join();
+  ShardDecode result;
+  for (size_t f = 0; f < plan.fragments.size(); ++f) {
+    const auto& [index, node] = plan.fragments[f];
+    if (got[f].ok()) {
+      result.used.emplace_back(index, node);
+    } else {
+      result.failed.push_back({index, node, got[f]});
+    }
+  }
+  if (!result.failed.empty()) return result;
   std::vector<int> erased;
   for (int i = 0; i < total; ++i) {
     if (!have[i]) erased.push_back(i);

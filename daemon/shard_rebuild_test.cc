@@ -1,6 +1,7 @@
 #include "daemon/shard_rebuild.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -70,7 +71,7 @@ TEST(ShardRebuildTest, AnyKFragmentsDecodeBitExact) {
     for (int i = 0; i < k + m; ++i) all[i] = i;
     std::shuffle(all.begin(), all.end(), rng);
     all.resize(k);
-    int reads = 0;
+    std::atomic<int> reads{0};
     FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
                               size_t n) -> absl::Status {
       EXPECT_EQ(node, absl::StrCat("n", index));
@@ -82,8 +83,8 @@ TEST(ShardRebuildTest, AnyKFragmentsDecodeBitExact) {
     std::vector<uint8_t> out(std::max<size_t>(bytes, 1), 0xA5);
     auto decoded = DecodeShard(Plan(k, m, e, all), read, out.data());
     ASSERT_TRUE(decoded.ok()) << decoded.status() << " round " << round;
-    EXPECT_FALSE(decoded->failed);
-    EXPECT_EQ(reads, k);
+    EXPECT_TRUE(decoded->failed.empty());
+    EXPECT_EQ(reads.load(), k);
     EXPECT_EQ(decoded->used.size(), static_cast<size_t>(k));
     EXPECT_EQ(decoded->crc32c, e.crc) << "RS(" << k << ", " << m << ") " << bytes << " bytes";
     EXPECT_EQ(std::memcmp(out.data(), e.shard.data(), bytes), 0) << "round " << round;
@@ -103,10 +104,11 @@ TEST(ShardRebuildTest, AFailedReadIsReportedAndNothingIsDecoded) {
   std::vector<uint8_t> out(e.shard.size());
   auto decoded = DecodeShard(Plan(3, 2, e, {0, 1, 2}), read, out.data());
   ASSERT_TRUE(decoded.ok()) << decoded.status();
-  ASSERT_TRUE(decoded->failed.has_value());
-  EXPECT_EQ(decoded->failed->first, bad);
-  EXPECT_EQ(decoded->failed->second, absl::StrCat("n", bad));
-  EXPECT_EQ(decoded->failure.code(), absl::StatusCode::kDataLoss);
+  ASSERT_EQ(decoded->failed.size(), 1u);
+  EXPECT_EQ(decoded->failed[0].index, bad);
+  EXPECT_EQ(decoded->failed[0].node, absl::StrCat("n", bad));
+  EXPECT_EQ(decoded->failed[0].status.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(decoded->used.size(), 2u);  // the others were read, in parallel
   EXPECT_EQ(decoded->crc32c, 0u);
 
   // Planned around it: the parity fragments stand in, bit-exact.
@@ -117,7 +119,31 @@ TEST(ShardRebuildTest, AFailedReadIsReportedAndNothingIsDecoded) {
   others.resize(3);
   decoded = DecodeShard(Plan(3, 2, e, others), read, out.data());
   ASSERT_TRUE(decoded.ok()) << decoded.status();
-  EXPECT_FALSE(decoded->failed);
+  EXPECT_TRUE(decoded->failed.empty());
+  EXPECT_EQ(decoded->crc32c, e.crc);
+  EXPECT_EQ(out, e.shard);
+}
+
+TEST(ShardRebuildTest, EveryFailedReadIsReported) {
+  std::mt19937_64 rng(TestSeed());
+  Encoded e = Encode(rng, 4, 2, 77777);
+  FragmentReader read = [&](uint32_t index, const std::string&, uint8_t* dst,
+                            size_t n) -> absl::Status {
+    if (index == 1) return absl::UnavailableError("not live");
+    if (index == 3) return absl::DataLossError("fragment CRC32C mismatch");
+    std::memcpy(dst, e.fragments[index].data(), n);
+    return absl::OkStatus();
+  };
+  std::vector<uint8_t> out(e.shard.size());
+  auto decoded = DecodeShard(Plan(4, 2, e, {0, 1, 2, 3}), read, out.data());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  ASSERT_EQ(decoded->failed.size(), 2u);
+  EXPECT_EQ(decoded->failed[0].index, 1u);
+  EXPECT_EQ(decoded->failed[0].status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(decoded->failed[1].index, 3u);
+  EXPECT_EQ(decoded->failed[1].status.code(), absl::StatusCode::kDataLoss);
+  decoded = DecodeShard(Plan(4, 2, e, {0, 2, 4, 5}), read, out.data());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
   EXPECT_EQ(decoded->crc32c, e.crc);
   EXPECT_EQ(out, e.shard);
 }
