@@ -216,7 +216,22 @@ struct NodeDrillTarget {
   admin::JobStatus job;
   int64_t step = -1;
   admin::StepVersion committed;
+  admin::ListVersionsResponse versions;  // every step held, newest first
 };
+
+// Whether `node` owns `rank`: it holds the rank's sealed shard at the committed step or, when no
+// node still holds that one whole (only its fragments), the rank's newest sealed shard.
+bool Owns(const NodeDrillTarget& target, const admin::RankVersion& rank, const std::string& node) {
+  if (rank.shard_nodes_size() > 0) return Contains(rank.shard_nodes(), node);
+  for (const auto& step : target.versions.steps()) {
+    for (const auto& r : step.ranks()) {
+      if (r.rank() == rank.rank() && r.shard_nodes_size() > 0) {
+        return Contains(r.shard_nodes(), node);
+      }
+    }
+  }
+  return false;
+}
 
 absl::StatusOr<NodeDrillTarget> ChooseNodeDrillTarget(Context& ctx, AdminClient* client,
                                                       const std::string& node) {
@@ -236,6 +251,7 @@ absl::StatusOr<NodeDrillTarget> ChooseNodeDrillTarget(Context& ctx, AdminClient*
                                                       " is not listed by ListVersions; retry"));
   }
   target.committed = *committed;
+  target.versions = std::move(versions);
   return target;
 }
 
@@ -611,7 +627,7 @@ absl::StatusOr<Outcome> RunDrillLoseNode(Context& ctx) {
   const admin::StepVersion* committed = &target.committed;
   std::vector<uint32_t> owned, fragment_ranks;
   for (const auto& rank : committed->ranks()) {
-    if (Contains(rank.shard_nodes(), node)) owned.push_back(rank.rank());
+    if (Owns(target, rank, node)) owned.push_back(rank.rank());
     if (Contains(rank.fragment_nodes(), node)) fragment_ranks.push_back(rank.rank());
   }
   if (owned.empty() && fragment_ranks.empty()) {
