@@ -658,8 +658,9 @@ TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
   std::cout << "measured " << stats.d2h_bytes_per_s / 1e9 << " GB/s to host, "
             << stats.d2d_bytes_per_s / 1e9 << " GB/s staging; copy " << copy_s * 1e3 << " ms\n";
 
-  // A window of half the copy: part of it is staged (the estimate is the shortest of the last 8).
-  for (uint64_t i = 0; i < 8; ++i) {
+  // A window of half the copy: part of it is staged, once the near-zero windows have left the
+  // last 8 samples (the estimate is their shortest).
+  for (uint64_t i = 0; i < 12; ++i) {
     ASSERT_NO_FATAL_FAILURE(
         SnapshotAndOverwrite(seed_ + 10 + i, static_cast<uint64_t>(copy_s * 0.5e9)));
   }
@@ -667,8 +668,8 @@ TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {
   std::cout << "window " << stats.window_ns / 1e6 << " ms: staged " << stats.plan_staged_bytes
             << " of " << total << " bytes, expected stall " << stats.plan_expected_stall_ns
             << " ns\n";
-  EXPECT_GT(stats.plan_staged_bytes, 0u);
-  EXPECT_LT(stats.plan_staged_bytes, total);
+  EXPECT_GT(stats.plan_staged_bytes, total / 10);
+  EXPECT_LT(stats.plan_staged_bytes, total * 9 / 10);
 
   // A window four times the copy: nothing is staged once the shorter windows have left the last
   // 8 samples (a snapshot's window is taken at the next snapshot point: 8 more, and a margin).
