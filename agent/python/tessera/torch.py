@@ -588,7 +588,7 @@ class Snapshotter:
         if reg is None:
             return "nothing is registered yet"
         if list(map(torch.Tensor.data_ptr, reg.model_list)) != reg.model_addresses:
-            return self._moved(self._optimizer_state()[0])
+            return self._moved(self._optimizer_state()[0]) or "a model tensor moved"
         optimizer = self.optimizer
         if optimizer is None:
             return None
