@@ -1,13 +1,17 @@
 #include "agent/client.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
+#include <random>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "cuda/nccl_group.h"
 #include "grpcpp/create_channel.h"
 
 namespace tessera {
@@ -123,10 +127,45 @@ absl::Status Client::Register(const std::string& job_id, uint32_t rank, uint32_t
                                                      e.spec.nbytes()));
     }
   }
+  std::vector<EntrySpec> specs;
+  for (const Entry& e : entries) specs.push_back(e.spec);
+  std::optional<DpState> dp;
+  if (!dp_config_.members.empty()) {
+    const std::vector<uint32_t>& members = dp_config_.members;
+    std::set<uint32_t> seen;
+    int dp_rank = -1;
+    for (size_t j = 0; j < members.size(); ++j) {
+      if (members[j] >= world_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "data-parallel member ", members[j], " is not a rank of the job (world size ",
+            world_size, ")"));
+      }
+      if (!seen.insert(members[j]).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("data-parallel member ", members[j], " is listed twice"));
+      }
+      if (members[j] == rank) dp_rank = static_cast<int>(j);
+    }
+    if (dp_rank < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "rank ", rank, " is not in its data-parallel group [", absl::StrJoin(members, ","),
+          "]: the group lists the job ranks that hold the same replicated tensors"));
+    }
+    auto slicing = DpSlicing::Create(specs, dp_config_.replicated,
+                                     static_cast<uint32_t>(members.size()));
+    if (!slicing.ok()) return slicing.status();
+    for (size_t i = 0; i < specs.size(); ++i) {
+      if (auto slice = slicing->slice(dp_rank, i)) *specs[i].mutable_slice() = *slice;
+    }
+    dp = DpState{members, static_cast<uint32_t>(dp_rank), MembersFingerprint(members),
+                 std::make_shared<const DpSlicing>(std::move(*slicing))};
+  }
   job_id_ = job_id;
   rank_ = rank;
   world_size_ = world_size;
   entries_ = std::move(entries);
+  specs_ = std::move(specs);
+  dp_ = std::move(dp);
   registered_ = false;
   TESSERA_RETURN_IF_ERROR(Attach());
   registered_ = true;
@@ -138,7 +177,7 @@ absl::Status Client::Attach() {
   request.set_job_id(job_id_);
   request.set_rank(rank_);
   request.set_world_size(world_size_);
-  for (const Entry& e : entries_) *request.add_entries() = e.spec;
+  for (const EntrySpec& spec : specs_) *request.add_entries() = spec;
   agent::RegisterResponse response;
   grpc::ClientContext context;
   TESSERA_RETURN_IF_ERROR(
@@ -167,9 +206,15 @@ absl::Status Client::Attach() {
     slots_.push_back(std::move(slot));
   }
   layout_ = response;
-  Logger("agent")->info("registered job '{}' rank {}/{}: {} entries, slots {} and {}{}", job_id_,
-                        rank_, world_size_, entries_.size(), response.slot_paths(0),
-                        response.slot_paths(1),
+  Logger("agent")->info("registered job '{}' rank {}/{}: {} entries{}, slots {} and {}{}", job_id_,
+                        rank_, world_size_, entries_.size(),
+                        dp_ ? absl::StrCat(", DP rank ", dp_->dp_rank, " of ", dp_->members.size(),
+                                           " storing ", dp_->slicing->range(dp_->dp_rank).second -
+                                                            dp_->slicing->range(dp_->dp_rank).first,
+                                           " of ", dp_->slicing->replicated_bytes(),
+                                           " replicated bytes")
+                            : "",
+                        response.slot_paths(0), response.slot_paths(1),
                         response.newest_sealed_step() >= 0
                             ? absl::StrCat(", newest sealed step ", response.newest_sealed_step())
                             : "");
@@ -233,7 +278,15 @@ absl::StatusOr<Client::SnapshotOutcome> Client::Snapshot(int64_t step, void* str
   TESSERA_ASSIGN_OR_RETURN(uint64_t ticket, engine_->MarkSnapshotPoint(stream));
   std::vector<Source> sources;
   sources.reserve(entries_.size());
-  for (const Entry& e : entries_) sources.push_back({e.data, EntryLength(e)});
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    if (specs_[i].has_slice()) {
+      sources.push_back({static_cast<const char*>(e.data) + specs_[i].slice().offset(),
+                         specs_[i].slice().length()});
+    } else {
+      sources.push_back({e.data, EntryLength(e)});
+    }
+  }
   pending_ = Job{step, ticket, std::move(sources)};
   busy_ = true;
   ++stats_.started;
@@ -359,12 +412,19 @@ absl::Status Client::RunSnapshot(const Job& job) {
     ops.push_back({slot.payload() + layout_.entry_offsets(i), source.data, source.length});
     bytes += source.length;
     ManifestEntry* m = manifest.add_entries();
-    *m->mutable_spec() = entries_[i].spec;
+    *m->mutable_spec() = specs_[i];
     m->set_offset(layout_.entry_offsets(i));
     m->set_length(source.length);
   }
   const size_t last = entries_.size() - 1;
-  manifest.set_data_bytes(layout_.entry_offsets(last) + entries_[last].spec.nbytes());
+  manifest.set_data_bytes(layout_.entry_offsets(last) + StoredBytes(specs_[last]));
+  if (dp_) {
+    DataParallelGroup* group = manifest.mutable_data_parallel();
+    group->set_dp_rank(dp_->dp_rank);
+    group->set_dp_size(static_cast<uint32_t>(dp_->members.size()));
+    group->set_replicated_bytes(dp_->slicing->replicated_bytes());
+    group->set_members_fingerprint(dp_->fingerprint);
+  }
   TESSERA_RETURN_IF_ERROR(engine_->IssueCopies(job.ticket, ops));
   TESSERA_RETURN_IF_ERROR(engine_->WaitCopies(job.ticket));
   const size_t manifest_bytes = manifest.ByteSizeLong();
@@ -390,40 +450,285 @@ absl::Status Client::RunSnapshot(const Job& job) {
   return absl::OkStatus();
 }
 
-absl::Status Client::CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes) const {
+uint64_t Client::StoredOffset(size_t i) const {
+  return specs_[i].has_slice() ? specs_[i].slice().offset() : 0;
+}
+
+absl::Status Client::CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes,
+                                     uint32_t rank, int dp_rank) const {
   std::vector<std::string> problems;
-  if (manifest.job_id() != job_id_ || manifest.rank() != rank_) {
+  if (manifest.job_id() != job_id_ || manifest.rank() != rank) {
     problems.push_back(absl::StrCat("the snapshot is of job '", manifest.job_id(), "' rank ",
-                                    manifest.rank()));
+                                    manifest.rank(), ", not rank ", rank));
+  }
+  const DataParallelGroup& group = manifest.data_parallel();
+  if (dp_) {
+    const uint32_t want_rank = dp_rank >= 0 ? static_cast<uint32_t>(dp_rank) : dp_->dp_rank;
+    if (!manifest.has_data_parallel()) {
+      problems.push_back("the snapshot is not DP-sharded, but a data-parallel group is set");
+    } else if (group.dp_size() != dp_->members.size() ||
+               group.members_fingerprint() != dp_->fingerprint || group.dp_rank() != want_rank) {
+      problems.push_back(absl::StrCat(
+          "the snapshot is DP rank ", group.dp_rank(), " of a group of ", group.dp_size(),
+          " (members fingerprint ", absl::Hex(group.members_fingerprint()), "), not DP rank ",
+          want_rank, " of [", absl::StrJoin(dp_->members, ","), "]"));
+    }
+  } else if (manifest.has_data_parallel()) {
+    problems.push_back(absl::StrCat("the snapshot is DP-sharded (DP rank ", group.dp_rank(),
+                                    " of ", group.dp_size(), "): set the same data-parallel "
+                                    "group before Register"));
   }
   std::map<std::string, const ManifestEntry*> by_name;
   for (const ManifestEntry& m : manifest.entries()) by_name[m.spec().name()] = &m;
-  for (const Entry& e : entries_) {
-    auto it = by_name.find(e.spec.name());
+  // Another member's shard is read only for its slices of the replicated tensors: its own
+  // entries are its business.
+  const bool other_member = dp_ && dp_rank >= 0;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    EntrySpec want = specs_[i];
+    if (other_member) {
+      if (!dp_->slicing->replicated(i)) continue;
+      *want.mutable_slice() = *dp_->slicing->slice(dp_rank, i);
+    }
+    auto it = by_name.find(want.name());
     if (it == by_name.end()) {
-      problems.push_back(absl::StrCat("'", e.spec.name(), "' is registered but not in the "
+      problems.push_back(absl::StrCat("'", want.name(), "' is registered but not in the "
                                       "snapshot"));
       continue;
     }
     const ManifestEntry& m = *it->second;
     by_name.erase(it);
-    if (m.spec().SerializeAsString() != e.spec.SerializeAsString()) {
-      problems.push_back(absl::StrCat("'", e.spec.name(), "' is ", Describe(e.spec),
-                                      " now but ", Describe(m.spec()), " in the snapshot"));
-    } else if (m.length() > m.spec().nbytes() || m.offset() + m.length() > payload_bytes) {
-      problems.push_back(absl::StrCat("'", e.spec.name(), "' lies outside the payload"));
+    if (m.spec().SerializeAsString() != want.SerializeAsString()) {
+      auto slice_of = [](const EntrySpec& s) {
+        return s.has_slice() ? absl::StrCat(" stored as bytes [", s.slice().offset(), ", +",
+                                            s.slice().length(), ")")
+                             : std::string();
+      };
+      problems.push_back(absl::StrCat("'", want.name(), "' is ", Describe(want), slice_of(want),
+                                      " now but ", Describe(m.spec()), slice_of(m.spec()),
+                                      " in the snapshot"));
+    } else if (m.length() > StoredBytes(m.spec()) || m.offset() + m.length() > payload_bytes) {
+      problems.push_back(absl::StrCat("'", want.name(), "' lies outside the payload"));
     }
   }
   for (const auto& [name, m] : by_name) {
+    if (other_member) break;
     problems.push_back(absl::StrCat("'", name, "' is in the snapshot but not registered"));
   }
   if (problems.empty()) return absl::OkStatus();
   const size_t shown = std::min<size_t>(problems.size(), 8);
   std::vector<std::string> head(problems.begin(), problems.begin() + shown);
   return absl::FailedPreconditionError(absl::StrCat(
-      "step ", manifest.step(), " does not match the registered state, so nothing was restored: ",
+      "step ", manifest.step(), " of rank ", rank,
+      " does not match the registered state, so nothing was restored: ",
       absl::StrJoin(head, "; "),
       problems.size() > shown ? absl::StrCat("; and ", problems.size() - shown, " more") : ""));
+}
+
+// A prepared restore segment: mapped read-only (or one of this client's own slots), pinned on a
+// GPU while it is read, with its parsed manifest.
+class Client::RestoreSource {
+ public:
+  RestoreSource(cuda::CopyEngine* engine) : engine_(engine) {}
+  ~RestoreSource() {
+    if (pinned_) engine_->UnregisterHost(const_cast<SegmentHeader*>(segment_->header())).IgnoreError();
+  }
+  const uint8_t* payload() const { return segment_->payload(); }
+
+  cuda::CopyEngine* engine_;
+  const Segment* segment_ = nullptr;
+  std::unique_ptr<Segment> opened_;
+  bool pinned_ = false;
+  agent::PrepareRestoreResponse response_;
+  ShardManifest manifest_;
+  std::map<std::string, const ManifestEntry*> by_name_;
+};
+
+absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint32_t rank,
+                                                                           int64_t step) {
+  agent::PrepareRestoreRequest request;
+  request.set_job_id(job_id_);
+  request.set_rank(rank);
+  request.set_step(step);
+  auto source = std::make_unique<RestoreSource>(engine_.get());
+  agent::PrepareRestoreResponse& response = source->response_;
+  grpc::ClientContext context;
+  TESSERA_RETURN_IF_ERROR(
+      FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response)));
+  // Read from our own (pinned) mapping when the step sits in one of our slots.
+  for (const auto& slot : slots_) {
+    if (slot.segment->path() == response.segment_path()) source->segment_ = slot.segment.get();
+  }
+  if (source->segment_ == nullptr) {
+    TESSERA_ASSIGN_OR_RETURN(source->opened_,
+                             Segment::Open(response.segment_path(), /*writable=*/false));
+    source->segment_ = source->opened_.get();
+    if (engine_->has_gpu()) {
+      source->pinned_ = engine_->RegisterHost(
+          const_cast<SegmentHeader*>(source->segment_->header()),
+          source->segment_->file_bytes()).ok();
+    }
+  }
+  if (response.payload_bytes() > source->segment_->capacity_bytes() ||
+      response.manifest_offset() + response.manifest_bytes() > response.payload_bytes()) {
+    return absl::DataLossError(absl::StrCat("restore of rank ", rank, " step ", response.step(),
+                                            ": the daemon's payload bounds do not fit ",
+                                            response.segment_path()));
+  }
+  if (!source->manifest_.ParseFromArray(source->payload() + response.manifest_offset(),
+                                        static_cast<int>(response.manifest_bytes()))) {
+    return absl::DataLossError(absl::StrCat("the manifest of rank ", rank, " step ",
+                                            response.step(), " in ", response.segment_path(),
+                                            " does not parse"));
+  }
+  for (const ManifestEntry& m : source->manifest_.entries()) {
+    source->by_name_[m.spec().name()] = &m;
+  }
+  return source;
+}
+
+absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
+  DpAgreement agreement;
+  // NCCL only when the replicated tensors are GPU memory and NCCL loads here; every member must
+  // say so, or all of them read through the daemon.
+  bool nccl = options_.nccl && engine_->has_gpu();
+  std::string note = !options_.nccl ? "NCCL is turned off (Options.nccl)"
+                                    : (!engine_->has_gpu() ? "the copy engine has no GPU" : "");
+  for (size_t i = 0; nccl && i < entries_.size(); ++i) {
+    if (!dp_->slicing->replicated(i) || entries_[i].spec.nbytes() == 0) continue;
+    auto kind = engine_->Locate(entries_[i].data);
+    if (!kind.ok() || *kind != cuda::MemoryKind::kDevice) {
+      nccl = false;
+      note = absl::StrCat("replicated tensor '", entries_[i].spec.name(), "' is not GPU memory");
+    }
+  }
+  if (nccl) {
+    if (absl::Status available = cuda::NcclAvailable(); !available.ok()) {
+      nccl = false;
+      note = std::string(available.message());
+    }
+  }
+  rendezvous::DpRestoreOffer offer;
+  offer.set_step(step);
+  offer.set_nccl(nccl);
+  offer.set_note(note);
+  if (nccl && dp_->dp_rank == 0) {
+    absl::StatusOr<std::string> id = cuda::NcclUniqueId();
+    if (id.ok()) {
+      offer.set_nccl_id(*id);
+    } else {
+      offer.set_nccl(false);
+      offer.set_note(std::string(id.status().message()));
+    }
+  }
+  rendezvous::JoinRequest join;
+  join.set_job_id(job_id_);
+  join.set_group(absl::StrCat("dp.", absl::Hex(dp_->fingerprint, absl::kZeroPad16), ".",
+                              dp_->members.size()));
+  join.set_index(dp_->dp_rank);
+  join.set_size(static_cast<uint32_t>(dp_->members.size()));
+  join.set_payload(offer.SerializeAsString());
+  join.set_nonce(absl::StrCat(absl::Hex(std::random_device{}()), absl::Hex(NowNs())));
+  const int64_t start = NowNs();
+  const int64_t limit_ns = options_.dp_restore_timeout_ms * 1000000;
+  int64_t last_log = start;
+  rendezvous::JoinResponse joined;
+  while (true) {
+    const int64_t left_ms = (limit_ns - (NowNs() - start)) / 1000000;
+    join.set_wait_ms(static_cast<uint32_t>(std::clamp<int64_t>(left_ms, 1, 10000)));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(join.wait_ms() + 10000));
+    absl::Status status = FromGrpcStatus(stub_->Rendezvous(&context, join, &joined));
+    if (status.ok()) break;
+    const bool retry = absl::IsDeadlineExceeded(status) || absl::IsUnavailable(status);
+    if (!retry || NowNs() - start >= limit_ns) {
+      return Annotate(status, absl::StrCat("restore of step ", step, ": DP rank ",
+                                           dp_->dp_rank, " waiting for the other members of [",
+                                           absl::StrJoin(dp_->members, ","), "]"));
+    }
+    if (NowNs() - last_log > 10'000'000'000) {
+      last_log = NowNs();
+      Logger("agent")->warn("restore of job '{}' waits {:.0f} s for its data-parallel group: {}",
+                            job_id_, (NowNs() - start) / 1e9, std::string(status.message()));
+    }
+  }
+  std::vector<std::string> steps;
+  bool all_nccl = true;
+  agreement.step = step;
+  for (int j = 0; j < joined.payloads_size(); ++j) {
+    rendezvous::DpRestoreOffer other;
+    if (!other.ParseFromString(joined.payloads(j))) {
+      return absl::InternalError(absl::StrCat("DP rank ", j, "'s rendezvous offer does not parse"));
+    }
+    steps.push_back(absl::StrCat(dp_->members[j], ":", other.step()));
+    if (other.step() != step) agreement.step = -1;
+    if (!other.nccl()) {
+      all_nccl = false;
+      if (agreement.note.empty()) {
+        agreement.note = absl::StrCat("rank ", dp_->members[j], ": ", other.note());
+      }
+    }
+    if (j == 0) agreement.nccl_id = other.nccl_id();
+  }
+  if (agreement.step < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the members of the data-parallel group would restore different steps (rank:step ",
+        absl::StrJoin(steps, " "), "); a DP-sharded step needs every member's slice, so nothing "
+        "was restored"));
+  }
+  agreement.nccl = all_nccl && !agreement.nccl_id.empty();
+  return agreement;
+}
+
+absl::Status Client::GatherFromDaemon(int64_t step) {
+  std::vector<std::unique_ptr<RestoreSource>> sources;
+  std::vector<cuda::CopyOp> ops;
+  uint64_t bytes = 0;
+  for (uint32_t j = 0; j < dp_->members.size(); ++j) {
+    if (j == dp_->dp_rank) continue;
+    const std::vector<DpPiece> pieces = dp_->slicing->pieces(j);
+    if (pieces.empty()) continue;
+    const uint32_t rank = dp_->members[j];
+    TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank, step));
+    if (source->response_.step() != step) {
+      return absl::FailedPreconditionError(absl::StrCat("rank ", rank, " prepared step ",
+                                                        source->response_.step(), ", not ", step));
+    }
+    TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
+                                            rank, static_cast<int>(j)));
+    for (const DpPiece& p : pieces) {
+      const ManifestEntry& m = *source->by_name_[entries_[p.entry].spec.name()];
+      ops.push_back({static_cast<char*>(entries_[p.entry].data) + p.offset,
+                     source->payload() + m.offset(), p.length});
+      bytes += p.length;
+    }
+    sources.push_back(std::move(source));
+  }
+  TESSERA_RETURN_IF_ERROR(Annotate(engine_->CopySync(ops),
+                                   absl::StrCat("copying the DP group's slices of step ", step)));
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.bytes_gathered = bytes;
+  return absl::OkStatus();
+}
+
+absl::Status Client::GatherWithNccl(const DpAgreement& agreement) {
+  std::vector<cuda::BroadcastOp> ops;
+  uint64_t bytes = 0;
+  for (uint32_t j = 0; j < dp_->members.size(); ++j) {
+    for (const DpPiece& p : dp_->slicing->pieces(j)) {
+      ops.push_back({static_cast<char*>(entries_[p.entry].data) + p.offset, p.length,
+                     static_cast<int>(j)});
+      if (j != dp_->dp_rank) bytes += p.length;
+    }
+  }
+  const int device = options_.device;  // -1: the current one
+  const int64_t left_ms = std::max<int64_t>(options_.dp_restore_timeout_ms, 1000);
+  TESSERA_RETURN_IF_ERROR(cuda::NcclBroadcast(agreement.nccl_id, static_cast<int>(dp_->dp_rank),
+                                              static_cast<int>(dp_->members.size()), device, ops,
+                                              absl::Milliseconds(left_ms)));
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.bytes_gathered = bytes;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<int64_t> Client::Restore(int64_t step) {
@@ -441,65 +746,64 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
         stub_->FindLatestRestorable(NewContext(&find_context), find, &found)));
     step = found.step();
   }
-  agent::PrepareRestoreRequest request;
-  request.set_job_id(job_id_);
-  request.set_rank(rank_);
-  request.set_step(step);
-  agent::PrepareRestoreResponse response;
-  grpc::ClientContext context;
-  TESSERA_RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response)));
-
-  // Read from our own (pinned) mapping when the step sits in one of our slots.
-  const Segment* source = nullptr;
-  for (const auto& slot : slots_) {
-    if (slot.segment->path() == response.segment_path()) source = slot.segment.get();
+  const bool sharded = dp_ && dp_->members.size() > 1;
+  DpAgreement agreement;
+  if (sharded) {
+    TESSERA_ASSIGN_OR_RETURN(agreement, AgreeOnRestore(step));
   }
-  std::unique_ptr<Segment> opened;
-  bool pinned_here = false;
-  if (source == nullptr) {
-    TESSERA_ASSIGN_OR_RETURN(opened, Segment::Open(response.segment_path(), /*writable=*/false));
-    source = opened.get();
-    if (engine_->has_gpu()) {
-      pinned_here = engine_->RegisterHost(const_cast<SegmentHeader*>(source->header()),
-                                          source->file_bytes()).ok();
-    }
-  }
-  auto unpin = [&] {
-    if (pinned_here) engine_->UnregisterHost(const_cast<SegmentHeader*>(source->header())).IgnoreError();
-  };
-  if (response.payload_bytes() > source->capacity_bytes() ||
-      response.manifest_offset() + response.manifest_bytes() > response.payload_bytes()) {
-    unpin();
-    return absl::DataLossError(absl::StrCat("restore of step ", response.step(),
-                                            ": the daemon's payload bounds do not fit ",
-                                            response.segment_path()));
-  }
-  ShardManifest manifest;
-  if (!manifest.ParseFromArray(source->payload() + response.manifest_offset(),
-                               static_cast<int>(response.manifest_bytes()))) {
-    unpin();
-    return absl::DataLossError(absl::StrCat("the manifest of step ", response.step(), " in ",
-                                            response.segment_path(), " does not parse"));
-  }
-  if (absl::Status s = CheckRestorable(manifest, response.payload_bytes()); !s.ok()) {
-    unpin();
-    return s;
-  }
-  std::map<std::string, const ManifestEntry*> by_name;
-  for (const ManifestEntry& m : manifest.entries()) by_name[m.spec().name()] = &m;
+  TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank_, step));
+  const int64_t restored = source->response_.step();
+  TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
+                                          rank_, -1));
   std::vector<cuda::CopyOp> ops;
-  for (const Entry& e : entries_) {
-    const ManifestEntry& m = *by_name[e.spec.name()];
-    ops.push_back({e.data, source->payload() + m.offset(), m.length()});
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const ManifestEntry& m = *source->by_name_[entries_[i].spec.name()];
+    ops.push_back({static_cast<char*>(entries_[i].data) + StoredOffset(i),
+                   source->payload() + m.offset(), m.length()});
   }
-  absl::Status copied = engine_->CopySync(ops);
-  unpin();
-  TESSERA_RETURN_IF_ERROR(Annotate(copied, absl::StrCat("restoring step ", response.step())));
-  for (Entry& e : entries_) e.length = by_name[e.spec.name()]->length();
+  TESSERA_RETURN_IF_ERROR(Annotate(engine_->CopySync(ops), absl::StrCat("restoring step ", restored)));
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    if (!specs_[i].has_slice()) entries_[i].length = source->by_name_[entries_[i].spec.name()]->length();
+  }
+  const uint64_t payload_bytes = source->response_.payload_bytes();
+  source.reset();
+  if (sharded) {
+    absl::Status gathered = absl::UnknownError("not gathered");
+    std::string note = agreement.note;
+    if (agreement.nccl) {
+      gathered = GatherWithNccl(agreement);
+      if (!gathered.ok()) {
+        note = absl::StrCat("NCCL failed: ", gathered.message());
+        Logger("agent")->warn("restore of step {}: gathering the DP group's slices over NCCL "
+                              "failed ({}); reading them through the daemon instead",
+                              restored, gathered.ToString());
+      }
+    }
+    if (!gathered.ok()) gathered = GatherFromDaemon(restored);
+    TESSERA_RETURN_IF_ERROR(gathered);
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.dp_size = static_cast<uint32_t>(dp_->members.size());
+    stats_.gathered_with_nccl = agreement.nccl && note == agreement.note;
+    stats_.gather_note = stats_.gathered_with_nccl ? "" : note;
+    Logger("agent")->info("restore of step {}: DP rank {} of {} gathered {} bytes of the other "
+                          "members' slices {}", restored, dp_->dp_rank, dp_->members.size(),
+                          stats_.bytes_gathered,
+                          stats_.gathered_with_nccl ? "over NCCL"
+                                                    : absl::StrCat("through the daemon (", note, ")"));
+  }
   Logger("agent")->info("restored job '{}' rank {} step {} ({} payload bytes)", job_id_, rank_,
-                        response.step(), response.payload_bytes());
-  return response.step();
+                        restored, payload_bytes);
+  return restored;
+}
+
+absl::Status Client::SetDataParallel(DataParallel dp) {
+  Wait().IgnoreError();
+  if (!dp.members.empty() && dp.members.size() > 65536) {
+    return absl::InvalidArgumentError(absl::StrCat("a data-parallel group of ", dp.members.size(),
+                                                   " members; at most 65536"));
+  }
+  dp_config_ = std::move(dp);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<agent::Version>> Client::ListVersions(const std::string& job_id) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/dp_slices.h"
 #include "common/segment.h"
 #include "cuda/copy_engine.h"
 #include "proto/agent.grpc.pb.h"
@@ -47,6 +48,19 @@ class Client {
     // GPU staging of device-to-host copies that would not fit before the next Fence
     // (cuda/staging_plan.h). Adaptive stages only what the measured window needs.
     cuda::StagingOptions staging = {cuda::StagingMode::kAdaptive, 0, 0.5};
+    // DP-sharded restore (SetDataParallel): how long Restore waits for the other members of
+    // the group, and whether the replicated bytes may be gathered over NCCL (GPU memory, NCCL
+    // loadable on every member); otherwise each member reads the others' slices through the
+    // daemon.
+    int64_t dp_restore_timeout_ms = 300000;
+    bool nccl = true;
+  };
+
+  // A data-parallel group (see common/dp_slices.h): every member holds the same `replicated`
+  // tensors, so each stores only its slice of their bytes, plus all of its other entries.
+  struct DataParallel {
+    std::vector<uint32_t> members;  // the job ranks of the group in DP-rank order; has this rank
+    std::vector<bool> replicated;   // per registered entry, in registration order
   };
 
   // One registered tensor or blob. `data` is host or device memory the caller owns; it must stay
@@ -72,6 +86,11 @@ class Client {
     int64_t last_sealed_step = -1;
     std::string last_error;
     std::string engine;         // the copy engine's description
+    // The last DP-sharded restore: the members' slices gathered, and how.
+    uint32_t dp_size = 0;       // 0: not DP-sharded
+    uint64_t bytes_gathered = 0;
+    bool gathered_with_nccl = false;
+    std::string gather_note;    // why the daemon path was taken, when it was
     // The copy engine's counters: staging, its plan and the measurements behind it.
     cuda::CopyEngineStats copies;
   };
@@ -87,6 +106,13 @@ class Client {
   // again, with new entries, after Wait(). Errors come from the daemon with its message.
   absl::Status Register(const std::string& job_id, uint32_t rank, uint32_t world_size,
                         std::vector<Entry> entries);
+
+  // Makes the snapshots DP-sharded from the next Register on (which validates it against the
+  // entries): each member of the group copies a disjoint, balanced slice of the replicated
+  // tensors' bytes. Restore then needs every member's shard of the step: all members call
+  // Restore together, restore their own slice and gather the others' (over NCCL on GPUs).
+  // An empty `members` turns sharding off again.
+  absl::Status SetDataParallel(DataParallel dp);
 
   // Changes the GPU staging of the snapshots started from now on (validated; see StagingOptions).
   absl::Status SetStaging(const cuda::StagingOptions& staging);
@@ -144,7 +170,26 @@ class Client {
   absl::Status Attach();
   void WorkerLoop();
   absl::Status RunSnapshot(const Job& job);
-  absl::Status CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes) const;
+  // The manifest of (rank, step) must match the registration; for another member of the DP
+  // group (dp_rank >= 0), its slices must be the ones that member stores.
+  absl::Status CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes,
+                               uint32_t rank, int dp_rank) const;
+  // A segment the daemon prepared for a restore, mapped (and pinned on a GPU) until destroyed.
+  class RestoreSource;
+  absl::StatusOr<std::unique_ptr<RestoreSource>> OpenRestore(uint32_t rank, int64_t step);
+  // DP-sharded restore: agrees with the other members on the step and the gather path.
+  struct DpAgreement {
+    int64_t step = -1;
+    bool nccl = false;
+    std::string nccl_id;
+    std::string note;  // why not NCCL
+  };
+  absl::StatusOr<DpAgreement> AgreeOnRestore(int64_t step);
+  // Copies the other members' slices into the registered memory.
+  absl::Status GatherFromDaemon(int64_t step);
+  absl::Status GatherWithNccl(const DpAgreement& agreement);
+  // Where entry i's stored bytes start within the entry (its slice's offset, else 0).
+  uint64_t StoredOffset(size_t i) const;
   void UnmapSlots();
   grpc::ClientContext* NewContext(grpc::ClientContext* context) const;
 
@@ -159,6 +204,17 @@ class Client {
   uint32_t world_size_ = 0;
   bool registered_ = false;
   std::vector<Entry> entries_;
+  // What is registered with the daemon: entries_' specs, with the slice of each replicated
+  // tensor when DP-sharded.
+  std::vector<EntrySpec> specs_;
+  DataParallel dp_config_;          // as given to SetDataParallel
+  struct DpState {
+    std::vector<uint32_t> members;
+    uint32_t dp_rank = 0;
+    uint64_t fingerprint = 0;
+    std::shared_ptr<const DpSlicing> slicing;
+  };
+  std::optional<DpState> dp_;       // set by Register when DP-sharded
   agent::RegisterResponse layout_;
   std::vector<MappedSlot> slots_;
 

@@ -59,6 +59,11 @@ typedef struct {
   uint64_t staging_budget_short;
   uint64_t staging_alloc_failures;
   uint64_t fence_cpu_waits; /* fences that waited on the CPU for the copies to be issued */
+  /* The last DP-sharded restore: the group's size (0: none), the bytes of the other members'
+   * slices gathered, and 1 when they came over NCCL (0: read through the daemon). */
+  uint32_t dp_size;
+  int32_t gathered_with_nccl;
+  uint64_t bytes_gathered;
 } tessera_stats;
 
 const char* tessera_version(void);
@@ -85,6 +90,15 @@ int tessera_get_stats(tessera_client* client, tessera_stats* out);
  * memory. Ignored without a GPU. */
 int tessera_set_staging(tessera_client* client, const char* mode, uint64_t budget_bytes,
                         double budget_free_fraction);
+/* Data parallelism, taking effect at the next tessera_register: members are the job ranks of
+ * this rank's data-parallel group in DP-rank order (this rank among them); replicated[i] != 0
+ * marks entry i of the entries about to be registered as replicated across the group (tensors
+ * only). Each member then snapshots a disjoint, balanced slice of the replicated bytes, and
+ * tessera_restore, called by every member together, gathers the other slices (over NCCL when
+ * the tensors are GPU memory and every member can load libnccl; through the daemon otherwise).
+ * n_members 0 turns it off. */
+int tessera_set_data_parallel(tessera_client* client, const uint32_t* members, size_t n_members,
+                              const uint8_t* replicated, size_t n_entries);
 /* Unregisters (dropping the snapshots when drop_snapshots != 0) and frees the client. */
 int tessera_close(tessera_client* client, int32_t drop_snapshots);
 

@@ -150,7 +150,23 @@ int tessera_get_stats(tessera_client* c, tessera_stats* out) {
   out->staging_budget_short = s.copies.staging_budget_short;
   out->staging_alloc_failures = s.copies.staging_alloc_failures;
   out->fence_cpu_waits = s.copies.fence_cpu_waits;
+  out->dp_size = s.dp_size;
+  out->gathered_with_nccl = s.gathered_with_nccl ? 1 : 0;
+  out->bytes_gathered = s.bytes_gathered;
   return 0;
+}
+
+int tessera_set_data_parallel(tessera_client* c, const uint32_t* members, size_t n_members,
+                              const uint8_t* replicated, size_t n_entries) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if ((members == nullptr && n_members > 0) || (replicated == nullptr && n_entries > 0)) {
+    return Fail(absl::InvalidArgumentError("members and replicated must not be NULL when their "
+                                           "counts are not 0"));
+  }
+  tessera::Client::DataParallel dp;
+  dp.members.assign(members, members + n_members);
+  for (size_t i = 0; i < n_entries; ++i) dp.replicated.push_back(replicated[i] != 0);
+  return Return(c->client->SetDataParallel(std::move(dp)));
 }
 
 int tessera_set_staging(tessera_client* c, const char* mode, uint64_t budget_bytes,

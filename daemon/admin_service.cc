@@ -81,18 +81,6 @@ std::set<std::string> FilesEndingIn(const std::string& dir, const std::string& s
   return found;
 }
 
-// Constant-time comparison, so a wrong token's timing says nothing about the right one.
-bool SameToken(const std::string& a, const std::string& b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  const std::string& longer = a.size() >= b.size() ? a : b;
-  for (size_t i = 0; i < longer.size(); ++i) {
-    const unsigned char x = i < a.size() ? a[i] : 0;
-    const unsigned char y = i < b.size() ? b[i] : 0;
-    diff |= x ^ y;
-  }
-  return diff == 0;
-}
-
 }  // namespace
 
 Admin::Admin(Parts parts) : parts_(std::move(parts)), hostname_(HostName()) {}
@@ -960,17 +948,7 @@ absl::Status AdminService::Authenticate(const grpc::ServerContext* context) cons
         "the admin service does not answer over TCP on this daemon: cluster.token is not set "
         "(set cluster.token or cluster.token_file, or use the agent socket)");
   }
-  auto it = context->client_metadata().find(kAdminTokenMetadataKey);
-  if (it == context->client_metadata().end()) {
-    return absl::UnauthenticatedError(
-        absl::StrCat("admin calls over TCP need the cluster token in the '", kAdminTokenMetadataKey,
-                     "' metadata"));
-  }
-  if (!SameToken(std::string(it->second.data(), it->second.size()), token_)) {
-    return absl::UnauthenticatedError(
-        "wrong cluster token: it must equal the daemons' cluster.token");
-  }
-  return absl::OkStatus();
+  return CheckClusterToken(*context, token_, "admin calls");
 }
 
 template <typename Body>

@@ -33,12 +33,13 @@
 #include "daemon/shard_rebuild.h"
 #include "daemon/snapshot_store.h"
 #include "grpcpp/channel.h"
+#include "daemon/cluster_token.h"
 #include "proto/admin.grpc.pb.h"
 
 namespace tessera {
 
 // The metadata key that carries cluster.token on admin calls over TCP.
-inline constexpr char kAdminTokenMetadataKey[] = "x-tessera-token";
+inline constexpr const char* kAdminTokenMetadataKey = kClusterTokenMetadataKey;
 
 class Admin {
  public:

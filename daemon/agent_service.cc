@@ -175,4 +175,20 @@ grpc::Status AgentService::Unregister(grpc::ServerContext* context,
   });
 }
 
+grpc::Status AgentService::Rendezvous(grpc::ServerContext* context,
+                                      const rendezvous::JoinRequest* request,
+                                      rendezvous::JoinResponse* response) {
+  // A rendezvous that times out is the caller's to retry, not a daemon problem: not logged.
+  absl::Status status = CallerOf(context).status();
+  if (status.ok()) {
+    absl::StatusOr<rendezvous::JoinResponse> joined = rendezvous_->Join(*request);
+    status = joined.status();
+    if (joined.ok()) *response = std::move(*joined);
+  }
+  if (!status.ok() && !absl::IsDeadlineExceeded(status)) {
+    Logger("agent-service")->warn("Rendezvous: {}", status.ToString());
+  }
+  return ToGrpcStatus(status);
+}
+
 }  // namespace tessera

@@ -10,6 +10,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "daemon/coordination.h"
+#include "daemon/rendezvous.h"
 #include "daemon/snapshot_store.h"
 #include "daemon/unix_listener.h"
 #include "proto/agent.grpc.pb.h"
@@ -20,8 +21,11 @@ class AgentService final : public agent::Agent::Service {
  public:
   // No pointer is owned; all must outlive the service.
   AgentService(SnapshotStore* store, Coordination* coordination,
-               const PeerCredentials* credentials)
-      : store_(store), coordination_(coordination), credentials_(credentials) {}
+               const PeerCredentials* credentials, RendezvousRouter* rendezvous)
+      : store_(store),
+        coordination_(coordination),
+        credentials_(credentials),
+        rendezvous_(rendezvous) {}
 
   grpc::Status Register(grpc::ServerContext* context, const agent::RegisterRequest* request,
                         agent::RegisterResponse* response) override;
@@ -42,6 +46,8 @@ class AgentService final : public agent::Agent::Service {
                               agent::PrepareRestoreResponse* response) override;
   grpc::Status Unregister(grpc::ServerContext* context, const agent::UnregisterRequest* request,
                           agent::UnregisterResponse* response) override;
+  grpc::Status Rendezvous(grpc::ServerContext* context, const rendezvous::JoinRequest* request,
+                          rendezvous::JoinResponse* response) override;
 
  private:
   absl::StatusOr<Caller> CallerOf(grpc::ServerContext* context) const;
@@ -51,6 +57,7 @@ class AgentService final : public agent::Agent::Service {
   SnapshotStore* const store_;
   Coordination* const coordination_;
   const PeerCredentials* const credentials_;
+  RendezvousRouter* const rendezvous_;
   absl::Mutex skips_mu_;
   // The last cumulative skip count each rank's agent reported.
   std::map<std::pair<std::string, uint32_t>, uint64_t> skips_reported_ ABSL_GUARDED_BY(skips_mu_);

@@ -86,8 +86,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
     TESSERA_RETURN_IF_ERROR(d->StartCluster(dir, capacity));
   }
   if (!d->admin_) d->CreateAdmin();
+  if (!d->rendezvous_router_) {
+    d->rendezvous_router_ = std::make_unique<RendezvousRouter>(&d->rendezvous_table_,
+                                                               RendezvousRouter::Options{});
+  }
   d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), d->coordination_.get(),
-                                                     &d->credentials_);
+                                                     &d->credentials_, d->rendezvous_router_.get());
   d->admin_unix_service_ = std::make_unique<AdminService>(d->admin_.get(), /*over_tcp=*/false,
                                                           /*token=*/"");
   grpc::ServerBuilder builder;
@@ -183,11 +187,26 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   // The admin service shares the peer port; over TCP it answers only with cluster.token.
   admin_tcp_service_ =
       std::make_unique<AdminService>(admin_.get(), /*over_tcp=*/true, config.cluster.token);
+  RendezvousRouter::Options rendezvous_options;
+  rendezvous_options.self_id = node_id_;
+  rendezvous_options.token = config.cluster.token;
+  rendezvous_options.live_members = [cluster] {
+    std::vector<RendezvousRouter::Member> live;
+    for (const std::string& id : cluster->LiveNodeIds()) {
+      if (auto address = cluster->AddressOf(id)) live.push_back({id, *address});
+    }
+    return live;
+  };
+  rendezvous_router_ =
+      std::make_unique<RendezvousRouter>(&rendezvous_table_, std::move(rendezvous_options));
+  rendezvous_service_ =
+      std::make_unique<RendezvousService>(&rendezvous_table_, config.cluster.token);
   grpc::ServerBuilder builder;
   PeerService::ConfigureServerBuilder(&builder);
   builder.AddListeningPort(config.peer.listen_address, grpc::InsecureServerCredentials());
   builder.RegisterService(peer_service_.get());
   builder.RegisterService(admin_tcp_service_.get());
+  builder.RegisterService(rendezvous_service_.get());
   peer_server_ = builder.BuildAndStart();
   if (!peer_server_) {
     return absl::UnavailableError(absl::StrCat("could not listen for peers on ",

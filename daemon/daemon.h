@@ -20,6 +20,7 @@
 #include "daemon/peer_client.h"
 #include "daemon/peer_service.h"
 #include "daemon/protection_pipeline.h"
+#include "daemon/rendezvous.h"
 #include "daemon/daemon_config.h"
 #include "daemon/snapshot_store.h"
 #include "daemon/unix_listener.h"
@@ -82,6 +83,9 @@ class Daemon {
   ClusterCoordination* cluster_coordination_ = nullptr;  // coordination_, in cluster mode
   std::unique_ptr<Coordination> coordination_;
   PeerCredentials credentials_;
+  RendezvousTable rendezvous_table_;
+  std::unique_ptr<RendezvousRouter> rendezvous_router_;
+  std::unique_ptr<RendezvousService> rendezvous_service_;  // on the peer port
   std::unique_ptr<AgentService> agent_service_;
   std::unique_ptr<grpc::Server> agent_server_;
   std::unique_ptr<UnixListener> agent_listener_;

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/crc32c.h"
+#include "common/dp_slices.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -56,6 +57,10 @@ uint64_t HashEntries(const std::vector<EntrySpec>& entries) {
     mix(&n, sizeof(n));
     int kind = e.kind();
     mix(&kind, sizeof(kind));
+    if (e.has_slice()) {
+      const uint64_t slice[2] = {e.slice().offset(), e.slice().length()};
+      mix(slice, sizeof(slice));
+    }
   }
   return h;
 }
@@ -137,6 +142,11 @@ absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entri
   worst_case.set_world_size(kMaxWorldSize);
   worst_case.set_step(INT64_MAX);
   worst_case.set_data_bytes(UINT64_MAX);
+  DataParallelGroup* dp = worst_case.mutable_data_parallel();
+  dp->set_dp_rank(UINT32_MAX);
+  dp->set_dp_size(UINT32_MAX);
+  dp->set_replicated_bytes(UINT64_MAX);
+  dp->set_members_fingerprint(UINT64_MAX);
   for (size_t i = 0; i < entries.size(); ++i) {
     const EntrySpec& e = entries[i];
     const std::string where = absl::StrCat("entry ", i, " ('", e.name(), "')");
@@ -184,12 +194,24 @@ absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entri
         return absl::InvalidArgumentError(absl::StrCat(
             where, ": kind ", static_cast<int>(e.kind()), " must be TENSOR (1) or BLOB (2)"));
     }
+    if (e.has_slice()) {
+      if (e.kind() != ENTRY_KIND_TENSOR) {
+        return absl::InvalidArgumentError(where + ": only a tensor can be stored as a slice "
+                                                  "(a blob's length changes per snapshot)");
+      }
+      if (e.slice().offset() > e.nbytes() || e.slice().length() > e.nbytes() - e.slice().offset()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": slice [", e.slice().offset(), ", +", e.slice().length(),
+            ") must lie within the tensor's ", e.nbytes(), " bytes"));
+      }
+    }
+    const uint64_t stored = StoredBytes(e);
     offset = AlignUp(offset, kEntryAlignment);
-    if (offset > (uint64_t{1} << 50) - e.nbytes()) {
+    if (offset > (uint64_t{1} << 50) - stored) {
       return absl::InvalidArgumentError(where + ": the rank's state exceeds 1 PiB");
     }
     layout.entry_offsets.push_back(offset);
-    offset += e.nbytes();
+    offset += stored;
     ManifestEntry* m = worst_case.add_entries();
     *m->mutable_spec() = e;
     m->set_offset(UINT64_MAX);
@@ -644,9 +666,10 @@ absl::Status SnapshotStore::ValidateManifest(const ShardManifest& m, const RankS
                                    ", layout has ", state.layout.entry_offsets[i]));
     }
     const bool tensor = reg.kind() == ENTRY_KIND_TENSOR;
-    if ((tensor && e.length() != reg.nbytes()) || e.length() > reg.nbytes()) {
+    const uint64_t stored = StoredBytes(reg);
+    if ((tensor && e.length() != stored) || e.length() > stored) {
       return mismatch(absl::StrCat("entry '", reg.name(), "' length ", e.length(), ", must be ",
-                                   tensor ? "exactly " : "at most ", reg.nbytes()));
+                                   tensor ? "exactly " : "at most ", stored));
     }
   }
   return absl::OkStatus();

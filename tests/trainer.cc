@@ -1,7 +1,14 @@
 // A stand-in trainer for multi-process tests and the demo. Registers seeded state with the local
 // tesserad, restores the newest sealed step if there is one (checking every byte), then "trains":
 // each step fences, moves the state to the next step, and snapshots every --every steps. It
-// prints one line per event, flushed, for the harness to read:
+// prints one line per event, flushed, for the harness to read.
+//
+// With --dp-members=R0,R1,... the rank is a member of that data-parallel group: its seeded state
+// (--seed, the same on every member) is replicated across the group and snapshotted DP-sharded,
+// and it also holds two tensors and a blob of its own, seeded by --seed and its rank, which are
+// not. A restore checks both, so a slice gathered from the wrong member or step is caught.
+//
+// Events:
 //   restore_ms T | resumed S | fresh | snapshot S (printed before the call) | skipped S |
 //   sealed S | verified S | done | error: ...
 #include <unistd.h>
@@ -14,6 +21,7 @@
 #include <thread>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "agent/client.h"
 #include "common/logging.h"
 #include "tests/trainer_state.h"
@@ -21,9 +29,9 @@
 namespace {
 
 struct Flags {
-  std::string socket, job = "trainer-job", mode = "train", when_busy = "skip";
+  std::string socket, job = "trainer-job", mode = "train", when_busy = "skip", dp_members;
   uint64_t seed = 1, rank = 0, world = 1, tensors = 8, min_bytes = 1, max_bytes = 1 << 20;
-  uint64_t total_bytes = 64 << 20, steps = 0, every = 1, step_sleep_ms = 0;
+  uint64_t total_bytes = 64 << 20, steps = 0, every = 1, step_sleep_ms = 0, dp_timeout_ms = 60000;
 };
 
 bool Parse(int argc, char** argv, Flags* f) {
@@ -31,9 +39,10 @@ bool Parse(int argc, char** argv, Flags* f) {
       {"seed", &f->seed},           {"rank", &f->rank},         {"world", &f->world},
       {"tensors", &f->tensors},     {"min-bytes", &f->min_bytes}, {"max-bytes", &f->max_bytes},
       {"total-bytes", &f->total_bytes}, {"steps", &f->steps},   {"every", &f->every},
-      {"step-sleep-ms", &f->step_sleep_ms}};
+      {"step-sleep-ms", &f->step_sleep_ms}, {"dp-timeout-ms", &f->dp_timeout_ms}};
   std::map<std::string, std::string*> strings = {
-      {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy}};
+      {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy},
+      {"dp-members", &f->dp_members}};
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     size_t eq = arg.find('=');
@@ -80,18 +89,55 @@ int main(int argc, char** argv) {
   tessera::Client::Options options;
   options.socket_path = f.socket;
   options.use_gpu = false;
+  options.dp_restore_timeout_ms = static_cast<int64_t>(f.dp_timeout_ms);
   options.when_busy = f.when_busy == "wait" ? tessera::Client::BusyPolicy::kWait
                                             : tessera::Client::BusyPolicy::kSkip;
   auto client = tessera::Client::Connect(options);
   if (!client.ok()) return Fail("connect", client.status());
 
-  auto state = tessera::testing::MakeState(f.seed, static_cast<int>(f.tensors), f.min_bytes,
-                                           f.max_bytes, f.total_bytes);
+  // The replicated state (all of it without a DP group), and under DP the rank's own.
+  std::vector<uint32_t> members;
+  for (absl::string_view m : absl::StrSplit(f.dp_members, ',', absl::SkipEmpty())) {
+    uint32_t rank = 0;
+    if (!absl::SimpleAtoi(m, &rank)) return Fail("--dp-members", absl::InvalidArgumentError(f.dp_members));
+    members.push_back(rank);
+  }
+  const uint64_t own_seed = f.seed * 1000003 + f.rank + 1;
+  auto make = [&](std::vector<tessera::testing::StateEntry>* state,
+                  std::vector<tessera::testing::StateEntry>* own) {
+    *state = tessera::testing::MakeState(f.seed, static_cast<int>(f.tensors), f.min_bytes,
+                                         f.max_bytes, f.total_bytes);
+    own->clear();
+    if (members.empty()) return;
+    *own = tessera::testing::MakeState(own_seed, 2, 1000, 100000, 200000);
+    for (auto& e : *own) e.spec.set_name("own." + e.spec.name());
+  };
+  std::vector<tessera::testing::StateEntry> state, own;
+  make(&state, &own);
   tessera::testing::Scramble(&state, f.seed * 7 + 3);
+  tessera::testing::Scramble(&own, f.seed * 11 + f.rank);
+  auto entries = tessera::testing::ClientEntries(&state);
+  auto own_entries = tessera::testing::ClientEntries(&own);
+  entries.insert(entries.end(), own_entries.begin(), own_entries.end());
+  if (!members.empty()) {
+    tessera::Client::DataParallel dp;
+    dp.members = members;
+    for (const auto& e : state) dp.replicated.push_back(e.spec.kind() == tessera::ENTRY_KIND_TENSOR);
+    dp.replicated.resize(entries.size(), false);
+    absl::Status set = (*client)->SetDataParallel(dp);
+    if (!set.ok()) return Fail("set data parallel", set);
+  }
   absl::Status registered = (*client)->Register(f.job, static_cast<uint32_t>(f.rank),
-                                                static_cast<uint32_t>(f.world),
-                                                tessera::testing::ClientEntries(&state));
+                                                static_cast<uint32_t>(f.world), entries);
   if (!registered.ok()) return Fail("register", registered);
+  auto update_blobs = [&] {
+    const size_t blob = state.size() - 1;
+    (*client)->UpdateEntry(blob, state[blob].bytes.data(), state[blob].length).IgnoreError();
+    if (!own.empty()) {
+      const size_t own_blob = state.size() + own.size() - 1;
+      (*client)->UpdateEntry(own_blob, own.back().bytes.data(), own.back().length).IgnoreError();
+    }
+  };
 
   int64_t step = 0;
   const auto restore_start = std::chrono::steady_clock::now();
@@ -101,18 +147,29 @@ int main(int argc, char** argv) {
                                            std::chrono::steady_clock::now() - restore_start)
                                            .count()));
     for (size_t i = 0; i < state.size(); ++i) state[i].length = (*client)->entries()[i].length;
+    for (size_t i = 0; i < own.size(); ++i) {
+      own[i].length = (*client)->entries()[state.size() + i].length;
+    }
     std::string diff = tessera::testing::CheckState(f.seed, state, *restored);
+    if (diff.empty() && !own.empty()) diff = tessera::testing::CheckState(own_seed, own, *restored);
     if (!diff.empty()) {
       Say("error: MISMATCH after restoring step " + std::to_string(*restored) + ": " + diff);
       return 3;
     }
     step = *restored;
+    if (!members.empty()) {
+      const auto stats = (*client)->stats();
+      Say("gathered " + std::to_string(stats.bytes_gathered) +
+          (stats.gathered_with_nccl ? " nccl" : " daemon"));
+    }
     Say("resumed " + std::to_string(step));
   } else if (absl::IsNotFound(restored.status())) {
-    state = tessera::testing::MakeState(f.seed, static_cast<int>(f.tensors), f.min_bytes,
-                                        f.max_bytes, f.total_bytes);
+    make(&state, &own);
     for (size_t i = 0; i < state.size(); ++i) {
       (*client)->UpdateEntry(i, state[i].bytes.data(), state[i].length).IgnoreError();
+    }
+    for (size_t i = 0; i < own.size(); ++i) {
+      (*client)->UpdateEntry(state.size() + i, own[i].bytes.data(), own[i].length).IgnoreError();
     }
     Say("fresh");
   } else {
@@ -129,9 +186,9 @@ int main(int argc, char** argv) {
     absl::Status fenced = (*client)->Fence();
     if (!fenced.ok()) return Fail("fence", fenced);
     tessera::testing::AdvanceState(f.seed, &state, step, step + 1);
+    if (!own.empty()) tessera::testing::AdvanceState(own_seed, &own, step, step + 1);
     ++step;
-    const size_t blob = state.size() - 1;
-    (*client)->UpdateEntry(blob, state[blob].bytes.data(), state[blob].length).IgnoreError();
+    update_blobs();
     if (step % static_cast<int64_t>(f.every) == 0) {
       Say("snapshot " + std::to_string(step));  // before the call: bounds what can be sealed
       auto outcome = (*client)->Snapshot(step);

@@ -74,6 +74,9 @@ class CStats(ctypes.Structure):
         ("staging_budget_short", ctypes.c_uint64),
         ("staging_alloc_failures", ctypes.c_uint64),
         ("fence_cpu_waits", ctypes.c_uint64),
+        ("dp_size", ctypes.c_uint32),
+        ("gathered_with_nccl", ctypes.c_int32),
+        ("bytes_gathered", ctypes.c_uint64),
     ]
 
 
@@ -139,6 +142,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tessera_get_stats": ([c_client_p, ctypes.POINTER(CStats)], ctypes.c_int),
         "tessera_set_staging": (
             [c_client_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_double],
+            ctypes.c_int,
+        ),
+        "tessera_set_data_parallel": (
+            [c_client_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t,
+             ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t],
             ctypes.c_int,
         ),
         "tessera_close": ([c_client_p, ctypes.c_int32], ctypes.c_int),

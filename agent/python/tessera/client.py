@@ -160,6 +160,12 @@ class Stats:
     """Staging buffers the device could not allocate (those snapshots fell back to the fence)."""
     fence_cpu_waits: int = 0
     """Fences that waited on the CPU for the snapshot's copies to be issued."""
+    dp_size: int = 0
+    """The last DP-sharded restore's group size; 0: no DP-sharded restore yet."""
+    gathered_with_nccl: bool = False
+    """Whether that restore gathered the other members' slices over NCCL (else the daemon)."""
+    bytes_gathered: int = 0
+    """Bytes of the other members' slices that restore gathered."""
 
 
 StreamLike = Union[None, int, Any]
@@ -467,7 +473,37 @@ class Client:
             staging_budget_short=raw.staging_budget_short,
             staging_alloc_failures=raw.staging_alloc_failures,
             fence_cpu_waits=raw.fence_cpu_waits,
+            dp_size=raw.dp_size,
+            gathered_with_nccl=bool(raw.gathered_with_nccl),
+            bytes_gathered=raw.bytes_gathered,
         )
+
+    def set_data_parallel(self, members: Sequence[int], replicated: Sequence[bool]) -> None:
+        """Makes the snapshots DP-sharded from the next `register` on.
+
+        Args:
+            members: the job ranks of this rank's data-parallel group, in DP-rank order (this
+                rank among them). Empty turns sharding off.
+            replicated: one flag per entry about to be registered: True for a tensor every member
+                holds identically (parameters, optimizer state under plain data parallelism).
+
+        Each member then copies a disjoint, balanced slice of the replicated bytes; `restore`,
+        called by every member together, restores its own slice and gathers the others' (over
+        NCCL for GPU tensors, through the daemon otherwise).
+
+        Raises:
+            InvalidArgumentError: a rank repeated or negative (the group itself is checked by
+                `register`).
+        """
+        members = [_as_int(m, "members[]") for m in members]
+        if any(m < 0 or m >= 2**32 for m in members):
+            raise InvalidArgumentError(f"data-parallel members must be job ranks, got {members}")
+        flags = [bool(r) for r in replicated]
+        c_members = (ctypes.c_uint32 * max(1, len(members)))(*members)
+        c_flags = (ctypes.c_uint8 * max(1, len(flags)))(*[1 if f else 0 for f in flags])
+        _lib.check(self._lib.tessera_set_data_parallel(self._h(), c_members, len(members),
+                                                       c_flags, len(flags)),
+                   "tessera_set_data_parallel")
 
     def set_staging(self, mode: str = "adaptive", budget_bytes: int = 0,
                     budget_free_fraction: float = 0.5) -> None:

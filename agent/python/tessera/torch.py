@@ -245,6 +245,12 @@ class Snapshotter:
             whole copy. See `stats` for the plan.
         staging_budget: GPU memory the staging buffer may take: bytes (an int), or a fraction of
             the device's free memory (a float in (0, 1]). Default 0.5 of the free memory.
+        dp_group: the data-parallel group this rank belongs to: a torch.distributed process
+            group, or the job ranks of the group in DP-rank order. The model's parameters and the
+            optimizer's state are then taken as replicated across it, and each member snapshots
+            only its 1/dp slice of their bytes (buffers, RNG and the user dict stay whole).
+            `restore_latest` must then be called by every member together: each restores its
+            slice and gathers the others' over NCCL (CUDA tensors) or through the daemon.
 
     Raises:
         TypeError, InvalidArgumentError: bad arguments.
@@ -268,6 +274,7 @@ class Snapshotter:
         fence_forward: Optional[bool] = None,
         staging: str = "adaptive",
         staging_budget: Optional[Union[int, float]] = None,
+        dp_group: Optional[Any] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -300,6 +307,7 @@ class Snapshotter:
         self.last_snapshot_seconds = 0.0
         """Time the last `snapshot` call blocked the training thread."""
 
+        self.dp_members: Optional[List[int]] = self._resolve_dp_group(dp_group, self.rank)
         self._blobs: Dict[str, _Blob] = {}
         self._registered: Optional[_Registered] = None
         self._fence_pending = False
@@ -333,6 +341,26 @@ class Snapshotter:
             raise
 
     # -- identity --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_dp_group(dp_group: Any, rank: int) -> Optional[List[int]]:
+        if dp_group is None:
+            return None
+        if isinstance(dp_group, (list, tuple)):
+            members = [_check_int(m, "dp_group[]", 0) for m in dp_group]
+        else:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise InvalidArgumentError(
+                    "dp_group is a process group, but torch.distributed is not initialized")
+            members = list(dist.get_process_group_ranks(dp_group))
+        if rank not in members:
+            raise InvalidArgumentError(
+                f"rank {rank} is not in its dp_group {members}: pass the data-parallel group "
+                "this rank belongs to")
+        if len(set(members)) != len(members):
+            raise InvalidArgumentError(f"dp_group lists a rank twice: {members}")
+        return members
 
     @staticmethod
     def _resolve_job_id(job_id: Optional[str]) -> str:
@@ -507,8 +535,10 @@ class Snapshotter:
             (f"model.{k}", t) for k, t in model_tensors.items()]
         named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors]
 
+        parameter_names = {f"model.{k}" for k, _ in self.model.named_parameters()}
         entries: List[Entry] = []
         names: List[str] = []
+        replicated: List[bool] = []
         aliases: Dict[str, str] = {}
         seen: Dict[Tuple[int, str, Tuple[int, ...], str], str] = {}
         for name, t in named:
@@ -521,6 +551,9 @@ class Snapshotter:
                 seen[identity] = name
             entries.append(entry)
             names.append(name)
+            # Under data parallelism the parameters and the optimizer state are the same on every
+            # member; buffers (batch-norm statistics) may drift per rank, so they stay whole.
+            replicated.append(name in parameter_names or name.startswith("optim."))
 
         cuda_devices = self._cuda_devices()
         stream_device = None
@@ -544,11 +577,14 @@ class Snapshotter:
             blob.current = None
             entries.append(Entry.blob(f"blob.{name}", blob.address(blob.registered),
                                       blob.capacity, 0))
+            replicated.append(False)
         for name in list(self._blobs):
             if name not in payloads:
                 del self._blobs[name]
 
         self._registered = None
+        if self.dp_members is not None:
+            self._client.set_data_parallel(self.dp_members, replicated)
         self._client.register(self.job_id, self.rank, self.world_size, entries)
         params = self._params() if self.optimizer is not None else []
         state = self.optimizer.state if self.optimizer is not None else {}
