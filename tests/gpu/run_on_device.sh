@@ -42,6 +42,21 @@ run_test() {  # name timeout_s
 }
 
 run_test copy_engine_gpu_test 90
+# NCCL for the DP-sharded restore: the libnccl that PyTorch brings, when no other is configured.
+if [ -z "${TESSERA_NCCL_LIBRARY:-}" ]; then
+  TESSERA_NCCL_LIBRARY=$(python3 - <<'PY' 2>/dev/null
+import glob, os, sys
+for p in sys.path:
+    for c in sorted(glob.glob(os.path.join(p, "nvidia", "nccl", "lib", "libnccl.so*")) +
+                    glob.glob(os.path.join(p, "torch", "lib", "libnccl.so*"))):
+        print(c)
+        raise SystemExit
+PY
+)
+  export TESSERA_NCCL_LIBRARY
+fi
+echo "TESSERA_NCCL_LIBRARY=${TESSERA_NCCL_LIBRARY:-(none found)}"
+if [ -x "$bundle/bin/nccl_group_gpu_test" ]; then run_test nccl_group_gpu_test 120; fi
 if [ -x "$bundle/bin/gpu_snapshot_bench" ]; then
   echo "=== gpu_snapshot_bench ${BENCH_ARGS:-}"
   start=$SECONDS
