@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -175,11 +176,15 @@ absl::Status NcclBroadcast(const std::string& unique_id, int rank, int size, int
   } else {
     status = AwaitComm(api, comm, deadline, init_what);
   }
-  if (status.ok()) {
+  // Groups of at most kOpsPerGroup broadcasts: one launch each, well inside NCCL's limits on
+  // the operations one group may aggregate.
+  constexpr size_t kOpsPerGroup = 256;
+  for (size_t first = 0; status.ok() && first < ops.size(); first += kOpsPerGroup) {
+    const size_t last = std::min(ops.size(), first + kOpsPerGroup);
     r = api.GroupStart();
-    for (const BroadcastOp& op : ops) {
-      if (r != ncclSuccess) break;
-      r = api.Broadcast(op.data, op.data, op.bytes, ncclUint8, op.root, comm, stream);
+    for (size_t i = first; i < last && (r == ncclSuccess || r == ncclInProgress); ++i) {
+      r = api.Broadcast(ops[i].data, ops[i].data, ops[i].bytes, ncclUint8, ops[i].root, comm,
+                        stream);
     }
     ncclResult_t end = api.GroupEnd();
     if (r != ncclSuccess && r != ncclInProgress) {

@@ -33,6 +33,7 @@ TEST_F(NcclGroupGpuTest, OneMemberGroupBroadcastsKeepEveryByte) {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   std::vector<size_t> sizes = {1, 255, 4096, size_t{3} << 20, 12345677};
+  for (int i = 0; i < 600; ++i) sizes.push_back(1 + rng() % 70000);  // several groups of ops
   std::vector<std::vector<uint8_t>> host;
   std::vector<void*> device;
   std::vector<BroadcastOp> ops;
