@@ -96,7 +96,8 @@ int tessera_set_staging(tessera_client* client, const char* mode, uint64_t budge
  * only). Each member then snapshots a disjoint, balanced slice of the replicated bytes, and
  * tessera_restore, called by every member together, gathers the other slices (over NCCL when
  * the tensors are GPU memory and every member can load libnccl; through the daemon otherwise).
- * n_members 0 turns it off. */
+ * n_members 0 turns it off. A restore waits for the other members for at most
+ * TESSERA_DP_RESTORE_TIMEOUT_MS (read by tessera_connect; default 300000). */
 int tessera_set_data_parallel(tessera_client* client, const uint32_t* members, size_t n_members,
                               const uint8_t* replicated, size_t n_entries);
 /* Unregisters (dropping the snapshots when drop_snapshots != 0) and frees the client. */

@@ -1,5 +1,7 @@
+#include <cstdlib>
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "agent/client.h"
 #include "agent/tessera.h"
@@ -48,6 +50,14 @@ int tessera_connect(const char* socket_path, int32_t when_busy, int32_t use_gpu,
   options.when_busy = when_busy == TESSERA_WHEN_BUSY_WAIT ? tessera::Client::BusyPolicy::kWait
                                                           : tessera::Client::BusyPolicy::kSkip;
   options.use_gpu = use_gpu != 0;
+  if (const char* timeout = std::getenv("TESSERA_DP_RESTORE_TIMEOUT_MS"); timeout && *timeout) {
+    int64_t ms = 0;
+    if (!absl::SimpleAtoi(timeout, &ms) || ms < 1) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "TESSERA_DP_RESTORE_TIMEOUT_MS='", timeout, "' must be a number of milliseconds >= 1")));
+    }
+    options.dp_restore_timeout_ms = ms;
+  }
   auto client = tessera::Client::Connect(options);
   if (!client.ok()) return Fail(client.status());
   *out = new tessera_client{std::move(*client)};
