@@ -1,5 +1,7 @@
 #include "daemon/shard_rebuild.h"
 
+#include <algorithm>
+#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -9,17 +11,34 @@
 #include "ec/erasure_codec.h"
 
 namespace tessera {
+namespace {
+
+constexpr int kMaxThreads = 8;
+constexpr size_t kMinCrcThreadBytes = size_t{4} << 20;
+
+int ThreadsFor(int requested) {
+  if (requested > 0) return requested;
+  return std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, kMaxThreads);
+}
+
+}  // namespace
 
 absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentReader& read,
-                                        uint8_t* shard) {
+                                        uint8_t* shard, DecodeOptions options) {
   if (plan.source != RestorePlan::Source::kRebuild || plan.k == 0 ||
       plan.fragments.size() < plan.k) {
     return absl::InvalidArgumentError(
         absl::StrCat("a rebuild needs a plan of at least k fragments; got ", plan.fragments.size(),
                      " fragments for k = ", plan.k));
   }
+  const size_t capacity = options.shard_capacity == 0 ? plan.shard_bytes : options.shard_capacity;
+  if (capacity < plan.shard_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("the destination holds ", capacity,
+                                                   " bytes; the shard has ", plan.shard_bytes));
+  }
   TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(plan.k, plan.m));
   const size_t fragment_bytes = ErasureCodec::FragmentBytes(plan.shard_bytes, plan.k);
+  const int k = static_cast<int>(plan.k);
   const int total = static_cast<int>(plan.k + plan.m);
   // The whole plan is checked before any fragment is read.
   std::vector<bool> have(total, false);
@@ -30,10 +49,23 @@ absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentR
     }
     have[index] = true;
   }
+  // Where each fragment goes: a data fragment that fits the destination goes straight there;
+  // parity that is read, and data that does not fit, go to scratch. Erased parity goes nowhere.
+  auto in_place = [&](int i) { return i < k && (i + 1) * fragment_bytes <= capacity; };
+  std::vector<int> scratched;
+  for (int i = 0; i < total; ++i) {
+    if (!in_place(i) && (have[i] || i < k)) scratched.push_back(i);
+  }
   // Every byte is written before it is read (fetched, or reconstructed): not zero-filled.
-  std::unique_ptr<uint8_t[]> buffer(new uint8_t[total * fragment_bytes]);
-  std::vector<uint8_t*> pointers(total);
-  for (int i = 0; i < total; ++i) pointers[i] = buffer.get() + i * fragment_bytes;
+  std::unique_ptr<uint8_t[]> scratch(
+      scratched.empty() ? nullptr : new uint8_t[scratched.size() * fragment_bytes]);
+  std::vector<uint8_t*> pointers(total, nullptr);
+  for (int i = 0; i < k; ++i) {
+    if (in_place(i)) pointers[i] = shard + i * fragment_bytes;
+  }
+  for (size_t s = 0; s < scratched.size(); ++s) {
+    pointers[scratched[s]] = scratch.get() + s * fragment_bytes;
+  }
   // One reader per fragment: they come from different members.
   std::vector<absl::Status> got(plan.fragments.size());
   std::vector<std::thread> readers;
@@ -55,13 +87,24 @@ absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentR
   }
   if (!result.failed.empty()) return result;
   std::vector<int> erased;
+  bool data_erased = false;
   for (int i = 0; i < total; ++i) {
-    if (!have[i]) erased.push_back(i);
+    if (have[i]) continue;
+    erased.push_back(i);
+    data_erased = data_erased || i < k;
   }
-  TESSERA_RETURN_IF_ERROR(codec.Reconstruct(erased, pointers.data(), fragment_bytes));
-  TESSERA_RETURN_IF_ERROR(
-      codec.JoinShard(pointers.data(), fragment_bytes, shard, plan.shard_bytes));
-  result.crc32c = Crc32c(shard, plan.shard_bytes);
+  const int threads = ThreadsFor(options.threads);
+  if (data_erased) {
+    TESSERA_RETURN_IF_ERROR(
+        codec.ReconstructDataOnThreads(erased, pointers.data(), fragment_bytes, threads));
+  }
+  for (int i = 0; i < k; ++i) {
+    const uint64_t begin = static_cast<uint64_t>(i) * fragment_bytes;
+    if (in_place(i) || begin >= plan.shard_bytes) continue;
+    std::memcpy(shard + begin, pointers[i],
+                std::min<uint64_t>(fragment_bytes, plan.shard_bytes - begin));
+  }
+  result.crc32c = ParallelCrc32c(shard, plan.shard_bytes, threads, kMinCrcThreadBytes);
   return result;
 }
 

@@ -1,10 +1,11 @@
 // Decoding one shard from k of its fragments, transport-free: where each fragment comes from is
 // the caller's FragmentReader (this node's FragmentStore, a peer over PeerClient, a test fake).
-// Used by the admin service's forced rebuild; the protection pipeline's restore does the same
-// steps and can share it.
+// Used by the protection pipeline's restore (ClusterCoordination::MakeLocal) and the admin
+// service's forced rebuild.
 #ifndef TESSERA_DAEMON_SHARD_REBUILD_H_
 #define TESSERA_DAEMON_SHARD_REBUILD_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -33,15 +34,28 @@ struct ShardDecode {
   // The fragments that could not be read, with why. When any did, nothing was decoded: exclude
   // them and plan again.
   std::vector<FailedRead> failed;
-  uint32_t crc32c = 0;  // of the decoded shard
+  uint32_t crc32c = 0;  // of the decoded shard, computed over shard[0, plan.shard_bytes)
+};
+
+struct DecodeOptions {
+  // Bytes the destination holds; 0 means exactly plan.shard_bytes. Every data fragment that fits
+  // wholly inside is read (or rebuilt) straight into place; the others go through a scratch
+  // buffer and are copied. With k * ErasureCodec::FragmentBytes(shard_bytes, k) bytes nothing is
+  // copied, and the padding past shard_bytes is overwritten.
+  size_t shard_capacity = 0;
+  // Threads for rebuilding erased data fragments and for the shard's CRC32C; 0: the hardware's
+  // (at most 8).
+  int threads = 0;
 };
 
 // Reads the fragments of a kRebuild plan with `read`, in parallel, and decodes the shard into
-// shard[0, plan.shard_bytes). Errors: kInvalidArgument for a plan that is not a rebuild or
-// names too few fragments, one twice, or one outside RS(k, m) (nothing is read then); the
-// codec's errors.
+// shard[0, plan.shard_bytes). Only erased data fragments are computed (erased parity is not
+// needed for the shard). Errors: kInvalidArgument for a plan that is not a rebuild or names too
+// few fragments, one twice, or one outside RS(k, m), or a shard_capacity below shard_bytes
+// (nothing is read then); the codec's errors. On any error or failed read, `shard` may hold part
+// of the fragments.
 absl::StatusOr<ShardDecode> DecodeShard(const RestorePlan& plan, const FragmentReader& read,
-                                        uint8_t* shard);
+                                        uint8_t* shard, DecodeOptions options = {});
 
 }  // namespace tessera
 

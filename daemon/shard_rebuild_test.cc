@@ -61,6 +61,14 @@ RestorePlan Plan(int k, int m, const Encoded& e, std::vector<uint32_t> indexes) 
   return plan;
 }
 
+// A reader for calls that must be refused before anything is read.
+FragmentReader NeverRead() {
+  return [](uint32_t index, const std::string&, uint8_t*, size_t) -> absl::Status {
+    ADD_FAILURE() << "fragment " << index << " read for a call that should have been refused";
+    return absl::OkStatus();
+  };
+}
+
 TEST(ShardRebuildTest, AnyKFragmentsDecodeBitExact) {
   std::mt19937_64 rng(TestSeed());
   for (int round = 0; round < 60; ++round) {
@@ -148,13 +156,53 @@ TEST(ShardRebuildTest, EveryFailedReadIsReported) {
   EXPECT_EQ(out, e.shard);
 }
 
+TEST(ShardRebuildTest, PaddedDestinationAndThreadedRebuildDecodeBitExact) {
+  std::mt19937_64 rng(TestSeed());
+  for (int round = 0; round < 8; ++round) {
+    const int k = 2 + static_cast<int>(rng() % 4), m = 1 + static_cast<int>(rng() % 3);
+    // Large enough that the rebuild and the CRC32C are cut across threads; odd-sized.
+    const size_t bytes = (size_t{9} << 20) + rng() % 100000;
+    Encoded e = Encode(rng, k, m, bytes);
+    std::vector<uint32_t> some(k + m);
+    for (int i = 0; i < k + m; ++i) some[i] = i;
+    std::shuffle(some.begin(), some.end(), rng);
+    some.resize(k);
+    FragmentReader read = [&](uint32_t index, const std::string&, uint8_t* dst,
+                              size_t n) -> absl::Status {
+      std::memcpy(dst, e.fragments[index].data(), n);
+      return absl::OkStatus();
+    };
+    // Room for every data fragment in place (padding included), or just the shard.
+    const size_t padded = k * e.fragments[0].size();
+    const bool in_place = round % 2 == 0;
+    std::vector<uint8_t> out(in_place ? padded : bytes);
+    for (auto& b : out) b = static_cast<uint8_t>(rng());
+    DecodeOptions options;
+    options.shard_capacity = out.size();
+    options.threads = 1 + static_cast<int>(rng() % 4);
+    auto decoded = DecodeShard(Plan(k, m, e, some), read, out.data(), options);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(decoded->crc32c, e.crc) << "round " << round;
+    EXPECT_EQ(std::memcmp(out.data(), e.shard.data(), bytes), 0)
+        << "RS(" << k << ", " << m << ") round " << round << " threads " << options.threads;
+  }
+}
+
+TEST(ShardRebuildTest, ADestinationSmallerThanTheShardIsRefused) {
+  std::mt19937_64 rng(TestSeed());
+  Encoded e = Encode(rng, 3, 2, 5000);
+  const FragmentReader never = NeverRead();
+  std::vector<uint8_t> out(4999);
+  DecodeOptions options;
+  options.shard_capacity = out.size();
+  EXPECT_EQ(DecodeShard(Plan(3, 2, e, {0, 1, 2}), never, out.data(), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ShardRebuildTest, BadPlansAreRefused) {
   std::mt19937_64 rng(TestSeed());
   Encoded e = Encode(rng, 2, 1, 1000);
-  FragmentReader never = [](uint32_t, const std::string&, uint8_t*, size_t) -> absl::Status {
-    ADD_FAILURE() << "read for a bad plan";
-    return absl::OkStatus();
-  };
+  const FragmentReader never = NeverRead();
   std::vector<uint8_t> out(1000);
   RestorePlan copy = Plan(2, 1, e, {0, 1});
   copy.source = RestorePlan::Source::kCopy;

@@ -4,7 +4,9 @@
 #include <array>
 #include <bitset>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 
@@ -62,6 +64,30 @@ absl::Status CheckPointers(const Pointer* pointers, int count, const char* what)
       return absl::InvalidArgumentError(absl::StrCat(what, " fragment ", i, " is null"));
     }
   }
+  return absl::OkStatus();
+}
+
+// Below this, a range is not worth a thread of its own.
+constexpr size_t kMinThreadBytes = size_t{4} << 20;
+
+// Runs work(offset, length) over [0, bytes) cut into up to `threads` 64-byte aligned ranges, on
+// that many threads (this one included); returns the first error.
+absl::Status ForRanges(size_t bytes, int threads,
+                       const std::function<absl::Status(size_t, size_t)>& work) {
+  const size_t pieces = std::clamp<size_t>(bytes / kMinThreadBytes, 1, std::max(threads, 1));
+  const size_t step = (bytes / pieces + 63) / 64 * 64;
+  std::vector<absl::Status> results(pieces);
+  std::vector<std::thread> workers;
+  for (size_t p = 1; p < pieces; ++p) {
+    const size_t begin = std::min(bytes, p * step);
+    const size_t end = p + 1 == pieces ? bytes : std::min(bytes, (p + 1) * step);
+    if (end > begin) {
+      workers.emplace_back([&, p, begin, end] { results[p] = work(begin, end - begin); });
+    }
+  }
+  results[0] = work(0, std::min(bytes, step));
+  for (std::thread& t : workers) t.join();
+  for (const absl::Status& s : results) TESSERA_RETURN_IF_ERROR(s);
   return absl::OkStatus();
 }
 
@@ -234,6 +260,46 @@ absl::Status ErasureCodec::ReconstructRange(const std::vector<int>& erased,
   for (int i = 0; i < rows; ++i) outputs[i] = fragments[plan->targets[i]] + offset_bytes;
   EncodeInPieces(k_, rows, plan->tables.data(), sources.data(), outputs.data(), length_bytes);
   return absl::OkStatus();
+}
+
+absl::Status ErasureCodec::ReconstructDataRange(const std::vector<int>& erased,
+                                                uint8_t* const* fragments, size_t offset_bytes,
+                                                size_t length_bytes) const {
+  TESSERA_RETURN_IF_ERROR(CheckRange(offset_bytes, length_bytes));
+  if (fragments == nullptr) return absl::InvalidArgumentError("fragments array is null");
+  TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<const DecodePlan> plan, PlanFor(erased));
+  if (plan == nullptr) return absl::OkStatus();
+  // Targets are ascending, so the data rows come first in the plan's tables.
+  int rows = 0;
+  while (rows < static_cast<int>(plan->targets.size()) && plan->targets[rows] < k_) ++rows;
+  if (rows == 0) return absl::OkStatus();
+  std::array<uint8_t*, kMaxDataFragments> sources;
+  std::array<uint8_t*, kMaxDataFragments> outputs;
+  for (int i = 0; i < k_; ++i) sources[i] = fragments[plan->survivors[i]];
+  for (int i = 0; i < rows; ++i) outputs[i] = fragments[plan->targets[i]];
+  TESSERA_RETURN_IF_ERROR(CheckPointers(sources.data(), k_, "surviving"));
+  TESSERA_RETURN_IF_ERROR(CheckPointers(outputs.data(), rows, "erased data"));
+  for (int i = 0; i < k_; ++i) sources[i] += offset_bytes;
+  for (int i = 0; i < rows; ++i) outputs[i] += offset_bytes;
+  EncodeInPieces(k_, rows, plan->tables.data(), sources.data(), outputs.data(), length_bytes);
+  return absl::OkStatus();
+}
+
+absl::Status ErasureCodec::EncodeOnThreads(const uint8_t* const* data, uint8_t* const* parity,
+                                           size_t fragment_bytes, int threads) const {
+  TESSERA_RETURN_IF_ERROR(CheckRange(0, fragment_bytes));
+  return ForRanges(fragment_bytes, threads, [&](size_t offset, size_t length) {
+    return EncodeRange(data, parity, offset, length);
+  });
+}
+
+absl::Status ErasureCodec::ReconstructDataOnThreads(const std::vector<int>& erased,
+                                                    uint8_t* const* fragments,
+                                                    size_t fragment_bytes, int threads) const {
+  TESSERA_RETURN_IF_ERROR(CheckRange(0, fragment_bytes));
+  return ForRanges(fragment_bytes, threads, [&](size_t offset, size_t length) {
+    return ReconstructDataRange(erased, fragments, offset, length);
+  });
 }
 
 absl::StatusOr<std::shared_ptr<const ErasureCodec::DecodePlan>> ErasureCodec::PlanFor(

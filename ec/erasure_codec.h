@@ -106,6 +106,20 @@ class ErasureCodec {
   absl::Status ReconstructRange(const std::vector<int>& erased, uint8_t* const* fragments,
                                 size_t offset_bytes, size_t length_bytes) const;
 
+  // ReconstructRange for the erased data fragments only: what a shard needs back. The pointers of
+  // erased parity fragments are not used and may be null; surviving parity fragments beyond the
+  // k survivors may be null too. Same errors as ReconstructRange.
+  absl::Status ReconstructDataRange(const std::vector<int>& erased, uint8_t* const* fragments,
+                                    size_t offset_bytes, size_t length_bytes) const;
+
+  // Encode and ReconstructDataRange over whole fragments, cut into up to `threads` ranges (each a
+  // multiple of 64 bytes and at least a few MiB) run at once, the calling thread included. Same
+  // results, requirements and errors.
+  absl::Status EncodeOnThreads(const uint8_t* const* data, uint8_t* const* parity,
+                               size_t fragment_bytes, int threads) const;
+  absl::Status ReconstructDataOnThreads(const std::vector<int>& erased, uint8_t* const* fragments,
+                                        size_t fragment_bytes, int threads) const;
+
   // Decode-table cache counters, shared by all copies of this codec. A lookup that finds the
   // pattern's tables is a hit; one that has to invert a matrix is a miss.
   struct DecodeCacheStats {

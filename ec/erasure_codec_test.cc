@@ -375,6 +375,28 @@ TEST(ErasureCodecTest, EncodeRangeOnChunksEqualsWholeEncode) {
   }
 }
 
+TEST(ErasureCodecTest, OnThreadsEqualsOneThread) {
+  constexpr uint64_t kSeed = 0x5eed0012;
+  std::mt19937_64 rng(kSeed);
+  // Long enough to be cut into several ranges; odd, so the last range is short.
+  const size_t length = (size_t{13} << 20) + 4097;
+  for (int threads = 1; threads <= 4; ++threads) {
+    const ErasureCodec codec = MustCreate(3, 2);
+    SCOPED_TRACE(absl::StrCat(SeedName(kSeed), " threads=", threads));
+    const Fragments whole = EncodedFragments(codec, length, rng, /*unaligned=*/true);
+    Fragments threaded(whole);
+    for (int i = 3; i < 5; ++i) threaded.Scramble(i, rng);
+    ASSERT_TRUE(
+        codec.EncodeOnThreads(threaded.pointers(), threaded.pointers() + 3, length, threads).ok());
+    EXPECT_EQ(threaded.FirstDifference(whole), -1);
+    const std::vector<int> erased = {static_cast<int>(rng() % 3), 3 + static_cast<int>(rng() % 2)};
+    for (int i : erased) threaded.Scramble(i, rng);
+    ASSERT_TRUE(
+        codec.ReconstructDataOnThreads(erased, threaded.pointers(), length, threads).ok());
+    EXPECT_TRUE(threaded.SameBytes(whole, erased[0]));
+  }
+}
+
 TEST(ErasureCodecTest, EveryPatternOfUpToMErasuresReconstructsBitExact) {
   constexpr uint64_t kSeed = 0x5eed0006;
   std::mt19937_64 rng(kSeed);
@@ -414,6 +436,47 @@ TEST(ErasureCodecTest, RandomErasuresAtUnalignedLengthsAndOffsets) {
     const Fragments golden = EncodedFragments(codec, length, rng, /*unaligned=*/true);
     ExpectReconstructs(codec, golden, erased, rng);
     if (HasFatalFailure()) return;
+  }
+}
+
+TEST(ErasureCodecTest, ReconstructDataRangeRebuildsDataOnlyAndLeavesParityPointersUnused) {
+  constexpr uint64_t kSeed = 0x5eed0011;
+  constexpr int kTrials = 300;
+  std::mt19937_64 rng(kSeed);
+  std::vector<ErasureCodec> codecs;
+  for (const Shape& shape : Shapes()) {
+    if (shape.m > 0) codecs.push_back(MustCreate(shape.k, shape.m));
+  }
+  for (int trial = 0; trial < kTrials; ++trial) {
+    const ErasureCodec& codec = codecs[rng() % codecs.size()];
+    const size_t length = UnalignedLengths()[rng() % UnalignedLengths().size()];
+    const int lost = 1 + static_cast<int>(rng() % codec.m());
+    const std::vector<int> erased = RandomPattern(codec.total_fragments(), lost, rng);
+    SCOPED_TRACE(absl::StrCat(SeedName(kSeed), " trial=", trial, " RS(", codec.k(), ",", codec.m(),
+                              ") length=", length, " erased={", absl::StrJoin(erased, ","), "}"));
+    const Fragments golden = EncodedFragments(codec, length, rng, /*unaligned=*/true);
+    Fragments work(golden);
+    for (int i : erased) work.Scramble(i, rng);
+    // Erased parity and the parity beyond the k survivors are never read or written: null.
+    std::vector<uint8_t*> pointers(work.pointers(), work.pointers() + codec.total_fragments());
+    int survivors = 0;
+    for (int i = 0; i < codec.total_fragments(); ++i) {
+      const bool is_erased = std::find(erased.begin(), erased.end(), i) != erased.end();
+      if (!is_erased && survivors < codec.k()) {
+        ++survivors;
+      } else if (i >= codec.k()) {
+        pointers[i] = nullptr;
+      }
+    }
+    // In two pieces, as a parallel rebuild cuts it.
+    const size_t half = length / 2;
+    if (half > 0) {
+      ASSERT_TRUE(codec.ReconstructDataRange(erased, pointers.data(), 0, half).ok());
+    }
+    ASSERT_TRUE(codec.ReconstructDataRange(erased, pointers.data(), half, length - half).ok());
+    for (int i = 0; i < codec.k(); ++i) {
+      EXPECT_TRUE(work.SameBytes(golden, i)) << "data fragment " << i;
+    }
   }
 }
 
