@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <optional>
+#include <thread>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -13,6 +15,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/metrics.h"
+#include "daemon/shard_rebuild.h"
 #include "ec/erasure_codec.h"
 #include "proto/manifest.pb.h"
 
@@ -181,6 +184,7 @@ void ClusterCoordination::Run() {
 
 absl::Status ClusterCoordination::Protect(const Work& work) {
   auto log = Logger("protection");
+  const absl::Time started = absl::Now();
   auto pinned = store_->Pin(work.job_id, work.rank, work.step);
   if (!pinned.ok()) {
     // The slot was reused for a newer step: that step is protected instead.
@@ -216,9 +220,8 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(placement.k, placement.m));
   const uint64_t shard_bytes = pinned->payload_bytes;
   const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, placement.k);
-  // Data fragments that lie wholly inside the payload are read in place; the rest are copied and
-  // zero-padded.
-  std::vector<uint8_t> scratch;
+  // Data fragments that lie wholly inside the payload are sent from it in place; the others
+  // (the padded last one, if any) are copied into scratch, which also takes the parity.
   std::vector<const uint8_t*> data(placement.k);
   std::vector<int> copied;
   for (int i = 0; i < placement.k; ++i) {
@@ -228,22 +231,18 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
       copied.push_back(i);
     }
   }
-  scratch.assign((copied.size() + placement.m) * fragment_bytes, 0);
+  uint8_t* const scratch = Scratch((copied.size() + placement.m) * fragment_bytes);
   for (size_t c = 0; c < copied.size(); ++c) {
     const uint64_t begin = copied[c] * fragment_bytes;
-    uint8_t* dst = scratch.data() + c * fragment_bytes;
-    if (begin < shard_bytes) {
-      std::memcpy(dst, pinned->payload + begin,
-                  std::min<uint64_t>(fragment_bytes, shard_bytes - begin));
-    }
+    uint8_t* dst = scratch + c * fragment_bytes;
+    const uint64_t present = begin < shard_bytes ? std::min<uint64_t>(fragment_bytes, shard_bytes - begin) : 0;
+    if (present > 0) std::memcpy(dst, pinned->payload + begin, present);
+    std::memset(dst + present, 0, fragment_bytes - present);
     data[copied[c]] = dst;
   }
   std::vector<uint8_t*> parity(placement.m);
   for (int j = 0; j < placement.m; ++j) {
-    parity[j] = scratch.data() + (copied.size() + j) * fragment_bytes;
-  }
-  if (placement.m > 0) {
-    TESSERA_RETURN_IF_ERROR(codec.Encode(data.data(), parity.data(), fragment_bytes));
+    parity[j] = scratch + (copied.size() + j) * fragment_bytes;
   }
 
   FragmentMeta meta;
@@ -256,22 +255,32 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   const int total = placement.k + placement.m;
   std::vector<absl::Status> results(total);
   std::vector<std::thread> senders;
-  for (int i = 0; i < total; ++i) {
-    senders.emplace_back([&, i] {
-      const std::string& node = placement.nodes[i];
-      auto address = cluster_->AddressOf(node);
-      if (!address) {
-        results[i] = absl::UnavailableError(absl::StrCat("member ", node, " is not live"));
-        return;
-      }
-      FragmentKey key{work.job_id, work.rank, work.step, static_cast<uint32_t>(i)};
-      const uint8_t* bytes = i < placement.k ? data[i] : parity[i - placement.k];
-      results[i] = client_->PutFragment(*address, key, meta, bytes, fragment_bytes).status();
-      if (!results[i].ok()) {
-        results[i] = absl::Status(results[i].code(), absl::StrCat("fragment ", i, " to ", node,
-                                                                  ": ", results[i].message()));
-      }
-    });
+  auto send = [&](int i) {
+    const std::string& node = placement.nodes[i];
+    auto address = cluster_->AddressOf(node);
+    if (!address) {
+      results[i] = absl::UnavailableError(absl::StrCat("member ", node, " is not live"));
+      return;
+    }
+    FragmentKey key{work.job_id, work.rank, work.step, static_cast<uint32_t>(i)};
+    const uint8_t* bytes = i < placement.k ? data[i] : parity[i - placement.k];
+    results[i] = client_->PutFragment(*address, key, meta, bytes, fragment_bytes).status();
+    if (!results[i].ok()) {
+      results[i] = absl::Status(results[i].code(), absl::StrCat("fragment ", i, " to ", node,
+                                                                ": ", results[i].message()));
+    }
+  };
+  // The data fragments go at once; the parity is encoded on several threads meanwhile (it takes
+  // a fraction of the transfer time) and each parity fragment goes as soon as it is complete.
+  for (int i = 0; i < placement.k; ++i) senders.emplace_back(send, i);
+  absl::Status encoded =
+      placement.m > 0 ? codec.EncodeOnThreads(data.data(), parity.data(), fragment_bytes,
+                                              EncodeThreads())
+                      : absl::OkStatus();
+  if (encoded.ok()) {
+    for (int i = placement.k; i < total; ++i) senders.emplace_back(send, i);
+  } else {
+    for (int i = placement.k; i < total; ++i) results[i] = encoded;
   }
   for (std::thread& t : senders) t.join();
   std::vector<std::string> failed;
@@ -279,13 +288,30 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
     if (!s.ok()) failed.push_back(s.ToString());
   }
   if (!failed.empty()) return absl::UnavailableError(absl::StrJoin(failed, "; "));
-  log->debug("job '{}' rank {} step {} protected: RS({}, {}) on {}", work.job_id, work.rank,
-             work.step, placement.k, placement.m, absl::StrJoin(placement.nodes, ","));
+  const absl::Duration took = absl::Now() - started;
+  log->info("job '{}' rank {} step {}: protected ({} bytes) in {} ms, RS({}, {}) on {}; {} ms "
+            "after it was sealed",
+            work.job_id, work.rank, work.step, shard_bytes, absl::ToInt64Milliseconds(took),
+            placement.k, placement.m, absl::StrJoin(placement.nodes, ","),
+            std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms));
   Metrics().protection_seconds->Observe(
       static_cast<double>(std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms)) / 1000.0);
   absl::MutexLock lock(&mu_);
   ++stats_.protected_shards;
   return absl::OkStatus();
+}
+
+uint8_t* ClusterCoordination::Scratch(size_t bytes) {
+  if (bytes > scratch_bytes_) {
+    scratch_.reset();  // the old buffer goes before the new one is faulted in
+    scratch_.reset(new uint8_t[bytes]);
+    scratch_bytes_ = bytes;
+  }
+  return scratch_.get();
+}
+
+int ClusterCoordination::EncodeThreads() {
+  return std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
 }
 
 JobHoldings ClusterCoordination::GatherHoldings(const std::string& job_id) {
@@ -459,7 +485,12 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     // The segment counts against the daemon's capacity, like the fragments it holds, from
     // before it is created until it is deleted.
     CapacityBudget* const budget = fragments_->budget();
-    const uint64_t capacity = std::max<uint64_t>(plan->shard_bytes, 1);
+    // A rebuild reads its data fragments straight into the segment, padding included.
+    const uint64_t capacity = std::max<uint64_t>(
+        plan->source == RestorePlan::Source::kRebuild
+            ? plan->k * ErasureCodec::FragmentBytes(plan->shard_bytes, plan->k)
+            : plan->shard_bytes,
+        1);
     TESSERA_RETURN_IF_ERROR(budget->Reserve(
         kSegmentHeaderBytes + capacity,
         absl::StrCat("making job '", job_id, "' rank ", rank, " step ", step, " local")));
@@ -483,6 +514,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     absl::Status status;
     uint64_t payload_bytes = plan->shard_bytes;
     uint32_t payload_crc = plan->shard_crc32c;
+    std::optional<uint32_t> rebuilt_crc;  // computed by DecodeShard
     if (plan->source == RestorePlan::Source::kCopy) {
       auto address = cluster_->AddressOf(plan->node);
       SegmentSink sink(segment.get());
@@ -502,71 +534,47 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
                                                         ": ", status.message()));
       }
     } else {
-      TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(plan->k, plan->m));
-      const size_t fragment_bytes = ErasureCodec::FragmentBytes(plan->shard_bytes, plan->k);
-      const int total = static_cast<int>(plan->k + plan->m);
-      // Every byte is written before it is read (fetched, or reconstructed): not zero-filled.
-      std::unique_ptr<uint8_t[]> buffer(new uint8_t[total * fragment_bytes]);
-      std::vector<uint8_t*> pointers(total);
-      for (int i = 0; i < total; ++i) pointers[i] = buffer.get() + i * fragment_bytes;
-      // The k fragments are read in parallel, each from its node (or this daemon's store).
-      const size_t reads = plan->fragments.size();
-      std::vector<absl::Status> got(reads);
-      std::vector<std::thread> readers;
-      for (size_t f = 0; f < reads; ++f) {
-        readers.emplace_back([&, f] {
-          const auto& [index, node] = plan->fragments[f];
-          const FragmentKey key{job_id, rank, step, index};
-          if (node == cluster_->self_id()) {
-            auto view = fragments_->Get(key);
-            got[f] = view.status();
-            if (view.ok()) {
-              if (Crc32c(view->data(), view->size()) != view->fragment_crc32c()) {
-                Metrics().fragment_crc_failures->Increment();
-                got[f] = absl::DataLossError("held fragment does not match its CRC32C");
-              } else {
-                std::memcpy(pointers[index], view->data(), fragment_bytes);
-              }
-            }
-          } else {
-            auto address = cluster_->AddressOf(node);
-            got[f] = address ? client_->GetFragment(*address, key, 0, pointers[index],
-                                                    fragment_bytes)
-                                   .status()
-                             : absl::UnavailableError("not live");
-          }
-        });
-      }
-      for (std::thread& t : readers) t.join();
-      std::set<int> have;
-      bool replan = false;
-      for (size_t f = 0; f < reads; ++f) {
-        const auto& [index, node] = plan->fragments[f];
-        if (got[f].ok()) {
-          have.insert(static_cast<int>(index));
-          continue;
+      // The k fragments are read in parallel, each from its node (or this daemon's store),
+      // the data fragments straight into the segment (its capacity includes their padding).
+      FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
+                                size_t bytes) -> absl::Status {
+        const FragmentKey key{job_id, rank, step, index};
+        if (node != cluster_->self_id()) {
+          auto address = cluster_->AddressOf(node);
+          if (!address) return absl::UnavailableError("not live");
+          return client_->GetFragment(*address, key, 0, dst, bytes).status();
         }
-        if (absl::IsDataLoss(got[f]) && node != cluster_->self_id()) {
-          Metrics().fragment_crc_failures->Increment();
+        TESSERA_ASSIGN_OR_RETURN(FragmentView view, fragments_->Get(key));
+        if (view.size() != bytes) {
+          return absl::DataLossError(
+              absl::StrCat("held fragment has ", view.size(), " bytes, not ", bytes));
         }
+        std::memcpy(dst, view.data(), bytes);
+        if (Crc32c(dst, bytes) != view.fragment_crc32c()) {
+          return absl::DataLossError("held fragment does not match its CRC32C");
+        }
+        return absl::OkStatus();
+      };
+      DecodeOptions decode;
+      decode.shard_capacity = capacity;
+      TESSERA_ASSIGN_OR_RETURN(ShardDecode decoded,
+                               DecodeShard(*plan, read, segment->payload(), decode));
+      for (const ShardDecode::FailedRead& failed : decoded.failed) {
+        if (absl::IsDataLoss(failed.status)) Metrics().fragment_crc_failures->Increment();
         log->warn("{} from {}: {}; counted as an erasure",
-                  FragmentKey{job_id, rank, step, index}.ToString(), node, got[f].ToString());
-        exclude.insert({index, node});
-        replan = true;
+                  FragmentKey{job_id, rank, step, failed.index}.ToString(), failed.node,
+                  failed.status.ToString());
+        exclude.insert({failed.index, failed.node});
       }
-      if (replan) continue;
-      std::vector<int> erased;
-      for (int i = 0; i < total; ++i) {
-        if (have.count(i) == 0) erased.push_back(i);
-      }
-      status = codec.Reconstruct(erased, pointers.data(), fragment_bytes);
-      if (status.ok()) {
-        status = codec.JoinShard(pointers.data(), fragment_bytes, segment->payload(),
-                                 plan->shard_bytes);
-      }
-      if (!status.ok()) return status;
+      if (!decoded.failed.empty()) continue;
+      rebuilt_crc = decoded.crc32c;
     }
-    if (Crc32c(segment->payload(), payload_bytes) != payload_crc) {
+    const uint32_t crc = rebuilt_crc ? *rebuilt_crc
+                                      : ParallelCrc32c(segment->payload(), payload_bytes,
+                                                       static_cast<int>(std::clamp(
+                                                           std::thread::hardware_concurrency(),
+                                                           1u, 8u)));
+    if (crc != payload_crc) {
       if (attempt < 3 && plan->source == RestorePlan::Source::kRebuild) {
         log->warn("job '{}' rank {} step {}: the rebuilt shard fails its CRC32C; retrying",
                   job_id, rank, step);

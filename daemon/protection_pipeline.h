@@ -2,11 +2,14 @@
 //
 // ClusterCoordination replaces the standalone Coordination when peer.listen_address is set:
 //   - OnSealed queues (job, rank, step) for protection. A worker pins the sealed slot, places its
-//     k+m fragments on live members (PlaceFragments), encodes them (ErasureCodec: the data
-//     fragments are views of the payload, only a padded last one is copied), sends them with
-//     PutFragment in parallel and unpins. A failed send is retried in the background with
-//     backoff (counted and logged); it never blocks a snapshot, whose slot is only pinned while
-//     sending.
+//     k+m fragments on live members (PlaceFragments) and sends them with PutFragment in
+//     parallel: the data fragments at once, as views of the payload (only a padded last one is
+//     copied); meanwhile the parity is encoded on several threads (ErasureCodec::EncodeOnThreads)
+//     and each parity fragment is sent once complete. Then it unpins. The scratch for parity
+//     and the padded fragment is kept for the next shard, so the steady state takes no page
+//     faults: (m + 1) / k of the largest shard protected stays allocated. A failed send is
+//     retried in the background with backoff (counted and logged); it never blocks a snapshot,
+//     whose slot is only pinned while sending.
 //   - Commit: after each protected shard and periodically, the daemon lists what every live
 //     member holds (ListHeld) and commits the newest step at which every rank of the job has all
 //     its k+m fragments sealed: SnapshotStore::Commit, and fragments of older steps dropped. Every
@@ -88,6 +91,9 @@ class ClusterCoordination final : public Coordination {
   void Run();
   // OK: protected (or superseded: nothing to do). An error: retry later.
   absl::Status Protect(const Work& work);
+  // The worker's scratch, at least `bytes` long; its contents are not kept. Worker thread only.
+  uint8_t* Scratch(size_t bytes);
+  static int EncodeThreads();
   void CheckCommits();
   void MaybeCommit(const std::string& job_id);
   uint32_t WorldSize(const std::string& job_id, const JobHoldings& holdings);
@@ -111,6 +117,8 @@ class ClusterCoordination final : public Coordination {
   Stats stats_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread worker_;
+  std::unique_ptr<uint8_t[]> scratch_;  // worker thread only
+  size_t scratch_bytes_ = 0;
 
   absl::Mutex restore_mu_;  // one restore at a time; guards restored_
   std::map<std::tuple<std::string, uint32_t, int64_t>,

@@ -326,6 +326,45 @@ TEST_F(ProtectionPipelineTest, FewMembersShrinkK) {
   }
 }
 
+// Every fragment a protection sent, parity included, equals a reference encode of the shard,
+// bit for bit: a shard large enough for the parity to be encoded on several threads while the
+// data fragments are sent, then a smaller one through the same (reused, unzeroed) scratch.
+TEST_F(ProtectionPipelineTest, ProtectedFragmentsEqualAReferenceEncode) {
+  StartCluster(5, 3, 2);
+  const uint64_t sizes[] = {(uint64_t{30} << 20) + rng_() % 100000, 100000 + rng_() % 9000};
+  int64_t step = 2;
+  for (const uint64_t data_bytes : sizes) {
+    SCOPED_TRACE(absl::StrCat("data_bytes=", data_bytes, " step=", step));
+    const std::vector<uint8_t> shard = SealHere(0, step, data_bytes);
+    ProtectElsewhere(MakeShard(1, step, 1000), 1, step, 3, 2);
+    ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, step).size() == 5; }));
+    auto codec = ErasureCodec::Create(3, 2);
+    ASSERT_TRUE(codec.ok());
+    const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard.size(), 3);
+    std::vector<std::vector<uint8_t>> expected(5, std::vector<uint8_t>(fragment_bytes));
+    std::vector<uint8_t*> data = {expected[0].data(), expected[1].data(), expected[2].data()};
+    std::vector<uint8_t*> parity = {expected[3].data(), expected[4].data()};
+    ASSERT_TRUE(codec->SplitShard(shard.data(), shard.size(), data.data(), fragment_bytes).ok());
+    std::vector<const uint8_t*> const_data(data.begin(), data.end());
+    ASSERT_TRUE(codec->Encode(const_data.data(), parity.data(), fragment_bytes).ok());
+    int checked = 0;
+    for (auto& p : peers_) {
+      for (const FragmentStatus& f : p.fragments->List(kJob)) {
+        if (f.key.rank != 0 || f.key.step != step) continue;
+        auto view = p.fragments->Get(f.key);
+        ASSERT_TRUE(view.ok()) << view.status();
+        ASSERT_EQ(view->size(), fragment_bytes);
+        EXPECT_EQ(std::memcmp(view->data(), expected[f.key.fragment_index].data(), fragment_bytes),
+                  0)
+            << "fragment " << f.key.fragment_index << " on " << p.id;
+        ++checked;
+      }
+    }
+    EXPECT_EQ(checked, 5);
+    step += 2;
+  }
+}
+
 // A shard that is not here is rebuilt from k fragments; a fragment with a flipped byte is
 // detected by its CRC32C, counted as an erasure, and the rebuild goes around it. The rebuilt
 // segment is charged to the capacity budget and released on the next commit.
@@ -364,7 +403,9 @@ TEST_F(ProtectionPipelineTest, RebuildsAroundACorruptFragmentAndChargesTheBudget
   EXPECT_EQ(info->payload_crc32c, Crc32c(shard1.data(), shard1.size()));
   EXPECT_TRUE(ReadRestored(*info) == shard1) << "the rebuilt shard differs";
   EXPECT_EQ(coordination_->stats().rebuilt_shards, 1u);
-  EXPECT_EQ(budget_->used_bytes(), used_before + kSegmentHeaderBytes + shard1.size());
+  // The segment holds the k data fragments in place, their padding included.
+  EXPECT_EQ(budget_->used_bytes(),
+            used_before + kSegmentHeaderBytes + 3 * ErasureCodec::FragmentBytes(shard1.size(), 3));
   // Idempotent: the same segment again, nothing rebuilt twice.
   auto again = coordination_->PrepareRestore(kJob, 1, step);
   ASSERT_TRUE(again.ok());
