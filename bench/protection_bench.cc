@@ -9,9 +9,11 @@
 //   put         GrpcPeerClient::PutFragment of one fragment (shard / k) into a real tesserad's peer
 //               service (each run a newer owner incarnation, so it replaces the last one);
 //   protection  real daemons, a loopback cluster of k + m + 1 tesserad processes: a trainer
-//               process's client on node 0 snapshots the shard; from the moment Wait() says it
-//               is sealed until ListHeld (polled every --poll_ms on each peer through the peer
-//               client) shows all k + m fragments sealed on their peers; rate in shard bytes;
+//               process's client on node 0 snapshots the shard; from the moment node 0's daemon
+//               sealed it until every peer acknowledged its fragment sealed, as that daemon logs
+//               it ("protected (N bytes) in M ms ...; T ms after it was sealed", read every
+//               --poll_ms from its log, so no polling of the peers competes for the CPU); then
+//               ListHeld checks, untimed, that the peers hold them; rate in shard bytes;
 //   rebuild     node 0 is then lost (SIGTERMed, its directory deleted), and a client on node 1
 //               restores the shard: the daemon's PrepareRestore rebuilds it from k fragments.
 //               Its own timing (the "rebuilt from k of k+m fragments (N bytes) in M ms" line of
@@ -255,29 +257,38 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
     auto outcome = owner->Snapshot(step);
     Check(outcome.status(), "Snapshot");
     Check(owner->Wait(), "Wait");
+    // The owner's daemon logs when every fragment is acknowledged sealed, and how long after the
+    // seal (its own clock, so no polling of the peers competes with the transfer for the CPU).
+    const std::regex protected_re(absl::StrCat(
+        "rank 0 step ", step,
+        ": protected \\(([0-9]+) bytes\\) in ([0-9]+) ms, RS\\(([0-9]+), ([0-9]+)\\) on [^;]*; "
+        "([0-9]+) ms after it was sealed"));
     const auto sealed = Clock::now();
-    // Done when the peers hold as many sealed fragments of the step as its placement has
-    // (k + m, or fewer when a member was suspected meanwhile and k shrank).
-    std::set<int> done;
-    uint32_t wanted = k + m;
-    while (done.size() < wanted) {
-      for (int node = 1; node < cluster.size(); ++node) {
-        if (done.count(node)) continue;
-        auto held = peers->ListHeld(cluster.address(node), job);
-        if (!held.ok()) continue;
-        for (const FragmentStatus& f : held->fragments) {
-          if (f.key.step != step || f.state != SegmentState::kSealed) continue;
-          done.insert(node);
-          wanted = f.meta.ec_k + f.meta.ec_m;
-        }
-      }
+    std::smatch found;
+    std::string log;
+    while (true) {
+      log = cluster.node(0)->Log();
+      if (std::regex_search(log, found, protected_re)) break;
       if (SecondsSince(sealed) > 600) BenchDie("protection did not finish in 10 minutes");
-      if (done.size() < wanted) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
+      std::this_thread::sleep_for(std::chrono::milliseconds(options.poll_ms));
+    }
+    const uint32_t wanted = std::stoul(found[3].str()) + std::stoul(found[4].str());
+    const double protect_seconds = std::max(1.0, std::stod(found[5].str())) / 1000.0;
+    // Checked, not timed: the peers hold as many sealed fragments as the placement made.
+    std::set<int> done;
+    for (int node = 1; node < cluster.size(); ++node) {
+      auto held = peers->ListHeld(cluster.address(node), job);
+      Check(held.status(), "ListHeld");
+      for (const FragmentStatus& f : held->fragments) {
+        if (f.key.step == step && f.state == SegmentState::kSealed) done.insert(node);
       }
     }
+    if (done.size() != wanted) {
+      BenchDie(absl::StrCat("step ", step, ": ", done.size(), " peers hold a sealed fragment, ",
+                            wanted, " were acknowledged"));
+    }
     if (wanted < static_cast<uint32_t>(k + m)) ++degraded;
-    if (r > 0) protect_s.push_back(SecondsSince(sealed));
+    if (r > 0) protect_s.push_back(protect_seconds);
   }
   Check(owner->Close(), "Close");
   owner.reset();
