@@ -321,11 +321,14 @@ void Client::WorkerLoop() {
     Job job = std::move(*pending_);
     pending_.reset();
     lock.unlock();
-    absl::Status status = RunSnapshot(job);
+    uint64_t bytes = 0;
+    absl::Status status = RunSnapshot(job, &bytes);
     lock.lock();
     busy_ = false;
     last_status_ = status;
     if (status.ok()) {
+      // Counted together with the seal, so that stats() never shows one without the other.
+      stats_.bytes_copied += bytes;
       ++stats_.sealed;
       stats_.last_sealed_step = job.step;
     } else {
@@ -344,7 +347,7 @@ void Client::WorkerLoop() {
   }
 }
 
-absl::Status Client::RunSnapshot(const Job& job) {
+absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
   agent::BeginSnapshotRequest begin;
   begin.set_job_id(job_id_);
   begin.set_rank(rank_);
@@ -445,8 +448,7 @@ absl::Status Client::RunSnapshot(const Job& job) {
   TESSERA_RETURN_IF_ERROR(Annotate(
       FromGrpcStatus(stub_->SealSnapshot(NewContext(&seal_context), seal, &sealed)),
       absl::StrCat("SealSnapshot(step ", job.step, ")")));
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.bytes_copied += bytes;
+  *bytes_copied = bytes;
   return absl::OkStatus();
 }
 
@@ -643,7 +645,8 @@ absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
     const bool retry = absl::IsDeadlineExceeded(status) || absl::IsUnavailable(status);
     if (!retry || NowNs() - start >= limit_ns) {
       return Annotate(status, absl::StrCat("restore of step ", step, ": DP rank ",
-                                           dp_->dp_rank, " waiting for the other members of [",
+                                           dp_->dp_rank, " waited ", (NowNs() - start) / 1000000,
+                                           " ms in all for the other members of [",
                                            absl::StrJoin(dp_->members, ","), "]"));
     }
     if (NowNs() - last_log > 10'000'000'000) {

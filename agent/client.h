@@ -169,7 +169,8 @@ class Client {
   // Registers job_id_/rank_/entries_ with the daemon and maps the slots it returns.
   absl::Status Attach();
   void WorkerLoop();
-  absl::Status RunSnapshot(const Job& job);
+  // On success, *bytes_copied is the bytes the snapshot copied.
+  absl::Status RunSnapshot(const Job& job, uint64_t* bytes_copied);
   // The manifest of (rank, step) must match the registration; for another member of the DP
   // group (dp_rank >= 0), its slices must be the ones that member stores.
   absl::Status CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes,

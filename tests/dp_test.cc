@@ -179,7 +179,7 @@ TEST(DpShardedTest, ADifferentGroupIsRefusedAndAMissingMemberTimesOutWithItsName
   EXPECT_NE(lonely->Wait(seconds(60)), 0);
   bool named = false;
   for (const auto& l : lonely->lines()) {
-    named = named || (absl::StrContains(l, "waiting for the other members of [0,1]") &&
+    named = named || (absl::StrContains(l, "ms in all for the other members of [0,1]") &&
                       absl::StrContains(l, "(indices 0)"));
   }
   EXPECT_TRUE(named) << absl::StrJoin(lonely->lines(), " | ");

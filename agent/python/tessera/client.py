@@ -492,7 +492,8 @@ class Client:
         NCCL for GPU tensors, through the daemon otherwise).
 
         Raises:
-            InvalidArgumentError: a rank repeated or negative (the group itself is checked by
+            InvalidArgumentError: a negative rank (the group itself: a rank listed twice, a rank
+                outside the world or a group without this rank, is checked by
                 `register`).
         """
         members = [_as_int(m, "members[]") for m in members]
