@@ -20,6 +20,10 @@
 //               its log, CRC32C check included) and the client's whole Restore() (find, rebuild,
 //               copy into the trainer's memory, check), which must return the bytes sealed.
 // Each is the median of --repeats runs except rebuild (once per size: it needs a lost node).
+// Protection also prints its first run apart (an untimed warm-up elsewhere) and every run's time:
+// the peers create new segments for the first snapshots and reuse those of the steps they have
+// dropped once commits free them (from about the third snapshot on; a peer commits on its own
+// timer, so back-to-back snapshots of small shards take one more), which is the steady state.
 // A size whose memory (about 6 x the shard under RS(3, 2), in /dev/shm and the heap) is not
 // available is skipped, and the line says so.
 //
@@ -194,6 +198,8 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
   Buffer shard = RandomBuffer(bytes, mib);
   const uint32_t shard_crc = Crc32c(shard.get(), bytes);
   std::vector<double> memcpy_s, tcp_s, encode_s, put_s, protect_s;
+  double first_protect_s = 0;  // the first snapshot: the peers create its segments
+  std::vector<std::string> protect_ms;  // every run, the first included
   {
     Buffer dst = RandomBuffer(bytes, mib + 1);
     for (int r = 0; r <= options.repeats; ++r) {  // run 0 warms up
@@ -288,6 +294,8 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
                             wanted, " were acknowledged"));
     }
     if (wanted < static_cast<uint32_t>(k + m)) ++degraded;
+    protect_ms.push_back(found[5].str());
+    if (r == 0) first_protect_s = protect_seconds;
     if (r > 0) protect_s.push_back(protect_seconds);
   }
   Check(owner->Close(), "Close");
@@ -330,8 +338,13 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
                 encode_gbps / memcpy_gbps});
   Print(label, {absl::StrCat("put one fragment (", fragment_bytes >> 20, " MiB) to a tesserad"),
                 put_gbps, "tcp", put_gbps / tcp_gbps});
+  const double first_protect_gbps = bytes / first_protect_s / kGB;
+  Print(label, {"protection, first snapshot (new segments)", first_protect_gbps,
+                "min(memcpy, tcp) = " + limit_name, first_protect_gbps / limit});
   Print(label, {"protection: sealed -> k+m fragments sealed", protect_gbps,
                 "min(memcpy, tcp) = " + limit_name, protect_gbps / limit, 0.8});
+  std::printf("%-8s   (each run in ms, the first included: %s)\n", label.c_str(),
+              absl::StrJoin(protect_ms, " ").c_str());
   if (degraded > 0) {
     std::printf("%-8s (%d of %d runs placed with a smaller k: a member was suspected meanwhile)\n",
                 label.c_str(), degraded, options.repeats + 1);

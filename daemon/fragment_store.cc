@@ -253,9 +253,9 @@ FragmentStore::~FragmentStore() {
   // Segments stay on disk (sealed ones are re-adopted by the next store); only the pool's empty
   // ones are deleted, and every reservation is given back.
   absl::MutexLock lock(&mu_);
-  for (auto& [capacity, segment] : pool_) {
-    segment->Unlink().IgnoreError();
-    options_.budget->Release(segment->file_bytes());
+  for (auto& [capacity, spare] : pool_) {
+    spare.segment->Unlink().IgnoreError();
+    options_.budget->Release(spare.segment->file_bytes());
   }
   pool_.clear();
   for (auto& [key, entry] : entries_) {
@@ -321,7 +321,9 @@ absl::Status FragmentStore::AdoptExisting() {
       }
     }
     if (!verdict.ok()) {
-      if (verdict.code() == absl::StatusCode::kDataLoss) {
+      if (opened.ok() && LoadState(*(*opened)->header()) == SegmentState::kEmpty) {
+        log->debug("deleting spare fragment segment {}", path);
+      } else if (verdict.code() == absl::StatusCode::kDataLoss) {
         ++crc_failures;
         log->error("discarding damaged fragment segment {}: {}", path, verdict.ToString());
       } else {
@@ -384,7 +386,11 @@ absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const Fra
     absl::MutexLock lock(&mu_);
     auto it = pool_.lower_bound(capacity_bytes);
     if (it != pool_.end() && PoolFits(it->first, capacity_bytes)) {
-      std::shared_ptr<Segment> segment = std::move(it->second);
+      std::shared_ptr<Segment> segment = std::move(it->second.segment);
+      Logger("fragments")
+          ->debug("{}: reusing {} ({} payload bytes for {}), a spare of job '{}' rank {}",
+                  key.ToString(), segment->path(), segment->capacity_bytes(), capacity_bytes,
+                  it->second.job_id, it->second.rank);
       pool_bytes_ -= segment->file_bytes();
       pool_.erase(it);
       ++counters_.segments_recycled;
@@ -410,12 +416,14 @@ absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const Fra
     options_.budget->Release(file_bytes);
     return Annotate(created.status(), "storing " + key.ToString());
   }
+  Logger("fragments")->debug("{}: created {} ({} payload bytes)", key.ToString(), path,
+                             capacity_bytes);
   absl::MutexLock lock(&mu_);
   ++counters_.segments_created;
   return std::shared_ptr<Segment>(std::move(*created));
 }
 
-void FragmentStore::Retire(const std::shared_ptr<Entry>& entry) {
+void FragmentStore::Retire(const std::shared_ptr<Entry>& entry, bool keep_spare) {
   std::shared_ptr<Segment> segment;
   {
     absl::MutexLock entry_lock(&entry->mu);  // waits for a chunk being copied
@@ -424,20 +432,49 @@ void FragmentStore::Retire(const std::shared_ptr<Entry>& entry) {
     segment = std::move(entry->segment);
   }
   if (!segment) return;
-  // A dropped fragment must never be re-adopted after a crash, pooled or not.
-  StoreState(segment->header(), SegmentState::kEmpty);
+  // A dropped fragment must never be re-adopted after a crash, kept as a spare or not: EMPTY
+  // first, and a header CRC that no longer verifies should the state word ever say otherwise.
+  SegmentHeader* h = segment->header();
+  StoreState(h, SegmentState::kEmpty);
+  h->header_crc32c = 0;
+  std::vector<std::shared_ptr<Segment>> doomed;
   // Views hold their own references; a segment somebody still reads is deleted, not recycled.
-  if (segment.use_count() == 1) {
+  if (keep_spare && segment.use_count() == 1 && options_.max_spares_per_rank > 0) {
     absl::MutexLock lock(&mu_);
-    if (options_.pool_max_bytes >= pool_bytes_ &&
-        segment->file_bytes() <= options_.pool_max_bytes - pool_bytes_) {
-      pool_bytes_ += segment->file_bytes();
-      pool_.emplace(segment->capacity_bytes(), std::move(segment));
-      return;
+    // At the limit for this (job, rank): the oldest spare goes (the newest has the size the rank
+    // sends now).
+    int kept = 0;
+    auto oldest = pool_.end();
+    for (auto it = pool_.begin(); it != pool_.end(); ++it) {
+      if (it->second.job_id != entry->key.job_id || it->second.rank != entry->key.rank) continue;
+      ++kept;
+      if (oldest == pool_.end() || it->second.sequence < oldest->second.sequence) oldest = it;
+    }
+    const bool evict = kept >= options_.max_spares_per_rank;
+    const uint64_t pooled = pool_bytes_ - (evict ? oldest->second.segment->file_bytes() : 0);
+    if (options_.pool_max_bytes >= pooled &&
+        segment->file_bytes() <= options_.pool_max_bytes - pooled) {
+      if (evict) {
+        doomed.push_back(std::move(oldest->second.segment));
+        pool_.erase(oldest);
+      }
+      Logger("fragments")
+          ->debug("{}: its segment {} is kept as a spare", entry->key.ToString(), segment->path());
+      pool_bytes_ = pooled + segment->file_bytes();
+      const uint64_t capacity = segment->capacity_bytes();
+      pool_.emplace(capacity, Spare{std::move(segment), entry->key.job_id, entry->key.rank,
+                                    next_spare_sequence_++});
     }
   }
-  segment->Unlink().IgnoreError();
-  options_.budget->Release(segment->file_bytes());
+  if (segment) doomed.push_back(std::move(segment));
+  DeleteSpares(std::move(doomed));
+}
+
+void FragmentStore::DeleteSpares(std::vector<std::shared_ptr<Segment>> spares) {
+  for (auto& segment : spares) {
+    segment->Unlink().IgnoreError();
+    options_.budget->Release(segment->file_bytes());
+  }
 }
 
 uint64_t FragmentStore::TrimPool(uint64_t bytes) {
@@ -448,16 +485,18 @@ uint64_t FragmentStore::TrimPool(uint64_t bytes) {
     // Largest first: fewest files for the bytes wanted.
     while (freed < bytes && !pool_.empty()) {
       auto it = std::prev(pool_.end());
-      freed += it->second->file_bytes();
-      pool_bytes_ -= it->second->file_bytes();
-      doomed.push_back(std::move(it->second));
+      freed += it->second.segment->file_bytes();
+      pool_bytes_ -= it->second.segment->file_bytes();
+      doomed.push_back(std::move(it->second.segment));
       pool_.erase(it);
+      ++counters_.spares_reclaimed;
     }
   }
-  for (auto& segment : doomed) {
-    segment->Unlink().IgnoreError();
-    options_.budget->Release(segment->file_bytes());
+  if (!doomed.empty()) {
+    Logger("fragments")
+        ->debug("deleting {} spare segments ({} bytes) to make room", doomed.size(), freed);
   }
+  DeleteSpares(std::move(doomed));
   return freed;
 }
 
@@ -510,6 +549,8 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
       return acquired.status();
     }
     std::shared_ptr<Segment> segment = std::move(*acquired);
+    // A new segment is EMPTY, and so is a spare (Retire): the header is rewritten while nothing
+    // can adopt it, and the payload is reused only once it says WRITING.
     SegmentHeader* h = segment->header();
     StoreState(h, SegmentState::kEmpty);
     h->kind = static_cast<uint32_t>(SegmentKind::kFragment);
@@ -790,8 +831,21 @@ std::vector<FragmentStatus> FragmentStore::List(const std::string& job_id) const
 size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank,
                                    int64_t step) {
   std::vector<std::shared_ptr<Entry>> doomed;
+  std::vector<std::shared_ptr<Segment>> spares;
   {
     absl::MutexLock lock(&mu_);
+    if (all_ranks) {
+      // The job is gone: nothing of it will be sent again, so neither are its spares kept.
+      for (auto it = pool_.begin(); it != pool_.end();) {
+        if (it->second.job_id != job_id) {
+          ++it;
+          continue;
+        }
+        pool_bytes_ -= it->second.segment->file_bytes();
+        spares.push_back(std::move(it->second.segment));
+        it = pool_.erase(it);
+      }
+    }
     for (auto it = entries_.lower_bound(FragmentKey{job_id, all_ranks ? 0 : rank, INT64_MIN, 0});
          it != entries_.end() && it->first.job_id == job_id;) {
       if (!all_ranks && it->first.rank != rank) break;
@@ -803,7 +857,8 @@ size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, ui
       }
     }
   }
-  for (const auto& entry : doomed) Retire(entry);
+  DeleteSpares(std::move(spares));
+  for (const auto& entry : doomed) Retire(entry, /*keep_spare=*/!all_ranks);
   return doomed.size();
 }
 

@@ -21,10 +21,20 @@
 //                                          snapshotted it anew, or k changed with the members)
 //
 // Memory. Every segment's bytes are reserved from the CapacityBudget before the file is created
-// (kResourceExhausted says how much was asked and how much is free). Dropped segments are kept in
-// a pool and recycled for the next fragment of about the same size, so the steady state (every
-// step's fragments replace the previous step's) creates no files and takes no page faults. Pooled
-// memory is given back whenever the budget runs short.
+// (kResourceExhausted says how much was asked and how much is free). The segments of dropped or
+// replaced fragments are kept as spares and recycled for the next fragment of about the same
+// size (at most an eighth plus 64 KiB larger), so the steady state (every step's fragments
+// replace the previous step's) creates no files and takes no page faults. Spares are bounded
+// (Options::max_spares_per_rank per (job, rank) they came from, Options::pool_max_bytes in all),
+// stay charged to the budget, and are the first memory given back when a Reserve runs short (the
+// store is one of the budget's reclaimers). DropJob keeps no spares: the job is gone.
+//
+// Recycling and crashes. A spare's header is moved to EMPTY (and its header CRC cleared) before
+// the spare is kept; a reused one is rewritten while EMPTY and only then becomes WRITING, before
+// any payload byte is reused. A spare keeps its file name (fragment files are named by a
+// generation number, not by key). So a crash at any point leaves at most EMPTY or WRITING files
+// besides the sealed fragments, and a restarted store deletes them: a spare is never adopted,
+// listed or served as a fragment.
 //
 // Thread-safety: all methods may be called concurrently. Chunks of different fragments are
 // copied in parallel; chunks of one fragment are copied one at a time. A FragmentView stays valid
@@ -143,16 +153,21 @@ class FragmentStore {
     // Dropped segments kept for reuse, at most this many bytes (0: delete at once). Pooled bytes
     // stay reserved in the budget until reused or reclaimed.
     uint64_t pool_max_bytes = UINT64_MAX;
+    // Spares kept per (job, rank) whose fragments they held (0: none); the oldest goes first.
+    // Two cover the steady state: a peer holds the committed step and the next, and while its
+    // commits lag, one more.
+    int max_spares_per_rank = 2;
   };
 
   struct Stats {
     uint64_t fragments_writing = 0;
     uint64_t fragments_sealed = 0;
-    uint64_t held_bytes = 0;  // file bytes of all fragment segments, pool excluded
-    uint64_t pool_segments = 0;
-    uint64_t pool_bytes = 0;
+    uint64_t held_bytes = 0;     // file bytes of all fragment segments, pool excluded
+    uint64_t pool_segments = 0;  // spares
+    uint64_t pool_bytes = 0;     // their file bytes (charged to the budget)
     uint64_t segments_created = 0;
-    uint64_t segments_recycled = 0;
+    uint64_t segments_recycled = 0;  // fragments that reused a spare instead of a new segment
+    uint64_t spares_reclaimed = 0;   // spares deleted to make room in the budget
     uint64_t seals = 0;
     uint64_t crc_failures = 0;  // chunks and whole fragments whose CRC32C did not match
     uint64_t adopted_at_start = 0;
@@ -161,7 +176,8 @@ class FragmentStore {
 
   // Opens (creating if needed) the directory, re-adopts every SEALED ".frag" segment whose header
   // and payload CRC32C verify (charging the budget, which may end up over capacity: logged), and
-  // deletes the other ".frag" files. Files with other suffixes are left alone.
+  // deletes the other ".frag" files (spares, and fragments still being written when the previous
+  // store stopped). Files with other suffixes are left alone.
   // Errors: kInvalidArgument (no budget or directory), or the directory cannot be opened.
   static absl::StatusOr<std::unique_ptr<FragmentStore>> Open(Options options);
 
@@ -214,13 +230,14 @@ class FragmentStore {
   // Commit GC: drops every fragment of (job, rank) with a step below `step`, sealed or not.
   // Returns how many were dropped.
   size_t DropOlderThan(const std::string& job_id, uint32_t rank, int64_t step);
-  // Drops every fragment of a job. Returns how many were dropped.
+  // Drops every fragment of a job and deletes the spares its fragments left. Returns how many
+  // fragments were dropped.
   size_t DropJob(const std::string& job_id);
   // Drops one fragment. kNotFound if it is not held.
   absl::Status DropFragment(const FragmentKey& key);
 
-  // Deletes pooled segments until at least `bytes` were given back (or the pool is empty).
-  // Returns the bytes given back to the budget.
+  // Deletes spares, largest first, until at least `bytes` were given back (or none is left).
+  // Returns the bytes given back to the budget. The budget calls it when a Reserve runs short.
   uint64_t TrimPool(uint64_t bytes);
 
   Stats stats() const;
@@ -230,14 +247,24 @@ class FragmentStore {
 
  private:
   struct Entry;
+  // A recycled segment and the (job, rank) whose fragment it held.
+  struct Spare {
+    std::shared_ptr<Segment> segment;
+    std::string job_id;
+    uint32_t rank = 0;
+    uint64_t sequence = 0;  // when it was kept: lower is older
+  };
   explicit FragmentStore(Options options) : options_(std::move(options)) {}
   absl::Status AdoptExisting();
   std::shared_ptr<Entry> Find(const FragmentKey& key) const;
   absl::StatusOr<std::shared_ptr<Segment>> AcquireSegment(const FragmentKey& key,
                                                           uint64_t capacity_bytes);
-  // Removes `entry` (already out of entries_) for good: waits for writers, then pools or deletes
-  // its segment.
-  void Retire(const std::shared_ptr<Entry>& entry);
+  // Removes `entry` (already out of entries_) for good: waits for writers, invalidates its
+  // segment's header, then keeps the segment as a spare (when keep_spare and the bounds allow)
+  // or deletes it.
+  void Retire(const std::shared_ptr<Entry>& entry, bool keep_spare = true);
+  // Deletes segments that are no fragment's and gives their bytes back to the budget.
+  void DeleteSpares(std::vector<std::shared_ptr<Segment>> spares);
   size_t DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank, int64_t step);
   absl::StatusOr<std::shared_ptr<Entry>> FindForWrite(const FragmentKey& key,
                                                       uint64_t owner_incarnation) const;
@@ -248,9 +275,10 @@ class FragmentStore {
   std::map<FragmentKey, std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
   // Keys whose segment a BeginFragment is creating (outside mu_); other Begins wait for them.
   std::set<FragmentKey> creating_ ABSL_GUARDED_BY(mu_);
-  // Recycled segments by payload capacity; each holds its budget reservation.
-  std::multimap<uint64_t, std::shared_ptr<Segment>> pool_ ABSL_GUARDED_BY(mu_);
+  // Spares by payload capacity; each holds its budget reservation.
+  std::multimap<uint64_t, Spare> pool_ ABSL_GUARDED_BY(mu_);
   uint64_t pool_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_spare_sequence_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   Stats counters_ ABSL_GUARDED_BY(mu_);
 };

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <set>
 #include <random>
 #include <string>
 #include <thread>
@@ -455,6 +457,202 @@ TEST_F(FragmentStoreTest, DropsAndViewsThatOutliveThem) {
   EXPECT_TRUE(store_->List("job-a").empty());
   EXPECT_EQ(store_->List("").size(), 1u);
   EXPECT_EQ(0, std::memcmp(view->data(), data[1].data(), data[1].size()));
+}
+
+// The files of `dir` named *.frag.
+std::vector<std::string> FragmentFiles(const std::string& dir) {
+  std::vector<std::string> files;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    if (f.path().extension() == ".frag") files.push_back(f.path().string());
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+TEST_F(FragmentStoreTest, StepsReuseTheSegmentsOfDroppedStepsBitExact) {
+  // Commit GC as a peer sees it: step s - 1 commits (the steps before it are dropped), then step
+  // s arrives. The shard's size varies a little between steps (its manifest does), within one
+  // 64 KiB granule.
+  std::map<int64_t, std::vector<uint8_t>> held;
+  std::set<std::string> paths;
+  for (int64_t step = 1; step <= 8; ++step) {
+    SCOPED_TRACE(step);
+    const FragmentMeta meta = Meta((uint64_t{3} << 20) - (step % 3) * 3000);
+    store_->DropOlderThan("job-a", 3, step - 1);
+    held.erase(step - 2);
+    held[step] = RandomBytes(meta.fragment_bytes);
+    PutSealed(Key(step), meta, held[step]);
+    for (const auto& [s, data] : held) ExpectHolds(Key(s), data);
+    auto view = store_->Get(Key(step));
+    ASSERT_TRUE(view.ok());
+    paths.insert(view->path());
+    const auto stats = store_->stats();
+    EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  }
+  const auto stats = store_->stats();
+  EXPECT_EQ(stats.segments_created,
+            2u);  // steps 1 and 2; every later step reuses one
+  EXPECT_EQ(stats.segments_recycled, 6u);
+  EXPECT_EQ(paths.size(), 2u);
+  EXPECT_EQ(stats.fragments_sealed, 2u);
+  EXPECT_EQ(stats.pool_segments, 0u);
+  EXPECT_EQ(FragmentFiles(dir_).size(), 2u);
+  EXPECT_TRUE(store_->VerifyFragment(Key(8)).ok());
+}
+
+TEST_F(FragmentStoreTest, SparesAreNeverAdoptedAfterRestart) {
+  const FragmentMeta meta = Meta(300000);
+  const FragmentKey other_rank{"job-a", 4, 1, 0};
+  auto kept = RandomBytes(meta.fragment_bytes);
+  PutSealed(other_rank, meta, kept);
+  PutSealed(Key(1), meta, RandomBytes(meta.fragment_bytes));
+  PutSealed(Key(2), meta, RandomBytes(meta.fragment_bytes));
+  auto spare_path = [this]() -> std::string {
+    for (const std::string& path : FragmentFiles(dir_)) {
+      auto seg = Segment::Open(path, false);
+      if (seg.ok() && LoadState(*(*seg)->header()) == SegmentState::kEmpty) return path;
+    }
+    return "";
+  };
+  // A closing store deletes its spares; a crashed one leaves them behind: keep copies of them as
+  // a crash would. The first spare once held step 1, sealed: even with its state word set back
+  // to SEALED (a stray write), its header no longer verifies.
+  ASSERT_EQ(store_->DropOlderThan("job-a", 3, 2), 1u);
+  ASSERT_FALSE(spare_path().empty());
+  std::filesystem::copy_file(spare_path(), dir_ + "/frag-900.frag");
+  {
+    auto seg = Segment::Open(dir_ + "/frag-900.frag", true);
+    ASSERT_TRUE(seg.ok());
+    EXPECT_EQ(std::string((*seg)->header()->job_id), "job-a");
+    StoreState((*seg)->header(), SegmentState::kSealed);
+  }
+  // A crash in the middle of a reuse: step 3 took the spare and half its bytes have arrived.
+  auto fresh = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(store_->BeginFragment(Key(3), meta).ok());
+  EXPECT_EQ(store_->stats().segments_recycled, 1u);
+  const size_t half = fresh.size() / 2;
+  ASSERT_TRUE(
+      store_->WriteChunk(Key(3), 7, 0, fresh.data(), half, Crc32c(fresh.data(), half)).ok());
+  // And one more spare: step 2, dropped when step 3 committed.
+  ASSERT_EQ(store_->DropOlderThan("job-a", 3, 3), 1u);
+  ASSERT_FALSE(spare_path().empty());
+  std::filesystem::copy_file(spare_path(), dir_ + "/frag-901.frag");
+  EXPECT_EQ(store_->List("").size(),
+            2u);  // (rank 4, step 1) and the WRITING step 3
+
+  store_.reset();
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+  OpenStore();
+  auto listed = store_->List("");
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].key, other_rank);
+  ExpectHolds(other_rank, kept);
+  for (int64_t step = 1; step <= 3; ++step) {
+    EXPECT_EQ(store_->Get(Key(step)).status().code(), absl::StatusCode::kNotFound);
+  }
+  const auto stats = store_->stats();
+  EXPECT_EQ(stats.adopted_at_start, 1u);
+  EXPECT_EQ(stats.discarded_at_start, 3u);  // two spares and the WRITING step 3
+  EXPECT_EQ(stats.crc_failures, 1u);        // the spare that said SEALED
+  EXPECT_EQ(stats.pool_segments,
+            0u);  // spares are deleted, not adopted as spares
+  EXPECT_EQ(FragmentFiles(dir_).size(), 1u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes);
+}
+
+TEST_F(FragmentStoreTest, BudgetCountsSparesAndReclaimsThemUnderPressure) {
+  store_.reset();
+  const uint64_t segment_bytes = (uint64_t{1} << 20) + kSegmentHeaderBytes;
+  budget_ = std::make_unique<CapacityBudget>(4 << 20);  // three 1 MiB segments and a bit
+  OpenStore();
+  const FragmentMeta meta = Meta(3 << 20);
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    PutSealed(FragmentKey{"job-a", rank, 1, 0}, meta, RandomBytes(meta.fragment_bytes));
+  }
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    ASSERT_EQ(store_->DropOlderThan("job-a", rank, 2), 1u);
+  }
+  auto stats = store_->stats();
+  EXPECT_EQ(stats.held_bytes, 0u);
+  EXPECT_EQ(stats.pool_segments, 3u);
+  EXPECT_EQ(stats.pool_bytes, 3 * segment_bytes);
+  EXPECT_EQ(budget_->used_bytes(), 3 * segment_bytes);
+
+  // A 2 MiB fragment fits no spare and not the free budget: two spares make room.
+  const FragmentMeta bigger = Meta(6 << 20);
+  auto big = RandomBytes(bigger.fragment_bytes);
+  PutSealed(Key(2), bigger, big);
+  stats = store_->stats();
+  EXPECT_EQ(stats.spares_reclaimed, 2u);
+  EXPECT_EQ(stats.pool_segments, 1u);
+  EXPECT_EQ(stats.segments_recycled, 0u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  ExpectHolds(Key(2), big);
+
+  // Another does not fit even without the last spare: refused with the numbers, which count the
+  // spare as free.
+  auto refused = store_->BeginFragment(Key(3), bigger);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  stats = store_->stats();
+  EXPECT_EQ(stats.pool_segments, 0u);
+  EXPECT_EQ(stats.spares_reclaimed, 3u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes);
+  EXPECT_EQ(FragmentFiles(dir_).size(), 1u);
+  ExpectHolds(Key(2), big);
+}
+
+TEST_F(FragmentStoreTest, SpareMuchLargerThanTheFragmentIsNotUsed) {
+  const FragmentMeta two_mib = Meta(6 << 20);
+  PutSealed(Key(1), two_mib, RandomBytes(two_mib.fragment_bytes));
+  ASSERT_EQ(store_->DropOlderThan("job-a", 3, 2), 1u);
+  ASSERT_EQ(store_->stats().pool_segments, 1u);
+  // Half the size, and tiny: new segments, the spare stays.
+  const FragmentMeta one_mib = Meta(3 << 20);
+  const FragmentMeta tiny = Meta(3000);
+  auto a = RandomBytes(one_mib.fragment_bytes);
+  auto b = RandomBytes(tiny.fragment_bytes);
+  PutSealed(Key(2, 0), one_mib, a);
+  PutSealed(Key(2, 1), tiny, b);
+  auto stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 3u);
+  EXPECT_EQ(stats.segments_recycled, 0u);
+  EXPECT_EQ(stats.pool_segments, 1u);
+  // Slightly smaller than the spare: reused.
+  const FragmentMeta nearly = Meta((6 << 20) - 3 * 10000);
+  auto c = RandomBytes(nearly.fragment_bytes);
+  PutSealed(Key(2, 2), nearly, c);
+  stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 3u);
+  EXPECT_EQ(stats.segments_recycled, 1u);
+  EXPECT_EQ(stats.pool_segments, 0u);
+  ExpectHolds(Key(2, 0), a);
+  ExpectHolds(Key(2, 1), b);
+  ExpectHolds(Key(2, 2), c);
+}
+
+TEST_F(FragmentStoreTest, SparesAreBoundedPerRankAndDropJobKeepsNone) {
+  const FragmentMeta meta = Meta(300000);
+  for (int64_t step = 1; step <= 5; ++step) {
+    PutSealed(Key(step), meta, RandomBytes(meta.fragment_bytes));
+  }
+  PutSealed(FragmentKey{"job-a", 4, 1, 0}, meta, RandomBytes(meta.fragment_bytes));
+  PutSealed(FragmentKey{"job-b", 3, 1, 0}, meta, RandomBytes(meta.fragment_bytes));
+  EXPECT_EQ(store_->DropOlderThan("job-a", 3, 5), 4u);
+  auto stats = store_->stats();
+  EXPECT_EQ(stats.pool_segments, 2u);  // Options::max_spares_per_rank
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  EXPECT_EQ(FragmentFiles(dir_).size(), 3u + 2u);
+  EXPECT_EQ(store_->DropOlderThan("job-a", 4, 5), 1u);
+  EXPECT_EQ(store_->DropOlderThan("job-b", 3, 5), 1u);
+  EXPECT_EQ(store_->stats().pool_segments, 4u);
+
+  // The job is gone: its fragments and the spares they left are deleted; job-b's spare stays.
+  EXPECT_EQ(store_->DropJob("job-a"), 1u);
+  stats = store_->stats();
+  EXPECT_EQ(stats.pool_segments, 1u);
+  EXPECT_EQ(stats.held_bytes, 0u);
+  EXPECT_EQ(budget_->used_bytes(), stats.pool_bytes);
+  EXPECT_EQ(FragmentFiles(dir_).size(), 1u);
 }
 
 TEST_F(FragmentStoreTest, ConcurrentWritersOfManyFragments) {
