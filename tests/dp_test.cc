@@ -5,6 +5,7 @@
 #include <signal.h>
 
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <thread>
@@ -71,6 +72,29 @@ int64_t TrainThenKill(DaemonProcess& daemon, const std::string& job, uint64_t se
         },
         seconds(60));
     EXPECT_TRUE(line && !absl::StartsWith(*line, "error")) << (line ? *line : "no output");
+  }
+  // Real DP ranks start together; these processes need not, and a member that ran ahead before
+  // the group was complete holds steps the others have not reached yet. Kill only once the daemon
+  // holds a step >= min_sealed sealed on every member.
+  Client::Options options;
+  options.socket_path = daemon.socket_path();
+  options.use_gpu = false;
+  auto observer = Client::Connect(options);
+  EXPECT_TRUE(observer.ok()) << observer.status();
+  for (int i = 0; observer.ok() && i < 600; ++i) {
+    auto versions = (*observer)->ListVersions(job);
+    std::map<int64_t, std::set<uint32_t>> holders;
+    if (versions.ok()) {
+      for (const auto& v : *versions) {
+        if (v.state() == "SEALED") holders[v.step()].insert(v.rank());
+      }
+    }
+    int64_t common = -1;
+    for (const auto& [step, ranks] : holders) {
+      if (ranks.size() == world) common = std::max(common, step);
+    }
+    if (common >= min_sealed) break;
+    std::this_thread::sleep_for(milliseconds(50));
   }
   trainers[victim]->Signal(SIGKILL);
   for (uint32_t r = 0; r < world; ++r) {

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import random
 import sys
@@ -256,6 +257,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--step-sleep-ms", type=float, default=20)
     args = p.parse_args()
+    # The library's Python log lines (why nothing was restored, for one) go to stderr.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s [%(name)s] %(message)s")
     device = torch.device(args.device)
     if device.type == "cuda":
         # Bit-exact replay of GPU training: deterministic cuBLAS and kernels.

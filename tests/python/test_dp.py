@@ -127,13 +127,18 @@ def start_group(daemon: Daemon, job: str, mode: str, world: int, seed: int, log_
     return [Worker(daemon, job, mode, r, world, seed, log_dir, extra, env) for r in range(world)]
 
 
-def train_then_kill(workers: List[Worker], victim: int, timeout_s: float = 180.0) -> int:
-    """Waits until every member has sealed MIN_SEALED, SIGKILLs `victim` mid-run and then the
-    others (a synchronous job restarts when it loses a rank). Returns the newest step every
-    member printed as sealed."""
+def train_then_kill(workers: List[Worker], victim: int, store: Path, job: str,
+                    timeout_s: float = 180.0) -> int:
+    """Waits until every member has sealed MIN_SEALED and the daemon holds a step >= MIN_SEALED
+    sealed on every member (a member that started late catches up with one that ran ahead before
+    the group was complete: real DP ranks start together, these processes need not), SIGKILLs
+    `victim` mid-run and then the others (a synchronous job restarts when it loses a rank).
+    Returns the newest step every member printed as sealed."""
     deadline = time.monotonic() + timeout_s
+    world = len(workers)
     try:
-        while any(w.last_sealed() < MIN_SEALED for w in workers):
+        while (any(w.last_sealed() < MIN_SEALED for w in workers)
+               or common_sealed_step(store, job, world) < MIN_SEALED):
             for w in workers:
                 if w.process.poll() is not None:
                     w.wait(10)
@@ -152,21 +157,41 @@ def train_then_kill(workers: List[Worker], victim: int, timeout_s: float = 180.0
     return min(w.last_sealed() for w in workers)
 
 
-def sealed_payloads(store: Path, job: str) -> Dict[int, int]:
-    """rank -> the largest payload of its sealed snapshots, from the slot headers the daemon
-    wrote (struct SegmentHeader of common/segment.h: magic "TESSERA1", layout version 1, state
-    at byte 16 with 2 = sealed, step, rank, world size, capacity, payload bytes from byte 24;
-    the job id at byte 136)."""
-    out: Dict[int, int] = {}
+def slot_headers(store: Path, job: str) -> List[Tuple[int, int, int]]:
+    """(rank, step, payload bytes) of every sealed slot of `job`, from the slot headers the
+    daemon wrote (struct SegmentHeader of common/segment.h: magic "TESSERA1", layout version 1,
+    state at byte 16 with 2 = sealed, step, rank, world size, capacity, payload bytes from byte
+    24; the job id at byte 136)."""
+    out = []
     for path in store.rglob("*.slot"):
-        header = path.read_bytes()[:4096]
-        magic, version, _kind, state, _crc, _step, rank, _world, _capacity, payload = \
+        try:
+            header = path.read_bytes()[:4096]
+        except FileNotFoundError:
+            continue
+        magic, version, _kind, state, _crc, step, rank, _world, _capacity, payload = \
             struct.unpack_from("<QIIIIqIIQQ", header)
         if magic != int.from_bytes(b"TESSERA1", "little") or version != 1:
             pytest.fail(f"{path}: not a slot header of layout version 1 ({magic:#x}, {version}); "
-                        "update sealed_payloads() to common/segment.h", pytrace=False)
-        if state != 2 or header[136:].split(b"\0", 1)[0].decode() != job:
-            continue
+                        "update slot_headers() to common/segment.h", pytrace=False)
+        if state == 2 and header[136:].split(b"\0", 1)[0].decode() == job:
+            out.append((rank, step, payload))
+    return out
+
+
+def common_sealed_step(store: Path, job: str, world: int) -> int:
+    """The newest step sealed on every one of `world` ranks, -1 if none."""
+    steps: Dict[int, set] = {}
+    for rank, step, _ in slot_headers(store, job):
+        steps.setdefault(rank, set()).add(step)
+    if len(steps) < world:
+        return -1
+    return max(set.intersection(*steps.values()), default=-1)
+
+
+def sealed_payloads(store: Path, job: str) -> Dict[int, int]:
+    """rank -> the largest payload of its sealed snapshots."""
+    out: Dict[int, int] = {}
+    for rank, _, payload in slot_headers(store, job):
         out[rank] = max(out.get(rank, 0), payload)
     return out
 
@@ -192,7 +217,7 @@ def run_kill_and_restore(daemon: Daemon, tmp_path: Path, job: str, world: int, v
         return args
 
     trainers = start_group(daemon, job, "train", world, seed, tmp_path, extra("train"), env)
-    sealed = train_then_kill(trainers, victim)
+    sealed = train_then_kill(trainers, victim, daemon.store, job)
     layouts = {w.value("layout") for w in trainers}
     assert len(layouts) == 1 and None not in layouts, f"the members registered {layouts}"
     layout = json.loads(layouts.pop())
@@ -226,7 +251,9 @@ def run_kill_and_restore(daemon: Daemon, tmp_path: Path, job: str, world: int, v
     verifiers = start_group(daemon, job, "verify", world, seed, tmp_path, extra("verify"), env)
     codes = [v.wait(240) for v in verifiers]
     for v, code in zip(verifiers, codes):
-        assert code == 0, f"seed {seed}: rank {v.rank} failed to verify\n{v.describe()}"
+        assert code == 0, (f"seed {seed}: rank {v.rank} failed to verify\n"
+                           + "\n".join(w.describe() for w in verifiers)
+                           + f"\n--- tesserad log (last 6000 characters)\n{daemon.log()[-6000:]}")
     steps = [int(v.value("verified") or -1) for v in verifiers]
     assert len(set(steps)) == 1, f"the members restored different steps: {steps}"
     assert steps[0] >= sealed, f"restored step {steps[0]}, but every member had sealed {sealed}"
