@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
@@ -590,19 +591,22 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
 
 absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
   DpAgreement agreement;
-  // NCCL only when the replicated tensors are GPU memory and NCCL loads here; every member must
-  // say so, or all of them read through the daemon.
-  bool nccl = options_.nccl && engine_->has_gpu();
-  std::string note = !options_.nccl ? "NCCL is turned off (Options.nccl)"
-                                    : (!engine_->has_gpu() ? "the copy engine has no GPU" : "");
-  for (size_t i = 0; nccl && i < entries_.size(); ++i) {
+  // NCCL for the replicated tensors in GPU memory when NCCL loads here and on every member, and
+  // every member has the same tensors on the GPU; the rest goes through the daemon.
+  agreement.on_device.assign(entries_.size(), false);
+  std::string mask;
+  bool any_device = false;
+  for (size_t i = 0; engine_->has_gpu() && i < entries_.size(); ++i) {
     if (!dp_->slicing->replicated(i) || entries_[i].spec.nbytes() == 0) continue;
     auto kind = engine_->Locate(entries_[i].data);
-    if (!kind.ok() || *kind != cuda::MemoryKind::kDevice) {
-      nccl = false;
-      note = absl::StrCat("replicated tensor '", entries_[i].spec.name(), "' is not GPU memory");
-    }
+    agreement.on_device[i] = kind.ok() && *kind == cuda::MemoryKind::kDevice;
+    any_device = any_device || agreement.on_device[i];
   }
+  for (bool d : agreement.on_device) mask.push_back(d ? '1' : '0');
+  bool nccl = options_.nccl && any_device;
+  std::string note = !options_.nccl ? "NCCL is turned off (Options.nccl)"
+                     : !any_device  ? "no replicated tensor is GPU memory"
+                                    : "";
   if (nccl) {
     if (absl::Status available = cuda::NcclAvailable(); !available.ok()) {
       nccl = false;
@@ -613,6 +617,7 @@ absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
   offer.set_step(step);
   offer.set_nccl(nccl);
   offer.set_note(note);
+  offer.set_device_mask_fingerprint(absl::HashOf(mask));
   if (nccl && dp_->dp_rank == 0) {
     absl::StatusOr<std::string> id = cuda::NcclUniqueId();
     if (id.ok()) {
@@ -672,6 +677,11 @@ absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
       }
     }
     if (j == 0) agreement.nccl_id = other.nccl_id();
+    if (other.device_mask_fingerprint() != offer.device_mask_fingerprint() && all_nccl) {
+      all_nccl = false;
+      agreement.note = absl::StrCat("rank ", dp_->members[j], " holds other replicated tensors "
+                                    "in GPU memory than rank ", rank_);
+    }
   }
   if (agreement.step < 0) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -680,16 +690,20 @@ absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
         "was restored"));
   }
   agreement.nccl = all_nccl && !agreement.nccl_id.empty();
+  if (!agreement.nccl) agreement.on_device.assign(entries_.size(), false);
   return agreement;
 }
 
-absl::Status Client::GatherFromDaemon(int64_t step) {
+absl::StatusOr<uint64_t> Client::GatherFromDaemon(int64_t step, const std::vector<bool>* skip) {
   std::vector<std::unique_ptr<RestoreSource>> sources;
   std::vector<cuda::CopyOp> ops;
   uint64_t bytes = 0;
   for (uint32_t j = 0; j < dp_->members.size(); ++j) {
     if (j == dp_->dp_rank) continue;
-    const std::vector<DpPiece> pieces = dp_->slicing->pieces(j);
+    std::vector<DpPiece> pieces;
+    for (const DpPiece& p : dp_->slicing->pieces(j)) {
+      if (skip == nullptr || !(*skip)[p.entry]) pieces.push_back(p);
+    }
     if (pieces.empty()) continue;
     const uint32_t rank = dp_->members[j];
     TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank, step));
@@ -709,16 +723,15 @@ absl::Status Client::GatherFromDaemon(int64_t step) {
   }
   TESSERA_RETURN_IF_ERROR(Annotate(engine_->CopySync(ops),
                                    absl::StrCat("copying the DP group's slices of step ", step)));
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.bytes_gathered = bytes;
-  return absl::OkStatus();
+  return bytes;
 }
 
-absl::Status Client::GatherWithNccl(const DpAgreement& agreement) {
+absl::StatusOr<uint64_t> Client::GatherWithNccl(const DpAgreement& agreement) {
   std::vector<cuda::BroadcastOp> ops;
   uint64_t bytes = 0;
   for (uint32_t j = 0; j < dp_->members.size(); ++j) {
     for (const DpPiece& p : dp_->slicing->pieces(j)) {
+      if (!agreement.on_device[p.entry]) continue;
       ops.push_back({static_cast<char*>(entries_[p.entry].data) + p.offset, p.length,
                      static_cast<int>(j)});
       if (j != dp_->dp_rank) bytes += p.length;
@@ -729,9 +742,7 @@ absl::Status Client::GatherWithNccl(const DpAgreement& agreement) {
   TESSERA_RETURN_IF_ERROR(cuda::NcclBroadcast(agreement.nccl_id, static_cast<int>(dp_->dp_rank),
                                               static_cast<int>(dp_->members.size()), device, ops,
                                               absl::Milliseconds(left_ms)));
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.bytes_gathered = bytes;
-  return absl::OkStatus();
+  return bytes;
 }
 
 absl::StatusOr<int64_t> Client::Restore(int64_t step) {
@@ -771,28 +782,34 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   const uint64_t payload_bytes = source->response_.payload_bytes();
   source.reset();
   if (sharded) {
-    absl::Status gathered = absl::UnknownError("not gathered");
+    uint64_t over_nccl = 0;
+    bool nccl_ok = false;
     std::string note = agreement.note;
     if (agreement.nccl) {
-      gathered = GatherWithNccl(agreement);
-      if (!gathered.ok()) {
-        note = absl::StrCat("NCCL failed: ", gathered.message());
+      absl::StatusOr<uint64_t> broadcast = GatherWithNccl(agreement);
+      nccl_ok = broadcast.ok();
+      if (nccl_ok) {
+        over_nccl = *broadcast;
+      } else {
+        note = absl::StrCat("NCCL failed: ", broadcast.status().message());
         Logger("agent")->warn("restore of step {}: gathering the DP group's slices over NCCL "
                               "failed ({}); reading them through the daemon instead",
-                              restored, gathered.ToString());
+                              restored, broadcast.status().ToString());
       }
     }
-    if (!gathered.ok()) gathered = GatherFromDaemon(restored);
-    TESSERA_RETURN_IF_ERROR(gathered);
+    // The rest (or everything, when NCCL was not used or failed) through the daemon.
+    TESSERA_ASSIGN_OR_RETURN(uint64_t from_daemon,
+                             GatherFromDaemon(restored, nccl_ok ? &agreement.on_device : nullptr));
     std::lock_guard<std::mutex> lock(mu_);
     stats_.dp_size = static_cast<uint32_t>(dp_->members.size());
-    stats_.gathered_with_nccl = agreement.nccl && note == agreement.note;
-    stats_.gather_note = stats_.gathered_with_nccl ? "" : note;
-    Logger("agent")->info("restore of step {}: DP rank {} of {} gathered {} bytes of the other "
-                          "members' slices {}", restored, dp_->dp_rank, dp_->members.size(),
-                          stats_.bytes_gathered,
-                          stats_.gathered_with_nccl ? "over NCCL"
-                                                    : absl::StrCat("through the daemon (", note, ")"));
+    stats_.bytes_gathered = over_nccl + from_daemon;
+    stats_.gathered_with_nccl = nccl_ok;
+    stats_.gather_note = nccl_ok ? "" : note;
+    Logger("agent")->info(
+        "restore of step {}: DP rank {} of {} gathered {} bytes of the other members' slices: {} "
+        "over NCCL, {} through the daemon{}",
+        restored, dp_->dp_rank, dp_->members.size(), stats_.bytes_gathered, over_nccl,
+        from_daemon, nccl_ok ? "" : absl::StrCat(" (", note, ")"));
   }
   Logger("agent")->info("restored job '{}' rank {} step {} ({} payload bytes)", job_id_, rank_,
                         restored, payload_bytes);

@@ -181,14 +181,18 @@ class Client {
   // DP-sharded restore: agrees with the other members on the step and the gather path.
   struct DpAgreement {
     int64_t step = -1;
-    bool nccl = false;
+    bool nccl = false;          // the GPU-resident replicated tensors go over NCCL
     std::string nccl_id;
-    std::string note;  // why not NCCL
+    std::string note;           // why not NCCL
+    std::vector<bool> on_device;  // per entry: replicated and GPU memory
   };
   absl::StatusOr<DpAgreement> AgreeOnRestore(int64_t step);
-  // Copies the other members' slices into the registered memory.
-  absl::Status GatherFromDaemon(int64_t step);
-  absl::Status GatherWithNccl(const DpAgreement& agreement);
+  // Copies the other members' slices into the registered memory, through the daemon: of every
+  // replicated entry, or (skip_device) of those not gathered over NCCL. Returns the bytes.
+  absl::StatusOr<uint64_t> GatherFromDaemon(int64_t step, const std::vector<bool>* skip);
+  // Broadcasts every member's slices of the GPU-resident replicated entries. Returns the bytes
+  // this member received.
+  absl::StatusOr<uint64_t> GatherWithNccl(const DpAgreement& agreement);
   // Where entry i's stored bytes start within the entry (its slice's offset, else 0).
   uint64_t StoredOffset(size_t i) const;
   void UnmapSlots();
