@@ -6,7 +6,6 @@
 #include <random>
 #include <set>
 
-#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
@@ -617,7 +616,7 @@ absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
   offer.set_step(step);
   offer.set_nccl(nccl);
   offer.set_note(note);
-  offer.set_device_mask_fingerprint(absl::HashOf(mask));
+  offer.set_device_mask_fingerprint(StableFingerprint(mask));
   if (nccl && dp_->dp_rank == 0) {
     absl::StatusOr<std::string> id = cuda::NcclUniqueId();
     if (id.ok()) {

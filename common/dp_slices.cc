@@ -10,12 +10,18 @@ uint64_t StoredBytes(const EntrySpec& spec) {
   return spec.has_slice() ? spec.slice().length() : spec.nbytes();
 }
 
-uint64_t MembersFingerprint(const std::vector<uint32_t>& members) {
-  uint64_t h = 1469598103934665603ull;
-  for (uint32_t m : members) {
-    for (int i = 0; i < 4; ++i) h = (h ^ ((m >> (8 * i)) & 0xff)) * 1099511628211ull;
-  }
+uint64_t StableFingerprint(const std::string& bytes) {
+  uint64_t h = 14695981039346656037ull;  // the FNV-1a 64 offset basis
+  for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
   return h;
+}
+
+uint64_t MembersFingerprint(const std::vector<uint32_t>& members) {
+  std::string bytes;
+  for (uint32_t m : members) {
+    for (int i = 0; i < 4; ++i) bytes.push_back(static_cast<char>((m >> (8 * i)) & 0xff));
+  }
+  return StableFingerprint(bytes);
 }
 
 absl::StatusOr<DpSlicing> DpSlicing::Create(const std::vector<EntrySpec>& entries,

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -28,6 +29,10 @@ uint64_t StoredBytes(const EntrySpec& spec);
 
 // FNV-1a of the members' job ranks in DP-rank order (DataParallelGroup.members_fingerprint).
 uint64_t MembersFingerprint(const std::vector<uint32_t>& members);
+
+// FNV-1a of `bytes`: the same in every process (unlike absl::Hash, which is seeded per process),
+// so members can compare fingerprints.
+uint64_t StableFingerprint(const std::string& bytes);
 
 // Bytes [offset, offset + length) of entry `entry`.
 struct DpPiece {

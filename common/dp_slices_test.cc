@@ -97,6 +97,13 @@ TEST(DpSlicingTest, RejectsBlobsBadSizesAndMismatchedFlags) {
   EXPECT_NE(s.status().message().find("2 entries, but 1"), std::string::npos) << s.status();
 }
 
+TEST(DpSlicingTest, StableFingerprintIsFnv1a) {
+  // Known FNV-1a 64 values: the fingerprint must not depend on the process.
+  EXPECT_EQ(StableFingerprint(""), 0xcbf29ce484222325ull);
+  EXPECT_EQ(StableFingerprint("a"), 0xaf63dc4c8601ec8cull);
+  EXPECT_EQ(MembersFingerprint({0}), StableFingerprint(std::string(4, '\0')));
+}
+
 TEST(DpSlicingTest, FingerprintDependsOnOrder) {
   EXPECT_NE(MembersFingerprint({0, 1, 2}), MembersFingerprint({0, 2, 1}));
   EXPECT_EQ(MembersFingerprint({4, 5}), MembersFingerprint({4, 5}));
