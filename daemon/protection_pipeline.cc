@@ -436,14 +436,23 @@ absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(const std::str
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
     const std::string& job_id, uint32_t rank, int64_t step) {
   auto local = store_->PrepareRestore(job_id, rank, step);
-  if (local.ok() || local.status().code() != absl::StatusCode::kNotFound || step < 0) {
+  // A local shard that fails its CRC32C is damaged memory: restore as if it were not here, from
+  // a copy elsewhere or from fragments.
+  const bool damaged = absl::IsDataLoss(local.status()) && step >= 0;
+  if (!damaged &&
+      (local.ok() || local.status().code() != absl::StatusCode::kNotFound || step < 0)) {
     if (local.ok() && step >= 0) AdoptRestorePoint(job_id, step);
     return local;
+  }
+  if (damaged) {
+    Logger("recovery")->warn("job '{}' rank {} step {}: the local shard is damaged ({}); "
+                             "restoring it from the other nodes instead",
+                             job_id, rank, step, local.status().ToString());
   }
   absl::MutexLock lock(&restore_mu_);
   auto it = restored_.find({job_id, rank, step});
   if (it != restored_.end()) return it->second.second;
-  auto made = MakeLocal(job_id, rank, step);
+  auto made = MakeLocal(job_id, rank, step, /*skip_local_shard=*/damaged);
   if (!made.ok()) Metrics().restore_failures->Increment();
   if (made.ok()) AdoptRestorePoint(job_id, step);
   return made;
@@ -458,9 +467,18 @@ void ClusterCoordination::AdoptRestorePoint(const std::string& job_id, int64_t s
 }
 
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
-    const std::string& job_id, uint32_t rank, int64_t step) {
+    const std::string& job_id, uint32_t rank, int64_t step, bool skip_local_shard) {
   auto log = Logger("recovery");
-  const JobHoldings holdings = GatherHoldings(job_id);
+  JobHoldings holdings = GatherHoldings(job_id);
+  if (skip_local_shard) {
+    const std::string self = cluster_->self_id();
+    auto& shards = holdings.shards;
+    shards.erase(std::remove_if(shards.begin(), shards.end(),
+                                [&](const HeldShard& s) {
+                                  return s.node == self && s.rank == rank && s.step == step;
+                                }),
+                 shards.end());
+  }
   std::set<std::pair<uint32_t, std::string>> exclude;
   static std::atomic<uint64_t> sequence{0};
   for (int attempt = 0;; ++attempt) {

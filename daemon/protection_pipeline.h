@@ -15,7 +15,8 @@
 //     its k+m fragments sealed: SnapshotStore::Commit, and fragments of older steps dropped. Every
 //     daemon derives the same commit from the same holdings, so no coordinator needs to survive.
 //   - FindLatestRestorable looks at the holdings of all live members.
-//   - PrepareRestore makes a shard that is not local readable here: copied whole from the node
+//   - PrepareRestore makes a shard that is not local (or whose local copy fails its CRC32C)
+//     readable here: copied whole from the node
 //     that holds it, or rebuilt from k fragments (a corrupt one is excluded and the plan redone),
 //     checked against the shard's CRC32C, in a new segment file of this daemon's directory,
 //     charged to the FragmentStore's capacity budget until a newer commit deletes it. The step
@@ -98,8 +99,9 @@ class ClusterCoordination final : public Coordination {
   void MaybeCommit(const std::string& job_id);
   uint32_t WorldSize(const std::string& job_id, const JobHoldings& holdings);
   JobHoldings GatherHoldings(const std::string& job_id);
+  // skip_local_shard: this daemon's own shard of (rank, step) is damaged; do not plan from it.
   absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
-                                                       int64_t step);
+                                                       int64_t step, bool skip_local_shard = false);
   // A rank restoring `step` resumes the job from it, so the step is the job's restore point
   // here: committed, as when every rank has it protected. A step restored after a node loss may
   // never be protected on every rank again (the lost node's fragments are gone), and under the

@@ -569,5 +569,53 @@ TEST(ClusterTest, DpShardedJobSurvivesALostNodeAndEveryMemberRestoresBitExact) {
               static_cast<long long>(committed), static_cast<long long>(*steps.begin()));
 }
 
+// Memory that went bad under a sealed slot: the daemon's CRC32C check at restore catches it, and
+// the shard is rebuilt from the fragments on the other nodes instead of failing the restore.
+TEST(ClusterTest, ADamagedLocalSlotIsRebuiltFromFragmentsBitExact) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  Cluster cluster(root.path(), 4, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "damaged-slot";
+  const uint32_t world = 3;
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
+  ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
+
+  // Flip one payload byte of rank 0's slot holding the committed step, on n0.
+  std::mt19937_64 rng(seed);
+  bool flipped = false;
+  for (const auto& entry : std::filesystem::directory_iterator(cluster[0].store_dir())) {
+    const std::string path = entry.path().string();
+    if (!absl::StrContains(path, job + ".r0.") || !absl::EndsWith(path, ".slot")) continue;
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    SegmentHeader h{};
+    f.read(reinterpret_cast<char*>(&h), sizeof(h));
+    if (!f || h.step != committed || h.payload_bytes == 0) continue;
+    const uint64_t offset = kSegmentHeaderBytes + rng() % h.payload_bytes;
+    char byte = 0;
+    f.seekg(static_cast<std::streamoff>(offset));
+    f.read(&byte, 1);
+    byte = static_cast<char>(byte ^ (1 + rng() % 255));
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.write(&byte, 1);
+    flipped = f.good();
+    std::printf("flipped the byte at %llu of %s (step %lld)\n",
+                static_cast<unsigned long long>(offset), path.c_str(),
+                static_cast<long long>(h.step));
+  }
+  ASSERT_TRUE(flipped) << "no slot of rank 0 holds step " << committed;
+
+  auto argv = TrainerArgs(cluster[0], job, seed, 0, world);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn0 log:\n" << cluster[0].LogTail();
+  EXPECT_EQ(LastEvent(verifier->lines(), "verified"), committed);
+  const std::string log = ReadFile(cluster[0].log_path());
+  EXPECT_TRUE(absl::StrContains(log, "the local shard is damaged")) << cluster[0].LogTail();
+  EXPECT_TRUE(absl::StrContains(log, "rebuilt from 2 of 3 fragments")) << cluster[0].LogTail();
+}
+
 }  // namespace
 }  // namespace tessera::testing
