@@ -317,7 +317,19 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           static_cast<double>(fragment_budget_->used_bytes()));
     gauge("tessera_fragment_capacity_bytes", "Shared memory available for fragments.",
           static_cast<double>(fragment_budget_->capacity_bytes()));
+    const char* segments_help =
+        "Fragment segments by how they were obtained: created new, or a recycled spare.";
+    counter("tessera_fragment_segments_total", segments_help,
+            static_cast<double>(f.segments_created), {{"how", "created"}});
+    counter("tessera_fragment_segments_total", segments_help,
+            static_cast<double>(f.segments_recycled), {{"how", "recycled"}});
+    gauge("tessera_fragment_spare_bytes",
+          "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
+          static_cast<double>(f.pool_bytes));
   }
+  gauge("tessera_rendezvous_groups",
+        "Data-parallel rendezvous groups this daemon hosts (forgotten after 10 idle minutes).",
+        static_cast<double>(rendezvous_table_.groups()));
   if (cluster_) {
     double alive = 0, suspected = 0, unknown = 0;
     for (const Cluster::PeerView& p : cluster_->Peers()) {

@@ -284,6 +284,14 @@ TEST_F(AdminTest, StatusVersionsTrainersAndMetricsDescribeTheCluster) {
   EXPECT_GT(metrics["tessera_fragments_held{state=\"sealed\"}"], 0);
   EXPECT_EQ(metrics["tessera_crc_failures_total{kind=\"fragment\"}"], 0);
   EXPECT_GT(metrics["tessera_store_capacity_bytes"], 0);
+  // Every fragment held came from a segment created or recycled on this node.
+  EXPECT_GE(metrics["tessera_fragment_segments_total{how=\"created\"}"], 1);
+  EXPECT_GE(metrics["tessera_fragment_segments_total{how=\"created\"}"] +
+                metrics["tessera_fragment_segments_total{how=\"recycled\"}"],
+            metrics["tessera_fragments_held{state=\"sealed\"}"]);
+  EXPECT_EQ(metrics.count("tessera_fragment_spare_bytes"), 1u);
+  EXPECT_EQ(metrics.count("tessera_rendezvous_groups"), 1u);
+  EXPECT_EQ(metrics["tessera_rendezvous_groups"], 0);  // no data-parallel restore ran here
 }
 
 TEST_F(AdminTest, DrillsCorruptVerifyRecoverAndDropMemory) {
