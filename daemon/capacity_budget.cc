@@ -5,6 +5,17 @@
 #include "absl/strings/str_cat.h"
 
 namespace tessera {
+namespace {
+
+absl::Status NotFree(const std::string& what, uint64_t bytes, uint64_t free_bytes,
+                     uint64_t capacity_bytes) {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      what, " needs ", bytes, " bytes but only ", free_bytes, " of ", capacity_bytes,
+      " bytes of shared-memory capacity are free (raise memory.capacity, or free older "
+      "steps or other jobs)"));
+}
+
+}  // namespace
 
 absl::Status CapacityBudget::Reserve(uint64_t bytes, const std::string& what) {
   for (int attempt = 0;; ++attempt) {
@@ -17,10 +28,7 @@ absl::Status CapacityBudget::Reserve(uint64_t bytes, const std::string& what) {
         return absl::OkStatus();
       }
       if (attempt > 0 || reclaimers_.empty()) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            what, " needs ", bytes, " bytes but only ", free_bytes, " of ", capacity_bytes_,
-            " bytes of shared-memory capacity are free (raise memory.capacity, or free older "
-            "steps or other jobs)"));
+        return NotFree(what, bytes, free_bytes, capacity_bytes_);
       }
       missing = bytes - free_bytes;
     }
@@ -37,6 +45,14 @@ absl::Status CapacityBudget::Reserve(uint64_t bytes, const std::string& what) {
       if (missing == 0) break;
     }
   }
+}
+
+absl::Status CapacityBudget::ReserveIfFree(uint64_t bytes, const std::string& what) {
+  absl::MutexLock lock(&mu_);
+  const uint64_t free_bytes = capacity_bytes_ > used_bytes_ ? capacity_bytes_ - used_bytes_ : 0;
+  if (bytes > free_bytes) return NotFree(what, bytes, free_bytes, capacity_bytes_);
+  used_bytes_ += bytes;
+  return absl::OkStatus();
 }
 
 void CapacityBudget::Release(uint64_t bytes) {

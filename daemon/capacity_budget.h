@@ -45,6 +45,10 @@ class CapacityBudget {
   // even after the reclaimers ran: "<what> needs N bytes but only F of C bytes are free".
   absl::Status Reserve(uint64_t bytes, const std::string& what);
 
+  // Takes `bytes` only if they are free now: never runs a reclaimer (for speculative
+  // allocations that must not evict anything). kResourceExhausted as Reserve otherwise.
+  absl::Status ReserveIfFree(uint64_t bytes, const std::string& what);
+
   // Gives back bytes taken by Reserve or Charge. REQUIRES: bytes <= used_bytes().
   void Release(uint64_t bytes);
 

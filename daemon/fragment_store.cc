@@ -29,6 +29,11 @@ constexpr uint64_t kMaxShardBytes = uint64_t{1} << 40;
 // Segment capacities are rounded up to this, so fragments of nearly equal size (a shard's
 // manifest length varies by a few bytes between steps) share pooled segments.
 constexpr uint64_t kSegmentGranuleBytes = uint64_t{64} << 10;
+// Spare creations waiting for the background thread (one per (job, rank)); more are dropped.
+constexpr size_t kMaxPrecreateQueue = 256;
+// No spare is created this long after the budget ran short (TrimPool), so a Reserve that made
+// room by reclaiming is not beaten to the bytes by a speculative spare before it tries again.
+constexpr std::chrono::seconds kNoPrecreateAfterTrim{1};
 
 uint64_t RoundUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -245,10 +250,21 @@ absl::StatusOr<std::unique_ptr<FragmentStore>> FragmentStore::Open(Options optio
   FragmentStore* self = store.get();
   store->reclaimer_id_ = store->options_.budget->AddReclaimer(
       [self](uint64_t bytes) { return self->TrimPool(bytes); });
+  if (store->options_.precreate_spares) {
+    store->precreate_thread_ = std::thread([self] { self->PrecreateLoop(); });
+  }
   return store;
 }
 
 FragmentStore::~FragmentStore() {
+  // A creation in progress finishes (its spare lands in the pool, deleted below); queued ones
+  // are dropped.
+  {
+    absl::MutexLock lock(&precreate_mu_);
+    precreate_stop_ = true;
+    precreate_queue_.clear();
+  }
+  if (precreate_thread_.joinable()) precreate_thread_.join();
   options_.budget->RemoveReclaimer(reclaimer_id_);
   // Segments stay on disk (sealed ones are re-adopted by the next store); only the pool's empty
   // ones are deleted, and every reservation is given back.
@@ -418,9 +434,151 @@ absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const Fra
   }
   Logger("fragments")->debug("{}: created {} ({} payload bytes)", key.ToString(), path,
                              capacity_bytes);
-  absl::MutexLock lock(&mu_);
-  ++counters_.segments_created;
+  {
+    absl::MutexLock lock(&mu_);
+    ++counters_.segments_created;
+  }
+  // No spare fitted: the next fragment of this (job, rank) would not find one either.
+  MaybePrecreateSpare(key.job_id, key.rank, capacity_bytes);
   return std::shared_ptr<Segment>(std::move(*created));
+}
+
+bool FragmentStore::SpareWanted(const std::string& job_id, uint32_t rank,
+                                uint64_t capacity_bytes) const {
+  if (options_.max_spares_per_rank <= 0) return false;
+  int kept = 0;
+  for (const auto& [capacity, spare] : pool_) {
+    if (spare.job_id != job_id || spare.rank != rank) continue;
+    if (PoolFits(capacity, capacity_bytes)) return false;
+    ++kept;
+  }
+  // At the per-rank bound a pre-created spare would evict one: leave that to Retire.
+  const uint64_t file_bytes = kSegmentHeaderBytes + capacity_bytes;
+  return kept < options_.max_spares_per_rank && options_.pool_max_bytes >= pool_bytes_ &&
+         file_bytes <= options_.pool_max_bytes - pool_bytes_;
+}
+
+void FragmentStore::MaybePrecreateSpare(const std::string& job_id, uint32_t rank,
+                                        uint64_t capacity_bytes) {
+  if (!options_.precreate_spares) return;
+  uint64_t job_drops;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!SpareWanted(job_id, rank, capacity_bytes)) return;
+    job_drops = job_drops_;
+  }
+  absl::MutexLock lock(&precreate_mu_);
+  if (precreate_stop_) return;
+  for (PrecreateRequest& queued : precreate_queue_) {
+    if (queued.job_id == job_id && queued.rank == rank) {
+      queued.capacity_bytes = capacity_bytes;  // the size the rank sends now
+      queued.job_drops = job_drops;
+      return;
+    }
+  }
+  if (precreate_queue_.size() >= kMaxPrecreateQueue) return;
+  precreate_queue_.push_back(PrecreateRequest{job_id, rank, capacity_bytes, job_drops});
+}
+
+void FragmentStore::PrecreateLoop() {
+  for (;;) {
+    PrecreateRequest request;
+    {
+      absl::MutexLock lock(&precreate_mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(precreate_mu_) {
+        return precreate_stop_ || !precreate_queue_.empty();
+      };
+      precreate_mu_.Await(absl::Condition(&ready));
+      if (precreate_stop_) return;
+      request = std::move(precreate_queue_.front());
+      precreate_queue_.pop_front();
+    }
+    PrecreateSpare(request);
+  }
+}
+
+void FragmentStore::PrecreateSpare(const PrecreateRequest& request) {
+  auto log = Logger("fragments");
+  const uint64_t file_bytes = kSegmentHeaderBytes + request.capacity_bytes;
+  const std::string what =
+      absl::StrCat("a spare for job '", request.job_id, "' rank ", request.rank);
+  uint64_t generation;
+  {
+    absl::MutexLock lock(&mu_);
+    if (request.job_drops != job_drops_ ||
+        !SpareWanted(request.job_id, request.rank, request.capacity_bytes)) {
+      return;
+    }
+    if (last_trim_ > std::chrono::steady_clock::now() - kNoPrecreateAfterTrim) {
+      ++counters_.spares_precreate_skipped;
+      log->debug("not creating {}: the budget ran short just now", what);
+      return;
+    }
+    // Set before the reservation, so a TrimPool from now on waits for this creation.
+    precreate_in_flight_bytes_ = file_bytes;
+    generation = next_generation_++;
+  }
+  // Only free bytes: a speculative spare must never make the budget reclaim anything.
+  absl::Status reserved = options_.budget->ReserveIfFree(file_bytes, what);
+  std::shared_ptr<Segment> segment;
+  if (reserved.ok()) {
+    SegmentCreateOptions create;
+    create.mode = 0600;
+    create.prefault = options_.prefault;
+    const std::string path =
+        absl::StrCat(options_.directory, "/", kFragmentPrefix, generation, kFragmentSuffix);
+    // Outside mu_. Create writes a zeroed header that says EMPTY with no header CRC: a spare
+    // (see Retire), never adopted after a crash.
+    auto created = Segment::Create(path, SegmentKind::kFragment, request.capacity_bytes, create);
+    if (created.ok()) {
+      segment = std::move(*created);
+    } else {
+      log->info("could not create {}: {}", what, created.status().ToString());
+    }
+  } else {
+    log->debug("not creating {}: {}", what, reserved.ToString());
+  }
+  bool kept = false;
+  bool cancelled = false;
+  {
+    absl::MutexLock lock(&mu_);
+    cancelled = precreate_cancel_;
+    if (segment && !cancelled && request.job_drops == job_drops_ &&
+        SpareWanted(request.job_id, request.rank, request.capacity_bytes)) {
+      pool_bytes_ += file_bytes;
+      pool_.emplace(request.capacity_bytes, Spare{segment, request.job_id, request.rank,
+                                                  next_spare_sequence_++});
+      ++counters_.spares_precreated;
+      precreate_in_flight_bytes_ = 0;
+      ++precreate_finished_;
+      kept = true;
+    } else if (!reserved.ok()) {
+      ++counters_.spares_precreate_skipped;
+      precreate_cancel_ = false;
+      precreate_in_flight_bytes_ = 0;
+      ++precreate_finished_;
+      return;
+    }
+  }
+  if (kept) {
+    log->debug("created spare {} ({} payload bytes) ahead of the next fragment of job '{}' rank {}",
+               segment->path(), request.capacity_bytes, request.job_id, request.rank);
+    return;
+  }
+  // Not wanted any more (a spare came back meanwhile, the job was dropped, the pool's bounds
+  // moved, or TrimPool needs the bytes), or not created: the file goes, then the bytes.
+  if (segment) {
+    log->debug("discarding pre-created spare {} of job '{}' rank {}{}", segment->path(),
+               request.job_id, request.rank, cancelled ? ": the budget needs the bytes" : "");
+    segment->Unlink().IgnoreError();
+    segment.reset();
+  }
+  options_.budget->Release(file_bytes);
+  absl::MutexLock lock(&mu_);
+  if (precreate_cancel_) precreate_cancelled_bytes_ += file_bytes;
+  precreate_cancel_ = false;
+  precreate_in_flight_bytes_ = 0;
+  ++precreate_finished_;
 }
 
 void FragmentStore::Retire(const std::shared_ptr<Entry>& entry, bool keep_spare) {
@@ -482,6 +640,7 @@ uint64_t FragmentStore::TrimPool(uint64_t bytes) {
   uint64_t freed = 0;
   {
     absl::MutexLock lock(&mu_);
+    last_trim_ = std::chrono::steady_clock::now();
     // Largest first: fewest files for the bytes wanted.
     while (freed < bytes && !pool_.empty()) {
       auto it = std::prev(pool_.end());
@@ -490,6 +649,18 @@ uint64_t FragmentStore::TrimPool(uint64_t bytes) {
       doomed.push_back(std::move(it->second.segment));
       pool_.erase(it);
       ++counters_.spares_reclaimed;
+    }
+    if (freed < bytes && precreate_in_flight_bytes_ > 0) {
+      // A spare being created holds bytes the budget cannot reclaim yet: wait for that one
+      // creation to finish and have it discarded, rather than refuse the Reserve.
+      precreate_cancel_ = true;
+      const uint64_t finished = precreate_finished_;
+      const uint64_t cancelled_before = precreate_cancelled_bytes_;
+      auto done = [this, finished]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return precreate_finished_ != finished;
+      };
+      mu_.Await(absl::Condition(&done));
+      freed += precreate_cancelled_bytes_ - cancelled_before;
     }
   }
   if (!doomed.empty()) {
@@ -756,11 +927,18 @@ absl::StatusOr<FragmentStatus> FragmentStore::SealFragment(const FragmentKey& ke
       result = entry->Status();
     }
   }
-  absl::MutexLock lock(&mu_);
-  if (crc_failed) {
-    ++counters_.crc_failures;
-  } else {
-    ++counters_.seals;
+  {
+    absl::MutexLock lock(&mu_);
+    if (crc_failed) {
+      ++counters_.crc_failures;
+    } else {
+      ++counters_.seals;
+    }
+  }
+  // The next step's fragment of this (job, rank) will want a segment of this size.
+  if (!crc_failed) {
+    MaybePrecreateSpare(key.job_id, key.rank,
+                        RoundUp(entry->meta.fragment_bytes, kSegmentGranuleBytes));
   }
   return result;
 }
@@ -835,6 +1013,7 @@ size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, ui
   {
     absl::MutexLock lock(&mu_);
     if (all_ranks) {
+      ++job_drops_;  // a spare being created for it meanwhile is discarded
       // The job is gone: nothing of it will be sent again, so neither are its spares kept.
       for (auto it = pool_.begin(); it != pool_.end();) {
         if (it->second.job_id != job_id) {
@@ -856,6 +1035,14 @@ size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, ui
         ++it;
       }
     }
+  }
+  if (all_ranks) {
+    absl::MutexLock lock(&precreate_mu_);
+    precreate_queue_.erase(std::remove_if(precreate_queue_.begin(), precreate_queue_.end(),
+                                          [&job_id](const PrecreateRequest& r) {
+                                            return r.job_id == job_id;
+                                          }),
+                           precreate_queue_.end());
   }
   DeleteSpares(std::move(spares));
   for (const auto& entry : doomed) Retire(entry, /*keep_spare=*/!all_ranks);

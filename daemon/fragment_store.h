@@ -29,6 +29,17 @@
 // stay charged to the budget, and are the first memory given back when a Reserve runs short (the
 // store is one of the budget's reclaimers). DropJob keeps no spares: the job is gone.
 //
+// Spares ahead of need. A fragment that finds no spare creates and pre-faults a segment on the
+// critical path of its transfer; spares left by dropped steps only appear once the peer learns
+// of a newer commit. So once a fragment of (job, rank) is sealed here, or had to get a new
+// segment, and no spare of that (job, rank) would fit a fragment of its size, one background
+// thread creates one (Options::precreate_spares): EMPTY, pre-faulted, counted toward
+// max_spares_per_rank and pool_max_bytes, and charged to the budget only if the bytes are free
+// now (it never makes a reclaimer run; a spare skipped for want of budget is counted, and for a
+// second after the budget ran short none is tried). When a Reserve runs short while a spare is
+// being created, TrimPool waits for that creation and discards it (at most one segment's
+// creation), rather than refusing for bytes it holds.
+//
 // Recycling and crashes. A spare's header is moved to EMPTY (and its header CRC cleared) before
 // the spare is kept; a reused one is rewritten while EMPTY and only then becomes WRITING, before
 // any payload byte is reused. A spare keeps its file name (fragment files are named by a
@@ -42,12 +53,15 @@
 #ifndef TESSERA_DAEMON_FRAGMENT_STORE_H_
 #define TESSERA_DAEMON_FRAGMENT_STORE_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -157,6 +171,8 @@ class FragmentStore {
     // Two cover the steady state: a peer holds the committed step and the next, and while its
     // commits lag, one more.
     int max_spares_per_rank = 2;
+    // Create a spare in the background ahead of the next fragment of a (job, rank) (see above).
+    bool precreate_spares = true;
   };
 
   struct Stats {
@@ -165,8 +181,10 @@ class FragmentStore {
     uint64_t held_bytes = 0;     // file bytes of all fragment segments, pool excluded
     uint64_t pool_segments = 0;  // spares
     uint64_t pool_bytes = 0;     // their file bytes (charged to the budget)
-    uint64_t segments_created = 0;
+    uint64_t segments_created = 0;   // fragments that got a new segment (spares not included)
     uint64_t segments_recycled = 0;  // fragments that reused a spare instead of a new segment
+    uint64_t spares_precreated = 0;  // spares created in the background and kept in the pool
+    uint64_t spares_precreate_skipped = 0;  // not created: the budget was short
     uint64_t spares_reclaimed = 0;   // spares deleted to make room in the budget
     uint64_t seals = 0;
     uint64_t crc_failures = 0;  // chunks and whole fragments whose CRC32C did not match
@@ -236,8 +254,10 @@ class FragmentStore {
   // Drops one fragment. kNotFound if it is not held.
   absl::Status DropFragment(const FragmentKey& key);
 
-  // Deletes spares, largest first, until at least `bytes` were given back (or none is left).
-  // Returns the bytes given back to the budget. The budget calls it when a Reserve runs short.
+  // Deletes spares, largest first, until at least `bytes` were given back (or none is left); if
+  // that is not enough while a spare is being created in the background, waits for it and
+  // discards it too. Returns the bytes given back to the budget. The budget calls it when a
+  // Reserve runs short.
   uint64_t TrimPool(uint64_t bytes);
 
   Stats stats() const;
@@ -254,6 +274,13 @@ class FragmentStore {
     uint32_t rank = 0;
     uint64_t sequence = 0;  // when it was kept: lower is older
   };
+  // A spare the background thread is asked to create.
+  struct PrecreateRequest {
+    std::string job_id;
+    uint32_t rank = 0;
+    uint64_t capacity_bytes = 0;
+    uint64_t job_drops = 0;  // job_drops_ when asked: a DropJob since discards it
+  };
   explicit FragmentStore(Options options) : options_(std::move(options)) {}
   absl::Status AdoptExisting();
   std::shared_ptr<Entry> Find(const FragmentKey& key) const;
@@ -268,6 +295,14 @@ class FragmentStore {
   size_t DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank, int64_t step);
   absl::StatusOr<std::shared_ptr<Entry>> FindForWrite(const FragmentKey& key,
                                                       uint64_t owner_incarnation) const;
+  // Whether a spare of capacity_bytes for (job, rank) should be created now: none of that
+  // (job, rank) fits (PoolFits), and the per-rank and pool bounds leave room for one.
+  bool SpareWanted(const std::string& job_id, uint32_t rank, uint64_t capacity_bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Queues a PrecreateRequest when SpareWanted. REQUIRES: mu_ not held.
+  void MaybePrecreateSpare(const std::string& job_id, uint32_t rank, uint64_t capacity_bytes);
+  void PrecreateLoop();
+  void PrecreateSpare(const PrecreateRequest& request);
 
   const Options options_;
   int reclaimer_id_ = 0;
@@ -281,6 +316,21 @@ class FragmentStore {
   uint64_t next_spare_sequence_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
   Stats counters_ ABSL_GUARDED_BY(mu_);
+  // The background creation of one spare: its reserved bytes while in flight (0: none), whether
+  // TrimPool wants it discarded, the bytes given back by such discards, and DropJob calls seen.
+  uint64_t precreate_in_flight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool precreate_cancel_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t precreate_cancelled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t precreate_finished_ ABSL_GUARDED_BY(mu_) = 0;  // creations attempted to the end
+  uint64_t job_drops_ ABSL_GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point last_trim_ ABSL_GUARDED_BY(mu_) =  // last TrimPool
+      std::chrono::steady_clock::time_point::min();
+
+  // The background thread's queue (one request per (job, rank)); never held together with mu_.
+  absl::Mutex precreate_mu_;
+  std::deque<PrecreateRequest> precreate_queue_ ABSL_GUARDED_BY(precreate_mu_);
+  bool precreate_stop_ ABSL_GUARDED_BY(precreate_mu_) = false;
+  std::thread precreate_thread_;  // joinable iff Options::precreate_spares
 };
 
 }  // namespace tessera

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <chrono>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <set>
 #include <random>
@@ -38,13 +40,15 @@ class FragmentStoreTest : public ::testing::Test {
     std::filesystem::remove_all(root_);
   }
 
-  void OpenStore(uint64_t pool_max_bytes = UINT64_MAX) {
+  // Spares are pre-created only where a test asks: most tests count segments exactly.
+  void OpenStore(uint64_t pool_max_bytes = UINT64_MAX, bool precreate_spares = false) {
     store_.reset();
     FragmentStore::Options options;
     options.directory = dir_;
     options.budget = budget_.get();
     options.crc_threads = 2;
     options.pool_max_bytes = pool_max_bytes;
+    options.precreate_spares = precreate_spares;
     auto opened = FragmentStore::Open(options);
     ASSERT_TRUE(opened.ok()) << opened.status();
     store_ = std::move(*opened);
@@ -96,6 +100,15 @@ class FragmentStoreTest : public ::testing::Test {
     auto sealed =
         store_->SealFragment(key, meta.owner_incarnation, Crc32c(data.data(), data.size()));
     ASSERT_TRUE(sealed.ok()) << sealed.status();
+  }
+
+  // Polls the store's stats until `done` holds (the background thread's work); false after 60 s.
+  bool WaitForStats(const std::function<bool(const FragmentStore::Stats&)>& done) {
+    for (int i = 0; i < 60000; ++i) {
+      if (done(store_->stats())) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return done(store_->stats());
   }
 
   void ExpectHolds(const FragmentKey& key, const std::vector<uint8_t>& data) {
@@ -656,6 +669,7 @@ TEST_F(FragmentStoreTest, SparesAreBoundedPerRankAndDropJobKeepsNone) {
 }
 
 TEST_F(FragmentStoreTest, ConcurrentWritersOfManyFragments) {
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);  // spares created meanwhile change nothing
   const FragmentMeta meta = Meta(3 << 20);
   constexpr int kFragments = 6;
   std::vector<std::vector<uint8_t>> data;
@@ -717,6 +731,182 @@ TEST_F(FragmentStoreTest, ConcurrentBeginsOfOneFragmentCreateOneSegment) {
   ExpectHolds(key, data);
 }
 
+// A fragment's segment capacity (FragmentStore rounds up to 64 KiB).
+uint64_t RoundUpForTest(uint64_t bytes) {
+  constexpr uint64_t kGranule = 64 << 10;
+  return (bytes + kGranule - 1) / kGranule * kGranule;
+}
+
+// The EMPTY ".frag" files in dir (spares).
+std::vector<std::string> EmptyFragmentFiles(const std::string& dir) {
+  std::vector<std::string> empty;
+  for (const std::string& path : FragmentFiles(dir)) {
+    auto seg = Segment::Open(path, false);
+    if (seg.ok() && LoadState(*(*seg)->header()) == SegmentState::kEmpty) empty.push_back(path);
+  }
+  return empty;
+}
+
+TEST_F(FragmentStoreTest, ASpareIsCreatedAheadOfTheNextFragmentAndRecycled) {
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  const FragmentMeta meta = Meta(3 << 20);
+  auto step1 = RandomBytes(meta.fragment_bytes);
+  PutSealed(Key(1), meta, step1);
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) { return s.pool_segments == 1; }))
+      << "seed " << seed_;
+  auto stats = store_->stats();
+  EXPECT_EQ(stats.spares_precreated, 1u);
+  EXPECT_EQ(stats.segments_created, 1u);
+  EXPECT_EQ(stats.spares_reclaimed, 0u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  // The spare is EMPTY with no header CRC, as a recycled one.
+  auto spares = EmptyFragmentFiles(dir_);
+  ASSERT_EQ(spares.size(), 1u);
+  {
+    auto seg = Segment::Open(spares[0], false);
+    ASSERT_TRUE(seg.ok());
+    EXPECT_EQ((*seg)->header()->header_crc32c, 0u);
+    EXPECT_GE((*seg)->capacity_bytes(), meta.fragment_bytes);
+  }
+  // Step 2 arrives before step 1 is dropped (back-to-back snapshots): it takes the spare.
+  auto step2 = RandomBytes(meta.fragment_bytes);
+  PutSealed(Key(2), meta, step2);
+  stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 1u);
+  EXPECT_EQ(stats.segments_recycled, 1u);
+  ExpectHolds(Key(1), step1);
+  ExpectHolds(Key(2), step2);
+  // Sealing step 2 asked for the next one.
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) {
+    return s.spares_precreated == 2 && s.pool_segments == 1;
+  })) << "seed " << seed_;
+  // Any rank may take a spare; sealing rank 4's fragment then asks for one of rank 4's own.
+  const FragmentKey other_rank{"job-a", 4, 1, 0};
+  PutSealed(other_rank, meta, RandomBytes(meta.fragment_bytes));
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) {
+    return s.spares_precreated == 3 && s.pool_segments == 1;
+  })) << "seed " << seed_;
+  stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 1u);
+  EXPECT_EQ(stats.segments_recycled, 2u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  // Dropping the job takes the spares with it.
+  EXPECT_EQ(store_->DropJob("job-a"), 3u);
+  EXPECT_EQ(store_->stats().pool_segments, 0u);
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+}
+
+TEST_F(FragmentStoreTest, ShortBudgetSkipsTheSpareAndEvictsNothing) {
+  // Rank 5's 1 MiB fragment and its pre-created spare, then a 2 MiB fragment of rank 3 that
+  // leaves less than its size free: no spare for rank 3, and rank 5's spare stays.
+  store_.reset();
+  budget_ = std::make_unique<CapacityBudget>((9 << 20) / 2);
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  const FragmentMeta small = Meta(3 << 20);
+  const FragmentMeta large = Meta(6 << 20);
+  const FragmentKey rank5{"job-a", 5, 1, 0};
+  auto small_data = RandomBytes(small.fragment_bytes);
+  PutSealed(rank5, small, small_data);
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) { return s.pool_segments == 1; }))
+      << "seed " << seed_;
+  auto large_data = RandomBytes(large.fragment_bytes);
+  PutSealed(Key(1), large, large_data);
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) {
+    return s.spares_precreate_skipped >= 1;
+  })) << "seed " << seed_;
+  const auto stats = store_->stats();
+  EXPECT_EQ(stats.spares_precreated, 1u);
+  EXPECT_EQ(stats.spares_reclaimed, 0u);
+  EXPECT_EQ(stats.pool_segments, 1u);
+  EXPECT_EQ(stats.segments_created, 2u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
+  EXPECT_LE(budget_->used_bytes(), budget_->capacity_bytes());
+  ExpectHolds(rank5, small_data);
+  ExpectHolds(Key(1), large_data);
+}
+
+TEST_F(FragmentStoreTest, AFragmentThatNeedsTheBytesOfASpareBeingCreatedGetsThem) {
+  // Room for a 16 MiB fragment and a 32 MiB one, not for a 16 MiB spare besides. Right after
+  // the 16 MiB fragment is sealed its spare is queued, being created, or pooled: in each case
+  // the 32 MiB Begin must get its bytes (TrimPool waits for a creation under way).
+  const FragmentMeta small = Meta(48 << 20);
+  const FragmentMeta large = Meta(96 << 20);
+  const uint64_t small_file = RoundUpForTest(small.fragment_bytes) + kSegmentHeaderBytes;
+  const uint64_t large_file = RoundUpForTest(large.fragment_bytes) + kSegmentHeaderBytes;
+  store_.reset();
+  budget_ = std::make_unique<CapacityBudget>(small_file + large_file + small_file / 2);
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  auto data = RandomBytes(small.fragment_bytes);
+  for (int64_t step = 1; step <= 20; ++step) {
+    PutSealed(FragmentKey{"job-a", 3, step, 0}, small, data);
+    auto begun = store_->BeginFragment(FragmentKey{"job-a", 4, step, 0}, large);
+    ASSERT_TRUE(begun.ok()) << "step " << step << ": " << begun.status();
+    EXPECT_LE(budget_->used_bytes(), budget_->capacity_bytes());
+    EXPECT_EQ(store_->DropJob("job-a"), 2u);
+  }
+  store_.reset();
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+  EXPECT_TRUE(FragmentFiles(dir_).empty());
+}
+
+TEST_F(FragmentStoreTest, PrecreatedSparesAreNeverAdoptedAfterRestart) {
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  const FragmentMeta meta = Meta(300000);
+  auto kept = RandomBytes(meta.fragment_bytes);
+  PutSealed(Key(1), meta, kept);
+  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) { return s.pool_segments == 1; }))
+      << "seed " << seed_;
+  // A crashed store leaves its spare behind: keep a copy as a crash would, and one whose state
+  // word a stray write set to SEALED.
+  auto spares = EmptyFragmentFiles(dir_);
+  ASSERT_EQ(spares.size(), 1u);
+  std::filesystem::copy_file(spares[0], dir_ + "/frag-900.frag");
+  std::filesystem::copy_file(spares[0], dir_ + "/frag-901.frag");
+  {
+    auto seg = Segment::Open(dir_ + "/frag-901.frag", true);
+    ASSERT_TRUE(seg.ok());
+    StoreState((*seg)->header(), SegmentState::kSealed);
+  }
+  store_.reset();
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+  OpenStore();
+  auto listed = store_->List("");
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].key, Key(1));
+  ExpectHolds(Key(1), kept);
+  const auto stats = store_->stats();
+  EXPECT_EQ(stats.adopted_at_start, 1u);
+  EXPECT_EQ(stats.discarded_at_start, 2u);
+  EXPECT_EQ(stats.pool_segments, 0u);
+  EXPECT_EQ(FragmentFiles(dir_).size(), 1u);
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes);
+}
+
+TEST_F(FragmentStoreTest, DestroyingTheStoreWhileSparesAreQueuedIsClean) {
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  const FragmentMeta meta = Meta(12 << 20);
+  constexpr uint32_t kRanks = 8;
+  for (uint32_t rank = 0; rank < kRanks; ++rank) {
+    PutSealed(FragmentKey{"job-a", rank, 1, 0}, meta, RandomBytes(meta.fragment_bytes));
+  }
+  store_.reset();  // creations queued, one perhaps under way
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+  EXPECT_TRUE(EmptyFragmentFiles(dir_).empty());
+  EXPECT_EQ(FragmentFiles(dir_).size(), kRanks);
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  EXPECT_EQ(store_->stats().adopted_at_start, kRanks);
+  EXPECT_EQ(store_->stats().discarded_at_start, 0u);
+  // A DropJob while spares are being created leaves none behind.
+  EXPECT_EQ(store_->DropJob("job-a"), kRanks);
+  for (uint32_t rank = 0; rank < kRanks; ++rank) {
+    PutSealed(FragmentKey{"job-b", rank, 1, 0}, meta, RandomBytes(meta.fragment_bytes));
+  }
+  EXPECT_EQ(store_->DropJob("job-b"), kRanks);
+  store_.reset();
+  EXPECT_EQ(budget_->used_bytes(), 0u);
+  EXPECT_TRUE(FragmentFiles(dir_).empty());
+}
+
 TEST(Crc32cCombineCachedTest, MatchesCrc32cCombine) {
   std::mt19937_64 rng(12345);
   for (uint64_t len : {uint64_t{0}, uint64_t{1}, uint64_t{3}, uint64_t{64}, uint64_t{1000},
@@ -756,8 +946,20 @@ TEST(CapacityBudgetTest, ReserveReleaseChargeAndReclaim) {
   EXPECT_EQ(budget.used_bytes(), 1000u);
   budget.RemoveReclaimer(id);
   EXPECT_EQ(budget.Reserve(1, "c").code(), absl::StatusCode::kResourceExhausted);
+  // ReserveIfFree never runs a reclaimer.
+  bool reclaimed = false;
+  const int never = budget.AddReclaimer([&](uint64_t) {
+    reclaimed = true;
+    return uint64_t{0};
+  });
+  EXPECT_EQ(budget.ReserveIfFree(1, "spare").code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(reclaimed);
+  budget.RemoveReclaimer(never);
   budget.Release(1000);
   EXPECT_EQ(budget.free_bytes(), 1000u);
+  EXPECT_TRUE(budget.ReserveIfFree(100, "spare").ok());
+  EXPECT_EQ(budget.used_bytes(), 100u);
+  budget.Release(100);
   EXPECT_FALSE(budget.Charge(1500));
   EXPECT_EQ(budget.free_bytes(), 0u);
 }
