@@ -753,6 +753,7 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     find.set_job_id(job_id_);
     find.set_resume(true);
     find.set_rank(rank_);
+    find.set_world_size(world_size_);
     agent::FindLatestRestorableResponse found;
     grpc::ClientContext find_context;
     TESSERA_RETURN_IF_ERROR(FromGrpcStatus(

@@ -120,7 +120,7 @@ grpc::Status AgentService::FindLatestRestorable(
   return Handle("FindLatestRestorable", [&]() -> absl::Status {
     TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
-    auto job_wide = coordination_->FindLatestRestorable(request->job_id());
+    auto job_wide = coordination_->FindLatestRestorable(request->job_id(), request->world_size());
     int64_t step;
     if (job_wide.ok()) {
       step = *job_wide;

@@ -42,9 +42,10 @@ JobHoldings Coordination::LocalHoldings(const std::string& job_id, uint32_t worl
   return holdings;
 }
 
-absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& job_id) {
+absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& job_id,
+                                                           uint32_t world_size_hint) {
   const uint32_t ranks_here = static_cast<uint32_t>(store_->RankCount(job_id));
-  return tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here));
+  return tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here), world_size_hint);
 }
 
 }  // namespace tessera

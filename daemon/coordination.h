@@ -24,8 +24,11 @@ class Coordination {
   virtual void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
                         uint32_t world_size);
 
-  // The newest step at which every rank of the job can be restored.
-  virtual absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id);
+  // The newest step at which every rank of the job can be restored. `world_size_hint` (0: none)
+  // is a world size the caller knows (a registered rank's): ranks that have not sealed anything
+  // yet still count as missing, so a step only some ranks sealed is never taken as complete.
+  virtual absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id,
+                                                       uint32_t world_size_hint = 0);
 
   // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
   // Standalone: only what the local store holds.

@@ -137,10 +137,18 @@ absl::StatusOr<RestorePlan> PlanRestore(const JobHoldings& holdings, const std::
   return plan;
 }
 
-absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings) {
+absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings,
+                                             uint32_t min_world_size) {
+  uint32_t floor = min_world_size;
+  for (const auto& s : holdings.shards) floor = std::max(floor, s.rank + 1);
+  for (const auto& f : holdings.fragments) floor = std::max(floor, f.rank + 1);
   std::map<int64_t, uint32_t> world_by_step;
-  for (const auto& s : holdings.shards) world_by_step[s.step] = std::max(world_by_step[s.step], s.world_size);
-  for (const auto& f : holdings.fragments) world_by_step[f.step] = std::max(world_by_step[f.step], f.world_size);
+  for (const auto& s : holdings.shards) {
+    world_by_step[s.step] = std::max({world_by_step[s.step], s.world_size, floor});
+  }
+  for (const auto& f : holdings.fragments) {
+    world_by_step[f.step] = std::max({world_by_step[f.step], f.world_size, floor});
+  }
   std::string newest_problem;
   for (auto it = world_by_step.rbegin(); it != world_by_step.rend(); ++it) {
     const int64_t step = it->first;

@@ -82,9 +82,12 @@ absl::StatusOr<RestorePlan> PlanRestore(const JobHoldings& holdings, const std::
                                         uint32_t rank, int64_t step,
                                         const std::set<std::pair<uint32_t, std::string>>& exclude = {});
 
-// The newest step at which every rank of the job can be restored from the holdings. kNotFound
-// when none; the message names, for the newest step seen, the ranks that cannot be rebuilt.
-absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings);
+// The newest step at which every rank of the job can be restored from the holdings. Each step's
+// world size is the largest of its shards' and fragments' (0 where unknown), `min_world_size`
+// and the highest rank held plus one. kNotFound when none; the message names, for the newest
+// step seen, the ranks that cannot be rebuilt.
+absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings,
+                                             uint32_t min_world_size = 0);
 
 // Tracks which ranks of which steps are protected, and decides commits. Thread-safe.
 class JobCoordinator {

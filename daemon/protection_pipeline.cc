@@ -429,8 +429,14 @@ void ClusterCoordination::MaybeCommit(const std::string& job_id) {
   }
 }
 
-absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(const std::string& job_id) {
-  return tessera::FindLatestRestorable(GatherHoldings(job_id));
+absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(const std::string& job_id,
+                                                                  uint32_t world_size_hint) {
+  // Shards listed by peers carry no world size: the seals seen here, the ranks held and the
+  // caller's hint bound it, so a step that only the ranks that started first sealed is not taken
+  // as complete.
+  const JobHoldings holdings = GatherHoldings(job_id);
+  return tessera::FindLatestRestorable(holdings,
+                                       std::max(world_size_hint, WorldSize(job_id, holdings)));
 }
 
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(

@@ -68,7 +68,8 @@ class ClusterCoordination final : public Coordination {
 
   void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
                 uint32_t world_size) override;
-  absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id) override;
+  absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id,
+                                               uint32_t world_size_hint = 0) override;
   absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
                                                             uint32_t rank, int64_t step) override;
 

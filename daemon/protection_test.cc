@@ -153,5 +153,24 @@ TEST(FindLatestRestorableTest, NewestStepWhereEveryRankCanBeRebuilt) {
   EXPECT_EQ(FindLatestRestorable({}).status().code(), absl::StatusCode::kNotFound);
 }
 
+// Shards listed by peers carry no world size. Ranks 0 and 1 of a job of 3 sealed step 1 before
+// rank 2 started: step 1 is not restorable for the job, however few ranks the holdings show.
+TEST(FindLatestRestorableTest, RanksThatSealedNothingYetStillCount) {
+  JobHoldings h;
+  h.shards.push_back({"node0", 0, 1, 0, 100, 7});
+  h.shards.push_back({"node1", 1, 1, 0, 100, 9});
+  auto unknown_world = FindLatestRestorable(h);
+  ASSERT_TRUE(unknown_world.ok()) << "ranks 0 and 1 are all the holdings show";
+  EXPECT_EQ(*unknown_world, 1);
+  auto with_hint = FindLatestRestorable(h, /*min_world_size=*/3);
+  ASSERT_EQ(with_hint.status().code(), absl::StatusCode::kNotFound) << with_hint.status();
+  EXPECT_NE(with_hint.status().message().find("rank 2"), std::string::npos) << with_hint.status();
+  // Only rank 1 holds step 2: rank 0 (below the highest rank held) is missing even without a hint.
+  h.shards.push_back({"node1", 1, 2, 0, 100, 11});
+  auto newest = FindLatestRestorable(h);
+  ASSERT_TRUE(newest.ok()) << newest.status();
+  EXPECT_EQ(*newest, 1);
+}
+
 }  // namespace
 }  // namespace tessera
