@@ -318,11 +318,14 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     gauge("tessera_fragment_capacity_bytes", "Shared memory available for fragments.",
           static_cast<double>(fragment_budget_->capacity_bytes()));
     const char* segments_help =
-        "Fragment segments by how they were obtained: created new, or a recycled spare.";
+        "Fragment segments by how they were obtained: created new when a fragment arrived, "
+        "recycled from a dropped one, or created ahead of need in the background.";
     counter("tessera_fragment_segments_total", segments_help,
             static_cast<double>(f.segments_created), {{"how", "created"}});
     counter("tessera_fragment_segments_total", segments_help,
             static_cast<double>(f.segments_recycled), {{"how", "recycled"}});
+    counter("tessera_fragment_segments_total", segments_help,
+            static_cast<double>(f.spares_precreated), {{"how", "precreated"}});
     gauge("tessera_fragment_spare_bytes",
           "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
           static_cast<double>(f.pool_bytes));
