@@ -322,8 +322,10 @@ TEST_F(PeerServiceTest, DamagedStoredFragmentIsDataLossOnRead) {
   bool flipped = false;
   for (const auto& f : std::filesystem::directory_iterator(dir_)) {
     if (f.path().extension() != ".frag") continue;
+    // Spares kept for recycling (EMPTY, no header CRC, possibly still being created in the
+    // background) do not open as segments; the fragment itself must.
     auto seg = Segment::Open(f.path().string(), true);
-    ASSERT_TRUE(seg.ok());
+    if (!seg.ok()) continue;
     if ((*seg)->header()->step == 8) {
       (*seg)->payload()[meta.fragment_bytes / 2] ^= 0x20;
       flipped = true;
