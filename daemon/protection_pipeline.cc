@@ -108,6 +108,7 @@ void ClusterCoordination::Start() {
     }
   }
   worker_ = std::thread([this] { Run(); });
+  committer_ = std::thread([this] { CommitLoop(); });
 }
 
 void ClusterCoordination::Stop() {
@@ -116,6 +117,7 @@ void ClusterCoordination::Stop() {
     stopping_ = true;
   }
   if (worker_.joinable()) worker_.join();
+  if (committer_.joinable()) committer_.join();
 }
 
 ClusterCoordination::Stats ClusterCoordination::stats() const {
@@ -133,7 +135,6 @@ void ClusterCoordination::OnSealed(const std::string& job_id, uint32_t rank, int
 
 void ClusterCoordination::Run() {
   auto log = Logger("protection");
-  int64_t last_commit_check_ms = 0;
   while (true) {
     std::optional<Work> work;
     {
@@ -160,7 +161,10 @@ void ClusterCoordination::Run() {
     if (work) {
       absl::Status status = Protect(*work);
       if (status.ok()) {
-        MaybeCommit(work->job_id);
+        // The commit check (a ListHeld round to every member) runs on its own thread, so the
+        // next sealed shard's protection never waits for it.
+        absl::MutexLock lock(&mu_);
+        commit_due_.insert(work->job_id);
       } else {
         Work retry = *work;
         ++retry.attempts;
@@ -175,8 +179,27 @@ void ClusterCoordination::Run() {
         queue_.push_back(retry);
       }
     }
-    if (NowUnixMs() - last_commit_check_ms >= options_.commit_check_ms) {
-      last_commit_check_ms = NowUnixMs();
+  }
+}
+
+void ClusterCoordination::CommitLoop() {
+  int64_t last_check_ms = 0;
+  while (true) {
+    std::set<std::string> due;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !commit_due_.empty();
+      };
+      const int64_t wait_ms =
+          std::max<int64_t>(0, options_.commit_check_ms - (NowUnixMs() - last_check_ms));
+      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(wait_ms));
+      if (stopping_) return;
+      due.swap(commit_due_);
+    }
+    for (const std::string& job : due) MaybeCommit(job);
+    if (NowUnixMs() - last_check_ms >= options_.commit_check_ms) {
+      last_check_ms = NowUnixMs();
       CheckCommits();
     }
   }

@@ -10,17 +10,18 @@
 //     faults: (m + 1) / k of the largest shard protected stays allocated. A failed send is
 //     retried in the background with backoff (counted and logged); it never blocks a snapshot,
 //     whose slot is only pinned while sending.
-//   - Commit: after each protected shard and periodically, the daemon lists what every live
-//     member holds (ListHeld) and commits the newest step at which every rank of the job has all
-//     its k+m fragments sealed: SnapshotStore::Commit, and fragments of older steps dropped. Every
-//     daemon derives the same commit from the same holdings, so no coordinator needs to survive.
+//   - Commit (on its own thread, so protection never waits for it): after each protected shard
+//     and periodically, the daemon lists what every live member holds (ListHeld) and commits the
+//     newest step at which every rank of the job has all its k+m fragments sealed:
+//     SnapshotStore::Commit, and fragments of older steps dropped. Every daemon derives the same
+//     commit from the same holdings, so no coordinator needs to survive.
 //   - FindLatestRestorable looks at the holdings of all live members.
 //   - PrepareRestore makes a shard that is not local (or whose local copy fails its CRC32C)
-//     readable here: copied whole from the node
-//     that holds it, or rebuilt from k fragments (a corrupt one is excluded and the plan redone),
-//     checked against the shard's CRC32C, in a new segment file of this daemon's directory,
-//     charged to the FragmentStore's capacity budget until a newer commit deletes it. The step
-//     restored becomes the job's committed step here (the job resumes from it).
+//     readable here: copied whole from the node that holds it, or rebuilt from k fragments (a
+//     corrupt one is excluded and the plan redone), checked against the shard's CRC32C, in a
+//     new segment file of this daemon's directory, charged to the FragmentStore's capacity
+//     budget until a newer commit deletes it. The step restored becomes the job's committed
+//     step here (the job resumes from it).
 //
 // World size: taken from the seals this daemon saw, else the highest rank held plus one.
 // Thread-safe.
@@ -32,6 +33,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -91,6 +93,8 @@ class ClusterCoordination final : public Coordination {
     int64_t not_before_ms = 0;
   };
   void Run();
+  // Commits: the jobs of newly protected shards at once, every job every commit_check_ms.
+  void CommitLoop();
   // OK: protected (or superseded: nothing to do). An error: retry later.
   absl::Status Protect(const Work& work);
   // The worker's scratch, at least `bytes` long; its contents are not kept. Worker thread only.
@@ -119,7 +123,9 @@ class ClusterCoordination final : public Coordination {
   std::map<std::string, uint32_t> world_sizes_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::set<std::string> commit_due_ ABSL_GUARDED_BY(mu_);  // jobs with a newly protected shard
   std::thread worker_;
+  std::thread committer_;
   std::unique_ptr<uint8_t[]> scratch_;  // worker thread only
   size_t scratch_bytes_ = 0;
 
