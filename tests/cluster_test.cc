@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <regex>
 #include <set>
@@ -128,12 +129,15 @@ std::vector<std::string> TrainerArgs(DaemonProcess& d, const std::string& job, u
 }
 
 // Runs `world` trainers, rank r on daemon r % n, for `steps` steps, and waits until every daemon
-// that is up has committed a step. Returns the newest step committed on daemon 0.
-int64_t TrainAndCommit(Cluster& cluster, const std::string& job, uint64_t seed, uint32_t world,
-                       int steps) {
+// that is up has committed a step. Returns the newest step committed on daemon 0. `args`, when
+// given, makes each rank's command line instead of TrainerArgs.
+int64_t TrainAndCommit(
+    Cluster& cluster, const std::string& job, uint64_t seed, uint32_t world, int steps,
+    const std::function<std::vector<std::string>(int node, uint32_t rank)>& args = nullptr) {
   std::vector<std::unique_ptr<Process>> trainers;
   for (uint32_t r = 0; r < world; ++r) {
-    auto argv = TrainerArgs(cluster[r % cluster.size()], job, seed, r, world);
+    const int node = static_cast<int>(r % cluster.size());
+    auto argv = args ? args(node, r) : TrainerArgs(cluster[node], job, seed, r, world);
     argv.push_back(absl::StrCat("--steps=", steps));
     argv.push_back("--step-sleep-ms=60");
     trainers.push_back(Process::Start(argv));
@@ -526,24 +530,7 @@ TEST(ClusterTest, DpShardedJobSurvivesALostNodeAndEveryMemberRestoresBitExact) {
     argv.push_back("--dp-members=0,1,2,3");
     return argv;
   };
-  std::vector<std::unique_ptr<Process>> trainers;
-  for (uint32_t r = 0; r < world; ++r) {
-    auto argv = dp_args(static_cast<int>(r), r);
-    argv.push_back("--steps=10");
-    argv.push_back("--step-sleep-ms=60");
-    trainers.push_back(Process::Start(argv));
-  }
-  int64_t last_sealed = -1;
-  for (auto& t : trainers) {
-    ASSERT_EQ(t->Wait(seconds(120)), 0) << absl::StrJoin(t->lines(), "\n");
-    const int64_t sealed = LastEvent(t->lines(), "sealed");
-    last_sealed = last_sealed < 0 ? sealed : std::min(last_sealed, sealed);
-  }
-  int64_t committed = -1;
-  for (int i = 0; i < 200 && committed < last_sealed; ++i) {
-    std::this_thread::sleep_for(milliseconds(100));
-    committed = CommittedInLog(ReadFile(cluster[0].log_path()), job);
-  }
+  const int64_t committed = TrainAndCommit(cluster, job, seed, world, 10, dp_args);
   ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
 
   cluster.Lose(1);
