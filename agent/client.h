@@ -188,7 +188,8 @@ class Client {
   };
   absl::StatusOr<DpAgreement> AgreeOnRestore(int64_t step);
   // Copies the other members' slices into the registered memory, through the daemon: of every
-  // replicated entry, or (skip_device) of those not gathered over NCCL. Returns the bytes.
+  // replicated entry, or, with `skip`, of the entries it does not mark (those it marks came over
+  // NCCL). Returns the bytes.
   absl::StatusOr<uint64_t> GatherFromDaemon(int64_t step, const std::vector<bool>* skip);
   // Broadcasts every member's slices of the GPU-resident replicated entries. Returns the bytes
   // this member received.
