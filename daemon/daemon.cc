@@ -169,6 +169,15 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
 
   PeerService::Options service_options;
   service_options.self = MemberInfo{node_id_, incarnation, config.PeerAddress()};
+  if (config.peer.data_path == "tcp") {
+    DataPathServer::Options data_options;
+    data_options.host = HostOfAddress(config.peer.listen_address);
+    data_options.port = static_cast<uint16_t>(config.peer.data_port);
+    TESSERA_ASSIGN_OR_RETURN(data_path_server_,
+                             DataPathServer::Start(fragments_.get(), data_options));
+    service_options.data_path_port = data_path_server_->port();
+    service_options.data_path_session_key = data_path_server_->session_key();
+  }
   Cluster* cluster = cluster_.get();
   service_options.on_heartbeat = [cluster](const HeartbeatMessage& m) {
     return cluster->OnHeartbeat(m);
@@ -330,6 +339,36 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
           static_cast<double>(f.pool_bytes));
   }
+  if (peer_client_) {
+    const GrpcPeerClient::Stats p = peer_client_->stats();
+    const char* transfers_help =
+        "Fragments this daemon sent to (put) or read from (get) other members, by path: the raw "
+        "TCP data path, or gRPC streams (peer.data_path = grpc here or on the peer).";
+    counter("tessera_fragment_transfers_total", transfers_help, static_cast<double>(p.raw_puts),
+            {{"op", "put"}, {"path", "tcp"}});
+    counter("tessera_fragment_transfers_total", transfers_help, static_cast<double>(p.grpc_puts),
+            {{"op", "put"}, {"path", "grpc"}});
+    counter("tessera_fragment_transfers_total", transfers_help, static_cast<double>(p.raw_gets),
+            {{"op", "get"}, {"path", "tcp"}});
+    counter("tessera_fragment_transfers_total", transfers_help, static_cast<double>(p.grpc_gets),
+            {{"op", "get"}, {"path", "grpc"}});
+  }
+  if (data_path_server_) {
+    const DataPathServer::Stats d = data_path_server_->stats();
+    const char* bytes_help = "Fragment bytes the raw TCP data path received and sent.";
+    counter("tessera_data_path_bytes_total", bytes_help, static_cast<double>(d.bytes_received),
+            {{"direction", "received"}});
+    counter("tessera_data_path_bytes_total", bytes_help, static_cast<double>(d.bytes_sent),
+            {{"direction", "sent"}});
+    gauge("tessera_data_path_connections", "Open connections of the raw TCP data path.",
+          static_cast<double>(d.connections_open));
+    counter("tessera_data_path_refused_total",
+            "Data path connections refused (wrong session key or version, bad framing).",
+            static_cast<double>(d.connections_refused));
+    counter("tessera_data_path_request_errors_total",
+            "Data path requests answered with an error (each is also logged).",
+            static_cast<double>(d.request_errors));
+  }
   gauge("tessera_rendezvous_groups",
         "Data-parallel rendezvous groups this daemon hosts (forgotten after 10 idle minutes).",
         static_cast<double>(rendezvous_table_.groups()));
@@ -383,6 +422,7 @@ void Daemon::Shutdown() {
     peer_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     peer_server_->Wait();
   }
+  if (data_path_server_) data_path_server_->Stop();
   if (lock_fd_ >= 0) close(lock_fd_);
   lock_fd_ = -1;
   log->info("stopped");

@@ -15,6 +15,7 @@
 #include "daemon/agent_service.h"
 #include "daemon/capacity_budget.h"
 #include "daemon/cluster.h"
+#include "daemon/data_path.h"
 #include "daemon/fragment_store.h"
 #include "daemon/metrics_server.h"
 #include "daemon/peer_client.h"
@@ -80,6 +81,7 @@ class Daemon {
   std::unique_ptr<Cluster> cluster_;
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;
+  std::unique_ptr<DataPathServer> data_path_server_;  // peer.data_path = "tcp"
   ClusterCoordination* cluster_coordination_ = nullptr;  // coordination_, in cluster mode
   std::unique_ptr<Coordination> coordination_;
   PeerCredentials credentials_;

@@ -200,6 +200,19 @@ ConfigSchema BuildSchema() {
           "peer.listen_address (a wildcard listen address, NAT). Empty means "
           "peer.listen_address.",
           StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
+      ConfigKey::String(
+          "peer.data_path", defaults.peer.data_path,
+          "How fragments move between daemons: \"tcp\", a raw TCP connection per transfer "
+          "range into and out of shared memory, negotiated through the peer service (gRPC) "
+          "and keyed per daemon run; or \"grpc\", streams on the peer service itself. A "
+          "daemon uses tcp with every peer that offers it, and grpc with the others.",
+          OneOf({"tcp", "grpc"})),
+      ConfigKey::Int64(
+          "peer.data_port", defaults.peer.data_port,
+          "TCP port of the raw data path (peer.data_path = \"tcp\"), on the host of "
+          "peer.listen_address; peers learn it from the peer service. 0 picks a free port; "
+          "set one where a firewall or a container's port list must name it.",
+          InRange(0, 65535)),
       ConfigKey::StringList(
           "cluster.members", defaults.cluster.members,
           "Peer addresses (\"host:port\") of the daemons of the cluster. The daemon's own "
@@ -282,6 +295,8 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.log.level = config.GetString("log.level");
   daemon_config.peer.listen_address = config.GetString("peer.listen_address");
   daemon_config.peer.advertise_address = config.GetString("peer.advertise_address");
+  daemon_config.peer.data_path = config.GetString("peer.data_path");
+  daemon_config.peer.data_port = config.GetInt64("peer.data_port");
   daemon_config.cluster.members = config.GetStringList("cluster.members");
   daemon_config.cluster.dns_name = config.GetString("cluster.dns_name");
   daemon_config.cluster.dns_port = config.GetInt64("cluster.dns_port");

@@ -37,6 +37,8 @@ struct DaemonConfig {
   struct Peer {
     std::string listen_address;     // peer.listen_address; empty: standalone, no peer service
     std::string advertise_address;  // peer.advertise_address; empty: listen_address
+    std::string data_path = "tcp";  // peer.data_path: "tcp" or "grpc"
+    int64_t data_port = 0;          // peer.data_port; 0: any free port
   };
   struct Cluster {
     std::vector<std::string> members;  // cluster.members: "host:port" peer addresses

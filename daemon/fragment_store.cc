@@ -72,6 +72,44 @@ void AddCoverage(std::map<uint64_t, uint64_t>* intervals, uint64_t* covered, uin
   *covered += end - begin;
 }
 
+absl::Status CheckChunkRange(const FragmentKey& key, uint64_t fragment_bytes, uint64_t offset,
+                             uint64_t size) {
+  if (size == 0 || offset > fragment_bytes || size > fragment_bytes - offset) {
+    return absl::InvalidArgumentError(absl::StrCat(key.ToString(), ": chunk [", offset, ", ",
+                                                   offset + size,
+                                                   ") must be non-empty and within the "
+                                                   "fragment's ",
+                                                   fragment_bytes, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+// Removes [begin, end) from the disjoint intervals (which need not cover it).
+void RemoveCoverage(std::map<uint64_t, uint64_t>* intervals, uint64_t* covered, uint64_t begin,
+                    uint64_t end) {
+  auto it = intervals->upper_bound(begin);
+  if (it != intervals->begin()) it = std::prev(it);
+  while (it != intervals->end() && it->first < end) {
+    const uint64_t a = it->first;
+    const uint64_t b = it->second;
+    if (b <= begin) {
+      ++it;
+      continue;
+    }
+    *covered -= b - a;
+    it = intervals->erase(it);
+    if (a < begin) {
+      (*intervals)[a] = begin;
+      *covered += begin - a;
+    }
+    if (b > end) {
+      (*intervals)[end] = b;
+      *covered += b - end;
+      break;
+    }
+  }
+}
+
 // GF(2) 32x32 matrices as 32 columns: column n is the image of bit n.
 using Gf2Matrix = std::array<uint32_t, 32>;
 
@@ -198,6 +236,41 @@ struct FragmentStore::Entry {
   bool overlapped ABSL_GUARDED_BY(mu) = false;
   std::map<uint64_t, uint64_t> covered ABSL_GUARDED_BY(mu);  // received [begin, end)
   uint64_t covered_bytes ABSL_GUARDED_BY(mu) = 0;
+  int receiving ABSL_GUARDED_BY(mu) = 0;  // ReceiveChunk calls writing outside mu
+
+  // Records a chunk [offset, offset + size) with CRC32C crc; true when that exact chunk was
+  // recorded before with the same CRC (a retry: the bytes need not be copied again).
+  bool RecordChunk(uint64_t offset, uint64_t size, uint32_t crc)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (overlapped) return false;
+    auto exact = chunks.find(offset);
+    if (exact != chunks.end() && exact->second.size == size) {
+      const bool duplicate = exact->second.crc32c == crc;
+      exact->second.crc32c = crc;
+      return duplicate;
+    }
+    auto next = chunks.lower_bound(offset);
+    bool overlaps = next != chunks.end() && next->first < offset + size;
+    if (next != chunks.begin()) {
+      auto prev = std::prev(next);
+      overlaps = overlaps || prev->first + prev->second.size > offset;
+    }
+    if (overlaps) {
+      overlapped = true;
+      chunks.clear();
+    } else {
+      chunks[offset] = Chunk{size, crc};
+    }
+    return false;
+  }
+
+  // [offset, offset + size) no longer holds what was received (it was overwritten by bytes that
+  // failed their check): it must arrive again, and the seal checksums the stored bytes.
+  void ForgetRange(uint64_t offset, uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    overlapped = true;
+    chunks.clear();
+    RemoveCoverage(&covered, &covered_bytes, offset, offset + size);
+  }
 
   FragmentStatus Status() const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     FragmentStatus s;
@@ -814,14 +887,7 @@ absl::StatusOr<FragmentStatus> FragmentStore::WriteChunk(const FragmentKey& key,
     }
     size += p.size;
   }
-  const uint64_t fragment_bytes = entry->meta.fragment_bytes;
-  if (size == 0 || offset > fragment_bytes || size > fragment_bytes - offset) {
-    return absl::InvalidArgumentError(absl::StrCat(key.ToString(), ": chunk [", offset, ", ",
-                                                   offset + size,
-                                                   ") must be non-empty and "
-                                                   "within the fragment's ",
-                                                   fragment_bytes, " bytes"));
-  }
+  TESSERA_RETURN_IF_ERROR(CheckChunkRange(key, entry->meta.fragment_bytes, offset, size));
   // The source is checked before anything is written, so a damaged chunk changes no data.
   uint32_t crc = 0;
   for (const ConstByteRange& p : pieces) crc = Crc32c(p.data, p.size, crc);
@@ -840,28 +906,7 @@ absl::StatusOr<FragmentStatus> FragmentStore::WriteChunk(const FragmentKey& key,
     return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
   }
   if (entry->sealed) return entry->Status();  // a retry after a lost reply
-  bool duplicate = false;
-  if (!entry->overlapped) {
-    auto exact = entry->chunks.find(offset);
-    if (exact != entry->chunks.end() && exact->second.size == size) {
-      duplicate = exact->second.crc32c == crc;
-      exact->second.crc32c = crc;
-    } else {
-      auto next = entry->chunks.lower_bound(offset);
-      bool overlaps = next != entry->chunks.end() && next->first < offset + size;
-      if (next != entry->chunks.begin()) {
-        auto prev = std::prev(next);
-        overlaps = overlaps || prev->first + prev->second.size > offset;
-      }
-      if (overlaps) {
-        entry->overlapped = true;
-        entry->chunks.clear();
-      } else {
-        entry->chunks[offset] = Entry::Chunk{size, crc};
-      }
-    }
-  }
-  if (!duplicate) {
+  if (!entry->RecordChunk(offset, size, crc)) {
     uint8_t* dst = entry->segment->payload() + offset;
     for (const ConstByteRange& p : pieces) {
       std::memcpy(dst, p.data, p.size);
@@ -869,6 +914,51 @@ absl::StatusOr<FragmentStatus> FragmentStore::WriteChunk(const FragmentKey& key,
     }
     AddCoverage(&entry->covered, &entry->covered_bytes, offset, offset + size);
   }
+  return entry->Status();
+}
+
+absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunk(
+    const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
+    uint32_t chunk_crc32c, absl::FunctionRef<absl::Status(uint8_t* dst)> fill) {
+  TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, FindForWrite(key, owner_incarnation));
+  TESSERA_RETURN_IF_ERROR(CheckChunkRange(key, entry->meta.fragment_bytes, offset, size));
+  // A reference of our own: should the fragment be dropped or replaced while fill runs, its
+  // segment is deleted once we let go, never recycled under our writes.
+  std::shared_ptr<Segment> segment;
+  {
+    absl::MutexLock entry_lock(&entry->mu);
+    if (entry->retired) {
+      return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
+    }
+    if (entry->sealed) return entry->Status();  // a retry after a lost reply
+    segment = entry->segment;
+    ++entry->receiving;
+  }
+  uint8_t* dst = segment->payload() + offset;
+  absl::Status filled = fill(dst);
+  uint32_t crc = 0;
+  if (filled.ok()) {
+    crc = Crc32c(dst, size);
+    if (crc != chunk_crc32c) {
+      filled = absl::DataLossError(absl::StrCat(
+          key.ToString(), ": chunk [", offset, ", ", offset + size, ") arrived with CRC32C 0x",
+          absl::Hex(crc), " but was sent with 0x", absl::Hex(chunk_crc32c),
+          "; that range must be sent again"));
+      absl::MutexLock lock(&mu_);
+      ++counters_.crc_failures;
+    }
+  }
+  absl::MutexLock entry_lock(&entry->mu);
+  --entry->receiving;
+  if (entry->retired) {
+    return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
+  }
+  if (!filled.ok()) {
+    entry->ForgetRange(offset, size);
+    return filled;
+  }
+  entry->RecordChunk(offset, size, crc);
+  AddCoverage(&entry->covered, &entry->covered_bytes, offset, offset + size);
   return entry->Status();
 }
 
@@ -888,6 +978,12 @@ absl::StatusOr<FragmentStatus> FragmentStore::SealFragment(const FragmentKey& ke
       return absl::DataLossError(absl::StrCat(
           key.ToString(), " is sealed with CRC32C 0x", absl::Hex(entry->fragment_crc32c),
           "; the sender now says 0x", absl::Hex(fragment_crc32c)));
+    }
+    if (entry->receiving > 0) {
+      return absl::UnavailableError(absl::StrCat(
+          key.ToString(), ": ", entry->receiving,
+          " chunk(s) of it are still arriving on other connections; seal it again once they "
+          "are in"));
     }
     const uint64_t fragment_bytes = entry->meta.fragment_bytes;
     if (entry->covered_bytes != fragment_bytes) {

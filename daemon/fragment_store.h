@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
@@ -224,10 +225,25 @@ class FragmentStore {
                                             absl::Span<const ConstByteRange> pieces,
                                             uint32_t chunk_crc32c);
 
+  // Receives bytes [offset, offset + size) of the fragment straight into its shared memory:
+  // fill(dst) must write exactly `size` bytes at dst (a socket read, say) or fail. The bytes are
+  // then checked in place against chunk_crc32c. fill runs without the store's locks, so chunks of
+  // one fragment arrive in parallel, and is called at most once: not at all when the fragment is
+  // already SEALED for this incarnation (a retry: its status is returned and the caller discards
+  // the bytes) or on the errors checked first. Should fill fail or the CRC not match, the range
+  // counts as not received (whatever it held before, since it was overwritten) and must be sent
+  // again. A fragment dropped or replaced meanwhile keeps its memory until fill returns (the
+  // segment is then deleted, not recycled).
+  // Errors: those of WriteChunk (kDataLoss: the range must be sent again), and fill's own.
+  absl::StatusOr<FragmentStatus> ReceiveChunk(const FragmentKey& key, uint64_t owner_incarnation,
+                                              uint64_t offset, size_t size, uint32_t chunk_crc32c,
+                                              absl::FunctionRef<absl::Status(uint8_t* dst)> fill);
+
   // Seals the fragment once every byte has arrived and the CRC32C of the whole fragment equals
   // fragment_crc32c. Idempotent for a sealed fragment with the same CRC.
   // Errors: kNotFound, kFailedPrecondition (bytes missing: the first missing range is named;
-  // or another incarnation), kDataLoss (the CRC does not match: the fragment stays WRITING with
+  // or another incarnation), kUnavailable (a ReceiveChunk of it is still in progress: seal
+  // again once it returns), kDataLoss (the CRC does not match: the fragment stays WRITING with
   // no bytes counted as received, so the sender must send it again; or it was sealed with
   // another CRC).
   absl::StatusOr<FragmentStatus> SealFragment(const FragmentKey& key, uint64_t owner_incarnation,

@@ -17,6 +17,8 @@
 
 #include "common/crc32c.h"
 #include "ec/erasure_codec.h"
+#include "absl/synchronization/notification.h"
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace tessera {
@@ -209,6 +211,124 @@ TEST_F(FragmentStoreTest, DamagedChunkIsRejectedAndWritesNothing) {
   WriteAll(key, meta, data);
   ASSERT_TRUE(store_->SealFragment(key, 7, Crc32c(data.data(), data.size())).ok());
   ExpectHolds(key, data);
+}
+
+// ReceiveChunk: bytes land in place, in random order and in parallel; a damaged or cut-off
+// chunk un-receives exactly its range (whatever arrived there before), and the seal waits for
+// chunks still arriving.
+TEST_F(FragmentStoreTest, ReceiveChunkInPlaceForgetsDamagedRangesAndSealsBitExact) {
+  const FragmentMeta meta = Meta(3 << 20);  // 1 MiB fragment
+  const FragmentKey key = Key(8);
+  auto data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(store_->BeginFragment(key, meta).ok());
+  auto receive = [&](uint64_t off, size_t len, uint32_t crc, const uint8_t* src) {
+    return store_->ReceiveChunk(key, 7, off, len, crc, [&](uint8_t* dst) {
+      std::memcpy(dst, src, len);
+      return absl::OkStatus();
+    });
+  };
+  // Four chunks in random order, each from its own thread.
+  const size_t quarter = meta.fragment_bytes / 4;
+  std::vector<size_t> order = {0, 1, 2, 3};
+  std::shuffle(order.begin(), order.end(), rng_);
+  std::vector<std::thread> threads;
+  std::vector<absl::Status> statuses(4);
+  for (size_t i : order) {
+    threads.emplace_back([&, i] {
+      const uint8_t* src = data.data() + i * quarter;
+      statuses[i] = receive(i * quarter, quarter, Crc32c(src, quarter), src).status();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& st : statuses) ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(store_->BeginFragment(key, meta)->bytes_received, meta.fragment_bytes);
+
+  // A damaged rewrite of [quarter/2, quarter/2 + quarter) overwrote good bytes: that range is
+  // missing again, the rest stays received.
+  auto junk = RandomBytes(quarter);
+  auto damaged = receive(quarter / 2, quarter, Crc32c(data.data(), quarter), junk.data());
+  EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss) << damaged.status();
+  EXPECT_NE(damaged.status().message().find("must be sent again"), std::string::npos);
+  EXPECT_EQ(store_->stats().crc_failures, 1u);
+  auto seal = store_->SealFragment(key, 7, Crc32c(data.data(), data.size()));
+  EXPECT_EQ(seal.status().code(), absl::StatusCode::kFailedPrecondition) << seal.status();
+  EXPECT_NE(seal.status().message().find(absl::StrCat("first missing: [", quarter / 2, ", ",
+                                                       quarter / 2 + quarter, ")")),
+            std::string::npos)
+      << seal.status();
+  // A fill that fails part-way (the connection dropped) un-receives its range too.
+  auto cut = store_->ReceiveChunk(key, 7, 0, 100, 0, [](uint8_t* dst) {
+    std::memset(dst, 0xEE, 50);
+    return absl::UnavailableError("connection reset");
+  });
+  EXPECT_EQ(cut.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(store_->BeginFragment(key, meta)->bytes_received, meta.fragment_bytes - quarter - 100);
+
+  // While a chunk is arriving, the seal waits (kUnavailable) rather than checksum moving bytes.
+  absl::Notification filling, finish;
+  std::thread slow([&] {
+    auto r = store_->ReceiveChunk(key, 7, quarter / 2, quarter,
+                                  Crc32c(data.data() + quarter / 2, quarter), [&](uint8_t* dst) {
+                                    filling.Notify();
+                                    finish.WaitForNotification();
+                                    std::memcpy(dst, data.data() + quarter / 2, quarter);
+                                    return absl::OkStatus();
+                                  });
+    EXPECT_TRUE(r.ok()) << r.status();
+  });
+  filling.WaitForNotification();
+  auto early = store_->SealFragment(key, 7, Crc32c(data.data(), data.size()));
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable) << early.status();
+  finish.Notify();
+  slow.join();
+  ASSERT_TRUE(receive(0, 100, Crc32c(data.data(), 100), data.data()).ok());
+  ASSERT_TRUE(store_->SealFragment(key, 7, Crc32c(data.data(), data.size())).ok());
+  ExpectHolds(key, data);
+
+  // Sealed: a late chunk is not written (fill is never called), and bad ranges are refused.
+  bool called = false;
+  auto late = store_->ReceiveChunk(key, 7, 0, 100, 0, [&](uint8_t*) {
+    called = true;
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(late->state, SegmentState::kSealed);
+  EXPECT_FALSE(called);
+  auto past = store_->ReceiveChunk(key, 7, meta.fragment_bytes - 10, 20, 0,
+                                   [](uint8_t*) { return absl::OkStatus(); });
+  EXPECT_EQ(past.status().code(), absl::StatusCode::kInvalidArgument);
+  auto stale = store_->ReceiveChunk(key, 6, 0, 10, 0, [](uint8_t*) { return absl::OkStatus(); });
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition);
+  ExpectHolds(key, data);
+}
+
+// A fragment replaced while a chunk is arriving into it: the chunk's writes land in the old
+// segment, which is deleted rather than recycled, and the new fragment is untouched.
+TEST_F(FragmentStoreTest, ReceiveChunkIntoAReplacedFragmentTouchesNothingElse) {
+  const FragmentMeta old_meta = Meta(3 << 20, 7);
+  const FragmentMeta new_meta = Meta(3 << 20, 8);
+  const FragmentKey key = Key(9);
+  auto junk = RandomBytes(old_meta.fragment_bytes);
+  auto data = RandomBytes(new_meta.fragment_bytes);
+  ASSERT_TRUE(store_->BeginFragment(key, old_meta).ok());
+  absl::Notification filling, finish;
+  std::thread slow([&] {
+    auto r = store_->ReceiveChunk(key, 7, 0, junk.size(), Crc32c(junk.data(), junk.size()),
+                                  [&](uint8_t* dst) {
+                                    filling.Notify();
+                                    finish.WaitForNotification();
+                                    std::memcpy(dst, junk.data(), junk.size());
+                                    return absl::OkStatus();
+                                  });
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  });
+  filling.WaitForNotification();
+  ASSERT_TRUE(store_->BeginFragment(key, new_meta).ok());  // the owner restarted
+  PutSealed(key, new_meta, data);
+  finish.Notify();
+  slow.join();
+  ExpectHolds(key, data);
+  EXPECT_EQ(store_->stats().pool_segments, 0u) << "the old segment was still written: deleted";
 }
 
 TEST_F(FragmentStoreTest, WholeFragmentCrcMismatchIsDataLossAndNothingSealed) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -201,6 +202,66 @@ absl::StatusOr<std::unique_ptr<GrpcPeerClient>> GrpcPeerClient::Create(Options o
   return std::unique_ptr<GrpcPeerClient>(new GrpcPeerClient(std::move(options)));
 }
 
+GrpcPeerClient::GrpcPeerClient(Options options) : options_(std::move(options)) {
+  DataPathClient::Options data_options;
+  data_options.chunk_bytes = options_.chunk_bytes;
+  data_options.max_idle_per_peer = 4 * options_.channels_per_peer;
+  data_path_client_ = std::make_unique<DataPathClient>(data_options);
+}
+
+GrpcPeerClient::Stats GrpcPeerClient::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPathOf(
+    const std::string& peer) {
+  if (!options_.raw_data_path) return std::optional<DataPathClient::Endpoint>();
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = data_paths_.find(peer);
+    if (it != data_paths_.end() &&
+        (it->second.endpoint || absl::Now() - it->second.asked < absl::Minutes(1))) {
+      return it->second.endpoint;
+    }
+  }
+  peer::OpenDataPathRequest request;
+  peer::OpenDataPathResponse response;
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
+  absl::Status status = FromGrpcStatus(
+      peer::Peer::NewStub(AnyChannel(peer))->OpenDataPath(&context, request, &response));
+  DataPathState state;
+  state.asked = absl::Now();
+  if (status.ok() && response.version() == kDataPathVersion && response.port() > 0 &&
+      response.port() <= 65535) {
+    state.endpoint = DataPathClient::Endpoint{
+        HostOfAddress(peer), static_cast<uint16_t>(response.port()), response.session_key()};
+    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {})", peer,
+                         response.port());
+  } else if (status.ok() || status.code() == absl::StatusCode::kFailedPrecondition ||
+             status.code() == absl::StatusCode::kUnimplemented) {
+    Logger("peer")->info("{}: fragments go over gRPC streams ({})", peer,
+                         status.ok() ? absl::StrCat("it offers data path version ",
+                                                    response.version(), " on port ",
+                                                    response.port())
+                                     : status.ToString());
+  } else {
+    return status;  // the peer is not reachable now: the caller's retries decide
+  }
+  absl::MutexLock lock(&mu_);
+  data_paths_[peer] = state;
+  return state.endpoint;
+}
+
+void GrpcPeerClient::ForgetDataPath(const std::string& peer) {
+  {
+    absl::MutexLock lock(&mu_);
+    data_paths_.erase(peer);
+  }
+  data_path_client_->Forget(peer);
+}
+
 std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::string& peer) {
   absl::MutexLock lock(&mu_);
   auto& channels = channels_[peer];
@@ -324,10 +385,45 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const std::string& pe
   TESSERA_RETURN_IF_ERROR(ValidatePut(key, meta, data, bytes));
   FragmentStatus result;
   TESSERA_RETURN_IF_ERROR(WithRetries("PutFragment", peer, [&]() -> absl::Status {
-    TESSERA_ASSIGN_OR_RETURN(result, PutFragmentOnce(peer, key, meta, data));
+    TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
+    if (endpoint) {
+      absl::StatusOr<FragmentStatus> put = PutFragmentRaw(peer, *endpoint, key, meta, data);
+      if (put.status().code() == absl::StatusCode::kUnavailable) ForgetDataPath(peer);
+      TESSERA_ASSIGN_OR_RETURN(result, std::move(put));
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(result, PutFragmentOnce(peer, key, meta, data));
+    }
+    absl::MutexLock lock(&mu_);
+    ++(endpoint ? stats_.raw_puts : stats_.grpc_puts);
     return absl::OkStatus();
   }));
   return result;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentRaw(
+    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    const FragmentMeta& meta, const uint8_t* data) {
+  const auto ranges = Ranges(meta.fragment_bytes, options_.channels_per_peer);
+  std::vector<absl::Status> statuses(ranges.size());
+  std::vector<uint32_t> crcs(ranges.size());
+  auto put = [&](size_t i) {
+    const auto [begin, end] = ranges[i];
+    statuses[i] = data_path_client_
+                      ->PutRange(peer, endpoint, key, meta, data, begin, end,
+                                 DataDeadline(end - begin), &crcs[i])
+                      .status();
+  };
+  // The ranges go over connections of their own, at once; the first on this thread.
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < ranges.size(); ++i) threads.emplace_back(put, i);
+  put(0);
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& status : statuses) TESSERA_RETURN_IF_ERROR(status);
+  uint32_t crc = crcs[0];
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    crc = Crc32cCombineCached(crc, crcs[i], ranges[i].second - ranges[i].first);
+  }
+  return data_path_client_->Seal(peer, endpoint, key, meta, crc, DataDeadline(0));
 }
 
 absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string& peer,
@@ -439,10 +535,69 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragment(const std::string& pe
   }
   FragmentStatus result;
   TESSERA_RETURN_IF_ERROR(WithRetries("GetFragment", peer, [&]() -> absl::Status {
-    TESSERA_ASSIGN_OR_RETURN(result, GetFragmentOnce(peer, key, owner_incarnation, dst, capacity));
+    TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
+    if (endpoint) {
+      absl::StatusOr<FragmentStatus> got =
+          GetFragmentRaw(peer, *endpoint, key, owner_incarnation, dst, capacity);
+      if (got.status().code() == absl::StatusCode::kUnavailable) ForgetDataPath(peer);
+      TESSERA_ASSIGN_OR_RETURN(result, std::move(got));
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(result,
+                               GetFragmentOnce(peer, key, owner_incarnation, dst, capacity));
+    }
+    absl::MutexLock lock(&mu_);
+    ++(endpoint ? stats_.raw_gets : stats_.grpc_gets);
     return absl::OkStatus();
   }));
   return result;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentRaw(
+    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    uint64_t owner_incarnation, uint8_t* dst, size_t capacity) {
+  // As GetFragmentOnce: ranges cut from the buffer's size, clamped by the peer.
+  const auto ranges = Ranges(capacity, options_.channels_per_peer);
+  std::vector<absl::StatusOr<DataPathClient::RangeRead>> reads(ranges.size());
+  auto get = [&](size_t i) {
+    const auto [begin, end] = ranges[i];
+    reads[i] = data_path_client_->GetRange(peer, endpoint, key, owner_incarnation, begin,
+                                           i + 1 == ranges.size() ? 0 : end, dst, capacity,
+                                           DataDeadline(end - begin));
+  };
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < ranges.size(); ++i) threads.emplace_back(get, i);
+  get(0);
+  for (std::thread& t : threads) t.join();
+  for (const auto& read : reads) TESSERA_RETURN_IF_ERROR(read.status());
+  const DataPathClient::RangeRead& first = *reads[0];
+  uint32_t crc = 0;
+  uint64_t received = 0;
+  for (const auto& read : reads) {
+    if (read->meta != first.meta || read->fragment_crc32c != first.fragment_crc32c ||
+        read->begin != std::min<uint64_t>(received, first.meta.fragment_bytes)) {
+      return absl::DataLossError(absl::StrCat(
+          key.ToString(), ": the range reads disagreed on the fragment, or left a gap at ",
+          received));
+    }
+    if (read->end > read->begin) {
+      crc = received == 0 ? read->range_crc32c
+                          : Crc32cCombineCached(crc, read->range_crc32c, read->end - read->begin);
+      received = read->end;
+    }
+  }
+  if (received != first.meta.fragment_bytes || crc != first.fragment_crc32c) {
+    return absl::DataLossError(absl::StrCat(key.ToString(), ": received ", received, " of ",
+                                            first.meta.fragment_bytes, " bytes with CRC32C 0x",
+                                            absl::Hex(crc), "; sealed with 0x",
+                                            absl::Hex(first.fragment_crc32c)));
+  }
+  FragmentStatus status;
+  status.key = key;
+  status.meta = first.meta;
+  status.state = SegmentState::kSealed;
+  status.bytes_received = received;
+  status.fragment_crc32c = crc;
+  return status;
 }
 
 absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const std::string& peer,

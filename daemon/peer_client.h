@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "daemon/data_path.h"
 #include "daemon/fragment_store.h"
 #include "daemon/peer_service.h"
 #include "grpcpp/channel.h"
@@ -110,7 +112,19 @@ class GrpcPeerClient final : public PeerClient {
     absl::Duration initial_backoff = absl::Milliseconds(50);
     absl::Duration max_backoff = absl::Seconds(2);
     std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
+    // Move fragments over the peer's raw TCP data path (daemon/data_path.h) when its
+    // OpenDataPath offers one; otherwise, and for peers that do not, over gRPC streams.
+    bool raw_data_path = true;
   };
+
+  // How fragments went to and from peers, by path.
+  struct Stats {
+    uint64_t raw_puts = 0;
+    uint64_t raw_gets = 0;
+    uint64_t grpc_puts = 0;
+    uint64_t grpc_gets = 0;
+  };
+  Stats stats() const;
 
   // kInvalidArgument when an option is out of range.
   static absl::StatusOr<std::unique_ptr<GrpcPeerClient>> Create(Options options);
@@ -129,7 +143,21 @@ class GrpcPeerClient final : public PeerClient {
                                          const std::string& job_id) override;
 
  private:
-  explicit GrpcPeerClient(Options options) : options_(std::move(options)) {}
+  explicit GrpcPeerClient(Options options);
+  // The peer's data path: its endpoint, or nullopt when fragments go over gRPC (it has none,
+  // or raw_data_path is off). Asks its OpenDataPath once, and again a minute after it said no.
+  absl::StatusOr<std::optional<DataPathClient::Endpoint>> DataPathOf(const std::string& peer);
+  // After a raw call to the peer failed with kUnavailable: ask its OpenDataPath again (it may
+  // have restarted, with a new port or key) and close the connections kept for it.
+  void ForgetDataPath(const std::string& peer);
+  absl::StatusOr<FragmentStatus> PutFragmentRaw(const std::string& peer,
+                                                const DataPathClient::Endpoint& endpoint,
+                                                const FragmentKey& key, const FragmentMeta& meta,
+                                                const uint8_t* data);
+  absl::StatusOr<FragmentStatus> GetFragmentRaw(const std::string& peer,
+                                                const DataPathClient::Endpoint& endpoint,
+                                                const FragmentKey& key, uint64_t owner_incarnation,
+                                                uint8_t* dst, size_t capacity);
   // The peer's channels, created on first use.
   std::vector<std::shared_ptr<grpc::Channel>> Channels(const std::string& peer);
   std::shared_ptr<grpc::Channel> AnyChannel(const std::string& peer);
@@ -148,9 +176,16 @@ class GrpcPeerClient final : public PeerClient {
   std::vector<std::pair<uint64_t, uint64_t>> Ranges(uint64_t bytes, size_t channels) const;
 
   const Options options_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::map<std::string, std::vector<std::shared_ptr<grpc::Channel>>> channels_ ABSL_GUARDED_BY(mu_);
   uint64_t next_channel_ ABSL_GUARDED_BY(mu_) = 0;
+  struct DataPathState {
+    std::optional<DataPathClient::Endpoint> endpoint;  // nullopt: gRPC
+    absl::Time asked;
+  };
+  std::map<std::string, DataPathState> data_paths_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<DataPathClient> data_path_client_;
 };
 
 // An in-process PeerClient for tests: each peer address maps to a FragmentStore (and optionally

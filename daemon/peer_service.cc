@@ -613,4 +613,24 @@ grpc::ServerUnaryReactor* PeerService::ListHeld(grpc::CallbackServerContext* con
   return reactor;
 }
 
+grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext* context,
+                                                    const peer::OpenDataPathRequest* request,
+                                                    peer::OpenDataPathResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status;
+  if (options_.data_path_port == 0) {
+    status = absl::FailedPreconditionError(
+        "this daemon has no raw TCP data path (peer.data_path = grpc): send fragments over "
+        "PutFragment and GetFragment");
+  } else {
+    response->set_port(options_.data_path_port);
+    response->set_session_key(options_.data_path_session_key);
+    response->set_version(kDataPathVersion);
+    Logger(kLog)->debug("OpenDataPath from '{}': port {}", request->node_id(),
+                          options_.data_path_port);
+  }
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
 }  // namespace tessera

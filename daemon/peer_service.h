@@ -38,6 +38,8 @@ namespace tessera {
 inline constexpr size_t kMinChunkBytes = size_t{64} << 10;
 inline constexpr size_t kDefaultChunkBytes = size_t{1} << 20;
 inline constexpr size_t kMaxChunkBytes = size_t{16} << 20;
+// The raw TCP data path's protocol version (proto/peer.proto, DataPathHello).
+inline constexpr uint32_t kDataPathVersion = 1;
 
 struct MemberInfo {
   std::string node_id;
@@ -112,7 +114,8 @@ using HeartbeatHandler = std::function<std::vector<MemberInfo>(const HeartbeatMe
 using PeerServiceBase =
     peer::Peer::WithCallbackMethod_Heartbeat<peer::Peer::WithRawCallbackMethod_PutFragment<
         peer::Peer::WithRawCallbackMethod_GetFragment<peer::Peer::WithRawCallbackMethod_FetchShard<
-            peer::Peer::WithCallbackMethod_ListHeld<peer::Peer::Service>>>>>;
+            peer::Peer::WithCallbackMethod_ListHeld<
+                peer::Peer::WithCallbackMethod_OpenDataPath<peer::Peer::Service>>>>>>;
 
 class PeerService final : public PeerServiceBase {
  public:
@@ -120,6 +123,9 @@ class PeerService final : public PeerServiceBase {
     MemberInfo self;                                  // answered in heartbeats
     HeartbeatHandler on_heartbeat;                    // empty: answer with no members
     size_t default_chunk_bytes = kDefaultChunkBytes;  // clamped to kMin..kMaxChunkBytes
+    // The raw TCP data path (daemon/data_path.h) that OpenDataPath announces; port 0: off.
+    uint32_t data_path_port = 0;
+    std::string data_path_session_key;
   };
 
   // `fragments` is required; `shards` may be null (FetchShard is then kUnimplemented and ListHeld
@@ -141,6 +147,9 @@ class PeerService final : public PeerServiceBase {
   grpc::ServerUnaryReactor* ListHeld(grpc::CallbackServerContext* context,
                                      const peer::ListHeldRequest* request,
                                      peer::ListHeldResponse* response) override;
+  grpc::ServerUnaryReactor* OpenDataPath(grpc::CallbackServerContext* context,
+                                         const peer::OpenDataPathRequest* request,
+                                         peer::OpenDataPathResponse* response) override;
 
  private:
   class PutFragmentReactor;

@@ -70,7 +70,9 @@ pid_t DaemonPid(const std::string& store_dir) {
 // A loopback cluster of `n` daemons with RS(k, m).
 class Cluster {
  public:
-  Cluster(const std::string& root, int n, int k, int m) {
+  // Daemons listed in grpc_only move fragments over gRPC streams (peer.data_path = grpc); the
+  // others offer the raw TCP data path.
+  Cluster(const std::string& root, int n, int k, int m, std::set<int> grpc_only = {}) {
     for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     for (int i = 0; i < n; ++i) {
       daemons_.push_back(std::make_unique<DaemonProcess>(
@@ -81,9 +83,11 @@ class Cluster {
               "--set", absl::StrCat("ec.k=", k),
               "--set", absl::StrCat("ec.m=", m),
               "--set", "liveness.heartbeat_ms=100",
-              "--set", "liveness.timeout_ms=1000"}));
+              "--set", "liveness.timeout_ms=1000",
+              "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"}));
     }
   }
+  const std::string& address(int i) const { return addresses_[i]; }
   bool Start(std::string* error) {
     for (auto& d : daemons_) {
       if (!d->Start(error)) return false;
@@ -162,7 +166,9 @@ int64_t TrainAndCommit(
 TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
   const uint64_t seed = TestSeed();
   TempRoot root;
-  Cluster cluster(root.path(), 5, 2, 1);
+  // n3 serves fragments over gRPC streams only: the others reach it that way, and each other
+  // over the raw TCP data path.
+  Cluster cluster(root.path(), 5, 2, 1, /*grpc_only=*/{3});
   std::string error;
   ASSERT_TRUE(cluster.Start(&error)) << error;
   const std::string job = "lost-node";
@@ -185,6 +191,19 @@ TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
               static_cast<long long>(committed), static_cast<long long>(verified));
   EXPECT_TRUE(absl::StrContains(ReadFile(cluster[4].log_path()), "rebuilt from 2 of 3 fragments"))
       << cluster[4].LogTail();
+  // Which path fragments took, as negotiated through OpenDataPath: every daemon that sent or
+  // read fragments used the raw TCP data path of the peers offering one (n3 too, as a client),
+  // and gRPC streams to n3.
+  int grpc_to_n3 = 0;
+  for (int i : {0, 1, 2, 3, 4}) {
+    const std::string log = ReadFile(cluster[i].log_path());
+    if (i != 1) {
+      EXPECT_TRUE(absl::StrContains(log, "fragments go over its raw TCP data path")) << "n" << i;
+    }
+    grpc_to_n3 += absl::StrContains(log, cluster.address(3) + ": fragments go over gRPC streams");
+    EXPECT_FALSE(absl::StrContains(log, cluster.address(3) + ": fragments go over its raw"));
+  }
+  EXPECT_GE(grpc_to_n3, 1);
 
   // Rank 2 moves from n2 to n0 (n2 still up): its shard is copied whole.
   argv = TrainerArgs(cluster[0], job, seed, 2, world);
