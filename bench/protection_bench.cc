@@ -6,8 +6,10 @@
 //   tcp         a plain TCP stream on 127.0.0.1 (bench_util's TcpOnce, as transfer_bench);
 //   encode      ErasureCodec RS(k, m) parity of the shard on one thread, as the daemon's
 //               protection computes it (rate in shard bytes);
-//   put         GrpcPeerClient::PutFragment of one fragment (shard / k) into a real tesserad's peer
-//               service (each run a newer owner incarnation, so it replaces the last one);
+//   put         GrpcPeerClient::PutFragment of one fragment (shard / k) into a real tesserad,
+//               over the raw TCP data path and over gRPC streams, the two data paths a daemon can
+//               use (--data_path picks the one the cluster below uses); each run a newer owner
+//               incarnation, so it replaces the last one;
 //   protection  real daemons, a loopback cluster of k + m + 1 tesserad processes: a trainer
 //               process's client on node 0 snapshots the shard; from the moment node 0's daemon
 //               sealed it until every peer acknowledged its fragment sealed, as that daemon logs
@@ -28,6 +30,7 @@
 // available is skipped, and the line says so.
 //
 // Usage: protection_bench [--min_mib=64] [--max_mib=4096] [--k=3] [--m=2] [--repeats=3] [--poll_ms=2]
+//                         [--data_path=tcp|grpc]
 //                         [--tesserad=PATH]   (bazel run -c opt //bench:protection_bench)
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -71,6 +74,7 @@ struct Options {
   int m = 2;
   int repeats = 3;
   int poll_ms = 2;
+  std::string data_path = "tcp";  // the daemons' peer.data_path
   std::string tesserad;
 };
 
@@ -120,6 +124,7 @@ class BenchCluster {
           {"peer.listen_address=" + addresses_[i],
            "cluster.members=" + absl::StrJoin(addresses_, ","), absl::StrCat("ec.k=", options.k),
            absl::StrCat("ec.m=", options.m), "liveness.heartbeat_ms=100",
+           "peer.data_path=" + options.data_path,
            // Generous: a peer busy receiving a large fragment on 2 cores must not be suspected.
            "liveness.timeout_ms=5000"});
       Check(d.status(), absl::StrCat("starting tesserad pb", i));
@@ -181,7 +186,8 @@ void Print(const std::string& size, const Row& r) {
   std::fflush(stdout);
 }
 
-void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
+void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers,
+             GrpcPeerClient* grpc_peers) {
   const uint64_t bytes = mib * kBenchMiB;
   const std::string label = mib >= 1024 ? absl::StrCat(mib / 1024, "GiB") : absl::StrCat(mib, "MiB");
   const int k = options.k;
@@ -197,7 +203,7 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
   }
   Buffer shard = RandomBuffer(bytes, mib);
   const uint32_t shard_crc = Crc32c(shard.get(), bytes);
-  std::vector<double> memcpy_s, tcp_s, encode_s, put_s, protect_s;
+  std::vector<double> memcpy_s, tcp_s, encode_s, put_s, grpc_put_s, protect_s;
   double first_protect_s = 0;  // the first snapshot: the peers create its segments
   std::vector<std::string> protect_ms;  // every run, the first included
   {
@@ -241,14 +247,22 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
     meta.shard_bytes = bytes;
     meta.shard_crc32c = shard_crc;
     const FragmentKey key{"bench-put", 0, 1, 0};
+    uint64_t incarnation = 0;
     for (int r = 0; r <= options.repeats; ++r) {
-      meta.owner_incarnation = r + 1;
-      auto t = Clock::now();
-      auto put = peers->PutFragment(cluster.address(1), key, meta, shard.get(), fragment_bytes);
-      const double s = SecondsSince(t);
-      Check(put.status(), "PutFragment");
-      if (put->fragment_crc32c != Crc32c(shard.get(), fragment_bytes)) BenchDie("put: CRC differs");
-      if (r > 0) put_s.push_back(s);
+      for (GrpcPeerClient* client : {peers, grpc_peers}) {
+        meta.owner_incarnation = ++incarnation;
+        auto t = Clock::now();
+        auto put = client->PutFragment(cluster.address(1), key, meta, shard.get(), fragment_bytes);
+        const double s = SecondsSince(t);
+        Check(put.status(), "PutFragment");
+        if (put->fragment_crc32c != Crc32c(shard.get(), fragment_bytes)) {
+          BenchDie("put: CRC differs");
+        }
+        if (r > 0) (client == peers ? put_s : grpc_put_s).push_back(s);
+      }
+    }
+    if (peers->stats().raw_puts == 0 || grpc_peers->stats().grpc_puts == 0) {
+      BenchDie("put: the data paths were not the ones asked for");
     }
   }
 
@@ -328,6 +342,7 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
   const std::string limit_name = memcpy_gbps < tcp_gbps ? "memcpy" : "tcp";
   const double encode_gbps = bytes / Median(encode_s) / kGB;
   const double put_gbps = fragment_bytes / Median(put_s) / kGB;
+  const double grpc_put_gbps = fragment_bytes / Median(grpc_put_s) / kGB;
   const double protect_gbps = bytes / Median(protect_s) / kGB;
   const double rebuild_gbps = bytes / rebuild_s / kGB;
   const double restore_gbps = bytes / restore_s / kGB;
@@ -336,8 +351,10 @@ void RunSize(const Options& options, uint64_t mib, GrpcPeerClient* peers) {
   Print(label, {"tcp loopback stream", tcp_gbps});
   Print(label, {"encode " + rs + ", 1 thread (shard bytes)", encode_gbps, "memcpy",
                 encode_gbps / memcpy_gbps});
-  Print(label, {absl::StrCat("put one fragment (", fragment_bytes >> 20, " MiB) to a tesserad"),
+  Print(label, {absl::StrCat("put one fragment (", fragment_bytes >> 20, " MiB), raw TCP path"),
                 put_gbps, "tcp", put_gbps / tcp_gbps});
+  Print(label, {absl::StrCat("put one fragment (", fragment_bytes >> 20, " MiB), gRPC streams"),
+                grpc_put_gbps, "tcp", grpc_put_gbps / tcp_gbps});
   const double first_protect_gbps = bytes / first_protect_s / kGB;
   Print(label, {"protection, first snapshot (new segments)", first_protect_gbps,
                 "min(memcpy, tcp) = " + limit_name, first_protect_gbps / limit});
@@ -380,12 +397,15 @@ int main(int argc, char** argv) {
       options.repeats = static_cast<int>(v);
     } else if (const char* s = value("--poll_ms="); s && absl::SimpleAtoi(s, &v)) {
       options.poll_ms = static_cast<int>(v);
+    } else if (const char* s = value("--data_path=");
+               s && (std::string(s) == "tcp" || std::string(s) == "grpc")) {
+      options.data_path = s;
     } else if (const char* s = value("--tesserad=")) {
       options.tesserad = s;
     } else {
       std::fprintf(stderr,
                    "usage: protection_bench [--min_mib=64] [--max_mib=4096] [--k=3] [--m=2] [--repeats=3] "
-                   "[--poll_ms=2] [--tesserad=PATH]\n");
+                   "[--poll_ms=2] [--data_path=tcp|grpc] [--tesserad=PATH]\n");
       return 2;
     }
   }
@@ -405,18 +425,22 @@ int main(int argc, char** argv) {
   tessera::TuneMallocForBulkTransfers();
   auto peers = tessera::GrpcPeerClient::Create(tessera::GrpcPeerClient::Options());
   tessera::Check(peers.status(), "GrpcPeerClient");
+  tessera::GrpcPeerClient::Options grpc_options;
+  grpc_options.raw_data_path = false;
+  auto grpc_peers = tessera::GrpcPeerClient::Create(grpc_options);
+  tessera::Check(grpc_peers.status(), "GrpcPeerClient");
   char host[256] = {};
   gethostname(host, sizeof(host) - 1);
   std::printf(
       "protection_bench on %s: %u hardware threads; RS(%d, %d) over %d local tesserad processes "
-      "(loopback); median of %d runs; GB/s = 10^9 bytes/s\n"
+      "(loopback, peer.data_path = %s); median of %d runs; GB/s = 10^9 bytes/s\n"
       "goals (issue 4): protection >= 0.8 x min(memcpy, tcp); rebuild >= 0.7 x tcp\n\n",
       host, std::thread::hardware_concurrency(), options.k, options.m, options.k + options.m + 1,
-      options.repeats);
+      options.data_path.c_str(), options.repeats);
   std::printf("%-8s %-44s %7s   %-22s %5s\n", "shard", "what", "GB/s", "limit (same run)", "ratio");
   std::printf("%s\n", std::string(100, '-').c_str());
   for (uint64_t mib : {64, 256, 1024, 2048, 4096}) {
-    if (mib >= options.min_mib && mib <= options.max_mib) tessera::RunSize(options, mib, peers->get());
+    if (mib >= options.min_mib && mib <= options.max_mib) tessera::RunSize(options, mib, peers->get(), grpc_peers->get());
   }
   return 0;
 }
