@@ -24,7 +24,7 @@ mkdir -p "$out"
 } | tee "$out/protection_bench.txt"
 # shellcheck disable=SC2086
 timeout --signal=TERM "${BENCH_TIMEOUT_S:-270}" "$bundle/bin/protection_bench" \
-  --tesserad="$bundle/bin/tesserad" ${BENCH_ARGS:---max_mib=4096 --repeats=3} 2>&1 |
+  --tesserad="$bundle/bin/tesserad" ${BENCH_ARGS:---max_mib=4096 --repeats=7} 2>&1 |
   tee -a "$out/protection_bench.txt"
 rc=${PIPESTATUS[0]}
 echo "protection_bench: exit $rc" | tee -a "$out/protection_bench.txt"

@@ -592,7 +592,8 @@ FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_
   // This node's fragments are read from its store, the others' from their peer service; both
   // are checked against the fragment's CRC32C.
   return [this, job_id, rank, step, bytes_moved](uint32_t index, const std::string& node,
-                                                 uint8_t* dst, size_t bytes) -> absl::Status {
+                                                 uint8_t* dst,
+                                                 size_t bytes) -> absl::StatusOr<uint32_t> {
     const FragmentKey key{job_id, rank, step, index};
     if (node == parts_.node_id) {
       TESSERA_ASSIGN_OR_RETURN(FragmentView view, parts_.fragments->Get(key));
@@ -601,14 +602,18 @@ FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_
         return absl::DataLossError("the held fragment does not match its CRC32C");
       }
       std::memcpy(dst, view.data(), bytes);
-      return absl::OkStatus();
+      return view.fragment_crc32c();
     }
     auto address = parts_.cluster->AddressOf(node);
     if (!address) return absl::UnavailableError("not live");
-    absl::Status got = parts_.peer_client->GetFragment(*address, key, 0, dst, bytes).status();
-    if (got.ok()) bytes_moved->fetch_add(bytes);
-    if (absl::IsDataLoss(got)) Metrics().fragment_crc_failures->Increment();
-    return got;
+    absl::StatusOr<FragmentStatus> got =
+        parts_.peer_client->GetFragment(*address, key, 0, dst, bytes);
+    if (!got.ok()) {
+      if (absl::IsDataLoss(got.status())) Metrics().fragment_crc_failures->Increment();
+      return got.status();
+    }
+    bytes_moved->fetch_add(bytes);
+    return got->fragment_crc32c;  // GetFragment checked the bytes against it
   };
 }
 

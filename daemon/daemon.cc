@@ -162,8 +162,14 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.timeout_ms = config.liveness.timeout_ms;
   // Called on the heartbeat thread only, so no two calls race.
   auto first_round = std::make_shared<absl::Notification>();
-  cluster_options.after_round = [first_round] {
+  GrpcPeerClient* const peers = peer_client_.get();
+  cluster_options.after_round = [this, first_round, peers] {
     if (!first_round->HasBeenNotified()) first_round->Notify();
+    // Live peers get their data path negotiated and connections opened ahead of the first
+    // fragment (in the background; a peer already prepared is skipped).
+    for (const Cluster::PeerView& p : cluster_->Peers()) {
+      if (p.alive) peers->Prepare(p.address, p.incarnation);
+    }
   };
   cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());
 

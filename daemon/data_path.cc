@@ -667,6 +667,25 @@ void DataPathClient::Forget(const std::string& peer) {
   idle_.erase(it);
 }
 
+absl::Status DataPathClient::Open(const std::string& peer, const Endpoint& endpoint, int count,
+                                  absl::Time deadline) {
+  const std::string id = EndpointId(endpoint);
+  int idle = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = idle_.find(peer);
+    if (it != idle_.end()) {
+      for (const auto& c : it->second) idle += c->endpoint_id() == id;
+    }
+  }
+  for (; idle < std::min(count, options_.max_idle_per_peer); ++idle) {
+    TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<Connection> connection,
+                             Connect(peer, endpoint, deadline));
+    Release(peer, std::move(connection));
+  }
+  return absl::OkStatus();
+}
+
 void DataPathClient::Release(const std::string& peer, std::unique_ptr<Connection> connection) {
   absl::MutexLock lock(&mu_);
   auto& idle = idle_[peer];
@@ -687,6 +706,12 @@ absl::StatusOr<std::unique_ptr<DataPathClient::Connection>> DataPathClient::Acqu
       if (c->endpoint_id() == id) return c;
     }
   }
+  return Connect(peer, endpoint, deadline);
+}
+
+absl::StatusOr<std::unique_ptr<DataPathClient::Connection>> DataPathClient::Connect(
+    const std::string& peer, const Endpoint& endpoint, absl::Time deadline) {
+  const std::string id = EndpointId(endpoint);
   const std::string where = absl::StrCat(endpoint.host, " port ", endpoint.port);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

@@ -152,6 +152,10 @@ class DataPathClient {
                                      uint64_t begin, uint64_t end, uint8_t* dst, size_t capacity,
                                      absl::Time deadline);
 
+  // Opens connections to the peer until `count` are idle in its pool (ahead of transfers).
+  absl::Status Open(const std::string& peer, const Endpoint& endpoint, int count,
+                    absl::Time deadline);
+
   // Closes the peer's idle connections (its daemon restarted: they lead nowhere).
   void Forget(const std::string& peer);
 
@@ -165,6 +169,10 @@ class DataPathClient {
   absl::StatusOr<peer::DataPathResponse> Exchange(
       const std::string& peer, const Endpoint& endpoint, const peer::DataPathRequest& request,
       absl::Time deadline, const std::function<absl::Status(int fd)>& send_body);
+  // A new connection that has said hello.
+  absl::StatusOr<std::unique_ptr<Connection>> Connect(const std::string& peer,
+                                                      const Endpoint& endpoint,
+                                                      absl::Time deadline);
   // Keeps a connection whose last request completed in step for reuse.
   void Release(const std::string& peer, std::unique_ptr<Connection> connection);
 

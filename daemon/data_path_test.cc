@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
@@ -503,6 +504,35 @@ TEST_F(DataPathTest, ConcurrentPutsFromManyThreads) {
     ASSERT_TRUE(view.ok()) << view.status();
     EXPECT_EQ(std::memcmp(view->data(), datas[i].data(), datas[i].size()), 0) << i;
   }
+}
+
+// Waits up to 10 s for the server's stats to satisfy `done`.
+bool WaitFor(DataPathServer* server, const std::function<bool(const DataPathServer::Stats&)>& done) {
+  for (int i = 0; i < 1000 && !done(server->stats()); ++i) absl::SleepFor(absl::Milliseconds(10));
+  return done(server->stats());
+}
+
+TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
+  client_->Prepare(address_, 1);
+  ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) { return s.connections_open == 4; }))
+      << data_server_->stats().connections_open;
+  // A fragment cut in 4 ranges uses the prepared connections: none is opened for it.
+  const FragmentKey key{"job-w", 0, 2, 0};
+  const FragmentMeta meta = MetaFor(uint64_t{30} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(client_->PutFragment(address_, key, meta, data.data(), data.size()).ok());
+  client_->Prepare(address_, 1);  // the same incarnation: nothing to do
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(data_server_->stats().connections_accepted, 4u);
+  // The peer restarted: the old connections are closed and new ones opened.
+  client_->Prepare(address_, 2);
+  ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) {
+    return s.connections_accepted == 8 && s.connections_open == 4;
+  })) << data_server_->stats().connections_accepted << " accepted, "
+      << data_server_->stats().connections_open << " open";
+  auto view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
 }
 
 TEST(HostOfAddressTest, SplitsHostsAndBracketedV6) {

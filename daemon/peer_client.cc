@@ -209,6 +209,59 @@ GrpcPeerClient::GrpcPeerClient(Options options) : options_(std::move(options)) {
   data_path_client_ = std::make_unique<DataPathClient>(data_options);
 }
 
+GrpcPeerClient::~GrpcPeerClient() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (prepare_thread_.joinable()) prepare_thread_.join();
+}
+
+void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation) {
+  if (!options_.raw_data_path) return;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = prepared_.find(peer);
+    if (stopping_ || (it != prepared_.end() && it->second == incarnation)) return;
+    const bool restarted = it != prepared_.end();
+    prepared_[peer] = incarnation;
+    prepare_queue_.push_back(peer);
+    if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
+    if (!restarted) return;
+    data_paths_.erase(peer);
+  }
+  data_path_client_->Forget(peer);
+}
+
+void GrpcPeerClient::PrepareLoop() {
+  for (;;) {
+    std::string peer;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](GrpcPeerClient* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+            return c->stopping_ || !c->prepare_queue_.empty();
+          },
+          this));
+      if (stopping_) return;
+      peer = std::move(prepare_queue_.front());
+      prepare_queue_.pop_front();
+    }
+    absl::StatusOr<std::optional<DataPathClient::Endpoint>> endpoint = DataPathOf(peer);
+    absl::Status status = endpoint.status();
+    if (endpoint.ok() && endpoint->has_value()) {
+      status = data_path_client_->Open(peer, **endpoint, options_.channels_per_peer,
+                                       absl::Now() + options_.control_timeout);
+    }
+    if (!status.ok()) {
+      Logger("peer")->info("preparing {} for fragments: {}; the first transfer tries again", peer,
+                           status.ToString());
+      absl::MutexLock lock(&mu_);
+      prepared_.erase(peer);  // a later Prepare may try again
+    }
+  }
+}
+
 GrpcPeerClient::Stats GrpcPeerClient::stats() const {
   absl::MutexLock lock(&mu_);
   return stats_;
@@ -258,6 +311,7 @@ void GrpcPeerClient::ForgetDataPath(const std::string& peer) {
   {
     absl::MutexLock lock(&mu_);
     data_paths_.erase(peer);
+    prepared_.erase(peer);
   }
   data_path_client_->Forget(peer);
 }

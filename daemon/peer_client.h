@@ -19,10 +19,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -117,6 +120,16 @@ class GrpcPeerClient final : public PeerClient {
     bool raw_data_path = true;
   };
 
+  // Gets the peer ready for fragments, in the background: asks its OpenDataPath and opens
+  // channels_per_peer data path connections (kept idle), so the first protection or rebuild that
+  // needs the peer does not pay for them. Returns at once; a peer already prepared (or being
+  // prepared) at this incarnation is skipped, and a new incarnation (a restarted daemon) drops
+  // what was negotiated with the old one first. Failures are only logged (the first real call
+  // tries again).
+  void Prepare(const std::string& peer, uint64_t incarnation);
+
+  ~GrpcPeerClient() override;
+
   // How fragments went to and from peers, by path.
   struct Stats {
     uint64_t raw_puts = 0;
@@ -186,6 +199,12 @@ class GrpcPeerClient final : public PeerClient {
   std::map<std::string, DataPathState> data_paths_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<DataPathClient> data_path_client_;
+  // Prepare's queue and its thread (started by the first Prepare).
+  void PrepareLoop();
+  std::deque<std::string> prepare_queue_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, uint64_t> prepared_ ABSL_GUARDED_BY(mu_);  // queued or done, at
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread prepare_thread_;
 };
 
 // An in-process PeerClient for tests: each peer address maps to a FragmentStore (and optionally

@@ -562,6 +562,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     uint64_t payload_bytes = plan->shard_bytes;
     uint32_t payload_crc = plan->shard_crc32c;
     std::optional<uint32_t> rebuilt_crc;  // computed by DecodeShard
+    std::string phases;                   // where a rebuild's time went, for the log
     if (plan->source == RestorePlan::Source::kCopy) {
       auto address = cluster_->AddressOf(plan->node);
       SegmentSink sink(segment.get());
@@ -584,12 +585,18 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
       // The k fragments are read in parallel, each from its node (or this daemon's store),
       // the data fragments straight into the segment (its capacity includes their padding).
       FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
-                                size_t bytes) -> absl::Status {
+                                size_t bytes) -> absl::StatusOr<uint32_t> {
         const FragmentKey key{job_id, rank, step, index};
         if (node != cluster_->self_id()) {
           auto address = cluster_->AddressOf(node);
           if (!address) return absl::UnavailableError("not live");
-          return client_->GetFragment(*address, key, 0, dst, bytes).status();
+          TESSERA_ASSIGN_OR_RETURN(FragmentStatus got,
+                                   client_->GetFragment(*address, key, 0, dst, bytes));
+          if (got.bytes_received != bytes) {
+            return absl::DataLossError(absl::StrCat("the fragment has ", got.bytes_received,
+                                                    " bytes, not ", bytes));
+          }
+          return got.fragment_crc32c;  // GetFragment checked the bytes against it
         }
         TESSERA_ASSIGN_OR_RETURN(FragmentView view, fragments_->Get(key));
         if (view.size() != bytes) {
@@ -600,7 +607,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
         if (Crc32c(dst, bytes) != view.fragment_crc32c()) {
           return absl::DataLossError("held fragment does not match its CRC32C");
         }
-        return absl::OkStatus();
+        return view.fragment_crc32c();
       };
       DecodeOptions decode;
       decode.shard_capacity = capacity;
@@ -615,6 +622,9 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
       }
       if (!decoded.failed.empty()) continue;
       rebuilt_crc = decoded.crc32c;
+      phases = absl::StrCat(" (reading ", absl::ToInt64Milliseconds(decoded.read_time),
+                            " ms, decoding ", absl::ToInt64Milliseconds(decoded.decode_time),
+                            " ms, checking ", absl::ToInt64Milliseconds(decoded.crc_time), " ms)");
     }
     const uint32_t crc = rebuilt_crc ? *rebuilt_crc
                                       : ParallelCrc32c(segment->payload(), payload_bytes,
@@ -651,11 +661,11 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     info.manifest_bytes = manifest.second;
     info.payload_crc32c = payload_crc;
     const bool copied = plan->source == RestorePlan::Source::kCopy;
-    log->info("job '{}' rank {} step {}: {} ({} bytes) in {} ms", job_id, rank, step,
+    log->info("job '{}' rank {} step {}: {} ({} bytes) in {} ms{}", job_id, rank, step,
               copied ? absl::StrCat("copied from ", plan->node)
                      : absl::StrCat("rebuilt from ", plan->k, " of ", plan->k + plan->m,
                                     " fragments"),
-              payload_bytes, absl::ToInt64Milliseconds(absl::Now() - start));
+              payload_bytes, absl::ToInt64Milliseconds(absl::Now() - start), phases);
     Metrics().restore_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
     {
       absl::MutexLock lock(&mu_);

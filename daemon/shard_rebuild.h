@@ -13,15 +13,17 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "daemon/protection.h"
 
 namespace tessera {
 
 // Reads fragment `index` of the shard from member `node` into dst (`bytes` long, the fragment's
-// length), checked against its CRC32C. Any error makes the fragment an erasure. Called from
-// several threads at once (one per fragment), so it must be thread-safe.
-using FragmentReader = std::function<absl::Status(uint32_t index, const std::string& node,
-                                                  uint8_t* dst, size_t bytes)>;
+// length), checked against its CRC32C, and returns that CRC32C (so the shard's own checksum is
+// combined from the fragments' instead of read again). Any error makes the fragment an erasure.
+// Called from several threads at once (one per fragment), so it must be thread-safe.
+using FragmentReader = std::function<absl::StatusOr<uint32_t>(
+    uint32_t index, const std::string& node, uint8_t* dst, size_t bytes)>;
 
 struct ShardDecode {
   struct FailedRead {
@@ -34,7 +36,15 @@ struct ShardDecode {
   // The fragments that could not be read, with why. When any did, nothing was decoded: exclude
   // them and plan again.
   std::vector<FailedRead> failed;
-  uint32_t crc32c = 0;  // of the decoded shard, computed over shard[0, plan.shard_bytes)
+  // Of the decoded shard, shard[0, plan.shard_bytes): combined from the CRC32Cs of the data
+  // fragments that were read whole into it, and computed over the rest (rebuilt fragments, the
+  // last one's part before the padding).
+  uint32_t crc32c = 0;
+  // Where the time went: reading the fragments, rebuilding erased data fragments (and copying
+  // those that did not fit in place), and the shard's CRC32C.
+  absl::Duration read_time;
+  absl::Duration decode_time;
+  absl::Duration crc_time;
 };
 
 struct DecodeOptions {
