@@ -323,21 +323,29 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(defaults->ec.m, 2);
   EXPECT_EQ(defaults->liveness.heartbeat_ms, 500);
   EXPECT_EQ(defaults->liveness.timeout_ms, 3000);
+  EXPECT_EQ(defaults->peer.data_path, "tcp");
+  EXPECT_EQ(defaults->peer.data_port, 0);
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"peer.listen_address=127.0.0.1:7070", "cluster.members=127.0.0.1:7070,h2:7071",
-           "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400"});
+           "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400",
+           "peer.data_path=grpc", "peer.data_port=7171"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->PeerAddress(), "127.0.0.1:7070");
   EXPECT_EQ(config->cluster.members, (std::vector<std::string>{"127.0.0.1:7070", "h2:7071"}));
   EXPECT_EQ(config->ec.k, 2);
   EXPECT_EQ(config->ec.m, 1);
   EXPECT_EQ(config->liveness.timeout_ms, 400);
+  EXPECT_EQ(config->peer.data_path, "grpc");
+  EXPECT_EQ(config->peer.data_port, 7171);
 }
 
 TEST(DaemonConfigErrorTest, ClusterKeys) {
   EXPECT_THAT(OverrideError("peer.listen_address=nohost"), HasSubstr("must be \"host:port\""));
   EXPECT_THAT(OverrideError("peer.listen_address=h:70000"), HasSubstr("port 1 to 65535"));
   EXPECT_THAT(OverrideError("ec.k=0"), HasSubstr("ec.k: must be 1 to 64"));
+  EXPECT_THAT(OverrideError("peer.data_path=rdma"), HasSubstr("peer.data_path"));
+  EXPECT_THAT(OverrideError("peer.data_path=rdma"), HasSubstr("tcp"));
+  EXPECT_THAT(OverrideError("peer.data_port=70000"), HasSubstr("peer.data_port: must be 0 to 65535"));
   EXPECT_THAT(OverrideError("cluster.members=h:1"), HasSubstr("need peer.listen_address"));
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"liveness.heartbeat_ms=500", "liveness.timeout_ms=500"});

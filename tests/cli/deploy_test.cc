@@ -109,6 +109,9 @@ TEST_F(DeployTest, ExampleConfigLoadsWithExplicitSizes) {
       << "fewer members than k+m+1: k would shrink";
   EXPECT_FALSE(config->cluster.token.empty());
   EXPECT_FALSE(config->metrics.listen_address.empty());
+  // Fragments take the raw TCP data path, on a fixed port a firewall can name.
+  EXPECT_EQ(config->peer.data_path, "tcp");
+  EXPECT_GT(config->peer.data_port, 0);
   // The config file names a token file that exists once deployed (not here).
   EXPECT_THAT(ReadFile(BinaryPath("deploy/tesserad.toml")),
               HasSubstr("token_file = \"/etc/tessera/token\""));
@@ -273,6 +276,22 @@ TEST_F(KubernetesTest, DaemonsFindEachOtherThroughTheHeadlessService) {
     }
   }
   EXPECT_TRUE(peer_port) << "the Service's peer port is not cluster.dns_port";
+  // The raw TCP data path's fixed port is declared on the Service and the container.
+  EXPECT_EQ(config_.peer.data_path, "tcp");
+  ASSERT_GT(config_.peer.data_port, 0);
+  bool service_data_port = false;
+  for (const Value& port : Field(service, "spec.ports").list_value().values()) {
+    service_data_port = service_data_port || static_cast<int64_t>(Field(port, "port").number_value()) ==
+                                                 config_.peer.data_port;
+  }
+  EXPECT_TRUE(service_data_port) << "the Service does not list peer.data_port";
+  bool container_data_port = false;
+  for (const Value& port : Field(container_, "ports").list_value().values()) {
+    container_data_port =
+        container_data_port ||
+        static_cast<int64_t>(Field(port, "containerPort").number_value()) == config_.peer.data_port;
+  }
+  EXPECT_TRUE(container_data_port) << "the container does not declare peer.data_port";
   // The Service selects the DaemonSet's pods.
   const Object& selector = Field(service, "spec.selector").struct_value().fields();
   const Object& labels =
