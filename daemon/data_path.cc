@@ -284,8 +284,10 @@ absl::StatusOr<std::unique_ptr<DataPathServer>> DataPathServer::Start(FragmentSt
                                                    "..", kMaxChunkBytes, ", not ",
                                                    options.default_chunk_bytes));
   }
-  if (options.io_timeout <= absl::ZeroDuration() || options.hello_timeout <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("DataPathServer's timeouts must be positive");
+  if (options.io_timeout <= absl::ZeroDuration() || options.hello_timeout <= absl::ZeroDuration() ||
+      options.max_connections < 1) {
+    return absl::InvalidArgumentError(
+        "DataPathServer's timeouts and max_connections must be positive");
   }
   std::unique_ptr<DataPathServer> server(new DataPathServer(fragments, options));
   const std::string where = absl::StrCat(options.host, " port ", options.port);
@@ -404,6 +406,13 @@ void DataPathServer::AcceptLoop() {
     if (stopping_) {
       ::close(fd);
       return;
+    }
+    if (static_cast<int>(open_fds_.size()) >= options_.max_connections) {
+      ::close(fd);
+      ++stats_.connections_refused;
+      Logger(kLog)->warn("refused a data path connection: {} are open already (the most)",
+                         open_fds_.size());
+      continue;
     }
     ++stats_.connections_accepted;
     ++stats_.connections_open;

@@ -51,6 +51,8 @@ class DataPathServer {
     size_t default_chunk_bytes = kDefaultChunkBytes;   // GET_RANGE chunks when not asked
     absl::Duration io_timeout = absl::Seconds(30);     // a request's next bytes, at most
     absl::Duration hello_timeout = absl::Seconds(5);   // a new connection's DataPathHello
+    // Connections served at once (a thread each); more are closed at once, counted as refused.
+    int max_connections = 512;
   };
 
   struct Stats {

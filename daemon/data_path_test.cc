@@ -111,6 +111,12 @@ class RawConnection {
   bool connected_ = false;
 };
 
+// Waits up to 10 s for the server's stats to satisfy `done`.
+bool WaitFor(DataPathServer* server, const std::function<bool(const DataPathServer::Stats&)>& done) {
+  for (int i = 0; i < 1000 && !done(server->stats()); ++i) absl::SleepFor(absl::Milliseconds(10));
+  return done(server->stats());
+}
+
 class DataPathTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -363,6 +369,23 @@ TEST_F(DataPathTest, WrongKeyOrVersionIsRefusedAndClosed) {
   EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable) << got.status();
 }
 
+TEST_F(DataPathTest, ConnectionsBeyondTheLimitAreClosed) {
+  DataPathServer::Options so;
+  so.host = "127.0.0.1";
+  so.max_connections = 2;
+  auto small = DataPathServer::Start(fragments_.get(), so);
+  ASSERT_TRUE(small.ok()) << small.status();
+  RawConnection a((*small)->port()), b((*small)->port());
+  ASSERT_TRUE(WaitFor(small->get(), [](const auto& s) { return s.connections_open == 2; }));
+  RawConnection c((*small)->port());
+  EXPECT_TRUE(c.ClosedByServer());
+  EXPECT_EQ((*small)->stats().connections_refused, 1u);
+  EXPECT_EQ((*small)->stats().connections_open, 2u);
+  so.max_connections = 0;
+  EXPECT_EQ(DataPathServer::Start(fragments_.get(), so).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(DataPathTest, CorruptedChunkIsDataLossAndTheConnectionStaysInStep) {
   const FragmentKey key{"job-c", 4, 12, 2};
   const FragmentMeta meta = MetaFor(uint64_t{6} << 20);  // 2 MiB fragment
@@ -524,12 +547,6 @@ TEST_F(DataPathTest, ConcurrentPutsFromManyThreads) {
     ASSERT_TRUE(view.ok()) << view.status();
     EXPECT_EQ(std::memcmp(view->data(), datas[i].data(), datas[i].size()), 0) << i;
   }
-}
-
-// Waits up to 10 s for the server's stats to satisfy `done`.
-bool WaitFor(DataPathServer* server, const std::function<bool(const DataPathServer::Stats&)>& done) {
-  for (int i = 0; i < 1000 && !done(server->stats()); ++i) absl::SleepFor(absl::Milliseconds(10));
-  return done(server->stats());
 }
 
 TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
