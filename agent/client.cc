@@ -737,11 +737,18 @@ absl::StatusOr<uint64_t> Client::GatherWithNccl(const DpAgreement& agreement) {
     }
   }
   const int device = options_.device;  // -1: the current one
-  const int64_t left_ms = std::max<int64_t>(options_.dp_restore_timeout_ms, 1000);
-  TESSERA_RETURN_IF_ERROR(cuda::NcclBroadcast(agreement.nccl_id, static_cast<int>(dp_->dp_rank),
-                                              static_cast<int>(dp_->members.size()), device, ops,
-                                              absl::Milliseconds(left_ms)));
+  uint64_t broadcast_bytes = 0;
+  for (const cuda::BroadcastOp& op : ops) broadcast_bytes += op.bytes;
+  TESSERA_RETURN_IF_ERROR(cuda::NcclBroadcast(
+      agreement.nccl_id, static_cast<int>(dp_->dp_rank), static_cast<int>(dp_->members.size()),
+      device, ops, NcclGatherTimeout(broadcast_bytes, options_.dp_restore_timeout_ms)));
   return bytes;
+}
+
+absl::Duration Client::NcclGatherTimeout(uint64_t bytes, int64_t dp_restore_timeout_ms) {
+  const absl::Duration restore = absl::Milliseconds(std::max<int64_t>(dp_restore_timeout_ms, 1000));
+  const absl::Duration needed = absl::Seconds(30) + absl::Nanoseconds(static_cast<double>(bytes));
+  return std::min(restore, needed);
 }
 
 absl::StatusOr<int64_t> Client::Restore(int64_t step) {

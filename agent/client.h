@@ -56,6 +56,13 @@ class Client {
     bool nccl = true;
   };
 
+  // How long the NCCL gather of a DP-sharded restore may take before the member gives up on it
+  // and reads the slices through the daemon: NCCL's setup (30 s) plus the bytes broadcast at
+  // 1 GB/s, at most the restore's own timeout. The members all met in the rendezvous just
+  // before, so only a member that died since makes it run out; the others then fall back within
+  // this bound instead of waiting out the whole restore timeout.
+  static absl::Duration NcclGatherTimeout(uint64_t bytes, int64_t dp_restore_timeout_ms);
+
   // A data-parallel group (see common/dp_slices.h): every member holds the same `replicated`
   // tensors, so each stores only its slice of their bytes, plus all of its other entries.
   struct DataParallel {

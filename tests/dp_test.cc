@@ -128,6 +128,17 @@ std::vector<int64_t> RestoreAll(DaemonProcess& daemon, const std::string& job, u
   return steps;
 }
 
+// A member that dies after the rendezvous holds the others' NCCL gather only this long, not the
+// whole restore timeout: setup plus the bytes at 1 GB/s, capped by the restore timeout.
+TEST(DpShardedTest, NcclGatherTimeoutFollowsTheBytesWithinTheRestoreTimeout) {
+  EXPECT_EQ(Client::NcclGatherTimeout(0, 300000), absl::Seconds(30));
+  EXPECT_EQ(Client::NcclGatherTimeout(uint64_t{10} * 1000 * 1000 * 1000, 300000),
+            absl::Seconds(40));
+  EXPECT_EQ(Client::NcclGatherTimeout(uint64_t{1} << 40, 300000), absl::Seconds(300));
+  EXPECT_EQ(Client::NcclGatherTimeout(0, 5000), absl::Seconds(5));
+  EXPECT_EQ(Client::NcclGatherTimeout(0, 0), absl::Seconds(1));
+}
+
 TEST(DpShardedTest, FourMembersStoreDisjointSlicesAndAllRestoreBitExactAfterAKill) {
   const uint64_t seed = TestSeed();
   TempRoot root;
