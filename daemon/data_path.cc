@@ -285,7 +285,7 @@ absl::StatusOr<std::unique_ptr<DataPathServer>> DataPathServer::Start(FragmentSt
                                                    options.default_chunk_bytes));
   }
   if (options.io_timeout <= absl::ZeroDuration() || options.hello_timeout <= absl::ZeroDuration() ||
-      options.max_connections < 1) {
+      options.idle_timeout <= absl::ZeroDuration() || options.max_connections < 1) {
     return absl::InvalidArgumentError(
         "DataPathServer's timeouts and max_connections must be positive");
   }
@@ -472,15 +472,18 @@ void DataPathServer::Serve(int fd) {
   std::vector<uint8_t> scratch;
   std::string frame;
   for (;;) {
-    // Idle between requests for as long as the client keeps the connection.
+    // Idle between requests, at most idle_timeout.
     io.deadline = absl::InfiniteFuture();
-    io.stall = absl::InfiniteDuration();
+    io.stall = options_.idle_timeout;
     status = io.ReadFrame(&frame);
     if (!status.ok()) {
       if (status.code() == absl::StatusCode::kInvalidArgument) {
         log->warn("closing the data path connection from {}: {}", io.peer, status.ToString());
+      } else if (status.code() == absl::StatusCode::kDeadlineExceeded) {
+        log->debug("closing the data path connection from {}: idle for {}", io.peer,
+                   absl::FormatDuration(options_.idle_timeout));
       }
-      return;  // closed by the client, or stopping
+      return;  // closed by the client, idle, or stopping
     }
     io.stall = options_.io_timeout;
     if (!ServeRequest(fd, io.peer, frame, &scratch)) return;
@@ -641,6 +644,7 @@ class DataPathClient::Connection {
   ~Connection() { CloseFd(fd_); }
   int fd() const { return fd_; }
   const std::string& endpoint_id() const { return endpoint_id_; }
+  absl::Time idle_since = absl::Now();  // when it was last released to the pool
 
  private:
   const int fd_;
@@ -684,7 +688,9 @@ absl::Status DataPathClient::Open(const std::string& peer, const Endpoint& endpo
     absl::MutexLock lock(&mu_);
     auto it = idle_.find(peer);
     if (it != idle_.end()) {
-      for (const auto& c : it->second) idle += c->endpoint_id() == id;
+      for (const auto& c : it->second) {
+        idle += c->endpoint_id() == id && absl::Now() - c->idle_since <= options_.max_idle_age;
+      }
     }
   }
   for (; idle < std::min(count, options_.max_idle_per_peer); ++idle) {
@@ -696,8 +702,15 @@ absl::Status DataPathClient::Open(const std::string& peer, const Endpoint& endpo
 }
 
 void DataPathClient::Release(const std::string& peer, std::unique_ptr<Connection> connection) {
+  connection->idle_since = absl::Now();
   absl::MutexLock lock(&mu_);
   auto& idle = idle_[peer];
+  // The oldest go first: connections idle too long, then any beyond the bound.
+  idle.erase(std::remove_if(idle.begin(), idle.end(),
+                            [&](const std::unique_ptr<Connection>& c) {
+                              return absl::Now() - c->idle_since > options_.max_idle_age;
+                            }),
+             idle.end());
   if (static_cast<int>(idle.size()) < options_.max_idle_per_peer) {
     idle.push_back(std::move(connection));
   }
@@ -712,7 +725,9 @@ absl::StatusOr<std::unique_ptr<DataPathClient::Connection>> DataPathClient::Acqu
     while (it != idle_.end() && !it->second.empty()) {
       std::unique_ptr<Connection> c = std::move(it->second.back());
       it->second.pop_back();
-      if (c->endpoint_id() == id) return c;
+      if (c->endpoint_id() == id && absl::Now() - c->idle_since <= options_.max_idle_age) {
+        return c;
+      }
     }
   }
   return Connect(peer, endpoint, deadline);

@@ -16,8 +16,9 @@
 //
 // Deadlines. Every read and write waits in poll(): a client call has one deadline for the whole
 // request (GrpcPeerClient gives it time for its bytes); the server gives up on a request whose
-// next bytes do not come within Options::io_timeout, and waits for the next request on an idle
-// connection for as long as the client keeps it.
+// next bytes do not come within Options::io_timeout, and closes a connection idle for
+// Options::idle_timeout. Clients reuse an idle connection for at most a minute, so the
+// connections of a large cluster do not pile up between snapshots.
 #ifndef TESSERA_DAEMON_DATA_PATH_H_
 #define TESSERA_DAEMON_DATA_PATH_H_
 
@@ -51,8 +52,10 @@ class DataPathServer {
     size_t default_chunk_bytes = kDefaultChunkBytes;   // GET_RANGE chunks when not asked
     absl::Duration io_timeout = absl::Seconds(30);     // a request's next bytes, at most
     absl::Duration hello_timeout = absl::Seconds(5);   // a new connection's DataPathHello
+    // A connection with no request for this long is closed (clients drop theirs sooner).
+    absl::Duration idle_timeout = absl::Minutes(5);
     // Connections served at once (a thread each); more are closed at once, counted as refused.
-    int max_connections = 512;
+    int max_connections = 4096;
   };
 
   struct Stats {
@@ -122,6 +125,9 @@ class DataPathClient {
   struct Options {
     size_t chunk_bytes = kDefaultChunkBytes;  // PUT_RANGE chunks, and asked of GET_RANGE
     int max_idle_per_peer = 16;               // idle connections kept per peer
+    // An idle connection older than this is closed instead of reused (well before the server's
+    // idle_timeout, so a kept connection is never one the server is closing).
+    absl::Duration max_idle_age = absl::Seconds(60);
   };
 
   explicit DataPathClient(Options options);

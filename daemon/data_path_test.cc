@@ -386,6 +386,44 @@ TEST_F(DataPathTest, ConnectionsBeyondTheLimitAreClosed) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(DataPathTest, IdleConnectionsAgeOutOnBothEnds) {
+  DataPathServer::Options so;
+  so.host = "127.0.0.1";
+  so.idle_timeout = absl::Milliseconds(300);
+  auto server = DataPathServer::Start(fragments_.get(), so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  // The server closes a connection that sends no request for idle_timeout.
+  {
+    RawConnection c((*server)->port());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersion);
+    hello.set_session_key((*server)->session_key());
+    c.SendFrame(hello);
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), 0);
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  // The client reuses a pooled connection while it is young, and opens a new one after.
+  DataPathClient::Options co;
+  co.max_idle_age = absl::Milliseconds(100);
+  DataPathClient client(co);
+  const DataPathClient::Endpoint endpoint{"127.0.0.1", (*server)->port(), (*server)->session_key()};
+  std::vector<uint8_t> buffer(4096);
+  auto get = [&] {
+    auto got = client.GetRange("peer", endpoint, FragmentKey{"job-none", 0, 1, 0}, 0, 0, 0,
+                               buffer.data(), buffer.size(), absl::Now() + absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound) << got.status();
+  };
+  const uint64_t before = (*server)->stats().connections_accepted;
+  get();
+  get();
+  EXPECT_EQ((*server)->stats().connections_accepted, before + 1);
+  absl::SleepFor(absl::Milliseconds(150));
+  get();
+  EXPECT_EQ((*server)->stats().connections_accepted, before + 2);
+}
+
 TEST_F(DataPathTest, CorruptedChunkIsDataLossAndTheConnectionStaysInStep) {
   const FragmentKey key{"job-c", 4, 12, 2};
   const FragmentMeta meta = MetaFor(uint64_t{6} << 20);  // 2 MiB fragment
