@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 
@@ -165,10 +166,14 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   GrpcPeerClient* const peers = peer_client_.get();
   cluster_options.after_round = [this, first_round, peers] {
     if (!first_round->HasBeenNotified()) first_round->Notify();
-    // Live peers get their data path negotiated and connections opened ahead of the first
-    // fragment (in the background; a peer already prepared is skipped).
-    for (const Cluster::PeerView& p : cluster_->Peers()) {
-      if (p.alive) peers->Prepare(p.address, p.incarnation);
+    // Live peers get their data path negotiated ahead of the first fragment (in the background;
+    // a peer already prepared is skipped), and in a cluster of up to 32 peers connections opened
+    // too (in a larger one each daemon talks to a few of them, and connects on demand).
+    const std::vector<Cluster::PeerView> members = cluster_->Peers();
+    const size_t alive = std::count_if(members.begin(), members.end(),
+                                       [](const Cluster::PeerView& p) { return p.alive; });
+    for (const Cluster::PeerView& p : members) {
+      if (p.alive) peers->Prepare(p.address, p.incarnation, /*open_connections=*/alive <= 32);
     }
   };
   cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());

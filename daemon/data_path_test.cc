@@ -588,7 +588,7 @@ TEST_F(DataPathTest, ConcurrentPutsFromManyThreads) {
 }
 
 TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
-  client_->Prepare(address_, 1);
+  client_->Prepare(address_, 1, /*open_connections=*/true);
   ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) { return s.connections_open == 4; }))
       << data_server_->stats().connections_open;
   // A fragment cut in 4 ranges uses the prepared connections: none is opened for it.
@@ -596,11 +596,11 @@ TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
   const FragmentMeta meta = MetaFor(uint64_t{30} << 20);
   const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
   ASSERT_TRUE(client_->PutFragment(address_, key, meta, data.data(), data.size()).ok());
-  client_->Prepare(address_, 1);  // the same incarnation: nothing to do
+  client_->Prepare(address_, 1, /*open_connections=*/true);  // the same incarnation: nothing to do
   absl::SleepFor(absl::Milliseconds(100));
   EXPECT_EQ(data_server_->stats().connections_accepted, 4u);
   // The peer restarted: the old connections are closed and new ones opened.
-  client_->Prepare(address_, 2);
+  client_->Prepare(address_, 2, /*open_connections=*/true);
   ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) {
     return s.connections_accepted == 8 && s.connections_open == 4;
   })) << data_server_->stats().connections_accepted << " accepted, "

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -217,7 +218,8 @@ GrpcPeerClient::~GrpcPeerClient() {
   if (prepare_thread_.joinable()) prepare_thread_.join();
 }
 
-void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation) {
+void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation,
+                             bool open_connections) {
   if (!options_.raw_data_path) return;
   {
     absl::MutexLock lock(&mu_);
@@ -225,7 +227,7 @@ void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation) {
     if (stopping_ || (it != prepared_.end() && it->second == incarnation)) return;
     const bool restarted = it != prepared_.end();
     prepared_[peer] = incarnation;
-    prepare_queue_.push_back(peer);
+    prepare_queue_.emplace_back(peer, open_connections);
     if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
     if (!restarted) return;
     data_paths_.erase(peer);
@@ -236,6 +238,7 @@ void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation) {
 void GrpcPeerClient::PrepareLoop() {
   for (;;) {
     std::string peer;
+    bool open_connections = false;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
@@ -244,12 +247,12 @@ void GrpcPeerClient::PrepareLoop() {
           },
           this));
       if (stopping_) return;
-      peer = std::move(prepare_queue_.front());
+      std::tie(peer, open_connections) = std::move(prepare_queue_.front());
       prepare_queue_.pop_front();
     }
     absl::StatusOr<std::optional<DataPathClient::Endpoint>> endpoint = DataPathOf(peer);
     absl::Status status = endpoint.status();
-    if (endpoint.ok() && endpoint->has_value()) {
+    if (endpoint.ok() && endpoint->has_value() && open_connections) {
       status = data_path_client_->Open(peer, **endpoint, options_.channels_per_peer,
                                        absl::Now() + options_.control_timeout);
     }

@@ -120,13 +120,13 @@ class GrpcPeerClient final : public PeerClient {
     bool raw_data_path = true;
   };
 
-  // Gets the peer ready for fragments, in the background: asks its OpenDataPath and opens
-  // channels_per_peer data path connections (kept idle), so the first protection or rebuild that
-  // needs the peer does not pay for them. Returns at once; a peer already prepared (or being
-  // prepared) at this incarnation is skipped, and a new incarnation (a restarted daemon) drops
-  // what was negotiated with the old one first. Failures are only logged (the first real call
-  // tries again).
-  void Prepare(const std::string& peer, uint64_t incarnation);
+  // Gets the peer ready for fragments, in the background: asks its OpenDataPath and, with
+  // open_connections, opens channels_per_peer data path connections (kept idle for up to a
+  // minute), so the first protection or rebuild that needs the peer does not pay for them.
+  // Returns at once; a peer already prepared (or being prepared) at this incarnation is skipped,
+  // and a new incarnation (a restarted daemon) drops what was negotiated with the old one first.
+  // Failures are only logged (the first real call tries again).
+  void Prepare(const std::string& peer, uint64_t incarnation, bool open_connections);
 
   ~GrpcPeerClient() override;
 
@@ -201,7 +201,7 @@ class GrpcPeerClient final : public PeerClient {
   std::unique_ptr<DataPathClient> data_path_client_;
   // Prepare's queue and its thread (started by the first Prepare).
   void PrepareLoop();
-  std::deque<std::string> prepare_queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<std::string, bool>> prepare_queue_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, uint64_t> prepared_ ABSL_GUARDED_BY(mu_);  // queued or done, at
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread prepare_thread_;
