@@ -22,6 +22,7 @@ typedef struct tessera_client tessera_client;
 enum { TESSERA_ENTRY_TENSOR = 1, TESSERA_ENTRY_BLOB = 2 };
 enum { TESSERA_WHEN_BUSY_SKIP = 0, TESSERA_WHEN_BUSY_WAIT = 1 };
 enum { TESSERA_SNAPSHOT_STARTED = 0, TESSERA_SNAPSHOT_SKIPPED = 1 };
+enum { TESSERA_GATHER_NOTE_BYTES = 256 };
 
 typedef struct {
   const char* name;
@@ -64,7 +65,21 @@ typedef struct {
   uint32_t dp_size;
   int32_t gathered_with_nccl;
   uint64_t bytes_gathered;
+  /* Why that restore read the slices through the daemon instead of NCCL, as NUL-terminated
+   * UTF-8 (longer notes are cut, ending in "..."); "" when NCCL was used or no DP-sharded
+   * restore happened. New fields go after this one: the struct only ever grows at its end. */
+  char gather_note[TESSERA_GATHER_NOTE_BYTES];
 } tessera_stats;
+
+/* One snapshot the daemon holds (tessera_list_versions). It does not say which job it belongs
+ * to. */
+typedef struct {
+  uint32_t rank;
+  int64_t step;
+  uint64_t payload_bytes;  /* the stored payload: the entries' slots and the manifest */
+  uint32_t payload_crc32c; /* the payload's CRC32C; meaningful once sealed */
+  int32_t sealed;          /* 1: sealed, restorable; 0: still being written */
+} tessera_version_info;
 
 const char* tessera_version(void);
 const char* tessera_last_error(void);
@@ -83,6 +98,17 @@ int tessera_wait(tessera_client* client);
 int tessera_restore(tessera_client* client, int64_t step, int64_t* restored_step);
 int tessera_entry_length(tessera_client* client, size_t index, uint64_t* length);
 int tessera_get_stats(tessera_client* client, tessera_stats* out);
+/* The snapshots the daemon holds for job_id, sorted by (rank, step). job_id NULL or "": the job
+ * of this client's last tessera_register that reached the daemon (accepted or not); before one,
+ * every job on the daemon, sorted by job first (tell them apart by listing one job at a time).
+ * A job_id the daemon does not accept (1..128 bytes of letters, digits, '.', '_', '-', not
+ * starting with '.') is -3. An unknown job has no versions.
+ * *count receives the number of versions (0 when the daemon could not be asked). capacity 0 only
+ * counts them (out may then be NULL) and returns 0. A capacity below the count fills all of out
+ * with the first versions and returns -11 (out of range), the message naming the count needed;
+ * versions come and go between two calls, so call again with capacity *count until it fits. */
+int tessera_list_versions(tessera_client* client, const char* job_id, tessera_version_info* out,
+                          size_t capacity, size_t* count);
 /* GPU staging of the snapshots started from now on. mode: "off" (the fence waits for the whole
  * device-to-host copy), "full" (stage every byte the budget allows) or "adaptive" (the default:
  * stage the fewest bytes that keep the fence from stalling, from measurements). budget_bytes: GPU

@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/numbers.h"
@@ -23,6 +25,22 @@ int Fail(const absl::Status& status) {
 int Return(const absl::Status& status) {
   if (status.ok()) return 0;
   return Fail(status);
+}
+
+// Copies `text` into `out` NUL-terminated. A text that does not fit is cut at a UTF-8 character
+// boundary and ends in "...", so that the reader sees it was cut.
+template <size_t N>
+void CopyTruncated(const std::string& text, char (&out)[N]) {
+  static constexpr char kEllipsis[] = "...";
+  static_assert(N > sizeof(kEllipsis));
+  if (text.size() < N) {
+    std::memcpy(out, text.c_str(), text.size() + 1);
+    return;
+  }
+  size_t cut = N - sizeof(kEllipsis);
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  std::memcpy(out, text.data(), cut);
+  std::memcpy(out + cut, kEllipsis, sizeof(kEllipsis));
 }
 
 #define TESSERA_REQUIRE_CLIENT(c) \
@@ -163,6 +181,43 @@ int tessera_get_stats(tessera_client* c, tessera_stats* out) {
   out->dp_size = s.dp_size;
   out->gathered_with_nccl = s.gathered_with_nccl ? 1 : 0;
   out->bytes_gathered = s.bytes_gathered;
+  CopyTruncated(s.gather_note, out->gather_note);
+  return 0;
+}
+
+int tessera_list_versions(tessera_client* c, const char* job_id, tessera_version_info* out,
+                          size_t capacity, size_t* count) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (count == nullptr) {
+    return Fail(absl::InvalidArgumentError(
+        "count is NULL; pass a size_t to receive the number of versions"));
+  }
+  *count = 0;
+  if (out == nullptr && capacity > 0) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("out is NULL with capacity ", capacity,
+                     "; pass an array of capacity tessera_version_info, or capacity 0 to only "
+                     "count the versions")));
+  }
+  auto versions = c->client->ListVersions(job_id == nullptr ? "" : job_id);
+  if (!versions.ok()) return Fail(versions.status());
+  *count = versions->size();
+  if (capacity == 0) return 0;
+  const size_t filled = std::min(capacity, versions->size());
+  for (size_t i = 0; i < filled; ++i) {
+    const tessera::agent::Version& v = (*versions)[i];
+    out[i].rank = v.rank();
+    out[i].step = v.step();
+    out[i].payload_bytes = v.payload_bytes();
+    out[i].payload_crc32c = v.payload_crc32c();
+    out[i].sealed = v.state() == "SEALED" ? 1 : 0;
+  }
+  if (filled < versions->size()) {
+    return Fail(absl::OutOfRangeError(
+        absl::StrCat("the daemon lists ", versions->size(), " versions but out has room for ",
+                     capacity, " (the first ", capacity,
+                     " were written); call again with capacity >= ", versions->size())));
+  }
   return 0;
 }
 

@@ -6,6 +6,7 @@ import ctypes
 import re
 import socket
 import urllib.request
+from typing import List
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_round_trip_tensors_and_blob(daemon) -> None:
         assert client.entry_length(2) == len(payload)
         assert client.entry_length(0) == weights.nbytes
         assert blob.raw[: len(payload)] == payload
+        assert client.stats().gather_note == ""  # not a DP-sharded restore
 
 
 def test_blob_length_follows_update_entry(daemon) -> None:
@@ -152,6 +154,136 @@ def test_bad_values_raise_invalid_argument(daemon) -> None:
     closed.close()  # idempotent
     with pytest.raises(tessera.FailedPreconditionError, match="closed"):
         closed.snapshot(1)
+
+
+def _register_ranks(daemon: Daemon, job_id: str, arrays: List[np.ndarray]) -> List[tessera.Client]:
+    """One host-copying client per array, registered as the ranks of `job_id`."""
+    clients = []
+    for rank, array in enumerate(arrays):
+        client = tessera.Client(str(daemon.socket), when_busy="wait", use_gpu=False)
+        client.register(job_id, rank, len(arrays),
+                        [Entry.tensor("w", array.ctypes.data, "float32", array.shape)])
+        clients.append(client)
+    return clients
+
+
+def _snapshot_every_rank(clients: List[tessera.Client], arrays: List[np.ndarray],
+                         rng: np.random.Generator, step: int) -> None:
+    for client, array in zip(clients, arrays):
+        array[:] = rng.standard_normal(array.size) + 3.0  # new bytes every step, never zeros
+        assert client.snapshot(step)
+        client.wait()
+
+
+def test_list_versions_returns_the_sealed_steps_of_each_rank(daemon) -> None:
+    """Two ranks of very different sizes snapshot random data. The daemon holds each rank's
+    committed step (sealed by every rank) and a newer one sealed by that rank alone; a commit
+    releases the step before it. list_versions says exactly that."""
+    seed = 8
+    rng = np.random.default_rng(seed)
+    arrays = [_random_array(seed, 4_000), _random_array(seed + 1, 100_000)]
+    clients = _register_ranks(daemon, "lv-job", arrays)
+    other_data = _random_array(seed + 2, 64)
+    other = _register_ranks(daemon, "lv-other", [other_data])[0]
+    unregistered = tessera.Client(str(daemon.socket))
+
+    def listed(client: tessera.Client, job_id: str = "") -> List[tuple]:
+        return [(v.rank, v.step, v.sealed) for v in client.list_versions(job_id)]
+
+    try:
+        _snapshot_every_rank(clients, arrays, rng, 3)
+        assert listed(clients[0]) == [(0, 3, True), (1, 3, True)]
+        _snapshot_every_rank(clients, arrays, rng, 5)
+        assert listed(clients[0]) == [(0, 5, True), (1, 5, True)]
+        _snapshot_every_rank(clients[:1], arrays[:1], rng, 8)
+        _snapshot_every_rank([other], [other_data], rng, 40)
+
+        versions = clients[0].list_versions()
+        assert [(v.rank, v.step, v.sealed) for v in versions] == [
+            (0, 5, True), (0, 8, True), (1, 5, True)], (versions, seed)
+        for v in versions:
+            # The payload is the entry's slot, page-aligned, then a manifest of well under a page.
+            data_bytes = arrays[v.rank].nbytes
+            assert data_bytes < v.payload_bytes <= data_bytes + 2 * 4096, (v, data_bytes, seed)
+        crcs = [v.payload_crc32c for v in versions]
+        assert 0 not in crcs and len(set(crcs)) == len(crcs), (versions, seed)
+        # The same answer again, from the other rank, and with the job named.
+        assert clients[1].list_versions() == versions
+        assert clients[0].list_versions("lv-job") == versions
+        listed_other = other.list_versions()
+        assert [(v.rank, v.step, v.sealed) for v in listed_other] == [(0, 40, True)]
+        assert listed_other[0].payload_bytes > other_data.nbytes
+        # A client that never registered lists every job, sorted by job id.
+        assert unregistered.list_versions() == versions + listed_other
+        assert isinstance(versions[0], tessera.Version)
+
+        _snapshot_every_rank(clients[1:], arrays[1:], rng, 8)
+        assert listed(unregistered, "lv-job") == [(0, 8, True), (1, 8, True)]
+    finally:
+        for client in clients + [other, unregistered]:
+            client.close()
+
+
+def test_list_versions_of_an_empty_job_is_empty_and_bad_job_ids_are_clear(daemon) -> None:
+    with tessera.Client(str(daemon.socket)) as client:
+        assert client.list_versions() == []
+        assert client.list_versions("lv-nothing-here") == []
+        with pytest.raises(tessera.InvalidArgumentError, match="has the character 0x2f; allowed"):
+            client.list_versions("team/job")
+        with pytest.raises(tessera.InvalidArgumentError, match=r"must be 1\.\.128 bytes, got 129"):
+            client.list_versions("j" * 129)
+        with pytest.raises(tessera.InvalidArgumentError, match="must not start with '.'"):
+            client.list_versions(".job")
+        with pytest.raises(tessera.InvalidArgumentError, match="has a NUL character"):
+            client.list_versions("job\0other")
+        with pytest.raises(TypeError, match="job_id must be a str"):
+            client.list_versions(b"job")  # type: ignore[arg-type]
+
+
+def test_list_versions_c_abi_counts_and_fills_only_what_fits(daemon) -> None:
+    """tessera_list_versions itself: counting, a short array, NULL arguments. 9 ranks holding 17
+    versions are more than Client.list_versions asks for at first, so it asks again."""
+    seed = 9
+    rng = np.random.default_rng(seed)
+    arrays = [_random_array(seed + rank, 32 + rank) for rank in range(9)]
+    clients = _register_ranks(daemon, "lv-abi", arrays)
+    try:
+        _snapshot_every_rank(clients, arrays, rng, 1)  # committed: every rank sealed it
+        _snapshot_every_rank(clients, arrays, rng, 2)  # committed too, releasing step 1
+        _snapshot_every_rank(clients[:-1], arrays[:-1], rng, 3)  # not rank 8: not committed
+        versions = clients[0].list_versions()
+        assert [(v.rank, v.step) for v in versions] == \
+            [(r, s) for r in range(8) for s in (2, 3)] + [(8, 2)]
+
+        lib = tessera._lib.library()
+        handle = clients[0]._h()
+        count = ctypes.c_size_t(12345)
+        assert lib.tessera_list_versions(handle, None, None, 0, ctypes.byref(count)) == 0
+        assert count.value == 17
+
+        array = (tessera._lib.CVersionInfo * 6)()
+        array[5].step = -77  # past the capacity given: must stay as it is
+        count = ctypes.c_size_t(0)
+        rc = lib.tessera_list_versions(handle, b"lv-abi", array, 5, ctypes.byref(count))
+        assert rc == -tessera.OutOfRangeError.code and count.value == 17
+        assert "call again with capacity >= 17" in tessera._lib.last_error()
+        got = [tessera.Version(v.rank, v.step, v.payload_bytes, v.payload_crc32c, bool(v.sealed))
+               for v in array[:5]]
+        assert got == versions[:5], seed
+        assert array[5].step == -77
+
+        rc = lib.tessera_list_versions(handle, b"", None, 0, None)
+        assert rc == -tessera.InvalidArgumentError.code
+        assert "count is NULL" in tessera._lib.last_error()
+        rc = lib.tessera_list_versions(handle, b"", None, 2, ctypes.byref(count))
+        assert rc == -tessera.InvalidArgumentError.code
+        assert "out is NULL with capacity 2" in tessera._lib.last_error()
+        rc = lib.tessera_list_versions(None, b"", array, 6, ctypes.byref(count))
+        assert rc == -tessera.InvalidArgumentError.code
+        assert "client is NULL" in tessera._lib.last_error()
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_errors_map_to_canonical_codes() -> None:

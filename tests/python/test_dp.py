@@ -373,6 +373,8 @@ def test_client_members_store_exact_slices_and_gather_the_rest(daemon, monkeypat
         own = bounds[rank + 1] - bounds[rank]
         assert (stats.dp_size, stats.gathered_with_nccl, stats.bytes_gathered) == \
             (world, False, replicated - own), stats
+        # Host memory (use_gpu=False): DP rank 0's offer says why NCCL was not used.
+        assert stats.gather_note == "rank 0: no replicated tensor is GPU memory", stats
         client.close()
 
 

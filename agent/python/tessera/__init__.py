@@ -11,7 +11,7 @@ separately, it needs PyTorch) protects a PyTorch training loop::
 
 from ._lib import library_path
 from ._lib import version as library_version
-from .client import DTYPE_BYTES, Client, Entry, EntryKind, Stats
+from .client import DTYPE_BYTES, Client, Entry, EntryKind, Stats, Version
 from .errors import (
     AbortedError,
     AlreadyExistsError,
@@ -61,6 +61,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
+    "Version",
     "library_path",
     "library_version",
 ]

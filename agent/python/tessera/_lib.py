@@ -33,6 +33,7 @@ WHEN_BUSY_SKIP = 0
 WHEN_BUSY_WAIT = 1
 SNAPSHOT_STARTED = 0
 SNAPSHOT_SKIPPED = 1
+GATHER_NOTE_BYTES = 256
 
 
 class CEntry(ctypes.Structure):
@@ -77,6 +78,19 @@ class CStats(ctypes.Structure):
         ("dp_size", ctypes.c_uint32),
         ("gathered_with_nccl", ctypes.c_int32),
         ("bytes_gathered", ctypes.c_uint64),
+        ("gather_note", ctypes.c_char * GATHER_NOTE_BYTES),
+    ]
+
+
+class CVersionInfo(ctypes.Structure):
+    """``tessera_version_info``."""
+
+    _fields_ = [
+        ("rank", ctypes.c_uint32),
+        ("step", ctypes.c_int64),
+        ("payload_bytes", ctypes.c_uint64),
+        ("payload_crc32c", ctypes.c_uint32),
+        ("sealed", ctypes.c_int32),
     ]
 
 
@@ -140,6 +154,11 @@ def _declare(lib: ctypes.CDLL) -> None:
             ctypes.c_int,
         ),
         "tessera_get_stats": ([c_client_p, ctypes.POINTER(CStats)], ctypes.c_int),
+        "tessera_list_versions": (
+            [c_client_p, ctypes.c_char_p, ctypes.POINTER(CVersionInfo), ctypes.c_size_t,
+             ctypes.POINTER(ctypes.c_size_t)],
+            ctypes.c_int,
+        ),
         "tessera_set_staging": (
             [c_client_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_double],
             ctypes.c_int,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from . import _lib
-from .errors import FailedPreconditionError, InvalidArgumentError
+from .errors import FailedPreconditionError, InvalidArgumentError, OutOfRangeError
 
 DTYPE_BYTES = {
     "bool": 1,
@@ -166,6 +166,26 @@ class Stats:
     """Whether that restore gathered the other members' slices over NCCL (else the daemon)."""
     bytes_gathered: int = 0
     """Bytes of the other members' slices that restore gathered."""
+    gather_note: str = ""
+    """Why that restore read the slices through the daemon instead of NCCL (cut, ending in
+    "...", past 255 bytes); "" when NCCL was used or no DP-sharded restore happened."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """One snapshot the daemon holds (``tessera_version_info``). It does not say which job it
+    belongs to."""
+
+    rank: int
+    """The rank whose snapshot it is."""
+    step: int
+    """The training step snapshotted."""
+    payload_bytes: int
+    """The bytes stored: the entries' slots (a blob's whole capacity) and the manifest."""
+    payload_crc32c: int
+    """The payload's CRC32C; meaningful once `sealed`."""
+    sealed: bool
+    """True when sealed (restorable); False while it is still being written."""
 
 
 StreamLike = Union[None, int, Any]
@@ -476,7 +496,44 @@ class Client:
             dp_size=raw.dp_size,
             gathered_with_nccl=bool(raw.gathered_with_nccl),
             bytes_gathered=raw.bytes_gathered,
+            gather_note=raw.gather_note.decode("utf-8", errors="replace"),
         )
+
+    def list_versions(self, job_id: str = "") -> List[Version]:
+        """The snapshots the daemon holds for `job_id`, sorted by rank and step.
+
+        Args:
+            job_id: the job to list. "" lists the job of the last `register` that reached the
+                daemon (accepted or not) or, before one, every job on the daemon, sorted by job
+                first (the versions do not say which job they belong to).
+
+        Returns:
+            One `Version` per snapshot, sealed or still being written; [] for a job the daemon
+            holds nothing of.
+
+        Raises:
+            TypeError: `job_id` is not a str.
+            InvalidArgumentError: a job id the daemon does not accept (1..128 bytes of letters,
+                digits, '.', '_' and '-', not starting with '.').
+            UnavailableError: the daemon did not answer.
+        """
+        if not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a str, got {type(job_id).__name__}")
+        if "\0" in job_id:
+            raise InvalidArgumentError(f"job_id {job_id!r} has a NUL character")
+        encoded = job_id.encode("utf-8")
+        capacity = 16  # enough for most jobs on one daemon: one call
+        while True:
+            array = (_lib.CVersionInfo * capacity)()
+            count = ctypes.c_size_t(0)
+            rc = self._lib.tessera_list_versions(self._h(), encoded, array, capacity,
+                                                 ctypes.byref(count))
+            if rc != -OutOfRangeError.code or count.value <= capacity:
+                break
+            capacity = count.value  # more than fitted; the listing may grow again meanwhile
+        _lib.check(rc, "tessera_list_versions")
+        return [Version(v.rank, v.step, v.payload_bytes, v.payload_crc32c, bool(v.sealed))
+                for v in array[:count.value]]
 
     def set_data_parallel(self, members: Sequence[int], replicated: Sequence[bool]) -> None:
         """Makes the snapshots DP-sharded from the next `register` on.
