@@ -25,6 +25,12 @@ synchronize, as in compare_gpu.py); Tessera's default when_busy="skip" and adapt
     # a smoke run of the script on the CPU (the numbers mean nothing)
     TESSERAD=$PWD/bazel-bin/daemon/tesserad TESSERA_LIBRARY=$PWD/bazel-bin/agent/libtessera.so \\
         python3 examples/dp_gpu.py --cpu --tiny
+
+With --gpus N (N GPUs on this machine), the group is real: one process per GPU, each member R of
+an N-member group on GPU R, all snapshotting to one tesserad at the same time, so the rows show
+what the GPUs pay together, sharing the host's PCIe and memory bandwidth. The processes meet at a
+gloo barrier before every baseline and every row. Each member prints its own table; rows are
+unsharded (each member copies its whole state) and sharded over the N members.
 """
 
 from __future__ import annotations
@@ -75,14 +81,71 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true",
                    help="run on the CPU: a smoke run of the script, not a measurement")
     p.add_argument("--tiny", action="store_true", help="a small model (with --cpu)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="N >= 2: one process per GPU, a real N-member group (see above)")
+    # Set by --gpus for its member processes.
+    p.add_argument("--member", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--socket", default="", help=argparse.SUPPRESS)
+    p.add_argument("--init-method", default="", help=argparse.SUPPRESS)
     if "--tiny" in sys.argv[1:]:  # defaults only: flags given explicitly still win
         p.set_defaults(layers=2, width=64, heads=4, vocab=256, batch=4, seq=32, iters=10,
                        warmup=2)
     return p.parse_args()
 
 
+def launch_members(args: argparse.Namespace) -> int:
+    """--gpus N: a tesserad, then one member process per GPU; prints each member's table."""
+    import subprocess
+    import tempfile
+    if not args.cpu and (not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus):
+        print(f"--gpus {args.gpus} needs {args.gpus} CUDA devices; this machine has "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+        return 2
+    binary = cg.find_tesserad()
+    if binary is None:
+        print("tesserad not found: set TESSERAD")
+        return 2
+    # Room for every member's two unsharded slots of the default model's ~9.9 GB (one group is
+    # registered at a time).
+    daemon = cg.Daemon(binary, args.gpus * 2 * (11 << 30) + (4 << 30))
+    daemon.start()
+    rendezvous = tempfile.mkdtemp(prefix="tessera-dp-gpus-")
+    try:
+        passed = list(sys.argv[1:])
+        for i, a in reversed(list(enumerate(passed))):  # the members get --gpus anew
+            if a == "--gpus":
+                del passed[i:i + 2]
+            elif a.startswith("--gpus="):
+                del passed[i]
+        argv = [sys.executable, "-u", str(Path(__file__).resolve())] + passed
+        members = [subprocess.Popen(argv + ["--gpus", str(args.gpus), "--member", str(r),
+                                            "--socket", daemon.socket, "--init-method",
+                                            f"file://{rendezvous}/barrier"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for r in range(args.gpus)]
+        outputs = [m.communicate()[0] for m in members]
+    finally:
+        daemon.stop()
+    rc = 0
+    for r, (m, out) in enumerate(zip(members, outputs)):
+        print(f"=== member {r} (GPU {r}), exit {m.returncode}")
+        print(out.rstrip())
+        rc = rc or m.returncode
+    return rc
+
+
 def main() -> int:
     args = parse_args()
+    if args.gpus >= 2 and args.member < 0:
+        return launch_members(args)
+    member = max(args.member, 0)
+    barrier = lambda: None  # noqa: E731  (one process: nothing to wait for)
+    if args.member >= 0:  # one of --gpus N processes: a real group of N, member `member`
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=args.init_method, rank=member,
+                                world_size=args.gpus)
+        barrier = dist.barrier
+        args.dp = str(args.gpus)
     groups = [1] + [int(x) for x in args.dp.split(",") if x]
     intervals = [int(x) for x in args.intervals.split(",") if x]
     if any(n < 1 for n in groups) or any(e < 1 for e in intervals):
@@ -97,11 +160,11 @@ def main() -> int:
         print("dp_gpu.py needs a CUDA device (or --cpu --tiny for a smoke run of the script)")
         return 2
     else:
-        device = torch.device("cuda", 0)
+        device = torch.device("cuda", member)
         torch.cuda.set_device(device)
         gpu = torch.cuda.get_device_name(device)
     binary = cg.find_tesserad()
-    if binary is None:
+    if binary is None and not args.socket:
         print("tesserad not found: set TESSERAD")
         return 2
     cg.log(f"GPU {gpu}; torch {torch.__version__}; Python {platform.python_version()}")
@@ -116,8 +179,13 @@ def main() -> int:
            f"{len(state)} tensors, all replicated under data parallelism (no buffers)")
     del state
 
-    daemon = cg.Daemon(binary, max(3 * replicated_bytes, 1 << 30))
-    daemon.start()
+    daemon = None if args.socket else cg.Daemon(binary, max(3 * replicated_bytes, 1 << 30))
+    socket_path = args.socket or daemon.socket
+    if daemon:
+        daemon.start()
+    # One process plays rank 0 of each group; with --gpus every member is its own process.
+    rank = member
+    world = lambda members: args.gpus if args.member >= 0 else members  # noqa: E731
     # (group size, interval) -> (baseline, Tessera row, bytes copied per sealed snapshot)
     rows: Dict[Tuple[int, int], Tuple[cg.Row, cg.Row, Optional[float]]] = {}
     rates: Dict[int, List[float]] = {}
@@ -128,8 +196,8 @@ def main() -> int:
                 left_out.append(f"DP {members}: over --budget-s {args.budget_s:.0f} s")
                 continue
             snap = tessera.torch.Snapshotter(
-                trainer.model, trainer.optimizer, job_id=f"dp-bench-{members}", rank=0,
-                world_size=members, socket_path=daemon.socket,
+                trainer.model, trainer.optimizer, job_id=f"dp-bench-{members}", rank=rank,
+                world_size=world(members), socket_path=socket_path,
                 dp_group=None if members == 1 else list(range(members)))
             try:
                 for every in intervals:
@@ -138,11 +206,13 @@ def main() -> int:
                         continue
                     label = f"every {every}" if every > 1 else "every step"
                     base = cg.Row("baseline", label)
+                    barrier()
                     measure(trainer, base, every, args.iters, args.warmup, None, lambda: None)
-                    name = "unsharded" if members == 1 else f"DP {members}, rank 0"
+                    name = "unsharded" if members == 1 else f"DP {members}, rank {rank}"
                     row = cg.Row(name, label)
                     snap.every = every
                     before = snap.stats()
+                    barrier()
                     measure(trainer, row, every, args.iters, args.warmup, snap.step, snap.wait)
                     after = snap.stats()
                     sealed = after.sealed - before.sealed
@@ -161,16 +231,22 @@ def main() -> int:
                            f"{cg.gb(per_snapshot or 0)} copied per snapshot; "
                            f"{row.started} snapshots, {row.skipped} skipped")
             finally:
+                barrier()  # every member is done with this group
                 snap.close(drop=True)  # frees its slots before the next group registers
     finally:
-        daemon.stop()
+        if daemon:
+            daemon.stop()
 
     print()
     print(f"GPU: {gpu}; torch {torch.__version__}; model {n_params / 1e6:.1f}M parameters, "
           f"{cg.gb(replicated_bytes)} of parameters and AdamW state; {args.iters} measured "
           "iterations per row, each against a baseline measured just before it")
-    print("One GPU plays DP rank 0 of an N-member group (dp_group=list(range(N)), world_size=N, "
-          "rank=0): what rank 0 copies on an N-GPU node.")
+    if args.member >= 0:
+        print(f"Member {rank} of a real group of {args.gpus}, one process per GPU, all "
+              f"snapshotting at once (dp_group=list(range({args.gpus})), rank={rank}).")
+    else:
+        print("One GPU plays DP rank 0 of an N-member group (dp_group=list(range(N)), "
+              "world_size=N, rank=0): what rank 0 copies on an N-GPU node.")
     print()
     print("| DP group | interval | baseline ms/it | ms/it | overhead | copied per snapshot "
           "(rank 0's slice) | vs unsharded | snapshots (skipped) | blocked ms median / max |")

@@ -1,7 +1,9 @@
 """One member of a data-parallel group for test_dp.py, as its own process.
 
-    dp_worker.py train  --rank R --world N --seed S [--device cpu|cuda] [--group list|dist]
-    dp_worker.py verify --rank R --world N --seed S [--device cpu|cuda] [--group list|dist]
+    dp_worker.py train  --rank R --world N --seed S [--device cpu|cuda|cuda:each] [--group list|dist]
+    dp_worker.py verify --rank R --world N --seed S [--device cpu|cuda|cuda:each] [--group list|dist]
+
+(cuda:each puts member R on GPU R: one GPU per member, as on a real node.)
 
 (TESSERA_SOCKET and TESSERA_JOB_ID set; with --group dist also --init-method.)
 
@@ -260,7 +262,7 @@ def main() -> int:
     # The library's Python log lines (why nothing was restored, for one) go to stderr.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s [%(name)s] %(message)s")
-    device = torch.device(args.device)
+    device = torch.device("cuda", args.rank) if args.device == "cuda:each" else torch.device(args.device)
     if device.type == "cuda":
         # Bit-exact replay of GPU training: deterministic cuBLAS and kernels.
         torch.use_deterministic_algorithms(True)

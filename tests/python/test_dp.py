@@ -303,6 +303,25 @@ def test_cuda_two_members_on_one_gpu_restore_bit_exact(daemon, tmp_path) -> None
             f"two ranks on one GPU gathered over NCCL: {s}")
 
 
+@pytest.mark.parametrize("world", [2, 4], ids=["2-gpus", "4-gpus"])
+def test_cuda_members_on_their_own_gpus_gather_over_nccl(daemon, tmp_path, world) -> None:
+    """One member per GPU, as on a real node: one is killed mid-run, then the rest; fresh members
+    restore together, each its own slice from its shard and the others' slices broadcast over
+    the NCCL communicator the library creates (no framework handle), bit-exact on every member."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices, this machine has "
+                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}: the "
+                    "multi-GPU restore runs on a multi-GPU machine")
+    stats, layout, step = run_kill_and_restore(daemon, tmp_path, f"dp-gpus-{world}", world,
+                                               world - 1, "list", "cuda:each")
+    names = [torch.cuda.get_device_name(i) for i in range(world)]
+    print(f"GPUs {names}: restored step {step}, layout {layout}, stats " + json.dumps(stats))
+    for s in stats:
+        assert s["has_gpu"], s
+        assert s["gathered_with_nccl"] is True, f"the slices did not come over NCCL: {s}"
+        assert s["gather_note"] == "", s
+
+
 def test_client_members_store_exact_slices_and_gather_the_rest(daemon, monkeypatch) -> None:
     """Three Clients (one thread each) as one DP group over tensors of odd sizes and dtypes: each
     copies exactly its range of the replicated bytes plus its own entries; a restore by all
