@@ -400,6 +400,7 @@ absl::StatusOr<std::unique_ptr<Segment>> SnapshotStore::CreateSlot(const std::st
                                                                    uint32_t rank,
                                                                    uint64_t capacity,
                                                                    const Caller& caller) {
+  if (options_.before_slot_created) options_.before_slot_created(job_id, rank);
   uint64_t generation;
   {
     absl::MutexLock lock(&mu_);
@@ -441,6 +442,9 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
 
   std::shared_ptr<RankState> state = FindOrCreateRank(job_id, rank);
   absl::MutexLock lock(&state->mu);
+  state->mu.Await(absl::Condition(
+      +[](RankState* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) { return !s->creating_slots; },
+      state.get()));
   if (state->registered && state->owner.pid != caller.pid &&
       options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -498,21 +502,41 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
     used_bytes_ += needed;
     segments_ += needed / (kSegmentHeaderBytes + layout.capacity_bytes);
   }
-  for (auto& slot : state->slots) {
-    if (slot) continue;
-    auto created = CreateSlot(job_id, rank, layout.capacity_bytes, caller);
-    if (!created.ok()) {
-      absl::MutexLock store_lock(&mu_);
-      for (auto& s : state->slots) {
-        if (!s) {
-          used_bytes_ -= kSegmentHeaderBytes + layout.capacity_bytes;
-          --segments_;
-        }
-      }
-      return Annotate(created.status(), "registering " + RankName(job_id, rank));
+  // New slots are created and pre-faulted without the rank's lock (seconds for a large one):
+  // listings, status and the agents' connection checks go on meanwhile.
+  std::vector<int> missing;
+  for (int i = 0; i < 2; ++i) {
+    if (!state->slots[i]) missing.push_back(i);
+  }
+  if (!missing.empty()) {
+    state->creating_slots = true;
+    state->mu.Unlock();
+    std::vector<absl::StatusOr<std::unique_ptr<Segment>>> created;
+    for (size_t i = 0; i < missing.size(); ++i) {
+      created.push_back(CreateSlot(job_id, rank, layout.capacity_bytes, caller));
+      if (!created.back().ok()) break;
     }
-    slot = std::move(*created);
-    slot->header()->layout_hash = layout.hash;
+    state->mu.Lock();
+    state->creating_slots = false;
+    if (!created.back().ok()) {
+      // The slots made before the failure are deleted (DeleteSegment gives their bytes back);
+      // the reservation of the others is given back here.
+      size_t made = 0;
+      for (auto& c : created) {
+        if (!c.ok()) continue;
+        DeleteSegment(std::move(*c));
+        ++made;
+      }
+      absl::MutexLock store_lock(&mu_);
+      used_bytes_ -= (missing.size() - made) * (kSegmentHeaderBytes + layout.capacity_bytes);
+      segments_ -= missing.size() - made;
+      return Annotate(created.back().status(), "registering " + RankName(job_id, rank));
+    }
+    for (size_t i = 0; i < missing.size(); ++i) {
+      std::unique_ptr<Segment>& slot = state->slots[missing[i]];
+      slot = std::move(*created[i]);
+      slot->header()->layout_hash = layout.hash;
+    }
   }
   for (auto& slot : state->slots) {
     struct stat st;

@@ -66,6 +66,8 @@ class SnapshotStore {
     // Whether the process that registered a rank still runs. Defaults to a /proc check of the
     // pid and its start time (so a reused pid is not mistaken for the old trainer).
     std::function<bool(pid_t pid, uint64_t start_ticks)> process_alive;
+    // Called before each slot segment is created, with no lock held (tests stall it there).
+    std::function<void(const std::string& job_id, uint32_t rank)> before_slot_created;
   };
 
   struct RegisterResult {
@@ -239,6 +241,10 @@ class SnapshotStore {
     int pins[2] ABSL_GUARDED_BY(mu) = {0, 0};  // protection reading the slot
     // Sealed segments of an earlier layout, kept until the new layout seals a step.
     std::vector<std::unique_ptr<Segment>> retained ABSL_GUARDED_BY(mu);
+    // A Register is creating (and pre-faulting) this rank's slots with mu released, so that
+    // listings and other callers are not held for the seconds a large slot takes; another
+    // Register of the rank waits for it.
+    bool creating_slots ABSL_GUARDED_BY(mu) = false;
   };
   using RankKey = std::pair<std::string, uint32_t>;
 

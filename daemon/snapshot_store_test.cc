@@ -8,8 +8,13 @@
 #include <random>
 #include <set>
 #include <string>
+#include <functional>
+#include <future>
+#include <chrono>
+#include <thread>
 
 #include "common/crc32c.h"
+#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 
 namespace tessera {
@@ -56,13 +61,15 @@ class SnapshotStoreTest : public ::testing::Test {
     std::filesystem::remove_all(std::filesystem::path(dir_).parent_path());
   }
 
-  void OpenStore(uint64_t capacity = 64 << 20) {
+  void OpenStore(uint64_t capacity = 64 << 20,
+                 std::function<void(const std::string&, uint32_t)> before_slot_created = {}) {
     store_.reset();
     SnapshotStore::Options options;
     options.directory = dir_;
     options.capacity_bytes = capacity;
     options.crc_threads = 2;
     options.process_alive = [this](pid_t pid, uint64_t) { return alive_.count(pid) > 0; };
+    options.before_slot_created = std::move(before_slot_created);
     auto opened = SnapshotStore::Open(options);
     ASSERT_TRUE(opened.ok()) << opened.status();
     store_ = std::move(*opened);
@@ -282,6 +289,56 @@ TEST_F(SnapshotStoreTest, TwoLiveTrainersCannotClaimOneRankButADeadOnesRankIsTak
   ASSERT_EQ(versions.size(), 1u) << "the abandoned WRITING slot was reset";
   // The old owner can no longer write.
   EXPECT_FALSE(store_->BeginSnapshot(job_, 0, 3, first).ok());
+}
+
+// A Register creating (pre-faulting) its slots holds no lock others need: listings and other
+// ranks go on; a second Register of the same rank waits for the first and gets its slots.
+TEST_F(SnapshotStoreTest, RegisterCreatingSlotsHoldsUpNoOneElse) {
+  absl::Notification creating, finish;
+  OpenStore(64 << 20, [&](const std::string&, uint32_t rank) {
+    if (rank != 0 || finish.HasBeenNotified()) return;
+    if (!creating.HasBeenNotified()) creating.Notify();
+    finish.WaitForNotification();
+  });
+  absl::StatusOr<SnapshotStore::RegisterResult> first, second;
+  std::thread a([&] { first = Register(Trainer(100), 0); });
+  creating.WaitForNotification();
+  // Rank 0 is stalled in its slot creation: a listing of everything, and rank 1, go on.
+  auto listing = std::async(std::launch::async, [&] { return store_->ListVersions(""); });
+  ASSERT_EQ(listing.wait_for(std::chrono::seconds(5)), std::future_status::ready)
+      << "ListVersions waited for a Register creating its slots";
+  EXPECT_TRUE(listing.get().empty());
+  auto other = Register(Trainer(101), 1);
+  ASSERT_TRUE(other.ok()) << other.status();
+  absl::Notification second_done;
+  std::thread b([&] {
+    second = Register(Trainer(100), 0);
+    second_done.Notify();
+  });
+  EXPECT_FALSE(second_done.WaitForNotificationWithTimeout(absl::Milliseconds(200)))
+      << "a second Register of the rank did not wait for the first";
+  finish.Notify();
+  a.join();
+  b.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->slot_paths, first->slot_paths);
+  EXPECT_EQ(store_->stats().segments, 4u);
+  EXPECT_EQ(store_->stats().used_bytes, 2 * first->segment_bytes + 2 * other->segment_bytes);
+  // And it works: a snapshot of rank 0 seals.
+  ASSERT_TRUE(store_->BeginSnapshot(job_, 0, 1, Trainer(100)).ok());
+}
+
+// A slot that cannot be created gives back what the Register reserved and leaves no file.
+TEST_F(SnapshotStoreTest, FailedSlotCreationGivesTheCapacityBack) {
+  int calls = 0;
+  OpenStore(64 << 20, [&](const std::string&, uint32_t) {
+    if (++calls == 2) std::filesystem::remove_all(dir_);  // the second slot's directory is gone
+  });
+  auto reg = Register(Trainer(100));
+  EXPECT_FALSE(reg.ok());
+  EXPECT_EQ(store_->stats().used_bytes, 0u);
+  EXPECT_EQ(store_->stats().segments, 0u);
 }
 
 TEST_F(SnapshotStoreTest, CapacityExhaustedSaysHowMuch) {
