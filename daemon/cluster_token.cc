@@ -15,7 +15,7 @@ bool SameToken(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-absl::Status CheckClusterToken(const grpc::ServerContext& context, const std::string& token,
+absl::Status CheckClusterToken(const grpc::ServerContextBase& context, const std::string& token,
                                const std::string& what) {
   auto it = context.client_metadata().find(kClusterTokenMetadataKey);
   if (it == context.client_metadata().end()) {

@@ -17,7 +17,7 @@ bool SameToken(const std::string& a, const std::string& b);
 
 // kUnauthenticated unless the call carries `token` (which must not be empty). `what` names the
 // service in the error ("admin calls").
-absl::Status CheckClusterToken(const grpc::ServerContext& context, const std::string& token,
+absl::Status CheckClusterToken(const grpc::ServerContextBase& context, const std::string& token,
                                const std::string& what);
 
 }  // namespace tessera

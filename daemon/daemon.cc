@@ -142,11 +142,13 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   // on it then (data calls add time for their bytes), and let protection re-place the fragment.
   client_options.control_timeout =
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
+  client_options.token = config.cluster.token;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
   // Heartbeats get one short attempt: a peer that does not answer in time is simply not heard.
   GrpcPeerClient::Options heartbeat_options;
   heartbeat_options.channels_per_peer = 1;
   heartbeat_options.max_attempts = 1;
+  heartbeat_options.token = config.cluster.token;
   heartbeat_options.control_timeout =
       absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms / 2));
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
@@ -180,6 +182,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
 
   PeerService::Options service_options;
   service_options.self = MemberInfo{node_id_, incarnation, config.PeerAddress()};
+  service_options.token = config.cluster.token;
   if (config.peer.data_path == "tcp") {
     DataPathServer::Options data_options;
     data_options.host = HostOfAddress(config.peer.listen_address);

@@ -232,7 +232,9 @@ ConfigSchema BuildSchema() {
           "cluster.token", defaults.cluster.token,
           "Shared secret of the cluster. The admin service (the tessera CLI) answers over the "
           "TCP peer port only to calls that carry it, and daemons use it to ask each other "
-          "for cluster-wide status, verification and drills. Empty, with cluster.token_file "
+          "for cluster-wide status, verification and drills. When set, every daemon-to-daemon "
+          "call (heartbeats, fragments, the data path's session key) needs it too, so every "
+          "daemon of a cluster must have the same one. Empty, with cluster.token_file "
           "empty too, turns admin over TCP off: the CLI then works through the agent socket "
           "only, and cluster-wide answers name the members they could not ask.",
           StringValidator(absl::StrCat("empty, or ", kMinTokenLength, " to ", kMaxTokenLength,

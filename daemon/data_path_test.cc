@@ -117,6 +117,19 @@ bool WaitFor(DataPathServer* server, const std::function<bool(const DataPathServ
   return done(server->stats());
 }
 
+// Serves `service` on a free loopback port: the server (null if it could not start) and, in
+// *address, where it listens.
+std::unique_ptr<grpc::Server> Serve(PeerService* service, std::string* address) {
+  grpc::ServerBuilder builder;
+  PeerService::ConfigureServerBuilder(&builder);
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service);
+  auto server = builder.BuildAndStart();
+  *address = "127.0.0.1:" + std::to_string(port);
+  return server;
+}
+
 class DataPathTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -148,14 +161,8 @@ class DataPathTest : public ::testing::Test {
     po.data_path_port = data_server_->port();
     po.data_path_session_key = data_server_->session_key();
     service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
-    grpc::ServerBuilder builder;
-    PeerService::ConfigureServerBuilder(&builder);
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(service_.get());
-    grpc_server_ = builder.BuildAndStart();
+    grpc_server_ = Serve(service_.get(), &address_);
     ASSERT_NE(grpc_server_, nullptr);
-    address_ = "127.0.0.1:" + std::to_string(port);
     client_ = MakeClient(/*raw=*/true);
   }
 
@@ -261,7 +268,12 @@ TEST_F(DataPathTest, PutAndGetOverTheRawPathBitExactEachTwice) {
   EXPECT_EQ(stats.raw_puts, 6u);
   EXPECT_EQ(stats.raw_gets, 6u);
   EXPECT_EQ(stats.grpc_puts + stats.grpc_gets, 0u);
-  // The second put of each found it sealed: its bytes were read and dropped, not stored.
+  // The second put of each found it sealed: its bytes were read and dropped, not stored. (The
+  // server counts a range sent once its last chunk is written, which may be just after the
+  // client has read it.)
+  EXPECT_TRUE(WaitFor(data_server_.get(), [&](const DataPathServer::Stats& s) {
+    return s.bytes_sent == 2 * fragment_bytes_total;
+  })) << data_server_->stats().bytes_sent << " of " << 2 * fragment_bytes_total << " bytes";
   const DataPathServer::Stats server = data_server_->stats();
   EXPECT_EQ(server.bytes_received, fragment_bytes_total);
   EXPECT_EQ(server.bytes_sent, 2 * fragment_bytes_total);
@@ -302,14 +314,9 @@ TEST_F(DataPathTest, PeerWithoutADataPathGetsGrpcStreams) {
   PeerService::Options po;
   po.self = MemberInfo{"node-2", 2002, "127.0.0.1"};
   PeerService plain(fragments_.get(), nullptr, po);
-  grpc::ServerBuilder builder;
-  PeerService::ConfigureServerBuilder(&builder);
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&plain);
-  auto server = builder.BuildAndStart();
+  std::string address;
+  auto server = Serve(&plain, &address);
   ASSERT_NE(server, nullptr);
-  const std::string address = "127.0.0.1:" + std::to_string(port);
   const FragmentKey key{"job-p", 2, 9, 1};
   const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
   const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
@@ -319,6 +326,50 @@ TEST_F(DataPathTest, PeerWithoutADataPathGetsGrpcStreams) {
   EXPECT_EQ(back, data);
   EXPECT_EQ(client_->stats().grpc_puts, 1u);
   EXPECT_EQ(client_->stats().grpc_gets, 1u);
+  server->Shutdown();
+}
+
+// With a cluster token, every peer call needs it, and the data path's session key goes to
+// token holders only.
+TEST_F(DataPathTest, ClusterTokenGuardsEveryPeerCallAndTheDataPath) {
+  PeerService::Options po;
+  po.self = MemberInfo{"node-3", 3003, "127.0.0.1"};
+  po.data_path_port = data_server_->port();
+  po.data_path_session_key = data_server_->session_key();
+  po.token = "peer-token-0123456789";
+  PeerService guarded(fragments_.get(), nullptr, po);
+  std::string address;
+  auto server = Serve(&guarded, &address);
+  ASSERT_NE(server, nullptr);
+  const FragmentKey key{"job-t", 0, 4, 1};
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  std::vector<uint8_t> back(data.size());
+  const HeartbeatMessage beat{MemberInfo{"node-9", 9, "127.0.0.1:1"}, {}, 1};
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    auto stranger = MakeClient(raw);
+    EXPECT_EQ(stranger->Heartbeat(address, beat).status().code(),
+              absl::StatusCode::kUnauthenticated);
+    EXPECT_EQ(stranger->ListHeld(address, "").status().code(),
+              absl::StatusCode::kUnauthenticated);
+    auto put = stranger->PutFragment(address, key, meta, data.data(), data.size());
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kUnauthenticated) << put.status();
+    EXPECT_NE(put.status().message().find("cluster token"), std::string::npos) << put.status();
+    EXPECT_EQ(stranger->GetFragment(address, key, 0, back.data(), back.size()).status().code(),
+              absl::StatusCode::kUnauthenticated);
+  }
+  EXPECT_TRUE(fragments_->List("job-t").empty()) << "a call without the token stored something";
+  GrpcPeerClient::Options co;
+  co.token = po.token;
+  auto member = GrpcPeerClient::Create(co);
+  ASSERT_TRUE(member.ok()) << member.status();
+  ASSERT_TRUE((*member)->Heartbeat(address, beat).ok());
+  auto put = (*member)->PutFragment(address, key, meta, data.data(), data.size());
+  ASSERT_TRUE(put.ok()) << put.status();
+  ASSERT_TRUE((*member)->GetFragment(address, key, 0, back.data(), back.size()).ok());
+  EXPECT_EQ(back, data);
+  EXPECT_EQ((*member)->stats().raw_puts, 1u);
   server->Shutdown();
 }
 

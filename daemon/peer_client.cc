@@ -12,6 +12,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/cluster_token.h"
 #include "grpc/grpc.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -60,8 +61,11 @@ class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::
   // An error cancels the call and becomes Wait's result.
   using Consumer = std::function<absl::Status(const grpc::ByteBuffer& in)>;
 
-  StreamCall(Producer producer, Consumer consumer)
-      : producer_(std::move(producer)), consumer_(std::move(consumer)) {}
+  // `token`: the cluster token sent with the call (empty: none).
+  StreamCall(Producer producer, Consumer consumer, const std::string& token)
+      : producer_(std::move(producer)), consumer_(std::move(consumer)) {
+    if (!token.empty()) context_.AddMetadata(kClusterTokenMetadataKey, token);
+  }
 
   void Start(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
              absl::Time deadline) {
@@ -265,6 +269,10 @@ void GrpcPeerClient::PrepareLoop() {
   }
 }
 
+void GrpcPeerClient::AddToken(grpc::ClientContext* context) const {
+  if (!options_.token.empty()) context->AddMetadata(kClusterTokenMetadataKey, options_.token);
+}
+
 GrpcPeerClient::Stats GrpcPeerClient::stats() const {
   absl::MutexLock lock(&mu_);
   return stats_;
@@ -284,6 +292,7 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
   peer::OpenDataPathRequest request;
   peer::OpenDataPathResponse response;
   grpc::ClientContext context;
+  AddToken(&context);
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
   absl::Status status = FromGrpcStatus(
       peer::Peer::NewStub(AnyChannel(peer))->OpenDataPath(&context, request, &response));
@@ -398,6 +407,7 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
   TESSERA_RETURN_IF_ERROR(WithRetries("Heartbeat", peer, [&]() -> absl::Status {
     peer::HeartbeatResponse response;
     grpc::ClientContext context;
+    AddToken(&context);
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
     TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
         peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response)));
@@ -420,6 +430,7 @@ absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const std::string& peer,
   TESSERA_RETURN_IF_ERROR(WithRetries("ListHeld", peer, [&]() -> absl::Status {
     peer::ListHeldResponse response;
     grpc::ClientContext context;
+    AddToken(&context);
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
     TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
         peer::Peer::NewStub(AnyChannel(peer))->ListHeld(&context, request, &response)));
@@ -538,7 +549,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string
       r.first = false;
       return true;
     };
-    calls.push_back(std::make_unique<StreamCall>(producer, consumer(&r.response)));
+    calls.push_back(std::make_unique<StreamCall>(producer, consumer(&r.response), options_.token));
   }
   for (size_t i = 0; i < calls.size(); ++i) {
     calls[i]->Start(channels[i], kPutFragmentMethod, DataDeadline(states[i].end - states[i].begin));
@@ -563,7 +574,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string
           sent = true;
           return true;
         },
-        consumer(&final_response));
+        consumer(&final_response), options_.token);
     seal.Start(channels[0], kPutFragmentMethod, DataDeadline(0));
     TESSERA_RETURN_IF_ERROR(seal.Wait());
   }
@@ -733,7 +744,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const std::string
       r.pos += data.size;
       return absl::OkStatus();
     };
-    calls.push_back(std::make_unique<StreamCall>(producer, consumer));
+    calls.push_back(std::make_unique<StreamCall>(producer, consumer, options_.token));
   }
   for (size_t i = 0; i < calls.size(); ++i) {
     calls[i]->Start(channels[i], kGetFragmentMethod,
@@ -838,7 +849,8 @@ absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShardOnce(const std::string& peer
         crc = pos == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, data.size);
         pos += data.size;
         return absl::OkStatus();
-      });
+      },
+      options_.token);
   call.Start(AnyChannel(peer), kFetchShardMethod, absl::Now() + options_.fetch_shard_timeout);
   TESSERA_RETURN_IF_ERROR(call.Wait());
   if (!have_info || pos != info.payload_bytes || crc != info.payload_crc32c) {

@@ -37,6 +37,7 @@
 #include "daemon/fragment_store.h"
 #include "daemon/peer_service.h"
 #include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
 #include "grpcpp/security/credentials.h"
 
 namespace tessera {
@@ -118,6 +119,8 @@ class GrpcPeerClient final : public PeerClient {
     // Move fragments over the peer's raw TCP data path (daemon/data_path.h) when its
     // OpenDataPath offers one; otherwise, and for peers that do not, over gRPC streams.
     bool raw_data_path = true;
+    // cluster.token, sent with every call (kClusterTokenMetadataKey); empty: none.
+    std::string token;
   };
 
   // Gets the peer ready for fragments, in the background: asks its OpenDataPath and, with
@@ -185,6 +188,8 @@ class GrpcPeerClient final : public PeerClient {
   absl::StatusOr<ShardInfo> FetchShardOnce(const std::string& peer, const std::string& job_id,
                                            uint32_t rank, int64_t step, ShardSink* sink);
   absl::Time DataDeadline(uint64_t bytes) const;
+  // Adds Options::token to a unary call.
+  void AddToken(grpc::ClientContext* context) const;
   // How a fragment of `bytes` is cut into per-channel ranges (chunk-aligned).
   std::vector<std::pair<uint64_t, uint64_t>> Ranges(uint64_t bytes, size_t channels) const;
 

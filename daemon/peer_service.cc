@@ -11,6 +11,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/cluster_token.h"
 
 namespace tessera {
 void TuneMallocForBulkTransfers() {
@@ -279,8 +280,13 @@ grpc::Status Logged(const char* method, const absl::Status& status) {
 // Client-streamed chunks into the FragmentStore. Reactions run one at a time per stream.
 class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  PutFragmentReactor(FragmentStore* store, grpc::ByteBuffer* response)
+  // `refused`: an error (the caller's token) that ends the call before anything is read.
+  PutFragmentReactor(FragmentStore* store, grpc::ByteBuffer* response, absl::Status refused)
       : store_(store), response_(response) {
+    if (!refused.ok()) {
+      Finish(Logged("PutFragment", refused));
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -490,6 +496,7 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
                                                  peer::HeartbeatResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(Authorize(*context));
     if (request->node_id().empty() || request->incarnation() == 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "a heartbeat needs the sender's node_id and a non-zero incarnation; got node '",
@@ -516,12 +523,13 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* PeerService::PutFragment(
     grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
-  return new PutFragmentReactor(fragments_, response);
+  return new PutFragmentReactor(fragments_, response, Authorize(*context));
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::GetFragment(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto plan = [&]() -> absl::StatusOr<ChunkWriter::Plan> {
+    TESSERA_RETURN_IF_ERROR(Authorize(*context));
     peer::GetFragmentRequest req;
     TESSERA_RETURN_IF_ERROR(ParseRequest(request, &req));
     const FragmentKey key = peer_wire::FromProto(req.key());
@@ -556,6 +564,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::GetFragment(
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::FetchShard(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto plan = [&]() -> absl::StatusOr<ChunkWriter::Plan> {
+    TESSERA_RETURN_IF_ERROR(Authorize(*context));
     if (shards_ == nullptr) {
       return absl::UnimplementedError("this node serves no snapshot shards");
     }
@@ -593,6 +602,7 @@ grpc::ServerUnaryReactor* PeerService::ListHeld(grpc::CallbackServerContext* con
                                                 peer::ListHeldResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(Authorize(*context));
     if (!request->job_id().empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
     for (const FragmentStatus& f : fragments_->List(request->job_id())) {
       peer::HeldFragment* held = response->add_fragments();
@@ -617,8 +627,10 @@ grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext*
                                                     const peer::OpenDataPathRequest* request,
                                                     peer::OpenDataPathResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status;
-  if (options_.data_path_port == 0) {
+  absl::Status status = Authorize(*context);
+  if (!status.ok()) {
+    // The session key goes to token holders only: it is what guards the data path.
+  } else if (options_.data_path_port == 0) {
     status = absl::FailedPreconditionError(
         "this daemon has no raw TCP data path (peer.data_path = grpc): send fragments over "
         "PutFragment and GetFragment");
@@ -629,8 +641,13 @@ grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext*
     Logger(kLog)->debug("OpenDataPath from '{}': port {}", request->node_id(),
                           options_.data_path_port);
   }
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(Logged("OpenDataPath", status));
   return reactor;
+}
+
+absl::Status PeerService::Authorize(const grpc::ServerContextBase& context) const {
+  return options_.token.empty() ? absl::OkStatus()
+                                : CheckClusterToken(context, options_.token, "peer calls");
 }
 
 }  // namespace tessera

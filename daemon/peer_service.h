@@ -126,6 +126,9 @@ class PeerService final : public PeerServiceBase {
     // The raw TCP data path (daemon/data_path.h) that OpenDataPath announces; port 0: off.
     uint32_t data_path_port = 0;
     std::string data_path_session_key;
+    // cluster.token: when set, every call must carry it (kClusterTokenMetadataKey), or it is
+    // refused with kUnauthenticated; the data path's session key goes to token holders only.
+    std::string token;
   };
 
   // `fragments` is required; `shards` may be null (FetchShard is then kUnimplemented and ListHeld
@@ -154,6 +157,9 @@ class PeerService final : public PeerServiceBase {
  private:
   class PutFragmentReactor;
   class ChunkWriter;
+
+  // OK, or kUnauthenticated when Options::token is set and the call does not carry it.
+  absl::Status Authorize(const grpc::ServerContextBase& context) const;
 
   FragmentStore* const fragments_;
   ShardSource* const shards_;
