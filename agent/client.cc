@@ -54,9 +54,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const Options& options) 
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
   // The daemon is local: after a daemon restart, reconnect within a second, not gRPC's default
-  // backoff of up to two minutes (snapshots fail, visibly, until then).
+  // backoff of up to two minutes (snapshots fail, visibly, until then). The minimum is also the
+  // time one connection attempt gets to finish its handshake: a busy daemon on a loaded host
+  // needs more than 100 ms, so it stays at seconds (a daemon that is not running still fails at
+  // once: the connection is refused).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 5000);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   TESSERA_RETURN_IF_ERROR(cuda::ValidateStagingOptions(options.staging));
   auto channel = grpc::CreateCustomChannel("unix:" + options.socket_path,

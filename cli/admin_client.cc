@@ -19,8 +19,9 @@ AdminClient::AdminClient(ConnectionOptions options) : options_(std::move(options
 void AdminClient::Reconnect() {
   grpc::ChannelArguments args;
   // A drill waits for a restarted daemon: retry the connection often rather than backing off.
+  // (The minimum is also one attempt's time to finish its handshake: seconds, for a busy host.)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 5000);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
   args.SetMaxReceiveMessageSize(64 << 20);
   // A fresh channel, not one shared with an earlier connection to the same target.
