@@ -261,10 +261,11 @@ void GrpcPeerClient::PrepareLoop() {
                                        absl::Now() + options_.control_timeout);
     }
     if (!status.ok()) {
+      // Not retried by later rounds (a peer whose data port is blocked would be tried every
+      // heartbeat): the first transfer negotiates again, and a failed one (ForgetDataPath) lets
+      // the next round prepare the peer anew.
       Logger("peer")->info("preparing {} for fragments: {}; the first transfer tries again", peer,
                            status.ToString());
-      absl::MutexLock lock(&mu_);
-      prepared_.erase(peer);  // a later Prepare may try again
     }
   }
 }
@@ -281,6 +282,7 @@ GrpcPeerClient::Stats GrpcPeerClient::stats() const {
 absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPathOf(
     const std::string& peer) {
   if (!options_.raw_data_path) return std::optional<DataPathClient::Endpoint>();
+  bool was_grpc = false;  // asked before, and told to use gRPC: the log says so only once
   {
     absl::MutexLock lock(&mu_);
     auto it = data_paths_.find(peer);
@@ -288,6 +290,7 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
         (it->second.endpoint || absl::Now() - it->second.asked < absl::Minutes(1))) {
       return it->second.endpoint;
     }
+    was_grpc = it != data_paths_.end();
   }
   peer::OpenDataPathRequest request;
   peer::OpenDataPathResponse response;
@@ -306,11 +309,12 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
                          response.port());
   } else if (status.ok() || status.code() == absl::StatusCode::kFailedPrecondition ||
              status.code() == absl::StatusCode::kUnimplemented) {
-    Logger("peer")->info("{}: fragments go over gRPC streams ({})", peer,
-                         status.ok() ? absl::StrCat("it offers data path version ",
-                                                    response.version(), " on port ",
-                                                    response.port())
-                                     : status.ToString());
+    Logger("peer")->log(was_grpc ? spdlog::level::debug : spdlog::level::info,
+                        "{}: fragments go over gRPC streams ({})", peer,
+                        status.ok() ? absl::StrCat("it offers data path version ",
+                                                   response.version(), " on port ",
+                                                   response.port())
+                                    : status.ToString());
   } else {
     return status;  // the peer is not reachable now: the caller's retries decide
   }

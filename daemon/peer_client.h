@@ -128,7 +128,8 @@ class GrpcPeerClient final : public PeerClient {
   // minute), so the first protection or rebuild that needs the peer does not pay for them.
   // Returns at once; a peer already prepared (or being prepared) at this incarnation is skipped,
   // and a new incarnation (a restarted daemon) drops what was negotiated with the old one first.
-  // Failures are only logged (the first real call tries again).
+  // Failures are only logged, once: the first real call tries again, and after a failed call
+  // (which forgets the peer's data path) the next Prepare does too.
   void Prepare(const std::string& peer, uint64_t incarnation, bool open_connections);
 
   ~GrpcPeerClient() override;
