@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 
+#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
@@ -765,9 +766,20 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     find.set_rank(rank_);
     find.set_world_size(world_size_);
     agent::FindLatestRestorableResponse found;
-    grpc::ClientContext find_context;
-    TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
-        stub_->FindLatestRestorable(NewContext(&find_context), find, &found)));
+    // A cluster answers only from a complete view of the job's nodes: while it cannot
+    // (UNAVAILABLE), ask again, every 250 ms, up to restore_resolve_timeout_ms.
+    const absl::Time give_up =
+        absl::Now() + absl::Milliseconds(options_.restore_resolve_timeout_ms);
+    while (true) {
+      grpc::ClientContext find_context;
+      absl::Status found_status = FromGrpcStatus(
+          stub_->FindLatestRestorable(NewContext(&find_context), find, &found));
+      if (!absl::IsUnavailable(found_status) || absl::Now() >= give_up) {
+        TESSERA_RETURN_IF_ERROR(found_status);
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(250));
+    }
     step = found.step();
   }
   const bool sharded = dp_ && dp_->members.size() > 1;

@@ -54,6 +54,9 @@ class Client {
     // daemon.
     int64_t dp_restore_timeout_ms = 300000;
     bool nccl = true;
+    // How long Restore(-1) keeps asking while the cluster cannot answer yet (UNAVAILABLE: the
+    // job's coordinator has not heard every node of the job, e.g. replacement daemons starting).
+    int64_t restore_resolve_timeout_ms = 120000;
   };
 
   // How long the NCCL gather of a DP-sharded restore may take before the member gives up on it

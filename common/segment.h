@@ -57,7 +57,10 @@ struct SegmentHeader {
   uint32_t reserved2;
   uint64_t owner_incarnation;
   char job_id[kMaxJobIdBytes + 8];  // NUL-terminated
-  uint8_t reserved[4096 - 272];
+  // The job's epoch (history, docs/PROTOCOL.md) the slot was sealed in, or the fragment's shard
+  // was; 0 in segments written before epochs existed and by standalone daemons.
+  uint64_t epoch;
+  uint8_t reserved[4096 - 280];
 };
 static_assert(sizeof(SegmentHeader) == kSegmentHeaderBytes, "header must be exactly 4 KiB");
 

@@ -90,8 +90,7 @@ grpc::Status AgentService::SealSnapshot(grpc::ServerContext* context,
                                                   caller));
     response->set_payload_crc32c(sealed.payload_crc32c);
     response->set_payload_bytes(sealed.payload_bytes);
-    coordination_->OnSealed(request->job_id(), request->rank(), request->step(),
-                            sealed.world_size);
+    coordination_->OnSealed(request->job_id(), request->rank(), request->step(), sealed);
     return absl::OkStatus();
   });
 }
@@ -120,13 +119,17 @@ grpc::Status AgentService::FindLatestRestorable(
   return Handle("FindLatestRestorable", [&]() -> absl::Status {
     TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
-    auto job_wide = coordination_->FindLatestRestorable(request->job_id(), request->world_size());
+    // With resume, the caller's later steps belong to the abandoned run and are released (the
+    // coordination does it, for this rank only).
+    std::optional<uint32_t> resuming;
+    if (request->resume()) resuming = request->rank();
+    auto job_wide = coordination_->FindLatestRestorable(request->job_id(), request->world_size(),
+                                                        resuming);
     int64_t step;
     if (job_wide.ok()) {
       step = *job_wide;
-      // Every rank resumes from `step`: later steps belong to the abandoned run.
-      if (request->resume()) store_->Rollback(request->job_id(), step);
-    } else if (absl::IsNotFound(job_wide.status()) && !store_->HoldsWholeJob(request->job_id())) {
+    } else if (absl::IsNotFound(job_wide.status()) && !store_->clustered() &&
+               !store_->HoldsWholeJob(request->job_id())) {
       // The job's other ranks are on daemons this one does not see (no cluster): the best this
       // daemon can answer is the caller's own newest sealed step.
       step = -1;
@@ -134,6 +137,7 @@ grpc::Status AgentService::FindLatestRestorable(
         if (v.rank == request->rank() && v.state == SegmentState::kSealed) step = std::max(step, v.step);
       }
       if (step < 0) return job_wide.status();
+      if (request->resume()) store_->RollbackRank(request->job_id(), request->rank(), step);
       Logger("agent-service")->info(
           "job '{}' rank {}: ranks on other daemons are not visible (no cluster), so it resumes "
           "from its own newest sealed step {}", request->job_id(), request->rank(), step);

@@ -15,13 +15,12 @@ Coordination::Coordination(SnapshotStore* store, bool derive_commits) : store_(s
     auto step = FindLatestRestorable(job);
     if (!step.ok()) continue;
     store_->Commit(job, *step);
-    coordinator_.Adopt(job, *step);
     Logger("coordinator")->info("job '{}': restore point after restart is step {}", job, *step);
   }
 }
 
 void Coordination::OnSealed(const std::string& job_id, uint32_t /*rank*/, int64_t /*step*/,
-                            uint32_t /*world_size*/) {
+                            const SnapshotStore::SealResult& /*sealed*/) {
   // Commit the newest step that every rank here holds now (a rank that ran ahead may have
   // replaced a step the others sealed later, so reports alone are not enough). Only when every
   // rank of the job is here: otherwise this daemon cannot know that a step is complete.
@@ -29,7 +28,6 @@ void Coordination::OnSealed(const std::string& job_id, uint32_t /*rank*/, int64_
   auto common = FindLatestRestorable(job_id);
   if (!common.ok() || *common <= store_->committed(job_id)) return;
   store_->Commit(job_id, *common);
-  coordinator_.Adopt(job_id, *common);
   Logger("coordinator")->debug("job '{}' committed step {}", job_id, *common);
 }
 
@@ -43,9 +41,12 @@ JobHoldings Coordination::LocalHoldings(const std::string& job_id, uint32_t worl
 }
 
 absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& job_id,
-                                                           uint32_t world_size_hint) {
+                                                           uint32_t world_size_hint,
+                                                           std::optional<uint32_t> resuming_rank) {
   const uint32_t ranks_here = static_cast<uint32_t>(store_->RankCount(job_id));
-  return tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here), world_size_hint);
+  auto step = tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here), world_size_hint);
+  if (step.ok() && resuming_rank) store_->RollbackRank(job_id, *resuming_rank, *step);
+  return step;
 }
 
 }  // namespace tessera

@@ -5,6 +5,7 @@
 #define TESSERA_DAEMON_COORDINATION_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -22,13 +23,16 @@ class Coordination {
 
   // `rank` of `job_id` sealed `step` on this daemon.
   virtual void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
-                        uint32_t world_size);
+                        const SnapshotStore::SealResult& sealed);
 
   // The newest step at which every rank of the job can be restored. `world_size_hint` (0: none)
   // is a world size the caller knows (a registered rank's): ranks that have not sealed anything
   // yet still count as missing, so a step only some ranks sealed is never taken as complete.
-  virtual absl::StatusOr<int64_t> FindLatestRestorable(const std::string& job_id,
-                                                       uint32_t world_size_hint = 0);
+  // With `resuming_rank`, that rank resumes from the answer: its own sealed steps after it are
+  // released (never another rank's).
+  virtual absl::StatusOr<int64_t> FindLatestRestorable(
+      const std::string& job_id, uint32_t world_size_hint = 0,
+      std::optional<uint32_t> resuming_rank = std::nullopt);
 
   // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
   // Standalone: only what the local store holds.
@@ -46,7 +50,6 @@ class Coordination {
   JobHoldings LocalHoldings(const std::string& job_id, uint32_t world_size) const;
 
   SnapshotStore* const store_;
-  JobCoordinator coordinator_;
 };
 
 }  // namespace tessera

@@ -79,6 +79,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   options.capacity_bytes = capacity;
   options.prefault = config.store.prefault;
   options.crc_threads = config.store.crc_threads;
+  options.clustered = !config.peer.listen_address.empty();
   TESSERA_ASSIGN_OR_RETURN(d->store_, SnapshotStore::Open(options));
 
   if (config.peer.listen_address.empty()) {
@@ -198,14 +199,25 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   };
   peer_service_ = std::make_unique<PeerService>(fragments_.get(), shard_source_.get(),
                                                 service_options);
+  GrpcCoordinationClient::Options coordination_client_options;
+  coordination_client_options.self = NodeIdentity{node_id_, incarnation};
+  coordination_client_options.token = config.cluster.token;
+  coordination_client_options.timeout =
+      absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
+  coordination_client_ = std::make_unique<GrpcCoordinationClient>(coordination_client_options);
   ClusterCoordination::Options coordination_options;
   coordination_options.k = config.ec.k;
   coordination_options.m = config.ec.m;
-  coordination_options.commit_check_ms = std::max<int64_t>(100, config.liveness.heartbeat_ms);
+  coordination_options.report_interval_ms = std::max<int64_t>(100, config.liveness.heartbeat_ms);
   auto coordination = std::make_unique<ClusterCoordination>(
-      store_.get(), fragments_.get(), cluster_.get(), peer_client_.get(), coordination_options);
+      store_.get(), fragments_.get(), cluster_.get(), peer_client_.get(),
+      coordination_client_.get(), coordination_options);
   cluster_coordination_ = coordination.get();
   coordination_ = std::move(coordination);
+  CoordinationService::Options coordination_service_options;
+  coordination_service_options.token = config.cluster.token;
+  coordination_service_ = std::make_unique<CoordinationService>(cluster_coordination_,
+                                                                coordination_service_options);
   CreateAdmin();
   // The admin service shares the peer port; over TCP it answers only with cluster.token.
   admin_tcp_service_ =
@@ -230,6 +242,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   builder.RegisterService(peer_service_.get());
   builder.RegisterService(admin_tcp_service_.get());
   builder.RegisterService(rendezvous_service_.get());
+  builder.RegisterService(coordination_service_.get());
   peer_server_ = builder.BuildAndStart();
   if (!peer_server_) {
     return absl::UnavailableError(absl::StrCat("could not listen for peers on ",
@@ -404,8 +417,32 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_protection_failures_total",
             "Protection attempts that failed (a peer unreachable or full) and were retried.",
             static_cast<double>(c.protection_failures));
-    counter("tessera_commits_total", "Steps committed (protected on every rank).",
+    counter("tessera_commits_total",
+            "Steps this daemon committed as its jobs' coordinator (protected on every rank).",
             static_cast<double>(c.commits));
+    counter("tessera_commits_learned_total",
+            "Newer commits this daemon learned as a node of a job (it releases older data).",
+            static_cast<double>(c.commits_learned));
+    const char* reports_help =
+        "Protection reports sent to jobs' coordinators, by outcome (a failed one is re-sent).";
+    counter("tessera_coordination_reports_total", reports_help,
+            static_cast<double>(c.reports_sent - c.report_failures), {{"outcome", "ok"}});
+    counter("tessera_coordination_reports_total", reports_help,
+            static_cast<double>(c.report_failures), {{"outcome", "failed"}});
+    counter("tessera_coordination_pushes_failed_total",
+            "Job state pushes (commits, dead steps) that did not reach a node of the job.",
+            static_cast<double>(c.pushes_failed));
+    counter("tessera_dead_steps_total",
+            "Steps found dead by this coordinator: some rank skipped them, so they never commit.",
+            static_cast<double>(c.dead_steps));
+    counter("tessera_fragments_released_total",
+            "Fragments dropped because a newer step committed or their step was dead.",
+            static_cast<double>(c.fragments_dropped));
+    counter("tessera_repairs_total",
+            "Committed shards protected again after a holder of their fragments was lost.",
+            static_cast<double>(c.repairs));
+    gauge("tessera_jobs_coordinated", "Jobs this daemon currently coordinates.",
+          static_cast<double>(c.jobs_coordinated));
     const char* restore_help = "Shards made local from other members, by how.";
     counter("tessera_restore_shards_total", restore_help,
             static_cast<double>(c.rebuilt_shards), {{"source", "rebuild"}});

@@ -15,6 +15,7 @@
 #include "daemon/agent_service.h"
 #include "daemon/capacity_budget.h"
 #include "daemon/cluster.h"
+#include "daemon/coordination/service.h"
 #include "daemon/data_path.h"
 #include "daemon/fragment_store.h"
 #include "daemon/metrics_server.h"
@@ -84,6 +85,8 @@ class Daemon {
   std::unique_ptr<DataPathServer> data_path_server_;  // peer.data_path = "tcp"
   ClusterCoordination* cluster_coordination_ = nullptr;  // coordination_, in cluster mode
   std::unique_ptr<Coordination> coordination_;
+  std::unique_ptr<GrpcCoordinationClient> coordination_client_;
+  std::unique_ptr<CoordinationService> coordination_service_;  // on the peer port
   PeerCredentials credentials_;
   RendezvousTable rendezvous_table_;
   std::unique_ptr<RendezvousRouter> rendezvous_router_;

@@ -82,7 +82,16 @@ absl::StatusOr<FragmentPlacement> PlaceFragments(std::vector<std::string> member
 
 std::string CoordinatorFor(const std::string& job_id, std::vector<std::string> live_members) {
   std::sort(live_members.begin(), live_members.end());
-  return live_members[Fnv1a(job_id) % live_members.size()];
+  size_t best = 0;
+  uint64_t best_weight = Fnv1a(job_id + "/" + live_members[0]);
+  for (size_t i = 1; i < live_members.size(); ++i) {
+    const uint64_t weight = Fnv1a(job_id + "/" + live_members[i]);
+    if (weight > best_weight) {  // ties: the first in sorted order
+      best = i;
+      best_weight = weight;
+    }
+  }
+  return live_members[best];
 }
 
 absl::StatusOr<RestorePlan> PlanRestore(const JobHoldings& holdings, const std::string& local_node,
@@ -164,35 +173,6 @@ absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings,
   }
   if (world_by_step.empty()) return absl::NotFoundError("no sealed snapshot of the job on any live node");
   return absl::NotFoundError("no step can be restored on every rank; newest: " + newest_problem);
-}
-
-std::optional<int64_t> JobCoordinator::ReportProtected(const std::string& job_id,
-                                                       uint32_t world_size, uint32_t rank,
-                                                       int64_t step) {
-  absl::MutexLock lock(&mu_);
-  Job& job = jobs_[job_id];
-  job.world_size = std::max(job.world_size, world_size);
-  if (step <= job.committed) return std::nullopt;
-  auto& ranks = job.protected_ranks[step];
-  ranks.insert(rank);
-  if (ranks.size() < job.world_size) return std::nullopt;
-  job.committed = step;
-  job.protected_ranks.erase(job.protected_ranks.begin(), job.protected_ranks.upper_bound(step));
-  return step;
-}
-
-int64_t JobCoordinator::committed(const std::string& job_id) const {
-  absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(job_id);
-  return it == jobs_.end() ? -1 : it->second.committed;
-}
-
-void JobCoordinator::Adopt(const std::string& job_id, int64_t step) {
-  absl::MutexLock lock(&mu_);
-  Job& job = jobs_[job_id];
-  if (step <= job.committed) return;
-  job.committed = step;
-  job.protected_ranks.erase(job.protected_ranks.begin(), job.protected_ranks.upper_bound(step));
 }
 
 }  // namespace tessera

@@ -34,8 +34,9 @@ absl::StatusOr<FragmentPlacement> PlaceFragments(std::vector<std::string> member
                                                  const std::string& owner, uint32_t rank, int k,
                                                  int m);
 
-// The coordinator of `job_id`: a stable hash of the job id over the sorted live members.
-// REQUIRES: live_members is not empty.
+// The coordinator of `job_id`: the live member with the highest rendezvous weight
+// FNV-1a(job_id + "/" + member), so that a membership change moves only the jobs of the members
+// that came or went. REQUIRES: live_members is not empty.
 std::string CoordinatorFor(const std::string& job_id, std::vector<std::string> live_members);
 
 // What the live nodes hold for one job (from ListHeld answers).
@@ -88,28 +89,6 @@ absl::StatusOr<RestorePlan> PlanRestore(const JobHoldings& holdings, const std::
 // step seen, the ranks that cannot be rebuilt.
 absl::StatusOr<int64_t> FindLatestRestorable(const JobHoldings& holdings,
                                              uint32_t min_world_size = 0);
-
-// Tracks which ranks of which steps are protected, and decides commits. Thread-safe.
-class JobCoordinator {
- public:
-  // Records that `rank` of `job_id` (world `world_size`) is protected at `step`. Returns the step
-  // to commit when this report completes a step newer than the last committed one.
-  std::optional<int64_t> ReportProtected(const std::string& job_id, uint32_t world_size,
-                                         uint32_t rank, int64_t step);
-  // The newest committed step of the job, -1 if none.
-  int64_t committed(const std::string& job_id) const;
-  // Adopts a commit learned from elsewhere (a broadcast, or a coordinator taking over).
-  void Adopt(const std::string& job_id, int64_t step);
-
- private:
-  struct Job {
-    uint32_t world_size = 0;
-    std::map<int64_t, std::set<uint32_t>> protected_ranks;
-    int64_t committed = -1;
-  };
-  mutable absl::Mutex mu_;
-  std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
-};
 
 }  // namespace tessera
 

@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -48,6 +49,48 @@ struct PeerNode {
   std::string id;
   std::unique_ptr<CapacityBudget> budget;
   std::unique_ptr<FragmentStore> fragments;
+};
+
+// The coordination calls of a cluster whose only full daemon is the one under test: it plays the
+// coordinator of every job, and the peers answer listings from their fragment stores.
+class RoutingCoordinationClient final : public CoordinationClient {
+ public:
+  void Set(ClusterCoordination* coordination, std::vector<PeerNode>* peers) {
+    coordination_ = coordination;
+    peers_ = peers;
+  }
+  absl::StatusOr<JobState> Report(const std::string&, const ProtectedReport& report) override {
+    return coordination_->OnReport(NodeIdentity{"a", 100}, report);
+  }
+  absl::Status Push(const std::string&, const JobState&) override {
+    ++pushes;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<ResolveAnswer> Resolve(const std::string&,
+                                        const ResolveQuestion& question) override {
+    return coordination_->OnResolve(NodeIdentity{"a", 100}, question);
+  }
+  absl::StatusOr<JobListing> ListJob(const std::string& address,
+                                     const std::string& job_id) override {
+    for (PeerNode& p : *peers_) {
+      if (p.id + ":1" != address) continue;
+      JobListing listing;
+      listing.node = NodeIdentity{p.id, 1};
+      for (const FragmentStatus& f : p.fragments->List(job_id)) {
+        if (f.state != SegmentState::kSealed) continue;
+        listing.fragments.push_back({p.id, f.key.rank, f.key.step, 0, f.key.fragment_index,
+                                     f.meta.ec_k, f.meta.ec_m, f.meta.shard_bytes,
+                                     f.meta.shard_crc32c});
+      }
+      return listing;
+    }
+    return absl::UnavailableError("no such peer " + address);
+  }
+  std::atomic<int> pushes{0};
+
+ private:
+  ClusterCoordination* coordination_ = nullptr;
+  std::vector<PeerNode>* peers_ = nullptr;
 };
 
 class ProtectionPipelineTest : public ::testing::Test {
@@ -101,6 +144,7 @@ class ProtectionPipelineTest : public ::testing::Test {
     so.capacity_bytes = 256 << 20;
     so.crc_threads = 2;
     so.process_alive = [](pid_t, uint64_t) { return true; };
+    so.clustered = true;
     auto store = SnapshotStore::Open(so);
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
@@ -128,10 +172,11 @@ class ProtectionPipelineTest : public ::testing::Test {
     ClusterCoordination::Options options;
     options.k = k;
     options.m = m;
-    options.commit_check_ms = 50;
+    options.report_interval_ms = 50;
     options.retry_backoff_ms = 20;
-    coordination_ = std::make_unique<ClusterCoordination>(store_.get(), fragments_.get(),
-                                                          cluster_.get(), &client_, options);
+    coordination_ = std::make_unique<ClusterCoordination>(
+        store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
+    coordination_client_.Set(coordination_.get(), &peers_);
     coordination_->Start();
   }
 
@@ -178,7 +223,7 @@ class ProtectionPipelineTest : public ::testing::Test {
     if (!sealed.ok()) return {};
     shard.resize(sealed->payload_bytes);
     EXPECT_EQ(sealed->payload_crc32c, Crc32c(shard.data(), shard.size()));
-    coordination_->OnSealed(kJob, rank, step, world_);
+    coordination_->OnSealed(kJob, rank, step, *sealed);
     return shard;
   }
 
@@ -203,12 +248,23 @@ class ProtectionPipelineTest : public ::testing::Test {
     meta.fragment_bytes = fragment_bytes;
     meta.shard_bytes = shard.size();
     meta.shard_crc32c = Crc32c(shard.data(), shard.size());
+    ProtectedReport report;
+    report.job_id = kJob;
+    report.world_size = world_;
+    report.rank = rank;
+    report.step = step;
+    report.previous_step = kUnknownStep;
+    report.shard_crc32c = meta.shard_crc32c;
+    report.shard_bytes = meta.shard_bytes;
     for (int i = 0; i < k + m; ++i) {
       FragmentKey key{kJob, rank, step, static_cast<uint32_t>(i)};
       auto put = client_.PutFragment(peers_[i].id + ":1", key, meta, fragments[i].data(),
                                      fragment_bytes);
       EXPECT_TRUE(put.ok()) << put.status();
+      report.holders.push_back(peers_[i].id);
     }
+    // The other owner ("z") reports its protected shard to the job's coordinator (this daemon).
+    EXPECT_TRUE(coordination_->OnReport(NodeIdentity{"z", 7}, report).ok());
     return fragments;
   }
 
@@ -237,6 +293,7 @@ class ProtectionPipelineTest : public ::testing::Test {
   std::mt19937_64 rng_;
   uint32_t world_ = 2;
   FakePeerClient client_{FakePeerClient::Options{absl::Milliseconds(200)}};
+  RoutingCoordinationClient coordination_client_;
   std::vector<PeerNode> peers_;
   std::unique_ptr<SnapshotStore> store_;
   std::unique_ptr<CapacityBudget> budget_;
@@ -245,9 +302,9 @@ class ProtectionPipelineTest : public ::testing::Test {
   std::unique_ptr<ClusterCoordination> coordination_;
 };
 
-// A step is committed only once the holdings of the live members show every rank's k + m
-// fragments sealed: rank 0 is protected by this daemon, rank 1 by another owner; a peer that
-// refuses fragments holds the commit back until it takes them.
+// A step is committed only once every rank's owner reported it protected (all k + m fragments
+// stored): rank 0 is protected by this daemon, rank 1 by another owner; a peer that refuses
+// fragments holds the commit back until it takes them.
 TEST_F(ProtectionPipelineTest, CommitsFromTheHoldingsOfEveryRank) {
   StartCluster(5, 3, 2);
   ProtectElsewhere(MakeShard(1, 4, 200000 + rng_() % 5000), 1, 4, 3, 2);

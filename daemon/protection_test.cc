@@ -68,22 +68,6 @@ TEST(CoordinatorForTest, StableAndIndependentOfOrder) {
   EXPECT_GT(chosen.size(), 2u) << "jobs spread over coordinators";
 }
 
-TEST(JobCoordinatorTest, CommitsWhenEveryRankIsProtected) {
-  JobCoordinator c;
-  EXPECT_FALSE(c.ReportProtected("j", 3, 0, 10));
-  EXPECT_FALSE(c.ReportProtected("j", 3, 1, 10));
-  EXPECT_FALSE(c.ReportProtected("j", 3, 1, 10));  // a repeated report changes nothing
-  EXPECT_FALSE(c.ReportProtected("j", 3, 0, 20));
-  EXPECT_EQ(c.committed("j"), -1);
-  EXPECT_EQ(c.ReportProtected("j", 3, 2, 10), 10);
-  EXPECT_EQ(c.committed("j"), 10);
-  EXPECT_FALSE(c.ReportProtected("j", 3, 2, 5));  // older than the commit
-  c.Adopt("j", 30);
-  EXPECT_EQ(c.committed("j"), 30);
-  EXPECT_FALSE(c.ReportProtected("j", 3, 1, 20));
-  c.Adopt("j", 25);
-  EXPECT_EQ(c.committed("j"), 30);
-}
 
 JobHoldings Holdings(int world, int64_t step, uint32_t k, uint32_t m) {
   // Rank r's shard lives on node r; its fragments on the next k+m nodes.

@@ -336,6 +336,7 @@ absl::Status SnapshotStore::AdoptExisting() {
       absl::MutexLock rank_lock(&state->mu);
       struct stat st;
       state->data_uid = stat(segments[0]->path().c_str(), &st) == 0 ? st.st_uid : 0;
+      state->adopted = true;
       state->world_size = segments[0]->header()->world_size;
       state_world = state->world_size;
       state_newest = segments[0]->header()->step;  // sorted newest first
@@ -353,6 +354,7 @@ absl::Status SnapshotStore::AdoptExisting() {
     world = std::max(world, state_world);
     int64_t& newest = newest_sealed_[key.first];
     newest = std::max(newest, state_newest);
+    if (options_.clustered) jobs_[key.first].commit_known = false;
     ranks_[key] = std::move(state);
   }
   absl::MutexLock lock(&mu_);
@@ -610,6 +612,42 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
         newest_step, " (steps must increase; to start over from an earlier step, unregister "
         "with drop_snapshots first)"));
   }
+  if (options_.clustered) {
+    // docs/PROTOCOL.md: a slot is reused only when what it holds is no longer needed; prefer an
+    // unsealed slot, then the older releasable one.
+    if (!CommitKnown(job_id)) {
+      return absl::UnavailableError(absl::StrCat(
+          RankName(job_id, rank), ": the snapshot of step ", step, " waits until this daemon, "
+          "restarted, has learned the job's commit and epoch from its coordinator"));
+    }
+    std::string busy[2];
+    int target = -1;
+    for (int i = 0; i < 2; ++i) busy[i] = SlotBusyReason(*state, i, job_id, replace_uncommitted);
+    for (int i = 0; i < 2; ++i) {
+      if (!busy[i].empty()) continue;
+      if (target < 0 || LoadState(*state->slots[i]->header()) != SegmentState::kSealed ||
+          (LoadState(*state->slots[target]->header()) == SegmentState::kSealed &&
+           state->slots[i]->header()->step < state->slots[target]->header()->step)) {
+        target = i;
+      }
+    }
+    // Under the wait policy a rank holds at most one live uncommitted step.
+    for (int i = 0; i < 2 && !replace_uncommitted; ++i) {
+      const std::string reason = SlotBusyReason(*state, i, job_id, /*replace_uncommitted=*/true);
+      const SegmentHeader& h = *state->slots[i]->header();
+      if (!reason.empty() && LoadState(h) == SegmentState::kSealed && h.step > committed_step) {
+        return absl::UnavailableError(absl::StrCat(RankName(job_id, rank), ": the snapshot of step ",
+                                                   step, " waits: ", reason));
+      }
+    }
+    if (target < 0) {
+      return absl::UnavailableError(absl::StrCat(RankName(job_id, rank), ": the snapshot of step ",
+                                                 step, " has no free slot: ", busy[0], "; ",
+                                                 busy[1]));
+    }
+    ClaimSlot(state.get(), target, job_id, rank, step, epoch(job_id));
+    return static_cast<uint32_t>(target);
+  }
   uint32_t target = keep == 0 ? 1 : 0;
   int64_t job_newest_sealed;
   bool commits_decided;
@@ -638,8 +676,15 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
         " is still being protected (sent to peers); the snapshot of step ", step,
         " cannot use its slot yet"));
   }
-  SegmentHeader* h = state->slots[target]->header();
+  ClaimSlot(state.get(), target, job_id, rank, step, /*epoch=*/0);
+  return target;
+}
+
+void SnapshotStore::ClaimSlot(RankState* state, int index, const std::string& job_id,
+                              uint32_t rank, int64_t step, uint64_t epoch) {
+  SegmentHeader* h = state->slots[index]->header();
   StoreState(h, SegmentState::kEmpty);
+  state->is_protected[index] = false;
   h->step = step;
   h->rank = rank;
   h->world_size = state->world_size;
@@ -648,10 +693,49 @@ absl::StatusOr<uint32_t> SnapshotStore::BeginSnapshot(const std::string& job_id,
   h->manifest_offset = state->layout.manifest_offset;
   h->manifest_bytes = 0;
   h->layout_hash = state->layout.hash;
+  h->epoch = epoch;
   std::memset(h->job_id, 0, sizeof(h->job_id));
   std::memcpy(h->job_id, job_id.data(), job_id.size());
   StoreState(h, SegmentState::kWriting);
-  return target;
+}
+
+std::string SnapshotStore::SlotBusyReason(const RankState& state, int i, const std::string& job_id,
+                                          bool replace_uncommitted) const {
+  const SegmentHeader& h = *state.slots[i]->header();
+  if (state.pins[i] > 0) {
+    return absl::StrCat("step ", h.step, " is still being protected (sent to peers)");
+  }
+  if (LoadState(h) != SegmentState::kSealed) return "";
+  int64_t committed_step;
+  uint64_t job_epoch;
+  bool commit_known;
+  bool dead;
+  {
+    absl::MutexLock lock(&mu_);
+    auto c = committed_.find(job_id);
+    committed_step = c == committed_.end() ? -1 : c->second;
+    auto j = jobs_.find(job_id);
+    job_epoch = j == jobs_.end() ? 0 : j->second.epoch;
+    commit_known = j == jobs_.end() || j->second.commit_known;
+    dead = j != jobs_.end() && j->second.dead_steps.count(h.step) > 0;
+  }
+  if (!commit_known) {
+    return absl::StrCat("step ", h.step, " is kept until this daemon, restarted, learns the job's "
+                        "commit from its coordinator");
+  }
+  if (h.step == committed_step) return absl::StrCat("step ", h.step, " is the committed step");
+  if (h.step < committed_step) return "";                  // superseded by the commit
+  if (h.epoch < job_epoch) return "";                      // an abandoned history (void)
+  if (dead && h.epoch == job_epoch) return "";             // some rank skipped it
+  if (!state.is_protected[i]) {
+    return absl::StrCat("step ", h.step, " is not protected yet (its fragments are not all "
+                        "stored on peers)");
+  }
+  if (!replace_uncommitted) {
+    return absl::StrCat("step ", h.step, " is not committed yet (not every rank of the job has "
+                        "it protected)");
+  }
+  return "";  // protected: its fragments keep it restorable if it commits later
 }
 
 absl::Status SnapshotStore::ValidateManifest(const ShardManifest& m, const RankState& state,
@@ -750,13 +834,29 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
   h->sealed_unix_ms = NowUnixMs();
   h->header_crc32c = ComputeHeaderCrc(*h);
   StoreState(h, SegmentState::kSealed);
+  state->is_protected[index] = false;
+  // Every seal of the rank since this daemon started is seen here, so the previous seal in this
+  // epoch is known, unless the rank's slots were re-adopted (it may have sealed in this epoch
+  // before the restart) and it has not sealed since.
+  int64_t previous_step;
+  if (state->last_seal_step >= -1 && state->last_seal_epoch == h->epoch) {
+    previous_step = state->last_seal_step;
+  } else if (state->last_seal_step == -2 && state->adopted) {
+    previous_step = -2;
+  } else {
+    previous_step = -1;
+  }
+  state->previous_step[index] = previous_step;
+  state->last_seal_step = step;
+  state->last_seal_epoch = h->epoch;
 
   // Where this store decides the job's commits, the older step stays until a commit releases it
   // or a snapshot replaces it: it may be the step the other ranks are about to seal.
   bool commits_decided;
   {
     absl::MutexLock store_lock(&mu_);
-    commits_decided = HoldsWholeJobLocked(job_id) || committed_.count(job_id) > 0;
+    commits_decided =
+        options_.clustered || HoldsWholeJobLocked(job_id) || committed_.count(job_id) > 0;
   }
   SegmentHeader* other = state->slots[1 - index]->header();
   if (!commits_decided && LoadState(*other) == SegmentState::kSealed && other->step < step &&
@@ -773,7 +873,7 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
     int64_t& newest = newest_sealed_[job_id];
     newest = std::max(newest, step);
   }
-  return SealResult{crc, payload_bytes, state->world_size};
+  return SealResult{crc, payload_bytes, state->world_size, h->epoch, previous_step};
 }
 
 std::vector<SnapshotStore::VersionInfo> SnapshotStore::ListVersions(
@@ -797,7 +897,16 @@ std::vector<SnapshotStore::VersionInfo> SnapshotStore::ListVersions(
       const SegmentHeader& h = *seg->header();
       SegmentState s = LoadState(h);
       if (s == SegmentState::kEmpty) continue;
-      out.push_back({key.first, key.second, h.step, h.payload_bytes, h.payload_crc32c, s});
+      VersionInfo v{key.first, key.second, h.step, h.payload_bytes, h.payload_crc32c, s};
+      v.epoch = h.epoch;
+      v.world_size = h.world_size;
+      for (int i = 0; i < 2; ++i) {
+        if (state->slots[i].get() == seg) {
+          v.is_protected = state->is_protected[i];
+          v.previous_step = state->previous_step[i];
+        }
+      }
+      out.push_back(std::move(v));
     }
   }
   std::sort(out.begin(), out.end(), [](const VersionInfo& a, const VersionInfo& b) {
@@ -868,7 +977,7 @@ absl::StatusOr<SnapshotStore::PinnedShard> SnapshotStore::Pin(const std::string&
       ++state->pins[i];
       return PinnedShard{state->slots[i]->payload(), h.payload_bytes,   h.payload_crc32c,
                          h.world_size,               h.manifest_offset, h.manifest_bytes,
-                         static_cast<int64_t>(h.sealed_unix_ms)};
+                         static_cast<int64_t>(h.sealed_unix_ms), h.epoch, state->previous_step[i]};
     }
   }
   return absl::NotFoundError(absl::StrCat(RankName(job_id, rank), " has no sealed step ", step,
@@ -925,25 +1034,20 @@ void SnapshotStore::Commit(const std::string& job_id, int64_t step) {
   for (auto& seg : doomed) DeleteSegment(std::move(seg));
 }
 
-void SnapshotStore::Rollback(const std::string& job_id, int64_t step) {
-  std::vector<std::shared_ptr<RankState>> ranks;
-  {
-    absl::MutexLock lock(&mu_);
-    newest_sealed_[job_id] = step;
-    for (const auto& [key, state] : ranks_) {
-      if (key.first == job_id) ranks.push_back(state);
-    }
-  }
+void SnapshotStore::RollbackRank(const std::string& job_id, uint32_t rank, int64_t step) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return;
   std::vector<std::unique_ptr<Segment>> doomed;
-  for (const auto& state : ranks) {
+  {
     absl::MutexLock lock(&state->mu);
     for (int i = 0; i < 2; ++i) {
       if (!state->slots[i] || state->pins[i] > 0) continue;
       SegmentHeader* h = state->slots[i]->header();
       if (LoadState(*h) == SegmentState::kSealed && h->step > step) {
-        Logger("store")->info("job '{}' resumes from step {}: releasing step {} of the abandoned run",
-                              job_id, step, h->step);
+        Logger("store")->info("{} resumes from step {}: releasing its step {} of the abandoned run",
+                              RankName(job_id, rank), step, h->step);
         StoreState(h, SegmentState::kEmpty);
+        state->is_protected[i] = false;
       }
     }
     auto& retained = state->retained;
@@ -955,8 +1059,58 @@ void SnapshotStore::Rollback(const std::string& job_id, int64_t step) {
         ++it;
       }
     }
+    state->last_seal_step = -1;  // a new run of the rank: nothing sealed in it yet
+    state->last_seal_epoch = 0;
   }
   for (auto& seg : doomed) DeleteSegment(std::move(seg));
+  // The job's newest sealed step is what the ranks still hold.
+  int64_t newest = -1;
+  for (const VersionInfo& v : ListVersions(job_id)) {
+    if (v.state == SegmentState::kSealed) newest = std::max(newest, v.step);
+  }
+  absl::MutexLock lock(&mu_);
+  newest_sealed_[job_id] = newest;
+}
+
+void SnapshotStore::SetJobState(const std::string& job_id, uint64_t epoch, int64_t committed_step,
+                                const std::vector<int64_t>& dead_steps) {
+  {
+    absl::MutexLock lock(&mu_);
+    JobView& job = jobs_[job_id];
+    job.commit_known = true;
+    if (epoch > job.epoch) {
+      job.epoch = epoch;
+      job.dead_steps.clear();
+    }
+    if (epoch == job.epoch) {
+      job.dead_steps.insert(dead_steps.begin(), dead_steps.end());
+      while (job.dead_steps.size() > 256) job.dead_steps.erase(job.dead_steps.begin());
+    }
+  }
+  if (committed_step >= 0) Commit(job_id, committed_step);
+}
+
+uint64_t SnapshotStore::epoch(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  return it == jobs_.end() ? 0 : it->second.epoch;
+}
+
+bool SnapshotStore::CommitKnown(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  return it == jobs_.end() || it->second.commit_known;
+}
+
+void SnapshotStore::MarkProtected(const std::string& job_id, uint32_t rank, int64_t step) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return;
+  absl::MutexLock lock(&state->mu);
+  for (int i = 0; i < 2; ++i) {
+    if (!state->slots[i]) continue;
+    const SegmentHeader& h = *state->slots[i]->header();
+    if (LoadState(h) == SegmentState::kSealed && h.step == step) state->is_protected[i] = true;
+  }
 }
 
 absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <utility>
@@ -66,6 +67,11 @@ class SnapshotStore {
     // Whether the process that registered a rank still runs. Defaults to a /proc check of the
     // pid and its start time (so a reused pid is not mistaken for the old trainer).
     std::function<bool(pid_t pid, uint64_t start_ticks)> process_alive;
+    // Commits are decided by the job's coordinator in a cluster (docs/PROTOCOL.md) and learned
+    // through SetJobState: a sealed step is kept until it is protected (MarkProtected) or
+    // released by a commit, a new epoch or a dead step; after a restart, every re-adopted sealed
+    // slot is kept until the job's state is learned.
+    bool clustered = false;
     // Called before each slot segment is created, with no lock held (tests stall it there).
     std::function<void(const std::string& job_id, uint32_t rank)> before_slot_created;
   };
@@ -81,6 +87,9 @@ class SnapshotStore {
     uint32_t payload_crc32c = 0;
     uint64_t payload_bytes = 0;
     uint32_t world_size = 0;
+    uint64_t epoch = 0;
+    // The rank's previous seal in this epoch: -1 none, -2 unknown (the daemon restarted since).
+    int64_t previous_step = -2;
   };
 
   struct VersionInfo {
@@ -90,6 +99,10 @@ class SnapshotStore {
     uint64_t payload_bytes = 0;
     uint32_t payload_crc32c = 0;
     SegmentState state = SegmentState::kEmpty;
+    uint64_t epoch = 0;
+    bool is_protected = false;  // clustered: its fragments are all stored
+    uint32_t world_size = 0;
+    int64_t previous_step = -2;  // as in SealResult
   };
 
   struct RestoreInfo {
@@ -161,6 +174,8 @@ class SnapshotStore {
     uint64_t manifest_offset = 0;
     uint64_t manifest_bytes = 0;
     int64_t sealed_unix_ms = 0;
+    uint64_t epoch = 0;
+    int64_t previous_step = -2;  // SealResult::previous_step
   };
   // Pins sealed (job, rank, step). REQUIRES: a matching Unpin. kNotFound if not sealed here.
   absl::StatusOr<PinnedShard> Pin(const std::string& job_id, uint32_t rank, int64_t step);
@@ -169,8 +184,21 @@ class SnapshotStore {
   // `step` of the job is protected on every rank: it is kept as the restore point, and every
   // older sealed step of the job's ranks here is released. Idempotent; older commits are ignored.
   void Commit(const std::string& job_id, int64_t step);
-  // The job resumes from `step`: sealed steps after it, on every rank here, are released.
-  void Rollback(const std::string& job_id, int64_t step);
+  // Rank `rank` of the job resumes from `step`: its sealed steps after it are released. Other
+  // ranks are never touched (docs/PROTOCOL.md, Restore).
+  void RollbackRank(const std::string& job_id, uint32_t rank, int64_t step);
+  // Clustered: what the job's coordinator says (docs/PROTOCOL.md). The epoch new snapshots are
+  // sealed in, the committed step (older sealed steps are released, as by Commit), and steps
+  // of that epoch that can never commit. Only grows: an older epoch or commit is ignored.
+  void SetJobState(const std::string& job_id, uint64_t epoch, int64_t committed_step,
+                   const std::vector<int64_t>& dead_steps);
+  // The job's epoch here (0 before any is learned).
+  uint64_t epoch(const std::string& job_id) const;
+  // Whether this store has learned the job's commit state since it started (clustered), so
+  // that a sealed slot which is not the commit may be reused.
+  bool CommitKnown(const std::string& job_id) const;
+  // Clustered: the sealed (job, rank, step) has all its fragments stored. No-op if not held.
+  void MarkProtected(const std::string& job_id, uint32_t rank, int64_t step);
   // The newest committed step of the job known here, -1 if none.
   int64_t committed(const std::string& job_id) const;
 
@@ -223,6 +251,7 @@ class SnapshotStore {
 
   Stats stats() const;
   const std::string& directory() const { return options_.directory; }
+  bool clustered() const { return options_.clustered; }
 
  private:
   struct Slot {
@@ -239,6 +268,12 @@ class SnapshotStore {
     SlotLayout layout ABSL_GUARDED_BY(mu);
     std::unique_ptr<Segment> slots[2] ABSL_GUARDED_BY(mu);
     int pins[2] ABSL_GUARDED_BY(mu) = {0, 0};  // protection reading the slot
+    bool is_protected[2] ABSL_GUARDED_BY(mu) = {false, false};
+    int64_t previous_step[2] ABSL_GUARDED_BY(mu) = {-2, -2};  // SealResult::previous_step
+    // The rank's newest seal since this daemon started, and its epoch (-2: none seen).
+    int64_t last_seal_step ABSL_GUARDED_BY(mu) = -2;
+    uint64_t last_seal_epoch ABSL_GUARDED_BY(mu) = 0;
+    bool adopted ABSL_GUARDED_BY(mu) = false;  // re-adopted at start: its history is unknown
     // Sealed segments of an earlier layout, kept until the new layout seals a step.
     std::vector<std::unique_ptr<Segment>> retained ABSL_GUARDED_BY(mu);
     // A Register is creating (and pre-faulting) this rank's slots with mu released, so that
@@ -271,6 +306,19 @@ class SnapshotStore {
   std::map<std::string, int64_t> committed_ ABSL_GUARDED_BY(mu_);  // by job
   std::map<std::string, int64_t> newest_sealed_ ABSL_GUARDED_BY(mu_);  // by job, any rank
   std::map<std::string, uint32_t> world_size_ ABSL_GUARDED_BY(mu_);     // by job
+  // Clustered: what the coordinator said of each job (SetJobState).
+  struct JobView {
+    uint64_t epoch = 0;
+    bool commit_known = true;  // false for jobs re-adopted at start until SetJobState
+    std::set<int64_t> dead_steps;
+  };
+  std::map<std::string, JobView> jobs_ ABSL_GUARDED_BY(mu_);
+  // Marks slot `index` WRITING `step` of (job, rank) in `epoch`.
+  void ClaimSlot(RankState* state, int index, const std::string& job_id, uint32_t rank,
+                 int64_t step, uint64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu);
+  // Why sealed slot `i` of `state` may not be reused now ("" when it may). Clustered only.
+  std::string SlotBusyReason(const RankState& state, int i, const std::string& job_id,
+                             bool replace_uncommitted) const ABSL_SHARED_LOCKS_REQUIRED(state.mu);
   bool HoldsWholeJobLocked(const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 

@@ -62,9 +62,11 @@ class SnapshotStoreTest : public ::testing::Test {
   }
 
   void OpenStore(uint64_t capacity = 64 << 20,
-                 std::function<void(const std::string&, uint32_t)> before_slot_created = {}) {
+                 std::function<void(const std::string&, uint32_t)> before_slot_created = {},
+                 bool clustered = false) {
     store_.reset();
     SnapshotStore::Options options;
+    options.clustered = clustered;
     options.directory = dir_;
     options.capacity_bytes = capacity;
     options.crc_threads = 2;
@@ -557,6 +559,119 @@ TEST_F(SnapshotStoreTest, CommittedStepIsKeptAndPinnedSlotsAreNotOverwritten) {
   store_->Commit(job_, 2);  // an older commit changes nothing
   EXPECT_EQ(store_->committed(job_), 3);
   EXPECT_EQ(store_->Pin(job_, 0, 4).status().code(), absl::StatusCode::kNotFound);
+}
+
+// docs/PROTOCOL.md, owner side: in a cluster a sealed step is reused only once it is protected
+// (skip policy), committed past, of a void epoch or dead; under the wait policy a rank holds at
+// most one live uncommitted step.
+TEST_F(SnapshotStoreTest, ClusteredSealedStepIsKeptUntilProtectedCommittedVoidOrDead) {
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  Caller t = Trainer(100);
+  auto reg = Register(t);
+  ASSERT_TRUE(reg.ok()) << reg.status();
+  store_->SetJobState(job_, 7, -1, {});
+  auto snap = [&](int64_t step, bool replace) -> absl::Status {
+    auto slot = store_->BeginSnapshot(job_, 0, step, t, replace);
+    if (!slot.ok()) return slot.status();
+    WriteSnapshot(*reg, *slot, step);
+    auto sealed = store_->SealSnapshot(job_, 0, step, manifest_bytes_, t);
+    if (sealed.ok()) {
+      EXPECT_EQ(sealed->epoch, 7u);
+    }
+    return sealed.status();
+  };
+  ASSERT_TRUE(snap(10, true).ok());
+  ASSERT_TRUE(snap(20, true).ok());  // the other slot was free
+  // Both slots hold unprotected steps: nothing may be overwritten, whatever the policy.
+  absl::Status busy = snap(30, true);
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+  EXPECT_NE(busy.message().find("not protected yet"), std::string::npos) << busy;
+  // Step 10 protected: the skip policy may overwrite it (its fragments keep it), the wait policy
+  // may not (it waits for step 10's commit).
+  store_->MarkProtected(job_, 0, 10);
+  busy = snap(30, false);
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+  ASSERT_TRUE(snap(30, true).ok());
+  auto versions = store_->ListVersions(job_);
+  ASSERT_EQ(versions.size(), 2u);
+  EXPECT_EQ(versions[0].step, 20);
+  EXPECT_EQ(versions[1].step, 30);
+  EXPECT_EQ(versions[1].previous_step, 20);  // the previous seal of the rank in this epoch
+  EXPECT_EQ(versions[0].previous_step, 10);
+  // Step 20 is committed: it stays; 30 unprotected stays too.
+  store_->SetJobState(job_, 7, 20, {});
+  busy = snap(40, true);
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+  // Step 30 is dead (another rank skipped it): it may go.
+  store_->SetJobState(job_, 7, 20, {30});
+  ASSERT_TRUE(snap(40, false).ok());
+  // A new epoch (the job resumed elsewhere) voids uncommitted step 40 of epoch 7.
+  store_->SetJobState(job_, 9, 20, {});
+  auto slot = store_->BeginSnapshot(job_, 0, 50, t, /*replace_uncommitted=*/false);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  versions = store_->ListVersions(job_);
+  EXPECT_EQ(versions[0].step, 20);
+  EXPECT_EQ(versions[0].state, SegmentState::kSealed);
+}
+
+// A restarted clustered daemon keeps every re-adopted slot until it learns the job's state, so
+// a restart can never leave a step that blocks the wait policy nor lose an uncommitted one.
+TEST_F(SnapshotStoreTest, ClusteredRestartKeepsEverySlotUntilTheJobStateIsKnown) {
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  Caller t = Trainer(100);
+  auto reg = Register(t);
+  ASSERT_TRUE(reg.ok());
+  store_->SetJobState(job_, 3, -1, {});
+  for (int64_t step : {5, 6}) {
+    auto slot = store_->BeginSnapshot(job_, 0, step, t);
+    ASSERT_TRUE(slot.ok()) << slot.status();
+    WriteSnapshot(*reg, *slot, step);
+    ASSERT_TRUE(store_->SealSnapshot(job_, 0, step, manifest_bytes_, t).ok());
+  }
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  EXPECT_FALSE(store_->CommitKnown(job_));
+  Caller t2 = Trainer(101);
+  reg = Register(t2);
+  ASSERT_TRUE(reg.ok()) << reg.status();
+  auto refused = store_->BeginSnapshot(job_, 0, 7, t2);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  auto versions = store_->ListVersions(job_);
+  ASSERT_EQ(versions.size(), 2u);
+  EXPECT_EQ(versions[0].epoch, 3u);  // the epoch survives in the slot header
+  EXPECT_EQ(versions[1].previous_step, -2);  // unknown after a restart
+  store_->SetJobState(job_, 3, 5, {});  // the coordinator says: 5 is committed
+  auto slot = store_->BeginSnapshot(job_, 0, 7, t2, /*replace_uncommitted=*/true);
+  EXPECT_EQ(slot.status().code(), absl::StatusCode::kUnavailable)
+      << "step 6 is not protected yet: " << slot.status();
+  store_->MarkProtected(job_, 0, 6);
+  slot = store_->BeginSnapshot(job_, 0, 7, t2, /*replace_uncommitted=*/true);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  versions = store_->ListVersions(job_);
+  EXPECT_EQ(versions[0].step, 5);
+}
+
+// A rank that resumes releases only its own later steps; other ranks keep theirs.
+TEST_F(SnapshotStoreTest, RollbackRankTouchesOnlyThatRank) {
+  world_ = 2;  // both ranks here: this store decides commits and keeps step 1 after step 2
+  Caller t0 = Trainer(100), t1 = Trainer(101);
+  auto reg0 = Register(t0, 0);
+  auto reg1 = Register(t1, 1);
+  ASSERT_TRUE(reg0.ok() && reg1.ok());
+  for (int64_t step : {1, 2}) {
+    for (uint32_t rank : {0u, 1u}) {
+      const Caller& t = rank == 0 ? t0 : t1;
+      auto slot = store_->BeginSnapshot(job_, rank, step, t);
+      ASSERT_TRUE(slot.ok()) << slot.status();
+      WriteSnapshot(rank == 0 ? *reg0 : *reg1, *slot, step, rank);
+      ASSERT_TRUE(store_->SealSnapshot(job_, rank, step, manifest_bytes_, t).ok());
+    }
+  }
+  store_->RollbackRank(job_, 0, 1);
+  std::vector<std::pair<uint32_t, int64_t>> sealed;
+  for (const auto& v : store_->ListVersions(job_)) {
+    if (v.state == SegmentState::kSealed) sealed.emplace_back(v.rank, v.step);
+  }
+  EXPECT_EQ(sealed, (std::vector<std::pair<uint32_t, int64_t>>{{0, 1}, {1, 1}, {1, 2}}));
 }
 
 TEST_F(SnapshotStoreTest, UnregisterKeepsOrDropsSnapshots) {

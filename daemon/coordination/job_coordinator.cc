@@ -1,0 +1,194 @@
+#include "daemon/coordination/job_coordinator.h"
+
+#include <algorithm>
+#include <tuple>
+
+namespace tessera {
+
+bool CommitRecord::NewerThan(const CommitRecord& other) const {
+  if (empty()) return false;
+  if (other.empty()) return true;
+  return std::tie(epoch, step) > std::tie(other.epoch, other.step);
+}
+
+const CommitRecord::Rank* CommitRecord::Find(uint32_t rank) const {
+  for (const Rank& r : ranks) {
+    if (r.rank == rank) return &r;
+  }
+  return nullptr;
+}
+
+JobCoordinator::Job& JobCoordinator::FindOrCreate(const std::string& job_id) {
+  return jobs_[job_id];
+}
+
+bool JobCoordinator::IsDead(const Job& job, int64_t step) const {
+  if (job.dead.count(step) > 0) return true;
+  for (const auto& [rank, intervals] : job.intervals) {
+    for (const auto& [previous, next] : intervals) {
+      if (previous < step && step < next) return true;
+    }
+  }
+  return false;
+}
+
+void JobCoordinator::EnterEpoch(Job* job, uint64_t epoch, bool resumed_known) {
+  job->epoch = epoch;
+  job->open.clear();
+  job->intervals.clear();
+  job->dead.clear();
+  job->resumed.clear();
+  job->resumed_known = resumed_known;
+}
+
+JobState JobCoordinator::StateOf(const std::string& job_id, const Job& job) const {
+  JobState state;
+  state.job_id = job_id;
+  state.epoch = job.epoch;
+  state.committed = job.committed;
+  state.dead_steps.assign(job.dead.begin(), job.dead.end());
+  return state;
+}
+
+JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
+  absl::MutexLock lock(&mu_);
+  Job& job = FindOrCreate(report.job_id);
+  Outcome outcome;
+  if (report.epoch < job.epoch || report.world_size == 0 || report.rank >= report.world_size) {
+    outcome.state = StateOf(report.job_id, job);
+    return outcome;
+  }
+  if (report.epoch > job.epoch) EnterEpoch(&job, report.epoch, /*resumed_known=*/false);
+  job.world_size = std::max(job.world_size, report.world_size);
+  const bool at_or_before_commit =
+      !job.committed.empty() && job.committed.epoch == job.epoch && report.step <= job.committed.step;
+  if (at_or_before_commit) {
+    outcome.state = StateOf(report.job_id, job);
+    return outcome;
+  }
+  // What this report says of the rank's history: steps strictly between its previous seal and
+  // this one were never sealed by the rank in this epoch.
+  size_t dead_before = job.dead.size();
+  if (report.previous_step != kUnknownStep && report.previous_step < report.step) {
+    auto& intervals = job.intervals[report.rank];
+    const std::pair<int64_t, int64_t> interval{report.previous_step, report.step};
+    if (std::find(intervals.begin(), intervals.end(), interval) == intervals.end()) {
+      intervals.push_back(interval);
+      while (intervals.size() > limits_.max_intervals_per_rank) intervals.pop_front();
+    }
+    for (auto it = job.open.begin(); it != job.open.end();) {
+      if (report.previous_step < it->first && it->first < report.step) {
+        job.dead.insert(it->first);
+        it = job.open.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (IsDead(job, report.step)) {
+    job.dead.insert(report.step);
+    job.open.erase(report.step);
+  } else {
+    job.open[report.step][report.rank] = report;
+    job.nodes.insert(report.owner);
+    job.nodes.insert(report.holders.begin(), report.holders.end());
+    while (job.open.size() > limits_.max_open_steps) job.open.erase(job.open.begin());
+  }
+  while (job.dead.size() > limits_.max_dead_steps) job.dead.erase(job.dead.begin());
+  const bool new_dead = job.dead.size() != dead_before;
+
+  auto complete = job.open.find(report.step);
+  CommitRecord record;
+  if (complete != job.open.end() && complete->second.size() >= job.world_size) {
+    record.epoch = job.epoch;
+    record.step = report.step;
+    std::set<std::string> nodes;
+    for (uint32_t rank = 0; rank < job.world_size; ++rank) {
+      auto r = complete->second.find(rank);
+      if (r == complete->second.end()) break;  // the world grew: not complete after all
+      record.ranks.push_back({rank, r->second.shard_crc32c, r->second.shard_bytes});
+      nodes.insert(r->second.owner);
+      nodes.insert(r->second.holders.begin(), r->second.holders.end());
+    }
+    record.nodes.assign(nodes.begin(), nodes.end());
+  }
+  if (complete != job.open.end() && complete->second.size() >= job.world_size &&
+      record.ranks.size() == job.world_size) {
+    job.committed = std::move(record);
+    job.open.erase(job.open.begin(), job.open.upper_bound(report.step));
+    outcome.committed_now = true;
+  }
+  outcome.state = StateOf(report.job_id, job);
+  if (outcome.committed_now || new_dead) {
+    outcome.push_to.assign(job.nodes.begin(), job.nodes.end());
+  }
+  if (outcome.committed_now) {
+    // Nodes that held only older steps have been told; from now on the job's nodes are those of
+    // the commit and of the steps still open.
+    job.nodes.clear();
+    job.nodes.insert(job.committed.nodes.begin(), job.committed.nodes.end());
+    for (const auto& [step, ranks] : job.open) {
+      for (const auto& [rank, r] : ranks) {
+        job.nodes.insert(r.owner);
+        job.nodes.insert(r.holders.begin(), r.holders.end());
+      }
+    }
+  }
+  return outcome;
+}
+
+void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record,
+                           uint64_t epoch) {
+  absl::MutexLock lock(&mu_);
+  Job& job = FindOrCreate(job_id);
+  const uint64_t newest_epoch = std::max(epoch, record.empty() ? 0 : record.epoch);
+  if (newest_epoch > job.epoch) EnterEpoch(&job, newest_epoch, /*resumed_known=*/false);
+  if (record.NewerThan(job.committed)) {
+    job.committed = record;
+    job.nodes.insert(record.nodes.begin(), record.nodes.end());
+    if (record.epoch == job.epoch) {
+      job.open.erase(job.open.begin(), job.open.upper_bound(record.step));
+    }
+  }
+}
+
+uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms) {
+  absl::MutexLock lock(&mu_);
+  Job& job = FindOrCreate(job_id);
+  if (!job.resumed_known || job.resumed.count(rank) > 0) {
+    const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
+    EnterEpoch(&job, std::max(floor, now_ms), /*resumed_known=*/true);
+  }
+  job.resumed.insert(rank);
+  return job.epoch;
+}
+
+JobState JobCoordinator::State(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) {
+    JobState state;
+    state.job_id = job_id;
+    return state;
+  }
+  return StateOf(job_id, it->second);
+}
+
+std::vector<std::string> JobCoordinator::Nodes(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return {};
+  return {it->second.nodes.begin(), it->second.nodes.end()};
+}
+
+void JobCoordinator::Forget(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  jobs_.erase(job_id);
+}
+
+size_t JobCoordinator::jobs() const {
+  absl::MutexLock lock(&mu_);
+  return jobs_.size();
+}
+
+}  // namespace tessera

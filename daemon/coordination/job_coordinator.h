@@ -1,0 +1,134 @@
+// JobCoordinator: the coordinator's side of docs/PROTOCOL.md, transport-free. It keeps, for each
+// job this daemon coordinates, the job's epoch, its newest commit record, the protection reports
+// of the steps that are still open, and what it learned about which steps can never commit.
+// Everything here is soft state: owners re-send their reports, so a coordinator that restarts or
+// takes over rebuilds it from the job's daemons alone.
+//
+// Work is per job: a report touches only its job, and a commit names only the job's nodes.
+//
+// Thread-safe.
+#ifndef TESSERA_DAEMON_COORDINATION_JOB_COORDINATOR_H_
+#define TESSERA_DAEMON_COORDINATION_JOB_COORDINATOR_H_
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+
+namespace tessera {
+
+// A committed step: every rank of the job reported it protected in `epoch`.
+struct CommitRecord {
+  struct Rank {
+    uint32_t rank = 0;
+    uint32_t shard_crc32c = 0;
+    uint64_t shard_bytes = 0;
+  };
+  uint64_t epoch = 0;
+  int64_t step = -1;  // -1: nothing committed
+  std::vector<Rank> ranks;         // by rank, one per rank of the world
+  std::vector<std::string> nodes;  // owners and holders of the step, sorted
+
+  bool empty() const { return step < 0; }
+  // Ordered by (epoch, step): a commit of a newer epoch is newer whatever its step.
+  bool NewerThan(const CommitRecord& other) const;
+  // The committed digest of `rank`, or nullptr.
+  const Rank* Find(uint32_t rank) const;
+};
+
+// What the coordinator tells an owner or a node of the job.
+struct JobState {
+  std::string job_id;
+  uint64_t epoch = 0;
+  CommitRecord committed;
+  std::vector<int64_t> dead_steps;  // steps of `epoch` that can never commit (recent ones)
+};
+
+// One owner's report that (job, rank, step) is protected.
+struct ProtectedReport {
+  std::string job_id;
+  uint32_t world_size = 0;  // registered; > 0
+  uint64_t epoch = 0;
+  uint32_t rank = 0;
+  int64_t step = 0;
+  // The rank's previous seal in this epoch: -1 none, kUnknownStep when the owner does not know
+  // (it restarted since).
+  int64_t previous_step = -1;
+  uint32_t shard_crc32c = 0;
+  uint64_t shard_bytes = 0;
+  std::string owner;                 // node id
+  std::vector<std::string> holders;  // node ids
+};
+
+inline constexpr int64_t kUnknownStep = -2;
+
+class JobCoordinator {
+ public:
+  struct Limits {
+    size_t max_open_steps = 64;       // per job; the oldest are forgotten (owners re-report)
+    size_t max_intervals_per_rank = 16;
+    size_t max_dead_steps = 64;       // remembered per job
+  };
+  JobCoordinator() : JobCoordinator(Limits()) {}
+  explicit JobCoordinator(Limits limits) : limits_(limits) {}
+
+  struct Outcome {
+    JobState state;                 // the reply to the reporter
+    // Nodes to push `state` to: the job's nodes when a step was committed or found dead.
+    std::vector<std::string> push_to;
+    bool committed_now = false;
+  };
+  // Records a report. A report of an older epoch, or of a step at or before the commit, changes
+  // nothing. A report of a newer epoch moves the job to it (open steps of the older one are void).
+  // When every rank of the world has reported a step, it is committed. REQUIRES: world_size > 0.
+  Outcome Report(const ProtectedReport& report);
+
+  // Adopts a commit record (and its epoch) learned from a node of the job.
+  void Learn(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
+
+  // A rank asks to resume. Starts a new epoch when this rank already resumed in the current one
+  // (a restart), or when this coordinator has no record of who resumed (it just took over);
+  // `now_ms` bounds the new epoch from below, so that it outgrows what another coordinator may
+  // have handed out. Returns the epoch the job's new snapshots are sealed in.
+  uint64_t Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms);
+
+  JobState State(const std::string& job_id) const;
+  // The nodes named by the job's commit record and open reports, sorted.
+  std::vector<std::string> Nodes(const std::string& job_id) const;
+  // Forgets a job (dropped by its owner).
+  void Forget(const std::string& job_id);
+  size_t jobs() const;
+
+ private:
+  struct Job {
+    uint64_t epoch = 0;
+    uint32_t world_size = 0;
+    CommitRecord committed;
+    std::map<int64_t, std::map<uint32_t, ProtectedReport>> open;  // step -> rank -> report
+    // Per rank: recent (previous, step) seal intervals of this epoch; steps strictly inside one
+    // were never sealed by that rank in this epoch, so they can never commit.
+    std::map<uint32_t, std::deque<std::pair<int64_t, int64_t>>> intervals;
+    std::set<int64_t> dead;
+    std::set<uint32_t> resumed;  // ranks that resumed in this epoch
+    bool resumed_known = false;  // false: state rebuilt after a takeover
+    std::set<std::string> nodes;
+  };
+  bool IsDead(const Job& job, int64_t step) const;
+  void EnterEpoch(Job* job, uint64_t epoch, bool resumed_known);
+  JobState StateOf(const std::string& job_id, const Job& job) const;
+  Job& FindOrCreate(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Limits limits_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_COORDINATION_JOB_COORDINATOR_H_

@@ -1,0 +1,143 @@
+#include "daemon/coordination/job_coordinator.h"
+
+#include <cstdint>
+#include <random>
+
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+ProtectedReport MakeReport(uint32_t rank, int64_t step, int64_t previous, uint64_t epoch = 1,
+                           uint32_t world = 3) {
+  ProtectedReport r;
+  r.job_id = "j";
+  r.world_size = world;
+  r.epoch = epoch;
+  r.rank = rank;
+  r.step = step;
+  r.previous_step = previous;
+  r.shard_crc32c = static_cast<uint32_t>(0x1000 * (rank + 1) + step);
+  r.shard_bytes = 4096 + rank;
+  r.owner = "n" + std::to_string(rank);
+  r.holders = {"h" + std::to_string(rank), "h" + std::to_string(rank + 1)};
+  return r;
+}
+
+TEST(JobCoordinatorTest, CommitsOnlyWhenEveryRankOfTheRegisteredWorldReported) {
+  JobCoordinator c;
+  EXPECT_FALSE(c.Report(MakeReport(0, 10, -1)).committed_now);
+  EXPECT_FALSE(c.Report(MakeReport(1, 10, -1)).committed_now);
+  EXPECT_FALSE(c.Report(MakeReport(1, 10, -1)).committed_now);  // a repeat changes nothing
+  JobCoordinator::Outcome last = c.Report(MakeReport(2, 10, -1));
+  ASSERT_TRUE(last.committed_now);
+  EXPECT_EQ(last.state.committed.step, 10);
+  EXPECT_EQ(last.state.committed.epoch, 1u);
+  ASSERT_EQ(last.state.committed.ranks.size(), 3u);
+  EXPECT_EQ(last.state.committed.ranks[2].shard_crc32c, MakeReport(2, 10, -1).shard_crc32c);
+  // The commit goes to every owner and holder of the job.
+  EXPECT_EQ(last.push_to, (std::vector<std::string>{"h0", "h1", "h2", "h3", "n0", "n1", "n2"}));
+  // A late duplicate is answered with the state and commits nothing again.
+  JobCoordinator::Outcome again = c.Report(MakeReport(0, 10, -1));
+  EXPECT_FALSE(again.committed_now);
+  EXPECT_EQ(again.state.committed.step, 10);
+}
+
+TEST(JobCoordinatorTest, ReportsOfAnOlderEpochAreIgnored) {
+  JobCoordinator c;
+  c.Report(MakeReport(0, 20, -1, /*epoch=*/5));
+  c.Report(MakeReport(1, 20, -1, /*epoch=*/4));  // a stale report from an abandoned history
+  EXPECT_FALSE(c.Report(MakeReport(2, 20, -1, /*epoch=*/5)).committed_now);
+  EXPECT_TRUE(c.Report(MakeReport(1, 20, -1, /*epoch=*/5)).committed_now);
+}
+
+TEST(JobCoordinatorTest, ANewerEpochVoidsTheOpenStepsOfTheOlder) {
+  JobCoordinator c;
+  c.Report(MakeReport(0, 30, -1, 1));
+  c.Report(MakeReport(1, 30, -1, 1));
+  c.Report(MakeReport(2, 40, -1, 2));  // the job moved on to epoch 2
+  // Rank 2's epoch-1 report of step 30 now comes too late to complete it.
+  EXPECT_FALSE(c.Report(MakeReport(2, 30, -1, 1)).committed_now);
+  EXPECT_EQ(c.State("j").epoch, 2u);
+  EXPECT_TRUE(c.State("j").committed.empty());
+}
+
+TEST(JobCoordinatorTest, AStepSomeRankSkippedIsDeadAndNeverCommits) {
+  JobCoordinator c;
+  c.Report(MakeReport(0, 10, -1));
+  c.Report(MakeReport(1, 10, -1));
+  c.Report(MakeReport(2, 10, -1));  // committed 10
+  c.Report(MakeReport(0, 20, 10));
+  c.Report(MakeReport(1, 20, 10));
+  // Rank 2 sealed 30 right after 10: it skipped 20.
+  JobCoordinator::Outcome o = c.Report(MakeReport(2, 30, 10));
+  EXPECT_EQ(o.state.dead_steps, std::vector<int64_t>{20});
+  EXPECT_FALSE(o.push_to.empty());  // holders of step 20 are told to drop it
+  // A late report of 20 from rank 2 would be impossible; from rank 0 again it stays dead.
+  EXPECT_FALSE(c.Report(MakeReport(0, 20, 10)).committed_now);
+  c.Report(MakeReport(0, 30, 20));
+  EXPECT_TRUE(c.Report(MakeReport(1, 30, 20)).committed_now);
+  EXPECT_EQ(c.State("j").committed.step, 30);
+}
+
+TEST(JobCoordinatorTest, ResumeStartsANewEpochOncePerRestart) {
+  JobCoordinator c;
+  const uint64_t e1 = c.Resume("j", 0, 1000);  // a coordinator that knows nothing: new epoch
+  EXPECT_EQ(c.Resume("j", 1, 1001), e1);       // the other ranks of the same restart join it
+  EXPECT_EQ(c.Resume("j", 2, 1002), e1);
+  const uint64_t e2 = c.Resume("j", 1, 1003);  // rank 1 restarts again: a new history
+  EXPECT_GT(e2, e1);
+  // A takeover knows only what owners tell it; its epochs still grow.
+  JobCoordinator other;
+  other.Learn("j", CommitRecord(), e2);
+  EXPECT_GT(other.Resume("j", 0, 5), e2);
+}
+
+TEST(JobCoordinatorTest, LearnedCommitsOnlyGrowByEpochThenStep) {
+  JobCoordinator c;
+  CommitRecord a;
+  a.epoch = 3;
+  a.step = 50;
+  a.ranks = {{0, 1, 1}};
+  CommitRecord b = a;
+  b.epoch = 4;
+  b.step = 10;  // a newer epoch wins whatever its step
+  c.Learn("j", a, 3);
+  c.Learn("j", b, 4);
+  c.Learn("j", a, 3);
+  EXPECT_EQ(c.State("j").committed.epoch, 4u);
+  EXPECT_EQ(c.State("j").committed.step, 10);
+}
+
+// Random interleavings of the same reports (with duplicates) always commit the same steps.
+TEST(JobCoordinatorTest, OrderAndDuplicatesDoNotChangeTheOutcome) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<ProtectedReport> reports;
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    int64_t previous = -1;
+    for (int64_t step = 10; step <= 50; step += 10) {
+      if (rank == 1 && step == 30) continue;  // rank 1 skips 30: it can never commit
+      reports.push_back(MakeReport(rank, step, previous));
+      previous = step;
+    }
+  }
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<ProtectedReport> order = reports;
+    for (int d = 0; d < 5; ++d) order.push_back(reports[rng() % reports.size()]);
+    std::shuffle(order.begin(), order.end(), rng);
+    JobCoordinator c;
+    std::vector<int64_t> commits;
+    for (const ProtectedReport& r : order) {
+      JobCoordinator::Outcome o = c.Report(r);
+      if (o.committed_now) commits.push_back(o.state.committed.step);
+      ASSERT_NE(o.state.committed.step, 30);
+    }
+    EXPECT_EQ(c.State("j").committed.step, 50);
+    for (size_t i = 1; i < commits.size(); ++i) EXPECT_GT(commits[i], commits[i - 1]);
+  }
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,168 @@
+#include "daemon/coordination/service.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/status.h"
+#include "daemon/cluster_token.h"
+#include "daemon/snapshot_store.h"
+
+namespace tessera {
+
+using coordination_wire::FromProto;
+using coordination_wire::ToProto;
+
+absl::StatusOr<NodeIdentity> CoordinationService::Admit(
+    const grpc::ServerContext& context, const coordination::NodeIdentity& from) const {
+  if (!options_.token.empty()) {
+    TESSERA_RETURN_IF_ERROR(CheckClusterToken(context, options_.token, "coordination calls"));
+  }
+  if (from.node_id().empty() || from.node_id().size() > 256 || from.incarnation() == 0) {
+    return absl::InvalidArgumentError(
+        "from: the sender's node_id (1..256 bytes) and incarnation (> 0) are required");
+  }
+  if (options_.is_fenced && options_.is_fenced(from.node_id(), from.incarnation())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("node '", from.node_id(), "' incarnation ", from.incarnation(),
+                     " is fenced: a newer incarnation of that node is a member"));
+  }
+  return FromProto(from);
+}
+
+grpc::Status CoordinationService::ReportProtected(
+    grpc::ServerContext* context, const coordination::ReportProtectedRequest* request,
+    coordination::JobState* response) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    ProtectedReport report;
+    TESSERA_RETURN_IF_ERROR(FromProto(*request, &report));
+    TESSERA_ASSIGN_OR_RETURN(JobState state, handler_->OnReport(from, report));
+    ToProto(state, response);
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(status);
+}
+
+grpc::Status CoordinationService::PushJobState(grpc::ServerContext* context,
+                                               const coordination::PushJobStateRequest* request,
+                                               coordination::PushJobStateResponse*) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    JobState state;
+    TESSERA_RETURN_IF_ERROR(FromProto(request->state(), &state));
+    return handler_->OnPush(from, state);
+  }();
+  return ToGrpcStatus(status);
+}
+
+grpc::Status CoordinationService::ResolveRestore(
+    grpc::ServerContext* context, const coordination::ResolveRestoreRequest* request,
+    coordination::ResolveRestoreResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    ResolveQuestion question;
+    TESSERA_RETURN_IF_ERROR(FromProto(*request, &question));
+    TESSERA_ASSIGN_OR_RETURN(ResolveAnswer answer, handler_->OnResolve(from, question));
+    ToProto(answer, response);
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(status);
+}
+
+grpc::Status CoordinationService::ListJob(grpc::ServerContext* context,
+                                          const coordination::ListJobRequest* request,
+                                          coordination::ListJobResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    TESSERA_ASSIGN_OR_RETURN(JobListing listing, handler_->OnListJob(from, request->job_id()));
+    ToProto(listing, response);
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(status);
+}
+
+std::shared_ptr<coordination::Coordination::Stub> GrpcCoordinationClient::Stub(
+    const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto it = stubs_.find(address);
+  if (it != stubs_.end()) {
+    lru_.splice(lru_.begin(), lru_, it->second.second);
+    return it->second.first;
+  }
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  auto stub = coordination::Coordination::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  std::shared_ptr<coordination::Coordination::Stub> shared(std::move(stub));
+  lru_.push_front(address);
+  stubs_[address] = {shared, lru_.begin()};
+  while (stubs_.size() > options_.max_channels) {
+    stubs_.erase(lru_.back());
+    lru_.pop_back();
+  }
+  return shared;
+}
+
+void GrpcCoordinationClient::Prepare(grpc::ClientContext* context, absl::Duration timeout) const {
+  context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  if (!options_.token.empty()) context->AddMetadata(kClusterTokenMetadataKey, options_.token);
+}
+
+absl::StatusOr<JobState> GrpcCoordinationClient::Report(const std::string& address,
+                                                        const ProtectedReport& report) {
+  coordination::ReportProtectedRequest request;
+  ToProto(options_.self, request.mutable_from());
+  ToProto(report, &request);
+  coordination::JobState response;
+  grpc::ClientContext context;
+  Prepare(&context, options_.timeout);
+  TESSERA_RETURN_IF_ERROR(
+      FromGrpcStatus(Stub(address)->ReportProtected(&context, request, &response)));
+  JobState state;
+  TESSERA_RETURN_IF_ERROR(FromProto(response, &state));
+  return state;
+}
+
+absl::Status GrpcCoordinationClient::Push(const std::string& address, const JobState& state) {
+  coordination::PushJobStateRequest request;
+  ToProto(options_.self, request.mutable_from());
+  ToProto(state, request.mutable_state());
+  coordination::PushJobStateResponse response;
+  grpc::ClientContext context;
+  Prepare(&context, options_.timeout);
+  return FromGrpcStatus(Stub(address)->PushJobState(&context, request, &response));
+}
+
+absl::StatusOr<ResolveAnswer> GrpcCoordinationClient::Resolve(const std::string& address,
+                                                              const ResolveQuestion& question) {
+  coordination::ResolveRestoreRequest request;
+  ToProto(options_.self, request.mutable_from());
+  ToProto(question, &request);
+  coordination::ResolveRestoreResponse response;
+  grpc::ClientContext context;
+  // The coordinator asks the job's nodes in turn: give it more than one call's time.
+  Prepare(&context, options_.timeout * 3);
+  TESSERA_RETURN_IF_ERROR(
+      FromGrpcStatus(Stub(address)->ResolveRestore(&context, request, &response)));
+  ResolveAnswer answer;
+  TESSERA_RETURN_IF_ERROR(FromProto(response, &answer));
+  return answer;
+}
+
+absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const std::string& address,
+                                                           const std::string& job_id) {
+  coordination::ListJobRequest request;
+  ToProto(options_.self, request.mutable_from());
+  request.set_job_id(job_id);
+  coordination::ListJobResponse response;
+  grpc::ClientContext context;
+  Prepare(&context, options_.timeout);
+  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(address)->ListJob(&context, request, &response)));
+  JobListing listing;
+  TESSERA_RETURN_IF_ERROR(FromProto(response, &listing));
+  return listing;
+}
+
+}  // namespace tessera

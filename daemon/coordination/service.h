@@ -1,0 +1,121 @@
+// The Coordination gRPC service (proto/coordination.proto) and its client: thin adapters over a
+// CoordinationHandler (ClusterCoordination in the daemon). Every request is validated (counts and
+// sizes bounded, ids checked) before the handler sees it; a request from an older incarnation of
+// a node (fenced) is refused with kFailedPrecondition; with a cluster token, every call must carry
+// it (kUnauthenticated otherwise).
+//
+// Thread-safety: handlers run concurrently on gRPC's threads; the client may be used from any
+// thread.
+#ifndef TESSERA_DAEMON_COORDINATION_SERVICE_H_
+#define TESSERA_DAEMON_COORDINATION_SERVICE_H_
+
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/coordination/messages.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/coordination.grpc.pb.h"
+
+namespace tessera {
+
+// What the service calls. Implementations must be thread-safe.
+class CoordinationHandler {
+ public:
+  virtual ~CoordinationHandler() = default;
+  // A report with step -1 asks for the job's state only.
+  virtual absl::StatusOr<JobState> OnReport(const NodeIdentity& from,
+                                            const ProtectedReport& report) = 0;
+  virtual absl::Status OnPush(const NodeIdentity& from, const JobState& state) = 0;
+  virtual absl::StatusOr<ResolveAnswer> OnResolve(const NodeIdentity& from,
+                                                  const ResolveQuestion& question) = 0;
+  virtual absl::StatusOr<JobListing> OnListJob(const NodeIdentity& from,
+                                               const std::string& job_id) = 0;
+};
+
+class CoordinationService final : public coordination::Coordination::Service {
+ public:
+  struct Options {
+    std::string token;  // cluster.token; empty: none
+    // Whether (node id, incarnation) is an older incarnation of a node (membership). Empty: none.
+    std::function<bool(const std::string& node_id, uint64_t incarnation)> is_fenced;
+  };
+  // `handler` is not owned and must outlive the service.
+  CoordinationService(CoordinationHandler* handler, Options options)
+      : handler_(handler), options_(std::move(options)) {}
+
+  grpc::Status ReportProtected(grpc::ServerContext* context,
+                               const coordination::ReportProtectedRequest* request,
+                               coordination::JobState* response) override;
+  grpc::Status PushJobState(grpc::ServerContext* context,
+                            const coordination::PushJobStateRequest* request,
+                            coordination::PushJobStateResponse* response) override;
+  grpc::Status ResolveRestore(grpc::ServerContext* context,
+                              const coordination::ResolveRestoreRequest* request,
+                              coordination::ResolveRestoreResponse* response) override;
+  grpc::Status ListJob(grpc::ServerContext* context, const coordination::ListJobRequest* request,
+                       coordination::ListJobResponse* response) override;
+
+ private:
+  // Token and fencing checks, and the sender's identity.
+  absl::StatusOr<NodeIdentity> Admit(const grpc::ServerContext& context,
+                                     const coordination::NodeIdentity& from) const;
+
+  CoordinationHandler* const handler_;
+  const Options options_;
+};
+
+// The calling side, by peer address ("host:port"). A fake can stand in for it in unit tests.
+class CoordinationClient {
+ public:
+  virtual ~CoordinationClient() = default;
+  virtual absl::StatusOr<JobState> Report(const std::string& address,
+                                          const ProtectedReport& report) = 0;
+  virtual absl::Status Push(const std::string& address, const JobState& state) = 0;
+  virtual absl::StatusOr<ResolveAnswer> Resolve(const std::string& address,
+                                                const ResolveQuestion& question) = 0;
+  virtual absl::StatusOr<JobListing> ListJob(const std::string& address,
+                                             const std::string& job_id) = 0;
+};
+
+// Over gRPC. Keeps at most `max_channels` channels (least recently used closed first), so the
+// connections a daemon holds for coordination stay bounded whatever the cluster's size.
+class GrpcCoordinationClient final : public CoordinationClient {
+ public:
+  struct Options {
+    NodeIdentity self;
+    std::string token;
+    absl::Duration timeout = absl::Seconds(5);
+    size_t max_channels = 64;
+  };
+  explicit GrpcCoordinationClient(Options options) : options_(std::move(options)) {}
+
+  absl::StatusOr<JobState> Report(const std::string& address,
+                                  const ProtectedReport& report) override;
+  absl::Status Push(const std::string& address, const JobState& state) override;
+  absl::StatusOr<ResolveAnswer> Resolve(const std::string& address,
+                                        const ResolveQuestion& question) override;
+  absl::StatusOr<JobListing> ListJob(const std::string& address,
+                                     const std::string& job_id) override;
+
+ private:
+  std::shared_ptr<coordination::Coordination::Stub> Stub(const std::string& address);
+  void Prepare(grpc::ClientContext* context, absl::Duration timeout) const;
+
+  const Options options_;
+  absl::Mutex mu_;
+  std::list<std::string> lru_ ABSL_GUARDED_BY(mu_);  // most recent first
+  std::map<std::string, std::pair<std::shared_ptr<coordination::Coordination::Stub>,
+                                  std::list<std::string>::iterator>>
+      stubs_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_COORDINATION_SERVICE_H_
