@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/ports.h"  // FreePort(): tests pick ports only through it
+
 namespace tessera::testing {
 
 // Path of a binary built by Bazel (e.g. "daemon/tesserad"), from the test's runfiles.
@@ -20,9 +22,6 @@ std::string BinaryPath(const std::string& relative);
 
 // The test's random seed: TESSERA_TEST_SEED when set, else a random one; printed either way.
 uint64_t TestSeed();
-
-// A TCP port on 127.0.0.1 that was free a moment ago.
-int FreePort();
 
 // A child process whose stdout is read through a pipe (stderr goes to `stderr_path` if given,
 // otherwise is inherited). Killed with SIGKILL on destruction if still running.
