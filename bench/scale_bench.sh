@@ -8,7 +8,8 @@
 # The test asserts correctness only; here a missed goal is reported, not failed.
 #
 # Environment: TESSERA_SCALE_NODES (64), TESSERA_SCALE_SMALL_NODES (8), TESSERA_SCALE_IDLE_S (20),
-# TESSERA_TEST_SEED. Other arguments go to the test binary (e.g. --gtest_repeat=3).
+# TESSERA_SCALE_CONVERGE_S (60 + 3 per daemon), TESSERA_TEST_SEED. Other arguments go to the test
+# binary (e.g. --gtest_repeat=3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! out=$(bazel build //tests:scale_test 2>&1); then
