@@ -32,8 +32,6 @@
 // Usage: protection_bench [--min_mib=64] [--max_mib=4096] [--k=3] [--m=2] [--repeats=3] [--poll_ms=2]
 //                         [--data_path=tcp|grpc]
 //                         [--tesserad=PATH]   (bazel run -c opt //bench:protection_bench)
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,6 +58,7 @@
 #include "common/logging.h"
 #include "daemon/peer_client.h"
 #include "ec/erasure_codec.h"
+#include "tests/ports.h"
 
 namespace tessera {
 namespace {
@@ -80,18 +79,6 @@ struct Options {
 
 void Check(const absl::Status& status, const std::string& what) {
   if (!status.ok()) BenchDie(what + ": " + status.ToString());
-}
-
-int FreeLoopbackPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
 }
 
 // MemAvailable from /proc/meminfo, and the free bytes of /dev/shm, whichever is smaller.
@@ -117,7 +104,7 @@ class BenchCluster {
  public:
   BenchCluster(const Options& options, uint64_t capacity_bytes) {
     const int n = options.k + options.m + 1;
-    for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreeLoopbackPort()));
+    for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", tessera::testing::FreePort()));
     for (int i = 0; i < n; ++i) {
       auto d = BenchDaemon::Start(
           options.tesserad, absl::StrCat("pb", i), capacity_bytes, /*crc_threads=*/2,

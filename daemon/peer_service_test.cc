@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/notification.h"
 #include "common/crc32c.h"
 #include "daemon/peer_client.h"
@@ -422,9 +423,11 @@ TEST_F(PeerServiceTest, HeartbeatEachTwice) {
 }
 
 TEST_F(PeerServiceTest, UnreachablePeerIsUnavailableAfterRetries) {
-  // A port that was just free: nothing listens there.
+  // A port bound but not listening for the whole test: connections are refused, and no other
+  // process can start listening there meanwhile.
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   ASSERT_GE(fd, 0);
+  absl::Cleanup closer = [fd] { close(fd); };
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -432,7 +435,6 @@ TEST_F(PeerServiceTest, UnreachablePeerIsUnavailableAfterRetries) {
   socklen_t len = sizeof(addr);
   ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
   const int port = ntohs(addr.sin_port);
-  close(fd);
   const std::string nowhere = "127.0.0.1:" + std::to_string(port);
   const FragmentMeta meta = MetaFor(1000);
   auto data = RandomBytes(meta.fragment_bytes);

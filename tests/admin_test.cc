@@ -12,16 +12,14 @@
 #include <thread>
 
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
-#include "httplib.h"
 #include "proto/admin.grpc.pb.h"
 #include "tests/harness.h"
+#include "tests/metrics_page.h"
 
 namespace tessera::testing {
 namespace {
@@ -54,20 +52,9 @@ const admin::JobStatus* FindJob(const admin::GetStatusResponse& status, const st
 
 // Metric samples by "name{labels}" from a /metrics page.
 std::map<std::string, double> Scrape(int port) {
-  httplib::Client client("127.0.0.1", port);
-  auto res = client.Get("/metrics");
-  std::map<std::string, double> samples;
-  EXPECT_TRUE(res) << "GET /metrics on port " << port;
-  if (!res) return samples;
-  EXPECT_EQ(res->status, 200);
-  for (absl::string_view line : absl::StrSplit(res->body, '\n', absl::SkipEmpty())) {
-    if (line[0] == '#') continue;
-    const size_t space = line.rfind(' ');
-    double value = 0;
-    EXPECT_TRUE(absl::SimpleAtod(line.substr(space + 1), &value)) << line;
-    samples[std::string(line.substr(0, space))] = value;
-  }
-  return samples;
+  absl::StatusOr<std::map<std::string, double>> samples = ScrapeMetrics(port);
+  EXPECT_TRUE(samples.ok()) << samples.status();
+  return samples.ok() ? *samples : std::map<std::string, double>();
 }
 
 class AdminTest : public ::testing::Test {

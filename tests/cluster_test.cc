@@ -120,16 +120,7 @@ class Cluster {
 
 std::vector<std::string> TrainerArgs(DaemonProcess& d, const std::string& job, uint64_t seed,
                                      uint32_t rank, uint32_t world) {
-  return {BinaryPath("tests/trainer"),
-          "--socket=" + d.socket_path(),
-          "--job=" + job,
-          absl::StrCat("--seed=", seed + rank),
-          absl::StrCat("--rank=", rank),
-          absl::StrCat("--world=", world),
-          "--tensors=6",
-          "--min-bytes=1000",
-          "--max-bytes=400000",
-          "--total-bytes=1500000"};
+  return TrainerCommand(d, job, seed + rank, rank, world);  // 6 tensors, 1.5 MB
 }
 
 // Runs `world` trainers, rank r on daemon r % n, for `steps` steps, and waits until every daemon

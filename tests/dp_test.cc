@@ -31,18 +31,12 @@ constexpr uint64_t kReplicatedBytes = 12 * 500000;  // 12 tensors of 500,000 byt
 std::vector<std::string> DpTrainerArgs(const DaemonProcess& d, const std::string& job,
                                        uint64_t seed, uint32_t rank, uint32_t world,
                                        const std::string& members) {
-  return {BinaryPath("tests/trainer"),
-          "--socket=" + d.socket_path(),
-          "--job=" + job,
-          absl::StrCat("--seed=", seed),
-          absl::StrCat("--rank=", rank),
-          absl::StrCat("--world=", world),
-          "--dp-members=" + members,
-          "--tensors=12",
-          absl::StrCat("--min-bytes=", kReplicatedBytes / 12),
-          absl::StrCat("--max-bytes=", kReplicatedBytes / 12),
-          absl::StrCat("--total-bytes=", kReplicatedBytes),
-          "--dp-timeout-ms=60000"};
+  std::vector<std::string> argv =
+      TrainerCommand(d, job, seed, rank, world,
+                     TrainerLayout{12, kReplicatedBytes / 12, kReplicatedBytes / 12,
+                                   kReplicatedBytes});
+  argv.insert(argv.end(), {"--dp-members=" + members, "--dp-timeout-ms=60000"});
+  return argv;
 }
 
 std::string Members(uint32_t n) {

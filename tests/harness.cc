@@ -1,7 +1,6 @@
 #include "tests/harness.h"
 
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -30,19 +29,6 @@ uint64_t TestSeed() {
   std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
               static_cast<unsigned long long>(seed));
   return seed;
-}
-
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
 }
 
 std::string BinaryPath(const std::string& relative) {
@@ -162,7 +148,7 @@ DaemonProcess::DaemonProcess(std::string root, std::string node_id, uint64_t cap
 
 DaemonProcess::~DaemonProcess() { Kill(); }
 
-bool DaemonProcess::Start(std::string* error) {
+bool DaemonProcess::Start(std::string* error, std::chrono::milliseconds timeout) {
   std::vector<std::string> argv = {BinaryPath("daemon/tesserad"),
                                    "--set", "node.id=" + node_id_,
                                    "--set", "store.directory=" + store_root_,
@@ -178,7 +164,8 @@ bool DaemonProcess::Start(std::string* error) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, socket_path_.c_str(), sizeof(addr.sun_path) - 1);
-  for (int i = 0; i < 500; ++i) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
     close(fd);
@@ -186,7 +173,7 @@ bool DaemonProcess::Start(std::string* error) {
     if (process_->Wait(std::chrono::milliseconds(0)) >= 0) break;  // exited
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  *error = "tesserad did not come up; log:\n" + LogTail();
+  *error = absl::StrCat("tesserad did not come up in ", timeout.count(), " ms; log:\n", LogTail());
   Kill();
   return false;
 }
@@ -215,6 +202,21 @@ TempRoot::TempRoot() {
 TempRoot::~TempRoot() {
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
+}
+
+std::vector<std::string> TrainerCommand(const DaemonProcess& d, const std::string& job,
+                                        uint64_t seed, uint32_t rank, uint32_t world,
+                                        const TrainerLayout& layout) {
+  return {BinaryPath("tests/trainer"),
+          "--socket=" + d.socket_path(),
+          "--job=" + job,
+          absl::StrCat("--seed=", seed),
+          absl::StrCat("--rank=", rank),
+          absl::StrCat("--world=", world),
+          absl::StrCat("--tensors=", layout.tensors),
+          absl::StrCat("--min-bytes=", layout.min_bytes),
+          absl::StrCat("--max-bytes=", layout.max_bytes),
+          absl::StrCat("--total-bytes=", layout.total_bytes)};
 }
 
 std::optional<int64_t> ParseEvent(const std::string& line, const std::string& event) {

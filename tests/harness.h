@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/ports.h"  // FreePort(): tests pick ports only through it
+
 namespace tessera::testing {
 
 // Path of a binary built by Bazel (e.g. "daemon/tesserad"), from the test's runfiles.
@@ -20,9 +22,6 @@ std::string BinaryPath(const std::string& relative);
 
 // The test's random seed: TESSERA_TEST_SEED when set, else a random one; printed either way.
 uint64_t TestSeed();
-
-// A TCP port on 127.0.0.1 that was free a moment ago.
-int FreePort();
 
 // A child process whose stdout is read through a pipe (stderr goes to `stderr_path` if given,
 // otherwise is inherited). Killed with SIGKILL on destruction if still running.
@@ -64,11 +63,12 @@ class DaemonProcess {
   ~DaemonProcess();
 
   // Starts the daemon and waits until its socket answers. Returns false (with the log tail in
-  // `error`) when it does not come up.
-  bool Start(std::string* error);
+  // `error`) when it does not come up within `timeout`.
+  bool Start(std::string* error, std::chrono::milliseconds timeout = std::chrono::seconds(10));
   void Kill(int sig = 9);
   int Wait() { return process_ ? process_->Wait() : -1; }
   bool running() const { return process_ != nullptr; }
+  pid_t pid() const { return process_ ? process_->pid() : -1; }
 
   const std::string& socket_path() const { return socket_path_; }
   const std::string& store_dir() const { return store_dir_; }  // <root>/shm/<node>
@@ -93,6 +93,20 @@ class TempRoot {
  private:
   std::string path_;
 };
+
+// The seeded state of a tests/trainer: its --tensors, --min-bytes, --max-bytes, --total-bytes.
+struct TrainerLayout {
+  uint64_t tensors = 6;
+  uint64_t min_bytes = 1000;
+  uint64_t max_bytes = 400000;
+  uint64_t total_bytes = 1500000;
+};
+
+// The command line of tests/trainer as `rank` of `world` in `job` on daemon `d`, its state seeded
+// with `seed`; argv[3] is "--seed=...". The caller appends --steps, --mode and the like.
+std::vector<std::string> TrainerCommand(const DaemonProcess& d, const std::string& job,
+                                        uint64_t seed, uint32_t rank, uint32_t world,
+                                        const TrainerLayout& layout = {});
 
 // Line helpers for the trainer's output ("sealed 12" -> 12).
 std::optional<int64_t> ParseEvent(const std::string& line, const std::string& event);

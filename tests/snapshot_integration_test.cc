@@ -47,16 +47,8 @@ const Layout kLayouts[] = {
 std::vector<std::string> TrainerArgs(const DaemonProcess& d, const std::string& job,
                                      const Layout& l, uint64_t seed, uint32_t rank = 0,
                                      uint32_t world = 1) {
-  return {BinaryPath("tests/trainer"),
-          "--socket=" + d.socket_path(),
-          "--job=" + job,
-          absl::StrCat("--seed=", seed),
-          absl::StrCat("--rank=", rank),
-          absl::StrCat("--world=", world),
-          absl::StrCat("--tensors=", l.tensors),
-          absl::StrCat("--min-bytes=", l.min_bytes),
-          absl::StrCat("--max-bytes=", l.max_bytes),
-          absl::StrCat("--total-bytes=", l.total_bytes)};
+  return TrainerCommand(d, job, seed, rank, world,
+                        TrainerLayout{l.tensors, l.min_bytes, l.max_bytes, l.total_bytes});
 }
 
 bool IsStartLine(const std::string& l) {

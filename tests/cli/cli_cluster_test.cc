@@ -109,16 +109,8 @@ class CliClusterTest : public ::testing::Test {
   }
 
   std::vector<std::string> TrainerArgs(uint32_t rank) {
-    return {BinaryPath("tests/trainer"),
-            "--socket=" + daemons_[rank]->socket_path(),
-            std::string("--job=") + kJob,
-            absl::StrCat("--seed=", seed_ + rank),
-            absl::StrCat("--rank=", rank),
-            absl::StrCat("--world=", kWorld),
-            "--tensors=5",
-            "--min-bytes=1000",
-            "--max-bytes=300000",
-            "--total-bytes=900000"};
+    return TrainerCommand(*daemons_[rank], kJob, seed_ + rank, rank, kWorld,
+                          TrainerLayout{5, 1000, 300000, 900000});
   }
 
   // Trains every rank (rank r on node r) for `steps` steps, then waits for the cluster to settle:

@@ -8,9 +8,12 @@ A missing binary fails the tests that need it; nothing is skipped for want of a 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,51 @@ def _require(path: Path, what: str, build: str) -> None:
 def library_path() -> Path:
     _require(LIBRARY, "TESSERA_LIBRARY", "//agent:libtessera.so")
     return LIBRARY
+
+
+# Ports for test servers, reserved as tests/ports.h reserves them (the same lock files, so C++
+# and Python tests running at once exclude each other): outside the kernel's ephemeral range,
+# which binds to port 0 and outgoing connections draw from; an flock held on
+# <PORT_LOCK_DIRECTORY>/<port>.lock for the life of this process; bindable when reserved.
+PORT_LOCK_DIRECTORY = Path("/tmp/tessera-test-ports")
+_reserved_port_locks: List[int] = []  # open lock files: closing one would release its port
+
+
+def _ephemeral_port_range() -> range:
+    try:
+        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    return range(first, last + 1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no other test process can take while this one runs."""
+    ephemeral = _ephemeral_port_range()
+    candidates = [p for p in range(10000, 65536) if p not in ephemeral]
+    try:
+        PORT_LOCK_DIRECTORY.mkdir(mode=0o1777)
+        PORT_LOCK_DIRECTORY.chmod(0o1777)  # past the umask: every user's tests share it
+    except FileExistsError:
+        pass
+    start = random.randrange(len(candidates))
+    for i in range(len(candidates)):
+        port = candidates[(start + i) % len(candidates)]
+        try:
+            fd = os.open(PORT_LOCK_DIRECTORY / f"{port}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as s:  # no SO_REUSEADDR, as tests/ports.cc checks
+                s.bind(("127.0.0.1", port))
+        except OSError:  # reserved by another process, or in use
+            os.close(fd)
+            continue
+        _reserved_port_locks.append(fd)
+        return port
+    raise RuntimeError(f"no port left to reserve: all {len(candidates)} candidates outside the "
+                       f"ephemeral range are reserved or in use (locks in {PORT_LOCK_DIRECTORY})")
 
 
 class Daemon:

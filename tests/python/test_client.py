@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import socket
 import urllib.request
 from typing import List
 
@@ -13,7 +12,7 @@ import pytest
 
 import tessera
 from tessera import Entry, EntryKind
-from conftest import Daemon
+from conftest import Daemon, free_port
 
 
 def _random_array(seed: int, n: int, dtype: str = "float32") -> np.ndarray:
@@ -303,9 +302,7 @@ def test_errors_map_to_canonical_codes() -> None:
 def test_skipped_snapshots_reach_the_daemons_metrics(tmp_path, library_path) -> None:
     """A snapshot asked for while the previous one is in flight is skipped and counted; the
     agent reports the count with its next snapshot and the daemon exports it on /metrics."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     daemon = Daemon(tmp_path, ["--set", f"metrics.listen_address=127.0.0.1:{port}"])
     daemon.start()
     try:
