@@ -10,7 +10,7 @@ trap 'rm -rf "$reports"' EXIT
 bazel test //... --keep_going --test_output=errors --test_summary=terse
 bazel_rc=$?
 # Count only the current test targets (bazel-testlogs keeps results of deleted ones).
-for target in $(bazel query 'tests(//...)' 2>/dev/null); do
+for target in $(bazel query 'tests(//...) except attr(tags, manual, //...)' 2>/dev/null); do
   path=${target#//}
   path=${path/://}
   xml="bazel-testlogs/$path/test.xml"
