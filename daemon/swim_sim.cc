@@ -7,7 +7,7 @@ namespace tessera {
 
 SwimSimulation::SwimSimulation(Options options) : options_(options), rng_(options.seed) {}
 
-size_t SwimSimulation::Add(Swim::Options options) {
+size_t SwimSimulation::Add(Swim::Options options, int64_t start_ms) {
   const uint32_t index = static_cast<uint32_t>(daemons_.size());
   options.names = names_;
   options.send = [this, index](const std::string& address, SwimMessage&& message) {
@@ -17,8 +17,9 @@ size_t SwimSimulation::Add(Swim::Options options) {
   d.address = names_->addresses.Intern(options.self_address);
   d.swim = std::make_unique<Swim>(std::move(options));
   by_address_[d.address] = index;
+  d.wake_ms = std::max(now_ms_, start_ms);
   daemons_.push_back(std::move(d));
-  Reschedule(index);
+  Push(daemons_.back().wake_ms, EventKind::kWake, index, 0);
   return index;
 }
 

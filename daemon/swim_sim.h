@@ -38,9 +38,10 @@ class SwimSimulation {
 
   // Adds a daemon and returns its index. `options.send` and `options.names` are set here;
   // `options.on_event`, when set, is called with the simulation's clock already advanced.
-  // A daemon at an address already in use takes the address over (a restart there).
+  // A daemon at an address already in use takes the address over (a restart there). Its first
+  // protocol period starts at start_ms (-1: now), which sets its phase.
   // REQUIRES: Swim::ValidateOptions(options) would pass once send is set.
-  size_t Add(Swim::Options options);
+  size_t Add(Swim::Options options, int64_t start_ms = -1);
   Swim& swim(size_t i) { return *daemons_[i].swim; }
   const Swim& swim(size_t i) const { return *daemons_[i].swim; }
   size_t size() const { return daemons_.size(); }
