@@ -165,7 +165,8 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     }
     if (ask.empty()) break;
     asked.insert(ask.begin(), ask.end());
-    TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more, ListNodes(job_id, ask));
+    TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
+                             ListNodes(job_id, ask, /*require_complete=*/true));
     for (JobListing& l : more) {
       coordinator_.Learn(job_id, l.committed, l.epoch);
       listings.push_back(std::move(l));
@@ -208,7 +209,9 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     if (!plan.ok()) missing.push_back(std::string(plan.status().message()));
   }
   if (!missing.empty()) {
-    return absl::DataLossError(absl::StrCat("the committed step ", point.step, " (epoch ",
+    // NOT_FOUND, as when nothing is held: the job cannot resume from memory (the agent's
+    // contract: start fresh, or from the persistent tier), and the message names what is lost.
+    return absl::NotFoundError(absl::StrCat("the committed step ", point.step, " (epoch ",
                                             point.epoch, ") cannot be restored on every rank: ",
                                             absl::StrJoin(missing, "; ")));
   }
@@ -218,7 +221,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
 }
 
 absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
-    const std::string& job_id, std::vector<std::string> nodes) {
+    const std::string& job_id, std::vector<std::string> nodes, bool require_complete) {
   if (nodes.empty()) nodes = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
                                                   absl::UnavailableError("not asked"));
@@ -246,6 +249,12 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
   std::vector<JobListing> out;
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (lost[i]) continue;
+    if (!results[i].ok() && !require_complete) {
+      Logger("recovery")->warn("job '{}': node {} did not answer its listing ({}); planning "
+                               "without it",
+                               job_id, nodes[i], results[i].status().ToString());
+      continue;
+    }
     if (!results[i].ok()) {
       // A live node that does not answer may hold what decides the answer: never decide from a
       // partial view.
@@ -349,7 +358,10 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     auto point = restore_points_.find(job_id);
     if (point != restore_points_.end() && point->second.step == step) nodes = point->second.nodes;
   }
-  TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> listings, ListNodes(job_id, nodes));
+  // Making a shard local needs enough of it, not a complete view: a node that does not answer
+  // (lost, not yet suspected) is passed over like a lost one.
+  TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> listings,
+                           ListNodes(job_id, nodes, /*require_complete=*/false));
   JobHoldings holdings;
   for (JobListing& l : listings) {
     for (HeldShard& s : l.shards) {
