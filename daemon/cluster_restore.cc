@@ -246,6 +246,23 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
     }
   }
   for (std::thread& t : askers) t.join();
+  // A connection to a daemon that just started (a replacement) can fail its first handshakes:
+  // a node that did not answer is asked again, up to 3 times, 300 ms apart.
+  for (int retry = 0; retry < 3; ++retry) {
+    bool again = false;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (lost[i] || results[i].ok()) continue;
+      auto address = cluster_->AddressOf(nodes[i]);
+      if (!address) {
+        lost[i] = true;  // suspected since: its holdings count as lost
+        continue;
+      }
+      if (!again) absl::SleepFor(absl::Milliseconds(300));
+      again = true;
+      results[i] = coordination_client_->ListJob(*address, job_id);
+    }
+    if (!again) break;
+  }
   std::vector<JobListing> out;
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (lost[i]) continue;
