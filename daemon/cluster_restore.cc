@@ -165,7 +165,8 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     }
     if (ask.empty()) break;
     asked.insert(ask.begin(), ask.end());
-    TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more, ListNodes(job_id, ask));
+    TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
+                             ListNodes(job_id, ask, /*require_complete=*/true));
     for (JobListing& l : more) {
       coordinator_.Learn(job_id, l.committed, l.epoch);
       listings.push_back(std::move(l));
@@ -208,7 +209,9 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     if (!plan.ok()) missing.push_back(std::string(plan.status().message()));
   }
   if (!missing.empty()) {
-    return absl::DataLossError(absl::StrCat("the committed step ", point.step, " (epoch ",
+    // NOT_FOUND, as when nothing is held: the job cannot resume from memory (the agent's
+    // contract: start fresh, or from the persistent tier), and the message names what is lost.
+    return absl::NotFoundError(absl::StrCat("the committed step ", point.step, " (epoch ",
                                             point.epoch, ") cannot be restored on every rank: ",
                                             absl::StrJoin(missing, "; ")));
   }
@@ -218,7 +221,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
 }
 
 absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
-    const std::string& job_id, std::vector<std::string> nodes) {
+    const std::string& job_id, std::vector<std::string> nodes, bool require_complete) {
   if (nodes.empty()) nodes = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
                                                   absl::UnavailableError("not asked"));
@@ -243,9 +246,32 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
     }
   }
   for (std::thread& t : askers) t.join();
+  // A connection to a daemon that just started (a replacement) can fail its first handshakes:
+  // a node that did not answer is asked again, up to 3 times, 300 ms apart.
+  for (int retry = 0; retry < 3; ++retry) {
+    bool again = false;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (lost[i] || results[i].ok()) continue;
+      auto address = cluster_->AddressOf(nodes[i]);
+      if (!address) {
+        lost[i] = true;  // suspected since: its holdings count as lost
+        continue;
+      }
+      if (!again) absl::SleepFor(absl::Milliseconds(300));
+      again = true;
+      results[i] = coordination_client_->ListJob(*address, job_id);
+    }
+    if (!again) break;
+  }
   std::vector<JobListing> out;
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (lost[i]) continue;
+    if (!results[i].ok() && !require_complete) {
+      Logger("recovery")->warn("job '{}': node {} did not answer its listing ({}); planning "
+                               "without it",
+                               job_id, nodes[i], results[i].status().ToString());
+      continue;
+    }
     if (!results[i].ok()) {
       // A live node that does not answer may hold what decides the answer: never decide from a
       // partial view.
@@ -349,7 +375,10 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     auto point = restore_points_.find(job_id);
     if (point != restore_points_.end() && point->second.step == step) nodes = point->second.nodes;
   }
-  TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> listings, ListNodes(job_id, nodes));
+  // Making a shard local needs enough of it, not a complete view: a node that does not answer
+  // (lost, not yet suspected) is passed over like a lost one.
+  TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> listings,
+                           ListNodes(job_id, nodes, /*require_complete=*/false));
   JobHoldings holdings;
   for (JobListing& l : listings) {
     for (HeldShard& s : l.shards) {

@@ -45,7 +45,12 @@ absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& jo
                                                            std::optional<uint32_t> resuming_rank) {
   const uint32_t ranks_here = static_cast<uint32_t>(store_->RankCount(job_id));
   auto step = tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here), world_size_hint);
-  if (step.ok() && resuming_rank) store_->RollbackRank(job_id, *resuming_rank, *step);
+  if (step.ok() && resuming_rank) {
+    // A daemon that decides alone has no epochs: steps after the restore point are released on
+    // every rank here, so that a rank resuming later cannot combine the abandoned run's steps of
+    // the others with the new run's (docs/PROTOCOL.md keeps histories apart with epochs instead).
+    for (const auto& r : store_->ListRanks(job_id)) store_->RollbackRank(job_id, r.rank, *step);
+  }
   return step;
 }
 

@@ -28,8 +28,9 @@ class Coordination {
   // The newest step at which every rank of the job can be restored. `world_size_hint` (0: none)
   // is a world size the caller knows (a registered rank's): ranks that have not sealed anything
   // yet still count as missing, so a step only some ranks sealed is never taken as complete.
-  // With `resuming_rank`, that rank resumes from the answer: its own sealed steps after it are
-  // released (never another rank's).
+  // With `resuming_rank`, that rank resumes from the answer: sealed steps after it are released
+  // (here, on every rank of the job, since a standalone daemon has no epochs; a cluster releases
+  // only the resuming rank's, see ClusterCoordination).
   virtual absl::StatusOr<int64_t> FindLatestRestorable(
       const std::string& job_id, uint32_t world_size_hint = 0,
       std::optional<uint32_t> resuming_rank = std::nullopt);

@@ -145,10 +145,11 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
 
   absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
   JobListing LocalListing(const std::string& job_id) const;
-  // What the given nodes (all live members when empty) hold of the job; kUnavailable names a
-  // live node that did not answer.
+  // What the given nodes (all live members when empty) hold of the job. With require_complete,
+  // kUnavailable names a live node that did not answer; otherwise such a node is passed over.
   absl::StatusOr<std::vector<JobListing>> ListNodes(const std::string& job_id,
-                                                    std::vector<std::string> nodes);
+                                                    std::vector<std::string> nodes,
+                                                    bool require_complete);
   // skip_local_shard: this daemon's own shard of (rank, step) is damaged or of another history.
   absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
                                                        int64_t step,
