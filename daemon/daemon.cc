@@ -152,6 +152,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   heartbeat_options.token = config.cluster.token;
   heartbeat_options.control_timeout =
       absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms / 2));
+  // Membership probes every member in turn: a few connections, whatever the cluster's size.
+  heartbeat_options.max_peers_with_channels = 16;
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
 
   Cluster::Options cluster_options;
@@ -164,11 +166,13 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.dns_refresh_ms = config.cluster.dns_refresh_ms;
   cluster_options.heartbeat_ms = config.liveness.heartbeat_ms;
   cluster_options.timeout_ms = config.liveness.timeout_ms;
-  // Called on the heartbeat thread only, so no two calls race.
-  auto first_round = std::make_shared<absl::Notification>();
+  cluster_options.indirect_probes = config.liveness.indirect_probes;
+  cluster_options.suspicion_mult = config.liveness.suspicion_mult;
+  // Called on the protocol thread only, so no two calls race.
+  auto converged = std::make_shared<absl::Notification>();
   GrpcPeerClient* const peers = peer_client_.get();
-  cluster_options.after_round = [this, first_round, peers] {
-    if (!first_round->HasBeenNotified()) first_round->Notify();
+  cluster_options.after_round = [this, converged, peers] {
+    if (!converged->HasBeenNotified() && cluster_->Converged()) converged->Notify();
     // Live peers get their data path negotiated ahead of the first fragment (in the background;
     // a peer already prepared is skipped), and in a cluster of up to 32 peers connections opened
     // too (in a larger one each daemon talks to a few of them, and connects on demand).
@@ -251,14 +255,14 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   }
 
   cluster_->Start();
-  // Hear the members once before protecting or answering restores: a daemon that knows no peer
-  // yet would place no fragments and find nothing restorable.
-  if (!first_round->WaitForNotificationWithTimeout(
-          absl::Milliseconds(config.liveness.heartbeat_ms + config.liveness.timeout_ms))) {
-    log->warn("the first heartbeat round did not finish within {} ms; starting anyway",
-              config.liveness.heartbeat_ms + config.liveness.timeout_ms);
+  // Hear the members before protecting or answering restores: a daemon that knows no peer yet
+  // would place no fragments and find nothing restorable.
+  const int64_t converge_ms = cluster_->ConvergenceBoundMs();
+  if (!converged->WaitForNotificationWithTimeout(absl::Milliseconds(converge_ms))) {
+    log->warn("membership did not converge within {} ms (not every configured address answered "
+              "or timed out); starting anyway", converge_ms);
   }
-  log->info("{} live members after the first heartbeat round: {}", cluster_->LiveNodeIds().size(),
+  log->info("{} live members after start-up: {}", cluster_->LiveNodeIds().size(),
             absl::StrJoin(cluster_->LiveNodeIds(), ", "));
   cluster_coordination_->Start();
   FragmentStore::Stats fstats = fragments_->stats();
@@ -408,6 +412,29 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     gauge("tessera_peers", peers_help, alive, {{"state", "alive"}});
     gauge("tessera_peers", peers_help, suspected, {{"state", "suspected"}});
     gauge("tessera_peers", peers_help, unknown, {{"state", "unknown"}});
+    const Cluster::Stats m = cluster_->stats();
+    const char* sent_help = "Membership (SWIM) messages this daemon sent, by kind.";
+    const char* received_help = "Membership (SWIM) messages this daemon received, by kind.";
+    struct ByKind {
+      const char* kind;
+      uint64_t sent, received;
+    };
+    for (const ByKind& k : {ByKind{"probe", m.swim.probes_sent, m.swim.probes_received},
+                            ByKind{"ping_req", m.swim.ping_reqs_sent, m.swim.ping_reqs_received},
+                            ByKind{"indirect_ack", m.swim.indirect_acks_sent,
+                                   m.swim.indirect_acks_received},
+                            ByKind{"ack", m.swim.acks_sent, m.swim.acks_received}}) {
+      counter("tessera_membership_messages_sent_total", sent_help, static_cast<double>(k.sent),
+              {{"kind", k.kind}});
+      counter("tessera_membership_messages_received_total", received_help,
+              static_cast<double>(k.received), {{"kind", k.kind}});
+    }
+    counter("tessera_membership_suspicions_total",
+            "Members this daemon suspected after its own probe failed.",
+            static_cast<double>(m.swim.suspicions_raised));
+    counter("tessera_membership_refused_total",
+            "Heartbeats refused because their sender is a fenced (older) incarnation.",
+            static_cast<double>(m.swim.refused));
   }
   if (cluster_coordination_ != nullptr) {
     const ClusterCoordination::Stats c = cluster_coordination_->stats();

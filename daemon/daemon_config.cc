@@ -259,14 +259,30 @@ ConfigSchema BuildSchema() {
                        "Parity fragments per shard: a shard survives the loss of its owner and "
                        "any ec.m of the nodes holding its fragments.",
                        InRange(0, 32)),
-      ConfigKey::Int64("liveness.heartbeat_ms", defaults.liveness.heartbeat_ms,
-                       "Interval between heartbeats sent to every member.",
-                       InRange(10, 60 * 1000)),
+      ConfigKey::Int64(
+          "liveness.heartbeat_ms", defaults.liveness.heartbeat_ms,
+          "The membership protocol period (SWIM): every period the daemon probes one other "
+          "member, in turn, so its heartbeat cost does not grow with the cluster.",
+          InRange(10, 60 * 1000)),
       ConfigKey::Int64(
           "liveness.timeout_ms", defaults.liveness.timeout_ms,
-          "A member not heard from for this long is suspected dead: its fragments count as "
-          "erasures and it receives no new fragments. Must exceed liveness.heartbeat_ms.",
+          "The probe window. A member that answers neither a probe within half of it nor the "
+          "members asked to probe it (liveness.indirect_probes) within all of it is "
+          "suspected: its fragments count as erasures and it receives no new fragments until "
+          "it refutes. Must exceed liveness.heartbeat_ms.",
           InRange(20, 3600 * 1000)),
+      ConfigKey::Int64(
+          "liveness.indirect_probes", defaults.liveness.indirect_probes,
+          "How many other members are asked to probe a member that did not answer a probe, "
+          "before it is suspected (so one lossy link does not make a suspect). 0 suspects on "
+          "the direct probe alone.",
+          InRange(0, 16)),
+      ConfigKey::Int64(
+          "liveness.suspicion_mult", defaults.liveness.suspicion_mult,
+          "A suspected member that does not refute within liveness.suspicion_mult x "
+          "ceil(log2(N + 1)) protocol periods (N: members not dead) is declared dead. Larger "
+          "values give a paused or overloaded daemon longer to refute.",
+          InRange(1, 1000)),
   });
   if (!schema.ok()) {
     // The table above is fixed at compile time: a bad entry is a bug that every test catches.
@@ -310,6 +326,10 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));
   daemon_config.liveness.heartbeat_ms = config.GetInt64("liveness.heartbeat_ms");
   daemon_config.liveness.timeout_ms = config.GetInt64("liveness.timeout_ms");
+  daemon_config.liveness.indirect_probes =
+      static_cast<int>(config.GetInt64("liveness.indirect_probes"));
+  daemon_config.liveness.suspicion_mult =
+      static_cast<int>(config.GetInt64("liveness.suspicion_mult"));
   return daemon_config;
 }
 
@@ -324,7 +344,7 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
     return absl::InvalidArgumentError(absl::StrCat(
         "liveness.timeout_ms (", result.liveness.timeout_ms,
         ") must exceed liveness.heartbeat_ms (", result.liveness.heartbeat_ms,
-        "): otherwise every member is suspected between two heartbeats"));
+        "): a probe's window must outlast a protocol period"));
   }
   if (result.peer.listen_address.empty() &&
       (!result.peer.advertise_address.empty() || !result.cluster.members.empty() ||

@@ -323,18 +323,23 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(defaults->ec.m, 2);
   EXPECT_EQ(defaults->liveness.heartbeat_ms, 500);
   EXPECT_EQ(defaults->liveness.timeout_ms, 3000);
+  EXPECT_EQ(defaults->liveness.indirect_probes, 3);
+  EXPECT_EQ(defaults->liveness.suspicion_mult, 4);
   EXPECT_EQ(defaults->peer.data_path, "tcp");
   EXPECT_EQ(defaults->peer.data_port, 0);
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"peer.listen_address=127.0.0.1:7070", "cluster.members=127.0.0.1:7070,h2:7071",
            "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400",
-           "peer.data_path=grpc", "peer.data_port=7171"});
+           "liveness.indirect_probes=0", "liveness.suspicion_mult=9", "peer.data_path=grpc",
+           "peer.data_port=7171"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->PeerAddress(), "127.0.0.1:7070");
   EXPECT_EQ(config->cluster.members, (std::vector<std::string>{"127.0.0.1:7070", "h2:7071"}));
   EXPECT_EQ(config->ec.k, 2);
   EXPECT_EQ(config->ec.m, 1);
   EXPECT_EQ(config->liveness.timeout_ms, 400);
+  EXPECT_EQ(config->liveness.indirect_probes, 0);
+  EXPECT_EQ(config->liveness.suspicion_mult, 9);
   EXPECT_EQ(config->peer.data_path, "grpc");
   EXPECT_EQ(config->peer.data_port, 7171);
 }
@@ -347,6 +352,10 @@ TEST(DaemonConfigErrorTest, ClusterKeys) {
   EXPECT_THAT(OverrideError("peer.data_path=rdma"), HasSubstr("tcp"));
   EXPECT_THAT(OverrideError("peer.data_port=70000"), HasSubstr("peer.data_port: must be 0 to 65535"));
   EXPECT_THAT(OverrideError("cluster.members=h:1"), HasSubstr("need peer.listen_address"));
+  EXPECT_THAT(OverrideError("liveness.indirect_probes=17"),
+              HasSubstr("liveness.indirect_probes: must be 0 to 16"));
+  EXPECT_THAT(OverrideError("liveness.suspicion_mult=0"),
+              HasSubstr("liveness.suspicion_mult: must be 1 to 1000"));
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"liveness.heartbeat_ms=500", "liveness.timeout_ms=500"});
   ASSERT_FALSE(config.ok());

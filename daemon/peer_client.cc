@@ -198,6 +198,11 @@ absl::StatusOr<std::unique_ptr<GrpcPeerClient>> GrpcPeerClient::Create(Options o
                                                    " must be at least chunk_bytes ",
                                                    options.chunk_bytes));
   }
+  if (options.max_peers_with_channels < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_peers_with_channels must be 0 (no bound) or more, got ",
+        options.max_peers_with_channels));
+  }
   if (options.max_attempts < 1 || options.min_rate_bytes_per_s == 0 ||
       options.control_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
@@ -276,7 +281,9 @@ void GrpcPeerClient::AddToken(grpc::ClientContext* context) const {
 
 GrpcPeerClient::Stats GrpcPeerClient::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  Stats s = stats_;
+  s.peers_with_channels = channels_.size();
+  return s;
 }
 
 absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPathOf(
@@ -334,20 +341,31 @@ void GrpcPeerClient::ForgetDataPath(const std::string& peer) {
 
 std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::string& peer) {
   absl::MutexLock lock(&mu_);
-  auto& channels = channels_[peer];
-  if (channels.empty()) {
-    for (int i = 0; i < options_.channels_per_peer; ++i) {
-      grpc::ChannelArguments args;
-      args.SetMaxReceiveMessageSize(-1);
-      args.SetMaxSendMessageSize(-1);
-      // Each channel its own TCP connection: a private subchannel pool, and an argument that
-      // tells the channels apart.
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-      args.SetInt("tessera.channel_index", i);
-      channels.push_back(grpc::CreateCustomChannel(peer, options_.credentials, args));
-    }
+  if (auto it = channels_.find(peer); it != channels_.end()) {
+    channel_lru_.splice(channel_lru_.begin(), channel_lru_, it->second.lru);
+    return it->second.channels;
   }
-  return channels;
+  if (options_.max_peers_with_channels > 0 &&
+      channels_.size() >= static_cast<size_t>(options_.max_peers_with_channels)) {
+    // Calls in flight keep their channel alive; the connection closes when the last one ends.
+    channels_.erase(channel_lru_.back());
+    channel_lru_.pop_back();
+    ++stats_.channel_evictions;
+  }
+  channel_lru_.push_front(peer);
+  PeerChannels& entry = channels_[peer];
+  entry.lru = channel_lru_.begin();
+  for (int i = 0; i < options_.channels_per_peer; ++i) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    // Each channel its own TCP connection: a private subchannel pool, and an argument that
+    // tells the channels apart.
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("tessera.channel_index", i);
+    entry.channels.push_back(grpc::CreateCustomChannel(peer, options_.credentials, args));
+  }
+  return entry.channels;
 }
 
 std::shared_ptr<grpc::Channel> GrpcPeerClient::AnyChannel(const std::string& peer) {
@@ -402,11 +420,7 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
                                                          const HeartbeatMessage& message) {
   TESSERA_RETURN_IF_ERROR(ValidateHeartbeat(message));
   peer::HeartbeatRequest request;
-  request.set_node_id(message.from.node_id);
-  request.set_incarnation(message.from.incarnation);
-  request.set_address(message.from.address);
-  for (const MemberInfo& m : message.members) peer_wire::ToProto(m, request.add_members());
-  request.set_sent_unix_ms(message.sent_unix_ms);
+  peer_wire::ToProto(message, &request);
   HeartbeatReply reply;
   TESSERA_RETURN_IF_ERROR(WithRetries("Heartbeat", peer, [&]() -> absl::Status {
     peer::HeartbeatResponse response;
@@ -415,11 +429,7 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
     TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
         peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response)));
-    reply.peer = MemberInfo{response.node_id(), response.incarnation(), peer};
-    reply.members.clear();
-    for (const peer::Member& m : response.members()) {
-      reply.members.push_back(peer_wire::FromProto(m));
-    }
+    reply = peer_wire::FromProto(response, peer);
     return absl::OkStatus();
   }));
   return reply;
@@ -968,9 +978,9 @@ absl::StatusOr<HeartbeatReply> FakePeerClient::Heartbeat(const std::string& peer
   TESSERA_RETURN_IF_ERROR(ValidateHeartbeat(message));
   return Run<HeartbeatReply>(peer, Method::kHeartbeat,
                              [&](const Peer& p) -> absl::StatusOr<HeartbeatReply> {
+                               if (p.on_heartbeat) return p.on_heartbeat(message);
                                HeartbeatReply reply;
                                reply.peer = p.self;
-                               if (p.on_heartbeat) reply.members = p.on_heartbeat(message);
                                return reply;
                              });
 }

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -121,6 +122,10 @@ class GrpcPeerClient final : public PeerClient {
     bool raw_data_path = true;
     // cluster.token, sent with every call (kClusterTokenMetadataKey); empty: none.
     std::string token;
+    // At most this many peers have channels open; the least recently used peer's are closed
+    // to open another's. 0: no bound. (Membership probes every member in turn: its client keeps
+    // a small number, whatever the cluster's size.)
+    int max_peers_with_channels = 0;
   };
 
   // Gets the peer ready for fragments, in the background: asks its OpenDataPath and, with
@@ -140,6 +145,8 @@ class GrpcPeerClient final : public PeerClient {
     uint64_t raw_gets = 0;
     uint64_t grpc_puts = 0;
     uint64_t grpc_gets = 0;
+    size_t peers_with_channels = 0;   // now
+    uint64_t channel_evictions = 0;   // peers whose channels were closed for another's
   };
   Stats stats() const;
 
@@ -196,7 +203,12 @@ class GrpcPeerClient final : public PeerClient {
 
   const Options options_;
   mutable absl::Mutex mu_;
-  std::map<std::string, std::vector<std::shared_ptr<grpc::Channel>>> channels_ ABSL_GUARDED_BY(mu_);
+  struct PeerChannels {
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
+    std::list<std::string>::iterator lru;  // into channel_lru_
+  };
+  std::map<std::string, PeerChannels> channels_ ABSL_GUARDED_BY(mu_);
+  std::list<std::string> channel_lru_ ABSL_GUARDED_BY(mu_);  // peers, most recently used first
   uint64_t next_channel_ ABSL_GUARDED_BY(mu_) = 0;
   struct DataPathState {
     std::optional<DataPathClient::Endpoint> endpoint;  // nullopt: gRPC

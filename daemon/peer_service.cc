@@ -152,6 +152,87 @@ MemberInfo FromProto(const peer::Member& member) {
   return MemberInfo{member.node_id(), member.incarnation(), member.address()};
 }
 
+namespace {
+
+void UpdatesToProto(const std::vector<SwimUpdate>& updates,
+                    google::protobuf::RepeatedPtrField<peer::HeartbeatRequest::Update>* out) {
+  for (const SwimUpdate& u : updates) {
+    peer::HeartbeatRequest::Update* p = out->Add();
+    ToProto(MemberInfo{u.node_id, u.incarnation, u.address}, p->mutable_member());
+    p->set_version(u.version);
+    p->set_state(static_cast<peer::HeartbeatRequest::Update::State>(u.state));
+  }
+}
+
+std::vector<SwimUpdate> UpdatesFromProto(
+    const google::protobuf::RepeatedPtrField<peer::HeartbeatRequest::Update>& updates) {
+  std::vector<SwimUpdate> out;
+  out.reserve(updates.size());
+  for (const peer::HeartbeatRequest::Update& u : updates) {
+    // An unknown state (a newer peer) reads as alive, the weakest claim.
+    const SwimState state = u.state() == peer::HeartbeatRequest::Update::SUSPECT ? SwimState::kSuspect
+                            : u.state() == peer::HeartbeatRequest::Update::DEAD ? SwimState::kDead
+                                                                                 : SwimState::kAlive;
+    out.push_back(SwimUpdate{state, u.member().node_id(), u.member().incarnation(), u.version(),
+                             u.member().address()});
+  }
+  return out;
+}
+
+}  // namespace
+
+void ToProto(const HeartbeatMessage& message, peer::HeartbeatRequest* out) {
+  out->set_node_id(message.from.node_id);
+  out->set_incarnation(message.from.incarnation);
+  out->set_address(message.from.address);
+  out->set_sent_unix_ms(message.sent_unix_ms);
+  out->set_kind(static_cast<peer::HeartbeatRequest::Kind>(message.kind));
+  out->set_seq(message.seq);
+  out->set_version(message.version);
+  out->set_probe_seq(message.probe_seq);
+  if (message.kind != HeartbeatMessage::Kind::kProbe) {
+    ToProto(message.target, out->mutable_target());
+  }
+  out->set_target_acked(message.target_acked);
+  out->set_known_members(message.known_members);
+  UpdatesToProto(message.updates, out->mutable_updates());
+}
+
+HeartbeatMessage FromProto(const peer::HeartbeatRequest& request) {
+  HeartbeatMessage m;
+  m.from = MemberInfo{request.node_id(), request.incarnation(), request.address()};
+  m.updates = UpdatesFromProto(request.updates());
+  m.sent_unix_ms = request.sent_unix_ms();
+  m.kind = request.kind() == peer::HeartbeatRequest::PING_REQ ? HeartbeatMessage::Kind::kPingReq
+           : request.kind() == peer::HeartbeatRequest::INDIRECT_ACK
+               ? HeartbeatMessage::Kind::kIndirectAck
+               : HeartbeatMessage::Kind::kProbe;
+  m.seq = request.seq();
+  m.version = request.version();
+  m.probe_seq = request.probe_seq();
+  m.target = FromProto(request.target());
+  m.target_acked = request.target_acked();
+  m.known_members = request.known_members();
+  return m;
+}
+
+void ToProto(const HeartbeatReply& reply, peer::HeartbeatResponse* out) {
+  out->set_node_id(reply.peer.node_id);
+  out->set_incarnation(reply.peer.incarnation);
+  out->set_version(reply.version);
+  out->set_known_members(reply.known_members);
+  UpdatesToProto(reply.updates, out->mutable_updates());
+}
+
+HeartbeatReply FromProto(const peer::HeartbeatResponse& response, const std::string& address) {
+  HeartbeatReply reply;
+  reply.peer = MemberInfo{response.node_id(), response.incarnation(), address};
+  reply.updates = UpdatesFromProto(response.updates());
+  reply.version = response.version();
+  reply.known_members = response.known_members();
+  return reply;
+}
+
 FragmentStatus FromProto(const peer::HeldFragment& held) {
   FragmentStatus s;
   s.key = FromProto(held.key());
@@ -502,19 +583,12 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
           "a heartbeat needs the sender's node_id and a non-zero incarnation; got node '",
           request->node_id(), "' incarnation ", request->incarnation()));
     }
-    HeartbeatMessage message;
-    message.from = MemberInfo{request->node_id(), request->incarnation(), request->address()};
-    for (const peer::Member& m : request->members()) {
-      message.members.push_back(peer_wire::FromProto(m));
-    }
-    message.sent_unix_ms = request->sent_unix_ms();
-    response->set_node_id(options_.self.node_id);
-    response->set_incarnation(options_.self.incarnation);
+    HeartbeatReply reply;
+    reply.peer = options_.self;
     if (options_.on_heartbeat) {
-      for (const MemberInfo& m : options_.on_heartbeat(message)) {
-        peer_wire::ToProto(m, response->add_members());
-      }
+      TESSERA_ASSIGN_OR_RETURN(reply, options_.on_heartbeat(peer_wire::FromProto(*request)));
     }
+    peer_wire::ToProto(reply, response);
     return absl::OkStatus();
   }();
   reactor->Finish(Logged("Heartbeat", status));

@@ -28,6 +28,7 @@
 #include "absl/status/statusor.h"
 #include "daemon/fragment_store.h"
 #include "daemon/snapshot_store.h"
+#include "daemon/swim.h"
 #include "grpcpp/server_builder.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "proto/peer.grpc.pb.h"
@@ -47,17 +48,28 @@ struct MemberInfo {
   std::string address;  // host:port of its peer service
 };
 
-// What one daemon tells another in a heartbeat.
+// What one daemon tells another in a heartbeat: a SWIM request (daemon/swim.h), with membership
+// updates piggybacked.
 struct HeartbeatMessage {
+  enum class Kind { kProbe, kPingReq, kIndirectAck };
   MemberInfo from;
-  std::vector<MemberInfo> members;  // the sender's view of the live members
+  std::vector<SwimUpdate> updates;
   uint64_t sent_unix_ms = 0;
+  Kind kind = Kind::kProbe;
+  uint64_t seq = 0;            // the sender's request number
+  uint64_t version = 0;        // the sender's liveness version
+  uint64_t probe_seq = 0;      // kPingReq, kIndirectAck: the asker's probe
+  MemberInfo target;           // kPingReq, kIndirectAck: the member probed
+  bool target_acked = false;   // kIndirectAck
+  uint32_t known_members = 0;  // how many members the sender knows
 };
 
-// What the receiver answers: itself and its view of the members.
+// What the receiver answers (an ack): itself, and updates piggybacked.
 struct HeartbeatReply {
-  MemberInfo peer;
-  std::vector<MemberInfo> members;
+  MemberInfo peer;  // address: the one the request went to
+  std::vector<SwimUpdate> updates;
+  uint64_t version = 0;
+  uint32_t known_members = 0;
 };
 
 // A sealed snapshot shard (a slot's payload: data, then the manifest).
@@ -107,9 +119,11 @@ class SnapshotStoreShardSource final : public ShardSource {
   SnapshotStore* const store_;
 };
 
-// Membership's hook: sees every heartbeat received and returns this node's view of the members
-// for the reply. Must be thread-safe and quick (it runs on a gRPC thread).
-using HeartbeatHandler = std::function<std::vector<MemberInfo>(const HeartbeatMessage&)>;
+// Membership's hook (Cluster::OnHeartbeat): sees every heartbeat received and returns the reply,
+// or an error to send back instead (kFailedPrecondition: the sender is fenced). Must be
+// thread-safe and quick (it runs on a gRPC thread).
+using HeartbeatHandler =
+    std::function<absl::StatusOr<HeartbeatReply>(const HeartbeatMessage&)>;
 
 using PeerServiceBase =
     peer::Peer::WithCallbackMethod_Heartbeat<peer::Peer::WithRawCallbackMethod_PutFragment<
@@ -121,7 +135,7 @@ class PeerService final : public PeerServiceBase {
  public:
   struct Options {
     MemberInfo self;                                  // answered in heartbeats
-    HeartbeatHandler on_heartbeat;                    // empty: answer with no members
+    HeartbeatHandler on_heartbeat;                    // empty: answer `self`, no updates
     size_t default_chunk_bytes = kDefaultChunkBytes;  // clamped to kMin..kMaxChunkBytes
     // The raw TCP data path (daemon/data_path.h) that OpenDataPath announces; port 0: off.
     uint32_t data_path_port = 0;
@@ -185,6 +199,11 @@ void ToProto(const ShardInfo& info, peer::ShardInfo* out);
 ShardInfo FromProto(const peer::ShardInfo& info);
 void ToProto(const MemberInfo& member, peer::Member* out);
 MemberInfo FromProto(const peer::Member& member);
+void ToProto(const HeartbeatMessage& message, peer::HeartbeatRequest* out);
+HeartbeatMessage FromProto(const peer::HeartbeatRequest& request);
+void ToProto(const HeartbeatReply& reply, peer::HeartbeatResponse* out);
+// `address`: the peer the request went to (a response does not repeat it).
+HeartbeatReply FromProto(const peer::HeartbeatResponse& response, const std::string& address);
 FragmentStatus FromProto(const peer::HeldFragment& held);
 
 // Field number of `bytes data` in FragmentChunk and DataChunk.

@@ -89,10 +89,20 @@ class PeerServiceTest : public ::testing::Test {
 
     PeerService::Options options;
     options.self = MemberInfo{"node-1", 1001, "127.0.0.1"};
-    options.on_heartbeat = [this](const HeartbeatMessage& m) {
+    options.on_heartbeat = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
       ++heartbeats_;
       last_heartbeat_from_ = m.from.node_id;
-      return std::vector<MemberInfo>{{"node-1", 1001, "a:1"}, {"node-2", 2002, "b:2"}};
+      last_heartbeat_ = m;
+      if (m.from.node_id == "zombie") {
+        return absl::FailedPreconditionError("node 'zombie' incarnation 1 is fenced");
+      }
+      HeartbeatReply reply;
+      reply.peer = MemberInfo{"node-1", 1001, ""};
+      reply.version = 3;
+      reply.known_members = 2;
+      reply.updates = {SwimUpdate{SwimState::kAlive, "node-1", 1001, 3, "a:1"},
+                       SwimUpdate{SwimState::kSuspect, "node-2", 2002, 5, "b:2"}};
+      return reply;
     };
     service_ = std::make_unique<PeerService>(fragments_.get(), shard_source_.get(), options);
     grpc::ServerBuilder builder;
@@ -187,6 +197,7 @@ class PeerServiceTest : public ::testing::Test {
   std::unique_ptr<GrpcPeerClient> client_;
   std::atomic<int> heartbeats_{0};
   std::string last_heartbeat_from_;
+  HeartbeatMessage last_heartbeat_;
 };
 
 TEST_F(PeerServiceTest, PutAndGetFragmentsBitExactEachTwice) {
@@ -404,20 +415,49 @@ TEST_F(PeerServiceTest, ListHeldShowsFragmentsAndShardsEachTwice) {
 }
 
 TEST_F(PeerServiceTest, HeartbeatEachTwice) {
+  // Every SWIM field crosses the wire both ways.
   HeartbeatMessage hb;
   hb.from = MemberInfo{"node-0", 77, "127.0.0.1:1"};
-  hb.members = {hb.from};
+  hb.kind = HeartbeatMessage::Kind::kPingReq;
+  hb.seq = 41;
+  hb.version = 2;
+  hb.probe_seq = 40;
+  hb.target = MemberInfo{"node-5", 55, "e:5"};
+  hb.known_members = 9;
+  hb.updates = {SwimUpdate{SwimState::kDead, "node-7", 70, 4, "g:7"}};
   for (int i = 0; i < 2; ++i) {
     auto reply = client_->Heartbeat(address_, hb);
     ASSERT_TRUE(reply.ok()) << reply.status();
     EXPECT_EQ(reply->peer.node_id, "node-1");
     EXPECT_EQ(reply->peer.incarnation, 1001u);
-    ASSERT_EQ(reply->members.size(), 2u);
-    EXPECT_EQ(reply->members[1].node_id, "node-2");
-    EXPECT_EQ(reply->members[1].incarnation, 2002u);
+    EXPECT_EQ(reply->peer.address, address_) << "the address the request went to";
+    EXPECT_EQ(reply->version, 3u);
+    EXPECT_EQ(reply->known_members, 2u);
+    ASSERT_EQ(reply->updates.size(), 2u);
+    EXPECT_EQ(reply->updates[1].node_id, "node-2");
+    EXPECT_EQ(reply->updates[1].incarnation, 2002u);
+    EXPECT_EQ(reply->updates[1].version, 5u);
+    EXPECT_EQ(reply->updates[1].state, SwimState::kSuspect);
+    EXPECT_EQ(reply->updates[1].address, "b:2");
   }
   EXPECT_EQ(heartbeats_.load(), 2);
   EXPECT_EQ(last_heartbeat_from_, "node-0");
+  EXPECT_EQ(last_heartbeat_.kind, HeartbeatMessage::Kind::kPingReq);
+  EXPECT_EQ(last_heartbeat_.seq, 41u);
+  EXPECT_EQ(last_heartbeat_.version, 2u);
+  EXPECT_EQ(last_heartbeat_.probe_seq, 40u);
+  EXPECT_EQ(last_heartbeat_.target.node_id, "node-5");
+  EXPECT_EQ(last_heartbeat_.target.incarnation, 55u);
+  EXPECT_EQ(last_heartbeat_.target.address, "e:5");
+  EXPECT_EQ(last_heartbeat_.known_members, 9u);
+  ASSERT_EQ(last_heartbeat_.updates.size(), 1u);
+  EXPECT_EQ(last_heartbeat_.updates[0].state, SwimState::kDead);
+  EXPECT_EQ(last_heartbeat_.updates[0].node_id, "node-7");
+  EXPECT_EQ(last_heartbeat_.updates[0].version, 4u);
+  // The handler's refusal reaches the caller with its code.
+  hb.from.node_id = "zombie";
+  EXPECT_EQ(client_->Heartbeat(address_, hb).status().code(),
+            absl::StatusCode::kFailedPrecondition);
   hb.from.incarnation = 0;
   EXPECT_EQ(client_->Heartbeat(address_, hb).status().code(), absl::StatusCode::kInvalidArgument);
 }
@@ -457,6 +497,30 @@ TEST_F(PeerServiceTest, UnreachablePeerIsUnavailableAfterRetries) {
           .status()
           .code(),
       absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(PeerServiceTest, HeartbeatClientKeepsChannelsForAtMostMaxPeers) {
+  GrpcPeerClient::Options o;
+  o.channels_per_peer = 1;
+  o.max_attempts = 1;
+  o.control_timeout = absl::Milliseconds(500);
+  o.max_peers_with_channels = 2;
+  auto client = GrpcPeerClient::Create(o);
+  ASSERT_TRUE(client.ok()) << client.status();
+  HeartbeatMessage hb;
+  hb.from = MemberInfo{"node-0", 1, "127.0.0.1:1"};
+  // Probing members in turn: the live peer, two addresses where nothing listens, the peer again.
+  for (const std::string& peer : {address_, std::string("127.0.0.1:1"),
+                                  std::string("127.0.0.1:2"), address_}) {
+    (void)(*client)->Heartbeat(peer, hb);
+    EXPECT_LE((*client)->stats().peers_with_channels, 2u);
+  }
+  EXPECT_EQ((*client)->stats().channel_evictions, 2u);
+  ASSERT_TRUE((*client)->Heartbeat(address_, hb).ok()) << "a closed peer's channel reopens";
+  o.max_peers_with_channels = -1;
+  auto bad = GrpcPeerClient::Create(o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("max_peers_with_channels"), std::string::npos);
 }
 
 TEST_F(PeerServiceTest, ConcurrentPutsFromManyThreads) {

@@ -130,10 +130,13 @@ int64_t Swim::SuspicionTimeoutMs() const {
   return int64_t{options_.suspicion_mult} * Log2Ceil() * options_.protocol_period_ms;
 }
 
-void Swim::Emit(Event::Kind kind, uint32_t node, bool by_self, uint64_t other_incarnation) {
+void Swim::Emit(Event::Kind kind, uint32_t node, bool by_self, SwimState previous,
+                uint64_t other_incarnation) {
   if (!options_.on_event) return;
   Event e;
   e.kind = kind;
+  e.state = StateOf(node);
+  e.previous = previous;
   e.node_id = names_->nodes.Name(node);
   e.incarnation = members_[node].incarnation;
   e.other_incarnation = other_incarnation;
@@ -232,19 +235,21 @@ void Swim::BootstrapFrom(const Swim& other) {
   Bootstrap({});
 }
 
+void Swim::SelfFenced(std::string detail) {
+  if (self_fenced_) return;
+  self_fenced_ = true;
+  Event e;
+  e.kind = Event::Kind::kSelfFenced;
+  e.node_id = options_.self_id;
+  e.incarnation = options_.self_incarnation;
+  e.detail = std::move(detail);
+  Emit(std::move(e));
+}
+
 bool Swim::ApplyAboutSelf(const Update& u) {
   const Member& me = members_[self_];
   if (u.incarnation > me.incarnation) {
-    if (!self_fenced_) {
-      self_fenced_ = true;
-      Event e;
-      e.kind = Event::Kind::kSelfFenced;
-      e.node_id = options_.self_id;
-      e.incarnation = u.incarnation;
-      e.other_incarnation = me.incarnation;
-      e.detail = absl::StrCat("an update names incarnation ", u.incarnation, " of this node id");
-      Emit(std::move(e));
-    }
+    SelfFenced(absl::StrCat("an update names incarnation ", u.incarnation, " of its node id"));
     return false;
   }
   if (u.incarnation < me.incarnation || u.state == SwimState::kAlive || u.version < me.version) {
@@ -253,18 +258,19 @@ bool Swim::ApplyAboutSelf(const Update& u) {
   if (uint64_t{u.version} + 1 >= kLostVersion) {
     if (!self_lost_) {
       self_lost_ = true;
-      Emit(Event::Kind::kSelfLost, self_, false);
+      Emit(Event::Kind::kSelfLost, self_, false, SwimState::kAlive);
     }
     return false;
   }
   members_[self_].version = u.version + 1;
   ++stats_.refutations;
   Queue(self_);
-  Emit(Event::Kind::kRefuted, self_, true);
+  Emit(Event::Kind::kRefuted, self_, true, SwimState::kAlive);
   return true;
 }
 
-void Swim::Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self) {
+void Swim::Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self,
+                      bool emit) {
   states_[node] = static_cast<uint8_t>(to);
   if (from == to) return;
   if (from == SwimState::kSuspect) suspects_.erase(node);
@@ -277,19 +283,20 @@ void Swim::Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState t
   }
   if (to == SwimState::kDead) --live_;
   ResolveSeeds(node);
+  Event::Kind kind = Event::Kind::kAlive;
   switch (to) {
     case SwimState::kAlive:
       Heard(now_ms, node);
-      Emit(Event::Kind::kAlive, node, by_self);
       break;
     case SwimState::kSuspect:
       suspects_[node] = now_ms + SuspicionTimeoutMs();
-      Emit(Event::Kind::kSuspect, node, by_self);
+      kind = Event::Kind::kSuspect;
       break;
     case SwimState::kDead:
-      Emit(Event::Kind::kDead, node, by_self);
+      kind = Event::Kind::kDead;
       break;
   }
+  if (emit) Emit(kind, node, by_self, from);
 }
 
 bool Swim::Apply(int64_t now_ms, const Update& u, bool by_self) {
@@ -310,7 +317,7 @@ bool Swim::Apply(int64_t now_ms, const Update& u, bool by_self) {
     Heard(now_ms, u.node);
     ResolveSeeds(u.node);
     Queue(u.node);
-    Emit(Event::Kind::kJoined, u.node, by_self);
+    Emit(Event::Kind::kJoined, u.node, by_self, SwimState::kDead);
     Transition(now_ms, u.node, SwimState::kAlive, u.state, by_self);
     return true;
   }
@@ -321,9 +328,9 @@ bool Swim::Apply(int64_t now_ms, const Update& u, bool by_self) {
     m = Member{u.incarnation, u.version, u.address};
     lost_.erase(u.node);
     if (before == SwimState::kSuspect) suspects_.erase(u.node);  // a new identity: a new timer
-    Emit(Event::Kind::kReplaced, u.node, by_self, old);
     Transition(now_ms, u.node, before == SwimState::kSuspect ? SwimState::kAlive : before,
-               u.state, by_self);
+               u.state, by_self, /*emit=*/false);
+    Emit(Event::Kind::kReplaced, u.node, by_self, before, old);
     if (u.state == SwimState::kAlive) Heard(now_ms, u.node);
     Queue(u.node);
     return true;
@@ -432,19 +439,10 @@ void Swim::Piggyback(SwimMessage* m, std::optional<uint32_t> about, bool fill) {
 }
 
 void Swim::Send(uint32_t address, SwimMessage&& m) {
-  switch (m.kind) {
-    case SwimMessage::Kind::kProbe:
-      ++stats_.probes_sent;
-      break;
-    case SwimMessage::Kind::kPingReq:
-      ++stats_.ping_reqs_sent;
-      break;
-    case SwimMessage::Kind::kIndirectAck:
-      ++stats_.indirect_acks_sent;
-      break;
-    case SwimMessage::Kind::kAck:
-      break;  // replies are counted where they are made
-  }
+  // Replies (kAck) are counted where they are made.
+  stats_.probes_sent += m.kind == SwimMessage::Kind::kProbe;
+  stats_.ping_reqs_sent += m.kind == SwimMessage::Kind::kPingReq;
+  stats_.indirect_acks_sent += m.kind == SwimMessage::Kind::kIndirectAck;
   options_.send(names_->addresses.Name(address), std::move(m));
 }
 
@@ -485,20 +483,18 @@ absl::StatusOr<SwimMessage> Swim::HandleRequest(int64_t now_ms, const SwimMessag
         "restart it to join as a new incarnation"));
   }
   ApplyUpdates(now_ms, request);
+  stats_.probes_received += request.kind == Kind::kProbe;
+  stats_.ping_reqs_received += request.kind == Kind::kPingReq;
+  stats_.indirect_acks_received += request.kind == Kind::kIndirectAck;
   switch (request.kind) {
-    case Kind::kProbe:
-      ++stats_.probes_received;
-      break;
     case Kind::kPingReq: {
-      ++stats_.ping_reqs_received;
-      Request helper;
-      helper.kind = RequestKind::kHelperProbe;
-      helper.member = names_->nodes.Intern(request.target_id);
-      helper.incarnation = request.target_incarnation;
-      helper.probe_seq = request.probe_seq;
-      helper.address = names_->addresses.Intern(request.target_address);
-      helper.origin_address = names_->addresses.Intern(request.from_address);
-      helper.deadline_ms = now_ms + options_.ack_timeout_ms;
+      const Request helper{RequestKind::kHelperProbe,
+                           names_->nodes.Intern(request.target_id),
+                           request.target_incarnation,
+                           request.probe_seq,
+                           names_->addresses.Intern(request.target_address),
+                           names_->addresses.Intern(request.from_address),
+                           now_ms + options_.ack_timeout_ms};
       Grow(helper.member);
       if (helper.member == self_) {
         SendIndirectAck(now_ms, helper, helper.incarnation == options_.self_incarnation);
@@ -513,7 +509,6 @@ absl::StatusOr<SwimMessage> Swim::HandleRequest(int64_t now_ms, const SwimMessag
       break;
     }
     case Kind::kIndirectAck: {
-      ++stats_.indirect_acks_received;
       auto it = probes_.find(request.probe_seq);
       const std::optional<uint32_t> target = names_->nodes.Find(request.target_id);
       if (it == probes_.end() || !target || *target != it->second.target ||
@@ -528,7 +523,7 @@ absl::StatusOr<SwimMessage> Swim::HandleRequest(int64_t now_ms, const SwimMessag
       }
       break;
     }
-    case Kind::kAck:
+    default:
       break;
   }
   SwimMessage reply = NewMessage(Kind::kAck, request.seq);
@@ -585,15 +580,7 @@ void Swim::HandleReply(int64_t now_ms, uint64_t request_seq, const SwimMessage& 
 
 void Swim::HandleFailure(int64_t now_ms, uint64_t request_seq, const absl::Status& why) {
   ++stats_.requests_failed;
-  if (absl::IsFailedPrecondition(why) && !self_fenced_) {
-    self_fenced_ = true;
-    Event e;
-    e.kind = Event::Kind::kSelfFenced;
-    e.node_id = options_.self_id;
-    e.incarnation = options_.self_incarnation;
-    e.detail = std::string(why.message());
-    Emit(std::move(e));
-  }
+  if (absl::IsFailedPrecondition(why)) SelfFenced(std::string(why.message()));
   auto it = requests_.find(request_seq);
   if (it == requests_.end()) return;
   const Request request = it->second;
@@ -620,13 +607,10 @@ void Swim::RequestEnded(int64_t now_ms, const Request& r) {
 }
 
 void Swim::SendIndirectAck(int64_t now_ms, const Request& helper_probe, bool acked) {
-  Request r;
-  r.kind = RequestKind::kIndirectAck;
-  r.member = helper_probe.member;
-  r.incarnation = helper_probe.incarnation;
-  r.probe_seq = helper_probe.probe_seq;
-  r.address = helper_probe.origin_address;
-  r.deadline_ms = now_ms + options_.probe_timeout_ms;
+  const Request r{RequestKind::kIndirectAck,     helper_probe.member,
+                  helper_probe.incarnation,       helper_probe.probe_seq,
+                  helper_probe.origin_address,    0,
+                  now_ms + options_.probe_timeout_ms};
   SwimMessage m = NewMessage(SwimMessage::Kind::kIndirectAck, NewRequest(r));
   m.probe_seq = helper_probe.probe_seq;
   m.target_id = names_->nodes.Name(helper_probe.member);
@@ -657,13 +641,8 @@ void Swim::Escalate(int64_t now_ms, uint64_t probe_seq) {
   (void)now_ms;
   const Member target = members_[p.target];
   for (uint32_t h : helpers) {
-    Request r;
-    r.kind = RequestKind::kPingReq;
-    r.member = h;
-    r.incarnation = members_[h].incarnation;
-    r.probe_seq = probe_seq;
-    r.address = members_[h].address;
-    r.deadline_ms = p.end_ms;
+    const Request r{RequestKind::kPingReq, h, members_[h].incarnation, probe_seq,
+                    members_[h].address, 0, p.end_ms};
     SwimMessage m = NewMessage(SwimMessage::Kind::kPingReq, NewRequest(r));
     m.probe_seq = probe_seq;
     m.target_id = names_->nodes.Name(p.target);
@@ -713,14 +692,9 @@ void Swim::StartPeriod(int64_t now_ms) {
   ++stats_.periods;
   if (std::optional<uint32_t> target = NextProbeTarget()) {
     const Member& m = members_[*target];
-    Request r;
-    r.kind = RequestKind::kProbe;
-    r.member = *target;
-    r.incarnation = m.incarnation;
-    r.address = m.address;
-    r.deadline_ms = now_ms + options_.ack_timeout_ms;
-    const uint64_t seq = NewRequest(r);
-    requests_[seq].probe_seq = seq;
+    const uint64_t seq = next_seq_;
+    NewRequest(Request{RequestKind::kProbe, *target, m.incarnation, seq, m.address, 0,
+                       now_ms + options_.ack_timeout_ms});
     probes_[seq] = Probe{*target, m.incarnation, now_ms + options_.probe_timeout_ms};
     SwimMessage probe = NewMessage(SwimMessage::Kind::kProbe, seq);
     // A suspect hears of it from its prober, and can refute at once.
@@ -734,11 +708,8 @@ void Swim::StartPeriod(int64_t now_ms) {
     if (seeds_[index].resolved || seeds_[index].in_flight) continue;
     seeds_[index].in_flight = true;
     --budget;
-    Request r;
-    r.kind = RequestKind::kSeedProbe;
-    r.address = seeds_[index].address;
-    r.seed = index;
-    r.deadline_ms = now_ms + options_.probe_timeout_ms;
+    const Request r{RequestKind::kSeedProbe, 0, 0, 0, seeds_[index].address, 0,
+                    now_ms + options_.probe_timeout_ms, index};
     SwimMessage probe = NewMessage(SwimMessage::Kind::kProbe, NewRequest(r));
     Piggyback(&probe, std::nullopt, false);
     Send(r.address, std::move(probe));
@@ -809,6 +780,14 @@ std::vector<Swim::MemberView> Swim::Members() const {
   std::vector<MemberView> out;
   for (uint32_t node = 0; node < members_.size(); ++node) {
     if (node != self_ && Known(node)) out.push_back(View(node));
+  }
+  return out;
+}
+
+std::vector<std::string> Swim::PendingSeeds() const {
+  std::vector<std::string> out;
+  for (const Seed& seed : seeds_) {
+    if (!seed.resolved) out.push_back(names_->addresses.Name(seed.address));
   }
   return out;
 }

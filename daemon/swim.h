@@ -119,7 +119,7 @@ class Swim {
       kAlive,           // a suspect or dead member is alive again (it refuted)
       kSuspect,         // by_self: this daemon's own probe failed; otherwise heard
       kDead,            // by_self: its suspicion timed out here; lost: DeclareLost somewhere
-      kReplaced,        // a newer incarnation replaced old_incarnation, which is now fenced
+      kReplaced,        // a newer incarnation (in `state`) replaced other_incarnation (fenced)
       kRefuted,         // this daemon heard itself suspected or dead and raised its version
       kSelfLost,        // this daemon was declared lost: it cannot refute, only restart
       kSelfFenced,      // a newer incarnation of this daemon's node id exists: restart it
@@ -131,6 +131,8 @@ class Swim {
     uint64_t other_incarnation = 0;  // kReplaced: the old, fenced one; kRefused: the newer one
     uint64_t version = 0;
     std::string address;
+    SwimState state = SwimState::kAlive;     // the member's state after the event
+    SwimState previous = SwimState::kDead;   // before it (kDead also for "not known")
     bool by_self = false;
     bool lost = false;
     std::string detail;  // kSelfFenced: what told it
@@ -231,6 +233,9 @@ class Swim {
   bool IsFenced(const std::string& node_id, uint64_t incarnation) const;
   // Every seed has answered, been found as a member's address, or timed out once.
   bool Converged() const { return unsettled_seeds_ == 0; }
+  // Seed addresses where no member (not dead) is known.
+  std::vector<std::string> PendingSeeds() const;
+  size_t seed_count() const { return seeds_.size(); }
   bool self_fenced() const { return self_fenced_; }
   bool self_lost() const { return self_lost_; }
   uint64_t self_version() const { return members_[self_].version; }
@@ -303,8 +308,10 @@ class Swim {
   // Applies one update. Returns true when the state changed.
   bool Apply(int64_t now_ms, const Update& u, bool by_self);
   bool ApplyAboutSelf(const Update& u);
-  // Moves `node` from `from` to `to`: counts, timers, probe order, seeds, events.
-  void Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self);
+  void SelfFenced(std::string detail);
+  // Moves `node` from `from` to `to`: counts, timers, probe order, seeds, and (emit) events.
+  void Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self,
+                  bool emit = true);
   int64_t SuspicionTimeoutMs() const;
   void Heard(int64_t now_ms, uint32_t node);
   // The sender or responder as a first-hand alive update. Returns false when it is fenced.
@@ -312,7 +319,8 @@ class Swim {
   bool ApplySender(int64_t now_ms, const SwimMessage& m, uint32_t* node, bool* rebut);
   void ApplyUpdates(int64_t now_ms, const SwimMessage& m);
   void Queue(uint32_t node);
-  void Emit(Event::Kind kind, uint32_t node, bool by_self, uint64_t other_incarnation = 0);
+  void Emit(Event::Kind kind, uint32_t node, bool by_self, SwimState previous,
+            uint64_t other_incarnation = 0);
   void Emit(Event event);
   void ResolveSeeds(uint32_t node);
 
