@@ -54,8 +54,9 @@ class Cluster {
     int64_t dns_refresh_ms = 10000;
     int64_t heartbeat_ms = 500;  // the protocol period
     // The probe window: a member is suspected when neither it nor the members asked to probe it
-    // answered within timeout_ms of the probe. The direct probe waits timeout_ms / 2 before
-    // asking others. Values below heartbeat_ms count as heartbeat_ms.
+    // answered within timeout_ms of the probe (any message from it counts as an answer). Others
+    // are asked after timeout_ms / 2 without an answer. Values below heartbeat_ms count as
+    // heartbeat_ms. The client's deadline for a heartbeat should be about timeout_ms.
     int64_t timeout_ms = 3000;
     int indirect_probes = 3;  // 0..16
     int suspicion_mult = 4;   // 1..1000

@@ -145,15 +145,18 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
   client_options.token = config.cluster.token;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
-  // Heartbeats get one short attempt: a peer that does not answer in time is simply not heard.
+  // Heartbeats get one attempt: a peer that does not answer in time is simply not heard. An
+  // answer counts until the probe window (liveness.timeout_ms) closes, so a busy peer's late
+  // answer still keeps it alive.
   GrpcPeerClient::Options heartbeat_options;
   heartbeat_options.channels_per_peer = 1;
   heartbeat_options.max_attempts = 1;
   heartbeat_options.token = config.cluster.token;
   heartbeat_options.control_timeout =
-      absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms / 2));
+      absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms));
   // Membership probes every member in turn: a few connections, whatever the cluster's size.
   heartbeat_options.max_peers_with_channels = 16;
+  heartbeat_options.reconnect_at_once = true;
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
 
   Cluster::Options cluster_options;

@@ -427,12 +427,22 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
     grpc::ClientContext context;
     AddToken(&context);
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
-    TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
-        peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response)));
+    const absl::Status status = FromGrpcStatus(
+        peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response));
+    if (absl::IsUnavailable(status) && options_.reconnect_at_once) ForgetChannels(peer);
+    TESSERA_RETURN_IF_ERROR(status);
     reply = peer_wire::FromProto(response, peer);
     return absl::OkStatus();
   }));
   return reply;
+}
+
+void GrpcPeerClient::ForgetChannels(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  auto it = channels_.find(peer);
+  if (it == channels_.end()) return;
+  channel_lru_.erase(it->second.lru);
+  channels_.erase(it);
 }
 
 absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const std::string& peer,

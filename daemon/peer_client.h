@@ -126,6 +126,10 @@ class GrpcPeerClient final : public PeerClient {
     // to open another's. 0: no bound. (Membership probes every member in turn: its client keeps
     // a small number, whatever the cluster's size.)
     int max_peers_with_channels = 0;
+    // After a heartbeat fails with kUnavailable, close the peer's channels: the next call then
+    // connects anew instead of failing at once while gRPC waits out its reconnect backoff (1 s,
+    // growing to 2 min), so a daemon that comes back is heard on its next probe.
+    bool reconnect_at_once = false;
   };
 
   // Gets the peer ready for fragments, in the background: asks its OpenDataPath and, with
@@ -185,6 +189,7 @@ class GrpcPeerClient final : public PeerClient {
   // The peer's channels, created on first use.
   std::vector<std::shared_ptr<grpc::Channel>> Channels(const std::string& peer);
   std::shared_ptr<grpc::Channel> AnyChannel(const std::string& peer);
+  void ForgetChannels(const std::string& peer);
   // Runs attempt() up to max_attempts times while it returns kUnavailable, with backoff.
   absl::Status WithRetries(const char* method, const std::string& peer,
                            const std::function<absl::Status()>& attempt);

@@ -517,6 +517,15 @@ TEST_F(PeerServiceTest, HeartbeatClientKeepsChannelsForAtMostMaxPeers) {
   }
   EXPECT_EQ((*client)->stats().channel_evictions, 2u);
   ASSERT_TRUE((*client)->Heartbeat(address_, hb).ok()) << "a closed peer's channel reopens";
+  // reconnect_at_once: a peer that did not answer keeps no channel (none in reconnect backoff).
+  o.reconnect_at_once = true;
+  auto reconnecting = GrpcPeerClient::Create(o);
+  ASSERT_TRUE(reconnecting.ok()) << reconnecting.status();
+  EXPECT_EQ((*reconnecting)->Heartbeat("127.0.0.1:1", hb).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*reconnecting)->stats().peers_with_channels, 0u);
+  ASSERT_TRUE((*reconnecting)->Heartbeat(address_, hb).ok());
+  EXPECT_EQ((*reconnecting)->stats().peers_with_channels, 1u);
   o.max_peers_with_channels = -1;
   auto bad = GrpcPeerClient::Create(o);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);

@@ -167,6 +167,23 @@ void Swim::Settle(Seed* seed) {
   --unsettled_seeds_;
 }
 
+void Swim::SeedProbeEnded(const Request& r) {
+  seeds_[r.seed].in_flight = false;
+  Settle(&seeds_[r.seed]);
+  seed_retries_in_flight_ -= r.retry;
+}
+
+void Swim::Acked(int64_t now_ms, uint32_t node, uint64_t incarnation) {
+  for (auto it = probes_.begin(); it != probes_.end();) {
+    if (it->second.target == node && it->second.incarnation == incarnation) {
+      it = probes_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  Heard(now_ms, node);
+}
+
 void Swim::ResolveSeeds(uint32_t node) {
   auto it = seed_index_.find(members_[node].address);
   if (it == seed_index_.end()) return;
@@ -377,7 +394,7 @@ bool Swim::ApplySender(int64_t now_ms, const SwimMessage& m, uint32_t* node, boo
   Apply(now_ms, Update{SwimState::kAlive, *node, m.from_incarnation, ClampVersion(m.from_version),
                        names_->addresses.Intern(m.from_address)},
         /*by_self=*/false);
-  Heard(now_ms, *node);
+  Acked(now_ms, *node, m.from_incarnation);
   *rebut = StateOf(*node) != SwimState::kAlive;
   return true;
 }
@@ -516,8 +533,7 @@ absl::StatusOr<SwimMessage> Swim::HandleRequest(int64_t now_ms, const SwimMessag
         break;  // late, or not ours
       }
       if (request.target_acked) {
-        Heard(now_ms, *target);
-        probes_.erase(it);
+        Acked(now_ms, *target, request.target_incarnation);
       } else if (++it->second.nacks >= it->second.helpers && it->second.escalated) {
         ProbeFailed(now_ms, request.probe_seq);  // every helper failed too: no need to wait
       }
@@ -555,22 +571,16 @@ void Swim::HandleReply(int64_t now_ms, uint64_t request_seq, const SwimMessage& 
       responder == request->member && reply.from_incarnation == request->incarnation;
   switch (request->kind) {
     case RequestKind::kProbe:
-      if (!from_target) {
-        RequestEnded(now_ms, *request);  // someone else answers at that address now
-      } else {
-        probes_.erase(request->probe_seq);
-      }
+      // From the target: ApplySender counted it. From someone else at that address: not.
+      if (!from_target) RequestEnded(now_ms, *request);
       break;
-    case RequestKind::kSeedProbe: {
-      Seed& seed = seeds_[request->seed];
-      seed.in_flight = false;
-      seed.resolved = true;
-      seed.member = responder;
-      Settle(&seed);
+    case RequestKind::kSeedProbe:
+      SeedProbeEnded(*request);
+      seeds_[request->seed].resolved = true;
+      seeds_[request->seed].member = responder;
       break;
-    }
     case RequestKind::kHelperProbe:
-      SendIndirectAck(now_ms, *request, from_target);
+      if (from_target || !request->nacked) SendIndirectAck(now_ms, *request, from_target);
       break;
     case RequestKind::kPingReq:
     case RequestKind::kIndirectAck:
@@ -594,11 +604,10 @@ void Swim::RequestEnded(int64_t now_ms, const Request& r) {
       Escalate(now_ms, r.probe_seq);
       break;
     case RequestKind::kSeedProbe:
-      seeds_[r.seed].in_flight = false;
-      Settle(&seeds_[r.seed]);
+      SeedProbeEnded(r);
       break;
     case RequestKind::kHelperProbe:
-      SendIndirectAck(now_ms, r, /*acked=*/false);
+      if (!r.nacked) SendIndirectAck(now_ms, r, /*acked=*/false);
       break;
     case RequestKind::kPingReq:
     case RequestKind::kIndirectAck:
@@ -693,9 +702,11 @@ void Swim::StartPeriod(int64_t now_ms) {
   if (std::optional<uint32_t> target = NextProbeTarget()) {
     const Member& m = members_[*target];
     const uint64_t seq = next_seq_;
+    // An answer counts until the window closes, even after the ping-reqs went out.
     NewRequest(Request{RequestKind::kProbe, *target, m.incarnation, seq, m.address, 0,
-                       now_ms + options_.ack_timeout_ms});
-    probes_[seq] = Probe{*target, m.incarnation, now_ms + options_.probe_timeout_ms};
+                       now_ms + options_.probe_timeout_ms});
+    probes_[seq] = Probe{*target, m.incarnation, now_ms + options_.ack_timeout_ms,
+                         now_ms + options_.probe_timeout_ms};
     SwimMessage probe = NewMessage(SwimMessage::Kind::kProbe, seq);
     // A suspect hears of it from its prober, and can refute at once.
     Piggyback(&probe, StateOf(*target) != SwimState::kAlive ? target : std::nullopt, false);
@@ -705,11 +716,17 @@ void Swim::StartPeriod(int64_t now_ms) {
   for (size_t scanned = 0; budget > 0 && scanned < seeds_.size(); ++scanned) {
     const size_t index = seed_cursor_;
     seed_cursor_ = (seed_cursor_ + 1) % seeds_.size();
-    if (seeds_[index].resolved || seeds_[index].in_flight) continue;
-    seeds_[index].in_flight = true;
+    Seed& seed = seeds_[index];
+    // Seeds tried before are tried again one at a time: dead addresses must not tie up the
+    // transport while a whole window passes for each.
+    if (seed.resolved || seed.in_flight || (seed.settled && seed_retries_in_flight_ > 0)) {
+      continue;
+    }
+    seed.in_flight = true;
+    seed_retries_in_flight_ += seed.settled;
     --budget;
-    const Request r{RequestKind::kSeedProbe, 0, 0, 0, seeds_[index].address, 0,
-                    now_ms + options_.probe_timeout_ms, index};
+    const Request r{RequestKind::kSeedProbe, 0, 0, 0, seed.address, 0,
+                    now_ms + options_.probe_timeout_ms, index, seed.settled};
     SwimMessage probe = NewMessage(SwimMessage::Kind::kProbe, NewRequest(r));
     Piggyback(&probe, std::nullopt, false);
     Send(r.address, std::move(probe));
@@ -718,9 +735,20 @@ void Swim::StartPeriod(int64_t now_ms) {
 
 bool Swim::Tick(int64_t now_ms) {
   for (auto it = requests_.begin(); it != requests_.end();) {
-    if (it->second.deadline_ms > now_ms) {
+    Request& open = it->second;
+    if (open.deadline_ms > now_ms) {
       ++it;
       continue;
+    }
+    if (open.kind == RequestKind::kHelperProbe && !open.nacked) {
+      // Tell the asker in time, and keep listening: a late answer is still good news.
+      SendIndirectAck(now_ms, open, /*acked=*/false);
+      open.nacked = true;
+      open.deadline_ms += options_.probe_timeout_ms - options_.ack_timeout_ms;
+      if (open.deadline_ms > now_ms) {
+        ++it;
+        continue;
+      }
     }
     const Request r = it->second;
     it = requests_.erase(it);  // RequestEnded may add requests: map iterators stay valid
@@ -728,8 +756,10 @@ bool Swim::Tick(int64_t now_ms) {
   }
   for (auto it = probes_.begin(); it != probes_.end();) {
     const uint64_t seq = it->first;
+    const bool escalate = !it->second.escalated && it->second.escalate_ms <= now_ms;
     const bool due = it->second.end_ms <= now_ms;
     ++it;
+    if (escalate) Escalate(now_ms, seq);
     if (due) ProbeFailed(now_ms, seq);
   }
   for (auto it = suspects_.begin(); it != suspects_.end();) {
@@ -754,7 +784,9 @@ bool Swim::Tick(int64_t now_ms) {
 int64_t Swim::NextWakeMs() const {
   int64_t wake = next_period_ms_ < 0 ? 0 : next_period_ms_;
   for (const auto& [seq, r] : requests_) wake = std::min(wake, r.deadline_ms);
-  for (const auto& [seq, p] : probes_) wake = std::min(wake, p.end_ms);
+  for (const auto& [seq, p] : probes_) {
+    wake = std::min(wake, p.escalated ? p.end_ms : p.escalate_ms);
+  }
   for (const auto& [node, deadline] : suspects_) wake = std::min(wake, deadline);
   return wake;
 }

@@ -5,6 +5,8 @@
 // members not dead. No ack within ack_timeout_ms: it asks `indirect_probes` other live members to
 // probe it (ping-req); still no ack when the probe window closes (probe_timeout_ms after the
 // probe), or every helper answered that the member did not ack either: the member is SUSPECT.
+// Until the window closes, a late ack, a helper's late ack, or any message from the member
+// answers the probe.
 // A member suspect for suspicion_mult * ceil(log2(N + 1)) periods is DEAD (N: members not dead,
 // this one included). Updates (alive / suspect / dead, each with the member's node id,
 // incarnation, liveness version and address) ride on probes, ping-reqs and acks: each is sent
@@ -268,11 +270,14 @@ class Swim {
     uint32_t origin_address = 0;  // kHelperProbe: the asker's
     int64_t deadline_ms = 0;
     size_t seed = 0;              // kSeedProbe
+    bool retry = false;           // kSeedProbe: the seed was tried before
+    bool nacked = false;          // kHelperProbe: the asker was told "no answer" already
   };
   struct Probe {
     uint32_t target;
     uint64_t incarnation;
-    int64_t end_ms;
+    int64_t escalate_ms;  // no ack by then: ping-reqs
+    int64_t end_ms;       // no ack by then: suspect
     bool escalated = false;
     int helpers = 0;
     int nacks = 0;
@@ -339,6 +344,9 @@ class Swim {
   void RequestEnded(int64_t now_ms, const Request& r);
   void SendIndirectAck(int64_t now_ms, const Request& helper_probe, bool acked);
   void Settle(Seed* seed);
+  void SeedProbeEnded(const Request& r);
+  // Any message from `node` (incarnation) answers our open probes of it.
+  void Acked(int64_t now_ms, uint32_t node, uint64_t incarnation);
 
   Options options_;
   std::shared_ptr<SwimNames> names_;
@@ -360,6 +368,7 @@ class Swim {
   std::unordered_map<uint32_t, size_t> seed_index_;  // address -> seeds_ index
   size_t unsettled_seeds_ = 0;
   size_t seed_cursor_ = 0;
+  int seed_retries_in_flight_ = 0;
   std::set<Queued> queue_;
   std::unordered_map<uint32_t, std::set<Queued>::iterator> queued_;
   uint64_t queue_order_ = 0;
