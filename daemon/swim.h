@@ -22,8 +22,10 @@
 // can pass: only a new incarnation brings the node id back.
 //
 // Seeds are addresses (the configured list, DNS records). One not yet known as some member's
-// address is probed (up to seed_probes_per_period a period) until it answers; its node id then
-// comes from the answer.
+// address is probed (up to seed_probes_per_period a period; seeds tried before, one at a time)
+// until it answers; its node id then comes from the answer. A reply to a peer that says it knows
+// fewer members than this daemon (one joining) fills its spare update slots with other members,
+// so a joiner learns the cluster without a full-state exchange and without a larger message.
 //
 // Determinism: the core never reads a clock or a global random source. Time comes in as now_ms
 // on every call (any monotonic millisecond clock), and every random choice comes from a
