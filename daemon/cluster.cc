@@ -327,8 +327,8 @@ void Cluster::Report(const Swim::Event& e) {
       change = false;
       break;
     case Kind::kReplaced:
-      log->warn("member {} restarted: incarnation {} -> {} ({}) at {}; incarnation {} is fenced",
-                e.node_id, e.other_incarnation, e.incarnation, SwimStateName(e.state), e.address,
+      log->warn("member {} at {} restarted: incarnation {} -> {} ({}); incarnation {} is fenced",
+                e.node_id, e.address, e.other_incarnation, e.incarnation, SwimStateName(e.state),
                 e.other_incarnation);
       if (e.state == SwimState::kAlive) change = true;
       if (e.state == SwimState::kDead && e.previous != SwimState::kDead) change = false;
@@ -345,6 +345,7 @@ void Cluster::Report(const Swim::Event& e) {
       log->error("this daemon ({} incarnation {}) is fenced ({}): a newer incarnation of its "
                  "node id is known, and its heartbeats are refused; stop it", e.node_id,
                  options_.incarnation, e.detail);
+      if (options_.on_self_fenced) options_.on_self_fenced();
       break;
     case Kind::kRefused:
       // Once at warn per zombie; it keeps trying every period.

@@ -71,6 +71,10 @@ class Cluster {
     // replaces the old one) or dead (its suspicion timed out, or it was declared lost). A
     // suspicion alone is not reported. In order, one call at a time, on whichever thread saw it.
     std::function<void(const std::string& node_id, bool alive)> on_change;
+    // Called once when a newer incarnation of this daemon's own node id is heard of: this
+    // process is a zombie (it was replaced), every peer refuses its messages, and it should
+    // stop. Runs without Cluster's lock held.
+    std::function<void()> on_self_fenced;
   };
 
   // `client` is not owned and must outlive this object. Aborts with a message when the options

@@ -148,6 +148,13 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::OnResolve(const NodeIdentity&
 absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     const ResolveQuestion& question) {
   const std::string& job_id = question.job_id;
+  // A daemon that has not yet heard every configured member answers nothing: a start-up view
+  // may lack the very nodes that hold the job (the caller retries kUnavailable).
+  if (!cluster_->Converged()) {
+    return absl::UnavailableError(
+        "this daemon's membership has not converged yet (not every configured member has "
+        "answered or timed out); ask again shortly");
+  }
   if (!question.known.empty()) coordinator_.Learn(job_id, question.known, question.known.epoch);
   std::vector<std::string> nodes = coordinator_.Nodes(job_id);
   // With no record of the job, every live member is asked once (a coordinator that took over

@@ -144,6 +144,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   client_options.control_timeout =
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
   client_options.token = config.cluster.token;
+  client_options.self_node_id = node_id_;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
   // Heartbeats get one attempt: a peer that does not answer in time is simply not heard. An
   // answer counts until the probe window (liveness.timeout_ms) closes, so a busy peer's late
@@ -171,6 +172,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.timeout_ms = config.liveness.timeout_ms;
   cluster_options.indirect_probes = config.liveness.indirect_probes;
   cluster_options.suspicion_mult = config.liveness.suspicion_mult;
+  cluster_options.on_self_fenced = [this] {
+    if (!fenced_.HasBeenNotified()) fenced_.Notify();
+  };
   // Called on the protocol thread only, so no two calls race.
   auto converged = std::make_shared<absl::Notification>();
   GrpcPeerClient* const peers = peer_client_.get();
@@ -188,19 +192,26 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   };
   cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());
 
+  Cluster* cluster = cluster_.get();
+  // An older incarnation of a node is fenced out everywhere: its fragment writes, protection
+  // reports and restore questions are refused (docs/PROTOCOL.md, "Membership").
+  const WriterFence fenced = [cluster](const std::string& node_id, uint64_t node_incarnation) {
+    return cluster->IsFenced(node_id, node_incarnation);
+  };
   PeerService::Options service_options;
   service_options.self = MemberInfo{node_id_, incarnation, config.PeerAddress()};
   service_options.token = config.cluster.token;
+  service_options.is_fenced = fenced;
   if (config.peer.data_path == "tcp") {
     DataPathServer::Options data_options;
     data_options.host = HostOfAddress(config.peer.listen_address);
     data_options.port = static_cast<uint16_t>(config.peer.data_port);
+    data_options.is_fenced = fenced;
     TESSERA_ASSIGN_OR_RETURN(data_path_server_,
                              DataPathServer::Start(fragments_.get(), data_options));
     service_options.data_path_port = data_path_server_->port();
     service_options.data_path_session_key = data_path_server_->session_key();
   }
-  Cluster* cluster = cluster_.get();
   service_options.on_heartbeat = [cluster](const HeartbeatMessage& m) {
     return cluster->OnHeartbeat(m);
   };
@@ -223,6 +234,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   coordination_ = std::move(coordination);
   CoordinationService::Options coordination_service_options;
   coordination_service_options.token = config.cluster.token;
+  coordination_service_options.is_fenced = fenced;
   coordination_service_ = std::make_unique<CoordinationService>(cluster_coordination_,
                                                                 coordination_service_options);
   CreateAdmin();

@@ -50,6 +50,11 @@ class Daemon {
   // with an empty store), as a machine that lost its memory would come back.
   bool WaitForDropMemory(absl::Duration timeout);
 
+  // True once a newer incarnation of this daemon's node id is a member (this process was
+  // replaced while it was stopped or cut off): every peer refuses it, and it must exit instead
+  // of taking snapshots that can never be protected.
+  bool fenced() const { return fenced_.HasBeenNotified(); }
+
   // Deletes every segment file (slots, fragments, restored shards) of the daemon `config`
   // describes. REQUIRES: that daemon is not running. Returns how many files were deleted.
   static absl::StatusOr<int> DeleteSegments(const DaemonConfig& config);
@@ -101,6 +106,7 @@ class Daemon {
   std::unique_ptr<AdminService> admin_tcp_service_;   // on the peer port, with the token
   std::atomic<bool> drop_memory_requested_{false};
   absl::Notification drop_memory_;
+  absl::Notification fenced_;  // a newer incarnation of this node id is a member
   std::unique_ptr<MetricsServer> metrics_server_;
   int metrics_collector_ = 0;
   bool shut_down_ = false;

@@ -530,9 +530,11 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
             "PUT_RANGE needs key, info and a non-empty range within info.fragment_bytes (",
             meta.fragment_bytes, "); got [", begin, ", ", begin + length, ")")));
       }
-      absl::Status status;
+      absl::Status status = CheckFragmentWriter(options_.is_fenced, request.key());
       FragmentStatus last;
-      if (auto begun = fragments_->BeginFragment(key, meta); begun.ok()) {
+      if (!status.ok()) {
+        // refused; the chunks that follow are read and discarded
+      } else if (auto begun = fragments_->BeginFragment(key, meta); begun.ok()) {
         last = *begun;
       } else {
         status = begun.status();
@@ -583,6 +585,11 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
     }
 
     case peer::DataPathRequest::SEAL: {
+      if (absl::Status fenced = CheckFragmentWriter(options_.is_fenced, request.key());
+          !fenced.ok()) {
+        log->warn("SEAL {}: {}", key.ToString(), fenced.ToString());
+        return io.WriteFrame(answer(ResponseOf(fenced))).ok();
+      }
       auto sealed = fragments_->SealFragment(key, incarnation, request.fragment_crc32c());
       if (!sealed.ok()) log->warn("SEAL {}: {}", key.ToString(), sealed.status().ToString());
       return io.WriteFrame(answer(sealed.ok() ? ResponseOf(*sealed) : ResponseOf(sealed.status())))
@@ -848,6 +855,7 @@ absl::StatusOr<FragmentStatus> DataPathClient::PutRange(
                                                    meta.fragment_bytes, " bytes"));
   }
   peer::DataPathRequest request = RequestFor(peer::DataPathRequest::PUT_RANGE, key, meta);
+  request.mutable_key()->set_owner_node_id(options_.self_node_id);
   request.set_offset(begin);
   request.set_length(end - begin);
   uint32_t crc = 0;
@@ -877,6 +885,7 @@ absl::StatusOr<FragmentStatus> DataPathClient::Seal(const std::string& peer,
                                                     uint32_t fragment_crc32c,
                                                     absl::Time deadline) {
   peer::DataPathRequest request = RequestFor(peer::DataPathRequest::SEAL, key, meta);
+  request.mutable_key()->set_owner_node_id(options_.self_node_id);
   request.set_fragment_crc32c(fragment_crc32c);
   TESSERA_ASSIGN_OR_RETURN(peer::DataPathResponse response,
                            Exchange(peer, endpoint, request, deadline, nullptr));

@@ -56,6 +56,9 @@ class DataPathServer {
     absl::Duration idle_timeout = absl::Minutes(5);
     // Connections served at once (a thread each); more are closed at once, counted as refused.
     int max_connections = 4096;
+    // Membership's fence: PUT_RANGE and SEAL of a writer it names are refused
+    // (kFailedPrecondition). Empty: every writer is accepted.
+    WriterFence is_fenced;
   };
 
   struct Stats {
@@ -128,6 +131,9 @@ class DataPathClient {
     // An idle connection older than this is closed instead of reused (well before the server's
     // idle_timeout, so a kept connection is never one the server is closing).
     absl::Duration max_idle_age = absl::Seconds(60);
+    // This daemon's node id, named in every PUT_RANGE and SEAL (FragmentKey.owner_node_id) so
+    // that a receiver can refuse the writes of a fenced incarnation.
+    std::string self_node_id;
   };
 
   explicit DataPathClient(Options options);

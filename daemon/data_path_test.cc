@@ -146,10 +146,18 @@ class DataPathTest : public ::testing::Test {
     auto fragments = FragmentStore::Open(fo);
     ASSERT_TRUE(fragments.ok()) << fragments.status();
     fragments_ = std::move(*fragments);
+    StartServers(WriterFence());
+    client_ = MakeClient(/*raw=*/true);
+  }
 
+  // The data path server and the peer service over fragments_, with `fence` for writes.
+  void StartServers(WriterFence fence) {
+    if (grpc_server_) grpc_server_->Shutdown();
+    if (data_server_) data_server_->Stop();
     DataPathServer::Options so;
     so.host = "127.0.0.1";
     so.io_timeout = absl::Seconds(5);
+    so.is_fenced = fence;
     auto server = DataPathServer::Start(fragments_.get(), so);
     ASSERT_TRUE(server.ok()) << server.status();
     data_server_ = std::move(*server);
@@ -160,10 +168,10 @@ class DataPathTest : public ::testing::Test {
     po.self = MemberInfo{"node-1", 1001, "127.0.0.1"};
     po.data_path_port = data_server_->port();
     po.data_path_session_key = data_server_->session_key();
+    po.is_fenced = fence;
     service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
     grpc_server_ = Serve(service_.get(), &address_);
     ASSERT_NE(grpc_server_, nullptr);
-    client_ = MakeClient(/*raw=*/true);
   }
 
   void TearDown() override {
@@ -174,8 +182,9 @@ class DataPathTest : public ::testing::Test {
     std::filesystem::remove_all(root_);
   }
 
-  std::unique_ptr<GrpcPeerClient> MakeClient(bool raw) {
+  std::unique_ptr<GrpcPeerClient> MakeClient(bool raw, std::string self_node_id = "") {
     GrpcPeerClient::Options co;
+    co.self_node_id = std::move(self_node_id);
     co.channels_per_peer = 4;
     co.chunk_bytes = 1 << 20;
     co.min_range_bytes = 2 << 20;
@@ -278,6 +287,45 @@ TEST_F(DataPathTest, PutAndGetOverTheRawPathBitExactEachTwice) {
   EXPECT_EQ(server.bytes_received, fragment_bytes_total);
   EXPECT_EQ(server.bytes_sent, 2 * fragment_bytes_total);
   EXPECT_EQ(server.connections_refused, 0u);
+}
+
+// A zombie (an older incarnation of a node that has been replaced) cannot write fragments over
+// either path; the current incarnation can, and a writer that names no node is refused.
+TEST_F(DataPathTest, FencedWritersAreRefusedOnBothPaths) {
+  StartServers([](const std::string& node_id, uint64_t incarnation) {
+    return node_id == "n2" && incarnation < 20;
+  });
+  const FragmentMeta base = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(base.fragment_bytes);
+  int step = 0;
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    FragmentMeta zombie_meta = base;
+    zombie_meta.owner_incarnation = 10;
+    const FragmentKey zombie_key{"job-z", 0, ++step, 1};
+    auto zombie = MakeClient(raw, "n2");
+    auto refused = zombie->PutFragment(address_, zombie_key, zombie_meta, data.data(), data.size());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+    EXPECT_NE(refused.status().message().find("incarnation 10"), std::string::npos)
+        << refused.status();
+    EXPECT_EQ(fragments_->Get(zombie_key).status().code(), absl::StatusCode::kNotFound);
+
+    auto anonymous = MakeClient(raw, "");
+    auto unnamed = anonymous->PutFragment(address_, zombie_key, base, data.data(), data.size());
+    EXPECT_EQ(unnamed.status().code(), absl::StatusCode::kInvalidArgument) << unnamed.status();
+    EXPECT_EQ(fragments_->Get(zombie_key).status().code(), absl::StatusCode::kNotFound);
+
+    FragmentMeta current_meta = base;
+    current_meta.owner_incarnation = 20;
+    const FragmentKey key{"job-z", 0, ++step, 1};
+    auto current = MakeClient(raw, "n2");
+    auto put = current->PutFragment(address_, key, current_meta, data.data(), data.size());
+    ASSERT_TRUE(put.ok()) << put.status();
+    auto view = fragments_->Get(key);
+    ASSERT_TRUE(view.ok()) << view.status();
+    ASSERT_EQ(view->size(), data.size());
+    EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+  }
 }
 
 TEST_F(DataPathTest, OpenDataPathAnswersTheSameEachTwice) {

@@ -86,9 +86,18 @@ int main(int argc, char** argv) {
     systemd.Ready("serving as node " + (*daemon)->node_id());
     int signal = 0;
     const timespec tick{0, 100 * 1000 * 1000};
-    while (signal <= 0 && !(*daemon)->WaitForDropMemory(absl::ZeroDuration())) {
+    while (signal <= 0 && !(*daemon)->WaitForDropMemory(absl::ZeroDuration()) &&
+           !(*daemon)->fenced()) {
       systemd.MaybePingWatchdog();
       signal = sigtimedwait(&stop, nullptr, &tick);
+    }
+    if ((*daemon)->fenced()) {
+      log->critical("node {} has a newer incarnation in the cluster: this process (incarnation "
+                    "{}) is fenced out and exits without serving its trainers further",
+                    (*daemon)->node_id(), (*daemon)->incarnation());
+      systemd.Stopping("fenced: replaced by a newer incarnation");
+      WhileFeedingWatchdog(systemd, [&] { (*daemon)->Shutdown(); });
+      return 4;
     }
     if (signal > 0) {
       log->info("received {}", signal == SIGTERM ? "SIGTERM" : "SIGINT");

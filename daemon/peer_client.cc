@@ -216,6 +216,7 @@ GrpcPeerClient::GrpcPeerClient(Options options) : options_(std::move(options)) {
   DataPathClient::Options data_options;
   data_options.chunk_bytes = options_.chunk_bytes;
   data_options.max_idle_per_peer = 4 * options_.channels_per_peer;
+  data_options.self_node_id = options_.self_node_id;
   data_path_client_ = std::make_unique<DataPathClient>(data_options);
 }
 
@@ -540,6 +541,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string
 
   auto first_header = [&](peer::FragmentChunk* header) {
     peer_wire::ToProto(key, meta.owner_incarnation, header->mutable_key());
+    header->mutable_key()->set_owner_node_id(options_.self_node_id);
     peer_wire::ToProto(meta, header->mutable_info());
   };
   auto consumer = [](peer::PutFragmentResponse* out) {

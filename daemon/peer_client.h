@@ -130,6 +130,9 @@ class GrpcPeerClient final : public PeerClient {
     // connects anew instead of failing at once while gRPC waits out its reconnect backoff (1 s,
     // growing to 2 min), so a daemon that comes back is heard on its next probe.
     bool reconnect_at_once = false;
+    // This daemon's node id, named in fragment writes (FragmentKey.owner_node_id) so that a
+    // receiver can refuse those of a fenced incarnation.
+    std::string self_node_id;
   };
 
   // Gets the peer ready for fragments, in the background: asks its OpenDataPath and, with

@@ -326,6 +326,21 @@ uint32_t Crc32cOf(const std::vector<ConstByteRange>& pieces) {
 
 }  // namespace peer_wire
 
+absl::Status CheckFragmentWriter(const WriterFence& fenced, const peer::FragmentKey& key) {
+  if (!fenced) return absl::OkStatus();
+  if (key.owner_node_id().empty()) {
+    return absl::InvalidArgumentError(
+        "a fragment write must name its writer (FragmentKey.owner_node_id, the owner daemon's "
+        "node id); it named none");
+  }
+  if (fenced(key.owner_node_id(), key.owner_incarnation())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "fragment writes of node '", key.owner_node_id(), "' incarnation ",
+        key.owner_incarnation(), " are refused: a newer incarnation of that node is a member"));
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 constexpr const char* kLog = "peer";
@@ -362,8 +377,9 @@ grpc::Status Logged(const char* method, const absl::Status& status) {
 class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   // `refused`: an error (the caller's token) that ends the call before anything is read.
-  PutFragmentReactor(FragmentStore* store, grpc::ByteBuffer* response, absl::Status refused)
-      : store_(store), response_(response) {
+  PutFragmentReactor(FragmentStore* store, const WriterFence* fenced, grpc::ByteBuffer* response,
+                     absl::Status refused)
+      : store_(store), fenced_(fenced), response_(response) {
     if (!refused.ok()) {
       Finish(Logged("PutFragment", refused));
       return;
@@ -397,6 +413,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
         return absl::InvalidArgumentError(
             "the first PutFragment message must carry the fragment's key and info");
       }
+      TESSERA_RETURN_IF_ERROR(CheckFragmentWriter(*fenced_, message.key()));
       key_ = peer_wire::FromProto(message.key());
       const FragmentMeta meta = peer_wire::FromProto(message.key(), message.info());
       TESSERA_ASSIGN_OR_RETURN(last_, store_->BeginFragment(key_, meta));
@@ -438,6 +455,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
   }
 
   FragmentStore* const store_;
+  const WriterFence* const fenced_;
   grpc::ByteBuffer* const response_;
   grpc::ByteBuffer request_;
   bool begun_ = false;
@@ -597,7 +615,7 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* PeerService::PutFragment(
     grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
-  return new PutFragmentReactor(fragments_, response, Authorize(*context));
+  return new PutFragmentReactor(fragments_, &options_.is_fenced, response, Authorize(*context));
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::GetFragment(

@@ -125,6 +125,15 @@ class SnapshotStoreShardSource final : public ShardSource {
 using HeartbeatHandler =
     std::function<absl::StatusOr<HeartbeatReply>(const HeartbeatMessage&)>;
 
+// Membership's fence (Cluster::IsFenced): true when a newer incarnation of node_id than
+// `incarnation` is known. Must be thread-safe and quick.
+using WriterFence = std::function<bool(const std::string& node_id, uint64_t incarnation)>;
+
+// OK when `fenced` is empty or accepts the writer a fragment write names (key.owner_node_id,
+// key.owner_incarnation); kInvalidArgument when it names none, kFailedPrecondition when that
+// incarnation is fenced: its writes are refused everywhere.
+absl::Status CheckFragmentWriter(const WriterFence& fenced, const peer::FragmentKey& key);
+
 using PeerServiceBase =
     peer::Peer::WithCallbackMethod_Heartbeat<peer::Peer::WithRawCallbackMethod_PutFragment<
         peer::Peer::WithRawCallbackMethod_GetFragment<peer::Peer::WithRawCallbackMethod_FetchShard<
@@ -140,6 +149,8 @@ class PeerService final : public PeerServiceBase {
     // The raw TCP data path (daemon/data_path.h) that OpenDataPath announces; port 0: off.
     uint32_t data_path_port = 0;
     std::string data_path_session_key;
+    // Fragment writes of a writer this names are refused (kFailedPrecondition); empty: none.
+    WriterFence is_fenced;
     // cluster.token: when set, every call must carry it (kClusterTokenMetadataKey), or it is
     // refused with kUnauthenticated; the data path's session key goes to token holders only.
     std::string token;

@@ -241,7 +241,7 @@ class Drill {
     for (int node : lost) {
       WaitForPeers(node, flags_.nodes - 1, seconds(20));
       const std::regex back("member n" + std::to_string(node) +
-                            " at [^ ]+ (restarted|is back|joined)");
+                            " at [^ ]+ (restarted|is alive again|joined)");
       WaitFor(seconds(20), absl::StrCat("n0 to see the replacement of n", node), [&] {
         const std::string log = ReadFile(daemons_[0]->log_path());
         return std::regex_search(log.substr(std::min(log_mark, log.size())), back);
@@ -362,7 +362,7 @@ class Drill {
       if (pid.empty()) return false;
       std::set<std::string> heard;
       const std::regex re(" " + pid +
-                          " \\[cluster\\] member (n[0-9]+) at [^ ]+ (joined|is back|restarted)");
+                          " \\[cluster\\] member (n[0-9]+) at [^ ]+ (joined|is alive again|restarted)");
       for (auto it = std::sregex_iterator(log.begin(), log.end(), re);
            it != std::sregex_iterator(); ++it) {
         heard.insert((*it)[1].str());
