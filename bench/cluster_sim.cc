@@ -19,13 +19,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
+#include <queue>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "daemon/coordination/job_coordinator.h"
+#include "daemon/protection.h"
 #include "daemon/swim.h"
 #include "daemon/swim_sim.h"
 
@@ -45,6 +50,8 @@ struct Flags {
   int max_updates = 16;
   int warmup_periods = 5;
   int steady_periods = 20;
+  int job_ranks = 256;   // the simulated job (8 ranks a node)
+  int commit_steps = 10;
 };
 
 // What one run measured.
@@ -62,20 +69,202 @@ struct Result {
   uint64_t refutations = 0;
   double wall_s = 0;
   double peak_rss_mib = 0;
+  // Commit latency from the step's last protection, over commit_steps steps with no failure:
+  int64_t commit_median_ms = -1, commit_max_ms = -1;      // the coordinator commits
+  int64_t known_median_ms = -1, known_max_ms = -1;        // every node of the job knows it
+  double commit_messages_per_rank = 0;                     // per step
+  // The step whose coordinator was killed right after the last protection:
+  int64_t takeover_commit_ms = -1;
 };
 
-// ---------------------------------------------------------------------------------------------
-// PER-JOB COMMIT SIMULATION: TO BE ADDED.
-// Called once every protocol period of simulated time, after membership has advanced to now_ms,
-// with read access to every daemon's Swim (its live view: Members(), live_count(), IsFenced()).
-// A per-job commit model (placement of fragments on the live members, commit of a step once
-// every rank is protected, restores after the kill) goes here; it must stay deterministic (draw
-// only from the simulation's seed) and cheap per period for 10,000 daemons.
-void SimulateJobCommits(const SwimSimulation& sim, int64_t now_ms) {
-  (void)sim;
-  (void)now_ms;
+std::string NodeId(int i) { return absl::StrCat("n", i); }
+// At most 15 characters: short-string storage, no allocation per copy.
+std::string NodeAddress(int i) {
+  return absl::StrCat("10.", i / 65536, ".", (i / 256) % 256, ".", i % 256, ":70");
 }
-// ---------------------------------------------------------------------------------------------
+
+// The per-job commit protocol (docs/PROTOCOL.md) over the same simulated network, with the real
+// JobCoordinator and the real coordinator choice (CoordinatorFor, rendezvous-hashed over the
+// owner's own live view from its Swim). Each owner reports its rank's protected shard to the
+// coordinator and re-sends every report_interval_ms until it hears the step committed (a reply or
+// a push); the coordinator commits when every rank has reported and pushes the commit to the
+// job's nodes. Messages take the network's one-way time and are lost at its rate; a killed
+// daemon neither answers nor sends. Membership keeps running underneath (sim.RunUntil), so a
+// coordinator that dies is replaced once the owners' views stop listing it.
+class CommitSim {
+ public:
+  struct Options {
+    int ranks = 256;
+    int ranks_per_node = 8;
+    int holders = 5;                   // k + m fragment holders per shard
+    int64_t protect_spread_ms = 100;   // protections of one step end over this window
+    int64_t report_interval_ms = 500;  // an owner re-sends its open reports this often
+  };
+  struct StepResult {
+    int64_t step = 0;
+    int64_t last_protected_ms = 0;  // when the step's last shard was protected
+    int64_t committed_ms = -1;      // when the coordinator committed it
+    int64_t all_known_ms = -1;      // when every node of the job knew it
+    std::string coordinator;        // who committed it
+    uint64_t messages = 0;          // reports, replies and pushes for this step
+  };
+
+  CommitSim(SwimSimulation* sim, const Flags& flags, Options options, uint64_t seed)
+      : sim_(sim), flags_(flags), options_(options), rng_(seed) {
+    // The job's nodes: distinct random daemons, ranks_per_node ranks each.
+    const int nodes = (options_.ranks + options_.ranks_per_node - 1) / options_.ranks_per_node;
+    std::vector<int> order(sim_->size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+    std::shuffle(order.begin(), order.end(), rng_);
+    const int used = std::min<int>(nodes, static_cast<int>(order.size()));
+    for (int r = 0; r < options_.ranks; ++r) {
+      owner_of_rank_.push_back(order[r / options_.ranks_per_node % used]);
+    }
+    job_nodes_.assign(order.begin(), order.begin() + used);
+  }
+
+  // The daemon this job's coordinator is, as `from` sees the membership now.
+  int CoordinatorSeenBy(int from) const {
+    std::vector<std::string> live = {NodeId(from)};
+    for (const Swim::MemberView& m : sim_->swim(from).Members()) {
+      if (m.state == SwimState::kAlive && !m.lost) live.push_back(m.node_id);
+    }
+    const std::string id = CoordinatorFor(kJob, std::move(live));
+    return std::stoi(id.substr(1));
+  }
+
+  // Runs one step: protections end over the next protect_spread_ms; kill_coordinator_after_ms
+  // >= 0 kills the coordinator the owners pick that long after the last protection. Returns when
+  // every job node knows the commit, or after `deadline_ms` of simulated time.
+  StepResult RunStep(int64_t kill_coordinator_after_ms, int64_t deadline_ms) {
+    StepResult result;
+    result.step = ++step_;
+    const int64_t start = sim_->now_ms();
+    std::uniform_int_distribution<int64_t> spread(0, options_.protect_spread_ms);
+    open_.assign(options_.ranks, true);
+    knows_.clear();
+    messages_ = 0;
+    for (int r = 0; r < options_.ranks; ++r) {
+      const int64_t at = start + spread(rng_);
+      result.last_protected_ms = std::max(result.last_protected_ms, at);
+      Schedule(at, [this, r] { SendReport(r); });
+    }
+    if (kill_coordinator_after_ms >= 0) {
+      Schedule(result.last_protected_ms + kill_coordinator_after_ms, [this] {
+        const int victim = CoordinatorSeenBy(owner_of_rank_[0]);
+        if (!sim_->killed(victim)) sim_->Kill(victim);
+      });
+    }
+    committed_ms_ = -1;
+    committer_.clear();
+    while (!events_.empty() && sim_->now_ms() < start + deadline_ms) {
+      Event e = events_.top();
+      events_.pop();
+      sim_->RunUntil(std::max(e.at_ms, sim_->now_ms()));  // membership moves on underneath
+      e.run();
+      if (AllKnow()) break;
+    }
+    if (committed_ms_ >= 0) result.committed_ms = committed_ms_ - result.last_protected_ms;
+    if (AllKnow()) result.all_known_ms = sim_->now_ms() - result.last_protected_ms;
+    result.coordinator = committer_;
+    result.messages = messages_;
+    while (!events_.empty()) events_.pop();  // re-sends of a finished step
+    return result;
+  }
+
+ private:
+  static constexpr const char* kJob = "sim-job";
+  struct Event {
+    int64_t at_ms;
+    uint64_t order;
+    std::function<void()> run;
+    bool operator>(const Event& o) const {
+      return at_ms != o.at_ms ? at_ms > o.at_ms : order > o.order;
+    }
+  };
+
+  void Schedule(int64_t at_ms, std::function<void()> run) {
+    events_.push(Event{at_ms, order_++, std::move(run)});
+  }
+  // A one-way message from `from` to `to`: `deliver` runs on arrival unless it is lost or an end
+  // is down.
+  void Transmit(int from, int to, std::function<void()> deliver) {
+    ++messages_;
+    std::uniform_real_distribution<double> coin(0, 1);
+    const int64_t jitter = flags_.rtt_ms - flags_.rtt_ms / 2;
+    const int64_t delay =
+        flags_.rtt_ms / 2 + (jitter > 0 ? static_cast<int64_t>(rng_() % (jitter + 1)) : 0);
+    if (sim_->killed(from) || coin(rng_) < flags_.loss) return;
+    Schedule(sim_->now_ms() + delay, [this, to, deliver = std::move(deliver)] {
+      if (!sim_->killed(to)) deliver();
+    });
+  }
+
+  void SendReport(int rank) {
+    if (!open_[rank]) return;
+    const int owner = owner_of_rank_[rank];
+    if (knows_.count(owner)) {  // a push told this owner already
+      open_[rank] = false;
+      return;
+    }
+    const int coordinator = CoordinatorSeenBy(owner);
+    ProtectedReport report;
+    report.job_id = kJob;
+    report.world_size = options_.ranks;
+    report.epoch = 1;
+    report.rank = rank;
+    report.step = step_;
+    report.previous_step = step_ - 1;
+    report.shard_crc32c = static_cast<uint32_t>(rank * 2654435761u + step_);
+    report.shard_bytes = 1 << 20;
+    report.owner = NodeId(owner);
+    // Fragments go to other nodes of the job (the job's nodes are who the commit is pushed to).
+    for (size_t h = 1; h < job_nodes_.size() && report.holders.size() < size_t(options_.holders);
+         ++h) {
+      const int holder = job_nodes_[(rank + h) % job_nodes_.size()];
+      if (holder != owner) report.holders.push_back(NodeId(holder));
+    }
+    Transmit(owner, coordinator, [this, coordinator, owner, report] {
+      JobCoordinator::Outcome outcome = coordinators_[coordinator].Report(report);
+      if (outcome.committed_now) {
+        committed_ms_ = sim_->now_ms();
+        committer_ = NodeId(coordinator);
+        knows_.insert(coordinator);
+        for (const std::string& node : outcome.push_to) {
+          const int to = std::stoi(node.substr(1));
+          if (to != coordinator) Transmit(coordinator, to, [this, to] { knows_.insert(to); });
+        }
+      }
+      if (outcome.state.committed.step >= step_) {
+        Transmit(coordinator, owner, [this, owner] { knows_.insert(owner); });
+      }
+    });
+    Schedule(sim_->now_ms() + options_.report_interval_ms, [this, rank] { SendReport(rank); });
+  }
+
+  bool AllKnow() const {
+    for (int n : job_nodes_) {
+      if (!sim_->killed(n) && knows_.count(n) == 0) return false;
+    }
+    return true;
+  }
+
+  SwimSimulation* const sim_;
+  const Flags& flags_;
+  const Options options_;
+  std::mt19937_64 rng_;
+  std::vector<int> owner_of_rank_;
+  std::vector<int> job_nodes_;
+  std::map<int, JobCoordinator> coordinators_;  // by daemon: each keeps its own soft state
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+  uint64_t order_ = 0;
+  int64_t step_ = 0;
+  std::vector<bool> open_;
+  std::set<int> knows_;
+  int64_t committed_ms_ = -1;
+  std::string committer_;
+  uint64_t messages_ = 0;
+};
 
 double PeakRssMib() {
   rusage usage{};
@@ -83,11 +272,6 @@ double PeakRssMib() {
   return usage.ru_maxrss / 1024.0;
 }
 
-std::string NodeId(int i) { return absl::StrCat("n", i); }
-// At most 15 characters: short-string storage, no allocation per copy.
-std::string NodeAddress(int i) {
-  return absl::StrCat("10.", i / 65536, ".", (i / 256) % 256, ".", i % 256, ":70");
-}
 
 Result RunOnce(const Flags& flags, int n, uint64_t seed) {
   const auto wall_start = std::chrono::steady_clock::now();
@@ -158,7 +342,6 @@ Result RunOnce(const Flags& flags, int n, uint64_t seed) {
   auto run_periods = [&](int periods, const std::function<bool()>& done) {
     for (int p = 0; p < periods; ++p) {
       const bool finished = sim.RunUntil(sim.now_ms() + flags.period_ms, done);
-      SimulateJobCommits(sim, sim.now_ms());
       if (finished) return true;
     }
     return false;
@@ -185,6 +368,29 @@ Result RunOnce(const Flags& flags, int n, uint64_t seed) {
   r.received_per_s = (received - received0) / daemon_seconds;
   r.updates_per_message = sent > sent0 ? double(updates - updates0) / (sent - sent0) : 0;
 
+  CommitSim::Options co;
+  co.ranks = flags.job_ranks;
+  co.report_interval_ms = flags.period_ms;  // the daemon's default: one protocol period
+  CommitSim commits(&sim, flags, co, seed ^ 0xC0FFEE);
+  std::vector<int64_t> committed, known;
+  uint64_t commit_messages = 0;
+  for (int step = 0; step < flags.commit_steps; ++step) {
+    const CommitSim::StepResult s = commits.RunStep(-1, 60 * flags.period_ms);
+    committed.push_back(s.committed_ms);
+    known.push_back(s.all_known_ms);
+    commit_messages += s.messages;
+  }
+  auto median_max = [](std::vector<int64_t> v, int64_t* median, int64_t* max) {
+    std::sort(v.begin(), v.end());
+    if (v.empty() || v.front() < 0) return;  // a step that never committed: reported as never
+    *median = v[v.size() / 2];
+    *max = v.back();
+  };
+  median_max(committed, &r.commit_median_ms, &r.commit_max_ms);
+  median_max(known, &r.known_median_ms, &r.known_max_ms);
+  r.commit_messages_per_rank =
+      double(commit_messages) / std::max(1, flags.commit_steps) / std::max(1, flags.job_ranks);
+
   victim = static_cast<int>(rng() % n);
   killed_at = sim.now_ms();
   sim.Kill(victim);
@@ -195,8 +401,15 @@ Result RunOnce(const Flags& flags, int n, uint64_t seed) {
   run_periods(static_cast<int>(3 * r.dead_timeout_periods + 20),
               [&] { return dead_holders == n - 1; });
 
+  r.false_suspicions = false_suspicions;  // before the coordinator below is killed
+  // A coordinator lost right after the last protection: the owners re-send to the member their
+  // views rank next once they stop listing it as live.
+  const CommitSim::StepResult takeover =
+      commits.RunStep(/*kill_coordinator_after_ms=*/0, 3 * r.dead_timeout_periods * flags.period_ms +
+                                                           60 * flags.period_ms);
+  r.takeover_commit_ms = takeover.committed_ms;
+
   for (int i = 0; i < n; ++i) r.refutations += sim.swim(i).stats().refutations;
-  r.false_suspicions = false_suspicions;
   r.max_updates = sim.counters().max_updates;
   r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   r.peak_rss_mib = PeakRssMib();
@@ -243,6 +456,12 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       ok = ok && absl::SimpleAtoi(value, &f->retransmit_mult);
     } else if (key == "--max_updates") {
       ok = ok && absl::SimpleAtoi(value, &f->max_updates);
+    } else if (key == "--job_ranks") {
+      ok = ok && absl::SimpleAtoi(value, &f->job_ranks) && f->job_ranks >= 1 &&
+           f->job_ranks <= 65536;
+    } else if (key == "--commit_steps") {
+      ok = ok && absl::SimpleAtoi(value, &f->commit_steps) && f->commit_steps >= 1 &&
+           f->commit_steps <= 1000;
     } else if (key == "--steady_periods") {
       ok = ok && absl::SimpleAtoi(value, &f->steady_periods) && f->steady_periods >= 1;
     } else {
@@ -253,7 +472,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
                    "cluster_sim: bad argument '%s'\nusage: %s [--nodes=100,1000,10000] "
                    "[--seed=S] [--rtt_ms=2] [--loss=0.01] [--period_ms=1000] "
                    "[--ack_timeout_ms=500] [--indirect_probes=3] [--suspicion_mult=4] "
-                   "[--retransmit_mult=4] [--max_updates=16] [--steady_periods=20]\n",
+                   "[--retransmit_mult=4] [--max_updates=16] [--steady_periods=20] "
+                   "[--job_ranks=256] [--commit_steps=10]\n",
                    arg.c_str(), argv[0]);
       return false;
     }
@@ -296,8 +516,10 @@ int Main(int argc, char** argv) {
   std::printf("%7s | %9s %9s | %-18s | %-18s | %-20s | %7s | %7s %7s | %6s %6s | %6s %8s\n", "",
               "per dmn", "per dmn", "periods (ms)", "periods (ms)", "periods (ms)", "periods",
               "per msg", "steady", "susp.", "", "", "peak");
+  std::vector<Result> results;
   for (int n : f.nodes) {
     const Result r = RunOnce(f, n, f.seed + n);
+    results.push_back(r);
     std::printf("%7d | %9.2f %9.2f | %-18s | %-18s | %-20s | %7lld | %7zu %7.2f | %6llu %6llu | "
                 "%6.1f %8.0f\n",
                 r.nodes, r.sent_per_s, r.received_per_s,
@@ -320,6 +542,35 @@ int Main(int argc, char** argv) {
       "%d). false susp.: suspicions raised about running daemons (loss), refute: their "
       "refutations.\n",
       f.steady_periods, f.max_updates);
+
+  // Commit latency, in ms and in round trips, from the last protection of a step.
+  auto rtts = [&](int64_t ms) {
+    if (ms < 0) return std::string("never");
+    char text[64];
+    std::snprintf(text, sizeof(text), "%lld (%.1f RTT)", static_cast<long long>(ms),
+                  f.rtt_ms > 0 ? double(ms) / f.rtt_ms : 0.0);
+    return text[0] ? std::string(text) : std::string();
+  };
+  std::printf("\nper-job commits: a job of %d ranks on %d nodes (8 ranks a node), %d steps, "
+              "reports re-sent every %lld ms; ms from the step's last protection\n",
+              f.job_ranks, (f.job_ranks + 7) / 8, f.commit_steps,
+              static_cast<long long>(f.period_ms));
+  std::printf("%7s | %-18s %-18s | %-18s %-18s | %9s | %-22s\n", "daemons", "committed median",
+              "committed max", "all know median", "all know max", "msgs/rank",
+              "coordinator killed");
+  for (const Result& r : results) {
+    std::printf("%7d | %-18s %-18s | %-18s %-18s | %9.2f | %-22s\n", r.nodes,
+                rtts(r.commit_median_ms).c_str(), rtts(r.commit_max_ms).c_str(),
+                rtts(r.known_median_ms).c_str(), rtts(r.known_max_ms).c_str(),
+                r.commit_messages_per_rank, rtts(r.takeover_commit_ms).c_str());
+  }
+  std::printf(
+      "\ncommitted: the coordinator (rendezvous-hashed over the owner's live view) has every "
+      "rank's report; all know: every node of the job has the commit (a reply or a push). "
+      "msgs/rank: reports, replies and pushes per rank per step. coordinator killed: the "
+      "coordinator dies as the step's last shard is protected; the owners re-send once their "
+      "membership stops listing it (suspicion), and the next member in rendezvous order "
+      "commits.\n");
   return 0;
 }
 
