@@ -116,11 +116,19 @@ class CommitSim {
     std::vector<int> order(sim_->size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
     std::shuffle(order.begin(), order.end(), rng_);
+    // The coordinator is not one of the owners, so that killing it loses no rank: the job's
+    // nodes are drawn from the other daemons.
+    const int coordinator = CoordinatorSeenBy(order[0]);
+    order.erase(std::find(order.begin(), order.end(), coordinator));
     const int used = std::min<int>(nodes, static_cast<int>(order.size()));
     for (int r = 0; r < options_.ranks; ++r) {
       owner_of_rank_.push_back(order[r / options_.ranks_per_node % used]);
     }
     job_nodes_.assign(order.begin(), order.begin() + used);
+  }
+
+  bool IsJobNode(int daemon) const {
+    return std::find(job_nodes_.begin(), job_nodes_.end(), daemon) != job_nodes_.end();
   }
 
   // The daemon this job's coordinator is, as `from` sees the membership now.
@@ -391,7 +399,11 @@ Result RunOnce(const Flags& flags, int n, uint64_t seed) {
   r.commit_messages_per_rank =
       double(commit_messages) / std::max(1, flags.commit_steps) / std::max(1, flags.job_ranks);
 
-  victim = static_cast<int>(rng() % n);
+  // The daemon killed for detection holds no rank of the job (a dead owner's ranks could never
+  // report again, and the coordinator's takeover is measured below on its own).
+  do {
+    victim = static_cast<int>(rng() % n);
+  } while (commits.IsJobNode(victim) && n > flags.job_ranks / 8 + 2);
   killed_at = sim.now_ms();
   sim.Kill(victim);
   saw_suspect[victim] = saw_dead[victim] = 1;  // not counted: n - 1 others
