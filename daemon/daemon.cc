@@ -145,6 +145,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
   client_options.token = config.cluster.token;
   client_options.self_node_id = node_id_;
+  // Fragments go to a few peers per job: channels stay open for the 64 most recently used.
+  client_options.max_peers_with_channels = 64;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
   // Heartbeats get one attempt: a peer that does not answer in time is simply not heard. An
   // answer counts until the probe window (liveness.timeout_ms) closes, so a busy peer's late
@@ -155,8 +157,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   heartbeat_options.token = config.cluster.token;
   heartbeat_options.control_timeout =
       absl::Milliseconds(std::max<int64_t>(100, config.liveness.timeout_ms));
-  // Membership probes every member in turn: a few connections, whatever the cluster's size.
-  heartbeat_options.max_peers_with_channels = 16;
+  // Membership probes every member in turn: channels stay open for at most 64 peers, whatever
+  // the cluster's size (in a larger cluster a probe may have to connect first).
+  heartbeat_options.max_peers_with_channels = 64;
   heartbeat_options.reconnect_at_once = true;
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
 
@@ -180,14 +183,16 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   GrpcPeerClient* const peers = peer_client_.get();
   cluster_options.after_round = [this, converged, peers] {
     if (!converged->HasBeenNotified() && cluster_->Converged()) converged->Notify();
-    // Live peers get their data path negotiated ahead of the first fragment (in the background;
-    // a peer already prepared is skipped), and in a cluster of up to 32 peers connections opened
-    // too (in a larger one each daemon talks to a few of them, and connects on demand).
+    // In a cluster of up to 32 peers, live peers get their data path negotiated and connections
+    // opened ahead of the first fragment (in the background; a peer already prepared is
+    // skipped). In a larger one each daemon talks to a few peers and connects on demand, so
+    // that its connections do not grow with the cluster.
     const std::vector<Cluster::PeerView> members = cluster_->Peers();
     const size_t alive = std::count_if(members.begin(), members.end(),
                                        [](const Cluster::PeerView& p) { return p.alive; });
+    if (alive > 32) return;
     for (const Cluster::PeerView& p : members) {
-      if (p.alive) peers->Prepare(p.address, p.incarnation, /*open_connections=*/alive <= 32);
+      if (p.alive) peers->Prepare(p.address, p.incarnation, /*open_connections=*/true);
     }
   };
   cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());

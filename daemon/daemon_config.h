@@ -58,7 +58,7 @@ struct DaemonConfig {
     std::string listen_address;  // metrics.listen_address; empty: no metrics endpoint
   };
   struct Liveness {
-    int64_t heartbeat_ms = 500;   // liveness.heartbeat_ms: the SWIM protocol period
+    int64_t heartbeat_ms = 1000;  // liveness.heartbeat_ms: the SWIM protocol period
     int64_t timeout_ms = 3000;    // liveness.timeout_ms: the probe window
     int indirect_probes = 3;      // liveness.indirect_probes
     int suspicion_mult = 4;       // liveness.suspicion_mult

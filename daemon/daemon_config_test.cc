@@ -321,7 +321,7 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(defaults->peer.listen_address, "");
   EXPECT_EQ(defaults->ec.k, 3);
   EXPECT_EQ(defaults->ec.m, 2);
-  EXPECT_EQ(defaults->liveness.heartbeat_ms, 500);
+  EXPECT_EQ(defaults->liveness.heartbeat_ms, 1000);
   EXPECT_EQ(defaults->liveness.timeout_ms, 3000);
   EXPECT_EQ(defaults->liveness.indirect_probes, 3);
   EXPECT_EQ(defaults->liveness.suspicion_mult, 4);

@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
     }
     systemd.Ready("serving as node " + (*daemon)->node_id());
     int signal = 0;
-    const timespec tick{0, 100 * 1000 * 1000};
+    const timespec tick{0, 500 * 1000 * 1000};  // a signal ends the wait at once
     while (signal <= 0 && !(*daemon)->WaitForDropMemory(absl::ZeroDuration()) &&
            !(*daemon)->fenced()) {
       systemd.MaybePingWatchdog();

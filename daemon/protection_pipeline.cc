@@ -93,7 +93,13 @@ void ClusterCoordination::Run() {
         }
         return false;
       };
-      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(50));
+      // Sleeps until the earliest retry is due; new work wakes it (the condition is evaluated
+      // whenever mu_ is released), so an idle daemon does not poll.
+      int64_t wait_ms = 60 * 1000;
+      const int64_t before = NowUnixMs();
+      for (const Work& w : queue_) wait_ms = std::min(wait_ms, w.not_before_ms - before);
+      mu_.AwaitWithTimeout(absl::Condition(&ready),
+                           absl::Milliseconds(std::max<int64_t>(1, wait_ms)));
       if (stopping_) return;
       const int64_t now = NowUnixMs();
       for (auto it = queue_.begin(); it != queue_.end(); ++it) {

@@ -59,7 +59,7 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 constexpr uint64_t kStoreBytes = uint64_t{64} << 20;
-constexpr char kMessagesMetric[] = "tessera_membership_messages_total";
+constexpr char kMessagesMetric[] = "tessera_membership_messages_sent_total";
 constexpr int kJobSteps = 3;
 
 int EnvInt(const char* name, int fallback) {
