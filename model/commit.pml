@@ -42,8 +42,9 @@
  *   fencing               every receiver refuses a message of an older incarnation (-DBUG_NO_FENCE
  *                         accepts them)
  *
- * The broken variants (-DBUG_*) and the protocol as written (-DPROTOCOL_AS_WRITTEN_*) are
- * described at the end of this file.
+ * The broken variants (-DBUG_*) and the protocol without one of its rules
+ * (-DPROTOCOL_AS_WRITTEN_*) are described in model/check.sh, with the property each breaks; the
+ * rules themselves (FIX_*) below, and in docs/PROTOCOL.md.
  */
 
 #ifndef HIDDEN
@@ -87,7 +88,7 @@
 #define LOSSMASK 7      /* nodes that may be lost */
 #endif
 #ifndef MSGKINDS
-#define MSGKINDS 7      /* messages that faults may hit: 1 reports, 2 JobStates, 4 restore answers */
+#define MSGKINDS 7      /* messages that faults may hit: 1 reports, 2 JobStates, 4 restore requests and answers */
 #endif
 #define MSGFAULTS (nmsgf < MAXMSGF && !stopped)
 #define MF(kind) (MSGFAULTS && (MSGKINDS & (kind)))
@@ -105,7 +106,28 @@
 #define POLWAIT 0
 #endif
 
-/* ---------------- the protocol as written, and the fixes (see the end of the file) ---------- */
+/* ---------------- the rules the model found necessary ----------------
+ * Each is on unless -DPROTOCOL_AS_WRITTEN_<X> turns it off (the protocol as first written); the
+ * check.sh case of that name shows the property that breaks without it.
+ *   FIX_DURABLE_STATE (off: _SOFT_STATE)  a daemon stores the epoch and the commit record it learned
+ *       next to its slots: both survive its restart (as written, only the epochs its slot headers
+ *       carry did).
+ *   FIX_EPOCH_RULE (off: _EPOCH_RULE)  a resume starts a new epoch iff the current one may hold a
+ *       shard (a live daemon holds a slot or fragment of it, or a daemon that will come back did
+ *       not answer), unless it retries a resume of the same trainer run already answered in this
+ *       epoch (as written: iff the rank already resumed in the epoch, or the coordinator has no
+ *       record of who resumed).
+ *   FIX_COORD_VIEW (off: _LATE_COMMIT)  a daemon that becomes coordinator learns the job's epoch
+ *       and commit from a complete view before it acts on a report (modelled at the takeover);
+ *       ListHeld answers carry each daemon's epoch, and the coordinator adopts a newer one; before
+ *       a restore is answered, every live daemon of the job has learned its epoch and commit.
+ *   FIX_DEAD_FIRST (off: _DEAD_FIRST)  the steps below a rank's first step in an epoch (previous
+ *       step -1) are dead too, not only those between two of its steps.
+ *   FIX_STUCK (off: _STUCK_OWNER)  a restarted owner asks the coordinator for the job's state at
+ *       once, not waiting for a report of its own to be answered (it may have none to send); and
+ *       (FIX_REFUSAL, TEACHES) a holder that refuses a fragment of an older epoch answers with the
+ *       epoch it knows, which the owner adopts.
+ */
 #ifdef PROTOCOL_AS_WRITTEN
 #define PROTOCOL_AS_WRITTEN_SOFT_STATE
 #define PROTOCOL_AS_WRITTEN_EPOCH_RULE
