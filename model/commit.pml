@@ -111,7 +111,10 @@
  * check.sh case of that name shows the property that breaks without it.
  *   FIX_DURABLE_STATE (off: _SOFT_STATE)  a daemon stores the epoch and the commit record it learned
  *       next to its slots: both survive its restart (as written, only the epochs its slot headers
- *       carry did).
+ *       carry did).  Without it, and without the other rules, case as_written breaks no_mix; with
+ *       the other rules, no budget of check.sh breaks anything without it (with one crash the
+ *       other daemons still know the epoch, and FIX_COORD_VIEW learns it from them): it is kept
+ *       for a restart of every daemon that knew the epoch, which those budgets do not reach.
  *   FIX_EPOCH_RULE (off: _EPOCH_RULE)  a resume starts a new epoch iff the current one may hold a
  *       shard (a live daemon holds a slot or fragment of it, or a daemon that will come back did
  *       not answer), unless it retries a resume of the same trainer run already answered in this
