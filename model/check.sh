@@ -44,7 +44,13 @@
 #                           ranks of one restart restore different steps (consistent_restart;
 #                           safe_coord_holder_delay); happens with ranks in lockstep
 #   as_written_epoch_rule   a restart whose first asker had not resumed in the current epoch joins
-#                           it: two trainer runs share an epoch and a commit mixes them (no_mix)
+#                           it: two trainer runs share an epoch and a commit mixes them (no_mix;
+#                           safe_two_restarts_msgs)
+#   as_written_epoch_rule_retry  the same rule with ranks in lockstep: a duplicated (retried) resume
+#                           of rank 0 starts an epoch that rank 1 has not resumed in; at the next
+#                           job restart rank 1 asks first and joins it, the old run's step commits
+#                           in it, and the ranks of that restart restore different steps
+#                           (consistent_restart; safe_two_restarts_msgs)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 model=$here/commit.pml
@@ -97,6 +103,7 @@ bug_drop_committed|fail:committed_restorable|safety|-O0|-DBUG_DROP_COMMITTED $W 
 as_written|fail:no_mix|safety|-O0|-DPROTOCOL_AS_WRITTEN $W -DNS=2 -DCRASHMASK=1 -DMAXCRASH=1 -DMAXRUN=1 -DMAXMSGF=0
 as_written_late_commit|fail:consistent_restart|safety|-O0|-DPROTOCOL_AS_WRITTEN_LATE_COMMIT $H210 -DLOCKSTEP $W -DNS=2 -DCRASHMASK=4 -DMAXCRASH=1 -DMAXRUN=1 -DMAXMSGF=1 -DMSGKINDS=1
 as_written_epoch_rule|fail:no_mix|safety|-O0|-DPROTOCOL_AS_WRITTEN_EPOCH_RULE $W -DNS=2 -DMAXCRASH=0 -DMAXRUN=2 -DMAXMSGF=0
+as_written_epoch_rule_retry|fail:consistent_restart|safety|-O0|-DPROTOCOL_AS_WRITTEN_EPOCH_RULE -DLOCKSTEP $W -DNS=2 -DMAXCRASH=0 -DMAXRUN=2 -DMAXMSGF=1 -DMSGKINDS=4
 EOF
 }
 full_cases() {
