@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test (Bazel's C++ unit and multi-process tests, then the Python tests) and ends with
-# one line, alone: "N passed, N failed, N skipped", counted from the test cases' XML reports.
+# Runs every test (Bazel's C++ unit and multi-process tests, the Python tests, then the model check
+# of the commit protocol) and ends with one line, alone: "N passed, N failed, N skipped", counted
+# from the test cases' XML reports.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,13 @@ if [ -d tests/python ] && ls tests/python/test_*.py >/dev/null 2>&1; then
   [ $python_rc -eq 5 ] && python_rc=0  # no tests collected is not a failure of this script
 fi
 
-/usr/bin/python3 - "$reports" "$bazel_rc" "$python_rc" <<'PY'
+# The commit protocol's model (docs/PROTOCOL.md, "Model check"): spin's verifiers are built with
+# gcc and run here, outside Bazel's sandbox. Without spin every case is skipped, saying
+# "apt-get install spin".
+model/check.sh --junit "$reports/model.xml"
+model_rc=$?
+
+/usr/bin/python3 - "$reports" "$bazel_rc" "$python_rc" "$model_rc" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
 for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
@@ -41,8 +48,8 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
             skipped += 1
         else:
             passed += 1
-bazel_rc, python_rc = int(sys.argv[2]), int(sys.argv[3])
-if failed == 0 and (bazel_rc != 0 or python_rc != 0):
+bazel_rc, python_rc, model_rc = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if failed == 0 and (bazel_rc != 0 or python_rc != 0 or model_rc != 0):
     failed = 1  # a runner failed without a test case saying so (e.g. a build error)
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed else 0)

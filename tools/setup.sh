@@ -11,6 +11,7 @@ packages=(
   libtomlplusplus-dev libcpp-httplib-dev libsystemd-dev
   python3 python3-numpy python3-torch python3-pytest
   python3-yaml  # tests/cli:deploy_test reads deploy/kubernetes/*.yaml
+  spin gcc      # model/check.sh: the commit protocol's model check (tools/run-tests.sh)
 )
 missing=()
 for p in "${packages[@]}"; do
