@@ -117,14 +117,18 @@ grpc::Status AgentService::FindLatestRestorable(
     grpc::ServerContext* context, const agent::FindLatestRestorableRequest* request,
     agent::FindLatestRestorableResponse* response) {
   return Handle("FindLatestRestorable", [&]() -> absl::Status {
-    TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
     // With resume, the caller's later steps belong to the abandoned run and are released (the
     // coordination does it, for this rank only).
     std::optional<uint32_t> resuming;
     if (request->resume()) resuming = request->rank();
+    // The trainer run: its process (pid, below 2^22, and start time). A retried question of the
+    // same process is the same resume.
+    const uint64_t run_id =
+        (ProcessStartTicks(caller.pid) << 22) | (static_cast<uint64_t>(caller.pid) & 0x3FFFFF);
     auto job_wide = coordination_->FindLatestRestorable(request->job_id(), request->world_size(),
-                                                        resuming);
+                                                        resuming, run_id);
     int64_t step;
     if (job_wide.ok()) {
       step = *job_wide;

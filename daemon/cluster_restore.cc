@@ -78,13 +78,15 @@ absl::StatusOr<std::pair<uint64_t, uint64_t>> LocateManifest(const uint8_t* payl
 }  // namespace
 
 absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(
-    const std::string& job_id, uint32_t world_size_hint, std::optional<uint32_t> resuming_rank) {
+    const std::string& job_id, uint32_t world_size_hint, std::optional<uint32_t> resuming_rank,
+    uint64_t run_id) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   ResolveQuestion question;
   question.job_id = job_id;
   question.world_size = world_size_hint;
   question.rank = resuming_rank.value_or(0);
   question.resume = resuming_rank.has_value();
+  question.run_id = run_id;
   for (const auto& r : store_->ListRanks(job_id)) {
     question.world_size = std::max(question.world_size, r.world_size);
   }
@@ -161,6 +163,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
   // after a loss); otherwise only the job's nodes, and those their records name.
   std::vector<JobListing> listings;
   std::set<std::string> asked;
+  size_t not_live = 0;  // nodes of the job not asked because they are not live
   for (int round = 0; round < 4; ++round) {
     std::vector<std::string> ask;
     if (round == 0 && nodes.empty()) {
@@ -173,7 +176,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     if (ask.empty()) break;
     asked.insert(ask.begin(), ask.end());
     TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
-                             ListNodes(job_id, ask, /*require_complete=*/true));
+                             ListNodes(job_id, ask, /*require_complete=*/true, &not_live));
     for (JobListing& l : more) {
       coordinator_.Learn(job_id, l.committed, l.epoch);
       listings.push_back(std::move(l));
@@ -182,12 +185,28 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
   }
   const JobState state = coordinator_.State(job_id);
   const CommitRecord& point = state.committed;
+  // Whether the current epoch may hold a shard of the resuming rank: one listed as sealed in it,
+  // a fragment of the rank past the restore point (fragments do not record their epoch), or a
+  // node of the job that is not live.
+  bool may_hold = not_live > 0;
+  for (const JobListing& l : listings) {
+    for (const HeldShard& s : l.shards) {
+      may_hold = may_hold || (s.rank == question.rank && s.epoch >= state.epoch);
+    }
+    for (const HeldFragment& f : l.fragments) {
+      may_hold = may_hold || (f.rank == question.rank && f.step > point.step);
+    }
+  }
+  auto resume = [&] {
+    return coordinator_.Resume(job_id, question.rank, question.run_id, may_hold, NowUnixMs());
+  };
   ResolveAnswer answer;
   answer.restore_point = point;
   if (point.empty()) {
-    answer.epoch = question.resume ? coordinator_.Resume(job_id, question.rank, NowUnixMs())
-                                   : state.epoch;
-    return answer;  // nothing committed: the caller starts fresh
+    answer.epoch = question.resume ? resume() : state.epoch;
+    // Nothing committed: the caller starts fresh.
+    TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
+    return answer;
   }
   if (point.ranks.size() != question.world_size) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -222,13 +241,63 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
                                             point.epoch, ") cannot be restored on every rank: ",
                                             absl::StrJoin(missing, "; ")));
   }
-  answer.epoch =
-      question.resume ? coordinator_.Resume(job_id, question.rank, NowUnixMs()) : state.epoch;
+  answer.epoch = question.resume ? resume() : state.epoch;
+  TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
   return answer;
 }
 
+absl::Status ClusterCoordination::TellJobNodes(const std::string& job_id,
+                                               const std::set<std::string>& nodes, uint64_t epoch,
+                                               const CommitRecord& point) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto told = told_.find(job_id);
+    if (told != told_.end() && told->second == std::make_pair(epoch, point.step)) {
+      return absl::OkStatus();  // every node of the job has this state already
+    }
+  }
+  JobState state = coordinator_.State(job_id);
+  state.epoch = std::max(state.epoch, epoch);
+  if (point.NewerThan(state.committed)) state.committed = point;
+  std::vector<std::string> failed;
+  std::vector<std::thread> senders;
+  std::vector<absl::Status> results(nodes.size());
+  size_t i = 0;
+  for (const std::string& node : nodes) {
+    const size_t at = i++;
+    if (node == cluster_->self_id()) {
+      ApplyJobState(state);
+      continue;
+    }
+    auto address = cluster_->AddressOf(node);
+    if (!address) continue;  // not live: it learns the state when it comes back
+    senders.emplace_back([this, &results, &state, at, a = *address] {
+      results[at] = coordination_client_->Push(a, state);
+    });
+    if (senders.size() >= 16) {
+      for (std::thread& t : senders) t.join();
+      senders.clear();
+    }
+  }
+  for (std::thread& t : senders) t.join();
+  i = 0;
+  for (const std::string& node : nodes) {
+    if (!results[i++].ok()) failed.push_back(node);
+  }
+  if (!failed.empty()) {
+    return absl::UnavailableError(absl::StrCat(
+        "job '", job_id, "': nodes ", absl::StrJoin(failed, ", "),
+        " did not take the job's new state; a restore is answered once every live node of the "
+        "job knows it"));
+  }
+  absl::MutexLock lock(&mu_);
+  told_[job_id] = {epoch, point.step};
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
-    const std::string& job_id, std::vector<std::string> nodes, bool require_complete) {
+    const std::string& job_id, std::vector<std::string> nodes, bool require_complete,
+    size_t* not_live) {
   if (nodes.empty()) nodes = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
                                                   absl::UnavailableError("not asked"));
@@ -272,6 +341,7 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
   }
   std::vector<JobListing> out;
   for (size_t i = 0; i < nodes.size(); ++i) {
+    if (lost[i] && not_live != nullptr) ++*not_live;
     if (lost[i]) continue;
     if (!results[i].ok() && !require_complete) {
       Logger("recovery")->warn("job '{}': node {} did not answer its listing ({}); planning "
@@ -302,7 +372,7 @@ JobListing ClusterCoordination::LocalListing(const std::string& job_id) const {
   for (const auto& v : store_->ListVersions(job_id)) {
     if (v.state != SegmentState::kSealed) continue;
     listing.shards.push_back({listing.node.node_id, v.rank, v.step, v.world_size, v.payload_bytes,
-                              v.payload_crc32c});
+                              v.payload_crc32c, v.epoch});
   }
   for (const FragmentStatus& f : fragments_->List(job_id)) {
     if (f.state != SegmentState::kSealed) continue;

@@ -42,7 +42,8 @@ JobHoldings Coordination::LocalHoldings(const std::string& job_id, uint32_t worl
 
 absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& job_id,
                                                            uint32_t world_size_hint,
-                                                           std::optional<uint32_t> resuming_rank) {
+                                                           std::optional<uint32_t> resuming_rank,
+                                                           uint64_t /*run_id*/) {
   const uint32_t ranks_here = static_cast<uint32_t>(store_->RankCount(job_id));
   auto step = tessera::FindLatestRestorable(LocalHoldings(job_id, ranks_here), world_size_hint);
   if (step.ok() && resuming_rank) {

@@ -31,9 +31,11 @@ class Coordination {
   // With `resuming_rank`, that rank resumes from the answer: sealed steps after it are released
   // (here, on every rank of the job, since a standalone daemon has no epochs; a cluster releases
   // only the resuming rank's, see ClusterCoordination).
+  // `run_id` names the resuming trainer run (0: unknown): a retry of the same run's question is
+  // answered as the first was.
   virtual absl::StatusOr<int64_t> FindLatestRestorable(
       const std::string& job_id, uint32_t world_size_hint = 0,
-      std::optional<uint32_t> resuming_rank = std::nullopt);
+      std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0);
 
   // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
   // Standalone: only what the local store holds.

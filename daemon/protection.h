@@ -47,6 +47,7 @@ struct HeldShard {
   uint32_t world_size = 0;
   uint64_t payload_bytes = 0;
   uint32_t payload_crc32c = 0;
+  uint64_t epoch = 0;  // the history it was sealed in (0: not known)
 };
 struct HeldFragment {
   std::string node;

@@ -132,6 +132,24 @@ void ClusterCoordination::Run() {
 absl::Status ClusterCoordination::Protect(const Work& work) {
   auto log = Logger("protection");
   const absl::Time started = absl::Now();
+  if (!work.repair) {
+    // A step that can never commit (a rank skipped it) or that a commit has passed is not
+    // protected: its holders drop such fragments, and its slot is free for the next step.
+    absl::MutexLock lock(&mu_);
+    auto known = known_.find(work.job_id);
+    if (known != known_.end()) {
+      const JobState& k = known->second;
+      const bool passed = !k.committed.empty() && k.committed.step >= work.step;
+      const bool dead = std::find(k.dead_steps.begin(), k.dead_steps.end(), work.step) !=
+                        k.dead_steps.end();
+      if (passed || dead) {
+        log->debug("job '{}' rank {} step {}: not protected, {}", work.job_id, work.rank,
+                   work.step, dead ? "it can never commit (a rank skipped it)"
+                                   : "a commit has passed it");
+        return absl::OkStatus();
+      }
+    }
+  }
   auto pinned = store_->Pin(work.job_id, work.rank, work.step);
   if (!pinned.ok()) {
     // A sealed slot is only reused once its step is protected, committed past, dead or void
@@ -159,6 +177,15 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
     log->warn("job '{}' rank {} step {}: {}", work.job_id, work.rank, work.step,
               placement.reason);
     Protected(work, *pinned, {});
+    return absl::OkStatus();
+  }
+  if (work.repair && (placement.degraded || placement.nodes.empty())) {
+    // A repair re-creates fragments in the shard's own code. With too few live members for it,
+    // re-encoding in a smaller one would replace the surviving fragments (same keys, other
+    // metadata) and lose what they still protect: the repair waits for members instead.
+    log->warn("job '{}' rank {} step {}: not repaired yet: {} (the surviving fragments are kept)",
+              work.job_id, work.rank, work.step,
+              placement.reason.empty() ? std::string("no live member") : placement.reason);
     return absl::OkStatus();
   }
   if (placement.degraded) {
@@ -386,7 +413,20 @@ void ClusterCoordination::ApplyJobState(const JobState& state) {
       newer_commit = true;
       ++stats_.commits_learned;
     }
-    if (state.epoch > known.epoch) known.epoch = state.epoch;
+    if (state.epoch > known.epoch) {
+      known.epoch = state.epoch;
+      known.dead_steps.clear();
+    }
+    if (state.epoch == known.epoch) {
+      // Remembered so that protection skips them (bounded: the newest 256).
+      known.dead_steps.insert(known.dead_steps.end(), dead.begin(), dead.end());
+      std::sort(known.dead_steps.begin(), known.dead_steps.end());
+      known.dead_steps.erase(std::unique(known.dead_steps.begin(), known.dead_steps.end()),
+                             known.dead_steps.end());
+      if (known.dead_steps.size() > 256) {
+        known.dead_steps.erase(known.dead_steps.begin(), known.dead_steps.end() - 256);
+      }
+    }
     // Reports that need no re-sending: committed past, of an older epoch, or dead.
     auto& reports = pending_[state.job_id];
     for (auto it = reports.begin(); it != reports.end();) {
@@ -483,6 +523,11 @@ void ClusterCoordination::RepairAfterLosses() {
   for (const std::string& node : live_last_round_) {
     if (live.count(node) == 0) lost.insert(node);
   }
+  if (live != live_last_round_) {
+    // Coordination may have moved: a coordinator gathers each job's view again before acting.
+    absl::MutexLock lock(&mu_);
+    view_complete_.clear();
+  }
   live_last_round_ = live;
   if (lost.empty()) return;
   std::vector<Work> repairs;
@@ -512,9 +557,41 @@ void ClusterCoordination::RepairAfterLosses() {
   }
 }
 
+absl::Status ClusterCoordination::EnsureCoordinatorView(const std::string& job_id,
+                                                        uint64_t reported_epoch) {
+  absl::MutexLock gathering(&view_mu_);  // one gathering at a time; later askers find it done
+  {
+    absl::MutexLock lock(&mu_);
+    if (view_complete_.count(job_id) > 0) return absl::OkStatus();
+  }
+  // Every live member: a coordinator that just started or took over knows nothing of who holds
+  // the job, and a node that knows a newer epoch or commit may hold none of its shards.
+  absl::StatusOr<std::vector<JobListing>> listings =
+      ListNodes(job_id, {}, /*require_complete=*/true);
+  if (!listings.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "the coordinator of job '", job_id, "' is gathering the job's state from the live "
+        "members and cannot act on reports yet: ", listings.status().message()));
+  }
+  for (const JobListing& l : *listings) coordinator_.Learn(job_id, l.committed, l.epoch);
+  Logger("coordinator")->info("job '{}': coordinating, after learning its state from {} live "
+                              "members (epoch {}, reported epoch {})",
+                              job_id, listings->size(), coordinator_.State(job_id).epoch,
+                              reported_epoch);
+  absl::MutexLock lock(&mu_);
+  view_complete_.insert(job_id);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<JobState> ClusterCoordination::OnReport(const NodeIdentity& from,
                                                        const ProtectedReport& report) {
-  if (report.step < 0) return coordinator_.State(report.job_id);
+  TESSERA_RETURN_IF_ERROR(EnsureCoordinatorView(report.job_id, report.epoch));
+  if (report.step < 0) {
+    // A restarted owner asks for the job's state: it sealed in report.epoch, so that epoch was
+    // handed out.
+    coordinator_.Learn(report.job_id, CommitRecord(), report.epoch);
+    return coordinator_.State(report.job_id);
+  }
   ProtectedReport checked = report;
   checked.owner = from.node_id;
   JobCoordinator::Outcome outcome = coordinator_.Report(checked);

@@ -78,7 +78,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
                 const SnapshotStore::SealResult& sealed) override;
   absl::StatusOr<int64_t> FindLatestRestorable(
       const std::string& job_id, uint32_t world_size_hint = 0,
-      std::optional<uint32_t> resuming_rank = std::nullopt) override;
+      std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0) override;
   absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
                                                             uint32_t rank, int64_t step) override;
 
@@ -147,9 +147,18 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   JobListing LocalListing(const std::string& job_id) const;
   // What the given nodes (all live members when empty) hold of the job. With require_complete,
   // kUnavailable names a live node that did not answer; otherwise such a node is passed over.
+  // `not_live`, when set, is increased by the given nodes that are not live (not asked).
   absl::StatusOr<std::vector<JobListing>> ListNodes(const std::string& job_id,
                                                     std::vector<std::string> nodes,
-                                                    bool require_complete);
+                                                    bool require_complete,
+                                                    size_t* not_live = nullptr);
+  // Before a restore is answered, every live node in `nodes` learns the job's epoch and commit
+  // (docs/PROTOCOL.md, Restore): kUnavailable names those that did not take it.
+  absl::Status TellJobNodes(const std::string& job_id, const std::set<std::string>& nodes,
+                            uint64_t epoch, const CommitRecord& point);
+  // A coordinator acts on a job's reports only once it has learned the job's epoch and commit
+  // from a complete view of the live members (after it starts, or the membership changes).
+  absl::Status EnsureCoordinatorView(const std::string& job_id, uint64_t reported_epoch);
   // skip_local_shard: this daemon's own shard of (rank, step) is damaged or of another history.
   absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
                                                        int64_t step,
@@ -176,6 +185,11 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   std::map<ShardKey, std::vector<std::string>> placements_ ABSL_GUARDED_BY(mu_);
   // Newest state learned per job (commit records answer restores and listings).
   std::map<std::string, JobState> known_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex view_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // held while a coordinator gathers a view
+  // Jobs whose complete view this coordinator has gathered since the membership last changed.
+  std::set<std::string> view_complete_ ABSL_GUARDED_BY(mu_);
+  // (epoch, committed step) every node of the job was last told before a restore answer.
+  std::map<std::string, std::pair<uint64_t, int64_t>> told_ ABSL_GUARDED_BY(mu_);
   // The restore point each job resolved here (PrepareRestore checks against its CRCs).
   std::map<std::string, CommitRecord> restore_points_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<std::string, JobState>> pushes_ ABSL_GUARDED_BY(mu_);  // (node, state)

@@ -332,6 +332,7 @@ absl::Status SnapshotStore::AdoptExisting() {
     auto state = std::make_shared<RankState>();
     uint32_t state_world = 0;
     int64_t state_newest = -1;
+    uint64_t state_epoch = 0;
     {
       absl::MutexLock rank_lock(&state->mu);
       struct stat st;
@@ -345,6 +346,7 @@ absl::Status SnapshotStore::AdoptExisting() {
         log->info("re-adopted {} step {} ({} payload bytes) from {}",
                   RankName(key.first, key.second), h.step, h.payload_bytes, segments[i]->path());
         used += segments[i]->file_bytes();
+        state_epoch = std::max(state_epoch, h.epoch);
         ++adopted;
         state->slots[i] = std::move(segments[i]);
       }
@@ -354,7 +356,13 @@ absl::Status SnapshotStore::AdoptExisting() {
     world = std::max(world, state_world);
     int64_t& newest = newest_sealed_[key.first];
     newest = std::max(newest, state_newest);
-    if (options_.clustered) jobs_[key.first].commit_known = false;
+    if (options_.clustered) {
+      // The newest epoch its slots were sealed in: the job's epoch is at least that (the
+      // coordinator's answer may raise it), so nothing new is sealed in an older history.
+      JobView& job = jobs_[key.first];
+      job.commit_known = false;
+      job.epoch = std::max(job.epoch, state_epoch);
+    }
     ranks_[key] = std::move(state);
   }
   absl::MutexLock lock(&mu_);

@@ -200,6 +200,10 @@ TempRoot::TempRoot() {
 }
 
 TempRoot::~TempRoot() {
+  if (std::getenv("TESSERA_KEEP_TEST_DIR") != nullptr) {
+    std::fprintf(stderr, "kept %s (TESSERA_KEEP_TEST_DIR)\n", path_.c_str());
+    return;
+  }
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
 }

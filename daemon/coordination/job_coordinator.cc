@@ -32,13 +32,12 @@ bool JobCoordinator::IsDead(const Job& job, int64_t step) const {
   return false;
 }
 
-void JobCoordinator::EnterEpoch(Job* job, uint64_t epoch, bool resumed_known) {
+void JobCoordinator::EnterEpoch(Job* job, uint64_t epoch) {
   job->epoch = epoch;
   job->open.clear();
   job->intervals.clear();
   job->dead.clear();
-  job->resumed.clear();
-  job->resumed_known = resumed_known;
+  job->answered_run.clear();
 }
 
 JobState JobCoordinator::StateOf(const std::string& job_id, const Job& job) const {
@@ -58,7 +57,7 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
     outcome.state = StateOf(report.job_id, job);
     return outcome;
   }
-  if (report.epoch > job.epoch) EnterEpoch(&job, report.epoch, /*resumed_known=*/false);
+  if (report.epoch > job.epoch) EnterEpoch(&job, report.epoch);
   job.world_size = std::max(job.world_size, report.world_size);
   const bool at_or_before_commit =
       !job.committed.empty() && job.committed.epoch == job.epoch && report.step <= job.committed.step;
@@ -142,7 +141,7 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(job_id);
   const uint64_t newest_epoch = std::max(epoch, record.empty() ? 0 : record.epoch);
-  if (newest_epoch > job.epoch) EnterEpoch(&job, newest_epoch, /*resumed_known=*/false);
+  if (newest_epoch > job.epoch) EnterEpoch(&job, newest_epoch);
   if (record.NewerThan(job.committed)) {
     job.committed = record;
     job.nodes.insert(record.nodes.begin(), record.nodes.end());
@@ -152,14 +151,20 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
   }
 }
 
-uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms) {
+uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64_t run_id,
+                                bool may_hold, uint64_t now_ms) {
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(job_id);
-  if (!job.resumed_known || job.resumed.count(rank) > 0) {
-    const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
-    EnterEpoch(&job, std::max(floor, now_ms), /*resumed_known=*/true);
+  auto answered = job.answered_run.find(rank);
+  if (run_id != 0 && answered != job.answered_run.end() && answered->second == run_id) {
+    return job.epoch;  // the same run asks again (its answer was lost): the same epoch
   }
-  job.resumed.insert(rank);
+  const bool another_run = answered != job.answered_run.end();
+  if (another_run || may_hold || job.epoch == 0) {
+    const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
+    EnterEpoch(&job, std::max(floor, now_ms));
+  }
+  job.answered_run[rank] = run_id;
   return job.epoch;
 }
 

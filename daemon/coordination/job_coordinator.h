@@ -92,11 +92,16 @@ class JobCoordinator {
   // Adopts a commit record (and its epoch) learned from a node of the job.
   void Learn(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
 
-  // A rank asks to resume. Starts a new epoch when this rank already resumed in the current one
-  // (a restart), or when this coordinator has no record of who resumed (it just took over);
-  // `now_ms` bounds the new epoch from below, so that it outgrows what another coordinator may
-  // have handed out. Returns the epoch the job's new snapshots are sealed in.
-  uint64_t Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms);
+  // Rank `rank`'s trainer run `run_id` asks to resume (docs/PROTOCOL.md, Epochs). A retry of the
+  // run answered last for this rank in the current epoch gets that epoch again. Otherwise a new
+  // epoch starts when another run of this rank was answered in it, or when it may hold a shard of
+  // this rank (`may_hold`: a complete view found one sealed in it, or could not rule it out), so
+  // that two runs of a rank never seal in one epoch; otherwise the run joins it (a rank of the
+  // same restart that asks later than the others). `now_ms` bounds a new epoch
+  // from below, so that it outgrows what another coordinator may have handed out. Returns the
+  // epoch the job's new snapshots are sealed in.
+  uint64_t Resume(const std::string& job_id, uint32_t rank, uint64_t run_id, bool may_hold,
+                  uint64_t now_ms);
 
   JobState State(const std::string& job_id) const;
   // The nodes named by the job's commit record and open reports, sorted.
@@ -115,12 +120,11 @@ class JobCoordinator {
     // were never sealed by that rank in this epoch, so they can never commit.
     std::map<uint32_t, std::deque<std::pair<int64_t, int64_t>>> intervals;
     std::set<int64_t> dead;
-    std::set<uint32_t> resumed;  // ranks that resumed in this epoch
-    bool resumed_known = false;  // false: state rebuilt after a takeover
+    std::map<uint32_t, uint64_t> answered_run;  // per rank: the run last answered in this epoch
     std::set<std::string> nodes;
   };
   bool IsDead(const Job& job, int64_t step) const;
-  void EnterEpoch(Job* job, uint64_t epoch, bool resumed_known);
+  void EnterEpoch(Job* job, uint64_t epoch);
   JobState StateOf(const std::string& job_id, const Job& job) const;
   Job& FindOrCreate(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -82,15 +82,30 @@ TEST(JobCoordinatorTest, AStepSomeRankSkippedIsDeadAndNeverCommits) {
 
 TEST(JobCoordinatorTest, ResumeStartsANewEpochOncePerRestart) {
   JobCoordinator c;
-  const uint64_t e1 = c.Resume("j", 0, 1000);  // a coordinator that knows nothing: new epoch
-  EXPECT_EQ(c.Resume("j", 1, 1001), e1);       // the other ranks of the same restart join it
-  EXPECT_EQ(c.Resume("j", 2, 1002), e1);
-  const uint64_t e2 = c.Resume("j", 1, 1003);  // rank 1 restarts again: a new history
+  // Run ids are the trainer processes; may_hold says whether the current epoch may hold a shard.
+  const uint64_t e1 = c.Resume("j", 0, /*run_id=*/100, /*may_hold=*/false, 1000);
+  EXPECT_GT(e1, 0u);                                  // the job's first epoch
+  EXPECT_EQ(c.Resume("j", 1, 101, false, 1001), e1);  // the other ranks of the restart join it
+  EXPECT_EQ(c.Resume("j", 2, 102, false, 1002), e1);
+  // A retry of run 101's question (its answer was lost) after a shard was sealed in e1: the
+  // same epoch, not a new history.
+  EXPECT_EQ(c.Resume("j", 1, 101, true, 1003), e1);
+  // A new run of rank 1 while e1 may hold shards: a new history.
+  const uint64_t e2 = c.Resume("j", 1, 201, true, 1004);
   EXPECT_GT(e2, e1);
+  // Rank 0 of a second restart asks first, although it never resumed in e2: still a new
+  // history, since e2 may hold shards of rank 0's previous run (the rule the model check found).
+  const uint64_t e3 = c.Resume("j", 0, 300, true, 1005);
+  EXPECT_GT(e3, e2);
+  // Nothing of rank 1 sealed in e3 yet: it joins (a later rank of the same restart).
+  EXPECT_EQ(c.Resume("j", 1, 301, false, 1006), e3);
+  // Rank 1 again, a new run, although nothing of it is held in e3: another run of rank 1 was
+  // answered in e3, so this is another restart.
+  EXPECT_GT(c.Resume("j", 1, 302, false, 1007), e3);
   // A takeover knows only what owners tell it; its epochs still grow.
   JobCoordinator other;
-  other.Learn("j", CommitRecord(), e2);
-  EXPECT_GT(other.Resume("j", 0, 5), e2);
+  other.Learn("j", CommitRecord(), e3);
+  EXPECT_GT(other.Resume("j", 0, 400, true, 5), e3);
 }
 
 TEST(JobCoordinatorTest, LearnedCommitsOnlyGrowByEpochThenStep) {

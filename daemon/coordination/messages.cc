@@ -137,6 +137,7 @@ void ToProto(const ResolveQuestion& in, coordination::ResolveRestoreRequest* out
   out->set_world_size(in.world_size);
   out->set_rank(in.rank);
   out->set_resume(in.resume);
+  out->set_run_id(in.run_id);
   ToProto(in.known, out->mutable_known());
 }
 
@@ -151,6 +152,7 @@ absl::Status FromProto(const coordination::ResolveRestoreRequest& in, ResolveQue
   out->world_size = in.world_size();
   out->rank = in.rank();
   out->resume = in.resume();
+  out->run_id = in.run_id();
   return FromProto(in.known(), &out->known);
 }
 
@@ -172,6 +174,7 @@ void ToProto(const JobListing& in, coordination::ListJobResponse* out) {
     o->set_step(s.step);
     o->set_payload_bytes(s.payload_bytes);
     o->set_payload_crc32c(s.payload_crc32c);
+    o->set_epoch(s.epoch);
   }
   for (const HeldFragment& f : in.fragments) {
     coordination::HeldFragment* o = out->add_fragments();
@@ -196,7 +199,7 @@ absl::Status FromProto(const coordination::ListJobResponse& in, JobListing* out)
   out->node = FromProto(in.node());
   for (const coordination::HeldShard& s : in.shards()) {
     out->shards.push_back({out->node.node_id, s.rank(), s.step(), 0, s.payload_bytes(),
-                           s.payload_crc32c()});
+                           s.payload_crc32c(), s.epoch()});
   }
   for (const coordination::HeldFragment& f : in.fragments()) {
     out->fragments.push_back({out->node.node_id, f.rank(), f.step(), 0, f.index(), f.ec_k(),

@@ -26,7 +26,8 @@ struct ResolveQuestion {
   uint32_t world_size = 0;
   uint32_t rank = 0;
   bool resume = false;
-  CommitRecord known;  // the asker's newest commit record of the job
+  uint64_t run_id = 0;  // the resuming trainer run (its daemon's node id, pid and start time)
+  CommitRecord known;   // the asker's newest commit record of the job
 };
 
 struct ResolveAnswer {
