@@ -1,7 +1,7 @@
-// cluster_sim: N real Swim cores (daemon/swim.h) over a simulated network and clock
-// (daemon/swim_sim.h), deterministic from the seed it prints. For each N it reports the steady
-// cost of membership per daemon, how long a killed daemon takes to be suspected and then known
-// DEAD by every other member, and the largest message in piggybacked updates.
+// cluster_sim: N real Swim cores (daemon/membership/swim.h) over a simulated network and clock
+// (daemon/membership/swim_sim.h), deterministic from the seed it prints. For each N it reports
+// the steady cost of membership per daemon, how long a killed daemon takes to be suspected and
+// then known DEAD by every other member, and the largest message in piggybacked updates.
 //
 //   bazel run -c opt //bench:cluster_sim -- [--nodes=100,1000,10000] [--seed=S] [--rtt_ms=2]
 //       [--loss=0.01] [--period_ms=1000] [--ack_timeout_ms=500] [--indirect_probes=3]
@@ -30,9 +30,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "daemon/coordination/job_coordinator.h"
-#include "daemon/protection.h"
-#include "daemon/swim.h"
-#include "daemon/swim_sim.h"
+#include "daemon/coordination/protection.h"
+#include "daemon/membership/swim.h"
+#include "daemon/membership/swim_sim.h"
 
 namespace tessera {
 namespace {

@@ -56,7 +56,7 @@
 #include "bench/bench_util.h"
 #include "common/crc32c.h"
 #include "common/logging.h"
-#include "daemon/peer_client.h"
+#include "daemon/transfer/peer_client.h"
 #include "ec/erasure_codec.h"
 #include "tests/ports.h"
 

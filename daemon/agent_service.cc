@@ -4,7 +4,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "daemon/metrics.h"
+#include "daemon/metrics/metrics.h"
 
 namespace tessera {
 namespace {

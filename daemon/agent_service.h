@@ -9,9 +9,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
-#include "daemon/coordination.h"
-#include "daemon/rendezvous.h"
-#include "daemon/snapshot_store.h"
+#include "daemon/coordination/coordination.h"
+#include "daemon/coordination/rendezvous.h"
+#include "daemon/store/snapshot_store.h"
 #include "daemon/unix_listener.h"
 #include "proto/agent.grpc.pb.h"
 

@@ -16,7 +16,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "daemon/snapshot_store.h"
+#include "daemon/store/snapshot_store.h"
 #include "grpcpp/server.h"
 
 namespace tessera {

@@ -2,7 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "daemon/snapshot_store.h"
+#include "daemon/store/snapshot_store.h"
 
 namespace tessera::coordination_wire {
 namespace {

@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 #include "daemon/coordination/job_coordinator.h"
-#include "daemon/protection.h"
+#include "daemon/coordination/protection.h"
 #include "proto/coordination.pb.h"
 
 namespace tessera {

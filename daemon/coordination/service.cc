@@ -3,8 +3,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status.h"
-#include "daemon/cluster_token.h"
-#include "daemon/snapshot_store.h"
+#include "daemon/store/snapshot_store.h"
+#include "daemon/transfer/cluster_token.h"
 
 namespace tessera {
 

@@ -1,0 +1,646 @@
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "common/crc32c.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "daemon/coordination/protection_pipeline.h"
+#include "daemon/coordination/shard_rebuild.h"
+#include "daemon/metrics/metrics.h"
+#include "ec/erasure_codec.h"
+#include "proto/manifest.pb.h"
+
+// ClusterCoordination's restore side (docs/PROTOCOL.md, Restore): resolving the restore point at
+// the job's coordinator from a complete view of the job's nodes, listing what is held here, and
+// making a shard local.
+namespace tessera {
+namespace {
+
+// Writes a fetched shard into a segment's payload.
+class SegmentSink final : public ShardSink {
+ public:
+  explicit SegmentSink(Segment* segment) : segment_(segment) {}
+  absl::Status Begin(const ShardInfo& info) override {
+    if (info.payload_bytes > segment_->capacity_bytes()) {
+      return absl::FailedPreconditionError(absl::StrCat("shard of ", info.payload_bytes,
+                                                        " bytes does not fit the ",
+                                                        segment_->capacity_bytes(),
+                                                        " bytes prepared for it"));
+    }
+    info_ = info;
+    return absl::OkStatus();
+  }
+  absl::Status Write(uint64_t offset, const uint8_t* data, size_t size) override {
+    if (offset + size > segment_->capacity_bytes()) {
+      return absl::DataLossError("fetched bytes past the end of the shard");
+    }
+    std::memcpy(segment_->payload() + offset, data, size);
+    return absl::OkStatus();
+  }
+  const ShardInfo& info() const { return info_; }
+
+ private:
+  Segment* const segment_;
+  ShardInfo info_;
+};
+
+// Finds the manifest of a shard payload: the agent writes it at the first 4 KiB boundary at or
+// after the data (SlotLayout), and it records data_bytes, so a candidate is only accepted when
+// it parses, names (job, rank, step) and says the data ends just before it.
+absl::StatusOr<std::pair<uint64_t, uint64_t>> LocateManifest(const uint8_t* payload,
+                                                             uint64_t payload_bytes,
+                                                             const std::string& job_id,
+                                                             uint32_t rank, int64_t step) {
+  constexpr uint64_t kAlign = 4096;
+  for (uint64_t offset = (payload_bytes / kAlign) * kAlign;; offset -= kAlign) {
+    if (offset < payload_bytes) {
+      ShardManifest manifest;
+      const uint64_t bytes = payload_bytes - offset;
+      if (manifest.ParseFromArray(payload + offset, static_cast<int>(bytes)) &&
+          manifest.job_id() == job_id && manifest.rank() == rank && manifest.step() == step &&
+          (manifest.data_bytes() + kAlign - 1) / kAlign * kAlign == offset) {
+        return std::make_pair(offset, bytes);
+      }
+    }
+    if (offset == 0) break;
+  }
+  return absl::DataLossError(absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
+                                          ": the rebuilt shard holds no readable manifest"));
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(
+    const std::string& job_id, uint32_t world_size_hint, std::optional<uint32_t> resuming_rank,
+    uint64_t run_id) {
+  TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  ResolveQuestion question;
+  question.job_id = job_id;
+  question.world_size = world_size_hint;
+  question.rank = resuming_rank.value_or(0);
+  question.resume = resuming_rank.has_value();
+  question.run_id = run_id;
+  for (const auto& r : store_->ListRanks(job_id)) {
+    question.world_size = std::max(question.world_size, r.world_size);
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    auto known = known_.find(job_id);
+    if (known != known_.end()) question.known = known->second.committed;
+  }
+  // This daemon may coordinate the job without holding any of it (an operator's query).
+  const CommitRecord coordinated = coordinator_.State(job_id).committed;
+  if (coordinated.NewerThan(question.known)) question.known = coordinated;
+  if (question.world_size == 0) question.world_size = question.known.ranks.size();
+  if (question.world_size == 0) {
+    return absl::NotFoundError(absl::StrCat("job '", job_id, "' is not registered on this node "
+                                            "and no commit of it is known here"));
+  }
+  if (question.rank >= question.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", question.rank, " is outside the job's "
+                                                   "world of ", question.world_size));
+  }
+  TESSERA_ASSIGN_OR_RETURN(auto coordinator, CoordinatorOf(job_id));
+  absl::StatusOr<ResolveAnswer> answer =
+      coordinator.first == cluster_->self_id()
+          ? ResolveAsCoordinator(question)
+          : coordination_client_->Resolve(coordinator.second, question);
+  if (!answer.ok()) {
+    return absl::Status(answer.status().code(),
+                        absl::StrCat("job '", job_id, "': the coordinator ", coordinator.first,
+                                     " could not resolve the restore point: ",
+                                     answer.status().message()));
+  }
+  JobState state;
+  state.job_id = job_id;
+  state.epoch = answer->epoch;
+  state.committed = answer->restore_point;
+  ApplyJobState(state);
+  if (answer->restore_point.empty()) {
+    return absl::NotFoundError(absl::StrCat("job '", job_id, "' has no committed step on any "
+                                            "live node"));
+  }
+  const int64_t step = answer->restore_point.step;
+  {
+    absl::MutexLock lock(&mu_);
+    restore_points_[job_id] = answer->restore_point;
+  }
+  if (resuming_rank) store_->RollbackRank(job_id, *resuming_rank, step);
+  Logger("coordinator")->info("job '{}'{}: restore point step {} (epoch {}), new snapshots in "
+                              "epoch {}",
+                              job_id,
+                              resuming_rank ? absl::StrCat(" rank ", *resuming_rank, " resumes")
+                                            : std::string(),
+                              step, answer->restore_point.epoch, answer->epoch);
+  return step;
+}
+
+absl::StatusOr<ResolveAnswer> ClusterCoordination::OnResolve(const NodeIdentity& /*from*/,
+                                                             const ResolveQuestion& question) {
+  return ResolveAsCoordinator(question);
+}
+
+absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
+    const ResolveQuestion& question) {
+  const std::string& job_id = question.job_id;
+  // A daemon that has not yet heard every configured member answers nothing: a start-up view
+  // may lack the very nodes that hold the job (the caller retries kUnavailable).
+  if (!cluster_->Converged()) {
+    return absl::UnavailableError(
+        "this daemon's membership has not converged yet (not every configured member has "
+        "answered or timed out); ask again shortly");
+  }
+  if (!question.known.empty()) coordinator_.Learn(job_id, question.known, question.known.epoch);
+  std::vector<std::string> nodes = coordinator_.Nodes(job_id);
+  // With no record of the job, every live member is asked once (a coordinator that took over
+  // after a loss); otherwise only the job's nodes, and those their records name.
+  std::vector<JobListing> listings;
+  std::set<std::string> asked;
+  size_t not_live = 0;  // nodes of the job not asked because they are not live
+  for (int round = 0; round < 4; ++round) {
+    std::vector<std::string> ask;
+    if (round == 0 && nodes.empty()) {
+      ask = cluster_->LiveNodeIds();
+    } else {
+      for (const std::string& n : nodes) {
+        if (asked.count(n) == 0) ask.push_back(n);
+      }
+    }
+    if (ask.empty()) break;
+    asked.insert(ask.begin(), ask.end());
+    TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
+                             ListNodes(job_id, ask, /*require_complete=*/true, &not_live));
+    for (JobListing& l : more) {
+      coordinator_.Learn(job_id, l.committed, l.epoch);
+      listings.push_back(std::move(l));
+    }
+    nodes = coordinator_.Nodes(job_id);
+  }
+  const JobState state = coordinator_.State(job_id);
+  const CommitRecord& point = state.committed;
+  // Whether the current epoch may hold a shard of the resuming rank: one listed as sealed in it,
+  // a fragment of the rank past the restore point (fragments do not record their epoch), or a
+  // node of the job that is not live.
+  bool may_hold = not_live > 0;
+  for (const JobListing& l : listings) {
+    for (const HeldShard& s : l.shards) {
+      may_hold = may_hold || (s.rank == question.rank && s.epoch >= state.epoch);
+    }
+    for (const HeldFragment& f : l.fragments) {
+      may_hold = may_hold || (f.rank == question.rank && f.step > point.step);
+    }
+  }
+  auto resume = [&] {
+    return coordinator_.Resume(job_id, question.rank, question.run_id, may_hold, NowUnixMs());
+  };
+  ResolveAnswer answer;
+  answer.restore_point = point;
+  if (point.empty()) {
+    answer.epoch = question.resume ? resume() : state.epoch;
+    // Nothing committed: the caller starts fresh.
+    TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
+    return answer;
+  }
+  if (point.ranks.size() != question.world_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the committed step ", point.step, " has ", point.ranks.size(),
+        " ranks, but the job registers a world of ", question.world_size,
+        " (a job restarted at another world size needs a new job id, or the DCP reader)"));
+  }
+  JobHoldings holdings;
+  for (const JobListing& l : listings) {
+    for (const HeldShard& s : l.shards) {
+      const CommitRecord::Rank* r = point.Find(s.rank);
+      if (s.step == point.step && r && s.payload_crc32c == r->shard_crc32c) {
+        holdings.shards.push_back(s);
+      }
+    }
+    for (const HeldFragment& f : l.fragments) {
+      const CommitRecord::Rank* r = point.Find(f.rank);
+      if (f.step == point.step && r && f.shard_crc32c == r->shard_crc32c) {
+        holdings.fragments.push_back(f);
+      }
+    }
+  }
+  std::vector<std::string> missing;
+  for (const CommitRecord::Rank& r : point.ranks) {
+    auto plan = PlanRestore(holdings, "", r.rank, point.step);
+    if (!plan.ok()) missing.push_back(std::string(plan.status().message()));
+  }
+  if (!missing.empty()) {
+    // NOT_FOUND, as when nothing is held: the job cannot resume from memory (the agent's
+    // contract: start fresh, or from the persistent tier), and the message names what is lost.
+    return absl::NotFoundError(absl::StrCat("the committed step ", point.step, " (epoch ",
+                                            point.epoch, ") cannot be restored on every rank: ",
+                                            absl::StrJoin(missing, "; ")));
+  }
+  answer.epoch = question.resume ? resume() : state.epoch;
+  TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
+  return answer;
+}
+
+absl::Status ClusterCoordination::TellJobNodes(const std::string& job_id,
+                                               const std::set<std::string>& nodes, uint64_t epoch,
+                                               const CommitRecord& point) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto told = told_.find(job_id);
+    if (told != told_.end() && told->second == std::make_pair(epoch, point.step)) {
+      return absl::OkStatus();  // every node of the job has this state already
+    }
+  }
+  JobState state = coordinator_.State(job_id);
+  state.epoch = std::max(state.epoch, epoch);
+  if (point.NewerThan(state.committed)) state.committed = point;
+  std::vector<std::string> failed;
+  std::vector<std::thread> senders;
+  std::vector<absl::Status> results(nodes.size());
+  size_t i = 0;
+  for (const std::string& node : nodes) {
+    const size_t at = i++;
+    if (node == cluster_->self_id()) {
+      ApplyJobState(state);
+      continue;
+    }
+    auto address = cluster_->AddressOf(node);
+    if (!address) continue;  // not live: it learns the state when it comes back
+    senders.emplace_back([this, &results, &state, at, a = *address] {
+      results[at] = coordination_client_->Push(a, state);
+    });
+    if (senders.size() >= 16) {
+      for (std::thread& t : senders) t.join();
+      senders.clear();
+    }
+  }
+  for (std::thread& t : senders) t.join();
+  i = 0;
+  for (const std::string& node : nodes) {
+    if (!results[i++].ok()) failed.push_back(node);
+  }
+  if (!failed.empty()) {
+    return absl::UnavailableError(absl::StrCat(
+        "job '", job_id, "': nodes ", absl::StrJoin(failed, ", "),
+        " did not take the job's new state; a restore is answered once every live node of the "
+        "job knows it"));
+  }
+  absl::MutexLock lock(&mu_);
+  told_[job_id] = {epoch, point.step};
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
+    const std::string& job_id, std::vector<std::string> nodes, bool require_complete,
+    size_t* not_live) {
+  if (nodes.empty()) nodes = cluster_->LiveNodeIds();
+  std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
+                                                  absl::UnavailableError("not asked"));
+  std::vector<bool> lost(nodes.size(), false);
+  std::vector<std::thread> askers;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (nodes[i] == cluster_->self_id()) {
+      results[i] = LocalListing(job_id);
+      continue;
+    }
+    auto address = cluster_->AddressOf(nodes[i]);
+    if (!address) {
+      lost[i] = true;  // not live: its holdings count as lost
+      continue;
+    }
+    askers.emplace_back([this, &results, &job_id, i, a = *address] {
+      results[i] = coordination_client_->ListJob(a, job_id);
+    });
+    if (askers.size() >= 16) {
+      for (std::thread& t : askers) t.join();
+      askers.clear();
+    }
+  }
+  for (std::thread& t : askers) t.join();
+  // A connection to a daemon that just started (a replacement) can fail its first handshakes:
+  // a node that did not answer is asked again, up to 3 times, 300 ms apart.
+  for (int retry = 0; retry < 3; ++retry) {
+    bool again = false;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (lost[i] || results[i].ok()) continue;
+      auto address = cluster_->AddressOf(nodes[i]);
+      if (!address) {
+        lost[i] = true;  // suspected since: its holdings count as lost
+        continue;
+      }
+      if (!again) absl::SleepFor(absl::Milliseconds(300));
+      again = true;
+      results[i] = coordination_client_->ListJob(*address, job_id);
+    }
+    if (!again) break;
+  }
+  std::vector<JobListing> out;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (lost[i] && not_live != nullptr) ++*not_live;
+    if (lost[i]) continue;
+    if (!results[i].ok() && !require_complete) {
+      Logger("recovery")->warn("job '{}': node {} did not answer its listing ({}); planning "
+                               "without it",
+                               job_id, nodes[i], results[i].status().ToString());
+      continue;
+    }
+    if (!results[i].ok()) {
+      // A live node that does not answer may hold what decides the answer: never decide from a
+      // partial view.
+      return absl::UnavailableError(absl::StrCat("node ", nodes[i], " of job '", job_id,
+                                                 "' did not answer (", results[i].status().message(),
+                                                 "); retry"));
+    }
+    out.push_back(std::move(*results[i]));
+  }
+  return out;
+}
+
+absl::StatusOr<JobListing> ClusterCoordination::OnListJob(const NodeIdentity& /*from*/,
+                                                          const std::string& job_id) {
+  return LocalListing(job_id);
+}
+
+JobListing ClusterCoordination::LocalListing(const std::string& job_id) const {
+  JobListing listing;
+  listing.node = Self();
+  for (const auto& v : store_->ListVersions(job_id)) {
+    if (v.state != SegmentState::kSealed) continue;
+    listing.shards.push_back({listing.node.node_id, v.rank, v.step, v.world_size, v.payload_bytes,
+                              v.payload_crc32c, v.epoch});
+  }
+  for (const FragmentStatus& f : fragments_->List(job_id)) {
+    if (f.state != SegmentState::kSealed) continue;
+    listing.fragments.push_back({listing.node.node_id, f.key.rank, f.key.step, 0,
+                                 f.key.fragment_index, f.meta.ec_k, f.meta.ec_m,
+                                 f.meta.shard_bytes, f.meta.shard_crc32c});
+  }
+  absl::MutexLock lock(&mu_);
+  auto known = known_.find(job_id);
+  if (known != known_.end()) {
+    listing.committed = known->second.committed;
+    listing.epoch = known->second.epoch;
+  }
+  listing.epoch = std::max(listing.epoch, store_->epoch(job_id));
+  return listing;
+}
+
+absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
+    const std::string& job_id, uint32_t rank, int64_t step) {
+  std::optional<uint32_t> expected;
+  {
+    absl::MutexLock lock(&mu_);
+    auto point = restore_points_.find(job_id);
+    if (point != restore_points_.end() && point->second.step == step) {
+      if (const CommitRecord::Rank* r = point->second.Find(rank)) expected = r->shard_crc32c;
+    }
+  }
+  auto local = store_->PrepareRestore(job_id, rank, step);
+  // A local shard that fails its CRC32C is damaged memory, and one whose CRC32C is not the
+  // committed one is another history's: restore as if it were not here.
+  const bool damaged = absl::IsDataLoss(local.status()) && step >= 0;
+  const bool other_history = local.ok() && expected && local->payload_crc32c != *expected;
+  if (!damaged && !other_history &&
+      (local.ok() || local.status().code() != absl::StatusCode::kNotFound || step < 0)) {
+    return local;
+  }
+  if (damaged || other_history) {
+    Logger("recovery")->warn("job '{}' rank {} step {}: the local shard is {}; restoring it from "
+                             "the other nodes instead",
+                             job_id, rank, step,
+                             damaged ? absl::StrCat("damaged (", local.status().ToString(), ")")
+                                     : "of another history than the committed one");
+  }
+  absl::MutexLock lock(&restore_mu_);
+  auto it = restored_.find({job_id, rank, step});
+  if (it != restored_.end() && (!expected || it->second.second.payload_crc32c == *expected)) {
+    return it->second.second;
+  }
+  auto made = MakeLocal(job_id, rank, step, expected, /*skip_local_shard=*/damaged || other_history);
+  if (!made.ok()) Metrics().restore_failures->Increment();
+  return made;
+}
+
+void ClusterCoordination::DeleteRestoredOlderThan(const std::string& job_id, int64_t step) {
+  // A restore of an older step is over: its trainer has resumed and moved past it. (Skipped
+  // while a restore runs, so a commit never waits for one; the next commit cleans up.)
+  if (!restore_mu_.TryLock()) return;
+  for (auto r = restored_.begin(); r != restored_.end();) {
+    if (std::get<0>(r->first) == job_id && std::get<2>(r->first) < step) {
+      r->second.first->Unlink().IgnoreError();
+      fragments_->budget()->Release(r->second.first->file_bytes());
+      r = restored_.erase(r);
+    } else {
+      ++r;
+    }
+  }
+  restore_mu_.Unlock();
+}
+
+absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
+    const std::string& job_id, uint32_t rank, int64_t step, std::optional<uint32_t> expected_crc,
+    bool skip_local_shard) {
+  auto log = Logger("recovery");
+  std::vector<std::string> nodes;
+  {
+    absl::MutexLock lock(&mu_);
+    auto point = restore_points_.find(job_id);
+    if (point != restore_points_.end() && point->second.step == step) nodes = point->second.nodes;
+  }
+  // Making a shard local needs enough of it, not a complete view: a node that does not answer
+  // (lost, not yet suspected) is passed over like a lost one.
+  TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> listings,
+                           ListNodes(job_id, nodes, /*require_complete=*/false));
+  JobHoldings holdings;
+  for (JobListing& l : listings) {
+    for (HeldShard& s : l.shards) {
+      if (!expected_crc || s.payload_crc32c == *expected_crc) holdings.shards.push_back(s);
+    }
+    for (HeldFragment& f : l.fragments) {
+      if (!expected_crc || f.shard_crc32c == *expected_crc) holdings.fragments.push_back(f);
+    }
+  }
+  if (skip_local_shard) {
+    const std::string self = cluster_->self_id();
+    auto& shards = holdings.shards;
+    shards.erase(std::remove_if(shards.begin(), shards.end(),
+                                [&](const HeldShard& s) {
+                                  return s.node == self && s.rank == rank && s.step == step;
+                                }),
+                 shards.end());
+  }
+  std::set<std::pair<uint32_t, std::string>> exclude;
+  static std::atomic<uint64_t> sequence{0};
+  for (int attempt = 0;; ++attempt) {
+    auto plan = PlanRestore(holdings, cluster_->self_id(), rank, step, exclude);
+    if (!plan.ok()) {
+      return absl::Status(plan.status().code(),
+                          absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
+                                       " cannot be restored or rebuilt from the live nodes: ",
+                                       plan.status().message()));
+    }
+    if (plan->source == RestorePlan::Source::kLocal) {
+      return store_->PrepareRestore(job_id, rank, step);
+    }
+    const std::string path =
+        absl::StrCat(fragments_->directory(), "/", job_id, ".r", rank, ".s", step, ".",
+                     sequence.fetch_add(1), ".restored");
+    SegmentCreateOptions create;
+    create.prefault = false;
+    // Readable by the daemon's group, like the agent socket (slots belong to the trainer's uid,
+    // which this call does not know).
+    create.mode = 0640;
+    // The segment counts against the daemon's capacity, like the fragments it holds, from
+    // before it is created until it is deleted.
+    CapacityBudget* const budget = fragments_->budget();
+    // A rebuild reads its data fragments straight into the segment, padding included.
+    const uint64_t capacity = std::max<uint64_t>(
+        plan->source == RestorePlan::Source::kRebuild
+            ? plan->k * ErasureCodec::FragmentBytes(plan->shard_bytes, plan->k)
+            : plan->shard_bytes,
+        1);
+    TESSERA_RETURN_IF_ERROR(budget->Reserve(
+        kSegmentHeaderBytes + capacity,
+        absl::StrCat("making job '", job_id, "' rank ", rank, " step ", step, " local")));
+    auto created = Segment::Create(path, SegmentKind::kSlot, capacity, create);
+    if (!created.ok()) {
+      budget->Release(kSegmentHeaderBytes + capacity);
+      return created.status();
+    }
+    std::unique_ptr<Segment> segment = std::move(*created);
+    // Deletes the segment and gives its bytes back, unless it was kept for the restore.
+    struct Discard {
+      std::unique_ptr<Segment>* segment;
+      CapacityBudget* budget;
+      ~Discard() {
+        if (*segment == nullptr) return;
+        (*segment)->Unlink().IgnoreError();
+        budget->Release((*segment)->file_bytes());
+      }
+    } discard{&segment, budget};
+    const absl::Time start = absl::Now();
+    absl::Status status;
+    uint64_t payload_bytes = plan->shard_bytes;
+    uint32_t payload_crc = plan->shard_crc32c;
+    std::optional<uint32_t> rebuilt_crc;  // computed by DecodeShard
+    std::string phases;                   // where a rebuild's time went, for the log
+    if (plan->source == RestorePlan::Source::kCopy) {
+      auto address = cluster_->AddressOf(plan->node);
+      SegmentSink sink(segment.get());
+      if (!address) {
+        status = absl::UnavailableError(absl::StrCat("member ", plan->node, " is not live"));
+      } else {
+        auto fetched = client_->FetchShard(*address, job_id, rank, step, &sink);
+        status = fetched.status();
+        if (fetched.ok()) {
+          payload_bytes = fetched->payload_bytes;
+          payload_crc = fetched->payload_crc32c;
+        }
+      }
+      if (!status.ok()) {
+        return absl::Status(status.code(), absl::StrCat("copying job '", job_id, "' rank ", rank,
+                                                        " step ", step, " from ", plan->node,
+                                                        ": ", status.message()));
+      }
+    } else {
+      // The k fragments are read in parallel, each from its node (or this daemon's store),
+      // the data fragments straight into the segment (its capacity includes their padding).
+      FragmentReader read = [&](uint32_t index, const std::string& node, uint8_t* dst,
+                                size_t bytes) -> absl::StatusOr<uint32_t> {
+        const FragmentKey key{job_id, rank, step, index};
+        if (node != cluster_->self_id()) {
+          auto address = cluster_->AddressOf(node);
+          if (!address) return absl::UnavailableError("not live");
+          TESSERA_ASSIGN_OR_RETURN(FragmentStatus got,
+                                   client_->GetFragment(*address, key, 0, dst, bytes));
+          if (got.bytes_received != bytes) {
+            return absl::DataLossError(absl::StrCat("the fragment has ", got.bytes_received,
+                                                    " bytes, not ", bytes));
+          }
+          return got.fragment_crc32c;  // GetFragment checked the bytes against it
+        }
+        TESSERA_ASSIGN_OR_RETURN(FragmentView view, fragments_->Get(key));
+        if (view.size() != bytes) {
+          return absl::DataLossError(
+              absl::StrCat("held fragment has ", view.size(), " bytes, not ", bytes));
+        }
+        std::memcpy(dst, view.data(), bytes);
+        if (Crc32c(dst, bytes) != view.fragment_crc32c()) {
+          return absl::DataLossError("held fragment does not match its CRC32C");
+        }
+        return view.fragment_crc32c();
+      };
+      DecodeOptions decode;
+      decode.shard_capacity = capacity;
+      TESSERA_ASSIGN_OR_RETURN(ShardDecode decoded,
+                               DecodeShard(*plan, read, segment->payload(), decode));
+      for (const ShardDecode::FailedRead& failed : decoded.failed) {
+        if (absl::IsDataLoss(failed.status)) Metrics().fragment_crc_failures->Increment();
+        log->warn("{} from {}: {}; counted as an erasure",
+                  FragmentKey{job_id, rank, step, failed.index}.ToString(), failed.node,
+                  failed.status.ToString());
+        exclude.insert({failed.index, failed.node});
+      }
+      if (!decoded.failed.empty()) continue;
+      rebuilt_crc = decoded.crc32c;
+      phases = absl::StrCat(" (reading ", absl::ToInt64Milliseconds(decoded.read_time),
+                            " ms, decoding ", absl::ToInt64Milliseconds(decoded.decode_time),
+                            " ms, checking ", absl::ToInt64Milliseconds(decoded.crc_time), " ms)");
+    }
+    const uint32_t crc = rebuilt_crc ? *rebuilt_crc
+                                      : ParallelCrc32c(segment->payload(), payload_bytes,
+                                                       static_cast<int>(std::clamp(
+                                                           std::thread::hardware_concurrency(),
+                                                           1u, 8u)));
+    if (crc != payload_crc) {
+      if (attempt < 3 && plan->source == RestorePlan::Source::kRebuild) {
+        log->warn("job '{}' rank {} step {}: the rebuilt shard fails its CRC32C; retrying",
+                  job_id, rank, step);
+        continue;
+      }
+      return absl::DataLossError(absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
+                                              ": the shard made local does not match its CRC32C"));
+    }
+    TESSERA_ASSIGN_OR_RETURN(auto manifest, LocateManifest(segment->payload(), payload_bytes,
+                                                           job_id, rank, step));
+    SegmentHeader* h = segment->header();
+    h->step = step;
+    h->rank = rank;
+    h->payload_bytes = payload_bytes;
+    h->payload_crc32c = payload_crc;
+    h->manifest_offset = manifest.first;
+    h->manifest_bytes = manifest.second;
+    std::snprintf(h->job_id, sizeof(h->job_id), "%s", job_id.c_str());
+    h->header_crc32c = ComputeHeaderCrc(*h);
+    StoreState(h, SegmentState::kSealed);
+
+    SnapshotStore::RestoreInfo info;
+    info.step = step;
+    info.segment_path = segment->path();
+    info.payload_bytes = payload_bytes;
+    info.manifest_offset = manifest.first;
+    info.manifest_bytes = manifest.second;
+    info.payload_crc32c = payload_crc;
+    const bool copied = plan->source == RestorePlan::Source::kCopy;
+    log->info("job '{}' rank {} step {}: {} ({} bytes) in {} ms{}", job_id, rank, step,
+              copied ? absl::StrCat("copied from ", plan->node)
+                     : absl::StrCat("rebuilt from ", plan->k, " of ", plan->k + plan->m,
+                                    " fragments"),
+              payload_bytes, absl::ToInt64Milliseconds(absl::Now() - start), phases);
+    Metrics().restore_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+    {
+      absl::MutexLock lock(&mu_);
+      ++(copied ? stats_.copied_shards : stats_.rebuilt_shards);
+    }
+    restored_[{job_id, rank, step}] = {std::move(segment), info};
+    return info;
+  }
+}
+
+
+}  // namespace tessera

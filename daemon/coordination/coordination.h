@@ -1,0 +1,60 @@
+// Job-wide decisions made by a daemon: when a step is committed (every rank of the job has it
+// protected) and which step a restarted job restores. A standalone daemon (no cluster members)
+// decides over the ranks it holds; it commits a step once each of them has sealed it.
+#ifndef TESSERA_DAEMON_COORDINATION_COORDINATION_H_
+#define TESSERA_DAEMON_COORDINATION_COORDINATION_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "daemon/coordination/protection.h"
+#include "daemon/store/snapshot_store.h"
+
+namespace tessera {
+
+class Coordination {
+ public:
+  // `store` is not owned and must outlive this object. Recovers each held job's restore point
+  // (after a daemon restart the commits are re-derived from the sealed steps held).
+  explicit Coordination(SnapshotStore* store) : Coordination(store, /*derive_commits=*/true) {}
+  virtual ~Coordination() = default;
+
+  // `rank` of `job_id` sealed `step` on this daemon.
+  virtual void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                        const SnapshotStore::SealResult& sealed);
+
+  // The newest step at which every rank of the job can be restored. `world_size_hint` (0: none)
+  // is a world size the caller knows (a registered rank's): ranks that have not sealed anything
+  // yet still count as missing, so a step only some ranks sealed is never taken as complete.
+  // With `resuming_rank`, that rank resumes from the answer: sealed steps after it are released
+  // (here, on every rank of the job, since a standalone daemon has no epochs; a cluster releases
+  // only the resuming rank's, see ClusterCoordination).
+  // `run_id` names the resuming trainer run (0: unknown): a retry of the same run's question is
+  // answered as the first was.
+  virtual absl::StatusOr<int64_t> FindLatestRestorable(
+      const std::string& job_id, uint32_t world_size_hint = 0,
+      std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0);
+
+  // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
+  // Standalone: only what the local store holds.
+  virtual absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
+                                                                    uint32_t rank, int64_t step) {
+    return store_->PrepareRestore(job_id, rank, step);
+  }
+
+ protected:
+  // derive_commits false: a subclass decides commits itself (a step sealed on every local rank
+  // may not be protected across the cluster yet, so it must not be committed from local state).
+  Coordination(SnapshotStore* store, bool derive_commits);
+
+  // What this daemon holds for the job, with each shard's world size as this daemon sees it.
+  JobHoldings LocalHoldings(const std::string& job_id, uint32_t world_size) const;
+
+  SnapshotStore* const store_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_COORDINATION_COORDINATION_H_

@@ -1,0 +1,627 @@
+#include "daemon/coordination/protection_pipeline.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <thread>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "common/crc32c.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "daemon/coordination/shard_rebuild.h"
+#include "daemon/metrics/metrics.h"
+#include "ec/erasure_codec.h"
+#include "proto/manifest.pb.h"
+
+namespace tessera {
+namespace {
+
+constexpr int64_t kMaxBackoffMs = 5000;
+
+}  // namespace
+
+ClusterCoordination::ClusterCoordination(SnapshotStore* store, FragmentStore* fragments,
+                                         Cluster* cluster, PeerClient* client,
+                                         CoordinationClient* coordination_client, Options options)
+    : Coordination(store, /*derive_commits=*/false),
+      fragments_(fragments),
+      cluster_(cluster),
+      client_(client),
+      coordination_client_(coordination_client),
+      options_(options) {
+  // Shards made local for a restore are read by the agent during that restore only: what a
+  // previous run of the daemon left is stale.
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(fragments_->directory(), ec)) {
+    if (absl::EndsWith(entry.path().string(), ".restored")) {
+      std::filesystem::remove(entry.path(), ec);
+    }
+  }
+}
+
+ClusterCoordination::~ClusterCoordination() { Stop(); }
+
+void ClusterCoordination::Start() {
+  if (worker_.joinable()) return;
+  {
+    // After a restart, what was sealed may never have been protected (the queue died with the
+    // previous run): protect it again. Peers replace fragments of an older incarnation.
+    absl::MutexLock lock(&mu_);
+    for (const auto& v : store_->ListVersions("")) {
+      if (v.state == SegmentState::kSealed) queue_.push_back(Work{v.job_id, v.rank, v.step, 0, 0});
+    }
+  }
+  worker_ = std::thread([this] { Run(); });
+  reporter_ = std::thread([this] { ReportLoop(); });
+  pusher_ = std::thread([this] { PushLoop(); });
+}
+
+void ClusterCoordination::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (worker_.joinable()) worker_.join();
+  if (reporter_.joinable()) reporter_.join();
+  if (pusher_.joinable()) pusher_.join();
+}
+
+
+void ClusterCoordination::OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                                   const SnapshotStore::SealResult& /*sealed*/) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(Work{job_id, rank, step, 0, 0});
+}
+
+void ClusterCoordination::Run() {
+  auto log = Logger("protection");
+  while (true) {
+    std::optional<Work> work;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        if (stopping_) return true;
+        const int64_t now = NowUnixMs();
+        for (const Work& w : queue_) {
+          if (w.not_before_ms <= now) return true;
+        }
+        return false;
+      };
+      // Sleeps until the earliest retry is due; new work wakes it (the condition is evaluated
+      // whenever mu_ is released), so an idle daemon does not poll.
+      int64_t wait_ms = 60 * 1000;
+      const int64_t before = NowUnixMs();
+      for (const Work& w : queue_) wait_ms = std::min(wait_ms, w.not_before_ms - before);
+      mu_.AwaitWithTimeout(absl::Condition(&ready),
+                           absl::Milliseconds(std::max<int64_t>(1, wait_ms)));
+      if (stopping_) return;
+      const int64_t now = NowUnixMs();
+      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+        if (it->not_before_ms <= now) {
+          work = *it;
+          queue_.erase(it);
+          break;
+        }
+      }
+    }
+    if (work) {
+      absl::Status status = Protect(*work);
+      if (!status.ok()) {
+        Work retry = *work;
+        ++retry.attempts;
+        const int64_t backoff = std::min<int64_t>(
+            kMaxBackoffMs, options_.retry_backoff_ms << std::min(retry.attempts - 1, 8));
+        retry.not_before_ms = NowUnixMs() + backoff;
+        log->warn("job '{}' rank {} step {}: protection attempt {} failed, retrying in {} ms: {}",
+                  work->job_id, work->rank, work->step, retry.attempts, backoff,
+                  status.ToString());
+        absl::MutexLock lock(&mu_);
+        ++stats_.protection_failures;
+        queue_.push_back(retry);
+      }
+    }
+  }
+}
+
+absl::Status ClusterCoordination::Protect(const Work& work) {
+  auto log = Logger("protection");
+  const absl::Time started = absl::Now();
+  if (!work.repair) {
+    // A step that can never commit (a rank skipped it) or that a commit has passed is not
+    // protected: its holders drop such fragments, and its slot is free for the next step.
+    absl::MutexLock lock(&mu_);
+    auto known = known_.find(work.job_id);
+    if (known != known_.end()) {
+      const JobState& k = known->second;
+      const bool passed = !k.committed.empty() && k.committed.step >= work.step;
+      const bool dead = std::find(k.dead_steps.begin(), k.dead_steps.end(), work.step) !=
+                        k.dead_steps.end();
+      if (passed || dead) {
+        log->debug("job '{}' rank {} step {}: not protected, {}", work.job_id, work.rank,
+                   work.step, dead ? "it can never commit (a rank skipped it)"
+                                   : "a commit has passed it");
+        return absl::OkStatus();
+      }
+    }
+  }
+  auto pinned = store_->Pin(work.job_id, work.rank, work.step);
+  if (!pinned.ok()) {
+    // A sealed slot is only reused once its step is protected, committed past, dead or void
+    // (docs/PROTOCOL.md), so nothing is lost here.
+    log->info("job '{}' rank {} step {} is no longer sealed here: nothing to protect ({})",
+              work.job_id, work.rank, work.step, pinned.status().ToString());
+    return absl::OkStatus();
+  }
+  struct Unpinner {
+    SnapshotStore* store;
+    const Work& work;
+    ~Unpinner() { store->Unpin(work.job_id, work.rank, work.step); }
+  } unpin{store_, work};
+
+  TESSERA_ASSIGN_OR_RETURN(FragmentPlacement placement,
+                           PlaceFragments(cluster_->LiveNodeIds(), cluster_->self_id(),
+                                          work.rank, options_.k, options_.m));
+  if (placement.nodes.empty()) {
+    if (!cluster_->Peers().empty()) {
+      // Members are configured but none is live (yet: a restarted daemon protects what it
+      // re-adopted before it has heard its peers): retry, or the step is never committed.
+      return absl::UnavailableError(
+          absl::StrCat("no live member can hold fragments yet (", placement.reason, ")"));
+    }
+    log->warn("job '{}' rank {} step {}: {}", work.job_id, work.rank, work.step,
+              placement.reason);
+    Protected(work, *pinned, {});
+    return absl::OkStatus();
+  }
+  if (work.repair && (placement.degraded || placement.nodes.empty())) {
+    // A repair re-creates fragments in the shard's own code. With too few live members for it,
+    // re-encoding in a smaller one would replace the surviving fragments (same keys, other
+    // metadata) and lose what they still protect: the repair waits for members instead.
+    log->warn("job '{}' rank {} step {}: not repaired yet: {} (the surviving fragments are kept)",
+              work.job_id, work.rank, work.step,
+              placement.reason.empty() ? std::string("no live member") : placement.reason);
+    return absl::OkStatus();
+  }
+  if (placement.degraded) {
+    log->info("job '{}' rank {} step {}: RS({}, {}) instead of RS({}, {}): {}", work.job_id,
+              work.rank, work.step, placement.k, placement.m, options_.k, options_.m,
+              placement.reason);
+  }
+  TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(placement.k, placement.m));
+  const uint64_t shard_bytes = pinned->payload_bytes;
+  const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, placement.k);
+  // Data fragments that lie wholly inside the payload are sent from it in place; the others
+  // (the padded last one, if any) are copied into scratch, which also takes the parity.
+  std::vector<const uint8_t*> data(placement.k);
+  std::vector<int> copied;
+  for (int i = 0; i < placement.k; ++i) {
+    if ((i + 1) * fragment_bytes <= shard_bytes) {
+      data[i] = pinned->payload + i * fragment_bytes;
+    } else {
+      copied.push_back(i);
+    }
+  }
+  uint8_t* const scratch = Scratch((copied.size() + placement.m) * fragment_bytes);
+  for (size_t c = 0; c < copied.size(); ++c) {
+    const uint64_t begin = copied[c] * fragment_bytes;
+    uint8_t* dst = scratch + c * fragment_bytes;
+    const uint64_t present = begin < shard_bytes ? std::min<uint64_t>(fragment_bytes, shard_bytes - begin) : 0;
+    if (present > 0) std::memcpy(dst, pinned->payload + begin, present);
+    std::memset(dst + present, 0, fragment_bytes - present);
+    data[copied[c]] = dst;
+  }
+  std::vector<uint8_t*> parity(placement.m);
+  for (int j = 0; j < placement.m; ++j) {
+    parity[j] = scratch + (copied.size() + j) * fragment_bytes;
+  }
+
+  FragmentMeta meta;
+  meta.owner_incarnation = cluster_->incarnation();
+  meta.ec_k = static_cast<uint32_t>(placement.k);
+  meta.ec_m = static_cast<uint32_t>(placement.m);
+  meta.fragment_bytes = fragment_bytes;
+  meta.shard_bytes = shard_bytes;
+  meta.shard_crc32c = pinned->payload_crc32c;
+  const int total = placement.k + placement.m;
+  std::vector<absl::Status> results(total);
+  std::vector<std::thread> senders;
+  auto send = [&](int i) {
+    const std::string& node = placement.nodes[i];
+    auto address = cluster_->AddressOf(node);
+    if (!address) {
+      results[i] = absl::UnavailableError(absl::StrCat("member ", node, " is not live"));
+      return;
+    }
+    FragmentKey key{work.job_id, work.rank, work.step, static_cast<uint32_t>(i)};
+    const uint8_t* bytes = i < placement.k ? data[i] : parity[i - placement.k];
+    results[i] = client_->PutFragment(*address, key, meta, bytes, fragment_bytes).status();
+    if (!results[i].ok()) {
+      results[i] = absl::Status(results[i].code(), absl::StrCat("fragment ", i, " to ", node,
+                                                                ": ", results[i].message()));
+    }
+  };
+  // The data fragments go at once; the parity is encoded on several threads meanwhile (it takes
+  // a fraction of the transfer time) and each parity fragment goes as soon as it is complete.
+  for (int i = 0; i < placement.k; ++i) senders.emplace_back(send, i);
+  absl::Status encoded =
+      placement.m > 0 ? codec.EncodeOnThreads(data.data(), parity.data(), fragment_bytes,
+                                              EncodeThreads())
+                      : absl::OkStatus();
+  if (encoded.ok()) {
+    for (int i = placement.k; i < total; ++i) senders.emplace_back(send, i);
+  } else {
+    for (int i = placement.k; i < total; ++i) results[i] = encoded;
+  }
+  for (std::thread& t : senders) t.join();
+  std::vector<std::string> failed;
+  for (const absl::Status& s : results) {
+    if (!s.ok()) failed.push_back(s.ToString());
+  }
+  if (!failed.empty()) return absl::UnavailableError(absl::StrJoin(failed, "; "));
+  const absl::Duration took = absl::Now() - started;
+  log->info("job '{}' rank {} step {}: protected ({} bytes) in {} ms, RS({}, {}) on {}; {} ms "
+            "after it was sealed",
+            work.job_id, work.rank, work.step, shard_bytes, absl::ToInt64Milliseconds(took),
+            placement.k, placement.m, absl::StrJoin(placement.nodes, ","),
+            std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms));
+  Metrics().protection_seconds->Observe(
+      static_cast<double>(std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms)) / 1000.0);
+  Protected(work, *pinned, placement.nodes);
+  return absl::OkStatus();
+}
+
+void ClusterCoordination::Protected(const Work& work, const SnapshotStore::PinnedShard& shard,
+                                    std::vector<std::string> holders) {
+  store_->MarkProtected(work.job_id, work.rank, work.step);
+  ProtectedReport report;
+  report.job_id = work.job_id;
+  report.world_size = shard.world_size;
+  report.epoch = shard.epoch;
+  report.rank = work.rank;
+  report.step = work.step;
+  report.previous_step = shard.previous_step;
+  report.shard_crc32c = shard.payload_crc32c;
+  report.shard_bytes = shard.payload_bytes;
+  report.owner = cluster_->self_id();
+  report.holders = holders;
+  absl::MutexLock lock(&mu_);
+  ++stats_.protected_shards;
+  if (work.repair) ++stats_.repairs;
+  placements_[{work.job_id, work.rank, work.step}] = std::move(holders);
+  pending_[work.job_id][{work.rank, work.step}] = std::move(report);
+  report_now_ = true;
+}
+
+uint8_t* ClusterCoordination::Scratch(size_t bytes) {
+  if (bytes > scratch_bytes_) {
+    scratch_.reset();  // the old buffer goes before the new one is faulted in
+    scratch_.reset(new uint8_t[bytes]);
+    scratch_bytes_ = bytes;
+  }
+  return scratch_.get();
+}
+
+int ClusterCoordination::EncodeThreads() {
+  return std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
+}
+
+
+NodeIdentity ClusterCoordination::Self() const {
+  return NodeIdentity{cluster_->self_id(), cluster_->incarnation()};
+}
+
+absl::StatusOr<std::pair<std::string, std::string>> ClusterCoordination::CoordinatorOf(
+    const std::string& job_id) {
+  const std::string node = CoordinatorFor(job_id, cluster_->LiveNodeIds());
+  auto address = cluster_->AddressOf(node);
+  if (!address) {
+    return absl::UnavailableError(absl::StrCat("the coordinator of job '", job_id, "', ", node,
+                                               ", has no known address"));
+  }
+  return std::make_pair(node, *address);
+}
+
+void ClusterCoordination::ReportLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || report_now_; };
+      mu_.AwaitWithTimeout(absl::Condition(&ready),
+                           absl::Milliseconds(options_.report_interval_ms));
+      if (stopping_) return;
+      report_now_ = false;
+    }
+    RepairAfterLosses();
+    std::set<std::string> jobs;
+    {
+      absl::MutexLock lock(&mu_);
+      for (const auto& [job, reports] : pending_) {
+        if (!reports.empty()) jobs.insert(job);
+      }
+    }
+    for (const auto& v : store_->ListVersions("")) {
+      if (!store_->CommitKnown(v.job_id)) jobs.insert(v.job_id);
+    }
+    for (const std::string& job : jobs) ReportJob(job);
+  }
+}
+
+void ClusterCoordination::ReportJob(const std::string& job_id) {
+  auto log = Logger("coordinator");
+  std::vector<ProtectedReport> reports;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, report] : pending_[job_id]) reports.push_back(report);
+  }
+  if (reports.empty()) {
+    // A restarted daemon asks for the job's state before reusing any slot it re-adopted.
+    ProtectedReport query;
+    query.job_id = job_id;
+    query.step = -1;
+    query.owner = cluster_->self_id();
+    for (const auto& v : store_->ListVersions(job_id)) {
+      query.world_size = std::max(query.world_size, v.world_size);
+      query.epoch = std::max(query.epoch, v.epoch);
+    }
+    if (query.world_size == 0) return;
+    reports.push_back(query);
+  }
+  auto coordinator = CoordinatorOf(job_id);
+  for (const ProtectedReport& report : reports) {
+    absl::StatusOr<JobState> state =
+        !coordinator.ok() ? absl::StatusOr<JobState>(coordinator.status())
+        : coordinator->first == cluster_->self_id()
+            ? OnReport(Self(), report)
+            : coordination_client_->Report(coordinator->second, report);
+    {
+      absl::MutexLock lock(&mu_);
+      ++stats_.reports_sent;
+      if (!state.ok()) ++stats_.report_failures;
+    }
+    if (!state.ok()) {
+      log->warn("job '{}' rank {} step {}: report to the coordinator {} failed, retrying in {} ms: "
+                "{}",
+                job_id, report.rank, report.step,
+                coordinator.ok() ? coordinator->first : std::string("(none)"),
+                options_.report_interval_ms, state.status().ToString());
+      return;
+    }
+    ApplyJobState(*state);
+  }
+}
+
+void ClusterCoordination::ApplyJobState(const JobState& state) {
+  auto log = Logger("coordinator");
+  const int64_t committed = state.committed.step;
+  std::vector<int64_t> dead;
+  for (int64_t step : state.dead_steps) {
+    if (step > committed) dead.push_back(step);
+  }
+  bool newer_commit = false;
+  {
+    absl::MutexLock lock(&mu_);
+    JobState& known = known_[state.job_id];
+    known.job_id = state.job_id;
+    if (state.committed.NewerThan(known.committed)) {
+      known.committed = state.committed;
+      newer_commit = true;
+      ++stats_.commits_learned;
+    }
+    if (state.epoch > known.epoch) {
+      known.epoch = state.epoch;
+      known.dead_steps.clear();
+    }
+    if (state.epoch == known.epoch) {
+      // Remembered so that protection skips them (bounded: the newest 256).
+      known.dead_steps.insert(known.dead_steps.end(), dead.begin(), dead.end());
+      std::sort(known.dead_steps.begin(), known.dead_steps.end());
+      known.dead_steps.erase(std::unique(known.dead_steps.begin(), known.dead_steps.end()),
+                             known.dead_steps.end());
+      if (known.dead_steps.size() > 256) {
+        known.dead_steps.erase(known.dead_steps.begin(), known.dead_steps.end() - 256);
+      }
+    }
+    // Reports that need no re-sending: committed past, of an older epoch, or dead.
+    auto& reports = pending_[state.job_id];
+    for (auto it = reports.begin(); it != reports.end();) {
+      const ProtectedReport& r = it->second;
+      const bool done = r.epoch < known.epoch ||
+                        (r.epoch == known.committed.epoch && r.step <= known.committed.step) ||
+                        std::find(dead.begin(), dead.end(), r.step) != dead.end();
+      it = done ? reports.erase(it) : std::next(it);
+    }
+    if (reports.empty()) pending_.erase(state.job_id);
+  }
+  store_->SetJobState(state.job_id, state.epoch, committed, dead);
+  size_t dropped = 0;
+  if (committed >= 0) {
+    for (const CommitRecord::Rank& r : state.committed.ranks) {
+      dropped += fragments_->DropOlderThan(state.job_id, r.rank, committed);
+    }
+    DeleteRestoredOlderThan(state.job_id, committed);
+  }
+  if (!dead.empty()) {
+    for (const FragmentStatus& f : fragments_->List(state.job_id)) {
+      if (std::find(dead.begin(), dead.end(), f.key.step) == dead.end()) continue;
+      if (fragments_->DropFragment(f.key).ok()) ++dropped;
+    }
+  }
+  if (dropped > 0) {
+    absl::MutexLock lock(&mu_);
+    stats_.fragments_dropped += dropped;
+  }
+  if (newer_commit) {
+    log->info("job '{}' committed step {} (epoch {}, {} ranks protected){}", state.job_id,
+              committed, state.committed.epoch, state.committed.ranks.size(),
+              dropped > 0 ? absl::StrCat("; dropped ", dropped, " older fragments") : "");
+  }
+}
+
+void ClusterCoordination::PushTo(const std::vector<std::string>& nodes, const JobState& state) {
+  bool self = false;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const std::string& node : nodes) {
+      if (node == cluster_->self_id()) {
+        self = true;
+      } else {
+        pushes_.emplace_back(node, state);
+      }
+    }
+  }
+  if (self) ApplyJobState(state);
+}
+
+void ClusterCoordination::PushLoop() {
+  auto log = Logger("coordinator");
+  while (true) {
+    std::vector<std::pair<std::string, JobState>> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !pushes_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (stopping_) return;
+      // At most 8 at a time: a commit goes to the job's nodes, never to the whole cluster.
+      while (!pushes_.empty() && batch.size() < 8) {
+        batch.push_back(std::move(pushes_.front()));
+        pushes_.pop_front();
+      }
+    }
+    std::vector<std::thread> senders;
+    std::vector<absl::Status> results(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      senders.emplace_back([this, &batch, &results, i] {
+        auto address = cluster_->AddressOf(batch[i].first);
+        results[i] = address ? coordination_client_->Push(*address, batch[i].second)
+                             : absl::UnavailableError("not live");
+      });
+    }
+    for (std::thread& t : senders) t.join();
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (results[i].ok()) continue;
+      // The node learns the state from its next report's reply instead.
+      log->info("job '{}': telling {} of its state failed: {}", batch[i].second.job_id,
+                batch[i].first, results[i].ToString());
+      absl::MutexLock lock(&mu_);
+      ++stats_.pushes_failed;
+    }
+  }
+}
+
+void ClusterCoordination::RepairAfterLosses() {
+  const std::vector<std::string> live_now = cluster_->LiveNodeIds();
+  std::set<std::string> live(live_now.begin(), live_now.end());
+  std::set<std::string> lost;
+  for (const std::string& node : live_last_round_) {
+    if (live.count(node) == 0) lost.insert(node);
+  }
+  if (live != live_last_round_) {
+    // Coordination may have moved: a coordinator gathers each job's view again before acting.
+    absl::MutexLock lock(&mu_);
+    view_complete_.clear();
+  }
+  live_last_round_ = live;
+  if (lost.empty()) return;
+  std::vector<Work> repairs;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = placements_.begin(); it != placements_.end();) {
+      const auto& [job, rank, step] = it->first;
+      auto known = known_.find(job);
+      const bool committed_here =
+          known != known_.end() && known->second.committed.step == step;
+      bool touched = false;
+      for (const std::string& node : it->second) touched = touched || lost.count(node) > 0;
+      if (touched && committed_here) {
+        Work w{job, rank, step, 0, 0, /*repair=*/true};
+        repairs.push_back(w);
+        queue_.push_back(w);
+      }
+      // Placements of steps no longer sealed here are forgotten.
+      const bool newer_commit = known != known_.end() && known->second.committed.step > step;
+      it = newer_commit ? placements_.erase(it) : std::next(it);
+    }
+  }
+  for (const Work& w : repairs) {
+    Logger("protection")->warn("job '{}' rank {} step {}: a holder of its fragments was lost ({}); "
+                               "protecting the committed step again on the live members",
+                               w.job_id, w.rank, w.step, absl::StrJoin(lost, ","));
+  }
+}
+
+absl::Status ClusterCoordination::EnsureCoordinatorView(const std::string& job_id,
+                                                        uint64_t reported_epoch) {
+  absl::MutexLock gathering(&view_mu_);  // one gathering at a time; later askers find it done
+  {
+    absl::MutexLock lock(&mu_);
+    if (view_complete_.count(job_id) > 0) return absl::OkStatus();
+  }
+  // Every live member: a coordinator that just started or took over knows nothing of who holds
+  // the job, and a node that knows a newer epoch or commit may hold none of its shards.
+  absl::StatusOr<std::vector<JobListing>> listings =
+      ListNodes(job_id, {}, /*require_complete=*/true);
+  if (!listings.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "the coordinator of job '", job_id, "' is gathering the job's state from the live "
+        "members and cannot act on reports yet: ", listings.status().message()));
+  }
+  for (const JobListing& l : *listings) coordinator_.Learn(job_id, l.committed, l.epoch);
+  Logger("coordinator")->info("job '{}': coordinating, after learning its state from {} live "
+                              "members (epoch {}, reported epoch {})",
+                              job_id, listings->size(), coordinator_.State(job_id).epoch,
+                              reported_epoch);
+  absl::MutexLock lock(&mu_);
+  view_complete_.insert(job_id);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobState> ClusterCoordination::OnReport(const NodeIdentity& from,
+                                                       const ProtectedReport& report) {
+  TESSERA_RETURN_IF_ERROR(EnsureCoordinatorView(report.job_id, report.epoch));
+  if (report.step < 0) {
+    // A restarted owner asks for the job's state: it sealed in report.epoch, so that epoch was
+    // handed out.
+    coordinator_.Learn(report.job_id, CommitRecord(), report.epoch);
+    return coordinator_.State(report.job_id);
+  }
+  ProtectedReport checked = report;
+  checked.owner = from.node_id;
+  JobCoordinator::Outcome outcome = coordinator_.Report(checked);
+  if (outcome.committed_now) {
+    absl::MutexLock lock(&mu_);
+    ++stats_.commits;
+  }
+  if (!outcome.push_to.empty()) {
+    if (!outcome.committed_now) {
+      absl::MutexLock lock(&mu_);
+      stats_.dead_steps += outcome.state.dead_steps.size();
+    }
+    PushTo(outcome.push_to, outcome.state);
+  }
+  return outcome.state;
+}
+
+absl::Status ClusterCoordination::OnPush(const NodeIdentity& /*from*/, const JobState& state) {
+  ApplyJobState(state);
+  return absl::OkStatus();
+}
+
+ClusterCoordination::Stats ClusterCoordination::stats() const {
+  Stats out;
+  {
+    absl::MutexLock lock(&mu_);
+    out = stats_;
+  }
+  out.jobs_coordinated = coordinator_.jobs();
+  return out;
+}
+
+}  // namespace tessera

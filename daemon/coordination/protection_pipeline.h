@@ -1,0 +1,210 @@
+// Cross-node protection and the per-job commit and restore protocol of a daemon that has peers
+// (docs/PROTOCOL.md). ClusterCoordination replaces the standalone Coordination when
+// peer.listen_address is set. It plays three roles:
+//   - Owner. OnSealed queues (job, rank, step) for protection. A worker pins the sealed slot,
+//     places its k+m fragments on live members (PlaceFragments) and sends them with PutFragment
+//     in parallel: the data fragments at once, as views of the payload (only a padded last one is
+//     copied); meanwhile the parity is encoded on several threads and each parity fragment is
+//     sent once complete. Then it unpins and marks the slot PROTECTED. The scratch for parity
+//     and the padded fragment is kept for the next shard. A failed send is retried in the
+//     background with backoff (counted and logged); it never blocks a snapshot.
+//     Each protected shard is reported to the job's coordinator (ReportProtected), and re-reported
+//     every report_interval_ms until the step is committed, dead or void; every reply carries the
+//     job's state (epoch, commit, dead steps), which releases older slots and fragments here.
+//     When a member dies, committed shards whose fragments it held are protected again on the
+//     new membership, so health returns without waiting for a new commit.
+//   - Coordinator (of the jobs whose rendezvous hash picks this daemon): a JobCoordinator over
+//     the reports; a commit is pushed to the job's nodes only. ResolveRestore answers the restore
+//     point from a complete view of the job's nodes (ListJob), or kUnavailable.
+//   - Node of a job: PushJobState releases what a commit or a dead step makes useless, and
+//     ListJob says what is held here.
+// PrepareRestore makes a shard that is not local (or whose local copy fails its CRC32C, or is of
+// another history than the restore point) readable here: copied whole from the node that holds
+// it, or rebuilt from k fragments (a corrupt one is excluded and the plan redone), checked
+// against the committed CRC32C, in a new segment file of this daemon's directory, charged to the
+// FragmentStore's capacity budget until a newer commit deletes it.
+//
+// Thread-safe.
+#ifndef TESSERA_DAEMON_COORDINATION_PROTECTION_PIPELINE_H_
+#define TESSERA_DAEMON_COORDINATION_PROTECTION_PIPELINE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "common/segment.h"
+#include "daemon/coordination/coordination.h"
+#include "daemon/coordination/job_coordinator.h"
+#include "daemon/coordination/messages.h"
+#include "daemon/coordination/service.h"
+#include "daemon/membership/cluster.h"
+#include "daemon/store/fragment_store.h"
+#include "daemon/store/snapshot_store.h"
+#include "daemon/transfer/peer_client.h"
+
+namespace tessera {
+
+class ClusterCoordination final : public Coordination, public CoordinationHandler {
+ public:
+  struct Options {
+    int k = 3;
+    int m = 2;
+    int64_t report_interval_ms = 500;  // re-sending reports, asking for a restarted job's state
+    int64_t retry_backoff_ms = 200;    // first retry of a failed protection; doubles to 5 s
+  };
+  // None is owned; all must outlive this object.
+  ClusterCoordination(SnapshotStore* store, FragmentStore* fragments, Cluster* cluster,
+                      PeerClient* client, CoordinationClient* coordination_client,
+                      Options options);
+  ~ClusterCoordination() override;
+
+  // Starts the protection worker, the reporter and the pusher, first queueing every sealed shard
+  // held (after a restart they may not be protected). Stop() ends them (queued work is dropped);
+  // idempotent.
+  void Start();
+  void Stop();
+
+  void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
+                const SnapshotStore::SealResult& sealed) override;
+  absl::StatusOr<int64_t> FindLatestRestorable(
+      const std::string& job_id, uint32_t world_size_hint = 0,
+      std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0) override;
+  absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
+                                                            uint32_t rank, int64_t step) override;
+
+  // CoordinationHandler (the Coordination service's calls).
+  absl::StatusOr<JobState> OnReport(const NodeIdentity& from,
+                                    const ProtectedReport& report) override;
+  absl::Status OnPush(const NodeIdentity& from, const JobState& state) override;
+  absl::StatusOr<ResolveAnswer> OnResolve(const NodeIdentity& from,
+                                          const ResolveQuestion& question) override;
+  absl::StatusOr<JobListing> OnListJob(const NodeIdentity& from,
+                                       const std::string& job_id) override;
+
+  struct Stats {
+    uint64_t protected_shards = 0;
+    uint64_t protection_failures = 0;  // attempts that failed and were retried
+    uint64_t commits = 0;              // decided here as coordinator
+    uint64_t commits_learned = 0;      // newer commits learned as a node of a job
+    uint64_t reports_sent = 0;
+    uint64_t report_failures = 0;
+    uint64_t pushes_failed = 0;
+    uint64_t dead_steps = 0;           // found by this coordinator
+    uint64_t fragments_dropped = 0;    // released by commits and dead steps
+    uint64_t repairs = 0;              // committed shards protected again after a member died
+    uint64_t rebuilt_shards = 0;
+    uint64_t copied_shards = 0;
+    uint64_t jobs_coordinated = 0;
+  };
+  Stats stats() const;
+
+ private:
+  struct Work {
+    std::string job_id;
+    uint32_t rank = 0;
+    int64_t step = 0;
+    int attempts = 0;
+    int64_t not_before_ms = 0;
+    bool repair = false;
+  };
+  using ShardKey = std::tuple<std::string, uint32_t, int64_t>;  // (job, rank, step)
+
+  void Run();
+  void ReportLoop();
+  void PushLoop();
+  // OK: protected (or superseded: nothing to do). An error: retry later.
+  absl::Status Protect(const Work& work);
+  // `work`'s shard has all its fragments on `holders` (none: no other member exists): marks it
+  // protected and queues its report.
+  void Protected(const Work& work, const SnapshotStore::PinnedShard& shard,
+                 std::vector<std::string> holders);
+  uint8_t* Scratch(size_t bytes);
+  static int EncodeThreads();
+
+  NodeIdentity Self() const;
+  // The job's coordinator's node id and address in this daemon's view.
+  absl::StatusOr<std::pair<std::string, std::string>> CoordinatorOf(const std::string& job_id);
+  // Sends the job's pending reports (or a state query) to its coordinator.
+  void ReportJob(const std::string& job_id);
+  // Adopts what a coordinator says: epoch, commit, dead steps. Releases slots and fragments.
+  void ApplyJobState(const JobState& state);
+  // Queues `state` for the given nodes (this daemon's own share is applied at once).
+  void PushTo(const std::vector<std::string>& nodes, const JobState& state);
+  // Members that died since the last round: queue repairs of the committed shards they held.
+  void RepairAfterLosses();
+
+  absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
+  JobListing LocalListing(const std::string& job_id) const;
+  // What the given nodes (all live members when empty) hold of the job. With require_complete,
+  // kUnavailable names a live node that did not answer; otherwise such a node is passed over.
+  // `not_live`, when set, is increased by the given nodes that are not live (not asked).
+  absl::StatusOr<std::vector<JobListing>> ListNodes(const std::string& job_id,
+                                                    std::vector<std::string> nodes,
+                                                    bool require_complete,
+                                                    size_t* not_live = nullptr);
+  // Before a restore is answered, every live node in `nodes` learns the job's epoch and commit
+  // (docs/PROTOCOL.md, Restore): kUnavailable names those that did not take it.
+  absl::Status TellJobNodes(const std::string& job_id, const std::set<std::string>& nodes,
+                            uint64_t epoch, const CommitRecord& point);
+  // A coordinator acts on a job's reports only once it has learned the job's epoch and commit
+  // from a complete view of the live members (after it starts, or the membership changes).
+  absl::Status EnsureCoordinatorView(const std::string& job_id, uint64_t reported_epoch);
+  // skip_local_shard: this daemon's own shard of (rank, step) is damaged or of another history.
+  absl::StatusOr<SnapshotStore::RestoreInfo> MakeLocal(const std::string& job_id, uint32_t rank,
+                                                       int64_t step,
+                                                       std::optional<uint32_t> expected_crc,
+                                                       bool skip_local_shard);
+  void DeleteRestoredOlderThan(const std::string& job_id, int64_t step);
+
+  FragmentStore* const fragments_;
+  Cluster* const cluster_;
+  PeerClient* const client_;
+  CoordinationClient* const coordination_client_;
+  const Options options_;
+  JobCoordinator coordinator_;
+
+  mutable absl::Mutex mu_;
+  std::deque<Work> queue_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Protected shards not yet known committed, dead or void, by job: re-reported until they are.
+  std::map<std::string, std::map<std::pair<uint32_t, int64_t>, ProtectedReport>> pending_
+      ABSL_GUARDED_BY(mu_);
+  bool report_now_ ABSL_GUARDED_BY(mu_) = false;
+  // Where the fragments of each shard protected here went (for repairs after a loss).
+  std::map<ShardKey, std::vector<std::string>> placements_ ABSL_GUARDED_BY(mu_);
+  // Newest state learned per job (commit records answer restores and listings).
+  std::map<std::string, JobState> known_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex view_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // held while a coordinator gathers a view
+  // Jobs whose complete view this coordinator has gathered since the membership last changed.
+  std::set<std::string> view_complete_ ABSL_GUARDED_BY(mu_);
+  // (epoch, committed step) every node of the job was last told before a restore answer.
+  std::map<std::string, std::pair<uint64_t, int64_t>> told_ ABSL_GUARDED_BY(mu_);
+  // The restore point each job resolved here (PrepareRestore checks against its CRCs).
+  std::map<std::string, CommitRecord> restore_points_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<std::string, JobState>> pushes_ ABSL_GUARDED_BY(mu_);  // (node, state)
+  std::set<std::string> live_last_round_;  // reporter thread only
+  std::thread worker_;
+  std::thread reporter_;
+  std::thread pusher_;
+  std::unique_ptr<uint8_t[]> scratch_;  // worker thread only
+  size_t scratch_bytes_ = 0;
+
+  absl::Mutex restore_mu_;  // one restore at a time; guards restored_
+  std::map<ShardKey, std::pair<std::unique_ptr<Segment>, SnapshotStore::RestoreInfo>> restored_
+      ABSL_GUARDED_BY(restore_mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_COORDINATION_PROTECTION_PIPELINE_H_

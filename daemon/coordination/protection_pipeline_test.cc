@@ -1,0 +1,508 @@
+// ClusterCoordination over FakePeerClient: this daemon ("a") with a real SnapshotStore and
+// FragmentStore in /dev/shm, its peers as in-process FragmentStores. Shards are random bytes with a
+// manifest, as the agent writes them; every comparison is bit-exact.
+#include "daemon/coordination/protection_pipeline.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/crc32c.h"
+#include "ec/erasure_codec.h"
+#include "gtest/gtest.h"
+#include "proto/manifest.pb.h"
+
+namespace tessera {
+namespace {
+
+constexpr char kJob[] = "pp-job";
+
+template <typename F>
+bool Eventually(F done, absl::Duration timeout = absl::Seconds(10)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return done();
+}
+
+EntrySpec Tensor(const std::string& name, uint64_t bytes) {
+  EntrySpec e;
+  e.set_name(name);
+  e.set_dtype("uint8");
+  e.add_shape(static_cast<int64_t>(bytes));
+  e.set_nbytes(bytes);
+  e.set_kind(ENTRY_KIND_TENSOR);
+  return e;
+}
+
+struct PeerNode {
+  std::string id;
+  std::unique_ptr<CapacityBudget> budget;
+  std::unique_ptr<FragmentStore> fragments;
+};
+
+// The coordination calls of a cluster whose only full daemon is the one under test: it plays the
+// coordinator of every job, and the peers answer listings from their fragment stores.
+class RoutingCoordinationClient final : public CoordinationClient {
+ public:
+  void Set(ClusterCoordination* coordination, std::vector<PeerNode>* peers) {
+    coordination_ = coordination;
+    peers_ = peers;
+  }
+  absl::StatusOr<JobState> Report(const std::string&, const ProtectedReport& report) override {
+    return coordination_->OnReport(NodeIdentity{"a", 100}, report);
+  }
+  absl::Status Push(const std::string&, const JobState&) override {
+    ++pushes;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<ResolveAnswer> Resolve(const std::string&,
+                                        const ResolveQuestion& question) override {
+    return coordination_->OnResolve(NodeIdentity{"a", 100}, question);
+  }
+  absl::StatusOr<JobListing> ListJob(const std::string& address,
+                                     const std::string& job_id) override {
+    for (PeerNode& p : *peers_) {
+      if (p.id + ":1" != address) continue;
+      JobListing listing;
+      listing.node = NodeIdentity{p.id, 1};
+      for (const FragmentStatus& f : p.fragments->List(job_id)) {
+        if (f.state != SegmentState::kSealed) continue;
+        listing.fragments.push_back({p.id, f.key.rank, f.key.step, 0, f.key.fragment_index,
+                                     f.meta.ec_k, f.meta.ec_m, f.meta.shard_bytes,
+                                     f.meta.shard_crc32c});
+      }
+      return listing;
+    }
+    return absl::UnavailableError("no such peer " + address);
+  }
+  std::atomic<int> pushes{0};
+
+ private:
+  ClusterCoordination* coordination_ = nullptr;
+  std::vector<PeerNode>* peers_ = nullptr;
+};
+
+class ProtectionPipelineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/dev/shm/tessera-pp-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+    seed_ = std::random_device{}();
+    if (const char* env = std::getenv("TESSERA_TEST_SEED")) seed_ = std::strtoull(env, nullptr, 10);
+    rng_.seed(seed_);
+    std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
+                static_cast<unsigned long long>(seed_));
+  }
+
+  void TearDown() override {
+    if (coordination_) coordination_->Stop();
+    coordination_.reset();
+    if (cluster_) cluster_->Stop();
+    cluster_.reset();
+    fragments_.reset();
+    store_.reset();
+    peers_.clear();
+    std::filesystem::remove_all(root_);
+  }
+
+  // This daemon "a" and `peers` peers "b", "c", ..., with RS(k, m) configured. Returns once
+  // every peer is live.
+  void StartCluster(int peers, int k, int m, uint64_t capacity_bytes = 256 << 20) {
+    std::vector<std::string> members = {"a:1"};
+    for (int i = 0; i < peers; ++i) {
+      PeerNode p;
+      p.id = std::string(1, static_cast<char>('b' + i));
+      p.budget = std::make_unique<CapacityBudget>(uint64_t{256} << 20);
+      FragmentStore::Options fo;
+      fo.directory = root_ + "/" + p.id;
+      fo.budget = p.budget.get();
+      fo.prefault = false;
+      auto store = FragmentStore::Open(fo);
+      ASSERT_TRUE(store.ok()) << store.status();
+      p.fragments = std::move(*store);
+      FakePeerClient::Peer fake;
+      fake.fragments = p.fragments.get();
+      fake.self = MemberInfo{p.id, 1, p.id + ":1"};
+      client_.AddPeer(p.id + ":1", fake);
+      members.push_back(p.id + ":1");
+      peers_.push_back(std::move(p));
+    }
+    SnapshotStore::Options so;
+    so.directory = root_ + "/a";
+    so.capacity_bytes = 256 << 20;
+    so.crc_threads = 2;
+    so.process_alive = [](pid_t, uint64_t) { return true; };
+    so.clustered = true;
+    auto store = SnapshotStore::Open(so);
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+    budget_ = std::make_unique<CapacityBudget>(capacity_bytes);
+    FragmentStore::Options fo;
+    fo.directory = root_ + "/a";
+    fo.budget = budget_.get();
+    fo.prefault = false;
+    auto fragments = FragmentStore::Open(fo);
+    ASSERT_TRUE(fragments.ok()) << fragments.status();
+    fragments_ = std::move(*fragments);
+
+    Cluster::Options co;
+    co.self_id = "a";
+    co.self_address = "a:1";
+    co.incarnation = 100;
+    co.members = members;
+    co.heartbeat_ms = 10;
+    co.timeout_ms = 2000;
+    cluster_ = std::make_unique<Cluster>(co, &client_);
+    cluster_->Start();
+    ASSERT_TRUE(Eventually([&] {
+      return cluster_->LiveNodeIds().size() == static_cast<size_t>(peers) + 1;
+    }));
+    ClusterCoordination::Options options;
+    options.k = k;
+    options.m = m;
+    options.report_interval_ms = 50;
+    options.retry_backoff_ms = 20;
+    coordination_ = std::make_unique<ClusterCoordination>(
+        store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
+    coordination_client_.Set(coordination_.get(), &peers_);
+    coordination_->Start();
+  }
+
+  // A shard payload as the agent writes it: `data_bytes` random bytes, then at the next 4 KiB
+  // boundary the manifest naming (job, rank, step).
+  std::vector<uint8_t> MakeShard(uint32_t rank, int64_t step, uint64_t data_bytes) {
+    ShardManifest manifest;
+    manifest.set_layout_version(kSegmentLayoutVersion);
+    manifest.set_job_id(kJob);
+    manifest.set_rank(rank);
+    manifest.set_world_size(world_);
+    manifest.set_step(step);
+    manifest.set_data_bytes(data_bytes);
+    ManifestEntry* e = manifest.add_entries();
+    *e->mutable_spec() = Tensor("t", data_bytes);
+    e->set_offset(0);
+    e->set_length(data_bytes);
+    const std::string serialized = manifest.SerializeAsString();
+    const uint64_t manifest_offset = (data_bytes + 4095) / 4096 * 4096;
+    std::vector<uint8_t> shard(manifest_offset + serialized.size(), 0);
+    for (uint64_t i = 0; i < data_bytes; ++i) shard[i] = static_cast<uint8_t>(rng_());
+    std::memcpy(shard.data() + manifest_offset, serialized.data(), serialized.size());
+    return shard;
+  }
+
+  // Registers (rank) on this daemon's store and seals `step` with random data, as the agent and
+  // the agent service do; tells the coordination. Returns the payload sealed.
+  std::vector<uint8_t> SealHere(uint32_t rank, int64_t step, uint64_t data_bytes) {
+    const Caller caller{getuid(), getgid(), 1000 + static_cast<pid_t>(rank)};
+    auto reg = store_->Register(kJob, rank, world_, {Tensor("t", data_bytes)}, caller);
+    EXPECT_TRUE(reg.ok()) << reg.status();
+    if (!reg.ok()) return {};
+    auto slot = store_->BeginSnapshot(kJob, rank, step, caller);
+    EXPECT_TRUE(slot.ok()) << slot.status();
+    if (!slot.ok()) return {};
+    auto segment = Segment::Open(reg->slot_paths[*slot], /*writable=*/true);
+    EXPECT_TRUE(segment.ok()) << segment.status();
+    std::vector<uint8_t> shard = MakeShard(rank, step, data_bytes);
+    EXPECT_EQ(reg->layout.manifest_offset, (data_bytes + 4095) / 4096 * 4096);
+    std::memcpy((*segment)->payload(), shard.data(), shard.size());
+    auto sealed = store_->SealSnapshot(kJob, rank, step, shard.size() - reg->layout.manifest_offset,
+                                       caller);
+    EXPECT_TRUE(sealed.ok()) << sealed.status();
+    if (!sealed.ok()) return {};
+    shard.resize(sealed->payload_bytes);
+    EXPECT_EQ(sealed->payload_crc32c, Crc32c(shard.data(), shard.size()));
+    coordination_->OnSealed(kJob, rank, step, *sealed);
+    return shard;
+  }
+
+  // Encodes `shard` of (rank, step) with RS(k, m) as another node (owner incarnation 7) would,
+  // and puts fragment i on peers_[i]. Returns the fragments.
+  std::vector<std::vector<uint8_t>> ProtectElsewhere(const std::vector<uint8_t>& shard,
+                                                     uint32_t rank, int64_t step, int k, int m) {
+    auto codec = ErasureCodec::Create(k, m);
+    EXPECT_TRUE(codec.ok());
+    const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard.size(), k);
+    std::vector<std::vector<uint8_t>> fragments(k + m, std::vector<uint8_t>(fragment_bytes));
+    std::vector<uint8_t*> data, parity;
+    for (int i = 0; i < k; ++i) data.push_back(fragments[i].data());
+    for (int i = 0; i < m; ++i) parity.push_back(fragments[k + i].data());
+    EXPECT_TRUE(codec->SplitShard(shard.data(), shard.size(), data.data(), fragment_bytes).ok());
+    std::vector<const uint8_t*> const_data(data.begin(), data.end());
+    EXPECT_TRUE(codec->Encode(const_data.data(), parity.data(), fragment_bytes).ok());
+    FragmentMeta meta;
+    meta.owner_incarnation = 7;
+    meta.ec_k = k;
+    meta.ec_m = m;
+    meta.fragment_bytes = fragment_bytes;
+    meta.shard_bytes = shard.size();
+    meta.shard_crc32c = Crc32c(shard.data(), shard.size());
+    ProtectedReport report;
+    report.job_id = kJob;
+    report.world_size = world_;
+    report.rank = rank;
+    report.step = step;
+    report.previous_step = kUnknownStep;
+    report.shard_crc32c = meta.shard_crc32c;
+    report.shard_bytes = meta.shard_bytes;
+    for (int i = 0; i < k + m; ++i) {
+      FragmentKey key{kJob, rank, step, static_cast<uint32_t>(i)};
+      auto put = client_.PutFragment(peers_[i].id + ":1", key, meta, fragments[i].data(),
+                                     fragment_bytes);
+      EXPECT_TRUE(put.ok()) << put.status();
+      report.holders.push_back(peers_[i].id);
+    }
+    // The other owner ("z") reports its protected shard to the job's coordinator (this daemon).
+    EXPECT_TRUE(coordination_->OnReport(NodeIdentity{"z", 7}, report).ok());
+    return fragments;
+  }
+
+  // The sealed fragments of (rank, step) held by the peers, by index.
+  std::map<uint32_t, FragmentStatus> HeldByPeers(uint32_t rank, int64_t step) {
+    std::map<uint32_t, FragmentStatus> held;
+    for (auto& p : peers_) {
+      for (const FragmentStatus& f : p.fragments->List(kJob)) {
+        if (f.key.rank == rank && f.key.step == step && f.state == SegmentState::kSealed) {
+          held[f.key.fragment_index] = f;
+        }
+      }
+    }
+    return held;
+  }
+
+  std::vector<uint8_t> ReadRestored(const SnapshotStore::RestoreInfo& info) {
+    auto segment = Segment::Open(info.segment_path, /*writable=*/false);
+    EXPECT_TRUE(segment.ok()) << segment.status();
+    if (!segment.ok()) return {};
+    return std::vector<uint8_t>((*segment)->payload(), (*segment)->payload() + info.payload_bytes);
+  }
+
+  std::string root_;
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+  uint32_t world_ = 2;
+  FakePeerClient client_{FakePeerClient::Options{absl::Milliseconds(200)}};
+  RoutingCoordinationClient coordination_client_;
+  std::vector<PeerNode> peers_;
+  std::unique_ptr<SnapshotStore> store_;
+  std::unique_ptr<CapacityBudget> budget_;
+  std::unique_ptr<FragmentStore> fragments_;
+  std::unique_ptr<Cluster> cluster_;
+  std::unique_ptr<ClusterCoordination> coordination_;
+};
+
+// A step is committed only once every rank's owner reported it protected (all k + m fragments
+// stored): rank 0 is protected by this daemon, rank 1 by another owner; a peer that refuses
+// fragments holds the commit back until it takes them.
+TEST_F(ProtectionPipelineTest, CommitsFromTheHoldingsOfEveryRank) {
+  StartCluster(5, 3, 2);
+  ProtectElsewhere(MakeShard(1, 4, 200000 + rng_() % 5000), 1, 4, 3, 2);
+  client_.InjectFault("d:1", FakePeerClient::Method::kPutFragment,
+                      FakePeerClient::Fault{FakePeerClient::Fault::Kind::kFail,
+                                            absl::UnavailableError("injected"), absl::ZeroDuration(),
+                                            -1});
+  const std::vector<uint8_t> shard0 = SealHere(0, 4, 300000 + rng_() % 5000);
+  ASSERT_TRUE(Eventually([&] { return coordination_->stats().protection_failures >= 2; }));
+  EXPECT_EQ(store_->committed(kJob), -1) << "committed with a fragment missing";
+  EXPECT_LT(HeldByPeers(0, 4).size(), 5u);
+
+  client_.ClearFaults();
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 4; }))
+      << "committed " << store_->committed(kJob);
+  EXPECT_GE(coordination_->stats().protected_shards, 1u);
+  EXPECT_GE(coordination_->stats().commits, 1u);
+  // Rank 0's fragments: RS(3, 2) on five distinct peers, none on this daemon (its owner), and
+  // the data fragments are the shard's bytes.
+  const auto held = HeldByPeers(0, 4);
+  ASSERT_EQ(held.size(), 5u);
+  const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard0.size(), 3);
+  for (const auto& [index, status] : held) {
+    EXPECT_EQ(status.meta.ec_k, 3u);
+    EXPECT_EQ(status.meta.ec_m, 2u);
+    EXPECT_EQ(status.meta.shard_bytes, shard0.size());
+    EXPECT_EQ(status.meta.shard_crc32c, Crc32c(shard0.data(), shard0.size()));
+    EXPECT_EQ(status.meta.owner_incarnation, 100u);
+  }
+  EXPECT_TRUE(fragments_->List(kJob).empty());
+  for (auto& p : peers_) {
+    for (const FragmentStatus& f : p.fragments->List(kJob)) {
+      if (f.key.rank != 0 || f.key.fragment_index >= 3) continue;
+      auto view = p.fragments->Get(f.key);
+      ASSERT_TRUE(view.ok());
+      const size_t begin = f.key.fragment_index * fragment_bytes;
+      const size_t n = std::min(fragment_bytes, shard0.size() - begin);
+      EXPECT_EQ(std::memcmp(view->data(), shard0.data() + begin, n), 0)
+          << "fragment " << f.key.fragment_index << " on " << p.id;
+    }
+  }
+  EXPECT_EQ(*coordination_->FindLatestRestorable(kJob), 4);
+
+  // The next step committed releases the older one here.
+  SealHere(0, 8, 300000);
+  ProtectElsewhere(MakeShard(1, 8, 200000), 1, 8, 3, 2);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 8; }));
+  for (const auto& v : store_->ListVersions(kJob)) {
+    EXPECT_FALSE(v.step == 4 && v.state == SegmentState::kSealed) << "step 4 kept after 8";
+  }
+}
+
+// With fewer members than k + m + 1, k shrinks: three peers under RS(3, 2) hold RS(1, 2), and the
+// step is still committed and restorable.
+TEST_F(ProtectionPipelineTest, FewMembersShrinkK) {
+  world_ = 1;
+  StartCluster(3, 3, 2);
+  const std::vector<uint8_t> shard = SealHere(0, 2, 100000 + rng_() % 7000);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 2; }));
+  const auto held = HeldByPeers(0, 2);
+  ASSERT_EQ(held.size(), 3u);
+  std::set<std::string> nodes;
+  for (const auto& [index, status] : held) {
+    EXPECT_EQ(status.meta.ec_k, 1u) << "fragment " << index;
+    EXPECT_EQ(status.meta.ec_m, 2u) << "fragment " << index;
+    EXPECT_EQ(status.meta.fragment_bytes, ErasureCodec::FragmentBytes(shard.size(), 1));
+  }
+  for (auto& p : peers_) EXPECT_EQ(p.fragments->List(kJob).size(), 1u) << p.id;
+  // RS(1, 2) is replication: each fragment is the whole shard, padded.
+  for (auto& p : peers_) {
+    auto view = p.fragments->Get(p.fragments->List(kJob)[0].key);
+    ASSERT_TRUE(view.ok());
+    if (p.fragments->List(kJob)[0].key.fragment_index == 0) {
+      EXPECT_EQ(std::memcmp(view->data(), shard.data(), shard.size()), 0);
+    }
+  }
+}
+
+// Every fragment a protection sent, parity included, equals a reference encode of the shard,
+// bit for bit: a shard large enough for the parity to be encoded on several threads while the
+// data fragments are sent, then a smaller one through the same (reused, unzeroed) scratch.
+TEST_F(ProtectionPipelineTest, ProtectedFragmentsEqualAReferenceEncode) {
+  StartCluster(5, 3, 2);
+  const uint64_t sizes[] = {(uint64_t{30} << 20) + rng_() % 100000, 100000 + rng_() % 9000};
+  int64_t step = 2;
+  for (const uint64_t data_bytes : sizes) {
+    SCOPED_TRACE(absl::StrCat("data_bytes=", data_bytes, " step=", step));
+    const std::vector<uint8_t> shard = SealHere(0, step, data_bytes);
+    ProtectElsewhere(MakeShard(1, step, 1000), 1, step, 3, 2);
+    ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, step).size() == 5; }));
+    auto codec = ErasureCodec::Create(3, 2);
+    ASSERT_TRUE(codec.ok());
+    const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard.size(), 3);
+    std::vector<std::vector<uint8_t>> expected(5, std::vector<uint8_t>(fragment_bytes));
+    std::vector<uint8_t*> data = {expected[0].data(), expected[1].data(), expected[2].data()};
+    std::vector<uint8_t*> parity = {expected[3].data(), expected[4].data()};
+    ASSERT_TRUE(codec->SplitShard(shard.data(), shard.size(), data.data(), fragment_bytes).ok());
+    std::vector<const uint8_t*> const_data(data.begin(), data.end());
+    ASSERT_TRUE(codec->Encode(const_data.data(), parity.data(), fragment_bytes).ok());
+    int checked = 0;
+    for (auto& p : peers_) {
+      for (const FragmentStatus& f : p.fragments->List(kJob)) {
+        if (f.key.rank != 0 || f.key.step != step) continue;
+        auto view = p.fragments->Get(f.key);
+        ASSERT_TRUE(view.ok()) << view.status();
+        ASSERT_EQ(view->size(), fragment_bytes);
+        EXPECT_EQ(std::memcmp(view->data(), expected[f.key.fragment_index].data(), fragment_bytes),
+                  0)
+            << "fragment " << f.key.fragment_index << " on " << p.id;
+        ++checked;
+      }
+    }
+    EXPECT_EQ(checked, 5);
+    step += 2;
+  }
+}
+
+// A shard that is not here is rebuilt from k fragments; a fragment with a flipped byte is
+// detected by its CRC32C, counted as an erasure, and the rebuild goes around it. The rebuilt
+// segment is charged to the capacity budget and released on the next commit.
+TEST_F(ProtectionPipelineTest, RebuildsAroundACorruptFragmentAndChargesTheBudget) {
+  StartCluster(5, 3, 2);
+  const int64_t step = 6;
+  const std::vector<uint8_t> shard1 = MakeShard(1, step, 500000 + rng_() % 9000);
+  ProtectElsewhere(shard1, 1, step, 3, 2);
+  ProtectElsewhere(MakeShard(0, step, 1000), 0, step, 3, 2);
+
+  // Flip one byte of data fragment 0 (the first a rebuild reads) in its segment file.
+  const auto held = HeldByPeers(1, step);
+  ASSERT_EQ(held.size(), 5u);
+  auto view = peers_[0].fragments->Get(FragmentKey{kJob, 1, step, 0});
+  ASSERT_TRUE(view.ok());
+  const std::string path = view->path();
+  view = absl::UnavailableError("released");
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    const std::streamoff at = kSegmentHeaderBytes + static_cast<std::streamoff>(rng_() % 1000);
+    f.seekg(at);
+    char byte = 0;
+    f.read(&byte, 1);
+    byte = static_cast<char>(byte ^ 0x20);
+    f.seekp(at);
+    f.write(&byte, 1);
+    ASSERT_TRUE(f.good());
+  }
+
+  EXPECT_EQ(*coordination_->FindLatestRestorable(kJob), step);
+  const uint64_t used_before = budget_->used_bytes();
+  auto info = coordination_->PrepareRestore(kJob, 1, step);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->step, step);
+  EXPECT_EQ(info->payload_bytes, shard1.size());
+  EXPECT_EQ(info->payload_crc32c, Crc32c(shard1.data(), shard1.size()));
+  EXPECT_TRUE(ReadRestored(*info) == shard1) << "the rebuilt shard differs";
+  EXPECT_EQ(coordination_->stats().rebuilt_shards, 1u);
+  // The segment holds the k data fragments in place, their padding included.
+  EXPECT_EQ(budget_->used_bytes(),
+            used_before + kSegmentHeaderBytes + 3 * ErasureCodec::FragmentBytes(shard1.size(), 3));
+  // Idempotent: the same segment again, nothing rebuilt twice.
+  auto again = coordination_->PrepareRestore(kJob, 1, step);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->segment_path, info->segment_path);
+  EXPECT_EQ(coordination_->stats().rebuilt_shards, 1u);
+  // The step restored is the job's restore point here.
+  EXPECT_EQ(store_->committed(kJob), step);
+
+  // A newer committed step ends the restore: the segment is deleted and its bytes released.
+  SealHere(0, step + 1, 1000);
+  ProtectElsewhere(MakeShard(1, step + 1, 1000), 1, step + 1, 3, 2);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == step + 1; }));
+  ASSERT_TRUE(Eventually([&] { return !std::filesystem::exists(info->segment_path); }));
+  EXPECT_EQ(budget_->used_bytes(), used_before);
+}
+
+// More than m fragments unreadable: a clear error naming the rank and step, and nothing charged.
+TEST_F(ProtectionPipelineTest, TooManyLostFragmentsIsAClearError) {
+  StartCluster(5, 3, 2);
+  ProtectElsewhere(MakeShard(1, 3, 70000), 1, 3, 3, 2);
+  for (int i : {0, 1, 2}) {
+    ASSERT_TRUE(peers_[i].fragments->DropFragment(FragmentKey{kJob, 1, 3, static_cast<uint32_t>(i)})
+                    .ok());
+  }
+  const uint64_t used_before = budget_->used_bytes();
+  auto info = coordination_->PrepareRestore(kJob, 1, 3);
+  ASSERT_FALSE(info.ok());
+  EXPECT_TRUE(absl::StrContains(info.status().message(), "rank 1 step 3")) << info.status();
+  EXPECT_EQ(budget_->used_bytes(), used_before);
+}
+
+// A restore that does not fit the capacity is refused with the numbers, before any byte moves.
+TEST_F(ProtectionPipelineTest, RestoreThatDoesNotFitIsRefused) {
+  StartCluster(5, 3, 2, /*capacity_bytes=*/64 << 10);
+  ProtectElsewhere(MakeShard(1, 3, 200000), 1, 3, 3, 2);
+  auto info = coordination_->PrepareRestore(kJob, 1, 3);
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kResourceExhausted) << info.status();
+  EXPECT_EQ(client_.calls("", FakePeerClient::Method::kGetFragment), 0);
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,467 @@
+#include "daemon/membership/cluster.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
+
+namespace tessera {
+namespace {
+
+// "host:port" for every address record of `name`, sorted; empty when it does not resolve.
+std::vector<std::string> ResolveDns(const std::string& name, int port) {
+  addrinfo hints = {};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* result = nullptr;
+  std::set<std::string> out;
+  if (getaddrinfo(name.c_str(), nullptr, &hints, &result) != 0) return {};
+  for (addrinfo* a = result; a != nullptr; a = a->ai_next) {
+    char host[INET6_ADDRSTRLEN] = {};
+    if (a->ai_family == AF_INET) {
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, host, sizeof(host));
+      out.insert(absl::StrCat(host, ":", port));
+    } else if (a->ai_family == AF_INET6) {
+      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, host,
+                sizeof(host));
+      out.insert(absl::StrCat("[", host, "]:", port));
+    }
+  }
+  freeaddrinfo(result);
+  return {out.begin(), out.end()};
+}
+
+// Swim's clock: monotonic milliseconds.
+int64_t MonoMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+HeartbeatMessage::Kind ToHeartbeatKind(SwimMessage::Kind kind) {
+  switch (kind) {
+    case SwimMessage::Kind::kPingReq:
+      return HeartbeatMessage::Kind::kPingReq;
+    case SwimMessage::Kind::kIndirectAck:
+      return HeartbeatMessage::Kind::kIndirectAck;
+    default:
+      return HeartbeatMessage::Kind::kProbe;
+  }
+}
+
+SwimMessage::Kind ToSwimKind(HeartbeatMessage::Kind kind) {
+  switch (kind) {
+    case HeartbeatMessage::Kind::kPingReq:
+      return SwimMessage::Kind::kPingReq;
+    case HeartbeatMessage::Kind::kIndirectAck:
+      return SwimMessage::Kind::kIndirectAck;
+    case HeartbeatMessage::Kind::kProbe:
+      break;
+  }
+  return SwimMessage::Kind::kProbe;
+}
+
+HeartbeatMessage ToHeartbeat(SwimMessage&& m) {
+  HeartbeatMessage h;
+  h.from = MemberInfo{std::move(m.from_id), m.from_incarnation, std::move(m.from_address)};
+  h.updates = std::move(m.updates);
+  h.sent_unix_ms = static_cast<uint64_t>(NowUnixMs());
+  h.kind = ToHeartbeatKind(m.kind);
+  h.seq = m.seq;
+  h.version = m.from_version;
+  h.probe_seq = m.probe_seq;
+  h.target = MemberInfo{std::move(m.target_id), m.target_incarnation,
+                        std::move(m.target_address)};
+  h.target_acked = m.target_acked;
+  h.known_members = m.known_members;
+  return h;
+}
+
+SwimMessage ToSwim(const HeartbeatMessage& h) {
+  SwimMessage m;
+  m.kind = ToSwimKind(h.kind);
+  m.seq = h.seq;
+  m.from_id = h.from.node_id;
+  m.from_incarnation = h.from.incarnation;
+  m.from_version = h.version;
+  m.from_address = h.from.address;
+  m.probe_seq = h.probe_seq;
+  m.target_id = h.target.node_id;
+  m.target_incarnation = h.target.incarnation;
+  m.target_address = h.target.address;
+  m.target_acked = h.target_acked;
+  m.known_members = h.known_members;
+  m.updates = h.updates;
+  return m;
+}
+
+SwimMessage ToSwim(HeartbeatReply&& r) {
+  SwimMessage m;
+  m.kind = SwimMessage::Kind::kAck;
+  m.from_id = std::move(r.peer.node_id);
+  m.from_incarnation = r.peer.incarnation;
+  m.from_version = r.version;
+  m.from_address = std::move(r.peer.address);
+  m.known_members = r.known_members;
+  m.updates = std::move(r.updates);
+  return m;
+}
+
+HeartbeatReply ToReply(SwimMessage&& m) {
+  HeartbeatReply r;
+  r.peer = MemberInfo{std::move(m.from_id), m.from_incarnation, std::move(m.from_address)};
+  r.updates = std::move(m.updates);
+  r.version = m.from_version;
+  r.known_members = m.known_members;
+  return r;
+}
+
+}  // namespace
+
+int64_t NowUnixMs() { return absl::ToUnixMillis(absl::Now()); }
+
+Swim::Options Cluster::SwimOptions(const Options& options) {
+  Swim::Options o;
+  o.self_id = options.self_id;
+  o.self_incarnation = options.incarnation;
+  o.self_address = options.self_address;
+  o.protocol_period_ms = options.heartbeat_ms;
+  o.probe_timeout_ms = std::max(options.heartbeat_ms, options.timeout_ms);
+  o.ack_timeout_ms = std::max<int64_t>(1, o.probe_timeout_ms / 2);
+  o.indirect_probes = options.indirect_probes;
+  o.suspicion_mult = options.suspicion_mult;
+  o.retransmit_mult = options.retransmit_mult;
+  o.max_updates_per_message = options.max_updates_per_message;
+  o.seed_probes_per_period = options.seed_probes_per_period;
+  // Determinism matters in simulations; here each daemon only needs its own sequence.
+  o.random_seed = options.incarnation ^ std::hash<std::string>()(options.self_id);
+  o.seeds = options.members;
+  return o;
+}
+
+Cluster::Cluster(Options options, PeerClient* client)
+    : options_(std::move(options)), client_(client) {
+  Swim::Options o = SwimOptions(options_);
+  o.send = [this](const std::string& address, SwimMessage&& message)
+                ABSL_NO_THREAD_SAFETY_ANALYSIS {  // Swim runs under mu_
+                  produced_.push_back(Outgoing{address, std::move(message)});
+                };
+  o.on_event = [this](const Swim::Event& e) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    events_.push_back(e);
+  };
+  if (absl::Status s = Swim::ValidateOptions(o); !s.ok() || options_.send_threads < 1) {
+    std::fprintf(stderr, "tesserad: invalid cluster options: %s\n",
+                 s.ok() ? "send_threads must be at least 1" : std::string(s.message()).c_str());
+    std::abort();
+  }
+  absl::MutexLock lock(&mu_);
+  swim_ = std::make_unique<Swim>(std::move(o));
+}
+
+Cluster::~Cluster() { Stop(); }
+
+void Cluster::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (started_ || stopping_) return;
+    started_ = true;
+  }
+  for (int i = 0; i < options_.send_threads; ++i) senders_.emplace_back([this] { SendLoop(); });
+  thread_ = std::thread([this] { Run(); });
+}
+
+void Cluster::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+  for (std::thread& t : senders_) t.join();
+  senders_.clear();
+}
+
+int64_t Cluster::UnixMsOf(int64_t mono_ms) const {
+  return mono_ms < 0 ? -1 : NowUnixMs() - (MonoMs() - mono_ms);
+}
+
+void Cluster::FlushLocked(int64_t now_ms) {
+  // Handing a message over may fail at once (the queue is full), and Swim's answer to that
+  // failure may be more messages: loop until none is left.
+  while (!produced_.empty()) {
+    std::vector<Outgoing> batch;
+    batch.swap(produced_);
+    for (Outgoing& out : batch) {
+      if (queue_.size() < options_.max_queued_sends) {
+        queue_.push_back(std::move(out));
+        continue;
+      }
+      ++sends_dropped_;
+      swim_->HandleFailure(now_ms, out.message.seq,
+                           absl::ResourceExhaustedError("the heartbeat send queue is full"));
+    }
+  }
+  planned_wake_ms_ = std::min(planned_wake_ms_, swim_->NextWakeMs());
+}
+
+void Cluster::Run() {
+  for (;;) {
+    const int64_t now = MonoMs();
+    bool period = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+      period = swim_->Tick(now);
+      planned_wake_ms_ = swim_->NextWakeMs();
+      FlushLocked(now);
+    }
+    Dispatch();
+    if (period) {
+      RefreshDns(now);
+      if (options_.after_round) options_.after_round();
+    }
+    absl::MutexLock lock(&mu_);
+    // Wakes early when a reply or a request brought a deadline forward.
+    auto woken = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stopping_ || planned_wake_ms_ <= MonoMs();
+    };
+    const int64_t wait_ms = std::max<int64_t>(0, planned_wake_ms_ - MonoMs());
+    mu_.AwaitWithTimeout(absl::Condition(&woken), absl::Milliseconds(wait_ms));
+  }
+}
+
+void Cluster::SendLoop() {
+  for (;;) {
+    Outgoing out;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](Cluster* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+            return c->stopping_ || !c->queue_.empty();
+          },
+          this));
+      if (stopping_) return;
+      out = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    const uint64_t seq = out.message.seq;
+    absl::StatusOr<HeartbeatReply> reply =
+        client_->Heartbeat(out.address, ToHeartbeat(std::move(out.message)));
+    {
+      absl::MutexLock lock(&mu_);
+      const int64_t now = MonoMs();
+      if (reply.ok()) {
+        if (reply->peer.address.empty()) reply->peer.address = out.address;
+        swim_->HandleReply(now, seq, ToSwim(*std::move(reply)));
+      } else {
+        ++sends_failed_;
+        swim_->HandleFailure(now, seq, reply.status());
+      }
+      FlushLocked(now);
+    }
+    Dispatch();
+  }
+}
+
+absl::StatusOr<HeartbeatReply> Cluster::OnHeartbeat(const HeartbeatMessage& message) {
+  absl::StatusOr<SwimMessage> reply;
+  {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = MonoMs();
+    reply = swim_->HandleRequest(now, ToSwim(message));
+    FlushLocked(now);
+  }
+  Dispatch();
+  if (!reply.ok()) return reply.status();
+  return ToReply(*std::move(reply));
+}
+
+void Cluster::Dispatch() {
+  absl::MutexLock order(&dispatch_mu_);
+  std::vector<Swim::Event> events;
+  {
+    absl::MutexLock lock(&mu_);
+    events.swap(events_);
+  }
+  for (const Swim::Event& e : events) Report(e);
+}
+
+void Cluster::Report(const Swim::Event& e) {
+  using Kind = Swim::Event::Kind;
+  auto log = Logger("cluster");
+  std::optional<bool> change;  // for on_change
+  switch (e.kind) {
+    case Kind::kJoined:
+      log->info("member {} at {} joined (incarnation {})", e.node_id, e.address, e.incarnation);
+      change = true;
+      break;
+    case Kind::kAlive:
+      log->info("member {} at {} is alive again: it refuted the {} (version {})", e.node_id,
+                e.address, e.previous == SwimState::kDead ? "death" : "suspicion", e.version);
+      if (e.previous == SwimState::kDead) change = true;
+      break;
+    case Kind::kSuspect:
+      log->warn("member {} at {} suspected: {}", e.node_id, e.address,
+                e.by_self ? "no answer to a direct or indirect probe"
+                          : "another member could not reach it");
+      break;
+    case Kind::kDead:
+      if (e.lost) {
+        log->warn("member {} at {} (incarnation {}) declared lost by an operator: dead until a "
+                  "new incarnation joins", e.node_id, e.address, e.incarnation);
+      } else {
+        log->warn("member {} at {} is dead: {}", e.node_id, e.address,
+                  e.by_self ? "suspected for the whole suspicion timeout without refuting"
+                            : "another member's suspicion of it timed out");
+      }
+      change = false;
+      break;
+    case Kind::kReplaced:
+      log->warn("member {} at {} restarted: incarnation {} -> {} ({}); incarnation {} is fenced",
+                e.node_id, e.address, e.other_incarnation, e.incarnation, SwimStateName(e.state),
+                e.other_incarnation);
+      if (e.state == SwimState::kAlive) change = true;
+      if (e.state == SwimState::kDead && e.previous != SwimState::kDead) change = false;
+      break;
+    case Kind::kRefuted:
+      log->info("this daemon was suspected or declared dead; refuted with version {}", e.version);
+      break;
+    case Kind::kSelfLost:
+      log->error("this daemon ({} incarnation {}) was declared lost by an operator and cannot "
+                 "refute it: restart it to rejoin as a new incarnation", e.node_id,
+                 e.incarnation);
+      break;
+    case Kind::kSelfFenced:
+      log->error("this daemon ({} incarnation {}) is fenced ({}): a newer incarnation of its "
+                 "node id is known, and its heartbeats are refused; stop it", e.node_id,
+                 options_.incarnation, e.detail);
+      if (options_.on_self_fenced) options_.on_self_fenced();
+      break;
+    case Kind::kRefused:
+      // Once at warn per zombie; it keeps trying every period.
+      log->log(refused_logged_.insert({e.node_id, e.incarnation}).second ? spdlog::level::warn
+                                                                          : spdlog::level::debug,
+               "refused a heartbeat from {} incarnation {} at {}: fenced by incarnation {}",
+               e.node_id, e.incarnation, e.address, e.other_incarnation);
+      break;
+  }
+  if (change && options_.on_change) options_.on_change(e.node_id, *change);
+}
+
+void Cluster::RefreshDns(int64_t now_ms) {
+  if (options_.dns_name.empty()) return;
+  if (last_dns_ms_ >= 0 && now_ms - last_dns_ms_ < options_.dns_refresh_ms) return;
+  last_dns_ms_ = now_ms;
+  std::vector<std::string> found = ResolveDns(options_.dns_name, options_.dns_port);
+  if (found.empty()) {
+    Logger("cluster")->warn("{} does not resolve; keeping the members known", options_.dns_name);
+    return;
+  }
+  absl::MutexLock lock(&mu_);
+  const size_t before = swim_->seed_count();
+  swim_->AddSeeds(found);
+  if (swim_->seed_count() > before) {
+    Logger("cluster")->info("{} lists {} new member addresses", options_.dns_name,
+                            swim_->seed_count() - before);
+  }
+}
+
+std::vector<std::string> Cluster::LiveNodeIds() const {
+  std::vector<std::string> ids = {options_.self_id};
+  {
+    absl::MutexLock lock(&mu_);
+    for (const Swim::MemberView& m : swim_->Members()) {
+      if (m.state == SwimState::kAlive) ids.push_back(m.node_id);
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+std::optional<std::string> Cluster::AddressOf(const std::string& node_id) const {
+  if (node_id == options_.self_id) return options_.self_address;
+  absl::MutexLock lock(&mu_);
+  std::optional<Swim::MemberView> m = swim_->Find(node_id);
+  if (!m || m->state != SwimState::kAlive) return std::nullopt;
+  return m->address;
+}
+
+std::optional<uint64_t> Cluster::IncarnationOf(const std::string& node_id) const {
+  absl::MutexLock lock(&mu_);
+  if (node_id == options_.self_id) return options_.incarnation;
+  std::optional<Swim::MemberView> m = swim_->Find(node_id);
+  if (!m) return std::nullopt;
+  return m->incarnation;
+}
+
+bool Cluster::IsFenced(const std::string& node_id, uint64_t incarnation) const {
+  absl::MutexLock lock(&mu_);
+  return swim_->IsFenced(node_id, incarnation);
+}
+
+bool Cluster::Converged() const {
+  absl::MutexLock lock(&mu_);
+  return swim_->Converged();
+}
+
+int64_t Cluster::ConvergenceBoundMs() const {
+  absl::MutexLock lock(&mu_);
+  const int64_t per_period = options_.seed_probes_per_period;
+  const int64_t periods =
+      (static_cast<int64_t>(swim_->seed_count()) + per_period - 1) / per_period;
+  return (periods + 1) * options_.heartbeat_ms + std::max(options_.heartbeat_ms,
+                                                          options_.timeout_ms);
+}
+
+void Cluster::DeclareLost(const std::string& node_id) {
+  absl::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    const int64_t now = MonoMs();
+    status = swim_->DeclareLost(now, node_id);
+    FlushLocked(now);
+  }
+  if (!status.ok()) {
+    Logger("cluster")->error("cannot declare {} lost: {}", node_id, status.ToString());
+  }
+  Dispatch();
+}
+
+std::vector<Cluster::PeerView> Cluster::Peers() const {
+  std::vector<PeerView> out;
+  absl::MutexLock lock(&mu_);
+  for (const Swim::MemberView& m : swim_->Members()) {
+    out.push_back(PeerView{m.address, m.node_id, m.incarnation, UnixMsOf(m.last_heard_ms),
+                           m.state == SwimState::kAlive});
+  }
+  std::set<std::string> known;
+  for (const PeerView& p : out) known.insert(p.address);
+  for (const std::string& address : swim_->PendingSeeds()) {
+    if (known.count(address) == 0) out.push_back(PeerView{address, "", 0, -1, false});
+  }
+  return out;
+}
+
+Cluster::Stats Cluster::stats() const {
+  Stats s;
+  absl::MutexLock lock(&mu_);
+  s.swim = swim_->stats();
+  s.sends_dropped = sends_dropped_;
+  s.sends_failed = sends_failed_;
+  for (const Swim::MemberView& m : swim_->Members()) {
+    (m.state == SwimState::kAlive ? s.alive : m.state == SwimState::kSuspect ? s.suspect : s.dead)++;
+  }
+  return s;
+}
+
+}  // namespace tessera

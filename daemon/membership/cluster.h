@@ -1,0 +1,173 @@
+// Cluster: this daemon's membership, SWIM (daemon/membership/swim.h) over the peer service's
+// Heartbeat RPC. Its cost per daemon does not grow with the cluster: each protocol period
+// (heartbeat_ms) it probes ONE member, asks indirect_probes others to probe it when it does not
+// answer, and suspects it when none gets an answer within the probe window (timeout_ms); a
+// suspect not heard refuting for suspicion_mult * ceil(log2(N + 1)) periods is dead. Membership
+// news rides on the probes and their answers.
+//
+// Members are keyed by node id and incarnation (the daemon's start time): a newer incarnation of
+// a node id replaces the older one, which is fenced from then on (IsFenced, and its heartbeats
+// are refused). Seeds are the configured addresses (cluster.members, and the records of
+// dns_name re-resolved every dns_refresh_ms), probed until a member is known at each.
+//
+// Live means ALIVE: a suspect member is not live (its fragments count as erasures and it gets
+// no new ones) until it refutes. Joins, suspicions, deaths, refutations and fencing are logged.
+//
+// Threads: one runs the protocol (Start .. Stop); heartbeats go out on a pool of send_threads,
+// never one thread per member, through at most max_queued_sends queued (more are dropped, as a
+// lost message). `client` should keep few connections open (GrpcPeerClient's
+// max_peers_with_channels): every member is probed in turn.
+//
+// Thread-safe. Callbacks (after_round, on_change) run without Cluster's lock held.
+#ifndef TESSERA_DAEMON_MEMBERSHIP_CLUSTER_H_
+#define TESSERA_DAEMON_MEMBERSHIP_CLUSTER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "daemon/membership/swim.h"
+#include "daemon/transfer/peer_client.h"
+#include "daemon/transfer/peer_service.h"
+
+namespace tessera {
+
+class Cluster {
+ public:
+  struct Options {
+    std::string self_id;
+    std::string self_address;
+    uint64_t incarnation = 0;          // the daemon's start time in ms
+    std::vector<std::string> members;  // seeds, "host:port"; self may be listed
+    std::string dns_name;              // empty: none
+    int dns_port = 0;
+    int64_t dns_refresh_ms = 10000;
+    int64_t heartbeat_ms = 500;  // the protocol period
+    // The probe window: a member is suspected when neither it nor the members asked to probe it
+    // answered within timeout_ms of the probe (any message from it counts as an answer). Others
+    // are asked after timeout_ms / 2 without an answer. Values below heartbeat_ms count as
+    // heartbeat_ms. The client's deadline for a heartbeat should be about timeout_ms.
+    int64_t timeout_ms = 3000;
+    int indirect_probes = 3;  // 0..16
+    int suspicion_mult = 4;   // 1..1000
+    int retransmit_mult = 4;  // 1..1000
+    int max_updates_per_message = 16;
+    int seed_probes_per_period = 2;
+    int send_threads = 8;
+    size_t max_queued_sends = 256;
+    // Called on the protocol thread after every period (periodic work such as commit checks).
+    std::function<void()> after_round;
+    // Called when a node id becomes alive (it joins, comes back from dead, or a new incarnation
+    // replaces the old one) or dead (its suspicion timed out, or it was declared lost). A
+    // suspicion alone is not reported. In order, one call at a time, on whichever thread saw it.
+    std::function<void(const std::string& node_id, bool alive)> on_change;
+    // Called once when a newer incarnation of this daemon's own node id is heard of: this
+    // process is a zombie (it was replaced), every peer refuses its messages, and it should
+    // stop. Runs without Cluster's lock held.
+    std::function<void()> on_self_fenced;
+  };
+
+  // `client` is not owned and must outlive this object. Aborts with a message when the options
+  // are invalid (self_id, self_address and a non-zero incarnation are required; see above).
+  Cluster(Options options, PeerClient* client);
+  ~Cluster();
+
+  // Starts the protocol thread and the send pool. Stop() ends them (waiting for heartbeats in
+  // flight, at most their RPC deadline); idempotent. Not restartable.
+  void Start();
+  void Stop();
+
+  // The PeerService heartbeat handler: the reply, or kInvalidArgument (malformed) or
+  // kFailedPrecondition (the sender is a fenced incarnation). Idempotent.
+  absl::StatusOr<HeartbeatReply> OnHeartbeat(const HeartbeatMessage& message);
+
+  // Node ids of the live members, this daemon included, sorted.
+  std::vector<std::string> LiveNodeIds() const;
+  // The peer address of a live member (self included).
+  std::optional<std::string> AddressOf(const std::string& node_id) const;
+  // The newest incarnation known of node_id, in any state (self included).
+  std::optional<uint64_t> IncarnationOf(const std::string& node_id) const;
+  // True when a newer incarnation than `incarnation` of node_id is known.
+  bool IsFenced(const std::string& node_id, uint64_t incarnation) const;
+  // Every seed address has answered, is a known member's address, or has timed out once: the
+  // view is no longer a partial start-up view.
+  bool Converged() const;
+  // How long Converged() takes at most from Start when every seed answers or times out.
+  int64_t ConvergenceBoundMs() const;
+  // The operator declares node_id lost: dead everywhere until a newer incarnation appears.
+  // Logs why when it cannot (unknown node id, or this daemon).
+  void DeclareLost(const std::string& node_id);
+
+  // Every known member other than this daemon, and every seed address where none is known yet
+  // (node_id empty) (status views).
+  struct PeerView {
+    std::string address;
+    std::string node_id;           // empty while never heard
+    uint64_t incarnation = 0;
+    int64_t last_heard_unix_ms = -1;  // last news of it alive; -1 never
+    bool alive = false;
+  };
+  std::vector<PeerView> Peers() const;
+
+  struct Stats {
+    Swim::Stats swim;           // messages by kind, sent and received
+    uint64_t sends_dropped = 0;  // the send queue was full
+    uint64_t sends_failed = 0;   // heartbeats that got no answer
+    size_t alive = 0, suspect = 0, dead = 0;  // other members, by state
+  };
+  Stats stats() const;
+
+  const std::string& self_id() const { return options_.self_id; }
+  const std::string& self_address() const { return options_.self_address; }
+  uint64_t incarnation() const { return options_.incarnation; }
+
+ private:
+  struct Outgoing {
+    std::string address;
+    SwimMessage message;
+  };
+  static Swim::Options SwimOptions(const Options& options);
+  void Run();
+  void SendLoop();
+  // Hands the messages Swim produced to the send pool, dropping beyond max_queued_sends.
+  void FlushLocked(int64_t now_ms) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Logs and reports the events gathered so far, in order.
+  void Dispatch() ABSL_LOCKS_EXCLUDED(mu_);
+  void Report(const Swim::Event& e);
+  void RefreshDns(int64_t now_ms);
+  int64_t UnixMsOf(int64_t mono_ms) const;
+
+  const Options options_;
+  PeerClient* const client_;
+  mutable absl::Mutex mu_;
+  std::unique_ptr<Swim> swim_ ABSL_GUARDED_BY(mu_);
+  std::vector<Outgoing> produced_ ABSL_GUARDED_BY(mu_);  // by Swim's send, until flushed
+  std::deque<Outgoing> queue_ ABSL_GUARDED_BY(mu_);      // for the send pool
+  std::vector<Swim::Event> events_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t planned_wake_ms_ ABSL_GUARDED_BY(mu_) = 0;  // when the protocol thread wakes next
+  uint64_t sends_dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t sends_failed_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Mutex dispatch_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  std::set<std::pair<std::string, uint64_t>> refused_logged_ ABSL_GUARDED_BY(dispatch_mu_);
+  int64_t last_dns_ms_ = -1;  // protocol thread only
+  std::thread thread_;
+  std::vector<std::thread> senders_;
+};
+
+int64_t NowUnixMs();
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_MEMBERSHIP_CLUSTER_H_

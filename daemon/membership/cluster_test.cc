@@ -1,0 +1,271 @@
+// Cluster (SWIM over PeerClient::Heartbeat) in real time over FakePeerClients: joins through
+// seeds, suspicion of a peer that stops answering, refutation by a paused daemon that resumes,
+// zombie fencing, the heartbeat handler's contract, DeclareLost, Converged. Each daemon has its
+// own FakePeerClient, whose peers are the other daemons' Cluster::OnHeartbeat, so pausing a
+// daemon's incoming and outgoing calls is a SIGSTOP. Waits poll for an outcome (up to 10 s);
+// nothing asserts how long anything took.
+#include "daemon/membership/cluster.h"
+
+#include <thread>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+using Ids = std::vector<std::string>;
+
+// Polls `done` for up to 10 s.
+template <typename F>
+bool Eventually(F done) {
+  for (int i = 0; i < 1000; ++i) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return done();
+}
+
+Cluster::Options FastOptions(const std::string& id, uint64_t incarnation,
+                             std::vector<std::string> members) {
+  Cluster::Options o;
+  o.self_id = id;
+  o.self_address = id + ":1";
+  o.incarnation = incarnation;
+  o.members = std::move(members);
+  o.heartbeat_ms = 10;
+  o.timeout_ms = 100;
+  return o;
+}
+
+// The (node id, alive) calls of on_change, in order.
+class Changes {
+ public:
+  std::function<void(const std::string&, bool)> Callback() {
+    return [this](const std::string& id, bool alive) {
+      absl::MutexLock lock(&mu_);
+      seen_.emplace_back(id, alive);
+    };
+  }
+  bool Saw(const std::string& id, bool alive) const {
+    absl::MutexLock lock(&mu_);
+    return std::find(seen_.begin(), seen_.end(), std::make_pair(id, alive)) != seen_.end();
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::pair<std::string, bool>> seen_ ABSL_GUARDED_BY(mu_);
+};
+
+// Daemons that are real Clusters, each reaching the others through its own FakePeerClient.
+class Daemons {
+ public:
+  Cluster* Add(Cluster::Options options) {
+    auto d = std::make_unique<Daemon>();
+    d->client = std::make_unique<FakePeerClient>(
+        FakePeerClient::Options{absl::Milliseconds(50)});
+    d->cluster = std::make_unique<Cluster>(options, d->client.get());
+    // Everyone reaches the newcomer at its address (a restart there replaces the old one)...
+    FakePeerClient::Peer peer;
+    peer.self = MemberInfo{options.self_id, options.incarnation, options.self_address};
+    Cluster* cluster = d->cluster.get();
+    peer.on_heartbeat = [cluster](const HeartbeatMessage& m) { return cluster->OnHeartbeat(m); };
+    for (auto& other : daemons_) other->client->AddPeer(options.self_address, peer);
+    // ...and the newcomer reaches everyone.
+    for (auto& other : daemons_) d->client->AddPeer(other->address, other->peer);
+    d->address = options.self_address;
+    d->peer = peer;
+    daemons_.push_back(std::move(d));
+    cluster->Start();
+    return cluster;
+  }
+  // SIGSTOP (true) and SIGCONT (false) of daemon i: calls to and from it wait.
+  void Pause(size_t i, bool paused) {
+    for (size_t j = 0; j < daemons_.size(); ++j) {
+      if (j == i) continue;
+      if (paused) {
+        daemons_[j]->client->Pause(daemons_[i]->address);
+        daemons_[i]->client->Pause(daemons_[j]->address);
+      } else {
+        daemons_[j]->client->Resume(daemons_[i]->address);
+        daemons_[i]->client->Resume(daemons_[j]->address);
+      }
+    }
+  }
+  Cluster& operator[](size_t i) { return *daemons_[i]->cluster; }
+  ~Daemons() {
+    for (auto& d : daemons_) d->cluster->Stop();
+  }
+
+ private:
+  struct Daemon {
+    std::unique_ptr<FakePeerClient> client;
+    std::unique_ptr<Cluster> cluster;
+    std::string address;
+    FakePeerClient::Peer peer;
+  };
+  std::vector<std::unique_ptr<Daemon>> daemons_;
+};
+
+TEST(ClusterTest, PeersJoinThroughSeedsAndASilentOneIsSuspectedThenDead) {
+  // b and c answer heartbeats with their identity only (no membership of their own).
+  FakePeerClient client{FakePeerClient::Options{absl::Milliseconds(50)}};
+  for (const char* id : {"b", "c"}) {
+    FakePeerClient::Peer peer;
+    peer.self = MemberInfo{id, 1, std::string(id) + ":1"};
+    client.AddPeer(std::string(id) + ":1", peer);
+  }
+  Changes changes;
+  Cluster::Options o = FastOptions("a", 100, {"a:1", "b:1", "c:1"});
+  o.on_change = changes.Callback();
+  Cluster cluster(o, &client);
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids{"a"});  // nobody heard yet
+  EXPECT_FALSE(cluster.Converged());
+  cluster.Start();
+  ASSERT_TRUE(Eventually([&] { return cluster.LiveNodeIds() == Ids({"a", "b", "c"}); }));
+  EXPECT_TRUE(Eventually([&] { return cluster.Converged(); }));
+  EXPECT_EQ(cluster.AddressOf("c"), "c:1");
+  EXPECT_EQ(cluster.AddressOf("a"), "a:1");
+  EXPECT_EQ(cluster.IncarnationOf("b"), 1u);
+  EXPECT_TRUE(changes.Saw("b", true));
+
+  client.Pause("c:1");  // a SIGSTOPped daemon
+  ASSERT_TRUE(Eventually([&] { return cluster.LiveNodeIds() == Ids({"a", "b"}); }));
+  EXPECT_EQ(cluster.AddressOf("c"), std::nullopt);
+  EXPECT_EQ(cluster.IncarnationOf("c"), 1u) << "known, though not live";
+  // c cannot refute (it has no membership): the suspicion times out.
+  ASSERT_TRUE(Eventually([&] { return changes.Saw("c", false); }));
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b"}));
+  for (const Cluster::PeerView& p : cluster.Peers()) {
+    EXPECT_EQ(p.alive, p.node_id == "b") << p.node_id;
+    EXPECT_GE(p.last_heard_unix_ms, 0) << p.node_id;
+  }
+  const Cluster::Stats s = cluster.stats();
+  EXPECT_GE(s.swim.suspicions_raised, 1u);
+  EXPECT_EQ(s.dead, 1u);
+  EXPECT_GT(s.swim.probes_sent, 0u);
+  EXPECT_GT(s.swim.ping_reqs_sent, 0u) << "c's probes were retried through b";
+  cluster.Stop();
+  cluster.Stop();  // idempotent
+}
+
+TEST(ClusterTest, PausedDaemonIsSuspectedAndRefutesWhenItResumes) {
+  Daemons d;
+  const std::vector<std::string> seeds = {"a:1", "b:1", "c:1"};
+  Changes changes;
+  Cluster::Options oa = FastOptions("a", 100, seeds);
+  oa.on_change = changes.Callback();
+  d.Add(oa);
+  d.Add(FastOptions("b", 200, seeds));
+  d.Add(FastOptions("c", 300, seeds));
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(Eventually([&] { return d[i].LiveNodeIds() == Ids({"a", "b", "c"}); })) << i;
+  }
+  d.Pause(2, true);
+  ASSERT_TRUE(Eventually([&] {
+    return d[0].LiveNodeIds() == Ids({"a", "b"}) && d[1].LiveNodeIds() == Ids({"a", "b"});
+  }));
+  d.Pause(2, false);
+  // c hears that it was suspected (or declared dead) and refutes with a higher version.
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(Eventually([&] { return d[i].LiveNodeIds() == Ids({"a", "b", "c"}); })) << i;
+  }
+  EXPECT_GE(d[2].stats().swim.refutations, 1u);
+  EXPECT_TRUE(changes.Saw("c", true));
+}
+
+TEST(ClusterTest, NewIncarnationFencesTheOldOne) {
+  Daemons d;
+  d.Add(FastOptions("a", 100, {"a:1", "b:1"}));
+  d.Add(FastOptions("b", 200, {"a:1", "b:1"}));
+  ASSERT_TRUE(Eventually([&] { return d[0].LiveNodeIds() == Ids({"a", "b"}); }));
+  // b starts again elsewhere while the old b still runs: the old one is a zombie.
+  Cluster::Options restarted = FastOptions("b", 900, {"a:1"});
+  restarted.self_address = "b:2";
+  d.Add(restarted);
+  ASSERT_TRUE(Eventually([&] { return d[0].IncarnationOf("b") == 900u; }));
+  EXPECT_TRUE(d[0].IsFenced("b", 200));
+  EXPECT_FALSE(d[0].IsFenced("b", 900));
+  EXPECT_TRUE(Eventually([&] { return d[0].AddressOf("b") == "b:2"; }));
+  // The zombie's heartbeats are refused, and it learns that it is fenced.
+  EXPECT_TRUE(Eventually([&] { return d[0].stats().swim.refused > 0; }));
+  EXPECT_TRUE(Eventually([&] { return d[1].IsFenced("b", 200); }));
+  EXPECT_EQ(d[0].LiveNodeIds(), Ids({"a", "b"}));
+  EXPECT_EQ(d[0].IncarnationOf("b"), 900u) << "the zombie never comes back";
+}
+
+TEST(ClusterTest, HeartbeatHandlerContract) {
+  FakePeerClient client;
+  Changes changes;
+  Cluster::Options o = FastOptions("a", 100, {});
+  o.on_change = changes.Callback();
+  Cluster cluster(o, &client);  // not started: the handler works on its own
+  EXPECT_TRUE(cluster.Converged()) << "no seeds";
+  HeartbeatMessage message;
+  message.from = MemberInfo{"d", 7, "d:1"};
+  message.seq = 5;
+  for (int i = 0; i < 2; ++i) {  // idempotent
+    absl::StatusOr<HeartbeatReply> reply = cluster.OnHeartbeat(message);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->peer.node_id, "a");
+    EXPECT_EQ(reply->peer.incarnation, 100u);
+    EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+  }
+  EXPECT_TRUE(changes.Saw("d", true));
+  message.from.incarnation = 8;  // d restarted
+  ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
+  EXPECT_EQ(cluster.IncarnationOf("d"), 8u);
+  EXPECT_TRUE(cluster.IsFenced("d", 7));
+  message.from.incarnation = 7;  // the old one again: refused, naming the newer incarnation
+  absl::StatusOr<HeartbeatReply> refused = cluster.OnHeartbeat(message);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("incarnation 8"), std::string::npos)
+      << refused.status();
+  message.from.incarnation = 0;
+  EXPECT_EQ(cluster.OnHeartbeat(message).status().code(), absl::StatusCode::kInvalidArgument);
+  // Its own identity (its address listed as a seed elsewhere) changes nothing.
+  message.from = MemberInfo{"a", 100, "a:1"};
+  ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+
+  cluster.DeclareLost("d");
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids{"a"});
+  EXPECT_TRUE(changes.Saw("d", false));
+  message.from = MemberInfo{"d", 8, "d:1"};
+  ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids{"a"}) << "lost until a new incarnation";
+  message.from.incarnation = 9;
+  ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+  cluster.DeclareLost("nobody");  // logged, nothing changes
+  cluster.DeclareLost("a");
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+}
+
+TEST(ClusterTest, ConvergesWhenEverySeedAnsweredOrFailedOnce) {
+  FakePeerClient client{FakePeerClient::Options{absl::Milliseconds(50)}};
+  FakePeerClient::Peer b;
+  b.self = MemberInfo{"b", 1, "b:1"};
+  client.AddPeer("b:1", b);
+  client.Pause("z:1");  // answers nothing: its probe times out
+  Cluster cluster(FastOptions("a", 100, {"b:1", "x:1", "y:1", "z:1"}), &client);
+  EXPECT_FALSE(cluster.Converged());
+  cluster.Start();
+  ASSERT_TRUE(Eventually([&] { return cluster.Converged(); }));
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b"}));
+  // The addresses nobody answered at stay in the status view, as never heard.
+  size_t unknown = 0;
+  for (const Cluster::PeerView& p : cluster.Peers()) {
+    if (p.node_id.empty()) {
+      ++unknown;
+      EXPECT_FALSE(p.alive);
+      EXPECT_EQ(p.last_heard_unix_ms, -1);
+    }
+  }
+  EXPECT_EQ(unknown, 3u);
+  cluster.Stop();
+}
+
+}  // namespace
+}  // namespace tessera

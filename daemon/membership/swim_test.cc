@@ -1,0 +1,358 @@
+// Swim cores over SwimSimulation's in-memory network with loss: join, detection, refutation,
+// zombie fencing, bounded messages, a dead member re-joining as a new incarnation, an operator's
+// DeclareLost, and bad input. Every run is deterministic from the seed printed (set
+// TESSERA_TEST_SEED to repeat one). Bounds on simulated time only say "eventually": each is many
+// times what the protocol needs.
+#include "daemon/membership/swim.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "daemon/membership/swim_sim.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+constexpr int64_t kPeriodMs = 100;
+
+uint64_t TestSeed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("TESSERA_TEST_SEED");
+    const uint64_t s = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+    std::printf("seed=%llu (set TESSERA_TEST_SEED to repeat)\n",
+                static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+std::string Id(int i) { return absl::StrCat("n", i); }
+std::string Address(int i) { return absl::StrCat("10.0.0.", i, ":7070"); }
+
+Swim::Options DaemonOptions(int i, uint64_t incarnation, std::vector<std::string> seeds) {
+  Swim::Options o;
+  o.self_id = Id(i);
+  o.self_incarnation = incarnation;
+  o.self_address = Address(i);
+  o.protocol_period_ms = kPeriodMs;
+  o.ack_timeout_ms = 40;
+  o.random_seed = TestSeed() * 1000 + i;
+  o.seeds = std::move(seeds);
+  return o;
+}
+
+// The node ids `swim` holds alive, itself included, sorted.
+std::vector<std::string> Live(const Swim& swim) {
+  std::vector<std::string> ids = {swim.options().self_id};
+  for (const Swim::MemberView& m : swim.Members()) {
+    if (m.state == SwimState::kAlive) ids.push_back(m.node_id);
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+SwimState StateIn(const Swim& swim, const std::string& node_id) {
+  std::optional<Swim::MemberView> m = swim.Find(node_id);
+  return m ? m->state : SwimState::kDead;
+}
+
+class SwimTest : public ::testing::Test {
+ protected:
+  // `n` daemons started together, each knowing only daemon 0's address (daemon 0 knows none).
+  void Start(int n, double loss, int max_updates = 16) {
+    SwimSimulation::Options so;
+    so.seed = TestSeed();
+    so.one_way_ms = 2;
+    so.jitter_ms = 3;
+    so.loss_rate = loss;
+    sim_ = std::make_unique<SwimSimulation>(so);
+    for (int i = 0; i < n; ++i) {
+      Swim::Options o = DaemonOptions(i, 1000 + i, i == 0 ? std::vector<std::string>{}
+                                                          : std::vector<std::string>{Address(0)});
+      o.max_updates_per_message = max_updates;
+      Add(std::move(o));
+    }
+  }
+  size_t Add(Swim::Options o) {
+    const size_t index = sim_->size();
+    o.on_event = [this, index](const Swim::Event& e) { events_[index].push_back(e); };
+    events_.emplace_back();
+    return sim_->Add(std::move(o));
+  }
+  // Runs until every running, connected daemon in `among` sees exactly `expected` alive.
+  bool Converge(const std::vector<size_t>& among, const std::vector<std::string>& expected,
+                int64_t within_ms) {
+    return sim_->RunUntil(sim_->now_ms() + within_ms, [&] {
+      for (size_t i : among) {
+        if (Live(sim_->swim(i)) != expected) return false;
+      }
+      return true;
+    });
+  }
+  std::vector<size_t> All() const {
+    std::vector<size_t> all;
+    for (size_t i = 0; i < sim_->size(); ++i) all.push_back(i);
+    return all;
+  }
+  std::vector<std::string> Ids(int n) const {
+    std::vector<std::string> ids;
+    for (int i = 0; i < n; ++i) ids.push_back(Id(i));
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+  int Count(size_t daemon, Swim::Event::Kind kind, const std::string& node_id) const {
+    return static_cast<int>(std::count_if(
+        events_[daemon].begin(), events_[daemon].end(),
+        [&](const Swim::Event& e) { return e.kind == kind && e.node_id == node_id; }));
+  }
+
+  std::unique_ptr<SwimSimulation> sim_;
+  std::vector<std::vector<Swim::Event>> events_;
+};
+
+TEST_F(SwimTest, DaemonsJoinThroughOneSeedDespiteLoss) {
+  Start(12, /*loss=*/0.05);
+  ASSERT_TRUE(Converge(All(), Ids(12), 200 * kPeriodMs)) << "seed " << TestSeed();
+  std::vector<Swim::Stats> before;
+  for (size_t i = 0; i < sim_->size(); ++i) {
+    EXPECT_TRUE(sim_->swim(i).Converged()) << Id(i);
+    EXPECT_EQ(Count(i, Swim::Event::Kind::kJoined, Id((i + 1) % 12)), 1) << Id(i);
+    before.push_back(sim_->swim(i).stats());
+  }
+  // Steady cost: one probe of its own a period (the others answer ping-reqs), whatever the size.
+  sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs);
+  for (size_t i = 0; i < sim_->size(); ++i) {
+    const Swim::Stats& s = sim_->swim(i).stats();
+    const Swim::Stats& b = before[i];
+    EXPECT_LE((s.probes_sent - b.probes_sent) - (s.ping_reqs_received - b.ping_reqs_received),
+              s.periods - b.periods)
+        << Id(i);
+  }
+}
+
+TEST_F(SwimTest, KilledMemberIsSuspectedThenDeadEverywhere) {
+  Start(10, /*loss=*/0.02);
+  ASSERT_TRUE(Converge(All(), Ids(10), 200 * kPeriodMs)) << "seed " << TestSeed();
+  sim_->Kill(7);
+  std::vector<size_t> others;
+  for (size_t i = 0; i < 10; ++i) {
+    if (i != 7) others.push_back(i);
+  }
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 400 * kPeriodMs, [&] {
+    for (size_t i : others) {
+      if (StateIn(sim_->swim(i), Id(7)) != SwimState::kDead) return false;
+    }
+    return true;
+  })) << "seed " << TestSeed();
+  uint64_t raised = 0;
+  for (size_t i : others) {
+    raised += sim_->swim(i).stats().suspicions_raised;
+    // Everyone saw the suspicion before the death (gossip carries both).
+    auto first = [&](Swim::Event::Kind kind) {
+      return std::find_if(events_[i].begin(), events_[i].end(), [&](const Swim::Event& e) {
+        return e.kind == kind && e.node_id == Id(7);
+      });
+    };
+    EXPECT_LT(first(Swim::Event::Kind::kSuspect), first(Swim::Event::Kind::kDead)) << Id(i);
+    EXPECT_EQ(sim_->swim(i).live_count(), 9u) << Id(i);
+  }
+  EXPECT_GE(raised, 1u);
+  // The others stay alive to each other (false suspicions from loss are refuted).
+  std::vector<std::string> expected = Ids(10);
+  expected.erase(std::find(expected.begin(), expected.end(), Id(7)));
+  EXPECT_TRUE(Converge(others, expected, 200 * kPeriodMs)) << "seed " << TestSeed();
+}
+
+TEST_F(SwimTest, SuspectedOrDeadMemberRefutesWhenItIsHeardAgain) {
+  Start(8, /*loss=*/0.0);
+  ASSERT_TRUE(Converge(All(), Ids(8), 200 * kPeriodMs));
+  // Cut off long enough to be suspected, then back: it refutes the suspicion.
+  sim_->Partition(3, true);
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 200 * kPeriodMs, [&] {
+    return StateIn(sim_->swim(0), Id(3)) == SwimState::kSuspect;
+  }));
+  sim_->Partition(3, false);
+  ASSERT_TRUE(Converge(All(), Ids(8), 200 * kPeriodMs)) << "seed " << TestSeed();
+  EXPECT_GE(sim_->swim(3).stats().refutations, 1u);
+  const uint64_t version = sim_->swim(3).self_version();
+  EXPECT_GE(version, 1u);
+  EXPECT_EQ(sim_->swim(0).Find(Id(3))->version, version);
+
+  // Cut off until declared dead everywhere, then back (a SIGSTOPped daemon resumed): its own
+  // probes bring it the news, it refutes, and everyone takes it back.
+  sim_->Partition(3, true);
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 400 * kPeriodMs, [&] {
+    for (size_t i = 0; i < 8; ++i) {
+      if (i != 3 && StateIn(sim_->swim(i), Id(3)) != SwimState::kDead) return false;
+    }
+    return true;
+  }));
+  sim_->Partition(3, false);
+  ASSERT_TRUE(Converge(All(), Ids(8), 400 * kPeriodMs)) << "seed " << TestSeed();
+  EXPECT_GT(sim_->swim(3).self_version(), version);
+  EXPECT_GE(Count(0, Swim::Event::Kind::kAlive, Id(3)), 1);
+}
+
+TEST_F(SwimTest, NewIncarnationFencesTheZombie) {
+  Start(6, /*loss=*/0.02);
+  ASSERT_TRUE(Converge(All(), Ids(6), 200 * kPeriodMs));
+  // n2 hangs (cut off); its node id starts again elsewhere as a new incarnation.
+  sim_->Partition(2, true);
+  Swim::Options o = DaemonOptions(2, 5000, {Address(0)});
+  o.self_address = "10.0.1.2:7070";
+  const size_t fresh = Add(std::move(o));
+  std::vector<size_t> current = {0, 1, 3, 4, 5, fresh};
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 200 * kPeriodMs, [&] {
+    for (size_t i : current) {
+      if (i != fresh && sim_->swim(i).Find(Id(2))->incarnation != 5000) return false;
+    }
+    return true;
+  })) << "seed " << TestSeed();
+  ASSERT_TRUE(Converge(current, Ids(6), 200 * kPeriodMs)) << "seed " << TestSeed();
+  for (size_t i : current) {
+    if (i == fresh) continue;
+    EXPECT_EQ(sim_->swim(i).Find(Id(2))->incarnation, 5000u);
+    EXPECT_EQ(sim_->swim(i).Find(Id(2))->address, "10.0.1.2:7070");
+    EXPECT_TRUE(sim_->swim(i).IsFenced(Id(2), 1002));
+    EXPECT_FALSE(sim_->swim(i).IsFenced(Id(2), 5000));
+  }
+  EXPECT_EQ(Count(0, Swim::Event::Kind::kReplaced, Id(2)), 1);
+  // The zombie comes back: its messages are refused, it learns it is fenced, and it is never
+  // alive again anywhere.
+  sim_->Partition(2, false);
+  sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs);
+  EXPECT_TRUE(sim_->swim(2).self_fenced());
+  EXPECT_GT(sim_->counters().refused, 0u);
+  for (size_t i : current) {
+    EXPECT_EQ(Live(sim_->swim(i)), Ids(6)) << i;
+    if (i != fresh) {
+      EXPECT_EQ(sim_->swim(i).Find(Id(2))->incarnation, 5000u) << i;
+    }
+  }
+  // A message straight from the zombie is refused, naming the newer incarnation.
+  SwimMessage probe;
+  probe.from_id = Id(2);
+  probe.from_incarnation = 1002;
+  probe.from_address = Address(2);
+  auto refused = sim_->swim(0).HandleRequest(sim_->now_ms(), probe);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("incarnation 5000"), std::string::npos)
+      << refused.status();
+}
+
+TEST_F(SwimTest, MessagesCarryAtMostTheConfiguredNumberOfUpdates) {
+  // 40 daemons joining at once make far more news than a message may carry.
+  Start(40, /*loss=*/0.01, /*max_updates=*/4);
+  ASSERT_TRUE(Converge(All(), Ids(40), 1000 * kPeriodMs)) << "seed " << TestSeed();
+  EXPECT_EQ(sim_->counters().max_updates, 4u);
+  for (size_t i = 0; i < sim_->size(); ++i) {
+    EXPECT_LE(sim_->swim(i).stats().max_updates_in_message, 4u);
+  }
+}
+
+TEST_F(SwimTest, DeadMemberRejoinsAsANewIncarnationAtTheSameAddress) {
+  Start(6, /*loss=*/0.02);
+  ASSERT_TRUE(Converge(All(), Ids(6), 200 * kPeriodMs));
+  sim_->Kill(4);
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 400 * kPeriodMs, [&] {
+    return StateIn(sim_->swim(0), Id(4)) == SwimState::kDead &&
+           StateIn(sim_->swim(5), Id(4)) == SwimState::kDead;
+  }));
+  // Restarted on the same host: same node id and address, a later start time.
+  const size_t restarted = Add(DaemonOptions(4, 9000, {Address(0)}));
+  std::vector<size_t> running = {0, 1, 2, 3, 5, restarted};
+  ASSERT_TRUE(Converge(running, Ids(6), 200 * kPeriodMs)) << "seed " << TestSeed();
+  for (size_t i : running) {
+    if (i == restarted) continue;
+    EXPECT_EQ(sim_->swim(i).Find(Id(4))->incarnation, 9000u) << i;
+    EXPECT_TRUE(sim_->swim(i).IsFenced(Id(4), 1004)) << i;
+  }
+}
+
+TEST_F(SwimTest, DeclaredLostStaysDeadUntilANewIncarnation) {
+  Start(5, /*loss=*/0.0);
+  ASSERT_TRUE(Converge(All(), Ids(5), 200 * kPeriodMs));
+  ASSERT_TRUE(sim_->swim(0).DeclareLost(sim_->now_ms(), Id(3)).ok());
+  EXPECT_EQ(sim_->swim(0).DeclareLost(sim_->now_ms(), "nX").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(sim_->swim(0).DeclareLost(sim_->now_ms(), Id(0)).code(),
+            absl::StatusCode::kInvalidArgument);
+  // n3 keeps running but cannot refute.
+  std::vector<std::string> without = {Id(0), Id(1), Id(2), Id(4)};
+  ASSERT_TRUE(Converge({0, 1, 2, 4}, without, 200 * kPeriodMs)) << "seed " << TestSeed();
+  sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs);
+  EXPECT_TRUE(sim_->swim(3).self_lost());
+  for (size_t i : {0, 1, 2, 4}) {
+    EXPECT_EQ(Live(sim_->swim(i)), without) << i;
+    EXPECT_TRUE(sim_->swim(i).Find(Id(3))->lost) << i;
+  }
+  sim_->Kill(3);
+  const size_t restarted = Add(DaemonOptions(3, 7000, {Address(0)}));
+  ASSERT_TRUE(Converge({0, 1, 2, 4, restarted}, Ids(5), 200 * kPeriodMs)) << TestSeed();
+}
+
+TEST_F(SwimTest, SameSeedSameHistory) {
+  auto run = [this] {
+    Start(16, /*loss=*/0.05);
+    sim_->RunUntil(50 * kPeriodMs);
+    sim_->Kill(5);
+    sim_->RunUntil(150 * kPeriodMs);
+    std::vector<uint64_t> trace;
+    for (size_t i = 0; i < sim_->size(); ++i) {
+      const Swim::Stats& s = sim_->swim(i).stats();
+      trace.insert(trace.end(), {s.messages_sent(), s.updates_sent, s.suspicions_raised,
+                                 s.refutations, events_[i].size()});
+    }
+    events_.clear();
+    return trace;
+  };
+  EXPECT_EQ(run(), run()) << "seed " << TestSeed();
+}
+
+TEST(SwimErrorsTest, BadOptionsAndBadRequestsAreNamed) {
+  Swim::Options o = DaemonOptions(1, 10, {});
+  EXPECT_EQ(Swim::ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument)
+      << "send is required";
+  o.send = [](const std::string&, SwimMessage&&) {};
+  ASSERT_TRUE(Swim::ValidateOptions(o).ok());
+  Swim::Options bad = o;
+  bad.ack_timeout_ms = 2 * kPeriodMs;
+  EXPECT_NE(Swim::ValidateOptions(bad).message().find("ack_timeout_ms"), std::string::npos);
+  bad = o;
+  bad.self_incarnation = 0;
+  EXPECT_NE(Swim::ValidateOptions(bad).message().find("non-zero self_incarnation"),
+            std::string::npos);
+  bad = o;
+  bad.indirect_probes = 17;
+  EXPECT_NE(Swim::ValidateOptions(bad).message().find("indirect_probes must be 0 to 16; got 17"),
+            std::string::npos)
+      << Swim::ValidateOptions(bad);
+
+  Swim swim(o);
+  SwimMessage m;
+  m.from_id = "x";
+  m.from_address = "h:1";
+  auto r = swim.HandleRequest(0, m);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("non-zero incarnation"), std::string::npos) << r.status();
+  m.from_incarnation = 3;
+  m.kind = SwimMessage::Kind::kPingReq;
+  EXPECT_EQ(swim.HandleRequest(0, m).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(swim.Members().empty()) << "a refused request changed nothing";
+  m.kind = SwimMessage::Kind::kProbe;
+  auto ack = swim.HandleRequest(0, m);
+  ASSERT_TRUE(ack.ok()) << ack.status();
+  EXPECT_EQ(ack->kind, SwimMessage::Kind::kAck);
+  ASSERT_TRUE(swim.Find("x").has_value());
+  // Every request is idempotent: the same probe twice changes nothing more.
+  const size_t known = swim.known_count();
+  ASSERT_TRUE(swim.HandleRequest(0, m).ok());
+  EXPECT_EQ(swim.known_count(), known);
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,720 @@
+// The raw TCP data path: a real DataPathServer over a real FragmentStore in /dev/shm, announced by
+// a real PeerService over gRPC on 127.0.0.1, reached through the real GrpcPeerClient; and the
+// wire protocol spoken by hand over a socket, to send what a correct client never would.
+#include "daemon/transfer/data_path.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/crc32c.h"
+#include "daemon/transfer/peer_client.h"
+#include "daemon/transfer/peer_service.h"
+#include "ec/erasure_codec.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "gtest/gtest.h"
+#include "proto/peer.pb.h"
+
+namespace tessera {
+namespace {
+
+FragmentMeta MetaFor(uint64_t shard_bytes, uint64_t incarnation = 7) {
+  FragmentMeta m;
+  m.owner_incarnation = incarnation;
+  m.ec_k = 3;
+  m.ec_m = 2;
+  m.shard_bytes = shard_bytes;
+  m.fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, 3);
+  m.shard_crc32c = 0x5EED;
+  return m;
+}
+
+// The protocol by hand: frames and chunks over a blocking socket.
+class RawConnection {
+ public:
+  explicit RawConnection(int port) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    timeval tv{10, 0};  // a test that waits in vain fails instead of hanging
+    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  }
+  ~RawConnection() { close(fd_); }
+  bool connected() const { return connected_; }
+
+  void SendBytes(const void* data, size_t size) {
+    ASSERT_EQ(send(fd_, data, size, MSG_NOSIGNAL), static_cast<ssize_t>(size));
+  }
+  void SendFrame(const google::protobuf::MessageLite& message) {
+    const std::string bytes = message.SerializeAsString();
+    SendLength(static_cast<uint32_t>(bytes.size()));
+    SendBytes(bytes.data(), bytes.size());
+  }
+  void SendLength(uint32_t n) {
+    uint8_t b[4] = {uint8_t(n), uint8_t(n >> 8), uint8_t(n >> 16), uint8_t(n >> 24)};
+    SendBytes(b, 4);
+  }
+  void SendChunk(uint64_t offset, const uint8_t* data, uint32_t size, uint32_t crc) {
+    uint8_t h[16];
+    for (int i = 0; i < 8; ++i) h[i] = uint8_t(offset >> (8 * i));
+    for (int i = 0; i < 4; ++i) h[8 + i] = uint8_t(size >> (8 * i));
+    for (int i = 0; i < 4; ++i) h[12 + i] = uint8_t(crc >> (8 * i));
+    SendBytes(h, sizeof(h));
+    SendBytes(data, size);
+  }
+  // False when the server closed the connection (or nothing came in 10 s).
+  bool Recv(void* dst, size_t size) {
+    auto* p = static_cast<uint8_t*>(dst);
+    while (size > 0) {
+      const ssize_t n = recv(fd_, p, size, 0);
+      if (n <= 0) return false;
+      p += n;
+      size -= static_cast<size_t>(n);
+    }
+    return true;
+  }
+  bool ReadResponse(peer::DataPathResponse* response) {
+    uint8_t b[4];
+    if (!Recv(b, 4)) return false;
+    const uint32_t n = b[0] | (b[1] << 8) | (b[2] << 16) | (uint32_t(b[3]) << 24);
+    std::string frame(n, '\0');
+    if (n > 0 && !Recv(frame.data(), n)) return false;
+    return response->ParseFromString(frame);
+  }
+  // True once the server has closed its end (reset, when it closed with our bytes unread);
+  // false when it sends more or nothing happens within 10 s.
+  bool ClosedByServer() {
+    char c;
+    const ssize_t n = recv(fd_, &c, 1, 0);
+    return n == 0 || (n < 0 && errno == ECONNRESET);
+  }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+};
+
+// Waits up to 10 s for the server's stats to satisfy `done`.
+bool WaitFor(DataPathServer* server, const std::function<bool(const DataPathServer::Stats&)>& done) {
+  for (int i = 0; i < 1000 && !done(server->stats()); ++i) absl::SleepFor(absl::Milliseconds(10));
+  return done(server->stats());
+}
+
+// Serves `service` on a free loopback port: the server (null if it could not start) and, in
+// *address, where it listens.
+std::unique_ptr<grpc::Server> Serve(PeerService* service, std::string* address) {
+  grpc::ServerBuilder builder;
+  PeerService::ConfigureServerBuilder(&builder);
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service);
+  auto server = builder.BuildAndStart();
+  *address = "127.0.0.1:" + std::to_string(port);
+  return server;
+}
+
+class DataPathTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/dev/shm/tessera-data-path-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    std::printf("seed=%llu\n", static_cast<unsigned long long>(seed_));
+    budget_ = std::make_unique<CapacityBudget>(uint64_t{512} << 20);
+    FragmentStore::Options fo;
+    fo.directory = root_;
+    fo.budget = budget_.get();
+    auto fragments = FragmentStore::Open(fo);
+    ASSERT_TRUE(fragments.ok()) << fragments.status();
+    fragments_ = std::move(*fragments);
+    StartServers(WriterFence());
+    client_ = MakeClient(/*raw=*/true);
+  }
+
+  // The data path server and the peer service over fragments_, with `fence` for writes.
+  void StartServers(WriterFence fence) {
+    if (grpc_server_) grpc_server_->Shutdown();
+    if (data_server_) data_server_->Stop();
+    DataPathServer::Options so;
+    so.host = "127.0.0.1";
+    so.io_timeout = absl::Seconds(5);
+    so.is_fenced = fence;
+    auto server = DataPathServer::Start(fragments_.get(), so);
+    ASSERT_TRUE(server.ok()) << server.status();
+    data_server_ = std::move(*server);
+    ASSERT_GT(data_server_->port(), 0);
+    ASSERT_EQ(data_server_->session_key().size(), 16u);
+
+    PeerService::Options po;
+    po.self = MemberInfo{"node-1", 1001, "127.0.0.1"};
+    po.data_path_port = data_server_->port();
+    po.data_path_session_key = data_server_->session_key();
+    po.is_fenced = fence;
+    service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
+    grpc_server_ = Serve(service_.get(), &address_);
+    ASSERT_NE(grpc_server_, nullptr);
+  }
+
+  void TearDown() override {
+    client_.reset();
+    grpc_server_->Shutdown();
+    data_server_->Stop();
+    fragments_.reset();
+    std::filesystem::remove_all(root_);
+  }
+
+  std::unique_ptr<GrpcPeerClient> MakeClient(bool raw, std::string self_node_id = "") {
+    GrpcPeerClient::Options co;
+    co.self_node_id = std::move(self_node_id);
+    co.channels_per_peer = 4;
+    co.chunk_bytes = 1 << 20;
+    co.min_range_bytes = 2 << 20;
+    co.max_attempts = 3;
+    co.initial_backoff = absl::Milliseconds(10);
+    co.raw_data_path = raw;
+    auto client = GrpcPeerClient::Create(co);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return std::move(*client);
+  }
+
+  std::vector<uint8_t> RandomBytes(size_t n) {
+    std::vector<uint8_t> v(n);
+    for (size_t i = 0; i < n; i += 8) {
+      const uint64_t x = rng_();
+      std::memcpy(v.data() + i, &x, std::min<size_t>(8, n - i));
+    }
+    return v;
+  }
+
+  // A hand-made connection that has said hello with the right key.
+  std::unique_ptr<RawConnection> Hello() {
+    auto c = std::make_unique<RawConnection>(data_server_->port());
+    EXPECT_TRUE(c->connected());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersion);
+    hello.set_session_key(data_server_->session_key());
+    c->SendFrame(hello);
+    peer::DataPathResponse answer;
+    EXPECT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), 0) << answer.message();
+    return c;
+  }
+
+  static peer::DataPathRequest PutRequest(const FragmentKey& key, const FragmentMeta& meta,
+                                          uint64_t offset, uint64_t length) {
+    peer::DataPathRequest r;
+    r.set_op(peer::DataPathRequest::PUT_RANGE);
+    peer_wire::ToProto(key, meta.owner_incarnation, r.mutable_key());
+    peer_wire::ToProto(meta, r.mutable_info());
+    r.set_offset(offset);
+    r.set_length(length);
+    return r;
+  }
+
+  std::string root_;
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+  std::unique_ptr<CapacityBudget> budget_;
+  std::unique_ptr<FragmentStore> fragments_;
+  std::unique_ptr<DataPathServer> data_server_;
+  std::unique_ptr<PeerService> service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  std::string address_;
+  std::unique_ptr<GrpcPeerClient> client_;
+};
+
+TEST_F(DataPathTest, PutAndGetOverTheRawPathBitExactEachTwice) {
+  // One range, four ranges over four connections, and a size that is no multiple of a chunk.
+  uint64_t fragment_bytes_total = 0;
+  for (uint64_t shard : {uint64_t{7000}, uint64_t{30} << 20, (uint64_t{13} << 20) + 4321}) {
+    SCOPED_TRACE(shard);
+    const FragmentKey key{"job-r", 1, static_cast<int64_t>(shard % 977), 3};
+    const FragmentMeta meta = MetaFor(shard);
+    const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+    const uint32_t crc = Crc32c(data.data(), data.size());
+    fragment_bytes_total += data.size();
+    for (int i = 0; i < 2; ++i) {
+      auto put = client_->PutFragment(address_, key, meta, data.data(), data.size());
+      ASSERT_TRUE(put.ok()) << put.status();
+      EXPECT_EQ(put->state, SegmentState::kSealed);
+      EXPECT_EQ(put->fragment_crc32c, crc);
+    }
+    auto view = fragments_->Get(key);
+    ASSERT_TRUE(view.ok()) << view.status();
+    ASSERT_EQ(view->size(), data.size());
+    EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+    for (int i = 0; i < 2; ++i) {
+      std::vector<uint8_t> back(data.size() + 100, 0xA5);
+      auto got = client_->GetFragment(address_, key, meta.owner_incarnation, back.data(),
+                                      back.size());
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->fragment_crc32c, crc);
+      EXPECT_EQ(got->meta, meta);
+      EXPECT_EQ(std::memcmp(back.data(), data.data(), data.size()), 0);
+      EXPECT_EQ(back[data.size()], 0xA5) << "wrote past the fragment";
+    }
+  }
+  const GrpcPeerClient::Stats stats = client_->stats();
+  EXPECT_EQ(stats.raw_puts, 6u);
+  EXPECT_EQ(stats.raw_gets, 6u);
+  EXPECT_EQ(stats.grpc_puts + stats.grpc_gets, 0u);
+  // The second put of each found it sealed: its bytes were read and dropped, not stored. (The
+  // server counts a range sent once its last chunk is written, which may be just after the
+  // client has read it.)
+  EXPECT_TRUE(WaitFor(data_server_.get(), [&](const DataPathServer::Stats& s) {
+    return s.bytes_sent == 2 * fragment_bytes_total;
+  })) << data_server_->stats().bytes_sent << " of " << 2 * fragment_bytes_total << " bytes";
+  const DataPathServer::Stats server = data_server_->stats();
+  EXPECT_EQ(server.bytes_received, fragment_bytes_total);
+  EXPECT_EQ(server.bytes_sent, 2 * fragment_bytes_total);
+  EXPECT_EQ(server.connections_refused, 0u);
+}
+
+// A zombie (an older incarnation of a node that has been replaced) cannot write fragments over
+// either path; the current incarnation can, and a writer that names no node is refused.
+TEST_F(DataPathTest, FencedWritersAreRefusedOnBothPaths) {
+  StartServers([](const std::string& node_id, uint64_t incarnation) {
+    return node_id == "n2" && incarnation < 20;
+  });
+  const FragmentMeta base = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(base.fragment_bytes);
+  int step = 0;
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    FragmentMeta zombie_meta = base;
+    zombie_meta.owner_incarnation = 10;
+    const FragmentKey zombie_key{"job-z", 0, ++step, 1};
+    auto zombie = MakeClient(raw, "n2");
+    auto refused = zombie->PutFragment(address_, zombie_key, zombie_meta, data.data(), data.size());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+    EXPECT_NE(refused.status().message().find("incarnation 10"), std::string::npos)
+        << refused.status();
+    EXPECT_EQ(fragments_->Get(zombie_key).status().code(), absl::StatusCode::kNotFound);
+
+    auto anonymous = MakeClient(raw, "");
+    auto unnamed = anonymous->PutFragment(address_, zombie_key, base, data.data(), data.size());
+    EXPECT_EQ(unnamed.status().code(), absl::StatusCode::kInvalidArgument) << unnamed.status();
+    EXPECT_EQ(fragments_->Get(zombie_key).status().code(), absl::StatusCode::kNotFound);
+
+    FragmentMeta current_meta = base;
+    current_meta.owner_incarnation = 20;
+    const FragmentKey key{"job-z", 0, ++step, 1};
+    auto current = MakeClient(raw, "n2");
+    auto put = current->PutFragment(address_, key, current_meta, data.data(), data.size());
+    ASSERT_TRUE(put.ok()) << put.status();
+    auto view = fragments_->Get(key);
+    ASSERT_TRUE(view.ok()) << view.status();
+    ASSERT_EQ(view->size(), data.size());
+    EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+  }
+}
+
+TEST_F(DataPathTest, OpenDataPathAnswersTheSameEachTwice) {
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  auto stub = peer::Peer::NewStub(channel);
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext context;
+    peer::OpenDataPathRequest request;
+    request.set_node_id("node-9");
+    peer::OpenDataPathResponse response;
+    ASSERT_TRUE(stub->OpenDataPath(&context, request, &response).ok());
+    EXPECT_EQ(response.port(), data_server_->port());
+    EXPECT_EQ(response.session_key(), data_server_->session_key());
+    EXPECT_EQ(response.version(), kDataPathVersion);
+  }
+}
+
+TEST_F(DataPathTest, ClientWithTheRawPathOffUsesGrpcStreams) {
+  auto grpc_client = MakeClient(/*raw=*/false);
+  const FragmentKey key{"job-g", 0, 5, 0};
+  const FragmentMeta meta = MetaFor(uint64_t{9} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(grpc_client->PutFragment(address_, key, meta, data.data(), data.size()).ok());
+  std::vector<uint8_t> back(data.size());
+  ASSERT_TRUE(grpc_client->GetFragment(address_, key, 0, back.data(), back.size()).ok());
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(grpc_client->stats().grpc_puts, 1u);
+  EXPECT_EQ(grpc_client->stats().raw_puts, 0u);
+  EXPECT_EQ(data_server_->stats().bytes_received, 0u);
+}
+
+TEST_F(DataPathTest, PeerWithoutADataPathGetsGrpcStreams) {
+  // A second service over the same store whose OpenDataPath says no (peer.data_path = grpc).
+  PeerService::Options po;
+  po.self = MemberInfo{"node-2", 2002, "127.0.0.1"};
+  PeerService plain(fragments_.get(), nullptr, po);
+  std::string address;
+  auto server = Serve(&plain, &address);
+  ASSERT_NE(server, nullptr);
+  const FragmentKey key{"job-p", 2, 9, 1};
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(client_->PutFragment(address, key, meta, data.data(), data.size()).ok());
+  std::vector<uint8_t> back(data.size());
+  ASSERT_TRUE(client_->GetFragment(address, key, 0, back.data(), back.size()).ok());
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(client_->stats().grpc_puts, 1u);
+  EXPECT_EQ(client_->stats().grpc_gets, 1u);
+  server->Shutdown();
+}
+
+// With a cluster token, every peer call needs it, and the data path's session key goes to
+// token holders only.
+TEST_F(DataPathTest, ClusterTokenGuardsEveryPeerCallAndTheDataPath) {
+  PeerService::Options po;
+  po.self = MemberInfo{"node-3", 3003, "127.0.0.1"};
+  po.data_path_port = data_server_->port();
+  po.data_path_session_key = data_server_->session_key();
+  po.token = "peer-token-0123456789";
+  PeerService guarded(fragments_.get(), nullptr, po);
+  std::string address;
+  auto server = Serve(&guarded, &address);
+  ASSERT_NE(server, nullptr);
+  const FragmentKey key{"job-t", 0, 4, 1};
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  std::vector<uint8_t> back(data.size());
+  const HeartbeatMessage beat{MemberInfo{"node-9", 9, "127.0.0.1:1"}, {}, 1};
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    auto stranger = MakeClient(raw);
+    EXPECT_EQ(stranger->Heartbeat(address, beat).status().code(),
+              absl::StatusCode::kUnauthenticated);
+    EXPECT_EQ(stranger->ListHeld(address, "").status().code(),
+              absl::StatusCode::kUnauthenticated);
+    auto put = stranger->PutFragment(address, key, meta, data.data(), data.size());
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kUnauthenticated) << put.status();
+    EXPECT_NE(put.status().message().find("cluster token"), std::string::npos) << put.status();
+    EXPECT_EQ(stranger->GetFragment(address, key, 0, back.data(), back.size()).status().code(),
+              absl::StatusCode::kUnauthenticated);
+  }
+  EXPECT_TRUE(fragments_->List("job-t").empty()) << "a call without the token stored something";
+  GrpcPeerClient::Options co;
+  co.token = po.token;
+  auto member = GrpcPeerClient::Create(co);
+  ASSERT_TRUE(member.ok()) << member.status();
+  ASSERT_TRUE((*member)->Heartbeat(address, beat).ok());
+  auto put = (*member)->PutFragment(address, key, meta, data.data(), data.size());
+  ASSERT_TRUE(put.ok()) << put.status();
+  ASSERT_TRUE((*member)->GetFragment(address, key, 0, back.data(), back.size()).ok());
+  EXPECT_EQ(back, data);
+  EXPECT_EQ((*member)->stats().raw_puts, 1u);
+  server->Shutdown();
+}
+
+TEST_F(DataPathTest, WrongKeyOrVersionIsRefusedAndClosed) {
+  {
+    RawConnection c(data_server_->port());
+    ASSERT_TRUE(c.connected());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersion);
+    std::string key = data_server_->session_key();
+    key[5] ^= 0x01;
+    hello.set_session_key(key);
+    c.SendFrame(hello);
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kPermissionDenied));
+    EXPECT_NE(answer.message().find("session key"), std::string::npos) << answer.message();
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  {
+    RawConnection c(data_server_->port());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersion + 1);
+    hello.set_session_key(data_server_->session_key());
+    c.SendFrame(hello);
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+    EXPECT_NE(answer.message().find("version"), std::string::npos) << answer.message();
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  {
+    RawConnection c(data_server_->port());
+    c.SendLength(1 << 30);  // a frame far over the limit: closed without reading it
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  EXPECT_EQ(data_server_->stats().connections_refused, 3u);
+  // A client whose key is stale (the daemon restarted) gets kUnavailable, which it retries after
+  // asking OpenDataPath again.
+  DataPathClient stale(DataPathClient::Options{});
+  DataPathClient::Endpoint endpoint{"127.0.0.1", data_server_->port(), "0123456789abcdef"};
+  std::vector<uint8_t> buffer(4096);
+  auto got = stale.GetRange("peer", endpoint, FragmentKey{"job", 0, 1, 0}, 0, 0, 0,
+                            buffer.data(), buffer.size(), absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable) << got.status();
+}
+
+TEST_F(DataPathTest, ConnectionsBeyondTheLimitAreClosed) {
+  DataPathServer::Options so;
+  so.host = "127.0.0.1";
+  so.max_connections = 2;
+  auto small = DataPathServer::Start(fragments_.get(), so);
+  ASSERT_TRUE(small.ok()) << small.status();
+  RawConnection a((*small)->port()), b((*small)->port());
+  ASSERT_TRUE(WaitFor(small->get(), [](const auto& s) { return s.connections_open == 2; }));
+  RawConnection c((*small)->port());
+  EXPECT_TRUE(c.ClosedByServer());
+  EXPECT_EQ((*small)->stats().connections_refused, 1u);
+  EXPECT_EQ((*small)->stats().connections_open, 2u);
+  so.max_connections = 0;
+  EXPECT_EQ(DataPathServer::Start(fragments_.get(), so).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DataPathTest, IdleConnectionsAgeOutOnBothEnds) {
+  DataPathServer::Options so;
+  so.host = "127.0.0.1";
+  so.idle_timeout = absl::Milliseconds(300);
+  auto server = DataPathServer::Start(fragments_.get(), so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  // The server closes a connection that sends no request for idle_timeout.
+  {
+    RawConnection c((*server)->port());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersion);
+    hello.set_session_key((*server)->session_key());
+    c.SendFrame(hello);
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), 0);
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  // The client reuses a pooled connection while it is young, and opens a new one after.
+  DataPathClient::Options co;
+  co.max_idle_age = absl::Milliseconds(100);
+  DataPathClient client(co);
+  const DataPathClient::Endpoint endpoint{"127.0.0.1", (*server)->port(), (*server)->session_key()};
+  std::vector<uint8_t> buffer(4096);
+  auto get = [&] {
+    auto got = client.GetRange("peer", endpoint, FragmentKey{"job-none", 0, 1, 0}, 0, 0, 0,
+                               buffer.data(), buffer.size(), absl::Now() + absl::Seconds(5));
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound) << got.status();
+  };
+  const uint64_t before = (*server)->stats().connections_accepted;
+  get();
+  get();
+  EXPECT_EQ((*server)->stats().connections_accepted, before + 1);
+  absl::SleepFor(absl::Milliseconds(150));
+  get();
+  EXPECT_EQ((*server)->stats().connections_accepted, before + 2);
+}
+
+TEST_F(DataPathTest, CorruptedChunkIsDataLossAndTheConnectionStaysInStep) {
+  const FragmentKey key{"job-c", 4, 12, 2};
+  const FragmentMeta meta = MetaFor(uint64_t{6} << 20);  // 2 MiB fragment
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const uint32_t half = static_cast<uint32_t>(meta.fragment_bytes / 2);
+  auto c = Hello();
+  // First half in one chunk, sent with the CRC of other bytes (as if damaged on the wire); the
+  // second half intact, but a request that failed drops the rest of its bytes.
+  c->SendFrame(PutRequest(key, meta, 0, meta.fragment_bytes));
+  c->SendChunk(0, data.data(), half, Crc32c(data.data(), half) ^ 0x1);
+  c->SendChunk(half, data.data() + half, static_cast<uint32_t>(meta.fragment_bytes - half),
+               Crc32c(data.data() + half, meta.fragment_bytes - half));
+  peer::DataPathResponse answer;
+  ASSERT_TRUE(c->ReadResponse(&answer));
+  EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kDataLoss)) << answer.message();
+  EXPECT_NE(answer.message().find("must be sent again"), std::string::npos) << answer.message();
+  // The rest of the range was read (and dropped): the next request on the same connection works.
+  peer::DataPathRequest seal;
+  seal.set_op(peer::DataPathRequest::SEAL);
+  peer_wire::ToProto(key, meta.owner_incarnation, seal.mutable_key());
+  seal.set_fragment_crc32c(Crc32c(data.data(), data.size()));
+  c->SendFrame(seal);
+  ASSERT_TRUE(c->ReadResponse(&answer));
+  EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kFailedPrecondition))
+      << answer.message();
+  EXPECT_NE(answer.message().find("first missing: [0, "), std::string::npos) << answer.message();
+  auto held = fragments_->List("job-c");
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].state, SegmentState::kWriting);
+  EXPECT_EQ(held[0].bytes_received, 0u);
+  // Sent again, right: it seals, bit-exact.
+  c->SendFrame(PutRequest(key, meta, 0, meta.fragment_bytes));
+  c->SendChunk(0, data.data(), half, Crc32c(data.data(), half));
+  c->SendChunk(half, data.data() + half, static_cast<uint32_t>(meta.fragment_bytes - half),
+               Crc32c(data.data() + half, meta.fragment_bytes - half));
+  ASSERT_TRUE(c->ReadResponse(&answer));
+  EXPECT_EQ(answer.code(), 0) << answer.message();
+  EXPECT_EQ(answer.bytes_received(), meta.fragment_bytes);
+  for (int i = 0; i < 2; ++i) {  // a repeated seal (a lost answer) is harmless
+    c->SendFrame(seal);
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), 0) << answer.message();
+    EXPECT_TRUE(answer.sealed());
+    EXPECT_EQ(answer.fragment().fragment_crc32c(), Crc32c(data.data(), data.size()));
+  }
+  auto view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+  EXPECT_GE(fragments_->stats().crc_failures, 1u);
+  // A chunk for the now sealed fragment (a late retry) is read and ignored.
+  c->SendFrame(PutRequest(key, meta, 0, half));
+  const std::vector<uint8_t> other = RandomBytes(half);
+  c->SendChunk(0, other.data(), half, Crc32c(other.data(), half));
+  ASSERT_TRUE(c->ReadResponse(&answer));
+  EXPECT_EQ(answer.code(), 0) << answer.message();
+  EXPECT_TRUE(answer.sealed());
+  view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok());
+  EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+}
+
+TEST_F(DataPathTest, BadRequestsGetClearErrors) {
+  const FragmentKey key{"job-b", 0, 3, 1};
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  peer::DataPathResponse answer;
+  {
+    // A range past the fragment: refused and closed (its bytes cannot be trusted to follow).
+    auto c = Hello();
+    c->SendFrame(PutRequest(key, meta, meta.fragment_bytes - 10, 20));
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+    EXPECT_NE(answer.message().find("within info.fragment_bytes"), std::string::npos)
+        << answer.message();
+    EXPECT_TRUE(c->ClosedByServer());
+  }
+  {
+    // A chunk that is not where the range says: refused and closed.
+    auto c = Hello();
+    const std::vector<uint8_t> data = RandomBytes(4096);
+    c->SendFrame(PutRequest(key, meta, 0, 8192));
+    c->SendChunk(4096, data.data(), 4096, Crc32c(data.data(), 4096));
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+    EXPECT_NE(answer.message().find("at offset 0 was expected"), std::string::npos)
+        << answer.message();
+    EXPECT_TRUE(c->ClosedByServer());
+  }
+  {
+    // Bad metadata (k of 0) and a fragment nobody holds: errors, and the connection goes on.
+    auto c = Hello();
+    FragmentMeta bad = meta;
+    bad.ec_k = 0;
+    const std::vector<uint8_t> data = RandomBytes(4096);
+    c->SendFrame(PutRequest(key, bad, 0, 4096));
+    c->SendChunk(0, data.data(), 4096, Crc32c(data.data(), 4096));
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument))
+        << answer.message();
+    peer::DataPathRequest get;
+    get.set_op(peer::DataPathRequest::GET_RANGE);
+    peer_wire::ToProto(FragmentKey{"job-none", 0, 1, 0}, 0, get.mutable_key());
+    c->SendFrame(get);
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kNotFound)) << answer.message();
+    get.set_chunk_bytes(100);  // below 64 KiB
+    c->SendFrame(get);
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+    EXPECT_NE(answer.message().find("chunk_bytes"), std::string::npos) << answer.message();
+    peer::DataPathRequest unknown;
+    unknown.set_op(static_cast<peer::DataPathRequest::Op>(9));
+    c->SendFrame(unknown);
+    ASSERT_TRUE(c->ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+    EXPECT_NE(answer.message().find("PUT_RANGE (1), SEAL (2) or GET_RANGE (3)"),
+              std::string::npos)
+        << answer.message();
+  }
+  EXPECT_GE(data_server_->stats().request_errors, 6u);
+}
+
+TEST_F(DataPathTest, StalledSenderTimesOutAndStopClosesConnections) {
+  const FragmentKey key{"job-s", 0, 1, 0};
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  auto c = Hello();
+  const std::vector<uint8_t> data = RandomBytes(1000);
+  c->SendFrame(PutRequest(key, meta, 0, meta.fragment_bytes));
+  c->SendChunk(0, data.data(), 1000, Crc32c(data.data(), 1000));
+  // ... and nothing more: after io_timeout (5 s) the server gives up on the request.
+  EXPECT_TRUE(c->ClosedByServer());
+  auto held = fragments_->List("job-s");
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].bytes_received, 1000u);
+  // Idle connections end when the server stops.
+  auto idle = Hello();
+  EXPECT_EQ(data_server_->stats().connections_open, 1u);
+  data_server_->Stop();
+  EXPECT_TRUE(idle->ClosedByServer());
+  EXPECT_EQ(data_server_->stats().connections_open, 0u);
+}
+
+TEST_F(DataPathTest, ConcurrentPutsFromManyThreads) {
+  std::vector<std::vector<uint8_t>> datas;
+  const FragmentMeta meta = MetaFor(uint64_t{12} << 20);
+  for (int i = 0; i < 8; ++i) datas.push_back(RandomBytes(meta.fragment_bytes));
+  std::vector<std::thread> threads;
+  std::vector<absl::Status> statuses(datas.size());
+  for (size_t i = 0; i < datas.size(); ++i) {
+    threads.emplace_back([&, i] {
+      const FragmentKey key{"job-m", static_cast<uint32_t>(i), 1, 0};
+      statuses[i] =
+          client_->PutFragment(address_, key, meta, datas[i].data(), datas[i].size()).status();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < datas.size(); ++i) {
+    ASSERT_TRUE(statuses[i].ok()) << statuses[i];
+    auto view = fragments_->Get(FragmentKey{"job-m", static_cast<uint32_t>(i), 1, 0});
+    ASSERT_TRUE(view.ok()) << view.status();
+    EXPECT_EQ(std::memcmp(view->data(), datas[i].data(), datas[i].size()), 0) << i;
+  }
+}
+
+TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
+  client_->Prepare(address_, 1, /*open_connections=*/true);
+  ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) { return s.connections_open == 4; }))
+      << data_server_->stats().connections_open;
+  // A fragment cut in 4 ranges uses the prepared connections: none is opened for it.
+  const FragmentKey key{"job-w", 0, 2, 0};
+  const FragmentMeta meta = MetaFor(uint64_t{30} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(client_->PutFragment(address_, key, meta, data.data(), data.size()).ok());
+  client_->Prepare(address_, 1, /*open_connections=*/true);  // the same incarnation: nothing to do
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(data_server_->stats().connections_accepted, 4u);
+  // The peer restarted: the old connections are closed and new ones opened.
+  client_->Prepare(address_, 2, /*open_connections=*/true);
+  ASSERT_TRUE(WaitFor(data_server_.get(), [](const auto& s) {
+    return s.connections_accepted == 8 && s.connections_open == 4;
+  })) << data_server_->stats().connections_accepted << " accepted, "
+      << data_server_->stats().connections_open << " open";
+  auto view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+}
+
+TEST(HostOfAddressTest, SplitsHostsAndBracketedV6) {
+  EXPECT_EQ(HostOfAddress("127.0.0.1:7070"), "127.0.0.1");
+  EXPECT_EQ(HostOfAddress("node-3.tessera.svc:7070"), "node-3.tessera.svc");
+  EXPECT_EQ(HostOfAddress("[::1]:7070"), "::1");
+  EXPECT_EQ(HostOfAddress("0.0.0.0:0"), "0.0.0.0");
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,1091 @@
+#include "daemon/transfer/peer_client.h"
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
+#include "common/grpc_status.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "daemon/transfer/cluster_token.h"
+#include "grpc/grpc.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/support/client_callback.h"
+#include "grpcpp/support/stub_options.h"
+
+namespace tessera {
+namespace {
+
+constexpr const char* kPutFragmentMethod = "/tessera.peer.Peer/PutFragment";
+constexpr const char* kGetFragmentMethod = "/tessera.peer.Peer/GetFragment";
+constexpr const char* kFetchShardMethod = "/tessera.peer.Peer/FetchShard";
+
+// Counts the zero-copy slices gRPC still holds over the caller's memory.
+class SliceTracker {
+ public:
+  ~SliceTracker() { WaitIdle(); }
+  void Add() {
+    absl::MutexLock lock(&mu_);
+    ++outstanding_;
+  }
+  static void Release(void* self) {
+    auto* t = static_cast<SliceTracker*>(self);
+    absl::MutexLock lock(&t->mu_);
+    --t->outstanding_;
+  }
+  void WaitIdle() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](int* n) { return *n == 0; }, &outstanding_));
+  }
+
+ private:
+  absl::Mutex mu_;
+  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// One streaming call over the generic stub, driven by gRPC's callbacks: Start, then Wait. The
+// producer is asked for the next message each time the previous write completes; the consumer
+// sees every received message. Both run on gRPC threads, one call at a time per StreamCall.
+class StreamCall final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  // Fills *out with the next message; false when there are no more.
+  using Producer = std::function<bool(grpc::ByteBuffer* out)>;
+  // An error cancels the call and becomes Wait's result.
+  using Consumer = std::function<absl::Status(const grpc::ByteBuffer& in)>;
+
+  // `token`: the cluster token sent with the call (empty: none).
+  StreamCall(Producer producer, Consumer consumer, const std::string& token)
+      : producer_(std::move(producer)), consumer_(std::move(consumer)) {
+    if (!token.empty()) context_.AddMetadata(kClusterTokenMetadataKey, token);
+  }
+
+  void Start(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+             absl::Time deadline) {
+    context_.set_deadline(absl::ToChronoTime(deadline));
+    grpc::GenericStub stub(channel);
+    stub.PrepareBidiStreamingCall(&context_, method, grpc::StubOptions(), this);
+    StartRead(&in_);
+    WriteNext();
+    StartCall();
+  }
+
+  void Cancel() { context_.TryCancel(); }
+
+  absl::Status Wait() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(&done_));
+    if (!consumer_error_.ok()) return consumer_error_;
+    return FromGrpcStatus(status_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (ok) WriteNext();  // otherwise the call failed: OnDone brings the status
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    absl::Status status = consumer_(in_);
+    in_.Clear();
+    if (!status.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        consumer_error_ = status;
+      }
+      context_.TryCancel();
+      return;
+    }
+    StartRead(&in_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    absl::MutexLock lock(&mu_);
+    status_ = status;
+    done_ = true;
+  }
+
+ private:
+  void WriteNext() {
+    if (producer_(&out_)) {
+      StartWrite(&out_);
+    } else {
+      StartWritesDone();
+    }
+  }
+
+  Producer producer_;
+  Consumer consumer_;
+  grpc::ClientContext context_;
+  grpc::ByteBuffer out_;
+  grpc::ByteBuffer in_;
+  absl::Mutex mu_;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
+  absl::Status consumer_error_ ABSL_GUARDED_BY(mu_);
+};
+
+// Waits for every call; on the first failure cancels the others. Returns the first failure.
+absl::Status WaitAll(std::vector<std::unique_ptr<StreamCall>>& calls) {
+  absl::Status first;
+  for (auto& call : calls) {
+    absl::Status s = call->Wait();
+    if (!s.ok() && first.ok()) {
+      first = s;
+      for (auto& other : calls) other->Cancel();
+    }
+  }
+  return first;
+}
+
+absl::Status ValidateChunkSize(size_t chunk_bytes) {
+  if (chunk_bytes < kMinChunkBytes || chunk_bytes > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk_bytes ", chunk_bytes, " must be ",
+                                                   kMinChunkBytes, "..", kMaxChunkBytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidatePut(const FragmentKey& key, const FragmentMeta& meta, const uint8_t* data,
+                         size_t bytes) {
+  TESSERA_RETURN_IF_ERROR(ValidateFragmentKey(key));
+  TESSERA_RETURN_IF_ERROR(ValidateFragmentMeta(key, meta));
+  if (data == nullptr || bytes != meta.fragment_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        key.ToString(), ": PutFragment sends the whole fragment: ", meta.fragment_bytes,
+        " bytes, got ", bytes, data == nullptr ? " at a null pointer" : ""));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateFetch(const std::string& job_id, int64_t step, const ShardSink* sink) {
+  TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  if (step < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step must be >= 0, or -1 for the newest; got ", step));
+  }
+  if (sink == nullptr) return absl::InvalidArgumentError("FetchShard needs a sink");
+  return absl::OkStatus();
+}
+
+absl::Status ValidateHeartbeat(const HeartbeatMessage& message) {
+  if (message.from.node_id.empty() || message.from.incarnation == 0) {
+    return absl::InvalidArgumentError(
+        "a heartbeat needs the sender's node_id and a non-zero incarnation");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// GrpcPeerClient
+
+absl::StatusOr<std::unique_ptr<GrpcPeerClient>> GrpcPeerClient::Create(Options options) {
+  if (options.channels_per_peer < 1 || options.channels_per_peer > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("channels_per_peer must be 1..64, got ", options.channels_per_peer));
+  }
+  TESSERA_RETURN_IF_ERROR(ValidateChunkSize(options.chunk_bytes));
+  if (options.min_range_bytes < options.chunk_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("min_range_bytes ", options.min_range_bytes,
+                                                   " must be at least chunk_bytes ",
+                                                   options.chunk_bytes));
+  }
+  if (options.max_peers_with_channels < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_peers_with_channels must be 0 (no bound) or more, got ",
+        options.max_peers_with_channels));
+  }
+  if (options.max_attempts < 1 || options.min_rate_bytes_per_s == 0 ||
+      options.control_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "max_attempts, min_rate_bytes_per_s and control_timeout must be positive");
+  }
+  if (!options.credentials) options.credentials = grpc::InsecureChannelCredentials();
+  return std::unique_ptr<GrpcPeerClient>(new GrpcPeerClient(std::move(options)));
+}
+
+GrpcPeerClient::GrpcPeerClient(Options options) : options_(std::move(options)) {
+  DataPathClient::Options data_options;
+  data_options.chunk_bytes = options_.chunk_bytes;
+  data_options.max_idle_per_peer = 4 * options_.channels_per_peer;
+  data_options.self_node_id = options_.self_node_id;
+  data_path_client_ = std::make_unique<DataPathClient>(data_options);
+}
+
+GrpcPeerClient::~GrpcPeerClient() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (prepare_thread_.joinable()) prepare_thread_.join();
+}
+
+void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation,
+                             bool open_connections) {
+  if (!options_.raw_data_path) return;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = prepared_.find(peer);
+    if (stopping_ || (it != prepared_.end() && it->second == incarnation)) return;
+    const bool restarted = it != prepared_.end();
+    prepared_[peer] = incarnation;
+    prepare_queue_.emplace_back(peer, open_connections);
+    if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
+    if (!restarted) return;
+    data_paths_.erase(peer);
+  }
+  data_path_client_->Forget(peer);
+}
+
+void GrpcPeerClient::PrepareLoop() {
+  for (;;) {
+    std::string peer;
+    bool open_connections = false;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](GrpcPeerClient* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+            return c->stopping_ || !c->prepare_queue_.empty();
+          },
+          this));
+      if (stopping_) return;
+      std::tie(peer, open_connections) = std::move(prepare_queue_.front());
+      prepare_queue_.pop_front();
+    }
+    absl::StatusOr<std::optional<DataPathClient::Endpoint>> endpoint = DataPathOf(peer);
+    absl::Status status = endpoint.status();
+    if (endpoint.ok() && endpoint->has_value() && open_connections) {
+      status = data_path_client_->Open(peer, **endpoint, options_.channels_per_peer,
+                                       absl::Now() + options_.control_timeout);
+    }
+    if (!status.ok()) {
+      // Not retried by later rounds (a peer whose data port is blocked would be tried every
+      // heartbeat): the first transfer negotiates again, and a failed one (ForgetDataPath) lets
+      // the next round prepare the peer anew.
+      Logger("peer")->info("preparing {} for fragments: {}; the first transfer tries again", peer,
+                           status.ToString());
+    }
+  }
+}
+
+void GrpcPeerClient::AddToken(grpc::ClientContext* context) const {
+  if (!options_.token.empty()) context->AddMetadata(kClusterTokenMetadataKey, options_.token);
+}
+
+GrpcPeerClient::Stats GrpcPeerClient::stats() const {
+  absl::MutexLock lock(&mu_);
+  Stats s = stats_;
+  s.peers_with_channels = channels_.size();
+  return s;
+}
+
+absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPathOf(
+    const std::string& peer) {
+  if (!options_.raw_data_path) return std::optional<DataPathClient::Endpoint>();
+  bool was_grpc = false;  // asked before, and told to use gRPC: the log says so only once
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = data_paths_.find(peer);
+    if (it != data_paths_.end() &&
+        (it->second.endpoint || absl::Now() - it->second.asked < absl::Minutes(1))) {
+      return it->second.endpoint;
+    }
+    was_grpc = it != data_paths_.end();
+  }
+  peer::OpenDataPathRequest request;
+  peer::OpenDataPathResponse response;
+  grpc::ClientContext context;
+  AddToken(&context);
+  context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
+  absl::Status status = FromGrpcStatus(
+      peer::Peer::NewStub(AnyChannel(peer))->OpenDataPath(&context, request, &response));
+  DataPathState state;
+  state.asked = absl::Now();
+  if (status.ok() && response.version() == kDataPathVersion && response.port() > 0 &&
+      response.port() <= 65535) {
+    state.endpoint = DataPathClient::Endpoint{
+        HostOfAddress(peer), static_cast<uint16_t>(response.port()), response.session_key()};
+    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {})", peer,
+                         response.port());
+  } else if (status.ok() || status.code() == absl::StatusCode::kFailedPrecondition ||
+             status.code() == absl::StatusCode::kUnimplemented) {
+    Logger("peer")->log(was_grpc ? spdlog::level::debug : spdlog::level::info,
+                        "{}: fragments go over gRPC streams ({})", peer,
+                        status.ok() ? absl::StrCat("it offers data path version ",
+                                                   response.version(), " on port ",
+                                                   response.port())
+                                    : status.ToString());
+  } else {
+    return status;  // the peer is not reachable now: the caller's retries decide
+  }
+  absl::MutexLock lock(&mu_);
+  data_paths_[peer] = state;
+  return state.endpoint;
+}
+
+void GrpcPeerClient::ForgetDataPath(const std::string& peer) {
+  {
+    absl::MutexLock lock(&mu_);
+    data_paths_.erase(peer);
+    prepared_.erase(peer);
+  }
+  data_path_client_->Forget(peer);
+}
+
+std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  if (auto it = channels_.find(peer); it != channels_.end()) {
+    channel_lru_.splice(channel_lru_.begin(), channel_lru_, it->second.lru);
+    return it->second.channels;
+  }
+  if (options_.max_peers_with_channels > 0 &&
+      channels_.size() >= static_cast<size_t>(options_.max_peers_with_channels)) {
+    // Calls in flight keep their channel alive; the connection closes when the last one ends.
+    channels_.erase(channel_lru_.back());
+    channel_lru_.pop_back();
+    ++stats_.channel_evictions;
+  }
+  channel_lru_.push_front(peer);
+  PeerChannels& entry = channels_[peer];
+  entry.lru = channel_lru_.begin();
+  for (int i = 0; i < options_.channels_per_peer; ++i) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    // Each channel its own TCP connection: a private subchannel pool, and an argument that
+    // tells the channels apart.
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("tessera.channel_index", i);
+    entry.channels.push_back(grpc::CreateCustomChannel(peer, options_.credentials, args));
+  }
+  return entry.channels;
+}
+
+std::shared_ptr<grpc::Channel> GrpcPeerClient::AnyChannel(const std::string& peer) {
+  std::vector<std::shared_ptr<grpc::Channel>> channels = Channels(peer);
+  absl::MutexLock lock(&mu_);
+  return channels[next_channel_++ % channels.size()];
+}
+
+absl::Time GrpcPeerClient::DataDeadline(uint64_t bytes) const {
+  return absl::Now() + options_.control_timeout +
+         absl::Seconds(static_cast<double>(bytes) / options_.min_rate_bytes_per_s);
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> GrpcPeerClient::Ranges(uint64_t bytes,
+                                                                  size_t channels) const {
+  const uint64_t n = std::max<uint64_t>(
+      1, std::min<uint64_t>(channels, bytes / std::max<uint64_t>(options_.min_range_bytes, 1)));
+  const uint64_t chunk = options_.chunk_bytes;
+  const uint64_t chunks = (bytes + chunk - 1) / chunk;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  uint64_t begin = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t end = i + 1 == n ? bytes : std::min(bytes, chunks * (i + 1) / n * chunk);
+    ranges.emplace_back(begin, end);
+    begin = end;
+  }
+  return ranges;
+}
+
+absl::Status GrpcPeerClient::WithRetries(const char* method, const std::string& peer,
+                                         const std::function<absl::Status()>& attempt) {
+  thread_local std::mt19937 rng(std::random_device{}());
+  absl::Duration backoff = options_.initial_backoff;
+  for (int i = 1;; ++i) {
+    absl::Status status = attempt();
+    if (status.code() != absl::StatusCode::kUnavailable || i >= options_.max_attempts) {
+      if (status.ok()) return status;
+      return Annotate(status, absl::StrCat(method, " to ", peer,
+                                           i > 1 ? absl::StrCat(" (", i, " attempts)") : ""));
+    }
+    // Jitter keeps many senders from retrying in step.
+    std::uniform_real_distribution<double> jitter(0.5, 1.0);
+    const absl::Duration wait = backoff * jitter(rng);
+    Logger("peer")->info("{} to {} (attempt {} of {}): {}; retrying in {}", method, peer, i,
+                         options_.max_attempts, status.ToString(), absl::FormatDuration(wait));
+    absl::SleepFor(wait);
+    backoff = std::min(backoff * 2, options_.max_backoff);
+  }
+}
+
+absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer,
+                                                         const HeartbeatMessage& message) {
+  TESSERA_RETURN_IF_ERROR(ValidateHeartbeat(message));
+  peer::HeartbeatRequest request;
+  peer_wire::ToProto(message, &request);
+  HeartbeatReply reply;
+  TESSERA_RETURN_IF_ERROR(WithRetries("Heartbeat", peer, [&]() -> absl::Status {
+    peer::HeartbeatResponse response;
+    grpc::ClientContext context;
+    AddToken(&context);
+    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
+    const absl::Status status = FromGrpcStatus(
+        peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response));
+    if (absl::IsUnavailable(status) && options_.reconnect_at_once) ForgetChannels(peer);
+    TESSERA_RETURN_IF_ERROR(status);
+    reply = peer_wire::FromProto(response, peer);
+    return absl::OkStatus();
+  }));
+  return reply;
+}
+
+void GrpcPeerClient::ForgetChannels(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  auto it = channels_.find(peer);
+  if (it == channels_.end()) return;
+  channel_lru_.erase(it->second.lru);
+  channels_.erase(it);
+}
+
+absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const std::string& peer,
+                                                       const std::string& job_id) {
+  if (!job_id.empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  peer::ListHeldRequest request;
+  request.set_job_id(job_id);
+  HeldInventory held;
+  TESSERA_RETURN_IF_ERROR(WithRetries("ListHeld", peer, [&]() -> absl::Status {
+    peer::ListHeldResponse response;
+    grpc::ClientContext context;
+    AddToken(&context);
+    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
+    TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
+        peer::Peer::NewStub(AnyChannel(peer))->ListHeld(&context, request, &response)));
+    held = HeldInventory();
+    for (const peer::HeldFragment& f : response.fragments()) {
+      held.fragments.push_back(peer_wire::FromProto(f));
+    }
+    for (const peer::ShardInfo& s : response.shards()) {
+      held.shards.push_back(peer_wire::FromProto(s));
+    }
+    return absl::OkStatus();
+  }));
+  return held;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const std::string& peer,
+                                                           const FragmentKey& key,
+                                                           const FragmentMeta& meta,
+                                                           const uint8_t* data, size_t bytes) {
+  TESSERA_RETURN_IF_ERROR(ValidatePut(key, meta, data, bytes));
+  FragmentStatus result;
+  TESSERA_RETURN_IF_ERROR(WithRetries("PutFragment", peer, [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
+    if (endpoint) {
+      absl::StatusOr<FragmentStatus> put = PutFragmentRaw(peer, *endpoint, key, meta, data);
+      if (put.status().code() == absl::StatusCode::kUnavailable) ForgetDataPath(peer);
+      TESSERA_ASSIGN_OR_RETURN(result, std::move(put));
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(result, PutFragmentOnce(peer, key, meta, data));
+    }
+    absl::MutexLock lock(&mu_);
+    ++(endpoint ? stats_.raw_puts : stats_.grpc_puts);
+    return absl::OkStatus();
+  }));
+  return result;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentRaw(
+    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    const FragmentMeta& meta, const uint8_t* data) {
+  const auto ranges = Ranges(meta.fragment_bytes, options_.channels_per_peer);
+  std::vector<absl::Status> statuses(ranges.size());
+  std::vector<uint32_t> crcs(ranges.size());
+  auto put = [&](size_t i) {
+    const auto [begin, end] = ranges[i];
+    statuses[i] = data_path_client_
+                      ->PutRange(peer, endpoint, key, meta, data, begin, end,
+                                 DataDeadline(end - begin), &crcs[i])
+                      .status();
+  };
+  // The ranges go over connections of their own, at once; the first on this thread.
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < ranges.size(); ++i) threads.emplace_back(put, i);
+  put(0);
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& status : statuses) TESSERA_RETURN_IF_ERROR(status);
+  uint32_t crc = crcs[0];
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    crc = Crc32cCombineCached(crc, crcs[i], ranges[i].second - ranges[i].first);
+  }
+  return data_path_client_->Seal(peer, endpoint, key, meta, crc, DataDeadline(0));
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string& peer,
+                                                               const FragmentKey& key,
+                                                               const FragmentMeta& meta,
+                                                               const uint8_t* data) {
+  const std::vector<std::shared_ptr<grpc::Channel>> channels = Channels(peer);
+  const auto ranges = Ranges(meta.fragment_bytes, channels.size());
+  const bool single = ranges.size() == 1;
+  struct RangeState {
+    uint64_t begin = 0;
+    uint64_t end = 0;
+    uint64_t pos = 0;
+    uint32_t crc = 0;
+    bool first = true;
+    peer::PutFragmentResponse response;
+  };
+  std::vector<RangeState> states(ranges.size());
+  // Declared before the calls: destroyed after them, waiting for gRPC to let go of `data`.
+  SliceTracker tracker;
+  std::vector<std::unique_ptr<StreamCall>> calls;
+
+  auto first_header = [&](peer::FragmentChunk* header) {
+    peer_wire::ToProto(key, meta.owner_incarnation, header->mutable_key());
+    header->mutable_key()->set_owner_node_id(options_.self_node_id);
+    peer_wire::ToProto(meta, header->mutable_info());
+  };
+  auto consumer = [](peer::PutFragmentResponse* out) {
+    return [out](const grpc::ByteBuffer& in) -> absl::Status {
+      peer_wire::ReceivedData ignored;
+      return peer_wire::DecodeWithData(in, out, &ignored);
+    };
+  };
+
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    RangeState& r = states[i];
+    r.begin = r.pos = ranges[i].first;
+    r.end = ranges[i].second;
+    auto producer = [&, i](grpc::ByteBuffer* out) -> bool {
+      RangeState& r = states[i];
+      if (r.pos == r.end) return false;
+      peer::FragmentChunk header;
+      if (r.first) first_header(&header);
+      const size_t len = std::min<uint64_t>(options_.chunk_bytes, r.end - r.pos);
+      const uint32_t crc = Crc32c(data + r.pos, len);
+      r.crc = r.first ? crc : Crc32cCombineCached(r.crc, crc, len);
+      header.set_offset(r.pos);
+      header.set_crc32c(crc);
+      if (single && r.pos + len == r.end) {
+        header.set_seal(true);
+        header.set_fragment_crc32c(r.crc);
+      }
+      tracker.Add();
+      *out = peer_wire::EncodeWithData(header, data + r.pos, len, &SliceTracker::Release, &tracker);
+      r.pos += len;
+      r.first = false;
+      return true;
+    };
+    calls.push_back(std::make_unique<StreamCall>(producer, consumer(&r.response), options_.token));
+  }
+  for (size_t i = 0; i < calls.size(); ++i) {
+    calls[i]->Start(channels[i], kPutFragmentMethod, DataDeadline(states[i].end - states[i].begin));
+  }
+  TESSERA_RETURN_IF_ERROR(WaitAll(calls));
+
+  peer::PutFragmentResponse final_response = states[0].response;
+  uint32_t crc = states[0].crc;
+  for (size_t i = 1; i < states.size(); ++i) {
+    crc = Crc32cCombineCached(crc, states[i].crc, states[i].end - states[i].begin);
+  }
+  if (!single) {  // every range is there: one short message seals it
+    bool sent = false;
+    StreamCall seal(
+        [&](grpc::ByteBuffer* out) -> bool {
+          if (sent) return false;
+          peer::FragmentChunk header;
+          first_header(&header);
+          header.set_seal(true);
+          header.set_fragment_crc32c(crc);
+          *out = peer_wire::EncodeWithData(header, nullptr, 0, nullptr, nullptr);
+          sent = true;
+          return true;
+        },
+        consumer(&final_response), options_.token);
+    seal.Start(channels[0], kPutFragmentMethod, DataDeadline(0));
+    TESSERA_RETURN_IF_ERROR(seal.Wait());
+  }
+  if (!final_response.sealed() || final_response.fragment_crc32c() != crc) {
+    return absl::InternalError(absl::StrCat(
+        key.ToString(), ": the peer answered without sealing it (sealed=", final_response.sealed(),
+        ", ", final_response.bytes_received(), " bytes, CRC32C 0x",
+        absl::Hex(final_response.fragment_crc32c()), ", sent 0x", absl::Hex(crc), ")"));
+  }
+  FragmentStatus status;
+  status.key = key;
+  status.meta = meta;
+  status.state = SegmentState::kSealed;
+  status.bytes_received = final_response.bytes_received();
+  status.fragment_crc32c = crc;
+  return status;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragment(const std::string& peer,
+                                                           const FragmentKey& key,
+                                                           uint64_t owner_incarnation, uint8_t* dst,
+                                                           size_t capacity) {
+  TESSERA_RETURN_IF_ERROR(ValidateFragmentKey(key));
+  if (dst == nullptr || capacity == 0) {
+    return absl::InvalidArgumentError("GetFragment needs a destination buffer");
+  }
+  FragmentStatus result;
+  TESSERA_RETURN_IF_ERROR(WithRetries("GetFragment", peer, [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
+    if (endpoint) {
+      absl::StatusOr<FragmentStatus> got =
+          GetFragmentRaw(peer, *endpoint, key, owner_incarnation, dst, capacity);
+      if (got.status().code() == absl::StatusCode::kUnavailable) ForgetDataPath(peer);
+      TESSERA_ASSIGN_OR_RETURN(result, std::move(got));
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(result,
+                               GetFragmentOnce(peer, key, owner_incarnation, dst, capacity));
+    }
+    absl::MutexLock lock(&mu_);
+    ++(endpoint ? stats_.raw_gets : stats_.grpc_gets);
+    return absl::OkStatus();
+  }));
+  return result;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentRaw(
+    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    uint64_t owner_incarnation, uint8_t* dst, size_t capacity) {
+  // As GetFragmentOnce: ranges cut from the buffer's size, clamped by the peer.
+  const auto ranges = Ranges(capacity, options_.channels_per_peer);
+  std::vector<absl::StatusOr<DataPathClient::RangeRead>> reads(ranges.size());
+  auto get = [&](size_t i) {
+    const auto [begin, end] = ranges[i];
+    reads[i] = data_path_client_->GetRange(peer, endpoint, key, owner_incarnation, begin,
+                                           i + 1 == ranges.size() ? 0 : end, dst, capacity,
+                                           DataDeadline(end - begin));
+  };
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < ranges.size(); ++i) threads.emplace_back(get, i);
+  get(0);
+  for (std::thread& t : threads) t.join();
+  for (const auto& read : reads) TESSERA_RETURN_IF_ERROR(read.status());
+  const DataPathClient::RangeRead& first = *reads[0];
+  uint32_t crc = 0;
+  uint64_t received = 0;
+  for (const auto& read : reads) {
+    if (read->meta != first.meta || read->fragment_crc32c != first.fragment_crc32c ||
+        read->begin != std::min<uint64_t>(received, first.meta.fragment_bytes)) {
+      return absl::DataLossError(absl::StrCat(
+          key.ToString(), ": the range reads disagreed on the fragment, or left a gap at ",
+          received));
+    }
+    if (read->end > read->begin) {
+      crc = received == 0 ? read->range_crc32c
+                          : Crc32cCombineCached(crc, read->range_crc32c, read->end - read->begin);
+      received = read->end;
+    }
+  }
+  if (received != first.meta.fragment_bytes || crc != first.fragment_crc32c) {
+    return absl::DataLossError(absl::StrCat(key.ToString(), ": received ", received, " of ",
+                                            first.meta.fragment_bytes, " bytes with CRC32C 0x",
+                                            absl::Hex(crc), "; sealed with 0x",
+                                            absl::Hex(first.fragment_crc32c)));
+  }
+  FragmentStatus status;
+  status.key = key;
+  status.meta = first.meta;
+  status.state = SegmentState::kSealed;
+  status.bytes_received = received;
+  status.fragment_crc32c = crc;
+  return status;
+}
+
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const std::string& peer,
+                                                               const FragmentKey& key,
+                                                               uint64_t owner_incarnation,
+                                                               uint8_t* dst, size_t capacity) {
+  const std::vector<std::shared_ptr<grpc::Channel>> channels = Channels(peer);
+  // The fragment's size is learnt from the first message; the ranges are cut from `capacity`
+  // (a caller usually passes exactly the fragment's size) and clamped to the fragment by the
+  // peer, so no extra round trip is needed.
+  const auto ranges = Ranges(capacity, channels.size());
+  struct RangeState {
+    uint64_t begin = 0;
+    uint64_t end = 0;  // requested; clamped once the size is known
+    uint64_t pos = 0;
+    uint32_t crc = 0;
+    bool have_info = false;
+    peer::FragmentInfo info;
+  };
+  std::vector<RangeState> states(ranges.size());
+  std::vector<std::unique_ptr<StreamCall>> calls;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    RangeState& r = states[i];
+    r.begin = r.pos = ranges[i].first;
+    r.end = ranges[i].second;
+    peer::GetFragmentRequest request;
+    peer_wire::ToProto(key, owner_incarnation, request.mutable_key());
+    request.set_offset(r.begin);
+    request.set_length(i + 1 == ranges.size() ? 0 : r.end - r.begin);
+    request.set_chunk_bytes(static_cast<uint32_t>(options_.chunk_bytes));
+    auto sent = std::make_shared<bool>(false);
+    auto producer = [request, sent](grpc::ByteBuffer* out) -> bool {
+      if (*sent) return false;
+      *out = peer_wire::EncodeWithData(request, nullptr, 0, nullptr, nullptr);
+      *sent = true;
+      return true;
+    };
+    auto consumer = [&, i](const grpc::ByteBuffer& in) -> absl::Status {
+      RangeState& r = states[i];
+      peer::DataChunk message;
+      peer_wire::ReceivedData data;
+      TESSERA_RETURN_IF_ERROR(peer_wire::DecodeWithData(in, &message, &data));
+      if (!r.have_info) {
+        if (!message.has_fragment()) {
+          return absl::InvalidArgumentError("GetFragment's first message carries no fragment info");
+        }
+        r.info = message.fragment();
+        r.have_info = true;
+        if (r.info.fragment_bytes() > capacity) {
+          return absl::InvalidArgumentError(absl::StrCat(key.ToString(), " has ",
+                                                         r.info.fragment_bytes(),
+                                                         " bytes; the buffer holds ", capacity));
+        }
+        r.end = i + 1 == ranges.size() ? r.info.fragment_bytes()
+                                       : std::min<uint64_t>(r.end, r.info.fragment_bytes());
+        r.begin = r.pos = std::min(r.begin, r.end);
+      }
+      if (data.size == 0) return absl::OkStatus();
+      if (message.offset() != r.pos || data.size > r.end - r.pos) {
+        return absl::DataLossError(absl::StrCat(key.ToString(), ": got bytes [", message.offset(),
+                                                ", ", message.offset() + data.size, ") where [",
+                                                r.pos, ", ", r.end, ") was expected"));
+      }
+      const uint32_t crc = peer_wire::Crc32cOf(data.pieces);
+      if (crc != message.crc32c()) {
+        return absl::DataLossError(absl::StrCat(key.ToString(), ": chunk at offset ",
+                                                message.offset(), " has CRC32C 0x", absl::Hex(crc),
+                                                ", sent with 0x", absl::Hex(message.crc32c())));
+      }
+      uint8_t* p = dst + r.pos;
+      for (const ConstByteRange& piece : data.pieces) {
+        std::memcpy(p, piece.data, piece.size);
+        p += piece.size;
+      }
+      r.crc = r.pos == r.begin ? crc : Crc32cCombineCached(r.crc, crc, data.size);
+      r.pos += data.size;
+      return absl::OkStatus();
+    };
+    calls.push_back(std::make_unique<StreamCall>(producer, consumer, options_.token));
+  }
+  for (size_t i = 0; i < calls.size(); ++i) {
+    calls[i]->Start(channels[i], kGetFragmentMethod,
+                    DataDeadline(ranges[i].second - ranges[i].first));
+  }
+  TESSERA_RETURN_IF_ERROR(WaitAll(calls));
+
+  const peer::FragmentInfo& info = states[0].info;
+  uint32_t crc = 0;
+  uint64_t received = 0;
+  for (const RangeState& r : states) {
+    if (!r.have_info || r.info.fragment_bytes() != info.fragment_bytes() ||
+        r.info.fragment_crc32c() != info.fragment_crc32c() || r.pos != r.end) {
+      return absl::DataLossError(absl::StrCat(
+          key.ToString(), ": a range stream ended early or disagreed on the fragment (", r.pos,
+          " of [", r.begin, ", ", r.end, ") received)"));
+    }
+    if (r.end > r.begin) {
+      crc = received == 0 ? r.crc : Crc32cCombineCached(crc, r.crc, r.end - r.begin);
+      received += r.end - r.begin;
+    }
+  }
+  if (received != info.fragment_bytes() || crc != info.fragment_crc32c()) {
+    return absl::DataLossError(absl::StrCat(key.ToString(), ": received ", received, " of ",
+                                            info.fragment_bytes(), " bytes with CRC32C 0x",
+                                            absl::Hex(crc), "; sealed with 0x",
+                                            absl::Hex(info.fragment_crc32c())));
+  }
+  FragmentStatus status;
+  status.key = key;
+  peer::FragmentKey key_proto;
+  key_proto.set_owner_incarnation(owner_incarnation);
+  status.meta = peer_wire::FromProto(key_proto, info);
+  status.state = SegmentState::kSealed;
+  status.bytes_received = received;
+  status.fragment_crc32c = crc;
+  return status;
+}
+
+absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShard(const std::string& peer,
+                                                     const std::string& job_id, uint32_t rank,
+                                                     int64_t step, ShardSink* sink) {
+  TESSERA_RETURN_IF_ERROR(ValidateFetch(job_id, step, sink));
+  ShardInfo result;
+  TESSERA_RETURN_IF_ERROR(WithRetries("FetchShard", peer, [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(result, FetchShardOnce(peer, job_id, rank, step, sink));
+    return absl::OkStatus();
+  }));
+  return result;
+}
+
+absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShardOnce(const std::string& peer,
+                                                         const std::string& job_id, uint32_t rank,
+                                                         int64_t step, ShardSink* sink) {
+  peer::FetchShardRequest request;
+  request.set_job_id(job_id);
+  request.set_rank(rank);
+  request.set_step(step);
+  request.set_chunk_bytes(static_cast<uint32_t>(options_.chunk_bytes));
+  bool sent = false;
+  bool have_info = false;
+  ShardInfo info;
+  uint64_t pos = 0;
+  uint32_t crc = 0;
+  StreamCall call(
+      [&](grpc::ByteBuffer* out) -> bool {
+        if (sent) return false;
+        *out = peer_wire::EncodeWithData(request, nullptr, 0, nullptr, nullptr);
+        sent = true;
+        return true;
+      },
+      [&](const grpc::ByteBuffer& in) -> absl::Status {
+        peer::DataChunk message;
+        peer_wire::ReceivedData data;
+        TESSERA_RETURN_IF_ERROR(peer_wire::DecodeWithData(in, &message, &data));
+        if (!have_info) {
+          if (!message.has_shard()) {
+            return absl::InvalidArgumentError("FetchShard's first message carries no shard info");
+          }
+          info = peer_wire::FromProto(message.shard());
+          have_info = true;
+          TESSERA_RETURN_IF_ERROR(sink->Begin(info));
+        }
+        if (data.size == 0) return absl::OkStatus();
+        if (message.offset() != pos || data.size > info.payload_bytes - pos) {
+          return absl::DataLossError(absl::StrCat("shard of job '", job_id, "' rank ", rank,
+                                                  ": got bytes at offset ", message.offset(),
+                                                  " where ", pos, " was expected"));
+        }
+        const uint32_t chunk_crc = peer_wire::Crc32cOf(data.pieces);
+        if (chunk_crc != message.crc32c()) {
+          return absl::DataLossError(absl::StrCat("shard of job '", job_id, "' rank ", rank,
+                                                  ": chunk at offset ", pos, " has CRC32C 0x",
+                                                  absl::Hex(chunk_crc), ", sent with 0x",
+                                                  absl::Hex(message.crc32c())));
+        }
+        uint64_t offset = pos;
+        for (const ConstByteRange& piece : data.pieces) {
+          TESSERA_RETURN_IF_ERROR(sink->Write(offset, piece.data, piece.size));
+          offset += piece.size;
+        }
+        crc = pos == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, data.size);
+        pos += data.size;
+        return absl::OkStatus();
+      },
+      options_.token);
+  call.Start(AnyChannel(peer), kFetchShardMethod, absl::Now() + options_.fetch_shard_timeout);
+  TESSERA_RETURN_IF_ERROR(call.Wait());
+  if (!have_info || pos != info.payload_bytes || crc != info.payload_crc32c) {
+    return absl::DataLossError(absl::StrCat(
+        "shard of job '", job_id, "' rank ", rank, " step ", info.step, ": received ", pos, " of ",
+        info.payload_bytes, " bytes with CRC32C 0x", absl::Hex(crc), "; sealed with 0x",
+        absl::Hex(info.payload_crc32c), " (discard what the sink received)"));
+  }
+  return info;
+}
+
+// ---------------------------------------------------------------------------------------------
+// FakePeerClient
+
+void FakePeerClient::AddPeer(const std::string& address, Peer peer) {
+  absl::MutexLock lock(&mu_);
+  peers_[address] = std::move(peer);
+}
+
+void FakePeerClient::RemovePeer(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  peers_.erase(address);
+}
+
+void FakePeerClient::InjectFault(const std::string& peer, Method method, Fault fault) {
+  absl::MutexLock lock(&mu_);
+  faults_.emplace_back(peer, method, std::move(fault));
+}
+
+void FakePeerClient::ClearFaults() {
+  absl::MutexLock lock(&mu_);
+  faults_.clear();
+}
+
+void FakePeerClient::Pause(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  paused_[peer] = true;
+}
+
+void FakePeerClient::Resume(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  paused_[peer] = false;
+}
+
+int FakePeerClient::calls(const std::string& peer, Method method) const {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& [key, count] : calls_) {
+    if ((peer.empty() || key.first == peer) && (method == Method::kAny || key.second == method)) {
+      n += count;
+    }
+  }
+  return n;
+}
+
+FakePeerClient::Decision FakePeerClient::Admit(const std::string& peer, Method method) {
+  absl::MutexLock lock(&mu_);
+  ++calls_[{peer, method}];
+  Decision d;
+  auto running = [this, &peer]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = paused_.find(peer);
+    return it == paused_.end() || !it->second;
+  };
+  if (!mu_.AwaitWithTimeout(absl::Condition(&running), options_.paused_call_timeout)) {
+    d.refuse = absl::DeadlineExceededError(absl::StrCat("peer ", peer, " is paused"));
+    return d;
+  }
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) {
+    d.refuse = absl::UnavailableError(absl::StrCat("no peer at ", peer, " (fake)"));
+    return d;
+  }
+  d.peer = it->second;
+  for (auto f = faults_.begin(); f != faults_.end(); ++f) {
+    auto& [fault_peer, fault_method, fault] = *f;
+    if (!fault_peer.empty() && fault_peer != peer) continue;
+    if (fault_method != Method::kAny && fault_method != method) continue;
+    switch (fault.kind) {
+      case Fault::Kind::kFail:
+        d.refuse = fault.status;
+        break;
+      case Fault::Kind::kDelay:
+        d.delay = fault.delay;
+        break;
+      case Fault::Kind::kDrop:
+        d.delay = fault.delay;
+        d.refuse = absl::DeadlineExceededError(absl::StrCat("call to ", peer, " dropped (fake)"));
+        break;
+      case Fault::Kind::kLoseReply:
+        d.after = fault.status;
+        break;
+    }
+    if (fault.times > 0 && --fault.times == 0) faults_.erase(f);
+    break;
+  }
+  return d;
+}
+
+template <typename T, typename Body>
+absl::StatusOr<T> FakePeerClient::Run(const std::string& peer, Method method, Body body) {
+  Decision d = Admit(peer, method);
+  if (d.delay > absl::ZeroDuration()) absl::SleepFor(d.delay);
+  if (!d.refuse.ok()) return d.refuse;
+  absl::StatusOr<T> result = body(d.peer);
+  if (!d.after.ok()) return d.after;
+  return result;
+}
+
+absl::StatusOr<HeartbeatReply> FakePeerClient::Heartbeat(const std::string& peer,
+                                                         const HeartbeatMessage& message) {
+  TESSERA_RETURN_IF_ERROR(ValidateHeartbeat(message));
+  return Run<HeartbeatReply>(peer, Method::kHeartbeat,
+                             [&](const Peer& p) -> absl::StatusOr<HeartbeatReply> {
+                               if (p.on_heartbeat) return p.on_heartbeat(message);
+                               HeartbeatReply reply;
+                               reply.peer = p.self;
+                               return reply;
+                             });
+}
+
+absl::StatusOr<FragmentStatus> FakePeerClient::PutFragment(const std::string& peer,
+                                                           const FragmentKey& key,
+                                                           const FragmentMeta& meta,
+                                                           const uint8_t* data, size_t bytes) {
+  TESSERA_RETURN_IF_ERROR(ValidatePut(key, meta, data, bytes));
+  return Run<FragmentStatus>(
+      peer, Method::kPutFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
+        TESSERA_RETURN_IF_ERROR(p.fragments->BeginFragment(key, meta).status());
+        uint32_t crc = 0;
+        for (uint64_t off = 0; off < bytes; off += kFakeChunkBytes) {
+          const size_t len = std::min<uint64_t>(kFakeChunkBytes, bytes - off);
+          const uint32_t chunk_crc = Crc32c(data + off, len);
+          crc = off == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, len);
+          TESSERA_RETURN_IF_ERROR(
+              p.fragments->WriteChunk(key, meta.owner_incarnation, off, data + off, len, chunk_crc)
+                  .status());
+        }
+        return p.fragments->SealFragment(key, meta.owner_incarnation, crc);
+      });
+}
+
+absl::StatusOr<FragmentStatus> FakePeerClient::GetFragment(const std::string& peer,
+                                                           const FragmentKey& key,
+                                                           uint64_t owner_incarnation, uint8_t* dst,
+                                                           size_t capacity) {
+  TESSERA_RETURN_IF_ERROR(ValidateFragmentKey(key));
+  if (dst == nullptr || capacity == 0) {
+    return absl::InvalidArgumentError("GetFragment needs a destination buffer");
+  }
+  return Run<FragmentStatus>(
+      peer, Method::kGetFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
+        TESSERA_ASSIGN_OR_RETURN(FragmentView view, p.fragments->Get(key, owner_incarnation));
+        if (view.size() > capacity) {
+          return absl::InvalidArgumentError(absl::StrCat(key.ToString(), " has ", view.size(),
+                                                         " bytes; the buffer holds ", capacity));
+        }
+        std::memcpy(dst, view.data(), view.size());
+        const uint32_t crc = Crc32c(dst, view.size());
+        if (crc != view.fragment_crc32c()) {
+          return absl::DataLossError(absl::StrCat(key.ToString(), ": received CRC32C 0x",
+                                                  absl::Hex(crc), "; sealed with 0x",
+                                                  absl::Hex(view.fragment_crc32c())));
+        }
+        FragmentStatus status;
+        status.key = key;
+        status.meta = view.meta();
+        status.state = SegmentState::kSealed;
+        status.bytes_received = view.size();
+        status.fragment_crc32c = crc;
+        return status;
+      });
+}
+
+absl::StatusOr<ShardInfo> FakePeerClient::FetchShard(const std::string& peer,
+                                                     const std::string& job_id, uint32_t rank,
+                                                     int64_t step, ShardSink* sink) {
+  TESSERA_RETURN_IF_ERROR(ValidateFetch(job_id, step, sink));
+  return Run<ShardInfo>(peer, Method::kFetchShard, [&](const Peer& p) -> absl::StatusOr<ShardInfo> {
+    if (p.shards == nullptr) return absl::UnimplementedError("this peer serves no shards (fake)");
+    TESSERA_ASSIGN_OR_RETURN(ShardSource::Shard shard,
+                             p.shards->OpenSealedShard(job_id, rank, step));
+    TESSERA_RETURN_IF_ERROR(sink->Begin(shard.info));
+    uint32_t crc = 0;
+    for (uint64_t off = 0; off < shard.info.payload_bytes; off += kFakeChunkBytes) {
+      const size_t len = std::min<uint64_t>(kFakeChunkBytes, shard.info.payload_bytes - off);
+      const uint32_t chunk_crc = Crc32c(shard.data + off, len);
+      crc = off == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, len);
+      TESSERA_RETURN_IF_ERROR(sink->Write(off, shard.data + off, len));
+    }
+    if (crc != shard.info.payload_crc32c) {
+      return absl::DataLossError(absl::StrCat("shard of job '", job_id, "' rank ", rank,
+                                              ": CRC32C 0x", absl::Hex(crc), ", sealed with 0x",
+                                              absl::Hex(shard.info.payload_crc32c)));
+    }
+    if (shard.still_sealed) TESSERA_RETURN_IF_ERROR(shard.still_sealed());
+    return shard.info;
+  });
+}
+
+absl::StatusOr<HeldInventory> FakePeerClient::ListHeld(const std::string& peer,
+                                                       const std::string& job_id) {
+  if (!job_id.empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  return Run<HeldInventory>(peer, Method::kListHeld,
+                            [&](const Peer& p) -> absl::StatusOr<HeldInventory> {
+                              HeldInventory held;
+                              held.fragments = p.fragments->List(job_id);
+                              if (p.shards) held.shards = p.shards->ListSealedShards(job_id);
+                              return held;
+                            });
+}
+
+}  // namespace tessera
