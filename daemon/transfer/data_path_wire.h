@@ -1,0 +1,225 @@
+// The raw TCP data path's framing (proto/peer.proto, "Raw TCP data path"), shared by its server
+// (data_path.cc) and its client (data_path_client.cc); not part of data_path.h's interface: the
+// encodings of frames and chunk headers, and one connection's reads and writes (Io).
+#ifndef TESSERA_DAEMON_TRANSFER_DATA_PATH_WIRE_H_
+#define TESSERA_DAEMON_TRANSFER_DATA_PATH_WIRE_H_
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/status.h"
+#include "google/protobuf/message_lite.h"
+
+namespace tessera {
+namespace data_path_wire {
+
+inline constexpr size_t kMaxFrameBytes = size_t{64} << 10;
+inline constexpr size_t kChunkHeaderBytes = 16;
+inline constexpr size_t kDiscardBytes = size_t{256} << 10;
+
+inline void PutU32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+inline void PutU64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+inline uint32_t GetU32(const uint8_t* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+inline uint64_t GetU64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+struct ChunkHeader {
+  uint64_t offset = 0;
+  uint32_t size = 0;
+  uint32_t crc32c = 0;
+
+  void Encode(uint8_t* out) const {
+    PutU64(out, offset);
+    PutU32(out + 8, size);
+    PutU32(out + 12, crc32c);
+  }
+  static ChunkHeader Decode(const uint8_t* in) {
+    return ChunkHeader{GetU64(in), GetU32(in + 8), GetU32(in + 12)};
+  }
+};
+
+inline void CloseFd(int fd) {
+  if (fd >= 0) ::close(fd);
+}
+
+inline std::string Errno(const char* what) {
+  return absl::StrCat(what, ": ", std::strerror(errno));
+}
+
+// One connection's reads and writes, each waiting in poll() until `deadline`, at most `stall` per
+// wait, or until stop_fd becomes readable (kCancelled).
+struct Io {
+  int fd = -1;
+  int stop_fd = -1;
+  absl::Time deadline = absl::InfiniteFuture();
+  absl::Duration stall = absl::InfiniteDuration();
+  std::string peer;  // for errors
+
+  absl::Status Wait(short events) {
+    const absl::Time until = std::min(deadline, absl::Now() + stall);
+    for (;;) {
+      pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+      int timeout_ms = -1;
+      if (until != absl::InfiniteFuture()) {
+        const absl::Duration left = until - absl::Now();
+        if (left <= absl::ZeroDuration()) {
+          return absl::DeadlineExceededError(
+              absl::StrCat("the data path connection with ", peer, " made no progress in time"));
+        }
+        timeout_ms = static_cast<int>(
+            std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, INT_MAX));
+      }
+      const int n = ::poll(fds, stop_fd >= 0 ? 2 : 1, timeout_ms);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return absl::InternalError(Errno("poll"));
+      }
+      if (stop_fd >= 0 && fds[1].revents != 0) return absl::CancelledError("shutting down");
+      if (n > 0) return absl::OkStatus();  // an error or hangup shows in the next call
+    }
+  }
+
+  absl::Status Lost(const char* what) const {
+    return absl::UnavailableError(
+        absl::StrCat("the data path connection with ", peer, " failed (", Errno(what), ")"));
+  }
+
+  absl::Status Send(iovec* iov, int count) {
+    while (count > 0) {
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(count);
+      const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          TESSERA_RETURN_IF_ERROR(Wait(POLLOUT));
+          continue;
+        }
+        return Lost("send");
+      }
+      size_t left = static_cast<size_t>(n);
+      while (count > 0 && left >= iov->iov_len) {
+        left -= iov->iov_len;
+        ++iov;
+        --count;
+      }
+      if (count > 0) {
+        iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+        iov->iov_len -= left;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Recv(void* dst, size_t size) {
+    auto* p = static_cast<uint8_t*>(dst);
+    while (size > 0) {
+      const ssize_t n = ::recv(fd, p, size, 0);
+      if (n > 0) {
+        p += n;
+        size -= static_cast<size_t>(n);
+        continue;
+      }
+      if (n == 0) {
+        return absl::UnavailableError(
+            absl::StrCat("the data path connection with ", peer, " was closed by the other end"));
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        TESSERA_RETURN_IF_ERROR(Wait(POLLIN));
+        continue;
+      }
+      return Lost("recv");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Discard(uint64_t size, std::vector<uint8_t>* scratch) {
+    scratch->resize(kDiscardBytes);
+    while (size > 0) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(size, scratch->size()));
+      TESSERA_RETURN_IF_ERROR(Recv(scratch->data(), n));
+      size -= n;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status WriteFrame(const google::protobuf::MessageLite& message) {
+    const std::string bytes = message.SerializeAsString();
+    uint8_t length[4];
+    PutU32(length, static_cast<uint32_t>(bytes.size()));
+    iovec iov[2] = {{length, sizeof(length)},
+                    {const_cast<char*>(bytes.data()), bytes.size()}};
+    return Send(iov, bytes.empty() ? 1 : 2);
+  }
+
+  absl::Status ReadFrame(std::string* frame) {
+    uint8_t length[4];
+    TESSERA_RETURN_IF_ERROR(Recv(length, sizeof(length)));
+    const uint32_t size = GetU32(length);
+    if (size > kMaxFrameBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("a data path frame from ", peer, " says ",
+                                                     size, " bytes; at most ", kMaxFrameBytes,
+                                                     " are allowed"));
+    }
+    frame->resize(size);
+    return size == 0 ? absl::OkStatus() : Recv(frame->data(), size);
+  }
+
+  template <typename Message>
+  absl::Status ReadMessage(Message* message, const char* what) {
+    std::string frame;
+    TESSERA_RETURN_IF_ERROR(ReadFrame(&frame));
+    if (!message->ParseFromString(frame)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a data path frame from ", peer, " is not a well-formed ", what));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SendChunk(const ChunkHeader& header, const uint8_t* data) {
+    uint8_t encoded[kChunkHeaderBytes];
+    header.Encode(encoded);
+    iovec iov[2] = {{encoded, sizeof(encoded)}, {const_cast<uint8_t*>(data), header.size}};
+    return Send(iov, 2);
+  }
+};
+
+inline void SetNoDelay(int fd) {
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+}  // namespace data_path_wire
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_TRANSFER_DATA_PATH_WIRE_H_
