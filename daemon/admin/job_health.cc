@@ -45,18 +45,6 @@ RankAtStep AssessRank(uint32_t rank, const std::vector<const HeldShard*>& shards
 
 }  // namespace
 
-const char* JobHealthName(JobHealth health) {
-  switch (health) {
-    case JobHealth::kProtected:
-      return "PROTECTED";
-    case JobHealth::kDegraded:
-      return "DEGRADED";
-    case JobHealth::kUnprotected:
-      return "UNPROTECTED";
-  }
-  return "UNPROTECTED";
-}
-
 void AddHoldings(const std::string& node, const std::vector<ShardInfo>& shards,
                  const std::vector<FragmentStatus>& fragments,
                  std::map<std::string, JobHoldings>* jobs) {

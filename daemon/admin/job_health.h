@@ -38,7 +38,6 @@ struct StepView {
 };
 
 enum class JobHealth { kProtected, kDegraded, kUnprotected };
-const char* JobHealthName(JobHealth health);
 
 struct JobView {
   std::string job_id;

@@ -493,11 +493,6 @@ void FakePeerClient::AddPeer(const std::string& address, Peer peer) {
   peers_[address] = std::move(peer);
 }
 
-void FakePeerClient::RemovePeer(const std::string& address) {
-  absl::MutexLock lock(&mu_);
-  peers_.erase(address);
-}
-
 void FakePeerClient::InjectFault(const std::string& peer, Method method, Fault fault) {
   absl::MutexLock lock(&mu_);
   faults_.emplace_back(peer, method, std::move(fault));

@@ -275,7 +275,6 @@ class FakePeerClient final : public PeerClient {
   explicit FakePeerClient(Options options) : options_(options) {}
 
   void AddPeer(const std::string& address, Peer peer);
-  void RemovePeer(const std::string& address);  // later calls: kUnavailable
   // peer "" applies to every peer. Faults for one (peer, method) apply in the order added.
   void InjectFault(const std::string& peer, Method method, Fault fault);
   void ClearFaults();
