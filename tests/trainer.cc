@@ -9,6 +9,9 @@
 // that journals the digests each launch printed can then check that the restored bytes belong to
 // the history the job resumed.
 //
+// With --barrier=DIR the ranks of the job advance in lockstep, as those of a synchronous job do:
+// none starts step s + 1 before every rank has completed step s (StepBarrier).
+//
 // With --dp-members=R0,R1,... the rank is a member of that data-parallel group: its seeded state
 // (--seed, the same on every member) is replicated across the group and snapshotted DP-sharded,
 // and it also holds two tensors and a blob of its own, seeded by --seed and its rank, which are
@@ -43,6 +46,7 @@ namespace {
 
 struct Flags {
   std::string socket, job = "trainer-job", mode = "train", when_busy = "skip", dp_members;
+  std::string barrier;  // a directory: ranks advance in lockstep (StepBarrier)
   uint64_t seed = 1, rank = 0, world = 1, tensors = 8, min_bytes = 1, max_bytes = 1 << 20;
   uint64_t total_bytes = 64 << 20, steps = 0, every = 1, step_sleep_ms = 0, dp_timeout_ms = 60000;
   uint64_t launch = 0;
@@ -58,7 +62,7 @@ bool Parse(int argc, char** argv, Flags* f) {
       {"launch", &f->launch},       {"restore-retry-ms", &f->restore_retry_ms}};
   std::map<std::string, std::string*> strings = {
       {"socket", &f->socket}, {"job", &f->job}, {"mode", &f->mode}, {"when-busy", &f->when_busy},
-      {"dp-members", &f->dp_members}};
+      {"dp-members", &f->dp_members}, {"barrier", &f->barrier}};
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     size_t eq = arg.find('=');
@@ -103,6 +107,46 @@ std::string Hex(uint64_t v) {
 }
 
 uint64_t Mix(uint64_t a, uint64_t b) { return a * 0x9E3779B97F4A7C15ull + b * 1000003 + 1; }
+
+// Ranks that advance in lockstep, as those of a synchronous job do (a collective every step):
+// each publishes the step it completed in <dir>/rank<R>, and none starts step s + 1 before every
+// rank has published s or later. A rank without a file is not running: the others wait for it.
+class StepBarrier {
+ public:
+  StepBarrier(std::string dir, uint64_t rank, uint64_t world)
+      : dir_(std::move(dir)), rank_(rank), world_(world) {}
+
+  void Publish(int64_t step) const {
+    const std::string path = dir_ + "/rank" + std::to_string(rank_);
+    const std::string tmp = path + ".tmp";
+    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
+      std::fprintf(f, "%" PRId64 "\n", step);
+      std::fclose(f);
+      std::rename(tmp.c_str(), path.c_str());
+    }
+  }
+
+  // Returns once every rank has completed `step`.
+  void Wait(int64_t step) const {
+    for (uint64_t r = 0; r < world_; ++r) {
+      while (Completed(r) < step) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    }
+  }
+
+ private:
+  int64_t Completed(uint64_t rank) const {
+    const std::string path = dir_ + "/rank" + std::to_string(rank);
+    int64_t step = -1;
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      if (std::fscanf(f, "%" SCNd64, &step) != 1) step = -1;
+      std::fclose(f);
+    }
+    return step;
+  }
+
+  const std::string dir_;
+  const uint64_t rank_, world_;
+};
 
 }  // namespace
 
@@ -226,9 +270,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (HistoryState* s : states) s->StartLaunch(f.launch);
+  std::optional<StepBarrier> barrier;
+  if (!f.barrier.empty()) {
+    barrier.emplace(f.barrier, f.rank, f.world);
+    barrier->Publish(step);
+  }
 
   int64_t announced_sealed = -1;
   for (uint64_t n = 0; f.steps == 0 || n < f.steps; ++n) {
+    if (barrier) barrier->Wait(step);
     // The optimizer step: the registered memory must not change while a snapshot copies it.
     absl::Status fenced = (*client)->Fence();
     if (!fenced.ok()) return Fail("fence", fenced);
@@ -244,6 +294,7 @@ int main(int argc, char** argv) {
         Say("skipped " + std::to_string(step));
       }
     }
+    if (barrier) barrier->Publish(step);
     int64_t sealed = (*client)->stats().last_sealed_step;
     if (sealed > announced_sealed) {
       announced_sealed = sealed;
