@@ -38,13 +38,13 @@ using std::chrono::seconds;
 constexpr int kRanksPerNode = 2;
 // Deadlines: only for hangs, never to judge speed. Generous, for a loaded 2-core machine.
 constexpr auto kRestoreDeadline = seconds(150);
-constexpr auto kProgressDeadline = seconds(60);
 constexpr auto kClusterDeadline = seconds(60);
 constexpr auto kSuspectDeadline = seconds(30);
 
 const char* const kFaultNames[kFaultKinds] = {
     "trainer-kill", "rank-restart", "daemon-kill", "node-loss",   "flip-fragment",
-    "flip-slot",    "daemon-stop",  "zombie",      "job-restart", "partition"};
+    "flip-slot",    "daemon-stop",  "zombie",      "job-restart", "partition",
+    "partition-restart"};
 
 // A daemon's log, read as it grows (the harness appends every incarnation of a node to one file).
 class DaemonLog {
@@ -181,6 +181,11 @@ class Trial {
   // that they all restored the same step.
   void RestartRanks(const std::vector<int>& ranks, bool whole_job, bool verify,
                     const std::string& context);
+  // The two halves of RestartRanks: StartRanks returns the newest committed step before them.
+  int64_t StartRanks(const std::vector<int>& ranks, bool verify);
+  void CheckRanks(const std::vector<int>& ranks, int64_t floor, bool whole_job, bool verify,
+                  const std::string& context);
+  std::vector<int> AllRanks() const;
   void Pump();
 
   // --- faults
@@ -194,6 +199,7 @@ class Trial {
   void FaultZombie();
   void FaultJobRestart();
   void FaultPartition();
+  void FaultPartitionRestart();
   // Loses `nodes`: their trainers and daemons SIGKILLed, their memory deleted.
   void LoseNodes(const std::vector<int>& nodes);
   // How many nodes may be lost now with the data still rebuildable, and which ones.
@@ -252,10 +258,7 @@ bool Trial::Setup() {
   shape_.rank_bytes = (uint64_t{1} << 20) + rng_() % (uint64_t{1} << 20);
   shape_.every = 1 + coin(rng_);
   shape_.step_sleep_ms = 50 + static_cast<int>(rng_() % 51);
-  // Ranks that skip a busy snapshot skip different steps, and no step is then protected on
-  // every rank (see the regression case SkipPolicy...): random trials wait, as synchronous
-  // ranks do.
-  shape_.wait_when_busy = !options_.skip_when_busy;
+  shape_.wait_when_busy = !options_.skip_when_busy && rng_() % 4 != 0;
   if (rng_() % 3 == 0) shape_.grpc_only.insert(static_cast<int>(rng_() % shape_.nodes));
   result_.shape = shape_.Describe();
 
@@ -303,9 +306,7 @@ bool Trial::Setup() {
   ranks_.resize(shape_.world());
   std::filesystem::create_directories(BarrierDir());
   Trace("cluster up; starting the job");
-  std::vector<int> all(shape_.world());
-  for (int r = 0; r < shape_.world(); ++r) all[r] = r;
-  RestartRanks(all, /*whole_job=*/true, /*verify=*/false, "job start");
+  RestartRanks(AllRanks(), /*whole_job=*/true, /*verify=*/false, "job start");
   return true;
 }
 
@@ -507,8 +508,23 @@ int64_t Trial::CheckStart(int rank, int64_t floor, Clock::time_point deadline,
 
 void Trial::RestartRanks(const std::vector<int>& ranks, bool whole_job, bool verify,
                          const std::string& context) {
+  CheckRanks(ranks, StartRanks(ranks, verify), whole_job, verify, context);
+}
+
+std::vector<int> Trial::AllRanks() const {
+  std::vector<int> all(ranks_.size());
+  for (size_t r = 0; r < all.size(); ++r) all[r] = static_cast<int>(r);
+  return all;
+}
+
+int64_t Trial::StartRanks(const std::vector<int>& ranks, bool verify) {
   const int64_t floor = Committed();
   for (int r : ranks) StartTrainer(r, verify);
+  return floor;
+}
+
+void Trial::CheckRanks(const std::vector<int>& ranks, int64_t floor, bool whole_job, bool verify,
+                       const std::string& context) {
   const auto deadline = Clock::now() + kRestoreDeadline;
   std::map<int64_t, std::vector<int>> steps;
   for (int r : ranks) {
@@ -535,7 +551,9 @@ void Trial::RestartRanks(const std::vector<int>& ranks, bool whole_job, bool ver
 // Faults
 
 bool Trial::Allowed(FaultKind kind) const {
-  if (kind == FaultKind::kPartition) return net_ != nullptr;
+  if (kind == FaultKind::kPartition || kind == FaultKind::kPartitionRestart) {
+    return net_ != nullptr;
+  }
   return true;
 }
 
@@ -559,6 +577,7 @@ void Trial::Inject(FaultKind kind) {
     case FaultKind::kZombie: return FaultZombie();
     case FaultKind::kJobRestart: return FaultJobRestart();
     case FaultKind::kPartition: return FaultPartition();
+    case FaultKind::kPartitionRestart: return FaultPartitionRestart();
   }
 }
 
@@ -837,9 +856,7 @@ void Trial::FaultJobRestart() {
     nodes_[n].daemon = MakeDaemon(n);
     if (!StartDaemon(n)) return;
   }
-  std::vector<int> all(shape_.world());
-  for (int r = 0; r < shape_.world(); ++r) all[r] = r;
-  RestartRanks(all, true, false, "job-restart");
+  RestartRanks(AllRanks(), true, false, "job-restart");
 }
 
 void Trial::FaultPartition() {
@@ -856,6 +873,26 @@ void Trial::FaultPartition() {
   Sleep(milliseconds(ms));
   if (!net_->Isolate(node, false, &error)) Fail("daemon", "cannot join a node again: " + error);
   nodes_[node].isolated = false;
+}
+
+void Trial::FaultPartitionRestart() {
+  const int node = static_cast<int>(rng_() % nodes_.size());
+  const int ms = 2000 + static_cast<int>(rng_() % 3000);
+  result_.faults.push_back(absl::StrCat("partition-restart ", nodes_[node].id, " ", ms, " ms"));
+  Trace(absl::StrCat("fault: cut ", nodes_[node].id, " off the network, restart the whole job "
+                     "meanwhile, join it again ", ms, " ms later"));
+  std::string error;
+  if (!net_->Isolate(node, true, &error)) {
+    Fail("daemon", "cannot isolate a node: " + error);
+    return;
+  }
+  nodes_[node].isolated = true;
+  for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
+  const int64_t floor = StartRanks(AllRanks(), false);
+  Sleep(milliseconds(ms));
+  if (!net_->Isolate(node, false, &error)) Fail("daemon", "cannot join a node again: " + error);
+  nodes_[node].isolated = false;
+  CheckRanks(AllRanks(), floor, true, false, "partition-restart");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -903,7 +940,7 @@ bool Trial::WaitForProgress(const std::string& after) {
   const int64_t mark = std::max(MaxSnapshotStep(), Committed());
   const auto t = Clock::now();
   int64_t committed = -1;
-  const auto deadline = t + kProgressDeadline;
+  const auto deadline = t + seconds(options_.progress_deadline_s);
   while (true) {
     Pump();
     CheckDaemons();
@@ -921,8 +958,8 @@ bool Trial::WaitForProgress(const std::string& after) {
     if (Clock::now() >= deadline) {
       Fail("progress", absl::StrCat("no step after ", mark, " (the newest snapshotted when ",
                                     after, " healed) was committed within ",
-                                    std::chrono::duration_cast<seconds>(kProgressDeadline).count(),
-                                    " s; newest committed: ", committed, LogExcerpt({})));
+                                    options_.progress_deadline_s, " s; newest committed: ",
+                                    committed, LogExcerpt({})));
       halted_ = true;
       return false;
     }
@@ -993,6 +1030,9 @@ TrialResult Trial::Run() {
         Trace(absl::StrCat("fault ", FaultName(plan[i]), " skipped: ", options_.no_partitions));
         continue;
       }
+      // Each fault draws its targets from its own generator, so that a script replays the same
+      // targets whatever the faults before it found (how many files there were to flip...).
+      rng_.seed(seed_ * 1000003 + i + 1);
       Inject(plan[i]);
       // Most faults are followed by a commit of a step taken after them; some by the next
       // fault at once, so that damage accumulates (within what the code promises to survive).
@@ -1007,9 +1047,7 @@ TrialResult Trial::Run() {
     }
     for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
     halted_ = false;
-    std::vector<int> all(shape_.world());
-    for (int r = 0; r < shape_.world(); ++r) all[r] = r;
-    RestartRanks(all, true, true, "final restart");
+    RestartRanks(AllRanks(), true, true, "final restart");
     CheckDaemons();
   }
   result_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
@@ -1103,16 +1141,16 @@ void PrintTable(const std::vector<TrialResult>& results) {
   }
   std::printf("\n%zu trial(s): %zu passed, %d failed\n\n", results.size(),
               results.size() - static_cast<size_t>(failed), failed);
-  std::printf("%-16s %9s %17s\n", "fault", "injected", "in failed trials");
+  std::printf("%-18s %9s %17s\n", "fault", "injected", "in failed trials");
   for (int i = 0; i < kFaultKinds; ++i) {
     const auto kind = static_cast<FaultKind>(i);
-    std::printf("%-16s %9d %17d\n", FaultName(kind), injected[kind], in_failed[kind]);
+    std::printf("%-18s %9d %17d\n", FaultName(kind), injected[kind], in_failed[kind]);
   }
-  std::printf("\n%-16s %9s  %s\n", "failed check", "trials", "seeds");
+  std::printf("\n%-18s %9s  %s\n", "failed check", "trials", "seeds");
   for (const char* check :
        {"same-step", "history", "committed", "restore", "hang", "progress", "trainer", "daemon"}) {
     const auto& seeds = by_check[check];
-    std::printf("%-16s %9zu  %s\n", check, seeds.size(), absl::StrJoin(seeds, " ").c_str());
+    std::printf("%-18s %9zu  %s\n", check, seeds.size(), absl::StrJoin(seeds, " ").c_str());
   }
   std::fflush(stdout);
 }

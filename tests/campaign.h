@@ -44,8 +44,9 @@ enum class FaultKind {
                    // takes its ranks; then the old one is SIGCONTed
   kJobRestart,     // lose nodes (when allowed), start replacements, restart the whole job at once
   kPartition,      // cut a node off the network (namespaces), join it again later
+  kPartitionRestart,  // cut a node off, restart the whole job meanwhile, join the node again
 };
-constexpr int kFaultKinds = 10;
+constexpr int kFaultKinds = 11;
 const char* FaultName(FaultKind kind);
 // kNodeLoss from "node-loss"; false when unknown.
 bool ParseFaultKind(const std::string& name, FaultKind* kind);
@@ -56,8 +57,12 @@ struct TrialOptions {
   int max_faults = 6;
   // When not empty, exactly these faults in this order (targets still drawn from the seed).
   std::vector<FaultKind> script;
-  // Trainers skip a snapshot while the previous one is in flight, instead of waiting for it.
+  // Trainers skip a snapshot while the previous one is in flight, instead of waiting for it
+  // (otherwise a trial draws the policy: mostly waiting, as synchronous ranks do).
   bool skip_when_busy = false;
+  // How long a commit may take after a fault heals before the trial fails with "progress" (a
+  // hang deadline: commits normally follow within seconds, even on a loaded 2-core machine).
+  int progress_deadline_s = 60;
   // Why partitions cannot be injected here ("" when they can); see ProbePartitions().
   std::string no_partitions;
   // When set, a failing trial's daemon logs and trainer stderr are copied to

@@ -2,11 +2,15 @@
 //
 //   fault_campaign [--trials=N] [--seed=S] [--min-faults=3] [--max-faults=6]
 //                  [--script=kind,kind,...] [--keep-logs=DIR] [--no-partitions]
+//                  [--skip-when-busy] [--progress-deadline-s=60]
 //
 // Trial i runs with seed S + i; a failing trial is rerun alone with --seed=<its seed> --trials=1.
 // Fault kinds: trainer-kill rank-restart daemon-kill node-loss flip-fragment flip-slot
-// daemon-stop zombie job-restart partition. Exits 0 when every trial passed, 1 otherwise.
+// daemon-stop zombie job-restart partition partition-restart. --skip-when-busy makes the trainers
+// skip a snapshot while the previous one is in flight instead of waiting. Exits 0 when every
+// trial passed, 1 otherwise.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cinttypes>
 #include <cstdio>
@@ -21,6 +25,16 @@
 
 int main(int argc, char** argv) {
   using tessera::testing::FaultKind;
+  // Run from anywhere: the daemon and the trainer are found in this binary's runfiles.
+  if (std::getenv("TEST_SRCDIR") == nullptr) {
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    if (n > 0) {
+      self[n] = '\0';
+      setenv("TEST_SRCDIR", (std::string(self) + ".runfiles").c_str(), 1);
+      setenv("TEST_WORKSPACE", "tessera", 1);
+    }
+  }
   tessera::testing::TrialOptions options;
   uint64_t seed = std::random_device{}() * uint64_t{1000003} + std::random_device{}();
   seed %= 1000000000;  // short enough to type
@@ -50,17 +64,22 @@ int main(int argc, char** argv) {
         ok = ok && tessera::testing::ParseFaultKind(std::string(name), &kind);
         options.script.push_back(kind);
       }
+    } else if (value("progress-deadline-s", &v)) {
+      ok = absl::SimpleAtoi(v, &options.progress_deadline_s) && options.progress_deadline_s > 0;
     } else if (value("keep-logs", &v)) {
       options.keep_logs_dir = v;
     } else if (arg == "--no-partitions") {
       partitions = false;
+    } else if (arg == "--skip-when-busy") {
+      options.skip_when_busy = true;
     } else {
       ok = false;
     }
     if (!ok) {
       std::fprintf(stderr,
                    "usage: fault_campaign [--trials=N] [--seed=S] [--min-faults=N] "
-                   "[--max-faults=N] [--script=kind,...] [--keep-logs=DIR] [--no-partitions]\n"
+                   "[--max-faults=N] [--script=kind,...] [--keep-logs=DIR] [--no-partitions] "
+                   "[--skip-when-busy] [--progress-deadline-s=N]\n"
                    "bad argument: %s\n",
                    arg.c_str());
       return 2;

@@ -18,7 +18,7 @@
 // not. A restore checks both, so a slice gathered from the wrong member or step is caught.
 //
 // Events:
-//   restore_retry STATUS (the daemon asked to retry) | restore_ms T |
+//   connect_retry STATUS | restore_retry STATUS (the daemon asked to retry) | restore_ms T |
 //   restored S DIGEST (the restored bytes, before they are checked) | history HISTORY (they
 //   matched it) | resumed S | fresh |
 //   digest S DIGEST (the state about to be snapshotted at step S) | snapshot S (printed before
@@ -50,7 +50,8 @@ struct Flags {
   uint64_t seed = 1, rank = 0, world = 1, tensors = 8, min_bytes = 1, max_bytes = 1 << 20;
   uint64_t total_bytes = 64 << 20, steps = 0, every = 1, step_sleep_ms = 0, dp_timeout_ms = 60000;
   uint64_t launch = 0;
-  uint64_t restore_retry_ms = 0;  // how long a restore the daemon answers kUnavailable is retried
+  // How long a connection or a restore that the daemon answers kUnavailable is retried.
+  uint64_t restore_retry_ms = 0;
 };
 
 bool Parse(int argc, char** argv, Flags* f) {
@@ -160,7 +161,17 @@ int main(int argc, char** argv) {
   options.dp_restore_timeout_ms = static_cast<int64_t>(f.dp_timeout_ms);
   options.when_busy = f.when_busy == "wait" ? tessera::Client::BusyPolicy::kWait
                                             : tessera::Client::BusyPolicy::kSkip;
+  // A daemon that does not answer yet (starting, or too busy for the handshake) is retried, as
+  // a launcher would, for as long as a restore would be.
+  const auto connect_start = std::chrono::steady_clock::now();
   auto client = tessera::Client::Connect(options);
+  while (absl::IsUnavailable(client.status()) &&
+         std::chrono::steady_clock::now() - connect_start <
+             std::chrono::milliseconds(f.restore_retry_ms)) {
+    Say("connect_retry " + client.status().ToString());
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    client = tessera::Client::Connect(options);
+  }
   if (!client.ok()) return Fail("connect", client.status());
 
   // The replicated state (all of it without a DP group), and under DP the rank's own. Without a

@@ -7,14 +7,15 @@
 #
 #   tools/campaign.sh --trials N [--seed S] [--min-faults N] [--max-faults N]
 #                     [--script kind,kind,...] [--keep-logs DIR] [--no-partitions]
+#                     [--skip-when-busy] [--progress-deadline-s N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --no-partitions) args+=("$1"); shift ;;
+    --no-partitions|--skip-when-busy) args+=("$1"); shift ;;
     --*=*) args+=("$1"); shift ;;
-    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs)
+    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs|--progress-deadline-s)
       [ $# -ge 2 ] || { echo "campaign: $1 needs a value" >&2; exit 2; }
       args+=("$1=$2"); shift 2 ;;
     *) echo "campaign: unknown argument '$1'" >&2; exit 2 ;;
