@@ -37,7 +37,6 @@ using std::chrono::seconds;
 
 constexpr int kRanksPerNode = 2;
 // Deadlines: only for hangs, never to judge speed. Generous, for a loaded 2-core machine.
-constexpr auto kRestoreDeadline = seconds(150);
 constexpr auto kClusterDeadline = seconds(60);
 constexpr auto kSuspectDeadline = seconds(30);
 
@@ -481,7 +480,7 @@ int64_t Trial::CheckStart(int rank, int64_t floor, Clock::time_point deadline,
   switch (out.kind) {
     case StartOutcome::kHang:
       Fail("hang", absl::StrCat(who, " did not finish its restore within ",
-                                std::chrono::duration_cast<seconds>(kRestoreDeadline).count(),
+                                options_.restore_deadline_s,
                                 " s (or exited without a word); its last lines: ", out.line,
                                 LogExcerpt({})));
       halted_ = true;
@@ -525,7 +524,7 @@ int64_t Trial::StartRanks(const std::vector<int>& ranks, bool verify) {
 
 void Trial::CheckRanks(const std::vector<int>& ranks, int64_t floor, bool whole_job, bool verify,
                        const std::string& context) {
-  const auto deadline = Clock::now() + kRestoreDeadline;
+  const auto deadline = Clock::now() + seconds(options_.restore_deadline_s);
   std::map<int64_t, std::vector<int>> steps;
   for (int r : ranks) {
     const int64_t step = CheckStart(r, floor, deadline, context);

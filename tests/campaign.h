@@ -63,6 +63,8 @@ struct TrialOptions {
   // How long a commit may take after a fault heals before the trial fails with "progress" (a
   // hang deadline: commits normally follow within seconds, even on a loaded 2-core machine).
   int progress_deadline_s = 60;
+  // How long the ranks of a restart may take to restore (or to find nothing), likewise.
+  int restore_deadline_s = 150;
   // Why partitions cannot be injected here ("" when they can); see ProbePartitions().
   std::string no_partitions;
   // When set, a failing trial's daemon logs and trainer stderr are copied to

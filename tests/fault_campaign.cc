@@ -40,7 +40,9 @@ std::string Describe(const TrialResult& r) {
 
 TEST(JournalTest, AcceptsOnlyTheHistoryTheJobResumed) {
   Journal j;
-  // Launch 1 snapshots steps 1..6; launch 2 resumes step 4 and snapshots 5..7 anew.
+  // Launch 1 starts fresh and snapshots steps 1..6; launch 2 resumes step 4 and snapshots 5..7
+  // anew.
+  j.Fresh(0, 1);
   for (int64_t s = 1; s <= 6; ++s) j.Snapshotted(0, 1, s, 100 + s);
   EXPECT_EQ(j.CheckRestored(0, 6, 106), "") << "launch 1's own history";
   j.Resumed(0, 2, 4, 104);
@@ -89,7 +91,8 @@ TrialResult RunScripted(uint64_t seed, std::vector<FaultKind> script) {
   TrialOptions options = Options();
   options.script = std::move(script);
   options.min_faults = options.max_faults = static_cast<int>(options.script.size());
-  options.progress_deadline_s = 30;
+  options.progress_deadline_s = 20;
+  options.restore_deadline_s = 60;
   return RunTrial(seed, options);
 }
 
