@@ -1090,7 +1090,21 @@ std::string ProbePartitions() {
 
 TrialResult RunTrial(uint64_t seed, const TrialOptions& options) {
   Trial trial(seed, options);
-  return trial.Run();
+  TrialResult result = trial.Run();
+  const TrialOptions defaults;
+  result.rerun = absl::StrCat("tools/campaign.sh --seed ", seed, " --trials 1");
+  if (!options.script.empty()) {
+    std::vector<std::string> names;
+    for (FaultKind kind : options.script) names.push_back(FaultName(kind));
+    absl::StrAppend(&result.rerun, " --script ", absl::StrJoin(names, ","));
+  } else if (options.min_faults != defaults.min_faults ||
+             options.max_faults != defaults.max_faults) {
+    absl::StrAppend(&result.rerun, " --min-faults ", options.min_faults, " --max-faults ",
+                    options.max_faults);
+  }
+  if (options.skip_when_busy) absl::StrAppend(&result.rerun, " --skip-when-busy");
+  if (!options.no_partitions.empty()) absl::StrAppend(&result.rerun, " --no-partitions");
+  return result;
 }
 
 std::vector<TrialResult> RunCampaign(uint64_t seed, int trials, double budget_s,
@@ -1115,8 +1129,7 @@ std::vector<TrialResult> RunCampaign(uint64_t seed, int trials, double budget_s,
                                    : absl::StrCat("FAIL (", absl::StrJoin(checks, ", "), ")").c_str(),
                 r.seconds, absl::StrJoin(r.faults, "; ").c_str());
     if (!r.failures.empty()) {
-      std::printf("    rerun exactly this trial: tools/campaign.sh --seed %" PRIu64 " --trials 1\n",
-                  trial_seed);
+      std::printf("    rerun exactly this trial: %s\n", r.rerun.c_str());
     }
     std::fflush(stdout);
   }

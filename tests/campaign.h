@@ -84,6 +84,7 @@ struct TrialResult {
   std::map<FaultKind, int> fault_counts;
   std::vector<Failure> failures;
   double seconds = 0;
+  std::string rerun;  // the command that runs this trial again, with the same plan
 };
 
 // Runs one trial under a fresh directory in /dev/shm. Prints what it does as it goes.

@@ -34,7 +34,7 @@ std::string Describe(const TrialResult& r) {
   std::string out = absl::StrCat("trial seed ", r.seed, " (", r.shape, "), faults: ",
                                  absl::StrJoin(r.faults, "; "));
   for (const auto& f : r.failures) absl::StrAppend(&out, "\n[", f.check, "] ", f.detail);
-  absl::StrAppend(&out, "\nrerun: tools/campaign.sh --seed ", r.seed, " --trials 1");
+  absl::StrAppend(&out, "\nrerun: ", r.rerun);
   return out;
 }
 
@@ -131,6 +131,16 @@ TEST(FaultCampaignRegression, ZombieReplacementStopsCommits) {
 // wait for that step's commit.
 TEST(FaultCampaignRegression, DaemonKillStopsCommits) {
   const TrialResult r = RunScripted(1009, {FaultKind::kDaemonKill});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
+// One trainer is SIGKILLed and restarted at once: its restore rolls the whole job back on its
+// daemon ("resumes from step 17: releasing step 19 of the abandoned run", once per rank there),
+// so the sealed steps of the other rank on that node, whose trainer never stopped, are released
+// too; the steps the other ranks hold for commit can then never be committed, and commits stop.
+TEST(FaultCampaignRegression, ASingleRankRestartReleasesItsNeighboursNewerSteps) {
+  const TrialResult r =
+      RunScripted(72860767, {FaultKind::kTrainerKill, FaultKind::kTrainerKill});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
