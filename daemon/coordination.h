@@ -30,7 +30,8 @@ class Coordination {
   // yet still count as missing, so a step only some ranks sealed is never taken as complete.
   // With `resuming_rank`, that rank resumes from the answer: sealed steps after it are released
   // (here, on every rank of the job, since a standalone daemon has no epochs; a cluster releases
-  // only the resuming rank's, see ClusterCoordination).
+  // only the resuming rank's, see ClusterCoordination). Errors include kNotFound (nothing to
+  // restore) and kUnavailable (not decided yet, e.g. the coordinator did not answer: retry).
   virtual absl::StatusOr<int64_t> FindLatestRestorable(
       const std::string& job_id, uint32_t world_size_hint = 0,
       std::optional<uint32_t> resuming_rank = std::nullopt);
