@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -45,12 +46,23 @@ const char* const kFaultNames[kFaultKinds] = {
     "flip-slot",    "daemon-stop",  "zombie",      "job-restart", "partition",
     "partition-restart"};
 
+// A commit a daemon logged: commits are ordered by (epoch, step), so a late commit of an
+// abandoned epoch is older than any of a newer one, whatever its step (docs/PROTOCOL.md).
+struct LoggedCommit {
+  uint64_t epoch = 0;
+  int64_t step = -1;
+  bool operator<(const LoggedCommit& o) const {
+    return std::tie(epoch, step) < std::tie(o.epoch, o.step);
+  }
+};
+
 // A daemon's log, read as it grows (the harness appends every incarnation of a node to one file).
 class DaemonLog {
  public:
   DaemonLog(std::string name, std::string path, std::string job)
-      : name_(std::move(name)), path_(std::move(path)), commit_re_("job '" + job +
-                                                                   "' committed step ([0-9]+)") {}
+      : name_(std::move(name)),
+        path_(std::move(path)),
+        commit_re_("job '" + job + "' committed step ([0-9]+) \\(epoch ([0-9]+)") {}
 
   // Reads what was appended since the last call.
   void Poll() {
@@ -65,12 +77,14 @@ class DaemonLog {
     for (auto it = std::sregex_iterator(text_.begin() + scanned_, text_.begin() + complete,
                                         commit_re_);
          it != std::sregex_iterator(); ++it) {
-      committed_ = std::max<int64_t>(committed_, std::stoll((*it)[1].str()));
+      committed_ = std::max(committed_, LoggedCommit{std::stoull((*it)[2].str()),
+                                                     std::stoll((*it)[1].str())});
     }
     scanned_ = complete;
   }
   const std::string& name() const { return name_; }
-  int64_t committed() const { return committed_; }
+  // The newest commit logged so far.
+  const LoggedCommit& committed() const { return committed_; }
   size_t size() const { return text_.size(); }
   // Whether a line since offset `from` matches `re`.
   bool Seen(size_t from, const std::regex& re) const {
@@ -93,7 +107,7 @@ class DaemonLog {
   std::regex commit_re_;
   std::string text_;
   size_t scanned_ = 0;
-  int64_t committed_ = -1;
+  LoggedCommit committed_;
 };
 
 struct Shape {
@@ -127,10 +141,14 @@ struct Damage {
   std::set<int> owner_lost;
   std::map<int, std::set<int>> fragments_lost;
 
-  bool Survivable(int m) const {
-    for (int rank : owner_lost) {
-      auto f = fragments_lost.find(rank);
-      if (f != fragments_lost.end() && static_cast<int>(f->second.size()) > m) return false;
+  // With `owner_copies_kept` false (the skip policy), any rank's owner copy of the committed step
+  // may be gone: a rank may overwrite a protected step before its daemon learns that it was
+  // committed (docs/PROTOCOL.md, States), and then only its fragments hold it.
+  bool Survivable(int m, bool owner_copies_kept) const {
+    for (const auto& [rank, lost] : fragments_lost) {
+      if (static_cast<int>(lost.size()) > m && (!owner_copies_kept || owner_lost.count(rank))) {
+        return false;
+      }
     }
     return true;
   }
@@ -207,7 +225,9 @@ class Trial {
   bool Allowed(FaultKind kind) const;
 
   // --- waiting and checking
-  int64_t Committed();  // newest committed step over every daemon log, and who said so
+  // The step of the newest commit (by epoch, then step) over every daemon log; who logged it
+  // goes to committed_by_.
+  int64_t Committed();
   void WaitFor(Clock::duration timeout, const std::string& what, const std::function<bool()>& done);
   bool WaitForProgress(const std::string& after);
   // Waits until a peer's log says, past `from` (each node's log size before the fault), that it
@@ -628,7 +648,7 @@ std::vector<int> Trial::LosableNodes(int at_most) {
         next.fragments_lost[r].insert(node);
       }
     }
-    if (!next.Survivable(shape_.m)) continue;
+    if (!next.Survivable(shape_.m, shape_.wait_when_busy)) continue;
     trial_damage = next;
     chosen.push_back(node);
   }
@@ -747,7 +767,7 @@ void Trial::FaultFlip(bool fragment) {
     } else {
       next.owner_lost.insert(c.rank);
     }
-    if (!next.Survivable(shape_.m)) continue;
+    if (!next.Survivable(shape_.m, shape_.wait_when_busy)) continue;
     const uint64_t offset = kSegmentHeaderBytes + rng_() % c.payload;
     const uint8_t mask = static_cast<uint8_t>(1 + rng_() % 255);
     std::fstream f(c.path, std::ios::in | std::ios::out | std::ios::binary);
@@ -898,15 +918,15 @@ void Trial::FaultPartitionRestart() {
 // Waiting and checking
 
 int64_t Trial::Committed() {
-  int64_t newest = -1;
+  LoggedCommit newest;
   for (auto& log : logs_) {
     log->Poll();
-    if (log->committed() > newest) {
+    if (newest < log->committed()) {
       newest = log->committed();
       committed_by_ = log->name();
     }
   }
-  return newest;
+  return newest.step;
 }
 
 int64_t Trial::MaxSnapshotStep() const {

@@ -7,8 +7,8 @@
 //   same-step   every rank of a whole-job restart restored the same step;
 //   history     each restored state is, bit for bit, one that rank snapshotted in the history the
 //               job resumed (tests/campaign_journal.h): bytes of an abandoned launch fail;
-//   committed   no restore went behind the newest step a daemon's log reported committed
-//               ("job '<id>' committed step N") before it began;
+//   committed   no restore went behind the newest commit a daemon's log reported ("job '<id>'
+//               committed step N (epoch E"; newest by epoch, then step) before it began;
 //   restore     a restore that failed, started fresh over a committed step, or failed the
 //               trainer's own replay of the restored history;
 //   hang        every wait has a deadline; missing it fails with the daemons' log tails;
