@@ -21,6 +21,12 @@ const TrialOptions& Options() {
   static const TrialOptions* options = [] {
     auto* o = new TrialOptions;
     o->no_partitions = ProbePartitions();
+    // A failing trial's daemon logs and trainer output: where asked, else among the test's
+    // outputs (Bazel keeps them in bazel-testlogs/.../test.outputs).
+    for (const char* name : {"TESSERA_CAMPAIGN_KEEP_LOGS", "TEST_UNDECLARED_OUTPUTS_DIR"}) {
+      const char* dir = std::getenv(name);
+      if (dir != nullptr && *dir != '\0' && o->keep_logs_dir.empty()) o->keep_logs_dir = dir;
+    }
     if (!o->no_partitions.empty()) {
       std::printf("partitions are skipped here: %s\n", o->no_partitions.c_str());
     }
