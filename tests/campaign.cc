@@ -1075,7 +1075,9 @@ TrialResult Trial::Run() {
 }
 
 void Trial::KeepLogs() {
-  const std::string to = absl::StrCat(options_.keep_logs_dir, "/seed-", seed_);
+  // Named by seed and script: regression cases run one seed with several scripts.
+  std::string to = absl::StrCat(options_.keep_logs_dir, "/seed-", seed_);
+  for (FaultKind kind : options_.script) absl::StrAppend(&to, "-", FaultName(kind));
   std::error_code ec;
   std::filesystem::create_directories(to, ec);
   for (const auto& entry : std::filesystem::recursive_directory_iterator(root_.path(), ec)) {

@@ -68,7 +68,8 @@ struct TrialOptions {
   // Why partitions cannot be injected here ("" when they can); see ProbePartitions().
   std::string no_partitions;
   // When set, a failing trial's daemon logs and trainer stderr are copied to
-  // <keep_logs_dir>/seed-<seed>/ (the trial's own directory in /dev/shm is always removed).
+  // <keep_logs_dir>/seed-<seed>[-<script>]/ (the trial's own directory in /dev/shm is always
+  // removed).
   std::string keep_logs_dir;
 };
 
