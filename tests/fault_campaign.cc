@@ -72,25 +72,34 @@ TEST(JournalTest, AcceptsOnlyTheHistoryTheJobResumed) {
   EXPECT_EQ(j.Describe(0), "L4(0..]");
 }
 
-// A few random trials, bounded to about two minutes here. TESSERA_TEST_SEED repeats a campaign;
-// TESSERA_CAMPAIGN_TRIALS changes how many trials at most.
+// Random trials from a printed seed, started for about 90 seconds (each trial prints its seed
+// and, when it fails, the command that reruns it alone); with the regression cases below the
+// target takes about four minutes on a 2-core machine. TESSERA_TEST_SEED repeats a campaign;
+// TESSERA_CAMPAIGN_TRIALS caps the trials, TESSERA_CAMPAIGN_BUDGET_S the time.
 TEST(FaultCampaignTest, ShortRandomCampaign) {
   signal(SIGPIPE, SIG_IGN);
   const uint64_t seed = TestSeed() % 1000000000;
-  const char* env = std::getenv("TESSERA_CAMPAIGN_TRIALS");
-  const int trials = env != nullptr ? std::atoi(env) : 3;
+  const char* trials_env = std::getenv("TESSERA_CAMPAIGN_TRIALS");
+  const char* budget_env = std::getenv("TESSERA_CAMPAIGN_BUDGET_S");
+  const int trials = trials_env != nullptr ? std::atoi(trials_env) : 20;
+  const double budget_s = budget_env != nullptr ? std::atof(budget_env) : 90;
   TrialOptions options = Options();
   options.min_faults = 2;
   options.max_faults = 4;
   options.progress_deadline_s = 45;
-  for (const TrialResult& r : RunCampaign(seed, trials, /*budget_s=*/90, options)) {
+  std::printf("short campaign: trials from seed %" PRIu64 ", at most %d, started within %.0f s\n",
+              seed, trials, budget_s);
+  for (const TrialResult& r : RunCampaign(seed, trials, budget_s, options)) {
     EXPECT_TRUE(r.failures.empty()) << Describe(r);
   }
 }
 
 // Regression cases: failures the campaign found, each as the trial that found it (its seed and
-// fault sequence; the targets follow from the seed). They fail until the product is fixed, and
-// may pass by luck of timing on a given run: each failure below is about an interleaving.
+// fault sequence; the targets follow from the seed). Each comment says what failed then and, for
+// the epoch protocol, whether it still does and why. One that still fails may pass by luck of
+// timing on a given run: each failure below is about an interleaving. Under the epoch protocol
+// SnapshotsOfEveryStep..., NodeLossWith... and ASingleRankRestart... pass; the others still fail
+// (some only on some runs), as their comments say.
 
 // Runs the trial of `seed` with exactly the faults of `script`.
 TrialResult RunScripted(uint64_t seed, std::vector<FaultKind> script) {
@@ -126,15 +135,22 @@ TEST(FaultCampaignRegression, NodeLossWithOnlyItsRanksRestartedStopsCommits) {
 }
 
 // The same stall after a zombie: the replacement (same node id, another store and port) takes the
-// ranks, and steps with a fragment on the stopped daemon are never committed.
+// ranks, and steps with a fragment on the stopped daemon are never committed. Under the epoch
+// protocol that stall is gone, but this trial now fails when the zombie's port sorts before its
+// replacement's: see AZombieCoordinatorSplitsTheReportsAndCommitsStop below (n0 coordinates).
 TEST(FaultCampaignRegression, ZombieReplacementStopsCommits) {
   const TrialResult r = RunScripted(1009, {FaultKind::kZombie});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
-// The same stall after a daemon is SIGKILLed and restarted on its memory: a step sealed but not
-// yet protected on its node is lost with the slot that was being reused, and the ranks elsewhere
-// wait for that step's commit.
+// The same stall after a daemon is SIGKILLed and restarted on its memory. Still open under the
+// epoch protocol when the kill lands while a snapshot is being copied: the restarted daemon
+// discards that rank's WRITING slot (step w), so the rank never seals w, and its next seal
+// reports previous step "unknown" (SnapshotStore::SealSnapshot: the rank's slots were
+// re-adopted), so the coordinator cannot mark w dead (JobCoordinator::Report); under the wait
+// policy every other rank, holding w sealed, waits for w to commit (SnapshotStore::BeginSnapshot)
+// and the lockstep job stops. Also seen as "progress" in random trials with a daemon-kill (seed
+// 59199026).
 TEST(FaultCampaignRegression, DaemonKillStopsCommits) {
   const TrialResult r = RunScripted(1009, {FaultKind::kDaemonKill});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
@@ -150,22 +166,46 @@ TEST(FaultCampaignRegression, ASingleRankRestartReleasesItsNeighboursNewerSteps)
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
-// The whole job restarts while one node is cut off: that node's daemon sees no peer and resumes
-// its ranks from their own newest sealed step, newer than the step the others resume.
+// The whole job restarts while one node is cut off. Under the old protocol that node's daemon
+// saw no peer and resumed its ranks from their own newest sealed step. Under the epoch protocol
+// it still fails, now because a restore decides from a partial view: the cut-off daemon suspects
+// every peer, coordinates the job for itself (CoordinatorFor over its live members only), counts
+// every suspected node's holdings as lost (ListNodes, daemon/cluster_restore.cc) and answers
+// NOT_FOUND, "the committed step s cannot be restored on every rank", so its ranks start fresh
+// while the others resume step s. The same answer comes from a coordinator that has just rejoined
+// (its peers see it back before it sees them). Open: suspected is not dead (docs/PROTOCOL.md,
+// Restore 2), but ClusterTest.MoreThanMLostNamesWhatCannotBeRebuilt wants that very view to
+// start fresh; deciding needs a quorum or a declared loss (membership).
 TEST(FaultCampaignRegression, APartitionedNodeResumesItsRanksFromTheirOwnNewestStep) {
   if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
   const TrialResult r = RunScripted(201, {FaultKind::kPartitionRestart});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
-// After a whole-job restart resumed step s, a later restart restores a step after s with the
-// bytes of the abandoned run on some ranks: the rollback on resume ("resumes from step s:
-// releasing step s+2 of the abandoned run") frees the local slot, but the protection of that
-// abandoned step, still retrying against the cut-off node, completes afterwards ("protected ...
-// 2311 ms after it was sealed"), and its fragments are later taken for that step's shard.
+// After a whole-job restart resumed step s, a later restart restored a step after s with the
+// bytes of the abandoned run on some ranks (the old protocol: an abandoned step's protection,
+// retrying against the cut-off node, completed after the rollback freed its slot). Under the
+// epoch protocol this trial fails the way the one above does: the cut-off n0 coordinates the job
+// and answers NOT_FOUND from its own view, so every rank starts fresh although step 1 was
+// committed; that fresh start opens no new epoch, and the final restart then restores the old
+// commit, the bytes of the launches the fresh start abandoned ("history").
 TEST(FaultCampaignRegression, FragmentsOfAnAbandonedStepAreRestoredAfterAResume) {
   if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
   const TrialResult r = RunScripted(1001, {FaultKind::kPartitionRestart});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
+// Two zombies: an old n0 (SIGSTOPped, replaced by a new n0 on another port, then SIGCONTed) is
+// taken live again by its peers ("member n0 at <old address> is back"), and Membership::AddressOf
+// returns the first address that carries the node id, the zombie's when its port sorts first.
+// The job's coordinator is n0: the replacement's own ranks report to itself, every other rank to
+// the zombie, neither sees the whole world, and commits stop ("progress"). Membership with
+// incarnation fencing (not in main yet) never makes an older incarnation live again. Fails only
+// when the zombie's port sorts before its replacement's.
+TEST(FaultCampaignRegression, AZombieCoordinatorSplitsTheReportsAndCommitsStop) {
+  if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
+  const TrialResult r = RunScripted(52175, {FaultKind::kJobRestart, FaultKind::kZombie,
+                                            FaultKind::kZombie, FaultKind::kPartition});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
