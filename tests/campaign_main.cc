@@ -2,9 +2,10 @@
 //
 //   fault_campaign [--trials=N] [--seed=S] [--min-faults=3] [--max-faults=6]
 //                  [--script=kind,kind,...] [--keep-logs=DIR] [--no-partitions]
-//                  [--skip-when-busy] [--progress-deadline-s=60]
+//                  [--skip-when-busy] [--progress-deadline-s=60] [--budget-s=0]
 //
 // Trial i runs with seed S + i; a failing trial is rerun alone with --seed=<its seed> --trials=1.
+// --budget-s starts no trial after that many seconds (0: no limit).
 // Fault kinds: trainer-kill rank-restart daemon-kill node-loss flip-fragment flip-slot
 // daemon-stop zombie job-restart partition partition-restart. --skip-when-busy makes the trainers
 // skip a snapshot while the previous one is in flight instead of waiting. Exits 0 when every
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
   uint64_t seed = std::random_device{}() * uint64_t{1000003} + std::random_device{}();
   seed %= 1000000000;  // short enough to type
   int trials = 10;
+  double budget_s = 0;
   bool partitions = true;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -66,6 +68,8 @@ int main(int argc, char** argv) {
       }
     } else if (value("progress-deadline-s", &v)) {
       ok = absl::SimpleAtoi(v, &options.progress_deadline_s) && options.progress_deadline_s > 0;
+    } else if (value("budget-s", &v)) {
+      ok = absl::SimpleAtod(v, &budget_s) && budget_s >= 0;
     } else if (value("keep-logs", &v)) {
       options.keep_logs_dir = v;
     } else if (arg == "--no-partitions") {
@@ -79,7 +83,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: fault_campaign [--trials=N] [--seed=S] [--min-faults=N] "
                    "[--max-faults=N] [--script=kind,...] [--keep-logs=DIR] [--no-partitions] "
-                   "[--skip-when-busy] [--progress-deadline-s=N]\n"
+                   "[--skip-when-busy] [--progress-deadline-s=N] [--budget-s=N]\n"
                    "bad argument: %s\n",
                    arg.c_str());
       return 2;
@@ -92,7 +96,7 @@ int main(int argc, char** argv) {
   std::printf("fault campaign: %d trial(s) from seed %" PRIu64 "; partitions: %s\n", trials, seed,
               options.no_partitions.empty() ? "by network namespaces"
                                             : ("skipped: " + options.no_partitions).c_str());
-  const auto results = tessera::testing::RunCampaign(seed, trials, 0, options);
+  const auto results = tessera::testing::RunCampaign(seed, trials, budget_s, options);
   for (const auto& r : results) {
     if (!r.failures.empty()) return 1;
   }

@@ -7,7 +7,9 @@
 #
 #   tools/campaign.sh --trials N [--seed S] [--min-faults N] [--max-faults N]
 #                     [--script kind,kind,...] [--keep-logs DIR] [--no-partitions]
-#                     [--skip-when-busy] [--progress-deadline-s N]
+#                     [--skip-when-busy] [--progress-deadline-s N] [--budget-s N]
+#
+# --budget-s starts no trial after N seconds (with a large --trials: as many as fit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
@@ -15,7 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-partitions|--skip-when-busy) args+=("$1"); shift ;;
     --*=*) args+=("$1"); shift ;;
-    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs|--progress-deadline-s)
+    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs|--progress-deadline-s|--budget-s)
       [ $# -ge 2 ] || { echo "campaign: $1 needs a value" >&2; exit 2; }
       args+=("$1=$2"); shift 2 ;;
     *) echo "campaign: unknown argument '$1'" >&2; exit 2 ;;
