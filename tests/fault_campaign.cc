@@ -98,8 +98,8 @@ TEST(FaultCampaignTest, ShortRandomCampaign) {
 // fault sequence; the targets follow from the seed). Each comment says what failed then and, for
 // the epoch protocol, whether it still does and why. One that still fails may pass by luck of
 // timing on a given run: each failure below is about an interleaving. Under the epoch protocol
-// SnapshotsOfEveryStep..., NodeLossWith... and ASingleRankRestart... pass; the others still fail
-// (some only on some runs), as their comments say.
+// SnapshotsOfEveryStep..., NodeLossWith..., ASingleRankRestart... and the ASecondRankRestart...
+// cases pass; the others still fail (some only on some runs), as their comments say.
 
 // Runs the trial of `seed` with exactly the faults of `script`.
 TrialResult RunScripted(uint64_t seed, std::vector<FaultKind> script) {
@@ -163,6 +163,29 @@ TEST(FaultCampaignRegression, DaemonKillStopsCommits) {
 TEST(FaultCampaignRegression, ASingleRankRestartReleasesItsNeighboursNewerSteps) {
   const TrialResult r =
       RunScripted(72860767, {FaultKind::kTrainerKill, FaultKind::kTrainerKill});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
+// Two trainers are SIGKILLed and restarted one after the other. The first restart starts a new
+// epoch; the second rank had not resumed in it, so it joined it although its killed run had
+// already reported step 10 in it. That report completed step 10, and the final restart restored
+// rank 8's step 10 from the killed run's fragments: bytes of an abandoned history ("history").
+// Fixed: a rank that reported in the current epoch restarts into a new one
+// (JobCoordinator::Resume).
+TEST(FaultCampaignRegression, ASecondRankRestartDoesNotCommitItsAbandonedStep) {
+  const TrialResult r = RunScripted(73310046, {FaultKind::kDaemonStop, FaultKind::kNodeLoss,
+                                               FaultKind::kJobRestart, FaultKind::kTrainerKill,
+                                               FaultKind::kTrainerKill});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
+// The same with the abandoned shard gone: rank 3's restart joined the epoch rank 1's restart had
+// started, its killed run's report of step 7 completed step 7 after the rollback had released
+// that shard, and the next restart found the committed step unrestorable ("no live node holds
+// its shard or a fragment") and started fresh ("committed"). Fixed with the case above.
+TEST(FaultCampaignRegression, ASecondRankRestartLeavesNoUnrestorableCommit) {
+  const TrialResult r = RunScripted(
+      73310020, {FaultKind::kTrainerKill, FaultKind::kTrainerKill, FaultKind::kRankRestart});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 

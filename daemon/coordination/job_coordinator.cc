@@ -38,6 +38,7 @@ void JobCoordinator::EnterEpoch(Job* job, uint64_t epoch, bool resumed_known) {
   job->intervals.clear();
   job->dead.clear();
   job->resumed.clear();
+  job->reported.clear();
   job->resumed_known = resumed_known;
 }
 
@@ -59,6 +60,7 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
     return outcome;
   }
   if (report.epoch > job.epoch) EnterEpoch(&job, report.epoch, /*resumed_known=*/false);
+  job.reported.insert(report.rank);
   job.world_size = std::max(job.world_size, report.world_size);
   const bool at_or_before_commit =
       !job.committed.empty() && job.committed.epoch == job.epoch && report.step <= job.committed.step;
@@ -148,6 +150,7 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
     job.nodes.insert(record.nodes.begin(), record.nodes.end());
     if (record.epoch == job.epoch) {
       job.open.erase(job.open.begin(), job.open.upper_bound(record.step));
+      for (const CommitRecord::Rank& r : record.ranks) job.reported.insert(r.rank);
     }
   }
 }
@@ -155,7 +158,7 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
 uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms) {
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(job_id);
-  if (!job.resumed_known || job.resumed.count(rank) > 0) {
+  if (!job.resumed_known || job.resumed.count(rank) > 0 || job.reported.count(rank) > 0) {
     const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
     EnterEpoch(&job, std::max(floor, now_ms), /*resumed_known=*/true);
   }

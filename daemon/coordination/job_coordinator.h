@@ -93,9 +93,11 @@ class JobCoordinator {
   void Learn(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
 
   // A rank asks to resume. Starts a new epoch when this rank already resumed in the current one
-  // (a restart), or when this coordinator has no record of who resumed (it just took over);
-  // `now_ms` bounds the new epoch from below, so that it outgrows what another coordinator may
-  // have handed out. Returns the epoch the job's new snapshots are sealed in.
+  // or reported a step in it (a restart: what its last run sealed in this epoch is abandoned, and
+  // only a new epoch keeps those reports from completing a commit), or when this coordinator has
+  // no record of who resumed (it just took over); `now_ms` bounds the new epoch from below, so
+  // that it outgrows what another coordinator may have handed out. Returns the epoch the job's
+  // new snapshots are sealed in.
   uint64_t Resume(const std::string& job_id, uint32_t rank, uint64_t now_ms);
 
   JobState State(const std::string& job_id) const;
@@ -115,7 +117,8 @@ class JobCoordinator {
     // were never sealed by that rank in this epoch, so they can never commit.
     std::map<uint32_t, std::deque<std::pair<int64_t, int64_t>>> intervals;
     std::set<int64_t> dead;
-    std::set<uint32_t> resumed;  // ranks that resumed in this epoch
+    std::set<uint32_t> resumed;   // ranks that resumed in this epoch
+    std::set<uint32_t> reported;  // ranks whose reports of this epoch came in
     bool resumed_known = false;  // false: state rebuilt after a takeover
     std::set<std::string> nodes;
   };
