@@ -156,6 +156,7 @@ bool DaemonProcess::Start(std::string* error, std::chrono::milliseconds timeout)
                                    "--set", absl::StrCat("store.capacity_bytes=", capacity_bytes_),
                                    "--set", "daemon.drain_timeout_ms=5000"};
   argv.insert(argv.end(), extra_flags_.begin(), extra_flags_.end());
+  argv.insert(argv.begin(), launcher_.begin(), launcher_.end());
   process_ = Process::Start(argv, log_path_);
   if (!process_) {
     *error = "fork failed";

@@ -70,6 +70,16 @@ class DaemonProcess {
   bool running() const { return process_ != nullptr; }
   pid_t pid() const { return process_ ? process_->pid() : -1; }
 
+  // Runs the daemon through `launcher` (e.g. {"/usr/bin/nsenter", "--net=/proc/P/ns/net", "--"}),
+  // which must exec it in place (the pid stays the daemon's). From the next Start() on.
+  void SetLauncher(std::vector<std::string> launcher) { launcher_ = std::move(launcher); }
+  // Sends `sig` without waiting (SIGSTOP, SIGCONT).
+  void Signal(int sig) {
+    if (process_) process_->Signal(sig);
+  }
+  // The exit code (or 128+signal) once the daemon has exited on its own, -1 while it runs.
+  int Poll() { return process_ ? process_->Wait(std::chrono::milliseconds(0)) : -1; }
+
   const std::string& socket_path() const { return socket_path_; }
   const std::string& store_dir() const { return store_dir_; }  // <root>/shm/<node>
   const std::string& log_path() const { return log_path_; }
@@ -79,6 +89,7 @@ class DaemonProcess {
   std::string root_, node_id_, socket_path_, store_root_, store_dir_, log_path_;
   uint64_t capacity_bytes_;
   std::vector<std::string> extra_flags_;
+  std::vector<std::string> launcher_;
   std::unique_ptr<Process> process_;
 };
 

@@ -113,7 +113,13 @@ absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(
           ? ResolveAsCoordinator(question)
           : coordination_client_->Resolve(coordinator.second, question);
   if (!answer.ok()) {
-    return absl::Status(answer.status().code(),
+    // A coordinator that did not answer in time (cut off before membership suspects it, or
+    // stopped) decided nothing: the caller asks again, and by then the answer may come from
+    // another coordinator. Only what the coordinator itself answered is passed on as it is.
+    const absl::StatusCode code = absl::IsDeadlineExceeded(answer.status())
+                                      ? absl::StatusCode::kUnavailable
+                                      : answer.status().code();
+    return absl::Status(code,
                         absl::StrCat("job '", job_id, "': the coordinator ", coordinator.first,
                                      " could not resolve the restore point: ",
                                      answer.status().message()));

@@ -30,7 +30,8 @@ class Coordination {
   // yet still count as missing, so a step only some ranks sealed is never taken as complete.
   // With `resuming_rank`, that rank resumes from the answer: sealed steps after it are released
   // (here, on every rank of the job, since a standalone daemon has no epochs; a cluster releases
-  // only the resuming rank's, see ClusterCoordination).
+  // only the resuming rank's, see ClusterCoordination). Errors include kNotFound (nothing to
+  // restore) and kUnavailable (not decided yet, e.g. the coordinator did not answer: retry).
   // `run_id` names the resuming trainer run (0: unknown): a retry of the same run's question is
   // answered as the first was.
   virtual absl::StatusOr<int64_t> FindLatestRestorable(

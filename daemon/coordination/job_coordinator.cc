@@ -38,6 +38,7 @@ void JobCoordinator::EnterEpoch(Job* job, uint64_t epoch) {
   job->intervals.clear();
   job->dead.clear();
   job->answered_run.clear();
+  job->reported.clear();
 }
 
 JobState JobCoordinator::StateOf(const std::string& job_id, const Job& job) const {
@@ -58,6 +59,7 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
     return outcome;
   }
   if (report.epoch > job.epoch) EnterEpoch(&job, report.epoch);
+  job.reported.insert(report.rank);
   job.world_size = std::max(job.world_size, report.world_size);
   const bool at_or_before_commit =
       !job.committed.empty() && job.committed.epoch == job.epoch && report.step <= job.committed.step;
@@ -147,6 +149,7 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
     job.nodes.insert(record.nodes.begin(), record.nodes.end());
     if (record.epoch == job.epoch) {
       job.open.erase(job.open.begin(), job.open.upper_bound(record.step));
+      for (const CommitRecord::Rank& r : record.ranks) job.reported.insert(r.rank);
     }
   }
 }
@@ -159,7 +162,10 @@ uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64
   if (run_id != 0 && answered != job.answered_run.end() && answered->second == run_id) {
     return job.epoch;  // the same run asks again (its answer was lost): the same epoch
   }
-  const bool another_run = answered != job.answered_run.end();
+  // Another run of this rank was answered in the epoch, or reported a step in it: what that run
+  // sealed is abandoned, and only a new epoch keeps its reports from completing a commit.
+  const bool another_run =
+      answered != job.answered_run.end() || job.reported.count(rank) > 0;
   if (another_run || may_hold || job.epoch == 0) {
     const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
     EnterEpoch(&job, std::max(floor, now_ms));

@@ -94,7 +94,8 @@ class JobCoordinator {
 
   // Rank `rank`'s trainer run `run_id` asks to resume (docs/PROTOCOL.md, Epochs). A retry of the
   // run answered last for this rank in the current epoch gets that epoch again. Otherwise a new
-  // epoch starts when another run of this rank was answered in it, or when it may hold a shard of
+  // epoch starts when another run of this rank was answered in it or reported a step in it, or
+  // when it may hold a shard of
   // this rank (`may_hold`: a complete view found one sealed in it, or could not rule it out), so
   // that two runs of a rank never seal in one epoch; otherwise the run joins it (a rank of the
   // same restart that asks later than the others). `now_ms` bounds a new epoch
@@ -121,6 +122,7 @@ class JobCoordinator {
     std::map<uint32_t, std::deque<std::pair<int64_t, int64_t>>> intervals;
     std::set<int64_t> dead;
     std::map<uint32_t, uint64_t> answered_run;  // per rank: the run last answered in this epoch
+    std::set<uint32_t> reported;  // ranks whose reports of this epoch came in
     std::set<std::string> nodes;
   };
   bool IsDead(const Job& job, int64_t step) const;

@@ -108,6 +108,32 @@ TEST(JobCoordinatorTest, ResumeStartsANewEpochOncePerRestart) {
   EXPECT_GT(other.Resume("j", 0, 400, true, 5), e3);
 }
 
+// Found by the fault campaign (seeds 73310020, 73310013): rank 1's restart starts epoch e1 and the
+// other ranks go on sealing in it; then rank 2 restarts too, from step 60, after its last run
+// reported step 70 in e1. Rank 2 never resumed in e1, but it must not join it: its report of 70
+// would complete step 70 with the shard of the abandoned run (released by the rollback, or lost
+// with its node), a commit that no restore could satisfy.
+TEST(JobCoordinatorTest, ARankThatReportedInTheEpochRestartsIntoANewOne) {
+  JobCoordinator c;
+  const uint64_t e0 = c.Resume("j", 0, 10, false, 1000);
+  c.Resume("j", 1, 11, false, 1000);
+  c.Resume("j", 2, 12, false, 1000);
+  for (uint32_t rank = 0; rank < 3; ++rank) c.Report(MakeReport(rank, 60, -1, e0));
+  ASSERT_EQ(c.State("j").committed.step, 60);
+  const uint64_t e1 = c.Resume("j", 1, 21, false, 2000);  // rank 1 restarts: a new epoch
+  ASSERT_GT(e1, e0);
+  c.Report(MakeReport(0, 70, -1, e1));
+  c.Report(MakeReport(2, 70, -1, e1));  // rank 2's last run, about to be killed
+  const uint64_t e2 = c.Resume("j", 2, 22, /*may_hold=*/false, 2001);
+  EXPECT_GT(e2, e1);
+  // Rank 1's report of 70 (from its new run, still in e1) completes nothing: e1 is void.
+  EXPECT_FALSE(c.Report(MakeReport(1, 70, -1, e1)).committed_now);
+  EXPECT_EQ(c.State("j").committed.step, 60);
+  // The ranks' reports of the new epoch commit as usual.
+  for (uint32_t rank = 0; rank < 2; ++rank) c.Report(MakeReport(rank, 80, -1, e2));
+  EXPECT_TRUE(c.Report(MakeReport(2, 80, -1, e2)).committed_now);
+}
+
 TEST(JobCoordinatorTest, LearnedCommitsOnlyGrowByEpochThenStep) {
   JobCoordinator c;
   CommitRecord a;

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/crc32c.h"
+#include "daemon/coordination/protection.h"
 #include "ec/erasure_codec.h"
 #include "gtest/gtest.h"
 #include "proto/manifest.pb.h"
@@ -68,6 +69,7 @@ class RoutingCoordinationClient final : public CoordinationClient {
   }
   absl::StatusOr<ResolveAnswer> Resolve(const std::string&,
                                         const ResolveQuestion& question) override {
+    if (!resolve_failure.ok()) return resolve_failure;
     return coordination_->OnResolve(NodeIdentity{"a", 100}, question);
   }
   absl::StatusOr<JobListing> ListJob(const std::string& address,
@@ -87,6 +89,7 @@ class RoutingCoordinationClient final : public CoordinationClient {
     return absl::UnavailableError("no such peer " + address);
   }
   std::atomic<int> pushes{0};
+  absl::Status resolve_failure;  // what every Resolve returns when not OK (set before calling)
 
  private:
   ClusterCoordination* coordination_ = nullptr;
@@ -492,6 +495,24 @@ TEST_F(ProtectionPipelineTest, TooManyLostFragmentsIsAClearError) {
   ASSERT_FALSE(info.ok());
   EXPECT_TRUE(absl::StrContains(info.status().message(), "rank 1 step 3")) << info.status();
   EXPECT_EQ(budget_->used_bytes(), used_before);
+}
+
+// A coordinator that does not answer a restore question in time (cut off before membership
+// suspects it) decided nothing: the answer is UNAVAILABLE, which the agent retries, never the
+// transport's DEADLINE_EXCEEDED, which made trainers give up (found by the fault campaign's
+// partition-restart). What a coordinator does answer is passed on with its code.
+TEST_F(ProtectionPipelineTest, ACoordinatorThatDoesNotAnswerInTimeIsAskedAgain) {
+  StartCluster(3, 2, 1);
+  std::string job;  // one that a peer coordinates: the question goes over the client
+  for (int i = 0; job.empty() || CoordinatorFor(job, cluster_->LiveNodeIds()) == "a"; ++i) {
+    job = absl::StrCat("far-job-", i);
+  }
+  coordination_client_.resolve_failure = absl::DeadlineExceededError("Deadline Exceeded");
+  auto step = coordination_->FindLatestRestorable(job, /*world_size_hint=*/2, /*resuming_rank=*/0);
+  EXPECT_TRUE(absl::IsUnavailable(step.status())) << step.status();
+  coordination_client_.resolve_failure = absl::FailedPreconditionError("a world of 3");
+  step = coordination_->FindLatestRestorable(job, /*world_size_hint=*/2, /*resuming_rank=*/0);
+  EXPECT_TRUE(absl::IsFailedPrecondition(step.status())) << step.status();
 }
 
 // A restore that does not fit the capacity is refused with the numbers, before any byte moves.
