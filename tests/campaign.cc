@@ -570,6 +570,10 @@ void Trial::CheckRanks(const std::vector<int>& ranks, int64_t floor, bool whole_
 // Faults
 
 bool Trial::Allowed(FaultKind kind) const {
+  if (std::find(options_.excluded.begin(), options_.excluded.end(), kind) !=
+      options_.excluded.end()) {
+    return false;
+  }
   if (kind == FaultKind::kPartition || kind == FaultKind::kPartitionRestart) {
     return net_ != nullptr;
   }

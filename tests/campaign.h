@@ -67,6 +67,8 @@ struct TrialOptions {
   int restore_deadline_s = 150;
   // Why partitions cannot be injected here ("" when they can); see ProbePartitions().
   std::string no_partitions;
+  // Faults never drawn at random (a scripted trial still injects them).
+  std::vector<FaultKind> excluded;
   // When set, a failing trial's daemon logs and trainer stderr are copied to
   // <keep_logs_dir>/seed-<seed>[-<script>]/ (the trial's own directory in /dev/shm is always
   // removed).
