@@ -364,17 +364,20 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
   agent::BeginSnapshotResponse begun;
   absl::Status status;
   const int64_t start_ns = NowNs();
-  for (int64_t backoff_ms = 2;; backoff_ms = std::min<int64_t>(backoff_ms * 2, 100)) {
-    grpc::ClientContext begin_context;
-    status = FromGrpcStatus(stub_->BeginSnapshot(NewContext(&begin_context), begin, &begun));
-    // kUnavailable: the slot is still being protected, or the daemon is restarting. Skip, or
-    // retry for up to rpc_timeout_ms under the wait policy.
-    if (!absl::IsUnavailable(status) || options_.when_busy != BusyPolicy::kWait ||
-        NowNs() - start_ns > options_.rpc_timeout_ms * 1000000) {
-      break;
+  auto begin_snapshot = [&] {
+    for (int64_t backoff_ms = 2;; backoff_ms = std::min<int64_t>(backoff_ms * 2, 100)) {
+      grpc::ClientContext begin_context;
+      status = FromGrpcStatus(stub_->BeginSnapshot(NewContext(&begin_context), begin, &begun));
+      // kUnavailable: the slot is still being protected, or the daemon is restarting. Skip, or
+      // retry for up to rpc_timeout_ms under the wait policy.
+      if (!absl::IsUnavailable(status) || options_.when_busy != BusyPolicy::kWait ||
+          NowNs() - start_ns > options_.rpc_timeout_ms * 1000000) {
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-  }
+  };
+  begin_snapshot();
   if (options_.when_busy == BusyPolicy::kWait && NowNs() - start_ns > 1000000) {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.busy_waits;
@@ -386,10 +389,9 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
     Logger("agent")->warn("daemon does not know job '{}' rank {} ({}); registering again",
                           job_id_, rank_, status.ToString());
     status = Attach();
-    if (status.ok()) {
-      grpc::ClientContext retry_context;
-      status = FromGrpcStatus(stub_->BeginSnapshot(NewContext(&retry_context), begin, &begun));
-    }
+    // A restarted daemon refuses new snapshots until it has learned the job's state: under the
+    // wait policy that is waited for too, or the rank would skip a step every other rank waits for.
+    if (status.ok()) begin_snapshot();
   }
   if (status.ok() && begun.slot_index() >= slots_.size()) {
     status = absl::InternalError(absl::StrCat("daemon chose slot ", begun.slot_index()));

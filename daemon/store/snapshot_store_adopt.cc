@@ -149,6 +149,11 @@ absl::Status SnapshotStore::AdoptExisting() {
       state->world_size = segments[0]->header()->world_size;
       state_world = state->world_size;
       state_newest = segments[0]->header()->step;  // sorted newest first
+      // The rank's last seal before the restart: a step it was writing then is lost, and its
+      // next seal in that epoch names this one as its previous, so the lost step becomes dead
+      // (ranks waiting for it are released) instead of unknown.
+      state->last_seal_step = state_newest;
+      state->last_seal_epoch = segments[0]->header()->epoch;
       for (size_t i = 0; i < segments.size(); ++i) {
         const SegmentHeader& h = *segments[i]->header();
         log->info("re-adopted {} step {} ({} payload bytes) from {}",
