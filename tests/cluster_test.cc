@@ -337,6 +337,49 @@ TEST(ClusterTest, StoppedPeerNeverBlocksSnapshotsAndProtectionCatchesUp) {
   EXPECT_GE(committed, last_sealed) << cluster[0].LogTail();
 }
 
+// A zombie: n1 is SIGSTOPped, and a replacement with the same node id (a new incarnation, on
+// another port and store) joins. When the old process is SIGCONTed, its peers refuse it as
+// fenced; it learns that a newer incarnation of its own node id is a member and exits with
+// status 4 (which the systemd unit does not restart), instead of serving its trainers a history
+// no peer accepts.
+TEST(ClusterTest, AReplacedDaemonThatComesBackIsFencedAndExits) {
+  TempRoot root;
+  TempRoot replacement_root;
+  Cluster cluster(root.path(), 3, 1, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  cluster[1].Signal(SIGSTOP);
+  const std::string address = absl::StrCat("127.0.0.1:", FreePort());
+  DaemonProcess replacement(
+      replacement_root.path(), "n1", uint64_t{64} << 20,
+      {"--set", "peer.listen_address=" + address,
+       "--set", "cluster.members=" + absl::StrJoin(std::vector<std::string>{cluster.address(0),
+                                                                          cluster.address(2), address},
+                                                 ","),
+       "--set", "ec.k=1", "--set", "ec.m=1",
+       "--set", "liveness.heartbeat_ms=100", "--set", "liveness.timeout_ms=1000"});
+  ASSERT_TRUE(replacement.Start(&error)) << error;
+  const std::regex replaced("member n1 at " + address + " (restarted|joined)");
+  bool seen = false;
+  for (int i = 0; i < 200 && !seen; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    seen = std::regex_search(ReadFile(cluster[0].log_path()), replaced);
+  }
+  ASSERT_TRUE(seen) << "n0 never took the replacement:\n" << cluster[0].LogTail();
+  cluster[1].Signal(SIGCONT);
+  int exit_code = -1;
+  for (int i = 0; i < 300 && exit_code < 0; ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+    exit_code = cluster[1].Poll();
+  }
+  EXPECT_EQ(exit_code, 4) << "the old n1 did not exit as fenced:\n" << cluster[1].LogTail();
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[1].log_path()), "is fenced out and exits"))
+      << cluster[1].LogTail();
+  // The replacement and the other members carry on.
+  EXPECT_EQ(replacement.Poll(), -1) << replacement.LogTail();
+  EXPECT_EQ(cluster[0].Poll(), -1) << cluster[0].LogTail();
+}
+
 TEST(ClusterTest, SixNodesRs32SurviveThreeLostNodesAndReplacementsRestoreEveryRank) {
   const uint64_t seed = TestSeed();
   TempRoot root;
