@@ -265,30 +265,21 @@ absl::Status ClusterCoordination::TellJobNodes(const std::string& job_id,
   JobState state = coordinator_.State(job_id);
   state.epoch = std::max(state.epoch, epoch);
   if (point.NewerThan(state.committed)) state.committed = point;
-  std::vector<std::string> failed;
-  std::vector<std::thread> senders;
-  std::vector<absl::Status> results(nodes.size());
-  size_t i = 0;
+  std::vector<std::pair<std::string, std::string>> targets;  // (node, address)
   for (const std::string& node : nodes) {
-    const size_t at = i++;
     if (node == cluster_->self_id()) {
       ApplyJobState(state);
-      continue;
-    }
-    auto address = cluster_->AddressOf(node);
-    if (!address) continue;  // not live: it learns the state when it comes back
-    senders.emplace_back([this, &results, &state, at, a = *address] {
-      results[at] = coordination_client_->Push(a, state);
-    });
-    if (senders.size() >= 16) {
-      for (std::thread& t : senders) t.join();
-      senders.clear();
-    }
+    } else if (auto address = cluster_->AddressOf(node)) {
+      targets.emplace_back(node, *address);
+    }  // a node that is not live learns the state when it comes back
   }
-  for (std::thread& t : senders) t.join();
-  i = 0;
-  for (const std::string& node : nodes) {
-    if (!results[i++].ok()) failed.push_back(node);
+  std::vector<absl::Status> results(targets.size());
+  InParallel(targets.size(), kMaxConcurrentCalls, [&](size_t i) {
+    results[i] = coordination_client_->Push(targets[i].second, state);
+  });
+  std::vector<std::string> failed;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (!results[i].ok()) failed.push_back(targets[i].first);
   }
   if (!failed.empty()) {
     return absl::UnavailableError(absl::StrCat(
@@ -308,26 +299,19 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
   std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
                                                   absl::UnavailableError("not asked"));
   std::vector<bool> lost(nodes.size(), false);
-  std::vector<std::thread> askers;
+  std::vector<std::pair<size_t, std::string>> remote;  // (index in nodes, address)
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (nodes[i] == cluster_->self_id()) {
       results[i] = LocalListing(job_id);
-      continue;
-    }
-    auto address = cluster_->AddressOf(nodes[i]);
-    if (!address) {
+    } else if (auto address = cluster_->AddressOf(nodes[i])) {
+      remote.emplace_back(i, *address);
+    } else {
       lost[i] = true;  // not live: its holdings count as lost
-      continue;
-    }
-    askers.emplace_back([this, &results, &job_id, i, a = *address] {
-      results[i] = coordination_client_->ListJob(a, job_id);
-    });
-    if (askers.size() >= 16) {
-      for (std::thread& t : askers) t.join();
-      askers.clear();
     }
   }
-  for (std::thread& t : askers) t.join();
+  InParallel(remote.size(), kMaxConcurrentCalls, [&](size_t j) {
+    results[remote[j].first] = coordination_client_->ListJob(remote[j].second, job_id);
+  });
   // A connection to a daemon that just started (a replacement) can fail its first handshakes:
   // a node that did not answer is asked again, up to 3 times, 300 ms apart.
   for (int retry = 0; retry < 3; ++retry) {

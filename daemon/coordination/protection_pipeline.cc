@@ -79,6 +79,18 @@ void ClusterCoordination::OnSealed(const std::string& job_id, uint32_t rank, int
   queue_.push_back(Work{job_id, rank, step, 0, 0});
 }
 
+void ClusterCoordination::InParallel(size_t count, size_t at_once,
+                                     const std::function<void(size_t)>& task) {
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < count; ++i) {
+    threads.emplace_back([&task, i] { task(i); });
+    if (threads.size() >= std::max<size_t>(1, at_once) || i + 1 == count) {
+      for (std::thread& t : threads) t.join();
+      threads.clear();
+    }
+  }
+}
+
 void ClusterCoordination::Run() {
   auto log = Logger("protection");
   while (true) {
@@ -495,16 +507,12 @@ void ClusterCoordination::PushLoop() {
         pushes_.pop_front();
       }
     }
-    std::vector<std::thread> senders;
     std::vector<absl::Status> results(batch.size());
-    for (size_t i = 0; i < batch.size(); ++i) {
-      senders.emplace_back([this, &batch, &results, i] {
-        auto address = cluster_->AddressOf(batch[i].first);
-        results[i] = address ? coordination_client_->Push(*address, batch[i].second)
-                             : absl::UnavailableError("not live");
-      });
-    }
-    for (std::thread& t : senders) t.join();
+    InParallel(batch.size(), batch.size(), [&](size_t i) {
+      auto address = cluster_->AddressOf(batch[i].first);
+      results[i] = address ? coordination_client_->Push(*address, batch[i].second)
+                           : absl::UnavailableError("not live");
+    });
     for (size_t i = 0; i < batch.size(); ++i) {
       if (results[i].ok()) continue;
       // The node learns the state from its next report's reply instead.
@@ -559,11 +567,13 @@ void ClusterCoordination::RepairAfterLosses() {
 
 absl::Status ClusterCoordination::EnsureCoordinatorView(const std::string& job_id,
                                                         uint64_t reported_epoch) {
-  absl::MutexLock gathering(&view_mu_);  // one gathering at a time; later askers find it done
-  {
+  auto complete = [&] {
     absl::MutexLock lock(&mu_);
-    if (view_complete_.count(job_id) > 0) return absl::OkStatus();
-  }
+    return view_complete_.count(job_id) > 0;
+  };
+  if (complete()) return absl::OkStatus();  // every report but the first: no gathering lock
+  absl::MutexLock gathering(&view_mu_);  // one gathering at a time; later askers find it done
+  if (complete()) return absl::OkStatus();
   // Every live member: a coordinator that just started or took over knows nothing of who holds
   // the job, and a node that knows a newer epoch or commit may hold none of its shards.
   absl::StatusOr<std::vector<JobListing>> listings =

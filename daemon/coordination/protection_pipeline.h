@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 #include <memory>
@@ -132,6 +133,10 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   static int EncodeThreads();
 
   NodeIdentity Self() const;
+  // Runs task(0) .. task(count - 1) on their own threads, at most `at_once` at a time (calls to
+  // peers, each bounded by its RPC deadline); returns when all are done.
+  static void InParallel(size_t count, size_t at_once, const std::function<void(size_t)>& task);
+  static constexpr size_t kMaxConcurrentCalls = 16;
   // The job's coordinator's node id and address in this daemon's view.
   absl::StatusOr<std::pair<std::string, std::string>> CoordinatorOf(const std::string& job_id);
   // Sends the job's pending reports (or a state query) to its coordinator.
