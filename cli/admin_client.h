@@ -52,6 +52,7 @@ class AdminClient {
       const admin::SetDrillTargetRequest& request);
   absl::StatusOr<admin::DropMemoryResponse> DropMemory(const admin::DropMemoryRequest& request);
   absl::StatusOr<admin::CorruptResponse> Corrupt(const admin::CorruptRequest& request);
+  absl::StatusOr<admin::DeclareLostResponse> DeclareLost(const admin::DeclareLostRequest& request);
 
   // kUnreachable when the latest call found no daemon to answer it, else kAnswered.
   FailureKind last_failure() const { return last_failure_; }

@@ -71,6 +71,17 @@ const std::vector<Command>& Commands() {
         "time, and whether the result matches the CRC32C its owner sealed (bit-exact). Exits 1 "
         "when it cannot be rebuilt or does not match."},
        RunRecover},
+      {{"declare-lost",
+        {"NODE"},
+        {{"force", "", "declare it lost even though the daemon connected to sees it alive"}},
+        "declare a member gone for good, so that jobs resume without it",
+        "A node cut off by a partition looks the same as a lost one, so a job that lost more "
+        "than m nodes (or most of the cluster) waits for them before it resumes: its restore "
+        "questions need a majority of the members live. Declaring NODE lost fences it on every "
+        "member and stops counting it. Refused for a member the daemon connected to sees alive, "
+        "unless --force (that daemon then exits). A replacement with the same node id joins as "
+        "usual."},
+       RunDeclareLost},
       {{"drill mark",
         {"JOB"},
         {},

@@ -282,4 +282,26 @@ absl::StatusOr<Outcome> RunVersions(Context& ctx) {
   return outcome;
 }
 
+absl::StatusOr<Outcome> RunDeclareLost(Context& ctx) {
+  TESSERA_ASSIGN_OR_RETURN(AdminClient * client, ctx.Client());
+  admin::DeclareLostRequest request;
+  request.set_node_id(ctx.args().positional()[0]);
+  request.set_force(ctx.args().Has("force"));
+  TESSERA_ASSIGN_OR_RETURN(admin::DeclareLostResponse lost, client->DeclareLost(request));
+  Outcome outcome;
+  outcome.json.Set("node", lost.node_id());
+  outcome.json.Set("incarnation", lost.incarnation());
+  outcome.json.Set("live_members", lost.live_members());
+  outcome.json.Set("members", lost.members());
+  outcome.json.Set("majority", lost.majority());
+  outcome.text = absl::StrCat(
+      lost.node_id(), " (incarnation ", lost.incarnation(), ") declared lost: ",
+      lost.live_members(), " of ", lost.members(), " members live",
+      lost.majority() ? ", a majority: jobs can resume\n"
+                      : ", not a majority: jobs wait until more members are back or declared "
+                        "lost\n");
+  outcome.exit_code = lost.majority() ? kExitOk : kExitUnhealthy;
+  return outcome;
+}
+
 }  // namespace tessera::cli

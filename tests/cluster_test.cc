@@ -154,6 +154,27 @@ int64_t TrainAndCommit(
   return committed;
 }
 
+// `tessera declare-lost NODE` through daemon d's socket; returns the CLI's exit code (0: the
+// live members are a majority again) and its output in *out.
+int DeclareLost(DaemonProcess& d, const std::string& node, std::string* out) {
+  const std::string errors = d.socket_path() + ".declare-lost.err";
+  auto cli = Process::Start(
+      {BinaryPath("cli/tessera"), "declare-lost", node, "--socket", d.socket_path()}, errors);
+  const int code = cli->Wait(seconds(30));
+  *out = absl::StrCat(absl::StrJoin(cli->lines(), "\n"), "\n", ReadFile(errors));
+  return code;
+}
+
+// Waits up to `timeout` for `needle` in daemon d's log.
+bool LogShows(DaemonProcess& d, const std::string& needle, milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!absl::StrContains(ReadFile(d.log_path()), needle)) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  return true;
+}
+
 TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
   const uint64_t seed = TestSeed();
   TempRoot root;
@@ -221,9 +242,22 @@ TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {
   cluster.Lose(3);
   std::this_thread::sleep_for(milliseconds(1500));
 
+  // n0 alone is 1 of 4 members, as a node cut off by a partition would be: it decides no
+  // restore point (the others might resume without it), and the trainer waits.
   auto argv = TrainerArgs(cluster[0], job, seed, 1, world);
   argv.push_back("--mode=verify");
   auto verifier = Process::Start(argv);
+  ASSERT_TRUE(LogShows(cluster[0], "1 of 4 members are live here, not a majority", seconds(20)))
+      << cluster[0].LogTail();
+  EXPECT_EQ(verifier->Wait(milliseconds(500)), -1) << "the trainer did not wait for a majority: "
+                                                   << absl::StrJoin(verifier->lines(), "\n");
+  // The operator declares the three gone for good; once they are, n0 alone is the majority.
+  std::string out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n1", &out), 1) << out;  // 1 of 3: still no majority
+  EXPECT_TRUE(absl::StrContains(out, "not a majority")) << out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n2", &out), 1) << out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n3", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "1 of 1 members live, a majority")) << out;
   EXPECT_EQ(verifier->Wait(seconds(60)), 0);
   // Nothing restorable: the trainer starts fresh, and the daemon says why.
   EXPECT_TRUE(std::find(verifier->lines().begin(), verifier->lines().end(), "fresh") !=
@@ -563,6 +597,15 @@ TEST(ClusterTest, SixNodesRs32FourthLossNamesWhatCannotBeRebuilt) {
   ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
   for (int i : {1, 2, 3, 4}) cluster.Lose(i);
   std::this_thread::sleep_for(milliseconds(1500));
+  // Two of six members live are no majority until the operator declares the four lost (an
+  // alive member is refused without --force).
+  std::string out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n5", &out), 4) << out;
+  EXPECT_TRUE(absl::StrContains(out, "is alive here")) << out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n1", &out), 1) << out;  // 2 of 5 live
+  EXPECT_EQ(DeclareLost(cluster[0], "n2", &out), 1) << out;  // 2 of 4
+  EXPECT_EQ(DeclareLost(cluster[0], "n3", &out), 0) << out;  // 2 of 3: a majority
+  EXPECT_EQ(DeclareLost(cluster[0], "n4", &out), 0) << out;
   // Rank 1 (owner n1) had 5 fragments on n0, n2..n5: only 2 are left, fewer than k = 3.
   auto argv = TrainerArgs(cluster[0], job, seed, 1, world);
   argv.push_back("--mode=verify");

@@ -76,15 +76,8 @@ TEST(JournalTest, AcceptsOnlyTheHistoryTheJobResumed) {
 // and, when it fails, the command that reruns it alone); with the regression cases below the
 // target takes about four minutes on a 2-core machine. TESSERA_TEST_SEED repeats a campaign;
 // TESSERA_CAMPAIGN_TRIALS caps the trials, TESSERA_CAMPAIGN_BUDGET_S the time.
-// An open failure: a daemon cut off from its peers during a whole-job restart coordinates the
-// job alone and answers NOT_FOUND from its partial view, so its ranks start fresh although a step
-// was committed. Fixing it needs restore answers from a majority view (or an operator's declared
-// loss). Its cases are skipped unless TESSERA_CAMPAIGN_OPEN=1, and the short campaign does not
-// draw the fault; tools/campaign.sh draws every fault.
-constexpr char kOpenPartitionRestart[] =
-    "OPEN: a node cut off during a whole-job restart answers NOT_FOUND from its partial view "
-    "(needs restore answers from a majority view); TESSERA_CAMPAIGN_OPEN=1 runs it";
-
+// TESSERA_CAMPAIGN_OPEN=1 also draws the faults whose fixes have not yet been through a long
+// random campaign (see ShortRandomCampaign).
 bool OpenCasesRequested() {
   const char* open = std::getenv("TESSERA_CAMPAIGN_OPEN");
   return open != nullptr && std::string(open) == "1";
@@ -102,16 +95,11 @@ TEST(FaultCampaignTest, ShortRandomCampaign) {
   options.max_faults = 4;
   options.progress_deadline_s = 45;
   if (!OpenCasesRequested()) {
-    // Open: a whole-job restart while a node is cut off (see the regression cases below). A
-    // daemon kill's stall under the wait policy is fixed (DaemonKillStopsCommits) but has not yet
-    // been through a long random campaign: not drawn here until it has.
-    // A plain partition leads to the same open failure when the job restarts as the node
-    // rejoins (seed 45709: its ranks started fresh while the others resumed step 2).
-    options.excluded.push_back(FaultKind::kPartitionRestart);
-    options.excluded.push_back(FaultKind::kPartition);
+    // A daemon kill's stall under the wait policy is fixed (DaemonKillStopsCommits) but has not
+    // yet been through a long random campaign: not drawn here until it has.
     options.excluded.push_back(FaultKind::kDaemonKill);
-    std::printf("short campaign: partition and partition-restart (open) and daemon-kill (fixed, "
-                "awaiting a long campaign) are not drawn; TESSERA_CAMPAIGN_OPEN=1 draws them\n");
+    std::printf("short campaign: daemon-kill (fixed, awaiting a long campaign) is not drawn; "
+                "TESSERA_CAMPAIGN_OPEN=1 draws it\n");
   }
   std::printf("short campaign: trials from seed %" PRIu64 ", at most %d, started within %.0f s\n",
               seed, trials, budget_s);
@@ -217,17 +205,13 @@ TEST(FaultCampaignRegression, ASecondRankRestartLeavesNoUnrestorableCommit) {
 
 // The whole job restarts while one node is cut off. Under the old protocol that node's daemon
 // saw no peer and resumed its ranks from their own newest sealed step. Under the epoch protocol
-// it still fails, now because a restore decides from a partial view: the cut-off daemon suspects
-// every peer, coordinates the job for itself (CoordinatorFor over its live members only), counts
-// every suspected node's holdings as lost (ListNodes, daemon/cluster_restore.cc) and answers
-// NOT_FOUND, "the committed step s cannot be restored on every rank", so its ranks start fresh
-// while the others resume step s. The same answer comes from a coordinator that has just rejoined
-// (its peers see it back before it sees them). Open: suspected is not dead (docs/PROTOCOL.md,
-// Restore 2), but ClusterTest.MoreThanMLostNamesWhatCannotBeRebuilt wants that very view to
-// start fresh; deciding needs a quorum or a declared loss (membership).
+// it failed because a restore decided from a partial view: the cut-off daemon suspected every
+// peer, coordinated the job for itself, counted every suspected node's holdings as lost and
+// answered NOT_FOUND, so its ranks started fresh while the others resumed step s. Fixed: a
+// restore point is decided only by a coordinator that sees a majority of the members live
+// (Cluster::CountQuorum); the cut-off node's ranks wait until it is joined again.
 TEST(FaultCampaignRegression, APartitionedNodeResumesItsRanksFromTheirOwnNewestStep) {
   if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
-  if (!OpenCasesRequested()) GTEST_SKIP() << kOpenPartitionRestart;
   const TrialResult r = RunScripted(201, {FaultKind::kPartitionRestart});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
@@ -235,13 +219,11 @@ TEST(FaultCampaignRegression, APartitionedNodeResumesItsRanksFromTheirOwnNewestS
 // After a whole-job restart resumed step s, a later restart restored a step after s with the
 // bytes of the abandoned run on some ranks (the old protocol: an abandoned step's protection,
 // retrying against the cut-off node, completed after the rollback freed its slot). Under the
-// epoch protocol this trial fails the way the one above does: the cut-off n0 coordinates the job
-// and answers NOT_FOUND from its own view, so every rank starts fresh although step 1 was
-// committed; that fresh start opens no new epoch, and the final restart then restores the old
-// commit, the bytes of the launches the fresh start abandoned ("history").
+// epoch protocol this trial failed as the one above did (the cut-off n0 answered NOT_FOUND from
+// its own view, and that fresh start opened no new epoch, so the final restart restored the old
+// commit: "history"). Fixed with it: only a majority decides a restore point.
 TEST(FaultCampaignRegression, FragmentsOfAnAbandonedStepAreRestoredAfterAResume) {
   if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
-  if (!OpenCasesRequested()) GTEST_SKIP() << kOpenPartitionRestart;
   const TrialResult r = RunScripted(1001, {FaultKind::kPartitionRestart});
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }

@@ -20,6 +20,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/admin/admin_internal.h"
+#include "daemon/membership/cluster.h"
 #include "daemon/coordination/shard_rebuild.h"
 #include "daemon/metrics/metrics.h"
 #include "ec/erasure_codec.h"
@@ -574,6 +575,30 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
                         request.target() == admin::CorruptRequest::SLOT
                             ? std::string("slot")
                             : absl::StrCat("fragment ", response->fragment_index()));
+  return absl::OkStatus();
+}
+
+absl::Status Admin::DeclareLost(const admin::DeclareLostRequest& request,
+                                admin::DeclareLostResponse* response) {
+  if (parts_.cluster == nullptr) {
+    return absl::FailedPreconditionError(
+        "this daemon runs alone (no cluster.members or cluster.dns_name): it has no members to "
+        "declare lost");
+  }
+  const std::string& node = request.node_id();
+  if (node.empty() || node.size() > 255) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "node_id must name the member that is gone (1 to 255 bytes); got ", node.size(),
+        " bytes"));
+  }
+  const std::optional<uint64_t> incarnation = parts_.cluster->IncarnationOf(node);
+  TESSERA_RETURN_IF_ERROR(parts_.cluster->DeclareLost(node, request.force()));
+  const Cluster::Quorum quorum = parts_.cluster->CountQuorum();
+  response->set_node_id(node);
+  response->set_incarnation(incarnation.value_or(0));
+  response->set_live_members(static_cast<uint32_t>(quorum.live));
+  response->set_members(static_cast<uint32_t>(quorum.members));
+  response->set_majority(quorum.majority());
   return absl::OkStatus();
 }
 

@@ -412,4 +412,10 @@ grpc::Status AdminService::Corrupt(grpc::ServerContext* context,
   return Handle("Corrupt", context, [&] { return admin_->Corrupt(*request, response); });
 }
 
+grpc::Status AdminService::DeclareLost(grpc::ServerContext* context,
+                                       const admin::DeclareLostRequest* request,
+                                       admin::DeclareLostResponse* response) {
+  return Handle("DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
+}
+
 }  // namespace tessera

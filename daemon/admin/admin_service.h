@@ -76,6 +76,8 @@ class Admin {
   absl::Status DropMemory(const admin::DropMemoryRequest& request,
                           admin::DropMemoryResponse* response);
   absl::Status Corrupt(const admin::CorruptRequest& request, admin::CorruptResponse* response);
+  absl::Status DeclareLost(const admin::DeclareLostRequest& request,
+                           admin::DeclareLostResponse* response);
 
   bool IsDrillTarget(const std::string& job_id) const;
 
@@ -161,6 +163,8 @@ class AdminService final : public admin::Admin::Service {
                           admin::DropMemoryResponse* response) override;
   grpc::Status Corrupt(grpc::ServerContext* context, const admin::CorruptRequest* request,
                        admin::CorruptResponse* response) override;
+  grpc::Status DeclareLost(grpc::ServerContext* context, const admin::DeclareLostRequest* request,
+                           admin::DeclareLostResponse* response) override;
 
  private:
   absl::Status Authenticate(const grpc::ServerContext* context) const;

@@ -155,6 +155,29 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::OnResolve(const NodeIdentity&
 
 absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     const ResolveQuestion& question) {
+  absl::StatusOr<ResolveAnswer> answer = DecideRestorePoint(question);
+  if (absl::IsUnavailable(answer.status())) {
+    Metrics().restore_deferred->Increment();
+    // The trainers ask again every 250 ms: one line per 10 s says why they wait.
+    const int64_t now = NowUnixMs();
+    bool log = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (now - deferred_logged_ms_ >= 10000) {
+        deferred_logged_ms_ = now;
+        log = true;
+      }
+    }
+    if (log) {
+      Logger("coordinator")->warn("job '{}' rank {}: restore point not decided yet: {}",
+                                  question.job_id, question.rank, std::string(answer.status().message()));
+    }
+  }
+  return answer;
+}
+
+absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
+    const ResolveQuestion& question) {
   const std::string& job_id = question.job_id;
   // A daemon that has not yet heard every configured member answers nothing: a start-up view
   // may lack the very nodes that hold the job (the caller retries kUnavailable).
@@ -163,13 +186,24 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
         "this daemon's membership has not converged yet (not every configured member has "
         "answered or timed out); ask again shortly");
   }
+  // A restore point is a decision for good: taken on both sides of a partition, the two sides
+  // would resume different histories. Only a coordinator that sees a majority of the members
+  // live takes it; the side cut off waits until it is joined again.
+  const Cluster::Quorum quorum = cluster_->CountQuorum();
+  if (!quorum.majority()) {
+    return absl::UnavailableError(absl::StrCat(
+        "only ", quorum.live, " of ", quorum.members, " members are live here, not a majority: "
+        "this daemon may be cut off from the others, whose restore point could differ. Ask "
+        "again once they are back; members gone for good must be declared lost "
+        "(`tessera declare-lost NODE` on a live member)"));
+  }
   if (!question.known.empty()) coordinator_.Learn(job_id, question.known, question.known.epoch);
   std::vector<std::string> nodes = coordinator_.Nodes(job_id);
   // With no record of the job, every live member is asked once (a coordinator that took over
   // after a loss); otherwise only the job's nodes, and those their records name.
   std::vector<JobListing> listings;
   std::set<std::string> asked;
-  size_t not_live = 0;  // nodes of the job not asked because they are not live
+  std::set<std::string> not_live;  // nodes of the job not asked because they are not live
   for (int round = 0; round < 4; ++round) {
     std::vector<std::string> ask;
     if (round == 0 && nodes.empty()) {
@@ -189,12 +223,31 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     }
     nodes = coordinator_.Nodes(job_id);
   }
+  // The majority may have been lost while the listings were gathered.
+  const Cluster::Quorum after = cluster_->CountQuorum();
+  if (!after.majority()) {
+    return absl::UnavailableError(absl::StrCat(
+        "only ", after.live, " of ", after.members, " members are live here now, not a majority: "
+        "ask again once they are back"));
+  }
+  // Nodes of the job that are not live but not declared lost may come back with what they
+  // hold (a partition heals, a stopped daemon resumes): nothing found is no reason to give up.
+  std::vector<std::string> away;
+  for (const std::string& n : not_live) {
+    if (!cluster_->IsDeclaredLost(n)) away.push_back(n);
+  }
+  auto wait_for_away = [&](const std::string& what) {
+    return absl::UnavailableError(absl::StrCat(
+        what, ", and nodes of the job are not live: ", absl::StrJoin(away, ", "),
+        ". Waiting for them (what they hold may make the job restorable); nodes gone for good "
+        "must be declared lost (`tessera declare-lost NODE`)"));
+  };
   const JobState state = coordinator_.State(job_id);
   const CommitRecord& point = state.committed;
   // Whether the current epoch may hold a shard of the resuming rank: one listed as sealed in it,
   // a fragment of the rank past the restore point (fragments do not record their epoch), or a
   // node of the job that is not live.
-  bool may_hold = not_live > 0;
+  bool may_hold = !not_live.empty();
   for (const JobListing& l : listings) {
     for (const HeldShard& s : l.shards) {
       may_hold = may_hold || (s.rank == question.rank && s.epoch >= state.epoch);
@@ -209,6 +262,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
   ResolveAnswer answer;
   answer.restore_point = point;
   if (point.empty()) {
+    if (!away.empty()) return wait_for_away("no commit of the job is known on its live nodes");
     answer.epoch = question.resume ? resume() : state.epoch;
     // Nothing committed: the caller starts fresh.
     TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
@@ -241,6 +295,10 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     if (!plan.ok()) missing.push_back(std::string(plan.status().message()));
   }
   if (!missing.empty()) {
+    if (!away.empty()) {
+      return wait_for_away(absl::StrCat("the committed step ", point.step,
+                                        " cannot be restored on every rank from the live nodes"));
+    }
     // NOT_FOUND, as when nothing is held: the job cannot resume from memory (the agent's
     // contract: start fresh, or from the persistent tier), and the message names what is lost.
     return absl::NotFoundError(absl::StrCat("the committed step ", point.step, " (epoch ",
@@ -294,7 +352,7 @@ absl::Status ClusterCoordination::TellJobNodes(const std::string& job_id,
 
 absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
     const std::string& job_id, std::vector<std::string> nodes, bool require_complete,
-    size_t* not_live) {
+    std::set<std::string>* not_live) {
   if (nodes.empty()) nodes = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<JobListing>> results(nodes.size(),
                                                   absl::UnavailableError("not asked"));
@@ -331,7 +389,7 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
   }
   std::vector<JobListing> out;
   for (size_t i = 0; i < nodes.size(); ++i) {
-    if (lost[i] && not_live != nullptr) ++*not_live;
+    if (lost[i] && not_live != nullptr) not_live->insert(nodes[i]);
     if (lost[i]) continue;
     if (!results[i].ok() && !require_complete) {
       Logger("recovery")->warn("job '{}': node {} did not answer its listing ({}); planning "

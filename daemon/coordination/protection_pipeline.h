@@ -148,15 +148,18 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // Members that died since the last round: queue repairs of the committed shards they held.
   void RepairAfterLosses();
 
+  // Answers a restore question as the job's coordinator (DecideRestorePoint), counting and
+  // logging the questions it cannot decide yet.
   absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
+  absl::StatusOr<ResolveAnswer> DecideRestorePoint(const ResolveQuestion& question);
   JobListing LocalListing(const std::string& job_id) const;
   // What the given nodes (all live members when empty) hold of the job. With require_complete,
   // kUnavailable names a live node that did not answer; otherwise such a node is passed over.
-  // `not_live`, when set, is increased by the given nodes that are not live (not asked).
+  // `not_live`, when set, gets the given nodes that are not live (not asked).
   absl::StatusOr<std::vector<JobListing>> ListNodes(const std::string& job_id,
                                                     std::vector<std::string> nodes,
                                                     bool require_complete,
-                                                    size_t* not_live = nullptr);
+                                                    std::set<std::string>* not_live = nullptr);
   // Before a restore is answered, every live node in `nodes` learns the job's epoch and commit
   // (docs/PROTOCOL.md, Restore): kUnavailable names those that did not take it.
   absl::Status TellJobNodes(const std::string& job_id, const std::set<std::string>& nodes,
@@ -197,6 +200,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   std::map<std::string, std::pair<uint64_t, int64_t>> told_ ABSL_GUARDED_BY(mu_);
   // The restore point each job resolved here (PrepareRestore checks against its CRCs).
   std::map<std::string, CommitRecord> restore_points_ ABSL_GUARDED_BY(mu_);
+  int64_t deferred_logged_ms_ ABSL_GUARDED_BY(mu_) = 0;  // last "not decided yet" log line
   std::deque<std::pair<std::string, JobState>> pushes_ ABSL_GUARDED_BY(mu_);  // (node, state)
   std::set<std::string> live_last_round_;  // reporter thread only
   std::thread worker_;

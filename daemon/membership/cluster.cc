@@ -423,18 +423,51 @@ int64_t Cluster::ConvergenceBoundMs() const {
                                                           options_.timeout_ms);
 }
 
-void Cluster::DeclareLost(const std::string& node_id) {
+absl::Status Cluster::DeclareLost(const std::string& node_id, bool force) {
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
     const int64_t now = MonoMs();
+    std::optional<Swim::MemberView> m = swim_->Find(node_id);
+    if (!force && node_id != options_.self_id && m && m->state == SwimState::kAlive) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "'", node_id, "' (incarnation ", m->incarnation, ", ", m->address, ") is alive here: "
+          "declaring it lost fences that daemon, which then exits. Declare lost only a node that "
+          "is gone for good, or pass force to fence it anyway"));
+    }
     status = swim_->DeclareLost(now, node_id);
-    FlushLocked(now);
+    if (status.ok()) FlushLocked(now);
   }
-  if (!status.ok()) {
-    Logger("cluster")->error("cannot declare {} lost: {}", node_id, status.ToString());
+  if (status.ok()) {
+    Logger("cluster")->warn("{} declared lost by an operator{}: fenced until a newer incarnation "
+                            "joins, and no longer counted in majorities",
+                            node_id, force ? " (forced)" : "");
   }
   Dispatch();
+  return status;
+}
+
+Cluster::Quorum Cluster::CountQuorum() const {
+  Quorum q;
+  q.live = q.members = 1;  // this daemon
+  absl::MutexLock lock(&mu_);
+  std::set<std::string> known_addresses;
+  for (const Swim::MemberView& m : swim_->Members()) {
+    known_addresses.insert(m.address);
+    if (m.lost) continue;
+    ++q.members;
+    if (m.state == SwimState::kAlive) ++q.live;
+  }
+  for (const std::string& address : swim_->PendingSeeds()) {
+    if (known_addresses.count(address) == 0 && address != options_.self_address) ++q.members;
+  }
+  return q;
+}
+
+bool Cluster::IsDeclaredLost(const std::string& node_id) const {
+  absl::MutexLock lock(&mu_);
+  std::optional<Swim::MemberView> m = swim_->Find(node_id);
+  return m && m->lost;
 }
 
 std::vector<Cluster::PeerView> Cluster::Peers() const {

@@ -104,9 +104,26 @@ class Cluster {
   bool Converged() const;
   // How long Converged() takes at most from Start when every seed answers or times out.
   int64_t ConvergenceBoundMs() const;
-  // The operator declares node_id lost: dead everywhere until a newer incarnation appears.
-  // Logs why when it cannot (unknown node id, or this daemon).
-  void DeclareLost(const std::string& node_id);
+  // The operator declares node_id lost: dead everywhere until a newer incarnation appears, and
+  // no longer counted among the members of a majority (Quorum). Errors: kInvalidArgument for
+  // this daemon, kNotFound for a node id no member has, kFailedPrecondition for a member that is
+  // alive here unless `force` (it is then fenced: it hears it was declared lost and exits).
+  absl::Status DeclareLost(const std::string& node_id, bool force);
+
+  // The members a majority is counted over, and how many of them are live here. Members are
+  // every node id known here that was not declared lost, in any state (this daemon included),
+  // and every seed address at which no member is known: a daemon cut off from the others, or
+  // started while its seeds are unreachable, counts all of them and is in no majority. A
+  // decision that must never be taken on both sides of a partition (a restore point) is taken
+  // only with majority().
+  struct Quorum {
+    size_t live = 0;
+    size_t members = 0;
+    bool majority() const { return live * 2 > members; }
+  };
+  Quorum CountQuorum() const;
+  // True when node_id's newest known incarnation was declared lost (and none newer joined).
+  bool IsDeclaredLost(const std::string& node_id) const;
 
   // Every known member other than this daemon, and every seed address where none is known yet
   // (node_id empty) (status views).

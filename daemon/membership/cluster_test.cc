@@ -229,8 +229,16 @@ TEST(ClusterTest, HeartbeatHandlerContract) {
   ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
   EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
 
-  cluster.DeclareLost("d");
+  EXPECT_EQ(cluster.DeclareLost("d", /*force=*/false).code(), absl::StatusCode::kFailedPrecondition)
+      << "d is alive here";
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+  EXPECT_EQ(cluster.CountQuorum().members, 2u);
+  ASSERT_TRUE(cluster.DeclareLost("d", /*force=*/true).ok());
   EXPECT_EQ(cluster.LiveNodeIds(), Ids{"a"});
+  EXPECT_EQ(cluster.CountQuorum().members, 1u) << "a member declared lost is not counted";
+  EXPECT_TRUE(cluster.IsDeclaredLost("d"));
+  EXPECT_FALSE(cluster.IsDeclaredLost("a"));
+  EXPECT_TRUE(cluster.CountQuorum().majority());
   EXPECT_TRUE(changes.Saw("d", false));
   message.from = MemberInfo{"d", 8, "d:1"};
   ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
@@ -238,8 +246,8 @@ TEST(ClusterTest, HeartbeatHandlerContract) {
   message.from.incarnation = 9;
   ASSERT_TRUE(cluster.OnHeartbeat(message).ok());
   EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
-  cluster.DeclareLost("nobody");  // logged, nothing changes
-  cluster.DeclareLost("a");
+  EXPECT_EQ(cluster.DeclareLost("nobody", false).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cluster.DeclareLost("a", true).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
 }
 
@@ -264,6 +272,12 @@ TEST(ClusterTest, ConvergesWhenEverySeedAnsweredOrFailedOnce) {
     }
   }
   EXPECT_EQ(unknown, 3u);
+  // A majority is counted over every member and every seed address nobody answered at: 2 of 5
+  // live is a minority (a node cut off at start-up must not decide alone).
+  const Cluster::Quorum quorum = cluster.CountQuorum();
+  EXPECT_EQ(quorum.live, 2u);
+  EXPECT_EQ(quorum.members, 5u);
+  EXPECT_FALSE(quorum.majority());
   cluster.Stop();
 }
 

@@ -255,6 +255,11 @@ const DaemonMetrics& Metrics() {
     m.restore_failures =
         r.AddCounter("tessera_restore_failures_total",
                      "Shards that could not be made local (too few fragments, a CRC mismatch).");
+    m.restore_deferred = r.AddCounter(
+        "tessera_restore_questions_deferred_total",
+        "Restore questions this daemon, as a job's coordinator, answered UNAVAILABLE because its "
+        "view could not decide yet (membership not converged, no majority of the members live, "
+        "a node of the job not answering); the trainer asks again.");
     m.fragment_crc_failures = new Counter();
     return m;
   }();

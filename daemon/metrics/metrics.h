@@ -137,6 +137,9 @@ struct DaemonMetrics {
   Histogram* protection_seconds;  // from seal to protected
   Histogram* restore_seconds;     // making a shard local from other members (copy or rebuild)
   Counter* restore_failures;      // shards that could not be made local
+  // Restore questions answered UNAVAILABLE because this coordinator's view could not decide
+  // (membership not converged, no majority of members live, a node of the job not answering).
+  Counter* restore_deferred;
   // Fragments found damaged by a read (verification, a rebuild) rather than by the fragment
   // store's own checks; not exported alone: the collector adds them to the store's count.
   Counter* fragment_crc_failures;
