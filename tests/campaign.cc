@@ -721,13 +721,18 @@ std::vector<size_t> Trial::LogSizes() const {
 }
 
 bool Trial::WaitForSuspicion(int node, const std::vector<size_t>& from) {
-  const std::regex suspected(" member " + nodes_[node].id + " at " + nodes_[node].address +
-                             " suspected");
+  const std::string member = " member " + nodes_[node].id + " at " + nodes_[node].address + " ";
+  const std::regex suspected(member + "suspected");
   WaitFor(kSuspectDeadline, absl::StrCat("a peer to suspect ", nodes_[node].id), [&] {
     for (size_t i = 0; i < nodes_.size(); ++i) {
       if (static_cast<int>(i) == node) continue;
       nodes_[i].log->Poll();
       if (nodes_[i].log->Seen(from[i], suspected)) return true;
+      // Still dead from an earlier fault: stopped again before it could refute (seed 5000831:
+      // SIGCONTed after a daemon-stop, then SIGSTOPped for a zombie 0.2 s later), it is never
+      // suspected anew.
+      const std::vector<std::string> last = nodes_[i].log->Lines({member}, 1);
+      if (!last.empty() && absl::StrContains(last.back(), member + "is dead")) return true;
     }
     return false;
   });

@@ -242,5 +242,26 @@ TEST(FaultCampaignRegression, AZombieCoordinatorSplitsTheReportsAndCommitsStop) 
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// A daemon stopped, continued, and stopped again for a zombie 0.2 s later, before it could refute
+// its death: its peers held it dead all along and never suspected it anew, and the campaign
+// waited 30 s for a suspicion ("hang"; seeds 5000831, 5000656, 5000718 and, with a node loss
+// after the stop, 5000747, on the 16-core machine). The campaign now also takes "already dead
+// in a peer's view" for suspected.
+TEST(FaultCampaignRegression, AStoppedDaemonStoppedAgainBeforeItRefutesIsNotSuspectedAnew) {
+  const TrialResult r = RunScripted(5000831, {FaultKind::kDaemonStop, FaultKind::kZombie});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
+// A flipped byte in the slot of a committed step, then its daemon re-protected the step when a
+// holder of its fragments restarted: the fragments were encoded from the damaged slot with the
+// sealed CRC in their metadata, so each passed its own check and the rebuild at the final
+// restart failed the shard's CRC32C three times ("restore": DATA_LOSS; seed 6000711 on the
+// 16-core machine). Protection now checks the slot's payload against its seal first.
+TEST(FaultCampaignRegression, AFlippedSlotIsNeverEncodedIntoFragments) {
+  const TrialResult r = RunScripted(6000711, {FaultKind::kTrainerKill, FaultKind::kRankRestart,
+                                              FaultKind::kFlipSlot, FaultKind::kDaemonKill});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
 }  // namespace
 }  // namespace tessera::testing

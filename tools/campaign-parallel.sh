@@ -3,7 +3,7 @@
 # cores than one trial needs: worker w runs trials with seeds S + w*N .. S + w*N + N - 1, each
 # trial with its own daemons, trainers, shared memory and ports. Prints every worker's failures
 # with their rerun lines, then one table summed over the workers, in the campaign's own format;
-# exits 1 when a trial failed.
+# exits 1 when a trial failed. Every failed trial's output is also gathered in OUT/failures.txt.
 #
 #   tools/campaign-parallel.sh --workers P --trials N [--seed S] [--budget-s B] [--bin DIR]
 #                              [--out DIR] [-- campaign arguments...]
@@ -81,11 +81,16 @@ for w in range(workers):
         failed += 1
         continue
     total += int(m.group(1)); passed += int(m.group(2)); failed += int(m.group(3))
+    section = []
     for line in text.splitlines():
+        if line.startswith("=== trial ") and "/" in line.split(",")[0]:
+            section = []  # "=== trial i/N, seed S ===" opens a trial's output
+        section.append(line)
         if line.startswith("=== trial seed") and "FAIL" in line:
             print(f"worker {w}: {line}")
-        if line.startswith("rerun:"):
-            print(f"worker {w}: {line}")
+            # Each failure's whole output (trace, daemon log excerpts), bounded, in one file.
+            with open(f"{out}/failures.txt", "a") as f:
+                f.write(f"--- worker {w}\n" + "\n".join(section[:600]) + "\n")
     table = text[m.end():]
     part = table.split("failed check")
     for row in re.findall(r"^([a-z-]+)[ \t]+(\d+)[ \t]+(\d+)$", part[0], re.M):

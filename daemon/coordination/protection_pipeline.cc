@@ -207,6 +207,21 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   }
   TESSERA_ASSIGN_OR_RETURN(ErasureCodec codec, ErasureCodec::Create(placement.k, placement.m));
   const uint64_t shard_bytes = pinned->payload_bytes;
+  // The slot is shared memory, written after its seal by a bit flip or by the trainer: fragments
+  // encoded from damaged bytes would carry the sealed CRC and pass every fragment check, and a
+  // rebuild from them would fail for good (seed 6000711: a repair re-encoded a flipped slot of a
+  // committed step, and the restore of that rank failed its CRC32C three times). Check first.
+  const uint32_t payload_crc =
+      ParallelCrc32c(pinned->payload, shard_bytes, EncodeThreads());
+  if (payload_crc != pinned->payload_crc32c) {
+    Metrics().slot_crc_failures->Increment();
+    log->error("job '{}' rank {} step {}: the sealed slot is damaged (payload CRC32C {:#010x}, "
+               "sealed {:#010x}): not {} from it{}",
+               work.job_id, work.rank, work.step, payload_crc, pinned->payload_crc32c,
+               work.repair ? "repaired" : "protected",
+               work.repair ? "; the fragments already held still protect the step" : "");
+    return absl::OkStatus();  // retrying would read the same bytes
+  }
   const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, placement.k);
   // Data fragments that lie wholly inside the payload are sent from it in place; the others
   // (the padded last one, if any) are copied into scratch, which also takes the parity.

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <set>
 
@@ -17,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "common/crc32c.h"
 #include "daemon/coordination/protection.h"
+#include "daemon/metrics/metrics.h"
 #include "ec/erasure_codec.h"
 #include "gtest/gtest.h"
 #include "proto/manifest.pb.h"
@@ -207,7 +209,9 @@ class ProtectionPipelineTest : public ::testing::Test {
 
   // Registers (rank) on this daemon's store and seals `step` with random data, as the agent and
   // the agent service do; tells the coordination. Returns the payload sealed.
-  std::vector<uint8_t> SealHere(uint32_t rank, int64_t step, uint64_t data_bytes) {
+  // `after_seal`, when given, changes the sealed payload before the coordination hears of it.
+  std::vector<uint8_t> SealHere(uint32_t rank, int64_t step, uint64_t data_bytes,
+                                const std::function<void(uint8_t* payload)>& after_seal = nullptr) {
     const Caller caller{getuid(), getgid(), 1000 + static_cast<pid_t>(rank)};
     auto reg = store_->Register(kJob, rank, world_, {Tensor("t", data_bytes)}, caller);
     EXPECT_TRUE(reg.ok()) << reg.status();
@@ -226,6 +230,7 @@ class ProtectionPipelineTest : public ::testing::Test {
     if (!sealed.ok()) return {};
     shard.resize(sealed->payload_bytes);
     EXPECT_EQ(sealed->payload_crc32c, Crc32c(shard.data(), shard.size()));
+    if (after_seal) after_seal((*segment)->payload());
     coordination_->OnSealed(kJob, rank, step, *sealed);
     return shard;
   }
@@ -423,6 +428,24 @@ TEST_F(ProtectionPipelineTest, ProtectedFragmentsEqualAReferenceEncode) {
     EXPECT_EQ(checked, 5);
     step += 2;
   }
+}
+
+// A byte of a sealed slot flipped before its protection (a bit flip in memory, or the trainer
+// writing after the seal): no fragment is made from the damaged bytes, which would carry the
+// sealed CRC and pass every fragment check (seed 6000711 of the fault campaign), and the damage
+// is counted. An intact step of the same rank is protected as usual.
+TEST_F(ProtectionPipelineTest, ADamagedSlotIsNeverEncodedIntoFragments) {
+  StartCluster(5, 3, 2);
+  const uint64_t failures = Metrics().slot_crc_failures->value();
+  const uint64_t data_bytes = 200000 + rng_() % 10000;
+  const uint64_t at = rng_() % data_bytes;
+  SealHere(0, 2, data_bytes, [&](uint8_t* payload) { payload[at] ^= 0x10; });
+  ASSERT_TRUE(Eventually([&] { return Metrics().slot_crc_failures->value() > failures; }));
+  EXPECT_TRUE(HeldByPeers(0, 2).empty()) << "fragments were made from a damaged slot";
+  SealHere(0, 4, data_bytes);
+  ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, 4).size() == 5; }));
+  EXPECT_TRUE(HeldByPeers(0, 2).empty());
+  EXPECT_EQ(Metrics().slot_crc_failures->value(), failures + 1);
 }
 
 // A shard that is not here is rebuilt from k fragments; a fragment with a flipped byte is

@@ -260,6 +260,11 @@ const DaemonMetrics& Metrics() {
         "Restore questions this daemon, as a job's coordinator, answered UNAVAILABLE because its "
         "view could not decide yet (membership not converged, no majority of the members live, "
         "a node of the job not answering); the trainer asks again.");
+    m.slot_crc_failures = r.AddCounter(
+        "tessera_slot_crc_failures_total",
+        "Sealed slots whose payload no longer matched the CRC32C of their seal when read for "
+        "protection (a bit flip in memory, or a trainer writing after the seal); no fragments "
+        "are made from them.");
     m.fragment_crc_failures = new Counter();
     return m;
   }();

@@ -140,6 +140,9 @@ struct DaemonMetrics {
   // Restore questions answered UNAVAILABLE because this coordinator's view could not decide
   // (membership not converged, no majority of members live, a node of the job not answering).
   Counter* restore_deferred;
+  // Sealed slots found damaged when read for protection (their payload no longer matches the
+  // CRC32C of the seal): not protected from.
+  Counter* slot_crc_failures;
   // Fragments found damaged by a read (verification, a rebuild) rather than by the fragment
   // store's own checks; not exported alone: the collector adds them to the store's count.
   Counter* fragment_crc_failures;
