@@ -7,7 +7,7 @@
 #   every daemon committed within 2 s of the last seal.
 # The test asserts correctness only; here a missed goal is reported, not failed.
 #
-# Environment: TESSERA_SCALE_NODES (64), TESSERA_SCALE_SMALL_NODES (8), TESSERA_SCALE_IDLE_S (20),
+# Environment: TESSERA_SCALE_WARMUP_S (70), TESSERA_SCALE_NODES (64), TESSERA_SCALE_SMALL_NODES (8), TESSERA_SCALE_IDLE_S (20),
 # TESSERA_SCALE_CONVERGE_S (60 + 3 per daemon), TESSERA_TEST_SEED. Other arguments go to the test
 # binary (e.g. --gtest_repeat=3).
 set -euo pipefail
@@ -19,4 +19,5 @@ if ! out=$(bazel build //tests:scale_test 2>&1); then
 fi
 bin=$(bazel info bazel-bin 2>/dev/null)/tests
 cd "$bin/scale_test.runfiles/tessera"
-TESSERA_SCALE_BENCH=1 exec ../../scale_test "$@"
+# The idle window opens after 70 s, once every daemon has probed (and connected to) every other.
+TESSERA_SCALE_BENCH=1 TESSERA_SCALE_WARMUP_S=${TESSERA_SCALE_WARMUP_S:-70} exec ../../scale_test "$@"

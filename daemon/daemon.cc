@@ -161,6 +161,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   // the cluster's size (in a larger cluster a probe may have to connect first).
   heartbeat_options.max_peers_with_channels = 64;
   heartbeat_options.reconnect_at_once = true;
+  heartbeat_options.bdp_probe = false;
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
 
   Cluster::Options cluster_options;

@@ -76,13 +76,6 @@ TEST(JournalTest, AcceptsOnlyTheHistoryTheJobResumed) {
 // and, when it fails, the command that reruns it alone); with the regression cases below the
 // target takes about four minutes on a 2-core machine. TESSERA_TEST_SEED repeats a campaign;
 // TESSERA_CAMPAIGN_TRIALS caps the trials, TESSERA_CAMPAIGN_BUDGET_S the time.
-// TESSERA_CAMPAIGN_OPEN=1 also draws the faults whose fixes have not yet been through a long
-// random campaign (see ShortRandomCampaign).
-bool OpenCasesRequested() {
-  const char* open = std::getenv("TESSERA_CAMPAIGN_OPEN");
-  return open != nullptr && std::string(open) == "1";
-}
-
 TEST(FaultCampaignTest, ShortRandomCampaign) {
   signal(SIGPIPE, SIG_IGN);
   const uint64_t seed = TestSeed() % 1000000000;
@@ -94,13 +87,6 @@ TEST(FaultCampaignTest, ShortRandomCampaign) {
   options.min_faults = 2;
   options.max_faults = 4;
   options.progress_deadline_s = 45;
-  if (!OpenCasesRequested()) {
-    // A daemon kill's stall under the wait policy is fixed (DaemonKillStopsCommits) but has not
-    // yet been through a long random campaign: not drawn here until it has.
-    options.excluded.push_back(FaultKind::kDaemonKill);
-    std::printf("short campaign: daemon-kill (fixed, awaiting a long campaign) is not drawn; "
-                "TESSERA_CAMPAIGN_OPEN=1 draws it\n");
-  }
   std::printf("short campaign: trials from seed %" PRIu64 ", at most %d, started within %.0f s\n",
               seed, trials, budget_s);
   for (const TrialResult& r : RunCampaign(seed, trials, budget_s, options)) {

@@ -243,6 +243,7 @@ std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::
     // tells the channels apart.
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("tessera.channel_index", i);
+    if (!options_.bdp_probe) args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
     entry.channels.push_back(grpc::CreateCustomChannel(peer, options_.credentials, args));
   }
   return entry.channels;

@@ -130,6 +130,10 @@ class GrpcPeerClient final : public PeerClient {
     // connects anew instead of failing at once while gRPC waits out its reconnect backoff (1 s,
     // growing to 2 min), so a daemon that comes back is heard on its next probe.
     bool reconnect_at_once = false;
+    // HTTP/2 BDP probing (a PING with each read that sizes the flow-control window). Bulk
+    // transfers need it; small control calls (heartbeats) pay a ping round trip per call for
+    // nothing: the heartbeat client turns it off (a third of an idle daemon's CPU).
+    bool bdp_probe = true;
     // This daemon's node id, named in fragment writes (FragmentKey.owner_node_id) so that a
     // receiver can refuse those of a fenced incarnation.
     std::string self_node_id;
