@@ -20,8 +20,8 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/admin/admin_internal.h"
-#include "daemon/membership/cluster.h"
 #include "daemon/coordination/shard_rebuild.h"
+#include "daemon/membership/cluster.h"
 #include "daemon/metrics/metrics.h"
 #include "ec/erasure_codec.h"
 

@@ -170,10 +170,21 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
     }
     if (log) {
       Logger("coordinator")->warn("job '{}' rank {}: restore point not decided yet: {}",
-                                  question.job_id, question.rank, std::string(answer.status().message()));
+                                  question.job_id, question.rank,
+                                  std::string(answer.status().message()));
     }
   }
   return answer;
+}
+
+absl::Status ClusterCoordination::RequireMajority() const {
+  const Cluster::Quorum quorum = cluster_->CountQuorum();
+  if (quorum.majority()) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "only ", quorum.live, " of ", quorum.members, " members are live here, not a majority: "
+      "this daemon may be cut off from the others, whose restore point could differ. Ask "
+      "again once they are back; members gone for good must be declared lost "
+      "(`tessera declare-lost NODE` on a live member)"));
 }
 
 absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
@@ -189,14 +200,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
   // A restore point is a decision for good: taken on both sides of a partition, the two sides
   // would resume different histories. Only a coordinator that sees a majority of the members
   // live takes it; the side cut off waits until it is joined again.
-  const Cluster::Quorum quorum = cluster_->CountQuorum();
-  if (!quorum.majority()) {
-    return absl::UnavailableError(absl::StrCat(
-        "only ", quorum.live, " of ", quorum.members, " members are live here, not a majority: "
-        "this daemon may be cut off from the others, whose restore point could differ. Ask "
-        "again once they are back; members gone for good must be declared lost "
-        "(`tessera declare-lost NODE` on a live member)"));
-  }
+  TESSERA_RETURN_IF_ERROR(RequireMajority());
   if (!question.known.empty()) coordinator_.Learn(job_id, question.known, question.known.epoch);
   std::vector<std::string> nodes = coordinator_.Nodes(job_id);
   // With no record of the job, every live member is asked once (a coordinator that took over
@@ -223,13 +227,8 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     }
     nodes = coordinator_.Nodes(job_id);
   }
-  // The majority may have been lost while the listings were gathered.
-  const Cluster::Quorum after = cluster_->CountQuorum();
-  if (!after.majority()) {
-    return absl::UnavailableError(absl::StrCat(
-        "only ", after.live, " of ", after.members, " members are live here now, not a majority: "
-        "ask again once they are back"));
-  }
+  // The majority may have been lost while the listings were gathered (seed 1001).
+  TESSERA_RETURN_IF_ERROR(RequireMajority());
   // Nodes of the job that are not live but not declared lost may come back with what they
   // hold (a partition heals, a stopped daemon resumes): nothing found is no reason to give up.
   std::vector<std::string> away;

@@ -152,6 +152,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // logging the questions it cannot decide yet.
   absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
   absl::StatusOr<ResolveAnswer> DecideRestorePoint(const ResolveQuestion& question);
+  // kUnavailable unless a majority of the members is live here (docs/PROTOCOL.md, Restore 2).
+  absl::Status RequireMajority() const;
   JobListing LocalListing(const std::string& job_id) const;
   // What the given nodes (all live members when empty) hold of the job. With require_complete,
   // kUnavailable names a live node that did not answer; otherwise such a node is passed over.
