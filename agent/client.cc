@@ -559,9 +559,19 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
   request.set_step(step);
   auto source = std::make_unique<RestoreSource>(engine_.get());
   agent::PrepareRestoreResponse& response = source->response_;
-  grpc::ClientContext context;
-  TESSERA_RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response)));
+  // A daemon that cannot reach the members holding the shard yet answers UNAVAILABLE: ask
+  // again, every 250 ms, up to restore_resolve_timeout_ms, as FindLatestRestorable does.
+  const absl::Time give_up = absl::Now() + absl::Milliseconds(options_.restore_resolve_timeout_ms);
+  while (true) {
+    grpc::ClientContext context;
+    const absl::Status status =
+        FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response));
+    if (!absl::IsUnavailable(status) || absl::Now() >= give_up) {
+      TESSERA_RETURN_IF_ERROR(status);
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(250));
+  }
   // Read from our own (pinned) mapping when the step sits in one of our slots.
   for (const auto& slot : slots_) {
     if (slot.segment->path() == response.segment_path()) source->segment_ = slot.segment.get();

@@ -251,5 +251,17 @@ TEST(FaultCampaignRegression, AFlippedSlotIsNeverEncodedIntoFragments) {
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// The whole job restarted while n0 was cut off: the majority decided step 1, but n0 could reach
+// none of its rank's fragments, its PrepareRestore answered NOT_FOUND, and the trainer started
+// fresh ("committed", then "history"; seed 520503531 in the short campaign of make test).
+// PrepareRestore now answers UNAVAILABLE while members that may hold the shard are not live,
+// and the agent asks again.
+TEST(FaultCampaignRegression, ACutOffNodeWaitsToMakeItsRankLocal) {
+  if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
+  const TrialResult r = RunScripted(520503531, {FaultKind::kPartitionRestart, FaultKind::kFlipSlot,
+                                                FaultKind::kJobRestart, FaultKind::kTrainerKill});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
 }  // namespace
 }  // namespace tessera::testing

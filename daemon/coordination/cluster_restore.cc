@@ -526,10 +526,21 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
   for (int attempt = 0;; ++attempt) {
     auto plan = PlanRestore(holdings, cluster_->self_id(), rank, step, exclude);
     if (!plan.ok()) {
-      return absl::Status(plan.status().code(),
-                          absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
-                                       " cannot be restored or rebuilt from the live nodes: ",
-                                       plan.status().message()));
+      // Members that are not live (and not declared lost) may hold it: a partition heals, a
+      // stopped daemon resumes. That is no reason for the trainer to start fresh (NOT_FOUND):
+      // it asks again (seed 520503531: a node cut off after the restore point was decided
+      // found none of the rank's fragments reachable, and its rank started fresh).
+      const Cluster::Quorum quorum = cluster_->CountQuorum();
+      const absl::StatusCode code = absl::IsNotFound(plan.status()) && quorum.live < quorum.members
+                                        ? absl::StatusCode::kUnavailable
+                                        : plan.status().code();
+      return absl::Status(code, absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
+                                             " cannot be restored or rebuilt from the live nodes",
+                                             code == absl::StatusCode::kUnavailable
+                                                 ? absl::StrCat(" (", quorum.members - quorum.live,
+                                                                " members are not live)")
+                                                 : std::string(),
+                                             ": ", plan.status().message()));
     }
     if (plan->source == RestorePlan::Source::kLocal) {
       return store_->PrepareRestore(job_id, rank, step);
