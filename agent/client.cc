@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <random>
 #include <set>
@@ -17,6 +18,17 @@
 
 namespace tessera {
 namespace {
+
+// Calls `call` again, every 250 ms, while it answers kUnavailable (a daemon that cannot decide
+// or reach what it needs yet), for up to timeout_ms; returns its last answer.
+absl::Status WhileUnavailable(int64_t timeout_ms, const std::function<absl::Status()>& call) {
+  const absl::Time give_up = absl::Now() + absl::Milliseconds(timeout_ms);
+  while (true) {
+    absl::Status status = call();
+    if (!absl::IsUnavailable(status) || absl::Now() >= give_up) return status;
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+}
 
 // Bytes to copy: a tensor's whole size, a blob's currently valid length.
 uint64_t EntryLength(const Client::Entry& e) {
@@ -559,19 +571,11 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
   request.set_step(step);
   auto source = std::make_unique<RestoreSource>(engine_.get());
   agent::PrepareRestoreResponse& response = source->response_;
-  // A daemon that cannot reach the members holding the shard yet answers UNAVAILABLE: ask
-  // again, every 250 ms, up to restore_resolve_timeout_ms, as FindLatestRestorable does.
-  const absl::Time give_up = absl::Now() + absl::Milliseconds(options_.restore_resolve_timeout_ms);
-  while (true) {
+  // A daemon that cannot reach the members holding the shard yet answers UNAVAILABLE.
+  TESSERA_RETURN_IF_ERROR(WhileUnavailable(options_.restore_resolve_timeout_ms, [&] {
     grpc::ClientContext context;
-    const absl::Status status =
-        FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response));
-    if (!absl::IsUnavailable(status) || absl::Now() >= give_up) {
-      TESSERA_RETURN_IF_ERROR(status);
-      break;
-    }
-    absl::SleepFor(absl::Milliseconds(250));
-  }
+    return FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response));
+  }));
   // Read from our own (pinned) mapping when the step sits in one of our slots.
   for (const auto& slot : slots_) {
     if (slot.segment->path() == response.segment_path()) source->segment_ = slot.segment.get();
@@ -778,20 +782,11 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     find.set_rank(rank_);
     find.set_world_size(world_size_);
     agent::FindLatestRestorableResponse found;
-    // A cluster answers only from a complete view of the job's nodes: while it cannot
-    // (UNAVAILABLE), ask again, every 250 ms, up to restore_resolve_timeout_ms.
-    const absl::Time give_up =
-        absl::Now() + absl::Milliseconds(options_.restore_resolve_timeout_ms);
-    while (true) {
+    // A cluster answers only from a complete view of the job's nodes, and from a majority.
+    TESSERA_RETURN_IF_ERROR(WhileUnavailable(options_.restore_resolve_timeout_ms, [&] {
       grpc::ClientContext find_context;
-      absl::Status found_status = FromGrpcStatus(
-          stub_->FindLatestRestorable(NewContext(&find_context), find, &found));
-      if (!absl::IsUnavailable(found_status) || absl::Now() >= give_up) {
-        TESSERA_RETURN_IF_ERROR(found_status);
-        break;
-      }
-      absl::SleepFor(absl::Milliseconds(250));
-    }
+      return FromGrpcStatus(stub_->FindLatestRestorable(NewContext(&find_context), find, &found));
+    }));
     step = found.step();
   }
   const bool sharded = dp_ && dp_->members.size() > 1;
