@@ -263,5 +263,17 @@ TEST(FaultCampaignRegression, ACutOffNodeWaitsToMakeItsRankLocal) {
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// A flipped byte in rank 4's slot of the committed step on n0, n1 lost with its memory (one
+// fragment gone; n0 cannot re-protect from the damaged slot), then n2 stopped long enough to be
+// held dead. At the final restart, just after n2 resumed, n0 could reach only n3's fragment and
+// PrepareRestore answered DATA_LOSS ("only 1 intact fragments on live nodes, 2 are needed";
+// seed 9000317 on the 16-core machine). A missing fragment now answers UNAVAILABLE while
+// members that may hold it are not live, and the agent asks again until n2 is back.
+TEST(FaultCampaignRegression, ARebuildWaitsForAStoppedHolderOfItsFragments) {
+  const TrialResult r = RunScripted(9000317, {FaultKind::kFlipSlot, FaultKind::kNodeLoss,
+                                              FaultKind::kDaemonStop});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
 }  // namespace
 }  // namespace tessera::testing

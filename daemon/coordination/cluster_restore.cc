@@ -527,11 +527,16 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     auto plan = PlanRestore(holdings, cluster_->self_id(), rank, step, exclude);
     if (!plan.ok()) {
       // Members that are not live (and not declared lost) may hold it: a partition heals, a
-      // stopped daemon resumes. That is no reason for the trainer to start fresh (NOT_FOUND):
-      // it asks again (seed 520503531: a node cut off after the restore point was decided
-      // found none of the rank's fragments reachable, and its rank started fresh).
+      // stopped daemon resumes. That is no reason for the trainer to start fresh (NOT_FOUND)
+      // or to fail (DATA_LOSS, too few fragments): it asks again (seed 520503531: a node cut
+      // off after the restore point was decided found none of the rank's fragments reachable,
+      // and its rank started fresh; seed 9000317: with the local slot damaged and one holder
+      // lost, the holder of the second fragment was stopped and held dead, and the restore
+      // failed although that daemon resumed a moment later).
       const Cluster::Quorum quorum = cluster_->CountQuorum();
-      const absl::StatusCode code = absl::IsNotFound(plan.status()) && quorum.live < quorum.members
+      const bool members_may_hold_it =
+          absl::IsNotFound(plan.status()) || absl::IsDataLoss(plan.status());
+      const absl::StatusCode code = members_may_hold_it && quorum.live < quorum.members
                                         ? absl::StatusCode::kUnavailable
                                         : plan.status().code();
       return absl::Status(code, absl::StrCat("job '", job_id, "' rank ", rank, " step ", step,
