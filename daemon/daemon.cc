@@ -163,6 +163,16 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   heartbeat_options.reconnect_at_once = true;
   heartbeat_options.bdp_probe = false;
   TESSERA_ASSIGN_OR_RETURN(heartbeat_client_, GrpcPeerClient::Create(heartbeat_options));
+  UdpHeartbeats::Options udp_options;
+  udp_options.listen_address = config.peer.listen_address;
+  udp_options.token = config.cluster.token;
+  udp_options.timeout = heartbeat_options.control_timeout;
+  udp_options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
+    Cluster* const cluster = heartbeat_target_.load();
+    if (cluster == nullptr) return absl::UnavailableError("membership is starting");
+    return cluster->OnHeartbeat(m);
+  };
+  TESSERA_ASSIGN_OR_RETURN(udp_heartbeats_, UdpHeartbeats::Start(std::move(udp_options)));
 
   Cluster::Options cluster_options;
   cluster_options.self_id = node_id_;
@@ -178,6 +188,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.suspicion_mult = config.liveness.suspicion_mult;
   cluster_options.on_self_fenced = [this] {
     if (!fenced_.HasBeenNotified()) fenced_.Notify();
+    Wake();
   };
   // Called on the protocol thread only, so no two calls race.
   auto converged = std::make_shared<absl::Notification>();
@@ -196,7 +207,15 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       if (p.alive) peers->Prepare(p.address, p.incarnation, /*open_connections=*/true);
     }
   };
-  cluster_ = std::make_unique<Cluster>(cluster_options, heartbeat_client_.get());
+  HeartbeatSender* const heartbeats = config.liveness.transport == "grpc"
+                                          ? static_cast<HeartbeatSender*>(heartbeat_client_.get())
+                                          : udp_heartbeats_.get();
+  // Set before the cluster's threads start (Cluster::Start) and before requests reach it
+  // (heartbeat_target_), so the callback reads it without a race.
+  cluster_options.on_live_set_change = [this] {
+    if (cluster_coordination_ != nullptr) cluster_coordination_->MembershipChanged();
+  };
+  cluster_ = std::make_unique<Cluster>(cluster_options, heartbeats);
 
   Cluster* cluster = cluster_.get();
   // An older incarnation of a node is fenced out everywhere: its fragment writes, protection
@@ -275,6 +294,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
                                                " (peer.listen_address): is the port in use?"));
   }
 
+  heartbeat_target_ = cluster_.get();  // membership datagrams are answered from here on
   cluster_->Start();
   // Hear the members before protecting or answering restores: a daemon that knows no peer yet
   // would place no fragments and find nothing restorable.
@@ -308,8 +328,19 @@ void Daemon::CreateAdmin() {
   parts.peer_client = peer_client_.get();
   parts.drop_memory = [this] {
     if (!drop_memory_requested_.exchange(true)) drop_memory_.Notify();
+    Wake();
   };
   admin_ = std::make_unique<Admin>(std::move(parts));
+}
+
+void Daemon::SetWakeup(std::function<void()> wake) {
+  absl::MutexLock lock(&wake_mu_);
+  wake_ = std::move(wake);
+}
+
+void Daemon::Wake() {
+  absl::MutexLock lock(&wake_mu_);
+  if (wake_) wake_();
 }
 
 bool Daemon::WaitForDropMemory(absl::Duration timeout) {
@@ -456,6 +487,21 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_membership_refused_total",
             "Heartbeats refused because their sender is a fenced (older) incarnation.",
             static_cast<double>(m.swim.refused));
+    if (udp_heartbeats_ != nullptr) {
+      const UdpHeartbeats::Stats u = udp_heartbeats_->stats();
+      const char* dropped_help =
+          "Membership datagrams dropped unread, by reason (unauthenticated: no or a wrong "
+          "cluster.token MAC; unexpected: an answer that came after its sender gave up).";
+      counter("tessera_membership_datagrams_dropped_total", dropped_help,
+              static_cast<double>(u.dropped_malformed), {{"reason", "malformed"}});
+      counter("tessera_membership_datagrams_dropped_total", dropped_help,
+              static_cast<double>(u.dropped_unauthenticated), {{"reason", "unauthenticated"}});
+      counter("tessera_membership_datagrams_dropped_total", dropped_help,
+              static_cast<double>(u.dropped_unexpected), {{"reason", "unexpected"}});
+      counter("tessera_membership_datagram_timeouts_total",
+              "Membership datagrams sent that got no answer within the probe window.",
+              static_cast<double>(u.timeouts));
+    }
   }
   if (cluster_coordination_ != nullptr) {
     const ClusterCoordination::Stats c = cluster_coordination_->stats();
@@ -521,6 +567,7 @@ void Daemon::Shutdown() {
     peer_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     peer_server_->Wait();
   }
+  udp_heartbeats_.reset();
   if (data_path_server_) data_path_server_->Stop();
   if (lock_fd_ >= 0) close(lock_fd_);
   lock_fd_ = -1;

@@ -4,11 +4,13 @@
 #define TESSERA_DAEMON_DAEMON_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "daemon/admin/admin_service.h"
@@ -18,6 +20,7 @@
 #include "daemon/coordination/service.h"
 #include "daemon/daemon_config.h"
 #include "daemon/membership/cluster.h"
+#include "daemon/membership/udp_heartbeats.h"
 #include "daemon/metrics/metrics_server.h"
 #include "daemon/store/capacity_budget.h"
 #include "daemon/store/fragment_store.h"
@@ -55,6 +58,11 @@ class Daemon {
   // of taking snapshots that can never be protected.
   bool fenced() const { return fenced_.HasBeenNotified(); }
 
+  // `wake` is called (from any thread) when DropMemory is accepted or this daemon is fenced,
+  // so that the caller can wait for either without polling. Either may have happened before
+  // the call: check WaitForDropMemory and fenced after it.
+  void SetWakeup(std::function<void()> wake);
+
   // Deletes every segment file (slots, fragments, restored shards) of the daemon `config`
   // describes. REQUIRES: that daemon is not running. Returns how many files were deleted.
   static absl::StatusOr<int> DeleteSegments(const DaemonConfig& config);
@@ -83,7 +91,10 @@ class Daemon {
   std::unique_ptr<FragmentStore> fragments_;
   std::unique_ptr<SnapshotStoreShardSource> shard_source_;
   std::unique_ptr<GrpcPeerClient> peer_client_;
-  std::unique_ptr<GrpcPeerClient> heartbeat_client_;
+  std::unique_ptr<GrpcPeerClient> heartbeat_client_;  // liveness.transport = "grpc"
+  // Membership datagrams, answered whatever liveness.transport says; sent when it is "udp".
+  std::unique_ptr<UdpHeartbeats> udp_heartbeats_;
+  std::atomic<Cluster*> heartbeat_target_{nullptr};  // cluster_, once it exists
   std::unique_ptr<Cluster> cluster_;
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;
@@ -107,6 +118,9 @@ class Daemon {
   std::atomic<bool> drop_memory_requested_{false};
   absl::Notification drop_memory_;
   absl::Notification fenced_;  // a newer incarnation of this node id is a member
+  void Wake();
+  absl::Mutex wake_mu_;
+  std::function<void()> wake_ ABSL_GUARDED_BY(wake_mu_);
   std::unique_ptr<MetricsServer> metrics_server_;
   int metrics_collector_ = 0;
   bool shut_down_ = false;

@@ -283,6 +283,14 @@ ConfigSchema BuildSchema() {
           "ceil(log2(N + 1)) protocol periods (N: members not dead) is declared dead. Larger "
           "values give a paused or overloaded daemon longer to refute.",
           InRange(1, 1000)),
+      ConfigKey::String(
+          "liveness.transport", defaults.liveness.transport,
+          "How this daemon sends membership messages: \"udp\", one datagram each way on the "
+          "peer port's number (signed with cluster.token), or \"grpc\", a Heartbeat call on "
+          "the peer service. Every daemon answers both, so members may differ; udp costs an idle "
+          "daemon a fraction of the CPU. Where a firewall or a network policy passes only TCP, "
+          "use grpc.",
+          OneOf({"udp", "grpc"})),
   });
   if (!schema.ok()) {
     // The table above is fixed at compile time: a bad entry is a bug that every test catches.
@@ -330,6 +338,7 @@ DaemonConfig FromConfig(const Config& config) {
       static_cast<int>(config.GetInt64("liveness.indirect_probes"));
   daemon_config.liveness.suspicion_mult =
       static_cast<int>(config.GetInt64("liveness.suspicion_mult"));
+  daemon_config.liveness.transport = config.GetString("liveness.transport");
   return daemon_config;
 }
 

@@ -62,6 +62,7 @@ struct DaemonConfig {
     int64_t timeout_ms = 3000;    // liveness.timeout_ms: the probe window
     int indirect_probes = 3;      // liveness.indirect_probes
     int suspicion_mult = 4;       // liveness.suspicion_mult
+    std::string transport = "udp";  // liveness.transport: "udp" or "grpc"
   };
 
   Node node;

@@ -5,6 +5,9 @@
 #include <csignal>
 #include <cstdio>
 #include <ctime>
+#include <pthread.h>
+
+#include <algorithm>
 #include <memory>
 #include <thread>
 
@@ -68,7 +71,9 @@ int main(int argc, char** argv) {
   sigemptyset(&stop);
   sigaddset(&stop, SIGTERM);
   sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGUSR1);  // the daemon's wakeup: DropMemory accepted, or fenced
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  const pthread_t main_thread = pthread_self();
   std::signal(SIGPIPE, SIG_IGN);
 
   auto log = tessera::Logger("daemon");
@@ -84,13 +89,21 @@ int main(int argc, char** argv) {
       return 1;
     }
     systemd.Ready("serving as node " + (*daemon)->node_id());
+    // No polling: DropMemory and fencing wake this thread with SIGUSR1. It wakes on its own
+    // only to feed systemd's watchdog (a quarter of its interval), or every 10 s without one.
+    (*daemon)->SetWakeup([main_thread] { pthread_kill(main_thread, SIGUSR1); });
+    const absl::Duration watchdog = systemd.watchdog_interval();
+    const timespec tick = absl::ToTimespec(watchdog > absl::ZeroDuration()
+                                               ? std::min(watchdog / 4, absl::Seconds(10))
+                                               : absl::Seconds(10));
     int signal = 0;
-    const timespec tick{0, 500 * 1000 * 1000};  // a signal ends the wait at once
-    while (signal <= 0 && !(*daemon)->WaitForDropMemory(absl::ZeroDuration()) &&
-           !(*daemon)->fenced()) {
+    while ((signal <= 0 || signal == SIGUSR1) &&
+           !(*daemon)->WaitForDropMemory(absl::ZeroDuration()) && !(*daemon)->fenced()) {
       systemd.MaybePingWatchdog();
       signal = sigtimedwait(&stop, nullptr, &tick);
     }
+    (*daemon)->SetWakeup(nullptr);
+    if (signal == SIGUSR1) signal = 0;
     if ((*daemon)->fenced()) {
       log->critical("node {} has a newer incarnation in the cluster: this process (incarnation "
                     "{}) is fenced out and exits without serving its trainers further",

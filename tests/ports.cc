@@ -20,17 +20,21 @@ namespace tessera::testing {
 namespace {
 
 // Whether a plain bind (no SO_REUSEADDR: a port with connections in TIME_WAIT is passed over
-// too) to 127.0.0.1:port succeeds.
+// too) to 127.0.0.1:port succeeds, for TCP and for UDP (a daemon's membership datagrams use the
+// peer port's number).
 bool Bindable(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-  close(fd);
-  return ok;
+  for (const int type : {SOCK_STREAM, SOCK_DGRAM}) {
+    const int fd = socket(AF_INET, type | SOCK_CLOEXEC, 0);
+    if (fd < 0) return false;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    close(fd);
+    if (!ok) return false;
+  }
+  return true;
 }
 
 absl::Status MakeLockDirectory(const std::string& dir) {

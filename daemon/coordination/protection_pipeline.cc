@@ -354,13 +354,24 @@ absl::StatusOr<std::pair<std::string, std::string>> ClusterCoordination::Coordin
   return std::make_pair(node, *address);
 }
 
+void ClusterCoordination::MembershipChanged() {
+  absl::MutexLock lock(&mu_);
+  report_now_ = true;
+}
+
 void ClusterCoordination::ReportLoop() {
   while (true) {
+    // With no report to send, no snapshot held and no fragment placed, there is nothing to do
+    // each round: an idle daemon sleeps ten rounds unless a protection, a membership change
+    // (MembershipChanged) or Stop wakes it.
+    const bool holds_snapshots = !store_->ListVersions("").empty();
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || report_now_; };
+      bool idle = !holds_snapshots && placements_.empty();
+      for (const auto& [job, reports] : pending_) idle = idle && reports.empty();
       mu_.AwaitWithTimeout(absl::Condition(&ready),
-                           absl::Milliseconds(options_.report_interval_ms));
+                           absl::Milliseconds(options_.report_interval_ms * (idle ? 10 : 1)));
       if (stopping_) return;
       report_now_ = false;
     }

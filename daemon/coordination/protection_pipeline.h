@@ -74,6 +74,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // idempotent.
   void Start();
   void Stop();
+  // The set of live members may have changed: check for lost holders (and coordination that
+  // moved) now rather than at the next report round. Cheap; call it from membership callbacks.
+  void MembershipChanged();
 
   void OnSealed(const std::string& job_id, uint32_t rank, int64_t step,
                 const SnapshotStore::SealResult& sealed) override;

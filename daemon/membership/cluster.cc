@@ -150,7 +150,7 @@ Swim::Options Cluster::SwimOptions(const Options& options) {
   return o;
 }
 
-Cluster::Cluster(Options options, PeerClient* client)
+Cluster::Cluster(Options options, HeartbeatSender* client)
     : options_(std::move(options)), client_(client) {
   Swim::Options o = SwimOptions(options_);
   o.send = [this](const std::string& address, SwimMessage&& message)
@@ -356,6 +356,10 @@ void Cluster::Report(const Swim::Event& e) {
       break;
   }
   if (change && options_.on_change) options_.on_change(e.node_id, *change);
+  const bool live_set = e.kind == Kind::kJoined || e.kind == Kind::kAlive ||
+                        e.kind == Kind::kSuspect || e.kind == Kind::kDead ||
+                        e.kind == Kind::kReplaced;
+  if (live_set && options_.on_live_set_change) options_.on_live_set_change();
 }
 
 void Cluster::RefreshDns(int64_t now_ms) {

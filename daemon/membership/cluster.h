@@ -71,6 +71,9 @@ class Cluster {
     // replaces the old one) or dead (its suspicion timed out, or it was declared lost). A
     // suspicion alone is not reported. In order, one call at a time, on whichever thread saw it.
     std::function<void(const std::string& node_id, bool alive)> on_change;
+    // After any event that may change LiveNodeIds (a join, suspicion, death, refutation or new
+    // incarnation), without Cluster's lock held.
+    std::function<void()> on_live_set_change;
     // Called once when a newer incarnation of this daemon's own node id is heard of: this
     // process is a zombie (it was replaced), every peer refuses its messages, and it should
     // stop. Runs without Cluster's lock held.
@@ -79,7 +82,7 @@ class Cluster {
 
   // `client` is not owned and must outlive this object. Aborts with a message when the options
   // are invalid (self_id, self_address and a non-zero incarnation are required; see above).
-  Cluster(Options options, PeerClient* client);
+  Cluster(Options options, HeartbeatSender* client);
   ~Cluster();
 
   // Starts the protocol thread and the send pool. Stop() ends them (waiting for heartbeats in
@@ -165,7 +168,7 @@ class Cluster {
   int64_t UnixMsOf(int64_t mono_ms) const;
 
   const Options options_;
-  PeerClient* const client_;
+  HeartbeatSender* const client_;
   mutable absl::Mutex mu_;
   std::unique_ptr<Swim> swim_ ABSL_GUARDED_BY(mu_);
   std::vector<Outgoing> produced_ ABSL_GUARDED_BY(mu_);  // by Swim's send, until flushed

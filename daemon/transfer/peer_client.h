@@ -62,13 +62,19 @@ class ShardSink {
   virtual absl::Status Write(uint64_t offset, const uint8_t* data, size_t size) = 0;
 };
 
-class PeerClient {
+// Sends one membership message and returns its answer (Cluster's transport): the gRPC
+// PeerClient, or datagrams (daemon/membership/udp_heartbeats.h).
+class HeartbeatSender {
  public:
-  virtual ~PeerClient() = default;
-
-  // `peer` is an address ("host:port") in every call.
+  virtual ~HeartbeatSender() = default;
+  // `peer` is an address ("host:port").
   virtual absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
                                                    const HeartbeatMessage& message) = 0;
+};
+
+class PeerClient : public HeartbeatSender {
+ public:
+  // `peer` is an address ("host:port") in every call.
 
   // Sends a whole fragment, [data, data + bytes) with bytes == meta.fragment_bytes, and has the
   // peer seal it. Returns the peer's status of the fragment (kSealed, with its CRC32C).

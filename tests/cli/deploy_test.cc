@@ -276,6 +276,25 @@ TEST_F(KubernetesTest, DaemonsFindEachOtherThroughTheHeadlessService) {
     }
   }
   EXPECT_TRUE(peer_port) << "the Service's peer port is not cluster.dns_port";
+  // Membership datagrams (liveness.transport = "udp") use the peer port's number over UDP.
+  EXPECT_EQ(config_.liveness.transport, "udp");
+  auto udp = [](const Value& port) {  // "protocol" is optional (TCP when absent)
+    const Object& fields = port.struct_value().fields();
+    auto it = fields.find("protocol");
+    return it != fields.end() && it->second.string_value() == "UDP";
+  };
+  bool service_udp = false, container_udp = false;
+  for (const Value& port : Field(service, "spec.ports").list_value().values()) {
+    service_udp = service_udp || (udp(port) && static_cast<int64_t>(Field(port, "port").number_value()) ==
+                                                   config_.cluster.dns_port);
+  }
+  for (const Value& port : Field(container_, "ports").list_value().values()) {
+    container_udp = container_udp ||
+                    (udp(port) && static_cast<int64_t>(Field(port, "containerPort").number_value()) ==
+                                      config_.cluster.dns_port);
+  }
+  EXPECT_TRUE(service_udp) << "the Service does not list the peer port over UDP";
+  EXPECT_TRUE(container_udp) << "the container does not declare the peer port over UDP";
   // The raw TCP data path's fixed port is declared on the Service and the container.
   EXPECT_EQ(config_.peer.data_path, "tcp");
   ASSERT_GT(config_.peer.data_port, 0);

@@ -62,7 +62,7 @@ def _ephemeral_port_range() -> range:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that no other test process can take while this one runs."""
+    """A port (TCP and UDP) on 127.0.0.1 that no other test process can take while this one runs."""
     ephemeral = _ephemeral_port_range()
     candidates = [p for p in range(10000, 65536) if p not in ephemeral]
     try:
@@ -79,8 +79,10 @@ def free_port() -> int:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with socket.socket() as s:  # no SO_REUSEADDR, as tests/ports.cc checks
-                s.bind(("127.0.0.1", port))
+            # No SO_REUSEADDR, as tests/ports.cc checks; UDP too (membership datagrams).
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("127.0.0.1", port))
         except OSError:  # reserved by another process, or in use
             os.close(fd)
             continue

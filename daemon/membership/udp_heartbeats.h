@@ -1,0 +1,138 @@
+// UdpHeartbeats: membership heartbeats (SWIM probes, ping-reqs, indirect acks and their acks) as
+// single UDP datagrams on the peer port's number, instead of gRPC calls.
+//
+// Why: an idle daemon's cost is its heartbeats. A gRPC unary call wakes about ten threads on
+// each side (pollers, timers, the callback queue's threads); a datagram wakes the receiver's one
+// thread, and the sender's thread that waits for the answer. The messages are the same protobufs
+// (peer.HeartbeatRequest / peer.HeartbeatResponse) and go through the same Cluster code.
+//
+// Wire format of one datagram (little-endian):
+//   [0, 4)    magic "TSHB"
+//   [4]       format version, 1
+//   [5]       type: 1 request, 2 reply, 3 refused (the handler's error: code u32, then message)
+//   [6, 8)    0
+//   [8, 16)   id: the sender's request number; a reply repeats it
+//   [16, n)   body: the protobuf (request, reply) or the error (refused)
+//   [n, n+32) HMAC-SHA256 of [0, n) keyed by the cluster token; zeros when there is none
+// A datagram is at most kMaxDatagramBytes; a message that would not fit is not sent (an error),
+// and a longer datagram is dropped unread.
+//
+// Every received byte is hostile: a datagram that is short, too long, of another magic, version
+// or type, whose MAC does not verify (when this daemon has a token), whose protobuf does not
+// parse, or a reply to no request outstanding here, is dropped and counted (Stats), and logged at
+// most once per 10 s per reason. Authentication: with a token, only holders of the token can
+// make a datagram that is accepted; a replayed datagram can only repeat an answer or an update
+// that membership already orders by incarnation and version. Without a token (an insecure
+// cluster), anyone who reaches the port can send membership messages, as with the gRPC path.
+//
+// Threads: one receiver thread answers requests (calling `on_request` inline: keep it short) and
+// hands replies to the waiting Heartbeat call. Heartbeat may be called from many threads.
+#ifndef TESSERA_DAEMON_MEMBERSHIP_UDP_HEARTBEATS_H_
+#define TESSERA_DAEMON_MEMBERSHIP_UDP_HEARTBEATS_H_
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/transfer/peer_client.h"
+#include "daemon/transfer/peer_service.h"
+
+namespace tessera {
+
+class UdpHeartbeats final : public HeartbeatSender {
+ public:
+  static constexpr size_t kHeaderBytes = 16;
+  static constexpr size_t kMacBytes = 32;
+  static constexpr size_t kMaxDatagramBytes = 60 * 1024;
+
+  using RequestHandler = std::function<absl::StatusOr<HeartbeatReply>(const HeartbeatMessage&)>;
+
+  struct Options {
+    std::string listen_address;  // "host:port" (port > 0): the peer port's number, over UDP
+    std::string token;           // the cluster token; empty: datagrams carry no MAC
+    absl::Duration timeout = absl::Seconds(3);  // how long Heartbeat waits for the answer
+    RequestHandler on_request;                  // required
+  };
+
+  // Dropped datagrams by reason, and what went through.
+  struct Stats {
+    uint64_t requests_received = 0;
+    uint64_t replies_received = 0;
+    uint64_t sent = 0;
+    uint64_t timeouts = 0;            // Heartbeat calls that got no answer in time
+    uint64_t dropped_malformed = 0;   // short, long, wrong magic/version/type, bad protobuf
+    uint64_t dropped_unauthenticated = 0;  // MAC missing or wrong
+    uint64_t dropped_unexpected = 0;  // a reply to no outstanding request
+  };
+
+  // Binds the socket and starts the receiver thread.
+  static absl::StatusOr<std::unique_ptr<UdpHeartbeats>> Start(Options options);
+  ~UdpHeartbeats() override;  // stops the receiver; pending calls end with kCancelled
+
+  // Sends `message` to `peer` ("host:port") and waits for its answer: the reply, the peer's
+  // error (refused), kDeadlineExceeded after `timeout`, or kUnavailable when it cannot be sent.
+  absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
+                                           const HeartbeatMessage& message) override;
+
+  Stats stats() const;
+  uint16_t port() const { return port_; }
+
+  // The datagram codec, exposed for tests. Encode returns kInvalidArgument when the body does
+  // not fit in kMaxDatagramBytes.
+  static absl::StatusOr<std::string> Encode(uint8_t type, uint64_t id, const std::string& body,
+                                            const std::string& token);
+  struct Decoded {
+    uint8_t type = 0;
+    uint64_t id = 0;
+    std::string body;
+  };
+  // kInvalidArgument (malformed) or kUnauthenticated (MAC), naming what was wrong.
+  static absl::StatusOr<Decoded> Decode(const uint8_t* data, size_t size,
+                                        const std::string& token);
+
+ private:
+  struct Pending {
+    bool done = false;
+    absl::StatusOr<HeartbeatReply> result = absl::UnknownError("no answer yet");
+    std::string address;
+  };
+  explicit UdpHeartbeats(Options options);
+  void ReceiveLoop();
+  void HandleDatagram(const uint8_t* data, size_t size, const sockaddr_storage& from,
+                      socklen_t from_len);
+  void Drop(const char* reason, const absl::Status& status, uint64_t* counter);
+  absl::StatusOr<sockaddr_storage> Resolve(const std::string& peer, socklen_t* len);
+
+  const Options options_;
+  int fd_ = -1;
+  int stop_fd_ = -1;  // an eventfd that wakes the receiver to stop
+  uint16_t port_ = 0;
+  std::atomic<uint64_t> next_id_;
+  mutable absl::Mutex mu_;
+  std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, absl::Time> last_logged_ ABSL_GUARDED_BY(mu_);  // by drop reason
+  struct Resolved {
+    sockaddr_storage addr;
+    socklen_t len;
+    absl::Time at;
+  };
+  std::map<std::string, Resolved> resolved_ ABSL_GUARDED_BY(mu_);  // peer address -> socket
+  std::thread receiver_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_DAEMON_MEMBERSHIP_UDP_HEARTBEATS_H_

@@ -1,0 +1,246 @@
+#include "daemon/membership/udp_heartbeats.h"
+
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "gtest/gtest.h"
+#include "tests/ports.h"
+
+namespace tessera {
+namespace {
+
+uint64_t Seed() {
+  static const uint64_t seed = [] {
+    const uint64_t s = std::random_device{}();
+    std::printf("udp_heartbeats_test seed %llu\n", static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+std::string RandomString(std::mt19937_64& rng, size_t size) {
+  std::string s(size, '\0');
+  for (char& c : s) c = static_cast<char>('a' + rng() % 26);
+  return s;
+}
+
+std::vector<SwimUpdate> RandomUpdates(std::mt19937_64& rng, size_t count) {
+  std::vector<SwimUpdate> updates(count);
+  for (SwimUpdate& u : updates) {
+    u.state = static_cast<SwimState>(rng() % 3);
+    u.node_id = RandomString(rng, 1 + rng() % 20);
+    u.incarnation = rng() | 1;
+    u.version = rng() % 1000;
+    u.address = absl::StrCat("10.", rng() % 256, ".", rng() % 256, ".1:", 1 + rng() % 65535);
+  }
+  return updates;
+}
+
+void ExpectSameUpdates(const std::vector<SwimUpdate>& a, const std::vector<SwimUpdate>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].state, b[i].state) << i;
+    EXPECT_EQ(a[i].node_id, b[i].node_id) << i;
+    EXPECT_EQ(a[i].incarnation, b[i].incarnation) << i;
+    EXPECT_EQ(a[i].version, b[i].version) << i;
+    EXPECT_EQ(a[i].address, b[i].address) << i;
+  }
+}
+
+// An endpoint on a reserved loopback port whose handler records what it was asked and answers
+// `reply` (or `refuse`, when set).
+struct Endpoint {
+  explicit Endpoint(const std::string& token, absl::Duration timeout = absl::Seconds(2)) {
+    address = absl::StrCat("127.0.0.1:", testing::FreePort());
+    UdpHeartbeats::Options options;
+    options.listen_address = address;
+    options.token = token;
+    options.timeout = timeout;
+    options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
+      absl::MutexLock lock(&mu);
+      received.push_back(m);
+      if (!refuse.ok()) return refuse;
+      return reply;
+    };
+    auto started = UdpHeartbeats::Start(std::move(options));
+    EXPECT_TRUE(started.ok()) << started.status();
+    if (started.ok()) udp = *std::move(started);
+  }
+  std::string address;
+  absl::Mutex mu;
+  std::vector<HeartbeatMessage> received;
+  HeartbeatReply reply;
+  absl::Status refuse;
+  std::unique_ptr<UdpHeartbeats> udp;
+};
+
+HeartbeatMessage RandomMessage(std::mt19937_64& rng, size_t updates) {
+  HeartbeatMessage m;
+  m.from = MemberInfo{RandomString(rng, 8), rng() | 1, "127.0.0.1:1234"};
+  m.kind = HeartbeatMessage::Kind::kPingReq;
+  m.seq = rng();
+  m.version = rng() % 100;
+  m.probe_seq = rng();
+  m.target = MemberInfo{RandomString(rng, 6), rng() | 1, "127.0.0.2:99"};
+  m.known_members = static_cast<uint32_t>(rng() % 10000);
+  m.sent_unix_ms = rng() % (uint64_t{1} << 42);
+  m.updates = RandomUpdates(rng, updates);
+  return m;
+}
+
+TEST(UdpHeartbeatsTest, ARequestAndItsReplyArriveBitExact) {
+  std::mt19937_64 rng(Seed());
+  Endpoint a("secret-token"), b("secret-token");
+  ASSERT_TRUE(a.udp && b.udp);
+  b.reply.peer = MemberInfo{"b", rng() | 1, ""};
+  b.reply.version = rng() % 100;
+  b.reply.known_members = 7;
+  b.reply.updates = RandomUpdates(rng, 9);
+  for (int i = 0; i < 20; ++i) {
+    const HeartbeatMessage sent = RandomMessage(rng, rng() % 12);
+    absl::StatusOr<HeartbeatReply> got = a.udp->Heartbeat(b.address, sent);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->peer.node_id, "b");
+    EXPECT_EQ(got->peer.incarnation, b.reply.peer.incarnation);
+    EXPECT_EQ(got->peer.address, b.address);  // the address the request went to
+    EXPECT_EQ(got->version, b.reply.version);
+    EXPECT_EQ(got->known_members, 7u);
+    ExpectSameUpdates(got->updates, b.reply.updates);
+    absl::MutexLock lock(&b.mu);
+    ASSERT_EQ(b.received.size(), static_cast<size_t>(i + 1));
+    const HeartbeatMessage& r = b.received.back();
+    EXPECT_EQ(r.from.node_id, sent.from.node_id);
+    EXPECT_EQ(r.from.incarnation, sent.from.incarnation);
+    EXPECT_EQ(r.from.address, sent.from.address);
+    EXPECT_EQ(r.kind, sent.kind);
+    EXPECT_EQ(r.seq, sent.seq);
+    EXPECT_EQ(r.version, sent.version);
+    EXPECT_EQ(r.probe_seq, sent.probe_seq);
+    EXPECT_EQ(r.target.node_id, sent.target.node_id);
+    EXPECT_EQ(r.target.incarnation, sent.target.incarnation);
+    EXPECT_EQ(r.known_members, sent.known_members);
+    EXPECT_EQ(r.sent_unix_ms, sent.sent_unix_ms);
+    ExpectSameUpdates(r.updates, sent.updates);
+  }
+  EXPECT_EQ(a.udp->stats().replies_received, 20u);
+  EXPECT_EQ(b.udp->stats().requests_received, 20u);
+}
+
+TEST(UdpHeartbeatsTest, ARefusalCarriesTheHandlersCodeAndMessage) {
+  std::mt19937_64 rng(Seed() + 1);
+  Endpoint a(""), b("");
+  ASSERT_TRUE(a.udp && b.udp);
+  b.refuse = absl::FailedPreconditionError("incarnation 5 of node x is fenced");
+  absl::StatusOr<HeartbeatReply> got = a.udp->Heartbeat(b.address, RandomMessage(rng, 2));
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kFailedPrecondition) << got.status();
+  EXPECT_EQ(got.status().message(), "incarnation 5 of node x is fenced");
+}
+
+TEST(UdpHeartbeatsTest, AnotherTokenIsNotAnsweredAndIsCounted) {
+  std::mt19937_64 rng(Seed() + 2);
+  Endpoint a("wrong-token", absl::Milliseconds(300)), b("right-token");
+  Endpoint c("", absl::Milliseconds(300));  // no token at all: no MAC
+  ASSERT_TRUE(a.udp && b.udp && c.udp);
+  EXPECT_EQ(a.udp->Heartbeat(b.address, RandomMessage(rng, 3)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(c.udp->Heartbeat(b.address, RandomMessage(rng, 3)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(b.udp->stats().dropped_unauthenticated, 2u);
+  EXPECT_EQ(b.udp->stats().requests_received, 0u);
+  absl::MutexLock lock(&b.mu);
+  EXPECT_TRUE(b.received.empty());
+}
+
+TEST(UdpHeartbeatsTest, TheMacCoversEveryByte) {
+  std::mt19937_64 rng(Seed() + 3);
+  const std::string body = RandomString(rng, 1 + rng() % 500);
+  absl::StatusOr<std::string> d = UdpHeartbeats::Encode(1, rng(), body, "k");
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto decode = [](const std::string& s, const std::string& token) {
+    return UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(s.data()), s.size(), token);
+  };
+  ASSERT_TRUE(decode(*d, "k").ok());
+  EXPECT_EQ(decode(*d, "k")->body, body);
+  for (size_t i = 0; i < d->size(); ++i) {
+    std::string flipped = *d;
+    flipped[i] = static_cast<char>(flipped[i] ^ (1 + rng() % 255));
+    const absl::Status s = decode(flipped, "k").status();
+    EXPECT_FALSE(s.ok()) << "a flipped byte " << i << " was accepted";
+  }
+  EXPECT_EQ(decode(*d, "other").status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(decode(d->substr(0, 40), "k").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(UdpHeartbeats::Encode(1, 1, std::string(UdpHeartbeats::kMaxDatagramBytes, 'x'), "k")
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(UdpHeartbeatsTest, HostileDatagramsAreDroppedAndTheEndpointStillAnswers) {
+  std::mt19937_64 rng(Seed() + 4);
+  Endpoint a("t"), b("t");
+  ASSERT_TRUE(a.udp && b.udp);
+  const int fd = socket(AF_INET, SOCK_DGRAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  to.sin_port = htons(static_cast<uint16_t>(b.udp->port()));
+  auto send = [&](const std::string& bytes) {
+    ASSERT_EQ(sendto(fd, bytes.data(), bytes.size(), 0, reinterpret_cast<sockaddr*>(&to),
+                     sizeof(to)),
+              static_cast<ssize_t>(bytes.size()));
+  };
+  send(RandomString(rng, 3));
+  send(RandomString(rng, 200));
+  send(std::string(UdpHeartbeats::kMaxDatagramBytes + 100, 'x'));  // oversized
+  // Well-formed and signed, but not a protobuf request; and a reply nobody waits for.
+  send(*UdpHeartbeats::Encode(1, rng(), std::string("\xff\xff\xff\xff", 4), "t"));
+  send(*UdpHeartbeats::Encode(2, rng(), "", "t"));
+  send(*UdpHeartbeats::Encode(9, rng(), "", "t"));  // unknown type
+  close(fd);
+  absl::StatusOr<HeartbeatReply> got = a.udp->Heartbeat(b.address, RandomMessage(rng, 1));
+  EXPECT_TRUE(got.ok()) << got.status();
+  const UdpHeartbeats::Stats s = b.udp->stats();
+  EXPECT_EQ(s.dropped_malformed, 5u);
+  EXPECT_EQ(s.dropped_unexpected, 1u);
+  EXPECT_EQ(s.requests_received, 1u);
+}
+
+TEST(UdpHeartbeatsTest, NoListenerTimesOutAndTooLargeAMessageIsNotSent) {
+  std::mt19937_64 rng(Seed() + 5);
+  Endpoint a("", absl::Milliseconds(200));
+  ASSERT_TRUE(a.udp);
+  const std::string nobody = absl::StrCat("127.0.0.1:", testing::FreePort());
+  EXPECT_EQ(a.udp->Heartbeat(nobody, RandomMessage(rng, 1)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(a.udp->stats().timeouts, 1u);
+  EXPECT_EQ(a.udp->Heartbeat(nobody, RandomMessage(rng, 3000)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a.udp->Heartbeat("no-port-here", RandomMessage(rng, 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(UdpHeartbeatsTest, APortInUseIsAClearError) {
+  Endpoint a("");
+  ASSERT_TRUE(a.udp);
+  UdpHeartbeats::Options options;
+  options.listen_address = a.address;
+  options.on_request = [](const HeartbeatMessage&) { return HeartbeatReply{}; };
+  absl::StatusOr<std::unique_ptr<UdpHeartbeats>> second = UdpHeartbeats::Start(options);
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.status().message().find("is the UDP port in use?"), std::string::npos)
+      << second.status();
+  EXPECT_NE(second.status().message().find(a.address), std::string::npos) << second.status();
+}
+
+}  // namespace
+}  // namespace tessera
