@@ -1,6 +1,7 @@
 #include "agent/client.h"
 
 #include <algorithm>
+#include <limits>
 #include <chrono>
 #include <functional>
 #include <map>
@@ -526,7 +527,8 @@ absl::Status Client::CheckRestorable(const ShardManifest& manifest, uint64_t pay
       problems.push_back(absl::StrCat("'", want.name(), "' is ", Describe(want), slice_of(want),
                                       " now but ", Describe(m.spec()), slice_of(m.spec()),
                                       " in the snapshot"));
-    } else if (m.length() > StoredBytes(m.spec()) || m.offset() + m.length() > payload_bytes) {
+    } else if (m.length() > StoredBytes(m.spec()) ||
+               !RangeWithin(m.offset(), m.length(), payload_bytes)) {
       problems.push_back(absl::StrCat("'", want.name(), "' lies outside the payload"));
     }
   }
@@ -590,8 +592,11 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
           source->segment_->file_bytes()).ok();
     }
   }
+  // The bounds come from the slot's header, which a trainer can write: checked without overflow.
   if (response.payload_bytes() > source->segment_->capacity_bytes() ||
-      response.manifest_offset() + response.manifest_bytes() > response.payload_bytes()) {
+      !RangeWithin(response.manifest_offset(), response.manifest_bytes(),
+                   response.payload_bytes()) ||
+      response.manifest_bytes() > static_cast<uint64_t>(std::numeric_limits<int>::max())) {
     return absl::DataLossError(absl::StrCat("restore of rank ", rank, " step ", response.step(),
                                             ": the daemon's payload bounds do not fit ",
                                             response.segment_path()));

@@ -65,7 +65,7 @@ absl::Status ValidateSealedHeader(const SegmentHeader& header) {
                                             absl::Hex(header.header_crc32c)));
   }
   if (header.payload_bytes > header.capacity_bytes ||
-      header.manifest_offset + header.manifest_bytes > header.payload_bytes) {
+      !RangeWithin(header.manifest_offset, header.manifest_bytes, header.payload_bytes)) {
     return absl::DataLossError(absl::StrCat("payload ", header.payload_bytes, " bytes, manifest at ",
                                             header.manifest_offset, "+", header.manifest_bytes,
                                             " do not fit capacity ", header.capacity_bytes));

@@ -68,6 +68,12 @@ SegmentState LoadState(const SegmentHeader& header);            // acquire
 void StoreState(SegmentHeader* header, SegmentState state);     // release
 uint32_t ComputeHeaderCrc(const SegmentHeader& header);
 
+// Whether [offset, offset + length) lies within [0, limit), computed without overflow: a header
+// or manifest that a trainer wrote may hold any 64-bit values.
+inline bool RangeWithin(uint64_t offset, uint64_t length, uint64_t limit) {
+  return offset <= limit && length <= limit - offset;
+}
+
 // Checks magic, layout version, kind and header CRC of a header that was published as sealed.
 // kDataLoss names the first check that failed.
 absl::Status ValidateSealedHeader(const SegmentHeader& header);

@@ -119,6 +119,8 @@ grpc::Status AgentService::FindLatestRestorable(
   return Handle("FindLatestRestorable", [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    // A world of 2^32 ranks once grew the daemon by gigabytes past its caller's deadline.
+    TESSERA_RETURN_IF_ERROR(ValidateRankAndWorldSize(request->rank(), request->world_size()));
     // With resume, the caller's later steps belong to the abandoned run and are released (the
     // coordination does it, for this rank only).
     std::optional<uint32_t> resuming;

@@ -13,7 +13,9 @@
 #include "absl/strings/str_cat.h"
 #include "agent/client.h"
 #include "common/segment.h"
+#include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
+#include "proto/agent.grpc.pb.h"
 #include "tests/harness.h"
 #include "tests/trainer_state.h"
 
@@ -347,6 +349,77 @@ TEST_F(BadInputTest, CorruptedPayloadOrHeaderIsReportedAsDataLoss) {
   auto lines = RunTrainer("payload", seed_, {"--mode=verify"}, &code);
   EXPECT_EQ(code, 0);
   EXPECT_EQ(lines.back(), "verified 0") << "no damaged step may be restored";
+}
+
+// A trainer can write its slot's header. One whose manifest offset plus length wraps around
+// 2^64 (header CRC recomputed, so it looks intact) once passed every bounds check, and the client
+// library died with SIGSEGV on restore. Now the daemon and the client check ranges without
+// overflow: the restore fails with DATA_LOSS, the daemon stays up, and a restarted daemon
+// discards the slot.
+TEST_F(BadInputTest, AHeaderWhoseManifestRangeWrapsIsDataLossNotACrash) {
+  int code;
+  auto lines = RunTrainer("wrap", seed_, {"--steps=3"}, &code);
+  ASSERT_EQ(code, 0);
+  const std::string slot = SealedSlot(*daemon_, "wrap", 3);
+  ASSERT_FALSE(slot.empty());
+  {
+    std::fstream f(slot, std::ios::in | std::ios::out | std::ios::binary);
+    SegmentHeader h;
+    f.read(reinterpret_cast<char*>(&h), sizeof(h));
+    ASSERT_TRUE(f.good());
+    // offset + bytes == 4096 + seed % 4096 modulo 2^64: inside the payload, if it wrapped; the
+    // offset points a terabyte before the mapping.
+    h.manifest_offset = ~uint64_t{0} - (uint64_t{1} << 40) + 1;
+    h.manifest_bytes = (uint64_t{1} << 40) + 4096 + seed_ % 4096;
+    h.header_crc32c = ComputeHeaderCrc(h);
+    f.seekp(0);
+    f.write(reinterpret_cast<const char*>(&h), sizeof(h));
+    ASSERT_TRUE(f.good());
+  }
+  lines = RunTrainer("wrap", seed_, {"--mode=verify"}, &code);
+  EXPECT_EQ(code, 1) << "the trainer must fail with an error, not a signal; last line: "
+                     << (lines.empty() ? "" : lines.back());
+  ASSERT_FALSE(lines.empty());
+  EXPECT_TRUE(absl::StrContains(lines.back(), "DATA_LOSS")) << lines.back();
+  EXPECT_EQ(daemon_->Poll(), -1) << "the daemon exited";
+  daemon_->Kill(SIGKILL);
+  std::string error;
+  ASSERT_TRUE(daemon_->Start(&error)) << error;
+  EXPECT_TRUE(absl::StrContains(daemon_->LogTail(), "discarding damaged segment"))
+      << daemon_->LogTail();
+  lines = RunTrainer("wrap", seed_, {"--mode=verify"}, &code);
+  EXPECT_EQ(code, 0) << (lines.empty() ? "" : lines.back());
+  ASSERT_FALSE(lines.empty());
+  EXPECT_NE(lines.back(), "verified 3") << "the damaged step may not be restored";
+}
+
+// FindLatestRestorable with world_size 4294967295 once ran past its caller's deadline and grew
+// the daemon to 2-2.5 GB. Every world size and rank a request names is bounded now.
+TEST_F(BadInputTest, AnAbsurdWorldSizeIsRefusedAtOnce) {
+  auto stub = agent::Agent::NewStub(
+      grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials()));
+  struct Case {
+    uint32_t rank, world;
+    const char* says;
+  };
+  for (const Case& c : {Case{0, 0, "world_size must be 1..1048576, got 0"},
+                        Case{0, 4294967295u, "world_size must be 1..1048576, got 4294967295"},
+                        Case{0, (1u << 20) + 1, "world_size must be 1..1048576"},
+                        Case{5, 4, "valid ranks: 0..3"}}) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    agent::FindLatestRestorableRequest request;
+    request.set_job_id("absurd");
+    request.set_rank(c.rank);
+    request.set_world_size(c.world);
+    request.set_resume(true);
+    agent::FindLatestRestorableResponse response;
+    const grpc::Status s = stub->FindLatestRestorable(&context, request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << "world " << c.world << ": " << s.error_message();
+    EXPECT_TRUE(absl::StrContains(s.error_message(), c.says)) << s.error_message();
+  }
+  EXPECT_EQ(daemon_->Poll(), -1) << "the daemon exited";
 }
 
 TEST_F(BadInputTest, SharedMemoryTooSmallSaysHowMuch) {

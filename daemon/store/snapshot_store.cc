@@ -118,15 +118,7 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
     const std::string& job_id, uint32_t rank, uint32_t world_size,
     const std::vector<EntrySpec>& entries, const Caller& caller) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
-  if (world_size == 0 || world_size > kMaxWorldSize) {
-    return absl::InvalidArgumentError(absl::StrCat("world_size must be 1..", kMaxWorldSize,
-                                                   ", got ", world_size));
-  }
-  if (rank >= world_size) {
-    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is not below world_size ",
-                                                   world_size, " (valid ranks: 0..",
-                                                   world_size - 1, ")"));
-  }
+  TESSERA_RETURN_IF_ERROR(ValidateRankAndWorldSize(rank, world_size));
   TESSERA_ASSIGN_OR_RETURN(SlotLayout layout, ComputeSlotLayout(entries));
   auto log = Logger("store");
 

@@ -56,6 +56,9 @@ absl::StatusOr<uint64_t> DtypeItemBytes(const std::string& dtype);
 
 // Checks a job id: 1..128 bytes of [A-Za-z0-9._-], not starting with '.'.
 absl::Status ValidateJobId(const std::string& job_id);
+// kInvalidArgument unless 1 <= world_size <= 2^20 and rank < world_size: every request that
+// names them is checked, so that none makes the daemon do work for an absurd world.
+absl::Status ValidateRankAndWorldSize(uint32_t rank, uint32_t world_size);
 
 class SnapshotStore {
  public:

@@ -70,6 +70,19 @@ absl::StatusOr<uint64_t> DtypeItemBytes(const std::string& dtype) {
                                                  absl::StrJoin(names, ", ")));
 }
 
+absl::Status ValidateRankAndWorldSize(uint32_t rank, uint32_t world_size) {
+  if (world_size == 0 || world_size > kMaxWorldSize) {
+    return absl::InvalidArgumentError(absl::StrCat("world_size must be 1..", kMaxWorldSize,
+                                                   ", got ", world_size));
+  }
+  if (rank >= world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is not below world_size ",
+                                                   world_size, " (valid ranks: 0..",
+                                                   world_size - 1, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateJobId(const std::string& job_id) {
   if (job_id.empty() || job_id.size() > kMaxJobIdBytes) {
     return absl::InvalidArgumentError(absl::StrCat("job_id must be 1..", kMaxJobIdBytes,
