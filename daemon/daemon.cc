@@ -2,6 +2,7 @@
 
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -20,6 +21,39 @@
 
 namespace tessera {
 namespace {
+
+// Shared memory must be memory: a tmpfs or a hugetlbfs, as large as the capacity asked for.
+absl::Status CheckStoreFilesystem(const std::string& dir, uint64_t capacity,
+                                  const std::string& policy) {
+  struct statfs fs;
+  if (statfs(dir.c_str(), &fs) != 0) return ErrnoStatus(errno, "statfs " + dir);
+  constexpr int64_t kTmpfsMagic = 0x01021994;
+  constexpr int64_t kHugetlbfsMagic = 0x958458f6;
+  const int64_t type = static_cast<int64_t>(fs.f_type);
+  const uint64_t size = static_cast<uint64_t>(fs.f_blocks) * static_cast<uint64_t>(fs.f_bsize);
+  std::vector<std::string> problems;
+  if (type != kTmpfsMagic && type != kHugetlbfsMagic) {
+    problems.push_back(absl::StrCat(
+        "store.directory's filesystem (", dir, ", type 0x", absl::Hex(type),
+        ") is not a tmpfs or hugetlbfs: segments there would be written back to disk; use "
+        "/dev/shm or a hugetlbfs mount"));
+  }
+  if (capacity > size) {
+    problems.push_back(absl::StrCat("store.capacity_bytes ", capacity,
+                                    " exceeds the size of the filesystem of ", dir, " (", size,
+                                    " bytes): a snapshot could die of SIGBUS when it fills; set "
+                                    "at most ", size, " or enlarge the mount"));
+  }
+  if (problems.empty()) return absl::OkStatus();
+  const std::string all = absl::StrJoin(problems, "; ");
+  if (policy == "warn") {
+    Logger("daemon")->warn("{} (started anyway: store.filesystem_check = \"warn\")", all);
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat(all, " (store.filesystem_check = \"warn\" starts anyway)"));
+}
+
 
 absl::Status MakeDirectories(const std::string& dir) {
   for (size_t pos = 1; pos <= dir.size(); ++pos) {
@@ -74,6 +108,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
     log->info("store.capacity_bytes is 0: using half of the {} free bytes of {}: {} bytes",
               static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize, dir, capacity);
   }
+  TESSERA_RETURN_IF_ERROR(CheckStoreFilesystem(dir, capacity, config.store.filesystem_check));
   SnapshotStore::Options options;
   options.directory = dir;
   options.capacity_bytes = capacity;

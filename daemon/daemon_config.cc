@@ -156,6 +156,13 @@ ConfigSchema BuildSchema() {
           "holds for peers. 0 means half of the space free on the filesystem of "
           "store.directory when the daemon starts. A registration that does not fit is "
           "refused, with the sizes asked and free in the error."),
+      ConfigKey::String(
+          "store.filesystem_check", defaults.store.filesystem_check,
+          "What to do at start when store.directory is not on a tmpfs or hugetlbfs (segments "
+          "would be written back to disk, at disk speed) or store.capacity_bytes exceeds the "
+          "size of its filesystem (a snapshot could then die of SIGBUS when the filesystem "
+          "fills): \"refuse\" to start, saying which, or \"warn\" and start anyway.",
+          OneOf({"refuse", "warn"})),
       ConfigKey::Bool(
           "store.prefault", defaults.store.prefault,
           "Touch every page of a segment when it is created, so that the first-touch cost "
@@ -312,6 +319,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.store.directory = config.GetString("store.directory");
   daemon_config.store.capacity_bytes = config.GetByteSize("store.capacity_bytes");
   daemon_config.store.prefault = config.GetBool("store.prefault");
+  daemon_config.store.filesystem_check = config.GetString("store.filesystem_check");
   daemon_config.store.crc_threads = static_cast<int>(config.GetInt64("store.crc_threads"));
   daemon_config.agent.socket_path = config.GetString("agent.socket_path");
   // Validated as 3 or 4 octal digits.

@@ -23,6 +23,9 @@ struct DaemonConfig {
     int64_t capacity_bytes = 0;  // store.capacity_bytes; 0: half the free space at start
     bool prefault = true;        // store.prefault
     int crc_threads = 4;         // store.crc_threads
+    // store.filesystem_check: "refuse" or "warn" a store that is not tmpfs/hugetlbfs, or a
+    // capacity larger than its filesystem.
+    std::string filesystem_check = "refuse";
   };
   struct Agent {
     std::string socket_path = "/run/tessera/agent.sock";  // agent.socket_path

@@ -327,11 +327,13 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(defaults->liveness.suspicion_mult, 4);
   EXPECT_EQ(defaults->peer.data_path, "tcp");
   EXPECT_EQ(defaults->peer.data_port, 0);
+  EXPECT_EQ(defaults->liveness.transport, "udp");
+  EXPECT_EQ(defaults->store.filesystem_check, "refuse");
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"peer.listen_address=127.0.0.1:7070", "cluster.members=127.0.0.1:7070,h2:7071",
            "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400",
            "liveness.indirect_probes=0", "liveness.suspicion_mult=9", "peer.data_path=grpc",
-           "peer.data_port=7171"});
+           "peer.data_port=7171", "liveness.transport=grpc", "store.filesystem_check=warn"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->PeerAddress(), "127.0.0.1:7070");
   EXPECT_EQ(config->cluster.members, (std::vector<std::string>{"127.0.0.1:7070", "h2:7071"}));
@@ -342,6 +344,8 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(config->liveness.suspicion_mult, 9);
   EXPECT_EQ(config->peer.data_path, "grpc");
   EXPECT_EQ(config->peer.data_port, 7171);
+  EXPECT_EQ(config->liveness.transport, "grpc");
+  EXPECT_EQ(config->store.filesystem_check, "warn");
 }
 
 TEST(DaemonConfigErrorTest, ClusterKeys) {
@@ -356,6 +360,9 @@ TEST(DaemonConfigErrorTest, ClusterKeys) {
               HasSubstr("liveness.indirect_probes: must be 0 to 16"));
   EXPECT_THAT(OverrideError("liveness.suspicion_mult=0"),
               HasSubstr("liveness.suspicion_mult: must be 1 to 1000"));
+  EXPECT_THAT(OverrideError("liveness.transport=tcp"), HasSubstr("liveness.transport"));
+  EXPECT_THAT(OverrideError("liveness.transport=tcp"), HasSubstr("udp"));
+  EXPECT_THAT(OverrideError("store.filesystem_check=ignore"), HasSubstr("refuse"));
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"liveness.heartbeat_ms=500", "liveness.timeout_ms=500"});
   ASSERT_FALSE(config.ok());

@@ -1,6 +1,7 @@
 // Node-local protection with real processes: tesserad, trainer processes, SIGKILL.
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -450,6 +451,54 @@ TEST(TesseradTest, SigtermDrainsAndExitsZeroAndBadConfigExitsTwo) {
   std::ifstream in(root.path() + "/bad.log");
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_TRUE(absl::StrContains(text, "store.crc_threads")) << text;
+}
+
+// Shared memory that is not memory, or smaller than the capacity asked for, is refused at start
+// with what was wrong and what to set (a 10 GiB capacity on a 300 MiB tmpfs, and a store on a
+// disk, were once accepted without a word); "warn" starts anyway and says so.
+TEST(TesseradTest, AStoreThatIsNotMemoryOrTooSmallIsRefusedAtStart) {
+  TempRoot root;
+  auto run = [&](const std::string& directory, const std::string& capacity,
+                 const std::string& policy, const std::string& name, int* code) {
+    auto p = Process::Start(
+        {BinaryPath("daemon/tesserad"), "--set", "node.id=" + name, "--set",
+         "store.directory=" + directory, "--set", "store.capacity_bytes=" + capacity, "--set",
+         "agent.socket_path=" + root.path() + "/" + name + ".sock", "--set",
+         "store.filesystem_check=" + policy},
+        root.path() + "/" + name + ".log");
+    if (policy == "warn") {  // it starts: stop it once its socket is there
+      const std::string socket = root.path() + "/" + name + ".sock";
+      for (int i = 0; i < 400 && !std::filesystem::exists(socket); ++i) {
+        std::this_thread::sleep_for(milliseconds(50));
+      }
+      p->Signal(SIGTERM);
+    }
+    *code = p->Wait();
+    std::ifstream in(root.path() + "/" + name + ".log");
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  int code = 0;
+  // 1 EiB on the tmpfs the test root lives on.
+  std::string log = run(root.path() + "/shm", "1024PiB", "refuse", "big", &code);
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_TRUE(absl::StrContains(log, "store.capacity_bytes 1152921504606846976 exceeds the size "
+                                     "of the filesystem"))
+      << log;
+  EXPECT_TRUE(absl::StrContains(log, "set at most")) << log;
+  log = run(root.path() + "/shm", "1024PiB", "warn", "bigwarn", &code);
+  EXPECT_EQ(code, 0) << log;
+  EXPECT_TRUE(absl::StrContains(log, "started anyway")) << log;
+  // A directory on a disk filesystem: the test's own temporary directory, where it is one.
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  ASSERT_NE(tmp, nullptr);
+  struct statfs fs;
+  ASSERT_EQ(statfs(tmp, &fs), 0);
+  if (fs.f_type == 0x01021994) {
+    GTEST_SKIP() << "TEST_TMPDIR " << tmp << " is a tmpfs here: no disk filesystem to refuse";
+  }
+  log = run(std::string(tmp) + "/disk-store", "64MiB", "refuse", "disk", &code);
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_TRUE(absl::StrContains(log, "is not a tmpfs or hugetlbfs")) << log;
 }
 
 }  // namespace
