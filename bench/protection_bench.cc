@@ -111,6 +111,7 @@ class BenchCluster {
           {"peer.listen_address=" + addresses_[i],
            "cluster.members=" + absl::StrJoin(addresses_, ","), absl::StrCat("ec.k=", options.k),
            absl::StrCat("ec.m=", options.m), "liveness.heartbeat_ms=100",
+           "cluster.token=protection-bench-token",
            "peer.data_path=" + options.data_path,
            // Generous: a peer busy receiving a large fragment on 2 cores must not be suspected.
            "liveness.timeout_ms=5000"});

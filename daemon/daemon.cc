@@ -158,6 +158,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
 }
 
 absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
+  if (config_.cluster.token.empty()) {
+    Logger("daemon")->warn(
+        "INSECURE: cluster.insecure = true and no cluster.token: any process that reaches {} "
+        "can read and write every job's state and join as a member; set cluster.token_file "
+        "outside a private test network",
+        config_.peer.listen_address);
+  }
   auto log = Logger("daemon");
   const DaemonConfig& config = config_;
   TuneMallocForBulkTransfers();
@@ -499,6 +506,9 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     gauge("tessera_peers", peers_help, alive, {{"state", "alive"}});
     gauge("tessera_peers", peers_help, suspected, {{"state", "suspected"}});
     gauge("tessera_peers", peers_help, unknown, {{"state", "unknown"}});
+    gauge("tessera_cluster_insecure",
+          "1 when this cluster daemon runs without cluster.token (cluster.insecure = true).",
+          config_.cluster.token.empty() ? 1 : 0);
     const Cluster::Stats m = cluster_->stats();
     const char* sent_help = "Membership (SWIM) messages this daemon sent, by kind.";
     const char* received_help = "Membership (SWIM) messages this daemon received, by kind.";

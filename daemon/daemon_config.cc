@@ -252,6 +252,12 @@ ConfigSchema BuildSchema() {
           "A file holding cluster.token (surrounding whitespace ignored), read at start; keeps "
           "the secret out of the config file and the command line. Set at most one of the two.",
           StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::Bool(
+          "cluster.insecure", defaults.cluster.insecure,
+          "Run a cluster (peer.listen_address set) without cluster.token. Refused by default: "
+          "without a token any process that reaches the peer port can read and write every "
+          "job's training state, forge fragments and join as a member. Only for a private test "
+          "network; the daemon then logs it at every start and status warns of it."),
       ConfigKey::String(
           "metrics.listen_address", defaults.metrics.listen_address,
           "host:port on which Prometheus metrics are served over HTTP at /metrics, e.g. "
@@ -337,6 +343,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.dns_refresh_ms = config.GetInt64("cluster.dns_refresh_ms");
   daemon_config.cluster.token = config.GetString("cluster.token");
   daemon_config.cluster.token_file = config.GetString("cluster.token_file");
+  daemon_config.cluster.insecure = config.GetBool("cluster.insecure");
   daemon_config.metrics.listen_address = config.GetString("metrics.listen_address");
   daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
   daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));
@@ -377,6 +384,15 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
   }
   if (!result.cluster.token_file.empty()) {
     TESSERA_ASSIGN_OR_RETURN(result.cluster.token, ReadTokenFile(result.cluster.token_file));
+  }
+  if (!result.peer.listen_address.empty() && result.cluster.token.empty() &&
+      !result.cluster.insecure) {
+    return absl::InvalidArgumentError(
+        "peer.listen_address is set (cluster mode) but cluster.token and cluster.token_file "
+        "are not: any process that reaches the peer port could read and write every job's "
+        "state and join as a member. Set cluster.token_file to a file holding a secret shared "
+        "by the cluster's daemons (for example the output of `openssl rand -base64 32`), or "
+        "cluster.insecure = true for a private test network");
   }
   return result;
 }

@@ -52,6 +52,8 @@ struct DaemonConfig {
     // Empty: the admin service refuses every call over TCP.
     std::string token;
     std::string token_file;  // cluster.token_file
+    // cluster.insecure: run a cluster without cluster.token (refused otherwise).
+    bool insecure = false;
   };
   struct Ec {
     int k = 3;  // ec.k

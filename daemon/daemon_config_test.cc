@@ -333,7 +333,8 @@ TEST(DaemonConfigTest, ClusterKeys) {
       "", {"peer.listen_address=127.0.0.1:7070", "cluster.members=127.0.0.1:7070,h2:7071",
            "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400",
            "liveness.indirect_probes=0", "liveness.suspicion_mult=9", "peer.data_path=grpc",
-           "peer.data_port=7171", "liveness.transport=grpc", "store.filesystem_check=warn"});
+           "peer.data_port=7171", "liveness.transport=grpc", "store.filesystem_check=warn",
+           "cluster.insecure=true"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->PeerAddress(), "127.0.0.1:7070");
   EXPECT_EQ(config->cluster.members, (std::vector<std::string>{"127.0.0.1:7070", "h2:7071"}));

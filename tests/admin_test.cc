@@ -632,6 +632,7 @@ TEST(AdminStandaloneTest, StandaloneAndTokenlessDaemonsSayWhatTheyCannotDo) {
         root.path(), absl::StrCat("t", i), uint64_t{64} << 20,
         std::vector<std::string>{"--set", "peer.listen_address=" + addresses[i], "--set",
                                  "cluster.members=" + absl::StrJoin(addresses, ","), "--set",
+                                 "cluster.insecure=true", "--set",
                                  "liveness.heartbeat_ms=100", "--set",
                                  "liveness.timeout_ms=1000"}));
     ASSERT_TRUE(pair.back()->Start(&error)) << error;

@@ -338,6 +338,10 @@ std::vector<std::string> Trial::DaemonFlags(int node) const {
           "--set", absl::StrCat("ec.m=", shape_.m),
           "--set", "liveness.heartbeat_ms=100",
           "--set", "liveness.timeout_ms=1000",
+          "--set", absl::StrCat("cluster.token=campaign-token-", absl::Hex(seed_, absl::kZeroPad16)),
+          // Nodes on the gRPC data path send membership over gRPC too (every daemon answers
+          // both transports).
+          "--set", shape_.grpc_only.count(node) ? "liveness.transport=grpc" : "liveness.transport=udp",
           "--set", shape_.grpc_only.count(node) ? "peer.data_path=grpc" : "peer.data_path=tcp"};
 }
 

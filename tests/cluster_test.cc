@@ -27,6 +27,9 @@
 namespace tessera::testing {
 namespace {
 
+// Every cluster here authenticates, as production clusters must (cluster.insecure is off).
+constexpr char kClusterToken[] = "cluster-test-token-0123456789";
+
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
@@ -84,6 +87,10 @@ class Cluster {
               "--set", absl::StrCat("ec.m=", m),
               "--set", "liveness.heartbeat_ms=100",
               "--set", "liveness.timeout_ms=1000",
+              "--set", std::string("cluster.token=") + kClusterToken,
+              // Nodes on the gRPC data path send membership over gRPC too: every daemon
+              // answers both transports.
+              "--set", grpc_only.count(i) ? "liveness.transport=grpc" : "liveness.transport=udp",
               "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"}));
     }
   }
@@ -391,6 +398,7 @@ TEST(ClusterTest, AReplacedDaemonThatComesBackIsFencedAndExits) {
                                                                           cluster.address(2), address},
                                                  ","),
        "--set", "ec.k=1", "--set", "ec.m=1",
+       "--set", std::string("cluster.token=") + kClusterToken,
        "--set", "liveness.heartbeat_ms=100", "--set", "liveness.timeout_ms=1000"});
   ASSERT_TRUE(replacement.Start(&error)) << error;
   const std::regex replaced("member n1 at " + address + " (restarted|joined)");

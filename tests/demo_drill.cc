@@ -24,6 +24,7 @@
 // Run from the runfiles directory (tools/demo.sh does): demo_drill [--nodes=6] [--k=3] [--m=2]
 //   [--ranks_per_node=2] [--lost=2] [--rank_mib=8] [--every=10] [--step_sleep_ms=40] [--seed=N] [--keep]
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -113,7 +114,17 @@ std::string Seconds(double s) {
 
 class Drill {
  public:
-  Drill(const Flags& flags, const std::string& root) : flags_(flags), root_(root) {
+  Drill(const Flags& flags, const std::string& root)
+      : flags_(flags), root_(root), token_file_(root + "/cluster.token") {
+    // The cluster authenticates, as every cluster must: a fresh random token, in a file only
+    // this user reads (cluster.token_file).
+    {
+      std::random_device random;
+      std::string token;
+      for (int i = 0; i < 32; ++i) token.push_back("0123456789abcdef"[random() % 16]);
+      std::ofstream(token_file_) << token << "\n";
+      chmod(token_file_.c_str(), 0600);
+    }
     for (int i = 0; i < flags_.nodes; ++i) {
       addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     }
@@ -342,6 +353,7 @@ class Drill {
         root_, absl::StrCat("n", i), uint64_t{1} << 30,
         std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i],
                                  "--set", "cluster.members=" + absl::StrJoin(addresses_, ","),
+                                 "--set", "cluster.token_file=" + token_file_,
                                  "--set", absl::StrCat("ec.k=", flags_.k),
                                  "--set", absl::StrCat("ec.m=", flags_.m),
                                  "--set", "liveness.heartbeat_ms=100",
@@ -504,6 +516,7 @@ class Drill {
 
   const Flags flags_;
   const std::string root_;
+  const std::string token_file_;
   std::vector<std::string> addresses_;
   std::vector<std::unique_ptr<DaemonProcess>> daemons_;
   std::vector<std::unique_ptr<Process>> trainers_;

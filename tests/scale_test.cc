@@ -191,6 +191,7 @@ class ScaleCluster {
           std::vector<std::string>{
               "--set", "peer.listen_address=" + addresses[i],
               "--set", "cluster.members=" + absl::StrJoin(addresses, ","),
+              "--set", "cluster.token=scale-test-cluster-token",
               "--set", absl::StrCat("metrics.listen_address=127.0.0.1:", metrics_ports_[i])}));
       // clang-format on
     }

@@ -501,5 +501,30 @@ TEST(TesseradTest, AStoreThatIsNotMemoryOrTooSmallIsRefusedAtStart) {
   EXPECT_TRUE(absl::StrContains(log, "is not a tmpfs or hugetlbfs")) << log;
 }
 
+// A daemon with a peer port and no cluster token once served every job's state to anyone who
+// reached the port. Cluster mode now needs cluster.token (or cluster.token_file), or an explicit
+// cluster.insecure = true, which the log and status then say loudly.
+TEST(TesseradTest, AClusterWithoutATokenIsRefusedUnlessInsecure) {
+  TempRoot root;
+  const std::string address = absl::StrCat("127.0.0.1:", FreePort());
+  auto bad = Process::Start({BinaryPath("daemon/tesserad"), "--set", "node.id=open", "--set",
+                             "store.directory=" + root.path() + "/shm", "--set",
+                             "agent.socket_path=" + root.path() + "/open.sock", "--set",
+                             "peer.listen_address=" + address},
+                            root.path() + "/open.log");
+  EXPECT_EQ(bad->Wait(), 2);
+  std::ifstream in(root.path() + "/open.log");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(absl::StrContains(text, "cluster.token and cluster.token_file are not")) << text;
+  EXPECT_TRUE(absl::StrContains(text, "cluster.insecure = true")) << text;
+  DaemonProcess insecure(root.path(), "n0", 64 << 20,
+                         {"--set", "peer.listen_address=" + address, "--set",
+                          "cluster.insecure=true"});
+  std::string error;
+  ASSERT_TRUE(insecure.Start(&error)) << error;
+  EXPECT_TRUE(absl::StrContains(insecure.LogTail(), "INSECURE: cluster.insecure = true"))
+      << insecure.LogTail();
+}
+
 }  // namespace
 }  // namespace tessera::testing

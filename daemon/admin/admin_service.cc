@@ -247,8 +247,10 @@ absl::Status Admin::GetStatus(const admin::GetStatusRequest& request,
     }
     if (parts_.config->cluster.token.empty()) {
       response->add_warnings(
-          "cluster.token is not set: the admin service does not answer over TCP, and this "
-          "daemon cannot ask other members for their memory, trainers or CRC checks");
+          "INSECURE (cluster.insecure = true): no cluster.token, so any process that reaches "
+          "the peer port can read and write every job's state; the admin service does not "
+          "answer over TCP, and this daemon cannot ask other members for their memory, "
+          "trainers or CRC checks");
     }
   } else {
     response->add_warnings(
