@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 #include "common/segment.h"
 #include "tests/harness.h"
@@ -180,6 +181,32 @@ bool LogShows(DaemonProcess& d, const std::string& needle, milliseconds timeout)
     std::this_thread::sleep_for(milliseconds(100));
   }
   return true;
+}
+
+// Whether `d`'s log shows every node of `nodes` suspected or dead (not live in its view) within
+// `timeout`. A lost daemon is noticed one probe window after a probe finds it gone, whenever the
+// round-robin reaches it: waiting for that instead of a fixed sleep keeps a loaded machine from
+// failing the test.
+bool LogShowsNotLive(DaemonProcess& d, const std::vector<int>& nodes, milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const std::string log = ReadFile(d.log_path());
+    bool all = true;
+    for (int n : nodes) {
+      bool seen = false;
+      for (absl::string_view line : absl::StrSplit(log, '\n')) {
+        if (absl::StrContains(line, absl::StrCat("member n", n, " at ")) &&
+            (absl::StrContains(line, " suspected") || absl::StrContains(line, " is dead"))) {
+          seen = true;
+          break;
+        }
+      }
+      all = all && seen;
+    }
+    if (all) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(milliseconds(100));
+  }
 }
 
 TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
@@ -604,7 +631,9 @@ TEST(ClusterTest, SixNodesRs32FourthLossNamesWhatCannotBeRebuilt) {
   const int64_t committed = TrainAndCommit(cluster, job, seed, world, 8);
   ASSERT_GE(committed, 0) << "no commit; n0 log:\n" << cluster[0].LogTail();
   for (int i : {1, 2, 3, 4}) cluster.Lose(i);
-  std::this_thread::sleep_for(milliseconds(1500));
+  // Declaring a node lost is refused while it is alive here: wait until n0 no longer sees the
+  // four live (a fixed 1.5 s was too short on a loaded machine).
+  ASSERT_TRUE(LogShowsNotLive(cluster[0], {1, 2, 3, 4}, seconds(30))) << cluster[0].LogTail();
   // Two of six members live are no majority until the operator declares the four lost (an
   // alive member is refused without --force).
   std::string out;
