@@ -546,6 +546,9 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
       counter("tessera_membership_datagram_timeouts_total",
               "Membership datagrams sent that got no answer within the probe window.",
               static_cast<double>(u.timeouts));
+      counter("tessera_membership_datagrams_unreachable_total",
+              "Membership datagrams answered by ICMP port unreachable (no daemon there).",
+              static_cast<double>(u.unreachable));
     }
   }
   if (cluster_coordination_ != nullptr) {

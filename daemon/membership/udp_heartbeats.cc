@@ -1,7 +1,10 @@
 #include "daemon/membership/udp_heartbeats.h"
 
 #include <arpa/inet.h>
+#include <linux/errqueue.h>
 #include <netdb.h>
+#include <netinet/icmp6.h>
+#include <netinet/ip_icmp.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -147,10 +150,13 @@ absl::StatusOr<std::unique_ptr<UdpHeartbeats>> UdpHeartbeats::Start(Options opti
   for (addrinfo* a = found; a != nullptr && u->fd_ < 0; a = a->ai_next) {
     const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0) continue;
+    const int on = 1;
     if (a->ai_family == AF_INET6) {
       const int off = 0;  // "[::]" takes IPv4 peers too
       setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off));
+      setsockopt(fd, IPPROTO_IPV6, IPV6_RECVERR, &on, sizeof(on));
     }
+    setsockopt(fd, IPPROTO_IP, IP_RECVERR, &on, sizeof(on));  // ICMP errors: DrainErrors
     if (bind(fd, a->ai_addr, a->ai_addrlen) != 0) {
       absl::StrAppend(&errors, errors.empty() ? "" : "; ", std::strerror(errno));
       close(fd);
@@ -269,14 +275,26 @@ absl::StatusOr<HeartbeatReply> UdpHeartbeats::Heartbeat(const std::string& peer,
                            Encode(kRequest, id, request.SerializeAsString(), options_.token));
   Pending pending;
   pending.address = peer;
+  pending.to = to;
+  pending.to_len = len;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return absl::CancelledError("membership datagrams are stopping");
     pending_[id] = &pending;
   }
-  const ssize_t sent = sendto(fd_, datagram.data(), datagram.size(), MSG_DONTWAIT,
-                              reinterpret_cast<const sockaddr*>(&to), len);
-  const int send_errno = errno;
+  ssize_t sent = -1;
+  int send_errno = 0;
+  // An ICMP error about another peer can fail the next send once (the socket's pending error):
+  // that error is not this send's, so it is sent again.
+  for (int attempt = 0; attempt < 2 && sent < 0; ++attempt) {
+    sent = sendto(fd_, datagram.data(), datagram.size(), MSG_DONTWAIT,
+                  reinterpret_cast<const sockaddr*>(&to), len);
+    send_errno = errno;
+    if (sent < 0 && send_errno != ECONNREFUSED && send_errno != EHOSTUNREACH &&
+        send_errno != ENETUNREACH) {
+      break;
+    }
+  }
   absl::MutexLock lock(&mu_);
   if (sent < 0) {
     pending_.erase(id);
@@ -304,6 +322,7 @@ void UdpHeartbeats::ReceiveLoop() {
       return;
     }
     if (fds[1].revents != 0) return;
+    if ((fds[0].revents & POLLERR) != 0) DrainErrors();
     // Drain what is queued before polling again.
     for (;;) {
       sockaddr_storage from{};
@@ -319,6 +338,67 @@ void UdpHeartbeats::ReceiveLoop() {
         continue;
       }
       HandleDatagram(buffer.data(), static_cast<size_t>(n), from, from_len);
+    }
+  }
+}
+
+namespace {
+
+bool SameAddress(const sockaddr_storage& a, const sockaddr_storage& b) {
+  if (a.ss_family != b.ss_family) return false;
+  if (a.ss_family == AF_INET) {
+    const auto& x = reinterpret_cast<const sockaddr_in&>(a);
+    const auto& y = reinterpret_cast<const sockaddr_in&>(b);
+    return x.sin_port == y.sin_port && x.sin_addr.s_addr == y.sin_addr.s_addr;
+  }
+  if (a.ss_family == AF_INET6) {
+    const auto& x = reinterpret_cast<const sockaddr_in6&>(a);
+    const auto& y = reinterpret_cast<const sockaddr_in6&>(b);
+    return x.sin6_port == y.sin6_port &&
+           std::memcmp(&x.sin6_addr, &y.sin6_addr, sizeof(x.sin6_addr)) == 0;
+  }
+  return false;
+}
+
+}  // namespace
+
+void UdpHeartbeats::DrainErrors() {
+  for (;;) {
+    sockaddr_storage offender{};
+    char control[512];
+    char byte;
+    iovec iov{&byte, sizeof(byte)};
+    msghdr msg{};
+    msg.msg_name = &offender;
+    msg.msg_namelen = sizeof(offender);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    if (recvmsg(fd_, &msg, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;  // EAGAIN: drained
+    bool port_unreachable = false;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+      const bool v4 = c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_RECVERR;
+      const bool v6 = c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_RECVERR;
+      if (!v4 && !v6) continue;
+      sock_extended_err e;
+      std::memcpy(&e, CMSG_DATA(c), sizeof(e));
+      port_unreachable =
+          port_unreachable ||
+          (e.ee_origin == SO_EE_ORIGIN_ICMP && e.ee_type == ICMP_DEST_UNREACH &&
+           e.ee_code == ICMP_PORT_UNREACH) ||
+          (e.ee_origin == SO_EE_ORIGIN_ICMP6 && e.ee_type == ICMP6_DST_UNREACH &&
+           e.ee_code == ICMP6_DST_UNREACH_NOPORT);
+    }
+    if (!port_unreachable || msg.msg_namelen == 0) continue;
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, pending] : pending_) {
+      if (pending->done || !SameAddress(pending->to, offender)) continue;
+      pending->result = absl::UnavailableError(absl::StrCat(
+          "nothing listens for membership datagrams at ", pending->address,
+          " (ICMP port unreachable): its daemon is not running"));
+      pending->done = true;
+      ++stats_.unreachable;
     }
   }
 }

@@ -71,6 +71,7 @@ class UdpHeartbeats final : public HeartbeatSender {
     uint64_t replies_received = 0;
     uint64_t sent = 0;
     uint64_t timeouts = 0;            // Heartbeat calls that got no answer in time
+    uint64_t unreachable = 0;         // ended at once by an ICMP "port unreachable"
     uint64_t dropped_malformed = 0;   // short, long, wrong magic/version/type, bad protobuf
     uint64_t dropped_unauthenticated = 0;  // MAC missing or wrong
     uint64_t dropped_unexpected = 0;  // a reply to no outstanding request
@@ -81,7 +82,10 @@ class UdpHeartbeats final : public HeartbeatSender {
   ~UdpHeartbeats() override;  // stops the receiver; pending calls end with kCancelled
 
   // Sends `message` to `peer` ("host:port") and waits for its answer: the reply, the peer's
-  // error (refused), kDeadlineExceeded after `timeout`, or kUnavailable when it cannot be sent.
+  // error (refused), kDeadlineExceeded after `timeout`, or kUnavailable when it cannot be sent or
+  // the peer's host answers that nothing listens on the port (ICMP port unreachable, read from
+  // the socket's error queue: a crashed daemon on a live host fails its probe at once, as a
+  // refused TCP connection would).
   absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
                                            const HeartbeatMessage& message) override;
 
@@ -106,12 +110,17 @@ class UdpHeartbeats final : public HeartbeatSender {
     bool done = false;
     absl::StatusOr<HeartbeatReply> result = absl::UnknownError("no answer yet");
     std::string address;
+    sockaddr_storage to{};  // where the request went, to match ICMP errors
+    socklen_t to_len = 0;
   };
   explicit UdpHeartbeats(Options options);
   void ReceiveLoop();
   void HandleDatagram(const uint8_t* data, size_t size, const sockaddr_storage& from,
                       socklen_t from_len);
   void Drop(const char* reason, const absl::Status& status, uint64_t* counter);
+  // Reads the socket's error queue: each "port unreachable" ends the calls waiting on that
+  // address.
+  void DrainErrors();
   absl::StatusOr<sockaddr_storage> Resolve(const std::string& peer, socklen_t* len);
 
   const Options options_;
