@@ -12,16 +12,35 @@ namespace {
 
 constexpr uint32_t kCastagnoliReflected = 0x82F63B78u;
 
-uint32_t Gf2MatrixTimes(const uint32_t* matrix, uint32_t vec) {
-  uint32_t sum = 0;
-  for (; vec != 0; vec >>= 1, ++matrix) {
-    if (vec & 1) sum ^= *matrix;
+// Polynomials over GF(2) modulo the CRC polynomial, in the CRC's reflected bit order: bit 31 is
+// x^0. (The method of zlib 1.2.12's crc32_combine: appending n zero bytes to A multiplies its CRC
+// register by x^(8n).)
+uint32_t MultiplyModP(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t m = uint32_t{1} << 31; m != 0; m >>= 1) {
+    if (a & m) product ^= b;
+    b = (b & 1) ? (b >> 1) ^ kCastagnoliReflected : b >> 1;
   }
-  return sum;
+  return product;
 }
 
-void Gf2MatrixSquare(uint32_t* square, const uint32_t* matrix) {
-  for (int n = 0; n < 32; ++n) square[n] = Gf2MatrixTimes(matrix, matrix[n]);
+// kPowers[k] = x^(2^k) mod P, for k = 0..66: enough for x^(8n) with any 64-bit n.
+struct PowerTable {
+  uint32_t powers[67];
+  PowerTable() {
+    powers[0] = uint32_t{1} << 30;  // x^1
+    for (int k = 1; k < 67; ++k) powers[k] = MultiplyModP(powers[k - 1], powers[k - 1]);
+  }
+};
+
+// x^(8 * bytes) mod P.
+uint32_t XPowerOfBytes(uint64_t bytes) {
+  static const PowerTable table;
+  uint32_t result = uint32_t{1} << 31;  // x^0
+  for (int k = 3; bytes != 0; bytes >>= 1, ++k) {
+    if (bytes & 1) result = MultiplyModP(table.powers[k], result);
+  }
+  return result;
 }
 
 }  // namespace
@@ -40,27 +59,11 @@ uint32_t Crc32c(const void* data, size_t len, uint32_t crc) {
   return ~crc;
 }
 
-// Appending len_b zero bits to A is a linear operator on the CRC register; apply it by repeated
-// squaring of the one-zero-bit operator, then xor in crc_b (zlib's crc32_combine method).
+// Appending len_b zero bytes to A multiplies its CRC register by x^(8 len_b); then xor in B's.
+// About 64 32-step loops at most (a microsecond), whatever len_b is.
 uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, size_t len_b) {
   if (len_b == 0) return crc_a;
-  uint32_t even[32];
-  uint32_t odd[32];
-  odd[0] = kCastagnoliReflected;
-  uint32_t row = 1;
-  for (int n = 1; n < 32; ++n, row <<= 1) odd[n] = row;
-  Gf2MatrixSquare(even, odd);  // two zero bits
-  Gf2MatrixSquare(odd, even);  // four zero bits
-  do {
-    Gf2MatrixSquare(even, odd);
-    if (len_b & 1) crc_a = Gf2MatrixTimes(even, crc_a);
-    len_b >>= 1;
-    if (len_b == 0) break;
-    Gf2MatrixSquare(odd, even);
-    if (len_b & 1) crc_a = Gf2MatrixTimes(odd, crc_a);
-    len_b >>= 1;
-  } while (len_b != 0);
-  return crc_a ^ crc_b;
+  return MultiplyModP(XPowerOfBytes(len_b), crc_a) ^ crc_b;
 }
 
 uint32_t ParallelCrc32c(const void* data, size_t len, int threads, size_t min_chunk_bytes) {

@@ -1,5 +1,6 @@
 #include "common/crc32c.h"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -59,6 +60,27 @@ TEST(Crc32cTest, ExtendAndCombineAgree) {
     ASSERT_EQ(Crc32c(data.data() + cut, data.size() - cut, a), whole) << "cut=" << cut;
     ASSERT_EQ(Crc32cCombine(a, b, data.size() - cut), whole) << "cut=" << cut;
   }
+}
+
+// Lengths past 32 bits, where a combine that truncated or wrapped its length would go wrong:
+// B is 4 GiB + 12345 zero bytes, streamed through a small buffer.
+TEST(Crc32cTest, CombineHandlesLengthsPast32Bits) {
+  const uint64_t seed = 31;
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  auto a = RandomBytes(1000, seed);
+  const uint32_t crc_a = Crc32c(a.data(), a.size());
+  std::vector<uint8_t> zeros(size_t{1} << 20, 0);
+  const size_t len_b = (size_t{4} << 30) + 12345;
+  uint32_t crc_b = 0;
+  uint32_t whole = crc_a;
+  for (size_t done = 0; done < len_b;) {
+    const size_t n = std::min(zeros.size(), len_b - done);
+    crc_b = Crc32c(zeros.data(), n, crc_b);
+    whole = Crc32c(zeros.data(), n, whole);
+    done += n;
+  }
+  EXPECT_EQ(Crc32cCombine(crc_a, crc_b, len_b), whole);
+  EXPECT_NE(Crc32cCombine(crc_a, crc_b, len_b - 1), whole);
 }
 
 TEST(Crc32cTest, ParallelEqualsSerial) {

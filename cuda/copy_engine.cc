@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -14,6 +15,7 @@
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "cuda/checksum_queue.h"
 #include "cuda/host_copy_engine.h"
 
 namespace tessera::cuda {
@@ -141,6 +143,7 @@ void DestroyEvents(const EventPair& events) {
 // A copy op after classification.
 struct RoutedOp {
   CopyOp op;
+  size_t index;  // in the ops given
   Where src;
   Where dst;
   // Bytes [stage_from, op.bytes) go through the staging buffer, at staging offset stage_offset.
@@ -182,13 +185,38 @@ class CudaCopyEngine final : public CopyEngine {
   absl::StatusOr<MemoryKind> Locate(const void* ptr) override;
   absl::StatusOr<uint64_t> MarkSnapshotPoint(void* compute_stream) override;
   absl::Status IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) override;
+  absl::Status IssueChecksummedCopies(uint64_t ticket, const std::vector<CopyOp>& ops) override;
   absl::Status Fence(void* stream) override;
   absl::Status WaitCopies(uint64_t ticket) override;
+  absl::StatusOr<std::vector<OpChecksum>> WaitChecksums(uint64_t ticket) override;
   absl::Status CopySync(const std::vector<CopyOp>& ops) override;
+  absl::Status CopySyncChecked(const std::vector<CopyOp>& ops, const BeforeCopy& before) override;
   CopyEngineStats stats() const override;
   absl::Status SetStaging(const StagingOptions& options) override;
 
  private:
+  // What IssueChecksummedCopies leaves for WaitChecksums: the host copies' checksums, and the
+  // batch checksumming the device-to-host chunks (one range per such op) as they land.
+  struct TicketChecksums {
+    std::vector<OpChecksum> crcs;          // per op; the host copies' filled in
+    std::vector<size_t> range_ops;         // the batch's ranges: op indices
+    std::shared_ptr<internal::ChecksumBatch> batch;
+    std::vector<cudaEvent_t> chunk_events; // back to the pool once the batch is done
+  };
+  // Where EnqueueChunks records each chunk's landing and the pieces to checksum after it.
+  struct ChunkSink {
+    size_t range;
+    uint64_t offset;  // of the first chunk within its op
+    std::vector<internal::ChecksumQueue::Piece>* pieces;
+    std::vector<cudaEvent_t>* events;
+  };
+
+  absl::Status Issue(uint64_t ticket, const std::vector<CopyOp>& ops, bool checksum);
+  uint64_t BlockBytes() const { return options_.checksum_block_bytes; }
+  // A blocking-sync event for a chunk's landing, from the pool or new.
+  absl::StatusOr<cudaEvent_t> AcquireChunkEvent();
+  void ReleaseChunkEvents(const std::vector<cudaEvent_t>& events);
+
   // The events of a ticket handed out and not yet retired.
   struct TicketEvents {
     EventPair events;
@@ -213,10 +241,13 @@ class CudaCopyEngine final : public CopyEngine {
   // Sorts `ops` into those that involve device memory (`device_ops`) and host-to-host ones
   // (`host_ops`), counting bytes by direction.
   absl::Status RouteOps(const std::vector<CopyOp>& ops, std::vector<RoutedOp>* device_ops,
-                        std::vector<CopyOp>* host_ops, TransferCounts* counts);
-  // Enqueues one copy on copy_stream_ in chunks of options_.chunk_bytes.
+                        std::vector<CopyOp>* host_ops, TransferCounts* counts,
+                        std::vector<size_t>* host_indices = nullptr);
+  // Enqueues one copy on copy_stream_ in chunks of options_.chunk_bytes. With a sink, records
+  // an event after each chunk and adds its pieces to checksum once that event has passed.
   absl::Status EnqueueChunks(void* dst, const void* src, size_t bytes, const char* direction,
-                             TransferCounts* counts) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+                             TransferCounts* counts, const ChunkSink* sink = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
   // Plans the staging of `device_ops` (setting their stage_from and stage_offset) and makes the
   // staging buffer large enough, or plans less if it cannot be.
   void PlanStagingFor(std::vector<RoutedOp>* device_ops) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
@@ -272,6 +303,12 @@ class CudaCopyEngine final : public CopyEngine {
   RecentMin window_s_ ABSL_GUARDED_BY(mu_);
   Ewma d2h_rate_ ABSL_GUARDED_BY(mu_){0.3};
   Ewma d2d_rate_ ABSL_GUARDED_BY(mu_){0.3};
+  std::map<uint64_t, TicketChecksums> checksums_ ABSL_GUARDED_BY(mu_);  // not taken yet
+
+  absl::Mutex chunk_events_mu_;
+  std::vector<cudaEvent_t> free_chunk_events_ ABSL_GUARDED_BY(chunk_events_mu_);
+  // Declared last: destroyed first, finishing its pieces while the events above still exist.
+  internal::ChecksumQueue checksum_queue_;
 };
 
 absl::StatusOr<std::unique_ptr<CopyEngine>> CudaCopyEngine::Open(int device,
@@ -338,7 +375,8 @@ CudaCopyEngine::CudaCopyEngine(int device, std::string name, const CopyEngineOpt
       memory_pools_(memory_pools),
       copy_stream_(copy_stream),
       restore_event_(restore_event),
-      staging_(options.staging) {}
+      staging_(options.staging),
+      checksum_queue_(options.checksum_threads) {}
 
 CudaCopyEngine::~CudaCopyEngine() {
   ScopedDevice scoped;
@@ -352,6 +390,14 @@ CudaCopyEngine::~CudaCopyEngine() {
   absl::MutexLock lock(&mu_);
   for (const auto& [ticket, state] : in_flight_) DestroyEvents(state.events);
   for (const EventPair& events : free_events_) DestroyEvents(events);
+  for (auto& [ticket, pending] : checksums_) {
+    if (pending.batch) pending.batch->Wait().IgnoreError();  // the stream is drained: quick
+    for (cudaEvent_t event : pending.chunk_events) cudaEventDestroy(event);
+  }
+  {
+    absl::MutexLock events_lock(&chunk_events_mu_);
+    for (cudaEvent_t event : free_chunk_events_) cudaEventDestroy(event);
+  }
   for (cudaEvent_t event : {measure_.window_start, measure_.window_end, measure_.copy_begin,
                             measure_.staged, measure_.copy_end}) {
     cudaEventDestroy(event);
@@ -418,6 +464,16 @@ absl::StatusOr<uint64_t> CudaCopyEngine::MarkSnapshotPoint(void* compute_stream)
 }
 
 absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) {
+  return Issue(ticket, ops, /*checksum=*/false);
+}
+
+absl::Status CudaCopyEngine::IssueChecksummedCopies(uint64_t ticket,
+                                                    const std::vector<CopyOp>& ops) {
+  return Issue(ticket, ops, /*checksum=*/true);
+}
+
+absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& ops,
+                                   bool checksum) {
   absl::MutexLock issue_lock(&issue_mu_);
   ScopedDevice scoped;
   TESSERA_RETURN_IF_ERROR(scoped.Enter(device_));
@@ -432,10 +488,26 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   TransferCounts counts;
   std::vector<RoutedOp> device_ops;
   std::vector<CopyOp> host_ops;
+  std::vector<size_t> host_indices;
   bool enqueued = false;
   bool done_recorded = false;
   absl::Status status = internal::ValidateCopyOps(ops);
-  if (status.ok()) status = RouteOps(ops, &device_ops, &host_ops, &counts);
+  if (status.ok()) status = RouteOps(ops, &device_ops, &host_ops, &counts, &host_indices);
+  // Checksums: one range per device op, in device_ops order.
+  TicketChecksums sums;
+  std::vector<internal::ChecksumQueue::Piece> pieces;
+  for (size_t i = 0; checksum && status.ok() && i < device_ops.size(); ++i) {
+    if (device_ops[i].dst == Where::kDevice) {
+      status = absl::InvalidArgumentError(absl::StrCat(
+          "copy op ", device_ops[i].index, ": a checksummed copy's destination must be host "
+          "memory, not device memory"));
+    }
+    sums.range_ops.push_back(device_ops[i].index);
+  }
+  auto sink = [&](size_t range, uint64_t offset) -> std::optional<ChunkSink> {
+    if (!checksum) return std::nullopt;
+    return ChunkSink{range, offset, &pieces, &sums.chunk_events};
+  };
   if (status.ok()) {
     HarvestCopyRates();
     PlanStagingFor(&device_ops);
@@ -468,7 +540,9 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
     const RoutedOp& r = device_ops[i];
     const size_t direct = std::min(r.stage_from, r.op.bytes);
     if (direct == 0) continue;
-    status = EnqueueChunks(r.op.dst, r.op.src, direct, Direction(r), &counts);
+    const std::optional<ChunkSink> landed = sink(i, 0);
+    status = EnqueueChunks(r.op.dst, r.op.src, direct, Direction(r), &counts,
+                           landed ? &*landed : nullptr);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
   }
   if (status.ok()) {
@@ -478,9 +552,11 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
     const RoutedOp& r = device_ops[i];
     if (!r.staged()) continue;
+    const std::optional<ChunkSink> landed = sink(i, r.stage_from);
     status = EnqueueChunks(static_cast<char*>(r.op.dst) + r.stage_from,
                            static_cast<const char*>(staging_buffer_) + r.stage_offset,
-                           r.op.bytes - r.stage_from, "D2H from staging", &counts);
+                           r.op.bytes - r.stage_from, "D2H from staging", &counts,
+                           landed ? &*landed : nullptr);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i, " from staging"));
   }
   if (status.ok()) {
@@ -496,9 +572,30 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   if (status.ok() && !host_ops.empty()) {
     status = CudaStatus(cudaEventSynchronize(events.start), "cudaEventSynchronize(snapshot point)");
     if (status.ok()) {
+      std::vector<OpChecksum> host_crcs;
       internal::CopyHostMemory(host_ops, options_.host_copy_threads,
-                               options_.host_parallel_min_bytes);
+                               options_.host_parallel_min_bytes, checksum ? &host_crcs : nullptr,
+                               BlockBytes());
+      if (checksum) {
+        sums.crcs.assign(ops.size(), OpChecksum{});
+        for (size_t h = 0; h < host_ops.size(); ++h) sums.crcs[host_indices[h]] = host_crcs[h];
+      }
     }
+  }
+  if (checksum && status.ok()) {
+    std::vector<uint64_t> range_bytes;
+    for (const RoutedOp& r : device_ops) range_bytes.push_back(r.op.bytes);
+    std::vector<internal::ChecksumQueue::Wait> waits;
+    for (cudaEvent_t event : sums.chunk_events) {
+      waits.push_back([this, event]() -> absl::Status {
+        ScopedDevice scoped;
+        TESSERA_RETURN_IF_ERROR(scoped.Enter(device_));
+        return CudaStatus(cudaEventSynchronize(event), "cudaEventSynchronize(chunk landed)");
+      });
+    }
+    if (sums.crcs.empty()) sums.crcs.assign(ops.size(), OpChecksum{});
+    sums.batch = checksum_queue_.Submit(BlockBytes(), std::move(range_bytes), std::move(pieces),
+                                        std::move(waits));
   }
   if (!status.ok() && enqueued) {
     // A failed snapshot's slot is about to be reused: none of its copies may stay in flight.
@@ -510,11 +607,19 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
     }
   }
 
+  if (!status.ok()) {
+    ReleaseChunkEvents(sums.chunk_events);  // drained above: none is pending
+    sums.chunk_events.clear();
+  }
   absl::MutexLock lock(&mu_);
   tickets_.EndIssue(ticket, status);
   if (status.ok()) {
     AddCountsLocked(counts);
     stats_.bytes_staged += staged_bytes;
+    if (checksum) {
+      stats_.bytes_checksummed += counts.total();
+      checksums_[ticket] = std::move(sums);
+    }
   }
   if (done_recorded) {
     fence_ticket_ = ticket;
@@ -526,7 +631,8 @@ absl::Status CudaCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
 
 absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
                                       std::vector<RoutedOp>* device_ops,
-                                      std::vector<CopyOp>* host_ops, TransferCounts* counts) {
+                                      std::vector<CopyOp>* host_ops, TransferCounts* counts,
+                                      std::vector<size_t>* host_indices) {
   for (size_t i = 0; i < ops.size(); ++i) {
     const CopyOp& op = ops[i];
     if (op.bytes == 0) continue;
@@ -539,10 +645,11 @@ absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
     const bool to_device = *dst == Where::kDevice;
     if (!from_device && !to_device) {
       host_ops->push_back(op);
+      if (host_indices != nullptr) host_indices->push_back(i);
       counts->host_to_host += op.bytes;
       continue;
     }
-    device_ops->push_back(RoutedOp{op, *src, *dst, /*stage_from=*/op.bytes});
+    device_ops->push_back(RoutedOp{op, i, *src, *dst, /*stage_from=*/op.bytes});
     if (from_device && to_device) {
       counts->device_to_device += op.bytes;
     } else if (from_device) {
@@ -564,7 +671,9 @@ absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
 }
 
 absl::Status CudaCopyEngine::EnqueueChunks(void* dst, const void* src, size_t bytes,
-                                           const char* direction, TransferCounts* counts) {
+                                           const char* direction, TransferCounts* counts,
+                                           const ChunkSink* sink) {
+  const uint64_t block = BlockBytes();
   for (size_t offset = 0; offset < bytes; offset += options_.chunk_bytes) {
     const size_t chunk = std::min(options_.chunk_bytes, bytes - offset);
     TESSERA_RETURN_IF_ERROR(CudaStatus(
@@ -572,8 +681,45 @@ absl::Status CudaCopyEngine::EnqueueChunks(void* dst, const void* src, size_t by
                         chunk, cudaMemcpyDefault, copy_stream_),
         absl::StrCat("cudaMemcpyAsync(", direction, ", ", chunk, " bytes)")));
     ++counts->chunks;
+    if (sink == nullptr) continue;
+    TESSERA_ASSIGN_OR_RETURN(cudaEvent_t landed, AcquireChunkEvent());
+    sink->events->push_back(landed);
+    TESSERA_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(landed, copy_stream_), "cudaEventRecord(chunk landed)"));
+    // The chunk's pieces, cut at the op's block boundaries.
+    const int wait = static_cast<int>(sink->events->size() - 1);
+    const uint64_t first = sink->offset + offset;  // the chunk's offset within its op
+    for (uint64_t at = first; at < first + chunk;) {
+      const uint64_t end = std::min<uint64_t>(first + chunk, (at / block + 1) * block);
+      sink->pieces->push_back({sink->range, at, static_cast<const char*>(dst) + (at - sink->offset),
+                               end - at, wait});
+      at = end;
+    }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<cudaEvent_t> CudaCopyEngine::AcquireChunkEvent() {
+  {
+    absl::MutexLock lock(&chunk_events_mu_);
+    if (!free_chunk_events_.empty()) {
+      cudaEvent_t event = free_chunk_events_.back();
+      free_chunk_events_.pop_back();
+      return event;
+    }
+  }
+  // Blocking sync: a checksum worker waiting for a chunk sleeps instead of spinning on a core
+  // that the trainer's data loading may need.
+  cudaEvent_t event = nullptr;
+  TESSERA_RETURN_IF_ERROR(CudaStatus(
+      cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventBlockingSync),
+      "cudaEventCreateWithFlags(chunk landed)"));
+  return event;
+}
+
+void CudaCopyEngine::ReleaseChunkEvents(const std::vector<cudaEvent_t>& events) {
+  absl::MutexLock lock(&chunk_events_mu_);
+  free_chunk_events_.insert(free_chunk_events_.end(), events.begin(), events.end());
 }
 
 void CudaCopyEngine::PlanStagingFor(std::vector<RoutedOp>* device_ops) {
@@ -806,7 +952,33 @@ absl::Status CudaCopyEngine::WaitCopies(uint64_t ticket) {
   return status;
 }
 
+absl::StatusOr<std::vector<OpChecksum>> CudaCopyEngine::WaitChecksums(uint64_t ticket) {
+  TESSERA_RETURN_IF_ERROR(WaitCopies(ticket));
+  TicketChecksums sums;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = checksums_.find(ticket);
+    if (it == checksums_.end()) return internal::NoChecksums(ticket);
+    sums = std::move(it->second);
+    checksums_.erase(it);
+  }
+  absl::StatusOr<std::vector<internal::RangeChecksum>> ranges = sums.batch->Wait();
+  ReleaseChunkEvents(sums.chunk_events);
+  if (!ranges.ok()) return ranges.status();
+  for (size_t r = 0; r < ranges->size(); ++r) {
+    OpChecksum& sum = sums.crcs[sums.range_ops[r]];
+    sum.crc = (*ranges)[r].crc;
+    sum.blocks = std::move((*ranges)[r].blocks);
+  }
+  return std::move(sums.crcs);
+}
+
 absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
+  return CopySyncChecked(ops, nullptr);
+}
+
+absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
+                                             const BeforeCopy& before) {
   TESSERA_RETURN_IF_ERROR(internal::ValidateCopyOps(ops));
   absl::MutexLock issue_lock(&issue_mu_);
   ScopedDevice scoped;
@@ -820,15 +992,37 @@ absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
   TransferCounts counts;
   std::vector<RoutedOp> device_ops;
   std::vector<CopyOp> host_ops;
-  absl::Status status = RouteOps(ops, &device_ops, &host_ops, &counts);
+  std::vector<size_t> host_indices;
+  absl::Status status = RouteOps(ops, &device_ops, &host_ops, &counts, &host_indices);
   for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
     const RoutedOp& r = device_ops[i];
-    status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes, Direction(r), &counts);
-    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
+    if (before == nullptr) {
+      status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes, Direction(r), &counts);
+    } else {
+      // Chunk by chunk, each once `before` passes it: chunk k copies while k+1 is checked.
+      for (uint64_t offset = 0; status.ok() && offset < r.op.bytes;
+           offset += options_.chunk_bytes) {
+        const uint64_t chunk = std::min<uint64_t>(options_.chunk_bytes, r.op.bytes - offset);
+        status = before(r.index, offset, chunk);
+        if (status.ok()) {
+          status = EnqueueChunks(static_cast<char*>(r.op.dst) + offset,
+                                 static_cast<const char*>(r.op.src) + offset, chunk,
+                                 Direction(r), &counts);
+        }
+      }
+    }
+    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", r.index));
   }
-  if (status.ok()) {
+  if (status.ok() && before == nullptr) {
     internal::CopyHostMemory(host_ops, options_.host_copy_threads,
                              options_.host_parallel_min_bytes);
+  }
+  for (size_t h = 0; status.ok() && before != nullptr && h < host_ops.size(); ++h) {
+    status = before(host_indices[h], 0, host_ops[h].bytes);
+    if (status.ok()) {
+      internal::CopyHostMemory({host_ops[h]}, options_.host_copy_threads,
+                               options_.host_parallel_min_bytes);
+    }
   }
   const absl::Status synced =
       CudaStatus(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize(copy stream)");
@@ -911,6 +1105,8 @@ CopyEngineOptions Checked(const CopyEngineOptions& options) {
   CopyEngineOptions checked = options;
   if (checked.chunk_bytes == 0) checked.chunk_bytes = CopyEngineOptions().chunk_bytes;
   checked.host_copy_threads = std::max(checked.host_copy_threads, 1);
+  checked.checksum_threads = std::max(checked.checksum_threads, 1);
+  checked.checksum_block_bytes = std::max<size_t>(checked.checksum_block_bytes, 4096);
   checked.fence_issue_timeout_ms = std::max<int64_t>(checked.fence_issue_timeout_ms, 0);
   return checked;
 }

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "common/crc32c.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
@@ -99,6 +101,14 @@ class Snapshot {
     for (const auto& source : sources_) total += source.size();
     return total;
   }
+
+  // The CRC32C of source i, and of its copy in the slot.
+  uint32_t SourceCrc(size_t i) const { return Crc32c(sources_[i].data(), sources_[i].size()); }
+  uint32_t CopyCrc(size_t i) const {
+    return Crc32c(slot_.data() + offsets_[i], sources_[i].size());
+  }
+  unsigned char* copy(size_t i) { return slot_.data() + offsets_[i]; }
+  size_t size() const { return sources_.size(); }
 
   const std::vector<unsigned char>& slot() const { return slot_; }
   std::vector<unsigned char>& source(size_t i) { return sources_[i]; }
@@ -365,6 +375,92 @@ TEST_P(CopyEngineTest, SnapshotLoopAcrossTwoThreads) {
   EXPECT_EQ(engine_->stats().tickets, static_cast<uint64_t>(kSteps));
   EXPECT_EQ(engine_->stats().fences, static_cast<uint64_t>(kSteps));
   EXPECT_EQ(engine_->stats().tickets_abandoned, 0u);
+}
+
+// `blocks` are the CRC32C of each `block_bytes` of [data, data + bytes), the last one shorter.
+void ExpectBlocks(const unsigned char* data, size_t bytes, size_t block_bytes,
+                  const std::vector<uint32_t>& blocks) {
+  ASSERT_EQ(blocks.size(), (bytes + block_bytes - 1) / block_bytes);
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    EXPECT_EQ(blocks[b], Crc32c(data + b * block_bytes, std::min(block_bytes, bytes - b * block_bytes)))
+        << "block " << b;
+  }
+}
+
+// The checksums come from the destinations as the copies left them, on one thread and split
+// across threads (shares crossing op boundaries), and a byte changed afterwards no longer matches.
+TEST_P(CopyEngineTest, ChecksummedCopiesGiveEachDestinationsCrc) {
+  for (int threads : {1, 3}) {
+    SCOPED_TRACE("host_copy_threads=" + std::to_string(threads));
+    CopyEngineOptions options;
+    options.host_copy_threads = threads;
+    options.host_parallel_min_bytes = 1;
+    options.checksum_block_bytes = 300000;  // blocks cut across the threads' shares
+    std::unique_ptr<CopyEngine> engine = Make(options);
+    Snapshot snapshot(rng_, {0, 1, 3, 4095, (1 << 20) + 1, 262145, (3 << 20) + 7, 5});
+    absl::StatusOr<uint64_t> ticket = engine->MarkSnapshotPoint(nullptr);
+    ASSERT_TRUE(ticket.ok()) << ticket.status();
+    ASSERT_OK(engine->IssueChecksummedCopies(*ticket, snapshot.Ops()));
+    absl::StatusOr<std::vector<OpChecksum>> crcs = engine->WaitChecksums(*ticket);
+    ASSERT_TRUE(crcs.ok()) << crcs.status();
+    EXPECT_EQ(snapshot.FirstMismatch(), -1);
+    ASSERT_EQ(crcs->size(), snapshot.size());
+    for (size_t i = 0; i < snapshot.size(); ++i) {
+      EXPECT_EQ((*crcs)[i].crc, snapshot.SourceCrc(i)) << "op " << i;
+      EXPECT_EQ((*crcs)[i].crc, snapshot.CopyCrc(i)) << "op " << i;
+      ExpectBlocks(snapshot.copy(i), snapshot.Ops()[i].bytes, options.checksum_block_bytes,
+                   (*crcs)[i].blocks);
+    }
+    EXPECT_EQ(engine->stats().bytes_checksummed, snapshot.total_bytes());
+    // Changed after it was checksummed: the destination no longer matches its checksum.
+    const size_t victim = 4;
+    const size_t at = rng_() % (snapshot.Ops()[victim].bytes);
+    snapshot.copy(victim)[at] ^= 0x01;
+    EXPECT_NE(snapshot.CopyCrc(victim), (*crcs)[victim].crc) << "byte " << at;
+
+    // Taken once; a ticket issued without checksums has none.
+    EXPECT_EQ(engine->WaitChecksums(*ticket).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+    absl::StatusOr<uint64_t> plain = engine->MarkSnapshotPoint(nullptr);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    ASSERT_OK(engine->IssueCopies(*plain, snapshot.Ops()));
+    const absl::Status none = engine->WaitChecksums(*plain).status();
+    EXPECT_EQ(none.code(), absl::StatusCode::kFailedPrecondition) << none;
+    EXPECT_THAT(std::string(none.message()), HasSubstr("IssueChecksummedCopies"));
+  }
+}
+
+// A check that fails stops the copy there: what it passed is copied, nothing after it.
+TEST_P(CopyEngineTest, CopySyncCheckedCopiesOnlyWhatItsCheckPassed) {
+  Snapshot restored(rng_, {4097, 3, (1 << 20) + 5, 11});
+  std::vector<size_t> checked;
+  const absl::Status status = engine_->CopySyncChecked(
+      restored.Ops(), [&](size_t op, uint64_t offset, uint64_t bytes) -> absl::Status {
+        checked.push_back(op);
+        EXPECT_EQ(offset, 0u);
+        EXPECT_EQ(bytes, restored.Ops()[op].bytes);
+        if (op == 2) return absl::DataLossError("block 0 of op 2 does not match");
+        return absl::OkStatus();
+      });
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_THAT(checked, ::testing::ElementsAre(0, 1, 2));
+  EXPECT_EQ(std::memcmp(restored.copy(0), restored.source(0).data(), 4097), 0);
+  EXPECT_EQ(std::memcmp(restored.copy(1), restored.source(1).data(), 3), 0);
+  EXPECT_NE(std::memcmp(restored.copy(2), restored.source(2).data(), (1 << 20) + 5), 0);
+  EXPECT_NE(std::memcmp(restored.copy(3), restored.source(3).data(), 11), 0);
+  // Every check passing: bit-exact.
+  ASSERT_OK(engine_->CopySyncChecked(restored.Ops(),
+                                     [](size_t, uint64_t, uint64_t) { return absl::OkStatus(); }));
+  EXPECT_EQ(restored.FirstMismatch(), -1);
+}
+
+TEST_P(CopyEngineTest, AFailedChecksummedIssueReportsItsErrorToWaitChecksums) {
+  absl::StatusOr<uint64_t> ticket = engine_->MarkSnapshotPoint(nullptr);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  unsigned char byte = 7;
+  const absl::Status issued = engine_->IssueChecksummedCopies(*ticket, {{nullptr, &byte, 1}});
+  EXPECT_EQ(issued.code(), absl::StatusCode::kInvalidArgument) << issued;
+  EXPECT_EQ(engine_->WaitChecksums(*ticket).status(), issued);
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, CopyEngineTest,

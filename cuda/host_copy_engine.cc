@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/crc32c.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -110,19 +111,55 @@ absl::Status ValidateCopyOps(const std::vector<CopyOp>& ops) {
   return absl::OkStatus();
 }
 
+absl::Status NoChecksums(uint64_t ticket) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "ticket ", ticket, " has no checksums: it was not issued by IssueChecksummedCopies, or they "
+      "were taken already"));
+}
+
 namespace {
 
+// The CRC32C of bytes [offset, offset + bytes) of op `op`'s destination.
+struct CrcPart {
+  size_t op;
+  uint64_t offset;
+  uint64_t bytes;
+  uint32_t crc;
+};
+
+// Copied, then checksummed from the cache while it is still there: a block fits a core's L2.
+constexpr uint64_t kChecksumBlock = uint64_t{256} << 10;
+
 // Copies bytes [begin, end) of the concatenation of `ops`' sources to the same range of their
-// destinations.
-void CopyByteRange(const std::vector<CopyOp>& ops, uint64_t begin, uint64_t end) {
+// destinations; with `parts`, appends the CRC32C of each op's part of the range, in order, cut
+// at the multiples of `block_bytes` within each op.
+void CopyByteRange(const std::vector<CopyOp>& ops, uint64_t begin, uint64_t end,
+                   std::vector<CrcPart>* parts, uint64_t block_bytes) {
   uint64_t op_start = 0;
-  for (const CopyOp& op : ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const CopyOp& op = ops[i];
     const uint64_t op_end = op_start + op.bytes;
     const uint64_t from = std::max(begin, op_start);
     const uint64_t to = std::min(end, op_end);
     if (from < to) {
-      std::memcpy(static_cast<char*>(op.dst) + (from - op_start),
-                  static_cast<const char*>(op.src) + (from - op_start), to - from);
+      char* dst = static_cast<char*>(op.dst) + (from - op_start);
+      const char* src = static_cast<const char*>(op.src) + (from - op_start);
+      if (parts == nullptr) {
+        std::memcpy(dst, src, to - from);
+      } else {
+        for (uint64_t at = from - op_start; at < to - op_start;) {
+          const uint64_t part_end = std::min(to - op_start, (at / block_bytes + 1) * block_bytes);
+          uint32_t crc = 0;
+          for (uint64_t done = at; done < part_end; done += kChecksumBlock) {
+            const uint64_t n = std::min(kChecksumBlock, part_end - done);
+            char* d = static_cast<char*>(op.dst) + done;
+            std::memcpy(d, static_cast<const char*>(op.src) + done, n);
+            crc = Crc32c(d, n, crc);
+          }
+          parts->push_back({i, at, part_end - at, crc});
+          at = part_end;
+        }
+      }
     }
     if (op_end >= end) break;
     op_start = op_end;
@@ -131,33 +168,50 @@ void CopyByteRange(const std::vector<CopyOp>& ops, uint64_t begin, uint64_t end)
 
 }  // namespace
 
-uint64_t CopyHostMemory(const std::vector<CopyOp>& ops, int threads, size_t parallel_min_bytes) {
+uint64_t CopyHostMemory(const std::vector<CopyOp>& ops, int threads, size_t parallel_min_bytes,
+                        std::vector<OpChecksum>* crcs, uint64_t block_bytes) {
   uint64_t total = 0;
   for (const CopyOp& op : ops) total += op.bytes;
-  if (threads <= 1 || total < parallel_min_bytes) {
-    for (const CopyOp& op : ops) {
-      if (op.bytes != 0) std::memcpy(op.dst, op.src, op.bytes);
+  block_bytes = std::max<uint64_t>(block_bytes, 1);
+  if (crcs != nullptr) {
+    crcs->assign(ops.size(), OpChecksum{});
+    for (size_t i = 0; i < ops.size(); ++i) {
+      (*crcs)[i].blocks.assign((ops[i].bytes + block_bytes - 1) / block_bytes, 0);
     }
-    return total;
   }
   // Shares are page-aligned so that two threads do not fault in the same destination page.
   constexpr uint64_t kPage = 4096;
-  const uint64_t share = (total / threads + kPage - 1) / kPage * kPage;
+  const bool split = threads > 1 && total >= parallel_min_bytes;
+  const uint64_t share = split ? (total / threads + kPage - 1) / kPage * kPage : total;
   std::vector<std::thread> workers;
+  // One list of parts per share, in byte order: the calling thread's first, the leftover last.
+  std::vector<std::vector<CrcPart>> parts(split ? threads + 1 : 1);
+  auto parts_of = [&](size_t k) { return crcs == nullptr ? nullptr : &parts[k]; };
   uint64_t next = share;  // the calling thread takes [0, share)
-  while (next < total && workers.size() + 1 < static_cast<size_t>(threads)) {
+  while (split && next < total && workers.size() + 1 < static_cast<size_t>(threads)) {
     const uint64_t begin = next;
     const uint64_t end = std::min(total, begin + share);
     try {
-      workers.emplace_back(CopyByteRange, std::cref(ops), begin, end);
+      workers.emplace_back(CopyByteRange, std::cref(ops), begin, end, parts_of(workers.size() + 1),
+                           block_bytes);
     } catch (const std::system_error&) {
       break;  // no thread to be had: the calling thread copies the rest
     }
     next = end;
   }
-  CopyByteRange(ops, 0, std::min(total, share));
-  if (next < total) CopyByteRange(ops, next, total);
+  CopyByteRange(ops, 0, std::min(total, share), parts_of(0), block_bytes);
+  if (next < total) CopyByteRange(ops, next, total, parts_of(parts.size() - 1), block_bytes);
   for (std::thread& worker : workers) worker.join();
+  if (crcs != nullptr) {
+    for (const std::vector<CrcPart>& list : parts) {
+      for (const CrcPart& part : list) {
+        OpChecksum& sum = (*crcs)[part.op];
+        uint32_t& block = sum.blocks[part.offset / block_bytes];
+        block = Crc32cCombine(block, part.crc, part.bytes);
+        sum.crc = Crc32cCombine(sum.crc, part.crc, part.bytes);
+      }
+    }
+  }
   return total;
 }
 
@@ -194,6 +248,16 @@ absl::StatusOr<uint64_t> HostCopyEngine::MarkSnapshotPoint(void* /*compute_strea
 }
 
 absl::Status HostCopyEngine::IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) {
+  return Issue(ticket, ops, /*checksum=*/false);
+}
+
+absl::Status HostCopyEngine::IssueChecksummedCopies(uint64_t ticket,
+                                                    const std::vector<CopyOp>& ops) {
+  return Issue(ticket, ops, /*checksum=*/true);
+}
+
+absl::Status HostCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& ops,
+                                   bool checksum) {
   absl::MutexLock issue_lock(&issue_mu_);
   {
     absl::MutexLock lock(&mu_);
@@ -202,12 +266,20 @@ absl::Status HostCopyEngine::IssueCopies(uint64_t ticket, const std::vector<Copy
   }
   absl::Status status = ValidateCopyOps(ops);
   uint64_t bytes = 0;
+  std::vector<OpChecksum> crcs;
   if (status.ok()) {
-    bytes = CopyHostMemory(ops, options_.host_copy_threads, options_.host_parallel_min_bytes);
+    bytes = CopyHostMemory(ops, options_.host_copy_threads, options_.host_parallel_min_bytes,
+                           checksum ? &crcs : nullptr, options_.checksum_block_bytes);
   }
   absl::MutexLock lock(&mu_);
   tickets_.EndIssue(ticket, status);
   stats_.bytes_host_to_host += bytes;
+  if (status.ok() && checksum) {
+    stats_.bytes_checksummed += bytes;
+    checksums_[ticket] = std::move(crcs);
+    // Bounded even for a caller that never takes them.
+    while (checksums_.size() > kMaxUntakenChecksums) checksums_.erase(checksums_.begin());
+  }
   return status;
 }
 
@@ -222,10 +294,34 @@ absl::Status HostCopyEngine::WaitCopies(uint64_t ticket) {
   return tickets_.Outcome(ticket);
 }
 
+absl::StatusOr<std::vector<OpChecksum>> HostCopyEngine::WaitChecksums(uint64_t ticket) {
+  absl::MutexLock lock(&mu_);
+  TESSERA_RETURN_IF_ERROR(tickets_.Outcome(ticket));
+  auto it = checksums_.find(ticket);
+  if (it == checksums_.end()) return NoChecksums(ticket);
+  std::vector<OpChecksum> crcs = std::move(it->second);
+  checksums_.erase(it);
+  return crcs;
+}
+
 absl::Status HostCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
   TESSERA_RETURN_IF_ERROR(ValidateCopyOps(ops));
   const uint64_t bytes =
       CopyHostMemory(ops, options_.host_copy_threads, options_.host_parallel_min_bytes);
+  absl::MutexLock lock(&mu_);
+  stats_.bytes_copied_sync += bytes;
+  return absl::OkStatus();
+}
+
+absl::Status HostCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
+                                             const BeforeCopy& before) {
+  TESSERA_RETURN_IF_ERROR(ValidateCopyOps(ops));
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (ops[i].bytes == 0) continue;
+    TESSERA_RETURN_IF_ERROR(before(i, 0, ops[i].bytes));
+    bytes += CopyHostMemory({ops[i]}, options_.host_copy_threads, options_.host_parallel_min_bytes);
+  }
   absl::MutexLock lock(&mu_);
   stats_.bytes_copied_sync += bytes;
   return absl::OkStatus();

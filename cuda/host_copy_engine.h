@@ -70,9 +70,19 @@ std::vector<uint64_t> AwaitAllIssued(absl::Mutex& mu, TicketSequence& tickets,
 absl::Status ValidateCopyOps(const std::vector<CopyOp>& ops);
 
 // memcpy of every op, on the calling thread, or split evenly by bytes across `threads` threads
-// (the calling thread one of them) when the ops total at least `parallel_min_bytes`.
+// (the calling thread one of them) when the ops total at least `parallel_min_bytes`. With
+// `crcs`, also sets (*crcs)[i] to the checksums of op i's destination as copied, in blocks of
+// `block_bytes`: each thread checksums every 256 KiB it copies right after copying it, while
+// those bytes are in its cache.
 // Returns the bytes copied. REQUIRES: ValidateCopyOps(ops).ok(); host memory only.
-uint64_t CopyHostMemory(const std::vector<CopyOp>& ops, int threads, size_t parallel_min_bytes);
+uint64_t CopyHostMemory(const std::vector<CopyOp>& ops, int threads, size_t parallel_min_bytes,
+                        std::vector<OpChecksum>* crcs = nullptr, uint64_t block_bytes = 0);
+
+// WaitChecksums's error for a ticket with no checksums to take.
+absl::Status NoChecksums(uint64_t ticket);
+
+// Checksums kept for tickets nobody took them of, at most (the oldest go first).
+constexpr size_t kMaxUntakenChecksums = 64;
 
 // The engine without a GPU: every pointer is host memory and every copy a memcpy, done by
 // IssueCopies before it returns. Thread-safe.
@@ -89,12 +99,17 @@ class HostCopyEngine final : public CopyEngine {
   absl::StatusOr<MemoryKind> Locate(const void* ptr) override;
   absl::StatusOr<uint64_t> MarkSnapshotPoint(void* compute_stream) override;
   absl::Status IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) override;
+  absl::Status IssueChecksummedCopies(uint64_t ticket, const std::vector<CopyOp>& ops) override;
   absl::Status Fence(void* stream) override;
   absl::Status WaitCopies(uint64_t ticket) override;
+  absl::StatusOr<std::vector<OpChecksum>> WaitChecksums(uint64_t ticket) override;
   absl::Status CopySync(const std::vector<CopyOp>& ops) override;
+  absl::Status CopySyncChecked(const std::vector<CopyOp>& ops, const BeforeCopy& before) override;
   CopyEngineStats stats() const override;
 
  private:
+  absl::Status Issue(uint64_t ticket, const std::vector<CopyOp>& ops, bool checksum);
+
   const CopyEngineOptions options_;
   const std::string reason_;
 
@@ -102,6 +117,7 @@ class HostCopyEngine final : public CopyEngine {
   mutable absl::Mutex mu_;
   TicketSequence tickets_ ABSL_GUARDED_BY(mu_);
   CopyEngineStats stats_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::vector<OpChecksum>> checksums_ ABSL_GUARDED_BY(mu_);  // not taken yet
 };
 
 }  // namespace tessera::cuda::internal
