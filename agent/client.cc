@@ -11,6 +11,8 @@
 #include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "agent/block_verifier.h"
+#include "common/crc32c.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -39,6 +41,7 @@ uint64_t EntryLength(const Client::Entry& e) {
 cuda::CopyEngineOptions EngineOptions(const Client::Options& options) {
   cuda::CopyEngineOptions engine;
   engine.staging = options.staging;
+  engine.checksum_threads = options.checksum_threads;
   return engine;
 }
 
@@ -99,7 +102,7 @@ Client::Client(const Options& options, std::shared_ptr<grpc::Channel> channel)
       channel_(std::move(channel)),
       stub_(agent::Agent::NewStub(channel_)),
       engine_(options.use_gpu ? cuda::CopyEngine::Create(options.device, EngineOptions(options))
-                              : cuda::CopyEngine::CreateHostOnly()) {
+                              : cuda::CopyEngine::CreateHostOnly(EngineOptions(options))) {
   stats_.engine = engine_->Describe();
   Logger("agent")->info("copy engine: {}", stats_.engine);
   worker_ = std::thread([this] { WorkerLoop(); });
@@ -447,8 +450,16 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
     group->set_replicated_bytes(dp_->slicing->replicated_bytes());
     group->set_members_fingerprint(dp_->fingerprint);
   }
-  TESSERA_RETURN_IF_ERROR(engine_->IssueCopies(job.ticket, ops));
-  TESSERA_RETURN_IF_ERROR(engine_->WaitCopies(job.ticket));
+  // Checksummed as the bytes land, so that the seal need not read them again.
+  TESSERA_RETURN_IF_ERROR(engine_->IssueChecksummedCopies(job.ticket, ops));
+  TESSERA_ASSIGN_OR_RETURN(std::vector<cuda::OpChecksum> sums,
+                           engine_->WaitChecksums(job.ticket));
+  manifest.set_crc_block_bytes(cuda::CopyEngineOptions().checksum_block_bytes);
+  for (size_t i = 0; i < sums.size(); ++i) {
+    ManifestEntry* m = manifest.mutable_entries(static_cast<int>(i));
+    m->set_crc32c(sums[i].crc);
+    m->mutable_block_crc32c()->Add(sums[i].blocks.begin(), sums[i].blocks.end());
+  }
   const size_t manifest_bytes = manifest.ByteSizeLong();
   if (manifest_bytes > layout_.manifest_capacity()) {
     return absl::InternalError(absl::StrCat("manifest of ", manifest_bytes,
@@ -457,11 +468,32 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
   }
   manifest.SerializeToArray(slot.payload() + layout_.manifest_offset(),
                             static_cast<int>(manifest_bytes));
+  // The payload's CRC32C: the entries' checksums, with the bytes between them and the manifest
+  // read here (a few pages, unless a blob is far below its capacity).
+  uint32_t payload_crc = 0;
+  uint64_t at = 0;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const uint64_t offset = layout_.entry_offsets(static_cast<int>(i));
+    if (offset < at) {
+      return absl::InternalError(absl::StrCat("the daemon's layout puts entry ", i, " at ", offset,
+                                              ", before the end of the one before (", at, ")"));
+    }
+    payload_crc = Crc32c(slot.payload() + at, offset - at, payload_crc);
+    payload_crc = Crc32cCombine(payload_crc, sums[i].crc, ops[i].bytes);
+    at = offset + ops[i].bytes;
+  }
+  payload_crc = Crc32c(slot.payload() + at, layout_.manifest_offset() + manifest_bytes - at,
+                       payload_crc);
+  if (options_.after_checksums_for_testing) {
+    options_.after_checksums_for_testing(slot.payload(),
+                                         layout_.manifest_offset() + manifest_bytes);
+  }
   agent::SealSnapshotRequest seal;
   seal.set_job_id(job_id_);
   seal.set_rank(rank_);
   seal.set_step(job.step);
   seal.set_manifest_bytes(manifest_bytes);
+  seal.set_payload_crc32c(payload_crc);
   agent::SealSnapshotResponse sealed;
   grpc::ClientContext seal_context;
   TESSERA_RETURN_IF_ERROR(Annotate(
@@ -566,11 +598,13 @@ class Client::RestoreSource {
 };
 
 absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint32_t rank,
-                                                                           int64_t step) {
+                                                                           int64_t step,
+                                                                           bool client_verifies) {
   agent::PrepareRestoreRequest request;
   request.set_job_id(job_id_);
   request.set_rank(rank);
   request.set_step(step);
+  request.set_client_verifies(client_verifies);
   auto source = std::make_unique<RestoreSource>(engine_.get());
   agent::PrepareRestoreResponse& response = source->response_;
   // A daemon that cannot reach the members holding the shard yet answers UNAVAILABLE.
@@ -611,6 +645,86 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
     source->by_name_[m.spec().name()] = &m;
   }
   return source;
+}
+
+absl::Status Client::VerifyLayout(const RestoreSource& source) const {
+  const ShardManifest& manifest = source.manifest_;
+  const agent::PrepareRestoreResponse& r = source.response_;
+  const std::string what = absl::StrCat("job '", job_id_, "' rank ", manifest.rank(), " step ",
+                                        r.step());
+  const uint64_t block = manifest.crc_block_bytes();
+  if (block == 0) {
+    return absl::UnimplementedError(what + ": the snapshot has no block checksums");
+  }
+  if (block < kMinCrcBlockBytes || block > kMaxCrcBlockBytes) {
+    return absl::DataLossError(absl::StrCat(what, ": crc_block_bytes ", block, " is not ",
+                                            kMinCrcBlockBytes, " to ", kMaxCrcBlockBytes));
+  }
+  std::vector<const ManifestEntry*> entries;
+  for (const ManifestEntry& m : manifest.entries()) entries.push_back(&m);
+  std::sort(entries.begin(), entries.end(),
+            [](const ManifestEntry* a, const ManifestEntry* b) { return a->offset() < b->offset(); });
+  const uint8_t* payload = source.payload();
+  uint32_t crc = 0;
+  uint64_t at = 0;
+  for (const ManifestEntry* m : entries) {
+    if (m->offset() < at || !RangeWithin(m->offset(), m->length(), r.manifest_offset())) {
+      return absl::DataLossError(absl::StrCat(what, ": entry '", m->spec().name(), "' at [",
+                                              m->offset(), ", +", m->length(),
+                                              ") overlaps another or the manifest"));
+    }
+    const uint64_t blocks = (m->length() + block - 1) / block;
+    if (static_cast<uint64_t>(m->block_crc32c_size()) != blocks) {
+      return absl::DataLossError(absl::StrCat(what, ": entry '", m->spec().name(), "' has ",
+                                              m->block_crc32c_size(), " block checksums, not ",
+                                              blocks));
+    }
+    uint32_t whole = 0;
+    for (uint64_t b = 0; b < blocks; ++b) {
+      whole = Crc32cCombine(whole, m->block_crc32c(static_cast<int>(b)),
+                            std::min(block, m->length() - b * block));
+    }
+    if (whole != m->crc32c()) {
+      return absl::DataLossError(absl::StrCat(what, ": entry '", m->spec().name(),
+                                              "''s block checksums do not make its CRC32C"));
+    }
+    crc = Crc32c(payload + at, m->offset() - at, crc);
+    crc = Crc32cCombine(crc, m->crc32c(), m->length());
+    at = m->offset() + m->length();
+  }
+  crc = Crc32c(payload + at, r.manifest_offset() + r.manifest_bytes() - at, crc);
+  if (crc != r.payload_crc32c()) {
+    return absl::DataLossError(absl::StrCat(
+        what, ": the payload's CRC32C from its manifest and the bytes around its entries is 0x",
+        absl::Hex(crc), ", not the sealed 0x", absl::Hex(r.payload_crc32c())));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Client::CopyVerified(const RestoreSource& source,
+                                  const std::vector<cuda::CopyOp>& ops) {
+  TESSERA_RETURN_IF_ERROR(VerifyLayout(source));
+  const uint64_t block = source.manifest_.crc_block_bytes();
+  // In the order the copies ask: device destinations first, then host ones.
+  std::vector<BlockVerifier::Block> device_blocks;
+  std::vector<BlockVerifier::Block> host_blocks;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const ManifestEntry& m = *source.by_name_.at(entries_[i].spec.name());
+    absl::StatusOr<cuda::MemoryKind> kind = engine_->Locate(ops[i].dst);
+    auto& into = kind.ok() && *kind == cuda::MemoryKind::kDevice ? device_blocks : host_blocks;
+    for (int b = 0; b < m.block_crc32c_size(); ++b) {
+      const uint64_t offset = b * block;
+      into.push_back({i, offset, static_cast<const uint8_t*>(ops[i].src) + offset,
+                      std::min(block, m.length() - offset), m.block_crc32c(b)});
+    }
+  }
+  device_blocks.insert(device_blocks.end(), host_blocks.begin(), host_blocks.end());
+  BlockVerifier verifier(std::move(device_blocks), options_.checksum_threads,
+                         absl::StrCat("job '", job_id_, "' rank ", rank_, " step ",
+                                      source.response_.step()));
+  return engine_->CopySyncChecked(ops, [&](size_t op, uint64_t offset, uint64_t bytes) {
+    return verifier.WaitFor(op, offset, bytes);
+  });
 }
 
 absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {
@@ -799,17 +913,40 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   if (sharded) {
     TESSERA_ASSIGN_OR_RETURN(agreement, AgreeOnRestore(step));
   }
-  TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank_, step));
-  const int64_t restored = source->response_.step();
+  // The daemon hands over its local payload without reading it first; this client checks each
+  // block just before copying it, beside the copies. On a mismatch, or a snapshot without block
+  // checksums, it asks again for a payload the daemon checked (which restores a damaged one
+  // from the other nodes, or says DATA_LOSS).
+  TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank_, step, /*client_verifies=*/true));
   TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
                                           rank_, -1));
-  std::vector<cuda::CopyOp> ops;
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    const ManifestEntry& m = *source->by_name_[entries_[i].spec.name()];
-    ops.push_back({static_cast<char*>(entries_[i].data) + StoredOffset(i),
-                   source->payload() + m.offset(), m.length()});
+  auto ops_from = [&](const RestoreSource& from) {
+    std::vector<cuda::CopyOp> ops;
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const ManifestEntry& m = *from.by_name_.at(entries_[i].spec.name());
+      ops.push_back({static_cast<char*>(entries_[i].data) + StoredOffset(i),
+                     from.payload() + m.offset(), m.length()});
+    }
+    return ops;
+  };
+  absl::Status copied = source->response_.verified()
+                            ? engine_->CopySync(ops_from(*source))
+                            : CopyVerified(*source, ops_from(*source));
+  if (absl::IsDataLoss(copied) || absl::IsUnimplemented(copied)) {
+    if (absl::IsDataLoss(copied)) {
+      Logger("agent")->error("restore of job '{}' rank {} step {}: {}; asking the daemon to check "
+                             "the snapshot and restore it from elsewhere",
+                             job_id_, rank_, source->response_.step(), copied.ToString());
+    }
+    const int64_t asked = source->response_.step();
+    source.reset();
+    TESSERA_ASSIGN_OR_RETURN(source, OpenRestore(rank_, asked, /*client_verifies=*/false));
+    TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
+                                            rank_, -1));
+    copied = engine_->CopySync(ops_from(*source));
   }
-  TESSERA_RETURN_IF_ERROR(Annotate(engine_->CopySync(ops), absl::StrCat("restoring step ", restored)));
+  const int64_t restored = source->response_.step();
+  TESSERA_RETURN_IF_ERROR(Annotate(copied, absl::StrCat("restoring step ", restored)));
   for (size_t i = 0; i < entries_.size(); ++i) {
     if (!specs_[i].has_slice()) entries_[i].length = source->by_name_[entries_[i].spec.name()]->length();
   }

@@ -18,6 +18,7 @@
 #define TESSERA_AGENT_CLIENT_H_
 
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -57,6 +58,12 @@ class Client {
     // How long Restore(-1) keeps asking while the cluster cannot answer yet (UNAVAILABLE: the
     // job's coordinator has not heard every node of the job, e.g. replacement daemons starting).
     int64_t restore_resolve_timeout_ms = 120000;
+    // Threads that checksum a snapshot's bytes as they land in shared memory (so that the seal
+    // does not read them again), and that verify a restore's blocks ahead of their copies.
+    int checksum_threads = 4;
+    // Tests only: called after a snapshot's bytes are checksummed and before it is sealed, with
+    // the slot's payload (a test changes a byte there, as a stray write would).
+    std::function<void(uint8_t* payload, uint64_t bytes)> after_checksums_for_testing;
   };
 
   // How long the NCCL gather of a DP-sharded restore may take before the member gives up on it
@@ -187,7 +194,20 @@ class Client {
                                uint32_t rank, int dp_rank) const;
   // A segment the daemon prepared for a restore, mapped (and pinned on a GPU) until destroyed.
   class RestoreSource;
-  absl::StatusOr<std::unique_ptr<RestoreSource>> OpenRestore(uint32_t rank, int64_t step);
+  // With `client_verifies`, the daemon may answer without checking a local payload
+  // (response_.verified() false): the caller checks it (VerifyLayout, then each block).
+  absl::StatusOr<std::unique_ptr<RestoreSource>> OpenRestore(uint32_t rank, int64_t step,
+                                                             bool client_verifies = false);
+  // The restore of this rank's own entries from `source`, each block checked against the
+  // manifest's block checksums just before it is copied (while the previous block copies),
+  // after VerifyLayout has checked the manifest and the bytes between entries. kDataLoss on a
+  // mismatch (the blocks before it are copied, it and those after are not); kUnimplemented
+  // when the snapshot carries no block checksums.
+  absl::Status CopyVerified(const RestoreSource& source, const std::vector<cuda::CopyOp>& ops);
+  // The snapshot's payload CRC32C from its manifest's entry checksums, the bytes between the
+  // entries and the manifest itself, against the sealed one; and each entry's block checksums
+  // against its whole-entry checksum. Reads only what lies outside the entries.
+  absl::Status VerifyLayout(const RestoreSource& source) const;
   // DP-sharded restore: agrees with the other members on the step and the gather path.
   struct DpAgreement {
     int64_t step = -1;

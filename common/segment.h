@@ -24,6 +24,9 @@ inline constexpr uint64_t kSegmentMagic = 0x3141524553534554ull;  // "TESSERA1",
 inline constexpr uint32_t kSegmentLayoutVersion = 1;
 inline constexpr size_t kSegmentHeaderBytes = 4096;
 inline constexpr size_t kMaxJobIdBytes = 128;
+// The block size of a manifest's per-entry block checksums (ShardManifest.crc_block_bytes).
+inline constexpr uint64_t kMinCrcBlockBytes = uint64_t{1} << 20;
+inline constexpr uint64_t kMaxCrcBlockBytes = uint64_t{1} << 30;
 
 enum class SegmentKind : uint32_t { kSlot = 1, kFragment = 2 };
 enum class SegmentState : uint32_t { kEmpty = 0, kWriting = 1, kSealed = 2 };

@@ -87,7 +87,11 @@ grpc::Status AgentService::SealSnapshot(grpc::ServerContext* context,
     TESSERA_ASSIGN_OR_RETURN(SnapshotStore::SealResult sealed,
                              store_->SealSnapshot(request->job_id(), request->rank(),
                                                   request->step(), request->manifest_bytes(),
-                                                  caller));
+                                                  caller,
+                                                  request->has_payload_crc32c()
+                                                      ? std::optional<uint32_t>(
+                                                            request->payload_crc32c())
+                                                      : std::nullopt));
     response->set_payload_crc32c(sealed.payload_crc32c);
     response->set_payload_bytes(sealed.payload_bytes);
     coordination_->OnSealed(request->job_id(), request->rank(), request->step(), sealed);
@@ -163,7 +167,8 @@ grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
     TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
     TESSERA_ASSIGN_OR_RETURN(
         SnapshotStore::RestoreInfo info,
-        coordination_->PrepareRestore(request->job_id(), request->rank(), request->step()));
+        coordination_->PrepareRestore(request->job_id(), request->rank(), request->step(),
+                                      /*verify=*/!request->client_verifies()));
     response->set_step(info.step);
     response->set_segment_path(info.segment_path);
     response->set_header_bytes(kSegmentHeaderBytes);
@@ -171,6 +176,7 @@ grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
     response->set_manifest_offset(info.manifest_offset);
     response->set_manifest_bytes(info.manifest_bytes);
     response->set_payload_crc32c(info.payload_crc32c);
+    response->set_verified(info.verified);
     return absl::OkStatus();
   });
 }

@@ -114,6 +114,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   options.capacity_bytes = capacity;
   options.prefault = config.store.prefault;
   options.crc_threads = config.store.crc_threads;
+  options.verify_client_checksums = config.store.seal_checksum == "daemon";
   options.clustered = !config.peer.listen_address.empty();
   TESSERA_ASSIGN_OR_RETURN(d->store_, SnapshotStore::Open(options));
 

@@ -169,9 +169,19 @@ ConfigSchema BuildSchema() {
           "(about 1.5 GB/s on tmpfs) and any SIGBUS from an exhausted filesystem come at "
           "registration, never on the snapshot path."),
       ConfigKey::Int64("store.crc_threads", defaults.store.crc_threads,
-                       "Threads that compute the CRC32C of a sealed snapshot payload before it "
-                       "is marked SEALED and queued for protection.",
+                       "Threads that compute a payload's CRC32C where the daemon reads it whole: "
+                       "at seal with store.seal_checksum = \"daemon\" (or for an agent that "
+                       "sends none), and when a restore asks the daemon to check it.",
                        InRange(1, 64)),
+      ConfigKey::String(
+          "store.seal_checksum", defaults.store.seal_checksum,
+          "Where a snapshot's payload CRC32C comes from at seal. \"client\": the one the agent "
+          "library computed as the bytes landed in shared memory, so the seal ends within a "
+          "block of the copy's end. \"daemon\": the daemon reads the whole payload again, "
+          "and refuses to seal one whose bytes are not what the agent checksummed (a second "
+          "pass at memory speed, for auditing). Either way, bytes changed after they were "
+          "checksummed fail the check on restore.",
+          OneOf({"client", "daemon"})),
       ConfigKey::String(
           "agent.socket_path", defaults.agent.socket_path,
           "Unix socket on which trainers on this node (the agent library) reach the daemon.",
@@ -327,6 +337,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.store.prefault = config.GetBool("store.prefault");
   daemon_config.store.filesystem_check = config.GetString("store.filesystem_check");
   daemon_config.store.crc_threads = static_cast<int>(config.GetInt64("store.crc_threads"));
+  daemon_config.store.seal_checksum = config.GetString("store.seal_checksum");
   daemon_config.agent.socket_path = config.GetString("agent.socket_path");
   // Validated as 3 or 4 octal digits.
   daemon_config.agent.socket_mode = static_cast<uint32_t>(

@@ -26,6 +26,9 @@ struct DaemonConfig {
     // store.filesystem_check: "refuse" or "warn" a store that is not tmpfs/hugetlbfs, or a
     // capacity larger than its filesystem.
     std::string filesystem_check = "refuse";
+    // store.seal_checksum: "client" takes the payload CRC32C the agent computed while copying;
+    // "daemon" computes it again at seal and refuses a mismatch.
+    std::string seal_checksum = "client";
   };
   struct Agent {
     std::string socket_path = "/run/tessera/agent.sock";  // agent.socket_path

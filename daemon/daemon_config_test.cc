@@ -33,6 +33,7 @@ void ExpectSameConfig(const DaemonConfig& a, const DaemonConfig& b) {
   EXPECT_EQ(a.store.capacity_bytes, b.store.capacity_bytes);
   EXPECT_EQ(a.store.prefault, b.store.prefault);
   EXPECT_EQ(a.store.crc_threads, b.store.crc_threads);
+  EXPECT_EQ(a.store.seal_checksum, b.store.seal_checksum);
   EXPECT_EQ(a.agent.socket_path, b.agent.socket_path);
   EXPECT_EQ(a.agent.socket_mode, b.agent.socket_mode);
   EXPECT_EQ(a.daemon.drain_timeout_ms, b.daemon.drain_timeout_ms);
@@ -329,12 +330,13 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(defaults->peer.data_port, 0);
   EXPECT_EQ(defaults->liveness.transport, "udp");
   EXPECT_EQ(defaults->store.filesystem_check, "refuse");
+  EXPECT_EQ(defaults->store.seal_checksum, "client");
   absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
       "", {"peer.listen_address=127.0.0.1:7070", "cluster.members=127.0.0.1:7070,h2:7071",
            "ec.k=2", "ec.m=1", "liveness.heartbeat_ms=100", "liveness.timeout_ms=400",
            "liveness.indirect_probes=0", "liveness.suspicion_mult=9", "peer.data_path=grpc",
            "peer.data_port=7171", "liveness.transport=grpc", "store.filesystem_check=warn",
-           "cluster.insecure=true"});
+           "cluster.insecure=true", "store.seal_checksum=daemon"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->PeerAddress(), "127.0.0.1:7070");
   EXPECT_EQ(config->cluster.members, (std::vector<std::string>{"127.0.0.1:7070", "h2:7071"}));
@@ -347,6 +349,7 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(config->peer.data_port, 7171);
   EXPECT_EQ(config->liveness.transport, "grpc");
   EXPECT_EQ(config->store.filesystem_check, "warn");
+  EXPECT_EQ(config->store.seal_checksum, "daemon");
 }
 
 TEST(DaemonConfigErrorTest, ClusterKeys) {

@@ -17,6 +17,7 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "proto/agent.grpc.pb.h"
+#include "proto/manifest.pb.h"
 #include "tests/harness.h"
 #include "tests/trainer_state.h"
 
@@ -392,6 +393,92 @@ TEST_F(BadInputTest, AHeaderWhoseManifestRangeWrapsIsDataLossNotACrash) {
   EXPECT_EQ(code, 0) << (lines.empty() ? "" : lines.back());
   ASSERT_FALSE(lines.empty());
   EXPECT_NE(lines.back(), "verified 3") << "the damaged step may not be restored";
+}
+
+// A snapshot's checksum comes from its bytes as they landed in shared memory, not from a second
+// pass at seal. A byte changed after it was checksummed (a stray write into the slot between copy
+// and seal) therefore fails the restore: the client checks each block before copying it, finds
+// the bad one, asks the daemon to check the whole payload, and the daemon says DATA_LOSS. The
+// entries before the bad one are restored; the bad one and those after it are not written.
+// With store.seal_checksum = "daemon", the same write makes the seal fail instead.
+TEST_F(BadInputTest, BytesChangedAfterTheyWereChecksummedFailTheRestoreNotTheSeal) {
+  std::mt19937_64 rng(seed_);
+  auto state = MakeState(seed_, layout_.tensors, layout_.min_bytes, layout_.max_bytes,
+                         layout_.total_bytes);
+  const size_t victim = 1 + rng() % (state.size() - 2);  // a tensor, not the first
+  uint64_t victim_offset = 0;  // in the payload, set by the hook from the layout
+  const uint64_t at = rng() % state[victim].spec.nbytes();
+  bool armed = false;
+  Client::Options options;
+  options.socket_path = daemon_->socket_path();
+  options.use_gpu = false;
+  options.when_busy = Client::BusyPolicy::kWait;
+  options.after_checksums_for_testing = [&](uint8_t* payload, uint64_t) {
+    if (armed) payload[victim_offset + at] ^= 0x40;
+  };
+  auto connected = Client::Connect(options);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  std::unique_ptr<Client> client = std::move(*connected);
+  ASSERT_TRUE(client->Register("stray", 0, 1, ClientEntries(&state)).ok());
+  ASSERT_TRUE(client->Snapshot(1).ok());
+  ASSERT_TRUE(client->Wait().ok());
+  {
+    // Where the victim lies in the payload: its manifest entry in the sealed slot.
+    auto segment = Segment::Open(SealedSlot(*daemon_, "stray", 1), /*writable=*/false);
+    ASSERT_TRUE(segment.ok()) << segment.status();
+    ShardManifest manifest;
+    const SegmentHeader& h = *(*segment)->header();
+    ASSERT_TRUE(manifest.ParseFromArray((*segment)->payload() + h.manifest_offset,
+                                        static_cast<int>(h.manifest_bytes)));
+    victim_offset = manifest.entries(static_cast<int>(victim)).offset();
+    EXPECT_EQ(manifest.crc_block_bytes(), uint64_t{8} << 20);
+    EXPECT_EQ(manifest.entries(static_cast<int>(victim)).block_crc32c_size(), 1);
+  }
+  armed = true;
+  ASSERT_TRUE(client->Snapshot(2).ok());
+  ASSERT_TRUE(client->Wait().ok()) << "the seal takes the client's checksum; it must succeed";
+
+  std::vector<std::vector<uint8_t>> snapshotted;
+  for (const StateEntry& e : state) snapshotted.push_back(e.bytes);
+  Scramble(&state, seed_ + 1);
+  std::vector<std::vector<uint8_t>> scrambled;
+  for (const StateEntry& e : state) scrambled.push_back(e.bytes);
+  const absl::StatusOr<int64_t> restored = client->Restore(2);
+  ASSERT_EQ(restored.status().code(), absl::StatusCode::kDataLoss) << restored.status();
+  EXPECT_TRUE(absl::StrContains(restored.status().message(), "payload CRC32C"))
+      << restored.status();
+  for (size_t i = 0; i < victim; ++i) {
+    EXPECT_EQ(state[i].bytes, snapshotted[i]) << "entry " << i << " before the bad one";
+  }
+  EXPECT_EQ(state[victim].bytes, scrambled[victim]) << "the bad entry may not be written";
+  EXPECT_TRUE(absl::StrContains(daemon_->LogTail(), "payload CRC32C")) << daemon_->LogTail();
+  ASSERT_TRUE(client->Close().ok());
+  client.reset();
+
+  // The daemon that checks every seal refuses the same write at seal.
+  DaemonProcess auditing(root_.path(), "n1", uint64_t{256} << 20,
+                         {"--set", "store.seal_checksum=daemon"});
+  std::string error;
+  ASSERT_TRUE(auditing.Start(&error)) << error;
+  options.socket_path = auditing.socket_path();
+  connected = Client::Connect(options);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  client = std::move(*connected);
+  ASSERT_TRUE(client->Register("stray", 0, 1, ClientEntries(&state)).ok());
+  armed = false;
+  ASSERT_TRUE(client->Snapshot(1).ok());
+  ASSERT_TRUE(client->Wait().ok());
+  armed = true;
+  ASSERT_TRUE(client->Snapshot(2).ok());
+  const absl::Status sealed = client->Wait();
+  EXPECT_EQ(sealed.code(), absl::StatusCode::kDataLoss) << sealed;
+  EXPECT_TRUE(absl::StrContains(sealed.message(), "changed after they were checksummed"))
+      << sealed;
+  auto versions = client->ListVersions();
+  ASSERT_TRUE(versions.ok()) << versions.status();
+  for (const agent::Version& v : *versions) {
+    EXPECT_FALSE(v.step() == 2 && v.state() == "SEALED") << "step 2 may not be sealed";
+  }
 }
 
 // FindLatestRestorable with world_size 4294967295 once ran past its caller's deadline and grew

@@ -379,7 +379,8 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
   // A shard made local by an earlier call (this one's or a trainer's) is returned as it is.
   const std::set<std::string> already_local = FilesEndingIn(parts_.store->directory(), ".restored");
   const absl::Time start = absl::Now();
-  auto info = parts_.coordination->PrepareRestore(request.job_id(), request.rank(), step);
+  auto info = parts_.coordination->PrepareRestore(request.job_id(), request.rank(), step,
+                                                  /*verify=*/true);
   response->set_duration_us(absl::ToInt64Microseconds(absl::Now() - start));
   if (!info.ok()) return info.status();
   response->set_shard_bytes(info->payload_bytes);

@@ -438,7 +438,7 @@ JobListing ClusterCoordination::LocalListing(const std::string& job_id) const {
 }
 
 absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
-    const std::string& job_id, uint32_t rank, int64_t step) {
+    const std::string& job_id, uint32_t rank, int64_t step, bool verify) {
   std::optional<uint32_t> expected;
   {
     absl::MutexLock lock(&mu_);
@@ -447,7 +447,7 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::PrepareRestore(
       if (const CommitRecord::Rank* r = point->second.Find(rank)) expected = r->shard_crc32c;
     }
   }
-  auto local = store_->PrepareRestore(job_id, rank, step);
+  auto local = store_->PrepareRestore(job_id, rank, step, verify);
   // A local shard that fails its CRC32C is damaged memory, and one whose CRC32C is not the
   // committed one is another history's: restore as if it were not here.
   const bool damaged = absl::IsDataLoss(local.status()) && step >= 0;

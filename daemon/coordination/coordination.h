@@ -38,11 +38,13 @@ class Coordination {
       const std::string& job_id, uint32_t world_size_hint = 0,
       std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0);
 
-  // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract).
+  // Makes (job, rank, step) readable on this daemon (SnapshotStore::PrepareRestore's contract;
+  // `verify` false leaves the check of a local payload to the caller, who copies it).
   // Standalone: only what the local store holds.
   virtual absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
-                                                                    uint32_t rank, int64_t step) {
-    return store_->PrepareRestore(job_id, rank, step);
+                                                                    uint32_t rank, int64_t step,
+                                                                    bool verify) {
+    return store_->PrepareRestore(job_id, rank, step, verify);
   }
 
  protected:

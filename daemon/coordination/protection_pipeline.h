@@ -84,7 +84,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
       const std::string& job_id, uint32_t world_size_hint = 0,
       std::optional<uint32_t> resuming_rank = std::nullopt, uint64_t run_id = 0) override;
   absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
-                                                            uint32_t rank, int64_t step) override;
+                                                            uint32_t rank, int64_t step,
+                                                            bool verify) override;
 
   // CoordinationHandler (the Coordination service's calls).
   absl::StatusOr<JobState> OnReport(const NodeIdentity& from,

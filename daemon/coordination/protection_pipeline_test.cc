@@ -479,7 +479,7 @@ TEST_F(ProtectionPipelineTest, RebuildsAroundACorruptFragmentAndChargesTheBudget
 
   EXPECT_EQ(*coordination_->FindLatestRestorable(kJob), step);
   const uint64_t used_before = budget_->used_bytes();
-  auto info = coordination_->PrepareRestore(kJob, 1, step);
+  auto info = coordination_->PrepareRestore(kJob, 1, step, /*verify=*/true);
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->step, step);
   EXPECT_EQ(info->payload_bytes, shard1.size());
@@ -490,7 +490,7 @@ TEST_F(ProtectionPipelineTest, RebuildsAroundACorruptFragmentAndChargesTheBudget
   EXPECT_EQ(budget_->used_bytes(),
             used_before + kSegmentHeaderBytes + 3 * ErasureCodec::FragmentBytes(shard1.size(), 3));
   // Idempotent: the same segment again, nothing rebuilt twice.
-  auto again = coordination_->PrepareRestore(kJob, 1, step);
+  auto again = coordination_->PrepareRestore(kJob, 1, step, /*verify=*/true);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->segment_path, info->segment_path);
   EXPECT_EQ(coordination_->stats().rebuilt_shards, 1u);
@@ -514,7 +514,7 @@ TEST_F(ProtectionPipelineTest, TooManyLostFragmentsIsAClearError) {
                     .ok());
   }
   const uint64_t used_before = budget_->used_bytes();
-  auto info = coordination_->PrepareRestore(kJob, 1, 3);
+  auto info = coordination_->PrepareRestore(kJob, 1, 3, /*verify=*/true);
   ASSERT_FALSE(info.ok());
   EXPECT_TRUE(absl::StrContains(info.status().message(), "rank 1 step 3")) << info.status();
   EXPECT_EQ(budget_->used_bytes(), used_before);
@@ -542,7 +542,7 @@ TEST_F(ProtectionPipelineTest, ACoordinatorThatDoesNotAnswerInTimeIsAskedAgain) 
 TEST_F(ProtectionPipelineTest, RestoreThatDoesNotFitIsRefused) {
   StartCluster(5, 3, 2, /*capacity_bytes=*/64 << 10);
   ProtectElsewhere(MakeShard(1, 3, 200000), 1, 3, 3, 2);
-  auto info = coordination_->PrepareRestore(kJob, 1, 3);
+  auto info = coordination_->PrepareRestore(kJob, 1, 3, /*verify=*/true);
   ASSERT_FALSE(info.ok());
   EXPECT_EQ(info.status().code(), absl::StatusCode::kResourceExhausted) << info.status();
   EXPECT_EQ(client_.calls("", FakePeerClient::Method::kGetFragment), 0);

@@ -441,6 +441,11 @@ absl::Status SnapshotStore::ValidateManifest(const ShardManifest& m, const RankS
     return mismatch(absl::StrCat(m.entries_size(), " entries, registered ",
                                  state.entries.size()));
   }
+  const uint64_t block = m.crc_block_bytes();
+  if (block != 0 && (block < kMinCrcBlockBytes || block > kMaxCrcBlockBytes)) {
+    return mismatch(absl::StrCat("crc_block_bytes ", block, " must be 0 (no block checksums) or ",
+                                 kMinCrcBlockBytes, " to ", kMaxCrcBlockBytes));
+  }
   for (int i = 0; i < m.entries_size(); ++i) {
     const ManifestEntry& e = m.entries(i);
     const EntrySpec& reg = state.entries[i];
@@ -459,14 +464,19 @@ absl::Status SnapshotStore::ValidateManifest(const ShardManifest& m, const RankS
       return mismatch(absl::StrCat("entry '", reg.name(), "' length ", e.length(), ", must be ",
                                    tensor ? "exactly " : "at most ", stored));
     }
+    const uint64_t blocks = block == 0 ? 0 : (e.length() + block - 1) / block;
+    if (static_cast<uint64_t>(e.block_crc32c_size()) != blocks) {
+      return mismatch(absl::StrCat("entry '", reg.name(), "' has ", e.block_crc32c_size(),
+                                   " block checksums; its ", e.length(), " bytes in blocks of ",
+                                   block, " need ", blocks));
+    }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std::string& job_id,
-                                                                      uint32_t rank, int64_t step,
-                                                                      uint64_t manifest_bytes,
-                                                                      const Caller& caller) {
+absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(
+    const std::string& job_id, uint32_t rank, int64_t step, uint64_t manifest_bytes,
+    const Caller& caller, std::optional<uint32_t> client_crc) {
   std::shared_ptr<RankState> state = FindRank(job_id, rank);
   if (!state) {
     return absl::NotFoundError(RankName(job_id, rank) + " is not registered: call Register first");
@@ -505,7 +515,26 @@ absl::StatusOr<SnapshotStore::SealResult> SnapshotStore::SealSnapshot(const std:
   TESSERA_RETURN_IF_ERROR(ValidateManifest(manifest, *state, job_id, rank, step));
 
   const uint64_t payload_bytes = state->layout.manifest_offset + manifest_bytes;
-  const uint32_t crc = ParallelCrc32c(slot.payload(), payload_bytes, options_.crc_threads);
+  // The agent's checksum, computed as the bytes landed, unless this daemon checks every seal.
+  uint32_t crc;
+  if (client_crc && !options_.verify_client_checksums) {
+    crc = *client_crc;
+  } else {
+    crc = ParallelCrc32c(slot.payload(), payload_bytes, options_.crc_threads);
+    if (client_crc && crc != *client_crc) {
+      {
+        absl::MutexLock store_lock(&mu_);
+        ++counters_.crc_failures;
+      }
+      Logger("store")->error("{} step {}: the payload's CRC32C 0x{:08x} is not the 0x{:08x} its "
+                             "agent computed while copying: not sealed",
+                             RankName(job_id, rank), step, crc, *client_crc);
+      return absl::DataLossError(absl::StrCat(
+          RankName(job_id, rank), " step ", step, ": the payload's CRC32C 0x", absl::Hex(crc),
+          " is not the 0x", absl::Hex(*client_crc), " the agent computed while copying (its "
+          "bytes changed after they were checksummed); the step is not sealed"));
+    }
+  }
   h->kind = static_cast<uint32_t>(SegmentKind::kSlot);
   h->payload_bytes = payload_bytes;
   h->payload_crc32c = crc;

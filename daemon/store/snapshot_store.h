@@ -18,6 +18,7 @@
 #include <map>
 #include <set>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -67,6 +68,9 @@ class SnapshotStore {
     uint64_t capacity_bytes = 0;  // total bytes of all segments; required > 0
     bool prefault = true;
     int crc_threads = 4;
+    // store.seal_checksum = "daemon": recompute every payload CRC32C at seal and refuse one that
+    // is not what the agent computed while copying.
+    bool verify_client_checksums = false;
     // Whether the process that registered a rank still runs. Defaults to a /proc check of the
     // pid and its start time (so a reused pid is not mistaken for the old trainer).
     std::function<bool(pid_t pid, uint64_t start_ticks)> process_alive;
@@ -115,6 +119,7 @@ class SnapshotStore {
     uint64_t manifest_offset = 0;
     uint64_t manifest_bytes = 0;
     uint32_t payload_crc32c = 0;
+    bool verified = true;  // the payload was checked against payload_crc32c
   };
 
   struct Stats {
@@ -157,16 +162,23 @@ class SnapshotStore {
   // Validates the manifest the agent wrote into the WRITING slot against the registration,
   // checksums the payload and publishes the slot as SEALED; then releases older steps.
   // Idempotent for a sealed step. A bad manifest leaves the slot unsealed and older data intact.
+  // `client_crc` is the payload CRC32C the agent computed while copying: taken as the payload's
+  // (no second pass over it) unless Options::verify_client_checksums, which checks it and
+  // refuses a mismatch with kDataLoss, leaving the slot unsealed. Without it the store computes
+  // the CRC.
   absl::StatusOr<SealResult> SealSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
-                                          uint64_t manifest_bytes, const Caller& caller);
+                                          uint64_t manifest_bytes, const Caller& caller,
+                                          std::optional<uint32_t> client_crc = std::nullopt);
 
   // Sealed and in-flight snapshots of a job (all jobs when job_id is empty), by rank then step.
   std::vector<VersionInfo> ListVersions(const std::string& job_id) const;
 
   // Verifies (job, rank, step) against its payload CRC and says where to read it.
   // step -1 means the newest sealed step. kNotFound lists the steps held; kDataLoss on mismatch.
+  // With `verify` false the payload is not read (RestoreInfo::verified false): the caller
+  // checks it as it copies it.
   absl::StatusOr<RestoreInfo> PrepareRestore(const std::string& job_id, uint32_t rank,
-                                             int64_t step);
+                                             int64_t step, bool verify = true);
 
   // A sealed slot's payload, pinned so that no snapshot overwrites it while protection reads it.
   struct PinnedShard {

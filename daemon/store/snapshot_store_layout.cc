@@ -110,6 +110,7 @@ absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entri
   std::set<std::string> names;
   uint64_t offset = 0;
   ShardManifest worst_case;
+  uint64_t block_checksum_bytes = 0;
   worst_case.set_layout_version(kSegmentLayoutVersion);
   worst_case.set_job_id(std::string(kMaxJobIdBytes, 'j'));
   worst_case.set_rank(kMaxWorldSize);
@@ -190,10 +191,16 @@ absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entri
     *m->mutable_spec() = e;
     m->set_offset(UINT64_MAX);
     m->set_length(UINT64_MAX);
+    m->set_crc32c(UINT32_MAX);
+    // Block checksums at the smallest block size allowed, counted rather than built: packed
+    // fixed32, a tag and a length of at most 10 bytes each.
+    block_checksum_bytes += 11 + 4 * ((stored + kMinCrcBlockBytes - 1) / kMinCrcBlockBytes);
   }
+  worst_case.set_crc_block_bytes(UINT64_MAX);
   layout.data_bytes = offset;
   layout.manifest_offset = AlignUp(offset, kPageBytes);
-  layout.manifest_capacity = AlignUp(worst_case.ByteSizeLong() + 1024, kPageBytes);
+  layout.manifest_capacity =
+      AlignUp(worst_case.ByteSizeLong() + block_checksum_bytes + 1024, kPageBytes);
   layout.capacity_bytes = layout.manifest_offset + layout.manifest_capacity;
   layout.hash = HashEntries(entries);
   return layout;

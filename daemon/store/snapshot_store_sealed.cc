@@ -65,7 +65,8 @@ std::vector<SnapshotStore::VersionInfo> SnapshotStore::ListVersions(
 
 absl::StatusOr<SnapshotStore::RestoreInfo> SnapshotStore::PrepareRestore(const std::string& job_id,
                                                                          uint32_t rank,
-                                                                         int64_t step) {
+                                                                         int64_t step,
+                                                                         bool verify) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   if (step < -1) {
     return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, or -1 for the newest; got ",
@@ -96,6 +97,10 @@ absl::StatusOr<SnapshotStore::RestoreInfo> SnapshotStore::PrepareRestore(const s
   }
   const SegmentHeader& h = *best->header();
   TESSERA_RETURN_IF_ERROR(Annotate(ValidateSealedHeader(h), best->path()));
+  if (!verify) {
+    return RestoreInfo{h.step,           best->path(),     h.payload_bytes, h.manifest_offset,
+                       h.manifest_bytes, h.payload_crc32c, /*verified=*/false};
+  }
   const uint32_t crc = ParallelCrc32c(best->payload(), h.payload_bytes, options_.crc_threads);
   if (crc != h.payload_crc32c) {
     {
