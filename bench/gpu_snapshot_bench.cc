@@ -2,8 +2,8 @@
 // measured in the same run.
 //   - raw pinned device-to-host (cudaMemcpyAsync into cudaHostAlloc memory), the copy engine's
 //     snapshot copy into registered /dev/shm (copy only, MarkSnapshotPoint..WaitCopies), and
-//     Client::Snapshot..Wait through a real tesserad (copies, manifest, and the daemon's seal,
-//     which computes the payload's CRC32C);
+//     Client::Snapshot..Wait through a real tesserad (copies checksummed block by block as they
+//     land, manifest, and the daemon's seal, which takes the client's CRC32C);
 //   - the wall time Snapshot() blocks the calling thread;
 //   - a loop of bf16 GEMMs on a compute stream standing in for training, with an optimizer step
 //     that rewrites the whole state, snapshotting every N iterations: iteration time and overhead;

@@ -18,12 +18,14 @@
 #include <iostream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/crc32c.h"
 #include "common/status.h"
 #include "cuda/copy_engine.h"
 #include "cuda/test_kernels.h"
@@ -548,10 +550,17 @@ TEST_F(GpuCopyEngineTest, MarkAndFenceTakeMicroseconds) {
 class StagingTest : public GpuCopyEngineTest {
  protected:
   // A new engine with `staging`, new tensors and a new slot.
-  void Prepare(const StagingOptions& staging) {
+  void Prepare(const StagingOptions& staging, bool checksum = false) {
     slot_.reset();  // unregisters from the engine it was made with
     CopyEngineOptions options;
     options.staging = staging;
+    checksum_ = checksum;
+    if (checksum) {
+      // Chunks and blocks whose boundaries do not line up, and staged parts starting mid-block.
+      options.chunk_bytes = (3 << 20) + 4096;
+      options.checksum_block_bytes = 1 << 20;
+      options.checksum_threads = 3;
+    }
     engine_ = CopyEngine::Create(0, options);
     ASSERT_TRUE(engine_->has_gpu());
     tensors_ = std::make_unique<DeviceTensors>();
@@ -580,9 +589,18 @@ class StagingTest : public GpuCopyEngineTest {
     absl::StatusOr<uint64_t> ticket = engine_->MarkSnapshotPoint(compute_);
     ASSERT_TRUE(ticket.ok()) << ticket.status();
     absl::Status issued, waited;
+    const std::vector<CopyOp> ops = tensors_->SnapshotOps(slot_->data());
+    std::vector<OpChecksum> sums;
     std::thread agent([&] {
-      issued = engine_->IssueCopies(*ticket, tensors_->SnapshotOps(slot_->data()));
-      waited = engine_->WaitCopies(*ticket);
+      if (checksum_) {
+        issued = engine_->IssueChecksummedCopies(*ticket, ops);
+        absl::StatusOr<std::vector<OpChecksum>> taken = engine_->WaitChecksums(*ticket);
+        waited = taken.status();
+        if (taken.ok()) sums = std::move(*taken);
+      } else {
+        issued = engine_->IssueCopies(*ticket, ops);
+        waited = engine_->WaitCopies(*ticket);
+      }
     });
     if (window_ns > 0) CUDA_ASSERT(Spin(window_ns, compute_));
     const absl::Status fenced = engine_->Fence(compute_);
@@ -594,8 +612,23 @@ class StagingTest : public GpuCopyEngineTest {
     ASSERT_OK(waited);
     CUDA_ASSERT(cudaStreamSynchronize(compute_));
     ASSERT_EQ(tensors_->CheckSlot(slot_->data(), seed), "") << "seed " << seed;
+    if (!checksum_) return;
+    // Each op's checksum, whole and per 1 MiB block, is of the bytes that landed.
+    ASSERT_EQ(sums.size(), ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const auto* dst = static_cast<const unsigned char*>(ops[i].dst);
+      ASSERT_EQ(sums[i].crc, Crc32c(dst, ops[i].bytes)) << "op " << i << " seed " << seed;
+      const size_t block = 1 << 20;
+      ASSERT_EQ(sums[i].blocks.size(), (ops[i].bytes + block - 1) / block) << "op " << i;
+      for (size_t b = 0; b < sums[i].blocks.size(); ++b) {
+        ASSERT_EQ(sums[i].blocks[b],
+                  Crc32c(dst + b * block, std::min(block, ops[i].bytes - b * block)))
+            << "op " << i << " block " << b << " seed " << seed;
+      }
+    }
   }
 
+  bool checksum_ = false;
   std::unique_ptr<DeviceTensors> tensors_;
   std::unique_ptr<ShmSlot> slot_;
 };
@@ -640,6 +673,60 @@ TEST_F(StagingTest, EveryModeHoldsTheSnapshotPointWhenTheOptimizerOverwritesAtOn
         break;
     }
   }
+}
+
+// The checksums of IssueChecksummedCopies come from what landed, in every staging mode: the
+// pieces of direct and staged copies, each behind its chunk's event, make every block's CRC32C.
+TEST_F(StagingTest, ChecksumsOfWhatLandedInEveryMode) {
+  for (const auto& [name, mode, divisor] :
+       {std::tuple<const char*, StagingMode, int>{"off", StagingMode::kOff, 0},
+        {"partial", StagingMode::kFull, 3}, {"full", StagingMode::kFull, 0}}) {
+    SCOPED_TRACE(name);
+    const uint64_t budget = divisor > 0 ? TotalBytes() / divisor : 0;
+    ASSERT_NO_FATAL_FAILURE(Prepare({mode, budget, 0.5}, /*checksum=*/true));
+    for (uint64_t i = 0; i < 2; ++i) {
+      SnapshotAndOverwrite(seed_ + 300 + i, 0);
+      if (HasFatalFailure()) return;
+    }
+    EXPECT_EQ(engine_->stats().bytes_checksummed, 2 * TotalBytes());
+  }
+  // A device destination cannot be checksummed.
+  ASSERT_NO_FATAL_FAILURE(Prepare({StagingMode::kOff, 0, 0.5}, /*checksum=*/true));
+  DeviceTensors other;
+  ASSERT_OK(other.Allocate({4096}));
+  absl::StatusOr<uint64_t> ticket = engine_->MarkSnapshotPoint(compute_);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  const absl::Status issued =
+      engine_->IssueChecksummedCopies(*ticket, {{other.ptr(0), tensors_->ptr(0), 4096}});
+  EXPECT_EQ(issued.code(), absl::StatusCode::kInvalidArgument) << issued;
+}
+
+// A restore that checks each chunk before copying it copies what passed and stops at the first
+// that does not.
+TEST_F(GpuCopyEngineTest, CopySyncCheckedStopsAtTheFirstFailedCheck) {
+  DeviceTensors tensors;
+  ASSERT_OK(tensors.Allocate({(5 << 20) + 77}));
+  ShmSlot slot(engine_.get(), tensors.slot_bytes());
+  ASSERT_OK(slot.Open());
+  const std::vector<CopyOp> snapshot = tensors.SnapshotOps(slot.data());
+  FillPatternHost(snapshot[0].dst, snapshot[0].bytes, seed_);
+  CopyEngineOptions options;
+  options.chunk_bytes = 1 << 20;
+  std::unique_ptr<CopyEngine> engine = CopyEngine::Create(0, options);
+  ASSERT_OK(tensors.Fill(seed_ + kNewSeedOffset, nullptr));
+  std::vector<uint64_t> asked;
+  const absl::Status status = engine->CopySyncChecked(
+      tensors.RestoreOps(slot.data()), [&](size_t, uint64_t offset, uint64_t) -> absl::Status {
+        asked.push_back(offset);
+        return offset >= (3 << 20) ? absl::DataLossError("chunk 3") : absl::OkStatus();
+      });
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_EQ(asked, (std::vector<uint64_t>{0, 1 << 20, 2 << 20, 3 << 20}));
+  // The first three chunks hold the slot's pattern; the rest still the tensor's own.
+  EXPECT_EQ(DeviceMismatches(tensors.ptr(0), 3 << 20, seed_), 0u);
+  ASSERT_OK(engine->CopySyncChecked(tensors.RestoreOps(slot.data()),
+                                    [](size_t, uint64_t, uint64_t) { return absl::OkStatus(); }));
+  EXPECT_EQ(DeviceMismatches(tensors.ptr(0), tensors.bytes(0), seed_), 0u);
 }
 
 TEST_F(StagingTest, AdaptivePlanFollowsTheMeasuredWindow) {

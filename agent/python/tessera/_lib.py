@@ -232,6 +232,31 @@ def library() -> ctypes.CDLL:
         )
 
 
+# The calls of the training loop that return at once (snapshot under when_busy="skip", fence,
+# update_entry), through a handle that keeps the GIL: a ctypes.CDLL call releases it, and taking
+# it back after another Python thread (a DataLoader's pin-memory thread, a logger) got it can wait
+# out that thread's switch interval, 5 ms by default, on the training thread.
+_FAST_SIGNATURES = ("tessera_snapshot", "tessera_fence", "tessera_update_entry")
+_fast_library: Optional[ctypes.PyDLL] = None
+
+
+def fast_library() -> ctypes.PyDLL:
+    """The loaded library through a `ctypes.PyDLL` handle (the GIL held during calls), with the
+    non-blocking calls of the training loop declared: ``tessera_snapshot``, ``tessera_fence``,
+    ``tessera_update_entry``."""
+    global _fast_library
+    lib = library()
+    with _lock:
+        if _fast_library is None:
+            fast = ctypes.PyDLL(_library_path or LIBRARY_NAME)
+            for name in _FAST_SIGNATURES:
+                function = getattr(fast, name)
+                function.argtypes = getattr(lib, name).argtypes
+                function.restype = getattr(lib, name).restype
+            _fast_library = fast
+        return _fast_library
+
+
 def library_path() -> Optional[str]:
     """The path `library()` loaded, or None before it has."""
     return _library_path

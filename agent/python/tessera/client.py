@@ -266,6 +266,9 @@ class Client:
         if when_busy not in ("skip", "wait"):
             raise InvalidArgumentError(f"when_busy must be 'skip' or 'wait', got {when_busy!r}")
         self._lib = _lib.library()
+        # snapshot (under "skip"), fence and update_entry return at once: called with the GIL
+        # held (see _lib.fast_library); a snapshot that may wait for the previous one releases it.
+        self._fast = _lib.fast_library()
         self._handle: Optional[ctypes.c_void_p] = None
         self._entries: List[Entry] = []
         self.socket_path = path
@@ -368,7 +371,7 @@ class Client:
     def _point_entry(self, index: int, address: int, length: int) -> None:
         """`update_entry` for a blob of the caller's own, without the argument checks (the C ABI
         still checks index and length): the per-snapshot path of `tessera.torch`."""
-        _lib.check(self._lib.tessera_update_entry(self._h(), index, address, length),
+        _lib.check(self._fast.tessera_update_entry(self._h(), index, address, length),
                    "tessera_update_entry")
         e = self._entries[index]
         self._entries[index] = Entry(e.name, address, e.nbytes, e.dtype, e.shape, e.kind, length)
@@ -418,8 +421,9 @@ class Client:
             is still in flight (when_busy="skip").
         """
         step = _as_int(step, "step")
+        lib = self._fast if self.when_busy == "skip" else self._lib
         rc = _lib.check(
-            self._lib.tessera_snapshot(self._h(), step, _stream_pointer(stream)),
+            lib.tessera_snapshot(self._h(), step, _stream_pointer(stream)),
             "tessera_snapshot",
         )
         return rc == _lib.SNAPSHOT_STARTED
@@ -427,7 +431,7 @@ class Client:
     def fence(self, stream: StreamLike = None) -> None:
         """Orders `stream` after the copies of every started snapshot: a GPU-side wait on a GPU,
         a CPU wait for host copies. Call before overwriting registered memory."""
-        _lib.check(self._lib.tessera_fence(self._h(), _stream_pointer(stream)), "tessera_fence")
+        _lib.check(self._fast.tessera_fence(self._h(), _stream_pointer(stream)), "tessera_fence")
 
     def wait(self) -> None:
         """Blocks until the last started snapshot is sealed, raising its error if it failed."""

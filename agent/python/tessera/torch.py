@@ -45,6 +45,7 @@ initialized the ranks agree on one step, or all raise.
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import logging
 import operator
@@ -306,6 +307,8 @@ class Snapshotter:
         self.restored_step: Optional[int] = None
         self.last_snapshot_seconds = 0.0
         """Time the last `snapshot` call blocked the training thread."""
+        self.max_snapshot_seconds = 0.0
+        """The longest any `snapshot` call blocked the training thread."""
 
         self.dp_members: Optional[List[int]] = self._resolve_dp_group(dp_group, self.rank)
         self._blobs: Dict[str, _Blob] = {}
@@ -756,6 +759,19 @@ class Snapshotter:
         """
         _check_int(step, "step", 0)
         start = time.perf_counter()
+        # The blobs' pickles allocate containers that can trigger a collection of every
+        # generation inside this call (milliseconds with a large model): collections wait until
+        # it returns, where the loop's own allocations trigger them as they would have anyway.
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
+        try:
+            return self._snapshot(step, start)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _snapshot(self, step: int, start: float) -> bool:
         why = self._changed()
         if why is not None:
             if self._registered is not None:
@@ -783,6 +799,7 @@ class Snapshotter:
                 blob.in_flight = spare
             self._fence_pending = True
         self.last_snapshot_seconds = time.perf_counter() - start
+        self.max_snapshot_seconds = max(self.max_snapshot_seconds, self.last_snapshot_seconds)
         return started
 
     def set_staging(self, staging: str,
