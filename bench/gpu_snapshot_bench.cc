@@ -403,7 +403,7 @@ absl::Status Run(const Options& o) {
     if (restored != step) return absl::InternalError(absl::StrCat("restored ", restored));
   }
   const double restore_rate = Median(restore_rates);
-  rows.push_back({"Restore() H2D from the daemon's slot (incl. PrepareRestore)",
+  rows.push_back({"Restore() H2D, blocks checked beside the copy (incl. PrepareRestore)",
                   Fmt("%.1f GB/s", restore_rate), Fmt("raw pinned H2D %.1f GB/s", raw_h2d),
                   Fmt("%.3f", restore_rate / raw_h2d), "-"});
 

@@ -7,10 +7,11 @@
 // measures, in this order and on the same buffers:
 //   memcpy      each tensor into a pre-faulted shm segment laid out like a slot (the limit);
 //   snapshot    Snapshot() until Fence() returns (the copies are done; on the host path that
-//               includes the BeginSnapshot round trip), and until Wait() returns (the daemon has
-//               sealed: CRC32C over the payload on store.crc_threads threads), and how long
-//               Snapshot() itself blocked the caller;
-//   restore     Restore() into the registered buffers (the daemon verifies the CRC first);
+//               includes the BeginSnapshot round trip, and the client's CRC32C of each block
+//               right after copying it), and until Wait() returns (the daemon has sealed, with
+//               the client's CRC32C), and how long Snapshot() itself blocked the caller;
+//   restore     Restore() into the registered buffers (each block checked against its CRC32C
+//               just before it is copied);
 //   crc         Crc32c on one thread and ParallelCrc32c on 2 and 4 threads over the segment.
 // Interleaving the measurements keeps load drift on a shared machine out of the ratios, which are
 // the median over repeats of (rate / memcpy rate of the same repeat). Rates are medians, in
@@ -466,7 +467,7 @@ void PrintTable(const std::vector<CaseResult>& results, int copy_threads) {
     row(absl::StrCat("memcpy, ", copy_threads, " threads (reference)"), c.memcpy_n);
     row("snapshot copy: Snapshot() -> Fence()", c.snapshot_copy);
     row("snapshot end-to-end: Snapshot() -> Wait()", c.snapshot_e2e);
-    row("restore: Restore() (daemon CRC check + copy)", c.restore);
+    row("restore: Restore() (blocks checked, then copied)", c.restore);
     row("CRC32C, 1 thread", c.crc1);
     row("ParallelCrc32c, 2 threads", c.crc2);
     row("ParallelCrc32c, 4 threads", c.crc4);
