@@ -594,8 +594,10 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
       });
     }
     if (sums.crcs.empty()) sums.crcs.assign(ops.size(), OpChecksum{});
-    sums.batch = checksum_queue_.Submit(BlockBytes(), std::move(range_bytes), std::move(pieces),
-                                        std::move(waits));
+    if (!pieces.empty()) {  // host copies only: no worker is needed
+      sums.batch = checksum_queue_.Submit(BlockBytes(), std::move(range_bytes), std::move(pieces),
+                                          std::move(waits));
+    }
   }
   if (!status.ok() && enqueued) {
     // A failed snapshot's slot is about to be reused: none of its copies may stay in flight.
@@ -962,6 +964,7 @@ absl::StatusOr<std::vector<OpChecksum>> CudaCopyEngine::WaitChecksums(uint64_t t
     sums = std::move(it->second);
     checksums_.erase(it);
   }
+  if (sums.batch == nullptr) return std::move(sums.crcs);
   absl::StatusOr<std::vector<internal::RangeChecksum>> ranges = sums.batch->Wait();
   ReleaseChunkEvents(sums.chunk_events);
   if (!ranges.ok()) return ranges.status();
