@@ -125,6 +125,7 @@ grpc::Status AgentService::FindLatestRestorable(
     TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
     // A world of 2^32 ranks once grew the daemon by gigabytes past its caller's deadline.
     TESSERA_RETURN_IF_ERROR(ValidateRankAndWorldSize(request->rank(), request->world_size()));
+    TESSERA_RETURN_IF_ERROR(store_->CheckJobAccess(request->job_id(), caller));
     // With resume, the caller's later steps belong to the abandoned run and are released (the
     // coordination does it, for this rank only).
     std::optional<uint32_t> resuming;
@@ -164,7 +165,9 @@ grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
                                           const agent::PrepareRestoreRequest* request,
                                           agent::PrepareRestoreResponse* response) {
   return Handle("PrepareRestore", [&]() -> absl::Status {
-    TESSERA_RETURN_IF_ERROR(CallerOf(context).status());
+    TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
+    TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
+    TESSERA_RETURN_IF_ERROR(store_->CheckJobAccess(request->job_id(), caller));
     TESSERA_ASSIGN_OR_RETURN(
         SnapshotStore::RestoreInfo info,
         coordination_->PrepareRestore(request->job_id(), request->rank(), request->step(),

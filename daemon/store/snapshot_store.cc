@@ -86,6 +86,41 @@ absl::Status SnapshotStore::CheckOwner(const RankState& state, const std::string
   return absl::OkStatus();
 }
 
+absl::Status SnapshotStore::CheckJobAccess(const std::string& job_id,
+                                           const Caller& caller) const {
+  if (caller.uid == 0) return absl::OkStatus();
+  std::vector<std::shared_ptr<RankState>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = ranks_.lower_bound({job_id, 0}); it != ranks_.end() && it->first.first == job_id;
+         ++it) {
+      ranks.push_back(it->second);
+    }
+  }
+  bool registered_by_caller = false;
+  for (const auto& state : ranks) {
+    absl::MutexLock lock(&state->mu);
+    const bool has_data = state->slots[0] || state->slots[1] || !state->retained.empty();
+    if (has_data && state->data_uid != caller.uid) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "job '", job_id, "' holds snapshots of uid ", state->data_uid, " here; the caller is uid ",
+          caller.uid, " (a job belongs to the uid that registered it)"));
+    }
+    if (state->registered && state->owner.uid != caller.uid) {
+      return absl::PermissionDeniedError(absl::StrCat("job '", job_id, "' is registered here by uid ",
+                                                      state->owner.uid, "; the caller is uid ",
+                                                      caller.uid));
+    }
+    registered_by_caller = registered_by_caller || state->registered;
+  }
+  if (!registered_by_caller) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "no rank of job '", job_id, "' is registered here by uid ", caller.uid,
+        ": register a rank of the job before asking for its snapshots"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Segment>> SnapshotStore::CreateSlot(const std::string& job_id,
                                                                    uint32_t rank,
                                                                    uint64_t capacity,

@@ -170,6 +170,12 @@ class SnapshotStore {
                                           uint64_t manifest_bytes, const Caller& caller,
                                           std::optional<uint32_t> client_crc = std::nullopt);
 
+  // Whether `caller` may read or roll back `job_id` here: root may; another uid only when it
+  // registered a rank of the job on this daemon and no rank of it here holds another uid's
+  // snapshots or registration (a job belongs to the uid that registered it). kPermissionDenied
+  // names the uids; kFailedPrecondition when the caller registered no rank of the job here.
+  absl::Status CheckJobAccess(const std::string& job_id, const Caller& caller) const;
+
   // Sealed and in-flight snapshots of a job (all jobs when job_id is empty), by rank then step.
   std::vector<VersionInfo> ListVersions(const std::string& job_id) const;
 

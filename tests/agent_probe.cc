@@ -1,0 +1,86 @@
+// Calls one agent RPC on a daemon's socket, as whatever uid runs it, and prints the outcome:
+// "OK step S" or "<CODE>: <message>". Tests run it under setpriv as another uid, to see what a
+// user allowed on the socket may do to a job that is not theirs.
+//
+//   agent_probe --socket=PATH --call=prepare_restore|find_latest --job=J [--rank=R]
+//               [--world=W] [--step=S] [--resume]
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "common/grpc_status.h"
+#include "grpcpp/create_channel.h"
+#include "proto/agent.grpc.pb.h"
+
+namespace {
+
+bool Flag(const std::string& arg, const char* name, std::string* value) {
+  const std::string prefix = std::string("--") + name + "=";
+  if (!absl::StartsWith(arg, prefix)) return false;
+  *value = arg.substr(prefix.size());
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string socket, call, job, rank = "0", world = "1", step = "-1";
+  bool resume = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (Flag(arg, "socket", &socket) || Flag(arg, "call", &call) || Flag(arg, "job", &job) ||
+        Flag(arg, "rank", &rank) || Flag(arg, "world", &world) || Flag(arg, "step", &step)) {
+      continue;
+    }
+    if (arg == "--resume") {
+      resume = true;
+      continue;
+    }
+    std::fprintf(stderr, "agent_probe: unknown argument %s\n", arg.c_str());
+    return 2;
+  }
+  uint32_t rank_n = 0, world_n = 0;
+  int64_t step_n = 0;
+  if (socket.empty() || job.empty() || !absl::SimpleAtoi(rank, &rank_n) ||
+      !absl::SimpleAtoi(world, &world_n) || !absl::SimpleAtoi(step, &step_n)) {
+    std::fprintf(stderr, "agent_probe: --socket and --job are required; --rank, --world and "
+                         "--step are integers\n");
+    return 2;
+  }
+  auto stub = tessera::agent::Agent::NewStub(
+      grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  grpc::Status status;
+  int64_t answer = -1;
+  if (call == "prepare_restore") {
+    tessera::agent::PrepareRestoreRequest request;
+    request.set_job_id(job);
+    request.set_rank(rank_n);
+    request.set_step(step_n);
+    tessera::agent::PrepareRestoreResponse response;
+    status = stub->PrepareRestore(&context, request, &response);
+    answer = response.step();
+  } else if (call == "find_latest") {
+    tessera::agent::FindLatestRestorableRequest request;
+    request.set_job_id(job);
+    request.set_rank(rank_n);
+    request.set_world_size(world_n);
+    request.set_resume(resume);
+    tessera::agent::FindLatestRestorableResponse response;
+    status = stub->FindLatestRestorable(&context, request, &response);
+    answer = response.step();
+  } else {
+    std::fprintf(stderr, "agent_probe: --call must be prepare_restore or find_latest\n");
+    return 2;
+  }
+  const absl::Status s = tessera::FromGrpcStatus(status);
+  if (s.ok()) {
+    std::printf("OK step %lld\n", static_cast<long long>(answer));
+  } else {
+    std::printf("%s\n", s.ToString().c_str());
+  }
+  return 0;
+}
