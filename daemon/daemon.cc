@@ -131,7 +131,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   d->agent_service_ = std::make_unique<AgentService>(d->store_.get(), d->coordination_.get(),
                                                      &d->credentials_, d->rendezvous_router_.get());
   d->admin_unix_service_ = std::make_unique<AdminService>(d->admin_.get(), /*over_tcp=*/false,
-                                                          /*token=*/"");
+                                                          /*token=*/"",
+                                                          [credentials = &d->credentials_](
+                                                              const std::string& peer) {
+                                                            return credentials->Lookup(peer);
+                                                          });
   grpc::ServerBuilder builder;
   builder.RegisterService(d->agent_service_.get());
   builder.RegisterService(d->admin_unix_service_.get());

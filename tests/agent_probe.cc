@@ -2,8 +2,9 @@
 // "OK step S" or "<CODE>: <message>". Tests run it under setpriv as another uid, to see what a
 // user allowed on the socket may do to a job that is not theirs.
 //
-//   agent_probe --socket=PATH --call=prepare_restore|find_latest --job=J [--rank=R]
-//               [--world=W] [--step=S] [--resume]
+//   agent_probe --socket=PATH --call=prepare_restore|find_latest|corrupt|drop_memory --job=J
+//               [--rank=R] [--world=W] [--step=S] [--resume] [--node=N]
+// (corrupt and drop_memory are admin calls on the same socket; drop_memory confirms --node.)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -12,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "common/grpc_status.h"
 #include "grpcpp/create_channel.h"
+#include "proto/admin.grpc.pb.h"
 #include "proto/agent.grpc.pb.h"
 
 namespace {
@@ -26,12 +28,13 @@ bool Flag(const std::string& arg, const char* name, std::string* value) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string socket, call, job, rank = "0", world = "1", step = "-1";
+  std::string socket, call, job, rank = "0", world = "1", step = "-1", node;
   bool resume = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (Flag(arg, "socket", &socket) || Flag(arg, "call", &call) || Flag(arg, "job", &job) ||
-        Flag(arg, "rank", &rank) || Flag(arg, "world", &world) || Flag(arg, "step", &step)) {
+        Flag(arg, "rank", &rank) || Flag(arg, "world", &world) || Flag(arg, "step", &step) ||
+        Flag(arg, "node", &node)) {
       continue;
     }
     if (arg == "--resume") {
@@ -49,8 +52,9 @@ int main(int argc, char** argv) {
                          "--step are integers\n");
     return 2;
   }
-  auto stub = tessera::agent::Agent::NewStub(
-      grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
+  auto channel = grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials());
+  auto stub = tessera::agent::Agent::NewStub(channel);
+  auto admin = tessera::admin::Admin::NewStub(channel);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
   grpc::Status status;
@@ -72,8 +76,22 @@ int main(int argc, char** argv) {
     tessera::agent::FindLatestRestorableResponse response;
     status = stub->FindLatestRestorable(&context, request, &response);
     answer = response.step();
+  } else if (call == "corrupt") {
+    tessera::admin::CorruptRequest request;
+    request.set_job_id(job);
+    request.set_rank(rank_n);
+    request.set_target(tessera::admin::CorruptRequest::SLOT);
+    request.set_yes(true);
+    tessera::admin::CorruptResponse response;
+    status = admin->Corrupt(&context, request, &response);
+  } else if (call == "drop_memory") {
+    tessera::admin::DropMemoryRequest request;
+    request.set_confirm_node_id(node);
+    tessera::admin::DropMemoryResponse response;
+    status = admin->DropMemory(&context, request, &response);
   } else {
-    std::fprintf(stderr, "agent_probe: --call must be prepare_restore or find_latest\n");
+    std::fprintf(stderr, "agent_probe: --call must be prepare_restore, find_latest, corrupt or "
+                         "drop_memory\n");
     return 2;
   }
   const absl::Status s = tessera::FromGrpcStatus(status);

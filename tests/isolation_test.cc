@@ -62,6 +62,12 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
       << restore;
   const std::string rollback = as_nobody({"--call=find_latest", "--world=1", "--resume"});
   EXPECT_TRUE(absl::StartsWith(rollback, "PERMISSION_DENIED")) << rollback;
+  // The admin calls that change data, on the same socket.
+  const std::string corrupt = as_nobody({"--call=corrupt"});
+  EXPECT_TRUE(absl::StartsWith(corrupt, "PERMISSION_DENIED")) << corrupt;
+  EXPECT_TRUE(absl::StrContains(corrupt, "the caller is uid 65534")) << corrupt;
+  const std::string drop = as_nobody({"--call=drop_memory", "--node=n0"});
+  EXPECT_TRUE(absl::StartsWith(drop, "PERMISSION_DENIED")) << drop;
   // A job nobody registered here: told to register first, not answered.
   const std::string unknown = as_nobody({"--call=prepare_restore", "--job=other"});
   EXPECT_TRUE(absl::StartsWith(unknown, "FAILED_PRECONDITION")) << unknown;

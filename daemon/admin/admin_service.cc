@@ -351,6 +351,20 @@ absl::Status AdminService::Authenticate(const grpc::ServerContext* context) cons
   return CheckClusterToken(*context, token_, "admin calls");
 }
 
+absl::Status AdminService::AuthorizeChange(const char* method,
+                                           const grpc::ServerContext* context) const {
+  if (over_tcp_) return absl::OkStatus();  // the cluster token was checked
+  const uid_t self = geteuid();
+  std::optional<Caller> caller;
+  if (caller_of_) caller = caller_of_(context->peer());
+  if (caller && (caller->uid == 0 || caller->uid == self)) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      method, " changes stored data: over the agent socket only root and the daemon's uid (",
+      self, ") may call it; the caller is ",
+      caller ? absl::StrCat("uid ", caller->uid) : std::string("unidentified"),
+      " (run the CLI as root, or over TCP with cluster.token)"));
+}
+
 template <typename Body>
 grpc::Status AdminService::Handle(const char* method, const grpc::ServerContext* context,
                                   Body body) {
@@ -358,6 +372,15 @@ grpc::Status AdminService::Handle(const char* method, const grpc::ServerContext*
   if (status.ok()) status = body();
   if (!status.ok()) Logger("admin")->warn("{}: {}", method, status.ToString());
   return ToGrpcStatus(status);
+}
+
+template <typename Body>
+grpc::Status AdminService::HandleChange(const char* method, const grpc::ServerContext* context,
+                                        Body body) {
+  return Handle(method, context, [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(AuthorizeChange(method, context));
+    return body();
+  });
 }
 
 grpc::Status AdminService::GetStatus(grpc::ServerContext* context,
@@ -386,7 +409,7 @@ grpc::Status AdminService::Verify(grpc::ServerContext* context, const admin::Ver
 grpc::Status AdminService::Recover(grpc::ServerContext* context,
                                    const admin::RecoverRequest* request,
                                    admin::RecoverResponse* response) {
-  return Handle("Recover", context, [&] { return admin_->Recover(*request, response); });
+  return HandleChange("Recover", context, [&] { return admin_->Recover(*request, response); });
 }
 
 grpc::Status AdminService::ListTrainers(grpc::ServerContext* context,
@@ -398,26 +421,26 @@ grpc::Status AdminService::ListTrainers(grpc::ServerContext* context,
 grpc::Status AdminService::SetDrillTarget(grpc::ServerContext* context,
                                           const admin::SetDrillTargetRequest* request,
                                           admin::SetDrillTargetResponse* response) {
-  return Handle("SetDrillTarget", context,
+  return HandleChange("SetDrillTarget", context,
                 [&] { return admin_->SetDrillTarget(*request, response); });
 }
 
 grpc::Status AdminService::DropMemory(grpc::ServerContext* context,
                                       const admin::DropMemoryRequest* request,
                                       admin::DropMemoryResponse* response) {
-  return Handle("DropMemory", context, [&] { return admin_->DropMemory(*request, response); });
+  return HandleChange("DropMemory", context, [&] { return admin_->DropMemory(*request, response); });
 }
 
 grpc::Status AdminService::Corrupt(grpc::ServerContext* context,
                                    const admin::CorruptRequest* request,
                                    admin::CorruptResponse* response) {
-  return Handle("Corrupt", context, [&] { return admin_->Corrupt(*request, response); });
+  return HandleChange("Corrupt", context, [&] { return admin_->Corrupt(*request, response); });
 }
 
 grpc::Status AdminService::DeclareLost(grpc::ServerContext* context,
                                        const admin::DeclareLostRequest* request,
                                        admin::DeclareLostResponse* response) {
-  return Handle("DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
+  return HandleChange("DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
 }
 
 }  // namespace tessera

@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -140,9 +141,16 @@ class Admin {
 class AdminService final : public admin::Admin::Service {
  public:
   // `admin` is not owned and must outlive the service. With over_tcp, every call must carry
-  // `token` under kAdminTokenMetadataKey; an empty token refuses every call.
-  AdminService(Admin* admin, bool over_tcp, std::string token)
-      : admin_(admin), over_tcp_(over_tcp), token_(std::move(token)) {}
+  // `token` under kAdminTokenMetadataKey; an empty token refuses every call. Over the agent
+  // socket (`caller_of` a peer's SO_PEERCRED), the calls that change data (Recover,
+  // SetDrillTarget, DropMemory, Corrupt, DeclareLost) answer only root and the daemon's own uid:
+  // the socket also admits trainers of other users.
+  using CallerLookup = std::function<std::optional<Caller>(const std::string& peer)>;
+  AdminService(Admin* admin, bool over_tcp, std::string token, CallerLookup caller_of = nullptr)
+      : admin_(admin),
+        over_tcp_(over_tcp),
+        token_(std::move(token)),
+        caller_of_(std::move(caller_of)) {}
 
   grpc::Status GetStatus(grpc::ServerContext* context, const admin::GetStatusRequest* request,
                          admin::GetStatusResponse* response) override;
@@ -168,12 +176,18 @@ class AdminService final : public admin::Admin::Service {
 
  private:
   absl::Status Authenticate(const grpc::ServerContext* context) const;
+  // Over the agent socket: OK for root and the daemon's own uid, kPermissionDenied otherwise.
+  absl::Status AuthorizeChange(const char* method, const grpc::ServerContext* context) const;
   template <typename Body>
   grpc::Status Handle(const char* method, const grpc::ServerContext* context, Body body);
+  // Handle, for a call that changes data: AuthorizeChange first.
+  template <typename Body>
+  grpc::Status HandleChange(const char* method, const grpc::ServerContext* context, Body body);
 
   Admin* const admin_;
   const bool over_tcp_;
   const std::string token_;
+  const CallerLookup caller_of_;
 };
 
 }  // namespace tessera
