@@ -4,6 +4,7 @@
 #include <sys/statfs.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -479,6 +480,47 @@ TEST_F(BadInputTest, BytesChangedAfterTheyWereChecksummedFailTheRestoreNotTheSea
   for (const agent::Version& v : *versions) {
     EXPECT_FALSE(v.step() == 2 && v.state() == "SEALED") << "step 2 may not be sealed";
   }
+}
+
+// A trainer can write its own slot's header. One rewritten to claim another job (header CRC
+// recomputed, newer steps) was adopted by the restarted daemon as that job's newest steps, which
+// pushed the victim's real steps out ("two newer sealed steps are held"). The daemon named the
+// file for the job it created it for, in a directory only it writes: a header that disagrees with
+// its file name is discarded now, and the victim keeps its newest step.
+TEST_F(BadInputTest, ASlotHeaderClaimingAnotherJobIsDiscardedNotAdopted) {
+  int code;
+  auto lines = RunTrainer("victim", seed_, {"--steps=2"}, &code);
+  ASSERT_EQ(code, 0);
+  lines = RunTrainer("evil", seed_ + 1, {"--steps=2"}, &code);
+  ASSERT_EQ(code, 0);
+  // Every sealed slot of "evil" (the newest at least) claims to be a newer step of "victim".
+  int rewritten = 0;
+  for (const auto& file : std::filesystem::directory_iterator(daemon_->store_dir())) {
+    const std::string slot = file.path().string();
+    if (!absl::StartsWith(file.path().filename().string(), "evil.")) continue;
+    std::fstream f(slot, std::ios::in | std::ios::out | std::ios::binary);
+    SegmentHeader h;
+    f.read(reinterpret_cast<char*>(&h), sizeof(h));
+    ASSERT_TRUE(f.good());
+    if (LoadState(h) != SegmentState::kSealed) continue;
+    std::memset(h.job_id, 0, sizeof(h.job_id));
+    std::memcpy(h.job_id, "victim", 6);
+    h.step = 1000000 + rewritten++;
+    h.header_crc32c = ComputeHeaderCrc(h);
+    f.seekp(0);
+    f.write(reinterpret_cast<const char*>(&h), sizeof(h));
+    ASSERT_TRUE(f.good());
+  }
+  ASSERT_GE(rewritten, 1);
+  daemon_->Kill(SIGKILL);
+  std::string error;
+  ASSERT_TRUE(daemon_->Start(&error)) << error;
+  EXPECT_TRUE(absl::StrContains(daemon_->LogTail(), "its header claims job 'victim' rank 0"))
+      << daemon_->LogTail();
+  lines = RunTrainer("victim", seed_, {"--mode=verify"}, &code);
+  EXPECT_EQ(code, 0) << (lines.empty() ? "" : lines.back());
+  ASSERT_FALSE(lines.empty());
+  EXPECT_EQ(lines.back(), "verified 2");
 }
 
 // FindLatestRestorable with world_size 4294967295 once ran past its caller's deadline and grew

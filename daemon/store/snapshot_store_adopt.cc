@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
@@ -60,6 +61,26 @@ absl::StatusOr<std::unique_ptr<SnapshotStore>> SnapshotStore::Open(Options optio
 
 SnapshotStore::~SnapshotStore() = default;
 
+namespace {
+
+// Whether `name` is the file name the store gives a slot of the header's job and rank:
+// "<job>.r<rank>.<generation>.slot".
+bool NamedFor(const std::string& name, const SegmentHeader& h) {
+  const size_t job_bytes = strnlen(h.job_id, sizeof(h.job_id));
+  const std::string prefix =
+      absl::StrCat(absl::string_view(h.job_id, job_bytes), ".r", h.rank, ".");
+  if (job_bytes == sizeof(h.job_id) || !absl::StartsWith(name, prefix) ||
+      !absl::EndsWith(name, kSlotSuffix)) {
+    return false;
+  }
+  const absl::string_view generation = absl::string_view(name).substr(
+      prefix.size(), name.size() - prefix.size() - strlen(kSlotSuffix));
+  return !generation.empty() &&
+         std::all_of(generation.begin(), generation.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+}  // namespace
+
 absl::Status SnapshotStore::AdoptExisting() {
   auto log = Logger("store");
   DIR* d = opendir(options_.directory.c_str());
@@ -97,6 +118,13 @@ absl::Status SnapshotStore::AdoptExisting() {
         verdict = s;
       } else if (h.kind != static_cast<uint32_t>(SegmentKind::kSlot)) {
         verdict = absl::DataLossError("not a slot");
+      } else if (!NamedFor(name, h)) {
+        // The daemon named the file for the job and rank it created it for, in a directory only
+        // it writes; the header is the trainer's to write. One that claims another job or rank
+        // would be adopted as that job's newest step and push its real steps out.
+        verdict = absl::DataLossError(absl::StrCat(
+            "its header claims job '", absl::CEscape(h.job_id), "' rank ", h.rank,
+            ", but the file was created for another"));
       } else {
         uint32_t crc = ParallelCrc32c((*opened)->payload(), h.payload_bytes, options_.crc_threads);
         if (crc != h.payload_crc32c) {
