@@ -523,6 +523,54 @@ TEST_F(BadInputTest, ASlotHeaderClaimingAnotherJobIsDiscardedNotAdopted) {
   EXPECT_EQ(lines.back(), "verified 2");
 }
 
+// Trainers that registered and died before sealing anything once kept their slots for as long
+// as the daemon ran: 60 of them held 123 MB and the next registration was refused. Now a
+// registration short of room first reclaims the empty slots of ranks whose trainer exited; the
+// slots of a rank that sealed a snapshot stay (that is what a restarted trainer restores).
+TEST_F(BadInputTest, SlotsOfTrainersThatDiedBeforeSealingAreReclaimed) {
+  // Room for two ranks of this layout and not three (a rank takes two slots of its state's bytes
+  // plus alignment and the manifest, well under 64 KiB here).
+  uint64_t state_bytes = 0;
+  for (const StateEntry& e : MakeState(seed_, layout_.tensors, layout_.min_bytes,
+                                       layout_.max_bytes, layout_.total_bytes)) {
+    state_bytes += e.spec.nbytes();
+  }
+  DaemonProcess small(root_.path(), "small", 5 * (state_bytes + (64 << 10)));
+  std::string error;
+  ASSERT_TRUE(small.Start(&error)) << error;
+  auto args = [&](const std::string& job) {
+    auto argv = TrainerArgs(small, job, layout_, seed_);
+    argv.push_back("--when-busy=wait");
+    return argv;
+  };
+  // One rank that seals: its slots must survive everything below.
+  auto keeper_args = args("keeper");
+  keeper_args.push_back("--steps=3");
+  auto keeper = Process::Start(keeper_args);
+  ASSERT_EQ(keeper->Wait(), 0);
+  ASSERT_EQ(LastEvent(keeper->lines(), "sealed"), 3);
+  // Eight trainers in turn register and are killed before their first snapshot.
+  for (int i = 0; i < 8; ++i) {
+    auto argv = args(absl::StrCat("dead", i));
+    argv.push_back("--every=1000000");
+    argv.push_back("--step-sleep-ms=50");
+    auto trainer = Process::Start(argv);
+    ASSERT_TRUE(trainer->ReadUntil(IsStartLine, std::chrono::seconds(30))) << "trainer " << i;
+    ASSERT_EQ(trainer->lines().back(), "fresh")
+        << "trainer " << i << " could not register: " << trainer->lines().back();
+    trainer->Signal(SIGKILL);
+    trainer->Wait();
+  }
+  EXPECT_TRUE(absl::StrContains(small.LogTail(200000), "reclaiming its empty slots"))
+      << small.LogTail(200000);
+  auto verify_args = args("keeper");
+  verify_args.push_back("--mode=verify");
+  auto verifier = Process::Start(verify_args);
+  EXPECT_EQ(verifier->Wait(), 0);
+  ASSERT_FALSE(verifier->lines().empty());
+  EXPECT_EQ(verifier->lines().back(), "verified 3");
+}
+
 // FindLatestRestorable with world_size 4294967295 once ran past its caller's deadline and grew
 // the daemon to 2-2.5 GB. Every world size and rank a request names is bounded now.
 TEST_F(BadInputTest, AnAbsurdWorldSizeIsRefusedAtOnce) {

@@ -86,6 +86,56 @@ absl::Status SnapshotStore::CheckOwner(const RankState& state, const std::string
   return absl::OkStatus();
 }
 
+uint64_t SnapshotStore::ReclaimAbandoned(const std::string& except_job, uint32_t except_rank) {
+  const RankKey except{except_job, except_rank};
+  std::vector<std::pair<RankKey, std::shared_ptr<RankState>>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, state] : ranks_) {
+      if (key != except) ranks.emplace_back(key, state);
+    }
+  }
+  uint64_t freed = 0;
+  for (const auto& [key, state] : ranks) {
+    std::vector<std::unique_ptr<Segment>> doomed;
+    {
+      absl::MutexLock lock(&state->mu);
+      if (state->creating_slots || !state->retained.empty() || state->pins[0] > 0 ||
+          state->pins[1] > 0) {
+        continue;
+      }
+      bool holds_data = false;
+      for (const auto& slot : state->slots) {
+        holds_data = holds_data || (slot && LoadState(*slot->header()) != SegmentState::kEmpty);
+      }
+      if (holds_data || (!state->slots[0] && !state->slots[1])) continue;
+      if (state->registered &&
+          options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
+        continue;
+      }
+      Logger("store")->warn(
+          "{}: reclaiming its empty slots: {} without sealing a snapshot, and a registration "
+          "needs the room", RankName(key.first, key.second),
+          state->registered ? absl::StrCat("pid ", state->owner.pid, " (uid ", state->owner.uid,
+                                           ") registered it and exited")
+                            : std::string("it was released"));
+      state->registered = false;
+      for (auto& slot : state->slots) {
+        if (slot) doomed.push_back(std::move(slot));
+      }
+    }
+    for (auto& segment : doomed) {
+      freed += segment->file_bytes();
+      DeleteSegment(std::move(segment));
+    }
+  }
+  if (freed > 0) {
+    absl::MutexLock lock(&mu_);
+    counters_.reclaimed_bytes += freed;
+  }
+  return freed;
+}
+
 absl::Status SnapshotStore::CheckJobAccess(const std::string& job_id,
                                            const Caller& caller) const {
   if (caller.uid == 0) return absl::OkStatus();
@@ -156,6 +206,18 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
   TESSERA_RETURN_IF_ERROR(ValidateRankAndWorldSize(rank, world_size));
   TESSERA_ASSIGN_OR_RETURN(SlotLayout layout, ComputeSlotLayout(entries));
   auto log = Logger("store");
+  // Short of room for two new slots: first free the slots nobody can want (before any rank lock
+  // is held, so that two registrations never wait on each other's ranks).
+  {
+    uint64_t free_bytes;
+    {
+      absl::MutexLock store_lock(&mu_);
+      free_bytes = options_.capacity_bytes > used_bytes_ ? options_.capacity_bytes - used_bytes_ : 0;
+    }
+    if (free_bytes < 2 * (kSegmentHeaderBytes + layout.capacity_bytes)) {
+      ReclaimAbandoned(job_id, rank);
+    }
+  }
 
   std::shared_ptr<RankState> state = FindOrCreateRank(job_id, rank);
   absl::MutexLock lock(&state->mu);

@@ -131,6 +131,7 @@ class SnapshotStore {
     uint64_t crc_failures = 0;
     uint64_t adopted_at_start = 0;
     uint64_t discarded_at_start = 0;
+    uint64_t reclaimed_bytes = 0;  // slots of ranks nobody would write (ReclaimAbandoned)
   };
 
   // Opens (creating if needed) the directory, re-adopts every SEALED slot whose header and
@@ -169,6 +170,11 @@ class SnapshotStore {
   absl::StatusOr<SealResult> SealSnapshot(const std::string& job_id, uint32_t rank, int64_t step,
                                           uint64_t manifest_bytes, const Caller& caller,
                                           std::optional<uint32_t> client_crc = std::nullopt);
+
+  // Deletes the slots of ranks (other than `except`) that hold no snapshot, not even one being
+  // written, and that nobody will write: released, or registered by a process that has exited.
+  // Their trainers would register again to snapshot. Logged per rank; returns the bytes freed.
+  uint64_t ReclaimAbandoned(const std::string& except_job, uint32_t except_rank);
 
   // Whether `caller` may read or roll back `job_id` here: root may; another uid only when it
   // registered a rank of the job on this daemon and no rank of it here holds another uid's
