@@ -47,8 +47,8 @@ size_t EditDistance(const std::string& a, const std::string& b) {
 const std::vector<FlagSpec>& GlobalFlags() {
   static const auto* flags = new std::vector<FlagSpec>{
       {"socket", "PATH",
-       "the local daemon's Unix socket (default /run/tessera/agent.sock, the daemon's "
-       "agent.socket_path)"},
+       "the local daemon's Unix socket (default $TESSERA_SOCKET, else /run/tessera/agent.sock, "
+       "the daemon's agent.socket_path)"},
       {"address", "HOST:PORT", "a daemon's peer port over TCP instead (needs the cluster token)"},
       {"token-file", "PATH", "a file holding the cluster token (cluster.token_file)"},
       {"token", "TOKEN",

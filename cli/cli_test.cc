@@ -2,6 +2,7 @@
 // `plan`, whose JSON is read back with protobuf's JSON parser.
 #include "cli/cli.h"
 
+#include <cstdlib>
 #include <sstream>
 
 #include "gmock/gmock.h"
@@ -97,6 +98,19 @@ TEST(CliTest, ErrorsComeAsJsonWithJson) {
   EXPECT_EQ(parsed.fields().at("ok").bool_value(), false);
   EXPECT_EQ(parsed.fields().at("exit_code").number_value(), 2);
   EXPECT_THAT(parsed.fields().at("error").string_value(), HasSubstr("needs JOB"));
+}
+
+// Without --socket the CLI reads TESSERA_SOCKET, as the Python client does; --socket wins.
+TEST(CliTest, TheSocketComesFromTesseraSocketUnlessGiven) {
+  setenv("TESSERA_SOCKET", "/nonexistent/from-env.sock", 1);
+  CliRun run = Tessera({"status", "--timeout-s", "2"});
+  EXPECT_EQ(run.exit_code, 3) << run.err;
+  EXPECT_THAT(run.err, HasSubstr("unix:/nonexistent/from-env.sock"));
+  run = Tessera({"status", "--socket", "/nonexistent/flag.sock", "--timeout-s", "2"});
+  EXPECT_THAT(run.err, HasSubstr("unix:/nonexistent/flag.sock"));
+  unsetenv("TESSERA_SOCKET");
+  run = Tessera({"status", "--timeout-s", "2"});
+  EXPECT_THAT(run.err, HasSubstr("unix:/run/tessera/agent.sock"));
 }
 
 TEST(CliTest, NoDaemonExitsThree) {

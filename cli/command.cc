@@ -1,5 +1,6 @@
 #include "cli/command.h"
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -24,7 +25,10 @@ absl::StatusOr<AdminClient*> Context::Client() {
   if (args_.Has("token") && args_.Has("token-file")) {
     return absl::InvalidArgumentError("--token and --token-file both given: use one");
   }
-  options.socket_path = args_.Get("socket", kDefaultSocketPath);
+  // --socket, else TESSERA_SOCKET (as the Python client reads it), else the daemon's default.
+  const char* env_socket = std::getenv("TESSERA_SOCKET");
+  options.socket_path = args_.Get(
+      "socket", env_socket != nullptr && *env_socket != '\0' ? env_socket : kDefaultSocketPath);
   options.address = args_.Get("address");
   if (!options.address.empty()) {
     const size_t colon = options.address.rfind(':');
