@@ -1,5 +1,6 @@
 #include "daemon/unix_listener.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -11,7 +12,9 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/logging.h"
+#include "daemon/metrics/metrics.h"
 #include "common/status.h"
 #include "grpcpp/server_posix.h"
 
@@ -113,6 +116,7 @@ UnixListener::UnixListener(std::string path, int listen_fd, int stop_fd, grpc::S
       stop_fd_(stop_fd),
       server_(server),
       credentials_(credentials),
+      spare_fd_(open("/dev/null", O_RDONLY | O_CLOEXEC)),
       thread_([this] { AcceptLoop(); }) {}
 
 UnixListener::~UnixListener() {
@@ -121,6 +125,7 @@ UnixListener::~UnixListener() {
   thread_.join();
   close(listen_fd_);
   close(stop_fd_);
+  if (spare_fd_ >= 0) close(spare_fd_);
   unlink(path_.c_str());
 }
 
@@ -136,7 +141,11 @@ void UnixListener::AcceptLoop() {
     if (fds[1].revents != 0) return;
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);  // gRPC needs non-blocking
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EINTR) log->warn("accept on {}: {}", path_, std::strerror(errno));
+      if (errno == EMFILE || errno == ENFILE) {
+        Shed(errno);
+      } else if (errno != EAGAIN && errno != EINTR) {
+        log->warn("accept on {}: {}", path_, std::strerror(errno));
+      }
       continue;
     }
     ucred cred{};
@@ -151,6 +160,36 @@ void UnixListener::AcceptLoop() {
     credentials_->Record(fd, Caller{cred.uid, cred.gid, cred.pid});
     log->debug("agent connection fd {} from pid {} uid {}", fd, cred.pid, cred.uid);
     grpc::AddInsecureChannelFromFd(server_, fd);
+  }
+}
+
+void UnixListener::Shed(int accept_errno) {
+  bool shed = false;
+  if (spare_fd_ >= 0) {
+    close(spare_fd_);
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      close(fd);
+      shed = true;
+    }
+    spare_fd_ = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  }
+  if (shed) {
+    ++shed_;
+    Metrics().connections_shed->Increment();
+  } else {
+    // No spare to take it with: wait a little rather than spin on a readable socket.
+    poll(nullptr, 0, 100);
+  }
+  const int64_t now = absl::GetCurrentTimeNanos();
+  if (shed_logged_at_ns_ == 0 || now - shed_logged_at_ns_ >= 10'000'000'000) {
+    Logger("agent-service")->error(
+        "accept on {}: {}; {} connection(s) closed unanswered since the last such line ({} in "
+        "all): some process holds idle connections up to the daemon's RLIMIT_NOFILE (see "
+        "tessera_agent_connections_shed_total)",
+        path_, std::strerror(accept_errno), shed_ - shed_logged_, shed_);
+    shed_logged_ = shed_;
+    shed_logged_at_ns_ = now;
   }
 }
 

@@ -49,11 +49,19 @@ class UnixListener {
                PeerCredentials* credentials);
   void AcceptLoop();
 
+  // Out of file descriptors: takes the pending connection with the spare descriptor and closes
+  // it, so that the listening socket does not stay readable and the loop does not spin.
+  void Shed(int accept_errno);
+
   const std::string path_;
   const int listen_fd_;
   const int stop_fd_;  // eventfd that wakes the accept loop for shutdown
   grpc::Server* const server_;
   PeerCredentials* const credentials_;
+  int spare_fd_ = -1;               // /dev/null, given up to take a connection to shed
+  uint64_t shed_ = 0;               // connections shed since start
+  uint64_t shed_logged_ = 0;        // shed_ at the last log line
+  int64_t shed_logged_at_ns_ = 0;   // when that line was written
   std::thread thread_;
 };
 

@@ -266,6 +266,10 @@ const DaemonMetrics& Metrics() {
         "protection (a bit flip in memory, or a trainer writing after the seal); no fragments "
         "are made from them.");
     m.fragment_crc_failures = new Counter();
+    m.connections_shed = r.AddCounter(
+        "tessera_agent_connections_shed_total",
+        "Connections to the agent socket accepted and closed at once because the daemon had no "
+        "file descriptor left (RLIMIT_NOFILE): idle connections of some process hold them.");
     return m;
   }();
   return metrics;

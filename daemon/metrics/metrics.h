@@ -146,6 +146,8 @@ struct DaemonMetrics {
   // Fragments found damaged by a read (verification, a rebuild) rather than by the fragment
   // store's own checks; not exported alone: the collector adds them to the store's count.
   Counter* fragment_crc_failures;
+  // Agent-socket connections closed at once because the daemon had no file descriptor left.
+  Counter* connections_shed;
 };
 const DaemonMetrics& Metrics();
 
