@@ -377,16 +377,21 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
   }
   const double registered_after_s = SecondsSince(start);
   const int new_pid = now->pid();
-  // The restore point: while the rank was down no newer step could commit, so what the job can
-  // restore now is what the new trainer restores. Its shard is checked on the trainer's node
-  // (made local there first if the launcher moved the rank) before training moves past it.
+  // The restore point: the step the new trainer was told to resume from, once it has asked (a
+  // commit of a step the killed rank had sealed may land while it restarts, so the job's
+  // restorable step alone can be newer than what the trainer restored). Its shard is checked on
+  // the trainer's node (made local there first if the launcher moved the rank) before training
+  // moves past it.
+  const bool asked = WaitFor(wait_s, [&] {
+    return look() && now && now->pid() == new_pid && now->resume_step() >= 0;
+  });
   absl::StatusOr<admin::RecoverResponse> checked =
       absl::FailedPreconditionError("the job is no longer listed");
   auto status_now = client->GetStatus({});
   if (status_now.ok()) {
     for (const auto& j : status_now->jobs()) {
       if (j.job_id() != job.job_id()) continue;
-      report.step = j.restorable_step();
+      report.step = asked ? now->resume_step() : j.restorable_step();
       admin::RecoverRequest check;
       check.set_job_id(job.job_id());
       check.set_rank(rank);

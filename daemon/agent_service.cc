@@ -5,15 +5,16 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/metrics/metrics.h"
+#include "daemon/refusals.h"
 
 namespace tessera {
 namespace {
 
-// Runs `body` and converts its status; failures are logged with the method name.
+// Runs `body` and converts its status; failures are counted and logged (RecordRefusal).
 template <typename Body>
 grpc::Status Handle(const char* method, Body body) {
   absl::Status status = body();
-  if (!status.ok()) Logger("agent-service")->warn("{}: {}", method, status.ToString());
+  if (!status.ok()) RecordRefusal("agent", method, status);
   return ToGrpcStatus(status);
 }
 
@@ -157,6 +158,7 @@ grpc::Status AgentService::FindLatestRestorable(
     }
     response->set_step(step);
     response->set_committed_step(store_->committed(request->job_id()));
+    if (request->resume()) store_->NoteResume(request->job_id(), request->rank(), step);
     return absl::OkStatus();
   });
 }

@@ -575,6 +575,32 @@ TEST_F(BadInputTest, SlotsOfTrainersThatDiedBeforeSealingAreReclaimed) {
 
 // FindLatestRestorable with world_size 4294967295 once ran past its caller's deadline and grew
 // the daemon to 2-2.5 GB. Every world size and rank a request names is bounded now.
+// A client repeating a refused request once wrote one log line per request. Refusals are counted
+// by kind and logged at most every 10 s per kind, saying how many went unlogged.
+TEST_F(BadInputTest, RepeatedRefusalsAreLoggedOncePerKindAndInterval) {
+  auto stub = agent::Agent::NewStub(
+      grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials()));
+  for (int i = 0; i < 300; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    agent::FindLatestRestorableRequest request;
+    request.set_job_id("flood");
+    request.set_world_size(0);
+    agent::FindLatestRestorableResponse response;
+    ASSERT_EQ(stub->FindLatestRestorable(&context, request, &response).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  const std::string log = daemon_->LogTail(1 << 20);
+  size_t lines = 0;
+  for (size_t at = log.find("FindLatestRestorable: INVALID_ARGUMENT"); at != std::string::npos;
+       at = log.find("FindLatestRestorable: INVALID_ARGUMENT", at + 1)) {
+    ++lines;
+  }
+  EXPECT_GE(lines, 1u);
+  EXPECT_LE(lines, 2u) << "one line per refusal:\n" << log.substr(0, 3000);
+  EXPECT_EQ(daemon_->Poll(), -1) << "the daemon exited";
+}
+
 TEST_F(BadInputTest, AnAbsurdWorldSizeIsRefusedAtOnce) {
   auto stub = agent::Agent::NewStub(
       grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials()));

@@ -17,6 +17,7 @@
 #include "common/status.h"
 #include "common/version.h"
 #include "daemon/admin/admin_internal.h"
+#include "daemon/refusals.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/server_context.h"
@@ -325,6 +326,7 @@ absl::Status Admin::ListTrainers(const admin::ListTrainersRequest& request,
     t->set_registered(r.registered);
     t->set_alive(r.alive);
     t->set_newest_sealed_step(r.newest_sealed_step);
+    t->set_resume_step(r.resume_step);
   }
   if (request.local_only()) return absl::OkStatus();
   admin::ListTrainersRequest local = request;
@@ -370,7 +372,7 @@ grpc::Status AdminService::Handle(const char* method, const grpc::ServerContext*
                                   Body body) {
   absl::Status status = Authenticate(context);
   if (status.ok()) status = body();
-  if (!status.ok()) Logger("admin")->warn("{}: {}", method, status.ToString());
+  if (!status.ok()) RecordRefusal("admin", method, status);
   return ToGrpcStatus(status);
 }
 

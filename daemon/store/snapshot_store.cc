@@ -331,6 +331,7 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
     world = std::max(world, world_size);
   }
   state->registered = true;
+  if (state->owner.pid != caller.pid) state->resume_step = -1;  // a new process: not asked yet
   state->owner = caller;
   state->owner_start_ticks = ProcessStartTicks(caller.pid);
   state->data_uid = caller.uid;

@@ -176,6 +176,10 @@ class SnapshotStore {
   // Their trainers would register again to snapshot. Logged per rank; returns the bytes freed.
   uint64_t ReclaimAbandoned(const std::string& except_job, uint32_t except_rank);
 
+  // Records that the process registered as (job, rank) was told to resume from `step`
+  // (RankInfo::resume_step, until the rank is registered again). No-op for an unknown rank.
+  void NoteResume(const std::string& job_id, uint32_t rank, int64_t step);
+
   // Whether `caller` may read or roll back `job_id` here: root may; another uid only when it
   // registered a rank of the job on this daemon and no rank of it here holds another uid's
   // snapshots or registration (a job belongs to the uid that registered it). kPermissionDenied
@@ -248,6 +252,9 @@ class SnapshotStore {
     bool registered = false;  // not unregistered since
     bool alive = false;       // that process (pid and start time) still runs
     int64_t newest_sealed_step = -1;
+    // The step the registering process was told to resume from (FindLatestRestorable with
+    // resume), -1: it has not asked.
+    int64_t resume_step = -1;
   };
   // Ranks of a job (all jobs when job_id is empty), by job then rank.
   std::vector<RankInfo> ListRanks(const std::string& job_id) const;
@@ -289,6 +296,7 @@ class SnapshotStore {
     bool registered ABSL_GUARDED_BY(mu) = false;
     Caller owner ABSL_GUARDED_BY(mu);
     uint64_t owner_start_ticks ABSL_GUARDED_BY(mu) = 0;
+    int64_t resume_step ABSL_GUARDED_BY(mu) = -1;  // RankInfo::resume_step
     uid_t data_uid ABSL_GUARDED_BY(mu) = 0;
     uint32_t world_size ABSL_GUARDED_BY(mu) = 0;
     std::vector<EntrySpec> entries ABSL_GUARDED_BY(mu);

@@ -286,6 +286,13 @@ size_t SnapshotStore::RankCount(const std::string& job_id) const {
   return n;
 }
 
+void SnapshotStore::NoteResume(const std::string& job_id, uint32_t rank, int64_t step) {
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (!state) return;
+  absl::MutexLock lock(&state->mu);
+  state->resume_step = step;
+}
+
 std::vector<SnapshotStore::RankInfo> SnapshotStore::ListRanks(const std::string& job_id) const {
   std::vector<std::pair<RankKey, std::shared_ptr<RankState>>> ranks;
   {
@@ -303,6 +310,7 @@ std::vector<SnapshotStore::RankInfo> SnapshotStore::ListRanks(const std::string&
     info.world_size = state->world_size;
     info.owner = state->owner;
     info.registered = state->registered;
+    info.resume_step = state->resume_step;
     info.alive = state->owner.pid > 0 &&
                  options_.process_alive(state->owner.pid, state->owner_start_ticks);
     for (const auto& slot : state->slots) {

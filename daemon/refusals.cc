@@ -1,0 +1,79 @@
+#include "daemon/refusals.h"
+
+#include <map>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "daemon/metrics/metrics.h"
+
+namespace tessera {
+namespace {
+
+constexpr int64_t kLogIntervalNs = 10'000'000'000;
+
+struct Key {
+  std::string service;
+  std::string method;
+  absl::StatusCode code;
+  bool operator<(const Key& o) const {
+    return std::tie(service, method, code) < std::tie(o.service, o.method, o.code);
+  }
+};
+
+struct Entry {
+  Counter* counter = nullptr;
+  int64_t logged_at_ns = 0;  // 0: never
+  uint64_t unlogged = 0;     // refusals since the last line
+};
+
+// Bounded by the services' methods times the status codes.
+absl::Mutex mu;
+std::map<Key, Entry>* entries ABSL_GUARDED_BY(mu) = new std::map<Key, Entry>();
+std::function<int64_t()>* clock ABSL_GUARDED_BY(mu) = nullptr;
+
+}  // namespace
+
+void SetRefusalClockForTesting(std::function<int64_t()> now_ns) {
+  absl::MutexLock lock(&mu);
+  delete clock;
+  clock = now_ns ? new std::function<int64_t()>(std::move(now_ns)) : nullptr;
+}
+
+void RecordRefusal(const char* service, const char* method, const absl::Status& status) {
+  uint64_t unlogged = 0;
+  {
+    absl::MutexLock lock(&mu);
+    const int64_t now = clock != nullptr ? (*clock)() : absl::GetCurrentTimeNanos();
+    Entry& e = (*entries)[Key{service, method, status.code()}];
+    if (e.counter == nullptr) {
+      e.counter = GlobalMetrics().AddCounter(
+          "tessera_rpc_refusals_total",
+          "Requests to the agent socket or the admin service that failed, by service, method "
+          "and status code (each logged at most every 10 s per kind).",
+          {{"service", service},
+           {"method", method},
+           {"code", absl::StatusCodeToString(status.code())}});
+    }
+    e.counter->Increment();
+    if (e.logged_at_ns != 0 && now - e.logged_at_ns < kLogIntervalNs) {
+      ++e.unlogged;
+      return;
+    }
+    unlogged = e.unlogged;
+    e.unlogged = 0;
+    e.logged_at_ns = now;
+  }
+  Logger(absl::StrCat(service, "-service"))
+      ->warn("{}: {}{}", method, status.ToString(),
+             unlogged == 0 ? std::string()
+                           : absl::StrCat(" (and ", unlogged, " more ", method, " ",
+                                          absl::StatusCodeToString(status.code()),
+                                          " since the last such line)"));
+}
+
+}  // namespace tessera
