@@ -11,6 +11,7 @@
 //
 // gpu_snapshot_bench [--bytes=10G] [--tensors=256] [--repeats=3] [--iteration-ms=80]
 //                    [--iterations=30] [--every=1,2,10] [--gemm-n=8192] [--crc-threads=8]
+//                    [--checksum-threads=4]
 //                    [--tesserad=PATH]
 // Sizes take a K, M or G suffix (binary) or none (bytes). --tesserad defaults to $TESSERAD, then
 // daemon/tesserad in this binary's runfiles. cuBLAS is loaded at run time (libcublas.so.13, .12);
@@ -69,6 +70,7 @@ struct Options {
   std::vector<int> every = {1, 2, 10};
   int gemm_n = 8192;
   int crc_threads = 8;
+  int checksum_threads = 4;  // Client::Options::checksum_threads
   std::string tesserad;
 };
 
@@ -348,6 +350,7 @@ absl::Status Run(const Options& o) {
                            BenchDaemon::Start(o.tesserad, "gpubench", 2 * state.packed + 2 * kGiB,
                                               o.crc_threads));
   Client::Options copts;
+  copts.checksum_threads = o.checksum_threads;
   copts.socket_path = daemon->socket_path();
   copts.when_busy = Client::BusyPolicy::kWait;
   TESSERA_ASSIGN_OR_RETURN(auto client, Client::Connect(copts));
@@ -463,9 +466,11 @@ absl::Status Run(const Options& o) {
   char title[512];
   std::snprintf(title, sizeof(title),
                 "Tessera GPU snapshot benchmark: %s, %zu tensors, %.2f GB (odd sizes), medians of "
-                "%d; tesserad store in /dev/shm, crc_threads %d; Register (two slots, pinned) "
+                "%d; tesserad store in /dev/shm, crc_threads %d, client checksum_threads %d; Register "
+                "(two slots, pinned) "
                 "%.2f s; GEMMs: %s, %.2f ms each",
-                prop.name, state.ptrs.size(), gb, o.repeats, o.crc_threads, register_s,
+                prop.name, state.ptrs.size(), gb, o.repeats, o.crc_threads, o.checksum_threads,
+                register_s,
                 gemm.what().c_str(), gemm_ms);
   PrintTable(title, rows);
   TESSERA_RETURN_IF_ERROR(client->Close(/*drop_snapshots=*/true));
@@ -530,6 +535,9 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &o.gemm_n) && o.gemm_n > 0;
     } else if (name == "--crc-threads") {
       ok = absl::SimpleAtoi(value, &o.crc_threads) && o.crc_threads > 0;
+    } else if (name == "--checksum-threads") {
+      ok = absl::SimpleAtoi(value, &o.checksum_threads) && o.checksum_threads > 0 &&
+           o.checksum_threads <= 64;
     } else if (name == "--tesserad") {
       o.tesserad = value;
       ok = !value.empty();
@@ -547,7 +555,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: gpu_snapshot_bench [--bytes=10G] [--tensors=256] [--repeats=3] "
                    "[--iteration-ms=80] [--iterations=30] [--every=1,2,10] [--gemm-n=8192] "
-                   "[--crc-threads=8] [--tesserad=PATH]\n(bad argument '%s')\n",
+                   "[--crc-threads=8] [--checksum-threads=4] [--tesserad=PATH]\n(bad argument '%s')\n",
                    argv[i]);
       return 2;
     }
