@@ -14,7 +14,10 @@
 namespace tessera {
 namespace {
 
-constexpr int64_t kLogIntervalNs = 10'000'000'000;
+// Per kind: at most kLinesPerWindow lines in each window of kWindowNs, so that distinct
+// refusals of normal operation are all seen, and a flood costs a few lines per second.
+constexpr int64_t kWindowNs = 10'000'000'000;
+constexpr int kLinesPerWindow = 20;
 
 struct Key {
   std::string service;
@@ -27,8 +30,9 @@ struct Key {
 
 struct Entry {
   Counter* counter = nullptr;
-  int64_t logged_at_ns = 0;  // 0: never
-  uint64_t unlogged = 0;     // refusals since the last line
+  int64_t window_start_ns = 0;  // 0: nothing logged yet
+  int lines_in_window = 0;
+  uint64_t unlogged = 0;        // refusals not logged since the last line
 };
 
 // Bounded by the services' methods times the status codes.
@@ -54,19 +58,23 @@ void RecordRefusal(const char* service, const char* method, const absl::Status& 
       e.counter = GlobalMetrics().AddCounter(
           "tessera_rpc_refusals_total",
           "Requests to the agent socket or the admin service that failed, by service, method "
-          "and status code (each logged at most every 10 s per kind).",
+          "and status code (logged at most 20 lines per 10 s per kind).",
           {{"service", service},
            {"method", method},
            {"code", absl::StatusCodeToString(status.code())}});
     }
     e.counter->Increment();
-    if (e.logged_at_ns != 0 && now - e.logged_at_ns < kLogIntervalNs) {
+    if (e.window_start_ns == 0 || now - e.window_start_ns >= kWindowNs) {
+      e.window_start_ns = now;
+      e.lines_in_window = 0;
+    }
+    if (e.lines_in_window >= kLinesPerWindow) {
       ++e.unlogged;
       return;
     }
+    ++e.lines_in_window;
     unlogged = e.unlogged;
     e.unlogged = 0;
-    e.logged_at_ns = now;
   }
   Logger(absl::StrCat(service, "-service"))
       ->warn("{}: {}{}", method, status.ToString(),

@@ -1,7 +1,7 @@
 // Refused requests on the agent socket and the admin service: each is counted
-// (tessera_rpc_refusals_total{service, method, code}), and logged at most once per 10 s per
-// (service, method, code), with how many like it went unlogged since. A client repeating a bad
-// request cannot fill the disk with the daemon's log.
+// (tessera_rpc_refusals_total{service, method, code}), and logged, at most 20 lines per 10 s per
+// (service, method, code); the next line logged says how many like it went unlogged. A client
+// repeating a bad request cannot fill the disk with the daemon's log.
 #ifndef TESSERA_DAEMON_REFUSALS_H_
 #define TESSERA_DAEMON_REFUSALS_H_
 
