@@ -578,7 +578,7 @@ TEST_F(BadInputTest, SlotsOfTrainersThatDiedBeforeSealingAreReclaimed) {
 // A client repeating a refused request once wrote one log line per request. Refusals are counted
 // by kind and logged at most 20 lines per 10 s per kind, the next line saying how many went
 // unlogged.
-TEST_F(BadInputTest, RepeatedRefusalsAreLoggedOncePerKindAndInterval) {
+TEST_F(BadInputTest, RepeatedRefusalsAreCountedAndTheirLoggingBounded) {
   auto stub = agent::Agent::NewStub(
       grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials()));
   for (int i = 0; i < 300; ++i) {
