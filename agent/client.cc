@@ -42,6 +42,7 @@ cuda::CopyEngineOptions EngineOptions(const Client::Options& options) {
   cuda::CopyEngineOptions engine;
   engine.staging = options.staging;
   engine.checksum_threads = options.checksum_threads;
+  engine.checksum_on_device = options.checksum_on_device;
   return engine;
 }
 

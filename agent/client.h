@@ -61,6 +61,9 @@ class Client {
     // Threads that checksum a snapshot's bytes as they land in shared memory (so that the seal
     // does not read them again), and that verify a restore's blocks ahead of their copies.
     int checksum_threads = 4;
+    // A snapshot's device-to-host bytes are checksummed by a GPU kernel beside the copies
+    // (cuda::CopyEngineOptions::checksum_on_device); false: by the threads above as they land.
+    bool checksum_on_device = true;
     // Tests only: called after a snapshot's bytes are checksummed and before it is sealed, with
     // the slot's payload (a test changes a byte there, as a stray write would).
     std::function<void(uint8_t* payload, uint64_t bytes)> after_checksums_for_testing;

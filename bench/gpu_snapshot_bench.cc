@@ -11,7 +11,7 @@
 //
 // gpu_snapshot_bench [--bytes=10G] [--tensors=256] [--repeats=3] [--iteration-ms=80]
 //                    [--iterations=30] [--every=1,2,10] [--gemm-n=8192] [--crc-threads=8]
-//                    [--checksum-threads=4]
+//                    [--checksum-threads=4] [--checksum-on=gpu|host]
 //                    [--tesserad=PATH]
 // Sizes take a K, M or G suffix (binary) or none (bytes). --tesserad defaults to $TESSERAD, then
 // daemon/tesserad in this binary's runfiles. cuBLAS is loaded at run time (libcublas.so.13, .12);
@@ -71,6 +71,7 @@ struct Options {
   int gemm_n = 8192;
   int crc_threads = 8;
   int checksum_threads = 4;  // Client::Options::checksum_threads
+  bool checksum_on_device = true;  // Client::Options::checksum_on_device
   std::string tesserad;
 };
 
@@ -351,6 +352,7 @@ absl::Status Run(const Options& o) {
                                               o.crc_threads));
   Client::Options copts;
   copts.checksum_threads = o.checksum_threads;
+  copts.checksum_on_device = o.checksum_on_device;
   copts.socket_path = daemon->socket_path();
   copts.when_busy = Client::BusyPolicy::kWait;
   TESSERA_ASSIGN_OR_RETURN(auto client, Client::Connect(copts));
@@ -466,10 +468,12 @@ absl::Status Run(const Options& o) {
   char title[512];
   std::snprintf(title, sizeof(title),
                 "Tessera GPU snapshot benchmark: %s, %zu tensors, %.2f GB (odd sizes), medians of "
-                "%d; tesserad store in /dev/shm, crc_threads %d, client checksum_threads %d; Register "
+                "%d; tesserad store in /dev/shm, crc_threads %d, snapshot checksums %s; Register "
                 "(two slots, pinned) "
                 "%.2f s; GEMMs: %s, %.2f ms each",
-                prop.name, state.ptrs.size(), gb, o.repeats, o.crc_threads, o.checksum_threads,
+                prop.name, state.ptrs.size(), gb, o.repeats, o.crc_threads,
+                o.checksum_on_device ? "on the GPU"
+                                     : absl::StrCat("on ", o.checksum_threads, " host threads").c_str(),
                 register_s,
                 gemm.what().c_str(), gemm_ms);
   PrintTable(title, rows);
@@ -535,6 +539,9 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &o.gemm_n) && o.gemm_n > 0;
     } else if (name == "--crc-threads") {
       ok = absl::SimpleAtoi(value, &o.crc_threads) && o.crc_threads > 0;
+    } else if (name == "--checksum-on") {
+      ok = value == "gpu" || value == "host";
+      o.checksum_on_device = value == "gpu";
     } else if (name == "--checksum-threads") {
       ok = absl::SimpleAtoi(value, &o.checksum_threads) && o.checksum_threads > 0 &&
            o.checksum_threads <= 64;
@@ -555,7 +562,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: gpu_snapshot_bench [--bytes=10G] [--tensors=256] [--repeats=3] "
                    "[--iteration-ms=80] [--iterations=30] [--every=1,2,10] [--gemm-n=8192] "
-                   "[--crc-threads=8] [--checksum-threads=4] [--tesserad=PATH]\n(bad argument '%s')\n",
+                   "[--crc-threads=8] [--checksum-threads=4] [--checksum-on=gpu|host] [--tesserad=PATH]\n(bad argument '%s')\n",
                    argv[i]);
       return 2;
     }

@@ -66,6 +66,12 @@ uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, size_t len_b) {
   return MultiplyModP(XPowerOfBytes(len_b), crc_a) ^ crc_b;
 }
 
+uint32_t Crc32cOfZeros(size_t len) {
+  // crc(0^n) = ~(~0 * x^(8n)): the register starts at ~0, zeros only shift it, and the result is
+  // inverted; Crc32cCombine(~0, ~0, n) computes exactly that.
+  return len == 0 ? 0 : Crc32cCombine(~uint32_t{0}, ~uint32_t{0}, len);
+}
+
 uint32_t ParallelCrc32c(const void* data, size_t len, int threads, size_t min_chunk_bytes) {
   if (min_chunk_bytes == 0) min_chunk_bytes = 1;
   size_t chunks = std::min<size_t>(std::max(threads, 1), std::max<size_t>(len / min_chunk_bytes, 1));

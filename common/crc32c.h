@@ -14,6 +14,11 @@ uint32_t Crc32c(const void* data, size_t len, uint32_t crc = 0);
 // The CRC32C of A || B, given crc_a = Crc32c(A), crc_b = Crc32c(B) and len_b = |B|.
 uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, size_t len_b);
 
+// The CRC32C of `len` zero bytes. The CRC32C of any `len` bytes is this xor their raw CRC (the
+// same polynomial with initial value 0 and no final xor), which is linear in the bytes: what a
+// checksum computed in pieces elsewhere (a GPU kernel) reports.
+uint32_t Crc32cOfZeros(size_t len);
+
 // Same result as Crc32c(data, len), computed on up to `threads` threads over chunks of at least
 // `min_chunk_bytes`, then combined. Small inputs run on the calling thread.
 uint32_t ParallelCrc32c(const void* data, size_t len, int threads,

@@ -83,6 +83,32 @@ TEST(Crc32cTest, CombineHandlesLengthsPast32Bits) {
   EXPECT_NE(Crc32cCombine(crc_a, crc_b, len_b - 1), whole);
 }
 
+// Raw CRC (initial value 0, no final xor), bit at a time.
+uint32_t ReferenceRawCrc32c(const uint8_t* p, size_t n) {
+  uint32_t crc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    crc ^= p[i];
+    for (int b = 0; b < 8; ++b) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
+  }
+  return crc;
+}
+
+TEST(Crc32cTest, ZerosTurnARawCrcIntoTheCrc) {
+  const uint64_t seed = 20261206;
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  auto data = RandomBytes(20000, seed);
+  std::mt19937_64 rng(seed + 1);
+  const std::vector<uint8_t> zeros(5000, 0);
+  for (size_t len : {size_t{0}, size_t{1}, size_t{7}, size_t{4096}, size_t{4999}}) {
+    ASSERT_EQ(Crc32cOfZeros(len), ReferenceCrc32c(zeros.data(), len)) << "len=" << len;
+  }
+  for (int i = 0; i < 50; ++i) {
+    const size_t len = rng() % data.size();
+    ASSERT_EQ(ReferenceRawCrc32c(data.data(), len) ^ Crc32cOfZeros(len), Crc32c(data.data(), len))
+        << "len=" << len;
+  }
+}
+
 TEST(Crc32cTest, ParallelEqualsSerial) {
   const uint64_t seed = 99;
   SCOPED_TRACE("seed=" + std::to_string(seed));

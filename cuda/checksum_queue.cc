@@ -1,7 +1,6 @@
 #include "cuda/checksum_queue.h"
 
 #include <algorithm>
-#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -112,36 +111,44 @@ absl::StatusOr<std::vector<RangeChecksum>> ChecksumBatch::Wait() {
   mu_.Await(absl::Condition(
       +[](ChecksumBatch* b) ABSL_NO_THREAD_SAFETY_ANALYSIS { return b->remaining_ == 0; }, this));
   if (!status_.ok()) return status_;
-  std::vector<size_t> order(pieces_.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return std::make_pair(pieces_[a].range, pieces_[a].offset) <
-           std::make_pair(pieces_[b].range, pieces_[b].offset);
-  });
-  std::vector<RangeChecksum> out(range_bytes_.size());
-  for (size_t r = 0; r < out.size(); ++r) {
-    out[r].blocks.assign((range_bytes_[r] + block_bytes_ - 1) / block_bytes_, 0);
+  std::vector<PieceChecksum> sums;
+  sums.reserve(pieces_.size());
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    sums.push_back({pieces_[i].range, pieces_[i].offset, pieces_[i].bytes, crcs_[i]});
   }
-  std::vector<uint64_t> covered(range_bytes_.size(), 0);
-  for (size_t i : order) {
-    const ChecksumQueue::Piece& piece = pieces_[i];
+  return CombinePieces(block_bytes_, range_bytes_, std::move(sums));
+}
+
+absl::StatusOr<std::vector<RangeChecksum>> CombinePieces(uint64_t block_bytes,
+                                                         const std::vector<uint64_t>& range_bytes,
+                                                         std::vector<PieceChecksum> pieces) {
+  block_bytes = std::max<uint64_t>(block_bytes, 1);
+  std::stable_sort(pieces.begin(), pieces.end(), [](const PieceChecksum& a, const PieceChecksum& b) {
+    return std::make_pair(a.range, a.offset) < std::make_pair(b.range, b.offset);
+  });
+  std::vector<RangeChecksum> out(range_bytes.size());
+  for (size_t r = 0; r < out.size(); ++r) {
+    out[r].blocks.assign((range_bytes[r] + block_bytes - 1) / block_bytes, 0);
+  }
+  std::vector<uint64_t> covered(range_bytes.size(), 0);
+  for (const PieceChecksum& piece : pieces) {
     if (piece.range >= out.size() || piece.offset != covered[piece.range] || piece.bytes == 0 ||
-        piece.offset + piece.bytes > range_bytes_[piece.range] ||
-        piece.offset / block_bytes_ != (piece.offset + piece.bytes - 1) / block_bytes_) {
+        piece.offset + piece.bytes > range_bytes[piece.range] ||
+        piece.offset / block_bytes != (piece.offset + piece.bytes - 1) / block_bytes) {
       return absl::InternalError(absl::StrCat(
-          "checksum pieces do not tile range ", piece.range, " in blocks of ", block_bytes_,
+          "checksum pieces do not tile range ", piece.range, " in blocks of ", block_bytes,
           ": a piece of ", piece.bytes, " bytes at offset ", piece.offset, " follows byte ",
           piece.range < out.size() ? covered[piece.range] : 0));
     }
-    uint32_t& block = out[piece.range].blocks[piece.offset / block_bytes_];
-    block = Crc32cCombine(block, crcs_[i], piece.bytes);
-    out[piece.range].crc = Crc32cCombine(out[piece.range].crc, crcs_[i], piece.bytes);
+    uint32_t& block = out[piece.range].blocks[piece.offset / block_bytes];
+    block = Crc32cCombine(block, piece.crc, piece.bytes);
+    out[piece.range].crc = Crc32cCombine(out[piece.range].crc, piece.crc, piece.bytes);
     covered[piece.range] += piece.bytes;
   }
   for (size_t r = 0; r < out.size(); ++r) {
-    if (covered[r] != range_bytes_[r]) {
+    if (covered[r] != range_bytes[r]) {
       return absl::InternalError(absl::StrCat("checksum pieces cover ", covered[r], " of range ",
-                                              r, "'s ", range_bytes_[r], " bytes"));
+                                              r, "'s ", range_bytes[r], " bytes"));
     }
   }
   return out;

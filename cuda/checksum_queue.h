@@ -38,6 +38,21 @@ struct RangeChecksum {
   std::vector<uint32_t> blocks;
 };
 
+// The CRC32C of `bytes` bytes at `offset` in range `range`, computed elsewhere.
+struct PieceChecksum {
+  size_t range;
+  uint64_t offset;
+  uint64_t bytes;
+  uint32_t crc;
+};
+
+// Each range's checksums from its pieces' (in any order), which must tile each range
+// [0, range_bytes[r]) without gaps or overlaps, none crossing a multiple of `block_bytes`
+// (kInternal, saying where, otherwise).
+absl::StatusOr<std::vector<RangeChecksum>> CombinePieces(uint64_t block_bytes,
+                                                         const std::vector<uint64_t>& range_bytes,
+                                                         std::vector<PieceChecksum> pieces);
+
 class ChecksumQueue {
  public:
   struct Piece {

@@ -16,6 +16,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "cuda/checksum_queue.h"
+#include "cuda/device_checksum.h"
 #include "cuda/host_copy_engine.h"
 
 namespace tessera::cuda {
@@ -199,9 +200,12 @@ class CudaCopyEngine final : public CopyEngine {
   // batch checksumming the device-to-host chunks (one range per such op) as they land.
   struct TicketChecksums {
     std::vector<OpChecksum> crcs;          // per op; the host copies' filled in
-    std::vector<size_t> range_ops;         // the batch's ranges: op indices
+    std::vector<size_t> range_ops;         // the ranges: op indices
+    std::vector<uint64_t> range_bytes;
     std::shared_ptr<internal::ChecksumBatch> batch;
     std::vector<cudaEvent_t> chunk_events; // back to the pool once the batch is done
+    std::optional<internal::DeviceChecksummer::Pending> device;  // checksummed on the GPU
+    internal::DeviceChecksummer* checksummer = nullptr;           // the engine's, for `device`
   };
   // Where EnqueueChunks records each chunk's landing and the pieces to checksum after it.
   struct ChunkSink {
@@ -212,6 +216,13 @@ class CudaCopyEngine final : public CopyEngine {
   };
 
   absl::Status Issue(uint64_t ticket, const std::vector<CopyOp>& ops, bool checksum);
+  // Whether device-to-host bytes are checksummed on the GPU: the option, and a checksum stream
+  // (created on first use; if that fails, logged once and the host threads are used).
+  bool ChecksumOnDevice() ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // Enqueues the GPU checksums of the device ops' sources (and staged bytes), cut at blocks.
+  absl::StatusOr<internal::DeviceChecksummer::Pending> EnqueueDeviceChecksums(
+      const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
   uint64_t BlockBytes() const { return options_.checksum_block_bytes; }
   // A blocking-sync event for a chunk's landing, from the pool or new.
   absl::StatusOr<cudaEvent_t> AcquireChunkEvent();
@@ -288,6 +299,8 @@ class CudaCopyEngine final : public CopyEngine {
   uint64_t rates_d2h_bytes_ ABSL_GUARDED_BY(issue_mu_) = 0;
   uint64_t logged_staged_bytes_ ABSL_GUARDED_BY(issue_mu_) = UINT64_MAX;
   bool logged_budget_short_ ABSL_GUARDED_BY(issue_mu_) = false;
+  std::unique_ptr<internal::DeviceChecksummer> device_checksummer_ ABSL_GUARDED_BY(issue_mu_);
+  bool device_checksummer_failed_ ABSL_GUARDED_BY(issue_mu_) = false;
 
   mutable absl::Mutex mu_;
   internal::TicketSequence tickets_ ABSL_GUARDED_BY(mu_);
@@ -393,7 +406,9 @@ CudaCopyEngine::~CudaCopyEngine() {
   for (auto& [ticket, pending] : checksums_) {
     if (pending.batch) pending.batch->Wait().IgnoreError();  // the stream is drained: quick
     for (cudaEvent_t event : pending.chunk_events) cudaEventDestroy(event);
+    pending.device.reset();  // its memory is freed on this device
   }
+  device_checksummer_.reset();
   {
     absl::MutexLock events_lock(&chunk_events_mu_);
     for (cudaEvent_t event : free_chunk_events_) cudaEventDestroy(event);
@@ -504,8 +519,9 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     }
     sums.range_ops.push_back(device_ops[i].index);
   }
+  const bool on_device = checksum && status.ok() && !device_ops.empty() && ChecksumOnDevice();
   auto sink = [&](size_t range, uint64_t offset) -> std::optional<ChunkSink> {
-    if (!checksum) return std::nullopt;
+    if (!checksum || on_device) return std::nullopt;
     return ChunkSink{range, offset, &pieces, &sums.chunk_events};
   };
   if (status.ok()) {
@@ -536,6 +552,16 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
   if (status.ok() && measure) {
     status = CudaStatus(cudaEventRecord(measure_.staged, copy_stream_), "cudaEventRecord");
   }
+  if (status.ok() && on_device) {
+    absl::StatusOr<internal::DeviceChecksummer::Pending> pending =
+        EnqueueDeviceChecksums(device_ops, events.start);
+    if (pending.ok()) {
+      sums.device = std::move(*pending);
+      sums.checksummer = device_checksummer_.get();
+    } else {
+      status = pending.status();
+    }
+  }
   for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
     const RoutedOp& r = device_ops[i];
     const size_t direct = std::min(r.stage_from, r.op.bytes);
@@ -544,6 +570,11 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     status = EnqueueChunks(r.op.dst, r.op.src, direct, Direction(r), &counts,
                            landed ? &*landed : nullptr);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
+  }
+  // The sources are released once the checksum kernel has read them too.
+  if (status.ok() && sums.device && sums.device->direct_read != nullptr) {
+    status = CudaStatus(cudaStreamWaitEvent(copy_stream_, sums.device->direct_read, 0),
+                        "cudaStreamWaitEvent(checksum read the sources)");
   }
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(events.released, copy_stream_),
@@ -558,6 +589,11 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
                            r.op.bytes - r.stage_from, "D2H from staging", &counts,
                            landed ? &*landed : nullptr);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i, " from staging"));
+  }
+  // Done includes the checksums: the staging buffer is not overwritten before they have read it.
+  if (status.ok() && sums.device && sums.device->done != nullptr) {
+    status = CudaStatus(cudaStreamWaitEvent(copy_stream_, sums.device->done, 0),
+                        "cudaStreamWaitEvent(checksums done)");
   }
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(events.done, copy_stream_), "cudaEventRecord(copies done)");
@@ -595,9 +631,10 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     }
     if (sums.crcs.empty()) sums.crcs.assign(ops.size(), OpChecksum{});
     if (!pieces.empty()) {  // host copies only: no worker is needed
-      sums.batch = checksum_queue_.Submit(BlockBytes(), std::move(range_bytes), std::move(pieces),
+      sums.batch = checksum_queue_.Submit(BlockBytes(), range_bytes, std::move(pieces),
                                           std::move(waits));
     }
+    sums.range_bytes = std::move(range_bytes);
   }
   if (!status.ok() && enqueued) {
     // A failed snapshot's slot is about to be reused: none of its copies may stay in flight.
@@ -612,6 +649,8 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
   if (!status.ok()) {
     ReleaseChunkEvents(sums.chunk_events);  // drained above: none is pending
     sums.chunk_events.clear();
+    if (sums.device) device_checksummer_->Abandon(std::move(*sums.device));
+    sums.device.reset();
   }
   absl::MutexLock lock(&mu_);
   tickets_.EndIssue(ticket, status);
@@ -620,6 +659,7 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     stats_.bytes_staged += staged_bytes;
     if (checksum) {
       stats_.bytes_checksummed += counts.total();
+      if (on_device) stats_.bytes_checksummed_on_device += counts.device_to_host;
       checksums_[ticket] = std::move(sums);
     }
   }
@@ -629,6 +669,45 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     ReleaseEventsLocked(ticket);  // nothing of this ticket is in flight
   }
   return status;
+}
+
+bool CudaCopyEngine::ChecksumOnDevice() {
+  if (!options_.checksum_on_device || device_checksummer_failed_) return false;
+  if (device_checksummer_ != nullptr) return true;
+  absl::StatusOr<std::unique_ptr<internal::DeviceChecksummer>> created =
+      internal::DeviceChecksummer::Create();
+  if (!created.ok()) {
+    device_checksummer_failed_ = true;
+    Log()->warn("{}: snapshots are checksummed on {} host threads, not on the GPU: {}", Describe(),
+                options_.checksum_threads, created.status().ToString());
+    return false;
+  }
+  device_checksummer_ = std::move(*created);
+  return true;
+}
+
+absl::StatusOr<internal::DeviceChecksummer::Pending> CudaCopyEngine::EnqueueDeviceChecksums(
+    const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready) {
+  const uint64_t block = BlockBytes();
+  // Bytes [offset, offset + bytes) of range `range`, at `data`, cut at the range's blocks.
+  auto add = [block](size_t range, uint64_t offset, const char* data, uint64_t bytes,
+                     std::vector<internal::DeviceChecksummer::Piece>* out) {
+    for (uint64_t at = offset; at < offset + bytes;) {
+      const uint64_t end = std::min<uint64_t>(offset + bytes, (at / block + 1) * block);
+      out->push_back({range, at, data + (at - offset), end - at});
+      at = end;
+    }
+  };
+  std::vector<internal::DeviceChecksummer::Piece> direct, staged;
+  for (size_t i = 0; i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    add(i, 0, static_cast<const char*>(r.op.src), std::min(r.stage_from, r.op.bytes), &direct);
+    if (r.staged()) {
+      add(i, r.stage_from, static_cast<const char*>(staging_buffer_) + r.stage_offset,
+          r.op.bytes - r.stage_from, &staged);
+    }
+  }
+  return device_checksummer_->Enqueue(direct, staged, sources_ready, copy_stream_);
 }
 
 absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
@@ -964,9 +1043,15 @@ absl::StatusOr<std::vector<OpChecksum>> CudaCopyEngine::WaitChecksums(uint64_t t
     sums = std::move(it->second);
     checksums_.erase(it);
   }
-  if (sums.batch == nullptr) return std::move(sums.crcs);
-  absl::StatusOr<std::vector<internal::RangeChecksum>> ranges = sums.batch->Wait();
-  ReleaseChunkEvents(sums.chunk_events);
+  absl::StatusOr<std::vector<internal::RangeChecksum>> ranges;
+  if (sums.device) {
+    ranges = sums.checksummer->Finish(std::move(*sums.device), BlockBytes(), sums.range_bytes);
+  } else if (sums.batch != nullptr) {
+    ranges = sums.batch->Wait();
+    ReleaseChunkEvents(sums.chunk_events);
+  } else {
+    return std::move(sums.crcs);
+  }
   if (!ranges.ok()) return ranges.status();
   for (size_t r = 0; r < ranges->size(); ++r) {
     OpChecksum& sum = sums.crcs[sums.range_ops[r]];

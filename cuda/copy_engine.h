@@ -99,6 +99,13 @@ struct CopyEngineOptions {
   // per core from memory on the 2-core build machine, so 4 threads keep up with 55 GB/s.
   int checksum_threads = 4;
   size_t checksum_block_bytes = size_t{8} << 20;  // at least 4096
+  // Device-to-host bytes are checksummed on the GPU instead (device_checksum.h): a kernel on a
+  // stream of the engine's reads the same bytes the copies read, beside them, and the host only
+  // combines one CRC per block. The host's CRC32C (10 GB/s per core on an H100 host) cannot keep
+  // up with a 55 GB/s copy on 4 threads; the kernel reads GPU memory at hundreds of GB/s. The
+  // sources are released (Fence) once both the copies and the kernel have read them. Falls back
+  // to the threads above, logged once, if the checksum stream cannot be created.
+  bool checksum_on_device = true;
 };
 
 // Monotonic counters since the engine was created.
@@ -119,6 +126,7 @@ struct CopyEngineStats {
   uint64_t device_copy_chunks = 0;  // cudaMemcpyAsync calls made by IssueCopies
   uint64_t bytes_copied_sync = 0;   // bytes copied by CopySync, every direction
   uint64_t bytes_checksummed = 0;   // destination bytes checksummed (IssueChecksummedCopies)
+  uint64_t bytes_checksummed_on_device = 0;  // of those, checksummed by the GPU
 
   // Staging. bytes_staged counts device-to-device copies into the staging buffer (also counted,
   // as they go on to the host, in bytes_device_to_host).
@@ -202,11 +210,11 @@ class CopyEngine {
   virtual absl::Status IssueCopies(uint64_t ticket, const std::vector<CopyOp>& ops) = 0;
 
   // IssueCopies that also checksums what lands: the CRC32C of every op's destination, computed
-  // beside the copies, so that it is known within one piece (options.checksum_piece_bytes) of
-  // the copies' end instead of after a second pass over the bytes. A device-to-host chunk is
-  // checksummed once it has landed, on options.checksum_threads threads that do not delay the
-  // copies after it; a host-to-host copy checksums each block right after copying it, from the
-  // cache. WaitChecksums returns the results. Every destination must be host memory
+  // beside the copies, so that it is known within one block of the copies' end instead of after
+  // a second pass over the bytes. Device-to-host bytes are checksummed on the GPU as they are
+  // read (options.checksum_on_device), or else each chunk once it has landed, on
+  // options.checksum_threads threads that do not delay the copies after it; a host-to-host copy
+  // checksums each block right after copying it, from the cache. WaitChecksums returns the results. Every destination must be host memory
   // (kInvalidArgument, ticket consumed, otherwise). The checksum is of the destination's bytes
   // as the copy left them: bytes changed afterwards no longer match it.
   // REQUIRES: WaitChecksums is called for each ticket this accepted (until then its events and

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <random>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -550,10 +551,11 @@ TEST_F(GpuCopyEngineTest, MarkAndFenceTakeMicroseconds) {
 class StagingTest : public GpuCopyEngineTest {
  protected:
   // A new engine with `staging`, new tensors and a new slot.
-  void Prepare(const StagingOptions& staging, bool checksum = false) {
+  void Prepare(const StagingOptions& staging, bool checksum = false, bool on_device = true) {
     slot_.reset();  // unregisters from the engine it was made with
     CopyEngineOptions options;
     options.staging = staging;
+    options.checksum_on_device = on_device;
     checksum_ = checksum;
     if (checksum) {
       // Chunks and blocks whose boundaries do not line up, and staged parts starting mid-block.
@@ -675,20 +677,24 @@ TEST_F(StagingTest, EveryModeHoldsTheSnapshotPointWhenTheOptimizerOverwritesAtOn
   }
 }
 
-// The checksums of IssueChecksummedCopies come from what landed, in every staging mode: the
-// pieces of direct and staged copies, each behind its chunk's event, make every block's CRC32C.
+// The checksums of IssueChecksummedCopies are of what landed, in every staging mode, whether
+// computed on the GPU (the kernel over the sources and the staging buffer, read before the
+// optimizer overwrites them) or on host threads (each chunk's pieces behind its event).
 TEST_F(StagingTest, ChecksumsOfWhatLandedInEveryMode) {
-  for (const auto& [name, mode, divisor] :
-       {std::tuple<const char*, StagingMode, int>{"off", StagingMode::kOff, 0},
-        {"partial", StagingMode::kFull, 3}, {"full", StagingMode::kFull, 0}}) {
-    SCOPED_TRACE(name);
-    const uint64_t budget = divisor > 0 ? TotalBytes() / divisor : 0;
-    ASSERT_NO_FATAL_FAILURE(Prepare({mode, budget, 0.5}, /*checksum=*/true));
-    for (uint64_t i = 0; i < 2; ++i) {
-      SnapshotAndOverwrite(seed_ + 300 + i, 0);
-      if (HasFatalFailure()) return;
+  for (const bool on_device : {true, false}) {
+    for (const auto& [name, mode, divisor] :
+         {std::tuple<const char*, StagingMode, int>{"off", StagingMode::kOff, 0},
+          {"partial", StagingMode::kFull, 3}, {"full", StagingMode::kFull, 0}}) {
+      SCOPED_TRACE(absl::StrCat(name, on_device ? ", on the GPU" : ", on host threads"));
+      const uint64_t budget = divisor > 0 ? TotalBytes() / divisor : 0;
+      ASSERT_NO_FATAL_FAILURE(Prepare({mode, budget, 0.5}, /*checksum=*/true, on_device));
+      for (uint64_t i = 0; i < 2; ++i) {
+        SnapshotAndOverwrite(seed_ + 300 + i, 0);
+        if (HasFatalFailure()) return;
+      }
+      EXPECT_EQ(engine_->stats().bytes_checksummed, 2 * TotalBytes());
+      EXPECT_EQ(engine_->stats().bytes_checksummed_on_device, on_device ? 2 * TotalBytes() : 0);
     }
-    EXPECT_EQ(engine_->stats().bytes_checksummed, 2 * TotalBytes());
   }
   // A device destination cannot be checksummed.
   ASSERT_NO_FATAL_FAILURE(Prepare({StagingMode::kOff, 0, 0.5}, /*checksum=*/true));
@@ -699,6 +705,58 @@ TEST_F(StagingTest, ChecksumsOfWhatLandedInEveryMode) {
   const absl::Status issued =
       engine_->IssueChecksummedCopies(*ticket, {{other.ptr(0), tensors_->ptr(0), 4096}});
   EXPECT_EQ(issued.code(), absl::StatusCode::kInvalidArgument) << issued;
+}
+
+// The GPU checksum of sources at every alignment and of lengths around its stretch (1 KiB) and
+// tile (256 KiB) sizes, many snapshots in flight at once: each equals ISA-L's CRC32C of the
+// bytes that landed.
+TEST_F(GpuCopyEngineTest, DeviceChecksumsOfUnalignedSourcesMatchTheHost) {
+  CopyEngineOptions options;
+  options.checksum_block_bytes = (1 << 20) + 4096;
+  std::unique_ptr<CopyEngine> engine = CopyEngine::Create(0, options);
+  ASSERT_TRUE(engine->has_gpu());
+  const size_t total = size_t{24} << 20;
+  DeviceTensors source;
+  ASSERT_OK(source.Allocate({total}));
+  ASSERT_OK(source.Fill(seed_, compute_));
+  ShmSlot slot(engine.get(), total);
+  ASSERT_OK(slot.Open());
+  std::mt19937_64 rng(seed_);
+  const std::vector<size_t> sizes = {1, 15, 16, 17, 1023, 1024, 1025, 262143, 262144, 262145,
+                                     (size_t{1} << 20) + 4095, (size_t{1} << 20) + 4096,
+                                     (size_t{3} << 20) + 12345};
+  std::vector<CopyOp> ops;
+  size_t at = 0;
+  for (size_t bytes : sizes) {
+    at += 1 + rng() % 31;  // every alignment
+    ops.push_back({slot.data() + at, static_cast<const char*>(source.ptr(0)) + at, bytes});
+    at += bytes;
+  }
+  ASSERT_LT(at, total);
+  std::vector<uint64_t> tickets;
+  for (int round = 0; round < 3; ++round) {
+    absl::StatusOr<uint64_t> ticket = engine->MarkSnapshotPoint(compute_);
+    ASSERT_TRUE(ticket.ok()) << ticket.status();
+    ASSERT_OK(engine->IssueChecksummedCopies(*ticket, ops));
+    tickets.push_back(*ticket);
+  }
+  for (uint64_t ticket : tickets) {
+    absl::StatusOr<std::vector<OpChecksum>> sums = engine->WaitChecksums(ticket);
+    ASSERT_TRUE(sums.ok()) << sums.status();
+    ASSERT_EQ(sums->size(), ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const auto* dst = static_cast<const unsigned char*>(ops[i].dst);
+      ASSERT_EQ((*sums)[i].crc, Crc32c(dst, ops[i].bytes))
+          << "op " << i << " of " << ops[i].bytes << " bytes, seed " << seed_;
+      const size_t block = options.checksum_block_bytes;
+      for (size_t b = 0; b < (*sums)[i].blocks.size(); ++b) {
+        ASSERT_EQ((*sums)[i].blocks[b],
+                  Crc32c(dst + b * block, std::min(block, ops[i].bytes - b * block)))
+            << "op " << i << " block " << b << " seed " << seed_;
+      }
+    }
+  }
+  EXPECT_GT(engine->stats().bytes_checksummed_on_device, 0u);
 }
 
 // A restore that checks each chunk before copying it copies what passed and stops at the first
