@@ -706,13 +706,22 @@ absl::Status Client::CopyVerified(const RestoreSource& source,
                                   const std::vector<cuda::CopyOp>& ops) {
   TESSERA_RETURN_IF_ERROR(VerifyLayout(source));
   const uint64_t block = source.manifest_.crc_block_bytes();
-  // In the order the copies ask: device destinations first, then host ones.
+  // Entries restored into GPU memory are verified there, by the copy engine's CRC32C kernel
+  // over what landed, beside the copies; the others by the verifier's threads ahead of their
+  // copies, in the order the copies ask: device destinations first, then host ones.
+  const bool on_gpu = engine_->has_gpu() && options_.checksum_on_device;
+  std::vector<std::vector<uint32_t>> gpu_blocks(on_gpu ? ops.size() : 0);
   std::vector<BlockVerifier::Block> device_blocks;
   std::vector<BlockVerifier::Block> host_blocks;
   for (size_t i = 0; i < ops.size(); ++i) {
     const ManifestEntry& m = *source.by_name_.at(entries_[i].spec.name());
     absl::StatusOr<cuda::MemoryKind> kind = engine_->Locate(ops[i].dst);
-    auto& into = kind.ok() && *kind == cuda::MemoryKind::kDevice ? device_blocks : host_blocks;
+    const bool device = kind.ok() && *kind == cuda::MemoryKind::kDevice;
+    if (device && on_gpu) {
+      gpu_blocks[i].assign(m.block_crc32c().begin(), m.block_crc32c().end());
+      continue;
+    }
+    auto& into = device ? device_blocks : host_blocks;
     for (int b = 0; b < m.block_crc32c_size(); ++b) {
       const uint64_t offset = b * block;
       into.push_back({i, offset, static_cast<const uint8_t*>(ops[i].src) + offset,
@@ -720,12 +729,14 @@ absl::Status Client::CopyVerified(const RestoreSource& source,
     }
   }
   device_blocks.insert(device_blocks.end(), host_blocks.begin(), host_blocks.end());
-  BlockVerifier verifier(std::move(device_blocks), options_.checksum_threads,
-                         absl::StrCat("job '", job_id_, "' rank ", rank_, " step ",
-                                      source.response_.step()));
-  return engine_->CopySyncChecked(ops, [&](size_t op, uint64_t offset, uint64_t bytes) {
+  const std::string what =
+      absl::StrCat("job '", job_id_, "' rank ", rank_, " step ", source.response_.step());
+  BlockVerifier verifier(std::move(device_blocks), options_.checksum_threads, what);
+  auto before = [&](size_t op, uint64_t offset, uint64_t bytes) {
     return verifier.WaitFor(op, offset, bytes);
-  });
+  };
+  if (gpu_blocks.empty()) return engine_->CopySyncChecked(ops, before);
+  return Annotate(engine_->CopySyncVerified(ops, before, gpu_blocks, block), what);
 }
 
 absl::StatusOr<Client::DpAgreement> Client::AgreeOnRestore(int64_t step) {

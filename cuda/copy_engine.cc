@@ -53,6 +53,18 @@ absl::Status CudaStatus(int cuda_error, absl::string_view call) {
 
 CopyEngine::~CopyEngine() = default;
 
+absl::Status CopyEngine::CopySyncVerified(const std::vector<CopyOp>& ops, const BeforeCopy& before,
+                                          const std::vector<std::vector<uint32_t>>& expected,
+                                          uint64_t block_bytes) {
+  TESSERA_RETURN_IF_ERROR(internal::ValidateExpectedBlocks(ops, expected, block_bytes));
+  return CopySyncChecked(ops, [&](size_t op, uint64_t offset, uint64_t bytes) -> absl::Status {
+    if (op < expected.size() && !expected[op].empty()) {
+      return internal::CheckSourceBlocks(op, ops[op], expected[op], block_bytes, offset, bytes);
+    }
+    return before ? before(op, offset, bytes) : absl::OkStatus();
+  });
+}
+
 absl::Status ValidateStagingOptions(const StagingOptions& options) {
   if (!(options.budget_free_fraction > 0 && options.budget_free_fraction <= 1)) {
     return absl::InvalidArgumentError(
@@ -192,6 +204,9 @@ class CudaCopyEngine final : public CopyEngine {
   absl::StatusOr<std::vector<OpChecksum>> WaitChecksums(uint64_t ticket) override;
   absl::Status CopySync(const std::vector<CopyOp>& ops) override;
   absl::Status CopySyncChecked(const std::vector<CopyOp>& ops, const BeforeCopy& before) override;
+  absl::Status CopySyncVerified(const std::vector<CopyOp>& ops, const BeforeCopy& before,
+                                const std::vector<std::vector<uint32_t>>& expected,
+                                uint64_t block_bytes) override;
   CopyEngineStats stats() const override;
   absl::Status SetStaging(const StagingOptions& options) override;
 
@@ -216,6 +231,11 @@ class CudaCopyEngine final : public CopyEngine {
   };
 
   absl::Status Issue(uint64_t ticket, const std::vector<CopyOp>& ops, bool checksum);
+  // CopySyncChecked; with `expected` (non-null), ops to device memory that have expected block
+  // CRCs are verified on the GPU (CopySyncVerified), other ops with them on the host.
+  absl::Status CopySyncImpl(const std::vector<CopyOp>& ops, const BeforeCopy& before,
+                            const std::vector<std::vector<uint32_t>>* expected,
+                            uint64_t block_bytes);
   // Whether device-to-host bytes are checksummed on the GPU: the option, and a checksum stream
   // (created on first use; if that fails, logged once and the host threads are used).
   bool ChecksumOnDevice() ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
@@ -1067,6 +1087,28 @@ absl::Status CudaCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
 
 absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
                                              const BeforeCopy& before) {
+  return CopySyncImpl(ops, before, nullptr, 0);
+}
+
+absl::Status CudaCopyEngine::CopySyncVerified(const std::vector<CopyOp>& ops,
+                                              const BeforeCopy& before,
+                                              const std::vector<std::vector<uint32_t>>& expected,
+                                              uint64_t block_bytes) {
+  TESSERA_RETURN_IF_ERROR(internal::ValidateExpectedBlocks(ops, expected, block_bytes));
+  bool on_device = false;
+  {
+    absl::MutexLock issue_lock(&issue_mu_);
+    ScopedDevice scoped;
+    TESSERA_RETURN_IF_ERROR(scoped.Enter(device_));
+    on_device = !expected.empty() && ChecksumOnDevice();
+  }
+  if (!on_device) return CopyEngine::CopySyncVerified(ops, before, expected, block_bytes);
+  return CopySyncImpl(ops, before, &expected, block_bytes);
+}
+
+absl::Status CudaCopyEngine::CopySyncImpl(const std::vector<CopyOp>& ops, const BeforeCopy& before,
+                                          const std::vector<std::vector<uint32_t>>* expected,
+                                          uint64_t block_bytes) {
   TESSERA_RETURN_IF_ERROR(internal::ValidateCopyOps(ops));
   absl::MutexLock issue_lock(&issue_mu_);
   ScopedDevice scoped;
@@ -1077,6 +1119,44 @@ absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
                                      "cudaEventRecord(restore start)"));
   TESSERA_RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(copy_stream_, restore_event_, 0),
                                      "cudaStreamWaitEvent(restore start)"));
+  auto expected_for = [&](size_t op) -> const std::vector<uint32_t>* {
+    if (expected == nullptr || op >= expected->size() || (*expected)[op].empty()) return nullptr;
+    return &(*expected)[op];
+  };
+  const bool checking = before != nullptr || expected != nullptr;
+  auto check = [&](size_t op, uint64_t offset, uint64_t bytes) -> absl::Status {
+    if (const std::vector<uint32_t>* want = expected_for(op)) {
+      return internal::CheckSourceBlocks(op, ops[op], *want, block_bytes, offset, bytes);
+    }
+    return before ? before(op, offset, bytes) : absl::OkStatus();
+  };
+
+  // Ops verified on the GPU, in groups of about kGroupBytes: once a group's copies have landed
+  // (an event on the copy stream), the checksum stream checksums its blocks while the next
+  // group copies.
+  constexpr uint64_t kGroupBytes = uint64_t{256} << 20;
+  struct Group {
+    std::vector<size_t> ops;             // range r is op ops[r]
+    std::vector<uint64_t> range_bytes;
+    std::vector<internal::DeviceChecksummer::Piece> pieces;
+    uint64_t bytes = 0;
+    std::optional<internal::DeviceChecksummer::Pending> pending;
+  };
+  std::vector<Group> groups(1);
+  std::vector<cudaEvent_t> group_events;
+  auto flush = [&]() -> absl::Status {
+    Group& group = groups.back();
+    if (group.pieces.empty()) return absl::OkStatus();
+    TESSERA_ASSIGN_OR_RETURN(cudaEvent_t landed, AcquireChunkEvent());
+    group_events.push_back(landed);
+    TESSERA_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(landed, copy_stream_), "cudaEventRecord(group landed)"));
+    TESSERA_ASSIGN_OR_RETURN(group.pending,
+                             device_checksummer_->Enqueue(group.pieces, {}, landed, nullptr));
+    groups.emplace_back();
+    return absl::OkStatus();
+  };
+
   TransferCounts counts;
   std::vector<RoutedOp> device_ops;
   std::vector<CopyOp> host_ops;
@@ -1084,14 +1164,26 @@ absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
   absl::Status status = RouteOps(ops, &device_ops, &host_ops, &counts, &host_indices);
   for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
     const RoutedOp& r = device_ops[i];
-    if (before == nullptr) {
+    if (r.dst == Where::kDevice && expected_for(r.index) != nullptr) {
+      status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes, Direction(r), &counts);
+      Group& group = groups.back();
+      const size_t range = group.ops.size();
+      group.ops.push_back(r.index);
+      group.range_bytes.push_back(r.op.bytes);
+      for (uint64_t at = 0; at < r.op.bytes; at += block_bytes) {
+        group.pieces.push_back({range, at, static_cast<const char*>(r.op.dst) + at,
+                                std::min<uint64_t>(block_bytes, r.op.bytes - at)});
+      }
+      group.bytes += r.op.bytes;
+      if (status.ok() && group.bytes >= kGroupBytes) status = flush();
+    } else if (!checking) {
       status = EnqueueChunks(r.op.dst, r.op.src, r.op.bytes, Direction(r), &counts);
     } else {
-      // Chunk by chunk, each once `before` passes it: chunk k copies while k+1 is checked.
+      // Chunk by chunk, each once its check passes: chunk k copies while k+1 is checked.
       for (uint64_t offset = 0; status.ok() && offset < r.op.bytes;
            offset += options_.chunk_bytes) {
         const uint64_t chunk = std::min<uint64_t>(options_.chunk_bytes, r.op.bytes - offset);
-        status = before(r.index, offset, chunk);
+        status = check(r.index, offset, chunk);
         if (status.ok()) {
           status = EnqueueChunks(static_cast<char*>(r.op.dst) + offset,
                                  static_cast<const char*>(r.op.src) + offset, chunk,
@@ -1101,12 +1193,13 @@ absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
     }
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", r.index));
   }
-  if (status.ok() && before == nullptr) {
+  if (status.ok()) status = flush();
+  if (status.ok() && !checking) {
     internal::CopyHostMemory(host_ops, options_.host_copy_threads,
                              options_.host_parallel_min_bytes);
   }
-  for (size_t h = 0; status.ok() && before != nullptr && h < host_ops.size(); ++h) {
-    status = before(host_indices[h], 0, host_ops[h].bytes);
+  for (size_t h = 0; status.ok() && checking && h < host_ops.size(); ++h) {
+    status = check(host_indices[h], 0, host_ops[h].bytes);
     if (status.ok()) {
       internal::CopyHostMemory({host_ops[h]}, options_.host_copy_threads,
                                options_.host_parallel_min_bytes);
@@ -1115,10 +1208,38 @@ absl::Status CudaCopyEngine::CopySyncChecked(const std::vector<CopyOp>& ops,
   const absl::Status synced =
       CudaStatus(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize(copy stream)");
   if (status.ok()) status = synced;
-  if (status.ok()) {
-    absl::MutexLock lock(&mu_);
-    stats_.bytes_copied_sync += counts.total();
+  // The GPU's verdicts, in op order; a group not checked (an error before) is only waited for.
+  uint64_t verified = 0;
+  for (Group& group : groups) {
+    if (!group.pending) continue;
+    if (!status.ok()) {
+      device_checksummer_->Abandon(std::move(*group.pending));
+      continue;
+    }
+    absl::StatusOr<std::vector<internal::RangeChecksum>> ranges =
+        device_checksummer_->Finish(std::move(*group.pending), block_bytes, group.range_bytes);
+    if (!ranges.ok()) {
+      status = ranges.status();
+      continue;
+    }
+    for (size_t r = 0; status.ok() && r < ranges->size(); ++r) {
+      const size_t op = group.ops[r];
+      const std::vector<uint32_t>& want = *expected_for(op);
+      for (size_t b = 0; b < want.size(); ++b) {
+        if ((*ranges)[r].blocks[b] != want[b]) {
+          status = internal::BlockMismatch(op, b, block_bytes, ops[op].bytes,
+                                           (*ranges)[r].blocks[b], want[b],
+                                           " where they landed on the GPU");
+          break;
+        }
+      }
+    }
+    verified += group.bytes;
   }
+  ReleaseChunkEvents(group_events);
+  absl::MutexLock lock(&mu_);
+  stats_.bytes_verified_on_device += verified;
+  if (status.ok()) stats_.bytes_copied_sync += counts.total();
   return status;
 }
 

@@ -127,6 +127,7 @@ struct CopyEngineStats {
   uint64_t bytes_copied_sync = 0;   // bytes copied by CopySync, every direction
   uint64_t bytes_checksummed = 0;   // destination bytes checksummed (IssueChecksummedCopies)
   uint64_t bytes_checksummed_on_device = 0;  // of those, checksummed by the GPU
+  uint64_t bytes_verified_on_device = 0;     // CopySyncVerified bytes checked by the GPU
 
   // Staging. bytes_staged counts device-to-device copies into the staging buffer (also counted,
   // as they go on to the host, in bytes_device_to_host).
@@ -255,6 +256,19 @@ class CopyEngine {
   using BeforeCopy = std::function<absl::Status(size_t op, uint64_t offset, uint64_t bytes)>;
   virtual absl::Status CopySyncChecked(const std::vector<CopyOp>& ops,
                                        const BeforeCopy& before) = 0;
+
+  // CopySyncChecked that also verifies ops against the CRC32C of each block of `block_bytes`
+  // recorded for them: expected[op] (empty: not verified here; `expected` may be empty or one
+  // list per op, each of ceil(bytes / block_bytes) CRCs, kInvalidArgument otherwise).
+  // On a GPU, a verified op whose destination is device memory is copied at once, and a CRC32C
+  // kernel checksums the blocks that landed beside the copies that follow (CPU: none); any other
+  // verified op's source blocks are checked on the calling thread before they are copied. A
+  // block whose CRC32C differs is kDataLoss naming the op, the bytes and both CRC32Cs: on the
+  // GPU path reported once every copy is done, its bytes having landed; on the host path before
+  // they are copied. `before` still runs for the ops not verified here (may be null).
+  virtual absl::Status CopySyncVerified(const std::vector<CopyOp>& ops, const BeforeCopy& before,
+                                        const std::vector<std::vector<uint32_t>>& expected,
+                                        uint64_t block_bytes);
 
   virtual CopyEngineStats stats() const = 0;
 

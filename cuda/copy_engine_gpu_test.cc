@@ -471,6 +471,50 @@ TEST_F(GpuCopyEngineTest, RestoresWithCopySync) {
             tensors.total_bytes() + copy.bytes(0) + host_blob.size());
 }
 
+// A restore verified on the GPU: each block of each device destination is checksummed where it
+// landed, beside the copies; a block whose recorded CRC32C differs is reported, naming it, once
+// every copy is done. Host destinations are checked before they are copied.
+TEST_F(GpuCopyEngineTest, CopySyncVerifiedChecksEveryBlockWhereItLanded) {
+  DeviceTensors tensors;
+  ASSERT_OK(tensors.Allocate(TensorSizes(TestBytes())));
+  ShmSlot slot(engine_.get(), tensors.slot_bytes() + 4096);
+  ASSERT_OK(slot.Open());
+  std::vector<CopyOp> ops = tensors.RestoreOps(slot.data());
+  std::vector<unsigned char> host_blob(5000);
+  unsigned char* slot_blob = slot.data() + tensors.slot_bytes() + 1;
+  ops.push_back({host_blob.data(), slot_blob, host_blob.size()});
+  const size_t block = (size_t{1} << 20) + 4096;
+  std::vector<std::vector<uint32_t>> expected;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    FillPatternHost(const_cast<void*>(ops[i].src), ops[i].bytes, seed_ + i);
+    expected.emplace_back();
+    for (size_t at = 0; at < ops[i].bytes; at += block) {
+      expected[i].push_back(
+          Crc32c(static_cast<const char*>(ops[i].src) + at, std::min(block, ops[i].bytes - at)));
+    }
+  }
+  ASSERT_OK(tensors.Fill(seed_ + kNewSeedOffset, nullptr));
+  ASSERT_OK(engine_->CopySyncVerified(ops, nullptr, expected, block));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    EXPECT_EQ(DeviceMismatches(tensors.ptr(i), tensors.bytes(i), seed_ + i), 0u) << "tensor " << i;
+  }
+  EXPECT_EQ(FirstPatternMismatchHost(host_blob.data(), host_blob.size(), seed_ + ops.size() - 1),
+            host_blob.size());
+  EXPECT_EQ(engine_->stats().bytes_verified_on_device, tensors.total_bytes());
+
+  // A recorded CRC that differs from what landed, in the second block of the last tensor.
+  const size_t bad = tensors.size() - 1;
+  ASSERT_GE(expected[bad].size(), 2u);
+  const uint32_t landed = expected[bad][1];
+  expected[bad][1] ^= 0x00400000u;
+  const absl::Status status = engine_->CopySyncVerified(ops, nullptr, expected, block);
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_THAT(std::string(status.message()),
+              ::testing::HasSubstr(absl::StrCat("bytes [", block, ", +", block, ") of copy op ",
+                                                bad, " have CRC32C 0x", absl::Hex(landed),
+                                                " where they landed on the GPU")));
+}
+
 // Many snapshots as the agent takes them: the trainer thread changes the state, marks and fences
 // on the legacy default stream; an agent thread issues and waits into two alternating slots and
 // checks each one. Exercises the reuse of the tickets' events.

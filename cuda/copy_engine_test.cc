@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/crc32c.h"
 #include "absl/time/clock.h"
@@ -452,6 +453,54 @@ TEST_P(CopyEngineTest, CopySyncCheckedCopiesOnlyWhatItsCheckPassed) {
   ASSERT_OK(engine_->CopySyncChecked(restored.Ops(),
                                      [](size_t, uint64_t, uint64_t) { return absl::OkStatus(); }));
   EXPECT_EQ(restored.FirstMismatch(), -1);
+}
+
+// Each block's CRC32C, in blocks of `block` bytes.
+std::vector<uint32_t> BlockCrcs(const std::vector<uint8_t>& bytes, size_t block) {
+  std::vector<uint32_t> crcs;
+  for (size_t at = 0; at < bytes.size(); at += block) {
+    crcs.push_back(Crc32c(bytes.data() + at, std::min(block, bytes.size() - at)));
+  }
+  return crcs;
+}
+
+// Host memory is verified before it is copied: the ops before a bad block are copied, the op
+// holding it is not, and the error names the op, the bytes and both CRC32Cs.
+TEST_P(CopyEngineTest, CopySyncVerifiedCopiesNothingPastABadBlock) {
+  const size_t block = 4096;
+  Snapshot restored(rng_, {4097, 3, 3 * 4096 + 5, 11});
+  std::vector<std::vector<uint32_t>> expected;
+  for (size_t i = 0; i < 4; ++i) expected.push_back(BlockCrcs(restored.source(i), block));
+  expected[1].clear();  // not verified: `before` sees it
+  std::vector<size_t> before_ops;
+  auto before = [&](size_t op, uint64_t, uint64_t) {
+    before_ops.push_back(op);
+    return absl::OkStatus();
+  };
+  const uint32_t sealed = expected[2][2];
+  expected[2][2] ^= 1u << (rng_() % 32);  // block 2 of op 2 no longer matches its bytes
+  const absl::Status status = engine_->CopySyncVerified(restored.Ops(), before, expected, block);
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss) << status;
+  EXPECT_THAT(std::string(status.message()),
+              ::testing::HasSubstr(absl::StrCat("bytes [8192, +4096) of copy op 2 have CRC32C 0x",
+                                                absl::Hex(sealed))));
+  EXPECT_THAT(before_ops, ::testing::ElementsAre(1));
+  EXPECT_EQ(std::memcmp(restored.copy(0), restored.source(0).data(), 4097), 0);
+  EXPECT_EQ(std::memcmp(restored.copy(1), restored.source(1).data(), 3), 0);
+  EXPECT_NE(std::memcmp(restored.copy(2), restored.source(2).data(), 3 * 4096 + 5), 0);
+  EXPECT_NE(std::memcmp(restored.copy(3), restored.source(3).data(), 11), 0);
+  // Matching: bit-exact.
+  expected[2][2] = sealed;
+  ASSERT_OK(engine_->CopySyncVerified(restored.Ops(), before, expected, block));
+  EXPECT_EQ(restored.FirstMismatch(), -1);
+  // Lists that do not fit the ops are refused, naming what would fit.
+  expected[3].push_back(0);
+  const absl::Status refused = engine_->CopySyncVerified(restored.Ops(), before, expected, block);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("blocks of 4096 bytes make 1"));
+  expected.pop_back();
+  EXPECT_EQ(engine_->CopySyncVerified(restored.Ops(), before, expected, block).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(CopyEngineTest, AFailedChecksummedIssueReportsItsErrorToWaitChecksums) {

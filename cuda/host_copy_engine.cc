@@ -304,6 +304,53 @@ absl::StatusOr<std::vector<OpChecksum>> HostCopyEngine::WaitChecksums(uint64_t t
   return crcs;
 }
 
+absl::Status ValidateExpectedBlocks(const std::vector<CopyOp>& ops,
+                                    const std::vector<std::vector<uint32_t>>& expected,
+                                    uint64_t block_bytes) {
+  if (expected.empty()) return absl::OkStatus();
+  if (block_bytes == 0) {
+    return absl::InvalidArgumentError("verified copy: block_bytes is 0; it must be at least 1");
+  }
+  if (expected.size() != ops.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("verified copy: ", expected.size(),
+                                                   " lists of block CRCs for ", ops.size(),
+                                                   " ops; give one per op (empty: unverified)"));
+  }
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const uint64_t blocks = (ops[i].bytes + block_bytes - 1) / block_bytes;
+    if (!expected[i].empty() && expected[i].size() != blocks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "verified copy: op ", i, " of ", ops[i].bytes, " bytes has ", expected[i].size(),
+          " block CRCs; blocks of ", block_bytes, " bytes make ", blocks));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockMismatch(size_t index, uint64_t block, uint64_t block_bytes, uint64_t op_bytes,
+                           uint32_t actual, uint32_t expected, const char* where) {
+  const uint64_t offset = block * block_bytes;
+  return absl::DataLossError(absl::StrCat(
+      "bytes [", offset, ", +", std::min(block_bytes, op_bytes - offset), ") of copy op ", index,
+      " have CRC32C 0x", absl::Hex(actual), where, ", not the 0x", absl::Hex(expected),
+      " recorded when they were snapshotted"));
+}
+
+absl::Status CheckSourceBlocks(size_t index, const CopyOp& op, const std::vector<uint32_t>& expected,
+                               uint64_t block_bytes, uint64_t offset, uint64_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  const uint64_t last = std::min<uint64_t>((offset + bytes - 1) / block_bytes, expected.size() - 1);
+  for (uint64_t b = offset / block_bytes; b <= last; ++b) {
+    const uint64_t from = b * block_bytes;
+    const uint32_t crc = Crc32c(static_cast<const char*>(op.src) + from,
+                                std::min(block_bytes, op.bytes - from));
+    if (crc != expected[b]) {
+      return BlockMismatch(index, b, block_bytes, op.bytes, crc, expected[b], "");
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status HostCopyEngine::CopySync(const std::vector<CopyOp>& ops) {
   TESSERA_RETURN_IF_ERROR(ValidateCopyOps(ops));
   const uint64_t bytes =

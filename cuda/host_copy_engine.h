@@ -81,6 +81,21 @@ uint64_t CopyHostMemory(const std::vector<CopyOp>& ops, int threads, size_t para
 // WaitChecksums's error for a ticket with no checksums to take.
 absl::Status NoChecksums(uint64_t ticket);
 
+// CopySyncVerified's argument checks: `expected` empty or one list per op, each empty or of
+// ceil(bytes / block_bytes) CRCs; block_bytes > 0.
+absl::Status ValidateExpectedBlocks(const std::vector<CopyOp>& ops,
+                                    const std::vector<std::vector<uint32_t>>& expected,
+                                    uint64_t block_bytes);
+
+// kDataLoss for the first block of `op` (index `index`) overlapping [offset, offset + bytes)
+// whose CRC32C (of its source, host memory) is not `expected`'s; OK if none.
+absl::Status CheckSourceBlocks(size_t index, const CopyOp& op, const std::vector<uint32_t>& expected,
+                               uint64_t block_bytes, uint64_t offset, uint64_t bytes);
+
+// The kDataLoss of block `block` of copy op `index`.
+absl::Status BlockMismatch(size_t index, uint64_t block, uint64_t block_bytes, uint64_t op_bytes,
+                           uint32_t actual, uint32_t expected, const char* where);
+
 // Checksums kept for tickets nobody took them of, at most (the oldest go first).
 constexpr size_t kMaxUntakenChecksums = 64;
 
