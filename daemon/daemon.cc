@@ -145,7 +145,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config
   TESSERA_ASSIGN_OR_RETURN(
       d->agent_listener_,
       UnixListener::Start(config.agent.socket_path, static_cast<mode_t>(config.agent.socket_mode),
-                          d->agent_server_.get(), &d->credentials_));
+                          d->agent_server_.get(), &d->credentials_,
+                          static_cast<int>(config.agent.max_connections_per_uid)));
   if (!config.metrics.listen_address.empty()) {
     TESSERA_ASSIGN_OR_RETURN(d->metrics_server_,
                              MetricsServer::Start(config.metrics.listen_address, &GlobalMetrics()));

@@ -194,6 +194,13 @@ ConfigSchema BuildSchema() {
           "daemon's user and group may connect: run trainers in that group.",
           StringValidator("3 or 4 octal digits", CheckOctalMode)),
       ConfigKey::Int64(
+          "agent.max_connections_per_uid", defaults.agent.max_connections_per_uid,
+          "Open connections to the agent socket one uid may hold; more are closed at once "
+          "(logged, counted in tessera_agent_connections_over_uid_cap_total), so that one "
+          "user's idle connections cannot take every file descriptor of the daemon from the "
+          "others. A trainer holds one; keep it well below the daemon's RLIMIT_NOFILE.",
+          InRange(1, 1 << 20)),
+      ConfigKey::Int64(
           "daemon.drain_timeout_ms", defaults.daemon.drain_timeout_ms,
           "On SIGTERM the daemon stops accepting new snapshots and waits up to this long for "
           "the seals in flight to finish before it exits. Keep it below the stop timeout of "
@@ -340,6 +347,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.store.seal_checksum = config.GetString("store.seal_checksum");
   daemon_config.agent.socket_path = config.GetString("agent.socket_path");
   // Validated as 3 or 4 octal digits.
+  daemon_config.agent.max_connections_per_uid = config.GetInt64("agent.max_connections_per_uid");
   daemon_config.agent.socket_mode = static_cast<uint32_t>(
       std::strtoul(config.GetString("agent.socket_mode").c_str(), nullptr, 8));
   daemon_config.daemon.drain_timeout_ms = config.GetInt64("daemon.drain_timeout_ms");

@@ -33,6 +33,7 @@ struct DaemonConfig {
   struct Agent {
     std::string socket_path = "/run/tessera/agent.sock";  // agent.socket_path
     uint32_t socket_mode = 0660;  // agent.socket_mode (written in octal in the file: "0660")
+    int64_t max_connections_per_uid = 256;  // agent.max_connections_per_uid
   };
   struct Daemon {
     int64_t drain_timeout_ms = 30000;  // daemon.drain_timeout_ms

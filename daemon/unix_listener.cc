@@ -48,9 +48,34 @@ bool SomeoneListens(const sockaddr_un& addr) {
 
 }  // namespace
 
+namespace {
+
+ino_t InodeOf(int fd) {
+  struct stat st;
+  return fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
+}  // namespace
+
 void PeerCredentials::Record(int fd, const Caller& caller) {
+  const ino_t inode = InodeOf(fd);
   absl::MutexLock lock(&mu_);
-  by_fd_[fd] = caller;
+  by_fd_[fd] = Entry{caller, inode};
+}
+
+int PeerCredentials::CountOpen(uid_t uid) {
+  absl::MutexLock lock(&mu_);
+  int open = 0;
+  for (auto it = by_fd_.begin(); it != by_fd_.end();) {
+    const ino_t inode = InodeOf(it->first);
+    if (inode == 0 || inode != it->second.inode) {
+      it = by_fd_.erase(it);  // closed by the server, or the number reused for another file
+      continue;
+    }
+    if (it->second.caller.uid == uid) ++open;
+    ++it;
+  }
+  return open;
 }
 
 std::optional<Caller> PeerCredentials::Lookup(const std::string& peer) const {
@@ -60,13 +85,14 @@ std::optional<Caller> PeerCredentials::Lookup(const std::string& peer) const {
   absl::MutexLock lock(&mu_);
   auto it = by_fd_.find(fd);
   if (it == by_fd_.end()) return std::nullopt;
-  return it->second;
+  return it->second.caller;
 }
 
 absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Start(const std::string& path,
                                                                   mode_t mode,
                                                                   grpc::Server* server,
-                                                                  PeerCredentials* credentials) {
+                                                                  PeerCredentials* credentials,
+                                                                  int max_per_uid) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
@@ -106,16 +132,18 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Start(const std::str
     unlink(path.c_str());
     return ErrnoStatus(e, "eventfd");
   }
-  return std::unique_ptr<UnixListener>(new UnixListener(path, fd, stop_fd, server, credentials));
+  return std::unique_ptr<UnixListener>(
+      new UnixListener(path, fd, stop_fd, server, credentials, max_per_uid));
 }
 
 UnixListener::UnixListener(std::string path, int listen_fd, int stop_fd, grpc::Server* server,
-                           PeerCredentials* credentials)
+                           PeerCredentials* credentials, int max_per_uid)
     : path_(std::move(path)),
       listen_fd_(listen_fd),
       stop_fd_(stop_fd),
       server_(server),
       credentials_(credentials),
+      max_per_uid_(max_per_uid),
       spare_fd_(open("/dev/null", O_RDONLY | O_CLOEXEC)),
       thread_([this] { AcceptLoop(); }) {}
 
@@ -155,12 +183,33 @@ void UnixListener::AcceptLoop() {
       close(fd);
       continue;
     }
+    if (max_per_uid_ > 0) {
+      const int open = credentials_->CountOpen(cred.uid);
+      if (open >= max_per_uid_) {
+        close(fd);
+        Metrics().connections_over_uid_cap->Increment();
+        NoteOverCap(cred.uid, cred.pid, open);
+        continue;
+      }
+    }
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kSocketBufferBytes, sizeof(kSocketBufferBytes));
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &kSocketBufferBytes, sizeof(kSocketBufferBytes));
     credentials_->Record(fd, Caller{cred.uid, cred.gid, cred.pid});
     log->debug("agent connection fd {} from pid {} uid {}", fd, cred.pid, cred.uid);
     grpc::AddInsecureChannelFromFd(server_, fd);
   }
+}
+
+void UnixListener::NoteOverCap(uid_t uid, pid_t pid, int open) {
+  const int64_t now = absl::GetCurrentTimeNanos();
+  int64_t& logged_at = over_cap_logged_at_ns_[uid];
+  if (logged_at != 0 && now - logged_at < 10'000'000'000) return;
+  logged_at = now;
+  Logger("agent-service")->warn(
+      "closed a connection to {} from pid {} uid {}: that uid holds {} open connections, "
+      "agent.max_connections_per_uid (further ones are counted in "
+      "tessera_agent_connections_over_uid_cap_total, logged at most every 10 s)",
+      path_, pid, uid, open);
 }
 
 void UnixListener::Shed(int accept_errno) {

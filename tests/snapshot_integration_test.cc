@@ -1,5 +1,6 @@
 // Node-local protection with real processes: tesserad, trainer processes, SIGKILL.
 #include <signal.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -749,6 +750,62 @@ TEST(TesseradTest, IdleConnectionsUpToTheFdLimitAreShedNotSpunOn) {
   argv.push_back("--when-busy=wait");
   std::unique_ptr<Process> trainer;
   for (int attempt = 0; attempt < 50; ++attempt) {  // gRPC closes the idle connections lazily
+    trainer = Process::Start(argv);
+    if (trainer->Wait() == 0) break;
+    std::this_thread::sleep_for(milliseconds(200));
+  }
+  EXPECT_EQ(LastEvent(trainer->lines(), "sealed"), 2)
+      << (trainer->lines().empty() ? "" : trainer->lines().back());
+}
+
+// One uid's idle connections stop at agent.max_connections_per_uid: the ones past it are closed
+// at once (logged once per 10 s), so they cannot take the daemon's descriptors; a trainer of that
+// uid connects again once its own connections are closed.
+TEST(TesseradTest, OneUidsConnectionsStopAtItsCap) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  DaemonProcess daemon(root.path(), "n0", uint64_t{256} << 20,
+                       {"--set", "agent.max_connections_per_uid=8"});
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  std::vector<int> idle;
+  for (int i = 0; i < 20; ++i) {
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", daemon.socket_path().c_str());
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << errno;
+    idle.push_back(fd);
+  }
+  // The daemon closes the connections past the cap: reading them gives end of file. gRPC
+  // answers the ones it keeps with its settings frame, so only a read of 0 bytes counts.
+  std::this_thread::sleep_for(milliseconds(500));
+  int closed = 0;
+  for (int fd : idle) {
+    pollfd p{fd, POLLIN, 0};
+    char buffer[256];
+    if (poll(&p, 1, 200) == 1 && recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT) == 0) ++closed;
+  }
+  EXPECT_EQ(closed, 12) << "of 20 connections with a cap of 8";
+  const std::string log = daemon.LogTail(1 << 20);
+  EXPECT_TRUE(absl::StrContains(log, "holds 8 open connections, agent.max_connections_per_uid"))
+      << log.substr(0, 2000);
+  size_t lines = 0;
+  for (size_t at = log.find("max_connections_per_uid"); at != std::string::npos;
+       at = log.find("max_connections_per_uid", at + 1)) {
+    ++lines;
+  }
+  EXPECT_EQ(lines, 1u) << "logged once per 10 s, not per connection";
+  // While they are held, this uid's trainer is turned away; once they are closed, it is served.
+  auto argv = TrainerCommand(daemon, "capped", seed, 0, 1);
+  argv.push_back("--steps=2");
+  argv.push_back("--when-busy=wait");
+  auto refused = Process::Start(argv);
+  EXPECT_NE(refused->Wait(), 0) << "a trainer connected past the cap";
+  for (int fd : idle) close(fd);
+  std::unique_ptr<Process> trainer;
+  for (int attempt = 0; attempt < 50; ++attempt) {  // gRPC notices the closed ones lazily
     trainer = Process::Start(argv);
     if (trainer->Wait() == 0) break;
     std::this_thread::sleep_for(milliseconds(200));

@@ -270,6 +270,10 @@ const DaemonMetrics& Metrics() {
         "tessera_agent_connections_shed_total",
         "Connections to the agent socket accepted and closed at once because the daemon had no "
         "file descriptor left (RLIMIT_NOFILE): idle connections of some process hold them.");
+    m.connections_over_uid_cap = r.AddCounter(
+        "tessera_agent_connections_over_uid_cap_total",
+        "Connections to the agent socket closed at once because their uid already held "
+        "agent.max_connections_per_uid open connections.");
     return m;
   }();
   return metrics;

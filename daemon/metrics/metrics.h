@@ -148,6 +148,7 @@ struct DaemonMetrics {
   Counter* fragment_crc_failures;
   // Agent-socket connections closed at once because the daemon had no file descriptor left.
   Counter* connections_shed;
+  Counter* connections_over_uid_cap;
 };
 const DaemonMetrics& Metrics();
 
