@@ -26,7 +26,11 @@ void AdminClient::Reconnect() {
   args.SetMaxReceiveMessageSize(64 << 20);
   // A fresh channel, not one shared with an earlier connection to the same target.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  channel_ = grpc::CreateCustomChannel(target_, grpc::InsecureChannelCredentials(), args);
+  channel_ = grpc::CreateCustomChannel(
+      target_,
+      options_.address.empty() ? grpc::InsecureChannelCredentials()
+                               : PeerChannelCredentials(options_.tls),
+      args);
   stub_ = admin::Admin::NewStub(channel_);
 }
 
@@ -46,7 +50,7 @@ absl::StatusOr<Response> AdminClient::Call(const char* name, Method method,
   const bool connected = channel_->GetState(false) == GRPC_CHANNEL_READY;
   const bool unreachable = (absl::IsUnavailable(error) && !connected) ||
                            absl::IsDeadlineExceeded(error) || absl::IsUnauthenticated(error) ||
-                           absl::IsPermissionDenied(error) ||
+                           (absl::IsPermissionDenied(error) && !connected) ||
                            (absl::IsUnimplemented(error) && !connected);
   last_failure_ = unreachable ? FailureKind::kUnreachable : FailureKind::kAnswered;
   if (absl::IsUnauthenticated(error)) {
@@ -86,6 +90,7 @@ TESSERA_ADMIN_CALL(SetDrillTarget)
 TESSERA_ADMIN_CALL(DropMemory)
 TESSERA_ADMIN_CALL(Corrupt)
 TESSERA_ADMIN_CALL(DeclareLost)
+TESSERA_ADMIN_CALL(DropJob)
 
 #undef TESSERA_ADMIN_CALL
 

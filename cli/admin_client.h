@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "grpcpp/channel.h"
 #include "proto/admin.grpc.pb.h"
 
@@ -20,6 +21,7 @@ struct ConnectionOptions {
   std::string socket_path = kDefaultSocketPath;  // used when `address` is empty
   std::string address;                           // HOST:PORT of a daemon's peer port
   std::string token;                             // required with `address`
+  ClusterTlsFiles tls;                           // with `address`: the peer port's mutual TLS
   absl::Duration timeout = absl::Seconds(60);    // per call
 };
 
@@ -53,6 +55,7 @@ class AdminClient {
   absl::StatusOr<admin::DropMemoryResponse> DropMemory(const admin::DropMemoryRequest& request);
   absl::StatusOr<admin::CorruptResponse> Corrupt(const admin::CorruptRequest& request);
   absl::StatusOr<admin::DeclareLostResponse> DeclareLost(const admin::DeclareLostRequest& request);
+  absl::StatusOr<admin::DropJobResponse> DropJob(const admin::DropJobRequest& request);
 
   // kUnreachable when the latest call found no daemon to answer it, else kAnswered.
   FailureKind last_failure() const { return last_failure_; }

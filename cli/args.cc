@@ -53,6 +53,11 @@ const std::vector<FlagSpec>& GlobalFlags() {
       {"token-file", "PATH", "a file holding the cluster token (cluster.token_file)"},
       {"token", "TOKEN",
        "the cluster token itself (visible to other users in ps: prefer --token-file)"},
+      {"tls-cert", "PATH",
+       "with --address, to a cluster with mutual TLS: a certificate its CA issued "
+       "(cluster.tls_cert_file)"},
+      {"tls-key", "PATH", "the key of --tls-cert"},
+      {"tls-ca", "PATH", "the cluster's CA certificates (cluster.tls_ca_file)"},
       {"json", "", "print one JSON document instead of text"},
       {"timeout-s", "SECONDS", "give up on a call to the daemon after this long (default 60)"},
       {"help", "", "show this command's help"},

@@ -82,6 +82,21 @@ const std::vector<Command>& Commands() {
         "unless --force (that daemon then exits). A replacement with the same node id joins as "
         "usual."},
        RunDeclareLost},
+      {{"drop",
+        {"JOB"},
+        {{"force", "", "drop it even while a trainer of the job is registered and running"}},
+        "delete a job's snapshots held by the daemon connected to, so it is never resumed",
+        "The end of a job, made explicit: every snapshot of JOB held by the daemon connected to "
+        "(the slots of all its ranks) is deleted and the daemon forgets the job, so that the "
+        "next launch with that job id starts afresh instead of resuming the run that ended. "
+        "Says how many ranks, slots and bytes it freed. Refused while a trainer of the job is "
+        "registered and still running, unless --force (what is held now is deleted, but a "
+        "trainer that still runs registers again at its next snapshot and keeps snapshotting: "
+        "stop the trainers to end the job). A trainer can do the same for its own rank at the "
+        "end of its run: Snapshotter.close(drop=True). Allowed to root, the daemon's uid and the uid that "
+        "registered the job. Not on a member of a cluster yet: there the job's fragments on "
+        "the other members would let it resume."},
+       RunDropJob},
       {{"drill mark",
         {"JOB"},
         {},
@@ -195,7 +210,8 @@ std::string TesseraUsage() {
   std::string text =
       "usage: tessera COMMAND [ARGS] [--json] [--socket PATH | --address HOST:PORT "
       "--token-file PATH]\n\n"
-      "The operator CLI of tesserad: status, verification, recovery, drills, planning.\n\n"
+      "The operator CLI of tesserad: status, verification, recovery, ending jobs, drills, "
+      "planning.\n\n"
       "commands:\n";
   for (const Command& c : Commands()) {
     std::string name = c.spec.name;
@@ -214,7 +230,8 @@ std::string TesseraUsage() {
       "     found, a rank not restorable, a rebuild not bit-exact, a drill that failed\n"
       "  2  usage error: bad arguments (the message says what was wrong and what is right)\n"
       "  3  cannot reach the daemon: not running, wrong --socket or --address, token refused\n"
-      "  4  refused by the daemon: no such job, rank, step or node; not a drill target\n"
+      "  4  refused by the daemon: no such job, rank, step or node; not a drill target;\n"
+      "     not allowed to this uid; a job still being trained\n"
       "\n`tessera COMMAND --help` describes a command and its flags; every command takes "
       "--json.\n");
   return text;

@@ -37,7 +37,8 @@ TEST(CliTest, HelpListsEveryCommandAndTheExitCodes) {
   CliRun run = Tessera({"--help"});
   EXPECT_EQ(run.exit_code, 0);
   for (const char* command :
-       {"status", "jobs", "versions JOB", "verify JOB", "recover JOB", "drill kill-trainer",
+       {"status", "jobs", "versions JOB", "verify JOB", "recover JOB", "drop JOB",
+        "drill kill-trainer",
         "drill kill-daemon", "drill lose-node NODE", "drill corrupt NODE", "plan"}) {
     EXPECT_THAT(run.out, HasSubstr(std::string("  ") + command)) << command;
   }
@@ -51,6 +52,10 @@ TEST(CliTest, HelpListsEveryCommandAndTheExitCodes) {
   EXPECT_THAT(help.out, HasSubstr("usage: tessera drill corrupt NODE [--job JOB]"));
   EXPECT_THAT(help.out, HasSubstr("--target slot|fragment"));
   EXPECT_EQ(Tessera({"help", "plan"}).out, Tessera({"plan", "--help"}).out);
+  CliRun drop = Tessera({"drop", "--help"});
+  EXPECT_EQ(drop.exit_code, 0);
+  EXPECT_THAT(drop.out, HasSubstr("usage: tessera drop JOB [--force]"));
+  EXPECT_THAT(drop.out, HasSubstr("Snapshotter.close(drop=True)"));
 }
 
 TEST(CliTest, BadArgumentsExitTwoNamingTheMistake) {
@@ -65,6 +70,8 @@ TEST(CliTest, BadArgumentsExitTwoNamingTheMistake) {
             "unknown drill kind \"lose-nod\" (did you mean lose-node?)"},
            {{"drill", "lose-node"}, "tessera drill lose-node needs NODE"},
            {{"verify"}, "tessera verify needs JOB"},
+           {{"drop"}, "tessera drop needs JOB"},
+           {{"drop", "job", "--forse"}, "--forse"},
            {{"recover", "job"}, "tessera recover needs --rank R"},
            {{"recover", "job", "--rank", "-2"}, "--rank \"-2\": need an integer from 0"},
            {{"verify", "job", "--step", "soon"}, "--step \"soon\": need an integer >= 0"},

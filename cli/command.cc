@@ -6,6 +6,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "cli/format.h"
 
 namespace tessera::cli {
@@ -55,9 +56,19 @@ absl::StatusOr<AdminClient*> Context::Client() {
           absl::StrCat("--address ", options.address,
                        " needs the cluster token: --token-file PATH (or --token TOKEN)"));
     }
+    options.tls = ClusterTlsFiles{args_.Get("tls-cert"), args_.Get("tls-key"), args_.Get("tls-ca")};
+    if (absl::Status tls = CheckClusterTlsFiles(options.tls); !tls.ok()) {
+      return absl::InvalidArgumentError(absl::StrReplaceAll(
+          tls.message(), {{"cluster.tls_cert_file", "--tls-cert"},
+                          {"cluster.tls_key_file", "--tls-key"},
+                          {"cluster.tls_ca_file", "--tls-ca"}}));
+    }
   } else if (args_.Has("token") || args_.Has("token-file")) {
     return absl::InvalidArgumentError(
         "--token and --token-file go with --address: over the Unix socket no token is needed");
+  } else if (args_.Has("tls-cert") || args_.Has("tls-key") || args_.Has("tls-ca")) {
+    return absl::InvalidArgumentError(
+        "--tls-cert, --tls-key and --tls-ca go with --address: the Unix socket needs no TLS");
   }
   auto timeout_s = args_.GetDouble("timeout-s", 60, 0);
   if (!timeout_s.ok()) return timeout_s.status();

@@ -57,6 +57,7 @@ absl::StatusOr<Outcome> RunVersions(Context& ctx);
 absl::StatusOr<Outcome> RunVerify(Context& ctx);
 absl::StatusOr<Outcome> RunRecover(Context& ctx);
 absl::StatusOr<Outcome> RunDeclareLost(Context& ctx);
+absl::StatusOr<Outcome> RunDropJob(Context& ctx);
 absl::StatusOr<Outcome> RunPlan(Context& ctx);
 absl::StatusOr<Outcome> RunDrillMark(Context& ctx, bool enabled);
 absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx);

@@ -173,6 +173,13 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   }
   auto log = Logger("daemon");
   const DaemonConfig& config = config_;
+  // Every daemon-to-daemon channel made from here on uses the peer port's TLS (or none).
+  const ClusterTlsFiles tls = ClusterTls(config.cluster);
+  SetClusterChannelCredentials(PeerChannelCredentials(tls));
+  if (tls.enabled()) {
+    log->info("peer port: mutual TLS, certificate {}, CA {} (read again every {} s)",
+              tls.cert_file, tls.ca_file, tls.refresh_s);
+  }
   TuneMallocForBulkTransfers();
   const uint64_t incarnation = incarnation_;
   // The fragments held for peers are accounted apart from the snapshot slots, against the same
@@ -330,7 +337,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       std::make_unique<RendezvousService>(&rendezvous_table_, config.cluster.token);
   grpc::ServerBuilder builder;
   PeerService::ConfigureServerBuilder(&builder);
-  builder.AddListeningPort(config.peer.listen_address, grpc::InsecureServerCredentials());
+  builder.AddListeningPort(config.peer.listen_address, PeerServerCredentials(tls));
   builder.RegisterService(peer_service_.get());
   builder.RegisterService(admin_tcp_service_.get());
   builder.RegisterService(rendezvous_service_.get());
@@ -515,6 +522,9 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     gauge("tessera_cluster_insecure",
           "1 when this cluster daemon runs without cluster.token (cluster.insecure = true).",
           config_.cluster.token.empty() ? 1 : 0);
+    gauge("tessera_cluster_tls",
+          "1 when the peer port runs mutual TLS (cluster.tls_cert_file and the others).",
+          config_.cluster.tls_cert_file.empty() ? 0 : 1);
     const Cluster::Stats m = cluster_->stats();
     const char* sent_help = "Membership (SWIM) messages this daemon sent, by kind.";
     const char* received_help = "Membership (SWIM) messages this daemon received, by kind.";

@@ -276,6 +276,26 @@ ConfigSchema BuildSchema() {
           "job's training state, forge fragments and join as a member. Only for a private test "
           "network; the daemon then logs it at every start and status warns of it."),
       ConfigKey::String(
+          "cluster.tls_cert_file", defaults.cluster.tls_cert_file,
+          "Mutual TLS on the peer port: this daemon's certificate (PEM, with its chain), issued "
+          "by the CA of cluster.tls_ca_file. With it every daemon-to-daemon gRPC call is "
+          "encrypted and both sides must present a certificate of that CA; the cluster token is "
+          "still checked. Set the three cluster.tls_* files together, or none.",
+          StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::String("cluster.tls_key_file", defaults.cluster.tls_key_file,
+                        "The private key (PEM, unencrypted) of cluster.tls_cert_file.",
+                        StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::String(
+          "cluster.tls_ca_file", defaults.cluster.tls_ca_file,
+          "The CA certificates (PEM) that issue the cluster's daemon certificates; a peer "
+          "presenting any other certificate, or none, is refused in the TLS handshake.",
+          StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::Int64(
+          "cluster.tls_refresh_s", defaults.cluster.tls_refresh_s,
+          "How often the three cluster.tls_* files are read again, so that certificates "
+          "rotated in place (a mounted Kubernetes secret updated) take effect without a restart.",
+          InRange(1, 86400)),
+      ConfigKey::String(
           "metrics.listen_address", defaults.metrics.listen_address,
           "host:port on which Prometheus metrics are served over HTTP at /metrics, e.g. "
           "\"0.0.0.0:9464\". Empty means no metrics endpoint.",
@@ -362,6 +382,10 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.dns_refresh_ms = config.GetInt64("cluster.dns_refresh_ms");
   daemon_config.cluster.token = config.GetString("cluster.token");
   daemon_config.cluster.token_file = config.GetString("cluster.token_file");
+  daemon_config.cluster.tls_cert_file = config.GetString("cluster.tls_cert_file");
+  daemon_config.cluster.tls_key_file = config.GetString("cluster.tls_key_file");
+  daemon_config.cluster.tls_ca_file = config.GetString("cluster.tls_ca_file");
+  daemon_config.cluster.tls_refresh_s = config.GetInt64("cluster.tls_refresh_s");
   daemon_config.cluster.insecure = config.GetBool("cluster.insecure");
   daemon_config.metrics.listen_address = config.GetString("metrics.listen_address");
   daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
@@ -404,6 +428,14 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
   if (!result.cluster.token_file.empty()) {
     TESSERA_ASSIGN_OR_RETURN(result.cluster.token, ReadTokenFile(result.cluster.token_file));
   }
+  const bool tls = !result.cluster.tls_cert_file.empty() ||
+                   !result.cluster.tls_key_file.empty() || !result.cluster.tls_ca_file.empty();
+  if (tls && result.peer.listen_address.empty()) {
+    return absl::InvalidArgumentError(
+        "cluster.tls_* files are set but peer.listen_address is not: TLS is for the peer port "
+        "of a cluster; a standalone daemon has none");
+  }
+  if (tls) TESSERA_RETURN_IF_ERROR(CheckClusterTlsFiles(ClusterTls(result.cluster)));
   if (!result.peer.listen_address.empty() && result.cluster.token.empty() &&
       !result.cluster.insecure) {
     return absl::InvalidArgumentError(
@@ -414,6 +446,11 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
         "cluster.insecure = true for a private test network");
   }
   return result;
+}
+
+ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster) {
+  return ClusterTlsFiles{cluster.tls_cert_file, cluster.tls_key_file, cluster.tls_ca_file,
+                         cluster.tls_refresh_s};
 }
 
 std::string DefaultDaemonConfigToml() {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "daemon/transfer/cluster_tls.h"
 
 namespace tessera {
 
@@ -58,6 +59,11 @@ struct DaemonConfig {
     std::string token_file;  // cluster.token_file
     // cluster.insecure: run a cluster without cluster.token (refused otherwise).
     bool insecure = false;
+    // Mutual TLS on the peer port (daemon/transfer/cluster_tls.h): all three or none.
+    std::string tls_cert_file;  // cluster.tls_cert_file
+    std::string tls_key_file;   // cluster.tls_key_file
+    std::string tls_ca_file;    // cluster.tls_ca_file
+    int64_t tls_refresh_s = 60;  // cluster.tls_refresh_s
   };
   struct Ec {
     int k = 3;  // ec.k
@@ -101,6 +107,9 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
 
 // Every key as a commented TOML file set to its default; loading it yields DaemonConfig{}.
 std::string DefaultDaemonConfigToml();
+
+// The peer port's TLS files of `cluster` (off when its cluster.tls_* are empty).
+ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster);
 
 }  // namespace tessera
 

@@ -71,17 +71,25 @@ pid_t DaemonPid(const std::string& store_dir) {
   return -1;
 }
 
+std::vector<std::string> Concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
 // A loopback cluster of `n` daemons with RS(k, m).
 class Cluster {
  public:
   // Daemons listed in grpc_only move fragments over gRPC streams (peer.data_path = grpc); the
   // others offer the raw TCP data path.
-  Cluster(const std::string& root, int n, int k, int m, std::set<int> grpc_only = {}) {
+  // `extra`, when given, adds daemon i's own flags.
+  Cluster(const std::string& root, int n, int k, int m, std::set<int> grpc_only = {},
+          const std::function<std::vector<std::string>(int)>& extra = nullptr) {
     for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     for (int i = 0; i < n; ++i) {
+      std::vector<std::string> own = extra ? extra(i) : std::vector<std::string>{};
       daemons_.push_back(std::make_unique<DaemonProcess>(
           root, absl::StrCat("n", i), uint64_t{512} << 20,
-          std::vector<std::string>{
+          Concat(own, std::vector<std::string>{
               "--set", "peer.listen_address=" + addresses_[i],
               "--set", "cluster.members=" + absl::StrJoin(addresses_, ","),
               "--set", absl::StrCat("ec.k=", k),
@@ -92,7 +100,7 @@ class Cluster {
               // Nodes on the gRPC data path send membership over gRPC too: every daemon
               // answers both transports.
               "--set", grpc_only.count(i) ? "liveness.transport=grpc" : "liveness.transport=udp",
-              "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"}));
+              "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"})));
     }
   }
   const std::string& address(int i) const { return addresses_[i]; }
@@ -257,6 +265,97 @@ TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
   auto mover = Process::Start(argv);
   EXPECT_EQ(mover->Wait(seconds(60)), 0) << absl::StrJoin(mover->lines(), "\n");
   EXPECT_EQ(LastEvent(mover->lines(), "verified"), verified);
+}
+
+// Mutual TLS on the peer port, with certificates made by tools/make-cluster-certs.sh: the
+// daemons protect a job and rebuild a lost node's shard as without TLS, and the CLI reaches one
+// over TCP with a certificate of the cluster's CA. Without a certificate, or with one of another
+// CA, the CLI is refused in the handshake; a daemon given a key that is not its certificate's
+// refuses to start, saying so.
+TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  const std::string rogue = root.path() + "/rogue";
+  const std::string script = BinaryPath("tools/make-cluster-certs.sh");
+  for (const auto& argv : {std::vector<std::string>{"/bin/bash", script, certs, "n0", "n1", "n2",
+                                                    "n3", "operator"},
+                           std::vector<std::string>{"/bin/bash", script, rogue, "operator"}}) {
+    auto made = Process::Start(argv);
+    ASSERT_EQ(made->Wait(seconds(60)), 0) << absl::StrJoin(made->lines(), "\n");
+  }
+  auto tls_of = [&](const std::string& dir, const std::string& name) {
+    return std::vector<std::string>{"--set", "cluster.tls_cert_file=" + dir + "/" + name + ".crt",
+                                    "--set", "cluster.tls_key_file=" + dir + "/" + name + ".key",
+                                    "--set", "cluster.tls_ca_file=" + certs + "/ca.crt"};
+  };
+  Cluster cluster(root.path(), 4, 2, 1, {},
+                  [&](int i) { return tls_of(certs, absl::StrCat("n", i)); });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[0].log_path()), "peer port: mutual TLS"))
+      << cluster[0].LogTail();
+  const std::string job = "tls";
+  const int64_t committed = TrainAndCommit(cluster, job, seed, 3, 10);
+  ASSERT_GE(committed, 0) << "no commit over TLS; n0 log:\n" << cluster[0].LogTail();
+  // The CLI over TCP: with the CA's certificate, without one, with another CA's.
+  auto status = [&](const std::vector<std::string>& tls, std::string* out) {
+    std::vector<std::string> cli = {BinaryPath("cli/tessera"), "status", "--address",
+                                    cluster.address(0), "--token", kClusterToken,
+                                    "--timeout-s", "10"};
+    cli.insert(cli.end(), tls.begin(), tls.end());
+    const std::string errors = root.path() + "/cli.err";
+    auto p = Process::Start(cli, errors);
+    const int code = p->Wait(seconds(60));
+    *out = absl::StrCat(absl::StrJoin(p->lines(), "\n"), "\n", ReadFile(errors));
+    return code;
+  };
+  const std::vector<std::string> ours = {"--tls-cert", certs + "/operator.crt", "--tls-key",
+                                         certs + "/operator.key", "--tls-ca", certs + "/ca.crt"};
+  // Another CA's certificate, with both CAs trusted on the client's side (so that only the
+  // daemon's check of the client can refuse it).
+  {
+    std::ofstream both(root.path() + "/both-cas.crt");
+    both << ReadFile(certs + "/ca.crt") << ReadFile(rogue + "/ca.crt");
+  }
+  const std::vector<std::string> theirs = {"--tls-cert", rogue + "/operator.crt", "--tls-key",
+                                           rogue + "/operator.key", "--tls-ca",
+                                           root.path() + "/both-cas.crt"};
+  std::string out;
+  EXPECT_EQ(status(ours, &out), 0) << out;
+  EXPECT_EQ(status({}, &out), 3) << "a plaintext client was answered:\n" << out;
+  EXPECT_EQ(status(theirs, &out), 3) << "another CA's certificate was accepted:\n" << out;
+  EXPECT_FALSE(absl::StrContains(out, "members:")) << out;
+
+  cluster.Lose(1);
+  ASSERT_TRUE(LogShowsNotLive(cluster[3], {1}, milliseconds(15000))) << cluster[3].LogTail();
+  auto argv = TrainerArgs(cluster[3], job, seed, 1, 3);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn3 log:\n" << cluster[3].LogTail();
+  EXPECT_GE(LastEvent(verifier->lines(), "verified"), committed);
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()), "rebuilt from 2 of 3 fragments"))
+      << cluster[3].LogTail();
+
+  // A key that is not the certificate's: the daemon does not start, and says why.
+  std::vector<std::string> wrong = tls_of(certs, "n2");
+  wrong[3] = "cluster.tls_key_file=" + certs + "/n3.key";
+  auto bad = Process::Start(
+      Concat({BinaryPath("daemon/tesserad"), "--set", "node.id=bad", "--set",
+              "store.directory=" + root.path() + "/bad", "--set",
+              "agent.socket_path=" + root.path() + "/bad.sock", "--set",
+              absl::StrCat("peer.listen_address=127.0.0.1:", FreePort()), "--set",
+              std::string("cluster.token=") + kClusterToken},
+             wrong),
+      root.path() + "/bad.log");
+  EXPECT_EQ(bad->Wait(seconds(30)), 2);
+  EXPECT_TRUE(absl::StrContains(ReadFile(root.path() + "/bad.log"),
+                                "is not the key of the certificate in " + certs + "/n2.crt"))
+      << ReadFile(root.path() + "/bad.log");
 }
 
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {

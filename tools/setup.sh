@@ -10,6 +10,7 @@ packages=(
   libisal-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libabsl-dev
   libtomlplusplus-dev libcpp-httplib-dev libsystemd-dev
   libssl-dev    # HMAC-SHA256 of membership datagrams (daemon/membership/udp_heartbeats.h)
+  openssl       # tools/make-cluster-certs.sh: certificates for mutual TLS (and its tests)
   python3 python3-numpy python3-torch python3-pytest
   python3-yaml  # tests/cli:deploy_test reads deploy/kubernetes/*.yaml
   spin gcc      # model/check.sh: the commit protocol's model check (tools/run-tests.sh)

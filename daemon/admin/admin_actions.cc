@@ -579,6 +579,21 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
   return absl::OkStatus();
 }
 
+absl::Status Admin::DropJob(const admin::DropJobRequest& request, std::optional<uid_t> owner_uid,
+                            admin::DropJobResponse* response) {
+  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::DropJobResult dropped,
+                           parts_.store->DropJob(request.job_id(), owner_uid, request.force()));
+  response->set_node_id(parts_.node_id);
+  response->set_job_id(request.job_id());
+  for (uint32_t rank : dropped.ranks) response->add_ranks(rank);
+  response->set_slots_deleted(dropped.segments_deleted);
+  response->set_bytes_deleted(dropped.bytes_deleted);
+  response->set_newest_sealed_step(dropped.newest_sealed_step);
+  for (uint32_t rank : dropped.running_ranks) response->add_running_ranks(rank);
+  for (pid_t pid : dropped.running_pids) response->add_running_pids(pid);
+  return absl::OkStatus();
+}
+
 absl::Status Admin::DeclareLost(const admin::DeclareLostRequest& request,
                                 admin::DeclareLostResponse* response) {
   if (parts_.cluster == nullptr) {

@@ -1,6 +1,7 @@
 // The admin service (admin_service.h): Admin's status and listings, how it reaches the other
 // members, and AdminService, the gRPC adapter. Verify, Recover and the drills' calls are in
 // admin_actions.cc.
+#include "daemon/transfer/cluster_tls.h"
 #include "daemon/admin/admin_service.h"
 
 #include <unistd.h>
@@ -73,7 +74,7 @@ admin::Admin::Stub* Admin::StubFor(const std::string& address) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     stub = admin::Admin::NewStub(
-        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+        grpc::CreateCustomChannel(address, ClusterChannelCredentials(), args));
   }
   return stub.get();
 }
@@ -367,6 +368,21 @@ absl::Status AdminService::AuthorizeChange(const char* method,
       " (run the CLI as root, or over TCP with cluster.token)"));
 }
 
+absl::StatusOr<std::optional<uid_t>> AdminService::ChangeLimitedToUid(
+    const char* method, const grpc::ServerContext* context) const {
+  if (over_tcp_) return std::optional<uid_t>();  // the cluster token was checked
+  const uid_t self = geteuid();
+  std::optional<Caller> caller;
+  if (caller_of_) caller = caller_of_(context->peer());
+  if (!caller) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        method, " changes stored data and the caller on the agent socket cannot be identified: "
+        "run the CLI as root, as the daemon's uid (", self, ") or as the job's uid"));
+  }
+  if (caller->uid == 0 || caller->uid == self) return std::optional<uid_t>();
+  return std::optional<uid_t>(caller->uid);
+}
+
 template <typename Body>
 grpc::Status AdminService::Handle(const char* method, const grpc::ServerContext* context,
                                   Body body) {
@@ -443,6 +459,16 @@ grpc::Status AdminService::DeclareLost(grpc::ServerContext* context,
                                        const admin::DeclareLostRequest* request,
                                        admin::DeclareLostResponse* response) {
   return HandleChange("DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
+}
+
+grpc::Status AdminService::DropJob(grpc::ServerContext* context,
+                                   const admin::DropJobRequest* request,
+                                   admin::DropJobResponse* response) {
+  return Handle("DropJob", context, [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(std::optional<uid_t> owner_uid,
+                             ChangeLimitedToUid("DropJob", context));
+    return admin_->DropJob(*request, owner_uid, response);
+  });
 }
 
 }  // namespace tessera

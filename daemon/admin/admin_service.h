@@ -79,6 +79,9 @@ class Admin {
   absl::Status Corrupt(const admin::CorruptRequest& request, admin::CorruptResponse* response);
   absl::Status DeclareLost(const admin::DeclareLostRequest& request,
                            admin::DeclareLostResponse* response);
+  // `owner_uid` set: the caller may drop only a job of that uid (SnapshotStore::DropJob).
+  absl::Status DropJob(const admin::DropJobRequest& request, std::optional<uid_t> owner_uid,
+                       admin::DropJobResponse* response);
 
   bool IsDrillTarget(const std::string& job_id) const;
 
@@ -144,7 +147,8 @@ class AdminService final : public admin::Admin::Service {
   // `token` under kAdminTokenMetadataKey; an empty token refuses every call. Over the agent
   // socket (`caller_of` a peer's SO_PEERCRED), the calls that change data (Recover,
   // SetDrillTarget, DropMemory, Corrupt, DeclareLost) answer only root and the daemon's own uid:
-  // the socket also admits trainers of other users.
+  // the socket also admits trainers of other users. DropJob also answers the uid that registered
+  // the job.
   using CallerLookup = std::function<std::optional<Caller>(const std::string& peer)>;
   AdminService(Admin* admin, bool over_tcp, std::string token, CallerLookup caller_of = nullptr)
       : admin_(admin),
@@ -173,11 +177,18 @@ class AdminService final : public admin::Admin::Service {
                        admin::CorruptResponse* response) override;
   grpc::Status DeclareLost(grpc::ServerContext* context, const admin::DeclareLostRequest* request,
                            admin::DeclareLostResponse* response) override;
+  grpc::Status DropJob(grpc::ServerContext* context, const admin::DropJobRequest* request,
+                       admin::DropJobResponse* response) override;
 
  private:
   absl::Status Authenticate(const grpc::ServerContext* context) const;
   // Over the agent socket: OK for root and the daemon's own uid, kPermissionDenied otherwise.
   absl::Status AuthorizeChange(const char* method, const grpc::ServerContext* context) const;
+  // The uid a change must be limited to: none over TCP (the cluster token was checked) or for
+  // root and the daemon's own uid; the caller's uid for any other caller of the agent socket;
+  // kPermissionDenied for a caller that cannot be identified.
+  absl::StatusOr<std::optional<uid_t>> ChangeLimitedToUid(const char* method,
+                                                          const grpc::ServerContext* context) const;
   template <typename Body>
   grpc::Status Handle(const char* method, const grpc::ServerContext* context, Body body);
   // Handle, for a call that changes data: AuthorizeChange first.

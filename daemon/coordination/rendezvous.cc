@@ -9,6 +9,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/store/snapshot_store.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -187,7 +188,7 @@ size_t RendezvousRouter::HostIndex(const std::string& job_id, const std::string&
 std::shared_ptr<grpc::Channel> RendezvousRouter::ChannelTo(const std::string& address) {
   absl::MutexLock lock(&mu_);
   auto& channel = channels_[address];
-  if (!channel) channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  if (!channel) channel = grpc::CreateChannel(address, ClusterChannelCredentials());
   return channel;
 }
 

@@ -4,6 +4,7 @@
 #include "common/grpc_status.h"
 #include "common/status.h"
 #include "daemon/store/snapshot_store.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
 
 namespace tessera {
@@ -94,7 +95,7 @@ std::shared_ptr<coordination::Coordination::Stub> GrpcCoordinationClient::Stub(
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   auto stub = coordination::Coordination::NewStub(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+      grpc::CreateCustomChannel(address, ClusterChannelCredentials(), args));
   std::shared_ptr<coordination::Coordination::Stub> shared(std::move(stub));
   lru_.push_front(address);
   stubs_[address] = {shared, lru_.begin()};

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/crc32c.h"
 #include "common/dp_slices.h"
 #include "common/logging.h"
@@ -224,6 +225,11 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
   state->mu.Await(absl::Condition(
       +[](RankState* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) { return !s->creating_slots; },
       state.get()));
+  if (state->dropped) {
+    return absl::UnavailableError(absl::StrCat(RankName(job_id, rank),
+                                               " was dropped while this registration waited for "
+                                               "it: register again"));
+  }
   if (state->registered && state->owner.pid != caller.pid &&
       options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -713,14 +719,137 @@ absl::Status SnapshotStore::Unregister(const std::string& job_id, uint32_t rank,
       for (auto& slot : state->slots) doomed.push_back(std::move(slot));
       for (auto& seg : state->retained) doomed.push_back(std::move(seg));
       state->retained.clear();
+      state->dropped = true;
+      absl::MutexLock store_lock(&mu_);
+      auto it = ranks_.find({job_id, rank});
+      if (it != ranks_.end() && it->second == state) ranks_.erase(it);
+      if (!options_.clustered) ForgetJobIfGoneLocked(job_id);
     }
   }
   for (auto& seg : doomed) DeleteSegment(std::move(seg));
-  if (drop_snapshots) {
-    absl::MutexLock lock(&mu_);
-    ranks_.erase({job_id, rank});
-  }
   return absl::OkStatus();
+}
+
+void SnapshotStore::ForgetJobIfGoneLocked(const std::string& job_id) {
+  auto it = ranks_.lower_bound({job_id, 0});
+  if (it != ranks_.end() && it->first.first == job_id) return;
+  committed_.erase(job_id);
+  newest_sealed_.erase(job_id);
+  world_size_.erase(job_id);
+  jobs_.erase(job_id);
+}
+
+// Every rank of the job is locked at once, so the analysis cannot follow the locks.
+absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::DropJob(
+    const std::string& job_id, std::optional<uid_t> owner_uid,
+    bool force) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  if (options_.clustered) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", job_id, "' was not dropped: this daemon is a member of a cluster, where the "
+        "job's fragments on the other members and the commit its coordinator holds would let a "
+        "relaunch resume it anyway; dropping a job across a cluster is not supported yet"));
+  }
+  std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
+  std::set<std::string> other_jobs;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, state] : ranks_) {
+      if (key.first == job_id) {
+        ranks.emplace_back(key.second, state);
+      } else {
+        other_jobs.insert(key.first);
+      }
+    }
+  }
+  if (ranks.empty()) {
+    return absl::NotFoundError(absl::StrCat(
+        "job '", job_id, "' has no snapshot and no registered rank on this daemon; jobs here: ",
+        other_jobs.empty() ? std::string("none")
+                           : absl::StrCat("'", absl::StrJoin(other_jobs, "', '"), "'")));
+  }
+  // In rank order; no other code holds two ranks' locks at once, and mu_ is taken after a rank's
+  // lock as Register does.
+  for (auto& [rank, state] : ranks) {
+    state->mu.Lock();
+    state->mu.Await(absl::Condition(
+        +[](RankState* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) { return !s->creating_slots; },
+        state.get()));
+  }
+  auto unlock_all = [&ranks] {
+    for (auto it = ranks.rbegin(); it != ranks.rend(); ++it) it->second->mu.Unlock();
+  };
+  DropJobResult result;
+  std::vector<std::string> running;
+  for (auto& [rank, state] : ranks) {
+    if (state->dropped) {
+      unlock_all();
+      return absl::UnavailableError(absl::StrCat(
+          RankName(job_id, rank), " was being dropped by another call: ask again"));
+    }
+    const bool has_data = state->slots[0] || state->slots[1] || !state->retained.empty();
+    if (owner_uid && ((has_data && state->data_uid != *owner_uid) ||
+                      (state->registered && state->owner.uid != *owner_uid))) {
+      const uid_t owner = has_data ? state->data_uid : state->owner.uid;
+      unlock_all();
+      return absl::PermissionDeniedError(absl::StrCat(
+          "job '", job_id, "' belongs to uid ", owner, " here (", RankName(job_id, rank),
+          "); the caller is uid ", *owner_uid,
+          ": only root, the daemon's uid or the uid that registered the job may drop it"));
+    }
+    if (state->registered && state->owner.pid > 0 &&
+        options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
+      result.running_ranks.push_back(rank);
+      result.running_pids.push_back(state->owner.pid);
+      running.push_back(absl::StrCat("rank ", rank, " (pid ", state->owner.pid, ")"));
+    }
+  }
+  if (!running.empty() && !force) {
+    unlock_all();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job '", job_id, "' is still being trained here: ", absl::StrJoin(running, ", "),
+        running.size() == 1 ? " is" : " are",
+        " registered and running; nothing was dropped. Stop the trainers (or end the run with "
+        "Snapshotter.close(drop=True)) first, or drop with force (a trainer that still runs "
+        "registers again at its next snapshot and keeps snapshotting)"));
+  }
+  std::vector<std::unique_ptr<Segment>> doomed;
+  for (auto& [rank, state] : ranks) {
+    result.ranks.push_back(rank);
+    for (const auto& slot : state->slots) {
+      if (slot && LoadState(*slot->header()) == SegmentState::kSealed) {
+        result.newest_sealed_step = std::max(result.newest_sealed_step, slot->header()->step);
+      }
+    }
+    for (auto& slot : state->slots) {
+      if (slot) doomed.push_back(std::move(slot));
+    }
+    for (auto& seg : state->retained) doomed.push_back(std::move(seg));
+    state->retained.clear();
+    state->registered = false;
+    state->dropped = true;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [rank, state] : ranks) {
+      auto it = ranks_.find({job_id, rank});
+      if (it != ranks_.end() && it->second == state) ranks_.erase(it);
+    }
+    ForgetJobIfGoneLocked(job_id);
+  }
+  unlock_all();
+  for (auto& segment : doomed) {
+    result.bytes_deleted += segment->file_bytes();
+    ++result.segments_deleted;
+    DeleteSegment(std::move(segment));
+  }
+  Logger("store")->warn(
+      "dropped job '{}': {} ranks, {} slot segments ({} bytes){}", job_id, result.ranks.size(),
+      result.segments_deleted, result.bytes_deleted,
+      running.empty() ? std::string()
+                      : absl::StrCat("; forced while registered and running: ",
+                                     absl::StrJoin(running, ", ")));
+  return result;
 }
 
 SnapshotStore::Stats SnapshotStore::stats() const {

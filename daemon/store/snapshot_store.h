@@ -233,9 +233,39 @@ class SnapshotStore {
   // The newest committed step of the job known here, -1 if none.
   int64_t committed(const std::string& job_id) const;
 
-  // Drops caller's claim on the rank. With drop_snapshots, deletes the rank's segments too.
+  // Drops caller's claim on the rank. With drop_snapshots, deletes the rank's segments too; once
+  // no rank of the job is left here, an unclustered store also forgets the job (as DropJob).
   absl::Status Unregister(const std::string& job_id, uint32_t rank, bool drop_snapshots,
                           const Caller& caller);
+
+  // What DropJob deleted.
+  struct DropJobResult {
+    std::vector<uint32_t> ranks;      // the job's ranks that were known here, in order
+    uint32_t segments_deleted = 0;    // slot segment files (a retained older layout's included)
+    uint64_t bytes_deleted = 0;       // their file sizes
+    int64_t newest_sealed_step = -1;  // the newest step that was sealed here, -1: none
+    // Ranks that were registered by a process still running (dropped only with `force`), and
+    // those processes.
+    std::vector<uint32_t> running_ranks;
+    std::vector<pid_t> running_pids;
+  };
+  // Deletes every snapshot of `job_id` held here (the slot segments of all its ranks) and forgets
+  // the job (its commit and world size), so that a trainer registering it later starts afresh
+  // instead of resuming a run that has ended. The ranks are checked and deleted under their locks
+  // all at once: either every rank is dropped or none is.
+  //   owner_uid: when set, the job must belong to that uid (every rank of it here registered by
+  //              it, or holding its snapshots); unset: any job (root, the daemon's own uid).
+  //   force:     drop it even while a rank is registered by a process that still runs: what
+  //              is held now is deleted; that trainer's next BeginSnapshot gets kNotFound (its
+  //              rank is no longer registered), on which the agent registers again and goes on
+  //              snapshotting into new slots.
+  // Errors: kInvalidArgument (job id), kNotFound (no rank of the job known here; the message
+  // lists the jobs that are), kPermissionDenied (another uid's job; names both uids),
+  // kFailedPrecondition (a running trainer without `force`, naming its rank and pid; or a
+  // clustered store, where the job's fragments on other members and its commit would let it
+  // resume). Nothing is deleted on an error.
+  absl::StatusOr<DropJobResult> DropJob(const std::string& job_id, std::optional<uid_t> owner_uid,
+                                        bool force);
 
   // How many ranks of the job this store knows (registered or holding snapshots).
   size_t RankCount(const std::string& job_id) const;
@@ -315,6 +345,9 @@ class SnapshotStore {
     // listings and other callers are not held for the seconds a large slot takes; another
     // Register of the rank waits for it.
     bool creating_slots ABSL_GUARDED_BY(mu) = false;
+    // Erased from ranks_ (DropJob, Unregister with drop_snapshots): a caller that found it
+    // before must not register into it.
+    bool dropped ABSL_GUARDED_BY(mu) = false;
   };
   using RankKey = std::pair<std::string, uint32_t>;
 
@@ -355,6 +388,9 @@ class SnapshotStore {
   std::string SlotBusyReason(const RankState& state, int i, const std::string& job_id,
                              bool replace_uncommitted) const ABSL_SHARED_LOCKS_REQUIRED(state.mu);
   bool HoldsWholeJobLocked(const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets what the store knows of a job beyond its ranks (commit, newest seal, world size, the
+  // coordinator's view) once no rank of it is left.
+  void ForgetJobIfGoneLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 
 // The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22), or 0 when the

@@ -267,6 +267,21 @@ TEST_F(SnapshotStoreTest, BadRequestsAreRejectedAndChangeNothing) {
   ExpectRestores(0, 10, written);
 }
 
+// A float32 tensor of shape [2^62] was registered as 0 bytes: its size, 2^64 bytes, wrapped
+// around (fuzz/rpc_request_fuzz checks every registration's shape against its bytes).
+TEST(ComputeSlotLayoutTest, TensorWhoseBytesOverflowIsRefused) {
+  EntrySpec e;
+  e.set_name("w");
+  e.set_dtype("float32");
+  e.add_shape(int64_t{1} << 62);
+  e.set_nbytes(0);
+  e.set_kind(ENTRY_KIND_TENSOR);
+  auto layout = ComputeSlotLayout({e});
+  EXPECT_EQ(layout.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(layout.status().message().find("overflows 64 bits"), std::string::npos)
+      << layout.status();
+}
+
 TEST_F(SnapshotStoreTest, TwoLiveTrainersCannotClaimOneRankButADeadOnesRankIsTakenOver) {
   Caller first = Trainer(100);
   auto reg = Register(first);
@@ -696,6 +711,97 @@ TEST_F(SnapshotStoreTest, UnregisterKeepsOrDropsSnapshots) {
   EXPECT_EQ(store_->PrepareRestore(job_, 0, -1).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_->stats().used_bytes, 0u);
   EXPECT_TRUE(std::filesystem::is_empty(dir_));
+}
+
+TEST_F(SnapshotStoreTest, DropJobDeletesEveryRankOrNoneAndForgetsTheJob) {
+  world_ = 2;
+  Caller t0 = Trainer(100), t1 = Trainer(101);
+  auto reg0 = Register(t0, 0);
+  auto reg1 = Register(t1, 1);
+  ASSERT_TRUE(reg0.ok() && reg1.ok());
+  for (int64_t step : {3, 4}) {
+    for (uint32_t rank : {0u, 1u}) {
+      const Caller& t = rank == 0 ? t0 : t1;
+      auto slot = store_->BeginSnapshot(job_, rank, step, t);
+      ASSERT_TRUE(slot.ok()) << slot.status();
+      WriteSnapshot(rank == 0 ? *reg0 : *reg1, *slot, step, rank);
+      ASSERT_TRUE(store_->SealSnapshot(job_, rank, step, manifest_bytes_, t).ok());
+    }
+  }
+  store_->Commit(job_, 4);  // as the daemon's coordination does
+  ASSERT_EQ(store_->committed(job_), 4);
+  // Another job, which stays.
+  const std::string other = job_;
+  job_ = "job-b";
+  world_ = 1;
+  Caller t2 = Trainer(102);
+  auto reg2 = Register(t2, 0);
+  ASSERT_TRUE(reg2.ok());
+  const uint64_t other_bytes = 2 * reg2->segment_bytes;
+  job_ = other;
+  world_ = 2;
+  const uint64_t used = store_->stats().used_bytes;
+
+  auto unknown = store_->DropJob("job-z", std::nullopt, false);
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(unknown.status().message().find("jobs here: 'job-a', 'job-b'"), std::string::npos)
+      << unknown.status();
+  EXPECT_EQ(store_->DropJob("../x", std::nullopt, false).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Rank 1's trainer still runs: nothing is dropped, rank 0 included.
+  alive_.erase(100);
+  auto refused = store_->DropJob(job_, std::nullopt, false);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("rank 1 (pid 101) is registered and running"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_EQ(store_->stats().used_bytes, used);
+  auto held = store_->PrepareRestore(job_, 0, -1);
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(held->step, 4);
+  // Another uid may not drop it, even with force.
+  auto foreign = store_->DropJob(job_, getuid() + 1, true);
+  EXPECT_EQ(foreign.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(foreign.status().message().find(absl::StrCat("belongs to uid ", getuid())),
+            std::string::npos)
+      << foreign.status();
+  EXPECT_EQ(store_->stats().used_bytes, used);
+
+  auto dropped = store_->DropJob(job_, getuid(), /*force=*/true);
+  ASSERT_TRUE(dropped.ok()) << dropped.status();
+  EXPECT_EQ(dropped->ranks, (std::vector<uint32_t>{0, 1}));
+  EXPECT_EQ(dropped->segments_deleted, 4u);
+  EXPECT_EQ(dropped->bytes_deleted, 2 * (reg0->segment_bytes + reg1->segment_bytes));
+  EXPECT_EQ(dropped->newest_sealed_step, 4);
+  EXPECT_EQ(dropped->running_ranks, (std::vector<uint32_t>{1}));
+  EXPECT_EQ(dropped->running_pids, (std::vector<pid_t>{101}));
+  EXPECT_EQ(store_->stats().used_bytes, other_bytes);
+  EXPECT_TRUE(store_->ListVersions(job_).empty());
+  EXPECT_TRUE(store_->ListRanks(job_).empty());
+  EXPECT_EQ(store_->committed(job_), -1) << "the job's commit is forgotten";
+  EXPECT_EQ(store_->PrepareRestore(job_, 0, -1).status().code(), absl::StatusCode::kNotFound);
+  // The forced trainer's rank is gone (its agent registers again); a relaunch starts afresh, at
+  // any step.
+  EXPECT_EQ(store_->BeginSnapshot(job_, 1, 5, t1).status().code(), absl::StatusCode::kNotFound);
+  auto again = Register(t1, 1);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->newest_sealed_step, -1);
+  auto slot = store_->BeginSnapshot(job_, 1, 0, t1);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  EXPECT_EQ(store_->DropJob(job_, std::nullopt, false).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_->ListRanks("job-b").size(), 1u) << "the other job stays";
+}
+
+TEST_F(SnapshotStoreTest, DropJobIsRefusedOnAClusteredStore) {
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  ASSERT_TRUE(Register(Trainer(100)).ok());
+  alive_.erase(100);
+  auto dropped = store_->DropJob(job_, std::nullopt, true);
+  EXPECT_EQ(dropped.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(dropped.status().message().find("member of a cluster"), std::string::npos)
+      << dropped.status();
+  EXPECT_EQ(store_->ListRanks(job_).size(), 1u);
 }
 
 }  // namespace

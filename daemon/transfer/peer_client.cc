@@ -15,6 +15,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
 #include "grpc/grpc.h"
 #include "grpcpp/client_context.h"
@@ -87,7 +88,7 @@ absl::StatusOr<std::unique_ptr<GrpcPeerClient>> GrpcPeerClient::Create(Options o
     return absl::InvalidArgumentError(
         "max_attempts, min_rate_bytes_per_s and control_timeout must be positive");
   }
-  if (!options.credentials) options.credentials = grpc::InsecureChannelCredentials();
+  if (!options.credentials) options.credentials = ClusterChannelCredentials();
   return std::unique_ptr<GrpcPeerClient>(new GrpcPeerClient(std::move(options)));
 }
 

@@ -87,11 +87,25 @@ class DeployTest : public ::testing::Test {
     std::ofstream(token_file_) << "deploy-test-token-0123456789\n";
   }
 
-  // Loads `path` with the daemon's loader; cluster.token_file points at a test token, since the
-  // deployed path does not exist here.
+  // Loads `path` with the daemon's loader; cluster.token_file points at a test token, and the
+  // cluster.tls_* files (when the config names them) at certificates made here by
+  // tools/make-cluster-certs.sh, since the deployed paths do not exist here.
   absl::StatusOr<DaemonConfig> Load(const std::string& path,
                                     std::vector<std::string> overrides = {}) {
     overrides.push_back("cluster.token_file=" + token_file_);
+    if (absl::StrContains(ReadFile(path), "tls_cert_file")) {
+      const std::string certs = root_.path() + "/tls";
+      auto made = Process::Start({"/bin/bash", BinaryPath("tools/make-cluster-certs.sh"), certs,
+                                  "tesserad"});
+      if (made->Wait(std::chrono::seconds(60)) != 0) {
+        return absl::FailedPreconditionError(
+            "tools/make-cluster-certs.sh failed (is openssl installed?): " +
+            absl::StrJoin(made->lines(), "\n"));
+      }
+      overrides.push_back("cluster.tls_cert_file=" + certs + "/tesserad.crt");
+      overrides.push_back("cluster.tls_key_file=" + certs + "/tesserad.key");
+      overrides.push_back("cluster.tls_ca_file=" + certs + "/ca.crt");
+    }
     return LoadDaemonConfig(path, overrides);
   }
 
@@ -221,6 +235,21 @@ class KubernetesTest : public DeployTest {
   Value pod_, container_;
   DaemonConfig config_;
 };
+
+// The peer port runs mutual TLS from the Secret tessera-tls, mounted where the config looks.
+TEST_F(KubernetesTest, PeersUseMutualTlsFromTheMountedSecret) {
+  const Object& data = Field(documents_["ConfigMap"], "data").struct_value().fields();
+  const std::string toml = data.at("tesserad.toml").string_value();
+  for (const char* line : {"tls_cert_file = \"/etc/tessera/tls/tls.crt\"",
+                           "tls_key_file = \"/etc/tessera/tls/tls.key\"",
+                           "tls_ca_file = \"/etc/tessera/tls/ca.crt\""}) {
+    EXPECT_THAT(toml, HasSubstr(line));
+  }
+  EXPECT_FALSE(config_.cluster.tls_cert_file.empty());  // loaded, with the test's certificates
+  const Value* tls = VolumeAt("/etc/tessera/tls");
+  ASSERT_NE(tls, nullptr) << "nothing is mounted at /etc/tessera/tls";
+  EXPECT_EQ(Field(*tls, "secret.secretName").string_value(), "tessera-tls");
+}
 
 TEST_F(KubernetesTest, SharesTheNodesMemoryAndSizesItExplicitly) {
   EXPECT_TRUE(Field(pod_, "hostIPC").bool_value());

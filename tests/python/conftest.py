@@ -3,6 +3,7 @@
 Binaries come from the environment, defaulting to a Bazel build of this tree:
   TESSERAD          tesserad        (default bazel-bin/daemon/tesserad)
   TESSERA_LIBRARY   libtessera.so   (default bazel-bin/agent/libtessera.so)
+  TESSERA_CLI       tessera         (default bazel-bin/cli/tessera)
 A missing binary fails the tests that need it; nothing is skipped for want of a build.
 """
 
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON_PACKAGE = REPO / "agent" / "python"
 TESSERAD = Path(os.environ.get("TESSERAD") or REPO / "bazel-bin" / "daemon" / "tesserad")
 LIBRARY = Path(os.environ.get("TESSERA_LIBRARY") or REPO / "bazel-bin" / "agent" / "libtessera.so")
+CLI = Path(os.environ.get("TESSERA_CLI") or REPO / "bazel-bin" / "cli" / "tessera")
 
 # In-process tests import the package from the tree and load the library under test.
 sys.path.insert(0, str(PYTHON_PACKAGE))
@@ -43,6 +45,12 @@ def _require(path: Path, what: str, build: str) -> None:
 def library_path() -> Path:
     _require(LIBRARY, "TESSERA_LIBRARY", "//agent:libtessera.so")
     return LIBRARY
+
+
+@pytest.fixture(scope="session")
+def cli_path() -> Path:
+    _require(CLI, "TESSERA_CLI", "//cli:tessera")
+    return CLI
 
 
 # Ports for test servers, reserved as tests/ports.h reserves them (the same lock files, so C++

@@ -19,7 +19,13 @@ What a snapshot holds, per rank:
   model (extra state);
 * the RNG states: torch's CPU generator, the CUDA generators of the devices that hold the
   model, Python's `random` and NumPy's global ``np.random``;
-* a user dict (pickled): e.g. the data loader position.
+* the ``state_dict()`` of every object passed in ``stateful={"name": obj}`` (pickled, one blob
+  each): a GradScaler, LR schedulers, a stateful sampler or data loader; loaded back with their
+  ``load_state_dict`` after the optimizer, so that a scheduler's ``last_epoch`` matches the
+  restored learning rates;
+* a user dict (pickled): e.g. the data loader position, or a batch drawn before the snapshot
+  point. Through a callable (``user_state=lambda: {...}``) it is read only when a snapshot is
+  taken, never before the loop has run.
 
 **Registered memory is read at snapshot time.** A snapshot copies tensors on the library's thread
 (or GPU copy stream) after `Snapshotter.step` returns; an optimizer step pre-hook makes the next
@@ -35,11 +41,17 @@ Snapshotter registers as soon as the state exists (at construction, or at the fi
 it the way ``torch.distributed.checkpoint`` does: one optimizer step with zero gradients and the
 learning rates set to 0, after which the parameters and gradients are put back exactly. If there
 is nothing to restore, that state is dropped again, so training proceeds exactly as it would
-without Tessera (Adam's step count starts at 0). Optimizers whose ``step`` needs a closure (LBFGS)
+without Tessera (Adam's step count starts at 0); so it is when the snapshot was taken before the
+optimizer's first step (a GradScaler skips the steps whose gradients overflow), which is then
+restored without optimizer state. Optimizers whose ``step`` needs a closure (LBFGS)
 cannot be primed this way: create the Snapshotter after their first step.
 
 **Several ranks.** Call `Snapshotter.restore_latest` on every rank: when ``torch.distributed`` is
 initialized the ranks agree on one step, or all raise.
+
+**The end of a run.** ``Snapshotter.close(drop=True)`` deletes this rank's snapshots, so that the
+next launch with the same job id starts afresh instead of resuming the finished run (operators:
+``tessera drop JOB``).
 """
 
 from __future__ import annotations
@@ -85,6 +97,19 @@ overrides it."""
 MIN_BLOB_CAPACITY = 64 << 10
 """The smallest capacity a blob gets: max(this, 4x its first size), rounded up to a power of two,
 so a restarted trainer computes the same capacity and so the same layout."""
+
+CALLABLE_USER_STATE_CAPACITY = 1 << 20
+"""The capacity of the user dict when `user_state` is a callable and no ``user_state_capacity``
+is given: the callable is not evaluated before the first snapshot, so its size is not known at
+registration, and the capacity must not depend on it for a restarted trainer to register the
+same layout."""
+
+_STATEFUL_NAME_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_STATEFUL_NAME_MAX = 64
+_STATEFUL_HINT = ("pass LR schedulers, GradScalers, stateful samplers and data loaders by name "
+                  "in the keyword argument stateful=, e.g. stateful={'scheduler': scheduler, "
+                  "'scaler': scaler}")
 
 _PICKLE_PROTOCOL = 4
 _META_FORMAT = 1
@@ -137,6 +162,22 @@ def _staging_budget(budget: Optional[Union[int, float]]) -> Tuple[int, float]:
     return 0, float(budget)
 
 
+def _has_state_dict(value: Any) -> bool:
+    """Whether `value` saves and loads its state the PyTorch way (a scheduler, a GradScaler, a
+    stateful sampler or loader, a module, an optimizer). Classes themselves do not count."""
+    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
+            and callable(getattr(value, "load_state_dict", None)))
+
+
+def _misplaced_stateful(value: Any, where: str) -> None:
+    """TypeError when `where` got an object that belongs in ``stateful=`` (the usual mistake:
+    ``Snapshotter(model, optimizer, scheduler)``)."""
+    if _has_state_dict(value) or (isinstance(value, (list, tuple)) and value
+                                  and all(_has_state_dict(v) for v in value)):
+        raise TypeError(f"{where} got a {type(value).__name__}, an object with state_dict() and "
+                        f"load_state_dict(): {_STATEFUL_HINT}")
+
+
 def _check_int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
@@ -149,10 +190,11 @@ class _Blob:
     """A blob entry backed by two buffers: a new snapshot's bytes go to the buffer that the
     snapshot in flight (if any) is not copying from."""
 
-    def __init__(self, name: str, capacity: int, describe: str) -> None:
+    def __init__(self, name: str, capacity: int, describe: str, enlarge: str) -> None:
         self.name = name
         self.capacity = capacity
         self.describe = describe
+        self.enlarge = enlarge  # the argument that sets this capacity, for messages
         self.buffers = (ctypes.create_string_buffer(capacity),
                         ctypes.create_string_buffer(capacity))
         self.in_flight = 0   # buffer of the last started snapshot
@@ -167,10 +209,13 @@ class _Blob:
 
     def check_fits(self, data: bytes) -> None:
         if len(data) > self.capacity:
+            fix = (f"pass a larger capacity ({self.enlarge}) when creating the Snapshotter, "
+                   "the same in every run of the job" if self.enlarge else
+                   "it was sized at 4x its first size: create the Snapshotter once that state "
+                   "has its full size (after the first optimizer step)")
             raise BlobTooLargeError(
                 f"{self.describe} is {len(data)} bytes, over the capacity of {self.capacity} "
-                f"bytes its blob '{self.name}' was registered with; pass a larger capacity "
-                "(user_state_capacity= for the user state) when creating the Snapshotter"
+                f"bytes its blob '{self.name}' was registered with; {fix}"
             )
 
     def stage(self, data: bytes) -> int:
@@ -213,7 +258,8 @@ class _Registered:
 
 
 class Snapshotter:
-    """Snapshots a model, its optimizer, the RNG states and a user dict into tesserad.
+    """Snapshots a model, its optimizer, the RNG states, the loop's stateful objects and a user
+    dict into tesserad.
 
     Args:
         model: the module (a DistributedDataParallel wrapper is fine).
@@ -226,13 +272,20 @@ class Snapshotter:
         every: `step` snapshots the steps that are multiples of this.
         socket_path: the daemon's agent socket; default ``TESSERA_SOCKET``, else
             `DEFAULT_SOCKET_PATH`.
-        user_state: a dict, captured at each snapshot and updated in place by `restore_latest`;
-            or a callable returning a dict, whose restored value is passed to `load_user_state`
-            and kept in `restored_user_state`. Values must pickle.
-        load_user_state: called with the restored user dict (optional).
-        user_state_capacity: bytes reserved for the pickled user dict; default max(64 KiB, 4x its
-            size at registration) rounded up to a power of two. A user dict that outgrows it
-            raises `BlobTooLargeError` at the snapshot.
+        user_state: the loop's own state that no object below holds (a batch drawn before the
+            snapshot point, the best validation loss, ...). Values must pickle. Either a dict,
+            captured at each snapshot and updated in place by `restore_latest`; or a callable
+            returning a dict, called only when a snapshot is taken (never by the constructor or
+            `restore_latest`, so it may name variables the loop has not created yet), whose
+            restored value `restore_latest` passes to `load_user_state` and keeps in
+            `restored_user_state`. Objects with state_dict/load_state_dict do not belong here
+            (they would be restored as copies): pass them in `stateful`.
+        load_user_state: called by `restore_latest` with the restored user dict (optional), e.g.
+            ``lambda state: globals().update(state)`` in a script whose loop runs at module level.
+        user_state_capacity: bytes reserved for the pickled user dict. Default for a dict: max(64
+            KiB, 4x its size at registration) rounded up to a power of two; for a callable:
+            `CALLABLE_USER_STATE_CAPACITY` (1 MiB). A user dict that outgrows it raises
+            `BlobTooLargeError` at the snapshot. Every run of a job must use the same capacity.
         when_busy: "skip" (default) or "wait": what a snapshot does while the previous one is
             still being copied or sealed.
         use_gpu: False forces host copies. A model without CUDA tensors always gets them.
@@ -252,6 +305,19 @@ class Snapshotter:
             only its 1/dp slice of their bytes (buffers, RNG and the user dict stay whole).
             `restore_latest` must then be called by every member together: each restores its
             slice and gathers the others' over NCCL (CUDA tensors) or through the daemon.
+        stateful: keyword only: the loop's other objects that have ``state_dict()`` and
+            ``load_state_dict()``, by name: a GradScaler (``torch.cuda.amp.GradScaler``,
+            ``torch.amp.GradScaler``), LR schedulers, a stateful sampler or data loader, an EMA
+            of the weights... Each one's ``state_dict()`` is pickled at every snapshot, and
+            `restore_latest` calls each one's ``load_state_dict()``, in the order given, after
+            the model and the optimizer are restored (a scheduler then sees the restored learning
+            rates, and its ``last_epoch`` makes the next decay come on time) and before the RNG
+            states are. Names: 1 to 64 of ``[A-Za-z0-9._-]``; every run of a job must pass the
+            same names. On a GPU, a GradScaler's ``state_dict()`` reads its scale back to the
+            host: one device synchronisation per snapshot.
+        stateful_capacity: keyword only: bytes reserved for each pickled ``state_dict()`` (an
+            int for all, or a dict name -> bytes); default max(64 KiB, 4x its size at
+            registration) rounded up to a power of two.
 
     Raises:
         TypeError, InvalidArgumentError: bad arguments.
@@ -276,24 +342,42 @@ class Snapshotter:
         staging: str = "adaptive",
         staging_budget: Optional[Union[int, float]] = None,
         dp_group: Optional[Any] = None,
+        *,
+        stateful: Optional[Mapping[str, Any]] = None,
+        stateful_capacity: Optional[Union[int, Mapping[str, int]]] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            if not isinstance(optimizer, torch.nn.Module):
+                _misplaced_stateful(optimizer, "optimizer (a torch.optim.Optimizer or None)")
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
+        for value, where in ((job_id, "job_id"), (rank, "rank"), (world_size, "world_size"),
+                             (every, "every"), (socket_path, "socket_path"),
+                             (user_state, "user_state"), (load_user_state, "load_user_state"),
+                             (user_state_capacity, "user_state_capacity"),
+                             (when_busy, "when_busy"), (use_gpu, "use_gpu"),
+                             (fence_forward, "fence_forward"), (staging, "staging"),
+                             (staging_budget, "staging_budget"), (dp_group, "dp_group")):
+            _misplaced_stateful(value, where)
         if user_state is not None and not (isinstance(user_state, MutableMapping)
                                            or callable(user_state)):
             raise TypeError(
                 "user_state must be a dict or a callable returning a dict, got "
                 f"{type(user_state).__name__}"
             )
+        if isinstance(user_state, Mapping):
+            self._check_user_values(user_state)
         if load_user_state is not None and not callable(load_user_state):
-            raise TypeError("load_user_state must be callable")
+            raise TypeError("load_user_state must be callable (it is given the restored user "
+                            f"dict), got {type(load_user_state).__name__}")
         self.every = _check_int(every, "every", 1)
         if user_state_capacity is not None:
             _check_int(user_state_capacity, "user_state_capacity", 1)
+        self._stateful = self._check_stateful(stateful, model, optimizer)
+        self._stateful_capacity = self._check_stateful_capacity(stateful_capacity, self._stateful)
         self.model = model
         self.optimizer = optimizer
         self.job_id = self._resolve_job_id(job_id)
@@ -398,6 +482,73 @@ class Snapshotter:
             raise InvalidArgumentError(f"rank {rank} must be below world_size {world_size}")
         return rank, world_size
 
+    @staticmethod
+    def _check_stateful(stateful: Any, model: torch.nn.Module,
+                        optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+        if stateful is None:
+            return {}
+        if not isinstance(stateful, Mapping):
+            raise TypeError(
+                "stateful must be a dict of name -> object with state_dict() and "
+                f"load_state_dict(), e.g. stateful={{'scheduler': scheduler}}; got "
+                f"{type(stateful).__name__}")
+        checked: Dict[str, Any] = {}
+        seen: Dict[int, str] = {}
+        for name, obj in stateful.items():
+            if not isinstance(name, str):
+                raise TypeError(f"stateful's names must be str, got {type(name).__name__} "
+                                f"{name!r}")
+            if (not 1 <= len(name) <= _STATEFUL_NAME_MAX
+                    or not set(name) <= _STATEFUL_NAME_CHARACTERS):
+                raise InvalidArgumentError(
+                    f"stateful name {name!r} must be 1 to {_STATEFUL_NAME_MAX} characters of "
+                    "[A-Za-z0-9._-]")
+            if obj is model or obj is optimizer:
+                raise InvalidArgumentError(
+                    f"stateful[{name!r}] is the {'model' if obj is model else 'optimizer'} the "
+                    "Snapshotter was given, whose state is snapshotted already (its tensors by "
+                    "address); leave it out of stateful")
+            if not _has_state_dict(obj):
+                loader = isinstance(obj, torch.utils.data.DataLoader)
+                raise TypeError(
+                    f"stateful[{name!r}] is a {type(obj).__name__}, which has no state_dict() "
+                    "and load_state_dict()" + (
+                        ": a plain torch DataLoader cannot resume its position; pass a stateful "
+                        "sampler (or a stateful loader such as torchdata's StatefulDataLoader), "
+                        "or keep the position in user_state" if loader else
+                        "; keep plain values in user_state"))
+            if id(obj) in seen:
+                raise InvalidArgumentError(
+                    f"stateful[{name!r}] is the same object as stateful[{seen[id(obj)]!r}]: "
+                    "its state would be loaded twice; pass it once")
+            seen[id(obj)] = name
+            checked[name] = obj
+        return checked
+
+    @staticmethod
+    def _check_stateful_capacity(capacity: Any, stateful: Dict[str, Any]) -> Dict[str, int]:
+        if capacity is None:
+            return {}
+        if isinstance(capacity, Mapping):
+            unknown = [n for n in capacity if n not in stateful]
+            if unknown:
+                raise InvalidArgumentError(
+                    f"stateful_capacity names {unknown}, which stateful= does not; its names: "
+                    f"{list(stateful)}")
+            return {name: _check_int(value, f"stateful_capacity[{name!r}]", 1)
+                    for name, value in capacity.items()}
+        _check_int(capacity, "stateful_capacity (bytes for each, or a dict name -> bytes)", 1)
+        return {name: capacity for name in stateful}
+
+    @staticmethod
+    def _check_user_values(user: Mapping[str, Any]) -> None:
+        for key, value in user.items():
+            if _has_state_dict(value):
+                raise TypeError(
+                    f"user_state[{key!r}] is a {type(value).__name__}, an object with "
+                    "state_dict() and load_state_dict(): pickled in the user dict it would be "
+                    f"restored as a copy, not into your object; {_STATEFUL_HINT}")
+
     # -- state collection ------------------------------------------------------------------------
 
     @staticmethod
@@ -449,19 +600,39 @@ class Snapshotter:
             "model_other": self._model_state(self.model)[1] if with_model_other else {},
         }
 
+    def _user_is_callable(self) -> bool:
+        state = self._user_state
+        return state is not None and callable(state) and not isinstance(state, Mapping)
+
     def _user_dict(self) -> Dict[str, Any]:
         state = self._user_state
         if state is None:
             return {}
-        value = state() if callable(state) and not isinstance(state, Mapping) else state
+        value = state() if self._user_is_callable() else state
         if not isinstance(value, Mapping):
             raise TypeError(f"user_state() must return a dict, got {type(value).__name__}")
+        self._check_user_values(value)
         return dict(value)
 
+    def _stateful_bytes(self, name: str, obj: Any) -> bytes:
+        state = obj.state_dict()
+        if not isinstance(state, Mapping):
+            raise TypeError(f"stateful[{name!r}].state_dict() must return a dict, got "
+                            f"{type(state).__name__}")
+        try:
+            return pickle.dumps(state, _PICKLE_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise InvalidArgumentError(
+                f"the state_dict() of stateful[{name!r}] ({type(obj).__name__}) does not "
+                f"pickle: {e}") from e
+
     def _blob_payloads(self, cuda_devices: List[int], with_model_other: bool,
-                       optimizer_other: Dict[Tuple[int, Any], Any]) -> Dict[str, Tuple[bytes, str]]:
-        """name -> (bytes, description) of every blob, as of now."""
-        payloads: Dict[str, Tuple[bytes, str]] = {}
+                       optimizer_other: Dict[Tuple[int, Any], Any],
+                       registering: bool = False) -> Dict[str, Tuple[Optional[bytes], str]]:
+        """name -> (bytes, description) of every blob, as of now. Registering, the bytes are
+        only needed to size new blobs: None where they are not read (a callable user_state is
+        never called before a snapshot; a stateful blob already sized keeps its capacity)."""
+        payloads: Dict[str, Tuple[Optional[bytes], str]] = {}
         cpu = torch.get_rng_state()
         payloads["rng.torch_cpu"] = (ctypes.string_at(cpu.data_ptr(), cpu.numel()),
                                      "torch's CPU RNG state")
@@ -480,11 +651,20 @@ class Snapshotter:
         if _np is not None:
             payloads["rng.numpy"] = (pickle.dumps(_np.random.get_state(), _PICKLE_PROTOCOL),
                                      "NumPy's RNG state")
-        try:
-            user = pickle.dumps(self._user_dict(), _PICKLE_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            raise InvalidArgumentError(f"user_state does not pickle: {e}") from e
+        user: Optional[bytes] = None
+        if not (registering and self._user_is_callable()):
+            values = self._user_dict()
+            try:
+                user = pickle.dumps(values, _PICKLE_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                raise InvalidArgumentError(f"user_state does not pickle: {e}") from e
         payloads["user"] = (user, "the pickled user_state")
+        for name, obj in self._stateful.items():
+            blob = f"state.{name}"
+            data = (None if registering and blob in self._blobs
+                    else self._stateful_bytes(name, obj))
+            payloads[blob] = (data, f"the pickled state_dict() of stateful[{name!r}] "
+                                    f"({type(obj).__name__})")
         try:
             meta = pickle.dumps(self._meta(optimizer_other, with_model_other), _PICKLE_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
@@ -566,14 +746,29 @@ class Snapshotter:
                 break
         # Blob capacities are fixed by their first size (or kept from an earlier registration) so
         # that every registration of this job, in this run or a restarted one, has one layout.
-        payloads = self._blob_payloads(cuda_devices, bool(model_other), optimizer_other)
+        payloads = self._blob_payloads(cuda_devices, bool(model_other), optimizer_other,
+                                       registering=True)
         for name, (data, describe) in payloads.items():
             blob = self._blobs.get(name)
             if blob is None:
-                capacity = _blob_capacity(len(data))
-                if name == "user" and self._user_state_capacity is not None:
-                    capacity = self._user_state_capacity
-                blob = _Blob(name, capacity, describe)
+                enlarge = ""
+                if name == "user":
+                    enlarge = "user_state_capacity="
+                    if self._user_state_capacity is not None:
+                        capacity = self._user_state_capacity
+                    elif data is None:
+                        capacity = CALLABLE_USER_STATE_CAPACITY
+                    else:
+                        capacity = _blob_capacity(len(data))
+                elif name.startswith("state."):
+                    key = name[len("state."):]
+                    enlarge = f"stateful_capacity={{{key!r}: bytes}}"
+                    assert data is not None
+                    capacity = self._stateful_capacity.get(key) or _blob_capacity(len(data))
+                else:
+                    assert data is not None
+                    capacity = _blob_capacity(len(data))
+                blob = _Blob(name, capacity, describe, enlarge)
                 self._blobs[name] = blob
             blob.index = len(entries)
             blob.registered = blob.in_flight
@@ -782,9 +977,11 @@ class Snapshotter:
         optimizer_other = {(i, key): d[key] for i, key, d in reg.other_refs}
         payloads = self._blob_payloads(reg.cuda_devices, reg.has_model_other, optimizer_other)
         for name, (data, _) in payloads.items():
+            assert data is not None
             self._blobs[name].check_fits(data)
         staged = []
         for name, (data, _) in payloads.items():
+            assert data is not None
             blob = self._blobs[name]
             if data == blob.current:
                 continue  # the registered buffer holds it already, and nothing writes there
@@ -871,9 +1068,12 @@ class Snapshotter:
         """Restores the newest snapshot this rank's daemon holds, in place, and returns its step
         (the loop continues at step + 1); None when there is nothing to restore.
 
-        Everything is restored: model and optimizer tensors, the optimizer's non-tensor state
-        and hyperparameters, the RNG states and the user dict. When torch.distributed is
-        initialized, every rank must call this: the ranks agree on one step or all raise.
+        Everything is restored, in this order: model and optimizer tensors, the optimizer's
+        non-tensor state and hyperparameters, each object of `stateful` (its
+        ``load_state_dict``), the user dict (a dict updated in place; `restored_user_state`; then
+        `load_user_state`), and last the RNG states. A `user_state` callable is not called. When
+        torch.distributed is initialized, every rank must call this: the ranks agree on one step
+        or all raise.
 
         Raises:
             FailedPreconditionError: the snapshot does not match the model and optimizer (a
@@ -891,6 +1091,28 @@ class Snapshotter:
                 step = self._client.restore(-1)
             except NotFoundError as e:
                 _log.info("nothing to restore for job %s rank %d: %s", self.job_id, self.rank, e)
+            except FailedPreconditionError as e:
+                error = e
+                if drop is not None and self.dp_members is None:
+                    # The snapshot may predate the optimizer's first step (a GradScaler skips the
+                    # steps whose gradients overflow, often the first ones): try it without the
+                    # state primed for it. It is dropped either way, as an optimizer that has
+                    # not stepped has none.
+                    drop()
+                    drop = None
+                    self._register()
+                    try:
+                        step = self._client.restore(-1)
+                        error = None
+                    except FailedPreconditionError:
+                        pass  # the first error says what differs, with the optimizer state
+                    except TesseraError as retry_error:
+                        error = retry_error
+                if error is not None and ("'blob.state." in str(e) or "'blob.user'" in str(e)):
+                    error = FailedPreconditionError(
+                        f"{e}. stateful= must name the same objects, and user_state_capacity= and "
+                        "stateful_capacity= (or their defaults) must give the same capacities, "
+                        "as in the run that took the snapshot")
             except TesseraError as e:
                 error = e  # raised after the other ranks heard of it, so none waits forever
             step = self._agree(step, error)
@@ -971,9 +1193,11 @@ class Snapshotter:
             python_rng = pickle.loads(values["rng.python"])
             numpy_rng = pickle.loads(values["rng.numpy"]) if "rng.numpy" in values else None
             cuda_rng = pickle.loads(values["rng.torch_cuda"]) if "rng.torch_cuda" in values else {}
+            stateful = {name: pickle.loads(values[f"state.{name}"]) for name in self._stateful}
         except Exception as e:
             raise DataLossError(f"step {step}: a restored blob does not unpickle: {e!r}") from e
 
+        # The optimizer first: a scheduler loaded after it sees the restored learning rates.
         if self.optimizer is not None:
             params = self._params()
             for (i, key), value in meta["optimizer_state"].items():
@@ -983,12 +1207,16 @@ class Snapshotter:
         if meta["model_other"]:
             self.model.load_state_dict(meta["model_other"], strict=False)
 
-        torch.set_rng_state(torch.frombuffer(bytearray(values["rng.torch_cpu"]), dtype=torch.uint8))
-        for device, state in cuda_rng.items():
-            torch.cuda.set_rng_state(torch.frombuffer(bytearray(state), dtype=torch.uint8), device)
-        random.setstate(python_rng)
-        if numpy_rng is not None and _np is not None:
-            _np.random.set_state(numpy_rng)
+        for name, obj in self._stateful.items():
+            try:
+                obj.load_state_dict(stateful[name])
+            except Exception as e:
+                raise FailedPreconditionError(
+                    f"step {step}: stateful[{name!r}] ({type(obj).__name__}) does not load the "
+                    f"state it saved: {e!r}. The model, the optimizer and the stateful objects "
+                    f"before it are restored already; pass the same kind of object under this "
+                    "name as the run that took the snapshot (e.g. a GradScaler enabled in both)"
+                ) from e
 
         self.restored_user_state = user
         if isinstance(self._user_state, MutableMapping):
@@ -997,11 +1225,26 @@ class Snapshotter:
         if self._load_user_state is not None:
             self._load_user_state(user)
 
+        # The RNG states last, so that nothing a load_state_dict or load_user_state draws moves
+        # them.
+        torch.set_rng_state(torch.frombuffer(bytearray(values["rng.torch_cpu"]), dtype=torch.uint8))
+        for device, state in cuda_rng.items():
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(state), dtype=torch.uint8), device)
+        random.setstate(python_rng)
+        if numpy_rng is not None and _np is not None:
+            _np.random.set_state(numpy_rng)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self, drop: bool = False) -> None:
-        """Waits for a snapshot in flight, removes the hooks and unregisters (keeping the
-        snapshots unless `drop`). Idempotent."""
+        """Waits for a snapshot in flight, removes the hooks and unregisters. Idempotent.
+
+        Args:
+            drop: also delete this rank's snapshots from the daemon. Call ``close(drop=True)`` on
+                every rank when the run has finished, so that the next launch with the same job
+                id starts afresh instead of resuming it (``with Snapshotter(...)`` keeps them;
+                operators can drop a job with ``tessera drop JOB``).
+        """
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
