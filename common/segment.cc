@@ -64,6 +64,10 @@ absl::Status ValidateSealedHeader(const SegmentHeader& header) {
                                             " does not match the stored 0x",
                                             absl::Hex(header.header_crc32c)));
   }
+  // Every sealed step is >= 0 (-1 means "the newest" to PrepareRestore and "none" elsewhere).
+  if (header.step < 0) {
+    return absl::DataLossError(absl::StrCat("step ", header.step, " is negative"));
+  }
   if (header.payload_bytes > header.capacity_bytes ||
       !RangeWithin(header.manifest_offset, header.manifest_bytes, header.payload_bytes)) {
     return absl::DataLossError(absl::StrCat("payload ", header.payload_bytes, " bytes, manifest at ",

@@ -77,7 +77,8 @@ inline bool RangeWithin(uint64_t offset, uint64_t length, uint64_t limit) {
   return offset <= limit && length <= limit - offset;
 }
 
-// Checks magic, layout version, kind and header CRC of a header that was published as sealed.
+// Checks magic, layout version, kind and header CRC of a header that was published as sealed,
+// then that its step is not negative and its payload and manifest lie in its capacity.
 // kDataLoss names the first check that failed.
 absl::Status ValidateSealedHeader(const SegmentHeader& header);
 

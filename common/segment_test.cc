@@ -77,6 +77,26 @@ TEST_F(SegmentTest, CorruptedHeaderIsDataLoss) {
   EXPECT_EQ(ValidateSealedHeader(*h).code(), absl::StatusCode::kDataLoss);
 }
 
+// Found by fuzz/segment_header_fuzz: a sealed header of step -55834574848 (CRC recomputed) was
+// re-adopted, listed, and then refused by PrepareRestore ("step must be >= 0").
+TEST_F(SegmentTest, NegativeStepIsDataLoss) {
+  const std::string path = dir_ + "/n.seg";
+  auto seg = Segment::Create(path, SegmentKind::kSlot, 4096, {});
+  ASSERT_TRUE(seg.ok());
+  SegmentHeader* h = (*seg)->header();
+  StoreState(h, SegmentState::kSealed);
+  for (int64_t step : {int64_t{-1}, int64_t{-55834574848}, INT64_MIN}) {
+    h->step = step;
+    h->header_crc32c = ComputeHeaderCrc(*h);
+    absl::Status s = ValidateSealedHeader(*h);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << step;
+    EXPECT_NE(s.message().find("negative"), absl::string_view::npos) << s;
+  }
+  h->step = 0;
+  h->header_crc32c = ComputeHeaderCrc(*h);
+  EXPECT_TRUE(ValidateSealedHeader(*h).ok());
+}
+
 TEST_F(SegmentTest, CreateIsExclusiveAndModeIsApplied) {
   const std::string path = dir_ + "/c.seg";
   SegmentCreateOptions options;

@@ -14,6 +14,7 @@ packages=(
   python3 python3-numpy python3-torch python3-pytest
   python3-yaml  # tests/cli:deploy_test reads deploy/kubernetes/*.yaml
   spin gcc      # model/check.sh: the commit protocol's model check (tools/run-tests.sh)
+  clang-14 libclang-rt-14-dev  # tools/fuzz.sh: the libFuzzer targets of fuzz/ (tools/run-tests.sh)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -153,6 +153,9 @@ absl::StatusOr<SlotLayout> ComputeSlotLayout(const std::vector<EntrySpec>& entri
     }
     switch (e.kind()) {
       case ENTRY_KIND_TENSOR:
+        if (elements > UINT64_MAX / *item) {
+          return absl::InvalidArgumentError(where + ": shape overflows 64 bits");
+        }
         if (elements * *item != e.nbytes()) {
           return absl::InvalidArgumentError(absl::StrCat(
               where, ": nbytes ", e.nbytes(), " does not match shape [",
