@@ -62,7 +62,9 @@ class DaemonLog {
   DaemonLog(std::string name, std::string path, std::string job)
       : name_(std::move(name)),
         path_(std::move(path)),
-        commit_re_("job '" + job + "' committed step ([0-9]+) \\(epoch ([0-9]+)") {}
+        commit_re_("job '" + job + "' committed step ([0-9]+) \\(epoch ([0-9]+)"),
+        superseded_re_("job '" + job + "': commit of step ([0-9]+) \\(epoch ([0-9]+)\\) "
+                       "superseded") {}
 
   // Reads what was appended since the last call.
   void Poll() {
@@ -77,14 +79,24 @@ class DaemonLog {
     for (auto it = std::sregex_iterator(text_.begin() + scanned_, text_.begin() + complete,
                                         commit_re_);
          it != std::sregex_iterator(); ++it) {
-      committed_ = std::max(committed_, LoggedCommit{std::stoull((*it)[2].str()),
-                                                     std::stoll((*it)[1].str())});
+      const LoggedCommit c{std::stoull((*it)[2].str()), std::stoll((*it)[1].str())};
+      committed_ = std::max(committed_, c);
+      commits_.insert(c);
+    }
+    for (auto it = std::sregex_iterator(text_.begin() + scanned_, text_.begin() + complete,
+                                        superseded_re_);
+         it != std::sregex_iterator(); ++it) {
+      superseded_.insert(LoggedCommit{std::stoull((*it)[2].str()), std::stoll((*it)[1].str())});
     }
     scanned_ = complete;
   }
   const std::string& name() const { return name_; }
   // The newest commit logged so far.
   const LoggedCommit& committed() const { return committed_; }
+  // Every commit logged so far, and those the daemon logged as superseded by a restore decided
+  // without them (docs/PROTOCOL.md, Restore 3).
+  const std::set<LoggedCommit>& commits() const { return commits_; }
+  const std::set<LoggedCommit>& superseded() const { return superseded_; }
   size_t size() const { return text_.size(); }
   // Whether a line since offset `from` matches `re`.
   bool Seen(size_t from, const std::regex& re) const {
@@ -104,10 +116,11 @@ class DaemonLog {
 
  private:
   std::string name_, path_;
-  std::regex commit_re_;
+  std::regex commit_re_, superseded_re_;
   std::string text_;
   size_t scanned_ = 0;
   LoggedCommit committed_;
+  std::set<LoggedCommit> commits_, superseded_;
 };
 
 struct Shape {
@@ -228,6 +241,10 @@ class Trial {
   // The step of the newest commit (by epoch, then step) over every daemon log; who logged it
   // goes to committed_by_.
   int64_t Committed();
+  // The floor of a partition-restart once the cut-off node's commits that the majority never
+  // learned are set aside: a commit of `cut_off` that some daemon logged as superseded by the
+  // restore point the majority resumed from (docs/PROTOCOL.md, Restore 3). Other commits count.
+  int64_t FloorWithoutSuperseded(const std::string& cut_off);
   void WaitFor(Clock::duration timeout, const std::string& what, const std::function<bool()>& done);
   bool WaitForProgress(const std::string& after);
   // Waits until a peer's log says, past `from` (each node's log size before the fault), that it
@@ -262,6 +279,11 @@ class Trial {
   int generation_ = 0;
   bool halted_ = false;  // a hang or stall: no more faults
   std::string committed_by_;
+  // While a partition-restart runs: the node cut off, and every commit each node had logged
+  // when the job was restarted (name -> commits).
+  std::string cut_off_;
+  std::map<std::string, std::set<LoggedCommit>> commits_at_restart_;
+  std::vector<std::pair<std::string, int64_t>> behind_;  // (who, restored step) behind the floor
   Clock::time_point start_ = Clock::now();
   TrialResult result_;
 };
@@ -495,7 +517,11 @@ int64_t Trial::CheckStart(int rank, int64_t floor, Clock::time_point deadline,
       Fail("history", absl::StrCat(who, ": ", wrong,
                                    LogExcerpt({absl::StrCat("rank ", rank, " "), " E ", " W "})));
     }
-    if (restored_step < floor) {
+    if (restored_step < floor && !cut_off_.empty()) {
+      // Judged once every rank has restored (the cut-off node logs a superseded commit when it
+      // learns the majority's decision, before its own ranks are answered).
+      behind_.push_back({who, restored_step});
+    } else if (restored_step < floor) {
       Fail("committed", absl::StrCat(who, " restored step ", restored_step, ", behind step ", floor,
                                      " which ", committed_by_, " had committed before it started",
                                      LogExcerpt({"committed step", " E ", " W "})));
@@ -921,10 +947,28 @@ void Trial::FaultPartitionRestart() {
   nodes_[node].isolated = true;
   for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
   const int64_t floor = StartRanks(AllRanks(), false);
+  cut_off_ = nodes_[node].id;
+  commits_at_restart_.clear();
+  for (auto& log : logs_) commits_at_restart_[log->name()] = log->commits();
   Sleep(milliseconds(ms));
   if (!net_->Isolate(node, false, &error)) Fail("daemon", "cannot join a node again: " + error);
   nodes_[node].isolated = false;
   CheckRanks(AllRanks(), floor, true, false, "partition-restart");
+  for (const auto& [who, restored] : behind_) {
+    const int64_t without = FloorWithoutSuperseded(cut_off_);
+    if (restored >= without) {
+      Trace(absl::StrCat(who, " restored step ", restored, ", behind step ", floor, ": ",
+                         cut_off_, " committed it as it was cut off and logged it superseded by "
+                         "the majority's restore point"));
+    } else {
+      Fail("committed", absl::StrCat(who, " restored step ", restored, ", behind step ", floor,
+                                     " which ", committed_by_, " had committed before it started ",
+                                     "(", without, " without commits logged as superseded)",
+                                     LogExcerpt({"committed step", "superseded", " E ", " W "})));
+    }
+  }
+  behind_.clear();
+  cut_off_.clear();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -937,6 +981,22 @@ int64_t Trial::Committed() {
     if (newest < log->committed()) {
       newest = log->committed();
       committed_by_ = log->name();
+    }
+  }
+  return newest.step;
+}
+
+int64_t Trial::FloorWithoutSuperseded(const std::string& cut_off) {
+  std::set<LoggedCommit> superseded;
+  for (auto& log : logs_) {
+    log->Poll();
+    superseded.insert(log->superseded().begin(), log->superseded().end());
+  }
+  LoggedCommit newest;
+  for (const auto& [name, commits] : commits_at_restart_) {
+    for (const LoggedCommit& c : commits) {
+      if (name == cut_off && superseded.count(c) > 0) continue;
+      newest = std::max(newest, c);
     }
   }
   return newest.step;

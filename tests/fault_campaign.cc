@@ -204,14 +204,17 @@ TEST(FaultCampaignRegression, APartitionedNodeResumesItsRanksFromTheirOwnNewestS
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
-// OPEN (found by the campaign of seed 16000000, trial seed 16000113, not yet fixed): the job's
-// coordinator n1 committed step 96 just as it was cut off, before the commit reached the others;
-// the whole job restarted meanwhile. The majority side's coordinator decided the restore point
-// from n0, n2 and n3, which knew only step 95, while n1 was unreachable; once n1 was joined
-// again it answered its own ranks 1 and 5 with step 96 ("committed": 95 restored behind a commit
-// of 96; "same-step": 95 on six ranks, 96 on two). Three reruns of that seed passed: it needs
-// the commit to land exactly at the cut. A restore answer given while a node of the job is
-// unreachable must be learned by that node before it answers its own ranks (or wait for it).
+// Found by the campaign of seed 16000000 (trial seed 16000113): the job's coordinator n1 committed
+// step 96 just as it was cut off, before the commit reached the others; the whole job restarted
+// meanwhile. The majority side's coordinator decided the restore point from n0, n2 and n3, which
+// knew only step 95, while n1 was unreachable; once n1 was joined again it answered its own ranks
+// 1 and 5 with step 96 ("same-step": 95 on six ranks, 96 on two). It needs the commit to land at
+// the cut, so most runs of this seed pass; ProtectionPipelineTest.
+// ACommitTheMajorityResumedWithoutIsSuperseded replays it deterministically. Fixed: commit
+// records are ordered by their confirmed epoch first (docs/PROTOCOL.md, Restore 3), so the point
+// the majority resumed from supersedes n1's commit wherever it is learned, and n1 logs so. The
+// campaign's "committed" check accepts a restore behind a commit only when the node that was cut
+// off made it and logged it superseded.
 TEST(FaultCampaignRegression, ACommitAtTheCutIsNotOverruledByTheMajoritysRestorePoint) {
   if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
   const TrialResult r =

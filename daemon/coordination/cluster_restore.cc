@@ -201,7 +201,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
   // would resume different histories. Only a coordinator that sees a majority of the members
   // live takes it; the side cut off waits until it is joined again.
   TESSERA_RETURN_IF_ERROR(RequireMajority());
-  if (!question.known.empty()) coordinator_.Learn(job_id, question.known, question.known.epoch);
+  if (!question.known.empty()) LearnCommit(job_id, question.known, question.known.epoch);
   std::vector<std::string> nodes = coordinator_.Nodes(job_id);
   // With no record of the job, every live member is asked once (a coordinator that took over
   // after a loss); otherwise only the job's nodes, and those their records name.
@@ -222,7 +222,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
                              ListNodes(job_id, ask, /*require_complete=*/true, &not_live));
     for (JobListing& l : more) {
-      coordinator_.Learn(job_id, l.committed, l.epoch);
+      LearnCommit(job_id, l.committed, l.epoch);
       listings.push_back(std::move(l));
     }
     nodes = coordinator_.Nodes(job_id);
@@ -305,7 +305,15 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
                                             absl::StrJoin(missing, "; ")));
   }
   answer.epoch = question.resume ? resume() : state.epoch;
-  TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, point));
+  if (question.resume) {
+    // The rank resumes from this step in answer.epoch: that history now contains it, and a commit
+    // of an older epoch that no node of this view knew (its coordinator was cut off as it
+    // committed) no longer outranks it anywhere (docs/PROTOCOL.md, Restore 3).
+    answer.restore_point.confirmed_epoch =
+        std::max(answer.restore_point.confirmed_epoch, answer.epoch);
+    LearnCommit(job_id, answer.restore_point, answer.epoch);
+  }
+  TESSERA_RETURN_IF_ERROR(TellJobNodes(job_id, asked, answer.epoch, answer.restore_point));
   return answer;
 }
 

@@ -8,7 +8,14 @@ namespace tessera {
 bool CommitRecord::NewerThan(const CommitRecord& other) const {
   if (empty()) return false;
   if (other.empty()) return true;
-  return std::tie(epoch, step) > std::tie(other.epoch, other.step);
+  const uint64_t confirmed = std::max(confirmed_epoch, epoch);
+  const uint64_t other_confirmed = std::max(other.confirmed_epoch, other.epoch);
+  return std::tie(confirmed, epoch, step) > std::tie(other_confirmed, other.epoch, other.step);
+}
+
+bool CommitRecord::SupersededBy(const CommitRecord& newer) const {
+  return !empty() && newer.NewerThan(*this) &&
+         std::tie(epoch, step) > std::tie(newer.epoch, newer.step);
 }
 
 const CommitRecord::Rank* CommitRecord::Find(uint32_t rank) const {
@@ -102,6 +109,7 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
   CommitRecord record;
   if (complete != job.open.end() && complete->second.size() >= job.world_size) {
     record.epoch = job.epoch;
+    record.confirmed_epoch = job.epoch;
     record.step = report.step;
     std::set<std::string> nodes;
     for (uint32_t rank = 0; rank < job.world_size; ++rank) {
@@ -138,11 +146,14 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
   return outcome;
 }
 
-void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record,
-                           uint64_t epoch) {
+std::optional<CommitRecord> JobCoordinator::Learn(const std::string& job_id,
+                                                  const CommitRecord& record, uint64_t epoch) {
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(job_id);
-  const uint64_t newest_epoch = std::max(epoch, record.empty() ? 0 : record.epoch);
+  std::optional<CommitRecord> superseded;
+  if (job.committed.SupersededBy(record)) superseded = job.committed;
+  const uint64_t newest_epoch =
+      std::max(epoch, record.empty() ? 0 : std::max(record.epoch, record.confirmed_epoch));
   if (newest_epoch > job.epoch) EnterEpoch(&job, newest_epoch);
   if (record.NewerThan(job.committed)) {
     job.committed = record;
@@ -152,6 +163,7 @@ void JobCoordinator::Learn(const std::string& job_id, const CommitRecord& record
       for (const CommitRecord::Rank& r : record.ranks) job.reported.insert(r.rank);
     }
   }
+  return superseded;
 }
 
 uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64_t run_id,

@@ -34,10 +34,21 @@ struct CommitRecord {
   int64_t step = -1;  // -1: nothing committed
   std::vector<Rank> ranks;         // by rank, one per rank of the world
   std::vector<std::string> nodes;  // owners and holders of the step, sorted
+  // The newest epoch whose history is known to contain this step: `epoch` when the step was
+  // committed, raised to the new epoch when a restore decision resumes from it (a commit that a
+  // coordinator made while cut off, which no node of the deciding majority knew, never is).
+  uint64_t confirmed_epoch = 0;
 
   bool empty() const { return step < 0; }
-  // Ordered by (epoch, step): a commit of a newer epoch is newer whatever its step.
+  // Ordered by (confirmed_epoch, epoch, step). A commit of a newer epoch is newer whatever its
+  // step; and a restore point that a newer epoch resumed from is newer than any commit of an older
+  // epoch not known to be in that history: such a commit was made on the far side of a partition
+  // while the majority resumed without it, and restoring it on some ranks would mix two histories
+  // (docs/PROTOCOL.md, Restore 3).
   bool NewerThan(const CommitRecord& other) const;
+  // Whether adopting `newer` in place of this record goes back to an older step: this record's
+  // step was abandoned by a decision taken without it.
+  bool SupersededBy(const CommitRecord& newer) const;
   // The committed digest of `rank`, or nullptr.
   const Rank* Find(uint32_t rank) const;
 };
@@ -89,8 +100,10 @@ class JobCoordinator {
   // When every rank of the world has reported a step, it is committed. REQUIRES: world_size > 0.
   Outcome Report(const ProtectedReport& report);
 
-  // Adopts a commit record (and its epoch) learned from a node of the job.
-  void Learn(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
+  // Adopts a commit record (and its epoch) learned from a node of the job. Returns the record it
+  // held when `record` supersedes it (CommitRecord::SupersededBy), for the caller to log.
+  std::optional<CommitRecord> Learn(const std::string& job_id, const CommitRecord& record,
+                                    uint64_t epoch);
 
   // Rank `rank`'s trainer run `run_id` asks to resume (docs/PROTOCOL.md, Epochs). A retry of the
   // run answered last for this rank in the current epoch gets that epoch again. Otherwise a new

@@ -150,6 +150,54 @@ TEST(JobCoordinatorTest, LearnedCommitsOnlyGrowByEpochThenStep) {
   EXPECT_EQ(c.State("j").committed.step, 10);
 }
 
+// Campaign seed 16000113: the coordinator n1 committed step 96 of epoch e1 as it was cut off;
+// the majority, which knew only step 95, resumed the job from 95 in epoch e2. Whatever order n1
+// (or any coordinator) learns the two records in, the restore point that e2 resumed from wins,
+// and the abandoned commit is reported as superseded, so that no rank restores step 96 while
+// the others continue from 95.
+TEST(JobCoordinatorTest, ACommitMadeOnTheFarSideOfAPartitionIsSupersededByTheResumedPoint) {
+  const uint64_t e1 = 1000, e2 = 2000;
+  for (uint32_t world = 1; world <= 2; ++world) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    JobCoordinator cut_off;
+    for (uint32_t rank = 0; rank < world; ++rank) cut_off.Report(MakeReport(rank, 95, 94, e1, world));
+    JobCoordinator::Outcome last;
+    for (uint32_t rank = 0; rank < world; ++rank) last = cut_off.Report(MakeReport(rank, 96, 95, e1, world));
+    ASSERT_TRUE(last.committed_now);
+    const CommitRecord at_96 = cut_off.State("j").committed;
+    ASSERT_EQ(at_96.step, 96);
+    EXPECT_EQ(at_96.confirmed_epoch, e1);
+
+    CommitRecord resumed_from = at_96;  // step 95 of e1, as the majority knew it
+    resumed_from.step = 95;
+    resumed_from.confirmed_epoch = e2;
+    EXPECT_TRUE(resumed_from.NewerThan(at_96));
+    EXPECT_FALSE(at_96.NewerThan(resumed_from));
+    EXPECT_TRUE(at_96.SupersededBy(resumed_from));
+    EXPECT_FALSE(resumed_from.SupersededBy(at_96));
+
+    std::optional<CommitRecord> abandoned = cut_off.Learn("j", resumed_from, e2);
+    ASSERT_TRUE(abandoned.has_value());
+    EXPECT_EQ(abandoned->step, 96);
+    EXPECT_FALSE(cut_off.Learn("j", at_96, e1).has_value());  // a late push of its own commit
+    EXPECT_EQ(cut_off.State("j").committed.step, 95);
+    EXPECT_EQ(cut_off.State("j").epoch, e2);
+
+    JobCoordinator other_order;
+    EXPECT_FALSE(other_order.Learn("j", resumed_from, e2).has_value());
+    EXPECT_FALSE(other_order.Learn("j", at_96, e1).has_value());
+    EXPECT_EQ(other_order.State("j").committed.step, 95);
+
+    // Step 96 of the new epoch commits as usual, and outranks the point e2 resumed from.
+    JobCoordinator::Outcome again;
+    for (uint32_t rank = 0; rank < world; ++rank) again = cut_off.Report(MakeReport(rank, 96, -1, e2, world));
+    ASSERT_TRUE(again.committed_now);
+    EXPECT_EQ(again.state.committed.epoch, e2);
+    EXPECT_TRUE(again.state.committed.NewerThan(resumed_from));
+    EXPECT_FALSE(resumed_from.SupersededBy(again.state.committed));
+  }
+}
+
 // Random interleavings of the same reports (with duplicates) always commit the same steps.
 TEST(JobCoordinatorTest, OrderAndDuplicatesDoNotChangeTheOutcome) {
   const uint64_t seed = std::random_device{}();

@@ -1,5 +1,7 @@
 #include "daemon/coordination/messages.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "daemon/store/snapshot_store.h"
@@ -35,6 +37,7 @@ NodeIdentity FromProto(const coordination::NodeIdentity& in) {
 void ToProto(const CommitRecord& in, coordination::CommitRecord* out) {
   out->set_epoch(in.epoch);
   out->set_step(in.step);
+  out->set_confirmed_epoch(in.confirmed_epoch);
   for (const CommitRecord::Rank& r : in.ranks) {
     coordination::RankDigest* d = out->add_ranks();
     d->set_rank(r.rank);
@@ -56,6 +59,8 @@ absl::Status FromProto(const coordination::CommitRecord& in, CommitRecord* out) 
   }
   out->epoch = in.epoch();
   out->step = in.step();
+  // A step is in the history of the epoch it was committed in, whatever a sender says.
+  out->confirmed_epoch = std::max(in.confirmed_epoch(), in.epoch());
   for (int i = 0; i < in.ranks_size(); ++i) {
     const coordination::RankDigest& d = in.ranks(i);
     if (d.rank() != static_cast<uint32_t>(i)) {

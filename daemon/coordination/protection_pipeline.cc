@@ -434,6 +434,23 @@ void ClusterCoordination::ReportJob(const std::string& job_id) {
   }
 }
 
+void ClusterCoordination::LogSuperseded(const std::string& job_id, const CommitRecord& held,
+                                        const CommitRecord& newer) {
+  Logger("coordinator")
+      ->warn("job '{}': commit of step {} (epoch {}) superseded by the restore point step {} "
+             "(epoch {}) that epoch {} resumed from: the commit was not known to the majority "
+             "that decided the restore (it was made on the far side of a partition), so its "
+             "step is abandoned",
+             job_id, held.step, held.epoch, newer.step, newer.epoch, newer.confirmed_epoch);
+}
+
+void ClusterCoordination::LearnCommit(const std::string& job_id, const CommitRecord& record,
+                                      uint64_t epoch) {
+  if (std::optional<CommitRecord> held = coordinator_.Learn(job_id, record, epoch)) {
+    LogSuperseded(job_id, *held, record);
+  }
+}
+
 void ClusterCoordination::ApplyJobState(const JobState& state) {
   auto log = Logger("coordinator");
   const int64_t committed = state.committed.step;
@@ -442,14 +459,19 @@ void ClusterCoordination::ApplyJobState(const JobState& state) {
     if (step > committed) dead.push_back(step);
   }
   bool newer_commit = false;
+  std::optional<CommitRecord> superseded;
   {
     absl::MutexLock lock(&mu_);
     JobState& known = known_[state.job_id];
     known.job_id = state.job_id;
     if (state.committed.NewerThan(known.committed)) {
+      if (known.committed.SupersededBy(state.committed)) {
+        superseded = known.committed;
+      } else {
+        newer_commit = true;
+        ++stats_.commits_learned;
+      }
       known.committed = state.committed;
-      newer_commit = true;
-      ++stats_.commits_learned;
     }
     if (state.epoch > known.epoch) {
       known.epoch = state.epoch;
@@ -475,6 +497,10 @@ void ClusterCoordination::ApplyJobState(const JobState& state) {
       it = done ? reports.erase(it) : std::next(it);
     }
     if (reports.empty()) pending_.erase(state.job_id);
+  }
+  if (superseded) {
+    LogSuperseded(state.job_id, *superseded, state.committed);
+    store_->SupersedeCommit(state.job_id, committed);
   }
   store_->SetJobState(state.job_id, state.epoch, committed, dead);
   size_t dropped = 0;
@@ -609,7 +635,7 @@ absl::Status ClusterCoordination::EnsureCoordinatorView(const std::string& job_i
         "the coordinator of job '", job_id, "' is gathering the job's state from the live "
         "members and cannot act on reports yet: ", listings.status().message()));
   }
-  for (const JobListing& l : *listings) coordinator_.Learn(job_id, l.committed, l.epoch);
+  for (const JobListing& l : *listings) LearnCommit(job_id, l.committed, l.epoch);
   Logger("coordinator")->info("job '{}': coordinating, after learning its state from {} live "
                               "members (epoch {}, reported epoch {})",
                               job_id, listings->size(), coordinator_.State(job_id).epoch,

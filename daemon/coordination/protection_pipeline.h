@@ -147,6 +147,11 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   void ReportJob(const std::string& job_id);
   // Adopts what a coordinator says: epoch, commit, dead steps. Releases slots and fragments.
   void ApplyJobState(const JobState& state);
+  // The coordinator's side: JobCoordinator::Learn, logging a commit record it held that a restore
+  // decision taken without it superseded.
+  void LearnCommit(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
+  static void LogSuperseded(const std::string& job_id, const CommitRecord& held,
+                            const CommitRecord& newer);
   // Queues `state` for the given nodes (this daemon's own share is applied at once).
   void PushTo(const std::vector<std::string>& nodes, const JobState& state);
   // Members that died since the last round: queue repairs of the committed shards they held.

@@ -65,8 +65,10 @@ class RoutingCoordinationClient final : public CoordinationClient {
   absl::StatusOr<JobState> Report(const std::string&, const ProtectedReport& report) override {
     return coordination_->OnReport(NodeIdentity{"a", 100}, report);
   }
-  absl::Status Push(const std::string&, const JobState&) override {
+  absl::Status Push(const std::string&, const JobState& state) override {
     ++pushes;
+    absl::MutexLock lock(&mu);
+    if (!state.committed.empty()) pushed_commits[state.committed.step] = state.committed;
     return absl::OkStatus();
   }
   absl::StatusOr<ResolveAnswer> Resolve(const std::string&,
@@ -80,6 +82,11 @@ class RoutingCoordinationClient final : public CoordinationClient {
       if (p.id + ":1" != address) continue;
       JobListing listing;
       listing.node = NodeIdentity{p.id, 1};
+      {
+        absl::MutexLock lock(&mu);
+        listing.epoch = peer_epoch;
+        listing.committed = peer_committed;
+      }
       for (const FragmentStatus& f : p.fragments->List(job_id)) {
         if (f.state != SegmentState::kSealed) continue;
         listing.fragments.push_back({p.id, f.key.rank, f.key.step, 0, f.key.fragment_index,
@@ -92,6 +99,11 @@ class RoutingCoordinationClient final : public CoordinationClient {
   }
   std::atomic<int> pushes{0};
   absl::Status resolve_failure;  // what every Resolve returns when not OK (set before calling)
+  absl::Mutex mu;
+  std::map<int64_t, CommitRecord> pushed_commits ABSL_GUARDED_BY(mu);  // by step
+  // What every peer's listing says of the job's epoch and commit.
+  uint64_t peer_epoch ABSL_GUARDED_BY(mu) = 0;
+  CommitRecord peer_committed ABSL_GUARDED_BY(mu);
 
  private:
   ClusterCoordination* coordination_ = nullptr;
@@ -536,6 +548,44 @@ TEST_F(ProtectionPipelineTest, ACoordinatorThatDoesNotAnswerInTimeIsAskedAgain) 
   coordination_client_.resolve_failure = absl::FailedPreconditionError("a world of 3");
   step = coordination_->FindLatestRestorable(job, /*world_size_hint=*/2, /*resuming_rank=*/0);
   EXPECT_TRUE(absl::IsFailedPrecondition(step.status())) << step.status();
+}
+
+// Campaign seed 16000113, on the side of the coordinator that was cut off: this daemon committed
+// step 8, but its peers never learned it and resumed the job from step 4 in a newer epoch while it
+// was away. Once back, its own rank must resume from step 4 too (restored from its fragments,
+// bit-exact), not from its commit of 8: the ranks of one restart would otherwise mix two
+// histories. Its store's commit goes back with it, so step 8's slot is released.
+TEST_F(ProtectionPipelineTest, ACommitTheMajorityResumedWithoutIsSuperseded) {
+  StartCluster(4, 2, 1);
+  const std::vector<uint8_t> shard4 = SealHere(0, 4, 200000 + rng_() % 5000);
+  ProtectElsewhere(MakeShard(1, 4, 200000), 1, 4, 2, 1);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 4; }));
+  SealHere(0, 8, 200000 + rng_() % 5000);
+  ProtectElsewhere(MakeShard(1, 8, 200000), 1, 8, 2, 1);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 8; }));
+  CommitRecord resumed_from;
+  {
+    absl::MutexLock lock(&coordination_client_.mu);
+    ASSERT_EQ(coordination_client_.pushed_commits.count(4), 1u);
+    resumed_from = coordination_client_.pushed_commits[4];
+    // The majority's decision, as every peer now lists it: the job resumed from step 4 in a
+    // newer epoch.
+    const uint64_t resumed_epoch = std::max<uint64_t>(resumed_from.epoch, 1) + 1000;
+    resumed_from.confirmed_epoch = resumed_epoch;
+    coordination_client_.peer_epoch = resumed_epoch;
+    coordination_client_.peer_committed = resumed_from;
+  }
+  auto step = coordination_->FindLatestRestorable(kJob, world_, /*resuming_rank=*/0,
+                                                  /*run_id=*/77);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 4) << "restored the commit the majority never learned";
+  EXPECT_EQ(store_->committed(kJob), 4);
+  auto info = coordination_->PrepareRestore(kJob, 0, 4, /*verify=*/true);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(ReadRestored(*info), shard4);
+  for (const auto& v : store_->ListVersions(kJob)) {
+    EXPECT_FALSE(v.step == 8 && v.state == SegmentState::kSealed) << "step 8 kept";
+  }
 }
 
 // A restore that does not fit the capacity is refused with the numbers, before any byte moves.

@@ -215,6 +215,10 @@ class SnapshotStore {
   // `step` of the job is protected on every rank: it is kept as the restore point, and every
   // older sealed step of the job's ranks here is released. Idempotent; older commits are ignored.
   void Commit(const std::string& job_id, int64_t step);
+  // The job's commit goes back to `step`: the newer commit held here was made on the far side of
+  // a partition and a restore decided without it resumed from `step` (docs/PROTOCOL.md,
+  // Restore 3). Its slots become void with the newer epoch; nothing is released here.
+  void SupersedeCommit(const std::string& job_id, int64_t step);
   // Rank `rank` of the job resumes from `step`: its sealed steps after it are released. Other
   // ranks are never touched (docs/PROTOCOL.md, Restore).
   void RollbackRank(const std::string& job_id, uint32_t rank, int64_t step);

@@ -187,6 +187,12 @@ void SnapshotStore::Commit(const std::string& job_id, int64_t step) {
   for (auto& seg : doomed) DeleteSegment(std::move(seg));
 }
 
+void SnapshotStore::SupersedeCommit(const std::string& job_id, int64_t step) {
+  absl::MutexLock lock(&mu_);
+  auto it = committed_.find(job_id);
+  if (it != committed_.end() && it->second > step) it->second = step;
+}
+
 void SnapshotStore::RollbackRank(const std::string& job_id, uint32_t rank, int64_t step) {
   std::shared_ptr<RankState> state = FindRank(job_id, rank);
   if (!state) return;
