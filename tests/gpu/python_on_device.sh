@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Python side on a GPU machine, from a bundle made as tests/gpu/run_on_device.sh says (with
-# bazel-bin/agent/libtessera.so in it): the Python tests that use CUDA, then the snapshot-latency
-# example and, time permitting, the staging example at a snapshot every step. Prints each part's
-# result; the last line of each example is its table.
+# bazel-bin/agent/libtessera.so in it): the Python tests that use CUDA, the Snapshotter over
+# DTensors (FSDP2, TP), tessera.dcp with the real DCP, the blocking benchmark of snapshot() and,
+# time permitting, the staging example at a snapshot every step. Prints each part's result.
 #
 #   tests/gpu/python_on_device.sh [BUNDLE] [SECONDS]
 #
@@ -29,9 +29,17 @@ else
   echo "=== python tests: skipped, pytest is not installed here"
 fi
 
-echo "=== snapshot_latency_gpu.py"
-timeout --signal=KILL "$(left)" python3 examples/snapshot_latency_gpu.py --snapshots 150 2>&1 |
-  tail -8
+for script in tests/gpu/dtensor_on_device.py tests/gpu/dcp_on_device.py; do
+  echo "=== $script"
+  timeout --signal=KILL "$(left)" python3 "$script" 2>&1 | tail -25
+  status=${PIPESTATUS[0]}
+  echo "=== $script: exit $status"
+  [ "$status" -eq 0 ] || rc=1
+done
+
+echo "=== bench/python_snapshot_blocking.py (0.82B GPT's shape: 24 blocks of 1024)"
+timeout --signal=KILL "$(left)" python3 bench/python_snapshot_blocking.py --device cuda \
+  --layers 24 --width 1024 --snapshots 200 2>&1 | tail -14
 
 if [ "$(left)" -gt 150 ]; then
   echo "=== staging_gpu.py --intervals 1"

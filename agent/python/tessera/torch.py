@@ -32,7 +32,8 @@ What a snapshot holds, per rank:
 ``optimizer.step()`` wait (a GPU-side wait on CUDA) until those copies are done. Tensors must keep
 their memory: ``load_state_dict`` on the model copies in place and is fine, but replacing a
 parameter or an optimizer state tensor moves it. Each snapshot checks the addresses of the
-parameters and the identity of the optimizer's state tensors and registers again when they moved;
+model's parameters and buffers and the identity of the optimizer's state tensors and registers
+again when they moved;
 call `Snapshotter.refresh` after other replacements (a buffer assigned anew, say).
 
 **Optimizer state is created lazily** by PyTorch, on the first ``optimizer.step()``. The
@@ -64,6 +65,7 @@ import operator
 import os
 import pickle
 import random
+import struct
 import time
 import types
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional,
 
 import torch
 
+from . import _dtensor
 from .client import DTYPE_BYTES, Client, Entry, Stats
 from .errors import (
     BlobTooLargeError,
@@ -113,6 +116,16 @@ _STATEFUL_HINT = ("pass LR schedulers, GradScalers, stateful samplers and data l
 
 _PICKLE_PROTOCOL = 4
 _META_FORMAT = 1
+_EMPTY_USER_STATE = pickle.dumps({}, _PICKLE_PROTOCOL)
+_BLOB_DESCRIPTIONS = {
+    "rng.torch_cpu": "torch's CPU RNG state",
+    "rng.torch_cuda": "the CUDA RNG states",
+    "rng.python": "Python's random state",
+    "rng.numpy": "NumPy's RNG state",
+    "user": "the pickled user_state",
+    "meta": "the optimizer's non-tensor state and param_groups",
+}
+_DOUBLE = struct.Struct("<d")
 
 UserState = Union[MutableMapping[str, Any], Callable[[], Mapping[str, Any]]]
 
@@ -186,6 +199,51 @@ def _check_int(value: Any, what: str, minimum: int) -> int:
     return value
 
 
+def _exact(value: Any) -> Any:
+    """A key that two scalars share only when they are the same state: a float's bits (0.0 ==
+    -0.0, yet they differ; NaN != NaN, yet equal bits are one state), and the type of anything
+    else (True == 1 == 1.0, yet random.gauss() would return each as it is)."""
+    if type(value) is float:
+        return _DOUBLE.pack(value)
+    return type(value), value
+
+
+def _python_rng_fingerprint(state: Any) -> Any:
+    """All of `random.getstate()` (version, the generator's 625 ints, gauss_next), exactly."""
+    if type(state) is tuple and len(state) == 3 and type(state[1]) is tuple:
+        return _exact(state[0]), state[1], _exact(state[2])
+    return object()  # a shape not known here: equal to nothing, so always pickled
+
+
+def _numpy_rng_fingerprint(state: Any) -> Any:
+    """All of ``np.random.get_state()`` ('MT19937', key, pos, has_gauss, cached_gaussian),
+    exactly (the key is always the generator's uint32[624]: its bytes say it all)."""
+    if (type(state) is tuple and len(state) == 5 and _np is not None
+            and type(state[1]) is _np.ndarray):
+        return (_exact(state[0]), state[1].tobytes(), _exact(state[2]), _exact(state[3]),
+                _exact(state[4]))
+    return object()
+
+
+class _PickleCache:
+    """The pickles of states that often stay the same from one snapshot to the next (Python's
+    and NumPy's RNG, when the loop does not draw from them). A state is pickled again unless its
+    fingerprint, which holds all of it exactly, equals the one of the state pickled last: then
+    that pickle is this state's, and it is the very bytes object the blob holds already, which
+    `Snapshotter._snapshot` then need not stage again."""
+
+    def __init__(self) -> None:
+        self._last: Dict[str, Tuple[Any, bytes]] = {}
+
+    def dumps(self, name: str, state: Any, fingerprint: Any) -> bytes:
+        last = self._last.get(name)
+        if last is not None and last[0] == fingerprint:
+            return last[1]
+        data = pickle.dumps(state, _PICKLE_PROTOCOL)
+        self._last[name] = (fingerprint, data)
+        return data
+
+
 class _Blob:
     """A blob entry backed by two buffers: a new snapshot's bytes go to the buffer that the
     snapshot in flight (if any) is not copying from."""
@@ -197,6 +255,11 @@ class _Blob:
         self.enlarge = enlarge  # the argument that sets this capacity, for messages
         self.buffers = (ctypes.create_string_buffer(capacity),
                         ctypes.create_string_buffer(capacity))
+        # Byte views to stage through: a slice assignment copies with the GIL held. ctypes.memmove
+        # is a CFUNCTYPE call, which releases the GIL: it wakes a Python thread waiting for it (a
+        # DataLoader's pin-memory thread, a logger), which may take it, and the training thread
+        # then waits to get it back, up to the switch interval (5 ms).
+        self._views = tuple(memoryview(b).cast("B") for b in self.buffers)
         self.in_flight = 0   # buffer of the last started snapshot
         self.registered = 0  # buffer the library's entry points at
         self.index = -1      # position in the registration
@@ -220,7 +283,7 @@ class _Blob:
 
     def stage(self, data: bytes) -> int:
         spare = 1 - self.in_flight
-        ctypes.memmove(self.buffers[spare], data, len(data))
+        self._views[spare][:len(data)] = data
         return spare
 
     def read(self, length: int) -> bytes:
@@ -396,6 +459,8 @@ class Snapshotter:
 
         self.dp_members: Optional[List[int]] = self._resolve_dp_group(dp_group, self.rank)
         self._blobs: Dict[str, _Blob] = {}
+        self._dtensor_pickled = b""
+        self._rng_pickles = _PickleCache()
         self._registered: Optional[_Registered] = None
         self._fence_pending = False
         self._hook_handles: List[Any] = []
@@ -553,11 +618,13 @@ class Snapshotter:
 
     @staticmethod
     def _model_state(model: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The model's tensors by state_dict key (a DTensor's local shard in its place: the memory
+        that holds this rank's bytes), and its other state_dict values."""
         tensors: Dict[str, torch.Tensor] = {}
         other: Dict[str, Any] = {}
         for key, value in model.state_dict(keep_vars=True).items():
             if isinstance(value, torch.Tensor):
-                tensors[key] = value
+                tensors[key] = _dtensor.local(value)
             else:
                 other[key] = value
         return tensors, other
@@ -598,7 +665,18 @@ class Snapshotter:
             "param_groups": groups,
             # model.state_dict() costs a walk over every module: only when there is extra state.
             "model_other": self._model_state(self.model)[1] if with_model_other else {},
+            # Where each DTensor's local shard lies (`dtensor_layout`), pickled once when
+            # registering: copying bytes costs nothing per snapshot, pickling 1,000 dicts would.
+            "dtensors": self._dtensor_pickled,
         }
+
+    def dtensor_layout(self) -> Dict[str, Dict[str, Any]]:
+        """Where the local shard of each registered DTensor lies in its global tensor, by entry
+        name ("model.<state_dict key>", "optim.<param index>.<key>"): global_shape, offsets,
+        lengths, dtype, mesh_shape, mesh_dim_names, placements. Every snapshot records it (its
+        meta blob, key "dtensors"), for readers that place the shards in another layout. Empty
+        for a model without DTensors."""
+        return pickle.loads(self._dtensor_pickled) if self._dtensor_pickled else {}
 
     def _user_is_callable(self) -> bool:
         state = self._user_state
@@ -628,14 +706,13 @@ class Snapshotter:
 
     def _blob_payloads(self, cuda_devices: List[int], with_model_other: bool,
                        optimizer_other: Dict[Tuple[int, Any], Any],
-                       registering: bool = False) -> Dict[str, Tuple[Optional[bytes], str]]:
-        """name -> (bytes, description) of every blob, as of now. Registering, the bytes are
-        only needed to size new blobs: None where they are not read (a callable user_state is
-        never called before a snapshot; a stateful blob already sized keeps its capacity)."""
-        payloads: Dict[str, Tuple[Optional[bytes], str]] = {}
+                       registering: bool = False) -> Dict[str, Optional[bytes]]:
+        """name -> bytes of every blob, as of now. Registering, the bytes are only needed to size
+        new blobs: None where they are not read (a callable user_state is never called before a
+        snapshot; a stateful blob already sized keeps its capacity)."""
+        payloads: Dict[str, Optional[bytes]] = {}
         cpu = torch.get_rng_state()
-        payloads["rng.torch_cpu"] = (ctypes.string_at(cpu.data_ptr(), cpu.numel()),
-                                     "torch's CPU RNG state")
+        payloads["rng.torch_cpu"] = ctypes.string_at(cpu.data_ptr(), cpu.numel())
         if cuda_devices:
             cuda_states = {}
             generators = getattr(torch.cuda, "default_generators", ())
@@ -644,35 +721,44 @@ class Snapshotter:
                 t = (generators[d].get_state() if d < len(generators)
                      else torch.cuda.get_rng_state(d))
                 cuda_states[d] = ctypes.string_at(t.data_ptr(), t.numel())
-            payloads["rng.torch_cuda"] = (pickle.dumps(cuda_states, _PICKLE_PROTOCOL),
-                                          "the CUDA RNG states")
-        payloads["rng.python"] = (pickle.dumps(random.getstate(), _PICKLE_PROTOCOL),
-                                  "Python's random state")
+            payloads["rng.torch_cuda"] = pickle.dumps(cuda_states, _PICKLE_PROTOCOL)
+        state = random.getstate()
+        payloads["rng.python"] = self._rng_pickles.dumps("rng.python", state,
+                                                         _python_rng_fingerprint(state))
         if _np is not None:
-            payloads["rng.numpy"] = (pickle.dumps(_np.random.get_state(), _PICKLE_PROTOCOL),
-                                     "NumPy's RNG state")
+            state = _np.random.get_state()
+            payloads["rng.numpy"] = self._rng_pickles.dumps("rng.numpy", state,
+                                                            _numpy_rng_fingerprint(state))
         user: Optional[bytes] = None
-        if not (registering and self._user_is_callable()):
+        if self._user_state is None:
+            user = _EMPTY_USER_STATE
+        elif not (registering and self._user_is_callable()):
             values = self._user_dict()
             try:
                 user = pickle.dumps(values, _PICKLE_PROTOCOL)
             except (pickle.PicklingError, TypeError, AttributeError) as e:
                 raise InvalidArgumentError(f"user_state does not pickle: {e}") from e
-        payloads["user"] = (user, "the pickled user_state")
+        payloads["user"] = user
         for name, obj in self._stateful.items():
             blob = f"state.{name}"
-            data = (None if registering and blob in self._blobs
-                    else self._stateful_bytes(name, obj))
-            payloads[blob] = (data, f"the pickled state_dict() of stateful[{name!r}] "
-                                    f"({type(obj).__name__})")
+            payloads[blob] = (None if registering and blob in self._blobs
+                              else self._stateful_bytes(name, obj))
         try:
             meta = pickle.dumps(self._meta(optimizer_other, with_model_other), _PICKLE_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
             raise InvalidArgumentError(
                 f"the optimizer's or model's non-tensor state does not pickle: {e}"
             ) from e
-        payloads["meta"] = (meta, "the optimizer's non-tensor state and param_groups")
+        payloads["meta"] = meta
         return payloads
+
+    def _blob_description(self, name: str) -> str:
+        """What blob `name` holds, for messages."""
+        if name.startswith("state."):
+            key = name[len("state."):]
+            return (f"the pickled state_dict() of stateful[{key!r}] "
+                    f"({type(self._stateful[key]).__name__})")
+        return _BLOB_DESCRIPTIONS[name]
 
     def _cuda_devices(self) -> List[int]:
         """The CUDA devices whose RNG states are saved: those holding the model's tensors. Not
@@ -711,12 +797,34 @@ class Snapshotter:
             )
         return Entry.tensor(name, t.data_ptr(), dtype, tuple(t.shape))
 
+    def _place_dtensors(self, optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]) -> bytes:
+        """The pickled `dtensor_layout` of the model's and the optimizer's DTensors (b"" when
+        there are none)."""
+        if not _dtensor.available():
+            return b""
+        named = [(f"model.{k}", t) for k, t in self.model.state_dict(keep_vars=True).items()
+                 if _dtensor.is_dtensor(t)]
+        named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors
+                  if _dtensor.is_dtensor(t)]
+        if not named:
+            return b""
+        layout = {}
+        for name, t in named:
+            try:
+                place = _dtensor.placement(name, t)
+            except ValueError as e:
+                raise InvalidArgumentError(str(e)) from e
+            assert place is not None
+            layout[name] = place.as_dict()
+        return pickle.dumps(layout, _PICKLE_PROTOCOL)
+
     def _register(self) -> None:
         model_tensors, model_other = self._model_state(self.model)
         optimizer_tensors, optimizer_other = self._optimizer_state()
         named: List[Tuple[str, torch.Tensor]] = [
             (f"model.{k}", t) for k, t in model_tensors.items()]
         named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors]
+        self._dtensor_pickled = self._place_dtensors(optimizer_tensors)
 
         parameter_names = {f"model.{k}" for k, _ in self.model.named_parameters()}
         entries: List[Entry] = []
@@ -725,6 +833,9 @@ class Snapshotter:
         aliases: Dict[str, str] = {}
         seen: Dict[Tuple[int, str, Tuple[int, ...], str], str] = {}
         for name, t in named:
+            # An optimizer's DTensor state stays itself in `named` (it is found again by
+            # identity); its local shard is what is registered.
+            t = _dtensor.local(t)
             entry = self._tensor_entry(name, t)
             if entry.nbytes > 0:
                 identity = (entry.address, entry.dtype, entry.shape, str(t.device))
@@ -748,7 +859,7 @@ class Snapshotter:
         # that every registration of this job, in this run or a restarted one, has one layout.
         payloads = self._blob_payloads(cuda_devices, bool(model_other), optimizer_other,
                                        registering=True)
-        for name, (data, describe) in payloads.items():
+        for name, data in payloads.items():
             blob = self._blobs.get(name)
             if blob is None:
                 enlarge = ""
@@ -768,7 +879,7 @@ class Snapshotter:
                 else:
                     assert data is not None
                     capacity = _blob_capacity(len(data))
-                blob = _Blob(name, capacity, describe, enlarge)
+                blob = _Blob(name, capacity, self._blob_description(name), enlarge)
                 self._blobs[name] = blob
             blob.index = len(entries)
             blob.registered = blob.in_flight
@@ -817,7 +928,15 @@ class Snapshotter:
     def _changed(self) -> Optional[str]:
         """Why the registration no longer matches the live model and optimizer, or None when it
         does. The same verdict as `_moved` on the optimizer's state, in a few C-level passes
-        instead of a Python loop over every tensor: it runs at every snapshot."""
+        instead of a Python loop over every tensor: it runs at every snapshot.
+
+        Every snapshot checks every tensor, since a snapshot must never copy from memory a
+        tensor has left (freed and reused, or alive with bytes nothing updates any more): the
+        model's tensors by address (``param.data = ...`` keeps the object and moves its memory),
+        the optimizer's by identity, with the parameters and ``optimizer.state``'s keys and
+        values. No cheaper signal covers it all (a dict gives no sign that one of its values was
+        replaced), and a check of some tensors per snapshot would let the others' moves through.
+        """
         reg = self._registered
         if reg is None:
             return "nothing is registered yet"
@@ -914,7 +1033,7 @@ class Snapshotter:
                 self._wrapped_step = (wrapped, original)
         if fence_forward is None:
             # Registered buffers (persistent ones, in state_dict) may change in a forward pass.
-            parameters = {id(p) for p in self.model.parameters()}
+            parameters = {id(_dtensor.local(p)) for p in self.model.parameters()}
             fence_forward = any(id(t) not in parameters
                                 for t in self._model_state(self.model)[0].values())
         if fence_forward:
@@ -942,7 +1061,8 @@ class Snapshotter:
         """Starts a snapshot of `step` now, whatever `every` says, and returns at once.
 
         Steps must increase. The tensors are copied in the background; the blobs (RNG states,
-        user dict, optimizer metadata) are pickled here.
+        user dict, optimizer metadata) are pickled here (Python's and NumPy's RNG states only
+        when they changed since the last snapshot).
 
         Returns:
             True when it started, False when it was skipped because the previous snapshot is
@@ -976,15 +1096,16 @@ class Snapshotter:
         assert reg is not None
         optimizer_other = {(i, key): d[key] for i, key, d in reg.other_refs}
         payloads = self._blob_payloads(reg.cuda_devices, reg.has_model_other, optimizer_other)
-        for name, (data, _) in payloads.items():
+        blobs = self._blobs
+        for name, data in payloads.items():
             assert data is not None
-            self._blobs[name].check_fits(data)
+            blobs[name].check_fits(data)
         staged = []
-        for name, (data, _) in payloads.items():
-            assert data is not None
-            blob = self._blobs[name]
-            if data == blob.current:
+        for name, data in payloads.items():
+            blob = blobs[name]
+            if data == blob.current:  # often the very object (an unchanged RNG state's pickle)
                 continue  # the registered buffer holds it already, and nothing writes there
+            assert data is not None
             spare = blob.stage(data)
             self._client._point_entry(blob.index, blob.address(spare), len(data))
             blob.registered = spare
