@@ -7,11 +7,15 @@ separately, it needs PyTorch) protects a PyTorch training loop::
 
     import tessera.torch
     snapshotter = tessera.torch.Snapshotter(model, optimizer, every=100)
+
+``tessera.dcp`` (imported separately) stores ``torch.distributed.checkpoint`` checkpoints in the
+daemons and loads them into the same or another parallel layout.
 """
 
 from ._lib import library_path
 from ._lib import version as library_version
-from .client import DTYPE_BYTES, Client, Entry, EntryKind, Stats, Version
+from .client import (DTYPE_BYTES, Client, Entry, EntryKind, SnapshotCopy, Stats, Version,
+                     read_snapshot)
 from .errors import (
     AbortedError,
     AlreadyExistsError,
@@ -55,6 +59,7 @@ __all__ = [
     "OutOfRangeError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "SnapshotCopy",
     "Stats",
     "TesseraError",
     "UnauthenticatedError",
@@ -64,4 +69,5 @@ __all__ = [
     "Version",
     "library_path",
     "library_version",
+    "read_snapshot",
 ]

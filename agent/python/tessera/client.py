@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import mmap
 import operator
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _lib
-from .errors import FailedPreconditionError, InvalidArgumentError, OutOfRangeError
+from .errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
+                     OutOfRangeError)
 
 DTYPE_BYTES = {
     "bool": 1,
@@ -596,3 +599,167 @@ class Client:
         _lib.check(self._lib.tessera_set_staging(self._h(), mode.encode(), budget_bytes,
                                                  float(budget_free_fraction)),
                    "tessera_set_staging")
+
+
+# -- reading a rank's snapshot without its trainer ------------------------------------------------
+
+_CLAIM_HELD = "which is still running"
+"""What the daemon says when another live process has registered the rank (Register)."""
+
+
+def _register_when_free(client: Client, job_id: str, rank: int, world_size: int,
+                        entries: Sequence[Entry], claim_timeout_s: float) -> None:
+    """`Client.register`, retried for up to `claim_timeout_s` while another live process holds
+    the rank (the daemon lets one process register a rank at a time)."""
+    deadline = time.monotonic() + claim_timeout_s
+    pause_s = 0.005
+    while True:
+        try:
+            client.register(job_id, rank, world_size, entries)
+            return
+        except FailedPreconditionError as e:
+            if _CLAIM_HELD not in str(e) or time.monotonic() >= deadline:
+                if _CLAIM_HELD in str(e):
+                    raise FailedPreconditionError(
+                        f"{e}; still held after waiting {claim_timeout_s:g} s for it") from e
+                raise
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.1)
+
+
+class SnapshotCopy:
+    """The entries of one rank's snapshot, copied out of the daemon into memory of this process
+    (`read_snapshot`).
+
+    Attributes:
+        job_id, rank, step: which snapshot it is.
+    """
+
+    def __init__(self, job_id: str, rank: int, step: int, buffer: mmap.mmap,
+                 views: Dict[str, memoryview]) -> None:
+        self.job_id = job_id
+        self.rank = rank
+        self.step = step
+        self._buffer = buffer
+        self._views = views
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The entries' names, in registration order."""
+        return tuple(self._views)
+
+    def entry(self, name: str) -> memoryview:
+        """The valid bytes of entry `name` (a tensor's nbytes, a blob's length), writable, valid
+        while this object lives.
+
+        Raises:
+            NotFoundError: no entry of that name.
+        """
+        try:
+            return self._views[name]
+        except KeyError:
+            shown = ", ".join(repr(n) for n in list(self._views)[:8])
+            raise NotFoundError(
+                f"job '{self.job_id}' rank {self.rank} step {self.step} has no entry {name!r} "
+                f"(it has {len(self._views)}: {shown}{', ...' if len(self._views) > 8 else ''})"
+            ) from None
+
+
+_COPY_ALIGNMENT = 64
+
+
+def read_snapshot(socket_path: str, job_id: str, rank: int, world_size: int, step: int,
+                  layout: Sequence[Entry], *, claim_timeout_s: float = 60.0,
+                  max_bytes: Optional[int] = None) -> SnapshotCopy:
+    """Copies step `step` of (`job_id`, `rank`) out of the daemon into memory of this process,
+    by entry name, without the trainer that took it.
+
+    The C ABI restores a snapshot only into a registration that matches its manifest exactly, so
+    this registers the rank itself, with `layout` (the snapshot's entries in registration order:
+    names, dtypes, shapes, kinds, sizes; the addresses are ignored) over buffers it allocates,
+    restores `step` (the daemon copies the shard from the node that holds it, or rebuilds it from
+    fragments, as for any restore), and unregisters again, keeping the snapshots. What that
+    costs, and what it needs:
+
+    * the rank is claimed while it is read: a live process that has it registered (its trainer)
+      blocks the read, which waits up to `claim_timeout_s` for it to unregister;
+    * the whole shard is copied, whatever part of it the caller needs;
+    * a rank whose slots are not on this daemon gets two slots of its layout here (as any
+      registration does), which stay, empty, until the daemon reclaims them;
+    * a `layout` other than the snapshot's restores nothing (FailedPreconditionError listing the
+      differences), but this daemon then keeps the snapshot apart and makes new slots for the
+      next registration of the rank.
+
+    Args:
+        socket_path: the daemon's agent socket.
+        job_id, rank, world_size: the snapshot's job, rank and the job's world size.
+        step: the step to read (>= 0).
+        layout: the snapshot's entries; see above.
+        claim_timeout_s: how long to wait while another live process holds the rank.
+        max_bytes: refuse a layout of more bytes than this before allocating (a layout read from
+            a snapshot is not trusted); None: this machine's physical memory.
+
+    Returns:
+        The entries' valid bytes, by name.
+
+    Raises:
+        InvalidArgumentError: a bad step, a layout entry with an address-independent problem (a
+            duplicate name, a tensor whose size does not match its shape, ...), or more bytes
+            than `max_bytes`.
+        NotFoundError: the daemon holds no such step for the rank.
+        FailedPreconditionError: `layout` does not match the snapshot; or the rank stayed held
+            by another process for `claim_timeout_s`.
+        DataLossError: the snapshot's checksums do not verify, here or on the nodes asked.
+    """
+    rank = _as_int(rank, "rank")
+    world_size = _as_int(world_size, "world_size")
+    step = _as_int(step, "step")
+    if step < 0:
+        raise InvalidArgumentError(f"step must be >= 0 to read a snapshot, got {step}")
+    if isinstance(layout, (str, bytes)) or not isinstance(layout, Sequence) or not layout:
+        raise InvalidArgumentError(
+            f"layout must be a non-empty sequence of tessera.Entry, got {layout!r:.80}")
+    offsets: List[int] = []
+    total = 0
+    for i, e in enumerate(layout):
+        if not isinstance(e, Entry):
+            raise TypeError(f"layout[{i}] must be a tessera.Entry, got {type(e).__name__}")
+        nbytes = _as_int(e.nbytes, f"layout[{i}] ('{e.name}'): nbytes")
+        if nbytes < 0:
+            raise InvalidArgumentError(f"layout[{i}] ('{e.name}'): nbytes {nbytes} is negative")
+        if e.kind == EntryKind.TENSOR:
+            want = Entry.tensor(e.name, 0, e.dtype, e.shape).nbytes
+            if want != nbytes:
+                raise InvalidArgumentError(
+                    f"layout[{i}] ('{e.name}'): {e.dtype}{list(e.shape)} is {want} bytes, not "
+                    f"{nbytes}")
+        offsets.append(total)
+        total += (nbytes + _COPY_ALIGNMENT - 1) // _COPY_ALIGNMENT * _COPY_ALIGNMENT
+    if max_bytes is None:
+        max_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > max_bytes:
+        raise InvalidArgumentError(
+            f"job '{job_id}' rank {rank}: the layout's {len(layout)} entries take {total} bytes, "
+            f"more than the {max_bytes} bytes allowed (max_bytes)")
+    # Anonymous memory: pages are zeroed as the restore first writes them, not all up front.
+    buffer = mmap.mmap(-1, max(total, mmap.PAGESIZE))
+    base = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    entries = [Entry(e.name, base + offset if e.nbytes else 0, e.nbytes, e.dtype,
+                     tuple(e.shape), e.kind, 0)
+               for e, offset in zip(layout, offsets)]
+    client = Client(socket_path, when_busy="wait", use_gpu=False)
+    try:
+        _register_when_free(client, job_id, rank, world_size, entries, claim_timeout_s)
+        restored = client.restore(step)
+        whole = memoryview(buffer)
+        views = {}
+        for i, (e, offset) in enumerate(zip(entries, offsets)):
+            length = client.entry_length(i) if e.kind == EntryKind.BLOB else e.nbytes
+            if length > e.nbytes:  # the library bounds it; checked again, it sizes a view
+                raise InvalidArgumentError(
+                    f"job '{job_id}' rank {rank} step {restored}: entry '{e.name}' reports "
+                    f"{length} valid bytes of a capacity of {e.nbytes}")
+            views[e.name] = whole[offset:offset + length]
+    finally:
+        client.close()
+    return SnapshotCopy(job_id, rank, restored, buffer, views)
