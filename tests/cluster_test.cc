@@ -347,6 +347,14 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
   EXPECT_GE(LastEvent(verifier->lines(), "verified"), committed);
   EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()), "rebuilt from 2 of 3 fragments"))
       << cluster[3].LogTail();
+  // The fragments of that rebuild came over the encrypted raw data path.
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()),
+                                "fragments go over its raw TCP data path"))
+      << cluster[3].LogTail();
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()), ", encrypted)"))
+      << cluster[3].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[3].log_path()), ", plain)"))
+      << cluster[3].LogTail();
 
   // A key that is not the certificate's: the daemon does not start, and says why.
   std::vector<std::string> wrong = tls_of(certs, "n2");
