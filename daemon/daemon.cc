@@ -215,7 +215,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   if (tls.enabled()) {
     // Datagrams carry their sender's certificate and signature: a daemon speaks for its own
     // node only, over UDP as over gRPC (datagram_signer.h).
-    TESSERA_ASSIGN_OR_RETURN(udp_options.signer, DatagramSigner::Create(tls));
+    TESSERA_ASSIGN_OR_RETURN(udp_options.signer, DatagramSigner::Create(tls, node_id_));
   }
   udp_options.timeout = heartbeat_options.control_timeout;
   udp_options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {

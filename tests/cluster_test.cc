@@ -515,7 +515,8 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   // was not fenced by the newer incarnation.
   std::this_thread::sleep_for(milliseconds(1500));
   EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
-  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), "fenced")) << cluster[1].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), "fenced"))
+      << cluster[1].LogTail();
   for (int i : {0, 2}) {
     const std::vector<std::string> cli = {
         BinaryPath("cli/tessera"), "status", "--address", cluster.address(i), "--token",

@@ -71,4 +71,5 @@ for client in ${clients[@]+"${clients[@]}"}; do
   issue "$client" "DNS:$client" clientAuth
 done
 chmod 0644 "$out/ca.crt"
-echo "CA: $out/ca.crt; nodes: ${nodes[*]-none}; clients: ${clients[*]-none} (in $out, .crt and .key)"
+echo "CA: $out/ca.crt; nodes: ${nodes[*]-none}; clients: ${clients[*]-none}" \
+     "(in $out, .crt and .key)"

@@ -21,15 +21,6 @@ namespace {
 // Chains verified against the CA are remembered at most this many at once.
 constexpr size_t kMaxCachedChains = 1024;
 
-std::string OpenSslError() {
-  const unsigned long code = ERR_get_error();
-  ERR_clear_error();
-  if (code == 0) return "no details";
-  char buffer[256];
-  ERR_error_string_n(code, buffer, sizeof(buffer));
-  return buffer;
-}
-
 absl::StatusOr<std::vector<X509*>> ReadPemCertificates(const std::string& file) {
   std::FILE* in = std::fopen(file.c_str(), "r");
   if (in == nullptr) return absl::InvalidArgumentError(absl::StrCat(file, " cannot be read"));
@@ -78,10 +69,11 @@ struct DatagramSigner::VerifiedChain {
   ~VerifiedChain() { EVP_PKEY_free(key); }
 };
 
-absl::StatusOr<std::unique_ptr<DatagramSigner>> DatagramSigner::Create(
-    const ClusterTlsFiles& files) {
-  std::unique_ptr<DatagramSigner> signer(new DatagramSigner(files));
+absl::StatusOr<std::unique_ptr<DatagramSigner>> DatagramSigner::Create(const ClusterTlsFiles& files,
+                                                                       const std::string& node_id) {
+  std::unique_ptr<DatagramSigner> signer(new DatagramSigner(files, node_id));
   TESSERA_RETURN_IF_ERROR(signer->Load());
+  signer->expected_node_id_ = signer->node_id();
   return signer;
 }
 
@@ -99,6 +91,11 @@ absl::Status DatagramSigner::Load() {
                                    "<node id>): membership datagrams cannot be signed with it")
                     : std::string(node.status().message())));
     }
+    if (!expected_node_id_.empty() && *node != expected_node_id_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(files_.cert_file, " names node '", *node, "', not this daemon's node '",
+                       expected_node_id_, "': datagrams cannot be signed for another node"));
+    }
     identity->node_id = *node;
     for (X509* cert : own) {
       unsigned char* der = nullptr;
@@ -108,9 +105,9 @@ absl::Status DatagramSigner::Load() {
       OPENSSL_free(der);
     }
     if (identity->chain.size() > 0xffff) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          files_.cert_file, ": a certificate chain of ", identity->chain.size(),
-          " bytes (DER) does not fit a membership datagram's 65535"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(files_.cert_file, ": a certificate chain of ", identity->chain.size(),
+                       " bytes (DER) does not fit a membership datagram's 65535"));
     }
     std::FILE* in = std::fopen(files_.key_file.c_str(), "r");
     if (in == nullptr) {
@@ -120,8 +117,8 @@ absl::Status DatagramSigner::Load() {
     std::fclose(in);
     if (identity->key == nullptr || X509_check_private_key(own[0], identity->key) != 1) {
       return absl::InvalidArgumentError(absl::StrCat(files_.key_file, " is not the key of ",
-                                                     files_.cert_file, " (", OpenSslError(),
-                                                     ")"));
+                                                     files_.cert_file, " (",
+                                                     OpenSslErrorText("no details"), ")"));
     }
     return absl::OkStatus();
   }();
@@ -145,9 +142,11 @@ void DatagramSigner::MaybeReload() {
     loaded_at_ = absl::Now();  // one reader at a time; the others go on with what is held
   }
   if (absl::Status s = Load(); !s.ok()) {
-    Logger("membership")->warn("reading the certificates again for membership datagrams: {}; "
-                               "the ones read before stay in use",
-                               s.ToString());
+    Logger("membership")
+        ->warn(
+            "reading the certificates again for membership datagrams: {}; "
+            "the ones read before stay in use",
+            s.ToString());
   }
 }
 
@@ -168,17 +167,18 @@ absl::Status DatagramSigner::Sign(std::string* datagram) {
   datagram->append(identity->chain);
   EVP_MD_CTX* context = EVP_MD_CTX_new();
   size_t size = 0;
-  bool ok = EVP_DigestSignInit(context, nullptr, DigestFor(identity->key), nullptr,
-                               identity->key) == 1 &&
-            EVP_DigestSign(context, nullptr, &size,
-                           reinterpret_cast<const uint8_t*>(datagram->data()),
-                           datagram->size()) == 1;
+  bool ok =
+      EVP_DigestSignInit(context, nullptr, DigestFor(identity->key), nullptr, identity->key) == 1 &&
+      EVP_DigestSign(context, nullptr, &size, reinterpret_cast<const uint8_t*>(datagram->data()),
+                     datagram->size()) == 1;
   std::string signature(size, '\0');
-  ok = ok && EVP_DigestSign(context, reinterpret_cast<uint8_t*>(signature.data()), &size,
-                            reinterpret_cast<const uint8_t*>(datagram->data()),
-                            datagram->size()) == 1;
+  ok = ok &&
+       EVP_DigestSign(context, reinterpret_cast<uint8_t*>(signature.data()), &size,
+                      reinterpret_cast<const uint8_t*>(datagram->data()), datagram->size()) == 1;
   EVP_MD_CTX_free(context);
-  if (!ok) return absl::InternalError(absl::StrCat("signing a datagram: ", OpenSslError()));
+  if (!ok)
+    return absl::InternalError(
+        absl::StrCat("signing a datagram: ", OpenSslErrorText("no details")));
   signature.resize(size);
   PutU16(datagram, signature.size());
   datagram->append(signature);

@@ -48,8 +48,10 @@ namespace tessera {
 class DatagramSigner {
  public:
   // Reads the files. kInvalidArgument naming the file when one cannot be read, or when the
-  // certificate names no node.
-  static absl::StatusOr<std::unique_ptr<DatagramSigner>> Create(const ClusterTlsFiles& files);
+  // certificate names no node, or (with `node_id`) another node than `node_id`. A certificate
+  // read again later that names another node is not taken either (logged; the one held stays).
+  static absl::StatusOr<std::unique_ptr<DatagramSigner>> Create(const ClusterTlsFiles& files,
+                                                                const std::string& node_id = "");
   ~DatagramSigner();
 
   // The node this daemon's certificate names.
@@ -74,7 +76,8 @@ class DatagramSigner {
  private:
   struct Identity;
   struct VerifiedChain;
-  explicit DatagramSigner(ClusterTlsFiles files) : files_(std::move(files)) {}
+  DatagramSigner(ClusterTlsFiles files, std::string node_id)
+      : files_(std::move(files)), expected_node_id_(std::move(node_id)) {}
   // Reads the files; OK or why not.
   absl::Status Load();
   // Reads them again when refresh_s has passed since the last read.
@@ -82,6 +85,7 @@ class DatagramSigner {
   std::shared_ptr<const Identity> Current();
 
   const ClusterTlsFiles files_;
+  std::string expected_node_id_;  // "": the first certificate's, from Create on
   mutable absl::Mutex mu_;
   std::shared_ptr<const Identity> identity_ ABSL_GUARDED_BY(mu_);
   absl::Time loaded_at_ ABSL_GUARDED_BY(mu_);

@@ -2,14 +2,13 @@
 // what it refuses (any altered byte, another CA, a certificate naming no node), and its cost.
 #include "daemon/membership/datagram_signer.h"
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <random>
 #include <string>
 
+#include "absl/time/clock.h"
 #include "daemon/transfer/test_certificates.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -22,13 +21,10 @@ using ::testing::HasSubstr;
 class DatagramSignerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/tessera-datagram-signer-XXXXXX";
-    dir_ = mkdtemp(tmpl);
-    auto ca = TestCa::Create(dir_);
+    auto ca = TestCa::Create();
     ASSERT_TRUE(ca.ok()) << ca.status();
     ca_ = std::move(*ca);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::unique_ptr<DatagramSigner> SignerFor(const std::string& node) {
     auto files = ca_->IssueNode(node);
@@ -52,7 +48,6 @@ class DatagramSignerTest : public ::testing::Test {
     return verifier.Verify(reinterpret_cast<const uint8_t*>(d.data()), block, d.size());
   }
 
-  std::string dir_;
   std::unique_ptr<TestCa> ca_;
 };
 
@@ -91,9 +86,7 @@ TEST_F(DatagramSignerTest, EveryAlteredByteIsRefused) {
 
 TEST_F(DatagramSignerTest, AnotherCaOrNoNodeIsRefused) {
   auto n2 = SignerFor("n2");
-  const std::string other_dir = dir_ + "/other";
-  std::filesystem::create_directory(other_dir);
-  auto other_ca = TestCa::Create(other_dir, "other-ca");
+  auto other_ca = TestCa::Create("", "other-ca");
   ASSERT_TRUE(other_ca.ok());
   auto rogue_files = (*other_ca)->IssueNode("n1");
   ASSERT_TRUE(rogue_files.ok());
@@ -103,14 +96,61 @@ TEST_F(DatagramSignerTest, AnotherCaOrNoNodeIsRefused) {
   const std::string d = Signed(**rogue, 100, &block);
   auto refused = Check(*n2, d, block);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_THAT(std::string(refused.status().message()),
-              HasSubstr("does not verify against the CA"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("does not verify against the CA"));
 
   auto operator_files = ca_->Issue("operator", {});
   ASSERT_TRUE(operator_files.ok());
   auto no_node = DatagramSigner::Create(*operator_files);
   EXPECT_EQ(no_node.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(no_node.status().message()), HasSubstr("names no node"));
+  auto n3_files = ca_->IssueNode("n3");
+  ASSERT_TRUE(n3_files.ok());
+  auto other_node = DatagramSigner::Create(*n3_files, "n4");
+  EXPECT_EQ(other_node.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(other_node.status().message()),
+              HasSubstr("names node 'n3', not this daemon's node 'n4'"));
+}
+
+// Certificates are read again every refresh_s: a rotated one of the same node is taken, one
+// naming another node is not (the one held stays in use).
+TEST_F(DatagramSignerTest, ARotatedCertificateOfAnotherNodeIsNotTaken) {
+  auto files = ca_->IssueNode("n5");
+  ASSERT_TRUE(files.ok());
+  files->refresh_s = 1;
+  auto signer = DatagramSigner::Create(*files);
+  ASSERT_TRUE(signer.ok()) << signer.status();
+  auto verifier = SignerFor("n2");
+  // The chain a datagram carries (its identity block's first field).
+  auto chain_of = [&](std::string* node) {
+    size_t block = 0;
+    const std::string d = Signed(**signer, 64, &block);
+    auto checked = Check(*verifier, d, block);
+    EXPECT_TRUE(checked.ok()) << checked.status();
+    *node = checked.value_or("?");
+    const size_t chain_bytes =
+        static_cast<uint8_t>(d[block]) | (static_cast<uint8_t>(d[block + 1]) << 8);
+    return d.substr(block, 2 + chain_bytes);
+  };
+  std::string node;
+  const std::string first = chain_of(&node);
+  EXPECT_EQ(node, "n5");
+  // A new certificate of n5 in place: taken once refresh_s has passed.
+  ASSERT_TRUE(ca_->IssueNode("n5").ok());
+  absl::SleepFor(absl::Milliseconds(1100));
+  const std::string second = chain_of(&node);
+  EXPECT_EQ(node, "n5");
+  EXPECT_NE(second, first) << "the rotated certificate was not read";
+  // n6's certificate in its place: not taken.
+  auto other = ca_->IssueNode("n6");
+  ASSERT_TRUE(other.ok());
+  std::filesystem::copy_file(other->cert_file, files->cert_file,
+                             std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::copy_file(other->key_file, files->key_file,
+                             std::filesystem::copy_options::overwrite_existing);
+  absl::SleepFor(absl::Milliseconds(1100));
+  EXPECT_EQ(chain_of(&node), second);
+  EXPECT_EQ(node, "n5");
+  EXPECT_EQ((*signer)->node_id(), "n5");
 }
 
 // What a signed datagram costs here: one signature on the sender, one verification (its chain
@@ -128,8 +168,7 @@ TEST_F(DatagramSignerTest, CostPerDatagram) {
   for (const std::string& d : signed_datagrams) ASSERT_TRUE(Check(*n2, d, block).ok());
   const auto t2 = std::chrono::steady_clock::now();
   const double sign_us = std::chrono::duration<double, std::micro>(t1 - t0).count() / kDatagrams;
-  const double verify_us =
-      std::chrono::duration<double, std::micro>(t2 - t1).count() / kDatagrams;
+  const double verify_us = std::chrono::duration<double, std::micro>(t2 - t1).count() / kDatagrams;
   std::printf("per datagram: sign %.1f us, verify %.1f us; identity block %zu bytes\n", sign_us,
               verify_us, signed_datagrams[0].size() - block);
   EXPECT_LT(sign_us + verify_us, 20000.0);

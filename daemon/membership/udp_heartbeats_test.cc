@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <cstdio>
-#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -262,13 +261,10 @@ TEST(UdpHeartbeatsTest, APortInUseIsAClearError) {
 class SignedHeartbeatsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/tessera-udp-tls-XXXXXX";
-    dir_ = mkdtemp(tmpl);
-    auto ca = TestCa::Create(dir_);
+    auto ca = TestCa::Create();
     ASSERT_TRUE(ca.ok()) << ca.status();
     ca_ = std::move(*ca);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::shared_ptr<DatagramSigner> SignerFor(const std::string& node) {
     auto files = ca_->IssueNode(node);
     EXPECT_TRUE(files.ok()) << files.status();
@@ -276,7 +272,6 @@ class SignedHeartbeatsTest : public ::testing::Test {
     EXPECT_TRUE(signer.ok()) << signer.status();
     return std::move(*signer);
   }
-  std::string dir_;
   std::unique_ptr<TestCa> ca_;
 };
 

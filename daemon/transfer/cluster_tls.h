@@ -47,6 +47,10 @@ std::shared_ptr<grpc::ServerCredentials> PeerServerCredentials(const ClusterTlsF
 // Channel credentials for daemon-to-daemon calls, to match.
 std::shared_ptr<grpc::ChannelCredentials> PeerChannelCredentials(const ClusterTlsFiles& files);
 
+// The first error on OpenSSL's error queue of this thread, as text (`if_none` when it is empty),
+// and the queue cleared.
+std::string OpenSslErrorText(const char* if_none);
+
 // The credentials every daemon-to-daemon channel of this process uses: set once as the daemon
 // starts (before any peer channel is made), insecure until then.
 void SetClusterChannelCredentials(std::shared_ptr<grpc::ChannelCredentials> credentials);

@@ -480,7 +480,8 @@ bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& c
     }
 
     case peer::DataPathRequest::SEAL: {
-      if (absl::Status fenced = CheckWriter(options_.is_fenced, ciphers, request.key()); !fenced.ok()) {
+      if (absl::Status fenced = CheckWriter(options_.is_fenced, ciphers, request.key());
+          !fenced.ok()) {
         log->warn("SEAL {}: {}", key.ToString(), fenced.ToString());
         return io.WriteFrame(answer(ResponseOf(fenced))).ok();
       }

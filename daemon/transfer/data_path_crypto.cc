@@ -85,8 +85,8 @@ RecordSealer::~RecordSealer() { EVP_CIPHER_CTX_free(Ctx(context_)); }
 
 absl::Status RecordSealer::Begin(size_t size, uint8_t header[kRecordHeaderBytes]) {
   if (size == 0 || size > kMaxRecordBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("a data path record of ", size,
-                                                   " bytes; one holds 1..", kMaxRecordBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("a data path record of ", size, " bytes; one holds 1..", kMaxRecordBytes));
   }
   if (sequence_ >= kMaxRecordsPerDirection) {
     return absl::ResourceExhaustedError(
@@ -112,8 +112,10 @@ void RecordSealer::Update(const uint8_t* in, uint8_t* out, size_t n) {
 
 absl::Status RecordSealer::Finish(uint8_t tag[kRecordTagBytes]) {
   if (done_ != size_) {
-    return absl::InternalError(absl::StrCat("a data path record of ", size_, " bytes was sealed "
-                                            "with ", done_));
+    return absl::InternalError(absl::StrCat("a data path record of ", size_,
+                                            " bytes was sealed "
+                                            "with ",
+                                            done_));
   }
   int len = 0;
   uint8_t none[16];

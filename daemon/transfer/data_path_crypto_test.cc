@@ -76,8 +76,7 @@ TEST_F(DataPathCryptoTest, RecordsRoundTripInPiecesAndHideThePlaintext) {
     }
     ASSERT_TRUE(sealer.Finish(wire.data() + kRecordHeaderBytes + size).ok());
     if (size >= 16) {
-      EXPECT_EQ(std::string(reinterpret_cast<const char*>(wire.data()) + kRecordHeaderBytes,
-                            size)
+      EXPECT_EQ(std::string(reinterpret_cast<const char*>(wire.data()) + kRecordHeaderBytes, size)
                     .find(plain.substr(0, 16)),
                 std::string::npos)
           << "the plaintext shows in the record";

@@ -155,24 +155,33 @@ class DataPathTest : public ::testing::Test {
     client_ = MakeClient(/*raw=*/true);
   }
 
+  // A data path server on 127.0.0.1 over fragments_ (null, with a test failure, if it fails).
+  std::unique_ptr<DataPathServer> StartDataServer(WriterFence fence, bool encrypt) {
+    DataPathServer::Options so;
+    so.host = "127.0.0.1";
+    so.io_timeout = absl::Seconds(5);
+    so.is_fenced = std::move(fence);
+    so.encrypt = encrypt;
+    auto server = DataPathServer::Start(fragments_.get(), so);
+    EXPECT_TRUE(server.ok()) << server.status();
+    return server.ok() ? std::move(*server) : nullptr;
+  }
+
   // The data path server and the peer service over fragments_, with `fence` for writes.
   void StartServers(WriterFence fence) {
     if (grpc_server_) grpc_server_->Shutdown();
     if (data_server_) data_server_->Stop();
-    DataPathServer::Options so;
-    so.host = "127.0.0.1";
-    so.io_timeout = absl::Seconds(5);
-    so.is_fenced = fence;
-    auto server = DataPathServer::Start(fragments_.get(), so);
-    ASSERT_TRUE(server.ok()) << server.status();
-    data_server_ = std::move(*server);
+    data_server_ = StartDataServer(fence, /*encrypt=*/false);
+    ASSERT_NE(data_server_, nullptr);
     ASSERT_GT(data_server_->port(), 0);
     ASSERT_EQ(data_server_->session_key().size(), 16u);
 
     PeerService::Options po;
     po.self = MemberInfo{"node-1", 1001, "127.0.0.1"};
     po.data_path_port = data_server_->port();
-    po.data_path_session_key = [key = data_server_->session_key()](const std::string&) { return key; };
+    po.data_path_session_key = [key = data_server_->session_key()](const std::string&) {
+      return key;
+    };
     po.is_fenced = fence;
     service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
     grpc_server_ = Serve(service_.get(), &address_);
@@ -187,9 +196,14 @@ class DataPathTest : public ::testing::Test {
     std::filesystem::remove_all(root_);
   }
 
-  std::unique_ptr<GrpcPeerClient> MakeClient(bool raw, std::string self_node_id = "") {
+  // With `credentials` (mutual TLS), the client takes only an encrypted raw data path.
+  std::unique_ptr<GrpcPeerClient> MakeClient(
+      bool raw, std::string self_node_id = "",
+      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) {
     GrpcPeerClient::Options co;
     co.self_node_id = std::move(self_node_id);
+    co.encrypted_data_path_only = credentials != nullptr;
+    co.credentials = std::move(credentials);
     co.channels_per_peer = 4;
     co.chunk_bytes = 1 << 20;
     co.min_range_bytes = 2 << 20;
@@ -388,7 +402,9 @@ TEST_F(DataPathTest, ClusterTokenGuardsEveryPeerCallAndTheDataPath) {
   PeerService::Options po;
   po.self = MemberInfo{"node-3", 3003, "127.0.0.1"};
   po.data_path_port = data_server_->port();
-  po.data_path_session_key = [key = data_server_->session_key()](const std::string&) { return key; };
+  po.data_path_session_key = [key = data_server_->session_key()](const std::string&) {
+    return key;
+  };
   po.token = "peer-token-0123456789";
   PeerService guarded(fragments_.get(), nullptr, po);
   std::string address;
@@ -879,7 +895,8 @@ class SealedConnection {
   bool ReadRecord(std::string* out) {
     uint8_t header[kRecordHeaderBytes];
     if (!raw_.Recv(header, sizeof(header))) return false;
-    const uint32_t n = header[0] | (header[1] << 8) | (header[2] << 16) | (uint32_t(header[3]) << 24);
+    const uint32_t n =
+        header[0] | (header[1] << 8) | (header[2] << 16) | (uint32_t(header[3]) << 24);
     std::string record(reinterpret_cast<const char*>(header), sizeof(header));
     record.resize(sizeof(header) + n + kRecordTagBytes);
     if (!raw_.Recv(record.data() + sizeof(header), n + kRecordTagBytes)) return false;
@@ -905,13 +922,8 @@ class DataPathTlsTest : public DataPathTest {
     ca_ = std::move(*ca);
     auto server_files = ca_->IssueNode("n0");
     ASSERT_TRUE(server_files.ok()) << server_files.status();
-    DataPathServer::Options so;
-    so.host = "127.0.0.1";
-    so.io_timeout = absl::Seconds(5);
-    so.encrypt = true;
-    auto server = DataPathServer::Start(fragments_.get(), so);
-    ASSERT_TRUE(server.ok()) << server.status();
-    tls_data_ = std::move(*server);
+    tls_data_ = StartDataServer(WriterFence(), /*encrypt=*/true);
+    ASSERT_NE(tls_data_, nullptr);
     ASSERT_EQ(tls_data_->version(), kDataPathVersionEncrypted);
     PeerService::Options po;
     po.self = MemberInfo{"n0", 1000, "127.0.0.1"};
@@ -941,19 +953,7 @@ class DataPathTlsTest : public DataPathTest {
                                             const std::string& self_node_id, bool raw = true) {
     auto files = ca_->Issue(absl::StrCat("client-", ++clients_), cert_nodes);
     EXPECT_TRUE(files.ok()) << files.status();
-    GrpcPeerClient::Options co;
-    co.credentials = PeerChannelCredentials(*files);
-    co.self_node_id = self_node_id;
-    co.encrypted_data_path_only = true;
-    co.channels_per_peer = 2;
-    co.chunk_bytes = 1 << 20;
-    co.min_range_bytes = 2 << 20;
-    co.max_attempts = 2;
-    co.initial_backoff = absl::Milliseconds(10);
-    co.raw_data_path = raw;
-    auto client = GrpcPeerClient::Create(co);
-    EXPECT_TRUE(client.ok()) << client.status();
-    return std::move(*client);
+    return MakeClient(raw, self_node_id, PeerChannelCredentials(*files));
   }
 
   // A data path client of node `node_id` for the version 2 server, reached through `port`.

@@ -34,10 +34,9 @@ absl::Status AddNodeUri(absl::string_view uri, std::string* found) {
         absl::StrCat("the certificate's subjectAltName URI '", uri, "' names an empty node id"));
   }
   if (!found->empty() && *found != node_id) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the certificate names two nodes ('", *found, "' and '", node_id,
-                     "'); a daemon's certificate names exactly one (URI ", kNodeUriScheme,
-                     "<node id>)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the certificate names two nodes ('", *found, "' and '", node_id,
+        "'); a daemon's certificate names exactly one (URI ", kNodeUriScheme, "<node id>)"));
   }
   *found = node_id;
   return absl::OkStatus();
@@ -54,8 +53,8 @@ std::string NodeUri(absl::string_view node_id) { return absl::StrCat(kNodeUriSch
 
 absl::StatusOr<std::string> NodeIdOfCertificate(X509* cert) {
   std::string found;
-  auto* names = static_cast<GENERAL_NAMES*>(
-      X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  auto* names =
+      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
   if (names == nullptr) return found;
   absl::Status status;
   for (int i = 0; i < sk_GENERAL_NAME_num(names) && status.ok(); ++i) {
@@ -92,14 +91,15 @@ absl::Status CheckCertificateNamesNode(const std::string& cert_file, const std::
         absl::StrCat("cluster.tls_cert_file: ", cert_file, ": ", named.status().message()));
   }
   if (*named == node_id) return absl::OkStatus();
-  const std::string how =
-      named->empty() ? std::string("names no node")
-                     : absl::StrCat("names node '", *named, "' (", NodeUri(*named), ")");
+  const std::string how = named->empty()
+                              ? std::string("names no node")
+                              : absl::StrCat("names node '", *named, "' (", NodeUri(*named), ")");
   return absl::InvalidArgumentError(absl::StrCat(
-      "cluster.tls_cert_file: ", cert_file, " ", how, ", but this daemon's node.id is '",
-      node_id, "': with mutual TLS each daemon presents a certificate naming its own node id as "
-      "the subjectAltName URI ", NodeUri(node_id),
-      " (tools/make-cluster-certs.sh DIR ", node_id, " issues one), and its peers refuse calls "
+      "cluster.tls_cert_file: ", cert_file, " ", how, ", but this daemon's node.id is '", node_id,
+      "': with mutual TLS each daemon presents a certificate naming its own node id as "
+      "the subjectAltName URI ",
+      NodeUri(node_id), " (tools/make-cluster-certs.sh DIR ", node_id,
+      " issues one), and its peers refuse calls "
       "that claim another node"));
 }
 
@@ -115,13 +115,12 @@ absl::StatusOr<PeerIdentity> IdentityOf(const grpc::AuthContext& context) {
   // "ssl" from grpc::SslCredentials, "tls" from the grpc::experimental::TlsCredentials that
   // cluster_tls.h makes: either way the peer's certificate was verified against the CA.
   const std::string security = First(context, GRPC_TRANSPORT_SECURITY_TYPE_PROPERTY_NAME);
-  identity.certified = security == GRPC_SSL_TRANSPORT_SECURITY_TYPE ||
-                       security == GRPC_TLS_TRANSPORT_SECURITY_TYPE;
+  identity.certified =
+      security == GRPC_SSL_TRANSPORT_SECURITY_TYPE || security == GRPC_TLS_TRANSPORT_SECURITY_TYPE;
   if (!identity.certified) return identity;
   identity.subject = First(context, GRPC_X509_CN_PROPERTY_NAME);
   for (const grpc::string_ref& uri : context.FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME)) {
-    absl::Status status =
-        AddNodeUri(absl::string_view(uri.data(), uri.size()), &identity.node_id);
+    absl::Status status = AddNodeUri(absl::string_view(uri.data(), uri.size()), &identity.node_id);
     if (!status.ok()) return absl::PermissionDeniedError(status.message());
   }
   return identity;
@@ -137,10 +136,10 @@ absl::Status CheckClaim(const PeerIdentity& caller, absl::string_view claimed,
 
 absl::Status CheckIsNode(const PeerIdentity& caller, absl::string_view what) {
   if (!caller.certified || !caller.node_id.empty()) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrCat(
-      what, " are for daemons: the caller presented ", caller.Describe(),
-      ", and only a certificate naming a node (subjectAltName URI ", kNodeUriScheme,
-      "<node id>) may make them"));
+  return absl::PermissionDeniedError(
+      absl::StrCat(what, " are for daemons: the caller presented ", caller.Describe(),
+                   ", and only a certificate naming a node (subjectAltName URI ", kNodeUriScheme,
+                   "<node id>) may make them"));
 }
 
 absl::Status CheckCallerIs(const grpc::ServerContextBase& context, absl::string_view claimed,
@@ -163,9 +162,9 @@ absl::Status CheckServerIs(const grpc::ClientContext& context, absl::string_view
   absl::StatusOr<PeerIdentity> server = IdentityOf(*context.auth_context());
   if (!server.ok()) return server.status();
   if (!server->certified || server->node_id == claimed) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrCat(
-      what, " says it comes from node '", claimed, "', but the answering daemon presented ",
-      server->Describe()));
+  return absl::PermissionDeniedError(absl::StrCat(what, " says it comes from node '", claimed,
+                                                  "', but the answering daemon presented ",
+                                                  server->Describe()));
 }
 
 }  // namespace tessera

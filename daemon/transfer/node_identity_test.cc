@@ -2,20 +2,16 @@
 // call on both ends (a test service answering Heartbeat over 127.0.0.1).
 #include "daemon/transfer/node_identity.h"
 
-#include <unistd.h>
-
-#include <cstdlib>
-#include <filesystem>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/test_certificates.h"
+#include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/peer.grpc.pb.h"
 
@@ -24,22 +20,8 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/tessera-node-identity-XXXXXX";
-    path_ = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
 TEST(NodeIdentityTest, ReadsTheNodeACertificateNames) {
-  TempDir dir;
-  auto ca = TestCa::Create(dir.path());
+  auto ca = TestCa::Create();
   ASSERT_TRUE(ca.ok()) << ca.status();
   auto node = (*ca)->IssueNode("n1");
   auto operator_files = (*ca)->Issue("operator", {});
@@ -53,7 +35,7 @@ TEST(NodeIdentityTest, ReadsTheNodeACertificateNames) {
   auto both = NodeIdOfCertificateFile(two->cert_file);
   EXPECT_EQ(both.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(both.status().message()), HasSubstr("two nodes ('n1' and 'n2')"));
-  EXPECT_EQ(NodeIdOfCertificateFile(dir.path() + "/missing.crt").status().code(),
+  EXPECT_EQ(NodeIdOfCertificateFile("/nonexistent/missing.crt").status().code(),
             absl::StatusCode::kInvalidArgument);
 
   EXPECT_TRUE(CheckCertificateNamesNode(node->cert_file, "n1").ok());
@@ -91,7 +73,7 @@ class CheckingService final : public peer::Peer::Service {
 class MutualTlsCallTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto ca = TestCa::Create(dir_.path());
+    auto ca = TestCa::Create();
     ASSERT_TRUE(ca.ok()) << ca.status();
     ca_ = std::move(*ca);
     auto server_files = ca_->IssueNode("n2");
@@ -140,7 +122,6 @@ class MutualTlsCallTest : public ::testing::Test {
     return PeerChannelCredentials(*files);
   }
 
-  TempDir dir_;
   std::unique_ptr<TestCa> ca_;
   std::vector<std::unique_ptr<CheckingService>> services_;
   std::unique_ptr<grpc::Server> server_;

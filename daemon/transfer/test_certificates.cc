@@ -6,8 +6,10 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+#include <stdlib.h>
 
 #include <cstdio>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -17,10 +19,7 @@ namespace tessera {
 namespace {
 
 absl::Status OpenSslFailed(const std::string& what) {
-  char buffer[256] = "?";
-  ERR_error_string_n(ERR_get_error(), buffer, sizeof(buffer));
-  ERR_clear_error();
-  return absl::InternalError(absl::StrCat(what, ": ", buffer));
+  return absl::InternalError(absl::StrCat(what, ": ", OpenSslErrorText("no details")));
 }
 
 bool AddExtension(X509* cert, X509* issuer, int nid, const std::string& value) {
@@ -66,9 +65,9 @@ X509* MakeCertificate(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_PK
 absl::Status WritePem(const std::string& path, X509* cert, EVP_PKEY* key) {
   std::FILE* out = std::fopen(path.c_str(), "w");
   if (out == nullptr) return absl::InternalError(absl::StrCat("cannot write ", path));
-  const bool ok = cert != nullptr ? PEM_write_X509(out, cert) == 1
-                                  : PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr,
-                                                         nullptr) == 1;
+  const bool ok = cert != nullptr
+                      ? PEM_write_X509(out, cert) == 1
+                      : PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr, nullptr) == 1;
   std::fclose(out);
   if (!ok) return OpenSslFailed(absl::StrCat("PEM to ", path));
   return absl::OkStatus();
@@ -80,6 +79,12 @@ absl::StatusOr<std::unique_ptr<TestCa>> TestCa::Create(const std::string& dir,
                                                        const std::string& name) {
   std::unique_ptr<TestCa> ca(new TestCa());
   ca->dir_ = dir;
+  if (dir.empty()) {
+    char tmpl[] = "/tmp/tessera-test-ca-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp in /tmp failed");
+    ca->dir_ = tmpl;
+    ca->own_dir_ = true;
+  }
   EVP_PKEY* key = EVP_EC_gen("P-256");
   if (key == nullptr) return OpenSslFailed("EC key");
   ca->key_ = key;
@@ -88,7 +93,7 @@ absl::StatusOr<std::unique_ptr<TestCa>> TestCa::Create(const std::string& dir,
                                {NID_basic_constraints, NID_key_usage, NID_subject_key_identifier});
   if (cert == nullptr) return OpenSslFailed("CA certificate");
   ca->cert_ = cert;
-  ca->ca_file_ = absl::StrCat(dir, "/", name, ".crt");
+  ca->ca_file_ = absl::StrCat(ca->dir_, "/", name, ".crt");
   if (absl::Status s = WritePem(ca->ca_file_, cert, nullptr); !s.ok()) return s;
   return ca;
 }
@@ -96,6 +101,7 @@ absl::StatusOr<std::unique_ptr<TestCa>> TestCa::Create(const std::string& dir,
 TestCa::~TestCa() {
   X509_free(static_cast<X509*>(cert_));
   EVP_PKEY_free(static_cast<EVP_PKEY*>(key_));
+  if (own_dir_) std::filesystem::remove_all(dir_);
 }
 
 absl::StatusOr<ClusterTlsFiles> TestCa::Issue(const std::string& name,
@@ -104,10 +110,10 @@ absl::StatusOr<ClusterTlsFiles> TestCa::Issue(const std::string& name,
   if (key == nullptr) return OpenSslFailed("EC key");
   std::vector<std::string> sans = {absl::StrCat("DNS:", name)};
   for (const std::string& id : node_ids) sans.push_back(absl::StrCat("URI:", NodeUri(id)));
-  X509* cert = MakeCertificate(
-      key, name, static_cast<X509*>(cert_), static_cast<EVP_PKEY*>(key_), ++serial_,
-      {absl::StrJoin(sans, ","), "serverAuth,clientAuth", "CA:FALSE"},
-      {NID_subject_alt_name, NID_ext_key_usage, NID_basic_constraints});
+  X509* cert =
+      MakeCertificate(key, name, static_cast<X509*>(cert_), static_cast<EVP_PKEY*>(key_), ++serial_,
+                      {absl::StrJoin(sans, ","), "serverAuth,clientAuth", "CA:FALSE"},
+                      {NID_subject_alt_name, NID_ext_key_usage, NID_basic_constraints});
   if (cert == nullptr) {
     EVP_PKEY_free(key);
     return OpenSslFailed("certificate");

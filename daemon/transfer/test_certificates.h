@@ -16,7 +16,8 @@ namespace tessera {
 class TestCa {
  public:
   // A new CA (common name `name`) whose files go under `dir` (which must exist): dir/<name>.crt.
-  static absl::StatusOr<std::unique_ptr<TestCa>> Create(const std::string& dir,
+  // Without a dir, under a new directory in /tmp, removed with the CA.
+  static absl::StatusOr<std::unique_ptr<TestCa>> Create(const std::string& dir = "",
                                                         const std::string& name = "test-ca");
   ~TestCa();
 
@@ -35,6 +36,7 @@ class TestCa {
  private:
   TestCa() = default;
   std::string dir_;
+  bool own_dir_ = false;
   std::string ca_file_;
   void* key_ = nullptr;   // EVP_PKEY*
   void* cert_ = nullptr;  // X509*
