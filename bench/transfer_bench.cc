@@ -7,15 +7,27 @@
 //   tcp+crc    the same stream carrying what any checked path must compute: CRC32C of each chunk
 //              on the sender before it is written and on the receiver once it has arrived
 //              (received straight into the destination): the ceiling of a raw TCP data plane;
+//   aes-gcm    one thread sealing the bytes in AES-256-GCM records, memory to memory (the
+//              cipher's own limit here: what encrypting the raw data path must spend);
 //   put Nch    GrpcPeerClient::PutFragment into a PeerService over a FragmentStore in /dev/shm
 //              (both in this process), N channels per peer: the data path of protection,
-//              from CRC per chunk on the sender to the sealed fragment in shared memory;
+//              from CRC per chunk on the sender to the sealed fragment in shared memory, over
+//              gRPC streams (peer.data_path = grpc);
 //   get Nch    GrpcPeerClient::GetFragment of the sealed fragment into a pre-faulted buffer
 //              (the data path of a rebuild);
+//   raw put / raw get Nch      the same over the raw TCP data path, version 1 (plain: a
+//              cluster with a token and no TLS);
+//   tls put / tls get Nch      the same over the raw TCP data path, version 2 (AES-256-GCM
+//              records: a cluster with mutual TLS; the gRPC calls that open it run over TLS with
+//              certificates made for the run), in the same rounds as the plain rows, with the
+//              ratio of each to its plain row;
+//   tls-grpc put / get Nch     gRPC streams over mutual TLS (what a TLS cluster's fragments
+//              take with peer.data_path = grpc), with the ratio to the plain gRPC row;
 // each the median of R runs, in GB/s (10^9 bytes/s), with CPU seconds per GiB of both sides
 // together (the whole process: sender and receiver share the machine's cores, as in tcp), and
 // the ratio of the best put to min(memcpy, tcp) (issue 4's protection goal: >= 0.8) and of the
-// best get to tcp (rebuild goal: >= 0.7).
+// best get to tcp (rebuild goal: >= 0.7); a tls row's ratio is to the raw row of the same
+// channels, a tls-grpc row's to the plain gRPC row (the cost of encryption).
 //
 // Puts run in the steady state: the fragment is dropped after each run and its segment recycled
 // by the next one, as when each step's fragments replace the previous step's. The first run of
@@ -25,7 +37,7 @@
 // The process runs with TuneMallocForBulkTransfers, as tesserad should (--default_malloc: not).
 //
 // Usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] [--chunk_kib=1024]
-//                       [--dir=/dev/shm] [--default_malloc]
+//                       [--dir=/dev/shm] [--default_malloc] [--paths=grpc,raw,tls,tls-grpc]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -53,8 +65,12 @@
 #include "common/logging.h"
 #include "daemon/store/capacity_budget.h"
 #include "daemon/store/fragment_store.h"
+#include "daemon/transfer/cluster_tls.h"
+#include "daemon/transfer/data_path.h"
+#include "daemon/transfer/data_path_crypto.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
+#include "daemon/transfer/test_certificates.h"
 #include "ec/erasure_codec.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
@@ -74,6 +90,10 @@ struct Options {
   size_t chunk_bytes = kMiB;
   std::string dir = "/dev/shm";
   bool default_malloc = false;  // skip TuneMallocForBulkTransfers (to see what it buys)
+  std::vector<std::string> paths = {"grpc", "raw", "tls", "tls-grpc"};
+  bool Has(const std::string& path) const {
+    return std::find(paths.begin(), paths.end(), path) != paths.end();
+  }
 };
 
 void Die(const std::string& what) {
@@ -100,9 +120,14 @@ double Since(std::chrono::steady_clock::time_point start) { return SecondsSince(
 
 // --- gRPC peer path -----------------------------------------------------------------------------
 
+// How a fixture's peer moves fragments: gRPC streams only (plain, or over mutual TLS), or a raw
+// data path (plain, or encrypted with its gRPC port on mutual TLS).
+enum class PeerPath { kGrpc, kRaw, kTls, kTlsGrpc };
+
 class PeerFixture {
  public:
-  explicit PeerFixture(const Options& options) {
+  // `ca` (kTls only) issues the server's certificate.
+  PeerFixture(const Options& options, PeerPath path, TestCa* ca) {
     char tmpl[4096];
     std::snprintf(tmpl, sizeof(tmpl), "%s/tessera-transfer-bench-XXXXXX", options.dir.c_str());
     if (mkdtemp(tmpl) == nullptr) Die("mkdtemp in " + options.dir);
@@ -116,11 +141,30 @@ class PeerFixture {
     store_ = std::move(*store);
     PeerService::Options so;
     so.self = MemberInfo{"bench-node", 1, ""};
+    std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+    if (path == PeerPath::kRaw || path == PeerPath::kTls) {
+      DataPathServer::Options dpo;
+      dpo.host = "127.0.0.1";
+      dpo.encrypt = path == PeerPath::kTls;
+      auto data = DataPathServer::Start(store_.get(), dpo);
+      Check(data.status(), "DataPathServer::Start");
+      data_path_ = std::move(*data);
+      so.data_path_port = data_path_->port();
+      so.data_path_version = data_path_->version();
+      so.data_path_session_key = [server = data_path_.get()](const std::string& node_id) {
+        return server->SessionKeyFor(node_id);
+      };
+    }
+    if (path == PeerPath::kTls || path == PeerPath::kTlsGrpc) {
+      auto files = ca->IssueNode("bench-node");
+      Check(files.status(), "a certificate");
+      credentials = PeerServerCredentials(*files);
+    }
     service_ = std::make_unique<PeerService>(store_.get(), nullptr, so);
     grpc::ServerBuilder builder;
     PeerService::ConfigureServerBuilder(&builder);
     int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.AddListeningPort("127.0.0.1:0", credentials, &port);
     builder.RegisterService(service_.get());
     server_ = builder.BuildAndStart();
     if (!server_ || port == 0) Die("cannot start the gRPC server");
@@ -131,6 +175,7 @@ class PeerFixture {
     server_->Shutdown();
     server_.reset();
     service_.reset();
+    if (data_path_) data_path_->Stop();
     store_.reset();
     std::filesystem::remove_all(root_);
   }
@@ -142,17 +187,27 @@ class PeerFixture {
   std::string root_;
   std::unique_ptr<CapacityBudget> budget_;
   std::unique_ptr<FragmentStore> store_;
+  std::unique_ptr<DataPathServer> data_path_;
   std::unique_ptr<PeerService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::string address_;
 };
 
-std::unique_ptr<GrpcPeerClient> MakeClient(int channels, size_t chunk_bytes) {
+// `credentials`: null for insecure; with them the client is node "bench-client" and takes only
+// an encrypted raw data path.
+std::unique_ptr<GrpcPeerClient> MakeClient(
+    int channels, size_t chunk_bytes,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) {
   GrpcPeerClient::Options o;
   o.channels_per_peer = channels;
   o.chunk_bytes = chunk_bytes;
   o.min_range_bytes = std::max<size_t>(8 * kMiB, chunk_bytes);
   o.max_attempts = 1;
+  o.self_node_id = "bench-client";
+  if (credentials) {
+    o.credentials = std::move(credentials);
+    o.encrypted_data_path_only = true;
+  }
   auto client = GrpcPeerClient::Create(o);
   Check(client.status(), "GrpcPeerClient::Create");
   return std::move(*client);
@@ -166,12 +221,39 @@ void Run(const Options& options) {
       "GB/s = 10^9 bytes/s; cpu = CPU seconds per GiB moved, sender and receiver "
       "together; chunks of %zu KiB\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10);
-  std::printf("%-8s %-10s %7s %9s %7s\n", "fragment", "path", "GB/s", "cpu-s/GiB", "ratio");
-  std::printf("------------------------------------------------\n");
+  std::printf("%-8s %-16s %7s %9s %7s\n", "fragment", "path", "GB/s", "cpu-s/GiB", "ratio");
+  std::printf("------------------------------------------------------\n");
 
-  PeerFixture peer(options);
-  std::vector<std::pair<int, std::unique_ptr<GrpcPeerClient>>> clients;
-  for (int n : options.channels) clients.emplace_back(n, MakeClient(n, options.chunk_bytes));
+  // Certificates for the tls rows, made for this run.
+  char cert_dir[] = "/tmp/tessera-transfer-bench-certs-XXXXXX";
+  if (mkdtemp(cert_dir) == nullptr) Die("mkdtemp for certificates");
+  auto ca = TestCa::Create(cert_dir);
+  Check(ca.status(), "a test CA");
+  auto client_files = (*ca)->IssueNode("bench-client");
+  Check(client_files.status(), "a client certificate");
+  // One peer per path, each with its clients: (name prefix, peer, channels, client).
+  struct Target {
+    std::string prefix;
+    std::unique_ptr<PeerFixture> peer;
+    std::vector<std::pair<int, std::unique_ptr<GrpcPeerClient>>> clients;
+  };
+  std::vector<Target> targets;
+  for (const std::string& path : options.paths) {
+    Target t;
+    t.prefix = path == "grpc" ? "" : path + " ";
+    const PeerPath kind = path == "grpc"  ? PeerPath::kGrpc
+                          : path == "raw" ? PeerPath::kRaw
+                          : path == "tls" ? PeerPath::kTls
+                                          : PeerPath::kTlsGrpc;
+    t.peer = std::make_unique<PeerFixture>(options, kind, ca->get());
+    const bool tls = kind == PeerPath::kTls || kind == PeerPath::kTlsGrpc;
+    for (int n : options.channels) {
+      t.clients.emplace_back(
+          n, MakeClient(n, options.chunk_bytes,
+                        tls ? PeerChannelCredentials(*client_files) : nullptr));
+    }
+    targets.push_back(std::move(t));
+  }
 
   int64_t step = 0;
   for (size_t mib = 64; mib <= options.max_mib; mib *= 4) {
@@ -193,10 +275,10 @@ void Run(const Options& options) {
     std::snprintf(label, sizeof(label), "%zuMiB", mib);
     auto row = [&](const std::string& path, const Rate& r, double ratio) {
       if (ratio > 0) {
-        std::printf("%-8s %-10s %7.2f %9.2f %7.2f\n", label, path.c_str(), r.gbps, r.cpu_s_per_gib,
+        std::printf("%-8s %-16s %7.2f %9.2f %7.2f\n", label, path.c_str(), r.gbps, r.cpu_s_per_gib,
                     ratio);
       } else {
-        std::printf("%-8s %-10s %7.2f %9.2f %7s\n", label, path.c_str(), r.gbps, r.cpu_s_per_gib,
+        std::printf("%-8s %-16s %7.2f %9.2f %7s\n", label, path.c_str(), r.gbps, r.cpu_s_per_gib,
                     "");
       }
       std::fflush(stdout);
@@ -221,32 +303,65 @@ void Run(const Options& options) {
     paths.push_back(
         {"tcp+crc",
          [&] { return TcpOnce(src.get(), dst.get(), bytes, /*crc=*/true, options.chunk_bytes); }});
+    if (options.Has("tls") || options.Has("tls-grpc")) {
+      // The cipher alone: seal the bytes in records of a chunk, 256 KiB at a time, into a
+      // buffer that stays in the cache (as the data path does before each send).
+      paths.push_back({"aes-gcm", [&] {
+                         RecordSealer sealer(std::string(32, 'k'), "bench");
+                         std::vector<uint8_t> out(256 << 10);
+                         uint8_t header[kRecordHeaderBytes];
+                         uint8_t tag[kRecordTagBytes];
+                         const auto start = std::chrono::steady_clock::now();
+                         for (size_t pos = 0; pos < bytes;) {
+                           const size_t record = std::min(options.chunk_bytes, bytes - pos);
+                           Check(sealer.Begin(record, header), "Begin");
+                           for (size_t done = 0; done < record;) {
+                             const size_t n = std::min(out.size(), record - done);
+                             sealer.Update(src.get() + pos + done, out.data(), n);
+                             done += n;
+                           }
+                           Check(sealer.Finish(tag), "Finish");
+                           pos += record;
+                         }
+                         return Since(start);
+                       }});
+    }
     // Puts go to put_key, dropped after each (its segment is recycled by the next put); gets
     // read get_key, sealed once.
     const FragmentKey put_key{"bench", 0, ++step, 0};
     const FragmentKey get_key{"bench", 0, ++step, 1};
-    Check(clients[0].second->PutFragment(peer.address(), get_key, meta, src.get(), bytes).status(),
-          "PutFragment");
-    for (auto& [channels, client] : clients) {
-      GrpcPeerClient* c = client.get();
-      paths.push_back({"put " + std::to_string(channels) + "ch",
-                       [&, c] {
-                         const auto start = std::chrono::steady_clock::now();
-                         auto status =
-                             c->PutFragment(peer.address(), put_key, meta, src.get(), bytes);
-                         const double seconds = Since(start);
-                         Check(status.status(), "PutFragment");
-                         if (status->fragment_crc32c != src_crc) Die("PutFragment: CRC differs");
-                         return seconds;
-                       },
-                       [&] { Check(peer.store()->DropFragment(put_key), "DropFragment"); }});
-      paths.push_back({"get " + std::to_string(channels) + "ch", [&, c] {
-                         const auto start = std::chrono::steady_clock::now();
-                         auto status = c->GetFragment(peer.address(), get_key, 0, dst.get(), bytes);
-                         const double seconds = Since(start);
-                         Check(status.status(), "GetFragment");
-                         return seconds;
-                       }});
+    for (Target& t : targets) {
+      PeerFixture* peer = t.peer.get();
+      Check(t.clients[0]
+                .second->PutFragment(peer->address(), get_key, meta, src.get(), bytes)
+                .status(),
+            "PutFragment");
+      for (auto& [channels, client] : t.clients) {
+        GrpcPeerClient* c = client.get();
+        paths.push_back({t.prefix + "put " + std::to_string(channels) + "ch",
+                         [&, c, peer] {
+                           const auto start = std::chrono::steady_clock::now();
+                           auto status =
+                               c->PutFragment(peer->address(), put_key, meta, src.get(), bytes);
+                           const double seconds = Since(start);
+                           Check(status.status(), "PutFragment");
+                           if (status->fragment_crc32c != src_crc) {
+                             Die("PutFragment: CRC differs");
+                           }
+                           return seconds;
+                         },
+                         [&, peer] {
+                           Check(peer->store()->DropFragment(put_key), "DropFragment");
+                         }});
+        paths.push_back({t.prefix + "get " + std::to_string(channels) + "ch", [&, c, peer] {
+                           const auto start = std::chrono::steady_clock::now();
+                           auto status =
+                               c->GetFragment(peer->address(), get_key, 0, dst.get(), bytes);
+                           const double seconds = Since(start);
+                           Check(status.status(), "GetFragment");
+                           return seconds;
+                         }});
+      }
     }
     for (Path& path : paths) {  // warm-up: connections, segments, page tables
       path.sample();
@@ -260,17 +375,25 @@ void Run(const Options& options) {
         if (path.after) path.after();
       }
     }
-    // The bytes arrived intact: the last put, and the last get into dst.
-    Check(clients.back()
-              .second->PutFragment(peer.address(), put_key, meta, src.get(), bytes)
-              .status(),
-          "PutFragment");
-    auto view = peer.store()->Get(put_key);
-    Check(view.status(), "Get");
-    if (std::memcmp(view->data(), src.get(), bytes) != 0) Die("PutFragment: bytes differ");
+    // The bytes arrived intact: the last put of each path, and the last get into dst.
+    for (Target& t : targets) {
+      PeerFixture& peer = *t.peer;
+      Check(t.clients.back()
+                .second->PutFragment(peer.address(), put_key, meta, src.get(), bytes)
+                .status(),
+            "PutFragment");
+      auto view = peer.store()->Get(put_key);
+      Check(view.status(), "Get");
+      if (std::memcmp(view->data(), src.get(), bytes) != 0) Die("PutFragment: bytes differ");
+      Check(peer.store()->DropFragment(put_key), "DropFragment");
+      Check(peer.store()->DropFragment(get_key), "DropFragment");
+      const GrpcPeerClient::Stats stats = t.clients.back().second->stats();
+      const bool grpc = t.prefix.empty() || t.prefix == "tls-grpc ";
+      if (grpc ? stats.raw_puts != 0 : stats.grpc_puts + stats.grpc_gets != 0) {
+        Die("a path took another way than its rows say");
+      }
+    }
     if (std::memcmp(dst.get(), src.get(), bytes) != 0) Die("GetFragment: bytes differ");
-    Check(peer.store()->DropFragment(put_key), "DropFragment");
-    Check(peer.store()->DropFragment(get_key), "DropFragment");
 
     auto rate = [&](Path& path) {
       std::sort(path.seconds.begin(), path.seconds.end());
@@ -283,13 +406,34 @@ void Run(const Options& options) {
     const double limit = std::min(rates[0].gbps, tcp);
     double best_put = 0;
     double best_get = 0;
+    auto rate_of = [&](const std::string& name) {
+      for (size_t i = 0; i < paths.size(); ++i) {
+        if (paths[i].name == name) return rates[i].gbps;
+      }
+      return 0.0;
+    };
     for (size_t i = 0; i < paths.size(); ++i) {
       const std::string& name = paths[i].name;
+      // "put 4ch", "raw put 4ch", "tls put 4ch", "tls-grpc put 4ch": the operation and channels
+      // after the path's prefix.
+      const bool tls = name.rfind("tls ", 0) == 0;
+      const bool tls_grpc = name.rfind("tls-grpc ", 0) == 0;
+      const std::string op = tls_grpc                                       ? name.substr(9)
+                             : name.rfind("raw ", 0) == 0 || tls ? name.substr(4)
+                                                                          : name;
       double ratio = 0;
-      if (name == "tcp+crc" || name.rfind("put", 0) == 0) ratio = rates[i].gbps / limit;
-      if (name.rfind("get", 0) == 0) ratio = rates[i].gbps / tcp;
-      if (name.rfind("put", 0) == 0) best_put = std::max(best_put, rates[i].gbps);
-      if (name.rfind("get", 0) == 0) best_get = std::max(best_get, rates[i].gbps);
+      if (tls || tls_grpc) {
+        const double plain = rate_of(tls ? "raw " + op : op);
+        ratio = plain > 0 ? rates[i].gbps / plain : 0;
+      } else if (name == "tcp+crc" || op.rfind("put", 0) == 0) {
+        ratio = rates[i].gbps / limit;
+      } else if (op.rfind("get", 0) == 0) {
+        ratio = rates[i].gbps / tcp;
+      } else if (name == "aes-gcm") {
+        ratio = rates[i].gbps / rates[0].gbps;
+      }
+      if (op.rfind("put", 0) == 0) best_put = std::max(best_put, rates[i].gbps);
+      if (op.rfind("get", 0) == 0) best_get = std::max(best_get, rates[i].gbps);
       row(name, rates[i], ratio);
     }
     std::printf(
@@ -297,7 +441,11 @@ void Run(const Options& options) {
         "(goal >= 0.70)\n\n",
         label, best_put / limit, best_get / tcp);
   }
-  std::printf("ratio: tcp+crc and put rows / min(memcpy, tcp); get rows / tcp.\n");
+  std::printf(
+      "ratio: tcp+crc, put and raw put rows / min(memcpy, tcp); get and raw get rows / tcp; "
+      "aes-gcm / memcpy; tls rows / the raw row of the same operation and channels; tls-grpc "
+      "rows / the gRPC row.\n");
+  std::filesystem::remove_all(cert_dir);
 }
 
 }  // namespace
@@ -331,10 +479,20 @@ int main(int argc, char** argv) {
       options.dir = s;
     } else if (arg == "--default_malloc") {
       options.default_malloc = true;
+    } else if (const char* s = value("--paths=")) {
+      options.paths.clear();
+      for (absl::string_view part : absl::StrSplit(s, ',')) {
+        if (part != "grpc" && part != "raw" && part != "tls" && part != "tls-grpc") {
+          std::fprintf(stderr, "bad --paths: grpc, raw, tls and tls-grpc\n");
+          return 2;
+        }
+        options.paths.emplace_back(part);
+      }
     } else {
       std::fprintf(stderr,
                    "usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] "
-                   "[--chunk_kib=1024] [--dir=/dev/shm] [--default_malloc]\n");
+                   "[--chunk_kib=1024] [--dir=/dev/shm] [--default_malloc] "
+                   "[--paths=grpc,raw,tls]\n");
       return 2;
     }
   }

@@ -67,17 +67,6 @@ absl::Status MakeDirectories(const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ResolveNodeId(const std::string& configured) {
-  if (!configured.empty()) return configured;
-  char host[256] = {};
-  if (gethostname(host, sizeof(host) - 1) != 0) return ErrnoStatus(errno, "gethostname");
-  std::string id = host;
-  for (char& c : id) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) c = '_';
-  }
-  return id;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
@@ -177,8 +166,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   const ClusterTlsFiles tls = ClusterTls(config.cluster);
   SetClusterChannelCredentials(PeerChannelCredentials(tls));
   if (tls.enabled()) {
-    log->info("peer port: mutual TLS, certificate {}, CA {} (read again every {} s)",
-              tls.cert_file, tls.ca_file, tls.refresh_s);
+    log->info("peer port: mutual TLS, certificate {} of node {}, CA {} (read again every {} s)",
+              tls.cert_file, node_id_, tls.ca_file, tls.refresh_s);
   }
   TuneMallocForBulkTransfers();
   const uint64_t incarnation = incarnation_;
@@ -200,6 +189,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
   client_options.token = config.cluster.token;
   client_options.self_node_id = node_id_;
+  // With TLS, fragments travel only encrypted: over the raw data path's version 2, or over gRPC.
+  client_options.encrypted_data_path_only = tls.enabled();
   // Fragments go to a few peers per job: channels stay open for the 64 most recently used.
   client_options.max_peers_with_channels = 64;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
@@ -221,6 +212,11 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   UdpHeartbeats::Options udp_options;
   udp_options.listen_address = config.peer.listen_address;
   udp_options.token = config.cluster.token;
+  if (tls.enabled()) {
+    // Datagrams carry their sender's certificate and signature: a daemon speaks for its own
+    // node only, over UDP as over gRPC (datagram_signer.h).
+    TESSERA_ASSIGN_OR_RETURN(udp_options.signer, DatagramSigner::Create(tls, node_id_));
+  }
   udp_options.timeout = heartbeat_options.control_timeout;
   udp_options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
     Cluster* const cluster = heartbeat_target_.load();
@@ -287,10 +283,15 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     data_options.host = HostOfAddress(config.peer.listen_address);
     data_options.port = static_cast<uint16_t>(config.peer.data_port);
     data_options.is_fenced = fenced;
+    data_options.encrypt = tls.enabled();
     TESSERA_ASSIGN_OR_RETURN(data_path_server_,
                              DataPathServer::Start(fragments_.get(), data_options));
     service_options.data_path_port = data_path_server_->port();
-    service_options.data_path_session_key = data_path_server_->session_key();
+    service_options.data_path_version = data_path_server_->version();
+    service_options.data_path_session_key = [server = data_path_server_.get()](
+                                                const std::string& node_id) {
+      return server->SessionKeyFor(node_id);
+    };
   }
   service_options.on_heartbeat = [cluster](const HeartbeatMessage& m) {
     return cluster->OnHeartbeat(m);
@@ -506,6 +507,10 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_data_path_request_errors_total",
             "Data path requests answered with an error (each is also logged).",
             static_cast<double>(d.request_errors));
+    counter("tessera_data_path_records_refused_total",
+            "Encrypted data path records that did not authenticate (altered, replayed or "
+            "reordered on the way); each closed its connection and is logged.",
+            static_cast<double>(d.records_refused));
   }
   gauge("tessera_rendezvous_groups",
         "Data-parallel rendezvous groups this daemon hosts (forgotten after 10 idle minutes).",

@@ -1,7 +1,9 @@
 #include "daemon/daemon_config.h"
 
 #include <sys/un.h>
+#include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/config.h"
 #include "common/status.h"
+#include "daemon/transfer/node_identity.h"
 
 namespace tessera {
 namespace {
@@ -435,7 +438,13 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
         "cluster.tls_* files are set but peer.listen_address is not: TLS is for the peer port "
         "of a cluster; a standalone daemon has none");
   }
-  if (tls) TESSERA_RETURN_IF_ERROR(CheckClusterTlsFiles(ClusterTls(result.cluster)));
+  if (tls) {
+    TESSERA_RETURN_IF_ERROR(CheckClusterTlsFiles(ClusterTls(result.cluster)));
+    // Peers refuse every call that claims another node than the certificate names: a daemon
+    // whose certificate is another node's could not take part, so it does not start.
+    TESSERA_ASSIGN_OR_RETURN(const std::string node_id, ResolveNodeId(result.node.id));
+    TESSERA_RETURN_IF_ERROR(CheckCertificateNamesNode(result.cluster.tls_cert_file, node_id));
+  }
   if (!result.peer.listen_address.empty() && result.cluster.token.empty() &&
       !result.cluster.insecure) {
     return absl::InvalidArgumentError(
@@ -446,6 +455,17 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
         "cluster.insecure = true for a private test network");
   }
   return result;
+}
+
+absl::StatusOr<std::string> ResolveNodeId(const std::string& configured) {
+  if (!configured.empty()) return configured;
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) != 0) return ErrnoStatus(errno, "gethostname");
+  std::string id = host;
+  for (char& c : id) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) c = '_';
+  }
+  return id;
 }
 
 ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster) {

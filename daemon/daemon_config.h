@@ -108,6 +108,10 @@ absl::StatusOr<DaemonConfig> LoadDaemonConfig(const std::string& path_or_empty,
 // Every key as a commented TOML file set to its default; loading it yields DaemonConfig{}.
 std::string DefaultDaemonConfigToml();
 
+// node.id as configured, or, when empty, the host name (characters other than A-Z a-z 0-9 . _ -
+// replaced by '_').
+absl::StatusOr<std::string> ResolveNodeId(const std::string& configured);
+
 // The peer port's TLS files of `cluster` (off when its cluster.tls_* are empty).
 ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster);
 

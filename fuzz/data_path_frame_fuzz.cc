@@ -275,7 +275,7 @@ void RunServer(uint8_t flags, fuzz::Input* in) {
   std::string stream;
   if (!(flags & kNoHello)) {
     peer::DataPathHello hello;
-    hello.set_version(kDataPathVersion);
+    hello.set_version(kDataPathVersionPlain);
     hello.set_session_key(state->server->session_key());
     stream = Frame(hello.SerializeAsString());
   }
@@ -398,7 +398,7 @@ std::vector<std::string> Seeds() {
   seeds.push_back(huge);
   // No hello: a hello with a wrong key.
   peer::DataPathHello hello;
-  hello.set_version(kDataPathVersion);
+  hello.set_version(kDataPathVersionPlain);
   hello.set_session_key("0123456789abcdef");
   std::string bad_hello(1, static_cast<char>(kNoHello));
   frame(&bad_hello, hello);

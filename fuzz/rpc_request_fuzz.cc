@@ -770,7 +770,7 @@ void Initialize() {
     return state->cluster->OnHeartbeat(message);
   };
   peer.data_path_port = 4242;
-  peer.data_path_session_key = "0123456789abcdef";
+  peer.data_path_session_key = [](const std::string&) { return std::string("0123456789abcdef"); };
   peer.is_fenced = [](const std::string& node_id, uint64_t incarnation) {
     return node_id == "fenced" && incarnation < 10;
   };

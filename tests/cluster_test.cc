@@ -21,8 +21,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "common/segment.h"
+#include "daemon/coordination/service.h"
+#include "daemon/membership/datagram_signer.h"
+#include "daemon/membership/udp_heartbeats.h"
+#include "daemon/transfer/cluster_tls.h"
+#include "daemon/transfer/peer_client.h"
 #include "tests/harness.h"
 
 namespace tessera::testing {
@@ -282,8 +288,9 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
   const std::string rogue = root.path() + "/rogue";
   const std::string script = BinaryPath("tools/make-cluster-certs.sh");
   for (const auto& argv : {std::vector<std::string>{"/bin/bash", script, certs, "n0", "n1", "n2",
-                                                    "n3", "operator"},
-                           std::vector<std::string>{"/bin/bash", script, rogue, "operator"}}) {
+                                                    "n3", "--client", "operator"},
+                           std::vector<std::string>{"/bin/bash", script, rogue, "--client",
+                                                    "operator"}}) {
     auto made = Process::Start(argv);
     ASSERT_EQ(made->Wait(seconds(60)), 0) << absl::StrJoin(made->lines(), "\n");
   }
@@ -340,6 +347,14 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
   EXPECT_GE(LastEvent(verifier->lines(), "verified"), committed);
   EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()), "rebuilt from 2 of 3 fragments"))
       << cluster[3].LogTail();
+  // The fragments of that rebuild came over the encrypted raw data path.
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()),
+                                "fragments go over its raw TCP data path"))
+      << cluster[3].LogTail();
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[3].log_path()), ", encrypted)"))
+      << cluster[3].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[3].log_path()), ", plain)"))
+      << cluster[3].LogTail();
 
   // A key that is not the certificate's: the daemon does not start, and says why.
   std::vector<std::string> wrong = tls_of(certs, "n2");
@@ -356,6 +371,179 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
   EXPECT_TRUE(absl::StrContains(ReadFile(root.path() + "/bad.log"),
                                 "is not the key of the certificate in " + certs + "/n2.crt"))
       << ReadFile(root.path() + "/bad.log");
+}
+
+// A node id is bound to the certificate: a process holding n9's valid certificate cannot speak
+// as n1. A real tesserad configured so refuses to start; a rogue that tries anyway (this test,
+// with the daemon's own clients) is refused on every path that names a sender: a gRPC heartbeat,
+// a UDP heartbeat, a fragment write over the raw data path and over gRPC, a coordination report.
+// Its newer incarnation of n1 at another address is never admitted: the real n1 stays alive at
+// its own address and is not fenced. The data path between the daemons is the encrypted one.
+TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  auto made = Process::Start({"/bin/bash", BinaryPath("tools/make-cluster-certs.sh"), certs, "n0",
+                              "n1", "n2", "n9", "--client", "operator"});
+  ASSERT_EQ(made->Wait(seconds(60)), 0) << absl::StrJoin(made->lines(), "\n");
+  auto files_of = [&](const std::string& name) {
+    return ClusterTlsFiles{certs + "/" + name + ".crt", certs + "/" + name + ".key",
+                           certs + "/ca.crt", 60};
+  };
+  auto tls_flags = [&](const std::string& name) {
+    const ClusterTlsFiles f = files_of(name);
+    return std::vector<std::string>{"--set", "cluster.tls_cert_file=" + f.cert_file, "--set",
+                                    "cluster.tls_key_file=" + f.key_file, "--set",
+                                    "cluster.tls_ca_file=" + f.ca_file};
+  };
+  Cluster cluster(root.path(), 3, 2, 1, {}, [&](int i) { return tls_flags(absl::StrCat("n", i)); });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "bound";
+  ASSERT_GE(TrainAndCommit(cluster, job, seed, 3, 6), 0) << cluster[0].LogTail();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(absl::StrContains(ReadFile(cluster[i].log_path()),
+                                  "fragments go over its raw TCP data path"))
+        << "n" << i << ":\n" << cluster[i].LogTail();
+    EXPECT_TRUE(absl::StrContains(ReadFile(cluster[i].log_path()), ", encrypted)")) << "n" << i;
+  }
+
+  // A real tesserad as n1 with n9's certificate does not start, and says why.
+  {
+    const std::string log = root.path() + "/as-n1.log";
+    auto daemon = Process::Start(
+        Concat({BinaryPath("daemon/tesserad"), "--set", "node.id=n1", "--set",
+                "store.directory=" + root.path() + "/impostor", "--set",
+                "agent.socket_path=" + root.path() + "/impostor.sock", "--set",
+                absl::StrCat("peer.listen_address=127.0.0.1:", FreePort()), "--set",
+                "cluster.members=" + cluster.address(0), "--set",
+                std::string("cluster.token=") + kClusterToken},
+               tls_flags("n9")),
+        log);
+    EXPECT_EQ(daemon->Wait(seconds(30)), 2);
+    EXPECT_TRUE(absl::StrContains(ReadFile(log), "names node 'n9' (tessera-node:n9), but this "
+                                                 "daemon's node.id is 'n1'"))
+        << ReadFile(log);
+  }
+
+  // The rogue: n9's certificate and the cluster token, claiming a newer incarnation of n1 at an
+  // address of its own.
+  const std::string rogue_address = absl::StrCat("127.0.0.1:", FreePort());
+  const uint64_t newer = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) + 3600 * 1000;
+  const ClusterTlsFiles n9 = files_of("n9");
+  HeartbeatMessage claim;
+  claim.from = MemberInfo{"n1", newer, rogue_address};
+  claim.kind = HeartbeatMessage::Kind::kProbe;
+  claim.seq = 1;
+  claim.version = 1;
+  claim.updates.push_back(SwimUpdate{SwimState::kAlive, "n1", newer, 1, rogue_address});
+  auto expect_refused = [](const absl::Status& status, const std::string& what) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << what << ": " << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), "claims node 'n1'")) << what << ": " << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), "of node 'n9'")) << what << ": " << status;
+  };
+  const FragmentMeta meta = [&] {
+    FragmentMeta m;
+    m.owner_incarnation = newer;
+    m.ec_k = 2;
+    m.ec_m = 1;
+    m.shard_bytes = 1 << 20;
+    m.fragment_bytes = 1 << 19;
+    m.shard_crc32c = 1;
+    return m;
+  }();
+  const std::vector<uint8_t> bytes(meta.fragment_bytes, 0x5a);
+  for (bool raw : {true, false}) {
+    GrpcPeerClient::Options o;
+    o.credentials = PeerChannelCredentials(n9);
+    o.token = kClusterToken;
+    o.self_node_id = "n1";
+    o.encrypted_data_path_only = true;
+    o.raw_data_path = raw;
+    o.max_attempts = 1;
+    auto rogue = GrpcPeerClient::Create(o);
+    ASSERT_TRUE(rogue.ok()) << rogue.status();
+    for (int i = 0; i < 3; ++i) {
+      expect_refused((*rogue)->Heartbeat(cluster.address(i), claim).status(), "gRPC heartbeat");
+      expect_refused(
+          (*rogue)
+              ->PutFragment(cluster.address(i), FragmentKey{job, 1, 1000, 0}, meta, bytes.data(),
+                            bytes.size())
+              .status(),
+          raw ? "a fragment over the raw data path" : "a fragment over gRPC");
+    }
+  }
+  SetClusterChannelCredentials(PeerChannelCredentials(n9));
+  GrpcCoordinationClient coordination({NodeIdentity{"n1", newer}, kClusterToken});
+  ProtectedReport report;
+  report.job_id = job;
+  report.world_size = 3;
+  report.rank = 1;
+  report.step = 1000;
+  report.owner = "n1";
+  for (int i = 0; i < 3; ++i) {
+    expect_refused(coordination.Report(cluster.address(i), report).status(), "a report");
+  }
+  UdpHeartbeats::Options udp_options;
+  udp_options.listen_address = rogue_address;
+  udp_options.token = kClusterToken;
+  udp_options.timeout = absl::Milliseconds(500);
+  udp_options.on_request = [](const HeartbeatMessage&) -> absl::StatusOr<HeartbeatReply> {
+    return absl::UnavailableError("not answering");
+  };
+  auto signer = DatagramSigner::Create(n9);
+  ASSERT_TRUE(signer.ok()) << signer.status();
+  udp_options.signer = std::move(*signer);
+  auto udp = UdpHeartbeats::Start(std::move(udp_options));
+  ASSERT_TRUE(udp.ok()) << udp.status();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ((*udp)->Heartbeat(cluster.address(i), claim).status().code(),
+              absl::StatusCode::kDeadlineExceeded)
+        << "a UDP heartbeat claiming n1 with n9's certificate was answered by n" << i;
+  }
+  for (int i : {0, 2}) {
+    EXPECT_TRUE(LogShows(cluster[i],
+                         "a heartbeat claiming node 'n1' signed with the certificate of node 'n9'",
+                         milliseconds(5000)))
+        << cluster[i].LogTail();
+  }
+
+  // Not admitted: n1 is alive at its own address everywhere, the rogue's address unknown, and n1
+  // was not fenced by the newer incarnation.
+  std::this_thread::sleep_for(milliseconds(1500));
+  EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), "fenced"))
+      << cluster[1].LogTail();
+  for (int i : {0, 2}) {
+    const std::vector<std::string> cli = {
+        BinaryPath("cli/tessera"), "status", "--address", cluster.address(i), "--token",
+        kClusterToken, "--timeout-s", "10", "--tls-cert", certs + "/operator.crt", "--tls-key",
+        certs + "/operator.key", "--tls-ca", certs + "/ca.crt"};
+    auto status = Process::Start(cli, root.path() + "/status.err");
+    // 0 healthy, 1 attention (three members run RS(1,1) instead of RS(2,1)); not 3 (refused).
+    EXPECT_LE(status->Wait(seconds(60)), 1) << ReadFile(root.path() + "/status.err");
+    bool n1_alive_at_home = false;
+    for (const std::string& line : status->lines()) {
+      EXPECT_FALSE(absl::StrContains(line, rogue_address)) << line;
+      const std::vector<std::string> words = absl::StrSplit(line, ' ', absl::SkipEmpty());
+      n1_alive_at_home = n1_alive_at_home || (words.size() > 2 && words[0] == "n1" &&
+                                              words[1] == "alive" &&
+                                              words[2] == cluster.address(1));
+    }
+    EXPECT_TRUE(n1_alive_at_home) << absl::StrJoin(status->lines(), "\n");
+    const std::string log = ReadFile(cluster[i].log_path());
+    EXPECT_FALSE(absl::StrContains(log, rogue_address)) << cluster[i].LogTail();
+  }
+  // And the cluster goes on: every rank verifies bit-exact from its own node.
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    auto argv = TrainerArgs(cluster[rank], job, seed, rank, 3);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
+  }
 }
 
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {

@@ -108,11 +108,14 @@ sources=(
   daemon/store/snapshot_store.cc daemon/store/snapshot_store_adopt.cc
   daemon/store/snapshot_store_layout.cc daemon/store/snapshot_store_sealed.cc
   daemon/transfer/cluster_token.cc daemon/transfer/peer_service.cc daemon/transfer/data_path.cc
-  daemon/transfer/data_path_client.cc daemon/transfer/cluster_tls.cc
+  daemon/transfer/data_path_client.cc daemon/transfer/data_path_wire.cc
+  daemon/transfer/data_path_crypto.cc daemon/transfer/cluster_tls.cc
+  daemon/transfer/node_identity.cc
   daemon/coordination/job_coordinator.cc daemon/coordination/messages.cc
   daemon/coordination/service.cc daemon/coordination/rendezvous.cc
   daemon/coordination/coordination.cc daemon/coordination/protection.cc
   daemon/membership/swim.cc daemon/membership/swim_views.cc daemon/membership/udp_heartbeats.cc
+  daemon/membership/datagram_signer.cc
   daemon/membership/cluster.cc
   daemon/agent_service.cc daemon/refusals.cc daemon/unix_listener.cc daemon/metrics/metrics.cc
   fuzz/fuzz_util.cc

@@ -11,6 +11,7 @@
 #include "daemon/store/snapshot_store.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
+#include "daemon/transfer/node_identity.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 
@@ -219,6 +220,8 @@ grpc::Status RendezvousService::Join(grpc::ServerContext* context,
                                      rendezvous::JoinResponse* response) {
   absl::Status status = token_.empty() ? absl::OkStatus()
                                        : CheckClusterToken(*context, token_, "rendezvous calls");
+  // Only daemons forward joins: with mutual TLS, a node's certificate (node_identity.h).
+  if (status.ok()) status = RequireNodeCaller(*context, "rendezvous calls").status();
   if (status.ok()) {
     absl::StatusOr<rendezvous::JoinResponse> joined = table_->Join(*request);
     status = joined.status();

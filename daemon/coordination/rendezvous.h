@@ -106,7 +106,8 @@ class RendezvousRouter {
 // The peer-facing service: answers joins forwarded by other daemons from this daemon's table.
 class RendezvousService final : public rendezvous::Rendezvous::Service {
  public:
-  // With a non-empty token, calls must carry it (daemon/transfer/cluster_token.h).
+  // With a non-empty token, calls must carry it (daemon/transfer/cluster_token.h); with mutual
+  // TLS, the caller must present a node's certificate (daemon/transfer/node_identity.h).
   RendezvousService(RendezvousTable* table, std::string token)
       : table_(table), token_(std::move(token)) {}
   grpc::Status Join(grpc::ServerContext* context, const rendezvous::JoinRequest* request,

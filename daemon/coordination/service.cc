@@ -6,6 +6,7 @@
 #include "daemon/store/snapshot_store.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
+#include "daemon/transfer/node_identity.h"
 
 namespace tessera {
 
@@ -21,6 +22,8 @@ absl::StatusOr<NodeIdentity> CoordinationService::Admit(
     return absl::InvalidArgumentError(
         "from: the sender's node_id (1..256 bytes) and incarnation (> 0) are required");
   }
+  TESSERA_RETURN_IF_ERROR(RequireNodeCaller(context, "coordination calls").status());
+  TESSERA_RETURN_IF_ERROR(CheckCallerIs(context, from.node_id(), "from.node_id"));
   if (options_.is_fenced && options_.is_fenced(from.node_id(), from.incarnation())) {
     return absl::FailedPreconditionError(
         absl::StrCat("node '", from.node_id(), "' incarnation ", from.incarnation(),
@@ -161,6 +164,7 @@ absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const std::string& ad
   grpc::ClientContext context;
   Prepare(&context, options_.timeout);
   TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(address)->ListJob(&context, request, &response)));
+  TESSERA_RETURN_IF_ERROR(CheckServerIs(context, response.node().node_id(), "a ListJob answer"));
   JobListing listing;
   TESSERA_RETURN_IF_ERROR(FromProto(response, &listing));
   return listing;

@@ -2,7 +2,9 @@
 // CoordinationHandler (ClusterCoordination in the daemon). Every request is validated (counts and
 // sizes bounded, ids checked) before the handler sees it; a request from an older incarnation of
 // a node (fenced) is refused with kFailedPrecondition; with a cluster token, every call must carry
-// it (kUnauthenticated otherwise).
+// it (kUnauthenticated otherwise); with mutual TLS, `from` must be the node the caller's
+// certificate names (kPermissionDenied otherwise, daemon/transfer/node_identity.h), and a
+// ListJob answer must come from the node it names.
 //
 // Thread-safety: handlers run concurrently on gRPC's threads; the client may be used from any
 // thread.

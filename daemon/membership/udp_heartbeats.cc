@@ -30,6 +30,8 @@ namespace {
 
 constexpr char kMagic[4] = {'T', 'S', 'H', 'B'};
 constexpr uint8_t kFormatVersion = 1;
+constexpr uint8_t kSignedFormatVersion = 2;
+constexpr size_t kBodyLengthBytes = 4;  // version 2
 constexpr uint8_t kRequest = 1;
 constexpr uint8_t kReply = 2;
 constexpr uint8_t kRefused = 3;
@@ -71,37 +73,56 @@ absl::Status SplitAddress(const std::string& address, std::string* host, std::st
   return absl::OkStatus();
 }
 
+// A signed message that names another node than its certificate does.
+absl::Status Impersonation(const char* what, const std::string& claimed,
+                           const std::string& certified) {
+  return absl::UnauthenticatedError(absl::StrCat(
+      what, " claiming node '", claimed, "' signed with the certificate of node '", certified,
+      "': a daemon speaks only for the node its certificate names"));
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> UdpHeartbeats::Encode(uint8_t type, uint64_t id,
                                                   const std::string& body,
-                                                  const std::string& token) {
-  const size_t size = kHeaderBytes + body.size() + kMacBytes;
-  if (size > kMaxDatagramBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("a membership datagram of ", size,
+                                                  const std::string& token,
+                                                  DatagramSigner* signer) {
+  std::string out(kHeaderBytes, '\0');
+  std::memcpy(&out[0], kMagic, 4);
+  out[4] = static_cast<char>(signer != nullptr ? kSignedFormatVersion : kFormatVersion);
+  out[5] = static_cast<char>(type);
+  PutU64(id, &out[8]);
+  if (signer != nullptr) {
+    const uint32_t n = static_cast<uint32_t>(body.size());
+    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  }
+  out.append(body);
+  if (signer != nullptr && out.size() <= kMaxDatagramBytes) {
+    TESSERA_RETURN_IF_ERROR(signer->Sign(&out));
+  }
+  const size_t signed_bytes = out.size();
+  if (signed_bytes + kMacBytes > kMaxDatagramBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("a membership datagram of ",
+                                                   signed_bytes + kMacBytes,
                                                    " bytes exceeds the limit of ",
                                                    kMaxDatagramBytes));
   }
-  std::string out(size, '\0');
-  std::memcpy(&out[0], kMagic, 4);
-  out[4] = static_cast<char>(kFormatVersion);
-  out[5] = static_cast<char>(type);
-  PutU64(id, &out[8]);
-  std::memcpy(&out[kHeaderBytes], body.data(), body.size());
-  const size_t signed_bytes = kHeaderBytes + body.size();
+  out.resize(signed_bytes + kMacBytes);
   Mac(token, reinterpret_cast<const uint8_t*>(out.data()), signed_bytes,
       reinterpret_cast<uint8_t*>(&out[signed_bytes]));
   return out;
 }
 
 absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data, size_t size,
-                                                             const std::string& token) {
+                                                             const std::string& token,
+                                                             DatagramSigner* signer) {
   if (size < kHeaderBytes + kMacBytes || size > kMaxDatagramBytes) {
     return absl::InvalidArgumentError(absl::StrCat("a datagram of ", size, " bytes; one is ",
                                                    kHeaderBytes + kMacBytes, "..",
                                                    kMaxDatagramBytes));
   }
-  if (std::memcmp(data, kMagic, 4) != 0 || data[4] != kFormatVersion || data[6] != 0 ||
+  if (std::memcmp(data, kMagic, 4) != 0 ||
+      (data[4] != kFormatVersion && data[4] != kSignedFormatVersion) || data[6] != 0 ||
       data[7] != 0) {
     return absl::InvalidArgumentError("not a Tessera membership datagram (magic or version)");
   }
@@ -117,10 +138,33 @@ absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data
           "the datagram's HMAC does not verify with this daemon's cluster.token");
     }
   }
+  const bool is_signed = data[4] == kSignedFormatVersion;
+  if (is_signed != (signer != nullptr)) {
+    return absl::UnauthenticatedError(
+        signer != nullptr
+            ? "an unsigned datagram (format 1): this daemon runs mutual TLS and takes only "
+              "datagrams signed with a node's certificate (format 2)"
+            : "a signed datagram (format 2): this daemon runs no TLS and takes format 1");
+  }
   Decoded d;
   d.type = data[5];
   d.id = GetU64(data + 8);
-  d.body.assign(reinterpret_cast<const char*>(data + kHeaderBytes), signed_bytes - kHeaderBytes);
+  if (!is_signed) {
+    d.body.assign(reinterpret_cast<const char*>(data + kHeaderBytes), signed_bytes - kHeaderBytes);
+    return d;
+  }
+  const size_t body_at = kHeaderBytes + kBodyLengthBytes;
+  uint32_t body_bytes = 0;
+  for (int i = 3; i >= 0 && signed_bytes >= body_at; --i) {
+    body_bytes = (body_bytes << 8) | data[kHeaderBytes + i];
+  }
+  if (signed_bytes < body_at || signed_bytes - body_at < body_bytes) {
+    return absl::InvalidArgumentError("a signed datagram whose body runs past its end");
+  }
+  absl::StatusOr<std::string> node = signer->Verify(data, body_at + body_bytes, signed_bytes);
+  if (!node.ok()) return node.status();
+  d.node_id = std::move(*node);
+  d.body.assign(reinterpret_cast<const char*>(data + body_at), body_bytes);
   return d;
 }
 
@@ -272,7 +316,8 @@ absl::StatusOr<HeartbeatReply> UdpHeartbeats::Heartbeat(const std::string& peer,
   peer_wire::ToProto(message, &request);
   const uint64_t id = next_id_.fetch_add(1);
   TESSERA_ASSIGN_OR_RETURN(std::string datagram,
-                           Encode(kRequest, id, request.SerializeAsString(), options_.token));
+                           Encode(kRequest, id, request.SerializeAsString(), options_.token,
+                                  options_.signer.get()));
   Pending pending;
   pending.address = peer;
   pending.to = to;
@@ -418,7 +463,7 @@ void UdpHeartbeats::Drop(const char* reason, const absl::Status& status, uint64_
 
 void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const sockaddr_storage& from,
                                    socklen_t from_len) {
-  absl::StatusOr<Decoded> d = Decode(data, size, options_.token);
+  absl::StatusOr<Decoded> d = Decode(data, size, options_.token, options_.signer.get());
   if (!d.ok()) {
     absl::MutexLock lock(&mu_);
     if (absl::IsUnauthenticated(d.status())) {
@@ -434,6 +479,12 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
       absl::MutexLock lock(&mu_);
       Drop("malformed", absl::InvalidArgumentError("a request that does not parse"),
            &stats_.dropped_malformed);
+      return;
+    }
+    if (options_.signer != nullptr && request.node_id() != d->node_id) {
+      absl::MutexLock lock(&mu_);
+      Drop("unauthenticated", Impersonation("a heartbeat", request.node_id(), d->node_id),
+           &stats_.dropped_unauthenticated);
       return;
     }
     {
@@ -459,7 +510,8 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
       for (int i = 0; i < 4; ++i) body[i] = static_cast<char>((code >> (8 * i)) & 0xff);
       body.append(std::string(reply.status().message()).substr(0, 1024));
     }
-    absl::StatusOr<std::string> datagram = Encode(type, d->id, body, options_.token);
+    absl::StatusOr<std::string> datagram =
+        Encode(type, d->id, body, options_.token, options_.signer.get());
     if (!datagram.ok()) return;  // too many updates to fit: the asker's deadline passes
     if (sendto(fd_, datagram->data(), datagram->size(), MSG_DONTWAIT,
                reinterpret_cast<const sockaddr*>(&from), from_len) >= 0) {
@@ -475,6 +527,12 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
       absl::MutexLock lock(&mu_);
       Drop("malformed", absl::InvalidArgumentError("a reply that does not parse"),
            &stats_.dropped_malformed);
+      return;
+    }
+    if (options_.signer != nullptr && response.node_id() != d->node_id) {
+      absl::MutexLock lock(&mu_);
+      Drop("unauthenticated", Impersonation("a reply", response.node_id(), d->node_id),
+           &stats_.dropped_unauthenticated);
       return;
     }
     result = peer_wire::FromProto(response, "");  // the address is the pending call's

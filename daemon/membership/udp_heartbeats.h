@@ -8,11 +8,16 @@
 //
 // Wire format of one datagram (little-endian):
 //   [0, 4)    magic "TSHB"
-//   [4]       format version, 1
+//   [4]       format version: 1, or 2 when signed (mutual TLS)
 //   [5]       type: 1 request, 2 reply, 3 refused (the handler's error: code u32, then message)
 //   [6, 8)    0
 //   [8, 16)   id: the sender's request number; a reply repeats it
+//   version 1:
 //   [16, n)   body: the protobuf (request, reply) or the error (refused)
+//   version 2:
+//   [16, 20)  u32 B, then B bytes of body, then the sender's identity block: its certificate
+//             chain and its signature over all the bytes before it (datagram_signer.h)
+//   then, either version:
 //   [n, n+32) HMAC-SHA256 of [0, n) keyed by the cluster token; zeros when there is none
 // A datagram is at most kMaxDatagramBytes; a message that would not fit is not sent (an error),
 // and a longer datagram is dropped unread.
@@ -21,9 +26,13 @@
 // or type, whose MAC does not verify (when this daemon has a token), whose protobuf does not
 // parse, or a reply to no request outstanding here, is dropped and counted (Stats), and logged at
 // most once per 10 s per reason. Authentication: with a token, only holders of the token can
-// make a datagram that is accepted; a replayed datagram can only repeat an answer or an update
-// that membership already orders by incarnation and version. Without a token (an insecure
-// cluster), anyone who reaches the port can send membership messages, as with the gRPC path.
+// make a datagram that is accepted. With mutual TLS (Options::signer), only version 2 datagrams
+// are accepted, signed with a certificate of the cluster's CA that names a node, and a request
+// or reply whose message names another node than the certificate does (node_id) is dropped as
+// unauthenticated: a daemon speaks only for its own node, as on the gRPC calls. A replayed
+// datagram can only repeat an answer or an update that membership already orders by
+// incarnation and version. Without either (an insecure cluster), anyone who reaches the port
+// can send membership messages, as with the gRPC path.
 //
 // Threads: one receiver thread answers requests (calling `on_request` inline: keep it short) and
 // hands replies to the waiting Heartbeat call. Heartbeat may be called from many threads.
@@ -45,6 +54,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "daemon/membership/datagram_signer.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
 
@@ -61,6 +71,8 @@ class UdpHeartbeats final : public HeartbeatSender {
   struct Options {
     std::string listen_address;  // "host:port" (port > 0): the peer port's number, over UDP
     std::string token;           // the cluster token; empty: datagrams carry no MAC
+    // With mutual TLS: signs what is sent and checks what is received (version 2). Null: none.
+    std::shared_ptr<DatagramSigner> signer;
     absl::Duration timeout = absl::Seconds(3);  // how long Heartbeat waits for the answer
     RequestHandler on_request;                  // required
   };
@@ -73,7 +85,9 @@ class UdpHeartbeats final : public HeartbeatSender {
     uint64_t timeouts = 0;            // Heartbeat calls that got no answer in time
     uint64_t unreachable = 0;         // ended at once by an ICMP "port unreachable"
     uint64_t dropped_malformed = 0;   // short, long, wrong magic/version/type, bad protobuf
-    uint64_t dropped_unauthenticated = 0;  // MAC missing or wrong
+    // MAC missing or wrong; with TLS, unsigned, a signature or certificate that does not verify,
+    // or a message claiming another node than its certificate names.
+    uint64_t dropped_unauthenticated = 0;
     uint64_t dropped_unexpected = 0;  // a reply to no outstanding request
   };
 
@@ -92,18 +106,22 @@ class UdpHeartbeats final : public HeartbeatSender {
   Stats stats() const;
   uint16_t port() const { return port_; }
 
-  // The datagram codec, exposed for tests. Encode returns kInvalidArgument when the body does
-  // not fit in kMaxDatagramBytes.
+  // The datagram codec, exposed for tests. With a signer, version 2 (signed); without, version
+  // 1. Encode returns kInvalidArgument when the body does not fit in kMaxDatagramBytes.
   static absl::StatusOr<std::string> Encode(uint8_t type, uint64_t id, const std::string& body,
-                                            const std::string& token);
+                                            const std::string& token,
+                                            DatagramSigner* signer = nullptr);
   struct Decoded {
     uint8_t type = 0;
     uint64_t id = 0;
     std::string body;
+    std::string node_id;  // version 2: the node the signer's certificate names
   };
-  // kInvalidArgument (malformed) or kUnauthenticated (MAC), naming what was wrong.
+  // kInvalidArgument (malformed) or kUnauthenticated (MAC; with a signer, unsigned or a
+  // signature or certificate that does not verify), naming what was wrong.
   static absl::StatusOr<Decoded> Decode(const uint8_t* data, size_t size,
-                                        const std::string& token);
+                                        const std::string& token,
+                                        DatagramSigner* signer = nullptr);
 
  private:
   struct Pending {

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "daemon/transfer/test_certificates.h"
 #include "gtest/gtest.h"
 #include "tests/ports.h"
 
@@ -59,11 +60,13 @@ void ExpectSameUpdates(const std::vector<SwimUpdate>& a, const std::vector<SwimU
 // An endpoint on a reserved loopback port whose handler records what it was asked and answers
 // `reply` (or `refuse`, when set).
 struct Endpoint {
-  explicit Endpoint(const std::string& token, absl::Duration timeout = absl::Seconds(2)) {
+  explicit Endpoint(const std::string& token, absl::Duration timeout = absl::Seconds(2),
+                    std::shared_ptr<DatagramSigner> signer = nullptr) {
     address = absl::StrCat("127.0.0.1:", testing::FreePort());
     UdpHeartbeats::Options options;
     options.listen_address = address;
     options.token = token;
+    options.signer = std::move(signer);
     options.timeout = timeout;
     options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
       absl::MutexLock lock(&mu);
@@ -251,6 +254,101 @@ TEST(UdpHeartbeatsTest, APortInUseIsAClearError) {
   EXPECT_NE(second.status().message().find("is the UDP port in use?"), std::string::npos)
       << second.status();
   EXPECT_NE(second.status().message().find(a.address), std::string::npos) << second.status();
+}
+
+// With mutual TLS: datagrams are signed, a receiver learns the sender's node from its
+// certificate, and a message naming another node is dropped, both ways.
+class SignedHeartbeatsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto ca = TestCa::Create();
+    ASSERT_TRUE(ca.ok()) << ca.status();
+    ca_ = std::move(*ca);
+  }
+  std::shared_ptr<DatagramSigner> SignerFor(const std::string& node) {
+    auto files = ca_->IssueNode(node);
+    EXPECT_TRUE(files.ok()) << files.status();
+    auto signer = DatagramSigner::Create(*files);
+    EXPECT_TRUE(signer.ok()) << signer.status();
+    return std::move(*signer);
+  }
+  std::unique_ptr<TestCa> ca_;
+};
+
+HeartbeatMessage From(const std::string& node) {
+  HeartbeatMessage m;
+  m.from = MemberInfo{node, 42, "127.0.0.1:1"};
+  return m;
+}
+
+TEST_F(SignedHeartbeatsTest, EachSideLearnsTheOthersNodeFromItsCertificate) {
+  Endpoint a("token-0123456789abcdef", absl::Seconds(2), SignerFor("n1"));
+  Endpoint b("token-0123456789abcdef", absl::Seconds(2), SignerFor("n2"));
+  ASSERT_TRUE(a.udp && b.udp);
+  b.reply.peer = MemberInfo{"n2", 7, ""};
+  for (int i = 0; i < 3; ++i) {
+    auto got = a.udp->Heartbeat(b.address, From("n1"));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->peer.node_id, "n2");
+  }
+  absl::MutexLock lock(&b.mu);
+  ASSERT_EQ(b.received.size(), 3u);
+  EXPECT_EQ(b.received[0].from.node_id, "n1");
+}
+
+TEST_F(SignedHeartbeatsTest, ANodeSpeakingForAnotherIsDroppedBothWays) {
+  // n9's certificate, claiming n1: not answered, counted.
+  Endpoint impostor("", absl::Milliseconds(300), SignerFor("n9"));
+  Endpoint b("", absl::Milliseconds(300), SignerFor("n2"));
+  ASSERT_TRUE(impostor.udp && b.udp);
+  b.reply.peer = MemberInfo{"n2", 7, ""};
+  EXPECT_EQ(impostor.udp->Heartbeat(b.address, From("n1")).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(b.udp->stats().dropped_unauthenticated, 1u);
+  EXPECT_EQ(b.udp->stats().requests_received, 0u);
+  {
+    absl::MutexLock lock(&b.mu);
+    EXPECT_TRUE(b.received.empty());
+  }
+  // Speaking for itself, it is heard.
+  EXPECT_TRUE(impostor.udp->Heartbeat(b.address, From("n9")).ok());
+  // An answer naming another node than the answering certificate: dropped by the asker.
+  Endpoint liar("", absl::Milliseconds(300), SignerFor("n3"));
+  ASSERT_TRUE(liar.udp);
+  liar.reply.peer = MemberInfo{"n2", 7, ""};
+  EXPECT_EQ(b.udp->Heartbeat(liar.address, From("n2")).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(b.udp->stats().dropped_unauthenticated, 2u);
+}
+
+TEST_F(SignedHeartbeatsTest, UnsignedAndSignedDoNotMix) {
+  Endpoint tls("", absl::Milliseconds(300), SignerFor("n1"));
+  Endpoint plain("", absl::Milliseconds(300));
+  ASSERT_TRUE(tls.udp && plain.udp);
+  EXPECT_EQ(plain.udp->Heartbeat(tls.address, From("n5")).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(tls.udp->stats().dropped_unauthenticated, 1u);
+  EXPECT_EQ(tls.udp->Heartbeat(plain.address, From("n1")).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(plain.udp->stats().dropped_unauthenticated, 1u);
+  // The codec says why.
+  auto signer = SignerFor("n4");
+  auto unsigned_datagram = UdpHeartbeats::Encode(1, 1, "body", "");
+  ASSERT_TRUE(unsigned_datagram.ok());
+  auto refused = UdpHeartbeats::Decode(
+      reinterpret_cast<const uint8_t*>(unsigned_datagram->data()), unsigned_datagram->size(), "",
+      signer.get());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_NE(refused.status().message().find("takes only datagrams signed"), std::string::npos)
+      << refused.status();
+  auto signed_datagram = UdpHeartbeats::Encode(1, 1, "body", "", signer.get());
+  ASSERT_TRUE(signed_datagram.ok());
+  auto decoded = UdpHeartbeats::Decode(
+      reinterpret_cast<const uint8_t*>(signed_datagram->data()), signed_datagram->size(), "",
+      signer.get());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->node_id, "n4");
+  EXPECT_EQ(decoded->body, "body");
 }
 
 }  // namespace

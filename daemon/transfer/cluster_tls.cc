@@ -18,15 +18,6 @@
 namespace tessera {
 namespace {
 
-std::string OpenSslError() {
-  const unsigned long code = ERR_get_error();
-  ERR_clear_error();
-  if (code == 0) return "no PEM data found";
-  char buffer[256];
-  ERR_error_string_n(code, buffer, sizeof(buffer));
-  return buffer;
-}
-
 absl::Status Bad(const char* setting, const std::string& file, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(setting, ": ", file, ": ", what));
 }
@@ -65,6 +56,15 @@ std::shared_ptr<grpc::ChannelCredentials>& ChannelCredentialsSlot() {
 
 }  // namespace
 
+std::string OpenSslErrorText(const char* if_none) {
+  const unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return if_none;
+  char buffer[256];
+  ERR_error_string_n(code, buffer, sizeof(buffer));
+  return buffer;
+}
+
 absl::Status CheckClusterTlsFiles(const ClusterTlsFiles& files) {
   if (!files.enabled() && files.key_file.empty() && files.ca_file.empty()) return absl::OkStatus();
   if (files.cert_file.empty() || files.key_file.empty() || files.ca_file.empty()) {
@@ -87,7 +87,8 @@ absl::Status CheckClusterTlsFiles(const ClusterTlsFiles& files) {
   std::fclose(in);
   if (key == nullptr) {
     return Bad("cluster.tls_key_file", files.key_file,
-               absl::StrCat("holds no unencrypted PEM private key (", OpenSslError(), ")"));
+               absl::StrCat("holds no unencrypted PEM private key (",
+                            OpenSslErrorText("no PEM data found"), ")"));
   }
   const bool matches = X509_check_private_key(own.certs[0], key) == 1;
   EVP_PKEY_free(key);

@@ -5,9 +5,15 @@
 // every cluster.tls_refresh_s, so certificates rotated in place (a Kubernetes secret updated)
 // take effect without a restart.
 //
-// Peers are dialled by address, so a certificate is not checked against the address dialled:
-// the cluster's CA is the identity. The raw data path stays plain TCP: its session key is
-// handed out over these TLS calls only, and every data-path frame must carry it.
+// Peers are dialled by address, so a certificate is not checked against the address dialled.
+// What it is checked against is the node it speaks for: a daemon's certificate names its node id
+// (subjectAltName URI tessera-node:<node id>), the daemon refuses to start with another node's,
+// and its peers refuse every call, and every membership datagram, that claims another node than
+// the caller's certificate names (node_identity.h, daemon/membership/datagram_signer.h). The raw
+// data path is encrypted under TLS (data path version 2, data_path_crypto.h): its session key is
+// handed out over these TLS calls only, to the node the caller's certificate names, and is never
+// sent on the data path itself; a connection proves it holds the key when it opens, and every
+// byte after that travels in AES-256-GCM records under keys of that connection alone.
 #ifndef TESSERA_DAEMON_TRANSFER_CLUSTER_TLS_H_
 #define TESSERA_DAEMON_TRANSFER_CLUSTER_TLS_H_
 
@@ -40,6 +46,10 @@ std::shared_ptr<grpc::ServerCredentials> PeerServerCredentials(const ClusterTlsF
 
 // Channel credentials for daemon-to-daemon calls, to match.
 std::shared_ptr<grpc::ChannelCredentials> PeerChannelCredentials(const ClusterTlsFiles& files);
+
+// The first error on OpenSSL's error queue of this thread, as text (`if_none` when it is empty),
+// and the queue cleared.
+std::string OpenSslErrorText(const char* if_none);
 
 // The credentials every daemon-to-daemon channel of this process uses: set once as the daemon
 // starts (before any peer channel is made), insecure until then.

@@ -66,6 +66,19 @@ peer::DataPathResponse ResponseOf(const FragmentStatus& status) {
   return response;
 }
 
+// The writer a PUT_RANGE or SEAL names (key.owner_node_id): not a fenced incarnation, and on a
+// version 2 connection the node whose key opened it.
+absl::Status CheckWriter(const WriterFence& fenced, const DataPathCiphers& ciphers,
+                         const peer::FragmentKey& key) {
+  if (ciphers.sealer == nullptr || key.owner_node_id() == ciphers.node_id) {
+    return CheckFragmentWriter(fenced, key);
+  }
+  return absl::PermissionDeniedError(absl::StrCat(
+      "this data path connection speaks for node '", ciphers.node_id,
+      "' (its session key is that node's, handed to its certificate), but the request writes "
+      "for node '", key.owner_node_id(), "' (key.owner_node_id)"));
+}
+
 std::string RandomKey() {
   std::random_device device;
   std::string key(kSessionKeyBytes, '\0');
@@ -137,9 +150,21 @@ absl::StatusOr<std::unique_ptr<DataPathServer>> DataPathServer::Start(FragmentSt
   server->stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (server->stop_fd_ < 0) return absl::InternalError(Errno("eventfd"));
   server->session_key_ = RandomKey();
+  TESSERA_ASSIGN_OR_RETURN(server->secret_, RandomSecret(kDataPathSecretBytes));
   server->accept_thread_ = std::thread([s = server.get()] { s->AcceptLoop(); });
-  Logger(kLog)->info("raw TCP data path listening on {} port {}", options.host, server->port_);
+  Logger(kLog)->info("raw TCP data path listening on {} port {} ({})", options.host,
+                     server->port_,
+                     options.encrypt ? "version 2: AES-256-GCM, keys per node and connection"
+                                     : "version 1: plain TCP");
   return server;
+}
+
+uint32_t DataPathServer::version() const {
+  return options_.encrypt ? kDataPathVersionEncrypted : kDataPathVersionPlain;
+}
+
+std::string DataPathServer::SessionKeyFor(const std::string& node_id) const {
+  return options_.encrypt ? DeriveSessionKey(secret_, node_id) : session_key_;
 }
 
 DataPathServer::~DataPathServer() { Stop(); }
@@ -247,30 +272,15 @@ void DataPathServer::Serve(int fd) {
   }
   io.peer = absl::StrCat(host, ":", serv);
 
-  // The hello: version and session key, within hello_timeout.
+  // The hello (and the key check of version 2), within hello_timeout.
   io.deadline = absl::Now() + options_.hello_timeout;
-  peer::DataPathHello hello;
-  absl::Status status = io.ReadMessage(&hello, "DataPathHello");
-  if (status.ok() && hello.version() != kDataPathVersion) {
-    status = absl::FailedPreconditionError(absl::StrCat(
-        "data path version ", hello.version(), " is not served here; this daemon speaks version ",
-        kDataPathVersion));
-  }
-  if (status.ok() && !SameToken(hello.session_key(), session_key_)) {
-    status = absl::PermissionDeniedError(
-        "wrong data path session key: ask this daemon's OpenDataPath again (it may have "
-        "restarted)");
-  }
+  DataPathCiphers ciphers;
+  absl::Status status = Handshake(io, &ciphers);
   if (!status.ok()) {
-    if (status.code() != absl::StatusCode::kCancelled) {
-      log->warn("refused a data path connection from {}: {}", io.peer, status.ToString());
-      (void)io.WriteFrame(ResponseOf(status));
-    }
     absl::MutexLock lock(&mu_);
     ++stats_.connections_refused;
     return;
   }
-  if (!io.WriteFrame(ResponseOf(absl::OkStatus())).ok()) return;
 
   std::vector<uint8_t> scratch;
   std::string frame;
@@ -280,27 +290,106 @@ void DataPathServer::Serve(int fd) {
     io.stall = options_.idle_timeout;
     status = io.ReadFrame(&frame);
     if (!status.ok()) {
-      if (status.code() == absl::StatusCode::kInvalidArgument) {
+      if (status.code() == absl::StatusCode::kInvalidArgument ||
+          status.code() == absl::StatusCode::kDataLoss) {
         log->warn("closing the data path connection from {}: {}", io.peer, status.ToString());
       } else if (status.code() == absl::StatusCode::kDeadlineExceeded) {
         log->debug("closing the data path connection from {}: idle for {}", io.peer,
                    absl::FormatDuration(options_.idle_timeout));
       }
+      if (status.code() == absl::StatusCode::kDataLoss) {
+        absl::MutexLock lock(&mu_);
+        ++stats_.records_refused;
+      }
       return;  // closed by the client, idle, or stopping
     }
     io.stall = options_.io_timeout;
-    if (!ServeRequest(fd, io.peer, frame, &scratch)) return;
+    if (!ServeRequest(io, ciphers, frame, &scratch)) return;
   }
 }
 
-bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::string& frame,
-                                  std::vector<uint8_t>* scratch) {
+absl::Status DataPathServer::Handshake(Io& io, DataPathCiphers* ciphers) {
   auto log = Logger(kLog);
-  Io io;
-  io.fd = fd;
-  io.stop_fd = stop_fd_;
-  io.stall = options_.io_timeout;
-  io.peer = peer;
+  // A refusal is answered in plain (the client may not hold the keys), logged, and closes.
+  auto refuse = [&](const absl::Status& status) {
+    if (!status.ok() && status.code() != absl::StatusCode::kCancelled) {
+      log->warn("refused a data path connection from {}: {}", io.peer, status.ToString());
+      io.sealer = nullptr;
+      (void)io.WriteFrame(ResponseOf(status));
+    }
+    return status;
+  };
+  peer::DataPathHello hello;
+  TESSERA_RETURN_IF_ERROR(refuse(io.ReadMessage(&hello, "DataPathHello")));
+  if (hello.version() != version()) {
+    return refuse(absl::FailedPreconditionError(absl::StrCat(
+        "data path version ", hello.version(), " is not served here; this daemon speaks version ",
+        version(),
+        options_.encrypt ? " (encrypted: it runs mutual TLS on its peer port)"
+                         : " (plain: it runs no TLS on its peer port)")));
+  }
+  if (!options_.encrypt) {
+    if (!SameToken(hello.session_key(), session_key_)) {
+      return refuse(absl::PermissionDeniedError(
+          "wrong data path session key: ask this daemon's OpenDataPath again (it may have "
+          "restarted)"));
+    }
+    return io.WriteFrame(ResponseOf(absl::OkStatus()));
+  }
+
+  // Version 2: nonces both ways, then the client proves it holds its node's key by sealing its
+  // hello again; from then on both directions are records.
+  if (hello.node_id().empty() || hello.node_id().size() > 256 ||
+      hello.client_nonce().size() != kDataPathNonceBytes || !hello.session_key().empty()) {
+    return refuse(absl::InvalidArgumentError(absl::StrCat(
+        "a version 2 hello names its node (1..256 bytes) and carries a client nonce of ",
+        kDataPathNonceBytes, " bytes and no key; this one has node_id of ", hello.node_id().size(),
+        " bytes and a nonce of ", hello.client_nonce().size())));
+  }
+  TESSERA_ASSIGN_OR_RETURN(std::string server_nonce, RandomSecret(kDataPathNonceBytes));
+  peer::DataPathResponse challenge;
+  challenge.set_server_nonce(server_nonce);
+  TESSERA_RETURN_IF_ERROR(io.WriteFrame(challenge));
+  const ConnectionKeys keys = DeriveConnectionKeys(
+      SessionKeyFor(hello.node_id()), hello.node_id(), hello.client_nonce(), server_nonce);
+  ciphers->node_id = hello.node_id();
+  ciphers->opener = std::make_unique<RecordOpener>(keys.client_to_server,
+                                                   absl::StrCat("from ", io.peer));
+  ciphers->sealer = std::make_unique<RecordSealer>(keys.server_to_client,
+                                                   absl::StrCat("to ", io.peer));
+  io.opener = ciphers->opener.get();
+  peer::DataPathHello proof;
+  absl::Status status = io.ReadMessage(&proof, "DataPathHello");
+  if (status.code() == absl::StatusCode::kDataLoss) {
+    return refuse(absl::PermissionDeniedError(absl::StrCat(
+        "the data path key check failed for node '", hello.node_id(),
+        "': the client does not hold the session key this daemon gave that node (a key from an "
+        "earlier incarnation: ask OpenDataPath again; or another node's key)")));
+  }
+  TESSERA_RETURN_IF_ERROR(refuse(status));
+  if (proof.version() != kDataPathVersionEncrypted || proof.node_id() != hello.node_id()) {
+    return refuse(absl::InvalidArgumentError(
+        "the sealed hello of a version 2 connection must repeat its version and node_id"));
+  }
+  TESSERA_RETURN_IF_ERROR(io.WriteFrame(ResponseOf(absl::OkStatus())));
+  io.sealer = ciphers->sealer.get();
+  return absl::OkStatus();
+}
+
+bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& ciphers,
+                                  const std::string& frame, std::vector<uint8_t>* scratch) {
+  auto log = Logger(kLog);
+  Io io = connection;
+  const std::string& peer = io.peer;
+  // A record that does not authenticate (kDataLoss from Recv) is counted before closing.
+  auto lost = [&](const absl::Status& status) {
+    if (status.code() == absl::StatusCode::kDataLoss) {
+      log->warn("closing the data path connection from {}: {}", peer, status.ToString());
+      absl::MutexLock lock(&mu_);
+      ++stats_.records_refused;
+    }
+    return false;
+  };
   auto answer = [&](const peer::DataPathResponse& response) {
     absl::MutexLock lock(&mu_);
     ++stats_.requests;
@@ -333,7 +422,7 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
             "PUT_RANGE needs key, info and a non-empty range within info.fragment_bytes (",
             meta.fragment_bytes, "); got [", begin, ", ", begin + length, ")")));
       }
-      absl::Status status = CheckFragmentWriter(options_.is_fenced, request.key());
+      absl::Status status = CheckWriter(options_.is_fenced, ciphers, request.key());
       FragmentStatus last;
       if (!status.ok()) {
         // refused; the chunks that follow are read and discarded
@@ -345,7 +434,7 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
       uint64_t stored = 0;
       for (uint64_t pos = begin; pos < begin + length;) {
         uint8_t encoded[kChunkHeaderBytes];
-        if (!io.Recv(encoded, sizeof(encoded)).ok()) return false;
+        if (absl::Status s = io.Recv(encoded, sizeof(encoded)); !s.ok()) return lost(s);
         const ChunkHeader chunk = ChunkHeader::Decode(encoded);
         if (chunk.offset != pos || chunk.size == 0 || chunk.size > kMaxChunkBytes ||
             chunk.size > begin + length - pos) {
@@ -355,19 +444,20 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
               " bytes at offset ", pos, " was expected")));
         }
         bool filled = false;
-        bool io_failed = false;
+        absl::Status io_status;
         if (status.ok()) {
           auto received = fragments_->ReceiveChunk(
               key, incarnation, chunk.offset, chunk.size, chunk.crc32c, [&](uint8_t* dst) {
                 filled = true;
-                absl::Status s = io.Recv(dst, chunk.size);
-                io_failed = !s.ok();
-                return s;
+                io_status = io.Recv(dst, chunk.size);
+                return io_status;
               });
-          if (io_failed) {
-            log->warn("{}: the data path connection failed mid-chunk: {}", key.ToString(),
-                      received.status().ToString());
-            return false;
+          if (!io_status.ok()) {
+            if (io_status.code() != absl::StatusCode::kDataLoss) {  // lost() logs those
+              log->warn("{}: the data path connection failed mid-chunk: {}", key.ToString(),
+                        io_status.ToString());
+            }
+            return lost(io_status);
           }
           if (received.ok()) {
             last = *received;
@@ -375,7 +465,9 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
             status = received.status();
           }
         }
-        if (!filled && !io.Discard(chunk.size, scratch).ok()) return false;
+        if (!filled) {
+          if (absl::Status s = io.Discard(chunk.size, scratch); !s.ok()) return lost(s);
+        }
         if (filled) stored += chunk.size;
         pos += chunk.size;
       }
@@ -388,7 +480,7 @@ bool DataPathServer::ServeRequest(int fd, const std::string& peer, const std::st
     }
 
     case peer::DataPathRequest::SEAL: {
-      if (absl::Status fenced = CheckFragmentWriter(options_.is_fenced, request.key());
+      if (absl::Status fenced = CheckWriter(options_.is_fenced, ciphers, request.key());
           !fenced.ok()) {
         log->warn("SEAL {}: {}", key.ToString(), fenced.ToString());
         return io.WriteFrame(answer(ResponseOf(fenced))).ok();

@@ -60,17 +60,19 @@ class DataPathClient::Connection {
   ~Connection() { CloseFd(fd_); }
   int fd() const { return fd_; }
   const std::string& endpoint_id() const { return endpoint_id_; }
+  DataPathCiphers& ciphers() { return ciphers_; }  // version 2; empty in version 1
   absl::Time idle_since = absl::Now();  // when it was last released to the pool
 
  private:
   const int fd_;
-  const std::string endpoint_id_;  // host, port and key it was opened with
+  const std::string endpoint_id_;  // host, port, version and key it was opened with
+  DataPathCiphers ciphers_;
 };
 
 namespace {
 
 std::string EndpointId(const DataPathClient::Endpoint& e) {
-  return absl::StrCat(e.host, "\n", e.port, "\n", e.session_key);
+  return absl::StrCat(e.host, "\n", e.port, "\n", e.version, "\n", e.session_key);
 }
 
 Io ClientIo(int fd, const std::string& peer, absl::Time deadline) {
@@ -78,6 +80,15 @@ Io ClientIo(int fd, const std::string& peer, absl::Time deadline) {
   io.fd = fd;
   io.deadline = deadline;
   io.peer = peer;
+  return io;
+}
+
+// An Io on the connection: its records, once its handshake is done.
+Io ClientIo(DataPathClient::Connection& connection, const std::string& peer,
+            absl::Time deadline) {
+  Io io = ClientIo(connection.fd(), peer, deadline);
+  io.sealer = connection.ciphers().sealer.get();
+  io.opener = connection.ciphers().opener.get();
   return io;
 }
 
@@ -199,30 +210,73 @@ absl::StatusOr<std::unique_ptr<DataPathClient::Connection>> DataPathClient::Conn
   }
   SetNoDelay(fd);
   auto connection = std::make_unique<Connection>(fd, id);
-  Io io = ClientIo(fd, peer, deadline);
-  peer::DataPathHello hello;
-  hello.set_version(kDataPathVersion);
-  hello.set_session_key(endpoint.session_key);
-  TESSERA_RETURN_IF_ERROR(io.WriteFrame(hello));
-  peer::DataPathResponse answer;
-  TESSERA_RETURN_IF_ERROR(io.ReadMessage(&answer, "DataPathResponse"));
-  if (answer.code() == static_cast<int32_t>(absl::StatusCode::kPermissionDenied)) {
-    // A key of an earlier incarnation: the caller asks OpenDataPath again and retries.
-    return absl::UnavailableError(absl::StrCat("the data path of ", peer, " refused the session "
-                                               "key: ", answer.message()));
-  }
-  TESSERA_RETURN_IF_ERROR(StatusOf(answer));
+  TESSERA_RETURN_IF_ERROR(Handshake(peer, endpoint, deadline, connection.get()));
   return connection;
+}
+
+absl::Status DataPathClient::Handshake(const std::string& peer, const Endpoint& endpoint,
+                                       absl::Time deadline, Connection* connection) {
+  // A refused key is one of an earlier incarnation: the caller asks OpenDataPath again (it
+  // forgets the endpoint on kUnavailable) and retries.
+  auto key_refused = [&](const peer::DataPathResponse& answer) -> absl::Status {
+    if (answer.code() == static_cast<int32_t>(absl::StatusCode::kPermissionDenied)) {
+      return absl::UnavailableError(absl::StrCat("the data path of ", peer,
+                                                 " refused the session key: ", answer.message()));
+    }
+    return StatusOf(answer);
+  };
+  Io io = ClientIo(connection->fd(), peer, deadline);
+  peer::DataPathHello hello;
+  hello.set_version(endpoint.version);
+  peer::DataPathResponse answer;
+  if (endpoint.version == kDataPathVersionPlain) {
+    hello.set_session_key(endpoint.session_key);
+    TESSERA_RETURN_IF_ERROR(io.WriteFrame(hello));
+    TESSERA_RETURN_IF_ERROR(io.ReadMessage(&answer, "DataPathResponse"));
+    return key_refused(answer);
+  }
+  if (endpoint.version != kDataPathVersionEncrypted || options_.self_node_id.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data path version ", endpoint.version, " to ", peer,
+        endpoint.version == kDataPathVersionEncrypted
+            ? ": version 2 needs this daemon's node id (Options::self_node_id)"
+            : ": versions 1 and 2 are spoken here"));
+  }
+  TESSERA_ASSIGN_OR_RETURN(std::string client_nonce, RandomSecret(kDataPathNonceBytes));
+  hello.set_node_id(options_.self_node_id);
+  hello.set_client_nonce(client_nonce);
+  TESSERA_RETURN_IF_ERROR(io.WriteFrame(hello));
+  TESSERA_RETURN_IF_ERROR(io.ReadMessage(&answer, "DataPathResponse"));
+  TESSERA_RETURN_IF_ERROR(StatusOf(answer));
+  if (answer.server_nonce().size() != kDataPathNonceBytes) {
+    return absl::UnavailableError(absl::StrCat("the data path of ", peer, " answered a version 2 "
+                                               "hello without a server nonce"));
+  }
+  const ConnectionKeys keys = DeriveConnectionKeys(endpoint.session_key, options_.self_node_id,
+                                                   client_nonce, answer.server_nonce());
+  DataPathCiphers& ciphers = connection->ciphers();
+  ciphers.node_id = options_.self_node_id;
+  ciphers.sealer =
+      std::make_unique<RecordSealer>(keys.client_to_server, absl::StrCat("to ", peer));
+  ciphers.opener =
+      std::make_unique<RecordOpener>(keys.server_to_client, absl::StrCat("from ", peer));
+  io.sealer = ciphers.sealer.get();
+  peer::DataPathHello proof;
+  proof.set_version(kDataPathVersionEncrypted);
+  proof.set_node_id(options_.self_node_id);
+  TESSERA_RETURN_IF_ERROR(io.WriteFrame(proof));
+  TESSERA_RETURN_IF_ERROR(io.ReadMessage(&answer, "DataPathResponse"));  // plain
+  return key_refused(answer);
 }
 
 absl::StatusOr<peer::DataPathResponse> DataPathClient::Exchange(
     const std::string& peer, const Endpoint& endpoint, const peer::DataPathRequest& request,
-    absl::Time deadline, const std::function<absl::Status(int fd)>& send_body) {
+    absl::Time deadline, const std::function<absl::Status(Io& io)>& send_body) {
   TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<Connection> connection,
                            Acquire(peer, endpoint, deadline));
-  Io io = ClientIo(connection->fd(), peer, deadline);
+  Io io = ClientIo(*connection, peer, deadline);
   TESSERA_RETURN_IF_ERROR(io.WriteFrame(request));
-  if (send_body) TESSERA_RETURN_IF_ERROR(send_body(connection->fd()));
+  if (send_body) TESSERA_RETURN_IF_ERROR(send_body(io));
   peer::DataPathResponse response;
   TESSERA_RETURN_IF_ERROR(io.ReadMessage(&response, "DataPathResponse"));
   Release(peer, std::move(connection));
@@ -270,8 +324,7 @@ absl::StatusOr<FragmentStatus> DataPathClient::PutRange(
   uint32_t crc = 0;
   TESSERA_ASSIGN_OR_RETURN(
       peer::DataPathResponse response,
-      Exchange(peer, endpoint, request, deadline, [&](int fd) -> absl::Status {
-        Io io = ClientIo(fd, peer, deadline);
+      Exchange(peer, endpoint, request, deadline, [&](Io& io) -> absl::Status {
         for (uint64_t pos = begin; pos < end;) {
           ChunkHeader chunk;
           chunk.offset = pos;
@@ -318,7 +371,7 @@ absl::StatusOr<DataPathClient::RangeRead> DataPathClient::GetRange(
   }
   TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<Connection> connection,
                            Acquire(peer, endpoint, deadline));
-  Io io = ClientIo(connection->fd(), peer, deadline);
+  Io io = ClientIo(*connection, peer, deadline);
   peer::DataPathRequest request;
   request.set_op(peer::DataPathRequest::GET_RANGE);
   peer_wire::ToProto(key, owner_incarnation, request.mutable_key());

@@ -18,14 +18,19 @@
 #include <vector>
 
 #include "common/crc32c.h"
+#include "daemon/transfer/cluster_tls.h"
+#include "daemon/transfer/data_path_crypto.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
+#include "daemon/transfer/test_certificates.h"
 #include "ec/erasure_codec.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "absl/synchronization/mutex.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/peer.pb.h"
 
@@ -150,24 +155,33 @@ class DataPathTest : public ::testing::Test {
     client_ = MakeClient(/*raw=*/true);
   }
 
+  // A data path server on 127.0.0.1 over fragments_ (null, with a test failure, if it fails).
+  std::unique_ptr<DataPathServer> StartDataServer(WriterFence fence, bool encrypt) {
+    DataPathServer::Options so;
+    so.host = "127.0.0.1";
+    so.io_timeout = absl::Seconds(5);
+    so.is_fenced = std::move(fence);
+    so.encrypt = encrypt;
+    auto server = DataPathServer::Start(fragments_.get(), so);
+    EXPECT_TRUE(server.ok()) << server.status();
+    return server.ok() ? std::move(*server) : nullptr;
+  }
+
   // The data path server and the peer service over fragments_, with `fence` for writes.
   void StartServers(WriterFence fence) {
     if (grpc_server_) grpc_server_->Shutdown();
     if (data_server_) data_server_->Stop();
-    DataPathServer::Options so;
-    so.host = "127.0.0.1";
-    so.io_timeout = absl::Seconds(5);
-    so.is_fenced = fence;
-    auto server = DataPathServer::Start(fragments_.get(), so);
-    ASSERT_TRUE(server.ok()) << server.status();
-    data_server_ = std::move(*server);
+    data_server_ = StartDataServer(fence, /*encrypt=*/false);
+    ASSERT_NE(data_server_, nullptr);
     ASSERT_GT(data_server_->port(), 0);
     ASSERT_EQ(data_server_->session_key().size(), 16u);
 
     PeerService::Options po;
     po.self = MemberInfo{"node-1", 1001, "127.0.0.1"};
     po.data_path_port = data_server_->port();
-    po.data_path_session_key = data_server_->session_key();
+    po.data_path_session_key = [key = data_server_->session_key()](const std::string&) {
+      return key;
+    };
     po.is_fenced = fence;
     service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
     grpc_server_ = Serve(service_.get(), &address_);
@@ -182,9 +196,14 @@ class DataPathTest : public ::testing::Test {
     std::filesystem::remove_all(root_);
   }
 
-  std::unique_ptr<GrpcPeerClient> MakeClient(bool raw, std::string self_node_id = "") {
+  // With `credentials` (mutual TLS), the client takes only an encrypted raw data path.
+  std::unique_ptr<GrpcPeerClient> MakeClient(
+      bool raw, std::string self_node_id = "",
+      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) {
     GrpcPeerClient::Options co;
     co.self_node_id = std::move(self_node_id);
+    co.encrypted_data_path_only = credentials != nullptr;
+    co.credentials = std::move(credentials);
     co.channels_per_peer = 4;
     co.chunk_bytes = 1 << 20;
     co.min_range_bytes = 2 << 20;
@@ -210,7 +229,7 @@ class DataPathTest : public ::testing::Test {
     auto c = std::make_unique<RawConnection>(data_server_->port());
     EXPECT_TRUE(c->connected());
     peer::DataPathHello hello;
-    hello.set_version(kDataPathVersion);
+    hello.set_version(kDataPathVersionPlain);
     hello.set_session_key(data_server_->session_key());
     c->SendFrame(hello);
     peer::DataPathResponse answer;
@@ -339,7 +358,7 @@ TEST_F(DataPathTest, OpenDataPathAnswersTheSameEachTwice) {
     ASSERT_TRUE(stub->OpenDataPath(&context, request, &response).ok());
     EXPECT_EQ(response.port(), data_server_->port());
     EXPECT_EQ(response.session_key(), data_server_->session_key());
-    EXPECT_EQ(response.version(), kDataPathVersion);
+    EXPECT_EQ(response.version(), kDataPathVersionPlain);
   }
 }
 
@@ -383,7 +402,9 @@ TEST_F(DataPathTest, ClusterTokenGuardsEveryPeerCallAndTheDataPath) {
   PeerService::Options po;
   po.self = MemberInfo{"node-3", 3003, "127.0.0.1"};
   po.data_path_port = data_server_->port();
-  po.data_path_session_key = data_server_->session_key();
+  po.data_path_session_key = [key = data_server_->session_key()](const std::string&) {
+    return key;
+  };
   po.token = "peer-token-0123456789";
   PeerService guarded(fragments_.get(), nullptr, po);
   std::string address;
@@ -426,7 +447,7 @@ TEST_F(DataPathTest, WrongKeyOrVersionIsRefusedAndClosed) {
     RawConnection c(data_server_->port());
     ASSERT_TRUE(c.connected());
     peer::DataPathHello hello;
-    hello.set_version(kDataPathVersion);
+    hello.set_version(kDataPathVersionPlain);
     std::string key = data_server_->session_key();
     key[5] ^= 0x01;
     hello.set_session_key(key);
@@ -440,7 +461,7 @@ TEST_F(DataPathTest, WrongKeyOrVersionIsRefusedAndClosed) {
   {
     RawConnection c(data_server_->port());
     peer::DataPathHello hello;
-    hello.set_version(kDataPathVersion + 1);
+    hello.set_version(kDataPathVersionEncrypted + 1);
     hello.set_session_key(data_server_->session_key());
     c.SendFrame(hello);
     peer::DataPathResponse answer;
@@ -495,7 +516,7 @@ TEST_F(DataPathTest, IdleConnectionsAgeOutOnBothEnds) {
   {
     RawConnection c((*server)->port());
     peer::DataPathHello hello;
-    hello.set_version(kDataPathVersion);
+    hello.set_version(kDataPathVersionPlain);
     hello.set_session_key((*server)->session_key());
     c.SendFrame(hello);
     peer::DataPathResponse answer;
@@ -707,6 +728,518 @@ TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
   auto view = fragments_->Get(key);
   ASSERT_TRUE(view.ok()) << view.status();
   EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 2: mutual TLS on the peer port, and the raw data path encrypted.
+
+// A TCP relay on 127.0.0.1 in front of `target_port` that keeps every byte it forwards, each
+// direction apart, and can alter one byte of one direction on the way (a man in the middle).
+class TcpProxy {
+ public:
+  explicit TcpProxy(uint16_t target_port) : target_port_(target_port) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    listen(listen_fd_, 16);
+    socklen_t len = sizeof(addr);
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { Accept(); });
+  }
+  ~TcpProxy() {
+    shutdown(listen_fd_, SHUT_RDWR);
+    close(listen_fd_);
+    acceptor_.join();
+    {
+      absl::MutexLock lock(&mu_);
+      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
+    }
+    for (auto& t : pumps_) t.join();
+    for (int fd : fds_) close(fd);
+  }
+  uint16_t port() const { return port_; }
+
+  // Flips bits `mask` of byte `offset` (counted over every connection's bytes in that direction).
+  void AlterByte(bool client_to_server, uint64_t offset, uint8_t mask) {
+    absl::MutexLock lock(&mu_);
+    alter_ = {client_to_server, offset, mask};
+  }
+  std::string Captured(bool client_to_server) {
+    absl::MutexLock lock(&mu_);
+    return captured_[client_to_server ? 0 : 1];
+  }
+
+ private:
+  struct Alteration {
+    bool client_to_server = false;
+    uint64_t offset = UINT64_MAX;
+    uint8_t mask = 0;
+  };
+
+  void Accept() {
+    for (;;) {
+      const int client = accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) return;
+      const int server = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(target_port_);
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      if (connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+        close(client);
+        close(server);
+        continue;
+      }
+      absl::MutexLock lock(&mu_);
+      fds_.push_back(client);
+      fds_.push_back(server);
+      pumps_.emplace_back([this, client, server] { Pump(client, server, true); });
+      pumps_.emplace_back([this, client, server] { Pump(server, client, false); });
+    }
+  }
+
+  void Pump(int from, int to, bool client_to_server) {
+    std::vector<uint8_t> buffer(1 << 16);
+    for (;;) {
+      const ssize_t n = recv(from, buffer.data(), buffer.size(), 0);
+      if (n <= 0) break;
+      {
+        absl::MutexLock lock(&mu_);
+        std::string& seen = captured_[client_to_server ? 0 : 1];
+        const uint64_t begin = seen.size();
+        if (alter_.client_to_server == client_to_server && alter_.offset >= begin &&
+            alter_.offset < begin + static_cast<uint64_t>(n)) {
+          buffer[alter_.offset - begin] ^= alter_.mask;
+        }
+        seen.append(reinterpret_cast<const char*>(buffer.data()), static_cast<size_t>(n));
+      }
+      if (send(to, buffer.data(), static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+    }
+    shutdown(to, SHUT_WR);
+  }
+
+  const uint16_t target_port_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::thread acceptor_;
+  absl::Mutex mu_;
+  std::vector<int> fds_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> pumps_;  // joined after the acceptor
+  std::string captured_[2] ABSL_GUARDED_BY(mu_);
+  Alteration alter_ ABSL_GUARDED_BY(mu_);
+};
+
+// The version 2 protocol by hand, with the record codec: to send what a correct client never
+// would (another node's writes, a replay).
+class SealedConnection {
+ public:
+  // Says hello as `node_id` holding `session_key`; `ok` says whether the key check passed.
+  SealedConnection(int port, const std::string& node_id, const std::string& session_key)
+      : raw_(port) {
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersionEncrypted);
+    hello.set_node_id(node_id);
+    const std::string client_nonce(kDataPathNonceBytes, 'c');
+    hello.set_client_nonce(client_nonce);
+    raw_.SendFrame(hello);
+    peer::DataPathResponse answer;
+    if (!raw_.ReadResponse(&answer) || answer.code() != 0) return;
+    const ConnectionKeys keys =
+        DeriveConnectionKeys(session_key, node_id, client_nonce, answer.server_nonce());
+    sealer_ = std::make_unique<RecordSealer>(keys.client_to_server, "to the server");
+    opener_ = std::make_unique<RecordOpener>(keys.server_to_client, "from the server");
+    peer::DataPathHello proof;
+    proof.set_version(kDataPathVersionEncrypted);
+    proof.set_node_id(node_id);
+    SendFrame(proof);
+    if (!raw_.ReadResponse(&answer)) return;
+    check_code_ = answer.code();
+    check_message_ = answer.message();
+  }
+  int check_code() const { return check_code_; }
+  const std::string& check_message() const { return check_message_; }
+  RawConnection& raw() { return raw_; }
+
+  void SendSealed(const std::string& bytes) {
+    auto record = sealer_->Seal(bytes);
+    ASSERT_TRUE(record.ok()) << record.status();
+    raw_.SendBytes(record->data(), record->size());
+  }
+  void SendFrame(const google::protobuf::MessageLite& message) {
+    const std::string body = message.SerializeAsString();
+    const uint32_t n = static_cast<uint32_t>(body.size());
+    SendSealed(std::string({char(n), char(n >> 8), char(n >> 16), char(n >> 24)}));
+    SendSealed(body);
+  }
+  void SendChunk(uint64_t offset, const std::string& data) {
+    std::string h(16, '\0');
+    const uint32_t crc = Crc32c(reinterpret_cast<const uint8_t*>(data.data()), data.size());
+    const uint32_t size = static_cast<uint32_t>(data.size());
+    for (int i = 0; i < 8; ++i) h[i] = char(offset >> (8 * i));
+    for (int i = 0; i < 4; ++i) h[8 + i] = char(size >> (8 * i));
+    for (int i = 0; i < 4; ++i) h[12 + i] = char(crc >> (8 * i));
+    SendSealed(h);
+    SendSealed(data);
+  }
+  // The next response, opened; false when the server closed instead.
+  bool ReadResponse(peer::DataPathResponse* response) {
+    std::string length, body;
+    if (!ReadRecord(&length) || length.size() != 4) return false;
+    return ReadRecord(&body) && response->ParseFromString(body);
+  }
+
+ private:
+  bool ReadRecord(std::string* out) {
+    uint8_t header[kRecordHeaderBytes];
+    if (!raw_.Recv(header, sizeof(header))) return false;
+    const uint32_t n =
+        header[0] | (header[1] << 8) | (header[2] << 16) | (uint32_t(header[3]) << 24);
+    std::string record(reinterpret_cast<const char*>(header), sizeof(header));
+    record.resize(sizeof(header) + n + kRecordTagBytes);
+    if (!raw_.Recv(record.data() + sizeof(header), n + kRecordTagBytes)) return false;
+    auto opened = opener_->Open(record);
+    if (!opened.ok()) return false;
+    *out = *opened;
+    return true;
+  }
+
+  RawConnection raw_;
+  std::unique_ptr<RecordSealer> sealer_;
+  std::unique_ptr<RecordOpener> opener_;
+  int check_code_ = -1;
+  std::string check_message_;
+};
+
+class DataPathTlsTest : public DataPathTest {
+ protected:
+  void SetUp() override {
+    DataPathTest::SetUp();
+    auto ca = TestCa::Create(root_);
+    ASSERT_TRUE(ca.ok()) << ca.status();
+    ca_ = std::move(*ca);
+    auto server_files = ca_->IssueNode("n0");
+    ASSERT_TRUE(server_files.ok()) << server_files.status();
+    tls_data_ = StartDataServer(WriterFence(), /*encrypt=*/true);
+    ASSERT_NE(tls_data_, nullptr);
+    ASSERT_EQ(tls_data_->version(), kDataPathVersionEncrypted);
+    PeerService::Options po;
+    po.self = MemberInfo{"n0", 1000, "127.0.0.1"};
+    po.data_path_port = tls_data_->port();
+    po.data_path_version = tls_data_->version();
+    po.data_path_session_key = [server = tls_data_.get()](const std::string& node_id) {
+      return server->SessionKeyFor(node_id);
+    };
+    tls_service_ = std::make_unique<PeerService>(fragments_.get(), nullptr, po);
+    grpc::ServerBuilder builder;
+    PeerService::ConfigureServerBuilder(&builder);
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", PeerServerCredentials(*server_files), &port);
+    builder.RegisterService(tls_service_.get());
+    tls_grpc_ = builder.BuildAndStart();
+    ASSERT_NE(tls_grpc_, nullptr);
+    tls_address_ = "127.0.0.1:" + std::to_string(port);
+  }
+  void TearDown() override {
+    tls_grpc_->Shutdown();
+    tls_data_->Stop();
+    DataPathTest::TearDown();
+  }
+
+  // A daemon's client with a certificate naming `cert_node`, speaking as `self_node_id`.
+  std::unique_ptr<GrpcPeerClient> TlsClient(const std::vector<std::string>& cert_nodes,
+                                            const std::string& self_node_id, bool raw = true) {
+    auto files = ca_->Issue(absl::StrCat("client-", ++clients_), cert_nodes);
+    EXPECT_TRUE(files.ok()) << files.status();
+    return MakeClient(raw, self_node_id, PeerChannelCredentials(*files));
+  }
+
+  // A data path client of node `node_id` for the version 2 server, reached through `port`.
+  DataPathClient::Endpoint EndpointFor(const std::string& node_id, uint16_t port) {
+    return DataPathClient::Endpoint{"127.0.0.1", port, tls_data_->SessionKeyFor(node_id),
+                                    kDataPathVersionEncrypted};
+  }
+  static DataPathClient::Options ClientOf(const std::string& node_id) {
+    DataPathClient::Options o;
+    o.self_node_id = node_id;
+    o.chunk_bytes = 256 << 10;
+    return o;
+  }
+
+  std::unique_ptr<TestCa> ca_;
+  int clients_ = 0;
+  std::unique_ptr<DataPathServer> tls_data_;
+  std::unique_ptr<PeerService> tls_service_;
+  std::unique_ptr<grpc::Server> tls_grpc_;
+  std::string tls_address_;
+};
+
+// A daemon with its own certificate puts and gets over the encrypted raw path, bit-exact; one
+// whose certificate names another node is refused on every call that names a sender; one
+// naming no node (an operator's) reaches no peer call.
+TEST_F(DataPathTlsTest, EncryptedRawPathForTheCertifiedNodeOnly) {
+  const FragmentMeta meta = MetaFor(uint64_t{21} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const FragmentKey key{"job-tls", 0, 1, 0};
+  auto n1 = TlsClient({"n1"}, "n1");
+  for (int i = 0; i < 2; ++i) {
+    auto put = n1->PutFragment(tls_address_, key, meta, data.data(), data.size());
+    ASSERT_TRUE(put.ok()) << put.status();
+    EXPECT_EQ(put->fragment_crc32c, Crc32c(data.data(), data.size()));
+    std::vector<uint8_t> back(data.size());
+    auto got = n1->GetFragment(tls_address_, key, 0, back.data(), back.size());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(back, data);
+  }
+  EXPECT_EQ(n1->stats().raw_puts, 2u);
+  EXPECT_EQ(n1->stats().raw_gets, 2u);
+  EXPECT_EQ(n1->stats().grpc_puts + n1->stats().grpc_gets, 0u);
+  EXPECT_EQ(tls_data_->stats().bytes_received, data.size());
+  EXPECT_EQ(tls_data_->stats().records_refused, 0u);
+  EXPECT_TRUE(n1->Heartbeat(tls_address_, HeartbeatMessage{MemberInfo{"n1", 11, "x:1"}, {}, 1})
+                  .ok());
+
+  // n9's certificate, claiming n1: refused, naming both, on every path.
+  const FragmentKey other{"job-tls", 1, 1, 0};
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    auto impostor = TlsClient({"n9"}, "n1", raw);
+    auto put = impostor->PutFragment(tls_address_, other, meta, data.data(), data.size());
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kPermissionDenied) << put.status();
+    EXPECT_THAT(std::string(put.status().message()),
+                ::testing::HasSubstr(raw ? "OpenDataPath node_id claims node 'n1', but the caller "
+                                           "presented a certificate (CN=client-"
+                                         : "PutFragment owner_node_id claims node 'n1'"));
+    EXPECT_THAT(std::string(put.status().message()), ::testing::HasSubstr("of node 'n9'"));
+    auto beat =
+        impostor->Heartbeat(tls_address_, HeartbeatMessage{MemberInfo{"n1", 99, "x:1"}, {}, 1});
+    EXPECT_EQ(beat.status().code(), absl::StatusCode::kPermissionDenied) << beat.status();
+    EXPECT_THAT(std::string(beat.status().message()),
+                ::testing::HasSubstr("Heartbeat node_id claims node 'n1'"));
+  }
+  EXPECT_EQ(fragments_->Get(other).status().code(), absl::StatusCode::kNotFound);
+  // An operator's certificate (no node) reaches no peer call, not even a read.
+  auto operator_client = TlsClient({}, "");
+  std::vector<uint8_t> back(data.size());
+  auto read = operator_client->GetFragment(tls_address_, key, 0, back.data(), back.size());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kPermissionDenied) << read.status();
+  EXPECT_THAT(std::string(read.status().message()), ::testing::HasSubstr("are for daemons"));
+}
+
+// What a man in the middle sees of the version 2 path: not one 32-byte run of the fragment, nor
+// of the frames' field values; the same transfer over version 1 shows the fragment as is (so
+// the capture would have found it).
+TEST_F(DataPathTlsTest, TheWireCarriesNoPlaintext) {
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const std::string job = "job-wire-secret-name";
+  auto contains_plaintext = [&](const std::string& wire) {
+    for (size_t i = 0; i + 32 <= data.size(); i += 4096) {
+      if (wire.find(std::string(reinterpret_cast<const char*>(data.data()) + i, 32)) !=
+          std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  };
+  for (bool encrypted : {false, true}) {
+    SCOPED_TRACE(encrypted ? "version 2" : "version 1");
+    DataPathServer* server = encrypted ? tls_data_.get() : data_server_.get();
+    TcpProxy proxy(server->port());
+    DataPathClient client(ClientOf("n1"));
+    const DataPathClient::Endpoint endpoint =
+        encrypted ? EndpointFor("n1", proxy.port())
+                  : DataPathClient::Endpoint{"127.0.0.1", proxy.port(), server->session_key(),
+                                             kDataPathVersionPlain};
+    const FragmentKey key{job, encrypted ? 1u : 0u, 7, 2};
+    uint32_t crc = 0;
+    const absl::Time deadline = absl::Now() + absl::Seconds(20);
+    auto put = client.PutRange("n0", endpoint, key, meta, data.data(), 0, data.size(), deadline,
+                               &crc);
+    ASSERT_TRUE(put.ok()) << put.status();
+    ASSERT_TRUE(client.Seal("n0", endpoint, key, meta, crc, deadline).ok());
+    std::vector<uint8_t> back(data.size());
+    auto got = client.GetRange("n0", endpoint, key, 0, 0, 0, back.data(), back.size(), deadline);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(back, data);
+    const std::string to_server = proxy.Captured(true);
+    const std::string to_client = proxy.Captured(false);
+    EXPECT_GE(to_server.size(), data.size());
+    EXPECT_GE(to_client.size(), data.size());
+    EXPECT_EQ(contains_plaintext(to_server), !encrypted);
+    EXPECT_EQ(contains_plaintext(to_client), !encrypted);
+    EXPECT_EQ(to_server.find(job) != std::string::npos, !encrypted);  // in every request
+    if (encrypted) {
+      EXPECT_EQ(to_server.find(server->SessionKeyFor("n1")), std::string::npos)
+          << "the session key went over the wire";
+    }
+  }
+}
+
+// A byte altered on the way, either way, ends the connection with a clear error, and nothing it
+// carried is taken: the fragment stays unsealed, a read returns no bytes.
+TEST_F(DataPathTlsTest, AlteredBytesAreRefusedEitherWay) {
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  {
+    // Client to server, inside the fragment's bytes (well past the handshake).
+    TcpProxy proxy(tls_data_->port());
+    proxy.AlterByte(/*client_to_server=*/true, 200000, 0x10);
+    DataPathClient client(ClientOf("n1"));
+    const FragmentKey key{"job-alter", 0, 1, 0};
+    uint32_t crc = 0;
+    auto put = client.PutRange("n0", EndpointFor("n1", proxy.port()), key, meta, data.data(), 0,
+                               data.size(), deadline, &crc);
+    EXPECT_FALSE(put.ok());
+    ASSERT_TRUE(WaitFor(tls_data_.get(), [](const auto& s) { return s.records_refused == 1; }));
+    auto held = fragments_->List("job-alter");
+    ASSERT_EQ(held.size(), 1u);
+    EXPECT_EQ(held[0].state, SegmentState::kWriting);
+    EXPECT_LT(held[0].bytes_received, data.size());
+  }
+  {
+    // Server to client, inside a read's bytes: the reader refuses them.
+    const FragmentKey key{"job-alter", 1, 1, 0};
+    auto n1 = TlsClient({"n1"}, "n1");
+    ASSERT_TRUE(n1->PutFragment(tls_address_, key, meta, data.data(), data.size()).ok());
+    TcpProxy proxy(tls_data_->port());
+    proxy.AlterByte(/*client_to_server=*/false, 300000, 0x01);
+    DataPathClient client(ClientOf("n1"));
+    std::vector<uint8_t> back(data.size());
+    auto got = client.GetRange("n0", EndpointFor("n1", proxy.port()), key, 0, 0, 0, back.data(),
+                               back.size(), deadline);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+    EXPECT_THAT(std::string(got.status().message()),
+                ::testing::HasSubstr("does not authenticate: it was altered, replayed, reordered"));
+  }
+}
+
+// A connection replayed byte for byte (a recorded PUT sent again) fails the key check: the
+// server's nonce is new, so the recorded records are under another key.
+TEST_F(DataPathTlsTest, AReplayedConnectionIsRefused) {
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const FragmentKey key{"job-replay", 0, 1, 0};
+  std::string recorded;
+  {
+    TcpProxy proxy(tls_data_->port());
+    DataPathClient client(ClientOf("n1"));
+    uint32_t crc = 0;
+    ASSERT_TRUE(client
+                    .PutRange("n0", EndpointFor("n1", proxy.port()), key, meta, data.data(), 0,
+                              data.size(), absl::Now() + absl::Seconds(20), &crc)
+                    .ok());
+    recorded = proxy.Captured(true);
+  }
+  ASSERT_TRUE(fragments_->DropFragment(key).ok());
+  const uint64_t refused_before = tls_data_->stats().connections_refused;
+  // The hello, the sealed proof and the start of the PUT (all the server reads before it
+  // refuses).
+  ASSERT_GT(recorded.size(), 4096u);
+  RawConnection replay(tls_data_->port());
+  replay.SendBytes(recorded.data(), 4096);
+  peer::DataPathResponse challenge, answer;
+  ASSERT_TRUE(replay.ReadResponse(&challenge));
+  EXPECT_EQ(challenge.server_nonce().size(), kDataPathNonceBytes);
+  ASSERT_TRUE(replay.ReadResponse(&answer));
+  EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(answer.message(), ::testing::HasSubstr("key check failed"));
+  EXPECT_TRUE(replay.ClosedByServer());
+  EXPECT_EQ(tls_data_->stats().connections_refused, refused_before + 1);
+  EXPECT_EQ(fragments_->Get(key).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(fragments_->List("job-replay").empty());
+}
+
+// A connection speaks for the node whose key opened it: another node's key fails the key check,
+// and writes naming another writer are refused (a version 1 hello too).
+TEST_F(DataPathTlsTest, AConnectionSpeaksForItsNodeOnly) {
+  {
+    SealedConnection c(tls_data_->port(), "n1", tls_data_->SessionKeyFor("n9"));
+    EXPECT_EQ(c.check_code(), static_cast<int>(absl::StatusCode::kPermissionDenied));
+    EXPECT_THAT(c.check_message(),
+                ::testing::HasSubstr("the data path key check failed for node 'n1'"));
+    EXPECT_TRUE(c.raw().ClosedByServer());
+  }
+  {
+    SealedConnection c(tls_data_->port(), "n9", tls_data_->SessionKeyFor("n9"));
+    ASSERT_EQ(c.check_code(), 0) << c.check_message();
+    const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+    const FragmentKey key{"job-owner", 0, 1, 0};
+    peer::DataPathRequest put = PutRequest(key, meta, 0, 4096);
+    put.mutable_key()->set_owner_node_id("n1");
+    c.SendFrame(put);
+    c.SendChunk(0, std::string(4096, 'x'));
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kPermissionDenied));
+    EXPECT_THAT(answer.message(),
+                ::testing::HasSubstr("speaks for node 'n9' (its session key is that node's"));
+    EXPECT_THAT(answer.message(), ::testing::HasSubstr("writes for node 'n1'"));
+    EXPECT_EQ(fragments_->Get(key).status().code(), absl::StatusCode::kNotFound);
+    // The connection stays in step: its own writes go through.
+    put.mutable_key()->set_owner_node_id("n9");
+    c.SendFrame(put);
+    c.SendChunk(0, std::string(4096, 'y'));
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), 0) << answer.message();
+    EXPECT_EQ(answer.bytes_received(), 4096u);
+  }
+  {
+    RawConnection c(tls_data_->port());
+    peer::DataPathHello hello;
+    hello.set_version(kDataPathVersionPlain);
+    hello.set_session_key(tls_data_->session_key());
+    c.SendFrame(hello);
+    peer::DataPathResponse answer;
+    ASSERT_TRUE(c.ReadResponse(&answer));
+    EXPECT_EQ(answer.code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+    EXPECT_THAT(answer.message(), ::testing::HasSubstr("speaks version 2 (encrypted"));
+    EXPECT_TRUE(c.ClosedByServer());
+  }
+  // A stale key (the daemon restarted) is kUnavailable, which the caller retries after asking
+  // OpenDataPath again.
+  DataPathClient stale(ClientOf("n1"));
+  std::vector<uint8_t> buffer(4096);
+  DataPathClient::Endpoint endpoint = EndpointFor("n1", tls_data_->port());
+  endpoint.session_key = std::string(32, 'z');
+  auto got = stale.GetRange("n0", endpoint, FragmentKey{"job", 0, 1, 0}, 0, 0, 0, buffer.data(),
+                            buffer.size(), absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable) << got.status();
+}
+
+// A client that uses only encrypted paths sends to a peer offering the plain data path over
+// gRPC streams (which TLS encrypts).
+TEST_F(DataPathTlsTest, APlainDataPathOfferIsNotTakenUnderTls) {
+  PeerService::Options po;
+  po.self = MemberInfo{"n0", 1000, "127.0.0.1"};
+  po.data_path_port = data_server_->port();  // version 1
+  po.data_path_session_key = [key = data_server_->session_key()](const std::string&) {
+    return key;
+  };
+  PeerService plain_offer(fragments_.get(), nullptr, po);
+  auto files = ca_->IssueNode("n0b");
+  ASSERT_TRUE(files.ok());
+  grpc::ServerBuilder builder;
+  PeerService::ConfigureServerBuilder(&builder);
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", PeerServerCredentials(*files), &port);
+  builder.RegisterService(&plain_offer);
+  auto server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  auto n1 = TlsClient({"n1"}, "n1");
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  ASSERT_TRUE(n1->PutFragment(address, FragmentKey{"job-offer", 0, 1, 0}, meta, data.data(),
+                              data.size())
+                  .ok());
+  EXPECT_EQ(n1->stats().grpc_puts, 1u);
+  EXPECT_EQ(n1->stats().raw_puts, 0u);
+  EXPECT_EQ(data_server_->stats().bytes_received, 0u);
+  server->Shutdown();
 }
 
 TEST(HostOfAddressTest, SplitsHostsAndBracketedV6) {

@@ -1,6 +1,7 @@
 // The raw TCP data path's framing (proto/peer.proto, "Raw TCP data path"), shared by its server
 // (data_path.cc) and its client (data_path_client.cc); not part of data_path.h's interface: the
-// encodings of frames and chunk headers, and one connection's reads and writes (Io).
+// encodings of frames and chunk headers, and one connection's reads and writes (Io), in plain
+// bytes (version 1) or in the AES-256-GCM records of version 2 (data_path_crypto.h).
 #ifndef TESSERA_DAEMON_TRANSFER_DATA_PATH_WIRE_H_
 #define TESSERA_DAEMON_TRANSFER_DATA_PATH_WIRE_H_
 
@@ -25,6 +26,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/status.h"
+#include "daemon/transfer/data_path_crypto.h"
 #include "google/protobuf/message_lite.h"
 
 namespace tessera {
@@ -75,13 +77,17 @@ inline std::string Errno(const char* what) {
 }
 
 // One connection's reads and writes, each waiting in poll() until `deadline`, at most `stall` per
-// wait, or until stop_fd becomes readable (kCancelled).
+// wait, or until stop_fd becomes readable (kCancelled). With `sealer`, what Send sends goes in
+// records (one or more per iovec); with `opener`, what Recv returns comes out of records, read
+// straight into the destination when a record fits it (a chunk's bytes: no copy).
 struct Io {
   int fd = -1;
   int stop_fd = -1;
   absl::Time deadline = absl::InfiniteFuture();
   absl::Duration stall = absl::InfiniteDuration();
   std::string peer;  // for errors
+  RecordSealer* sealer = nullptr;  // not owned: the connection's
+  RecordOpener* opener = nullptr;
 
   absl::Status Wait(short events) {
     const absl::Time until = std::min(deadline, absl::Now() + stall);
@@ -113,6 +119,18 @@ struct Io {
   }
 
   absl::Status Send(iovec* iov, int count) {
+    return sealer != nullptr ? SendSealed(iov, count) : SendPlain(iov, count);
+  }
+  absl::Status Recv(void* dst, size_t size) {
+    return opener != nullptr ? RecvOpened(static_cast<uint8_t*>(dst), size)
+                             : RecvPlain(dst, size);
+  }
+
+  // data_path_wire.cc
+  absl::Status SendSealed(const iovec* iov, int count);
+  absl::Status RecvOpened(uint8_t* dst, size_t size);
+
+  absl::Status SendPlain(iovec* iov, int count) {
     while (count > 0) {
       msghdr msg{};
       msg.msg_iov = iov;
@@ -140,7 +158,7 @@ struct Io {
     return absl::OkStatus();
   }
 
-  absl::Status Recv(void* dst, size_t size) {
+  absl::Status RecvPlain(void* dst, size_t size) {
     auto* p = static_cast<uint8_t*>(dst);
     while (size > 0) {
       const ssize_t n = ::recv(fd, p, size, 0);

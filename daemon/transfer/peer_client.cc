@@ -17,6 +17,7 @@
 #include "common/status.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
+#include "daemon/transfer/node_identity.h"
 #include "grpc/grpc.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -181,6 +182,7 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
     was_grpc = it != data_paths_.end();
   }
   peer::OpenDataPathRequest request;
+  request.set_node_id(options_.self_node_id);
   peer::OpenDataPathResponse response;
   grpc::ClientContext context;
   AddToken(&context);
@@ -189,19 +191,26 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
       peer::Peer::NewStub(AnyChannel(peer))->OpenDataPath(&context, request, &response));
   DataPathState state;
   state.asked = absl::Now();
-  if (status.ok() && response.version() == kDataPathVersion && response.port() > 0 &&
-      response.port() <= 65535) {
-    state.endpoint = DataPathClient::Endpoint{
-        HostOfAddress(peer), static_cast<uint16_t>(response.port()), response.session_key()};
-    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {})", peer,
-                         response.port());
+  const bool usable_version =
+      response.version() == kDataPathVersionEncrypted ||
+      (response.version() == kDataPathVersionPlain && !options_.encrypted_data_path_only);
+  if (status.ok() && usable_version && response.port() > 0 && response.port() <= 65535) {
+    state.endpoint =
+        DataPathClient::Endpoint{HostOfAddress(peer), static_cast<uint16_t>(response.port()),
+                                 response.session_key(), response.version()};
+    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {}, {})", peer,
+                         response.port(),
+                         response.version() == kDataPathVersionEncrypted ? "encrypted" : "plain");
   } else if (status.ok() || status.code() == absl::StatusCode::kFailedPrecondition ||
              status.code() == absl::StatusCode::kUnimplemented) {
     Logger("peer")->log(was_grpc ? spdlog::level::debug : spdlog::level::info,
                         "{}: fragments go over gRPC streams ({})", peer,
                         status.ok() ? absl::StrCat("it offers data path version ",
                                                    response.version(), " on port ",
-                                                   response.port())
+                                                   response.port(),
+                                                   options_.encrypted_data_path_only
+                                                       ? "; this daemon uses only version 2"
+                                                       : "")
                                     : status.ToString());
   } else {
     return status;  // the peer is not reachable now: the caller's retries decide
@@ -313,6 +322,7 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
         peer::Peer::NewStub(AnyChannel(peer))->Heartbeat(&context, request, &response));
     if (absl::IsUnavailable(status) && options_.reconnect_at_once) ForgetChannels(peer);
     TESSERA_RETURN_IF_ERROR(status);
+    TESSERA_RETURN_IF_ERROR(CheckServerIs(context, response.node_id(), "the heartbeat's answer"));
     reply = peer_wire::FromProto(response, peer);
     return absl::OkStatus();
   }));

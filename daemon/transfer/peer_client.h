@@ -126,6 +126,9 @@ class GrpcPeerClient final : public PeerClient {
     // Move fragments over the peer's raw TCP data path (daemon/transfer/data_path.h) when its
     // OpenDataPath offers one; otherwise, and for peers that do not, over gRPC streams.
     bool raw_data_path = true;
+    // Use only an encrypted raw data path (version 2): a peer that offers the plain one gets
+    // fragments over gRPC streams, which `credentials` encrypt. Set with mutual TLS.
+    bool encrypted_data_path_only = false;
     // cluster.token, sent with every call (kClusterTokenMetadataKey); empty: none.
     std::string token;
     // At most this many peers have channels open; the least recently used peer's are closed
@@ -141,7 +144,8 @@ class GrpcPeerClient final : public PeerClient {
     // nothing: the heartbeat client turns it off (a third of an idle daemon's CPU).
     bool bdp_probe = true;
     // This daemon's node id, named in fragment writes (FragmentKey.owner_node_id) so that a
-    // receiver can refuse those of a fenced incarnation.
+    // receiver can refuse those of a fenced incarnation, and in OpenDataPath. With mutual TLS
+    // it must be the node `credentials`' certificate names: peers refuse any other.
     std::string self_node_id;
   };
 
@@ -170,6 +174,8 @@ class GrpcPeerClient final : public PeerClient {
   // kInvalidArgument when an option is out of range.
   static absl::StatusOr<std::unique_ptr<GrpcPeerClient>> Create(Options options);
 
+  // With mutual TLS, an answer from a daemon whose certificate does not name the node the
+  // answer names is kPermissionDenied.
   absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
                                            const HeartbeatMessage& message) override;
   absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer, const FragmentKey& key,

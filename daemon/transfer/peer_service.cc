@@ -376,14 +376,16 @@ grpc::Status Logged(const char* method, const absl::Status& status) {
 // Client-streamed chunks into the FragmentStore. Reactions run one at a time per stream.
 class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  // `refused`: an error (the caller's token) that ends the call before anything is read.
+  // `caller`: an error (the caller's token or certificate) ends the call before anything is
+  // read.
   PutFragmentReactor(FragmentStore* store, const WriterFence* fenced, grpc::ByteBuffer* response,
-                     absl::Status refused)
+                     absl::StatusOr<PeerIdentity> caller)
       : store_(store), fenced_(fenced), response_(response) {
-    if (!refused.ok()) {
-      Finish(Logged("PutFragment", refused));
+    if (!caller.ok()) {
+      Finish(Logged("PutFragment", caller.status()));
       return;
     }
+    caller_ = std::move(*caller);
     StartRead(&request_);
   }
 
@@ -413,6 +415,10 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
         return absl::InvalidArgumentError(
             "the first PutFragment message must carry the fragment's key and info");
       }
+      // Who writes, first: a writer that is not the node it names is refused as such, whatever
+      // membership knows of that node.
+      TESSERA_RETURN_IF_ERROR(
+          CheckClaim(caller_, message.key().owner_node_id(), "PutFragment owner_node_id"));
       TESSERA_RETURN_IF_ERROR(CheckFragmentWriter(*fenced_, message.key()));
       key_ = peer_wire::FromProto(message.key());
       const FragmentMeta meta = peer_wire::FromProto(message.key(), message.info());
@@ -457,6 +463,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
   FragmentStore* const store_;
   const WriterFence* const fenced_;
   grpc::ByteBuffer* const response_;
+  PeerIdentity caller_;
   grpc::ByteBuffer request_;
   bool begun_ = false;
   FragmentKey key_;
@@ -598,12 +605,13 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
                                                  peer::HeartbeatResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
-    TESSERA_RETURN_IF_ERROR(Authorize(*context));
+    TESSERA_ASSIGN_OR_RETURN(PeerIdentity caller, Authorize(*context));
     if (request->node_id().empty() || request->incarnation() == 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "a heartbeat needs the sender's node_id and a non-zero incarnation; got node '",
           request->node_id(), "' incarnation ", request->incarnation()));
     }
+    TESSERA_RETURN_IF_ERROR(CheckClaim(caller, request->node_id(), "Heartbeat node_id"));
     HeartbeatReply reply;
     reply.peer = options_.self;
     if (options_.on_heartbeat) {
@@ -624,7 +632,7 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* PeerService::PutFragment(
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::GetFragment(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto plan = [&]() -> absl::StatusOr<ChunkWriter::Plan> {
-    TESSERA_RETURN_IF_ERROR(Authorize(*context));
+    TESSERA_RETURN_IF_ERROR(Authorize(*context).status());
     peer::GetFragmentRequest req;
     TESSERA_RETURN_IF_ERROR(ParseRequest(request, &req));
     const FragmentKey key = peer_wire::FromProto(req.key());
@@ -659,7 +667,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::GetFragment(
 grpc::ServerWriteReactor<grpc::ByteBuffer>* PeerService::FetchShard(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto plan = [&]() -> absl::StatusOr<ChunkWriter::Plan> {
-    TESSERA_RETURN_IF_ERROR(Authorize(*context));
+    TESSERA_RETURN_IF_ERROR(Authorize(*context).status());
     if (shards_ == nullptr) {
       return absl::UnimplementedError("this node serves no snapshot shards");
     }
@@ -697,7 +705,7 @@ grpc::ServerUnaryReactor* PeerService::ListHeld(grpc::CallbackServerContext* con
                                                 peer::ListHeldResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
-    TESSERA_RETURN_IF_ERROR(Authorize(*context));
+    TESSERA_RETURN_IF_ERROR(Authorize(*context).status());
     if (!request->job_id().empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(request->job_id()));
     for (const FragmentStatus& f : fragments_->List(request->job_id())) {
       peer::HeldFragment* held = response->add_fragments();
@@ -722,27 +730,33 @@ grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext*
                                                     const peer::OpenDataPathRequest* request,
                                                     peer::OpenDataPathResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = Authorize(*context);
-  if (!status.ok()) {
-    // The session key goes to token holders only: it is what guards the data path.
-  } else if (options_.data_path_port == 0) {
-    status = absl::FailedPreconditionError(
-        "this daemon has no raw TCP data path (peer.data_path = grpc): send fragments over "
-        "PutFragment and GetFragment");
-  } else {
+  absl::Status status = [&]() -> absl::Status {
+    // The session key goes to token holders only, and with TLS to the node the caller's
+    // certificate names, as that node's own key: it is what guards the data path.
+    TESSERA_ASSIGN_OR_RETURN(PeerIdentity caller, Authorize(*context));
+    TESSERA_RETURN_IF_ERROR(CheckClaim(caller, request->node_id(), "OpenDataPath node_id"));
+    if (options_.data_path_port == 0) {
+      return absl::FailedPreconditionError(
+          "this daemon has no raw TCP data path (peer.data_path = grpc): send fragments over "
+          "PutFragment and GetFragment");
+    }
     response->set_port(options_.data_path_port);
-    response->set_session_key(options_.data_path_session_key);
-    response->set_version(kDataPathVersion);
-    Logger(kLog)->debug("OpenDataPath from '{}': port {}", request->node_id(),
-                          options_.data_path_port);
-  }
+    response->set_session_key(
+        options_.data_path_session_key ? options_.data_path_session_key(caller.node_id) : "");
+    response->set_version(options_.data_path_version);
+    Logger(kLog)->debug("OpenDataPath from '{}': port {}, version {}", request->node_id(),
+                        options_.data_path_port, options_.data_path_version);
+    return absl::OkStatus();
+  }();
   reactor->Finish(Logged("OpenDataPath", status));
   return reactor;
 }
 
-absl::Status PeerService::Authorize(const grpc::ServerContextBase& context) const {
-  return options_.token.empty() ? absl::OkStatus()
-                                : CheckClusterToken(context, options_.token, "peer calls");
+absl::StatusOr<PeerIdentity> PeerService::Authorize(const grpc::ServerContextBase& context) const {
+  if (!options_.token.empty()) {
+    TESSERA_RETURN_IF_ERROR(CheckClusterToken(context, options_.token, "peer calls"));
+  }
+  return RequireNodeCaller(context, "peer calls");
 }
 
 }  // namespace tessera

@@ -10,8 +10,8 @@
 // are ordinary proto messages on the wire (see peer_wire below).
 //
 // Use: register the service on a grpc::ServerBuilder after ConfigureServerBuilder, which lifts
-// the message-size limits for 1-4 MiB chunks. For mutual TLS, listen with
-// grpc::SslServerCredentials and give GrpcPeerClient the matching channel credentials. Call
+// the message-size limits for 1-4 MiB chunks. For mutual TLS, listen with PeerServerCredentials
+// (cluster_tls.h) and give GrpcPeerClient the matching channel credentials. Call
 // TuneMallocForBulkTransfers once in main.
 //
 // Thread-safety: handlers run concurrently on gRPC's threads; the cores they call are
@@ -29,6 +29,7 @@
 #include "daemon/membership/swim.h"
 #include "daemon/store/fragment_store.h"
 #include "daemon/store/snapshot_store.h"
+#include "daemon/transfer/node_identity.h"
 #include "grpcpp/server_builder.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "proto/peer.grpc.pb.h"
@@ -39,8 +40,10 @@ namespace tessera {
 inline constexpr size_t kMinChunkBytes = size_t{64} << 10;
 inline constexpr size_t kDefaultChunkBytes = size_t{1} << 20;
 inline constexpr size_t kMaxChunkBytes = size_t{16} << 20;
-// The raw TCP data path's protocol version (proto/peer.proto, DataPathHello).
-inline constexpr uint32_t kDataPathVersion = 1;
+// The raw TCP data path's protocol versions (proto/peer.proto, DataPathHello): 1 plain, 2
+// encrypted (with mutual TLS).
+inline constexpr uint32_t kDataPathVersionPlain = 1;
+inline constexpr uint32_t kDataPathVersionEncrypted = 2;
 
 struct MemberInfo {
   std::string node_id;
@@ -148,11 +151,17 @@ class PeerService final : public PeerServiceBase {
     size_t default_chunk_bytes = kDefaultChunkBytes;  // clamped to kMin..kMaxChunkBytes
     // The raw TCP data path (daemon/transfer/data_path.h) that OpenDataPath announces; port 0: off.
     uint32_t data_path_port = 0;
-    std::string data_path_session_key;
+    uint32_t data_path_version = kDataPathVersionPlain;
+    // The session key OpenDataPath hands a caller, given the node its certificate names (""
+    // without TLS): DataPathServer::SessionKeyFor.
+    std::function<std::string(const std::string& node_id)> data_path_session_key;
     // Fragment writes of a writer this names are refused (kFailedPrecondition); empty: none.
     WriterFence is_fenced;
     // cluster.token: when set, every call must carry it (kClusterTokenMetadataKey), or it is
     // refused with kUnauthenticated; the data path's session key goes to token holders only.
+    // With mutual TLS, every call also needs a node's certificate, and a call that names its
+    // sender (Heartbeat node_id, PutFragment owner_node_id, OpenDataPath node_id) must name the
+    // node the certificate names (kPermissionDenied otherwise; node_identity.h).
     std::string token;
   };
 
@@ -183,8 +192,9 @@ class PeerService final : public PeerServiceBase {
   class PutFragmentReactor;
   class ChunkWriter;
 
-  // OK, or kUnauthenticated when Options::token is set and the call does not carry it.
-  absl::Status Authorize(const grpc::ServerContextBase& context) const;
+  // The caller: kUnauthenticated when Options::token is set and the call does not carry it;
+  // kPermissionDenied over mutual TLS when its certificate names no node.
+  absl::StatusOr<PeerIdentity> Authorize(const grpc::ServerContextBase& context) const;
 
   FragmentStore* const fragments_;
   ShardSource* const shards_;

@@ -94,16 +94,18 @@ class DeployTest : public ::testing::Test {
                                     std::vector<std::string> overrides = {}) {
     overrides.push_back("cluster.token_file=" + token_file_);
     if (absl::StrContains(ReadFile(path), "tls_cert_file")) {
+      // A daemon's certificate names its node id (the DaemonSet's node.id is the node's name).
       const std::string certs = root_.path() + "/tls";
       auto made = Process::Start({"/bin/bash", BinaryPath("tools/make-cluster-certs.sh"), certs,
-                                  "tesserad"});
+                                  "gpu-node-7"});
       if (made->Wait(std::chrono::seconds(60)) != 0) {
         return absl::FailedPreconditionError(
             "tools/make-cluster-certs.sh failed (is openssl installed?): " +
             absl::StrJoin(made->lines(), "\n"));
       }
-      overrides.push_back("cluster.tls_cert_file=" + certs + "/tesserad.crt");
-      overrides.push_back("cluster.tls_key_file=" + certs + "/tesserad.key");
+      overrides.push_back("node.id=gpu-node-7");
+      overrides.push_back("cluster.tls_cert_file=" + certs + "/gpu-node-7.crt");
+      overrides.push_back("cluster.tls_key_file=" + certs + "/gpu-node-7.key");
       overrides.push_back("cluster.tls_ca_file=" + certs + "/ca.crt");
     }
     return LoadDaemonConfig(path, overrides);
@@ -236,8 +238,9 @@ class KubernetesTest : public DeployTest {
   DaemonConfig config_;
 };
 
-// The peer port runs mutual TLS from the Secret tessera-tls, mounted where the config looks.
-TEST_F(KubernetesTest, PeersUseMutualTlsFromTheMountedSecret) {
+// The peer port runs mutual TLS from the node's own certificate (it names the node, so it is
+// per node: from the host, not a Secret every pod would share), mounted where the config looks.
+TEST_F(KubernetesTest, PeersUseMutualTlsFromTheNodesOwnCertificate) {
   const Object& data = Field(documents_["ConfigMap"], "data").struct_value().fields();
   const std::string toml = data.at("tesserad.toml").string_value();
   for (const char* line : {"tls_cert_file = \"/etc/tessera/tls/tls.crt\"",
@@ -248,7 +251,8 @@ TEST_F(KubernetesTest, PeersUseMutualTlsFromTheMountedSecret) {
   EXPECT_FALSE(config_.cluster.tls_cert_file.empty());  // loaded, with the test's certificates
   const Value* tls = VolumeAt("/etc/tessera/tls");
   ASSERT_NE(tls, nullptr) << "nothing is mounted at /etc/tessera/tls";
-  EXPECT_EQ(Field(*tls, "secret.secretName").string_value(), "tessera-tls");
+  EXPECT_EQ(Field(*tls, "hostPath.path").string_value(), "/etc/tessera/tls");
+  EXPECT_EQ(Field(*tls, "hostPath.type").string_value(), "Directory");
 }
 
 TEST_F(KubernetesTest, SharesTheNodesMemoryAndSizesItExplicitly) {
