@@ -14,8 +14,9 @@ caches):
 
   * a bare call into libtessera (``tessera_version`` through a ``ctypes.PyDLL`` handle, as the
     Snapshotter's calls go): the floor of any call from Python;
-  * ``torch.get_rng_state()``, then ``random.getstate()`` and ``np.random.get_state()``: reading
-    the RNG states, which every snapshot must do;
+  * ``torch.get_rng_state()``, ``random.getstate()``, ``np.random.get_state()`` and, on a GPU,
+    the CUDA generator's ``get_state()``, each timed: reading the RNG states, which every
+    snapshot must do;
   * ``Snapshotter.snapshot(step)``, and inside it the registration check (``_changed``) and
     libtessera's ``tessera_snapshot`` call (``Client.snapshot``), so that the Python part is
     what remains.
@@ -24,7 +25,7 @@ Snapshots thus come at every other step, with when_busy="skip"; only started one
 skipped one does the same Python work before libtessera refuses it). Garbage collection stays on,
 as in a real loop. Medians, p99 and maxima are over the started snapshots. On a loaded machine
 the maxima say more about the scheduler than about the code: the floors' maxima, taken at the
-same points, show how much.
+same points, show how much, and the slowest snapshot's parts say where its time went.
 
 ``--busy-thread`` runs a pure-Python thread beside the loop that wants the GIL all the time (as a
 DataLoader's pin-memory thread, a tokenizer or a logger may): a call that releases the GIL inside
@@ -135,7 +136,8 @@ def main() -> int:
         return 2
     daemon = cg.Daemon(binary, max(4 * state_bytes, 1 << 30))
     daemon.start()
-    names = ("snapshot", "check", "library", "noop", "torch_rng", "all_rng")
+    names = ("snapshot", "check", "library", "noop", "torch_rng", "python_rng", "numpy_rng",
+             "cuda_rng", "all_rng")
     times: Dict[str, List[float]] = {name: [] for name in names}
     stop = threading.Event()
     thread = threading.Thread(target=busy, args=(stop,), daemon=True)
@@ -171,12 +173,19 @@ def main() -> int:
                 torch.get_rng_state()
                 t2 = time.perf_counter()
                 random.getstate()
-                np.random.get_state()
                 t3 = time.perf_counter()
+                np.random.get_state()
+                t4 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.default_generators[device.index or 0].get_state()
+                t5 = time.perf_counter()
                 if started >= args.warmup:
                     times["noop"].append(t1 - t0)
                     times["torch_rng"].append(t2 - t1)
-                    times["all_rng"].append(t3 - t1)
+                    times["python_rng"].append(t3 - t2)
+                    times["numpy_rng"].append(t4 - t3)
+                    times["cuda_rng"].append(t5 - t4)
+                    times["all_rng"].append(t5 - t1)
             else:
                 t0 = time.perf_counter()
                 ran = snap.snapshot(trainer.step)
@@ -222,7 +231,15 @@ def main() -> int:
     print(f"| - the rest: RNG, user and blob bytes, Python | {summary(python)} |")
     print(f"| floor: a no-op call into libtessera | {summary(times['noop'])} |")
     print(f"| floor: torch.get_rng_state() | {summary(times['torch_rng'])} |")
-    print(f"| floor: the torch, Python and NumPy RNG states | {summary(times['all_rng'])} |")
+    print(f"| floor: random.getstate() | {summary(times['python_rng'])} |")
+    print(f"| floor: np.random.get_state() | {summary(times['numpy_rng'])} |")
+    if device.type == "cuda":
+        print(f"| floor: the CUDA generator's get_state() | {summary(times['cuda_rng'])} |")
+    print(f"| floor: all the RNG states above | {summary(times['all_rng'])} |")
+    worst_at = max(range(count), key=lambda i: times["snapshot"][i])
+    print(f"\nthe slowest snapshot ({times['snapshot'][worst_at] * 1e3:.3f} ms, the "
+          f"{worst_at + 1}th timed): check {times['check'][worst_at] * 1e3:.3f} ms, library "
+          f"{times['library'][worst_at] * 1e3:.3f} ms, the rest {python[worst_at] * 1e3:.3f} ms")
     median = statistics.median(times["snapshot"])
     worst = max(times["snapshot"])
     print(f"\nsnapshot() median {median * 1e3:.3f} ms = "

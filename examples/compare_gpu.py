@@ -2,15 +2,18 @@
 """Tessera against torch.distributed.checkpoint.async_save on one GPU: one comparison table.
 
 A GPT-style model (default 24 blocks of width 2048, MLP 2x width: 0.82B parameters, 9.9 GB of
-fp32 weights plus AdamW moments) trains on synthetic tokens under bf16 autocast. Measured, each
+fp32 weights plus AdamW moments) trains on synthetic tokens under bf16 autocast, as a plain
+module or, with --fsdp2, under FSDP2 (`fully_shard`) in a world of one process. Measured, each
 phase after warm-up iterations:
 
   1. iteration time without snapshots (the baseline);
-  2. Tessera (`tessera.torch.Snapshotter`) every 10 steps and every step: the wall time of the
-     snapshot call on the training thread, and iteration time against the baseline;
-  3. `torch.distributed.checkpoint.async_save` to /dev/shm every 10 steps and every step: the wall
-     time of building the state dict plus the async_save() call, and iteration time;
-  4. `Snapshotter.restore_latest()` of the full state, after a bit-exact check of the restore.
+  2. Tessera (`tessera.torch.Snapshotter`) at each interval of --intervals (default every 10
+     steps and every step): the wall time of the snapshot call on the training thread, and
+     iteration time against the baseline;
+  3. `torch.distributed.checkpoint.async_save` to /dev/shm at the same intervals: the wall time
+     of building the state dict plus the async_save() call, and iteration time;
+  4. `Snapshotter.restore_latest()` of the full state (same layout: with --fsdp2 the local
+     shards), after a bit-exact check of the restore.
 
 It starts its own tesserad (store under /dev/shm, socket in a temporary directory) and stops it
 before the DCP phases, so that the two never share /dev/shm or the PCIe link.
@@ -20,10 +23,20 @@ before the DCP phases, so that the two never share /dev/shm or the PCIe link.
     TESSERAD=BUNDLE/bin/tesserad TESSERA_LIBRARY=BUNDLE/lib/libtessera.so \\
         python3 examples/compare_gpu.py
     # or: examples/compare_gpu.sh BUNDLE [args]
+    # FSDP2, every 1, 5 and 10 steps against DCP with pinned staging (torch >= 2.4):
+    #     examples/compare_gpu.sh BUNDLE --fsdp2 --intervals 1,5,10 --budget-s 300
 
     # a smoke run on the CPU (DCP phases report themselves unavailable on PyTorch 1.13)
     TESSERAD=$PWD/bazel-bin/daemon/tesserad TESSERA_LIBRARY=$PWD/bazel-bin/agent/libtessera.so \\
         python3 examples/compare_gpu.py --tiny
+
+With --fsdp2 (PyTorch >= 2.4; it exits with status 2 at once on an older one): the default
+process group of one process (backend "cpu:gloo,cuda:nccl" on a GPU, so that FSDP's collectives
+run on NCCL and DCP's on gloo; "gloo" on the CPU) serves FSDP and DCP and is destroyed at the
+end; a 1-D DeviceMesh of size 1; `fully_shard` on each block, then on the root (which holds the
+embeddings, the tied head and the final norm: tied parameters must share one FSDP unit), before
+AdamW is created over the parameters, which are then DTensors. The Snapshotter registers their
+local shards; DCP saves get_state_dict()'s DTensors; the restore check compares local shards.
 
 How things are measured:
 
@@ -44,14 +57,23 @@ How things are measured:
   the previous save is still writing, happens on the training thread just before the next save,
   and is counted in that iteration's time (and shown as "waited"). A window ends by waiting for
   its last save, as the next save would have; that drain is added to the window's total.
-  A process group of world size 1 (gloo, file:// rendezvous) is initialised for DCP.
+  A process group of world size 1 (file:// rendezvous) is initialised for DCP: gloo, or with
+  --fsdp2 the one FSDP uses.
+* DCP staging (--dcp-staging): "plain" is async_save's own copy to pageable CPU memory at every
+  save; "pinned" is FileSystemWriter(cache_staged_state_dict=True), pinned CPU buffers allocated
+  at the first save and reused (TorchTitan's async_with_pinned_mem). The chosen staging runs at
+  every interval (default plain; pinned with --fsdp2); the other one runs as one extra row at
+  the longest interval, only when 60 s of the budget are left and not with --no-dcp-extra.
+  --no-dcp-cached means no pinned row at all (plain everywhere, no extra row).
 * Tessera runs with its default when_busy="skip": a snapshot requested while the previous one is
   still being copied or sealed is skipped (counted in the table).
 
-The whole run keeps to --budget-s (default 225 s): the DCP phases stop at a save boundary when
-the next save cycle would not fit, and say so. Each phase is guarded: an error is printed and the
-next phase runs. Progress lines carry timestamps, and each phase prints its row as it ends, so a
-run cut short still tells what it measured.
+Phases run from the longest interval down (the every-10 rows, the goal's, first). The whole run
+keeps to --budget-s (default 225 s): the DCP phases stop at a save boundary when the next save
+cycle would not fit, and say so. Each phase is guarded: an error is printed and the next phase
+runs. Progress lines carry timestamps, and each phase prints its row as it ends, so a run cut
+short still tells what it measured. The run ends with the table of every row, then one line
+per interval: Tessera against DCP, blocked and overhead, and the ratio of blocked times.
 """
 
 from __future__ import annotations
@@ -62,6 +84,7 @@ import ctypes
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -83,6 +106,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "agent" / "python"))
 import tessera  # noqa: E402
 import tessera.torch  # noqa: E402
+# A DTensor's local shard, as the Snapshotter registers it (the tensor itself for a plain one).
+from tessera import _dtensor  # noqa: E402
+from tessera._dtensor import local as local_shard  # noqa: E402
 
 GOAL_BLOCK_MS = 1.0
 GOAL_OVERHEAD_PCT_AT_10 = 1.0
@@ -163,14 +189,20 @@ class GPT(nn.Module):
 
 
 class Trainer:
-    """The model, AdamW, a few pre-made synthetic batches, and a global step counter."""
+    """The model, AdamW, a few pre-made synthetic batches, and a global step counter.
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    `shard`, when given, wraps the model (FSDP2) before the optimizer is created, so that AdamW
+    holds the wrapped parameters (DTensors) and its state is made of DTensors too."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device,
+                 shard: Optional[Callable[["GPT"], None]] = None) -> None:
         self.args = args
         self.device = device
         torch.manual_seed(args.seed)
         self.model = GPT(args.vocab, args.seq, args.width, args.layers, args.heads,
                          args.mlp_ratio, device)
+        if shard is not None:
+            shard(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                            weight_decay=0.1)
         gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
@@ -212,10 +244,13 @@ class Trainer:
             self.iteration(after)
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
-        """Every model and optimizer tensor, by name (the tied head weight once)."""
+        """Every model and optimizer tensor, by name (the tied head weight once), as this rank
+        holds it: a DTensor's local shard (FSDP2), the memory the Snapshotter registers. A
+        DTensor has no storage of its own, so sizes, data_ptr and torch.equal go to the shard."""
         named: Dict[str, torch.Tensor] = {}
         seen = set()
         for k, t in self.model.state_dict().items():
+            t = local_shard(t)
             if t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
@@ -224,7 +259,7 @@ class Trainer:
         for i, p in enumerate(params):
             for k, v in self.optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor):
-                    named[f"optim.{i}.{k}"] = v
+                    named[f"optim.{i}.{k}"] = local_shard(v)
         return named
 
 
@@ -362,10 +397,109 @@ def row_line(row: Row, baseline: Optional[Row]) -> str:
             f"{fmt_ms(row.mean_s(), 1)} | {'-' if ovh is None else f'{ovh:+.1f}%'} | {notes} |")
 
 
+TESSERA = "Tessera Snapshotter"
+DCP_PLAIN = "DCP async_save -> /dev/shm"
+DCP_PINNED = "DCP async_save, cache_staged_state_dict=True (pinned, reused)"
+
 TABLE_HEADER = ("| method | interval | snapshots in window | blocked ms/snapshot (median) | "
                 "blocked ms (max) | iteration ms (median) | iteration ms (mean) | "
                 "overhead vs baseline (mean) | notes |\n"
                 "|---|---|---|---|---|---|---|---|---|")
+
+
+DCP_STAGING = {DCP_PLAIN: "plain staging", DCP_PINNED: "pinned staging"}
+
+
+def find_row(rows: List[Row], method: str, interval: str) -> Optional[Row]:
+    """The row of `method` at `interval`: a measured one before one that only failed."""
+    matches = [r for r in rows if r.method == method and r.interval == interval]
+    return next((r for r in matches if r.iter_s), matches[0] if matches else None)
+
+
+def blocked_ratio(dcp: Optional[Row], tessera: Optional[Row]) -> Optional[float]:
+    """DCP's median blocked time over Tessera's."""
+    if dcp is None or tessera is None or not dcp.blocked_s or not tessera.blocked_s:
+        return None
+    tessera_s = statistics.median(tessera.blocked_s)
+    return statistics.median(dcp.blocked_s) / tessera_s if tessera_s > 0 else None
+
+
+def fmt_ratio(ratio: Optional[float]) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:,.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
+
+
+def is_partial(row: Row) -> bool:
+    return any(note.startswith("PARTIAL") for note in row.notes)
+
+
+COMPARISON_HEADER = ("| interval | Tessera blocked ms/snapshot (median / max) | Tessera overhead | "
+                     "DCP async_save | DCP blocked ms/save (median / max) | DCP overhead | "
+                     "blocked, DCP / Tessera (medians) |\n"
+                     "|---|---|---|---|---|---|---|")
+
+
+def comparison_lines(rows: List[Row], baseline: Optional[Row], intervals: List[int],
+                     dcp_methods: List[str]) -> List[str]:
+    """One line per interval and DCP row: Tessera against DCP, blocked and overhead."""
+
+    def blocked(row: Optional[Row]) -> str:
+        if row is None:
+            return "not run"
+        if not row.blocked_s:
+            return "error" if row.error else "-"
+        return f"{fmt_ms(statistics.median(row.blocked_s))} / {fmt_ms(max(row.blocked_s))}"
+
+    def overhead(row: Optional[Row]) -> str:
+        ovh = overhead_pct(row, baseline) if row is not None else None
+        return "-" if ovh is None else f"{ovh:+.1f}%"
+
+    lines = [COMPARISON_HEADER]
+    for every in intervals:
+        interval = interval_label(every)
+        tessera = find_row(rows, TESSERA, interval)
+        dcps = [r for r in (find_row(rows, m, interval) for m in dcp_methods) if r is not None]
+        for dcp in dcps or [None]:
+            which = "not run" if dcp is None else DCP_STAGING.get(dcp.method, dcp.method)
+            if dcp is not None and is_partial(dcp):
+                which += " (partial window)"
+            lines.append(f"| {interval} | {blocked(tessera)} | {overhead(tessera)} | {which} | "
+                         f"{blocked(dcp)} | {overhead(dcp)} | "
+                         f"{fmt_ratio(blocked_ratio(dcp, tessera))} |")
+    return lines
+
+
+def verdict_lines(rows: List[Row], baseline: Optional[Row], intervals: List[int],
+                  dcp_methods: List[str]) -> List[str]:
+    """Whether Tessera blocked at least 100x less than DCP and cost less overhead at every 10
+    steps, against each DCP row measured there."""
+    claim = "at least 100x less blocking and lower overhead at every 10 steps"
+    if 10 not in intervals:
+        return [f"- {claim}: not measured (10 is not in --intervals)"]
+    tessera = find_row(rows, TESSERA, "every 10")
+    tessera_ovh = overhead_pct(tessera, baseline) if tessera is not None else None
+    lines = []
+    for method in dcp_methods:
+        dcp = find_row(rows, method, "every 10")
+        if dcp is None:
+            continue
+        against = f"against DCP with {DCP_STAGING.get(method, method)}"
+        ratio = blocked_ratio(dcp, tessera)
+        dcp_ovh = overhead_pct(dcp, baseline)
+        if tessera is None or ratio is None or tessera_ovh is None or dcp_ovh is None:
+            lines.append(f"- {claim}, {against}: not measured (a row is missing or failed)")
+            continue
+        held = ratio >= 100 and tessera_ovh < dcp_ovh
+        worst = statistics.median(dcp.blocked_s) / max(tessera.blocked_s)
+        lines.append(
+            f"- {claim}, {against}: {'HELD' if held else 'NOT HELD'} in this run: blocked "
+            f"{fmt_ms(statistics.median(tessera.blocked_s))} ms vs "
+            f"{fmt_ms(statistics.median(dcp.blocked_s))} ms (medians), {fmt_ratio(ratio)} "
+            f"(DCP's median over Tessera's max: {fmt_ratio(worst)}); overhead "
+            f"{tessera_ovh:+.1f}% vs {dcp_ovh:+.1f}%"
+            + ("; DCP's window was cut short by the budget" if is_partial(dcp) else ""))
+    return lines or [f"- {claim}: not measured (no DCP row at every 10)"]
 
 
 # -- phases ----------------------------------------------------------------------------------------
@@ -384,9 +518,13 @@ def round_up(n: int, every: int) -> int:
     return max(every, -(-n // every) * every)
 
 
+def interval_label(every: int) -> str:
+    return "every step" if every == 1 else f"every {every}"
+
+
 def phase_tessera(trainer: Trainer, snap: "tessera.torch.Snapshotter", every: int, iters: int,
                   warmup: int) -> Row:
-    row = Row("Tessera Snapshotter", f"every {every}" if every > 1 else "every step")
+    row = Row(TESSERA, interval_label(every))
     snap.every = every
 
     def hook(step: int) -> Optional[Tuple[float, bool]]:
@@ -445,10 +583,10 @@ def pick_reference(trainer: Trainer, all_tensors: bool) -> Dict[str, torch.Tenso
 
 
 def phase_restore(trainer: Trainer, snap: "tessera.torch.Snapshotter", repeats: int,
-                  verify_all: bool) -> Tuple[Row, str]:
+                  verify_all: bool, what: str = "full state") -> Tuple[Row, str]:
     """Snapshot one step S, copy the reference state, train on, restore_latest(), compare; then
     time further restores."""
-    row = Row("Tessera restore_latest()", "full state")
+    row = Row("Tessera restore_latest()", what)
     snap.wait()
     trainer.iteration()
     step = trainer.step - 1
@@ -573,7 +711,7 @@ class DcpSaver:
 
 def phase_dcp(trainer: Trainer, saver: DcpSaver, every: int, iters: int, label: str,
               budget_end: float) -> Row:
-    row = Row(label, f"every {every}" if every > 1 else "every step")
+    row = Row(label, interval_label(every))
     waits: List[float] = []
     sd_s: List[float] = []
     call_s: List[float] = []
@@ -636,7 +774,103 @@ def phase_dcp(trainer: Trainer, saver: DcpSaver, every: int, iters: int, label: 
     return row
 
 
+# -- FSDP2 and the process group -----------------------------------------------------------------
+
+
+def fsdp2_api() -> Tuple[Callable[..., Any], Callable[..., Any]]:
+    """This torch's (fully_shard, init_device_mesh); RuntimeError saying what is missing."""
+    need = (f"--fsdp2 needs PyTorch >= 2.4 (fully_shard, DeviceMesh, DTensor); this is torch "
+            f"{torch.__version__}")
+    version = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if version is None or (int(version.group(1)), int(version.group(2))) < (2, 4):
+        raise RuntimeError(need)
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise RuntimeError(f"{need}, built without torch.distributed")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        try:
+            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+        except ImportError:
+            from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
+    except ImportError as e:
+        raise RuntimeError(f"{need}: {e}") from e
+    if not _dtensor.available():
+        raise RuntimeError(f"{need}: tessera finds no DTensor in it")
+    return fully_shard, init_device_mesh
+
+
+class WorldOfOne:
+    """The default process group of this one process (rank 0, world 1), file:// rendezvous in a
+    temporary directory. `close` destroys it, unless it was there before."""
+
+    def __init__(self, backend: str) -> None:
+        import torch.distributed as dist
+        self.created = False
+        self.rendezvous_dir: Optional[str] = None
+        if dist.is_initialized():
+            try:
+                self.backend = str(dist.get_backend())
+            except Exception:
+                self.backend = "(initialised before this script)"
+            return
+        self.backend = backend
+        self.rendezvous_dir = tempfile.mkdtemp(prefix="tsr-pg-")
+        try:
+            dist.init_process_group(backend, init_method=f"file://{self.rendezvous_dir}/rendezvous",
+                                    rank=0, world_size=1)
+        except BaseException:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+            raise
+        self.created = True
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        if self.created:
+            self.created = False
+            try:
+                dist.destroy_process_group()
+            except Exception as e:
+                log(f"destroy_process_group failed: {e!r}")
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+            self.rendezvous_dir = None
+
+
+class Fsdp2:
+    """FSDP2 over a 1-D mesh of one device: `fully_shard` on each block, then on the root, whose
+    unit holds the rest (embeddings, the tied head, the final norm: tied parameters must be in
+    one unit)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.fully_shard, init_device_mesh = fsdp2_api()
+        self.mesh = init_device_mesh(device.type, (1,))
+        self.tied: Optional[bool] = None
+        self.dtensors = ""
+
+    def shard(self, model: GPT) -> None:
+        for block in model.blocks:
+            self.fully_shard(block, mesh=self.mesh)
+        self.fully_shard(model, mesh=self.mesh)
+        params = list(model.parameters())
+        self.dtensors = f"{sum(map(_dtensor.is_dtensor, params))} of {len(params)}"
+        self.tied = model.head.weight is model.tok.weight
+        if not self.tied:
+            log("WARNING: after fully_shard the head weight is no longer the token embedding's")
+
+
 # -- main ------------------------------------------------------------------------------------------
+
+
+def parse_intervals(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected snapshot intervals in steps, comma-separated (e.g. 1,5,10), got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def parse_args() -> argparse.Namespace:
@@ -651,9 +885,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--fsdp2", action="store_true",
+                   help="train the model under FSDP2 (fully_shard per block, then the root) in a "
+                        "world of one process; needs PyTorch >= 2.4")
+    p.add_argument("--intervals", type=parse_intervals, default=[10, 1],
+                   help="snapshot intervals in steps, comma-separated, for Tessera and DCP alike "
+                        "(default 10,1); run from the longest down")
     p.add_argument("--iters", type=int, default=40,
-                   help="measured iterations: baseline and Tessera every 10 (every step: half)")
-    p.add_argument("--dcp-iters", type=int, default=20, help="measured iterations, DCP every 10")
+                   help="measured iterations: baseline, and Tessera at each interval above 1, "
+                        "rounded up to whole intervals (every step: half)")
+    p.add_argument("--dcp-iters", type=int, default=20,
+                   help="measured iterations, DCP at each interval above 1 (rounded up to whole "
+                        "intervals)")
     p.add_argument("--dcp-step-iters", type=int, default=5,
                    help="measured iterations, DCP every step (each save blocks for seconds)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per phase")
@@ -662,20 +905,35 @@ def parse_args() -> argparse.Namespace:
                    help="wall-clock budget of the whole run; DCP phases stop early to keep it")
     p.add_argument("--capacity", default=None,
                    help="tesserad store.capacity_bytes (default: 3x the state, at least 1GiB)")
+    p.add_argument("--dcp-staging", choices=("plain", "pinned"), default=None,
+                   help="DCP's staging at every interval: plain (async_save's own copy to "
+                        "pageable memory) or pinned (FileSystemWriter(cache_staged_state_dict="
+                        "True): pinned buffers, reused; TorchTitan's). Default plain, pinned "
+                        "with --fsdp2. The other one runs as an extra row at the longest interval "
+                        "when 60 s of the budget are left")
+    p.add_argument("--no-dcp-extra", action="store_true",
+                   help="skip the extra DCP row of the other staging")
     p.add_argument("--no-dcp-cached", action="store_true",
-                   help="skip the extra DCP row with cache_staged_state_dict=True (pinned, "
-                        "reused staging buffers; run only when the budget leaves time)")
+                   help="no DCP row with cache_staged_state_dict=True at all: plain staging at "
+                        "every interval and no extra row")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke run")
     if "--tiny" in sys.argv[1:]:  # defaults only: flags given explicitly still win
         p.set_defaults(layers=2, width=64, heads=4, vocab=256, batch=4, seq=32, iters=20,
                        dcp_iters=20, dcp_step_iters=4)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.no_dcp_cached:
+        if args.dcp_staging == "pinned":
+            p.error("--no-dcp-cached contradicts --dcp-staging pinned")
+        args.dcp_staging = "plain"
+        args.no_dcp_extra = True
+    if args.dcp_staging is None:
+        args.dcp_staging = "pinned" if args.fsdp2 else "plain"
+    return args
 
 
 def main() -> int:
     args = parse_args()
-    budget_end = T0 + args.budget_s
     # SIGTERM (a timeout) unwinds through the finally blocks: the daemon is stopped, /dev/shm freed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -687,22 +945,69 @@ def main() -> int:
     log(f"start: GPU {gpu}; torch {torch.__version__}"
         f"{f' (CUDA {torch.version.cuda})' if cuda else ''}; Python {platform.python_version()}; "
         f"host {platform.node()}")
+    if not args.fsdp2:
+        return compare(args, device, gpu, None, None)
 
-    trainer = Trainer(args, device)
+    # FSDP2: one process group for FSDP and DCP, made before the model, destroyed at the end.
+    try:
+        fsdp2_api()
+    except RuntimeError as e:
+        log(f"ERROR: {e}")
+        return 2
+    world: Optional[WorldOfOne] = None
+    try:
+        try:
+            world = WorldOfOne("cpu:gloo,cuda:nccl" if cuda else "gloo")
+            fsdp = Fsdp2(device)
+        except Exception as e:
+            traceback.print_exc()
+            log(f"ERROR: FSDP2 setup (process group, DeviceMesh) failed: {e!r}")
+            return 1
+        log(f"FSDP2: process group {world.backend}, world 1; DeviceMesh {device.type} (1,)")
+        return compare(args, device, gpu, fsdp, world)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def compare(args: argparse.Namespace, device: torch.device, gpu: str, fsdp: Optional[Fsdp2],
+            world: Optional[WorldOfOne]) -> int:
+    """Every phase, then the table. With `fsdp`, the model is sharded and `world` (its process
+    group) serves DCP too."""
+    budget_end = T0 + args.budget_s
+    cuda = device.type == "cuda"
+    intervals: List[int] = args.intervals
+    order = sorted(intervals, reverse=True)  # the longest interval first: the goal's rows
+    layout = ("FSDP2 (fully_shard), world 1: each block, then the root (embeddings, tied head, "
+              f"final norm); process group {world.backend if world else '-'}, DeviceMesh "
+              f"{device.type} (1,); parameters and AdamW state are DTensors, compared and "
+              "measured by their local shards" if fsdp is not None else
+              "plain module, one process (no FSDP)")
+
+    try:
+        trainer = Trainer(args, device, fsdp.shard if fsdp is not None else None)
+    except Exception as e:
+        if fsdp is not None:  # nothing to compare without the model: say why, then fail
+            log(f"ERROR: the model could not be built under FSDP2 (fully_shard): {e!r}")
+        raise
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model: {args.layers} blocks x width {args.width}, {args.heads} heads, MLP {args.mlp_ratio}x, "
         f"vocab {args.vocab} (tied head), seq {args.seq}, batch {args.batch} "
         f"({args.batch * args.seq} tokens/step); {n_params / 1e6:.1f}M parameters; AdamW, bf16 "
         f"autocast, {'flash/SDPA' if hasattr(F, 'scaled_dot_product_attention') else 'manual'} "
         "attention")
+    if fsdp is not None:
+        log(f"layout: {layout}; parameters that are DTensors: {fsdp.dtensors}; head tied to the "
+            f"token embedding after fully_shard: {fsdp.tied}")
     for _ in range(2):  # creates the AdamW state
         trainer.iteration()
     state = trainer.state_tensors()
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     n_state = len(state)
+    param_bytes = sum(local_shard(p).numel() * p.element_size()
+                      for p in trainer.model.parameters())
     log(f"state: {gb(state_bytes)} in {len(state)} tensors (params fp32 "
-        f"{gb(sum(p.numel() * p.element_size() for p in trainer.model.parameters()))} + AdamW "
-        "moments and steps)"
+        f"{gb(param_bytes)} + AdamW moments and steps)"
         + (f"; GPU memory allocated {gb(torch.cuda.memory_allocated(device))}" if cuda else ""))
     try:
         shm = shutil.disk_usage("/dev/shm")
@@ -721,6 +1026,8 @@ def main() -> int:
         f"vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, bf16 autocast, AdamW: "
         f"{n_params / 1e6:.1f}M parameters, state {gb(state_bytes)} ({state_bytes:,} bytes) in "
         f"{n_state} tensors",
+        f"layout: {layout}",
+        f"intervals: {', '.join(interval_label(e) for e in intervals)}, for Tessera and DCP alike",
     ]
     baseline: Optional[Row] = None
     verdict = "not run"
@@ -752,7 +1059,7 @@ def main() -> int:
         log(f"tesserad {binary} ready (store {daemon.store}, capacity {capacity} bytes)")
         t = time.perf_counter()
         snap = tessera.torch.Snapshotter(trainer.model, trainer.optimizer, job_id="compare_gpu",
-                                         rank=0, world_size=1, every=10,
+                                         rank=0, world_size=1, every=order[0],
                                          socket_path=daemon.socket)
         register_s = time.perf_counter() - t
         stats = snap.stats()
@@ -761,35 +1068,41 @@ def main() -> int:
             f"GPU copy engine: {stats.has_gpu}")
         header.append(f"Tessera: library {tessera.library_version()}, GPU copy engine "
                       f"{stats.has_gpu}, registration {register_s:.2f} s")
+        if fsdp is not None:
+            placed = len(snap.dtensor_layout())
+            log(f"Snapshotter: {placed} DTensors registered by their local shards")
+            header[-1] += f", {placed} DTensors registered by their local shards"
     except Exception as e:
         traceback.print_exc()
         log(f"Tessera setup FAILED: {e!r}")
         if daemon is not None:
             log("tesserad log:\n" + daemon.log_tail())
-        rows.append(Row("Tessera Snapshotter", "-", error=repr(e)))
+        rows.append(Row(TESSERA, "-", error=repr(e)))
 
     if snap is not None:
-        for every, iters in ((10, args.iters), (1, max(4, args.iters // 2))):
-            log(f"phase: Tessera {'every 10' if every > 1 else 'every step'}")
+        for every in order:
+            iters = args.iters if every > 1 else max(4, args.iters // 2)
+            log(f"phase: Tessera {interval_label(every)}")
             try:
                 finish(phase_tessera(trainer, snap, every, iters, args.warmup))
             except Exception as e:
                 traceback.print_exc()
                 log(f"Tessera every {every} FAILED: {e!r}\n" + (daemon.log_tail() if daemon else ""))
-                rows.append(Row("Tessera Snapshotter", f"every {every}", error=repr(e)))
+                rows.append(Row(TESSERA, interval_label(every), error=repr(e)))
         log("phase: restore and bit-exact check")
+        what = "full state" if fsdp is None else "full state, same layout (FSDP2 local shards)"
         try:
             verify_all = True
             if cuda:
                 free, _ = torch.cuda.mem_get_info(device)
                 verify_all = free > 1.3 * state_bytes
-            row, verdict = phase_restore(trainer, snap, args.restores, verify_all)
+            row, verdict = phase_restore(trainer, snap, args.restores, verify_all, what)
             finish(row)
         except Exception as e:
             traceback.print_exc()
             verdict = f"FAIL: {e!r}"
             log(f"restore FAILED: {e!r}")
-            rows.append(Row("Tessera restore_latest()", "full state", error=repr(e)))
+            rows.append(Row("Tessera restore_latest()", what, error=repr(e)))
         try:
             snap.close(drop=True)
         except Exception as e:
@@ -809,7 +1122,23 @@ def main() -> int:
     except Exception as e:
         log(f"baseline re-measure failed: {e!r}")
 
-    # 3. DCP async_save
+    # 3. DCP async_save: the chosen staging at every interval, the other as an extra row at the
+    # longest interval when the budget leaves time.
+    pinned = args.dcp_staging == "pinned"
+    plans = [(every, args.dcp_step_iters if every == 1 else args.dcp_iters, pinned, False)
+             for every in order]
+    if not args.no_dcp_extra:
+        plans.append((order[0], args.dcp_step_iters if order[0] == 1 else args.dcp_iters,
+                      not pinned, True))
+    dcp_methods = [DCP_PINNED if pinned else DCP_PLAIN]
+    if not args.no_dcp_extra:
+        dcp_methods.append(DCP_PLAIN if pinned else DCP_PINNED)
+    header.append(f"DCP staging: {DCP_STAGING[dcp_methods[0]]} at every interval"
+                  + (f", {DCP_STAGING[dcp_methods[1]]} as an extra row at "
+                     f"{interval_label(order[0])} when the budget leaves 60 s"
+                     if len(dcp_methods) > 1 else "")
+                  + "; pinned = FileSystemWriter(cache_staged_state_dict=True), TorchTitan's "
+                  "async_with_pinned_mem")
     dcp = None
     dcp_missing = None
     try:
@@ -823,28 +1152,22 @@ def main() -> int:
                        "torch.distributed.checkpoint)")
     if dcp is None:
         log(f"DCP async_save: {dcp_missing}")
-        for interval in ("every 10", "every step"):
-            rows.append(Row("DCP async_save -> /dev/shm", interval, error=dcp_missing))
+        for every in order:
+            rows.append(Row(dcp_methods[0], interval_label(every), error=dcp_missing))
     else:
-        import torch.distributed as dist
         dcp_root = tempfile.mkdtemp(prefix="dcp-cmp-", dir="/dev/shm")
         atexit.register(shutil.rmtree, dcp_root, True)
-        initialized_here = False
+        own_world: Optional[WorldOfOne] = None
         try:
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", init_method=f"file://{dcp_root}/pg-rendezvous",
-                                        rank=0, world_size=1)
-                initialized_here = True
-            log(f"DCP: process group gloo, world 1; checkpoints in {dcp_root}")
-            plans = [(10, args.dcp_iters, False), (1, args.dcp_step_iters, False)]
-            if not args.no_dcp_cached:
-                plans.append((10, args.dcp_iters, True))
+            dcp_world = world
+            if dcp_world is None:
+                dcp_world = own_world = WorldOfOne("gloo")
+            log(f"DCP: process group {dcp_world.backend}, world 1; checkpoints in {dcp_root}")
             savers: Dict[bool, DcpSaver] = {}
-            for every, iters, cached in plans:
-                label = ("DCP async_save -> /dev/shm" if not cached else
-                         "DCP async_save, cache_staged_state_dict=True (pinned, reused)")
-                interval = "every 10" if every > 1 else "every step"
-                if cached and budget_end - time.perf_counter() < 60:
+            for every, iters, cached, extra in plans:
+                label = DCP_PINNED if cached else DCP_PLAIN
+                interval = interval_label(every)
+                if extra and budget_end - time.perf_counter() < 60:
                     log(f"skipping {label}: {budget_end - time.perf_counter():.0f} s of budget left")
                     continue
                 if budget_end - time.perf_counter() < 20:
@@ -870,24 +1193,23 @@ def main() -> int:
         except Exception as e:
             traceback.print_exc()
             log(f"DCP setup FAILED: {e!r}")
-            rows.append(Row("DCP async_save -> /dev/shm", "-", error=repr(e)))
+            rows.append(Row(dcp_methods[0], "-", error=repr(e)))
         finally:
-            if initialized_here:
-                try:
-                    dist.destroy_process_group()
-                except Exception:
-                    pass
+            if own_world is not None:
+                own_world.close()
             shutil.rmtree(dcp_root, ignore_errors=True)
 
     # 4. The table.
     print(flush=True)
-    print("## Tessera vs torch.distributed.checkpoint.async_save", flush=True)
+    print("## Tessera vs torch.distributed.checkpoint.async_save"
+          + (", FSDP2 (fully_shard), world 1" if fsdp is not None else "")
+          + f", torch {torch.__version__}", flush=True)
     print(flush=True)
     for line in header:
         print(f"- {line}", flush=True)
-    tess10 = next((r for r in rows if r.method == "Tessera Snapshotter"
+    tess10 = next((r for r in rows if r.method == TESSERA
                    and r.interval == "every 10" and r.iter_s), None)
-    tess_all_blocked = [s for r in rows if r.method == "Tessera Snapshotter" for s in r.blocked_s]
+    tess_all_blocked = [s for r in rows if r.method == TESSERA for s in r.blocked_s]
     if tess_all_blocked:
         med, mx = statistics.median(tess_all_blocked), max(tess_all_blocked)
         print(f"- goal: blocking < {GOAL_BLOCK_MS:g} ms per snapshot -> measured median "
@@ -900,7 +1222,7 @@ def main() -> int:
     print(f"- goal: overhead <= {GOAL_OVERHEAD_PCT_AT_10:g}% at every 10 steps -> measured "
           + ("not measured" if ovh is None else
              f"{ovh:+.1f}%: {'MET' if ovh <= GOAL_OVERHEAD_PCT_AT_10 else 'NOT MET'}"), flush=True)
-    dcp10 = next((r for r in rows if r.method == "DCP async_save -> /dev/shm"
+    dcp10 = next((r for r in rows if r.method == DCP_PLAIN
                   and r.interval == "every 10" and r.iter_s), None)
     if dcp10 is not None and dcp10.blocked_s and baseline is not None and baseline.mean_s():
         print(f"- issue's DCP figures: {ISSUE_DCP_BLOCK_S} s blocked per save, "
@@ -915,6 +1237,14 @@ def main() -> int:
     print(TABLE_HEADER, flush=True)
     for row in rows:
         print(row_line(row, baseline), flush=True)
+    print(flush=True)
+    print("### Per interval: Tessera against DCP async_save", flush=True)
+    print(flush=True)
+    for line in comparison_lines(rows, baseline, intervals, dcp_methods):
+        print(line, flush=True)
+    print(flush=True)
+    for line in verdict_lines(rows, baseline, intervals, dcp_methods):
+        print(line, flush=True)
     print(flush=True)
     log(f"done in {elapsed():.0f} s")
     return 0

@@ -6,8 +6,10 @@
 #   then on the GPU machine, from the repository root: examples/compare_gpu.sh .gpu/compare [args]
 #
 # Sources the bundle's env.sh, points TESSERAD and TESSERA_LIBRARY into it, prints the GPU and
-# /dev/shm, and runs the script under a timeout (COMPARE_TIMEOUT_S, default 290 s; SIGTERM lets it
-# stop its tesserad). The output goes to $OUT/compare_gpu.txt too, when OUT is set.
+# /dev/shm, and runs the script with every further argument (e.g. --fsdp2 --intervals 1,5,10
+# --budget-s 300) under a timeout: COMPARE_TIMEOUT_S, default the script's --budget-s (225 s
+# unless given) plus 65 s for its start and final table; SIGTERM lets it stop its tesserad. The
+# output goes to $OUT/compare_gpu.txt too, when OUT is set.
 set -uo pipefail
 bundle=$(cd "${1:?usage: examples/compare_gpu.sh BUNDLE [compare_gpu.py args]}" && pwd)
 shift
@@ -21,6 +23,16 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current \
   --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 df -h /dev/shm | tail -1
-timeout --signal=TERM --kill-after=20 "${COMPARE_TIMEOUT_S:-290}" \
+budget_s=225
+previous=
+for arg in "$@"; do
+  case $arg in --budget-s=*) budget_s=${arg#--budget-s=} ;; esac
+  [[ $previous == --budget-s ]] && budget_s=$arg
+  previous=$arg
+done
+budget_s=${budget_s%%[!0-9]*}  # whole seconds
+timeout_s=${COMPARE_TIMEOUT_S:-$(( ${budget_s:-225} + 65 ))}
+echo "compare_gpu.py $* (timeout ${timeout_s} s)"
+timeout --signal=TERM --kill-after=20 "$timeout_s" \
   python3 -u "$here/compare_gpu.py" "$@" 2>&1 | tee "$out/compare_gpu.txt"
 exit "${PIPESTATUS[0]}"

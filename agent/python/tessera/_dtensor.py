@@ -4,7 +4,7 @@ A DTensor has no storage of its own: each rank holds a local shard (``_local_ten
 DTensor's mesh and placements say where that shard lies in the global tensor. The Snapshotter
 registers the local shard by address, exactly as it registers a plain tensor, so a snapshot and a
 restore in place cost the same; this module finds the shard and describes its place, which the
-snapshot records (its ``meta`` blob, key ``"dtensors"``) for readers that reshard (DCP's planner
+snapshot records (its ``layout`` blob, key ``"dtensors"``) for readers that reshard (DCP's planner
 needs the fully qualified name, the global shape, the dtype, and the local chunk's offsets and
 lengths).
 

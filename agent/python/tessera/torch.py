@@ -60,6 +60,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import itertools
+import json
 import logging
 import operator
 import os
@@ -115,7 +116,8 @@ _STATEFUL_HINT = ("pass LR schedulers, GradScalers, stateful samplers and data l
                   "'scaler': scaler}")
 
 _PICKLE_PROTOCOL = 4
-_META_FORMAT = 1
+_META_FORMAT = 2  # 1: "model_other" a dict and "dtensors" pickled bytes; 2: see `_meta`
+_LAYOUT_FORMAT = "tessera.snapshot-layout/1"
 _EMPTY_USER_STATE = pickle.dumps({}, _PICKLE_PROTOCOL)
 _BLOB_DESCRIPTIONS = {
     "rng.torch_cpu": "torch's CPU RNG state",
@@ -124,6 +126,7 @@ _BLOB_DESCRIPTIONS = {
     "rng.numpy": "NumPy's RNG state",
     "user": "the pickled user_state",
     "meta": "the optimizer's non-tensor state and param_groups",
+    "layout": "the JSON layout (FQNs and DTensor placements) of the registered tensors",
 }
 _DOUBLE = struct.Struct("<d")
 
@@ -145,6 +148,19 @@ _DTYPE_NAMES = _torch_dtype_names()
 def _blob_capacity(size: int) -> int:
     capacity = max(MIN_BLOB_CAPACITY, 4 * size)
     return 1 << (capacity - 1).bit_length()
+
+
+_WRAPPER_COMPONENTS = frozenset(("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
+
+
+def _clean_fqn(key: str, unwrap_ddp: bool) -> str:
+    """A state_dict key as ``torch.distributed.checkpoint.state_dict`` names it: without the path
+    components that torch.compile, FSDP1 and activation checkpointing wrappers add, nor DDP's
+    leading ``module``."""
+    parts = key.split(".")
+    if unwrap_ddp and parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in _WRAPPER_COMPONENTS)
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -459,7 +475,7 @@ class Snapshotter:
 
         self.dp_members: Optional[List[int]] = self._resolve_dp_group(dp_group, self.rank)
         self._blobs: Dict[str, _Blob] = {}
-        self._dtensor_pickled = b""
+        self._layout_json = b""
         self._rng_pickles = _PickleCache()
         self._registered: Optional[_Registered] = None
         self._fence_pending = False
@@ -655,28 +671,45 @@ class Snapshotter:
 
     def _meta(self, optimizer_other: Dict[Tuple[int, Any], Any],
               with_model_other: bool) -> Dict[str, Any]:
+        """The meta blob: only plain Python values at its top level (readers of a snapshot
+        unpickle it allowing no classes); the model's non-tensor state, which may hold any
+        object, nested as its own pickle."""
         groups = []
         if self.optimizer is not None:
             groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
                       for g in self.optimizer.param_groups]
+        # model.state_dict() costs a walk over every module: only when there is extra state.
+        model_other = (pickle.dumps(self._model_state(self.model)[1], _PICKLE_PROTOCOL)
+                       if with_model_other else b"")
         return {
             "format": _META_FORMAT,
             "optimizer_state": optimizer_other,
             "param_groups": groups,
-            # model.state_dict() costs a walk over every module: only when there is extra state.
-            "model_other": self._model_state(self.model)[1] if with_model_other else {},
-            # Where each DTensor's local shard lies (`dtensor_layout`), pickled once when
-            # registering: copying bytes costs nothing per snapshot, pickling 1,000 dicts would.
-            "dtensors": self._dtensor_pickled,
+            "model_other": model_other,
         }
 
     def dtensor_layout(self) -> Dict[str, Dict[str, Any]]:
         """Where the local shard of each registered DTensor lies in its global tensor, by entry
         name ("model.<state_dict key>", "optim.<param index>.<key>"): global_shape, offsets,
-        lengths, dtype, mesh_shape, mesh_dim_names, placements. Every snapshot records it (its
-        meta blob, key "dtensors"), for readers that place the shards in another layout. Empty
+        lengths, dtype, mesh_shape, mesh_dim_names, placements. Every snapshot records it (in its
+        layout blob, see `layout`), for readers that place the shards in another layout. Empty
         for a model without DTensors."""
-        return pickle.loads(self._dtensor_pickled) if self._dtensor_pickled else {}
+        return dict(self.layout().get("dtensors", {}))
+
+    def layout(self) -> Dict[str, Any]:
+        """What the snapshots of the current registration record about their tensors (the JSON
+        blob "layout", written once per registration), for readers that need no model to read
+        them (`tessera.dcp.SnapshotReader`):
+
+        * "fqns": entry name -> the tensor's fully qualified name in the model's state dict
+          (wrappers' path components such as ``_orig_mod`` and DDP's ``module`` left out, as
+          ``torch.distributed.checkpoint.state_dict`` names them);
+        * "param_fqns": the FQN of each optimizer parameter, in ``state_dict`` order;
+        * "group_sizes": how many parameters each param group holds;
+        * "aliases": entry name -> the registered entry that holds its bytes (tied weights);
+        * "dtensors": as `dtensor_layout`.
+        """
+        return json.loads(self._layout_json) if self._layout_json else {}
 
     def _user_is_callable(self) -> bool:
         state = self._user_state
@@ -750,6 +783,7 @@ class Snapshotter:
                 f"the optimizer's or model's non-tensor state does not pickle: {e}"
             ) from e
         payloads["meta"] = meta
+        payloads["layout"] = self._layout_json  # the same object until the next registration
         return payloads
 
     def _blob_description(self, name: str) -> str:
@@ -797,17 +831,15 @@ class Snapshotter:
             )
         return Entry.tensor(name, t.data_ptr(), dtype, tuple(t.shape))
 
-    def _place_dtensors(self, optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]) -> bytes:
-        """The pickled `dtensor_layout` of the model's and the optimizer's DTensors (b"" when
-        there are none)."""
+    def _place_dtensors(self, optimizer_tensors: List[Tuple[int, Any, torch.Tensor]]
+                        ) -> Dict[str, Dict[str, Any]]:
+        """Where the model's and the optimizer's DTensors lie (`dtensor_layout`)."""
         if not _dtensor.available():
-            return b""
+            return {}
         named = [(f"model.{k}", t) for k, t in self.model.state_dict(keep_vars=True).items()
                  if _dtensor.is_dtensor(t)]
         named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors
                   if _dtensor.is_dtensor(t)]
-        if not named:
-            return b""
         layout = {}
         for name, t in named:
             try:
@@ -816,7 +848,25 @@ class Snapshotter:
                 raise InvalidArgumentError(str(e)) from e
             assert place is not None
             layout[name] = place.as_dict()
-        return pickle.dumps(layout, _PICKLE_PROTOCOL)
+        return layout
+
+    def _layout_of(self, model_keys: List[str], aliases: Dict[str, str],
+                   dtensors: Dict[str, Dict[str, Any]]) -> bytes:
+        """The JSON of `layout`."""
+        unwrap_ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        fqns = {f"model.{k}": _clean_fqn(k, unwrap_ddp) for k in model_keys}
+        param_fqns: List[str] = []
+        group_sizes: List[int] = []
+        if self.optimizer is not None:
+            names = {id(p): _clean_fqn(n, unwrap_ddp) for n, p in self.model.named_parameters()}
+            for group in self.optimizer.param_groups:
+                group_sizes.append(len(group["params"]))
+                # A parameter the model does not hold has no FQN: its index stands in.
+                param_fqns += [names.get(id(p), f"param.{len(param_fqns) + i}")
+                               for i, p in enumerate(group["params"])]
+        return json.dumps({"format": _LAYOUT_FORMAT, "fqns": fqns, "param_fqns": param_fqns,
+                           "group_sizes": group_sizes, "aliases": aliases,
+                           "dtensors": dtensors}, separators=(",", ":")).encode("utf-8")
 
     def _register(self) -> None:
         model_tensors, model_other = self._model_state(self.model)
@@ -824,7 +874,7 @@ class Snapshotter:
         named: List[Tuple[str, torch.Tensor]] = [
             (f"model.{k}", t) for k, t in model_tensors.items()]
         named += [(f"optim.{i}.{key}", t) for i, key, t in optimizer_tensors]
-        self._dtensor_pickled = self._place_dtensors(optimizer_tensors)
+        dtensors = self._place_dtensors(optimizer_tensors)
 
         parameter_names = {f"model.{k}" for k, _ in self.model.named_parameters()}
         entries: List[Entry] = []
@@ -849,6 +899,7 @@ class Snapshotter:
             # member; buffers (batch-norm statistics) may drift per rank, so they stay whole.
             replicated.append(name in parameter_names or name.startswith("optim."))
 
+        self._layout_json = self._layout_of(list(model_tensors), aliases, dtensors)
         cuda_devices = self._cuda_devices()
         stream_device = None
         for t in model_tensors.values():
@@ -1308,8 +1359,11 @@ class Snapshotter:
             blob.current = None  # the restore wrote the registered buffer
         try:
             meta = pickle.loads(values["meta"])
-            if meta.get("format") != _META_FORMAT:
+            if meta.get("format") not in (1, _META_FORMAT):
                 raise ValueError(f"metadata format {meta.get('format')!r}")
+            model_other = meta["model_other"]
+            if isinstance(model_other, bytes):  # format 2
+                model_other = pickle.loads(model_other) if model_other else {}
             user = pickle.loads(values["user"])
             python_rng = pickle.loads(values["rng.python"])
             numpy_rng = pickle.loads(values["rng.numpy"]) if "rng.numpy" in values else None
@@ -1325,8 +1379,8 @@ class Snapshotter:
                 self.optimizer.state[params[i]][key] = value
             for group, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
                 group.update(saved)
-        if meta["model_other"]:
-            self.model.load_state_dict(meta["model_other"], strict=False)
+        if model_other:
+            self.model.load_state_dict(model_other, strict=False)
 
         for name, obj in self._stateful.items():
             try:
