@@ -28,17 +28,30 @@ uint64_t TestSeed() {
 // the sealed payload's segment, and FindLatestRestorable(resume) from another uid dropped a job's
 // newer sealed steps. Both are refused now, and the job's snapshots stay as they were. The probe
 // runs as uid 65534 under setpriv (util-linux).
-TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
-  if (geteuid() != 0) GTEST_SKIP() << "needs root, to run the probe as another uid";
-  {
-    // Some containers cannot switch to uid 65534 (no such uid in their user namespace).
-    auto check = Process::Start({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
-                                 "--clear-groups", "/bin/true"});
-    if (check->Wait() != 0) {
-      GTEST_SKIP() << "cannot run a process as uid 65534 here (setpriv failed: "
-                   << (check->lines().empty() ? "no output" : check->lines().back()) << ")";
-    }
+// Why processes cannot run as other uids here; empty when they can.
+std::string CannotSwitchUids() {
+  if (geteuid() != 0) return "needs root, to run processes as other uids";
+  // Some containers cannot switch to uid 65534 (no such uid in their user namespace).
+  auto check = Process::Start({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                               "--clear-groups", "/bin/true"});
+  if (check->Wait() == 0) return "";
+  return "cannot run a process as uid 65534 here (setpriv failed: " +
+         (check->lines().empty() ? std::string("no output") : check->lines().back()) + ")";
+}
+
+// `binary` copied where any uid can run it, and the command that runs it as `uid`.
+std::vector<std::string> AsUid(const TempRoot& root, const std::string& binary, int uid) {
+  const std::string copy = root.path() + "/" + std::filesystem::path(binary).filename().string();
+  if (!std::filesystem::exists(copy)) {
+    std::filesystem::copy_file(BinaryPath(binary), copy);
+    chmod(copy.c_str(), 0755);
   }
+  return {"/usr/bin/setpriv", "--reuid=" + std::to_string(uid), "--regid=" + std::to_string(uid),
+          "--clear-groups", copy};
+}
+
+TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
+  if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
   const uint64_t seed = TestSeed();
   TempRoot root;
   DaemonProcess daemon(root.path(), "n0", uint64_t{256} << 20, {"--set", "agent.socket_mode=0666"});
@@ -52,14 +65,10 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
   ASSERT_EQ(trainer->Wait(), 0);
   ASSERT_EQ(LastEvent(trainer->lines(), "sealed"), 4);
 
-  // The probe, where uid 65534 can run it.
-  const std::string probe = root.path() + "/agent_probe";
-  std::filesystem::copy_file(BinaryPath("tests/agent_probe"), probe);
-  chmod(probe.c_str(), 0755);
   auto as_nobody = [&](std::vector<std::string> args) {
-    std::vector<std::string> command = {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
-                                        "--clear-groups", probe,
-                                        "--socket=" + daemon.socket_path(), "--job=victim"};
+    std::vector<std::string> command = AsUid(root, "tests/agent_probe", 65534);
+    command.push_back("--socket=" + daemon.socket_path());
+    command.push_back("--job=victim");
     command.insert(command.end(), args.begin(), args.end());
     auto p = Process::Start(command);
     EXPECT_EQ(p->Wait(), 0);
@@ -88,6 +97,40 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
   EXPECT_EQ(verifier->Wait(), 0);
   ASSERT_FALSE(verifier->lines().empty());
   EXPECT_EQ(verifier->lines().back(), "verified 4");
+}
+
+// A reader that registers nothing (a resharding DCP reader in a new process) reads the
+// snapshots of its own uid's job, which the daemon holds, and still no other uid does.
+TEST(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
+  if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  DaemonProcess daemon(root.path(), "n0", uint64_t{256} << 20, {"--set", "agent.socket_mode=0666"});
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  const TrainerLayout layout{4, 100, 64 << 10, 256 << 10};
+  // The trainer runs as uid 65534: the job is that uid's.
+  const std::vector<std::string> command = TrainerCommand(daemon, "own", seed, 0, 1, layout);
+  std::vector<std::string> argv = AsUid(root, "tests/trainer", 65534);
+  argv.insert(argv.end(), command.begin() + 1, command.end());  // its arguments
+  argv.push_back("--when-busy=wait");
+  argv.push_back("--steps=3");
+  auto trainer = Process::Start(argv);
+  ASSERT_EQ(trainer->Wait(), 0);
+  ASSERT_EQ(LastEvent(trainer->lines(), "sealed"), 3);
+  auto probe_as = [&](int uid) {
+    std::vector<std::string> command = AsUid(root, "tests/agent_probe", uid);
+    command.insert(command.end(), {"--socket=" + daemon.socket_path(), "--job=own",
+                                   "--call=prepare_restore", "--step=-1"});
+    auto p = Process::Start(command);
+    EXPECT_EQ(p->Wait(), 0);
+    return p->lines().empty() ? std::string("(no output)") : p->lines().back();
+  };
+  EXPECT_EQ(probe_as(65534), "OK step 3");
+  const std::string other = probe_as(65533);
+  EXPECT_TRUE(absl::StartsWith(other, "PERMISSION_DENIED")) << other;
+  EXPECT_TRUE(absl::StrContains(other, "holds snapshots of uid 65534 here; the caller is uid 65533"))
+      << other;
 }
 
 }  // namespace

@@ -148,7 +148,9 @@ absl::Status SnapshotStore::CheckJobAccess(const std::string& job_id,
       ranks.push_back(it->second);
     }
   }
-  bool registered_by_caller = false;
+  // The caller shows the job is its own by a registration of it here, or by snapshots of its
+  // uid held here (a reader that registers nothing, such as a resharding one).
+  bool owned_by_caller = false;
   for (const auto& state : ranks) {
     absl::MutexLock lock(&state->mu);
     const bool has_data = state->slots[0] || state->slots[1] || !state->retained.empty();
@@ -162,12 +164,13 @@ absl::Status SnapshotStore::CheckJobAccess(const std::string& job_id,
                                                       state->owner.uid, "; the caller is uid ",
                                                       caller.uid));
     }
-    registered_by_caller = registered_by_caller || state->registered;
+    owned_by_caller = owned_by_caller || state->registered || has_data;
   }
-  if (!registered_by_caller) {
+  if (!owned_by_caller) {
     return absl::FailedPreconditionError(absl::StrCat(
         "no rank of job '", job_id, "' is registered here by uid ", caller.uid,
-        ": register a rank of the job before asking for its snapshots"));
+        " nor holds its snapshots here: register a rank of the job before asking for its "
+        "snapshots"));
   }
   return absl::OkStatus();
 }

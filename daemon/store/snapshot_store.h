@@ -181,9 +181,10 @@ class SnapshotStore {
   void NoteResume(const std::string& job_id, uint32_t rank, int64_t step);
 
   // Whether `caller` may read or roll back `job_id` here: root may; another uid only when it
-  // registered a rank of the job on this daemon and no rank of it here holds another uid's
-  // snapshots or registration (a job belongs to the uid that registered it). kPermissionDenied
-  // names the uids; kFailedPrecondition when the caller registered no rank of the job here.
+  // registered a rank of the job on this daemon or a rank here holds snapshots of its uid, and no
+  // rank of it here holds another uid's snapshots or registration (a job belongs to the uid that
+  // registered it). kPermissionDenied names the uids; kFailedPrecondition when no rank of the
+  // job here is the caller's.
   absl::Status CheckJobAccess(const std::string& job_id, const Caller& caller) const;
 
   // Sealed and in-flight snapshots of a job (all jobs when job_id is empty), by rank then step.
