@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -50,15 +51,27 @@ std::vector<std::string> AsUid(const TempRoot& root, const std::string& binary, 
           "--clear-groups", copy};
 }
 
-TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
-  if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
-  const uint64_t seed = TestSeed();
+// A daemon whose agent socket every uid may use, and processes run as other uids.
+class IsolationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
+    seed = TestSeed();
+    daemon = std::make_unique<DaemonProcess>(root.path(), "n0", uint64_t{256} << 20,
+                                             std::vector<std::string>{"--set",
+                                                                      "agent.socket_mode=0666"});
+    std::string error;
+    ASSERT_TRUE(daemon->Start(&error)) << error;
+  }
+
+  uint64_t seed = 0;
   TempRoot root;
-  DaemonProcess daemon(root.path(), "n0", uint64_t{256} << 20, {"--set", "agent.socket_mode=0666"});
-  std::string error;
-  ASSERT_TRUE(daemon.Start(&error)) << error;
+  std::unique_ptr<DaemonProcess> daemon;
+};
+
+TEST_F(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
   const TrainerLayout layout{6, 100, 64 << 10, 256 << 10};
-  auto argv = TrainerCommand(daemon, "victim", seed, 0, 1, layout);
+  auto argv = TrainerCommand(*daemon, "victim", seed, 0, 1, layout);
   argv.push_back("--when-busy=wait");
   argv.push_back("--steps=4");
   auto trainer = Process::Start(argv);
@@ -67,7 +80,7 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
 
   auto as_nobody = [&](std::vector<std::string> args) {
     std::vector<std::string> command = AsUid(root, "tests/agent_probe", 65534);
-    command.push_back("--socket=" + daemon.socket_path());
+    command.push_back("--socket=" + daemon->socket_path());
     command.push_back("--job=victim");
     command.insert(command.end(), args.begin(), args.end());
     auto p = Process::Start(command);
@@ -91,7 +104,7 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
   EXPECT_TRUE(absl::StartsWith(unknown, "FAILED_PRECONDITION")) << unknown;
 
   // The owner restores its newest step, bit-exact: nothing was dropped.
-  argv = TrainerCommand(daemon, "victim", seed, 0, 1, layout);
+  argv = TrainerCommand(*daemon, "victim", seed, 0, 1, layout);
   argv.push_back("--mode=verify");
   auto verifier = Process::Start(argv);
   EXPECT_EQ(verifier->Wait(), 0);
@@ -101,16 +114,10 @@ TEST(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
 
 // A reader that registers nothing (a resharding DCP reader in a new process) reads the
 // snapshots of its own uid's job, which the daemon holds, and still no other uid does.
-TEST(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
-  if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
-  const uint64_t seed = TestSeed();
-  TempRoot root;
-  DaemonProcess daemon(root.path(), "n0", uint64_t{256} << 20, {"--set", "agent.socket_mode=0666"});
-  std::string error;
-  ASSERT_TRUE(daemon.Start(&error)) << error;
+TEST_F(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
   const TrainerLayout layout{4, 100, 64 << 10, 256 << 10};
   // The trainer runs as uid 65534: the job is that uid's.
-  const std::vector<std::string> command = TrainerCommand(daemon, "own", seed, 0, 1, layout);
+  const std::vector<std::string> command = TrainerCommand(*daemon, "own", seed, 0, 1, layout);
   std::vector<std::string> argv = AsUid(root, "tests/trainer", 65534);
   argv.insert(argv.end(), command.begin() + 1, command.end());  // its arguments
   argv.push_back("--when-busy=wait");
@@ -120,7 +127,7 @@ TEST(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
   ASSERT_EQ(LastEvent(trainer->lines(), "sealed"), 3);
   auto probe_as = [&](int uid) {
     std::vector<std::string> command = AsUid(root, "tests/agent_probe", uid);
-    command.insert(command.end(), {"--socket=" + daemon.socket_path(), "--job=own",
+    command.insert(command.end(), {"--socket=" + daemon->socket_path(), "--job=own",
                                    "--call=prepare_restore", "--step=-1"});
     auto p = Process::Start(command);
     EXPECT_EQ(p->Wait(), 0);
