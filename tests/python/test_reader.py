@@ -200,6 +200,31 @@ def test_reader_arguments_and_missing_things_get_clear_errors(daemon) -> None:
             reader.read_manifest("bad job", 0)
         assert reader.read_range("reader-args", 0, 2, "w") == want["w"]
 
+        # tessera_read_manifest itself: a buffer too small, none at all, NULL arguments.
+        lib, handle = tessera._lib.library(), reader._h()
+        needed = ctypes.c_size_t(0)
+        small = ctypes.create_string_buffer(b"untouched", 10)
+        rc = lib.tessera_read_manifest(handle, b"reader-args", 0, 2, small, 10,
+                                       ctypes.byref(needed))
+        assert rc == -tessera.OutOfRangeError.code and needed.value > 10
+        assert f"call again with capacity >= {needed.value}" in tessera._lib.last_error()
+        assert small.value == b""
+        assert lib.tessera_read_manifest(handle, b"reader-args", 0, 2, None, 0,
+                                         ctypes.byref(needed)) == -tessera.OutOfRangeError.code
+        exact = ctypes.create_string_buffer(needed.value)
+        assert lib.tessera_read_manifest(handle, b"reader-args", 0, 2, exact, needed.value,
+                                         None) == 0
+        assert len(exact.value) == needed.value - 1 and b'"step": 2' in exact.value
+        rc = lib.tessera_read_manifest(handle, None, 0, 2, exact, needed.value, None)
+        assert rc == -tessera.InvalidArgumentError.code
+        rc = lib.tessera_read_manifest(handle, b"reader-args", 0, 2, None, 5, None)
+        assert rc == -tessera.InvalidArgumentError.code
+        assert "nor json_out with capacity 5" in tessera._lib.last_error()
+        rc = lib.tessera_read_range(handle, b"reader-args", 0, 2, None, 0, 1, None)
+        assert rc == -tessera.InvalidArgumentError.code
+        rc = lib.tessera_read_range(None, b"reader-args", 0, 2, b"w", 0, 1, None)
+        assert "client is NULL" in tessera._lib.last_error()
+
 
 def test_a_damaged_block_fails_only_the_ranges_over_it(daemon) -> None:
     seed = _seed()
