@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "agent/block_verifier.h"
+#include "agent/verified_read.h"
 #include "common/crc32c.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
@@ -593,35 +594,45 @@ class Client::RestoreSource {
   const Segment* segment_ = nullptr;
   std::unique_ptr<Segment> opened_;
   bool pinned_ = false;
+  std::string job_id_;
   agent::PrepareRestoreResponse response_;
+  // The manifest's bytes, copied out of the segment before they were parsed, so that the
+  // checksum over them (VerifyLayout) is of the bytes parsed even if the segment changes.
+  std::string manifest_bytes_;
   ShardManifest manifest_;
   std::map<std::string, const ManifestEntry*> by_name_;
 };
 
-absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint32_t rank,
-                                                                           int64_t step,
-                                                                           bool client_verifies) {
+absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(
+    const std::string& job_id, uint32_t rank, int64_t step, bool client_verifies,
+    bool for_reader) {
   agent::PrepareRestoreRequest request;
-  request.set_job_id(job_id_);
+  request.set_job_id(job_id);
   request.set_rank(rank);
   request.set_step(step);
   request.set_client_verifies(client_verifies);
   auto source = std::make_unique<RestoreSource>(engine_.get());
+  source->job_id_ = job_id;
   agent::PrepareRestoreResponse& response = source->response_;
   // A daemon that cannot reach the members holding the shard yet answers UNAVAILABLE.
   TESSERA_RETURN_IF_ERROR(WhileUnavailable(options_.restore_resolve_timeout_ms, [&] {
     grpc::ClientContext context;
     return FromGrpcStatus(stub_->PrepareRestore(NewContext(&context), request, &response));
   }));
-  // Read from our own (pinned) mapping when the step sits in one of our slots.
-  for (const auto& slot : slots_) {
-    if (slot.segment->path() == response.segment_path()) source->segment_ = slot.segment.get();
+  const std::string what = absl::StrCat("job '", job_id, "' rank ", rank, " step ",
+                                        response.step());
+  // Read from our own (pinned) mapping when the step sits in one of our slots. A reader leaves
+  // slots_ alone: it may run beside the worker, which re-registers after a daemon restart.
+  for (size_t i = 0; !for_reader && i < slots_.size(); ++i) {
+    if (slots_[i].segment->path() == response.segment_path()) {
+      source->segment_ = slots_[i].segment.get();
+    }
   }
   if (source->segment_ == nullptr) {
     TESSERA_ASSIGN_OR_RETURN(source->opened_,
                              Segment::Open(response.segment_path(), /*writable=*/false));
     source->segment_ = source->opened_.get();
-    if (engine_->has_gpu()) {
+    if (engine_->has_gpu() && !for_reader) {
       source->pinned_ = engine_->RegisterHost(
           const_cast<SegmentHeader*>(source->segment_->header()),
           source->segment_->file_bytes()).ok();
@@ -632,15 +643,15 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
       !RangeWithin(response.manifest_offset(), response.manifest_bytes(),
                    response.payload_bytes()) ||
       response.manifest_bytes() > static_cast<uint64_t>(std::numeric_limits<int>::max())) {
-    return absl::DataLossError(absl::StrCat("restore of rank ", rank, " step ", response.step(),
-                                            ": the daemon's payload bounds do not fit ",
+    return absl::DataLossError(absl::StrCat(what, ": the daemon's payload bounds do not fit ",
                                             response.segment_path()));
   }
-  if (!source->manifest_.ParseFromArray(source->payload() + response.manifest_offset(),
-                                        static_cast<int>(response.manifest_bytes()))) {
-    return absl::DataLossError(absl::StrCat("the manifest of rank ", rank, " step ",
-                                            response.step(), " in ", response.segment_path(),
-                                            " does not parse"));
+  source->manifest_bytes_.assign(
+      reinterpret_cast<const char*>(source->payload() + response.manifest_offset()),
+      response.manifest_bytes());
+  if (!source->manifest_.ParseFromString(source->manifest_bytes_)) {
+    return absl::DataLossError(absl::StrCat("the manifest of ", what, " in ",
+                                            response.segment_path(), " does not parse"));
   }
   for (const ManifestEntry& m : source->manifest_.entries()) {
     source->by_name_[m.spec().name()] = &m;
@@ -651,8 +662,8 @@ absl::StatusOr<std::unique_ptr<Client::RestoreSource>> Client::OpenRestore(uint3
 absl::Status Client::VerifyLayout(const RestoreSource& source) const {
   const ShardManifest& manifest = source.manifest_;
   const agent::PrepareRestoreResponse& r = source.response_;
-  const std::string what = absl::StrCat("job '", job_id_, "' rank ", manifest.rank(), " step ",
-                                        r.step());
+  const std::string what = absl::StrCat("job '", source.job_id_, "' rank ", manifest.rank(),
+                                        " step ", r.step());
   const uint64_t block = manifest.crc_block_bytes();
   if (block == 0) {
     return absl::UnimplementedError(what + ": the snapshot has no block checksums");
@@ -693,7 +704,8 @@ absl::Status Client::VerifyLayout(const RestoreSource& source) const {
     crc = Crc32cCombine(crc, m->crc32c(), m->length());
     at = m->offset() + m->length();
   }
-  crc = Crc32c(payload + at, r.manifest_offset() + r.manifest_bytes() - at, crc);
+  crc = Crc32c(payload + at, r.manifest_offset() - at, crc);
+  crc = Crc32c(source.manifest_bytes_.data(), source.manifest_bytes_.size(), crc);
   if (crc != r.payload_crc32c()) {
     return absl::DataLossError(absl::StrCat(
         what, ": the payload's CRC32C from its manifest and the bytes around its entries is 0x",
@@ -856,7 +868,7 @@ absl::StatusOr<uint64_t> Client::GatherFromDaemon(int64_t step, const std::vecto
     }
     if (pieces.empty()) continue;
     const uint32_t rank = dp_->members[j];
-    TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank, step));
+    TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(job_id_, rank, step));
     if (source->response_.step() != step) {
       return absl::FailedPreconditionError(absl::StrCat("rank ", rank, " prepared step ",
                                                         source->response_.step(), ", not ", step));
@@ -929,7 +941,8 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   // block just before copying it, beside the copies. On a mismatch, or a snapshot without block
   // checksums, it asks again for a payload the daemon checked (which restores a damaged one
   // from the other nodes, or says DATA_LOSS).
-  TESSERA_ASSIGN_OR_RETURN(auto source, OpenRestore(rank_, step, /*client_verifies=*/true));
+  TESSERA_ASSIGN_OR_RETURN(auto source,
+                           OpenRestore(job_id_, rank_, step, /*client_verifies=*/true));
   TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
                                           rank_, -1));
   auto ops_from = [&](const RestoreSource& from) {
@@ -952,7 +965,8 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     }
     const int64_t asked = source->response_.step();
     source.reset();
-    TESSERA_ASSIGN_OR_RETURN(source, OpenRestore(rank_, asked, /*client_verifies=*/false));
+    TESSERA_ASSIGN_OR_RETURN(source,
+                             OpenRestore(job_id_, rank_, asked, /*client_verifies=*/false));
     TESSERA_RETURN_IF_ERROR(CheckRestorable(source->manifest_, source->response_.payload_bytes(),
                                             rank_, -1));
     copied = engine_->CopySync(ops_from(*source));
@@ -1017,6 +1031,133 @@ absl::StatusOr<std::vector<agent::Version>> Client::ListVersions(const std::stri
   TESSERA_RETURN_IF_ERROR(
       FromGrpcStatus(stub_->ListVersions(NewContext(&context), request, &response)));
   return std::vector<agent::Version>(response.versions().begin(), response.versions().end());
+}
+
+absl::StatusOr<std::shared_ptr<const Client::RestoreSource>> Client::OpenForReading(
+    const std::string& job_id, uint32_t rank, int64_t step, bool daemon_verifies,
+    bool use_cache) {
+  if (use_cache && !daemon_verifies) {
+    std::lock_guard<std::mutex> lock(read_mu_);
+    for (const ReadSource& cached : read_sources_) {
+      if (cached.job_id == job_id && cached.rank == rank && cached.step == step) {
+        return cached.source;
+      }
+    }
+  }
+  TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<const RestoreSource> source,
+                           OpenRestore(job_id, rank, step, /*client_verifies=*/!daemon_verifies,
+                                       /*for_reader=*/true));
+  const int64_t answered = source->response_.step();
+  if (step >= 0 && answered != step) {
+    return absl::InternalError(absl::StrCat("asked for step ", step, " of job '", job_id,
+                                            "' rank ", rank, ", the daemon answered step ",
+                                            answered));
+  }
+  TESSERA_RETURN_IF_ERROR(VerifyLayout(*source));
+  TESSERA_RETURN_IF_ERROR(
+      Annotate(CheckReadableManifest(source->manifest_, job_id, rank, answered),
+               absl::StrCat("job '", job_id, "' rank ", rank, " step ", answered)));
+  std::lock_guard<std::mutex> lock(read_mu_);
+  // A few sources: each keeps its segment mapped (and a segment the daemon deleted meanwhile,
+  // its memory) until it is dropped.
+  constexpr size_t kMaxReadSources = 8;
+  auto same = [&](const ReadSource& cached) {
+    return cached.job_id == job_id && cached.rank == rank && cached.step == answered;
+  };
+  read_sources_.erase(std::remove_if(read_sources_.begin(), read_sources_.end(), same),
+                      read_sources_.end());
+  if (read_sources_.size() >= kMaxReadSources) read_sources_.erase(read_sources_.begin());
+  read_sources_.push_back({job_id, rank, answered, source});
+  return source;
+}
+
+void Client::ForgetReadSources(const std::string& job_id, uint32_t rank) {
+  std::lock_guard<std::mutex> lock(read_mu_);
+  read_sources_.erase(std::remove_if(read_sources_.begin(), read_sources_.end(),
+                                     [&](const ReadSource& cached) {
+                                       return cached.job_id == job_id && cached.rank == rank;
+                                     }),
+                      read_sources_.end());
+}
+
+absl::Status Client::ReadVerified(const std::string& job_id, uint32_t rank, int64_t step,
+                                  bool use_cache,
+                                  const std::function<absl::Status(const RestoreSource&)>& read) {
+  absl::Status first;  // of the read from a source this client checked, when it failed
+  for (const bool daemon_verifies : {false, true}) {
+    absl::StatusOr<std::shared_ptr<const RestoreSource>> source =
+        OpenForReading(job_id, rank, step, daemon_verifies, use_cache);
+    absl::Status status = source.ok() ? read(**source) : source.status();
+    if (status.ok()) return status;
+    const bool callers = absl::IsInvalidArgument(status) || absl::IsNotFound(status);
+    if (!callers) ForgetReadSources(job_id, rank);
+    if (daemon_verifies) {
+      return absl::Status(status.code(),
+                          absl::StrCat(first.message(), "; then, with the daemon checking the "
+                                       "snapshot first: ", status.message()));
+    }
+    if (callers || !absl::IsDataLoss(status)) return status;
+    // The slot may have been rewritten by its trainer since the daemon answered, or damaged.
+    Logger("agent")->warn("reading job '{}' rank {} step {}: {}; asking the daemon to check the "
+                          "snapshot", job_id, rank, step, status.ToString());
+    first = status;
+  }
+  return first;
+}
+
+absl::StatusOr<ShardManifest> Client::ReadManifest(const std::string& job_id, uint32_t rank,
+                                                   int64_t step) {
+  if (step < -1) {
+    return absl::InvalidArgumentError(absl::StrCat("step must be >= 0, or -1 for the newest; "
+                                                   "got ", step));
+  }
+  ShardManifest manifest;
+  TESSERA_RETURN_IF_ERROR(ReadVerified(job_id, rank, step, /*use_cache=*/false,
+                                       [&](const RestoreSource& source) {
+                                         manifest = source.manifest_;
+                                         return absl::OkStatus();
+                                       }));
+  return manifest;
+}
+
+absl::Status Client::ReadRange(const std::string& job_id, uint32_t rank, int64_t step,
+                               const std::string& entry, uint64_t offset, uint64_t length,
+                               void* dst) {
+  if (step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step must be >= 0 to read a range, got ", step, " (ReadManifest(-1) says the newest)"));
+  }
+  if (dst == nullptr && length > 0) {
+    return absl::InvalidArgumentError(absl::StrCat("dst is null for ", length, " bytes"));
+  }
+  return ReadVerified(job_id, rank, step, /*use_cache=*/true, [&](const RestoreSource& source) {
+    const std::string what =
+        absl::StrCat("job '", job_id, "' rank ", rank, " step ", step, " entry '", entry, "'");
+    auto it = source.by_name_.find(entry);
+    if (it == source.by_name_.end()) {
+      std::vector<std::string> names;
+      for (const auto& [name, m] : source.by_name_) {
+        if (names.size() == 8) break;
+        names.push_back(absl::StrCat("'", name, "'"));
+      }
+      return absl::NotFoundError(absl::StrCat(
+          "job '", job_id, "' rank ", rank, " step ", step, " has no entry '", entry, "'; it has ",
+          source.by_name_.size(), ": ", absl::StrJoin(names, ", "),
+          source.by_name_.size() > names.size() ? ", ..." : ""));
+    }
+    const ManifestEntry& m = *it->second;
+    if (!RangeWithin(offset, length, m.length())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " holds ", m.length(), " valid bytes: the range [", offset, ", +", length,
+          ") must lie within [0, ", m.length(), ")"));
+    }
+    return Annotate(
+        CopyVerifiedRange(source.payload() + m.offset(), m.length(),
+                          source.manifest_.crc_block_bytes(),
+                          absl::MakeConstSpan(m.block_crc32c().data(), m.block_crc32c_size()),
+                          offset, length, dst),
+        what);
+  });
 }
 
 absl::Status Client::Close(bool drop_snapshots) {

@@ -32,6 +32,7 @@
 #include "common/segment.h"
 #include "cuda/copy_engine.h"
 #include "proto/agent.grpc.pb.h"
+#include "proto/manifest.pb.h"
 
 namespace tessera {
 
@@ -163,6 +164,49 @@ class Client {
   // The snapshots the daemon holds for the registered job (or for `job_id`).
   absl::StatusOr<std::vector<agent::Version>> ListVersions(const std::string& job_id = "");
 
+  // Reading a sealed snapshot of any rank, without registering it. Nothing is claimed: the
+  // rank's trainer may be running and snapshotting meanwhile, and this client need not have
+  // registered anything. The daemon answers for a job of this process's uid (root: any job; for
+  // another uid, some rank of the job must be registered on this daemon under that uid at the
+  // time, or it is kFailedPrecondition), and first makes a shard held only by other nodes local
+  // (copied or rebuilt from fragments), as for a restore. kPermissionDenied for another uid's
+  // job.
+  //
+  // Verification: the manifest, the bytes between the entries and the manifest itself must make
+  // the sealed payload CRC32C together with the entries' checksums, and each entry's block
+  // checksums its checksum (this reads no entry bytes); ReadRange then checks every block it
+  // returns bytes of. So a damaged block fails the ranges that overlap it, and only those.
+  //
+  // Both may be called from several threads at once, beside the training thread's calls.
+
+  // The manifest of (job_id, rank, step), step -1 being the newest sealed step there: its
+  // entries' names, dtypes, shapes, kinds, sizes, valid lengths and, for a DP-sharded snapshot,
+  // slices and group. Its step() is the step the daemon answered. Checked as hostile input (a
+  // trainer can write its slot): the bounds, the checksums above, and CheckReadableManifest.
+  // kNotFound when the daemon holds no such step; kDataLoss when the snapshot does not verify,
+  // here and then on the daemon (which restores a damaged one from other nodes if it can);
+  // kUnimplemented for a snapshot without block checksums (from before they were taken).
+  absl::StatusOr<ShardManifest> ReadManifest(const std::string& job_id, uint32_t rank,
+                                             int64_t step = -1);
+
+  // Copies bytes [offset, offset + length) of entry `entry`'s stored bytes in step `step` (>= 0;
+  // ReadManifest answers the newest) of (job_id, rank) into `dst`, host memory of at least
+  // `length` bytes. The stored bytes are a tensor's nbytes, a blob's valid length, and of a
+  // tensor that a DP-sharded snapshot stores as a slice only that slice: offset 0 is then the
+  // slice's first byte (EntrySpec.slice.offset within the tensor); the other members' manifests
+  // say which rank stores the rest. The bytes are copied first, then every block they overlap is
+  // checked on the copy, so a slot rewritten meanwhile (its trainer reused it) fails the check
+  // rather than returning other bytes. On a mismatch the daemon is asked once more to check
+  // the snapshot itself (as Restore does), and the range read again.
+  //
+  // kInvalidArgument when the range is not within the entry's valid bytes (the message gives
+  // them), step < 0, or dst is null; kNotFound for an unknown entry (naming some that exist) or
+  // a step the daemon does not hold (any more); kDataLoss names job, rank, step, entry and
+  // block. The opened snapshot (its mapping and manifest) is kept for the next reads of the
+  // same step, a few steps at a time, and dropped when a read of it fails.
+  absl::Status ReadRange(const std::string& job_id, uint32_t rank, int64_t step,
+                         const std::string& entry, uint64_t offset, uint64_t length, void* dst);
+
   // Waits for in-flight work and unregisters; with drop_snapshots the daemon deletes them.
   absl::Status Close(bool drop_snapshots = false);
 
@@ -198,9 +242,27 @@ class Client {
   // A segment the daemon prepared for a restore, mapped (and pinned on a GPU) until destroyed.
   class RestoreSource;
   // With `client_verifies`, the daemon may answer without checking a local payload
-  // (response_.verified() false): the caller checks it (VerifyLayout, then each block).
-  absl::StatusOr<std::unique_ptr<RestoreSource>> OpenRestore(uint32_t rank, int64_t step,
-                                                             bool client_verifies = false);
+  // (response_.verified() false): the caller checks it (VerifyLayout, then each block). With
+  // `for_reader`, the segment is mapped apart and not pinned, even when it is one of this
+  // client's slots: a reader's source may outlive the slots' mapping.
+  absl::StatusOr<std::unique_ptr<RestoreSource>> OpenRestore(const std::string& job_id,
+                                                             uint32_t rank, int64_t step,
+                                                             bool client_verifies = false,
+                                                             bool for_reader = false);
+  // A source for ReadManifest and ReadRange of (job_id, rank, step), checked (VerifyLayout,
+  // CheckReadableManifest). With `daemon_verifies` the daemon checks the payload first; without,
+  // a cached source of the step is taken when there is one. Cached either way.
+  absl::StatusOr<std::shared_ptr<const RestoreSource>> OpenForReading(const std::string& job_id,
+                                                                     uint32_t rank, int64_t step,
+                                                                     bool daemon_verifies,
+                                                                     bool use_cache);
+  // Runs `read` on a source of (job_id, rank, step) that this client checks and, when that
+  // fails with kDataLoss, once more on one that the daemon checked. Drops the rank's cached
+  // sources on a failure other than the caller's (kInvalidArgument, kNotFound).
+  absl::Status ReadVerified(const std::string& job_id, uint32_t rank, int64_t step,
+                            bool use_cache,
+                            const std::function<absl::Status(const RestoreSource&)>& read);
+  void ForgetReadSources(const std::string& job_id, uint32_t rank);
   // The restore of this rank's own entries from `source`, each block checked against the
   // manifest's block checksums just before it is copied (while the previous block copies),
   // after VerifyLayout has checked the manifest and the bytes between entries. kDataLoss on a
@@ -256,6 +318,16 @@ class Client {
   std::optional<DpState> dp_;       // set by Register when DP-sharded
   agent::RegisterResponse layout_;
   std::vector<MappedSlot> slots_;
+
+  // The sources ReadRange read last, oldest first: (job, rank, step) and the source.
+  struct ReadSource {
+    std::string job_id;
+    uint32_t rank;
+    int64_t step;
+    std::shared_ptr<const RestoreSource> source;
+  };
+  std::mutex read_mu_;
+  std::vector<ReadSource> read_sources_;  // guarded by read_mu_
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -126,6 +126,36 @@ int tessera_set_staging(tessera_client* client, const char* mode, uint64_t budge
  * TESSERA_DP_RESTORE_TIMEOUT_MS (read by tessera_connect; default 300000). */
 int tessera_set_data_parallel(tessera_client* client, const uint32_t* members, size_t n_members,
                               const uint8_t* replicated, size_t n_entries);
+/* Reading a sealed snapshot of any rank without registering it: the client need not have
+ * registered anything, and the rank's trainer may keep running and snapshotting. The daemon
+ * answers for a job of the caller's uid (root: any job; for another uid, some rank of the job
+ * must be registered on that daemon under it at the time, else -9); another uid's job is -7.
+ * What is verified, and how: agent/client.h, Client::ReadManifest and Client::ReadRange.
+ *
+ * tessera_read_manifest writes the manifest of (job_id, rank, step), step -1 being the newest
+ * sealed step, into json_out as NUL-terminated UTF-8 JSON, one object:
+ *   {"job_id": "...", "rank": R, "world_size": W, "step": S (the step read), "crc_block_bytes": B,
+ *    "data_parallel": null or {"dp_rank": D, "dp_size": N, "replicated_bytes": X,
+ *                              "members_fingerprint": "16 hex digits"},
+ *    "entries": [{"name": "...", "dtype": "...", "shape": [...], "kind": "tensor" or "blob",
+ *                 "nbytes": tensor bytes or blob capacity, "length": the valid stored bytes,
+ *                 "slice": null or {"offset": O, "length": L}}, ...]}
+ * indented, with the entries in the snapshot's order; numbers are integers, up to 2^64 - 1
+ * (beyond a double's 2^53: parse them as integers). *needed (when not NULL) receives the bytes
+ * the JSON takes, its NUL included. A capacity below that writes "" (when capacity > 0) and
+ * returns -11 (out of range): call again with capacity *needed (json_out may be NULL with
+ * capacity 0). Not found -5, no longer verifiable -15.
+ *
+ * tessera_read_range copies bytes [offset, offset + length) of entry `entry`'s stored bytes in
+ * step `step` (>= 0) of (job_id, rank) into dst (host memory), each block checked after the copy.
+ * The stored bytes are the manifest entry's "length" bytes: of an entry with a "slice", that
+ * slice of the tensor (offset 0 is its first byte). A range outside them is -3; an unknown entry
+ * or step -5; bytes that do not verify, here and then on the daemon, -15 (dst then holds
+ * unverified bytes). The opened snapshot is kept for the next reads of the same step. */
+int tessera_read_manifest(tessera_client* client, const char* job_id, uint32_t rank,
+                          int64_t step, char* json_out, size_t capacity, size_t* needed);
+int tessera_read_range(tessera_client* client, const char* job_id, uint32_t rank, int64_t step,
+                       const char* entry, uint64_t offset, uint64_t length, void* dst);
 /* Unregisters (dropping the snapshots when drop_snapshots != 0) and frees the client. */
 int tessera_close(tessera_client* client, int32_t drop_snapshots);
 

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "agent/client.h"
 #include "agent/tessera.h"
+#include "common/json.h"
 #include "common/version.h"
 
 struct tessera_client {
@@ -41,6 +42,49 @@ void CopyTruncated(const std::string& text, char (&out)[N]) {
   while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
   std::memcpy(out, text.data(), cut);
   std::memcpy(out + cut, kEllipsis, sizeof(kEllipsis));
+}
+
+// The manifest as tessera.h's tessera_read_manifest describes it.
+std::string ManifestJson(const tessera::ShardManifest& manifest) {
+  using tessera::Json;
+  Json out = Json::Object();
+  out.Set("job_id", manifest.job_id());
+  out.Set("rank", manifest.rank());
+  out.Set("world_size", manifest.world_size());
+  out.Set("step", manifest.step());
+  out.Set("crc_block_bytes", manifest.crc_block_bytes());
+  Json dp;
+  if (manifest.has_data_parallel()) {
+    const tessera::DataParallelGroup& group = manifest.data_parallel();
+    dp = Json::Object();
+    dp.Set("dp_rank", group.dp_rank());
+    dp.Set("dp_size", group.dp_size());
+    dp.Set("replicated_bytes", group.replicated_bytes());
+    dp.Set("members_fingerprint",
+           absl::StrCat(absl::Hex(group.members_fingerprint(), absl::kZeroPad16)));
+  }
+  out.Set("data_parallel", std::move(dp));
+  Json entries = Json::Array();
+  for (const tessera::ManifestEntry& m : manifest.entries()) {
+    const tessera::EntrySpec& spec = m.spec();
+    Json entry = Json::Object();
+    entry.Set("name", spec.name());
+    entry.Set("dtype", spec.dtype());
+    entry.Set("shape", Json::ArrayOf(spec.shape()));
+    entry.Set("kind", spec.kind() == tessera::ENTRY_KIND_BLOB ? "blob" : "tensor");
+    entry.Set("nbytes", spec.nbytes());
+    entry.Set("length", m.length());
+    Json slice;
+    if (spec.has_slice()) {
+      slice = Json::Object();
+      slice.Set("offset", spec.slice().offset());
+      slice.Set("length", spec.slice().length());
+    }
+    entry.Set("slice", std::move(slice));
+    entries.Add(std::move(entry));
+  }
+  out.Set("entries", std::move(entries));
+  return out.Dump();
 }
 
 #define TESSERA_REQUIRE_CLIENT(c) \
@@ -243,6 +287,38 @@ int tessera_set_staging(tessera_client* c, const char* mode, uint64_t budget_byt
   absl::StatusOr<tessera::cuda::StagingMode> parsed = tessera::cuda::ParseStagingMode(mode);
   if (!parsed.ok()) return Fail(parsed.status());
   return Return(c->client->SetStaging({*parsed, budget_bytes, budget_free_fraction}));
+}
+
+int tessera_read_manifest(tessera_client* c, const char* job_id, uint32_t rank, int64_t step,
+                          char* json_out, size_t capacity, size_t* needed) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (needed != nullptr) *needed = 0;
+  if (job_id == nullptr || (json_out == nullptr && capacity > 0)) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "job_id must not be NULL, nor json_out with capacity ", capacity)));
+  }
+  if (capacity > 0) json_out[0] = '\0';
+  absl::StatusOr<tessera::ShardManifest> manifest = c->client->ReadManifest(job_id, rank, step);
+  if (!manifest.ok()) return Fail(manifest.status());
+  const std::string json = ManifestJson(*manifest);
+  if (needed != nullptr) *needed = json.size() + 1;
+  if (capacity <= json.size()) {
+    return Fail(absl::OutOfRangeError(absl::StrCat(
+        "the manifest of job '", job_id, "' rank ", rank, " step ", manifest->step(), " takes ",
+        json.size() + 1, " bytes as JSON, json_out has room for ", capacity,
+        "; call again with capacity >= ", json.size() + 1)));
+  }
+  std::memcpy(json_out, json.c_str(), json.size() + 1);
+  return 0;
+}
+
+int tessera_read_range(tessera_client* c, const char* job_id, uint32_t rank, int64_t step,
+                       const char* entry, uint64_t offset, uint64_t length, void* dst) {
+  TESSERA_REQUIRE_CLIENT(c);
+  if (job_id == nullptr || entry == nullptr) {
+    return Fail(absl::InvalidArgumentError("job_id and entry must not be NULL"));
+  }
+  return Return(c->client->ReadRange(job_id, rank, step, entry, offset, length, dst));
 }
 
 int tessera_close(tessera_client* c, int32_t drop_snapshots) {

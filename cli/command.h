@@ -10,7 +10,7 @@
 #include "absl/status/statusor.h"
 #include "cli/admin_client.h"
 #include "cli/args.h"
-#include "cli/json.h"
+#include "common/json.h"
 
 namespace tessera::cli {
 

@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "cli/json.h"
+#include "common/json.h"
 #include "proto/admin.pb.h"
 
 namespace tessera::cli {

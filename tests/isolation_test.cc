@@ -99,6 +99,12 @@ TEST_F(IsolationTest, AnotherUidCannotRestoreOrRollBackAJob) {
   EXPECT_TRUE(absl::StrContains(corrupt, "the caller is uid 65534")) << corrupt;
   const std::string drop = as_nobody({"--call=drop_memory", "--node=n0"});
   EXPECT_TRUE(absl::StartsWith(drop, "PERMISSION_DENIED")) << drop;
+  // The client library's reader (no registration needed for the owner) is refused the same.
+  for (const char* read : {"--call=read_manifest", "--call=read_range"}) {
+    const std::string answer = as_nobody({read, "--step=4", "--entry=user_state"});
+    EXPECT_TRUE(absl::StartsWith(answer, "PERMISSION_DENIED")) << answer;
+    EXPECT_TRUE(absl::StrContains(answer, "the caller is uid 65534")) << answer;
+  }
   // A job nobody registered here: told to register first, not answered.
   const std::string unknown = as_nobody({"--call=prepare_restore", "--job=other"});
   EXPECT_TRUE(absl::StartsWith(unknown, "FAILED_PRECONDITION")) << unknown;

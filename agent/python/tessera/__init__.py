@@ -14,7 +14,8 @@ daemons and loads them into the same or another parallel layout.
 
 from ._lib import library_path
 from ._lib import version as library_version
-from .client import (DTYPE_BYTES, Client, Entry, EntryKind, SnapshotCopy, Stats, Version,
+from .client import (DTYPE_BYTES, Client, DataParallelGroup, Entry, EntryKind, EntrySlice,
+                     SnapshotCopy, SnapshotEntry, SnapshotManifest, Stats, Version,
                      read_snapshot)
 from .errors import (
     AbortedError,
@@ -48,9 +49,11 @@ __all__ = [
     "Client",
     "DTYPE_BYTES",
     "DataLossError",
+    "DataParallelGroup",
     "DeadlineExceededError",
     "Entry",
     "EntryKind",
+    "EntrySlice",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
@@ -60,6 +63,8 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "SnapshotCopy",
+    "SnapshotEntry",
+    "SnapshotManifest",
     "Stats",
     "TesseraError",
     "UnauthenticatedError",

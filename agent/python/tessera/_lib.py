@@ -168,6 +168,16 @@ def _declare(lib: ctypes.CDLL) -> None:
              ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t],
             ctypes.c_int,
         ),
+        "tessera_read_manifest": (
+            [c_client_p, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int64,
+             ctypes.POINTER(ctypes.c_char), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
+            ctypes.c_int,
+        ),
+        "tessera_read_range": (
+            [c_client_p, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int64, ctypes.c_char_p,
+             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p],
+            ctypes.c_int,
+        ),
         "tessera_close": ([c_client_p, ctypes.c_int32], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
 import mmap
 import operator
 import os
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _lib
-from .errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
-                     OutOfRangeError)
+from .errors import (FailedPreconditionError, InternalError, InvalidArgumentError,
+                     NotFoundError, OutOfRangeError)
 
 DTYPE_BYTES = {
     "bool": 1,
@@ -73,6 +74,23 @@ def _as_int(value: Any, what: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _as_bounded_int(value: Any, what: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high]; InvalidArgumentError names the range otherwise."""
+    number = _as_int(value, what)
+    if not low <= number <= high:
+        raise InvalidArgumentError(f"{what} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def _as_c_string(value: Any, what: str) -> bytes:
+    """A str without NUL characters, UTF-8 encoded for the C ABI."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidArgumentError(f"{what} {value!r} has a NUL character")
+    return value.encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -189,6 +207,154 @@ class Version:
     """The payload's CRC32C; meaningful once `sealed`."""
     sealed: bool
     """True when sealed (restorable); False while it is still being written."""
+
+
+@dataclass(frozen=True)
+class EntrySlice:
+    """The part of a tensor that a DP-sharded snapshot's rank stores: bytes
+    [offset, offset + length) of the tensor."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One entry of a snapshot's manifest (`Client.read_manifest`)."""
+
+    name: str
+    dtype: str
+    """One of `DTYPE_BYTES` ("bytes" for blobs)."""
+    shape: Tuple[int, ...]
+    kind: EntryKind
+    nbytes: int
+    """A tensor's size, or a blob's capacity."""
+    length: int
+    """The bytes stored and readable with `Client.read_range`: a blob's valid length, a tensor's
+    nbytes, or the length of its `slice`."""
+    slice: Optional[EntrySlice]
+    """Set when the rank stores only this part of the tensor (a DP-sharded snapshot): the other
+    members of its data-parallel group store the rest, each its own slice."""
+
+
+@dataclass(frozen=True)
+class DataParallelGroup:
+    """The data-parallel group of a DP-sharded snapshot's rank."""
+
+    dp_rank: int
+    """The rank's index in its group."""
+    dp_size: int
+    replicated_bytes: int
+    """The replicated tensors' bytes, all members' slices together."""
+    members_fingerprint: str
+    """16 hex digits, the same for every member of the group."""
+
+
+@dataclass(frozen=True)
+class SnapshotManifest:
+    """What one rank's sealed snapshot holds (`Client.read_manifest`)."""
+
+    job_id: str
+    rank: int
+    world_size: int
+    step: int
+    """The step read (the newest sealed one when -1 was asked)."""
+    crc_block_bytes: int
+    """The size of the blocks `Client.read_range` checks, each against its CRC32C."""
+    data_parallel: Optional[DataParallelGroup]
+    """None unless the snapshot is DP-sharded."""
+    entries: Tuple[SnapshotEntry, ...]
+    """In the snapshot's order."""
+
+    def entry(self, name: str) -> SnapshotEntry:
+        """The entry named `name`.
+
+        Raises:
+            NotFoundError: no entry of that name (the message names a few that exist).
+        """
+        for e in self.entries:
+            if e.name == name:
+                return e
+        shown = ", ".join(repr(e.name) for e in self.entries[:8])
+        raise NotFoundError(
+            f"job '{self.job_id}' rank {self.rank} step {self.step} has no entry {name!r} (it "
+            f"has {len(self.entries)}: {shown}{', ...' if len(self.entries) > 8 else ''})")
+
+
+_UINT64_MAX = 2**64 - 1
+_MAX_MANIFEST_JSON_BYTES = 1 << 30
+"""More manifest JSON than this is not asked for (100,000 entries take about 60 MB)."""
+
+
+class _ManifestJson:
+    """Reads the JSON of ``tessera_read_manifest``, checking every value's type and range: it
+    is the library's output, but a value out of bounds is not passed on."""
+
+    def __init__(self, text: str) -> None:
+        try:
+            self.raw = json.loads(text)
+        except ValueError as e:
+            raise self.error(f"does not parse ({e})") from None
+
+    @staticmethod
+    def error(what: str) -> InternalError:
+        return InternalError(f"libtessera.so returned a manifest whose JSON {what}")
+
+    def obj(self, value: Any, where: str) -> Dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(f"has {type(value).__name__} at {where}, not an object")
+        return value
+
+    def field(self, obj: Dict[str, Any], key: str, kind: type, where: str) -> Any:
+        value = obj.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise self.error(f"has {value!r:.80} at {where}.{key}, not a {kind.__name__}")
+        return value
+
+    def number(self, value: Any, where: str, low: int = 0, high: int = _UINT64_MAX) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.error(f"has {value!r:.80} at {where}, not an integer in [{low}, {high}]")
+        return value
+
+    def integer(self, obj: Dict[str, Any], key: str, where: str, low: int = 0,
+                high: int = _UINT64_MAX) -> int:
+        return self.number(obj.get(key), f"{where}.{key}", low, high)
+
+    def manifest(self) -> SnapshotManifest:
+        top = self.obj(self.raw, "the top")
+        group = top.get("data_parallel")
+        dp = None
+        if group is not None:
+            group = self.obj(group, "data_parallel")
+            dp = DataParallelGroup(
+                self.integer(group, "dp_rank", "data_parallel", high=2**32 - 1),
+                self.integer(group, "dp_size", "data_parallel", high=2**32 - 1),
+                self.integer(group, "replicated_bytes", "data_parallel"),
+                self.field(group, "members_fingerprint", str, "data_parallel"))
+        entries = []
+        for i, raw in enumerate(self.field(top, "entries", list, "the top")):
+            where = f"entries[{i}]"
+            e = self.obj(raw, where)
+            shape = self.field(e, "shape", list, where)
+            dims = tuple(self.number(d, f"{where}.shape", -2**63, 2**63 - 1) for d in shape)
+            kind = self.field(e, "kind", str, where)
+            if kind not in ("tensor", "blob"):
+                raise self.error(f"has kind {kind!r:.40} at {where}")
+            part = e.get("slice")
+            if part is not None:
+                part = self.obj(part, f"{where}.slice")
+                part = EntrySlice(self.integer(part, "offset", f"{where}.slice"),
+                                  self.integer(part, "length", f"{where}.slice"))
+            entries.append(SnapshotEntry(
+                self.field(e, "name", str, where), self.field(e, "dtype", str, where), dims,
+                EntryKind.TENSOR if kind == "tensor" else EntryKind.BLOB,
+                self.integer(e, "nbytes", where), self.integer(e, "length", where), part))
+        return SnapshotManifest(
+            self.field(top, "job_id", str, "the top"),
+            self.integer(top, "rank", "the top", high=2**32 - 1),
+            self.integer(top, "world_size", "the top", high=2**32 - 1),
+            self.integer(top, "step", "the top", high=2**63 - 1),
+            self.integer(top, "crc_block_bytes", "the top"), dp, tuple(entries))
 
 
 StreamLike = Union[None, int, Any]
@@ -524,11 +690,7 @@ class Client:
                 digits, '.', '_' and '-', not starting with '.').
             UnavailableError: the daemon did not answer.
         """
-        if not isinstance(job_id, str):
-            raise TypeError(f"job_id must be a str, got {type(job_id).__name__}")
-        if "\0" in job_id:
-            raise InvalidArgumentError(f"job_id {job_id!r} has a NUL character")
-        encoded = job_id.encode("utf-8")
+        encoded = _as_c_string(job_id, "job_id")
         capacity = 16  # enough for most jobs on one daemon: one call
         while True:
             array = (_lib.CVersionInfo * capacity)()
@@ -541,6 +703,133 @@ class Client:
         _lib.check(rc, "tessera_list_versions")
         return [Version(v.rank, v.step, v.payload_bytes, v.payload_crc32c, bool(v.sealed))
                 for v in array[:count.value]]
+
+    # -- reading any rank's snapshot without registering it ---------------------------------------
+
+    def read_manifest(self, job_id: str, rank: int, step: int = -1) -> SnapshotManifest:
+        """The manifest of the sealed snapshot `step` (-1: the newest) of (`job_id`, `rank`):
+        what it holds, entry by entry, for `read_range`.
+
+        Works on any connected client, registered or not, and claims nothing: the rank's trainer
+        may keep running and snapshotting. The daemon makes a shard held only by other nodes
+        local first. The manifest is checked against the snapshot's sealed checksum (which reads
+        no entry bytes) and for sane bounds before it is returned.
+
+        Raises:
+            TypeError, InvalidArgumentError: a bad argument.
+            NotFoundError: the daemon holds no such step.
+            PermissionDeniedError: the job belongs to another uid.
+            FailedPreconditionError: for a caller other than root, no rank of the job is
+                registered on this daemon under its uid.
+            DataLossError: the snapshot does not verify, here nor on the daemon.
+            UnimplementedError: a snapshot without block checksums (from an older agent).
+        """
+        encoded = _as_c_string(job_id, "job_id")
+        rank = _as_bounded_int(rank, "rank", 0, 2**32 - 1)
+        step = _as_bounded_int(step, "step", -1, 2**63 - 1)
+        capacity = 1 << 16
+        while True:
+            buffer = ctypes.create_string_buffer(capacity)
+            needed = ctypes.c_size_t(0)
+            rc = self._lib.tessera_read_manifest(self._h(), encoded, rank, step, buffer, capacity,
+                                                 ctypes.byref(needed))
+            if rc != -OutOfRangeError.code or needed.value <= capacity:
+                break
+            if needed.value > _MAX_MANIFEST_JSON_BYTES:
+                raise InternalError(
+                    f"job '{job_id}' rank {rank}: the manifest takes {needed.value} bytes as "
+                    f"JSON, more than the {_MAX_MANIFEST_JSON_BYTES} read")
+            capacity = needed.value  # a newer step (step -1) may need more again
+        _lib.check(rc, "tessera_read_manifest")
+        try:
+            text = buffer.value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _ManifestJson.error(f"is not UTF-8 ({e})") from None
+        return _ManifestJson(text).manifest()
+
+    def read_range(self, job_id: str, rank: int, step: int, name: str, offset: int = 0,
+                   length: Optional[int] = None, out: Any = None) -> Union[bytearray, memoryview]:
+        """Bytes [offset, offset + length) of entry `name`'s stored bytes in the sealed snapshot
+        `step` of (`job_id`, `rank`), verified.
+
+        Claims nothing (see `read_manifest`). The stored bytes are the entry's
+        `SnapshotEntry.length` bytes: of a tensor that a DP-sharded snapshot stores as a
+        `SnapshotEntry.slice`, that slice only (offset 0 is the slice's first byte). The bytes are
+        copied, then every CRC32C block they overlap is checked on the copy, so a snapshot that
+        its trainer overwrites meanwhile raises instead of returning other bytes; the daemon is
+        then asked once to check the snapshot itself and the range read again. The opened
+        snapshot is kept for the next reads of the same step.
+
+        Args:
+            job_id, rank: whose snapshot.
+            step: the step (>= 0), e.g. `SnapshotManifest.step`.
+            name: the entry.
+            offset: the first byte, within the stored bytes.
+            length: how many bytes; None: to the end of the stored bytes (which costs a
+                `read_manifest` first).
+            out: a writable, contiguous buffer of at least `length` bytes to read into; None: a
+                new bytearray.
+
+        Returns:
+            The new bytearray, or a memoryview of the first `length` bytes of `out`.
+
+        Raises:
+            TypeError: a bad argument type, or an `out` that is not a writable buffer.
+            InvalidArgumentError: a negative value, a range outside the stored bytes, or an `out`
+                too small or not contiguous.
+            NotFoundError: no such entry (the message names some), or no such step (any more).
+            DataLossError: the bytes do not verify, here nor on the daemon (names job, rank,
+                step, entry and block); `out` then holds unverified bytes.
+            PermissionDeniedError, FailedPreconditionError: as for `read_manifest`.
+        """
+        encoded_job = _as_c_string(job_id, "job_id")
+        rank = _as_bounded_int(rank, "rank", 0, 2**32 - 1)
+        step = _as_bounded_int(step, "step", 0, 2**63 - 1)
+        encoded_name = _as_c_string(name, "name")
+        offset = _as_bounded_int(offset, "offset", 0, _UINT64_MAX)
+        if length is None:
+            known = {e.name: e for e in self.read_manifest(job_id, rank, step).entries}.get(name)
+            # An unknown entry is left to the library, which names some that exist.
+            length = 0 if known is None else known.length - offset
+            if length < 0:
+                raise InvalidArgumentError(
+                    f"job '{job_id}' rank {rank} step {step} entry '{name}' holds "
+                    f"{known.length} valid bytes: offset {offset} is past them")
+        length = _as_bounded_int(length, "length", 0, _UINT64_MAX)
+        if out is None:
+            try:
+                result: Union[bytearray, memoryview] = bytearray(length)
+            except (OverflowError, MemoryError):
+                # Only a range the entry cannot hold is the caller's mistake; say so.
+                known = self.read_manifest(job_id, rank, step).entry(name)
+                if offset > known.length or length > known.length - offset:
+                    raise InvalidArgumentError(
+                        f"job '{job_id}' rank {rank} step {step} entry '{name}' holds "
+                        f"{known.length} valid bytes: the range [{offset}, +{length}) must lie "
+                        f"within [0, {known.length})") from None
+                raise
+            view = memoryview(result)
+        else:
+            try:
+                view = memoryview(out)
+            except TypeError:
+                raise TypeError(f"out must be a writable buffer (bytearray, mmap, array, numpy "
+                                f"array, ...), got {type(out).__name__}") from None
+            if view.readonly:
+                raise TypeError(f"out ({type(out).__name__}) is read-only")
+            if not view.c_contiguous:
+                raise InvalidArgumentError("out must be C-contiguous")
+            view = view.cast("B") if (view.format, view.ndim) != ("B", 1) else view
+            if view.nbytes < length:
+                raise InvalidArgumentError(f"out holds {view.nbytes} bytes, {length} are read")
+            view = view[:length]
+            result = view
+        address = (ctypes.addressof((ctypes.c_char * length).from_buffer(view)) if length
+                   else None)
+        _lib.check(self._lib.tessera_read_range(self._h(), encoded_job, rank, step, encoded_name,
+                                                offset, length, address),
+                   "tessera_read_range")
+        return result
 
     def set_data_parallel(self, members: Sequence[int], replicated: Sequence[bool]) -> None:
         """Makes the snapshots DP-sharded from the next `register` on.
@@ -674,12 +963,14 @@ def read_snapshot(socket_path: str, job_id: str, rank: int, world_size: int, ste
     """Copies step `step` of (`job_id`, `rank`) out of the daemon into memory of this process,
     by entry name, without the trainer that took it.
 
-    The C ABI restores a snapshot only into a registration that matches its manifest exactly, so
-    this registers the rank itself, with `layout` (the snapshot's entries in registration order:
-    names, dtypes, shapes, kinds, sizes; the addresses are ignored) over buffers it allocates,
-    restores `step` (the daemon copies the shard from the node that holds it, or rebuilds it from
-    fragments, as for any restore), and unregisters again, keeping the snapshots. What that
-    costs, and what it needs:
+    `Client.read_manifest` and `Client.read_range` read a snapshot without any of what follows
+    (no layout needed, nothing claimed, only the bytes asked for). A restore needs a
+    registration that matches the snapshot's manifest exactly, so this registers the rank
+    itself, with `layout` (the snapshot's entries in registration order: names, dtypes, shapes,
+    kinds, sizes; the addresses are ignored) over buffers it allocates, restores `step` (the
+    daemon copies the shard from the node that holds it, or rebuilds it from fragments, as for
+    any restore), and unregisters again, keeping the snapshots. What that costs, and what it
+    needs:
 
     * the rank is claimed while it is read: a live process that has it registered (its trainer)
       blocks the read, which waits up to `claim_timeout_s` for it to unregister;

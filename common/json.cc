@@ -1,9 +1,9 @@
-#include "cli/json.h"
+#include "common/json.h"
 
 #include <cmath>
 #include <cstdio>
 
-namespace tessera::cli {
+namespace tessera {
 
 Json::Json(double v) : kind_(Kind::kLiteral) {
   if (!std::isfinite(v)) {
@@ -31,9 +31,9 @@ Json& Json::Add(Json value) {
   return *this;
 }
 
-std::string JsonQuote(const std::string& s) {
+std::string JsonQuote(std::string_view s) {
   std::string out = "\"";
-  for (unsigned char c : s) {
+  for (char c : s) {
     switch (c) {
       case '"':
         out += "\\\"";
@@ -41,26 +41,33 @@ std::string JsonQuote(const std::string& s) {
       case '\\':
         out += "\\\\";
         break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
+      case '\b':
+        out += "\\b";
         break;
       case '\t':
         out += "\\t";
         break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
-        if (c < 0x20) {
+        if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
           char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned char>(c));
           out += buf;
         } else {
-          out += static_cast<char>(c);
+          out += c;
         }
     }
   }
-  return out + "\"";
+  out += '"';
+  return out;
 }
 
 std::string Json::Dump() const {
@@ -111,4 +118,4 @@ void Json::DumpTo(std::string* out, int depth) const {
   }
 }
 
-}  // namespace tessera::cli
+}  // namespace tessera

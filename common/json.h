@@ -1,14 +1,17 @@
-// A JSON value built in code and written out with its object keys in insertion order, for the
-// CLI's --json output. Writing only: tests read the output with protobuf's JSON parser.
-#ifndef TESSERA_CLI_JSON_H_
-#define TESSERA_CLI_JSON_H_
+// A JSON value built in code and written out with its object keys in insertion order: the CLI's
+// --json output and the C ABI's snapshot manifests. Writing only: tests read the output with
+// protobuf's JSON parser or Python's json module. Strings are written byte for byte (control
+// characters escaped): give them valid UTF-8.
+#ifndef TESSERA_COMMON_JSON_H_
+#define TESSERA_COMMON_JSON_H_
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
-namespace tessera::cli {
+namespace tessera {
 
 class Json {
  public:
@@ -52,9 +55,10 @@ class Json {
   std::vector<Json> elements_;                         // array
 };
 
-// `s` as a JSON string literal, quotes included.
-std::string JsonQuote(const std::string& s);
+// `s` as a JSON string literal, quotes included: control characters and DEL escaped, so that it
+// is also a TOML basic string.
+std::string JsonQuote(std::string_view s);
 
-}  // namespace tessera::cli
+}  // namespace tessera
 
-#endif  // TESSERA_CLI_JSON_H_
+#endif  // TESSERA_COMMON_JSON_H_
