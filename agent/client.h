@@ -167,10 +167,10 @@ class Client {
   // Reading a sealed snapshot of any rank, without registering it. Nothing is claimed: the
   // rank's trainer may be running and snapshotting meanwhile, and this client need not have
   // registered anything. The daemon answers for a job of this process's uid (root: any job; for
-  // another uid, some rank of the job must be registered on this daemon under that uid at the
-  // time, or it is kFailedPrecondition), and first makes a shard held only by other nodes local
-  // (copied or rebuilt from fragments), as for a restore. kPermissionDenied for another uid's
-  // job.
+  // another uid, the daemon must hold snapshots of the job of that uid, or a rank of the job
+  // registered under it, or it is kFailedPrecondition), and first makes a shard held only by
+  // other nodes local (copied or rebuilt from fragments), as for a restore. kPermissionDenied
+  // for another uid's job.
   //
   // Verification: the manifest, the bytes between the entries and the manifest itself must make
   // the sealed payload CRC32C together with the entries' checksums, and each entry's block

@@ -131,19 +131,21 @@ TEST_F(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
   auto trainer = Process::Start(argv);
   ASSERT_EQ(trainer->Wait(), 0);
   ASSERT_EQ(LastEvent(trainer->lines(), "sealed"), 3);
-  auto probe_as = [&](int uid) {
+  auto probe_as = [&](int uid, const std::string& call) {
     std::vector<std::string> command = AsUid(root, "tests/agent_probe", uid);
     command.insert(command.end(), {"--socket=" + daemon->socket_path(), "--job=own",
-                                   "--call=prepare_restore", "--step=-1"});
+                                   "--call=" + call, "--step=-1"});
     auto p = Process::Start(command);
     EXPECT_EQ(p->Wait(), 0);
     return p->lines().empty() ? std::string("(no output)") : p->lines().back();
   };
-  EXPECT_EQ(probe_as(65534), "OK step 3");
-  const std::string other = probe_as(65533);
-  EXPECT_TRUE(absl::StartsWith(other, "PERMISSION_DENIED")) << other;
-  EXPECT_TRUE(absl::StrContains(other, "holds snapshots of uid 65534 here; the caller is uid 65533"))
-      << other;
+  for (const std::string call : {"prepare_restore", "read_manifest"}) {
+    EXPECT_EQ(probe_as(65534, call), "OK step 3") << call;
+    const std::string other = probe_as(65533, call);
+    EXPECT_TRUE(absl::StartsWith(other, "PERMISSION_DENIED")) << call << ": " << other;
+    EXPECT_TRUE(absl::StrContains(
+        other, "holds snapshots of uid 65534 here; the caller is uid 65533")) << other;
+  }
 }
 
 }  // namespace

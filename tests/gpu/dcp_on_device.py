@@ -18,7 +18,12 @@ It starts its own tesserad (store in /dev/shm, removed at exit), then runs:
    tensor and a non-tensor value; then 2 processes load them sharded by columns (``Shard(1)``),
    3 processes by rows again (another split), and this process into plain whole tensors
    (``no_dist``); every local shard is compared with the same shard of the tensors regenerated
-   from the seed.
+   from the seed;
+3. a Snapshotter's snapshot resharded: 4 processes train DTensor parameters (``Shard(0)``) with
+   AdamW and snapshot them through `tessera.torch.Snapshotter` (not DCP); 2 processes load the
+   snapshot through ``tessera.dcp.SnapshotReader`` sharded by columns, 3 by rows, and this
+   process whole; parameters, AdamW moments and steps, a buffer and the param groups are
+   compared with the same steps run on whole tensors in one process.
 
 Prints one PASS or FAIL line per case and exits 1 when any failed.
 """
@@ -26,6 +31,7 @@ Prints one PASS or FAIL line per case and exits 1 when any failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,7 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "agent" / "python"))
@@ -190,18 +196,28 @@ def dtensor_api() -> Any:
     return Replicate, Shard, distribute_tensor, init_device_mesh
 
 
+@contextlib.contextmanager
+def gloo_mesh(rank: int, world: int, init_file: str, socket: str) -> Iterator[Any]:
+    """A worker's process group (gloo) and 1-D CPU mesh of `world`; every rank meets at a barrier
+    before the group goes."""
+    os.environ["TESSERA_SOCKET"] = socket
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        yield dtensor_api()[3]("cpu", (world,))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def reshard_worker(rank: int, phase: str, world: int, init_file: str, seed: int, socket: str,
                    report_dir: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     import tessera.dcp
 
-    os.environ["TESSERA_SOCKET"] = socket
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        Replicate, Shard, distribute_tensor, init_device_mesh = dtensor_api()
-        mesh = init_device_mesh("cpu", (world,))
+    with gloo_mesh(rank, world, init_file, socket) as mesh:
+        Replicate, Shard, distribute_tensor, _ = dtensor_api()
         full = reference(seed)
         placement = {"save": Shard(0), "load-columns": Shard(1), "load-rows": Shard(0)}[phase]
         if phase == "save":
@@ -225,30 +241,37 @@ def reshard_worker(rank: int, phase: str, world: int, init_file: str, seed: int,
                              sd["bias"].to_local(), "bias")
             assert sd["step"] == 7, f"step came back as {sd['step']!r}"
             Path(report_dir, f"{phase}.{rank}").write_text(str(compared))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+
+def spawn_phases(worker: Any, phases: Sequence[Tuple[str, int]], seed: int, reports: Path,
+                 expected_bytes: int) -> List[str]:
+    """Runs each (phase, world) as `world` processes of `worker`; the first phase saves, each
+    later one loads and reports how many bytes its ranks compared, which must add up to
+    `expected_bytes`. Returns a note per phase."""
+    import torch.multiprocessing as mp
+
+    reports.mkdir(exist_ok=True)
+    notes = []
+    for i, (phase, world) in enumerate(phases):
+        start = time.perf_counter()
+        mp.spawn(worker, args=(phase, world, str(reports.parent / f"pg-{phase}"), seed,
+                               os.environ["TESSERA_SOCKET"], str(reports)),
+                 nprocs=world, join=True)
+        notes.append(f"{phase} x{world} {time.perf_counter() - start:.1f} s")
+        if i > 0:
+            got = [int((reports / f"{phase}.{r}").read_text()) for r in range(world)]
+            assert sum(got) == expected_bytes, f"{phase}: compared {got} of {expected_bytes}"
+    return notes
 
 
 def case_reshard(seed: int, workdir: Path) -> str:
     import torch.distributed.checkpoint as dcp
-    import torch.multiprocessing as mp
 
     import tessera.dcp
 
-    socket = os.environ["TESSERA_SOCKET"]
-    reports = workdir / "reports"
-    reports.mkdir(exist_ok=True)
-    notes = []
-    for phase, world in (("save", 4), ("load-columns", 2), ("load-rows", 3)):
-        start = time.perf_counter()
-        mp.spawn(reshard_worker, args=(phase, world, str(workdir / f"pg-{phase}"), seed, socket,
-                                       str(reports)), nprocs=world, join=True)
-        notes.append(f"{phase} x{world} {time.perf_counter() - start:.1f} s")
-        if phase != "save":
-            got = [int((reports / f"{phase}.{r}").read_text()) for r in range(world)]
-            full_bytes = sum(t.numel() * t.element_size() for t in reference(seed).values())
-            assert sum(got) == full_bytes, f"{phase}: compared {got} bytes of {full_bytes}"
+    full_bytes = sum(t.numel() * t.element_size() for t in reference(seed).values())
+    notes = spawn_phases(reshard_worker, (("save", 4), ("load-columns", 2), ("load-rows", 3)),
+                         seed, workdir / "reports", full_bytes)
     full = reference(seed)
     whole: Dict[str, Any] = {name: torch.zeros_like(t) for name, t in full.items()}
     whole["bias"] = torch.zeros(7)
@@ -259,6 +282,137 @@ def case_reshard(seed: int, workdir: Path) -> str:
     notes.append("whole tensors (no_dist) bit-exact")
     return "saved by 4 ranks Shard(0); loaded by 2 ranks Shard(1), 3 ranks Shard(0), 1 whole: " \
            + ", ".join(notes)
+
+
+# -- case 3: a Snapshotter's snapshot, resharded through tessera.dcp.SnapshotReader -----------
+
+SNAP_SHAPES = {"a": (37, 23), "b": (61, 16)}
+SNAP_STEPS = 2
+
+
+class SnapNet(torch.nn.Module):
+    """Two parameters (DTensors when a mesh is given) and a plain buffer."""
+
+    def __init__(self, values: Dict[str, torch.Tensor], mesh: Any = None,
+                 placement: Any = None) -> None:
+        super().__init__()
+        _, _, distribute_tensor, _ = dtensor_api() if mesh is not None else (None,) * 4
+        for name, t in values.items():
+            t = t.clone()
+            if mesh is not None:
+                t = distribute_tensor(t, mesh, [placement])
+            self.register_parameter(name, torch.nn.Parameter(t))
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 5))
+
+
+def snap_train(model: SnapNet, optimizer: Any, grads: Dict[str, torch.Tensor],
+               mesh: Any = None, placement: Any = None) -> None:
+    """SNAP_STEPS AdamW steps whose gradients are exactly `grads` (elementwise, so any sharding
+    of the same steps gives the same bits)."""
+    _, _, distribute_tensor, _ = dtensor_api() if mesh is not None else (None,) * 4
+    for _ in range(SNAP_STEPS):
+        for name, p in model.named_parameters():
+            g = grads[name]
+            p.grad = distribute_tensor(g, mesh, [placement]) if mesh is not None else g.clone()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def snap_reference(seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed + 17)
+    values = {n: torch.randn(s, generator=gen) for n, s in SNAP_SHAPES.items()}
+    grads = {n: torch.randn(s, generator=gen) for n, s in SNAP_SHAPES.items()}
+    return values, grads
+
+
+def snap_expected(seed: int) -> Dict[str, Any]:
+    """The state after the same steps on whole tensors in one process."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    values, grads = snap_reference(seed)
+    model = SnapNet(values)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    snap_train(model, optimizer, grads)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return cpu_copy({"model": model_sd, "optim": optim_sd})
+
+
+def snap_worker(rank: int, phase: str, world: int, init_file: str, seed: int, socket: str,
+                report_dir: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import tessera.dcp
+    import tessera.torch
+
+    with gloo_mesh(rank, world, init_file, socket) as mesh:
+        _, Shard, distribute_tensor, _ = dtensor_api()
+        placement = {"snap-save": Shard(0), "snap-load-columns": Shard(1),
+                     "snap-load-rows": Shard(0)}[phase]
+        values, grads = snap_reference(seed)
+        if phase == "snap-save":
+            model = SnapNet(values, mesh, placement)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+            snap_train(model, optimizer, grads, mesh, placement)
+            snap = tessera.torch.Snapshotter(model, optimizer, job_id="snap-reshard", rank=rank,
+                                             world_size=world, socket_path=socket)
+            assert snap.snapshot(SNAP_STEPS), "the snapshot was skipped"
+            snap.wait()
+            snap.close()
+        else:
+            zeros = {n: torch.zeros(s) for n, s in SNAP_SHAPES.items()}
+            model = SnapNet(zeros, mesh, placement)
+            model.scale.zero_()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            sd = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sd, storage_reader=tessera.dcp.SnapshotReader("snap-reshard", SNAP_STEPS))
+            set_state_dict(model, optimizer, model_state_dict=sd["model"],
+                           optim_state_dict=sd["optim"])
+            want = snap_expected(seed)
+            compared = 0
+            for name in SNAP_SHAPES:
+                local = distribute_tensor(want["model"][name], mesh, [placement]).to_local()
+                compared += assert_bit_equal(local, getattr(model, name).to_local(),
+                                             f"rank {rank} {name}")
+                state = optimizer.state[getattr(model, name)]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    local = distribute_tensor(want["optim"]["state"][name][key], mesh,
+                                              [placement]).to_local()
+                    compared += assert_bit_equal(local, state[key].to_local(),
+                                                 f"rank {rank} {name}.{key}")
+                assert_bit_equal(want["optim"]["state"][name]["step"], state["step"],
+                                 f"rank {rank} {name}.step")
+            assert_bit_equal(want["model"]["scale"], model.scale, "scale")
+            group = optimizer.param_groups[0]
+            assert (group["lr"], group["weight_decay"]) == (1e-2, 0.1), group
+            Path(report_dir, f"{phase}.{rank}").write_text(str(compared))
+
+
+def case_snapshot_reshard(seed: int, workdir: Path) -> str:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import tessera.dcp
+
+    state_bytes = 3 * sum(4 * a * b for a, b in SNAP_SHAPES.values())
+    notes = spawn_phases(snap_worker, (("snap-save", 4), ("snap-load-columns", 2),
+                                       ("snap-load-rows", 3)), seed, workdir / "snap-reports",
+                         state_bytes)
+    # Whole tensors in this process, without a process group.
+    model = SnapNet({n: torch.zeros(s) for n, s in SNAP_SHAPES.items()})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    start = time.perf_counter()
+    dcp.load(sd, storage_reader=tessera.dcp.SnapshotReader("snap-reshard"), no_dist=True)
+    notes.append(f"whole (no_dist, newest step) {(time.perf_counter() - start) * 1e3:.1f} ms")
+    want = snap_expected(seed)
+    assert_bit_equal(want["model"], sd["model"], "whole model")
+    assert_bit_equal(want["optim"]["state"], sd["optim"]["state"], "whole optimizer state")
+    return ("Snapshotter of 4 ranks, DTensors Shard(0), AdamW: loaded through SnapshotReader by 2 "
+            "ranks Shard(1), 3 ranks Shard(0), 1 whole, model and optimizer bit-exact: "
+            + ", ".join(notes))
 
 
 def main() -> int:
@@ -284,6 +438,8 @@ def main() -> int:
                                                                      workdir))]
     if not args.skip_reshard:
         cases.append(("resharded", lambda: case_reshard(args.seed, workdir)))
+        cases.append(("snapshot resharded",
+                      lambda: case_snapshot_reshard(args.seed, workdir)))
     try:
         for name, run in cases:
             try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python side on a GPU machine, from a bundle made as tests/gpu/run_on_device.sh says (with
-# bazel-bin/agent/libtessera.so in it): the Python tests that use CUDA, the Snapshotter over
+# bazel-bin/agent/libtessera.so in it): the Python tests that use CUDA (with the loop-state tests
+# and the Snapshotter-as-DCP-checkpoint tests, whole, on torch 2.x), the Snapshotter over
 # DTensors (FSDP2, TP), tessera.dcp with the real DCP, the blocking benchmark of snapshot() and,
 # time permitting, the staging example at a snapshot every step. Prints each part's result.
 #
@@ -21,7 +22,9 @@ rc=0
 echo "=== python tests using CUDA"
 if python3 -c "import pytest" 2>/dev/null; then
   timeout --signal=KILL "$(left)" python3 -m pytest -q -rs -p no:cacheprovider \
-    tests/python/test_snapshotter.py tests/python/test_dp.py -k "cuda or gpu" 2>&1 | tail -15
+    tests/python/test_snapshotter.py tests/python/test_dp.py tests/python/test_external_loop.py \
+    tests/python/test_loop_state.py tests/python/test_snapshot_checkpoint.py \
+    -k "cuda or gpu or loop_state or snapshot_checkpoint" 2>&1 | tail -15
   status=${PIPESTATUS[0]}
   echo "=== python tests: exit $status"
   [ "$status" -eq 0 ] || rc=1

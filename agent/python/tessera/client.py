@@ -719,8 +719,8 @@ class Client:
             TypeError, InvalidArgumentError: a bad argument.
             NotFoundError: the daemon holds no such step.
             PermissionDeniedError: the job belongs to another uid.
-            FailedPreconditionError: for a caller other than root, no rank of the job is
-                registered on this daemon under its uid.
+            FailedPreconditionError: for a caller other than root, this daemon holds no
+                snapshot of the job of its uid, nor a rank of it registered under its uid.
             DataLossError: the snapshot does not verify, here nor on the daemon.
             UnimplementedError: a snapshot without block checksums (from an older agent).
         """

@@ -98,6 +98,8 @@ __all__ = [
     "TensorChunk",
     "TensorInfo",
     "TensorToSave",
+    "SnapshotCheckpoint",
+    "SnapshotReader",
     "Writer",
     "box_runs",
     "chunk_tensor",
@@ -1561,15 +1563,19 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
                 raise InvalidArgumentError(
                     "tessera.dcp.Reader needs a job id: Reader(job_id, step=...), or "
                     "dcp.load(..., checkpoint_id='tessera://JOB/STEP')")
-            self.reader = CheckpointReader(
-                self.job_id, self.step, socket_path=self.socket_path,
-                index_capacity=self.index_capacity, claim_timeout_s=self.claim_timeout_s,
-                max_shard_bytes=self.max_shard_bytes)
+            self.reader = self._open()
             return _metadata(self.reader.index, _types())
         except Exception as e:
             _log.error("tessera.dcp: cannot read the metadata of DCP checkpoint %s: %s",
                        self.checkpoint_id, e)
             raise
+
+    def _open(self) -> CheckpointReader:
+        assert self.job_id is not None
+        return CheckpointReader(
+            self.job_id, self.step, socket_path=self.socket_path,
+            index_capacity=self.index_capacity, claim_timeout_s=self.claim_timeout_s,
+            max_shard_bytes=self.max_shard_bytes)
 
     def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
@@ -1640,3 +1646,38 @@ def _metadata(index: CheckpointIndex, t: Any) -> Any:
         storage[t.MetadataIndex(fqn)] = StoredAt(item.rank, item.entry)
     return t.Metadata(state_dict_metadata=state, planner_data=dict(index.planner_data) or None,
                       storage_data=storage)
+
+
+class SnapshotReader(Reader):
+    """A DCP ``StorageReader`` over a snapshot the `tessera.torch.Snapshotter` took (not a DCP
+    checkpoint): ``dcp.load(state_dict, storage_reader=tessera.dcp.SnapshotReader(job_id))``
+    loads it into any layout (another world size, FSDP, TP or DP sharding), as if
+    ``get_state_dict(model, optimizer)`` had been saved as ``{"model": ..., "optim": ...}``
+    (see `SnapshotCheckpoint` for the names and how the bytes are read). The trainers of the job
+    may go on snapshotting meanwhile: the reader does not claim their ranks, but a step they
+    release while it is read fails the read (NotFoundError), and the newest is read again.
+
+    Args:
+        job_id: the Snapshotter's job; or ``checkpoint_id="tessera://JOB/STEP"``.
+        step: the step; None: the newest step every rank sealed on this daemon.
+        socket_path: the daemon's agent socket.
+        model_prefix, optim_prefix: the FQN prefixes of the model's and the optimizer's state
+            in the state dict loaded into ("model." and "optim.").
+        max_chunk_bytes: the most bytes one chunk may take in this process.
+    """
+
+    def __init__(self, job_id: Optional[str] = None, step: Optional[int] = None, *,
+                 socket_path: Optional[str] = None, model_prefix: str = "model.",
+                 optim_prefix: str = "optim.", max_chunk_bytes: Optional[int] = None) -> None:
+        super().__init__(job_id, step, socket_path=socket_path, max_shard_bytes=max_chunk_bytes)
+        self.model_prefix = model_prefix
+        self.optim_prefix = optim_prefix
+
+    def _open(self) -> CheckpointReader:
+        assert self.job_id is not None
+        return SnapshotCheckpoint(self.job_id, self.step, socket_path=self.socket_path,
+                                  model_prefix=self.model_prefix, optim_prefix=self.optim_prefix,
+                                  max_chunk_bytes=self.max_shard_bytes)
+
+
+from ._snapshot_checkpoint import SnapshotCheckpoint  # noqa: E402  (it builds on this module)

@@ -1,0 +1,473 @@
+"""Snapshots the `tessera.torch.Snapshotter` took, read as DCP checkpoints (`tessera.dcp`).
+
+A Snapshotter stores each rank's tensors as entries named ``model.<state_dict key>`` and
+``optim.<param index>.<key>`` (a DTensor's local shard in its place), its optimizer's
+hyperparameters and non-tensor state in the pickled blob ``blob.meta``, and, once per
+registration, a JSON blob ``blob.layout`` that names each entry's fully qualified name (FQN) and
+places each DTensor shard in its global tensor (`tessera.torch.Snapshotter.layout`). That is what
+DCP's planner needs to load the snapshot into any layout, so `SnapshotCheckpoint` presents it as
+the checkpoint ``torch.distributed.checkpoint.state_dict.get_state_dict`` would have saved under
+``{"model": ..., "optim": ...}`` (prefixes configurable):
+
+* ``model.<fqn>``: each model tensor, whole or as the chunks the saving ranks' DTensor shards
+  form; a plain tensor that several ranks hold (data parallelism, a replicated placement) is
+  read from one of them, as DCP deduplicates replicas when it saves;
+* ``optim.state.<param fqn>.<key>``: each optimizer state tensor, likewise, and each non-tensor
+  state value as bytes;
+* ``optim.param_groups``: the param groups with their parameters' FQNs, as bytes.
+
+The bytes come through the reader calls of the C ABI (`tessera.client.Client.read_manifest`
+and `read_range`): the daemon serves a rank's shard from its own memory, copies it from the node
+that holds it or rebuilds it from fragments; the reader checks every block it reads against the
+snapshot's checksums after copying it out, does not register or claim the rank, and so reads
+while the job's trainers run. A data-parallel snapshot (``dp_group``), whose members each store a
+slice of the replicated tensors, is read from every member's slice.
+
+Everything read is untrusted: the layout is JSON, every name, shape and offset in it is checked
+against the manifest, and the meta blob is unpickled allowing no class at all (its top level is
+plain values by construction; the model's extra state, which may be any object, is a nested
+pickle this module never opens).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import pickle
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .client import DTYPE_BYTES, Client, EntryKind
+from .dcp import (BytesItem, CheckpointIndex, CheckpointReader, ChunkRead, Deliver, RankIndex,
+                  Shape, TensorChunk, _check_job_id, _check_step, _Fields, _message, _socket_path,
+                  _volume, _MAX_DIM, _MAX_DIMS, _MAX_FQN_BYTES)
+from .errors import DataLossError, InvalidArgumentError, NotFoundError
+
+_log = logging.getLogger("tessera.dcp")
+
+LAYOUT_ENTRY = "blob.layout"
+META_ENTRY = "blob.meta"
+LAYOUT_FORMAT = "tessera.snapshot-layout/1"
+_MAX_BLOB_BYTES = 1 << 30
+_MAX_ITEMS = 1_000_000
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain values only (dicts, lists, tuples, sets, strings, bytes, numbers, None):
+    any class or function a pickle names is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain values are read")
+
+
+def _plain_loads(data: bytes, what: str) -> Any:
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as e:
+        raise DataLossError(f"{what} does not unpickle as plain values: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A run of a chunk's bytes (row-major) that one rank stores in one entry."""
+
+    rank: int
+    entry: str
+    at: int      # where the run starts in the chunk
+    length: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One rank's ``blob.layout``, checked."""
+
+    fqns: Dict[str, str]
+    param_fqns: Tuple[str, ...]
+    group_sizes: Tuple[int, ...]
+    aliases: Dict[str, str]
+    dtensors: Dict[str, Tuple[Shape, Shape, Shape, str]]  # global shape, offsets, lengths, dtype
+
+    @classmethod
+    def parse(cls, data: bytes, what: str) -> "_Layout":
+        try:
+            value = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DataLossError(f"{what}: the layout blob is not JSON: {e}") from e
+        fields = _Fields(what, value)
+        if value.get("format") != LAYOUT_FORMAT:
+            raise DataLossError(f"{what}: layout format {value.get('format')!r:.40}, not "
+                                f"{LAYOUT_FORMAT!r}")
+        fqns = cls._names(value.get("fqns"), f"{what}: 'fqns'")
+        param_fqns = fields.items("param_fqns", _MAX_ITEMS)
+        for f in param_fqns:
+            if not isinstance(f, str) or not 0 < len(f) <= _MAX_FQN_BYTES:
+                raise DataLossError(f"{what}: a parameter FQN is {f!r:.60}")
+        sizes = fields.items("group_sizes", _MAX_ITEMS)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes) or \
+                sum(sizes) != len(param_fqns):
+            raise DataLossError(f"{what}: group sizes {sizes[:8]} do not add up to its "
+                                f"{len(param_fqns)} parameters")
+        aliases = cls._names(value.get("aliases"), f"{what}: 'aliases'")
+        dtensors: Dict[str, Tuple[Shape, Shape, Shape, str]] = {}
+        raw = value.get("dtensors")
+        if not isinstance(raw, dict) or len(raw) > _MAX_ITEMS:
+            raise DataLossError(f"{what}: 'dtensors' must be an object")
+        for name, place in raw.items():
+            f = _Fields(f"{what}: DTensor {name!r:.80}", place)
+            shape, offsets, lengths = f.dims("global_shape"), f.dims("offsets"), f.dims("lengths")
+            if not len(shape) == len(offsets) == len(lengths) or any(
+                    o + n > d for o, n, d in zip(offsets, lengths, shape)):
+                raise DataLossError(f"{what}: DTensor {name!r:.80}: its chunk at {list(offsets)} "
+                                    f"of {list(lengths)} is not inside {list(shape)}")
+            dtensors[name] = (shape, offsets, lengths, f.string("dtype", 32))
+        return cls(fqns, tuple(param_fqns), tuple(sizes), aliases, dtensors)
+
+    @staticmethod
+    def _names(value: Any, what: str) -> Dict[str, str]:
+        if not isinstance(value, dict) or len(value) > _MAX_ITEMS or not all(
+                isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= _MAX_FQN_BYTES
+                for k, v in value.items()):
+            raise DataLossError(f"{what} must be an object of names")
+        return value
+
+
+class DaemonSnapshotSource:
+    """Reads manifests and entry ranges through the local tesserad, over one connection."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._client: Optional[Client] = None
+        self._lock = threading.Lock()
+
+    def _connected(self) -> Client:
+        if self._client is None or self._client.closed:
+            self._client = Client(self.socket_path, use_gpu=False)
+        return self._client
+
+    def manifest(self, job_id: str, rank: int, step: int) -> Any:
+        with self._lock:
+            return self._connected().read_manifest(job_id, rank, step)
+
+    def read(self, job_id: str, rank: int, step: int, entry: str, offset: int, length: int,
+             out: memoryview) -> None:
+        with self._lock:
+            self._connected().read_range(job_id, rank, step, entry, offset, length, out=out)
+
+    def versions(self, job_id: str) -> List[Any]:
+        with self._lock:
+            return self._connected().list_versions(job_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+class SnapshotCheckpoint(CheckpointReader):
+    """A step of a Snapshotter job, as a DCP checkpoint: its merged index (`index`) and reads of
+    chunk ranges (`serve`, `read_region`, `read_tensor`, `read_bytes`), as `CheckpointReader`
+    offers for checkpoints a `tessera.dcp.Writer` stored.
+
+    Args:
+        job_id: the Snapshotter's job.
+        step: the step; None: the newest step every rank of the job has sealed on this daemon
+            (on a cluster, where other nodes hold some ranks, pass it).
+        socket_path: the daemon's agent socket; default ``TESSERA_SOCKET``, else the default.
+        model_prefix, optim_prefix: the FQN prefixes of the model's and the optimizer's state
+            (``"model."`` and ``"optim."``: the state dict ``{"model": model_sd, "optim":
+            optim_sd}``; ``""`` for a model state dict at the top level).
+        max_chunk_bytes: the most bytes one chunk may take in this process (checked before it is
+            allocated); None: no bound beyond the snapshot's own sizes.
+        source: where manifests and bytes come from (tests); default a `DaemonSnapshotSource`.
+    """
+
+    def __init__(self, job_id: str, step: Optional[int] = None, *,
+                 socket_path: Optional[str] = None, model_prefix: str = "model.",
+                 optim_prefix: str = "optim.", max_chunk_bytes: Optional[int] = None,
+                 source: Optional[Any] = None) -> None:
+        for name, prefix in (("model_prefix", model_prefix), ("optim_prefix", optim_prefix)):
+            if not isinstance(prefix, str) or len(prefix) > 1024:
+                raise InvalidArgumentError(f"{name} must be a string (e.g. 'model.'), got "
+                                           f"{prefix!r:.60}")
+        self.job_id = _check_job_id(job_id)
+        self.step = None if step is None else _check_step(step)
+        self.model_prefix = model_prefix
+        self.optim_prefix = optim_prefix
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_shard_bytes = max_chunk_bytes
+        self.source = source or DaemonSnapshotSource(_socket_path(socket_path))
+        self._index: Optional[CheckpointIndex] = None
+        self._pieces: Dict[Tuple[str, Shape], Tuple[_Piece, ...]] = {}
+        self._bytes: Dict[str, bytes] = {}
+        self._versions: Dict[str, Dict[Tuple[int, int], Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- the index -------------------------------------------------------------------------------
+
+    def _what(self, step: int, rank: Optional[int] = None) -> str:
+        return (f"snapshot of job '{self.job_id}'" + (f" rank {rank}" if rank is not None else "")
+                + f" step {step}")
+
+    def _read_blob(self, rank: int, step: int, manifest: Any, name: str) -> bytes:
+        entry = next((e for e in manifest.entries if e.name == name), None)
+        if entry is None:
+            raise DataLossError(
+                f"{self._what(step, rank)} has no entry {name!r}: it was not taken by a "
+                "tessera.torch.Snapshotter of this version (tessera.dcp.Reader reads checkpoints "
+                "a tessera.dcp.Writer stored)")
+        if entry.length > _MAX_BLOB_BYTES:
+            raise DataLossError(f"{self._what(step, rank)}: {name} holds {entry.length} bytes")
+        out = bytearray(entry.length)
+        self.source.read(self.job_id, rank, step, name, 0, entry.length, memoryview(out))
+        return bytes(out)
+
+    def _pick_step(self) -> Tuple[int, Any]:
+        """The step to read and rank 0's manifest of it."""
+        listed: Dict[int, set] = {}
+        for rank, step in self._listed(self.job_id):
+            listed.setdefault(step, set()).add(rank)
+        if self.step is not None:
+            return self.step, self.source.manifest(self.job_id, 0, self.step)
+        tried = []
+        for step in sorted(listed, reverse=True):
+            if 0 not in listed[step]:
+                continue
+            first = self.source.manifest(self.job_id, 0, step)
+            if listed[step] >= set(range(first.world_size)):
+                return step, first
+            tried.append(f"step {step}: ranks {sorted(listed[step])[:8]} of {first.world_size}")
+        raise NotFoundError(
+            f"this daemon holds no step of job '{self.job_id}' that every rank sealed"
+            f"{': ' + '; '.join(tried) if tried else ' (it holds none at all)'}; on a cluster a "
+            "job's ranks may be held by other nodes: pass step= explicitly")
+
+    @property
+    def index(self) -> CheckpointIndex:
+        """The snapshot's merged index, built once from every rank's manifest and layout.
+
+        Raises:
+            NotFoundError: no such job or step.
+            DataLossError: a rank's manifest or layout is damaged, or the ranks disagree (a
+                tensor's shape or dtype, chunks that overlap or leave part of a tensor
+                uncovered).
+        """
+        with self._lock:
+            if self._index is None:
+                self._index = self._build()
+            return self._index
+
+    def _build(self) -> CheckpointIndex:
+        step, first = self._pick_step()
+        world = first.world_size
+        meta_of: Dict[int, Any] = {}
+        # (fqn, offsets) -> (sizes, global size, dtype) and, per group of ranks that together
+        # hold the chunk's bytes (a DP group, else one rank), its pieces.
+        shapes: Dict[Tuple[str, Shape], Tuple[Shape, Shape, str]] = {}
+        pieces: Dict[Tuple[str, Shape], Dict[Any, List[_Piece]]] = {}
+        layouts: List[_Layout] = []
+        for rank in range(world):
+            manifest = first if rank == 0 else self.source.manifest(self.job_id, rank, step)
+            what = self._what(step, rank)
+            if (manifest.world_size, manifest.step) != (world, step):
+                raise DataLossError(f"{what}: its manifest is of step {manifest.step} in a world "
+                                    f"of {manifest.world_size}, rank 0's of {world}")
+            layout = _Layout.parse(self._read_blob(rank, step, manifest, LAYOUT_ENTRY), what)
+            layouts.append(layout)
+            meta_of[rank] = _plain_loads(self._read_blob(rank, step, manifest, META_ENTRY),
+                                         f"{what}: the meta blob")
+            dp = manifest.data_parallel
+            group = ("dp", dp.members_fingerprint) if dp is not None else ("rank", rank)
+            placed: Dict[str, Tuple[Tuple[str, Shape], _Piece]] = {}
+            for e in manifest.entries:
+                if e.kind != EntryKind.TENSOR:
+                    continue
+                fqn = self._fqn(e.name, layout, what)
+                if fqn is None:
+                    continue
+                key, piece = self._place(e, rank, layout, what, fqn, shapes)
+                pieces.setdefault(key, {}).setdefault(group, []).append(piece)
+                placed[e.name] = (key, piece)
+            for alias, target in layout.aliases.items():
+                fqn = self._fqn(alias, layout, what)
+                if fqn is None or target not in placed:
+                    raise DataLossError(f"{what}: tied entry {alias!r:.80} names {target!r:.80}, "
+                                        "which the snapshot does not hold")
+                (t_fqn, offsets), piece = placed[target]
+                key = (fqn, offsets)
+                shapes.setdefault(key, shapes[(t_fqn, offsets)])
+                pieces.setdefault(key, {}).setdefault(group, []).append(piece)
+        chunks_by_rank: Dict[int, List[TensorChunk]] = {r: [] for r in range(world)}
+        for key, by_group in pieces.items():
+            fqn, offsets = key
+            sizes, size, dtype = shapes[key]
+            itemsize = DTYPE_BYTES[dtype]
+            nbytes = _volume(sizes) * itemsize
+            chosen = self._complete(by_group, nbytes)
+            if chosen is None:
+                raise DataLossError(
+                    f"{self._what(step)}: the bytes of {fqn!r:.80} at {list(offsets)} are not "
+                    f"all held: no rank (or data-parallel group) stores all {nbytes} of them")
+            self._pieces[key] = chosen
+            chunks_by_rank[chosen[0].rank].append(TensorChunk(
+                fqn, offsets, sizes, size, dtype, itemsize, chosen[0].rank, chosen[0].entry))
+        self._bytes = self._byte_items(layouts[0], meta_of[0], self._what(step, 0))
+        byte_items = tuple(BytesItem(fqn, 0, "", len(data)) for fqn, data in self._bytes.items())
+        ranks = [RankIndex(self.job_id, step, r, world, (), tuple(chunks_by_rank[r]),
+                           byte_items if r == 0 else ()) for r in range(world)]
+        index = CheckpointIndex(ranks)
+        self.step = step
+        _log.info("snapshot of job '%s' step %d as a DCP checkpoint: %d ranks, %d tensors in %d "
+                  "chunks, %d other items", self.job_id, step, world, len(index.tensors),
+                  sum(len(t.chunks) for t in index.tensors.values()), len(index.byte_items))
+        return index
+
+    def _fqn(self, entry: str, layout: _Layout, what: str) -> Optional[str]:
+        """The DCP FQN of Snapshotter entry `entry` (None: not model or optimizer state)."""
+        if entry.startswith("model."):
+            return self.model_prefix + layout.fqns.get(entry, entry[len("model."):])
+        if entry.startswith("optim."):
+            index, _, key = entry[len("optim."):].partition(".")
+            if not index.isdigit() or not key or int(index) >= len(layout.param_fqns):
+                raise DataLossError(f"{what}: optimizer entry {entry!r:.80} names no parameter "
+                                    f"of the {len(layout.param_fqns)} its layout lists")
+            return f"{self.optim_prefix}state.{layout.param_fqns[int(index)]}.{key}"
+        return None
+
+    @staticmethod
+    def _place(e: Any, rank: int, layout: _Layout, what: str, fqn: str,
+               shapes: Dict[Tuple[str, Shape], Tuple[Shape, Shape, str]]
+               ) -> Tuple[Tuple[str, Shape], _Piece]:
+        """The chunk entry `e` of `rank` is (or is a slice of), and its piece."""
+        shape = tuple(int(d) for d in e.shape)
+        if e.dtype not in DTYPE_BYTES or e.dtype == "bytes":
+            raise DataLossError(f"{what}: tensor entry {e.name!r:.80} has dtype {e.dtype!r:.32}")
+        if len(shape) > _MAX_DIMS or any(not 0 <= d <= _MAX_DIM for d in shape):
+            raise DataLossError(f"{what}: tensor entry {e.name!r:.80} has shape {list(shape)[:8]}")
+        nbytes = _volume(shape) * DTYPE_BYTES[e.dtype]
+        place = layout.dtensors.get(e.name)
+        if place is None:
+            size, offsets = shape, (0,) * len(shape)
+        else:
+            size, offsets, lengths, dtype = place
+            if lengths != shape or dtype != e.dtype:
+                raise DataLossError(
+                    f"{what}: DTensor {e.name!r:.80} is {e.dtype}{list(shape)} in the manifest "
+                    f"but placed as {dtype}{list(lengths)}")
+        key = (fqn, offsets)
+        known = shapes.setdefault(key, (shape, size, e.dtype))
+        if known != (shape, size, e.dtype):
+            raise DataLossError(
+                f"{what}: {fqn!r:.80} at {list(offsets)} is {e.dtype}{list(shape)} of "
+                f"{list(size)} here but {known[2]}{list(known[0])} of {list(known[1])} on "
+                "another rank")
+        at, length = 0, nbytes
+        if e.slice is not None:
+            at, length = int(e.slice.offset), int(e.slice.length)
+            if at + length > nbytes:
+                raise DataLossError(f"{what}: slice [{at}, +{length}) of {e.name!r:.80} is "
+                                    f"outside its {nbytes} bytes")
+        return key, _Piece(rank, e.name, at, length)
+
+    @staticmethod
+    def _complete(by_group: Dict[Any, List[_Piece]], nbytes: int) -> Optional[Tuple[_Piece, ...]]:
+        """The pieces of the first group (lowest rank first) that hold every byte exactly
+        once."""
+        for _, group in sorted(by_group.items(), key=lambda g: min(p.rank for p in g[1])):
+            runs = sorted((p for p in group if p.length > 0), key=lambda p: p.at)
+            at = 0
+            for p in runs:
+                if p.at != at:
+                    break
+                at += p.length
+            else:
+                if at == nbytes:
+                    return tuple(runs) or tuple(group[:1])
+        return None
+
+    def _byte_items(self, layout: _Layout, meta: Any, what: str) -> Dict[str, bytes]:
+        """The optimizer's param groups and non-tensor state, serialised as DCP loads bytes
+        (``torch.save``)."""
+        import torch
+
+        f = _Fields(f"{what}: the meta blob", meta)
+        groups = f.items("param_groups", _MAX_ITEMS)
+        if len(groups) != len(layout.group_sizes):
+            raise DataLossError(f"{what}: {len(groups)} param groups in the meta blob, "
+                                f"{len(layout.group_sizes)} in the layout")
+        items: Dict[str, bytes] = {}
+
+        def save(fqn: str, value: Any) -> None:
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            items[fqn] = buffer.getvalue()
+
+        if not layout.param_fqns:
+            return items
+        fqns = iter(layout.param_fqns)
+        save(self.optim_prefix + "param_groups",
+             [dict(g, params=list(itertools.islice(fqns, n)))
+              for g, n in zip(groups, layout.group_sizes)])
+        state = meta.get("optimizer_state")
+        if not isinstance(state, dict):
+            raise DataLossError(f"{what}: the meta blob's optimizer_state is not a dict")
+        for key, value in state.items():
+            if (not isinstance(key, tuple) or len(key) != 2 or not isinstance(key[0], int)
+                    or not 0 <= key[0] < len(layout.param_fqns)):
+                raise DataLossError(f"{what}: optimizer state key {key!r:.60}")
+            save(f"{self.optim_prefix}state.{layout.param_fqns[key[0]]}.{key[1]}", value)
+        return items
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def serve(self, reads: Sequence[ChunkRead], deliver: Deliver) -> None:
+        """Answers `reads`: checks every one first (nothing is read when one is bad), then reads
+        each chunk they name once, from the rank (or the DP members) holding it, and calls
+        `deliver` for each read.
+
+        Raises:
+            NotFoundError: an FQN or chunk the snapshot does not have, or a step the daemons no
+                longer hold.
+            InvalidArgumentError: a box outside its chunk.
+            DataLossError: bytes that do not match the snapshot's checksums.
+        """
+        index = self.index
+        resolved = [(read, self._resolve(read)) for read in reads]
+
+        def chunk_key(pair: Tuple[ChunkRead, Any]) -> Tuple[str, Shape]:
+            where = pair[1]
+            return (where.fqn, where.offsets if isinstance(where, TensorChunk) else ())
+
+        for _, group in itertools.groupby(sorted(resolved, key=chunk_key), key=chunk_key):
+            pairs = list(group)
+            where = pairs[0][1]
+            if isinstance(where, BytesItem):
+                view = memoryview(self._bytes[where.fqn])
+            else:
+                if self.max_chunk_bytes is not None and where.nbytes > self.max_chunk_bytes:
+                    raise InvalidArgumentError(
+                        f"chunk of {where.fqn!r:.80} at {list(where.offsets)} is {where.nbytes} "
+                        f"bytes, over max_chunk_bytes={self.max_chunk_bytes}")
+                data = bytearray(where.nbytes)
+                view = memoryview(data)
+                for p in self._pieces[(where.fqn, where.offsets)]:
+                    try:
+                        self.source.read(self.job_id, p.rank, index.step, p.entry, 0, p.length,
+                                         view[p.at:p.at + p.length])
+                    except NotFoundError as e:
+                        raise NotFoundError(
+                            f"{self._what(index.step, p.rank)} is no longer held "
+                            f"({_message(e)}): the job's ranks sealed newer steps, which release "
+                            "it; read the newest") from e
+            for read, _ in pairs:
+                deliver(read, where, view)
+
+    def close(self) -> None:
+        """Closes the connection to the daemon (when this reader made it)."""
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
