@@ -639,6 +639,49 @@ def phase_restore(trainer: Trainer, snap: "tessera.torch.Snapshotter", repeats: 
     return row, verdict
 
 
+def phase_reshard_load(trainer: Trainer, socket_path: str, job_id: str) -> Tuple[Row, str]:
+    """The newest snapshot (the FSDP2 state as phase_restore left it) loaded through
+    `tessera.dcp.SnapshotReader` into the same GPT unsharded (plain tensors on the GPU, DCP's
+    no_dist load): a restore into another layout, timed and compared tensor by tensor with the
+    FSDP2 model's state (at world 1 its local shards are whole)."""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import tessera.dcp
+
+    row = Row("tessera.dcp.SnapshotReader, dcp.load", "into the unsharded GPT (resharded)")
+    a = trainer.args
+    torch.manual_seed(a.seed + 99)
+    plain = GPT(a.vocab, a.seq, a.width, a.layers, a.heads, a.mlp_ratio, trainer.device)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                  weight_decay=0.1)
+    model_sd, optim_sd = get_state_dict(plain, optimizer)  # creates AdamW's state to load into
+    sd = {"model": model_sd, "optim": optim_sd}
+    t = time.perf_counter()
+    dcp.load(sd, storage_reader=tessera.dcp.SnapshotReader(job_id, socket_path=socket_path),
+             no_dist=True)
+    set_state_dict(plain, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    trainer.sync()
+    seconds = time.perf_counter() - t
+    want = trainer.state_tensors()
+    got = Trainer.state_tensors(types.SimpleNamespace(model=plain, optimizer=optimizer))  # type: ignore[arg-type]
+    mismatched = [k for k, v in want.items() if k not in got or not torch.equal(v, got[k])]
+    verdict = (f"{'PASS' if not mismatched and len(got) == len(want) else 'FAIL'}: "
+               f"{len(want) - len(mismatched)}/{len(want)} tensors of the unsharded model and "
+               "its AdamW bit-exact with the FSDP2 state"
+               + (f"; mismatched: {', '.join(mismatched[:5])}" if mismatched else ""))
+    log("resharded load check: " + verdict)
+    row.blocked_s = [seconds]
+    row.snaps_label = f"1 load of {gb(sum(v.numel() * v.element_size() for v in got.values()))}"
+    row.notes.append(f"read through the ranged reader while the trainer stays registered; {verdict}")
+    del plain, optimizer, sd, model_sd, optim_sd, got
+    if trainer.cuda:
+        torch.cuda.empty_cache()
+    return row, verdict
+
+
 class DcpSaver:
     """async_save with one save in flight at most: the next save first waits for the previous."""
 
@@ -1103,6 +1146,18 @@ def compare(args: argparse.Namespace, device: torch.device, gpu: str, fsdp: Opti
             verdict = f"FAIL: {e!r}"
             log(f"restore FAILED: {e!r}")
             rows.append(Row("Tessera restore_latest()", what, error=repr(e)))
+        if fsdp is not None and daemon is not None:
+            log("phase: the FSDP2 snapshot loaded unsharded through tessera.dcp.SnapshotReader")
+            try:
+                row, reshard_verdict = phase_reshard_load(trainer, str(daemon.socket),
+                                                          "compare_gpu")
+                finish(row)
+                header.append(f"resharded load check: {reshard_verdict}")
+            except Exception as e:
+                traceback.print_exc()
+                log(f"resharded load FAILED: {e!r}")
+                rows.append(Row("tessera.dcp.SnapshotReader, dcp.load",
+                                "into the unsharded GPT (resharded)", error=repr(e)))
         try:
             snap.close(drop=True)
         except Exception as e:

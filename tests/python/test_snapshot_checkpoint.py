@@ -32,7 +32,7 @@ import torch
 import tessera.dcp as tdcp
 from tessera.client import EntryKind, EntrySlice
 import tessera.torch as tt
-from tessera.errors import DataLossError, NotFoundError, UnavailableError
+from tessera.errors import DataLossError, InvalidArgumentError, NotFoundError, UnavailableError
 from conftest import Daemon, free_port
 
 
@@ -408,3 +408,33 @@ def test_damaged_layouts_and_meta_are_named(damage: str, message: str) -> None:
         src.entries[0][2].length = len(src.data[(0, "blob.layout")])
     with pytest.raises(DataLossError, match=message):
         tdcp.SnapshotCheckpoint("job", source=src).index
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"read_threads": 0}, "read_threads must be an integer in \\[1, 256\\]"),
+    ({"read_threads": True}, "read_threads"),
+    ({"model_prefix": 3}, "model_prefix must be a string"),
+    ({"step": -2}, "step"),
+])
+def test_bad_arguments_are_named(kwargs: Dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        tdcp.SnapshotCheckpoint("job", source=_Source(1), **kwargs)
+
+
+def test_reads_on_several_threads_deliver_every_read_bit_exact() -> None:
+    src, want = _sharded_job(_seed())
+    checkpoint = tdcp.SnapshotCheckpoint("job", source=src, read_threads=3)
+    reads = [tdcp.ChunkRead(fqn, c.offsets, (0,) * len(c.sizes), c.sizes, token=i)
+             for i, (fqn, c) in enumerate((f, c) for f, t in checkpoint.index.tensors.items()
+                                          for c in t.chunks)]
+    seen: List[Any] = []
+
+    def deliver(read: Any, chunk: Any, view: memoryview) -> None:
+        seen.append(read.token)
+        whole = want[read.fqn]
+        lo = chunk.offsets[0] if chunk.offsets else 0
+        part = whole[lo:lo + chunk.sizes[0]] if chunk.sizes else whole
+        assert bytes(view) == _bytes(part), (read.fqn, chunk.offsets)
+
+    checkpoint.serve(reads, deliver)
+    assert sorted(seen) == list(range(len(reads)))

@@ -31,14 +31,17 @@ pickle this module never opens).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import io
 import itertools
+import os
 import json
 import logging
 import pickle
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .client import DTYPE_BYTES, Client, EntryKind
 from .dcp import (BytesItem, CheckpointIndex, CheckpointReader, ChunkRead, Deliver, RankIndex,
@@ -153,8 +156,11 @@ class DaemonSnapshotSource:
 
     def read(self, job_id: str, rank: int, step: int, entry: str, offset: int, length: int,
              out: memoryview) -> None:
+        """Safe from several threads at once: the library's reads are, and they release the
+        GIL while they copy and check."""
         with self._lock:
-            self._connected().read_range(job_id, rank, step, entry, offset, length, out=out)
+            client = self._connected()
+        client.read_range(job_id, rank, step, entry, offset, length, out=out)
 
     def versions(self, job_id: str) -> List[Any]:
         with self._lock:
@@ -182,13 +188,15 @@ class SnapshotCheckpoint(CheckpointReader):
             optim_sd}``; ``""`` for a model state dict at the top level).
         max_chunk_bytes: the most bytes one chunk may take in this process (checked before it is
             allocated); None: no bound beyond the snapshot's own sizes.
+        read_threads: chunks read at once (each read copies and checks its bytes without the
+            GIL); default min(8, CPUs). Up to twice as many chunks are held in memory.
         source: where manifests and bytes come from (tests); default a `DaemonSnapshotSource`.
     """
 
     def __init__(self, job_id: str, step: Optional[int] = None, *,
                  socket_path: Optional[str] = None, model_prefix: str = "model.",
                  optim_prefix: str = "optim.", max_chunk_bytes: Optional[int] = None,
-                 source: Optional[Any] = None) -> None:
+                 read_threads: Optional[int] = None, source: Optional[Any] = None) -> None:
         for name, prefix in (("model_prefix", model_prefix), ("optim_prefix", optim_prefix)):
             if not isinstance(prefix, str) or len(prefix) > 1024:
                 raise InvalidArgumentError(f"{name} must be a string (e.g. 'model.'), got "
@@ -199,6 +207,13 @@ class SnapshotCheckpoint(CheckpointReader):
         self.optim_prefix = optim_prefix
         self.max_chunk_bytes = max_chunk_bytes
         self.max_shard_bytes = max_chunk_bytes
+        if read_threads is None:
+            read_threads = min(8, os.cpu_count() or 1)
+        if isinstance(read_threads, bool) or not isinstance(read_threads, int) or not (
+                1 <= read_threads <= 256):
+            raise InvalidArgumentError(f"read_threads must be an integer in [1, 256], got "
+                                       f"{read_threads!r:.40}")
+        self.read_threads = read_threads
         self.source = source or DaemonSnapshotSource(_socket_path(socket_path))
         self._index: Optional[CheckpointIndex] = None
         self._pieces: Dict[Tuple[str, Shape], Tuple[_Piece, ...]] = {}
@@ -441,29 +456,47 @@ class SnapshotCheckpoint(CheckpointReader):
             where = pair[1]
             return (where.fqn, where.offsets if isinstance(where, TensorChunk) else ())
 
-        for _, group in itertools.groupby(sorted(resolved, key=chunk_key), key=chunk_key):
-            pairs = list(group)
-            where = pairs[0][1]
+        def fetch(where: Any) -> memoryview:
             if isinstance(where, BytesItem):
-                view = memoryview(self._bytes[where.fqn])
-            else:
-                if self.max_chunk_bytes is not None and where.nbytes > self.max_chunk_bytes:
-                    raise InvalidArgumentError(
-                        f"chunk of {where.fqn!r:.80} at {list(where.offsets)} is {where.nbytes} "
-                        f"bytes, over max_chunk_bytes={self.max_chunk_bytes}")
-                data = bytearray(where.nbytes)
-                view = memoryview(data)
-                for p in self._pieces[(where.fqn, where.offsets)]:
-                    try:
-                        self.source.read(self.job_id, p.rank, index.step, p.entry, 0, p.length,
-                                         view[p.at:p.at + p.length])
-                    except NotFoundError as e:
-                        raise NotFoundError(
-                            f"{self._what(index.step, p.rank)} is no longer held "
-                            f"({_message(e)}): the job's ranks sealed newer steps, which release "
-                            "it; read the newest") from e
-            for read, _ in pairs:
-                deliver(read, where, view)
+                return memoryview(self._bytes[where.fqn])
+            data = bytearray(where.nbytes)
+            view = memoryview(data)
+            for p in self._pieces[(where.fqn, where.offsets)]:
+                try:
+                    self.source.read(self.job_id, p.rank, index.step, p.entry, 0, p.length,
+                                     view[p.at:p.at + p.length])
+                except NotFoundError as e:
+                    raise NotFoundError(
+                        f"{self._what(index.step, p.rank)} is no longer held ({_message(e)}): "
+                        "the job's ranks sealed newer steps, which release it; read the "
+                        "newest") from e
+            return view
+
+        groups = [list(g) for _, g in itertools.groupby(sorted(resolved, key=chunk_key),
+                                                        key=chunk_key)]
+        for pairs in groups:
+            where = pairs[0][1]
+            if (isinstance(where, TensorChunk) and self.max_chunk_bytes is not None
+                    and where.nbytes > self.max_chunk_bytes):
+                raise InvalidArgumentError(
+                    f"chunk of {where.fqn!r:.80} at {list(where.offsets)} is {where.nbytes} "
+                    f"bytes, over max_chunk_bytes={self.max_chunk_bytes}")
+        # Chunks are read on `read_threads` threads (each read copies and checks its blocks
+        # without the GIL), at most twice that many ahead of the one delivered, in order.
+        with concurrent.futures.ThreadPoolExecutor(self.read_threads) as pool:
+            ahead: Deque[Tuple[List[Any], Any]] = collections.deque()
+            upcoming = iter(groups)
+            for pairs in itertools.islice(upcoming, 2 * self.read_threads):
+                ahead.append((pairs, pool.submit(fetch, pairs[0][1])))
+            while ahead:
+                pairs, future = ahead.popleft()
+                view = future.result()
+                for read, where in pairs:
+                    deliver(read, where, view)
+                del view
+                following = next(upcoming, None)
+                if following is not None:
+                    ahead.append((following, pool.submit(fetch, following[0][1])))
 
     def close(self) -> None:
         """Closes the connection to the daemon (when this reader made it)."""
