@@ -135,6 +135,44 @@ def test_a_snapshotter_snapshot_reads_back_under_dcp_names(daemon: Daemon) -> No
         snap.close(drop=True)
 
 
+def test_a_snapshot_from_before_the_layout_blob_restores_and_the_next_carries_it(
+        daemon: Daemon) -> None:
+    """A Snapshotter of an earlier version registered no layout blob: a trainer upgraded
+    mid-job restores its snapshot (registering as it did), and snapshots with the blob after."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TiedNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train(model, optimizer, 2, gen)
+    old = tt.Snapshotter(model, optimizer, job_id="upgrade", rank=0, world_size=1,
+                         socket_path=str(daemon.socket))
+    old._with_layout = False  # as the earlier version registered
+    old._registered = None
+    assert old.snapshot(2)
+    old.wait()
+    want = _expected(model, optimizer)
+    old.close()
+    reader = tdcp.DaemonSnapshotSource(str(daemon.socket))
+    assert "blob.layout" not in [e.name for e in reader.manifest("upgrade", 0, 2).entries]
+
+    _train(model, optimizer, 1, gen)
+    new = tt.Snapshotter(model, optimizer, job_id="upgrade", rank=0, world_size=1,
+                         socket_path=str(daemon.socket))
+    try:
+        assert new.restore_latest() == 2
+        assert {k: _bytes(v) for k, v in _expected(model, optimizer).items()} == \
+            {k: _bytes(v) for k, v in want.items()}
+        assert new.snapshot(3)
+        new.wait()
+        assert "blob.layout" in [e.name for e in reader.manifest("upgrade", 0, 3).entries]
+        index = tdcp.SnapshotCheckpoint("upgrade", 3, socket_path=str(daemon.socket)).index
+        assert "model.head.weight" in index.tensors
+    finally:
+        reader.close()
+        new.close(drop=True)
+
+
 def test_a_checkpoint_a_writer_stored_is_not_taken_for_a_snapshot(daemon: Daemon) -> None:
     data = torch.arange(12, dtype=torch.float32) + 0.5
     tdcp.save_rank("dcpjob", 1, 0, 1,

@@ -87,6 +87,7 @@ __all__ = [
     "CheckpointReader",
     "ChunkRead",
     "DEFAULT_SOCKET_PATH",
+    "DaemonSnapshotSource",
     "DaemonSource",
     "FORMAT",
     "INDEX_CAPACITY",
@@ -1680,4 +1681,4 @@ class SnapshotReader(Reader):
                                   max_chunk_bytes=self.max_shard_bytes)
 
 
-from ._snapshot_checkpoint import SnapshotCheckpoint  # noqa: E402  (it builds on this module)
+from ._snapshot_checkpoint import DaemonSnapshotSource, SnapshotCheckpoint  # noqa: E402,F401

@@ -476,6 +476,8 @@ class Snapshotter:
         self.dp_members: Optional[List[int]] = self._resolve_dp_group(dp_group, self.rank)
         self._blobs: Dict[str, _Blob] = {}
         self._layout_json = b""
+        # False only while restoring a snapshot taken before snapshots carried a layout blob.
+        self._with_layout = True
         self._rng_pickles = _PickleCache()
         self._registered: Optional[_Registered] = None
         self._fence_pending = False
@@ -783,7 +785,8 @@ class Snapshotter:
                 f"the optimizer's or model's non-tensor state does not pickle: {e}"
             ) from e
         payloads["meta"] = meta
-        payloads["layout"] = self._layout_json  # the same object until the next registration
+        if self._with_layout:
+            payloads["layout"] = self._layout_json  # the same object until the next registration
         return payloads
 
     def _blob_description(self, name: str) -> str:
@@ -1254,6 +1257,11 @@ class Snapshotter:
             DataLossError: the snapshot is damaged.
         """
         drop = self._prime_optimizer_state()
+        if not self._snapshot_has_layout():
+            _log.info("job %s rank %d: the snapshot predates the layout blob; it is restored "
+                      "without, and the next snapshot registers with it", self.job_id, self.rank)
+            self._with_layout = False
+            self._registered = None
         try:
             if self._moved(self._optimizer_state()[0]) is not None:
                 self._register()
@@ -1292,6 +1300,10 @@ class Snapshotter:
             if drop is not None:
                 drop()
             raise
+        finally:
+            if not self._with_layout:
+                self._with_layout = True
+                self._registered = None  # the next snapshot registers with the layout blob
         if step is None:
             if drop is not None:
                 drop()
@@ -1300,6 +1312,16 @@ class Snapshotter:
         self.restored_step = step
         _log.info("restored job %s rank %d from step %d", self.job_id, self.rank, step)
         return step
+
+    def _snapshot_has_layout(self) -> bool:
+        """Whether this rank's newest snapshot here carries the layout blob (False for one a
+        Snapshotter of an earlier version took, which is then restored without it). True when
+        there is none to look at."""
+        try:
+            manifest = self._client.read_manifest(self.job_id, self.rank, -1)
+        except TesseraError:
+            return True
+        return any(e.name == "blob.layout" for e in manifest.entries)
 
     def _agree(self, step: Optional[int], error: Optional[TesseraError]) -> Optional[int]:
         """Makes every rank hold the same step (torch.distributed only); raises `error` here, and
