@@ -1057,6 +1057,9 @@ absl::StatusOr<std::shared_ptr<const Client::RestoreSource>> Client::OpenForRead
   TESSERA_RETURN_IF_ERROR(
       Annotate(CheckReadableManifest(source->manifest_, job_id, rank, answered),
                absl::StrCat("job '", job_id, "' rank ", rank, " step ", answered)));
+  // A manifest alone is asked for once (a trainer's restore asks for its own): its mapping is
+  // not kept, or it would hold a slot the daemon may delete after a new registration.
+  if (!use_cache) return source;
   std::lock_guard<std::mutex> lock(read_mu_);
   // A few sources: each keeps its segment mapped (and a segment the daemon deleted meanwhile,
   // its memory) until it is dropped.

@@ -251,7 +251,8 @@ class Client {
                                                              bool for_reader = false);
   // A source for ReadManifest and ReadRange of (job_id, rank, step), checked (VerifyLayout,
   // CheckReadableManifest). With `daemon_verifies` the daemon checks the payload first; without,
-  // a cached source of the step is taken when there is one. Cached either way.
+  // a cached source of the step is taken when there is one. With `use_cache` the source is
+  // cached either way; without, it is neither taken from the cache nor kept in it.
   absl::StatusOr<std::shared_ptr<const RestoreSource>> OpenForReading(const std::string& job_id,
                                                                      uint32_t rank, int64_t step,
                                                                      bool daemon_verifies,
