@@ -196,8 +196,7 @@ class PeerFixture {
 // `credentials`: null for insecure; with them the client is node "bench-client" and takes only
 // an encrypted raw data path.
 std::unique_ptr<GrpcPeerClient> MakeClient(
-    int channels, size_t chunk_bytes,
-    std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) {
+    int channels, size_t chunk_bytes, std::shared_ptr<ClusterCredentials> credentials = nullptr) {
   GrpcPeerClient::Options o;
   o.channels_per_peer = channels;
   o.chunk_bytes = chunk_bytes;
@@ -248,9 +247,8 @@ void Run(const Options& options) {
     t.peer = std::make_unique<PeerFixture>(options, kind, ca->get());
     const bool tls = kind == PeerPath::kTls || kind == PeerPath::kTlsGrpc;
     for (int n : options.channels) {
-      t.clients.emplace_back(
-          n, MakeClient(n, options.chunk_bytes,
-                        tls ? PeerChannelCredentials(*client_files) : nullptr));
+      t.clients.emplace_back(n, MakeClient(n, options.chunk_bytes,
+                                           tls ? ClusterCredentials::Tls(*client_files) : nullptr));
     }
     targets.push_back(std::move(t));
   }

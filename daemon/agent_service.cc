@@ -13,9 +13,7 @@ namespace {
 // Runs `body` and converts its status; failures are counted and logged (RecordRefusal).
 template <typename Body>
 grpc::Status Handle(const char* method, Body body) {
-  absl::Status status = body();
-  if (!status.ok()) RecordRefusal("agent", method, status);
-  return ToGrpcStatus(status);
+  return AnswerCall("agent", method, body());
 }
 
 }  // namespace

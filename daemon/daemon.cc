@@ -162,9 +162,11 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   }
   auto log = Logger("daemon");
   const DaemonConfig& config = config_;
-  // Every daemon-to-daemon channel made from here on uses the peer port's TLS (or none).
+  // Every daemon-to-daemon channel made from here on uses the peer port's TLS (or none), and a
+  // channel to a member reaches only the daemon whose certificate names it.
   const ClusterTlsFiles tls = ClusterTls(config.cluster);
-  SetClusterChannelCredentials(PeerChannelCredentials(tls));
+  SetClusterCredentials(tls.enabled() ? ClusterCredentials::Tls(tls)
+                                      : ClusterCredentials::Insecure());
   if (tls.enabled()) {
     log->info("peer port: mutual TLS, certificate {} of node {}, CA {} (read again every {} s)",
               tls.cert_file, node_id_, tls.ca_file, tls.refresh_s);
@@ -189,8 +191,10 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
       absl::Milliseconds(std::max<int64_t>(1000, config.liveness.timeout_ms));
   client_options.token = config.cluster.token;
   client_options.self_node_id = node_id_;
-  // With TLS, fragments travel only encrypted: over the raw data path's version 2, or over gRPC.
+  // With TLS, fragments travel only encrypted: over the raw data path's version 2, or over gRPC;
+  // and only to the member they are for (every bulk call names its node).
   client_options.encrypted_data_path_only = tls.enabled();
+  client_options.require_node_id = tls.enabled();
   // Fragments go to a few peers per job: channels stay open for the 64 most recently used.
   client_options.max_peers_with_channels = 64;
   TESSERA_ASSIGN_OR_RETURN(peer_client_, GrpcPeerClient::Create(client_options));
@@ -255,7 +259,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
                                        [](const Cluster::PeerView& p) { return p.alive; });
     if (alive > 32) return;
     for (const Cluster::PeerView& p : members) {
-      if (p.alive) peers->Prepare(p.address, p.incarnation, /*open_connections=*/true);
+      if (p.alive) {
+        peers->Prepare(PeerTarget(p.address, p.node_id), p.incarnation, /*open_connections=*/true);
+      }
     }
   };
   HeartbeatSender* const heartbeats = config.liveness.transport == "grpc"
@@ -478,6 +484,13 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
           static_cast<double>(f.pool_bytes));
   }
+  if (cluster_) {
+    counter("tessera_peer_servers_refused_total",
+            "Connections to another daemon refused in the TLS handshake because the server's "
+            "certificate does not name the member called (another node's certificate at its "
+            "address); each is logged, at most once per 10 s per pair of nodes.",
+            static_cast<double>(ProcessClusterCredentials()->stats().servers_refused));
+  }
   if (peer_client_) {
     const GrpcPeerClient::Stats p = peer_client_->stats();
     const char* transfers_help =
@@ -557,13 +570,17 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
       const UdpHeartbeats::Stats u = udp_heartbeats_->stats();
       const char* dropped_help =
           "Membership datagrams dropped unread, by reason (unauthenticated: no or a wrong "
-          "cluster.token MAC; unexpected: an answer that came after its sender gave up).";
+          "cluster.token MAC, or with mutual TLS a signature or certificate that does not "
+          "verify; throttled: dropped unchecked, their source having failed too many checks "
+          "lately; unexpected: an answer that came after its sender gave up).";
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
               static_cast<double>(u.dropped_malformed), {{"reason", "malformed"}});
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
               static_cast<double>(u.dropped_unauthenticated), {{"reason", "unauthenticated"}});
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
               static_cast<double>(u.dropped_unexpected), {{"reason", "unexpected"}});
+      counter("tessera_membership_datagrams_dropped_total", dropped_help,
+              static_cast<double>(u.dropped_throttled), {{"reason", "throttled"}});
       counter("tessera_membership_datagram_timeouts_total",
               "Membership datagrams sent that got no answer within the probe window.",
               static_cast<double>(u.timeouts));

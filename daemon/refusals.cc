@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/grpc_status.h"
 #include "common/logging.h"
 #include "daemon/metrics/metrics.h"
 
@@ -57,8 +58,9 @@ void RecordRefusal(const char* service, const char* method, const absl::Status& 
     if (e.counter == nullptr) {
       e.counter = GlobalMetrics().AddCounter(
           "tessera_rpc_refusals_total",
-          "Requests to the agent socket or the admin service that failed, by service, method "
-          "and status code (logged at most 20 lines per 10 s per kind).",
+          "Requests to the daemon's services (agent socket; admin, peer, coordination, "
+          "rendezvous on the peer port) that failed, by service, method and status code "
+          "(logged at most 20 lines per 10 s per kind).",
           {{"service", service},
            {"method", method},
            {"code", absl::StatusCodeToString(status.code())}});
@@ -82,6 +84,17 @@ void RecordRefusal(const char* service, const char* method, const absl::Status& 
                            : absl::StrCat(" (and ", unlogged, " more ", method, " ",
                                           absl::StatusCodeToString(status.code()),
                                           " since the last such line)"));
+}
+
+uint64_t RefusalCount(const char* service, const char* method, absl::StatusCode code) {
+  absl::MutexLock lock(&mu);
+  auto it = entries->find(Key{service, method, code});
+  return it == entries->end() ? 0 : it->second.counter->value();
+}
+
+grpc::Status AnswerCall(const char* service, const char* method, const absl::Status& status) {
+  if (!status.ok()) RecordRefusal(service, method, status);
+  return ToGrpcStatus(status);
 }
 
 }  // namespace tessera

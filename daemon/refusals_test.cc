@@ -3,6 +3,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "common/log_capture.h"
 #include "daemon/metrics/metrics.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -31,6 +32,43 @@ TEST(RefusalsTest, EveryRefusalIsCountedByKind) {
   EXPECT_THAT(page, ::testing::HasSubstr(
                         "tessera_rpc_refusals_total{service=\"admin\",method=\"Corrupt\","
                         "code=\"PERMISSION_DENIED\"} 1"));
+  SetRefusalClockForTesting(nullptr);
+}
+
+// A peer (or a coordinator) repeating a refused call: every one is counted; each kind logs at most
+// 20 lines per 10 s, and the first line of the next window says how many went unlogged. Kinds
+// do not share their allowance.
+TEST(RefusalsTest, PeerAndCoordinationRefusalsAreRateLimitedPerKind) {
+  int64_t now = 5'000'000'000'000;
+  SetRefusalClockForTesting([&] { return now; });
+  LogCapture peer_log("peer-service");
+  LogCapture coordination_log("coordination-service");
+  const absl::Status fenced = absl::FailedPreconditionError("node 'n4' incarnation 1 is fenced");
+  for (int i = 0; i < 500; ++i) {
+    RecordRefusal("peer", "PutFragment", fenced);
+    if (i % 5 == 0) {
+      RecordRefusal("coordination", "ReportProtected",
+                    absl::PermissionDeniedError("from claims node 'n1'"));
+    }
+    now += 10'000'000;  // 10 ms apart: 5 s in all, one window
+  }
+  EXPECT_EQ(RefusalCount("peer", "PutFragment", absl::StatusCode::kFailedPrecondition), 500u);
+  EXPECT_EQ(RefusalCount("coordination", "ReportProtected", absl::StatusCode::kPermissionDenied),
+            100u);
+  EXPECT_EQ(peer_log.Count("PutFragment: FAILED_PRECONDITION"), 20u);
+  EXPECT_EQ(coordination_log.Count("ReportProtected: PERMISSION_DENIED"), 20u);
+  // The next window: one more line, saying how many were not logged.
+  now += 10'000'000'000;
+  RecordRefusal("peer", "PutFragment", fenced);
+  EXPECT_EQ(peer_log.Count("PutFragment: FAILED_PRECONDITION"), 21u);
+  EXPECT_EQ(peer_log.Count("(and 480 more PutFragment FAILED_PRECONDITION since the last such "
+                           "line)"),
+            1u)
+      << peer_log.Lines().back();
+  const std::string page = GlobalMetrics().Render();
+  EXPECT_THAT(page, ::testing::HasSubstr(
+                        "tessera_rpc_refusals_total{service=\"peer\",method=\"PutFragment\","
+                        "code=\"FAILED_PRECONDITION\"} 501"));
   SetRefusalClockForTesting(nullptr);
 }
 

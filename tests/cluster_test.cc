@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <random>
 #include <regex>
 #include <set>
@@ -30,6 +31,8 @@
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/peer_client.h"
 #include "tests/harness.h"
+#include "tests/metrics_page.h"
+#include "tests/relay.h"
 
 namespace tessera::testing {
 namespace {
@@ -87,16 +90,26 @@ class Cluster {
  public:
   // Daemons listed in grpc_only move fragments over gRPC streams (peer.data_path = grpc); the
   // others offer the raw TCP data path.
-  // `extra`, when given, adds daemon i's own flags.
+  // `extra`, when given, adds daemon i's own flags (after the others: they may override them).
+  // `advertised` maps daemon i to the address it advertises (peer.advertise_address), the one
+  // the others are given and reach it at, instead of the one it listens on.
   Cluster(const std::string& root, int n, int k, int m, std::set<int> grpc_only = {},
-          const std::function<std::vector<std::string>(int)>& extra = nullptr) {
-    for (int i = 0; i < n; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
+          const std::function<std::vector<std::string>(int)>& extra = nullptr,
+          const std::map<int, std::string>& advertised = {}) {
+    for (int i = 0; i < n; ++i) {
+      listen_addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
+      auto shown = advertised.find(i);
+      addresses_.push_back(shown == advertised.end() ? listen_addresses_[i] : shown->second);
+    }
     for (int i = 0; i < n; ++i) {
       std::vector<std::string> own = extra ? extra(i) : std::vector<std::string>{};
+      if (advertised.count(i) != 0) {
+        own.insert(own.end(), {"--set", "peer.advertise_address=" + addresses_[i]});
+      }
       daemons_.push_back(std::make_unique<DaemonProcess>(
           root, absl::StrCat("n", i), uint64_t{512} << 20,
-          Concat(own, std::vector<std::string>{
-              "--set", "peer.listen_address=" + addresses_[i],
+          Concat(std::vector<std::string>{
+              "--set", "peer.listen_address=" + listen_addresses_[i],
               "--set", "cluster.members=" + absl::StrJoin(addresses_, ","),
               "--set", absl::StrCat("ec.k=", k),
               "--set", absl::StrCat("ec.m=", m),
@@ -106,10 +119,12 @@ class Cluster {
               // Nodes on the gRPC data path send membership over gRPC too: every daemon
               // answers both transports.
               "--set", grpc_only.count(i) ? "liveness.transport=grpc" : "liveness.transport=udp",
-              "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"})));
+              "--set", grpc_only.count(i) ? "peer.data_path=grpc" : "peer.data_path=tcp"},
+                 own)));
     }
   }
   const std::string& address(int i) const { return addresses_[i]; }
+  const std::string& listen_address(int i) const { return listen_addresses_[i]; }
   bool Start(std::string* error) {
     for (auto& d : daemons_) {
       if (!d->Start(error)) return false;
@@ -136,7 +151,8 @@ class Cluster {
   }
 
  private:
-  std::vector<std::string> addresses_;
+  std::vector<std::string> listen_addresses_;
+  std::vector<std::string> addresses_;  // as the other members know them
   std::vector<std::unique_ptr<DaemonProcess>> daemons_;
 };
 
@@ -255,13 +271,15 @@ TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
   // read fragments used the raw TCP data path of the peers offering one (n3 too, as a client),
   // and gRPC streams to n3.
   int grpc_to_n3 = 0;
+  const std::string n3 = cluster.address(3) + " (node n3)";  // as the peer client names it
   for (int i : {0, 1, 2, 3, 4}) {
     const std::string log = ReadFile(cluster[i].log_path());
     if (i != 1) {
       EXPECT_TRUE(absl::StrContains(log, "fragments go over its raw TCP data path")) << "n" << i;
     }
-    grpc_to_n3 += absl::StrContains(log, cluster.address(3) + ": fragments go over gRPC streams");
+    grpc_to_n3 += absl::StrContains(log, n3 + ": fragments go over gRPC streams");
     EXPECT_FALSE(absl::StrContains(log, cluster.address(3) + ": fragments go over its raw"));
+    EXPECT_FALSE(absl::StrContains(log, n3 + ": fragments go over its raw"));
   }
   EXPECT_GE(grpc_to_n3, 1);
 
@@ -271,6 +289,23 @@ TEST(ClusterTest, LostNodeIsRebuiltFromFragmentsOnAnotherNodeBitExact) {
   auto mover = Process::Start(argv);
   EXPECT_EQ(mover->Wait(seconds(60)), 0) << absl::StrJoin(mover->lines(), "\n");
   EXPECT_EQ(LastEvent(mover->lines(), "verified"), verified);
+}
+
+// Makes a CA and certificates under `dir` with tools/make-cluster-certs.sh (`args`: node ids,
+// and --client NAME for operators'). "" when it worked; the script's output otherwise.
+std::string MakeCerts(const std::string& dir, const std::vector<std::string>& args) {
+  auto made =
+      Process::Start(Concat({"/bin/bash", BinaryPath("tools/make-cluster-certs.sh"), dir}, args));
+  if (made->Wait(seconds(60)) == 0) return "";
+  return absl::StrCat("make-cluster-certs.sh failed:\n", absl::StrJoin(made->lines(), "\n"));
+}
+
+// The flags that give a daemon mutual TLS with DIR/NAME.crt and DIR/NAME.key, trusting `ca_file`.
+std::vector<std::string> TlsFlags(const std::string& dir, const std::string& name,
+                                  const std::string& ca_file) {
+  return {"--set", "cluster.tls_cert_file=" + dir + "/" + name + ".crt",
+          "--set", "cluster.tls_key_file=" + dir + "/" + name + ".key",
+          "--set", "cluster.tls_ca_file=" + ca_file};
 }
 
 // Mutual TLS on the peer port, with certificates made by tools/make-cluster-certs.sh: the
@@ -286,18 +321,10 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
   TempRoot root;
   const std::string certs = root.path() + "/certs";
   const std::string rogue = root.path() + "/rogue";
-  const std::string script = BinaryPath("tools/make-cluster-certs.sh");
-  for (const auto& argv : {std::vector<std::string>{"/bin/bash", script, certs, "n0", "n1", "n2",
-                                                    "n3", "--client", "operator"},
-                           std::vector<std::string>{"/bin/bash", script, rogue, "--client",
-                                                    "operator"}}) {
-    auto made = Process::Start(argv);
-    ASSERT_EQ(made->Wait(seconds(60)), 0) << absl::StrJoin(made->lines(), "\n");
-  }
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "n3", "--client", "operator"}), "");
+  ASSERT_EQ(MakeCerts(rogue, {"--client", "operator"}), "");
   auto tls_of = [&](const std::string& dir, const std::string& name) {
-    return std::vector<std::string>{"--set", "cluster.tls_cert_file=" + dir + "/" + name + ".crt",
-                                    "--set", "cluster.tls_key_file=" + dir + "/" + name + ".key",
-                                    "--set", "cluster.tls_ca_file=" + certs + "/ca.crt"};
+    return TlsFlags(dir, name, certs + "/ca.crt");
   };
   Cluster cluster(root.path(), 4, 2, 1, {},
                   [&](int i) { return tls_of(certs, absl::StrCat("n", i)); });
@@ -386,18 +413,13 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   const uint64_t seed = TestSeed();
   TempRoot root;
   const std::string certs = root.path() + "/certs";
-  auto made = Process::Start({"/bin/bash", BinaryPath("tools/make-cluster-certs.sh"), certs, "n0",
-                              "n1", "n2", "n9", "--client", "operator"});
-  ASSERT_EQ(made->Wait(seconds(60)), 0) << absl::StrJoin(made->lines(), "\n");
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "n9", "--client", "operator"}), "");
   auto files_of = [&](const std::string& name) {
     return ClusterTlsFiles{certs + "/" + name + ".crt", certs + "/" + name + ".key",
                            certs + "/ca.crt", 60};
   };
   auto tls_flags = [&](const std::string& name) {
-    const ClusterTlsFiles f = files_of(name);
-    return std::vector<std::string>{"--set", "cluster.tls_cert_file=" + f.cert_file, "--set",
-                                    "cluster.tls_key_file=" + f.key_file, "--set",
-                                    "cluster.tls_ca_file=" + f.ca_file};
+    return TlsFlags(certs, name, certs + "/ca.crt");
   };
   Cluster cluster(root.path(), 3, 2, 1, {}, [&](int i) { return tls_flags(absl::StrCat("n", i)); });
   std::string error;
@@ -458,7 +480,7 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   const std::vector<uint8_t> bytes(meta.fragment_bytes, 0x5a);
   for (bool raw : {true, false}) {
     GrpcPeerClient::Options o;
-    o.credentials = PeerChannelCredentials(n9);
+    o.credentials = ClusterCredentials::Tls(n9);
     o.token = kClusterToken;
     o.self_node_id = "n1";
     o.encrypted_data_path_only = true;
@@ -476,7 +498,7 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
           raw ? "a fragment over the raw data path" : "a fragment over gRPC");
     }
   }
-  SetClusterChannelCredentials(PeerChannelCredentials(n9));
+  SetClusterCredentials(ClusterCredentials::Tls(n9));
   GrpcCoordinationClient coordination({NodeIdentity{"n1", newer}, kClusterToken});
   ProtectedReport report;
   report.job_id = job;
@@ -487,6 +509,7 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   for (int i = 0; i < 3; ++i) {
     expect_refused(coordination.Report(cluster.address(i), report).status(), "a report");
   }
+  SetClusterCredentials(nullptr);  // the next tests' channels are insecure again
   UdpHeartbeats::Options udp_options;
   udp_options.listen_address = rogue_address;
   udp_options.token = kClusterToken;
@@ -827,10 +850,10 @@ TEST(ClusterTest, DaemonKilledBeforeCommitRestartsAndLosesNothing) {
   }
 }
 
-// Counts, over the store directories, the sealed fragment segments of (job, rank, step).
-int SealedFragments(const std::vector<std::string>& dirs, const std::string& job, uint32_t rank,
-                    int64_t step) {
-  int sealed = 0;
+// Counts, over the store directories, the fragment segments whose header `match`es.
+int FragmentSegments(const std::vector<std::string>& dirs,
+                     const std::function<bool(const SegmentHeader&)>& match) {
+  int found = 0;
   for (const std::string& dir : dirs) {
     std::error_code ec;
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
@@ -839,13 +862,123 @@ int SealedFragments(const std::vector<std::string>& dirs, const std::string& job
       std::ifstream f(path, std::ios::binary);
       SegmentHeader h{};
       f.read(reinterpret_cast<char*>(&h), sizeof(h));
-      if (f && std::string(h.job_id) == job && h.rank == rank && h.step == step &&
-          LoadState(h) == SegmentState::kSealed) {
-        ++sealed;
-      }
+      if (f && match(h)) ++found;
     }
   }
-  return sealed;
+  return found;
+}
+
+// Counts, over the store directories, the sealed fragment segments of (job, rank, step).
+int SealedFragments(const std::vector<std::string>& dirs, const std::string& job, uint32_t rank,
+                    int64_t step) {
+  return FragmentSegments(dirs, [&](const SegmentHeader& h) {
+    return std::string(h.job_id) == job && h.rank == rank && h.step == step &&
+           LoadState(h) == SegmentState::kSealed;
+  });
+}
+
+// The port of a "host:port" address.
+uint16_t PortOf(const std::string& address) {
+  return static_cast<uint16_t>(std::stoi(address.substr(address.rfind(':') + 1)));
+}
+
+// The sending side checks whom it reached. n1 advertises an address (a relay) where its membership
+// datagrams reach it, so that every member holds it alive there, and where its peer calls reach
+// it over TCP, fragments included (peer.data_path = grpc: they all go through the relay). Midway
+// through a job, the relay's TCP side is led to another member, n3, which answers with its own
+// valid certificate, as after a hijacked or stale address. No call meant for n1 reaches n3: the
+// TLS handshake of each connection is refused (n3's certificate names n3) before any byte of a
+// call, so n3 never holds a fragment that was n1's to hold (it would then hold two of one
+// shard); each sender logs the refusal and counts it (tessera_peer_servers_refused_total); n1
+// stays alive; commits stop, since n1's fragments cannot be stored. Once the address leads to
+// n1 again, the same senders reconnect and the job commits again.
+TEST(ClusterTest, MutualTlsFragmentsForANodeGoOnlyToTheDaemonItsCertificateNames) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "n3"}), "");
+  const std::string shown = absl::StrCat("127.0.0.1:", FreePort());  // n1's, as advertised
+  const int metrics_port = FreePort();
+  Cluster cluster(
+      root.path(), 4, 2, 1, {},
+      [&](int i) {
+        // Fragments over gRPC streams, membership over UDP.
+        std::vector<std::string> flags =
+            Concat(TlsFlags(certs, absl::StrCat("n", i), certs + "/ca.crt"),
+                   {"--set", "peer.data_path=grpc"});
+        if (i == 0) {
+          flags.insert(flags.end(),
+                       {"--set", absl::StrCat("metrics.listen_address=127.0.0.1:", metrics_port)});
+        }
+        return flags;
+      },
+      {{1, shown}});
+  const uint16_t n1_port = PortOf(cluster.listen_address(1));
+  tessera::testing::UdpRelay datagrams(n1_port, PortOf(shown));
+  tessera::testing::TcpRelay calls(n1_port, PortOf(shown));
+  ASSERT_TRUE(datagrams.ok() && calls.ok()) << "cannot listen on " << shown;
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+
+  // Three ranks, on n0, n1 and n2, snapshotting for about 40 s.
+  const std::string job = "whom";
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    auto argv = TrainerArgs(cluster[rank], job, seed, rank, 3);
+    argv.push_back("--steps=600");
+    argv.push_back("--step-sleep-ms=60");
+    trainers.push_back(Process::Start(argv));
+  }
+  auto committed = [&] { return CommittedInLog(ReadFile(cluster[0].log_path()), job); };
+  auto wait_for_commit_after = [&](int64_t step, int seconds_at_most) {
+    for (int i = 0; i < seconds_at_most * 10 && committed() <= step; ++i) {
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    return committed();
+  };
+  ASSERT_GE(wait_for_commit_after(-1, 60), 0) << "no commit through the relay; n0:\n"
+                                              << cluster[0].LogTail();
+
+  calls.SetTarget(PortOf(cluster.listen_address(3)));
+  calls.Cut();
+  const std::string refusal =
+      "refused a connection: the server at 127.0.0.1 presented a certificate (CN=n3) that names "
+      "node 'n3', but node 'n1' was called";
+  for (int i : {0, 2}) {
+    EXPECT_TRUE(LogShows(cluster[i], refusal, milliseconds(20000))) << "n" << i << ":\n"
+                                                                    << cluster[i].LogTail();
+  }
+  // Commits stop once what was protected before the cut is committed.
+  std::this_thread::sleep_for(milliseconds(3000));
+  const int64_t stalled = committed();
+  std::this_thread::sleep_for(milliseconds(3000));
+  EXPECT_EQ(committed(), stalled) << "a commit without n1's fragments";
+  // n3 holds at most one fragment of each shard: none of those meant for n1.
+  std::map<std::pair<uint32_t, int64_t>, int> held;
+  FragmentSegments({cluster[3].store_dir()}, [&](const SegmentHeader& h) {
+    if (std::string(h.job_id) == job) ++held[{h.rank, h.step}];
+    return false;
+  });
+  for (const auto& [shard, count] : held) {
+    EXPECT_LE(count, 1) << "n3 holds " << count << " fragments of rank " << shard.first << " step "
+                        << shard.second << ": one was meant for n1";
+  }
+  EXPECT_FALSE(held.empty()) << "n3 holds no fragment at all: was it placed?";
+  EXPECT_FALSE(LogShowsNotLive(cluster[0], {1}, milliseconds(0))) << cluster[0].LogTail();
+  auto metrics = ScrapeMetrics(metrics_port);
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_GE(SumOfMetric(*metrics, "tessera_peer_servers_refused_total"), 1);
+
+  // The address leads to n1 again: the same senders reconnect, and commits go on.
+  calls.SetTarget(n1_port);
+  calls.Cut();
+  EXPECT_GT(wait_for_commit_after(stalled, 60), stalled)
+      << "no commit once n1 answered at its address again; n0:\n"
+      << cluster[0].LogTail();
+  for (auto& t : trainers) EXPECT_EQ(t->Wait(seconds(120)), 0);
 }
 
 // Every daemon derives commits from the holdings of the live members, so whichever daemon would

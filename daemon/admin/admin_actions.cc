@@ -271,7 +271,7 @@ FragmentReader Admin::ReaderFor(const std::string& job_id, uint32_t rank, int64_
     auto address = parts_.cluster->AddressOf(node);
     if (!address) return absl::UnavailableError("not live");
     absl::StatusOr<FragmentStatus> got =
-        parts_.peer_client->GetFragment(*address, key, 0, dst, bytes);
+        parts_.peer_client->GetFragment(PeerTarget(*address, node), key, 0, dst, bytes);
     if (!got.ok()) {
       if (absl::IsDataLoss(got.status())) Metrics().fragment_crc_failures->Increment();
       return got.status();

@@ -49,7 +49,8 @@ absl::Status Admin::AskPeer(const std::string& node_id, StubMethod<Request, Resp
   grpc::ClientContext context;
   context.AddMetadata(kAdminTokenMetadataKey, parts_.config->cluster.token);
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  absl::Status status = FromGrpcStatus((StubFor(*address)->*method)(&context, request, response));
+  absl::Status status = FromGrpcStatus(
+      (StubFor(PeerTarget(*address, node_id))->*method)(&context, request, response));
   if (!status.ok()) {
     return absl::Status(status.code(),
                         absl::StrCat("node '", node_id, "' (", *address, "): ", status.message()));
@@ -82,8 +83,8 @@ std::vector<Admin::PeerAnswer<Response>> Admin::AskPeers(StubMethod<Request, Res
       grpc::ClientContext context;
       context.AddMetadata(kAdminTokenMetadataKey, parts_.config->cluster.token);
       context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-      answer.status =
-          FromGrpcStatus((StubFor(answer.address)->*method)(&context, request, &answer.response));
+      answer.status = FromGrpcStatus((StubFor(PeerTarget(answer.address, answer.node_id))->*method)(
+          &context, request, &answer.response));
     });
   }
   for (std::thread& t : threads) t.join();

@@ -67,14 +67,14 @@ bool Admin::IsDrillTarget(const std::string& job_id) const {
   return drill_targets_.count(job_id) > 0;
 }
 
-admin::Admin::Stub* Admin::StubFor(const std::string& address) {
+admin::Admin::Stub* Admin::StubFor(const PeerTarget& target) {
   absl::MutexLock lock(&mu_);
-  auto& stub = stubs_[address];
+  auto& stub = stubs_[target.ToString()];
   if (!stub) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     stub = admin::Admin::NewStub(
-        grpc::CreateCustomChannel(address, ClusterChannelCredentials(), args));
+        grpc::CreateCustomChannel(target.address, ClusterChannelCredentials(target.node_id), args));
   }
   return stub.get();
 }
@@ -114,7 +114,7 @@ std::map<std::string, JobHoldings> Admin::GatherHoldings(
   if (local_only || parts_.cluster == nullptr) return jobs;
   for (const Cluster::PeerView& peer : parts_.cluster->Peers()) {
     if (!peer.alive) continue;
-    auto held = parts_.peer_client->ListHeld(peer.address, job_id);
+    auto held = parts_.peer_client->ListHeld(PeerTarget(peer.address, peer.node_id), job_id);
     if (!held.ok()) {
       AddError(errors, peer.node_id, peer.address,
                absl::StrCat("ListHeld: ", held.status().ToString()));
@@ -388,8 +388,7 @@ grpc::Status AdminService::Handle(const char* method, const grpc::ServerContext*
                                   Body body) {
   absl::Status status = Authenticate(context);
   if (status.ok()) status = body();
-  if (!status.ok()) RecordRefusal("admin", method, status);
-  return ToGrpcStatus(status);
+  return AnswerCall("admin", method, status);
 }
 
 template <typename Body>

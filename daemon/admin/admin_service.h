@@ -105,7 +105,9 @@ class Admin {
   template <typename Request, typename Response>
   absl::Status AskPeer(const std::string& node_id, StubMethod<Request, Response> method,
                        const Request& request, Response* response, absl::Duration timeout);
-  admin::Admin::Stub* StubFor(const std::string& address);
+  // With mutual TLS, the stub's channel reaches only the daemon whose certificate names the
+  // target's node.
+  admin::Admin::Stub* StubFor(const PeerTarget& target);
 
   // What the live members hold, by job (job_id empty: every job). Members that could not be
   // asked are added to `errors`.

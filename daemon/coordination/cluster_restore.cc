@@ -111,7 +111,8 @@ absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(
   absl::StatusOr<ResolveAnswer> answer =
       coordinator.first == cluster_->self_id()
           ? ResolveAsCoordinator(question)
-          : coordination_client_->Resolve(coordinator.second, question);
+          : coordination_client_->Resolve(PeerTarget(coordinator.second, coordinator.first),
+                                          question);
   if (!answer.ok()) {
     // A coordinator that did not answer in time (cut off before membership suspects it, or
     // stopped) decided nothing: the caller asks again, and by then the answer may come from
@@ -340,7 +341,7 @@ absl::Status ClusterCoordination::TellJobNodes(const std::string& job_id,
   }
   std::vector<absl::Status> results(targets.size());
   InParallel(targets.size(), kMaxConcurrentCalls, [&](size_t i) {
-    results[i] = coordination_client_->Push(targets[i].second, state);
+    results[i] = coordination_client_->Push(PeerTarget(targets[i].second, targets[i].first), state);
   });
   std::vector<std::string> failed;
   for (size_t i = 0; i < targets.size(); ++i) {
@@ -375,7 +376,8 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
     }
   }
   InParallel(remote.size(), kMaxConcurrentCalls, [&](size_t j) {
-    results[remote[j].first] = coordination_client_->ListJob(remote[j].second, job_id);
+    results[remote[j].first] =
+        coordination_client_->ListJob(PeerTarget(remote[j].second, nodes[remote[j].first]), job_id);
   });
   // A connection to a daemon that just started (a replacement) can fail its first handshakes:
   // a node that did not answer is asked again, up to 3 times, 300 ms apart.
@@ -390,7 +392,7 @@ absl::StatusOr<std::vector<JobListing>> ClusterCoordination::ListNodes(
       }
       if (!again) absl::SleepFor(absl::Milliseconds(300));
       again = true;
-      results[i] = coordination_client_->ListJob(*address, job_id);
+      results[i] = coordination_client_->ListJob(PeerTarget(*address, nodes[i]), job_id);
     }
     if (!again) break;
   }
@@ -606,7 +608,8 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
       if (!address) {
         status = absl::UnavailableError(absl::StrCat("member ", plan->node, " is not live"));
       } else {
-        auto fetched = client_->FetchShard(*address, job_id, rank, step, &sink);
+        auto fetched =
+            client_->FetchShard(PeerTarget(*address, plan->node), job_id, rank, step, &sink);
         status = fetched.status();
         if (fetched.ok()) {
           payload_bytes = fetched->payload_bytes;
@@ -627,8 +630,9 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
         if (node != cluster_->self_id()) {
           auto address = cluster_->AddressOf(node);
           if (!address) return absl::UnavailableError("not live");
-          TESSERA_ASSIGN_OR_RETURN(FragmentStatus got,
-                                   client_->GetFragment(*address, key, 0, dst, bytes));
+          TESSERA_ASSIGN_OR_RETURN(
+              FragmentStatus got,
+              client_->GetFragment(PeerTarget(*address, node), key, 0, dst, bytes));
           if (got.bytes_received != bytes) {
             return absl::DataLossError(absl::StrCat("the fragment has ", got.bytes_received,
                                                     " bytes, not ", bytes));

@@ -267,7 +267,8 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
     }
     FragmentKey key{work.job_id, work.rank, work.step, static_cast<uint32_t>(i)};
     const uint8_t* bytes = i < placement.k ? data[i] : parity[i - placement.k];
-    results[i] = client_->PutFragment(*address, key, meta, bytes, fragment_bytes).status();
+    results[i] =
+        client_->PutFragment(PeerTarget(*address, node), key, meta, bytes, fragment_bytes).status();
     if (!results[i].ok()) {
       results[i] = absl::Status(results[i].code(), absl::StrCat("fragment ", i, " to ", node,
                                                                 ": ", results[i].message()));
@@ -416,7 +417,8 @@ void ClusterCoordination::ReportJob(const std::string& job_id) {
         !coordinator.ok() ? absl::StatusOr<JobState>(coordinator.status())
         : coordinator->first == cluster_->self_id()
             ? OnReport(Self(), report)
-            : coordination_client_->Report(coordinator->second, report);
+            : coordination_client_->Report(PeerTarget(coordinator->second, coordinator->first),
+                                           report);
     {
       absl::MutexLock lock(&mu_);
       ++stats_.reports_sent;
@@ -562,7 +564,8 @@ void ClusterCoordination::PushLoop() {
     std::vector<absl::Status> results(batch.size());
     InParallel(batch.size(), batch.size(), [&](size_t i) {
       auto address = cluster_->AddressOf(batch[i].first);
-      results[i] = address ? coordination_client_->Push(*address, batch[i].second)
+      results[i] = address ? coordination_client_->Push(PeerTarget(*address, batch[i].first),
+                                                        batch[i].second)
                            : absl::UnavailableError("not live");
     });
     for (size_t i = 0; i < batch.size(); ++i) {

@@ -62,24 +62,23 @@ class RoutingCoordinationClient final : public CoordinationClient {
     coordination_ = coordination;
     peers_ = peers;
   }
-  absl::StatusOr<JobState> Report(const std::string&, const ProtectedReport& report) override {
+  absl::StatusOr<JobState> Report(const PeerTarget&, const ProtectedReport& report) override {
     return coordination_->OnReport(NodeIdentity{"a", 100}, report);
   }
-  absl::Status Push(const std::string&, const JobState& state) override {
+  absl::Status Push(const PeerTarget&, const JobState& state) override {
     ++pushes;
     absl::MutexLock lock(&mu);
     if (!state.committed.empty()) pushed_commits[state.committed.step] = state.committed;
     return absl::OkStatus();
   }
-  absl::StatusOr<ResolveAnswer> Resolve(const std::string&,
+  absl::StatusOr<ResolveAnswer> Resolve(const PeerTarget&,
                                         const ResolveQuestion& question) override {
     if (!resolve_failure.ok()) return resolve_failure;
     return coordination_->OnResolve(NodeIdentity{"a", 100}, question);
   }
-  absl::StatusOr<JobListing> ListJob(const std::string& address,
-                                     const std::string& job_id) override {
+  absl::StatusOr<JobListing> ListJob(const PeerTarget& member, const std::string& job_id) override {
     for (PeerNode& p : *peers_) {
-      if (p.id + ":1" != address) continue;
+      if (p.id + ":1" != member.address) continue;
       JobListing listing;
       listing.node = NodeIdentity{p.id, 1};
       {
@@ -95,7 +94,7 @@ class RoutingCoordinationClient final : public CoordinationClient {
       }
       return listing;
     }
-    return absl::UnavailableError("no such peer " + address);
+    return absl::UnavailableError("no such peer " + member.address);
   }
   std::atomic<int> pushes{0};
   absl::Status resolve_failure;  // what every Resolve returns when not OK (set before calling)

@@ -8,6 +8,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/refusals.h"
 #include "daemon/store/snapshot_store.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
@@ -186,10 +187,12 @@ size_t RendezvousRouter::HostIndex(const std::string& job_id, const std::string&
   return live == 0 ? 0 : h % live;
 }
 
-std::shared_ptr<grpc::Channel> RendezvousRouter::ChannelTo(const std::string& address) {
+std::shared_ptr<grpc::Channel> RendezvousRouter::ChannelTo(const PeerTarget& host) {
   absl::MutexLock lock(&mu_);
-  auto& channel = channels_[address];
-  if (!channel) channel = grpc::CreateChannel(address, ClusterChannelCredentials());
+  auto& channel = channels_[host.ToString()];
+  if (!channel) {
+    channel = grpc::CreateChannel(host.address, ClusterChannelCredentials(host.node_id));
+  }
   return channel;
 }
 
@@ -207,7 +210,8 @@ absl::StatusOr<rendezvous::JoinResponse> RendezvousRouter::Join(
   if (!options_.token.empty()) context.AddMetadata(kClusterTokenMetadataKey, options_.token);
   rendezvous::JoinResponse response;
   absl::Status status = FromGrpcStatus(
-      rendezvous::Rendezvous::NewStub(ChannelTo(host.address))->Join(&context, request, &response));
+      rendezvous::Rendezvous::NewStub(ChannelTo(PeerTarget(host.address, host.node_id)))
+          ->Join(&context, request, &response));
   if (!status.ok()) {
     return Annotate(status, absl::StrCat("rendezvous at its host ", host.node_id, " (",
                                          host.address, ")"));
@@ -227,7 +231,7 @@ grpc::Status RendezvousService::Join(grpc::ServerContext* context,
     status = joined.status();
     if (joined.ok()) *response = std::move(*joined);
   }
-  return ToGrpcStatus(status);
+  return AnswerCall("rendezvous", "Join", status);  // a failure counted and logged
 }
 
 }  // namespace tessera

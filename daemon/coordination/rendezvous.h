@@ -30,6 +30,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "grpcpp/channel.h"
 #include "proto/rendezvous.grpc.pb.h"
 
@@ -95,7 +96,8 @@ class RendezvousRouter {
   static size_t HostIndex(const std::string& job_id, const std::string& group, size_t live);
 
  private:
-  std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address);
+  // With mutual TLS, to the daemon whose certificate names the target's node only.
+  std::shared_ptr<grpc::Channel> ChannelTo(const PeerTarget& host);
 
   RendezvousTable* const table_;
   const Options options_;

@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status.h"
+#include "daemon/refusals.h"
 #include "daemon/store/snapshot_store.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/cluster_token.h"
@@ -12,6 +13,15 @@ namespace tessera {
 
 using coordination_wire::FromProto;
 using coordination_wire::ToProto;
+
+namespace {
+
+// A call's answer; a failure is counted and logged (refusals.h).
+grpc::Status Answer(const char* method, const absl::Status& status) {
+  return AnswerCall("coordination", method, status);
+}
+
+}  // namespace
 
 absl::StatusOr<NodeIdentity> CoordinationService::Admit(
     const grpc::ServerContext& context, const coordination::NodeIdentity& from) const {
@@ -43,7 +53,7 @@ grpc::Status CoordinationService::ReportProtected(
     ToProto(state, response);
     return absl::OkStatus();
   }();
-  return ToGrpcStatus(status);
+  return Answer("ReportProtected", status);
 }
 
 grpc::Status CoordinationService::PushJobState(grpc::ServerContext* context,
@@ -55,7 +65,7 @@ grpc::Status CoordinationService::PushJobState(grpc::ServerContext* context,
     TESSERA_RETURN_IF_ERROR(FromProto(request->state(), &state));
     return handler_->OnPush(from, state);
   }();
-  return ToGrpcStatus(status);
+  return Answer("PushJobState", status);
 }
 
 grpc::Status CoordinationService::ResolveRestore(
@@ -69,7 +79,7 @@ grpc::Status CoordinationService::ResolveRestore(
     ToProto(answer, response);
     return absl::OkStatus();
   }();
-  return ToGrpcStatus(status);
+  return Answer("ResolveRestore", status);
 }
 
 grpc::Status CoordinationService::ListJob(grpc::ServerContext* context,
@@ -82,13 +92,14 @@ grpc::Status CoordinationService::ListJob(grpc::ServerContext* context,
     ToProto(listing, response);
     return absl::OkStatus();
   }();
-  return ToGrpcStatus(status);
+  return Answer("ListJob", status);
 }
 
 std::shared_ptr<coordination::Coordination::Stub> GrpcCoordinationClient::Stub(
-    const std::string& address) {
+    const PeerTarget& member) {
+  const std::string id = member.ToString();
   absl::MutexLock lock(&mu_);
-  auto it = stubs_.find(address);
+  auto it = stubs_.find(id);
   if (it != stubs_.end()) {
     lru_.splice(lru_.begin(), lru_, it->second.second);
     return it->second.first;
@@ -98,10 +109,10 @@ std::shared_ptr<coordination::Coordination::Stub> GrpcCoordinationClient::Stub(
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   auto stub = coordination::Coordination::NewStub(
-      grpc::CreateCustomChannel(address, ClusterChannelCredentials(), args));
+      grpc::CreateCustomChannel(member.address, ClusterChannelCredentials(member.node_id), args));
   std::shared_ptr<coordination::Coordination::Stub> shared(std::move(stub));
-  lru_.push_front(address);
-  stubs_[address] = {shared, lru_.begin()};
+  lru_.push_front(id);
+  stubs_[id] = {shared, lru_.begin()};
   while (stubs_.size() > options_.max_channels) {
     stubs_.erase(lru_.back());
     lru_.pop_back();
@@ -114,7 +125,7 @@ void GrpcCoordinationClient::Prepare(grpc::ClientContext* context, absl::Duratio
   if (!options_.token.empty()) context->AddMetadata(kClusterTokenMetadataKey, options_.token);
 }
 
-absl::StatusOr<JobState> GrpcCoordinationClient::Report(const std::string& address,
+absl::StatusOr<JobState> GrpcCoordinationClient::Report(const PeerTarget& member,
                                                         const ProtectedReport& report) {
   coordination::ReportProtectedRequest request;
   ToProto(options_.self, request.mutable_from());
@@ -123,23 +134,23 @@ absl::StatusOr<JobState> GrpcCoordinationClient::Report(const std::string& addre
   grpc::ClientContext context;
   Prepare(&context, options_.timeout);
   TESSERA_RETURN_IF_ERROR(
-      FromGrpcStatus(Stub(address)->ReportProtected(&context, request, &response)));
+      FromGrpcStatus(Stub(member)->ReportProtected(&context, request, &response)));
   JobState state;
   TESSERA_RETURN_IF_ERROR(FromProto(response, &state));
   return state;
 }
 
-absl::Status GrpcCoordinationClient::Push(const std::string& address, const JobState& state) {
+absl::Status GrpcCoordinationClient::Push(const PeerTarget& member, const JobState& state) {
   coordination::PushJobStateRequest request;
   ToProto(options_.self, request.mutable_from());
   ToProto(state, request.mutable_state());
   coordination::PushJobStateResponse response;
   grpc::ClientContext context;
   Prepare(&context, options_.timeout);
-  return FromGrpcStatus(Stub(address)->PushJobState(&context, request, &response));
+  return FromGrpcStatus(Stub(member)->PushJobState(&context, request, &response));
 }
 
-absl::StatusOr<ResolveAnswer> GrpcCoordinationClient::Resolve(const std::string& address,
+absl::StatusOr<ResolveAnswer> GrpcCoordinationClient::Resolve(const PeerTarget& member,
                                                               const ResolveQuestion& question) {
   coordination::ResolveRestoreRequest request;
   ToProto(options_.self, request.mutable_from());
@@ -149,13 +160,13 @@ absl::StatusOr<ResolveAnswer> GrpcCoordinationClient::Resolve(const std::string&
   // The coordinator asks the job's nodes in turn: give it more than one call's time.
   Prepare(&context, options_.timeout * 3);
   TESSERA_RETURN_IF_ERROR(
-      FromGrpcStatus(Stub(address)->ResolveRestore(&context, request, &response)));
+      FromGrpcStatus(Stub(member)->ResolveRestore(&context, request, &response)));
   ResolveAnswer answer;
   TESSERA_RETURN_IF_ERROR(FromProto(response, &answer));
   return answer;
 }
 
-absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const std::string& address,
+absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const PeerTarget& member,
                                                            const std::string& job_id) {
   coordination::ListJobRequest request;
   ToProto(options_.self, request.mutable_from());
@@ -163,7 +174,7 @@ absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const std::string& ad
   coordination::ListJobResponse response;
   grpc::ClientContext context;
   Prepare(&context, options_.timeout);
-  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(address)->ListJob(&context, request, &response)));
+  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(member)->ListJob(&context, request, &response)));
   TESSERA_RETURN_IF_ERROR(CheckServerIs(context, response.node().node_id(), "a ListJob answer"));
   JobListing listing;
   TESSERA_RETURN_IF_ERROR(FromProto(response, &listing));

@@ -51,6 +51,13 @@ void PutU16(std::string* out, size_t v) {
 
 }  // namespace
 
+absl::Status Impersonation(const char* what, const std::string& claimed,
+                           const std::string& certified) {
+  return absl::UnauthenticatedError(
+      absl::StrCat(what, " claiming node '", claimed, "' signed with the certificate of node '",
+                   certified, "': a daemon speaks only for the node its certificate names"));
+}
+
 struct DatagramSigner::Identity {
   std::string node_id;
   std::string chain;  // DER, leaf first
@@ -132,6 +139,7 @@ absl::Status DatagramSigner::Load() {
   identity_ = std::move(identity);
   loaded_at_ = absl::Now();
   chains_.clear();
+  refused_.clear();
   return absl::OkStatus();
 }
 
@@ -187,7 +195,9 @@ absl::Status DatagramSigner::Sign(std::string* datagram) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t block, size_t end) {
+absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t block, size_t end,
+                                                   const std::string& claimed_node,
+                                                   const char* what) {
   auto u16 = [&](size_t at) { return static_cast<size_t>(data[at] | (data[at + 1] << 8)); };
   if (end < block + 2 || end - block - 2 < u16(block)) {
     return absl::InvalidArgumentError("the datagram's identity block is cut short (chain)");
@@ -212,6 +222,13 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
     if (it != chains_.end() &&
         absl::Now() - it->second->checked_at < absl::Seconds(files_.refresh_s)) {
       verified = it->second;
+    }
+    // A chain refused lately is refused again without a second check (a flood of one forged
+    // chain costs one check per refresh period).
+    auto refused = refused_.find(id);
+    if (verified == nullptr && refused != refused_.end() &&
+        absl::Now() - refused->second.second < absl::Seconds(files_.refresh_s)) {
+      return refused->second.first;
     }
   }
   if (verified == nullptr) {
@@ -258,11 +275,25 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
       return absl::OkStatus();
     }();
     FreeAll(&certs);
-    if (!status.ok()) return status;
     absl::MutexLock lock(&mu_);
+    ++stats_.chains_checked;
+    if (!status.ok()) {
+      ++stats_.chains_refused;
+      if (refused_.size() >= kMaxCachedChains) refused_.clear();
+      refused_[id] = {status, absl::Now()};
+      return status;
+    }
     if (chains_.size() >= kMaxCachedChains) chains_.clear();
     chains_[id] = verified;
-    ++stats_.chains_checked;
+  }
+  // Cheap checks first: a datagram that speaks for another node than its certificate's is
+  // refused before the signature costs anything.
+  if (!claimed_node.empty() && claimed_node != verified->node_id) {
+    return Impersonation(what, claimed_node, verified->node_id);
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    ++stats_.signatures_checked;
   }
   EVP_MD_CTX* context = EVP_MD_CTX_new();
   const bool authentic =

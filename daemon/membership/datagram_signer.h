@@ -13,7 +13,9 @@
 // certificate is the same identity the gRPC calls check, the CA the same trust. The cost is CPU
 // (an ECDSA P-256 signature and verification per datagram: tens of microseconds each, see
 // datagram_signer_test) and about 600 bytes per datagram; verified chains are cached, so a
-// chain is checked against the CA once per refresh period.
+// chain is checked against the CA once per refresh period, and so are chains that did not
+// verify, so a forged one is refused without a second check. What a flood of forged datagrams
+// can cost in all is bounded by UdpHeartbeats (verification_throttle.h).
 //
 // Replays: as with the HMAC, a recorded datagram can be sent again; it can only repeat an answer
 // or an update that membership already orders by incarnation and version.
@@ -36,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -44,6 +47,11 @@
 #include "daemon/transfer/cluster_tls.h"
 
 namespace tessera {
+
+// The error for `what` (a datagram, a heartbeat, a reply) whose message says it comes from node
+// `claimed` but which is signed with the certificate of node `certified`.
+absl::Status Impersonation(const char* what, const std::string& claimed,
+                           const std::string& certified);
 
 class DatagramSigner {
  public:
@@ -63,13 +71,19 @@ class DatagramSigner {
   // Checks the identity block that starts at data[block] and ends at data[end]: the node the
   // signer's certificate names. kUnauthenticated when the chain does not verify against the CA
   // (or names no node) or the signature does not verify; kInvalidArgument when the block is
-  // malformed.
-  absl::StatusOr<std::string> Verify(const uint8_t* data, size_t block, size_t end);
+  // malformed. With `claimed_node`, the node the datagram's message says it comes from, a
+  // certificate naming another node is kUnauthenticated (Impersonation(what, ...)) before the
+  // signature is checked: such a datagram costs no signature check.
+  absl::StatusOr<std::string> Verify(const uint8_t* data, size_t block, size_t end,
+                                     const std::string& claimed_node = "",
+                                     const char* what = "a datagram");
 
   struct Stats {
     uint64_t signed_datagrams = 0;
     uint64_t verified_datagrams = 0;
-    uint64_t chains_checked = 0;  // against the CA; the others came from the cache
+    uint64_t chains_checked = 0;      // against the CA; the others came from the cache
+    uint64_t chains_refused = 0;      // did not verify against the CA (each checked once)
+    uint64_t signatures_checked = 0;  // signature verifications, passed or not
   };
   Stats stats() const;
 
@@ -89,8 +103,10 @@ class DatagramSigner {
   mutable absl::Mutex mu_;
   std::shared_ptr<const Identity> identity_ ABSL_GUARDED_BY(mu_);
   absl::Time loaded_at_ ABSL_GUARDED_BY(mu_);
-  // By the SHA-256 of the chain's bytes; cleared when the files are read again.
+  // By the SHA-256 of the chain's bytes; cleared when the files are read again. Chains that
+  // verified, and those that did not (with why, and when it was checked).
   std::map<std::string, std::shared_ptr<const VerifiedChain>> chains_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::pair<absl::Status, absl::Time>> refused_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
 };
 

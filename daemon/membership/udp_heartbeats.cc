@@ -73,12 +73,32 @@ absl::Status SplitAddress(const std::string& address, std::string* host, std::st
   return absl::OkStatus();
 }
 
-// A signed message that names another node than its certificate does.
-absl::Status Impersonation(const char* what, const std::string& claimed,
-                           const std::string& certified) {
-  return absl::UnauthenticatedError(absl::StrCat(
-      what, " claiming node '", claimed, "' signed with the certificate of node '", certified,
-      "': a daemon speaks only for the node its certificate names"));
+// The node a request's or a reply's message says it comes from ("" when its body does not parse:
+// it is dropped as malformed once it is authenticated), and what the message is, for errors.
+std::string ClaimedNode(uint8_t type, const std::string& body, const char** what) {
+  if (type == kRequest) {
+    *what = "a heartbeat";
+    peer::HeartbeatRequest request;
+    return request.ParseFromString(body) ? request.node_id() : "";
+  }
+  if (type == kReply) {
+    *what = "a reply";
+    peer::HeartbeatResponse response;
+    return response.ParseFromString(body) ? response.node_id() : "";
+  }
+  *what = "a refusal";  // names no node
+  return "";
+}
+
+// The address (without the port) a datagram came from, as text.
+std::string SourceOf(const sockaddr_storage& from) {
+  char text[INET6_ADDRSTRLEN] = "?";
+  if (from.ss_family == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(from).sin_addr, text, sizeof(text));
+  } else if (from.ss_family == AF_INET6) {
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6&>(from).sin6_addr, text, sizeof(text));
+  }
+  return text;
 }
 
 }  // namespace
@@ -161,15 +181,22 @@ absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data
   if (signed_bytes < body_at || signed_bytes - body_at < body_bytes) {
     return absl::InvalidArgumentError("a signed datagram whose body runs past its end");
   }
-  absl::StatusOr<std::string> node = signer->Verify(data, body_at + body_bytes, signed_bytes);
+  d.body.assign(reinterpret_cast<const char*>(data + body_at), body_bytes);
+  // The claim is checked against the certificate before the signature (DatagramSigner::Verify):
+  // a datagram speaking for another node costs no signature check.
+  const char* what = "";
+  const std::string claimed = ClaimedNode(d.type, d.body, &what);
+  absl::StatusOr<std::string> node =
+      signer->Verify(data, body_at + body_bytes, signed_bytes, claimed, what);
   if (!node.ok()) return node.status();
   d.node_id = std::move(*node);
-  d.body.assign(reinterpret_cast<const char*>(data + body_at), body_bytes);
   return d;
 }
 
 UdpHeartbeats::UdpHeartbeats(Options options)
-    : options_(std::move(options)), next_id_(std::random_device{}() | 1) {
+    : options_(std::move(options)),
+      next_id_(std::random_device{}() | 1),
+      throttle_(options_.throttle) {
   next_id_ = (next_id_.load() << 32) ^ std::random_device{}();
 }
 
@@ -463,8 +490,21 @@ void UdpHeartbeats::Drop(const char* reason, const absl::Status& status, uint64_
 
 void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const sockaddr_storage& from,
                                    socklen_t from_len) {
+  const std::string source = SourceOf(from);
+  const absl::Time now = absl::Now();
+  if (!throttle_.Admit(source, now)) {
+    absl::MutexLock lock(&mu_);
+    Drop("throttled",
+         absl::ResourceExhaustedError(absl::StrCat(
+             "datagrams from ", source,
+             " are dropped unchecked: too many failed authentication lately (from it, or from "
+             "addresses that are not members')")),
+         &stats_.dropped_throttled);
+    return;
+  }
   absl::StatusOr<Decoded> d = Decode(data, size, options_.token, options_.signer.get());
   if (!d.ok()) {
+    if (absl::IsUnauthenticated(d.status())) throttle_.Failed(source, now);
     absl::MutexLock lock(&mu_);
     if (absl::IsUnauthenticated(d.status())) {
       Drop("unauthenticated", d.status(), &stats_.dropped_unauthenticated);
@@ -473,6 +513,7 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
     }
     return;
   }
+  throttle_.Passed(source, now);
   if (d->type == kRequest) {
     peer::HeartbeatRequest request;
     if (!request.ParseFromString(d->body)) {

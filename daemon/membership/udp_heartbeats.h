@@ -34,6 +34,14 @@
 // incarnation and version. Without either (an insecure cluster), anyone who reaches the port
 // can send membership messages, as with the gRPC path.
 //
+// Cost of forged datagrams: the cheap checks come first (size, magic, version, type; then the
+// MAC; then, under TLS, whether the certificate, when its chain is known, names the node the
+// message claims), and the signature last. Datagrams that fail the MAC or the signature are
+// budgeted per source address and in all (Options::throttle, verification_throttle.h): past
+// its budget, a source's datagrams are dropped unchecked (Stats::dropped_throttled, logged at
+// most once per 10 s), so a flood costs a bounded number of checks per second, and members'
+// datagrams from other addresses are still checked and answered.
+//
 // Threads: one receiver thread answers requests (calling `on_request` inline: keep it short) and
 // hands replies to the waiting Heartbeat call. Heartbeat may be called from many threads.
 #ifndef TESSERA_DAEMON_MEMBERSHIP_UDP_HEARTBEATS_H_
@@ -55,6 +63,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "daemon/membership/datagram_signer.h"
+#include "daemon/membership/verification_throttle.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
 
@@ -75,6 +84,8 @@ class UdpHeartbeats final : public HeartbeatSender {
     std::shared_ptr<DatagramSigner> signer;
     absl::Duration timeout = absl::Seconds(3);  // how long Heartbeat waits for the answer
     RequestHandler on_request;                  // required
+    // How many datagrams failing authentication are checked, per source and in all.
+    VerificationThrottle::Options throttle;
   };
 
   // Dropped datagrams by reason, and what went through.
@@ -89,6 +100,9 @@ class UdpHeartbeats final : public HeartbeatSender {
     // or a message claiming another node than its certificate names.
     uint64_t dropped_unauthenticated = 0;
     uint64_t dropped_unexpected = 0;  // a reply to no outstanding request
+    // Unchecked: their source (or, for a source not heard from lately, all such sources) had
+    // failed authentication past its budget.
+    uint64_t dropped_throttled = 0;
   };
 
   // Binds the socket and starts the receiver thread.
@@ -118,7 +132,8 @@ class UdpHeartbeats final : public HeartbeatSender {
     std::string node_id;  // version 2: the node the signer's certificate names
   };
   // kInvalidArgument (malformed) or kUnauthenticated (MAC; with a signer, unsigned or a
-  // signature or certificate that does not verify), naming what was wrong.
+  // signature or certificate that does not verify, or a request or reply whose message names
+  // another node than the certificate), naming what was wrong.
   static absl::StatusOr<Decoded> Decode(const uint8_t* data, size_t size,
                                         const std::string& token,
                                         DatagramSigner* signer = nullptr);
@@ -157,6 +172,8 @@ class UdpHeartbeats final : public HeartbeatSender {
     absl::Time at;
   };
   std::map<std::string, Resolved> resolved_ ABSL_GUARDED_BY(mu_);  // peer address -> socket
+  // Used by the receiver thread only.
+  VerificationThrottle throttle_;
   std::thread receiver_;
 };
 

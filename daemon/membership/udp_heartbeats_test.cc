@@ -12,8 +12,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "daemon/transfer/test_certificates.h"
 #include "gtest/gtest.h"
+#include "proto/peer.pb.h"
 #include "tests/ports.h"
 
 namespace tessera {
@@ -319,6 +321,114 @@ TEST_F(SignedHeartbeatsTest, ANodeSpeakingForAnotherIsDroppedBothWays) {
   EXPECT_EQ(b.udp->Heartbeat(liar.address, From("n2")).status().code(),
             absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(b.udp->stats().dropped_unauthenticated, 2u);
+}
+
+// A socket bound to `host` (a loopback address), or -1 when it cannot be.
+int BoundSocket(const std::string& host) {
+  const int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_in local{};
+  local.sin_family = AF_INET;
+  if (fd < 0 || inet_pton(AF_INET, host.c_str(), &local.sin_addr) != 1 ||
+      bind(fd, reinterpret_cast<sockaddr*>(&local), sizeof(local)) != 0) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// A flood of forged datagrams (a real node's certificate chain, a signature that does not verify)
+// costs a bounded number of signature checks, from one source and from many, while a member
+// keeps being answered; the rest are dropped unchecked and counted. Forged datagrams that claim
+// another node than their (known) certificate cost no signature check at all.
+TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembersGetThrough) {
+  std::shared_ptr<DatagramSigner> b_signer = SignerFor("n2");
+  Endpoint a("", absl::Seconds(2), SignerFor("n1"));
+  Endpoint b("", absl::Seconds(2), b_signer);
+  ASSERT_TRUE(a.udp && b.udp);
+  b.reply.peer = MemberInfo{"n2", 7, ""};
+  ASSERT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok());  // n1 is a member b has heard
+
+  std::shared_ptr<DatagramSigner> n9 = SignerFor("n9");
+  auto forged = [&](const std::string& claimed, uint64_t id) {
+    peer::HeartbeatRequest request;
+    request.set_node_id(claimed);
+    request.set_incarnation(5);
+    auto datagram = UdpHeartbeats::Encode(1, id, request.SerializeAsString(), "", n9.get());
+    EXPECT_TRUE(datagram.ok()) << datagram.status();
+    std::string bytes = *datagram;
+    bytes[bytes.size() - UdpHeartbeats::kMacBytes - 1] ^= 0x01;  // the signature's last byte
+    return bytes;
+  };
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  to.sin_port = htons(b.udp->port());
+  // Sends `count` forged datagrams from the sockets in turn, answering n1's heartbeat every 200;
+  // returns how long it took, until b had read them all.
+  auto flood = [&](const std::vector<int>& fds, int count, const std::string& claimed) {
+    const absl::Time start = absl::Now();
+    for (int i = 0; i < count; ++i) {
+      const std::string bytes = forged(claimed, static_cast<uint64_t>(i) + 1000);
+      sendto(fds[i % fds.size()], bytes.data(), bytes.size(), 0,
+             reinterpret_cast<const sockaddr*>(&to), sizeof(to));
+      if (i % 200 == 199) {
+        EXPECT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok()) << "during the flood, at " << i;
+      }
+    }
+    // Read and answered, after everything sent before it.
+    EXPECT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok()) << "after the flood";
+    return absl::Now() - start;
+  };
+  auto failed_checks = [&] {
+    const DatagramSigner::Stats s = b_signer->stats();
+    return s.signatures_checked - s.verified_datagrams;
+  };
+
+  // One source (127.0.0.2): its own allowance, 16 then 10 a second.
+  const int one = BoundSocket("127.0.0.2");
+  if (one < 0) GTEST_SKIP() << "cannot bind 127.0.0.2 (a loopback address) here";
+  const int count = 4000;
+  absl::Duration took = flood({one}, count, "n9");
+  EXPECT_LE(failed_checks(), 16 + 10 * absl::ToDoubleSeconds(took) + 2)
+      << "in " << absl::FormatDuration(took);
+  EXPECT_GE(failed_checks(), 16u);
+  UdpHeartbeats::Stats stats = b.udp->stats();
+  EXPECT_GT(stats.dropped_throttled, 0u);
+  EXPECT_EQ(stats.dropped_unauthenticated, failed_checks());
+  std::printf(
+      "one source: %d forged datagrams in %s cost %llu signature checks; %llu dropped "
+      "unchecked\n",
+      count, absl::FormatDuration(took).c_str(), static_cast<unsigned long long>(failed_checks()),
+      static_cast<unsigned long long>(stats.dropped_throttled));
+
+  // Forty sources (127.0.0.10-49), none a member: together 64, then 100 a second.
+  std::vector<int> many;
+  for (int i = 10; i < 50; ++i) {
+    const int fd = BoundSocket(absl::StrCat("127.0.0.", i));
+    if (fd >= 0) many.push_back(fd);
+  }
+  ASSERT_EQ(many.size(), 40u);
+  const uint64_t before = failed_checks();
+  took = flood(many, count, "n9");
+  EXPECT_LE(failed_checks() - before, 64 + 100 * absl::ToDoubleSeconds(took) + 2)
+      << "in " << absl::FormatDuration(took);
+  std::printf("40 sources: %d forged datagrams in %s cost %llu signature checks\n", count,
+              absl::FormatDuration(took).c_str(),
+              static_cast<unsigned long long>(failed_checks() - before));
+
+  // Claiming n1 with n9's (already known) certificate: refused before any signature check.
+  absl::SleepFor(absl::Seconds(2));  // the allowances refill
+  const uint64_t checked = b_signer->stats().signatures_checked;
+  const uint64_t unauthenticated = b.udp->stats().dropped_unauthenticated;
+  for (int i = 0; i < 5; ++i) {
+    const std::string bytes = forged("n1", 9000 + i);
+    sendto(one, bytes.data(), bytes.size(), 0, reinterpret_cast<const sockaddr*>(&to), sizeof(to));
+  }
+  EXPECT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok());
+  EXPECT_EQ(b.udp->stats().dropped_unauthenticated, unauthenticated + 5);
+  EXPECT_EQ(b_signer->stats().signatures_checked, checked + 1) << "only n1's own heartbeat";
+  close(one);
+  for (int fd : many) close(fd);
 }
 
 TEST_F(SignedHeartbeatsTest, UnsignedAndSignedDoNotMix) {

@@ -265,6 +265,11 @@ absl::Status DataPathClient::Handshake(const std::string& peer, const Endpoint& 
   proof.set_version(kDataPathVersionEncrypted);
   proof.set_node_id(options_.self_node_id);
   TESSERA_RETURN_IF_ERROR(io.WriteFrame(proof));
+  // The answer comes in clear, and proves nothing of the server: it need not. Every byte from
+  // here on is sealed under keys derived from the session key, which only this node and the
+  // daemon that handed it out can derive (GrpcPeerClient asks OpenDataPath over a connection
+  // whose server certificate names the node called), and an answer counts only once it opens
+  // under them: whatever else answers at this address can neither read a request nor answer one.
   TESSERA_RETURN_IF_ERROR(io.ReadMessage(&answer, "DataPathResponse"));  // plain
   return key_refused(answer);
 }

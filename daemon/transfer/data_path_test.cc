@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "common/crc32c.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/data_path_crypto.h"
@@ -24,15 +25,15 @@
 #include "daemon/transfer/peer_service.h"
 #include "daemon/transfer/test_certificates.h"
 #include "ec/erasure_codec.h"
+#include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "absl/synchronization/mutex.h"
-#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/peer.pb.h"
+#include "tests/relay.h"
 
 namespace tessera {
 namespace {
@@ -199,7 +200,7 @@ class DataPathTest : public ::testing::Test {
   // With `credentials` (mutual TLS), the client takes only an encrypted raw data path.
   std::unique_ptr<GrpcPeerClient> MakeClient(
       bool raw, std::string self_node_id = "",
-      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) {
+      std::shared_ptr<ClusterCredentials> credentials = nullptr) {
     GrpcPeerClient::Options co;
     co.self_node_id = std::move(self_node_id);
     co.encrypted_data_path_only = credentials != nullptr;
@@ -733,105 +734,6 @@ TEST_F(DataPathTest, PrepareOpensConnectionsAheadAndAgainForANewIncarnation) {
 // ---------------------------------------------------------------------------------------------
 // Version 2: mutual TLS on the peer port, and the raw data path encrypted.
 
-// A TCP relay on 127.0.0.1 in front of `target_port` that keeps every byte it forwards, each
-// direction apart, and can alter one byte of one direction on the way (a man in the middle).
-class TcpProxy {
- public:
-  explicit TcpProxy(uint16_t target_port) : target_port_(target_port) {
-    listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    listen(listen_fd_, 16);
-    socklen_t len = sizeof(addr);
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-    port_ = ntohs(addr.sin_port);
-    acceptor_ = std::thread([this] { Accept(); });
-  }
-  ~TcpProxy() {
-    shutdown(listen_fd_, SHUT_RDWR);
-    close(listen_fd_);
-    acceptor_.join();
-    {
-      absl::MutexLock lock(&mu_);
-      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
-    }
-    for (auto& t : pumps_) t.join();
-    for (int fd : fds_) close(fd);
-  }
-  uint16_t port() const { return port_; }
-
-  // Flips bits `mask` of byte `offset` (counted over every connection's bytes in that direction).
-  void AlterByte(bool client_to_server, uint64_t offset, uint8_t mask) {
-    absl::MutexLock lock(&mu_);
-    alter_ = {client_to_server, offset, mask};
-  }
-  std::string Captured(bool client_to_server) {
-    absl::MutexLock lock(&mu_);
-    return captured_[client_to_server ? 0 : 1];
-  }
-
- private:
-  struct Alteration {
-    bool client_to_server = false;
-    uint64_t offset = UINT64_MAX;
-    uint8_t mask = 0;
-  };
-
-  void Accept() {
-    for (;;) {
-      const int client = accept(listen_fd_, nullptr, nullptr);
-      if (client < 0) return;
-      const int server = socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in addr{};
-      addr.sin_family = AF_INET;
-      addr.sin_port = htons(target_port_);
-      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      if (connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-        close(client);
-        close(server);
-        continue;
-      }
-      absl::MutexLock lock(&mu_);
-      fds_.push_back(client);
-      fds_.push_back(server);
-      pumps_.emplace_back([this, client, server] { Pump(client, server, true); });
-      pumps_.emplace_back([this, client, server] { Pump(server, client, false); });
-    }
-  }
-
-  void Pump(int from, int to, bool client_to_server) {
-    std::vector<uint8_t> buffer(1 << 16);
-    for (;;) {
-      const ssize_t n = recv(from, buffer.data(), buffer.size(), 0);
-      if (n <= 0) break;
-      {
-        absl::MutexLock lock(&mu_);
-        std::string& seen = captured_[client_to_server ? 0 : 1];
-        const uint64_t begin = seen.size();
-        if (alter_.client_to_server == client_to_server && alter_.offset >= begin &&
-            alter_.offset < begin + static_cast<uint64_t>(n)) {
-          buffer[alter_.offset - begin] ^= alter_.mask;
-        }
-        seen.append(reinterpret_cast<const char*>(buffer.data()), static_cast<size_t>(n));
-      }
-      if (send(to, buffer.data(), static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
-    }
-    shutdown(to, SHUT_WR);
-  }
-
-  const uint16_t target_port_;
-  int listen_fd_ = -1;
-  uint16_t port_ = 0;
-  std::thread acceptor_;
-  absl::Mutex mu_;
-  std::vector<int> fds_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::thread> pumps_;  // joined after the acceptor
-  std::string captured_[2] ABSL_GUARDED_BY(mu_);
-  Alteration alter_ ABSL_GUARDED_BY(mu_);
-};
-
 // The version 2 protocol by hand, with the record codec: to send what a correct client never
 // would (another node's writes, a replay).
 class SealedConnection {
@@ -953,7 +855,7 @@ class DataPathTlsTest : public DataPathTest {
                                             const std::string& self_node_id, bool raw = true) {
     auto files = ca_->Issue(absl::StrCat("client-", ++clients_), cert_nodes);
     EXPECT_TRUE(files.ok()) << files.status();
-    return MakeClient(raw, self_node_id, PeerChannelCredentials(*files));
+    return MakeClient(raw, self_node_id, ClusterCredentials::Tls(*files));
   }
 
   // A data path client of node `node_id` for the version 2 server, reached through `port`.
@@ -1028,6 +930,50 @@ TEST_F(DataPathTlsTest, EncryptedRawPathForTheCertifiedNodeOnly) {
   EXPECT_THAT(std::string(read.status().message()), ::testing::HasSubstr("are for daemons"));
 }
 
+// The sending side checks whom it reached: a fragment for node n5, sent where n0 answers (another
+// node's valid certificate at n5's address), never reaches n0, over either path: the handshake of
+// the gRPC channel (which would carry OpenDataPath, or the fragment's streams) is refused, so
+// neither a data path connection nor a byte gets there; the refusal is counted. Sent to n0 as
+// n0, it goes as before. A daemon that requires node ids refuses a target without one.
+TEST_F(DataPathTlsTest, AFragmentGoesOnlyToTheNodeItIsFor) {
+  const FragmentMeta meta = MetaFor(uint64_t{6} << 20);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  auto files = ca_->IssueNode("n1");
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::shared_ptr<ClusterCredentials> credentials = ClusterCredentials::Tls(*files);
+  const DataPathServer::Stats before = tls_data_->stats();
+  const FragmentKey key{"job-whom", 0, 3, 1};
+  for (bool raw : {true, false}) {
+    SCOPED_TRACE(raw ? "raw data path" : "gRPC streams");
+    auto n1 = MakeClient(raw, "n1", credentials);
+    auto put = n1->PutFragment(PeerTarget(tls_address_, "n5"), key, meta, data.data(), data.size());
+    EXPECT_EQ(put.status().code(), absl::StatusCode::kUnavailable) << put.status();
+    std::vector<uint8_t> back(data.size());
+    auto got = n1->GetFragment(PeerTarget(tls_address_, "n5"), key, 0, back.data(), back.size());
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable) << got.status();
+  }
+  EXPECT_EQ(fragments_->Get(key).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(tls_data_->stats().connections_accepted, before.connections_accepted);
+  EXPECT_EQ(tls_data_->stats().bytes_received, before.bytes_received);
+  EXPECT_GE(credentials->stats().servers_refused, 2u);
+
+  auto n1 = MakeClient(true, "n1", credentials);
+  auto put = n1->PutFragment(PeerTarget(tls_address_, "n0"), key, meta, data.data(), data.size());
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(n1->stats().raw_puts, 1u);
+  EXPECT_EQ(tls_data_->stats().bytes_received, before.bytes_received + data.size());
+
+  GrpcPeerClient::Options strict;
+  strict.credentials = credentials;
+  strict.self_node_id = "n1";
+  strict.require_node_id = true;
+  auto client = GrpcPeerClient::Create(strict);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ(
+      (*client)->PutFragment(tls_address_, key, meta, data.data(), data.size()).status().code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
 // What a man in the middle sees of the version 2 path: not one 32-byte run of the fragment, nor
 // of the frames' field values; the same transfer over version 1 shows the fragment as is (so
 // the capture would have found it).
@@ -1047,7 +993,7 @@ TEST_F(DataPathTlsTest, TheWireCarriesNoPlaintext) {
   for (bool encrypted : {false, true}) {
     SCOPED_TRACE(encrypted ? "version 2" : "version 1");
     DataPathServer* server = encrypted ? tls_data_.get() : data_server_.get();
-    TcpProxy proxy(server->port());
+    tessera::testing::TcpRelay proxy(server->port());
     DataPathClient client(ClientOf("n1"));
     const DataPathClient::Endpoint endpoint =
         encrypted ? EndpointFor("n1", proxy.port())
@@ -1086,7 +1032,7 @@ TEST_F(DataPathTlsTest, AlteredBytesAreRefusedEitherWay) {
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   {
     // Client to server, inside the fragment's bytes (well past the handshake).
-    TcpProxy proxy(tls_data_->port());
+    tessera::testing::TcpRelay proxy(tls_data_->port());
     proxy.AlterByte(/*client_to_server=*/true, 200000, 0x10);
     DataPathClient client(ClientOf("n1"));
     const FragmentKey key{"job-alter", 0, 1, 0};
@@ -1105,7 +1051,7 @@ TEST_F(DataPathTlsTest, AlteredBytesAreRefusedEitherWay) {
     const FragmentKey key{"job-alter", 1, 1, 0};
     auto n1 = TlsClient({"n1"}, "n1");
     ASSERT_TRUE(n1->PutFragment(tls_address_, key, meta, data.data(), data.size()).ok());
-    TcpProxy proxy(tls_data_->port());
+    tessera::testing::TcpRelay proxy(tls_data_->port());
     proxy.AlterByte(/*client_to_server=*/false, 300000, 0x01);
     DataPathClient client(ClientOf("n1"));
     std::vector<uint8_t> back(data.size());
@@ -1125,7 +1071,7 @@ TEST_F(DataPathTlsTest, AReplayedConnectionIsRefused) {
   const FragmentKey key{"job-replay", 0, 1, 0};
   std::string recorded;
   {
-    TcpProxy proxy(tls_data_->port());
+    tessera::testing::TcpRelay proxy(tls_data_->port());
     DataPathClient client(ClientOf("n1"));
     uint32_t crc = 0;
     ASSERT_TRUE(client

@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "grpc/grpc_security_constants.h"
 
 namespace tessera {
@@ -70,6 +71,14 @@ absl::StatusOr<std::string> NodeIdOfCertificate(X509* cert) {
   return found;
 }
 
+absl::StatusOr<std::string> NodeIdOfUris(const std::vector<grpc::string_ref>& uris) {
+  std::string found;
+  for (const grpc::string_ref& uri : uris) {
+    TESSERA_RETURN_IF_ERROR(AddNodeUri(absl::string_view(uri.data(), uri.size()), &found));
+  }
+  return found;
+}
+
 absl::StatusOr<std::string> NodeIdOfCertificateFile(const std::string& pem_file) {
   std::FILE* in = std::fopen(pem_file.c_str(), "r");
   if (in == nullptr) {
@@ -119,10 +128,10 @@ absl::StatusOr<PeerIdentity> IdentityOf(const grpc::AuthContext& context) {
       security == GRPC_SSL_TRANSPORT_SECURITY_TYPE || security == GRPC_TLS_TRANSPORT_SECURITY_TYPE;
   if (!identity.certified) return identity;
   identity.subject = First(context, GRPC_X509_CN_PROPERTY_NAME);
-  for (const grpc::string_ref& uri : context.FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME)) {
-    absl::Status status = AddNodeUri(absl::string_view(uri.data(), uri.size()), &identity.node_id);
-    if (!status.ok()) return absl::PermissionDeniedError(status.message());
-  }
+  absl::StatusOr<std::string> node =
+      NodeIdOfUris(context.FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME));
+  if (!node.ok()) return absl::PermissionDeniedError(node.status().message());
+  identity.node_id = std::move(*node);
   return identity;
 }
 

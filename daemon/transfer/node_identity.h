@@ -11,7 +11,10 @@
 //   - the calls only daemons make (the Peer, Coordination and Rendezvous services) need a node's
 //     certificate (RequireNodeCaller); a certificate that names no node (an operator's, for the
 //     CLI) reaches the Admin service only;
-//   - a heartbeat's answer must come from the node it names (CheckServerIs).
+//   - a heartbeat's answer must come from the node it names (CheckServerIs);
+//   - and a daemon that calls a member by its node id reaches it only over a connection whose
+//     server certificate names that node, checked in the TLS handshake (ClusterCredentials,
+//     cluster_tls.h).
 // Without TLS (a cluster token only, or an insecure cluster) a caller has no certified identity
 // and these checks pass: the token is then the only credential.
 //
@@ -22,6 +25,7 @@
 #include <openssl/x509.h>
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -39,6 +43,9 @@ std::string NodeUri(absl::string_view node_id);
 // The node id that `cert`'s subjectAltName URIs name: "" when none does; kInvalidArgument when
 // two name different nodes or one names an empty id.
 absl::StatusOr<std::string> NodeIdOfCertificate(X509* cert);
+
+// The same from the subjectAltName URIs of a certificate (as gRPC hands them over).
+absl::StatusOr<std::string> NodeIdOfUris(const std::vector<grpc::string_ref>& uris);
 
 // The same for the first certificate of a PEM file. kInvalidArgument when it cannot be read.
 absl::StatusOr<std::string> NodeIdOfCertificateFile(const std::string& pem_file);

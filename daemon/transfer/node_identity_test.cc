@@ -2,6 +2,7 @@
 // call on both ends (a test service answering Heartbeat over 127.0.0.1).
 #include "daemon/transfer/node_identity.h"
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -53,6 +54,7 @@ class CheckingService final : public peer::Peer::Service {
   explicit CheckingService(std::string self) : self_(std::move(self)) {}
   grpc::Status Heartbeat(grpc::ServerContext* context, const peer::HeartbeatRequest* request,
                          peer::HeartbeatResponse* response) override {
+    ++calls;
     absl::Status status = CheckCallerIs(*context, request->node_id(), "Heartbeat node_id");
     if (status.ok()) {
       auto node = RequireNodeCaller(*context, "heartbeats");
@@ -65,6 +67,8 @@ class CheckingService final : public peer::Peer::Service {
     response->set_node_id(self_);
     return grpc::Status::OK;
   }
+
+  std::atomic<int> calls{0};  // that reached the service
 
  private:
   const std::string self_;
@@ -163,6 +167,46 @@ TEST_F(MutualTlsCallTest, AnAnswerMustComeFromTheNodeItNames) {
               HasSubstr("says it comes from node 'n2', but the answering daemon presented a "
                         "certificate (CN=n3) of node 'n3'"));
   liar->Shutdown();
+}
+
+// The other way round: a call to node n3 made where n2 answers is refused in the TLS handshake,
+// before the call (its token, its request) is sent, and counted; the same client reaches n2 as
+// n2, or as any node. A server whose certificate names no node (an operator's) answers no
+// daemon's call at all.
+TEST_F(MutualTlsCallTest, ACallToANodeReachesOnlyTheDaemonWhoseCertificateNamesIt) {
+  auto files = ca_->IssueNode("n1");
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::shared_ptr<ClusterCredentials> n1 = ClusterCredentials::Tls(*files);
+  EXPECT_TRUE(Beat(n1->For("n2"), address_, "n1").ok());
+  EXPECT_TRUE(Beat(n1->For(""), address_, "n1").ok());
+  EXPECT_EQ(n1->For("n2"), n1->For("n2"));  // one per node: connections shared per node only
+  EXPECT_NE(n1->For("n2"), n1->For("n3"));
+  const int reached = services_[0]->calls.load();
+  for (int i = 0; i < 2; ++i) {
+    absl::Status wrong = Beat(n1->For("n3"), address_, "n1");
+    EXPECT_EQ(wrong.code(), absl::StatusCode::kUnavailable) << wrong;
+    EXPECT_THAT(std::string(wrong.message()),
+                HasSubstr("(CN=n2) that names node 'n2', but node 'n3' was called"));
+  }
+  EXPECT_EQ(services_[0]->calls.load(), reached) << "a call meant for n3 reached n2's service";
+  EXPECT_GE(n1->stats().servers_refused, 1u);
+  EXPECT_TRUE(Beat(n1->For("n2"), address_, "n1").ok());
+
+  auto operator_files = ca_->Issue("operator-server", {});
+  ASSERT_TRUE(operator_files.ok()) << operator_files.status();
+  std::string address;
+  auto server = Start(PeerServerCredentials(*operator_files), "n2", &address);
+  ASSERT_NE(server, nullptr);
+  const uint64_t refused = n1->stats().servers_refused;
+  EXPECT_EQ(Beat(n1->For(""), address, "n1").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Beat(n1->For("n2"), address, "n1").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(services_.back()->calls.load(), 0);
+  EXPECT_GE(n1->stats().servers_refused, refused + 2);
+  // Credentials made alone (the CLI's) check the same.
+  EXPECT_EQ(Beat(PeerChannelCredentials(*files, "n3"), address_, "n1").code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(Beat(PeerChannelCredentials(*files, "n2"), address_, "n1").ok());
+  server->Shutdown();
 }
 
 TEST_F(MutualTlsCallTest, WithoutTlsThereIsNoIdentityToCheck) {

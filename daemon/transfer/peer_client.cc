@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<GrpcPeerClient>> GrpcPeerClient::Create(Options o
     return absl::InvalidArgumentError(
         "max_attempts, min_rate_bytes_per_s and control_timeout must be positive");
   }
-  if (!options.credentials) options.credentials = ClusterChannelCredentials();
+  if (!options.credentials) options.credentials = ProcessClusterCredentials();
   return std::unique_ptr<GrpcPeerClient>(new GrpcPeerClient(std::move(options)));
 }
 
@@ -109,26 +109,26 @@ GrpcPeerClient::~GrpcPeerClient() {
   if (prepare_thread_.joinable()) prepare_thread_.join();
 }
 
-void GrpcPeerClient::Prepare(const std::string& peer, uint64_t incarnation,
-                             bool open_connections) {
+void GrpcPeerClient::Prepare(const PeerTarget& peer, uint64_t incarnation, bool open_connections) {
   if (!options_.raw_data_path) return;
+  const std::string id = peer.ToString();
   {
     absl::MutexLock lock(&mu_);
-    auto it = prepared_.find(peer);
+    auto it = prepared_.find(id);
     if (stopping_ || (it != prepared_.end() && it->second == incarnation)) return;
     const bool restarted = it != prepared_.end();
-    prepared_[peer] = incarnation;
+    prepared_[id] = incarnation;
     prepare_queue_.emplace_back(peer, open_connections);
     if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
     if (!restarted) return;
-    data_paths_.erase(peer);
+    data_paths_.erase(id);
   }
-  data_path_client_->Forget(peer);
+  data_path_client_->Forget(id);
 }
 
 void GrpcPeerClient::PrepareLoop() {
   for (;;) {
-    std::string peer;
+    PeerTarget peer("");
     bool open_connections = false;
     {
       absl::MutexLock lock(&mu_);
@@ -144,15 +144,15 @@ void GrpcPeerClient::PrepareLoop() {
     absl::StatusOr<std::optional<DataPathClient::Endpoint>> endpoint = DataPathOf(peer);
     absl::Status status = endpoint.status();
     if (endpoint.ok() && endpoint->has_value() && open_connections) {
-      status = data_path_client_->Open(peer, **endpoint, options_.channels_per_peer,
+      status = data_path_client_->Open(peer.ToString(), **endpoint, options_.channels_per_peer,
                                        absl::Now() + options_.control_timeout);
     }
     if (!status.ok()) {
       // Not retried by later rounds (a peer whose data port is blocked would be tried every
       // heartbeat): the first transfer negotiates again, and a failed one (ForgetDataPath) lets
       // the next round prepare the peer anew.
-      Logger("peer")->info("preparing {} for fragments: {}; the first transfer tries again", peer,
-                           status.ToString());
+      Logger("peer")->info("preparing {} for fragments: {}; the first transfer tries again",
+                           peer.ToString(), status.ToString());
     }
   }
 }
@@ -169,12 +169,13 @@ GrpcPeerClient::Stats GrpcPeerClient::stats() const {
 }
 
 absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPathOf(
-    const std::string& peer) {
+    const PeerTarget& peer) {
   if (!options_.raw_data_path) return std::optional<DataPathClient::Endpoint>();
+  const std::string id = peer.ToString();
   bool was_grpc = false;  // asked before, and told to use gRPC: the log says so only once
   {
     absl::MutexLock lock(&mu_);
-    auto it = data_paths_.find(peer);
+    auto it = data_paths_.find(id);
     if (it != data_paths_.end() &&
         (it->second.endpoint || absl::Now() - it->second.asked < absl::Minutes(1))) {
       return it->second.endpoint;
@@ -194,44 +195,59 @@ absl::StatusOr<std::optional<DataPathClient::Endpoint>> GrpcPeerClient::DataPath
   const bool usable_version =
       response.version() == kDataPathVersionEncrypted ||
       (response.version() == kDataPathVersionPlain && !options_.encrypted_data_path_only);
+  // The session key, and with it the data path, is the node's that answered this call: with
+  // mutual TLS, the channel completed its handshake only with a server whose certificate names
+  // the target's node (ClusterCredentials), so a version 2 key comes from that node alone. A
+  // data path connection then opens only with a server holding the secret the key was derived
+  // from, and every byte on it is sealed under keys derived from that key (data_path_crypto.h):
+  // whatever else listens at the data port can neither read the fragments nor answer for them.
   if (status.ok() && usable_version && response.port() > 0 && response.port() <= 65535) {
-    state.endpoint =
-        DataPathClient::Endpoint{HostOfAddress(peer), static_cast<uint16_t>(response.port()),
-                                 response.session_key(), response.version()};
-    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {}, {})", peer,
+    state.endpoint = DataPathClient::Endpoint{HostOfAddress(peer.address),
+                                              static_cast<uint16_t>(response.port()),
+                                              response.session_key(), response.version()};
+    Logger("peer")->info("{}: fragments go over its raw TCP data path (port {}, {})", id,
                          response.port(),
                          response.version() == kDataPathVersionEncrypted ? "encrypted" : "plain");
   } else if (status.ok() || status.code() == absl::StatusCode::kFailedPrecondition ||
              status.code() == absl::StatusCode::kUnimplemented) {
-    Logger("peer")->log(was_grpc ? spdlog::level::debug : spdlog::level::info,
-                        "{}: fragments go over gRPC streams ({})", peer,
-                        status.ok() ? absl::StrCat("it offers data path version ",
-                                                   response.version(), " on port ",
-                                                   response.port(),
-                                                   options_.encrypted_data_path_only
-                                                       ? "; this daemon uses only version 2"
-                                                       : "")
-                                    : status.ToString());
+    Logger("peer")->log(
+        was_grpc ? spdlog::level::debug : spdlog::level::info,
+        "{}: fragments go over gRPC streams ({})", id,
+        status.ok()
+            ? absl::StrCat(
+                  "it offers data path version ", response.version(), " on port ", response.port(),
+                  options_.encrypted_data_path_only ? "; this daemon uses only version 2" : "")
+            : status.ToString());
   } else {
     return status;  // the peer is not reachable now: the caller's retries decide
   }
   absl::MutexLock lock(&mu_);
-  data_paths_[peer] = state;
+  data_paths_[id] = state;
   return state.endpoint;
 }
 
-void GrpcPeerClient::ForgetDataPath(const std::string& peer) {
+void GrpcPeerClient::ForgetDataPath(const PeerTarget& peer) {
+  const std::string id = peer.ToString();
   {
     absl::MutexLock lock(&mu_);
-    data_paths_.erase(peer);
-    prepared_.erase(peer);
+    data_paths_.erase(id);
+    prepared_.erase(id);
   }
-  data_path_client_->Forget(peer);
+  data_path_client_->Forget(id);
 }
 
-std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::string& peer) {
+absl::Status GrpcPeerClient::CheckTarget(const PeerTarget& peer) const {
+  if (!options_.require_node_id || !peer.node_id.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("a call to ", peer.address,
+                   " that does not name the node it is for: with mutual TLS a daemon sends a "
+                   "member's calls only to the daemon whose certificate names that member"));
+}
+
+std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const PeerTarget& peer) {
+  const std::string id = peer.ToString();
   absl::MutexLock lock(&mu_);
-  if (auto it = channels_.find(peer); it != channels_.end()) {
+  if (auto it = channels_.find(id); it != channels_.end()) {
     channel_lru_.splice(channel_lru_.begin(), channel_lru_, it->second.lru);
     return it->second.channels;
   }
@@ -242,8 +258,10 @@ std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::
     channel_lru_.pop_back();
     ++stats_.channel_evictions;
   }
-  channel_lru_.push_front(peer);
-  PeerChannels& entry = channels_[peer];
+  channel_lru_.push_front(id);
+  PeerChannels& entry = channels_[id];
+  const std::shared_ptr<grpc::ChannelCredentials> credentials =
+      options_.credentials->For(peer.node_id);
   entry.lru = channel_lru_.begin();
   for (int i = 0; i < options_.channels_per_peer; ++i) {
     grpc::ChannelArguments args;
@@ -254,12 +272,12 @@ std::vector<std::shared_ptr<grpc::Channel>> GrpcPeerClient::Channels(const std::
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("tessera.channel_index", i);
     if (!options_.bdp_probe) args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-    entry.channels.push_back(grpc::CreateCustomChannel(peer, options_.credentials, args));
+    entry.channels.push_back(grpc::CreateCustomChannel(peer.address, credentials, args));
   }
   return entry.channels;
 }
 
-std::shared_ptr<grpc::Channel> GrpcPeerClient::AnyChannel(const std::string& peer) {
+std::shared_ptr<grpc::Channel> GrpcPeerClient::AnyChannel(const PeerTarget& peer) {
   std::vector<std::shared_ptr<grpc::Channel>> channels = Channels(peer);
   absl::MutexLock lock(&mu_);
   return channels[next_channel_++ % channels.size()];
@@ -329,21 +347,22 @@ absl::StatusOr<HeartbeatReply> GrpcPeerClient::Heartbeat(const std::string& peer
   return reply;
 }
 
-void GrpcPeerClient::ForgetChannels(const std::string& peer) {
+void GrpcPeerClient::ForgetChannels(const PeerTarget& peer) {
   absl::MutexLock lock(&mu_);
-  auto it = channels_.find(peer);
+  auto it = channels_.find(peer.ToString());
   if (it == channels_.end()) return;
   channel_lru_.erase(it->second.lru);
   channels_.erase(it);
 }
 
-absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const std::string& peer,
+absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const PeerTarget& peer,
                                                        const std::string& job_id) {
+  TESSERA_RETURN_IF_ERROR(CheckTarget(peer));
   if (!job_id.empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   peer::ListHeldRequest request;
   request.set_job_id(job_id);
   HeldInventory held;
-  TESSERA_RETURN_IF_ERROR(WithRetries("ListHeld", peer, [&]() -> absl::Status {
+  TESSERA_RETURN_IF_ERROR(WithRetries("ListHeld", peer.ToString(), [&]() -> absl::Status {
     peer::ListHeldResponse response;
     grpc::ClientContext context;
     AddToken(&context);
@@ -362,13 +381,14 @@ absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const std::string& peer,
   return held;
 }
 
-absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const std::string& peer,
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const PeerTarget& peer,
                                                            const FragmentKey& key,
                                                            const FragmentMeta& meta,
                                                            const uint8_t* data, size_t bytes) {
+  TESSERA_RETURN_IF_ERROR(CheckTarget(peer));
   TESSERA_RETURN_IF_ERROR(ValidatePut(key, meta, data, bytes));
   FragmentStatus result;
-  TESSERA_RETURN_IF_ERROR(WithRetries("PutFragment", peer, [&]() -> absl::Status {
+  TESSERA_RETURN_IF_ERROR(WithRetries("PutFragment", peer.ToString(), [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
     if (endpoint) {
       absl::StatusOr<FragmentStatus> put = PutFragmentRaw(peer, *endpoint, key, meta, data);
@@ -385,8 +405,9 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const std::string& pe
 }
 
 absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentRaw(
-    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    const PeerTarget& target, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
     const FragmentMeta& meta, const uint8_t* data) {
+  const std::string peer = target.ToString();  // its pool of connections
   const auto ranges = Ranges(meta.fragment_bytes, options_.channels_per_peer);
   std::vector<absl::Status> statuses(ranges.size());
   std::vector<uint32_t> crcs(ranges.size());
@@ -410,16 +431,17 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentRaw(
   return data_path_client_->Seal(peer, endpoint, key, meta, crc, DataDeadline(0));
 }
 
-absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragment(const std::string& peer,
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragment(const PeerTarget& peer,
                                                            const FragmentKey& key,
                                                            uint64_t owner_incarnation, uint8_t* dst,
                                                            size_t capacity) {
+  TESSERA_RETURN_IF_ERROR(CheckTarget(peer));
   TESSERA_RETURN_IF_ERROR(ValidateFragmentKey(key));
   if (dst == nullptr || capacity == 0) {
     return absl::InvalidArgumentError("GetFragment needs a destination buffer");
   }
   FragmentStatus result;
-  TESSERA_RETURN_IF_ERROR(WithRetries("GetFragment", peer, [&]() -> absl::Status {
+  TESSERA_RETURN_IF_ERROR(WithRetries("GetFragment", peer.ToString(), [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(std::optional<DataPathClient::Endpoint> endpoint, DataPathOf(peer));
     if (endpoint) {
       absl::StatusOr<FragmentStatus> got =
@@ -438,8 +460,9 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragment(const std::string& pe
 }
 
 absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentRaw(
-    const std::string& peer, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
+    const PeerTarget& target, const DataPathClient::Endpoint& endpoint, const FragmentKey& key,
     uint64_t owner_incarnation, uint8_t* dst, size_t capacity) {
+  const std::string peer = target.ToString();  // its pool of connections
   // As GetFragmentOnce: ranges cut from the buffer's size, clamped by the peer.
   const auto ranges = Ranges(capacity, options_.channels_per_peer);
   std::vector<absl::StatusOr<DataPathClient::RangeRead>> reads(ranges.size());
@@ -485,12 +508,13 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentRaw(
   return status;
 }
 
-absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShard(const std::string& peer,
+absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShard(const PeerTarget& peer,
                                                      const std::string& job_id, uint32_t rank,
                                                      int64_t step, ShardSink* sink) {
+  TESSERA_RETURN_IF_ERROR(CheckTarget(peer));
   TESSERA_RETURN_IF_ERROR(ValidateFetch(job_id, step, sink));
   ShardInfo result;
-  TESSERA_RETURN_IF_ERROR(WithRetries("FetchShard", peer, [&]() -> absl::Status {
+  TESSERA_RETURN_IF_ERROR(WithRetries("FetchShard", peer.ToString(), [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(result, FetchShardOnce(peer, job_id, rank, step, sink));
     return absl::OkStatus();
   }));
@@ -601,13 +625,13 @@ absl::StatusOr<HeartbeatReply> FakePeerClient::Heartbeat(const std::string& peer
                              });
 }
 
-absl::StatusOr<FragmentStatus> FakePeerClient::PutFragment(const std::string& peer,
+absl::StatusOr<FragmentStatus> FakePeerClient::PutFragment(const PeerTarget& peer,
                                                            const FragmentKey& key,
                                                            const FragmentMeta& meta,
                                                            const uint8_t* data, size_t bytes) {
   TESSERA_RETURN_IF_ERROR(ValidatePut(key, meta, data, bytes));
   return Run<FragmentStatus>(
-      peer, Method::kPutFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
+      peer.address, Method::kPutFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
         TESSERA_RETURN_IF_ERROR(p.fragments->BeginFragment(key, meta).status());
         uint32_t crc = 0;
         for (uint64_t off = 0; off < bytes; off += kFakeChunkBytes) {
@@ -622,7 +646,7 @@ absl::StatusOr<FragmentStatus> FakePeerClient::PutFragment(const std::string& pe
       });
 }
 
-absl::StatusOr<FragmentStatus> FakePeerClient::GetFragment(const std::string& peer,
+absl::StatusOr<FragmentStatus> FakePeerClient::GetFragment(const PeerTarget& peer,
                                                            const FragmentKey& key,
                                                            uint64_t owner_incarnation, uint8_t* dst,
                                                            size_t capacity) {
@@ -631,7 +655,7 @@ absl::StatusOr<FragmentStatus> FakePeerClient::GetFragment(const std::string& pe
     return absl::InvalidArgumentError("GetFragment needs a destination buffer");
   }
   return Run<FragmentStatus>(
-      peer, Method::kGetFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
+      peer.address, Method::kGetFragment, [&](const Peer& p) -> absl::StatusOr<FragmentStatus> {
         TESSERA_ASSIGN_OR_RETURN(FragmentView view, p.fragments->Get(key, owner_incarnation));
         if (view.size() > capacity) {
           return absl::InvalidArgumentError(absl::StrCat(key.ToString(), " has ", view.size(),
@@ -654,36 +678,38 @@ absl::StatusOr<FragmentStatus> FakePeerClient::GetFragment(const std::string& pe
       });
 }
 
-absl::StatusOr<ShardInfo> FakePeerClient::FetchShard(const std::string& peer,
+absl::StatusOr<ShardInfo> FakePeerClient::FetchShard(const PeerTarget& peer,
                                                      const std::string& job_id, uint32_t rank,
                                                      int64_t step, ShardSink* sink) {
   TESSERA_RETURN_IF_ERROR(ValidateFetch(job_id, step, sink));
-  return Run<ShardInfo>(peer, Method::kFetchShard, [&](const Peer& p) -> absl::StatusOr<ShardInfo> {
-    if (p.shards == nullptr) return absl::UnimplementedError("this peer serves no shards (fake)");
-    TESSERA_ASSIGN_OR_RETURN(ShardSource::Shard shard,
-                             p.shards->OpenSealedShard(job_id, rank, step));
-    TESSERA_RETURN_IF_ERROR(sink->Begin(shard.info));
-    uint32_t crc = 0;
-    for (uint64_t off = 0; off < shard.info.payload_bytes; off += kFakeChunkBytes) {
-      const size_t len = std::min<uint64_t>(kFakeChunkBytes, shard.info.payload_bytes - off);
-      const uint32_t chunk_crc = Crc32c(shard.data + off, len);
-      crc = off == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, len);
-      TESSERA_RETURN_IF_ERROR(sink->Write(off, shard.data + off, len));
-    }
-    if (crc != shard.info.payload_crc32c) {
-      return absl::DataLossError(absl::StrCat("shard of job '", job_id, "' rank ", rank,
-                                              ": CRC32C 0x", absl::Hex(crc), ", sealed with 0x",
-                                              absl::Hex(shard.info.payload_crc32c)));
-    }
-    if (shard.still_sealed) TESSERA_RETURN_IF_ERROR(shard.still_sealed());
-    return shard.info;
-  });
+  return Run<ShardInfo>(
+      peer.address, Method::kFetchShard, [&](const Peer& p) -> absl::StatusOr<ShardInfo> {
+        if (p.shards == nullptr)
+          return absl::UnimplementedError("this peer serves no shards (fake)");
+        TESSERA_ASSIGN_OR_RETURN(ShardSource::Shard shard,
+                                 p.shards->OpenSealedShard(job_id, rank, step));
+        TESSERA_RETURN_IF_ERROR(sink->Begin(shard.info));
+        uint32_t crc = 0;
+        for (uint64_t off = 0; off < shard.info.payload_bytes; off += kFakeChunkBytes) {
+          const size_t len = std::min<uint64_t>(kFakeChunkBytes, shard.info.payload_bytes - off);
+          const uint32_t chunk_crc = Crc32c(shard.data + off, len);
+          crc = off == 0 ? chunk_crc : Crc32cCombineCached(crc, chunk_crc, len);
+          TESSERA_RETURN_IF_ERROR(sink->Write(off, shard.data + off, len));
+        }
+        if (crc != shard.info.payload_crc32c) {
+          return absl::DataLossError(absl::StrCat("shard of job '", job_id, "' rank ", rank,
+                                                  ": CRC32C 0x", absl::Hex(crc), ", sealed with 0x",
+                                                  absl::Hex(shard.info.payload_crc32c)));
+        }
+        if (shard.still_sealed) TESSERA_RETURN_IF_ERROR(shard.still_sealed());
+        return shard.info;
+      });
 }
 
-absl::StatusOr<HeldInventory> FakePeerClient::ListHeld(const std::string& peer,
+absl::StatusOr<HeldInventory> FakePeerClient::ListHeld(const PeerTarget& peer,
                                                        const std::string& job_id) {
   if (!job_id.empty()) TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
-  return Run<HeldInventory>(peer, Method::kListHeld,
+  return Run<HeldInventory>(peer.address, Method::kListHeld,
                             [&](const Peer& p) -> absl::StatusOr<HeldInventory> {
                               HeldInventory held;
                               held.fragments = p.fragments->List(job_id);

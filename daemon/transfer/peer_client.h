@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "daemon/store/fragment_store.h"
+#include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/data_path.h"
 #include "daemon/transfer/peer_service.h"
 #include "grpcpp/channel.h"
@@ -74,13 +75,14 @@ class HeartbeatSender {
 
 class PeerClient : public HeartbeatSender {
  public:
-  // `peer` is an address ("host:port") in every call.
+  // `peer` is the daemon to call: its address ("host:port") and, where the caller knows it, the
+  // node that must answer there (with mutual TLS, GrpcPeerClient then talks only to a server
+  // whose certificate names that node; see PeerTarget).
 
   // Sends a whole fragment, [data, data + bytes) with bytes == meta.fragment_bytes, and has the
   // peer seal it. Returns the peer's status of the fragment (kSealed, with its CRC32C).
   // REQUIRES: the memory stays unchanged until the call returns.
-  virtual absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer,
-                                                     const FragmentKey& key,
+  virtual absl::StatusOr<FragmentStatus> PutFragment(const PeerTarget& peer, const FragmentKey& key,
                                                      const FragmentMeta& meta, const uint8_t* data,
                                                      size_t bytes) = 0;
 
@@ -88,17 +90,16 @@ class PeerClient : public HeartbeatSender {
   // chunk and whole, against its CRC32C. owner_incarnation 0 accepts any. Returns its status
   // (meta, CRC32C). kInvalidArgument (nothing read) when capacity < its fragment_bytes; on any
   // error dst may hold part of the fragment.
-  virtual absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer,
-                                                     const FragmentKey& key,
+  virtual absl::StatusOr<FragmentStatus> GetFragment(const PeerTarget& peer, const FragmentKey& key,
                                                      uint64_t owner_incarnation, uint8_t* dst,
                                                      size_t capacity) = 0;
 
   // Streams the peer's sealed shard (job, rank, step) (step -1: its newest) into `sink`.
-  virtual absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+  virtual absl::StatusOr<ShardInfo> FetchShard(const PeerTarget& peer, const std::string& job_id,
                                                uint32_t rank, int64_t step, ShardSink* sink) = 0;
 
   // What the peer holds for a job (every job when job_id is empty).
-  virtual absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+  virtual absl::StatusOr<HeldInventory> ListHeld(const PeerTarget& peer,
                                                  const std::string& job_id) = 0;
 };
 
@@ -122,7 +123,13 @@ class GrpcPeerClient final : public PeerClient {
     int max_attempts = 4;                                    // per call, for kUnavailable
     absl::Duration initial_backoff = absl::Milliseconds(50);
     absl::Duration max_backoff = absl::Seconds(2);
-    std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
+    // How peers are dialled (ClusterCredentials::For the target's node); null: the process's
+    // (ProcessClusterCredentials(), insecure until the daemon sets mutual TLS).
+    std::shared_ptr<ClusterCredentials> credentials;
+    // Refuse (kInvalidArgument) a PutFragment, GetFragment, FetchShard or ListHeld whose target
+    // names no node: the daemon sets it with mutual TLS, so that a caller that does not say which
+    // member it means cannot end up talking to whichever daemon answers at an address.
+    bool require_node_id = false;
     // Move fragments over the peer's raw TCP data path (daemon/transfer/data_path.h) when its
     // OpenDataPath offers one; otherwise, and for peers that do not, over gRPC streams.
     bool raw_data_path = true;
@@ -156,7 +163,7 @@ class GrpcPeerClient final : public PeerClient {
   // and a new incarnation (a restarted daemon) drops what was negotiated with the old one first.
   // Failures are only logged, once: the first real call tries again, and after a failed call
   // (which forgets the peer's data path) the next Prepare does too.
-  void Prepare(const std::string& peer, uint64_t incarnation, bool open_connections);
+  void Prepare(const PeerTarget& peer, uint64_t incarnation, bool open_connections);
 
   ~GrpcPeerClient() override;
 
@@ -178,46 +185,48 @@ class GrpcPeerClient final : public PeerClient {
   // answer names is kPermissionDenied.
   absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
                                            const HeartbeatMessage& message) override;
-  absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> PutFragment(const PeerTarget& peer, const FragmentKey& key,
                                              const FragmentMeta& meta, const uint8_t* data,
                                              size_t bytes) override;
-  absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> GetFragment(const PeerTarget& peer, const FragmentKey& key,
                                              uint64_t owner_incarnation, uint8_t* dst,
                                              size_t capacity) override;
-  absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+  absl::StatusOr<ShardInfo> FetchShard(const PeerTarget& peer, const std::string& job_id,
                                        uint32_t rank, int64_t step, ShardSink* sink) override;
-  absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+  absl::StatusOr<HeldInventory> ListHeld(const PeerTarget& peer,
                                          const std::string& job_id) override;
 
  private:
   explicit GrpcPeerClient(Options options);
   // The peer's data path: its endpoint, or nullopt when fragments go over gRPC (it has none,
   // or raw_data_path is off). Asks its OpenDataPath once, and again a minute after it said no.
-  absl::StatusOr<std::optional<DataPathClient::Endpoint>> DataPathOf(const std::string& peer);
+  absl::StatusOr<std::optional<DataPathClient::Endpoint>> DataPathOf(const PeerTarget& peer);
   // After a raw call to the peer failed with kUnavailable: ask its OpenDataPath again (it may
   // have restarted, with a new port or key) and close the connections kept for it.
-  void ForgetDataPath(const std::string& peer);
-  absl::StatusOr<FragmentStatus> PutFragmentRaw(const std::string& peer,
+  void ForgetDataPath(const PeerTarget& peer);
+  absl::StatusOr<FragmentStatus> PutFragmentRaw(const PeerTarget& peer,
                                                 const DataPathClient::Endpoint& endpoint,
                                                 const FragmentKey& key, const FragmentMeta& meta,
                                                 const uint8_t* data);
-  absl::StatusOr<FragmentStatus> GetFragmentRaw(const std::string& peer,
+  absl::StatusOr<FragmentStatus> GetFragmentRaw(const PeerTarget& peer,
                                                 const DataPathClient::Endpoint& endpoint,
                                                 const FragmentKey& key, uint64_t owner_incarnation,
                                                 uint8_t* dst, size_t capacity);
-  // The peer's channels, created on first use.
-  std::vector<std::shared_ptr<grpc::Channel>> Channels(const std::string& peer);
-  std::shared_ptr<grpc::Channel> AnyChannel(const std::string& peer);
-  void ForgetChannels(const std::string& peer);
+  // The peer's channels, created on first use (with TLS, to the target's node only).
+  std::vector<std::shared_ptr<grpc::Channel>> Channels(const PeerTarget& peer);
+  std::shared_ptr<grpc::Channel> AnyChannel(const PeerTarget& peer);
+  void ForgetChannels(const PeerTarget& peer);
+  // kInvalidArgument when Options::require_node_id and the target names no node.
+  absl::Status CheckTarget(const PeerTarget& peer) const;
   // Runs attempt() up to max_attempts times while it returns kUnavailable, with backoff.
   absl::Status WithRetries(const char* method, const std::string& peer,
                            const std::function<absl::Status()>& attempt);
-  absl::StatusOr<FragmentStatus> PutFragmentOnce(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> PutFragmentOnce(const PeerTarget& peer, const FragmentKey& key,
                                                  const FragmentMeta& meta, const uint8_t* data);
-  absl::StatusOr<FragmentStatus> GetFragmentOnce(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> GetFragmentOnce(const PeerTarget& peer, const FragmentKey& key,
                                                  uint64_t owner_incarnation, uint8_t* dst,
                                                  size_t capacity);
-  absl::StatusOr<ShardInfo> FetchShardOnce(const std::string& peer, const std::string& job_id,
+  absl::StatusOr<ShardInfo> FetchShardOnce(const PeerTarget& peer, const std::string& job_id,
                                            uint32_t rank, int64_t step, ShardSink* sink);
   absl::Time DataDeadline(uint64_t bytes) const;
   // Adds Options::token to a unary call.
@@ -227,6 +236,8 @@ class GrpcPeerClient final : public PeerClient {
 
   const Options options_;
   mutable absl::Mutex mu_;
+  // The maps below are keyed by PeerTarget::ToString(): what was learnt from a node at an
+  // address is never used for another node at that address.
   struct PeerChannels {
     std::vector<std::shared_ptr<grpc::Channel>> channels;
     std::list<std::string>::iterator lru;  // into channel_lru_
@@ -243,7 +254,7 @@ class GrpcPeerClient final : public PeerClient {
   std::unique_ptr<DataPathClient> data_path_client_;
   // Prepare's queue and its thread (started by the first Prepare).
   void PrepareLoop();
-  std::deque<std::pair<std::string, bool>> prepare_queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::pair<PeerTarget, bool>> prepare_queue_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, uint64_t> prepared_ ABSL_GUARDED_BY(mu_);  // queued or done, at
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread prepare_thread_;
@@ -301,15 +312,15 @@ class FakePeerClient final : public PeerClient {
 
   absl::StatusOr<HeartbeatReply> Heartbeat(const std::string& peer,
                                            const HeartbeatMessage& message) override;
-  absl::StatusOr<FragmentStatus> PutFragment(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> PutFragment(const PeerTarget& peer, const FragmentKey& key,
                                              const FragmentMeta& meta, const uint8_t* data,
                                              size_t bytes) override;
-  absl::StatusOr<FragmentStatus> GetFragment(const std::string& peer, const FragmentKey& key,
+  absl::StatusOr<FragmentStatus> GetFragment(const PeerTarget& peer, const FragmentKey& key,
                                              uint64_t owner_incarnation, uint8_t* dst,
                                              size_t capacity) override;
-  absl::StatusOr<ShardInfo> FetchShard(const std::string& peer, const std::string& job_id,
+  absl::StatusOr<ShardInfo> FetchShard(const PeerTarget& peer, const std::string& job_id,
                                        uint32_t rank, int64_t step, ShardSink* sink) override;
-  absl::StatusOr<HeldInventory> ListHeld(const std::string& peer,
+  absl::StatusOr<HeldInventory> ListHeld(const PeerTarget& peer,
                                          const std::string& job_id) override;
 
  private:

@@ -147,7 +147,7 @@ absl::Status WaitAll(std::vector<std::unique_ptr<StreamCall>>& calls) {
 
 }  // namespace
 
-absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string& peer,
+absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const PeerTarget& peer,
                                                                const FragmentKey& key,
                                                                const FragmentMeta& meta,
                                                                const uint8_t* data) {
@@ -247,7 +247,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragmentOnce(const std::string
   return status;
 }
 
-absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const std::string& peer,
+absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const PeerTarget& peer,
                                                                const FragmentKey& key,
                                                                uint64_t owner_incarnation,
                                                                uint8_t* dst, size_t capacity) {
@@ -363,7 +363,7 @@ absl::StatusOr<FragmentStatus> GrpcPeerClient::GetFragmentOnce(const std::string
   return status;
 }
 
-absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShardOnce(const std::string& peer,
+absl::StatusOr<ShardInfo> GrpcPeerClient::FetchShardOnce(const PeerTarget& peer,
                                                          const std::string& job_id, uint32_t rank,
                                                          int64_t step, ShardSink* sink) {
   peer::FetchShardRequest request;

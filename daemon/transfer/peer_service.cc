@@ -11,6 +11,7 @@
 #include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/refusals.h"
 #include "daemon/transfer/cluster_token.h"
 
 namespace tessera {
@@ -366,9 +367,10 @@ absl::StatusOr<size_t> ChunkBytes(uint32_t requested, size_t default_bytes) {
 
 void DeleteKeepalive(void* p) { delete static_cast<std::shared_ptr<const void>*>(p); }
 
-grpc::Status Logged(const char* method, const absl::Status& status) {
-  if (!status.ok()) Logger(kLog)->warn("{}: {}", method, status.ToString());
-  return ToGrpcStatus(status);
+// A call's answer; a failure is counted and logged, at most 20 lines per 10 s per (method, code)
+// (refusals.h), so that a peer repeating a refused call cannot fill the log.
+grpc::Status Answer(const char* method, const absl::Status& status) {
+  return AnswerCall("peer", method, status);
 }
 
 }  // namespace
@@ -382,7 +384,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
                      absl::StatusOr<PeerIdentity> caller)
       : store_(store), fenced_(fenced), response_(response) {
     if (!caller.ok()) {
-      Finish(Logged("PutFragment", caller.status()));
+      Finish(Answer("PutFragment", caller.status()));
       return;
     }
     caller_ = std::move(*caller);
@@ -397,7 +399,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
     absl::Status status = HandleMessage();
     request_.Clear();
     if (!status.ok()) {
-      Finish(Logged("PutFragment", status));
+      Finish(Answer("PutFragment", status));
       return;
     }
     StartRead(&request_);
@@ -448,7 +450,7 @@ class PeerService::PutFragmentReactor final : public grpc::ServerReadReactor<grp
 
   void FinishStream() {
     if (!begun_) {
-      Finish(Logged("PutFragment", absl::InvalidArgumentError("empty PutFragment stream")));
+      Finish(Answer("PutFragment", absl::InvalidArgumentError("empty PutFragment stream")));
       return;
     }
     peer::PutFragmentResponse response;
@@ -491,7 +493,7 @@ class PeerService::ChunkWriter final : public grpc::ServerWriteReactor<grpc::Byt
 
   ChunkWriter(const char* method, absl::StatusOr<Plan> plan) {
     if (!plan.ok()) {
-      Finish(Logged(method, plan.status()));
+      Finish(Answer(method, plan.status()));
       return;
     }
     plan_ = std::move(*plan);
@@ -522,7 +524,7 @@ class PeerService::ChunkWriter final : public grpc::ServerWriteReactor<grpc::Byt
       } else if (plan_.final_check) {
         status = plan_.final_check();
       }
-      Finish(Logged(plan_.method, status));
+      Finish(Answer(plan_.method, status));
       return;
     }
     const size_t len = std::min<uint64_t>(plan_.chunk_bytes, plan_.end - pos_);
@@ -620,7 +622,7 @@ grpc::ServerUnaryReactor* PeerService::Heartbeat(grpc::CallbackServerContext* co
     peer_wire::ToProto(reply, response);
     return absl::OkStatus();
   }();
-  reactor->Finish(Logged("Heartbeat", status));
+  reactor->Finish(Answer("Heartbeat", status));
   return reactor;
 }
 
@@ -722,7 +724,7 @@ grpc::ServerUnaryReactor* PeerService::ListHeld(grpc::CallbackServerContext* con
     }
     return absl::OkStatus();
   }();
-  reactor->Finish(Logged("ListHeld", status));
+  reactor->Finish(Answer("ListHeld", status));
   return reactor;
 }
 
@@ -748,7 +750,7 @@ grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext*
                         options_.data_path_port, options_.data_path_version);
     return absl::OkStatus();
   }();
-  reactor->Finish(Logged("OpenDataPath", status));
+  reactor->Finish(Answer("OpenDataPath", status));
   return reactor;
 }
 

@@ -1,7 +1,8 @@
 // The peer service (proto/peer.proto): a thin gRPC adapter over FragmentStore, over the local
 // sealed snapshot shards (through ShardSource) and over membership (through a HeartbeatHandler).
 // Each handler validates its input, calls the core and converts the status; every handler is
-// idempotent.
+// idempotent. A call that fails is counted in tessera_rpc_refusals_total{service="peer"} and
+// logged, at most 20 lines per 10 s per (method, code) (daemon/refusals.h).
 //
 // Data path. PutFragment, GetFragment and FetchShard are served raw (grpc::ByteBuffer): a
 // received chunk is CRC-checked on gRPC's own slices and copied once, straight into the
@@ -11,7 +12,7 @@
 //
 // Use: register the service on a grpc::ServerBuilder after ConfigureServerBuilder, which lifts
 // the message-size limits for 1-4 MiB chunks. For mutual TLS, listen with PeerServerCredentials
-// (cluster_tls.h) and give GrpcPeerClient the matching channel credentials. Call
+// (cluster_tls.h) and give GrpcPeerClient the matching ClusterCredentials. Call
 // TuneMallocForBulkTransfers once in main.
 //
 // Thread-safety: handlers run concurrently on gRPC's threads; the cores they call are

@@ -20,6 +20,8 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/notification.h"
 #include "common/crc32c.h"
+#include "common/log_capture.h"
+#include "daemon/refusals.h"
 #include "daemon/transfer/peer_client.h"
 #include "ec/erasure_codec.h"
 #include "grpcpp/create_channel.h"
@@ -460,6 +462,32 @@ TEST_F(PeerServiceTest, HeartbeatEachTwice) {
             absl::StatusCode::kFailedPrecondition);
   hb.from.incarnation = 0;
   EXPECT_EQ(client_->Heartbeat(address_, hb).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A peer repeating a refused call: each refusal is counted by method and code, and logged at
+// most 20 lines per 10 s of that kind (refusals.h), however many come.
+TEST_F(PeerServiceTest, RefusedCallsAreCountedAndTheirLogLinesLimited) {
+  LogCapture log("peer-service");
+  const uint64_t before = RefusalCount("peer", "Heartbeat", absl::StatusCode::kFailedPrecondition);
+  HeartbeatMessage hb;
+  hb.from = MemberInfo{"zombie", 1, "127.0.0.1:1"};
+  for (int i = 0; i < 60; ++i) {
+    EXPECT_EQ(client_->Heartbeat(address_, hb).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  EXPECT_EQ(RefusalCount("peer", "Heartbeat", absl::StatusCode::kFailedPrecondition), before + 60);
+  const size_t lines = log.Count("Heartbeat: FAILED_PRECONDITION");
+  EXPECT_GE(lines, 1u);
+  EXPECT_LE(lines, 20u);
+  // A missing fragment is another kind, counted apart.
+  std::vector<uint8_t> buffer(1 << 20);
+  EXPECT_EQ(client_
+                ->GetFragment(address_, FragmentKey{"no-such-job", 0, 1, 0}, 0, buffer.data(),
+                              buffer.size())
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_GE(RefusalCount("peer", "GetFragment", absl::StatusCode::kNotFound), 1u);
 }
 
 TEST_F(PeerServiceTest, UnreachablePeerIsUnavailableAfterRetries) {
