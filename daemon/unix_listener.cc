@@ -50,6 +50,13 @@ bool SomeoneListens(const sockaddr_un& addr) {
 
 namespace {
 
+// Whether the other end of connection `fd` has closed it (gRPC closes its own end once it reads
+// the end of the stream, which may come later): such a connection holds nothing of its client.
+bool PeerHungUp(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP)) != 0;
+}
+
 ino_t InodeOf(int fd) {
   struct stat st;
   return fstat(fd, &st) == 0 ? st.st_ino : 0;
@@ -72,7 +79,7 @@ int PeerCredentials::CountOpen(uid_t uid) {
       it = by_fd_.erase(it);  // closed by the server, or the number reused for another file
       continue;
     }
-    if (it->second.caller.uid == uid) ++open;
+    if (it->second.caller.uid == uid && !PeerHungUp(it->first)) ++open;
     ++it;
   }
   return open;

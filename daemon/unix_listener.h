@@ -26,7 +26,7 @@ class PeerCredentials {
  public:
   void Record(int fd, const Caller& caller);
   // Connections of `uid` still open: entries whose descriptor was closed (or now names another
-  // file) are dropped first.
+  // file) are dropped first, and connections whose client hung up are not counted.
   int CountOpen(uid_t uid);
   // The caller behind `peer` ("fd:<n>"), or nullopt for any other kind of peer.
   std::optional<Caller> Lookup(const std::string& peer) const;
