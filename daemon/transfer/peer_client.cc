@@ -112,18 +112,22 @@ GrpcPeerClient::~GrpcPeerClient() {
 void GrpcPeerClient::Prepare(const PeerTarget& peer, uint64_t incarnation, bool open_connections) {
   if (!options_.raw_data_path) return;
   const std::string id = peer.ToString();
+  bool restarted = false;
   {
     absl::MutexLock lock(&mu_);
     auto it = prepared_.find(id);
     if (stopping_ || (it != prepared_.end() && it->second == incarnation)) return;
-    const bool restarted = it != prepared_.end();
+    restarted = it != prepared_.end();
     prepared_[id] = incarnation;
-    prepare_queue_.emplace_back(peer, open_connections);
-    if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
-    if (!restarted) return;
-    data_paths_.erase(id);
+    if (restarted) data_paths_.erase(id);
   }
-  data_path_client_->Forget(id);
+  // The old incarnation's connections are closed before the new one is negotiated, never after:
+  // the prepare thread would otherwise count them as open (and open none), then see them closed.
+  if (restarted) data_path_client_->Forget(id);
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return;
+  prepare_queue_.emplace_back(peer, open_connections);
+  if (!prepare_thread_.joinable()) prepare_thread_ = std::thread([this] { PrepareLoop(); });
 }
 
 void GrpcPeerClient::PrepareLoop() {
