@@ -118,7 +118,7 @@ sources=(
   daemon/membership/datagram_signer.cc daemon/membership/verification_throttle.cc
   daemon/membership/cluster.cc
   daemon/agent_service.cc daemon/refusals.cc daemon/unix_listener.cc daemon/metrics/metrics.cc
-  fuzz/fuzz_util.cc
+  fuzz/fuzz_util.cc fuzz/data_path_stream.cc
 )
 protos=(admin agent coordination manifest peer rendezvous)
 modules="grpc++ protobuf absl_status absl_statusor absl_strings absl_synchronization absl_time libisal spdlog fmt libcrypto"

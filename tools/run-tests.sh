@@ -38,7 +38,8 @@ model/check.sh --junit "$reports/model.xml"
 model_rc=$?
 
 # The fuzzers (fuzz/README.md), about 15 s each from their seeds and the inputs earlier runs
-# found: segment headers, manifests, data-path frames and every RPC's request. tools/fuzz.sh
+# found: segment headers, manifests, data-path frames (plain, and the encrypted path's handshake
+# and records) and every RPC's request. tools/fuzz.sh
 # --seconds N runs them longer. Without clang++-14 every target is skipped, saying why.
 tools/fuzz.sh --seconds 15 --junit "$reports/fuzz.xml"
 fuzz_rc=$?
