@@ -297,6 +297,7 @@ absl::StatusOr<Client::SnapshotOutcome> Client::Snapshot(int64_t step, void* str
     Logger("agent")->warn("snapshot of step {} waited {:.3f} ms for the previous snapshot", step,
                           waited / 1e6);
   }
+  const int64_t called_ns = NowNs();
   TESSERA_ASSIGN_OR_RETURN(uint64_t ticket, engine_->MarkSnapshotPoint(stream));
   std::vector<Source> sources;
   sources.reserve(entries_.size());
@@ -309,7 +310,7 @@ absl::StatusOr<Client::SnapshotOutcome> Client::Snapshot(int64_t step, void* str
       sources.push_back({e.data, EntryLength(e)});
     }
   }
-  pending_ = Job{step, ticket, std::move(sources)};
+  pending_ = Job{step, ticket, std::move(sources), called_ns};
   busy_ = true;
   ++stats_.started;
   lock.unlock();
@@ -344,7 +345,8 @@ void Client::WorkerLoop() {
     pending_.reset();
     lock.unlock();
     uint64_t bytes = 0;
-    absl::Status status = RunSnapshot(job, &bytes);
+    Phases phases;
+    absl::Status status = RunSnapshot(job, &bytes, &phases);
     lock.lock();
     busy_ = false;
     last_status_ = status;
@@ -353,6 +355,9 @@ void Client::WorkerLoop() {
       stats_.bytes_copied += bytes;
       ++stats_.sealed;
       stats_.last_sealed_step = job.step;
+      stats_.last_begin_ns = phases.begin_ns;
+      stats_.last_copy_ns = phases.copy_ns;
+      stats_.last_seal_ns = phases.seal_ns;
     } else {
       if (!absl::IsUnavailable(status)) ++stats_.failed;  // kUnavailable was counted as skipped
       stats_.last_error = status.ToString();
@@ -369,7 +374,7 @@ void Client::WorkerLoop() {
   }
 }
 
-absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
+absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied, Phases* phases) {
   agent::BeginSnapshotRequest begin;
   begin.set_job_id(job_id_);
   begin.set_rank(rank_);
@@ -453,9 +458,13 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
     group->set_members_fingerprint(dp_->fingerprint);
   }
   // Checksummed as the bytes land, so that the seal need not read them again.
+  const int64_t issue_ns = NowNs();
+  phases->begin_ns = issue_ns - job.called_ns;
   TESSERA_RETURN_IF_ERROR(engine_->IssueChecksummedCopies(job.ticket, ops));
   TESSERA_ASSIGN_OR_RETURN(std::vector<cuda::OpChecksum> sums,
                            engine_->WaitChecksums(job.ticket));
+  const int64_t checksummed_ns = NowNs();
+  phases->copy_ns = checksummed_ns - issue_ns;
   manifest.set_crc_block_bytes(cuda::CopyEngineOptions().checksum_block_bytes);
   for (size_t i = 0; i < sums.size(); ++i) {
     ManifestEntry* m = manifest.mutable_entries(static_cast<int>(i));
@@ -501,6 +510,7 @@ absl::Status Client::RunSnapshot(const Job& job, uint64_t* bytes_copied) {
   TESSERA_RETURN_IF_ERROR(Annotate(
       FromGrpcStatus(stub_->SealSnapshot(NewContext(&seal_context), seal, &sealed)),
       absl::StrCat("SealSnapshot(step ", job.step, ")")));
+  phases->seal_ns = NowNs() - checksummed_ns;
   *bytes_copied = bytes;
   return absl::OkStatus();
 }

@@ -105,6 +105,13 @@ class Client {
     uint64_t failed = 0;
     uint64_t bytes_copied = 0;
     int64_t last_sealed_step = -1;
+    // Where the last sealed snapshot's time went, in nanoseconds: from Snapshot() until the
+    // daemon handed out a slot (the worker's wake-up and BeginSnapshot), the copies with their
+    // checksums (issue to the last checksum), and the manifest, the payload CRC32C and
+    // SealSnapshot.
+    int64_t last_begin_ns = 0;
+    int64_t last_copy_ns = 0;
+    int64_t last_seal_ns = 0;
     std::string last_error;
     std::string engine;         // the copy engine's description
     // The last DP-sharded restore: the members' slices gathered, and how.
@@ -223,6 +230,10 @@ class Client {
     int64_t step;
     uint64_t ticket;
     std::vector<Source> sources;
+    int64_t called_ns = 0;  // NowNs() when Snapshot() was called
+  };
+  struct Phases {
+    int64_t begin_ns = 0, copy_ns = 0, seal_ns = 0;
   };
   struct MappedSlot {
     std::unique_ptr<Segment> segment;
@@ -234,7 +245,7 @@ class Client {
   absl::Status Attach();
   void WorkerLoop();
   // On success, *bytes_copied is the bytes the snapshot copied.
-  absl::Status RunSnapshot(const Job& job, uint64_t* bytes_copied);
+  absl::Status RunSnapshot(const Job& job, uint64_t* bytes_copied, Phases* phases);
   // The manifest of (rank, step) must match the registration; for another member of the DP
   // group (dp_rank >= 0), its slices must be the ones that member stores.
   absl::Status CheckRestorable(const ShardManifest& manifest, uint64_t payload_bytes,

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <map>
@@ -173,6 +174,12 @@ const char* Direction(const RoutedOp& r) {
 
 constexpr size_t kStagingAlignment = 256;
 
+// The staged bytes go to the host in groups, each after the staging copies up to its end: the
+// first group is one chunk, each next twice the one before, the last takes the rest. So the
+// device-to-host copy of an all-staged snapshot starts after one chunk's staging instead of all
+// of it, and the staging (at HBM speed) stays ahead.
+constexpr int kStagingGroups = 16;
+
 size_t AlignUp(size_t value, size_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
@@ -241,8 +248,8 @@ class CudaCopyEngine final : public CopyEngine {
   bool ChecksumOnDevice() ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
   // Enqueues the GPU checksums of the device ops' sources (and staged bytes), cut at blocks.
   absl::StatusOr<internal::DeviceChecksummer::Pending> EnqueueDeviceChecksums(
-      const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+      const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready,
+      cudaStream_t staged_on) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
   uint64_t BlockBytes() const { return options_.checksum_block_bytes; }
   // A blocking-sync event for a chunk's landing, from the pool or new.
   absl::StatusOr<cudaEvent_t> AcquireChunkEvent();
@@ -255,30 +262,53 @@ class CudaCopyEngine final : public CopyEngine {
     int waiters = 0;  // threads in cudaEventSynchronize(events.done)
   };
 
+  // The staging stream: staging copies (device to device) run on it beside the copy stream's
+  // device-to-host copies of the bytes not staged, and the staged bytes go to the host, on the
+  // copy stream, group by group as their staging completes.
+  struct StagingStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t go = nullptr;           // on the copy stream: the snapshot point, the buffer free
+    cudaEvent_t direct_done = nullptr;  // on the copy stream: the bytes not staged are copied
+    std::array<cudaEvent_t, kStagingGroups> staged{};  // on the staging stream: group g staged
+  };
+  // A contiguous piece of an op's staged bytes, and the group it goes to the host with.
+  struct StagedPiece {
+    size_t op;      // in device_ops
+    uint64_t from;  // offset within the op
+    uint64_t bytes;
+    int group;
+  };
+
   // Timing events of the staging plan's measurements.
   struct MeasurementEvents {
     cudaEvent_t window_start = nullptr;  // on the compute stream, at a snapshot point
     cudaEvent_t window_end = nullptr;    // on the compute stream, at the next Fence
-    cudaEvent_t copy_begin = nullptr;    // on the copy stream: staging starts
-    cudaEvent_t staged = nullptr;        // staging done, device-to-host copies start
-    cudaEvent_t copy_end = nullptr;      // device-to-host copies done
+    cudaEvent_t copy_begin = nullptr;    // on the copy stream: staging and copies start
+    cudaEvent_t staged = nullptr;        // on the staging stream: staging done
+    cudaEvent_t copy_end = nullptr;      // on the copy stream: device-to-host copies done
   };
   enum class Window { kIdle, kStarted, kEnded };
 
   CudaCopyEngine(int device, std::string name, const CopyEngineOptions& options,
                  cudaStream_t copy_stream, cudaEvent_t restore_event,
-                 const MeasurementEvents& measure, bool memory_pools);
+                 const MeasurementEvents& measure, const StagingStream& staging_stream,
+                 bool memory_pools);
 
   // Sorts `ops` into those that involve device memory (`device_ops`) and host-to-host ones
   // (`host_ops`), counting bytes by direction.
   absl::Status RouteOps(const std::vector<CopyOp>& ops, std::vector<RoutedOp>* device_ops,
                         std::vector<CopyOp>* host_ops, TransferCounts* counts,
                         std::vector<size_t>* host_indices = nullptr);
-  // Enqueues one copy on copy_stream_ in chunks of options_.chunk_bytes. With a sink, records
-  // an event after each chunk and adds its pieces to checksum once that event has passed.
+  // Enqueues one copy on `stream` (null: copy_stream_) in chunks of options_.chunk_bytes. With
+  // a sink, records an event after each chunk and adds its pieces to checksum once that event
+  // has passed.
   absl::Status EnqueueChunks(void* dst, const void* src, size_t bytes, const char* direction,
-                             TransferCounts* counts, const ChunkSink* sink = nullptr)
+                             TransferCounts* counts, const ChunkSink* sink = nullptr,
+                             cudaStream_t stream = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
+  // The staged bytes of `device_ops` in pieces of at most a chunk, in staging order, with their
+  // groups (kStagingGroups).
+  std::vector<StagedPiece> CutStaged(const std::vector<RoutedOp>& device_ops) const;
   // Plans the staging of `device_ops` (setting their stage_from and stage_offset) and makes the
   // staging buffer large enough, or plans less if it cannot be.
   void PlanStagingFor(std::vector<RoutedOp>* device_ops) ABSL_EXCLUSIVE_LOCKS_REQUIRED(issue_mu_);
@@ -303,6 +333,7 @@ class CudaCopyEngine final : public CopyEngine {
   const std::string name_;
   const CopyEngineOptions options_;
   const MeasurementEvents measure_;
+  const StagingStream staging_stream_;
   const bool memory_pools_;  // cudaMallocAsync is available
   std::atomic<bool> warned_pageable_{false};
 
@@ -373,18 +404,30 @@ absl::StatusOr<std::unique_ptr<CopyEngine>> CudaCopyEngine::Open(int device,
                unusable));
   cudaEvent_t restore_event = nullptr;
   MeasurementEvents measure;
+  StagingStream staging;
   std::vector<cudaEvent_t*> timing = {&measure.window_start, &measure.window_end,
                                       &measure.copy_begin, &measure.staged, &measure.copy_end};
-  absl::Status created = CudaStatus(
-      cudaEventCreateWithFlags(&restore_event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  std::vector<cudaEvent_t*> ordering = {&restore_event, &staging.go, &staging.direct_done};
+  for (cudaEvent_t& event : staging.staged) ordering.push_back(&event);
+  absl::Status created = CudaStatus(cudaStreamCreateWithFlags(&staging.stream,
+                                                              cudaStreamNonBlocking),
+                                    "cudaStreamCreateWithFlags(staging)");
+  for (cudaEvent_t* event : ordering) {
+    if (created.ok()) {
+      created = CudaStatus(cudaEventCreateWithFlags(event, cudaEventDisableTiming),
+                           "cudaEventCreateWithFlags");
+    }
+  }
   for (cudaEvent_t* event : timing) {
     if (created.ok()) created = CudaStatus(cudaEventCreate(event), "cudaEventCreate");
   }
   if (!created.ok()) {
-    for (cudaEvent_t* event : timing) {
-      if (*event != nullptr) cudaEventDestroy(*event);
+    for (const std::vector<cudaEvent_t*>* events : {&timing, &ordering}) {
+      for (cudaEvent_t* event : *events) {
+        if (*event != nullptr) cudaEventDestroy(*event);
+      }
     }
-    if (restore_event != nullptr) cudaEventDestroy(restore_event);
+    if (staging.stream != nullptr) cudaStreamDestroy(staging.stream);
     cudaStreamDestroy(stream);
     return Annotate(created, unusable);
   }
@@ -395,16 +438,19 @@ absl::StatusOr<std::unique_ptr<CopyEngine>> CudaCopyEngine::Open(int device,
     memory_pools = 0;
   }
   return std::unique_ptr<CopyEngine>(new CudaCopyEngine(device, properties.name, options, stream,
-                                                        restore_event, measure, memory_pools != 0));
+                                                        restore_event, measure, staging,
+                                                        memory_pools != 0));
 }
 
 CudaCopyEngine::CudaCopyEngine(int device, std::string name, const CopyEngineOptions& options,
                                cudaStream_t copy_stream, cudaEvent_t restore_event,
-                               const MeasurementEvents& measure, bool memory_pools)
+                               const MeasurementEvents& measure,
+                               const StagingStream& staging_stream, bool memory_pools)
     : device_(device),
       name_(std::move(name)),
       options_(options),
       measure_(measure),
+      staging_stream_(staging_stream),
       memory_pools_(memory_pools),
       copy_stream_(copy_stream),
       restore_event_(restore_event),
@@ -416,6 +462,10 @@ CudaCopyEngine::~CudaCopyEngine() {
   absl::Status status = scoped.Enter(device_);
   if (status.ok()) {
     status = CudaStatus(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize(copy stream)");
+  }
+  if (status.ok()) {
+    status = CudaStatus(cudaStreamSynchronize(staging_stream_.stream),
+                        "cudaStreamSynchronize(staging stream)");
   }
   if (!status.ok()) Log()->warn("closing {}: {}", Describe(), status.ToString());
   absl::MutexLock issue_lock(&issue_mu_);
@@ -438,6 +488,10 @@ CudaCopyEngine::~CudaCopyEngine() {
     cudaEventDestroy(event);
   }
   cudaEventDestroy(restore_event_);
+  cudaEventDestroy(staging_stream_.go);
+  cudaEventDestroy(staging_stream_.direct_done);
+  for (cudaEvent_t event : staging_stream_.staged) cudaEventDestroy(event);
+  cudaStreamDestroy(staging_stream_.stream);
   cudaStreamDestroy(copy_stream_);
 }
 
@@ -551,30 +605,49 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
     status = CudaStatus(cudaStreamWaitEvent(copy_stream_, events.start, 0),
                         "cudaStreamWaitEvent(snapshot point)");
   }
-  // Three passes over the device ops: staged bytes device-to-device into the buffer, then
-  // every byte not staged, then (after the released event Fence waits for) the staged bytes
-  // from the buffer to their destinations. The rate events are recorded while no earlier
-  // measurement is pending.
+  // The staged bytes go device-to-device into the buffer on the staging stream while the bytes
+  // not staged go to the host on the copy stream; the sources are released once both (and the
+  // checksum kernel) have read them; the staged bytes then go from the buffer to the host, each
+  // group once its staging is done. The staging waits for the snapshot point and for the copy
+  // stream's earlier work (the previous ticket's copies out of the buffer, and the buffer's
+  // allocation). The rate events are recorded while no earlier measurement is pending.
   const bool measure = status.ok() && !rates_pending_;
   uint64_t staged_bytes = 0;
+  const std::vector<StagedPiece> staged = status.ok() ? CutStaged(device_ops) : std::vector<StagedPiece>{};
+  const cudaStream_t staging_stream = staging_stream_.stream;
   if (measure) {
     status = CudaStatus(cudaEventRecord(measure_.copy_begin, copy_stream_), "cudaEventRecord");
   }
-  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
-    const RoutedOp& r = device_ops[i];
-    if (!r.staged()) continue;
-    status = EnqueueChunks(static_cast<char*>(staging_buffer_) + r.stage_offset,
-                           static_cast<const char*>(r.op.src) + r.stage_from,
-                           r.op.bytes - r.stage_from, "D2D staging", &counts);
-    staged_bytes += r.op.bytes - r.stage_from;
-    if (!status.ok()) status = Annotate(status, absl::StrCat("staging copy op ", i));
+  if (status.ok() && !staged.empty()) {
+    status = CudaStatus(cudaEventRecord(staging_stream_.go, copy_stream_),
+                        "cudaEventRecord(staging may start)");
+    if (status.ok()) {
+      status = CudaStatus(cudaStreamWaitEvent(staging_stream, staging_stream_.go, 0),
+                          "cudaStreamWaitEvent(staging may start)");
+    }
+  }
+  for (size_t p = 0; status.ok() && p < staged.size(); ++p) {
+    const StagedPiece& piece = staged[p];
+    const RoutedOp& r = device_ops[piece.op];
+    status = EnqueueChunks(static_cast<char*>(staging_buffer_) + r.stage_offset +
+                               (piece.from - r.stage_from),
+                           static_cast<const char*>(r.op.src) + piece.from, piece.bytes,
+                           "D2D staging", &counts, nullptr, staging_stream);
+    staged_bytes += piece.bytes;
+    if (!status.ok()) status = Annotate(status, absl::StrCat("staging copy op ", piece.op));
+    if (status.ok() && (p + 1 == staged.size() || staged[p + 1].group != piece.group)) {
+      status = CudaStatus(cudaEventRecord(staging_stream_.staged[piece.group], staging_stream),
+                          "cudaEventRecord(staged)");
+    }
   }
   if (status.ok() && measure) {
-    status = CudaStatus(cudaEventRecord(measure_.staged, copy_stream_), "cudaEventRecord");
+    status = CudaStatus(cudaEventRecord(measure_.staged,
+                                        staged.empty() ? copy_stream_ : staging_stream),
+                        "cudaEventRecord");
   }
   if (status.ok() && on_device) {
     absl::StatusOr<internal::DeviceChecksummer::Pending> pending =
-        EnqueueDeviceChecksums(device_ops, events.start);
+        EnqueueDeviceChecksums(device_ops, events.start, staging_stream);
     if (pending.ok()) {
       sums.device = std::move(*pending);
       sums.checksummer = device_checksummer_.get();
@@ -591,24 +664,40 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
                            landed ? &*landed : nullptr);
     if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i));
   }
-  // The sources are released once the checksum kernel has read them too.
+  // The sources are released once the checksum kernel has read them too, and the staging: on
+  // the staging stream when there is any, so that the copy stream goes on with the staged bytes.
+  const cudaStream_t release_on = staged.empty() ? copy_stream_ : staging_stream;
+  if (status.ok() && !staged.empty()) {
+    status = CudaStatus(cudaEventRecord(staging_stream_.direct_done, copy_stream_),
+                        "cudaEventRecord(direct copies done)");
+    if (status.ok()) {
+      status = CudaStatus(cudaStreamWaitEvent(staging_stream, staging_stream_.direct_done, 0),
+                          "cudaStreamWaitEvent(direct copies done)");
+    }
+  }
   if (status.ok() && sums.device && sums.device->direct_read != nullptr) {
-    status = CudaStatus(cudaStreamWaitEvent(copy_stream_, sums.device->direct_read, 0),
+    status = CudaStatus(cudaStreamWaitEvent(release_on, sums.device->direct_read, 0),
                         "cudaStreamWaitEvent(checksum read the sources)");
   }
   if (status.ok()) {
-    status = CudaStatus(cudaEventRecord(events.released, copy_stream_),
+    status = CudaStatus(cudaEventRecord(events.released, release_on),
                         "cudaEventRecord(sources released)");
   }
-  for (size_t i = 0; status.ok() && i < device_ops.size(); ++i) {
-    const RoutedOp& r = device_ops[i];
-    if (!r.staged()) continue;
-    const std::optional<ChunkSink> landed = sink(i, r.stage_from);
-    status = EnqueueChunks(static_cast<char*>(r.op.dst) + r.stage_from,
-                           static_cast<const char*>(staging_buffer_) + r.stage_offset,
-                           r.op.bytes - r.stage_from, "D2H from staging", &counts,
+  for (size_t p = 0; status.ok() && p < staged.size(); ++p) {
+    const StagedPiece& piece = staged[p];
+    const RoutedOp& r = device_ops[piece.op];
+    if (p == 0 || staged[p - 1].group != piece.group) {
+      status = CudaStatus(cudaStreamWaitEvent(copy_stream_, staging_stream_.staged[piece.group], 0),
+                          "cudaStreamWaitEvent(staged)");
+      if (!status.ok()) break;
+    }
+    const std::optional<ChunkSink> landed = sink(piece.op, piece.from);
+    status = EnqueueChunks(static_cast<char*>(r.op.dst) + piece.from,
+                           static_cast<const char*>(staging_buffer_) + r.stage_offset +
+                               (piece.from - r.stage_from),
+                           piece.bytes, "D2H from staging", &counts,
                            landed ? &*landed : nullptr);
-    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", i, " from staging"));
+    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", piece.op, " from staging"));
   }
   // Done includes the checksums: the staging buffer is not overwritten before they have read it.
   if (status.ok() && sums.device && sums.device->done != nullptr) {
@@ -658,8 +747,12 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
   }
   if (!status.ok() && enqueued) {
     // A failed snapshot's slot is about to be reused: none of its copies may stay in flight.
-    const absl::Status drained =
+    absl::Status drained =
         CudaStatus(cudaStreamSynchronize(copy_stream_), "cudaStreamSynchronize(copy stream)");
+    if (drained.ok()) {
+      drained = CudaStatus(cudaStreamSynchronize(staging_stream_.stream),
+                           "cudaStreamSynchronize(staging stream)");
+    }
     if (!drained.ok()) {
       Log()->error("ticket {} failed ({}) and its copies could not be drained: {}", ticket,
                    status.ToString(), drained.ToString());
@@ -707,7 +800,7 @@ bool CudaCopyEngine::ChecksumOnDevice() {
 }
 
 absl::StatusOr<internal::DeviceChecksummer::Pending> CudaCopyEngine::EnqueueDeviceChecksums(
-    const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready) {
+    const std::vector<RoutedOp>& device_ops, cudaEvent_t sources_ready, cudaStream_t staged_on) {
   const uint64_t block = BlockBytes();
   // Bytes [offset, offset + bytes) of range `range`, at `data`, cut at the range's blocks.
   auto add = [block](size_t range, uint64_t offset, const char* data, uint64_t bytes,
@@ -727,7 +820,7 @@ absl::StatusOr<internal::DeviceChecksummer::Pending> CudaCopyEngine::EnqueueDevi
           r.op.bytes - r.stage_from, &staged);
     }
   }
-  return device_checksummer_->Enqueue(direct, staged, sources_ready, copy_stream_);
+  return device_checksummer_->Enqueue(direct, staged, sources_ready, staged_on);
 }
 
 absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
@@ -773,20 +866,21 @@ absl::Status CudaCopyEngine::RouteOps(const std::vector<CopyOp>& ops,
 
 absl::Status CudaCopyEngine::EnqueueChunks(void* dst, const void* src, size_t bytes,
                                            const char* direction, TransferCounts* counts,
-                                           const ChunkSink* sink) {
+                                           const ChunkSink* sink, cudaStream_t stream) {
+  if (stream == nullptr) stream = copy_stream_;
   const uint64_t block = BlockBytes();
   for (size_t offset = 0; offset < bytes; offset += options_.chunk_bytes) {
     const size_t chunk = std::min(options_.chunk_bytes, bytes - offset);
     TESSERA_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(static_cast<char*>(dst) + offset, static_cast<const char*>(src) + offset,
-                        chunk, cudaMemcpyDefault, copy_stream_),
+                        chunk, cudaMemcpyDefault, stream),
         absl::StrCat("cudaMemcpyAsync(", direction, ", ", chunk, " bytes)")));
     ++counts->chunks;
     if (sink == nullptr) continue;
     TESSERA_ASSIGN_OR_RETURN(cudaEvent_t landed, AcquireChunkEvent());
     sink->events->push_back(landed);
     TESSERA_RETURN_IF_ERROR(
-        CudaStatus(cudaEventRecord(landed, copy_stream_), "cudaEventRecord(chunk landed)"));
+        CudaStatus(cudaEventRecord(landed, stream), "cudaEventRecord(chunk landed)"));
     // The chunk's pieces, cut at the op's block boundaries.
     const int wait = static_cast<int>(sink->events->size() - 1);
     const uint64_t first = sink->offset + offset;  // the chunk's offset within its op
@@ -798,6 +892,31 @@ absl::Status CudaCopyEngine::EnqueueChunks(void* dst, const void* src, size_t by
     }
   }
   return absl::OkStatus();
+}
+
+std::vector<CudaCopyEngine::StagedPiece> CudaCopyEngine::CutStaged(
+    const std::vector<RoutedOp>& device_ops) const {
+  std::vector<StagedPiece> pieces;
+  const uint64_t chunk = std::max<uint64_t>(options_.chunk_bytes, 1);
+  uint64_t cumulative = 0;
+  int group = 0;
+  uint64_t group_bytes = chunk;
+  uint64_t group_end = chunk;  // the cumulative staged bytes at which `group` closes
+  for (size_t i = 0; i < device_ops.size(); ++i) {
+    const RoutedOp& r = device_ops[i];
+    for (uint64_t from = r.stage_from; from < r.op.bytes;) {
+      const uint64_t bytes = std::min<uint64_t>(chunk, r.op.bytes - from);
+      pieces.push_back({i, from, bytes, group});
+      from += bytes;
+      cumulative += bytes;
+      if (cumulative >= group_end && group + 1 < kStagingGroups) {
+        ++group;
+        group_bytes *= 2;  // at most chunk << 15: no overflow
+        group_end = cumulative + group_bytes;
+      }
+    }
+  }
+  return pieces;
 }
 
 absl::StatusOr<cudaEvent_t> CudaCopyEngine::AcquireChunkEvent() {
@@ -958,7 +1077,7 @@ void CudaCopyEngine::HarvestCopyRates() {
   rates_pending_ = false;
   float staging_ms = 0, to_host_ms = 0;
   if (cudaEventElapsedTime(&staging_ms, measure_.copy_begin, measure_.staged) != cudaSuccess ||
-      cudaEventElapsedTime(&to_host_ms, measure_.staged, measure_.copy_end) != cudaSuccess) {
+      cudaEventElapsedTime(&to_host_ms, measure_.copy_begin, measure_.copy_end) != cudaSuccess) {
     cudaGetLastError();
     return;
   }

@@ -606,6 +606,10 @@ class StagingTest : public GpuCopyEngineTest {
       options.chunk_bytes = (3 << 20) + 4096;
       options.checksum_block_bytes = 1 << 20;
       options.checksum_threads = 3;
+    } else {
+      // Small chunks, so that the staged bytes go to the host in several groups (each waiting
+      // for its own staging) and a group ends inside a tensor.
+      options.chunk_bytes = (5 << 20) + 8192;
     }
     engine_ = CopyEngine::Create(0, options);
     ASSERT_TRUE(engine_->has_gpu());

@@ -8,7 +8,10 @@
 //
 //     S / d2d_rate + (T - S) / d2h_rate
 //
-// and the plan picks the smallest S that keeps this within the window (times a margin for the
+// at most: the engine runs the staging beside the copy of the bytes not staged, so the fence
+// waits for the longer of the two where the device overlaps them and for their sum where it
+// does not. The plan takes the sum, which is never too little, and picks the smallest S that
+// keeps it within the window (times a margin for the
 // iteration-to-iteration jitter), bounded by the GPU memory budget. When nothing is measured yet
 // it stages all it may: a first snapshot must not stall for want of a measurement.
 //
