@@ -569,6 +569,108 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   }
 }
 
+// Certificates and their CA rotated in place, as a Kubernetes secret is updated, without a
+// restart (cluster.tls_refresh_s = 1): first every node trusts the old and the new CA, then
+// each gets a certificate of the new CA, then the old CA is dropped. The cluster commits before
+// and after; afterwards the daemons answer a client of the new CA and refuse one of the old, and
+// a daemon restarted with the new files rejoins (every handshake now with new certificates on
+// both sides) and restores its rank bit-exact from its re-adopted slot.
+TEST(ClusterTest, MutualTlsCertificatesAndTheirCaRotateInPlaceWithoutARestart) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string old_certs = root.path() + "/old", new_certs = root.path() + "/new",
+                    live = root.path() + "/live";
+  ASSERT_EQ(MakeCerts(old_certs, {"n0", "n1", "n2", "--client", "operator"}), "");
+  ASSERT_EQ(MakeCerts(new_certs, {"n0", "n1", "n2", "--client", "operator"}), "");  // a new CA
+  std::filesystem::create_directories(live);
+  // Written beside and renamed over, as a secret's files are swapped: a reader sees the old
+  // file or the new one, never a part.
+  auto put = [&](const std::string& name, const std::string& contents) {
+    const std::string path = live + "/" + name;
+    {
+      std::ofstream out(path + ".tmp", std::ios::binary);
+      out << contents;
+    }
+    std::filesystem::permissions(path + ".tmp", std::filesystem::perms::owner_read |
+                                                    std::filesystem::perms::owner_write);
+    std::filesystem::rename(path + ".tmp", path);
+  };
+  auto install = [&](const std::string& from) {
+    for (int i = 0; i < 3; ++i) {
+      const std::string node = absl::StrCat("n", i);
+      put(node + ".key", ReadFile(from + "/" + node + ".key"));
+      put(node + ".crt", ReadFile(from + "/" + node + ".crt"));
+    }
+  };
+  install(old_certs);
+  put("ca.crt", ReadFile(old_certs + "/ca.crt"));
+  Cluster cluster(root.path(), 3, 2, 1, {}, [&](int i) {
+    return Concat(TlsFlags(live, absl::StrCat("n", i), live + "/ca.crt"),
+                  {"--set", "cluster.tls_refresh_s=1"});
+  });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  ASSERT_GE(TrainAndCommit(cluster, "before", seed, 3, 6), 0) << cluster[0].LogTail();
+
+  const auto settle = [] { std::this_thread::sleep_for(milliseconds(2500)); };  // > 2 refreshes
+  put("ca.crt", ReadFile(old_certs + "/ca.crt") + ReadFile(new_certs + "/ca.crt"));
+  settle();
+  install(new_certs);
+  settle();
+  put("ca.crt", ReadFile(new_certs + "/ca.crt"));
+  settle();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(cluster[i].Poll(), -1) << "n" << i << " exited:\n" << cluster[i].LogTail();
+  }
+  const int64_t after = TrainAndCommit(cluster, "after", seed + 1, 3, 6);
+  EXPECT_GE(after, 0) << "no commit after the rotation; n0 log:\n" << cluster[0].LogTail();
+
+  // The CLI over TCP: a client certificate of the new CA is answered by every daemon, one of
+  // the old CA is refused in the handshake (the client trusting both CAs, so that only the
+  // daemon's check of the client can refuse it).
+  const std::string both_cas = root.path() + "/both-cas.crt";
+  {
+    std::ofstream both(both_cas);
+    both << ReadFile(old_certs + "/ca.crt") << ReadFile(new_certs + "/ca.crt");
+  }
+  auto status = [&](int i, const std::string& client_dir, std::string* out) {
+    const std::vector<std::string> cli = {
+        BinaryPath("cli/tessera"), "status", "--address", cluster.address(i), "--token",
+        kClusterToken, "--timeout-s", "10", "--tls-cert", client_dir + "/operator.crt",
+        "--tls-key", client_dir + "/operator.key", "--tls-ca", both_cas};
+    const std::string errors = root.path() + "/cli.err";
+    auto p = Process::Start(cli, errors);
+    const int code = p->Wait(seconds(60));
+    *out = absl::StrCat(absl::StrJoin(p->lines(), "\n"), "\n", ReadFile(errors));
+    return code;
+  };
+  std::string out;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_LE(status(i, new_certs, &out), 1) << "n" << i << " with the new CA:\n" << out;
+    EXPECT_EQ(status(i, old_certs, &out), 3) << "n" << i << " answered the old CA:\n" << out;
+  }
+
+  // n2 restarted on the rotated files: it rejoins, the cluster commits with it, and its rank of
+  // the first job restores bit-exact from its own node.
+  cluster[2].Kill(SIGKILL);
+  cluster[2].Wait();
+  ASSERT_TRUE(cluster.Replace(2, &error)) << error;
+  EXPECT_GE(TrainAndCommit(cluster, "restarted", seed + 2, 3, 6), 0)
+      << "no commit with the restarted n2; n2 log:\n" << cluster[2].LogTail();
+  auto argv = TrainerArgs(cluster[2], "before", seed, 2, 3);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn2 log:\n" << cluster[2].LogTail();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_FALSE(absl::StrContains(ReadFile(cluster[i].log_path()), ", plain)"))
+        << "n" << i << ":\n" << cluster[i].LogTail();
+  }
+}
+
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {
   const uint64_t seed = TestSeed();
   TempRoot root;
