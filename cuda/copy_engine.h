@@ -191,9 +191,10 @@ class CopyEngine {
   // Copies the snapshot `ticket`: the copy stream waits for the snapshot point, the device copies
   // are enqueued in chunks of options.chunk_bytes, then a done-event is recorded and the call
   // returns without waiting for them. With staging (StagingOptions), the device-to-host bytes
-  // the plan picks are first copied device-to-device into the staging buffer, then the others
-  // device-to-host, and only then the staged ones from the buffer to the host: Fence waits for
-  // the first two, not the third. Ops whose source and destination are both host memory are
+  // the plan picks are copied device-to-device into the staging buffer (on a stream of their
+  // own) while the others go device-to-host, and the staged ones go from the buffer to the host
+  // after those, group by group as their staging completes: Fence waits for the first two, not
+  // the third. Ops whose source and destination are both host memory are
   // then copied with memcpy on the calling thread, once the compute stream has reached the
   // snapshot point (so host memory written by GPU work queued before it is copied as written);
   // with such ops the call blocks until that point.

@@ -70,11 +70,6 @@ DeviceChecksummer::~DeviceChecksummer() {
   cudaGetLastError();
 }
 
-uint64_t DeviceChecksummer::bytes_checksummed() const {
-  absl::MutexLock lock(&mu_);
-  return bytes_checksummed_;
-}
-
 absl::StatusOr<std::unique_ptr<DeviceChecksummer::Scratch>> DeviceChecksummer::AcquireScratch(
     size_t pieces, uint64_t tiles) {
   std::unique_ptr<Scratch> scratch;
@@ -132,7 +127,7 @@ absl::StatusOr<DeviceChecksummer::Pending> DeviceChecksummer::Enqueue(
   Pending pending;
   const size_t count = direct.size() + staged.size();
   if (count == 0) return pending;
-  uint64_t direct_tiles = 0, staged_tiles = 0, bytes = 0;
+  uint64_t direct_tiles = 0, staged_tiles = 0;
   for (const Piece& piece : direct) direct_tiles += CrcTiles(piece.bytes);
   for (const Piece& piece : staged) staged_tiles += CrcTiles(piece.bytes);
   TESSERA_ASSIGN_OR_RETURN(pending.scratch, AcquireScratch(count, direct_tiles + staged_tiles));
@@ -149,7 +144,6 @@ absl::StatusOr<DeviceChecksummer::Pending> DeviceChecksummer::Enqueue(
       *host_pieces++ = DeviceCrcPiece{piece.data, piece.bytes, tile, tiles};
       pending.pieces.push_back({piece.range, piece.offset, piece.bytes, 0});
       tile += tiles;
-      bytes += piece.bytes;
     }
   }
 
@@ -203,8 +197,6 @@ absl::StatusOr<DeviceChecksummer::Pending> DeviceChecksummer::Enqueue(
   }
   pending.direct_read = scratch.direct_read;
   pending.done = scratch.done;
-  absl::MutexLock lock(&mu_);
-  bytes_checksummed_ += bytes;
   return pending;
 }
 

@@ -3,14 +3,14 @@
 // up with any copy rate (the kernel reads GPU memory at several hundred GB/s; the host's CRC32C
 // runs at about 10 GB/s per core).
 //
-// For one ticket, with the copy engine's copy stream:
+// For one ticket, with the copy engine's copy and staging streams:
 //
-//   copy stream: wait(snapshot point) -> staging D2D ---------> direct D2H -> wait(direct_read)
-//                                                  \                            -> released
-//   checksum stream: wait(snapshot point) -> direct pieces -> direct_read        -> staged D2H
-//                                    -> wait(staged) -> staged pieces -> results -> done
-//                                                                       copy stream: wait(done)
-//                                                                                   -> copies done
+//   staging stream: wait(snapshot point) -> staging D2D, group by group -> staged_ready
+//                   -> wait(direct D2H done) -> wait(direct_read) -> released
+//   copy stream: wait(snapshot point) -> direct D2H -> staged D2H, each group after its
+//                staging -> wait(done) -> copies done
+//   checksum stream: wait(snapshot point) -> direct pieces -> direct_read
+//                    -> wait(staged_ready) -> staged pieces -> results -> done
 //
 // The direct pieces are read from the sources, so the sources are released (Fence) only once the
 // kernel has read them; the staged pieces are read from the staging buffer, which the next
@@ -82,8 +82,6 @@ class DeviceChecksummer {
   // Waits for `pending`'s work (if any) and drops its results.
   void Abandon(Pending pending);
 
-  uint64_t bytes_checksummed() const;
-
  private:
   explicit DeviceChecksummer(cudaStream_t stream);
   absl::StatusOr<std::unique_ptr<Scratch>> AcquireScratch(size_t pieces, uint64_t tiles);
@@ -92,7 +90,6 @@ class DeviceChecksummer {
   cudaStream_t const stream_;
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Scratch>> free_ ABSL_GUARDED_BY(mu_);
-  uint64_t bytes_checksummed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace tessera::cuda::internal
