@@ -103,13 +103,19 @@ def batch(seed: int, step: int, device: torch.device) -> Tuple[torch.Tensor, tor
     return x.to(device), y.to(device)
 
 
+# Steps before this one skip optimizer.step(), as a GradScaler skips the steps whose gradients
+# overflow (often the first ones): their snapshots hold no optimizer state (--first-optimizer-step).
+FIRST_OPTIMIZER_STEP = 0
+
+
 def train_step(model: Net, optimizer: torch.optim.Optimizer, seed: int, step: int,
                user: Dict[str, Any], device: torch.device) -> None:
     x, y = batch(seed, step, device)
     loss = (model(x) - y).square().mean()
     optimizer.zero_grad()
     loss.backward()
-    optimizer.step()
+    if step >= FIRST_OPTIMIZER_STEP:
+        optimizer.step()
     user["step"] = step
     user["token"] = bytes(random.getrandbits(8) for _ in range(24))
     user["noise"] = float(np.random.standard_normal())
@@ -202,8 +208,9 @@ def train(args: argparse.Namespace, device: torch.device) -> int:
 
 def verify(args: argparse.Namespace, device: torch.device) -> int:
     group = dp_group(args)
-    # Everything from other seeds, and an optimizer state of its own (never zeros): the restore
-    # must overwrite every byte.
+    # Everything from other seeds, and an optimizer state of its own (never zeros; none with
+    # --first-optimizer-step, as in a relaunch before that step): the restore must overwrite
+    # every byte.
     model, optimizer = build(args.seed + 12345, args.rank + 100, device)
     user: Dict[str, Any] = {"rank": -1, "step": -1, "token": b"unrestored", "noise": 1.5}
     train_step(model, optimizer, args.seed + 12345, 0, user, device)
@@ -258,7 +265,10 @@ def main() -> int:
     p.add_argument("--init-method", default="")
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--step-sleep-ms", type=float, default=20)
+    p.add_argument("--first-optimizer-step", type=int, default=0)
     args = p.parse_args()
+    global FIRST_OPTIMIZER_STEP
+    FIRST_OPTIMIZER_STEP = args.first_optimizer_step
     # The library's Python log lines (why nothing was restored, for one) go to stderr.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s [%(name)s] %(message)s")

@@ -1273,11 +1273,13 @@ class Snapshotter:
                 _log.info("nothing to restore for job %s rank %d: %s", self.job_id, self.rank, e)
             except FailedPreconditionError as e:
                 error = e
-                if drop is not None and self.dp_members is None:
+                if drop is not None:
                     # The snapshot may predate the optimizer's first step (a GradScaler skips the
                     # steps whose gradients overflow, often the first ones): try it without the
                     # state primed for it. It is dropped either way, as an optimizer that has
-                    # not stepped has none.
+                    # not stepped has none. In a DP group every member does the same, together:
+                    # their models and optimizers are replicated, so each primed the same state
+                    # and each is refused alike, before any member's slice is gathered.
                     drop()
                     drop = None
                     self._register()
