@@ -467,12 +467,14 @@ def test_reads_on_several_threads_deliver_every_read_bit_exact() -> None:
                                           for c in t.chunks)]
     seen: List[Any] = []
 
-    def deliver(read: Any, chunk: Any, view: memoryview) -> None:
+    def deliver(read: Any, chunk: Any, part: tdcp.ReadPart) -> None:
         seen.append(read.token)
         whole = want[read.fqn]
         lo = chunk.offsets[0] if chunk.offsets else 0
-        part = whole[lo:lo + chunk.sizes[0]] if chunk.sizes else whole
-        assert bytes(view) == _bytes(part), (read.fqn, chunk.offsets)
+        expected = whole[lo:lo + chunk.sizes[0]] if chunk.sizes else whole
+        assert part.at == (0,) * len(chunk.sizes) and part.lengths == chunk.sizes
+        assert _bytes(tdcp.part_tensor(read, chunk, part)) == _bytes(expected), (
+            read.fqn, chunk.offsets)
 
     checkpoint.serve(reads, deliver)
     assert sorted(seen) == list(range(len(reads)))
