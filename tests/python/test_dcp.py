@@ -336,6 +336,122 @@ def test_a_2x2_grid_of_chunks_reads_as_rows(daemon: Daemon) -> None:
         assert _bytes_of(got) == _bytes_of(full[lo:hi]), (seed, lo, hi)
 
 
+# -- what a read reads ---------------------------------------------------------------------------
+
+
+def test_a_read_reads_only_the_manifests_and_ranges_its_boxes_need(daemon: Daemon) -> None:
+    """Rows of one tensor of one rank's shard read that shard's manifest and those rows' bytes,
+    in one range; touching boxes merge into one range; a column box reads the span of its rows,
+    once. Counted by the reader's stats."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    a = _random_tensor(gen, (400, 300), torch.float32)
+    b = _random_tensor(gen, (1000,), torch.int64)
+    extra = rng.randbytes(5000)
+    chunks = {0: [("a", a, (0, 0), (200, 300)), ("b", b, (0,), (1000,))],
+              1: [("a", a, (200, 0), (200, 300))]}
+    _save(daemon, "dcp-ranged", 3, 2, chunks, {0: [("extra", extra)]})
+    shard_bytes = 200 * 300 * 4 + 1000 * 8 + len(extra)
+    reader = tdcp.CheckpointReader("dcp-ranged", 3, socket_path=str(daemon.socket))
+    assert reader.index.world_size == 2
+    assert reader.stats.manifests_read == 2 and reader.stats.ranges_read == 2  # the indexes
+
+    def read(what: Any) -> tdcp.ReadStats:
+        before = dataclasses.replace(reader.stats)
+        what()
+        after = reader.stats
+        return tdcp.ReadStats(after.manifests_read - before.manifests_read,
+                              after.ranges_read - before.ranges_read,
+                              after.bytes_read - before.bytes_read, after.largest_read_bytes)
+
+    rows: List[bytearray] = []
+    cost = read(lambda: rows.append(reader.read_region("a", (10, 0), (20, 300))))
+    assert rows[0] == bytearray(_bytes_of(a[10:30])), seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (1, 1, 20 * 300 * 4)
+    assert cost.bytes_read * 10 < shard_bytes
+    touching = [tdcp.ChunkRead("a", (0, 0), (40, 0), (5, 300)),
+                tdcp.ChunkRead("a", (0, 0), (45, 0), (5, 300)),
+                tdcp.ChunkRead("a", (0, 0), (42, 0), (4, 300))]  # inside the two others
+    boxes: List[List[bytearray]] = []
+    cost = read(lambda: boxes.append(_serve_boxes(reader, touching)))
+    assert [bytes(x) for x in boxes[0]] == [_bytes_of(a[40:45]), _bytes_of(a[45:50]),
+                                          _bytes_of(a[42:46])], seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (0, 1, 10 * 300 * 4)
+    columns = [tdcp.ChunkRead("a", (200, 0), (0, 100), (200, 10))]
+    cost = read(lambda: boxes.append(_serve_boxes(reader, columns)))
+    assert bytes(boxes[1][0]) == _bytes_of(a[200:, 100:110]), seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (1, 1, 199 * 1200 + 40)
+    assert read(lambda: reader.read_bytes("extra")).bytes_read == len(extra)
+
+
+def test_max_shard_bytes_bounds_each_read_and_refuses_what_cannot_be_cut(daemon: Daemon) -> None:
+    """With max_shard_bytes, a tensor is read in pieces no larger, rows and columns alike,
+    bit-exact; a non-tensor item or an element larger is refused before a byte is read, the
+    error naming the bound and the size."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    w = _random_tensor(gen, (64, 256), torch.float32)  # 64 KiB
+    c = _random_tensor(gen, (3,), torch.complex128)
+    extra = random.Random(seed).randbytes(10000)
+    _save(daemon, "dcp-limit", 1, 1, {0: [("w", w, (0, 0), (64, 256)), ("c", c, (0,), (3,))]},
+          {0: [("extra", extra)]})
+    reader = tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                   max_shard_bytes=4096)
+    assert reader.read_tensor("w") == bytearray(_bytes_of(w)), seed
+    assert reader.stats.ranges_read >= 1 + 16  # the index, then 64 KiB in pieces of 4 KiB
+    assert reader.read_region("w", (3, 10), (61, 100)) == bytearray(_bytes_of(w[3:, 10:110]))
+    assert reader.stats.largest_read_bytes <= 4096
+    before = reader.stats.ranges_read
+    with pytest.raises(tessera.InvalidArgumentError,
+                       match=r"non-tensor item 'extra' \(job 'dcp-limit' rank 0 step 1 entry "
+                             r"'b0'\) needs 10000 bytes in one read, over max_shard_bytes=4096: "
+                             r"nothing was read; pass a larger max_shard_bytes"):
+        reader.serve([tdcp.ChunkRead("w", (0, 0), (0, 0), (1, 1)), tdcp.ChunkRead("extra")],
+                     lambda *a: pytest.fail("delivered before all were checked"))
+    small = tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                  max_shard_bytes=8)
+    with pytest.raises(tessera.InvalidArgumentError, match=r"an element of tensor 'c' "
+                       r"\(complex128\) needs 16 bytes in one read, over max_shard_bytes=8"):
+        small.read_tensor("c")
+    assert reader.stats.ranges_read == before and small.stats.ranges_read == 1  # its index
+    assert tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                 max_shard_bytes=10000).read_bytes("extra") == extra
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(tessera.InvalidArgumentError, match="max_shard_bytes must be None or "
+                           "an int >= 1"):
+            tdcp.Reader("dcp-limit", 1, max_shard_bytes=bad)
+
+
+def test_a_damaged_range_is_data_loss_and_spares_the_other_ranges(daemon: Daemon) -> None:
+    """A byte flipped in the daemon's slot, in the second of a chunk's three checksum blocks: a
+    read over that block fails with DataLossError naming job, rank, step, entry and block; the
+    rows in the other blocks still read bit-exact."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    block = 8 << 20
+    w = _random_tensor(gen, (3, block // 4), torch.float32)  # row r is block r of its entry
+    _save(daemon, "dcp-damaged-range", 1, 1, {0: [("w", w, (0, 0), (3, block // 4))]})
+    raw = _bytes_of(w)
+    bad = block + random.Random(seed).randrange(block - 64)
+    path, at = daemon.slot_holding(raw[bad:bad + 64])
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([raw[bad] ^ 0x10]))
+    reader = tdcp.CheckpointReader("dcp-damaged-range", 1, socket_path=str(daemon.socket))
+    for row in (0, 2):
+        got = reader.read_region("w", (row, 0), (1, block // 4))
+        assert got == bytearray(raw[row * block:(row + 1) * block]), (seed, row)
+    for offsets, lengths in (((1, 0), (1, block // 4)), ((0, 5), (3, 2))):
+        with pytest.raises(tessera.DataLossError,
+                           match=rf"job 'dcp-damaged-range' rank 0 step 1 entry 't0': block 1 "
+                                 rf"\(bytes \[{block}, {2 * block}\) of the entry\)"):
+            reader.read_region("w", offsets, lengths)
+
+
+# -- readers beside the processes that save -----------------------------------------------------
+
+
 _READ_IN_CHILD = """
 import hashlib, sys
 import tessera
@@ -988,6 +1104,62 @@ def test_writer_and_reader_adapters_reshard_4_fsdp_ranks_to_2_tp_ranks(
         assert dest["optim.step"].item() == 77
         assert planner.loaded_bytes["extra"] == extra
         assert planner.committed == 5  # 4 chunks of model.w, one of optim.step
+
+
+def _cuts(rng: random.Random, n: int, parts: int) -> List[int]:
+    """Bounds splitting range(n) into `parts` non-empty, uneven pieces."""
+    return [0] + sorted(rng.sample(range(1, n), parts - 1)) + [n]
+
+
+@pytest.mark.parametrize("saved,loaded,save_dim,load_dim", [
+    (3, 2, 0, 1), (2, 5, 1, 0), (4, 3, 0, 0), (1, 4, 0, 1)])
+def test_the_reader_adapter_loads_n_saved_ranks_into_m_bit_exact(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch, saved: int, loaded: int, save_dim: int,
+        load_dim: int) -> None:
+    """Tensors saved by `saved` ranks, split along `save_dim`, loaded through Reader.read_data
+    by `loaded` ranks split along `load_dim` (DCP's classes stood in for), in parts of at most
+    256 bytes copied into the planner's tensors (views of each rank's shard, not contiguous
+    when split by columns): every rank's shard bit-exact."""
+    monkeypatch.setattr(tdcp, "_types", _stand_ins)
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    rows, cols = rng.randint(2 * max(saved, loaded), 40), rng.randint(2 * max(saved, loaded), 30)
+    full = {"model.w": _random_tensor(gen, (rows, cols, rng.randint(1, 4)), torch.float32),
+            "model.h": _random_tensor(gen, (rows, cols), torch.bfloat16)}
+    job = f"dcp-nm-{saved}-{loaded}-{save_dim}{load_dim}"
+    chunks: Dict[int, list] = {r: [] for r in range(saved)}
+    for fqn, t in full.items():
+        bounds = _cuts(rng, t.shape[save_dim], saved)
+        for r in range(saved):
+            offsets = [0] * t.dim()
+            sizes = list(t.shape)
+            offsets[save_dim], sizes[save_dim] = bounds[r], bounds[r + 1] - bounds[r]
+            chunks[r].append((fqn, t, tuple(offsets), tuple(sizes)))
+    _save(daemon, job, 1, saved, chunks)
+
+    bounds = {fqn: _cuts(rng, t.shape[load_dim], loaded) for fqn, t in full.items()}
+    for r in range(loaded):
+        reader = tdcp.Reader(socket_path=str(daemon.socket), max_shard_bytes=256)
+        reader.reset(f"tessera://{job}/1")
+        metadata = reader.read_metadata()
+        reader.set_up_storage_reader(metadata, r == 0)
+        dest, where = {}, {}
+        for fqn, t in full.items():
+            offsets = [0] * t.dim()
+            sizes = list(t.shape)
+            offsets[load_dim] = bounds[fqn][r]
+            sizes[load_dim] = bounds[fqn][r + 1] - bounds[fqn][r]
+            dest[fqn] = torch.zeros(sizes, dtype=t.dtype)
+            where[fqn] = tuple(offsets)
+        planner = _LoadPlanner(dest, where)
+        plan = planner.plan(metadata)
+        reader.read_data(plan, planner).wait()
+        assert planner.committed == len(plan.items)
+        assert 0 < reader.reader.stats.largest_read_bytes <= 256
+        for fqn, t in full.items():
+            want = tdcp.narrow(t, where[fqn], tuple(dest[fqn].shape))
+            assert _bytes_of(dest[fqn]) == _bytes_of(want), (seed, r, fqn)
 
 
 def test_the_adapters_say_what_they_need(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
