@@ -16,6 +16,15 @@ the checkpoint ``torch.distributed.checkpoint.state_dict.get_state_dict`` would 
   state value as bytes;
 * ``optim.param_groups``: the param groups with their parameters' FQNs, as bytes.
 
+The model's non-tensor state (``model.state_dict()`` values that are not tensors: each module's
+``get_extra_state``) is served as ``model.<fqn>`` items too, as DCP saves a non-tensor value: its
+``torch.save`` bytes, rank 0's (DCP saves non-tensor values from its coordinator). A Snapshotter
+pickles those values together, as a pickle nested in its meta blob: their keys are read without
+loading any class the pickle names (each stands in as an opaque object), and a value of plain
+values only is served as is; a value that names a class (any object but dicts, lists, tuples,
+sets, strings, bytes, numbers and None) is only unpickled with ``allow_pickle=True``, which runs
+what it names, and its read is refused with a clear error otherwise.
+
 The bytes come through the reader calls of the C ABI (`tessera.client.Client.read_manifest`
 and `read_range`), as `CheckpointReader` reads them: the daemon serves a rank's shard from its
 own memory, copies it from the node that holds it or rebuilds it from fragments; the reader
@@ -26,8 +35,7 @@ replicated tensors, is read from every member's slice.
 
 Everything read is untrusted: the layout is JSON, every name, shape and offset in it is checked
 against the manifest, and the meta blob is unpickled allowing no class at all (its top level is
-plain values by construction; the model's extra state, which may be any object, is a nested
-pickle this module never opens: it is not served).
+plain values by construction; the model's extra state is the nested pickle above).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from .client import DTYPE_BYTES, EntryKind
 from .dcp import (BytesItem, CheckpointIndex, CheckpointReader, RankIndex, Shape, TensorChunk,
                   _Fields, _message, _Piece, _shard_limit, _volume, _MAX_DIM, _MAX_DIMS,
                   _MAX_FQN_BYTES)
-from .errors import DataLossError, InvalidArgumentError, NotFoundError
+from .errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 _log = logging.getLogger("tessera.dcp")
 
@@ -141,6 +149,10 @@ class SnapshotCheckpoint(CheckpointReader):
         max_shard_bytes, read_threads: as `CheckpointReader`: the most bytes one read holds
             (chunks are read in pieces of at most this, default `READ_PIECE_BYTES`), and the
             reads run at once.
+        allow_pickle: unpickle the model's extra state with ``pickle`` when it names classes,
+            which runs what the snapshot names: only for snapshots you trust (the trainer's own
+            restore trusts them so). False: such a value is not read (its read fails with
+            FailedPreconditionError); plain values are served either way.
         source: where manifests and bytes come from (tests); default a `DaemonSource`.
         max_chunk_bytes: deprecated name of `max_shard_bytes`; warns once.
 
@@ -153,8 +165,8 @@ class SnapshotCheckpoint(CheckpointReader):
     def __init__(self, job_id: str, step: Optional[int] = None, *,
                  socket_path: Optional[str] = None, model_prefix: str = "model.",
                  optim_prefix: str = "optim.", max_shard_bytes: Optional[int] = None,
-                 read_threads: Optional[int] = None, source: Optional[Any] = None,
-                 max_chunk_bytes: Optional[int] = None) -> None:
+                 read_threads: Optional[int] = None, allow_pickle: bool = False,
+                 source: Optional[Any] = None, max_chunk_bytes: Optional[int] = None) -> None:
         for name, prefix in (("model_prefix", model_prefix), ("optim_prefix", optim_prefix)):
             if not isinstance(prefix, str) or len(prefix) > 1024:
                 raise InvalidArgumentError(f"{name} must be a string (e.g. 'model.'), got "
@@ -165,8 +177,10 @@ class SnapshotCheckpoint(CheckpointReader):
                          read_threads=read_threads, source=source)
         self.model_prefix = model_prefix
         self.optim_prefix = optim_prefix
+        self.allow_pickle = bool(allow_pickle)
         self._chunk_pieces: Dict[Tuple[str, Shape], Tuple[_Piece, ...]] = {}
-        self._bytes: Dict[str, bytes] = {}
+        # Non-tensor items by FQN: their bytes, or why they are not read (a str).
+        self._bytes: Dict[str, Union[bytes, str]] = {}
 
     # -- the index -------------------------------------------------------------------------------
 
@@ -263,7 +277,8 @@ class SnapshotCheckpoint(CheckpointReader):
             chunks_by_rank[chosen[0].rank].append(TensorChunk(
                 fqn, offsets, sizes, size, dtype, itemsize, chosen[0].rank, chosen[0].entry))
         self._bytes = self._byte_items(layouts[0], meta_of[0], self._what(step, 0))
-        byte_items = tuple(BytesItem(fqn, 0, "", len(data)) for fqn, data in self._bytes.items())
+        byte_items = tuple(BytesItem(fqn, 0, "", len(data) if isinstance(data, bytes) else 0)
+                           for fqn, data in self._bytes.items())
         ranks = [RankIndex(self.job_id, step, r, world, (), tuple(chunks_by_rank[r]),
                            byte_items if r == 0 else ()) for r in range(world)]
         index = CheckpointIndex(ranks)
@@ -336,9 +351,10 @@ class SnapshotCheckpoint(CheckpointReader):
                     return tuple(runs) or tuple(group[:1])
         return None
 
-    def _byte_items(self, layout: _Layout, meta: Any, what: str) -> Dict[str, bytes]:
-        """The optimizer's param groups and non-tensor state, serialised as DCP loads bytes
-        (``torch.save``)."""
+    def _byte_items(self, layout: _Layout, meta: Any, what: str) -> Dict[str, Union[bytes, str]]:
+        """The model's extra state, the optimizer's param groups and its non-tensor state,
+        serialised as DCP loads bytes (``torch.save``); for an extra state value that names a
+        class, without `allow_pickle`, why it is not read."""
         import torch
 
         f = _Fields(f"{what}: the meta blob", meta)
@@ -346,13 +362,18 @@ class SnapshotCheckpoint(CheckpointReader):
         if len(groups) != len(layout.group_sizes):
             raise DataLossError(f"{what}: {len(groups)} param groups in the meta blob, "
                                 f"{len(layout.group_sizes)} in the layout")
-        items: Dict[str, bytes] = {}
+        items: Dict[str, Union[bytes, str]] = {}
 
         def save(fqn: str, value: Any) -> None:
             buffer = io.BytesIO()
             torch.save(value, buffer)
             items[fqn] = buffer.getvalue()
 
+        for fqn, value in self._extra_state(layout, meta.get("model_other"), what).items():
+            if isinstance(value, _Refused):
+                items[fqn] = value.reason
+            else:
+                save(fqn, value)
         if not layout.param_fqns:
             return items
         fqns = iter(layout.param_fqns)
@@ -369,6 +390,52 @@ class SnapshotCheckpoint(CheckpointReader):
             save(f"{self.optim_prefix}state.{layout.param_fqns[key[0]]}.{key[1]}", value)
         return items
 
+    def _extra_state(self, layout: _Layout, pickled: Any, what: str) -> Dict[str, Any]:
+        """The model's non-tensor state_dict values by DCP FQN (`_Refused` for one that names a
+        class, without `allow_pickle`), from the meta blob's ``model_other``: a nested pickle
+        of them (a dict of plain values in snapshots of meta format 1)."""
+        if not pickled:
+            return {}
+        snapshot = what
+        what = f"{snapshot}: the model's extra state (the meta blob's model_other)"
+        if isinstance(pickled, dict):
+            outline = pickled
+        elif isinstance(pickled, bytes):
+            outline = _outline_loads(pickled, what)
+        else:
+            raise DataLossError(f"{what} is a {type(pickled).__name__}, not a pickle")
+        if not isinstance(outline, dict) or not all(isinstance(k, str) for k in outline):
+            raise DataLossError(f"{what} is not a dict of state_dict keys")
+        from .torch import _clean_fqn
+
+        unwrap_ddp = _unwraps_ddp(layout)
+        trusted: Optional[Dict[str, Any]] = None
+        values: Dict[str, Any] = {}
+        for key, value in outline.items():
+            fqn = self.model_prefix + _clean_fqn(key, unwrap_ddp)
+            named = _class_named(value)
+            if named is None:
+                values[fqn] = value
+            elif not self.allow_pickle:
+                values[fqn] = _Refused(
+                    f"{fqn!r:.120} is the model's extra state (a non-tensor state_dict value) in "
+                    f"the {snapshot}, and it names {named}: reading it means "
+                    "unpickling it with pickle, which runs what a pickle names. Pass "
+                    "allow_pickle=True to SnapshotReader (or SnapshotCheckpoint) for a snapshot "
+                    f"you trust, as the trainer's own restore trusts it, or leave {fqn!r:.120} "
+                    "out of the state dict you load")
+            else:
+                if trusted is None:
+                    assert isinstance(pickled, bytes)
+                    try:
+                        trusted = pickle.loads(pickled)
+                    except Exception as e:
+                        raise DataLossError(f"{what} does not unpickle: {e!r:.200}") from e
+                    if not isinstance(trusted, dict) or set(trusted) != set(outline):
+                        raise DataLossError(f"{what} unpickles to other keys than it lists")
+                values[fqn] = trusted[key]
+        return values
+
     # -- where the bytes are ---------------------------------------------------------------------
 
     def _pieces(self, where: Union[TensorChunk, BytesItem]) -> Tuple[_Piece, ...]:
@@ -376,10 +443,93 @@ class SnapshotCheckpoint(CheckpointReader):
         return self._chunk_pieces[(where.fqn, where.offsets)]
 
     def _held(self, item: BytesItem) -> Optional[memoryview]:
-        return memoryview(self._bytes[item.fqn])
+        data = self._bytes[item.fqn]
+        if isinstance(data, str):
+            raise FailedPreconditionError(data)
+        return memoryview(data)
 
     def _gone(self, rank: int, error: NotFoundError) -> NotFoundError:
         assert self.step is not None, "the index is read first"
         return NotFoundError(
             f"{self._what(self.step, rank)} is no longer held ({_message(error)}): the job's "
             "ranks sealed newer steps, which release it; read the newest")
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """An item this reader does not read, and why."""
+
+    reason: str
+
+
+class _StandIn:
+    """An object of a class a pickle names, unpickled without loading the class: it takes any
+    arguments, state and items, and keeps none."""
+
+    pickled_as = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_StandIn":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
+        pass
+
+
+class _OutlineUnpickler(pickle.Unpickler):
+    """Unpickles a pickle's plain values, with a stand-in class (`_StandIn`) for each class or
+    function it names: nothing it names is loaded or run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return type("stand_in", (_StandIn,), {"pickled_as": f"{module}.{name}"[:200]})
+
+
+def _outline_loads(data: bytes, what: str) -> Any:
+    try:
+        return _OutlineUnpickler(io.BytesIO(data)).load()
+    except Exception as e:
+        raise DataLossError(f"{what} does not unpickle, even with stand-ins for the classes it "
+                            f"names: {e!r:.200}") from e
+
+
+def _class_named(value: Any) -> Optional[str]:
+    """The first class or function (as "module.name") that `value`, an outline
+    (`_OutlineUnpickler`), holds a stand-in of; None when it is plain values only."""
+    stack = [value]
+    seen = set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _StandIn) or (isinstance(v, type) and issubclass(v, _StandIn)):
+            return v.pickled_as
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack += v
+    return None
+
+
+def _unwraps_ddp(layout: _Layout) -> bool:
+    """Whether the layout's FQNs leave out a DistributedDataParallel wrapper's ``module``."""
+    from .torch import _clean_fqn
+
+    return any(_clean_fqn(key[len("model."):], True) == fqn != _clean_fqn(key[len("model."):],
+                                                                         False)
+               for key, fqn in layout.fqns.items())

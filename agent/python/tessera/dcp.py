@@ -2080,13 +2080,14 @@ class SnapshotReader(Reader):
         model_prefix, optim_prefix: the FQN prefixes of the model's and the optimizer's state
             in the state dict loaded into ("model." and "optim.").
         max_shard_bytes, read_threads: as `CheckpointReader`.
+        allow_pickle: as `SnapshotCheckpoint` (the model's extra state).
         max_chunk_bytes: deprecated name of `max_shard_bytes`; warns once.
     """
 
     def __init__(self, job_id: Optional[str] = None, step: Optional[int] = None, *,
                  socket_path: Optional[str] = None, model_prefix: str = "model.",
                  optim_prefix: str = "optim.", max_shard_bytes: Optional[int] = None,
-                 read_threads: Optional[int] = None,
+                 read_threads: Optional[int] = None, allow_pickle: bool = False,
                  max_chunk_bytes: Optional[int] = None) -> None:
         super().__init__(job_id, step, socket_path=socket_path,
                          max_shard_bytes=_shard_limit(type(self).__name__, max_shard_bytes,
@@ -2094,13 +2095,14 @@ class SnapshotReader(Reader):
                          read_threads=read_threads)
         self.model_prefix = model_prefix
         self.optim_prefix = optim_prefix
+        self.allow_pickle = bool(allow_pickle)
 
     def _open(self) -> CheckpointReader:
         assert self.job_id is not None
         return SnapshotCheckpoint(self.job_id, self.step, socket_path=self.socket_path,
                                   model_prefix=self.model_prefix, optim_prefix=self.optim_prefix,
                                   max_shard_bytes=self.max_shard_bytes,
-                                  read_threads=self.read_threads)
+                                  read_threads=self.read_threads, allow_pickle=self.allow_pickle)
 
 
 def _shard_limit(owner: str, max_shard_bytes: Optional[int],
