@@ -1218,8 +1218,11 @@ def test_what_a_dcp_save_costs_next_to_a_snapshot(daemon: Daemon) -> None:
     Tessera part of a DCP save through tessera.dcp.Writer (write_data: copy, seal, for both
     jobs; with keep_registered=False also register, map and release each time), for the same
     64 MiB of parameters; DCP's own planning (a gather and a scatter of the plans, a gather of
-    the results) comes on top and is not measured here. Timings are printed, not asserted; the
-    saved bytes are checked."""
+    the results) comes on top and is not measured here. Then what a load of it costs: the
+    ranged reader filling tensors of the state's shapes (as Reader.read_data does), the whole
+    shard through tessera.client.read_snapshot (register, restore, unregister: what the Reader
+    did before), and a copy of the same bytes between tensors as the limit. Timings are
+    printed, not asserted; the saved and loaded bytes are checked."""
     import statistics
 
     import tessera.torch
@@ -1256,12 +1259,50 @@ def test_what_a_dcp_save_costs_next_to_a_snapshot(daemon: Daemon) -> None:
     got = {read.fqn: bytes(box) for read, box in zip(reads, _serve_boxes(reader, reads))}
     assert got == {name: _bytes_of(t) for name, t in state.items()}, seed
 
+    loaded = {name: torch.empty_like(t) for name, t in state.items()}
+
+    def fill(read: tdcp.ChunkRead, chunk: tdcp.TensorChunk, part: tdcp.ReadPart) -> None:
+        tdcp.narrow(loaded[read.fqn], part.at, part.lengths).copy_(
+            tdcp.part_tensor(read, chunk, part))
+
+    layout = reader.index.layout(0)
+    loads: Dict[str, List[float]] = {"ranged": [], "again": [], "read_snapshot": [], "copy": []}
+    for _ in range(5):
+        for name in loaded:
+            loaded[name].fill_(0)
+        start = time.perf_counter()
+        again = tdcp.CheckpointReader("dcp-cost-True", 4, socket_path=str(daemon.socket))
+        again.serve(reads, fill)
+        loads["ranged"].append(time.perf_counter() - start)
+        assert all(_bytes_of(loaded[n]) == _bytes_of(t) for n, t in state.items()), seed
+        start = time.perf_counter()
+        again.serve(reads, fill)
+        loads["again"].append(time.perf_counter() - start)
+        again.close()
+        start = time.perf_counter()
+        tessera.client.read_snapshot(str(daemon.socket), "dcp-cost-True", 0, 1, 4, layout)
+        loads["read_snapshot"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for name, t in state.items():
+            loaded[name].copy_(t)
+        loads["copy"].append(time.perf_counter() - start)
+
     def ms(values: List[float]) -> str:
         return f"median {statistics.median(values) * 1e3:.1f} ms (max {max(values) * 1e3:.1f})"
+
+    def rate(values: List[float]) -> str:
+        return f"{nbytes / statistics.median(values) / 1e9:.2f} GB/s"
 
     print(f"{nbytes / 2**20:.0f} MiB in {len(state)} tensors, 5 each: Snapshotter.step blocked "
           f"{ms(blocked)}, sealed {ms(sealed)} after it; tessera.dcp save of the same (blocks "
           f"until sealed) {ms(saves[True])}, with keep_registered=False {ms(saves[False])}")
+    ratio = statistics.median(loads["copy"]) / statistics.median(loads["again"])
+    print(f"load of the same: the ranged reader into tensors {ms(loads['ranged'])}, "
+          f"{rate(loads['ranged'])} (again, through the reader's open connection "
+          f"{ms(loads['again'])}, {rate(loads['again'])}); read_snapshot of the shard "
+          f"{ms(loads['read_snapshot'])}, "
+          f"{rate(loads['read_snapshot'])}; a copy between tensors (the limit) "
+          f"{ms(loads['copy'])}, {rate(loads['copy'])}; the load again / limit {ratio:.2f}")
 
 
 def test_a_kept_registration_stays_through_a_read_in_the_same_process_and_a_new_layout(

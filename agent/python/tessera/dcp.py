@@ -1268,12 +1268,22 @@ class CheckpointReader:
              resolved: Sequence[Tuple[ChunkRead, Union[TensorChunk, BytesItem]]],
              deliver: Deliver, step: int) -> None:
         """Reads `fetches` on `read_threads` threads, at most twice that many ahead of the one
-        delivered, and delivers their parts in order on this thread."""
+        delivered, and delivers their parts in order on this thread. A buffer is used again once
+        its parts are delivered: a new one's pages are faulted in at the first write, which
+        costs more than the read itself."""
+        spare: List[bytearray] = []
+        spare_lock = threading.Lock()
 
         def fetch(f: _Fetch) -> memoryview:
-            view = memoryview(bytearray(f.end - f.start))
+            size = f.end - f.start
+            with spare_lock:
+                fitting = [b for b in spare if len(b) >= size]
+                buffer = min(fitting, key=len) if fitting else None
+                if buffer is not None:
+                    spare.remove(buffer)
+            view = memoryview(bytearray(size) if buffer is None else buffer)[:size]
             with self._stats_lock:
-                self.stats.largest_read_bytes = max(self.stats.largest_read_bytes, len(view))
+                self.stats.largest_read_bytes = max(self.stats.largest_read_bytes, size)
             for p in f.pieces:
                 lo, hi = max(f.start, p.at), min(f.end, p.at + p.length)
                 if lo >= hi:
@@ -1300,6 +1310,8 @@ class CheckpointReader:
                     for i, at, lengths in f.parts:
                         read, where = resolved[i]
                         deliver(read, where, ReadPart(at, lengths, view, f.start))
+                    with spare_lock:
+                        spare.append(view.obj)  # type: ignore[arg-type]
                     del view
                     following = next(upcoming, None)
                     if following is not None:
