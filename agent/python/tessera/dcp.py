@@ -1269,8 +1269,9 @@ class CheckpointReader:
              deliver: Deliver, step: int) -> None:
         """Reads `fetches` on `read_threads` threads, at most twice that many ahead of the one
         delivered, and delivers their parts in order on this thread. A buffer is used again once
-        its parts are delivered: a new one's pages are faulted in at the first write, which
-        costs more than the read itself."""
+        its parts are delivered (a new one's pages are faulted in at the first write, which
+        costs more than the read itself); one too small for the next read is dropped when a new
+        one is made, so at most 2 x `read_threads` buffers exist at once."""
         spare: List[bytearray] = []
         spare_lock = threading.Lock()
 
@@ -1281,6 +1282,8 @@ class CheckpointReader:
                 buffer = min(fitting, key=len) if fitting else None
                 if buffer is not None:
                     spare.remove(buffer)
+                elif spare:
+                    spare.remove(min(spare, key=len))
             view = memoryview(bytearray(size) if buffer is None else buffer)[:size]
             with self._stats_lock:
                 self.stats.largest_read_bytes = max(self.stats.largest_read_bytes, size)
