@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -155,6 +155,15 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def slot_holding(self, pattern: bytes) -> Tuple[Path, int]:
+        """The slot file of this daemon's store that holds `pattern`, and where in it (a test
+        damages a snapshot there)."""
+        for path in sorted(self.store.glob("*/*.slot")):
+            at = path.read_bytes().find(pattern)
+            if at >= 0:
+                return path, at
+        raise AssertionError("no slot holds the pattern")
 
     def env(self, job_id: str) -> Dict[str, str]:
         """The environment of a trainer that talks to this daemon as job `job_id`."""

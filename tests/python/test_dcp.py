@@ -20,10 +20,11 @@ import io
 import json
 import os
 import random
-import re
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -101,6 +102,36 @@ def _row_chunks(fqn: str, full: torch.Tensor, bounds: Sequence[int]):
                  (bounds[r + 1] - bounds[r],) + cols)] for r in range(len(bounds) - 1)}
 
 
+def _serve_boxes(reader: tdcp.CheckpointReader,
+                 reads: Sequence[tdcp.ChunkRead]) -> List[bytearray]:
+    """Each read's box, row-major, assembled from the parts `serve` delivers (each element of
+    each box delivered exactly once)."""
+    boxes: List[Optional[bytearray]] = [None] * len(reads)
+    counts = [0] * len(reads)
+    position = {id(read): i for i, read in enumerate(reads)}
+
+    def deliver(read: tdcp.ChunkRead, where: Any, part: tdcp.ReadPart) -> None:
+        i = position[id(read)]
+        if isinstance(where, tdcp.BytesItem):
+            assert boxes[i] is None, "an item delivered twice"
+            boxes[i] = bytearray(part.data)
+            counts[i] = 1
+            return
+        if boxes[i] is None:
+            boxes[i] = bytearray(int(np.prod(read.lengths)) * where.itemsize)
+        tdcp.copy_box(part.data, where.sizes,
+                      [o + a for o, a in zip(read.box_offsets, part.at)], memoryview(boxes[i]),
+                      read.lengths, part.at, part.lengths, where.itemsize, src_start=part.start)
+        counts[i] += int(np.prod(part.lengths))
+
+    reader.serve(reads, deliver)
+    for i, read in enumerate(reads):
+        want = 1 if read.chunk_offsets is None else int(np.prod(read.lengths))
+        assert counts[i] == want and (want == 0 or boxes[i] is not None), (
+            f"read {read}: {counts[i]} of its {want} elements delivered")
+    return [b if b is not None else bytearray() for b in boxes]
+
+
 def _region(reader: tdcp.CheckpointReader, fqn: str, offsets, lengths,
             dtype: torch.dtype) -> torch.Tensor:
     raw = reader.read_region(fqn, offsets, lengths)
@@ -171,7 +202,11 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.in
            torch.int8, torch.uint8, torch.bool, torch.complex64]
 
 
-def test_every_chunk_box_reads_back_bit_exact(daemon: Daemon) -> None:
+@pytest.mark.parametrize("max_shard_bytes", [None, 64])
+def test_every_chunk_box_reads_back_bit_exact(daemon: Daemon,
+                                             max_shard_bytes: Optional[int]) -> None:
+    """Random boxes of every chunk of 10 dtypes, read whole and, with max_shard_bytes=64, in
+    parts of at most 64 bytes each."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -194,11 +229,12 @@ def test_every_chunk_box_reads_back_bit_exact(daemon: Daemon) -> None:
     chunks[1].append(("optim.step", tensors["optim.step"], (), ()))
     tensors["empty"] = torch.empty(0, 5)
     chunks[2].append(("empty", tensors["empty"], (0, 0), (0, 5)))
-    items = {0: [("extra.loader", bytes(rng.randrange(256) for _ in range(1000)))],
+    items = {0: [("extra.loader", bytes(rng.randrange(256) for _ in range(60)))],
              2: [("extra.empty", b"")]}
     _save(daemon, "dcp-chunks", 7, world, chunks, items)
 
-    reader = tdcp.CheckpointReader("dcp-chunks", 7, socket_path=str(daemon.socket))
+    reader = tdcp.CheckpointReader("dcp-chunks", 7, socket_path=str(daemon.socket),
+                                   max_shard_bytes=max_shard_bytes)
     index = reader.index
     assert (index.world_size, index.step) == (world, 7)
     assert set(index.tensors) == set(tensors)
@@ -212,30 +248,37 @@ def test_every_chunk_box_reads_back_bit_exact(daemon: Daemon) -> None:
                 lengths = tuple(rng.randint(0, s - o) for o, s in zip(box_offsets, c.sizes))
                 reads.append(tdcp.ChunkRead(fqn, c.offsets, box_offsets, lengths))
     rng.shuffle(reads)
-    served = []
-
-    def deliver(read: tdcp.ChunkRead, chunk: tdcp.TensorChunk, view: memoryview) -> None:
-        got = tdcp.narrow(tdcp.chunk_tensor(view, chunk), read.box_offsets, read.lengths)
+    before = dataclasses.replace(reader.stats)
+    for read, got in zip(reads, _serve_boxes(reader, reads)):
+        chunk = index.chunk(read.fqn, read.chunk_offsets)
         want = tdcp.narrow(tensors[read.fqn],
                            tuple(a + b for a, b in zip(chunk.offsets, read.box_offsets)),
                            read.lengths)
-        assert got.dtype == want.dtype and got.shape == want.shape, (seed, read)
-        assert _bytes_of(got) == _bytes_of(want), (seed, read)
-        raw = b"".join(bytes(view[o:o + n]) for o, n in tdcp.box_runs(
-            chunk.sizes, chunk.itemsize, read.box_offsets, read.lengths))
-        assert raw == _bytes_of(want), (seed, read, "box_runs")
-        served.append(read)
+        assert bytes(got) == _bytes_of(want), (seed, read)
+    if max_shard_bytes is not None:
+        assert 0 < reader.stats.largest_read_bytes <= max_shard_bytes
+    assert reader.stats.manifests_read - before.manifests_read == world  # each shard's, once
+
+    # The parts, as tensors (what the DCP adapter copies from), box by box.
+    def deliver(read: tdcp.ChunkRead, chunk: tdcp.TensorChunk, part: tdcp.ReadPart) -> None:
+        got = tdcp.part_tensor(read, chunk, part)
+        at = [c + b + a for c, b, a in zip(chunk.offsets, read.box_offsets, part.at)]
+        want = tdcp.narrow(tensors[read.fqn], at, part.lengths)
+        assert got.dtype == want.dtype and got.shape == want.shape, (seed, read, part.at)
+        assert _bytes_of(got) == _bytes_of(want), (seed, read, part.at)
 
     reader.serve(reads, deliver)
-    assert len(served) == len(reads)
-    # Each shard was read once, in rank order: the reads came back grouped by rank.
-    ranks = [index.chunk(r.fqn, r.chunk_offsets).rank for r in served]
-    assert ranks == sorted(ranks)
     for fqn, full in tensors.items():
         whole = _region(reader, fqn, (0,) * full.dim(), tuple(full.shape), full.dtype)
         assert _bytes_of(whole) == _bytes_of(full), (seed, fqn)
     assert reader.read_bytes("extra.loader") == items[0][0][1]
     assert reader.read_bytes("extra.empty") == b""
+    if max_shard_bytes is not None:
+        with pytest.raises(tessera.InvalidArgumentError, match=r"non-tensor item 'extra.loader' "
+                           r"\(job 'dcp-chunks' rank 0 step 7 entry 'b0'\) needs 60 bytes in one "
+                           r"read, over max_shard_bytes=59"):
+            tdcp.CheckpointReader("dcp-chunks", 7, socket_path=str(daemon.socket),
+                                  max_shard_bytes=59).read_bytes("extra.loader")
 
 
 def test_four_row_chunks_read_as_two_ranks_columns_and_whole(daemon: Daemon) -> None:
@@ -293,11 +336,127 @@ def test_a_2x2_grid_of_chunks_reads_as_rows(daemon: Daemon) -> None:
         assert _bytes_of(got) == _bytes_of(full[lo:hi]), (seed, lo, hi)
 
 
+# -- what a read reads ---------------------------------------------------------------------------
+
+
+def test_a_read_reads_only_the_manifests_and_ranges_its_boxes_need(daemon: Daemon) -> None:
+    """Rows of one tensor of one rank's shard read that shard's manifest and those rows' bytes,
+    in one range; touching boxes merge into one range; a column box reads the span of its rows,
+    once. Counted by the reader's stats."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    a = _random_tensor(gen, (400, 300), torch.float32)
+    b = _random_tensor(gen, (1000,), torch.int64)
+    extra = rng.randbytes(5000)
+    chunks = {0: [("a", a, (0, 0), (200, 300)), ("b", b, (0,), (1000,))],
+              1: [("a", a, (200, 0), (200, 300))]}
+    _save(daemon, "dcp-ranged", 3, 2, chunks, {0: [("extra", extra)]})
+    shard_bytes = 200 * 300 * 4 + 1000 * 8 + len(extra)
+    reader = tdcp.CheckpointReader("dcp-ranged", 3, socket_path=str(daemon.socket))
+    assert reader.index.world_size == 2
+    assert reader.stats.manifests_read == 2 and reader.stats.ranges_read == 2  # the indexes
+
+    def read(what: Any) -> tdcp.ReadStats:
+        before = dataclasses.replace(reader.stats)
+        what()
+        after = reader.stats
+        return tdcp.ReadStats(after.manifests_read - before.manifests_read,
+                              after.ranges_read - before.ranges_read,
+                              after.bytes_read - before.bytes_read, after.largest_read_bytes)
+
+    rows: List[bytearray] = []
+    cost = read(lambda: rows.append(reader.read_region("a", (10, 0), (20, 300))))
+    assert rows[0] == bytearray(_bytes_of(a[10:30])), seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (1, 1, 20 * 300 * 4)
+    assert cost.bytes_read * 10 < shard_bytes
+    touching = [tdcp.ChunkRead("a", (0, 0), (40, 0), (5, 300)),
+                tdcp.ChunkRead("a", (0, 0), (45, 0), (5, 300)),
+                tdcp.ChunkRead("a", (0, 0), (42, 0), (4, 300))]  # inside the two others
+    boxes: List[List[bytearray]] = []
+    cost = read(lambda: boxes.append(_serve_boxes(reader, touching)))
+    assert [bytes(x) for x in boxes[0]] == [_bytes_of(a[40:45]), _bytes_of(a[45:50]),
+                                          _bytes_of(a[42:46])], seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (0, 1, 10 * 300 * 4)
+    columns = [tdcp.ChunkRead("a", (200, 0), (0, 100), (200, 10))]
+    cost = read(lambda: boxes.append(_serve_boxes(reader, columns)))
+    assert bytes(boxes[1][0]) == _bytes_of(a[200:, 100:110]), seed
+    assert (cost.manifests_read, cost.ranges_read, cost.bytes_read) == (1, 1, 199 * 1200 + 40)
+    assert read(lambda: reader.read_bytes("extra")).bytes_read == len(extra)
+
+
+def test_max_shard_bytes_bounds_each_read_and_refuses_what_cannot_be_cut(daemon: Daemon) -> None:
+    """With max_shard_bytes, a tensor is read in pieces no larger, rows and columns alike,
+    bit-exact; a non-tensor item or an element larger is refused before a byte is read, the
+    error naming the bound and the size."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    w = _random_tensor(gen, (64, 256), torch.float32)  # 64 KiB
+    c = _random_tensor(gen, (3,), torch.complex128)
+    extra = random.Random(seed).randbytes(10000)
+    _save(daemon, "dcp-limit", 1, 1, {0: [("w", w, (0, 0), (64, 256)), ("c", c, (0,), (3,))]},
+          {0: [("extra", extra)]})
+    reader = tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                   max_shard_bytes=4096)
+    assert reader.read_tensor("w") == bytearray(_bytes_of(w)), seed
+    assert reader.stats.ranges_read >= 1 + 16  # the index, then 64 KiB in pieces of 4 KiB
+    assert reader.read_region("w", (3, 10), (61, 100)) == bytearray(_bytes_of(w[3:, 10:110]))
+    assert reader.stats.largest_read_bytes <= 4096
+    before = reader.stats.ranges_read
+    with pytest.raises(tessera.InvalidArgumentError,
+                       match=r"non-tensor item 'extra' \(job 'dcp-limit' rank 0 step 1 entry "
+                             r"'b0'\) needs 10000 bytes in one read, over max_shard_bytes=4096: "
+                             r"nothing was read; pass a larger max_shard_bytes"):
+        reader.serve([tdcp.ChunkRead("w", (0, 0), (0, 0), (1, 1)), tdcp.ChunkRead("extra")],
+                     lambda *a: pytest.fail("delivered before all were checked"))
+    small = tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                  max_shard_bytes=8)
+    with pytest.raises(tessera.InvalidArgumentError, match=r"an element of tensor 'c' "
+                       r"\(complex128\) needs 16 bytes in one read, over max_shard_bytes=8"):
+        small.read_tensor("c")
+    assert reader.stats.ranges_read == before and small.stats.ranges_read == 1  # its index
+    assert tdcp.CheckpointReader("dcp-limit", 1, socket_path=str(daemon.socket),
+                                 max_shard_bytes=10000).read_bytes("extra") == extra
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(tessera.InvalidArgumentError, match="max_shard_bytes must be None or "
+                           "an int >= 1"):
+            tdcp.Reader("dcp-limit", 1, max_shard_bytes=bad)
+
+
+def test_a_damaged_range_is_data_loss_and_spares_the_other_ranges(daemon: Daemon) -> None:
+    """A byte flipped in the daemon's slot, in the second of a chunk's three checksum blocks: a
+    read over that block fails with DataLossError naming job, rank, step, entry and block; the
+    rows in the other blocks still read bit-exact."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    block = 8 << 20
+    w = _random_tensor(gen, (3, block // 4), torch.float32)  # row r is block r of its entry
+    _save(daemon, "dcp-damaged-range", 1, 1, {0: [("w", w, (0, 0), (3, block // 4))]})
+    raw = _bytes_of(w)
+    bad = block + random.Random(seed).randrange(block - 64)
+    path, at = daemon.slot_holding(raw[bad:bad + 64])
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([raw[bad] ^ 0x10]))
+    reader = tdcp.CheckpointReader("dcp-damaged-range", 1, socket_path=str(daemon.socket))
+    for row in (0, 2):
+        got = reader.read_region("w", (row, 0), (1, block // 4))
+        assert got == bytearray(raw[row * block:(row + 1) * block]), (seed, row)
+    for offsets, lengths in (((1, 0), (1, block // 4)), ((0, 5), (3, 2))):
+        with pytest.raises(tessera.DataLossError,
+                           match=rf"job 'dcp-damaged-range' rank 0 step 1 entry 't0': block 1 "
+                                 rf"\(bytes \[{block}, {2 * block}\) of the entry\)"):
+            reader.read_region("w", offsets, lengths)
+
+
+# -- readers beside the processes that save -----------------------------------------------------
+
+
 _READ_IN_CHILD = """
 import hashlib, sys
 import tessera
 import tessera.dcp as tdcp
-reader = tdcp.CheckpointReader(sys.argv[1], int(sys.argv[2]), claim_timeout_s=float(sys.argv[3]))
+reader = tdcp.CheckpointReader(sys.argv[1], int(sys.argv[2]))
 try:
     print(hashlib.sha256(reader.read_tensor("w")).hexdigest(), flush=True)
 except tessera.TesseraError as e:
@@ -305,10 +464,9 @@ except tessera.TesseraError as e:
 """
 
 
-def test_processes_reading_the_same_ranks_at_once_take_turns(daemon: Daemon) -> None:
-    """Reader processes read all four shards at the same time: each read claims its rank, and
-    the others wait for it, so all get every byte. Before, the saving process still holds the
-    ranks (it keeps them registered for its next save), and a reader is told so."""
+def test_processes_read_at_once_ranks_their_saver_keeps_registered(daemon: Daemon) -> None:
+    """The saving process keeps its 4 ranks registered for its next save; 3 reader processes
+    read all four shards at the same time, claiming nothing, and all get every byte."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     w = _random_tensor(gen, (400, 300), torch.float32)
@@ -316,23 +474,104 @@ def test_processes_reading_the_same_ranks_at_once_take_turns(daemon: Daemon) -> 
     import hashlib
 
     want = hashlib.sha256(_bytes_of(w)).hexdigest()
-    env = daemon.env("unused")
-    held = subprocess.run([sys.executable, "-c", _READ_IN_CHILD, "dcp-contend", "11", "0.2"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert held.returncode == 0, held.stderr.decode(errors="replace")
-    assert re.search(r"job 'dcp-contend.dcp-index' rank 0 is held by pid %d .*still held after "
-                     r"waiting 0.2 s for it. A process that saved with tessera.dcp keeps its ranks "
-                     r"registered until it exits or calls tessera.dcp.release\(\)" % os.getpid(),
-                     held.stdout.decode()), held.stdout.decode()
-    assert tdcp.release("dcp-contend") == 8  # 4 ranks, each a data and an index shard
-    children = [subprocess.Popen([sys.executable, "-c", _READ_IN_CHILD, "dcp-contend", "11",
-                                  "60"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kept = {k[1:3]: held.client for k, held in tdcp._held.items()}
+    assert len(kept) == 8  # 4 ranks, each a data and an index shard
+    children = [subprocess.Popen([sys.executable, "-c", _READ_IN_CHILD, "dcp-contend", "11"],
+                                 env=daemon.env("unused"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
                 for _ in range(3)]
     for child in children:
         out, err = child.communicate(timeout=120)
         assert child.returncode == 0, err.decode(errors="replace")
         assert out.decode().split() == [want], (seed, out, err.decode(errors="replace")[-2000:])
+    # The registrations were never taken over: the next save goes through them.
+    assert {k[1:3]: held.client for k, held in tdcp._held.items()} == kept
+    _save(daemon, "dcp-contend", 12, 4, _row_chunks("w", w + 1, [0, 100, 200, 300, 400]))
+    assert {k[1:3]: held.client for k, held in tdcp._held.items()} == kept
+
+
+_TRAINER = """
+import sys, time, torch
+import tessera.dcp as tdcp
+job, socket, seed, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def save(step):
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(seed + step)) + 0.5
+    for rank, lo in enumerate((0, 24)):
+        part = w[lo:lo + (24 if rank == 0 else 40)].contiguous()
+        tdcp.save_rank(job, step, rank, 2, [tdcp.TensorToSave(
+            "w", (lo, 0), tuple(part.shape), (64, 512), "float32", 4, part.data_ptr())], [],
+            socket_path=socket)
+
+save(1)
+print("ready", flush=True)
+sys.stdin.readline()
+for step in range(2, last + 1):
+    time.sleep(0.03)  # a training step
+    save(step)
+print("done", flush=True)
+sys.stdin.readline()  # its ranks stay registered until told to go
+"""
+
+
+def test_a_reader_loads_while_a_trainer_of_the_same_job_saves_on(daemon: Daemon,
+                                                                 tmp_path: Path) -> None:
+    """A trainer process saves the job's checkpoint step after step, keeping its two ranks
+    registered throughout; a reader loads the newest complete one again and again meanwhile.
+    Each load gets its step's bytes exactly, or is told the step was released under it; the
+    trainer is never held up; and once it stops, still registered, the last step loads."""
+    seed = _seed()
+    socket = str(daemon.socket)
+    last = 60
+
+    def expected(step: int) -> bytes:
+        gen = torch.Generator().manual_seed(seed + step)
+        return _bytes_of(torch.randn(64, 512, generator=gen) + 0.5)
+
+    log = tmp_path / "trainer.log"
+    with open(log, "wb") as stderr:
+        trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, "dcp-live", socket,
+                                    str(seed), str(last)], env=daemon.env("dcp-live"),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+    outcomes: Dict[str, int] = {}
+    try:
+        assert trainer.stdout.readline() == b"ready\n", log.read_text()
+        reader = tdcp.CheckpointReader("dcp-live", socket_path=socket)
+        assert reader.read_tensor("w") == bytearray(expected(1)), seed
+        trainer.stdin.write(b"go\n")
+        trainer.stdin.flush()
+        done = []
+
+        def wait_done() -> None:
+            done.append(trainer.stdout.readline())
+
+        waiter = threading.Thread(target=wait_done)
+        waiter.start()
+        while not done:
+            reader = tdcp.CheckpointReader("dcp-live", socket_path=socket)
+            try:
+                got = reader.read_tensor("w")
+            except (tessera.NotFoundError, tessera.DataLossError) as e:
+                outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+                continue
+            finally:
+                reader.close()
+            assert got == bytearray(expected(reader.step)), (seed, reader.step)
+            outcomes["exact"] = outcomes.get("exact", 0) + 1
+        waiter.join()
+        assert done == [b"done\n"], log.read_text()
+        final = tdcp.CheckpointReader("dcp-live", socket_path=socket)
+        assert final.index.step == last
+        assert final.read_tensor("w") == bytearray(expected(last)), seed
+        trainer.stdin.write(b"quit\n")
+        trainer.stdin.flush()
+        assert trainer.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    print(f"loads while the trainer saved {last - 1} steps: {outcomes}")
+    assert outcomes.get("exact", 0) > 0, outcomes
 
 
 # -- which checkpoint ----------------------------------------------------------------------------
@@ -376,15 +615,34 @@ def test_an_index_over_its_capacity_is_refused_before_anything_is_stored(daemon:
         assert client.list_versions("dcp-big-index.dcp-index") == []
 
 
-def test_a_reader_with_another_index_capacity_is_told_so(daemon: Daemon) -> None:
-    w = torch.ones(2, 2)
+def test_a_reader_reads_any_index_capacity_and_deprecated_options_warn_once(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index's length comes from its shard's manifest: a reader needs no index_capacity,
+    and index_capacity and claim_timeout_s, which no longer mean anything to a reader, are
+    accepted with a DeprecationWarning, once per process each."""
+    monkeypatch.setattr(tdcp, "_warned_options", set())
+    w = torch.arange(4, dtype=torch.float32).reshape(2, 2) + 1
     _save(daemon, "dcp-capacity", 1, 1, _row_chunks("w", w, [0, 2]), index_capacity=8192)
-    with pytest.raises(tessera.FailedPreconditionError,
-                       match="the Writer used another index_capacity; pass the same"):
-        tdcp.CheckpointReader("dcp-capacity", 1, socket_path=str(daemon.socket)).index
-    reader = tdcp.CheckpointReader("dcp-capacity", 1, socket_path=str(daemon.socket),
-                                   index_capacity=8192)
+    socket = str(daemon.socket)
+    assert tdcp.CheckpointReader("dcp-capacity", 1, socket_path=socket).read_tensor("w") == \
+        bytearray(_bytes_of(w))
+    with pytest.warns(DeprecationWarning, match=r"CheckpointReader: index_capacity is "
+                      r"deprecated and will be removed: a reader reads each index's length from "
+                      r"its shard's manifest"):
+        reader = tdcp.CheckpointReader("dcp-capacity", 1, socket_path=socket,
+                                       index_capacity=tdcp.INDEX_CAPACITY)
     assert reader.read_tensor("w") == bytearray(_bytes_of(w))
+    with pytest.warns(DeprecationWarning, match="Reader: claim_timeout_s is deprecated and will "
+                      "be removed: a reader claims no rank, so it never waits for one"):
+        tdcp.Reader("dcp-capacity", 1, claim_timeout_s=5.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        tdcp.Reader("dcp-capacity", 1, index_capacity=8192, claim_timeout_s=1.0)
+        tdcp.CheckpointReader("dcp-capacity", 1, socket_path=socket, index_capacity=4096)
+    with pytest.raises(tessera.InvalidArgumentError, match="index_capacity must be an int"):
+        tdcp.Reader("dcp-capacity", 1, index_capacity=12)
 
 
 # -- bad reads -----------------------------------------------------------------------------------
@@ -393,11 +651,11 @@ def test_a_reader_with_another_index_capacity_is_told_so(daemon: Daemon) -> None
 class _CountingSource(tdcp.DaemonSource):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reads: List[Tuple[str, int]] = []
+        self.reads: List[Tuple[str, int, str]] = []
 
-    def read(self, job_id, rank, world_size, step, layout, max_bytes=None):
-        self.reads.append((job_id, rank))
-        return super().read(job_id, rank, world_size, step, layout, max_bytes)
+    def read(self, job_id, rank, step, entry, offset, length, out):
+        self.reads.append((job_id, rank, entry))
+        return super().read(job_id, rank, step, entry, offset, length, out)
 
 
 def test_bad_reads_get_clear_errors_and_read_nothing(daemon: Daemon) -> None:
@@ -431,7 +689,7 @@ def test_bad_reads_get_clear_errors_and_read_nothing(daemon: Daemon) -> None:
     for bad, error, message in cases:
         with pytest.raises(error, match=message):
             reader.serve([good, bad], lambda *a: pytest.fail("delivered before all were checked"))
-    assert source.reads == []  # every read was checked before a shard was read
+    assert source.reads == []  # every read was checked before a byte was read
     with pytest.raises(tessera.InvalidArgumentError, match=r"region of tensor 'model.w': "
                        r"dimension 1: \[2, 8\) is outside \[0, 6\)"):
         reader.read_region("model.w", (0, 2), (1, 6))
@@ -848,6 +1106,62 @@ def test_writer_and_reader_adapters_reshard_4_fsdp_ranks_to_2_tp_ranks(
         assert planner.committed == 5  # 4 chunks of model.w, one of optim.step
 
 
+def _cuts(rng: random.Random, n: int, parts: int) -> List[int]:
+    """Bounds splitting range(n) into `parts` non-empty, uneven pieces."""
+    return [0] + sorted(rng.sample(range(1, n), parts - 1)) + [n]
+
+
+@pytest.mark.parametrize("saved,loaded,save_dim,load_dim", [
+    (3, 2, 0, 1), (2, 5, 1, 0), (4, 3, 0, 0), (1, 4, 0, 1)])
+def test_the_reader_adapter_loads_n_saved_ranks_into_m_bit_exact(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch, saved: int, loaded: int, save_dim: int,
+        load_dim: int) -> None:
+    """Tensors saved by `saved` ranks, split along `save_dim`, loaded through Reader.read_data
+    by `loaded` ranks split along `load_dim` (DCP's classes stood in for), in parts of at most
+    256 bytes copied into the planner's tensors (views of each rank's shard, not contiguous
+    when split by columns): every rank's shard bit-exact."""
+    monkeypatch.setattr(tdcp, "_types", _stand_ins)
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    rows, cols = rng.randint(2 * max(saved, loaded), 40), rng.randint(2 * max(saved, loaded), 30)
+    full = {"model.w": _random_tensor(gen, (rows, cols, rng.randint(1, 4)), torch.float32),
+            "model.h": _random_tensor(gen, (rows, cols), torch.bfloat16)}
+    job = f"dcp-nm-{saved}-{loaded}-{save_dim}{load_dim}"
+    chunks: Dict[int, list] = {r: [] for r in range(saved)}
+    for fqn, t in full.items():
+        bounds = _cuts(rng, t.shape[save_dim], saved)
+        for r in range(saved):
+            offsets = [0] * t.dim()
+            sizes = list(t.shape)
+            offsets[save_dim], sizes[save_dim] = bounds[r], bounds[r + 1] - bounds[r]
+            chunks[r].append((fqn, t, tuple(offsets), tuple(sizes)))
+    _save(daemon, job, 1, saved, chunks)
+
+    bounds = {fqn: _cuts(rng, t.shape[load_dim], loaded) for fqn, t in full.items()}
+    for r in range(loaded):
+        reader = tdcp.Reader(socket_path=str(daemon.socket), max_shard_bytes=256)
+        reader.reset(f"tessera://{job}/1")
+        metadata = reader.read_metadata()
+        reader.set_up_storage_reader(metadata, r == 0)
+        dest, where = {}, {}
+        for fqn, t in full.items():
+            offsets = [0] * t.dim()
+            sizes = list(t.shape)
+            offsets[load_dim] = bounds[fqn][r]
+            sizes[load_dim] = bounds[fqn][r + 1] - bounds[fqn][r]
+            dest[fqn] = torch.zeros(sizes, dtype=t.dtype)
+            where[fqn] = tuple(offsets)
+        planner = _LoadPlanner(dest, where)
+        plan = planner.plan(metadata)
+        reader.read_data(plan, planner).wait()
+        assert planner.committed == len(plan.items)
+        assert 0 < reader.reader.stats.largest_read_bytes <= 256
+        for fqn, t in full.items():
+            want = tdcp.narrow(t, where[fqn], tuple(dest[fqn].shape))
+            assert _bytes_of(dest[fqn]) == _bytes_of(want), (seed, r, fqn)
+
+
 def test_the_adapters_say_what_they_need(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tdcp, "_types", _stand_ins)
     with pytest.raises(tessera.InvalidArgumentError, match=r"needs a job id and a step: "
@@ -904,8 +1218,11 @@ def test_what_a_dcp_save_costs_next_to_a_snapshot(daemon: Daemon) -> None:
     Tessera part of a DCP save through tessera.dcp.Writer (write_data: copy, seal, for both
     jobs; with keep_registered=False also register, map and release each time), for the same
     64 MiB of parameters; DCP's own planning (a gather and a scatter of the plans, a gather of
-    the results) comes on top and is not measured here. Timings are printed, not asserted; the
-    saved bytes are checked."""
+    the results) comes on top and is not measured here. Then what a load of it costs: the
+    ranged reader filling tensors of the state's shapes (as Reader.read_data does), the whole
+    shard through tessera.client.read_snapshot (register, restore, unregister: what the Reader
+    did before), and a copy of the same bytes between tensors as the limit. Timings are
+    printed, not asserted; the saved and loaded bytes are checked."""
     import statistics
 
     import tessera.torch
@@ -937,44 +1254,92 @@ def test_what_a_dcp_save_costs_next_to_a_snapshot(daemon: Daemon) -> None:
                            socket_path=str(daemon.socket))
             saves[keep].append(time.perf_counter() - start)
     reader = tdcp.CheckpointReader("dcp-cost-True", 4, socket_path=str(daemon.socket))
-    got = {}
-    reader.serve([tdcp.ChunkRead(name, (0,) * t.dim(), (0,) * t.dim(), tuple(t.shape))
-                  for name, t in state.items()],
-                 lambda read, chunk, view: got.__setitem__(read.fqn, bytes(view)))
+    reads = [tdcp.ChunkRead(name, (0,) * t.dim(), (0,) * t.dim(), tuple(t.shape))
+             for name, t in state.items()]
+    got = {read.fqn: bytes(box) for read, box in zip(reads, _serve_boxes(reader, reads))}
     assert got == {name: _bytes_of(t) for name, t in state.items()}, seed
+
+    loaded = {name: torch.empty_like(t) for name, t in state.items()}
+
+    def fill(read: tdcp.ChunkRead, chunk: tdcp.TensorChunk, part: tdcp.ReadPart) -> None:
+        tdcp.narrow(loaded[read.fqn], part.at, part.lengths).copy_(
+            tdcp.part_tensor(read, chunk, part))
+
+    layout = reader.index.layout(0)
+    loads: Dict[str, List[float]] = {"ranged": [], "again": [], "read_snapshot": [], "copy": []}
+    for _ in range(5):
+        for name in loaded:
+            loaded[name].fill_(0)
+        start = time.perf_counter()
+        again = tdcp.CheckpointReader("dcp-cost-True", 4, socket_path=str(daemon.socket))
+        again.serve(reads, fill)
+        loads["ranged"].append(time.perf_counter() - start)
+        assert all(_bytes_of(loaded[n]) == _bytes_of(t) for n, t in state.items()), seed
+        start = time.perf_counter()
+        again.serve(reads, fill)
+        loads["again"].append(time.perf_counter() - start)
+        again.close()
+        start = time.perf_counter()
+        tessera.client.read_snapshot(str(daemon.socket), "dcp-cost-True", 0, 1, 4, layout)
+        loads["read_snapshot"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for name, t in state.items():
+            loaded[name].copy_(t)
+        loads["copy"].append(time.perf_counter() - start)
 
     def ms(values: List[float]) -> str:
         return f"median {statistics.median(values) * 1e3:.1f} ms (max {max(values) * 1e3:.1f})"
 
+    def rate(values: List[float]) -> str:
+        return f"{nbytes / statistics.median(values) / 1e9:.2f} GB/s"
+
     print(f"{nbytes / 2**20:.0f} MiB in {len(state)} tensors, 5 each: Snapshotter.step blocked "
           f"{ms(blocked)}, sealed {ms(sealed)} after it; tessera.dcp save of the same (blocks "
           f"until sealed) {ms(saves[True])}, with keep_registered=False {ms(saves[False])}")
+    ratio = statistics.median(loads["copy"]) / statistics.median(loads["again"])
+    print(f"load of the same: the ranged reader into tensors {ms(loads['ranged'])}, "
+          f"{rate(loads['ranged'])} (again, through the reader's open connection "
+          f"{ms(loads['again'])}, {rate(loads['again'])}); read_snapshot of the shard "
+          f"{ms(loads['read_snapshot'])}, "
+          f"{rate(loads['read_snapshot'])}; a copy between tensors (the limit) "
+          f"{ms(loads['copy'])}, {rate(loads['copy'])}; the load again / limit {ratio:.2f}")
 
 
-def test_a_kept_registration_survives_a_read_in_the_same_process_and_a_new_layout(
+def test_a_kept_registration_stays_through_a_read_in_the_same_process_and_a_new_layout(
         daemon: Daemon) -> None:
-    """A save keeps its ranks registered; a read of them in the same process takes them over
-    and releases them, and the next save registers again; a save of another layout registers
-    anew. A job holds one complete checkpoint: the older ones are released, which a read says."""
+    """A save keeps its ranks registered; a read of them in the same process claims nothing, so
+    the next save goes through the same registration; a save of another layout registers anew.
+    A job holds one complete checkpoint: the older ones are released, which a read says."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     socket = str(daemon.socket)
+
+    def kept() -> Dict[str, Any]:
+        return {k[1]: held.client for k, held in tdcp._held.items()}
+
     first = _random_tensor(gen, (6, 4), torch.float32)
     _save(daemon, "dcp-kept", 1, 1, _row_chunks("w", first, [0, 6]))
+    clients = kept()
+    assert set(clients) == {"dcp-kept", "dcp-kept.dcp-index"}
     assert tdcp.CheckpointReader("dcp-kept", 1, socket_path=socket).read_tensor("w") == \
         bytearray(_bytes_of(first))
+    assert kept() == clients
     second = _random_tensor(gen, (6, 4), torch.float32)
-    _save(daemon, "dcp-kept", 2, 1, _row_chunks("w", second, [0, 6]))  # registers again
+    _save(daemon, "dcp-kept", 2, 1, _row_chunks("w", second, [0, 6]))  # the same registration
+    assert kept() == clients
     assert tdcp.CheckpointReader("dcp-kept", 2, socket_path=socket).read_tensor("w") == \
         bytearray(_bytes_of(second))
     third = _random_tensor(gen, (5, 4), torch.float32)
     _save(daemon, "dcp-kept", 3, 1, _row_chunks("w", third, [0, 5]))  # another layout
+    assert kept()["dcp-kept"] is not clients["dcp-kept"]
+    assert kept()["dcp-kept.dcp-index"] is clients["dcp-kept.dcp-index"]
     assert tdcp.CheckpointReader("dcp-kept", 3, socket_path=socket).read_tensor("w") == \
         bytearray(_bytes_of(third))
     with tessera.Client(socket, use_gpu=False) as client:
         assert [(v.rank, v.step) for v in client.list_versions("dcp-kept") if v.sealed] == [(0, 3)]
     with pytest.raises(tessera.NotFoundError, match=r"step 2 has no index for rank 0 .*the "
-                       r"daemons no longer hold the step \(.*no sealed step 2; sealed steps here: 3"):
+                       r"daemons no longer hold the step \(.*no sealed step 2; sealed steps "
+                       r"here: 3"):
         tdcp.CheckpointReader("dcp-kept", 2, socket_path=socket).index
 
 
@@ -982,10 +1347,10 @@ class _ChunksGoneSource(tdcp.DaemonSource):
     """The daemon's answers, except that the chunks (not the index) of the step are gone, as
     between the last rank's chunks and its index being sealed by the next save."""
 
-    def read(self, job_id, rank, world_size, step, layout, max_bytes=None):
+    def manifest(self, job_id, rank, step):
         if not job_id.endswith(tdcp.INDEX_JOB_SUFFIX):
             raise tessera.NotFoundError(f"job '{job_id}' rank {rank} has no sealed step {step}")
-        return super().read(job_id, rank, world_size, step, layout, max_bytes)
+        return super().manifest(job_id, rank, step)
 
 
 def test_an_index_whose_chunks_are_gone_is_named(daemon: Daemon) -> None:

@@ -11,7 +11,6 @@ import mmap
 import os
 import random
 import threading
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
@@ -81,15 +80,6 @@ def _ranges(rng: random.Random, n: int) -> List[Tuple[int, int]]:
         offset = rng.randrange(n)
         ranges.append((offset, rng.randrange(n - offset + 1)))
     return ranges
-
-
-def _slot_holding(daemon, pattern: bytes) -> Tuple[Path, int]:
-    """The slot file of the daemon's store holding `pattern`, and where."""
-    for path in sorted(daemon.store.glob("*/*.slot")):
-        at = path.read_bytes().find(pattern)
-        if at >= 0:
-            return path, at
-    raise AssertionError("no slot holds the pattern")
 
 
 def test_unregistered_reader_gets_manifest_and_ranges_bit_exact(daemon) -> None:
@@ -235,7 +225,7 @@ def test_a_damaged_block_fails_only_the_ranges_over_it(daemon) -> None:
         want = _snapshot(writer, state, 1)
         big = want["big"]
         bad = BLOCK + random.Random(seed).randrange(BLOCK)  # in block 1
-        path, at = _slot_holding(daemon, big[bad:bad + 64])
+        path, at = daemon.slot_holding(big[bad:bad + 64])
         with open(path, "r+b") as f:
             f.seek(at)
             f.write(bytes([big[bad] ^ 0x20]))

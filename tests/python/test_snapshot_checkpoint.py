@@ -16,6 +16,7 @@ tests/gpu/dcp_on_device.py loads a 4-rank DTensor Snapshotter snapshot through t
 
 from __future__ import annotations
 
+import fractions
 import io
 import json
 import os
@@ -32,7 +33,8 @@ import torch
 import tessera.dcp as tdcp
 from tessera.client import EntryKind, EntrySlice
 import tessera.torch as tt
-from tessera.errors import DataLossError, InvalidArgumentError, NotFoundError, UnavailableError
+from tessera.errors import (DataLossError, FailedPreconditionError, InvalidArgumentError,
+                            NotFoundError, UnavailableError)
 from conftest import Daemon, free_port
 
 
@@ -181,6 +183,63 @@ def test_a_checkpoint_a_writer_stored_is_not_taken_for_a_snapshot(daemon: Daemon
     tdcp.release()
     with pytest.raises(DataLossError, match="blob.layout.*tessera.dcp.Reader"):
         tdcp.SnapshotCheckpoint("dcpjob", 1, socket_path=str(daemon.socket)).index
+
+
+class WithExtraState(torch.nn.Module):
+    """A layer whose state_dict holds a non-tensor value (``get_extra_state``)."""
+
+    def __init__(self, extra: Any) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.extra = extra
+
+    def get_extra_state(self) -> Any:
+        return self.extra
+
+    def set_extra_state(self, state: Any) -> None:
+        self.extra = state
+
+
+def test_the_models_extra_state_is_served_and_one_naming_a_class_only_when_allowed(
+        daemon: Daemon) -> None:
+    """A model with two layers' extra state, one of plain values and one an object of a class
+    (fractions.Fraction): both are listed under DCP's names; the plain one reads back as
+    DCP loads bytes (torch.load); the other's read is refused, saying why and what to do, unless
+    allow_pickle=True."""
+    seed = _seed()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    plain = {"scale": rng.random(), "history": [rng.randrange(1 << 40) for _ in range(5)],
+             "name": "fp8", "raw": rng.randbytes(16), "nothing": None}
+    model = torch.nn.ModuleDict({"plain": WithExtraState(plain),
+                                 "obj": WithExtraState(fractions.Fraction(rng.randrange(1, 99), 7))})
+    snap = tt.Snapshotter(model, None, job_id="extra", rank=0, world_size=1,
+                          socket_path=str(daemon.socket))
+    try:
+        assert snap.snapshot(1)
+        snap.wait()
+        checkpoint = tdcp.SnapshotCheckpoint("extra", socket_path=str(daemon.socket))
+        assert {"model.plain._extra_state", "model.obj._extra_state"} <= set(
+            checkpoint.index.byte_items)
+        got = torch.load(io.BytesIO(checkpoint.read_bytes("model.plain._extra_state")))
+        assert got == plain and pickle.dumps(got) == pickle.dumps(plain), seed
+        with pytest.raises(FailedPreconditionError,
+                           match=r"'model.obj._extra_state' is the model's extra state .* in the "
+                                 r"snapshot of job 'extra' rank 0 step 1, and it names "
+                                 r"fractions.Fraction: .*Pass allow_pickle=True to SnapshotReader"):
+            checkpoint.read_bytes("model.obj._extra_state")
+        assert bytes(checkpoint.read_tensor("model.obj.lin.weight")) == _bytes(
+            model["obj"].lin.weight)
+        trusted = tdcp.SnapshotCheckpoint("extra", socket_path=str(daemon.socket),
+                                          allow_pickle=True)
+        value = torch.load(io.BytesIO(trusted.read_bytes("model.obj._extra_state")))
+        assert value == model["obj"].extra and type(value) is fractions.Fraction
+        reader = tdcp.SnapshotReader("extra", socket_path=str(daemon.socket), allow_pickle=True)
+        assert reader._open().allow_pickle
+        checkpoint.close()
+        trusted.close()
+    finally:
+        snap.close(drop=True)
 
 
 def _wait_read(checkpoint_of: Any, fqns: Sequence[str], timeout_s: float = 30.0) -> Dict[str, bytes]:
@@ -412,6 +471,53 @@ def test_missing_or_overlapping_bytes_are_refused() -> None:
         tdcp.SnapshotCheckpoint("job", source=src).index
 
 
+class _Marks:
+    """Unpickling it runs os.mkdir(path): a pickle that must not be opened."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.path,))
+
+
+def test_extra_state_is_named_as_dcp_names_it_and_never_run_without_allow_pickle(
+        tmp_path: Path) -> None:
+    """Extra state under DDP and torch.compile wrappers is named without them, as the tensors'
+    FQNs are; a value whose unpickling would run a function is listed and refused, and nothing
+    runs until allow_pickle=True; a nested pickle that does not parse is named."""
+    ran = tmp_path / "ran"
+    src = _Source(1)
+    w = torch.arange(6, dtype=torch.float32) + 0.5
+    src.add(0, "model.module._orig_mod.norm.weight", _bytes(w), "float32", (6,))
+    extra = {"module._orig_mod.norm._extra_state": {"steps": 3},
+             "module._orig_mod.head._extra_state": _Marks(str(ran))}
+    src.blobs(0, {"fqns": {"model.module._orig_mod.norm.weight": "norm.weight"}},
+              dict(_meta(), model_other=pickle.dumps(extra)))
+    checkpoint = tdcp.SnapshotCheckpoint("job", source=src)
+    assert set(checkpoint.index.byte_items) == {"model.norm._extra_state",
+                                                "model.head._extra_state"}
+    assert set(checkpoint.index.tensors) == {"model.norm.weight"}
+    assert torch.load(io.BytesIO(checkpoint.read_bytes("model.norm._extra_state"))) == {
+        "steps": 3}
+    with pytest.raises(FailedPreconditionError, match="and it names posix.mkdir"):
+        checkpoint.read_bytes("model.head._extra_state")
+    with pytest.raises(FailedPreconditionError, match="names posix.mkdir"):  # checked first
+        checkpoint.serve([tdcp.ChunkRead("model.norm.weight", (0,), (0,), (6,)),
+                          tdcp.ChunkRead("model.head._extra_state")],
+                         lambda *a: pytest.fail("delivered before all were checked"))
+    assert not ran.exists()
+    trusted = tdcp.SnapshotCheckpoint("job", source=src, allow_pickle=True)
+    trusted.index
+    assert ran.is_dir()  # allow_pickle runs what the pickle names, as documented
+
+    src.data[(0, "blob.meta")] = pickle.dumps(dict(_meta(), model_other=b"\x80\x04not a pickle"))
+    src.entries[0][2].length = len(src.data[(0, "blob.meta")])
+    with pytest.raises(DataLossError, match="the model's extra state .* does not unpickle, even "
+                       "with stand-ins for the classes it names"):
+        tdcp.SnapshotCheckpoint("job", source=src).index
+
+
 @pytest.mark.parametrize("damage, message", [
     ("meta names a class", "only plain values"),
     ("layout is not JSON", "not JSON"),
@@ -467,12 +573,14 @@ def test_reads_on_several_threads_deliver_every_read_bit_exact() -> None:
                                           for c in t.chunks)]
     seen: List[Any] = []
 
-    def deliver(read: Any, chunk: Any, view: memoryview) -> None:
+    def deliver(read: Any, chunk: Any, part: tdcp.ReadPart) -> None:
         seen.append(read.token)
         whole = want[read.fqn]
         lo = chunk.offsets[0] if chunk.offsets else 0
-        part = whole[lo:lo + chunk.sizes[0]] if chunk.sizes else whole
-        assert bytes(view) == _bytes(part), (read.fqn, chunk.offsets)
+        expected = whole[lo:lo + chunk.sizes[0]] if chunk.sizes else whole
+        assert part.at == (0,) * len(chunk.sizes) and part.lengths == chunk.sizes
+        assert _bytes(tdcp.part_tensor(read, chunk, part)) == _bytes(expected), (
+            read.fqn, chunk.offsets)
 
     checkpoint.serve(reads, deliver)
     assert sorted(seen) == list(range(len(reads)))

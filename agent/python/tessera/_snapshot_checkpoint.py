@@ -16,38 +16,43 @@ the checkpoint ``torch.distributed.checkpoint.state_dict.get_state_dict`` would 
   state value as bytes;
 * ``optim.param_groups``: the param groups with their parameters' FQNs, as bytes.
 
+The model's non-tensor state (``model.state_dict()`` values that are not tensors: each module's
+``get_extra_state``) is served as ``model.<fqn>`` items too, as DCP saves a non-tensor value: its
+``torch.save`` bytes, rank 0's (DCP saves non-tensor values from its coordinator). A Snapshotter
+pickles those values together, as a pickle nested in its meta blob: their keys are read without
+loading any class the pickle names (each stands in as an opaque object), and a value of plain
+values only is served as is; a value that names a class (any object but dicts, lists, tuples,
+sets, strings, bytes, numbers and None) is only unpickled with ``allow_pickle=True``, which runs
+what it names, and its read is refused with a clear error otherwise.
+
 The bytes come through the reader calls of the C ABI (`tessera.client.Client.read_manifest`
-and `read_range`): the daemon serves a rank's shard from its own memory, copies it from the node
-that holds it or rebuilds it from fragments; the reader checks every block it reads against the
-snapshot's checksums after copying it out, does not register or claim the rank, and so reads
-while the job's trainers run. A data-parallel snapshot (``dp_group``), whose members each store a
-slice of the replicated tensors, is read from every member's slice.
+and `read_range`), as `CheckpointReader` reads them: the daemon serves a rank's shard from its
+own memory, copies it from the node that holds it or rebuilds it from fragments; the reader
+checks every block it reads against the snapshot's checksums after copying it out, reads only
+the ranges the reads need, does not register or claim the rank, and so reads while the job's
+trainers run. A data-parallel snapshot (``dp_group``), whose members each store a slice of the
+replicated tensors, is read from every member's slice.
 
 Everything read is untrusted: the layout is JSON, every name, shape and offset in it is checked
 against the manifest, and the meta blob is unpickled allowing no class at all (its top level is
-plain values by construction; the model's extra state, which may be any object, is a nested
-pickle this module never opens).
+plain values by construction; the model's extra state is the nested pickle above).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import io
 import itertools
-import os
 import json
 import logging
 import pickle
-import threading
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .client import DTYPE_BYTES, Client, EntryKind
-from .dcp import (BytesItem, CheckpointIndex, CheckpointReader, ChunkRead, Deliver, RankIndex,
-                  Shape, TensorChunk, _check_job_id, _check_step, _Fields, _message, _socket_path,
-                  _volume, _MAX_DIM, _MAX_DIMS, _MAX_FQN_BYTES)
-from .errors import DataLossError, InvalidArgumentError, NotFoundError
+from .client import DTYPE_BYTES, EntryKind
+from .dcp import (BytesItem, CheckpointIndex, CheckpointReader, RankIndex, Shape, TensorChunk,
+                  _Fields, _message, _Piece, _shard_limit, _volume, _MAX_DIM, _MAX_DIMS,
+                  _MAX_FQN_BYTES)
+from .errors import DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 _log = logging.getLogger("tessera.dcp")
 
@@ -71,16 +76,6 @@ def _plain_loads(data: bytes, what: str) -> Any:
         return _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as e:
         raise DataLossError(f"{what} does not unpickle as plain values: {e}") from e
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A run of a chunk's bytes (row-major) that one rank stores in one entry."""
-
-    rank: int
-    entry: str
-    at: int      # where the run starts in the chunk
-    length: int
 
 
 @dataclass(frozen=True)
@@ -137,46 +132,11 @@ class _Layout:
         return value
 
 
-class DaemonSnapshotSource:
-    """Reads manifests and entry ranges through the local tesserad, over one connection."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._client: Optional[Client] = None
-        self._lock = threading.Lock()
-
-    def _connected(self) -> Client:
-        if self._client is None or self._client.closed:
-            self._client = Client(self.socket_path, use_gpu=False)
-        return self._client
-
-    def manifest(self, job_id: str, rank: int, step: int) -> Any:
-        with self._lock:
-            return self._connected().read_manifest(job_id, rank, step)
-
-    def read(self, job_id: str, rank: int, step: int, entry: str, offset: int, length: int,
-             out: memoryview) -> None:
-        """Safe from several threads at once: the library's reads are, and they release the
-        GIL while they copy and check."""
-        with self._lock:
-            client = self._connected()
-        client.read_range(job_id, rank, step, entry, offset, length, out=out)
-
-    def versions(self, job_id: str) -> List[Any]:
-        with self._lock:
-            return self._connected().list_versions(job_id)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-
-
 class SnapshotCheckpoint(CheckpointReader):
-    """A step of a Snapshotter job, as a DCP checkpoint: its merged index (`index`) and reads of
-    chunk ranges (`serve`, `read_region`, `read_tensor`, `read_bytes`), as `CheckpointReader`
-    offers for checkpoints a `tessera.dcp.Writer` stored.
+    """A step of a Snapshotter job, as a DCP checkpoint: its merged index (`index`, built once
+    from every rank's manifest and layout) and reads of chunk ranges (`serve`, `read_region`,
+    `read_tensor`, `read_bytes`), as `CheckpointReader` offers for checkpoints a
+    `tessera.dcp.Writer` stored, and reads them.
 
     Args:
         job_id: the Snapshotter's job.
@@ -186,40 +146,41 @@ class SnapshotCheckpoint(CheckpointReader):
         model_prefix, optim_prefix: the FQN prefixes of the model's and the optimizer's state
             (``"model."`` and ``"optim."``: the state dict ``{"model": model_sd, "optim":
             optim_sd}``; ``""`` for a model state dict at the top level).
-        max_chunk_bytes: the most bytes one chunk may take in this process (checked before it is
-            allocated); None: no bound beyond the snapshot's own sizes.
-        read_threads: chunks read at once (each read copies and checks its bytes without the
-            GIL); default min(8, CPUs). Up to twice as many chunks are held in memory.
-        source: where manifests and bytes come from (tests); default a `DaemonSnapshotSource`.
+        max_shard_bytes, read_threads: as `CheckpointReader`: the most bytes one read holds
+            (chunks are read in pieces of at most this, default `READ_PIECE_BYTES`), and the
+            reads run at once.
+        allow_pickle: unpickle the model's extra state with ``pickle`` when it names classes,
+            which runs what the snapshot names: only for snapshots you trust (the trainer's own
+            restore trusts them so). False: such a value is not read (its read fails with
+            FailedPreconditionError); plain values are served either way.
+        source: where manifests and bytes come from (tests); default a `DaemonSource`.
+        max_chunk_bytes: deprecated name of `max_shard_bytes`; warns once.
+
+    Raises (from `index`):
+        NotFoundError: no such job or step.
+        DataLossError: a rank's manifest or layout is damaged, or the ranks disagree (a tensor's
+            shape or dtype, chunks that overlap or leave part of a tensor uncovered).
     """
 
     def __init__(self, job_id: str, step: Optional[int] = None, *,
                  socket_path: Optional[str] = None, model_prefix: str = "model.",
-                 optim_prefix: str = "optim.", max_chunk_bytes: Optional[int] = None,
-                 read_threads: Optional[int] = None, source: Optional[Any] = None) -> None:
+                 optim_prefix: str = "optim.", max_shard_bytes: Optional[int] = None,
+                 read_threads: Optional[int] = None, allow_pickle: bool = False,
+                 source: Optional[Any] = None, max_chunk_bytes: Optional[int] = None) -> None:
         for name, prefix in (("model_prefix", model_prefix), ("optim_prefix", optim_prefix)):
             if not isinstance(prefix, str) or len(prefix) > 1024:
                 raise InvalidArgumentError(f"{name} must be a string (e.g. 'model.'), got "
                                            f"{prefix!r:.60}")
-        self.job_id = _check_job_id(job_id)
-        self.step = None if step is None else _check_step(step)
+        super().__init__(job_id, step, socket_path=socket_path,
+                         max_shard_bytes=_shard_limit(type(self).__name__, max_shard_bytes,
+                                                      max_chunk_bytes),
+                         read_threads=read_threads, source=source)
         self.model_prefix = model_prefix
         self.optim_prefix = optim_prefix
-        self.max_chunk_bytes = max_chunk_bytes
-        self.max_shard_bytes = max_chunk_bytes
-        if read_threads is None:
-            read_threads = min(8, os.cpu_count() or 1)
-        if isinstance(read_threads, bool) or not isinstance(read_threads, int) or not (
-                1 <= read_threads <= 256):
-            raise InvalidArgumentError(f"read_threads must be an integer in [1, 256], got "
-                                       f"{read_threads!r:.40}")
-        self.read_threads = read_threads
-        self.source = source or DaemonSnapshotSource(_socket_path(socket_path))
-        self._index: Optional[CheckpointIndex] = None
-        self._pieces: Dict[Tuple[str, Shape], Tuple[_Piece, ...]] = {}
-        self._bytes: Dict[str, bytes] = {}
-        self._versions: Dict[str, Dict[Tuple[int, int], Any]] = {}
-        self._lock = threading.Lock()
+        self.allow_pickle = bool(allow_pickle)
+        self._chunk_pieces: Dict[Tuple[str, Shape], Tuple[_Piece, ...]] = {}
+        # Non-tensor items by FQN: their bytes, or why they are not read (a str).
+        self._bytes: Dict[str, Union[bytes, str]] = {}
 
     # -- the index -------------------------------------------------------------------------------
 
@@ -237,7 +198,7 @@ class SnapshotCheckpoint(CheckpointReader):
         if entry.length > _MAX_BLOB_BYTES:
             raise DataLossError(f"{self._what(step, rank)}: {name} holds {entry.length} bytes")
         out = bytearray(entry.length)
-        self.source.read(self.job_id, rank, step, name, 0, entry.length, memoryview(out))
+        self._read(self.job_id, rank, step, name, 0, entry.length, memoryview(out))
         return bytes(out)
 
     def _pick_step(self) -> Tuple[int, Any]:
@@ -246,12 +207,12 @@ class SnapshotCheckpoint(CheckpointReader):
         for rank, step in self._listed(self.job_id):
             listed.setdefault(step, set()).add(rank)
         if self.step is not None:
-            return self.step, self.source.manifest(self.job_id, 0, self.step)
+            return self.step, self._manifest(self.job_id, 0, self.step)
         tried = []
         for step in sorted(listed, reverse=True):
             if 0 not in listed[step]:
                 continue
-            first = self.source.manifest(self.job_id, 0, step)
+            first = self._manifest(self.job_id, 0, step)
             if listed[step] >= set(range(first.world_size)):
                 return step, first
             tried.append(f"step {step}: ranks {sorted(listed[step])[:8]} of {first.world_size}")
@@ -259,21 +220,6 @@ class SnapshotCheckpoint(CheckpointReader):
             f"this daemon holds no step of job '{self.job_id}' that every rank sealed"
             f"{': ' + '; '.join(tried) if tried else ' (it holds none at all)'}; on a cluster a "
             "job's ranks may be held by other nodes: pass step= explicitly")
-
-    @property
-    def index(self) -> CheckpointIndex:
-        """The snapshot's merged index, built once from every rank's manifest and layout.
-
-        Raises:
-            NotFoundError: no such job or step.
-            DataLossError: a rank's manifest or layout is damaged, or the ranks disagree (a
-                tensor's shape or dtype, chunks that overlap or leave part of a tensor
-                uncovered).
-        """
-        with self._lock:
-            if self._index is None:
-                self._index = self._build()
-            return self._index
 
     def _build(self) -> CheckpointIndex:
         step, first = self._pick_step()
@@ -285,7 +231,8 @@ class SnapshotCheckpoint(CheckpointReader):
         pieces: Dict[Tuple[str, Shape], Dict[Any, List[_Piece]]] = {}
         layouts: List[_Layout] = []
         for rank in range(world):
-            manifest = first if rank == 0 else self.source.manifest(self.job_id, rank, step)
+            manifest = first if rank == 0 else self._manifest(self.job_id, rank, step)
+            self._manifests[rank] = manifest
             what = self._what(step, rank)
             if (manifest.world_size, manifest.step) != (world, step):
                 raise DataLossError(f"{what}: its manifest is of step {manifest.step} in a world "
@@ -326,11 +273,12 @@ class SnapshotCheckpoint(CheckpointReader):
                 raise DataLossError(
                     f"{self._what(step)}: the bytes of {fqn!r:.80} at {list(offsets)} are not "
                     f"all held: no rank (or data-parallel group) stores all {nbytes} of them")
-            self._pieces[key] = chosen
+            self._chunk_pieces[key] = chosen
             chunks_by_rank[chosen[0].rank].append(TensorChunk(
                 fqn, offsets, sizes, size, dtype, itemsize, chosen[0].rank, chosen[0].entry))
         self._bytes = self._byte_items(layouts[0], meta_of[0], self._what(step, 0))
-        byte_items = tuple(BytesItem(fqn, 0, "", len(data)) for fqn, data in self._bytes.items())
+        byte_items = tuple(BytesItem(fqn, 0, "", len(data) if isinstance(data, bytes) else 0)
+                           for fqn, data in self._bytes.items())
         ranks = [RankIndex(self.job_id, step, r, world, (), tuple(chunks_by_rank[r]),
                            byte_items if r == 0 else ()) for r in range(world)]
         index = CheckpointIndex(ranks)
@@ -403,9 +351,10 @@ class SnapshotCheckpoint(CheckpointReader):
                     return tuple(runs) or tuple(group[:1])
         return None
 
-    def _byte_items(self, layout: _Layout, meta: Any, what: str) -> Dict[str, bytes]:
-        """The optimizer's param groups and non-tensor state, serialised as DCP loads bytes
-        (``torch.save``)."""
+    def _byte_items(self, layout: _Layout, meta: Any, what: str) -> Dict[str, Union[bytes, str]]:
+        """The model's extra state, the optimizer's param groups and its non-tensor state,
+        serialised as DCP loads bytes (``torch.save``); for an extra state value that names a
+        class, without `allow_pickle`, why it is not read."""
         import torch
 
         f = _Fields(f"{what}: the meta blob", meta)
@@ -413,13 +362,18 @@ class SnapshotCheckpoint(CheckpointReader):
         if len(groups) != len(layout.group_sizes):
             raise DataLossError(f"{what}: {len(groups)} param groups in the meta blob, "
                                 f"{len(layout.group_sizes)} in the layout")
-        items: Dict[str, bytes] = {}
+        items: Dict[str, Union[bytes, str]] = {}
 
         def save(fqn: str, value: Any) -> None:
             buffer = io.BytesIO()
             torch.save(value, buffer)
             items[fqn] = buffer.getvalue()
 
+        for fqn, value in self._extra_state(layout, meta.get("model_other"), what).items():
+            if isinstance(value, _Refused):
+                items[fqn] = value.reason
+            else:
+                save(fqn, value)
         if not layout.param_fqns:
             return items
         fqns = iter(layout.param_fqns)
@@ -436,71 +390,146 @@ class SnapshotCheckpoint(CheckpointReader):
             save(f"{self.optim_prefix}state.{layout.param_fqns[key[0]]}.{key[1]}", value)
         return items
 
-    # -- reads -----------------------------------------------------------------------------------
+    def _extra_state(self, layout: _Layout, pickled: Any, what: str) -> Dict[str, Any]:
+        """The model's non-tensor state_dict values by DCP FQN (`_Refused` for one that names a
+        class, without `allow_pickle`), from the meta blob's ``model_other``: a nested pickle
+        of them (a dict of plain values in snapshots of meta format 1)."""
+        if not pickled:
+            return {}
+        snapshot = what
+        what = f"{snapshot}: the model's extra state (the meta blob's model_other)"
+        if isinstance(pickled, dict):
+            outline = pickled
+        elif isinstance(pickled, bytes):
+            outline = _outline_loads(pickled, what)
+        else:
+            raise DataLossError(f"{what} is a {type(pickled).__name__}, not a pickle")
+        if not isinstance(outline, dict) or not all(isinstance(k, str) for k in outline):
+            raise DataLossError(f"{what} is not a dict of state_dict keys")
+        from .torch import _clean_fqn
 
-    def serve(self, reads: Sequence[ChunkRead], deliver: Deliver) -> None:
-        """Answers `reads`: checks every one first (nothing is read when one is bad), then reads
-        each chunk they name once, from the rank (or the DP members) holding it, and calls
-        `deliver` for each read.
+        unwrap_ddp = _unwraps_ddp(layout)
+        trusted: Optional[Dict[str, Any]] = None
+        values: Dict[str, Any] = {}
+        for key, value in outline.items():
+            fqn = self.model_prefix + _clean_fqn(key, unwrap_ddp)
+            named = _class_named(value)
+            if named is None:
+                values[fqn] = value
+            elif not self.allow_pickle:
+                values[fqn] = _Refused(
+                    f"{fqn!r:.120} is the model's extra state (a non-tensor state_dict value) in "
+                    f"the {snapshot}, and it names {named}: reading it means "
+                    "unpickling it with pickle, which runs what a pickle names. Pass "
+                    "allow_pickle=True to SnapshotReader (or SnapshotCheckpoint) for a snapshot "
+                    f"you trust, as the trainer's own restore trusts it, or leave {fqn!r:.120} "
+                    "out of the state dict you load")
+            else:
+                if trusted is None:
+                    assert isinstance(pickled, bytes)
+                    try:
+                        trusted = pickle.loads(pickled)
+                    except Exception as e:
+                        raise DataLossError(f"{what} does not unpickle: {e!r:.200}") from e
+                    if not isinstance(trusted, dict) or set(trusted) != set(outline):
+                        raise DataLossError(f"{what} unpickles to other keys than it lists")
+                values[fqn] = trusted[key]
+        return values
 
-        Raises:
-            NotFoundError: an FQN or chunk the snapshot does not have, or a step the daemons no
-                longer hold.
-            InvalidArgumentError: a box outside its chunk.
-            DataLossError: bytes that do not match the snapshot's checksums.
-        """
-        index = self.index
-        resolved = [(read, self._resolve(read)) for read in reads]
+    # -- where the bytes are ---------------------------------------------------------------------
 
-        def chunk_key(pair: Tuple[ChunkRead, Any]) -> Tuple[str, Shape]:
-            where = pair[1]
-            return (where.fqn, where.offsets if isinstance(where, TensorChunk) else ())
+    def _pieces(self, where: Union[TensorChunk, BytesItem]) -> Tuple[_Piece, ...]:
+        assert isinstance(where, TensorChunk), "non-tensor items are held in memory"
+        return self._chunk_pieces[(where.fqn, where.offsets)]
 
-        def fetch(where: Any) -> memoryview:
-            if isinstance(where, BytesItem):
-                return memoryview(self._bytes[where.fqn])
-            data = bytearray(where.nbytes)
-            view = memoryview(data)
-            for p in self._pieces[(where.fqn, where.offsets)]:
-                try:
-                    self.source.read(self.job_id, p.rank, index.step, p.entry, 0, p.length,
-                                     view[p.at:p.at + p.length])
-                except NotFoundError as e:
-                    raise NotFoundError(
-                        f"{self._what(index.step, p.rank)} is no longer held ({_message(e)}): "
-                        "the job's ranks sealed newer steps, which release it; read the "
-                        "newest") from e
-            return view
+    def _held(self, item: BytesItem) -> Optional[memoryview]:
+        data = self._bytes[item.fqn]
+        if isinstance(data, str):
+            raise FailedPreconditionError(data)
+        return memoryview(data)
 
-        groups = [list(g) for _, g in itertools.groupby(sorted(resolved, key=chunk_key),
-                                                        key=chunk_key)]
-        for pairs in groups:
-            where = pairs[0][1]
-            if (isinstance(where, TensorChunk) and self.max_chunk_bytes is not None
-                    and where.nbytes > self.max_chunk_bytes):
-                raise InvalidArgumentError(
-                    f"chunk of {where.fqn!r:.80} at {list(where.offsets)} is {where.nbytes} "
-                    f"bytes, over max_chunk_bytes={self.max_chunk_bytes}")
-        # Chunks are read on `read_threads` threads (each read copies and checks its blocks
-        # without the GIL), at most twice that many ahead of the one delivered, in order.
-        with concurrent.futures.ThreadPoolExecutor(self.read_threads) as pool:
-            ahead: Deque[Tuple[List[Any], Any]] = collections.deque()
-            upcoming = iter(groups)
-            for pairs in itertools.islice(upcoming, 2 * self.read_threads):
-                ahead.append((pairs, pool.submit(fetch, pairs[0][1])))
-            while ahead:
-                pairs, future = ahead.popleft()
-                view = future.result()
-                for read, where in pairs:
-                    deliver(read, where, view)
-                del view
-                following = next(upcoming, None)
-                if following is not None:
-                    ahead.append((following, pool.submit(fetch, following[0][1])))
+    def _gone(self, rank: int, error: NotFoundError) -> NotFoundError:
+        assert self.step is not None, "the index is read first"
+        return NotFoundError(
+            f"{self._what(self.step, rank)} is no longer held ({_message(error)}): the job's "
+            "ranks sealed newer steps, which release it; read the newest")
 
-    def close(self) -> None:
-        """Closes the connection to the daemon (when this reader made it)."""
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
 
+@dataclass(frozen=True)
+class _Refused:
+    """An item this reader does not read, and why."""
+
+    reason: str
+
+
+class _StandIn:
+    """An object of a class a pickle names, unpickled without loading the class: it takes any
+    arguments, state and items, and keeps none."""
+
+    pickled_as = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_StandIn":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
+        pass
+
+
+class _OutlineUnpickler(pickle.Unpickler):
+    """Unpickles a pickle's plain values, with a stand-in class (`_StandIn`) for each class or
+    function it names: nothing it names is loaded or run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return type("stand_in", (_StandIn,), {"pickled_as": f"{module}.{name}"[:200]})
+
+
+def _outline_loads(data: bytes, what: str) -> Any:
+    try:
+        return _OutlineUnpickler(io.BytesIO(data)).load()
+    except Exception as e:
+        raise DataLossError(f"{what} does not unpickle, even with stand-ins for the classes it "
+                            f"names: {e!r:.200}") from e
+
+
+def _class_named(value: Any) -> Optional[str]:
+    """The first class or function (as "module.name") that `value`, an outline
+    (`_OutlineUnpickler`), holds a stand-in of; None when it is plain values only."""
+    stack = [value]
+    seen = set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _StandIn) or (isinstance(v, type) and issubclass(v, _StandIn)):
+            return v.pickled_as
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack += v
+    return None
+
+
+def _unwraps_ddp(layout: _Layout) -> bool:
+    """Whether the layout's FQNs leave out a DistributedDataParallel wrapper's ``module``."""
+    from .torch import _clean_fqn
+
+    return any(_clean_fqn(key[len("model."):], True) == fqn != _clean_fqn(key[len("model."):],
+                                                                         False)
+               for key, fqn in layout.fqns.items())

@@ -29,21 +29,27 @@ progress leaves the previous checkpoint readable, except for the moment between 
 chunks and its index being sealed (the data job has moved on, the index job not yet), when a read
 of either step fails with NotFoundError and can be retried.
 
-Reading. The C ABI restores a snapshot only into a registration that matches its manifest, so a
-reader learns each rank's layout from its index and copies the whole shard out through
-`tessera.client.read_snapshot`: the daemon serves it from its own memory, copies it from the node
-that holds it, or rebuilds it from fragments, checking every block. That read claims the rank
-while it runs, and waits while a live process has the rank registered, which a saving process
-does between its saves (`release`). A read-only, ranged access to another rank's snapshot needs
-a call the C ABI does not have yet.
+Reading. A reader reads the manifest of each shard its reads need, then only the byte ranges they
+need, through the reader calls of the C ABI (`tessera.client.Client.read_manifest` and
+`read_range`): the daemon serves a shard from its own memory, copies it from the node that holds
+it or rebuilds it from fragments, and every block a range overlaps is checked against the
+snapshot's CRC32C after it is copied out. Nothing is registered or claimed, so a process that
+keeps its ranks registered between saves, or goes on saving, is not disturbed. The ranges one
+stored chunk must give are merged where they touch and cut into pieces of at most
+`max_shard_bytes` (default `READ_PIECE_BYTES`), each of a few rows at a time when a box is not
+contiguous (the bytes between its rows are read too, at most one checksum block's worth per
+piece, as checking a range reads its whole blocks anyway); the pieces are read on a few threads,
+at most twice as many held at once as there are threads. A non-tensor item (refused when over
+`max_shard_bytes`) and an index are read whole.
 
 The Tessera side is plain Python, usable and tested without DCP: `save_rank` stores one rank's
 chunks and index, `CheckpointIndex` merges the ranks' indexes into DCP's view of the checkpoint
 (every chunk checked against the tensor's bounds, the chunks of a tensor covering it exactly once),
-and `CheckpointReader` serves chunk ranges (`CheckpointReader.serve`) and regions of whole tensors
-assembled from every chunk they cross (`CheckpointReader.read_region`). `Writer` and `Reader` are
-thin adapters to DCP's ``StorageWriter`` and ``StorageReader``; they need PyTorch >= 2.2 (DCP's
-current API) and are imported from it when this module is.
+and `CheckpointReader` serves chunk ranges (`CheckpointReader.serve`, in parts: see `ReadPart`)
+and regions of whole tensors assembled from every chunk they cross
+(`CheckpointReader.read_region`). `Writer` and `Reader` are thin adapters to DCP's
+``StorageWriter`` and ``StorageReader``; they need PyTorch >= 2.2 (DCP's current API) and are
+imported from it when this module is.
 
 Bytes read out of the daemons are not trusted: an index is parsed as JSON (never unpickled), and
 every name, dtype, dimension, offset and length in it is bounded and cross-checked before it
@@ -53,6 +59,8 @@ sizes an allocation or a copy.
 from __future__ import annotations
 
 import atexit
+import collections
+import concurrent.futures
 import dataclasses
 import io
 import itertools
@@ -62,14 +70,14 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
-from .client import (DTYPE_BYTES, Client, Entry, EntryKind, SnapshotCopy, _register_when_free,
-                     read_snapshot)
-from .errors import (DataLossError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
-                     TesseraError)
+from .client import DTYPE_BYTES, Client, Entry, EntryKind, _register_when_free
+from .errors import (DataLossError, FailedPreconditionError, InternalError, InvalidArgumentError,
+                     NotFoundError, TesseraError)
 
 try:  # DCP's base classes, when this PyTorch has them (torch.distributed.checkpoint, >= 2.2).
     from torch.distributed.checkpoint import StorageReader as _StorageReaderBase
@@ -93,7 +101,10 @@ __all__ = [
     "INDEX_CAPACITY",
     "INDEX_ENTRY",
     "INDEX_JOB_SUFFIX",
+    "READ_PIECE_BYTES",
     "RankIndex",
+    "ReadPart",
+    "ReadStats",
     "Reader",
     "StoredAt",
     "TensorChunk",
@@ -108,6 +119,7 @@ __all__ = [
     "dcp_available",
     "narrow",
     "parse_checkpoint_id",
+    "part_tensor",
     "release",
     "save_rank",
 ]
@@ -121,9 +133,13 @@ INDEX_JOB_SUFFIX = ".dcp-index"
 """The indexes of checkpoint job ``JOB`` are the Tessera job ``JOB + INDEX_JOB_SUFFIX``."""
 
 INDEX_CAPACITY = 4 << 20
-"""The capacity of a rank's index blob, bytes. Writer and reader must use the same (it is part of
-the index shard's layout); about 100 bytes per chunk and per FQN of the planner's data, so 4 MiB
-holds some 30,000 chunks per rank."""
+"""The capacity of a rank's index blob that a `Writer` registers, bytes (a reader reads the index's
+length from its shard's manifest, whatever the capacity); about 100 bytes per chunk and per FQN of
+the planner's data, so 4 MiB holds some 30,000 chunks per rank."""
+
+READ_PIECE_BYTES = 16 << 20
+"""Without ``max_shard_bytes``, the most bytes of tensor data a reader holds for one read from the
+daemon (two of its 8 MiB checksum blocks)."""
 
 INDEX_ENTRY = "dcp.index"
 """The name of the index blob in its shard."""
@@ -138,6 +154,8 @@ _MAX_DIMS = 64
 _MAX_DIM = 1 << 62
 _MAX_ENTRIES = 100_000       # entries of one registration, as the daemon bounds it
 _MAX_ITEMSIZE = 64
+_MAX_INDEX_BYTES = 1 << 30   # an index blob read, whatever its manifest says
+_DEFAULT_BLOCK_BYTES = 8 << 20  # the agent's CRC32C block, for a manifest that does not say
 _JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _CHECKPOINT_ID = re.compile(r"tessera://([^/]+)/([0-9]+)")
 
@@ -265,13 +283,14 @@ def _runs(shape: Shape, itemsize: int, offsets: Shape, lengths: Shape) -> Iterat
 
 def copy_box(src: memoryview, src_shape: Sequence[int], src_offsets: Sequence[int],
              dst: memoryview, dst_shape: Sequence[int], dst_offsets: Sequence[int],
-             lengths: Sequence[int], itemsize: int) -> int:
+             lengths: Sequence[int], itemsize: int, *, src_start: int = 0) -> int:
     """Copies the box of `lengths` at `src_offsets` in row-major `src` (of `src_shape`) to
     `dst_offsets` in row-major `dst` (of `dst_shape`), both of elements of `itemsize` bytes, run
-    by run. Returns the bytes copied.
+    by run. Returns the bytes copied. `src` may hold only bytes [src_start, src_start + len(src))
+    of its tensor (a `ReadPart`'s data), as long as the box lies within them.
 
     Raises:
-        InvalidArgumentError: a box outside its shape, or a buffer shorter than its shape.
+        InvalidArgumentError: a box outside its shape, or a buffer that does not hold it.
     """
     src_shape, dst_shape = tuple(src_shape), tuple(dst_shape)
     if len(src_shape) != len(dst_shape):
@@ -284,30 +303,98 @@ def copy_box(src: memoryview, src_shape: Sequence[int], src_offsets: Sequence[in
     dst = dst.cast("B") if dst.format != "B" else dst
     if isinstance(itemsize, bool) or not isinstance(itemsize, int) or itemsize < 1:
         raise InvalidArgumentError(f"copy_box: itemsize must be an int >= 1, got {itemsize!r}")
-    for name, buf, shape in (("source", src, src_shape), ("destination", dst, dst_shape)):
-        if len(buf) < _volume(shape) * itemsize:
-            raise InvalidArgumentError(
-                f"copy_box: the {name} buffer is {len(buf)} bytes, short of {list(shape)} "
-                f"elements of {itemsize} bytes")
+    if len(dst) < _volume(dst_shape) * itemsize:
+        raise InvalidArgumentError(
+            f"copy_box: the destination buffer is {len(dst)} bytes, short of {list(dst_shape)} "
+            f"elements of {itemsize} bytes")
     if _volume(lengths) == 0:
         return 0
+    src_strides = _strides(src_shape, itemsize)
+    first, end = _box_span(src_strides, itemsize, src_offsets, lengths)
+    if not 0 <= src_start <= first or end > src_start + len(src):
+        raise InvalidArgumentError(
+            f"copy_box: the source buffer holds bytes [{src_start}, {src_start + len(src)}) of "
+            f"its tensor, the box needs [{first}, {end})")
     if not lengths:
-        dst[:itemsize] = src[:itemsize]
+        dst[:itemsize] = src[first - src_start:first - src_start + itemsize]
         return itemsize
     k = max(_contiguous_from(src_shape, src_offsets, lengths),
             _contiguous_from(dst_shape, dst_offsets, lengths))
-    src_strides = _strides(src_shape, itemsize)
     dst_strides = _strides(dst_shape, itemsize)
     run = _volume(lengths[k:]) * itemsize
-    src_start = src_offsets[k] * src_strides[k]
-    dst_start = dst_offsets[k] * dst_strides[k]
+    src_at = src_offsets[k] * src_strides[k] - src_start
+    dst_at = dst_offsets[k] * dst_strides[k]
     copied = 0
     for index in itertools.product(*(range(n) for n in lengths[:k])):
-        s = src_start + sum((o + i) * st for o, i, st in zip(src_offsets, index, src_strides))
-        d = dst_start + sum((o + i) * st for o, i, st in zip(dst_offsets, index, dst_strides))
+        s = src_at + sum((o + i) * st for o, i, st in zip(src_offsets, index, src_strides))
+        d = dst_at + sum((o + i) * st for o, i, st in zip(dst_offsets, index, dst_strides))
         dst[d:d + run] = src[s:s + run]
         copied += run
     return copied
+
+
+def _box_span(strides: Sequence[int], itemsize: int, offsets: Sequence[int],
+              lengths: Sequence[int]) -> Tuple[int, int]:
+    """[first byte, end) of a non-empty box in a row-major tensor of byte `strides`: from its
+    first element to the end of its last."""
+    first = sum(o * s for o, s in zip(offsets, strides))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
+    return first, last + itemsize
+
+
+def _split_box(shape: Shape, itemsize: int, offsets: Shape, lengths: Shape, limit: int,
+               slack: int) -> List[Tuple[Shape, Shape]]:
+    """The non-empty box [offsets, offsets + lengths) of a row-major tensor of `shape`, cut into
+    parts that cover it once, each (at, lengths) with `at` relative to `offsets`: each part spans
+    at most `limit` bytes of the tensor from its first byte to the end of its last, at most
+    `slack` of them not its own (the bytes between its rows). A single element is not cut.
+
+    A box is cut along its first dimension longer than 1 into slabs of as many indices as fit,
+    the slabs' bounds at multiples of that count in the tensor (so that slabs of rows whose size
+    divides the checksum block start on block boundaries); a slab of one index that does not fit
+    is cut along the next dimension."""
+    strides = _strides(shape, itemsize)
+    parts: List[Tuple[Shape, Shape]] = []
+
+    def span(at: Shape, part: Shape) -> int:
+        first, end = _box_span(strides, itemsize, [o + a for o, a in zip(offsets, at)], part)
+        return end - first
+
+    def fits(at: Shape, part: Shape) -> bool:
+        spanned = span(at, part)
+        return spanned <= limit and spanned - _volume(part) * itemsize <= slack
+
+    def cut(at: Shape, part: Shape, d: int) -> None:
+        if fits(at, part):
+            parts.append((at, part))
+            return
+        while d < len(part) and part[d] == 1:
+            d += 1
+        if d == len(part):  # one element
+            parts.append((at, part))
+            return
+        unit = part[:d] + (1,) + part[d + 1:]
+        if not fits(at, unit):
+            for i in range(part[d]):
+                cut(at[:d] + (at[d] + i,) + at[d + 1:], unit, d + 1)
+            return
+        # m slabs span unit_span + (m - 1) * stride bytes, of which m * unit_bytes are theirs.
+        unit_span, unit_bytes, stride = span(at, unit), _volume(unit) * itemsize, strides[d]
+        count = (limit - unit_span) // stride + 1
+        if stride > unit_bytes:
+            count = min(count, (slack + stride - unit_span) // (stride - unit_bytes))
+        count = max(count, 1)
+        lo = offsets[d] + at[d]
+        hi = lo + part[d]
+        i = lo
+        while i < hi:
+            j = min(hi, (i // count + 1) * count)
+            parts.append((at[:d] + (i - offsets[d],) + at[d + 1:],
+                          part[:d] + (j - i,) + part[d + 1:]))
+            i = j
+
+    cut((0,) * len(lengths), tuple(lengths), 0)
+    return parts
 
 
 def _intersect(a_offsets: Shape, a_sizes: Shape, b_offsets: Shape,
@@ -713,40 +800,47 @@ def _check_cover(what: str, fqn: str, size: Shape, chunks: Sequence[TensorChunk]
 
 
 class DaemonSource:
-    """Reads shards through the local tesserad (`tessera.client.read_snapshot`).
+    """Reads manifests and entry ranges through the local tesserad, over one connection that
+    registers nothing (`tessera.client.Client.read_manifest` and `read_range`): no rank is
+    claimed, so the job's trainers and savers go on meanwhile.
 
     Args:
         socket_path: the daemon's agent socket.
-        claim_timeout_s: how long a read waits while a live process holds the rank it reads.
-        max_bytes: the most bytes one shard may take in this process; None: physical memory.
     """
 
-    def __init__(self, socket_path: str, claim_timeout_s: float = 60.0,
-                 max_bytes: Optional[int] = None) -> None:
+    def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
-        self.claim_timeout_s = claim_timeout_s
-        self.max_bytes = max_bytes
+        self._client: Optional[Client] = None
+        self._lock = threading.Lock()
 
-    def read(self, job_id: str, rank: int, world_size: int, step: int, layout: Sequence[Entry],
-             max_bytes: Optional[int] = None) -> SnapshotCopy:
-        """The entries of (`job_id`, `rank`) at `step`, whose layout is `layout`; refused before
-        anything is allocated when they take more than `max_bytes` (else this source's bound)."""
-        try:
-            return read_snapshot(self.socket_path, job_id, rank, world_size, step, layout,
-                                 claim_timeout_s=self.claim_timeout_s,
-                                 max_bytes=self.max_bytes if max_bytes is None else max_bytes)
-        except FailedPreconditionError as e:
-            if "still held after waiting" not in str(e):
-                raise
-            raise FailedPreconditionError(
-                f"{_message(e)}. A process that saved with tessera.dcp keeps its ranks "
-                "registered until it exits or calls tessera.dcp.release() (or saves with "
-                "keep_registered=False)") from e
+    def _connected(self) -> Client:
+        with self._lock:
+            if self._client is None or self._client.closed:
+                self._client = Client(self.socket_path, use_gpu=False)
+            return self._client
+
+    def manifest(self, job_id: str, rank: int, step: int) -> Any:
+        """The manifest (`tessera.SnapshotManifest`) of (`job_id`, `rank`) at `step`."""
+        return self._connected().read_manifest(job_id, rank, step)
+
+    def read(self, job_id: str, rank: int, step: int, entry: str, offset: int, length: int,
+             out: memoryview) -> None:
+        """Bytes [offset, offset + length) of `entry`'s stored bytes into `out`, every block they
+        overlap checked. Safe from several threads at once: the library's reads are, and they
+        release the GIL while they copy and check."""
+        self._connected().read_range(job_id, rank, step, entry, offset, length, out=out)
 
     def versions(self, job_id: str) -> List[Any]:
         """The snapshots this daemon holds of `job_id` (`tessera.Version`)."""
-        with Client(self.socket_path, use_gpu=False) as client:
-            return client.list_versions(job_id)
+        return self._connected().list_versions(job_id)
+
+    def close(self) -> None:
+        """Closes the connection (and the snapshots the library keeps open for it); the next
+        call opens another."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
 @dataclass(frozen=True)
@@ -769,64 +863,204 @@ class ChunkRead:
     token: Any = None
 
 
-Deliver = Callable[[ChunkRead, Union[TensorChunk, BytesItem], memoryview], None]
-"""Called by `CheckpointReader.serve` with a read, the chunk or item it names, and all of that
-chunk's bytes (row-major) or the item's bytes; valid during the call only."""
+@dataclass(frozen=True)
+class ReadPart:
+    """What `CheckpointReader.serve` hands `deliver` for one part of a read, valid during that
+    call only.
+
+    A tensor read comes in one or more parts, boxes that cover the read's box once: `at` is where
+    the part starts within the read's box, `lengths` its shape, and `data` holds bytes
+    [start, start + len(data)) of the chunk's row-major bytes, the part's among them (and the
+    bytes between its rows when it is not contiguous in the chunk): `part_tensor` views it as a
+    tensor, `copy_box` with ``src_start=start`` copies it. A non-tensor item comes in one part of
+    all its bytes (`at` and `lengths` (), `start` 0).
+    """
+
+    at: Shape
+    lengths: Shape
+    data: memoryview
+    start: int
+
+
+Deliver = Callable[[ChunkRead, Union[TensorChunk, BytesItem], ReadPart], None]
+"""Called by `CheckpointReader.serve` with a read, the chunk or item it names, and one part of
+its bytes."""
+
+
+@dataclass
+class ReadStats:
+    """What a reader has read from the daemons (`CheckpointReader.stats`), its index included."""
+
+    manifests_read: int = 0
+    """Manifests read: each index shard's, and each data shard's that the reads needed."""
+    ranges_read: int = 0
+    """Byte ranges read (`tessera.client.Client.read_range` calls)."""
+    bytes_read: int = 0
+    """The bytes of those ranges, each checked against the snapshot's CRC32C."""
+    largest_read_bytes: int = 0
+    """The most bytes one read held in this process (its buffer)."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Bytes [at, at + length) of a chunk's (or an item's) row-major bytes, stored in `entry` of
+    `rank`'s shard, whose stored bytes start with them (a DP slice's start at its first byte)."""
+
+    rank: int
+    entry: str
+    at: int
+    length: int
+
+
+@dataclass
+class _Fetch:
+    """One read into one buffer: bytes [start, end) of a chunk or an item, taken from `pieces`,
+    and the parts of reads it answers, as (the read's position, at, lengths)."""
+
+    pieces: Tuple[_Piece, ...]
+    start: int
+    end: int
+    parts: List[Tuple[int, Shape, Shape]]
+
+
+_DEPRECATED_READER_OPTIONS = {
+    "index_capacity": "a reader reads each index's length from its shard's manifest, whatever "
+                      "capacity the Writer gave it",
+    "claim_timeout_s": "a reader claims no rank, so it never waits for one",
+    "max_chunk_bytes": "pass max_shard_bytes, the same bound: the most bytes one read holds "
+                       "(a chunk is read in pieces that fit, not refused)",
+}
+_warned_options: set = set()
+_warned_lock = threading.Lock()
+
+
+def _deprecated(owner: str, name: str, value: Any) -> None:
+    """Warns (DeprecationWarning, once per option and process) that `owner` was given `name`."""
+    if value is None:
+        return
+    with _warned_lock:
+        if name in _warned_options:
+            return
+        _warned_options.add(name)
+    warnings.warn(f"{owner}: {name} is deprecated and will be removed: "
+                  f"{_DEPRECATED_READER_OPTIONS[name]}", DeprecationWarning, stacklevel=4)
+
+
+def _reader_options(owner: str, max_shard_bytes: Any, read_threads: Any, index_capacity: Any,
+                    claim_timeout_s: Any) -> Tuple[Optional[int], int]:
+    """A reader's `max_shard_bytes` and `read_threads` (its default filled in), checked; a
+    warning for each deprecated option given."""
+    if index_capacity is not None:
+        _check_capacity(index_capacity)
+    _deprecated(owner, "index_capacity", index_capacity)
+    _deprecated(owner, "claim_timeout_s", claim_timeout_s)
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(
+            max_shard_bytes, int) or max_shard_bytes < 1):
+        raise InvalidArgumentError(f"max_shard_bytes must be None or an int >= 1, got "
+                                   f"{max_shard_bytes!r:.40}")
+    if read_threads is None:
+        read_threads = min(8, os.cpu_count() or 1)
+    if isinstance(read_threads, bool) or not isinstance(read_threads, int) or not (
+            1 <= read_threads <= 256):
+        raise InvalidArgumentError(f"read_threads must be an integer in [1, 256], got "
+                                   f"{read_threads!r:.40}")
+    return max_shard_bytes, read_threads
 
 
 class CheckpointReader:
-    """Reads one DCP checkpoint held by the daemons: its index, and byte ranges of its chunks.
+    """Reads one DCP checkpoint held by the daemons: its index, and byte ranges of its chunks,
+    without registering or claiming any rank.
 
     Args:
         job_id: the checkpoint's job.
         step: its step; None: the newest step whose index every rank has on this daemon.
         socket_path: the daemon's agent socket; default ``TESSERA_SOCKET``, else
             `DEFAULT_SOCKET_PATH`.
-        index_capacity: as the `Writer` used.
-        claim_timeout_s: how long a read waits while a live process holds the rank it reads.
-        max_shard_bytes: the most bytes one shard may take in this process (checked before it is
-            allocated); None: the size the daemon lists for it, else physical memory.
-        source: where shards come from (tests); default a `DaemonSource`.
+        max_shard_bytes: the most bytes one read of checkpoint data from the daemon may hold
+            in this process: a chunk's bytes are read in pieces of at most this (default
+            `READ_PIECE_BYTES`); a non-tensor item, read whole, that takes more is refused
+            before anything is read (None: no bound for those). The indexes, read first, are
+            not bounded by it (an index is at most the Writer's ``index_capacity``).
+        read_threads: reads run at once (each copies and checks its bytes without the GIL);
+            default min(8, CPUs). At most twice as many reads are held in memory.
+        source: where manifests and bytes come from (tests); default a `DaemonSource`.
+        index_capacity, claim_timeout_s: deprecated, without effect (a reader reads an index of
+            any capacity, and claims no rank); each warns once.
     """
 
     def __init__(self, job_id: str, step: Optional[int] = None, *,
-                 socket_path: Optional[str] = None, index_capacity: int = INDEX_CAPACITY,
-                 claim_timeout_s: float = 60.0, max_shard_bytes: Optional[int] = None,
-                 source: Optional[Any] = None) -> None:
+                 socket_path: Optional[str] = None, max_shard_bytes: Optional[int] = None,
+                 read_threads: Optional[int] = None, source: Optional[Any] = None,
+                 index_capacity: Optional[int] = None,
+                 claim_timeout_s: Optional[float] = None) -> None:
         self.job_id = _check_job_id(job_id)
         self.step = None if step is None else _check_step(step)
-        self.index_capacity = _check_capacity(index_capacity)
-        self.max_shard_bytes = max_shard_bytes
-        self.source = source or DaemonSource(_socket_path(socket_path), claim_timeout_s)
+        self.max_shard_bytes, self.read_threads = _reader_options(
+            type(self).__name__, max_shard_bytes, read_threads, index_capacity, claim_timeout_s)
+        self.source = source or DaemonSource(_socket_path(socket_path))
+        self.stats = ReadStats()
+        """What this reader has read so far."""
         self._index: Optional[CheckpointIndex] = None
         self._versions: Dict[str, Dict[Tuple[int, int], Any]] = {}
+        self._manifests: Dict[int, Any] = {}  # of the data shards, by rank, checked
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
 
     @property
     def index_job(self) -> str:
         return self.job_id + INDEX_JOB_SUFFIX
 
-    def _index_layout(self) -> List[Entry]:
-        return [Entry(INDEX_ENTRY, 0, self.index_capacity, "bytes", (self.index_capacity,),
-                      EntryKind.BLOB)]
+    # -- what is read, counted -------------------------------------------------------------------
 
-    def _read_index(self, rank: int, world_size: int, step: int) -> RankIndex:
+    def _manifest(self, job_id: str, rank: int, step: int) -> Any:
+        manifest = self.source.manifest(job_id, rank, step)
+        with self._stats_lock:
+            self.stats.manifests_read += 1
+        return manifest
+
+    def _read(self, job_id: str, rank: int, step: int, entry: str, offset: int, length: int,
+              out: memoryview) -> None:
+        self.source.read(job_id, rank, step, entry, offset, length, out)
+        with self._stats_lock:
+            self.stats.ranges_read += 1
+            self.stats.bytes_read += length
+
+    def _check_whole(self, what: str, nbytes: int) -> None:
+        """Refuses a read of `nbytes` that cannot be cut (an item, an index, an element) when
+        it exceeds `max_shard_bytes`."""
+        if self.max_shard_bytes is not None and nbytes > self.max_shard_bytes:
+            raise InvalidArgumentError(
+                f"{what} needs {nbytes} bytes in one read, over max_shard_bytes="
+                f"{self.max_shard_bytes}: nothing was read; pass a larger max_shard_bytes")
+
+    # -- the index -------------------------------------------------------------------------------
+
+    def _read_index(self, rank: int, step: int) -> RankIndex:
+        what = f"the DCP index of job '{self.job_id}' rank {rank} step {step}"
         try:
-            copy = self.source.read(self.index_job, rank, world_size, step, self._index_layout())
+            manifest = self._manifest(self.index_job, rank, step)
+            blob = next((e for e in manifest.entries if e.name == INDEX_ENTRY), None)
+            if blob is None or blob.kind != EntryKind.BLOB:
+                names = ", ".join(repr(e.name) for e in manifest.entries[:8])
+                raise DataLossError(
+                    f"{what}: its shard (job '{self.index_job}') holds no index blob "
+                    f"{INDEX_ENTRY!r} (it holds {names or 'nothing'}): it was not stored by "
+                    "tessera.dcp")
+            if blob.length > _MAX_INDEX_BYTES:
+                raise DataLossError(f"{what}: its manifest says the index takes {blob.length} "
+                                    f"bytes, more than the {_MAX_INDEX_BYTES} read")
+            data = bytearray(blob.length)
+            self._read(self.index_job, rank, step, INDEX_ENTRY, 0, blob.length, memoryview(data))
         except NotFoundError as e:
             raise NotFoundError(
                 f"the DCP checkpoint of job '{self.job_id}' step {step} has no index for rank "
                 f"{rank} (job '{self.index_job}'): that rank's save did not finish, or the "
                 f"daemons no longer hold the step ({_message(e)})") from e
-        except FailedPreconditionError as e:
-            if "does not match the registered state" not in str(e):
-                raise
-            raise FailedPreconditionError(
-                f"the DCP index of job '{self.job_id}' rank {rank} step {step} is not a blob of "
-                f"{self.index_capacity} bytes: the Writer used another index_capacity; pass the "
-                f"same to the Reader ({_message(e)})") from e
-        return RankIndex.from_json(copy.entry(INDEX_ENTRY), job_id=self.job_id, step=step,
-                                   rank=rank)
+        index = RankIndex.from_json(data, job_id=self.job_id, step=step, rank=rank)
+        if manifest.world_size != index.world_size:
+            raise DataLossError(f"{what} is of a world of {index.world_size}, its shard of a "
+                                f"world of {manifest.world_size}")
+        return index
 
     def _newest_complete_step(self) -> RankIndex:
         """Rank 0's index at the newest step whose index every rank of its world has on this
@@ -838,7 +1072,7 @@ class CheckpointReader:
         for step in sorted(ranks_at, reverse=True):
             if 0 not in ranks_at[step]:
                 continue
-            first = self._read_index(0, max(ranks_at[step]) + 1, step)
+            first = self._read_index(0, step)
             world = first.world_size
             if ranks_at[step] >= set(range(world)):
                 return first
@@ -858,25 +1092,20 @@ class CheckpointReader:
         """
         with self._lock:
             if self._index is None:
-                if self.step is None:
-                    first = self._newest_complete_step()
-                else:
-                    # The world comes with rank 0's index; registering to read it needs one,
-                    # which this daemon's listing tells when it holds the ranks.
-                    guess = 1 + max((r for r, s in self._listed(self.index_job)
-                                     if s == self.step), default=0)
-                    first = self._read_index(0, guess, self.step)
-                step = first.step
-                ranks = [first] + [self._read_index(r, first.world_size, step)
-                                   for r in range(1, first.world_size)]
-                self._index = CheckpointIndex(ranks)
-                self.step = step
-                _log.info("DCP checkpoint of job '%s' step %d: %d ranks, %d tensors in %d "
-                          "chunks, %d other items", self.job_id, step, first.world_size,
-                          len(self._index.tensors),
-                          sum(len(t.chunks) for t in self._index.tensors.values()),
-                          len(self._index.byte_items))
+                self._index = self._build()
             return self._index
+
+    def _build(self) -> CheckpointIndex:
+        first = (self._newest_complete_step() if self.step is None
+                 else self._read_index(0, self.step))
+        step = first.step
+        ranks = [first] + [self._read_index(r, step) for r in range(1, first.world_size)]
+        index = CheckpointIndex(ranks)
+        self.step = step
+        _log.info("DCP checkpoint of job '%s' step %d: %d ranks, %d tensors in %d chunks, %d "
+                  "other items", self.job_id, step, first.world_size, len(index.tensors),
+                  sum(len(t.chunks) for t in index.tensors.values()), len(index.byte_items))
+        return index
 
     def _listed(self, job_id: str) -> Dict[Tuple[int, int], Any]:
         """(rank, step) -> the sealed versions of `job_id` this daemon lists (asked once)."""
@@ -886,21 +1115,63 @@ class CheckpointReader:
                 (v.rank, v.step): v for v in listed(job_id) if v.sealed}
         return self._versions[job_id]
 
-    def _shard_bound(self, rank: int, layout: Sequence[Entry]) -> Optional[int]:
-        """Refuses a layout larger than the shard the daemon lists; returns the bound to use
-        (None: the source's own)."""
-        if self.max_shard_bytes is not None:
-            return self.max_shard_bytes
-        version = self._listed(self.job_id).get((rank, self.step))
-        if version is None:
-            return None  # held by another node: the restore itself checks the layout
-        stored = sum(e.nbytes for e in layout)
-        if stored > version.payload_bytes:
-            raise DataLossError(
-                f"the DCP index of job '{self.job_id}' rank {rank} step {self.step} describes "
-                f"{stored} bytes of entries, but the daemon holds {version.payload_bytes} bytes "
-                "for that shard")
+    # -- where each chunk's bytes are ------------------------------------------------------------
+
+    def _shard(self, rank: int) -> Any:
+        """The manifest of saving rank `rank`'s data shard, read once and checked against its
+        index: the entries the index names must be there as it describes them."""
+        manifest = self._manifests.get(rank)
+        if manifest is not None:
+            return manifest
+        index = self.index
+        try:
+            manifest = self._manifest(self.job_id, rank, index.step)
+        except NotFoundError as e:
+            raise self._gone(rank, e) from e
+        what = f"the DCP checkpoint of job '{self.job_id}' rank {rank} step {index.step}"
+        if manifest.world_size != index.world_size:
+            raise DataLossError(f"{what}: its shard is of a world of {manifest.world_size}, its "
+                                f"index of {index.world_size}")
+        stored = {e.name: e for e in manifest.entries}
+        lengths = {c.entry: c.nbytes for c in index.ranks[rank].chunks}
+        lengths.update((b.entry, b.length) for b in index.ranks[rank].byte_items)
+        for e in index.layout(rank):
+            m = stored.get(e.name)
+            want = (e.kind, e.dtype, tuple(e.shape), e.nbytes)
+            got = None if m is None else (m.kind, m.dtype, tuple(m.shape), m.nbytes)
+            if got != want or (e.name in lengths and m.length != lengths[e.name]):
+                held = "nothing" if m is None else (
+                    f"a {m.kind.name.lower()} {m.dtype}{list(m.shape)} of {m.nbytes} bytes, "
+                    f"{m.length} valid")
+                raise DataLossError(
+                    f"{what}: its index describes entry {e.name!r} as a {e.kind.name.lower()} "
+                    f"{e.dtype}{list(e.shape)} of {e.nbytes} bytes"
+                    f"{', ' + str(lengths[e.name]) + ' valid' if e.name in lengths else ''}, "
+                    f"but the shard holds {held} under that name")
+        self._manifests[rank] = manifest
+        return manifest
+
+    def _pieces(self, where: Union[TensorChunk, BytesItem]) -> Tuple[_Piece, ...]:
+        """Where the bytes of a chunk or item are stored."""
+        self._shard(where.rank)
+        length = where.nbytes if isinstance(where, TensorChunk) else where.length
+        return (_Piece(where.rank, where.entry, 0, length),)
+
+    def _held(self, item: BytesItem) -> Optional[memoryview]:
+        """An item's bytes when this reader holds them already, else None."""
         return None
+
+    def _block_bytes(self, rank: int) -> int:
+        """The checksum block of `rank`'s shard, whose manifest `_pieces` read."""
+        manifest = self._manifests.get(rank)
+        return getattr(manifest, "crc_block_bytes", 0) or _DEFAULT_BLOCK_BYTES
+
+    def _gone(self, rank: int, error: NotFoundError) -> NotFoundError:
+        """The error for a shard the daemons no longer hold (a newer step released it)."""
+        return NotFoundError(
+            f"the DCP checkpoint of job '{self.job_id}' step {self.step} has an index for rank "
+            f"{rank} but not its chunks ({_message(error)}): a newer checkpoint's chunks were "
+            "sealed by every rank, which releases this one; read the newest")
 
     def _resolve(self, read: ChunkRead) -> Union[TensorChunk, BytesItem]:
         index = self.index
@@ -911,45 +1182,153 @@ class CheckpointReader:
                    f"{list(chunk.sizes)}", chunk.sizes, read.box_offsets, read.lengths)
         return chunk
 
+    # -- reads -----------------------------------------------------------------------------------
+
     def serve(self, reads: Sequence[ChunkRead], deliver: Deliver) -> None:
-        """Answers `reads`: checks every one first (nothing is read when one is bad), then reads
-        the shards they need, one at a time in rank order, and calls `deliver` for each read.
+        """Answers `reads`: checks every one first (no byte is read when one is bad), reads the
+        manifest of each shard they need, then only the byte ranges they need, and calls
+        `deliver` with each read's parts (`ReadPart`) on this thread, each part once.
+
+        The ranges of one chunk are merged where they overlap or touch and cut into pieces of at
+        most `max_shard_bytes` (default `READ_PIECE_BYTES`); pieces are read on `read_threads`
+        threads, at most twice that many held at once, and delivered in the order of the
+        shards, entries and bytes they hold.
 
         Raises:
-            NotFoundError: an FQN or chunk the checkpoint does not have.
-            InvalidArgumentError: a box outside its chunk.
-            DataLossError: a shard whose bytes do not match its index.
+            NotFoundError: an FQN or chunk the checkpoint does not have, or a step the daemons
+                no longer hold.
+            InvalidArgumentError: a box outside its chunk; an item over `max_shard_bytes`.
+            DataLossError: a shard that does not match its index, or bytes that do not match
+                the snapshot's checksums.
         """
         resolved = [(read, self._resolve(read)) for read in reads]
-        by_rank: Dict[int, List[Tuple[ChunkRead, Union[TensorChunk, BytesItem]]]] = {}
-        for read, where in resolved:
-            by_rank.setdefault(where.rank, []).append((read, where))
-        for rank in sorted(by_rank):
-            layout = self.index.layout(rank)
+        step = self.index.step
+        limit = self.max_shard_bytes or READ_PIECE_BYTES
+        by_key: Dict[Tuple[str, Optional[Shape]], List[int]] = {}
+        for i, (read, where) in enumerate(resolved):
+            offsets = where.offsets if isinstance(where, TensorChunk) else None
+            by_key.setdefault((where.fqn, offsets), []).append(i)
+        held: List[Tuple[int, ReadPart]] = []
+        fetches: List[_Fetch] = []
+        for positions in by_key.values():
+            where = resolved[positions[0]][1]
+            if isinstance(where, TensorChunk):
+                fetches += self._chunk_fetches(where, [(i, resolved[i][0]) for i in positions],
+                                               limit, held)
+                continue
+            data = self._held(where)
+            if data is None and where.length > 0:
+                self._check_whole(f"non-tensor item {where.fqn!r:.80} (job '{self.job_id}' rank "
+                                  f"{where.rank} step {step} entry {where.entry!r})",
+                                  where.length)
+                fetches.append(_Fetch(self._pieces(where), 0, where.length,
+                                      [(i, (), ()) for i in positions]))
+                continue
+            part = ReadPart((), (), memoryview(b"") if data is None else data, 0)
+            held += [(i, part) for i in positions]
+        fetches.sort(key=lambda f: (f.pieces[0].rank, f.pieces[0].entry, f.start))
+        for i, part in held:
+            deliver(resolved[i][0], resolved[i][1], part)
+        self._run(fetches, resolved, deliver, step)
+
+    def _chunk_fetches(self, chunk: TensorChunk, reads: List[Tuple[int, ChunkRead]], limit: int,
+                       held: List[Tuple[int, ReadPart]]) -> List[_Fetch]:
+        """The reads of the boxes of one chunk that `reads` ask for; an empty box needs none and
+        goes to `held`."""
+        pieces = self._pieces(chunk)
+        if any(_volume(read.lengths) for _, read in reads):
+            self._check_whole(f"an element of tensor {chunk.fqn!r:.80} ({chunk.dtype})",
+                              chunk.itemsize)
+        slack = self._block_bytes(pieces[0].rank)
+        strides = _strides(chunk.sizes, chunk.itemsize)
+        spans = []
+        for i, read in reads:
+            if _volume(read.lengths) == 0:
+                held.append((i, ReadPart((0,) * len(read.lengths), tuple(read.lengths),
+                                         memoryview(b""), 0)))
+                continue
+            for at, lengths in _split_box(chunk.sizes, chunk.itemsize, read.box_offsets,
+                                          read.lengths, limit, slack):
+                first, end = _box_span(strides, chunk.itemsize,
+                                       [o + a for o, a in zip(read.box_offsets, at)], lengths)
+                spans.append((first, end, i, at, lengths))
+        spans.sort(key=lambda s: (s[0], s[1]))
+        fetches: List[_Fetch] = []
+        for first, end, i, at, lengths in spans:
+            last = fetches[-1] if fetches else None
+            if last is not None and first <= last.end and max(last.end, end) - last.start <= limit:
+                last.end = max(last.end, end)
+            else:
+                last = _Fetch(pieces, first, end, [])
+                fetches.append(last)
+            last.parts.append((i, at, lengths))
+        return fetches
+
+    def _run(self, fetches: Sequence[_Fetch],
+             resolved: Sequence[Tuple[ChunkRead, Union[TensorChunk, BytesItem]]],
+             deliver: Deliver, step: int) -> None:
+        """Reads `fetches` on `read_threads` threads, at most twice that many ahead of the one
+        delivered, and delivers their parts in order on this thread. A buffer is used again once
+        its parts are delivered (a new one's pages are faulted in at the first write, which
+        costs more than the read itself); one too small for the next read is dropped when a new
+        one is made, so at most 2 x `read_threads` buffers exist at once."""
+        spare: List[bytearray] = []
+        spare_lock = threading.Lock()
+
+        def fetch(f: _Fetch) -> memoryview:
+            size = f.end - f.start
+            with spare_lock:
+                fitting = [b for b in spare if len(b) >= size]
+                buffer = min(fitting, key=len) if fitting else None
+                if buffer is not None:
+                    spare.remove(buffer)
+                elif spare:
+                    spare.remove(min(spare, key=len))
+            view = memoryview(bytearray(size) if buffer is None else buffer)[:size]
+            with self._stats_lock:
+                self.stats.largest_read_bytes = max(self.stats.largest_read_bytes, size)
+            for p in f.pieces:
+                lo, hi = max(f.start, p.at), min(f.end, p.at + p.length)
+                if lo >= hi:
+                    continue
+                try:
+                    self._read(self.job_id, p.rank, step, p.entry, lo - p.at, hi - lo,
+                               view[lo - f.start:hi - f.start])
+                except NotFoundError as e:
+                    raise self._gone(p.rank, e) from e
+            return view
+
+        if not fetches:
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(self.read_threads, len(fetches))) as pool:
+            ahead: Deque[Tuple[_Fetch, Any]] = collections.deque()
+            upcoming = iter(fetches)
             try:
-                copy = self.source.read(self.job_id, rank, self.index.world_size, self.step,
-                                        layout, self._shard_bound(rank, layout))
-            except NotFoundError as e:
-                raise NotFoundError(
-                    f"the DCP checkpoint of job '{self.job_id}' step {self.step} has an index for "
-                    f"rank {rank} but not its chunks ({_message(e)}): a newer checkpoint's chunks "
-                    "were sealed by every rank, which releases this one; read the newest") from e
-            for read, where in by_rank[rank]:
-                view = copy.entry(where.entry)
-                expected = where.nbytes if isinstance(where, TensorChunk) else where.length
-                if len(view) != expected:
-                    raise DataLossError(
-                        f"job '{self.job_id}' rank {rank} step {self.step}: entry "
-                        f"{where.entry!r} ({where.fqn!r:.80}) holds {len(view)} bytes, its index "
-                        f"says {expected}")
-                deliver(read, where, view)
-            del copy
+                for f in itertools.islice(upcoming, 2 * self.read_threads):
+                    ahead.append((f, pool.submit(fetch, f)))
+                while ahead:
+                    f, future = ahead.popleft()
+                    view = future.result()
+                    del future
+                    for i, at, lengths in f.parts:
+                        read, where = resolved[i]
+                        deliver(read, where, ReadPart(at, lengths, view, f.start))
+                    with spare_lock:
+                        spare.append(view.obj)  # type: ignore[arg-type]
+                    del view
+                    following = next(upcoming, None)
+                    if following is not None:
+                        ahead.append((following, pool.submit(fetch, following)))
+            finally:
+                for _, future in ahead:
+                    future.cancel()
 
     def read_bytes(self, fqn: str) -> bytes:
         """The stored bytes of non-tensor item `fqn`. Like `read_region` and `read_tensor`, each
-        call reads the whole shards it needs: batch reads through `serve`."""
+        call reads the manifests it needs once per reader and the bytes anew: batch reads
+        through `serve`."""
         out: List[bytes] = []
-        self.serve([ChunkRead(fqn)], lambda _r, _w, view: out.append(bytes(view)))
+        self.serve([ChunkRead(fqn)], lambda _r, _w, part: out.append(bytes(part.data)))
         return out[0]
 
     def read_region(self, fqn: str, offsets: Sequence[int], lengths: Sequence[int]) -> bytearray:
@@ -974,9 +1353,11 @@ class CheckpointReader:
             reads.append(ChunkRead(fqn, c.offsets, tuple(a - o for a, o in zip(at, c.offsets)),
                                    n, tuple(a - o for a, o in zip(at, offsets))))
 
-        def deliver(read: ChunkRead, chunk: Any, view: memoryview) -> None:
-            copy_box(view, chunk.sizes, read.box_offsets, memoryview(out), lengths, read.token,
-                     read.lengths, chunk.itemsize)
+        def deliver(read: ChunkRead, chunk: Any, part: ReadPart) -> None:
+            copy_box(part.data, chunk.sizes,
+                     [o + a for o, a in zip(read.box_offsets, part.at)], memoryview(out),
+                     lengths, [o + a for o, a in zip(read.token, part.at)], part.lengths,
+                     chunk.itemsize, src_start=part.start)
 
         self.serve(reads, deliver)
         return out
@@ -987,6 +1368,13 @@ class CheckpointReader:
         if info is None:
             raise NotFoundError(self.index._unknown(fqn))
         return self.read_region(fqn, (0,) * len(info.size), info.size)
+
+    def close(self) -> None:
+        """Closes the connection to the daemon (when this reader's source has one); a later read
+        opens another."""
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
 
 
 def _check_capacity(capacity: Any) -> int:
@@ -1077,12 +1465,13 @@ def _layout_of(entries: Sequence[Entry]) -> Tuple[Entry, ...]:
 
 def release(job_id: Optional[str] = None) -> int:
     """Unregisters the ranks this process keeps registered after saving (all, or those of
-    `job_id` and its index job), keeping their snapshots, so that other processes can read them
-    at once. Returns how many it released; a daemon that does not answer is logged.
+    `job_id` and its index job), keeping their snapshots, so that another process can register
+    them (save them). Returns how many it released; a daemon that does not answer is logged.
 
     A save keeps its ranks registered (``keep_registered``, the default) because a registration
-    maps the rank's slots anew, and the first copy into a new mapping faults in every page; while
-    the process lives, another process's read of those ranks waits for them (`DaemonSource`).
+    maps the rank's slots anew, and the first copy into a new mapping faults in every page. A
+    `CheckpointReader` claims no rank and reads them meanwhile; `tessera.client.read_snapshot`,
+    which registers the rank it reads, waits for them.
     """
     with _held_lock:
         keys = [k for k in _held if job_id is None or k[1] in (job_id, job_id + INDEX_JOB_SUFFIX)]
@@ -1128,7 +1517,8 @@ def _store_shard(path: str, job_id: str, rank: int, world_size: int, make_entrie
         except NotFoundError as e:
             if "is not registered" not in str(e):
                 raise
-            # A read in this process registered the rank too, and released it when done.
+            # A read_snapshot in this process registered the rank too, and released it when
+            # done.
             _register_when_free(held.client, job_id, rank, world_size, entries, claim_timeout_s)
             _snapshot_once(held.client, what, step, stream)
     except BaseException:
@@ -1179,8 +1569,9 @@ def save_rank(job_id: str, step: int, rank: int, world_size: int,
 
     Blocks until both are sealed. With `keep_registered` the two shards stay registered by this
     process afterwards, and the next save of the same layout reuses them (no new registration,
-    no new mapping); other processes' reads of these ranks then wait until this process exits
-    or calls `release`. Without it, each save registers and releases them.
+    no new mapping); readers (`CheckpointReader`, `Reader`) read them meanwhile, but another
+    process cannot save these ranks until this one exits or calls `release`. Without it, each
+    save registers and releases them.
 
     Raises:
         InvalidArgumentError: a bad job id, step, rank or item; an index over `index_capacity`.
@@ -1318,6 +1709,25 @@ def chunk_tensor(view: memoryview, chunk: TensorChunk) -> Any:
     return torch.frombuffer(view, dtype=torch.uint8).view(dtype).reshape(chunk.sizes)
 
 
+def part_tensor(read: ChunkRead, chunk: TensorChunk, part: ReadPart) -> Any:
+    """A CPU tensor of the chunk's dtype and the part's shape over the part's bytes in
+    `part.data` (a strided view: it shares that memory, valid during the `deliver` call)."""
+    import torch
+
+    dtype = _torch_dtype(chunk.dtype, chunk.itemsize)
+    if _volume(part.lengths) == 0:
+        return torch.empty(part.lengths, dtype=dtype)
+    strides = _strides(chunk.sizes, 1)  # in elements
+    first = sum((o + a) * s for o, a, s in zip(read.box_offsets, part.at, strides))
+    at = first * chunk.itemsize - part.start
+    if at < 0 or at % chunk.itemsize or len(part.data) % chunk.itemsize:
+        raise InternalError(f"part of {chunk.fqn!r:.80} at {list(part.at)}: its data holds bytes "
+                            f"[{part.start}, +{len(part.data)}), not aligned to its "
+                            f"{chunk.itemsize}-byte elements from byte {first * chunk.itemsize}")
+    flat = torch.frombuffer(part.data, dtype=torch.uint8).view(dtype)
+    return flat.as_strided(part.lengths, strides, at // chunk.itemsize)
+
+
 def narrow(tensor: Any, offsets: Sequence[int], lengths: Sequence[int]) -> Any:
     """`tensor` narrowed to the box [offsets, offsets + lengths) (a view)."""
     for d, (o, n) in enumerate(zip(offsets, lengths)):
@@ -1342,11 +1752,13 @@ class Writer(_StorageWriterBase):  # type: ignore[misc,valid-type]
             `DEFAULT_SOCKET_PATH`.
         use_gpu: copy CUDA tensors device-to-host with Tessera's copy engine (False: refuse CUDA
             tensors; DCP's ``async_save`` hands over CPU copies anyway).
-        index_capacity: bytes of each rank's index blob; the Reader must be given the same.
-        claim_timeout_s: how long to wait while a reader holds one of this rank's shards.
+        index_capacity: bytes of each rank's index blob (a reader reads any).
+        claim_timeout_s: how long to wait while another live process has one of this rank's
+            shards registered (another process saving the rank, or a
+            `tessera.client.read_snapshot` of it; a `Reader` claims nothing).
         keep_registered: keep this rank's shards registered after the save, so that the next
-            save of the same layout reuses the registration and its mapped memory; other
-            processes' reads of them wait meanwhile (see `release`).
+            save of the same layout reuses the registration and its mapped memory; readers are
+            not held up by it (see `release`).
     """
 
     def __init__(self, job_id: Optional[str] = None, step: Optional[int] = None, *,
@@ -1518,25 +1930,28 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
     """A DCP ``StorageReader`` that loads a checkpoint a `Writer` stored in Tessera:
     ``dcp.load(state_dict, storage_reader=tessera.dcp.Reader(job_id, step))``, into the same
     layout or another (world size, FSDP, TP or DP sharding: DCP plans the ranges, Tessera serves
-    them).
+    them). It reads the manifest of each shard the plan needs and only the byte ranges the plan
+    needs, claiming no rank (see `CheckpointReader`): the processes that saved it, or save the
+    job on, are not disturbed.
 
     Args:
         job_id: the checkpoint's job; or give ``checkpoint_id="tessera://JOB/STEP"`` to
             ``dcp.load``.
         step: its step; None: the newest step whose index every rank has on this daemon.
-        socket_path, index_capacity, claim_timeout_s, max_shard_bytes: as `CheckpointReader`.
+        socket_path, max_shard_bytes, read_threads: as `CheckpointReader`.
+        index_capacity, claim_timeout_s: deprecated, without effect; each warns once.
     """
 
     def __init__(self, job_id: Optional[str] = None, step: Optional[int] = None, *,
-                 socket_path: Optional[str] = None, index_capacity: int = INDEX_CAPACITY,
-                 claim_timeout_s: float = 60.0, max_shard_bytes: Optional[int] = None) -> None:
+                 socket_path: Optional[str] = None, max_shard_bytes: Optional[int] = None,
+                 read_threads: Optional[int] = None, index_capacity: Optional[int] = None,
+                 claim_timeout_s: Optional[float] = None) -> None:
         super().__init__()
         self.job_id = None if job_id is None else _check_job_id(job_id)
         self.step = None if step is None else _check_step(step)
         self.socket_path = socket_path
-        self.index_capacity = _check_capacity(index_capacity)
-        self.claim_timeout_s = claim_timeout_s
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes, self.read_threads = _reader_options(
+            type(self).__name__, max_shard_bytes, read_threads, index_capacity, claim_timeout_s)
         self.reader: Optional[CheckpointReader] = None
         """The Tessera side, once `read_metadata` made it."""
 
@@ -1550,6 +1965,8 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
     def reset(self, checkpoint_id: Union[str, "os.PathLike[str]", None] = None) -> None:
         if checkpoint_id is not None:
             self.job_id, self.step = parse_checkpoint_id(checkpoint_id)
+        if self.reader is not None:
+            self.reader.close()
         self.reader = None
 
     @classmethod
@@ -1573,10 +1990,9 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
 
     def _open(self) -> CheckpointReader:
         assert self.job_id is not None
-        return CheckpointReader(
-            self.job_id, self.step, socket_path=self.socket_path,
-            index_capacity=self.index_capacity, claim_timeout_s=self.claim_timeout_s,
-            max_shard_bytes=self.max_shard_bytes)
+        return CheckpointReader(self.job_id, self.step, socket_path=self.socket_path,
+                                max_shard_bytes=self.max_shard_bytes,
+                                read_threads=self.read_threads)
 
     def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
@@ -1592,6 +2008,9 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
         return plans
 
     def read_data(self, plan: Any, planner: Any) -> Any:
+        """Reads the plan's items and hands each to the planner: a tensor's parts are copied
+        into the tensor the planner resolves, which is committed once all are in. The
+        connection to the daemon is closed when done (a later read opens another)."""
         t = _types()
         reader = self.reader
         if reader is None:
@@ -1607,22 +2026,33 @@ class Reader(_StorageReaderBase):  # type: ignore[misc,valid-type]
                         f"read of tensor {storage.fqn!r} names no chunk (storage_index.offset)")
                 reads.append(ChunkRead(storage.fqn, tuple(storage.offset),
                                        tuple(item.storage_offsets), tuple(item.lengths), item))
+        # Per tensor read being filled: its target and the elements still to come.
+        filling: Dict[int, List[Any]] = {}
 
-        def deliver(read: ChunkRead, where: Any, view: memoryview) -> None:
+        def deliver(read: ChunkRead, where: Any, part: ReadPart) -> None:
             item = read.token
             if isinstance(where, BytesItem):
-                planner.load_bytes(item, io.BytesIO(bytes(view)))
+                planner.load_bytes(item, io.BytesIO(bytes(part.data)))
                 return
-            source = narrow(chunk_tensor(view, where), read.box_offsets, read.lengths)
-            target = planner.resolve_tensor(item).detach()
-            if tuple(target.shape) != tuple(read.lengths):
-                raise InvalidArgumentError(
-                    f"read of {read.fqn!r}: the planner's target is {list(target.shape)}, the "
-                    f"read {list(read.lengths)}")
-            target.copy_(source)
-            planner.commit_tensor(item, target)
+            state = filling.get(id(read))
+            if state is None:
+                target = planner.resolve_tensor(item).detach()
+                if tuple(target.shape) != tuple(read.lengths):
+                    raise InvalidArgumentError(
+                        f"read of {read.fqn!r}: the planner's target is {list(target.shape)}, "
+                        f"the read {list(read.lengths)}")
+                state = filling[id(read)] = [target, _volume(read.lengths)]
+            count = _volume(part.lengths)
+            if count:
+                narrow(state[0], part.at, part.lengths).copy_(part_tensor(read, where, part))
+            state[1] -= count
+            if state[1] == 0:
+                planner.commit_tensor(item, state[0])
 
-        reader.serve(reads, deliver)
+        try:
+            reader.serve(reads, deliver)
+        finally:
+            reader.close()
         future = t.Future()
         future.set_result(None)
         return future
@@ -1664,21 +2094,45 @@ class SnapshotReader(Reader):
         socket_path: the daemon's agent socket.
         model_prefix, optim_prefix: the FQN prefixes of the model's and the optimizer's state
             in the state dict loaded into ("model." and "optim.").
-        max_chunk_bytes: the most bytes one chunk may take in this process.
+        max_shard_bytes, read_threads: as `CheckpointReader`.
+        allow_pickle: as `SnapshotCheckpoint` (the model's extra state).
+        max_chunk_bytes: deprecated name of `max_shard_bytes`; warns once.
     """
 
     def __init__(self, job_id: Optional[str] = None, step: Optional[int] = None, *,
                  socket_path: Optional[str] = None, model_prefix: str = "model.",
-                 optim_prefix: str = "optim.", max_chunk_bytes: Optional[int] = None) -> None:
-        super().__init__(job_id, step, socket_path=socket_path, max_shard_bytes=max_chunk_bytes)
+                 optim_prefix: str = "optim.", max_shard_bytes: Optional[int] = None,
+                 read_threads: Optional[int] = None, allow_pickle: bool = False,
+                 max_chunk_bytes: Optional[int] = None) -> None:
+        super().__init__(job_id, step, socket_path=socket_path,
+                         max_shard_bytes=_shard_limit(type(self).__name__, max_shard_bytes,
+                                                      max_chunk_bytes),
+                         read_threads=read_threads)
         self.model_prefix = model_prefix
         self.optim_prefix = optim_prefix
+        self.allow_pickle = bool(allow_pickle)
 
     def _open(self) -> CheckpointReader:
         assert self.job_id is not None
         return SnapshotCheckpoint(self.job_id, self.step, socket_path=self.socket_path,
                                   model_prefix=self.model_prefix, optim_prefix=self.optim_prefix,
-                                  max_chunk_bytes=self.max_shard_bytes)
+                                  max_shard_bytes=self.max_shard_bytes,
+                                  read_threads=self.read_threads, allow_pickle=self.allow_pickle)
 
 
-from ._snapshot_checkpoint import DaemonSnapshotSource, SnapshotCheckpoint  # noqa: E402,F401
+def _shard_limit(owner: str, max_shard_bytes: Optional[int],
+                 max_chunk_bytes: Optional[int]) -> Optional[int]:
+    """`max_shard_bytes`, or the deprecated `max_chunk_bytes` that stands for it."""
+    _deprecated(owner, "max_chunk_bytes", max_chunk_bytes)
+    if max_chunk_bytes is None:
+        return max_shard_bytes
+    if max_shard_bytes is not None:
+        raise InvalidArgumentError(f"{owner}: pass max_shard_bytes only (max_chunk_bytes is its "
+                                   "deprecated name)")
+    return max_chunk_bytes
+
+
+DaemonSnapshotSource = DaemonSource
+"""The name `DaemonSource` had as `SnapshotCheckpoint`'s source."""
+
+from ._snapshot_checkpoint import SnapshotCheckpoint  # noqa: E402,F401
