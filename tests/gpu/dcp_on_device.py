@@ -79,6 +79,18 @@ def start_daemon(workdir: Path) -> Tuple[subprocess.Popen, Path]:
     sys.exit(f"tesserad did not get ready in 30 s:\n{log_path.read_text()}")
 
 
+def stop_daemon(daemon: subprocess.Popen, store: Path, workdir: Path, failed: int) -> None:
+    """Stops start_daemon's tesserad and removes its store; the work directory too unless a case
+    failed (its log is then named)."""
+    daemon.terminate()
+    daemon.wait(timeout=60)
+    if failed:
+        log(f"tesserad log: {workdir / 'tesserad.log'}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(store, ignore_errors=True)
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -449,13 +461,7 @@ def main() -> int:
                 log(f"FAIL {name}:\n{traceback.format_exc()}")
     finally:
         tessera.dcp.release()  # the ranks this process saved, before their daemon goes
-        daemon.terminate()
-        daemon.wait(timeout=60)
-        if failed:
-            log(f"tesserad log: {workdir / 'tesserad.log'}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(store, ignore_errors=True)
+        stop_daemon(daemon, store, workdir, failed)
     log(f"{len(cases) - failed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -50,7 +50,10 @@ def build(seed: int, device: torch.device) -> torch.nn.Module:
     return torch.nn.Sequential(*blocks).to(device)
 
 
-def shard(model: torch.nn.Module, layout: str, device_type: str) -> torch.nn.Module:
+def shard(model: torch.nn.Module, layout: str, device_type: str,
+          world: int = 1) -> torch.nn.Module:
+    """`model` (build's) sharded over `world` ranks: FSDP2 and TP over all of them, FSDP2+TP
+    over a (world / 2) x 2 mesh (1 x 1 in a world of one)."""
     from torch.distributed.device_mesh import init_device_mesh
     if layout == "plain":
         return model
@@ -61,16 +64,17 @@ def shard(model: torch.nn.Module, layout: str, device_type: str) -> torch.nn.Mod
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     if layout == "fsdp2":
-        mesh = init_device_mesh(device_type, (1,))
+        mesh = init_device_mesh(device_type, (world,))
         for block in model:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif layout == "tp":
-        mesh = init_device_mesh(device_type, (1,))
+        mesh = init_device_mesh(device_type, (world,))
         for block in model:
             parallelize_module(block, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     elif layout == "fsdp2+tp":
-        mesh = init_device_mesh(device_type, (1, 1), mesh_dim_names=("dp", "tp"))
+        shape = (world // 2, 2) if world > 1 else (1, 1)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "tp"))
         for block in model:
             parallelize_module(block, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
             fully_shard(block, mesh=mesh["dp"])

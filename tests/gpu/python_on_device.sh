@@ -40,6 +40,18 @@ for script in tests/gpu/dtensor_on_device.py tests/gpu/dcp_on_device.py; do
   [ "$status" -eq 0 ] || rc=1
 done
 
+# Several ranks of FSDP2, TP and FSDP2+TP: one GPU each where there are enough, else CPU
+# processes (gloo), which exercise the same Snapshotter and SnapshotReader paths.
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+mr_device=cpu
+[ "${gpus:-0}" -ge 2 ] && mr_device=cuda
+echo "=== tests/gpu/multi_rank_on_device.py --device $mr_device ($gpus GPUs)"
+timeout --signal=KILL "$(left)" python3 tests/gpu/multi_rank_on_device.py --device "$mr_device" 2>&1 |
+  grep -v " [IW] [0-9]* \[" | tail -20
+status=${PIPESTATUS[0]}
+echo "=== tests/gpu/multi_rank_on_device.py: exit $status"
+[ "$status" -eq 0 ] || rc=1
+
 echo "=== bench/python_snapshot_blocking.py (0.82B GPT's shape: 24 blocks of 1024)"
 timeout --signal=KILL "$(left)" python3 bench/python_snapshot_blocking.py --device cuda \
   --layers 24 --width 1024 --snapshots 200 2>&1 | tail -14
