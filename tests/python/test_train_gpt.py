@@ -115,9 +115,9 @@ def test_two_ranks_gloo_identical_loss_curve(daemon, tmp_path: Path) -> None:
     """
     seed = _seed()
     steps = 16
-    # K is at least 2 steps past a snapshot step: the daemon keeps only each rank's newest
-    # sealed step, so a snapshot that one rank sealed and the other did not before the kill
-    # would leave no common step (see agent/python/README.md, "Several ranks").
+    # K is at least 2 steps past a snapshot step, so that the newest snapshot has usually sealed
+    # on both ranks when they are killed; when it has not (a loaded machine), they resume
+    # together from the one before, which when_busy=wait guarantees was sealed.
     kill = random.Random(seed).choice([k for k in range(EVERY, steps - 1) if k % EVERY >= 2])
     note = f"(TESSERA_TEST_SEED={seed}, kill at step {kill})"
     print(note)
@@ -125,13 +125,18 @@ def test_two_ranks_gloo_identical_loss_curve(daemon, tmp_path: Path) -> None:
     reference = run(_torchrun(steps, tmp_path / "ref"), daemon.env("gpt2-ref"), timeout_s=180)
     env = daemon.env("gpt2-killed")
     killed = run_expecting_failure(_torchrun(steps, tmp_path / "killed", "--kill-at-step",
-                                             str(kill)), env, timeout_s=180)
+                                             str(kill), "--when-busy", "wait"), env,
+                                   timeout_s=180)
     assert "exitcode  : -9" in killed, killed
     resumed = run(_torchrun(steps, tmp_path / "killed"), env, timeout_s=180)
 
-    restored = kill - kill % EVERY
+    newest = kill - kill % EVERY
     assert _resumed_steps(killed) == [None, None], f"{killed} {note}"
-    assert _resumed_steps(resumed) == [restored, restored], f"{resumed} {note}"
+    steps_resumed = _resumed_steps(resumed)
+    restored = steps_resumed[0]
+    assert restored in (newest, newest - EVERY) and steps_resumed == [restored, restored], (
+        f"killed at step {kill}: the ranks resumed from {steps_resumed}, not both from step "
+        f"{newest} (or {newest - EVERY} if {newest} had not sealed on both) {resumed} {note}")
     for rank in range(2):
         assert_bit_equal(load(tmp_path / "ref" / f"rank{rank}_step{restored}.pt"),
                          load(tmp_path / "killed" / f"rank{rank}_restored{restored}.pt"),
