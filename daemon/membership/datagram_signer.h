@@ -20,6 +20,9 @@
 // Replays: as with the HMAC, a recorded datagram can be sent again; it can only repeat an answer
 // or an update that membership already orders by incarnation and version.
 //
+// The same identity block signs a member's proof of its incarnation (incarnation_proof.h), which
+// gossip about the member carries.
+//
 // Identity block, appended after the message (little-endian):
 //   u16 C, C bytes: the certificate chain, DER, leaf first
 //   u16 S, S bytes: the signature (DER ECDSA, or RSA / EdDSA as the key is) over every byte of
