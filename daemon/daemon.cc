@@ -220,6 +220,13 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     // Datagrams carry their sender's certificate and signature: a daemon speaks for its own
     // node only, over UDP as over gRPC (datagram_signer.h).
     TESSERA_ASSIGN_OR_RETURN(udp_options.signer, DatagramSigner::Create(tls, node_id_));
+    // And gossip about a member introduces it, or raises its incarnation, only with a proof the
+    // member signed (incarnation_proof.h).
+    IncarnationProofs::Options proof_options;
+    proof_options.signer = udp_options.signer;
+    proof_options.self = IncarnationClaim{node_id_, incarnation, config.PeerAddress()};
+    TESSERA_ASSIGN_OR_RETURN(incarnation_proofs_,
+                             IncarnationProofs::Create(std::move(proof_options)));
   }
   udp_options.timeout = heartbeat_options.control_timeout;
   udp_options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
@@ -241,6 +248,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   cluster_options.timeout_ms = config.liveness.timeout_ms;
   cluster_options.indirect_probes = config.liveness.indirect_probes;
   cluster_options.suspicion_mult = config.liveness.suspicion_mult;
+  cluster_options.proofs = incarnation_proofs_;
   cluster_options.on_self_fenced = [this] {
     if (!fenced_.HasBeenNotified()) fenced_.Notify();
     Wake();
@@ -566,6 +574,27 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_membership_refused_total",
             "Heartbeats refused because their sender is a fenced (older) incarnation.",
             static_cast<double>(m.swim.refused));
+    if (incarnation_proofs_ != nullptr) {
+      const char* updates_help =
+          "Relayed membership updates dropped because they would introduce a member or raise its "
+          "incarnation without a proof that member signed, by reason (unproven: none came with "
+          "the update; refused: the proof did not verify; unchecked: its sender had spent its "
+          "allowance of proof checks); each reason logged at most once per 10 s.";
+      counter("tessera_membership_updates_dropped_total", updates_help,
+              static_cast<double>(m.updates_unproven), {{"reason", "unproven"}});
+      counter("tessera_membership_updates_dropped_total", updates_help,
+              static_cast<double>(m.updates_proof_refused), {{"reason", "refused"}});
+      counter("tessera_membership_updates_dropped_total", updates_help,
+              static_cast<double>(m.updates_proof_unchecked), {{"reason", "unchecked"}});
+      const IncarnationProofs::Stats p = incarnation_proofs_->stats();
+      const char* proofs_help =
+          "Members' proofs of their incarnations checked here (each member's incarnation once), "
+          "by outcome (refused: malformed, or did not verify).";
+      counter("tessera_membership_proofs_checked_total", proofs_help,
+              static_cast<double>(p.verified), {{"outcome", "verified"}});
+      counter("tessera_membership_proofs_checked_total", proofs_help,
+              static_cast<double>(p.refused), {{"outcome", "refused"}});
+    }
     if (udp_heartbeats_ != nullptr) {
       const UdpHeartbeats::Stats u = udp_heartbeats_->stats();
       const char* dropped_help =

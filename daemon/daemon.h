@@ -20,6 +20,7 @@
 #include "daemon/coordination/service.h"
 #include "daemon/daemon_config.h"
 #include "daemon/membership/cluster.h"
+#include "daemon/membership/incarnation_proof.h"
 #include "daemon/membership/udp_heartbeats.h"
 #include "daemon/metrics/metrics_server.h"
 #include "daemon/store/capacity_budget.h"
@@ -94,6 +95,8 @@ class Daemon {
   std::unique_ptr<GrpcPeerClient> heartbeat_client_;  // liveness.transport = "grpc"
   // Membership datagrams, answered whatever liveness.transport says; sent when it is "udp".
   std::unique_ptr<UdpHeartbeats> udp_heartbeats_;
+  // With mutual TLS: this daemon's proof of its incarnation and the members' (cluster_ uses it).
+  std::shared_ptr<IncarnationProofs> incarnation_proofs_;
   std::atomic<Cluster*> heartbeat_target_{nullptr};  // cluster_, once it exists
   std::unique_ptr<Cluster> cluster_;
   std::unique_ptr<PeerService> peer_service_;

@@ -27,6 +27,7 @@
 #include "common/segment.h"
 #include "daemon/coordination/service.h"
 #include "daemon/membership/datagram_signer.h"
+#include "daemon/membership/incarnation_proof.h"
 #include "daemon/membership/udp_heartbeats.h"
 #include "daemon/transfer/cluster_tls.h"
 #include "daemon/transfer/peer_client.h"
@@ -400,6 +401,45 @@ TEST(ClusterTest, MutualTlsClusterRebuildsALostNodeAndRefusesOtherCertificates) 
       << ReadFile(root.path() + "/bad.log");
 }
 
+// `tessera status` through daemon `asked`'s peer port, with the operator's certificate of
+// `certs`, shows member `node` alive at its own address, and neither the status nor any line of
+// that daemon's log shows `rogue_address`.
+void ExpectAliveAtHomeOnly(Cluster& cluster, int asked, int node,
+                           const std::string& rogue_address, const std::string& certs,
+                           const std::string& root) {
+  const std::vector<std::string> cli = {
+      BinaryPath("cli/tessera"), "status", "--address", cluster.address(asked), "--token",
+      kClusterToken, "--timeout-s", "10", "--tls-cert", certs + "/operator.crt", "--tls-key",
+      certs + "/operator.key", "--tls-ca", certs + "/ca.crt"};
+  auto status = Process::Start(cli, root + "/status.err");
+  // 0 healthy, 1 attention (three members run RS(1,1) instead of RS(2,1)); not 3 (refused).
+  EXPECT_LE(status->Wait(seconds(60)), 1) << ReadFile(root + "/status.err");
+  bool alive_at_home = false;
+  for (const std::string& line : status->lines()) {
+    EXPECT_FALSE(absl::StrContains(line, rogue_address)) << "n" << asked << ": " << line;
+    const std::vector<std::string> words = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    alive_at_home = alive_at_home || (words.size() > 2 && words[0] == absl::StrCat("n", node) &&
+                                      words[1] == "alive" && words[2] == cluster.address(node));
+  }
+  EXPECT_TRUE(alive_at_home) << "n" << asked << ":\n" << absl::StrJoin(status->lines(), "\n");
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[asked].log_path()), rogue_address))
+      << cluster[asked].LogTail();
+}
+
+// The newest incarnation of member `node` that daemon d's log shows (joined or restarted); 0 if
+// none.
+uint64_t IncarnationInLog(DaemonProcess& d, const std::string& node) {
+  const std::string log = ReadFile(d.log_path());
+  std::regex re("member " + node +
+                " at \\S+ (joined \\(incarnation|restarted: incarnation [0-9]+ ->) ([0-9]+)");
+  uint64_t newest = 0;
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), re); it != std::sregex_iterator();
+       ++it) {
+    newest = std::max<uint64_t>(newest, std::stoull((*it)[2].str()));
+  }
+  return newest;
+}
+
 // A node id is bound to the certificate: a process holding n9's valid certificate cannot speak
 // as n1. A real tesserad configured so refuses to start; a rogue that tries anyway (this test,
 // with the daemon's own clients) is refused on every path that names a sender: a gRPC heartbeat,
@@ -541,24 +581,7 @@ TEST(ClusterTest, MutualTlsACertificateSpeaksOnlyForItsOwnNode) {
   EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), "fenced"))
       << cluster[1].LogTail();
   for (int i : {0, 2}) {
-    const std::vector<std::string> cli = {
-        BinaryPath("cli/tessera"), "status", "--address", cluster.address(i), "--token",
-        kClusterToken, "--timeout-s", "10", "--tls-cert", certs + "/operator.crt", "--tls-key",
-        certs + "/operator.key", "--tls-ca", certs + "/ca.crt"};
-    auto status = Process::Start(cli, root.path() + "/status.err");
-    // 0 healthy, 1 attention (three members run RS(1,1) instead of RS(2,1)); not 3 (refused).
-    EXPECT_LE(status->Wait(seconds(60)), 1) << ReadFile(root.path() + "/status.err");
-    bool n1_alive_at_home = false;
-    for (const std::string& line : status->lines()) {
-      EXPECT_FALSE(absl::StrContains(line, rogue_address)) << line;
-      const std::vector<std::string> words = absl::StrSplit(line, ' ', absl::SkipEmpty());
-      n1_alive_at_home = n1_alive_at_home || (words.size() > 2 && words[0] == "n1" &&
-                                              words[1] == "alive" &&
-                                              words[2] == cluster.address(1));
-    }
-    EXPECT_TRUE(n1_alive_at_home) << absl::StrJoin(status->lines(), "\n");
-    const std::string log = ReadFile(cluster[i].log_path());
-    EXPECT_FALSE(absl::StrContains(log, rogue_address)) << cluster[i].LogTail();
+    ExpectAliveAtHomeOnly(cluster, i, 1, rogue_address, certs, root.path());
   }
   // And the cluster goes on: every rank verifies bit-exact from its own node.
   for (uint32_t rank = 0; rank < 3; ++rank) {
@@ -669,6 +692,134 @@ TEST(ClusterTest, MutualTlsCertificatesAndTheirCaRotateInPlaceWithoutARestart) {
     EXPECT_FALSE(absl::StrContains(ReadFile(cluster[i].log_path()), ", plain)"))
         << "n" << i << ":\n" << cluster[i].LogTail();
   }
+}
+
+// Gossip about a member is taken only on that member's word: a process holding member n2's real
+// certificate and key (and the token), speaking as n2 from a socket of its own, relays a newer
+// incarnation of n1 at an address of its own, first with no proof, then with one it signed
+// itself. Neither is taken: n1 stays up and unfenced, alive at its own address in every view, no
+// daemon's log or status shows the rogue address, each daemon counts and logs the drops, and the
+// cluster keeps training. Then a real restart of n1 (a new incarnation at its address) replaces
+// the old one everywhere as before, no honest update dropped, and n1's rank restores there.
+TEST(ClusterTest, MutualTlsAMembersCertificateCannotGossipAnotherMembersIncarnation) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "--client", "operator"}), "");
+  std::vector<int> metrics_ports;
+  for (int i = 0; i < 3; ++i) metrics_ports.push_back(FreePort());
+  Cluster cluster(root.path(), 3, 2, 1, {}, [&](int i) {
+    return Concat(TlsFlags(certs, absl::StrCat("n", i), certs + "/ca.crt"),
+                  {"--set", absl::StrCat("metrics.listen_address=127.0.0.1:", metrics_ports[i])});
+  });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  const std::string job = "gossip";
+  ASSERT_GE(TrainAndCommit(cluster, job, seed, 3, 6), 0) << cluster[0].LogTail();
+  const uint64_t n1_incarnation = IncarnationInLog(cluster[0], "n1");
+  const uint64_t n2_incarnation = IncarnationInLog(cluster[0], "n2");
+  ASSERT_GT(n1_incarnation, 0u) << cluster[0].LogTail();
+  ASSERT_GT(n2_incarnation, 0u) << cluster[0].LogTail();
+
+  // The rogue: n2's own certificate, key and token; n2's node id and incarnation, so that what it
+  // says of itself is taken as n2's word.
+  const std::string rogue_address = absl::StrCat("127.0.0.1:", FreePort());
+  const uint64_t newer = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) + 3600 * 1000;
+  auto n2 = DatagramSigner::Create(
+      ClusterTlsFiles{certs + "/n2.crt", certs + "/n2.key", certs + "/ca.crt", 60});
+  ASSERT_TRUE(n2.ok()) << n2.status();
+  std::shared_ptr<DatagramSigner> signer(std::move(*n2));
+  UdpHeartbeats::Options udp_options;
+  udp_options.listen_address = rogue_address;
+  udp_options.token = kClusterToken;
+  udp_options.timeout = absl::Seconds(2);
+  udp_options.signer = signer;
+  udp_options.on_request = [](const HeartbeatMessage&) -> absl::StatusOr<HeartbeatReply> {
+    return absl::UnavailableError("not answering");
+  };
+  auto udp = UdpHeartbeats::Start(std::move(udp_options));
+  ASSERT_TRUE(udp.ok()) << udp.status();
+  HeartbeatMessage gossip;
+  gossip.from = MemberInfo{"n2", n2_incarnation, cluster.address(2)};
+  gossip.kind = HeartbeatMessage::Kind::kProbe;
+  gossip.updates.push_back(SwimUpdate{SwimState::kAlive, "n1", newer, 1, rogue_address});
+  std::string forged = IncarnationRecord({"n1", newer, rogue_address});
+  ASSERT_TRUE(signer->Sign(&forged).ok());
+  for (const std::vector<std::string>& proofs :
+       {std::vector<std::string>{}, std::vector<std::string>{forged}}) {
+    gossip.incarnation_proofs = proofs;
+    for (int i : {0, 1}) {
+      ++gossip.seq;
+      // Answered: n2 speaks for itself, and its datagram is authentic.
+      absl::StatusOr<HeartbeatReply> reply = (*udp)->Heartbeat(cluster.address(i), gossip);
+      EXPECT_TRUE(reply.ok()) << "n" << i << ": " << reply.status();
+    }
+  }
+  // Not taken: n1 runs, unfenced, alive at its own address in every view.
+  std::this_thread::sleep_for(milliseconds(1500));
+  EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), "fenced"))
+      << cluster[1].LogTail();
+  EXPECT_EQ(IncarnationInLog(cluster[0], "n1"), n1_incarnation) << cluster[0].LogTail();
+  EXPECT_EQ(IncarnationInLog(cluster[2], "n1"), n1_incarnation) << cluster[2].LogTail();
+  for (int i : {0, 2}) ExpectAliveAtHomeOnly(cluster, i, 1, rogue_address, certs, root.path());
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[1].log_path()), rogue_address))
+      << cluster[1].LogTail();
+  // Each receiver dropped both updates, said why, and counted them.
+  const std::string dropped = absl::StrCat("n2 relayed incarnation ", newer, " of n1 (alive; ");
+  for (int i : {0, 1}) {
+    for (const std::string& line :
+         {"membership update dropped (unproven): " + dropped,
+          "membership update dropped (refused): " + dropped,
+          std::string("an incarnation proof claiming node 'n1' signed with the certificate of "
+                      "node 'n2'")}) {
+      EXPECT_TRUE(LogShows(cluster[i], line, milliseconds(5000))) << cluster[i].LogTail();
+    }
+    auto metrics = ScrapeMetrics(metrics_ports[i]);
+    ASSERT_TRUE(metrics.ok()) << metrics.status();
+    EXPECT_EQ((*metrics)["tessera_membership_updates_dropped_total{reason=\"unproven\"}"], 1)
+        << "n" << i;
+    EXPECT_EQ((*metrics)["tessera_membership_updates_dropped_total{reason=\"refused\"}"], 1)
+        << "n" << i;
+    EXPECT_GE((*metrics)["tessera_membership_proofs_checked_total{outcome=\"refused\"}"], 1)
+        << "n" << i;
+    EXPECT_GE((*metrics)["tessera_membership_proofs_checked_total{outcome=\"verified\"}"], 2)
+        << "n" << i << " holds the two other members' proofs";
+  }
+  // And the cluster goes on: a job trains and commits, every rank restores bit-exact.
+  ASSERT_GE(TrainAndCommit(cluster, "after", seed + 1, 3, 6), 0) << cluster[0].LogTail();
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    auto argv = TrainerArgs(cluster[rank], job, seed, rank, 3);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
+  }
+
+  // A real restart of n1: its new incarnation reaches every member, fencing the old one, each
+  // relayed update with n1's proof.
+  cluster[1].Kill(SIGKILL);
+  cluster[1].Wait();
+  ASSERT_TRUE(cluster.Replace(1, &error)) << error;
+  const std::string replaced = absl::StrCat("member n1 at ", cluster.address(1),
+                                            " restarted: incarnation ", n1_incarnation, " -> ");
+  for (int i : {0, 2}) {
+    EXPECT_TRUE(LogShows(cluster[i], replaced, milliseconds(20000))) << cluster[i].LogTail();
+    EXPECT_GT(IncarnationInLog(cluster[i], "n1"), n1_incarnation);
+  }
+  for (int i : {0, 1, 2}) {  // n0 dropped the rogue's two; n1 is a new process
+    auto metrics = ScrapeMetrics(metrics_ports[i]);
+    ASSERT_TRUE(metrics.ok()) << metrics.status();
+    EXPECT_EQ(SumOfMetric(*metrics, "tessera_membership_updates_dropped_total"), i == 0 ? 2 : 0)
+        << "n" << i << ": an honest update was dropped\n" << cluster[i].LogTail();
+  }
+  auto argv = TrainerArgs(cluster[1], job, seed, 1, 3);
+  argv.push_back("--mode=verify");
+  auto verifier = Process::Start(argv);
+  EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
+                                            << "\nn1 log:\n" << cluster[1].LogTail();
 }
 
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {
@@ -821,32 +972,44 @@ TEST(ClusterTest, StoppedPeerNeverBlocksSnapshotsAndProtectionCatchesUp) {
 // another port and store) joins. When the old process is SIGCONTed, its peers refuse it as
 // fenced; it learns that a newer incarnation of its own node id is a member and exits with
 // status 4 (which the systemd unit does not restart), instead of serving its trainers a history
-// no peer accepts.
-TEST(ClusterTest, AReplacedDaemonThatComesBackIsFencedAndExits) {
+// no peer accepts. The replacement is given n0's address only: n2 hears of it from n0's gossip
+// or once the replacement heard of n2. With `tls` (mutual TLS, every daemon its node's
+// certificate) the same, and no member drops an update: gossip of the new incarnation carries
+// its proof.
+void ReplacedDaemonComesBackFencedAndExits(bool tls) {
   TempRoot root;
   TempRoot replacement_root;
-  Cluster cluster(root.path(), 3, 1, 1);
+  const std::string certs = root.path() + "/certs";
+  if (tls) ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2"}), "");
+  auto tls_flags = [&](const std::string& node) {
+    return tls ? TlsFlags(certs, node, certs + "/ca.crt") : std::vector<std::string>{};
+  };
+  Cluster cluster(root.path(), 3, 1, 1, {}, [&](int i) { return tls_flags(absl::StrCat("n", i)); });
   std::string error;
   ASSERT_TRUE(cluster.Start(&error)) << error;
   cluster[1].Signal(SIGSTOP);
   const std::string address = absl::StrCat("127.0.0.1:", FreePort());
   DaemonProcess replacement(
       replacement_root.path(), "n1", uint64_t{64} << 20,
-      {"--set", "peer.listen_address=" + address,
-       "--set", "cluster.members=" + absl::StrJoin(std::vector<std::string>{cluster.address(0),
-                                                                          cluster.address(2), address},
-                                                 ","),
-       "--set", "ec.k=1", "--set", "ec.m=1",
-       "--set", std::string("cluster.token=") + kClusterToken,
-       "--set", "liveness.heartbeat_ms=100", "--set", "liveness.timeout_ms=1000"});
+      Concat({"--set", "peer.listen_address=" + address,
+              "--set", "cluster.members=" + absl::StrJoin(std::vector<std::string>{
+                                                             cluster.address(0), address},
+                                                         ","),
+              "--set", "ec.k=1", "--set", "ec.m=1",
+              "--set", std::string("cluster.token=") + kClusterToken,
+              "--set", "liveness.heartbeat_ms=100", "--set", "liveness.timeout_ms=1000"},
+             tls_flags("n1")));
   ASSERT_TRUE(replacement.Start(&error)) << error;
   const std::regex replaced("member n1 at " + address + " (restarted|joined)");
-  bool seen = false;
-  for (int i = 0; i < 200 && !seen; ++i) {
-    std::this_thread::sleep_for(milliseconds(100));
-    seen = std::regex_search(ReadFile(cluster[0].log_path()), replaced);
+  for (int member : {0, 2}) {
+    bool seen = false;
+    for (int i = 0; i < 200 && !seen; ++i) {
+      std::this_thread::sleep_for(milliseconds(100));
+      seen = std::regex_search(ReadFile(cluster[member].log_path()), replaced);
+    }
+    ASSERT_TRUE(seen) << "n" << member << " never took the replacement:\n"
+                      << cluster[member].LogTail();
   }
-  ASSERT_TRUE(seen) << "n0 never took the replacement:\n" << cluster[0].LogTail();
   cluster[1].Signal(SIGCONT);
   int exit_code = -1;
   for (int i = 0; i < 300 && exit_code < 0; ++i) {
@@ -859,6 +1022,25 @@ TEST(ClusterTest, AReplacedDaemonThatComesBackIsFencedAndExits) {
   // The replacement and the other members carry on.
   EXPECT_EQ(replacement.Poll(), -1) << replacement.LogTail();
   EXPECT_EQ(cluster[0].Poll(), -1) << cluster[0].LogTail();
+  EXPECT_EQ(cluster[2].Poll(), -1) << cluster[2].LogTail();
+  if (tls) {
+    for (int member : {0, 2}) {
+      EXPECT_FALSE(absl::StrContains(ReadFile(cluster[member].log_path()),
+                                     "membership update dropped"))
+          << "n" << member << " dropped an honest update:\n" << cluster[member].LogTail();
+    }
+  }
+}
+
+TEST(ClusterTest, AReplacedDaemonThatComesBackIsFencedAndExits) {
+  ReplacedDaemonComesBackFencedAndExits(/*tls=*/false);
+}
+
+TEST(ClusterTest, MutualTlsAReplacedDaemonThatComesBackIsFencedAndExits) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  ReplacedDaemonComesBackFencedAndExits(/*tls=*/true);
 }
 
 TEST(ClusterTest, SixNodesRs32SurviveThreeLostNodesAndReplacementsRestoreEveryRank) {

@@ -42,6 +42,15 @@ std::vector<std::string> ResolveDns(const std::string& name, int port) {
   return {out.begin(), out.end()};
 }
 
+// The proofs one message carries at most, in bytes: below a datagram's limit
+// (UdpHeartbeats::kMaxDatagramBytes) with room for the updates and the sender's signature. About
+// 60 proofs of the P-256 certificates of tools/make-cluster-certs.sh; the updates of a message
+// (Options::max_updates_per_message, 16) need at most 17. Past it, updates go without their
+// proofs: a receiver that needs one drops the update, and hears it again later.
+constexpr size_t kMaxProofBytesPerMessage = 32 * 1024;
+// The proofs read of one message at most; the rest are ignored.
+constexpr size_t kMaxProofsReadPerMessage = 64;
+
 // Swim's clock: monotonic milliseconds.
 int64_t MonoMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -255,14 +264,23 @@ void Cluster::SendLoop() {
       queue_.pop_front();
     }
     const uint64_t seq = out.message.seq;
-    absl::StatusOr<HeartbeatReply> reply =
-        client_->Heartbeat(out.address, ToHeartbeat(std::move(out.message)));
+    HeartbeatMessage request = ToHeartbeat(std::move(out.message));
+    request.incarnation_proofs = ProofsFor(request.updates);
+    absl::StatusOr<HeartbeatReply> reply = client_->Heartbeat(out.address, request);
+    SwimMessage answer;
+    ProofOutcomes proven;
+    if (reply.ok()) {
+      if (reply->peer.address.empty()) reply->peer.address = out.address;
+      const std::vector<std::string> carried = std::move(reply->incarnation_proofs);
+      answer = ToSwim(*std::move(reply));
+      proven = CheckProofs(answer, carried);
+    }
     {
       absl::MutexLock lock(&mu_);
       const int64_t now = MonoMs();
       if (reply.ok()) {
-        if (reply->peer.address.empty()) reply->peer.address = out.address;
-        swim_->HandleReply(now, seq, ToSwim(*std::move(reply)));
+        ScreenLocked(proven, &answer);
+        swim_->HandleReply(now, seq, answer);
       } else {
         ++sends_failed_;
         swim_->HandleFailure(now, seq, reply.status());
@@ -274,16 +292,144 @@ void Cluster::SendLoop() {
 }
 
 absl::StatusOr<HeartbeatReply> Cluster::OnHeartbeat(const HeartbeatMessage& message) {
+  SwimMessage request = ToSwim(message);
+  const ProofOutcomes proven = CheckProofs(request, message.incarnation_proofs);
   absl::StatusOr<SwimMessage> reply;
   {
     absl::MutexLock lock(&mu_);
     const int64_t now = MonoMs();
-    reply = swim_->HandleRequest(now, ToSwim(message));
+    ScreenLocked(proven, &request);
+    reply = swim_->HandleRequest(now, request);
     FlushLocked(now);
   }
   Dispatch();
   if (!reply.ok()) return reply.status();
-  return ToReply(*std::move(reply));
+  HeartbeatReply answer = ToReply(*std::move(reply));
+  answer.incarnation_proofs = ProofsFor(answer.updates);
+  return answer;
+}
+
+Cluster::Held Cluster::HeldLocked(const std::string& node_id) const {
+  if (node_id == options_.self_id) return Held{options_.incarnation, options_.self_address};
+  std::optional<Swim::MemberView> m = swim_->Find(node_id);
+  if (!m) return Held{};
+  return Held{m->incarnation, std::move(m->address)};
+}
+
+bool Cluster::NeedsProofLocked(const SwimMessage& m, const SwimUpdate& u) const {
+  if (u.node_id.empty() || u.incarnation == 0) return false;  // Swim ignores it
+  // The sender's own incarnation is its own word, which the transport authenticated.
+  if (u.node_id == m.from_id && u.incarnation == m.from_incarnation) return false;
+  return u.incarnation > HeldLocked(u.node_id).incarnation;
+}
+
+Cluster::ProofOutcomes Cluster::CheckProofs(const SwimMessage& m,
+                                            const std::vector<std::string>& carried) {
+  ProofOutcomes outcomes;
+  if (options_.proofs == nullptr) return outcomes;
+  struct Carried {
+    IncarnationClaim claim;
+    const std::string* proof;
+  };
+  std::vector<Carried> claims;  // read, not checked
+  for (size_t i = 0; i < carried.size() && i < kMaxProofsReadPerMessage; ++i) {
+    absl::StatusOr<IncarnationClaim> claim = ReadIncarnationClaim(carried[i]);
+    if (claim.ok()) claims.push_back(Carried{*std::move(claim), &carried[i]});
+  }
+  std::set<std::pair<std::string, uint64_t>> wanted;
+  {
+    absl::MutexLock lock(&mu_);
+    if (HeldLocked(m.from_id).incarnation > m.from_incarnation) return outcomes;  // refused
+    for (const SwimUpdate& u : m.updates) {
+      if (NeedsProofLocked(m, u)) wanted.insert({u.node_id, u.incarnation});
+    }
+    // A proof of an incarnation held here, or of the sender's: kept, to relay it.
+    for (const Carried& c : claims) {
+      if (c.claim.incarnation == HeldLocked(c.claim.node_id).incarnation ||
+          (c.claim.node_id == m.from_id && c.claim.incarnation == m.from_incarnation)) {
+        wanted.insert({c.claim.node_id, c.claim.incarnation});
+      }
+    }
+  }
+  for (const auto& key : wanted) {
+    if (std::optional<IncarnationProofs::Held> held =
+            options_.proofs->Find(key.first, key.second)) {
+      outcomes.emplace(key, std::move(held->address));
+    }
+  }
+  for (const Carried& c : claims) {
+    const auto key = std::make_pair(c.claim.node_id, c.claim.incarnation);
+    auto known = outcomes.find(key);
+    if (wanted.count(key) == 0 || (known != outcomes.end() && known->second.ok())) continue;
+    absl::StatusOr<IncarnationClaim> checked = options_.proofs->Check(*c.proof, m.from_id);
+    if (checked.ok()) {
+      outcomes.insert_or_assign(key, std::move(checked->address));
+    } else if (known == outcomes.end()) {
+      outcomes.emplace(key, checked.status());
+    }
+  }
+  return outcomes;
+}
+
+void Cluster::ScreenLocked(const ProofOutcomes& outcomes, SwimMessage* m) {
+  // Without proofs, nothing to screen; from a fenced sender, Swim refuses the whole message.
+  if (options_.proofs == nullptr || HeldLocked(m->from_id).incarnation > m->from_incarnation) {
+    return;
+  }
+  std::vector<SwimUpdate> kept;
+  kept.reserve(m->updates.size());
+  for (SwimUpdate& u : m->updates) {
+    const Held held = HeldLocked(u.node_id);
+    if (u.incarnation != 0 && u.incarnation == held.incarnation) {
+      u.address = held.address;  // relayed news of an incarnation held never moves it
+    } else if (NeedsProofLocked(*m, u)) {
+      auto it = outcomes.find({u.node_id, u.incarnation});
+      if (it != outcomes.end() && it->second.ok()) {
+        u.address = *it->second;
+      } else {
+        const char* reason = "unproven";
+        std::string why = absl::StrCat("no proof signed by ", u.node_id, " came with it");
+        if (it == outcomes.end()) {
+          ++updates_unproven_;
+        } else if (absl::IsResourceExhausted(it->second.status())) {
+          reason = "unchecked";
+          ++updates_proof_unchecked_;
+          why = std::string(it->second.status().message());
+        } else {
+          reason = "refused";
+          ++updates_proof_refused_;
+          why = std::string(it->second.status().message());
+        }
+        // Not the update's address: it is what the sender claims, and may be anyone's.
+        dropped_.emplace_back(
+            reason, absl::StrCat(m->from_id, " relayed incarnation ", u.incarnation, " of ",
+                                 u.node_id, " (", SwimStateName(u.state), "; incarnation ",
+                                 held.incarnation, " held here): ", why));
+        continue;
+      }
+    }
+    kept.push_back(std::move(u));
+  }
+  m->updates = std::move(kept);
+}
+
+std::vector<std::string> Cluster::ProofsFor(const std::vector<SwimUpdate>& updates) const {
+  std::vector<std::string> out;
+  if (options_.proofs == nullptr) return out;
+  std::set<std::pair<std::string, uint64_t>> added;
+  size_t bytes = 0;
+  auto add = [&](const std::string& node_id, uint64_t incarnation) {
+    if (!added.insert({node_id, incarnation}).second) return;
+    std::optional<IncarnationProofs::Held> held = options_.proofs->Find(node_id, incarnation);
+    if (!held || held->proof == nullptr || bytes + held->proof->size() > kMaxProofBytesPerMessage) {
+      return;
+    }
+    bytes += held->proof->size();
+    out.push_back(*held->proof);
+  };
+  add(options_.self_id, options_.incarnation);
+  for (const SwimUpdate& u : updates) add(u.node_id, u.incarnation);
+  return out;
 }
 
 void Cluster::Dispatch() {
@@ -294,6 +440,31 @@ void Cluster::Dispatch() {
     events.swap(events_);
   }
   for (const Swim::Event& e : events) Report(e);
+  LogDropped();
+}
+
+void Cluster::LogDropped() {
+  std::vector<std::pair<const char*, std::string>> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    dropped.swap(dropped_);
+  }
+  const absl::Time now = absl::Now();
+  for (const auto& [reason, line] : dropped) {
+    DropLog& log = dropped_logged_[reason];
+    if (now - log.last < absl::Seconds(10)) {
+      ++log.unlogged;
+      continue;
+    }
+    Logger("cluster")->warn(
+        "membership update dropped ({}): {} (logged at most once per 10 s per reason{}; "
+        "tessera_membership_updates_dropped_total counts them)",
+        reason, line,
+        log.unlogged == 0 ? std::string()
+                          : absl::StrCat(", ", log.unlogged, " more since the last line"));
+    log.last = now;
+    log.unlogged = 0;
+  }
 }
 
 void Cluster::Report(const Swim::Event& e) {
@@ -495,6 +666,9 @@ Cluster::Stats Cluster::stats() const {
   s.swim = swim_->stats();
   s.sends_dropped = sends_dropped_;
   s.sends_failed = sends_failed_;
+  s.updates_unproven = updates_unproven_;
+  s.updates_proof_refused = updates_proof_refused_;
+  s.updates_proof_unchecked = updates_proof_unchecked_;
   for (const Swim::MemberView& m : swim_->Members()) {
     (m.state == SwimState::kAlive ? s.alive : m.state == SwimState::kSuspect ? s.suspect : s.dead)++;
   }

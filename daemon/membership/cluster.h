@@ -13,6 +13,18 @@
 // Live means ALIVE: a suspect member is not live (its fragments count as erasures and it gets
 // no new ones) until it refutes. Joins, suspicions, deaths, refutations and fencing are logged.
 //
+// Whose word is taken. The transport authenticates the sender of each message (with mutual TLS,
+// by its certificate: udp_heartbeats.h, peer_service.h), so what a member says about itself is
+// its own word. What it relays about others is checked only with Options::proofs (mutual TLS): a
+// relayed update that would introduce a member, or raise its incarnation (fencing the one held,
+// or this daemon itself), is applied only with a proof that member signed
+// (incarnation_proof.h), and then at the address the proof announces; one without such a proof
+// is dropped (Stats, logged at most once per 10 s per reason). Relayed updates of the incarnation
+// held here keep SWIM's rules (a higher version wins; suspect and dead are taken as relayed),
+// but never move the member to another address. Every message carries this daemon's proof and
+// those of the members its updates name. Without proofs (a token-only cluster) every member's
+// word about any other is taken, as in SWIM.
+//
 // Threads: one runs the protocol (Start .. Stop); heartbeats go out on a pool of send_threads,
 // never one thread per member, through at most max_queued_sends queued (more are dropped, as a
 // lost message). `client` should keep few connections open (GrpcPeerClient's
@@ -25,6 +37,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -36,6 +49,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/membership/incarnation_proof.h"
 #include "daemon/membership/swim.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
@@ -78,6 +93,9 @@ class Cluster {
     // process is a zombie (it was replaced), every peer refuses its messages, and it should
     // stop. Runs without Cluster's lock held.
     std::function<void()> on_self_fenced;
+    // With mutual TLS: this daemon's proof of its incarnation and the members' proofs (see
+    // above). Null: none are sent or asked for.
+    std::shared_ptr<IncarnationProofs> proofs;
   };
 
   // `client` is not owned and must outlive this object. Aborts with a message when the options
@@ -143,6 +161,10 @@ class Cluster {
     Swim::Stats swim;           // messages by kind, sent and received
     uint64_t sends_dropped = 0;  // the send queue was full
     uint64_t sends_failed = 0;   // heartbeats that got no answer
+    // Relayed updates dropped for want of their member's proof (with proofs): none came with the
+    // update, the one that came did not verify, or it was left unchecked (its sender had spent
+    // its allowance of checks).
+    uint64_t updates_unproven = 0, updates_proof_refused = 0, updates_proof_unchecked = 0;
     size_t alive = 0, suspect = 0, dead = 0;  // other members, by state
   };
   Stats stats() const;
@@ -157,6 +179,30 @@ class Cluster {
     SwimMessage message;
   };
   static Swim::Options SwimOptions(const Options& options);
+  // What the proofs a message carries established, by (node id, incarnation): the address proven,
+  // or why not.
+  using ProofOutcomes = std::map<std::pair<std::string, uint64_t>, absl::StatusOr<std::string>>;
+  // A member's incarnation held here (0: unknown) and its address; this daemon's own included.
+  struct Held {
+    uint64_t incarnation = 0;
+    std::string address;
+  };
+  Held HeldLocked(const std::string& node_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `u`, relayed in `m`, would introduce its member or raise its incarnation here.
+  bool NeedsProofLocked(const SwimMessage& m, const SwimUpdate& u) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks the proofs `carried` by `m` that this daemon wants: those its updates need, and those
+  // of members it holds without one (to relay them). The checks run without mu_ held.
+  ProofOutcomes CheckProofs(const SwimMessage& m, const std::vector<std::string>& carried)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Drops the updates of `m` that need a proof `outcomes` does not hold, and sets the address of
+  // the others to the one held or proven.
+  void ScreenLocked(const ProofOutcomes& outcomes, SwimMessage* m)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The proofs to send with `updates`: this daemon's, then those of the members they name.
+  std::vector<std::string> ProofsFor(const std::vector<SwimUpdate>& updates) const;
+  // Logs the updates dropped since the last call, at most once per 10 s per reason.
+  void LogDropped() ABSL_EXCLUSIVE_LOCKS_REQUIRED(dispatch_mu_) ABSL_LOCKS_EXCLUDED(mu_);
   void Run();
   void SendLoop();
   // Hands the messages Swim produced to the send pool, dropping beyond max_queued_sends.
@@ -179,8 +225,18 @@ class Cluster {
   int64_t planned_wake_ms_ ABSL_GUARDED_BY(mu_) = 0;  // when the protocol thread wakes next
   uint64_t sends_dropped_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t sends_failed_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t updates_unproven_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t updates_proof_refused_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t updates_proof_unchecked_ ABSL_GUARDED_BY(mu_) = 0;
+  // Updates dropped, for the log: the reason ("unproven", "refused", "unchecked") and the line.
+  std::vector<std::pair<const char*, std::string>> dropped_ ABSL_GUARDED_BY(mu_);
   absl::Mutex dispatch_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   std::set<std::pair<std::string, uint64_t>> refused_logged_ ABSL_GUARDED_BY(dispatch_mu_);
+  struct DropLog {
+    absl::Time last = absl::InfinitePast();
+    uint64_t unlogged = 0;
+  };
+  std::map<std::string, DropLog> dropped_logged_ ABSL_GUARDED_BY(dispatch_mu_);  // by reason
   int64_t last_dns_ms_ = -1;  // protocol thread only
   std::thread thread_;
   std::vector<std::thread> senders_;

@@ -6,10 +6,15 @@
 // nothing asserts how long anything took.
 #include "daemon/membership/cluster.h"
 
+#include <atomic>
+#include <map>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "daemon/membership/datagram_signer.h"
+#include "daemon/membership/incarnation_proof.h"
+#include "daemon/transfer/test_certificates.h"
 #include "gtest/gtest.h"
 
 namespace tessera {
@@ -38,6 +43,45 @@ Cluster::Options FastOptions(const std::string& id, uint64_t incarnation,
   o.timeout_ms = 100;
   return o;
 }
+
+// Each node's certificate, of one CA, as mutual TLS would give it.
+class Certificates {
+ public:
+  Certificates() {
+    auto ca = TestCa::Create();
+    EXPECT_TRUE(ca.ok()) << ca.status();
+    ca_ = std::move(*ca);
+  }
+  std::shared_ptr<DatagramSigner> SignerOf(const std::string& node) {
+    auto it = signers_.find(node);
+    if (it != signers_.end()) return it->second;
+    auto files = ca_->IssueNode(node);
+    EXPECT_TRUE(files.ok()) << files.status();
+    auto signer = DatagramSigner::Create(*files);
+    EXPECT_TRUE(signer.ok()) << signer.status();
+    return signers_[node] = std::shared_ptr<DatagramSigner>(std::move(*signer));
+  }
+  // `options` with the proofs of its node's certificate.
+  Cluster::Options WithProofs(Cluster::Options options) {
+    IncarnationProofs::Options o;
+    o.signer = SignerOf(options.self_id);
+    o.self = IncarnationClaim{options.self_id, options.incarnation, options.self_address};
+    auto proofs = IncarnationProofs::Create(std::move(o));
+    EXPECT_TRUE(proofs.ok()) << proofs.status();
+    options.proofs = std::move(*proofs);
+    return options;
+  }
+  // node's own proof of an incarnation at an address.
+  std::string ProofOf(const std::string& node, uint64_t incarnation, const std::string& address) {
+    auto proof = MakeIncarnationProof(SignerOf(node).get(), {node, incarnation, address});
+    EXPECT_TRUE(proof.ok()) << proof.status();
+    return proof.value_or("");
+  }
+
+ private:
+  std::unique_ptr<TestCa> ca_;
+  std::map<std::string, std::shared_ptr<DatagramSigner>> signers_;
+};
 
 // The (node id, alive) calls of on_change, in order.
 class Changes {
@@ -249,6 +293,147 @@ TEST(ClusterTest, HeartbeatHandlerContract) {
   EXPECT_EQ(cluster.DeclareLost("nobody", false).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(cluster.DeclareLost("a", true).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "d"}));
+}
+
+// With proofs (mutual TLS), a member speaks only for itself: b, a member whose messages are its
+// own, relays a newer incarnation of c at an address of its own, of a itself, and a stranger:
+// without the proof of the member named, or with one b signed, nothing changes. Relayed news of
+// the incarnation held keeps SWIM's rules but moves no one. With the member's own proof, a newer
+// incarnation fences the old one as before, at the address the proof gives.
+TEST(ClusterTest, WithProofsARelayedNewerIncarnationNeedsItsMembersProof) {
+  Certificates certs;
+  FakePeerClient client;
+  std::atomic<bool> self_fenced{false};
+  Cluster::Options o = certs.WithProofs(FastOptions("a", 100, {}));
+  o.on_self_fenced = [&] { self_fenced = true; };
+  Cluster cluster(o, &client);  // not started: the handler works on its own
+  auto from_b = [&](std::vector<SwimUpdate> updates, std::vector<std::string> proofs) {
+    HeartbeatMessage m;
+    m.from = MemberInfo{"b", 200, "b:1"};
+    m.seq = 1;
+    m.updates = std::move(updates);
+    m.incarnation_proofs = std::move(proofs);
+    absl::StatusOr<HeartbeatReply> reply = cluster.OnHeartbeat(m);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? reply->incarnation_proofs : std::vector<std::string>{};
+  };
+  // b and c, first-hand (their proofs along, as every message carries its sender's).
+  const std::vector<std::string> a_sends = from_b({}, {certs.ProofOf("b", 200, "b:1")});
+  ASSERT_GE(a_sends.size(), 1u) << "a's answer carries its own proof (first)";
+  auto own = ReadIncarnationClaim(a_sends[0]);
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_EQ(own->node_id, "a");
+  EXPECT_EQ(own->incarnation, 100u);
+  HeartbeatMessage from_c;
+  from_c.from = MemberInfo{"c", 300, "c:1"};
+  from_c.incarnation_proofs = {certs.ProofOf("c", 300, "c:1")};
+  ASSERT_TRUE(cluster.OnHeartbeat(from_c).ok());
+  ASSERT_EQ(cluster.LiveNodeIds(), Ids({"a", "b", "c"}));
+
+  const uint64_t newer = 999;
+  std::string forged_c = IncarnationRecord({"c", newer, "rogue:1"});
+  ASSERT_TRUE(certs.SignerOf("b")->Sign(&forged_c).ok());
+  std::string forged_a = IncarnationRecord({"a", newer, "rogue:1"});
+  ASSERT_TRUE(certs.SignerOf("b")->Sign(&forged_a).ok());
+  const SwimUpdate c_newer{SwimState::kAlive, "c", newer, 1, "rogue:1"};
+  const SwimUpdate a_newer{SwimState::kAlive, "a", newer, 1, "rogue:1"};
+  const SwimUpdate d_joins{SwimState::kAlive, "d", 400, 0, "rogue:1"};
+  from_b({c_newer, a_newer, d_joins}, {});
+  from_b({c_newer, a_newer}, {forged_c, forged_a});
+  // Proofs of other members and incarnations do not stand in for the one needed.
+  from_b({c_newer}, {certs.ProofOf("c", 301, "c:1"), certs.ProofOf("d", 400, "d:1")});
+  EXPECT_EQ(cluster.IncarnationOf("c"), 300u);
+  EXPECT_FALSE(cluster.IsFenced("c", 300));
+  EXPECT_EQ(cluster.AddressOf("c"), "c:1");
+  EXPECT_EQ(cluster.IncarnationOf("a"), 100u);
+  EXPECT_FALSE(self_fenced.load());
+  EXPECT_EQ(cluster.IncarnationOf("d"), std::nullopt);
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b", "c"}));
+  for (const Cluster::PeerView& p : cluster.Peers()) EXPECT_NE(p.address, "rogue:1");
+  Cluster::Stats s = cluster.stats();
+  EXPECT_EQ(s.updates_unproven, 4u);
+  EXPECT_EQ(s.updates_proof_refused, 2u);
+  EXPECT_EQ(s.updates_proof_unchecked, 0u);
+
+  // The incarnation held: a higher version is taken (c suspected), the address is not.
+  from_b({SwimUpdate{SwimState::kSuspect, "c", 300, 3, "rogue:1"}}, {});
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b"}));
+  std::optional<uint64_t> incarnation = cluster.IncarnationOf("c");
+  EXPECT_EQ(incarnation, 300u);
+  for (const Cluster::PeerView& p : cluster.Peers()) EXPECT_NE(p.address, "rogue:1");
+  from_b({SwimUpdate{SwimState::kAlive, "c", 300, 4, "rogue:1"}}, {});
+  EXPECT_EQ(cluster.AddressOf("c"), "c:1");
+
+  // d's own proof introduces d, at the address it gives; c's own proof of a newer incarnation
+  // fences the old one as before.
+  from_b({d_joins}, {certs.ProofOf("d", 400, "d:1")});
+  EXPECT_EQ(cluster.AddressOf("d"), "d:1");
+  from_b({c_newer}, {certs.ProofOf("c", newer, "c:2")});
+  EXPECT_EQ(cluster.IncarnationOf("c"), newer);
+  EXPECT_TRUE(cluster.IsFenced("c", 300));
+  EXPECT_EQ(cluster.AddressOf("c"), "c:2");
+  EXPECT_FALSE(self_fenced.load());
+  // What a relays about c from now on carries c's proof.
+  HeartbeatMessage probe;
+  probe.from = MemberInfo{"e", 500, "e:1"};
+  probe.incarnation_proofs = {certs.ProofOf("e", 500, "e:1")};
+  probe.known_members = 0;  // a joiner: a fills its answer with the members it knows
+  absl::StatusOr<HeartbeatReply> filled = cluster.OnHeartbeat(probe);
+  ASSERT_TRUE(filled.ok()) << filled.status();
+  bool c_proven = false;
+  for (const std::string& proof : filled->incarnation_proofs) {
+    auto claim = ReadIncarnationClaim(proof);
+    c_proven = c_proven || (claim.ok() && claim->node_id == "c" && claim->incarnation == newer);
+  }
+  EXPECT_TRUE(c_proven) << filled->incarnation_proofs.size() << " proofs";
+  // And a's own newer incarnation, proven by a's key: a is fenced, as before.
+  from_b({a_newer}, {certs.ProofOf("a", newer, "a:2")});
+  EXPECT_TRUE(self_fenced.load());
+  s = cluster.stats();
+  EXPECT_EQ(s.updates_unproven + s.updates_proof_refused + s.updates_proof_unchecked, 6u);
+}
+
+// Without proofs (a token-only cluster) a member's word about another is taken, as in SWIM.
+TEST(ClusterTest, WithoutProofsARelayedNewerIncarnationIsTaken) {
+  FakePeerClient client;
+  Cluster cluster(FastOptions("a", 100, {}), &client);
+  HeartbeatMessage m;
+  m.from = MemberInfo{"c", 300, "c:1"};
+  ASSERT_TRUE(cluster.OnHeartbeat(m).ok());
+  m.from = MemberInfo{"b", 200, "b:1"};
+  m.updates = {SwimUpdate{SwimState::kAlive, "c", 999, 1, "rogue:1"}};
+  ASSERT_TRUE(cluster.OnHeartbeat(m).ok());
+  EXPECT_TRUE(cluster.IsFenced("c", 300));
+  EXPECT_EQ(cluster.AddressOf("c"), "rogue:1");
+  EXPECT_EQ(cluster.stats().updates_unproven, 0u);
+}
+
+// With proofs on every daemon, members join through gossip and a restarted member's new
+// incarnation fences the old one everywhere, every relayed update with its proof.
+TEST(ClusterTest, WithProofsMembersJoinAndANewIncarnationFencesTheOldOne) {
+  Certificates certs;
+  Daemons d;
+  // a knows only b's address, c only a's: each learns the third from the other's gossip.
+  d.Add(certs.WithProofs(FastOptions("a", 100, {"b:1"})));
+  d.Add(certs.WithProofs(FastOptions("b", 200, {"b:1"})));
+  d.Add(certs.WithProofs(FastOptions("c", 300, {"a:1"})));
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(Eventually([&] { return d[i].LiveNodeIds() == Ids({"a", "b", "c"}); })) << i;
+  }
+  Cluster::Options restarted = certs.WithProofs(FastOptions("b", 900, {"a:1"}));
+  restarted.self_address = "b:2";
+  d.Add(restarted);
+  for (size_t i : {0, 2}) {
+    ASSERT_TRUE(Eventually([&] { return d[i].IncarnationOf("b") == 900u; })) << i;
+    EXPECT_TRUE(Eventually([&] { return d[i].AddressOf("b") == "b:2"; })) << i;
+    EXPECT_TRUE(d[i].IsFenced("b", 200));
+  }
+  EXPECT_TRUE(Eventually([&] { return d[1].IsFenced("b", 200); })) << "the zombie learns it";
+  for (size_t i = 0; i < 4; ++i) {
+    const Cluster::Stats s = d[i].stats();
+    EXPECT_EQ(s.updates_unproven + s.updates_proof_refused + s.updates_proof_unchecked, 0u)
+        << i << ": an honest update was dropped";
+  }
 }
 
 TEST(ClusterTest, ConvergesWhenEverySeedAnsweredOrFailedOnce) {

@@ -138,6 +138,7 @@ absl::Status DatagramSigner::Load() {
   absl::MutexLock lock(&mu_);
   identity_ = std::move(identity);
   loaded_at_ = absl::Now();
+  ++generation_;
   chains_.clear();
   refused_.clear();
   return absl::OkStatus();
@@ -166,6 +167,12 @@ std::shared_ptr<const DatagramSigner::Identity> DatagramSigner::Current() {
 std::string DatagramSigner::node_id() const {
   absl::MutexLock lock(&mu_);
   return identity_->node_id;
+}
+
+uint64_t DatagramSigner::generation() {
+  MaybeReload();
+  absl::MutexLock lock(&mu_);
+  return generation_;
 }
 
 absl::Status DatagramSigner::Sign(std::string* datagram) {
@@ -200,13 +207,15 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
                                                    const char* what) {
   auto u16 = [&](size_t at) { return static_cast<size_t>(data[at] | (data[at + 1] << 8)); };
   if (end < block + 2 || end - block - 2 < u16(block)) {
-    return absl::InvalidArgumentError("the datagram's identity block is cut short (chain)");
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": its identity block is cut short (chain)"));
   }
   const size_t chain_bytes = u16(block);
   const uint8_t* chain = data + block + 2;
   const size_t signed_end = block + 2 + chain_bytes;
   if (end < signed_end + 2 || end - signed_end - 2 != u16(signed_end) || chain_bytes == 0) {
-    return absl::InvalidArgumentError("the datagram's identity block is malformed (signature)");
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": its identity block is malformed (signature)"));
   }
   const uint8_t* signature = data + signed_end + 2;
   const size_t signature_bytes = u16(signed_end);
@@ -245,7 +254,7 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
     const std::shared_ptr<const Identity> identity = Current();
     absl::Status status = [&]() -> absl::Status {
       if (certs.empty() || p != chain_end) {
-        return absl::UnauthenticatedError("the datagram's certificate chain is not DER");
+        return absl::UnauthenticatedError(absl::StrCat(what, ": its certificate chain is not DER"));
       }
       STACK_OF(X509)* untrusted = sk_X509_new_null();
       for (size_t i = 1; i < certs.size(); ++i) sk_X509_push(untrusted, certs[i]);
@@ -258,14 +267,15 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
       ERR_clear_error();
       if (!trusted) {
         return absl::UnauthenticatedError(
-            absl::StrCat("the datagram's certificate does not verify against the CA (",
+            absl::StrCat(what, ": its certificate does not verify against the CA (",
                          X509_verify_cert_error_string(error), ")"));
       }
       absl::StatusOr<std::string> node = NodeIdOfCertificate(certs[0]);
       if (!node.ok() || node->empty()) {
         return absl::UnauthenticatedError(
-            "the datagram's certificate names no node (one node, as subjectAltName URI "
-            "tessera-node:<node id>)");
+            absl::StrCat(what,
+                         ": its certificate names no node (one node, as subjectAltName URI "
+                         "tessera-node:<node id>)"));
       }
       auto fresh = std::make_shared<VerifiedChain>();
       fresh->node_id = *node;
@@ -304,7 +314,7 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
   ERR_clear_error();
   if (!authentic) {
     return absl::UnauthenticatedError(absl::StrCat(
-        "the datagram's signature does not verify with the key of node '", verified->node_id,
+        what, ": its signature does not verify with the key of node '", verified->node_id,
         "''s certificate (altered on the way, or signed with another key)"));
   }
   absl::MutexLock lock(&mu_);

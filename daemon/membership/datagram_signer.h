@@ -20,6 +20,9 @@
 // Replays: as with the HMAC, a recorded datagram can be sent again; it can only repeat an answer
 // or an update that membership already orders by incarnation and version.
 //
+// The same identity block signs a member's proof of its incarnation (incarnation_proof.h), which
+// gossip about the member carries.
+//
 // Identity block, appended after the message (little-endian):
 //   u16 C, C bytes: the certificate chain, DER, leaf first
 //   u16 S, S bytes: the signature (DER ECDSA, or RSA / EdDSA as the key is) over every byte of
@@ -64,6 +67,10 @@ class DatagramSigner {
 
   // The node this daemon's certificate names.
   std::string node_id() const;
+  // How many times the files were read and taken (1 after Create), reading them again first when
+  // refresh_s has passed: what was signed under an older count was signed with a certificate no
+  // longer held.
+  uint64_t generation();
 
   // Appends the identity block to `datagram` (whose bytes it signs). kInternal if signing fails.
   absl::Status Sign(std::string* datagram);
@@ -103,6 +110,7 @@ class DatagramSigner {
   mutable absl::Mutex mu_;
   std::shared_ptr<const Identity> identity_ ABSL_GUARDED_BY(mu_);
   absl::Time loaded_at_ ABSL_GUARDED_BY(mu_);
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
   // By the SHA-256 of the chain's bytes; cleared when the files are read again. Chains that
   // verified, and those that did not (with why, and when it was checked).
   std::map<std::string, std::shared_ptr<const VerifiedChain>> chains_ ABSL_GUARDED_BY(mu_);

@@ -197,6 +197,7 @@ void ToProto(const HeartbeatMessage& message, peer::HeartbeatRequest* out) {
   out->set_target_acked(message.target_acked);
   out->set_known_members(message.known_members);
   UpdatesToProto(message.updates, out->mutable_updates());
+  for (const std::string& proof : message.incarnation_proofs) out->add_incarnation_proofs(proof);
 }
 
 HeartbeatMessage FromProto(const peer::HeartbeatRequest& request) {
@@ -214,6 +215,8 @@ HeartbeatMessage FromProto(const peer::HeartbeatRequest& request) {
   m.target = FromProto(request.target());
   m.target_acked = request.target_acked();
   m.known_members = request.known_members();
+  m.incarnation_proofs.assign(request.incarnation_proofs().begin(),
+                              request.incarnation_proofs().end());
   return m;
 }
 
@@ -223,6 +226,7 @@ void ToProto(const HeartbeatReply& reply, peer::HeartbeatResponse* out) {
   out->set_version(reply.version);
   out->set_known_members(reply.known_members);
   UpdatesToProto(reply.updates, out->mutable_updates());
+  for (const std::string& proof : reply.incarnation_proofs) out->add_incarnation_proofs(proof);
 }
 
 HeartbeatReply FromProto(const peer::HeartbeatResponse& response, const std::string& address) {
@@ -231,6 +235,8 @@ HeartbeatReply FromProto(const peer::HeartbeatResponse& response, const std::str
   reply.updates = UpdatesFromProto(response.updates());
   reply.version = response.version();
   reply.known_members = response.known_members();
+  reply.incarnation_proofs.assign(response.incarnation_proofs().begin(),
+                                  response.incarnation_proofs().end());
   return reply;
 }
 

@@ -66,6 +66,9 @@ struct HeartbeatMessage {
   MemberInfo target;           // kPingReq, kIndirectAck: the member probed
   bool target_acked = false;   // kIndirectAck
   uint32_t known_members = 0;  // how many members the sender knows
+  // With mutual TLS: the sender's proof of its incarnation and those of the members `updates`
+  // name (daemon/membership/incarnation_proof.h).
+  std::vector<std::string> incarnation_proofs;
 };
 
 // What the receiver answers (an ack): itself, and updates piggybacked.
@@ -74,6 +77,7 @@ struct HeartbeatReply {
   std::vector<SwimUpdate> updates;
   uint64_t version = 0;
   uint32_t known_members = 0;
+  std::vector<std::string> incarnation_proofs;  // as in HeartbeatMessage
 };
 
 // A sealed snapshot shard (a slot's payload: data, then the manifest).
