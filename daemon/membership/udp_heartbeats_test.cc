@@ -363,7 +363,19 @@ TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembers
   to.sin_family = AF_INET;
   to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   to.sin_port = htons(b.udp->port());
-  // Sends `count` forged datagrams from the sockets in turn, answering n1's heartbeat every 200;
+  // n1's heartbeat is answered, at the latest on its third try. A flood that outruns b's receive
+  // buffer (the kernel's, 208 KiB by default) makes the kernel drop datagrams before b reads them,
+  // a member's among them, whatever b does; membership probes again, as this does. What the
+  // throttle must keep is that a member that tries gets through.
+  int retries = 0;
+  auto member_gets_through = [&](const std::string& when) {
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (a.udp->Heartbeat(b.address, From("n1")).ok()) return;
+      ++retries;
+    }
+    ADD_FAILURE() << "n1's heartbeat was not answered in 3 tries " << when;
+  };
+  // Sends `count` forged datagrams from the sockets in turn, n1's heartbeat answered every 200;
   // returns how long it took, until b had read them all.
   auto flood = [&](const std::vector<int>& fds, int count, const std::string& claimed) {
     const absl::Time start = absl::Now();
@@ -371,12 +383,10 @@ TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembers
       const std::string bytes = forged(claimed, static_cast<uint64_t>(i) + 1000);
       sendto(fds[i % fds.size()], bytes.data(), bytes.size(), 0,
              reinterpret_cast<const sockaddr*>(&to), sizeof(to));
-      if (i % 200 == 199) {
-        EXPECT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok()) << "during the flood, at " << i;
-      }
+      if (i % 200 == 199) member_gets_through(absl::StrCat("during the flood, at ", i));
     }
     // Read and answered, after everything sent before it.
-    EXPECT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok()) << "after the flood";
+    member_gets_through("after the flood");
     return absl::Now() - start;
   };
   auto failed_checks = [&] {
@@ -412,9 +422,9 @@ TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembers
   took = flood(many, count, "n9");
   EXPECT_LE(failed_checks() - before, 64 + 100 * absl::ToDoubleSeconds(took) + 2)
       << "in " << absl::FormatDuration(took);
-  std::printf("40 sources: %d forged datagrams in %s cost %llu signature checks\n", count,
-              absl::FormatDuration(took).c_str(),
-              static_cast<unsigned long long>(failed_checks() - before));
+  std::printf("40 sources: %d forged datagrams in %s cost %llu signature checks; n1's heartbeat "
+              "tried again %d times in both floods\n", count, absl::FormatDuration(took).c_str(),
+              static_cast<unsigned long long>(failed_checks() - before), retries);
 
   // Claiming n1 with n9's (already known) certificate: refused before any signature check.
   absl::SleepFor(absl::Seconds(2));  // the allowances refill
