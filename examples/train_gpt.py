@@ -173,7 +173,8 @@ def parse_args() -> argparse.Namespace:
                         "(TORCHELASTIC_RESTART_COUNT unset or 0)")
     p.add_argument("--kill-rank", type=int, default=-1, help="only this rank kills (-1: all)")
     p.add_argument("--dump-dir", default=None,
-                   help="save the full state at each snapshot step and after a restore (tests)")
+                   help="save the full state at each snapshot step and after a restore, and "
+                        "append each step's loss to rankR_losses.txt (tests)")
     return p.parse_args()
 
 
@@ -241,7 +242,13 @@ def main() -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        print(f"step {step} rank {rank} loss {loss.item().hex()}", flush=True)
+        line = f"step {step} rank {rank} loss {loss.item().hex()}"
+        print(line, flush=True)
+        if dump_dir is not None:
+            # Whole lines in a file of the rank's own, for tests: torchrun's --tee interleaves the
+            # ranks' output and may split a line.
+            with open(dump_dir / f"rank{rank}_losses.txt", "a") as losses:
+                losses.write(line + "\n")
         snapshotter.step(step)
         if dump_dir is not None and step % args.every == 0:
             dump(dump_dir / f"rank{rank}_step{step}.pt", step, model, optimizer, user)
