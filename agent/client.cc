@@ -596,7 +596,9 @@ class Client::RestoreSource {
  public:
   RestoreSource(cuda::CopyEngine* engine) : engine_(engine) {}
   ~RestoreSource() {
-    if (pinned_) engine_->UnregisterHost(const_cast<SegmentHeader*>(segment_->header())).IgnoreError();
+    if (pinned_) {
+      engine_->UnregisterHost(const_cast<SegmentHeader*>(segment_->header())).IgnoreError();
+    }
   }
   const uint8_t* payload() const { return segment_->payload(); }
 
@@ -684,8 +686,9 @@ absl::Status Client::VerifyLayout(const RestoreSource& source) const {
   }
   std::vector<const ManifestEntry*> entries;
   for (const ManifestEntry& m : manifest.entries()) entries.push_back(&m);
-  std::sort(entries.begin(), entries.end(),
-            [](const ManifestEntry* a, const ManifestEntry* b) { return a->offset() < b->offset(); });
+  std::sort(entries.begin(), entries.end(), [](const ManifestEntry* a, const ManifestEntry* b) {
+    return a->offset() < b->offset();
+  });
   const uint8_t* payload = source.payload();
   uint32_t crc = 0;
   uint64_t at = 0;
@@ -927,6 +930,7 @@ absl::Duration Client::NcclGatherTimeout(uint64_t bytes, int64_t dp_restore_time
 absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   if (!registered_) return absl::FailedPreconditionError("Restore before Register");
   Wait().IgnoreError();
+  const auto started = std::chrono::steady_clock::now();
   if (step < 0) {
     // The newest step every rank of the job can restore, so that all ranks resume together.
     agent::FindLatestRestorableRequest find;
@@ -964,6 +968,7 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
     }
     return ops;
   };
+  const auto opened = std::chrono::steady_clock::now();
   absl::Status copied = source->response_.verified()
                             ? engine_->CopySync(ops_from(*source))
                             : CopyVerified(*source, ops_from(*source));
@@ -983,8 +988,17 @@ absl::StatusOr<int64_t> Client::Restore(int64_t step) {
   }
   const int64_t restored = source->response_.step();
   TESSERA_RETURN_IF_ERROR(Annotate(copied, absl::StrCat("restoring step ", restored)));
+  {
+    const auto copied_at = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.last_restore_open_ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(opened - started).count();
+    stats_.last_restore_copy_ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(copied_at - opened).count();
+  }
   for (size_t i = 0; i < entries_.size(); ++i) {
-    if (!specs_[i].has_slice()) entries_[i].length = source->by_name_[entries_[i].spec.name()]->length();
+    if (!specs_[i].has_slice())
+      entries_[i].length = source->by_name_[entries_[i].spec.name()]->length();
   }
   const uint64_t payload_bytes = source->response_.payload_bytes();
   source.reset();

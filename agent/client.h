@@ -112,6 +112,11 @@ class Client {
     int64_t last_begin_ns = 0;
     int64_t last_copy_ns = 0;
     int64_t last_seal_ns = 0;
+    // Where the last Restore()'s time went, in nanoseconds: finding the step and opening its
+    // payload (FindLatestRestorable, PrepareRestore, the manifest), and the copies with their
+    // checks.
+    int64_t last_restore_open_ns = 0;
+    int64_t last_restore_copy_ns = 0;
     std::string last_error;
     std::string engine;         // the copy engine's description
     // The last DP-sharded restore: the members' slices gathered, and how.

@@ -87,8 +87,9 @@ std::string ManifestJson(const tessera::ShardManifest& manifest) {
   return out.Dump();
 }
 
-#define TESSERA_REQUIRE_CLIENT(c) \
-  if ((c) == nullptr || (c)->client == nullptr) return Fail(absl::InvalidArgumentError("client is NULL"))
+#define TESSERA_REQUIRE_CLIENT(c)               \
+  if ((c) == nullptr || (c)->client == nullptr) \
+  return Fail(absl::InvalidArgumentError("client is NULL"))
 
 }  // namespace
 

@@ -184,7 +184,8 @@ class Gemm {
       destroy_ = reinterpret_cast<decltype(destroy_)>(dlsym(lib, "cublasDestroy_v2"));
       set_stream_ = reinterpret_cast<decltype(set_stream_)>(dlsym(lib, "cublasSetStream_v2"));
       gemm_ex_ = reinterpret_cast<decltype(gemm_ex_)>(dlsym(lib, "cublasGemmEx"));
-      if (create_ && destroy_ && set_stream_ && gemm_ex_ && create_(&handle_) == CUBLAS_STATUS_SUCCESS &&
+      if (create_ && destroy_ && set_stream_ && gemm_ex_ &&
+          create_(&handle_) == CUBLAS_STATUS_SUCCESS &&
           set_stream_(handle_, stream) == CUBLAS_STATUS_SUCCESS) {
         what_ = absl::StrCat("cublasGemmEx bf16 (", name, ")");
         return absl::OkStatus();
@@ -318,15 +319,18 @@ absl::Status Run(const Options& o) {
     const int allocated = posix_fallocate(fd, 0, state.packed);
     if (allocated != 0) {
       close(fd);
-      return ErrnoStatus(allocated, absl::StrCat("posix_fallocate(", state.packed, ") in /dev/shm"));
+      return ErrnoStatus(allocated,
+                         absl::StrCat("posix_fallocate(", state.packed, ") in /dev/shm"));
     }
-    void* slot = mmap(nullptr, state.packed, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    void* slot =
+        mmap(nullptr, state.packed, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     close(fd);
     if (slot == MAP_FAILED) return ErrnoStatus(errno, "mmap");
     TESSERA_RETURN_IF_ERROR(engine->RegisterHost(slot, state.packed));
     std::vector<cuda::CopyOp> ops;
     for (size_t i = 0; i < state.ptrs.size(); ++i) {
-      ops.push_back({static_cast<uint8_t*>(slot) + state.offsets[i], state.ptrs[i], state.sizes[i]});
+      ops.push_back(
+          {static_cast<uint8_t*>(slot) + state.offsets[i], state.ptrs[i], state.sizes[i]});
     }
     std::vector<double> rates;
     for (int r = 0; r < o.repeats + 1; ++r) {
@@ -357,9 +361,11 @@ absl::Status Run(const Options& o) {
   rows.push_back({"snapshot copy D2H into registered /dev/shm (copy engine, copy only)",
                   Fmt("%.1f GB/s", engine_rate), Fmt("raw pinned D2H %.1f GB/s", raw_d2h),
                   Fmt("%.3f", engine_rate / raw_d2h), ">= 0.95"});
-  rows.push_back({absl::StrCat("  the same, checksummed (", o.checksum_on_device ? "GPU kernel" : "host threads",
+  rows.push_back({absl::StrCat("  the same, checksummed (",
+                               o.checksum_on_device ? "GPU kernel" : "host threads",
                                ", MarkSnapshotPoint..WaitChecksums)"),
-                  Fmt("%.1f GB/s", engine_checksummed_rate), Fmt("raw pinned D2H %.1f GB/s", raw_d2h),
+                  Fmt("%.1f GB/s", engine_checksummed_rate),
+                  Fmt("raw pinned D2H %.1f GB/s", raw_d2h),
                   Fmt("%.3f", engine_checksummed_rate / raw_d2h), "-"});
 
   // 3. Through tesserad.
@@ -419,25 +425,35 @@ absl::Status Run(const Options& o) {
                   Fmt("%.2f / ", Median(begin_ms)) + Fmt("%.2f / ", Median(copy_ms)) +
                       Fmt("%.2f ms", Median(seal_ms)),
                   Fmt("raw copy %.2f ms", gb / raw_d2h * 1e3), "-", "-"});
-  rows.push_back({absl::StrCat("Snapshot() blocks the caller, ", Fmt("%.2f", gb), " GB in ",
-                               state.ptrs.size(), " tensors (median / max of ", block_us.size(), ")"),
-                  Fmt("%.3f", Median(block_us) / 1e3) + " / " +
-                      Fmt("%.3f ms", *std::max_element(block_us.begin(), block_us.end()) / 1e3),
-                  "-", "-", "< 1 ms"});
+  rows.push_back(
+      {absl::StrCat("Snapshot() blocks the caller, ", Fmt("%.2f", gb), " GB in ", state.ptrs.size(),
+                    " tensors (median / max of ", block_us.size(), ")"),
+       Fmt("%.3f", Median(block_us) / 1e3) + " / " +
+           Fmt("%.3f ms", *std::max_element(block_us.begin(), block_us.end()) / 1e3),
+       "-", "-", "< 1 ms"});
 
   // 4. Restore.
   Progress("Restore");
-  std::vector<double> restore_rates;
+  std::vector<double> restore_rates, open_ms, restore_copy_ms, rest_ms;
   for (int r = 0; r < o.repeats; ++r) {
     const auto t0 = Clock::now();
     TESSERA_ASSIGN_OR_RETURN(int64_t restored, client->Restore(-1));
-    restore_rates.push_back(gb / Seconds(t0, Clock::now()));
+    const double seconds = Seconds(t0, Clock::now());
+    restore_rates.push_back(gb / seconds);
     if (restored != step) return absl::InternalError(absl::StrCat("restored ", restored));
+    const Client::Stats stats = client->stats();
+    open_ms.push_back(stats.last_restore_open_ns / 1e6);
+    restore_copy_ms.push_back(stats.last_restore_copy_ns / 1e6);
+    rest_ms.push_back(seconds * 1e3 - open_ms.back() - restore_copy_ms.back());
   }
   const double restore_rate = Median(restore_rates);
   rows.push_back({"Restore() H2D, blocks checked beside the copy (incl. PrepareRestore)",
                   Fmt("%.1f GB/s", restore_rate), Fmt("raw pinned H2D %.1f GB/s", raw_h2d),
                   Fmt("%.3f", restore_rate / raw_h2d), "-"});
+  rows.push_back({"  of which (medians): find + open / copies + checks / the rest",
+                  Fmt("%.2f / ", Median(open_ms)) + Fmt("%.2f / ", Median(restore_copy_ms)) +
+                      Fmt("%.2f ms", Median(rest_ms)),
+                  Fmt("raw copy %.2f ms", gb / raw_h2d * 1e3), "-", "-"});
 
   // 5. Training stand-in: GEMMs, fence, optimizer step over the whole state, snapshot every N.
   Progress("GEMM loop");
@@ -474,8 +490,8 @@ absl::Status Run(const Options& o) {
   };
   double unused = 0;
   TESSERA_ASSIGN_OR_RETURN(const double base_ms, loop(0, &unused));
-  rows.push_back({absl::StrCat("training stand-in: iteration (", gemms, " GEMMs ", o.gemm_n, "^3 + ",
-                               "optimizer over the state), no snapshots"),
+  rows.push_back({absl::StrCat("training stand-in: iteration (", gemms, " GEMMs ", o.gemm_n,
+                               "^3 + ", "optimizer over the state), no snapshots"),
                   Fmt("%.1f ms", base_ms), Fmt("GEMM %.0f TFLOP/s", gemm.flops() / gemm_ms / 1e9),
                   "-", "-"});
   for (int every : o.every) {
@@ -499,10 +515,10 @@ absl::Status Run(const Options& o) {
                 "(two slots, pinned) "
                 "%.2f s; GEMMs: %s, %.2f ms each",
                 prop.name, state.ptrs.size(), gb, o.repeats, o.crc_threads,
-                o.checksum_on_device ? "on the GPU"
-                                     : absl::StrCat("on ", o.checksum_threads, " host threads").c_str(),
-                register_s,
-                gemm.what().c_str(), gemm_ms);
+                o.checksum_on_device
+                    ? "on the GPU"
+                    : absl::StrCat("on ", o.checksum_threads, " host threads").c_str(),
+                register_s, gemm.what().c_str(), gemm_ms);
   PrintTable(title, rows);
   TESSERA_RETURN_IF_ERROR(client->Close(/*drop_snapshots=*/true));
   cudaStreamDestroy(stream);
@@ -550,7 +566,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const size_t eq = arg.find('=');
-    const std::string name = arg.substr(0, eq), value = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    const std::string name = arg.substr(0, eq),
+                      value = eq == std::string::npos ? "" : arg.substr(eq + 1);
     bool ok = true;
     if (name == "--bytes") {
       ok = tessera::ParseSize(value, &o.bytes);
@@ -589,7 +606,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: gpu_snapshot_bench [--bytes=10G] [--tensors=256] [--repeats=3] "
                    "[--iteration-ms=80] [--iterations=30] [--every=1,2,10] [--gemm-n=8192] "
-                   "[--crc-threads=8] [--checksum-threads=4] [--checksum-on=gpu|host] [--tesserad=PATH]\n(bad argument '%s')\n",
+                   "[--crc-threads=8] [--checksum-threads=4] [--checksum-on=gpu|host] "
+                   "[--tesserad=PATH]\n(bad argument '%s')\n",
                    argv[i]);
       return 2;
     }

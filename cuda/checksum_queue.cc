@@ -123,9 +123,10 @@ absl::StatusOr<std::vector<RangeChecksum>> CombinePieces(uint64_t block_bytes,
                                                          const std::vector<uint64_t>& range_bytes,
                                                          std::vector<PieceChecksum> pieces) {
   block_bytes = std::max<uint64_t>(block_bytes, 1);
-  std::stable_sort(pieces.begin(), pieces.end(), [](const PieceChecksum& a, const PieceChecksum& b) {
-    return std::make_pair(a.range, a.offset) < std::make_pair(b.range, b.offset);
-  });
+  std::stable_sort(pieces.begin(), pieces.end(),
+                   [](const PieceChecksum& a, const PieceChecksum& b) {
+                     return std::make_pair(a.range, a.offset) < std::make_pair(b.range, b.offset);
+                   });
   std::vector<RangeChecksum> out(range_bytes.size());
   for (size_t r = 0; r < out.size(); ++r) {
     out[r].blocks.assign((range_bytes[r] + block_bytes - 1) / block_bytes, 0);

@@ -613,7 +613,8 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
   // allocation). The rate events are recorded while no earlier measurement is pending.
   const bool measure = status.ok() && !rates_pending_;
   uint64_t staged_bytes = 0;
-  const std::vector<StagedPiece> staged = status.ok() ? CutStaged(device_ops) : std::vector<StagedPiece>{};
+  const std::vector<StagedPiece> staged =
+      status.ok() ? CutStaged(device_ops) : std::vector<StagedPiece>{};
   const cudaStream_t staging_stream = staging_stream_.stream;
   if (measure) {
     status = CudaStatus(cudaEventRecord(measure_.copy_begin, copy_stream_), "cudaEventRecord");
@@ -692,12 +693,13 @@ absl::Status CudaCopyEngine::Issue(uint64_t ticket, const std::vector<CopyOp>& o
       if (!status.ok()) break;
     }
     const std::optional<ChunkSink> landed = sink(piece.op, piece.from);
-    status = EnqueueChunks(static_cast<char*>(r.op.dst) + piece.from,
-                           static_cast<const char*>(staging_buffer_) + r.stage_offset +
-                               (piece.from - r.stage_from),
-                           piece.bytes, "D2H from staging", &counts,
-                           landed ? &*landed : nullptr);
-    if (!status.ok()) status = Annotate(status, absl::StrCat("copy op ", piece.op, " from staging"));
+    status = EnqueueChunks(
+        static_cast<char*>(r.op.dst) + piece.from,
+        static_cast<const char*>(staging_buffer_) + r.stage_offset + (piece.from - r.stage_from),
+        piece.bytes, "D2H from staging", &counts, landed ? &*landed : nullptr);
+    if (!status.ok()) {
+      status = Annotate(status, absl::StrCat("copy op ", piece.op, " from staging"));
+    }
   }
   // Done includes the checksums: the staging buffer is not overwritten before they have read it.
   if (status.ok() && sums.device && sums.device->done != nullptr) {

@@ -216,8 +216,9 @@ class CopyEngine {
   // a second pass over the bytes. Device-to-host bytes are checksummed on the GPU as they are
   // read (options.checksum_on_device), or else each chunk once it has landed, on
   // options.checksum_threads threads that do not delay the copies after it; a host-to-host copy
-  // checksums each block right after copying it, from the cache. WaitChecksums returns the results. Every destination must be host memory
-  // (kInvalidArgument, ticket consumed, otherwise). The checksum is of the destination's bytes
+  // checksums each block right after copying it, from the cache. WaitChecksums returns the
+  // results. Every destination must be host memory (kInvalidArgument, ticket consumed,
+  // otherwise). The checksum is of the destination's bytes
   // as the copy left them: bytes changed afterwards no longer match it.
   // REQUIRES: WaitChecksums is called for each ticket this accepted (until then its events and
   // results are held).

@@ -383,7 +383,8 @@ void ExpectBlocks(const unsigned char* data, size_t bytes, size_t block_bytes,
                   const std::vector<uint32_t>& blocks) {
   ASSERT_EQ(blocks.size(), (bytes + block_bytes - 1) / block_bytes);
   for (size_t b = 0; b < blocks.size(); ++b) {
-    EXPECT_EQ(blocks[b], Crc32c(data + b * block_bytes, std::min(block_bytes, bytes - b * block_bytes)))
+    EXPECT_EQ(blocks[b],
+              Crc32c(data + b * block_bytes, std::min(block_bytes, bytes - b * block_bytes)))
         << "block " << b;
   }
 }

@@ -156,10 +156,10 @@ absl::StatusOr<DeviceChecksummer::Pending> DeviceChecksummer::Enqueue(
                         "cudaMemcpyAsync(checksum pieces)");
   }
   if (status.ok()) {
-    status = CudaStatus(LaunchRawCrc32c(scratch.device_pieces(), static_cast<uint32_t>(direct.size()),
-                                        direct_tiles, scratch.device_tiles(),
-                                        scratch.device_crcs(), stream_),
-                        "CRC32C kernel (sources)");
+    status = CudaStatus(
+        LaunchRawCrc32c(scratch.device_pieces(), static_cast<uint32_t>(direct.size()), direct_tiles,
+                        scratch.device_tiles(), scratch.device_crcs(), stream_),
+        "CRC32C kernel (sources)");
   }
   if (status.ok()) {
     status = CudaStatus(cudaEventRecord(scratch.direct_read, stream_),

@@ -336,8 +336,9 @@ absl::Status BlockMismatch(size_t index, uint64_t block, uint64_t block_bytes, u
       " recorded when they were snapshotted"));
 }
 
-absl::Status CheckSourceBlocks(size_t index, const CopyOp& op, const std::vector<uint32_t>& expected,
-                               uint64_t block_bytes, uint64_t offset, uint64_t bytes) {
+absl::Status CheckSourceBlocks(size_t index, const CopyOp& op,
+                               const std::vector<uint32_t>& expected, uint64_t block_bytes,
+                               uint64_t offset, uint64_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   const uint64_t last = std::min<uint64_t>((offset + bytes - 1) / block_bytes, expected.size() - 1);
   for (uint64_t b = offset / block_bytes; b <= last; ++b) {

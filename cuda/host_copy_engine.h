@@ -89,8 +89,9 @@ absl::Status ValidateExpectedBlocks(const std::vector<CopyOp>& ops,
 
 // kDataLoss for the first block of `op` (index `index`) overlapping [offset, offset + bytes)
 // whose CRC32C (of its source, host memory) is not `expected`'s; OK if none.
-absl::Status CheckSourceBlocks(size_t index, const CopyOp& op, const std::vector<uint32_t>& expected,
-                               uint64_t block_bytes, uint64_t offset, uint64_t bytes);
+absl::Status CheckSourceBlocks(size_t index, const CopyOp& op,
+                               const std::vector<uint32_t>& expected, uint64_t block_bytes,
+                               uint64_t offset, uint64_t bytes);
 
 // The kDataLoss of block `block` of copy op `index`.
 absl::Status BlockMismatch(size_t index, uint64_t block, uint64_t block_bytes, uint64_t op_bytes,

@@ -980,7 +980,9 @@ void ReplacedDaemonComesBackFencedAndExits(bool tls) {
   TempRoot root;
   TempRoot replacement_root;
   const std::string certs = root.path() + "/certs";
-  if (tls) ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2"}), "");
+  if (tls) {
+    ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2"}), "");
+  }
   auto tls_flags = [&](const std::string& node) {
     return tls ? TlsFlags(certs, node, certs + "/ca.crt") : std::vector<std::string>{};
   };
