@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "grpcpp/security/server_credentials.h"
@@ -216,6 +217,10 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   UdpHeartbeats::Options udp_options;
   udp_options.listen_address = config.peer.listen_address;
   udp_options.token = config.cluster.token;
+  // What a flood of forged datagrams or proofs may cost a second (cluster.*_per_s).
+  udp_options.throttle.source_interval =
+      absl::Seconds(1) / config.cluster.datagram_failures_per_source_per_s;
+  udp_options.throttle.total_interval = absl::Seconds(1) / config.cluster.datagram_failures_per_s;
   if (tls.enabled()) {
     // Datagrams carry their sender's certificate and signature: a daemon speaks for its own
     // node only, over UDP as over gRPC (datagram_signer.h).
@@ -225,6 +230,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     IncarnationProofs::Options proof_options;
     proof_options.signer = udp_options.signer;
     proof_options.self = IncarnationClaim{node_id_, incarnation, config.PeerAddress()};
+    proof_options.throttle.source_interval =
+        absl::Seconds(1) / config.cluster.proof_checks_per_member_per_s;
+    proof_options.throttle.total_interval = absl::Seconds(1) / config.cluster.proof_checks_per_s;
     TESSERA_ASSIGN_OR_RETURN(incarnation_proofs_,
                              IncarnationProofs::Create(std::move(proof_options)));
   }

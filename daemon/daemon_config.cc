@@ -298,6 +298,37 @@ ConfigSchema BuildSchema() {
           "How often the three cluster.tls_* files are read again, so that certificates "
           "rotated in place (a mounted Kubernetes secret updated) take effect without a restart.",
           InRange(1, 86400)),
+      ConfigKey::Int64(
+          "cluster.datagram_failures_per_source_per_s",
+          defaults.cluster.datagram_failures_per_source_per_s,
+          "Membership datagrams failing authentication (the token's HMAC; with mutual TLS the "
+          "certificate or signature) that are checked per second from one source address, "
+          "after 16 at once; past it that address's datagrams are dropped unchecked "
+          "(tessera_membership_datagrams_dropped_total{reason=\"throttled\"}). A member's "
+          "own datagrams pass and spend nothing. Bounds the CPU a flood from one address costs "
+          "(bench:membership_proof_bench measures a check).",
+          InRange(1, 100000)),
+      ConfigKey::Int64(
+          "cluster.datagram_failures_per_s", defaults.cluster.datagram_failures_per_s,
+          "Membership datagrams failing authentication that are checked per second over all "
+          "source addresses that are not a member's (none of their datagrams passed in the last "
+          "minute), after 64 at once; past it only members' addresses are checked. Bounds the "
+          "CPU a flood from forged addresses costs.",
+          InRange(1, 1000000)),
+      ConfigKey::Int64(
+          "cluster.proof_checks_per_member_per_s", defaults.cluster.proof_checks_per_member_per_s,
+          "With mutual TLS: checks per second (after 64 at once) of the incarnation proofs one "
+          "member relays that are not held here yet (each member's incarnation is checked "
+          "once); past it the updates needing them are dropped unchecked "
+          "(tessera_membership_updates_dropped_total{reason=\"unchecked\"}) and heard again "
+          "later. Every check counts, passed or not.",
+          InRange(1, 100000)),
+      ConfigKey::Int64(
+          "cluster.proof_checks_per_s", defaults.cluster.proof_checks_per_s,
+          "With mutual TLS: checks per second (after 256 at once) of incarnation proofs relayed "
+          "by members none of whose proofs verified in the last minute. A cluster that restarts "
+          "many members at once checks one proof per restarted member per receiver.",
+          InRange(1, 1000000)),
       ConfigKey::String(
           "metrics.listen_address", defaults.metrics.listen_address,
           "host:port on which Prometheus metrics are served over HTTP at /metrics, e.g. "
@@ -390,6 +421,12 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.tls_ca_file = config.GetString("cluster.tls_ca_file");
   daemon_config.cluster.tls_refresh_s = config.GetInt64("cluster.tls_refresh_s");
   daemon_config.cluster.insecure = config.GetBool("cluster.insecure");
+  daemon_config.cluster.datagram_failures_per_source_per_s =
+      config.GetInt64("cluster.datagram_failures_per_source_per_s");
+  daemon_config.cluster.datagram_failures_per_s = config.GetInt64("cluster.datagram_failures_per_s");
+  daemon_config.cluster.proof_checks_per_member_per_s =
+      config.GetInt64("cluster.proof_checks_per_member_per_s");
+  daemon_config.cluster.proof_checks_per_s = config.GetInt64("cluster.proof_checks_per_s");
   daemon_config.metrics.listen_address = config.GetString("metrics.listen_address");
   daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
   daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));

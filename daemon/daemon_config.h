@@ -64,6 +64,15 @@ struct DaemonConfig {
     std::string tls_key_file;   // cluster.tls_key_file
     std::string tls_ca_file;    // cluster.tls_ca_file
     int64_t tls_refresh_s = 60;  // cluster.tls_refresh_s
+    // Budgets of the checks that membership costs under attack (verification_throttle.h), per
+    // second: membership datagrams failing authentication, per source address
+    // (cluster.datagram_failures_per_source_per_s) and over all addresses not a member's
+    // (cluster.datagram_failures_per_s); and checks of incarnation proofs not held, per sending
+    // member (cluster.proof_checks_per_member_per_s) and in all (cluster.proof_checks_per_s).
+    int64_t datagram_failures_per_source_per_s = 10;
+    int64_t datagram_failures_per_s = 100;
+    int64_t proof_checks_per_member_per_s = 100;
+    int64_t proof_checks_per_s = 500;
   };
   struct Ec {
     int k = 3;  // ec.k

@@ -352,6 +352,55 @@ TEST(DaemonConfigTest, ClusterKeys) {
   EXPECT_EQ(config->store.seal_checksum, "daemon");
 }
 
+TEST(DaemonConfigTest, VerificationBudgets) {
+  absl::StatusOr<DaemonConfig> defaults = LoadDaemonConfig("", {});
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->cluster.datagram_failures_per_source_per_s, 10);
+  EXPECT_EQ(defaults->cluster.datagram_failures_per_s, 100);
+  EXPECT_EQ(defaults->cluster.proof_checks_per_member_per_s, 100);
+  EXPECT_EQ(defaults->cluster.proof_checks_per_s, 500);
+  const std::string toml = DefaultDaemonConfigToml();
+  for (const char* line : {"datagram_failures_per_source_per_s = 10", "datagram_failures_per_s = 100",
+                           "proof_checks_per_member_per_s = 100", "proof_checks_per_s = 500"}) {
+    EXPECT_THAT(toml, HasSubstr(absl::StrCat("\n", line, "\n"))) << line;
+  }
+  // From a file and from overrides, at the bounds and between.
+  const std::string path = WriteTempFile("budgets.toml", R"(
+[cluster]
+datagram_failures_per_source_per_s = 1
+datagram_failures_per_s = 1000000
+proof_checks_per_member_per_s = 100000
+proof_checks_per_s = 1
+)");
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {"cluster.proof_checks_per_s=250"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.datagram_failures_per_source_per_s, 1);
+  EXPECT_EQ(config->cluster.datagram_failures_per_s, 1000000);
+  EXPECT_EQ(config->cluster.proof_checks_per_member_per_s, 100000);
+  EXPECT_EQ(config->cluster.proof_checks_per_s, 250);
+}
+
+TEST(DaemonConfigErrorTest, VerificationBudgets) {
+  // Each names the key, the value and the range; 0 (no check at all) is refused, not unlimited.
+  EXPECT_EQ(OverrideError("cluster.datagram_failures_per_source_per_s=0"),
+            "override \"cluster.datagram_failures_per_source_per_s=0\": "
+            "cluster.datagram_failures_per_source_per_s: must be 1 to 100000, got 0");
+  EXPECT_EQ(OverrideError("cluster.datagram_failures_per_s=1000001"),
+            "override \"cluster.datagram_failures_per_s=1000001\": "
+            "cluster.datagram_failures_per_s: must be 1 to 1000000, got 1000001");
+  EXPECT_EQ(OverrideError("cluster.proof_checks_per_member_per_s=-5"),
+            "override \"cluster.proof_checks_per_member_per_s=-5\": "
+            "cluster.proof_checks_per_member_per_s: must be 1 to 100000, got -5");
+  EXPECT_EQ(OverrideError("cluster.proof_checks_per_s=0"),
+            "override \"cluster.proof_checks_per_s=0\": cluster.proof_checks_per_s: must be 1 "
+            "to 1000000, got 0");
+  EXPECT_THAT(OverrideError("cluster.proof_checks_per_s=many"),
+              HasSubstr("cluster.proof_checks_per_s"));
+  EXPECT_THAT(FileError("[cluster]\ndatagram_failures_per_s = 0\n"),
+              HasSubstr("cluster.datagram_failures_per_s: must be 1 to 1000000, got 0"));
+  EXPECT_THAT(FileError("[cluster]\ndatagram_failures_per_s = 0\n"), HasSubstr(ErrorFilePath()));
+}
+
 TEST(DaemonConfigErrorTest, ClusterKeys) {
   EXPECT_THAT(OverrideError("peer.listen_address=nohost"), HasSubstr("must be \"host:port\""));
   EXPECT_THAT(OverrideError("peer.listen_address=h:70000"), HasSubstr("port 1 to 65535"));

@@ -39,7 +39,8 @@ model_rc=$?
 
 # The fuzzers (fuzz/README.md), about 15 s each from their seeds and the inputs earlier runs
 # found: segment headers, manifests, data-path frames (plain, and the encrypted path's handshake
-# and records) and every RPC's request. tools/fuzz.sh
+# and records), every RPC's request, and signed membership datagrams with their incarnation
+# proofs. tools/fuzz.sh
 # --seconds N runs them longer. Without clang++-14 every target is skipped, saying why.
 tools/fuzz.sh --seconds 15 --junit "$reports/fuzz.xml"
 fuzz_rc=$?
