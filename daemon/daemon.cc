@@ -590,6 +590,10 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
               static_cast<double>(m.updates_proof_unchecked), {{"reason", "unchecked"}});
       counter("tessera_membership_updates_dropped_total", updates_help,
               static_cast<double>(m.refusals_unproven), {{"reason", "refusal"}});
+      counter("tessera_membership_relayed_dropped_total",
+              "Relayed news of a member's incarnation dropped for claiming a liveness version "
+              "beyond the member's own word, or a \"lost\" (bounded gossip under mutual TLS).",
+              static_cast<double>(m.swim.relayed_dropped));
       const IncarnationProofs::Stats p = incarnation_proofs_->stats();
       const char* proofs_help =
           "Members' proofs of their incarnations checked here (each member's incarnation once), "
