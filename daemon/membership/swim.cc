@@ -217,6 +217,12 @@ bool Swim::BoundRelayed(Update* u) {
   const uint64_t limit = uint64_t{vouched_[u->node]} + (u->state == SwimState::kAlive ? 1 : 0);
   if (u->version <= limit) return true;
   ++stats_.relayed_dropped;
+  // A suspicion past the member's own word here may still be true (its word here is stale when
+  // its refutation came relayed): this daemon probes it itself next, instead of waiting for its
+  // round to reach the member.
+  if (u->state != SwimState::kAlive && StateOf(u->node) == SwimState::kAlive) {
+    prompt_probe_ = u->node;
+  }
   return false;
 }
 
@@ -596,6 +602,16 @@ void Swim::ProbeFailed(int64_t now_ms, uint64_t probe_seq) {
 }
 
 std::optional<uint32_t> Swim::NextProbeTarget() {
+  // A member to probe at once (BoundRelayed), at most every other period, so that relayed news
+  // cannot take over the probe round.
+  const std::optional<uint32_t> prompt = std::exchange(prompt_probe_, std::nullopt);
+  const bool prompted_last = std::exchange(prompted_last_, false);
+  if (prompt && !prompted_last && *prompt != self_ && Known(*prompt) &&
+      StateOf(*prompt) == SwimState::kAlive) {
+    prompted_last_ = true;
+    ++stats_.prompt_probes;
+    return prompt;
+  }
   for (int pass = 0; pass < 2; ++pass) {
     while (probe_next_ < probe_order_.size()) {
       const uint32_t c = probe_order_[probe_next_++];

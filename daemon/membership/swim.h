@@ -35,7 +35,11 @@
 // suspicion or death of itself at up to its own version + 1 (no honest member holds it higher),
 // and ignores one above. So every suspicion a member can relay is cleared by one refutation of
 // the member's, and no relayed word makes a member dead while its refutations get through, or
-// lost. Off: SWIM's rules, every member's word taken as relayed.
+// lost. A relayed suspicion dropped for being past the bound may still be true (the member's
+// refutation came here relayed, so its own word here is a version behind): this daemon then
+// probes the member itself next (at most every other period), so a death right after a
+// refutation is detected about as fast as under SWIM's rules (swim_test). Off: SWIM's rules,
+// every member's word taken as relayed.
 //
 // Seeds are addresses (the configured list, DNS records). One not yet known as some member's
 // address is probed (up to seed_probes_per_period a period; seeds tried before, one at a time)
@@ -210,6 +214,8 @@ class Swim {
     // bound_relayed_news: relayed updates dropped for claiming more than their member's own word
     // allows (about this daemon included).
     uint64_t relayed_dropped = 0;
+    // bound_relayed_news: probes sent out of turn to a member such a dropped suspicion named.
+    uint64_t prompt_probes = 0;
     uint64_t messages_sent() const {
       return probes_sent + ping_reqs_sent + indirect_acks_sent + acks_sent;
     }
@@ -392,6 +398,10 @@ class Swim {
   // By node, when bound_relayed_news: the highest version of its incarnation held that the
   // member announced itself.
   std::vector<uint32_t> vouched_;
+  // bound_relayed_news: a member a dropped relayed suspicion named, probed next (not twice in a
+  // row: prompted_last_).
+  std::optional<uint32_t> prompt_probe_;
+  bool prompted_last_ = false;
   size_t known_ = 0;
   size_t live_ = 0;
   std::set<uint32_t> lost_;              // declared lost (version kLostVersion)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <iostream>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -422,6 +423,44 @@ TEST_F(SwimTest, BoundedGossipStillDetectsRefutesAndFences) {
     }
     return true;
   })) << "seed " << TestSeed();
+}
+
+// Bounded gossip detects a death as fast as SWIM's rules when the member refuted a suspicion
+// just before it died: most daemons then hold its refutation only as relayed news, so their own
+// word from it is a version behind, and the suspicions relayed at its new version are over the
+// bound. Each such suspicion makes the daemon probe the member itself next, which fails: its own
+// suspicion, not a wait for its probe round to reach the member (up to n periods).
+TEST_F(SwimTest, BoundedGossipDetectsADeathRightAfterARefutationAsFastAsSwim) {
+  constexpr int kDaemons = 48;
+  int64_t detected_ms[2] = {0, 0};
+  for (bool bound : {false, true}) {
+    SCOPED_TRACE(bound ? "bounded" : "SWIM's rules");
+    Start(kDaemons, /*loss=*/0.0, 16, bound);
+    ASSERT_TRUE(Converge(All(), Ids(kDaemons), 400 * kPeriodMs)) << "seed " << TestSeed();
+    const uint64_t incarnation = sim_->swim(1).options().self_incarnation;
+    // n2 tells n1 it suspects it: n1 refutes at a version one higher, which spreads as gossip.
+    Relay(2, 1, {SwimUpdate{SwimState::kSuspect, Id(1), incarnation, sim_->swim(1).self_version(),
+                            Address(1)}});
+    const uint64_t refuted = sim_->swim(1).self_version();
+    ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs, [&] {
+      for (size_t i = 2; i < sim_->size(); ++i) {
+        if (sim_->swim(i).Find(Id(1))->version < refuted) return false;
+      }
+      return true;
+    })) << "seed " << TestSeed();
+    sim_->Kill(1);
+    const int64_t killed = sim_->now_ms();
+    ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 2000 * kPeriodMs, [&] {
+      for (size_t i = 0; i < sim_->size(); ++i) {
+        if (i != 1 && StateIn(sim_->swim(i), Id(1)) != SwimState::kDead) return false;
+      }
+      return true;
+    })) << "seed " << TestSeed();
+    detected_ms[bound] = sim_->now_ms() - killed;
+  }
+  std::cout << "n1 dead everywhere after " << detected_ms[0] / kPeriodMs << " periods (SWIM's rules), "
+            << detected_ms[1] / kPeriodMs << " (bounded gossip); seed " << TestSeed() << "\n";
+  EXPECT_LE(detected_ms[1], 2 * detected_ms[0] + 10 * kPeriodMs) << "seed " << TestSeed();
 }
 
 TEST_F(SwimTest, SameSeedSameHistory) {
