@@ -300,6 +300,10 @@ absl::StatusOr<Outcome> RunDeclareLost(Context& ctx) {
       lost.majority() ? ", a majority: jobs can resume\n"
                       : ", not a majority: jobs wait until more members are back or declared "
                         "lost\n");
+  for (const admin::NodeError& e : lost.errors()) {
+    absl::StrAppend(&outcome.text, "  not declared on ", e.node_id().empty() ? e.address() : e.node_id(),
+                    ": ", e.error(), "\n");
+  }
   outcome.exit_code = lost.majority() ? kExitOk : kExitUnhealthy;
   return outcome;
 }

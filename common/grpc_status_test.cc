@@ -17,5 +17,19 @@ TEST(GrpcStatusTest, RoundTripsEveryCanonicalCode) {
   EXPECT_EQ(ToGrpcStatus(absl::DataLossError("crc")).error_message(), "crc");
 }
 
+TEST(GrpcStatusTest, DetailsTravelAsErrorDetails) {
+  const std::string details("proof\0bytes\xff", 12);
+  absl::Status original = WithStatusDetails(absl::FailedPreconditionError("fenced"), details);
+  EXPECT_EQ(StatusDetails(original), details);
+  grpc::Status wire = ToGrpcStatus(original);
+  EXPECT_EQ(wire.error_details(), details);
+  absl::Status back = FromGrpcStatus(wire);
+  EXPECT_EQ(back.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(back.message(), "fenced");
+  EXPECT_EQ(StatusDetails(back), details);
+  EXPECT_EQ(StatusDetails(absl::FailedPreconditionError("fenced")), std::nullopt);
+  EXPECT_EQ(ToGrpcStatus(absl::FailedPreconditionError("fenced")).error_details(), "");
+}
+
 }  // namespace
 }  // namespace tessera

@@ -587,13 +587,21 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           "Relayed membership updates dropped because they would introduce a member or raise its "
           "incarnation without a proof that member signed, by reason (unproven: none came with "
           "the update; refused: the proof did not verify; unchecked: its sender had spent its "
-          "allowance of proof checks); each reason logged at most once per 10 s.";
+          "allowance of proof checks; refusal: a member refused this daemon's heartbeat as "
+          "fenced without this node's own proof of a newer incarnation, and was not obeyed); "
+          "each reason logged at most once per 10 s.";
       counter("tessera_membership_updates_dropped_total", updates_help,
               static_cast<double>(m.updates_unproven), {{"reason", "unproven"}});
       counter("tessera_membership_updates_dropped_total", updates_help,
               static_cast<double>(m.updates_proof_refused), {{"reason", "refused"}});
       counter("tessera_membership_updates_dropped_total", updates_help,
               static_cast<double>(m.updates_proof_unchecked), {{"reason", "unchecked"}});
+      counter("tessera_membership_updates_dropped_total", updates_help,
+              static_cast<double>(m.refusals_unproven), {{"reason", "refusal"}});
+      counter("tessera_membership_relayed_dropped_total",
+              "Relayed news of a member's incarnation dropped for claiming a liveness version "
+              "beyond the member's own word, or a \"lost\" (bounded gossip under mutual TLS).",
+              static_cast<double>(m.swim.relayed_dropped));
       const IncarnationProofs::Stats p = incarnation_proofs_->stats();
       const char* proofs_help =
           "Members' proofs of their incarnations checked here (each member's incarnation once), "

@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "common/grpc_status.h"
 #include "common/segment.h"
 #include "daemon/coordination/service.h"
 #include "daemon/membership/datagram_signer.h"
@@ -820,6 +821,163 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCannotGossipAnotherMembersIncarnat
   auto verifier = Process::Start(argv);
   EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n")
                                             << "\nn1 log:\n" << cluster[1].LogTail();
+}
+
+// Under mutual TLS a member's certificate can make another member neither exit nor look lost.
+// A process holding member n2's own certificate, key and token (speaking as n2) makes n1 send it
+// heartbeats (a ping-req naming its own address) and answers each as if n1 were fenced: with no
+// proof, with a proof of a newer n1 that n2 signed, and with n1's own proof of its current
+// incarnation (the one n1's heartbeat carried). Before refusals needed the newer incarnation's
+// proof, the first made n1 exit with status 4. It also relays that n1 is lost, dead just below the
+// lost version, and suspected far above n1's own version. n1 stays up, not fenced, alive and not
+// lost in every view; it logs and counts the refusals it did not obey; the cluster trains and
+// commits. Then the honest paths: n1 killed and declared lost through n0 is lost on n0 and n2
+// (the declaration forwarded, not gossiped), and the live members are a majority again.
+TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLost) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "--client", "operator"}), "");
+  std::vector<int> metrics_ports;
+  for (int i = 0; i < 3; ++i) metrics_ports.push_back(FreePort());
+  Cluster cluster(root.path(), 3, 1, 1, {}, [&](int i) {
+    return Concat(TlsFlags(certs, absl::StrCat("n", i), certs + "/ca.crt"),
+                  {"--set", absl::StrCat("metrics.listen_address=127.0.0.1:", metrics_ports[i])});
+  });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  ASSERT_GE(TrainAndCommit(cluster, "before", seed, 3, 4), 0) << cluster[0].LogTail();
+  const uint64_t n1_incarnation = IncarnationInLog(cluster[0], "n1");
+  const uint64_t n2_incarnation = IncarnationInLog(cluster[0], "n2");
+  ASSERT_GT(n1_incarnation, 0u) << cluster[0].LogTail();
+  ASSERT_GT(n2_incarnation, 0u) << cluster[0].LogTail();
+
+  const std::string rogue_address = absl::StrCat("127.0.0.1:", FreePort());
+  auto n2 = DatagramSigner::Create(
+      ClusterTlsFiles{certs + "/n2.crt", certs + "/n2.key", certs + "/ca.crt", 60});
+  ASSERT_TRUE(n2.ok()) << n2.status();
+  std::shared_ptr<DatagramSigner> signer(std::move(*n2));
+  const uint64_t newer = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) + 3600 * 1000;
+  std::string forged = IncarnationRecord({"n1", newer, rogue_address});
+  ASSERT_TRUE(signer->Sign(&forged).ok());
+  absl::Mutex mu;
+  std::optional<std::string> refusal_proof;  // what the rogue's refusals carry now
+  bool refuse_with_own_proof = false;        // n1's own proof, from n1's heartbeat
+  int refusals = 0;
+  UdpHeartbeats::Options udp_options;
+  udp_options.listen_address = rogue_address;
+  udp_options.token = kClusterToken;
+  udp_options.timeout = absl::Seconds(2);
+  udp_options.signer = signer;
+  udp_options.on_request = [&](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
+    absl::MutexLock lock(&mu);
+    ++refusals;
+    absl::Status fenced = absl::FailedPreconditionError(absl::StrCat(
+        "node '", m.from.node_id, "' incarnation ", m.from.incarnation, " is fenced: incarnation ",
+        newer, " of that node id is known, so this one is refused"));
+    if (refuse_with_own_proof && !m.incarnation_proofs.empty()) {
+      return WithStatusDetails(fenced, m.incarnation_proofs[0]);
+    }
+    return refusal_proof ? WithStatusDetails(fenced, *refusal_proof) : fenced;
+  };
+  auto udp = UdpHeartbeats::Start(std::move(udp_options));
+  ASSERT_TRUE(udp.ok()) << udp.status();
+  uint64_t seq = 0;
+  // As n2: "probe n2 at the rogue's address for me"; n1's probe there is refused.
+  auto make_n1_probe_the_rogue = [&] {
+    HeartbeatMessage ping_req;
+    ping_req.from = MemberInfo{"n2", n2_incarnation, cluster.address(2)};
+    ping_req.kind = HeartbeatMessage::Kind::kPingReq;
+    ping_req.seq = ++seq;
+    ping_req.probe_seq = seq;
+    ping_req.target = MemberInfo{"n2", n2_incarnation, rogue_address};
+    absl::StatusOr<HeartbeatReply> reply = (*udp)->Heartbeat(cluster.address(1), ping_req);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+  };
+  auto refusals_seen = [&] {
+    absl::MutexLock lock(&mu);
+    return refusals;
+  };
+  struct Variant {
+    const char* what;
+    std::optional<std::string> proof;
+    bool own;
+  };
+  for (const Variant& v : {Variant{"no proof", std::nullopt, false},
+                           Variant{"a proof n2 signed", forged, false},
+                           Variant{"n1's own proof of its incarnation", std::nullopt, true}}) {
+    SCOPED_TRACE(v.what);
+    {
+      absl::MutexLock lock(&mu);
+      refusal_proof = v.proof;
+      refuse_with_own_proof = v.own;
+    }
+    const int before = refusals_seen();
+    make_n1_probe_the_rogue();
+    for (int i = 0; i < 100 && refusals_seen() == before; ++i) {
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    ASSERT_GT(refusals_seen(), before) << "n1 never probed the rogue\n" << cluster[1].LogTail();
+  }
+  // And gossip no refutation clears: n1 lost, dead just below the lost version, suspected far
+  // above its own version (n1's own word: version 0 or a few refutations).
+  HeartbeatMessage gossip;
+  gossip.from = MemberInfo{"n2", n2_incarnation, cluster.address(2)};
+  gossip.kind = HeartbeatMessage::Kind::kProbe;
+  gossip.updates = {
+      SwimUpdate{SwimState::kDead, "n1", n1_incarnation, Swim::kLostVersion, cluster.address(1)},
+      SwimUpdate{SwimState::kDead, "n1", n1_incarnation, Swim::kLostVersion - 1,
+                 cluster.address(1)},
+      SwimUpdate{SwimState::kSuspect, "n1", n1_incarnation, 1u << 30, cluster.address(1)}};
+  for (int i : {0, 1}) {
+    gossip.seq = ++seq;
+    absl::StatusOr<HeartbeatReply> reply = (*udp)->Heartbeat(cluster.address(i), gossip);
+    EXPECT_TRUE(reply.ok()) << "n" << i << ": " << reply.status();
+  }
+  // n1 did not obey: it runs, unfenced, and said why.
+  EXPECT_TRUE(LogShows(cluster[1], "fencing refusal not obeyed (refusal): refused as fenced by " +
+                                       rogue_address,
+                       milliseconds(5000)))
+      << cluster[1].LogTail();
+  auto n1_metrics = ScrapeMetrics(metrics_ports[1]);
+  ASSERT_TRUE(n1_metrics.ok()) << n1_metrics.status();
+  EXPECT_GE((*n1_metrics)["tessera_membership_updates_dropped_total{reason=\"refusal\"}"], 3);
+  EXPECT_GE((*n1_metrics)["tessera_membership_relayed_dropped_total"], 2);
+  EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
+  const std::string n1_log = ReadFile(cluster[1].log_path());
+  EXPECT_FALSE(absl::StrContains(n1_log, "is fenced (")) << cluster[1].LogTail();
+  EXPECT_FALSE(absl::StrContains(n1_log, "declared lost by an operator and cannot refute"))
+      << cluster[1].LogTail();
+  // The cluster trains and commits with n1 among its members, alive and not lost everywhere.
+  ASSERT_GE(TrainAndCommit(cluster, "after", seed + 1, 3, 4), 0) << cluster[0].LogTail();
+  EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
+  for (int i : {0, 2}) {
+    const std::string log = ReadFile(cluster[i].log_path());
+    EXPECT_FALSE(absl::StrContains(log, "member n1 at " + cluster.address(1) + " (incarnation"))
+        << "n1 declared lost on n" << i << "\n" << cluster[i].LogTail();
+    EXPECT_FALSE(absl::StrContains(log, "member n1 at " + cluster.address(1) + " is dead"))
+        << cluster[i].LogTail();
+    ExpectAliveAtHomeOnly(cluster, i, 1, rogue_address, certs, root.path());
+  }
+
+  // Honest: n1 killed and declared lost through n0 is lost on every member.
+  cluster[1].Kill(SIGKILL);
+  cluster[1].Wait();
+  ASSERT_TRUE(LogShows(cluster[0], "member n1 at " + cluster.address(1) + " is dead",
+                       milliseconds(60000)))
+      << cluster[0].LogTail();
+  std::string out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n1", &out), 0) << out;
+  for (int i : {0, 2}) {
+    // n0 as asked, n2 forwarded (forced); n1 was dead already, so no state change is logged.
+    EXPECT_TRUE(LogShows(cluster[i], i == 0 ? "n1 declared lost by an operator: fenced"
+                                            : "n1 declared lost by an operator (forced)",
+                         milliseconds(10000)))
+        << cluster[i].LogTail();
+  }
 }
 
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {

@@ -609,6 +609,24 @@ absl::Status Admin::DeclareLost(const admin::DeclareLostRequest& request,
   }
   const std::optional<uint64_t> incarnation = parts_.cluster->IncarnationOf(node);
   TESSERA_RETURN_IF_ERROR(parts_.cluster->DeclareLost(node, request.force()));
+  const bool tls = parts_.config != nullptr && !parts_.config->cluster.tls_cert_file.empty();
+  if (tls && !request.local_only()) {
+    // Under mutual TLS members take no relayed "lost" (swim.h, bounded gossip): each member is
+    // told here, forced (this daemon checked the operator's request against its own view).
+    response->add_nodes(parts_.node_id);
+    admin::DeclareLostRequest local = request;
+    local.set_local_only(true);
+    local.set_force(true);
+    for (auto& answer : AskPeers(&admin::Admin::Stub::DeclareLost, local, ControlTimeout())) {
+      if (answer.node_id == node) continue;  // the lost daemon itself, alive here (force)
+      if (answer.status.ok()) {
+        response->add_nodes(answer.node_id);
+      } else {
+        AddError(response->mutable_errors(), answer.node_id, answer.address,
+                 answer.status.ToString());
+      }
+    }
+  }
   const Cluster::Quorum quorum = parts_.cluster->CountQuorum();
   response->set_node_id(node);
   response->set_incarnation(incarnation.value_or(0));

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/grpc_status.h"
 #include "common/logging.h"
 
 namespace tessera {
@@ -156,6 +157,9 @@ Swim::Options Cluster::SwimOptions(const Options& options) {
   // Determinism matters in simulations; here each daemon only needs its own sequence.
   o.random_seed = options.incarnation ^ std::hash<std::string>()(options.self_id);
   o.seeds = options.members;
+  // With proofs the transport authenticates each sender: what it relays about another member is
+  // bounded by that member's own word (swim.h).
+  o.bound_relayed_news = options.proofs != nullptr;
   return o;
 }
 
@@ -275,6 +279,17 @@ void Cluster::SendLoop() {
       answer = ToSwim(*std::move(reply));
       proven = CheckProofs(answer, carried);
     }
+    absl::Status failure = reply.status();
+    std::optional<std::string> refusal_ignored;
+    if (absl::IsFailedPrecondition(failure) && options_.proofs != nullptr) {
+      refusal_ignored = CheckRefusal(failure);
+      if (refusal_ignored) {
+        // Not fenced on the refuser's word: the call failed, as one the peer did not answer.
+        failure = absl::UnavailableError(absl::StrCat(
+            "refused as fenced by ", out.address, " without a valid proof of a newer incarnation "
+            "of ", options_.self_id, ": ", *refusal_ignored));
+      }
+    }
     {
       absl::MutexLock lock(&mu_);
       const int64_t now = MonoMs();
@@ -283,7 +298,11 @@ void Cluster::SendLoop() {
         swim_->HandleReply(now, seq, answer);
       } else {
         ++sends_failed_;
-        swim_->HandleFailure(now, seq, reply.status());
+        if (refusal_ignored) {
+          ++refusals_unproven_;
+          dropped_.emplace_back("refusal", std::string(failure.message()));
+        }
+        swim_->HandleFailure(now, seq, failure);
       }
       FlushLocked(now);
     }
@@ -295,14 +314,26 @@ absl::StatusOr<HeartbeatReply> Cluster::OnHeartbeat(const HeartbeatMessage& mess
   SwimMessage request = ToSwim(message);
   const ProofOutcomes proven = CheckProofs(request, message.incarnation_proofs);
   absl::StatusOr<SwimMessage> reply;
+  uint64_t newer = 0;  // the incarnation that fences the sender, when it is refused so
   {
     absl::MutexLock lock(&mu_);
     const int64_t now = MonoMs();
     ScreenLocked(proven, &request);
     reply = swim_->HandleRequest(now, request);
+    if (absl::IsFailedPrecondition(reply.status())) newer = HeldLocked(request.from_id).incarnation;
     FlushLocked(now);
   }
   Dispatch();
+  if (!reply.ok() && newer != 0 && options_.proofs != nullptr) {
+    // The refused daemon fences itself only on its node's own word: the newer incarnation's
+    // proof, which this daemon holds (it took that incarnation only with it, or first-hand with
+    // it attached).
+    if (std::optional<IncarnationProofs::Held> held =
+            options_.proofs->Find(request.from_id, newer);
+        held && held->proof != nullptr) {
+      return WithStatusDetails(reply.status(), *held->proof);
+    }
+  }
   if (!reply.ok()) return reply.status();
   HeartbeatReply answer = ToReply(*std::move(reply));
   answer.incarnation_proofs = ProofsFor(answer.updates);
@@ -413,6 +444,20 @@ void Cluster::ScreenLocked(const ProofOutcomes& outcomes, SwimMessage* m) {
   m->updates = std::move(kept);
 }
 
+std::optional<std::string> Cluster::CheckRefusal(const absl::Status& refusal) {
+  const std::optional<std::string> proof = StatusDetails(refusal);
+  if (!proof) return "no proof came with it";
+  absl::StatusOr<IncarnationClaim> claim =
+      options_.proofs->Check(*proof, absl::StrCat("refusal of ", options_.self_id));
+  if (!claim.ok()) return std::string(claim.status().message());
+  if (claim->node_id != options_.self_id || claim->incarnation <= options_.incarnation) {
+    return absl::StrCat("the proof that came with it is of ", claim->node_id, " incarnation ",
+                        claim->incarnation, ", not of a newer incarnation than ",
+                        options_.incarnation, " of ", options_.self_id);
+  }
+  return std::nullopt;
+}
+
 std::vector<std::string> Cluster::ProofsFor(const std::vector<SwimUpdate>& updates) const {
   std::vector<std::string> out;
   if (options_.proofs == nullptr) return out;
@@ -457,8 +502,9 @@ void Cluster::LogDropped() {
       continue;
     }
     Logger("cluster")->warn(
-        "membership update dropped ({}): {} (logged at most once per 10 s per reason{}; "
+        "{} ({}): {} (logged at most once per 10 s per reason{}; "
         "tessera_membership_updates_dropped_total counts them)",
+        std::string(reason) == "refusal" ? "fencing refusal not obeyed" : "membership update dropped",
         reason, line,
         log.unlogged == 0 ? std::string()
                           : absl::StrCat(", ", log.unlogged, " more since the last line"));
@@ -669,6 +715,7 @@ Cluster::Stats Cluster::stats() const {
   s.updates_unproven = updates_unproven_;
   s.updates_proof_refused = updates_proof_refused_;
   s.updates_proof_unchecked = updates_proof_unchecked_;
+  s.refusals_unproven = refusals_unproven_;
   for (const Swim::MemberView& m : swim_->Members()) {
     (m.state == SwimState::kAlive ? s.alive : m.state == SwimState::kSuspect ? s.suspect : s.dead)++;
   }

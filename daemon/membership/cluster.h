@@ -20,10 +20,16 @@
 // or this daemon itself), is applied only with a proof that member signed
 // (incarnation_proof.h), and then at the address the proof announces; one without such a proof
 // is dropped (Stats, logged at most once per 10 s per reason). Relayed updates of the incarnation
-// held here keep SWIM's rules (a higher version wins; suspect and dead are taken as relayed),
-// but never move the member to another address. Every message carries this daemon's proof and
-// those of the members its updates name. Without proofs (a token-only cluster) every member's
-// word about any other is taken, as in SWIM.
+// held here are bounded by that member's own word (swim.h, "Bounded gossip": a suspicion or
+// death above the version it announced is dropped, a death is taken as a suspicion that this
+// daemon's own timer decides, a "lost" is never taken) and never move the member to another
+// address. Every message carries this daemon's proof and those of the members its updates name.
+// A refusal of a heartbeat as fenced carries the newer incarnation's proof (the status's details,
+// common/grpc_status.h), and this daemon obeys a refusal of its own heartbeat (fences itself)
+// only when that proof verifies, names its node id and an incarnation newer than its own; one
+// that does not is counted (Stats::refusals_unproven), logged at most once per 10 s, and taken as
+// an unanswered call. Without proofs (a token-only cluster) every member's word about any other
+// is taken, and every refusal obeyed, as in SWIM.
 //
 // Threads: one runs the protocol (Start .. Stop); heartbeats go out on a pool of send_threads,
 // never one thread per member, through at most max_queued_sends queued (more are dropped, as a
@@ -165,6 +171,9 @@ class Cluster {
     // update, the one that came did not verify, or it was left unchecked (its sender had spent
     // its allowance of checks).
     uint64_t updates_unproven = 0, updates_proof_refused = 0, updates_proof_unchecked = 0;
+    // Refusals of this daemon's heartbeats as a fenced incarnation that were not obeyed (with
+    // proofs): they came without a valid proof, signed by this node, of a newer incarnation.
+    uint64_t refusals_unproven = 0;
     size_t alive = 0, suspect = 0, dead = 0;  // other members, by state
   };
   Stats stats() const;
@@ -199,6 +208,10 @@ class Cluster {
   // the others to the one held or proven.
   void ScreenLocked(const ProofOutcomes& outcomes, SwimMessage* m)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a peer's refusal of this daemon's heartbeat as fenced (kFailedPrecondition) is
+  // backed by what it must carry (with proofs): this node's own proof of a newer incarnation.
+  // nullopt when it is; otherwise why not. Runs without mu_ held.
+  std::optional<std::string> CheckRefusal(const absl::Status& refusal) ABSL_LOCKS_EXCLUDED(mu_);
   // The proofs to send with `updates`: this daemon's, then those of the members they name.
   std::vector<std::string> ProofsFor(const std::vector<SwimUpdate>& updates) const;
   // Logs the updates dropped since the last call, at most once per 10 s per reason.
@@ -228,7 +241,9 @@ class Cluster {
   uint64_t updates_unproven_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t updates_proof_refused_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t updates_proof_unchecked_ ABSL_GUARDED_BY(mu_) = 0;
-  // Updates dropped, for the log: the reason ("unproven", "refused", "unchecked") and the line.
+  uint64_t refusals_unproven_ ABSL_GUARDED_BY(mu_) = 0;
+  // Updates dropped, for the log: the reason ("unproven", "refused", "unchecked"; "refusal": a
+  // refusal not obeyed) and the line.
   std::vector<std::pair<const char*, std::string>> dropped_ ABSL_GUARDED_BY(mu_);
   absl::Mutex dispatch_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   std::set<std::pair<std::string, uint64_t>> refused_logged_ ABSL_GUARDED_BY(dispatch_mu_);

@@ -12,6 +12,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/grpc_status.h"
 #include "daemon/membership/datagram_signer.h"
 #include "daemon/membership/incarnation_proof.h"
 #include "daemon/transfer/test_certificates.h"
@@ -172,7 +173,8 @@ TEST(ClusterTest, PeersJoinThroughSeedsAndASilentOneIsSuspectedThenDead) {
   EXPECT_EQ(cluster.AddressOf("c"), "c:1");
   EXPECT_EQ(cluster.AddressOf("a"), "a:1");
   EXPECT_EQ(cluster.IncarnationOf("b"), 1u);
-  EXPECT_TRUE(changes.Saw("b", true));
+  // on_change runs after the lock is released: LiveNodeIds may show b before it is called.
+  EXPECT_TRUE(Eventually([&] { return changes.Saw("b", true); }));
 
   client.Pause("c:1");  // a SIGSTOPped daemon
   ASSERT_TRUE(Eventually([&] { return cluster.LiveNodeIds() == Ids({"a", "b"}); }));
@@ -355,14 +357,18 @@ TEST(ClusterTest, WithProofsARelayedNewerIncarnationNeedsItsMembersProof) {
   EXPECT_EQ(s.updates_proof_refused, 2u);
   EXPECT_EQ(s.updates_proof_unchecked, 0u);
 
-  // The incarnation held: a higher version is taken (c suspected), the address is not.
+  // The incarnation held: a suspicion at c's own version is taken (c suspected), one above it
+  // is not (bounded gossip, swim.h), and the address never is.
   from_b({SwimUpdate{SwimState::kSuspect, "c", 300, 3, "rogue:1"}}, {});
+  EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b", "c"}));
+  from_b({SwimUpdate{SwimState::kSuspect, "c", 300, 0, "rogue:1"}}, {});
   EXPECT_EQ(cluster.LiveNodeIds(), Ids({"a", "b"}));
   std::optional<uint64_t> incarnation = cluster.IncarnationOf("c");
   EXPECT_EQ(incarnation, 300u);
   for (const Cluster::PeerView& p : cluster.Peers()) EXPECT_NE(p.address, "rogue:1");
-  from_b({SwimUpdate{SwimState::kAlive, "c", 300, 4, "rogue:1"}}, {});
+  from_b({SwimUpdate{SwimState::kAlive, "c", 300, 1, "rogue:1"}}, {});  // c's refutation
   EXPECT_EQ(cluster.AddressOf("c"), "c:1");
+  EXPECT_EQ(cluster.stats().swim.relayed_dropped, 1u);
 
   // d's own proof introduces d, at the address it gives; c's own proof of a newer incarnation
   // fences the old one as before.
@@ -433,6 +439,91 @@ TEST(ClusterTest, WithProofsMembersJoinAndANewIncarnationFencesTheOldOne) {
     const Cluster::Stats s = d[i].stats();
     EXPECT_EQ(s.updates_unproven + s.updates_proof_refused + s.updates_proof_unchecked, 0u)
         << i << ": an honest update was dropped";
+  }
+}
+
+// With proofs, a daemon refuses a fenced incarnation's heartbeat with the newer incarnation's
+// proof attached, so that the refused daemon can check it; without proofs, with none.
+TEST(ClusterTest, WithProofsARefusalCarriesTheNewerIncarnationsProof) {
+  Certificates certs;
+  for (bool with_proofs : {true, false}) {
+    FakePeerClient client;
+    Cluster::Options o = FastOptions("a", 100, {});
+    Cluster cluster(with_proofs ? certs.WithProofs(o) : o, &client);  // not started
+    const std::string newer_proof = certs.ProofOf("c", 400, "c:2");
+    HeartbeatMessage from_c;
+    from_c.from = MemberInfo{"c", 300, "c:1"};
+    from_c.incarnation_proofs = {certs.ProofOf("c", 300, "c:1")};
+    ASSERT_TRUE(cluster.OnHeartbeat(from_c).ok());
+    HeartbeatMessage from_new_c;
+    from_new_c.from = MemberInfo{"c", 400, "c:2"};
+    from_new_c.incarnation_proofs = {newer_proof};
+    ASSERT_TRUE(cluster.OnHeartbeat(from_new_c).ok());
+    absl::StatusOr<HeartbeatReply> refused = cluster.OnHeartbeat(from_c);
+    ASSERT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
+    if (with_proofs) {
+      EXPECT_EQ(StatusDetails(refused.status()), newer_proof);
+    } else {
+      EXPECT_EQ(StatusDetails(refused.status()), std::nullopt);
+    }
+    // Twice: the same answer.
+    absl::StatusOr<HeartbeatReply> again = cluster.OnHeartbeat(from_c);
+    EXPECT_EQ(again.status(), refused.status());
+  }
+}
+
+// With proofs, a member's refusal of this daemon's heartbeat as fenced is obeyed only when it
+// carries this node's own proof of a newer incarnation: without one, with one another member
+// signed, with this incarnation's own proof or an older one's, or with bytes that are no proof,
+// the daemon is not fenced, counts and logs the refusal, and goes on (the member is then probed
+// as one that did not answer). Without proofs (a token-only cluster) a refusal fences as before.
+TEST(ClusterTest, WithProofsARefusalFencesOnlyWithTheNewerIncarnationsProof) {
+  Certificates certs;
+  const uint64_t newer = 900;
+  std::string forged = IncarnationRecord({"a", newer, "a:2"});
+  ASSERT_TRUE(certs.SignerOf("b")->Sign(&forged).ok());
+  struct Case {
+    const char* what;
+    bool with_proofs;
+    std::optional<std::string> proof;
+    bool fences;
+  };
+  const std::vector<Case> cases = {
+      {"no proof", true, std::nullopt, false},
+      {"a proof b signed", true, forged, false},
+      {"a's proof of this incarnation", true, certs.ProofOf("a", 100, "a:1"), false},
+      {"a's proof of an older incarnation", true, certs.ProofOf("a", 50, "a:1"), false},
+      {"another member's proof", true, certs.ProofOf("b", newer, "b:1"), false},
+      {"bytes that are no proof", true, std::string("TSIP\x01garbage"), false},
+      {"a's proof of a newer incarnation", true, certs.ProofOf("a", newer, "a:2"), true},
+      {"without proofs, no proof", false, std::nullopt, true},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    FakePeerClient client;
+    FakePeerClient::Peer b;
+    b.self = MemberInfo{"b", 200, "b:1"};
+    b.on_heartbeat = [&c](const HeartbeatMessage&) -> absl::StatusOr<HeartbeatReply> {
+      absl::Status refused = absl::FailedPreconditionError(
+          "node 'a' incarnation 100 is fenced: incarnation 900 of that node id is known");
+      return c.proof ? WithStatusDetails(refused, *c.proof) : refused;
+    };
+    client.AddPeer("b:1", b);
+    std::atomic<bool> fenced{false};
+    Cluster::Options o = FastOptions("a", 100, {"b:1"});
+    if (c.with_proofs) o = certs.WithProofs(o);
+    o.on_self_fenced = [&] { fenced = true; };
+    Cluster cluster(o, &client);
+    cluster.Start();
+    if (c.fences) {
+      EXPECT_TRUE(Eventually([&] { return fenced.load(); }));
+      EXPECT_EQ(cluster.stats().refusals_unproven, 0u);
+    } else {
+      ASSERT_TRUE(Eventually([&] { return cluster.stats().refusals_unproven >= 3; }));
+      EXPECT_FALSE(fenced.load());
+      EXPECT_EQ(cluster.IncarnationOf("a"), 100u);
+    }
+    cluster.Stop();
   }
 }
 

@@ -29,6 +29,7 @@ void Swim::Grow(uint32_t node) {
   members_.resize(size);
   states_.resize(size, static_cast<uint8_t>(SwimState::kDead));
   if (options_.track_last_heard) last_heard_ms_.resize(size, -1);
+  if (options_.bound_relayed_news) vouched_.resize(size, 0);
 }
 
 Swim::Update Swim::Intern(const SwimUpdate& u) {
@@ -138,7 +139,13 @@ void Swim::SelfFenced(std::string detail) {
   Emit(std::move(e));
 }
 
-bool Swim::ApplyAboutSelf(const Update& u) {
+void Swim::DeclaredLostSelf() {
+  if (self_lost_) return;
+  self_lost_ = true;
+  Emit(Event::Kind::kSelfLost, self_, false, SwimState::kAlive);
+}
+
+bool Swim::ApplyAboutSelf(const Update& u, bool relayed) {
   const Member& me = members_[self_];
   if (u.incarnation > me.incarnation) {
     SelfFenced(absl::StrCat("an update names incarnation ", u.incarnation, " of its node id"));
@@ -147,11 +154,12 @@ bool Swim::ApplyAboutSelf(const Update& u) {
   if (u.incarnation < me.incarnation || u.state == SwimState::kAlive || u.version < me.version) {
     return false;
   }
+  if (relayed && options_.bound_relayed_news && uint64_t{u.version} > uint64_t{me.version} + 1) {
+    ++stats_.relayed_dropped;  // no honest member holds this daemon above its version + 1
+    return false;
+  }
   if (uint64_t{u.version} + 1 >= kLostVersion) {
-    if (!self_lost_) {
-      self_lost_ = true;
-      Emit(Event::Kind::kSelfLost, self_, false, SwimState::kAlive);
-    }
+    DeclaredLostSelf();
     return false;
   }
   members_[self_].version = u.version + 1;
@@ -191,15 +199,45 @@ void Swim::Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState t
   if (emit) Emit(kind, node, by_self, from);
 }
 
-bool Swim::Apply(int64_t now_ms, const Update& u, bool by_self) {
-  if (u.node == self_) return ApplyAboutSelf(u);
-  if (u.incarnation == 0) return false;
-  Grow(u.node);
+void Swim::Vouch(uint32_t node, uint32_t version) {
+  if (!options_.bound_relayed_news || node == self_) return;
+  vouched_[node] = std::max(vouched_[node], version);
+}
+
+bool Swim::BoundRelayed(Update* u) {
+  const Member& m = members_[u->node];
+  // Each daemon decides a death by its own timer (news of a stranger's death is ignored anyway).
+  if (u->state == SwimState::kDead && m.incarnation != 0) u->state = SwimState::kSuspect;
+  if (u->incarnation != m.incarnation) {
+    // A member, or a newer incarnation of it, introduced by another: only the incarnation is the
+    // member's word (its proof), not the version.
+    u->version = 0;
+    return true;
+  }
+  const uint64_t limit = uint64_t{vouched_[u->node]} + (u->state == SwimState::kAlive ? 1 : 0);
+  if (u->version <= limit) return true;
+  ++stats_.relayed_dropped;
+  // A suspicion past the member's own word here may still be true (its word here is stale when
+  // its refutation came relayed): this daemon probes it itself next, instead of waiting for its
+  // round to reach the member.
+  if (u->state != SwimState::kAlive && StateOf(u->node) == SwimState::kAlive) {
+    prompt_probe_ = u->node;
+  }
+  return false;
+}
+
+bool Swim::Apply(int64_t now_ms, const Update& original, bool by_self, bool relayed) {
+  if (original.node == self_) return ApplyAboutSelf(original, relayed);
+  if (original.incarnation == 0) return false;
+  Grow(original.node);
+  Update u = original;
+  if (relayed && options_.bound_relayed_news && !BoundRelayed(&u)) return false;
   Member& m = members_[u.node];
   if (m.incarnation == 0) {
     // News of the death of a stranger changes nothing here.
     if (u.state == SwimState::kDead) return false;
     m = Member{u.incarnation, u.version, u.address};
+    if (options_.bound_relayed_news) vouched_[u.node] = relayed || by_self ? 0 : u.version;
     states_[u.node] = static_cast<uint8_t>(SwimState::kAlive);
     ++known_;
     ++live_;
@@ -218,6 +256,7 @@ bool Swim::Apply(int64_t now_ms, const Update& u, bool by_self) {
   if (u.incarnation > m.incarnation) {
     const uint64_t old = m.incarnation;
     m = Member{u.incarnation, u.version, u.address};
+    if (options_.bound_relayed_news) vouched_[u.node] = relayed || by_self ? 0 : u.version;
     lost_.erase(u.node);
     if (before == SwimState::kSuspect) suspects_.erase(u.node);  // a new identity: a new timer
     Transition(now_ms, u.node, before == SwimState::kSuspect ? SwimState::kAlive : before,
@@ -269,6 +308,9 @@ bool Swim::ApplySender(int64_t now_ms, const SwimMessage& m, uint32_t* node, boo
   Apply(now_ms, Update{SwimState::kAlive, *node, m.from_incarnation, ClampVersion(m.from_version),
                        names_->addresses.Intern(m.from_address)},
         /*by_self=*/false);
+  if (members_[*node].incarnation == m.from_incarnation) {
+    Vouch(*node, ClampVersion(m.from_version));
+  }
   Acked(now_ms, *node, m.from_incarnation);
   *rebut = StateOf(*node) != SwimState::kAlive;
   return true;
@@ -277,7 +319,13 @@ bool Swim::ApplySender(int64_t now_ms, const SwimMessage& m, uint32_t* node, boo
 void Swim::ApplyUpdates(int64_t now_ms, const SwimMessage& m) {
   for (const SwimUpdate& u : m.updates) {
     if (u.node_id.empty() || u.incarnation == 0) continue;
-    Apply(now_ms, Intern(u), /*by_self=*/false);
+    const Update update = Intern(u);
+    // What the sender says of its own incarnation is its own word.
+    const bool own_word = u.node_id == m.from_id && u.incarnation == m.from_incarnation;
+    Apply(now_ms, update, /*by_self=*/false, /*relayed=*/!own_word);
+    if (own_word && update.node != self_ && members_[update.node].incarnation == u.incarnation) {
+      Vouch(update.node, update.version);
+    }
   }
 }
 
@@ -554,6 +602,16 @@ void Swim::ProbeFailed(int64_t now_ms, uint64_t probe_seq) {
 }
 
 std::optional<uint32_t> Swim::NextProbeTarget() {
+  // A member to probe at once (BoundRelayed), at most every other period, so that relayed news
+  // cannot take over the probe round.
+  const std::optional<uint32_t> prompt = std::exchange(prompt_probe_, std::nullopt);
+  const bool prompted_last = std::exchange(prompted_last_, false);
+  if (prompt && !prompted_last && *prompt != self_ && Known(*prompt) &&
+      StateOf(*prompt) == SwimState::kAlive) {
+    prompted_last_ = true;
+    ++stats_.prompt_probes;
+    return prompt;
+  }
   for (int pass = 0; pass < 2; ++pass) {
     while (probe_next_ < probe_order_.size()) {
       const uint32_t c = probe_order_[probe_next_++];

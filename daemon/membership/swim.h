@@ -21,6 +21,26 @@
 // and gossips alive. An operator's DeclareLost gives the highest version, which no refutation
 // can pass: only a new incarnation brings the node id back.
 //
+// Bounded gossip (Options::bound_relayed_news, on under mutual TLS, where the transport
+// authenticates each message's sender). What a member says of itself (its messages' version, and
+// the updates its messages carry about its own incarnation) is its own word; what it relays of
+// another member's incarnation is not, and is bounded by that member's own word: let V be the
+// highest version this daemon heard from member X itself (its "vouched" version). A relayed
+// suspicion or death of X above V, or a relayed alive above V + 1 (X's refutation of a suspicion
+// at V), is dropped (Stats::relayed_dropped); a relayed death is taken as a suspicion, so that
+// each daemon's own suspicion timer decides a death, and a relayed lost (kLostVersion) is never
+// taken: an operator's declaration reaches other daemons otherwise (Cluster). A relayed update
+// that introduces a member or a newer incarnation of it (Cluster checks the member's proof) is
+// taken at version 0 (a death of a member known as a suspicion). This daemon refutes a relayed
+// suspicion or death of itself at up to its own version + 1 (no honest member holds it higher),
+// and ignores one above. So every suspicion a member can relay is cleared by one refutation of
+// the member's, and no relayed word makes a member dead while its refutations get through, or
+// lost. A relayed suspicion dropped for being past the bound may still be true (the member's
+// refutation came here relayed, so its own word here is a version behind): this daemon then
+// probes the member itself next (at most every other period), so a death right after a
+// refutation is detected about as fast as under SWIM's rules (swim_test). Off: SWIM's rules,
+// every member's word taken as relayed.
+//
 // Seeds are addresses (the configured list, DNS records). One not yet known as some member's
 // address is probed (up to seed_probes_per_period a period; seeds tried before, one at a time)
 // until it answers; its node id then comes from the answer. A reply to a peer that says it knows
@@ -158,6 +178,9 @@ class Swim {
     // Keep each member's last-heard time (Members().last_heard_ms); off saves 8 bytes a member.
     bool track_last_heard = true;
     std::vector<std::string> seeds;  // addresses; this daemon's own is ignored
+    // Bound what is relayed about a member by its own word (see "Bounded gossip" above): for a
+    // transport that authenticates each message's sender (mutual TLS).
+    bool bound_relayed_news = false;
     // Required. Sends a request or, never, a reply (replies are HandleRequest's result).
     std::function<void(const std::string& address, SwimMessage&& message)> send;
     std::function<void(const Event& event)> on_event;  // optional
@@ -188,6 +211,11 @@ class Swim {
     uint64_t refused = 0;                // requests and replies from fenced incarnations
     uint64_t requests_failed = 0;        // HandleFailure calls
     uint64_t late_replies = 0;           // replies to requests already expired
+    // bound_relayed_news: relayed updates dropped for claiming more than their member's own word
+    // allows (about this daemon included).
+    uint64_t relayed_dropped = 0;
+    // bound_relayed_news: probes sent out of turn to a member such a dropped suspicion named.
+    uint64_t prompt_probes = 0;
     uint64_t messages_sent() const {
       return probes_sent + ping_reqs_sent + indirect_acks_sent + acks_sent;
     }
@@ -229,6 +257,9 @@ class Swim {
   // The operator declares `node_id` lost: dead at kLostVersion, gossiped; it stays dead until a
   // newer incarnation appears. kNotFound when unknown, kInvalidArgument for this daemon itself.
   absl::Status DeclareLost(int64_t now_ms, const std::string& node_id);
+  // This daemon was declared lost (under bound_relayed_news, where no relayed update says so,
+  // the caller established it): it cannot refute, only restart (Event kSelfLost, self_lost()).
+  void DeclaredLostSelf();
 
   // Every known member but this daemon, in no particular order.
   std::vector<MemberView> Members() const;
@@ -312,9 +343,16 @@ class Swim {
   MemberView View(uint32_t node) const;
   int Log2Ceil() const;  // ceil(log2(live_ + 1))
 
-  // Applies one update. Returns true when the state changed.
-  bool Apply(int64_t now_ms, const Update& u, bool by_self);
-  bool ApplyAboutSelf(const Update& u);
+  // Applies one update. `relayed`: a member's word about another member (or about this
+  // daemon), not this daemon's own judgment nor the member's own word. Returns true when the
+  // state changed.
+  bool Apply(int64_t now_ms, const Update& u, bool by_self, bool relayed = false);
+  bool ApplyAboutSelf(const Update& u, bool relayed = false);
+  // bound_relayed_news: what a relayed update `u` about a member may be taken as (see above);
+  // false when it is dropped.
+  bool BoundRelayed(Update* u);
+  // bound_relayed_news: the member's own word raised its version to `version`.
+  void Vouch(uint32_t node, uint32_t version);
   void SelfFenced(std::string detail);
   // Moves `node` from `from` to `to`: counts, timers, probe order, seeds, and (emit) events.
   void Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self,
@@ -357,6 +395,13 @@ class Swim {
   std::vector<Member> members_;
   std::vector<uint8_t> states_;          // SwimState, by node
   std::vector<int64_t> last_heard_ms_;   // by node, when track_last_heard
+  // By node, when bound_relayed_news: the highest version of its incarnation held that the
+  // member announced itself.
+  std::vector<uint32_t> vouched_;
+  // bound_relayed_news: a member a dropped relayed suspicion named, probed next (not twice in a
+  // row: prompted_last_).
+  std::optional<uint32_t> prompt_probe_;
+  bool prompted_last_ = false;
   size_t known_ = 0;
   size_t live_ = 0;
   std::set<uint32_t> lost_;              // declared lost (version kLostVersion)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <iostream>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -64,7 +65,9 @@ SwimState StateIn(const Swim& swim, const std::string& node_id) {
 class SwimTest : public ::testing::Test {
  protected:
   // `n` daemons started together, each knowing only daemon 0's address (daemon 0 knows none).
-  void Start(int n, double loss, int max_updates = 16) {
+  // `bound`: Options::bound_relayed_news on every daemon (as under mutual TLS).
+  void Start(int n, double loss, int max_updates = 16, bool bound = false) {
+    events_.clear();
     SwimSimulation::Options so;
     so.seed = TestSeed();
     so.one_way_ms = 2;
@@ -75,6 +78,7 @@ class SwimTest : public ::testing::Test {
       Swim::Options o = DaemonOptions(i, 1000 + i, i == 0 ? std::vector<std::string>{}
                                                           : std::vector<std::string>{Address(0)});
       o.max_updates_per_message = max_updates;
+      o.bound_relayed_news = bound;
       Add(std::move(o));
     }
   }
@@ -111,8 +115,25 @@ class SwimTest : public ::testing::Test {
         [&](const Swim::Event& e) { return e.kind == kind && e.node_id == node_id; }));
   }
 
+  // A probe from daemon `from` as it is (its node id, incarnation, version and address: what
+  // the transport authenticates), carrying `updates` it makes up, handed to daemon `to`.
+  void Relay(size_t from, size_t to, std::vector<SwimUpdate> updates) {
+    const Swim& rogue = sim_->swim(from);
+    SwimMessage m;
+    m.kind = SwimMessage::Kind::kProbe;
+    m.seq = ++rogue_seq_;
+    m.from_id = rogue.options().self_id;
+    m.from_incarnation = rogue.options().self_incarnation;
+    m.from_version = rogue.self_version();
+    m.from_address = rogue.options().self_address;
+    m.known_members = static_cast<uint32_t>(rogue.known_count());
+    m.updates = std::move(updates);
+    ASSERT_TRUE(sim_->swim(to).HandleRequest(sim_->now_ms(), m).ok());
+  }
+
   std::unique_ptr<SwimSimulation> sim_;
   std::vector<std::vector<Swim::Event>> events_;
+  uint64_t rogue_seq_ = 1u << 30;
 };
 
 TEST_F(SwimTest, DaemonsJoinThroughOneSeedDespiteLoss) {
@@ -293,6 +314,153 @@ TEST_F(SwimTest, DeclaredLostStaysDeadUntilANewIncarnation) {
   sim_->Kill(3);
   const size_t restarted = Add(DaemonOptions(3, 7000, {Address(0)}));
   ASSERT_TRUE(Converge({0, 1, 2, 4, restarted}, Ids(5), 200 * kPeriodMs)) << TestSeed();
+}
+
+// Bounded gossip (as under mutual TLS): a member that relays, of another member's current
+// incarnation, a death at the lost version, a death just below it (which the member cannot
+// refute) or a suspicion far above the member's own version pins nothing: the member stays alive
+// everywhere and is not lost. SWIM's rules (off) take each of them: the member is lost everywhere
+// and gives up.
+TEST_F(SwimTest, BoundedGossipAMemberCannotRelayAnotherLostOrBeyondRefutation) {
+  for (bool bound : {false, true}) {
+    SCOPED_TRACE(bound ? "bounded" : "SWIM's rules");
+    Start(5, /*loss=*/0.0, 16, bound);
+    ASSERT_TRUE(Converge(All(), Ids(5), 200 * kPeriodMs)) << "seed " << TestSeed();
+    const uint64_t incarnation = sim_->swim(1).options().self_incarnation;
+    for (size_t to : {0, 1, 2, 3}) {
+      Relay(4, to, {SwimUpdate{SwimState::kSuspect, Id(1), incarnation, 1u << 30, Address(1)}});
+      Relay(4, to,
+            {SwimUpdate{SwimState::kDead, Id(1), incarnation, Swim::kLostVersion - 1, Address(1)}});
+      Relay(4, to,
+            {SwimUpdate{SwimState::kDead, Id(1), incarnation, Swim::kLostVersion, Address(1)}});
+    }
+    sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs);
+    if (!bound) {
+      EXPECT_TRUE(sim_->swim(1).self_lost());
+      for (size_t i : {0, 2, 3}) {
+        EXPECT_TRUE(sim_->swim(i).Find(Id(1))->lost) << i;
+        EXPECT_EQ(StateIn(sim_->swim(i), Id(1)), SwimState::kDead) << i;
+      }
+      continue;
+    }
+    EXPECT_FALSE(sim_->swim(1).self_lost());
+    EXPECT_FALSE(sim_->swim(1).self_fenced());
+    for (size_t i : {0, 2, 3, 4}) {
+      EXPECT_FALSE(sim_->swim(i).Find(Id(1))->lost) << i;
+      EXPECT_EQ(StateIn(sim_->swim(i), Id(1)), SwimState::kAlive) << i;
+      EXPECT_EQ(Count(i, Swim::Event::Kind::kDead, Id(1)), 0) << i;
+      EXPECT_LT(sim_->swim(i).Find(Id(1))->version, 8u) << i;
+    }
+    for (size_t i : {0, 1, 2, 3}) EXPECT_GE(sim_->swim(i).stats().relayed_dropped, 2u) << i;
+    EXPECT_EQ(Live(sim_->swim(0)), Ids(5));
+  }
+}
+
+// Bounded gossip: a member that keeps relaying, every period, the strongest news the bound lets
+// through (a suspicion and a death of another member at the version each receiver holds from
+// that member's own word) never gets it declared dead anywhere: each is taken as a suspicion
+// that the member's refutation clears within the suspicion timeout. Under SWIM's rules the same
+// member makes it dead at once (a death one version above the member's own).
+TEST_F(SwimTest, BoundedGossipEveryRelayedSuspicionIsClearedByARefutation) {
+  for (bool bound : {false, true}) {
+    SCOPED_TRACE(bound ? "bounded" : "SWIM's rules");
+    Start(6, /*loss=*/0.0, 16, bound);
+    ASSERT_TRUE(Converge(All(), Ids(6), 200 * kPeriodMs)) << "seed " << TestSeed();
+    const uint64_t incarnation = sim_->swim(1).options().self_incarnation;
+    bool dead_somewhere = false;
+    for (int period = 0; period < 200 && !dead_somewhere; ++period) {
+      for (size_t to : {0, 2, 3, 4}) {
+        const uint64_t held = sim_->swim(to).Find(Id(1))->version;
+        Relay(5, to, {SwimUpdate{SwimState::kSuspect, Id(1), incarnation, held, Address(1)}});
+        Relay(5, to,
+              {SwimUpdate{SwimState::kDead, Id(1), incarnation, held + (bound ? 0 : 1),
+                          Address(1)}});
+      }
+      sim_->RunUntil(sim_->now_ms() + kPeriodMs);
+      for (size_t i : {0, 2, 3, 4}) {
+        dead_somewhere = dead_somewhere || StateIn(sim_->swim(i), Id(1)) == SwimState::kDead;
+      }
+    }
+    if (!bound) {
+      EXPECT_TRUE(dead_somewhere);
+      continue;
+    }
+    EXPECT_FALSE(dead_somewhere) << "seed " << TestSeed();
+    EXPECT_GE(sim_->swim(1).stats().refutations, 1u);
+    // Once it stops, every view has n1 alive again.
+    EXPECT_TRUE(Converge(All(), Ids(6), 200 * kPeriodMs)) << "seed " << TestSeed();
+  }
+}
+
+// Bounded gossip keeps SWIM's detection and refutation: a killed member is dead everywhere, a
+// partitioned one that comes back refutes, and a restarted one fences its zombie.
+TEST_F(SwimTest, BoundedGossipStillDetectsRefutesAndFences) {
+  Start(8, /*loss=*/0.02, 16, /*bound=*/true);
+  ASSERT_TRUE(Converge(All(), Ids(8), 200 * kPeriodMs)) << "seed " << TestSeed();
+  sim_->Partition(3, true);
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 200 * kPeriodMs, [&] {
+    return StateIn(sim_->swim(0), Id(3)) != SwimState::kAlive;
+  })) << "seed " << TestSeed();
+  sim_->Partition(3, false);
+  ASSERT_TRUE(Converge(All(), Ids(8), 400 * kPeriodMs)) << "seed " << TestSeed();
+  EXPECT_GE(sim_->swim(3).stats().refutations, 1u);
+  sim_->Kill(7);
+  std::vector<size_t> others = {0, 1, 2, 3, 4, 5, 6};
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 600 * kPeriodMs, [&] {
+    for (size_t i : others) {
+      if (StateIn(sim_->swim(i), Id(7)) != SwimState::kDead) return false;
+    }
+    return true;
+  })) << "seed " << TestSeed();
+  Swim::Options restarted = DaemonOptions(5, 9000, {Address(0)});
+  restarted.bound_relayed_news = true;
+  restarted.self_address = "10.0.1.5:7070";
+  Add(std::move(restarted));
+  ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 400 * kPeriodMs, [&] {
+    if (!sim_->swim(5).self_fenced()) return false;
+    for (size_t i : {0, 1, 2, 3, 4, 6}) {
+      if (!sim_->swim(i).IsFenced(Id(5), 1005)) return false;
+    }
+    return true;
+  })) << "seed " << TestSeed();
+}
+
+// Bounded gossip detects a death as fast as SWIM's rules when the member refuted a suspicion
+// just before it died: most daemons then hold its refutation only as relayed news, so their own
+// word from it is a version behind, and the suspicions relayed at its new version are over the
+// bound. Each such suspicion makes the daemon probe the member itself next, which fails: its own
+// suspicion, not a wait for its probe round to reach the member (up to n periods).
+TEST_F(SwimTest, BoundedGossipDetectsADeathRightAfterARefutationAsFastAsSwim) {
+  constexpr int kDaemons = 48;
+  int64_t detected_ms[2] = {0, 0};
+  for (bool bound : {false, true}) {
+    SCOPED_TRACE(bound ? "bounded" : "SWIM's rules");
+    Start(kDaemons, /*loss=*/0.0, 16, bound);
+    ASSERT_TRUE(Converge(All(), Ids(kDaemons), 400 * kPeriodMs)) << "seed " << TestSeed();
+    const uint64_t incarnation = sim_->swim(1).options().self_incarnation;
+    // n2 tells n1 it suspects it: n1 refutes at a version one higher, which spreads as gossip.
+    Relay(2, 1, {SwimUpdate{SwimState::kSuspect, Id(1), incarnation, sim_->swim(1).self_version(),
+                            Address(1)}});
+    const uint64_t refuted = sim_->swim(1).self_version();
+    ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 100 * kPeriodMs, [&] {
+      for (size_t i = 2; i < sim_->size(); ++i) {
+        if (sim_->swim(i).Find(Id(1))->version < refuted) return false;
+      }
+      return true;
+    })) << "seed " << TestSeed();
+    sim_->Kill(1);
+    const int64_t killed = sim_->now_ms();
+    ASSERT_TRUE(sim_->RunUntil(sim_->now_ms() + 2000 * kPeriodMs, [&] {
+      for (size_t i = 0; i < sim_->size(); ++i) {
+        if (i != 1 && StateIn(sim_->swim(i), Id(1)) != SwimState::kDead) return false;
+      }
+      return true;
+    })) << "seed " << TestSeed();
+    detected_ms[bound] = sim_->now_ms() - killed;
+  }
+  std::cout << "n1 dead everywhere after " << detected_ms[0] / kPeriodMs << " periods (SWIM's rules), "
+            << detected_ms[1] / kPeriodMs << " (bounded gossip); seed " << TestSeed() << "\n";
+  EXPECT_LE(detected_ms[1], 2 * detected_ms[0] + 10 * kPeriodMs) << "seed " << TestSeed();
 }
 
 TEST_F(SwimTest, SameSeedSameHistory) {

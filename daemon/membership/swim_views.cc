@@ -109,6 +109,7 @@ void Swim::Bootstrap(const std::vector<SwimUpdate>& members) {
     }
     members_[u.node] = Member{u.incarnation, u.version, u.address};
     states_[u.node] = static_cast<uint8_t>(u.state);
+    if (options_.bound_relayed_news) vouched_[u.node] = u.version;
   }
   probe_order_.clear();
   probe_next_ = 0;
@@ -134,6 +135,10 @@ void Swim::BootstrapFrom(const Swim& other) {
   me = Member{options_.self_incarnation, 0, names_->addresses.Intern(options_.self_address)};
   states_[self_] = static_cast<uint8_t>(SwimState::kAlive);
   if (options_.track_last_heard) last_heard_ms_.assign(members_.size(), -1);
+  if (options_.bound_relayed_news) {
+    vouched_.assign(members_.size(), 0);
+    for (uint32_t node = 0; node < members_.size(); ++node) vouched_[node] = members_[node].version;
+  }
   Bootstrap({});
 }
 

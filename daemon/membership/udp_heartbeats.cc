@@ -20,6 +20,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/transfer/data_path.h"
@@ -35,6 +36,10 @@ constexpr size_t kBodyLengthBytes = 4;  // version 2
 constexpr uint8_t kRequest = 1;
 constexpr uint8_t kReply = 2;
 constexpr uint8_t kRefused = 3;
+// In a refusal's code: the message's length (u16) follows, then the message, then the status's
+// details (grpc_status.h); without it the message is the rest of the body.
+constexpr uint32_t kRefusalHasDetails = 0x80000000u;
+constexpr size_t kMaxRefusalMessageBytes = 1024;
 // A resolved peer address is looked up again after this long (a DNS name may move).
 constexpr absl::Duration kResolveTtl = absl::Seconds(30);
 
@@ -99,6 +104,45 @@ std::string SourceOf(const sockaddr_storage& from) {
     inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6&>(from).sin6_addr, text, sizeof(text));
   }
   return text;
+}
+
+// The body of a refusal datagram: the handler's error, with its details when it has some.
+std::string RefusalBody(const absl::Status& status) {
+  const std::string message(status.message().substr(0, kMaxRefusalMessageBytes));
+  const std::optional<std::string> details = StatusDetails(status);
+  uint32_t code = static_cast<uint32_t>(status.code());
+  if (details) code |= kRefusalHasDetails;
+  std::string body(4, '\0');
+  for (int i = 0; i < 4; ++i) body[i] = static_cast<char>((code >> (8 * i)) & 0xff);
+  if (details) {
+    body.push_back(static_cast<char>(message.size() & 0xff));
+    body.push_back(static_cast<char>((message.size() >> 8) & 0xff));
+  }
+  body.append(message);
+  if (details) body.append(*details);
+  return body;
+}
+
+// The error a refusal's body carries; kInvalidArgument when the body is malformed.
+absl::StatusOr<absl::Status> ReadRefusal(const std::string& body) {
+  if (body.size() < 4) return absl::InvalidArgumentError("a refusal without its code");
+  uint32_t code = 0;
+  for (int i = 0; i < 4; ++i) {
+    code |= static_cast<uint32_t>(static_cast<uint8_t>(body[i])) << (8 * i);
+  }
+  const bool has_details = (code & kRefusalHasDetails) != 0;
+  code &= ~kRefusalHasDetails;
+  if (code == 0 || code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) {
+    code = static_cast<uint32_t>(absl::StatusCode::kUnknown);
+  }
+  if (!has_details) return absl::Status(static_cast<absl::StatusCode>(code), body.substr(4));
+  if (body.size() < 6) return absl::InvalidArgumentError("a refusal cut short (message length)");
+  const size_t length = static_cast<uint8_t>(body[4]) | (static_cast<uint8_t>(body[5]) << 8);
+  if (length > kMaxRefusalMessageBytes || body.size() - 6 < length) {
+    return absl::InvalidArgumentError("a refusal cut short (message)");
+  }
+  return WithStatusDetails(absl::Status(static_cast<absl::StatusCode>(code), body.substr(6, length)),
+                           body.substr(6 + length));
 }
 
 }  // namespace
@@ -546,10 +590,7 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
       body = response.SerializeAsString();
     } else {
       type = kRefused;
-      body.resize(4);
-      const uint32_t code = static_cast<uint32_t>(reply.status().code());
-      for (int i = 0; i < 4; ++i) body[i] = static_cast<char>((code >> (8 * i)) & 0xff);
-      body.append(std::string(reply.status().message()).substr(0, 1024));
+      body = RefusalBody(reply.status());
     }
     absl::StatusOr<std::string> datagram =
         Encode(type, d->id, body, options_.token, options_.signer.get());
@@ -578,20 +619,13 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
     }
     result = peer_wire::FromProto(response, "");  // the address is the pending call's
   } else {
-    if (d->body.size() < 4) {
+    absl::StatusOr<absl::Status> refusal = ReadRefusal(d->body);
+    if (!refusal.ok()) {
       absl::MutexLock lock(&mu_);
-      Drop("malformed", absl::InvalidArgumentError("a refusal without its code"),
-           &stats_.dropped_malformed);
+      Drop("malformed", refusal.status(), &stats_.dropped_malformed);
       return;
     }
-    uint32_t code = 0;
-    for (int i = 0; i < 4; ++i) {
-      code |= static_cast<uint32_t>(static_cast<uint8_t>(d->body[i])) << (8 * i);
-    }
-    if (code == 0 || code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) {
-      code = static_cast<uint32_t>(absl::StatusCode::kUnknown);
-    }
-    result = absl::Status(static_cast<absl::StatusCode>(code), d->body.substr(4));
+    result = *std::move(refusal);
   }
   absl::MutexLock lock(&mu_);
   auto it = pending_.find(d->id);

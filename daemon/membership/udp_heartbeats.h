@@ -9,7 +9,10 @@
 // Wire format of one datagram (little-endian):
 //   [0, 4)    magic "TSHB"
 //   [4]       format version: 1, or 2 when signed (mutual TLS)
-//   [5]       type: 1 request, 2 reply, 3 refused (the handler's error: code u32, then message)
+//   [5]       type: 1 request, 2 reply, 3 refused (the handler's error: code u32, then the
+//             message; when the error has details (common/grpc_status.h, such as the proof behind
+//             a fencing refusal), the code's top bit is set and u16 M, M bytes of message and the
+//             details follow instead)
 //   [6, 8)    0
 //   [8, 16)   id: the sender's request number; a reply repeats it
 //   version 1:
