@@ -85,17 +85,19 @@ const std::vector<Command>& Commands() {
       {{"drop",
         {"JOB"},
         {{"force", "", "drop it even while a trainer of the job is registered and running"}},
-        "delete a job's snapshots held by the daemon connected to, so it is never resumed",
-        "The end of a job, made explicit: every snapshot of JOB held by the daemon connected to "
-        "(the slots of all its ranks) is deleted and the daemon forgets the job, so that the "
-        "next launch with that job id starts afresh instead of resuming the run that ended. "
-        "Says how many ranks, slots and bytes it freed. Refused while a trainer of the job is "
-        "registered and still running, unless --force (what is held now is deleted, but a "
-        "trainer that still runs registers again at its next snapshot and keeps snapshotting: "
-        "stop the trainers to end the job). A trainer can do the same for its own rank at the "
-        "end of its run: Snapshotter.close(drop=True). Allowed to root, the daemon's uid and the uid that "
-        "registered the job. Not on a member of a cluster yet: there the job's fragments on "
-        "the other members would let it resume."},
+        "end a job: delete its snapshots (on every member of a cluster), so it is never resumed",
+        "The end of a job, made explicit: every snapshot of JOB is deleted and the job is "
+        "forgotten, so that the next launch with that job id starts afresh instead of resuming "
+        "the run that ended. On a standalone daemon, what that daemon holds. On a member of a "
+        "cluster the job's coordinator records the drop and every live member deletes the job's "
+        "slots and fragments; the answer lists what each member deleted and the members that "
+        "did not answer (their copies are deleted when they come back, and never restored "
+        "meanwhile). Refused while a trainer of the job is registered and still running (on any "
+        "member), unless --force (what is held now is deleted; a trainer that still runs "
+        "registers again at its next snapshot: stop the trainers to end the job; on a cluster "
+        "what it seals after the drop is never restored). A trainer does the same at the end "
+        "of its run with Snapshotter.close(drop=True) on every rank. Allowed to root, the "
+        "daemon's uid and the uid that registered the job."},
        RunDropJob},
       {{"drill mark",
         {"JOB"},

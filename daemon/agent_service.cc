@@ -189,8 +189,34 @@ grpc::Status AgentService::Unregister(grpc::ServerContext* context,
                                       agent::UnregisterResponse* response) {
   return Handle("Unregister", [&]() -> absl::Status {
     TESSERA_ASSIGN_OR_RETURN(Caller caller, CallerOf(context));
-    return store_->Unregister(request->job_id(), request->rank(), request->drop_snapshots(),
-                              caller);
+    TESSERA_RETURN_IF_ERROR(store_->Unregister(request->job_id(), request->rank(),
+                                               request->drop_snapshots(), caller));
+    if (!request->drop_snapshots() || !store_->clustered()) return absl::OkStatus();
+    // On a cluster the job's fragments on other members and its commit would let the next
+    // launch resume it: the rank's close asks for the whole job's drop. Each rank asks as it
+    // closes; while other ranks still run it is refused (they drop it as they close), and the
+    // last rank to close drops it (docs/PROTOCOL.md, Dropping a job).
+    std::optional<uid_t> owner_uid;
+    if (caller.uid != 0) owner_uid = caller.uid;
+    absl::StatusOr<JobDrop> dropped =
+        coordination_->DropJob(request->job_id(), owner_uid, /*force=*/false);
+    auto log = Logger("agent-service");
+    if (dropped.ok()) {
+      log->info("job '{}' rank {} closed with drop: the job was dropped at epoch {}",
+                request->job_id(), request->rank(), dropped->dropped_epoch);
+      return absl::OkStatus();
+    }
+    if (absl::IsFailedPrecondition(dropped.status()) || absl::IsNotFound(dropped.status())) {
+      log->info("job '{}' rank {} closed with drop; the job itself is left to its other ranks: {}",
+                request->job_id(), request->rank(), dropped.status().ToString());
+      return absl::OkStatus();
+    }
+    return absl::Status(
+        dropped.status().code(),
+        absl::StrCat("job '", request->job_id(), "' rank ", request->rank(),
+                     ": its snapshots here are deleted, but the job could not be dropped across "
+                     "the cluster (", dropped.status().message(), "); drop it with `tessera drop ",
+                     request->job_id(), "`"));
   });
 }
 

@@ -46,6 +46,11 @@
 #   as_written_epoch_rule   a restart whose first asker had not resumed in the current epoch joins
 #                           it: two trainer runs share an epoch and a commit mixes them (no_mix;
 #                           safe_two_restarts_msgs)
+#   bug_drop_forgotten      a coordinator does not learn a drop from the daemons it gathers the
+#                           job's state from: node 1, down while the job is dropped, comes back
+#                           with its commit; the coordinator that decided the drop is lost and
+#                           node 1 takes over and answers the relaunch with the dropped commit
+#                           (drop_final; safe_drop_coord_change)
 #   as_written_epoch_rule_retry  the same rule with ranks in lockstep: a duplicated (retried) resume
 #                           of rank 0 starts an epoch that rank 1 has not resumed in; at the next
 #                           job restart rank 1 asks first and joins it, the old run's step commits
@@ -104,6 +109,10 @@ as_written|fail:no_mix|safety|-O0|-DPROTOCOL_AS_WRITTEN $W -DNS=2 -DCRASHMASK=1 
 as_written_late_commit|fail:consistent_restart|safety|-O0|-DPROTOCOL_AS_WRITTEN_LATE_COMMIT $H210 -DLOCKSTEP $W -DNS=2 -DCRASHMASK=4 -DMAXCRASH=1 -DMAXRUN=1 -DMAXMSGF=1 -DMSGKINDS=1
 as_written_epoch_rule|fail:no_mix|safety|-O0|-DPROTOCOL_AS_WRITTEN_EPOCH_RULE $W -DNS=2 -DMAXCRASH=0 -DMAXRUN=2 -DMAXMSGF=0
 as_written_epoch_rule_retry|fail:consistent_restart|safety|-O0|-DPROTOCOL_AS_WRITTEN_EPOCH_RULE -DLOCKSTEP $W -DNS=2 -DMAXCRASH=0 -DMAXRUN=2 -DMAXMSGF=1 -DMSGKINDS=4
+safe_drop_down_member|pass|safety|-O1|-DMAXDROP=1 $W -DNS=2 -DMAXCRASH=1 -DMAXRUN=1 -DMAXMSGF=0
+safe_drop_coord_change|pass|safety|-O1|-DMAXDROP=1 $H210 $W -DNS=2 -DCRASHMASK=2 -DMAXCRASH=1 -DMAXLOSS=1 -DLOSSMASK=4 -DMAXRUN=1 -DMAXMSGF=0
+safe_drop_missed|pass|safety|-O1|-DMAXDROP=1 -DLOCKSTEP $W -DNS=2 -DMAXCRASH=0 -DMAXRUN=1 -DMAXMSGF=1 -DMSGKINDS=2
+bug_drop_forgotten|fail:drop_final|safety|-O0|-DBUG_DROP_FORGOTTEN -DMAXDROP=1 $H210 $W -DNS=2 -DCRASHMASK=2 -DMAXCRASH=1 -DMAXLOSS=1 -DLOSSMASK=4 -DMAXRUN=1 -DMAXMSGF=0
 EOF
 }
 full_cases() {

@@ -41,6 +41,12 @@
  *                         no trainer waits forever
  *   fencing               every receiver refuses a message of an older incarnation (-DBUG_NO_FENCE
  *                         accepts them)
+ *   drop_final            after a drop a majority took, no restore answer names a commit of the
+ *                         drop's epoch or older (-DMAXDROP=1: the operator stops the trainers and
+ *                         drops the job at its coordinator; a job restart after it is the
+ *                         relaunch; daemons that were down during it come back with their
+ *                         slots, fragments and commit).  With a drop, never_behind and
+ *                         committed_restorable count only commits the drop did not void.
  *
  * The broken variants (-DBUG_*) and the protocol without one of its rules
  * (-DPROTOCOL_AS_WRITTEN_*) are described in model/check.sh, with the property each breaks; the
@@ -66,6 +72,7 @@
 #define RESUMING 0
 #define RUN 1
 #define TDEAD 2
+#define TSTOP 3         /* stopped by the operator before a drop; a job restart relaunches it */
 #define PNONE 0         /* previous step sealed by the rank in this epoch: -1, none */
 
 /* fault budgets */
@@ -86,6 +93,9 @@
 #endif
 #ifndef LOSSMASK
 #define LOSSMASK 7      /* nodes that may be lost */
+#endif
+#ifndef MAXDROP
+#define MAXDROP 0       /* drops of the job (tessera drop) */
 #endif
 #ifndef MSGKINDS
 #define MSGKINDS 7      /* messages that faults may hit: 1 reports, 2 JobStates, 4 restore requests and answers */
@@ -183,6 +193,7 @@ byte ep[NN];            /* epoch known for J */
 byte cr[NN];            /* commit record known */
 bool fresh[NN];         /* restarted, no JobState since: every sealed slot is kept */
 byte dead[NN];          /* dead steps (bit s) of epoch ep[n] */
+byte dr[NN];            /* the epoch the job was dropped at, as n knows it (0: none); soft state */
 /* coordinator soft state */
 byte crep[NN*NR];       /* per rank: versions reported protected in epoch ep[c] */
 bool chas[NN];          /* has a record of the job's restorers for ep[c] */
@@ -201,16 +212,18 @@ byte ts[NR]; byte tstep[NR]; byte lin[NR]; bool rqsent[NR];
 /* in flight */
 short rset[NR];         /* ReportProtected: bit 2*version + prev known */
 short rstale[NR];       /* ... sent by an incarnation that has since restarted (BUG_NO_FENCE only) */
-bool jv[NN*NN]; byte jep[NN*NN]; byte jci[NN*NN]; byte jdd[NN*NN]; byte jsi[NN*NN];
+bool jv[NN*NN]; byte jep[NN*NN]; byte jci[NN*NN]; byte jdd[NN*NN]; byte jsi[NN*NN]; byte jdr[NN*NN];
 bool rq[NR]; byte rqc[NR]; byte rqi[NR]; byte rqn[NR];
 bool ra[NR]; byte rae[NR]; byte rap[NR]; byte ras[NR]; byte rar[NR];
 /* faults */
-byte ncrash; byte nrun; byte nloss; byte nmsgf; bool stopped;
+byte ncrash; byte nrun; byte nloss; byte nmsgf; bool stopped; byte ndrop;
 /* ghost */
 byte gE;                /* newest epoch ever started */
 bool runset; byte runrp;/* restore point of the current job restart */
 byte gsl[4];            /* ranks that sealed step s in epoch gE */
 byte gcm;               /* newest step committed in epoch gE */
+byte gdrop;             /* the epoch of the last drop a majority took (0: none) */
+byte gdec;              /* the epoch of the last drop decided, taken by a majority or not */
 
 /* scratch, always 0 between steps */
 HIDDEN byte ar, ai, an, xc, xcs, xn, xf, xtv, xu0, xu1, xgr, xgv, xe, xst, xv, xci, xk, xpk, xrk, xdm;
@@ -264,7 +277,9 @@ HIDDEN byte ar, ai, an, xc, xcs, xn, xf, xtv, xu0, xu1, xgr, xgv, xe, xst, xv, x
 #define CRST(x,L) (RST(0, cmv[(x)*NR+0], L) && RST(1, cmv[(x)*NR+1], L))
 
 /* the newest commit record a live daemon knows */
-#define LCR(n) (up[n] -> cr[n] : 0)
+/* a commit that a drop voided no longer counts: the operator asked for it to go (a drop that no
+   majority took may or may not take effect, as the operator is told: ask again) */
+#define LCR(n) ((up[n] && cme[cr[n]] > gdec) -> cr[n] : 0)
 #define MX(a,b) (CK(a) >= CK(b) -> (a) : (b))
 #define GCR MX(MX(LCR(0), LCR(1)), LCR(2))
 #define INV1 (nloss > M || GCR == 0 || CRST(GCR, LIVE))
@@ -324,18 +339,66 @@ inline holder_gc(nn) {
   xgr = 0; xgv = 0
 }
 
+/* ---------------- dropping the job (docs/PROTOCOL.md, Dropping a job) ----------------
+ * A drop at epoch E voids every commit, shard and fragment of an epoch up to E.  Each daemon keeps
+ * the drop (dr[n], soft state: lost when it crashes) and every JobState carries it.  A commit
+ * record of the dropped history is never adopted (NOTDROPPED); once a later run commits, the drop
+ * is forgotten (DROP_GC: that commit outranks every record the drop voided). */
+#define NOTDROPPED(c, d) ((c) == 0 || cme[c] > (d))
+#define DROP_GC(n) if :: dr[n] != 0 && cr[n] != 0 && cme[cr[n]] > dr[n] -> dr[n] = 0 :: else fi
+#ifdef BUG_DROP_FORGOTTEN
+/* broken: a coordinator does not learn drops from the daemons it gathers the job's state from */
+#define LEARNS_DROPS 0
+#else
+#define LEARNS_DROPS 1
+#endif
+
+/* node nn learns the drop at epoch dd from a JobState of epoch je: it deletes its slots of epochs
+   up to dd, and (fragments carry no epoch) all the job's fragments when nothing of a later run
+   can be among them: the JobState is the drop's own (je == dd) and nn knows no later epoch */
+inline apply_drop(nn, je, dd) {
+  if
+  :: dd > dr[nn] && (cr[nn] == 0 || cme[cr[nn]] <= dd) ->
+     printf("TRACE node %d learns the drop at epoch %d\n", nn, dd);
+     if :: je == dd && ep[nn] <= dd -> fr[FI(nn,0)] = 0; fr[FI(nn,1)] = 0 :: else fi;
+     dr[nn] = dd; cr[nn] = 0;
+     if :: ep[nn] < dd -> adopt_epoch(nn, dd) :: else fi;
+     if
+     :: nn < NR ->
+        if :: SV(nn,0) != 0 && ve[VI(nn,SV(nn,0))] <= dd -> SV(nn,0) = 0; sst[SI(nn,0)] = 0; spk[SI(nn,0)] = 0 :: else fi;
+        if :: SV(nn,1) != 0 && ve[VI(nn,SV(nn,1))] <= dd -> SV(nn,1) = 0; sst[SI(nn,1)] = 0; spk[SI(nn,1)] = 0 :: else fi
+     :: else
+     fi;
+     fresh[nn] = 0
+  :: else
+  fi
+}
+
+/* coordinator cc learns the drop known by daemon nn (ListHeld answers carry it): its commit of
+   the dropped history is void, and it never adopts one again */
+inline learn_drop(cc, nn) {
+  if
+  :: LEARNS_DROPS && dr[nn] > dr[cc] && (cr[cc] == 0 || cme[cr[cc]] <= dr[nn]) ->
+     dr[cc] = dr[nn]; cr[cc] = 0;
+     if :: ep[cc] < dr[cc] -> adopt_epoch(cc, dr[cc]) :: else fi
+  :: else
+  fi
+}
+
 /* a JobState (reply or push) reaches nn: it adopts a newer epoch and a newer commit */
-inline apply_js(nn, je, jc, jd) {
-  printf("TRACE node %d gets JobState(epoch %d, commit step %d of epoch %d)\n", nn, je, cms[jc], cme[jc]);
+inline apply_js(nn, je, jc, jd, jdrop) {
+  printf("TRACE node %d gets JobState(epoch %d, commit step %d of epoch %d, dropped at %d)\n", nn, je, cms[jc], cme[jc], jdrop);
+  apply_drop(nn, je, jdrop);
   if
   :: je > ep[nn] -> adopt_epoch(nn, je); dead[nn] = jd
   :: je == ep[nn] -> dead[nn] = dead[nn] | jd
   :: else
   fi;
   if
-  :: CK(jc) > CK(cr[nn]) -> cr[nn] = jc
+  :: CK(jc) > CK(cr[nn]) && NOTDROPPED(jc, dr[nn]) -> cr[nn] = jc
   :: else
   fi;
+  DROP_GC(nn);
   fresh[nn] = 0;
   holder_gc(nn)
 }
@@ -354,10 +417,10 @@ inline send_state(cc, dm) {
         :: xn != cc && LOSSF -> xf = 2
         fi;
         if
-        :: xf == 0 -> apply_js(xn, ep[cc], cr[cc], dead[cc])
+        :: xf == 0 -> apply_js(xn, ep[cc], cr[cc], dead[cc], dr[cc])
         :: xf == 1 -> nmsgf++; printf("TRACE FAULT a JobState to node %d is delayed\n", xn);
            jv[JI(xn,cc)] = 1; jep[JI(xn,cc)] = ep[cc]; jci[JI(xn,cc)] = cr[cc];
-           jdd[JI(xn,cc)] = dead[cc]; jsi[JI(xn,cc)] = inc[cc]
+           jdd[JI(xn,cc)] = dead[cc]; jsi[JI(xn,cc)] = inc[cc]; jdr[JI(xn,cc)] = dr[cc]
         :: xf == 2 -> nmsgf++; resend_all(); printf("TRACE FAULT a JobState to node %d is lost\n", xn)
         fi
      :: else
@@ -400,7 +463,7 @@ inline coord_report(cc, rr, vv, pp) {
   if :: xe < ep[cc] -> xe = ep[cc] :: else fi;      /* broken: reports are not filtered by epoch */
 #endif
   if
-  :: xe < ep[cc] -> skip           /* an older epoch: answered with the current state, otherwise ignored */
+  :: xe < ep[cc] || xe <= dr[cc] -> skip   /* an older or dropped epoch: answered with the current state, otherwise ignored */
   :: else ->
      if :: xe > ep[cc] -> adopt_epoch(cc, xe) :: else fi;   /* not said; a newer epoch is adopted */
      crep[FI(cc,rr)] = crep[FI(cc,rr)] | (1 << vv);
@@ -438,6 +501,7 @@ inline coord_report(cc, rr, vv, pp) {
         fi;
         add_commit(xe, xst, xu0, xu1);
         cr[cc] = xci;
+        DROP_GC(cc);
         printf("TRACE coordinator %d COMMITS step %d of epoch %d (contents %d,%d)\n", cc, xst, xe, vc[VI(0,xu0)], vc[VI(1,xu1)]);
         if :: xe == gE && xst > gcm -> gcm = xst :: else fi;
         /* reports up to the committed step no longer matter */
@@ -544,10 +608,16 @@ inline takeover() {
 #else
      xn = 0;
 #endif
+     xk = xn;
+     do
+     :: xn < NN -> if :: up[xn] -> learn_drop(xc, xn) :: else fi; xn++
+     :: else -> break
+     od;
+     xn = xk; xk = 0;
      do
      :: xn < NN ->
         if :: up[xn] && ep[xn] > ep[xc] -> adopt_epoch(xc, ep[xn]) :: else fi;
-        if :: up[xn] && CK(cr[xn]) > CK(cr[xc]) -> cr[xc] = cr[xn] :: else fi;
+        if :: up[xn] && CK(cr[xn]) > CK(cr[xc]) && NOTDROPPED(cr[xn], dr[xc]) -> cr[xc] = cr[xn] :: else fi;
         xn++
      :: else -> break
      od;
@@ -574,7 +644,7 @@ inline takeover() {
        coord_report(xc, ar, xv, xpk);
 
 /* ---------------- the system ---------------- */
-#define TDONE(r) (ts[r] == TDEAD || (ts[r] == RUN && tstep[r] > NS))
+#define TDONE(r) (ts[r] == TDEAD || ts[r] == TSTOP || (ts[r] == RUN && tstep[r] > NS))
 #define CDONE(s) ((s) > NS || gsl[s] != 3 || gcm >= (s))
 #define DONE (TDONE(0) && TDONE(1) && CDONE(1) && CDONE(2) && CDONE(3))
 
@@ -696,11 +766,11 @@ end:
        fi;
        if
        ON_FENCED(xc*4 + jsi[JI(an,xc)])
-       :: else -> apply_js(an, jep[JI(an,xc)], jci[JI(an,xc)], jdd[JI(an,xc)])
+       :: else -> apply_js(an, jep[JI(an,xc)], jci[JI(an,xc)], jdd[JI(an,xc)], jdr[JI(an,xc)])
        fi;
        if
        :: MF(2) -> nmsgf++
-       :: true -> jv[JI(an,xc)] = 0; jep[JI(an,xc)] = 0; jci[JI(an,xc)] = 0; jdd[JI(an,xc)] = 0; jsi[JI(an,xc)] = 0
+       :: true -> jv[JI(an,xc)] = 0; jep[JI(an,xc)] = 0; jci[JI(an,xc)] = 0; jdd[JI(an,xc)] = 0; jsi[JI(an,xc)] = 0; jdr[JI(an,xc)] = 0
        fi;
        an = 0; xc = 0
      }
@@ -741,7 +811,7 @@ end:
        :: else ->
           preq[xc] = ar + 1; prun[xc] = rqn[ar];
           pmask[xc] = (1 << xc);
-          if :: CK(rqc[ar]) > CK(cr[xc]) -> cr[xc] = rqc[ar] :: else fi
+          if :: CK(rqc[ar]) > CK(cr[xc]) && NOTDROPPED(rqc[ar], dr[xc]) -> cr[xc] = rqc[ar] :: else fi
        fi;
        if
        :: MF(4) -> nmsgf++
@@ -760,7 +830,8 @@ end:
        :: up[2] && !(pmask[xc] & 4) -> an = 2
        fi;
        pmask[xc] = pmask[xc] | (1 << an);
-       if :: CK(cr[an]) > CK(cr[xc]) -> cr[xc] = cr[an] :: else fi;
+       learn_drop(xc, an);
+       if :: CK(cr[an]) > CK(cr[xc]) && NOTDROPPED(cr[an], dr[xc]) -> cr[xc] = cr[an] :: else fi;
        if :: FIX_COORD_VIEW && ep[an] > ep[xc] -> adopt_epoch(xc, ep[an]) :: else fi;
        an = 0; xc = 0
      }
@@ -772,6 +843,11 @@ end:
        xrk = preq[xc] - 1;
        xci = cr[xc];
        printf("TRACE coordinator %d answers rank %d: restore point step %d of epoch %d\n", xc, xrk, cms[xci], cme[xci]);
+       if
+       :: gdrop != 0 && xci != 0 && cme[xci] <= gdrop ->
+          VIOLATION("VIOLATION drop_final: a restore answer resumes a step from before the drop")
+       :: else
+       fi;
        if
        :: CK(LCR(0)) > CK(xci) || CK(LCR(1)) > CK(xci) || CK(LCR(2)) > CK(xci) ->
           VIOLATION("VIOLATION never_behind: a restore answer is older than a commit a live daemon knows")
@@ -793,7 +869,7 @@ end:
           will come back did not answer): a restarted history; unless this is a retry of a resume
           already answered in this epoch (same trainer incarnation) */
        if
-       :: crun[FI(xc,xrk)] != prun[xc] + 1 && (NONEMPTY(ep[xc]) || SOMEDOWN) -> new_epoch(xc)
+       :: crun[FI(xc,xrk)] != prun[xc] + 1 && (NONEMPTY(ep[xc]) || SOMEDOWN || ep[xc] <= dr[xc]) -> new_epoch(xc)
        :: else
        fi;
        crun[FI(xc,xrk)] = prun[xc] + 1;
@@ -810,8 +886,10 @@ end:
        xn = 0;
        do
        :: xn < NN ->
+          if :: up[xn] -> apply_drop(xn, ep[xc], dr[xc]) :: else fi;
           if :: up[xn] && ep[xn] < ep[xc] -> adopt_epoch(xn, ep[xc]) :: else fi;
-          if :: up[xn] && CK(cr[xn]) < CK(cr[xc]) -> cr[xn] = cr[xc] :: else fi;
+          if :: up[xn] && CK(cr[xn]) < CK(cr[xc]) && NOTDROPPED(cr[xc], dr[xn]) -> cr[xn] = cr[xc] :: else fi;
+          if :: up[xn] -> DROP_GC(xn) :: else fi;
           xn++
        :: else -> break
        od;
@@ -861,6 +939,38 @@ end:
        ai = 0
      }
 #endif
+  /* the operator drops the job (tessera drop): its trainers are stopped first (a drop is refused
+     while one runs); the coordinator records the drop as a new epoch and every live daemon takes
+     it (ApplyDrop), or misses it (a message fault); it is taken once a majority (2 of 3) has it */
+  :: atomic {
+       ndrop < MAXDROP && !stopped && COORD != NOCOORD && preq[COORD] == 0 ->
+       ndrop++;
+       xc = COORD;
+       if :: ts[0] != TDEAD -> ts[0] = TSTOP :: else fi;
+       if :: ts[1] != TDEAD -> ts[1] = TSTOP :: else fi;
+       new_epoch(xc);
+       gdec = ep[xc];
+       printf("TRACE the operator drops the job: coordinator %d, epoch %d\n", xc, ep[xc]);
+       apply_drop(xc, ep[xc], ep[xc]);
+       xu0 = 1;                     /* daemons that took it */
+       xn = 0;
+       do
+       :: xn < NN ->
+          if
+          :: xn != xc && up[xn] ->
+             if
+             :: true -> apply_drop(xn, ep[xc], ep[xc]); xu0++
+             :: MF(2) -> nmsgf++; printf("TRACE FAULT daemon %d misses the drop\n", xn)
+             fi
+          :: else
+          fi;
+          xn++
+       :: else -> break
+       od;
+       xn = 0;
+       if :: xu0 * 2 > NN -> gdrop = ep[xc] :: else -> printf("TRACE the drop is not taken by a majority (the operator asks again)\n") fi;
+       xu0 = 0; xc = 0
+     }
   /* ---------------- faults ---------------- */
   /* a daemon crashes: its soft state is gone (a down daemon does nothing, so it is cleared now) */
   :: atomic {
@@ -873,7 +983,7 @@ end:
        up[an] = 0; ncrash++;
        printf("TRACE FAULT daemon %d crashes (it knew epoch %d)\n", an, ep[an]);
        xe = ep[an]; xci = cr[an];
-       adopt_epoch(an, 0); cr[an] = 0;
+       adopt_epoch(an, 0); cr[an] = 0; dr[an] = 0;   /* the drop is soft state */
        /* FIX_DURABLE_STATE: the daemon stored the JobState it learned (epoch, commit record) next
           to its slots: it survives the restart */
        if :: FIX_DURABLE_STATE -> ep[an] = xe; cr[an] = xci :: else fi;
@@ -925,10 +1035,10 @@ end:
        :: else
        fi;
        fr[FI(an,0)] = 0; fr[FI(an,1)] = 0;
-       adopt_epoch(an, 0); cr[an] = 0; fresh[an] = 0; preq[an] = 0; pmask[an] = 0; prun[an] = 0;
+       adopt_epoch(an, 0); cr[an] = 0; dr[an] = 0; fresh[an] = 0; preq[an] = 0; pmask[an] = 0; prun[an] = 0;
        xn = 0;
        do
-       :: xn < NN -> jv[JI(an,xn)] = 0; jep[JI(an,xn)] = 0; jci[JI(an,xn)] = 0; jdd[JI(an,xn)] = 0; jsi[JI(an,xn)] = 0; xn++
+       :: xn < NN -> jv[JI(an,xn)] = 0; jep[JI(an,xn)] = 0; jci[JI(an,xn)] = 0; jdd[JI(an,xn)] = 0; jsi[JI(an,xn)] = 0; jdr[JI(an,xn)] = 0; xn++
        :: else -> break
        od;
        xn = 0; an = 0;
@@ -963,7 +1073,7 @@ end:
        :: ra[0] -> ra[0] = 0; rae[0] = 0; rap[0] = 0; ras[0] = 0; rar[0] = 0
        :: ra[1] -> ra[1] = 0; rae[1] = 0; rap[1] = 0; ras[1] = 0; rar[1] = 0
        fi;
-       if :: an != 0 -> jv[an] = 0; jep[an] = 0; jci[an] = 0; jdd[an] = 0; jsi[an] = 0 :: else fi;
+       if :: an != 0 -> jv[an] = 0; jep[an] = 0; jci[an] = 0; jdd[an] = 0; jsi[an] = 0; jdr[an] = 0 :: else fi;
        an = 0;
        nmsgf++;
        printf("TRACE FAULT a message in flight is lost\n");

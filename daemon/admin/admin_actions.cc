@@ -581,16 +581,43 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
 
 absl::Status Admin::DropJob(const admin::DropJobRequest& request, std::optional<uid_t> owner_uid,
                             admin::DropJobResponse* response) {
-  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::DropJobResult dropped,
-                           parts_.store->DropJob(request.job_id(), owner_uid, request.force()));
+  TESSERA_RETURN_IF_ERROR(ValidateJobId(request.job_id()));
+  TESSERA_ASSIGN_OR_RETURN(JobDrop dropped, parts_.coordination->DropJob(
+                                                request.job_id(), owner_uid, request.force()));
   response->set_node_id(parts_.node_id);
   response->set_job_id(request.job_id());
-  for (uint32_t rank : dropped.ranks) response->add_ranks(rank);
-  response->set_slots_deleted(dropped.segments_deleted);
-  response->set_bytes_deleted(dropped.bytes_deleted);
-  response->set_newest_sealed_step(dropped.newest_sealed_step);
-  for (uint32_t rank : dropped.running_ranks) response->add_running_ranks(rank);
-  for (pid_t pid : dropped.running_pids) response->add_running_pids(pid);
+  response->set_dropped_epoch(dropped.dropped_epoch);
+  response->set_coordinator(dropped.coordinator);
+  std::set<uint32_t> ranks;
+  int64_t newest = -1;
+  for (NodeDrop& node : dropped.nodes) {
+    if (node.node_id.empty()) node.node_id = parts_.node_id;
+    ranks.insert(node.ranks.begin(), node.ranks.end());
+    newest = std::max(newest, node.newest_sealed_step);
+    response->set_slots_deleted(response->slots_deleted() + node.slots_deleted);
+    response->set_bytes_deleted(response->bytes_deleted() + node.slot_bytes_deleted);
+    response->set_fragments_deleted(response->fragments_deleted() + node.fragments_deleted);
+    response->set_fragment_bytes_deleted(response->fragment_bytes_deleted() +
+                                         node.fragment_bytes_deleted);
+    for (uint32_t rank : node.running_ranks) response->add_running_ranks(rank);
+    for (int32_t pid : node.running_pids) response->add_running_pids(pid);
+    if (dropped.dropped_epoch == 0) continue;  // standalone: the summary is the node
+    admin::DropJobNode* n = response->add_nodes();
+    n->set_node_id(node.node_id);
+    for (uint32_t rank : node.ranks) n->add_ranks(rank);
+    n->set_slots_deleted(node.slots_deleted);
+    n->set_slot_bytes_deleted(node.slot_bytes_deleted);
+    n->set_fragments_deleted(node.fragments_deleted);
+    n->set_fragment_bytes_deleted(node.fragment_bytes_deleted);
+    n->set_newest_sealed_step(node.newest_sealed_step);
+    for (uint32_t rank : node.running_ranks) n->add_running_ranks(rank);
+    for (int32_t pid : node.running_pids) n->add_running_pids(pid);
+  }
+  for (uint32_t rank : ranks) response->add_ranks(rank);
+  response->set_newest_sealed_step(newest);
+  for (const auto& [node, why] : dropped.unanswered) {
+    AddError(response->mutable_unanswered(), node, "", why);
+  }
   return absl::OkStatus();
 }
 

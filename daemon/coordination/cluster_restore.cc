@@ -129,7 +129,10 @@ absl::StatusOr<int64_t> ClusterCoordination::FindLatestRestorable(
   state.job_id = job_id;
   state.epoch = answer->epoch;
   state.committed = answer->restore_point;
+  state.dropped_epoch = answer->dropped_epoch;
   ApplyJobState(state);
+  // A new run of a dropped job: what this rank sealed of the dropped history is released.
+  if (resuming_rank && answer->dropped_epoch > 0) store_->ReleaseDroppedSlots(job_id, *resuming_rank);
   if (answer->restore_point.empty()) {
     return absl::NotFoundError(absl::StrCat("job '", job_id, "' has no committed step on any "
                                             "live node"));
@@ -179,6 +182,13 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::ResolveAsCoordinator(
 }
 
 absl::Status ClusterCoordination::RequireMajority() const {
+  // A daemon that has not yet heard every configured member decides nothing: a start-up view
+  // may lack the very nodes that hold the job (the caller retries kUnavailable).
+  if (!cluster_->Converged()) {
+    return absl::UnavailableError(
+        "this daemon's membership has not converged yet (not every configured member has "
+        "answered or timed out); ask again shortly");
+  }
   const Cluster::Quorum quorum = cluster_->CountQuorum();
   if (quorum.majority()) return absl::OkStatus();
   return absl::UnavailableError(absl::StrCat(
@@ -191,17 +201,14 @@ absl::Status ClusterCoordination::RequireMajority() const {
 absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     const ResolveQuestion& question) {
   const std::string& job_id = question.job_id;
-  // A daemon that has not yet heard every configured member answers nothing: a start-up view
-  // may lack the very nodes that hold the job (the caller retries kUnavailable).
-  if (!cluster_->Converged()) {
-    return absl::UnavailableError(
-        "this daemon's membership has not converged yet (not every configured member has "
-        "answered or timed out); ask again shortly");
-  }
   // A restore point is a decision for good: taken on both sides of a partition, the two sides
   // would resume different histories. Only a coordinator that sees a majority of the members
   // live takes it; the side cut off waits until it is joined again.
   TESSERA_RETURN_IF_ERROR(RequireMajority());
+  // A coordinator that took over (or whose membership changed) first learns the job's epoch,
+  // commit and drop from every live member: a job dropped while the nodes that hold it were away
+  // must not be resumed from what they bring back (docs/PROTOCOL.md, Dropping a job).
+  TESSERA_RETURN_IF_ERROR(EnsureCoordinatorView(job_id, 0));
   if (!question.known.empty()) LearnCommit(job_id, question.known, question.known.epoch);
   std::vector<std::string> nodes = coordinator_.Nodes(job_id);
   // With no record of the job, every live member is asked once (a coordinator that took over
@@ -223,7 +230,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     TESSERA_ASSIGN_OR_RETURN(std::vector<JobListing> more,
                              ListNodes(job_id, ask, /*require_complete=*/true, &not_live));
     for (JobListing& l : more) {
-      LearnCommit(job_id, l.committed, l.epoch);
+      LearnCommit(job_id, l.committed, l.epoch, l.dropped_epoch);
       listings.push_back(std::move(l));
     }
     nodes = coordinator_.Nodes(job_id);
@@ -261,6 +268,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
   };
   ResolveAnswer answer;
   answer.restore_point = point;
+  answer.dropped_epoch = state.dropped_epoch;
   if (point.empty()) {
     if (!away.empty()) return wait_for_away("no commit of the job is known on its live nodes");
     answer.epoch = question.resume ? resume() : state.epoch;
@@ -442,8 +450,10 @@ JobListing ClusterCoordination::LocalListing(const std::string& job_id) const {
   if (known != known_.end()) {
     listing.committed = known->second.committed;
     listing.epoch = known->second.epoch;
+    listing.dropped_epoch = known->second.dropped_epoch;
   }
   listing.epoch = std::max(listing.epoch, store_->epoch(job_id));
+  listing.dropped_epoch = std::max(listing.dropped_epoch, store_->dropped_epoch(job_id));
   return listing;
 }
 

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "common/logging.h"
+#include "common/status.h"
 
 namespace tessera {
 
@@ -53,6 +54,22 @@ absl::StatusOr<int64_t> Coordination::FindLatestRestorable(const std::string& jo
     for (const auto& r : store_->ListRanks(job_id)) store_->RollbackRank(job_id, r.rank, *step);
   }
   return step;
+}
+
+absl::StatusOr<JobDrop> Coordination::DropJob(const std::string& job_id,
+                                              std::optional<uid_t> owner_uid, bool force) {
+  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::DropJobResult dropped,
+                           store_->DropJob(job_id, owner_uid, force));
+  NodeDrop node;
+  node.ranks = dropped.ranks;
+  node.slots_deleted = dropped.segments_deleted;
+  node.slot_bytes_deleted = dropped.bytes_deleted;
+  node.newest_sealed_step = dropped.newest_sealed_step;
+  node.running_ranks = dropped.running_ranks;
+  node.running_pids.assign(dropped.running_pids.begin(), dropped.running_pids.end());
+  JobDrop drop;
+  drop.nodes.push_back(std::move(node));
+  return drop;
 }
 
 }  // namespace tessera

@@ -7,12 +7,37 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "daemon/coordination/protection.h"
 #include "daemon/store/snapshot_store.h"
 
 namespace tessera {
+
+// What one node held and deleted of a dropped job.
+struct NodeDrop {
+  std::string node_id;
+  std::vector<uint32_t> ranks;       // ranks whose snapshots were held (or registered) there
+  uint32_t slots_deleted = 0;        // slot segment files
+  uint64_t slot_bytes_deleted = 0;
+  uint32_t fragments_deleted = 0;
+  uint64_t fragment_bytes_deleted = 0;
+  int64_t newest_sealed_step = -1;   // -1: none
+  // Registered by a trainer that still runs (dropped only with force), and those processes.
+  std::vector<uint32_t> running_ranks;
+  std::vector<int32_t> running_pids;
+};
+
+// What dropping a job did (docs/PROTOCOL.md, Dropping a job).
+struct JobDrop {
+  uint64_t dropped_epoch = 0;  // 0: a standalone daemon (no epochs)
+  std::string coordinator;     // the node that decided it; empty: standalone
+  std::vector<NodeDrop> nodes;
+  // Members that did not take the drop, and why: they delete their copies when they learn it.
+  std::vector<std::pair<std::string, std::string>> unanswered;
+};
 
 class Coordination {
  public:
@@ -46,6 +71,14 @@ class Coordination {
                                                                     bool verify) {
     return store_->PrepareRestore(job_id, rank, step, verify);
   }
+
+  // Ends the job: deletes every snapshot of it, so that the next launch with its job id starts
+  // afresh. Standalone: SnapshotStore::DropJob on this daemon (its errors), reported as one node
+  // with an empty node id. ClusterCoordination drops it on every member through the job's
+  // coordinator. `owner_uid` set: the job must be that uid's; `force`: drop it even while a
+  // trainer of it runs.
+  virtual absl::StatusOr<JobDrop> DropJob(const std::string& job_id,
+                                          std::optional<uid_t> owner_uid, bool force);
 
  protected:
   // derive_commits false: a subclass decides commits itself (a step sealed on every local rank

@@ -54,6 +54,7 @@ JobState JobCoordinator::StateOf(const std::string& job_id, const Job& job) cons
   state.epoch = job.epoch;
   state.committed = job.committed;
   state.dead_steps.assign(job.dead.begin(), job.dead.end());
+  state.dropped_epoch = job.dropped_epoch;
   return state;
 }
 
@@ -61,7 +62,9 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(report.job_id);
   Outcome outcome;
-  if (report.epoch < job.epoch || report.world_size == 0 || report.rank >= report.world_size) {
+  const bool dropped = job.dropped_epoch > 0 && report.epoch <= job.dropped_epoch;
+  if (report.epoch < job.epoch || dropped || report.world_size == 0 ||
+      report.rank >= report.world_size) {
     outcome.state = StateOf(report.job_id, job);
     return outcome;
   }
@@ -126,6 +129,9 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
     job.committed = std::move(record);
     job.open.erase(job.open.begin(), job.open.upper_bound(report.step));
     outcome.committed_now = true;
+    // A run after the drop has committed: its commit outranks every record the drop voided, so
+    // the tombstone is no longer needed (nodes collect theirs as they learn this commit).
+    job.dropped_epoch = 0;
   }
   outcome.state = StateOf(report.job_id, job);
   if (outcome.committed_now || new_dead) {
@@ -147,9 +153,23 @@ JobCoordinator::Outcome JobCoordinator::Report(const ProtectedReport& report) {
 }
 
 std::optional<CommitRecord> JobCoordinator::Learn(const std::string& job_id,
-                                                  const CommitRecord& record, uint64_t epoch) {
+                                                  const CommitRecord& record, uint64_t epoch,
+                                                  uint64_t dropped_epoch) {
   absl::MutexLock lock(&mu_);
   Job& job = FindOrCreate(job_id);
+  // A drop newer than the commit held voids it, unless a later run committed since (then the
+  // drop is old news: that commit outranks everything the drop voided).
+  if (dropped_epoch > job.dropped_epoch &&
+      (job.committed.empty() || DroppedBy(job.committed, dropped_epoch))) {
+    job.dropped_epoch = dropped_epoch;
+    job.committed = CommitRecord();
+    job.nodes.clear();
+    if (dropped_epoch >= job.epoch) EnterEpoch(&job, dropped_epoch);
+  }
+  if (DroppedBy(record, job.dropped_epoch)) {
+    if (epoch > job.epoch) EnterEpoch(&job, epoch);
+    return std::nullopt;
+  }
   std::optional<CommitRecord> superseded;
   if (job.committed.SupersededBy(record)) superseded = job.committed;
   const uint64_t newest_epoch =
@@ -157,6 +177,7 @@ std::optional<CommitRecord> JobCoordinator::Learn(const std::string& job_id,
   if (newest_epoch > job.epoch) EnterEpoch(&job, newest_epoch);
   if (record.NewerThan(job.committed)) {
     job.committed = record;
+    if (!record.empty() && record.epoch > job.dropped_epoch) job.dropped_epoch = 0;
     job.nodes.insert(record.nodes.begin(), record.nodes.end());
     if (record.epoch == job.epoch) {
       job.open.erase(job.open.begin(), job.open.upper_bound(record.step));
@@ -178,12 +199,28 @@ uint64_t JobCoordinator::Resume(const std::string& job_id, uint32_t rank, uint64
   // sealed is abandoned, and only a new epoch keeps its reports from completing a commit.
   const bool another_run =
       answered != job.answered_run.end() || job.reported.count(rank) > 0;
-  if (another_run || may_hold || job.epoch == 0) {
-    const uint64_t floor = std::max(job.epoch, job.committed.epoch) + 1;
+  // After a drop the next run starts an epoch of its own: what the drop's epoch holds is void.
+  const bool after_drop = job.dropped_epoch > 0 && job.epoch <= job.dropped_epoch;
+  if (another_run || may_hold || job.epoch == 0 || after_drop) {
+    const uint64_t floor = std::max({job.epoch, job.committed.epoch, job.dropped_epoch}) + 1;
     EnterEpoch(&job, std::max(floor, now_ms));
   }
   job.answered_run[rank] = run_id;
   return job.epoch;
+}
+
+JobState JobCoordinator::Drop(const std::string& job_id, uint64_t now_ms) {
+  absl::MutexLock lock(&mu_);
+  Job& job = FindOrCreate(job_id);
+  const uint64_t floor =
+      std::max({job.epoch, job.committed.epoch, job.committed.confirmed_epoch, job.dropped_epoch}) +
+      1;
+  EnterEpoch(&job, std::max(floor, now_ms));
+  job.dropped_epoch = job.epoch;
+  job.committed = CommitRecord();
+  job.nodes.clear();
+  job.world_size = 0;
+  return StateOf(job_id, job);
 }
 
 JobState JobCoordinator::State(const std::string& job_id) const {
@@ -195,6 +232,15 @@ JobState JobCoordinator::State(const std::string& job_id) const {
     return state;
   }
   return StateOf(job_id, it->second);
+}
+
+std::vector<JobState> JobCoordinator::Dropped() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<JobState> out;
+  for (const auto& [job_id, job] : jobs_) {
+    if (job.dropped_epoch > 0) out.push_back(StateOf(job_id, job));
+  }
+  return out;
 }
 
 std::vector<std::string> JobCoordinator::Nodes(const std::string& job_id) const {

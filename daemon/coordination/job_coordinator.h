@@ -10,6 +10,7 @@
 #ifndef TESSERA_DAEMON_COORDINATION_JOB_COORDINATOR_H_
 #define TESSERA_DAEMON_COORDINATION_JOB_COORDINATOR_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -59,7 +60,17 @@ struct JobState {
   uint64_t epoch = 0;
   CommitRecord committed;
   std::vector<int64_t> dead_steps;  // steps of `epoch` that can never commit (recent ones)
+  // The job was dropped at this epoch (0: not, or the tombstone was collected): every commit,
+  // shard and fragment of an epoch up to it is void, and the next run starts a later epoch
+  // (docs/PROTOCOL.md, Dropping a job).
+  uint64_t dropped_epoch = 0;
 };
+
+// Whether `record` is void under a drop at `dropped_epoch`: its history is the dropped one.
+inline bool DroppedBy(const CommitRecord& record, uint64_t dropped_epoch) {
+  return !record.empty() && dropped_epoch > 0 &&
+         std::max(record.epoch, record.confirmed_epoch) <= dropped_epoch;
+}
 
 // One owner's report that (job, rank, step) is protected.
 struct ProtectedReport {
@@ -100,10 +111,17 @@ class JobCoordinator {
   // When every rank of the world has reported a step, it is committed. REQUIRES: world_size > 0.
   Outcome Report(const ProtectedReport& report);
 
-  // Adopts a commit record (and its epoch) learned from a node of the job. Returns the record it
-  // held when `record` supersedes it (CommitRecord::SupersededBy), for the caller to log.
+  // Adopts a commit record (and its epoch, and a drop) learned from a node of the job. A record
+  // that the job's drop voids is ignored, and a newer drop voids the record held. Returns the
+  // record it held when `record` supersedes it (CommitRecord::SupersededBy), for the caller to
+  // log.
   std::optional<CommitRecord> Learn(const std::string& job_id, const CommitRecord& record,
-                                    uint64_t epoch);
+                                    uint64_t epoch, uint64_t dropped_epoch = 0);
+
+  // Drops the job (docs/PROTOCOL.md, Dropping a job): a new epoch E = max(every epoch known + 1,
+  // `now_ms`) is recorded as the job's drop, which voids every commit, report and shard of an
+  // epoch up to E. Returns the job's state, to be pushed to every member.
+  JobState Drop(const std::string& job_id, uint64_t now_ms);
 
   // Rank `rank`'s trainer run `run_id` asks to resume (docs/PROTOCOL.md, Epochs). A retry of the
   // run answered last for this rank in the current epoch gets that epoch again. Otherwise a new
@@ -118,6 +136,8 @@ class JobCoordinator {
                   uint64_t now_ms);
 
   JobState State(const std::string& job_id) const;
+  // The jobs whose drop is kept here (JobState::dropped_epoch > 0), with their state.
+  std::vector<JobState> Dropped() const;
   // The nodes named by the job's commit record and open reports, sorted.
   std::vector<std::string> Nodes(const std::string& job_id) const;
   // Forgets a job (dropped by its owner).
@@ -137,6 +157,7 @@ class JobCoordinator {
     std::map<uint32_t, uint64_t> answered_run;  // per rank: the run last answered in this epoch
     std::set<uint32_t> reported;  // ranks whose reports of this epoch came in
     std::set<std::string> nodes;
+    uint64_t dropped_epoch = 0;  // JobState::dropped_epoch
   };
   bool IsDead(const Job& job, int64_t step) const;
   void EnterEpoch(Job* job, uint64_t epoch);

@@ -228,5 +228,55 @@ TEST(JobCoordinatorTest, OrderAndDuplicatesDoNotChangeTheOutcome) {
   }
 }
 
+TEST(JobCoordinatorTest, ADropVoidsEveryCommitAndReportOfItsHistory) {
+  JobCoordinator c;
+  for (uint32_t rank = 0; rank < 3; ++rank) c.Report(MakeReport(rank, 10, -1, /*epoch=*/7));
+  const CommitRecord old = c.State("j").committed;
+  ASSERT_EQ(old.step, 10);
+  const JobState dropped = c.Drop("j", /*now_ms=*/3);
+  EXPECT_EQ(dropped.dropped_epoch, 8u);  // the clock is behind: known epoch + 1
+  EXPECT_EQ(dropped.epoch, dropped.dropped_epoch);
+  EXPECT_TRUE(dropped.committed.empty());
+  EXPECT_TRUE(c.Nodes("j").empty());
+  // A node that was away brings the dropped commit back, with its epoch: it is not adopted.
+  c.Learn("j", old, old.epoch);
+  EXPECT_TRUE(c.State("j").committed.empty());
+  // Reports of the dropped history, even in the drop's own epoch, commit nothing.
+  for (uint32_t rank = 0; rank < 3; ++rank) {
+    EXPECT_FALSE(c.Report(MakeReport(rank, 11, 10, /*epoch=*/7)).committed_now);
+    EXPECT_FALSE(c.Report(MakeReport(rank, 12, -1, /*epoch=*/8)).committed_now);
+  }
+  // The relaunch starts an epoch of its own, and its first commit collects the tombstone.
+  const uint64_t epoch = c.Resume("j", 0, /*run_id=*/1, /*may_hold=*/false, /*now_ms=*/3);
+  EXPECT_GT(epoch, 8u);
+  EXPECT_EQ(c.Resume("j", 1, /*run_id=*/2, false, 3), epoch);  // the other ranks join it
+  EXPECT_EQ(c.State("j").dropped_epoch, 8u);
+  for (uint32_t rank = 0; rank < 3; ++rank) c.Report(MakeReport(rank, 2, -1, epoch));
+  EXPECT_EQ(c.State("j").committed.step, 2);
+  EXPECT_EQ(c.State("j").dropped_epoch, 0u);
+  c.Learn("j", old, old.epoch, /*dropped_epoch=*/8);  // old news: the new commit stays
+  EXPECT_EQ(c.State("j").committed.step, 2);
+  EXPECT_EQ(c.State("j").committed.epoch, epoch);
+}
+
+TEST(JobCoordinatorTest, ACoordinatorLearnsADropFromTheNodesItGathersTheJobFrom) {
+  JobCoordinator fresh;  // took over: knows nothing of the job
+  CommitRecord old;
+  old.epoch = 4;
+  old.confirmed_epoch = 4;
+  old.step = 9;
+  old.ranks = {{0, 1, 1}, {1, 2, 2}};
+  old.nodes = {"n1"};
+  fresh.Learn("j", old, 4);                      // the node that was away answers first
+  EXPECT_EQ(fresh.State("j").committed.step, 9);
+  fresh.Learn("j", CommitRecord(), 6, /*dropped_epoch=*/6);  // a node that took the drop
+  EXPECT_TRUE(fresh.State("j").committed.empty());
+  EXPECT_EQ(fresh.State("j").dropped_epoch, 6u);
+  EXPECT_GE(fresh.State("j").epoch, 6u);
+  fresh.Learn("j", old, 4);                      // and in the other order
+  EXPECT_TRUE(fresh.State("j").committed.empty());
+  EXPECT_GT(fresh.Resume("j", 0, 1, false, 0), 6u);
+}
+
 }  // namespace
 }  // namespace tessera

@@ -79,6 +79,7 @@ void ToProto(const JobState& in, coordination::JobState* out) {
   out->set_epoch(in.epoch);
   ToProto(in.committed, out->mutable_committed());
   for (int64_t s : in.dead_steps) out->add_dead_steps(s);
+  out->set_dropped_epoch(in.dropped_epoch);
 }
 
 absl::Status FromProto(const coordination::JobState& in, JobState* out) {
@@ -91,6 +92,7 @@ absl::Status FromProto(const coordination::JobState& in, JobState* out) {
   out->epoch = in.epoch();
   TESSERA_RETURN_IF_ERROR(FromProto(in.committed(), &out->committed));
   out->dead_steps.assign(in.dead_steps().begin(), in.dead_steps().end());
+  out->dropped_epoch = in.dropped_epoch();
   return absl::OkStatus();
 }
 
@@ -164,10 +166,12 @@ absl::Status FromProto(const coordination::ResolveRestoreRequest& in, ResolveQue
 void ToProto(const ResolveAnswer& in, coordination::ResolveRestoreResponse* out) {
   ToProto(in.restore_point, out->mutable_restore_point());
   out->set_epoch(in.epoch);
+  out->set_dropped_epoch(in.dropped_epoch);
 }
 
 absl::Status FromProto(const coordination::ResolveRestoreResponse& in, ResolveAnswer* out) {
   out->epoch = in.epoch();
+  out->dropped_epoch = in.dropped_epoch();
   return FromProto(in.restore_point(), &out->restore_point);
 }
 
@@ -193,6 +197,7 @@ void ToProto(const JobListing& in, coordination::ListJobResponse* out) {
   }
   ToProto(in.committed, out->mutable_committed());
   out->set_epoch(in.epoch);
+  out->set_dropped_epoch(in.dropped_epoch);
 }
 
 absl::Status FromProto(const coordination::ListJobResponse& in, JobListing* out) {
@@ -211,7 +216,82 @@ absl::Status FromProto(const coordination::ListJobResponse& in, JobListing* out)
                               f.ec_m(), f.shard_bytes(), f.shard_crc32c()});
   }
   out->epoch = in.epoch();
+  out->dropped_epoch = in.dropped_epoch();
   return FromProto(in.committed(), &out->committed);
+}
+
+void ToProto(const DropQuestion& in, coordination::DropJobRequest* out) {
+  out->set_job_id(in.job_id);
+  out->set_force(in.force);
+  out->set_restrict_to_uid(in.owner_uid.has_value());
+  out->set_owner_uid(in.owner_uid.value_or(0));
+}
+
+absl::Status FromProto(const coordination::DropJobRequest& in, DropQuestion* out) {
+  TESSERA_RETURN_IF_ERROR(CheckJobId(in.job_id()));
+  out->job_id = in.job_id();
+  out->force = in.force();
+  if (in.restrict_to_uid()) out->owner_uid = in.owner_uid();
+  return absl::OkStatus();
+}
+
+void ToProto(const NodeDrop& in, coordination::NodeDrop* out) {
+  out->set_node_id(in.node_id);
+  for (uint32_t r : in.ranks) out->add_ranks(r);
+  out->set_slots_deleted(in.slots_deleted);
+  out->set_slot_bytes_deleted(in.slot_bytes_deleted);
+  out->set_fragments_deleted(in.fragments_deleted);
+  out->set_fragment_bytes_deleted(in.fragment_bytes_deleted);
+  out->set_newest_sealed_step(in.newest_sealed_step);
+  for (uint32_t r : in.running_ranks) out->add_running_ranks(r);
+  for (int32_t p : in.running_pids) out->add_running_pids(p);
+}
+
+absl::Status FromProto(const coordination::NodeDrop& in, NodeDrop* out) {
+  if (in.ranks_size() > kMaxListedItems || in.running_ranks_size() > kMaxListedItems ||
+      in.running_ranks_size() != in.running_pids_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a node's drop names ", in.ranks_size(), " ranks and ", in.running_ranks_size(),
+        " running ranks with ", in.running_pids_size(), " pids"));
+  }
+  out->node_id = in.node_id();
+  out->ranks.assign(in.ranks().begin(), in.ranks().end());
+  out->slots_deleted = in.slots_deleted();
+  out->slot_bytes_deleted = in.slot_bytes_deleted();
+  out->fragments_deleted = in.fragments_deleted();
+  out->fragment_bytes_deleted = in.fragment_bytes_deleted();
+  out->newest_sealed_step = in.newest_sealed_step();
+  out->running_ranks.assign(in.running_ranks().begin(), in.running_ranks().end());
+  out->running_pids.assign(in.running_pids().begin(), in.running_pids().end());
+  return absl::OkStatus();
+}
+
+void ToProto(const JobDrop& in, coordination::DropJobResponse* out) {
+  out->set_dropped_epoch(in.dropped_epoch);
+  out->set_coordinator(in.coordinator);
+  for (const NodeDrop& n : in.nodes) ToProto(n, out->add_nodes());
+  for (const auto& [node, error] : in.unanswered) {
+    coordination::UnansweredNode* u = out->add_unanswered();
+    u->set_node_id(node);
+    u->set_error(error);
+  }
+}
+
+absl::Status FromProto(const coordination::DropJobResponse& in, JobDrop* out) {
+  if (in.nodes_size() > kMaxListedItems || in.unanswered_size() > kMaxListedItems) {
+    return absl::InvalidArgumentError("a drop answer naming too many nodes");
+  }
+  out->dropped_epoch = in.dropped_epoch();
+  out->coordinator = in.coordinator();
+  for (const coordination::NodeDrop& n : in.nodes()) {
+    NodeDrop node;
+    TESSERA_RETURN_IF_ERROR(FromProto(n, &node));
+    out->nodes.push_back(std::move(node));
+  }
+  for (const coordination::UnansweredNode& u : in.unanswered()) {
+    out->unanswered.emplace_back(u.node_id(), u.error());
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace tessera::coordination_wire

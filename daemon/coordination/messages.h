@@ -4,10 +4,12 @@
 #define TESSERA_DAEMON_COORDINATION_MESSAGES_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "daemon/coordination/coordination.h"
 #include "daemon/coordination/job_coordinator.h"
 #include "daemon/coordination/protection.h"
 #include "proto/coordination.pb.h"
@@ -33,6 +35,14 @@ struct ResolveQuestion {
 struct ResolveAnswer {
   CommitRecord restore_point;
   uint64_t epoch = 0;  // the epoch the job's new snapshots are sealed in
+  uint64_t dropped_epoch = 0;  // JobState::dropped_epoch
+};
+
+// A member asks the job's coordinator to drop the job.
+struct DropQuestion {
+  std::string job_id;
+  bool force = false;
+  std::optional<uint32_t> owner_uid;  // the job must be this uid's on every member
 };
 
 // What one node holds of a job (ListJob).
@@ -42,6 +52,7 @@ struct JobListing {
   std::vector<HeldFragment> fragments;  // sealed only; node set to node.node_id
   CommitRecord committed;
   uint64_t epoch = 0;
+  uint64_t dropped_epoch = 0;
 };
 
 // Largest world size and listing sizes accepted from a peer: every count read from the network
@@ -66,6 +77,12 @@ void ToProto(const ResolveAnswer& in, coordination::ResolveRestoreResponse* out)
 absl::Status FromProto(const coordination::ResolveRestoreResponse& in, ResolveAnswer* out);
 void ToProto(const JobListing& in, coordination::ListJobResponse* out);
 absl::Status FromProto(const coordination::ListJobResponse& in, JobListing* out);
+void ToProto(const DropQuestion& in, coordination::DropJobRequest* out);
+absl::Status FromProto(const coordination::DropJobRequest& in, DropQuestion* out);
+void ToProto(const NodeDrop& in, coordination::NodeDrop* out);
+absl::Status FromProto(const coordination::NodeDrop& in, NodeDrop* out);
+void ToProto(const JobDrop& in, coordination::DropJobResponse* out);
+absl::Status FromProto(const coordination::DropJobResponse& in, JobDrop* out);
 
 }  // namespace coordination_wire
 }  // namespace tessera

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <optional>
 #include <thread>
 #include <set>
@@ -175,6 +176,12 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
     const Work& work;
     ~Unpinner() { store->Unpin(work.job_id, work.rank, work.step); }
   } unpin{store_, work};
+  if (const uint64_t dropped = store_->dropped_epoch(work.job_id);
+      dropped > 0 && pinned->epoch <= dropped) {
+    log->info("job '{}' rank {} step {}: not protected, the job was dropped since (epoch {})",
+              work.job_id, work.rank, work.step, dropped);
+    return absl::OkStatus();
+  }
 
   TESSERA_ASSIGN_OR_RETURN(FragmentPlacement placement,
                            PlaceFragments(cluster_->LiveNodeIds(), cluster_->self_id(),
@@ -358,6 +365,9 @@ absl::StatusOr<std::pair<std::string, std::string>> ClusterCoordination::Coordin
 void ClusterCoordination::MembershipChanged() {
   absl::MutexLock lock(&mu_);
   report_now_ = true;
+  // Coordination may have moved: a coordinator gathers each job's view again before it acts
+  // (the reporter does the same each round; this closes the window until its next round).
+  view_complete_.clear();
 }
 
 void ClusterCoordination::ReportLoop() {
@@ -447,33 +457,69 @@ void ClusterCoordination::LogSuperseded(const std::string& job_id, const CommitR
 }
 
 void ClusterCoordination::LearnCommit(const std::string& job_id, const CommitRecord& record,
-                                      uint64_t epoch) {
-  if (std::optional<CommitRecord> held = coordinator_.Learn(job_id, record, epoch)) {
+                                      uint64_t epoch, uint64_t dropped_epoch) {
+  if (std::optional<CommitRecord> held =
+          coordinator_.Learn(job_id, record, epoch, dropped_epoch)) {
     LogSuperseded(job_id, *held, record);
   }
 }
 
-void ClusterCoordination::ApplyJobState(const JobState& state) {
+NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   auto log = Logger("coordinator");
-  const int64_t committed = state.committed.step;
+  NodeDrop deleted;
+  deleted.node_id = cluster_->self_id();
   std::vector<int64_t> dead;
-  for (int64_t step : state.dead_steps) {
-    if (step > committed) dead.push_back(step);
-  }
   bool newer_commit = false;
+  bool drop_news = false;     // a drop this node learns now
+  bool drop_fragments = false;
+  bool forget_drop = false;   // a later run committed: the drop's tombstone is collected
   std::optional<CommitRecord> superseded;
+  CommitRecord committed_record;
+  const uint64_t store_epoch = store_->epoch(state.job_id);
   {
     absl::MutexLock lock(&mu_);
     JobState& known = known_[state.job_id];
     known.job_id = state.job_id;
-    if (state.committed.NewerThan(known.committed)) {
-      if (known.committed.SupersededBy(state.committed)) {
+    if (state.dropped_epoch > known.dropped_epoch &&
+        (known.committed.empty() || DroppedBy(known.committed, state.dropped_epoch))) {
+      drop_news = true;
+      // Fragments carry no epoch: all of the job's are deleted only when none can be of a later
+      // run, i.e. the state is the drop's own (no run has started since) and this node has seen
+      // no later epoch. Otherwise they are void and go with the later run's commits.
+      drop_fragments = state.epoch == state.dropped_epoch &&
+                       std::max(known.epoch, store_epoch) <= state.dropped_epoch;
+      known.dropped_epoch = state.dropped_epoch;
+      known.committed = CommitRecord();
+      if (state.dropped_epoch > known.epoch) {
+        known.epoch = state.dropped_epoch;
+        known.dead_steps.clear();
+      }
+      for (auto it = placements_.begin(); it != placements_.end();) {
+        it = std::get<0>(it->first) == state.job_id ? placements_.erase(it) : std::next(it);
+      }
+      restore_points_.erase(state.job_id);
+      told_.erase(state.job_id);
+      BoundTombstones(state.job_id);
+    }
+    // A commit of the dropped history is no restore point anywhere.
+    committed_record = DroppedBy(state.committed, known.dropped_epoch) ? CommitRecord()
+                                                                        : state.committed;
+    for (int64_t step : state.dead_steps) {
+      if (step > committed_record.step) dead.push_back(step);
+    }
+    if (committed_record.NewerThan(known.committed)) {
+      if (known.committed.SupersededBy(committed_record)) {
         superseded = known.committed;
       } else {
         newer_commit = true;
         ++stats_.commits_learned;
       }
-      known.committed = state.committed;
+      known.committed = committed_record;
+    }
+    if (known.dropped_epoch > 0 && !known.committed.empty() &&
+        known.committed.epoch > known.dropped_epoch) {
+      known.dropped_epoch = 0;
+      forget_drop = true;
     }
     if (state.epoch > known.epoch) {
       known.epoch = state.epoch;
@@ -489,25 +535,65 @@ void ClusterCoordination::ApplyJobState(const JobState& state) {
         known.dead_steps.erase(known.dead_steps.begin(), known.dead_steps.end() - 256);
       }
     }
-    // Reports that need no re-sending: committed past, of an older epoch, or dead.
+    // Reports that need no re-sending: committed past, of an older epoch or a dropped one, or
+    // dead.
     auto& reports = pending_[state.job_id];
     for (auto it = reports.begin(); it != reports.end();) {
       const ProtectedReport& r = it->second;
       const bool done = r.epoch < known.epoch ||
+                        (known.dropped_epoch > 0 && r.epoch <= known.dropped_epoch) ||
                         (r.epoch == known.committed.epoch && r.step <= known.committed.step) ||
                         std::find(dead.begin(), dead.end(), r.step) != dead.end();
       it = done ? reports.erase(it) : std::next(it);
     }
     if (reports.empty()) pending_.erase(state.job_id);
   }
+  if (drop_news) {
+    const SnapshotStore::DropJobResult slots = store_->ApplyDrop(state.job_id, state.dropped_epoch);
+    deleted.ranks = slots.ranks;
+    deleted.slots_deleted = slots.segments_deleted;
+    deleted.slot_bytes_deleted = slots.bytes_deleted;
+    deleted.newest_sealed_step = slots.newest_sealed_step;
+    deleted.running_ranks = slots.running_ranks;
+    deleted.running_pids.assign(slots.running_pids.begin(), slots.running_pids.end());
+    if (drop_fragments) {
+      for (const FragmentStatus& f : fragments_->List(state.job_id)) {
+        deleted.fragment_bytes_deleted += f.meta.fragment_bytes;
+      }
+      deleted.fragments_deleted = static_cast<uint32_t>(fragments_->DropJob(state.job_id));
+    }
+    DeleteRestoredOlderThan(state.job_id, std::numeric_limits<int64_t>::max());
+    {
+      absl::MutexLock lock(&mu_);
+      if (known_.count(state.job_id) > 0) drop_results_[state.job_id] = {state.dropped_epoch, deleted};
+    }
+    log->warn("job '{}' dropped at epoch {}: deleted {} slots ({} bytes) and {} fragments ({} "
+              "bytes) here{}",
+              state.job_id, state.dropped_epoch, deleted.slots_deleted, deleted.slot_bytes_deleted,
+              deleted.fragments_deleted, deleted.fragment_bytes_deleted,
+              drop_fragments ? std::string()
+                             : std::string("; the fragments held are left to a later run's "
+                                           "commits (a later epoch is known here)"));
+  }
+  if (forget_drop) {
+    {
+      absl::MutexLock lock(&mu_);
+      drop_results_.erase(state.job_id);
+    }
+    store_->ForgetDrop(state.job_id);
+    log->info("job '{}': a run after its drop committed step {} (epoch {}); the drop is no "
+              "longer kept",
+              state.job_id, committed_record.step, committed_record.epoch);
+  }
+  const int64_t committed = committed_record.step;
   if (superseded) {
-    LogSuperseded(state.job_id, *superseded, state.committed);
+    LogSuperseded(state.job_id, *superseded, committed_record);
     store_->SupersedeCommit(state.job_id, committed);
   }
   store_->SetJobState(state.job_id, state.epoch, committed, dead);
   size_t dropped = 0;
   if (committed >= 0) {
-    for (const CommitRecord::Rank& r : state.committed.ranks) {
+    for (const CommitRecord::Rank& r : committed_record.ranks) {
       dropped += fragments_->DropOlderThan(state.job_id, r.rank, committed);
     }
     DeleteRestoredOlderThan(state.job_id, committed);
@@ -524,8 +610,34 @@ void ClusterCoordination::ApplyJobState(const JobState& state) {
   }
   if (newer_commit) {
     log->info("job '{}' committed step {} (epoch {}, {} ranks protected){}", state.job_id,
-              committed, state.committed.epoch, state.committed.ranks.size(),
+              committed, committed_record.epoch, committed_record.ranks.size(),
               dropped > 0 ? absl::StrCat("; dropped ", dropped, " older fragments") : "");
+  }
+  return deleted;
+}
+
+void ClusterCoordination::BoundTombstones(const std::string& keep) {
+  size_t held = 0;
+  for (const auto& [job, state] : known_) held += state.dropped_epoch > 0;
+  while (held > options_.max_tombstones) {
+    auto oldest = known_.end();
+    for (auto it = known_.begin(); it != known_.end(); ++it) {
+      if (it->first == keep || it->second.dropped_epoch == 0) continue;
+      if (oldest == known_.end() || it->second.dropped_epoch < oldest->second.dropped_epoch) {
+        oldest = it;
+      }
+    }
+    if (oldest == known_.end()) return;
+    Logger("coordinator")
+        ->warn("forgetting the drop of job '{}' (epoch {}): more than {} dropped jobs are "
+               "remembered; a member that held its snapshots "
+               "while it was away could make it resumable again",
+               oldest->first, oldest->second.dropped_epoch, options_.max_tombstones);
+    store_->ForgetDrop(oldest->first);
+    coordinator_.Forget(oldest->first);
+    drop_results_.erase(oldest->first);
+    known_.erase(oldest);
+    --held;
   }
 }
 
@@ -586,6 +698,21 @@ void ClusterCoordination::RepairAfterLosses() {
   for (const std::string& node : live_last_round_) {
     if (live.count(node) == 0) lost.insert(node);
   }
+  std::vector<std::string> returned;
+  for (const std::string& node : live) {
+    if (live_last_round_.count(node) == 0 && !live_last_round_.empty()) returned.push_back(node);
+  }
+  if (!returned.empty()) {
+    // A member that comes back (it was stopped, cut off or restarted) may hold what a drop it
+    // missed voided: the coordinator of each dropped job tells it (docs/PROTOCOL.md, Dropping a
+    // job). It would learn it anyway before any decision resumes the job; this frees its memory.
+    for (const JobState& dropped : coordinator_.Dropped()) {
+      auto coordinator = CoordinatorOf(dropped.job_id);
+      if (coordinator.ok() && coordinator->first == cluster_->self_id()) {
+        PushTo(returned, dropped);
+      }
+    }
+  }
   if (live != live_last_round_) {
     // Coordination may have moved: a coordinator gathers each job's view again before acting.
     absl::MutexLock lock(&mu_);
@@ -638,7 +765,9 @@ absl::Status ClusterCoordination::EnsureCoordinatorView(const std::string& job_i
         "the coordinator of job '", job_id, "' is gathering the job's state from the live "
         "members and cannot act on reports yet: ", listings.status().message()));
   }
-  for (const JobListing& l : *listings) LearnCommit(job_id, l.committed, l.epoch);
+  for (const JobListing& l : *listings) {
+    LearnCommit(job_id, l.committed, l.epoch, l.dropped_epoch);
+  }
   Logger("coordinator")->info("job '{}': coordinating, after learning its state from {} live "
                               "members (epoch {}, reported epoch {})",
                               job_id, listings->size(), coordinator_.State(job_id).epoch,

@@ -62,6 +62,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     int m = 2;
     int64_t report_interval_ms = 500;  // re-sending reports, asking for a restarted job's state
     int64_t retry_backoff_ms = 200;    // first retry of a failed protection; doubles to 5 s
+    // Drops of jobs remembered at most (docs/PROTOCOL.md, Dropping a job); past it the oldest is
+    // forgotten, with a log line. A drop is also forgotten once a later run of its job commits.
+    size_t max_tombstones = 4096;
   };
   // None is owned; all must outlive this object.
   ClusterCoordination(SnapshotStore* store, FragmentStore* fragments, Cluster* cluster,
@@ -86,6 +89,14 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   absl::StatusOr<SnapshotStore::RestoreInfo> PrepareRestore(const std::string& job_id,
                                                             uint32_t rank, int64_t step,
                                                             bool verify) override;
+  // Asks the job's coordinator (this daemon or another member) to drop the job on every member
+  // (docs/PROTOCOL.md, Dropping a job). Errors: kFailedPrecondition (a trainer of the job runs on
+  // some member, without force: nothing was dropped), kPermissionDenied (owner_uid set and the
+  // job is another uid's on some member), kNotFound (no live member holds or knows anything of
+  // it), kUnavailable (no majority, a member did not answer the check, or fewer than a majority
+  // took the drop: ask again).
+  absl::StatusOr<JobDrop> DropJob(const std::string& job_id, std::optional<uid_t> owner_uid,
+                                  bool force) override;
 
   // CoordinationHandler (the Coordination service's calls).
   absl::StatusOr<JobState> OnReport(const NodeIdentity& from,
@@ -95,6 +106,10 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
                                           const ResolveQuestion& question) override;
   absl::StatusOr<JobListing> OnListJob(const NodeIdentity& from,
                                        const std::string& job_id) override;
+  absl::StatusOr<JobDrop> OnDropJob(const NodeIdentity& from,
+                                    const DropQuestion& question) override;
+  absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity& from, const JobState& state,
+                                       bool check_only, std::optional<uint32_t> owner_uid) override;
 
   struct Stats {
     uint64_t protected_shards = 0;
@@ -145,11 +160,22 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   absl::StatusOr<std::pair<std::string, std::string>> CoordinatorOf(const std::string& job_id);
   // Sends the job's pending reports (or a state query) to its coordinator.
   void ReportJob(const std::string& job_id);
-  // Adopts what a coordinator says: epoch, commit, dead steps. Releases slots and fragments.
-  void ApplyJobState(const JobState& state);
+  // Adopts what a coordinator says: epoch, commit, dead steps, a drop. Releases slots and
+  // fragments; returns what a drop it learned here for the first time deleted.
+  NodeDrop ApplyJobState(const JobState& state);
   // The coordinator's side: JobCoordinator::Learn, logging a commit record it held that a restore
   // decision taken without it superseded.
-  void LearnCommit(const std::string& job_id, const CommitRecord& record, uint64_t epoch);
+  void LearnCommit(const std::string& job_id, const CommitRecord& record, uint64_t epoch,
+                   uint64_t dropped_epoch = 0);
+  // Decides the job's drop as its coordinator: checks every live member, records the drop and
+  // tells every live member (docs/PROTOCOL.md, Dropping a job).
+  absl::StatusOr<JobDrop> DropAsCoordinator(const DropQuestion& question);
+  // OnApplyDrop on each of `nodes` (this daemon's own share locally), in parallel.
+  std::vector<absl::StatusOr<NodeDrop>> ApplyDropOn(const std::vector<std::string>& nodes,
+                                                    const JobState& state, bool check_only,
+                                                    std::optional<uint32_t> owner_uid);
+  // Past Options::max_tombstones drops remembered, forgets the oldest (logged).
+  void BoundTombstones(const std::string& keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void LogSuperseded(const std::string& job_id, const CommitRecord& held,
                             const CommitRecord& newer);
   // Queues `state` for the given nodes (this daemon's own share is applied at once).
@@ -161,7 +187,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // logging the questions it cannot decide yet.
   absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
   absl::StatusOr<ResolveAnswer> DecideRestorePoint(const ResolveQuestion& question);
-  // kUnavailable unless a majority of the members is live here (docs/PROTOCOL.md, Restore 2).
+  // kUnavailable unless this daemon's membership has converged and a majority of the members is
+  // live here (docs/PROTOCOL.md, Restore 2).
   absl::Status RequireMajority() const;
   JobListing LocalListing(const std::string& job_id) const;
   // What the given nodes (all live members when empty) hold of the job. With require_complete,
@@ -204,6 +231,10 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   std::map<ShardKey, std::vector<std::string>> placements_ ABSL_GUARDED_BY(mu_);
   // Newest state learned per job (commit records answer restores and listings).
   std::map<std::string, JobState> known_ ABSL_GUARDED_BY(mu_);
+  // What the newest drop learned here deleted, by job, with its epoch: the coordinator's push of
+  // a drop is answered with it even when a report's reply brought the drop here first.
+  std::map<std::string, std::pair<uint64_t, NodeDrop>> drop_results_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex drop_mu_ ABSL_ACQUIRED_BEFORE(view_mu_);  // one drop decided at a time
   absl::Mutex view_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // held while a coordinator gathers a view
   // Jobs whose complete view this coordinator has gathered since the membership last changed.
   std::set<std::string> view_complete_ ABSL_GUARDED_BY(mu_);

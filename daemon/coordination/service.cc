@@ -95,6 +95,40 @@ grpc::Status CoordinationService::ListJob(grpc::ServerContext* context,
   return Answer("ListJob", status);
 }
 
+grpc::Status CoordinationService::DropJob(grpc::ServerContext* context,
+                                          const coordination::DropJobRequest* request,
+                                          coordination::DropJobResponse* response) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    DropQuestion question;
+    TESSERA_RETURN_IF_ERROR(FromProto(*request, &question));
+    TESSERA_ASSIGN_OR_RETURN(JobDrop drop, handler_->OnDropJob(from, question));
+    ToProto(drop, response);
+    return absl::OkStatus();
+  }();
+  return Answer("DropJob", status);
+}
+
+grpc::Status CoordinationService::ApplyDrop(grpc::ServerContext* context,
+                                            const coordination::ApplyDropRequest* request,
+                                            coordination::NodeDrop* response) {
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
+    JobState state;
+    TESSERA_RETURN_IF_ERROR(FromProto(request->state(), &state));
+    if (!request->check_only() && state.dropped_epoch == 0) {
+      return absl::InvalidArgumentError("state.dropped_epoch: a drop needs its epoch (> 0)");
+    }
+    std::optional<uint32_t> owner_uid;
+    if (request->restrict_to_uid()) owner_uid = request->owner_uid();
+    TESSERA_ASSIGN_OR_RETURN(NodeDrop drop,
+                             handler_->OnApplyDrop(from, state, request->check_only(), owner_uid));
+    ToProto(drop, response);
+    return absl::OkStatus();
+  }();
+  return Answer("ApplyDrop", status);
+}
+
 std::shared_ptr<coordination::Coordination::Stub> GrpcCoordinationClient::Stub(
     const PeerTarget& member) {
   const std::string id = member.ToString();
@@ -179,6 +213,39 @@ absl::StatusOr<JobListing> GrpcCoordinationClient::ListJob(const PeerTarget& mem
   JobListing listing;
   TESSERA_RETURN_IF_ERROR(FromProto(response, &listing));
   return listing;
+}
+
+absl::StatusOr<JobDrop> GrpcCoordinationClient::DropJob(const PeerTarget& member,
+                                                        const DropQuestion& question) {
+  coordination::DropJobRequest request;
+  ToProto(options_.self, request.mutable_from());
+  ToProto(question, &request);
+  coordination::DropJobResponse response;
+  grpc::ClientContext context;
+  // The coordinator lists every member, then tells every member: two rounds of calls.
+  Prepare(&context, options_.timeout * 3);
+  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(member)->DropJob(&context, request, &response)));
+  JobDrop drop;
+  TESSERA_RETURN_IF_ERROR(FromProto(response, &drop));
+  return drop;
+}
+
+absl::StatusOr<NodeDrop> GrpcCoordinationClient::ApplyDrop(const PeerTarget& member,
+                                                           const JobState& state, bool check_only,
+                                                           std::optional<uint32_t> owner_uid) {
+  coordination::ApplyDropRequest request;
+  ToProto(options_.self, request.mutable_from());
+  ToProto(state, request.mutable_state());
+  request.set_check_only(check_only);
+  request.set_restrict_to_uid(owner_uid.has_value());
+  request.set_owner_uid(owner_uid.value_or(0));
+  coordination::NodeDrop response;
+  grpc::ClientContext context;
+  Prepare(&context, options_.timeout);
+  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(Stub(member)->ApplyDrop(&context, request, &response)));
+  NodeDrop drop;
+  TESSERA_RETURN_IF_ERROR(FromProto(response, &drop));
+  return drop;
 }
 
 }  // namespace tessera

@@ -42,6 +42,18 @@ class CoordinationHandler {
                                                   const ResolveQuestion& question) = 0;
   virtual absl::StatusOr<JobListing> OnListJob(const NodeIdentity& from,
                                                const std::string& job_id) = 0;
+  // A member asks this daemon, as the job's coordinator, to drop the job.
+  virtual absl::StatusOr<JobDrop> OnDropJob(const NodeIdentity& /*from*/,
+                                            const DropQuestion& /*question*/) {
+    return absl::UnimplementedError("this daemon does not drop jobs");
+  }
+  // The job's coordinator dropped the job (state.dropped_epoch), or with check_only asks what
+  // is held here and which trainers run (owner_uid: kPermissionDenied for another uid's job).
+  virtual absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity& /*from*/,
+                                               const JobState& /*state*/, bool /*check_only*/,
+                                               std::optional<uint32_t> /*owner_uid*/) {
+    return absl::UnimplementedError("this daemon does not drop jobs");
+  }
 };
 
 class CoordinationService final : public coordination::Coordination::Service {
@@ -66,6 +78,11 @@ class CoordinationService final : public coordination::Coordination::Service {
                               coordination::ResolveRestoreResponse* response) override;
   grpc::Status ListJob(grpc::ServerContext* context, const coordination::ListJobRequest* request,
                        coordination::ListJobResponse* response) override;
+  grpc::Status DropJob(grpc::ServerContext* context, const coordination::DropJobRequest* request,
+                       coordination::DropJobResponse* response) override;
+  grpc::Status ApplyDrop(grpc::ServerContext* context,
+                         const coordination::ApplyDropRequest* request,
+                         coordination::NodeDrop* response) override;
 
  private:
   // Token and fencing checks, and the sender's identity.
@@ -89,6 +106,15 @@ class CoordinationClient {
                                                 const ResolveQuestion& question) = 0;
   virtual absl::StatusOr<JobListing> ListJob(const PeerTarget& member,
                                              const std::string& job_id) = 0;
+  virtual absl::StatusOr<JobDrop> DropJob(const PeerTarget& /*member*/,
+                                          const DropQuestion& /*question*/) {
+    return absl::UnimplementedError("no DropJob in this client");
+  }
+  virtual absl::StatusOr<NodeDrop> ApplyDrop(const PeerTarget& /*member*/,
+                                             const JobState& /*state*/, bool /*check_only*/,
+                                             std::optional<uint32_t> /*owner_uid*/) {
+    return absl::UnimplementedError("no ApplyDrop in this client");
+  }
 };
 
 // Over gRPC. Keeps at most `max_channels` channels (least recently used closed first), so the
@@ -108,6 +134,9 @@ class GrpcCoordinationClient final : public CoordinationClient {
   absl::StatusOr<ResolveAnswer> Resolve(const PeerTarget& member,
                                         const ResolveQuestion& question) override;
   absl::StatusOr<JobListing> ListJob(const PeerTarget& member, const std::string& job_id) override;
+  absl::StatusOr<JobDrop> DropJob(const PeerTarget& member, const DropQuestion& question) override;
+  absl::StatusOr<NodeDrop> ApplyDrop(const PeerTarget& member, const JobState& state,
+                                     bool check_only, std::optional<uint32_t> owner_uid) override;
 
  private:
   std::shared_ptr<coordination::Coordination::Stub> Stub(const PeerTarget& member);

@@ -497,6 +497,7 @@ std::string SnapshotStore::SlotBusyReason(const RankState& state, int i, const s
   uint64_t job_epoch;
   bool commit_known;
   bool dead;
+  uint64_t dropped_epoch;
   {
     absl::MutexLock lock(&mu_);
     auto c = committed_.find(job_id);
@@ -505,11 +506,13 @@ std::string SnapshotStore::SlotBusyReason(const RankState& state, int i, const s
     job_epoch = j == jobs_.end() ? 0 : j->second.epoch;
     commit_known = j == jobs_.end() || j->second.commit_known;
     dead = j != jobs_.end() && j->second.dead_steps.count(h.step) > 0;
+    dropped_epoch = j == jobs_.end() ? 0 : j->second.dropped_epoch;
   }
   if (!commit_known) {
     return absl::StrCat("step ", h.step, " is kept until this daemon, restarted, learns the job's "
                         "commit from its coordinator");
   }
+  if (dropped_epoch > 0 && h.epoch <= dropped_epoch) return "";  // the job was dropped since
   if (h.step == committed_step) return absl::StrCat("step ", h.step, " is the committed step");
   if (h.step < committed_step) return "";                  // superseded by the commit
   if (h.epoch < job_epoch) return "";                      // an abandoned history (void)
@@ -749,9 +752,9 @@ absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::DropJob(
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   if (options_.clustered) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "job '", job_id, "' was not dropped: this daemon is a member of a cluster, where the "
-        "job's fragments on the other members and the commit its coordinator holds would let a "
-        "relaunch resume it anyway; dropping a job across a cluster is not supported yet"));
+        "job '", job_id, "' was not dropped here alone: this daemon is a member of a cluster, "
+        "where the job's fragments on the other members and its commit would let a relaunch "
+        "resume it; the job's coordinator drops it on every member"));
   }
   std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
   std::set<std::string> other_jobs;
@@ -790,15 +793,9 @@ absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::DropJob(
       return absl::UnavailableError(absl::StrCat(
           RankName(job_id, rank), " was being dropped by another call: ask again"));
     }
-    const bool has_data = state->slots[0] || state->slots[1] || !state->retained.empty();
-    if (owner_uid && ((has_data && state->data_uid != *owner_uid) ||
-                      (state->registered && state->owner.uid != *owner_uid))) {
-      const uid_t owner = has_data ? state->data_uid : state->owner.uid;
+    if (absl::Status s = CheckDropOwner(*state, job_id, rank, owner_uid); !s.ok()) {
       unlock_all();
-      return absl::PermissionDeniedError(absl::StrCat(
-          "job '", job_id, "' belongs to uid ", owner, " here (", RankName(job_id, rank),
-          "); the caller is uid ", *owner_uid,
-          ": only root, the daemon's uid or the uid that registered the job may drop it"));
+      return s;
     }
     if (state->registered && state->owner.pid > 0 &&
         options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
@@ -853,6 +850,207 @@ absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::DropJob(
                       : absl::StrCat("; forced while registered and running: ",
                                      absl::StrJoin(running, ", ")));
   return result;
+}
+
+absl::Status SnapshotStore::CheckDropOwner(const RankState& state, const std::string& job_id,
+                                           uint32_t rank, std::optional<uid_t> owner_uid) {
+  const bool has_data = state.slots[0] || state.slots[1] || !state.retained.empty();
+  if (!owner_uid || !((has_data && state.data_uid != *owner_uid) ||
+                      (state.registered && state.owner.uid != *owner_uid))) {
+    return absl::OkStatus();
+  }
+  const uid_t owner = has_data ? state.data_uid : state.owner.uid;
+  return absl::PermissionDeniedError(absl::StrCat(
+      "job '", job_id, "' belongs to uid ", owner, " here (", RankName(job_id, rank),
+      "); the caller is uid ", *owner_uid,
+      ": only root, the daemon's uid or the uid that registered the job may drop it"));
+}
+
+absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::CheckDrop(
+    const std::string& job_id, std::optional<uid_t> owner_uid) const {
+  TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
+  std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, state] : ranks_) {
+      if (key.first == job_id) ranks.emplace_back(key.second, state);
+    }
+  }
+  DropJobResult result;
+  for (auto& [rank, state] : ranks) {
+    absl::MutexLock lock(&state->mu);
+    TESSERA_RETURN_IF_ERROR(CheckDropOwner(*state, job_id, rank, owner_uid));
+    result.ranks.push_back(rank);
+    if (state->registered && state->owner.pid > 0 &&
+        options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
+      result.running_ranks.push_back(rank);
+      result.running_pids.push_back(state->owner.pid);
+    }
+    for (const auto& slot : state->slots) {
+      if (!slot) continue;
+      ++result.segments_deleted;
+      result.bytes_deleted += slot->file_bytes();
+      if (LoadState(*slot->header()) == SegmentState::kSealed) {
+        result.newest_sealed_step = std::max(result.newest_sealed_step, slot->header()->step);
+      }
+    }
+    for (const auto& seg : state->retained) {
+      ++result.segments_deleted;
+      result.bytes_deleted += seg->file_bytes();
+    }
+  }
+  return result;
+}
+
+SnapshotStore::DropJobResult SnapshotStore::ApplyDrop(const std::string& job_id,
+                                                      uint64_t dropped_epoch) {
+  DropJobResult result;
+  std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
+  {
+    absl::MutexLock lock(&mu_);
+    JobView& job = jobs_[job_id];
+    if (dropped_epoch <= job.dropped_epoch) return result;
+    job.dropped_epoch = dropped_epoch;
+    job.commit_known = true;  // what a restarted daemon waited for: the job's state
+    if (job.epoch < dropped_epoch) {
+      job.epoch = dropped_epoch;
+      job.dead_steps.clear();
+    }
+    // The committed step is of the dropped history: a later run's commit comes with the state
+    // that brought the drop (SetJobState after this), or later.
+    committed_.erase(job_id);
+    for (const auto& [key, state] : ranks_) {
+      if (key.first == job_id) ranks.emplace_back(key.second, state);
+    }
+  }
+  std::vector<std::unique_ptr<Segment>> doomed;
+  std::vector<uint32_t> forgotten;
+  for (auto& [rank, state] : ranks) {
+    absl::MutexLock lock(&state->mu);
+    auto void_segment = [&](const Segment& seg) {
+      const SegmentHeader& h = *seg.header();
+      return LoadState(h) != SegmentState::kSealed || h.epoch <= dropped_epoch;
+    };
+    bool later_run = false;  // a relaunch sealed here already (the drop reached this node late)
+    for (const auto& slot : state->slots) later_run = later_run || (slot && !void_segment(*slot));
+    for (const auto& seg : state->retained) later_run = later_run || !void_segment(*seg);
+    bool counted = false;  // it held a sealed snapshot of the dropped history
+    for (int i = 0; i < 2; ++i) {
+      auto& slot = state->slots[i];
+      if (!slot) continue;
+      SegmentHeader* h = slot->header();
+      const bool sealed = LoadState(*h) == SegmentState::kSealed;
+      if (!sealed || !void_segment(*slot)) continue;
+      result.newest_sealed_step = std::max(result.newest_sealed_step, h->step);
+      counted = true;
+      if (later_run || state->pins[i] > 0) {
+        // Emptied, not deleted: protection still reads it, or the rank lives on in a later run.
+        StoreState(h, SegmentState::kEmpty);
+        state->is_protected[i] = false;
+      } else {
+        doomed.push_back(std::move(slot));
+      }
+    }
+    for (auto it = state->retained.begin(); it != state->retained.end();) {
+      if (void_segment(**it)) {
+        doomed.push_back(std::move(*it));
+        it = state->retained.erase(it);
+        counted = true;
+      } else {
+        ++it;
+      }
+    }
+    if (counted) result.ranks.push_back(rank);
+    const bool running = state->registered && state->owner.pid > 0 &&
+                         options_.process_alive(state->owner.pid, state->owner_start_ticks);
+    if (running && counted) {
+      result.running_ranks.push_back(rank);
+      result.running_pids.push_back(state->owner.pid);
+    }
+    // A running trainer that has sealed nothing here may be the relaunch itself (registered
+    // before its restore answer brought the drop here): it keeps its registration.
+    if (!later_run && (counted || !running) && state->pins[0] == 0 && state->pins[1] == 0 &&
+        !state->creating_slots) {
+      // Nothing of the rank is left: it is forgotten, as DropJob forgets it.
+      for (auto& slot : state->slots) {
+        if (slot) doomed.push_back(std::move(slot));
+      }
+      state->registered = false;
+      state->dropped = true;
+      forgotten.push_back(rank);
+      if (!counted) result.ranks.push_back(rank);
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [rank, state] : ranks) {
+      if (std::find(forgotten.begin(), forgotten.end(), rank) == forgotten.end()) continue;
+      auto it = ranks_.find({job_id, rank});
+      if (it != ranks_.end() && it->second == state) ranks_.erase(it);
+    }
+    auto left = ranks_.lower_bound({job_id, 0});
+    if (left == ranks_.end() || left->first.first != job_id) {
+      // A relaunch may register another world size; the drop itself is remembered (jobs_).
+      newest_sealed_.erase(job_id);
+      world_size_.erase(job_id);
+    }
+  }
+  for (auto& segment : doomed) {
+    result.bytes_deleted += segment->file_bytes();
+    ++result.segments_deleted;
+    DeleteSegment(std::move(segment));
+  }
+  std::sort(result.ranks.begin(), result.ranks.end());
+  Logger("store")->warn("job '{}' dropped at epoch {}: {} ranks here, {} slot segments ({} bytes) "
+                        "deleted{}",
+                        job_id, dropped_epoch, result.ranks.size(), result.segments_deleted,
+                        result.bytes_deleted,
+                        result.running_ranks.empty()
+                            ? std::string()
+                            : absl::StrCat("; trainers still running: ranks ",
+                                           absl::StrJoin(result.running_ranks, ", ")));
+  return result;
+}
+
+void SnapshotStore::ReleaseDroppedSlots(const std::string& job_id, uint32_t rank) {
+  const uint64_t dropped = dropped_epoch(job_id);
+  std::shared_ptr<RankState> state = FindRank(job_id, rank);
+  if (dropped == 0 || !state) return;
+  std::vector<std::unique_ptr<Segment>> doomed;
+  {
+    absl::MutexLock lock(&state->mu);
+    for (int i = 0; i < 2; ++i) {
+      if (!state->slots[i]) continue;
+      SegmentHeader* h = state->slots[i]->header();
+      if (LoadState(*h) != SegmentState::kSealed || h->epoch > dropped) continue;
+      // Emptied even while protection reads it: no snapshot reuses a pinned slot.
+      StoreState(h, SegmentState::kEmpty);
+      state->is_protected[i] = false;
+    }
+    for (auto it = state->retained.begin(); it != state->retained.end();) {
+      if ((*it)->header()->epoch <= dropped) {
+        doomed.push_back(std::move(*it));
+        it = state->retained.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    state->last_seal_step = -1;
+    state->last_seal_epoch = 0;
+  }
+  for (auto& seg : doomed) DeleteSegment(std::move(seg));
+}
+
+uint64_t SnapshotStore::dropped_epoch(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  return it == jobs_.end() ? 0 : it->second.dropped_epoch;
+}
+
+void SnapshotStore::ForgetDrop(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it != jobs_.end()) it->second.dropped_epoch = 0;
 }
 
 SnapshotStore::Stats SnapshotStore::stats() const {

@@ -267,10 +267,33 @@ class SnapshotStore {
   // Errors: kInvalidArgument (job id), kNotFound (no rank of the job known here; the message
   // lists the jobs that are), kPermissionDenied (another uid's job; names both uids),
   // kFailedPrecondition (a running trainer without `force`, naming its rank and pid; or a
-  // clustered store, where the job's fragments on other members and its commit would let it
-  // resume). Nothing is deleted on an error.
+  // clustered store, where a job is dropped by its coordinator through CheckDrop and ApplyDrop).
+  // Nothing is deleted on an error.
   absl::StatusOr<DropJobResult> DropJob(const std::string& job_id, std::optional<uid_t> owner_uid,
                                         bool force);
+  // Clustered, before the job's coordinator drops it: what DropJob would find here, changing
+  // nothing. `ranks`, `segments_deleted`, `bytes_deleted` and `newest_sealed_step` describe what
+  // is held; `running_ranks` and `running_pids` the trainers registered and running.
+  // kPermissionDenied as DropJob's when `owner_uid` is set and a rank here is another uid's.
+  absl::StatusOr<DropJobResult> CheckDrop(const std::string& job_id,
+                                          std::optional<uid_t> owner_uid) const;
+  // Clustered: the job's coordinator dropped it at `dropped_epoch` (docs/PROTOCOL.md, Dropping a
+  // job): every slot sealed in an epoch up to it is void. Deletes those segments (a slot being
+  // protected is emptied instead, and reclaimed later); a rank left with nothing of a later epoch
+  // is forgotten, as DropJob forgets it (a trainer that still runs registers again). The job's
+  // epoch here becomes at least `dropped_epoch`, its commit is forgotten unless `keep_commit`
+  // (a commit of a later run was learned with the drop), and a slot sealed later in an epoch up
+  // to `dropped_epoch` is free for reuse. Idempotent; an older drop changes nothing.
+  DropJobResult ApplyDrop(const std::string& job_id, uint64_t dropped_epoch);
+  // A new run of the dropped job's `rank` starts here: its slots sealed in an epoch up to the
+  // drop (a trainer that ran on through a forced drop sealed them) are released, so that the
+  // run's steps start over. No-op without a drop.
+  void ReleaseDroppedSlots(const std::string& job_id, uint32_t rank);
+  // The epoch the job was last dropped at here (0: none, or forgotten by ForgetDrop).
+  uint64_t dropped_epoch(const std::string& job_id) const;
+  // Forgets the job's drop (its tombstone was garbage-collected: a later run committed, or the
+  // bound on tombstones was reached).
+  void ForgetDrop(const std::string& job_id);
 
   // How many ranks of the job this store knows (registered or holding snapshots).
   size_t RankCount(const std::string& job_id) const;
@@ -287,6 +310,7 @@ class SnapshotStore {
     bool registered = false;  // not unregistered since
     bool alive = false;       // that process (pid and start time) still runs
     int64_t newest_sealed_step = -1;
+    uid_t data_uid = 0;       // whose snapshots the rank's slots hold
     // The step the registering process was told to resume from (FindLatestRestorable with
     // resume), -1: it has not asked.
     int64_t resume_step = -1;
@@ -384,6 +408,7 @@ class SnapshotStore {
     uint64_t epoch = 0;
     bool commit_known = true;  // false for jobs re-adopted at start until SetJobState
     std::set<int64_t> dead_steps;
+    uint64_t dropped_epoch = 0;  // ApplyDrop: slots of epochs up to it are void
   };
   std::map<std::string, JobView> jobs_ ABSL_GUARDED_BY(mu_);
   // Marks slot `index` WRITING `step` of (job, rank) in `epoch`.
@@ -393,6 +418,10 @@ class SnapshotStore {
   std::string SlotBusyReason(const RankState& state, int i, const std::string& job_id,
                              bool replace_uncommitted) const ABSL_SHARED_LOCKS_REQUIRED(state.mu);
   bool HoldsWholeJobLocked(const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // kPermissionDenied when `owner_uid` is set and the rank is another uid's (DropJob's rule).
+  static absl::Status CheckDropOwner(const RankState& state, const std::string& job_id,
+                                     uint32_t rank, std::optional<uid_t> owner_uid)
+      ABSL_SHARED_LOCKS_REQUIRED(state.mu);
   // Forgets what the store knows of a job beyond its ranks (commit, newest seal, world size, the
   // coordinator's view) once no rank of it is left.
   void ForgetJobIfGoneLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

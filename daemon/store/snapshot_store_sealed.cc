@@ -317,6 +317,7 @@ std::vector<SnapshotStore::RankInfo> SnapshotStore::ListRanks(const std::string&
     info.owner = state->owner;
     info.registered = state->registered;
     info.resume_step = state->resume_step;
+    info.data_uid = state->data_uid;
     info.alive = state->owner.pid > 0 &&
                  options_.process_alive(state->owner.pid, state->owner_start_ticks);
     for (const auto& slot : state->slots) {

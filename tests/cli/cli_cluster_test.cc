@@ -22,6 +22,7 @@
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "gtest/gtest.h"
+#include "tests/cli/cli_run.h"
 #include "tests/harness.h"
 
 namespace tessera::testing {
@@ -33,31 +34,6 @@ using ::testing::HasSubstr;
 
 constexpr char kToken[] = "cli-test-token-0123456789abcdef";
 constexpr char kJob[] = "cli-job";
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-using JsonObject = google::protobuf::Map<std::string, google::protobuf::Value>;
-
-// One run of the tessera binary.
-struct CliRun {
-  int exit_code = -1;
-  std::string out, err;
-  google::protobuf::Struct json;  // parsed from `out` when --json was given
-
-  std::string Describe() const {
-    return absl::StrCat("exit ", exit_code, "\nstdout:\n", out, "\nstderr:\n", err);
-  }
-  // The "result" object of --json output.
-  const JsonObject& result() const { return json.fields().at("result").struct_value().fields(); }
-};
-
-const JsonObject& Obj(const google::protobuf::Value& v) { return v.struct_value().fields(); }
-const google::protobuf::ListValue& List(const google::protobuf::Value& v) { return v.list_value(); }
 
 class CliClusterTest : public ::testing::Test {
  protected:
@@ -93,19 +69,7 @@ class CliClusterTest : public ::testing::Test {
     std::vector<std::string> argv = {BinaryPath("cli/tessera")};
     argv.insert(argv.end(), args.begin(), args.end());
     if (!connects) argv.insert(argv.end(), {"--socket", daemons_[node]->socket_path()});
-    const std::string err_path = absl::StrCat(root_.path(), "/cli-", runs_++, ".err");
-    auto process = Process::Start(argv, err_path);
-    CliRun run;
-    run.exit_code = process->Wait(timeout);
-    run.out = absl::StrJoin(process->lines(), "\n");
-    run.err = ReadFile(err_path);
-    std::printf("$ tessera %s -> %d\n%s\n%s", absl::StrJoin(args, " ").c_str(), run.exit_code,
-                run.out.c_str(), run.err.c_str());
-    if (std::find(args.begin(), args.end(), "--json") != args.end()) {
-      auto status = google::protobuf::util::JsonStringToMessage(run.out, &run.json);
-      EXPECT_TRUE(status.ok()) << "not JSON: " << status.ToString() << "\n" << run.Describe();
-    }
-    return run;
+    return RunCli(argv, absl::StrCat(root_.path(), "/cli-", runs_++, ".err"), timeout);
   }
 
   std::vector<std::string> TrainerArgs(uint32_t rank) {

@@ -217,3 +217,62 @@ def test_only_root_the_daemons_uid_or_the_jobs_uid_may_drop_it(tmp_path, cli_pat
         daemon.cleanup()
         shutil.rmtree(shared, ignore_errors=True)
     assert code == 0, daemon.log()
+
+
+def test_close_with_drop_on_every_rank_drops_the_job_across_a_cluster(tmp_path) -> None:
+    """Three daemons, RS(1, 1); ranks 0 and 1 of a job snapshot on nodes 0 and 1 until a step is
+    committed (node 2 and each other owner hold fragments). Each rank ends its run with
+    Snapshotter.close(drop=True): the last to close drops the job on every member, and a relaunch
+    with the same job id restores nothing on either rank."""
+    import time
+    import torch
+    import tessera.torch as tt
+    from conftest import free_port
+
+    seed = _seed()
+    torch.manual_seed(seed)
+    ports = [free_port() for _ in range(3)]
+    members = ",".join(f"127.0.0.1:{p}" for p in ports)
+    daemons = []
+    for i, port in enumerate(ports):
+        (tmp_path / f"n{i}").mkdir()
+        daemons.append(Daemon(tmp_path / f"n{i}", [
+            "--set", f"node.id=n{i}", "--set", f"peer.listen_address=127.0.0.1:{port}",
+            "--set", f"cluster.members={members}", "--set", "cluster.token=drop-test-token-0123456789",
+            "--set", "ec.k=1", "--set", "ec.m=1", "--set", "liveness.heartbeat_ms=100",
+            "--set", "liveness.timeout_ms=1000"]))
+
+    def launch(rank: int) -> "tt.Snapshotter":
+        model = torch.nn.Linear(32 + rank, 16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return tt.Snapshotter(model, optimizer, job_id="cluster-end", rank=rank, world_size=2,
+                              socket_path=str(daemons[rank].socket), when_busy="wait")
+
+    try:
+        for d in daemons:
+            d.start()
+        time.sleep(0.6)  # every daemon hears every other before the first snapshot
+        snaps = [launch(0), launch(1)]
+        for step in range(3):
+            for snap in snaps:
+                assert snap.snapshot(step)
+            for snap in snaps:
+                snap.wait()
+        deadline = time.monotonic() + 60
+        while not any("job 'cluster-end' committed step 2" in d.log() for d in daemons):
+            assert time.monotonic() < deadline, daemons[0].log()[-3000:]
+            time.sleep(0.1)
+        for snap in snaps:
+            snap.close(drop=True)
+        assert any("job 'cluster-end' dropped at epoch" in d.log() for d in daemons), \
+            "\n".join(d.log()[-2000:] for d in daemons)
+        relaunched = [launch(0), launch(1)]
+        try:
+            assert [s.restore_latest() for s in relaunched] == [None, None]
+        finally:
+            for snap in relaunched:
+                snap.close(drop=True)
+    finally:
+        for d in daemons:
+            d.stop()
+            d.cleanup()

@@ -1,0 +1,310 @@
+// `tessera drop JOB` on a live 3-daemon cluster on loopback (docs/PROTOCOL.md, Dropping a job):
+// real tesserad processes with a cluster token, real trainers (tests/trainer, whose every restored
+// byte is checked against its seeded history) and the real `tessera` binary. A dropped job is
+// relaunched fresh on every node; a member stopped (SIGSTOP) while the job is dropped comes back
+// holding the job's slots and fragments and still does not make it resumable; a drop is refused
+// while a trainer of the job runs, unless --force.
+#include <dirent.h>
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/struct.pb.h"
+#include "google/protobuf/util/json_util.h"
+#include "gtest/gtest.h"
+#include "tests/cli/cli_run.h"
+#include "tests/harness.h"
+
+namespace tessera::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using ::testing::HasSubstr;
+
+constexpr char kToken[] = "drop-test-token-0123456789abcdef";
+constexpr char kJob[] = "drop-job";
+
+// The job's slot segment files in a daemon's store directory ("<job>.r<rank>.<n>.slot";
+// fragments live in pooled segments, and the drop's answer counts them per node).
+std::vector<std::string> JobFiles(const std::string& dir) {
+  std::vector<std::string> files;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      const std::string name = e->d_name;
+      if (absl::StartsWith(name, std::string(kJob) + ".")) files.push_back(name);
+    }
+    closedir(d);
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+class CliDropTest : public ::testing::Test {
+ protected:
+  // Rank r on n<r>; n2 holds fragments only. RS(1, 1): each shard is on its owner and one other
+  // member, so every member holds something of the job.
+  static constexpr int kNodes = 3;
+  static constexpr uint32_t kWorld = 2;
+
+  void SetUp() override {
+    seed_ = TestSeed();
+    token_file_ = root_.path() + "/token";
+    std::ofstream(token_file_) << kToken << "\n";
+    for (int i = 0; i < kNodes; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
+    for (int i = 0; i < kNodes; ++i) {
+      daemons_.push_back(std::make_unique<DaemonProcess>(
+          root_.path(), absl::StrCat("n", i), uint64_t{256} << 20,
+          std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i], "--set",
+                                   "cluster.members=" + absl::StrJoin(addresses_, ","), "--set",
+                                   "cluster.token_file=" + token_file_, "--set", "ec.k=1", "--set",
+                                   "ec.m=1", "--set", "liveness.heartbeat_ms=100", "--set",
+                                   "liveness.timeout_ms=1000"}));
+      std::string error;
+      ASSERT_TRUE(daemons_.back()->Start(&error)) << error;
+    }
+    std::this_thread::sleep_for(milliseconds(600));  // every daemon hears every other
+  }
+
+  CliRun Tessera(std::vector<std::string> args, int node) {
+    std::vector<std::string> argv = {BinaryPath("cli/tessera")};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"--socket", daemons_[node]->socket_path()});
+    return RunCli(argv, absl::StrCat(root_.path(), "/cli-", runs_++, ".err"), seconds(120));
+  }
+
+  // A trainer of rank r on n<r>: `launch` names this launch in the state's history.
+  std::unique_ptr<Process> StartTrainer(uint32_t rank, int steps, int launch, int sleep_ms = 100) {
+    auto argv = TrainerCommand(*daemons_[rank], kJob, seed_ + rank, rank, kWorld,
+                               TrainerLayout{4, 1000, 200000, 500000});
+    argv.insert(argv.end(), {absl::StrCat("--steps=", steps), absl::StrCat("--launch=", launch),
+                             absl::StrCat("--step-sleep-ms=", sleep_ms), "--when-busy=wait",
+                             "--restore-retry-ms=60000"});
+    return Process::Start(argv);
+  }
+
+  // Runs every rank for `steps` steps (launch `launch`) and returns each rank's output.
+  std::vector<std::vector<std::string>> Train(int steps, int launch) {
+    std::vector<std::unique_ptr<Process>> trainers;
+    for (uint32_t r = 0; r < kWorld; ++r) trainers.push_back(StartTrainer(r, steps, launch));
+    std::vector<std::vector<std::string>> lines;
+    for (uint32_t r = 0; r < kWorld; ++r) {
+      EXPECT_EQ(trainers[r]->Wait(seconds(180)), 0) << absl::StrJoin(trainers[r]->lines(), "\n");
+      lines.push_back(trainers[r]->lines());
+    }
+    return lines;
+  }
+
+  // Waits until `jobs --json` on n0 shows the job protected at a committed step that stayed the
+  // same over three polls; returns it.
+  int64_t WaitForSettledCommit() {
+    int64_t committed = -1;
+    int unchanged = 0;
+    for (int i = 0; i < 300 && unchanged < 3; ++i) {
+      std::this_thread::sleep_for(milliseconds(200));
+      CliRun run = Tessera({"jobs", "--json"}, 0);
+      if (run.exit_code != 0) continue;
+      for (const auto& job : List(run.result().at("jobs")).values()) {
+        if (Obj(job).at("job").string_value() != kJob) continue;
+        const int64_t now = static_cast<int64_t>(Obj(job).at("committed_step").number_value());
+        const bool settled =
+            now >= 0 && now == committed && Obj(job).at("health").string_value() == "protected";
+        unchanged = settled ? unchanged + 1 : 0;
+        committed = now;
+      }
+    }
+    EXPECT_EQ(unchanged, 3) << "job not protected at a settled committed step (last: "
+                            << committed << ")";
+    return committed;
+  }
+
+  // Waits until `observer` no longer sees member `node` alive.
+  void WaitUntilNotAlive(const std::string& node, int observer) {
+    for (int i = 0; i < 300; ++i) {
+      CliRun run = Tessera({"status", "--json"}, observer);
+      if (run.exit_code == 0 || run.exit_code == 1) {
+        google::protobuf::Struct json;
+        if (google::protobuf::util::JsonStringToMessage(run.out, &json).ok()) {
+          for (const auto& m : List(Obj(json.fields().at("result")).at("members")).values()) {
+            if (Obj(m).at("node").string_value() == node &&
+                Obj(m).at("state").string_value() != "alive") {
+              return;
+            }
+          }
+        }
+      }
+      std::this_thread::sleep_for(milliseconds(200));
+    }
+    ADD_FAILURE() << node << " is still seen alive by n" << observer;
+  }
+
+  // Each rank's output says it started fresh: nothing was restored.
+  static void ExpectFresh(const std::vector<std::vector<std::string>>& lines) {
+    for (size_t r = 0; r < lines.size(); ++r) {
+      EXPECT_THAT(lines[r], ::testing::Contains("fresh")) << "rank " << r << ":\n"
+                                                           << absl::StrJoin(lines[r], "\n");
+      for (const std::string& line : lines[r]) {
+        EXPECT_FALSE(absl::StartsWith(line, "resumed") || absl::StartsWith(line, "restored"))
+            << "rank " << r << " restored after the drop: " << line;
+      }
+    }
+  }
+
+  uint64_t seed_ = 0;
+  TempRoot root_;
+  std::string token_file_;
+  std::vector<std::string> addresses_;
+  std::vector<std::unique_ptr<DaemonProcess>> daemons_;
+  int runs_ = 0;
+};
+
+TEST_F(CliDropTest, ADroppedJobIsRelaunchedFreshOnEveryNode) {
+  Train(8, 1);
+  const int64_t committed = WaitForSettledCommit();
+  ASSERT_GE(committed, 0);
+  for (int n = 0; n < 2; ++n) {
+    EXPECT_FALSE(JobFiles(daemons_[n]->store_dir()).empty()) << "n" << n << " holds the job";
+  }
+
+  // Asked on n2, which holds fragments only: the job's coordinator drops it everywhere.
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 2);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  const JsonObject& r = drop.result();
+  EXPECT_GT(r.at("dropped_epoch").number_value(), 0);
+  EXPECT_EQ(List(r.at("nodes")).values_size(), kNodes);
+  EXPECT_EQ(List(r.at("unanswered")).values_size(), 0);
+  EXPECT_EQ(r.at("slots_deleted").number_value(), 2 * kWorld);
+  EXPECT_GT(r.at("fragments_deleted").number_value(), 0);
+  EXPECT_GE(r.at("newest_sealed_step").number_value(), committed);
+  for (const auto& node : List(r.at("nodes")).values()) {
+    // RS(1, 1): every member holds a fragment of some rank's committed step.
+    EXPECT_GT(Obj(node).at("fragments_deleted").number_value(), 0)
+        << Obj(node).at("node").string_value();
+    const bool owner = Obj(node).at("node").string_value() != "n2";
+    EXPECT_EQ(Obj(node).at("slots_deleted").number_value(), owner ? 2 : 0)
+        << Obj(node).at("node").string_value();
+  }
+  for (int n = 0; n < kNodes; ++n) {
+    EXPECT_THAT(JobFiles(daemons_[n]->store_dir()), ::testing::IsEmpty()) << "n" << n;
+  }
+  // Again: nothing is left, so the same drop is sent again (for members that missed it), and
+  // each member answers what it deleted for it.
+  CliRun again = Tessera({"drop", kJob, "--json"}, 0);
+  ASSERT_EQ(again.exit_code, 0) << again.Describe();
+  EXPECT_EQ(again.result().at("dropped_epoch").number_value(), r.at("dropped_epoch").number_value());
+  EXPECT_EQ(again.result().at("slots_deleted").number_value(), 2 * kWorld);
+  CliRun text = Tessera({"drop", kJob}, 1);
+  ASSERT_EQ(text.exit_code, 0) << text.Describe();
+  EXPECT_THAT(text.out, HasSubstr("across the cluster at epoch"));
+  EXPECT_THAT(text.out, HasSubstr("in all: 2 ranks, 4 slots, "));
+
+  // The next launch with the job id starts fresh on every rank, then commits and resumes as usual.
+  ExpectFresh(Train(6, 2));
+  const int64_t recommitted = WaitForSettledCommit();
+  ASSERT_GE(recommitted, 0);
+  auto resumed = Train(recommitted + 2, 3);
+  for (uint32_t rank = 0; rank < kWorld; ++rank) {
+    EXPECT_GE(LastEvent(resumed[rank], "resumed"), recommitted)
+        << absl::StrJoin(resumed[rank], "\n");
+  }
+}
+
+TEST_F(CliDropTest, AMemberStoppedDuringTheDropDoesNotResurrectTheJob) {
+  Train(8, 1);
+  ASSERT_GE(WaitForSettledCommit(), 0);
+  const std::vector<std::string> held = JobFiles(daemons_[1]->store_dir());
+  ASSERT_FALSE(held.empty());
+
+  // n1 (rank 1's owner, and a holder of rank 0's fragment) is stopped while the job is dropped.
+  daemons_[1]->Signal(SIGSTOP);
+  WaitUntilNotAlive("n1", 0);
+  WaitUntilNotAlive("n1", 2);
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 0);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  const auto& unanswered = List(drop.result().at("unanswered"));
+  ASSERT_EQ(unanswered.values_size(), 1) << drop.Describe();
+  EXPECT_EQ(Obj(unanswered.values(0)).at("node").string_value(), "n1");
+  EXPECT_EQ(List(drop.result().at("nodes")).values_size(), 2);
+  EXPECT_EQ(JobFiles(daemons_[1]->store_dir()), held) << "n1 was stopped: it still holds them";
+
+  // n1 comes back with its slots, fragments and commit of the dropped run. The job's coordinator
+  // tells a member that comes back of the drops it keeps, and n1 deletes them; meanwhile, and
+  // after, no restore resumes the dropped run.
+  daemons_[1]->Signal(SIGCONT);
+  for (int i = 0; i < 300 && !JobFiles(daemons_[1]->store_dir()).empty(); ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  EXPECT_THAT(JobFiles(daemons_[1]->store_dir()), ::testing::IsEmpty())
+      << "n1 kept the dropped job's files";
+  ExpectFresh(Train(6, 2));
+  EXPECT_GE(WaitForSettledCommit(), 0);
+}
+
+TEST_F(CliDropTest, AMemberKilledDuringTheDropAndRestartedDoesNotResurrectTheJob) {
+  Train(8, 1);
+  ASSERT_GE(WaitForSettledCommit(), 0);
+  // n1 is killed; its shared memory (slots and fragments) stays for the restarted daemon to
+  // re-adopt, as after a crash.
+  daemons_[1]->Kill(SIGKILL);
+  daemons_[1]->Wait();
+  WaitUntilNotAlive("n1", 0);
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 2);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  ASSERT_EQ(List(drop.result().at("unanswered")).values_size(), 1) << drop.Describe();
+  ASSERT_FALSE(JobFiles(daemons_[1]->store_dir()).empty());
+
+  // Restarted, it re-adopts the dropped run's slots and keeps them until it has learned the
+  // job's state, which brings the drop.
+  std::string error;
+  ASSERT_TRUE(daemons_[1]->Start(&error)) << error;
+  for (int i = 0; i < 300 && !JobFiles(daemons_[1]->store_dir()).empty(); ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  EXPECT_THAT(JobFiles(daemons_[1]->store_dir()), ::testing::IsEmpty());
+  ExpectFresh(Train(4, 2));
+}
+
+TEST_F(CliDropTest, ADropIsRefusedWhileATrainerRunsUnlessForced) {
+  std::vector<std::unique_ptr<Process>> trainers;
+  for (uint32_t r = 0; r < kWorld; ++r) trainers.push_back(StartTrainer(r, 100000, 1));
+  for (uint32_t r = 0; r < kWorld; ++r) {
+    ASSERT_TRUE(trainers[r]->ReadUntil(
+        [](const std::string& line) { return absl::StartsWith(line, "sealed 3"); },
+        milliseconds(120000)))
+        << absl::StrJoin(trainers[r]->lines(), "\n");
+  }
+  CliRun refused = Tessera({"drop", kJob}, 2);
+  EXPECT_EQ(refused.exit_code, 4) << refused.Describe();
+  EXPECT_THAT(refused.err, HasSubstr("job 'drop-job' is still being trained: "));
+  EXPECT_THAT(refused.err, HasSubstr(absl::StrCat("rank 0 on n0 (pid ", trainers[0]->pid(), ")")));
+  EXPECT_THAT(refused.err, HasSubstr(absl::StrCat("rank 1 on n1 (pid ", trainers[1]->pid(), ")")));
+  EXPECT_THAT(refused.err, HasSubstr("nothing was dropped"));
+  EXPECT_THAT(refused.err, HasSubstr("(here: tessera drop drop-job --force)"));
+  for (int n = 0; n < 2; ++n) {
+    EXPECT_FALSE(JobFiles(daemons_[n]->store_dir()).empty()) << "n" << n;
+  }
+
+  CliRun forced = Tessera({"drop", kJob, "--force", "--json"}, 2);
+  ASSERT_EQ(forced.exit_code, 0) << forced.Describe();
+  std::vector<int64_t> running;
+  for (const auto& v : List(forced.result().at("running_pids")).values()) {
+    running.push_back(static_cast<int64_t>(v.number_value()));
+  }
+  EXPECT_THAT(running, ::testing::UnorderedElementsAre(trainers[0]->pid(), trainers[1]->pid()));
+  for (auto& t : trainers) {
+    t->Signal(SIGKILL);
+    t->Wait();
+  }
+  // What the trainers sealed after the forced drop is void: the next launch starts fresh.
+  ExpectFresh(Train(3, 2));
+}
+
+}  // namespace
+}  // namespace tessera::testing
