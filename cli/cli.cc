@@ -80,7 +80,10 @@ const std::vector<Command>& Commands() {
         "questions need a majority of the members live. Declaring NODE lost fences it on every "
         "member and stops counting it. Refused for a member the daemon connected to sees alive, "
         "unless --force (that daemon then exits). A replacement with the same node id joins as "
-        "usual."},
+        "usual. With mutual TLS each other member takes the declaration only once members that "
+        "are a majority of those live in its view signed it (each signs only a member dead by "
+        "its own timer); the answer names the members that took it and why the others did not. "
+        "Over TCP with mutual TLS it needs an operator's certificate, not a member's."},
        RunDeclareLost},
       {{"drop",
         {"JOB"},

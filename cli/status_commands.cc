@@ -294,15 +294,21 @@ absl::StatusOr<Outcome> RunDeclareLost(Context& ctx) {
   outcome.json.Set("live_members", lost.live_members());
   outcome.json.Set("members", lost.members());
   outcome.json.Set("majority", lost.majority());
+  outcome.json.Set("declared_on", Json::ArrayOf(lost.nodes()));
+  outcome.json.Set("errors", NodeErrorsJson(lost.errors()));
+  const std::vector<std::string> declared_on(lost.nodes().begin(), lost.nodes().end());
   outcome.text = absl::StrCat(
       lost.node_id(), " (incarnation ", lost.incarnation(), ") declared lost: ",
       lost.live_members(), " of ", lost.members(), " members live",
       lost.majority() ? ", a majority: jobs can resume\n"
                       : ", not a majority: jobs wait until more members are back or declared "
                         "lost\n");
+  if (!declared_on.empty()) {
+    absl::StrAppend(&outcome.text, "  declared on ", absl::StrJoin(declared_on, ", "), "\n");
+  }
   for (const admin::NodeError& e : lost.errors()) {
-    absl::StrAppend(&outcome.text, "  not declared on ", e.node_id().empty() ? e.address() : e.node_id(),
-                    ": ", e.error(), "\n");
+    absl::StrAppend(&outcome.text, "  not declared on ",
+                    e.node_id().empty() ? e.address() : e.node_id(), ": ", e.error(), "\n");
   }
   outcome.exit_code = lost.majority() ? kExitOk : kExitUnhealthy;
   return outcome;

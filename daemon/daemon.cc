@@ -318,6 +318,22 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   service_options.on_heartbeat = [cluster](const HeartbeatMessage& m) {
     return cluster->OnHeartbeat(m);
   };
+  if (incarnation_proofs_ != nullptr) {
+    // A member is declared lost only on a majority's signed word (Cluster::SignLostDeclaration).
+    service_options.on_declare_lost =
+        [cluster](const LostDeclarationRequest& r) -> absl::StatusOr<LostDeclarationReply> {
+      TESSERA_ASSIGN_OR_RETURN(
+          Cluster::LostTally tally,
+          cluster->TakeLostDeclarations(r.node_id, r.incarnation, r.declarations));
+      LostDeclarationReply reply;
+      reply.declaration = std::move(tally.own_declaration);
+      reply.applied = tally.applied;
+      reply.signers = static_cast<uint32_t>(tally.signers.size());
+      reply.live_members = static_cast<uint32_t>(tally.live);
+      reply.reason = std::move(tally.reason);
+      return reply;
+    };
+  }
   peer_service_ = std::make_unique<PeerService>(fragments_.get(), shard_source_.get(),
                                                 service_options);
   GrpcCoordinationClient::Options coordination_client_options;

@@ -963,6 +963,70 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLo
     ExpectAliveAtHomeOnly(cluster, i, 1, rogue_address, certs, root.path());
   }
 
+  // Nor through the admin port or the declarations: n2's certificate (with the token) over TCP
+  // is no operator's, and n2's signed word that n1 is lost is one of the three members live.
+  for (const std::vector<std::string>& call :
+       {std::vector<std::string>{"declare-lost", "n1", "--force"},
+        std::vector<std::string>{"drill", "lose-node", "n1", "--job", "after", "--yes"},
+        std::vector<std::string>{"drill", "corrupt", "n1", "--job", "after", "--yes"}}) {
+    const std::string err = root.path() + "/as-n2.err";
+    auto cli = Process::Start(
+        Concat({BinaryPath("cli/tessera")},
+               Concat(call, {"--address", cluster.address(0), "--token", kClusterToken,
+                             "--timeout-s", "20", "--tls-cert", certs + "/n2.crt", "--tls-key",
+                             certs + "/n2.key", "--tls-ca", certs + "/ca.crt"})),
+        err);
+    const int code = cli->Wait(seconds(60));
+    const std::string said = absl::StrCat(absl::StrJoin(cli->lines(), "\n"), ReadFile(err));
+    EXPECT_EQ(code, 4) << absl::StrJoin(call, " ") << ": " << said;
+    EXPECT_TRUE(absl::StrContains(said, "answers only an operator's certificate"))
+        << absl::StrJoin(call, " ") << ": " << said;
+  }
+  {
+    GrpcPeerClient::Options o;
+    o.credentials = ClusterCredentials::Tls(
+        ClusterTlsFiles{certs + "/n2.crt", certs + "/n2.key", certs + "/ca.crt", 60});
+    o.token = kClusterToken;
+    o.self_node_id = "n2";
+    o.max_attempts = 1;
+    auto as_n2 = GrpcPeerClient::Create(o);
+    ASSERT_TRUE(as_n2.ok()) << as_n2.status();
+    auto own = MakeLostDeclaration(signer.get(), {"n1", n1_incarnation, "n2"});
+    ASSERT_TRUE(own.ok()) << own.status();
+    LostDeclarationRequest ask{MemberInfo{"n2", n2_incarnation, cluster.address(2)}, "n1",
+                               n1_incarnation, {*own}};
+    const PeerTarget n0(cluster.address(0), "n0");
+    auto reply = (*as_n2)->DeclareLost(n0, ask);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_FALSE(reply->applied) << reply->reason;
+    EXPECT_EQ(reply->signers, 1u) << reply->reason;
+    EXPECT_EQ(reply->live_members, 3u) << reply->reason;
+    EXPECT_TRUE(reply->declaration.empty()) << "n0 signed for n1, alive in its view";
+    EXPECT_TRUE(absl::StrContains(reply->reason, "1 of the 3 members live")) << reply->reason;
+    // A declaration whose signature does not verify refuses the whole call (one check).
+    std::string altered = *own;
+    altered.back() = static_cast<char>(altered.back() ^ 0x01);
+    ask.declarations = {altered, *own};
+    reply = (*as_n2)->DeclareLost(n0, ask);
+    EXPECT_EQ(reply.status().code(), absl::StatusCode::kUnauthenticated) << reply.status();
+    // One in n0's own name is not counted by n0 (it signs for itself or not at all).
+    std::string forged_n0 = LostDeclarationRecord({"n1", n1_incarnation, "n0"});
+    ASSERT_TRUE(signer->Sign(&forged_n0).ok());
+    ask.declarations = {forged_n0, *own};
+    reply = (*as_n2)->DeclareLost(n0, ask);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_FALSE(reply->applied) << reply->reason;
+    EXPECT_EQ(reply->signers, 1u) << reply->reason;
+    // And n2's certificate cannot ask in n0's name.
+    ask.from = MemberInfo{"n0", 1, cluster.address(0)};
+    reply = (*as_n2)->DeclareLost(n0, ask);
+    EXPECT_EQ(reply.status().code(), absl::StatusCode::kPermissionDenied) << reply.status();
+  }
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[0].log_path()), "n1 declared lost"))
+      << cluster[0].LogTail();
+  EXPECT_EQ(cluster[1].Poll(), -1) << "n1 exited:\n" << cluster[1].LogTail();
+  ExpectAliveAtHomeOnly(cluster, 0, 1, rogue_address, certs, root.path());
+
   // Honest: n1 killed and declared lost through n0 is lost on every member.
   cluster[1].Kill(SIGKILL);
   cluster[1].Wait();
@@ -971,10 +1035,12 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLo
       << cluster[0].LogTail();
   std::string out;
   EXPECT_EQ(DeclareLost(cluster[0], "n1", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "declared on n0, n2")) << out;
   for (int i : {0, 2}) {
-    // n0 as asked, n2 forwarded (forced); n1 was dead already, so no state change is logged.
-    EXPECT_TRUE(LogShows(cluster[i], i == 0 ? "n1 declared lost by an operator: fenced"
-                                            : "n1 declared lost by an operator (forced)",
+    // n0 as asked; n2 on the declarations of n0 and itself (it found n1 dead too).
+    EXPECT_TRUE(LogShows(cluster[i],
+                         i == 0 ? "n1 declared lost by an operator: fenced"
+                                : "n1 declared lost by 2 of the 2 members live here (n0, n2)",
                          milliseconds(10000)))
         << cluster[i].LogTail();
   }

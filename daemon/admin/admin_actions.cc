@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -460,6 +461,7 @@ absl::Status Admin::SetDrillTarget(const admin::SetDrillTargetRequest& request,
 absl::Status Admin::DropMemory(const admin::DropMemoryRequest& request,
                                admin::DropMemoryResponse* response) {
   if (!IsSelf(request.node_id())) {
+    TESSERA_RETURN_IF_ERROR(CheckForwardable("DropMemory", request.node_id()));
     return AskPeer(request.node_id(), &admin::Admin::Stub::DropMemory, request, response,
                    ControlTimeout());
   }
@@ -506,6 +508,7 @@ absl::Status Admin::Corrupt(const admin::CorruptRequest& request,
         "target must be SLOT (a sealed snapshot slot's payload) or FRAGMENT (a sealed fragment)");
   }
   if (!IsSelf(request.node_id())) {
+    TESSERA_RETURN_IF_ERROR(CheckForwardable("Corrupt", request.node_id()));
     return AskPeer(request.node_id(), &admin::Admin::Stub::Corrupt, request, response,
                    ControlTimeout());
   }
@@ -621,6 +624,93 @@ absl::Status Admin::DropJob(const admin::DropJobRequest& request, std::optional<
   return absl::OkStatus();
 }
 
+absl::Status Admin::CheckForwardable(const char* method, const std::string& node_id) const {
+  if (parts_.config->cluster.tls_cert_file.empty()) return absl::OkStatus();
+  const std::string address =
+      parts_.cluster ? parts_.cluster->AddressOf(node_id).value_or("ADDRESS") : "ADDRESS";
+  return absl::FailedPreconditionError(absl::StrCat(
+      "with mutual TLS ", method, " is not forwarded to '", node_id, "': a member takes it only "
+      "from an operator's certificate, never from another member's. Run it on ", node_id,
+      " (its agent socket), or over TCP as the operator: tessera --address ", address,
+      " --tls-cert OPERATOR.crt --tls-key OPERATOR.key --tls-ca ca.crt ..."));
+}
+
+void Admin::SpreadLostDeclaration(const std::string& node_id, uint64_t incarnation,
+                                  std::string own, admin::DeclareLostResponse* response) {
+  // Long enough for every member's own timer to find a member that just died dead (suspicion
+  // included), short of the CLI's default deadline.
+  const absl::Time deadline =
+      absl::Now() + std::min(absl::Seconds(30),
+                             absl::Milliseconds(2 * parts_.config->liveness.timeout_ms + 2000));
+  std::map<std::string, std::string> declarations = {{parts_.node_id, std::move(own)}};
+  std::map<std::string, std::string> waiting;  // members that did not take it yet, and why
+  std::set<std::string> took;
+  for (;;) {
+    std::vector<Cluster::PeerView> asked;
+    for (const Cluster::PeerView& p : parts_.cluster->Peers()) {
+      if (p.alive && p.node_id != node_id && took.count(p.node_id) == 0) asked.push_back(p);
+    }
+    for (auto it = waiting.begin(); it != waiting.end();) {  // no longer live: not waited for
+      const bool live = std::any_of(asked.begin(), asked.end(), [&](const Cluster::PeerView& p) {
+        return p.node_id == it->first;
+      });
+      it = live ? std::next(it) : waiting.erase(it);
+    }
+    if (asked.empty()) break;
+    LostDeclarationRequest ask;
+    ask.from = MemberInfo{parts_.node_id, parts_.incarnation, parts_.config->PeerAddress()};
+    ask.node_id = node_id;
+    ask.incarnation = incarnation;
+    for (const auto& [declarer, d] : declarations) ask.declarations.push_back(d);
+    std::vector<absl::StatusOr<LostDeclarationReply>> replies(asked.size(),
+                                                              absl::UnknownError("not asked"));
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < asked.size(); ++i) {
+      threads.emplace_back([&, i] {
+        replies[i] =
+            parts_.peer_client->DeclareLost(PeerTarget(asked[i].address, asked[i].node_id), ask);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    bool news = false;
+    for (size_t i = 0; i < asked.size(); ++i) {
+      const std::string& member = asked[i].node_id;
+      if (!replies[i].ok()) {
+        waiting[member] = replies[i].status().ToString();
+        continue;
+      }
+      const LostDeclarationReply& reply = *replies[i];
+      if (!reply.declaration.empty() && declarations.count(member) == 0) {
+        // Checked before it is handed on: a receiver refuses a call carrying a forged one.
+        absl::StatusOr<LostDeclaration> d = parts_.cluster->CheckLostDeclaration(reply.declaration);
+        if (d.ok() && d->declarer == member && d->node_id == node_id &&
+            d->incarnation == incarnation) {
+          declarations[member] = reply.declaration;
+          news = true;
+        }
+      }
+      if (reply.applied) {
+        took.insert(member);
+        waiting.erase(member);
+      } else {
+        waiting[member] = reply.reason;
+      }
+    }
+    if (waiting.empty() || absl::Now() >= deadline) break;
+    if (!news) absl::SleepFor(absl::Milliseconds(250));  // the members' timers are running
+  }
+  for (const std::string& member : took) response->add_nodes(member);
+  for (const auto& [member, why] : waiting) {
+    AddError(response->mutable_errors(), member, parts_.cluster->AddressOf(member).value_or(""),
+             why);
+  }
+  Logger("admin")->info("{} declared lost here and on {} other member(s){}", node_id, took.size(),
+                        waiting.empty() ? std::string()
+                                        : absl::StrCat("; not on ", waiting.size(), ": ",
+                                                       waiting.begin()->first, " (",
+                                                       waiting.begin()->second, ")..."));
+}
+
 absl::Status Admin::DeclareLost(const admin::DeclareLostRequest& request,
                                 admin::DeclareLostResponse* response) {
   if (parts_.cluster == nullptr) {
@@ -637,22 +727,15 @@ absl::Status Admin::DeclareLost(const admin::DeclareLostRequest& request,
   const std::optional<uint64_t> incarnation = parts_.cluster->IncarnationOf(node);
   TESSERA_RETURN_IF_ERROR(parts_.cluster->DeclareLost(node, request.force()));
   const bool tls = parts_.config != nullptr && !parts_.config->cluster.tls_cert_file.empty();
-  if (tls && !request.local_only()) {
-    // Under mutual TLS members take no relayed "lost" (swim.h, bounded gossip): each member is
-    // told here, forced (this daemon checked the operator's request against its own view).
+  if (tls && !request.local_only() && incarnation) {
+    // Under mutual TLS no member takes another's word alone (a relayed "lost" is never taken):
+    // the others declare it lost on signed declarations of a majority of their live members,
+    // this daemon's signed on its operator's word (Cluster::SignLostDeclaration).
+    TESSERA_ASSIGN_OR_RETURN(
+        std::string own,
+        parts_.cluster->SignLostDeclaration(node, *incarnation, /*operator_word=*/true));
     response->add_nodes(parts_.node_id);
-    admin::DeclareLostRequest local = request;
-    local.set_local_only(true);
-    local.set_force(true);
-    for (auto& answer : AskPeers(&admin::Admin::Stub::DeclareLost, local, ControlTimeout())) {
-      if (answer.node_id == node) continue;  // the lost daemon itself, alive here (force)
-      if (answer.status.ok()) {
-        response->add_nodes(answer.node_id);
-      } else {
-        AddError(response->mutable_errors(), answer.node_id, answer.address,
-                 answer.status.ToString());
-      }
-    }
+    SpreadLostDeclaration(node, *incarnation, std::move(own), response);
   }
   const Cluster::Quorum quorum = parts_.cluster->CountQuorum();
   response->set_node_id(node);

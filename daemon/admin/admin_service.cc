@@ -19,6 +19,7 @@
 #include "common/version.h"
 #include "daemon/admin/admin_internal.h"
 #include "daemon/refusals.h"
+#include "daemon/transfer/node_identity.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/server_context.h"
@@ -368,9 +369,24 @@ absl::Status AdminService::AuthorizeChange(const char* method,
       " (run the CLI as root, or over TCP with cluster.token)"));
 }
 
+absl::Status AdminService::RequireOperator(const char* method,
+                                           const grpc::ServerContext* context) const {
+  if (!over_tcp_ || context->auth_context() == nullptr) return absl::OkStatus();
+  TESSERA_ASSIGN_OR_RETURN(PeerIdentity caller, IdentityOf(*context->auth_context()));
+  if (!caller.certified || caller.node_id.empty()) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      method, " destroys data or fences a member: over TCP with mutual TLS it answers only an "
+      "operator's certificate (one naming no node: tools/make-cluster-certs.sh --client NAME), "
+      "not ", caller.Describe(), " (a member's certificate is not an operator's word; on that "
+      "node, use its agent socket)"));
+}
+
 absl::StatusOr<std::optional<uid_t>> AdminService::ChangeLimitedToUid(
     const char* method, const grpc::ServerContext* context) const {
-  if (over_tcp_) return std::optional<uid_t>();  // the cluster token was checked
+  if (over_tcp_) {  // the cluster token was checked
+    TESSERA_RETURN_IF_ERROR(RequireOperator(method, context));
+    return std::optional<uid_t>();
+  }
   const uid_t self = geteuid();
   std::optional<Caller> caller;
   if (caller_of_) caller = caller_of_(context->peer());
@@ -396,6 +412,15 @@ grpc::Status AdminService::HandleChange(const char* method, const grpc::ServerCo
                                         Body body) {
   return Handle(method, context, [&]() -> absl::Status {
     TESSERA_RETURN_IF_ERROR(AuthorizeChange(method, context));
+    return body();
+  });
+}
+
+template <typename Body>
+grpc::Status AdminService::HandleOperatorChange(const char* method,
+                                                const grpc::ServerContext* context, Body body) {
+  return HandleChange(method, context, [&]() -> absl::Status {
+    TESSERA_RETURN_IF_ERROR(RequireOperator(method, context));
     return body();
   });
 }
@@ -445,19 +470,22 @@ grpc::Status AdminService::SetDrillTarget(grpc::ServerContext* context,
 grpc::Status AdminService::DropMemory(grpc::ServerContext* context,
                                       const admin::DropMemoryRequest* request,
                                       admin::DropMemoryResponse* response) {
-  return HandleChange("DropMemory", context, [&] { return admin_->DropMemory(*request, response); });
+  return HandleOperatorChange(
+      "DropMemory", context, [&] { return admin_->DropMemory(*request, response); });
 }
 
 grpc::Status AdminService::Corrupt(grpc::ServerContext* context,
                                    const admin::CorruptRequest* request,
                                    admin::CorruptResponse* response) {
-  return HandleChange("Corrupt", context, [&] { return admin_->Corrupt(*request, response); });
+  return HandleOperatorChange(
+      "Corrupt", context, [&] { return admin_->Corrupt(*request, response); });
 }
 
 grpc::Status AdminService::DeclareLost(grpc::ServerContext* context,
                                        const admin::DeclareLostRequest* request,
                                        admin::DeclareLostResponse* response) {
-  return HandleChange("DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
+  return HandleOperatorChange(
+      "DeclareLost", context, [&] { return admin_->DeclareLost(*request, response); });
 }
 
 grpc::Status AdminService::DropJob(grpc::ServerContext* context,

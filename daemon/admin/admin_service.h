@@ -108,6 +108,15 @@ class Admin {
   // With mutual TLS, the stub's channel reaches only the daemon whose certificate names the
   // target's node.
   admin::Admin::Stub* StubFor(const PeerTarget& target);
+  // With mutual TLS, kFailedPrecondition: the members take `method` only from an operator's
+  // certificate (AdminService::RequireOperator), so this daemon does not forward it.
+  absl::Status CheckForwardable(const char* method, const std::string& node_id) const;
+  // With mutual TLS: gathers signed declarations that node_id at `incarnation` is lost, this
+  // daemon's `own` first, from the live members, and hands them on until every live member took
+  // the declaration or the members' timers had time to find it dead. Adds the members that took
+  // it to response->nodes and the others, with why, to response->errors.
+  void SpreadLostDeclaration(const std::string& node_id, uint64_t incarnation, std::string own,
+                             admin::DeclareLostResponse* response);
 
   // What the live members hold, by job (job_id empty: every job). Members that could not be
   // asked are added to `errors`.
@@ -150,7 +159,8 @@ class AdminService final : public admin::Admin::Service {
   // socket (`caller_of` a peer's SO_PEERCRED), the calls that change data (Recover,
   // SetDrillTarget, DropMemory, Corrupt, DeclareLost) answer only root and the daemon's own uid:
   // the socket also admits trainers of other users. DropJob also answers the uid that registered
-  // the job.
+  // the job. Over TCP with mutual TLS, DropMemory, Corrupt, DeclareLost and DropJob answer only
+  // an operator's certificate (one naming no node), never a member's.
   using CallerLookup = std::function<std::optional<Caller>(const std::string& peer)>;
   AdminService(Admin* admin, bool over_tcp, std::string token, CallerLookup caller_of = nullptr)
       : admin_(admin),
@@ -186,6 +196,11 @@ class AdminService final : public admin::Admin::Service {
   absl::Status Authenticate(const grpc::ServerContext* context) const;
   // Over the agent socket: OK for root and the daemon's own uid, kPermissionDenied otherwise.
   absl::Status AuthorizeChange(const char* method, const grpc::ServerContext* context) const;
+  // Over TCP with mutual TLS: kPermissionDenied when the caller's certificate names a node (a
+  // member's). For the calls that destroy data or fence a member (DropMemory, Corrupt,
+  // DeclareLost, DropJob), which no daemon forwards to another's admin service: a member's
+  // certificate is not an operator's word.
+  absl::Status RequireOperator(const char* method, const grpc::ServerContext* context) const;
   // The uid a change must be limited to: none over TCP (the cluster token was checked) or for
   // root and the daemon's own uid; the caller's uid for any other caller of the agent socket;
   // kPermissionDenied for a caller that cannot be identified.
@@ -196,6 +211,10 @@ class AdminService final : public admin::Admin::Service {
   // Handle, for a call that changes data: AuthorizeChange first.
   template <typename Body>
   grpc::Status HandleChange(const char* method, const grpc::ServerContext* context, Body body);
+  // HandleChange, for a call only an operator may make: RequireOperator too.
+  template <typename Body>
+  grpc::Status HandleOperatorChange(const char* method, const grpc::ServerContext* context,
+                                    Body body);
 
   Admin* const admin_;
   const bool over_tcp_;

@@ -12,10 +12,12 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
+#include "common/status.h"
 
 namespace tessera {
 namespace {
@@ -720,6 +722,142 @@ Cluster::Stats Cluster::stats() const {
     (m.state == SwimState::kAlive ? s.alive : m.state == SwimState::kSuspect ? s.suspect : s.dead)++;
   }
   return s;
+}
+
+namespace {
+
+absl::Status NeedsProofs() {
+  return absl::FailedPreconditionError(
+      "signed declarations that a member is lost go with mutual TLS (cluster.tls_*); without it "
+      "a declaration is gossiped");
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> Cluster::SignLostDeclaration(const std::string& node_id,
+                                                         uint64_t incarnation,
+                                                         bool operator_word) {
+  if (options_.proofs == nullptr) return NeedsProofs();
+  if (node_id == options_.self_id) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", node_id, "' is this daemon: it does not declare itself lost"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    std::optional<Swim::MemberView> m = swim_->Find(node_id);
+    if (!m || m->incarnation != incarnation) {
+      return absl::NotFoundError(absl::StrCat(
+          options_.self_id, " holds ",
+          m ? absl::StrCat("incarnation ", m->incarnation, " of '", node_id, "'")
+            : absl::StrCat("no member '", node_id, "'"),
+          ", not incarnation ", incarnation));
+    }
+    if (!operator_word && !m->lost && m->state != SwimState::kDead) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "'", node_id, "' is ", SwimStateName(m->state), " in ", options_.self_id,
+          "'s view: a member declares lost only a member dead by its own timer, or on its own "
+          "operator's word"));
+    }
+  }
+  return MakeLostDeclaration(options_.proofs->signer(),
+                             LostDeclaration{node_id, incarnation, options_.self_id});
+}
+
+absl::StatusOr<LostDeclaration> Cluster::CheckLostDeclaration(const std::string& declaration) {
+  if (options_.proofs == nullptr) return NeedsProofs();
+  {
+    absl::MutexLock lock(&declarations_mu_);
+    if (declarations_verified_.count(declaration) > 0) return ReadLostDeclaration(declaration);
+  }
+  TESSERA_ASSIGN_OR_RETURN(LostDeclaration d,
+                           VerifyLostDeclaration(options_.proofs->signer(), declaration));
+  absl::MutexLock lock(&declarations_mu_);
+  if (declarations_verified_.size() >= 4096) declarations_verified_.clear();
+  declarations_verified_.insert(declaration);
+  return d;
+}
+
+absl::StatusOr<Cluster::LostTally> Cluster::TakeLostDeclarations(
+    const std::string& node_id, uint64_t incarnation,
+    const std::vector<std::string>& declarations) {
+  if (options_.proofs == nullptr) return NeedsProofs();
+  LostTally tally;
+  std::set<std::string> counted;
+  absl::StatusOr<std::string> own = SignLostDeclaration(node_id, incarnation, false);
+  if (own.ok()) {
+    tally.own_declaration = *own;
+    counted.insert(options_.self_id);
+  } else if (absl::IsInvalidArgument(own.status())) {
+    return own.status();  // this daemon itself
+  } else {
+    tally.reason = std::string(own.status().message());
+  }
+  std::set<std::string> declarers;  // members live here, other than node_id
+  bool lost_here = false;
+  tally.live = 1;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const Swim::MemberView& m : swim_->Members()) {
+      if (m.node_id == node_id && m.incarnation == incarnation && m.lost) lost_here = true;
+      if (m.state != SwimState::kAlive || m.lost) continue;
+      ++tally.live;
+      if (m.node_id != node_id) declarers.insert(m.node_id);
+    }
+  }
+  // Each declarer is checked at most once here, and one that would count but does not verify
+  // refuses the whole call: a caller that pads its call with forged declarations costs one
+  // signature check.
+  for (const std::string& declaration : declarations) {
+    absl::StatusOr<LostDeclaration> said = ReadLostDeclaration(declaration);
+    if (!said.ok() || said->node_id != node_id || said->incarnation != incarnation ||
+        declarers.count(said->declarer) == 0 || counted.count(said->declarer) > 0) {
+      continue;
+    }
+    absl::StatusOr<LostDeclaration> verified = CheckLostDeclaration(declaration);
+    if (!verified.ok()) {
+      return absl::UnauthenticatedError(absl::StrCat("the declaration of ", said->declarer,
+                                                     " that '", node_id, "' is lost: ",
+                                                     verified.status().message()));
+    }
+    counted.insert(said->declarer);
+  }
+  tally.signers.assign(counted.begin(), counted.end());
+  if (lost_here) {
+    tally.applied = true;
+    return tally;
+  }
+  if (counted.size() * 2 <= tally.live) {
+    tally.reason = absl::StrCat(
+        counted.size(), " of the ", tally.live, " members live in ", options_.self_id,
+        "'s view declared '", node_id, "' lost (", absl::StrJoin(tally.signers, ", "),
+        "): a majority is ", tally.live / 2 + 1, tally.reason.empty() ? "" : "; ", tally.reason);
+    return tally;
+  }
+  absl::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    std::optional<Swim::MemberView> m = swim_->Find(node_id);
+    if (!m || m->incarnation != incarnation) {
+      tally.reason = absl::StrCat("incarnation ", incarnation, " of '", node_id,
+                                  "' is no longer the one held here");
+      return tally;
+    }
+    const int64_t now = MonoMs();
+    status = swim_->DeclareLost(now, node_id);
+    if (status.ok()) FlushLocked(now);
+  }
+  if (status.ok()) {
+    tally.applied = true;
+    tally.reason.clear();
+    Logger("cluster")->warn(
+        "{} declared lost by {} of the {} members live here ({}): fenced until a newer "
+        "incarnation joins, and no longer counted in majorities",
+        node_id, counted.size(), tally.live, absl::StrJoin(tally.signers, ", "));
+  } else {
+    tally.reason = std::string(status.message());
+  }
+  Dispatch();
+  return tally;
 }
 
 }  // namespace tessera

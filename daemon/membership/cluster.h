@@ -152,6 +152,37 @@ class Cluster {
   // True when node_id's newest known incarnation was declared lost (and none newer joined).
   bool IsDeclaredLost(const std::string& node_id) const;
 
+  // With proofs (mutual TLS), a member is declared lost on every other daemon only on signed
+  // declarations (incarnation_proof.h, LostDeclaration) from members that are a majority of
+  // those live in that daemon's view: no member can fence another alone, and a lone survivor
+  // can still declare the others lost.
+  //
+  // This daemon's own declaration that node_id at `incarnation` is lost. It signs when the
+  // member is dead here by its own timer (relayed deaths are only suspicions with proofs) or
+  // lost already, or on its own operator's word (`operator_word`, DeclareLost here).
+  // kFailedPrecondition without proofs, or naming the member's state here when it does not
+  // sign; kNotFound when no member has node_id at that incarnation.
+  absl::StatusOr<std::string> SignLostDeclaration(const std::string& node_id, uint64_t incarnation,
+                                                  bool operator_word);
+  // Counts `declarations` of node_id at `incarnation`, this daemon's own added when it signs
+  // (SignLostDeclaration without operator_word), and declares the member lost here when the
+  // declarers counted are more than half the live members here (this daemon included). One
+  // declaration per declarer is counted, from members live here other than node_id; each is
+  // verified once, the others are not checked at all. kFailedPrecondition without proofs;
+  // kUnauthenticated when one that would count does not verify (the whole call is refused).
+  struct LostTally {
+    bool applied = false;              // node_id at `incarnation` is lost here (now or already)
+    std::vector<std::string> signers;  // the declarers counted, this daemon included if it signed
+    size_t live = 0;                   // live members here, this daemon included
+    std::string own_declaration;       // this daemon's, when it signs
+    std::string reason;                // why not applied, or why this daemon did not sign
+  };
+  absl::StatusOr<LostTally> TakeLostDeclarations(const std::string& node_id, uint64_t incarnation,
+                                                 const std::vector<std::string>& declarations);
+  // What a signed declaration says, once it verified (each distinct one is checked once).
+  // kFailedPrecondition without proofs; otherwise as VerifyLostDeclaration.
+  absl::StatusOr<LostDeclaration> CheckLostDeclaration(const std::string& declaration);
+
   // Every known member other than this daemon, and every seed address where none is known yet
   // (node_id empty) (status views).
   struct PeerView {
@@ -252,6 +283,10 @@ class Cluster {
     uint64_t unlogged = 0;
   };
   std::map<std::string, DropLog> dropped_logged_ ABSL_GUARDED_BY(dispatch_mu_);  // by reason
+  // Signed declarations that a member is lost which verified here (their bytes), so that the
+  // same declarations handed over again cost no second check; cleared when 4096 are held.
+  absl::Mutex declarations_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::set<std::string> declarations_verified_ ABSL_GUARDED_BY(declarations_mu_);
   int64_t last_dns_ms_ = -1;  // protocol thread only
   std::thread thread_;
   std::vector<std::thread> senders_;

@@ -11,6 +11,7 @@ namespace tessera {
 namespace {
 
 constexpr char kMagic[4] = {'T', 'S', 'I', 'P'};
+constexpr char kLostMagic[4] = {'T', 'S', 'L', 'D'};
 constexpr uint8_t kFormatVersion = 1;
 constexpr size_t kMaxNodeIdBytes = 255;
 constexpr size_t kMaxAddressBytes = 1024;
@@ -19,6 +20,37 @@ void PutU16(std::string* out, size_t v) {
   out->push_back(static_cast<char>(v & 0xff));
   out->push_back(static_cast<char>((v >> 8) & 0xff));
 }
+
+void PutU64(std::string* out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+// Reads the fields of a record in order, each bounded by what is left.
+class RecordReader {
+ public:
+  RecordReader(const std::string& bytes, size_t at) : bytes_(bytes), at_(at) {}
+  bool String(std::string* out) {
+    if (bytes_.size() - at_ < 2) return false;
+    const size_t n = Byte(at_) | (Byte(at_ + 1) << 8);
+    if (bytes_.size() - at_ - 2 < n) return false;
+    out->assign(bytes_, at_ + 2, n);
+    at_ += 2 + n;
+    return true;
+  }
+  bool U64(uint64_t* out) {
+    if (bytes_.size() - at_ < 8) return false;
+    *out = 0;
+    for (int i = 0; i < 8; ++i) *out |= static_cast<uint64_t>(Byte(at_ + i)) << (8 * i);
+    at_ += 8;
+    return true;
+  }
+  size_t at() const { return at_; }
+
+ private:
+  size_t Byte(size_t i) const { return static_cast<uint8_t>(bytes_[i]); }
+  const std::string& bytes_;
+  size_t at_;
+};
 
 absl::Status CheckLimits(const IncarnationClaim& claim) {
   if (claim.node_id.empty() || claim.node_id.size() > kMaxNodeIdBytes || claim.incarnation == 0 ||
@@ -39,9 +71,7 @@ std::string IncarnationRecord(const IncarnationClaim& claim) {
   out.push_back(static_cast<char>(kFormatVersion));
   PutU16(&out, claim.node_id.size());
   out.append(claim.node_id);
-  for (int i = 0; i < 8; ++i) {
-    out.push_back(static_cast<char>((claim.incarnation >> (8 * i)) & 0xff));
-  }
+  PutU64(&out, claim.incarnation);
   PutU16(&out, claim.address.size());
   out.append(claim.address);
   return out;
@@ -62,32 +92,21 @@ absl::StatusOr<std::string> MakeIncarnationProof(DatagramSigner* signer,
 }
 
 absl::StatusOr<IncarnationClaim> ReadIncarnationClaim(const std::string& proof, size_t* block) {
-  const auto* p = reinterpret_cast<const uint8_t*>(proof.data());
-  const size_t size = proof.size();
-  size_t at = sizeof(kMagic) + 1;
-  auto u16 = [&](size_t where) { return static_cast<size_t>(p[where] | (p[where + 1] << 8)); };
-  if (size < at + 2 || std::memcmp(p, kMagic, sizeof(kMagic)) != 0 || p[4] != kFormatVersion) {
+  const size_t header = sizeof(kMagic) + 1;
+  if (proof.size() < header || std::memcmp(proof.data(), kMagic, sizeof(kMagic)) != 0 ||
+      static_cast<uint8_t>(proof[4]) != kFormatVersion) {
     return absl::InvalidArgumentError("not an incarnation proof (magic or version)");
   }
   IncarnationClaim claim;
-  const size_t node_bytes = u16(at);
-  at += 2;
-  if (size - at < node_bytes + 8 + 2) {
+  RecordReader in(proof, header);
+  if (!in.String(&claim.node_id) || !in.U64(&claim.incarnation)) {
     return absl::InvalidArgumentError("an incarnation proof cut short (node id)");
   }
-  claim.node_id.assign(proof, at, node_bytes);
-  at += node_bytes;
-  for (int i = 0; i < 8; ++i) claim.incarnation |= static_cast<uint64_t>(p[at + i]) << (8 * i);
-  at += 8;
-  const size_t address_bytes = u16(at);
-  at += 2;
-  if (size - at < address_bytes) {
+  if (!in.String(&claim.address)) {
     return absl::InvalidArgumentError("an incarnation proof cut short (address)");
   }
-  claim.address.assign(proof, at, address_bytes);
-  at += address_bytes;
   TESSERA_RETURN_IF_ERROR(CheckLimits(claim));
-  if (block != nullptr) *block = at;
+  if (block != nullptr) *block = in.at();
   return claim;
 }
 
@@ -100,6 +119,77 @@ absl::StatusOr<IncarnationClaim> VerifyIncarnationProof(DatagramSigner* verifier
                                        proof.size(), claim.node_id, "an incarnation proof")
                               .status());
   return claim;
+}
+
+namespace {
+
+absl::Status CheckLostLimits(const LostDeclaration& d) {
+  if (d.node_id.empty() || d.node_id.size() > kMaxNodeIdBytes || d.incarnation == 0 ||
+      d.declarer.empty() || d.declarer.size() > kMaxNodeIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a declaration that a member is lost needs node ids of 1..", kMaxNodeIdBytes,
+        " bytes and a non-zero incarnation; got a ", d.node_id.size(),
+        "-byte node id, incarnation ", d.incarnation, ", a ", d.declarer.size(),
+        "-byte declarer"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string LostDeclarationRecord(const LostDeclaration& declaration) {
+  std::string out(kLostMagic, sizeof(kLostMagic));
+  out.push_back(static_cast<char>(kFormatVersion));
+  PutU16(&out, declaration.node_id.size());
+  out.append(declaration.node_id);
+  PutU64(&out, declaration.incarnation);
+  PutU16(&out, declaration.declarer.size());
+  out.append(declaration.declarer);
+  return out;
+}
+
+absl::StatusOr<std::string> MakeLostDeclaration(DatagramSigner* signer,
+                                                const LostDeclaration& declaration) {
+  TESSERA_RETURN_IF_ERROR(CheckLostLimits(declaration));
+  const std::string certified = signer->node_id();
+  if (declaration.declarer != certified) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a declaration by node '", declaration.declarer,
+                     "' cannot be signed with the certificate of node '", certified, "'"));
+  }
+  std::string out = LostDeclarationRecord(declaration);
+  TESSERA_RETURN_IF_ERROR(signer->Sign(&out));
+  return out;
+}
+
+absl::StatusOr<LostDeclaration> ReadLostDeclaration(const std::string& signed_declaration,
+                                                    size_t* block) {
+  const size_t header = sizeof(kLostMagic) + 1;
+  if (signed_declaration.size() < header ||
+      std::memcmp(signed_declaration.data(), kLostMagic, sizeof(kLostMagic)) != 0 ||
+      static_cast<uint8_t>(signed_declaration[4]) != kFormatVersion) {
+    return absl::InvalidArgumentError("not a declaration that a member is lost (magic or version)");
+  }
+  LostDeclaration d;
+  RecordReader in(signed_declaration, header);
+  if (!in.String(&d.node_id) || !in.U64(&d.incarnation) || !in.String(&d.declarer)) {
+    return absl::InvalidArgumentError("a declaration that a member is lost cut short");
+  }
+  TESSERA_RETURN_IF_ERROR(CheckLostLimits(d));
+  if (block != nullptr) *block = in.at();
+  return d;
+}
+
+absl::StatusOr<LostDeclaration> VerifyLostDeclaration(DatagramSigner* verifier,
+                                                      const std::string& signed_declaration) {
+  size_t block = 0;
+  TESSERA_ASSIGN_OR_RETURN(LostDeclaration d, ReadLostDeclaration(signed_declaration, &block));
+  TESSERA_RETURN_IF_ERROR(
+      verifier
+          ->Verify(reinterpret_cast<const uint8_t*>(signed_declaration.data()), block,
+                   signed_declaration.size(), d.declarer, "a declaration that a member is lost")
+          .status());
+  return d;
 }
 
 VerificationThrottle::Options IncarnationProofs::DefaultThrottle() {

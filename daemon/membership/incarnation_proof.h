@@ -76,6 +76,49 @@ absl::StatusOr<IncarnationClaim> ReadIncarnationClaim(const std::string& proof,
 absl::StatusOr<IncarnationClaim> VerifyIncarnationProof(DatagramSigner* verifier,
                                                         const std::string& proof);
 
+// A member's signed word that another member's incarnation is lost (gone for good), under mutual
+// TLS. Why: an operator's `declare-lost` fences a member everywhere and takes it out of every
+// majority, and no refutation undoes it, so no member may do that alone (a compromised one could
+// then remove every other from the cluster). A member signs a declaration only when the node is
+// dead in its own view (its own timer: relayed deaths are only suspicions under mutual TLS) or on
+// its own operator's word; a receiver takes the declaration only when members that are a
+// majority of those live in its view signed it (Cluster::TakeLostDeclarations).
+//
+// Wire format (little-endian):
+//   [0, 4)  magic "TSLD"
+//   [4]     format version: 1
+//   u16 N, N bytes: the lost node id (1..255 bytes)
+//   u64:    its incarnation (non-zero)
+//   u16 D, D bytes: the declaring node id (1..255 bytes), which the certificate must name
+//   then the identity block of datagram_signer.h
+// A declaration can be replayed: it only repeats what its member said of that incarnation, and
+// a newer incarnation of the lost node is not touched by it.
+struct LostDeclaration {
+  std::string node_id;
+  uint64_t incarnation = 0;
+  std::string declarer;
+};
+
+// The signed part: the magic, the version and the fields, before the identity block.
+// REQUIRES: the fields are within the limits above.
+std::string LostDeclarationRecord(const LostDeclaration& declaration);
+
+// `declaration` signed with `signer`'s certificate (which must name declaration.declarer).
+// kInvalidArgument when a field is out of the limits above; kInternal when signing fails.
+absl::StatusOr<std::string> MakeLostDeclaration(DatagramSigner* signer,
+                                                const LostDeclaration& declaration);
+
+// What `signed_declaration` says, once its chain verified against `verifier`'s CA, its
+// certificate names the declarer and its signature verified. kInvalidArgument (malformed) or
+// kUnauthenticated.
+absl::StatusOr<LostDeclaration> VerifyLostDeclaration(DatagramSigner* verifier,
+                                                      const std::string& signed_declaration);
+
+// What it says, not checked (to skip the declarations not worth a check); *block: where its
+// identity block starts.
+absl::StatusOr<LostDeclaration> ReadLostDeclaration(const std::string& signed_declaration,
+                                                    size_t* block = nullptr);
+
 // This daemon's proof and the members' proofs it verified: the newest incarnation per node id.
 // Thread-safe.
 class IncarnationProofs {
@@ -109,6 +152,9 @@ class IncarnationProofs {
     std::shared_ptr<const std::string> proof;
   };
   std::optional<Held> Find(const std::string& node_id, uint64_t incarnation);
+
+  // This daemon's signer (which also checks the members' signatures).
+  DatagramSigner* signer() const { return options_.signer.get(); }
 
   // The claim `proof` makes once verified, relayed or sent by member `sender` (the node its
   // message authenticated as). A proof of a (node, incarnation) held is not checked again (the

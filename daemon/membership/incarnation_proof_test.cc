@@ -97,6 +97,51 @@ TEST_F(IncarnationProofTest, AProofNamesItsMembersIncarnationAndAddressAndIsChec
   EXPECT_EQ(own_claim->incarnation, 42u);
 }
 
+TEST_F(IncarnationProofTest, ADeclarationThatAMemberIsLostSpeaksOnlyForItsDeclarer) {
+  auto n1 = SignerFor("n1");
+  auto n2 = SignerFor("n2");
+  auto n3 = SignerFor("n3");
+  const LostDeclaration said{"n3", 1'700'000'000'777, "n1"};
+  auto declaration = MakeLostDeclaration(n1.get(), said);
+  ASSERT_TRUE(declaration.ok()) << declaration.status();
+  auto verified = VerifyLostDeclaration(n2.get(), *declaration);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_EQ(verified->node_id, "n3");
+  EXPECT_EQ(verified->incarnation, said.incarnation);
+  EXPECT_EQ(verified->declarer, "n1");
+  // Every altered byte is refused (none passes for another declaration).
+  const uint64_t seed = 0x1057ull ^ static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()));
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i < declaration->size(); ++i) {
+    std::string altered = *declaration;
+    altered[i] = static_cast<char>(altered[i] ^ (1 + rng() % 255));
+    EXPECT_FALSE(VerifyLostDeclaration(n2.get(), altered).ok()) << "byte " << i;
+  }
+  // n2 cannot sign for n1, through the API or by signing n1's record with its own key.
+  auto as_n1 = MakeLostDeclaration(n2.get(), said);
+  EXPECT_EQ(as_n1.status().code(), absl::StatusCode::kInvalidArgument) << as_n1.status();
+  std::string forged = LostDeclarationRecord(said);
+  ASSERT_TRUE(n2->Sign(&forged).ok());
+  auto refused = VerifyLostDeclaration(n3.get(), forged);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated) << refused.status();
+  // A proof of an incarnation is no declaration, nor the other way round (the magic differs).
+  auto proof = MakeIncarnationProof(n1.get(), {"n1", 9, "10.0.0.1:7070"});
+  ASSERT_TRUE(proof.ok());
+  EXPECT_EQ(VerifyLostDeclaration(n2.get(), *proof).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(VerifyIncarnationProof(n2.get(), *declaration).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Cut short anywhere: malformed, never read past its end.
+  for (size_t n = 0; n < LostDeclarationRecord(said).size(); ++n) {
+    EXPECT_EQ(ReadLostDeclaration(declaration->substr(0, n)).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << n;
+  }
+  EXPECT_FALSE(MakeLostDeclaration(n1.get(), {"n3", 0, "n1"}).ok()) << "incarnation 0";
+  EXPECT_FALSE(MakeLostDeclaration(n1.get(), {"", 5, "n1"}).ok()) << "no node id";
+}
+
 TEST_F(IncarnationProofTest, EveryAlteredByteIsRefused) {
   auto n1 = SignerFor("n1");
   auto n2 = SignerFor("n2");

@@ -385,6 +385,29 @@ absl::StatusOr<HeldInventory> GrpcPeerClient::ListHeld(const PeerTarget& peer,
   return held;
 }
 
+absl::StatusOr<LostDeclarationReply> GrpcPeerClient::DeclareLost(
+    const PeerTarget& peer, const LostDeclarationRequest& request) {
+  TESSERA_RETURN_IF_ERROR(CheckTarget(peer));
+  peer::DeclareLostRequest out;
+  peer_wire::ToProto(request.from, out.mutable_from());
+  out.set_node_id(request.node_id);
+  out.set_incarnation(request.incarnation);
+  for (const std::string& d : request.declarations) out.add_declarations(d);
+  peer::DeclareLostResponse response;
+  grpc::ClientContext context;
+  AddToken(&context);
+  context.set_deadline(absl::ToChronoTime(absl::Now() + options_.control_timeout));
+  TESSERA_RETURN_IF_ERROR(FromGrpcStatus(
+      peer::Peer::NewStub(AnyChannel(peer))->DeclareLost(&context, out, &response)));
+  LostDeclarationReply reply;
+  reply.declaration = response.declaration();
+  reply.applied = response.applied();
+  reply.signers = response.signers();
+  reply.live_members = response.live_members();
+  reply.reason = response.reason();
+  return reply;
+}
+
 absl::StatusOr<FragmentStatus> GrpcPeerClient::PutFragment(const PeerTarget& peer,
                                                            const FragmentKey& key,
                                                            const FragmentMeta& meta,

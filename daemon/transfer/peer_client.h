@@ -101,6 +101,13 @@ class PeerClient : public HeartbeatSender {
   // What the peer holds for a job (every job when job_id is empty).
   virtual absl::StatusOr<HeldInventory> ListHeld(const PeerTarget& peer,
                                                  const std::string& job_id) = 0;
+
+  // With mutual TLS: hands the peer the signed declarations that a member is lost gathered so
+  // far (PeerService's DeclareLost). One try, within the control timeout.
+  virtual absl::StatusOr<LostDeclarationReply> DeclareLost(const PeerTarget& peer,
+                                                           const LostDeclarationRequest& request) {
+    return absl::UnimplementedError("DeclareLost is not implemented by this client");
+  }
 };
 
 // The gRPC PeerClient. Thread-safe: calls from many threads share the channels.
@@ -195,6 +202,8 @@ class GrpcPeerClient final : public PeerClient {
                                        uint32_t rank, int64_t step, ShardSink* sink) override;
   absl::StatusOr<HeldInventory> ListHeld(const PeerTarget& peer,
                                          const std::string& job_id) override;
+  absl::StatusOr<LostDeclarationReply> DeclareLost(const PeerTarget& peer,
+                                                   const LostDeclarationRequest& request) override;
 
  private:
   explicit GrpcPeerClient(Options options);

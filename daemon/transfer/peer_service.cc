@@ -760,6 +760,64 @@ grpc::ServerUnaryReactor* PeerService::OpenDataPath(grpc::CallbackServerContext*
   return reactor;
 }
 
+grpc::ServerUnaryReactor* PeerService::DeclareLost(grpc::CallbackServerContext* context,
+                                                   const peer::DeclareLostRequest* request,
+                                                   peer::DeclareLostResponse* response) {
+  constexpr int kMaxDeclarations = 1024;
+  constexpr size_t kMaxDeclarationBytes = 16 << 10;
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status = [&]() -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(PeerIdentity caller, Authorize(*context));
+    TESSERA_RETURN_IF_ERROR(CheckClaim(caller, request->from().node_id(), "DeclareLost from"));
+    if (!options_.on_declare_lost) {
+      return absl::FailedPreconditionError(
+          "this daemon takes no signed declarations that a member is lost (they go with mutual "
+          "TLS, cluster.tls_*); without it `tessera declare-lost` is gossiped");
+    }
+    if (request->from().node_id().empty() || request->from().incarnation() == 0 ||
+        request->node_id().empty() || request->node_id().size() > 255 ||
+        request->incarnation() == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DeclareLost needs the sender (from: node id and non-zero incarnation), the member's "
+          "node_id (1..255 bytes) and its non-zero incarnation; got from '",
+          request->from().node_id(), "' incarnation ", request->from().incarnation(),
+          ", node_id ", request->node_id().size(), " bytes, incarnation ",
+          request->incarnation()));
+    }
+    if (request->declarations_size() > kMaxDeclarations) {
+      return absl::InvalidArgumentError(absl::StrCat("DeclareLost carries at most ",
+                                                     kMaxDeclarations, " declarations; got ",
+                                                     request->declarations_size()));
+    }
+    LostDeclarationRequest ask;
+    ask.from = peer_wire::FromProto(request->from());
+    ask.node_id = request->node_id();
+    ask.incarnation = request->incarnation();
+    for (const std::string& d : request->declarations()) {
+      if (d.size() > kMaxDeclarationBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "a declaration is at most ", kMaxDeclarationBytes, " bytes; got ", d.size()));
+      }
+      ask.declarations.push_back(d);
+    }
+    if (options_.is_fenced && options_.is_fenced(ask.from.node_id, ask.from.incarnation)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "node '", ask.from.node_id, "' incarnation ", ask.from.incarnation,
+          " is fenced: a newer incarnation of that node id is known, so its declaration is not "
+          "taken"));
+    }
+    TESSERA_ASSIGN_OR_RETURN(LostDeclarationReply reply, options_.on_declare_lost(ask));
+    response->set_declaration(reply.declaration);
+    response->set_applied(reply.applied);
+    response->set_signers(reply.signers);
+    response->set_live_members(reply.live_members);
+    response->set_reason(reply.reason);
+    return absl::OkStatus();
+  }();
+  reactor->Finish(Answer("DeclareLost", status));
+  return reactor;
+}
+
 absl::StatusOr<PeerIdentity> PeerService::Authorize(const grpc::ServerContextBase& context) const {
   if (!options_.token.empty()) {
     TESSERA_RETURN_IF_ERROR(CheckClusterToken(context, options_.token, "peer calls"));

@@ -133,6 +133,30 @@ class SnapshotStoreShardSource final : public ShardSource {
 using HeartbeatHandler =
     std::function<absl::StatusOr<HeartbeatReply>(const HeartbeatMessage&)>;
 
+// What a member is asked to declare lost, with mutual TLS (PeerService's DeclareLost): the
+// asking daemon (already checked against its certificate), the member, its incarnation and the
+// signed declarations gathered so far.
+struct LostDeclarationRequest {
+  MemberInfo from;
+  std::string node_id;
+  uint64_t incarnation = 0;
+  std::vector<std::string> declarations;
+};
+
+// The answer (Cluster::TakeLostDeclarations).
+struct LostDeclarationReply {
+  std::string declaration;  // the receiver's own, when it signs
+  bool applied = false;     // the member is lost there
+  uint32_t signers = 0;     // declarations counted there, its own included
+  uint32_t live_members = 0;
+  std::string reason;  // why not applied
+};
+
+// Membership's hook for DeclareLost: kFailedPrecondition when the daemon takes no signed
+// declarations (no mutual TLS). Must be thread-safe; it may check a signature per declarer.
+using LostDeclarationHandler =
+    std::function<absl::StatusOr<LostDeclarationReply>(const LostDeclarationRequest&)>;
+
 // Membership's fence (Cluster::IsFenced): true when a newer incarnation of node_id than
 // `incarnation` is known. Must be thread-safe and quick.
 using WriterFence = std::function<bool(const std::string& node_id, uint64_t incarnation)>;
@@ -145,8 +169,8 @@ absl::Status CheckFragmentWriter(const WriterFence& fenced, const peer::Fragment
 using PeerServiceBase =
     peer::Peer::WithCallbackMethod_Heartbeat<peer::Peer::WithRawCallbackMethod_PutFragment<
         peer::Peer::WithRawCallbackMethod_GetFragment<peer::Peer::WithRawCallbackMethod_FetchShard<
-            peer::Peer::WithCallbackMethod_ListHeld<
-                peer::Peer::WithCallbackMethod_OpenDataPath<peer::Peer::Service>>>>>>;
+            peer::Peer::WithCallbackMethod_ListHeld<peer::Peer::WithCallbackMethod_OpenDataPath<
+                peer::Peer::WithCallbackMethod_DeclareLost<peer::Peer::Service>>>>>>>;
 
 class PeerService final : public PeerServiceBase {
  public:
@@ -162,6 +186,8 @@ class PeerService final : public PeerServiceBase {
     std::function<std::string(const std::string& node_id)> data_path_session_key;
     // Fragment writes of a writer this names are refused (kFailedPrecondition); empty: none.
     WriterFence is_fenced;
+    // Signed declarations that a member is lost (mutual TLS); empty: DeclareLost is refused.
+    LostDeclarationHandler on_declare_lost;
     // cluster.token: when set, every call must carry it (kClusterTokenMetadataKey), or it is
     // refused with kUnauthenticated; the data path's session key goes to token holders only.
     // With mutual TLS, every call also needs a node's certificate, and a call that names its
@@ -192,6 +218,9 @@ class PeerService final : public PeerServiceBase {
   grpc::ServerUnaryReactor* OpenDataPath(grpc::CallbackServerContext* context,
                                          const peer::OpenDataPathRequest* request,
                                          peer::OpenDataPathResponse* response) override;
+  grpc::ServerUnaryReactor* DeclareLost(grpc::CallbackServerContext* context,
+                                        const peer::DeclareLostRequest* request,
+                                        peer::DeclareLostResponse* response) override;
 
  private:
   class PutFragmentReactor;
