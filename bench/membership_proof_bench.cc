@@ -115,7 +115,8 @@ int Run(const Options& o) {
   DatagramSigner* const receiver = signers[0].get();
 
   const std::string body1 = HeartbeatBody(proofs, 1);
-  const std::string datagram1 = Check(UdpHeartbeats::Encode(1, 7, body1, kToken, sender), "encode");
+  const std::string datagram1 =
+      Check(UdpHeartbeats::Encode(1, 7, body1, kToken, sender, 7), "encode");
   std::printf(
       "membership under mutual TLS, one thread; P-256 certificates (TestCa); "
       "heartbeat with 1 proof: %zu bytes, a proof %zu bytes\n\n",
@@ -134,7 +135,7 @@ int Run(const Options& o) {
     if (!back.ok()) Die("HMAC decode");
   };
   auto sign = [&] {
-    if (!UdpHeartbeats::Encode(1, 7, body1, kToken, sender).ok()) Die("encode");
+    if (!UdpHeartbeats::Encode(1, 7, body1, kToken, sender, 7).ok()) Die("encode");
   };
   auto check = [&] {
     auto d = UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(datagram1.data()),
@@ -165,7 +166,7 @@ int Run(const Options& o) {
   std::vector<HeartbeatCost> heartbeats;
   for (size_t n : {1, 4, 16}) {
     const std::string body = HeartbeatBody(proofs, n);
-    const std::string datagram = Check(UdpHeartbeats::Encode(1, 7, body, kToken, sender), "enc");
+    const std::string datagram = Check(UdpHeartbeats::Encode(1, 7, body, kToken, sender, 7), "enc");
     auto receive = [&](bool held) {
       auto d = UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(datagram.data()),
                                      datagram.size(), kToken, receiver);

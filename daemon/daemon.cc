@@ -218,9 +218,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   udp_options.listen_address = config.peer.listen_address;
   udp_options.token = config.cluster.token;
   // What a flood of forged datagrams or proofs may cost a second (cluster.*_per_s).
-  udp_options.throttle.source_interval =
-      absl::Seconds(1) / config.cluster.datagram_failures_per_source_per_s;
-  udp_options.throttle.total_interval = absl::Seconds(1) / config.cluster.datagram_failures_per_s;
+  udp_options.throttle = DatagramThrottleOptions(config.cluster);
+  // Signed datagrams carry it, so that receivers refuse replays unchecked (replay_window.h).
+  udp_options.incarnation = incarnation;
   if (tls.enabled()) {
     // Datagrams carry their sender's certificate and signature: a daemon speaks for its own
     // node only, over UDP as over gRPC (datagram_signer.h).
@@ -230,9 +230,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     IncarnationProofs::Options proof_options;
     proof_options.signer = udp_options.signer;
     proof_options.self = IncarnationClaim{node_id_, incarnation, config.PeerAddress()};
-    proof_options.throttle.source_interval =
-        absl::Seconds(1) / config.cluster.proof_checks_per_member_per_s;
-    proof_options.throttle.total_interval = absl::Seconds(1) / config.cluster.proof_checks_per_s;
+    proof_options.throttle = ProofThrottleOptions(config.cluster, proof_options.throttle);
     TESSERA_ASSIGN_OR_RETURN(incarnation_proofs_,
                              IncarnationProofs::Create(std::move(proof_options)));
   }
@@ -633,7 +631,9 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           "Membership datagrams dropped unread, by reason (unauthenticated: no or a wrong "
           "cluster.token MAC, or with mutual TLS a signature or certificate that does not "
           "verify; throttled: dropped unchecked, their source having failed too many checks "
-          "lately; unexpected: an answer that came after its sender gave up).";
+          "lately; replayed: with mutual TLS, taken already, below its sender's window or of an "
+          "older incarnation, dropped before its signature is checked; unexpected: an answer "
+          "that came after its sender gave up).";
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
               static_cast<double>(u.dropped_malformed), {{"reason", "malformed"}});
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
@@ -642,6 +642,8 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
               static_cast<double>(u.dropped_unexpected), {{"reason", "unexpected"}});
       counter("tessera_membership_datagrams_dropped_total", dropped_help,
               static_cast<double>(u.dropped_throttled), {{"reason", "throttled"}});
+      counter("tessera_membership_datagrams_dropped_total", dropped_help,
+              static_cast<double>(u.dropped_replayed), {{"reason", "replayed"}});
       counter("tessera_membership_datagram_timeouts_total",
               "Membership datagrams sent that got no answer within the probe window.",
               static_cast<double>(u.timeouts));

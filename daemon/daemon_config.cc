@@ -510,6 +510,20 @@ ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster) {
                          cluster.tls_refresh_s};
 }
 
+VerificationThrottle::Options DatagramThrottleOptions(const DaemonConfig::Cluster& cluster,
+                                                      VerificationThrottle::Options base) {
+  base.source_interval = absl::Seconds(1) / cluster.datagram_failures_per_source_per_s;
+  base.total_interval = absl::Seconds(1) / cluster.datagram_failures_per_s;
+  return base;
+}
+
+VerificationThrottle::Options ProofThrottleOptions(const DaemonConfig::Cluster& cluster,
+                                                   VerificationThrottle::Options base) {
+  base.source_interval = absl::Seconds(1) / cluster.proof_checks_per_member_per_s;
+  base.total_interval = absl::Seconds(1) / cluster.proof_checks_per_s;
+  return base;
+}
+
 std::string DefaultDaemonConfigToml() {
   return absl::StrCat(
       "# tesserad configuration. Every key is optional: a missing key takes the default shown.\n"

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "daemon/membership/verification_throttle.h"
 #include "daemon/transfer/cluster_tls.h"
 
 namespace tessera {
@@ -123,6 +124,17 @@ absl::StatusOr<std::string> ResolveNodeId(const std::string& configured);
 
 // The peer port's TLS files of `cluster` (off when its cluster.tls_* are empty).
 ClusterTlsFiles ClusterTls(const DaemonConfig::Cluster& cluster);
+
+// The budgets the daemon gives its verification throttles (verification_throttle.h): of
+// membership datagrams failing authentication, per source (cluster.datagram_failures_per_source_
+// per_s) and over sources not a member's (cluster.datagram_failures_per_s); and of incarnation
+// proof checks, per member (cluster.proof_checks_per_member_per_s) and in all
+// (cluster.proof_checks_per_s): `base` with those rates, its bursts and the rest as they are
+// (for proofs, base is IncarnationProofs::DefaultThrottle()).
+VerificationThrottle::Options DatagramThrottleOptions(const DaemonConfig::Cluster& cluster,
+                                                      VerificationThrottle::Options base = {});
+VerificationThrottle::Options ProofThrottleOptions(const DaemonConfig::Cluster& cluster,
+                                                   VerificationThrottle::Options base);
 
 }  // namespace tessera
 

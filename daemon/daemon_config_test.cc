@@ -380,6 +380,52 @@ proof_checks_per_s = 1
   EXPECT_EQ(config->cluster.proof_checks_per_s, 250);
 }
 
+// What the daemon builds its throttles from: a budget set in the file reaches the throttle.
+TEST(DaemonConfigTest, VerificationBudgetsReachTheThrottles) {
+  const std::string path = WriteTempFile("low-budgets.toml", R"(
+[cluster]
+datagram_failures_per_source_per_s = 2
+datagram_failures_per_s = 3
+)");
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {"cluster.proof_checks_per_s=5"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  // Failures admitted in `seconds` after each burst is spent, from one source and from made-up
+  // ones, by a throttle built as the daemon builds it.
+  auto admitted_after_burst = [](VerificationThrottle::Options options, bool one_source,
+                                 int seconds) {
+    VerificationThrottle throttle(options);
+    absl::Time now = absl::FromUnixSeconds(1'000'000);
+    int source = 0;
+    auto fail_all = [&] {
+      int admitted = 0;
+      for (int i = 0; i < 10'000; ++i) {
+        const std::string from = one_source ? "10.0.0.1" : absl::StrCat("10.1.", source++);
+        if (!throttle.Admit(from, now)) continue;
+        throttle.Failed(from, now);
+        ++admitted;
+      }
+      return admitted;
+    };
+    fail_all();  // the bursts
+    now += absl::Seconds(seconds);
+    return fail_all();
+  };
+  const VerificationThrottle::Options datagrams = DatagramThrottleOptions(config->cluster);
+  EXPECT_EQ(admitted_after_burst(datagrams, /*one_source=*/true, 5), 10) << "2 a second";
+  EXPECT_EQ(admitted_after_burst(datagrams, /*one_source=*/false, 5), 15) << "3 a second";
+  // The defaults, for contrast: 10 and 100 a second, each within its burst.
+  const VerificationThrottle::Options defaults = DatagramThrottleOptions(DaemonConfig().cluster);
+  EXPECT_EQ(admitted_after_burst(defaults, /*one_source=*/true, 1), 10);
+  EXPECT_EQ(admitted_after_burst(defaults, /*one_source=*/false, 1), 64);
+  // Proofs: the override's 5 a second in all, over IncarnationProofs' bursts.
+  VerificationThrottle::Options base;
+  base.total_burst = 256;
+  const VerificationThrottle::Options proofs = ProofThrottleOptions(config->cluster, base);
+  EXPECT_EQ(proofs.total_burst, 256);
+  EXPECT_EQ(admitted_after_burst(proofs, /*one_source=*/false, 4), 20);
+  EXPECT_EQ(proofs.source_interval, absl::Milliseconds(10)) << "the default 100 a second";
+}
+
 TEST(DaemonConfigErrorTest, VerificationBudgets) {
   // Each names the key, the value and the range; 0 (no check at all) is refused, not unlimited.
   EXPECT_EQ(OverrideError("cluster.datagram_failures_per_source_per_s=0"),

@@ -1,9 +1,10 @@
 // What a hostile member or a forger on the network controls under mutual TLS: membership
-// datagrams (UdpHeartbeats' format 2) with their identity block, and the proofs of incarnation
+// datagrams (UdpHeartbeats' format 3) with their identity block, and the proofs of incarnation
 // (incarnation_proof.h) a heartbeat carries, through the code a daemon runs on them:
 // ReadIncarnationClaim and VerifyIncarnationProof against the cluster's CA, UdpHeartbeats::Decode
-// (the HMAC, then DatagramSigner::Verify), and for a request that passes, as UdpHeartbeats'
-// receiver hands it on, Cluster::OnHeartbeat: its screening of relayed updates
+// (the HMAC, then DatagramSigner::Verify, with the receiver's ReplayWindow), and for a request
+// that passes, as UdpHeartbeats' receiver hands it on, Cluster::OnHeartbeat: its screening of
+// relayed updates
 // (IncarnationProofs::Check, then Swim). Replies reach Cluster only through its own probes
 // (threads and sockets) and are decoded and checked here but not applied.
 //
@@ -30,7 +31,9 @@
 //   - a claim that reads encodes back to the same record (IncarnationRecord);
 //   - a datagram decodes only under the same conditions for its signed bytes, returns the node
 //     of the key that signed it, a request or reply naming a node names that one, and with a
-//     token its HMAC is the token's over its bytes; a valid datagram, unchanged, decodes;
+//     token its HMAC is the token's over its bytes; a valid datagram, unchanged, decodes (each
+//     datagram of an input is stamped with a sequence of its own, incarnation 500), and the
+//     same bytes again are refused as a replay, with no signature check;
 //   - after a request passes, every member the receiver holds (node, incarnation, address) was
 //     vouched for in this input: by its own authenticated datagram (its sender's fields, or an
 //     update about the sender's own incarnation), or by a valid proof of its own; and the
@@ -55,6 +58,7 @@
 #include "daemon/membership/cluster.h"
 #include "daemon/membership/datagram_signer.h"
 #include "daemon/membership/incarnation_proof.h"
+#include "daemon/membership/replay_window.h"
 #include "daemon/membership/udp_heartbeats.h"
 #include "daemon/transfer/peer_service.h"
 #include "daemon/transfer/test_certificates.h"
@@ -66,6 +70,7 @@ namespace tessera {
 namespace {
 
 constexpr uint64_t kReceiverIncarnation = 150;
+constexpr uint64_t kSenderIncarnation = 500;  // in every signed datagram's header
 constexpr char kReceiverAddress[] = "10.0.0.0:7070";
 constexpr char kToken[] = "fuzz-cluster-token-0123456789";
 
@@ -426,6 +431,8 @@ class NoHeartbeats final : public HeartbeatSender {
 };
 
 struct Receiver {
+  ReplayWindow replay;         // UdpHeartbeats' receiver's, for this input's datagrams
+  uint64_t next_sequence = 1;  // the senders' (every datagram of an input a sequence its own)
   std::unique_ptr<Cluster> cluster;
   bool self_fenced = false;
   std::set<Claim> vouched;  // by a member's own datagram or a valid proof of its own
@@ -484,12 +491,16 @@ void ReadDatagram(fuzz::Input& in, bool token, Receiver* receiver) {
   const bool unsigned_format = key_byte == 0xff;
   const size_t key = (key_byte & 0x7f) % ids;
   std::string bytes = "TSHB";
-  bytes.push_back(static_cast<char>(unsigned_format ? 1 : 2));
+  bytes.push_back(static_cast<char>(unsigned_format ? 1 : 3));
   bytes.push_back(static_cast<char>(type));
   bytes.append(2, '\0');
   for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>(0x11 * (i + 1)));
+  const uint64_t sequence = receiver->next_sequence++;
   if (!unsigned_format) {
     for (int i = 0; i < 4; ++i) bytes.push_back(static_cast<char>((body.size() >> (8 * i)) & 0xff));
+    for (uint64_t v : {kSenderIncarnation, sequence}) {
+      for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+    }
   }
   bytes.append(body);
   if (!unsigned_format) SignWith(&bytes, chain, key, key_byte & 0x80, &made);
@@ -512,7 +523,7 @@ void ReadDatagram(fuzz::Input& in, bool token, Receiver* receiver) {
   const std::string token_string = token ? kToken : "";
   absl::StatusOr<UdpHeartbeats::Decoded> d =
       UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(datagram.data()), datagram.size(),
-                            token_string, fixture->receiver.get());
+                            token_string, fixture->receiver.get(), &receiver->replay);
   if (fuzz::Verbose()) {
     std::printf("datagram type %d of %zu bytes, %zu proofs: %s\n", type, datagram.size(),
                 proofs.size(), d.ok() ? "decoded" : d.status().ToString().c_str());
@@ -531,13 +542,22 @@ void ReadDatagram(fuzz::Input& in, bool token, Receiver* receiver) {
     FUZZ_CHECK(Hmac(signed_part) == datagram.substr(signed_part.size()),
                "with a token, a datagram decodes only with the token's HMAC");
   }
-  FUZZ_CHECK(signed_part.size() >= 22 && datagram[4] == 2, "a datagram decodes only signed");
+  FUZZ_CHECK(signed_part.size() >= 38 && datagram[4] == 3, "a datagram decodes only signed");
+  // Taken once: the same bytes again are refused before their signature is checked.
+  const uint64_t checked = fixture->receiver->stats().signatures_checked;
+  absl::StatusOr<UdpHeartbeats::Decoded> again =
+      UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(datagram.data()), datagram.size(),
+                            token_string, fixture->receiver.get(), &receiver->replay);
+  FUZZ_CHECK(absl::IsAlreadyExists(again.status()),
+             "a datagram decoded once is refused as a replay: " + again.status().ToString());
+  FUZZ_CHECK(fixture->receiver->stats().signatures_checked == checked,
+             "a replay costs no signature check");
   size_t body_bytes = 0;
   for (int i = 3; i >= 0; --i) {
     body_bytes = (body_bytes << 8) | static_cast<uint8_t>(signed_part[16 + i]);
   }
-  FUZZ_CHECK(body_bytes <= signed_part.size() - 22, "a decoded datagram's body lies in it");
-  const size_t block = 20 + body_bytes;
+  FUZZ_CHECK(body_bytes <= signed_part.size() - 38, "a decoded datagram's body lies in it");
+  const size_t block = 36 + body_bytes;
   const size_t chain_bytes = Le16(signed_part, block);
   FUZZ_CHECK(chain_bytes <= signed_part.size() - block - 2,
              "a decoded datagram's chain lies in it");
@@ -546,7 +566,8 @@ void ReadDatagram(fuzz::Input& in, bool token, Receiver* receiver) {
              "a datagram decodes only if signed by a certificate of the CA naming a node");
   FUZZ_CHECK(d->node_id == signer, "a decoded datagram names the node that signed it");
   FUZZ_CHECK(d->type == static_cast<uint8_t>(signed_part[5]) &&
-                 d->body == signed_part.substr(20, body_bytes),
+                 d->body == signed_part.substr(36, body_bytes) &&
+                 d->incarnation == kSenderIncarnation && d->sequence == sequence,
              "a decoded datagram is its bytes");
   if (d->type == 1 || d->type == 2) {
     const std::string named = NodeNamed(d->type, d->body);

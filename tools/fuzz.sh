@@ -116,6 +116,7 @@ sources=(
   daemon/coordination/coordination.cc daemon/coordination/protection.cc
   daemon/membership/swim.cc daemon/membership/swim_views.cc daemon/membership/udp_heartbeats.cc
   daemon/membership/datagram_signer.cc daemon/membership/verification_throttle.cc
+  daemon/membership/replay_window.cc
   daemon/membership/cluster.cc daemon/membership/incarnation_proof.cc
   daemon/agent_service.cc daemon/refusals.cc daemon/unix_listener.cc daemon/metrics/metrics.cc
   fuzz/fuzz_util.cc fuzz/data_path_stream.cc

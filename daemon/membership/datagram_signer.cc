@@ -202,9 +202,12 @@ absl::Status DatagramSigner::Sign(std::string* datagram) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t block, size_t end,
-                                                   const std::string& claimed_node,
-                                                   const char* what) {
+uint64_t DatagramSigner::NextSequence() { return next_sequence_.fetch_add(1); }
+
+absl::StatusOr<std::string> DatagramSigner::Verify(
+    const uint8_t* data, size_t block, size_t end, const std::string& claimed_node,
+    const char* what,
+    const std::function<absl::Status(const std::string& node)>& before_signature) {
   auto u16 = [&](size_t at) { return static_cast<size_t>(data[at] | (data[at + 1] << 8)); };
   if (end < block + 2 || end - block - 2 < u16(block)) {
     return absl::InvalidArgumentError(
@@ -301,6 +304,7 @@ absl::StatusOr<std::string> DatagramSigner::Verify(const uint8_t* data, size_t b
   if (!claimed_node.empty() && claimed_node != verified->node_id) {
     return Impersonation(what, claimed_node, verified->node_id);
   }
+  if (before_signature) TESSERA_RETURN_IF_ERROR(before_signature(verified->node_id));
   {
     absl::MutexLock lock(&mu_);
     ++stats_.signatures_checked;

@@ -17,8 +17,13 @@
 // verify, so a forged one is refused without a second check. What a flood of forged datagrams
 // can cost in all is bounded by UdpHeartbeats (verification_throttle.h).
 //
-// Replays: as with the HMAC, a recorded datagram can be sent again; it can only repeat an answer
-// or an update that membership already orders by incarnation and version.
+// Replays: a recorded datagram sent again would pass every check, each time at the price of a
+// signature check. So each signed membership datagram carries, inside the signed bytes, its
+// sender's incarnation and a sequence number from NextSequence (udp_heartbeats.h), and the
+// receiver keeps, per node, the highest it verified and a window below it (replay_window.h): a
+// datagram already taken, below the window or of an older incarnation is dropped before the
+// signature is checked (the `before_signature` argument of Verify), and the window moves only
+// once a signature verifies.
 //
 // The same identity block signs a member's proof of its incarnation (incarnation_proof.h), which
 // gossip about the member carries.
@@ -36,8 +41,10 @@
 #ifndef TESSERA_DAEMON_MEMBERSHIP_DATAGRAM_SIGNER_H_
 #define TESSERA_DAEMON_MEMBERSHIP_DATAGRAM_SIGNER_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -74,16 +81,22 @@ class DatagramSigner {
 
   // Appends the identity block to `datagram` (whose bytes it signs). kInternal if signing fails.
   absl::Status Sign(std::string* datagram);
+  // The next of a counter that starts at 1 with this signer (one per daemon process): the
+  // sequence number of a membership datagram about to be signed.
+  uint64_t NextSequence();
 
   // Checks the identity block that starts at data[block] and ends at data[end]: the node the
   // signer's certificate names. kUnauthenticated when the chain does not verify against the CA
   // (or names no node) or the signature does not verify; kInvalidArgument when the block is
   // malformed. With `claimed_node`, the node the datagram's message says it comes from, a
   // certificate naming another node is kUnauthenticated (Impersonation(what, ...)) before the
-  // signature is checked: such a datagram costs no signature check.
-  absl::StatusOr<std::string> Verify(const uint8_t* data, size_t block, size_t end,
-                                     const std::string& claimed_node = "",
-                                     const char* what = "a datagram");
+  // signature is checked: such a datagram costs no signature check. So does one refused by
+  // `before_signature`, called with the node the (verified) certificate names just before the
+  // signature would be checked: its error is returned as it is.
+  absl::StatusOr<std::string> Verify(
+      const uint8_t* data, size_t block, size_t end, const std::string& claimed_node = "",
+      const char* what = "a datagram",
+      const std::function<absl::Status(const std::string& node)>& before_signature = nullptr);
 
   struct Stats {
     uint64_t signed_datagrams = 0;
@@ -116,6 +129,7 @@ class DatagramSigner {
   std::map<std::string, std::shared_ptr<const VerifiedChain>> chains_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::pair<absl::Status, absl::Time>> refused_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::atomic<uint64_t> next_sequence_{1};
 };
 
 }  // namespace tessera

@@ -14,6 +14,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <utility>
 #include <vector>
@@ -31,8 +32,11 @@ namespace {
 
 constexpr char kMagic[4] = {'T', 'S', 'H', 'B'};
 constexpr uint8_t kFormatVersion = 1;
-constexpr uint8_t kSignedFormatVersion = 2;
-constexpr size_t kBodyLengthBytes = 4;  // version 2
+// Version 2 was signed without the sender's incarnation and sequence (replayable); refused.
+constexpr uint8_t kUnsequencedFormatVersion = 2;
+constexpr uint8_t kSignedFormatVersion = 3;
+// Version 3, after the header: the body's length (u32), the incarnation and the sequence (u64).
+constexpr size_t kSignedFieldsBytes = 4 + 8 + 8;
 constexpr uint8_t kRequest = 1;
 constexpr uint8_t kReply = 2;
 constexpr uint8_t kRefused = 3;
@@ -150,7 +154,10 @@ absl::StatusOr<absl::Status> ReadRefusal(const std::string& body) {
 absl::StatusOr<std::string> UdpHeartbeats::Encode(uint8_t type, uint64_t id,
                                                   const std::string& body,
                                                   const std::string& token,
-                                                  DatagramSigner* signer) {
+                                                  DatagramSigner* signer, uint64_t incarnation) {
+  if (signer != nullptr && incarnation == 0) {
+    return absl::InvalidArgumentError("a signed datagram needs its sender's incarnation");
+  }
   std::string out(kHeaderBytes, '\0');
   std::memcpy(&out[0], kMagic, 4);
   out[4] = static_cast<char>(signer != nullptr ? kSignedFormatVersion : kFormatVersion);
@@ -159,6 +166,10 @@ absl::StatusOr<std::string> UdpHeartbeats::Encode(uint8_t type, uint64_t id,
   if (signer != nullptr) {
     const uint32_t n = static_cast<uint32_t>(body.size());
     for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+    char fields[16];
+    PutU64(incarnation, fields);
+    PutU64(signer->NextSequence(), fields + 8);
+    out.append(fields, sizeof(fields));
   }
   out.append(body);
   if (signer != nullptr && out.size() <= kMaxDatagramBytes) {
@@ -179,11 +190,17 @@ absl::StatusOr<std::string> UdpHeartbeats::Encode(uint8_t type, uint64_t id,
 
 absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data, size_t size,
                                                              const std::string& token,
-                                                             DatagramSigner* signer) {
+                                                             DatagramSigner* signer,
+                                                             ReplayWindow* replay) {
   if (size < kHeaderBytes + kMacBytes || size > kMaxDatagramBytes) {
     return absl::InvalidArgumentError(absl::StrCat("a datagram of ", size, " bytes; one is ",
                                                    kHeaderBytes + kMacBytes, "..",
                                                    kMaxDatagramBytes));
+  }
+  if (std::memcmp(data, kMagic, 4) == 0 && data[4] == kUnsequencedFormatVersion) {
+    return absl::InvalidArgumentError(
+        "a datagram of format 2 (signed without its sender's incarnation and sequence, by a "
+        "daemon of an older release): this one takes format 3 under mutual TLS");
   }
   if (std::memcmp(data, kMagic, 4) != 0 ||
       (data[4] != kFormatVersion && data[4] != kSignedFormatVersion) || data[6] != 0 ||
@@ -207,8 +224,8 @@ absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data
     return absl::UnauthenticatedError(
         signer != nullptr
             ? "an unsigned datagram (format 1): this daemon runs mutual TLS and takes only "
-              "datagrams signed with a node's certificate (format 2)"
-            : "a signed datagram (format 2): this daemon runs no TLS and takes format 1");
+              "datagrams signed with a node's certificate (format 3)"
+            : "a signed datagram (format 3): this daemon runs no TLS and takes format 1");
   }
   Decoded d;
   d.type = data[5];
@@ -217,28 +234,47 @@ absl::StatusOr<UdpHeartbeats::Decoded> UdpHeartbeats::Decode(const uint8_t* data
     d.body.assign(reinterpret_cast<const char*>(data + kHeaderBytes), signed_bytes - kHeaderBytes);
     return d;
   }
-  const size_t body_at = kHeaderBytes + kBodyLengthBytes;
-  uint32_t body_bytes = 0;
-  for (int i = 3; i >= 0 && signed_bytes >= body_at; --i) {
-    body_bytes = (body_bytes << 8) | data[kHeaderBytes + i];
+  const size_t body_at = kHeaderBytes + kSignedFieldsBytes;
+  if (signed_bytes < body_at) {
+    return absl::InvalidArgumentError("a signed datagram cut short (incarnation, sequence)");
   }
-  if (signed_bytes < body_at || signed_bytes - body_at < body_bytes) {
+  uint32_t body_bytes = 0;
+  for (int i = 3; i >= 0; --i) body_bytes = (body_bytes << 8) | data[kHeaderBytes + i];
+  if (signed_bytes - body_at < body_bytes) {
     return absl::InvalidArgumentError("a signed datagram whose body runs past its end");
+  }
+  d.incarnation = GetU64(data + kHeaderBytes + 4);
+  d.sequence = GetU64(data + kHeaderBytes + 12);
+  if (d.incarnation == 0 || d.sequence == 0) {
+    return absl::InvalidArgumentError("a signed datagram of incarnation or sequence 0");
   }
   d.body.assign(reinterpret_cast<const char*>(data + body_at), body_bytes);
   // The claim is checked against the certificate before the signature (DatagramSigner::Verify):
   // a datagram speaking for another node costs no signature check.
   const char* what = "";
   const std::string claimed = ClaimedNode(d.type, d.body, &what);
+  // And a datagram taken already (or below the window, or of an older incarnation) costs none
+  // either; the window moves only once the signature verifies (replay_window.h).
+  const absl::Time now = absl::Now();
+  auto not_replayed = [&](const std::string& node) {
+    return replay->Check(node, d.incarnation, d.sequence, now);
+  };
   absl::StatusOr<std::string> node =
-      signer->Verify(data, body_at + body_bytes, signed_bytes, claimed, what);
+      signer->Verify(data, body_at + body_bytes, signed_bytes, claimed, what,
+                     replay != nullptr ? std::function<absl::Status(const std::string&)>(
+                                             not_replayed)
+                                       : nullptr);
   if (!node.ok()) return node.status();
+  if (replay != nullptr) TESSERA_RETURN_IF_ERROR(replay->Accept(*node, d.incarnation, d.sequence));
   d.node_id = std::move(*node);
   return d;
 }
 
 UdpHeartbeats::UdpHeartbeats(Options options)
     : options_(std::move(options)),
+      incarnation_(options_.incarnation != 0
+                       ? options_.incarnation
+                       : static_cast<uint64_t>(absl::ToUnixMillis(absl::Now()))),
       next_id_(std::random_device{}() | 1),
       throttle_(options_.throttle) {
   next_id_ = (next_id_.load() << 32) ^ std::random_device{}();
@@ -388,7 +424,7 @@ absl::StatusOr<HeartbeatReply> UdpHeartbeats::Heartbeat(const std::string& peer,
   const uint64_t id = next_id_.fetch_add(1);
   TESSERA_ASSIGN_OR_RETURN(std::string datagram,
                            Encode(kRequest, id, request.SerializeAsString(), options_.token,
-                                  options_.signer.get()));
+                                  options_.signer.get(), incarnation_));
   Pending pending;
   pending.address = peer;
   pending.to = to;
@@ -546,7 +582,14 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
          &stats_.dropped_throttled);
     return;
   }
-  absl::StatusOr<Decoded> d = Decode(data, size, options_.token, options_.signer.get());
+  absl::StatusOr<Decoded> d =
+      Decode(data, size, options_.token, options_.signer.get(), &replay_);
+  if (absl::IsAlreadyExists(d.status())) {
+    // Refused before its signature: it cost no check, so spends no budget.
+    absl::MutexLock lock(&mu_);
+    Drop("replayed", d.status(), &stats_.dropped_replayed);
+    return;
+  }
   if (!d.ok()) {
     if (absl::IsUnauthenticated(d.status())) throttle_.Failed(source, now);
     absl::MutexLock lock(&mu_);
@@ -593,7 +636,7 @@ void UdpHeartbeats::HandleDatagram(const uint8_t* data, size_t size, const socka
       body = RefusalBody(reply.status());
     }
     absl::StatusOr<std::string> datagram =
-        Encode(type, d->id, body, options_.token, options_.signer.get());
+        Encode(type, d->id, body, options_.token, options_.signer.get(), incarnation_);
     if (!datagram.ok()) return;  // too many updates to fit: the asker's deadline passes
     if (sendto(fd_, datagram->data(), datagram->size(), MSG_DONTWAIT,
                reinterpret_cast<const sockaddr*>(&from), from_len) >= 0) {

@@ -8,7 +8,8 @@
 //
 // Wire format of one datagram (little-endian):
 //   [0, 4)    magic "TSHB"
-//   [4]       format version: 1, or 2 when signed (mutual TLS)
+//   [4]       format version: 1, or 3 when signed (mutual TLS; 2, signed without incarnation and
+//             sequence by an older release, is refused: it could be replayed)
 //   [5]       type: 1 request, 2 reply, 3 refused (the handler's error: code u32, then the
 //             message; when the error has details (common/grpc_status.h, such as the proof behind
 //             a fencing refusal), the code's top bit is set and u16 M, M bytes of message and the
@@ -17,9 +18,13 @@
 //   [8, 16)   id: the sender's request number; a reply repeats it
 //   version 1:
 //   [16, n)   body: the protobuf (request, reply) or the error (refused)
-//   version 2:
-//   [16, 20)  u32 B, then B bytes of body, then the sender's identity block: its certificate
-//             chain and its signature over all the bytes before it (datagram_signer.h)
+//   version 3:
+//   [16, 20)  u32 B
+//   [20, 28)  the sender's incarnation (non-zero; Options::incarnation)
+//   [28, 36)  its sequence number (non-zero): one more for each datagram its process signs
+//             (DatagramSigner::NextSequence), requests and replies alike
+//   [36, ...) B bytes of body, then the sender's identity block: its certificate chain and its
+//             signature over all the bytes before it (datagram_signer.h)
 //   then, either version:
 //   [n, n+32) HMAC-SHA256 of [0, n) keyed by the cluster token; zeros when there is none
 // A datagram is at most kMaxDatagramBytes; a message that would not fit is not sent (an error),
@@ -32,10 +37,16 @@
 // make a datagram that is accepted. With mutual TLS (Options::signer), only version 2 datagrams
 // are accepted, signed with a certificate of the cluster's CA that names a node, and a request
 // or reply whose message names another node than the certificate does (node_id) is dropped as
-// unauthenticated: a daemon speaks only for its own node, as on the gRPC calls. A replayed
-// datagram can only repeat an answer or an update that membership already orders by
-// incarnation and version. Without either (an insecure cluster), anyone who reaches the port
-// can send membership messages, as with the gRPC path.
+// unauthenticated: a daemon speaks only for its own node, as on the gRPC calls. Replays: a
+// signed datagram whose (node, incarnation, sequence) was taken already, lies below the window
+// of the sender's highest verified sequence, or is of an older incarnation than the last two
+// verified from that node is dropped before its signature is checked (replay_window.h;
+// Stats::dropped_replayed, logged at most once per 10 s); requests and replies alike, so an
+// indirect probe's ack relayed is covered hop by hop. A replayed datagram costs a MAC and a
+// lookup, no signature check, and spends no budget. With a token only (no TLS), a recorded
+// datagram can still be replayed: it can only repeat an answer or an update that membership
+// already orders by incarnation and version. Without either (an insecure cluster), anyone who
+// reaches the port can send membership messages, as with the gRPC path.
 //
 // Cost of forged datagrams: the cheap checks come first (size, magic, version, type; then the
 // MAC; then, under TLS, whether the certificate, when its chain is known, names the node the
@@ -66,6 +77,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "daemon/membership/datagram_signer.h"
+#include "daemon/membership/replay_window.h"
 #include "daemon/membership/verification_throttle.h"
 #include "daemon/transfer/peer_client.h"
 #include "daemon/transfer/peer_service.h"
@@ -85,6 +97,9 @@ class UdpHeartbeats final : public HeartbeatSender {
     std::string token;           // the cluster token; empty: datagrams carry no MAC
     // With mutual TLS: signs what is sent and checks what is received (version 2). Null: none.
     std::shared_ptr<DatagramSigner> signer;
+    // With a signer: this daemon's incarnation, stamped on every datagram it signs (receivers
+    // keep a replay window per node and incarnation). 0: the time Start is called, in unix ms.
+    uint64_t incarnation = 0;
     absl::Duration timeout = absl::Seconds(3);  // how long Heartbeat waits for the answer
     RequestHandler on_request;                  // required
     // How many datagrams failing authentication are checked, per source and in all.
@@ -106,6 +121,9 @@ class UdpHeartbeats final : public HeartbeatSender {
     // Unchecked: their source (or, for a source not heard from lately, all such sources) had
     // failed authentication past its budget.
     uint64_t dropped_throttled = 0;
+    // With TLS, refused before their signature: taken already, below the sender's window, or of
+    // an older incarnation (replay_window.h).
+    uint64_t dropped_replayed = 0;
   };
 
   // Binds the socket and starts the receiver thread.
@@ -123,23 +141,31 @@ class UdpHeartbeats final : public HeartbeatSender {
   Stats stats() const;
   uint16_t port() const { return port_; }
 
-  // The datagram codec, exposed for tests. With a signer, version 2 (signed); without, version
-  // 1. Encode returns kInvalidArgument when the body does not fit in kMaxDatagramBytes.
+  // The datagram codec, exposed for tests. With a signer, version 3 (signed, stamped with
+  // `incarnation` and the signer's next sequence number); without, version 1. Encode returns
+  // kInvalidArgument when the body does not fit in kMaxDatagramBytes, or with a signer and no
+  // incarnation.
   static absl::StatusOr<std::string> Encode(uint8_t type, uint64_t id, const std::string& body,
                                             const std::string& token,
-                                            DatagramSigner* signer = nullptr);
+                                            DatagramSigner* signer = nullptr,
+                                            uint64_t incarnation = 0);
   struct Decoded {
     uint8_t type = 0;
     uint64_t id = 0;
     std::string body;
-    std::string node_id;  // version 2: the node the signer's certificate names
+    std::string node_id;  // version 3: the node the signer's certificate names
+    uint64_t incarnation = 0;  // version 3: the sender's, and its sequence number
+    uint64_t sequence = 0;
   };
   // kInvalidArgument (malformed) or kUnauthenticated (MAC; with a signer, unsigned or a
   // signature or certificate that does not verify, or a request or reply whose message names
-  // another node than the certificate), naming what was wrong.
+  // another node than the certificate), naming what was wrong. With a signer and `replay`:
+  // kAlreadyExists, with no signature check, for a datagram `replay` refuses, and a datagram
+  // that verifies is marked there.
   static absl::StatusOr<Decoded> Decode(const uint8_t* data, size_t size,
                                         const std::string& token,
-                                        DatagramSigner* signer = nullptr);
+                                        DatagramSigner* signer = nullptr,
+                                        ReplayWindow* replay = nullptr);
 
  private:
   struct Pending {
@@ -160,6 +186,7 @@ class UdpHeartbeats final : public HeartbeatSender {
   absl::StatusOr<sockaddr_storage> Resolve(const std::string& peer, socklen_t* len);
 
   const Options options_;
+  const uint64_t incarnation_;
   int fd_ = -1;
   int stop_fd_ = -1;  // an eventfd that wakes the receiver to stop
   uint16_t port_ = 0;
@@ -177,6 +204,7 @@ class UdpHeartbeats final : public HeartbeatSender {
   std::map<std::string, Resolved> resolved_ ABSL_GUARDED_BY(mu_);  // peer address -> socket
   // Used by the receiver thread only.
   VerificationThrottle throttle_;
+  ReplayWindow replay_;
   std::thread receiver_;
 };
 

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -69,6 +70,9 @@ struct Endpoint {
     options.listen_address = address;
     options.token = token;
     options.signer = std::move(signer);
+    // Each endpoint a process of its own: an incarnation of its own.
+    static std::atomic<uint64_t> next_incarnation{1000};
+    options.incarnation = next_incarnation.fetch_add(1);
     options.timeout = timeout;
     options.on_request = [this](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
       absl::MutexLock lock(&mu);
@@ -353,7 +357,7 @@ TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembers
     peer::HeartbeatRequest request;
     request.set_node_id(claimed);
     request.set_incarnation(5);
-    auto datagram = UdpHeartbeats::Encode(1, id, request.SerializeAsString(), "", n9.get());
+    auto datagram = UdpHeartbeats::Encode(1, id, request.SerializeAsString(), "", n9.get(), 5);
     EXPECT_TRUE(datagram.ok()) << datagram.status();
     std::string bytes = *datagram;
     bytes[bytes.size() - UdpHeartbeats::kMacBytes - 1] ^= 0x01;  // the signature's last byte
@@ -441,6 +445,193 @@ TEST_F(SignedHeartbeatsTest, AFloodOfForgedDatagramsCostsBoundedChecksAndMembers
   for (int fd : many) close(fd);
 }
 
+// Under TLS, the codec with a replay window, as the receiver runs it: a datagram is taken once,
+// the second delivery refused before its signature is checked.
+TEST_F(SignedHeartbeatsTest, AReplayCostsNoSignatureCheckAndOnlyAVerifiedDatagramMovesTheWindow) {
+  std::mt19937_64 rng(Seed() + 10);
+  std::shared_ptr<DatagramSigner> n1 = SignerFor("n1");
+  std::shared_ptr<DatagramSigner> receiver = SignerFor("n2");
+  const uint64_t incarnation = 1 + rng() % (uint64_t{1} << 50);
+  ReplayWindow window;
+  auto encode = [&](DatagramSigner* signer, uint64_t inc) {
+    peer::HeartbeatRequest request;
+    request.set_node_id("n1");
+    request.set_incarnation(inc);
+    request.set_address(RandomString(rng, 1 + rng() % 30));
+    auto d = UdpHeartbeats::Encode(1, rng(), request.SerializeAsString(), "", signer, inc);
+    EXPECT_TRUE(d.ok()) << d.status();
+    return *d;
+  };
+  auto decode = [&](const std::string& d) {
+    return UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(d.data()), d.size(), "",
+                                 receiver.get(), &window);
+  };
+  auto checks = [&] { return receiver->stats().signatures_checked; };
+  // Delivered twice: the second costs no signature check.
+  const std::string first = encode(n1.get(), incarnation);
+  ASSERT_TRUE(decode(first).ok());
+  EXPECT_EQ(checks(), 1u);
+  absl::StatusOr<UdpHeartbeats::Decoded> again = decode(first);
+  EXPECT_TRUE(absl::IsAlreadyExists(again.status())) << again.status();
+  EXPECT_EQ(checks(), 1u) << "a replay cost a signature check";
+  // Timed: what refusing a replay costs, next to taking a genuine datagram.
+  const int n = 200;
+  std::vector<std::string> genuine;
+  for (int i = 0; i < n; ++i) genuine.push_back(encode(n1.get(), incarnation));
+  absl::Time start = absl::Now();
+  for (const std::string& d : genuine) ASSERT_TRUE(decode(d).ok());
+  const absl::Duration verified = (absl::Now() - start) / n;
+  start = absl::Now();
+  for (const std::string& d : genuine) ASSERT_FALSE(decode(d).ok());
+  const absl::Duration refused = (absl::Now() - start) / n;
+  EXPECT_EQ(checks(), 1u + n);
+  std::printf("a genuine datagram decoded in %s (signature checked); its replay refused in %s "
+              "(%.1fx less)\n", absl::FormatDuration(verified).c_str(),
+              absl::FormatDuration(refused).c_str(), absl::FDivDuration(verified, refused));
+  // Reordered within the window: both pass.
+  const std::string a = encode(n1.get(), incarnation), b = encode(n1.get(), incarnation);
+  ASSERT_TRUE(decode(b).ok());
+  ASSERT_TRUE(decode(a).ok());
+  // Far below the window: one signed before kWindow others were taken, delivered after them.
+  const std::string late = encode(n1.get(), incarnation);
+  for (uint64_t i = 0; i < ReplayWindow::kWindow; ++i) {
+    ASSERT_TRUE(decode(encode(n1.get(), incarnation)).ok());
+  }
+  uint64_t before = checks();
+  EXPECT_TRUE(absl::IsAlreadyExists(decode(late).status())) << decode(late).status();
+  EXPECT_EQ(checks(), before);
+  // A forged sequence far ahead (a genuine datagram's, changed): fails its signature, budgeted as
+  // a failure, and moves nothing: a genuine one held back meanwhile still passes, as does the next.
+  const std::string held = encode(n1.get(), incarnation);
+  for (int variant = 0; variant < 3; ++variant) {
+    std::string forged = encode(n1.get(), incarnation);
+    uint64_t forged_sequence = 0;
+    for (int i = 7; i >= 0; --i) forged_sequence = (forged_sequence << 8) | uint8_t(forged[28 + i]);
+    forged_sequence = variant == 0   ? uint64_t{1} << 62
+                      : variant == 1 ? ~uint64_t{0}
+                                     : forged_sequence + 1 + rng() % 100;  // just ahead
+    for (int i = 0; i < 8; ++i) {
+      forged[28 + i] = static_cast<char>((forged_sequence >> (8 * i)) & 0xff);
+    }
+    before = checks();
+    EXPECT_EQ(decode(forged).status().code(), absl::StatusCode::kUnauthenticated)
+        << forged_sequence;
+    EXPECT_EQ(checks(), before + 1);
+  }
+  EXPECT_TRUE(decode(encode(n1.get(), incarnation)).ok());
+  EXPECT_TRUE(decode(held).ok());
+  // A forged newer incarnation moves nothing either.
+  std::string forged = encode(n1.get(), incarnation);
+  forged[20] = static_cast<char>(forged[20] ^ 0x01);
+  forged[27] = static_cast<char>(0x7f);  // far newer
+  EXPECT_EQ(decode(forged).status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(decode(encode(n1.get(), incarnation)).ok());
+  // n1 restarts: a new process (its sequence from 1 again) of a newer incarnation gets a fresh
+  // window; its replays are refused, and so are the old incarnation's.
+  std::shared_ptr<DatagramSigner> restarted = SignerFor("n1");
+  const std::string fresh = encode(restarted.get(), incarnation + 1 + rng() % 1000);
+  ASSERT_TRUE(decode(fresh).ok()) << decode(fresh).status();
+  EXPECT_TRUE(absl::IsAlreadyExists(decode(fresh).status()));
+  EXPECT_TRUE(absl::IsAlreadyExists(decode(first).status()));
+  before = checks();
+  EXPECT_TRUE(absl::IsAlreadyExists(decode(held).status()));
+  EXPECT_EQ(checks(), before);
+  // The format is bounded: cut short, or of incarnation or sequence 0, it is malformed.
+  const size_t short_of_the_sequence = UdpHeartbeats::kHeaderBytes + 19 + UdpHeartbeats::kMacBytes;
+  EXPECT_EQ(decode(fresh.substr(0, short_of_the_sequence)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::string zero = fresh;
+  for (int i = 0; i < 8; ++i) zero[28 + i] = 0;
+  EXPECT_EQ(decode(zero).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(UdpHeartbeats::Encode(1, 1, "b", "", restarted.get(), 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Over the wire: a recorded heartbeat sent again, and a recorded reply sent again, are dropped
+// and counted before any signature check; the first of each is answered or taken.
+TEST_F(SignedHeartbeatsTest, RecordedRequestsAndRepliesSentAgainAreDroppedUnchecked) {
+  std::mt19937_64 rng(Seed() + 11);
+  std::shared_ptr<DatagramSigner> b_signer = SignerFor("n2");
+  Endpoint b("tok", absl::Seconds(2), b_signer);
+  ASSERT_TRUE(b.udp);
+  b.reply.peer = MemberInfo{"n2", 7, ""};
+  int fd = BoundSocket("127.0.0.1");
+  ASSERT_GE(fd, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  to.sin_port = htons(b.udp->port());
+  std::shared_ptr<DatagramSigner> n1 = SignerFor("n1");
+  peer::HeartbeatRequest request;
+  request.set_node_id("n1");
+  request.set_incarnation(rng() | 1);
+  auto recorded = UdpHeartbeats::Encode(1, rng(), request.SerializeAsString(), "tok", n1.get(),
+                                        request.incarnation());
+  ASSERT_TRUE(recorded.ok()) << recorded.status();
+  const int copies = 2 + static_cast<int>(rng() % 5);
+  for (int i = 0; i < copies; ++i) {
+    sendto(fd, recorded->data(), recorded->size(), 0, reinterpret_cast<const sockaddr*>(&to),
+           sizeof(to));
+  }
+  // Processed in order: the answer to a heartbeat sent after them.
+  Endpoint a("tok", absl::Seconds(2), SignerFor("n1"));
+  ASSERT_TRUE(a.udp);
+  ASSERT_TRUE(a.udp->Heartbeat(b.address, From("n1")).ok());
+  UdpHeartbeats::Stats stats = b.udp->stats();
+  EXPECT_EQ(stats.requests_received, 2u) << "the recorded one once, and a's";
+  EXPECT_EQ(stats.dropped_replayed, static_cast<uint64_t>(copies - 1));
+  EXPECT_EQ(b_signer->stats().signatures_checked, 2u);
+  EXPECT_EQ(stats.dropped_throttled + stats.dropped_unauthenticated, 0u);
+
+  // A reply recorded and sent again: taken once, then dropped as replayed (not as unexpected:
+  // the window is checked before any pending call is looked up). From another socket: b's
+  // answers wait in the first.
+  close(fd);
+  fd = BoundSocket("127.0.0.1");
+  ASSERT_GE(fd, 0);
+  std::shared_ptr<DatagramSigner> n3 = SignerFor("n3");
+  std::atomic<bool> answered{false};
+  std::thread peer([&] {
+    std::vector<char> buffer(UdpHeartbeats::kMaxDatagramBytes);
+    sockaddr_storage from{};
+    socklen_t from_len = sizeof(from);
+    const ssize_t n = recvfrom(fd, buffer.data(), buffer.size(), 0,
+                               reinterpret_cast<sockaddr*>(&from), &from_len);
+    auto asked = UdpHeartbeats::Decode(reinterpret_cast<const uint8_t*>(buffer.data()),
+                                       n < 0 ? 0 : static_cast<size_t>(n), "tok", n3.get());
+    if (!asked.ok()) return;
+    peer::HeartbeatResponse response;
+    response.set_node_id("n3");
+    response.set_incarnation(9);
+    auto reply = UdpHeartbeats::Encode(2, asked->id, response.SerializeAsString(), "tok",
+                                       n3.get(), 9);
+    if (!reply.ok()) return;
+    for (int i = 0; i < copies; ++i) {
+      sendto(fd, reply->data(), reply->size(), 0, reinterpret_cast<const sockaddr*>(&from),
+             from_len);
+    }
+    answered = true;
+  });
+  sockaddr_in self{};
+  socklen_t self_len = sizeof(self);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&self), &self_len);
+  absl::StatusOr<HeartbeatReply> got =
+      a.udp->Heartbeat(absl::StrCat("127.0.0.1:", ntohs(self.sin_port)), From("n1"));
+  peer.join();
+  ASSERT_TRUE(answered);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->peer.node_id, "n3");
+  // The copies were read after the first: wait for a's receiver to count them.
+  for (int i = 0; i < 100 && a.udp->stats().dropped_replayed < uint64_t(copies - 1); ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  stats = a.udp->stats();
+  EXPECT_EQ(stats.replies_received, 2u) << "b's, earlier, and the recorded one once";
+  EXPECT_EQ(stats.dropped_replayed, static_cast<uint64_t>(copies - 1));
+  EXPECT_EQ(stats.dropped_unexpected, 0u);
+  close(fd);
+}
+
 TEST_F(SignedHeartbeatsTest, UnsignedAndSignedDoNotMix) {
   Endpoint tls("", absl::Milliseconds(300), SignerFor("n1"));
   Endpoint plain("", absl::Milliseconds(300));
@@ -461,7 +652,7 @@ TEST_F(SignedHeartbeatsTest, UnsignedAndSignedDoNotMix) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
   EXPECT_NE(refused.status().message().find("takes only datagrams signed"), std::string::npos)
       << refused.status();
-  auto signed_datagram = UdpHeartbeats::Encode(1, 1, "body", "", signer.get());
+  auto signed_datagram = UdpHeartbeats::Encode(1, 1, "body", "", signer.get(), 77);
   ASSERT_TRUE(signed_datagram.ok());
   auto decoded = UdpHeartbeats::Decode(
       reinterpret_cast<const uint8_t*>(signed_datagram->data()), signed_datagram->size(), "",
