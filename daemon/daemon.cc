@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -344,6 +345,12 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   coordination_options.k = config.ec.k;
   coordination_options.m = config.ec.m;
   coordination_options.report_interval_ms = std::max<int64_t>(100, config.liveness.heartbeat_ms);
+  // A drop's check and push are each a round of calls bounded by the coordination timeout.
+  coordination_options.drop_fence = std::max(absl::Milliseconds(config.cluster.drop_fence_ms),
+                                             3 * coordination_client_options.timeout);
+  if (const char* hold = std::getenv("TESSERA_TEST_HOLD_DROP_FILE")) {
+    coordination_options.test_hold_drop_file = hold;  // test only: see the option
+  }
   auto coordination = std::make_unique<ClusterCoordination>(
       store_.get(), fragments_.get(), cluster_.get(), peer_client_.get(),
       coordination_client_.get(), coordination_options);

@@ -329,6 +329,14 @@ ConfigSchema BuildSchema() {
           "by members none of whose proofs verified in the last minute. A cluster that restarts "
           "many members at once checks one proof per restarted member per receiver.",
           InRange(1, 1000000)),
+      ConfigKey::Int64(
+          "cluster.drop_fence_ms", defaults.cluster.drop_fence_ms,
+          "Once a job's coordinator has checked this member for the job's drop, how long the "
+          "member refuses registrations of the job (UNAVAILABLE: register again once the drop "
+          "has finished) unless the drop reaches it first; at least three coordination "
+          "timeouts (liveness.timeout_ms). Bounds how long a coordinator that died mid-drop, or "
+          "a drop refused after its check, keeps the job from registering.",
+          InRange(1000, 3600000)),
       ConfigKey::String(
           "metrics.listen_address", defaults.metrics.listen_address,
           "host:port on which Prometheus metrics are served over HTTP at /metrics, e.g. "
@@ -427,6 +435,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.proof_checks_per_member_per_s =
       config.GetInt64("cluster.proof_checks_per_member_per_s");
   daemon_config.cluster.proof_checks_per_s = config.GetInt64("cluster.proof_checks_per_s");
+  daemon_config.cluster.drop_fence_ms = config.GetInt64("cluster.drop_fence_ms");
   daemon_config.metrics.listen_address = config.GetString("metrics.listen_address");
   daemon_config.ec.k = static_cast<int>(config.GetInt64("ec.k"));
   daemon_config.ec.m = static_cast<int>(config.GetInt64("ec.m"));

@@ -74,6 +74,9 @@ struct DaemonConfig {
     int64_t datagram_failures_per_s = 100;
     int64_t proof_checks_per_member_per_s = 100;
     int64_t proof_checks_per_s = 500;
+    // cluster.drop_fence_ms: how long a member refuses a job's registrations once the job's
+    // coordinator has checked it for a drop (at least three coordination timeouts).
+    int64_t drop_fence_ms = 10000;
   };
   struct Ec {
     int k = 3;  // ec.k

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
@@ -98,6 +99,8 @@ enum MethodIndex {
   kPushJobState,
   kResolveRestore,
   kListJob,
+  kDropJob,
+  kApplyDrop,
   kGrpcMethods,
   // Direct: not through gRPC.
   kJoinDirect = kGrpcMethods,
@@ -126,6 +129,8 @@ constexpr Method kMethods[kGrpcMethods] = {
     {"/tessera.coordination.Coordination/PushJobState", Stream::kUnary, Service::kCoordination},
     {"/tessera.coordination.Coordination/ResolveRestore", Stream::kUnary, Service::kCoordination},
     {"/tessera.coordination.Coordination/ListJob", Stream::kUnary, Service::kCoordination},
+    {"/tessera.coordination.Coordination/DropJob", Stream::kUnary, Service::kCoordination},
+    {"/tessera.coordination.Coordination/ApplyDrop", Stream::kUnary, Service::kCoordination},
 };
 
 // Heartbeats go to a Cluster that is never started: it sends nothing.
@@ -143,6 +148,8 @@ class CoordinatorHandler final : public CoordinationHandler {
   void Reset() {
     std::lock_guard<std::mutex> lock(mu_);
     core_ = std::make_unique<JobCoordinator>();
+    for (const std::string& job : fenced_) store_->LiftDropFence(job);
+    fenced_.clear();
   }
   absl::StatusOr<JobState> OnReport(const NodeIdentity&, const ProtectedReport& report) override {
     FUZZ_CHECK(report.world_size >= 1 && report.world_size <= kMaxWorldSize &&
@@ -174,10 +181,63 @@ class CoordinatorHandler final : public CoordinationHandler {
     listing.committed = core_->State(job_id).committed;
     return listing;
   }
+  // As the job's coordinator decides a drop: the check of the one member here, then the drop.
+  absl::StatusOr<JobDrop> OnDropJob(const NodeIdentity&, const DropQuestion& question) override {
+    FUZZ_CHECK(ValidateJobId(question.job_id).ok(), "a drop's job id is checked before it");
+    absl::StatusOr<NodeDrop> held = OnApplyDrop(Self(), JobState{question.job_id},
+                                                /*check_only=*/true, question.owner_uid);
+    if (!held.ok()) return held.status();
+    JobState dropped;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      dropped = core_->Drop(question.job_id, 1000);
+      store_->LiftDropFence(question.job_id);
+    }
+    FUZZ_CHECK(dropped.dropped_epoch > 0 && dropped.committed.step < 0,
+               "a drop records its epoch and leaves no commit");
+    JobDrop drop;
+    drop.dropped_epoch = dropped.dropped_epoch;
+    drop.coordinator = "self";
+    drop.nodes.push_back(*held);
+    return drop;
+  }
+  // A member's side: the check asks the store (fencing the job's registrations for a moment);
+  // a drop is learned by the coordinator core (the standalone store here has no epochs).
+  absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity&, const JobState& job, bool check_only,
+                                       std::optional<uint32_t> owner_uid) override {
+    FUZZ_CHECK(check_only || job.dropped_epoch > 0, "a drop that reaches a member has its epoch");
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!check_only) {
+      store_->LiftDropFence(job.job_id);
+      core_->Learn(job.job_id, job.committed, job.epoch, job.dropped_epoch);
+      FUZZ_CHECK(core_->State(job.job_id).dropped_epoch >= job.dropped_epoch,
+                 "a member keeps the newest drop it learned");
+      return NodeDrop{};
+    }
+    std::optional<uid_t> uid;
+    if (owner_uid) uid = static_cast<uid_t>(*owner_uid);
+    // Longer than any input runs, so that a registration after it is refused every time.
+    absl::StatusOr<SnapshotStore::DropJobResult> held =
+        store_->CheckDrop(job.job_id, uid, absl::Seconds(30));
+    if (!held.ok()) return held.status();
+    fenced_.insert(job.job_id);
+    FUZZ_CHECK(held->running_ranks.size() == held->running_pids.size(),
+               "a check names a pid per running rank");
+    NodeDrop node;
+    node.ranks = held->ranks;
+    node.running_ranks = held->running_ranks;
+    node.running_pids.assign(held->running_pids.begin(), held->running_pids.end());
+    return node;
+  }
+  void SetStore(SnapshotStore* store) { store_ = store; }
 
  private:
+  static NodeIdentity Self() { return NodeIdentity{"self", 1}; }
+
   std::mutex mu_;
   std::unique_ptr<JobCoordinator> core_ = std::make_unique<JobCoordinator>();
+  SnapshotStore* store_ = nullptr;
+  std::set<std::string> fenced_;  // jobs CheckDrop fenced in this input
 };
 
 struct State {
@@ -454,7 +514,7 @@ void RoundTrip(const std::string& bytes, const char* what) {
 void CoordinationAnswer(const std::string& bytes) {
   if (bytes.empty()) return;
   const std::string message = bytes.substr(1);
-  switch (static_cast<uint8_t>(bytes[0]) % 5) {
+  switch (static_cast<uint8_t>(bytes[0]) % 7) {
     case 0:
       RoundTrip<coordination::ResolveRestoreResponse, ResolveAnswer>(message, "restore answer");
       break;
@@ -469,6 +529,12 @@ void CoordinationAnswer(const std::string& bytes) {
       break;
     case 4:
       RoundTrip<coordination::ResolveRestoreRequest, ResolveQuestion>(message, "restore question");
+      break;
+    case 5:
+      RoundTrip<coordination::DropJobResponse, JobDrop>(message, "drop answer");
+      break;
+    case 6:
+      RoundTrip<coordination::NodeDrop, NodeDrop>(message, "node's drop");
       break;
   }
 }
@@ -729,6 +795,54 @@ std::vector<std::string> Seeds() {
       CallBytes(kCoordinationAnswer, std::string(1, '\2') + push.state().SerializeAsString()) +
       CallBytes(kCoordinationAnswer, std::string(1, '\3') + report.SerializeAsString()) +
       CallBytes(kCoordinationAnswer, std::string(1, '\4') + resolve.SerializeAsString()));
+
+  // A drop asked of the coordinator (as the job's uid, and forced), the check of a member and the
+  // drop it pushes, after a registration of the job; and the answers a member reads back.
+  coordination::DropJobRequest drop_job;
+  *drop_job.mutable_from() = report.from();
+  drop_job.set_job_id("job-a");
+  drop_job.set_restrict_to_uid(true);
+  drop_job.set_owner_uid(geteuid());
+  coordination::DropJobRequest forced = drop_job;
+  forced.set_force(true);
+  forced.set_restrict_to_uid(false);
+  coordination::ApplyDropRequest check;
+  *check.mutable_from() = report.from();
+  check.mutable_state()->set_job_id("job-a");
+  check.set_check_only(true);
+  check.set_restrict_to_uid(true);
+  check.set_owner_uid(geteuid() + 1);
+  coordination::ApplyDropRequest apply;
+  *apply.mutable_from() = report.from();
+  *apply.mutable_state() = push.state();
+  apply.mutable_state()->set_job_id("job-a");
+  apply.mutable_state()->set_dropped_epoch(3);
+  seeds.push_back(CallBytes(kRegister, reg.SerializeAsString()) +
+                  CallBytes(kApplyDrop, check.SerializeAsString()) +
+                  CallBytes(kDropJob, drop_job.SerializeAsString()) +
+                  CallBytes(kApplyDrop, apply.SerializeAsString()) +
+                  CallBytes(kDropJob, forced.SerializeAsString()) +
+                  CallBytes(kRegister, reg.SerializeAsString()));
+  seeds.push_back(CallBytes(kDropJob | 0x80, drop_job.SerializeAsString()) +
+                  CallBytes(kApplyDrop | 0x80, apply.SerializeAsString()));
+  coordination::DropJobResponse dropped;
+  dropped.set_dropped_epoch(3);
+  dropped.set_coordinator("node-b");
+  coordination::NodeDrop* node_drop = dropped.add_nodes();
+  node_drop->set_node_id("node-b");
+  node_drop->add_ranks(0);
+  node_drop->set_slots_deleted(2);
+  node_drop->set_slot_bytes_deleted(8192);
+  node_drop->set_fragments_deleted(1);
+  node_drop->set_newest_sealed_step(12);
+  node_drop->add_running_ranks(0);
+  node_drop->add_running_pids(77);
+  coordination::UnansweredNode* unanswered = dropped.add_unanswered();
+  unanswered->set_node_id("node-c");
+  unanswered->set_error("not live");
+  seeds.push_back(
+      CallBytes(kCoordinationAnswer, std::string(1, '\5') + dropped.SerializeAsString()) +
+      CallBytes(kCoordinationAnswer, std::string(1, '\6') + node_drop->SerializeAsString()));
   return seeds;
 }
 
@@ -756,6 +870,7 @@ void Initialize() {
   if (!fragment_store.ok()) fuzz::Fail("fragments: " + fragment_store.status().ToString());
   state->fragments = std::move(*fragment_store);
   state->coordination = std::make_unique<Coordination>(state->store.get());
+  state->coordinator.SetStore(state->store.get());
   state->shards = std::make_unique<SnapshotStoreShardSource>(state->store.get());
   state->rendezvous_table = std::make_unique<RendezvousTable>();
   state->rendezvous = std::make_unique<RendezvousRouter>(state->rendezvous_table.get(),

@@ -239,4 +239,25 @@ int64_t LastEvent(const std::vector<std::string>& lines, const std::string& even
   return last;
 }
 
+std::string CannotSwitchUids() {
+  if (geteuid() != 0) return "needs root, to run processes as other uids";
+  // Some containers cannot switch to uid 65534 (no such uid in their user namespace).
+  auto check = Process::Start({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
+                               "--clear-groups", "/bin/true"});
+  if (check->Wait() == 0) return "";
+  return "cannot run a process as uid 65534 here (setpriv failed: " +
+         (check->lines().empty() ? std::string("no output") : check->lines().back()) + ")";
+}
+
+// `binary` copied where any uid can run it, and the command that runs it as `uid`.
+std::vector<std::string> AsUid(const TempRoot& root, const std::string& binary, int uid) {
+  const std::string copy = root.path() + "/" + std::filesystem::path(binary).filename().string();
+  if (!std::filesystem::exists(copy)) {
+    std::filesystem::copy_file(BinaryPath(binary), copy);
+    chmod(copy.c_str(), 0755);
+  }
+  return {"/usr/bin/setpriv", "--reuid=" + std::to_string(uid), "--regid=" + std::to_string(uid),
+          "--clear-groups", copy};
+}
+
 }  // namespace tessera::testing

@@ -119,6 +119,13 @@ std::vector<std::string> TrainerCommand(const DaemonProcess& d, const std::strin
                                         uint64_t seed, uint32_t rank, uint32_t world,
                                         const TrainerLayout& layout = {});
 
+// Why processes cannot run as other uids here (not root, or no uid 65534 in this container's user
+// namespace); empty when they can. Such tests run outside Bazel's sandbox (tag no-sandbox).
+std::string CannotSwitchUids();
+// `binary` (relative to the runfiles) copied into `root` where any uid can run it, and the
+// command that runs it as `uid` under setpriv.
+std::vector<std::string> AsUid(const TempRoot& root, const std::string& binary, int uid);
+
 // Line helpers for the trainer's output ("sealed 12" -> 12).
 std::optional<int64_t> ParseEvent(const std::string& line, const std::string& event);
 int64_t LastEvent(const std::vector<std::string>& lines, const std::string& event);

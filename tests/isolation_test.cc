@@ -29,28 +29,6 @@ uint64_t TestSeed() {
 // the sealed payload's segment, and FindLatestRestorable(resume) from another uid dropped a job's
 // newer sealed steps. Both are refused now, and the job's snapshots stay as they were. The probe
 // runs as uid 65534 under setpriv (util-linux).
-// Why processes cannot run as other uids here; empty when they can.
-std::string CannotSwitchUids() {
-  if (geteuid() != 0) return "needs root, to run processes as other uids";
-  // Some containers cannot switch to uid 65534 (no such uid in their user namespace).
-  auto check = Process::Start({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534",
-                               "--clear-groups", "/bin/true"});
-  if (check->Wait() == 0) return "";
-  return "cannot run a process as uid 65534 here (setpriv failed: " +
-         (check->lines().empty() ? std::string("no output") : check->lines().back()) + ")";
-}
-
-// `binary` copied where any uid can run it, and the command that runs it as `uid`.
-std::vector<std::string> AsUid(const TempRoot& root, const std::string& binary, int uid) {
-  const std::string copy = root.path() + "/" + std::filesystem::path(binary).filename().string();
-  if (!std::filesystem::exists(copy)) {
-    std::filesystem::copy_file(BinaryPath(binary), copy);
-    chmod(copy.c_str(), 0755);
-  }
-  return {"/usr/bin/setpriv", "--reuid=" + std::to_string(uid), "--regid=" + std::to_string(uid),
-          "--clear-groups", copy};
-}
-
 // A daemon whose agent socket every uid may use, and processes run as other uids.
 class IsolationTest : public ::testing::Test {
  protected:

@@ -1,13 +1,17 @@
 // ClusterCoordination's drop side (docs/PROTOCOL.md, Dropping a job): a member asks the job's
 // coordinator, which checks every live member for trainers of the job, records the drop as a new
 // epoch that voids every older commit, shard and fragment, and tells every live member.
+#include <unistd.h>
+
 #include <algorithm>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/coordination/protection_pipeline.h"
@@ -51,6 +55,8 @@ absl::StatusOr<NodeDrop> ClusterCoordination::OnApplyDrop(const NodeIdentity& /*
                                                           std::optional<uint32_t> owner_uid) {
   if (!check_only) {
     NodeDrop applied = ApplyJobState(state);
+    // Also when the drop came before (a repeated drop): its check fenced the job again.
+    store_->LiftDropFence(state.job_id);
     // The drop may have come first with a report's reply: answer what it deleted then.
     absl::MutexLock lock(&mu_);
     auto earlier = drop_results_.find(state.job_id);
@@ -61,7 +67,8 @@ absl::StatusOr<NodeDrop> ClusterCoordination::OnApplyDrop(const NodeIdentity& /*
   }
   std::optional<uid_t> uid;
   if (owner_uid) uid = static_cast<uid_t>(*owner_uid);
-  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::DropJobResult held, store_->CheckDrop(state.job_id, uid));
+  TESSERA_ASSIGN_OR_RETURN(SnapshotStore::DropJobResult held,
+                           store_->CheckDrop(state.job_id, uid, options_.drop_fence));
   NodeDrop node;
   node.node_id = cluster_->self_id();
   node.ranks = held.ranks;
@@ -93,6 +100,16 @@ std::vector<absl::StatusOr<NodeDrop>> ClusterCoordination::ApplyDropOn(
                          : absl::UnavailableError("not live");
   });
   return results;
+}
+
+void ClusterCoordination::HoldDropForTest(const std::string& file) {
+  if (access(file.c_str(), F_OK) != 0) return;
+  Logger("coordinator")->warn("test hook: holding a drop while {} exists", file);
+  std::ofstream(file + ".held") << cluster_->self_id() << "\n";
+  // Bounded, so that a test that forgets the file does not hang the daemon's drops for ever.
+  for (int i = 0; i < 6000 && access(file.c_str(), F_OK) == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
 }
 
 absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestion& question) {
@@ -135,6 +152,8 @@ absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestio
         "Snapshotter.close(drop=True)) first, or drop with force (what a trainer that still runs "
         "seals afterwards is void: it is never restored)"));
   }
+
+  if (!options_.test_hold_drop_file.empty()) HoldDropForTest(options_.test_hold_drop_file);
 
   // 2. The decision: a new epoch that voids everything of the job before it.
   JobState state = coordinator_.State(job_id);

@@ -43,6 +43,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/segment.h"
 #include "daemon/coordination/coordination.h"
 #include "daemon/coordination/job_coordinator.h"
@@ -65,6 +66,15 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     // Drops of jobs remembered at most (docs/PROTOCOL.md, Dropping a job); past it the oldest is
     // forgotten, with a log line. A drop is also forgotten once a later run of its job commits.
     size_t max_tombstones = 4096;
+    // How long a member refuses registrations of a job after the job's coordinator checked it
+    // for a drop, unless the drop comes first (SnapshotStore::CheckDrop): longer than a drop
+    // takes from its check to its push, short enough that a coordinator that died mid-drop
+    // does not block the job for long.
+    absl::Duration drop_fence = absl::Seconds(10);
+    // Test only (TESSERA_TEST_HOLD_DROP_FILE): while this file exists, a drop this daemon
+    // decides waits between its check and its decision, having created "<file>.held", so that a
+    // test can act in that window deterministically.
+    std::string test_hold_drop_file;
   };
   // None is owned; all must outlive this object.
   ClusterCoordination(SnapshotStore* store, FragmentStore* fragments, Cluster* cluster,
@@ -170,6 +180,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // Decides the job's drop as its coordinator: checks every live member, records the drop and
   // tells every live member (docs/PROTOCOL.md, Dropping a job).
   absl::StatusOr<JobDrop> DropAsCoordinator(const DropQuestion& question);
+  // Options::test_hold_drop_file: waits while `file` exists.
+  void HoldDropForTest(const std::string& file);
   // OnApplyDrop on each of `nodes` (this daemon's own share locally), in parallel.
   std::vector<absl::StatusOr<NodeDrop>> ApplyDropOn(const std::vector<std::string>& nodes,
                                                     const JobState& state, bool check_only,

@@ -209,6 +209,11 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   TESSERA_RETURN_IF_ERROR(ValidateRankAndWorldSize(rank, world_size));
   TESSERA_ASSIGN_OR_RETURN(SlotLayout layout, ComputeSlotLayout(entries));
+  {
+    // Refused early, before slots are made; checked again where the rank becomes registered.
+    absl::MutexLock store_lock(&mu_);
+    TESSERA_RETURN_IF_ERROR(CheckDropFenceLocked(job_id));
+  }
   auto log = Logger("store");
   // Short of room for two new slots: first free the slots nobody can want (before any rank lock
   // is held, so that two registrations never wait on each other's ranks).
@@ -336,6 +341,10 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
 
   {
     absl::MutexLock store_lock(&mu_);
+    // Under the rank's lock and mu_: a CheckDrop either fenced the job before this (refused
+    // here; the slots made are an unregistered rank's, which the drop or ReclaimAbandoned
+    // deletes) or finds the rank registered when it takes the rank's lock.
+    TESSERA_RETURN_IF_ERROR(CheckDropFenceLocked(job_id));
     uint32_t& world = world_size_[job_id];
     world = std::max(world, world_size);
   }
@@ -866,20 +875,57 @@ absl::Status SnapshotStore::CheckDropOwner(const RankState& state, const std::st
       ": only root, the daemon's uid or the uid that registered the job may drop it"));
 }
 
+absl::Status SnapshotStore::CheckDropFenceLocked(const std::string& job_id) {
+  auto fence = drop_fences_.find(job_id);
+  if (fence == drop_fences_.end()) return absl::OkStatus();
+  const absl::Time now = absl::Now();
+  if (fence->second <= now) {
+    drop_fences_.erase(fence);  // the drop was abandoned (its coordinator died or gave up)
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(
+      absl::StrCat("job '", job_id,
+                   "' is being dropped (its coordinator is deciding the drop; this daemon "
+                   "refuses its registrations for at most ",
+                   absl::FormatDuration(absl::Ceil(fence->second - now, absl::Seconds(1))),
+                   " more): register again once the drop has finished"));
+}
+
+void SnapshotStore::LiftDropFence(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  drop_fences_.erase(job_id);
+}
+
 absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::CheckDrop(
-    const std::string& job_id, std::optional<uid_t> owner_uid) const {
+    const std::string& job_id, std::optional<uid_t> owner_uid, absl::Duration fence) {
   TESSERA_RETURN_IF_ERROR(ValidateJobId(job_id));
   std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
+  std::optional<absl::Time> fenced_before;  // the fence a check still in force had set
   {
     absl::MutexLock lock(&mu_);
+    // Fenced before the ranks are listed and locked (see Register).
+    absl::Time& until = drop_fences_[job_id];
+    if (until != absl::Time()) fenced_before = until;
+    until = std::max(until, absl::Now() + fence);
     for (const auto& [key, state] : ranks_) {
       if (key.first == job_id) ranks.emplace_back(key.second, state);
     }
   }
+  auto unfence = [&] {
+    absl::MutexLock lock(&mu_);
+    if (fenced_before) {
+      drop_fences_[job_id] = *fenced_before;
+    } else {
+      drop_fences_.erase(job_id);
+    }
+  };
   DropJobResult result;
   for (auto& [rank, state] : ranks) {
     absl::MutexLock lock(&state->mu);
-    TESSERA_RETURN_IF_ERROR(CheckDropOwner(*state, job_id, rank, owner_uid));
+    if (absl::Status owner = CheckDropOwner(*state, job_id, rank, owner_uid); !owner.ok()) {
+      unfence();
+      return owner;
+    }
     result.ranks.push_back(rank);
     if (state->registered && state->owner.pid > 0 &&
         options_.process_alive(state->owner.pid, state->owner_start_ticks)) {
@@ -908,6 +954,7 @@ SnapshotStore::DropJobResult SnapshotStore::ApplyDrop(const std::string& job_id,
   std::vector<std::pair<uint32_t, std::shared_ptr<RankState>>> ranks;
   {
     absl::MutexLock lock(&mu_);
+    drop_fences_.erase(job_id);  // the drop is decided: a registration now is of a later run
     JobView& job = jobs_[job_id];
     if (dropped_epoch <= job.dropped_epoch) return result;
     job.dropped_epoch = dropped_epoch;

@@ -26,6 +26,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/segment.h"
 #include "proto/manifest.pb.h"
 
@@ -143,7 +144,8 @@ class SnapshotStore {
   // Creates or re-attaches the rank's two slots, owned by caller.uid. Idempotent for the same
   // caller and entries. Errors: kInvalidArgument (bad request), kFailedPrecondition (another live
   // process holds the rank), kPermissionDenied (the rank's snapshots belong to another uid),
-  // kResourceExhausted (capacity: the message has bytes asked and free).
+  // kResourceExhausted (capacity: the message has bytes asked and free), kUnavailable (the job
+  // is being dropped: see CheckDrop; register again once the drop has finished).
   absl::StatusOr<RegisterResult> Register(const std::string& job_id, uint32_t rank,
                                           uint32_t world_size,
                                           const std::vector<EntrySpec>& entries,
@@ -272,11 +274,18 @@ class SnapshotStore {
   absl::StatusOr<DropJobResult> DropJob(const std::string& job_id, std::optional<uid_t> owner_uid,
                                         bool force);
   // Clustered, before the job's coordinator drops it: what DropJob would find here, changing
-  // nothing. `ranks`, `segments_deleted`, `bytes_deleted` and `newest_sealed_step` describe what
-  // is held; `running_ranks` and `running_pids` the trainers registered and running.
+  // nothing held. `ranks`, `segments_deleted`, `bytes_deleted` and `newest_sealed_step` describe
+  // what is held; `running_ranks` and `running_pids` the trainers registered and running.
+  // From the check on, Register refuses the job (kUnavailable) until LiftDropFence, a newer
+  // ApplyDrop, or `fence` has passed (a coordinator that died mid-drop blocks nothing for
+  // longer): a trainer registering between the check and the drop would otherwise seal into
+  // the dropped epoch, silently void. The fence is set before the ranks are looked at, so a
+  // registration is either seen by the check or refused. Errors (nothing fenced then):
   // kPermissionDenied as DropJob's when `owner_uid` is set and a rank here is another uid's.
   absl::StatusOr<DropJobResult> CheckDrop(const std::string& job_id,
-                                          std::optional<uid_t> owner_uid) const;
+                                          std::optional<uid_t> owner_uid, absl::Duration fence);
+  // The job's drop was applied (or its check abandoned): Register accepts the job again.
+  void LiftDropFence(const std::string& job_id);
   // Clustered: the job's coordinator dropped it at `dropped_epoch` (docs/PROTOCOL.md, Dropping a
   // job): every slot sealed in an epoch up to it is void. Deletes those segments (a slot being
   // protected is emptied instead, and reclaimed later); a rank left with nothing of a later epoch
@@ -411,6 +420,10 @@ class SnapshotStore {
     uint64_t dropped_epoch = 0;  // ApplyDrop: slots of epochs up to it are void
   };
   std::map<std::string, JobView> jobs_ ABSL_GUARDED_BY(mu_);
+  // Jobs whose drop a coordinator is deciding (CheckDrop), with when the fence lapses.
+  std::map<std::string, absl::Time> drop_fences_ ABSL_GUARDED_BY(mu_);
+  // kUnavailable while `job_id`'s drop fence stands.
+  absl::Status CheckDropFenceLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks slot `index` WRITING `step` of (job, rank) in `epoch`.
   void ClaimSlot(RankState* state, int index, const std::string& job_id, uint32_t rank,
                  int64_t step, uint64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu);

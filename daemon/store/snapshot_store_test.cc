@@ -15,6 +15,7 @@
 
 #include "common/crc32c.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace tessera {
@@ -802,6 +803,55 @@ TEST_F(SnapshotStoreTest, DropJobIsRefusedOnAClusteredStore) {
   EXPECT_NE(dropped.status().message().find("member of a cluster"), std::string::npos)
       << dropped.status();
   EXPECT_EQ(store_->ListRanks(job_).size(), 1u);
+}
+
+// A trainer registering while the job's coordinator decides its drop would seal into the
+// dropped epoch: from the check on, the job's registrations are refused until the drop is
+// applied, the check is lifted, or the fence lapses.
+TEST_F(SnapshotStoreTest, ACheckedDropFencesTheJobsRegistrations) {
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  ASSERT_TRUE(store_->CheckDrop(job_, std::nullopt, absl::Hours(1)).ok());
+  auto refused = Register(Trainer(100));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("is being dropped"), std::string::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("register again once the drop has finished"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(store_->ListRanks(job_).empty());
+  store_->ApplyDrop(job_, 5);
+  EXPECT_TRUE(Register(Trainer(100)).ok());
+
+  // Lifted (an abandoned check), and lapsed (a coordinator that died mid-drop).
+  ASSERT_TRUE(store_->CheckDrop(job_, std::nullopt, absl::Hours(1)).ok());
+  EXPECT_EQ(Register(Trainer(101), 1).status().code(), absl::StatusCode::kUnavailable);
+  store_->LiftDropFence(job_);
+  EXPECT_TRUE(Register(Trainer(101), 1).ok());
+  ASSERT_TRUE(store_->CheckDrop(job_, std::nullopt, absl::Milliseconds(1)).ok());
+  absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_TRUE(Register(Trainer(102), 2).ok());
+  // A check refused (another uid's job) fences nothing.
+  EXPECT_EQ(store_->CheckDrop(job_, getuid() + 1, absl::Hours(1)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  alive_.erase(102);
+  EXPECT_TRUE(Register(Trainer(103), 2).ok());
+}
+
+// The check comes while a registration creates its slots (without the rank's lock): the check
+// does not see the rank registered, so the registration must be refused.
+TEST_F(SnapshotStoreTest, ARegistrationTheCheckDidNotSeeIsRefused) {
+  std::optional<absl::StatusOr<SnapshotStore::DropJobResult>> checked;
+  OpenStore(64 << 20,
+            [&](const std::string&, uint32_t) {
+              if (!checked) checked = store_->CheckDrop(job_, std::nullopt, absl::Hours(1));
+            },
+            /*clustered=*/true);
+  auto refused = Register(Trainer(100));
+  ASSERT_TRUE(checked && checked->ok());
+  EXPECT_TRUE((*checked)->running_ranks.empty());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  store_->LiftDropFence(job_);
+  EXPECT_TRUE(Register(Trainer(100)).ok());
 }
 
 }  // namespace

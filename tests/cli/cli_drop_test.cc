@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -60,30 +61,42 @@ class CliDropTest : public ::testing::Test {
     std::ofstream(token_file_) << kToken << "\n";
     for (int i = 0; i < kNodes; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     for (int i = 0; i < kNodes; ++i) {
-      daemons_.push_back(std::make_unique<DaemonProcess>(
-          root_.path(), absl::StrCat("n", i), uint64_t{256} << 20,
-          std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i], "--set",
-                                   "cluster.members=" + absl::StrJoin(addresses_, ","), "--set",
-                                   "cluster.token_file=" + token_file_, "--set", "ec.k=1", "--set",
-                                   "ec.m=1", "--set", "liveness.heartbeat_ms=100", "--set",
-                                   "liveness.timeout_ms=1000"}));
+      std::vector<std::string> flags = {"--set", "peer.listen_address=" + addresses_[i], "--set",
+                                        "cluster.members=" + absl::StrJoin(addresses_, ","),
+                                        "--set", "cluster.token_file=" + token_file_, "--set",
+                                        "ec.k=1", "--set", "ec.m=1", "--set",
+                                        "liveness.heartbeat_ms=100", "--set",
+                                        "liveness.timeout_ms=1000"};
+      flags.insert(flags.end(), extra_flags_.begin(), extra_flags_.end());
+      daemons_.push_back(std::make_unique<DaemonProcess>(root_.path(), absl::StrCat("n", i),
+                                                         uint64_t{256} << 20, flags));
+      if (!launcher_.empty()) daemons_.back()->SetLauncher(launcher_);
       std::string error;
       ASSERT_TRUE(daemons_.back()->Start(&error)) << error;
     }
     std::this_thread::sleep_for(milliseconds(600));  // every daemon hears every other
   }
 
-  CliRun Tessera(std::vector<std::string> args, int node) {
+  // With `uid` >= 0, the CLI runs as that uid.
+  CliRun Tessera(std::vector<std::string> args, int node, int uid = -1) {
     std::vector<std::string> argv = {BinaryPath("cli/tessera")};
+    if (uid >= 0) argv = AsUid(root_, "cli/tessera", uid);
     argv.insert(argv.end(), args.begin(), args.end());
     argv.insert(argv.end(), {"--socket", daemons_[node]->socket_path()});
     return RunCli(argv, absl::StrCat(root_.path(), "/cli-", runs_++, ".err"), seconds(120));
   }
 
   // A trainer of rank r on n<r>: `launch` names this launch in the state's history.
-  std::unique_ptr<Process> StartTrainer(uint32_t rank, int steps, int launch, int sleep_ms = 100) {
+  // With `uid` >= 0, it runs as that uid.
+  std::unique_ptr<Process> StartTrainer(uint32_t rank, int steps, int launch, int sleep_ms = 100,
+                                        int uid = -1) {
     auto argv = TrainerCommand(*daemons_[rank], kJob, seed_ + rank, rank, kWorld,
                                TrainerLayout{4, 1000, 200000, 500000});
+    if (uid >= 0) {
+      std::vector<std::string> as_uid = AsUid(root_, "tests/trainer", uid);
+      as_uid.insert(as_uid.end(), argv.begin() + 1, argv.end());
+      argv = std::move(as_uid);
+    }
     argv.insert(argv.end(), {absl::StrCat("--steps=", steps), absl::StrCat("--launch=", launch),
                              absl::StrCat("--step-sleep-ms=", sleep_ms), "--when-busy=wait",
                              "--restore-retry-ms=60000"});
@@ -91,9 +104,11 @@ class CliDropTest : public ::testing::Test {
   }
 
   // Runs every rank for `steps` steps (launch `launch`) and returns each rank's output.
-  std::vector<std::vector<std::string>> Train(int steps, int launch) {
+  std::vector<std::vector<std::string>> Train(int steps, int launch, int uid = -1) {
     std::vector<std::unique_ptr<Process>> trainers;
-    for (uint32_t r = 0; r < kWorld; ++r) trainers.push_back(StartTrainer(r, steps, launch));
+    for (uint32_t r = 0; r < kWorld; ++r) {
+      trainers.push_back(StartTrainer(r, steps, launch, /*sleep_ms=*/100, uid));
+    }
     std::vector<std::vector<std::string>> lines;
     for (uint32_t r = 0; r < kWorld; ++r) {
       EXPECT_EQ(trainers[r]->Wait(seconds(180)), 0) << absl::StrJoin(trainers[r]->lines(), "\n");
@@ -157,6 +172,9 @@ class CliDropTest : public ::testing::Test {
     }
   }
 
+  // Set by a subclass before SetUp: more flags for every daemon, and what runs it.
+  std::vector<std::string> extra_flags_;
+  std::vector<std::string> launcher_;
   uint64_t seed_ = 0;
   TempRoot root_;
   std::string token_file_;
@@ -304,6 +322,116 @@ TEST_F(CliDropTest, ADropIsRefusedWhileATrainerRunsUnlessForced) {
   }
   // What the trainers sealed after the forced drop is void: the next launch starts fresh.
   ExpectFresh(Train(3, 2));
+}
+
+
+// A trainer that registers between the drop's check and its push would seal into the dropped
+// epoch, void. From the check on, every member refuses the job's registrations until the drop
+// reaches it. The coordinator is held in that window by a test hook (TESSERA_TEST_HOLD_DROP_FILE:
+// it waits while the file exists, having created "<file>.held"), so nothing here is timed.
+class CliDropHeldTest : public CliDropTest {
+ protected:
+  void SetUp() override {
+    hold_file_ = root_.path() + "/hold-drop";
+    launcher_ = {"/usr/bin/env", "TESSERA_TEST_HOLD_DROP_FILE=" + hold_file_};
+    // The fence outlasts anything this test waits for: only the drop lifts it.
+    extra_flags_ = {"--set", "cluster.drop_fence_ms=600000"};
+    CliDropTest::SetUp();
+  }
+  std::string hold_file_;
+};
+
+TEST_F(CliDropHeldTest, ATrainerRegisteringWhileTheJobIsDroppedIsRefused) {
+  Train(4, 1);
+  ASSERT_GE(WaitForSettledCommit(), 0);
+  // The job's coordinator (by its id's rendezvous hash, the same while the membership is), named
+  // by a first drop: the held drop is asked there, so that no forwarding deadline runs out.
+  CliRun first = Tessera({"drop", kJob, "--json"}, 0);
+  ASSERT_EQ(first.exit_code, 0) << first.Describe();
+  const std::string coordinator = first.result().at("coordinator").string_value();
+  ASSERT_EQ(coordinator.size(), 2u) << first.Describe();
+  const int c = coordinator[1] - '0';
+  ExpectFresh(Train(4, 2));
+  ASSERT_GE(WaitForSettledCommit(), 0);
+
+  std::ofstream(hold_file_) << "hold\n";
+  auto drop = Process::Start({BinaryPath("cli/tessera"), "drop", kJob, "--json", "--socket",
+                              daemons_[c]->socket_path()},
+                             root_.path() + "/held-drop.err");
+  bool held = false;
+  for (int i = 0; i < 600 && !held; ++i) {
+    held = std::ifstream(hold_file_ + ".held").good();
+    if (!held) std::this_thread::sleep_for(milliseconds(100));
+  }
+  ASSERT_TRUE(held) << "the coordinator never reached the hold\n" << daemons_[c]->LogTail();
+
+  // Every member was checked: a trainer of the job is refused on each, with the reason.
+  for (uint32_t r = 0; r < kWorld; ++r) {
+    auto trainer = StartTrainer(r, 4, 3);
+    EXPECT_EQ(trainer->Wait(seconds(60)), 1) << absl::StrJoin(trainer->lines(), "\n");
+    EXPECT_THAT(trainer->lines(),
+                ::testing::Contains(::testing::AllOf(
+                    HasSubstr("error: register: UNAVAILABLE: job 'drop-job' is being dropped"),
+                    HasSubstr("register again once the drop has finished"))))
+        << "rank " << r;
+  }
+
+  std::remove(hold_file_.c_str());
+  ASSERT_EQ(drop->Wait(seconds(120)), 0) << absl::StrJoin(drop->lines(), "\n")
+                                         << ReadFile(root_.path() + "/held-drop.err");
+  // The drop lifted the fence on every member: the job registers fresh.
+  ExpectFresh(Train(4, 4));
+}
+
+// `tessera drop` on a cluster answers only root, the daemon's uid and the uid that registered the
+// job, checked on every member: another uid is refused and nothing of the job is deleted.
+class CliDropUidTest : public CliDropTest {
+ protected:
+  void SetUp() override {
+    if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
+    extra_flags_ = {"--set", "agent.socket_mode=0666"};
+    CliDropTest::SetUp();
+  }
+};
+
+TEST_F(CliDropUidTest, OnlyTheJobsUidOrRootDropsItOnACluster) {
+  Train(6, 1, /*uid=*/65534);
+  const int64_t committed = WaitForSettledCommit();
+  ASSERT_GE(committed, 0);
+  std::vector<std::vector<std::string>> held;
+  for (int n = 0; n < kNodes; ++n) held.push_back(JobFiles(daemons_[n]->store_dir()));
+
+  for (int n = 0; n < kNodes; ++n) {
+    CliRun refused = Tessera({"drop", kJob, "--force"}, n, /*uid=*/65533);
+    // Refused (exit 4) with the message of PERMISSION_DENIED (the CLI prints no code name).
+    EXPECT_EQ(refused.exit_code, 4) << refused.Describe();
+    EXPECT_THAT(refused.err, HasSubstr("job 'drop-job' belongs to uid 65534 here"));
+    EXPECT_THAT(refused.err, HasSubstr("the caller is uid 65533: only root, the daemon's uid or "
+                                       "the uid that registered the job may drop it"));
+  }
+  for (int n = 0; n < kNodes; ++n) {
+    EXPECT_EQ(JobFiles(daemons_[n]->store_dir()), held[n]) << "n" << n;
+  }
+  // Nothing was dropped: the job resumes from its commit.
+  auto resumed = Train(committed + 2, 2, /*uid=*/65534);
+  for (uint32_t rank = 0; rank < kWorld; ++rank) {
+    EXPECT_GE(LastEvent(resumed[rank], "resumed"), committed)
+        << absl::StrJoin(resumed[rank], "\n");
+  }
+  ASSERT_GE(WaitForSettledCommit(), 0);
+
+  // The job's own uid drops it everywhere, fragments included.
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 2, /*uid=*/65534);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  EXPECT_EQ(List(drop.result().at("nodes")).values_size(), kNodes);
+  EXPECT_EQ(drop.result().at("slots_deleted").number_value(), 2 * kWorld);
+  EXPECT_GT(drop.result().at("fragments_deleted").number_value(), 0);
+  for (int n = 0; n < kNodes; ++n) {
+    EXPECT_THAT(JobFiles(daemons_[n]->store_dir()), ::testing::IsEmpty()) << "n" << n;
+  }
+  // Root may drop any job (the same drop again: nothing left).
+  CliRun again = Tessera({"drop", kJob}, 0);
+  EXPECT_EQ(again.exit_code, 0) << again.Describe();
 }
 
 }  // namespace
