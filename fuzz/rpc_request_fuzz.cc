@@ -101,6 +101,7 @@ enum MethodIndex {
   kListJob,
   kDropJob,
   kApplyDrop,
+  kDeclareLost,
   kGrpcMethods,
   // Direct: not through gRPC.
   kJoinDirect = kGrpcMethods,
@@ -131,6 +132,7 @@ constexpr Method kMethods[kGrpcMethods] = {
     {"/tessera.coordination.Coordination/ListJob", Stream::kUnary, Service::kCoordination},
     {"/tessera.coordination.Coordination/DropJob", Stream::kUnary, Service::kCoordination},
     {"/tessera.coordination.Coordination/ApplyDrop", Stream::kUnary, Service::kCoordination},
+    {"/tessera.peer.Peer/DeclareLost", Stream::kUnary, Service::kPeer},
 };
 
 // Heartbeats go to a Cluster that is never started: it sends nothing.
@@ -719,6 +721,13 @@ std::vector<std::string> Seeds() {
   fetch.set_job_id("job-a");
   fetch.set_step(-1);
   seeds.push_back(CallBytes(kFetchShard, fetch.SerializeAsString()));
+  peer::DeclareLostRequest lost;
+  lost.mutable_from()->set_node_id("node-b");
+  lost.mutable_from()->set_incarnation(9);
+  lost.set_node_id("node-c");
+  lost.set_incarnation(77);
+  lost.add_declarations(std::string("TSLD\x01\x06\x00node-c", 13) + std::string(8, '\x4d'));
+  seeds.push_back(CallBytes(kDeclareLost, lost.SerializeAsString()));
   peer::HeartbeatRequest heartbeat;
   heartbeat.set_node_id("node-c");
   heartbeat.set_incarnation(77);
@@ -888,6 +897,20 @@ void Initialize() {
   peer.data_path_session_key = [](const std::string&) { return std::string("0123456789abcdef"); };
   peer.is_fenced = [](const std::string& node_id, uint64_t incarnation) {
     return node_id == "fenced" && incarnation < 10;
+  };
+  // What reaches membership's handler was bounded by the service.
+  peer.on_declare_lost =
+      [](const LostDeclarationRequest& r) -> absl::StatusOr<LostDeclarationReply> {
+    if (r.from.node_id.empty() || r.from.incarnation == 0 || r.node_id.empty() ||
+        r.node_id.size() > 255 || r.incarnation == 0 || r.declarations.size() > 1024) {
+      fuzz::Fail("DeclareLost passed an unbounded request to membership");
+    }
+    for (const std::string& d : r.declarations) {
+      if (d.size() > (16 << 10)) fuzz::Fail("DeclareLost passed a declaration over 16 KiB");
+    }
+    LostDeclarationReply reply;
+    reply.reason = "not a majority";
+    return reply;
   };
   peer.token = kToken;
   state->peer_service =
