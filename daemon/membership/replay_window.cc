@@ -6,48 +6,40 @@ namespace tessera {
 
 ReplayWindow::Window *ReplayWindow::Find(Node *node, uint64_t incarnation) {
   for (Window &w : node->windows) {
-    if (w.incarnation == incarnation)
-      return &w;
+    if (w.incarnation == incarnation) return &w;
   }
   return nullptr;
 }
 
 bool ReplayWindow::Older(const Node &node, uint64_t incarnation) {
   for (const Window &w : node.windows) {
-    if (w.incarnation == 0 || w.incarnation < incarnation)
-      return false;
+    if (w.incarnation == 0 || w.incarnation < incarnation) return false;
   }
   return true;
 }
 
-absl::Status ReplayWindow::Seen(const Window &w, const std::string &node,
-                                uint64_t sequence) {
-  if (sequence > w.highest)
-    return absl::OkStatus();
+absl::Status ReplayWindow::Seen(const Window &w, const std::string &node, uint64_t sequence) {
+  if (sequence > w.highest) return absl::OkStatus();
   const uint64_t behind = w.highest - sequence;
   if (behind >= kWindow) {
     return absl::AlreadyExistsError(absl::StrCat(
-        "a datagram of node '", node, "' incarnation ", w.incarnation,
-        " numbered ", sequence, ", below the window (", kWindow, " under ",
-        w.highest, ", the highest taken): a replay"));
+        "a datagram of node '", node, "' incarnation ", w.incarnation, " numbered ", sequence,
+        ", below the window (", kWindow, " under ", w.highest, ", the highest taken): a replay"));
   }
   if (w.seen[behind]) {
-    return absl::AlreadyExistsError(absl::StrCat(
-        "a datagram of node '", node, "' incarnation ", w.incarnation,
-        " numbered ", sequence, ", taken already: a replay"));
+    return absl::AlreadyExistsError(absl::StrCat("a datagram of node '", node, "' incarnation ",
+                                                 w.incarnation, " numbered ", sequence,
+                                                 ", taken already: a replay"));
   }
   return absl::OkStatus();
 }
 
-absl::Status ReplayWindow::Check(const std::string &node, uint64_t incarnation,
-                                 uint64_t sequence, absl::Time now) {
+absl::Status ReplayWindow::Check(const std::string &node, uint64_t incarnation, uint64_t sequence,
+                                 absl::Time now) {
   auto it = nodes_.find(node);
-  if (it == nodes_.end())
-    return absl::OkStatus();
-  if (const Window *w = Find(&it->second, incarnation))
-    return Seen(*w, node, sequence);
-  if (!Older(it->second, incarnation))
-    return absl::OkStatus(); // a newer incarnation
+  if (it == nodes_.end()) return absl::OkStatus();
+  if (const Window *w = Find(&it->second, incarnation)) return Seen(*w, node, sequence);
+  if (!Older(it->second, incarnation)) return absl::OkStatus();  // a newer incarnation
   // Spent by forgeries too: what an older incarnation's datagrams cost is one
   // check a period.
   if (now - it->second.older_checked_at >= options_.older_interval) {
@@ -68,8 +60,7 @@ absl::Status ReplayWindow::Accept(const std::string &node, uint64_t incarnation,
     if (nodes_.size() >= options_.max_nodes) {
       auto least = nodes_.begin();
       for (auto n = nodes_.begin(); n != nodes_.end(); ++n) {
-        if (n->second.last_accepted < least->second.last_accepted)
-          least = n;
+        if (n->second.last_accepted < least->second.last_accepted) least = n;
       }
       nodes_.erase(least);
     }
@@ -78,20 +69,17 @@ absl::Status ReplayWindow::Accept(const std::string &node, uint64_t incarnation,
   Node &n = it->second;
   Window *w = Find(&n, incarnation);
   if (w == nullptr) {
-    if (Older(n, incarnation))
-      return absl::OkStatus(); // taken, within its allowance
+    if (Older(n, incarnation)) return absl::OkStatus();  // taken, within its allowance
     // A new incarnation: a fresh window, in place of an unused or the oldest
     // one.
     w = &n.windows[0];
     for (Window &other : n.windows) {
-      if (other.incarnation < w->incarnation)
-        w = &other;
+      if (other.incarnation < w->incarnation) w = &other;
     }
     *w = Window{incarnation, sequence, {}};
     w->seen.set(0);
   } else {
-    if (absl::Status s = Seen(*w, node, sequence); !s.ok())
-      return s;
+    if (absl::Status s = Seen(*w, node, sequence); !s.ok()) return s;
     if (sequence > w->highest) {
       const uint64_t ahead = sequence - w->highest;
       w->seen = ahead >= kWindow ? std::bitset<kWindow>() : w->seen << ahead;
@@ -103,4 +91,4 @@ absl::Status ReplayWindow::Accept(const std::string &node, uint64_t incarnation,
   return absl::OkStatus();
 }
 
-} // namespace tessera
+}  // namespace tessera

@@ -42,7 +42,7 @@
 namespace tessera {
 
 class ReplayWindow {
-public:
+ public:
   static constexpr uint64_t kWindow = 128;
   static constexpr size_t kIncarnationsPerNode = 2;
 
@@ -58,40 +58,37 @@ public:
   // `sequence` may be new; kAlreadyExists (saying why) when it was taken
   // already, is below the window or is of an older incarnation (then it spends
   // that node's older allowance when it is OK).
-  absl::Status Check(const std::string &node, uint64_t incarnation,
-                     uint64_t sequence, absl::Time now);
+  absl::Status Check(const std::string &node, uint64_t incarnation, uint64_t sequence,
+                     absl::Time now);
   // After the signature verified: marks it. kAlreadyExists as Check (nothing
   // marked).
-  absl::Status Accept(const std::string &node, uint64_t incarnation,
-                      uint64_t sequence);
+  absl::Status Accept(const std::string &node, uint64_t incarnation, uint64_t sequence);
 
   size_t nodes() const { return nodes_.size(); }
 
-private:
+ private:
   struct Window {
-    uint64_t incarnation = 0; // 0: unused
+    uint64_t incarnation = 0;  // 0: unused
     uint64_t highest = 0;
-    std::bitset<kWindow> seen; // bit i: highest - i was taken
+    std::bitset<kWindow> seen;  // bit i: highest - i was taken
   };
   struct Node {
     Window windows[kIncarnationsPerNode];
     absl::Time older_checked_at = absl::InfinitePast();
-    uint64_t last_accepted =
-        0; // in accepted_ ticks, for forgetting the least recent
+    uint64_t last_accepted = 0;  // in accepted_ ticks, for forgetting the least recent
   };
   // Where `incarnation` is tracked, or null.
   static Window *Find(Node *node, uint64_t incarnation);
   // Whether `incarnation` is older than every incarnation tracked, all slots
   // being used.
   static bool Older(const Node &node, uint64_t incarnation);
-  static absl::Status Seen(const Window &w, const std::string &node,
-                           uint64_t sequence);
+  static absl::Status Seen(const Window &w, const std::string &node, uint64_t sequence);
 
   const Options options_;
   std::map<std::string, Node> nodes_;
   uint64_t accepted_ = 0;
 };
 
-} // namespace tessera
+}  // namespace tessera
 
-#endif // TESSERA_DAEMON_MEMBERSHIP_REPLAY_WINDOW_H_
+#endif  // TESSERA_DAEMON_MEMBERSHIP_REPLAY_WINDOW_H_

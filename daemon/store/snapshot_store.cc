@@ -903,6 +903,18 @@ absl::StatusOr<SnapshotStore::DropJobResult> SnapshotStore::CheckDrop(
   std::optional<absl::Time> fenced_before;  // the fence a check still in force had set
   {
     absl::MutexLock lock(&mu_);
+    // Bounded: checks come from members, whatever job ids they name.
+    if (drop_fences_.size() >= kMaxDropFences && drop_fences_.count(job_id) == 0) {
+      const absl::Time now = absl::Now();
+      for (auto it = drop_fences_.begin(); it != drop_fences_.end();) {
+        it = it->second <= now ? drop_fences_.erase(it) : std::next(it);
+      }
+      if (drop_fences_.size() >= kMaxDropFences) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "the drops of ", drop_fences_.size(), " jobs are being decided here (at most ",
+            kMaxDropFences, "): drop job '", job_id, "' again once some have finished"));
+      }
+    }
     // Fenced before the ranks are listed and locked (see Register).
     absl::Time& until = drop_fences_[job_id];
     if (until != absl::Time()) fenced_before = until;

@@ -420,7 +420,9 @@ class SnapshotStore {
     uint64_t dropped_epoch = 0;  // ApplyDrop: slots of epochs up to it are void
   };
   std::map<std::string, JobView> jobs_ ABSL_GUARDED_BY(mu_);
-  // Jobs whose drop a coordinator is deciding (CheckDrop), with when the fence lapses.
+  // Jobs whose drop a coordinator is deciding (CheckDrop), with when the fence lapses; at most
+  // kMaxDropFences.
+  static constexpr size_t kMaxDropFences = 4096;
   std::map<std::string, absl::Time> drop_fences_ ABSL_GUARDED_BY(mu_);
   // kUnavailable while `job_id`'s drop fence stands.
   absl::Status CheckDropFenceLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

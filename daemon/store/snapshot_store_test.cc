@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "common/crc32c.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
@@ -835,6 +836,23 @@ TEST_F(SnapshotStoreTest, ACheckedDropFencesTheJobsRegistrations) {
             absl::StatusCode::kPermissionDenied);
   alive_.erase(102);
   EXPECT_TRUE(Register(Trainer(103), 2).ok());
+}
+
+// Checks name whatever job ids a member sends: the fences they set are bounded, and a fence
+// that lapsed makes room.
+TEST_F(SnapshotStoreTest, DropFencesAreBounded) {
+  OpenStore(64 << 20, {}, /*clustered=*/true);
+  for (int i = 0; i < 4095; ++i) {
+    ASSERT_TRUE(store_->CheckDrop(absl::StrCat("other-", i), std::nullopt, absl::Hours(1)).ok())
+        << i;
+  }
+  ASSERT_TRUE(store_->CheckDrop(job_, std::nullopt, absl::Milliseconds(1)).ok());
+  auto full = store_->CheckDrop("one-too-many", std::nullopt, absl::Hours(1));
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  EXPECT_TRUE(store_->CheckDrop("other-7", std::nullopt, absl::Hours(1)).ok())
+      << "a job fenced already is checked again";
+  absl::SleepFor(absl::Milliseconds(5));  // job_'s fence lapses
+  EXPECT_TRUE(store_->CheckDrop("one-too-many", std::nullopt, absl::Hours(1)).ok());
 }
 
 // The check comes while a registration creates its slots (without the rank's lock): the check
