@@ -863,10 +863,13 @@ class DataPathTlsTest : public DataPathTest {
     return DataPathClient::Endpoint{"127.0.0.1", port, tls_data_->SessionKeyFor(node_id),
                                     kDataPathVersionEncrypted};
   }
-  static DataPathClient::Options ClientOf(const std::string& node_id) {
+  // Chunks of 256 KiB are sealed and opened by the I/O thread alone; chunks of 1 MiB with its
+  // helper on the socket (data_path_wire.cc, kPipelineBytes).
+  static DataPathClient::Options ClientOf(const std::string& node_id,
+                                          size_t chunk_bytes = 256 << 10) {
     DataPathClient::Options o;
     o.self_node_id = node_id;
-    o.chunk_bytes = 256 << 10;
+    o.chunk_bytes = chunk_bytes;
     return o;
   }
 
@@ -990,20 +993,22 @@ TEST_F(DataPathTlsTest, TheWireCarriesNoPlaintext) {
     }
     return false;
   };
-  for (bool encrypted : {false, true}) {
-    SCOPED_TRACE(encrypted ? "version 2" : "version 1");
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool encrypted = variant > 0;
+    const size_t chunk = variant == 2 ? size_t{1} << 20 : size_t{256} << 10;
+    SCOPED_TRACE(encrypted ? absl::StrCat("version 2, chunks of ", chunk) : "version 1");
     DataPathServer* server = encrypted ? tls_data_.get() : data_server_.get();
     tessera::testing::TcpRelay proxy(server->port());
-    DataPathClient client(ClientOf("n1"));
+    DataPathClient client(ClientOf("n1", chunk));
     const DataPathClient::Endpoint endpoint =
         encrypted ? EndpointFor("n1", proxy.port())
                   : DataPathClient::Endpoint{"127.0.0.1", proxy.port(), server->session_key(),
                                              kDataPathVersionPlain};
-    const FragmentKey key{job, encrypted ? 1u : 0u, 7, 2};
+    const FragmentKey key{job, static_cast<uint32_t>(variant), 7, 2};
     uint32_t crc = 0;
     const absl::Time deadline = absl::Now() + absl::Seconds(20);
-    auto put = client.PutRange("n0", endpoint, key, meta, data.data(), 0, data.size(), deadline,
-                               &crc);
+    auto put =
+        client.PutRange("n0", endpoint, key, meta, data.data(), 0, data.size(), deadline, &crc);
     ASSERT_TRUE(put.ok()) << put.status();
     ASSERT_TRUE(client.Seal("n0", endpoint, key, meta, crc, deadline).ok());
     std::vector<uint8_t> back(data.size());
@@ -1029,37 +1034,44 @@ TEST_F(DataPathTlsTest, TheWireCarriesNoPlaintext) {
 TEST_F(DataPathTlsTest, AlteredBytesAreRefusedEitherWay) {
   const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
   const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
-  const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  {
-    // Client to server, inside the fragment's bytes (well past the handshake).
-    tessera::testing::TcpRelay proxy(tls_data_->port());
-    proxy.AlterByte(/*client_to_server=*/true, 200000, 0x10);
-    DataPathClient client(ClientOf("n1"));
-    const FragmentKey key{"job-alter", 0, 1, 0};
-    uint32_t crc = 0;
-    auto put = client.PutRange("n0", EndpointFor("n1", proxy.port()), key, meta, data.data(), 0,
-                               data.size(), deadline, &crc);
-    EXPECT_FALSE(put.ok());
-    ASSERT_TRUE(WaitFor(tls_data_.get(), [](const auto& s) { return s.records_refused == 1; }));
-    auto held = fragments_->List("job-alter");
-    ASSERT_EQ(held.size(), 1u);
-    EXPECT_EQ(held[0].state, SegmentState::kWriting);
-    EXPECT_LT(held[0].bytes_received, data.size());
-  }
-  {
-    // Server to client, inside a read's bytes: the reader refuses them.
-    const FragmentKey key{"job-alter", 1, 1, 0};
-    auto n1 = TlsClient({"n1"}, "n1");
-    ASSERT_TRUE(n1->PutFragment(tls_address_, key, meta, data.data(), data.size()).ok());
-    tessera::testing::TcpRelay proxy(tls_data_->port());
-    proxy.AlterByte(/*client_to_server=*/false, 300000, 0x01);
-    DataPathClient client(ClientOf("n1"));
-    std::vector<uint8_t> back(data.size());
-    auto got = client.GetRange("n0", EndpointFor("n1", proxy.port()), key, 0, 0, 0, back.data(),
-                               back.size(), deadline);
-    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
-    EXPECT_THAT(std::string(got.status().message()),
-                ::testing::HasSubstr("does not authenticate: it was altered, replayed, reordered"));
+  const absl::Time deadline = absl::Now() + absl::Seconds(40);
+  for (size_t chunk : {size_t{256} << 10, size_t{1} << 20}) {
+    SCOPED_TRACE(absl::StrCat("chunks of ", chunk, " bytes"));
+    const std::string job = absl::StrCat("job-alter-", chunk);
+    const uint64_t refused_before = tls_data_->stats().records_refused;
+    {
+      // Client to server, inside the fragment's bytes (well past the handshake).
+      tessera::testing::TcpRelay proxy(tls_data_->port());
+      proxy.AlterByte(/*client_to_server=*/true, 200000, 0x10);
+      DataPathClient client(ClientOf("n1", chunk));
+      const FragmentKey key{job, 0, 1, 0};
+      uint32_t crc = 0;
+      auto put = client.PutRange("n0", EndpointFor("n1", proxy.port()), key, meta, data.data(), 0,
+                                 data.size(), deadline, &crc);
+      EXPECT_FALSE(put.ok());
+      ASSERT_TRUE(WaitFor(tls_data_.get(),
+                          [&](const auto& s) { return s.records_refused == refused_before + 1; }));
+      auto held = fragments_->List(job);
+      ASSERT_EQ(held.size(), 1u);
+      EXPECT_EQ(held[0].state, SegmentState::kWriting);
+      EXPECT_LT(held[0].bytes_received, data.size());
+    }
+    {
+      // Server to client, inside a read's bytes: the reader refuses them.
+      const FragmentKey key{job, 1, 1, 0};
+      auto n1 = TlsClient({"n1"}, "n1");
+      ASSERT_TRUE(n1->PutFragment(tls_address_, key, meta, data.data(), data.size()).ok());
+      tessera::testing::TcpRelay proxy(tls_data_->port());
+      proxy.AlterByte(/*client_to_server=*/false, 300000, 0x01);
+      DataPathClient client(ClientOf("n1", chunk));
+      std::vector<uint8_t> back(data.size());
+      auto got = client.GetRange("n0", EndpointFor("n1", proxy.port()), key, 0, 0, 0, back.data(),
+                                 back.size(), deadline);
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+      EXPECT_THAT(
+          std::string(got.status().message()),
+          ::testing::HasSubstr("does not authenticate: it was altered, replayed, reordered"));
+    }
   }
 }
 

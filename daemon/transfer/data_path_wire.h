@@ -129,6 +129,9 @@ struct Io {
   // data_path_wire.cc
   absl::Status SendSealed(const iovec* iov, int count);
   absl::Status RecvOpened(uint8_t* dst, size_t size);
+  // A chunk's worth, with this thread's helper thread on the socket (data_path_wire.cc).
+  absl::Status SendSealedPipelined(const iovec* iov, int count);
+  absl::Status RecvPipelined(uint8_t* target, size_t size, uint8_t tag[kRecordTagBytes]);
 
   absl::Status SendPlain(iovec* iov, int count) {
     while (count > 0) {
