@@ -1,6 +1,7 @@
 // Cross-node protection with real processes on loopback: each tesserad is a simulated node with
 // its own peer port and shm directory; trainers use the host path. A node is lost by SIGKILLing
 // its daemon and deleting its store directory, as a lost machine loses its memory.
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "common/grpc_status.h"
@@ -872,6 +874,8 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLo
   udp_options.token = kClusterToken;
   udp_options.timeout = absl::Seconds(2);
   udp_options.signer = signer;
+  const uint64_t rogue_incarnation = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now()));
+  udp_options.incarnation = rogue_incarnation;
   udp_options.on_request = [&](const HeartbeatMessage& m) -> absl::StatusOr<HeartbeatReply> {
     absl::MutexLock lock(&mu);
     ++refusals;
@@ -936,6 +940,45 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLo
     gossip.seq = ++seq;
     absl::StatusOr<HeartbeatReply> reply = (*udp)->Heartbeat(cluster.address(i), gossip);
     EXPECT_TRUE(reply.ok()) << "n" << i << ": " << reply.status();
+  }
+  // A genuine signed datagram recorded and sent again is dropped before its signature is
+  // checked, by a real daemon, and counted.
+  {
+    HeartbeatMessage probe;
+    probe.from = MemberInfo{"n2", n2_incarnation, cluster.address(2)};
+    probe.kind = HeartbeatMessage::Kind::kProbe;
+    probe.seq = ++seq;
+    peer::HeartbeatRequest request;
+    peer_wire::ToProto(probe, &request);
+    auto datagram = UdpHeartbeats::Encode(1, seq, request.SerializeAsString(), kClusterToken,
+                                          signer.get(), rogue_incarnation);
+    ASSERT_TRUE(datagram.ok()) << datagram.status();
+    const int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(static_cast<uint16_t>(
+        std::stoi(std::string(absl::StripPrefix(cluster.address(0), "127.0.0.1:")))));
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    auto replayed = [&]() -> double {
+      auto m = ScrapeMetrics(metrics_ports[0]);
+      return m.ok() ? (*m)["tessera_membership_datagrams_dropped_total{reason=\"replayed\"}"]
+                    : -1;
+    };
+    const double before = replayed();
+    for (int copy = 0; copy < 2; ++copy) {
+      ASSERT_EQ(sendto(fd, datagram->data(), datagram->size(), 0,
+                       reinterpret_cast<const sockaddr*>(&to), sizeof(to)),
+                static_cast<ssize_t>(datagram->size()));
+      std::this_thread::sleep_for(milliseconds(200));
+    }
+    close(fd);
+    for (int i = 0; i < 50 && replayed() < before + 1; ++i) {
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    EXPECT_EQ(replayed(), before + 1) << cluster[0].LogTail();
+    EXPECT_TRUE(LogShows(cluster[0], "membership datagram dropped (replayed)", milliseconds(5000)))
+        << cluster[0].LogTail();
   }
   // n1 did not obey: it runs, unfenced, and said why.
   EXPECT_TRUE(LogShows(cluster[1], "fencing refusal not obeyed (refusal): refused as fenced by " +

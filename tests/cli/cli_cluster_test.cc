@@ -47,13 +47,10 @@ class CliClusterTest : public ::testing::Test {
     std::ofstream(token_file_) << kToken << "\n";
     for (int i = 0; i < kNodes; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     for (int i = 0; i < kNodes; ++i) {
-      daemons_.push_back(std::make_unique<DaemonProcess>(
-          root_.path(), absl::StrCat("n", i), uint64_t{512} << 20,
-          std::vector<std::string>{"--set", "peer.listen_address=" + addresses_[i], "--set",
-                                   "cluster.members=" + absl::StrJoin(addresses_, ","), "--set",
-                                   "cluster.token_file=" + token_file_, "--set", "ec.k=2", "--set",
-                                   "ec.m=1", "--set", "liveness.heartbeat_ms=100", "--set",
-                                   "liveness.timeout_ms=1000"}));
+      daemons_.push_back(std::make_unique<DaemonProcess>(root_.path(), absl::StrCat("n", i),
+                                                         uint64_t{512} << 20,
+                                                         TokenClusterFlags(addresses_, i,
+                                                                           token_file_, 2, 1)));
       std::string error;
       ASSERT_TRUE(daemons_.back()->Start(&error)) << error;
     }

@@ -61,15 +61,9 @@ class CliDropTest : public ::testing::Test {
     std::ofstream(token_file_) << kToken << "\n";
     for (int i = 0; i < kNodes; ++i) addresses_.push_back(absl::StrCat("127.0.0.1:", FreePort()));
     for (int i = 0; i < kNodes; ++i) {
-      std::vector<std::string> flags = {"--set", "peer.listen_address=" + addresses_[i], "--set",
-                                        "cluster.members=" + absl::StrJoin(addresses_, ","),
-                                        "--set", "cluster.token_file=" + token_file_, "--set",
-                                        "ec.k=1", "--set", "ec.m=1", "--set",
-                                        "liveness.heartbeat_ms=100", "--set",
-                                        "liveness.timeout_ms=1000"};
-      flags.insert(flags.end(), extra_flags_.begin(), extra_flags_.end());
-      daemons_.push_back(std::make_unique<DaemonProcess>(root_.path(), absl::StrCat("n", i),
-                                                         uint64_t{256} << 20, flags));
+      daemons_.push_back(std::make_unique<DaemonProcess>(
+          root_.path(), absl::StrCat("n", i), uint64_t{256} << 20,
+          TokenClusterFlags(addresses_, i, token_file_, 1, 1, extra_flags_)));
       if (!launcher_.empty()) daemons_.back()->SetLauncher(launcher_);
       std::string error;
       ASSERT_TRUE(daemons_.back()->Start(&error)) << error;
@@ -216,7 +210,8 @@ TEST_F(CliDropTest, ADroppedJobIsRelaunchedFreshOnEveryNode) {
   // each member answers what it deleted for it.
   CliRun again = Tessera({"drop", kJob, "--json"}, 0);
   ASSERT_EQ(again.exit_code, 0) << again.Describe();
-  EXPECT_EQ(again.result().at("dropped_epoch").number_value(), r.at("dropped_epoch").number_value());
+  EXPECT_EQ(again.result().at("dropped_epoch").number_value(),
+            r.at("dropped_epoch").number_value());
   EXPECT_EQ(again.result().at("slots_deleted").number_value(), 2 * kWorld);
   CliRun text = Tessera({"drop", kJob}, 1);
   ASSERT_EQ(text.exit_code, 0) << text.Describe();

@@ -65,6 +65,23 @@ inline CliRun RunCli(const std::vector<std::string>& argv, const std::string& er
   return run;
 }
 
+// The flags of member `i` of a token cluster on `addresses` (RS(k, m), 100 ms heartbeats), then
+// `extra`.
+inline std::vector<std::string> TokenClusterFlags(const std::vector<std::string>& addresses,
+                                                  size_t i, const std::string& token_file, int k,
+                                                  int m,
+                                                  const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> flags = {"--set", "peer.listen_address=" + addresses[i],
+                                    "--set", "cluster.members=" + absl::StrJoin(addresses, ","),
+                                    "--set", "cluster.token_file=" + token_file,
+                                    "--set", absl::StrCat("ec.k=", k),
+                                    "--set", absl::StrCat("ec.m=", m),
+                                    "--set", "liveness.heartbeat_ms=100",
+                                    "--set", "liveness.timeout_ms=1000"};
+  flags.insert(flags.end(), extra.begin(), extra.end());
+  return flags;
+}
+
 }  // namespace tessera::testing
 
 #endif  // TESSERA_TESTS_CLI_CLI_RUN_H_

@@ -186,6 +186,23 @@ class Daemon:
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
+def cluster_daemons(tmp_path: Path, count: int, token: str, k: int, m: int,
+                    extra: Optional[List[str]] = None) -> List[Daemon]:
+    """`count` daemons n0.. of one token cluster on free ports (RS(k, m), 100 ms heartbeats),
+    each with a work directory under tmp_path; not started."""
+    ports = [free_port() for _ in range(count)]
+    members = ",".join(f"127.0.0.1:{p}" for p in ports)
+    daemons = []
+    for i, port in enumerate(ports):
+        (tmp_path / f"n{i}").mkdir()
+        daemons.append(Daemon(tmp_path / f"n{i}", [
+            "--set", f"node.id=n{i}", "--set", f"peer.listen_address=127.0.0.1:{port}",
+            "--set", f"cluster.members={members}", "--set", f"cluster.token={token}",
+            "--set", f"ec.k={k}", "--set", f"ec.m={m}", "--set", "liveness.heartbeat_ms=100",
+            "--set", "liveness.timeout_ms=1000", *(extra or [])]))
+    return daemons
+
+
 @pytest.fixture
 def daemon(tmp_path: Path, library_path: Path) -> Iterator[Daemon]:
     """A running tesserad; after the test it must exit 0 on SIGTERM."""

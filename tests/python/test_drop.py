@@ -227,20 +227,11 @@ def test_close_with_drop_on_every_rank_drops_the_job_across_a_cluster(tmp_path) 
     import time
     import torch
     import tessera.torch as tt
-    from conftest import free_port
+    from conftest import cluster_daemons
 
     seed = _seed()
     torch.manual_seed(seed)
-    ports = [free_port() for _ in range(3)]
-    members = ",".join(f"127.0.0.1:{p}" for p in ports)
-    daemons = []
-    for i, port in enumerate(ports):
-        (tmp_path / f"n{i}").mkdir()
-        daemons.append(Daemon(tmp_path / f"n{i}", [
-            "--set", f"node.id=n{i}", "--set", f"peer.listen_address=127.0.0.1:{port}",
-            "--set", f"cluster.members={members}", "--set", "cluster.token=drop-test-token-0123456789",
-            "--set", "ec.k=1", "--set", "ec.m=1", "--set", "liveness.heartbeat_ms=100",
-            "--set", "liveness.timeout_ms=1000"]))
+    daemons = cluster_daemons(tmp_path, 3, "drop-test-token-0123456789", 1, 1)
 
     def launch(rank: int) -> "tt.Snapshotter":
         model = torch.nn.Linear(32 + rank, 16)

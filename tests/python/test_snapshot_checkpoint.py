@@ -35,7 +35,7 @@ from tessera.client import EntryKind, EntrySlice
 import tessera.torch as tt
 from tessera.errors import (DataLossError, FailedPreconditionError, InvalidArgumentError,
                             NotFoundError, UnavailableError)
-from conftest import Daemon, free_port
+from conftest import Daemon, cluster_daemons
 
 
 def _seed() -> int:
@@ -267,17 +267,8 @@ def test_a_node_holding_no_rank_reads_the_snapshot_of_a_lost_one(tmp_path: Path)
     0's rebuilt from fragments, rank 1's copied from node 1)."""
     seed = _seed()
     torch.manual_seed(seed)
-    ports = [free_port() for _ in range(3)]
-    members = ",".join(f"127.0.0.1:{p}" for p in ports)
-    daemons = []
-    for i, port in enumerate(ports):
-        (tmp_path / f"n{i}").mkdir()
-        daemons.append(Daemon(tmp_path / f"n{i}", [
-            "--set", f"node.id=n{i}", "--set", f"peer.listen_address=127.0.0.1:{port}",
-            "--set", f"cluster.members={members}", "--set", "cluster.token=reader-test-token",
-            "--set", "ec.k=2", "--set", "ec.m=1", "--set", "liveness.heartbeat_ms=100",
-            "--set", "liveness.timeout_ms=1000", "--set", "liveness.transport=grpc",
-            "--set", "peer.data_path=grpc"]))
+    daemons = cluster_daemons(tmp_path, 3, "reader-test-token", 2, 1,
+                              ["--set", "liveness.transport=grpc", "--set", "peer.data_path=grpc"])
     snaps = []
     try:
         for d in daemons:
