@@ -158,7 +158,20 @@ LoopbackConnection::LoopbackConnection(uint16_t port) : until_(absl::Now() + kCo
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(port);
   if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    Fail(absl::StrCat("cannot connect to the data path: ", std::strerror(errno)));
+    if (errno != EINTR) {
+      Fail(absl::StrCat("cannot connect to the data path: ", std::strerror(errno)));
+    }
+    // libFuzzer's timer (SIGALRM) interrupted the call; the connection goes on: wait for it.
+    pollfd p{fd_, POLLOUT, 0};
+    int ready;
+    while ((ready = ::poll(&p, 1, 10000)) < 0 && errno == EINTR) {
+    }
+    int error = 0;
+    socklen_t len = sizeof(error);
+    if (ready != 1 || ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &error, &len) != 0 || error != 0) {
+      Fail(absl::StrCat("cannot connect to the data path (after a signal): ",
+                        ready == 1 ? std::strerror(error) : "no connection in 10 s"));
+    }
   }
   const int one = 1;
   ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
