@@ -65,6 +65,9 @@ struct DaemonConfig {
     std::string tls_key_file;   // cluster.tls_key_file
     std::string tls_ca_file;    // cluster.tls_ca_file
     int64_t tls_refresh_s = 60;  // cluster.tls_refresh_s
+    // Threads that seal and open the encrypted data path's records (cipher_pool.h), at most the
+    // machine's hardware threads.
+    int64_t tls_cipher_threads = 8;  // cluster.tls_cipher_threads
     // Budgets of the checks that membership costs under attack (verification_throttle.h), per
     // second: membership datagrams failing authentication, per source address
     // (cluster.datagram_failures_per_source_per_s) and over all addresses not a member's

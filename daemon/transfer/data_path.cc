@@ -517,13 +517,8 @@ bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& c
       response.set_offset(begin);
       response.set_length(end - begin);
       if (!io.WriteFrame(answer(response)).ok()) return false;
-      for (uint64_t pos = begin; pos < end;) {
-        ChunkHeader chunk;
-        chunk.offset = pos;
-        chunk.size = static_cast<uint32_t>(std::min<uint64_t>(chunk_bytes, end - pos));
-        chunk.crc32c = Crc32c(view->data() + pos, chunk.size);
-        if (!io.SendChunk(chunk, view->data() + pos).ok()) return false;
-        pos += chunk.size;
+      if (begin < end && !io.SendChunks(view->data(), begin, end, chunk_bytes, nullptr).ok()) {
+        return false;
       }
       absl::MutexLock lock(&mu_);
       stats_.bytes_sent += end - begin;

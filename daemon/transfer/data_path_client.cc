@@ -330,16 +330,7 @@ absl::StatusOr<FragmentStatus> DataPathClient::PutRange(
   TESSERA_ASSIGN_OR_RETURN(
       peer::DataPathResponse response,
       Exchange(peer, endpoint, request, deadline, [&](Io& io) -> absl::Status {
-        for (uint64_t pos = begin; pos < end;) {
-          ChunkHeader chunk;
-          chunk.offset = pos;
-          chunk.size = static_cast<uint32_t>(std::min<uint64_t>(options_.chunk_bytes, end - pos));
-          chunk.crc32c = Crc32c(data + pos, chunk.size);
-          crc = pos == begin ? chunk.crc32c : Crc32cCombineCached(crc, chunk.crc32c, chunk.size);
-          TESSERA_RETURN_IF_ERROR(io.SendChunk(chunk, data + pos));
-          pos += chunk.size;
-        }
-        return absl::OkStatus();
+        return io.SendChunks(data, begin, end, options_.chunk_bytes, &crc);
       }));
   *range_crc32c = crc;
   return StatusFrom(key, meta, response);

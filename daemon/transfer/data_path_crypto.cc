@@ -45,7 +45,60 @@ void NonceOf(uint64_t sequence, uint8_t iv[kIvBytes]) {
 
 EVP_CIPHER_CTX* Ctx(void* p) { return static_cast<EVP_CIPHER_CTX*>(p); }
 
+// This thread's context for SealRecordAt and OpenRecordAt, set up for the key and direction it
+// served last (a connection's records come in runs): a record under them only sets its nonce.
+EVP_CIPHER_CTX* ThreadContext(const std::string& key, bool seal, const uint8_t iv[kIvBytes]) {
+  struct Context {
+    EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+    std::string key;
+    bool seal = false;
+    ~Context() { EVP_CIPHER_CTX_free(ctx); }
+  };
+  thread_local Context context;
+  const auto* k = reinterpret_cast<const uint8_t*>(key.data());
+  if (context.key == key && context.seal == seal) {
+    (seal ? EVP_EncryptInit_ex : EVP_DecryptInit_ex)(context.ctx, nullptr, nullptr, nullptr, iv);
+  } else {
+    (seal ? EVP_EncryptInit_ex : EVP_DecryptInit_ex)(context.ctx, EVP_aes_256_gcm(), nullptr, k,
+                                                     iv);
+    context.key = key;
+    context.seal = seal;
+  }
+  return context.ctx;
+}
+
 }  // namespace
+
+void SealRecordAt(const std::string& key, uint64_t sequence, const uint8_t* in, size_t n,
+                  uint8_t* out) {
+  uint8_t iv[kIvBytes];
+  NonceOf(sequence, iv);
+  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/true, iv);
+  PutU32(out, static_cast<uint32_t>(n));
+  int len = 0;
+  EVP_EncryptUpdate(ctx, nullptr, &len, out, kRecordHeaderBytes);
+  EVP_EncryptUpdate(ctx, out + kRecordHeaderBytes, &len, in, static_cast<int>(n));
+  uint8_t none[16];
+  EVP_EncryptFinal_ex(ctx, none, &len);
+  EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, kRecordTagBytes, out + kRecordHeaderBytes + n);
+}
+
+bool OpenRecordAt(const std::string& key, uint64_t sequence, uint8_t* data, size_t n,
+                  const uint8_t tag[kRecordTagBytes]) {
+  uint8_t iv[kIvBytes];
+  NonceOf(sequence, iv);
+  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/false, iv);
+  uint8_t header[kRecordHeaderBytes];
+  PutU32(header, static_cast<uint32_t>(n));
+  int len = 0;
+  EVP_DecryptUpdate(ctx, nullptr, &len, header, kRecordHeaderBytes);
+  EVP_DecryptUpdate(ctx, data, &len, data, static_cast<int>(n));
+  uint8_t expected[kRecordTagBytes];
+  std::memcpy(expected, tag, kRecordTagBytes);
+  EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, kRecordTagBytes, expected);
+  uint8_t none[16];
+  return EVP_DecryptFinal_ex(ctx, none, &len) > 0;
+}
 
 absl::StatusOr<std::string> RandomSecret(size_t bytes) {
   std::string out(bytes, '\0');
@@ -76,7 +129,7 @@ ConnectionKeys DeriveConnectionKeys(const std::string& session_key, const std::s
 // ---------------------------------------------------------------------------------------------
 
 RecordSealer::RecordSealer(const std::string& key, std::string what)
-    : context_(EVP_CIPHER_CTX_new()), what_(std::move(what)) {
+    : context_(EVP_CIPHER_CTX_new()), key_(key), what_(std::move(what)) {
   EVP_EncryptInit_ex(Ctx(context_), EVP_aes_256_gcm(), nullptr,
                      reinterpret_cast<const uint8_t*>(key.data()), nullptr);
 }
@@ -126,6 +179,17 @@ absl::Status RecordSealer::Finish(uint8_t tag[kRecordTagBytes]) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<uint64_t> RecordSealer::Reserve(uint64_t count) {
+  if (count > kMaxRecordsPerDirection - sequence_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the data path connection ", what_, " sealed ", sequence_, " records and ",
+                     count, " more would pass the most one key may: open a new connection"));
+  }
+  const uint64_t first = sequence_;
+  sequence_ += count;
+  return first;
+}
+
 absl::StatusOr<std::string> RecordSealer::Seal(const std::string& plaintext) {
   std::string out(kRecordHeaderBytes + plaintext.size() + kRecordTagBytes, '\0');
   auto* p = reinterpret_cast<uint8_t*>(out.data());
@@ -139,14 +203,14 @@ absl::StatusOr<std::string> RecordSealer::Seal(const std::string& plaintext) {
 // ---------------------------------------------------------------------------------------------
 
 RecordOpener::RecordOpener(const std::string& key, std::string what)
-    : context_(EVP_CIPHER_CTX_new()), what_(std::move(what)) {
+    : context_(EVP_CIPHER_CTX_new()), key_(key), what_(std::move(what)) {
   EVP_DecryptInit_ex(Ctx(context_), EVP_aes_256_gcm(), nullptr,
                      reinterpret_cast<const uint8_t*>(key.data()), nullptr);
 }
 
 RecordOpener::~RecordOpener() { EVP_CIPHER_CTX_free(Ctx(context_)); }
 
-absl::StatusOr<size_t> RecordOpener::Begin(const uint8_t header[kRecordHeaderBytes]) {
+absl::StatusOr<size_t> RecordOpener::CheckHeader(const uint8_t header[kRecordHeaderBytes]) {
   if (broken_) {
     return absl::DataLossError(absl::StrCat("the data path connection ", what_,
                                             " is out of step after a record that did not "
@@ -159,14 +223,36 @@ absl::StatusOr<size_t> RecordOpener::Begin(const uint8_t header[kRecordHeaderByt
                                             size, " bytes; a record holds 1..", kMaxRecordBytes,
                                             " (the stream was altered or is not encrypted)"));
   }
+  return size;
+}
+
+absl::StatusOr<size_t> RecordOpener::Begin(const uint8_t header[kRecordHeaderBytes]) {
+  absl::StatusOr<size_t> size = CheckHeader(header);
+  if (!size.ok()) return size;
   uint8_t iv[kIvBytes];
   NonceOf(sequence_, iv);
   int len = 0;
   EVP_DecryptInit_ex(Ctx(context_), nullptr, nullptr, nullptr, iv);
   EVP_DecryptUpdate(Ctx(context_), nullptr, &len, header, kRecordHeaderBytes);
-  size_ = size;
+  size_ = *size;
   done_ = 0;
   return size;
+}
+
+absl::StatusOr<size_t> RecordOpener::BeginAt(const uint8_t header[kRecordHeaderBytes],
+                                             uint64_t* sequence) {
+  absl::StatusOr<size_t> size = CheckHeader(header);
+  if (!size.ok()) return size;
+  *sequence = sequence_++;
+  return size;
+}
+
+absl::Status RecordOpener::Failed(uint64_t sequence, size_t size) {
+  broken_ = true;
+  return absl::DataLossError(absl::StrCat(
+      "data path record ", sequence, " (", size, " bytes) ", what_,
+      " does not authenticate: it was altered, replayed, reordered or sealed with another key; "
+      "the connection is closed"));
 }
 
 void RecordOpener::Update(uint8_t* data, size_t n) {
@@ -182,13 +268,7 @@ absl::Status RecordOpener::Finish(const uint8_t tag[kRecordTagBytes]) {
   int len = 0;
   uint8_t none[16];
   const bool authentic = done_ == size_ && EVP_DecryptFinal_ex(Ctx(context_), none, &len) > 0;
-  if (!authentic) {
-    broken_ = true;
-    return absl::DataLossError(absl::StrCat(
-        "data path record ", sequence_, " (", size_, " bytes) ", what_,
-        " does not authenticate: it was altered, replayed, reordered or sealed with another "
-        "key; the connection is closed"));
-  }
+  if (!authentic) return Failed(sequence_, size_);
   ++sequence_;
   size_ = done_ = 0;
   return absl::OkStatus();

@@ -81,10 +81,17 @@ class RecordSealer {
   // One whole record: header, ciphertext and tag.
   absl::StatusOr<std::string> Seal(const std::string& plaintext);
 
+  // Reserves the sequence numbers of the next `count` records, to be sealed on other threads
+  // (SealRecordAt) and sent in order: the first. kResourceExhausted past
+  // kMaxRecordsPerDirection. REQUIRES: no record begun and not finished.
+  absl::StatusOr<uint64_t> Reserve(uint64_t count);
+  const std::string& key() const { return key_; }
+
   uint64_t records() const { return sequence_; }
 
  private:
   void* context_;  // EVP_CIPHER_CTX*
+  const std::string key_;
   const std::string what_;
   uint64_t sequence_ = 0;
   size_t size_ = 0;
@@ -110,6 +117,15 @@ class RecordOpener {
   // One whole record (as RecordSealer::Seal makes it): its plaintext.
   absl::StatusOr<std::string> Open(const std::string& record);
 
+  // Takes the next record's header for opening on another thread (OpenRecordAt): its length, or
+  // kDataLoss as Begin; *sequence is the record's sequence number, and the opener moves past the
+  // record as if it had been opened.
+  absl::StatusOr<size_t> BeginAt(const uint8_t header[kRecordHeaderBytes], uint64_t* sequence);
+  // Record `sequence` of `size` bytes did not authenticate (OpenRecordAt): the error Finish
+  // gives, and the direction is out of step from now on.
+  absl::Status Failed(uint64_t sequence, size_t size);
+  const std::string& key() const { return key_; }
+
   uint64_t records() const { return sequence_; }
 
   // Plaintext of a record opened whole (longer than what a read asked for), handed out in
@@ -118,7 +134,10 @@ class RecordOpener {
   size_t buffer_offset = 0;
 
  private:
+  absl::StatusOr<size_t> CheckHeader(const uint8_t header[kRecordHeaderBytes]);
+
   void* context_;  // EVP_CIPHER_CTX*
+  const std::string key_;
   const std::string what_;
   uint64_t sequence_ = 0;
   size_t size_ = 0;
@@ -126,6 +145,18 @@ class RecordOpener {
   bool broken_ = false;
   std::vector<uint8_t> buffer_;
 };
+
+// One record sealed or opened whole, on any thread (a context per thread), under `key` (32
+// bytes) and the nonce of `sequence`, as RecordSealer and RecordOpener would at that place in
+// their direction.
+// SealRecordAt writes header | ciphertext | tag, n + kRecordHeaderBytes + kRecordTagBytes bytes,
+// to `out`. REQUIRES: n in 1..kMaxRecordBytes, `sequence` reserved (RecordSealer::Reserve).
+void SealRecordAt(const std::string& key, uint64_t sequence, const uint8_t* in, size_t n,
+                  uint8_t* out);
+// OpenRecordAt decrypts `n` bytes in place and checks `tag`: true when the record authenticates
+// (its bytes are not to be trusted otherwise).
+bool OpenRecordAt(const std::string& key, uint64_t sequence, uint8_t* data, size_t n,
+                  const uint8_t tag[kRecordTagBytes]);
 
 // Both directions of one connection, from one side's point of view.
 struct DataPathCiphers {

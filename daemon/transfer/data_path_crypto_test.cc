@@ -158,6 +158,81 @@ TEST_F(DataPathCryptoTest, ReplayedReorderedOrDroppedRecordsAreRefused) {
   }
 }
 
+// Records sealed apart (on any thread, under reserved sequence numbers) are the records the
+// streaming sealer would make at those places: a stream of both kinds opens in order either way,
+// and a record opened apart under another sequence number, or altered, does not authenticate.
+TEST_F(DataPathCryptoTest, RecordsSealedAndOpenedApartAreTheStreamsRecords) {
+  RecordSealer sealer(keys_.client_to_server, "to test");
+  RecordOpener opener(keys_.client_to_server, "from test");
+  std::vector<std::string> plains;
+  std::vector<std::vector<uint8_t>> wires;
+  for (int i = 0; i < 12; ++i) {
+    const std::string plain = RandomBytes(1 + rng_() % (size_t{300} << 10));
+    std::vector<uint8_t> wire(kRecordHeaderBytes + plain.size() + kRecordTagBytes);
+    if (i % 3 == 0) {  // the streaming sealer
+      auto record = sealer.Seal(plain);
+      ASSERT_TRUE(record.ok());
+      std::memcpy(wire.data(), record->data(), wire.size());
+    } else {  // reserved, and sealed apart
+      auto sequence = sealer.Reserve(1);
+      ASSERT_TRUE(sequence.ok());
+      EXPECT_EQ(*sequence, static_cast<uint64_t>(i));
+      SealRecordAt(sealer.key(), *sequence, reinterpret_cast<const uint8_t*>(plain.data()),
+                   plain.size(), wire.data());
+    }
+    plains.push_back(plain);
+    wires.push_back(std::move(wire));
+  }
+  EXPECT_EQ(sealer.records(), 12u);
+  for (size_t i = 0; i < wires.size(); ++i) {
+    SCOPED_TRACE(i);
+    std::vector<uint8_t>& wire = wires[i];
+    const size_t n = plains[i].size();
+    if (i % 2 == 0) {  // the streaming opener
+      auto opened = opener.Open(std::string(wire.begin(), wire.end()));
+      ASSERT_TRUE(opened.ok()) << opened.status();
+      EXPECT_EQ(*opened, plains[i]);
+      continue;
+    }
+    uint64_t sequence = 0;
+    auto size = opener.BeginAt(wire.data(), &sequence);
+    ASSERT_TRUE(size.ok()) << size.status();
+    ASSERT_EQ(*size, n);
+    EXPECT_EQ(sequence, i);
+    uint8_t* body = wire.data() + kRecordHeaderBytes;
+    std::vector<uint8_t> copy(body, body + n);
+    EXPECT_FALSE(OpenRecordAt(opener.key(), sequence + 1, copy.data(), n, body + n))
+        << "opened under the next record's nonce";
+    copy.assign(body, body + n);
+    copy[rng_() % n] ^= 0x20;
+    EXPECT_FALSE(OpenRecordAt(opener.key(), sequence, copy.data(), n, body + n)) << "altered";
+    ASSERT_TRUE(OpenRecordAt(opener.key(), sequence, body, n, body + n));
+    EXPECT_EQ(std::memcmp(body, plains[i].data(), n), 0);
+  }
+  EXPECT_EQ(opener.records(), 12u);
+  // A failure reported for a record opened apart breaks the direction, as Finish's does.
+  const absl::Status failed = opener.Failed(7, 4096);
+  EXPECT_EQ(failed.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(failed.message()),
+              HasSubstr("data path record 7 (4096 bytes) from test does not authenticate"));
+  auto next = sealer.Seal("after");
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(opener.Open(*next).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST_F(DataPathCryptoTest, ReservingPastTheLimitIsRefused) {
+  RecordSealer sealer(keys_.client_to_server, "to test");
+  ASSERT_TRUE(sealer.Reserve(kMaxRecordsPerDirection - 1).ok());
+  auto refused = sealer.Reserve(2);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("open a new connection"));
+  auto last = sealer.Reserve(1);
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(*last, kMaxRecordsPerDirection - 1);
+  uint8_t header[kRecordHeaderBytes];
+  EXPECT_EQ(sealer.Begin(1, header).code(), absl::StatusCode::kResourceExhausted);
+}
+
 TEST_F(DataPathCryptoTest, SizesOutOfRangeAreRefused) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   uint8_t header[kRecordHeaderBytes];

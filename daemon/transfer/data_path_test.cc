@@ -863,8 +863,9 @@ class DataPathTlsTest : public DataPathTest {
     return DataPathClient::Endpoint{"127.0.0.1", port, tls_data_->SessionKeyFor(node_id),
                                     kDataPathVersionEncrypted};
   }
-  // Chunks of 256 KiB are sealed and opened by the I/O thread alone; chunks of 1 MiB with its
-  // helper on the socket (data_path_wire.cc, kPipelineBytes).
+  // A range of 256 KiB or more is sealed and opened on the cipher pool's threads
+  // (data_path_wire.cc), in records of 256 KiB: a chunk of 256 KiB is one record, a chunk of
+  // 1 MiB four.
   static DataPathClient::Options ClientOf(const std::string& node_id,
                                           size_t chunk_bytes = 256 << 10) {
     DataPathClient::Options o;

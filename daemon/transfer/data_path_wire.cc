@@ -4,12 +4,14 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
+#include <string>
 #include <utility>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "common/crc32c.h"
+#include "daemon/store/fragment_store.h"
+#include "daemon/transfer/cipher_pool.h"
 
 namespace tessera {
 namespace data_path_wire {
@@ -21,77 +23,20 @@ constexpr size_t kCipherPieceBytes = size_t{256} << 10;
 // A buffered record's plaintext larger than this is given back once read.
 constexpr size_t kKeptBufferBytes = size_t{1} << 20;
 
-// Sends and records this large (a chunk) are pipelined: AES-GCM on one core runs at about the
-// rate of one TCP stream, so a thread that alternates between the cipher and the socket moves a
-// chunk at half of either (0.45 of the plain path on a 16-core machine). With a second thread
-// the socket copies one piece while the cipher works on the next (sending) or the previous
-// (receiving), and a connection runs at the slower of the two instead of their sum.
-constexpr size_t kPipelineBytes = size_t{512} << 10;
-// The pieces handed between the two threads: small, so that filling and draining the pipeline
-// costs little of a chunk.
-constexpr size_t kPipelinePieceBytes = size_t{64} << 10;
-constexpr int kPipelineBuffers = 4;
-
-// The second thread of an I/O thread, kept for its life (thread_local): runs one job at a time.
-class SocketHelper {
- public:
-  SocketHelper() : thread_([this] { Loop(); }) {}
-  ~SocketHelper() {
-    {
-      absl::MutexLock lock(&mu_);
-      stopping_ = true;
-    }
-    thread_.join();
-  }
-  SocketHelper(const SocketHelper&) = delete;
-  SocketHelper& operator=(const SocketHelper&) = delete;
-
-  // Runs `job` on the helper's thread. REQUIRES: the previous job was waited for.
-  void Start(std::function<void()> job) {
-    absl::MutexLock lock(&mu_);
-    job_ = std::move(job);
-  }
-  // Waits until the job started last has returned.
-  void Wait() {
-    absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](SocketHelper* h) ABSL_NO_THREAD_SAFETY_ANALYSIS { return !h->job_ && !h->running_; },
-        this));
-  }
-
-  static SocketHelper& OfThisThread() {
-    thread_local std::unique_ptr<SocketHelper> helper;
-    if (helper == nullptr) helper = std::make_unique<SocketHelper>();
-    return *helper;
-  }
-
- private:
-  void Loop() {
-    for (;;) {
-      std::function<void()> job;
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(
-            +[](SocketHelper* h)
-                 ABSL_NO_THREAD_SAFETY_ANALYSIS { return h->job_ != nullptr || h->stopping_; },
-            this));
-        if (job_ == nullptr) return;  // stopping
-        job = std::move(job_);
-        job_ = nullptr;
-        running_ = true;
-      }
-      job();
-      absl::MutexLock lock(&mu_);
-      running_ = false;
-    }
-  }
-
-  absl::Mutex mu_;
-  std::function<void()> job_ ABSL_GUARDED_BY(mu_);
-  bool running_ ABSL_GUARDED_BY(mu_) = false;
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread thread_;  // last: started once the members above exist
-};
+// Ranges (sending) and reads (receiving) this large are sealed and opened on the cipher pool's
+// threads (cipher_pool.h): one core's AES-GCM runs at about the rate of one TCP stream, so a
+// connection whose own thread did the cipher would move a chunk at half of either.
+constexpr size_t kParallelBytes = size_t{256} << 10;
+// What a sender cuts a range's chunks into there: records this large are sealed in about 0.1 ms
+// (a pool thread's turn costs a few microseconds), and a chunk of 1 MiB (the default) spreads
+// over four threads.
+constexpr size_t kParallelRecordBytes = size_t{256} << 10;
+// A receiver opens records at least this large on the pool, except the last one of a read, which
+// it opens itself as it arrives (it would wait for it otherwise); smaller ones on its own thread.
+constexpr size_t kMinParallelRecordBytes = size_t{32} << 10;
+// Chunks sent sealed on the pool are at least this large: a receiver checks a chunk only once all
+// its records have been opened, so each chunk costs it a wait for the last of them.
+constexpr size_t kSealedChunkBytes = size_t{4} << 20;
 
 // Where sealed bytes go: a buffer that Flush hands on (sent, or queued to be sent) before the
 // buffer is filled again.
@@ -132,9 +77,6 @@ absl::Status SealInto(RecordSealer* sealer, const iovec* iov, int count, SealedS
 }  // namespace
 
 absl::Status Io::SendSealed(const iovec* iov, int count) {
-  size_t total = 0;
-  for (int i = 0; i < count; ++i) total += iov[i].iov_len;
-  if (total >= kPipelineBytes) return SendSealedPipelined(iov, count);
   // Records are built in one buffer per thread and sent as it fills: the header, the ciphertext
   // in pieces, the tag; several small records (a frame's length and its message) go out in one
   // send.
@@ -151,76 +93,144 @@ absl::Status Io::SendSealed(const iovec* iov, int count) {
   return SealInto(sealer, iov, count, &sink);
 }
 
-absl::Status Io::SendSealedPipelined(const iovec* iov, int count) {
-  // This thread seals into a ring of buffers; the helper sends them in order.
-  thread_local std::vector<std::vector<uint8_t>> this_threads_ring(
-      kPipelineBuffers, std::vector<uint8_t>(kPipelinePieceBytes));
-  std::vector<std::vector<uint8_t>>& ring = this_threads_ring;  // the helper sees this thread's
-  struct Shared {
-    absl::Mutex mu;
-    std::vector<std::pair<int, size_t>> queue ABSL_GUARDED_BY(mu);  // (buffer, bytes), in order
-    int in_flight ABSL_GUARDED_BY(mu) = 0;                          // queued or being sent
-    bool done ABSL_GUARDED_BY(mu) = false;
-    absl::Status error ABSL_GUARDED_BY(mu);
-  } shared;
-  SocketHelper& helper = SocketHelper::OfThisThread();
-  helper.Start([&] {
-    for (size_t next = 0;; ++next) {
-      std::pair<int, size_t> piece;
-      {
-        absl::MutexLock lock(&shared.mu);
-        const std::pair<Shared*, size_t> wait{&shared, next};
-        shared.mu.Await(absl::Condition(
-            +[](const std::pair<Shared*, size_t>* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-              return w->first->queue.size() > w->second || w->first->done;
-            },
-            &wait));
-        if (shared.queue.size() <= next) return;  // done, all sent
-        piece = shared.queue[next];
+absl::Status Io::SendChunks(const uint8_t* data, uint64_t begin, uint64_t end, size_t chunk_bytes,
+                            uint32_t* range_crc32c) {
+  if (sealer != nullptr && end - begin >= kParallelBytes && CipherPool::Shared().threads() > 1) {
+    return SendChunksSealedInParallel(data, begin, end, chunk_bytes, range_crc32c);
+  }
+  uint32_t crc = 0;
+  for (uint64_t pos = begin; pos < end;) {
+    ChunkHeader chunk;
+    chunk.offset = pos;
+    chunk.size = static_cast<uint32_t>(std::min<uint64_t>(chunk_bytes, end - pos));
+    chunk.crc32c = Crc32c(data + pos, chunk.size);
+    crc = pos == begin ? chunk.crc32c : Crc32cCombineCached(crc, chunk.crc32c, chunk.size);
+    TESSERA_RETURN_IF_ERROR(SendChunk(chunk, data + pos));
+    pos += chunk.size;
+  }
+  if (range_crc32c != nullptr) *range_crc32c = crc;
+  return absl::OkStatus();
+}
+
+absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin, uint64_t end,
+                                            size_t chunk_bytes, uint32_t* range_crc32c) {
+  // The stream is what SendChunk would send chunk by chunk: each chunk's header in a record of
+  // its own, then its bytes in records of kParallelRecordBytes. The pool seals them (a header's
+  // job computes its chunk's CRC32C first) into a ring of buffers, and this thread sends them
+  // in order, each buffer sealed again as soon as it has been sent.
+  chunk_bytes = std::max(chunk_bytes, kSealedChunkBytes);
+  struct Record {
+    const uint8_t* in = nullptr;  // nullptr: the header of chunks[chunk]
+    size_t size = 0;
+    size_t chunk = 0;
+  };
+  std::vector<ChunkHeader> chunks;
+  std::vector<Record> records;
+  for (uint64_t pos = begin; pos < end;) {
+    ChunkHeader chunk;
+    chunk.offset = pos;
+    chunk.size = static_cast<uint32_t>(std::min<uint64_t>(chunk_bytes, end - pos));
+    records.push_back(Record{nullptr, kChunkHeaderBytes, chunks.size()});
+    for (size_t k = 0; k < chunk.size; k += kParallelRecordBytes) {
+      records.push_back(
+          Record{data + pos + k, std::min<size_t>(kParallelRecordBytes, chunk.size - k), 0});
+    }
+    chunks.push_back(chunk);
+    pos += chunk.size;
+  }
+  TESSERA_ASSIGN_OR_RETURN(const uint64_t first, sealer->Reserve(records.size()));
+  CipherPool& pool = CipherPool::Shared();
+  const size_t slots = std::min(records.size(), 2 * static_cast<size_t>(pool.threads()));
+  constexpr size_t kSlotBytes = kRecordHeaderBytes + kParallelRecordBytes + kRecordTagBytes;
+  std::vector<std::unique_ptr<uint8_t[]>> buffers;
+  for (size_t i = 0; i < slots; ++i) buffers.push_back(pool.TakeBuffer(kSlotBytes));
+
+  absl::Mutex mu;
+  absl::CondVar changed;
+  std::vector<size_t> sealed_in_slot(slots, records.size());  // which record each slot holds
+  size_t outstanding = 0;
+  const std::string& key = sealer->key();
+  auto seal = [&](size_t j) {
+    {
+      absl::MutexLock lock(&mu);
+      ++outstanding;
+    }
+    pool.Run([&, j] {
+      const Record& record = records[j];
+      uint8_t* out = buffers[j % slots].get();
+      if (record.in == nullptr) {
+        ChunkHeader& chunk = chunks[record.chunk];
+        chunk.crc32c = Crc32c(data + chunk.offset, chunk.size);
+        uint8_t encoded[kChunkHeaderBytes];
+        chunk.Encode(encoded);
+        SealRecordAt(key, first + j, encoded, sizeof(encoded), out);
+      } else {
+        SealRecordAt(key, first + j, record.in, record.size, out);
       }
-      iovec v{ring[piece.first].data(), piece.second};
-      absl::Status sent = SendPlain(&v, 1);
-      absl::MutexLock lock(&shared.mu);
-      --shared.in_flight;
-      if (!sent.ok()) {
-        shared.error = sent;
-        return;
+      absl::MutexLock lock(&mu);
+      sealed_in_slot[j % slots] = j;
+      --outstanding;
+      changed.SignalAll();
+    });
+  };
+  for (size_t j = 0; j < slots; ++j) seal(j);
+  absl::Status status;
+  std::vector<iovec> iov(slots);
+  for (size_t j = 0; j < records.size() && status.ok();) {
+    // Sends record j and every record sealed in order after it, in one call.
+    size_t ready = 0;
+    {
+      absl::MutexLock lock(&mu);
+      while (sealed_in_slot[j % slots] != j) changed.Wait(&mu);
+      while (ready < slots && j + ready < records.size() &&
+             sealed_in_slot[(j + ready) % slots] == j + ready) {
+        ++ready;
       }
     }
-  });
-  int current = 0;
-  SealedSink sink;
-  sink.data = ring[0].data();
-  sink.capacity = kPipelinePieceBytes;
-  sink.flush = [&]() -> absl::Status {
-    if (sink.used == 0) return absl::OkStatus();
-    absl::MutexLock lock(&shared.mu);
-    if (!shared.error.ok()) return shared.error;
-    shared.queue.emplace_back(current, sink.used);
-    ++shared.in_flight;
-    // The next buffer is free once fewer than all of them are queued or being sent.
-    shared.mu.Await(absl::Condition(
-        +[](Shared* s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return s->in_flight < kPipelineBuffers || !s->error.ok();
-        },
-        &shared));
-    if (!shared.error.ok()) return shared.error;
-    current = (current + 1) % kPipelineBuffers;
-    sink.data = ring[current].data();
-    sink.used = 0;
-    return absl::OkStatus();
-  };
-  absl::Status sealed = SealInto(sealer, iov, count, &sink);
-  {
-    absl::MutexLock lock(&shared.mu);
-    shared.done = true;
+    for (size_t k = 0; k < ready; ++k) {
+      iov[k].iov_base = buffers[(j + k) % slots].get();
+      iov[k].iov_len = kRecordHeaderBytes + records[j + k].size + kRecordTagBytes;
+    }
+    status = SendPlain(iov.data(), static_cast<int>(ready));
+    for (size_t k = 0; k < ready && status.ok(); ++k) {
+      if (j + k + slots < records.size()) seal(j + k + slots);
+    }
+    j += ready;
   }
-  helper.Wait();
-  absl::MutexLock lock(&shared.mu);
-  return sealed.ok() ? shared.error : sealed;
+  {
+    absl::MutexLock lock(&mu);  // the jobs use this frame's buffers and records
+    while (outstanding > 0) changed.Wait(&mu);
+  }
+  for (std::unique_ptr<uint8_t[]>& buffer : buffers) pool.GiveBuffer(std::move(buffer), kSlotBytes);
+  TESSERA_RETURN_IF_ERROR(status);
+  if (range_crc32c != nullptr) {
+    uint32_t crc = chunks[0].crc32c;
+    for (size_t c = 1; c < chunks.size(); ++c) {
+      crc = Crc32cCombineCached(crc, chunks[c].crc32c, chunks[c].size);
+    }
+    *range_crc32c = crc;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Io::RecvOpened(uint8_t* dst, size_t size) {
+  // Records that land where they go and are large enough are opened on the cipher pool while
+  // this thread reads the next; none of the bytes is handed back before every record
+  // authenticated.
+  CipherPool* pool = size >= kParallelBytes ? &CipherPool::Shared() : nullptr;
+  if (pool != nullptr && pool->threads() < 2) pool = nullptr;
+  CipherJobs jobs;
+  absl::Status status = RecvRecords(dst, size, pool, &jobs);
+  uint64_t sequence = 0;
+  size_t bytes = 0;
+  if (!jobs.Wait(&sequence, &bytes)) {
+    opener->buffer().clear();
+    return opener->Failed(sequence, bytes);
+  }
+  return status;
+}
+
+absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs) {
   std::vector<uint8_t>& buffer = opener->buffer();
   while (size > 0) {
     if (opener->buffer_offset < buffer.size()) {
@@ -238,6 +248,29 @@ absl::Status Io::RecvOpened(uint8_t* dst, size_t size) {
     }
     uint8_t header[kRecordHeaderBytes];
     TESSERA_RETURN_IF_ERROR(RecvPlain(header, sizeof(header)));
+    const size_t declared = GetU32(header);
+    if (pool != nullptr && declared < size && declared >= kMinParallelRecordBytes) {
+      uint64_t sequence = 0;
+      absl::StatusOr<size_t> record = opener->BeginAt(header, &sequence);
+      if (!record.ok()) return record.status();
+      struct Job {
+        const std::string* key;
+        uint64_t sequence;
+        uint8_t* data;
+        size_t size;
+        uint8_t tag[kRecordTagBytes];
+      } job{&opener->key(), sequence, dst, *record, {}};
+      TESSERA_RETURN_IF_ERROR(RecvPlain(dst, *record));
+      TESSERA_RETURN_IF_ERROR(RecvPlain(job.tag, sizeof(job.tag)));
+      jobs->Add();
+      pool->Run([job, jobs] {
+        jobs->Done(OpenRecordAt(*job.key, job.sequence, job.data, job.size, job.tag), job.sequence,
+                   job.size);
+      });
+      dst += *record;
+      size -= *record;
+      continue;
+    }
     absl::StatusOr<size_t> record = opener->Begin(header);
     if (!record.ok()) return record.status();
     // A record that fits what is asked for is read and decrypted where it goes (a chunk into
@@ -245,18 +278,14 @@ absl::Status Io::RecvOpened(uint8_t* dst, size_t size) {
     const bool direct = *record <= size;
     if (!direct) buffer.resize(*record);
     uint8_t* target = direct ? dst : buffer.data();
-    uint8_t tag[kRecordTagBytes];
-    if (*record >= kPipelineBytes) {
-      TESSERA_RETURN_IF_ERROR(RecvPipelined(target, *record, tag));
-    } else {
-      for (size_t pos = 0; pos < *record;) {
-        const size_t n = std::min(*record - pos, kCipherPieceBytes);
-        TESSERA_RETURN_IF_ERROR(RecvPlain(target + pos, n));
-        opener->Update(target + pos, n);
-        pos += n;
-      }
-      TESSERA_RETURN_IF_ERROR(RecvPlain(tag, sizeof(tag)));
+    for (size_t pos = 0; pos < *record;) {
+      const size_t n = std::min(*record - pos, kCipherPieceBytes);
+      TESSERA_RETURN_IF_ERROR(RecvPlain(target + pos, n));
+      opener->Update(target + pos, n);
+      pos += n;
     }
+    uint8_t tag[kRecordTagBytes];
+    TESSERA_RETURN_IF_ERROR(RecvPlain(tag, sizeof(tag)));
     if (absl::Status s = opener->Finish(tag); !s.ok()) {
       buffer.clear();
       return s;
@@ -267,51 +296,6 @@ absl::Status Io::RecvOpened(uint8_t* dst, size_t size) {
     }
   }
   return absl::OkStatus();
-}
-
-absl::Status Io::RecvPipelined(uint8_t* target, size_t size, uint8_t tag[kRecordTagBytes]) {
-  // The helper reads the record's bytes and its tag; this thread decrypts what has arrived.
-  struct Shared {
-    absl::Mutex mu;
-    size_t received ABSL_GUARDED_BY(mu) = 0;
-    bool done ABSL_GUARDED_BY(mu) = false;
-    absl::Status error ABSL_GUARDED_BY(mu);
-  } shared;
-  SocketHelper& helper = SocketHelper::OfThisThread();
-  helper.Start([&] {
-    absl::Status status;
-    for (size_t pos = 0; pos < size && status.ok();) {
-      const size_t n = std::min(size - pos, kPipelinePieceBytes);
-      status = RecvPlain(target + pos, n);
-      pos += n;
-      absl::MutexLock lock(&shared.mu);
-      if (status.ok()) shared.received = pos;
-    }
-    if (status.ok()) status = RecvPlain(tag, kRecordTagBytes);
-    absl::MutexLock lock(&shared.mu);
-    shared.error = status;
-    shared.done = true;
-  });
-  absl::Status status;
-  for (size_t pos = 0; pos < size;) {
-    size_t received = 0;
-    {
-      absl::MutexLock lock(&shared.mu);
-      const std::pair<Shared*, size_t> wait{&shared, pos};
-      shared.mu.Await(absl::Condition(
-          +[](const std::pair<Shared*, size_t>* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return w->first->received > w->second || w->first->done;
-          },
-          &wait));
-      received = shared.received;
-    }
-    if (received <= pos) break;  // the read failed
-    opener->Update(target + pos, received - pos);
-    pos = received;
-  }
-  helper.Wait();
-  absl::MutexLock lock(&shared.mu);
-  return shared.error;
 }
 
 }  // namespace data_path_wire

@@ -26,6 +26,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/status.h"
+#include "daemon/transfer/cipher_pool.h"
 #include "daemon/transfer/data_path_crypto.h"
 #include "google/protobuf/message_lite.h"
 
@@ -126,12 +127,19 @@ struct Io {
                              : RecvPlain(dst, size);
   }
 
+  // Sends bytes [begin, end) of `data` (data[begin] is the first) as chunks of chunk_bytes, each
+  // with its CRC32C, and gives the range's CRC32C. With a sealer, a range of 256 KiB or more is
+  // sealed on the cipher pool's threads (data_path_wire.cc).
+  absl::Status SendChunks(const uint8_t* data, uint64_t begin, uint64_t end, size_t chunk_bytes,
+                          uint32_t* range_crc32c);
+
   // data_path_wire.cc
   absl::Status SendSealed(const iovec* iov, int count);
   absl::Status RecvOpened(uint8_t* dst, size_t size);
-  // A chunk's worth, with this thread's helper thread on the socket (data_path_wire.cc).
-  absl::Status SendSealedPipelined(const iovec* iov, int count);
-  absl::Status RecvPipelined(uint8_t* target, size_t size, uint8_t tag[kRecordTagBytes]);
+  absl::Status SendChunksSealedInParallel(const uint8_t* data, uint64_t begin, uint64_t end,
+                                          size_t chunk_bytes, uint32_t* range_crc32c);
+  // RecvOpened's records: with `pool`, those that land in `dst` are opened there as `jobs`.
+  absl::Status RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs);
 
   absl::Status SendPlain(iovec* iov, int count) {
     while (count > 0) {

@@ -1,0 +1,106 @@
+#include "daemon/transfer/cipher_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+namespace tessera {
+namespace {
+
+std::atomic<int> configured_threads{kDefaultCipherThreads};
+
+}  // namespace
+
+CipherPool::CipherPool(int threads) {
+  threads = std::clamp(threads, 1, kMaxCipherThreads);
+  threads_.reserve(static_cast<size_t>(threads));
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+}
+
+CipherPool::~CipherPool() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+void CipherPool::Run(std::function<void()> job) {
+  absl::MutexLock lock(&mu_);
+  jobs_.push_back(std::move(job));
+}
+
+void CipherPool::Loop() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](CipherPool* p) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return !p->jobs_.empty() || p->stopping_;
+          },
+          this));
+      if (jobs_.empty()) return;  // stopping, and every job queued has run
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    job();
+  }
+}
+
+std::unique_ptr<uint8_t[]> CipherPool::TakeBuffer(size_t bytes) {
+  {
+    absl::MutexLock lock(&buffers_mu_);
+    if (buffer_bytes_ == bytes && !buffers_.empty()) {
+      std::unique_ptr<uint8_t[]> buffer = std::move(buffers_.back());
+      buffers_.pop_back();
+      return buffer;
+    }
+  }
+  return std::unique_ptr<uint8_t[]>(new uint8_t[bytes]);  // left uninitialized: sealed over
+}
+
+void CipherPool::GiveBuffer(std::unique_ptr<uint8_t[]> buffer, size_t bytes) {
+  absl::MutexLock lock(&buffers_mu_);
+  if (buffer_bytes_ != bytes) {  // buffers of another size: keep the newest size only
+    buffers_.clear();
+    buffer_bytes_ = bytes;
+  }
+  if (buffers_.size() < 4 * threads_.size()) {
+    buffers_.push_back(std::move(buffer));
+  }
+}
+
+void CipherPool::Configure(int threads) {
+  configured_threads.store(std::clamp(threads, 1, kMaxCipherThreads));
+}
+
+CipherPool& CipherPool::Shared() {
+  static CipherPool* const pool = [] {
+    const int hardware = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    return new CipherPool(std::min(configured_threads.load(), hardware));
+  }();
+  return *pool;
+}
+
+void CipherJobs::Done(bool ok, uint64_t sequence, size_t bytes) {
+  absl::MutexLock lock(&mu_);
+  --outstanding_;
+  if (!ok && (!failed_ || sequence < failed_sequence_)) {
+    failed_ = true;
+    failed_sequence_ = sequence;
+    failed_bytes_ = bytes;
+  }
+}
+
+bool CipherJobs::Wait(uint64_t* sequence, size_t* bytes) {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](CipherJobs* j) ABSL_NO_THREAD_SAFETY_ANALYSIS { return j->outstanding_ == 0; }, this));
+  if (!failed_) return true;
+  *sequence = failed_sequence_;
+  *bytes = failed_bytes_;
+  return false;
+}
+
+}  // namespace tessera
