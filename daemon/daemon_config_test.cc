@@ -380,6 +380,20 @@ proof_checks_per_s = 1
   EXPECT_EQ(config->cluster.proof_checks_per_s, 250);
 }
 
+TEST(DaemonConfigTest, CipherThreads) {
+  absl::StatusOr<DaemonConfig> defaults = LoadDaemonConfig("", {});
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->cluster.tls_cipher_threads, 8);
+  EXPECT_THAT(DefaultDaemonConfigToml(), HasSubstr("\ntls_cipher_threads = 8\n"));
+  const std::string path = WriteTempFile("cipher.toml", "[cluster]\ntls_cipher_threads = 64\n");
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(path, {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.tls_cipher_threads, 64);
+  config = LoadDaemonConfig(path, {"cluster.tls_cipher_threads=1"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.tls_cipher_threads, 1);
+}
+
 // What the daemon builds its throttles from: a budget set in the file reaches the throttle.
 TEST(DaemonConfigTest, VerificationBudgetsReachTheThrottles) {
   const std::string path = WriteTempFile("low-budgets.toml", R"(
@@ -440,6 +454,12 @@ TEST(DaemonConfigErrorTest, VerificationBudgets) {
   EXPECT_EQ(OverrideError("cluster.proof_checks_per_s=0"),
             "override \"cluster.proof_checks_per_s=0\": cluster.proof_checks_per_s: must be 1 "
             "to 1000000, got 0");
+  EXPECT_EQ(OverrideError("cluster.tls_cipher_threads=0"),
+            "override \"cluster.tls_cipher_threads=0\": cluster.tls_cipher_threads: must be 1 to "
+            "64, got 0");
+  EXPECT_EQ(OverrideError("cluster.tls_cipher_threads=65"),
+            "override \"cluster.tls_cipher_threads=65\": cluster.tls_cipher_threads: must be 1 "
+            "to 64, got 65");
   EXPECT_THAT(OverrideError("cluster.proof_checks_per_s=many"),
               HasSubstr("cluster.proof_checks_per_s"));
   EXPECT_THAT(FileError("[cluster]\ndatagram_failures_per_s = 0\n"),
