@@ -21,6 +21,7 @@ CipherPool::~CipherPool() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    queued_.SignalAll();
   }
   for (std::thread& t : threads_) t.join();
 }
@@ -28,6 +29,7 @@ CipherPool::~CipherPool() {
 void CipherPool::Run(std::function<void()> job) {
   absl::MutexLock lock(&mu_);
   jobs_.push_back(std::move(job));
+  queued_.Signal();
 }
 
 void CipherPool::Loop() {
@@ -35,11 +37,7 @@ void CipherPool::Loop() {
     std::function<void()> job;
     {
       absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](CipherPool* p) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return !p->jobs_.empty() || p->stopping_;
-          },
-          this));
+      while (jobs_.empty() && !stopping_) queued_.Wait(&mu_);
       if (jobs_.empty()) return;  // stopping, and every job queued has run
       job = std::move(jobs_.front());
       jobs_.pop_front();
@@ -85,7 +83,7 @@ CipherPool& CipherPool::Shared() {
 
 void CipherJobs::Done(bool ok, uint64_t sequence, size_t bytes) {
   absl::MutexLock lock(&mu_);
-  --outstanding_;
+  if (--outstanding_ == 0) ended_.SignalAll();
   if (!ok && (!failed_ || sequence < failed_sequence_)) {
     failed_ = true;
     failed_sequence_ = sequence;
@@ -95,8 +93,7 @@ void CipherJobs::Done(bool ok, uint64_t sequence, size_t bytes) {
 
 bool CipherJobs::Wait(uint64_t* sequence, size_t* bytes) {
   absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](CipherJobs* j) ABSL_NO_THREAD_SAFETY_ANALYSIS { return j->outstanding_ == 0; }, this));
+  while (outstanding_ > 0) ended_.Wait(&mu_);
   if (!failed_) return true;
   *sequence = failed_sequence_;
   *bytes = failed_bytes_;

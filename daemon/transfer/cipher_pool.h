@@ -56,6 +56,7 @@ class CipherPool {
   void Loop();
 
   absl::Mutex mu_;
+  absl::CondVar queued_;  // signalled once per job queued: one idle thread wakes for it
   std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Mutex buffers_mu_;
@@ -80,6 +81,7 @@ class CipherJobs {
 
  private:
   absl::Mutex mu_;
+  absl::CondVar ended_;
   int64_t outstanding_ ABSL_GUARDED_BY(mu_) = 0;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t failed_sequence_ ABSL_GUARDED_BY(mu_) = 0;
