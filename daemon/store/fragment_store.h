@@ -238,6 +238,11 @@ class FragmentStore {
   absl::StatusOr<FragmentStatus> ReceiveChunk(const FragmentKey& key, uint64_t owner_incarnation,
                                               uint64_t offset, size_t size, uint32_t chunk_crc32c,
                                               absl::FunctionRef<absl::Status(uint8_t* dst)> fill);
+  // The same, where fill also gives the CRC32C of the bytes it wrote, computed from them once at
+  // dst (by the thread that decrypted them, say), so that the store does not read them again.
+  absl::StatusOr<FragmentStatus> ReceiveChunkChecked(
+      const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
+      uint32_t chunk_crc32c, absl::FunctionRef<absl::StatusOr<uint32_t>(uint8_t* dst)> fill);
 
   // Seals the fragment once every byte has arrived and the CRC32C of the whole fragment equals
   // fragment_crc32c. Idempotent for a sealed fragment with the same CRC.

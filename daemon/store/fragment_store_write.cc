@@ -270,6 +270,16 @@ absl::StatusOr<FragmentStatus> FragmentStore::WriteChunk(const FragmentKey& key,
 absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunk(
     const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
     uint32_t chunk_crc32c, absl::FunctionRef<absl::Status(uint8_t* dst)> fill) {
+  return ReceiveChunkChecked(key, owner_incarnation, offset, size, chunk_crc32c,
+                             [&](uint8_t* dst) -> absl::StatusOr<uint32_t> {
+                               TESSERA_RETURN_IF_ERROR(fill(dst));
+                               return Crc32c(dst, size);
+                             });
+}
+
+absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunkChecked(
+    const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
+    uint32_t chunk_crc32c, absl::FunctionRef<absl::StatusOr<uint32_t>(uint8_t* dst)> fill) {
   TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, FindForWrite(key, owner_incarnation));
   TESSERA_RETURN_IF_ERROR(CheckChunkRange(key, entry->meta.fragment_bytes, offset, size));
   // A reference of our own: should the fragment be dropped or replaced while fill runs, its
@@ -285,10 +295,11 @@ absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunk(
     ++entry->receiving;
   }
   uint8_t* dst = segment->payload() + offset;
-  absl::Status filled = fill(dst);
+  absl::StatusOr<uint32_t> received = fill(dst);
+  absl::Status filled = received.status();
   uint32_t crc = 0;
   if (filled.ok()) {
-    crc = Crc32c(dst, size);
+    crc = *received;
     if (crc != chunk_crc32c) {
       filled = absl::DataLossError(absl::StrCat(
           key.ToString(), ": chunk [", offset, ", ", offset + size, ") arrived with CRC32C 0x",

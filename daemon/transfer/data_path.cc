@@ -446,11 +446,14 @@ bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& c
         bool filled = false;
         absl::Status io_status;
         if (status.ok()) {
-          auto received = fragments_->ReceiveChunk(
-              key, incarnation, chunk.offset, chunk.size, chunk.crc32c, [&](uint8_t* dst) {
+          auto received = fragments_->ReceiveChunkChecked(
+              key, incarnation, chunk.offset, chunk.size, chunk.crc32c,
+              [&](uint8_t* dst) -> absl::StatusOr<uint32_t> {
                 filled = true;
-                io_status = io.Recv(dst, chunk.size);
-                return io_status;
+                uint32_t crc = 0;
+                io_status = io.RecvChecked(dst, chunk.size, &crc);
+                if (!io_status.ok()) return io_status;
+                return crc;
               });
           if (!io_status.ok()) {
             if (io_status.code() != absl::StatusCode::kDataLoss) {  // lost() logs those

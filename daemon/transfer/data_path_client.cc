@@ -408,8 +408,8 @@ absl::StatusOr<DataPathClient::RangeRead> DataPathClient::GetRange(
                                               " bytes at offset ", chunk.offset, " where [", pos,
                                               ", ", read.end, ") was expected"));
     }
-    TESSERA_RETURN_IF_ERROR(io.Recv(dst + pos, chunk.size));
-    const uint32_t crc = Crc32c(dst + pos, chunk.size);
+    uint32_t crc = 0;
+    TESSERA_RETURN_IF_ERROR(io.RecvChecked(dst + pos, chunk.size, &crc));
     if (crc != chunk.crc32c) {
       return absl::DataLossError(absl::StrCat(key.ToString(), ": chunk at offset ", pos,
                                               " has CRC32C 0x", absl::Hex(crc), ", sent with 0x",

@@ -2,6 +2,7 @@
 #include "daemon/transfer/data_path_wire.h"
 
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -213,29 +214,49 @@ absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin,
   return absl::OkStatus();
 }
 
-absl::Status Io::RecvOpened(uint8_t* dst, size_t size) {
+absl::Status Io::RecvChecked(uint8_t* dst, size_t size, uint32_t* crc32c) {
+  if (opener != nullptr) return RecvOpened(dst, size, crc32c);
+  TESSERA_RETURN_IF_ERROR(RecvPlain(dst, size));
+  *crc32c = Crc32c(dst, size);
+  return absl::OkStatus();
+}
+
+absl::Status Io::RecvOpened(uint8_t* dst, size_t size, uint32_t* crc32c) {
   // Records that land where they go and are large enough are opened on the cipher pool while
   // this thread reads the next; none of the bytes is handed back before every record
   // authenticated.
   CipherPool* pool = size >= kParallelBytes ? &CipherPool::Shared() : nullptr;
   if (pool != nullptr && pool->threads() < 2) pool = nullptr;
   CipherJobs jobs;
-  absl::Status status = RecvRecords(dst, size, pool, &jobs);
+  std::deque<CrcPiece> crcs;
+  absl::Status status = RecvRecords(dst, size, pool, &jobs, crc32c != nullptr ? &crcs : nullptr);
   uint64_t sequence = 0;
   size_t bytes = 0;
   if (!jobs.Wait(&sequence, &bytes)) {
     opener->buffer().clear();
     return opener->Failed(sequence, bytes);
   }
-  return status;
+  TESSERA_RETURN_IF_ERROR(status);
+  if (crc32c != nullptr) {
+    uint32_t crc = 0;
+    bool first = true;
+    for (const CrcPiece& piece : crcs) {
+      crc = first ? piece.crc32c : Crc32cCombineCached(crc, piece.crc32c, piece.bytes);
+      first = false;
+    }
+    *crc32c = crc;
+  }
+  return absl::OkStatus();
 }
 
-absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs) {
+absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs,
+                             std::deque<CrcPiece>* crcs) {
   std::vector<uint8_t>& buffer = opener->buffer();
   while (size > 0) {
     if (opener->buffer_offset < buffer.size()) {
       const size_t n = std::min(size, buffer.size() - opener->buffer_offset);
       std::memcpy(dst, buffer.data() + opener->buffer_offset, n);
+      if (crcs != nullptr) crcs->push_back(CrcPiece{Crc32c(dst, n), n});
       opener->buffer_offset += n;
       dst += n;
       size -= n;
@@ -258,14 +279,20 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
         uint64_t sequence;
         uint8_t* data;
         size_t size;
+        CrcPiece* crc;  // nullptr: not asked for (a deque's elements stay where they are)
         uint8_t tag[kRecordTagBytes];
-      } job{&opener->key(), sequence, dst, *record, {}};
+      } job{&opener->key(), sequence, dst, *record, nullptr, {}};
       TESSERA_RETURN_IF_ERROR(RecvPlain(dst, *record));
       TESSERA_RETURN_IF_ERROR(RecvPlain(job.tag, sizeof(job.tag)));
+      if (crcs != nullptr) {
+        crcs->push_back(CrcPiece{0, *record});
+        job.crc = &crcs->back();
+      }
       jobs->Add();
       pool->Run([job, jobs] {
-        jobs->Done(OpenRecordAt(*job.key, job.sequence, job.data, job.size, job.tag), job.sequence,
-                   job.size);
+        const bool ok = OpenRecordAt(*job.key, job.sequence, job.data, job.size, job.tag);
+        if (ok && job.crc != nullptr) job.crc->crc32c = Crc32c(job.data, job.size);
+        jobs->Done(ok, job.sequence, job.size);
       });
       dst += *record;
       size -= *record;
@@ -290,6 +317,7 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
       buffer.clear();
       return s;
     }
+    if (direct && crcs != nullptr) crcs->push_back(CrcPiece{Crc32c(dst, *record), *record});
     if (direct) {
       dst += *record;
       size -= *record;

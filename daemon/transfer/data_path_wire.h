@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -133,13 +134,24 @@ struct Io {
   absl::Status SendChunks(const uint8_t* data, uint64_t begin, uint64_t end, size_t chunk_bytes,
                           uint32_t* range_crc32c);
 
+  // Receives `size` bytes into dst, as Recv, and gives their CRC32C, computed from the bytes
+  // once in dst: with an opener, each record's by the thread that opened it, while it is in that
+  // core's cache (data_path_wire.cc).
+  absl::Status RecvChecked(uint8_t* dst, size_t size, uint32_t* crc32c);
+
   // data_path_wire.cc
   absl::Status SendSealed(const iovec* iov, int count);
-  absl::Status RecvOpened(uint8_t* dst, size_t size);
+  absl::Status RecvOpened(uint8_t* dst, size_t size, uint32_t* crc32c = nullptr);
   absl::Status SendChunksSealedInParallel(const uint8_t* data, uint64_t begin, uint64_t end,
                                           size_t chunk_bytes, uint32_t* range_crc32c);
-  // RecvOpened's records: with `pool`, those that land in `dst` are opened there as `jobs`.
-  absl::Status RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs);
+  // RecvOpened's records: with `pool`, those that land in `dst` are opened there as `jobs`. With
+  // `crcs`, one entry per piece of dst in order, its CRC32C set once the piece is opened.
+  struct CrcPiece {
+    uint32_t crc32c = 0;
+    size_t bytes = 0;
+  };
+  absl::Status RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs,
+                           std::deque<CrcPiece>* crcs);
 
   absl::Status SendPlain(iovec* iov, int count) {
     while (count > 0) {
