@@ -186,8 +186,8 @@ class CoordinatorHandler final : public CoordinationHandler {
   // As the job's coordinator decides a drop: the check of the one member here, then the drop.
   absl::StatusOr<JobDrop> OnDropJob(const NodeIdentity&, const DropQuestion& question) override {
     FUZZ_CHECK(ValidateJobId(question.job_id).ok(), "a drop's job id is checked before it");
-    absl::StatusOr<NodeDrop> held = OnApplyDrop(Self(), JobState{question.job_id},
-                                                /*check_only=*/true, question.owner_uid);
+    absl::StatusOr<NodeDrop> held =
+        OnApplyDrop(Self(), JobState{question.job_id}, DropStep::kCheck, question.owner_uid);
     if (!held.ok()) return held.status();
     JobState dropped;
     {
@@ -205,11 +205,17 @@ class CoordinatorHandler final : public CoordinationHandler {
   }
   // A member's side: the check asks the store (fencing the job's registrations for a moment);
   // a drop is learned by the coordinator core (the standalone store here has no epochs).
-  absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity&, const JobState& job, bool check_only,
+  absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity&, const JobState& job, DropStep step,
                                        std::optional<uint32_t> owner_uid) override {
-    FUZZ_CHECK(check_only || job.dropped_epoch > 0, "a drop that reaches a member has its epoch");
+    FUZZ_CHECK(step != DropStep::kApply || job.dropped_epoch > 0,
+               "a drop that reaches a member has its epoch");
     std::lock_guard<std::mutex> lock(mu_);
-    if (!check_only) {
+    if (step == DropStep::kAbandon) {
+      store_->LiftDropFence(job.job_id);
+      fenced_.erase(job.job_id);
+      return NodeDrop{};
+    }
+    if (step == DropStep::kApply) {
       store_->LiftDropFence(job.job_id);
       core_->Learn(job.job_id, job.committed, job.epoch, job.dropped_epoch);
       FUZZ_CHECK(core_->State(job.job_id).dropped_epoch >= job.dropped_epoch,
@@ -834,6 +840,13 @@ std::vector<std::string> Seeds() {
                   CallBytes(kRegister, reg.SerializeAsString()));
   seeds.push_back(CallBytes(kDropJob | 0x80, drop_job.SerializeAsString()) +
                   CallBytes(kApplyDrop | 0x80, apply.SerializeAsString()));
+  coordination::ApplyDropRequest abandon = check;
+  abandon.set_check_only(false);
+  abandon.set_abandon(true);
+  seeds.push_back(CallBytes(kRegister, reg.SerializeAsString()) +
+                  CallBytes(kApplyDrop, check.SerializeAsString()) +
+                  CallBytes(kApplyDrop, abandon.SerializeAsString()) +
+                  CallBytes(kRegister, reg.SerializeAsString()));
   coordination::DropJobResponse dropped;
   dropped.set_dropped_epoch(3);
   dropped.set_coordinator("node-b");

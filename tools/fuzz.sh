@@ -109,7 +109,7 @@ sources=(
   daemon/store/snapshot_store_layout.cc daemon/store/snapshot_store_sealed.cc
   daemon/transfer/cluster_token.cc daemon/transfer/peer_service.cc daemon/transfer/data_path.cc
   daemon/transfer/data_path_client.cc daemon/transfer/data_path_wire.cc
-  daemon/transfer/data_path_crypto.cc daemon/transfer/cluster_tls.cc
+  daemon/transfer/data_path_crypto.cc daemon/transfer/cipher_pool.cc daemon/transfer/cluster_tls.cc
   daemon/transfer/node_identity.cc daemon/transfer/test_certificates.cc
   daemon/coordination/job_coordinator.cc daemon/coordination/messages.cc
   daemon/coordination/service.cc daemon/coordination/rendezvous.cc

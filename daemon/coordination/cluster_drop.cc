@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -51,9 +52,15 @@ absl::StatusOr<JobDrop> ClusterCoordination::OnDropJob(const NodeIdentity& /*fro
 }
 
 absl::StatusOr<NodeDrop> ClusterCoordination::OnApplyDrop(const NodeIdentity& /*from*/,
-                                                          const JobState& state, bool check_only,
+                                                          const JobState& state, DropStep step,
                                                           std::optional<uint32_t> owner_uid) {
-  if (!check_only) {
+  if (step == DropStep::kAbandon) {
+    store_->LiftDropFence(state.job_id);
+    NodeDrop node;
+    node.node_id = cluster_->self_id();
+    return node;
+  }
+  if (step == DropStep::kApply) {
     NodeDrop applied = ApplyJobState(state);
     // Also when the drop came before (a repeated drop): its check fenced the job again.
     store_->LiftDropFence(state.job_id);
@@ -85,18 +92,18 @@ absl::StatusOr<NodeDrop> ClusterCoordination::OnApplyDrop(const NodeIdentity& /*
 }
 
 std::vector<absl::StatusOr<NodeDrop>> ClusterCoordination::ApplyDropOn(
-    const std::vector<std::string>& nodes, const JobState& state, bool check_only,
+    const std::vector<std::string>& nodes, const JobState& state, DropStep step,
     std::optional<uint32_t> owner_uid) {
   std::vector<absl::StatusOr<NodeDrop>> results(nodes.size(),
                                                 absl::UnavailableError("not asked"));
   InParallel(nodes.size(), kMaxConcurrentCalls, [&](size_t i) {
     if (nodes[i] == cluster_->self_id()) {
-      results[i] = OnApplyDrop(Self(), state, check_only, owner_uid);
+      results[i] = OnApplyDrop(Self(), state, step, owner_uid);
       return;
     }
     auto address = cluster_->AddressOf(nodes[i]);
     results[i] = address ? coordination_client_->ApplyDrop(PeerTarget(*address, nodes[i]), state,
-                                                          check_only, owner_uid)
+                                                           step, owner_uid)
                          : absl::UnavailableError("not live");
   });
   return results;
@@ -124,7 +131,19 @@ absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestio
   // 1. Every live member says what it holds and which trainers of the job run there.
   std::vector<std::string> members = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<NodeDrop>> checks =
-      ApplyDropOn(members, JobState{job_id}, /*check_only=*/true, question.owner_uid);
+      ApplyDropOn(members, JobState{job_id}, DropStep::kCheck, question.owner_uid);
+  // The check fenced the job's registrations on the members; a drop refused from here on lifts
+  // the fences again rather than leave them until they lapse (cluster.drop_fence_ms).
+  auto abandon = absl::MakeCleanup([&] {
+    for (const absl::StatusOr<NodeDrop>& lifted :
+         ApplyDropOn(members, JobState{job_id}, DropStep::kAbandon, std::nullopt)) {
+      if (!lifted.ok()) {
+        Logger("coordinator")
+            ->warn("job '{}': a fence of the drop refused stays until it lapses: {}", job_id,
+                   lifted.status().ToString());
+      }
+    }
+  });
   std::vector<std::string> running;
   bool held = false;
   for (size_t i = 0; i < members.size(); ++i) {
@@ -156,6 +175,7 @@ absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestio
   if (!options_.test_hold_drop_file.empty()) HoldDropForTest(options_.test_hold_drop_file);
 
   // 2. The decision: a new epoch that voids everything of the job before it.
+  std::move(abandon).Cancel();
   JobState state = coordinator_.State(job_id);
   if (!held && state.committed.empty()) {
     if (state.dropped_epoch == 0) {
@@ -177,7 +197,7 @@ absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestio
   // coordinator gathers the job's state from every live member before it acts).
   members = cluster_->LiveNodeIds();
   std::vector<absl::StatusOr<NodeDrop>> applied =
-      ApplyDropOn(members, state, /*check_only=*/false, std::nullopt);
+      ApplyDropOn(members, state, DropStep::kApply, std::nullopt);
   JobDrop drop;
   drop.dropped_epoch = state.dropped_epoch;
   drop.coordinator = cluster_->self_id();

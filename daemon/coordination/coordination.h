@@ -16,6 +16,11 @@
 
 namespace tessera {
 
+// The steps of a drop on a member (docs/PROTOCOL.md, Dropping a job): the coordinator's check
+// (what is held, which trainers run; fences the job's registrations), the drop itself, or the
+// drop abandoned after the check (refused or not decided: the fence is lifted).
+enum class DropStep { kCheck, kApply, kAbandon };
+
 // What one node held and deleted of a dropped job.
 struct NodeDrop {
   std::string node_id;

@@ -119,7 +119,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   absl::StatusOr<JobDrop> OnDropJob(const NodeIdentity& from,
                                     const DropQuestion& question) override;
   absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity& from, const JobState& state,
-                                       bool check_only, std::optional<uint32_t> owner_uid) override;
+                                       DropStep step, std::optional<uint32_t> owner_uid) override;
 
   struct Stats {
     uint64_t protected_shards = 0;
@@ -184,7 +184,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   void HoldDropForTest(const std::string& file);
   // OnApplyDrop on each of `nodes` (this daemon's own share locally), in parallel.
   std::vector<absl::StatusOr<NodeDrop>> ApplyDropOn(const std::vector<std::string>& nodes,
-                                                    const JobState& state, bool check_only,
+                                                    const JobState& state, DropStep step,
                                                     std::optional<uint32_t> owner_uid);
   // Past Options::max_tombstones drops remembered, forgets the oldest (logged).
   void BoundTombstones(const std::string& keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

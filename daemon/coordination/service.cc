@@ -116,13 +116,19 @@ grpc::Status CoordinationService::ApplyDrop(grpc::ServerContext* context,
     TESSERA_ASSIGN_OR_RETURN(NodeIdentity from, Admit(*context, request->from()));
     JobState state;
     TESSERA_RETURN_IF_ERROR(FromProto(request->state(), &state));
-    if (!request->check_only() && state.dropped_epoch == 0) {
+    if (request->check_only() && request->abandon()) {
+      return absl::InvalidArgumentError(
+          "check_only and abandon: a drop's check, or the drop abandoned, not both");
+    }
+    const DropStep step = request->check_only() ? DropStep::kCheck
+                          : request->abandon()  ? DropStep::kAbandon
+                                                : DropStep::kApply;
+    if (step == DropStep::kApply && state.dropped_epoch == 0) {
       return absl::InvalidArgumentError("state.dropped_epoch: a drop needs its epoch (> 0)");
     }
     std::optional<uint32_t> owner_uid;
     if (request->restrict_to_uid()) owner_uid = request->owner_uid();
-    TESSERA_ASSIGN_OR_RETURN(NodeDrop drop,
-                             handler_->OnApplyDrop(from, state, request->check_only(), owner_uid));
+    TESSERA_ASSIGN_OR_RETURN(NodeDrop drop, handler_->OnApplyDrop(from, state, step, owner_uid));
     ToProto(drop, response);
     return absl::OkStatus();
   }();
@@ -231,12 +237,13 @@ absl::StatusOr<JobDrop> GrpcCoordinationClient::DropJob(const PeerTarget& member
 }
 
 absl::StatusOr<NodeDrop> GrpcCoordinationClient::ApplyDrop(const PeerTarget& member,
-                                                           const JobState& state, bool check_only,
+                                                           const JobState& state, DropStep step,
                                                            std::optional<uint32_t> owner_uid) {
   coordination::ApplyDropRequest request;
   ToProto(options_.self, request.mutable_from());
   ToProto(state, request.mutable_state());
-  request.set_check_only(check_only);
+  request.set_check_only(step == DropStep::kCheck);
+  request.set_abandon(step == DropStep::kAbandon);
   request.set_restrict_to_uid(owner_uid.has_value());
   request.set_owner_uid(owner_uid.value_or(0));
   coordination::NodeDrop response;

@@ -47,10 +47,11 @@ class CoordinationHandler {
                                             const DropQuestion& /*question*/) {
     return absl::UnimplementedError("this daemon does not drop jobs");
   }
-  // The job's coordinator dropped the job (state.dropped_epoch), or with check_only asks what
-  // is held here and which trainers run (owner_uid: kPermissionDenied for another uid's job).
+  // The job's coordinator dropped the job (kApply, state.dropped_epoch), asks what is held here
+  // and which trainers run (kCheck; owner_uid: kPermissionDenied for another uid's job), or
+  // abandoned the drop after its check (kAbandon).
   virtual absl::StatusOr<NodeDrop> OnApplyDrop(const NodeIdentity& /*from*/,
-                                               const JobState& /*state*/, bool /*check_only*/,
+                                               const JobState& /*state*/, DropStep /*step*/,
                                                std::optional<uint32_t> /*owner_uid*/) {
     return absl::UnimplementedError("this daemon does not drop jobs");
   }
@@ -111,7 +112,7 @@ class CoordinationClient {
     return absl::UnimplementedError("no DropJob in this client");
   }
   virtual absl::StatusOr<NodeDrop> ApplyDrop(const PeerTarget& /*member*/,
-                                             const JobState& /*state*/, bool /*check_only*/,
+                                             const JobState& /*state*/, DropStep /*step*/,
                                              std::optional<uint32_t> /*owner_uid*/) {
     return absl::UnimplementedError("no ApplyDrop in this client");
   }
@@ -135,8 +136,8 @@ class GrpcCoordinationClient final : public CoordinationClient {
                                         const ResolveQuestion& question) override;
   absl::StatusOr<JobListing> ListJob(const PeerTarget& member, const std::string& job_id) override;
   absl::StatusOr<JobDrop> DropJob(const PeerTarget& member, const DropQuestion& question) override;
-  absl::StatusOr<NodeDrop> ApplyDrop(const PeerTarget& member, const JobState& state,
-                                     bool check_only, std::optional<uint32_t> owner_uid) override;
+  absl::StatusOr<NodeDrop> ApplyDrop(const PeerTarget& member, const JobState& state, DropStep step,
+                                     std::optional<uint32_t> owner_uid) override;
 
  private:
   std::shared_ptr<coordination::Coordination::Stub> Stub(const PeerTarget& member);

@@ -319,6 +319,36 @@ TEST_F(CliDropTest, ADropIsRefusedWhileATrainerRunsUnlessForced) {
   ExpectFresh(Train(3, 2));
 }
 
+// A drop refused after its check (a trainer runs) lifts the fence its check put up on every
+// member: another rank of the job registers at once, not once the fence lapses (here 10 minutes).
+class CliDropFenceTest : public CliDropTest {
+ protected:
+  void SetUp() override {
+    extra_flags_ = {"--set", "cluster.drop_fence_ms=600000"};
+    CliDropTest::SetUp();
+  }
+};
+
+TEST_F(CliDropFenceTest, ADropRefusedAfterItsCheckLiftsTheFenceOnEveryMember) {
+  auto rank0 = StartTrainer(0, 100000, 1);
+  ASSERT_TRUE(
+      rank0->ReadUntil([](const std::string& line) { return absl::StartsWith(line, "sealed 2"); },
+                       milliseconds(120000)))
+      << absl::StrJoin(rank0->lines(), "\n");
+  CliRun refused = Tessera({"drop", kJob}, 1);
+  EXPECT_EQ(refused.exit_code, 4) << refused.Describe();
+  EXPECT_THAT(refused.err, HasSubstr("job 'drop-job' is still being trained: "));
+  auto rank1 = StartTrainer(1, 100000, 1);
+  EXPECT_TRUE(
+      rank1->ReadUntil([](const std::string& line) { return absl::StartsWith(line, "sealed 2"); },
+                       milliseconds(120000)))
+      << absl::StrJoin(rank1->lines(), "\n");
+  EXPECT_THAT(rank1->lines(), ::testing::Not(::testing::Contains(HasSubstr("being dropped"))));
+  for (auto* t : {rank0.get(), rank1.get()}) {
+    t->Signal(SIGKILL);
+    t->Wait();
+  }
+}
 
 // A trainer that registers between the drop's check and its push would seal into the dropped
 // epoch, void. From the check on, every member refuses the job's registrations until the drop
