@@ -397,6 +397,17 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
 
   heartbeat_target_ = cluster_.get();  // membership datagrams are answered from here on
   cluster_->Start();
+  if (incarnation_proofs_ != nullptr) {
+    // Under mutual TLS a member is lost only on signed declarations: they are handed to the
+    // members that were away when they were made.
+    LostDeclarationHerald::Options herald;
+    herald.self = MemberInfo{node_id_, incarnation, config.PeerAddress()};
+    herald.period = absl::Milliseconds(std::max<int64_t>(1000, 4 * config.liveness.heartbeat_ms));
+    herald.lost = [cluster] { return cluster->LostDeclarationsHeld(); };
+    herald.peers = [cluster] { return cluster->Peers(); };
+    lost_herald_ = std::make_unique<LostDeclarationHerald>(peer_client_.get(), std::move(herald));
+    lost_herald_->Start();
+  }
   // Hear the members before protecting or answering restores: a daemon that knows no peer yet
   // would place no fragments and find nothing restorable.
   const int64_t converge_ms = cluster_->ConvergenceBoundMs();
@@ -719,6 +730,7 @@ void Daemon::Shutdown() {
                             std::chrono::milliseconds(config_.daemon.drain_timeout_ms));
     agent_server_->Wait();
   }
+  if (lost_herald_) lost_herald_->Stop();
   if (cluster_coordination_ != nullptr) cluster_coordination_->Stop();
   if (cluster_) cluster_->Stop();
   if (peer_server_) {

@@ -14,6 +14,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "daemon/admin/admin_service.h"
+#include "daemon/admin/lost_declaration_herald.h"
 #include "daemon/agent_service.h"
 #include "daemon/coordination/protection_pipeline.h"
 #include "daemon/coordination/rendezvous.h"
@@ -99,6 +100,7 @@ class Daemon {
   std::shared_ptr<IncarnationProofs> incarnation_proofs_;
   std::atomic<Cluster*> heartbeat_target_{nullptr};  // cluster_, once it exists
   std::unique_ptr<Cluster> cluster_;
+  std::unique_ptr<LostDeclarationHerald> lost_herald_;  // with mutual TLS
   std::unique_ptr<PeerService> peer_service_;
   std::unique_ptr<grpc::Server> peer_server_;
   std::unique_ptr<DataPathServer> data_path_server_;  // peer.data_path = "tcp"

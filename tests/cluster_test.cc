@@ -1089,6 +1089,53 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCanMakeAnotherNeitherExitNorLookLo
   }
 }
 
+// Under mutual TLS a member is lost only on signed declarations, handed out when it is
+// declared. A member away then (n2, SIGSTOPped) is handed them when it is back
+// (LostDeclarationHerald): it takes n3 as lost, not only dead by its own timer, so n3 leaves its
+// majorities and no coordination there waits for n3 to come back.
+TEST(ClusterTest, MutualTlsADeclarationThatAMemberIsLostReachesAMemberThatWasAway) {
+  if (access("/usr/bin/openssl", X_OK) != 0) {
+    GTEST_SKIP() << "no /usr/bin/openssl to make certificates with (apt-get install openssl)";
+  }
+  TempRoot root;
+  const std::string certs = root.path() + "/certs";
+  ASSERT_EQ(MakeCerts(certs, {"n0", "n1", "n2", "n3"}), "");
+  Cluster cluster(root.path(), 4, 1, 1, {},
+                  [&](int i) { return TlsFlags(certs, absl::StrCat("n", i), certs + "/ca.crt"); });
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;
+  cluster[2].Signal(SIGSTOP);
+  for (int i : {0, 1}) {
+    ASSERT_TRUE(LogShows(cluster[i], "member n2 at " + cluster.address(2) + " is dead",
+                         milliseconds(60000)))
+        << cluster[i].LogTail();
+  }
+  cluster[3].Kill(SIGKILL);
+  cluster[3].Wait();
+  for (int i : {0, 1}) {
+    ASSERT_TRUE(LogShows(cluster[i], "member n3 at " + cluster.address(3) + " is dead",
+                         milliseconds(60000)))
+        << cluster[i].LogTail();
+  }
+  std::string out;
+  EXPECT_EQ(DeclareLost(cluster[0], "n3", &out), 0) << out;
+  ASSERT_TRUE(LogShows(cluster[1], "n3 declared lost by 2 of the 2 members live here (n0, n1)",
+                       milliseconds(20000)))
+      << cluster[1].LogTail();
+  EXPECT_FALSE(absl::StrContains(ReadFile(cluster[2].log_path()), "n3 declared lost"));
+
+  cluster[2].Signal(SIGCONT);
+  // n2 is handed the declarations of n0 and n1 once it is back, and takes them on the word of a
+  // majority of the members live in its view.
+  EXPECT_TRUE(LogShows(cluster[2], "n3 declared lost by ", milliseconds(60000)))
+      << cluster[2].LogTail();
+  const std::string herald = "n2 holds n3 lost (incarnation ";
+  EXPECT_TRUE(absl::StrContains(ReadFile(cluster[0].log_path()), herald) ||
+              LogShows(cluster[1], herald, milliseconds(10000)))
+      << cluster[0].LogTail() << cluster[1].LogTail();
+  EXPECT_EQ(cluster[2].Poll(), -1) << "n2 exited:\n" << cluster[2].LogTail();
+}
+
 TEST(ClusterTest, MoreThanMLostNamesWhatCannotBeRebuilt) {
   const uint64_t seed = TestSeed();
   TempRoot root;

@@ -699,6 +699,11 @@ void Admin::SpreadLostDeclaration(const std::string& node_id, uint64_t incarnati
     if (waiting.empty() || absl::Now() >= deadline) break;
     if (!news) absl::SleepFor(absl::Milliseconds(250));  // the members' timers are running
   }
+  // Kept, so that members away now are handed them when they come back
+  // (LostDeclarationHerald).
+  std::vector<std::string> gathered;
+  for (const auto& [declarer, d] : declarations) gathered.push_back(d);
+  parts_.cluster->KeepLostDeclarations(node_id, incarnation, gathered);
   for (const std::string& member : took) response->add_nodes(member);
   for (const auto& [member, why] : waiting) {
     AddError(response->mutable_errors(), member, parts_.cluster->AddressOf(member).value_or(""),

@@ -783,10 +783,12 @@ absl::StatusOr<Cluster::LostTally> Cluster::TakeLostDeclarations(
   if (options_.proofs == nullptr) return NeedsProofs();
   LostTally tally;
   std::set<std::string> counted;
+  std::vector<std::string> kept;  // the declarations counted, kept once the member is lost here
   absl::StatusOr<std::string> own = SignLostDeclaration(node_id, incarnation, false);
   if (own.ok()) {
     tally.own_declaration = *own;
     counted.insert(options_.self_id);
+    kept.push_back(*own);
   } else if (absl::IsInvalidArgument(own.status())) {
     return own.status();  // this daemon itself
   } else {
@@ -820,10 +822,12 @@ absl::StatusOr<Cluster::LostTally> Cluster::TakeLostDeclarations(
                                                      verified.status().message()));
     }
     counted.insert(said->declarer);
+    kept.push_back(declaration);
   }
   tally.signers.assign(counted.begin(), counted.end());
   if (lost_here) {
     tally.applied = true;
+    KeepLostDeclarations(node_id, incarnation, kept);
     return tally;
   }
   if (counted.size() * 2 <= tally.live) {
@@ -849,6 +853,7 @@ absl::StatusOr<Cluster::LostTally> Cluster::TakeLostDeclarations(
   if (status.ok()) {
     tally.applied = true;
     tally.reason.clear();
+    KeepLostDeclarations(node_id, incarnation, kept);
     Logger("cluster")->warn(
         "{} declared lost by {} of the {} members live here ({}): fenced until a newer "
         "incarnation joins, and no longer counted in majorities",
@@ -858,6 +863,61 @@ absl::StatusOr<Cluster::LostTally> Cluster::TakeLostDeclarations(
   }
   Dispatch();
   return tally;
+}
+
+void Cluster::KeepLostDeclarations(const std::string& node_id, uint64_t incarnation,
+                                   const std::vector<std::string>& declarations) {
+  if (options_.proofs == nullptr) return;
+  absl::MutexLock lock(&declarations_mu_);
+  auto it = lost_kept_.find(node_id);
+  if (it == lost_kept_.end()) {
+    if (lost_kept_.size() >= kMaxLostKept) return;
+    it = lost_kept_
+             .emplace(node_id, std::make_pair(incarnation, std::map<std::string, std::string>()))
+             .first;
+  }
+  if (it->second.first != incarnation) it->second = {incarnation, {}};
+  for (const std::string& d : declarations) {
+    // Only declarations of this member and incarnation, one per declarer; the callers pass
+    // declarations that verified here.
+    absl::StatusOr<LostDeclaration> said = ReadLostDeclaration(d);
+    if (!said.ok() || said->node_id != node_id || said->incarnation != incarnation) continue;
+    it->second.second.emplace(said->declarer, d);
+  }
+}
+
+std::vector<Cluster::LostEvidence> Cluster::LostDeclarationsHeld() {
+  std::vector<LostEvidence> held;
+  {
+    absl::MutexLock lock(&declarations_mu_);
+    for (const auto& [node_id, kept] : lost_kept_) {
+      LostEvidence e{node_id, kept.first, {}};
+      for (const auto& [declarer, d] : kept.second) e.declarations.push_back(d);
+      held.push_back(std::move(e));
+    }
+  }
+  // Forget the members no longer lost here at the incarnation kept (a newer one joined).
+  std::vector<LostEvidence> lost;
+  std::vector<std::pair<std::string, uint64_t>> forget;
+  {
+    absl::MutexLock lock(&mu_);
+    for (LostEvidence& e : held) {
+      std::optional<Swim::MemberView> m = swim_->Find(e.node_id);
+      if (m && m->lost && m->incarnation == e.incarnation) {
+        lost.push_back(std::move(e));
+      } else {
+        forget.emplace_back(e.node_id, e.incarnation);
+      }
+    }
+  }
+  if (!forget.empty()) {
+    absl::MutexLock lock(&declarations_mu_);
+    for (const auto& [node_id, incarnation] : forget) {
+      auto it = lost_kept_.find(node_id);
+      if (it != lost_kept_.end() && it->second.first == incarnation) lost_kept_.erase(it);
+    }
+  }
+  return lost;
 }
 
 }  // namespace tessera

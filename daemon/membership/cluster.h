@@ -183,6 +183,23 @@ class Cluster {
   // kFailedPrecondition without proofs; otherwise as VerifyLostDeclaration.
   absl::StatusOr<LostDeclaration> CheckLostDeclaration(const std::string& declaration);
 
+  // The signed declarations that made a member lost here, kept so that they can be handed to a
+  // member that was away when it was declared (LostDeclarationHerald): without them that member
+  // would count the lost one dead by its own timer, never lost. Kept by TakeLostDeclarations
+  // when it applies (every declaration it counted, its own included) and by KeepLostDeclarations
+  // (the operator's daemon, once it spread them); forgotten once node_id is no longer lost here
+  // (a newer incarnation joined). At most one per declarer, for kMaxLostKept members.
+  struct LostEvidence {
+    std::string node_id;
+    uint64_t incarnation = 0;
+    std::vector<std::string> declarations;  // verified, one per declarer
+  };
+  static constexpr size_t kMaxLostKept = 1024;
+  void KeepLostDeclarations(const std::string& node_id, uint64_t incarnation,
+                            const std::vector<std::string>& declarations);
+  // What is kept of the members lost here now (those no longer lost are forgotten).
+  std::vector<LostEvidence> LostDeclarationsHeld();
+
   // Every known member other than this daemon, and every seed address where none is known yet
   // (node_id empty) (status views).
   struct PeerView {
@@ -287,6 +304,9 @@ class Cluster {
   // same declarations handed over again cost no second check; cleared when 4096 are held.
   absl::Mutex declarations_mu_ ABSL_ACQUIRED_AFTER(mu_);
   std::set<std::string> declarations_verified_ ABSL_GUARDED_BY(declarations_mu_);
+  // By lost node id: its incarnation and the declarations, by declarer.
+  std::map<std::string, std::pair<uint64_t, std::map<std::string, std::string>>> lost_kept_
+      ABSL_GUARDED_BY(declarations_mu_);
   int64_t last_dns_ms_ = -1;  // protocol thread only
   std::thread thread_;
   std::vector<std::thread> senders_;
