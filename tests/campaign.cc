@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
@@ -255,6 +256,9 @@ class Trial {
   void Sleep(milliseconds d);
   void Fail(const std::string& check, const std::string& detail);
   std::string LogExcerpt(const std::vector<std::string>& needles) const;
+  // Each daemon's threads by scheduler state, and where the sleeping ones wait (/proc): after a
+  // hang, whether a daemon was stopped, running, or blocked, and on what.
+  std::string ProcessStates() const;
   void Say(const std::string& line);
   void Trace(const std::string& line) { Say(line); }
   void KeepLogs();
@@ -529,10 +533,10 @@ int64_t Trial::CheckStart(int rank, int64_t floor, Clock::time_point deadline,
   }
   switch (out.kind) {
     case StartOutcome::kHang:
-      Fail("hang", absl::StrCat(who, " did not finish its restore within ",
-                                options_.restore_deadline_s,
-                                " s (or exited without a word); its last lines: ", out.line,
-                                LogExcerpt({})));
+      Fail("hang",
+           absl::StrCat(who, " did not finish its restore within ", options_.restore_deadline_s,
+                        " s (or exited without a word); its last lines: ", out.line, LogExcerpt({}),
+                        ProcessStates()));
       halted_ = true;
       return -2;
     case StartOutcome::kError:
@@ -1019,7 +1023,7 @@ void Trial::WaitFor(Clock::duration timeout, const std::string& what,
     if (done()) return;
     if (Clock::now() >= deadline) {
       Fail("hang", absl::StrCat("waited ", std::chrono::duration_cast<seconds>(timeout).count(),
-                                " s for ", what, LogExcerpt({})));
+                                " s for ", what, LogExcerpt({}), ProcessStates()));
       halted_ = true;
       return;
     }
@@ -1048,10 +1052,10 @@ bool Trial::WaitForProgress(const std::string& after) {
     committed = Committed();
     if (committed > mark) break;
     if (Clock::now() >= deadline) {
-      Fail("progress", absl::StrCat("no step after ", mark, " (the newest snapshotted when ",
-                                    after, " healed) was committed within ",
-                                    options_.progress_deadline_s, " s; newest committed: ",
-                                    committed, LogExcerpt({})));
+      Fail("progress",
+           absl::StrCat("no step after ", mark, " (the newest snapshotted when ", after,
+                        " healed) was committed within ", options_.progress_deadline_s,
+                        " s; newest committed: ", committed, LogExcerpt({}), ProcessStates()));
       halted_ = true;
       return false;
     }
@@ -1098,6 +1102,36 @@ std::string Trial::LogExcerpt(const std::vector<std::string>& needles) const {
     absl::StrAppend(&out, "\n    ", log->name(), " log:");
     for (const auto& l : lines) absl::StrAppend(&out, "\n      ", l.substr(0, 400));
   }
+  return out;
+}
+
+std::string Trial::ProcessStates() const {
+  auto read = [](const std::string& path) {
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  };
+  std::string out = "\n    processes:";
+  auto describe = [&](const std::string& name, const DaemonProcess* d) {
+    if (d == nullptr || d->pid() <= 0) return;
+    const std::string task_dir = absl::StrCat("/proc/", d->pid(), "/task");
+    std::map<std::string, int> states;  // "S futex_wait_queue" -> threads
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(task_dir, ec)) {
+      const std::string stat = read(task.path().string() + "/stat");
+      const size_t paren = stat.rfind(')');
+      if (paren == std::string::npos || paren + 2 >= stat.size()) continue;
+      const std::string wchan = read(task.path().string() + "/wchan");
+      states[absl::StrCat(stat.substr(paren + 2, 1), " ", wchan.empty() ? "-" : wchan)]++;
+    }
+    absl::StrAppend(&out, "\n      ", name, " pid ", d->pid(), ":");
+    if (states.empty()) absl::StrAppend(&out, " gone");
+    for (const auto& [state, threads] : states)
+      absl::StrAppend(&out, " ", threads, "x[", state, "]");
+  };
+  for (const Node& n : nodes_) describe(n.id, n.daemon.get());
+  for (const auto& z : zombies_) describe("zombie", z.get());
   return out;
 }
 
