@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
@@ -259,6 +260,9 @@ class Trial {
   // Each daemon's threads by scheduler state, and where the sleeping ones wait (/proc): after a
   // hang, whether a daemon was stopped, running, or blocked, and on what.
   std::string ProcessStates() const;
+  // SIGSTOPs node's daemon and waits until the kernel shows it stopped (at most 2 s; the trace
+  // says when it took longer or never happened).
+  void Stop(int node);
   void Say(const std::string& line);
   void Trace(const std::string& line) { Say(line); }
   void KeepLogs();
@@ -839,7 +843,7 @@ void Trial::FaultDaemonStop() {
   const int ms = 300 + static_cast<int>(rng_() % 2700);
   result_.faults.push_back(absl::StrCat("daemon-stop ", nodes_[node].id, " ", ms, " ms"));
   Trace(absl::StrCat("fault: SIGSTOP tesserad ", nodes_[node].id, " for ", ms, " ms"));
-  nodes_[node].daemon->Signal(SIGSTOP);
+  Stop(node);
   nodes_[node].stopped = true;
   Sleep(milliseconds(ms));
   nodes_[node].daemon->Signal(SIGCONT);
@@ -868,7 +872,7 @@ void Trial::FaultZombie() {
                      " with an empty store takes its ranks; ", awake_ms,
                      " ms later the old one is SIGCONTed"));
   const std::vector<size_t> marks = LogSizes();
-  n.daemon->Signal(SIGSTOP);
+  Stop(node);
   std::vector<int> ranks;
   for (int r = 0; r < shape_.world(); ++r) {
     if (NodeOf(r) != node) {
@@ -1133,6 +1137,33 @@ std::string Trial::ProcessStates() const {
   for (const Node& n : nodes_) describe(n.id, n.daemon.get());
   for (const auto& z : zombies_) describe("zombie", z.get());
   return out;
+}
+
+void Trial::Stop(int node) {
+  DaemonProcess& d = *nodes_[node].daemon;
+  d.Signal(SIGSTOP);
+  const std::string stat_path = absl::StrCat("/proc/", d.pid(), "/stat");
+  const auto sent = Clock::now();
+  for (;;) {
+    std::ifstream in(stat_path);
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t paren = stat.rfind(')');
+    const char state =
+        paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+    const auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - sent);
+    if (state == 'T' || state == 't') {
+      if (waited > milliseconds(100)) {
+        Trace(absl::StrCat(nodes_[node].id, " stopped ", waited.count(), " ms after SIGSTOP"));
+      }
+      return;
+    }
+    if (waited >= seconds(2)) {
+      Trace(absl::StrCat(nodes_[node].id, " (pid ", d.pid(), ") is not stopped 2 s after SIGSTOP ",
+                         "(state ", std::string(1, state), ")", ProcessStates()));
+      return;
+    }
+    std::this_thread::sleep_for(milliseconds(5));
+  }
 }
 
 void Trial::Say(const std::string& line) {
