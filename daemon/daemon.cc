@@ -636,6 +636,11 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
               "Relayed news of a member's incarnation dropped for claiming a liveness version "
               "beyond the member's own word, or a \"lost\" (bounded gossip under mutual TLS).",
               static_cast<double>(m.swim.relayed_dropped));
+      counter(
+          "tessera_membership_relayed_damped_total",
+          "Relayed suspicions of a member whose suspicions were refuted too often lately, taken "
+          "only as a reason to probe it (bounded gossip under mutual TLS).",
+          static_cast<double>(m.swim.relayed_damped));
       const IncarnationProofs::Stats p = incarnation_proofs_->stats();
       const char* proofs_help =
           "Members' proofs of their incarnations checked here (each member's incarnation once), "

@@ -29,7 +29,10 @@ void Swim::Grow(uint32_t node) {
   members_.resize(size);
   states_.resize(size, static_cast<uint8_t>(SwimState::kDead));
   if (options_.track_last_heard) last_heard_ms_.resize(size, -1);
-  if (options_.bound_relayed_news) vouched_.resize(size, 0);
+  if (options_.bound_relayed_news) {
+    vouched_.resize(size, 0);
+    flaps_.resize(size);
+  }
 }
 
 Swim::Update Swim::Intern(const SwimUpdate& u) {
@@ -174,6 +177,13 @@ void Swim::Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState t
   states_[node] = static_cast<uint8_t>(to);
   if (from == to) return;
   if (from == SwimState::kSuspect) suspects_.erase(node);
+  if (from == SwimState::kSuspect && to == SwimState::kAlive && options_.bound_relayed_news) {
+    Flaps& f = flaps_[node];  // a suspicion refuted: one flap
+    if (now_ms - f.window_start_ms >= kFlapWindowPeriods * options_.protocol_period_ms) {
+      f = Flaps{now_ms, 0};
+    }
+    ++f.count;
+  }
   if (from == SwimState::kDead) {
     ++live_;
     // Back in this round's probe order, at a random place.
@@ -204,10 +214,21 @@ void Swim::Vouch(uint32_t node, uint32_t version) {
   vouched_[node] = std::max(vouched_[node], version);
 }
 
-bool Swim::BoundRelayed(Update* u) {
+bool Swim::BoundRelayed(int64_t now_ms, Update* u) {
   const Member& m = members_[u->node];
   // Each daemon decides a death by its own timer (news of a stranger's death is ignored anyway).
   if (u->state == SwimState::kDead && m.incarnation != 0) u->state = SwimState::kSuspect;
+  if (u->state == SwimState::kSuspect && u->incarnation == m.incarnation &&
+      StateOf(u->node) == SwimState::kAlive) {
+    const Flaps& f = flaps_[u->node];
+    if (f.count >= kMaxFlaps &&
+        now_ms - f.window_start_ms < kFlapWindowPeriods * options_.protocol_period_ms) {
+      // It flapped too often here: only this daemon's own probe may suspect it now.
+      ++stats_.relayed_damped;
+      prompt_probe_ = u->node;
+      return false;
+    }
+  }
   if (u->incarnation != m.incarnation) {
     // A member, or a newer incarnation of it, introduced by another: only the incarnation is the
     // member's word (its proof), not the version.
@@ -231,7 +252,7 @@ bool Swim::Apply(int64_t now_ms, const Update& original, bool by_self, bool rela
   if (original.incarnation == 0) return false;
   Grow(original.node);
   Update u = original;
-  if (relayed && options_.bound_relayed_news && !BoundRelayed(&u)) return false;
+  if (relayed && options_.bound_relayed_news && !BoundRelayed(now_ms, &u)) return false;
   Member& m = members_[u.node];
   if (m.incarnation == 0) {
     // News of the death of a stranger changes nothing here.

@@ -38,8 +38,13 @@
 // lost. A relayed suspicion dropped for being past the bound may still be true (the member's
 // refutation came here relayed, so its own word here is a version behind): this daemon then
 // probes the member itself next (at most every other period), so a death right after a
-// refutation is detected about as fast as under SWIM's rules (swim_test). Off: SWIM's rules,
-// every member's word taken as relayed.
+// refutation is detected about as fast as under SWIM's rules (swim_test). And a member whose
+// suspicions here were refuted kMaxFlaps times within kFlapWindowPeriods periods is not made
+// suspect again by relayed news for the rest of that window: a relayed suspicion (or death) of
+// it only makes this daemon probe it itself next (Stats::relayed_damped), and only this daemon's
+// own probes can suspect it. So a member that relays suspicions of another at its current
+// version, each cleared by a refutation, flaps it at most kMaxFlaps times per window. Off:
+// SWIM's rules, every member's word taken as relayed.
 //
 // Seeds are addresses (the configured list, DNS records). One not yet known as some member's
 // address is probed (up to seed_probes_per_period a period; seeds tried before, one at a time)
@@ -135,6 +140,9 @@ struct SwimNames {
 class Swim {
  public:
   static constexpr uint64_t kLostVersion = std::numeric_limits<uint32_t>::max();
+  // Bounded gossip's damping of flapping members (see above).
+  static constexpr uint32_t kMaxFlaps = 3;
+  static constexpr int64_t kFlapWindowPeriods = 100;
 
   // What changed, for logs, callbacks and simulators.
   struct Event {
@@ -216,6 +224,9 @@ class Swim {
     uint64_t relayed_dropped = 0;
     // bound_relayed_news: probes sent out of turn to a member such a dropped suspicion named.
     uint64_t prompt_probes = 0;
+    // bound_relayed_news: relayed suspicions of a member that flapped kMaxFlaps times in the
+    // window, taken only as a reason to probe it (see "Bounded gossip" above).
+    uint64_t relayed_damped = 0;
     uint64_t messages_sent() const {
       return probes_sent + ping_reqs_sent + indirect_acks_sent + acks_sent;
     }
@@ -350,7 +361,7 @@ class Swim {
   bool ApplyAboutSelf(const Update& u, bool relayed = false);
   // bound_relayed_news: what a relayed update `u` about a member may be taken as (see above);
   // false when it is dropped.
-  bool BoundRelayed(Update* u);
+  bool BoundRelayed(int64_t now_ms, Update* u);
   // bound_relayed_news: the member's own word raised its version to `version`.
   void Vouch(uint32_t node, uint32_t version);
   void SelfFenced(std::string detail);
@@ -398,6 +409,13 @@ class Swim {
   // By node, when bound_relayed_news: the highest version of its incarnation held that the
   // member announced itself.
   std::vector<uint32_t> vouched_;
+  // bound_relayed_news: per member, its suspicions refuted in the current flap window, and when
+  // that window started (see "Bounded gossip" above).
+  struct Flaps {
+    int64_t window_start_ms = 0;
+    uint32_t count = 0;
+  };
+  std::vector<Flaps> flaps_;
   // bound_relayed_news: a member a dropped relayed suspicion named, probed next (not twice in a
   // row: prompted_last_).
   std::optional<uint32_t> prompt_probe_;

@@ -392,6 +392,66 @@ TEST_F(SwimTest, BoundedGossipEveryRelayedSuspicionIsClearedByARefutation) {
   }
 }
 
+// A member that relays a suspicion of another at the version each daemon holds, every period,
+// flaps it (suspected, then refuted) on every daemon again and again under SWIM's rules. Under
+// bounded gossip each daemon takes such a relayed suspicion at most Swim::kMaxFlaps times per
+// flap window; past that it only probes the member itself. The member is still found dead
+// everywhere when it does die while the suspicions go on.
+TEST_F(SwimTest, BoundedGossipARelayingMemberFlapsAnotherAtMostAFewTimesPerWindow) {
+  constexpr int kPeriods = 150;  // 1.5 flap windows
+  int suspicions[2] = {0, 0};
+  for (bool bound : {false, true}) {
+    SCOPED_TRACE(bound ? "bounded" : "SWIM's rules");
+    Start(6, /*loss=*/0.0, 16, bound);
+    ASSERT_TRUE(Converge(All(), Ids(6), 200 * kPeriodMs)) << "seed " << TestSeed();
+    const uint64_t incarnation = sim_->swim(1).options().self_incarnation;
+    std::vector<int> before;
+    for (size_t i = 0; i < sim_->size(); ++i) {
+      before.push_back(Count(i, Swim::Event::Kind::kSuspect, Id(1)));
+    }
+    auto relay = [&] {
+      for (size_t to : {0, 2, 3, 4}) {
+        const uint64_t held = sim_->swim(to).Find(Id(1))->version;
+        for (uint64_t v : {held, held > 0 ? held - 1 : 0}) {
+          Relay(5, to, {SwimUpdate{SwimState::kSuspect, Id(1), incarnation, v, Address(1)}});
+        }
+      }
+    };
+    int most = 0;
+    for (int period = 0; period < kPeriods; ++period) {
+      relay();
+      sim_->RunUntil(sim_->now_ms() + kPeriodMs);
+    }
+    for (size_t i : {0, 2, 3, 4}) {
+      const int flaps = Count(i, Swim::Event::Kind::kSuspect, Id(1)) - before[i];
+      most = std::max(most, flaps);
+      EXPECT_NE(StateIn(sim_->swim(i), Id(1)), SwimState::kDead) << "on n" << i;
+    }
+    suspicions[bound] = most;
+    if (bound) {
+      // 1.5 windows: at most kMaxFlaps in each, and the one being refuted at the end.
+      EXPECT_LE(most, static_cast<int>(2 * Swim::kMaxFlaps + 1)) << "seed " << TestSeed();
+      EXPECT_GT(sim_->swim(0).stats().relayed_damped, 0u);
+    }
+    // n1 dies while the suspicions go on: every other daemon still finds it dead.
+    sim_->Kill(1);
+    bool dead_everywhere = false;
+    for (int period = 0; period < 400 && !dead_everywhere; ++period) {
+      relay();
+      sim_->RunUntil(sim_->now_ms() + kPeriodMs);
+      dead_everywhere = true;
+      for (size_t i : {0, 2, 3, 4}) {
+        dead_everywhere = dead_everywhere && StateIn(sim_->swim(i), Id(1)) == SwimState::kDead;
+      }
+    }
+    EXPECT_TRUE(dead_everywhere) << "seed " << TestSeed();
+  }
+  std::cout << "most suspicions of n1 on one daemon in " << kPeriods
+            << " periods: " << suspicions[0] << " (SWIM's rules), " << suspicions[1]
+            << " (bounded gossip); seed " << TestSeed() << "\n";
+  EXPECT_GT(suspicions[0], 4 * suspicions[1]) << "seed " << TestSeed();
+}
+
 // Bounded gossip keeps SWIM's detection and refutation: a killed member is dead everywhere, a
 // partitioned one that comes back refutes, and a restarted one fences its zombie.
 TEST_F(SwimTest, BoundedGossipStillDetectsRefutesAndFences) {
