@@ -258,6 +258,21 @@ TEST(FaultCampaignRegression, AStoppedDaemonStoppedAgainBeforeItRefutesIsNotSusp
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// n3, the job's coordinator, committed step 2 as it was cut off; the majority resumed the job
+// from step 1 in a newer epoch. Once n3 was back, its push of the commit of 2 reached the others,
+// which took its step although the record was older than the point they had resumed from: they
+// released their slots of step 1 and dropped its fragments, n3 then found step 1 held nowhere
+// and its ranks started fresh while the others had restored step 1 ("committed", "same-step";
+// seed 17300003 with a second worker on the 2-core machine). A node's store and fragments now
+// follow the newest commit record it holds, never a pushed one alone
+// (protection_pipeline_test ...AStalePushOfACommitTheJobResumedWithoutReleasesNothing).
+TEST(FaultCampaignRegression, AStaleCommitPushedAfterAPartitionReleasesNoRestorePoint) {
+  if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
+  const TrialResult r = RunScripted(
+      17300003, {FaultKind::kJobRestart, FaultKind::kPartitionRestart, FaultKind::kJobRestart});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
 // Two fragments flipped on n3, then n1 SIGSTOPped for a zombie right after step 4 was committed:
 // for 30 s no peer logged a suspicion of n1, or any line at all, while the ranks waited for the
 // killed ranks of n1 at their next step ("hang"; trial seed 17000001 of campaign seed 17000001,

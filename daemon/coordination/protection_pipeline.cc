@@ -475,6 +475,12 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   bool forget_drop = false;   // a later run committed: the drop's tombstone is collected
   std::optional<CommitRecord> superseded;
   CommitRecord committed_record;
+  // The commit this node holds once `state` is taken: the newer of `state`'s and the one held
+  // (CommitRecord::NewerThan). The store and the fragments follow it, never `state`'s alone: a
+  // coordinator that was cut off as it committed pushes its commit again once it is back, and
+  // that commit may be older than the point the majority resumed from since (campaign seed
+  // 17300003: taking it released the restore point's slots and fragments here).
+  CommitRecord held;
   const uint64_t store_epoch = store_->epoch(state.job_id);
   {
     absl::MutexLock lock(&mu_);
@@ -521,10 +527,13 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
       known.dropped_epoch = 0;
       forget_drop = true;
     }
+    held = known.committed;
     if (state.epoch > known.epoch) {
       known.epoch = state.epoch;
       known.dead_steps.clear();
     }
+    // Dead steps are of state.epoch: of an older epoch they name steps of another history.
+    if (state.epoch != known.epoch) dead.clear();
     if (state.epoch == known.epoch) {
       // Remembered so that protection skips them (bounded: the newest 256).
       known.dead_steps.insert(known.dead_steps.end(), dead.begin(), dead.end());
@@ -585,7 +594,7 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
               "longer kept",
               state.job_id, committed_record.step, committed_record.epoch);
   }
-  const int64_t committed = committed_record.step;
+  const int64_t committed = held.step;
   if (superseded) {
     LogSuperseded(state.job_id, *superseded, committed_record);
     store_->SupersedeCommit(state.job_id, committed);
@@ -593,7 +602,7 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   store_->SetJobState(state.job_id, state.epoch, committed, dead);
   size_t dropped = 0;
   if (committed >= 0) {
-    for (const CommitRecord::Rank& r : committed_record.ranks) {
+    for (const CommitRecord::Rank& r : held.ranks) {
       dropped += fragments_->DropOlderThan(state.job_id, r.rank, committed);
     }
     DeleteRestoredOlderThan(state.job_id, committed);

@@ -587,6 +587,58 @@ TEST_F(ProtectionPipelineTest, ACommitTheMajorityResumedWithoutIsSuperseded) {
   }
 }
 
+// Campaign seed 17300003, on the majority's side: the job's coordinator committed step 8 as it was
+// cut off, and nobody here learned it; the job resumed from step 4 in a newer epoch. Once back,
+// the cut-off coordinator pushes its commit of 8 again. It is older than the point the job
+// resumed from and must change nothing here: taking its step released this daemon's slot of step
+// 4 (and dropped the fragments of step 4 held here, which follow the same commit), so the restore
+// point could no longer be restored and the ranks of the next restart restored different steps
+// ("committed", "same-step").
+TEST_F(ProtectionPipelineTest, AStalePushOfACommitTheJobResumedWithoutReleasesNothing) {
+  StartCluster(4, 2, 1);
+  const std::vector<uint8_t> shard4 = SealHere(0, 4, 200000 + rng_() % 5000);
+  ProtectElsewhere(MakeShard(1, 4, 200000), 1, 4, 2, 1);
+  ASSERT_TRUE(Eventually([&] {
+    absl::MutexLock lock(&coordination_client_.mu);
+    return store_->committed(kJob) == 4 && coordination_client_.pushed_commits.count(4) == 1;
+  }));
+  CommitRecord at4;
+  {
+    absl::MutexLock lock(&coordination_client_.mu);
+    at4 = coordination_client_.pushed_commits[4];
+  }
+  // The majority's decision, pushed by the job's new coordinator: resumed from 4, newer epoch.
+  JobState resumed;
+  resumed.job_id = kJob;
+  resumed.epoch = std::max<uint64_t>(at4.epoch, 1) + 1000;
+  resumed.committed = at4;
+  resumed.committed.confirmed_epoch = resumed.epoch;
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"b", 1}, resumed).ok());
+  // The cut-off coordinator's commit of step 8 in the old epoch, with a step it found dead.
+  JobState stale;
+  stale.job_id = kJob;
+  stale.epoch = at4.epoch;
+  stale.committed = at4;
+  stale.committed.step = 8;
+  stale.committed.confirmed_epoch = at4.epoch;
+  stale.dead_steps = {6};
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"c", 1}, stale).ok());
+
+  EXPECT_EQ(store_->committed(kJob), 4);
+  bool sealed4 = false;
+  for (const auto& v : store_->ListVersions(kJob)) {
+    sealed4 = sealed4 || (v.step == 4 && v.state == SegmentState::kSealed);
+  }
+  EXPECT_TRUE(sealed4) << "the restore point's slot was released";
+  auto step = coordination_->FindLatestRestorable(kJob, world_, /*resuming_rank=*/0,
+                                                  /*run_id=*/78);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 4);
+  auto info = coordination_->PrepareRestore(kJob, 0, 4, /*verify=*/true);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(ReadRestored(*info), shard4);
+}
+
 // A restore that does not fit the capacity is refused with the numbers, before any byte moves.
 TEST_F(ProtectionPipelineTest, RestoreThatDoesNotFitIsRefused) {
   StartCluster(5, 3, 2, /*capacity_bytes=*/64 << 10);
