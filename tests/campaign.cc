@@ -10,7 +10,6 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
@@ -1109,13 +1108,21 @@ std::string Trial::LogExcerpt(const std::vector<std::string>& needles) const {
   return out;
 }
 
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The scheduler state letter of /proc/.../stat (R, S, D, T...), '?' when it cannot be read.
+char SchedulerState(const std::string& stat_path) {
+  const std::string stat = ReadText(stat_path);
+  const size_t paren = stat.rfind(')');
+  return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+}
+
 std::string Trial::ProcessStates() const {
-  auto read = [](const std::string& path) {
-    std::ifstream in(path);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  };
   std::string out = "\n    processes:";
   auto describe = [&](const std::string& name, const DaemonProcess* d) {
     if (d == nullptr || d->pid() <= 0) return;
@@ -1123,16 +1130,16 @@ std::string Trial::ProcessStates() const {
     std::map<std::string, int> states;  // "S futex_wait_queue" -> threads
     std::error_code ec;
     for (const auto& task : std::filesystem::directory_iterator(task_dir, ec)) {
-      const std::string stat = read(task.path().string() + "/stat");
-      const size_t paren = stat.rfind(')');
-      if (paren == std::string::npos || paren + 2 >= stat.size()) continue;
-      const std::string wchan = read(task.path().string() + "/wchan");
-      states[absl::StrCat(stat.substr(paren + 2, 1), " ", wchan.empty() ? "-" : wchan)]++;
+      const char state = SchedulerState(task.path().string() + "/stat");
+      if (state == '?') continue;
+      const std::string wchan = ReadText(task.path().string() + "/wchan");
+      states[absl::StrCat(std::string(1, state), " ", wchan.empty() ? "-" : wchan)]++;
     }
     absl::StrAppend(&out, "\n      ", name, " pid ", d->pid(), ":");
     if (states.empty()) absl::StrAppend(&out, " gone");
-    for (const auto& [state, threads] : states)
+    for (const auto& [state, threads] : states) {
       absl::StrAppend(&out, " ", threads, "x[", state, "]");
+    }
   };
   for (const Node& n : nodes_) describe(n.id, n.daemon.get());
   for (const auto& z : zombies_) describe("zombie", z.get());
@@ -1145,11 +1152,7 @@ void Trial::Stop(int node) {
   const std::string stat_path = absl::StrCat("/proc/", d.pid(), "/stat");
   const auto sent = Clock::now();
   for (;;) {
-    std::ifstream in(stat_path);
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t paren = stat.rfind(')');
-    const char state =
-        paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
+    const char state = SchedulerState(stat_path);
     const auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - sent);
     if (state == 'T' || state == 't') {
       if (waited > milliseconds(100)) {
