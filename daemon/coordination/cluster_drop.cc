@@ -125,6 +125,14 @@ absl::StatusOr<JobDrop> ClusterCoordination::DropAsCoordinator(const DropQuestio
   // majority of the members, so that any later decision's view meets a member that took it.
   TESSERA_RETURN_IF_ERROR(RequireMajority());
   absl::MutexLock dropping(&drop_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    dropping_.insert(job_id);
+  }
+  auto dropped = absl::MakeCleanup([&] {
+    absl::MutexLock lock(&mu_);
+    dropping_.erase(job_id);
+  });
   // What every live member knows of the job (its epoch, commit and any earlier drop).
   TESSERA_RETURN_IF_ERROR(EnsureCoordinatorView(job_id, 0));
 

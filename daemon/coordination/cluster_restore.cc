@@ -198,6 +198,15 @@ absl::Status ClusterCoordination::RequireMajority() const {
       "(`tessera declare-lost NODE` on a live member)"));
 }
 
+absl::Status ClusterCoordination::RefuseWhileDropping(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  if (dropping_.count(job_id) == 0) return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat("job '", job_id,
+                   "' is being dropped (this daemon, its coordinator, is deciding the drop): "
+                   "ask again once the drop has been decided"));
+}
+
 absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     const ResolveQuestion& question) {
   const std::string& job_id = question.job_id;
@@ -205,6 +214,7 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
   // would resume different histories. Only a coordinator that sees a majority of the members
   // live takes it; the side cut off waits until it is joined again.
   TESSERA_RETURN_IF_ERROR(RequireMajority());
+  TESSERA_RETURN_IF_ERROR(RefuseWhileDropping(job_id));
   // A coordinator that took over (or whose membership changed) first learns the job's epoch,
   // commit and drop from every live member: a job dropped while the nodes that hold it were away
   // must not be resumed from what they bring back (docs/PROTOCOL.md, Dropping a job).
@@ -235,8 +245,10 @@ absl::StatusOr<ResolveAnswer> ClusterCoordination::DecideRestorePoint(
     }
     nodes = coordinator_.Nodes(job_id);
   }
-  // The majority may have been lost while the listings were gathered (seed 1001).
+  // The majority may have been lost while the listings were gathered (seed 1001), and a drop
+  // may have begun.
   TESSERA_RETURN_IF_ERROR(RequireMajority());
+  TESSERA_RETURN_IF_ERROR(RefuseWhileDropping(job_id));
   // Nodes of the job that are not live but not declared lost may come back with what they
   // hold (a partition heals, a stopped daemon resumes): nothing found is no reason to give up.
   std::vector<std::string> away;

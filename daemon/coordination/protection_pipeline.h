@@ -199,6 +199,10 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // logging the questions it cannot decide yet.
   absl::StatusOr<ResolveAnswer> ResolveAsCoordinator(const ResolveQuestion& question);
   absl::StatusOr<ResolveAnswer> DecideRestorePoint(const ResolveQuestion& question);
+  // kUnavailable while this coordinator decides a drop of the job (from before its check until
+  // it has told the members): a member that restarted in that window holds no fence of its own,
+  // and a restore answered from the commit the drop is voiding would resume the dropped run.
+  absl::Status RefuseWhileDropping(const std::string& job_id) const;
   // kUnavailable unless this daemon's membership has converged and a majority of the members is
   // live here (docs/PROTOCOL.md, Restore 2).
   absl::Status RequireMajority() const;
@@ -247,6 +251,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // a drop is answered with it even when a report's reply brought the drop here first.
   std::map<std::string, std::pair<uint64_t, NodeDrop>> drop_results_ ABSL_GUARDED_BY(mu_);
   absl::Mutex drop_mu_ ABSL_ACQUIRED_BEFORE(view_mu_);  // one drop decided at a time
+  // Jobs whose drop this coordinator is deciding (RefuseWhileDropping).
+  std::set<std::string> dropping_ ABSL_GUARDED_BY(mu_);
   absl::Mutex view_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // held while a coordinator gathers a view
   // Jobs whose complete view this coordinator has gathered since the membership last changed.
   std::set<std::string> view_complete_ ABSL_GUARDED_BY(mu_);

@@ -363,32 +363,55 @@ class CliDropHeldTest : public CliDropTest {
     extra_flags_ = {"--set", "cluster.drop_fence_ms=600000"};
     CliDropTest::SetUp();
   }
+
+  // Trains the job and drops it, which names its coordinator (by the job id's rendezvous hash,
+  // the same while the membership is), then trains and commits it again. Returns the
+  // coordinator's index, or -1 (with the failure added).
+  int TrainDropAndTrainAgain() {
+    Train(4, 1);
+    if (WaitForSettledCommit() < 0) return -1;
+    CliRun first = Tessera({"drop", kJob, "--json"}, 0);
+    const std::string coordinator =
+        first.exit_code == 0 ? first.result().at("coordinator").string_value() : "";
+    if (coordinator.size() != 2u) {
+      ADD_FAILURE() << first.Describe();
+      return -1;
+    }
+    ExpectFresh(Train(4, 2));
+    if (WaitForSettledCommit() < 0) return -1;
+    return coordinator[1] - '0';
+  }
+
+  // A drop asked on its coordinator n<c> (so that no forwarding deadline runs out), held between
+  // its check and its push; null (with the failure added) if it never reached the hold.
+  std::unique_ptr<Process> StartHeldDrop(int c) {
+    std::ofstream(hold_file_) << "hold\n";
+    auto drop = Process::Start(
+        {BinaryPath("cli/tessera"), "drop", kJob, "--json", "--socket", daemons_[c]->socket_path()},
+        root_.path() + "/held-drop.err");
+    for (int i = 0; i < 600; ++i) {
+      if (std::ifstream(hold_file_ + ".held").good()) return drop;
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    ADD_FAILURE() << "the coordinator never reached the hold\n" << daemons_[c]->LogTail();
+    return nullptr;
+  }
+
+  // Lets the held drop go on; it must succeed.
+  void ReleaseHeldDrop(Process& drop) {
+    std::remove(hold_file_.c_str());
+    EXPECT_EQ(drop.Wait(seconds(120)), 0)
+        << absl::StrJoin(drop.lines(), "\n") << ReadFile(root_.path() + "/held-drop.err");
+  }
+
   std::string hold_file_;
 };
 
 TEST_F(CliDropHeldTest, ATrainerRegisteringWhileTheJobIsDroppedIsRefused) {
-  Train(4, 1);
-  ASSERT_GE(WaitForSettledCommit(), 0);
-  // The job's coordinator (by its id's rendezvous hash, the same while the membership is), named
-  // by a first drop: the held drop is asked there, so that no forwarding deadline runs out.
-  CliRun first = Tessera({"drop", kJob, "--json"}, 0);
-  ASSERT_EQ(first.exit_code, 0) << first.Describe();
-  const std::string coordinator = first.result().at("coordinator").string_value();
-  ASSERT_EQ(coordinator.size(), 2u) << first.Describe();
-  const int c = coordinator[1] - '0';
-  ExpectFresh(Train(4, 2));
-  ASSERT_GE(WaitForSettledCommit(), 0);
-
-  std::ofstream(hold_file_) << "hold\n";
-  auto drop = Process::Start({BinaryPath("cli/tessera"), "drop", kJob, "--json", "--socket",
-                              daemons_[c]->socket_path()},
-                             root_.path() + "/held-drop.err");
-  bool held = false;
-  for (int i = 0; i < 600 && !held; ++i) {
-    held = std::ifstream(hold_file_ + ".held").good();
-    if (!held) std::this_thread::sleep_for(milliseconds(100));
-  }
-  ASSERT_TRUE(held) << "the coordinator never reached the hold\n" << daemons_[c]->LogTail();
+  const int c = TrainDropAndTrainAgain();
+  ASSERT_GE(c, 0);
+  auto drop = StartHeldDrop(c);
+  ASSERT_TRUE(drop);
 
   // Every member was checked: a trainer of the job is refused on each, with the reason.
   for (uint32_t r = 0; r < kWorld; ++r) {
@@ -401,11 +424,51 @@ TEST_F(CliDropHeldTest, ATrainerRegisteringWhileTheJobIsDroppedIsRefused) {
         << "rank " << r;
   }
 
-  std::remove(hold_file_.c_str());
-  ASSERT_EQ(drop->Wait(seconds(120)), 0) << absl::StrJoin(drop->lines(), "\n")
-                                         << ReadFile(root_.path() + "/held-drop.err");
+  ReleaseHeldDrop(*drop);
   // The drop lifted the fence on every member: the job registers fresh.
   ExpectFresh(Train(4, 4));
+}
+
+// A member killed and restarted while the drop is held holds no fence: a trainer registers there
+// and asks to resume. The coordinator answers no restore point while it decides the drop (its
+// own fence), so the trainer waits instead of restoring the run being dropped, and once the drop
+// is decided it starts fresh.
+TEST_F(CliDropHeldTest, ATrainerOnAMemberRestartedDuringTheDropDoesNotResumeTheDroppedRun) {
+  const int c = TrainDropAndTrainAgain();
+  ASSERT_GE(c, 0);
+  // A rank's owner other than the coordinator (rank r trains on n<r>).
+  const int m = c == 1 ? 0 : 1;
+  ASSERT_FALSE(JobFiles(daemons_[m]->store_dir()).empty());
+  auto drop = StartHeldDrop(c);
+  ASSERT_TRUE(drop);
+
+  // n<m> restarts holding the run's slots again (re-adopted) and no fence of the drop.
+  daemons_[m]->Kill(SIGKILL);
+  daemons_[m]->Wait();
+  std::string error;
+  ASSERT_TRUE(daemons_[m]->Start(&error)) << error;
+  auto trainer = StartTrainer(m, 4, 3);
+  const std::string refusal = "restore point not decided yet: job 'drop-job' is being dropped";
+  // Until the coordinator refuses it, or (the failure this catches) it restores the dropped run.
+  bool refused = false;
+  for (int i = 0; i < 600 && !refused; ++i) {
+    refused = absl::StrContains(daemons_[c]->LogTail(size_t{1} << 20), refusal);
+    if (!refused && trainer->ReadUntil(
+                        [](const std::string& line) { return absl::StartsWith(line, "restored"); },
+                        milliseconds(100))) {
+      break;
+    }
+  }
+  EXPECT_TRUE(refused) << "the coordinator never refused the trainer's restore question\n"
+                       << daemons_[c]->LogTail() << "\n"
+                       << absl::StrJoin(trainer->lines(), "\n");
+
+  ReleaseHeldDrop(*drop);
+  // The other rank's member took the drop's check and fence: it registers once the drop is done.
+  auto other = StartTrainer(1 - m, 4, 3);
+  EXPECT_EQ(trainer->Wait(seconds(120)), 0) << absl::StrJoin(trainer->lines(), "\n");
+  EXPECT_EQ(other->Wait(seconds(120)), 0) << absl::StrJoin(other->lines(), "\n");
+  ExpectFresh({trainer->lines(), other->lines()});
 }
 
 // `tessera drop` on a cluster answers only root, the daemon's uid and the uid that registered the
