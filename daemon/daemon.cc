@@ -350,6 +350,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   // A drop's check and push are each a round of calls bounded by the coordination timeout.
   coordination_options.drop_fence = std::max(absl::Milliseconds(config.cluster.drop_fence_ms),
                                              3 * coordination_client_options.timeout);
+  // Each job's state is kept beside its slots: it lasts as long as they do.
+  coordination_options.state_directory = config.store.directory + "/" + node_id_;
   if (const char* hold = std::getenv("TESSERA_TEST_HOLD_DROP_FILE")) {
     coordination_options.test_hold_drop_file = hold;  // test only: see the option
   }
@@ -691,6 +693,12 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_commits_learned_total",
             "Newer commits this daemon learned as a node of a job (it releases older data).",
             static_cast<double>(c.commits_learned));
+    counter("tessera_job_states_kept_total",
+            "Job states (epoch, commit, drop) written to the store directory for a restart.",
+            static_cast<double>(c.job_states_kept));
+    counter("tessera_job_state_failures_total",
+            "Job states that could not be written for a restart (see the log): they stay soft.",
+            static_cast<double>(c.job_state_failures));
     const char* reports_help =
         "Protection reports sent to jobs' coordinators, by outcome (a failed one is re-sent).";
     counter("tessera_coordination_reports_total", reports_help,

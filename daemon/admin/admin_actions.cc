@@ -1,7 +1,5 @@
 // Admin's actions (admin_service.h): Verify and Recover, which read shards back and rebuild
 // them from fragments, and the recovery drills' calls (SetDrillTarget, DropMemory, Corrupt).
-#include "daemon/admin/admin_service.h"
-
 #include <dirent.h>
 #include <sys/stat.h>
 
@@ -14,6 +12,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -21,6 +20,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "daemon/admin/admin_internal.h"
+#include "daemon/admin/admin_service.h"
 #include "daemon/coordination/shard_rebuild.h"
 #include "daemon/membership/cluster.h"
 #include "daemon/metrics/metrics.h"
@@ -480,11 +480,13 @@ absl::Status Admin::DropMemory(const admin::DropMemoryRequest& request,
       if (name[0] == '.' || stat((dir + "/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
         continue;
       }
-      const bool fragment = name.size() > 5 && name.compare(name.size() - 5, 5, ".frag") == 0;
-      if (fragment) {
+      // The segments; the jobs' state files (JobStateJournal) go with them, uncounted.
+      if (absl::EndsWith(name, ".frag")) {
         response->set_fragments_deleted(response->fragments_deleted() + 1);
-      } else {
+      } else if (absl::EndsWith(name, ".slot")) {
         response->set_slots_deleted(response->slots_deleted() + 1);
+      } else {
+        continue;
       }
       response->set_bytes_deleted(response->bytes_deleted() + static_cast<uint64_t>(st.st_size));
     }

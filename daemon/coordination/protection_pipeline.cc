@@ -35,7 +35,8 @@ ClusterCoordination::ClusterCoordination(SnapshotStore* store, FragmentStore* fr
       cluster_(cluster),
       client_(client),
       coordination_client_(coordination_client),
-      options_(options) {
+      options_(options),
+      journal_(options_.state_directory) {
   // Shards made local for a restore are read by the agent during that restore only: what a
   // previous run of the daemon left is stale.
   std::error_code ec;
@@ -44,6 +45,62 @@ ClusterCoordination::ClusterCoordination(SnapshotStore* store, FragmentStore* fr
       std::filesystem::remove(entry.path(), ec);
     }
   }
+  LoadJobStates();
+}
+
+void ClusterCoordination::LoadJobStates() {
+  auto log = Logger("coordinator");
+  const JobStateJournal::Loaded loaded = journal_.Load();
+  for (const std::string& refused : loaded.refused) {
+    log->error(
+        "a kept job state is refused and left alone (the job's state is learned from "
+        "the other members instead): {}",
+        refused);
+  }
+  for (const JobState& state : loaded.states) {
+    {
+      absl::MutexLock lock(&mu_);
+      known_[state.job_id] = state;
+    }
+    log->info("job '{}': kept state read back (epoch {}, committed step {}{})", state.job_id,
+              state.epoch, state.committed.step,
+              state.dropped_epoch > 0 ? absl::StrCat(", dropped at epoch ", state.dropped_epoch)
+                                      : std::string());
+    if (state.dropped_epoch == 0) continue;
+    // The previous run kept the drop before acting on it: what it re-adopted of the dropped run
+    // goes now. Fragments carry no epoch and may be of a later run it never heard of: they
+    // stay, void for every restore point the drop voids.
+    const SnapshotStore::DropJobResult slots = store_->ApplyDrop(state.job_id, state.dropped_epoch);
+    if (slots.segments_deleted > 0) {
+      log->warn("job '{}' was dropped at epoch {}: deleted {} re-adopted slots ({} bytes)",
+                state.job_id, state.dropped_epoch, slots.segments_deleted, slots.bytes_deleted);
+    }
+  }
+}
+
+void ClusterCoordination::SaveJobState(const std::string& job_id) {
+  absl::MutexLock writing(&journal_mu_);
+  std::optional<JobState> state;
+  {
+    absl::MutexLock lock(&mu_);
+    auto known = known_.find(job_id);
+    if (known != known_.end()) state = known->second;
+  }
+  absl::Status saved = absl::OkStatus();
+  if (state) {
+    saved = journal_.Save(*state);
+  } else {
+    journal_.Remove(job_id);
+  }
+  absl::MutexLock lock(&mu_);
+  if (saved.ok()) {
+    stats_.job_states_kept += state.has_value();
+    return;
+  }
+  ++stats_.job_state_failures;
+  Logger("coordinator")
+      ->error("job '{}': its state (epoch, commit, drop) could not be kept for a restart: {}",
+              job_id, saved.ToString());
 }
 
 ClusterCoordination::~ClusterCoordination() { Stop(); }
@@ -482,9 +539,12 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   // 17300003: taking it released the restore point's slots and fragments here).
   CommitRecord held;
   const uint64_t store_epoch = store_->epoch(state.job_id);
+  bool keep = false;  // what a restart must know changed (JobStateJournal)
+  std::vector<std::string> forgotten;
   {
     absl::MutexLock lock(&mu_);
     JobState& known = known_[state.job_id];
+    const JobState before = known;
     known.job_id = state.job_id;
     if (state.dropped_epoch > known.dropped_epoch &&
         (known.committed.empty() || DroppedBy(known.committed, state.dropped_epoch))) {
@@ -505,7 +565,7 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
       }
       restore_points_.erase(state.job_id);
       told_.erase(state.job_id);
-      BoundTombstones(state.job_id);
+      BoundTombstones(state.job_id, &forgotten);
     }
     // A commit of the dropped history is no restore point anywhere.
     committed_record = DroppedBy(state.committed, known.dropped_epoch) ? CommitRecord()
@@ -556,7 +616,13 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
       it = done ? reports.erase(it) : std::next(it);
     }
     if (reports.empty()) pending_.erase(state.job_id);
+    keep = known.epoch != before.epoch || known.dropped_epoch != before.dropped_epoch ||
+           known.committed.NewerThan(before.committed) ||
+           before.committed.NewerThan(known.committed);
   }
+  // Kept before it is acted on: a restart after this remembers it.
+  if (keep) SaveJobState(state.job_id);
+  for (const std::string& job : forgotten) SaveJobState(job);
   if (drop_news) {
     const SnapshotStore::DropJobResult slots = store_->ApplyDrop(state.job_id, state.dropped_epoch);
     deleted.ranks = slots.ranks;
@@ -625,7 +691,8 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   return deleted;
 }
 
-void ClusterCoordination::BoundTombstones(const std::string& keep) {
+void ClusterCoordination::BoundTombstones(const std::string& keep,
+                                          std::vector<std::string>* forgotten) {
   size_t held = 0;
   for (const auto& [job, state] : known_) held += state.dropped_epoch > 0;
   while (held > options_.max_tombstones) {
@@ -645,6 +712,7 @@ void ClusterCoordination::BoundTombstones(const std::string& keep) {
     store_->ForgetDrop(oldest->first);
     coordinator_.Forget(oldest->first);
     drop_results_.erase(oldest->first);
+    forgotten->push_back(oldest->first);
     known_.erase(oldest);
     --held;
   }

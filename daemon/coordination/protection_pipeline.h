@@ -33,8 +33,8 @@
 #include <deque>
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -47,6 +47,7 @@
 #include "common/segment.h"
 #include "daemon/coordination/coordination.h"
 #include "daemon/coordination/job_coordinator.h"
+#include "daemon/coordination/job_state_journal.h"
 #include "daemon/coordination/messages.h"
 #include "daemon/coordination/service.h"
 #include "daemon/membership/cluster.h"
@@ -75,6 +76,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     // decides waits between its check and its decision, having created "<file>.held", so that a
     // test can act in that window deterministically.
     std::string test_hold_drop_file;
+    // Where each job's learned state (epoch, commit record, drop) is kept across restarts
+    // (JobStateJournal; the daemon's store directory). Empty: nowhere (soft state only).
+    std::string state_directory;
   };
   // None is owned; all must outlive this object.
   ClusterCoordination(SnapshotStore* store, FragmentStore* fragments, Cluster* cluster,
@@ -135,6 +139,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     uint64_t rebuilt_shards = 0;
     uint64_t copied_shards = 0;
     uint64_t jobs_coordinated = 0;
+    uint64_t job_states_kept = 0;     // written to the state directory (JobStateJournal)
+    uint64_t job_state_failures = 0;  // writes that failed (the state stays soft)
   };
   Stats stats() const;
 
@@ -186,8 +192,17 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   std::vector<absl::StatusOr<NodeDrop>> ApplyDropOn(const std::vector<std::string>& nodes,
                                                     const JobState& state, DropStep step,
                                                     std::optional<uint32_t> owner_uid);
-  // Past Options::max_tombstones drops remembered, forgets the oldest (logged).
-  void BoundTombstones(const std::string& keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Past Options::max_tombstones drops remembered, forgets the oldest (logged); adds the jobs
+  // forgotten to `forgotten`.
+  void BoundTombstones(const std::string& keep, std::vector<std::string>* forgotten)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the job's state as known now (or removes its file if none is kept) before it is
+  // acted on; a failure is logged and counted.
+  void SaveJobState(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
+  // At start: the states kept by the previous run of the daemon, as known state; a drop among
+  // them is applied to the re-adopted slots (the daemon may have stopped after keeping it and
+  // before acting on it).
+  void LoadJobStates();
   static void LogSuperseded(const std::string& job_id, const CommitRecord& held,
                             const CommitRecord& newer);
   // Queues `state` for the given nodes (this daemon's own share is applied at once).
@@ -250,6 +265,8 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   // What the newest drop learned here deleted, by job, with its epoch: the coordinator's push of
   // a drop is answered with it even when a report's reply brought the drop here first.
   std::map<std::string, std::pair<uint64_t, NodeDrop>> drop_results_ ABSL_GUARDED_BY(mu_);
+  const JobStateJournal journal_;
+  absl::Mutex journal_mu_ ABSL_ACQUIRED_BEFORE(mu_);    // one job state written at a time
   absl::Mutex drop_mu_ ABSL_ACQUIRED_BEFORE(view_mu_);  // one drop decided at a time
   // Jobs whose drop this coordinator is deciding (RefuseWhileDropping).
   std::set<std::string> dropping_ ABSL_GUARDED_BY(mu_);

@@ -40,7 +40,9 @@ std::vector<std::string> JobFiles(const std::string& dir) {
   if (DIR* d = opendir(dir.c_str())) {
     while (dirent* e = readdir(d)) {
       const std::string name = e->d_name;
-      if (absl::StartsWith(name, std::string(kJob) + ".")) files.push_back(name);
+      if (absl::StartsWith(name, std::string(kJob) + ".") && absl::EndsWith(name, ".slot")) {
+        files.push_back(name);
+      }
     }
     closedir(d);
   }
@@ -282,6 +284,42 @@ TEST_F(CliDropTest, AMemberKilledDuringTheDropAndRestartedDoesNotResurrectTheJob
   }
   EXPECT_THAT(JobFiles(daemons_[1]->store_dir()), ::testing::IsEmpty());
   ExpectFresh(Train(4, 2));
+}
+
+// Every member that took the drop restarts (as in an upgrade of the daemons) while the one that
+// missed it is stopped; that one comes back with the dropped run's slots, fragments and commit.
+// The others kept the drop in their job state files ("<job>.jobstate"), so the job's coordinator
+// learns it from them and the next launch starts fresh. Without the files, the restarted members
+// knew nothing of the job, and the returning member's commit made the dropped run resumable.
+TEST_F(CliDropTest, ADropOutlivesARestartOfEveryMemberThatTookIt) {
+  Train(8, 1);
+  ASSERT_GE(WaitForSettledCommit(), 0);
+  ASSERT_FALSE(JobFiles(daemons_[1]->store_dir()).empty());
+  daemons_[1]->Signal(SIGSTOP);
+  WaitUntilNotAlive("n1", 0);
+  WaitUntilNotAlive("n1", 2);
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 0);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  ASSERT_EQ(List(drop.result().at("unanswered")).values_size(), 1) << drop.Describe();
+
+  for (int n : {0, 2}) {
+    EXPECT_TRUE(std::ifstream(daemons_[n]->store_dir() + "/" + kJob + ".jobstate").good())
+        << "n" << n << " keeps no state of the job";
+    daemons_[n]->Kill(SIGKILL);
+    daemons_[n]->Wait();
+  }
+  for (int n : {0, 2}) {
+    std::string error;
+    ASSERT_TRUE(daemons_[n]->Start(&error)) << error;
+  }
+  for (int n : {0, 2}) {
+    EXPECT_THAT(daemons_[n]->LogTail(size_t{1} << 20),
+                HasSubstr("job 'drop-job': kept state read back"))
+        << "n" << n;
+  }
+  daemons_[1]->Signal(SIGCONT);
+  ExpectFresh(Train(6, 2));
+  EXPECT_GE(WaitForSettledCommit(), 0);
 }
 
 TEST_F(CliDropTest, ADropIsRefusedWhileATrainerRunsUnlessForced) {
