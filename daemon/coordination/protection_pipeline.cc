@@ -66,6 +66,9 @@ void ClusterCoordination::LoadJobStates() {
               state.epoch, state.committed.step,
               state.dropped_epoch > 0 ? absl::StrCat(", dropped at epoch ", state.dropped_epoch)
                                       : std::string());
+    // New snapshots are sealed in the newest epoch this daemon knew, not the newest its slot
+    // headers name (a resume it learned before it restarted may have sealed nothing here yet).
+    store_->RaiseEpoch(state.job_id, state.epoch);
     if (state.dropped_epoch == 0) continue;
     // The previous run kept the drop before acting on it: what it re-adopted of the dropped run
     // goes now. Fragments carry no epoch and may be of a later run it never heard of: they

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/crc32c.h"
+#include "daemon/coordination/job_state_journal.h"
 #include "daemon/coordination/protection.h"
 #include "daemon/metrics/metrics.h"
 #include "ec/erasure_codec.h"
@@ -190,6 +191,7 @@ class ProtectionPipelineTest : public ::testing::Test {
     options.m = m;
     options.report_interval_ms = 50;
     options.retry_backoff_ms = 20;
+    options.state_directory = state_directory_;
     coordination_ = std::make_unique<ClusterCoordination>(
         store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
     coordination_client_.Set(coordination_.get(), &peers_);
@@ -300,6 +302,20 @@ class ProtectionPipelineTest : public ::testing::Test {
     return held;
   }
 
+  // A cluster of this daemon and 4 peers, RS(2, 1), whose job commits step 4: rank 0 sealed here
+  // (`shard4`), rank 1 protected elsewhere; `at4` is the commit record the coordinator pushed.
+  void CommitStep4(std::vector<uint8_t>* shard4, CommitRecord* at4) {
+    StartCluster(4, 2, 1);
+    *shard4 = SealHere(0, 4, 200000 + rng_() % 5000);
+    ProtectElsewhere(MakeShard(1, 4, 200000), 1, 4, 2, 1);
+    ASSERT_TRUE(Eventually([&] {
+      absl::MutexLock lock(&coordination_client_.mu);
+      return store_->committed(kJob) == 4 && coordination_client_.pushed_commits.count(4) == 1;
+    }));
+    absl::MutexLock lock(&coordination_client_.mu);
+    *at4 = coordination_client_.pushed_commits[4];
+  }
+
   std::vector<uint8_t> ReadRestored(const SnapshotStore::RestoreInfo& info) {
     auto segment = Segment::Open(info.segment_path, /*writable=*/false);
     EXPECT_TRUE(segment.ok()) << segment.status();
@@ -308,6 +324,7 @@ class ProtectionPipelineTest : public ::testing::Test {
   }
 
   std::string root_;
+  std::string state_directory_;  // ClusterCoordination::Options::state_directory
   uint64_t seed_ = 0;
   std::mt19937_64 rng_;
   uint32_t world_ = 2;
@@ -595,18 +612,9 @@ TEST_F(ProtectionPipelineTest, ACommitTheMajorityResumedWithoutIsSuperseded) {
 // point could no longer be restored and the ranks of the next restart restored different steps
 // ("committed", "same-step").
 TEST_F(ProtectionPipelineTest, AStalePushOfACommitTheJobResumedWithoutReleasesNothing) {
-  StartCluster(4, 2, 1);
-  const std::vector<uint8_t> shard4 = SealHere(0, 4, 200000 + rng_() % 5000);
-  ProtectElsewhere(MakeShard(1, 4, 200000), 1, 4, 2, 1);
-  ASSERT_TRUE(Eventually([&] {
-    absl::MutexLock lock(&coordination_client_.mu);
-    return store_->committed(kJob) == 4 && coordination_client_.pushed_commits.count(4) == 1;
-  }));
+  std::vector<uint8_t> shard4;
   CommitRecord at4;
-  {
-    absl::MutexLock lock(&coordination_client_.mu);
-    at4 = coordination_client_.pushed_commits[4];
-  }
+  ASSERT_NO_FATAL_FAILURE(CommitStep4(&shard4, &at4));
   // The majority's decision, pushed by the job's new coordinator: resumed from 4, newer epoch.
   JobState resumed;
   resumed.job_id = kJob;
@@ -637,6 +645,67 @@ TEST_F(ProtectionPipelineTest, AStalePushOfACommitTheJobResumedWithoutReleasesNo
   auto info = coordination_->PrepareRestore(kJob, 0, 4, /*verify=*/true);
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(ReadRestored(*info), shard4);
+}
+
+// What the daemon learns of a job (its epoch and commit) is written to the job's state file.
+TEST_F(ProtectionPipelineTest, ALearnedJobStateIsKeptForARestart) {
+  state_directory_ = root_ + "/a";
+  std::vector<uint8_t> shard4;
+  CommitRecord at4;
+  ASSERT_NO_FATAL_FAILURE(CommitStep4(&shard4, &at4));
+  JobState resumed;
+  resumed.job_id = kJob;
+  resumed.epoch = std::max<uint64_t>(at4.epoch, 1) + 1 + rng_() % 100000;
+  resumed.committed = at4;
+  resumed.committed.confirmed_epoch = resumed.epoch;
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"b", 1}, resumed).ok());
+
+  const JobStateJournal::Loaded kept = JobStateJournal(state_directory_).Load();
+  EXPECT_TRUE(kept.refused.empty()) << kept.refused.front();
+  ASSERT_EQ(kept.states.size(), 1u);
+  EXPECT_EQ(kept.states[0].job_id, kJob);
+  EXPECT_EQ(kept.states[0].epoch, resumed.epoch);
+  EXPECT_EQ(kept.states[0].committed.step, 4);
+  EXPECT_EQ(kept.states[0].committed.confirmed_epoch, resumed.epoch);
+  EXPECT_EQ(kept.states[0].committed.ranks.size(), at4.ranks.size());
+  EXPECT_GE(coordination_->stats().job_states_kept, 2u);
+  EXPECT_EQ(coordination_->stats().job_state_failures, 0u);
+}
+
+// A daemon that starts with a kept job state knows it: its listing (what a coordinator gathers)
+// names the kept epoch, commit and drop, and new snapshots are sealed in the kept epoch.
+TEST_F(ProtectionPipelineTest, AKeptJobStateIsReadBackAtStart) {
+  state_directory_ = root_ + "/a";
+  std::filesystem::create_directories(state_directory_);
+  JobState kept;
+  kept.job_id = kJob;
+  kept.epoch = 1000 + rng_() % 100000;
+  kept.committed.epoch = kept.epoch - 1 - rng_() % 500;
+  kept.committed.confirmed_epoch = kept.epoch;
+  kept.committed.step = 3 + static_cast<int64_t>(rng_() % 50);
+  for (uint32_t r = 0; r < world_; ++r) {
+    kept.committed.ranks.push_back({r, static_cast<uint32_t>(rng_()), 200000});
+  }
+  kept.committed.nodes = {"a", "b", "c"};
+  ASSERT_TRUE(JobStateJournal(state_directory_).Save(kept).ok());
+  JobState dropped;
+  dropped.job_id = "pp-dropped";
+  dropped.epoch = 2000 + rng_() % 100000;
+  dropped.dropped_epoch = dropped.epoch;
+  ASSERT_TRUE(JobStateJournal(state_directory_).Save(dropped).ok());
+
+  StartCluster(2, 1, 1);
+  EXPECT_EQ(store_->epoch(kJob), kept.epoch);
+  EXPECT_EQ(store_->dropped_epoch("pp-dropped"), dropped.dropped_epoch);
+  auto listing = coordination_->OnListJob(NodeIdentity{"b", 1}, kJob);
+  ASSERT_TRUE(listing.ok()) << listing.status();
+  EXPECT_EQ(listing->epoch, kept.epoch);
+  EXPECT_EQ(listing->committed.step, kept.committed.step);
+  EXPECT_EQ(listing->committed.confirmed_epoch, kept.epoch);
+  EXPECT_EQ(listing->dropped_epoch, 0u);
+  auto gone = coordination_->OnListJob(NodeIdentity{"b", 1}, "pp-dropped");
+  ASSERT_TRUE(gone.ok()) << gone.status();
+  EXPECT_EQ(gone->dropped_epoch, dropped.dropped_epoch);
 }
 
 // A restore that does not fit the capacity is refused with the numbers, before any byte moves.

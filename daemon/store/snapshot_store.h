@@ -230,6 +230,10 @@ class SnapshotStore {
   // of that epoch that can never commit. Only grows: an older epoch or commit is ignored.
   void SetJobState(const std::string& job_id, uint64_t epoch, int64_t committed_step,
                    const std::vector<int64_t>& dead_steps);
+  // Clustered, at start: the epoch this daemon had learned before it restarted (kept in its job
+  // state file), which may be newer than every re-adopted slot's. New snapshots are sealed in it;
+  // the commit stays unknown until the coordinator says it. Only grows.
+  void RaiseEpoch(const std::string& job_id, uint64_t epoch);
   // The job's epoch here (0 before any is learned).
   uint64_t epoch(const std::string& job_id) const;
   // Whether this store has learned the job's commit state since it started (clustered), so

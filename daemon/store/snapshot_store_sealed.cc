@@ -249,6 +249,15 @@ void SnapshotStore::SetJobState(const std::string& job_id, uint64_t epoch, int64
   if (committed_step >= 0) Commit(job_id, committed_step);
 }
 
+void SnapshotStore::RaiseEpoch(const std::string& job_id, uint64_t epoch) {
+  absl::MutexLock lock(&mu_);
+  JobView& job = jobs_[job_id];
+  if (epoch > job.epoch) {
+    job.epoch = epoch;
+    job.dead_steps.clear();
+  }
+}
+
 uint64_t SnapshotStore::epoch(const std::string& job_id) const {
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(job_id);
