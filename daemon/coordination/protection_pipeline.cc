@@ -5,8 +5,9 @@
 #include <filesystem>
 #include <limits>
 #include <optional>
-#include <thread>
 #include <set>
+#include <thread>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -547,7 +548,12 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   {
     absl::MutexLock lock(&mu_);
     JobState& known = known_[state.job_id];
-    const JobState before = known;
+    // What a restart must know of the job as it was (the commit by its order, not its ranks).
+    const auto kept_part = [](const JobState& j) {
+      return std::make_tuple(j.epoch, j.dropped_epoch, j.committed.confirmed_epoch,
+                             j.committed.epoch, j.committed.step);
+    };
+    const auto before = kept_part(known);
     known.job_id = state.job_id;
     if (state.dropped_epoch > known.dropped_epoch &&
         (known.committed.empty() || DroppedBy(known.committed, state.dropped_epoch))) {
@@ -619,9 +625,7 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
       it = done ? reports.erase(it) : std::next(it);
     }
     if (reports.empty()) pending_.erase(state.job_id);
-    keep = known.epoch != before.epoch || known.dropped_epoch != before.dropped_epoch ||
-           known.committed.NewerThan(before.committed) ||
-           before.committed.NewerThan(known.committed);
+    keep = kept_part(known) != before;
   }
   // Kept before it is acted on: a restart after this remembers it.
   if (keep) SaveJobState(state.job_id);
