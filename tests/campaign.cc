@@ -1108,16 +1108,9 @@ std::string Trial::LogExcerpt(const std::vector<std::string>& needles) const {
   return out;
 }
 
-std::string ReadText(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 // The scheduler state letter of /proc/.../stat (R, S, D, T...), '?' when it cannot be read.
 char SchedulerState(const std::string& stat_path) {
-  const std::string stat = ReadText(stat_path);
+  const std::string stat = ReadFile(stat_path);
   const size_t paren = stat.rfind(')');
   return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : '?';
 }
@@ -1132,7 +1125,7 @@ std::string Trial::ProcessStates() const {
     for (const auto& task : std::filesystem::directory_iterator(task_dir, ec)) {
       const char state = SchedulerState(task.path().string() + "/stat");
       if (state == '?') continue;
-      const std::string wchan = ReadText(task.path().string() + "/wchan");
+      const std::string wchan = ReadFile(task.path().string() + "/wchan");
       states[absl::StrCat(std::string(1, state), " ", wchan.empty() ? "-" : wchan)]++;
     }
     absl::StrAppend(&out, "\n      ", name, " pid ", d->pid(), ":");

@@ -47,13 +47,6 @@ constexpr char kClusterToken[] = "cluster-test-token-0123456789";
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // The newest step the daemon's log says it committed for `job`, -1 if none.
 int64_t CommittedInLog(const std::string& log, const std::string& job) {
   std::regex re("job '" + job + "' committed step ([0-9]+)");

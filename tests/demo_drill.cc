@@ -88,13 +88,6 @@ void OnSignal(int) { g_interrupted = 1; }
   std::exit(1);
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // The newest match of `pattern`'s first group (a number) in `text`, -1 if none.
 int64_t NewestNumber(const std::string& text, const std::string& pattern) {
   const std::regex re(pattern);

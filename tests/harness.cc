@@ -23,6 +23,13 @@
 
 namespace tessera::testing {
 
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 uint64_t TestSeed() {
   const char* env = std::getenv("TESSERA_TEST_SEED");
   uint64_t seed = env != nullptr ? std::strtoull(env, nullptr, 10) : std::random_device{}();

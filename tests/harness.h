@@ -23,6 +23,9 @@ std::string BinaryPath(const std::string& relative);
 // The test's random seed: TESSERA_TEST_SEED when set, else a random one; printed either way.
 uint64_t TestSeed();
 
+// The whole file's text ("" when it cannot be read).
+std::string ReadFile(const std::string& path);
+
 // A child process whose stdout is read through a pipe (stderr goes to `stderr_path` if given,
 // otherwise is inherited). Killed with SIGKILL on destruction if still running.
 class Process {

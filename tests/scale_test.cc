@@ -74,13 +74,6 @@ double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // CPU seconds (user + system) and threads of a process, from /proc/<pid>/stat.
 struct ProcStat {
   double cpu_s = 0;

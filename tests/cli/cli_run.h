@@ -19,13 +19,6 @@
 
 namespace tessera::testing {
 
-inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 using JsonObject = google::protobuf::Map<std::string, google::protobuf::Value>;
 
 struct CliRun {

@@ -35,13 +35,6 @@ using ::testing::Contains;
 using ::testing::HasSubstr;
 using Object = google::protobuf::Map<std::string, Value>;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // A field of a JSON object, failing the test (and returning null) when absent.
 const Value& Field(const Value& object, const std::string& path) {
   static const Value* null = new Value();
