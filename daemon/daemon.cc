@@ -687,6 +687,10 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
     counter("tessera_protection_failures_total",
             "Protection attempts that failed (a peer unreachable or full) and were retried.",
             static_cast<double>(c.protection_failures));
+    counter("tessera_protections_deferred_total",
+            "Shards a restarted daemon re-adopted and protected only once it had learned their "
+            "job's state (a drop it missed voids them).",
+            static_cast<double>(c.protections_deferred));
     counter("tessera_commits_total",
             "Steps this daemon committed as its jobs' coordinator (protected on every rank).",
             static_cast<double>(c.commits));

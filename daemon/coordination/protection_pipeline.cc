@@ -184,6 +184,25 @@ void ClusterCoordination::Run() {
         }
       }
     }
+    if (work && !work->repair && !store_->CommitKnown(work->job_id)) {
+      // A restarted daemon protects what it re-adopted only once it has learned the job's state
+      // (docs/PROTOCOL.md, Dropping a job, 6): a drop it missed voids those slots, and their
+      // fragments, sent to members that took the drop, would stay there until the next run's
+      // commits. The state query is the reporter's (ReportJob): this waits for it, no longer.
+      if (!work->deferred) {
+        log->info(
+            "job '{}' rank {} step {}: re-adopted; protected once this daemon has learned "
+            "the job's state from its coordinator",
+            work->job_id, work->rank, work->step);
+      }
+      Work later = *work;
+      later.deferred = true;
+      later.not_before_ms = NowUnixMs() + options_.retry_backoff_ms;
+      absl::MutexLock lock(&mu_);
+      stats_.protections_deferred += work->deferred ? 0 : 1;
+      queue_.push_back(later);
+      continue;
+    }
     if (work) {
       absl::Status status = Protect(*work);
       if (!status.ok()) {

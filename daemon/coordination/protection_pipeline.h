@@ -128,6 +128,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   struct Stats {
     uint64_t protected_shards = 0;
     uint64_t protection_failures = 0;  // attempts that failed and were retried
+    uint64_t protections_deferred = 0;  // re-adopted shards held back until the job's state came
     uint64_t commits = 0;              // decided here as coordinator
     uint64_t commits_learned = 0;      // newer commits learned as a node of a job
     uint64_t reports_sent = 0;
@@ -152,6 +153,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     int attempts = 0;
     int64_t not_before_ms = 0;
     bool repair = false;
+    bool deferred = false;  // held back at least once until the job's state was learned
   };
   using ShardKey = std::tuple<std::string, uint32_t, int64_t>;  // (job, rank, step)
 

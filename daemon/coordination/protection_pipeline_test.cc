@@ -64,6 +64,10 @@ class RoutingCoordinationClient final : public CoordinationClient {
     peers_ = peers;
   }
   absl::StatusOr<JobState> Report(const PeerTarget&, const ProtectedReport& report) override {
+    {
+      absl::MutexLock lock(&mu);
+      if (!report_failure.ok()) return report_failure;
+    }
     return coordination_->OnReport(NodeIdentity{"a", 100}, report);
   }
   absl::Status Push(const PeerTarget&, const JobState& state) override {
@@ -99,6 +103,7 @@ class RoutingCoordinationClient final : public CoordinationClient {
   }
   std::atomic<int> pushes{0};
   absl::Status resolve_failure;  // what every Resolve returns when not OK (set before calling)
+  absl::Status report_failure ABSL_GUARDED_BY(mu);  // what every Report returns when not OK
   absl::Mutex mu;
   std::map<int64_t, CommitRecord> pushed_commits ABSL_GUARDED_BY(mu);  // by step
   // What every peer's listing says of the job's epoch and commit.
@@ -156,15 +161,7 @@ class ProtectionPipelineTest : public ::testing::Test {
       members.push_back(p.id + ":1");
       peers_.push_back(std::move(p));
     }
-    SnapshotStore::Options so;
-    so.directory = root_ + "/a";
-    so.capacity_bytes = 256 << 20;
-    so.crc_threads = 2;
-    so.process_alive = [](pid_t, uint64_t) { return true; };
-    so.clustered = true;
-    auto store = SnapshotStore::Open(so);
-    ASSERT_TRUE(store.ok()) << store.status();
-    store_ = std::move(*store);
+    ASSERT_NO_FATAL_FAILURE(OpenStore());
     budget_ = std::make_unique<CapacityBudget>(capacity_bytes);
     FragmentStore::Options fo;
     fo.directory = root_ + "/a";
@@ -186,9 +183,28 @@ class ProtectionPipelineTest : public ::testing::Test {
     ASSERT_TRUE(Eventually([&] {
       return cluster_->LiveNodeIds().size() == static_cast<size_t>(peers) + 1;
     }));
+    k_ = k;
+    m_ = m;
+    StartCoordination();
+  }
+
+  // This daemon's snapshot store, which re-adopts what its directory holds.
+  void OpenStore() {
+    SnapshotStore::Options so;
+    so.directory = root_ + "/a";
+    so.capacity_bytes = 256 << 20;
+    so.crc_threads = 2;
+    so.process_alive = [](pid_t, uint64_t) { return true; };
+    so.clustered = true;
+    auto store = SnapshotStore::Open(so);
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+  }
+
+  void StartCoordination() {
     ClusterCoordination::Options options;
-    options.k = k;
-    options.m = m;
+    options.k = k_;
+    options.m = m_;
     options.report_interval_ms = 50;
     options.retry_backoff_ms = 20;
     options.state_directory = state_directory_;
@@ -196,6 +212,32 @@ class ProtectionPipelineTest : public ::testing::Test {
         store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
     coordination_client_.Set(coordination_.get(), &peers_);
     coordination_->Start();
+  }
+
+  // The fewest peers (2 or more) with which the job's coordinator is not this daemon, so that
+  // its reports and state queries go through coordination_client_.
+  static int PeersWithAnotherCoordinator() {
+    for (int peers = 2;; ++peers) {
+      std::vector<std::string> live = {"a"};
+      for (int i = 0; i < peers; ++i) live.push_back(std::string(1, static_cast<char>('b' + i)));
+      if (CoordinatorFor(kJob, live) != "a") return peers;
+    }
+  }
+
+  // This daemon restarts with what its store directory holds (as after a crash: its slots are
+  // re-adopted, its coordination state and protection queue are gone), while the job's
+  // coordinator cannot be reached: every report and state query fails.
+  void RestartUnheard() {
+    {
+      absl::MutexLock lock(&coordination_client_.mu);
+      coordination_client_.report_failure = absl::UnavailableError("the coordinator is away");
+    }
+    coordination_->Stop();
+    coordination_.reset();
+    store_.reset();
+    ASSERT_NO_FATAL_FAILURE(OpenStore());
+    ASSERT_FALSE(store_->CommitKnown(kJob));
+    StartCoordination();
   }
 
   // A shard payload as the agent writes it: `data_bytes` random bytes, then at the next 4 KiB
@@ -328,6 +370,7 @@ class ProtectionPipelineTest : public ::testing::Test {
   uint64_t seed_ = 0;
   std::mt19937_64 rng_;
   uint32_t world_ = 2;
+  int k_ = 0, m_ = 0;
   FakePeerClient client_{FakePeerClient::Options{absl::Milliseconds(200)}};
   RoutingCoordinationClient coordination_client_;
   std::vector<PeerNode> peers_;
@@ -706,6 +749,65 @@ TEST_F(ProtectionPipelineTest, AKeptJobStateIsReadBackAtStart) {
   auto gone = coordination_->OnListJob(NodeIdentity{"b", 1}, "pp-dropped");
   ASSERT_TRUE(gone.ok()) << gone.status();
   EXPECT_EQ(gone->dropped_epoch, dropped.dropped_epoch);
+}
+
+// A restarted daemon protects a sealed step it re-adopted only once it has learned the job's
+// state from its coordinator. If that state brings a drop it missed, the step is never protected:
+// the members that took the drop, which deleted the job's fragments, are sent none of the dropped
+// run again (docs/PROTOCOL.md, Dropping a job, 6). Before, the re-adopted step was protected at
+// start, and its fragments stayed on the members.
+TEST_F(ProtectionPipelineTest, AReAdoptedStepIsProtectedOnlyOnceTheJobsStateIsKnown) {
+  StartCluster(PeersWithAnotherCoordinator(), 1, 1);
+  const int64_t step = 4 + static_cast<int64_t>(rng_() % 100);
+  SealHere(0, step, 100000 + rng_() % 5000);  // rank 1 never seals it: it cannot commit
+  ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, step).size() == 2; }));
+  const uint64_t epoch = store_->epoch(kJob);
+  // The job is dropped while this daemon is down: the members delete its fragments.
+  size_t deleted = 0;
+  for (PeerNode& p : peers_) deleted += p.fragments->DropJob(kJob);
+  EXPECT_EQ(deleted, 2u);
+
+  ASSERT_NO_FATAL_FAILURE(RestartUnheard());
+  ASSERT_TRUE(Eventually([&] { return coordination_->stats().report_failures >= 3; }));
+  EXPECT_EQ(coordination_->stats().protections_deferred, 1u);
+  EXPECT_EQ(coordination_->stats().protected_shards, 0u);
+  EXPECT_TRUE(HeldByPeers(0, step).empty()) << "protected before the job's state was known";
+
+  // The state arrives with the drop: the re-adopted step is void and goes, never protected.
+  JobState dropped;
+  dropped.job_id = kJob;
+  dropped.epoch = epoch + 1 + rng_() % 1000;
+  dropped.dropped_epoch = dropped.epoch;
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"b", 1}, dropped).ok());
+  EXPECT_TRUE(store_->CommitKnown(kJob));
+  EXPECT_TRUE(store_->ListVersions(kJob).empty());
+  // The held-back step is retried every 20 ms (retry_backoff_ms): give it 25 turns.
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_EQ(coordination_->stats().protected_shards, 0u);
+  EXPECT_TRUE(HeldByPeers(0, step).empty()) << "a step of the dropped run was protected";
+}
+
+// Without a drop, the re-adopted step is protected as soon as the coordinator answers.
+TEST_F(ProtectionPipelineTest, AReAdoptedStepIsProtectedOnceTheCoordinatorAnswers) {
+  StartCluster(PeersWithAnotherCoordinator(), 1, 1);
+  const int64_t step = 4 + static_cast<int64_t>(rng_() % 100);
+  const std::vector<uint8_t> shard = SealHere(0, step, 100000 + rng_() % 5000);
+  ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, step).size() == 2; }));
+  for (PeerNode& p : peers_) p.fragments->DropJob(kJob);  // lost with their members, say
+
+  ASSERT_NO_FATAL_FAILURE(RestartUnheard());
+  ASSERT_TRUE(Eventually([&] { return coordination_->stats().report_failures >= 3; }));
+  EXPECT_TRUE(HeldByPeers(0, step).empty());
+  {
+    absl::MutexLock lock(&coordination_client_.mu);
+    coordination_client_.report_failure = absl::OkStatus();
+  }
+  ASSERT_TRUE(Eventually([&] { return HeldByPeers(0, step).size() == 2; }));
+  EXPECT_TRUE(store_->CommitKnown(kJob));
+  for (const auto& [index, status] : HeldByPeers(0, step)) {
+    EXPECT_EQ(status.meta.shard_crc32c, Crc32c(shard.data(), shard.size())) << index;
+  }
+  EXPECT_EQ(coordination_->stats().protections_deferred, 1u);
 }
 
 // A restore that does not fit the capacity is refused with the numbers, before any byte moves.

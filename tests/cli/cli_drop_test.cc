@@ -136,6 +136,19 @@ class CliDropTest : public ::testing::Test {
     return committed;
   }
 
+  // The fragments member `node` holds (of every job: this test runs one), from `status --json`.
+  int64_t FragmentsHeld(int node) {
+    CliRun run = Tessera({"status", "--json"}, node);
+    google::protobuf::Struct json;
+    if ((run.exit_code != 0 && run.exit_code != 1) ||
+        !google::protobuf::util::JsonStringToMessage(run.out, &json).ok()) {
+      ADD_FAILURE() << "status on n" << node << ": " << run.Describe();
+      return -1;
+    }
+    const JsonObject& self = Obj(Obj(json.fields().at("result")).at("self"));
+    return static_cast<int64_t>(Obj(self.at("memory")).at("fragments").number_value());
+  }
+
   // Waits until `observer` no longer sees member `node` alive.
   void WaitUntilNotAlive(const std::string& node, int observer) {
     for (int i = 0; i < 300; ++i) {
@@ -284,6 +297,47 @@ TEST_F(CliDropTest, AMemberKilledDuringTheDropAndRestartedDoesNotResurrectTheJob
   }
   EXPECT_THAT(JobFiles(daemons_[1]->store_dir()), ::testing::IsEmpty());
   ExpectFresh(Train(4, 2));
+}
+
+// A member killed while it holds a sealed step that never committed (rank 1 trained alone past the
+// commit) restarts after a drop it missed. It re-adopts that step and protects it only once it
+// has learned the job's state, which brings the drop: so no member that took the drop is sent a
+// fragment of the dropped run again (here the drop usually reaches n1 before it could protect
+// anything; protection_pipeline_test ...AReAdoptedStepIsProtectedOnlyOnceTheJobsStateIsKnown
+// holds the state back, and without the wait the step was protected).
+TEST_F(CliDropTest, AMemberRestartedAfterADropItMissedSendsNoFragmentsOfTheDroppedRun) {
+  Train(8, 1);
+  const int64_t committed = WaitForSettledCommit();
+  ASSERT_GE(committed, 0);
+  // Rank 1 alone resumes and seals one step more, which rank 0 never seals: it cannot commit.
+  auto alone = StartTrainer(1, /*steps=*/1, 2);
+  ASSERT_EQ(alone->Wait(seconds(180)), 0) << absl::StrJoin(alone->lines(), "\n");
+  ASSERT_EQ(LastEvent(alone->lines(), "sealed"), committed + 1)
+      << absl::StrJoin(alone->lines(), "\n");
+  daemons_[1]->Kill(SIGKILL);
+  daemons_[1]->Wait();
+  WaitUntilNotAlive("n1", 0);
+  WaitUntilNotAlive("n1", 2);
+  CliRun drop = Tessera({"drop", kJob, "--json"}, 2);
+  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+  ASSERT_EQ(List(drop.result().at("unanswered")).values_size(), 1) << drop.Describe();
+  for (int n : {0, 2}) EXPECT_EQ(FragmentsHeld(n), 0) << "n" << n << " after the drop";
+
+  std::string error;
+  ASSERT_TRUE(daemons_[1]->Start(&error)) << error;
+  for (int i = 0; i < 300 && !JobFiles(daemons_[1]->store_dir()).empty(); ++i) {
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  EXPECT_THAT(JobFiles(daemons_[1]->store_dir()), ::testing::IsEmpty());
+  // A protection started before n1 learned the drop would land within these polls.
+  for (int poll = 0; poll < 10; ++poll) {
+    for (int n : {0, 2}) {
+      ASSERT_EQ(FragmentsHeld(n), 0) << "n" << n << " holds fragments of the dropped run that n1 "
+                                     << "re-protected after its restart (poll " << poll << ")";
+    }
+    std::this_thread::sleep_for(milliseconds(300));
+  }
+  ExpectFresh(Train(4, 3));
 }
 
 // Every member that took the drop restarts (as in an upgrade of the daemons) while the one that
