@@ -1,29 +1,39 @@
 #include "daemon/daemon.h"
 
+#include <dirent.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <dirent.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "daemon/coordination/job_state_journal.h"
 #include "daemon/transfer/cipher_pool.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 
 namespace tessera {
 namespace {
+
+// Where this node's job state files are kept (store.state_directory, else its store directory).
+std::string JobStateDirectory(const DaemonConfig& config, const std::string& node_id) {
+  const std::string& root =
+      config.store.state_directory.empty() ? config.store.directory : config.store.state_directory;
+  return root + "/" + node_id;
+}
 
 // Shared memory must be memory: a tmpfs or a hugetlbfs, as large as the capacity asked for.
 absl::Status CheckStoreFilesystem(const std::string& dir, uint64_t capacity,
@@ -350,8 +360,21 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   // A drop's check and push are each a round of calls bounded by the coordination timeout.
   coordination_options.drop_fence = std::max(absl::Milliseconds(config.cluster.drop_fence_ms),
                                              3 * coordination_client_options.timeout);
-  // Each job's state is kept beside its slots: it lasts as long as they do.
-  coordination_options.state_directory = config.store.directory + "/" + node_id_;
+  // Each job's state is kept beside its slots (it lasts as long as they do), or on a disk.
+  coordination_options.state_directory = JobStateDirectory(config, node_id_);
+  if (!config.store.state_directory.empty()) {
+    const std::string& state_dir = coordination_options.state_directory;
+    std::error_code ec;
+    std::filesystem::create_directories(state_dir, ec);
+    if (ec || access(state_dir.c_str(), W_OK | X_OK) != 0 || chmod(state_dir.c_str(), 0700) != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "store.state_directory: cannot create or write ", state_dir, " (",
+          ec ? ec.message() : std::string(std::strerror(errno)),
+          "): give the daemon a directory of its own that it can write (on a disk, e.g. "
+          "/var/lib/tessera), or leave the key empty to keep the files beside the segments"));
+    }
+    log->info("job state files (epoch, commit, drop) are kept in {}", state_dir);
+  }
   if (const char* hold = std::getenv("TESSERA_TEST_HOLD_DROP_FILE")) {
     coordination_options.test_hold_drop_file = hold;  // test only: see the option
   }
@@ -477,6 +500,20 @@ absl::StatusOr<int> Daemon::DeleteSegments(const DaemonConfig& config) {
     }
   }
   closedir(d);
+  if (!config.store.state_directory.empty()) {
+    // A lost machine loses its job state files too, wherever they are kept.
+    const std::string states = JobStateDirectory(config, node_id);
+    if (DIR* s = opendir(states.c_str())) {
+      while (dirent* e = readdir(s)) {
+        const std::string name = e->d_name;
+        if (absl::EndsWith(name, JobStateJournal::kSuffix) ||
+            absl::EndsWith(name, std::string(JobStateJournal::kSuffix) + ".new")) {
+          unlink((states + "/" + name).c_str());
+        }
+      }
+      closedir(s);
+    }
+  }
   return deleted;
 }
 

@@ -186,6 +186,16 @@ ConfigSchema BuildSchema() {
           "checksummed fail the check on restore.",
           OneOf({"client", "daemon"})),
       ConfigKey::String(
+          "store.state_directory", defaults.store.state_directory,
+          "Directory for the small file this daemon keeps per job (the job's epoch, newest "
+          "commit and drop), in the subdirectory named by node.id, created if missing. Empty "
+          "means beside the segments: kept across a daemon's restart, lost with the node's "
+          "memory at a reboot. On a disk (e.g. /var/lib/tessera) the files outlive a reboot, so "
+          "a job dropped while one member was away stays dropped even if every member that "
+          "took the drop reboots before it returns; each commit the daemon learns then costs "
+          "one fdatasync on that disk. Give each daemon its own.",
+          StringValidator("empty, or an absolute path", CheckOptionalAbsolutePath)),
+      ConfigKey::String(
           "agent.socket_path", defaults.agent.socket_path,
           "Unix socket on which trainers on this node (the agent library) reach the daemon.",
           StringValidator(
@@ -221,12 +231,11 @@ ConfigSchema BuildSchema() {
           "no cross-node protection, and a step is committed once every rank held here sealed "
           "it.",
           StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
-      ConfigKey::String(
-          "peer.advertise_address", defaults.peer.advertise_address,
-          "host:port at which other daemons reach this one, when it differs from "
-          "peer.listen_address (a wildcard listen address, NAT). Empty means "
-          "peer.listen_address.",
-          StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
+      ConfigKey::String("peer.advertise_address", defaults.peer.advertise_address,
+                        "host:port at which other daemons reach this one, when it differs from "
+                        "peer.listen_address (a wildcard listen address, NAT). Empty means "
+                        "peer.listen_address.",
+                        StringValidator("empty, or \"host:port\"", CheckOptionalHostPort)),
       ConfigKey::String(
           "peer.data_path", defaults.peer.data_path,
           "How fragments move between daemons: \"tcp\", a raw TCP connection per transfer "
@@ -414,6 +423,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.store.filesystem_check = config.GetString("store.filesystem_check");
   daemon_config.store.crc_threads = static_cast<int>(config.GetInt64("store.crc_threads"));
   daemon_config.store.seal_checksum = config.GetString("store.seal_checksum");
+  daemon_config.store.state_directory = config.GetString("store.state_directory");
   daemon_config.agent.socket_path = config.GetString("agent.socket_path");
   // Validated as 3 or 4 octal digits.
   daemon_config.agent.max_connections_per_uid = config.GetInt64("agent.max_connections_per_uid");

@@ -31,6 +31,9 @@ struct DaemonConfig {
     // store.seal_checksum: "client" takes the payload CRC32C the agent computed while copying;
     // "daemon" computes it again at seal and refuses a mismatch.
     std::string seal_checksum = "client";
+    // store.state_directory: where each job's state file (epoch, commit, drop) is kept, in the
+    // subdirectory named by node.id; empty: beside the segments.
+    std::string state_directory;
   };
   struct Agent {
     std::string socket_path = "/run/tessera/agent.sock";  // agent.socket_path

@@ -129,9 +129,9 @@ socket_mode = "0600"
 [daemon]
 drain_timeout_ms = 5000
 )");
-  absl::StatusOr<DaemonConfig> config =
-      LoadDaemonConfig(path, {"store.crc_threads=16", "log.level=debug",
-                              "store.capacity_bytes=64GiB", "agent.socket_path=/tmp/t.sock"});
+  absl::StatusOr<DaemonConfig> config = LoadDaemonConfig(
+      path, {"store.crc_threads=16", "log.level=debug", "store.capacity_bytes=64GiB",
+             "agent.socket_path=/tmp/t.sock", "store.state_directory=/var/lib/tessera"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->node.id, "node-07.rack2");                 // file
   EXPECT_EQ(config->store.directory, "/mnt/huge/tessera");     // file
@@ -139,6 +139,7 @@ drain_timeout_ms = 5000
   EXPECT_EQ(config->store.crc_threads, 16);                    // override over file
   EXPECT_FALSE(config->store.prefault);                        // file
   EXPECT_EQ(config->agent.socket_path, "/tmp/t.sock");         // override over default
+  EXPECT_EQ(config->store.state_directory, "/var/lib/tessera");  // override over default
   EXPECT_EQ(config->agent.socket_mode, 0600u);                 // file
   EXPECT_EQ(config->daemon.drain_timeout_ms, 5000);            // file
   EXPECT_EQ(config->log.level, "debug");                       // override over default
@@ -265,6 +266,10 @@ TEST(DaemonConfigErrorTest, Paths) {
   EXPECT_EQ(OverrideError("store.directory=relative/dir"),
             "override \"store.directory=relative/dir\": store.directory: must be an absolute "
             "path; got \"relative/dir\"");
+  EXPECT_EQ(OverrideError("store.state_directory=var/lib/tessera"),
+            "override \"store.state_directory=var/lib/tessera\": store.state_directory: must be "
+            "an absolute path; got \"var/lib/tessera\"");
+  EXPECT_EQ(OverrideError("store.state_directory="), "(loaded)");  // beside the segments
   EXPECT_EQ(OverrideError("agent.socket_path=agent.sock"),
             "override \"agent.socket_path=agent.sock\": agent.socket_path: must be an absolute "
             "path; got \"agent.sock\"");

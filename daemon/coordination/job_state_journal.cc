@@ -140,7 +140,15 @@ absl::Status JobStateJournal::Save(const JobState& state) const {
   if (written.ok() && rename(temporary.c_str(), path.c_str()) != 0) {
     written = ErrnoStatus(errno, "rename " + temporary + " to " + path);
   }
-  if (!written.ok()) unlink(temporary.c_str());
+  if (!written.ok()) {
+    unlink(temporary.c_str());
+    return written;
+  }
+  // The rename is durable once the directory is (on a disk; on a tmpfs this costs nothing).
+  const int dir = open(directory_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return ErrnoStatus(errno, "open " + directory_);
+  if (fsync(dir) != 0) written = ErrnoStatus(errno, "sync " + directory_);
+  close(dir);
   return written;
 }
 

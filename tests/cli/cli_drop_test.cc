@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -167,6 +168,33 @@ class CliDropTest : public ::testing::Test {
       std::this_thread::sleep_for(milliseconds(200));
     }
     ADD_FAILURE() << node << " is still seen alive by n" << observer;
+  }
+
+  // Trains the job to a settled commit, then drops it through n0 while n1 (rank 1's owner, and
+  // a holder of rank 0's fragment) is stopped: n1 keeps the dropped run's slots and fragments.
+  void DropWhileN1IsStopped() {
+    Train(8, 1);
+    ASSERT_GE(WaitForSettledCommit(), 0);
+    ASSERT_FALSE(JobFiles(daemons_[1]->store_dir()).empty());
+    daemons_[1]->Signal(SIGSTOP);
+    WaitUntilNotAlive("n1", 0);
+    WaitUntilNotAlive("n1", 2);
+    CliRun drop = Tessera({"drop", kJob, "--json"}, 0);
+    ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
+    ASSERT_EQ(List(drop.result().at("unanswered")).values_size(), 1) << drop.Describe();
+  }
+
+  // n0 and n2, started again, read the drop back from their job state files; n1 comes back with
+  // its copies of the dropped run, and the next launch starts fresh on every rank.
+  void ExpectTheDropKeptOnN0AndN2WhenN1Returns() {
+    for (int n : {0, 2}) {
+      EXPECT_THAT(daemons_[n]->LogTail(size_t{1} << 20),
+                  HasSubstr("job 'drop-job': kept state read back"))
+          << "n" << n;
+    }
+    daemons_[1]->Signal(SIGCONT);
+    ExpectFresh(Train(6, 2));
+    EXPECT_GE(WaitForSettledCommit(), 0);
   }
 
   // Each rank's output says it started fresh: nothing was restored.
@@ -346,15 +374,7 @@ TEST_F(CliDropTest, AMemberRestartedAfterADropItMissedSendsNoFragmentsOfTheDropp
 // learns it from them and the next launch starts fresh. Without the files, the restarted members
 // knew nothing of the job, and the returning member's commit made the dropped run resumable.
 TEST_F(CliDropTest, ADropOutlivesARestartOfEveryMemberThatTookIt) {
-  Train(8, 1);
-  ASSERT_GE(WaitForSettledCommit(), 0);
-  ASSERT_FALSE(JobFiles(daemons_[1]->store_dir()).empty());
-  daemons_[1]->Signal(SIGSTOP);
-  WaitUntilNotAlive("n1", 0);
-  WaitUntilNotAlive("n1", 2);
-  CliRun drop = Tessera({"drop", kJob, "--json"}, 0);
-  ASSERT_EQ(drop.exit_code, 0) << drop.Describe();
-  ASSERT_EQ(List(drop.result().at("unanswered")).values_size(), 1) << drop.Describe();
+  ASSERT_NO_FATAL_FAILURE(DropWhileN1IsStopped());
 
   for (int n : {0, 2}) {
     EXPECT_TRUE(std::ifstream(daemons_[n]->store_dir() + "/" + kJob + ".jobstate").good())
@@ -366,14 +386,62 @@ TEST_F(CliDropTest, ADropOutlivesARestartOfEveryMemberThatTookIt) {
     std::string error;
     ASSERT_TRUE(daemons_[n]->Start(&error)) << error;
   }
-  for (int n : {0, 2}) {
-    EXPECT_THAT(daemons_[n]->LogTail(size_t{1} << 20),
-                HasSubstr("job 'drop-job': kept state read back"))
-        << "n" << n;
+  ExpectTheDropKeptOnN0AndN2WhenN1Returns();
+}
+
+// store.state_directory apart from the segments, as on a disk (deploy/ keeps it in
+// /var/lib/tessera): a reboot empties the store directory and leaves the job state files.
+class CliDropRebootTest : public CliDropTest {
+ protected:
+  void SetUp() override {
+    state_root_ = root_.path() + "/state";
+    extra_flags_ = {"--set", "store.state_directory=" + state_root_};
+    CliDropTest::SetUp();
   }
-  daemons_[1]->Signal(SIGCONT);
-  ExpectFresh(Train(6, 2));
-  EXPECT_GE(WaitForSettledCommit(), 0);
+
+  // Member n as after a reboot: killed, its memory (every segment, every slot and fragment)
+  // gone, started again.
+  void Reboot(int n) {
+    daemons_[n]->Kill(SIGKILL);
+    daemons_[n]->Wait();
+    std::filesystem::remove_all(daemons_[n]->store_dir());
+    std::string error;
+    ASSERT_TRUE(daemons_[n]->Start(&error)) << error;
+  }
+
+  std::string state_root_;
+};
+
+// Every member that took a drop reboots while the one that missed it is stopped; that one comes
+// back with the dropped run's slots and fragments (rank 1's shard, and a fragment of rank 0's:
+// enough to resume both). The others kept the drop on "disk", so the next launch starts fresh.
+// With the state files beside the segments (the default), the reboot took them too and both
+// ranks restored the dropped run's step 8.
+TEST_F(CliDropRebootTest, ADropKeptOnDiskOutlivesARebootOfEveryMemberThatTookIt) {
+  ASSERT_NO_FATAL_FAILURE(DropWhileN1IsStopped());
+  for (int n : {0, 2}) {
+    const std::string name = std::string("/") + kJob + ".jobstate";
+    EXPECT_TRUE(std::ifstream(absl::StrCat(state_root_, "/n", n, name)).good())
+        << "n" << n << " keeps no state of the job in " << state_root_;
+    EXPECT_FALSE(std::ifstream(daemons_[n]->store_dir() + name).good())
+        << "n" << n << " keeps the job's state beside its segments";
+  }
+  for (int n : {0, 2}) ASSERT_NO_FATAL_FAILURE(Reboot(n));
+  ExpectTheDropKeptOnN0AndN2WhenN1Returns();
+}
+
+// A state directory the daemon cannot make (here under a regular file) is refused at start,
+// naming the key and the directory, rather than run with drops that a restart would forget.
+TEST_F(CliDropRebootTest, AStateDirectoryThatCannotBeMadeIsRefusedAtStart) {
+  const std::string file = root_.path() + "/not-a-directory";
+  std::ofstream(file) << "x";
+  DaemonProcess daemon(
+      root_.path(), "n9", uint64_t{64} << 20,
+      TokenClusterFlags({addresses_[0], absl::StrCat("127.0.0.1:", FreePort())}, 1, token_file_, 1,
+                        1, {"--set", "store.state_directory=" + file}));
+  std::string error;
+  ASSERT_FALSE(daemon.Start(&error, seconds(20)));
+  EXPECT_THAT(error, HasSubstr("store.state_directory: cannot create or write " + file + "/n9"));
 }
 
 TEST_F(CliDropTest, ADropIsRefusedWhileATrainerRunsUnlessForced) {

@@ -148,6 +148,10 @@ TEST_F(DeployTest, SystemdUnitIsNotifyWithWatchdogAndRuntimeDirectory) {
             std::filesystem::path(config->agent.socket_path).parent_path().string());
   EXPECT_THAT(keys["ExecStart"],
               HasSubstr("/usr/bin/tesserad --config /etc/tessera/tesserad.toml"));
+  // The jobs' state files live on disk, in the state directory systemd creates for the daemon's
+  // user: /var/lib/<StateDirectory>.
+  EXPECT_EQ("/var/lib/" + keys["StateDirectory"], config->store.state_directory);
+  EXPECT_EQ(keys["StateDirectoryMode"], "0700");
   int stop_s = 0;
   EXPECT_TRUE(absl::SimpleAtoi(keys["TimeoutStopSec"], &stop_s));
   EXPECT_GT(stop_s * 1000, config->daemon.drain_timeout_ms) << "systemd would kill the drain";
@@ -255,6 +259,12 @@ TEST_F(KubernetesTest, SharesTheNodesMemoryAndSizesItExplicitly) {
   ASSERT_NE(store, nullptr);
   EXPECT_EQ(Field(*store, "hostPath.path").string_value(), config_.store.directory);
   EXPECT_THAT(config_.store.directory, ::testing::StartsWith("/dev/shm/"));
+  // The jobs' state files: on the node's disk, so that they outlive a reboot.
+  const Value* state = VolumeAt(config_.store.state_directory);
+  ASSERT_NE(state, nullptr) << "nothing is mounted at store.state_directory '"
+                            << config_.store.state_directory << "'";
+  EXPECT_EQ(Field(*state, "hostPath.path").string_value(), config_.store.state_directory);
+  EXPECT_THAT(config_.store.state_directory, ::testing::StartsWith("/var/lib/"));
   // Sized explicitly, and the pod's memory (which the pre-faulted pages are charged to) covers it.
   EXPECT_GT(config_.store.capacity_bytes, int64_t{1} << 30);
   const uint64_t request = Quantity(Field(container_, "resources.requests.memory").string_value());
