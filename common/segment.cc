@@ -3,9 +3,12 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
@@ -16,6 +19,95 @@
 #endif
 
 namespace tessera {
+namespace {
+
+// A POSIX access ACL as Linux stores it in this extended attribute: a 4-byte version (2), then
+// 8-byte entries (16-bit tag, 16-bit permissions, 32-bit id), little-endian, sorted by tag.
+constexpr char kAclAttribute[] = "system.posix_acl_access";
+constexpr uint32_t kAclVersion = 2;
+constexpr uint16_t kAclUserObj = 0x01, kAclUser = 0x02, kAclGroupObj = 0x04, kAclMask = 0x10,
+                   kAclOther = 0x20;
+constexpr uint16_t kAclReadWrite = 06;
+constexpr uint32_t kAclNoId = 0xffffffff;
+constexpr size_t kAclEntryBytes = 8;
+
+void PutLe(std::string* out, uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) out->push_back(static_cast<char>(v >> (8 * i)));
+}
+
+uint64_t GetLe(const uint8_t* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// The owner and `uid` may read and write; the file's group and others nothing.
+std::string AclGranting(uid_t uid) {
+  std::string acl;
+  PutLe(&acl, kAclVersion, 4);
+  const std::pair<uint16_t, uint32_t> entries[] = {{kAclUserObj, kAclNoId},
+                                                   {kAclUser, static_cast<uint32_t>(uid)},
+                                                   {kAclGroupObj, kAclNoId},
+                                                   {kAclMask, kAclNoId},
+                                                   {kAclOther, kAclNoId}};
+  for (const auto& [tag, id] : entries) {
+    const bool allowed = tag == kAclUserObj || tag == kAclUser || tag == kAclMask;
+    PutLe(&acl, tag, 2);
+    PutLe(&acl, allowed ? kAclReadWrite : 0, 2);
+    PutLe(&acl, id, 4);
+  }
+  return acl;
+}
+
+}  // namespace
+
+absl::Status GrantSegmentAccess(int fd, const std::string& path, uid_t uid) {
+  if (uid == geteuid()) {
+    if (fremovexattr(fd, kAclAttribute) != 0 && errno != ENODATA && errno != EOPNOTSUPP) {
+      return ErrnoStatus(errno, "remove the access ACL of segment " + path);
+    }
+    if (fchmod(fd, 0600) != 0) return ErrnoStatus(errno, "chmod " + path);
+    return absl::OkStatus();
+  }
+  const std::string acl = AclGranting(uid);
+  if (fsetxattr(fd, kAclAttribute, acl.data(), acl.size(), 0) == 0) return absl::OkStatus();
+  if (errno != EOPNOTSUPP) {
+    return ErrnoStatus(
+        errno, absl::StrCat("let uid ", uid, " open segment ", path, " (a POSIX access ACL)"));
+  }
+  // No ACLs here: the file itself changes hands.
+  if (fchown(fd, uid, static_cast<gid_t>(-1)) == 0) return absl::OkStatus();
+  return ErrnoStatus(errno, absl::StrCat("give segment ", path, " to uid ", uid,
+                                         ": its filesystem has no POSIX ACLs (a hugetlbfs?), so "
+                                         "the file must change owner, which needs tesserad to "
+                                         "run as root or with CAP_CHOWN (on a tmpfs it needs "
+                                         "neither)"));
+}
+
+absl::Status GrantSegmentAccess(const std::string& path, uid_t uid) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return ErrnoStatus(errno, "open segment " + path);
+  absl::Status granted = GrantSegmentAccess(fd, path, uid);
+  close(fd);
+  return granted;
+}
+
+absl::StatusOr<uid_t> SegmentGrantee(const std::string& path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "stat segment " + path);
+  if (st.st_uid != geteuid()) return st.st_uid;
+  // Bounded: an ACL of this many entries names more than one uid, which counts as none.
+  uint8_t acl[4 + 16 * kAclEntryBytes];
+  const ssize_t n = lgetxattr(path.c_str(), kAclAttribute, acl, sizeof(acl));
+  if (n < 4 || (n - 4) % kAclEntryBytes != 0 || GetLe(acl, 4) != kAclVersion) return st.st_uid;
+  std::optional<uid_t> named;
+  for (ssize_t at = 4; at < n; at += kAclEntryBytes) {
+    if (GetLe(acl + at, 2) != kAclUser) continue;
+    if (named) return st.st_uid;
+    named = static_cast<uid_t>(GetLe(acl + at + 4, 4));
+  }
+  return named.value_or(st.st_uid);
+}
 
 const char* SegmentStateName(SegmentState state) {
   switch (state) {
@@ -103,13 +195,8 @@ absl::StatusOr<std::unique_ptr<Segment>> Segment::Create(const std::string& path
     return status;
   };
   if (fchmod(fd, options.mode) != 0) return fail(ErrnoStatus(errno, "chmod " + path));
-  if ((options.owner_uid != static_cast<uid_t>(-1) && options.owner_uid != geteuid()) ||
-      options.owner_gid != static_cast<gid_t>(-1)) {
-    if (fchown(fd, options.owner_uid, options.owner_gid) != 0) {
-      return fail(ErrnoStatus(errno, absl::StrCat("give segment ", path, " to uid ",
-                                                  options.owner_uid,
-                                                  " (tesserad must run as root or as that uid)")));
-    }
+  if (options.grant_uid != static_cast<uid_t>(-1) && options.grant_uid != geteuid()) {
+    if (absl::Status s = GrantSegmentAccess(fd, path, options.grant_uid); !s.ok()) return fail(s);
   }
   int err = posix_fallocate(fd, 0, static_cast<off_t>(file_bytes));
   if (err != 0) {

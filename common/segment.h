@@ -83,8 +83,8 @@ inline bool RangeWithin(uint64_t offset, uint64_t length, uint64_t limit) {
 absl::Status ValidateSealedHeader(const SegmentHeader& header);
 
 struct SegmentCreateOptions {
-  uid_t owner_uid = static_cast<uid_t>(-1);  // -1: keep the creating process's uid
-  gid_t owner_gid = static_cast<gid_t>(-1);
+  // Another uid that may open the segment read-write (GrantSegmentAccess); -1: none.
+  uid_t grant_uid = static_cast<uid_t>(-1);
   mode_t mode = 0600;
   bool prefault = true;  // touch every page now, not during the first snapshot
 };
@@ -130,6 +130,21 @@ class Segment {
   uint8_t* base_;
   uint64_t file_bytes_;
 };
+
+// Lets `uid` open the segment file `fd` (at `path`) read-write, and no other uid but this
+// process's: the file stays this process's, mode 0600, with a POSIX access ACL naming `uid` (a
+// tmpfs has them), so the daemon needs no privilege to serve trainers of any uid, and a trainer
+// can change neither the file's owner nor its ACL. Replaces an earlier grant; for this process's
+// own uid it removes it. On a filesystem without POSIX ACLs (a hugetlbfs) the file itself is
+// given to `uid`, which needs root or CAP_CHOWN; the error then says so.
+absl::Status GrantSegmentAccess(int fd, const std::string& path, uid_t uid);
+absl::Status GrantSegmentAccess(const std::string& path, uid_t uid);
+
+// The uid a segment file is for: the one its POSIX access ACL names when the file is this
+// process's (only the owner, or CAP_FOWNER, sets an ACL), else the file's owner (a file given
+// away, or one of this process's own uid). An ACL that does not name exactly one uid counts as
+// none.
+absl::StatusOr<uid_t> SegmentGrantee(const std::string& path);
 
 // Touches every page of [p, p + len) for writing (MADV_POPULATE_WRITE where the kernel has it).
 void PrefaultForWrite(void* p, size_t len);

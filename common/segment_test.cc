@@ -1,6 +1,7 @@
 #include "common/segment.h"
 
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -107,6 +108,50 @@ TEST_F(SegmentTest, CreateIsExclusiveAndModeIsApplied) {
   EXPECT_EQ(st.st_mode & 0777, 0640u);
   auto again = Segment::Create(path, SegmentKind::kFragment, 100, options);
   EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+// A segment created for another uid stays this process's file, and its POSIX access ACL names
+// that uid (SegmentGrantee reads it back); a grant replaces the one before, and a grant to this
+// process's own uid removes it. An ACL that names two uids names none. (That the named uid, and
+// no other, can open the file is tested with real uids in tests:isolation_test.)
+TEST_F(SegmentTest, AGrantNamesOneOtherUidInTheFilesAcl) {
+  std::mt19937 rng(std::random_device{}());
+  const uid_t self = geteuid();
+  const uid_t other = 20000 + rng() % 20000;  // printed by the failure messages below
+  const std::string path = dir_ + "/granted.seg";
+  SegmentCreateOptions options;
+  options.grant_uid = other;
+  auto created = Segment::Create(path, SegmentKind::kSlot, 4096, options);
+  ASSERT_TRUE(created.ok()) << created.status();
+  struct stat st;
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, self);
+  EXPECT_EQ(st.st_mode & 0007, 0u) << "others may open it";
+  const bool acls = getxattr(path.c_str(), "system.posix_acl_access", nullptr, 0) > 0;
+  if (!acls) {
+    // A filesystem without ACLs: the file was given away instead (this test runs as root).
+    ASSERT_EQ(self, 0u) << "no ACL and no chown for uid " << other;
+  }
+  auto grantee = SegmentGrantee(path);
+  ASSERT_TRUE(grantee.ok()) << grantee.status();
+  EXPECT_EQ(*grantee, other);
+  if (!acls) return;
+
+  const uid_t next = other + 1;
+  ASSERT_TRUE(GrantSegmentAccess(path, next).ok());
+  EXPECT_EQ(SegmentGrantee(path).value_or(0), next);
+  ASSERT_TRUE(GrantSegmentAccess(path, self).ok());
+  EXPECT_EQ(SegmentGrantee(path).value_or(0), self);
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  // Two named uids (not what the daemon writes): the file counts as this process's own.
+  const uint32_t two[] = {2,          0x00060001, 0xffffffff, 0x00060002, other,
+                          0x00060002, next,       0x00000004, 0xffffffff, 0x00060010,
+                          0xffffffff, 0x00000020, 0xffffffff};
+  ASSERT_EQ(setxattr(path.c_str(), "system.posix_acl_access", two, sizeof(two), 0), 0)
+      << std::strerror(errno);
+  EXPECT_EQ(SegmentGrantee(path).value_or(0), self);
 }
 
 TEST_F(SegmentTest, TruncatedFileIsDataLoss) {

@@ -1,8 +1,10 @@
 #include "daemon/agent_service.h"
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
+#include "common/segment.h"
 #include "common/status.h"
 #include "daemon/metrics/metrics.h"
 #include "daemon/refusals.h"
@@ -172,6 +174,15 @@ grpc::Status AgentService::PrepareRestore(grpc::ServerContext* context,
         SnapshotStore::RestoreInfo info,
         coordination_->PrepareRestore(request->job_id(), request->rank(), request->step(),
                                       /*verify=*/!request->client_verifies()));
+    // A shard made local for this restore (copied or rebuilt) is the daemon's: the caller's uid
+    // (the job's, checked above) may open it, no other. A slot is its uid's already, and root
+    // opens either.
+    if (caller.uid != 0 && absl::EndsWith(info.segment_path, kRestoredSuffix)) {
+      absl::StatusOr<uid_t> grantee = SegmentGrantee(info.segment_path);
+      if (!grantee.ok() || *grantee != caller.uid) {
+        TESSERA_RETURN_IF_ERROR(GrantSegmentAccess(info.segment_path, caller.uid));
+      }
+    }
     response->set_step(info.step);
     response->set_segment_path(info.segment_path);
     response->set_header_bytes(kSegmentHeaderBytes);

@@ -156,12 +156,17 @@ DaemonProcess::DaemonProcess(std::string root, std::string node_id, uint64_t cap
 DaemonProcess::~DaemonProcess() { Kill(); }
 
 bool DaemonProcess::Start(std::string* error, std::chrono::milliseconds timeout) {
-  std::vector<std::string> argv = {BinaryPath("daemon/tesserad"),
-                                   "--set", "node.id=" + node_id_,
-                                   "--set", "store.directory=" + store_root_,
-                                   "--set", "agent.socket_path=" + socket_path_,
-                                   "--set", absl::StrCat("store.capacity_bytes=", capacity_bytes_),
-                                   "--set", "daemon.drain_timeout_ms=5000"};
+  std::vector<std::string> argv = {binary_.empty() ? BinaryPath("daemon/tesserad") : binary_,
+                                   "--set",
+                                   "node.id=" + node_id_,
+                                   "--set",
+                                   "store.directory=" + store_root_,
+                                   "--set",
+                                   "agent.socket_path=" + socket_path_,
+                                   "--set",
+                                   absl::StrCat("store.capacity_bytes=", capacity_bytes_),
+                                   "--set",
+                                   "daemon.drain_timeout_ms=5000"};
   argv.insert(argv.end(), extra_flags_.begin(), extra_flags_.end());
   argv.insert(argv.begin(), launcher_.begin(), launcher_.end());
   process_ = Process::Start(argv, log_path_);

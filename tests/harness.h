@@ -76,6 +76,8 @@ class DaemonProcess {
   // Runs the daemon through `launcher` (e.g. {"/usr/bin/nsenter", "--net=/proc/P/ns/net", "--"}),
   // which must exec it in place (the pid stays the daemon's). From the next Start() on.
   void SetLauncher(std::vector<std::string> launcher) { launcher_ = std::move(launcher); }
+  // Runs `binary` instead of the tesserad built here (a copy that another uid may run).
+  void SetBinary(std::string binary) { binary_ = std::move(binary); }
   // Sends `sig` without waiting (SIGSTOP, SIGCONT).
   void Signal(int sig) {
     if (process_) process_->Signal(sig);
@@ -93,6 +95,7 @@ class DaemonProcess {
   uint64_t capacity_bytes_;
   std::vector<std::string> extra_flags_;
   std::vector<std::string> launcher_;
+  std::string binary_;
   std::unique_ptr<Process> process_;
 };
 

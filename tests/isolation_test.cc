@@ -1,5 +1,6 @@
 // Jobs of different uids on one daemon, with the probe run as another uid (setpriv). Runs outside
 // Bazel's sandbox (tag no-sandbox): inside its user namespace, uid 65534 does not exist.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
 
@@ -124,6 +126,73 @@ TEST_F(IsolationTest, AJobsOwnUidReadsItsSnapshotsWithoutRegistering) {
     EXPECT_TRUE(absl::StrContains(
         other, "holds snapshots of uid 65534 here; the caller is uid 65533")) << other;
   }
+}
+
+// The shipped systemd unit and DaemonSet run tesserad as an unprivileged user, with no
+// capability. It still serves trainers of any uid: a slot file stays the daemon's (mode 0600) and
+// a POSIX ACL lets the registering trainer's uid open it, so no chown (CAP_CHOWN) is needed, and
+// the daemon re-opens its files after a restart without CAP_DAC_OVERRIDE. Here tesserad runs as
+// uid 65533 and a trainer as uid 65534 seals, is restored bit-exact by a relaunch after the
+// daemon restarted, and uid 65532 (allowed on the socket) can neither read nor write the slots.
+// Before, the registration was refused: "give segment ... to uid 65534 (tesserad must run as root
+// or as that uid)".
+TEST(UnprivilegedDaemonTest, ServesTrainersOfOtherUidsWithoutCapabilities) {
+  if (std::string why = CannotSwitchUids(); !why.empty()) GTEST_SKIP() << why;
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  const std::string home = root.path() + "/daemon-home";
+  ASSERT_EQ(mkdir(home.c_str(), 0755), 0);
+  ASSERT_EQ(chown(home.c_str(), 65533, 65533), 0);
+  DaemonProcess daemon(home, "n0", uint64_t{256} << 20, {"--set", "agent.socket_mode=0666"});
+  const std::vector<std::string> as_daemon = AsUid(root, "daemon/tesserad", 65533);
+  daemon.SetLauncher({as_daemon.begin(), as_daemon.end() - 1});
+  daemon.SetBinary(as_daemon.back());
+  std::string error;
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+
+  const TrainerLayout layout{6, 100, 64 << 10, 256 << 10};
+  auto run_trainer = [&](int launch, int steps) {
+    auto argv = TrainerCommand(daemon, "other-uid", seed, 0, 1, layout);
+    std::vector<std::string> command = AsUid(root, "tests/trainer", 65534);
+    command.insert(command.end(), argv.begin() + 1, argv.end());
+    command.insert(command.end(), {"--when-busy=wait", "--steps=" + std::to_string(steps),
+                                   "--launch=" + std::to_string(launch)});
+    auto trainer = Process::Start(command);
+    EXPECT_EQ(trainer->Wait(), 0) << daemon.LogTail();
+    return trainer->lines();
+  };
+  const std::vector<std::string> first = run_trainer(1, 4);
+  ASSERT_EQ(LastEvent(first, "sealed"), 4);
+
+  std::vector<std::string> slots;
+  for (const auto& entry : std::filesystem::directory_iterator(daemon.store_dir())) {
+    if (absl::EndsWith(entry.path().string(), ".slot")) slots.push_back(entry.path().string());
+  }
+  ASSERT_EQ(slots.size(), 2u);
+  auto may = [&](int uid, const char* access, const std::string& path) {
+    auto check = Process::Start({"/usr/bin/setpriv", "--reuid=" + std::to_string(uid),
+                                 "--regid=" + std::to_string(uid), "--clear-groups",
+                                 "/usr/bin/test", access, path});
+    return check->Wait() == 0;
+  };
+  for (const std::string& slot : slots) {
+    struct stat st;
+    ASSERT_EQ(stat(slot.c_str(), &st), 0);
+    EXPECT_EQ(st.st_uid, 65533u) << slot << ": the daemon's file";
+    EXPECT_EQ(st.st_mode & 0007, 0u) << slot << ": nothing for others";
+    EXPECT_TRUE(may(65534, "-r", slot) && may(65534, "-w", slot)) << slot;
+    EXPECT_FALSE(may(65532, "-r", slot)) << slot << " is readable by another uid";
+    EXPECT_FALSE(may(65532, "-w", slot)) << slot << " is writable by another uid";
+  }
+
+  // A restarted daemon re-adopts the slots as the trainer's uid's, and a relaunch restores them.
+  daemon.Kill(SIGKILL);
+  ASSERT_TRUE(daemon.Start(&error)) << error;
+  const std::vector<std::string> second = run_trainer(2, 2);
+  EXPECT_EQ(LastEvent(second, "resumed"), 4) << absl::StrJoin(second, "\n");
+  EXPECT_EQ(LastEvent(second, "sealed"), 6) << absl::StrJoin(second, "\n");
+  EXPECT_TRUE(absl::StrContains(daemon.LogTail(), "re-adopted job 'other-uid' rank 0"))
+      << daemon.LogTail();
 }
 
 }  // namespace

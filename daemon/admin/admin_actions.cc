@@ -378,7 +378,8 @@ absl::Status Admin::Recover(const admin::RecoverRequest& request,
   JobHoldings holdings = GatherHoldings(request.job_id(), false, &errors)[request.job_id()];
   auto plan = PlanRestore(holdings, parts_.node_id, request.rank(), step);
   // A shard made local by an earlier call (this one's or a trainer's) is returned as it is.
-  const std::set<std::string> already_local = FilesEndingIn(parts_.store->directory(), ".restored");
+  const std::set<std::string> already_local =
+      FilesEndingIn(parts_.store->directory(), kRestoredSuffix);
   const absl::Time start = absl::Now();
   auto info = parts_.coordination->PrepareRestore(request.job_id(), request.rank(), step,
                                                   /*verify=*/true);

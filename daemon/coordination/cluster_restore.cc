@@ -582,14 +582,13 @@ absl::StatusOr<SnapshotStore::RestoreInfo> ClusterCoordination::MakeLocal(
     if (plan->source == RestorePlan::Source::kLocal) {
       return store_->PrepareRestore(job_id, rank, step);
     }
-    const std::string path =
-        absl::StrCat(fragments_->directory(), "/", job_id, ".r", rank, ".s", step, ".",
-                     sequence.fetch_add(1), ".restored");
+    const std::string path = absl::StrCat(fragments_->directory(), "/", job_id, ".r", rank, ".s",
+                                          step, ".", sequence.fetch_add(1), kRestoredSuffix);
     SegmentCreateOptions create;
     create.prefault = false;
-    // Readable by the daemon's group, like the agent socket (slots belong to the trainer's uid,
-    // which this call does not know).
-    create.mode = 0640;
+    // The daemon's alone until the agent service lets the restoring trainer's uid open it
+    // (GrantSegmentAccess): not readable by the daemon's group, which every trainer is in.
+    create.mode = 0600;
     // The segment counts against the daemon's capacity, like the fragments it holds, from
     // before it is created until it is deleted.
     CapacityBudget* const budget = fragments_->budget();

@@ -16,6 +16,10 @@
 
 namespace tessera {
 
+// The file name suffix of a shard copied or rebuilt into this daemon's memory for a restore
+// (ClusterCoordination::PrepareRestore), read by the restoring trainer during that restore only.
+inline constexpr char kRestoredSuffix[] = ".restored";
+
 // The steps of a drop on a member (docs/PROTOCOL.md, Dropping a job): the coordinator's check
 // (what is held, which trainers run; fences the job's registrations), the drop itself, or the
 // drop abandoned after the check (refused or not decided: the fence is lifted).

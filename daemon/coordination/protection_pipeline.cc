@@ -42,7 +42,7 @@ ClusterCoordination::ClusterCoordination(SnapshotStore* store, FragmentStore* fr
   // previous run of the daemon left is stale.
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(fragments_->directory(), ec)) {
-    if (absl::EndsWith(entry.path().string(), ".restored")) {
+    if (absl::EndsWith(entry.path().string(), kRestoredSuffix)) {
       std::filesystem::remove(entry.path(), ec);
     }
   }

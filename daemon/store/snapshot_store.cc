@@ -186,8 +186,7 @@ absl::StatusOr<std::unique_ptr<Segment>> SnapshotStore::CreateSlot(const std::st
     generation = next_generation_++;
   }
   SegmentCreateOptions options;
-  options.owner_uid = caller.uid;
-  options.owner_gid = caller.gid;
+  options.grant_uid = caller.uid;
   options.mode = 0600;
   options.prefault = options_.prefault;
   const std::string path = absl::StrCat(options_.directory, "/", job_id, ".r", rank, ".",
@@ -332,10 +331,11 @@ absl::StatusOr<SnapshotStore::RegisterResult> SnapshotStore::Register(
     }
   }
   for (auto& slot : state->slots) {
-    struct stat st;
-    if (stat(slot->path().c_str(), &st) == 0 && st.st_uid != caller.uid &&
-        chown(slot->path().c_str(), caller.uid, caller.gid) != 0) {
-      return ErrnoStatus(errno, absl::StrCat("give ", slot->path(), " to uid ", caller.uid));
+    // Slots kept from an earlier registration of the rank (without data, or this uid's) are
+    // opened by this caller's uid from now on, and by no other.
+    absl::StatusOr<uid_t> grantee = SegmentGrantee(slot->path());
+    if (!grantee.ok() || *grantee != caller.uid) {
+      TESSERA_RETURN_IF_ERROR(GrantSegmentAccess(slot->path(), caller.uid));
     }
   }
 

@@ -171,8 +171,8 @@ absl::Status SnapshotStore::AdoptExisting() {
     uint64_t state_epoch = 0;
     {
       absl::MutexLock rank_lock(&state->mu);
-      struct stat st;
-      state->data_uid = stat(segments[0]->path().c_str(), &st) == 0 ? st.st_uid : 0;
+      // The uid the daemon gave the slot to (its ACL, or its owner), never what a header says.
+      state->data_uid = SegmentGrantee(segments[0]->path()).value_or(0);
       state->adopted = true;
       state->world_size = segments[0]->header()->world_size;
       state_world = state->world_size;

@@ -83,11 +83,11 @@ class CliDropTest : public ::testing::Test {
     return RunCli(argv, absl::StrCat(root_.path(), "/cli-", runs_++, ".err"), seconds(120));
   }
 
-  // A trainer of rank r on n<r>: `launch` names this launch in the state's history.
+  // A trainer of rank r on n<r> (or n<node>): `launch` names this launch in the state's history.
   // With `uid` >= 0, it runs as that uid.
   std::unique_ptr<Process> StartTrainer(uint32_t rank, int steps, int launch, int sleep_ms = 100,
-                                        int uid = -1) {
-    auto argv = TrainerCommand(*daemons_[rank], kJob, seed_ + rank, rank, kWorld,
+                                        int uid = -1, int node = -1) {
+    auto argv = TrainerCommand(*daemons_[node >= 0 ? node : rank], kJob, seed_ + rank, rank, kWorld,
                                TrainerLayout{4, 1000, 200000, 500000});
     if (uid >= 0) {
       std::vector<std::string> as_uid = AsUid(root_, "tests/trainer", uid);
@@ -641,6 +641,19 @@ class CliDropUidTest : public CliDropTest {
     CliDropTest::SetUp();
   }
 };
+
+// Rank 1 of a job of uid 65534 relaunched on n2, which holds only fragments of it: n2 copies or
+// rebuilds the shard into a segment of its own for the restore, which is the daemon's (mode 0600)
+// until the restoring trainer's uid is let in. Before, such a segment was readable by the
+// daemon's group (every trainer's) instead of by the job's uid.
+TEST_F(CliDropUidTest, ATrainerOfAnotherUidRestoresAShardMadeLocalOnAnotherNode) {
+  Train(6, 1, /*uid=*/65534);
+  const int64_t committed = WaitForSettledCommit();
+  ASSERT_GE(committed, 0);
+  auto moved = StartTrainer(1, /*steps=*/1, 2, /*sleep_ms=*/100, /*uid=*/65534, /*node=*/2);
+  ASSERT_EQ(moved->Wait(seconds(120)), 0) << absl::StrJoin(moved->lines(), "\n");
+  EXPECT_EQ(LastEvent(moved->lines(), "resumed"), committed) << absl::StrJoin(moved->lines(), "\n");
+}
 
 TEST_F(CliDropUidTest, OnlyTheJobsUidOrRootDropsItOnACluster) {
   Train(6, 1, /*uid=*/65534);

@@ -152,6 +152,11 @@ TEST_F(DeployTest, SystemdUnitIsNotifyWithWatchdogAndRuntimeDirectory) {
   // user: /var/lib/<StateDirectory>.
   EXPECT_EQ("/var/lib/" + keys["StateDirectory"], config->store.state_directory);
   EXPECT_EQ(keys["StateDirectoryMode"], "0700");
+  // Unprivileged and without any capability: trainers of other uids get ACLs, not chowned files.
+  EXPECT_EQ(keys["User"], "tessera");
+  EXPECT_EQ(keys.count("CapabilityBoundingSet"), 1u);
+  EXPECT_EQ(keys["CapabilityBoundingSet"], "");
+  EXPECT_EQ(keys["AmbientCapabilities"], "");
   int stop_s = 0;
   EXPECT_TRUE(absl::SimpleAtoi(keys["TimeoutStopSec"], &stop_s));
   EXPECT_GT(stop_s * 1000, config->daemon.drain_timeout_ms) << "systemd would kill the drain";
@@ -250,6 +255,18 @@ TEST_F(KubernetesTest, PeersUseMutualTlsFromTheNodesOwnCertificate) {
   ASSERT_NE(tls, nullptr) << "nothing is mounted at /etc/tessera/tls";
   EXPECT_EQ(Field(*tls, "hostPath.path").string_value(), "/etc/tessera/tls");
   EXPECT_EQ(Field(*tls, "hostPath.type").string_value(), "Directory");
+}
+
+// The daemon runs as a non-root uid with every capability dropped: it serves trainers of any
+// uid through ACLs on its own files (tests:isolation_test UnprivilegedDaemonTest).
+TEST_F(KubernetesTest, RunsUnprivilegedWithoutCapabilities) {
+  EXPECT_GT(Field(pod_, "securityContext.runAsUser").number_value(), 0);
+  EXPECT_FALSE(Field(container_, "securityContext.allowPrivilegeEscalation").bool_value());
+  const auto& dropped = Field(container_, "securityContext.capabilities.drop").list_value();
+  ASSERT_EQ(dropped.values_size(), 1);
+  EXPECT_EQ(dropped.values(0).string_value(), "ALL");
+  EXPECT_EQ(Field(container_, "securityContext.capabilities").struct_value().fields().count("add"),
+            0u);
 }
 
 TEST_F(KubernetesTest, SharesTheNodesMemoryAndSizesItExplicitly) {
