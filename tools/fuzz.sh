@@ -243,7 +243,9 @@ for t in "${targets[@]}"; do
   rc=$?
   wall=$(( $(date +%s) - t0 ))
   rm -rf "$scratch"
-  execs=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | awk '{print $2}')
+  # libFuzzer prints its final stats again from each handler that ends a run (a leak, then the
+  # deadly signal it raises): one number.
+  execs=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | tail -1 | awk '{print $2}')
   [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
   last=$(grep -E '^#[0-9]+.*cov: ' "$log" | tail -1)
   cov=$(echo "$last" | grep -oE 'cov: [0-9]+' | awk '{print $2}')
