@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,14 @@ def _tessera(cli: Path, daemon: Daemon, *args: str,
     result = subprocess.run([*prefix, str(cli), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, timeout=60)
     return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def _acl_users(path: Path) -> tuple:
+    """The uids a file's POSIX access ACL names (Linux's system.posix_acl_access: a 4-byte version,
+    then 8-byte entries of tag, permissions and id; tag 2 names a user)."""
+    acl = os.getxattr(path, "system.posix_acl_access")
+    entries = [struct.unpack_from("<HHI", acl, at) for at in range(4, len(acl), 8)]
+    return tuple(uid for tag, _, uid in entries if tag == 2)
 
 
 def _slot_files(daemon: Daemon, job: str) -> Dict[str, int]:
@@ -194,7 +203,10 @@ def test_only_root_the_daemons_uid_or_the_jobs_uid_may_drop_it(tmp_path, cli_pat
                                   str(daemon.socket)], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, timeout=120)
         assert trainer.returncode == 0 and b"sealed" in trainer.stdout, trainer.stdout.decode()
-        assert {p.stat().st_uid for p in (daemon.store / "n0").glob("nobody-job.*")} == {65534}
+        # The slots stay the daemon's, and their POSIX ACLs let uid 65534 in (and no other).
+        slots = list((daemon.store / "n0").glob("nobody-job.*"))
+        assert slots and {p.stat().st_uid for p in slots} == {os.geteuid()}
+        assert {_acl_users(p) for p in slots} == {(65534,)}
 
         root_files = _slot_files(daemon, "root-job")
         code, out, err = _tessera(cli, daemon, "drop", "root-job", "--force", prefix=tuple(setpriv))
