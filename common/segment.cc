@@ -62,6 +62,13 @@ std::string AclGranting(uid_t uid) {
 }  // namespace
 
 absl::Status GrantSegmentAccess(int fd, const std::string& path, uid_t uid) {
+  // A file given away before (an older tesserad, or a hugetlbfs) comes back first: its owner
+  // would keep access whatever the ACL says.
+  struct stat st;
+  if (fstat(fd, &st) != 0) return ErrnoStatus(errno, "stat segment " + path);
+  if (st.st_uid != geteuid() && fchown(fd, geteuid(), static_cast<gid_t>(-1)) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("take back segment ", path, " from uid ", st.st_uid));
+  }
   if (uid == geteuid()) {
     if (fremovexattr(fd, kAclAttribute) != 0 && errno != ENODATA && errno != EOPNOTSUPP) {
       return ErrnoStatus(errno, "remove the access ACL of segment " + path);
