@@ -96,6 +96,8 @@ std::string HealthName(admin::Health health) {
       return "DEGRADED";
     case admin::UNPROTECTED:
       return "UNPROTECTED";
+    case admin::LOCAL_VIEW:
+      return "local-view";
     default:
       return "unknown";
   }

@@ -76,7 +76,7 @@ std::vector<std::string> JobProblems(
     const google::protobuf::RepeatedPtrField<admin::JobStatus>& jobs) {
   std::vector<std::string> problems;
   for (const auto& job : jobs) {
-    if (job.health() != admin::PROTECTED) {
+    if (job.health() != admin::PROTECTED && job.health() != admin::LOCAL_VIEW) {
       problems.push_back(absl::StrCat("job ", job.job_id(), " is ", HealthName(job.health()),
                                       job.reason().empty() ? "" : ": " + job.reason()));
     }

@@ -502,17 +502,7 @@ absl::StatusOr<int> Daemon::DeleteSegments(const DaemonConfig& config) {
   closedir(d);
   if (!config.store.state_directory.empty()) {
     // A lost machine loses its job state files too, wherever they are kept.
-    const std::string states = JobStateDirectory(config, node_id);
-    if (DIR* s = opendir(states.c_str())) {
-      while (dirent* e = readdir(s)) {
-        const std::string name = e->d_name;
-        if (absl::EndsWith(name, JobStateJournal::kSuffix) ||
-            absl::EndsWith(name, std::string(JobStateJournal::kSuffix) + ".new")) {
-          unlink((states + "/" + name).c_str());
-        }
-      }
-      closedir(s);
-    }
+    JobStateJournal(JobStateDirectory(config, node_id)).RemoveAll();
   }
   return deleted;
 }

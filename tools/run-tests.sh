@@ -48,10 +48,17 @@ fuzz_rc=$?
 /usr/bin/python3 - "$reports" "$bazel_rc" "$python_rc" "$model_rc" "$fuzz_rc" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
+failures = []  # (where, what): repeated at the end, where a truncated log still shows them
 for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
     for case in ET.parse(path).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
+        if problem is not None:
             failed += 1
+            what = (problem.text or "").strip() or problem.get("message") or ""
+            where = case.get("classname", "") + "." + case.get("name", "")
+            failures.append((where.strip("."), what.strip()))
         elif case.find("skipped") is not None or case.get("result") == "skipped" or case.get("status") == "notrun":
             skipped += 1
         else:
@@ -59,6 +66,13 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
 bazel_rc, python_rc, model_rc, fuzz_rc = (int(a) for a in sys.argv[2:6])
 if failed == 0 and (bazel_rc != 0 or python_rc != 0 or model_rc != 0 or fuzz_rc != 0):
     failed = 1  # a runner failed without a test case saying so (e.g. a build error)
+for where, what in failures:
+    lines = what.splitlines()
+    print(f"FAILED {where}:")
+    for line in lines[:40]:
+        print(f"    {line[:300]}")
+    if len(lines) > 40:
+        print(f"    ... {len(lines) - 40} more lines in its test log")
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed else 0)
 PY

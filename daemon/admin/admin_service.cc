@@ -143,14 +143,16 @@ std::vector<JobView> Admin::AssessJobs(
   return views;
 }
 
-void Admin::FillJobStatus(const JobView& view, admin::JobStatus* out) const {
+void Admin::FillJobStatus(const JobView& view, bool local_view, admin::JobStatus* out) const {
   out->set_job_id(view.job_id);
   out->set_world_size(view.world_size);
   out->set_newest_step(view.newest_step);
   out->set_committed_step(view.committed_step);
-  out->set_restorable_step(view.restorable_step);
-  out->set_health(ToProto(view.health));
-  out->set_reason(view.reason);
+  out->set_restorable_step(local_view ? -1 : view.restorable_step);
+  out->set_health(local_view ? admin::LOCAL_VIEW : ToProto(view.health));
+  out->set_reason(local_view ? absl::StrCat("local view of ", parts_.node_id,
+                                            ": ask without --local for the job's protection")
+                             : view.reason);
   out->set_ec_k(view.k);
   out->set_ec_m(view.m);
   for (const std::string& node : view.nodes) out->add_nodes(node);
@@ -259,16 +261,18 @@ absl::Status Admin::GetStatus(const admin::GetStatusRequest& request,
     response->add_warnings(
         "standalone daemon (peer.listen_address is empty): no cross-node protection");
   }
+  const bool local_view = request.local_only() && parts_.cluster != nullptr;
   for (const JobView& view : AssessJobs("", request.local_only(), response->mutable_errors())) {
-    FillJobStatus(view, response->add_jobs());
+    FillJobStatus(view, local_view, response->add_jobs());
   }
   return absl::OkStatus();
 }
 
 absl::Status Admin::ListJobs(const admin::ListJobsRequest& request,
                              admin::ListJobsResponse* response) {
+  const bool local_view = request.local_only() && parts_.cluster != nullptr;
   for (const JobView& view : AssessJobs("", request.local_only(), response->mutable_errors())) {
-    FillJobStatus(view, response->add_jobs());
+    FillJobStatus(view, local_view, response->add_jobs());
   }
   return absl::OkStatus();
 }

@@ -128,7 +128,9 @@ class Admin {
   ProtectionContext Context() const;
   // Deadline of a call to another member that reads no bulk data.
   absl::Duration ControlTimeout() const;
-  void FillJobStatus(const JobView& view, admin::JobStatus* out) const;
+  // `local_view`: the view holds only this member's shards and fragments, which cannot tell
+  // whether the cluster protects the job: its health is LOCAL_VIEW and its restorable step -1.
+  void FillJobStatus(const JobView& view, bool local_view, admin::JobStatus* out) const;
   void FillNodeInfo(admin::NodeInfo* info) const;
   void VerifyLocal(const std::string& job_id, const std::optional<int64_t>& step,
                    admin::VerifyResponse* response);

@@ -157,6 +157,21 @@ void JobStateJournal::Remove(const std::string& job_id) const {
   unlink(PathOf(job_id).c_str());
 }
 
+int JobStateJournal::RemoveAll() const {
+  if (directory_.empty()) return 0;
+  const std::string replacement_suffix = std::string(kSuffix) + ".new";
+  int removed = 0;
+  if (DIR* d = opendir(directory_.c_str())) {
+    while (dirent* e = readdir(d)) {
+      const std::string name = e->d_name;
+      if (!absl::EndsWith(name, kSuffix) && !absl::EndsWith(name, replacement_suffix)) continue;
+      removed += unlink((directory_ + "/" + name).c_str()) == 0;
+    }
+    closedir(d);
+  }
+  return removed;
+}
+
 JobStateJournal::Loaded JobStateJournal::Load() const {
   Loaded loaded;
   if (directory_.empty()) return loaded;

@@ -37,6 +37,9 @@ class JobStateJournal {
   absl::Status Save(const JobState& state) const;
   // Deletes the job's file (the daemon no longer keeps the job's state).
   void Remove(const std::string& job_id) const;
+  // Deletes every job's file and any half-written replacement (the machine lost its memory);
+  // other files in the directory stay. Returns how many it deleted.
+  int RemoveAll() const;
 
   struct Loaded {
     std::vector<JobState> states;

@@ -176,6 +176,20 @@ TEST_F(JobStateJournalTest, AFileLargerThanTheBoundIsRefusedWithoutReadingItAll)
   EXPECT_THAT(loaded.refused[0], HasSubstr("larger than the"));
 }
 
+TEST_F(JobStateJournalTest, RemoveAllDeletesEveryJobsFileAndNothingElse) {
+  JobStateJournal journal(dir_);
+  const int jobs = 3 + static_cast<int>(rng_() % 8);
+  for (int j = 0; j < jobs; ++j) ASSERT_TRUE(journal.Save(RandomState(absl::StrCat("j", j))).ok());
+  WriteFile(dir_ + "/j0.jobstate.new", "half written");
+  WriteFile(dir_ + "/other-file", "not the journal's");
+  EXPECT_EQ(journal.RemoveAll(), jobs + 1);
+  EXPECT_THAT(JobStateJournal(dir_).Load().states, IsEmpty());
+  struct stat st;
+  EXPECT_NE(stat((dir_ + "/j0.jobstate.new").c_str(), &st), 0);
+  EXPECT_EQ(stat((dir_ + "/other-file").c_str(), &st), 0) << "a file not the journal's was deleted";
+  EXPECT_EQ(JobStateJournal("").RemoveAll(), 0);
+}
+
 TEST_F(JobStateJournalTest, WithoutADirectoryNothingIsKept) {
   JobStateJournal none("");
   EXPECT_TRUE(none.Save(RandomState("job")).ok());
