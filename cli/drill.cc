@@ -446,11 +446,10 @@ absl::StatusOr<Outcome> RunDrillKillTrainer(Context& ctx) {
     if (committed_now > report.step && now->newest_sealed_step() > report.step) {
       report.bit_exact = true;
       report.checked_by = "trainer";
-      report.verdict =
+      report.notes.push_back(
           absl::StrCat("checked by the restarted trainer's restore: the job committed step ",
                        committed_now, " before the drill could read step ", report.step, " back (",
-                       checked.status().message(), ")");
-      report.notes.push_back(report.verdict);
+                       checked.status().message(), ")"));
       return report.ToOutcome();
     }
   }
