@@ -42,7 +42,7 @@
 //
 // Usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] [--chunk_kib=1024]
 //                       [--dir=/dev/shm] [--default_malloc] [--paths=grpc,raw,tls,tls-grpc]
-//                       [--cipher_threads=16]
+//                       [--cipher_threads=16] [--cipher_nice=0] [--record_kib=256]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -98,6 +98,8 @@ struct Options {
   bool default_malloc = false;  // skip TuneMallocForBulkTransfers (to see what it buys)
   std::vector<std::string> paths = {"grpc", "raw", "tls", "tls-grpc"};
   int cipher_threads = 2 * kDefaultCipherThreads;
+  int cipher_nice = 0;                      // the cipher pool's threads' nice value
+  size_t record_bytes = size_t{256} << 10;  // records sealed on the pool
   bool Has(const std::string& path) const {
     return std::find(paths.begin(), paths.end(), path) != paths.end();
   }
@@ -225,9 +227,11 @@ void Run(const Options& options) {
   std::printf(
       "transfer_bench: loopback on this machine, %u hardware threads; median of %d rounds; "
       "GB/s = 10^9 bytes/s; cpu = CPU seconds per GiB moved, sender and receiver "
-      "together; chunks of %zu KiB; cipher pool of %d threads\n\n",
+      "together; chunks of %zu KiB; cipher pool of %d threads at nice %d, sealing records of "
+      "%zu KiB; for tls rows, the time per GiB the data path's threads waited for records to be "
+      "sealed and opened, and for their sockets to send and receive mid-range (ms/GiB)\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
-      CipherPool::Shared().threads());
+      CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10);
   std::printf("%-8s %-16s %7s %9s %7s\n", "fragment", "path", "GB/s", "cpu-s/GiB", "ratio");
   std::printf("------------------------------------------------------\n");
 
@@ -298,6 +302,7 @@ void Run(const Options& options) {
       std::function<void()> after;     // untimed
       std::vector<double> seconds;
       double cpu = 0;
+      DataPathWaits waits;  // summed over the timed runs
     };
     std::vector<Path> paths;
     paths.push_back({"memcpy", [&] {
@@ -396,8 +401,14 @@ void Run(const Options& options) {
     for (int r = 0; r < options.repeats; ++r) {
       for (Path& path : paths) {
         const double cpu0 = CpuSeconds();
+        const DataPathWaits waits0 = DataPathWaitTotals();
         path.seconds.push_back(path.sample());
         path.cpu += CpuSeconds() - cpu0;
+        const DataPathWaits waits1 = DataPathWaitTotals();
+        path.waits.seal_ns += waits1.seal_ns - waits0.seal_ns;
+        path.waits.open_ns += waits1.open_ns - waits0.open_ns;
+        path.waits.send_ns += waits1.send_ns - waits0.send_ns;
+        path.waits.recv_ns += waits1.recv_ns - waits0.recv_ns;
         if (path.after) path.after();
       }
     }
@@ -461,6 +472,13 @@ void Run(const Options& options) {
       if (op.rfind("put", 0) == 0) best_put = std::max(best_put, rates[i].gbps);
       if (op.rfind("get", 0) == 0) best_get = std::max(best_get, rates[i].gbps);
       row(name, rates[i], ratio);
+      if (tls) {
+        const double gib = options.repeats * (bytes / kGiB);
+        const DataPathWaits& w = paths[i].waits;
+        std::printf("%-8s   waits ms/GiB: seal %.1f, open %.1f, send %.1f, recv %.1f\n", label,
+                    w.seal_ns / 1e6 / gib, w.open_ns / 1e6 / gib, w.send_ns / 1e6 / gib,
+                    w.recv_ns / 1e6 / gib);
+      }
     }
     std::printf(
         "%-8s best put / min(memcpy, tcp) = %.2f (goal >= 0.80); best get / tcp = %.2f "
@@ -506,6 +524,11 @@ int main(int argc, char** argv) {
     } else if (const char* s = value("--cipher_threads=");
                s && absl::SimpleAtoi(s, &v) && v >= 1 && v <= tessera::kMaxCipherThreads) {
       options.cipher_threads = static_cast<int>(v);
+    } else if (const char* s = value("--cipher_nice="); s && absl::SimpleAtoi(s, &v) && v <= 19) {
+      options.cipher_nice = static_cast<int>(v);
+    } else if (const char* s = value("--record_kib=");
+               s && absl::SimpleAtoi(s, &v) && v >= 32 && v <= 4096) {
+      options.record_bytes = v << 10;
     } else if (arg == "--default_malloc") {
       options.default_malloc = true;
     } else if (const char* s = value("--paths=")) {
@@ -521,12 +544,14 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] "
                    "[--chunk_kib=1024] [--dir=/dev/shm] [--default_malloc] "
-                   "[--paths=grpc,raw,tls,tls-grpc] [--cipher_threads=1..64]\n");
+                   "[--paths=grpc,raw,tls,tls-grpc] [--cipher_threads=1..64] "
+                   "[--cipher_nice=0..19] [--record_kib=32..4096]\n");
       return 2;
     }
   }
   if (!options.default_malloc) tessera::TuneMallocForBulkTransfers();
-  tessera::CipherPool::Configure(options.cipher_threads);
+  tessera::CipherPool::Configure(options.cipher_threads, options.cipher_nice);
+  tessera::SetSealedRecordBytes(options.record_bytes);
   tessera::Run(options);
   return 0;
 }

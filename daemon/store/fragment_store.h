@@ -59,6 +59,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -159,6 +160,9 @@ class FragmentView {
 };
 
 class FragmentStore {
+ private:
+  struct Entry;
+
  public:
   struct Options {
     std::string directory;             // created if missing; usually SnapshotStore's directory
@@ -244,6 +248,42 @@ class FragmentStore {
       const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
       uint32_t chunk_crc32c, absl::FunctionRef<absl::StatusOr<uint32_t>(uint8_t* dst)> fill);
 
+  // ReceiveChunkChecked in two halves, for a receiver that reads a chunk while the bytes of the
+  // one before are still being decrypted and checked (the encrypted data path): BeginReceive
+  // makes the checks ReceiveChunkChecked makes before fill and gives where the bytes go;
+  // FinishReceive takes the CRC32C of what was written there (or why nothing was) and records
+  // the chunk, as ReceiveChunkChecked does after fill. A receipt dropped unfinished counts its
+  // range as not received. Receipts of one fragment may be open together.
+  class ChunkReceipt {
+   public:
+    ChunkReceipt() = default;
+    ChunkReceipt(ChunkReceipt&& other) noexcept { *this = std::move(other); }
+    ChunkReceipt& operator=(ChunkReceipt&& other) noexcept;
+    ~ChunkReceipt();
+
+    // Where the chunk's `size` bytes go; nullptr when none are wanted (the fragment is sealed
+    // already: a retry; `done` is its status, and the caller discards the bytes).
+    uint8_t* dst() const { return dst_; }
+    const std::optional<FragmentStatus>& done() const { return done_; }
+
+   private:
+    friend class FragmentStore;
+    void Abandon();
+
+    std::shared_ptr<Entry> entry_;
+    std::shared_ptr<Segment> segment_;  // ours while the bytes arrive (ReceiveChunkChecked)
+    uint8_t* dst_ = nullptr;
+    uint64_t offset_ = 0;
+    size_t size_ = 0;
+    uint32_t chunk_crc32c_ = 0;
+    std::optional<FragmentStatus> done_;
+  };
+  absl::StatusOr<ChunkReceipt> BeginReceive(const FragmentKey& key, uint64_t owner_incarnation,
+                                            uint64_t offset, size_t size, uint32_t chunk_crc32c);
+  // `received`: the CRC32C of the `size` bytes written at receipt.dst(), or why they were not.
+  absl::StatusOr<FragmentStatus> FinishReceive(ChunkReceipt receipt,
+                                               absl::StatusOr<uint32_t> received);
+
   // Seals the fragment once every byte has arrived and the CRC32C of the whole fragment equals
   // fragment_crc32c. Idempotent for a sealed fragment with the same CRC.
   // Errors: kNotFound, kFailedPrecondition (bytes missing: the first missing range is named;
@@ -287,7 +327,6 @@ class FragmentStore {
   CapacityBudget* budget() const { return options_.budget; }
 
  private:
-  struct Entry;
   // A recycled segment and the (job, rank) whose fragment it held.
   struct Spare {
     std::shared_ptr<Segment> segment;

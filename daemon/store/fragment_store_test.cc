@@ -193,6 +193,66 @@ TEST_F(FragmentStoreTest, ReceiveChunkInPlaceForgetsDamagedRangesAndSealsBitExac
   ExpectHolds(key, data);
 }
 
+// BeginReceive / FinishReceive: receipts of consecutive chunks open together and finished out of
+// order (a receiver reading one chunk while the last one is still being decrypted); the seal
+// waits for every open receipt; a receipt dropped unfinished, or finished with an error or a
+// wrong CRC, leaves its range not received; a sealed fragment wants no bytes.
+TEST_F(FragmentStoreTest, ReceiptsOpenTogetherFinishInAnyOrderAndDroppedOnesReceiveNothing) {
+  const FragmentMeta meta = Meta(3 << 20);
+  const FragmentKey key = Key(10);
+  auto data = RandomBytes(meta.fragment_bytes);
+  const uint32_t whole = Crc32c(data.data(), data.size());
+  ASSERT_TRUE(store_->BeginFragment(key, meta).ok());
+  const size_t quarter = meta.fragment_bytes / 4;
+  auto begin = [&](size_t i) {
+    const uint8_t* src = data.data() + i * quarter;
+    auto receipt = store_->BeginReceive(key, 7, i * quarter, quarter, Crc32c(src, quarter));
+    EXPECT_TRUE(receipt.ok()) << receipt.status();
+    EXPECT_FALSE(receipt->done().has_value());
+    std::memcpy(receipt->dst(), src, quarter);
+    return std::move(*receipt);
+  };
+  auto crc_of = [&](size_t i) { return Crc32c(data.data() + i * quarter, quarter); };
+  {
+    FragmentStore::ChunkReceipt r0 = begin(0);
+    FragmentStore::ChunkReceipt r1 = begin(1);
+    auto early = store_->SealFragment(key, 7, whole);
+    EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable) << early.status();
+    auto second = store_->FinishReceive(std::move(r1), crc_of(1));
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ(second->bytes_received, quarter);
+    auto first = store_->FinishReceive(std::move(r0), crc_of(0));
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(first->bytes_received, 2 * quarter);
+    // Finishing a moved-from receipt is refused, and changes nothing.
+    auto again = store_->FinishReceive(std::move(r0), crc_of(0));
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition) << again.status();
+  }
+  {
+    FragmentStore::ChunkReceipt dropped = begin(2);  // the connection broke: never finished
+  }
+  auto wrong = store_->FinishReceive(begin(3), crc_of(3) ^ 1);
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kDataLoss) << wrong.status();
+  auto failed = store_->FinishReceive(begin(3), absl::DataLossError("record 9 does not "
+                                                                    "authenticate"));
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kDataLoss) << failed.status();
+  auto missing = store_->SealFragment(key, 7, whole);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition) << missing.status();
+  EXPECT_NE(missing.status().message().find(absl::StrCat(2 * quarter, " of ", meta.fragment_bytes)),
+            std::string::npos)
+      << missing.status();
+  ASSERT_TRUE(store_->FinishReceive(begin(3), crc_of(3)).ok());
+  ASSERT_TRUE(store_->FinishReceive(begin(2), crc_of(2)).ok());
+  ASSERT_TRUE(store_->SealFragment(key, 7, whole).ok());
+  ExpectHolds(key, data);
+  auto late = store_->BeginReceive(key, 7, 0, quarter, crc_of(0));
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(late->dst(), nullptr);
+  ASSERT_TRUE(late->done().has_value());
+  EXPECT_EQ(late->done()->state, SegmentState::kSealed);
+  ExpectHolds(key, data);
+}
+
 // A fragment replaced while a chunk is arriving into it: the chunk's writes land in the old
 // segment, which is deleted rather than recycled, and the new fragment is untouched.
 TEST_F(FragmentStoreTest, ReceiveChunkIntoAReplacedFragmentTouchesNothingElse) {

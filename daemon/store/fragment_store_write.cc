@@ -280,47 +280,105 @@ absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunk(
 absl::StatusOr<FragmentStatus> FragmentStore::ReceiveChunkChecked(
     const FragmentKey& key, uint64_t owner_incarnation, uint64_t offset, size_t size,
     uint32_t chunk_crc32c, absl::FunctionRef<absl::StatusOr<uint32_t>(uint8_t* dst)> fill) {
+  TESSERA_ASSIGN_OR_RETURN(ChunkReceipt receipt,
+                           BeginReceive(key, owner_incarnation, offset, size, chunk_crc32c));
+  if (receipt.done()) return *receipt.done();
+  absl::StatusOr<uint32_t> received = fill(receipt.dst());
+  return FinishReceive(std::move(receipt), std::move(received));
+}
+
+absl::StatusOr<FragmentStore::ChunkReceipt> FragmentStore::BeginReceive(const FragmentKey& key,
+                                                                        uint64_t owner_incarnation,
+                                                                        uint64_t offset,
+                                                                        size_t size,
+                                                                        uint32_t chunk_crc32c) {
   TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, FindForWrite(key, owner_incarnation));
   TESSERA_RETURN_IF_ERROR(CheckChunkRange(key, entry->meta.fragment_bytes, offset, size));
-  // A reference of our own: should the fragment be dropped or replaced while fill runs, its
-  // segment is deleted once we let go, never recycled under our writes.
-  std::shared_ptr<Segment> segment;
-  {
-    absl::MutexLock entry_lock(&entry->mu);
-    if (entry->retired) {
-      return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
-    }
-    if (entry->sealed) return entry->Status();  // a retry after a lost reply
-    segment = entry->segment;
-    ++entry->receiving;
+  ChunkReceipt receipt;
+  absl::MutexLock entry_lock(&entry->mu);
+  if (entry->retired) {
+    return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
   }
-  uint8_t* dst = segment->payload() + offset;
-  absl::StatusOr<uint32_t> received = fill(dst);
+  if (entry->sealed) {  // a retry after a lost reply
+    receipt.done_ = entry->Status();
+    return receipt;
+  }
+  // A reference of our own: should the fragment be dropped or replaced while the bytes arrive,
+  // its segment is deleted once we let go, never recycled under our writes.
+  receipt.segment_ = entry->segment;
+  receipt.dst_ = receipt.segment_->payload() + offset;
+  receipt.offset_ = offset;
+  receipt.size_ = size;
+  receipt.chunk_crc32c_ = chunk_crc32c;
+  ++entry->receiving;
+  receipt.entry_ = std::move(entry);
+  return receipt;
+}
+
+absl::StatusOr<FragmentStatus> FragmentStore::FinishReceive(ChunkReceipt receipt,
+                                                            absl::StatusOr<uint32_t> received) {
+  if (receipt.done()) return *receipt.done();
+  if (!receipt.entry_) {
+    return absl::FailedPreconditionError("FinishReceive of a receipt already finished");
+  }
+  Entry& entry = *receipt.entry_;
+  const uint64_t offset = receipt.offset_;
+  const size_t size = receipt.size_;
   absl::Status filled = received.status();
   uint32_t crc = 0;
   if (filled.ok()) {
     crc = *received;
-    if (crc != chunk_crc32c) {
-      filled = absl::DataLossError(absl::StrCat(
-          key.ToString(), ": chunk [", offset, ", ", offset + size, ") arrived with CRC32C 0x",
-          absl::Hex(crc), " but was sent with 0x", absl::Hex(chunk_crc32c),
-          "; that range must be sent again"));
+    if (crc != receipt.chunk_crc32c_) {
+      filled = absl::DataLossError(
+          absl::StrCat(entry.key.ToString(), ": chunk [", offset, ", ", offset + size,
+                       ") arrived with CRC32C 0x", absl::Hex(crc), " but was sent with 0x",
+                       absl::Hex(receipt.chunk_crc32c_), "; that range must be sent again"));
       absl::MutexLock lock(&mu_);
       ++counters_.crc_failures;
     }
   }
-  absl::MutexLock entry_lock(&entry->mu);
-  --entry->receiving;
-  if (entry->retired) {
-    return absl::NotFoundError(key.ToString() + " was dropped or replaced while being written");
+  absl::MutexLock entry_lock(&entry.mu);
+  --entry.receiving;
+  receipt.entry_ = nullptr;  // finished: the entry is released with the receipt
+  if (entry.retired) {
+    return absl::NotFoundError(entry.key.ToString() +
+                               " was dropped or replaced while being written");
   }
   if (!filled.ok()) {
-    entry->ForgetRange(offset, size);
+    entry.ForgetRange(offset, size);  // overwritten: whatever it held counts as not received
     return filled;
   }
-  entry->RecordChunk(offset, size, crc);
-  AddCoverage(&entry->covered, &entry->covered_bytes, offset, offset + size);
-  return entry->Status();
+  entry.RecordChunk(offset, size, crc);
+  AddCoverage(&entry.covered, &entry.covered_bytes, offset, offset + size);
+  return entry.Status();
+}
+
+FragmentStore::ChunkReceipt& FragmentStore::ChunkReceipt::operator=(ChunkReceipt&& other) noexcept {
+  if (this != &other) {
+    Abandon();
+    entry_ = std::move(other.entry_);
+    segment_ = std::move(other.segment_);
+    dst_ = other.dst_;
+    offset_ = other.offset_;
+    size_ = other.size_;
+    chunk_crc32c_ = other.chunk_crc32c_;
+    done_ = std::move(other.done_);
+    other.entry_ = nullptr;
+    other.dst_ = nullptr;
+    other.done_.reset();
+  }
+  return *this;
+}
+
+FragmentStore::ChunkReceipt::~ChunkReceipt() { Abandon(); }
+
+void FragmentStore::ChunkReceipt::Abandon() {
+  if (!entry_) return;
+  // The range was (or may have been) overwritten: whatever it held counts as not received.
+  absl::MutexLock entry_lock(&entry_->mu);
+  --entry_->receiving;
+  if (!entry_->retired) entry_->ForgetRange(offset_, size_);
+  entry_ = nullptr;
 }
 
 absl::StatusOr<FragmentStatus> FragmentStore::SealFragment(const FragmentKey& key,

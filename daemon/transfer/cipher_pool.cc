@@ -1,5 +1,9 @@
 #include "daemon/transfer/cipher_pool.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <utility>
@@ -8,13 +12,14 @@ namespace tessera {
 namespace {
 
 std::atomic<int> configured_threads{kDefaultCipherThreads};
+std::atomic<int> configured_nice{0};
 
 }  // namespace
 
-CipherPool::CipherPool(int threads) {
+CipherPool::CipherPool(int threads, int nice) {
   threads = std::clamp(threads, 1, kMaxCipherThreads);
   threads_.reserve(static_cast<size_t>(threads));
-  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this, nice] { Loop(nice); });
 }
 
 CipherPool::~CipherPool() {
@@ -26,21 +31,25 @@ CipherPool::~CipherPool() {
   for (std::thread& t : threads_) t.join();
 }
 
-void CipherPool::Run(std::function<void()> job) {
+void CipherPool::Run(std::function<void()> job, bool urgent) {
   absl::MutexLock lock(&mu_);
-  jobs_.push_back(std::move(job));
+  (urgent ? urgent_ : jobs_).push_back(std::move(job));
   queued_.Signal();
 }
 
-void CipherPool::Loop() {
+void CipherPool::Loop(int nice) {
+  if (nice > 0) {  // this thread only (Linux: a thread's id names it to setpriority)
+    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), std::min(nice, 19));
+  }
   for (;;) {
     std::function<void()> job;
     {
       absl::MutexLock lock(&mu_);
-      while (jobs_.empty() && !stopping_) queued_.Wait(&mu_);
-      if (jobs_.empty()) return;  // stopping, and every job queued has run
-      job = std::move(jobs_.front());
-      jobs_.pop_front();
+      while (jobs_.empty() && urgent_.empty() && !stopping_) queued_.Wait(&mu_);
+      std::deque<std::function<void()>>& queue = urgent_.empty() ? jobs_ : urgent_;
+      if (queue.empty()) return;  // stopping, and every job queued has run
+      job = std::move(queue.front());
+      queue.pop_front();
     }
     job();
   }
@@ -69,14 +78,15 @@ void CipherPool::GiveBuffer(std::unique_ptr<uint8_t[]> buffer, size_t bytes) {
   }
 }
 
-void CipherPool::Configure(int threads) {
+void CipherPool::Configure(int threads, int nice) {
   configured_threads.store(std::clamp(threads, 1, kMaxCipherThreads));
+  configured_nice.store(std::clamp(nice, 0, 19));
 }
 
 CipherPool& CipherPool::Shared() {
   static CipherPool* const pool = [] {
     const int hardware = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-    return new CipherPool(std::min(configured_threads.load(), hardware));
+    return new CipherPool(std::min(configured_threads.load(), hardware), configured_nice.load());
   }();
   return *pool;
 }

@@ -31,15 +31,17 @@ inline constexpr int kMaxCipherThreads = 64;
 class CipherPool {
  public:
   // `threads` in 1..kMaxCipherThreads (clamped).
-  explicit CipherPool(int threads);
+  explicit CipherPool(int threads, int nice = 0);
   ~CipherPool();  // finishes the jobs queued, then joins
   CipherPool(const CipherPool&) = delete;
   CipherPool& operator=(const CipherPool&) = delete;
 
   int threads() const { return static_cast<int>(threads_.size()); }
 
-  // Queues `job`; it runs on one of the pool's threads.
-  void Run(std::function<void()> job);
+  // Queues `job`; it runs on one of the pool's threads. An urgent job (a receiver's opening,
+  // which a connection will wait for) runs before every job that is not (a sender's sealing,
+  // done ahead of its socket).
+  void Run(std::function<void()> job, bool urgent = false);
 
   // Buffers of `bytes` for sealed records, kept for reuse (at most 4 per thread of the pool's
   // worth) so that a sender does not fault fresh memory in for every range it sends.
@@ -49,15 +51,18 @@ class CipherPool {
   // The process's pool: min(threads configured, hardware threads) threads, created on first
   // use. Configure (the daemon, from cluster.tls_cipher_threads) before the first use; later
   // calls change nothing.
-  static void Configure(int threads);
+  // `nice`: the pool's threads run at this nice value (0..19; setpriority), below the
+  // connections' own threads and the node's trainers when above 0.
+  static void Configure(int threads, int nice = 0);
   static CipherPool& Shared();
 
  private:
-  void Loop();
+  void Loop(int nice);
 
   absl::Mutex mu_;
   absl::CondVar queued_;  // signalled once per job queued: one idle thread wakes for it
   std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::function<void()>> urgent_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Mutex buffers_mu_;
   std::vector<std::unique_ptr<uint8_t[]>> buffers_ ABSL_GUARDED_BY(buffers_mu_);

@@ -1,8 +1,13 @@
-// The cipher pool on its own: every job queued runs, on the pool's threads, and a set of jobs
-// reports the first record that failed whatever order they ended in.
+// The cipher pool on its own: every job queued runs, on the pool's threads, urgent ones first, and
+// a set of jobs reports the first record that failed whatever order they ended in.
 #include "daemon/transfer/cipher_pool.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <random>
 #include <set>
@@ -10,6 +15,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 
 namespace tessera {
@@ -62,6 +68,44 @@ TEST(CipherPoolTest, JobsReportTheFirstRecordThatFailed) {
   EXPECT_FALSE(jobs.Wait(&sequence, &bytes));
   EXPECT_EQ(sequence, failing.front());
   EXPECT_EQ(bytes, failing.front() * 10);
+}
+
+// A receiver's openings (urgent) run before the sealing queued ahead of them, in the order each
+// kind was queued; the pool's threads run at the nice value asked.
+TEST(CipherPoolTest, UrgentJobsRunFirstOnThreadsAtTheNiceValueAsked) {
+  std::vector<int> order;
+  std::vector<int> nice;
+  absl::Mutex mu;
+  absl::Notification blocked, release;
+  {
+    CipherPool pool(1, /*nice=*/7);
+    pool.Run([&] {
+      blocked.Notify();
+      release.WaitForNotification();
+    });
+    blocked.WaitForNotification();  // the pool's one thread is busy: the rest queue up
+    auto job = [&](int id) {
+      return [&, id] {
+        errno = 0;
+        const int value = getpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)));
+        absl::MutexLock lock(&mu);
+        order.push_back(id);
+        nice.push_back(errno == 0 ? value : -100);
+      };
+    };
+    for (int i = 0; i < 3; ++i) pool.Run(job(i));
+    pool.Run(job(10), /*urgent=*/true);
+    pool.Run(job(3));
+    pool.Run(job(11), /*urgent=*/true);
+    release.Notify();
+  }  // the destructor runs every job queued
+  EXPECT_EQ(order, (std::vector<int>{10, 11, 0, 1, 2, 3}));
+  errno = 0;
+  const int base = getpriority(PRIO_PROCESS, 0);
+  ASSERT_EQ(errno, 0);
+  if (base <= 7) {  // (a process at a higher nice value may not lower its threads')
+    EXPECT_EQ(nice, std::vector<int>(6, 7));
+  }
 }
 
 TEST(CipherPoolTest, BuffersAreReusedAtOneSize) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <utility>
 
@@ -437,6 +438,34 @@ bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& c
         status = begun.status();
       }
       uint64_t stored = 0;
+      // A chunk whose bytes have been read but whose records may still be being opened on the
+      // cipher pool (the encrypted path): it is finished once the next chunk has been read, so
+      // that the connection reads on meanwhile. `pending` comes after `receipt`: it is destroyed
+      // first, waiting for the openings that write into the receipt's segment.
+      struct InFlight {
+        FragmentStore::ChunkReceipt receipt;
+        Io::PendingRecv pending;
+        uint64_t size = 0;
+      };
+      std::unique_ptr<InFlight> in_flight;
+      // An error here (a record that did not authenticate) leaves the stream out of step.
+      auto finish = [&]() -> absl::Status {
+        if (!in_flight) return absl::OkStatus();
+        std::unique_ptr<InFlight> chunk = std::move(in_flight);
+        absl::StatusOr<uint32_t> crc = io.RecvFinish(&chunk->pending);
+        if (!crc.ok()) return crc.status();
+        auto received = fragments_->FinishReceive(std::move(chunk->receipt), *crc);
+        stored += chunk->size;
+        if (received.ok()) {
+          last = *received;
+        } else if (status.ok()) {
+          status = received.status();
+        }
+        return absl::OkStatus();
+      };
+      // ... or sooner, when the connection waits for the sender: a sender that stalls does not
+      // hold back what it sent before.
+      data_path_wire::WaitHook finish_while_idle(&io, finish);
       for (uint64_t pos = begin; pos < begin + length;) {
         uint8_t encoded[kChunkHeaderBytes];
         if (absl::Status s = io.Recv(encoded, sizeof(encoded)); !s.ok()) return lost(s);
@@ -448,37 +477,42 @@ bool DataPathServer::ServeRequest(const Io& connection, const DataPathCiphers& c
               " where one of 1..", std::min<uint64_t>(kMaxChunkBytes, begin + length - pos),
               " bytes at offset ", pos, " was expected")));
         }
-        bool filled = false;
-        absl::Status io_status;
+        std::unique_ptr<InFlight> next;
         if (status.ok()) {
-          auto received = fragments_->ReceiveChunkChecked(
-              key, incarnation, chunk.offset, chunk.size, chunk.crc32c,
-              [&](uint8_t* dst) -> absl::StatusOr<uint32_t> {
-                filled = true;
-                uint32_t crc = 0;
-                io_status = io.RecvChecked(dst, chunk.size, &crc);
-                if (!io_status.ok()) return io_status;
-                return crc;
-              });
-          if (!io_status.ok()) {
-            if (io_status.code() != absl::StatusCode::kDataLoss) {  // lost() logs those
-              log->warn("{}: the data path connection failed mid-chunk: {}", key.ToString(),
-                        io_status.ToString());
-            }
-            return lost(io_status);
-          }
-          if (received.ok()) {
-            last = *received;
+          auto receipt =
+              fragments_->BeginReceive(key, incarnation, chunk.offset, chunk.size, chunk.crc32c);
+          if (!receipt.ok()) {
+            status = receipt.status();
+          } else if (receipt->done()) {
+            last = *receipt->done();  // sealed already (a retry): the bytes are discarded
           } else {
-            status = received.status();
+            next = std::make_unique<InFlight>();
+            next->receipt = std::move(*receipt);
+            next->size = chunk.size;
           }
         }
-        if (!filled) {
-          if (absl::Status s = io.Discard(chunk.size, scratch); !s.ok()) return lost(s);
+        if (next) {
+          if (absl::Status s = io.RecvStart(next->receipt.dst(), chunk.size, &next->pending);
+              !s.ok()) {
+            if (s.code() != absl::StatusCode::kDataLoss) {  // lost() logs those
+              log->warn("{}: the data path connection failed mid-chunk: {}", key.ToString(),
+                        s.ToString());
+            }
+            return lost(s);
+          }
+        } else if (absl::Status s = io.Discard(chunk.size, scratch); !s.ok()) {
+          return lost(s);
         }
-        if (filled) stored += chunk.size;
+        if (absl::Status s = finish(); !s.ok()) return lost(s);
+        if (next && !status.ok()) {  // a chunk before failed: the rest of the request counts for
+                                     // nothing, as if it had been discarded
+          if (absl::Status s = io.RecvFinish(&next->pending).status(); !s.ok()) return lost(s);
+          next.reset();
+        }
+        in_flight = std::move(next);
         pos += chunk.size;
       }
+      if (absl::Status s = finish(); !s.ok()) return lost(s);
       {
         absl::MutexLock lock(&mu_);
         stats_.bytes_received += stored;

@@ -1,8 +1,6 @@
 // The raw TCP data path's client (data_path.h): DataPathClient, a pool of idle connections per
 // peer, and its PUT_RANGE, SEAL and GET_RANGE requests. The server is in data_path.cc, the
 // framing both use in data_path_wire.h.
-#include "daemon/transfer/data_path.h"
-
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -13,11 +11,13 @@
 #include <cerrno>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
 #include "common/status.h"
+#include "daemon/transfer/data_path.h"
 #include "daemon/transfer/data_path_wire.h"
 #include "proto/peer.pb.h"
 
@@ -398,6 +398,29 @@ absl::StatusOr<DataPathClient::RangeRead> DataPathClient::GetRange(
                                             read.begin, ", ", read.end, ") of a fragment of ",
                                             info.fragment_bytes()));
   }
+  // Each chunk is checked once the next has been read: on the encrypted path its records are
+  // opened on the cipher pool meanwhile (Io::RecvStart). Pending reads end before dst is
+  // handed back, whatever happens (PendingRecv waits for its openings).
+  struct InFlight {
+    Io::PendingRecv pending;
+    ChunkHeader chunk;
+  };
+  std::unique_ptr<InFlight> in_flight;
+  auto finish = [&]() -> absl::Status {
+    if (!in_flight) return absl::OkStatus();
+    std::unique_ptr<InFlight> done = std::move(in_flight);
+    TESSERA_ASSIGN_OR_RETURN(const uint32_t crc, io.RecvFinish(&done->pending));
+    const ChunkHeader& chunk = done->chunk;
+    if (crc != chunk.crc32c) {
+      return absl::DataLossError(absl::StrCat(key.ToString(), ": chunk at offset ", chunk.offset,
+                                              " has CRC32C 0x", absl::Hex(crc), ", sent with 0x",
+                                              absl::Hex(chunk.crc32c)));
+    }
+    read.range_crc32c =
+        chunk.offset == read.begin ? crc : Crc32cCombineCached(read.range_crc32c, crc, chunk.size);
+    return absl::OkStatus();
+  };
+  data_path_wire::WaitHook finish_while_idle(&io, finish);
   for (uint64_t pos = read.begin; pos < read.end;) {
     uint8_t encoded[kChunkHeaderBytes];
     TESSERA_RETURN_IF_ERROR(io.Recv(encoded, sizeof(encoded)));
@@ -408,17 +431,14 @@ absl::StatusOr<DataPathClient::RangeRead> DataPathClient::GetRange(
                                               " bytes at offset ", chunk.offset, " where [", pos,
                                               ", ", read.end, ") was expected"));
     }
-    uint32_t crc = 0;
-    TESSERA_RETURN_IF_ERROR(io.RecvChecked(dst + pos, chunk.size, &crc));
-    if (crc != chunk.crc32c) {
-      return absl::DataLossError(absl::StrCat(key.ToString(), ": chunk at offset ", pos,
-                                              " has CRC32C 0x", absl::Hex(crc), ", sent with 0x",
-                                              absl::Hex(chunk.crc32c)));
-    }
-    read.range_crc32c =
-        pos == read.begin ? crc : Crc32cCombineCached(read.range_crc32c, crc, chunk.size);
+    auto next = std::make_unique<InFlight>();
+    next->chunk = chunk;
+    TESSERA_RETURN_IF_ERROR(io.RecvStart(dst + pos, chunk.size, &next->pending));
+    TESSERA_RETURN_IF_ERROR(finish());
+    in_flight = std::move(next);
     pos += chunk.size;
   }
+  TESSERA_RETURN_IF_ERROR(finish());
   Release(peer, std::move(connection));
   return read;
 }

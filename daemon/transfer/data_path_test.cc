@@ -1076,6 +1076,98 @@ TEST_F(DataPathTlsTest, AlteredBytesAreRefusedEitherWay) {
   }
 }
 
+// A fragment of several chunks: each chunk is read while the records of the one before are
+// still being opened on the cipher pool (Io::RecvStart), both ways, bit-exact, whole and from
+// odd offsets. A byte altered in the last record of a middle chunk (opened on the pool and
+// checked only once the next chunk has been read) ends the connection, and neither that chunk
+// nor any after it counts as received; a read returns no bytes.
+TEST_F(DataPathTlsTest, ChunksReadWhileTheOneBeforeIsOpenedStayExactAndAlteredOnesCountNothing) {
+  const uint64_t fragment_bytes = (uint64_t{12} << 20) + 4096;  // sealed chunks: 4+4+4 MiB+4 KiB
+  const FragmentMeta meta = MetaFor(3 * fragment_bytes);
+  ASSERT_EQ(meta.fragment_bytes, fragment_bytes);
+  const std::vector<uint8_t> data = RandomBytes(meta.fragment_bytes);
+  const uint32_t whole = Crc32c(data.data(), data.size());
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  DataPathClient client(ClientOf("n1", size_t{1} << 20));
+  const DataPathClient::Endpoint endpoint = EndpointFor("n1", tls_data_->port());
+  const FragmentKey key{"job-pipeline", 0, 1, 0};
+  uint32_t crc = 0;
+  auto put =
+      client.PutRange("n0", endpoint, key, meta, data.data(), 0, data.size(), deadline, &crc);
+  ASSERT_TRUE(put.ok()) << put.status();
+  EXPECT_EQ(put->bytes_received, data.size());
+  EXPECT_EQ(crc, whole);
+  auto sealed = client.Seal("n0", endpoint, key, meta, whole, deadline);
+  ASSERT_TRUE(sealed.ok()) << sealed.status();
+  std::vector<uint8_t> back(data.size());
+  auto got = client.GetRange("n0", endpoint, key, 0, 0, 0, back.data(), back.size(), deadline);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->range_crc32c, whole);
+  EXPECT_EQ(back, data);
+  const uint64_t begin = 12345;
+  const uint64_t end = data.size() - 777;
+  std::vector<uint8_t> part(data.size());
+  auto middle =
+      client.GetRange("n0", endpoint, key, 0, begin, end, part.data(), part.size(), deadline);
+  ASSERT_TRUE(middle.ok()) << middle.status();
+  EXPECT_EQ(middle->range_crc32c, Crc32c(data.data() + begin, end - begin));
+  EXPECT_TRUE(std::equal(data.begin() + begin, data.begin() + end, part.begin() + begin));
+  EXPECT_EQ(tls_data_->stats().records_refused, 0u);
+
+  // On the wire a sealed chunk is its header's record (4 + 16 + 16 bytes) and 16 records of
+  // 256 KiB (4 + 262144 + 16 bytes each); the hello and request frames come first. The byte
+  // altered is 100000 bytes into the second chunk's last record.
+  constexpr uint64_t kRecord = 4 + (256 << 10) + 16;
+  constexpr uint64_t kChunkOnWire = 36 + 16 * kRecord;
+  constexpr uint64_t kTarget = kChunkOnWire + 36 + 15 * kRecord + 100000;
+  {
+    const uint64_t refused_before = tls_data_->stats().records_refused;
+    tessera::testing::TcpRelay proxy(tls_data_->port());
+    proxy.AlterByte(/*client_to_server=*/true, kTarget, 0x04);
+    DataPathClient altered(ClientOf("n1", size_t{1} << 20));
+    const FragmentKey other{"job-pipeline", 1, 1, 0};
+    auto refused = altered.PutRange("n0", EndpointFor("n1", proxy.port()), other, meta, data.data(),
+                                    0, data.size(), deadline, &crc);
+    EXPECT_FALSE(refused.ok());
+    ASSERT_TRUE(WaitFor(tls_data_.get(),
+                        [&](const auto& s) { return s.records_refused == refused_before + 1; }));
+    auto held = fragments_->List("job-pipeline");
+    ASSERT_EQ(held.size(), 2u);
+    EXPECT_EQ(held[1].key.rank, 1u);
+    EXPECT_EQ(held[1].state, SegmentState::kWriting);
+    EXPECT_LE(held[1].bytes_received, uint64_t{4} << 20) << "the first chunk at most";
+  }
+  {
+    tessera::testing::TcpRelay proxy(tls_data_->port());
+    proxy.AlterByte(/*client_to_server=*/false, kTarget, 0x04);
+    DataPathClient altered(ClientOf("n1", size_t{1} << 20));
+    auto refused = altered.GetRange("n0", EndpointFor("n1", proxy.port()), key, 0, 0, 0,
+                                    back.data(), back.size(), deadline);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss) << refused.status();
+    EXPECT_THAT(std::string(refused.status().message()),
+                ::testing::HasSubstr("does not authenticate: it was altered, replayed, reordered"));
+  }
+}
+
+// A sender that stalls after a chunk whose one record the pool opens: the server finishes that
+// chunk while it waits for the next, so it counts once the server has given up on the request.
+TEST_F(DataPathTlsTest, AStalledSendersLastChunkCountsWhenTheServerGivesUp) {
+  SealedConnection c(tls_data_->port(), "n1", tls_data_->SessionKeyFor("n1"));
+  ASSERT_EQ(c.check_code(), 0) << c.check_message();
+  const FragmentMeta meta = MetaFor(uint64_t{3} << 20);
+  const FragmentKey key{"job-stalled", 0, 1, 0};
+  peer::DataPathRequest put = PutRequest(key, meta, 0, meta.fragment_bytes);
+  put.mutable_key()->set_owner_node_id("n1");
+  c.SendFrame(put);
+  const std::vector<uint8_t> bytes = RandomBytes(300 << 10);
+  c.SendChunk(0, std::string(bytes.begin(), bytes.end()));
+  // ... and nothing more: after io_timeout (5 s) the server gives up on the request.
+  EXPECT_TRUE(c.raw().ClosedByServer());
+  auto held = fragments_->List("job-stalled");
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].bytes_received, bytes.size());
+}
+
 // A connection replayed byte for byte (a recorded PUT sent again) fails the key check: the
 // server's nonce is new, so the recorded records are under another key.
 TEST_F(DataPathTlsTest, AReplayedConnectionIsRefused) {

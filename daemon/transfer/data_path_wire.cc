@@ -1,6 +1,8 @@
 // Io's sealed sends and opened reads (data_path_wire.h): the record layer of data path version 2.
 #include "daemon/transfer/data_path_wire.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -13,6 +15,7 @@
 #include "common/crc32c.h"
 #include "daemon/store/fragment_store.h"
 #include "daemon/transfer/cipher_pool.h"
+#include "daemon/transfer/data_path.h"
 
 namespace tessera {
 namespace data_path_wire {
@@ -28,10 +31,20 @@ constexpr size_t kKeptBufferBytes = size_t{1} << 20;
 // threads (cipher_pool.h): one core's AES-GCM runs at about the rate of one TCP stream, so a
 // connection whose own thread did the cipher would move a chunk at half of either.
 constexpr size_t kParallelBytes = size_t{256} << 10;
-// What a sender cuts a range's chunks into there: records this large are sealed in about 0.1 ms
-// (a pool thread's turn costs a few microseconds), and a chunk of 1 MiB (the default) spreads
-// over four threads.
-constexpr size_t kParallelRecordBytes = size_t{256} << 10;
+// What a sender cuts a range's chunks into there (SealedRecordBytes): records of 256 KiB are
+// sealed in about 0.1 ms (a pool thread's turn costs a few microseconds), and a chunk of 1 MiB
+// (the default) spreads over four threads.
+constexpr size_t kDefaultSealedRecordBytes = size_t{256} << 10;
+constexpr size_t kMaxSealedRecordBytes = size_t{4} << 20;
+std::atomic<size_t> sealed_record_bytes{kDefaultSealedRecordBytes};
+std::atomic<uint64_t> seal_wait_ns{0};
+std::atomic<uint64_t> open_wait_ns{0};
+std::atomic<uint64_t> send_wait_ns{0};
+std::atomic<uint64_t> recv_wait_ns{0};
+
+uint64_t Nanoseconds(absl::Duration d) {
+  return static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Nanoseconds(d)));
+}
 // A receiver opens records at least this large on the pool, except the last one of a read, which
 // it opens itself as it arrives (it would wait for it otherwise); smaller ones on its own thread.
 constexpr size_t kMinParallelRecordBytes = size_t{32} << 10;
@@ -77,6 +90,10 @@ absl::Status SealInto(RecordSealer* sealer, const iovec* iov, int count, SealedS
 
 }  // namespace
 
+void AddSocketWait(bool send, absl::Duration waited) {
+  (send ? send_wait_ns : recv_wait_ns).fetch_add(Nanoseconds(waited), std::memory_order_relaxed);
+}
+
 absl::Status Io::SendSealed(const iovec* iov, int count) {
   // Records are built in one buffer per thread and sent as it fills: the header, the ciphertext
   // in pieces, the tag; several small records (a frame's length and its message) go out in one
@@ -116,10 +133,11 @@ absl::Status Io::SendChunks(const uint8_t* data, uint64_t begin, uint64_t end, s
 absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin, uint64_t end,
                                             size_t chunk_bytes, uint32_t* range_crc32c) {
   // The stream is what SendChunk would send chunk by chunk: each chunk's header in a record of
-  // its own, then its bytes in records of kParallelRecordBytes. The pool seals them (a header's
+  // its own, then its bytes in records of SealedRecordBytes(). The pool seals them (a header's
   // job computes its chunk's CRC32C first) into a ring of buffers, and this thread sends them
   // in order, each buffer sealed again as soon as it has been sent.
   chunk_bytes = std::max(chunk_bytes, kSealedChunkBytes);
+  const size_t record_bytes = SealedRecordBytes();
   struct Record {
     const uint8_t* in = nullptr;  // nullptr: the header of chunks[chunk]
     size_t size = 0;
@@ -132,9 +150,8 @@ absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin,
     chunk.offset = pos;
     chunk.size = static_cast<uint32_t>(std::min<uint64_t>(chunk_bytes, end - pos));
     records.push_back(Record{nullptr, kChunkHeaderBytes, chunks.size()});
-    for (size_t k = 0; k < chunk.size; k += kParallelRecordBytes) {
-      records.push_back(
-          Record{data + pos + k, std::min<size_t>(kParallelRecordBytes, chunk.size - k), 0});
+    for (size_t k = 0; k < chunk.size; k += record_bytes) {
+      records.push_back(Record{data + pos + k, std::min<size_t>(record_bytes, chunk.size - k), 0});
     }
     chunks.push_back(chunk);
     pos += chunk.size;
@@ -142,7 +159,7 @@ absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin,
   TESSERA_ASSIGN_OR_RETURN(const uint64_t first, sealer->Reserve(records.size()));
   CipherPool& pool = CipherPool::Shared();
   const size_t slots = std::min(records.size(), 2 * static_cast<size_t>(pool.threads()));
-  constexpr size_t kSlotBytes = kRecordHeaderBytes + kParallelRecordBytes + kRecordTagBytes;
+  const size_t kSlotBytes = kRecordHeaderBytes + record_bytes + kRecordTagBytes;
   std::vector<std::unique_ptr<uint8_t[]>> buffers;
   for (size_t i = 0; i < slots; ++i) buffers.push_back(pool.TakeBuffer(kSlotBytes));
 
@@ -182,7 +199,11 @@ absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin,
     size_t ready = 0;
     {
       absl::MutexLock lock(&mu);
-      while (sealed_in_slot[j % slots] != j) changed.Wait(&mu);
+      if (sealed_in_slot[j % slots] != j) {
+        const absl::Time waiting = absl::Now();
+        while (sealed_in_slot[j % slots] != j) changed.Wait(&mu);
+        seal_wait_ns.fetch_add(Nanoseconds(absl::Now() - waiting), std::memory_order_relaxed);
+      }
       while (ready < slots && j + ready < records.size() &&
              sealed_in_slot[(j + ready) % slots] == j + ready) {
         ++ready;
@@ -221,37 +242,70 @@ absl::Status Io::RecvChecked(uint8_t* dst, size_t size, uint32_t* crc32c) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The pool that opens a read of `size` bytes: none for small reads, or where it has one thread.
+CipherPool* PoolFor(size_t size) {
+  if (size < kParallelBytes) return nullptr;
+  CipherPool* pool = &CipherPool::Shared();
+  return pool->threads() < 2 ? nullptr : pool;
+}
+
+uint32_t CombinePieces(const std::deque<Io::CrcPiece>& pieces) {
+  uint32_t crc = 0;
+  bool first = true;
+  for (const Io::CrcPiece& piece : pieces) {
+    crc = first ? piece.crc32c : Crc32cCombineCached(crc, piece.crc32c, piece.bytes);
+    first = false;
+  }
+  return crc;
+}
+
+}  // namespace
+
+absl::Status Io::RecvStart(uint8_t* dst, size_t size, PendingRecv* pending) {
+  if (opener == nullptr) {
+    TESSERA_RETURN_IF_ERROR(RecvPlain(dst, size));
+    pending->crcs.push_back(CrcPiece{Crc32c(dst, size), size});
+    return absl::OkStatus();
+  }
+  return RecvRecords(dst, size, PoolFor(size), &pending->jobs, &pending->crcs,
+                     /*open_last_here=*/false);
+}
+
+absl::StatusOr<uint32_t> Io::RecvFinish(PendingRecv* pending) {
+  uint64_t sequence = 0;
+  size_t bytes = 0;
+  const absl::Time waiting = absl::Now();
+  const bool opened = pending->jobs.Wait(&sequence, &bytes);
+  open_wait_ns.fetch_add(Nanoseconds(absl::Now() - waiting), std::memory_order_relaxed);
+  if (!opened) {
+    opener->buffer().clear();
+    return opener->Failed(sequence, bytes);
+  }
+  return CombinePieces(pending->crcs);
+}
+
 absl::Status Io::RecvOpened(uint8_t* dst, size_t size, uint32_t* crc32c) {
   // Records that land where they go and are large enough are opened on the cipher pool while
   // this thread reads the next; none of the bytes is handed back before every record
   // authenticated.
-  CipherPool* pool = size >= kParallelBytes ? &CipherPool::Shared() : nullptr;
-  if (pool != nullptr && pool->threads() < 2) pool = nullptr;
-  CipherJobs jobs;
-  std::deque<CrcPiece> crcs;
-  absl::Status status = RecvRecords(dst, size, pool, &jobs, crc32c != nullptr ? &crcs : nullptr);
-  uint64_t sequence = 0;
-  size_t bytes = 0;
-  if (!jobs.Wait(&sequence, &bytes)) {
-    opener->buffer().clear();
-    return opener->Failed(sequence, bytes);
-  }
+  PendingRecv pending;
+  absl::Status status = RecvRecords(dst, size, PoolFor(size), &pending.jobs,
+                                    crc32c != nullptr ? &pending.crcs : nullptr,
+                                    /*open_last_here=*/true);
+  absl::StatusOr<uint32_t> crc = RecvFinish(&pending);
+  if (!crc.ok()) return crc.status();
   TESSERA_RETURN_IF_ERROR(status);
-  if (crc32c != nullptr) {
-    uint32_t crc = 0;
-    bool first = true;
-    for (const CrcPiece& piece : crcs) {
-      crc = first ? piece.crc32c : Crc32cCombineCached(crc, piece.crc32c, piece.bytes);
-      first = false;
-    }
-    *crc32c = crc;
-  }
+  if (crc32c != nullptr) *crc32c = *crc;
   return absl::OkStatus();
 }
 
 absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs,
-                             std::deque<CrcPiece>* crcs) {
+                             std::deque<CrcPiece>* crcs, bool open_last_here) {
   std::vector<uint8_t>& buffer = opener->buffer();
+  uint8_t header[kRecordHeaderBytes];
+  bool have_header = false;  // read with the record before
   while (size > 0) {
     if (opener->buffer_offset < buffer.size()) {
       const size_t n = std::min(size, buffer.size() - opener->buffer_offset);
@@ -267,10 +321,11 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
       }
       continue;
     }
-    uint8_t header[kRecordHeaderBytes];
-    TESSERA_RETURN_IF_ERROR(RecvPlain(header, sizeof(header)));
+    if (!have_header) TESSERA_RETURN_IF_ERROR(RecvPlain(header, sizeof(header)));
+    have_header = false;
     const size_t declared = GetU32(header);
-    if (pool != nullptr && declared < size && declared >= kMinParallelRecordBytes) {
+    if (pool != nullptr && declared >= kMinParallelRecordBytes &&
+        (declared < size || (declared == size && !open_last_here))) {
       uint64_t sequence = 0;
       absl::StatusOr<size_t> record = opener->BeginAt(header, &sequence);
       if (!record.ok()) return record.status();
@@ -282,18 +337,24 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
         CrcPiece* crc;  // nullptr: not asked for (a deque's elements stay where they are)
         uint8_t tag[kRecordTagBytes];
       } job{&opener->key(), sequence, dst, *record, nullptr, {}};
-      TESSERA_RETURN_IF_ERROR(RecvPlain(dst, *record));
-      TESSERA_RETURN_IF_ERROR(RecvPlain(job.tag, sizeof(job.tag)));
+      // The record's bytes and tag, and the next record's header when more of this read is to
+      // come (a record must follow then), in one call.
+      const bool more = *record < size;
+      iovec iov[3] = {{dst, *record}, {job.tag, sizeof(job.tag)}, {header, sizeof(header)}};
+      TESSERA_RETURN_IF_ERROR(RecvPlainV(iov, more ? 3 : 2));
+      have_header = more;
       if (crcs != nullptr) {
         crcs->push_back(CrcPiece{0, *record});
         job.crc = &crcs->back();
       }
       jobs->Add();
-      pool->Run([job, jobs] {
-        const bool ok = OpenRecordAt(*job.key, job.sequence, job.data, job.size, job.tag);
-        if (ok && job.crc != nullptr) job.crc->crc32c = Crc32c(job.data, job.size);
-        jobs->Done(ok, job.sequence, job.size);
-      });
+      pool->Run(
+          [job, jobs] {
+            const bool ok = OpenRecordAt(*job.key, job.sequence, job.data, job.size, job.tag);
+            if (ok && job.crc != nullptr) job.crc->crc32c = Crc32c(job.data, job.size);
+            jobs->Done(ok, job.sequence, job.size);
+          },
+          /*urgent=*/true);
       dst += *record;
       size -= *record;
       continue;
@@ -327,4 +388,17 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
 }
 
 }  // namespace data_path_wire
+
+DataPathWaits DataPathWaitTotals() {
+  return DataPathWaits{data_path_wire::seal_wait_ns.load(), data_path_wire::open_wait_ns.load(),
+                       data_path_wire::send_wait_ns.load(), data_path_wire::recv_wait_ns.load()};
+}
+
+void SetSealedRecordBytes(size_t bytes) {
+  data_path_wire::sealed_record_bytes.store(std::clamp(
+      bytes, data_path_wire::kMinParallelRecordBytes, data_path_wire::kMaxSealedRecordBytes));
+}
+
+size_t SealedRecordBytes() { return data_path_wire::sealed_record_bytes.load(); }
+
 }  // namespace tessera

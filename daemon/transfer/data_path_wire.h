@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,10 @@ inline void CloseFd(int fd) {
   if (fd >= 0) ::close(fd);
 }
 
+// Counts a wait for a socket (DataPathWaits, data_path.h): for room to send, or for bytes to
+// receive in the middle of a range.
+void AddSocketWait(bool send, absl::Duration waited);
+
 inline std::string Errno(const char* what) {
   return absl::StrCat(what, ": ", std::strerror(errno));
 }
@@ -90,8 +95,13 @@ struct Io {
   std::string peer;  // for errors
   RecordSealer* sealer = nullptr;  // not owned: the connection's
   RecordOpener* opener = nullptr;
+  // Called before each wait for the peer: a receiver finishes there what it deferred (the
+  // openings of a chunk read with RecvStart) while the connection is idle anyway. Its error
+  // ends the wait. Set and cleared by the function whose state it uses (WaitHook).
+  std::function<absl::Status()> before_wait;
 
   absl::Status Wait(short events) {
+    if (before_wait) TESSERA_RETURN_IF_ERROR(before_wait());
     const absl::Time until = std::min(deadline, absl::Now() + stall);
     for (;;) {
       pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
@@ -105,7 +115,10 @@ struct Io {
         timeout_ms = static_cast<int>(
             std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, INT_MAX));
       }
+      const absl::Time polled = absl::Now();
       const int n = ::poll(fds, stop_fd >= 0 ? 2 : 1, timeout_ms);
+      // A receiver between requests waits for the next: only waits mid-range are counted.
+      if (events == POLLOUT || before_wait) AddSocketWait(events == POLLOUT, absl::Now() - polled);
       if (n < 0) {
         if (errno == EINTR) continue;
         return absl::InternalError(Errno("poll"));
@@ -139,19 +152,55 @@ struct Io {
   // core's cache (data_path_wire.cc).
   absl::Status RecvChecked(uint8_t* dst, size_t size, uint32_t* crc32c);
 
+  struct CrcPiece {
+    uint32_t crc32c = 0;
+    size_t bytes = 0;
+  };
+  // A read begun by RecvStart whose records may still be being opened on the cipher pool. It
+  // stays where it is while they run (they point into it), and its destructor waits for them:
+  // destroy it before whatever memory they write into.
+  struct PendingRecv {
+    PendingRecv() = default;
+    PendingRecv(const PendingRecv&) = delete;
+    PendingRecv& operator=(const PendingRecv&) = delete;
+    ~PendingRecv() {
+      uint64_t sequence = 0;
+      size_t bytes = 0;
+      (void)jobs.Wait(&sequence, &bytes);
+    }
+    CipherJobs jobs;
+    std::deque<CrcPiece> crcs;  // one per piece of the read, in order
+  };
+  // RecvChecked in two halves, so that a receiver reads the next chunk while the records of
+  // this one are still being opened: RecvStart returns once every byte has been read (dst is
+  // not to be trusted yet), RecvFinish waits for the openings and gives the CRC32C of dst's
+  // bytes, or kDataLoss for a record that did not authenticate (the connection must close).
+  absl::Status RecvStart(uint8_t* dst, size_t size, PendingRecv* pending);
+  absl::StatusOr<uint32_t> RecvFinish(PendingRecv* pending);
+
   // data_path_wire.cc
   absl::Status SendSealed(const iovec* iov, int count);
   absl::Status RecvOpened(uint8_t* dst, size_t size, uint32_t* crc32c = nullptr);
   absl::Status SendChunksSealedInParallel(const uint8_t* data, uint64_t begin, uint64_t end,
                                           size_t chunk_bytes, uint32_t* range_crc32c);
-  // RecvOpened's records: with `pool`, those that land in `dst` are opened there as `jobs`. With
-  // `crcs`, one entry per piece of dst in order, its CRC32C set once the piece is opened.
-  struct CrcPiece {
-    uint32_t crc32c = 0;
-    size_t bytes = 0;
-  };
+  // RecvOpened's records: with `pool`, those that land in `dst` are opened there as `jobs`
+  // (but the read's last record here, when open_last_here: this thread would only wait for it).
+  // With `crcs`, one entry per piece of dst in order, its CRC32C set once the piece is opened.
   absl::Status RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, CipherJobs* jobs,
-                           std::deque<CrcPiece>* crcs);
+                           std::deque<CrcPiece>* crcs, bool open_last_here);
+
+  // Moves *iov past n bytes transferred, dropping the iovecs done.
+  static void Advance(iovec** iov, int* count, size_t n) {
+    while (*count > 0 && n >= (*iov)->iov_len) {
+      n -= (*iov)->iov_len;
+      ++*iov;
+      --*count;
+    }
+    if (*count > 0) {
+      (*iov)->iov_base = static_cast<uint8_t*>((*iov)->iov_base) + n;
+      (*iov)->iov_len -= n;
+    }
+  }
 
   absl::Status SendPlain(iovec* iov, int count) {
     while (count > 0) {
@@ -167,27 +216,21 @@ struct Io {
         }
         return Lost("send");
       }
-      size_t left = static_cast<size_t>(n);
-      while (count > 0 && left >= iov->iov_len) {
-        left -= iov->iov_len;
-        ++iov;
-        --count;
-      }
-      if (count > 0) {
-        iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-        iov->iov_len -= left;
-      }
+      Advance(&iov, &count, static_cast<size_t>(n));
     }
     return absl::OkStatus();
   }
 
-  absl::Status RecvPlain(void* dst, size_t size) {
-    auto* p = static_cast<uint8_t*>(dst);
-    while (size > 0) {
-      const ssize_t n = ::recv(fd, p, size, 0);
+  // Fills every iovec in order (a record's bytes, its tag and the next record's header: one
+  // system call where the bytes are there).
+  absl::Status RecvPlainV(iovec* iov, int count) {
+    while (count > 0) {
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(count);
+      const ssize_t n = ::recvmsg(fd, &msg, 0);
       if (n > 0) {
-        p += n;
-        size -= static_cast<size_t>(n);
+        Advance(&iov, &count, static_cast<size_t>(n));
         continue;
       }
       if (n == 0) {
@@ -202,6 +245,12 @@ struct Io {
       return Lost("recv");
     }
     return absl::OkStatus();
+  }
+
+  absl::Status RecvPlain(void* dst, size_t size) {
+    if (size == 0) return absl::OkStatus();
+    iovec iov{dst, size};
+    return RecvPlainV(&iov, 1);
   }
 
   absl::Status Discard(uint64_t size, std::vector<uint8_t>* scratch) {
@@ -253,6 +302,20 @@ struct Io {
     iovec iov[2] = {{encoded, sizeof(encoded)}, {const_cast<uint8_t*>(data), header.size}};
     return Send(iov, 2);
   }
+};
+
+// Sets io->before_wait for its own lifetime.
+class WaitHook {
+ public:
+  WaitHook(Io* io, std::function<absl::Status()> hook) : io_(io) {
+    io_->before_wait = std::move(hook);
+  }
+  ~WaitHook() { io_->before_wait = nullptr; }
+  WaitHook(const WaitHook&) = delete;
+  WaitHook& operator=(const WaitHook&) = delete;
+
+ private:
+  Io* io_;
 };
 
 inline void SetNoDelay(int fd) {
