@@ -42,7 +42,7 @@
 //
 // Usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] [--chunk_kib=1024]
 //                       [--dir=/dev/shm] [--default_malloc] [--paths=grpc,raw,tls,tls-grpc]
-//                       [--cipher_threads=16] [--cipher_nice=0] [--record_kib=256]
+//                       [--cipher_threads=16] [--cipher_nice=5] [--record_kib=256]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -98,7 +98,7 @@ struct Options {
   bool default_malloc = false;  // skip TuneMallocForBulkTransfers (to see what it buys)
   std::vector<std::string> paths = {"grpc", "raw", "tls", "tls-grpc"};
   int cipher_threads = 2 * kDefaultCipherThreads;
-  int cipher_nice = 0;                      // the cipher pool's threads' nice value
+  int cipher_nice = kDefaultCipherNice;     // the cipher pool's threads' nice value
   size_t record_bytes = size_t{256} << 10;  // records sealed on the pool
   bool Has(const std::string& path) const {
     return std::find(paths.begin(), paths.end(), path) != paths.end();

@@ -316,7 +316,8 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     data_options.port = static_cast<uint16_t>(config.peer.data_port);
     data_options.is_fenced = fenced;
     data_options.encrypt = tls.enabled();
-    CipherPool::Configure(static_cast<int>(config.cluster.tls_cipher_threads));
+    CipherPool::Configure(static_cast<int>(config.cluster.tls_cipher_threads),
+                          static_cast<int>(config.cluster.tls_cipher_nice));
     TESSERA_ASSIGN_OR_RETURN(data_path_server_,
                              DataPathServer::Start(fragments_.get(), data_options));
     service_options.data_path_port = data_path_server_->port();

@@ -315,6 +315,12 @@ ConfigSchema BuildSchema() {
           "what one core encrypts. 1 keeps each connection's cipher on its own thread.",
           InRange(1, 64)),
       ConfigKey::Int64(
+          "cluster.tls_cipher_nice", defaults.cluster.tls_cipher_nice,
+          "The nice value of those threads (0 to 19): above 0 they yield to the node's trainers "
+          "and to the daemon's connections, whose threads copy the bytes they encrypt through "
+          "the kernel. 0 gives the cipher the same share of the cores as everything else.",
+          InRange(0, 19)),
+      ConfigKey::Int64(
           "cluster.datagram_failures_per_source_per_s",
           defaults.cluster.datagram_failures_per_source_per_s,
           "Membership datagrams failing authentication (the token's HMAC; with mutual TLS the "
@@ -446,6 +452,7 @@ DaemonConfig FromConfig(const Config& config) {
   daemon_config.cluster.tls_ca_file = config.GetString("cluster.tls_ca_file");
   daemon_config.cluster.tls_refresh_s = config.GetInt64("cluster.tls_refresh_s");
   daemon_config.cluster.tls_cipher_threads = config.GetInt64("cluster.tls_cipher_threads");
+  daemon_config.cluster.tls_cipher_nice = config.GetInt64("cluster.tls_cipher_nice");
   daemon_config.cluster.insecure = config.GetBool("cluster.insecure");
   daemon_config.cluster.datagram_failures_per_source_per_s =
       config.GetInt64("cluster.datagram_failures_per_source_per_s");

@@ -397,6 +397,14 @@ TEST(DaemonConfigTest, CipherThreads) {
   config = LoadDaemonConfig(path, {"cluster.tls_cipher_threads=1"});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->cluster.tls_cipher_threads, 1);
+  EXPECT_EQ(defaults->cluster.tls_cipher_nice, 5);
+  EXPECT_THAT(DefaultDaemonConfigToml(), HasSubstr("\ntls_cipher_nice = 5\n"));
+  config = LoadDaemonConfig(path, {"cluster.tls_cipher_nice=0"});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.tls_cipher_nice, 0);
+  config = LoadDaemonConfig(WriteTempFile("nice.toml", "[cluster]\ntls_cipher_nice = 19\n"), {});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.tls_cipher_nice, 19);
 }
 
 // What the daemon builds its throttles from: a budget set in the file reaches the throttle.
@@ -465,6 +473,12 @@ TEST(DaemonConfigErrorTest, VerificationBudgets) {
   EXPECT_EQ(OverrideError("cluster.tls_cipher_threads=65"),
             "override \"cluster.tls_cipher_threads=65\": cluster.tls_cipher_threads: must be 1 "
             "to 64, got 65");
+  EXPECT_EQ(OverrideError("cluster.tls_cipher_nice=-1"),
+            "override \"cluster.tls_cipher_nice=-1\": cluster.tls_cipher_nice: must be 0 to 19, "
+            "got -1");
+  EXPECT_EQ(OverrideError("cluster.tls_cipher_nice=20"),
+            "override \"cluster.tls_cipher_nice=20\": cluster.tls_cipher_nice: must be 0 to 19, "
+            "got 20");
   EXPECT_THAT(OverrideError("cluster.proof_checks_per_s=many"),
               HasSubstr("cluster.proof_checks_per_s"));
   EXPECT_THAT(FileError("[cluster]\ndatagram_failures_per_s = 0\n"),

@@ -12,7 +12,7 @@ namespace tessera {
 namespace {
 
 std::atomic<int> configured_threads{kDefaultCipherThreads};
-std::atomic<int> configured_nice{0};
+std::atomic<int> configured_nice{kDefaultCipherNice};
 
 }  // namespace
 

@@ -26,6 +26,7 @@
 namespace tessera {
 
 inline constexpr int kDefaultCipherThreads = 8;  // cluster.tls_cipher_threads
+inline constexpr int kDefaultCipherNice = 5;     // cluster.tls_cipher_nice
 inline constexpr int kMaxCipherThreads = 64;
 
 class CipherPool {
