@@ -1,6 +1,8 @@
 // The raw TCP data path's client (data_path.h): DataPathClient, a pool of idle connections per
 // peer, and its PUT_RANGE, SEAL and GET_RANGE requests. The server is in data_path.cc, the
 // framing both use in data_path_wire.h.
+#include "daemon/transfer/data_path.h"
+
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -17,7 +19,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
 #include "common/status.h"
-#include "daemon/transfer/data_path.h"
 #include "daemon/transfer/data_path_wire.h"
 #include "proto/peer.pb.h"
 
