@@ -111,9 +111,13 @@ void TcpRelay::Accept() {
 
 void TcpRelay::Pump(int from, int to, bool client_to_server) {
   std::vector<uint8_t> buffer(1 << 16);
+  bool broken = false;  // `to` refused a send (its end reset the connection)
   for (;;) {
     const ssize_t n = recv(from, buffer.data(), buffer.size(), 0);
     if (n <= 0) break;
+    // What `from` sends after `to` broke is read and dropped, as the reset would have ended it:
+    // left unread, it would fill the socket and hold a sender until its deadline.
+    if (broken) continue;
     {
       absl::MutexLock lock(&mu_);
       std::string& seen = captured_[client_to_server ? 0 : 1];
@@ -124,7 +128,7 @@ void TcpRelay::Pump(int from, int to, bool client_to_server) {
       }
       seen.append(reinterpret_cast<const char*>(buffer.data()), static_cast<size_t>(n));
     }
-    if (send(to, buffer.data(), static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+    if (send(to, buffer.data(), static_cast<size_t>(n), MSG_NOSIGNAL) != n) broken = true;
   }
   shutdown(to, SHUT_WR);
 }
