@@ -253,6 +253,32 @@ TEST_F(FragmentStoreTest, ReceiptsOpenTogetherFinishInAnyOrderAndDroppedOnesRece
   ExpectHolds(key, data);
 }
 
+// A fragment dropped while a chunk arrives: the receipt then holds the last reference to it, and
+// finishing it (NotFound) or dropping it unfinished releases it without touching it after (run
+// under ASan, releasing it while its lock was held was a use after free).
+TEST_F(FragmentStoreTest, AReceiptOfAFragmentDroppedMeanwhileReleasesItLast) {
+  const FragmentMeta meta = Meta(3 << 20);
+  const FragmentKey key = Key(11);
+  auto data = RandomBytes(meta.fragment_bytes);
+  const size_t half = meta.fragment_bytes / 2;
+  for (const bool finish : {true, false}) {
+    SCOPED_TRACE(finish ? "finished" : "dropped unfinished");
+    ASSERT_TRUE(store_->BeginFragment(key, meta).ok());
+    auto receipt = store_->BeginReceive(key, 7, 0, half, Crc32c(data.data(), half));
+    ASSERT_TRUE(receipt.ok()) << receipt.status();
+    std::memcpy(receipt->dst(), data.data(), half);
+    ASSERT_TRUE(store_->DropFragment(key).ok());
+    if (finish) {
+      auto finished = store_->FinishReceive(std::move(*receipt), Crc32c(data.data(), half));
+      EXPECT_EQ(finished.status().code(), absl::StatusCode::kNotFound) << finished.status();
+    } else {
+      FragmentStore::ChunkReceipt abandoned = std::move(*receipt);
+    }
+    EXPECT_EQ(store_->Get(key).status().code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(store_->stats().pool_segments, 0u) << "the segment was still written: deleted";
+  }
+}
+
 // A fragment replaced while a chunk is arriving into it: the chunk's writes land in the old
 // segment, which is deleted rather than recycled, and the new fragment is untouched.
 TEST_F(FragmentStoreTest, ReceiveChunkIntoAReplacedFragmentTouchesNothingElse) {

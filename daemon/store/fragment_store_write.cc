@@ -321,7 +321,10 @@ absl::StatusOr<FragmentStatus> FragmentStore::FinishReceive(ChunkReceipt receipt
   if (!receipt.entry_) {
     return absl::FailedPreconditionError("FinishReceive of a receipt already finished");
   }
-  Entry& entry = *receipt.entry_;
+  // Ours until the end: the receipt may hold the last reference to a fragment dropped meanwhile,
+  // and the entry's lock must not outlive it.
+  const std::shared_ptr<Entry> held = std::move(receipt.entry_);
+  Entry& entry = *held;
   const uint64_t offset = receipt.offset_;
   const size_t size = receipt.size_;
   absl::Status filled = received.status();
@@ -339,7 +342,6 @@ absl::StatusOr<FragmentStatus> FragmentStore::FinishReceive(ChunkReceipt receipt
   }
   absl::MutexLock entry_lock(&entry.mu);
   --entry.receiving;
-  receipt.entry_ = nullptr;  // finished: the entry is released with the receipt
   if (entry.retired) {
     return absl::NotFoundError(entry.key.ToString() +
                                " was dropped or replaced while being written");
@@ -374,11 +376,12 @@ FragmentStore::ChunkReceipt::~ChunkReceipt() { Abandon(); }
 
 void FragmentStore::ChunkReceipt::Abandon() {
   if (!entry_) return;
+  // Released once unlocked (it may be the last reference to a fragment dropped meanwhile).
+  const std::shared_ptr<Entry> entry = std::move(entry_);
   // The range was (or may have been) overwritten: whatever it held counts as not received.
-  absl::MutexLock entry_lock(&entry_->mu);
-  --entry_->receiving;
-  if (!entry_->retired) entry_->ForgetRange(offset_, size_);
-  entry_ = nullptr;
+  absl::MutexLock entry_lock(&entry->mu);
+  --entry->receiving;
+  if (!entry->retired) entry->ForgetRange(offset_, size_);
 }
 
 absl::StatusOr<FragmentStatus> FragmentStore::SealFragment(const FragmentKey& key,
