@@ -91,17 +91,23 @@ class DataPathWireTest : public ::testing::Test {
   const std::string key_ = std::string(32, 'k');
 };
 
+// The header of the chunk at `pos` of a range of `size` bytes.
+absl::StatusOr<ChunkHeader> NextChunk(Io& io, size_t pos, size_t size) {
+  uint8_t encoded[kChunkHeaderBytes];
+  TESSERA_RETURN_IF_ERROR(io.Recv(encoded, sizeof(encoded)));
+  const ChunkHeader chunk = ChunkHeader::Decode(encoded);
+  if (chunk.offset != pos || chunk.size == 0 || chunk.size > size - pos) {
+    return absl::DataLossError("a chunk out of place");
+  }
+  return chunk;
+}
+
 // The chunks of a range, read as the data path's receivers do: header, then the chunk with its
 // CRC32C. `crcs` gets each chunk's CRC as computed by RecvChecked.
 absl::Status ReadChunks(Io& io, uint8_t* dst, size_t size, std::vector<uint32_t>* sent,
                         std::vector<uint32_t>* computed) {
   for (size_t pos = 0; pos < size;) {
-    uint8_t encoded[kChunkHeaderBytes];
-    TESSERA_RETURN_IF_ERROR(io.Recv(encoded, sizeof(encoded)));
-    const ChunkHeader chunk = ChunkHeader::Decode(encoded);
-    if (chunk.offset != pos || chunk.size == 0 || chunk.size > size - pos) {
-      return absl::DataLossError("a chunk out of place");
-    }
+    TESSERA_ASSIGN_OR_RETURN(const ChunkHeader chunk, NextChunk(io, pos, size));
     uint32_t crc = 0;
     TESSERA_RETURN_IF_ERROR(io.RecvChecked(dst + pos, chunk.size, &crc));
     sent->push_back(chunk.crc32c);
@@ -138,12 +144,7 @@ absl::Status ReadChunksPipelined(Io& io, uint8_t* dst, size_t size, std::vector<
     return status;
   });
   for (size_t pos = 0; pos < size;) {
-    uint8_t encoded[kChunkHeaderBytes];
-    TESSERA_RETURN_IF_ERROR(io.Recv(encoded, sizeof(encoded)));
-    const ChunkHeader chunk = ChunkHeader::Decode(encoded);
-    if (chunk.offset != pos || chunk.size == 0 || chunk.size > size - pos) {
-      return absl::DataLossError("a chunk out of place");
-    }
+    TESSERA_ASSIGN_OR_RETURN(const ChunkHeader chunk, NextChunk(io, pos, size));
     auto next = std::make_unique<InFlight>();
     next->sent_crc = chunk.crc32c;
     TESSERA_RETURN_IF_ERROR(io.RecvStart(dst + pos, chunk.size, &next->pending));
