@@ -43,6 +43,7 @@
 // Usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] [--chunk_kib=1024]
 //                       [--dir=/dev/shm] [--default_malloc] [--paths=grpc,raw,tls,tls-grpc]
 //                       [--cipher_threads=16] [--cipher_nice=5] [--record_kib=256]
+//                       [--cipher_library=auto|openssl|ipsec-mb]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -100,6 +101,7 @@ struct Options {
   int cipher_threads = 2 * kDefaultCipherThreads;
   int cipher_nice = kDefaultCipherNice;     // the cipher pool's threads' nice value
   size_t record_bytes = size_t{256} << 10;  // records sealed on the pool
+  std::string cipher_library = "auto";      // as cluster.tls_cipher_library
   bool Has(const std::string& path) const {
     return std::find(paths.begin(), paths.end(), path) != paths.end();
   }
@@ -228,10 +230,12 @@ void Run(const Options& options) {
       "transfer_bench: loopback on this machine, %u hardware threads; median of %d rounds; "
       "GB/s = 10^9 bytes/s; cpu = CPU seconds per GiB moved, sender and receiver "
       "together; chunks of %zu KiB; cipher pool of %d threads at nice %d, sealing records of "
-      "%zu KiB; for tls rows, the time per GiB the data path's threads waited for records to be "
-      "sealed and opened, and for their sockets to send and receive mid-range (ms/GiB)\n\n",
+      "%zu KiB with %s; for tls rows, the time per GiB the data path's threads waited for "
+      "records to be sealed and opened, and for their sockets to send and receive mid-range "
+      "(ms/GiB)\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
-      CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10);
+      CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10,
+      GcmLibraryDescription(CurrentGcmLibrary()).c_str());
   std::printf("%-8s %-16s %7s %9s %7s\n", "fragment", "path", "GB/s", "cpu-s/GiB", "ratio");
   std::printf("------------------------------------------------------\n");
 
@@ -529,6 +533,9 @@ int main(int argc, char** argv) {
     } else if (const char* s = value("--record_kib=");
                s && absl::SimpleAtoi(s, &v) && v >= 32 && v <= 4096) {
       options.record_bytes = v << 10;
+    } else if (const char* s = value("--cipher_library=");
+               s && (std::string(s) == "auto" || tessera::ParseGcmLibrary(s).ok())) {
+      options.cipher_library = s;
     } else if (arg == "--default_malloc") {
       options.default_malloc = true;
     } else if (const char* s = value("--paths=")) {
@@ -545,13 +552,22 @@ int main(int argc, char** argv) {
                    "usage: transfer_bench [--repeats=R] [--max_mib=M] [--channels=1,4,8] "
                    "[--chunk_kib=1024] [--dir=/dev/shm] [--default_malloc] "
                    "[--paths=grpc,raw,tls,tls-grpc] [--cipher_threads=1..64] "
-                   "[--cipher_nice=0..19] [--record_kib=32..4096]\n");
+                   "[--cipher_nice=0..19] [--record_kib=32..4096] "
+                   "[--cipher_library=auto|openssl|ipsec-mb]\n");
       return 2;
     }
   }
   if (!options.default_malloc) tessera::TuneMallocForBulkTransfers();
   tessera::CipherPool::Configure(options.cipher_threads, options.cipher_nice);
   tessera::SetSealedRecordBytes(options.record_bytes);
+  const tessera::GcmLibrary library = options.cipher_library == "auto"
+                                          ? tessera::FastestGcmLibrary()
+                                          : *tessera::ParseGcmLibrary(options.cipher_library);
+  if (absl::Status s = tessera::UseGcmLibrary(library); !s.ok()) {
+    std::fprintf(stderr, "--cipher_library=%s: %s\n", options.cipher_library.c_str(),
+                 std::string(s.message()).c_str());
+    return 2;
+  }
   tessera::Run(options);
   return 0;
 }

@@ -22,6 +22,7 @@
 #include "common/status.h"
 #include "daemon/coordination/job_state_journal.h"
 #include "daemon/transfer/cipher_pool.h"
+#include "daemon/transfer/data_path_crypto.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 
@@ -77,6 +78,21 @@ absl::Status MakeDirectories(const std::string& dir) {
       }
     }
   }
+  return absl::OkStatus();
+}
+
+// The library that seals and opens the encrypted data path's records (cluster.tls_cipher_library).
+absl::Status ChooseGcmLibrary(const DaemonConfig::Cluster& cluster) {
+  GcmLibrary library = FastestGcmLibrary();
+  if (cluster.tls_cipher_library != "auto") {
+    TESSERA_ASSIGN_OR_RETURN(library, ParseGcmLibrary(cluster.tls_cipher_library));
+  }
+  if (absl::Status s = UseGcmLibrary(library); !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cluster.tls_cipher_library = \"", cluster.tls_cipher_library, "\": ", s.message()));
+  }
+  Logger("daemon")->info("data path records: AES-256-GCM by {} (cluster.tls_cipher_library = {})",
+                         GcmLibraryDescription(library), cluster.tls_cipher_library);
   return absl::OkStatus();
 }
 
@@ -318,6 +334,7 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
     data_options.encrypt = tls.enabled();
     CipherPool::Configure(static_cast<int>(config.cluster.tls_cipher_threads),
                           static_cast<int>(config.cluster.tls_cipher_nice));
+    if (data_options.encrypt) TESSERA_RETURN_IF_ERROR(ChooseGcmLibrary(config.cluster));
     TESSERA_ASSIGN_OR_RETURN(data_path_server_,
                              DataPathServer::Start(fragments_.get(), data_options));
     service_options.data_path_port = data_path_server_->port();

@@ -72,6 +72,7 @@ struct DaemonConfig {
     // machine's hardware threads.
     int64_t tls_cipher_threads = 8;  // cluster.tls_cipher_threads
     int64_t tls_cipher_nice = 5;     // cluster.tls_cipher_nice: their nice value
+    std::string tls_cipher_library = "auto";  // cluster.tls_cipher_library: auto, openssl, ipsec-mb
     // Budgets of the checks that membership costs under attack (verification_throttle.h), per
     // second: membership datagrams failing authentication, per source address
     // (cluster.datagram_failures_per_source_per_s) and over all addresses not a member's

@@ -405,6 +405,16 @@ TEST(DaemonConfigTest, CipherThreads) {
   config = LoadDaemonConfig(WriteTempFile("nice.toml", "[cluster]\ntls_cipher_nice = 19\n"), {});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->cluster.tls_cipher_nice, 19);
+  EXPECT_EQ(defaults->cluster.tls_cipher_library, "auto");
+  EXPECT_THAT(DefaultDaemonConfigToml(), HasSubstr("\ntls_cipher_library = \"auto\"\n"));
+  for (const char* library : {"openssl", "ipsec-mb"}) {
+    config = LoadDaemonConfig(
+        WriteTempFile("library.toml",
+                      std::string("[cluster]\ntls_cipher_library = \"") + library + "\"\n"),
+        {});
+    ASSERT_TRUE(config.ok()) << config.status();
+    EXPECT_EQ(config->cluster.tls_cipher_library, library);
+  }
 }
 
 // What the daemon builds its throttles from: a budget set in the file reaches the throttle.
@@ -476,6 +486,9 @@ TEST(DaemonConfigErrorTest, VerificationBudgets) {
   EXPECT_EQ(OverrideError("cluster.tls_cipher_nice=-1"),
             "override \"cluster.tls_cipher_nice=-1\": cluster.tls_cipher_nice: must be 0 to 19, "
             "got -1");
+  EXPECT_THAT(OverrideError("cluster.tls_cipher_library=boringssl"),
+              HasSubstr("cluster.tls_cipher_library: must be one of auto, openssl, ipsec-mb; "
+                        "got \"boringssl\""));
   EXPECT_EQ(OverrideError("cluster.tls_cipher_nice=20"),
             "override \"cluster.tls_cipher_nice=20\": cluster.tls_cipher_nice: must be 0 to 19, "
             "got 20");

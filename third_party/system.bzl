@@ -35,6 +35,36 @@ system_library = repository_rule(
     local = True,
 )
 
+def _optional_system_library_impl(ctx):
+    found = [d for d in ["/usr/include", "/usr/local/include"] if ctx.path(d + "/" + ctx.attr.header).exists]
+    ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
+    ctx.file("BUILD", """
+package(default_visibility = ["//visibility:public"])
+# {note}
+cc_library(
+    name = "{name}",
+    defines = {defines},
+    linkopts = {linkopts},
+)
+""".format(
+        name = ctx.name,
+        note = ("found " + found[0] + "/" + ctx.attr.header) if found else ("not found: " + ctx.attr.header),
+        defines = repr([ctx.attr.define] if found else []),
+        linkopts = repr(["-l" + ctx.attr.library] if found else []),
+    ))
+
+# A library used where the system has it: a target that defines `define` and links
+# -l`library` when `header` is installed, and is empty otherwise (the code falls back).
+optional_system_library = repository_rule(
+    implementation = _optional_system_library_impl,
+    attrs = {
+        "header": attr.string(mandatory = True),
+        "library": attr.string(mandatory = True),
+        "define": attr.string(mandatory = True),
+    },
+    local = True,
+)
+
 _CUDA_BUILD = """
 package(default_visibility = ["//visibility:public"])
 

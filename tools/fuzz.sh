@@ -125,6 +125,11 @@ protos=(admin agent coordination manifest peer rendezvous)
 modules="grpc++ protobuf absl_status absl_statusor absl_strings absl_synchronization absl_time libisal spdlog fmt libcrypto"
 cflags=$(pkg-config --cflags $modules)
 libs=$(pkg-config --libs $modules)
+# Intel's ipsec-mb where it is installed, as the Bazel build takes it (WORKSPACE, @ipsec_mb).
+if [ -e /usr/include/intel-ipsec-mb.h ]; then
+  cflags+=" -DTESSERA_HAVE_IPSEC_MB"
+  libs+=" -lIPSec_MB"
+fi
 sanitize="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
 
 build_failed=""

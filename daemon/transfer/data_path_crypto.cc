@@ -5,6 +5,11 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#ifdef TESSERA_HAVE_IPSEC_MB
+#include <intel-ipsec-mb.h>
+#endif
+
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -43,10 +48,51 @@ void NonceOf(uint64_t sequence, uint8_t iv[kIvBytes]) {
   for (int i = 0; i < 8; ++i) iv[4 + i] = static_cast<uint8_t>(sequence >> (8 * i));
 }
 
-EVP_CIPHER_CTX* Ctx(void* p) { return static_cast<EVP_CIPHER_CTX*>(p); }
+#ifdef TESSERA_HAVE_IPSEC_MB
+// ipsec-mb's expanded key and a record's running state (its code wants them aligned).
+struct alignas(64) ImbKey {
+  gcm_key_data data;
+};
+struct alignas(64) ImbContext {
+  gcm_context_data data;
+};
 
-// This thread's context for SealRecordAt and OpenRecordAt, set up for the key and direction it
-// served last (a connection's records come in runs): a record under them only sets its nonce.
+// The process's ipsec-mb manager, or nullptr where it does not run (no AES-NI or PCLMULQDQ, or
+// its self-test failed). Its GCM functions keep no state of their own: any thread calls them with
+// its own key and context.
+IMB_MGR* ImbManager() {
+  static IMB_MGR* const manager = []() -> IMB_MGR* {
+    IMB_MGR* m = alloc_mb_mgr(0);
+    if (m == nullptr) return nullptr;
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    init_mb_mgr_auto(m, &arch);
+    const uint64_t needed = IMB_FEATURE_AESNI | IMB_FEATURE_PCLMULQDQ;
+    const bool self_test_failed = (m->features & IMB_FEATURE_SELF_TEST) != 0 &&
+                                  (m->features & IMB_FEATURE_SELF_TEST_PASS) == 0;
+    if (imb_get_errno(m) != 0 || arch < IMB_ARCH_SSE || (m->features & needed) != needed ||
+        self_test_failed) {
+      free_mb_mgr(m);
+      return nullptr;
+    }
+    return m;
+  }();
+  return manager;
+}
+
+bool ImbFast() {
+  const IMB_MGR* m = ImbManager();
+  const uint64_t fast = IMB_FEATURE_VAES | IMB_FEATURE_VPCLMULQDQ;
+  return m != nullptr && (m->features & fast) == fast &&
+         (m->features & (IMB_FEATURE_AVX2 | IMB_FEATURE_AVX512F)) != 0;
+}
+#endif
+
+constexpr int kUnchosen = -1;
+std::atomic<int> chosen_library{kUnchosen};
+
+// This thread's OpenSSL context for SealRecordAt and OpenRecordAt, set up for the key and
+// direction it served last (a connection's records come in runs): a record under them only sets
+// its nonce.
 EVP_CIPHER_CTX* ThreadContext(const std::string& key, bool seal, const uint8_t iv[kIvBytes]) {
   struct Context {
     EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
@@ -67,14 +113,202 @@ EVP_CIPHER_CTX* ThreadContext(const std::string& key, bool seal, const uint8_t i
   return context.ctx;
 }
 
+#ifdef TESSERA_HAVE_IPSEC_MB
+// This thread's ipsec-mb key for SealRecordAt or OpenRecordAt, expanded for the key it served
+// last in that direction.
+const gcm_key_data* ThreadImbKey(const std::string& key, bool seal) {
+  struct Cached {
+    std::string key;
+    ImbKey expanded;
+  };
+  thread_local Cached cached[2];
+  Cached& c = cached[seal ? 1 : 0];
+  if (c.key != key) {
+    IMB_AES256_GCM_PRE(ImbManager(), key.data(), &c.expanded.data);
+    c.key = key;
+  }
+  return &c.expanded.data;
+}
+#endif
+
 }  // namespace
+
+// One record's AES-256-GCM, begun, fed and finished, by the library chosen when it was made.
+class GcmStream {
+ public:
+  GcmStream(const std::string& key, bool seal) : library_(CurrentGcmLibrary()), seal_(seal) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (library_ == GcmLibrary::kIpsecMb) {
+      imb_key_ = std::make_unique<ImbKey>();
+      imb_context_ = std::make_unique<ImbContext>();
+      IMB_AES256_GCM_PRE(ImbManager(), key.data(), &imb_key_->data);
+      return;
+    }
+#endif
+    ctx_ = EVP_CIPHER_CTX_new();
+    (seal ? EVP_EncryptInit_ex : EVP_DecryptInit_ex)(
+        ctx_, EVP_aes_256_gcm(), nullptr, reinterpret_cast<const uint8_t*>(key.data()), nullptr);
+  }
+  ~GcmStream() {
+    if (ctx_ != nullptr) EVP_CIPHER_CTX_free(ctx_);
+  }
+
+  void Begin(const uint8_t iv[kIvBytes], const uint8_t* aad, size_t aad_bytes) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      IMB_AES256_GCM_INIT(ImbManager(), &imb_key_->data, &imb_context_->data, iv, aad, aad_bytes);
+      return;
+    }
+#endif
+    int len = 0;
+    if (seal_) {
+      EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv);
+      EVP_EncryptUpdate(ctx_, nullptr, &len, aad, static_cast<int>(aad_bytes));
+    } else {
+      EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv);
+      EVP_DecryptUpdate(ctx_, nullptr, &len, aad, static_cast<int>(aad_bytes));
+    }
+  }
+
+  void Update(const uint8_t* in, uint8_t* out, size_t n) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      if (seal_) {
+        IMB_AES256_GCM_ENC_UPDATE(ImbManager(), &imb_key_->data, &imb_context_->data, out, in, n);
+      } else {
+        IMB_AES256_GCM_DEC_UPDATE(ImbManager(), &imb_key_->data, &imb_context_->data, out, in, n);
+      }
+      return;
+    }
+#endif
+    int len = 0;
+    (seal_ ? EVP_EncryptUpdate : EVP_DecryptUpdate)(ctx_, out, &len, in, static_cast<int>(n));
+  }
+
+  // Sealing: the tag.
+  void FinishSeal(uint8_t tag[kRecordTagBytes]) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      IMB_AES256_GCM_ENC_FINALIZE(ImbManager(), &imb_key_->data, &imb_context_->data, tag,
+                                  kRecordTagBytes);
+      return;
+    }
+#endif
+    int len = 0;
+    uint8_t none[16];
+    EVP_EncryptFinal_ex(ctx_, none, &len);
+    EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kRecordTagBytes, tag);
+  }
+
+  // Opening: whether `tag` is the record's.
+  bool FinishOpen(const uint8_t tag[kRecordTagBytes]) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      uint8_t computed[kRecordTagBytes];
+      IMB_AES256_GCM_DEC_FINALIZE(ImbManager(), &imb_key_->data, &imb_context_->data, computed,
+                                  kRecordTagBytes);
+      return CRYPTO_memcmp(computed, tag, kRecordTagBytes) == 0;
+    }
+#endif
+    uint8_t expected[kRecordTagBytes];
+    std::memcpy(expected, tag, kRecordTagBytes);
+    EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kRecordTagBytes, expected);
+    int len = 0;
+    uint8_t none[16];
+    return EVP_DecryptFinal_ex(ctx_, none, &len) > 0;
+  }
+
+ private:
+  const GcmLibrary library_;
+  const bool seal_;
+  EVP_CIPHER_CTX* ctx_ = nullptr;
+#ifdef TESSERA_HAVE_IPSEC_MB
+  std::unique_ptr<ImbKey> imb_key_;
+  std::unique_ptr<ImbContext> imb_context_;
+#endif
+};
+
+bool GcmLibraryAvailable(GcmLibrary library) {
+  if (library == GcmLibrary::kOpenSsl) return true;
+#ifdef TESSERA_HAVE_IPSEC_MB
+  return ImbManager() != nullptr;
+#else
+  return false;
+#endif
+}
+
+GcmLibrary FastestGcmLibrary() {
+#ifdef TESSERA_HAVE_IPSEC_MB
+  if (ImbFast()) return GcmLibrary::kIpsecMb;
+#endif
+  return GcmLibrary::kOpenSsl;
+}
+
+absl::Status UseGcmLibrary(GcmLibrary library) {
+  if (!GcmLibraryAvailable(library)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("AES-256-GCM by ", GcmLibraryId(library), " does not run here (",
+#ifdef TESSERA_HAVE_IPSEC_MB
+                     "this CPU lacks AES-NI or PCLMULQDQ, or ipsec-mb's self-test failed",
+#else
+                      "this build has no ipsec-mb: install libipsec-mb-dev and build again",
+#endif
+                     "); use 'openssl' or 'auto'"));
+  }
+  chosen_library.store(static_cast<int>(library), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+GcmLibrary CurrentGcmLibrary() {
+  int chosen = chosen_library.load(std::memory_order_relaxed);
+  if (chosen == kUnchosen) {
+    int fastest = static_cast<int>(FastestGcmLibrary());
+    // The first caller decides; UseGcmLibrary may have been faster.
+    chosen = chosen_library.compare_exchange_strong(chosen, fastest) ? fastest : chosen;
+  }
+  return static_cast<GcmLibrary>(chosen);
+}
+
+std::string GcmLibraryId(GcmLibrary library) {
+  return library == GcmLibrary::kIpsecMb ? "ipsec-mb" : "openssl";
+}
+
+absl::StatusOr<GcmLibrary> ParseGcmLibrary(const std::string& id) {
+  if (id == "openssl") return GcmLibrary::kOpenSsl;
+  if (id == "ipsec-mb") return GcmLibrary::kIpsecMb;
+  return absl::InvalidArgumentError(
+      absl::StrCat("'", id, "' is not an AES-GCM library: 'openssl' or 'ipsec-mb'"));
+}
+
+std::string GcmLibraryDescription(GcmLibrary library) {
+  if (library == GcmLibrary::kOpenSsl) return OpenSSL_version(OPENSSL_VERSION);
+#ifdef TESSERA_HAVE_IPSEC_MB
+  const IMB_MGR* m = ImbManager();
+  if (m != nullptr) {
+    const char* code =
+        ImbFast() ? ((m->features & IMB_FEATURE_AVX512F) != 0 ? "AVX-512, VAES" : "AVX2, VAES")
+                  : "AES-NI";
+    return absl::StrCat("Intel ipsec-mb ", imb_get_version_str(), " (", code, ")");
+  }
+#endif
+  return "Intel ipsec-mb (not available here)";
+}
 
 void SealRecordAt(const std::string& key, uint64_t sequence, const uint8_t* in, size_t n,
                   uint8_t* out) {
   uint8_t iv[kIvBytes];
   NonceOf(sequence, iv);
-  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/true, iv);
   PutU32(out, static_cast<uint32_t>(n));
+#ifdef TESSERA_HAVE_IPSEC_MB
+  if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
+    ImbContext context;
+    IMB_AES256_GCM_ENC(ImbManager(), ThreadImbKey(key, /*seal=*/true), &context.data,
+                       out + kRecordHeaderBytes, in, n, iv, out, kRecordHeaderBytes,
+                       out + kRecordHeaderBytes + n, kRecordTagBytes);
+    return;
+  }
+#endif
+  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/true, iv);
   int len = 0;
   EVP_EncryptUpdate(ctx, nullptr, &len, out, kRecordHeaderBytes);
   EVP_EncryptUpdate(ctx, out + kRecordHeaderBytes, &len, in, static_cast<int>(n));
@@ -87,9 +321,18 @@ bool OpenRecordAt(const std::string& key, uint64_t sequence, uint8_t* data, size
                   const uint8_t tag[kRecordTagBytes]) {
   uint8_t iv[kIvBytes];
   NonceOf(sequence, iv);
-  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/false, iv);
   uint8_t header[kRecordHeaderBytes];
   PutU32(header, static_cast<uint32_t>(n));
+#ifdef TESSERA_HAVE_IPSEC_MB
+  if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
+    ImbContext context;
+    uint8_t computed[kRecordTagBytes];
+    IMB_AES256_GCM_DEC(ImbManager(), ThreadImbKey(key, /*seal=*/false), &context.data, data, data,
+                       n, iv, header, kRecordHeaderBytes, computed, kRecordTagBytes);
+    return CRYPTO_memcmp(computed, tag, kRecordTagBytes) == 0;
+  }
+#endif
+  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/false, iv);
   int len = 0;
   EVP_DecryptUpdate(ctx, nullptr, &len, header, kRecordHeaderBytes);
   EVP_DecryptUpdate(ctx, data, &len, data, static_cast<int>(n));
@@ -129,12 +372,9 @@ ConnectionKeys DeriveConnectionKeys(const std::string& session_key, const std::s
 // ---------------------------------------------------------------------------------------------
 
 RecordSealer::RecordSealer(const std::string& key, std::string what)
-    : context_(EVP_CIPHER_CTX_new()), key_(key), what_(std::move(what)) {
-  EVP_EncryptInit_ex(Ctx(context_), EVP_aes_256_gcm(), nullptr,
-                     reinterpret_cast<const uint8_t*>(key.data()), nullptr);
-}
+    : gcm_(std::make_unique<GcmStream>(key, /*seal=*/true)), key_(key), what_(std::move(what)) {}
 
-RecordSealer::~RecordSealer() { EVP_CIPHER_CTX_free(Ctx(context_)); }
+RecordSealer::~RecordSealer() = default;
 
 absl::Status RecordSealer::Begin(size_t size, uint8_t header[kRecordHeaderBytes]) {
   if (size == 0 || size > kMaxRecordBytes) {
@@ -149,17 +389,14 @@ absl::Status RecordSealer::Begin(size_t size, uint8_t header[kRecordHeaderBytes]
   uint8_t iv[kIvBytes];
   NonceOf(sequence_, iv);
   PutU32(header, static_cast<uint32_t>(size));
-  int len = 0;
-  EVP_EncryptInit_ex(Ctx(context_), nullptr, nullptr, nullptr, iv);
-  EVP_EncryptUpdate(Ctx(context_), nullptr, &len, header, kRecordHeaderBytes);
+  gcm_->Begin(iv, header, kRecordHeaderBytes);
   size_ = size;
   done_ = 0;
   return absl::OkStatus();
 }
 
 void RecordSealer::Update(const uint8_t* in, uint8_t* out, size_t n) {
-  int len = 0;
-  EVP_EncryptUpdate(Ctx(context_), out, &len, in, static_cast<int>(n));
+  gcm_->Update(in, out, n);
   done_ += n;
 }
 
@@ -170,10 +407,7 @@ absl::Status RecordSealer::Finish(uint8_t tag[kRecordTagBytes]) {
                                             "with ",
                                             done_));
   }
-  int len = 0;
-  uint8_t none[16];
-  EVP_EncryptFinal_ex(Ctx(context_), none, &len);
-  EVP_CIPHER_CTX_ctrl(Ctx(context_), EVP_CTRL_GCM_GET_TAG, kRecordTagBytes, tag);
+  gcm_->FinishSeal(tag);
   ++sequence_;
   size_ = done_ = 0;
   return absl::OkStatus();
@@ -203,12 +437,9 @@ absl::StatusOr<std::string> RecordSealer::Seal(const std::string& plaintext) {
 // ---------------------------------------------------------------------------------------------
 
 RecordOpener::RecordOpener(const std::string& key, std::string what)
-    : context_(EVP_CIPHER_CTX_new()), key_(key), what_(std::move(what)) {
-  EVP_DecryptInit_ex(Ctx(context_), EVP_aes_256_gcm(), nullptr,
-                     reinterpret_cast<const uint8_t*>(key.data()), nullptr);
-}
+    : gcm_(std::make_unique<GcmStream>(key, /*seal=*/false)), key_(key), what_(std::move(what)) {}
 
-RecordOpener::~RecordOpener() { EVP_CIPHER_CTX_free(Ctx(context_)); }
+RecordOpener::~RecordOpener() = default;
 
 absl::StatusOr<size_t> RecordOpener::CheckHeader(const uint8_t header[kRecordHeaderBytes]) {
   if (broken_) {
@@ -231,9 +462,7 @@ absl::StatusOr<size_t> RecordOpener::Begin(const uint8_t header[kRecordHeaderByt
   if (!size.ok()) return size;
   uint8_t iv[kIvBytes];
   NonceOf(sequence_, iv);
-  int len = 0;
-  EVP_DecryptInit_ex(Ctx(context_), nullptr, nullptr, nullptr, iv);
-  EVP_DecryptUpdate(Ctx(context_), nullptr, &len, header, kRecordHeaderBytes);
+  gcm_->Begin(iv, header, kRecordHeaderBytes);
   size_ = *size;
   done_ = 0;
   return size;
@@ -256,18 +485,12 @@ absl::Status RecordOpener::Failed(uint64_t sequence, size_t size) {
 }
 
 void RecordOpener::Update(uint8_t* data, size_t n) {
-  int len = 0;
-  EVP_DecryptUpdate(Ctx(context_), data, &len, data, static_cast<int>(n));
+  gcm_->Update(data, data, n);
   done_ += n;
 }
 
 absl::Status RecordOpener::Finish(const uint8_t tag[kRecordTagBytes]) {
-  uint8_t expected[kRecordTagBytes];
-  std::memcpy(expected, tag, kRecordTagBytes);
-  EVP_CIPHER_CTX_ctrl(Ctx(context_), EVP_CTRL_GCM_SET_TAG, kRecordTagBytes, expected);
-  int len = 0;
-  uint8_t none[16];
-  const bool authentic = done_ == size_ && EVP_DecryptFinal_ex(Ctx(context_), none, &len) > 0;
+  const bool authentic = done_ == size_ && gcm_->FinishOpen(tag);
   if (!authentic) return Failed(sequence_, size_);
   ++sequence_;
   size_ = done_ = 0;

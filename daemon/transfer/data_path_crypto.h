@@ -23,6 +23,13 @@
 // A direction seals at most kMaxRecordsPerDirection records; past that the connection must be
 // replaced (it never is in practice: a connection lives minutes).
 //
+// Libraries. AES-256-GCM is deterministic, so a record is the same bytes whichever library
+// sealed it, and the two ends of a connection need not use the same one. OpenSSL runs it
+// everywhere; Intel's ipsec-mb (Debian's libipsec-mb, where the build found it) runs it 2-3 times
+// faster on CPUs with VAES and VPCLMULQDQ (Ice Lake and later, Zen 4), where OpenSSL 3.0 has no
+// such code. The library is chosen once per process (UseGcmLibrary; the default is
+// FastestGcmLibrary()).
+//
 // Thread-compatible: one RecordSealer / RecordOpener per direction of one connection.
 #ifndef TESSERA_DAEMON_TRANSFER_DATA_PATH_CRYPTO_H_
 #define TESSERA_DAEMON_TRANSFER_DATA_PATH_CRYPTO_H_
@@ -44,6 +51,25 @@ inline constexpr size_t kRecordTagBytes = 16;
 inline constexpr size_t kMaxRecordBytes = size_t{16} << 20;  // a whole chunk (kMaxChunkBytes)
 inline constexpr uint64_t kMaxRecordsPerDirection = uint64_t{1} << 48;
 
+enum class GcmLibrary { kOpenSsl, kIpsecMb };
+
+// Whether `library` runs here: OpenSSL always; ipsec-mb when the build has it and the CPU has
+// AES-NI and PCLMULQDQ.
+bool GcmLibraryAvailable(GcmLibrary library);
+// ipsec-mb where it is available and the CPU has VAES and VPCLMULQDQ with AVX-512 or AVX2 (its
+// fast code), else OpenSSL.
+GcmLibrary FastestGcmLibrary();
+// Seals and opens records with `library` from now on, in the whole process (a record begun goes
+// on with the library it began with). kFailedPrecondition when it does not run here.
+absl::Status UseGcmLibrary(GcmLibrary library);
+GcmLibrary CurrentGcmLibrary();
+// "openssl" or "ipsec-mb", as cluster.tls_cipher_library names them; and parsed back
+// (kInvalidArgument naming the choices).
+std::string GcmLibraryId(GcmLibrary library);
+absl::StatusOr<GcmLibrary> ParseGcmLibrary(const std::string& id);
+// What runs it here, for logs: "Intel ipsec-mb 1.3.0 (AVX-512)", "OpenSSL 3.0.13".
+std::string GcmLibraryDescription(GcmLibrary library);
+
 // 32 random bytes from the system's CSPRNG (OpenSSL RAND_bytes). kInternal if it fails.
 absl::StatusOr<std::string> RandomSecret(size_t bytes);
 
@@ -61,6 +87,8 @@ ConnectionKeys DeriveConnectionKeys(const std::string& session_key, const std::s
 
 // Seals one direction's records. A record is Begin, then Update over exactly its bytes (in
 // any number of pieces), then Finish.
+class GcmStream;  // data_path_crypto.cc
+
 class RecordSealer {
  public:
   // `key`: 32 bytes. `what` names the direction in errors ("to 10.0.0.2:7071").
@@ -90,7 +118,7 @@ class RecordSealer {
   uint64_t records() const { return sequence_; }
 
  private:
-  void* context_;  // EVP_CIPHER_CTX*
+  std::unique_ptr<GcmStream> gcm_;
   const std::string key_;
   const std::string what_;
   uint64_t sequence_ = 0;
@@ -136,7 +164,7 @@ class RecordOpener {
  private:
   absl::StatusOr<size_t> CheckHeader(const uint8_t header[kRecordHeaderBytes]);
 
-  void* context_;  // EVP_CIPHER_CTX*
+  std::unique_ptr<GcmStream> gcm_;
   const std::string key_;
   const std::string what_;
   uint64_t sequence_ = 0;

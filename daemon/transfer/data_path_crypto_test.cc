@@ -1,6 +1,7 @@
-// The data path's record codec on its own: records round-trip in pieces of any size, and a record
-// altered, replayed, reordered, dropped, or sealed with another key is refused, after which the
-// direction stays refused.
+// The data path's record codec on its own, with each AES-GCM library that runs here: records
+// round-trip in pieces of any size, and a record altered, replayed, reordered, dropped, or sealed
+// with another key is refused, after which the direction stays refused. And the libraries make
+// the same records, byte for byte, and open each other's.
 #include "daemon/transfer/data_path_crypto.h"
 
 #include <cstdio>
@@ -17,9 +18,24 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class DataPathCryptoTest : public ::testing::Test {
+// Which libraries run here, for the tests to say what they skip.
+std::string LibrariesHere() {
+  std::string out;
+  for (GcmLibrary library : {GcmLibrary::kOpenSsl, GcmLibrary::kIpsecMb}) {
+    out += GcmLibraryId(library) + ": " +
+           (GcmLibraryAvailable(library) ? GcmLibraryDescription(library) : "not available") + "; ";
+  }
+  return out;
+}
+
+class DataPathCryptoTest : public ::testing::TestWithParam<GcmLibrary> {
  protected:
   void SetUp() override {
+    if (!GcmLibraryAvailable(GetParam())) {
+      GTEST_SKIP() << GcmLibraryId(GetParam()) << " does not run here (" << LibrariesHere() << ")";
+    }
+    ASSERT_TRUE(UseGcmLibrary(GetParam()).ok());
+    std::printf("library: %s\n", GcmLibraryDescription(GetParam()).c_str());
     seed_ = std::random_device{}();
     rng_.seed(seed_);
     std::printf("seed=%llu\n", static_cast<unsigned long long>(seed_));
@@ -40,7 +56,7 @@ class DataPathCryptoTest : public ::testing::Test {
   ConnectionKeys keys_;
 };
 
-TEST_F(DataPathCryptoTest, KeysDependOnNodeNoncesAndDirection) {
+TEST_P(DataPathCryptoTest, KeysDependOnNodeNoncesAndDirection) {
   const std::string secret(32, 'k');
   EXPECT_EQ(DeriveSessionKey(secret, "n1").size(), 32u);
   EXPECT_EQ(DeriveSessionKey(secret, "n1"), DeriveSessionKey(secret, "n1"));
@@ -58,7 +74,7 @@ TEST_F(DataPathCryptoTest, KeysDependOnNodeNoncesAndDirection) {
   EXPECT_NE(DeriveConnectionKeys(session, "n2", a, b).client_to_server, k1.client_to_server);
 }
 
-TEST_F(DataPathCryptoTest, RecordsRoundTripInPiecesAndHideThePlaintext) {
+TEST_P(DataPathCryptoTest, RecordsRoundTripInPiecesAndHideThePlaintext) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   RecordOpener opener(keys_.client_to_server, "from test");
   for (size_t size : {size_t{1}, size_t{4}, size_t{16}, size_t{65536}, size_t{1} << 20,
@@ -97,7 +113,7 @@ TEST_F(DataPathCryptoTest, RecordsRoundTripInPiecesAndHideThePlaintext) {
   EXPECT_EQ(opener.records(), 7u);
 }
 
-TEST_F(DataPathCryptoTest, EveryAlteredByteIsRefused) {
+TEST_P(DataPathCryptoTest, EveryAlteredByteIsRefused) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   const std::string plain = RandomBytes(300);
   auto record = sealer.Seal(plain);
@@ -123,7 +139,7 @@ TEST_F(DataPathCryptoTest, EveryAlteredByteIsRefused) {
   EXPECT_EQ(opener.Open(*record).status().code(), absl::StatusCode::kDataLoss);
 }
 
-TEST_F(DataPathCryptoTest, ReplayedReorderedOrDroppedRecordsAreRefused) {
+TEST_P(DataPathCryptoTest, ReplayedReorderedOrDroppedRecordsAreRefused) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   std::vector<std::string> records;
   for (int i = 0; i < 4; ++i) records.push_back(*sealer.Seal(RandomBytes(100 + i)));
@@ -161,7 +177,7 @@ TEST_F(DataPathCryptoTest, ReplayedReorderedOrDroppedRecordsAreRefused) {
 // Records sealed apart (on any thread, under reserved sequence numbers) are the records the
 // streaming sealer would make at those places: a stream of both kinds opens in order either way,
 // and a record opened apart under another sequence number, or altered, does not authenticate.
-TEST_F(DataPathCryptoTest, RecordsSealedAndOpenedApartAreTheStreamsRecords) {
+TEST_P(DataPathCryptoTest, RecordsSealedAndOpenedApartAreTheStreamsRecords) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   RecordOpener opener(keys_.client_to_server, "from test");
   std::vector<std::string> plains;
@@ -220,7 +236,7 @@ TEST_F(DataPathCryptoTest, RecordsSealedAndOpenedApartAreTheStreamsRecords) {
   EXPECT_EQ(opener.Open(*next).status().code(), absl::StatusCode::kDataLoss);
 }
 
-TEST_F(DataPathCryptoTest, ReservingPastTheLimitIsRefused) {
+TEST_P(DataPathCryptoTest, ReservingPastTheLimitIsRefused) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   ASSERT_TRUE(sealer.Reserve(kMaxRecordsPerDirection - 1).ok());
   auto refused = sealer.Reserve(2);
@@ -233,7 +249,7 @@ TEST_F(DataPathCryptoTest, ReservingPastTheLimitIsRefused) {
   EXPECT_EQ(sealer.Begin(1, header).code(), absl::StatusCode::kResourceExhausted);
 }
 
-TEST_F(DataPathCryptoTest, SizesOutOfRangeAreRefused) {
+TEST_P(DataPathCryptoTest, SizesOutOfRangeAreRefused) {
   RecordSealer sealer(keys_.client_to_server, "to test");
   uint8_t header[kRecordHeaderBytes];
   EXPECT_EQ(sealer.Begin(0, header).code(), absl::StatusCode::kInvalidArgument);
@@ -250,6 +266,128 @@ TEST_F(DataPathCryptoTest, SizesOutOfRangeAreRefused) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("not encrypted"));
   EXPECT_EQ(opener.Open(std::string(3, 'x')).status().code(), absl::StatusCode::kDataLoss);
+}
+
+INSTANTIATE_TEST_SUITE_P(Libraries, DataPathCryptoTest,
+                         ::testing::Values(GcmLibrary::kOpenSsl, GcmLibrary::kIpsecMb),
+                         [](const ::testing::TestParamInfo<GcmLibrary>& info) {
+                           return info.param == GcmLibrary::kOpenSsl ? "OpenSsl" : "IpsecMb";
+                         });
+
+// Records sealed by one library are byte for byte those of the other, whole or streamed in
+// pieces, and each opens the other's; an altered byte is refused by both. So the two ends of a
+// connection may use either.
+TEST(GcmLibrariesTest, BothLibrariesMakeTheSameRecordsAndOpenEachOthers) {
+  if (!GcmLibraryAvailable(GcmLibrary::kIpsecMb)) {
+    GTEST_SKIP() << "only one library runs here (" << LibrariesHere() << ")";
+  }
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed=%llu; %s\n", static_cast<unsigned long long>(seed), LibrariesHere().c_str());
+  std::mt19937_64 rng(seed);
+  const auto random_bytes = [&](size_t n) {
+    std::string s(n, '\0');
+    for (char& c : s) c = static_cast<char>(rng() & 0xff);
+    return s;
+  };
+  const GcmLibrary libraries[2] = {GcmLibrary::kOpenSsl, GcmLibrary::kIpsecMb};
+  for (size_t size : {size_t{1}, size_t{3}, size_t{15}, size_t{16}, size_t{17}, size_t{255},
+                      size_t{4103}, size_t{256} << 10, (size_t{1} << 20) + 13}) {
+    for (int sealed_by = 0; sealed_by < 2; ++sealed_by) {
+      const GcmLibrary sealer_library = libraries[sealed_by];
+      const GcmLibrary opener_library = libraries[1 - sealed_by];
+      SCOPED_TRACE(testing::Message()
+                   << size << " bytes sealed by " << GcmLibraryId(sealer_library));
+      const std::string key = random_bytes(32);
+      const std::string plain = random_bytes(size);
+      const auto* in = reinterpret_cast<const uint8_t*>(plain.data());
+      const size_t wire_bytes = kRecordHeaderBytes + size + kRecordTagBytes;
+      // Whole records, at a sequence number anywhere in the direction's range.
+      const uint64_t far = rng() % kMaxRecordsPerDirection;
+      std::vector<uint8_t> wire[2];
+      for (int by = 0; by < 2; ++by) {
+        ASSERT_TRUE(UseGcmLibrary(libraries[by]).ok());
+        wire[by].resize(wire_bytes);
+        SealRecordAt(key, far, in, size, wire[by].data());
+      }
+      ASSERT_EQ(wire[0], wire[1]) << "the libraries sealed different records";
+      ASSERT_TRUE(UseGcmLibrary(opener_library).ok());
+      std::vector<uint8_t> body(wire[0].begin() + kRecordHeaderBytes,
+                                wire[0].begin() + kRecordHeaderBytes + size);
+      ASSERT_TRUE(OpenRecordAt(key, far, body.data(), size, wire[0].data() + wire_bytes - 16));
+      ASSERT_EQ(std::memcmp(body.data(), in, size), 0);
+      // One byte of the ciphertext or the tag altered: refused by both.
+      const size_t at = kRecordHeaderBytes + rng() % (size + kRecordTagBytes);
+      std::vector<uint8_t> altered = wire[0];
+      altered[at] ^= static_cast<uint8_t>(1u << (rng() % 8));
+      for (GcmLibrary library : libraries) {
+        ASSERT_TRUE(UseGcmLibrary(library).ok());
+        std::vector<uint8_t> copy = altered;
+        EXPECT_FALSE(OpenRecordAt(key, far, copy.data() + kRecordHeaderBytes, size,
+                                  copy.data() + wire_bytes - 16))
+            << "byte " << at << " altered, yet " << GcmLibraryId(library) << " opened it";
+      }
+      // The streaming sealer of one library, fed random pieces, makes the record the other seals
+      // whole; the other's streaming opener opens it, in random pieces.
+      const uint64_t near = rng() % 8;
+      ASSERT_TRUE(UseGcmLibrary(opener_library).ok());
+      std::vector<uint8_t> whole(wire_bytes);
+      SealRecordAt(key, near, in, size, whole.data());
+      ASSERT_TRUE(UseGcmLibrary(sealer_library).ok());
+      RecordSealer sealer(key, "to test");
+      ASSERT_TRUE(sealer.Reserve(near).ok());
+      std::vector<uint8_t> streamed(wire_bytes);
+      ASSERT_TRUE(sealer.Begin(size, streamed.data()).ok());
+      for (size_t pos = 0; pos < size;) {
+        const size_t n = std::min<size_t>(size - pos, 1 + rng() % 70000);
+        sealer.Update(in + pos, streamed.data() + kRecordHeaderBytes + pos, n);
+        pos += n;
+      }
+      ASSERT_TRUE(sealer.Finish(streamed.data() + kRecordHeaderBytes + size).ok());
+      ASSERT_EQ(streamed, whole) << "the streaming sealer made another record";
+      ASSERT_TRUE(UseGcmLibrary(opener_library).ok());
+      RecordOpener opener(key, "from test");
+      const uint8_t one_byte[kRecordHeaderBytes] = {1, 0, 0, 0};
+      uint64_t skipped = 0;
+      for (uint64_t i = 0; i < near; ++i) ASSERT_TRUE(opener.BeginAt(one_byte, &skipped).ok());
+      ASSERT_EQ(opener.Begin(streamed.data()).value_or(0), size);
+      uint8_t* streamed_body = streamed.data() + kRecordHeaderBytes;
+      for (size_t pos = 0; pos < size;) {
+        const size_t n = std::min<size_t>(size - pos, 1 + rng() % 70000);
+        opener.Update(streamed_body + pos, n);
+        pos += n;
+      }
+      ASSERT_TRUE(opener.Finish(streamed_body + size).ok());
+      ASSERT_EQ(std::memcmp(streamed_body, in, size), 0);
+    }
+  }
+  ASSERT_TRUE(UseGcmLibrary(FastestGcmLibrary()).ok());
+}
+
+TEST(GcmLibrariesTest, NamesParseAndALibraryThatDoesNotRunIsRefused) {
+  for (GcmLibrary library : {GcmLibrary::kOpenSsl, GcmLibrary::kIpsecMb}) {
+    auto parsed = ParseGcmLibrary(GcmLibraryId(library));
+    ASSERT_TRUE(parsed.ok());
+    EXPECT_EQ(*parsed, library);
+  }
+  auto bad = ParseGcmLibrary("boringssl");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("'boringssl' is not an AES-GCM library: 'openssl' or 'ipsec-mb'"));
+  EXPECT_TRUE(GcmLibraryAvailable(GcmLibrary::kOpenSsl));
+  EXPECT_TRUE(UseGcmLibrary(GcmLibrary::kOpenSsl).ok());
+  EXPECT_EQ(CurrentGcmLibrary(), GcmLibrary::kOpenSsl);
+  const absl::Status ipsec = UseGcmLibrary(GcmLibrary::kIpsecMb);
+  if (GcmLibraryAvailable(GcmLibrary::kIpsecMb)) {
+    EXPECT_TRUE(ipsec.ok()) << ipsec;
+    EXPECT_EQ(CurrentGcmLibrary(), GcmLibrary::kIpsecMb);
+    EXPECT_THAT(GcmLibraryDescription(GcmLibrary::kIpsecMb), HasSubstr("Intel ipsec-mb"));
+  } else {
+    EXPECT_EQ(ipsec.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(ipsec.message()), HasSubstr("use 'openssl' or 'auto'"));
+    EXPECT_EQ(CurrentGcmLibrary(), GcmLibrary::kOpenSsl) << "a refused choice changed nothing";
+  }
+  EXPECT_THAT(GcmLibraryDescription(GcmLibrary::kOpenSsl), HasSubstr("OpenSSL"));
+  ASSERT_TRUE(UseGcmLibrary(FastestGcmLibrary()).ok());
 }
 
 }  // namespace
