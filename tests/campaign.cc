@@ -26,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/segment.h"
+#include "daemon/transfer/test_certificates.h"
 #include "tests/campaign_journal.h"
 #include "tests/campaign_net.h"
 #include "tests/harness.h"
@@ -130,15 +131,19 @@ struct Shape {
   int every, step_sleep_ms;
   bool wait_when_busy;
   std::set<int> grpc_only;  // nodes whose data path is gRPC streams
+  bool tls = false;         // mutual TLS between the daemons
+  std::set<int> openssl;    // under TLS, nodes that seal with OpenSSL (the others: "auto")
 
   int world() const { return nodes * kRanksPerNode; }
   std::string Describe() const {
-    return absl::StrCat(nodes, " nodes RS(", k, ",", m, "), ", world(), " ranks of ",
-                        rank_bytes >> 10, " KiB, a snapshot every ", every, " steps (",
-                        wait_when_busy ? "wait" : "skip", " when busy), ", step_sleep_ms,
-                        " ms per step",
-                        grpc_only.empty() ? "" : absl::StrCat(", n", *grpc_only.begin(),
-                                                              " on gRPC streams"));
+    return absl::StrCat(
+        nodes, " nodes RS(", k, ",", m, "), ", world(), " ranks of ", rank_bytes >> 10,
+        " KiB, a snapshot every ", every, " steps (", wait_when_busy ? "wait" : "skip",
+        " when busy), ", step_sleep_ms, " ms per step",
+        grpc_only.empty() ? "" : absl::StrCat(", n", *grpc_only.begin(), " on gRPC streams"),
+        tls ? absl::StrCat(", mutual TLS (", openssl.size(), " of ", nodes,
+                           " nodes sealing with OpenSSL)")
+            : "");
   }
 };
 
@@ -276,6 +281,8 @@ class Trial {
   Shape shape_{};
   TempRoot root_;
   std::unique_ptr<NetLab> net_;
+  std::unique_ptr<TestCa> ca_;                 // under TLS: the cluster's CA
+  std::vector<ClusterTlsFiles> certificates_;  // under TLS: each node's
   std::vector<Node> nodes_;
   std::vector<std::unique_ptr<DaemonProcess>> zombies_;
   std::vector<std::unique_ptr<DaemonLog>> logs_;
@@ -308,6 +315,11 @@ bool Trial::Setup() {
   shape_.step_sleep_ms = 50 + static_cast<int>(rng_() % 51);
   shape_.wait_when_busy = !options_.skip_when_busy && rng_() % 4 != 0;
   if (rng_() % 3 == 0) shape_.grpc_only.insert(static_cast<int>(rng_() % shape_.nodes));
+  std::mt19937_64 tls_draws(seed_ ^ 0x7153c0ffee5eedULL);  // not rng_: see TrialOptions::tls
+  shape_.tls = options_.tls == "on" || (options_.tls == "drawn" && tls_draws() % 2 == 0);
+  for (int i = 0; shape_.tls && i < shape_.nodes; ++i) {
+    if (tls_draws() % 2 == 0) shape_.openssl.insert(i);
+  }
   result_.shape = shape_.Describe();
 
   std::string network = "loopback";
@@ -330,6 +342,25 @@ bool Trial::Setup() {
     n.root = root_.path();
     nodes_.push_back(std::move(n));
   }
+  if (shape_.tls) {
+    const std::string dir = root_.path() + "/certs";
+    std::filesystem::create_directories(dir);
+    absl::StatusOr<std::unique_ptr<TestCa>> ca = TestCa::Create(dir, "campaign-ca");
+    if (!ca.ok()) {
+      Fail("daemon", "cannot make the cluster's CA: " + ca.status().ToString());
+      return false;
+    }
+    ca_ = std::move(*ca);
+    for (int i = 0; i < shape_.nodes; ++i) {
+      absl::StatusOr<ClusterTlsFiles> files = ca_->IssueNode(nodes_[i].id);
+      if (!files.ok()) {
+        Fail("daemon",
+             "cannot issue " + nodes_[i].id + "'s certificate: " + files.status().ToString());
+        return false;
+      }
+      certificates_.push_back(*files);
+    }
+  }
   for (int i = 0; i < shape_.nodes; ++i) {
     nodes_[i].daemon = MakeDaemon(i);
     logs_.push_back(std::make_unique<DaemonLog>(nodes_[i].id, nodes_[i].daemon->log_path(), job_));
@@ -351,6 +382,13 @@ bool Trial::Setup() {
     return true;
   });
   if (halted_) return false;
+  for (auto& n : nodes_) {  // the daemons run what the shape says
+    const bool tls = !n.log->Lines({"peer port: mutual TLS"}, 1).empty();
+    if (tls != shape_.tls) {
+      Fail("daemon", absl::StrCat(n.id, (tls ? " runs" : " does not run"), " mutual TLS"));
+      return false;
+    }
+  }
   ranks_.resize(shape_.world());
   std::filesystem::create_directories(BarrierDir());
   Trace("cluster up; starting the job");
@@ -361,17 +399,32 @@ bool Trial::Setup() {
 std::vector<std::string> Trial::DaemonFlags(int node) const {
   std::vector<std::string> members;
   for (const auto& n : nodes_) members.push_back(n.address);
-  return {"--set", "peer.listen_address=" + nodes_[node].address,
-          "--set", "cluster.members=" + absl::StrJoin(members, ","),
-          "--set", absl::StrCat("ec.k=", shape_.k),
-          "--set", absl::StrCat("ec.m=", shape_.m),
-          "--set", "liveness.heartbeat_ms=100",
-          "--set", "liveness.timeout_ms=1000",
-          "--set", absl::StrCat("cluster.token=campaign-token-", absl::Hex(seed_, absl::kZeroPad16)),
-          // Nodes on the gRPC data path send membership over gRPC too (every daemon answers
-          // both transports).
-          "--set", shape_.grpc_only.count(node) ? "liveness.transport=grpc" : "liveness.transport=udp",
-          "--set", shape_.grpc_only.count(node) ? "peer.data_path=grpc" : "peer.data_path=tcp"};
+  // clang-format off
+  std::vector<std::string> flags = {
+      "--set", "peer.listen_address=" + nodes_[node].address,
+      "--set", "cluster.members=" + absl::StrJoin(members, ","),
+      "--set", absl::StrCat("ec.k=", shape_.k),
+      "--set", absl::StrCat("ec.m=", shape_.m),
+      "--set", "liveness.heartbeat_ms=100",
+      "--set", "liveness.timeout_ms=1000",
+      "--set", absl::StrCat("cluster.token=campaign-token-", absl::Hex(seed_, absl::kZeroPad16)),
+      // Nodes on the gRPC data path send membership over gRPC too (every daemon answers
+      // both transports).
+      "--set", shape_.grpc_only.count(node) ? "liveness.transport=grpc" : "liveness.transport=udp",
+      "--set", shape_.grpc_only.count(node) ? "peer.data_path=grpc" : "peer.data_path=tcp"};
+  // clang-format on
+  if (shape_.tls) {
+    const ClusterTlsFiles& files = certificates_[node];
+    for (const std::string& flag :
+         {"cluster.tls_cert_file=" + files.cert_file, "cluster.tls_key_file=" + files.key_file,
+          "cluster.tls_ca_file=" + files.ca_file,
+          std::string("cluster.tls_cipher_library=") +
+              (shape_.openssl.count(node) ? "openssl" : "auto")}) {
+      flags.push_back("--set");
+      flags.push_back(flag);
+    }
+  }
+  return flags;
 }
 
 std::unique_ptr<DaemonProcess> Trial::MakeDaemon(int node) {
@@ -1259,6 +1312,7 @@ TrialResult RunTrial(uint64_t seed, const TrialOptions& options) {
                     options.max_faults);
   }
   if (options.skip_when_busy) absl::StrAppend(&result.rerun, " --skip-when-busy");
+  if (options.tls != "drawn") absl::StrAppend(&result.rerun, " --tls ", options.tls);
   if (!options.no_partitions.empty()) absl::StrAppend(&result.rerun, " --no-partitions");
   return result;
 }

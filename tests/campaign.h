@@ -69,6 +69,10 @@ struct TrialOptions {
   std::string no_partitions;
   // Faults never drawn at random (a scripted trial still injects them).
   std::vector<FaultKind> excluded;
+  // Mutual TLS between the daemons (certificates from an in-memory CA, the encrypted data path,
+  // each node's AES-GCM library drawn): "drawn" for half the trials, "on" or "off" for all. Drawn
+  // from a stream of its own, so that a trial's shape and faults are those of its seed either way.
+  std::string tls = "drawn";
   // When set, a failing trial's daemon logs and trainer stderr are copied to
   // <keep_logs_dir>/seed-<seed>[-<script>]/ (the trial's own directory in /dev/shm is always
   // removed).

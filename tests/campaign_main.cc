@@ -3,13 +3,15 @@
 //   fault_campaign [--trials=N] [--seed=S] [--min-faults=3] [--max-faults=6]
 //                  [--script=kind,kind,...] [--keep-logs=DIR] [--no-partitions]
 //                  [--skip-when-busy] [--progress-deadline-s=60] [--budget-s=0]
+//                  [--tls=drawn|on|off]
 //
 // Trial i runs with seed S + i; a failing trial is rerun alone with --seed=<its seed> --trials=1.
 // --budget-s starts no trial after that many seconds (0: no limit).
 // Fault kinds: trainer-kill rank-restart daemon-kill node-loss flip-fragment flip-slot
 // daemon-stop zombie job-restart partition partition-restart. --skip-when-busy makes the trainers
-// skip a snapshot while the previous one is in flight instead of waiting. Exits 0 when every
-// trial passed, 1 otherwise.
+// skip a snapshot while the previous one is in flight instead of waiting. --tls: mutual TLS
+// between the daemons in half the trials (drawn, the default), in all or in none. Exits 0 when
+// every trial passed, 1 otherwise.
 #include <signal.h>
 #include <unistd.h>
 
@@ -70,6 +72,9 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(v, &options.progress_deadline_s) && options.progress_deadline_s > 0;
     } else if (value("budget-s", &v)) {
       ok = absl::SimpleAtod(v, &budget_s) && budget_s >= 0;
+    } else if (value("tls", &v)) {
+      ok = v == "drawn" || v == "on" || v == "off";
+      options.tls = v;
     } else if (value("keep-logs", &v)) {
       options.keep_logs_dir = v;
     } else if (arg == "--no-partitions") {
@@ -83,7 +88,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: fault_campaign [--trials=N] [--seed=S] [--min-faults=N] "
                    "[--max-faults=N] [--script=kind,...] [--keep-logs=DIR] [--no-partitions] "
-                   "[--skip-when-busy] [--progress-deadline-s=N] [--budget-s=N]\n"
+                   "[--skip-when-busy] [--progress-deadline-s=N] [--budget-s=N] "
+                   "[--tls=drawn|on|off]\n"
                    "bad argument: %s\n",
                    arg.c_str());
       return 2;

@@ -106,6 +106,7 @@ TrialResult RunScripted(uint64_t seed, std::vector<FaultKind> script) {
   TrialOptions options = Options();
   options.script = std::move(script);
   options.min_faults = options.max_faults = static_cast<int>(options.script.size());
+  options.tls = "off";  // as the trial was when it failed
   options.progress_deadline_s = 20;
   options.restore_deadline_s = 60;
   return RunTrial(seed, options);

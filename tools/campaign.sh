@@ -8,6 +8,7 @@
 #   tools/campaign.sh --trials N [--seed S] [--min-faults N] [--max-faults N]
 #                     [--script kind,kind,...] [--keep-logs DIR] [--no-partitions]
 #                     [--skip-when-busy] [--progress-deadline-s N] [--budget-s N]
+#                     [--tls drawn|on|off]
 #
 # --budget-s starts no trial after N seconds (with a large --trials: as many as fit).
 set -euo pipefail
@@ -17,7 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-partitions|--skip-when-busy) args+=("$1"); shift ;;
     --*=*) args+=("$1"); shift ;;
-    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs|--progress-deadline-s|--budget-s)
+    --trials|--seed|--min-faults|--max-faults|--script|--keep-logs|--progress-deadline-s|--budget-s|--tls)
       [ $# -ge 2 ] || { echo "campaign: $1 needs a value" >&2; exit 2; }
       args+=("$1=$2"); shift 2 ;;
     *) echo "campaign: unknown argument '$1'" >&2; exit 2 ;;
