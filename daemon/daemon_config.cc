@@ -324,8 +324,8 @@ ConfigSchema BuildSchema() {
       ConfigKey::String(
           "cluster.tls_cipher_library", defaults.cluster.tls_cipher_library,
           "Which library encrypts the raw data path's records (AES-256-GCM; the records are the "
-          "same bytes either way, so members may differ): \"ipsec-mb\", Intel's, 2-3 times "
-          "faster than OpenSSL 3.0 on CPUs with VAES (Ice Lake and later, Zen 4); \"openssl\" "
+          "same bytes either way, so members may differ): \"ipsec-mb\", Intel's, about twice "
+          "as fast as OpenSSL 3.0 on CPUs with VAES (Ice Lake and later, Zen 4); \"openssl\" "
           "(for a FIPS-validated provider, say); or \"auto\", ipsec-mb where it is built in and "
           "the CPU has VAES, else OpenSSL. A daemon asked for a library that does not run on its "
           "machine does not start.",

@@ -16,8 +16,8 @@ packages=(
   spin gcc      # model/check.sh: the commit protocol's model check (tools/run-tests.sh)
   clang-14 libclang-rt-14-dev  # tools/fuzz.sh: the libFuzzer targets of fuzz/ (tools/run-tests.sh)
 )
-# Intel's AES-GCM for the encrypted data path, 2-3 times OpenSSL's on CPUs with VAES (amd64 only;
-# elsewhere the build uses OpenSSL alone).
+# Intel's AES-GCM for the encrypted data path, about twice OpenSSL's rate on CPUs with VAES
+# (amd64 only; elsewhere the build uses OpenSSL alone).
 if [ "$(dpkg --print-architecture)" = amd64 ]; then packages+=(libipsec-mb-dev); fi
 missing=()
 for p in "${packages[@]}"; do

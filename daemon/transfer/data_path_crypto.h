@@ -25,9 +25,9 @@
 //
 // Libraries. AES-256-GCM is deterministic, so a record is the same bytes whichever library
 // sealed it, and the two ends of a connection need not use the same one. OpenSSL runs it
-// everywhere; Intel's ipsec-mb (Debian's libipsec-mb, where the build found it) runs it 2-3 times
-// faster on CPUs with VAES and VPCLMULQDQ (Ice Lake and later, Zen 4), where OpenSSL 3.0 has no
-// such code. The library is chosen once per process (UseGcmLibrary; the default is
+// everywhere; Intel's ipsec-mb (Debian's libipsec-mb, where the build found it) runs it about
+// twice as fast on CPUs with VAES and VPCLMULQDQ (Ice Lake and later, Zen 4), where OpenSSL 3.0
+// has no code for them. The library is chosen once per process (UseGcmLibrary; the default is
 // FastestGcmLibrary()).
 //
 // Thread-compatible: one RecordSealer / RecordOpener per direction of one connection.
