@@ -136,9 +136,9 @@ const gcm_key_data* ThreadImbKey(const std::string& key, bool seal) {
 // One record's AES-256-GCM, begun, fed and finished, by the library chosen when it was made.
 class GcmStream {
  public:
-  GcmStream(const std::string& key, bool seal) : library_(CurrentGcmLibrary()), seal_(seal) {
+  GcmStream(const std::string& key, bool seal) : seal_(seal) {
 #ifdef TESSERA_HAVE_IPSEC_MB
-    if (library_ == GcmLibrary::kIpsecMb) {
+    if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
       imb_key_ = std::make_unique<ImbKey>();
       imb_context_ = std::make_unique<ImbContext>();
       IMB_AES256_GCM_PRE(ImbManager(), key.data(), &imb_key_->data);
@@ -150,7 +150,13 @@ class GcmStream {
         ctx_, EVP_aes_256_gcm(), nullptr, reinterpret_cast<const uint8_t*>(key.data()), nullptr);
   }
   ~GcmStream() {
-    if (ctx_ != nullptr) EVP_CIPHER_CTX_free(ctx_);
+    if (ctx_ != nullptr) EVP_CIPHER_CTX_free(ctx_);  // which clears the key it held
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      OPENSSL_cleanse(imb_key_.get(), sizeof(ImbKey));
+      OPENSSL_cleanse(imb_context_.get(), sizeof(ImbContext));
+    }
+#endif
   }
 
   void Begin(const uint8_t iv[kIvBytes], const uint8_t* aad, size_t aad_bytes) {
@@ -219,7 +225,6 @@ class GcmStream {
   }
 
  private:
-  const GcmLibrary library_;
   const bool seal_;
   EVP_CIPHER_CTX* ctx_ = nullptr;
 #ifdef TESSERA_HAVE_IPSEC_MB
