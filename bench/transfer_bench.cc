@@ -533,8 +533,7 @@ int main(int argc, char** argv) {
     } else if (const char* s = value("--record_kib=");
                s && absl::SimpleAtoi(s, &v) && v >= 32 && v <= 4096) {
       options.record_bytes = v << 10;
-    } else if (const char* s = value("--cipher_library=");
-               s && (std::string(s) == "auto" || tessera::ParseGcmLibrary(s).ok())) {
+    } else if (const char* s = value("--cipher_library="); s && tessera::ParseGcmLibrary(s).ok()) {
       options.cipher_library = s;
     } else if (arg == "--default_malloc") {
       options.default_malloc = true;
@@ -560,10 +559,9 @@ int main(int argc, char** argv) {
   if (!options.default_malloc) tessera::TuneMallocForBulkTransfers();
   tessera::CipherPool::Configure(options.cipher_threads, options.cipher_nice);
   tessera::SetSealedRecordBytes(options.record_bytes);
-  const tessera::GcmLibrary library = options.cipher_library == "auto"
-                                          ? tessera::FastestGcmLibrary()
-                                          : *tessera::ParseGcmLibrary(options.cipher_library);
-  if (absl::Status s = tessera::UseGcmLibrary(library); !s.ok()) {
+  absl::StatusOr<tessera::GcmLibrary> library = tessera::ParseGcmLibrary(options.cipher_library);
+  absl::Status s = library.ok() ? tessera::UseGcmLibrary(*library) : library.status();
+  if (!s.ok()) {
     std::fprintf(stderr, "--cipher_library=%s: %s\n", options.cipher_library.c_str(),
                  std::string(s.message()).c_str());
     return 2;

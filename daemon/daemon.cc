@@ -83,10 +83,7 @@ absl::Status MakeDirectories(const std::string& dir) {
 
 // The library that seals and opens the encrypted data path's records (cluster.tls_cipher_library).
 absl::Status ChooseGcmLibrary(const DaemonConfig::Cluster& cluster) {
-  GcmLibrary library = FastestGcmLibrary();
-  if (cluster.tls_cipher_library != "auto") {
-    TESSERA_ASSIGN_OR_RETURN(library, ParseGcmLibrary(cluster.tls_cipher_library));
-  }
+  TESSERA_ASSIGN_OR_RETURN(const GcmLibrary library, ParseGcmLibrary(cluster.tls_cipher_library));
   if (absl::Status s = UseGcmLibrary(library); !s.ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "cluster.tls_cipher_library = \"", cluster.tls_cipher_library, "\": ", s.message()));

@@ -90,55 +90,14 @@ bool ImbFast() {
 constexpr int kUnchosen = -1;
 std::atomic<int> chosen_library{kUnchosen};
 
-// This thread's OpenSSL context for SealRecordAt and OpenRecordAt, set up for the key and
-// direction it served last (a connection's records come in runs): a record under them only sets
-// its nonce.
-EVP_CIPHER_CTX* ThreadContext(const std::string& key, bool seal, const uint8_t iv[kIvBytes]) {
-  struct Context {
-    EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
-    std::string key;
-    bool seal = false;
-    ~Context() { EVP_CIPHER_CTX_free(ctx); }
-  };
-  thread_local Context context;
-  const auto* k = reinterpret_cast<const uint8_t*>(key.data());
-  if (context.key == key && context.seal == seal) {
-    (seal ? EVP_EncryptInit_ex : EVP_DecryptInit_ex)(context.ctx, nullptr, nullptr, nullptr, iv);
-  } else {
-    (seal ? EVP_EncryptInit_ex : EVP_DecryptInit_ex)(context.ctx, EVP_aes_256_gcm(), nullptr, k,
-                                                     iv);
-    context.key = key;
-    context.seal = seal;
-  }
-  return context.ctx;
-}
-
-#ifdef TESSERA_HAVE_IPSEC_MB
-// This thread's ipsec-mb key for SealRecordAt or OpenRecordAt, expanded for the key it served
-// last in that direction.
-const gcm_key_data* ThreadImbKey(const std::string& key, bool seal) {
-  struct Cached {
-    std::string key;
-    ImbKey expanded;
-  };
-  thread_local Cached cached[2];
-  Cached& c = cached[seal ? 1 : 0];
-  if (c.key != key) {
-    IMB_AES256_GCM_PRE(ImbManager(), key.data(), &c.expanded.data);
-    c.key = key;
-  }
-  return &c.expanded.data;
-}
-#endif
-
 }  // namespace
 
 // One record's AES-256-GCM, begun, fed and finished, by the library chosen when it was made.
 class GcmStream {
  public:
-  GcmStream(const std::string& key, bool seal) : seal_(seal) {
+  GcmStream(const std::string& key, bool seal) : seal_(seal), library_(CurrentGcmLibrary()) {
 #ifdef TESSERA_HAVE_IPSEC_MB
-    if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
+    if (library_ == GcmLibrary::kIpsecMb) {
       imb_key_ = std::make_unique<ImbKey>();
       imb_context_ = std::make_unique<ImbContext>();
       IMB_AES256_GCM_PRE(ImbManager(), key.data(), &imb_key_->data);
@@ -157,6 +116,39 @@ class GcmStream {
       OPENSSL_cleanse(imb_context_.get(), sizeof(ImbContext));
     }
 #endif
+  }
+
+  GcmLibrary library() const { return library_; }
+
+  // A whole record: `n` bytes from `in` sealed to `out`, and its tag.
+  void Seal(const uint8_t iv[kIvBytes], const uint8_t* aad, size_t aad_bytes, const uint8_t* in,
+            size_t n, uint8_t* out, uint8_t tag[kRecordTagBytes]) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      IMB_AES256_GCM_ENC(ImbManager(), &imb_key_->data, &imb_context_->data, out, in, n, iv, aad,
+                         aad_bytes, tag, kRecordTagBytes);
+      return;
+    }
+#endif
+    Begin(iv, aad, aad_bytes);
+    Update(in, out, n);
+    FinishSeal(tag);
+  }
+
+  // A whole record's `n` bytes opened in place: whether `tag` is the record's.
+  bool Open(const uint8_t iv[kIvBytes], const uint8_t* aad, size_t aad_bytes, uint8_t* data,
+            size_t n, const uint8_t tag[kRecordTagBytes]) {
+#ifdef TESSERA_HAVE_IPSEC_MB
+    if (imb_key_ != nullptr) {
+      uint8_t computed[kRecordTagBytes];
+      IMB_AES256_GCM_DEC(ImbManager(), &imb_key_->data, &imb_context_->data, data, data, n, iv, aad,
+                         aad_bytes, computed, kRecordTagBytes);
+      return CRYPTO_memcmp(computed, tag, kRecordTagBytes) == 0;
+    }
+#endif
+    Begin(iv, aad, aad_bytes);
+    Update(data, data, n);
+    return FinishOpen(tag);
   }
 
   void Begin(const uint8_t iv[kIvBytes], const uint8_t* aad, size_t aad_bytes) {
@@ -226,12 +218,34 @@ class GcmStream {
 
  private:
   const bool seal_;
+  const GcmLibrary library_;
   EVP_CIPHER_CTX* ctx_ = nullptr;
 #ifdef TESSERA_HAVE_IPSEC_MB
   std::unique_ptr<ImbKey> imb_key_;
   std::unique_ptr<ImbContext> imb_context_;
 #endif
 };
+
+namespace {
+
+// This thread's stream for SealRecordAt or OpenRecordAt, set up for the key it served last in
+// that direction (a connection's records come in runs), and made again when the key or the
+// process's library changes.
+GcmStream& ThreadStream(const std::string& key, bool seal) {
+  struct Cached {
+    std::string key;
+    std::unique_ptr<GcmStream> stream;
+  };
+  thread_local Cached cached[2];
+  Cached& c = cached[seal ? 1 : 0];
+  if (c.stream == nullptr || c.key != key || c.stream->library() != CurrentGcmLibrary()) {
+    c.stream = std::make_unique<GcmStream>(key, seal);
+    c.key = key;
+  }
+  return *c.stream;
+}
+
+}  // namespace
 
 bool GcmLibraryAvailable(GcmLibrary library) {
   if (library == GcmLibrary::kOpenSsl) return true;
@@ -279,10 +293,11 @@ std::string GcmLibraryId(GcmLibrary library) {
 }
 
 absl::StatusOr<GcmLibrary> ParseGcmLibrary(const std::string& id) {
+  if (id == "auto") return FastestGcmLibrary();
   if (id == "openssl") return GcmLibrary::kOpenSsl;
   if (id == "ipsec-mb") return GcmLibrary::kIpsecMb;
-  return absl::InvalidArgumentError(
-      absl::StrCat("'", id, "' is not an AES-GCM library: 'openssl' or 'ipsec-mb'"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "'", id, "' is not an AES-GCM library: 'auto' (the fastest here), 'openssl' or 'ipsec-mb'"));
 }
 
 std::string GcmLibraryDescription(GcmLibrary library) {
@@ -304,22 +319,9 @@ void SealRecordAt(const std::string& key, uint64_t sequence, const uint8_t* in, 
   uint8_t iv[kIvBytes];
   NonceOf(sequence, iv);
   PutU32(out, static_cast<uint32_t>(n));
-#ifdef TESSERA_HAVE_IPSEC_MB
-  if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
-    ImbContext context;
-    IMB_AES256_GCM_ENC(ImbManager(), ThreadImbKey(key, /*seal=*/true), &context.data,
-                       out + kRecordHeaderBytes, in, n, iv, out, kRecordHeaderBytes,
-                       out + kRecordHeaderBytes + n, kRecordTagBytes);
-    return;
-  }
-#endif
-  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/true, iv);
-  int len = 0;
-  EVP_EncryptUpdate(ctx, nullptr, &len, out, kRecordHeaderBytes);
-  EVP_EncryptUpdate(ctx, out + kRecordHeaderBytes, &len, in, static_cast<int>(n));
-  uint8_t none[16];
-  EVP_EncryptFinal_ex(ctx, none, &len);
-  EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, kRecordTagBytes, out + kRecordHeaderBytes + n);
+  ThreadStream(key, /*seal=*/true)
+      .Seal(iv, out, kRecordHeaderBytes, in, n, out + kRecordHeaderBytes,
+            out + kRecordHeaderBytes + n);
 }
 
 bool OpenRecordAt(const std::string& key, uint64_t sequence, uint8_t* data, size_t n,
@@ -328,24 +330,7 @@ bool OpenRecordAt(const std::string& key, uint64_t sequence, uint8_t* data, size
   NonceOf(sequence, iv);
   uint8_t header[kRecordHeaderBytes];
   PutU32(header, static_cast<uint32_t>(n));
-#ifdef TESSERA_HAVE_IPSEC_MB
-  if (CurrentGcmLibrary() == GcmLibrary::kIpsecMb) {
-    ImbContext context;
-    uint8_t computed[kRecordTagBytes];
-    IMB_AES256_GCM_DEC(ImbManager(), ThreadImbKey(key, /*seal=*/false), &context.data, data, data,
-                       n, iv, header, kRecordHeaderBytes, computed, kRecordTagBytes);
-    return CRYPTO_memcmp(computed, tag, kRecordTagBytes) == 0;
-  }
-#endif
-  EVP_CIPHER_CTX* ctx = ThreadContext(key, /*seal=*/false, iv);
-  int len = 0;
-  EVP_DecryptUpdate(ctx, nullptr, &len, header, kRecordHeaderBytes);
-  EVP_DecryptUpdate(ctx, data, &len, data, static_cast<int>(n));
-  uint8_t expected[kRecordTagBytes];
-  std::memcpy(expected, tag, kRecordTagBytes);
-  EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, kRecordTagBytes, expected);
-  uint8_t none[16];
-  return EVP_DecryptFinal_ex(ctx, none, &len) > 0;
+  return ThreadStream(key, /*seal=*/false).Open(iv, header, kRecordHeaderBytes, data, n, tag);
 }
 
 absl::StatusOr<std::string> RandomSecret(size_t bytes) {

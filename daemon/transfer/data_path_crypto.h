@@ -63,8 +63,8 @@ GcmLibrary FastestGcmLibrary();
 // on with the library it began with). kFailedPrecondition when it does not run here.
 absl::Status UseGcmLibrary(GcmLibrary library);
 GcmLibrary CurrentGcmLibrary();
-// "openssl" or "ipsec-mb", as cluster.tls_cipher_library names them; and parsed back
-// (kInvalidArgument naming the choices).
+// "openssl" or "ipsec-mb", as cluster.tls_cipher_library names them; and parsed back, "auto"
+// as FastestGcmLibrary() (kInvalidArgument naming the choices).
 std::string GcmLibraryId(GcmLibrary library);
 absl::StatusOr<GcmLibrary> ParseGcmLibrary(const std::string& id);
 // What runs it here, for logs: "Intel ipsec-mb 1.3.0 (AVX-512)", "OpenSSL 3.0.13".

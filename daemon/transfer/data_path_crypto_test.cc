@@ -369,10 +369,17 @@ TEST(GcmLibrariesTest, NamesParseAndALibraryThatDoesNotRunIsRefused) {
     ASSERT_TRUE(parsed.ok());
     EXPECT_EQ(*parsed, library);
   }
-  auto bad = ParseGcmLibrary("boringssl");
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(bad.status().message()),
-              HasSubstr("'boringssl' is not an AES-GCM library: 'openssl' or 'ipsec-mb'"));
+  auto automatic = ParseGcmLibrary("auto");
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  EXPECT_EQ(*automatic, FastestGcmLibrary());
+  for (const char* id : {"boringssl", "", "OpenSSL", "auto "}) {
+    auto bad = ParseGcmLibrary(id);
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << "'" << id << "'";
+    EXPECT_THAT(std::string(bad.status().message()),
+                HasSubstr(std::string("'") + id +
+                          "' is not an AES-GCM library: 'auto' (the fastest here), 'openssl' or "
+                          "'ipsec-mb'"));
+  }
   EXPECT_TRUE(GcmLibraryAvailable(GcmLibrary::kOpenSsl));
   EXPECT_TRUE(UseGcmLibrary(GcmLibrary::kOpenSsl).ok());
   EXPECT_EQ(CurrentGcmLibrary(), GcmLibrary::kOpenSsl);
