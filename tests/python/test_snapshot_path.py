@@ -203,7 +203,7 @@ def test_a_snapshot_holds_the_state_of_its_call_not_what_follows(daemon,
             # Everything changes at once, in place where it can.
             user["blob"] = rng.randbytes(3000)
             user["floats"].append(rng.uniform(-1, 1))
-            user["array"] += 1.0
+            user["array"].view(np.uint64)[:] += 1  # its bits change (NaNs among them), in place
             user["nested"]["position"] += 1
             position.seen.append(rng.random())
             torch.rand(3)
