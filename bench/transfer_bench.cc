@@ -65,6 +65,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "common/crc32c.h"
@@ -193,6 +194,11 @@ class PeerFixture {
 
   FragmentStore* store() { return store_.get(); }
   const std::string& address() const { return address_; }
+  // Raw data path connections accepted so far (each a TCP connect, and a key exchange when
+  // encrypted): a path that keeps its connections adds none after its warm-up.
+  uint64_t connections_accepted() const {
+    return data_path_ ? data_path_->stats().connections_accepted : 0;
+  }
 
  private:
   std::string root_;
@@ -232,7 +238,8 @@ void Run(const Options& options) {
       "together; chunks of %zu KiB; cipher pool of %d threads at nice %d, sealing records of "
       "%zu KiB with %s; for tls rows, the time per GiB the data path's threads waited for "
       "records to be sealed and opened, and for their sockets to send and receive mid-range "
-      "(ms/GiB)\n\n",
+      "(ms/GiB); for raw and tls rows, the slowest and fastest round and the connections made in "
+      "the rounds\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
       CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10,
       GcmLibraryDescription(CurrentGcmLibrary()).c_str());
@@ -306,7 +313,9 @@ void Run(const Options& options) {
       std::function<void()> after;     // untimed
       std::vector<double> seconds;
       double cpu = 0;
-      DataPathWaits waits;  // summed over the timed runs
+      DataPathWaits waits;          // summed over the timed runs
+      PeerFixture* peer = nullptr;  // a raw or tls row's server
+      uint64_t connections = 0;     // raw data path connections it accepted in the timed runs
     };
     std::vector<Path> paths;
     paths.push_back({"memcpy", [&] {
@@ -388,6 +397,7 @@ void Run(const Options& options) {
                          [&, peer] {
                            Check(peer->store()->DropFragment(put_key), "DropFragment");
                          }});
+        paths.back().peer = peer;
         paths.push_back({t.prefix + "get " + std::to_string(channels) + "ch", [&, c, peer] {
                            const auto start = std::chrono::steady_clock::now();
                            auto status =
@@ -396,6 +406,7 @@ void Run(const Options& options) {
                            Check(status.status(), "GetFragment");
                            return seconds;
                          }});
+        paths.back().peer = peer;
       }
     }
     for (Path& path : paths) {  // warm-up: connections, segments, page tables
@@ -406,7 +417,9 @@ void Run(const Options& options) {
       for (Path& path : paths) {
         const double cpu0 = CpuSeconds();
         const DataPathWaits waits0 = DataPathWaitTotals();
+        const uint64_t connections0 = path.peer ? path.peer->connections_accepted() : 0;
         path.seconds.push_back(path.sample());
+        if (path.peer) path.connections += path.peer->connections_accepted() - connections0;
         path.cpu += CpuSeconds() - cpu0;
         const DataPathWaits waits1 = DataPathWaitTotals();
         path.waits.seal_ns += waits1.seal_ns - waits0.seal_ns;
@@ -476,12 +489,18 @@ void Run(const Options& options) {
       if (op.rfind("put", 0) == 0) best_put = std::max(best_put, rates[i].gbps);
       if (op.rfind("get", 0) == 0) best_get = std::max(best_get, rates[i].gbps);
       row(name, rates[i], ratio);
+      const std::vector<double>& seconds = paths[i].seconds;  // sorted
+      const std::string spread =
+          absl::StrFormat("rounds %.2f-%.2f GB/s, %d connections made", bytes / seconds.back() / kGB,
+                          bytes / seconds.front() / kGB, paths[i].connections);
       if (tls) {
         const double gib = options.repeats * (bytes / kGiB);
         const DataPathWaits& w = paths[i].waits;
-        std::printf("%-8s   waits ms/GiB: seal %.1f, open %.1f, send %.1f, recv %.1f\n", label,
+        std::printf("%-8s   waits ms/GiB: seal %.1f, open %.1f, send %.1f, recv %.1f; %s\n", label,
                     w.seal_ns / 1e6 / gib, w.open_ns / 1e6 / gib, w.send_ns / 1e6 / gib,
-                    w.recv_ns / 1e6 / gib);
+                    w.recv_ns / 1e6 / gib, spread.c_str());
+      } else if (paths[i].peer != nullptr && name.rfind("raw ", 0) == 0) {
+        std::printf("%-8s   %s\n", label, spread.c_str());
       }
     }
     std::printf(
