@@ -237,8 +237,9 @@ void Run(const Options& options) {
       "GB/s = 10^9 bytes/s; cpu = CPU seconds per GiB moved, sender and receiver "
       "together; chunks of %zu KiB; cipher pool of %d threads at nice %d, sealing records of "
       "%zu KiB with %s; for tls rows, the time per GiB the data path's threads waited for "
-      "records to be sealed and opened, and for their sockets to send and receive mid-range "
-      "(ms/GiB); for raw and tls rows, the slowest and fastest round and the connections made in "
+      "records to be sealed and opened, for their sockets to send and receive mid-range, and "
+      "for answers (ms/GiB), and the longest of each wait in any round (ms); for raw and tls rows, "
+      "the slowest and fastest round and the connections made in "
       "the rounds\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
       CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10,
@@ -416,6 +417,7 @@ void Run(const Options& options) {
     for (int r = 0; r < options.repeats; ++r) {
       for (Path& path : paths) {
         const double cpu0 = CpuSeconds();
+        ResetLongestDataPathWaits();
         const DataPathWaits waits0 = DataPathWaitTotals();
         const uint64_t connections0 = path.peer ? path.peer->connections_accepted() : 0;
         path.seconds.push_back(path.sample());
@@ -426,6 +428,15 @@ void Run(const Options& options) {
         path.waits.open_ns += waits1.open_ns - waits0.open_ns;
         path.waits.send_ns += waits1.send_ns - waits0.send_ns;
         path.waits.recv_ns += waits1.recv_ns - waits0.recv_ns;
+        path.waits.reply_ns += waits1.reply_ns - waits0.reply_ns;
+        for (auto [longest, now] :
+             {std::pair{&path.waits.longest_seal_ns, waits1.longest_seal_ns},
+              std::pair{&path.waits.longest_open_ns, waits1.longest_open_ns},
+              std::pair{&path.waits.longest_send_ns, waits1.longest_send_ns},
+              std::pair{&path.waits.longest_recv_ns, waits1.longest_recv_ns},
+              std::pair{&path.waits.longest_reply_ns, waits1.longest_reply_ns}}) {
+          *longest = std::max(*longest, now);
+        }
         if (path.after) path.after();
       }
     }
@@ -496,9 +507,13 @@ void Run(const Options& options) {
       if (tls) {
         const double gib = options.repeats * (bytes / kGiB);
         const DataPathWaits& w = paths[i].waits;
-        std::printf("%-8s   waits ms/GiB: seal %.1f, open %.1f, send %.1f, recv %.1f; %s\n", label,
-                    w.seal_ns / 1e6 / gib, w.open_ns / 1e6 / gib, w.send_ns / 1e6 / gib,
-                    w.recv_ns / 1e6 / gib, spread.c_str());
+        std::printf(
+            "%-8s   waits ms/GiB: seal %.1f, open %.1f, send %.1f, recv %.1f, reply %.1f; longest "
+            "ms: %.1f, %.1f, %.1f, %.1f, %.1f; %s\n",
+            label, w.seal_ns / 1e6 / gib, w.open_ns / 1e6 / gib, w.send_ns / 1e6 / gib,
+            w.recv_ns / 1e6 / gib, w.reply_ns / 1e6 / gib, w.longest_seal_ns / 1e6,
+            w.longest_open_ns / 1e6, w.longest_send_ns / 1e6, w.longest_recv_ns / 1e6,
+            w.longest_reply_ns / 1e6, spread.c_str());
       } else if (paths[i].peer != nullptr && name.rfind("raw ", 0) == 0) {
         std::printf("%-8s   %s\n", label, spread.c_str());
       }

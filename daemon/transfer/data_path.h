@@ -233,15 +233,23 @@ std::string HostOfAddress(const std::string& address);
 
 // Time the data path's threads spent waiting, summed over the process since it started: a
 // sender for its records to be sealed on the cipher pool and for room in its socket, a receiver
-// for its records to be opened there and for bytes in the middle of a range. For measurements
-// (transfer_bench prints them).
+// for its records to be opened there and for bytes in the middle of a range, a client for the
+// answer to its request; and the longest single wait of each kind since
+// ResetLongestDataPathWaits. For measurements (transfer_bench prints them).
 struct DataPathWaits {
   uint64_t seal_ns = 0;
   uint64_t open_ns = 0;
   uint64_t send_ns = 0;
   uint64_t recv_ns = 0;
+  uint64_t reply_ns = 0;
+  uint64_t longest_seal_ns = 0;
+  uint64_t longest_open_ns = 0;
+  uint64_t longest_send_ns = 0;
+  uint64_t longest_recv_ns = 0;
+  uint64_t longest_reply_ns = 0;
 };
 DataPathWaits DataPathWaitTotals();
+void ResetLongestDataPathWaits();
 
 // The size of the records that an encrypted connection's sender has sealed on the cipher pool
 // (256 KiB unless set), for measurements; clamped to 32 KiB..4 MiB. Receivers take records of

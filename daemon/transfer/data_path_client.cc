@@ -81,6 +81,7 @@ Io ClientIo(int fd, const std::string& peer, absl::Time deadline) {
   io.fd = fd;
   io.deadline = deadline;
   io.peer = peer;
+  io.client = true;
   return io;
 }
 

@@ -37,10 +37,9 @@ constexpr size_t kParallelBytes = size_t{256} << 10;
 constexpr size_t kDefaultSealedRecordBytes = size_t{256} << 10;
 constexpr size_t kMaxSealedRecordBytes = size_t{4} << 20;
 std::atomic<size_t> sealed_record_bytes{kDefaultSealedRecordBytes};
-std::atomic<uint64_t> seal_wait_ns{0};
-std::atomic<uint64_t> open_wait_ns{0};
-std::atomic<uint64_t> send_wait_ns{0};
-std::atomic<uint64_t> recv_wait_ns{0};
+constexpr int kWaitKinds = 5;
+std::atomic<uint64_t> wait_ns[kWaitKinds];
+std::atomic<uint64_t> longest_wait_ns[kWaitKinds];
 
 uint64_t Nanoseconds(absl::Duration d) {
   return static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Nanoseconds(d)));
@@ -90,8 +89,14 @@ absl::Status SealInto(RecordSealer* sealer, const iovec* iov, int count, SealedS
 
 }  // namespace
 
-void AddSocketWait(bool send, absl::Duration waited) {
-  (send ? send_wait_ns : recv_wait_ns).fetch_add(Nanoseconds(waited), std::memory_order_relaxed);
+void AddWait(WaitKind kind, absl::Duration waited) {
+  const uint64_t ns = Nanoseconds(waited);
+  const int k = static_cast<int>(kind);
+  wait_ns[k].fetch_add(ns, std::memory_order_relaxed);
+  uint64_t longest = longest_wait_ns[k].load(std::memory_order_relaxed);
+  while (ns > longest &&
+         !longest_wait_ns[k].compare_exchange_weak(longest, ns, std::memory_order_relaxed)) {
+  }
 }
 
 absl::Status Io::SendSealed(const iovec* iov, int count) {
@@ -202,7 +207,7 @@ absl::Status Io::SendChunksSealedInParallel(const uint8_t* data, uint64_t begin,
       if (sealed_in_slot[j % slots] != j) {
         const absl::Time waiting = absl::Now();
         while (sealed_in_slot[j % slots] != j) changed.Wait(&mu);
-        seal_wait_ns.fetch_add(Nanoseconds(absl::Now() - waiting), std::memory_order_relaxed);
+        AddWait(WaitKind::kSeal, absl::Now() - waiting);
       }
       while (ready < slots && j + ready < records.size() &&
              sealed_in_slot[(j + ready) % slots] == j + ready) {
@@ -278,7 +283,7 @@ absl::StatusOr<uint32_t> Io::RecvFinish(PendingRecv* pending) {
   size_t bytes = 0;
   const absl::Time waiting = absl::Now();
   const bool opened = pending->jobs.Wait(&sequence, &bytes);
-  open_wait_ns.fetch_add(Nanoseconds(absl::Now() - waiting), std::memory_order_relaxed);
+  AddWait(WaitKind::kOpen, absl::Now() - waiting);
   if (!opened) {
     opener->buffer().clear();
     return opener->Failed(sequence, bytes);
@@ -390,8 +395,17 @@ absl::Status Io::RecvRecords(uint8_t* dst, size_t size, CipherPool* pool, Cipher
 }  // namespace data_path_wire
 
 DataPathWaits DataPathWaitTotals() {
-  return DataPathWaits{data_path_wire::seal_wait_ns.load(), data_path_wire::open_wait_ns.load(),
-                       data_path_wire::send_wait_ns.load(), data_path_wire::recv_wait_ns.load()};
+  using data_path_wire::longest_wait_ns;
+  using data_path_wire::wait_ns;
+  return DataPathWaits{wait_ns[0].load(),         wait_ns[1].load(),
+                       wait_ns[2].load(),         wait_ns[3].load(),
+                       wait_ns[4].load(),         longest_wait_ns[0].load(),
+                       longest_wait_ns[1].load(), longest_wait_ns[2].load(),
+                       longest_wait_ns[3].load(), longest_wait_ns[4].load()};
+}
+
+void ResetLongestDataPathWaits() {
+  for (std::atomic<uint64_t>& longest : data_path_wire::longest_wait_ns) longest.store(0);
 }
 
 void SetSealedRecordBytes(size_t bytes) {

@@ -75,9 +75,9 @@ inline void CloseFd(int fd) {
   if (fd >= 0) ::close(fd);
 }
 
-// Counts a wait for a socket (DataPathWaits, data_path.h): for room to send, or for bytes to
-// receive in the middle of a range.
-void AddSocketWait(bool send, absl::Duration waited);
+// What a data path thread waited for (DataPathWaits, data_path.h).
+enum class WaitKind { kSeal, kOpen, kSend, kRecv, kReply };
+void AddWait(WaitKind kind, absl::Duration waited);
 
 inline std::string Errno(const char* what) {
   return absl::StrCat(what, ": ", std::strerror(errno));
@@ -93,6 +93,7 @@ struct Io {
   absl::Time deadline = absl::InfiniteFuture();
   absl::Duration stall = absl::InfiniteDuration();
   std::string peer;  // for errors
+  bool client = false;             // a client's waits for bytes outside a range are for an answer
   RecordSealer* sealer = nullptr;  // not owned: the connection's
   RecordOpener* opener = nullptr;
   // Called before each wait for the peer: a receiver finishes there what it deferred (the
@@ -117,8 +118,13 @@ struct Io {
       }
       const absl::Time polled = absl::Now();
       const int n = ::poll(fds, stop_fd >= 0 ? 2 : 1, timeout_ms);
-      // A receiver between requests waits for the next: only waits mid-range are counted.
-      if (events == POLLOUT || before_wait) AddSocketWait(events == POLLOUT, absl::Now() - polled);
+      // A server between requests waits for the next: not counted.
+      if (events == POLLOUT || before_wait || client) {
+        AddWait(events == POLLOUT ? WaitKind::kSend
+                : before_wait     ? WaitKind::kRecv
+                                  : WaitKind::kReply,
+                absl::Now() - polled);
+      }
       if (n < 0) {
         if (errno == EINTR) continue;
         return absl::InternalError(Errno("poll"));
