@@ -578,6 +578,20 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
           static_cast<double>(f.pool_bytes));
   }
+  if (data_path_server_) {
+    const DataPathWaits w = DataPathWaitTotals();
+    const char* waits_help =
+        "Seconds this daemon's raw data path threads waited, by what for: records sealed (seal) "
+        "or opened (open) on the cipher pool, room in a socket (send), bytes in the middle of a "
+        "range (recv), another daemon's answer (reply). seal and open growing against recv and "
+        "send: the cipher pool (cluster.tls_cipher_threads) is short of cores.";
+    for (const auto& [kind, ns] :
+         {std::pair{"seal", w.seal_ns}, std::pair{"open", w.open_ns}, std::pair{"send", w.send_ns},
+          std::pair{"recv", w.recv_ns}, std::pair{"reply", w.reply_ns}}) {
+      counter("tessera_data_path_wait_seconds_total", waits_help, static_cast<double>(ns) / 1e9,
+              {{"wait", kind}});
+    }
+  }
   if (cluster_) {
     counter("tessera_peer_servers_refused_total",
             "Connections to another daemon refused in the TLS handshake because the server's "

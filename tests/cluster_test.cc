@@ -728,6 +728,20 @@ TEST(ClusterTest, MutualTlsAMembersCertificateCannotGossipAnotherMembersIncarnat
   ASSERT_TRUE(cluster.Start(&error)) << error;
   const std::string job = "gossip";
   ASSERT_GE(TrainAndCommit(cluster, job, seed, 3, 6), 0) << cluster[0].LogTail();
+  // Protection moved fragments over the encrypted raw data path, and its waits show by kind.
+  double waited = 0;
+  for (int i = 0; i < 3; ++i) {
+    auto metrics = ScrapeMetrics(metrics_ports[i]);
+    ASSERT_TRUE(metrics.ok()) << metrics.status();
+    for (const char* kind : {"seal", "open", "send", "recv", "reply"}) {
+      const std::string series =
+          absl::StrCat("tessera_data_path_wait_seconds_total{wait=\"", kind, "\"}");
+      ASSERT_TRUE(metrics->count(series)) << "n" << i << " shows no " << series;
+      EXPECT_GE((*metrics)[series], 0) << series;
+    }
+    waited += SumOfMetric(*metrics, "tessera_data_path_wait_seconds_total");
+  }
+  EXPECT_GT(waited, 0) << "no data path thread of three daemons waited while protecting 6 steps";
   const uint64_t n1_incarnation = IncarnationInLog(cluster[0], "n1");
   const uint64_t n2_incarnation = IncarnationInLog(cluster[0], "n2");
   ASSERT_GT(n1_incarnation, 0u) << cluster[0].LogTail();

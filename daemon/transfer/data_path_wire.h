@@ -20,6 +20,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,14 @@ inline void CloseFd(int fd) {
 // What a data path thread waited for (DataPathWaits, data_path.h).
 enum class WaitKind { kSeal, kOpen, kSend, kRecv, kReply };
 void AddWait(WaitKind kind, absl::Duration waited);
+// What a wait of Io::Wait for `events` is counted as: room to send; bytes in the middle of a
+// range (a receiver with a WaitHook); a client's answer; or nothing (a server between requests).
+inline std::optional<WaitKind> SocketWaitKind(short events, bool mid_range, bool client) {
+  if (events == POLLOUT) return WaitKind::kSend;
+  if (mid_range) return WaitKind::kRecv;
+  if (client) return WaitKind::kReply;
+  return std::nullopt;
+}
 
 inline std::string Errno(const char* what) {
   return absl::StrCat(what, ": ", std::strerror(errno));
@@ -118,12 +127,9 @@ struct Io {
       }
       const absl::Time polled = absl::Now();
       const int n = ::poll(fds, stop_fd >= 0 ? 2 : 1, timeout_ms);
-      // A server between requests waits for the next: not counted.
-      if (events == POLLOUT || before_wait || client) {
-        AddWait(events == POLLOUT ? WaitKind::kSend
-                : before_wait     ? WaitKind::kRecv
-                                  : WaitKind::kReply,
-                absl::Now() - polled);
+      if (const std::optional<WaitKind> kind =
+              SocketWaitKind(events, before_wait != nullptr, client)) {
+        AddWait(*kind, absl::Now() - polled);
       }
       if (n < 0) {
         if (errno == EINTR) continue;

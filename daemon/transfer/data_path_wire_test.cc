@@ -6,14 +6,17 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/crc32c.h"
+#include "daemon/transfer/data_path.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -251,6 +254,55 @@ TEST_F(DataPathWireTest, ReadsOfAnySizeGetTheirBytesCrc) {
                 return absl::OkStatus();
               }).ok());
   EXPECT_EQ(back, data);
+}
+
+// Each wait is counted as what it was for, summed, and the longest of each kind kept until reset
+// (what transfer_bench and tessera_data_path_wait_seconds_total show).
+TEST(DataPathWaitsTest, WaitsAreCountedByKindWithTheLongestOfEach) {
+  EXPECT_EQ(SocketWaitKind(POLLOUT, false, false), WaitKind::kSend);
+  EXPECT_EQ(SocketWaitKind(POLLOUT, true, true), WaitKind::kSend);
+  EXPECT_EQ(SocketWaitKind(POLLIN, true, false), WaitKind::kRecv);
+  EXPECT_EQ(SocketWaitKind(POLLIN, true, true), WaitKind::kRecv) << "a client mid-range";
+  EXPECT_EQ(SocketWaitKind(POLLIN, false, true), WaitKind::kReply);
+  EXPECT_EQ(SocketWaitKind(POLLIN, false, false), std::nullopt) << "a server between requests";
+
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed=%llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  ResetLongestDataPathWaits();
+  const DataPathWaits before = DataPathWaitTotals();
+  EXPECT_EQ(before.longest_seal_ns + before.longest_open_ns + before.longest_send_ns +
+                before.longest_recv_ns + before.longest_reply_ns,
+            0u);
+  uint64_t sums[5] = {};
+  uint64_t longest[5] = {};
+  for (int i = 0; i < 200; ++i) {
+    const int kind = static_cast<int>(rng() % 5);
+    const uint64_t ns = rng() % 50'000'000;
+    AddWait(static_cast<WaitKind>(kind), absl::Nanoseconds(ns));
+    sums[kind] += ns;
+    longest[kind] = std::max(longest[kind], ns);
+  }
+  AddWait(WaitKind::kRecv, absl::Nanoseconds(-5));  // a clock that stepped back counts nothing
+  const DataPathWaits after = DataPathWaitTotals();
+  EXPECT_EQ(after.seal_ns - before.seal_ns, sums[0]);
+  EXPECT_EQ(after.open_ns - before.open_ns, sums[1]);
+  EXPECT_EQ(after.send_ns - before.send_ns, sums[2]);
+  EXPECT_EQ(after.recv_ns - before.recv_ns, sums[3]);
+  EXPECT_EQ(after.reply_ns - before.reply_ns, sums[4]);
+  EXPECT_EQ(after.longest_seal_ns, longest[0]);
+  EXPECT_EQ(after.longest_open_ns, longest[1]);
+  EXPECT_EQ(after.longest_send_ns, longest[2]);
+  EXPECT_EQ(after.longest_recv_ns, longest[3]);
+  EXPECT_EQ(after.longest_reply_ns, longest[4]);
+  ResetLongestDataPathWaits();
+  AddWait(WaitKind::kOpen, absl::Microseconds(7));
+  const DataPathWaits reset = DataPathWaitTotals();
+  EXPECT_EQ(reset.longest_open_ns, 7000u);
+  EXPECT_EQ(reset.longest_seal_ns + reset.longest_send_ns + reset.longest_recv_ns +
+                reset.longest_reply_ns,
+            0u);
+  EXPECT_EQ(reset.open_ns - after.open_ns, 7000u) << "the totals are not reset";
 }
 
 }  // namespace
