@@ -223,6 +223,22 @@ TEST(FaultCampaignRegression, ACommitAtTheCutIsNotOverruledByTheMajoritysRestore
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// Found by the campaign of seed 32000001 (trial seed 32001002): as n0's partition healed, n0
+// protected its ranks' step 14 while the members it had declared dead came back one by one, and
+// n4 while suspicions relayed on the way were refuted; each saw one other live member and
+// protected in RS(1, 0) (one copy) where RS(2, 2) was configured, and step 14 committed. The job
+// then restarted after losing n1 and n4, as RS(2, 2) allows: rank 9's shard and its only copy
+// were gone, and the job started fresh ("committed"). Fixed: a smaller code waits until the live
+// members have been steady for the suspicion timeout (ClusterCoordination::Options::
+// degraded_settle; ProtectionPipelineTest.ASmallerCodeWaitsUntilTheLiveMembersAreSteady).
+TEST(FaultCampaignRegression, AStepIsNotCommittedInASmallerCodeWhileAPartitionHeals) {
+  if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
+  const TrialResult r =
+      RunScripted(32001002, {FaultKind::kZombie, FaultKind::kFlipSlot, FaultKind::kPartitionRestart,
+                             FaultKind::kJobRestart});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+}
+
 // After a whole-job restart resumed step s, a later restart restored a step after s with the
 // bytes of the abandoned run on some ranks (the old protocol: an abandoned step's protection,
 // retrying against the cut-off node, completed after the rollback freed its slot). Under the

@@ -287,6 +287,19 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
               placement.reason.empty() ? std::string("no live member") : placement.reason);
     return absl::OkStatus();
   }
+  if (placement.degraded && options_.degraded_settle > absl::ZeroDuration()) {
+    absl::Duration steady;
+    {
+      absl::MutexLock lock(&mu_);
+      steady = absl::Now() - members_changed_;
+    }
+    if (steady < options_.degraded_settle) {
+      return absl::UnavailableError(absl::StrCat(
+          placement.reason, ", but the live members changed ", absl::ToInt64Milliseconds(steady),
+          " ms ago: a smaller code waits until they have been steady for ",
+          absl::ToInt64Milliseconds(options_.degraded_settle), " ms"));
+    }
+  }
   if (placement.degraded) {
     log->info("job '{}' rank {} step {}: RS({}, {}) instead of RS({}, {}): {}", work.job_id,
               work.rank, work.step, placement.k, placement.m, options_.k, options_.m,
@@ -445,6 +458,7 @@ absl::StatusOr<std::pair<std::string, std::string>> ClusterCoordination::Coordin
 void ClusterCoordination::MembershipChanged() {
   absl::MutexLock lock(&mu_);
   report_now_ = true;
+  members_changed_ = absl::Now();
   // Coordination may have moved: a coordinator gathers each job's view again before it acts
   // (the reporter does the same each round; this closes the window until its next round).
   view_complete_.clear();

@@ -76,6 +76,14 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     // decides waits between its check and its decision, having created "<file>.held", so that a
     // test can act in that window deterministically.
     std::string test_hold_drop_file;
+    // A shard is protected in a smaller code than RS(k, m) (too few live members, as
+    // PlaceFragments shrinks it) only once the live members have not changed for this long;
+    // until then its protection waits and retries. A view in flux is no reason to lower a
+    // step's protection: members coming back from a partition one by one, or suspicions that a
+    // rejoining member relayed and that are refuted a moment later, left steps committed with
+    // one copy where RS(2, 2) was configured, and two losses then lost them (campaign trial
+    // 32001002). The daemon sets SWIM's suspicion timeout; 0: no wait.
+    absl::Duration degraded_settle = absl::ZeroDuration();
     // Where each job's learned state (epoch, commit record, drop) is kept across restarts
     // (JobStateJournal; the daemon's store directory). Empty: nowhere (soft state only).
     std::string state_directory;
@@ -260,6 +268,7 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   std::map<std::string, std::map<std::pair<uint32_t, int64_t>, ProtectedReport>> pending_
       ABSL_GUARDED_BY(mu_);
   bool report_now_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time members_changed_ ABSL_GUARDED_BY(mu_) = absl::Now();  // MembershipChanged
   // Where the fragments of each shard protected here went (for repairs after a loss).
   std::map<ShardKey, std::vector<std::string>> placements_ ABSL_GUARDED_BY(mu_);
   // Newest state learned per job (commit records answer restores and listings).

@@ -208,6 +208,7 @@ class ProtectionPipelineTest : public ::testing::Test {
     options.report_interval_ms = 50;
     options.retry_backoff_ms = 20;
     options.state_directory = state_directory_;
+    options.degraded_settle = degraded_settle_;
     coordination_ = std::make_unique<ClusterCoordination>(
         store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
     coordination_client_.Set(coordination_.get(), &peers_);
@@ -367,6 +368,7 @@ class ProtectionPipelineTest : public ::testing::Test {
 
   std::string root_;
   std::string state_directory_;  // ClusterCoordination::Options::state_directory
+  absl::Duration degraded_settle_;  // ClusterCoordination::Options::degraded_settle
   uint64_t seed_ = 0;
   std::mt19937_64 rng_;
   uint32_t world_ = 2;
@@ -460,6 +462,43 @@ TEST_F(ProtectionPipelineTest, FewMembersShrinkK) {
       EXPECT_EQ(std::memcmp(view->data(), shard.data(), shard.size()), 0);
     }
   }
+}
+
+// Found by the campaign (trial seed 32001002 of campaign seed 32000001): as a partition healed,
+// one daemon protected its ranks' step while the members it had declared dead came back one by
+// one, and another while suspicions a rejoining member relayed were being refuted; each saw one
+// other live member, protected the step in RS(1, 0) (one copy) where RS(2, 2) was configured,
+// and the step committed. Two nodes lost right after (as RS(2, 2) allows) took a rank's shard
+// and its only copy, and the job restarted fresh ("committed"). Fixed: a smaller code waits
+// until the live members have been steady for degraded_settle (the daemon: SWIM's suspicion
+// timeout), so a view in flux never lowers a step's protection.
+TEST_F(ProtectionPipelineTest, ASmallerCodeWaitsUntilTheLiveMembersAreSteady) {
+  world_ = 1;
+  degraded_settle_ = absl::Milliseconds(400);
+  StartCluster(3, 3, 2);  // three others for RS(3, 2): RS(1, 2)
+  const absl::Time changed = absl::Now();
+  coordination_->MembershipChanged();
+  const std::vector<uint8_t> shard = SealHere(0, 2, 100000 + rng_() % 7000);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 2; }));
+  EXPECT_GE(absl::Now() - changed, degraded_settle_)
+      << "step 2 was protected in a smaller code while the members were changing";
+  const auto held = HeldByPeers(0, 2);
+  ASSERT_EQ(held.size(), 3u);
+  for (const auto& [index, status] : held) {
+    EXPECT_EQ(status.meta.ec_k, 1u) << "fragment " << index;
+    EXPECT_EQ(status.meta.ec_m, 2u) << "fragment " << index;
+  }
+  int copies = 0;  // RS(1, 2): fragment 0 is the shard itself
+  for (auto& p : peers_) {
+    for (const auto& f : p.fragments->List(kJob)) {
+      if (f.key.fragment_index != 0) continue;
+      auto view = p.fragments->Get(f.key);
+      ASSERT_TRUE(view.ok()) << view.status();
+      EXPECT_EQ(std::memcmp(view->data(), shard.data(), shard.size()), 0) << p.id;
+      ++copies;
+    }
+  }
+  EXPECT_EQ(copies, 1);
 }
 
 // Every fragment a protection sent, parity included, equals a reference encode of the shard,

@@ -637,6 +637,11 @@ bool Cluster::Converged() const {
   return swim_->Converged();
 }
 
+int64_t Cluster::SuspicionTimeoutMs() const {
+  absl::MutexLock lock(&mu_);
+  return swim_->SuspicionTimeoutMs();
+}
+
 int64_t Cluster::ConvergenceBoundMs() const {
   absl::MutexLock lock(&mu_);
   const int64_t per_period = options_.seed_probes_per_period;

@@ -131,6 +131,9 @@ class Cluster {
   bool Converged() const;
   // How long Converged() takes at most from Start when every seed answers or times out.
   int64_t ConvergenceBoundMs() const;
+  // How long a suspected member has to refute before it is declared dead (SWIM's suspicion
+  // timeout for the members known now).
+  int64_t SuspicionTimeoutMs() const;
   // The operator declares node_id lost: dead everywhere until a newer incarnation appears, and
   // no longer counted among the members of a majority (Quorum). Errors: kInvalidArgument for
   // this daemon, kNotFound for a node id no member has, kFailedPrecondition for a member that is

@@ -279,6 +279,8 @@ class Swim {
   bool IsFenced(const std::string& node_id, uint64_t incarnation) const;
   // Every seed has answered, been found as a member's address, or timed out once.
   bool Converged() const { return unsettled_seeds_ == 0; }
+  // How long a suspected member has to refute: suspicion_mult x log2(members) periods.
+  int64_t SuspicionTimeoutMs() const;
   // Seed addresses where no member (not dead) is known.
   std::vector<std::string> PendingSeeds() const;
   size_t seed_count() const { return seeds_.size(); }
@@ -368,7 +370,6 @@ class Swim {
   // Moves `node` from `from` to `to`: counts, timers, probe order, seeds, and (emit) events.
   void Transition(int64_t now_ms, uint32_t node, SwimState from, SwimState to, bool by_self,
                   bool emit = true);
-  int64_t SuspicionTimeoutMs() const;
   void Heard(int64_t now_ms, uint32_t node);
   // The sender or responder as a first-hand alive update. Returns false when it is fenced.
   // *rebut: our view of it is worse than what it claims (it should refute).
