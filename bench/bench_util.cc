@@ -9,7 +9,10 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <thread>
+#include <vector>
 
 #include "common/crc32c.h"
 
@@ -42,12 +45,38 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
 
 namespace {
 
+// The value under `name` in the "<prefix>: name name ..." / "<prefix>: value value ..." line pairs
+// of a /proc/net file; 0 when absent.
+uint64_t ProcNetCounter(const char* file, const std::string& prefix, const std::string& name) {
+  std::ifstream in(file);
+  std::string header;
+  std::string values;
+  while (std::getline(in, header) && std::getline(in, values)) {
+    if (header.compare(0, prefix.size() + 1, prefix + ":") != 0) continue;
+    std::istringstream names(header);
+    std::istringstream numbers(values);
+    std::string n;
+    std::string v;
+    while (names >> n && numbers >> v) {
+      if (n == name) return std::strtoull(v.c_str(), nullptr, 10);
+    }
+  }
+  return 0;
+}
+
 void SetBuffers(int fd, int bytes) {
   setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
   setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
 }
 
 }  // namespace
+
+HostTcpCounters ReadHostTcpCounters() {
+  HostTcpCounters c;
+  c.retransmitted = ProcNetCounter("/proc/net/snmp", "Tcp", "RetransSegs");
+  c.out_of_order = ProcNetCounter("/proc/net/netstat", "TcpExt", "TCPOFOQueue");
+  return c;
+}
 
 double TcpOnce(const uint8_t* src, uint8_t* dst, size_t bytes, bool crc, size_t chunk_bytes) {
   constexpr int kSocketBuffer = 4 << 20;

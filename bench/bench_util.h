@@ -37,6 +37,17 @@ double SecondsSince(std::chrono::steady_clock::time_point start);
 double TcpOnce(const uint8_t* src, uint8_t* dst, size_t bytes, bool crc = false,
                size_t chunk_bytes = kBenchMiB);
 
+// The host's TCP counters that tell a round slowed by TCP itself: segments retransmitted
+// (/proc/net/snmp Tcp RetransSegs) and segments queued out of order at a receiver
+// (/proc/net/netstat TcpExt TCPOFOQueue). Over loopback nothing is lost on a wire, so these count
+// reordering between the cores that process a stream's packets and the retransmissions it
+// causes. Host-wide: other traffic counts too. Zero where /proc does not say.
+struct HostTcpCounters {
+  uint64_t retransmitted = 0;
+  uint64_t out_of_order = 0;
+};
+HostTcpCounters ReadHostTcpCounters();
+
 }  // namespace tessera
 
 #endif  // TESSERA_BENCH_BENCH_UTIL_H_

@@ -242,8 +242,9 @@ void Run(const Options& options) {
       "%zu KiB with %s; for tls rows, the time per GiB the data path's threads waited for "
       "records to be sealed and opened, for their sockets to send and receive mid-range, and "
       "for answers (ms/GiB), and the longest of each wait in any round (ms); for raw and tls rows, "
-      "the slowest and fastest round and the connections made in "
-      "the rounds\n\n",
+      "the slowest and fastest round, with the segments the host's TCP retransmitted and queued "
+      "out of order in each (over loopback: packets reordered between cores), and the "
+      "connections made in the rounds\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
       CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10,
       GcmLibraryDescription(CurrentGcmLibrary()).c_str());
@@ -316,6 +317,9 @@ void Run(const Options& options) {
       std::function<double()> sample;  // returns the timed seconds
       std::function<void()> after;     // untimed
       std::vector<double> seconds;
+      // Per round, in the order run: the host's TCP segments retransmitted and queued out of
+      // order while it ran.
+      std::vector<HostTcpCounters> tcp;
       double cpu = 0;
       DataPathWaits waits;          // summed over the timed runs
       PeerFixture* peer = nullptr;  // a raw or tls row's server
@@ -423,7 +427,11 @@ void Run(const Options& options) {
         ResetLongestDataPathWaits();
         const DataPathWaits waits0 = DataPathWaitTotals();
         const uint64_t connections0 = path.peer ? path.peer->connections_accepted() : 0;
+        const HostTcpCounters tcp0 = ReadHostTcpCounters();
         path.seconds.push_back(path.sample());
+        const HostTcpCounters tcp1 = ReadHostTcpCounters();
+        path.tcp.push_back(
+            {tcp1.retransmitted - tcp0.retransmitted, tcp1.out_of_order - tcp0.out_of_order});
         if (path.peer) path.connections += path.peer->connections_accepted() - connections0;
         path.cpu += CpuSeconds() - cpu0;
         const DataPathWaits waits1 = DataPathWaitTotals();
@@ -463,6 +471,21 @@ void Run(const Options& options) {
     }
     if (std::memcmp(dst.get(), src.get(), bytes) != 0) Die("GetFragment: bytes differ");
 
+    // The slowest and the fastest round with the host's TCP counters in each, before the rounds
+    // are sorted for the median.
+    auto spread = [&](const Path& path) {
+      const auto [slow, fast] = std::minmax_element(path.seconds.begin(), path.seconds.end(),
+                                                    [](double a, double b) { return a > b; });
+      const HostTcpCounters& s = path.tcp[slow - path.seconds.begin()];
+      const HostTcpCounters& f = path.tcp[fast - path.seconds.begin()];
+      return absl::StrFormat(
+          "rounds %.2f-%.2f GB/s (TCP segments retransmitted %d-%d, out of order %d-%d), %d "
+          "connections made",
+          bytes / *slow / kGB, bytes / *fast / kGB, s.retransmitted, f.retransmitted,
+          s.out_of_order, f.out_of_order, path.connections);
+    };
+    std::vector<std::string> spreads;
+    for (const Path& path : paths) spreads.push_back(spread(path));
     auto rate = [&](Path& path) {
       std::sort(path.seconds.begin(), path.seconds.end());
       const double median = path.seconds[path.seconds.size() / 2];
@@ -503,10 +526,7 @@ void Run(const Options& options) {
       if (op.rfind("put", 0) == 0) best_put = std::max(best_put, rates[i].gbps);
       if (op.rfind("get", 0) == 0) best_get = std::max(best_get, rates[i].gbps);
       row(name, rates[i], ratio);
-      const std::vector<double>& seconds = paths[i].seconds;  // sorted
-      const std::string spread =
-          absl::StrFormat("rounds %.2f-%.2f GB/s, %d connections made", bytes / seconds.back() / kGB,
-                          bytes / seconds.front() / kGB, paths[i].connections);
+      const std::string& spread = spreads[i];
       if (tls) {
         const double gib = options.repeats * (bytes / kGiB);
         const DataPathWaits& w = paths[i].waits;
