@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -76,6 +77,12 @@ HostTcpCounters ReadHostTcpCounters() {
   c.retransmitted = ProcNetCounter("/proc/net/snmp", "Tcp", "RetransSegs");
   c.out_of_order = ProcNetCounter("/proc/net/netstat", "TcpExt", "TCPOFOQueue");
   return c;
+}
+
+ProcessCounters ReadProcessCounters() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return {static_cast<uint64_t>(usage.ru_minflt), static_cast<uint64_t>(usage.ru_nivcsw)};
 }
 
 double TcpOnce(const uint8_t* src, uint8_t* dst, size_t bytes, bool crc, size_t chunk_bytes) {

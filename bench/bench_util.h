@@ -48,6 +48,15 @@ struct HostTcpCounters {
 };
 HostTcpCounters ReadHostTcpCounters();
 
+// What the process's threads (those that exited included) cost the kernel: minor page faults
+// (fresh memory touched) and involuntary context switches (a thread taken off its core while it
+// could run: the cores were oversubscribed). getrusage(RUSAGE_SELF).
+struct ProcessCounters {
+  uint64_t page_faults = 0;
+  uint64_t preempted = 0;
+};
+ProcessCounters ReadProcessCounters();
+
 }  // namespace tessera
 
 #endif  // TESSERA_BENCH_BENCH_UTIL_H_

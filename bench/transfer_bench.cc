@@ -243,8 +243,9 @@ void Run(const Options& options) {
       "records to be sealed and opened, for their sockets to send and receive mid-range, and "
       "for answers (ms/GiB), and the longest of each wait in any round (ms); for raw and tls rows, "
       "the slowest and fastest round, with the segments the host's TCP retransmitted and queued "
-      "out of order in each (over loopback: packets reordered between cores), and the "
-      "connections made in the rounds\n\n",
+      "out of order in each (over loopback: packets reordered between cores), the process's "
+      "page faults and its threads' involuntary context switches in each, and the connections "
+      "made in the rounds\n\n",
       std::thread::hardware_concurrency(), options.repeats, options.chunk_bytes >> 10,
       CipherPool::Shared().threads(), options.cipher_nice, SealedRecordBytes() >> 10,
       GcmLibraryDescription(CurrentGcmLibrary()).c_str());
@@ -320,6 +321,7 @@ void Run(const Options& options) {
       // Per round, in the order run: the host's TCP segments retransmitted and queued out of
       // order while it ran.
       std::vector<HostTcpCounters> tcp;
+      std::vector<ProcessCounters> process;  // the same for the process's page faults, preemptions
       double cpu = 0;
       DataPathWaits waits;          // summed over the timed runs
       PeerFixture* peer = nullptr;  // a raw or tls row's server
@@ -428,8 +430,12 @@ void Run(const Options& options) {
         const DataPathWaits waits0 = DataPathWaitTotals();
         const uint64_t connections0 = path.peer ? path.peer->connections_accepted() : 0;
         const HostTcpCounters tcp0 = ReadHostTcpCounters();
+        const ProcessCounters process0 = ReadProcessCounters();
         path.seconds.push_back(path.sample());
+        const ProcessCounters process1 = ReadProcessCounters();
         const HostTcpCounters tcp1 = ReadHostTcpCounters();
+        path.process.push_back(
+            {process1.page_faults - process0.page_faults, process1.preempted - process0.preempted});
         path.tcp.push_back(
             {tcp1.retransmitted - tcp0.retransmitted, tcp1.out_of_order - tcp0.out_of_order});
         if (path.peer) path.connections += path.peer->connections_accepted() - connections0;
@@ -471,18 +477,20 @@ void Run(const Options& options) {
     }
     if (std::memcmp(dst.get(), src.get(), bytes) != 0) Die("GetFragment: bytes differ");
 
-    // The slowest and the fastest round with the host's TCP counters in each, before the rounds
-    // are sorted for the median.
+    // The slowest and the fastest round with what the host's TCP and the process's threads cost
+    // in each, before the rounds are sorted for the median.
     auto spread = [&](const Path& path) {
       const auto [slow, fast] = std::minmax_element(path.seconds.begin(), path.seconds.end(),
                                                     [](double a, double b) { return a > b; });
-      const HostTcpCounters& s = path.tcp[slow - path.seconds.begin()];
-      const HostTcpCounters& f = path.tcp[fast - path.seconds.begin()];
+      const size_t s = slow - path.seconds.begin();
+      const size_t f = fast - path.seconds.begin();
       return absl::StrFormat(
-          "rounds %.2f-%.2f GB/s (TCP segments retransmitted %d-%d, out of order %d-%d), %d "
-          "connections made",
-          bytes / *slow / kGB, bytes / *fast / kGB, s.retransmitted, f.retransmitted,
-          s.out_of_order, f.out_of_order, path.connections);
+          "rounds %.2f-%.2f GB/s (TCP segments retransmitted %d-%d, out of order %d-%d; page "
+          "faults %d-%d; threads preempted %d-%d), %d connections made",
+          bytes / *slow / kGB, bytes / *fast / kGB, path.tcp[s].retransmitted,
+          path.tcp[f].retransmitted, path.tcp[s].out_of_order, path.tcp[f].out_of_order,
+          path.process[s].page_faults, path.process[f].page_faults, path.process[s].preempted,
+          path.process[f].preempted, path.connections);
     };
     std::vector<std::string> spreads;
     for (const Path& path : paths) spreads.push_back(spread(path));
