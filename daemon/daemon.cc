@@ -568,13 +568,16 @@ std::vector<MetricsRegistry::Sample> Daemon::CollectMetrics() const {
           static_cast<double>(fragment_budget_->capacity_bytes()));
     const char* segments_help =
         "Fragment segments by how they were obtained: created new when a fragment arrived, "
-        "recycled from a dropped one, or created ahead of need in the background.";
+        "recycled from a dropped one, created ahead of need in the background, or created in the "
+        "background and deleted again, no longer needed (precreated_discarded).";
     counter("tessera_fragment_segments_total", segments_help,
             static_cast<double>(f.segments_created), {{"how", "created"}});
     counter("tessera_fragment_segments_total", segments_help,
             static_cast<double>(f.segments_recycled), {{"how", "recycled"}});
     counter("tessera_fragment_segments_total", segments_help,
             static_cast<double>(f.spares_precreated), {{"how", "precreated"}});
+    counter("tessera_fragment_segments_total", segments_help,
+            static_cast<double>(f.spares_precreate_discarded), {{"how", "precreated_discarded"}});
     gauge("tessera_fragment_spare_bytes",
           "Bytes of dropped fragment segments kept for recycling (reclaimed first under pressure).",
           static_cast<double>(f.pool_bytes));

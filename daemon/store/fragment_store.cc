@@ -365,6 +365,10 @@ size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, ui
     absl::MutexLock lock(&mu_);
     if (all_ranks) {
       ++job_drops_;  // a spare being created for it meanwhile is discarded
+      for (auto it = peak_held_.lower_bound({job_id, 0});
+           it != peak_held_.end() && it->first.first == job_id;) {
+        it = peak_held_.erase(it);
+      }
       // The job is gone: nothing of it will be sent again, so neither are its spares kept.
       for (auto it = pool_.begin(); it != pool_.end();) {
         if (it->second.job_id != job_id) {

@@ -30,15 +30,24 @@
 // store is one of the budget's reclaimers). DropJob keeps no spares: the job is gone.
 //
 // Spares ahead of need. A fragment that finds no spare creates and pre-faults a segment on the
-// critical path of its transfer; spares left by dropped steps only appear once the peer learns
-// of a newer commit. So once a fragment of (job, rank) is sealed here, or had to get a new
-// segment, and no spare of that (job, rank) would fit a fragment of its size, one background
-// thread creates one (Options::precreate_spares): EMPTY, pre-faulted, counted toward
-// max_spares_per_rank and pool_max_bytes, and charged to the budget only if the bytes are free
-// now (it never makes a reclaimer run; a spare skipped for want of budget is counted, and for a
-// second after the budget ran short none is tried). When a Reserve runs short while a spare is
-// being created, TrimPool waits for that creation and discards it (at most one segment's
-// creation), rather than refusing for bytes it holds.
+// critical path of its transfer. The store remembers, per (job, rank), the most fragments it has
+// held at once (counting the one being stored), and takes it to be at least two (the committed
+// step's and the next); a rank that holds fewer now, with no spare that would fit its next
+// fragment, is short of a segment it will need (its first fragment has arrived, its spares were
+// reclaimed or bounded away, or its fragments changed size). Then, once a fragment of that (job,
+// rank) is sealed here or had to get a new segment, one background thread creates one
+// (Options::precreate_spares): EMPTY, pre-faulted, counted toward max_spares_per_rank and
+// pool_max_bytes, and charged to the budget only if the bytes are free now (it never makes a
+// reclaimer run; a spare skipped for want of budget is counted, and for a second after the
+// budget ran short none is tried). A rank that holds as many fragments as ever gets none: the
+// segment of the step its commit drops comes back as its spare, so the steady state (each step's
+// fragment arrives, seals, and the commit drops the step before) neither creates nor deletes a
+// segment. (Creating one at every seal did: the created one or the one dropped was deleted again, a
+// whole fragment's pages faulted in for nothing at every step.) So a rank pays a created segment
+// on its transfer for its first fragment, and when it holds more fragments at once than ever
+// before (its commits lag its snapshots). When a Reserve runs short while a spare is being created,
+// TrimPool waits for that creation and discards it (at most one segment's creation), rather than
+// refusing for bytes it holds.
 //
 // Recycling and crashes. A spare's header is moved to EMPTY (and its header CRC cleared) before
 // the spare is kept; a reused one is rewritten while EMPTY and only then becomes WRITING, before
@@ -190,6 +199,7 @@ class FragmentStore {
     uint64_t segments_recycled = 0;  // fragments that reused a spare instead of a new segment
     uint64_t spares_precreated = 0;  // spares created in the background and kept in the pool
     uint64_t spares_precreate_skipped = 0;  // not created: the budget was short
+    uint64_t spares_precreate_discarded = 0;  // created, then not wanted by the time they were
     uint64_t spares_reclaimed = 0;   // spares deleted to make room in the budget
     uint64_t seals = 0;
     uint64_t crc_failures = 0;  // chunks and whole fragments whose CRC32C did not match
@@ -355,8 +365,11 @@ class FragmentStore {
   size_t DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank, int64_t step);
   absl::StatusOr<std::shared_ptr<Entry>> FindForWrite(const FragmentKey& key,
                                                       uint64_t owner_incarnation) const;
-  // Whether a spare of capacity_bytes for (job, rank) should be created now: none of that
-  // (job, rank) fits (PoolFits), and the per-rank and pool bounds leave room for one.
+  // Fragments of (job, rank) held or being given a segment.
+  int HeldLocked(const std::string& job_id, uint32_t rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a spare of capacity_bytes for (job, rank) should be created now: the rank holds fewer
+  // fragments than it has at once (peak_held_), none of its spares fits (PoolFits), and the
+  // per-rank and pool bounds leave room for one.
   bool SpareWanted(const std::string& job_id, uint32_t rank, uint64_t capacity_bytes) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Queues a PrecreateRequest when SpareWanted. REQUIRES: mu_ not held.
@@ -370,6 +383,8 @@ class FragmentStore {
   std::map<FragmentKey, std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
   // Keys whose segment a BeginFragment is creating (outside mu_); other Begins wait for them.
   std::set<FragmentKey> creating_ ABSL_GUARDED_BY(mu_);
+  // Per (job, rank): the most fragments it held at once (HeldLocked when a segment was acquired).
+  std::map<std::pair<std::string, uint32_t>, int> peak_held_ ABSL_GUARDED_BY(mu_);
   // Spares by payload capacity; each holds its budget reservation.
   std::multimap<uint64_t, Spare> pool_ ABSL_GUARDED_BY(mu_);
   uint64_t pool_bytes_ ABSL_GUARDED_BY(mu_) = 0;

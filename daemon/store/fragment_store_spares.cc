@@ -22,6 +22,9 @@ using fragment_store_internal::kFragmentPrefix;
 using fragment_store_internal::kFragmentSuffix;
 using fragment_store_internal::kSegmentGranuleBytes;
 
+// Fragments a (job, rank) is taken to hold at once before it has held more: a peer holds the
+// committed step's and the next one's.
+constexpr int kFragmentsARankHolds = 2;
 // Spare creations waiting for the background thread (one per (job, rank)); more are dropped.
 constexpr size_t kMaxPrecreateQueue = 256;
 // No spare is created this long after the budget ran short (TrimPool), so a Reserve that made
@@ -36,10 +39,25 @@ bool PoolFits(uint64_t pooled_capacity, uint64_t wanted_capacity) {
 
 }  // namespace
 
+int FragmentStore::HeldLocked(const std::string& job_id, uint32_t rank) const {
+  const FragmentKey first{job_id, rank, INT64_MIN, 0};
+  auto ours = [&](const FragmentKey& k) { return k.job_id == job_id && k.rank == rank; };
+  int held = 0;
+  for (auto it = entries_.lower_bound(first); it != entries_.end() && ours(it->first); ++it) {
+    ++held;
+  }
+  for (auto it = creating_.lower_bound(first); it != creating_.end() && ours(*it); ++it) {
+    if (entries_.count(*it) == 0) ++held;  // not a replacement of one held
+  }
+  return held;
+}
+
 absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const FragmentKey& key,
                                                                        uint64_t capacity_bytes) {
   {
     absl::MutexLock lock(&mu_);
+    int& peak = peak_held_[{key.job_id, key.rank}];
+    peak = std::max(peak, HeldLocked(key.job_id, key.rank));  // key is in creating_
     auto it = pool_.lower_bound(capacity_bytes);
     if (it != pool_.end() && PoolFits(it->first, capacity_bytes)) {
       std::shared_ptr<Segment> segment = std::move(it->second.segment);
@@ -78,7 +96,7 @@ absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const Fra
     absl::MutexLock lock(&mu_);
     ++counters_.segments_created;
   }
-  // No spare fitted: the next fragment of this (job, rank) would not find one either.
+  // No spare fitted: one more is wanted if the rank still holds fewer fragments than it has.
   MaybePrecreateSpare(key.job_id, key.rank, capacity_bytes);
   return std::shared_ptr<Segment>(std::move(*created));
 }
@@ -86,6 +104,9 @@ absl::StatusOr<std::shared_ptr<Segment>> FragmentStore::AcquireSegment(const Fra
 bool FragmentStore::SpareWanted(const std::string& job_id, uint32_t rank,
                                 uint64_t capacity_bytes) const {
   if (options_.max_spares_per_rank <= 0) return false;
+  auto peak = peak_held_.find({job_id, rank});
+  const int wanted = std::max(kFragmentsARankHolds, peak == peak_held_.end() ? 0 : peak->second);
+  if (HeldLocked(job_id, rank) >= wanted) return false;
   int kept = 0;
   for (const auto& [capacity, spare] : pool_) {
     if (spare.job_id != job_id || spare.rank != rank) continue;
@@ -208,6 +229,10 @@ void FragmentStore::PrecreateSpare(const PrecreateRequest& request) {
   // Not wanted any more (a spare came back meanwhile, the job was dropped, the pool's bounds
   // moved, or TrimPool needs the bytes), or not created: the file goes, then the bytes.
   if (segment) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++counters_.spares_precreate_discarded;
+    }
     log->debug("discarding pre-created spare {} of job '{}' rank {}{}", segment->path(),
                request.job_id, request.rank, cancelled ? ": the budget needs the bytes" : "");
     segment->Unlink().IgnoreError();

@@ -1,18 +1,19 @@
 // FragmentStore's pool of spare segments (fragment_store_spares.cc): segments of dropped steps
 // reused, spares bounded, counted in the budget and reclaimed under pressure, pre-created ahead
 // of the next fragment, and never adopted after a restart.
-#include "daemon/store/fragment_store.h"
-
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/crc32c.h"
 #include "common/segment.h"
+#include "daemon/store/fragment_store.h"
 #include "daemon/store/fragment_store_fixture.h"
 #include "gtest/gtest.h"
 
@@ -252,7 +253,8 @@ TEST_F(FragmentStoreTest, ASpareIsCreatedAheadOfTheNextFragmentAndRecycled) {
     EXPECT_EQ((*seg)->header()->header_crc32c, 0u);
     EXPECT_GE((*seg)->capacity_bytes(), meta.fragment_bytes);
   }
-  // Step 2 arrives before step 1 is dropped (back-to-back snapshots): it takes the spare.
+  // Step 2 arrives before step 1 is dropped (the committed step and the next): it takes the
+  // spare, and the rank holds as many fragments as it is taken to need, so none is created.
   auto step2 = RandomBytes(meta.fragment_bytes);
   PutSealed(Key(2), meta, step2);
   stats = store_->stats();
@@ -260,24 +262,76 @@ TEST_F(FragmentStoreTest, ASpareIsCreatedAheadOfTheNextFragmentAndRecycled) {
   EXPECT_EQ(stats.segments_recycled, 1u);
   ExpectHolds(Key(1), step1);
   ExpectHolds(Key(2), step2);
-  // Sealing step 2 asked for the next one.
-  ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) {
-    return s.spares_precreated == 2 && s.pool_segments == 1;
-  })) << "seed " << seed_;
+  // Step 1 dropped (step 2 committed): its segment is the spare for step 3.
+  EXPECT_EQ(store_->DropOlderThan(Key(1).job_id, Key(1).rank, 2), 1u);
+  EXPECT_EQ(store_->stats().pool_segments, 1u);
+  // Step 3 arrives before step 2 is dropped, and step 4 before step 3 is (commits lag a step):
+  // step 4 finds no spare and creates one; step 5 then finds step 2's, and sealing it (holding
+  // 3, 4, 5 again) creates none.
+  PutSealed(Key(3), meta, RandomBytes(meta.fragment_bytes));
+  PutSealed(Key(4), meta, RandomBytes(meta.fragment_bytes));
+  EXPECT_EQ(store_->stats().segments_created, 2u);
+  EXPECT_EQ(store_->DropOlderThan(Key(1).job_id, Key(1).rank, 3), 1u);
+  PutSealed(Key(5), meta, RandomBytes(meta.fragment_bytes));
+  EXPECT_EQ(store_->DropOlderThan(Key(1).job_id, Key(1).rank, 4), 1u);
+  stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 2u);
+  EXPECT_EQ(stats.segments_recycled, 3u);
+  EXPECT_EQ(stats.spares_precreated, 1u);
+  EXPECT_EQ(stats.pool_segments, 1u);
   // Any rank may take a spare; sealing rank 4's fragment then asks for one of rank 4's own.
   const FragmentKey other_rank{"job-a", 4, 1, 0};
   PutSealed(other_rank, meta, RandomBytes(meta.fragment_bytes));
   ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) {
-    return s.spares_precreated == 3 && s.pool_segments == 1;
-  })) << "seed " << seed_;
+    return s.spares_precreated == 2 && s.pool_segments == 1;
+  })) << "seed "
+      << seed_;
   stats = store_->stats();
-  EXPECT_EQ(stats.segments_created, 1u);
-  EXPECT_EQ(stats.segments_recycled, 2u);
+  EXPECT_EQ(stats.segments_created, 2u);
+  EXPECT_EQ(stats.segments_recycled, 4u);
   EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
   // Dropping the job takes the spares with it.
   EXPECT_EQ(store_->DropJob("job-a"), 3u);
   EXPECT_EQ(store_->stats().pool_segments, 0u);
+  EXPECT_EQ(store_->stats().spares_precreate_discarded, 0u);
   EXPECT_EQ(budget_->used_bytes(), 0u);
+}
+
+TEST_F(FragmentStoreTest, TheSteadyStateCreatesAndDeletesNoSegment) {
+  // Each step's fragment arrives and seals, then the commit drops the step before: from the
+  // second step on, the dropped step's segment is the next one's, and nothing is created in the
+  // background either (creating a spare at every seal deleted a segment again at every step).
+  OpenStore(UINT64_MAX, /*precreate_spares=*/true);
+  const FragmentMeta meta = Meta(3 << 20);
+  std::set<std::string> files_at_step2;
+  for (int64_t step = 1; step <= 12; ++step) {
+    auto data = RandomBytes(meta.fragment_bytes);
+    PutSealed(Key(step), meta, data);
+    ASSERT_EQ(store_->DropOlderThan(Key(step).job_id, Key(step).rank, step), step > 1 ? 1u : 0u);
+    ASSERT_TRUE(WaitForStats([](const FragmentStore::Stats& s) { return s.pool_segments >= 1; }))
+        << "step " << step << ", seed " << seed_;
+    EXPECT_EQ(store_->stats().pool_segments, 1u) << "step " << step;
+    ExpectHolds(Key(step), data);
+    const std::vector<std::string> files = FragmentFiles(dir_);
+    if (step == 2) files_at_step2.insert(files.begin(), files.end());
+    if (step > 2) {
+      EXPECT_EQ(std::set<std::string>(files.begin(), files.end()), files_at_step2)
+          << "step " << step;
+    }
+  }
+  // A creation queued by the last seals would land within milliseconds: give it 300.
+  for (int i = 0; i < 300; ++i) {
+    const auto s = store_->stats();
+    if (s.spares_precreated > 1 || s.spares_precreate_discarded > 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const auto stats = store_->stats();
+  EXPECT_EQ(stats.segments_created, 1u);
+  EXPECT_EQ(stats.spares_precreated, 1u);  // after the first fragment, for the second
+  EXPECT_EQ(stats.spares_precreate_discarded, 0u);
+  EXPECT_EQ(stats.segments_recycled, 11u);
+  EXPECT_EQ(files_at_step2.size(), 2u);  // the fragment held and the spare
+  EXPECT_EQ(budget_->used_bytes(), stats.held_bytes + stats.pool_bytes);
 }
 
 TEST_F(FragmentStoreTest, ShortBudgetSkipsTheSpareAndEvictsNothing) {
