@@ -99,6 +99,8 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+constexpr char kBenchToken[] = "protection-bench-token";  // the cluster's cluster.token
+
 // A loopback cluster of tesserad processes, node 0 first.
 class BenchCluster {
  public:
@@ -111,8 +113,7 @@ class BenchCluster {
           {"peer.listen_address=" + addresses_[i],
            "cluster.members=" + absl::StrJoin(addresses_, ","), absl::StrCat("ec.k=", options.k),
            absl::StrCat("ec.m=", options.m), "liveness.heartbeat_ms=100",
-           "cluster.token=protection-bench-token",
-           "peer.data_path=" + options.data_path,
+           std::string("cluster.token=") + kBenchToken, "peer.data_path=" + options.data_path,
            // Generous: a peer busy receiving a large fragment on 2 cores must not be suspected.
            "liveness.timeout_ms=5000"});
       Check(d.status(), absl::StrCat("starting tesserad pb", i));
@@ -414,9 +415,15 @@ int main(int argc, char** argv) {
   }
   tessera::SetLogLevel("warn").IgnoreError();
   tessera::TuneMallocForBulkTransfers();
-  auto peers = tessera::GrpcPeerClient::Create(tessera::GrpcPeerClient::Options());
+  // The put rows call the daemons as a peer would: with the cluster's token.
+  tessera::GrpcPeerClient::Options raw_options;
+  raw_options.token = tessera::kBenchToken;
+  raw_options.self_node_id = "bench-client";  // the writer a fragment write names
+  auto peers = tessera::GrpcPeerClient::Create(raw_options);
   tessera::Check(peers.status(), "GrpcPeerClient");
   tessera::GrpcPeerClient::Options grpc_options;
+  grpc_options.token = tessera::kBenchToken;
+  grpc_options.self_node_id = "bench-client";
   grpc_options.raw_data_path = false;
   auto grpc_peers = tessera::GrpcPeerClient::Create(grpc_options);
   tessera::Check(grpc_peers.status(), "GrpcPeerClient");
