@@ -372,7 +372,9 @@ absl::Status Daemon::StartCluster(const std::string& dir, uint64_t capacity) {
   coordination_options.k = config.ec.k;
   coordination_options.m = config.ec.m;
   coordination_options.report_interval_ms = std::max<int64_t>(100, config.liveness.heartbeat_ms);
-  coordination_options.degraded_settle = absl::Milliseconds(cluster_->SuspicionTimeoutMs());
+  coordination_options.degraded_settle = [cluster = cluster_.get()] {
+    return absl::Milliseconds(cluster->SuspicionTimeoutMs());
+  };
   // A drop's check and push are each a round of calls bounded by the coordination timeout.
   coordination_options.drop_fence = std::max(absl::Milliseconds(config.cluster.drop_fence_ms),
                                              3 * coordination_client_options.timeout);

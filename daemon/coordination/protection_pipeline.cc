@@ -287,17 +287,18 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
               placement.reason.empty() ? std::string("no live member") : placement.reason);
     return absl::OkStatus();
   }
-  if (placement.degraded && options_.degraded_settle > absl::ZeroDuration()) {
+  if (placement.degraded && options_.degraded_settle) {
+    const absl::Duration settle = options_.degraded_settle();
     absl::Duration steady;
     {
       absl::MutexLock lock(&mu_);
       steady = absl::Now() - members_changed_;
     }
-    if (steady < options_.degraded_settle) {
+    if (steady < settle) {
       return absl::UnavailableError(absl::StrCat(
           placement.reason, ", but the live members changed ", absl::ToInt64Milliseconds(steady),
           " ms ago: a smaller code waits until they have been steady for ",
-          absl::ToInt64Milliseconds(options_.degraded_settle), " ms"));
+          absl::ToInt64Milliseconds(settle), " ms"));
     }
   }
   if (placement.degraded) {

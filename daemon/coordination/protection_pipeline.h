@@ -82,8 +82,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     // step's protection: members coming back from a partition one by one, or suspicions that a
     // rejoining member relayed and that are refuted a moment later, left steps committed with
     // one copy where RS(2, 2) was configured, and two losses then lost them (campaign trial
-    // 32001002). The daemon sets SWIM's suspicion timeout; 0: no wait.
-    absl::Duration degraded_settle = absl::ZeroDuration();
+    // 32001002). Asked at each such protection: the daemon answers SWIM's suspicion timeout for
+    // the members known then (it grows with them). Empty: no wait.
+    std::function<absl::Duration()> degraded_settle;
     // Where each job's learned state (epoch, commit record, drop) is kept across restarts
     // (JobStateJournal; the daemon's store directory). Empty: nowhere (soft state only).
     std::string state_directory;

@@ -208,7 +208,9 @@ class ProtectionPipelineTest : public ::testing::Test {
     options.report_interval_ms = 50;
     options.retry_backoff_ms = 20;
     options.state_directory = state_directory_;
-    options.degraded_settle = degraded_settle_;
+    if (degraded_settle_ > absl::ZeroDuration()) {
+      options.degraded_settle = [settle = degraded_settle_] { return settle; };
+    }
     coordination_ = std::make_unique<ClusterCoordination>(
         store_.get(), fragments_.get(), cluster_.get(), &client_, &coordination_client_, options);
     coordination_client_.Set(coordination_.get(), &peers_);
