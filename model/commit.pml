@@ -353,14 +353,35 @@ inline holder_gc(nn) {
 #define LEARNS_DROPS 1
 #endif
 
-/* node nn learns the drop at epoch dd from a JobState of epoch je: it deletes its slots of epochs
-   up to dd, and (fragments carry no epoch) all the job's fragments when nothing of a later run
-   can be among them: the JobState is the drop's own (je == dd) and nn knows no later epoch */
+/* node nn deletes its fragments of epochs up to dd (a fragment carries its shard's epoch) */
+inline drop_fragments_upto(nn, dd) {
+  xgr = 0;
+  do
+  :: xgr < NR ->
+     xgv = 1;
+     do
+     :: xgv < NV ->
+        if
+        :: (fr[FI(nn,xgr)] & (1 << xgv)) && ve[VI(xgr,xgv)] <= dd ->
+           fr[FI(nn,xgr)] = fr[FI(nn,xgr)] & ~(1 << xgv)
+        :: else
+        fi;
+        xgv++
+     :: else -> break
+     od;
+     xgr++
+  :: else -> break
+  od;
+  xgr = 0; xgv = 0
+}
+
+/* node nn learns the drop at epoch dd from a JobState of epoch je: it deletes its slots and its
+   fragments of epochs up to dd; a later run's stay */
 inline apply_drop(nn, je, dd) {
   if
   :: dd > dr[nn] && (cr[nn] == 0 || cme[cr[nn]] <= dd) ->
      printf("TRACE node %d learns the drop at epoch %d\n", nn, dd);
-     if :: je == dd && ep[nn] <= dd -> fr[FI(nn,0)] = 0; fr[FI(nn,1)] = 0 :: else fi;
+     drop_fragments_upto(nn, dd);
      dr[nn] = dd; cr[nn] = 0;
      if :: ep[nn] < dd -> adopt_epoch(nn, dd) :: else fi;
      if

@@ -1496,6 +1496,88 @@ int SealedFragments(const std::vector<std::string>& dirs, const std::string& job
   });
 }
 
+// A rank moves to a node whose daemon started before its old one, and the job goes on from its
+// commit in a new epoch: the steps it seals again find the old run's fragments of the same keys
+// on the same holders. The new epoch replaces them, although its owner's incarnation (a start
+// time) is the older; compared by incarnation alone they were refused as a stale sender's, and
+// those steps never committed (docs/PROTOCOL.md, "a holder refuses a fragment of an older
+// epoch").
+TEST(ClusterTest, ARankMovedToAnOlderDaemonReplacesTheAbandonedRunsFragments) {
+  const uint64_t seed = TestSeed();
+  TempRoot root;
+  // RS(2, 1) over the three members other than the owner: rank 0's fragments 0 and 1 go to n0
+  // and n1 whether n3 or n2 owns it.
+  Cluster cluster(root.path(), 4, 2, 1);
+  std::string error;
+  ASSERT_TRUE(cluster.Start(&error)) << error;  // n0..n3 in order: n2 started before n3
+  const std::string job = "moved-rank";
+  const uint32_t world = 2;
+  auto run = [&](int node, uint32_t rank, int steps, int launch) {
+    auto argv = TrainerArgs(cluster[node], job, seed, rank, world);
+    argv.push_back(absl::StrCat("--steps=", steps));
+    argv.push_back(absl::StrCat("--launch=", launch));
+    argv.push_back("--step-sleep-ms=40");
+    argv.push_back("--restore-retry-ms=30000");
+    return Process::Start(argv);
+  };
+  // Rank 0 on n3 runs two steps further than rank 1 on n1: those two are protected, never
+  // committed.
+  auto r0 = run(3, 0, 4, 0);
+  auto r1 = run(1, 1, 2, 0);
+  ASSERT_EQ(r0->Wait(seconds(60)), 0) << absl::StrJoin(r0->lines(), "\n");
+  ASSERT_EQ(r1->Wait(seconds(60)), 0) << absl::StrJoin(r1->lines(), "\n");
+  const int64_t committed = LastEvent(r1->lines(), "sealed");
+  const int64_t abandoned = LastEvent(r0->lines(), "sealed");
+  ASSERT_GE(committed, 0);
+  ASSERT_EQ(abandoned, committed + 2);
+  ASSERT_TRUE(LogShows(cluster[3],
+                       absl::StrCat("job '", job, "' rank 0 step ", abandoned, ": protected"),
+                       milliseconds(30000)))
+      << cluster[3].LogTail();
+  ASSERT_TRUE(LogShows(cluster[0], absl::StrCat("job '", job, "' committed step ", committed),
+                       milliseconds(30000)))
+      << cluster[0].LogTail();
+
+  // The job restarts with rank 0 on n2: it resumes from the commit and seals the two steps again.
+  r0 = run(2, 0, 2, 1);
+  r1 = run(1, 1, 2, 1);
+  ASSERT_EQ(r0->Wait(seconds(60)), 0) << absl::StrJoin(r0->lines(), "\n");
+  ASSERT_EQ(r1->Wait(seconds(60)), 0) << absl::StrJoin(r1->lines(), "\n");
+  EXPECT_EQ(LastEvent(r0->lines(), "resumed"), committed) << absl::StrJoin(r0->lines(), "\n");
+  ASSERT_EQ(LastEvent(r0->lines(), "sealed"), abandoned);
+  EXPECT_TRUE(LogShows(cluster[0], absl::StrCat("job '", job, "' committed step ", abandoned),
+                       milliseconds(30000)))
+      << "n0:\n"
+      << cluster[0].LogTail() << "\nn2:\n"
+      << cluster[2].LogTail();
+
+  // The holders replaced the abandoned run's fragments: a newer epoch from an older incarnation.
+  const std::regex replaced("job '" + job +
+                            "' rank 0 step [0-9]+ fragment [01]: replacing the fragment of "
+                            "epoch ([0-9]+) owner incarnation ([0-9]+) .* with epoch ([0-9]+) "
+                            "incarnation ([0-9]+) ");
+  int replacements = 0;
+  for (int holder : {0, 1}) {
+    const std::string log = ReadFile(cluster[holder].log_path());
+    for (auto it = std::sregex_iterator(log.begin(), log.end(), replaced);
+         it != std::sregex_iterator(); ++it) {
+      EXPECT_GT(std::stoull((*it)[3].str()), std::stoull((*it)[1].str())) << (*it)[0].str();
+      EXPECT_LT(std::stoull((*it)[4].str()), std::stoull((*it)[2].str())) << (*it)[0].str();
+      ++replacements;
+    }
+  }
+  EXPECT_EQ(replacements, 4);  // two steps, fragments 0 and 1
+
+  // Each rank restores the new run's last step bit-exact.
+  for (auto [node, rank] : {std::pair<int, uint32_t>{2, 0}, {1, 1}}) {
+    auto argv = TrainerArgs(cluster[node], job, seed, rank, world);
+    argv.push_back("--mode=verify");
+    auto verifier = Process::Start(argv);
+    EXPECT_EQ(verifier->Wait(seconds(60)), 0) << absl::StrJoin(verifier->lines(), "\n");
+    EXPECT_EQ(LastEvent(verifier->lines(), "verified"), abandoned) << "rank " << rank;
+  }
+}
+
 // The port of a "host:port" address.
 uint16_t PortOf(const std::string& address) {
   return static_cast<uint16_t>(std::stoi(address.substr(address.rfind(':') + 1)));

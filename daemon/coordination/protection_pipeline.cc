@@ -72,12 +72,19 @@ void ClusterCoordination::LoadJobStates() {
     store_->RaiseEpoch(state.job_id, state.epoch);
     if (state.dropped_epoch == 0) continue;
     // The previous run kept the drop before acting on it: what it re-adopted of the dropped run
-    // goes now. Fragments carry no epoch and may be of a later run it never heard of: they
+    // goes now, slots and fragments of the epochs up to the drop's. Fragments of no known epoch
+    // (from a sender that predates the field) may be of a later run it never heard of: they
     // stay, void for every restore point the drop voids.
     const SnapshotStore::DropJobResult slots = store_->ApplyDrop(state.job_id, state.dropped_epoch);
-    if (slots.segments_deleted > 0) {
-      log->warn("job '{}' was dropped at epoch {}: deleted {} re-adopted slots ({} bytes)",
-                state.job_id, state.dropped_epoch, slots.segments_deleted, slots.bytes_deleted);
+    uint64_t fragment_bytes = 0;
+    const size_t fragments = fragments_->DropJobUpTo(state.job_id, state.dropped_epoch,
+                                                     /*unknown_too=*/false, &fragment_bytes);
+    if (slots.segments_deleted > 0 || fragments > 0) {
+      log->warn(
+          "job '{}' was dropped at epoch {}: deleted {} re-adopted slots ({} bytes) and {} "
+          "fragments ({} bytes)",
+          state.job_id, state.dropped_epoch, slots.segments_deleted, slots.bytes_deleted, fragments,
+          fragment_bytes);
     }
   }
 }
@@ -356,6 +363,7 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   meta.fragment_bytes = fragment_bytes;
   meta.shard_bytes = shard_bytes;
   meta.shard_crc32c = pinned->payload_crc32c;
+  meta.epoch = pinned->epoch;
   const int total = placement.k + placement.m;
   std::vector<absl::Status> results(total);
   std::vector<std::thread> senders;
@@ -592,9 +600,10 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
     if (state.dropped_epoch > known.dropped_epoch &&
         (known.committed.empty() || DroppedBy(known.committed, state.dropped_epoch))) {
       drop_news = true;
-      // Fragments carry no epoch: all of the job's are deleted only when none can be of a later
-      // run, i.e. the state is the drop's own (no run has started since) and this node has seen
-      // no later epoch. Otherwise they are void and go with the later run's commits.
+      // Fragments of an epoch up to the drop's are deleted, a later run's are kept. Those of no
+      // known epoch (from a sender that predates the field) are deleted only when none can be of
+      // a later run: the state is the drop's own (no run has started since) and this node has
+      // seen no later epoch. Otherwise they are void and go with the later run's commits.
       drop_fragments = state.epoch == state.dropped_epoch &&
                        std::max(known.epoch, store_epoch) <= state.dropped_epoch;
       known.dropped_epoch = state.dropped_epoch;
@@ -672,24 +681,23 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
     deleted.newest_sealed_step = slots.newest_sealed_step;
     deleted.running_ranks = slots.running_ranks;
     deleted.running_pids.assign(slots.running_pids.begin(), slots.running_pids.end());
-    if (drop_fragments) {
-      for (const FragmentStatus& f : fragments_->List(state.job_id)) {
-        deleted.fragment_bytes_deleted += f.meta.fragment_bytes;
-      }
-      deleted.fragments_deleted = static_cast<uint32_t>(fragments_->DropJob(state.job_id));
-    }
+    deleted.fragments_deleted = static_cast<uint32_t>(fragments_->DropJobUpTo(
+        state.job_id, state.dropped_epoch, drop_fragments, &deleted.fragment_bytes_deleted));
+    const size_t kept = fragments_->List(state.job_id).size();
     DeleteRestoredOlderThan(state.job_id, std::numeric_limits<int64_t>::max());
     {
       absl::MutexLock lock(&mu_);
       if (known_.count(state.job_id) > 0) drop_results_[state.job_id] = {state.dropped_epoch, deleted};
     }
-    log->warn("job '{}' dropped at epoch {}: deleted {} slots ({} bytes) and {} fragments ({} "
-              "bytes) here{}",
-              state.job_id, state.dropped_epoch, deleted.slots_deleted, deleted.slot_bytes_deleted,
-              deleted.fragments_deleted, deleted.fragment_bytes_deleted,
-              drop_fragments ? std::string()
-                             : std::string("; the fragments held are left to a later run's "
-                                           "commits (a later epoch is known here)"));
+    log->warn(
+        "job '{}' dropped at epoch {}: deleted {} slots ({} bytes) and {} fragments ({} "
+        "bytes) here{}",
+        state.job_id, state.dropped_epoch, deleted.slots_deleted, deleted.slot_bytes_deleted,
+        deleted.fragments_deleted, deleted.fragment_bytes_deleted,
+        kept == 0 ? std::string()
+                  : absl::StrCat("; ", kept,
+                                 " fragments of a later epoch (or of none known, while a "
+                                 "later epoch is known here) are kept"));
   }
   if (forget_drop) {
     {
@@ -717,6 +725,8 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
   if (!dead.empty()) {
     for (const FragmentStatus& f : fragments_->List(state.job_id)) {
       if (std::find(dead.begin(), dead.end(), f.key.step) == dead.end()) continue;
+      // The dead steps are the state's epoch's: a later run's fragment of the same step stays.
+      if (f.meta.epoch > state.epoch) continue;
       if (fragments_->DropFragment(f.key).ok()) ++dropped;
     }
   }

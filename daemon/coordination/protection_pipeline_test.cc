@@ -361,6 +361,34 @@ class ProtectionPipelineTest : public ::testing::Test {
     *at4 = coordination_client_.pushed_commits[4];
   }
 
+  // Stores a sealed fragment (random bytes) of (rank, step, index) of the job's `epoch` in this
+  // daemon's fragment store, as a peer protecting its shard would.
+  void HoldFragment(uint32_t rank, int64_t step, uint32_t index, uint64_t epoch) {
+    FragmentMeta meta;
+    meta.owner_incarnation = 7;
+    meta.ec_k = 2;
+    meta.ec_m = 1;
+    meta.shard_bytes = 10000 + rng_() % 10000;
+    meta.fragment_bytes = ErasureCodec::FragmentBytes(meta.shard_bytes, 2);
+    meta.shard_crc32c = static_cast<uint32_t>(rng_());
+    meta.epoch = epoch;
+    const FragmentKey key{kJob, rank, step, index};
+    std::vector<uint8_t> bytes(meta.fragment_bytes);
+    for (auto& b : bytes) b = static_cast<uint8_t>(rng_());
+    const uint32_t crc = Crc32c(bytes.data(), bytes.size());
+    ASSERT_TRUE(fragments_->BeginFragment(key, meta).ok());
+    ASSERT_TRUE(fragments_->WriteChunk(key, 7, 0, bytes.data(), bytes.size(), crc).ok());
+    ASSERT_TRUE(fragments_->SealFragment(key, 7, crc).ok());
+  }
+  // The indexes of the fragments of (rank, step) held in this daemon's fragment store.
+  std::vector<uint32_t> HeldIndexes(uint32_t rank, int64_t step) {
+    std::vector<uint32_t> held;
+    for (const FragmentStatus& f : fragments_->List(kJob)) {
+      if (f.key.rank == rank && f.key.step == step) held.push_back(f.key.fragment_index);
+    }
+    return held;
+  }
+
   std::vector<uint8_t> ReadRestored(const SnapshotStore::RestoreInfo& info) {
     auto segment = Segment::Open(info.segment_path, /*writable=*/false);
     EXPECT_TRUE(segment.ok()) << segment.status();
@@ -508,6 +536,10 @@ TEST_F(ProtectionPipelineTest, ASmallerCodeWaitsUntilTheLiveMembersAreSteady) {
 // data fragments are sent, then a smaller one through the same (reused, unzeroed) scratch.
 TEST_F(ProtectionPipelineTest, ProtectedFragmentsEqualAReferenceEncode) {
   StartCluster(5, 3, 2);
+  // The job's epoch the slots are sealed in: every fragment carries it (a holder refuses an older
+  // epoch's write of the same key).
+  const uint64_t epoch = 2 + rng_() % 100000;
+  store_->RaiseEpoch(kJob, epoch);
   const uint64_t sizes[] = {(uint64_t{30} << 20) + rng_() % 100000, 100000 + rng_() % 9000};
   int64_t step = 2;
   for (const uint64_t data_bytes : sizes) {
@@ -528,6 +560,7 @@ TEST_F(ProtectionPipelineTest, ProtectedFragmentsEqualAReferenceEncode) {
     for (auto& p : peers_) {
       for (const FragmentStatus& f : p.fragments->List(kJob)) {
         if (f.key.rank != 0 || f.key.step != step) continue;
+        EXPECT_EQ(f.meta.epoch, epoch) << "fragment " << f.key.fragment_index << " on " << p.id;
         auto view = p.fragments->Get(f.key);
         ASSERT_TRUE(view.ok()) << view.status();
         ASSERT_EQ(view->size(), fragment_bytes);
@@ -731,6 +764,44 @@ TEST_F(ProtectionPipelineTest, AStalePushOfACommitTheJobResumedWithoutReleasesNo
   EXPECT_EQ(ReadRestored(*info), shard4);
 }
 
+// Dead steps are steps of the pushed state's epoch: a holder drops its fragments of them, but
+// not a fragment of the same step that a later run (a newer epoch, not yet learned here) sealed
+// and protected.
+TEST_F(ProtectionPipelineTest, ADeadStepDropsNoFragmentOfALaterEpoch) {
+  std::vector<uint8_t> shard4;
+  CommitRecord at4;
+  ASSERT_NO_FATAL_FAILURE(CommitStep4(&shard4, &at4));
+  const uint64_t epoch = std::max<uint64_t>(at4.epoch, 1);
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 0, epoch));      // this epoch's step 6
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 1, epoch + 1));  // a later run's step 6
+  JobState state;
+  state.job_id = kJob;
+  state.epoch = epoch;
+  state.committed = at4;
+  state.dead_steps = {6};
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"b", 1}, state).ok());
+  EXPECT_EQ(HeldIndexes(1, 6), std::vector<uint32_t>{1});
+}
+
+// A drop deletes the fragments this node holds of the job's epochs up to the drop's (and, where
+// no later epoch is known here, those of no known epoch), not those of a run after the drop.
+TEST_F(ProtectionPipelineTest, ADropKeepsTheFragmentsOfALaterRun) {
+  std::vector<uint8_t> shard4;
+  CommitRecord at4;
+  ASSERT_NO_FATAL_FAILURE(CommitStep4(&shard4, &at4));
+  const uint64_t dropped = std::max<uint64_t>(at4.epoch, 1) + 1 + rng_() % 1000;
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 0, at4.epoch));    // the dropped run's
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 1, dropped + 1));  // the next run's
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 2, 0));            // an older sender's
+  JobState drop;
+  drop.job_id = kJob;
+  drop.epoch = dropped;
+  drop.dropped_epoch = dropped;
+  ASSERT_TRUE(coordination_->OnPush(NodeIdentity{"b", 1}, drop).ok());
+  EXPECT_EQ(HeldIndexes(1, 6), std::vector<uint32_t>{1});
+  EXPECT_TRUE(HeldIndexes(1, 4).empty());
+}
+
 // What the daemon learns of a job (its epoch and commit) is written to the job's state file.
 TEST_F(ProtectionPipelineTest, ALearnedJobStateIsKeptForARestart) {
   state_directory_ = root_ + "/a";
@@ -790,6 +861,28 @@ TEST_F(ProtectionPipelineTest, AKeptJobStateIsReadBackAtStart) {
   auto gone = coordination_->OnListJob(NodeIdentity{"b", 1}, "pp-dropped");
   ASSERT_TRUE(gone.ok()) << gone.status();
   EXPECT_EQ(gone->dropped_epoch, dropped.dropped_epoch);
+}
+
+// A drop kept in the job's state file is applied at start to what was re-adopted: the fragments
+// of the dropped epochs go, those of a later run stay, and so do those of no known epoch (which
+// may be a later run's).
+TEST_F(ProtectionPipelineTest, AKeptDropDeletesTheReAdoptedFragmentsOfTheDroppedEpochsAtStart) {
+  state_directory_ = root_ + "/a";
+  std::filesystem::create_directories(state_directory_);
+  StartCluster(2, 1, 1);
+  const uint64_t dropped = 1000 + rng_() % 100000;
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 0, dropped - 1 - rng_() % 500));
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 1, dropped + 1));
+  ASSERT_NO_FATAL_FAILURE(HoldFragment(1, 6, 2, 0));
+  coordination_->Stop();
+  coordination_.reset();
+  JobState drop;
+  drop.job_id = kJob;
+  drop.epoch = dropped;
+  drop.dropped_epoch = dropped;
+  ASSERT_TRUE(JobStateJournal(state_directory_).Save(drop).ok());
+  StartCoordination();
+  EXPECT_EQ(HeldIndexes(1, 6), (std::vector<uint32_t>{1, 2}));
 }
 
 // A restarted daemon protects a sealed step it re-adopted only once it has learned the job's

@@ -103,6 +103,13 @@ absl::Status ValidateFragmentKey(const FragmentKey& key) {
   return absl::OkStatus();
 }
 
+bool FragmentMayReplace(const FragmentMeta& held, const FragmentMeta& incoming) {
+  if (held.epoch != 0 && incoming.epoch != 0 && held.epoch != incoming.epoch) {
+    return incoming.epoch > held.epoch;
+  }
+  return incoming.owner_incarnation >= held.owner_incarnation;
+}
+
 absl::Status ValidateFragmentMeta(const FragmentKey& key, const FragmentMeta& meta) {
   const std::string where = key.ToString();
   if (meta.owner_incarnation == 0) {
@@ -218,8 +225,8 @@ absl::Status FragmentStore::AdoptExisting() {
         verdict = absl::DataLossError(absl::StrCat("segment kind ", h.kind, " is not a fragment"));
       } else {
         key = FragmentKey{h.job_id, h.rank, h.step, h.fragment_index};
-        meta = FragmentMeta{h.owner_incarnation, h.ec_k,        h.ec_m,
-                            h.payload_bytes,     h.shard_bytes, h.shard_crc32c};
+        meta = FragmentMeta{h.owner_incarnation, h.ec_k,         h.ec_m, h.payload_bytes,
+                            h.shard_bytes,       h.shard_crc32c, h.epoch};
         verdict = ValidateFragmentKey(key);
         if (verdict.ok()) verdict = ValidateFragmentMeta(key, meta);
         if (!verdict.ok()) {
@@ -254,13 +261,15 @@ absl::Status FragmentStore::AdoptExisting() {
       entry->sealed = true;
       entry->fragment_crc32c = segment->header()->payload_crc32c;
     }
-    // Two sealed segments of one key (a crash during a replacement): the newer incarnation wins.
+    // Two sealed segments of one key (a crash during a replacement): the one that may replace
+    // the other wins (the newer epoch, then the newer incarnation).
     auto& slot = adopted_entries[key];
-    if (slot && slot->meta.owner_incarnation >= meta.owner_incarnation) std::swap(slot, entry);
+    if (slot && !FragmentMayReplace(slot->meta, meta)) std::swap(slot, entry);
     if (slot) {
       absl::MutexLock old_lock(&slot->mu);
-      log->info("discarding {} of incarnation {}: superseded by incarnation {}",
-                slot->key.ToString(), slot->meta.owner_incarnation, meta.owner_incarnation);
+      log->info("discarding {} of epoch {} incarnation {}: superseded by epoch {} incarnation {}",
+                slot->key.ToString(), slot->meta.epoch, slot->meta.owner_incarnation,
+                entry->meta.epoch, entry->meta.owner_incarnation);
       slot->segment->Unlink().IgnoreError();
       ++discarded;
     }
@@ -358,7 +367,11 @@ std::vector<FragmentStatus> FragmentStore::List(const std::string& job_id) const
 }
 
 size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank,
-                                   int64_t step) {
+                                   int64_t step, uint64_t up_to_epoch, bool unknown_too,
+                                   uint64_t* bytes_dropped) {
+  auto doomed_epoch = [&](uint64_t epoch) {
+    return epoch == 0 ? unknown_too : epoch <= up_to_epoch;
+  };
   std::vector<std::shared_ptr<Entry>> doomed;
   std::vector<std::shared_ptr<Segment>> spares;
   {
@@ -383,7 +396,8 @@ size_t FragmentStore::DropMatching(const std::string& job_id, bool all_ranks, ui
     for (auto it = entries_.lower_bound(FragmentKey{job_id, all_ranks ? 0 : rank, INT64_MIN, 0});
          it != entries_.end() && it->first.job_id == job_id;) {
       if (!all_ranks && it->first.rank != rank) break;
-      if (all_ranks || it->first.step < step) {
+      if (all_ranks ? doomed_epoch(it->second->meta.epoch) : it->first.step < step) {
+        if (bytes_dropped != nullptr) *bytes_dropped += it->second->meta.fragment_bytes;
         doomed.push_back(std::move(it->second));
         it = entries_.erase(it);
       } else {
@@ -410,6 +424,11 @@ size_t FragmentStore::DropOlderThan(const std::string& job_id, uint32_t rank, in
 
 size_t FragmentStore::DropJob(const std::string& job_id) {
   return DropMatching(job_id, /*all_ranks=*/true, 0, 0);
+}
+
+size_t FragmentStore::DropJobUpTo(const std::string& job_id, uint64_t dropped_epoch,
+                                  bool unknown_too, uint64_t* bytes_dropped) {
+  return DropMatching(job_id, /*all_ranks=*/true, 0, 0, dropped_epoch, unknown_too, bytes_dropped);
 }
 
 absl::Status FragmentStore::DropFragment(const FragmentKey& key) {

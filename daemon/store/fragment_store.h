@@ -4,21 +4,29 @@
 // Each fragment lives in its own preallocated, pre-faulted shared-memory segment of kind
 // kFragment (file suffix ".frag") in the same directory as the snapshot slots. The 4 KiB header
 // records job, rank, step, fragment index, RS(k, m), shard bytes and CRC32C, the fragment's own
-// CRC32C and the owner's incarnation. A fragment is WRITING while its chunks arrive, in any
-// order, each checked against its CRC32C; it becomes SEALED (a release-store of the header state)
-// once every byte has arrived and the whole fragment's CRC32C matches the one the sender gives.
-// A restarted store re-adopts every SEALED fragment whose header and payload CRC verify and
-// deletes every other ".frag" file.
+// CRC32C, the job's epoch and the owner's incarnation. A fragment is WRITING while its chunks
+// arrive, in any order, each checked against its CRC32C; it becomes SEALED (a release-store of the
+// header state) once every byte has arrived and the whole fragment's CRC32C matches the one the
+// sender gives. A restarted store re-adopts every SEALED fragment whose header and payload CRC
+// verify and deletes every other ".frag" file.
 //
-// Keys and incarnations. A fragment is keyed by (job, rank, step, fragment index); the owner's
-// incarnation says which run of the owner's daemon encoded it. BeginFragment with the key of a
-// held fragment:
-//   same incarnation and metadata       -> the held fragment (idempotent; a retry resumes)
+// Keys, epochs and incarnations. A fragment is keyed by (job, rank, step, fragment index); the
+// job's epoch says which history its shard was sealed in, and the owner's incarnation which run
+// of the owner's daemon encoded it. BeginFragment with the key of a held fragment:
+//   same metadata                       -> the held fragment (idempotent; a retry resumes)
+//   newer epoch                         -> the held one is replaced, whatever the incarnations
+//                                          (the job resumed, perhaps with the rank on another
+//                                          node, whose incarnation says nothing against this one)
+//   older epoch                         -> kFailedPrecondition (a write from an abandoned
+//                                          history must not replace the step the job went on
+//                                          with: docs/PROTOCOL.md, "a holder refuses a fragment
+//                                          of an older epoch")
+// and within one epoch (or where either epoch is 0, not known):
 //   higher incarnation                  -> the held one is replaced (the owner restarted)
 //   lower incarnation                   -> kFailedPrecondition (a stale sender)
 //   same incarnation, other metadata    -> the held one is replaced, WRITING or SEALED (the
-//                                          owner encoded the step again: a restored job
-//                                          snapshotted it anew, or k changed with the members)
+//                                          owner encoded the step again: fewer members were
+//                                          live and k changed)
 //
 // Memory. Every segment's bytes are reserved from the CapacityBudget before the file is created
 // (kResourceExhausted says how much was asked and how much is free). The segments of dropped or
@@ -111,14 +119,24 @@ struct FragmentMeta {
   uint64_t fragment_bytes = 0;     // == ErasureCodec::FragmentBytes(shard_bytes, ec_k)
   uint64_t shard_bytes = 0;
   uint32_t shard_crc32c = 0;
+  // The job's epoch (docs/PROTOCOL.md, Epochs) the shard was sealed in; 0: not known (a standalone
+  // daemon's, or a sender's from before fragments carried it).
+  uint64_t epoch = 0;
 
   bool operator==(const FragmentMeta& o) const {
-    return std::tie(owner_incarnation, ec_k, ec_m, fragment_bytes, shard_bytes, shard_crc32c) ==
-           std::tie(o.owner_incarnation, o.ec_k, o.ec_m, o.fragment_bytes, o.shard_bytes,
-                    o.shard_crc32c);
+    return std::tie(owner_incarnation, ec_k, ec_m, fragment_bytes, shard_bytes, shard_crc32c,
+                    epoch) == std::tie(o.owner_incarnation, o.ec_k, o.ec_m, o.fragment_bytes,
+                                       o.shard_bytes, o.shard_crc32c, o.epoch);
   }
   bool operator!=(const FragmentMeta& o) const { return !(*this == o); }
 };
+
+// Whether a fragment of `incoming` may replace a held fragment of `held` of the same key:
+// a newer epoch always does and an older one never (a write from an abandoned history, whatever
+// node and incarnation sent it: incarnations of different nodes are not comparable); within one
+// epoch, or where either epoch is not known, the owner's incarnation decides (an older one is a
+// fenced sender), and the same incarnation re-encoded the step (it replaces).
+bool FragmentMayReplace(const FragmentMeta& held, const FragmentMeta& incoming);
 
 // Crc32cCombine(crc_a, crc_b, len_b) (the CRC32C of A || B), with the operator for len_b cached:
 // a combine then costs 32 steps instead of about log2(len_b) 32x32 matrix squarings, which
@@ -322,6 +340,11 @@ class FragmentStore {
   // Drops every fragment of a job and deletes the spares its fragments left. Returns how many
   // fragments were dropped.
   size_t DropJob(const std::string& job_id);
+  // A job's drop at `dropped_epoch` (docs/PROTOCOL.md, Dropping a job): as DropJob, but only the
+  // fragments of an epoch up to it, and those whose epoch is not known (0) when `unknown_too`;
+  // a later run's fragments stay. Adds the bytes dropped to *bytes_dropped when given.
+  size_t DropJobUpTo(const std::string& job_id, uint64_t dropped_epoch, bool unknown_too,
+                     uint64_t* bytes_dropped = nullptr);
   // Drops one fragment. kNotFound if it is not held.
   absl::Status DropFragment(const FragmentKey& key);
 
@@ -362,7 +385,11 @@ class FragmentStore {
   void Retire(const std::shared_ptr<Entry>& entry, bool keep_spare = true);
   // Deletes segments that are no fragment's and gives their bytes back to the budget.
   void DeleteSpares(std::vector<std::shared_ptr<Segment>> spares);
-  size_t DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank, int64_t step);
+  // all_ranks: the job's fragments of an epoch up to up_to_epoch (and of epoch 0 when
+  // unknown_too); otherwise (job, rank)'s below `step`.
+  size_t DropMatching(const std::string& job_id, bool all_ranks, uint32_t rank, int64_t step,
+                      uint64_t up_to_epoch = UINT64_MAX, bool unknown_too = true,
+                      uint64_t* bytes_dropped = nullptr);
   absl::StatusOr<std::shared_ptr<Entry>> FindForWrite(const FragmentKey& key,
                                                       uint64_t owner_incarnation) const;
   // Fragments of (job, rank) held or being given a segment.

@@ -445,6 +445,126 @@ TEST_F(FragmentStoreTest, IncarnationsDecideWhatABeginMeans) {
   ExpectHolds(key2, data2);
 }
 
+// A fragment records the job's epoch its shard was sealed in, and the epoch decides before the
+// incarnation: incarnations are start times of whichever daemon owned the rank, so those of
+// different nodes say nothing of each other (docs/PROTOCOL.md, "a holder refuses a fragment of
+// an older epoch and answers with its epoch").
+TEST_F(FragmentStoreTest, EpochsDecideBeforeIncarnations) {
+  const FragmentKey key = Key(11);
+  auto with = [](FragmentMeta m, uint64_t epoch) {
+    m.epoch = epoch;
+    return m;
+  };
+  // Node A (incarnation 1000) protected step 11 in epoch 3.
+  const FragmentMeta a = with(Meta(150000, /*incarnation=*/1000), 3);
+  auto a_data = RandomBytes(a.fragment_bytes);
+  PutSealed(key, a, a_data);
+
+  // A write of step 11 from an abandoned history (epoch 2), by a daemon that started later: it
+  // must not replace the step the job went on with.
+  auto stale = store_->BeginFragment(key, with(Meta(150000, 2000), 2));
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << stale.status();
+  EXPECT_NE(stale.status().message().find("epoch 3; epoch 2 is older"), std::string::npos)
+      << stale.status();
+  ExpectHolds(key, a_data);
+
+  // The job resumed in epoch 4 with the rank on node B, which started before A (incarnation
+  // 900): its step 11 replaces A's. (Compared by incarnation alone it was refused as stale.)
+  const FragmentMeta b = with(Meta(180000, /*incarnation=*/900), 4);
+  auto b_data = RandomBytes(b.fragment_bytes);
+  PutSealed(key, b, b_data);
+  ExpectHolds(key, b_data);
+  ASSERT_EQ(store_->List("job-a").size(), 1u);
+  EXPECT_EQ(store_->List("job-a")[0].meta, b);
+  // A's chunks still in flight land nowhere.
+  EXPECT_EQ(store_->WriteChunk(key, 1000, 0, a_data.data(), 100, Crc32c(a_data.data(), 100))
+                .status()
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
+  ExpectHolds(key, b_data);
+
+  // Within one epoch, and where an epoch is not known (0: a sender that predates the field),
+  // the incarnation decides as before.
+  EXPECT_EQ(store_->BeginFragment(key, with(Meta(180000, 800), 4)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_->BeginFragment(key, with(Meta(180000, 850), 0)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ExpectHolds(key, b_data);
+
+  // The epoch is kept in the segment's header: a restarted store still refuses epoch 3.
+  store_.reset();
+  OpenStore();
+  ASSERT_EQ(store_->List("job-a").size(), 1u);
+  EXPECT_EQ(store_->List("job-a")[0].meta, b);
+  ExpectHolds(key, b_data);
+  EXPECT_EQ(store_->BeginFragment(key, with(Meta(150000, 5000), 3)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ExpectHolds(key, b_data);
+}
+
+// Two sealed segments of one key after a crash during a replacement: the newer epoch is
+// re-adopted, although its owner's incarnation is the older.
+TEST_F(FragmentStoreTest, ARestartKeepsTheNewerEpochOfTwoSealedSegmentsOfAKey) {
+  const FragmentKey key = Key(12);
+  FragmentMeta older = Meta(120000, /*incarnation=*/1000);
+  older.epoch = 5;
+  auto older_data = RandomBytes(older.fragment_bytes);
+  PutSealed(key, older, older_data);
+  std::string older_path;
+  for (const auto& f : std::filesystem::directory_iterator(dir_)) older_path = f.path().string();
+  const std::string copy = dir_ + "/frag-999.frag";
+  std::filesystem::copy_file(older_path, copy);
+
+  FragmentMeta newer = Meta(120000, /*incarnation=*/900);
+  newer.epoch = 6;
+  auto newer_data = RandomBytes(newer.fragment_bytes);
+  PutSealed(key, newer, newer_data);
+  ExpectHolds(key, newer_data);
+
+  store_.reset();
+  // The replaced segment went back to the pool (EMPTY) and is deleted at start; the copy is the
+  // sealed epoch-5 segment a crash would have left.
+  OpenStore();
+  ASSERT_EQ(store_->List("job-a").size(), 1u);
+  EXPECT_EQ(store_->List("job-a")[0].meta, newer);
+  ExpectHolds(key, newer_data);
+  EXPECT_FALSE(std::filesystem::exists(copy));
+}
+
+// A job's drop deletes its fragments of the drop's epoch and before; a later run's stay, and
+// those of no known epoch go only when asked (no later epoch is known).
+TEST_F(FragmentStoreTest, ADropUpToAnEpochKeepsALaterRunsFragments) {
+  auto meta = [this](uint64_t epoch) {
+    FragmentMeta m = Meta(60000 + rng_() % 60000);
+    m.epoch = epoch;
+    return m;
+  };
+  const FragmentMeta dropped = meta(2), later = meta(5), unknown = meta(0);
+  auto later_data = RandomBytes(later.fragment_bytes);
+  PutSealed(Key(1), dropped, RandomBytes(dropped.fragment_bytes));
+  PutSealed(Key(2), later, later_data);
+  PutSealed(Key(3), unknown, RandomBytes(unknown.fragment_bytes));
+  const FragmentMeta other_job = meta(1);
+  PutSealed(FragmentKey{"job-b", 0, 1, 0}, other_job, RandomBytes(other_job.fragment_bytes));
+
+  uint64_t bytes = 0;
+  EXPECT_EQ(store_->DropJobUpTo("job-a", 4, /*unknown_too=*/false, &bytes), 1u);
+  EXPECT_EQ(bytes, dropped.fragment_bytes);
+  auto left = store_->List("job-a");
+  ASSERT_EQ(left.size(), 2u);
+  EXPECT_EQ(left[0].key, Key(2));
+  EXPECT_EQ(left[1].key, Key(3));
+
+  bytes = 0;
+  EXPECT_EQ(store_->DropJobUpTo("job-a", 4, /*unknown_too=*/true, &bytes), 1u);
+  EXPECT_EQ(bytes, unknown.fragment_bytes);
+  left = store_->List("job-a");
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].key, Key(2));
+  ExpectHolds(Key(2), later_data);
+  EXPECT_EQ(store_->List("job-b").size(), 1u);
+}
+
 TEST_F(FragmentStoreTest, RestartReadoptsSealedAndDeletesTheRest) {
   const FragmentMeta meta = Meta(300000);
   auto a = RandomBytes(meta.fragment_bytes);

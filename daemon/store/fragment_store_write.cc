@@ -117,14 +117,20 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
       if (existing->retired) continue;  // dropped meanwhile: look again
       const FragmentMeta& held = existing->meta;
       if (held == meta) return existing->Status();
-      if (meta.owner_incarnation < held.owner_incarnation) {
+      if (!FragmentMayReplace(held, meta)) {
+        if (held.epoch != meta.epoch) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              key.ToString(), " is held of the job's epoch ", held.epoch, "; epoch ", meta.epoch,
+              " is older (a step of an abandoned history; the job went on from another)"));
+        }
         return absl::FailedPreconditionError(
             absl::StrCat(key.ToString(), " is held for owner incarnation ", held.owner_incarnation,
                          "; incarnation ", meta.owner_incarnation, " is older (a stale sender)"));
       }
-      // Same incarnation, other metadata: the owner encoded this step again (a restored job
-      // snapshotted the step anew, or fewer members were live and k changed). The owner only
-      // sends what it holds now, so the new fragment replaces the held one, sealed or not.
+      // A newer epoch (the job resumed and sealed this step again, perhaps on another node), or
+      // the same incarnation with other metadata (the owner encoded this step again: fewer
+      // members were live and k changed). The owner only sends what it holds now, so the new
+      // fragment replaces the held one, sealed or not.
     }
 
     {
@@ -163,6 +169,7 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
     h->shard_bytes = meta.shard_bytes;
     h->shard_crc32c = meta.shard_crc32c;
     h->owner_incarnation = meta.owner_incarnation;
+    h->epoch = meta.epoch;
     h->header_crc32c = 0;
     std::memset(h->job_id, 0, sizeof(h->job_id));
     std::memcpy(h->job_id, key.job_id.data(), key.job_id.size());
@@ -186,12 +193,14 @@ absl::StatusOr<FragmentStatus> FragmentStore::BeginFragment(const FragmentKey& k
       continue;
     }
     if (existing) {
-      log->info("{}: replacing the fragment of owner incarnation {} (shard {} bytes, CRC32C "
-                "0x{:08x}, RS({}, {})) with incarnation {} (shard {} bytes, CRC32C 0x{:08x}, "
-                "RS({}, {}))",
-                key.ToString(), existing->meta.owner_incarnation, existing->meta.shard_bytes,
-                existing->meta.shard_crc32c, existing->meta.ec_k, existing->meta.ec_m,
-                meta.owner_incarnation, meta.shard_bytes, meta.shard_crc32c, meta.ec_k, meta.ec_m);
+      log->info(
+          "{}: replacing the fragment of epoch {} owner incarnation {} (shard {} bytes, "
+          "CRC32C 0x{:08x}, RS({}, {})) with epoch {} incarnation {} (shard {} bytes, "
+          "CRC32C 0x{:08x}, RS({}, {}))",
+          key.ToString(), existing->meta.epoch, existing->meta.owner_incarnation,
+          existing->meta.shard_bytes, existing->meta.shard_crc32c, existing->meta.ec_k,
+          existing->meta.ec_m, meta.epoch, meta.owner_incarnation, meta.shard_bytes,
+          meta.shard_crc32c, meta.ec_k, meta.ec_m);
       Retire(existing);
     }
     absl::MutexLock entry_lock(&entry->mu);

@@ -46,6 +46,7 @@ FragmentMeta MetaFor(uint64_t shard_bytes, uint64_t incarnation = 7) {
   m.shard_bytes = shard_bytes;
   m.fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, 3);
   m.shard_crc32c = 0x5EED;
+  m.epoch = 0x1234567;  // travels with every write and read (checked by the meta comparisons)
   return m;
 }
 

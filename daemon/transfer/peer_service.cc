@@ -113,6 +113,7 @@ void ToProto(const FragmentMeta& meta, peer::FragmentInfo* out) {
   out->set_fragment_bytes(meta.fragment_bytes);
   out->set_shard_bytes(meta.shard_bytes);
   out->set_shard_crc32c(meta.shard_crc32c);
+  out->set_epoch(meta.epoch);
 }
 
 FragmentMeta FromProto(const peer::FragmentKey& key, const peer::FragmentInfo& info) {
@@ -123,6 +124,7 @@ FragmentMeta FromProto(const peer::FragmentKey& key, const peer::FragmentInfo& i
   meta.fragment_bytes = info.fragment_bytes();
   meta.shard_bytes = info.shard_bytes();
   meta.shard_crc32c = info.shard_crc32c();
+  meta.epoch = info.epoch();
   return meta;
 }
 

@@ -40,6 +40,7 @@ FragmentMeta MetaFor(uint64_t shard_bytes, uint64_t incarnation = 11, uint32_t k
   m.shard_bytes = shard_bytes;
   m.fragment_bytes = ErasureCodec::FragmentBytes(shard_bytes, k);
   m.shard_crc32c = 0xC0FFEE;
+  m.epoch = 42;  // travels with every write and read (checked by the meta comparisons)
   return m;
 }
 
@@ -376,6 +377,39 @@ TEST_F(PeerServiceTest, FetchShardStreamsTheSealedSlotEachTwice) {
   EXPECT_NE(missing.status().message().find("40"), std::string::npos) << missing.status();
   EXPECT_EQ(client_->FetchShard(address_, "job/a", 3, 41, &sink).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A write of a step from an abandoned history (an older epoch) is refused, with the epoch held,
+// whatever the writer's incarnation; a newer epoch replaces the held fragment.
+TEST_F(PeerServiceTest, AFragmentOfAnOlderEpochIsRefusedWithTheEpochHeld) {
+  const FragmentKey key{"job-e", 2, 30, 1};
+  const FragmentMeta held = MetaFor(1 << 20, /*incarnation=*/500);
+  const auto data = RandomBytes(held.fragment_bytes);
+  ASSERT_TRUE(client_->PutFragment(address_, key, held, data.data(), data.size()).ok());
+
+  FragmentMeta stale = MetaFor(1 << 20, /*incarnation=*/900);
+  stale.epoch = held.epoch - 1;
+  const auto other = RandomBytes(stale.fragment_bytes);
+  auto refused = client_->PutFragment(address_, key, stale, other.data(), other.size());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find(
+                absl::StrCat("epoch ", held.epoch, "; epoch ", stale.epoch, " is older")),
+            std::string::npos)
+      << refused.status();
+  auto view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(std::memcmp(view->data(), data.data(), data.size()), 0) << "seed " << seed_;
+
+  FragmentMeta newer = MetaFor(1 << 20, /*incarnation=*/100);
+  newer.epoch = held.epoch + 1;
+  ASSERT_TRUE(client_->PutFragment(address_, key, newer, other.data(), other.size()).ok());
+  auto listed = client_->ListHeld(address_, "job-e");
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->fragments.size(), 1u);
+  EXPECT_EQ(listed->fragments[0].meta, newer);
+  view = fragments_->Get(key);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(std::memcmp(view->data(), other.data(), other.size()), 0) << "seed " << seed_;
 }
 
 TEST_F(PeerServiceTest, ListHeldShowsFragmentsAndShardsEachTwice) {
