@@ -421,9 +421,7 @@ int main(int argc, char** argv) {
   raw_options.self_node_id = "bench-client";  // the writer a fragment write names
   auto peers = tessera::GrpcPeerClient::Create(raw_options);
   tessera::Check(peers.status(), "GrpcPeerClient");
-  tessera::GrpcPeerClient::Options grpc_options;
-  grpc_options.token = tessera::kBenchToken;
-  grpc_options.self_node_id = "bench-client";
+  tessera::GrpcPeerClient::Options grpc_options = raw_options;
   grpc_options.raw_data_path = false;
   auto grpc_peers = tessera::GrpcPeerClient::Create(grpc_options);
   tessera::Check(grpc_peers.status(), "GrpcPeerClient");

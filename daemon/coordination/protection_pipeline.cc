@@ -77,8 +77,8 @@ void ClusterCoordination::LoadJobStates() {
     // stay, void for every restore point the drop voids.
     const SnapshotStore::DropJobResult slots = store_->ApplyDrop(state.job_id, state.dropped_epoch);
     uint64_t fragment_bytes = 0;
-    const size_t fragments = fragments_->DropJobUpTo(state.job_id, state.dropped_epoch,
-                                                     /*unknown_too=*/false, &fragment_bytes);
+    const size_t fragments = fragments_->DropJob(state.job_id, state.dropped_epoch,
+                                                 /*unknown_too=*/false, &fragment_bytes);
     if (slots.segments_deleted > 0 || fragments > 0) {
       log->warn(
           "job '{}' was dropped at epoch {}: deleted {} re-adopted slots ({} bytes) and {} "
@@ -681,7 +681,7 @@ NodeDrop ClusterCoordination::ApplyJobState(const JobState& state) {
     deleted.newest_sealed_step = slots.newest_sealed_step;
     deleted.running_ranks = slots.running_ranks;
     deleted.running_pids.assign(slots.running_pids.begin(), slots.running_pids.end());
-    deleted.fragments_deleted = static_cast<uint32_t>(fragments_->DropJobUpTo(
+    deleted.fragments_deleted = static_cast<uint32_t>(fragments_->DropJob(
         state.job_id, state.dropped_epoch, drop_fragments, &deleted.fragment_bytes_deleted));
     const size_t kept = fragments_->List(state.job_id).size();
     DeleteRestoredOlderThan(state.job_id, std::numeric_limits<int64_t>::max());

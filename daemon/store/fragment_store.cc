@@ -422,12 +422,8 @@ size_t FragmentStore::DropOlderThan(const std::string& job_id, uint32_t rank, in
   return DropMatching(job_id, /*all_ranks=*/false, rank, step);
 }
 
-size_t FragmentStore::DropJob(const std::string& job_id) {
-  return DropMatching(job_id, /*all_ranks=*/true, 0, 0);
-}
-
-size_t FragmentStore::DropJobUpTo(const std::string& job_id, uint64_t dropped_epoch,
-                                  bool unknown_too, uint64_t* bytes_dropped) {
+size_t FragmentStore::DropJob(const std::string& job_id, uint64_t dropped_epoch, bool unknown_too,
+                              uint64_t* bytes_dropped) {
   return DropMatching(job_id, /*all_ranks=*/true, 0, 0, dropped_epoch, unknown_too, bytes_dropped);
 }
 

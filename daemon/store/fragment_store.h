@@ -337,14 +337,12 @@ class FragmentStore {
   // Commit GC: drops every fragment of (job, rank) with a step below `step`, sealed or not.
   // Returns how many were dropped.
   size_t DropOlderThan(const std::string& job_id, uint32_t rank, int64_t step);
-  // Drops every fragment of a job and deletes the spares its fragments left. Returns how many
-  // fragments were dropped.
-  size_t DropJob(const std::string& job_id);
-  // A job's drop at `dropped_epoch` (docs/PROTOCOL.md, Dropping a job): as DropJob, but only the
-  // fragments of an epoch up to it, and those whose epoch is not known (0) when `unknown_too`;
-  // a later run's fragments stay. Adds the bytes dropped to *bytes_dropped when given.
-  size_t DropJobUpTo(const std::string& job_id, uint64_t dropped_epoch, bool unknown_too,
-                     uint64_t* bytes_dropped = nullptr);
+  // A job's drop at `dropped_epoch` (docs/PROTOCOL.md, Dropping a job): drops the job's fragments
+  // of an epoch up to it, and those whose epoch is not known (0) when `unknown_too`; a later
+  // run's stay. Deletes the spares the job's fragments left. Returns how many fragments were
+  // dropped, and adds their bytes to *bytes_dropped when given. The defaults drop every one.
+  size_t DropJob(const std::string& job_id, uint64_t dropped_epoch = UINT64_MAX,
+                 bool unknown_too = true, uint64_t* bytes_dropped = nullptr);
   // Drops one fragment. kNotFound if it is not held.
   absl::Status DropFragment(const FragmentKey& key);
 

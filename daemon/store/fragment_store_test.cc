@@ -548,7 +548,7 @@ TEST_F(FragmentStoreTest, ADropUpToAnEpochKeepsALaterRunsFragments) {
   PutSealed(FragmentKey{"job-b", 0, 1, 0}, other_job, RandomBytes(other_job.fragment_bytes));
 
   uint64_t bytes = 0;
-  EXPECT_EQ(store_->DropJobUpTo("job-a", 4, /*unknown_too=*/false, &bytes), 1u);
+  EXPECT_EQ(store_->DropJob("job-a", 4, /*unknown_too=*/false, &bytes), 1u);
   EXPECT_EQ(bytes, dropped.fragment_bytes);
   auto left = store_->List("job-a");
   ASSERT_EQ(left.size(), 2u);
@@ -556,7 +556,7 @@ TEST_F(FragmentStoreTest, ADropUpToAnEpochKeepsALaterRunsFragments) {
   EXPECT_EQ(left[1].key, Key(3));
 
   bytes = 0;
-  EXPECT_EQ(store_->DropJobUpTo("job-a", 4, /*unknown_too=*/true, &bytes), 1u);
+  EXPECT_EQ(store_->DropJob("job-a", 4, /*unknown_too=*/true, &bytes), 1u);
   EXPECT_EQ(bytes, unknown.fragment_bytes);
   left = store_->List("job-a");
   ASSERT_EQ(left.size(), 1u);
