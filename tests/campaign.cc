@@ -82,7 +82,6 @@ class DaemonLog {
                                         commit_re_);
          it != std::sregex_iterator(); ++it) {
       const LoggedCommit c{std::stoull((*it)[2].str()), std::stoll((*it)[1].str())};
-      committed_ = std::max(committed_, c);
       commits_.insert(c);
     }
     for (auto it = std::sregex_iterator(text_.begin() + scanned_, text_.begin() + complete,
@@ -93,8 +92,6 @@ class DaemonLog {
     scanned_ = complete;
   }
   const std::string& name() const { return name_; }
-  // The newest commit logged so far.
-  const LoggedCommit& committed() const { return committed_; }
   // Every commit logged so far, and those the daemon logged as superseded by a restore decided
   // without them (docs/PROTOCOL.md, Restore 3).
   const std::set<LoggedCommit>& commits() const { return commits_; }
@@ -121,7 +118,6 @@ class DaemonLog {
   std::regex commit_re_, superseded_re_;
   std::string text_;
   size_t scanned_ = 0;
-  LoggedCommit committed_;
   std::set<LoggedCommit> commits_, superseded_;
 };
 
@@ -244,8 +240,11 @@ class Trial {
   bool Allowed(FaultKind kind) const;
 
   // --- waiting and checking
-  // The step of the newest commit (by epoch, then step) over every daemon log; who logged it
-  // goes to committed_by_.
+  // The step of the newest commit (by epoch, then step) over every daemon log, leaving out the
+  // commits some daemon logged as superseded (a cut-off coordinator's, which the majority never
+  // learned and resumed without: after a partition-restart, the next restart's floor is the
+  // majority's point, not that commit; seed 17300003 with the job restarted again before a newer
+  // commit, on a loaded machine); who logged it goes to committed_by_.
   int64_t Committed();
   // The floor of a partition-restart once the cut-off node's commits that the majority never
   // learned are set aside: a commit of `cut_off` that some daemon logged as superseded by the
@@ -1035,12 +1034,21 @@ void Trial::FaultPartitionRestart() {
 // Waiting and checking
 
 int64_t Trial::Committed() {
-  LoggedCommit newest;
+  std::set<LoggedCommit> superseded;
   for (auto& log : logs_) {
     log->Poll();
-    if (newest < log->committed()) {
-      newest = log->committed();
-      committed_by_ = log->name();
+    superseded.insert(log->superseded().begin(), log->superseded().end());
+  }
+  LoggedCommit newest;
+  for (auto& log : logs_) {
+    // Newest first: the first one not superseded is this log's newest that still stands.
+    for (auto it = log->commits().rbegin(); it != log->commits().rend(); ++it) {
+      if (superseded.count(*it) > 0) continue;
+      if (newest < *it) {
+        newest = *it;
+        committed_by_ = log->name();
+      }
+      break;
     }
   }
   return newest.step;
