@@ -44,9 +44,8 @@ constexpr auto kClusterDeadline = seconds(60);
 constexpr auto kSuspectDeadline = seconds(30);
 
 const char* const kFaultNames[kFaultKinds] = {
-    "trainer-kill", "rank-restart", "daemon-kill", "node-loss",   "flip-fragment",
-    "flip-slot",    "daemon-stop",  "zombie",      "job-restart", "partition",
-    "partition-restart"};
+    "trainer-kill", "rank-restart", "daemon-kill", "node-loss", "flip-fragment",     "flip-slot",
+    "daemon-stop",  "zombie",       "job-restart", "partition", "partition-restart", "link-cut"};
 
 // A commit a daemon logged: commits are ordered by (epoch, step), so a late commit of an
 // abandoned epoch is older than any of a newer one, whatever its step (docs/PROTOCOL.md).
@@ -232,6 +231,7 @@ class Trial {
   void FaultJobRestart();
   void FaultPartition();
   void FaultPartitionRestart();
+  void FaultLinkCut();
   // Loses `nodes`: their trainers and daemons SIGKILLed, their memory deleted.
   void LoseNodes(const std::vector<int>& nodes);
   // How many nodes may be lost now with the data still rebuildable, and which ones.
@@ -280,6 +280,7 @@ class Trial {
   Shape shape_{};
   TempRoot root_;
   std::unique_ptr<NetLab> net_;
+  std::vector<std::pair<int, int>> cut_links_;  // links cut now (mended before the final restart)
   std::unique_ptr<TestCa> ca_;                 // under TLS: the cluster's CA
   std::vector<ClusterTlsFiles> certificates_;  // under TLS: each node's
   std::vector<Node> nodes_;
@@ -663,7 +664,8 @@ bool Trial::Allowed(FaultKind kind) const {
       options_.excluded.end()) {
     return false;
   }
-  if (kind == FaultKind::kPartition || kind == FaultKind::kPartitionRestart) {
+  if (kind == FaultKind::kPartition || kind == FaultKind::kPartitionRestart ||
+      kind == FaultKind::kLinkCut) {
     return net_ != nullptr;
   }
   return true;
@@ -690,6 +692,7 @@ void Trial::Inject(FaultKind kind) {
     case FaultKind::kJobRestart: return FaultJobRestart();
     case FaultKind::kPartition: return FaultPartition();
     case FaultKind::kPartitionRestart: return FaultPartitionRestart();
+    case FaultKind::kLinkCut: return FaultLinkCut();
   }
 }
 
@@ -1030,6 +1033,33 @@ void Trial::FaultPartitionRestart() {
   cut_off_.clear();
 }
 
+void Trial::FaultLinkCut() {
+  const int a = static_cast<int>(rng_() % nodes_.size());
+  const int b = (a + 1 + static_cast<int>(rng_() % (nodes_.size() - 1))) % nodes_.size();
+  const int ms = 1000 + static_cast<int>(rng_() % 5000);
+  const bool restart = rng_() % 2 == 0;
+  result_.faults.push_back(absl::StrCat("link-cut ", nodes_[a].id, "-", nodes_[b].id, " ", ms,
+                                        " ms", restart ? " with a job restart" : ""));
+  Trace(absl::StrCat("fault: cut the link between ", nodes_[a].id, " and ", nodes_[b].id,
+                     restart ? ", restart the whole job meanwhile," : "", " mend it ", ms,
+                     " ms later (both still reach every other node)"));
+  std::string error;
+  if (!net_->Cut(a, b, true, &error)) {
+    Fail("daemon", "cannot cut a link: " + error);
+    return;
+  }
+  cut_links_.emplace_back(a, b);
+  int64_t floor = -1;
+  if (restart) {
+    for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
+    floor = StartRanks(AllRanks(), false);
+  }
+  Sleep(milliseconds(ms));
+  if (!net_->Cut(a, b, false, &error)) Fail("daemon", "cannot mend a link: " + error);
+  cut_links_.clear();
+  if (restart) CheckRanks(AllRanks(), floor, true, false, "link-cut");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Waiting and checking
 
@@ -1259,6 +1289,11 @@ TrialResult Trial::Run() {
       std::string error;
       if (n.isolated && net_) net_->Isolate(static_cast<int>(&n - nodes_.data()), false, &error);
     }
+    for (auto [a, b] : cut_links_) {
+      std::string error;
+      net_->Cut(a, b, false, &error);
+    }
+    cut_links_.clear();
     for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
     halted_ = false;
     RestartRanks(AllRanks(), true, true, "final restart");

@@ -45,8 +45,11 @@ enum class FaultKind {
   kJobRestart,     // lose nodes (when allowed), start replacements, restart the whole job at once
   kPartition,      // cut a node off the network (namespaces), join it again later
   kPartitionRestart,  // cut a node off, restart the whole job meanwhile, join the node again
+  kLinkCut,        // cut the link between two nodes, each still reaching every other node (so
+                   // both stay live: indirect probes vouch for them); sometimes restart the whole
+                   // job meanwhile; mend the link later
 };
-constexpr int kFaultKinds = 11;
+constexpr int kFaultKinds = 12;
 const char* FaultName(FaultKind kind);
 // kNodeLoss from "node-loss"; false when unknown.
 bool ParseFaultKind(const std::string& name, FaultKind* kind);

@@ -45,7 +45,10 @@ std::string NetLab::Probe(const std::string& scratch) {
   NetLab lab;
   std::string error;
   if (!lab.Setup(2, scratch, &error)) return error;
-  if (!lab.Isolate(1, true, &error) || !lab.Isolate(1, false, &error)) return error;
+  if (!lab.Isolate(1, true, &error) || !lab.Isolate(1, false, &error) ||
+      !lab.Cut(0, 1, true, &error) || !lab.Cut(0, 1, false, &error)) {
+    return error;
+  }
   return "";
 }
 
@@ -124,6 +127,17 @@ bool NetLab::Isolate(int node, bool isolated, std::string* error) {
   return RunIn(*switch_,
                {Tool("ip"), "link", "set", absl::StrCat("s", node), isolated ? "down" : "up"},
                error);
+}
+
+bool NetLab::Cut(int a, int b, bool cut, std::string* error) {
+  for (auto [from, to] : {std::pair<int, int>{a, b}, {b, a}}) {
+    std::vector<std::string> argv =
+        cut ? std::vector<std::string>{Tool("ip"), "neigh", "replace", Ip(to), "lladdr",
+                                       "02:00:00:00:00:fe", "dev", "e0", "nud", "permanent"}
+            : std::vector<std::string>{Tool("ip"), "neigh", "del", Ip(to), "dev", "e0"};
+    if (!RunIn(*nodes_[from], argv, error)) return false;
+  }
+  return true;
 }
 
 }  // namespace tessera::testing

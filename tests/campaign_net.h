@@ -33,6 +33,10 @@ class NetLab {
   std::vector<std::string> Launcher(int node) const;
   // Cuts `node` off from every other node (its switch port down), or joins it again.
   bool Isolate(int node, bool isolated, std::string* error);
+  // Cuts the link between nodes a and b, or mends it: each node's packets to the other go to a
+  // hardware address nobody has (a static neighbour entry), so they are lost without an error,
+  // as on a broken link, while both still reach every other node.
+  bool Cut(int a, int b, bool cut, std::string* error);
 
  private:
   // Starts a process holding a new network namespace; its pid once it is in it, -1 on failure.

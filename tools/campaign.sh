@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The seeded fault campaign (tests/campaign.h): each trial starts a small tesserad cluster and
 # trainers, injects random faults (trainer and daemon kills, lost nodes, flipped bytes, stopped
-# daemons, zombie incarnations, whole-job restarts, network partitions where namespaces work),
-# restarts the whole job and checks what every rank restored. Prints each trial's seed, a rerun
-# line for each failure, and a table; exits 1 when a trial failed.
+# daemons, zombie incarnations, whole-job restarts, network partitions and cut links where
+# namespaces work), restarts the whole job and checks what every rank restored. Prints each
+# trial's seed, a rerun line for each failure, and a table; exits 1 when a trial failed.
 #
 #   tools/campaign.sh --trials N [--seed S] [--min-faults N] [--max-faults N]
 #                     [--script kind,kind,...] [--keep-logs DIR] [--no-partitions]
