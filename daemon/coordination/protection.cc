@@ -77,6 +77,7 @@ absl::StatusOr<FragmentPlacement> PlaceFragments(std::vector<std::string> member
   }
   const size_t start = rank % static_cast<size_t>(others);
   for (int i = 0; i < p.k + p.m; ++i) p.nodes.push_back(members[(start + i) % others]);
+  for (int i = p.k + p.m; i < others; ++i) p.spares.push_back(members[(start + i) % others]);
   return p;
 }
 

@@ -21,6 +21,9 @@ struct FragmentPlacement {
   int k = 0;
   int m = 0;
   std::vector<std::string> nodes;
+  // The other members outside `nodes`, in the order in which they stand in for a node of `nodes`
+  // that is live but cannot be reached from the owner (a cut link): the rotation continued.
+  std::vector<std::string> spares;
   bool degraded = false;  // k or m is smaller than configured
   std::string reason;     // why, when degraded or unprotected
 };

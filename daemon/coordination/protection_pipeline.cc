@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <limits>
 #include <optional>
@@ -365,22 +366,61 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   meta.shard_crc32c = pinned->payload_crc32c;
   meta.epoch = pinned->epoch;
   const int total = placement.k + placement.m;
+  // A member of the placement that is live but cannot be reached from here (a cut link between
+  // two nodes keeps both live: the others answer probes for them) would hold the step back for as
+  // long as the link is down. Its fragment goes to a spare instead, the next member outside the
+  // placement: the report names the members that hold the fragments, and restores find them by
+  // listing (docs/PROTOCOL.md, Actors: Placement). Members that failed lately are passed over at
+  // once.
+  absl::Mutex spares_mu;
+  std::deque<std::string> spares(placement.spares.begin(), placement.spares.end());
+  auto take_spare = [&]() -> std::optional<std::string> {
+    absl::MutexLock lock(&spares_mu);
+    while (!spares.empty()) {
+      std::string spare = std::move(spares.front());
+      spares.pop_front();
+      if (!Unreachable(spare)) return spare;
+    }
+    return std::nullopt;
+  };
+  for (int i = 0; i < total; ++i) {
+    if (!Unreachable(placement.nodes[i])) continue;
+    if (std::optional<std::string> spare = take_spare()) {
+      log->info("job '{}' rank {} step {} fragment {}: to {}, {} was not reachable lately",
+                work.job_id, work.rank, work.step, i, *spare, placement.nodes[i]);
+      Metrics().fragments_rerouted->Increment();
+      placement.nodes[i] = *spare;
+    }
+  }
   std::vector<absl::Status> results(total);
   std::vector<std::thread> senders;
   auto send = [&](int i) {
-    const std::string& node = placement.nodes[i];
-    auto address = cluster_->AddressOf(node);
-    if (!address) {
-      results[i] = absl::UnavailableError(absl::StrCat("member ", node, " is not live"));
-      return;
-    }
     FragmentKey key{work.job_id, work.rank, work.step, static_cast<uint32_t>(i)};
     const uint8_t* bytes = i < placement.k ? data[i] : parity[i - placement.k];
-    results[i] =
-        client_->PutFragment(PeerTarget(*address, node), key, meta, bytes, fragment_bytes).status();
-    if (!results[i].ok()) {
+    while (true) {
+      const std::string node = placement.nodes[i];  // this thread's own element
+      auto address = cluster_->AddressOf(node);
+      if (address) {
+        results[i] =
+            client_->PutFragment(PeerTarget(*address, node), key, meta, bytes, fragment_bytes)
+                .status();
+      } else {
+        results[i] = absl::UnavailableError(absl::StrCat("member ", node, " is not live"));
+      }
+      if (results[i].ok()) {
+        MarkReachable(node);
+        return;
+      }
       results[i] = absl::Status(results[i].code(), absl::StrCat("fragment ", i, " to ", node,
                                                                 ": ", results[i].message()));
+      if (!absl::IsUnavailable(results[i]) && !absl::IsDeadlineExceeded(results[i])) return;
+      if (address) MarkUnreachable(node);
+      std::optional<std::string> spare = take_spare();
+      if (!spare) return;
+      log->warn("job '{}' rank {} step {}: {}; sending the fragment to {} instead", work.job_id,
+                work.rank, work.step, std::string(results[i].message()), *spare);
+      Metrics().fragments_rerouted->Increment();
+      placement.nodes[i] = *spare;
     }
   };
   // The data fragments go at once; the parity is encoded on several threads meanwhile (it takes
@@ -411,6 +451,25 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
       static_cast<double>(std::max<int64_t>(0, NowUnixMs() - pinned->sealed_unix_ms)) / 1000.0);
   Protected(work, *pinned, placement.nodes);
   return absl::OkStatus();
+}
+
+bool ClusterCoordination::Unreachable(const std::string& node) {
+  absl::MutexLock lock(&mu_);
+  auto it = unreachable_until_.find(node);
+  if (it == unreachable_until_.end()) return false;
+  if (absl::Now() < it->second) return true;
+  unreachable_until_.erase(it);  // tried first again
+  return false;
+}
+
+void ClusterCoordination::MarkUnreachable(const std::string& node) {
+  absl::MutexLock lock(&mu_);
+  unreachable_until_[node] = absl::Now() + kUnreachableFor;
+}
+
+void ClusterCoordination::MarkReachable(const std::string& node) {
+  absl::MutexLock lock(&mu_);
+  unreachable_until_.erase(node);
 }
 
 void ClusterCoordination::Protected(const Work& work, const SnapshotStore::PinnedShard& shard,

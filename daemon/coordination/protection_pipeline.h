@@ -165,6 +165,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
     bool deferred = false;  // held back at least once until the job's state was learned
   };
   using ShardKey = std::tuple<std::string, uint32_t, int64_t>;  // (job, rank, step)
+  // How long a live member that a fragment could not be sent to is passed over for a spare
+  // (Protect): a link that is down stays down for a while; then it is tried first again.
+  static constexpr absl::Duration kUnreachableFor = absl::Seconds(10);
 
   void Run();
   void ReportLoop();
@@ -220,6 +223,11 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   void PushTo(const std::vector<std::string>& nodes, const JobState& state);
   // Members that died since the last round: queue repairs of the committed shards they held.
   void RepairAfterLosses();
+  // Whether a fragment could not be sent to `node` though it was live, less than kUnreachableFor
+  // ago (Protect passes it over for a spare).
+  bool Unreachable(const std::string& node) ABSL_LOCKS_EXCLUDED(mu_);
+  void MarkUnreachable(const std::string& node) ABSL_LOCKS_EXCLUDED(mu_);
+  void MarkReachable(const std::string& node) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Answers a restore question as the job's coordinator (DecideRestorePoint), counting and
   // logging the questions it cannot decide yet.
@@ -272,6 +280,9 @@ class ClusterCoordination final : public Coordination, public CoordinationHandle
   absl::Time members_changed_ ABSL_GUARDED_BY(mu_) = absl::Now();  // MembershipChanged
   // Where the fragments of each shard protected here went (for repairs after a loss).
   std::map<ShardKey, std::vector<std::string>> placements_ ABSL_GUARDED_BY(mu_);
+  // Members a fragment could not be sent to though they were live, and until when Protect passes
+  // them over for spares.
+  std::map<std::string, absl::Time> unreachable_until_ ABSL_GUARDED_BY(mu_);
   // Newest state learned per job (commit records answer restores and listings).
   std::map<std::string, JobState> known_ ABSL_GUARDED_BY(mu_);
   // What the newest drop learned here deleted, by job, with its epoch: the coordinator's push of

@@ -468,6 +468,58 @@ TEST_F(ProtectionPipelineTest, CommitsFromTheHoldingsOfEveryRank) {
   }
 }
 
+// A member of the placement that is live but cannot be reached from here (a link between the two
+// nodes is down; the others answer probes for it, so it stays live) does not hold the step back
+// while a member outside the placement is free: its fragment goes to that spare, the fragments
+// are the shard's, and the step commits and restores. The next step passes the member over at
+// once, without a call to it.
+TEST_F(ProtectionPipelineTest, AFragmentForALiveMemberThatCannotBeReachedGoesToASpare) {
+  StartCluster(6, 3, 2);  // rank 0's fragments on b, c, d, e, f (rotation 0); g is the spare
+  ProtectElsewhere(MakeShard(1, 4, 200000 + rng_() % 5000), 1, 4, 3, 2);
+  ProtectElsewhere(MakeShard(1, 8, 200000 + rng_() % 5000), 1, 8, 3, 2);
+  client_.InjectFault("d:1", FakePeerClient::Method::kPutFragment,
+                      FakePeerClient::Fault{FakePeerClient::Fault::Kind::kFail,
+                                            absl::UnavailableError("injected: the link is down"),
+                                            absl::ZeroDuration(), -1});
+  const int calls_before = client_.calls("d:1", FakePeerClient::Method::kPutFragment);
+  const uint64_t data_bytes = 300000 + rng_() % 5000;
+  const std::vector<uint8_t> shard = SealHere(0, 4, data_bytes);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 4; }))
+      << "committed " << store_->committed(kJob) << ": the unreachable member held it back";
+  EXPECT_EQ(client_.calls("d:1", FakePeerClient::Method::kPutFragment), calls_before + 1);
+  std::map<uint32_t, std::string> where;
+  const size_t fragment_bytes = ErasureCodec::FragmentBytes(shard.size(), 3);
+  for (auto& p : peers_) {
+    for (const FragmentStatus& f : p.fragments->List(kJob)) {
+      if (f.key.rank != 0 || f.key.step != 4) continue;
+      EXPECT_EQ(f.state, SegmentState::kSealed) << f.key.ToString() << " on " << p.id;
+      EXPECT_TRUE(where.emplace(f.key.fragment_index, p.id).second)
+          << "fragment " << f.key.fragment_index << " on two members";
+      if (f.key.fragment_index >= 3) continue;
+      auto view = p.fragments->Get(f.key);
+      ASSERT_TRUE(view.ok()) << view.status();
+      const size_t begin = f.key.fragment_index * fragment_bytes;
+      const size_t n = std::min(fragment_bytes, shard.size() - begin);
+      EXPECT_EQ(std::memcmp(view->data(), shard.data() + begin, n), 0)
+          << "fragment " << f.key.fragment_index << " on " << p.id;
+    }
+  }
+  const std::map<uint32_t, std::string> expected = {
+      {0, "b"}, {1, "c"}, {2, "g"}, {3, "e"}, {4, "f"}};
+  EXPECT_EQ(where, expected);
+  EXPECT_EQ(*coordination_->FindLatestRestorable(kJob), 4);
+
+  // Step 8: the member is passed over at once.
+  SealHere(0, 8, data_bytes);
+  ASSERT_TRUE(Eventually([&] { return store_->committed(kJob) == 8; }))
+      << "committed " << store_->committed(kJob);
+  EXPECT_EQ(client_.calls("d:1", FakePeerClient::Method::kPutFragment), calls_before + 1)
+      << "a fragment of step 8 was sent to the member that could not be reached";
+  const auto held8 = HeldByPeers(0, 8);
+  EXPECT_EQ(held8.size(), 5u);
+  EXPECT_EQ(*coordination_->FindLatestRestorable(kJob), 8);
+}
+
 // With fewer members than k + m + 1, k shrinks: three peers under RS(3, 2) hold RS(1, 2), and the
 // step is still committed and restorable.
 TEST_F(ProtectionPipelineTest, FewMembersShrinkK) {

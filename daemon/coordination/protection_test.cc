@@ -29,9 +29,35 @@ TEST(PlaceFragmentsTest, DistinctNodesOtherThanOwnerAndEvenLoad) {
     EXPECT_EQ(distinct.size(), 5u);
     EXPECT_EQ(distinct.count(owner), 0u);
     for (const auto& n : p->nodes) ++load[n];
+    // Every other member not placed is a spare, in the rotation's order.
+    ASSERT_EQ(p->spares.size(), 0u);
   }
   // 12 shards x 5 fragments over 6 nodes: 10 each.
   for (const auto& [node, count] : load) EXPECT_EQ(count, 10) << node;
+}
+
+TEST(PlaceFragmentsTest, TheOtherMembersAreSparesInTheRotationsOrder) {
+  auto members = Nodes(8);
+  for (uint32_t rank = 0; rank < 14; ++rank) {
+    const std::string owner = members[rank / 2];
+    auto p = PlaceFragments(members, owner, rank, 3, 2);
+    ASSERT_TRUE(p.ok()) << p.status();
+    ASSERT_EQ(p->spares.size(), 2u);
+    std::set<std::string> all(p->nodes.begin(), p->nodes.end());
+    all.insert(p->spares.begin(), p->spares.end());
+    EXPECT_EQ(all.size(), 7u) << "placed and spares are every other member once";
+    EXPECT_EQ(all.count(owner), 0u);
+    // The rotation continues: the first spare follows the last placed node among the others.
+    std::vector<std::string> others;
+    for (const auto& n : members) {
+      if (n != owner) others.push_back(n);
+    }
+    const size_t last = std::find(others.begin(), others.end(), p->nodes.back()) - others.begin();
+    EXPECT_EQ(p->spares[0], others[(last + 1) % others.size()]);
+  }
+  auto p = PlaceFragments(Nodes(4), "node0", 0, 3, 2);  // shrunk: no spare
+  ASSERT_TRUE(p.ok());
+  EXPECT_TRUE(p->spares.empty());
 }
 
 TEST(PlaceFragmentsTest, ShrinksWithFewNodesAndSaysSo) {

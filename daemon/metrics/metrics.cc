@@ -265,6 +265,11 @@ const DaemonMetrics& Metrics() {
         "Sealed slots whose payload no longer matched the CRC32C of their seal when read for "
         "protection (a bit flip in memory, or a trainer writing after the seal); no fragments "
         "are made from them.");
+    m.fragments_rerouted = r.AddCounter(
+        "tessera_fragments_rerouted_total",
+        "Fragments sent to a spare member (the next member outside the placement) because the "
+        "member placed for them is live but could not be reached from this daemon: a cut link "
+        "or a stalled daemon. Members this daemon cannot reach are avoided for 10 s.");
     m.fragment_crc_failures = new Counter();
     m.connections_shed = r.AddCounter(
         "tessera_agent_connections_shed_total",

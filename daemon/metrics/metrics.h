@@ -143,6 +143,9 @@ struct DaemonMetrics {
   // Sealed slots found damaged when read for protection (their payload no longer matches the
   // CRC32C of the seal): not protected from.
   Counter* slot_crc_failures;
+  // Fragments sent to a spare member because the member placed for them is live but could not be
+  // reached from here (a cut link, a stalled daemon).
+  Counter* fragments_rerouted;
   // Fragments found damaged by a read (verification, a rebuild) rather than by the fragment
   // store's own checks; not exported alone: the collector adds them to the store's count.
   Counter* fragment_crc_failures;
