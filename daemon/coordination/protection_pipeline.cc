@@ -386,8 +386,9 @@ absl::Status ClusterCoordination::Protect(const Work& work) {
   for (int i = 0; i < total; ++i) {
     if (!Unreachable(placement.nodes[i])) continue;
     if (std::optional<std::string> spare = take_spare()) {
-      log->info("job '{}' rank {} step {} fragment {}: to {}, {} was not reachable lately",
-                work.job_id, work.rank, work.step, i, *spare, placement.nodes[i]);
+      // Counted; logged when the member was found unreachable (below), once per kUnreachableFor.
+      log->debug("job '{}' rank {} step {} fragment {}: to {}, {} was not reachable lately",
+                 work.job_id, work.rank, work.step, i, *spare, placement.nodes[i]);
       Metrics().fragments_rerouted->Increment();
       placement.nodes[i] = *spare;
     }
