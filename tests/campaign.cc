@@ -280,7 +280,6 @@ class Trial {
   Shape shape_{};
   TempRoot root_;
   std::unique_ptr<NetLab> net_;
-  std::vector<std::pair<int, int>> cut_links_;  // links cut now (mended before the final restart)
   std::unique_ptr<TestCa> ca_;                 // under TLS: the cluster's CA
   std::vector<ClusterTlsFiles> certificates_;  // under TLS: each node's
   std::vector<Node> nodes_;
@@ -1048,7 +1047,6 @@ void Trial::FaultLinkCut() {
     Fail("daemon", "cannot cut a link: " + error);
     return;
   }
-  cut_links_.emplace_back(a, b);
   int64_t floor = -1;
   if (restart) {
     for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
@@ -1056,7 +1054,6 @@ void Trial::FaultLinkCut() {
   }
   Sleep(milliseconds(ms));
   if (!net_->Cut(a, b, false, &error)) Fail("daemon", "cannot mend a link: " + error);
-  cut_links_.clear();
   if (restart) CheckRanks(AllRanks(), floor, true, false, "link-cut");
 }
 
@@ -1289,11 +1286,6 @@ TrialResult Trial::Run() {
       std::string error;
       if (n.isolated && net_) net_->Isolate(static_cast<int>(&n - nodes_.data()), false, &error);
     }
-    for (auto [a, b] : cut_links_) {
-      std::string error;
-      net_->Cut(a, b, false, &error);
-    }
-    cut_links_.clear();
     for (size_t r = 0; r < ranks_.size(); ++r) KillTrainer(static_cast<int>(r));
     halted_ = false;
     RestartRanks(AllRanks(), true, true, "final restart");

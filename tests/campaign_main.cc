@@ -9,9 +9,9 @@
 // --budget-s starts no trial after that many seconds (0: no limit).
 // Fault kinds: trainer-kill rank-restart daemon-kill node-loss flip-fragment flip-slot
 // daemon-stop zombie job-restart partition partition-restart link-cut. --skip-when-busy makes
-// the trainers skip a snapshot while the previous one is in flight instead of waiting. --tls: mutual TLS
-// between the daemons in half the trials (drawn, the default), in all or in none. Exits 0 when
-// every trial passed, 1 otherwise.
+// the trainers skip a snapshot while the previous one is in flight instead of waiting. --tls:
+// mutual TLS between the daemons in half the trials (drawn, the default), in all or in none.
+// Exits 0 when every trial passed, 1 otherwise.
 #include <signal.h>
 #include <unistd.h>
 
