@@ -88,6 +88,10 @@ class DaemonLog {
          it != std::sregex_iterator(); ++it) {
       superseded_.insert(LoggedCommit{std::stoull((*it)[2].str()), std::stoll((*it)[1].str())});
     }
+    for (size_t at = text_.find(kRerouted, scanned_); at < complete;
+         at = text_.find(kRerouted, at + 1)) {
+      ++reroutes_;
+    }
     scanned_ = complete;
   }
   const std::string& name() const { return name_; }
@@ -95,6 +99,8 @@ class DaemonLog {
   // without them (docs/PROTOCOL.md, Restore 3).
   const std::set<LoggedCommit>& commits() const { return commits_; }
   const std::set<LoggedCommit>& superseded() const { return superseded_; }
+  // Fragments the daemon sent to a spare after a member could not be reached (its warning).
+  int reroutes() const { return reroutes_; }
   size_t size() const { return text_.size(); }
   // Whether a line since offset `from` matches `re`.
   bool Seen(size_t from, const std::regex& re) const {
@@ -118,6 +124,8 @@ class DaemonLog {
   std::string text_;
   size_t scanned_ = 0;
   std::set<LoggedCommit> commits_, superseded_;
+  static constexpr const char* kRerouted = "; sending the fragment to ";
+  int reroutes_ = 0;
 };
 
 struct Shape {
@@ -1290,6 +1298,10 @@ TrialResult Trial::Run() {
     halted_ = false;
     RestartRanks(AllRanks(), true, true, "final restart");
     CheckDaemons();
+    for (auto& log : logs_) {
+      log->Poll();
+      result_.fragments_rerouted += log->reroutes();
+    }
   }
   result_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   if (!result_.failures.empty() && !options_.keep_logs_dir.empty()) KeepLogs();

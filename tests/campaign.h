@@ -95,6 +95,8 @@ struct TrialResult {
   std::vector<Failure> failures;
   double seconds = 0;
   std::string rerun;  // the command that runs this trial again, with the same plan
+  // Fragments the daemons sent to a spare member because the one placed could not be reached.
+  int fragments_rerouted = 0;
 };
 
 // Runs one trial under a fresh directory in /dev/shm. Prints what it does as it goes.

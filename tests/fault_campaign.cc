@@ -236,6 +236,18 @@ TEST(FaultCampaignScripted, LinkCutsBetweenLiveMembersWithJobRestarts) {
   EXPECT_TRUE(r.failures.empty()) << Describe(r);
 }
 
+// A link cut between two members of a 5-node RS(2,1) cluster (n4 and n0, 3.5 s, no restart):
+// each owner has one member outside its placement, so the fragments its ranks would send across
+// the cut go to that spare instead (the daemons log each one), and every check passes. Without
+// the reroute they were retried on the same member until the link was mended.
+TEST(FaultCampaignScripted, FragmentsForAMemberBeyondACutLinkGoToASpare) {
+  if (!PartitionsPossible()) GTEST_SKIP() << "no partitions here: " << Options().no_partitions;
+  const TrialResult r = RunScripted(44002004, {FaultKind::kLinkCut});
+  EXPECT_TRUE(r.failures.empty()) << Describe(r);
+  EXPECT_NE(r.shape.find("5 nodes RS(2,1)"), std::string::npos) << r.shape;
+  EXPECT_GT(r.fragments_rerouted, 0) << Describe(r);
+}
+
 // Found by the campaign of seed 32000001 (trial seed 32001002): as n0's partition healed, n0
 // protected its ranks' step 14 while the members it had declared dead came back one by one, and
 // n4 while suspicions relayed on the way were refuted; each saw one other live member and
